@@ -1,0 +1,137 @@
+"""The `attnc` command. Each subcommand is a `Command` in COMMANDS; each `--emit` form is one line of
+EMITTERS, imported only when asked for, so `attnc check` never pulls in torch, Triton or TVM."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+from importlib import import_module
+from typing import Callable
+
+from rich.console import Console
+
+from . import __version__
+from .errors import AttncError
+
+# --emit NAME -> "module:function" turning a checked ir.Attention into text.
+EMITTERS = {
+    "ir": "attnc.ir:print_attention",
+}
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+def _out() -> Console:
+    # soft_wrap: never break long lines (carets and keys must stay on one line); no markup: specs use [ ].
+    return Console(soft_wrap=True, markup=False, highlight=False)
+
+
+# ---------------------------------------------------------------- check
+
+
+def _check_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("files", nargs="+", metavar="FILE", help=".attn spec files")
+
+
+def _check(args: argparse.Namespace) -> int:
+    from .dsl.parser import parse_file
+
+    out, failed = _out(), False
+    for path in args.files:
+        try:
+            specs = parse_file(path)
+        except AttncError as e:
+            print(e, file=sys.stderr)
+            failed = True
+            continue
+        for spec in specs:
+            out.print(f"OK  {path}:{spec.span.line if spec.span else 1}  {spec.name}  key {spec.key[:12]}")
+    return 2 if failed else 0
+
+
+# ---------------------------------------------------------------- show
+
+
+def _show_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", metavar="FILE", help="an .attn spec file")
+    p.add_argument("--name", help="the attention to show (default: every one in the file)")
+    p.add_argument("--emit", choices=sorted(EMITTERS), default="ir", help="what to print (default: ir)")
+
+
+def _show(args: argparse.Namespace) -> int:
+    from .dsl.parser import parse_file
+
+    path, specs = args.file, parse_file(args.file)
+    if args.name is not None:
+        chosen = [s for s in specs if s.name == args.name]
+        if not chosen:
+            raise AttncError(f"{path} has no attention named '{args.name}'; it has: "
+                             f"{', '.join(s.name for s in specs)}")
+        specs = chosen
+    module, function = EMITTERS[args.emit].split(":")
+    emit = getattr(import_module(module), function)
+    _out().print("\n".join(emit(spec) for spec in specs), end="")
+    return 0
+
+
+# ---------------------------------------------------------------- cache
+
+
+def _cache_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=("ls", "clear"), help="ls: list the compiled kernels; clear: delete them")
+
+
+def _cache(args: argparse.Namespace) -> int:
+    from .runtime import cache
+
+    out = _out()
+    if args.action == "clear":
+        out.print(f"removed {cache.clear()} kernel(s) from {cache.cache_root()}")
+    elif entries := cache.list_entries():
+        out.print(cache.entries_table(entries))
+    else:
+        out.print(f"no compiled kernels in {cache.cache_root()}")
+    return 0
+
+
+COMMANDS = (
+    Command("check", "parse and check spec files; print each attention's name and key", _check_arguments, _check),
+    Command("show", "print a spec in one of its forms (--emit)", _show_arguments, _show),
+    Command("cache", "list or delete the compiled kernels (`attnc cache ls|clear`)", _cache_arguments, _cache),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="attnc", description="A compiler for attention.")
+    parser.add_argument("--version", action="version", version=f"attnc {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for command in COMMANDS:
+        p = sub.add_parser(command.name, help=command.help, description=command.help)
+        command.add_arguments(p)
+        p.set_defaults(run=command.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 success, 2 a user error (bad spec, bad arguments, missing file), 130 interrupted."""
+    try:
+        args = build_parser().parse_args(argv)
+        return args.run(args)
+    except AttncError as e:
+        print(e, file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("attnc: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `attnc show ... | head`: the reader left; not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except SystemExit as e:  # argparse: usage errors (2) and --help (0)
+        return 0 if e.code is None else e.code if isinstance(e.code, int) else 2

@@ -1,0 +1,643 @@
+"""Semantic checks: a parsed block becomes a checked `ir.Attention`, or every problem is reported at once.
+
+Two entry points share one set of checks:
+- `elaborate(block)` for the text front-end: resolves the names of a parsed block (parser.py builds it),
+  inlines the sequential `score` rebinding and checks the result;
+- `check_attention(spec)` for IR built any other way (the Python front-ends), so a spec that passes it
+  prints to text that parses back.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, replace
+from typing import Union
+
+from .. import ir
+from ..errors import Diagnostic, Span, SpecError
+
+# Words a declared name may not take: the keywords of attn.lark, plus `lse`, the name of the second output.
+RESERVED = frozenset({
+    "attention", "dims", "param", "input", "score", "mask", "return", "and", "or", "not",
+    "inf", "true", "false", "qk", "causal", "lse",
+})
+
+_DTYPE_ALIASES = {
+    "float16": "f16", "half": "f16", "fp16": "f16", "bfloat16": "bf16", "float32": "f32", "float": "f32",
+    "fp32": "f32", "float64": "f64", "double": "f64", "fp64": "f64", "int8": "i8", "int16": "i16",
+    "int32": "i32", "int": "i32", "int64": "i64", "long": "i64", "boolean": "bool",
+}
+_INT32 = (-(2**31), 2**31 - 1)
+
+# The four slots of q, k and v and the roles each may take; the order of a shape is its layout.
+_SLOTS = ("batch", "head", "sequence", "head dim")
+_QKV_ROLES = {
+    "q": (("B",), ("H",), ("M",), ("D",)),
+    "k": (("B",), ("H", "HKV"), ("N",), ("D",)),
+    "v": (("B",), ("H", "HKV"), ("N",), ("D", "DV")),
+}
+_QKV_EXAMPLE = {"q": "B, H, M, D", "k": "B, HKV, N, D", "v": "B, HKV, N, D"}
+
+
+# ---------------------------------------------------------------- the parsed block (parser.py builds it)
+
+
+@dataclass(frozen=True)
+class Word:
+    """A name as written in a declaration, with its place."""
+
+    text: str
+    span: Span | None = None
+
+
+@dataclass(frozen=True)
+class Name:
+    """A bare name in an expression, before resolution decides what it denotes (`score` included)."""
+
+    name: str
+    span: Span | None = None
+
+
+@dataclass(frozen=True)
+class TensorStmt:
+    name: Word
+    dtype: Word
+    shape: tuple[Word, ...]
+    is_input: bool
+    span: Span | None = None
+
+
+@dataclass(frozen=True)
+class ParamStmt:
+    name: Word
+    dtype: Word
+    default: object | None  # a surface expression; must be a literal
+    span: Span | None = None
+
+
+@dataclass(frozen=True)
+class Binding:
+    """One `NAME = value` of a `dims` line."""
+
+    name: Word
+    value: object
+    span: Span | None = None
+
+
+@dataclass(frozen=True)
+class ScoreStmt:
+    value: object
+    span: Span | None = None
+
+
+@dataclass(frozen=True)
+class MaskStmt:
+    condition: object
+    span: Span | None = None
+
+
+@dataclass(frozen=True)
+class ReturnStmt:
+    """`return NORMALIZER(score[, SINK_NAME=sink]) @ VALUE[, EXTRA]`."""
+
+    normalizer: Word
+    sink_name: Word | None
+    sink: object | None
+    value: Word
+    extra: Word | None
+    span: Span | None = None
+
+
+Statement = Union[TensorStmt, ParamStmt, Binding, ScoreStmt, MaskStmt, ReturnStmt]
+
+
+@dataclass(frozen=True)
+class Block:
+    name: Word
+    statements: tuple[Statement, ...]
+    span: Span | None = None
+
+
+# ---------------------------------------------------------------- entry points
+
+
+def elaborate(block: Block) -> tuple[ir.Attention | None, list[Diagnostic]]:
+    """The checked spec of one parsed block, or None and every problem found in it."""
+    return _Elaborator(block).run()
+
+
+def attention_diagnostics(spec: ir.Attention) -> list[Diagnostic]:
+    report = _Report()
+    _check_declarations(report, spec.q, spec.k, spec.v, spec.params, spec.inputs, spec.dims, spec.span)
+    _check_expressions(report, _Env.of(spec.q, spec.k, spec.v, spec.params, spec.inputs, spec.dims),
+                       spec.score, spec.masks, spec.normalizer, spec.span)
+    return report.sorted()
+
+
+def check_attention(spec: ir.Attention) -> None:
+    """Raise one SpecError listing every problem of an IR spec built outside the text front-end."""
+    diagnostics = attention_diagnostics(spec)
+    if diagnostics:
+        raise SpecError(diagnostics)
+
+
+# ---------------------------------------------------------------- helpers
+
+
+class _Report:
+    def __init__(self):
+        self.diagnostics: dict[tuple, Diagnostic] = {}  # deduplicated: inlined score lines repeat nodes
+
+    def error(self, message: str, span: Span | None) -> None:
+        d = Diagnostic(message, span)
+        self.diagnostics.setdefault((message, span), d)
+
+    def sorted(self) -> list[Diagnostic]:
+        return in_source_order(self.diagnostics.values())
+
+
+def in_source_order(diagnostics) -> list[Diagnostic]:
+    """By file position; diagnostics without a place come last."""
+    return sorted(diagnostics, key=lambda d: (d.span is None, d.span and (d.span.line, d.span.col)))
+
+
+def _did_you_mean(word: str, candidates) -> str:
+    match = difflib.get_close_matches(word, sorted(set(candidates)), n=1, cutoff=0.6)
+    return f"; did you mean '{match[0]}'?" if match else ""
+
+
+def _check_dtype(report: _Report, dtype: str, allowed: tuple[str, ...], what: str, span: Span | None) -> bool:
+    if dtype in allowed:
+        return True
+    alias = _DTYPE_ALIASES.get(dtype)
+    if alias in allowed:
+        hint = f"; did you mean '{alias}'?"
+    else:
+        hint = _did_you_mean(dtype, allowed)
+    known = dtype in ir.TENSOR_DTYPES
+    problem = f"{what} cannot have dtype '{dtype}'" if known else f"unknown dtype '{dtype}' for {what}"
+    report.error(f"{problem}; expected one of {', '.join(allowed)}{hint}", span)
+    return False
+
+
+def _a(noun: str) -> str:
+    return f"{'an' if noun[0] in 'aeiou' else 'a'} {noun}"
+
+
+def _kind_name(kind: str) -> str:
+    return {"int": "an integer", "float": "a float", "bool": "a boolean"}[kind]
+
+
+def _num_kind(n: ir.Num) -> str:
+    if isinstance(n.value, bool):
+        return "bool"
+    return "float" if n.is_float else "int"
+
+
+# ---------------------------------------------------------------- declarations (IR level)
+
+
+def _qkv_slots(report: _Report, t: ir.TensorDecl) -> tuple[int, ...] | None:
+    """The slot (batch, head, sequence, dim) of each entry of a q/k/v shape, or None if it is malformed."""
+    roles = _QKV_ROLES[t.name]
+    seen: dict[int, str] = {}
+    for entry in t.shape:
+        slot = next((s for s, names in enumerate(roles) if entry in names), None)
+        if slot is None:
+            report.error(f"{t.name}'s shape may hold only the roles {', '.join(r for rs in roles for r in rs)}, "
+                         f"not '{entry}' (extra tensors are declared with `input`)", t.span)
+            return None
+        if slot in seen:
+            report.error(f"{t.name}'s shape has two {_SLOTS[slot]} sizes, {seen[slot]} and {entry}", t.span)
+            return None
+        seen[slot] = entry
+    missing = next((slot for slot in range(len(roles)) if slot not in seen), None)
+    if missing is not None:
+        report.error(f"{t.name}'s shape lacks its {_SLOTS[missing]} size {' or '.join(roles[missing])}; "
+                     f"write e.g. {t.name}: {t.dtype}[{_QKV_EXAMPLE[t.name]}]", t.span)
+        return None
+    return tuple(seen)
+
+
+def _check_qkv(report: _Report, q, k, v) -> None:
+    present = [t for t in (q, k, v) if t is not None]
+    for t in present:
+        _check_dtype(report, t.dtype, ir.QKV_DTYPES, t.name, t.span)
+    layouts = {t.name: _qkv_slots(report, t) for t in present}
+    first = present[0] if present else None
+    for t in present[1:]:
+        if layouts[t.name] is not None and layouts[first.name] is not None and layouts[t.name] != layouts[first.name]:
+            report.error(f"{t.name}'s layout [{', '.join(t.shape)}] differs from {first.name}'s "
+                         f"[{', '.join(first.shape)}]: q, k and v must share one layout", t.span)
+        if t.dtype != first.dtype and t.dtype in ir.QKV_DTYPES and first.dtype in ir.QKV_DTYPES:
+            report.error(f"{t.name} is {t.dtype} but {first.name} is {first.dtype}: q, k and v must share one "
+                         f"dtype", t.span)
+    if k is not None and v is not None and layouts.get("k") and layouts.get("v"):
+        k_head, v_head = (next(e for e in t.shape if e in ("H", "HKV")) for t in (k, v))
+        if k_head != v_head:
+            report.error(f"v's head size is {v_head} but k's is {k_head}: k and v share their heads", v.span)
+
+
+def _check_declarations(report: _Report, q, k, v, params, inputs, dims, fallback: Span | None,
+                        dim_spans: dict[str, Span] | None = None) -> None:
+    _check_qkv(report, q, k, v)
+    declared: dict[str, str] = {}
+    for name, kind, span in ([(t.name, "tensor", t.span) for t in (q, k, v) if t is not None]
+                             + [(p.name, "param", p.span) for p in params]
+                             + [(t.name, "input", t.span) for t in inputs]):
+        if name in declared:
+            report.error(f"'{name}' is declared twice (first as {_a(declared[name])})", span)
+        elif name in RESERVED:
+            report.error(f"'{name}' is a reserved word of the spec language; choose another name", span)
+        elif name in ir.ROLES or name in ir.INDEX_VARS:
+            what = "a size role" if name in ir.ROLES else "an index variable"
+            report.error(f"'{name}' is {what} and cannot name {_a(kind)}", span)
+        declared.setdefault(name, kind)
+    for t in inputs:
+        _check_dtype(report, t.dtype, ir.TENSOR_DTYPES, f"input {t.name}", t.span)
+    dim_spans = dim_spans or {}
+    size_places = ([(entry, t.span, f"input {t.name}") for t in inputs for entry in t.shape]
+                   + [(n, dim_spans.get(n, fallback), "dims") for n, _ in dims])
+    qkv_sizes = {entry for t in (q, k, v) if t is not None for entry in t.shape}
+    for entry, span, where in size_places:
+        if entry in ir.ROLES and None not in (q, k, v) and entry not in qkv_sizes:
+            report.error(f"{where} uses {entry}, but no shape of q, k or v does", span)
+        elif entry in declared:
+            report.error(f"'{entry}' names both a size and {_a(declared[entry])}", span)
+        elif entry in ir.INDEX_VARS or entry in RESERVED:
+            report.error(f"'{entry}' cannot name a size: it is "
+                         f"{'an index variable' if entry in ir.INDEX_VARS else 'a reserved word'}", span)
+    for p in params:
+        _check_param(report, p)
+    for name, value in dims:
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            report.error(f"dims {name} must be a positive integer, not {value!r}", dim_spans.get(name, fallback))
+
+
+def _check_param(report: _Report, p: ir.ParamDecl) -> None:
+    if not _check_dtype(report, p.dtype, ir.PARAM_DTYPES, f"param {p.name}", p.span) or p.default is None:
+        return
+    d = p.default
+    if p.dtype == "bool":
+        ok = isinstance(d, bool)
+    elif p.dtype == "i32":
+        ok = isinstance(d, int) and not isinstance(d, bool)
+        if ok and not _INT32[0] <= d <= _INT32[1]:
+            report.error(f"default {d} of param {p.name} does not fit in i32", p.span)
+    else:
+        ok = isinstance(d, (int, float)) and not isinstance(d, bool)
+    if not ok:
+        written = ir.format_number(d, isinstance(d, float)) if isinstance(d, (int, float)) else repr(d)
+        report.error(f"param {p.name}: {p.dtype} cannot default to {written}", p.span)
+
+
+# ---------------------------------------------------------------- expressions (IR level)
+
+
+@dataclass(frozen=True)
+class _Env:
+    """What the names of one spec denote."""
+
+    params: dict
+    inputs: dict
+    sizes: frozenset[str]
+
+    @staticmethod
+    def of(q, k, v, params, inputs, dims) -> "_Env":
+        qkv = [t for t in (q, k, v) if t is not None]
+        sizes = {e for t in qkv + list(inputs) for e in t.shape} | {n for n, _ in dims}
+        return _Env({p.name: p for p in params}, {t.name: t for t in inputs}, frozenset(sizes))
+
+
+def _check_expressions(report: _Report, env: _Env, score, masks, normalizer, fallback: Span | None) -> None:
+    typer = _Typer(report, env)
+    score_kind = typer.kind(score, fallback)
+    if score_kind == "bool":
+        report.error("the score must be a number, but this is a boolean (use `mask` for conditions)",
+                     score.span or fallback)
+    for m in masks:
+        kind = typer.kind(m, fallback)
+        if kind not in ("bool", None):
+            report.error(f"a mask must be a boolean condition, but this is {_kind_name(kind)} "
+                         f"(compare it, e.g. `... != 0`)", m.span or fallback)
+        for node in ir.walk(m):
+            if isinstance(node, ir.QK):
+                report.error("a mask cannot depend on qk (masks decide which keys exist before any score is "
+                             "computed); use `score = where(cond, score, -inf)` instead",
+                             node.span or m.span or fallback)
+    sink = normalizer.sink
+    if sink is not None:
+        here = sink.span or normalizer.span or fallback
+        if typer.kind(sink, here) == "bool":
+            report.error("the sink must be a number, but this is a boolean", here)
+        for node in ir.walk(sink):
+            if isinstance(node, ir.QK) or (isinstance(node, ir.IndexVar) and node.name == "j"):
+                report.error(f"the sink is one logit per row and cannot depend on "
+                             f"{'qk' if isinstance(node, ir.QK) else 'the key position j'}", node.span or here)
+
+
+class _Typer:
+    """Kinds ('int', 'float', 'bool') of expressions, reporting misuse where it happens; None after an error
+    so that one mistake is reported once."""
+
+    def __init__(self, report: _Report, env: _Env):
+        self.report = report
+        self.env = env
+
+    def kind(self, e, fallback: Span | None) -> str | None:
+        here = getattr(e, "span", None) or fallback
+        if isinstance(e, ir.Num):
+            return _num_kind(e)
+        if isinstance(e, Name):  # unresolved: already reported
+            return None
+        if isinstance(e, ir.IndexVar):
+            return "int"
+        if isinstance(e, ir.QK):
+            return "float"
+        if isinstance(e, ir.SizeRef):
+            if e.name not in self.env.sizes:
+                self.report.error(f"size '{e.name}' appears in no tensor shape and no `dims`", here)
+                return None
+            return "int"
+        if isinstance(e, ir.ParamRef):
+            p = self.env.params.get(e.name)
+            if p is None:
+                self.report.error(f"unknown param '{e.name}'{_did_you_mean(e.name, self.env.params)}", here)
+                return None
+            return ir.dtype_kind(p.dtype) if p.dtype in ir.PARAM_DTYPES else None
+        if isinstance(e, ir.Lookup):
+            return self._lookup(e, here)
+        if isinstance(e, ir.Unary):
+            operand = self.kind(e.operand, here)
+            if e.op == "not":
+                return self._need(operand, ("bool",), "`not`", e.operand, here) and "bool"
+            return self._need(operand, ("int", "float"), "unary `-`", e.operand, here)
+        if isinstance(e, ir.Binary):
+            return self._binary(e, here)
+        if isinstance(e, ir.Call):
+            return self._call(e, here)
+        raise TypeError(f"not an IR expression: {e!r}")
+
+    def _need(self, kind: str | None, allowed: tuple[str, ...], what: str, operand, here) -> str | None:
+        if kind is None:
+            return None
+        if kind in allowed:
+            return kind
+        if allowed == ("bool",):
+            hint = " (compare it, e.g. `x != 0`)"
+            need = "booleans"
+        else:
+            hint = " (use where(cond, a, b) to turn a condition into a number)"
+            need = "numbers"
+        self.report.error(f"{what} needs {need}, but this is {_kind_name(kind)}{hint}",
+                          getattr(operand, "span", None) or here)
+        return None
+
+    def _binary(self, e: ir.Binary, here) -> str | None:
+        lhs, rhs = self.kind(e.lhs, here), self.kind(e.rhs, here)
+        if e.op in ir.LOGIC_OPS:
+            ok = [self._need(k, ("bool",), f"`{e.op}`", side, here) for k, side in ((lhs, e.lhs), (rhs, e.rhs))]
+            return "bool" if all(ok) else None
+        if e.op in ("==", "!="):
+            if lhs is None or rhs is None:
+                return None
+            if (lhs == "bool") != (rhs == "bool"):
+                self.report.error(f"`{e.op}` compares {_kind_name(lhs)} with {_kind_name(rhs)}", here)
+                return None
+            return "bool"
+        numeric = ("int", "float")
+        ok = [self._need(k, numeric, f"`{e.op}`", side, here) for k, side in ((lhs, e.lhs), (rhs, e.rhs))]
+        if not all(ok):
+            return None
+        if e.op in ir.COMPARE_OPS:
+            return "bool"
+        return "float" if e.op == "/" else ir.promote(lhs, rhs)
+
+    def _call(self, e: ir.Call, here) -> str | None:
+        if e.fn not in ir.FUNCS:
+            if e.fn in self.env.inputs:
+                hint = f": {e.fn} is a tensor, index it as {e.fn}[...]"
+            elif e.fn == "softmax":
+                hint = ": softmax is the normalizer, used only in `return softmax(score) @ v`"
+            else:
+                hint = _did_you_mean(e.fn, ir.FUNCS) or f" (functions: {', '.join(ir.FUNCS)})"
+            self.report.error(f"unknown function '{e.fn}'{hint}", here)
+            return None
+        arity = 1 if e.fn in ir.UNARY_FUNCS else 2 if e.fn in ir.BINARY_FUNCS else 3
+        kinds = [self.kind(a, here) for a in e.args]
+        if len(e.args) != arity:
+            self.report.error(f"{e.fn} takes {arity} argument{'s' if arity > 1 else ''}, got {len(e.args)}", here)
+            return None
+        if e.fn == "where":
+            cond = self._need(kinds[0], ("bool",), "where's condition", e.args[0], here)
+            a, b = kinds[1], kinds[2]
+            if cond is None or a is None or b is None:
+                return None
+            if (a == "bool") != (b == "bool"):
+                self.report.error(f"where's branches must both be numbers or both booleans, got "
+                                  f"{_kind_name(a)} and {_kind_name(b)}", here)
+                return None
+            return ir.promote(a, b)
+        ok = [self._need(k, ("int", "float"), e.fn, arg, here) for k, arg in zip(kinds, e.args)]
+        if not all(ok):
+            return None
+        if e.fn in ir.BINARY_FUNCS:
+            return ir.promote(*kinds)
+        return kinds[0] if e.fn == "abs" else "float"
+
+    def _lookup(self, e: ir.Lookup, here) -> str | None:
+        kinds = [self.kind(x, here) for x in e.indices]
+        if e.tensor in _QKV_ROLES:
+            hint = ("use qk for the dot product of q and k" if e.tensor != "v"
+                    else "v is used only in `return softmax(score) @ v`")
+            self.report.error(f"{e.tensor} cannot be indexed in an expression: {hint}", here)
+            return None
+        t = self.env.inputs.get(e.tensor)
+        if t is None:
+            if e.tensor in self.env.params:
+                hint = f": {e.tensor} is a param (a scalar) and is used without indices"
+            else:
+                hint = (_did_you_mean(e.tensor, self.env.inputs)
+                        or f"; declare it with `input {e.tensor}: f32[...]`")
+            self.report.error(f"unknown tensor '{e.tensor}'{hint}", here)
+            return None
+        if len(e.indices) != len(t.shape):
+            self.report.error(f"{t.name} has {len(t.shape)} dimension{'s' if len(t.shape) > 1 else ''} "
+                              f"[{', '.join(t.shape)}] but {len(e.indices)} "
+                              f"ind{'ices are' if len(e.indices) != 1 else 'ex is'} given", here)
+            return None
+        bad = [(x, kind) for x, kind in zip(e.indices, kinds) if kind not in ("int", None)]
+        for x, kind in bad:
+            self.report.error(f"an index must be an integer, but this is {_kind_name(kind)}", x.span or here)
+        if bad:
+            return None
+        return ir.dtype_kind(t.dtype) if t.dtype in ir.TENSOR_DTYPES else None
+
+
+# ---------------------------------------------------------------- the text front-end's block
+
+
+class _Elaborator:
+    def __init__(self, block: Block):
+        self.block = block
+        self.report = _Report()
+
+    def run(self) -> tuple[ir.Attention | None, list[Diagnostic]]:
+        b, report = self.block, self.report
+        qkv: dict[str, ir.TensorDecl] = {}
+        inputs, params, dims, dim_spans, scores, masks = [], [], {}, {}, [], []
+        ret: ReturnStmt | None = None
+        for st in b.statements:
+            if ret is not None:
+                report.error("a statement after `return`: the return ends the attention block"
+                             if not isinstance(st, ReturnStmt) else "a second `return`: an attention block "
+                             "returns once", st.span)
+                break
+            if isinstance(st, TensorStmt):
+                self._tensor(st, qkv, inputs)
+            elif isinstance(st, ParamStmt):
+                self._param(st, params)
+            elif isinstance(st, Binding):
+                self._binding(st, dims, dim_spans)
+            elif isinstance(st, ScoreStmt):
+                scores.append(st)
+            elif isinstance(st, MaskStmt):
+                masks.append(st)
+            else:
+                ret = st
+        if ret is None:
+            report.error(f"attention {b.name.text} has no return; end it with `return softmax(score) @ v`",
+                         b.name.span)
+        else:
+            self._check_return(ret)
+        for name in ("q", "k", "v"):
+            if name not in qkv:
+                report.error(f"attention {b.name.text} declares no {name}; add e.g. "
+                             f"`{name}: bf16[{_QKV_EXAMPLE[name]}]`", b.name.span)
+        q, k, v = (qkv.get(n) for n in ("q", "k", "v"))
+        dim_pairs = tuple(dims.items())
+        _check_declarations(report, q, k, v, params, inputs, dim_pairs, b.name.span, dim_spans)
+
+        env = _Env.of(q, k, v, params, inputs, dim_pairs)
+        score = ir.default_score()
+        for st in scores:
+            score = self._resolve(st.value, env, score)
+        mask_exprs = [self._resolve(m.condition, env, None) for m in masks]
+        sink = ret.sink if ret is not None else None
+        normalizer = ir.Softmax(None if sink is None else self._resolve(sink, env, None),
+                                span=ret.span if ret is not None else None)
+        _check_expressions(report, env, score, mask_exprs, normalizer, b.name.span)
+
+        diagnostics = report.sorted()
+        if diagnostics:
+            return None, diagnostics
+        spec = ir.make_attention(b.name.text, q, k, v, dims=dim_pairs, params=params, inputs=inputs,
+                                 score=score, masks=mask_exprs, normalizer=normalizer,
+                                 returns_lse=ret.extra is not None, span=b.name.span)
+        return spec, []
+
+    # -- declarations
+
+    def _tensor(self, st: TensorStmt, qkv: dict, inputs: list) -> None:
+        name = st.name.text
+        decl = ir.TensorDecl(name, st.dtype.text, tuple(w.text for w in st.shape), span=st.span)
+        if st.is_input and name in _QKV_ROLES:
+            self.report.error(f"{name} is one of q, k, v: declare it without `input`, as `{name}: ...`",
+                              st.name.span)
+        elif not st.is_input and name not in _QKV_ROLES:
+            self.report.error(f"only q, k and v are declared bare; declare the extra tensor as "
+                              f"`input {name}: ...`", st.name.span)
+        elif not st.is_input and name in qkv:
+            self.report.error(f"'{name}' is declared twice", st.name.span)
+        elif st.is_input:
+            inputs.append(decl)
+        else:
+            qkv[name] = decl
+
+    def _literal(self, e, what: str) -> ir.Num | None:
+        if isinstance(e, ir.Num):
+            return e
+        self.report.error(f"{what} must be a literal (a number, inf, true or false)", getattr(e, "span", None))
+        return None
+
+    def _param(self, st: ParamStmt, params: list) -> None:
+        default = None
+        if st.default is not None:
+            n = self._literal(st.default, f"the default of param {st.name.text}")
+            if n is None:
+                return
+            default = n.value
+            if st.dtype.text == "f32" and not isinstance(default, bool):
+                default = float(default)  # `param cap: f32 = 2` means 2.0
+        params.append(ir.ParamDecl(st.name.text, st.dtype.text, default, span=st.span))
+
+    def _binding(self, st: Binding, dims: dict, dim_spans: dict) -> None:
+        name = st.name.text
+        n = self._literal(st.value, f"dims {name}")
+        if name in dims:
+            self.report.error(f"dims binds {name} twice", st.name.span)
+        elif n is not None and (_num_kind(n) != "int" or n.value <= 0):
+            self.report.error(f"dims {name} must be a positive integer, not {ir.format_number(n.value, n.is_float)}",
+                              n.span or st.span)
+        elif n is not None:
+            dims[name] = n.value
+            dim_spans[name] = st.name.span
+
+    def _check_return(self, ret: ReturnStmt) -> None:
+        if ret.normalizer.text != "softmax":
+            self.report.error(f"unknown normalizer '{ret.normalizer.text}'; the normalizer is softmax(score)",
+                              ret.normalizer.span)
+        if ret.sink_name is not None and ret.sink_name.text != "sink":
+            self.report.error(f"softmax takes `sink=...`, not `{ret.sink_name.text}=...`", ret.sink_name.span)
+        if ret.value.text != "v":
+            self.report.error(f"the weights multiply the value tensor: write `@ v`, not `@ {ret.value.text}`",
+                              ret.value.span)
+        if ret.extra is not None and ret.extra.text != "lse":
+            self.report.error(f"the only second output is lse (the row log-sum-exp), not '{ret.extra.text}'",
+                              ret.extra.span)
+
+    # -- names
+
+    def _resolve(self, e, env: _Env, score):
+        """Bare names to IR nodes; `score` to its previous value (None: `score` is not allowed here)."""
+        if isinstance(e, Name):
+            return self._name(e, env, score)
+        kids = ir.children(e)
+        if not kids:
+            return e
+        new = tuple(self._resolve(c, env, score) for c in kids)
+        if isinstance(e, ir.Lookup):
+            return replace(e, indices=new)
+        if isinstance(e, ir.Call):
+            return replace(e, args=new)
+        if isinstance(e, ir.Unary):
+            return replace(e, operand=new[0])
+        return replace(e, lhs=new[0], rhs=new[1])
+
+    def _name(self, e: Name, env: _Env, score):
+        n = e.name
+        if n == "score":
+            if score is not None:
+                return score
+            problem = "`score` can be used only on the right of `score = ...` and in the return"
+        elif n in ir.INDEX_VARS:
+            return ir.IndexVar(n, span=e.span)
+        elif n in env.params:
+            return ir.ParamRef(n, span=e.span)
+        elif n in env.sizes:
+            return ir.SizeRef(n, span=e.span)
+        elif n in ("q", "k"):
+            problem = f"{n} cannot be used in an expression: use qk for the dot product of q and k"
+        elif n == "v":
+            problem = "v can be used only in `return softmax(score) @ v`"
+        elif n == "lse":
+            problem = "lse is an output and can be named only in `return softmax(score) @ v, lse`"
+        elif n in env.inputs:
+            t = env.inputs[n]
+            problem = f"{n} is a tensor: index it, as {n}[{', '.join(x.lower() for x in t.shape)}]"
+        elif n in ir.ROLES:
+            problem = f"size {n} appears in no tensor shape and no `dims`"
+        else:
+            known = [*ir.INDEX_VARS, *env.params, *env.sizes]
+            problem = f"unknown name '{n}'{_did_you_mean(n, known)}"
+        self.report.error(problem, e.span)
+        return e

@@ -1,0 +1,165 @@
+"""Binding a call's arguments to a spec. Every kernel and the reference check their arguments here.
+
+This runs on every kernel call, so it reads only shapes, dtypes and devices: no host-device sync, and
+error text is built only when there is an error.
+
+Empty problems: M = 0 gives an empty output, N = 0 gives rows with no kept key (out = 0, lse = -inf, or
+the sink's logit when there is a sink). Every other size must be at least 1.
+"""
+from __future__ import annotations
+
+import difflib
+import numbers
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Mapping, Union
+
+import torch
+
+from ..errors import CallError
+from ..ir import Attention, ParamDecl, TensorDecl
+
+TORCH_DTYPES: Mapping[str, torch.dtype] = MappingProxyType({
+    "f16": torch.float16, "bf16": torch.bfloat16, "f32": torch.float32, "f64": torch.float64,
+    "i8": torch.int8, "i16": torch.int16, "i32": torch.int32, "i64": torch.int64, "bool": torch.bool,
+})
+MAY_BE_EMPTY = ("M", "N")
+_I32_MIN, _I32_MAX = -(2**31), 2**31 - 1
+_PARAM_KIND = {"i32": "an int", "f32": "a float (or an int)", "bool": "a bool"}
+# q, k, v in canonical order: batch, heads, sequence, head dim, whatever order the declaration uses.
+_ROLE_RANK = {"B": 0, "H": 1, "HKV": 1, "M": 2, "N": 2, "D": 3, "DV": 3}
+
+ParamValue = Union[int, float, bool]
+
+
+@dataclass(frozen=True)
+class Bound:
+    """A checked call: the tensors plus every size, param and input by name."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    sizes: Mapping[str, int]  # every role (HKV = H, DV = D when unused) and every free size
+    params: Mapping[str, ParamValue]  # every param, defaults filled in, as Python int / float / bool
+    inputs: Mapping[str, torch.Tensor]  # every declared input tensor
+
+
+def bind(spec: Attention, q, k, v, kwargs: Mapping[str, object]) -> Bound:
+    """Check a call against `spec`; raise CallError naming the argument and what was expected."""
+    _check_keywords(spec, kwargs)
+    tensors = [(spec.q, q), (spec.k, k), (spec.v, v)]
+    for decl in spec.inputs:
+        if decl.name not in kwargs:
+            raise CallError(f"{decl.name}: missing input tensor {_decl_text(decl)}; pass {decl.name}=<tensor>")
+        tensors.append((decl, kwargs[decl.name]))
+    sizes = _bind_sizes(spec, tensors)
+    params = {p.name: _param_value(p, kwargs) for p in spec.params}
+    inputs = {decl.name: t for decl, t in tensors[3:]}
+    return Bound(q, k, v, MappingProxyType(sizes), MappingProxyType(params), MappingProxyType(inputs))
+
+
+def out_shape(spec: Attention, bound: Bound) -> tuple[int, ...]:
+    """The output has q's layout with DV in place of D."""
+    return tuple(bound.sizes["DV" if name == "D" else name] for name in spec.q.shape)
+
+
+def lse_shape(bound: Bound) -> tuple[int, int, int]:
+    """lse is f32 [B, H, M] whatever the layout of q."""
+    return bound.sizes["B"], bound.sizes["H"], bound.sizes["M"]
+
+
+def canonical_view(t: torch.Tensor, decl: TensorDecl) -> torch.Tensor:
+    """A q/k/v-shaped tensor (or the output, in q's layout) as [B, heads, sequence, head dim]; no copy."""
+    return t.permute(*sorted(range(len(decl.shape)), key=lambda axis: _ROLE_RANK[decl.shape[axis]]))
+
+
+# ---------------------------------------------------------------- checks
+
+
+def _decl_text(decl: TensorDecl) -> str:
+    return f"{decl.dtype}[{', '.join(decl.shape)}]"
+
+
+def _check_keywords(spec: Attention, kwargs: Mapping[str, object]) -> None:
+    known = [p.name for p in spec.params] + [t.name for t in spec.inputs]
+    for name in kwargs:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            takes = ", ".join(known) if known else "no keyword arguments"
+            raise CallError(f"{name}: unknown argument for attention {spec.name!r}{hint} (it takes: {takes})")
+
+
+def _check_tensor(decl: TensorDecl, t: object, device: torch.device | None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise CallError(f"{decl.name}: expected a torch.Tensor {_decl_text(decl)}, got {type(t).__name__}")
+    want = TORCH_DTYPES[decl.dtype]
+    if t.dtype != want:
+        raise CallError(f"{decl.name}: expected dtype {decl.dtype} ({want}) as declared {_decl_text(decl)}, "
+                        f"got {t.dtype}; convert with .to({want})")
+    if t.dim() != len(decl.shape):
+        raise CallError(f"{decl.name}: expected {len(decl.shape)} dims [{', '.join(decl.shape)}], "
+                        f"got {t.dim()} dims with shape {tuple(t.shape)}")
+    if device is not None and t.device != device:
+        raise CallError(f"{decl.name}: is on {t.device} but q is on {device}; put every tensor on one device")
+
+
+def _bind_sizes(spec: Attention, tensors: list[tuple[TensorDecl, object]]) -> dict[str, int]:
+    sizes: dict[str, int] = {}
+    device = None
+    for decl, t in tensors:
+        _check_tensor(decl, t, device)
+        device = t.device
+        for name, n in zip(decl.shape, t.shape):
+            if sizes.setdefault(name, n) != n:
+                raise CallError(f"{_where(name, tensors)} but {_where(name, tensors, n)}; "
+                                f"every size named {name} must agree")
+    for name, value in spec.dims:
+        if sizes.setdefault(name, value) != value:
+            raise CallError(f"{_where(name, tensors)} but the spec binds {name} = {value} at compile time "
+                            f"(dims {name} = {value}); pass tensors with {name} = {value} or drop it from dims")
+    sizes.setdefault("HKV", sizes["H"])
+    sizes.setdefault("DV", sizes["D"])
+    for name, n in sizes.items():
+        if n < 1 and name not in MAY_BE_EMPTY:
+            raise CallError(f"{_where(name, tensors, n)}; every size but M and N must be at least 1")
+    if sizes["H"] % sizes["HKV"]:
+        raise CallError(f"k: {sizes['HKV']} key/value heads (HKV) do not divide the {sizes['H']} query heads (H) of "
+                        f"q; H must be a multiple of HKV")
+    return sizes
+
+
+def _where(name: str, tensors: list[tuple[TensorDecl, object]], size: int | None = None) -> str:
+    """'k: dim 2 (N) is 100': the first tensor axis named `name` (and of `size`, when given). Used only to
+    word an error, so that bind's fast path keeps no positions."""
+    for decl, t in tensors:
+        if isinstance(t, torch.Tensor):
+            for axis, (dim, n) in enumerate(zip(decl.shape, t.shape)):
+                if dim == name and size in (None, n):
+                    return f"{decl.name}: dim {axis} ({name}) is {n}"
+    return f"{name} is {size}"
+
+
+def _param_value(p: ParamDecl, kwargs: Mapping[str, object]) -> ParamValue:
+    if p.name not in kwargs:
+        if p.default is None:
+            raise CallError(f"{p.name}: missing param ({p.dtype}, no default); pass {p.name}=<value>")
+        return _coerce_param(p, p.default)
+    return _coerce_param(p, kwargs[p.name])
+
+
+def _coerce_param(p: ParamDecl, value: object) -> ParamValue:
+    if isinstance(value, torch.Tensor):
+        raise CallError(f"{p.name}: param {p.dtype} wants {_PARAM_KIND[p.dtype]} (a Python value), got a "
+                        f"torch.Tensor; pass a number ({p.name}=t.item() reads it, at the cost of a host-device "
+                        f"sync) or declare it as an input tensor (input {p.name}: {p.dtype}[...]) and look it up")
+    if p.dtype == "bool" and isinstance(value, bool):
+        return value
+    if not isinstance(value, bool):  # bool is an int subclass but never a number here
+        if p.dtype == "i32" and isinstance(value, numbers.Integral):
+            if not _I32_MIN <= value <= _I32_MAX:
+                raise CallError(f"{p.name}: param i32 value {value} does not fit in 32 bits")
+            return int(value)
+        if p.dtype == "f32" and isinstance(value, numbers.Real):
+            return float(value)
+    raise CallError(f"{p.name}: param {p.dtype} wants {_PARAM_KIND[p.dtype]}, got {type(value).__name__} {value!r}")

@@ -1,0 +1,98 @@
+"""The `attnc` command: check and show, exit codes, and errors without tracebacks."""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from attnc import cli
+from attnc.dsl.parser import parse, parse_file
+
+ROOT = Path(__file__).parents[1]
+SPECS = sorted((ROOT / "examples" / "specs").glob("*.attn"))
+BAD = "attention a {\n    q: f16[B, H, M, D]\n    k: f16[B, H, N, D]\n    v: f16[B, H, N, D]\n" \
+      "    mask i - j < windw\n    return softmax(score) @ v\n}\n"
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "attnc", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_check_every_example_spec():
+    r = run("check", *(str(p.relative_to(ROOT)) for p in SPECS))
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    specs = [(p, s) for p in SPECS for s in parse_file(p)]
+    assert len(lines) == len(specs)
+    for line, (path, spec) in zip(lines, specs):
+        assert re.fullmatch(rf"OK  {re.escape(str(path.relative_to(ROOT)))}:{spec.span.line}  {spec.name}  "
+                            rf"key {spec.key[:12]}", line), line
+
+
+def test_check_a_malformed_file_exits_2_with_the_place(tmp_path):
+    bad = tmp_path / "bad.attn"
+    bad.write_text(BAD)
+    r = run("check", str(SPECS[0]), str(bad))
+    assert r.returncode == 2
+    assert r.stdout.startswith("OK  ")  # the good file is still checked
+    assert r.stderr.splitlines() == [f"{bad}:5:18: unknown name 'windw'",
+                                     "        mask i - j < windw", "                     ^^^^^"]
+    assert "Traceback" not in r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("data, place", [
+    (b"attention a { score = }", ":1:23: unexpected '}'"),
+    (b"\xff\xfe garbage", ":1:1: this file is not UTF-8 text"),
+    (b"\x7fELF\x02\x01\x01\x00", ":1:8: this looks like a binary file"),
+    (b"", ":1:1: no `attention NAME { ... }` block"),
+])
+def test_malformed_files_never_give_a_traceback(tmp_path, capsys, data, place):
+    path = tmp_path / "x.attn"
+    path.write_bytes(data)
+    assert cli.main(["check", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"{path}{place}") and "Traceback" not in err
+
+
+def test_missing_file_and_directory(tmp_path, capsys):
+    assert cli.main(["check", str(tmp_path / "nope.attn")]) == 2
+    assert "nope.attn: no such file" in capsys.readouterr().err
+    assert cli.main(["show", str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err
+
+
+def test_show_ir_round_trips(capsys):
+    path = ROOT / "examples" / "specs" / "gemma2_local.attn"
+    assert cli.main(["show", str(path), "--emit", "ir"]) == 0
+    assert parse(capsys.readouterr().out) == parse_file(path)
+    assert cli.main(["show", str(path), "--name", "alibi_doc"]) == 0
+    assert parse(capsys.readouterr().out) == [s for s in parse_file(path) if s.name == "alibi_doc"]
+
+
+def test_show_unknown_name_and_bad_arguments(capsys):
+    path = str(ROOT / "examples" / "specs" / "gemma2_local.attn")
+    assert cli.main(["show", path, "--name", "nope"]) == 2
+    assert "has no attention named 'nope'; it has: gemma2_local, alibi_doc" in capsys.readouterr().err
+    assert cli.main(["show", path, "--emit", "nonsense"]) == 2
+    assert "invalid choice" in capsys.readouterr().err
+    assert cli.main([]) == 2
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().out.startswith("attnc ")
+
+
+def test_interrupt_exits_130(monkeypatch, capsys):
+    def interrupted(path):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("attnc.dsl.parser.parse_file", interrupted)
+    assert cli.main(["check", str(SPECS[0])]) == 130
+    assert "interrupted" in capsys.readouterr().err
+
+
+def test_python_dash_m_show_and_bad_usage():
+    r = run("show", str(SPECS[0]))
+    assert r.returncode == 0 and parse(r.stdout) == parse_file(SPECS[0])
+    r = run("frobnicate")
+    assert r.returncode == 2 and "invalid choice" in r.stderr and "Traceback" not in r.stderr
