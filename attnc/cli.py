@@ -17,6 +17,8 @@ from .errors import AttncError
 # --emit NAME -> "module:function" turning a checked ir.Attention into text.
 EMITTERS = {
     "ir": "attnc.ir:print_attention",
+    "plan": "attnc.runtime.api:emit_plan",
+    "triton": "attnc.runtime.api:emit_triton",
 }
 
 

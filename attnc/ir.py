@@ -190,8 +190,10 @@ class Attention:
 
     @cached_property
     def key(self) -> str:
-        """Hex SHA-256 of the canonical text: spans, comments and equivalent spellings do not change it."""
-        return hashlib.sha256(self.canonical.encode()).hexdigest()
+        """Hex SHA-256 of the canonical text without the name: spans, comments, equivalent spellings and the
+        label a front-end gives the variant do not change it, so the same math shares one cached kernel."""
+        anonymous = print_attention(replace(self, name="_"))
+        return hashlib.sha256(anonymous.encode()).hexdigest()
 
     @property
     def dim_values(self) -> dict[str, int]:

@@ -23,3 +23,8 @@ def pytest_collection_modifyitems(config, items):
 def _isolated_cache(tmp_path, monkeypatch):
     """Each test gets its own kernel cache so tests never see each other's artifacts."""
     monkeypatch.setenv("ATTNC_CACHE_DIR", str(tmp_path / "attnc-cache"))
+
+
+def pytest_addoption(parser):
+    parser.addoption("--update-golden", action="store_true",
+                     help="rewrite the golden files under tests/golden/ from the current code generators")

@@ -43,3 +43,9 @@ def test_params_and_inputs_sorted_for_key():
     b = make_attention("x", *_qkv(), params=[p2, p1])
     assert a.key == b.key
     assert "param cap: f32 = 50.0" in a.canonical and "param window: i32 = 4096" in a.canonical
+
+
+def test_name_is_a_label_not_part_of_the_key():
+    a = make_attention("one", *_qkv(), masks=[causal_mask()])
+    b = make_attention("two", *_qkv(), masks=[causal_mask()])
+    assert a != b and a.key == b.key and a.canonical != b.canonical

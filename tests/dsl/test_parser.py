@@ -170,7 +170,8 @@ def test_spans_point_at_the_source():
 def test_several_attentions_per_file_and_the_public_api():
     text = "".join(f"attention a{n} {{ {QKV} return softmax(score) @ v }}\n" for n in range(3))
     specs = attnc.parse(text)
-    assert [s.name for s in specs] == ["a0", "a1", "a2"] and len({s.key for s in specs}) == 3
+    assert [s.name for s in specs] == ["a0", "a1", "a2"]
+    assert len({s.key for s in specs}) == 1, "the name labels a variant; the same math shares one key"
     assert attnc.parse_file is parse_file
 
 

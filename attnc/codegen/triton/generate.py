@@ -1,0 +1,158 @@
+"""KernelPlan -> the source of a Python module holding the Triton kernels (`attn_fwd`, and `tile_summary`
+when masks read tensors at i/j). `generate` is pure: the same plan gives the same text."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import jinja2
+
+from ... import __version__
+from ...ir import ROLES, Expr, IndexVar, SizeRef, walk
+from ...passes.plan import KernelPlan, KeyRange
+from .emit import TILE, Emitter, input_arg, param_arg, size_arg, stride_arg
+
+# Sizes every kernel takes; other sizes are passed only when an expression uses them.
+KERNEL_SIZES = ("B", "H", "HKV", "M", "N")
+
+
+@dataclass(frozen=True)
+class KernelArgs:
+    """The runtime arguments the generated kernels take after the fixed q/k/v/out/lse pointers and strides."""
+
+    sizes: tuple[str, ...]  # size names, passed as sz_<name>
+    params: tuple[str, ...]  # param names, passed as p_<name>
+    inputs: tuple[tuple[str, int], ...]  # (input name, rank): t_<name> then its strides t_<name>_s<axis>
+    data_dependent: bool  # summary_ptr, s_sb, s_sh follow
+    summary_uses_b: bool  # whether the tile summary differs per batch / per head program
+    summary_uses_h: bool
+
+    def names(self) -> list[str]:
+        names = [size_arg(s) for s in self.sizes] + [param_arg(p) for p in self.params]
+        for t, rank in self.inputs:
+            names += [input_arg(t)] + [stride_arg(t, axis) for axis in range(rank)]
+        if self.data_dependent:
+            names += ["summary_ptr", "s_sb", "s_sh"]
+        return names
+
+
+def kernel_args(plan: KernelPlan) -> KernelArgs:
+    spec = plan.spec
+    exprs = [spec.score, *spec.masks] + ([spec.normalizer.sink] if spec.normalizer.sink is not None else [])
+    used = {n.name for e in exprs for n in walk(e) if isinstance(n, SizeRef)}
+    used |= {dim for t in spec.inputs for dim in t.shape}  # lookups check their indices against these
+    free = sorted(used - set(ROLES))
+    mask_vars = {n.name for e in spec.masks for n in walk(e) if isinstance(n, IndexVar)}
+    return KernelArgs(
+        sizes=KERNEL_SIZES + tuple(free),
+        params=tuple(p.name for p in spec.params),
+        inputs=tuple((t.name, len(t.shape)) for t in spec.inputs),
+        data_dependent=plan.masks.data_dependent,
+        summary_uses_b="b" in mask_vars,
+        summary_uses_h="h" in mask_vars,
+    )
+
+
+@lru_cache(maxsize=1)
+def _template() -> jinja2.Template:
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(Path(__file__).parent), undefined=jinja2.StrictUndefined,
+                             keep_trailing_newline=True)
+    return env.get_template("kernel.py.j2")
+
+
+def generate(plan: KernelPlan) -> str:
+    spec, masks, tiling = plan.spec, plan.masks, plan.tiling
+    args = kernel_args(plan)
+
+    main = Emitter(spec)
+    _bounds(main, masks.exact, masks.hull)
+    sink = None
+    if plan.score.sink2 is not None:
+        v = main.value(plan.score.sink2)
+        sink = main.as_float(v, v.level) if v.level else f"tl.zeros([BLOCK_M], tl.float32) + {main.as_float(v, 0)}"
+    with main.scope() as score_lines:
+        logits = _float_tile(main, plan.score.logits2)
+        with main.scope() as mask_lines:
+            keep_terms = "".join(f" & ({_as_tile(main, c)})" for c in masks.evaluated)
+
+    summary_prologue, summary_lines = [], []
+    if masks.data_dependent:
+        summary = Emitter(spec)
+        _bounds(summary, masks.exact, masks.hull)
+        with summary.scope() as summary_lines:
+            terms = [_as_tile(summary, c) for c in masks.evaluated]
+        summary_lines.append("evaluated = " + " & ".join(f"({t})" for t in terms))
+        summary_prologue = summary.prologue
+
+    pad_d, pad_dv = tiling.block_d != plan.head_dim, tiling.block_dv != plan.value_dim
+    common = args.names()
+    runtime_scalars = [size_arg(s) for s in args.sizes] + [param_arg(p) for p in args.params]
+    tpl = _template()
+    source = tpl.render(
+        version=__version__, name=spec.name, key=plan.spec_key[:16],
+        plan_line=_plan_line(plan),
+        head_dim=plan.head_dim, value_dim=plan.value_dim, block_d=tiling.block_d, block_dv=tiling.block_dv,
+        runtime_scalars=", ".join(f'"{n}"' for n in runtime_scalars),
+        common_args=_wrap_args(common),
+        prologue="\n".join(main.prologue), score_lines="\n".join(score_lines), logits=logits,
+        mask_lines="\n".join(mask_lines), keep_terms=keep_terms,
+        all_partial=bool(masks.evaluated) and not masks.data_dependent,
+        data_dependent=masks.data_dependent,
+        summary_prologue="\n".join(summary_prologue), summary_lines="\n".join(summary_lines),
+        sink=sink, returns_lse=spec.returns_lse,
+        dot_args=', input_precision="ieee"' if plan.dtype == "f32" and plan.triton.dot_precision == "ieee" else "",
+        ws_arg=", warp_specialize=True" if plan.triton.warp_specialize else "",
+        d_mask_q=" & (offs_d[None, :] < HEAD_DIM)" if pad_d else "",
+        d_mask_k=" & (offs_d[:, None] < HEAD_DIM)" if pad_d else "",
+        d_mask_v=" & (offs_dv[None, :] < VALUE_DIM)" if pad_dv else "",
+        d_mask_o=" & (offs_dv[None, :] < VALUE_DIM)" if pad_dv else "",
+    )
+    return source
+
+
+def _wrap_args(names: list[str], width: int = 100) -> str:
+    """Argument names, comma-terminated, wrapped at `width` with the signature's indentation."""
+    lines, line = [], ""
+    for n in names:
+        if line and len(line) + len(n) + 2 > width - 4:
+            lines.append(line.rstrip())
+            line = ""
+        line += f"{n}, "
+    lines.append(line.rstrip())
+    return "\n    ".join(lines)
+
+
+def _bounds(em: Emitter, exact: KeyRange, hull: KeyRange) -> None:
+    """Per-row [lo, hi) of the exact and hull key ranges as [BLOCK_M] int64 vectors in the prologue."""
+    for name, r in (("exact", exact), ("hull", hull)):
+        if name == "hull" and r == exact:
+            em.prologue += ["hull_lo = exact_lo", "hull_hi = exact_hi"]
+            continue
+        lo, hi = f"{name}_lo", f"{name}_hi"
+        em.prologue.append(f"{lo} = tl.zeros([BLOCK_M], tl.int64)")
+        for e in r.lower:
+            em.prologue.append(f"{lo} = tl.maximum({lo}, {em.as_int(em.value(e), em.value(e).level)})")
+        em.prologue.append(f"{hi} = tl.zeros([BLOCK_M], tl.int64) + sz_N")
+        for e in r.upper:
+            em.prologue.append(f"{hi} = tl.minimum({hi}, {em.as_int(em.value(e), em.value(e).level)})")
+
+
+def _as_tile(em: Emitter, e: Expr) -> str:
+    """Code for the bool `e` broadcast against a [BLOCK_M, BLOCK_N] tile."""
+    return em.at(em.value(e), TILE)
+
+
+def _float_tile(em: Emitter, e: Expr) -> str:
+    """Code for `e` as a float32 [BLOCK_M, BLOCK_N] tile."""
+    v = em.value(e)
+    code = em.as_float(v, TILE)
+    return code if v.level == TILE else f"tl.zeros([BLOCK_M, BLOCK_N], tl.float32) + {code}"
+
+
+def _plan_line(plan: KernelPlan) -> str:
+    t = plan.tiling
+    return (f"{plan.target.backend}/{plan.target.device}"
+            f"{'' if plan.target.arch is None else f'/sm_{plan.target.arch}'} {plan.dtype} D={plan.head_dim} "
+            f"DV={plan.value_dim}; prefill {t.prefill.block_m}x{t.prefill.block_n} w{t.prefill.num_warps} "
+            f"s{t.prefill.num_stages}; decode <= {t.decode.block_m} rows x {t.decode.block_n}")

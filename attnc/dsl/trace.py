@@ -1,0 +1,340 @@
+"""The `@attnc.attention` decorator: a Python function traced into the same IR as the text language.
+
+    @attnc.attention
+    def alibi_doc(q, k, v, *, slopes: attnc.Tensor, doc: attnc.Tensor, cap: float = 50.0):
+        s = (q @ k) * q.D ** -0.5
+        s = cap * attnc.tanh(s / cap) + slopes[q.head] * (k.pos - q.pos)
+        keep = attnc.causal(q, k) & (doc[q.batch, q.pos] == doc[k.batch, k.pos])
+        return attnc.softmax(s, where=keep) @ v
+
+The function runs once per call signature (q/k/v dtypes, whether K/V have their own head count, whether v
+has its own head dim, input dtypes) with symbolic arguments; the spec it builds is compiled by
+`attnc.compile` and cached. Python values it reads from globals are constants baked in at that trace:
+make a value a keyword parameter (a runtime `param`) to change it without re-tracing.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+from dataclasses import dataclass, replace
+
+import torch
+
+from ..errors import CallError, Diagnostic, TraceError
+from ..ir import (
+    QK, ROLES, Attention, Expr, IndexVar, ParamDecl, ParamRef, SizeRef, Softmax, causal_mask, dtype_kind,
+    make_attention,
+)
+from . import symbolic
+from .check import check_attention
+from .symbolic import LAYOUTS, Sym, as_expr, function_span, trace_error, user_span
+
+
+class Tensor:
+    """Annotation of a keyword-only argument that is an extra input tensor (`input` in the text language):
+    `def f(q, k, v, *, slopes: attnc.Tensor)`. Index it with traced indices: `slopes[q.head]`."""
+
+
+# ---------------------------------------------------------------- q, k, v and inputs inside the trace
+
+_POSITION = {"q": "i", "k": "j", "v": "j"}
+_QKV_HELP = ("q.pos, k.pos (query / key position), q.head, q.batch, the sizes q.B, q.H, k.HKV, q.M, k.N, q.D, "
+             "v.DV, and q @ k")
+
+
+class TracedTensor:
+    """q, k or v inside a traced function: index variables by role, sizes by role name, and `q @ k`."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str):
+        self.name = name
+
+    @property
+    def pos(self) -> Sym:
+        return Sym(IndexVar(_POSITION[self.name], span=user_span()), "int")
+
+    @property
+    def batch(self) -> Sym:
+        return Sym(IndexVar("b", span=user_span()), "int")
+
+    @property
+    def head(self) -> Sym:
+        if self.name != "q":
+            raise trace_error(f"{self.name}.head: the key/value head is derived from the query head "
+                              f"(h // (H // HKV)); use q.head")
+        return Sym(IndexVar("h", span=user_span()), "int")
+
+    def __getattr__(self, name: str) -> Sym:
+        if name in ROLES:
+            return Sym(SizeRef(name, span=user_span()), "int")
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise trace_error(f"{self.name}.{name} cannot be traced; available: {_QKV_HELP}")
+
+    def __matmul__(self, other) -> Sym:
+        if self.name == "q" and isinstance(other, TracedTensor) and other.name == "k":
+            return Sym(QK(span=user_span()), "float")
+        raise trace_error("only q @ k (the scores) and p @ v (with p = attnc.softmax(...)) can be traced")
+
+    def __bool__(self):
+        raise trace_error(f"{self.name} is symbolic inside a traced function and has no truth value")
+
+
+@dataclass(frozen=True)
+class InputTensor:
+    """An `attnc.Tensor` argument inside a traced function: index it to look values up."""
+
+    name: str
+    dtype: str
+    ndim: int
+
+    def __getitem__(self, index) -> Sym:
+        return symbolic.lookup(self.name, self.dtype, self.ndim, index)
+
+
+@dataclass(frozen=True, eq=False)
+class Probabilities:
+    """`attnc.softmax(score, where=..., sink=...)`: multiply by v to return it; `.lse` is its log-sum-exp."""
+
+    score: Expr
+    masks: tuple[Expr, ...]
+    sink: Expr | None
+
+    def __matmul__(self, other) -> "Output":
+        if not (isinstance(other, TracedTensor) and other.name == "v"):
+            raise trace_error("softmax weights multiply the value tensor: write `attnc.softmax(s) @ v`")
+        return Output(self)
+
+    @property
+    def lse(self) -> "Lse":
+        return Lse(self)
+
+
+@dataclass(frozen=True)
+class Output:
+    probabilities: Probabilities
+
+
+@dataclass(frozen=True)
+class Lse:
+    probabilities: Probabilities
+
+
+# ---------------------------------------------------------------- functions used inside a traced function
+
+
+def softmax(score, *, where=None, sink=None) -> Probabilities:
+    """softmax of `score` over the keys where `where` holds; `sink` (one logit per row) joins the denominator."""
+    score_expr, kind = as_expr(score)
+    if kind == "bool":
+        raise trace_error("the score given to softmax is a boolean; pass conditions as where=...")
+    masks = ()
+    if where is not None:
+        mask, kind = as_expr(where)
+        if kind != "bool":
+            raise trace_error(f"softmax(where=...) takes a condition (a comparison), got {kind}")
+        masks = (mask,)
+    sink_expr = None if sink is None else as_expr(sink)[0]
+    return Probabilities(score_expr, masks, sink_expr)
+
+
+def causal(q: TracedTensor, k: TracedTensor) -> Sym:
+    """The bottom-right aligned causal mask, `mask causal` in the text language (decode sees every key)."""
+    if not (isinstance(q, TracedTensor) and q.name == "q" and isinstance(k, TracedTensor) and k.name == "k"):
+        raise trace_error("attnc.causal takes the traced q and k: attnc.causal(q, k)")
+    return Sym(replace(causal_mask(), span=user_span()), "bool")
+
+
+def where(cond, a, b) -> Sym:
+    """`a` where `cond` holds, else `b`."""
+    return symbolic.where(cond, a, b)
+
+
+def _math(fn: str, name: str, arity: int = 1):
+    def apply(*args):
+        if len(args) != arity:
+            raise trace_error(f"attnc.{name} takes {arity} argument{'s' if arity > 1 else ''}, got {len(args)}")
+        return symbolic.call(fn, *args)
+    apply.__name__ = apply.__qualname__ = name
+    apply.__doc__ = f"`{fn}` of the IR, applied to traced values."
+    return apply
+
+
+exp, exp2, log, log2, sqrt, rsqrt, tanh, sigmoid, abs, floor = (  # noqa: A001 - the IR's names
+    _math(fn, fn) for fn in ("exp", "exp2", "log", "log2", "sqrt", "rsqrt", "tanh", "sigmoid", "abs", "floor"))
+minimum = _math("min", "minimum", 2)
+maximum = _math("max", "maximum", 2)
+
+
+# ---------------------------------------------------------------- the decorator
+
+_ANNOTATIONS = {Tensor: "tensor", torch.Tensor: "tensor", float: "f32", int: "i32", bool: "bool",
+                "attnc.Tensor": "tensor", "Tensor": "tensor", "torch.Tensor": "tensor",
+                "float": "f32", "int": "i32", "bool": "bool"}
+
+
+def attention(fn=None, *, layout: str = "BHSD", backend: str | None = None):
+    """Trace `fn(q, k, v, *, inputs..., params...)` into an attention spec, compiled on first call.
+
+    `layout` is the tensors' memory order ("BHSD" or "BSHD"); `backend` goes to `attnc.compile`.
+    """
+    if layout not in LAYOUTS:
+        raise CallError(f"layout: expected one of {', '.join(LAYOUTS)}, got {layout!r}")
+
+    def wrap(f):
+        return AttentionFunction(f, layout, backend)
+
+    return wrap if fn is None else wrap(fn)
+
+
+class AttentionFunction:
+    """A decorated function. Calling it traces (once per signature), compiles (once per signature) and runs."""
+
+    def __init__(self, fn, layout: str, backend: str | None):
+        self.fn = fn
+        self.layout = layout
+        self.backend = backend
+        self._params, self._inputs = _declared_arguments(fn)
+        self._heads_axis = LAYOUTS[layout][1]
+        self._specs: dict[tuple, Attention] = {}
+        self._kernels: dict[tuple, object] = {}
+        self._last: Attention | None = None
+        functools.update_wrapper(self, fn)
+
+    @property
+    def spec(self) -> Attention:
+        """The spec traced for the last call's signature."""
+        if self._last is None:
+            name = self.fn.__name__
+            raise CallError(f"{name}.spec: not traced yet; call {name}(q, k, v, ...) or {name}.trace(q, k, v, ...)")
+        return self._last
+
+    def trace(self, q, k, v, **kwargs) -> Attention:
+        """The spec for these tensors' signature, without compiling."""
+        for name in kwargs:
+            if name not in self._inputs and not any(p.name == name for p in self._params):
+                known = ", ".join([*self._inputs, *(p.name for p in self._params)]) or "no keyword arguments"
+                raise CallError(f"{name}: unknown argument of {self.fn.__name__} (it takes: {known})")
+        self._last = self._spec(self._signature(q, k, v, kwargs), q, k, v, kwargs)
+        return self._last
+
+    def __call__(self, q, k, v, **kwargs):
+        signature = self._signature(q, k, v, kwargs)
+        kernel = self._kernels.get(signature)
+        if kernel is None:
+            from ..runtime.api import compile as compile_spec  # the backend loads only when first needed
+
+            kernel = self._kernels[signature] = compile_spec(self._spec(signature, q, k, v, kwargs),
+                                                             backend=self.backend)
+        self._last = self._specs[signature]
+        return kernel(q, k, v, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<attnc.attention {self.fn.__module__}.{self.fn.__qualname__} layout={self.layout}>"
+
+    # -- internals
+
+    def _signature(self, q, k, v, kwargs) -> tuple:
+        """What the trace depends on; cheap, for the per-call cache look-up."""
+        try:
+            h, d = self._heads_axis, 3
+            qkv = (q.dtype, k.dtype, v.dtype, q.dim(), k.dim(), v.dim(), k.shape[h] != q.shape[h],
+                   v.shape[d] != q.shape[d])
+            return qkv + tuple((kwargs[name].dtype, kwargs[name].dim()) for name in self._inputs)
+        except (AttributeError, KeyError, IndexError, TypeError):
+            self._explain_bad_call(q, k, v, kwargs)
+            raise
+
+    def _explain_bad_call(self, q, k, v, kwargs) -> None:
+        symbolic.qkv_decls(q, k, v, self.layout)
+        for name in self._inputs:
+            if name not in kwargs:
+                raise CallError(f"{name}: missing input tensor; pass {name}=<tensor>")
+            if not isinstance(kwargs[name], torch.Tensor):
+                raise CallError(f"{name}: expected a torch.Tensor, got {type(kwargs[name]).__name__}")
+
+    def _spec(self, signature: tuple, q, k, v, kwargs) -> Attention:
+        spec = self._specs.get(signature)
+        if spec is None:
+            spec = self._specs[signature] = self._traced(q, k, v, {name: kwargs[name] for name in self._inputs})
+        return spec
+
+    def _traced(self, q, k, v, tensors: dict[str, torch.Tensor]) -> Attention:
+        q_decl, k_decl, v_decl = symbolic.qkv_decls(q, k, v, self.layout)
+        args = {p.name: Sym(ParamRef(p.name), dtype_kind(p.dtype)) for p in self._params}
+        args.update({name: InputTensor(name, symbolic.ir_dtype(t, name), t.dim()) for name, t in tensors.items()})
+        label = f"@attnc.attention function {self.fn.__name__!r}"
+        tracer = symbolic.Tracer(label, capture_hint=" from outside; pass tensors as keyword arguments annotated attnc.Tensor")
+        with symbolic.tracing(tracer):
+            result = self.fn(TracedTensor("q"), TracedTensor("k"), TracedTensor("v"), **args)
+        p, returns_lse = _returned(result, self.fn)
+        spec = make_attention(
+            self.fn.__name__, q_decl, k_decl, v_decl, params=self._params,
+            inputs=symbolic.input_decls([p.score, *p.masks, p.sink], tensors, function_span(self.fn)),
+            score=p.score, masks=p.masks, normalizer=Softmax(p.sink), returns_lse=returns_lse,
+            span=function_span(self.fn))
+        check_attention(spec)
+        return spec
+
+
+def _returned(result, fn) -> tuple[Probabilities, bool]:
+    if isinstance(result, Output):
+        return result.probabilities, False
+    if (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], Output)
+            and isinstance(result[1], Lse) and result[1].probabilities is result[0].probabilities):
+        return result[0].probabilities, True
+    raise TraceError(Diagnostic(
+        f"{fn.__name__} must return `p @ v` or `p @ v, p.lse` with p = attnc.softmax(...), "
+        f"not {type(result).__name__}", function_span(fn)))
+
+
+def _declared_arguments(fn) -> tuple[tuple[ParamDecl, ...], tuple[str, ...]]:
+    """Params (keyword-only numbers) and inputs (keyword-only attnc.Tensor) of a decorated function."""
+    span = function_span(fn)
+    try:
+        signature = inspect.signature(fn, eval_str=True)
+    except (NameError, TypeError, SyntaxError):  # annotations naming unknown things stay strings
+        signature = inspect.signature(fn)
+    kinds = inspect.Parameter
+    arguments = list(signature.parameters.values())
+    positional = [a for a in arguments if a.kind in (kinds.POSITIONAL_ONLY, kinds.POSITIONAL_OR_KEYWORD)]
+    if len(positional) != 3 or any(a.kind in (kinds.VAR_POSITIONAL, kinds.VAR_KEYWORD) for a in arguments):
+        raise TraceError(Diagnostic(
+            f"{fn.__name__} must take q, k, v positionally and everything else keyword-only, as in "
+            f"`def {fn.__name__}(q, k, v, *, slopes: attnc.Tensor, cap: float = 50.0)` (no *args, **kwargs)",
+            span))
+    params, inputs = [], []
+    for a in arguments[3:]:
+        kind = _ANNOTATIONS.get(a.annotation) if a.annotation is not kinds.empty else _kind_of_default(a.default)
+        if kind is None:
+            raise TraceError(Diagnostic(
+                f"{fn.__name__}: argument {a.name!r} needs an annotation: attnc.Tensor (an input tensor), float, "
+                f"int or bool (a runtime param)", span))
+        if kind == "tensor":
+            if a.default is not kinds.empty:
+                raise TraceError(Diagnostic(f"{fn.__name__}: input tensor {a.name!r} cannot have a default; "
+                                            f"drop it and pass the tensor at every call", span))
+            inputs.append(a.name)
+        else:
+            params.append(ParamDecl(a.name, kind, _param_default(fn, a, kind, span), span=span))
+    return tuple(params), tuple(inputs)
+
+
+def _kind_of_default(default) -> str | None:
+    for t in (bool, int, float):  # bool first: it is an int
+        if isinstance(default, t):
+            return _ANNOTATIONS[t]
+    return None
+
+
+def _param_default(fn, a: inspect.Parameter, kind: str, span):
+    d = a.default
+    if d is inspect.Parameter.empty:
+        return None
+    ok = (isinstance(d, bool) if kind == "bool"
+          else isinstance(d, int) and not isinstance(d, bool) if kind == "i32"
+          else isinstance(d, (int, float)) and not isinstance(d, bool))
+    if not ok:
+        raise TraceError(Diagnostic(f"{fn.__name__}: param {a.name!r} is {kind} but defaults to {d!r}", span))
+    return float(d) if kind == "f32" else d

@@ -1,0 +1,200 @@
+"""Mask analysis: which keys each query row can keep, as loop bounds the kernel evaluates at run time.
+
+A conjunct that is an interval in j -- `j OP t` after moving terms, with j's coefficient +-1 and t any integer
+expression free of j (so i, h, b, sizes, params and lookups at i may appear: causal, sliding windows, prefixes,
+per-head windows, valid lengths) -- gives exact bounds. A conjunct without j (a row condition) keeps a whole
+row or none of it. Everything else is evaluated element-wise on partial tiles; where it is an `or`/`and` of
+intervals (prefix-LM) its interval hull still narrows the loop. Dilation (`(i - j) % d == 0`) has no hull of
+its own but the windows it comes with bound the loop.
+
+The kernel turns the per-row bounds of a query tile into key-tile ranges with `key_tiles` (mirrored in the
+generated code): tiles outside the hull never run, tiles inside every row's exact range are full (no mask).
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Callable, Mapping, Sequence
+
+from ..ir import (
+    COMPARE_OPS, QK, Attention, Binary, Call, Expr, IndexVar, Lookup, Num, SizeRef, Unary, expr_type, walk,
+)
+from .fold import Scalar, evaluate, fold
+from .plan import KernelPlan, KeyRange, MaskPlan
+
+_FLIP = {"<": ">", "<=": ">=", ">": "<", ">=": "<=", "==": "==", "!=": "!="}
+_ZERO, _ONE = Num(0, False), Num(1, False)
+
+
+def analyze_masks(plan: KernelPlan) -> KernelPlan:
+    spec = plan.spec
+    exact_lower, exact_upper, hull_lower, hull_upper, evaluated = [], [], [], [], []
+    for conjunct in spec.masks:
+        exact = key_range(conjunct, spec)
+        if exact is not None:
+            exact_lower += exact.lower
+            exact_upper += exact.upper
+            continue
+        evaluated.append(conjunct)
+        hull = interval_hull(conjunct, spec)
+        if hull is not None:
+            hull_lower += hull.lower
+            hull_upper += hull.upper
+    exact = KeyRange(_unique(exact_lower), _unique(exact_upper))
+    hull_lower = [e for e in hull_lower if e != _ZERO]  # 0 is the implicit lower bound
+    hull = KeyRange(_unique(exact_lower + hull_lower), _unique(exact_upper + hull_upper))
+    masks = MaskPlan(exact, hull, tuple(evaluated), any(_reads_tensor_at_ij(c) for c in evaluated))
+    return replace(plan, masks=masks)
+
+
+def key_range(conjunct: Expr, spec: Attention) -> KeyRange | None:
+    """The exact keys `conjunct` keeps, as bounds on j; None when it is not an interval in j."""
+    if _free_of_j(conjunct):
+        # A row condition: every key or none. upper = where(cond, N, 0) empties the row when it fails.
+        return KeyRange(upper=(Call("where", (conjunct, SizeRef("N"), _ZERO)),))
+    if not (isinstance(conjunct, Binary) and conjunct.op in COMPARE_OPS and conjunct.op != "!="):
+        return None
+    lhs, rhs = linear_in_j(conjunct.lhs), linear_in_j(conjunct.rhs)
+    if lhs is None or rhs is None:
+        return None
+    coeff, rest = lhs[0] - rhs[0], _sub(lhs[1], rhs[1])  # coeff * j + rest OP 0
+    if coeff not in (1, -1) or (rest is not None and expr_type(rest, spec) != "int"):
+        return None
+    op = conjunct.op
+    if coeff == 1:  # j + rest OP 0  <=>  j OP -rest
+        bound = _neg(rest)
+    else:  # -j + rest OP 0  <=>  j OP' rest
+        op, bound = _FLIP[op], (rest if rest is not None else _ZERO)
+    bound = fold(bound, {})
+    plus_one = fold(Binary("+", bound, _ONE), {})
+    return {
+        "<": KeyRange(upper=(bound,)),
+        "<=": KeyRange(upper=(plus_one,)),
+        ">": KeyRange(lower=(plus_one,)),
+        ">=": KeyRange(lower=(bound,)),
+        "==": KeyRange(lower=(bound,), upper=(plus_one,)),
+    }[op]
+
+
+def interval_hull(e: Expr, spec: Attention) -> KeyRange | None:
+    """A range containing every key `e` keeps (None: no useful bound)."""
+    exact = key_range(e, spec)
+    if exact is not None:
+        return exact
+    if isinstance(e, Binary) and e.op == "and":
+        parts = [r for r in (interval_hull(e.lhs, spec), interval_hull(e.rhs, spec)) if r is not None]
+        return KeyRange(sum((r.lower for r in parts), ()), sum((r.upper for r in parts), ())) if parts else None
+    if isinstance(e, Binary) and e.op == "or":
+        a, b = interval_hull(e.lhs, spec), interval_hull(e.rhs, spec)
+        if a is None or b is None:
+            return None
+        lower = Call("min", (_max_of(a.lower, _ZERO), _max_of(b.lower, _ZERO)))
+        upper = Call("max", (_min_of(a.upper, SizeRef("N")), _min_of(b.upper, SizeRef("N"))))
+        return KeyRange((fold(lower, {}),), (fold(upper, {}),))
+    return None
+
+
+def linear_in_j(e: Expr) -> tuple[int, Expr | None] | None:
+    """`e` as (c, rest) with e == c * j + rest and rest free of j (None for 0); None if not of that form."""
+    if _free_of_j(e):
+        return 0, e
+    if isinstance(e, IndexVar):  # j itself (other index variables are free of j)
+        return 1, None
+    if isinstance(e, Unary) and e.op == "neg":
+        inner = linear_in_j(e.operand)
+        return None if inner is None else (-inner[0], _neg(inner[1]))
+    if isinstance(e, Binary) and e.op in ("+", "-"):
+        a, b = linear_in_j(e.lhs), linear_in_j(e.rhs)
+        if a is None or b is None:
+            return None
+        if e.op == "+":
+            return a[0] + b[0], _add(a[1], b[1])
+        return a[0] - b[0], _sub(a[1], b[1])
+    if isinstance(e, Binary) and e.op == "*":
+        for factor, other in ((e.lhs, e.rhs), (e.rhs, e.lhs)):
+            if isinstance(factor, Num) and not factor.is_float and not isinstance(factor.value, bool):
+                inner = linear_in_j(other)
+                if inner is None:
+                    return None
+                rest = None if inner[1] is None else Binary("*", factor, inner[1])
+                return factor.value * inner[0], rest
+    return None
+
+
+# ---------------------------------------------------------------- the tile ranges (the kernel's formula)
+
+
+def row_bounds(r: KeyRange, env: Mapping[str, Scalar], lookup=None) -> tuple[int, int]:
+    """[lo, hi) of one row: env gives i, h, b, sizes (N among them) and params."""
+    lo = max([0] + [int(evaluate(e, env, lookup)) for e in r.lower])
+    hi = min([env["N"]] + [int(evaluate(e, env, lookup)) for e in r.upper])
+    return lo, hi
+
+
+def key_tiles(masks: MaskPlan, rows: Sequence[Mapping[str, Scalar]], block_n: int,
+              lookup: Callable | None = None) -> tuple[int, int, int, int]:
+    """(t_start, f_start, f_end, t_end) for the valid rows of one query tile: the key loop runs over tiles
+    [t_start, t_end); tiles [f_start, f_end) hold only keys every row's exact range keeps. The generated
+    kernel computes the same with vector min/max over the tile's rows."""
+    hull = [row_bounds(masks.hull, env, lookup) for env in rows]
+    exact = [row_bounds(masks.exact, env, lookup) for env in rows]
+    nonempty = [(lo, hi) for lo, hi in hull if hi > lo]
+    if not nonempty:
+        return 0, 0, 0, 0
+    t_start = min(lo for lo, _ in nonempty) // block_n
+    t_end = -(-max(hi for _, hi in nonempty) // block_n)
+    f_start = -(-max(lo for lo, _ in exact) // block_n)
+    f_end = min(hi for _, hi in exact) // block_n
+    f_start = min(max(f_start, t_start), t_end)
+    f_end = min(max(f_end, f_start), t_end)
+    return t_start, f_start, f_end, t_end
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _free_of_j(e: Expr) -> bool:
+    return not any(isinstance(n, QK) or (isinstance(n, IndexVar) and n.name == "j") for n in walk(e))
+
+
+def _reads_tensor_at_ij(e: Expr) -> bool:
+    return any(isinstance(n, Lookup) and any(isinstance(x, IndexVar) and x.name in "ij"
+                                             for idx in n.indices for x in walk(idx))
+               for n in walk(e))
+
+
+def _neg(e: Expr | None) -> Expr:
+    if e is None:
+        return _ZERO
+    if isinstance(e, Unary) and e.op == "neg":
+        return e.operand
+    if isinstance(e, Binary) and e.op == "-":
+        return Binary("-", e.rhs, e.lhs)
+    return fold(Unary("neg", e), {})
+
+
+def _add(a: Expr | None, b: Expr | None) -> Expr | None:
+    if a is None or b is None:
+        return b if a is None else a
+    return Binary("+", a, b)
+
+
+def _sub(a: Expr | None, b: Expr | None) -> Expr | None:
+    if b is None:
+        return a
+    return _neg(b) if a is None else Binary("-", a, b)
+
+
+def _max_of(exprs: tuple[Expr, ...], start: Expr) -> Expr:
+    for e in exprs:
+        start = Call("max", (start, e))
+    return start
+
+
+def _min_of(exprs: tuple[Expr, ...], start: Expr) -> Expr:
+    for e in exprs:
+        start = Call("min", (start, e))
+    return start
+
+
+def _unique(exprs: list[Expr]) -> tuple[Expr, ...]:
+    return tuple(dict.fromkeys(exprs))

@@ -1,0 +1,77 @@
+"""The ordered PIPELINE of passes, `verify` (run after every pass) and `plan_kernel`."""
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Callable
+
+from ..errors import CompileError
+from ..ir import QK, Attention, IndexVar, walk
+from .fold import fold_spec
+from .masks import analyze_masks
+from .plan import KernelPlan, PlanOptions, Target
+from .score import to_exp2_domain
+from .tiling import DTYPE_BITS, choose_tiles, share_kv_heads, smem_bytes, smem_capacity, stage_pipeline
+
+Pass = Callable[[KernelPlan], KernelPlan]
+
+
+def fold_constants(plan: KernelPlan) -> KernelPlan:
+    sizes = {**plan.spec.dim_values, "D": plan.head_dim, "DV": plan.value_dim}
+    return replace(plan, spec=fold_spec(plan.spec, sizes))
+
+
+PIPELINE: tuple[Pass, ...] = (
+    fold_constants,  # dims and head dims become literals, so later passes and kernels see constants
+    analyze_masks,  # masks -> key-range loop bounds, full/partial tiles, element-wise checks
+    to_exp2_domain,  # base-2 softmax with log2(e) folded into qk's scale: one multiply per score
+    choose_tiles,  # block sizes and warps from arch, dtype and head dim (one tuned table)
+    share_kv_heads,  # GQA: let a program take the query heads that share one K/V head
+    stage_pipeline,  # software-pipelining depth that fits shared memory; Hopper TMA / warp-spec flags
+)
+
+
+def plan_kernel(spec: Attention, target: Target, head_dim: int, value_dim: int,
+                options: PlanOptions = PlanOptions(), check: bool = True) -> KernelPlan:
+    """Run every pass; `check` verifies the plan after each one."""
+    plan = KernelPlan(spec=spec, spec_key=spec.key, target=target, head_dim=head_dim, value_dim=value_dim, options=options)
+    for step in PIPELINE:
+        plan = step(plan)
+        if check:
+            verify(plan, after=step.__name__)
+    return plan
+
+
+def verify(plan: KernelPlan, after: str = "") -> None:
+    """Check the invariants of whatever parts of the plan are filled in; raise CompileError naming the pass."""
+    problems = []
+    if plan.spec.q.dtype not in DTYPE_BITS:
+        problems.append(f"q dtype {plan.spec.q.dtype} is not one of {sorted(DTYPE_BITS)}")
+    if plan.head_dim < 1 or plan.value_dim < 1:
+        problems.append(f"head dims must be positive, got D={plan.head_dim} DV={plan.value_dim}")
+    if plan.masks is not None:
+        for r in (plan.masks.exact, plan.masks.hull):
+            for bound in r.lower + r.upper:
+                if any(isinstance(n, QK) or (isinstance(n, IndexVar) and n.name == "j") for n in walk(bound)):
+                    problems.append(f"a key bound depends on j or qk: {bound}")
+        if set(plan.masks.exact.lower) - set(plan.masks.hull.lower):
+            problems.append("the loop hull must include every exact lower bound")
+    if plan.tiling is not None:
+        t = plan.tiling
+        for c in (t.prefill, t.decode):
+            for v in (c.block_m, c.block_n):
+                if v < 16 or v & (v - 1):
+                    problems.append(f"block sizes must be powers of two >= 16, got {c}")
+        if t.block_d < plan.head_dim or t.block_dv < plan.value_dim:
+            problems.append("the head-dim tile must cover the head dim")
+        if plan.heads is not None and plan.heads.max_rows > t.decode.block_m:
+            problems.append("packed rows exceed the decode tile")
+        if plan.triton is not None:
+            cap = smem_capacity(plan.target.arch)
+            for c in (t.prefill, t.decode):
+                need = smem_bytes(c.block_m, c.block_n, t.block_d, t.block_dv, 1, DTYPE_BITS[plan.dtype] // 8)
+                if need > cap:
+                    problems.append(f"tile {c} needs {need} B of shared memory even unpipelined; the device has "
+                                    f"{cap} B: pass smaller block_m/block_n")
+    if problems:
+        where = f" after pass {after}" if after else ""
+        raise CompileError(f"invalid kernel plan for {plan.spec.name!r}{where}: " + "; ".join(problems))

@@ -1,0 +1,161 @@
+"""The KernelPlan: everything a backend needs to generate one kernel, decided by the passes.
+
+Backend-neutral fields come first; knobs only the Triton backend reads live in `TritonOptions`. Every record
+is a frozen dataclass with tuple children, so a plan is hashable and its `repr` is a stable cache-key part.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..ir import Attention, Expr
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where the kernel runs. `arch` is the CUDA compute capability times ten (90 = sm_90); None when there is
+    no GPU (the Triton interpreter, or a CPU backend)."""
+
+    backend: str  # "triton" | "tvm"
+    device: str  # "cuda" | "cpu"
+    arch: int | None = None
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    """User overrides for the tiling and staging passes; None keeps the pass's choice."""
+
+    block_m: int | None = None
+    block_n: int | None = None
+    num_warps: int | None = None
+    num_stages: int | None = None
+    pack_heads: bool | None = None  # GQA: put the query heads of one K/V head into one program's rows
+    tma: bool = False  # Hopper tensor descriptors for the K/V loads
+    warp_specialize: bool = False  # Hopper automatic warp specialization of the key loop
+
+
+@dataclass(frozen=True)
+class KeyRange:
+    """Per query row: keys j with max(0, *lower) <= j < min(N, *upper). Bounds are expressions of the row
+    (i, h, b, sizes, params, lookups not at j) that the kernel evaluates before its key loop."""
+
+    lower: tuple[Expr, ...] = ()
+    upper: tuple[Expr, ...] = ()
+
+
+@dataclass(frozen=True)
+class MaskPlan:
+    """The masks, split by how the kernel handles them.
+
+    exact: the conjuncts that are intervals in j; a key tile inside every valid row's exact range (and past
+        no evaluated conjunct) is *full*: no mask is evaluated there.
+    hull: exact, narrowed by the interval hulls of the other conjuncts where they have one (`or` of
+        intervals, e.g. prefix-LM); it bounds the key loop: tiles outside it never run.
+    evaluated: conjuncts checked element by element on partial tiles (dilation, lookups at i/j, `or`).
+    data_dependent: some evaluated conjunct reads a tensor at i or j; a generated tile-summary kernel then
+        classes (query tile, key tile) blocks as empty / full / partial on the device.
+    """
+
+    exact: KeyRange = KeyRange()
+    hull: KeyRange = KeyRange()
+    evaluated: tuple[Expr, ...] = ()
+    data_dependent: bool = False
+
+
+@dataclass(frozen=True)
+class ScorePlan:
+    """Softmax runs in base 2: `logits2` = score * log2(e) with the constant factor folded into qk's scale."""
+
+    logits2: Expr
+    sink2: Expr | None = None  # the sink's logit times log2(e)
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    block_m: int  # query rows per program (query heads x positions when heads are packed)
+    block_n: int  # keys per loop step
+    num_warps: int
+    num_stages: int
+
+
+@dataclass(frozen=True)
+class Tiling:
+    block_d: int  # D padded to a power of two (loads are masked when D is not one)
+    block_dv: int
+    prefill: TileConfig
+    decode: TileConfig  # for launches whose rows (M, times packed heads) fit in decode.block_m
+    decode_max_m: int  # M up to this uses the decode config
+
+
+@dataclass(frozen=True)
+class HeadSharing:
+    """GQA: with `pack`, one program takes the query heads that share a K/V head (up to the decode tile's rows),
+    so each K/V tile is loaded once for all of them. Chosen per launch from M and H / HKV."""
+
+    pack: bool
+    max_rows: int  # packed heads x query positions per program
+
+
+@dataclass(frozen=True)
+class TritonOptions:
+    """Knobs only the Triton backend reads (the performance work tunes them)."""
+
+    dot_precision: str  # tl.dot input_precision for f32 inputs: "ieee" (exact) or "tf32"
+    tma: bool = False
+    warp_specialize: bool = False
+
+
+@dataclass(frozen=True)
+class KernelPlan:
+    spec: Attention  # with compile-time sizes substituted and constants folded
+    spec_key: str  # the key of the spec as written (before folding)
+    target: Target
+    head_dim: int  # D and DV are compile-time: the tile shapes depend on them
+    value_dim: int
+    options: PlanOptions = PlanOptions()
+    masks: MaskPlan | None = None
+    score: ScorePlan | None = None
+    tiling: Tiling | None = None
+    heads: HeadSharing | None = None
+    triton: TritonOptions | None = None
+
+    @property
+    def dtype(self) -> str:
+        return self.spec.q.dtype
+
+    def describe(self) -> str:
+        """Readable multi-line text (`attnc show --emit plan`)."""
+        from ..ir import print_expr
+
+        def bounds(r: KeyRange) -> str:
+            lo = ", ".join(print_expr(e) for e in r.lower) or "-"
+            hi = ", ".join(print_expr(e) for e in r.upper) or "-"
+            return f"j >= max(0; {lo}), j < min(N; {hi})"
+
+        lines = [f"plan {self.spec.name} [{self.spec_key[:12]}]",
+                 f"  target     {self.target.backend} on {self.target.device}"
+                 f"{'' if self.target.arch is None else f' sm_{self.target.arch}'}, dtype {self.dtype}, "
+                 f"D={self.head_dim} DV={self.value_dim}"]
+        if self.masks:
+            m = self.masks
+            lines += [f"  exact      {bounds(m.exact)}", f"  loop hull  {bounds(m.hull)}"]
+            lines += [f"  evaluated  {print_expr(e)}" for e in m.evaluated]
+            if m.data_dependent:
+                lines.append("  tile summary kernel: yes (data-dependent masks)")
+        if self.score:
+            lines.append(f"  logits2    {print_expr(self.score.logits2)}")
+            if self.score.sink2 is not None:
+                lines.append(f"  sink2      {print_expr(self.score.sink2)}")
+        if self.tiling:
+            t = self.tiling
+            lines.append(f"  tiles      BLOCK_D={t.block_d} BLOCK_DV={t.block_dv} prefill {_tile(t.prefill)}; "
+                         f"decode (M <= {t.decode_max_m}) {_tile(t.decode)}")
+        if self.heads:
+            lines.append(f"  gqa        pack heads: {self.heads.pack} (up to {self.heads.max_rows} rows)")
+        if self.triton:
+            o = self.triton
+            lines.append(f"  triton     f32 dots {o.dot_precision}, tma {o.tma}, warp specialization {o.warp_specialize}")
+        return "\n".join(lines)
+
+
+def _tile(c: TileConfig) -> str:
+    return f"BM={c.block_m} BN={c.block_n} warps={c.num_warps} stages={c.num_stages}"

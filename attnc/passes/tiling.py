@@ -1,0 +1,115 @@
+"""Tiling, GQA head sharing and pipeline staging: the passes that pick shapes, plus the per-launch choice."""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from .plan import HeadSharing, KernelPlan, TileConfig, Tiling, TritonOptions
+
+
+@dataclass(frozen=True)
+class TunedRow:
+    min_arch: int  # compute capability x 10; 0 matches the interpreter / no GPU
+    max_dtype_bits: int
+    max_block_d: int
+    prefill: TileConfig
+    decode: TileConfig  # decode.block_m is the most rows (positions x packed heads) a decode program takes
+
+
+# First matching row wins: newest arch first, then the narrowest dtype and head dim. The performance work
+# retunes these numbers; nothing else in the compiler hard-codes a tile size.
+TUNED: tuple[TunedRow, ...] = (
+    TunedRow(90, 16, 64, TileConfig(128, 64, 4, 3), TileConfig(64, 64, 4, 3)),
+    TunedRow(90, 16, 128, TileConfig(128, 64, 8, 3), TileConfig(64, 64, 4, 3)),
+    TunedRow(90, 16, 256, TileConfig(64, 64, 4, 2), TileConfig(64, 64, 4, 2)),
+    TunedRow(90, 32, 128, TileConfig(64, 32, 4, 2), TileConfig(32, 32, 4, 2)),
+    TunedRow(90, 32, 256, TileConfig(32, 32, 4, 1), TileConfig(32, 32, 4, 1)),
+    TunedRow(80, 16, 64, TileConfig(128, 64, 4, 3), TileConfig(64, 64, 4, 3)),
+    TunedRow(80, 16, 128, TileConfig(128, 32, 8, 2), TileConfig(64, 32, 4, 2)),
+    TunedRow(80, 16, 256, TileConfig(64, 32, 4, 1), TileConfig(32, 32, 4, 1)),
+    TunedRow(80, 32, 256, TileConfig(32, 32, 4, 1), TileConfig(16, 32, 4, 1)),
+    TunedRow(70, 32, 256, TileConfig(32, 32, 4, 1), TileConfig(16, 32, 4, 1)),
+    # The Triton interpreter: few, wide tiles keep it fast; 32 still gives several tiles on test shapes.
+    TunedRow(0, 32, 1024, TileConfig(32, 32, 4, 1), TileConfig(32, 32, 4, 1)),
+)
+DECODE_MAX_M = 16
+MIN_DOT_ROWS = 16  # tl.dot needs at least 16 rows
+DTYPE_BITS = {"f16": 16, "bf16": 16, "f32": 32}
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def choose_tiles(plan: KernelPlan) -> KernelPlan:
+    arch = plan.target.arch or 0
+    block_d, block_dv = max(16, next_pow2(plan.head_dim)), max(16, next_pow2(plan.value_dim))
+    bits = DTYPE_BITS[plan.dtype]
+    widest = max(block_d, block_dv)
+    row = next((r for r in TUNED if arch >= r.min_arch and bits <= r.max_dtype_bits and widest <= r.max_block_d),
+               None)
+    if row is None:  # nothing tuned this wide: the smallest tiles, which fit everywhere
+        row = TunedRow(0, bits, widest, TileConfig(32, 16, 4, 1), TileConfig(16, 16, 4, 1))
+    o = plan.options
+    prefill = TileConfig(o.block_m or row.prefill.block_m, o.block_n or row.prefill.block_n,
+                         o.num_warps or row.prefill.num_warps, row.prefill.num_stages)
+    decode = replace(row.decode, block_n=o.block_n or row.decode.block_n)
+    return replace(plan, tiling=Tiling(block_d, block_dv, prefill, decode, DECODE_MAX_M))
+
+
+def share_kv_heads(plan: KernelPlan) -> KernelPlan:
+    pack = plan.spec.is_gqa_shape if plan.options.pack_heads is None else plan.options.pack_heads
+    return replace(plan, heads=HeadSharing(pack=pack, max_rows=plan.tiling.decode.block_m))
+
+
+def stage_pipeline(plan: KernelPlan) -> KernelPlan:
+    t, o, arch = plan.tiling, plan.options, plan.target.arch
+    bytes_per = DTYPE_BITS[plan.dtype] // 8
+
+    def fit(c: TileConfig) -> TileConfig:
+        stages = o.num_stages or (c.num_stages if arch else 1)
+        cap = smem_capacity(arch)
+        while stages > 1 and smem_bytes(c.block_m, c.block_n, t.block_d, t.block_dv, stages, bytes_per) > cap:
+            stages -= 1
+        return replace(c, num_stages=stages)
+
+    hopper = (arch or 0) >= 90
+    tiling = replace(t, prefill=fit(t.prefill), decode=fit(t.decode))
+    return replace(plan, tiling=tiling, triton=TritonOptions(
+        dot_precision="ieee", tma=o.tma and hopper, warp_specialize=o.warp_specialize and hopper))
+
+
+def smem_capacity(arch: int | None) -> int:
+    """Shared memory per block in bytes (the interpreter has no limit)."""
+    if arch is None:
+        return 1 << 30
+    if arch >= 90:
+        return 232448
+    if arch in (86, 87, 89):
+        return 101376
+    return 166912 if arch >= 80 else 98304
+
+
+def smem_bytes(block_m: int, block_n: int, block_d: int, block_dv: int, stages: int, bytes_per: int) -> int:
+    """Q tile plus `stages` buffered K and V tiles."""
+    return (block_m * block_d + stages * block_n * (block_d + block_dv)) * bytes_per
+
+
+@dataclass(frozen=True)
+class LaunchTiles:
+    config: TileConfig
+    pack: int  # query heads per program (1: no packing)
+    block_mq: int  # query positions per program: config.block_m == pack * block_mq
+
+
+def launch_tiles(plan: KernelPlan, m: int, group: int) -> LaunchTiles:
+    """The tile for one launch, from M and the GQA group size H // HKV (both runtime values; memoize by them)."""
+    t = plan.tiling
+    if m > t.decode_max_m:
+        return LaunchTiles(t.prefill, 1, t.prefill.block_m)
+    positions = next_pow2(max(m, 1))
+    pack = 1
+    if plan.heads.pack:
+        while group % (pack * 2) == 0 and pack * 2 * positions <= plan.heads.max_rows:
+            pack *= 2
+    block_m = max(MIN_DOT_ROWS, pack * positions)
+    return LaunchTiles(replace(t.decode, block_m=block_m), pack, block_m // pack)

@@ -1,0 +1,154 @@
+"""`attnc.compile` and the `Kernel` it returns; the backend registry.
+
+A Kernel plans and builds lazily, once per (device, head dims): D and DV fix the tile shapes, everything
+else (B, M, N, params) is a runtime argument. The spec's key is computed once, at `compile`.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, Protocol
+
+import torch
+
+from ..dsl.signature import Bound, bind
+from ..errors import CompileError
+from ..ir import Attention
+from ..passes import KernelPlan, PlanOptions, Target, plan_kernel
+
+
+class Backend(Protocol):
+    name: str
+
+    def target(self, device: torch.device) -> Target:
+        """The plan target for tensors on `device` (raises CompileError if this backend cannot run there)."""
+
+    def build(self, plan: KernelPlan) -> Callable[[Bound], object]:
+        """A callable that runs the planned kernel on a bound call and returns out, or (out, lse)."""
+
+
+_BACKENDS: dict[str, Callable[[], Backend]] = {}
+
+
+def register_backend(name: str, factory: Callable[[], Backend]) -> None:
+    """Make `compile(spec, backend=name)` available; `factory` is called once, on first use."""
+    _BACKENDS[name] = factory
+
+
+_instances: dict[str, Backend] = {}
+
+
+def get_backend(name: str) -> Backend:
+    backend = _instances.get(name)
+    if backend is None:
+        if name not in _BACKENDS and name == "tvm":
+            _import_tvm_backend()
+        if name not in _BACKENDS:
+            known = ", ".join(sorted(_BACKENDS)) or "none"
+            raise CompileError(f"backend {name!r} is not available (registered: {known})"
+                               + ("; the TVM backend registers itself from attnc.codegen.tvm, which is not "
+                                  "installed yet: use backend='triton' with TRITON_INTERPRET=1 on CPU"
+                                  if name == "tvm" else ""))
+        backend = _instances[name] = _BACKENDS[name]()
+    return backend
+
+
+def _import_tvm_backend() -> None:
+    try:
+        import attnc.codegen.tvm.backend  # noqa: F401  (registers "tvm" when present)
+    except ImportError:
+        pass
+
+
+def default_backend(device: torch.device) -> str:
+    """triton for CUDA tensors; for CPU tensors tvm, unless Triton's interpreter is switched on."""
+    if device.type == "cuda" or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        return "triton"
+    return "tvm"
+
+
+def _register_builtin() -> None:
+    from .launch import TritonBackend
+
+    register_backend("triton", TritonBackend)
+
+
+_register_builtin()
+
+
+class Kernel:
+    """A compiled attention: call it as `kernel(q, k, v, **params_and_inputs)`."""
+
+    def __init__(self, spec: Attention, backend: str | None = None, options: PlanOptions | None = None):
+        if not isinstance(spec, Attention):
+            raise CompileError(f"attnc.compile expects an attnc.Attention (from attnc.parse or a decorator), "
+                               f"got {type(spec).__name__}")
+        if backend is not None:
+            get_backend(backend)  # fail at compile time for an unknown backend
+        self.spec = spec
+        self.key = spec.key
+        self.backend = backend
+        self.options = options or PlanOptions()
+        self._impls: dict[tuple, Callable[[Bound], object]] = {}
+
+    def __call__(self, q, k, v, /, **kwargs):
+        bound = bind(self.spec, q, k, v, kwargs)
+        sizes = bound.sizes
+        impl = self._impls.get((q.device, sizes["D"], sizes["DV"]))
+        if impl is None:
+            impl = self._build(q.device, sizes["D"], sizes["DV"])
+        return impl(bound)
+
+    def plan(self, device: torch.device | str, head_dim: int, value_dim: int | None = None) -> KernelPlan:
+        device = torch.device(device)
+        backend = get_backend(self.backend or default_backend(device))
+        return plan_kernel(self.spec, backend.target(device), head_dim, value_dim or head_dim, self.options)
+
+    def _build(self, device: torch.device, head_dim: int, value_dim: int):
+        backend = get_backend(self.backend or default_backend(device))
+        plan = plan_kernel(self.spec, backend.target(device), head_dim, value_dim, self.options)
+        impl = self._impls[(device, head_dim, value_dim)] = backend.build(plan)
+        return impl
+
+    def __repr__(self) -> str:
+        return f"attnc.Kernel({self.spec.name!r}, backend={self.backend!r}, key={self.key[:12]})"
+
+
+def compile(spec: Attention, backend: str | None = None, options: PlanOptions | None = None) -> Kernel:
+    """A callable kernel for `spec`. backend None picks per call from the tensors' device (triton for CUDA,
+    tvm for CPU, or triton's interpreter on CPU when TRITON_INTERPRET=1). Building happens on the first call
+    for each device and head dim, through the kernel cache."""
+    return Kernel(spec, backend, options)
+
+
+def head_dims(spec: Attention, head_dim: int | None = None, value_dim: int | None = None) -> tuple[int, int]:
+    """D and DV for planning without tensors (CLI, AOT): from the arguments or the spec's `dims`."""
+    dims = spec.dim_values
+    d = head_dim or dims.get("D")
+    if d is None:
+        raise CompileError(f"attention {spec.name!r}: the head dim D is only known from tensors; bind it with "
+                           f"`dims D = 128` in the spec, or pass it (CLI: --dim D=128)")
+    return d, value_dim or dims.get("DV") or d
+
+
+# `attnc show --emit plan|triton`: planned for an H100 (sm_90); an unbound head dim is shown as 128.
+SHOW_TARGET = Target("triton", "cuda", 90)
+SHOW_HEAD_DIM = 128
+
+
+def _show_plan(spec: Attention) -> tuple[KernelPlan, str]:
+    dims = spec.dim_values
+    note = "" if "D" in dims else f"# D is not bound by `dims`: shown for D = {SHOW_HEAD_DIM}\n"
+    d, dv = head_dims(spec, dims.get("D", SHOW_HEAD_DIM))
+    return plan_kernel(spec, SHOW_TARGET, d, dv), note
+
+
+def emit_plan(spec: Attention) -> str:
+    plan, note = _show_plan(spec)
+    return note + plan.describe() + "\n"
+
+
+def emit_triton(spec: Attention) -> str:
+    from ..codegen.triton.generate import generate
+
+    plan, note = _show_plan(spec)
+    return note + generate(plan)

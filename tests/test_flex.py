@@ -1,0 +1,431 @@
+"""FlexAttention's API on attnc: mods traced into IR, the same key as the text language and the decorator,
+FlexAttention's own numbers (torch's eager flex_attention) from the traced spec, and errors at the mod's line."""
+import importlib
+import inspect
+import warnings
+
+import pytest
+import torch
+
+import attnc
+from attnc.dsl import flex as flex_module
+from attnc.dsl.flex import create_block_mask, flex_spec
+from attnc.errors import CallError, TraceError
+from attnc.ir import Binary, IndexVar, Num, TensorDecl, default_score
+
+# The module (the package attribute of the same name is the function).
+torch_flex = importlib.import_module("torch.nn.attention.flex_attention")
+B, H, HKV, M, N, D = 2, 4, 2, 5, 9, 16
+
+
+def qkv(heads=H, kv_heads=H, m=M, n=N, dv=D, dtype=torch.float32):
+    return (torch.randn(B, heads, m, D, dtype=dtype), torch.randn(B, kv_heads, n, D, dtype=dtype),
+            torch.randn(B, kv_heads, n, dv, dtype=dtype))
+
+
+def line_of(fn, needle: str) -> int:
+    lines, first = inspect.getsourcelines(fn)
+    return first + next(n for n, text in enumerate(lines) if needle in text)
+
+
+# Captured by the mods below; each becomes an input named after its variable.
+slopes = 2.0 ** -torch.arange(1.0, H + 1)  # ALiBi's slopes (exact in float32, so both sides round alike)
+doc = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 2, 2], [0, 1, 1, 1, 1, 1, 2, 2, 2]], dtype=torch.int32)
+
+
+def dense(score, b, h, q_idx, kv_idx):
+    return score
+
+
+def softcap(score, b, h, q_idx, kv_idx):
+    return 30.0 * torch.tanh(score / 30.0)
+
+
+def alibi(score, b, h, q_idx, kv_idx):
+    return score + slopes[h] * (kv_idx - q_idx)
+
+
+def causal_by_score(score, b, h, q_idx, kv_idx):
+    return torch.where(q_idx >= kv_idx, score, float("-inf"))
+
+
+def top_left_causal(b, h, q_idx, kv_idx):
+    return q_idx >= kv_idx
+
+
+def sliding_window(b, h, q_idx, kv_idx):
+    return (q_idx >= kv_idx) & (q_idx - kv_idx < 3)
+
+
+def document(b, h, q_idx, kv_idx):
+    return doc[b, q_idx] == doc[b, kv_idx]
+
+
+def chunked(b, h, q_idx, kv_idx):
+    return (q_idx // 4 == kv_idx // 4) | ~(kv_idx > 1)
+
+
+def block_mask(mask_mod, m=M, n=N):
+    return create_block_mask(mask_mod, None, None, m, n)
+
+
+# ---------------------------------------------------------------- three front-ends, one key
+
+HEADER = "q: f32[B, H, M, D]  k: f32[B, {kv}, N, D]  v: f32[B, {kv}, N, D]"
+
+
+def _decorated_variants():
+    """Decorated functions for THREE_WAYS, each named as flex names the spec (after its mods)."""
+    def dense(q, k, v):
+        return attnc.softmax((q @ k) * q.D ** -0.5) @ v
+
+    def top_left_causal(q, k, v):
+        return attnc.softmax((q @ k) * q.D ** -0.5, where=q.pos >= k.pos) @ v
+
+    def softcap(q, k, v):
+        return attnc.softmax(30.0 * attnc.tanh((q @ k) * q.D ** -0.5 / 30.0)) @ v
+
+    def alibi_top_left_causal(q, k, v, *, slopes: attnc.Tensor):
+        s = (q @ k) * q.D ** -0.5 + slopes[q.head] * (k.pos - q.pos)
+        return attnc.softmax(s, where=q.pos >= k.pos) @ v
+
+    def sliding_window(q, k, v):
+        keep = (q.pos - k.pos < 3) & (q.pos >= k.pos)  # written in the other order: masks are sorted
+        return attnc.softmax((q @ k) * q.D ** -0.5, where=keep) @ v
+
+    def softcap_document(q, k, v, *, doc: attnc.Tensor):
+        s = 30.0 * attnc.tanh((q @ k) * q.D ** -0.5 / 30.0)
+        return attnc.softmax(s, where=doc[q.batch, q.pos] == doc[k.batch, k.pos]) @ v
+
+    def with_lse():
+        def dense(q, k, v):  # flex names a spec after its mods, whether or not it returns lse
+            p = attnc.softmax((q @ k) * q.D ** -0.5)
+            return p @ v, p.lse
+        return dense
+
+    def flex_attention(q, k, v):
+        return attnc.softmax((q @ k) * 0.125) @ v
+
+    variants = {fn.__name__: attnc.attention(fn) for fn in (
+        dense, top_left_causal, softcap, alibi_top_left_causal, sliding_window, softcap_document, flex_attention)}
+    return {**variants, "dense with lse": attnc.attention(with_lse())}
+
+
+DECORATED = _decorated_variants()
+
+# (id, text, decorated function, flex arguments, gqa)
+THREE_WAYS = [
+    ("dense", "attention dense {{ {h} return softmax(score) @ v }}", "dense", dict(score_mod=dense), False),
+    ("top-left causal", "attention top_left_causal {{ {h} mask i >= j return softmax(score) @ v }}",
+     "top_left_causal", dict(block_mask=top_left_causal), False),
+    ("softcap", "attention softcap {{ {h} score = 30.0 * tanh(score / 30.0) return softmax(score) @ v }}",
+     "softcap", dict(score_mod=softcap), False),
+    ("alibi", "attention alibi_top_left_causal {{ {h} input slopes: f32[H] score = qk * rsqrt(D) + slopes[h] * "
+     "(j - i) mask i >= j return softmax(score) @ v }}", "alibi_top_left_causal",
+     dict(score_mod=alibi, block_mask=top_left_causal), False),
+    ("sliding window", "attention sliding_window {{ {h} mask i >= j and i - j < 3 return softmax(score) @ v }}",
+     "sliding_window", dict(block_mask=sliding_window), False),
+    ("document + softcap", "attention softcap_document {{ {h} input doc: i32[B, N] "
+     "score = 30.0 * tanh(score / 30.0) mask doc[b, i] == doc[b, j] return softmax(score) @ v }}",
+     "softcap_document", dict(score_mod=softcap, block_mask=document), False),
+    ("gqa", "attention dense {{ {h} return softmax(score) @ v }}", "dense", dict(score_mod=dense), True),
+    ("lse", "attention dense {{ {h} return softmax(score) @ v, lse }}", "dense with lse",
+     dict(score_mod=dense, return_lse=True), False),
+    ("scale", "attention flex_attention {{ {h} score = qk * 0.125 return softmax(score) @ v }}", "flex_attention",
+     dict(scale=0.125), False),
+]
+
+
+def _flex_spec_of(q, k, v, args):
+    args = dict(args)
+    if "block_mask" in args:
+        args["block_mask"] = block_mask(args["block_mask"])
+    if args.pop("return_lse", False):
+        args["return_lse"] = True
+    return flex_spec(q, k, v, enable_gqa=True, **args)
+
+
+@pytest.mark.parametrize("text, name, flex_args, gqa", [w[1:] for w in THREE_WAYS], ids=[w[0] for w in THREE_WAYS])
+def test_three_front_ends_one_key(text, name, flex_args, gqa):
+    q, k, v = qkv(kv_heads=HKV if gqa else H)
+    parsed = attnc.parse(text.format(h=HEADER.format(kv="HKV" if gqa else "H")))[0]
+    decorated = DECORATED[name]
+    inputs = {n: t for n, t in (("slopes", slopes), ("doc", doc)) if n in inspect.signature(decorated.fn).parameters}
+    traced = decorated.trace(q, k, v, **inputs)
+    flexed = _flex_spec_of(q, k, v, flex_args)
+    assert traced == parsed and flexed == parsed, (parsed.canonical, traced.canonical, flexed.canonical)
+    assert traced.key == parsed.key == flexed.key
+
+
+# ---------------------------------------------------------------- FlexAttention's numbers
+
+
+def flexattention_oracle(q, k, v, score_mod=None, mask_mod=None, scale=None, gqa=False):
+    """torch's own FlexAttention (eager: it materializes the scores) in float64: (out, natural-log lse)."""
+    q, k, v = (x.double() for x in (q, k, v))
+    mask = None if mask_mod is None else torch_flex.create_block_mask(
+        mask_mod, None, None, q.shape[2], k.shape[2], device="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "called without torch.compile", "return_lse is deprecated"
+        if hasattr(torch_flex, "AuxRequest"):
+            out, aux = torch_flex.flex_attention(q, k, v, score_mod=score_mod, block_mask=mask, scale=scale,
+                                                 enable_gqa=gqa, return_aux=torch_flex.AuxRequest(lse=True))
+            return out, aux.lse
+        return torch_flex.flex_attention(q, k, v, score_mod=score_mod, block_mask=mask, scale=scale,
+                                         enable_gqa=gqa, return_lse=True)
+
+
+@pytest.mark.parametrize("score_mod, mask_mod, scale, gqa", [
+    (None, None, None, False),
+    (alibi, top_left_causal, None, True),
+    (softcap, sliding_window, 0.3, False),
+    (dense, document, None, True),
+    (None, chunked, None, False),
+    (causal_by_score, None, None, True),
+], ids=["dense", "alibi-causal-gqa", "softcap-window-scale", "document-gqa", "chunked", "where-inf"])
+def test_traced_spec_computes_flexattention(score_mod, mask_mod, scale, gqa):
+    """attnc's reference on the traced spec equals torch's FlexAttention on the same mods."""
+    q, k, v = qkv(kv_heads=HKV if gqa else H, m=M, n=N)
+    spec = flex_spec(q, k, v, score_mod, None if mask_mod is None else block_mask(mask_mod), scale=scale,
+                     enable_gqa=gqa, return_lse=True)
+    inputs = {t.name: globals()[t.name] for t in spec.inputs}
+    out, lse = attnc.reference(spec, q, k, v, **inputs)
+    want_out, want_lse = flexattention_oracle(q, k, v, score_mod, mask_mod, scale, gqa)
+    torch.testing.assert_close(out, want_out, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(lse, want_lse, rtol=1e-9, atol=1e-9)
+
+
+# ---------------------------------------------------------------- captures
+
+
+def test_closure_scalars_are_constants_and_closure_tensors_inputs():
+    def make_mod(cap, table):
+        def capped(score, b, h, q_idx, kv_idx):
+            return cap * torch.tanh(score / cap) + table[q_idx]
+        return capped
+
+    q, k, v = qkv()
+    spec = flex_spec(q, k, v, make_mod(20, torch.randn(M)))
+    assert "score = 20 * tanh(qk * rsqrt(D) / 20) + table[i]" in spec.canonical
+    assert spec.inputs == (TensorDecl("table", "f32", ("M",)),)
+    other = flex_spec(q, k, v, make_mod(7.5, torch.randn(M)))
+    assert "score = 7.5 * tanh(qk * rsqrt(D) / 7.5) + table[i]" in other.canonical and other.key != spec.key
+
+
+def test_helper_functions_and_their_captures_trace():
+    def relative(q_idx, kv_idx):
+        return bias[kv_idx - q_idx + (M - 1)]
+
+    def shifted(score, b, h, q_idx, kv_idx):
+        return score + relative(q_idx, kv_idx)
+
+    bias = torch.randn(M + N - 1)
+    spec = flex_spec(*qkv(), shifted)
+    assert spec.input("bias") == TensorDecl("bias", "f32", ("N",))
+
+
+def test_score_traces_are_cached_until_a_capture_changes(monkeypatch):
+    global SCALE
+    traces = []
+    trace_mod = flex_module._trace_mod
+    monkeypatch.setattr(flex_module, "_trace_mod", lambda *args: traces.append(args[1]) or trace_mod(*args))
+
+    def scaled(score, b, h, q_idx, kv_idx):
+        return score * SCALE
+
+    q, k, v = qkv()
+    SCALE = 2.0
+    first = flex_spec(q, k, v, scaled)
+    assert flex_spec(*qkv(), scaled) == first and traces == ["score_mod"]
+    SCALE = 3.0  # a global the mod reads changed: traced again, with the new constant
+    second = flex_spec(q, k, v, scaled)
+    assert len(traces) == 2 and second.score == Binary("*", default_score(), Num(3.0, True))
+    flex_spec(q, k, v, scaled, scale=0.5)
+    assert len(traces) == 3
+
+
+def test_mods_reading_mutable_objects_are_traced_every_call(monkeypatch):
+    traces = []
+    trace_mod = flex_module._trace_mod
+    monkeypatch.setattr(flex_module, "_trace_mod", lambda *args: traces.append(args[1]) or trace_mod(*args))
+    settings = {"cap": 10.0}
+
+    def capped(score, b, h, q_idx, kv_idx):
+        return settings["cap"] * torch.tanh(score / settings["cap"])
+
+    q, k, v = qkv()
+    assert "10.0 * tanh" in flex_spec(q, k, v, capped).canonical
+    settings["cap"] = 20.0
+    assert "20.0 * tanh" in flex_spec(q, k, v, capped).canonical and len(traces) == 2
+
+
+SCALE = 1.0
+
+
+def test_noop_mask_and_no_mask_are_the_same():
+    q, k, v = qkv()
+    spec = flex_spec(q, k, v, block_mask=create_block_mask(torch_flex.noop_mask, 1, 1, M, N))
+    assert spec.masks == () and spec.score == default_score()
+
+
+def test_block_mask_records_sizes_and_mask():
+    bm = create_block_mask(sliding_window, B, None, M, N, device="cpu", BLOCK_SIZE=128)
+    assert bm.shape == (B, None, M, N) and bm.mask_mod is sliding_window
+    assert bm.masks == (Binary(">=", IndexVar("i"), IndexVar("j")),
+                        Binary("<", Binary("-", IndexVar("i"), IndexVar("j")), Num(3, False)))
+
+
+# ---------------------------------------------------------------- errors
+
+
+def assert_points_at(err, fn, needle):
+    text = str(err.value)
+    assert text.startswith(f"{__file__}:{line_of(fn, needle)}:"), text
+    assert needle in text.splitlines()[1]
+
+
+def test_unsupported_torch_op_names_it_and_the_line():
+    def running(score, b, h, q_idx, kv_idx):
+        return torch.cumsum(score, 0)
+
+    with pytest.raises(TraceError) as err:
+        flex_spec(*qkv(), running)
+    assert "torch.cumsum is not supported in score_mod" in str(err.value)
+    assert_points_at(err, running, "torch.cumsum")
+
+
+def test_unsupported_tensor_method_in_mask_mod():
+    def sorted_mask(b, h, q_idx, kv_idx):
+        return q_idx.argsort() >= kv_idx
+
+    with pytest.raises(TraceError, match="Tensor.argsort is not supported in mask_mod") as err:
+        create_block_mask(sorted_mask, None, None, M, N)
+    assert_points_at(err, sorted_mask, "argsort")
+
+
+def test_if_in_a_mod():
+    def branchy(b, h, q_idx, kv_idx):
+        if q_idx >= kv_idx:
+            return True
+        return False
+
+    with pytest.raises(TraceError, match="torch.where") as err:
+        create_block_mask(branchy, None, None, M, N)
+    assert_points_at(err, branchy, "if q_idx >= kv_idx")
+
+
+def test_captured_tensor_used_without_index():
+    offset = torch.tensor(2.0)
+
+    def shifted(score, b, h, q_idx, kv_idx):
+        return score + offset
+
+    with pytest.raises(TraceError, match="used as a value") as err:
+        flex_spec(*qkv(), shifted)
+    assert_points_at(err, shifted, "score + offset")
+
+
+def test_uncaptured_tensor_index():
+    holder = {"bias": torch.randn(H)}
+
+    def attribute(score, b, h, q_idx, kv_idx):
+        return score + holder["bias"][h]
+
+    with pytest.raises(TraceError, match="not a variable it captures") as err:
+        flex_spec(*qkv(), attribute)
+    assert_points_at(err, attribute, 'holder["bias"][h]')
+
+
+@pytest.mark.parametrize("mod, kind, words", [
+    (lambda b, h, q_idx, kv_idx: q_idx - kv_idx, "mask", "must return a boolean"),
+    (lambda score, b, h, q_idx, kv_idx: score > 0, "score", "must return a number"),
+    (lambda score, b, h, q_idx, kv_idx: score + slopes[h, q_idx], "score", "has 1 dims but is indexed with 2"),
+    (lambda score, b, h, q_idx, kv_idx: score + slopes[score], "score", "indices must be integers"),
+    (lambda score, b, h, q_idx, kv_idx: score + 1 / 0, "score", "ZeroDivisionError"),
+    (lambda score, b, h, q_idx, kv_idx: score * (q_idx & kv_idx), "score", "bitwise"),
+])
+def test_mod_misuse(mod, kind, words):
+    with pytest.raises(TraceError, match=words) as err:
+        if kind == "mask":
+            create_block_mask(mod, None, None, M, N)
+        else:
+            flex_spec(*qkv(), mod)
+    assert str(err.value).startswith(f"{__file__}:")
+
+
+def test_call_errors():
+    q, k, v = qkv(kv_heads=HKV)
+    with pytest.raises(CallError, match="enable_gqa=True"):
+        flex_spec(q, k, v)
+    q, k, v = qkv()
+    with pytest.raises(CallError, match="block_mask: was created for Q_LEN=5, KV_LEN=8"):
+        flex_spec(q, k, v, block_mask=block_mask(top_left_causal, M, N - 1))
+    with pytest.raises(CallError, match="block_mask: was created for B=3"):
+        flex_spec(q, k, v, block_mask=create_block_mask(top_left_causal, 3, None, M, N))
+    with pytest.raises(CallError, match="attnc.create_block_mask"):
+        flex_spec(q, k, v, block_mask=torch_flex.create_block_mask(top_left_causal, None, None, M, N, device="cpu"))
+    with pytest.raises(CallError, match="scale"):
+        flex_spec(q, k, v, scale="0.1")
+    with pytest.raises(CallError, match="Q_LEN"):
+        create_block_mask(top_left_causal, None, None, -1, N)
+
+
+def test_same_name_different_tensors():
+    def score_with(table):
+        return lambda score, b, h, q_idx, kv_idx: score + table[h]
+
+    def mask_with(table):
+        return lambda b, h, q_idx, kv_idx: table[b, q_idx] >= 0
+
+    with pytest.raises(CallError, match="different tensors named 'table'"):
+        flex_spec(*qkv(), score_with(torch.randn(H)), block_mask(mask_with(torch.randn(B, M))))
+    assert flex_spec(*qkv(), score_with(torch.randn(H))).input("table").shape == ("H",)
+
+
+# ---------------------------------------------------------------- end to end: flex_attention runs kernels
+
+
+def test_flex_attention_runs_cached_kernels(monkeypatch):
+    """fp32 kernels (Triton's interpreter on CPU) against torch's FlexAttention and attnc's reference; the
+    second call with the same mods compiles nothing and passes the captured tensors again."""
+    api = importlib.import_module("attnc.runtime.api")
+    compiled = []
+    real_compile = api.compile
+    monkeypatch.setattr(api, "compile", lambda spec, **kw: compiled.append(spec.name) or real_compile(spec, **kw))
+    monkeypatch.setattr(flex_module, "_KERNELS", {})
+    mask = block_mask(document)
+    for _ in range(2):
+        q, k, v = qkv(kv_heads=HKV)
+        out, lse = attnc.flex_attention(q, k, v, score_mod=alibi, block_mask=mask, enable_gqa=True,
+                                        return_lse=True)
+        want_out, want_lse = flexattention_oracle(q, k, v, alibi, document, gqa=True)
+        torch.testing.assert_close(out.double(), want_out, rtol=1e-5, atol=2e-5)
+        torch.testing.assert_close(lse.double(), want_lse, rtol=1e-5, atol=2e-5)
+    assert compiled == ["alibi_document"]
+
+
+def test_flex_attention_scale_and_window():
+    q, k, v = qkv(m=N, dv=8)
+    out = attnc.flex_attention(q, k, v, score_mod=softcap, block_mask=block_mask(sliding_window, N, N), scale=0.2)
+    assert out.shape == (B, H, N, 8)
+    want_out, _ = flexattention_oracle(q, k, v, softcap, sliding_window, scale=0.2)
+    torch.testing.assert_close(out.double(), want_out, rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_flex_attention_on_gpu(dtype):
+    q, k, v = (x.to("cuda", dtype) for x in (torch.randn(2, 8, 300, 64), torch.randn(2, 2, 300, 64),
+                                             torch.randn(2, 2, 300, 64)))
+    table = torch.randn(8, 300, device="cuda")
+
+    def biased(score, b, h, q_idx, kv_idx):
+        return score + table[h, kv_idx]
+
+    mask = create_block_mask(top_left_causal, None, None, 300, 300, device="cuda")
+    out, lse = attnc.flex_attention(q, k, v, score_mod=biased, block_mask=mask, enable_gqa=True, return_lse=True)
+    spec = flex_spec(q, k, v, biased, mask, enable_gqa=True, return_lse=True)
+    ref_out, ref_lse = attnc.reference(spec, q, k, v, table=table)
+    tol = 2e-3 if dtype == torch.float16 else 2e-2
+    torch.testing.assert_close(out.double(), ref_out, rtol=tol, atol=tol)
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=tol, atol=tol)

@@ -1,0 +1,32 @@
+"""Golden files: the generated Triton source for a few specs, so a change to the generator shows up as a diff.
+After an intended change, rewrite them with `python -m pytest tests/test_triton_golden.py --update-golden`."""
+from pathlib import Path
+
+import pytest
+
+import attnc
+from attnc.codegen.triton.generate import generate
+from attnc.passes import PlanOptions, Target, plan_kernel
+
+GOLDEN = Path(__file__).resolve().parent / "golden"
+SPECS = Path(__file__).resolve().parent.parent / "examples" / "specs"
+# (golden file, spec file, attention name, target, D): a dense causal prefill on Hopper, a data-dependent mask,
+# sinks + GQA + a param window, and D = 80 (padded head dim) in the interpreter.
+CASES = [
+    ("causal_lm_sm90.py", "causal.attn", "causal_lm", Target("triton", "cuda", 90), 128),
+    ("document_mask_sm90.py", "document_mask.attn", "document_mask", Target("triton", "cuda", 90), 128),
+    ("sinks_sm90.py", "sinks.attn", "sinks", Target("triton", "cuda", 90), 64),
+    ("alibi_d80_interpreter.py", "alibi.attn", "alibi", Target("triton", "cpu", None), 80),
+]
+
+
+@pytest.mark.parametrize("golden, file, name, target, d", CASES, ids=[c[0] for c in CASES])
+def test_generated_source_matches_golden(golden, file, name, target, d, request):
+    spec = next(s for s in attnc.parse_file(SPECS / file) if s.name == name)
+    source = generate(plan_kernel(spec, target, d, d, PlanOptions()))
+    compile(source, golden, "exec")  # it is valid Python
+    path = GOLDEN / golden
+    if request.config.getoption("--update-golden"):
+        path.write_text(source, encoding="utf-8")
+    assert path.exists(), f"no golden file {path}; create it with --update-golden"
+    assert source == path.read_text(encoding="utf-8"), f"generated source differs from {path} (--update-golden)"

@@ -1,0 +1,99 @@
+"""compile/Kernel: one build per (device, head dims) however B, M, N and params change; the kernel cache's
+disk layer; backend selection and its errors."""
+import pytest
+import torch
+
+import attnc
+import attnc.runtime.api as api
+import attnc.runtime.launch as launch
+from attnc.errors import CompileError
+from attnc.runtime import cache
+
+SPEC = """
+attention win {
+    q: f32[B, H, M, D]  k: f32[B, HKV, N, D]  v: f32[B, HKV, N, D]
+    param window: i32 = 8
+    param scale: f32 = 0.25
+    score = qk * scale
+    mask causal
+    mask i + (N - M) - j < window
+    return softmax(score) @ v, lse
+}
+"""
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """Counts code generation and planning."""
+    counts = {"generate": 0, "plan": 0}
+    real_generate, real_plan = launch.generate, api.plan_kernel
+
+    def generate(plan):
+        counts["generate"] += 1
+        return real_generate(plan)
+
+    def plan_kernel(*args, **kwargs):
+        counts["plan"] += 1
+        return real_plan(*args, **kwargs)
+
+    monkeypatch.setattr(launch, "generate", generate)
+    monkeypatch.setattr(api, "plan_kernel", plan_kernel)
+    return counts
+
+
+def test_ten_calls_three_lengths_changed_params_compile_once(counted):
+    spec = attnc.parse(SPEC)[0]
+    kernel = attnc.compile(spec)
+    for call in range(10):
+        m, n = [(5, 40), (33, 33), (1, 70)][call % 3]
+        q, k, v = torch.randn(1 + call % 2, 4, m, 32), torch.randn(1 + call % 2, 2, n, 32), torch.randn(1 + call % 2, 2, n, 32)
+        params = {"window": 3 + call, "scale": 0.1 * (call + 1)}
+        out, lse = kernel(q, k, v, **params)
+        ref, ref_lse = attnc.reference(spec, q, k, v, **params)
+        assert (out.double() - ref).abs().max() < 2e-5
+        assert (lse.double() - ref_lse).abs().max() < 2e-5
+    assert counted == {"generate": 1, "plan": 1}
+    assert len([e for e in cache.list_entries() if e.backend == "triton"]) == 1
+
+
+def test_second_process_loads_from_disk_without_generating(counted):
+    spec = attnc.parse(SPEC)[0]
+    q, k, v = torch.randn(1, 2, 9, 16), torch.randn(1, 2, 9, 16), torch.randn(1, 2, 9, 16)
+    first = attnc.compile(spec)(q, k, v)
+    cache.clear_memory()  # as a new process starts
+    second = attnc.compile(spec)(q, k, v)
+    assert counted["generate"] == 1 and torch.equal(first[0], second[0])
+    (entry,) = cache.list_entries()
+    source = (entry.path / launch.SOURCE_FILE).read_text()
+    assert "def attn_fwd(" in source and "@triton.jit" in source
+
+
+def test_new_head_dim_builds_a_second_kernel(counted):
+    spec = attnc.parse(SPEC)[0]
+    kernel = attnc.compile(spec)
+    for d in (16, 16, 24):
+        kernel(torch.randn(1, 2, 3, d), torch.randn(1, 2, 5, d), torch.randn(1, 2, 5, d))
+    assert counted["generate"] == 2
+
+
+def test_backend_choice_and_errors(monkeypatch):
+    assert api.default_backend(torch.device("cuda", 0)) == "triton"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert api.default_backend(torch.device("cpu")) == "triton"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert api.default_backend(torch.device("cpu")) == "tvm"
+    spec = attnc.parse(SPEC)[0]
+    with pytest.raises(CompileError, match="backend 'nope' is not available"):
+        attnc.compile(spec, backend="nope")
+    with pytest.raises(CompileError, match="expects an attnc.Attention"):
+        attnc.compile("attention x {}")
+    with pytest.raises(CompileError, match="TRITON_INTERPRET=1"):
+        launch.TritonBackend().target(torch.device("cpu"))
+
+
+def test_plan_and_source_without_tensors():
+    spec = attnc.parse(SPEC)[0]
+    with pytest.raises(CompileError, match="dims D = 128"):
+        api.head_dims(spec)
+    plan = attnc.compile(spec, backend="triton").plan("cpu", *api.head_dims(spec, 64))
+    assert "exact      j >= max(0; i + (N - M) - window + 1)" in plan.describe()
