@@ -24,6 +24,7 @@ _LAZY = {
     "create_block_mask": ("attnc.dsl.flex", "create_block_mask"),
     "compile": ("attnc.runtime.api", "compile"),
     "load": ("attnc.runtime.api", "load"),
+    "merge_states": ("attnc.merge", "merge_states"),
 }
 
 __all__ = ["AttncError", "SpecError", "TraceError", "CallError", "CompileError", "CacheError", "Attention",

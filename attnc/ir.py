@@ -16,6 +16,9 @@ from .errors import Span
 
 # Sizes with a fixed meaning; any other size name is free (bound by `dims` or by a tensor's shape).
 ROLES = ("B", "H", "HKV", "M", "N", "D", "DV")
+# Packed and paged storage (Ragged, Paged below; docs/serving.md) add the sizes T and TK (tokens of q and of k/v
+# packed along one axis), B1 = B + 1 (sequence offsets), PAGES pages of PAGE slots and MAXP block-table entries
+# per sequence; outside such a spec these are free size names.
 # Index variables: batch, query head, query position, key position.
 INDEX_VARS = ("b", "h", "i", "j")
 # Element types a tensor may have; q/k/v take only the floating ones attention runs in.
@@ -158,6 +161,35 @@ class Softmax:
 Normalizer = Softmax
 
 
+@dataclass(frozen=True)
+class Ragged:
+    """`ragged q by OFFSETS` / `ragged k, v by OFFSETS`: sequences packed along one axis (q [T, H, D], k and v
+    [TK, HKV, D]); sequence b is the rows OFFSETS[b] .. OFFSETS[b + 1] - 1 (FlashAttention's cu_seqlens)."""
+
+    offsets: str  # an input i32[B1], B1 = B + 1: starts at 0, never decreases, ends at T (or TK)
+    span: Span | None = _span()
+
+    def declares(self) -> tuple[TensorDecl, ...]:
+        return (TensorDecl(self.offsets, "i32", ("B1",), span=self.span),)
+
+
+@dataclass(frozen=True)
+class Paged:
+    """`paged k, v by TABLE, LENGTHS`: K/V in a pool of pages (k, v [PAGES, PAGE, HKV, D]). Sequence b has
+    LENGTHS[b] keys; key j is slot j % PAGE of page TABLE[b, j // PAGE] (vLLM's block table)."""
+
+    table: str  # an input i32[B, MAXP]
+    lengths: str  # an input i32[B]
+    span: Span | None = _span()
+
+    def declares(self) -> tuple[TensorDecl, ...]:
+        return (TensorDecl(self.table, "i32", ("B", "MAXP"), span=self.span),
+                TensorDecl(self.lengths, "i32", ("B",), span=self.span))
+
+
+Storage = Union[Ragged, Paged]  # how the sequences of q (Ragged only) or of k and v are stored; None: dense
+
+
 def default_score() -> Expr:
     return Binary("*", QK(), Call("rsqrt", (SizeRef("D"),)))
 
@@ -183,6 +215,9 @@ class Attention:
     normalizer: Normalizer = field(default_factory=Softmax)
     returns_lse: bool = False
     span: Span | None = _span()
+    # Dense (None) unless a `ragged` / `paged` statement says otherwise. Their index tensors are also in `inputs`.
+    q_storage: Ragged | None = None
+    kv_storage: Storage | None = None
 
     @cached_property
     def canonical(self) -> str:
@@ -235,12 +270,20 @@ def make_attention(
     normalizer: Normalizer | None = None,
     returns_lse: bool = False,
     span: Span | None = None,
+    q_storage: Ragged | None = None,
+    kv_storage: Storage | None = None,
 ) -> Attention:
-    """Canonical form: whatever the spelling, the same meaning gives an equal node and the same key."""
+    """Canonical form: whatever the spelling, the same meaning gives an equal node and the same key.
+    The index tensors a storage names join `inputs` unless an input of that name is given."""
     flat: dict[str, Expr] = {}
     for m in masks:
         for c in split_conjuncts(m):
             flat.setdefault(print_expr(c), c)
+    inputs = list(inputs)
+    for storage in (q_storage, kv_storage):
+        for decl in storage.declares() if storage is not None else ():
+            if all(t.name != decl.name for t in inputs):
+                inputs.append(decl)
     return Attention(
         name=name,
         q=q,
@@ -254,6 +297,8 @@ def make_attention(
         normalizer=Softmax() if normalizer is None else normalizer,
         returns_lse=returns_lse,
         span=span,
+        q_storage=q_storage,
+        kv_storage=kv_storage,
     )
 
 
@@ -374,6 +419,12 @@ def _print_decl(t: TensorDecl) -> str:
     return f"{t.name}: {t.dtype}[{', '.join(t.shape)}]"
 
 
+def print_storage(targets: str, s: Storage) -> str:
+    if isinstance(s, Paged):
+        return f"paged {targets} by {s.table}, {s.lengths}"
+    return f"ragged {targets} by {s.offsets}"
+
+
 def print_attention(a: Attention) -> str:
     """Canonical text of a spec; it parses back to an equal `Attention`."""
     lines = [f"attention {a.name} {{"]
@@ -381,10 +432,17 @@ def print_attention(a: Attention) -> str:
         lines.append("    dims " + ", ".join(f"{n} = {v}" for n, v in a.dims))
     for t in (a.q, a.k, a.v):
         lines.append(f"    {_print_decl(t)}")
+    declared = set()  # inputs a storage statement declares are printed as that statement
+    for targets, storage in (("q", a.q_storage), ("k, v", a.kv_storage)):
+        if storage is not None:
+            lines.append(f"    {print_storage(targets, storage)}")
+            declared |= set(storage.declares())
     for p in a.params:
         default = "" if p.default is None else f" = {format_number(p.default, p.dtype == 'f32')}"
         lines.append(f"    param {p.name}: {p.dtype}{default}")
     for t in a.inputs:
+        if t in declared:
+            continue
         lines.append(f"    input {_print_decl(t)}")
     lines.append(f"    score = {print_expr(a.score)}")
     for m in a.masks:

@@ -18,7 +18,7 @@ from ..errors import Diagnostic, Span, SpecError
 # Words a declared name may not take: the keywords of attn.lark, plus `lse`, the name of the second output.
 RESERVED = frozenset({
     "attention", "dims", "param", "input", "score", "mask", "return", "and", "or", "not",
-    "inf", "true", "false", "qk", "causal", "lse",
+    "inf", "true", "false", "qk", "causal", "lse", "paged", "ragged", "by",
 })
 
 _DTYPE_ALIASES = {
@@ -28,14 +28,36 @@ _DTYPE_ALIASES = {
 }
 _INT32 = (-(2**31), 2**31 - 1)
 
-# The four slots of q, k and v and the roles each may take; the order of a shape is its layout.
-_SLOTS = ("batch", "head", "sequence", "head dim")
-_QKV_ROLES = {
-    "q": (("B",), ("H",), ("M",), ("D",)),
-    "k": (("B",), ("H", "HKV"), ("N",), ("D",)),
-    "v": (("B",), ("H", "HKV"), ("N",), ("D", "DV")),
+_QKV = ("q", "k", "v")
+# Per storage of q, k, v (dense unless a `ragged` / `paged` statement says otherwise): the names of the slots and,
+# per tensor, the roles each slot may take. The order of a shape is its layout.
+_LAYOUTS = {
+    "dense": (("batch", "head", "sequence", "head dim"), {
+        "q": (("B",), ("H",), ("M",), ("D",)),
+        "k": (("B",), ("H", "HKV"), ("N",), ("D",)),
+        "v": (("B",), ("H", "HKV"), ("N",), ("D", "DV")),
+    }),
+    "ragged": (("token", "head", "head dim"), {
+        "q": (("T",), ("H",), ("D",)),
+        "k": (("TK",), ("H", "HKV"), ("D",)),
+        "v": (("TK",), ("H", "HKV"), ("D", "DV")),
+    }),
+    "paged": (("page", "page slot", "head", "head dim"), {
+        "k": (("PAGES",), ("PAGE",), ("H", "HKV"), ("D",)),
+        "v": (("PAGES",), ("PAGE",), ("H", "HKV"), ("D", "DV")),
+    }),
 }
-_QKV_EXAMPLE = {"q": "B, H, M, D", "k": "B, HKV, N, D", "v": "B, HKV, N, D"}
+_EXAMPLES = {
+    "dense": {"q": "B, H, M, D", "k": "B, HKV, N, D", "v": "B, HKV, N, D"},
+    "ragged": {"q": "T, H, D", "k": "TK, HKV, D", "v": "TK, HKV, D"},
+    "paged": {"k": "PAGES, PAGE, HKV, D", "v": "PAGES, PAGE, HKV, D"},
+}
+_QKV_EXAMPLE = _EXAMPLES["dense"]
+# The statement that gives q, or k and v, their storage, as messages suggest it.
+_STATEMENTS = {("ragged", "q"): "ragged q by cu_seqlens_q", ("ragged", "kv"): "ragged k, v by cu_seqlens_k",
+               ("paged", "kv"): "paged k, v by block_table, kv_len"}
+# What each index tensor of a storage is, in the order of its `declares()`.
+_STORAGE_TENSORS = {ir.Ragged: ("sequence offsets",), ir.Paged: ("block table", "key lengths")}
 
 
 # ---------------------------------------------------------------- the parsed block (parser.py builds it)
@@ -107,7 +129,17 @@ class ReturnStmt:
     span: Span | None = None
 
 
-Statement = Union[TensorStmt, ParamStmt, Binding, ScoreStmt, MaskStmt, ReturnStmt]
+@dataclass(frozen=True)
+class StorageStmt:
+    """`paged k, v by TABLE, LENGTHS` or `ragged q by OFFSETS` / `ragged k, v by OFFSETS`, lists unchecked."""
+
+    kind: Word  # "paged" or "ragged"
+    targets: tuple[Word, ...]
+    tensors: tuple[Word, ...]
+    span: Span | None = None
+
+
+Statement = Union[TensorStmt, ParamStmt, Binding, StorageStmt, ScoreStmt, MaskStmt, ReturnStmt]
 
 
 @dataclass(frozen=True)
@@ -127,8 +159,10 @@ def elaborate(block: Block) -> tuple[ir.Attention | None, list[Diagnostic]]:
 
 def attention_diagnostics(spec: ir.Attention) -> list[Diagnostic]:
     report = _Report()
-    _check_declarations(report, spec.q, spec.k, spec.v, spec.params, spec.inputs, spec.dims, spec.span)
-    _check_expressions(report, _Env.of(spec.q, spec.k, spec.v, spec.params, spec.inputs, spec.dims),
+    storages = (spec.q_storage, spec.kv_storage)
+    _check_declarations(report, spec.q, spec.k, spec.v, spec.params, spec.inputs, spec.dims, spec.span,
+                        storages=storages)
+    _check_expressions(report, _Env.of(spec.q, spec.k, spec.v, spec.params, spec.inputs, spec.dims, storages),
                        spec.score, spec.masks, spec.normalizer, spec.span)
     return report.sorted()
 
@@ -196,38 +230,64 @@ def _num_kind(n: ir.Num) -> str:
 # ---------------------------------------------------------------- declarations (IR level)
 
 
-def _qkv_slots(report: _Report, t: ir.TensorDecl) -> tuple[int, ...] | None:
-    """The slot (batch, head, sequence, dim) of each entry of a q/k/v shape, or None if it is malformed."""
-    roles = _QKV_ROLES[t.name]
+def _group(name: str) -> str:
+    """Storage is given to q alone, or to k and v together."""
+    return "q" if name == "q" else "kv"
+
+
+def _storage_kind(storage: ir.Storage | None) -> str:
+    return "dense" if storage is None else "paged" if isinstance(storage, ir.Paged) else "ragged"
+
+
+def _qkv_slots(report: _Report, t: ir.TensorDecl, kind: str) -> tuple[int, ...] | None:
+    """The slot (batch, head, sequence, dim, or those of `kind`) of each entry of a q/k/v shape, or None if it
+    is malformed."""
+    slot_names, table = _LAYOUTS[kind]
+    roles = table[t.name]
     seen: dict[int, str] = {}
     for entry in t.shape:
         slot = next((s for s, names in enumerate(roles) if entry in names), None)
         if slot is None:
             report.error(f"{t.name}'s shape may hold only the roles {', '.join(r for rs in roles for r in rs)}, "
-                         f"not '{entry}' (extra tensors are declared with `input`)", t.span)
+                         f"not '{entry}'{_layout_hint(t.name, kind, entry)}", t.span)
             return None
         if slot in seen:
-            report.error(f"{t.name}'s shape has two {_SLOTS[slot]} sizes, {seen[slot]} and {entry}", t.span)
+            report.error(f"{t.name}'s shape has two {slot_names[slot]} sizes, {seen[slot]} and {entry}", t.span)
             return None
         seen[slot] = entry
     missing = next((slot for slot in range(len(roles)) if slot not in seen), None)
     if missing is not None:
-        report.error(f"{t.name}'s shape lacks its {_SLOTS[missing]} size {' or '.join(roles[missing])}; "
-                     f"write e.g. {t.name}: {t.dtype}[{_QKV_EXAMPLE[t.name]}]", t.span)
+        report.error(f"{t.name}'s shape lacks its {slot_names[missing]} size {' or '.join(roles[missing])}; "
+                     f"write e.g. {t.name}: {t.dtype}[{_EXAMPLES[kind][t.name]}]", t.span)
         return None
     return tuple(seen)
 
 
-def _check_qkv(report: _Report, q, k, v) -> None:
+def _layout_hint(name: str, kind: str, entry: str) -> str:
+    """Why a role does not fit a q/k/v shape: it belongs to another storage, or is no role at all."""
+    if kind != "dense":
+        return f"; {name} is {kind}, so its shape is [{_EXAMPLES[kind][name]}] in some order"
+    for other, (_, table) in _LAYOUTS.items():
+        if name in table and any(entry in roles for roles in table[name]) and other != kind:
+            return (f"; [{_EXAMPLES[other][name]}] is the shape of a {other} {name}: add "
+                    f"`{_STATEMENTS[other, _group(name)]}`")
+    return " (extra tensors are declared with `input`)"
+
+
+def _check_qkv(report: _Report, q, k, v, kinds: dict[str, str]) -> None:
     present = [t for t in (q, k, v) if t is not None]
     for t in present:
         _check_dtype(report, t.dtype, ir.QKV_DTYPES, t.name, t.span)
-    layouts = {t.name: _qkv_slots(report, t) for t in present}
+    layouts = {t.name: _qkv_slots(report, t, kinds[t.name]) for t in present}
     first = present[0] if present else None
     for t in present[1:]:
-        if layouts[t.name] is not None and layouts[first.name] is not None and layouts[t.name] != layouts[first.name]:
-            report.error(f"{t.name}'s layout [{', '.join(t.shape)}] differs from {first.name}'s "
-                         f"[{', '.join(first.shape)}]: q, k and v must share one layout", t.span)
+        # Layouts compare within one storage: a ragged q [T, H, D] has nothing to agree with in a paged k.
+        ref = next(r for r in present if kinds[r.name] == kinds[t.name])
+        if ref is not t and layouts[t.name] is not None and layouts[ref.name] is not None \
+                and layouts[t.name] != layouts[ref.name]:
+            who = "q, k and v" if ref.name == "q" else "k and v"
+            report.error(f"{t.name}'s layout [{', '.join(t.shape)}] differs from {ref.name}'s "
+                         f"[{', '.join(ref.shape)}]: {who} must share one layout", t.span)
         if t.dtype != first.dtype and t.dtype in ir.QKV_DTYPES and first.dtype in ir.QKV_DTYPES:
             report.error(f"{t.name} is {t.dtype} but {first.name} is {first.dtype}: q, k and v must share one "
                          f"dtype", t.span)
@@ -238,8 +298,15 @@ def _check_qkv(report: _Report, q, k, v) -> None:
 
 
 def _check_declarations(report: _Report, q, k, v, params, inputs, dims, fallback: Span | None,
-                        dim_spans: dict[str, Span] | None = None) -> None:
-    _check_qkv(report, q, k, v)
+                        dim_spans: dict[str, Span] | None = None, storages=(None, None),
+                        kinds: dict[str, str] | None = None) -> None:
+    """`kinds`: the storage of q and of k, v ("q", "kv") as the spec meant it, where a malformed statement gave
+    no storage node (so that its shapes are not reported again); by default, those of `storages`."""
+    q_storage, kv_storage = storages
+    if kinds is None:  # a paged q is reported by _check_storage; its shape is checked as a dense one
+        kinds = {"q": "ragged" if isinstance(q_storage, ir.Ragged) else "dense", "kv": _storage_kind(kv_storage)}
+    _check_qkv(report, q, k, v, {"q": kinds["q"], "k": kinds["kv"], "v": kinds["kv"]})
+    _check_storage(report, q_storage, kv_storage, inputs, fallback)
     declared: dict[str, str] = {}
     for name, kind, span in ([(t.name, "tensor", t.span) for t in (q, k, v) if t is not None]
                              + [(p.name, "param", p.span) for p in params]
@@ -258,9 +325,17 @@ def _check_declarations(report: _Report, q, k, v, params, inputs, dims, fallback
     size_places = ([(entry, t.span, f"input {t.name}") for t in inputs for entry in t.shape]
                    + [(n, dim_spans.get(n, fallback), "dims") for n, _ in dims])
     qkv_sizes = {entry for t in (q, k, v) if t is not None for entry in t.shape}
+    if q_storage is not None or kv_storage is not None:
+        qkv_sizes.add("B")  # the number of sequences, from the offsets or the block table
+    per_sequence = {"M": q_storage, "N": kv_storage}
     for entry, span, where in size_places:
         if entry in ir.ROLES and None not in (q, k, v) and entry not in qkv_sizes:
-            report.error(f"{where} uses {entry}, but no shape of q, k or v does", span)
+            hint = ""
+            if per_sequence.get(entry) is not None:
+                hint = (f" ({'q' if entry == 'M' else 'k and v'} {'is' if entry == 'M' else 'are'} "
+                        f"{_storage_kind(per_sequence[entry])}: {entry} is each sequence's own length, usable in "
+                        f"expressions but not as a tensor size)")
+            report.error(f"{where} uses {entry}, but no shape of q, k or v does{hint}", span)
         elif entry in declared:
             report.error(f"'{entry}' names both a size and {_a(declared[entry])}", span)
         elif entry in ir.INDEX_VARS or entry in RESERVED:
@@ -271,6 +346,27 @@ def _check_declarations(report: _Report, q, k, v, params, inputs, dims, fallback
     for name, value in dims:
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             report.error(f"dims {name} must be a positive integer, not {value!r}", dim_spans.get(name, fallback))
+
+
+def _check_storage(report: _Report, q_storage, kv_storage, inputs, fallback: Span | None) -> None:
+    """q is dense or ragged; each index tensor a storage names is an input with the storage's declaration."""
+    if q_storage is not None and not isinstance(q_storage, ir.Ragged):
+        report.error("q cannot be paged: only k and v live in a page pool (q may be ragged)",
+                     q_storage.span or fallback)
+    by_name = {t.name: t for t in inputs}
+    for targets, storage in (("q", q_storage), ("k, v", kv_storage)):
+        if storage is None:
+            continue
+        statement = ir.print_storage(targets, storage)
+        for decl, what in zip(storage.declares(), _STORAGE_TENSORS[type(storage)]):
+            have = by_name.get(decl.name)
+            if have is None:
+                report.error(f"`{statement}` names {decl.name}, but no input {decl.name}: "
+                             f"{decl.dtype}[{', '.join(decl.shape)}] is declared", storage.span or fallback)
+            elif have != decl:
+                report.error(f"{decl.name} is the {what} of `{statement}`, so it must be {decl.dtype}"
+                             f"[{', '.join(decl.shape)}], but it is {have.dtype}[{', '.join(have.shape)}] "
+                             f"(give each role its own tensor)", storage.span or fallback)
 
 
 def _check_param(report: _Report, p: ir.ParamDecl) -> None:
@@ -302,9 +398,13 @@ class _Env:
     sizes: frozenset[str]
 
     @staticmethod
-    def of(q, k, v, params, inputs, dims) -> "_Env":
+    def of(q, k, v, params, inputs, dims, storages=(None, None)) -> "_Env":
         qkv = [t for t in (q, k, v) if t is not None]
         sizes = {e for t in qkv + list(inputs) for e in t.shape} | {n for n, _ in dims}
+        # Ragged or paged sequences have their own lengths, which M and N denote in expressions; B counts them.
+        sizes |= {role for role, storage in zip(("M", "N"), storages) if storage is not None}
+        if any(storage is not None for storage in storages):
+            sizes.add("B")
         return _Env({p.name: p for p in params}, {t.name: t for t in inputs}, frozenset(sizes))
 
 
@@ -446,7 +546,7 @@ class _Typer:
 
     def _lookup(self, e: ir.Lookup, here) -> str | None:
         kinds = [self.kind(x, here) for x in e.indices]
-        if e.tensor in _QKV_ROLES:
+        if e.tensor in _QKV:
             hint = ("use qk for the dot product of q and k" if e.tensor != "v"
                     else "v is used only in `return softmax(score) @ v`")
             self.report.error(f"{e.tensor} cannot be indexed in an expression: {hint}", here)
@@ -485,6 +585,8 @@ class _Elaborator:
         b, report = self.block, self.report
         qkv: dict[str, ir.TensorDecl] = {}
         inputs, params, dims, dim_spans, scores, masks = [], [], {}, {}, [], []
+        storages: dict[str, tuple[ir.Storage, StorageStmt]] = {}  # "q" or "kv"
+        kinds = {"q": "dense", "kv": "dense"}  # as meant, even by a malformed statement
         ret: ReturnStmt | None = None
         for st in b.statements:
             if ret is not None:
@@ -498,6 +600,8 @@ class _Elaborator:
                 self._param(st, params)
             elif isinstance(st, Binding):
                 self._binding(st, dims, dim_spans)
+            elif isinstance(st, StorageStmt):
+                self._storage(st, storages, kinds)
             elif isinstance(st, ScoreStmt):
                 scores.append(st)
             elif isinstance(st, MaskStmt):
@@ -515,9 +619,12 @@ class _Elaborator:
                              f"`{name}: bf16[{_QKV_EXAMPLE[name]}]`", b.name.span)
         q, k, v = (qkv.get(n) for n in ("q", "k", "v"))
         dim_pairs = tuple(dims.items())
-        _check_declarations(report, q, k, v, params, inputs, dim_pairs, b.name.span, dim_spans)
+        q_storage, kv_storage = (storages[g][0] if g in storages else None for g in ("q", "kv"))
+        inputs = self._storage_inputs(storages, inputs)
+        _check_declarations(report, q, k, v, params, inputs, dim_pairs, b.name.span, dim_spans,
+                            (q_storage, kv_storage), kinds)
 
-        env = _Env.of(q, k, v, params, inputs, dim_pairs)
+        env = _Env.of(q, k, v, params, inputs, dim_pairs, (q_storage, kv_storage))
         score = ir.default_score()
         for st in scores:
             score = self._resolve(st.value, env, score)
@@ -532,7 +639,8 @@ class _Elaborator:
             return None, diagnostics
         spec = ir.make_attention(b.name.text, q, k, v, dims=dim_pairs, params=params, inputs=inputs,
                                  score=score, masks=mask_exprs, normalizer=normalizer,
-                                 returns_lse=ret.extra is not None, span=b.name.span)
+                                 returns_lse=ret.extra is not None, span=b.name.span, q_storage=q_storage,
+                                 kv_storage=kv_storage)
         return spec, []
 
     # -- declarations
@@ -540,10 +648,10 @@ class _Elaborator:
     def _tensor(self, st: TensorStmt, qkv: dict, inputs: list) -> None:
         name = st.name.text
         decl = ir.TensorDecl(name, st.dtype.text, tuple(w.text for w in st.shape), span=st.span)
-        if st.is_input and name in _QKV_ROLES:
+        if st.is_input and name in _QKV:
             self.report.error(f"{name} is one of q, k, v: declare it without `input`, as `{name}: ...`",
                               st.name.span)
-        elif not st.is_input and name not in _QKV_ROLES:
+        elif not st.is_input and name not in _QKV:
             self.report.error(f"only q, k and v are declared bare; declare the extra tensor as "
                               f"`input {name}: ...`", st.name.span)
         elif not st.is_input and name in qkv:
@@ -581,6 +689,68 @@ class _Elaborator:
         elif n is not None:
             dims[name] = n.value
             dim_spans[name] = st.name.span
+
+    def _storage(self, st: StorageStmt, storages: dict, kinds: dict) -> None:
+        """`paged k, v by TABLE, LENGTHS`, `ragged q by OFFSETS` or `ragged k, v by OFFSETS` (k, v in any order)."""
+        kind = st.kind.text
+        targets = sorted(w.text for w in st.targets)
+        meant = {"q": kind == "ragged" and "q" in targets,
+                 "kv": kind == "paged" or "k" in targets or "v" in targets}
+        for group in {"q", "kv"} - storages.keys():  # a second statement does not override the first
+            if meant[group]:
+                kinds[group] = kind
+        usage = _STATEMENTS[kind, "kv"]
+        stray = next((w for w in st.targets if w.text not in _QKV), None)
+        if stray is not None:
+            self.report.error(f"{kind} applies to {'k, v' if kind == 'paged' else 'q or to k, v'}, not "
+                              f"'{stray.text}'; write `{usage}`", stray.span)
+            return
+        if kind == "paged" and "q" in targets:
+            self.report.error(f"q cannot be paged: only k and v live in a page pool (q may be ragged); "
+                              f"write `{usage}`", next(w.span for w in st.targets if w.text == "q"))
+            return
+        if targets not in (["k", "v"], ["q"]):
+            message = (f"ragged q and ragged k, v are two statements (they may name the same offsets): "
+                       f"`{_STATEMENTS['ragged', 'q']}` and `{usage}`" if "q" in targets
+                       else f"k and v share their storage: write `{usage}`")
+            self.report.error(message, st.span)
+            return
+        wanted = len(_STORAGE_TENSORS[ir.Paged if kind == "paged" else ir.Ragged])
+        if len(st.tensors) != wanted:
+            what = ("two tensors, the block table and the key lengths" if kind == "paged"
+                    else "one tensor, the sequence offsets")
+            example = _STATEMENTS[kind, "q" if targets == ["q"] else "kv"]
+            self.report.error(f"{kind} takes {what}, but {len(st.tensors)} "
+                              f"{'is' if len(st.tensors) == 1 else 'are'} given: write `{example}`", st.span)
+            return
+        group = "q" if targets == ["q"] else "kv"
+        if group in storages:
+            _, first = storages[group]
+            combine = (" (ragged and paged do not combine: a paged cache has its own key lengths)"
+                       if first.kind.text != kind else "")
+            self.report.error(f"a second storage for {'q' if group == 'q' else 'k and v'}: line {first.span.line} "
+                              f"already has `{first.kind.text} ...`{combine}", st.span)
+            return
+        names = [w.text for w in st.tensors]
+        node = ir.Paged(*names, span=st.span) if kind == "paged" else ir.Ragged(*names, span=st.span)
+        storages[group] = (node, st)
+
+    def _storage_inputs(self, storages: dict, inputs: list) -> list:
+        """The declared inputs plus the index tensors the storage statements declare (one tensor may serve
+        several: ragged q and k, v often share their offsets); an `input` line may not declare them again."""
+        implied: dict[str, tuple[ir.TensorDecl, StorageStmt]] = {}
+        for node, st in storages.values():
+            for decl in node.declares():
+                implied.setdefault(decl.name, (decl, st))
+        kept = []
+        for t in inputs:
+            if t.name in implied:
+                decl, st = implied[t.name]
+                self.report.error(f"'{t.name}' is declared by `{st.kind.text} ...` on line {st.span.line} (as "
+                                  f"{decl.dtype}[{', '.join(decl.shape)}]); remove this `input` line", t.span)
+            else:
+                kept.append(t)
+        return kept + [decl for decl, _ in implied.values()]
 
     def _check_return(self, ret: ReturnStmt) -> None:
         if ret.normalizer.text != "softmax":

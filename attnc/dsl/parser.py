@@ -1,7 +1,8 @@
 """The text front-end: `.attn` source -> checked `ir.Attention`s.
 
 attn.lark gives a parse tree, one Transformer turns it into check.Block (IR expressions plus bare names),
-and check.elaborate resolves the names and checks the meaning. Every problem becomes one SpecError whose
+and check.elaborate resolves the names and checks the meaning (the `paged` / `ragged` statements for serving
+layouts are described in docs/serving.md). Every problem becomes one SpecError whose
 diagnostics point at the source with a caret; lark's own types never leave this package.
 """
 from __future__ import annotations
@@ -28,8 +29,8 @@ KEYWORDS = frozenset(t.pattern.value for t in _LARK.terminals
                      if isinstance(t.pattern, PatternStr) and t.pattern.value.isidentifier())
 # Terminals named by one phrase: (the ones whose presence signals the group, all it covers, the phrase).
 _GROUPS = (
-    ({"DIMS", "RETURN"}, {"DIMS", "PARAM", "INPUT", "SCORE", "MASK", "RETURN", "NAME"},
-     "a statement (dims, param, input, score, mask, return or a q/k/v declaration)"),
+    ({"DIMS", "RETURN"}, {"DIMS", "PARAM", "INPUT", "PAGED", "RAGGED", "SCORE", "MASK", "RETURN", "NAME"},
+     "a statement (dims, param, input, paged, ragged, score, mask, return or a q/k/v declaration)"),
     ({"NAME", "NUMBER"}, {"NAME", "NUMBER", "LPAR", "MINUS", "NOT", "INF", "TRUE", "FALSE", "QK", "SCORE", "CAUSAL"},
      "an expression"),
     ({"PLUS", "STAR"}, {"LT", "LE", "GT", "GE", "EQ", "NE", "PLUS", "MINUS", "STAR", "SLASH", "PERCENT", "AND",
@@ -203,6 +204,14 @@ class _ToBlocks(Transformer):
         name, dtype, *default = children
         return check.ParamStmt(self._word(name), self._word(dtype), default[0] if default else None,
                                self._span(meta))
+
+    def names(self, tokens):
+        return tuple(self._word(t) for t in tokens)
+
+    @v_args(meta=True)
+    def storage(self, meta, children):
+        kind, targets, tensors = children
+        return check.StorageStmt(self._word(kind), targets, tensors, self._span(meta))
 
     @v_args(meta=True)
     def score(self, meta, children):

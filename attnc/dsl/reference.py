@@ -7,6 +7,10 @@ A row with no kept key gives out = 0 and lse = -inf (with a sink: lse = the sink
 Expressions are evaluated with torch in float64 / int64 on a broadcast grid b [Bc,1,1,1], h [1,H,1,1],
 i [1,1,Mc,1], j [1,1,1,N], a chunk of batches and query rows at a time. Every tensor lookup is checked over
 the whole grid, kept or not, since kernels evaluate expressions on whole tiles.
+
+Ragged and paged storage (docs/serving.md) are computed one sequence b at a time: i and j are positions inside
+the sequence, and M and N its own query and key lengths (offsets[b + 1] - offsets[b], or lengths[b]); the keys
+of a paged sequence are gathered from its pages first. The offsets, lengths and page ids are checked here.
 """
 from __future__ import annotations
 
@@ -18,9 +22,10 @@ import torch
 
 from ..errors import CallError
 from ..ir import (
-    QK, Attention, Binary, Call, Expr, IndexVar, Lookup, Num, ParamRef, SizeRef, TensorDecl, Unary, print_expr,
+    QK, Attention, Binary, Call, Expr, IndexVar, Lookup, Num, Paged, ParamRef, Ragged, SizeRef, TensorDecl, Unary,
+    print_expr,
 )
-from .signature import bind, canonical_view, lse_shape, out_shape
+from .signature import Bound, bind, canonical_view, lse_shape, out_shape
 
 # Scores are materialized at most this many elements at a time (batches x heads x query rows x keys).
 _CHUNK_ELEMS = 1 << 22
@@ -41,17 +46,15 @@ _FLOAT_FUNCS: Mapping[str, Callable] = {
 
 
 def reference(spec: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, /, **kwargs):
-    """out (float64, q's layout with DV for D), or (out, lse) with lse float64 [B, H, M] when the spec
-    returns lse. Params and input tensors are passed by name, as to a compiled kernel."""
+    """out (float64, q's layout with DV for D), or (out, lse) with lse float64 [B, H, M] ([H, T] for a ragged
+    q) when the spec returns lse. Params and input tensors are passed by name, as to a compiled kernel."""
     bound = bind(spec, q, k, v, kwargs)
-    batch, heads, kv_heads, m, n, d, dv = (bound.sizes[r] for r in ("B", "H", "HKV", "M", "N", "D", "DV"))
+    heads, kv_heads, d, dv = (bound.sizes[r] for r in ("H", "HKV", "D", "DV"))
     group = heads // kv_heads  # query head h reads K/V head h // group
     device = q.device
-    qc, kc, vc = (canonical_view(t, decl).double() for t, decl in ((q, spec.q), (k, spec.k), (v, spec.v)))
     out = torch.empty(out_shape(spec, bound), dtype=torch.float64, device=device)
-    out_c = canonical_view(out, spec.q)
     lse = torch.empty(lse_shape(bound), dtype=torch.float64, device=device)
-    env = _Env(  # the index grid and qk are filled in per chunk
+    env = _Env(  # the index grid, qk and the sequence lengths M and N are filled in per chunk
         index={},
         qk=torch.empty(0),
         sizes={name: torch.tensor(value, device=device) for name, value in bound.sizes.items()},
@@ -61,21 +64,109 @@ def reference(spec: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         input_decls={decl.name: decl for decl in spec.inputs},
         device=device,
     )
-    for b0, b1, m0, m1 in _chunks(batch, heads, m, n):
-        nb, nm = b1 - b0, m1 - m0
-        # Grouping the query heads that share a K/V head as extra rows avoids copying K and V per head.
-        qk = qc[b0:b1, :, m0:m1].reshape(nb, kv_heads, group * nm, d) @ kc[b0:b1].transpose(-1, -2)
-        index = {
-            "b": torch.arange(b0, b1, device=device).view(-1, 1, 1, 1),
-            "h": torch.arange(heads, device=device).view(1, -1, 1, 1),
-            "i": torch.arange(m0, m1, device=device).view(1, 1, -1, 1),
-            "j": torch.arange(n, device=device).view(1, 1, 1, -1),
-        }
-        p, row_lse = _softmax(spec, replace(env, index=index, qk=qk.view(nb, heads, nm, n)))
-        lse[b0:b1, :, m0:m1] = row_lse
-        pv = p.reshape(nb, kv_heads, group * nm, n) @ vc[b0:b1]
-        out_c[b0:b1, :, m0:m1] = pv.view(nb, heads, nm, dv)
+    for seg in _segments(spec, bound, out, lse):
+        nb, m, n = seg.q.shape[0], seg.q.shape[2], seg.k.shape[2]
+        sizes = dict(env.sizes, M=torch.tensor(m, device=device), N=torch.tensor(n, device=device))
+        rows = max(1, _CHUNK_ELEMS // (nb * heads * max(n, 1)))
+        for m0 in range(0, m, rows):
+            m1 = min(m0 + rows, m)
+            # Grouping the query heads that share a K/V head as extra rows avoids copying K and V per head.
+            qk = seg.q[:, :, m0:m1].reshape(nb, kv_heads, group * (m1 - m0), d) @ seg.k.transpose(-1, -2)
+            index = {
+                "b": torch.arange(seg.b0, seg.b0 + nb, device=device).view(-1, 1, 1, 1),
+                "h": torch.arange(heads, device=device).view(1, -1, 1, 1),
+                "i": torch.arange(m0, m1, device=device).view(1, 1, -1, 1),
+                "j": torch.arange(n, device=device).view(1, 1, 1, -1),
+            }
+            p, row_lse = _softmax(spec, replace(env, index=index, sizes=sizes, qk=qk.view(nb, heads, m1 - m0, n)))
+            seg.lse[:, :, m0:m1] = row_lse
+            pv = p.reshape(nb, kv_heads, group * (m1 - m0), n) @ seg.v
+            seg.out[:, :, m0:m1] = pv.view(nb, heads, m1 - m0, dv)
     return (out, lse) if spec.returns_lse else out
+
+
+@dataclass(frozen=True)
+class _Segment:
+    """Batches b0 .. b0 + nb - 1 with one M and one N, as canonical float64 views: q [nb, H, M, D],
+    k [nb, HKV, N, D], v [nb, HKV, N, DV], and the out [nb, H, M, DV] and lse [nb, H, M] they write."""
+
+    b0: int
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    out: torch.Tensor
+    lse: torch.Tensor
+
+
+def _segments(spec: Attention, bound: Bound, out: torch.Tensor, lse: torch.Tensor):
+    """Dense specs: chunks of whole batches. Ragged or paged ones: each sequence alone, sliced or gathered."""
+    qc, kc, vc = (canonical_view(t, decl).double() for t, decl in
+                  ((bound.q, spec.q), (bound.k, spec.k), (bound.v, spec.v)))
+    out_c = canonical_view(out, spec.q)
+    sizes = bound.sizes
+    if spec.q_storage is None and spec.kv_storage is None:
+        step = max(1, _CHUNK_ELEMS // (sizes["H"] * max(sizes["M"], 1) * max(sizes["N"], 1)))
+        for b0 in range(0, sizes["B"], step):
+            b1 = min(b0 + step, sizes["B"])
+            yield _Segment(b0, qc[b0:b1], kc[b0:b1], vc[b0:b1], out_c[b0:b1], lse[b0:b1])
+        return
+    q_rows = _sequence_rows(spec.q_storage, bound, "T") if spec.q_storage is not None else None
+    if isinstance(spec.kv_storage, Paged):
+        kv_of = _paged_keys(spec.kv_storage, bound, kc, vc)
+    elif spec.kv_storage is not None:
+        kv_rows = _sequence_rows(spec.kv_storage, bound, "TK")
+        kv_of = lambda b: (kc[:, kv_rows[b]][None], vc[:, kv_rows[b]][None])  # noqa: E731
+    else:
+        kv_of = lambda b: (kc[b:b + 1], vc[b:b + 1])  # noqa: E731
+    for b in range(sizes["B"]):
+        k_b, v_b = kv_of(b)
+        if q_rows is None:
+            yield _Segment(b, qc[b:b + 1], k_b, v_b, out_c[b:b + 1], lse[b:b + 1])
+        else:  # a ragged q is canonically [H, T, D] and its lse [H, T]
+            rows = q_rows[b]
+            yield _Segment(b, qc[:, rows][None], k_b, v_b, out_c[:, rows][None], lse[:, rows][None])
+
+
+def _sequence_rows(storage: Ragged, bound: Bound, total: str) -> list[slice]:
+    """Each sequence's rows, after checking that the offsets start at 0, never decrease and end at the total."""
+    name = storage.offsets
+    offsets = bound.inputs[name].tolist()
+    count = bound.sizes[total]
+    if offsets[0] != 0:
+        raise CallError(f"{name}: the offsets must start at 0, but {name}[0] = {offsets[0]}")
+    for b in range(len(offsets) - 1):
+        if offsets[b + 1] < offsets[b]:
+            raise CallError(f"{name}: the offsets must never decrease, but {name}[{b + 1}] = {offsets[b + 1]} < "
+                            f"{name}[{b}] = {offsets[b]}")
+    if offsets[-1] != count:
+        raise CallError(f"{name}: the offsets must end at {total} = {count}, the number of packed tokens, but "
+                        f"{name}[{len(offsets) - 1}] = {offsets[-1]}")
+    return [slice(a, b) for a, b in zip(offsets, offsets[1:])]
+
+
+def _paged_keys(storage: Paged, bound: Bound, kc: torch.Tensor, vc: torch.Tensor):
+    """b -> (k, v) [1, HKV, N_b, D] of sequence b gathered from the pages (canonically [PAGES, HKV, PAGE, D]),
+    after checking the lengths and the page ids in use; table entries past a sequence's last page are unused."""
+    lengths, table = bound.inputs[storage.lengths].tolist(), bound.inputs[storage.table]
+    page, pages, capacity = bound.sizes["PAGE"], bound.sizes["PAGES"], bound.sizes["N"]
+    for b, n in enumerate(lengths):
+        if not 0 <= n <= capacity:
+            raise CallError(f"{storage.lengths}: {storage.lengths}[{b}] = {n}, but a sequence holds 0 to MAXP * PAGE "
+                            f"= {capacity} keys (its {bound.sizes['MAXP']} block-table entries of {page} slots)")
+        used = table[b, :-(-n // page)]
+        if used.numel() and not (0 <= int(used.min()) and int(used.max()) < pages):
+            bad = next(p for p, e in enumerate(used.tolist()) if not 0 <= e < pages)
+            raise CallError(f"{storage.table}: {storage.table}[{b}, {bad}] = {int(used[bad])} is not a page id: "
+                            f"k and v have PAGES = {pages} pages, and sequence {b} uses the first {used.numel()} "
+                            f"entries of its row ({n} keys)")
+
+    def gather(b: int):
+        n = lengths[b]
+        ids = table[b, :-(-n // page)].long()
+        return tuple(t[ids].transpose(0, 1).reshape(t.shape[1], len(ids) * page, t.shape[3])[:, :n][None]
+                     for t in (kc, vc))
+
+    return gather
 
 
 def _softmax(spec: Attention, env: _Env) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,22 +182,6 @@ def _softmax(spec: Attention, env: _Env) -> tuple[torch.Tensor, torch.Tensor]:
         row_lse = torch.logsumexp(torch.cat([logits, sink], dim=-1), dim=-1)
     # A row with nothing kept has lse = -inf and all logits -inf: subtracting 0 keeps p = 0, not NaN.
     return torch.exp(logits - torch.where(row_lse > -torch.inf, row_lse, 0.0)[..., None]), row_lse
-
-
-def _chunks(batch: int, heads: int, m: int, n: int):
-    """(b0, b1, m0, m1) pieces of the grid with at most _CHUNK_ELEMS scores each."""
-    if m == 0:
-        return
-    per_batch = heads * m * max(n, 1)
-    if per_batch <= _CHUNK_ELEMS:
-        step = _CHUNK_ELEMS // per_batch
-        for b0 in range(0, batch, step):
-            yield b0, min(b0 + step, batch), 0, m
-        return
-    rows = max(1, _CHUNK_ELEMS // (heads * max(n, 1)))
-    for b0 in range(batch):
-        for m0 in range(0, m, rows):
-            yield b0, b0 + 1, m0, min(m0 + rows, m)
 
 
 def _widen(t: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,11 @@ error text is built only when there is an error.
 
 Empty problems: M = 0 gives an empty output, N = 0 gives rows with no kept key (out = 0, lse = -inf, or
 the sink's logit when there is a sink). Every other size must be at least 1.
+
+Ragged and paged storage (docs/serving.md): the sizes come from shapes alone, so B is derived from the block
+table, the lengths or the offsets (B1 = B + 1), and M and N are capacities that bound every sequence's own
+length: M = T for a ragged q, N = TK for ragged k/v, N = MAXP * PAGE for a paged cache. The offsets, lengths
+and page ids themselves are data: `reference` checks them, kernels trust them.
 """
 from __future__ import annotations
 
@@ -17,17 +22,18 @@ from typing import Mapping, Union
 import torch
 
 from ..errors import CallError
-from ..ir import Attention, ParamDecl, TensorDecl
+from ..ir import Attention, Paged, ParamDecl, Ragged, TensorDecl
 
 TORCH_DTYPES: Mapping[str, torch.dtype] = MappingProxyType({
     "f16": torch.float16, "bf16": torch.bfloat16, "f32": torch.float32, "f64": torch.float64,
     "i8": torch.int8, "i16": torch.int16, "i32": torch.int32, "i64": torch.int64, "bool": torch.bool,
 })
-MAY_BE_EMPTY = ("M", "N")
+MAY_BE_EMPTY = ("M", "N", "T", "TK")  # T and TK are the M and N of packed sequences
 _I32_MIN, _I32_MAX = -(2**31), 2**31 - 1
 _PARAM_KIND = {"i32": "an int", "f32": "a float (or an int)", "bool": "a bool"}
-# q, k, v in canonical order: batch, heads, sequence, head dim, whatever order the declaration uses.
-_ROLE_RANK = {"B": 0, "H": 1, "HKV": 1, "M": 2, "N": 2, "D": 3, "DV": 3}
+# q, k, v in canonical order: batch (or page), heads, sequence (or tokens, or page slot), head dim, whatever order
+# the declaration uses.
+_ROLE_RANK = {"B": 0, "PAGES": 0, "H": 1, "HKV": 1, "M": 2, "N": 2, "T": 2, "TK": 2, "PAGE": 2, "D": 3, "DV": 3}
 
 ParamValue = Union[int, float, bool]
 
@@ -41,7 +47,8 @@ class Bound:
     v: torch.Tensor
     sizes: Mapping[str, int]  # every role (HKV = H, DV = D when unused) and every free size
     params: Mapping[str, ParamValue]  # every param, defaults filled in, as Python int / float / bool
-    inputs: Mapping[str, torch.Tensor]  # every declared input tensor
+    inputs: Mapping[str, torch.Tensor]  # every declared input tensor (the storage's index tensors included)
+    lse_dims: tuple[str, ...] = ("B", "H", "M")  # lse's sizes: [H, T] for a ragged q, as FlashAttention's varlen
 
 
 def bind(spec: Attention, q, k, v, kwargs: Mapping[str, object]) -> Bound:
@@ -55,7 +62,8 @@ def bind(spec: Attention, q, k, v, kwargs: Mapping[str, object]) -> Bound:
     sizes = _bind_sizes(spec, tensors)
     params = {p.name: _param_value(p, kwargs) for p in spec.params}
     inputs = {decl.name: t for decl, t in tensors[3:]}
-    return Bound(q, k, v, MappingProxyType(sizes), MappingProxyType(params), MappingProxyType(inputs))
+    lse_dims = ("H", "T") if spec.q_storage is not None else ("B", "H", "M")
+    return Bound(q, k, v, MappingProxyType(sizes), MappingProxyType(params), MappingProxyType(inputs), lse_dims)
 
 
 def out_shape(spec: Attention, bound: Bound) -> tuple[int, ...]:
@@ -63,9 +71,9 @@ def out_shape(spec: Attention, bound: Bound) -> tuple[int, ...]:
     return tuple(bound.sizes["DV" if name == "D" else name] for name in spec.q.shape)
 
 
-def lse_shape(bound: Bound) -> tuple[int, int, int]:
-    """lse is f32 [B, H, M] whatever the layout of q."""
-    return bound.sizes["B"], bound.sizes["H"], bound.sizes["M"]
+def lse_shape(bound: Bound) -> tuple[int, ...]:
+    """lse is f32 [B, H, M] whatever the layout of q; [H, T] when q is ragged."""
+    return tuple(bound.sizes[name] for name in bound.lse_dims)
 
 
 def canonical_view(t: torch.Tensor, decl: TensorDecl) -> torch.Tensor:
@@ -118,6 +126,7 @@ def _bind_sizes(spec: Attention, tensors: list[tuple[TensorDecl, object]]) -> di
         if sizes.setdefault(name, value) != value:
             raise CallError(f"{_where(name, tensors)} but the spec binds {name} = {value} at compile time "
                             f"(dims {name} = {value}); pass tensors with {name} = {value} or drop it from dims")
+    _bind_storage_sizes(spec, sizes, tensors)
     sizes.setdefault("HKV", sizes["H"])
     sizes.setdefault("DV", sizes["D"])
     for name, n in sizes.items():
@@ -127,6 +136,28 @@ def _bind_sizes(spec: Attention, tensors: list[tuple[TensorDecl, object]]) -> di
         raise CallError(f"k: {sizes['HKV']} key/value heads (HKV) do not divide the {sizes['H']} query heads (H) of "
                         f"q; H must be a multiple of HKV")
     return sizes
+
+
+def _bind_storage_sizes(spec: Attention, sizes: dict[str, int], tensors: list[tuple[TensorDecl, object]]) -> None:
+    """B from the offsets when no tensor has a batch axis (B1 = B + 1), and the capacities M and N."""
+    ragged = [st for st in (spec.q_storage, spec.kv_storage) if isinstance(st, Ragged)]
+    if ragged:
+        offsets = ragged[0].offsets
+        if "B" not in sizes:
+            sizes["B"] = sizes["B1"] - 1
+            if sizes["B"] < 1:
+                raise CallError(f"{offsets}: has {sizes['B1']} offset{'s' if sizes['B1'] != 1 else ''}, so no "
+                                f"sequence; the offsets of B sequences are B + 1 numbers, 0 first and the token "
+                                f"count last")
+        elif sizes["B1"] != sizes["B"] + 1:
+            raise CallError(f"{offsets}: has {sizes['B1']} offsets, so {sizes['B1'] - 1} sequences, but "
+                            f"{_where('B', tensors)}; the offsets of B sequences are B + 1 numbers")
+    if spec.q_storage is not None:
+        sizes["M"] = sizes["T"]
+    if isinstance(spec.kv_storage, Paged):
+        sizes["N"] = sizes["MAXP"] * sizes["PAGE"]
+    elif spec.kv_storage is not None:
+        sizes["N"] = sizes["TK"]
 
 
 def _where(name: str, tensors: list[tuple[TensorDecl, object]], size: int | None = None) -> str:

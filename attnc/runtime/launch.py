@@ -49,6 +49,9 @@ class TritonBackend:
         return Target("triton", "cpu", None)
 
     def build(self, plan: KernelPlan) -> "TritonLauncher":
+        if plan.spec.q_storage is not None or plan.spec.kv_storage is not None:
+            raise CompileError(f"attention {plan.spec.name!r}: ragged and paged storage have no Triton kernel yet "
+                               f"(the decode/serving work adds them); attnc.reference computes their semantics")
         return TritonLauncher(plan, load_module(plan))
 
 

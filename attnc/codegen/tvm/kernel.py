@@ -1,0 +1,280 @@
+"""A KernelPlan -> a TensorIR PrimFunc for CPUs (LLVM), built with TVM's IR builder.
+
+One parallel task per (batch, head, query tile). Per task the flash algorithm runs over the key tiles the
+mask analysis leaves (`passes.masks.key_tiles`, mirrored here in TIR): tiles outside the loop hull never
+run, full tiles evaluate no mask, partial tiles evaluate every mask element-wise. Softmax runs in base 2 on
+the plan's `logits2`.
+
+The CPU schedule (why the loops look as they do):
+- Scores are computed transposed, S^T[j, i] = sum_d k[j, d] * Q^T[d, i], with the query tile packed as Q^T
+  once per task: the vector lanes run over query rows, each k element is a broadcast, and the row max /
+  row sum of the softmax become vertical (lane-wise) reductions over j, with no shuffles.
+- Register tiles (`kv_rows` x `block_m` scores, `out_rows` x `out_cols` outputs) are separate small buffers:
+  TVM places constant-size "global" allocations under 1 KiB on the stack, where LLVM keeps them in
+  registers; larger ones, and "local" ones, go to the workspace allocator and every update goes to memory.
+- P V accumulates into the output tile with the lanes over value columns (contiguous rows of v); the
+  rescale by exp2(m_old - m_new) is folded into loading the register tile.
+- exp2 is a vectorizable polynomial (emit.exp2).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from tvm import tirx as tir
+from tvm.script.ir_builder import IRBuilder
+from tvm.script.ir_builder import tirx as T
+
+from ...ir import SizeRef, walk
+from ...passes import KernelPlan
+from .emit import F32, I32, I64, LN2, Emitter, Scope, exp2, f32
+
+# TIR dtypes of the spec's tensor element types. bool tables are passed as uint8 views (DLPack bool and TVM
+# bool buffers disagree on the element type); params arrive as int32 / float32 scalars (bool as 0 / 1).
+TIR_DTYPES = {"f16": "float16", "bf16": "bfloat16", "f32": F32, "f64": "float64", "i8": "int8", "i16": "int16",
+              "i32": I32, "i64": I64, "bool": "uint8"}
+PARAM_DTYPES = {"i32": I32, "f32": F32, "bool": I32}
+NEG_INF = -math.inf
+
+
+@dataclass(frozen=True)
+class CpuSchedule:
+    vector: int  # float32 SIMD lanes
+    block_m: int  # query rows per task; a multiple of `vector` (lanes run over rows in S^T)
+    block_n: int  # keys per step; a multiple of kv_rows
+    kv_rows: int  # keys per register tile of S^T (kv_rows x block_m accumulators)
+    out_rows: int  # query rows per register tile of P V; divides block_m
+    out_cols: int  # value columns per register tile of P V (the last one may be narrower)
+
+    def __post_init__(self):
+        assert self.block_m % self.vector == 0 and self.block_n % self.kv_rows == 0
+        assert self.block_m % self.out_rows == 0
+        assert self.block_m * 4 < 1024 and self.out_cols * 4 < 1024  # each register row on the stack: module doc
+
+
+def prefill_schedule(vector: int) -> CpuSchedule:
+    return CpuSchedule(vector, block_m=4 * vector, block_n=64, kv_rows=4, out_rows=4, out_cols=4 * vector)
+
+
+def decode_schedule(vector: int) -> CpuSchedule:
+    """Few query rows (decode): one vector of rows per task, so no work goes to padding rows."""
+    return CpuSchedule(vector, block_m=vector, block_n=64, kv_rows=8, out_rows=4, out_cols=4 * vector)
+
+
+class Args:
+    """The PrimFunc's parameters: q, k, v, out, [lse], input tables, params (names are the call order)."""
+
+    def __init__(self, plan: KernelPlan):
+        spec = plan.spec
+        fixed = {**spec.dim_values, "D": plan.head_dim, "DV": plan.value_dim}
+        names = dict.fromkeys(n for t in (spec.q, spec.k, spec.v, *spec.inputs) for n in t.shape)
+        for e in (spec.score, *spec.masks, *([spec.normalizer.sink] if spec.normalizer.sink else [])):
+            names.update(dict.fromkeys(n.name for n in walk(e) if isinstance(n, SizeRef)))
+        self.sizes = {n: tir.IntImm(I32, fixed[n]) if n in fixed else tir.Var(n, I32) for n in names}
+        self.sizes.setdefault("HKV", self.sizes["H"])
+        self.sizes.setdefault("DV", self.sizes["D"])
+        s = self.sizes
+
+        def tensor(name, shape, dtype, unit_last=True):
+            strides = [tir.Var(f"{name}_s{a}", I32) for a in range(len(shape))]
+            if unit_last:
+                strides[-1] = 1  # vector loads along the head dim (the launcher copies otherwise)
+            handle = T.arg(name, T.handle())
+            return T.match_buffer(handle, shape, dtype, strides=strides)
+
+        dtype = TIR_DTYPES[plan.dtype]
+        self.q = tensor("q", [s["B"], s["H"], s["M"], s["D"]], dtype)
+        self.k = tensor("k", [s["B"], s["HKV"], s["N"], s["D"]], dtype)
+        self.v = tensor("v", [s["B"], s["HKV"], s["N"], s["DV"]], dtype)
+        self.out = tensor("out", [s["B"], s["H"], s["M"], s["DV"]], dtype)
+        self.lse = tensor("lse", [s["B"], s["H"], s["M"]], F32) if spec.returns_lse else None
+        self.inputs = {t.name: tensor(f"in_{t.name}", [s[n] for n in t.shape], TIR_DTYPES[t.dtype], False)
+                       for t in spec.inputs}
+        self.params = {p.name: T.arg(f"p_{p.name}", tir.Var(f"p_{p.name}", PARAM_DTYPES[p.dtype]))
+                       for p in spec.params}
+
+    def scope(self, index, qk=None) -> Scope:
+        return Scope(index, self.sizes, self.params, self.inputs, qk)
+
+
+def build_primfunc(plan: KernelPlan, sched: CpuSchedule, name: str = "attn") -> tir.PrimFunc:
+    spec, masks, score = plan.spec, plan.masks, plan.score
+    bm, bn, vl = sched.block_m, sched.block_n, sched.vector
+    d_model, dv_model = plan.head_dim, plan.value_dim
+    with IRBuilder() as ib:
+        with T.prim_func():
+            T.func_name(name)
+            a = Args(plan)
+            s = a.sizes
+            n_i64 = tir.Cast(I64, s["N"])
+            q_tiles = tir.floordiv(s["M"] + bm - 1, bm)
+            with T.parallel(0, s["B"] * s["H"] * q_tiles) as task:
+                # Indices are non-negative: truncated division is one instruction (floored division by a
+                # runtime value expands into selects, which once made LLVM take seconds on the GQA kernels).
+                b = T.Bind(tir.truncdiv(task, s["H"] * q_tiles))
+                h = T.Bind(tir.truncmod(tir.truncdiv(task, q_tiles), s["H"]))
+                i0 = T.Bind(tir.truncmod(task, q_tiles) * bm)
+                kvh = T.Bind(tir.truncdiv(h, tir.truncdiv(s["H"], s["HKV"])))
+                rows = T.Bind(tir.min(bm, s["M"] - i0))
+
+                q_t = T.alloc_buffer((d_model, bm), F32)
+                s_t = T.alloc_buffer((bn, bm), F32)
+                acc = T.alloc_buffer((bm, dv_model), F32)
+                m_run, l_run = T.alloc_buffer((bm,), F32), T.alloc_buffer((bm,), F32)
+                m_new, alpha = T.alloc_buffer((bm,), F32), T.alloc_buffer((bm,), F32)
+                bounds = T.alloc_buffer((4,), I64)  # hull lo / hi, exact max-lo / min-hi over the tile's rows
+
+                # -- which key tiles run, and which of them are full (passes.masks.key_tiles)
+                init_bounds(bounds, n_i64)
+                with T.serial(0, rows) as r:
+                    row = row_bounds(Emitter(spec, a.scope({"b": b, "h": h, "i": i0 + r})), masks, n_i64)
+                    reduce_bounds(bounds, [T.Bind(x) for x in row])
+                t_start, f_start, f_end, t_end = key_tiles(bounds, bn)
+
+                # -- Q^T, and the running max / sum / output
+                with T.serial(0, bm) as i:
+                    with T.serial(0, d_model) as d:
+                        T.buffer_store(q_t, tir.Cast(F32, a.q[b, h, tir.min(i0 + i, s["M"] - 1), d]), [d, i])
+                    with T.vectorized(0, dv_model) as d:
+                        T.buffer_store(acc, f32(0), [i, d])
+                with T.vectorized(0, bm) as i:
+                    if score.sink2 is None:
+                        T.buffer_store(m_run, f32(NEG_INF), [i])
+                        T.buffer_store(l_run, f32(0), [i])
+                    else:  # the sink starts the row: max = sink, sum = exp2(sink - sink)
+                        sink = Emitter(spec, a.scope({"b": b, "h": h, "i": i0 + i})).float(score.sink2)
+                        T.buffer_store(m_run, sink, [i])
+                        T.buffer_store(l_run, tir.Select(sink == f32(NEG_INF), f32(0), f32(1)), [i])
+
+                with T.serial(t_start, t_end) as kt:
+                    j0 = T.Bind(kt * bn)
+                    _scores(sched, a, q_t, s_t, b, kvh, j0, d_model)
+                    with T.vectorized(0, bm) as i:
+                        T.buffer_store(m_new, m_run[i], [i])
+                    if masks.evaluated:  # element-wise conjuncts: no tile is known to be full
+                        _logits(sched, spec, plan, a, s_t, m_new, b, h, i0, j0, masked=True)
+                    else:
+                        with T.If(tir.Or(kt < f_start, kt >= f_end)):
+                            with T.Then():
+                                _logits(sched, spec, plan, a, s_t, m_new, b, h, i0, j0, masked=True)
+                            with T.Else():
+                                _logits(sched, spec, plan, a, s_t, m_new, b, h, i0, j0, masked=False)
+                    with T.vectorized(0, bm) as i:
+                        safe = tir.Select(m_new[i] == f32(NEG_INF), f32(0), m_new[i])  # fully masked: no NaN
+                        T.buffer_store(alpha, exp2(m_run[i] - safe), [i])
+                        T.buffer_store(m_run, safe, [i])
+                        T.buffer_store(l_run, l_run[i] * alpha[i], [i])
+                    with T.serial(0, bn) as jj:
+                        with T.vectorized(0, bm) as i:
+                            T.buffer_store(s_t, exp2(s_t[jj, i] - m_run[i]), [jj, i])
+                            T.buffer_store(l_run, l_run[i] + s_t[jj, i], [i])
+                    _accumulate(sched, a, s_t, acc, alpha, b, kvh, j0, tir.min(bn, s["N"] - j0), dv_model)
+
+                # -- out = acc / l (0 for a row with nothing kept), lse = (m + log2 l) ln 2
+                with T.serial(0, rows) as i:
+                    inv = T.Bind(tir.Select(l_run[i] > f32(0), f32(1) / l_run[i], f32(0)))
+                    with T.vectorized(0, dv_model) as d:
+                        T.buffer_store(a.out, tir.Cast(a.out.dtype, acc[i, d] * inv), [b, h, i0 + i, d])
+                    if a.lse is not None:
+                        lse = tir.Select(l_run[i] > f32(0), (m_run[i] + tir.log2(l_run[i])) * f32(LN2),
+                                         f32(NEG_INF))
+                        T.buffer_store(a.lse, lse, [b, h, i0 + i])
+    return ib.get()
+
+
+def key_tiles(bounds, bn: int):
+    """(t_start, f_start, f_end, t_end) as bound variables, from a tile's reduced row bounds [hull lo, hull hi,
+    max exact lo, min exact hi] (int64): passes.masks.key_tiles in TIR."""
+    any_keys = bounds[1] > bounds[0]
+    zero = tir.const(0, I64)
+    t_start = T.Bind(tir.Cast(I32, tir.Select(any_keys, tir.floordiv(bounds[0], bn), zero)))
+    t_end = T.Bind(tir.Cast(I32, tir.Select(any_keys, tir.floordiv(bounds[1] + bn - 1, bn), zero)))
+    f_start = T.Bind(tir.min(tir.max(tir.Cast(I32, tir.floordiv(bounds[2] + bn - 1, bn)), t_start), t_end))
+    f_end = T.Bind(tir.min(tir.max(tir.Cast(I32, tir.floordiv(bounds[3], bn)), f_start), t_end))
+    return t_start, f_start, f_end, t_end
+
+
+def row_bounds(em: Emitter, masks, n_keys):
+    """[hull lo, hull hi, exact lo, exact hi] of the row `em` stands for (int64 expressions)."""
+    zero = tir.const(0, I64)
+    return (_bound(em, masks.hull.lower, tir.max, zero), _bound(em, masks.hull.upper, tir.min, n_keys),
+            _bound(em, masks.exact.lower, tir.max, zero), _bound(em, masks.exact.upper, tir.min, n_keys))
+
+
+def reduce_bounds(bounds, row) -> None:
+    """Fold one row's bounds into the tile's: hull over rows that keep a key, exact ranges intersected."""
+    lo, hi, exact_lo, exact_hi = row
+    with T.If(hi > lo):
+        with T.Then():
+            T.buffer_store(bounds, tir.min(bounds[0], lo), [0])
+            T.buffer_store(bounds, tir.max(bounds[1], hi), [1])
+    T.buffer_store(bounds, tir.max(bounds[2], exact_lo), [2])
+    T.buffer_store(bounds, tir.min(bounds[3], exact_hi), [3])
+
+
+def init_bounds(bounds, n_keys) -> None:
+    for index, value in enumerate((n_keys, tir.const(0, I64), tir.const(0, I64), n_keys)):
+        T.buffer_store(bounds, value, [index])
+
+
+def _bound(em: Emitter, exprs, combine, start):
+    value = start
+    for e in exprs:
+        value = combine(value, em.int(e))
+    return value
+
+
+def _scores(sched: CpuSchedule, a: Args, q_t, s_t, b, kvh, j0, d_model: int) -> None:
+    """s_t[jj, :] = q_t^T k[j0 + jj] for the tile's keys (rows past N read key N - 1; they are masked)."""
+    bm, rj = sched.block_m, sched.kv_rows
+    last = a.sizes["N"] - 1
+    with T.serial(0, sched.block_n // rj) as jo:
+        regs = [T.alloc_buffer((bm,), F32) for _ in range(rj)]
+        for reg in regs:
+            with T.vectorized(0, bm) as i:
+                T.buffer_store(reg, f32(0), [i])
+        with T.serial(0, d_model) as d:
+            for r, reg in enumerate(regs):
+                key = tir.Cast(F32, a.k[b, kvh, tir.min(j0 + jo * rj + r, last), d])
+                with T.vectorized(0, bm) as i:
+                    T.buffer_store(reg, reg[i] + key * q_t[d, i], [i])
+        for r, reg in enumerate(regs):
+            with T.vectorized(0, bm) as i:
+                T.buffer_store(s_t, reg[i], [jo * rj + r, i])
+
+
+def _logits(sched: CpuSchedule, spec, plan: KernelPlan, a: Args, s_t, m_new, b, h, i0, j0, masked: bool) -> None:
+    """s_t <- logits2 (masked elements -inf on partial tiles) and m_new <- the running row max."""
+    with T.serial(0, sched.block_n) as jj:
+        with T.vectorized(0, sched.block_m) as i:
+            j = j0 + jj
+            em = Emitter(spec, a.scope({"b": b, "h": h, "i": i0 + i, "j": j}, qk=s_t[jj, i]))
+            logit = em.float(plan.score.logits2)
+            if masked:
+                keep = j < a.sizes["N"]
+                for m in spec.masks:
+                    keep = tir.And(keep, em.bool(m))
+                logit = tir.Select(keep, logit, f32(NEG_INF))
+            T.buffer_store(s_t, logit, [jj, i])
+            T.buffer_store(m_new, tir.max(m_new[i], s_t[jj, i]), [i])
+
+
+def _accumulate(sched: CpuSchedule, a: Args, p_t, acc, alpha, b, kvh, j0, keys, dv_model: int) -> None:
+    """acc = acc * alpha + P V over the tile's `keys` valid keys, one out_rows x out_cols register tile at a time."""
+    rp = sched.out_rows
+    for c0 in range(0, dv_model, sched.out_cols):
+        width = min(sched.out_cols, dv_model - c0)
+        with T.serial(0, sched.block_m // rp) as io:
+            regs = [T.alloc_buffer((width,), F32) for _ in range(rp)]
+            for r, reg in enumerate(regs):
+                with T.vectorized(0, width) as c:
+                    T.buffer_store(reg, acc[io * rp + r, c0 + c] * alpha[io * rp + r], [c])
+            with T.serial(0, keys) as jj:
+                for r, reg in enumerate(regs):
+                    p = p_t[jj, io * rp + r]
+                    with T.vectorized(0, width) as c:
+                        value = tir.Cast(F32, a.v[b, kvh, j0 + jj, c0 + c])
+                        T.buffer_store(reg, reg[c] + p * value, [c])
+            for r, reg in enumerate(regs):
+                with T.vectorized(0, width) as c:
+                    T.buffer_store(acc, reg[c], [io * rp + r, c0 + c])

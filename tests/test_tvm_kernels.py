@@ -1,0 +1,172 @@
+"""TVM TensorIR kernels on the CPU (LLVM) against attnc.reference (float64): every example spec in its own
+dtype, random shapes (M != N, M = 1 decode, N = 0, head dims that are not powers of two, DV != D), strided
+and BSHD inputs, empty rows, sinks and lse. Outputs are allocated NaN-filled so unwritten elements fail."""
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+
+import attnc
+from attnc import ir
+from attnc.codegen.tvm import backend as tvm_backend
+from attnc.codegen.tvm.emit import exp2, tanh
+from attnc.runtime import cache
+
+from test_triton_kernels import TOL, TORCH, example_kwargs, example_sizes, example_specs
+
+
+@pytest.fixture(autouse=True)
+def _nan_outputs(monkeypatch):
+    monkeypatch.setattr(tvm_backend, "empty",
+                        lambda shape, dtype, device: torch.full(shape, math.nan, dtype=dtype, device=device))
+
+
+def make_inputs(spec, sizes):
+    return [torch.randn([sizes[n] for n in t.shape]).to(TORCH[t.dtype]) for t in (spec.q, spec.k, spec.v)]
+
+
+def check(spec, got, want, dtype=None):
+    tol = TOL[dtype or spec.q.dtype]
+    if spec.returns_lse:
+        (got, got_lse), (want, want_lse) = got, want
+        assert got_lse.dtype == torch.float32 and got_lse.shape == want_lse.shape
+        assert torch.equal(got_lse == -math.inf, want_lse == -math.inf)
+        finite = want_lse > -math.inf
+        assert not got_lse.isnan().any()
+        torch.testing.assert_close(got_lse[finite].double(), want_lse[finite], rtol=1e-5, atol=tol)
+    assert got.shape == want.shape and not got.isnan().any()
+    err = (got.double() - want).abs().max().item() if want.numel() else 0.0
+    assert err <= tol * max(1.0, want.abs().max().item() if want.numel() else 0.0), err
+
+
+def f32_spec(masks=(), k_shape=("B", "H", "N", "D"), v_shape=None, returns_lse=True, **kw):
+    q = ir.TensorDecl("q", "f32", ("B", "H", "M", "D"))
+    return ir.make_attention("t", q, ir.TensorDecl("k", "f32", k_shape), ir.TensorDecl("v", "f32", v_shape or k_shape),
+                             masks=masks, returns_lse=returns_lse, **kw)
+
+
+DENSE_EXAMPLES = [s for s in example_specs() if s.q_storage is None and s.kv_storage is None]
+STORED_EXAMPLES = [s for s in example_specs() if s not in DENSE_EXAMPLES]
+
+
+@pytest.mark.parametrize("spec", DENSE_EXAMPLES, ids=lambda s: s.name)
+def test_example_matches_reference(spec):
+    sizes = example_sizes(spec)
+    q, k, v = make_inputs(spec, sizes)
+    kwargs = example_kwargs(spec, sizes, "cpu")
+    kernel = attnc.compile(spec, backend="tvm")
+    check(spec, kernel(q, k, v, **kwargs), attnc.reference(spec, q, k, v, **kwargs))
+
+
+@pytest.mark.parametrize("spec", STORED_EXAMPLES, ids=lambda s: s.name)
+def test_ragged_and_paged_storage_are_refused(spec):
+    """Not lowered yet: a CompileError that names the workaround, not a wrong number."""
+    with pytest.raises(attnc.CompileError, match="ragged or paged"):
+        tvm_backend.TvmBackend().build(attnc.compile(spec, backend="tvm").plan("cpu", 64))
+
+
+@pytest.mark.parametrize("masks", [(), (ir.causal_mask(),)], ids=["dense", "causal"])
+def test_random_shapes(masks):
+    """One kernel per head dim serves every B, H, M, N (including the decode schedule for small M)."""
+    spec = f32_spec(masks)
+    kernel = attnc.compile(spec, backend="tvm")
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(1, 1, 1, 1), (2, 3, 1, 130), (1, 2, 16, 17), (2, 2, 70, 33), (1, 1, 129, 200)]
+    shapes += [tuple(int(x) for x in torch.randint(1, 150, (4,), generator=gen)) for _ in range(2)]
+    for b, h, m, n in shapes:
+        b, h = min(b, 2), min(h, 3)
+        q, k, v = torch.randn(b, h, m, 48), torch.randn(b, h, n, 48), torch.randn(b, h, n, 48)
+        check(spec, kernel(q, k, v), attnc.reference(spec, q, k, v))
+
+
+def test_value_dim_and_odd_head_dim():
+    spec = f32_spec((ir.causal_mask(),), v_shape=("B", "H", "N", "DV"))
+    q, k, v = torch.randn(2, 2, 41, 24), torch.randn(2, 2, 90, 24), torch.randn(2, 2, 90, 72)
+    check(spec, attnc.compile(spec, backend="tvm")(q, k, v), attnc.reference(spec, q, k, v))
+
+
+def test_gqa_bshd_and_strided_views():
+    """BSHD is a layout the kernel reads through strides; views that are not contiguous are read in place."""
+    bshd = ("B", "N", "HKV", "D")
+    spec = replace(f32_spec((ir.causal_mask(),), k_shape=bshd), q=ir.TensorDecl("q", "f32", ("B", "M", "H", "D")))
+    q = torch.randn(2, 6, 37, 32).transpose(1, 2)  # [B, M, H, D] view of a BHSD tensor
+    k = torch.randn(2, 50, 4, 32)[:, :, ::2]  # every other K/V head: strided, HKV = 2
+    v = torch.randn(2, 50, 2, 32)
+    got = attnc.compile(spec, backend="tvm")(q, k, v)
+    check(spec, got, attnc.reference(spec, q, k, v))
+    assert got[0].shape == (2, 37, 6, 32)  # out in q's layout
+
+
+def test_empty_rows_and_no_keys():
+    """Rows with no kept key give out = 0 and lse = -inf; with a sink, lse = the sink's logit."""
+    keep_first = ir.Binary("<", ir.IndexVar("j"), ir.Lookup("n_keys", (ir.IndexVar("b"),)))
+    spec = f32_spec((keep_first,), inputs=(ir.TensorDecl("n_keys", "i32", ("B",)),))
+    q, k, v = torch.randn(3, 2, 20, 16), torch.randn(3, 2, 70, 16), torch.randn(3, 2, 70, 16)
+    n_keys = torch.tensor([0, 1, 70], dtype=torch.int32)
+    out, lse = attnc.compile(spec, backend="tvm")(q, k, v, n_keys=n_keys)
+    check(spec, (out, lse), attnc.reference(spec, q, k, v, n_keys=n_keys))
+    assert (out[0] == 0).all() and (lse[0] == -math.inf).all()
+
+    sink = ir.Softmax(ir.Lookup("sinks", (ir.IndexVar("h"),)))
+    spec = f32_spec(inputs=(ir.TensorDecl("sinks", "f32", ("H",)),), normalizer=sink)
+    sinks = torch.randn(2)
+    q, k, v = torch.randn(1, 2, 5, 16), torch.randn(1, 2, 0, 16), torch.randn(1, 2, 0, 16)
+    out, lse = attnc.compile(spec, backend="tvm")(q, k, v, sinks=sinks)
+    assert (out == 0).all()
+    torch.testing.assert_close(lse, sinks.view(1, 2, 1).expand(1, 2, 5))
+
+
+def test_low_precision_inputs_compute_in_f32():
+    spec = f32_spec((ir.causal_mask(),))
+    for dtype in ("f16", "bf16"):
+        typed = replace(spec, q=replace(spec.q, dtype=dtype), k=replace(spec.k, dtype=dtype),
+                        v=replace(spec.v, dtype=dtype))
+        q, k, v = (torch.randn(1, 2, 40, 64).to(TORCH[dtype]) for _ in range(3))
+        out, lse = attnc.compile(typed, backend="tvm")(q, k, v)
+        assert out.dtype == TORCH[dtype]
+        check(typed, (out, lse), attnc.reference(typed, q, k, v))
+
+
+def test_built_once_then_cached():
+    spec = f32_spec()
+    q = torch.randn(1, 1, 70, 16)
+    attnc.compile(spec, backend="tvm")(q, q, q)
+    entries = cache.list_entries()
+    assert [e.backend for e in entries] == ["tvm"]
+    cache.clear_memory()
+    out, _ = attnc.compile(spec, backend="tvm")(q, q, q)  # a new process would load the same library
+    assert cache.list_entries() == entries
+    check(spec, (out, _), attnc.reference(spec, q, q, q))
+
+
+def test_cuda_tensors_are_refused_with_a_hint():
+    with pytest.raises(attnc.CompileError, match="backend='triton'"):
+        tvm_backend.TvmBackend().target(torch.device("cuda"))
+
+
+def test_vector_math():
+    """The polynomial exp2 / tanh the kernels use, in a vectorized loop, against torch."""
+    import tvm
+    from tvm.script.ir_builder import IRBuilder
+    from tvm.script.ir_builder import tirx as T
+
+    from attnc.codegen.tvm.host import host_cpu
+
+    x = torch.cat([torch.linspace(-150, 140, 4093), torch.tensor([-math.inf, math.inf, 0.0])])
+    with IRBuilder() as ib:
+        with T.prim_func():
+            T.func_name("f")
+            xs = T.match_buffer(T.arg("x", T.handle()), (x.numel(),), "float32")
+            ys = T.match_buffer(T.arg("y", T.handle()), (2, x.numel()), "float32")
+            with T.vectorized(0, x.numel()) as i:
+                T.buffer_store(ys, exp2(xs[i]), [0, i])
+                T.buffer_store(ys, tanh(xs[i] / 16.0), [1, i])
+    fn = tvm.compile(tvm.IRModule({"f": ib.get()}), target=host_cpu().target())["f"]
+    y = torch.full((2, x.numel()), math.nan)
+    fn(x, y)
+    want = torch.exp2(x.double())
+    assert (y[0][x < -126] == 0).all() and (y[0][x >= 128] == math.inf).all()  # no denormals, as documented
+    normal = (x >= -126) & (x < 128)
+    assert ((y[0][normal] - want[normal]) / want[normal]).abs().max() < 3e-7
+    assert (y[1] - torch.tanh(x.double() / 16)).abs().max() < 3e-7
