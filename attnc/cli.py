@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from dataclasses import dataclass
 from importlib import import_module
@@ -103,10 +104,76 @@ def _cache(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- compile (ahead of time)
+
+
+def _compile_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", metavar="FILE", help="an .attn spec file")
+    p.add_argument("--name", action="append", help="an attention to build (repeatable; default: every one)")
+    p.add_argument("--backend", choices=("triton", "tvm"), default="triton",
+                   help="the kernel backend (default: triton)")
+    p.add_argument("--arch", help="the GPU to build for, e.g. sm_90a (H100) or sm_80 (A100); tvm: gfx942 for rocm")
+    p.add_argument("--target", help="tvm: cuda (default) or llvm (this CPU) artifacts; with --emit source also "
+                                    "metal, rocm, opencl")
+    p.add_argument("--emit", choices=("artifact", "source"), default="artifact",
+                   help="tvm: a loadable artifact (default) or kernel source files")
+    p.add_argument("-o", "--output", required=True, metavar="DIR", help="the artifact folder to write")
+    p.add_argument("--dims", action="append", default=[], metavar="D=128[,DV=128]",
+                   help="head dims to build where the spec does not bind D (repeatable: one build each)")
+    p.add_argument("--jobs", type=int, default=None, help="compiler processes (default: CPU count, at most 8)")
+
+
+def _parse_head_dims(text: str) -> tuple[int, int | None]:
+    values = {}
+    for item in text.split(","):
+        name, _, value = item.partition("=")
+        if name.strip() not in ("D", "DV") or not value.strip().isdigit() or int(value) < 1:
+            raise AttncError(f"--dims {text}: expected D=<int>[,DV=<int>], e.g. --dims D=128,DV=128 (bind other "
+                             f"sizes with `dims` in the spec)")
+        values[name.strip()] = int(value)
+    if "D" not in values:
+        raise AttncError(f"--dims {text}: D is missing, e.g. --dims D=128")
+    return values["D"], values.get("DV")
+
+
+def _compile_tvm(args: argparse.Namespace) -> int:
+    from .codegen.tvm.aot import compile_file
+
+    for line in compile_file(args.file, args.output, args.target or "cuda", args.arch, args.name,
+                             [_parse_head_dims(t) for t in args.dims], args.emit):
+        _out().print(line)
+    return 0
+
+
+def _compile(args: argparse.Namespace) -> int:
+    from .runtime.aot import compile_artifact
+
+    if args.backend == "tvm":
+        return _compile_tvm(args)
+    if args.target not in (None, "cuda") or args.emit != "artifact":
+        raise AttncError("--backend triton builds CUDA artifacts; --target and --emit source are for --backend tvm")
+    if args.arch is None:
+        raise AttncError("--arch: the GPU to build for is required with --backend triton, e.g. --arch sm_90a (H100)")
+    head_dims = [_parse_head_dims(t) for t in args.dims]
+    # Recorded in the manifest: the command that rebuilds this artifact (load's errors quote it).
+    words = ["attnc", "compile", args.file, *(w for n in args.name or () for w in ("--name", n)), "--backend",
+             args.backend, "--arch", args.arch, "-o", args.output, *(w for d in args.dims for w in ("--dims", d))]
+    summary = compile_artifact(args.file, args.output, args.arch, args.name, head_dims, args.jobs,
+                               " ".join(shlex.quote(w) for w in words))
+    out = _out()
+    for line in summary.lines:
+        out.print(line)
+    out.print(f"wrote {summary.path} ({summary.files} files, {summary.size / 2**20:.1f} MiB) for "
+              f"{summary.arch.name} with Triton {summary.triton}")
+    return 0
+
+
 COMMANDS = (
     Command("check", "parse and check spec files; print each attention's name and key", _check_arguments, _check),
     Command("show", "print a spec in one of its forms (--emit)", _show_arguments, _show),
     Command("cache", "list or delete the compiled kernels (`attnc cache ls|clear`)", _cache_arguments, _cache),
+    Command("compile", "build GPU kernels ahead of time, without a GPU, for `attnc.load(DIR)`", _compile_arguments,
+            _compile),
 )
 
 

@@ -38,8 +38,9 @@ def test_layouts_and_strides_gpu(layout):
     sizes = {"B": 3, "H": 8, "HKV": 2, "M": 333, "N": 700, "D": 128, "DV": 64}
     q, k, v = (torch.randn([sizes[n] * (2 if n == "D" else 1) for n in d.shape], device="cuda").bfloat16()
                for d in (spec.q, spec.k, spec.v))
-    q, k = q[..., ::2], k[..., 64:]  # non-unit and offset strides
-    v = v[..., :64]
+    d, dv = sizes["D"], sizes["DV"]
+    q, k = q[..., ::2], k[..., 64:64 + d]  # non-unit head-dim stride; a 128-wide slice at a 64-element offset
+    v = v[..., :dv]
     run_and_check(spec, sizes, kwargs={}, tensors=(q, k, v), device="cuda")
 
 

@@ -102,17 +102,8 @@ def run_and_check(spec, sizes, kwargs=None, options=None, tensors=None, device=D
     return got
 
 
+# Paged and ragged examples have their own sizes and tests (test_decode_kernels.py).
 EXAMPLES = {s.name: s for s in example_specs() if s.q_storage is None and s.kv_storage is None}
-STORED_EXAMPLES = [s for s in example_specs() if s.q_storage is not None or s.kv_storage is not None]
-
-
-@pytest.mark.parametrize("spec", STORED_EXAMPLES, ids=lambda s: s.name)
-def test_ragged_and_paged_storage_are_refused_for_now(spec):
-    from attnc.runtime.launch import TritonBackend
-
-    plan = attnc.compile(spec, backend="triton").plan("cpu", 64)
-    with pytest.raises(attnc.CompileError, match="ragged and paged storage"):
-        TritonBackend().build(plan)
 
 
 @pytest.mark.parametrize("dtype", ["f32", "f16"])

@@ -10,6 +10,7 @@ import torch
 import attnc
 from attnc import ir
 from attnc.codegen.tvm import backend as tvm_backend
+from attnc.codegen.tvm import launch as tvm_launch
 from attnc.codegen.tvm.emit import exp2, tanh
 from attnc.runtime import cache
 
@@ -18,7 +19,7 @@ from test_triton_kernels import TOL, TORCH, example_kwargs, example_sizes, examp
 
 @pytest.fixture(autouse=True)
 def _nan_outputs(monkeypatch):
-    monkeypatch.setattr(tvm_backend, "empty",
+    monkeypatch.setattr(tvm_launch, "empty",
                         lambda shape, dtype, device: torch.full(shape, math.nan, dtype=dtype, device=device))
 
 
@@ -117,6 +118,32 @@ def test_empty_rows_and_no_keys():
     torch.testing.assert_close(lse, sinks.view(1, 2, 1).expand(1, 2, 5))
 
 
+# Logits near -1440 (base 2) for every key, and rows whose first key tiles keep nothing (j >= 8 i: row i's
+# first kept key is 8 i, so later rows of a query tile start several 64-key tiles after its first row). The
+# running max must stay -inf through those tiles: a finite stand-in (0) makes every later exp2 underflow.
+VERY_NEGATIVE = """
+attention very_negative {
+    q: f32[B, H, M, D]  k: f32[B, H, N, D]  v: f32[B, H, N, D]
+    score = qk * rsqrt(D) - 1000.0
+    mask j >= 8 * i
+    return softmax(score) @ v, lse
+}
+"""
+# float32 spacing at |logit| ~ 1440 is 1.2e-4, so the logits themselves carry ~6e-5 of rounding (torch's
+# float32 SDPA too): softmax weights are exact to ~1e-4 relative, not 1e-5.
+VERY_NEGATIVE_TOL = 3e-4
+
+
+@pytest.mark.parametrize("m, n", [(100, 800), (16, 130)], ids=["prefill", "decode"])
+def test_very_negative_logits_after_empty_tiles(m, n):
+    spec = attnc.parse(VERY_NEGATIVE)[0]
+    q, k, v = torch.randn(2, 2, m, 32), torch.randn(2, 2, n, 32), torch.randn(2, 2, n, 32)
+    (out, lse), (want, want_lse) = attnc.compile(spec, backend="tvm")(q, k, v), attnc.reference(spec, q, k, v)
+    assert (want_lse < -900).all() and not out.isnan().any() and not lse.isnan().any()
+    torch.testing.assert_close(lse.double(), want_lse, rtol=1e-6, atol=0)
+    torch.testing.assert_close(out.double(), want, rtol=0, atol=VERY_NEGATIVE_TOL * max(1.0, want.abs().max().item()))
+
+
 def test_low_precision_inputs_compute_in_f32():
     spec = f32_spec((ir.causal_mask(),))
     for dtype in ("f16", "bf16"):
@@ -140,9 +167,9 @@ def test_built_once_then_cached():
     check(spec, (out, _), attnc.reference(spec, q, q, q))
 
 
-def test_cuda_tensors_are_refused_with_a_hint():
-    with pytest.raises(attnc.CompileError, match="backend='triton'"):
-        tvm_backend.TvmBackend().target(torch.device("cuda"))
+def test_other_devices_are_refused_with_a_hint():
+    with pytest.raises(attnc.CompileError, match="attnc compile --backend tvm"):
+        tvm_backend.TvmBackend().target(torch.device("meta"))
 
 
 def test_vector_math():

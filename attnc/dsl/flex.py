@@ -28,7 +28,7 @@ _CAPTURE_HINT = (" that is not a variable it captures; a mod can index tensors i
                  "globals, not tensors it builds or reaches through attributes: bind the tensor to a variable first")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ModTrace:
     """A traced mod: its expression and the captured tensors it indexes, by variable name."""
 
@@ -44,12 +44,12 @@ def _index_args() -> tuple[Sym, Sym, Sym, Sym]:
     return tuple(Sym(IndexVar(name), "int") for name in ("b", "h", "i", "j"))
 
 
-def _trace_mod(fn: Callable, label: str, args: tuple, want: str, variables: dict | None = None) -> ModTrace:
+def _trace_mod(fn: Callable, label: str, args: tuple, want: str, captured: symbolic.Captures | None = None) -> ModTrace:
     """Run `fn` on symbolic arguments; `want` is the kind it must return ('bool' for a mask, 'number').
-    `variables`: what fn captures, when the caller has it already."""
-    if variables is None:
-        variables, _ = symbolic.captured_variables(fn)
-    tracer = symbolic.Tracer(label, symbolic.capture_table(variables.items()), _CAPTURE_HINT)
+    `captured`: what fn captures, when the caller has walked it already."""
+    if captured is None:
+        captured = symbolic.captures(fn)
+    tracer = symbolic.Tracer(label, symbolic.capture_table(captured.variables), _CAPTURE_HINT)
     with symbolic.tracing(tracer):
         result = fn(*args)
     span = symbolic.function_span(fn)
@@ -99,59 +99,127 @@ def create_block_mask(mask_mod: Callable, B: int | None, H: int | None, Q_LEN: i
 
 # ---------------------------------------------------------------- flex_attention
 
-# score_mod -> {(scale, captured values): ModTrace}; weak, so mods made per call do not pile up.
-_SCORE_TRACES: "weakref.WeakKeyDictionary[Callable, dict]" = weakref.WeakKeyDictionary()
-# (score text, mask text, q/k/v and input signature, return_lse, name, backend) -> (spec, kernel)
+# The per-call path, on a hit: the q/k/v signature, the block mask's sizes, a few reads and identity checks of
+# what the score_mod captures, then dictionary look-ups. Walking and tracing happen only when something changed.
+
+SNAPSHOTS_PER_MOD = 8  # captured-value snapshots whose traces a score_mod keeps (a tensor rebound per step, ...)
+VARIANTS = 64  # (score trace, block mask) pairs whose merged inputs and names are kept
+
+
+class _ScoreMod:
+    """The traces of one score_mod. `captured` is what it read at the last call and `traces` (scale -> trace)
+    hold for those values; `seen` keeps the traces of earlier snapshots (by Captures.key), so values that come
+    back, or are rebound to equal ones, trace nothing."""
+
+    __slots__ = ("captured", "traces", "seen")
+
+    def __init__(self):
+        self.captured = symbolic.Captures({}, None)
+        self.traces: dict = {}
+        self.seen: dict[tuple, tuple[symbolic.Captures, dict]] = {}
+
+    def refresh(self, score_mod: Callable) -> None:
+        captured = symbolic.captures(score_mod)
+        entry = self.seen.get(captured.key) if captured.key is not None else None
+        if entry is None:
+            entry = (captured, {})  # held with its key: the ids in the key stay unique
+            if captured.key is not None:
+                if len(self.seen) >= SNAPSHOTS_PER_MOD:
+                    self.seen.pop(next(iter(self.seen)))  # the oldest snapshot
+                self.seen[captured.key] = entry
+        self.captured, self.traces = captured, entry[1]
+
+
+# score_mod -> its traces; weak, so mods made per call do not pile up
+_SCORE_MODS: "weakref.WeakKeyDictionary[Callable, _ScoreMod]" = weakref.WeakKeyDictionary()
+_PLAIN_SCORES: dict[object, ModTrace] = {}  # scale -> the score without a score_mod
+
+
+@dataclass(frozen=True, eq=False)
+class _Variant:
+    """What every call with one score trace and one block mask shares: the captured tensors the kernel takes
+    (merged, by variable name), the spec's name, and the part of the kernel cache key they decide."""
+
+    score: ModTrace
+    block_mask: "BlockMask | None"
+    tensors: dict[str, torch.Tensor]
+    name: str
+    key: tuple
+
+    @cached_property
+    def inputs(self) -> tuple[torch.Tensor, ...]:
+        return tuple(self.tensors.values())
+
+
+# (score trace, block mask trace) -> _Variant, oldest dropped first
+_VARIANTS: dict[tuple, _Variant] = {}
+# (variant key, q/k/v signature, input dtypes and ranks, return_lse, backend) -> (spec, kernel)
 _KERNELS: dict[tuple, tuple[Attention, object]] = {}
 
 
-def _base_score(scale) -> Expr:
-    if scale is None:
-        return default_score()
+def _check_scale(scale) -> None:
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise CallError(f"scale: expected a Python float or None, got {type(scale).__name__}")
-    return Binary("*", QK(), Num(float(scale), True))
+
+
+def _base_score(scale) -> Expr:
+    return default_score() if scale is None else Binary("*", QK(), Num(float(scale), True))
 
 
 def _score_trace(score_mod: Callable | None, scale) -> ModTrace:
     if score_mod is None:
-        return ModTrace(_base_score(scale))
-    variables, plain = symbolic.captured_variables(score_mod)
-    key = (scale, symbolic.snapshot(variables)) if plain else None
+        trace = _PLAIN_SCORES.get(scale)
+        if trace is None:
+            trace = _PLAIN_SCORES[scale] = ModTrace(_base_score(scale))
+        return trace
     try:
-        per_mod = _SCORE_TRACES.setdefault(score_mod, {})
-    except TypeError:  # not weak-referenceable (a builtin): trace every call
-        per_mod = {}
-    trace = per_mod.get(key) if key is not None else None
+        state = _SCORE_MODS.get(score_mod)
+    except TypeError:  # not weak-referenceable: traced every call
+        state = None
+    if state is None:
+        state = _ScoreMod()
+        try:
+            _SCORE_MODS[score_mod] = state
+        except TypeError:
+            pass
+    if not state.captured.unchanged():
+        state.refresh(score_mod)
+    trace = state.traces.get(scale)
     if trace is None:
         score = Sym(_base_score(scale), "float")
-        trace = _trace_mod(score_mod, "score_mod", (score, *_index_args()), "number", variables)
-        if key is not None:
-            per_mod[key] = trace
+        trace = _trace_mod(score_mod, "score_mod", (score, *_index_args()), "number", state.captured)
+        if state.captured.key is not None:
+            state.traces[scale] = trace
     return trace
 
 
-def _tensors(score: ModTrace, block_mask: BlockMask | None) -> dict[str, torch.Tensor]:
-    tensors = dict(score.tensors)
-    for name, t in block_mask.trace.tensors if block_mask is not None else ():
-        if tensors.setdefault(name, t) is not t:
-            raise CallError(f"score_mod and mask_mod capture different tensors named {name!r}; rename one of the "
-                            f"variables (each captured tensor becomes an input named after its variable)")
-    return tensors
+def _variant_of(score: ModTrace, block_mask: BlockMask | None, score_mod: Callable | None) -> _Variant:
+    mask = block_mask.trace if block_mask is not None else None
+    variant = _VARIANTS.get((score, mask))
+    if variant is None:
+        tensors = dict(score.tensors)
+        for name, t in mask.tensors if mask is not None else ():
+            if tensors.setdefault(name, t) is not t:
+                raise CallError(f"score_mod and mask_mod capture different tensors named {name!r}; rename one of "
+                                f"the variables (each captured tensor becomes an input named after its variable)")
+        name = _name(score_mod, block_mask.mask_mod if block_mask is not None else None)
+        key = (score.text, mask.text if mask is not None else "", name, *tensors)
+        variant = _Variant(score, block_mask, tensors, name, key)
+        if len(_VARIANTS) >= VARIANTS:
+            _VARIANTS.pop(next(iter(_VARIANTS)))
+        _VARIANTS[(score, mask)] = variant
+    return variant
 
 
-def _check_block_mask(block_mask, query: torch.Tensor, key: torch.Tensor) -> None:
-    if block_mask is None:
-        return
+def _check_block_mask(block_mask, q_shape, k_shape) -> None:
     if not isinstance(block_mask, BlockMask):
         raise CallError(f"block_mask: expected the result of attnc.create_block_mask, got "
                         f"{type(block_mask).__name__} (a torch BlockMask holds no traceable mask_mod)")
-    batch, heads, q_len, _ = query.shape
-    kv_len = key.shape[2]
-    if (block_mask.Q_LEN, block_mask.KV_LEN) != (q_len, kv_len):
+    if block_mask.Q_LEN != q_shape[2] or block_mask.KV_LEN != k_shape[2]:
         raise CallError(f"block_mask: was created for Q_LEN={block_mask.Q_LEN}, KV_LEN={block_mask.KV_LEN} but "
-                        f"query has {q_len} positions and key {kv_len}; create the block mask for these lengths")
-    for name, size, have in (("B", block_mask.B, batch), ("H", block_mask.H, heads)):
+                        f"query has {q_shape[2]} positions and key {k_shape[2]}; create the block mask for these "
+                        f"lengths")
+    for name, size, have in (("B", block_mask.B, q_shape[0]), ("H", block_mask.H, q_shape[1])):
         if size not in (None, 1, have):
             raise CallError(f"block_mask: was created for {name}={size} but the query has {have}; pass "
                             f"{name}={have} or None to create_block_mask")
@@ -164,30 +232,36 @@ def _name(score_mod, mask_mod) -> str:
     return "_".join(names) or "flex_attention"
 
 
-def _variant(query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse):
-    """(cache key, score trace, tensors): all a call needs before the kernel is found. The key holds what the
-    spec depends on (dtypes, head counts, head dims), so a hit builds no declarations."""
+def _variant(query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse) -> tuple[tuple, _Variant]:
+    """(cache key, variant): all a call needs before the kernel is found. The key holds what the spec depends on
+    (dtypes, whether K/V have their own head count and v its own head dim, the inputs' dtypes and ranks), so a
+    hit builds no declarations."""
     try:
-        signature = (query.dtype, key.dtype, value.dtype, query.dim(), key.dim(), value.dim(),
-                     key.shape[1] != query.shape[1], value.shape[3] != query.shape[3], bool(enable_gqa))
+        q_shape, k_shape, v_shape = query.shape, key.shape, value.shape
+        if not len(q_shape) == len(k_shape) == len(v_shape) == 4:
+            raise IndexError
+        signature = (query.dtype, key.dtype, value.dtype, k_shape[1] != q_shape[1], v_shape[3] != q_shape[3],
+                     bool(enable_gqa))
     except (AttributeError, IndexError, TypeError):
         symbolic.qkv_decls(query, key, value, "BHSD", gqa_allowed=enable_gqa)  # raises the CallError
         raise
-    _check_block_mask(block_mask, query, key)
-    score = _score_trace(score_mod, scale)
-    tensors = _tensors(score, block_mask)
-    mask_text = block_mask.trace.text if block_mask is not None else ""
-    mask_mod = block_mask.mask_mod if block_mask is not None else None
-    inputs = tuple((name, t.dtype, t.dim()) for name, t in tensors.items())
-    cache_key = (score.text, mask_text, signature, inputs, bool(return_lse), _name(score_mod, mask_mod))
-    return cache_key, score, tensors
+    if block_mask is not None:
+        _check_block_mask(block_mask, q_shape, k_shape)
+    if scale is not None:
+        _check_scale(scale)
+    variant = _variant_of(_score_trace(score_mod, scale), block_mask, score_mod)
+    # A tensor's dtype and rank can change in place (`t.data = ...`): read them on every call.
+    inputs = tuple([(t.dtype, t.dim()) for t in variant.inputs]) if variant.inputs else ()
+    return (variant.key, signature, inputs, bool(return_lse)), variant
 
 
-def _build_spec(query, key, value, enable_gqa, score: ModTrace, block_mask, tensors, return_lse, name):
+def _build_spec(query, key, value, enable_gqa, variant: _Variant, return_lse) -> Attention:
     decls = symbolic.qkv_decls(query, key, value, "BHSD", gqa_allowed=enable_gqa)
+    block_mask, score = variant.block_mask, variant.score
     masks = block_mask.masks if block_mask is not None else ()
     fallback = symbolic.function_span(block_mask.mask_mod) if block_mask is not None else None
-    spec = make_attention(name, *decls, inputs=symbolic.input_decls([score.expr, *masks], tensors, fallback),
+    spec = make_attention(variant.name, *decls,
+                          inputs=symbolic.input_decls([score.expr, *masks], variant.tensors, fallback),
                           score=score.expr, masks=masks, returns_lse=bool(return_lse))
     check_attention(spec)
     return spec
@@ -196,8 +270,8 @@ def _build_spec(query, key, value, enable_gqa, score: ModTrace, block_mask, tens
 def flex_spec(query, key, value, score_mod=None, block_mask=None, scale=None, enable_gqa=False,
               return_lse=False) -> Attention:
     """The spec `flex_attention` runs for these arguments, without compiling it."""
-    cache_key, score, tensors = _variant(query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse)
-    return _build_spec(query, key, value, enable_gqa, score, block_mask, tensors, return_lse, cache_key[-1])
+    _, variant = _variant(query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse)
+    return _build_spec(query, key, value, enable_gqa, variant, return_lse)
 
 
 def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=None, enable_gqa=False,
@@ -207,12 +281,12 @@ def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=Non
     kernel_options may hold "backend" (passed to attnc.compile); FlexAttention's tuning options (BLOCK_M, ...)
     are accepted and ignored, since attnc plans its own tiles.
     """
-    cache_key, score, tensors = _variant(query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse)
-    backend = (kernel_options or {}).get("backend")
-    entry = _KERNELS.get((cache_key, backend))
+    cache_key, variant = _variant(query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse)
+    cache_key += (kernel_options.get("backend") if kernel_options else None,)
+    entry = _KERNELS.get(cache_key)
     if entry is None:
         from ..runtime.api import compile as compile_spec  # the backend loads only when first needed
 
-        spec = _build_spec(query, key, value, enable_gqa, score, block_mask, tensors, return_lse, cache_key[-1])
-        entry = _KERNELS[(cache_key, backend)] = (spec, compile_spec(spec, backend=backend))
-    return entry[1](query, key, value, **tensors)
+        spec = _build_spec(query, key, value, enable_gqa, variant, return_lse)
+        entry = _KERNELS[cache_key] = (spec, compile_spec(spec, backend=cache_key[-1]))
+    return entry[1](query, key, value, **variant.tensors)

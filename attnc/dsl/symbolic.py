@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dis
 import functools
 import linecache
 import numbers
+import operator
 import os
 import sys
 import types
@@ -470,61 +472,103 @@ def _torch_name(func) -> str:
 
 
 _CONSTANT_TYPES = (int, float, bool, str, type(None), torch.dtype)
+_PLAIN_OBJECTS = (types.ModuleType, types.BuiltinFunctionType, types.FunctionType, type)
+_ABSENT = object()  # a global name not (yet) defined: it resolves to a builtin, or raises
 
 
-def captured_variables(fn: Callable) -> tuple[dict[str, object], bool]:
-    """The variables `fn` reads from its closure and globals (and those of Python functions it calls), and
-    whether all of them are plain values (constants, tensors, functions, modules) whose identity or value
-    decides the trace; an arbitrary object (a `self` whose attributes may change) makes a trace uncacheable."""
+@dataclass(frozen=True, eq=False)
+class Captures:
+    """What a function reads from its closure and globals (and from those of the Python functions it calls).
+
+    `variables`: the tensors and constants by name, what a trace may index or bake in. `key`: everything the
+    trace depends on, hashable: constants by type and value, the functions walked by code, anything else
+    (tensors, modules) by identity; None when the function is not a plain Python function or reads an arbitrary
+    object (a dict, a `self`) whose contents may change unseen, so that no trace of it can be reused.
+    `cells` and `names` are where each value was read and the value read, so that `unchanged()` tells with a
+    few reads and identity checks, without walking the function again, that nothing was rebound. Holding the
+    values keeps the ids in `key` unique while this object lives."""
+
+    variables: Mapping[str, object]
+    key: tuple | None
+    cells: tuple[tuple[types.CellType, object], ...] = ()  # (cell, value it held)
+    names: tuple[tuple[Callable, str, object], ...] = ()  # (the globals' get, name, value it held)
+
+    def unchanged(self) -> bool:
+        """Whether every cell and global still holds the very object it held (always False when not plain)."""
+        if self.key is None:
+            return False
+        for get, name, value in self.names:
+            if get(name, _ABSENT) is not value:
+                return False
+        try:
+            for cell, value in self.cells:
+                if cell.cell_contents is not value:
+                    return False
+        except ValueError:  # a cell emptied by `del`
+            return False
+        return True
+
+
+def captures(fn: Callable) -> Captures:
+    """Walk `fn` (and the Python functions it reads) for the variables it captures; see Captures."""
     found: dict[str, object] = {}
-    plain = True
+    cells, names, key = [], [], []
+    plain = isinstance(fn, types.FunctionType)  # a bound method or callable object reads `self` unseen
     seen: set[int] = set()
 
-    def visit(f) -> None:
+    def read(name: str, value) -> None:
         nonlocal plain
+        if isinstance(value, torch.Tensor):
+            found.setdefault(name, value)
+            key.append((name, "tensor", id(value)))
+        elif isinstance(value, _CONSTANT_TYPES):
+            found.setdefault(name, value)
+            # floats by repr: -0.0 and 0.0 are equal but trace differently, and nan equals itself there
+            key.append((name, type(value), repr(value) if isinstance(value, float) else value))
+        elif value is _ABSENT:
+            key.append((name, "absent"))
+        elif isinstance(value, types.FunctionType) and _is_user(value.__code__.co_filename):
+            key.append((name, "function", value.__code__.co_filename, value.__code__))
+            visit(value)
+        elif isinstance(value, _PLAIN_OBJECTS):
+            key.append((name, "object", id(value)))
+        else:
+            plain = False
+
+    def visit(f) -> None:
         code = getattr(f, "__code__", None)
         if code is None or id(code) in seen:
             return
         seen.add(id(code))
-        names = {name: cell.cell_contents for name, cell in zip(code.co_freevars, f.__closure__ or ())
-                 if _filled(cell)}
-        names.update((name, f.__globals__[name]) for name in _global_names(code) if name in f.__globals__)
-        for name, value in names.items():
-            if isinstance(value, torch.Tensor) or isinstance(value, _CONSTANT_TYPES):
-                found.setdefault(name, value)
-            elif isinstance(value, types.FunctionType) and _is_user(value.__code__.co_filename):
-                visit(value)
-            elif not isinstance(value, (types.ModuleType, types.BuiltinFunctionType, types.FunctionType, type)):
-                plain = False
+        for name, cell in zip(code.co_freevars, f.__closure__ or ()):
+            try:
+                value = cell.cell_contents
+            except ValueError:  # not assigned yet: the trace raises if it reads it
+                value = _ABSENT
+            cells.append((cell, value))
+            read(name, value)
+        scope = f.__globals__
+        for name in _global_names(code):
+            value = scope.get(name, _ABSENT)
+            names.append((scope.get, name, value))
+            read(name, value)
 
     visit(fn)
-    return found, plain
-
-
-def _filled(cell) -> bool:
-    try:
-        cell.cell_contents
-    except ValueError:
-        return False
-    return True
+    return Captures(found, tuple(key) if plain else None, tuple(cells), tuple(names))
 
 
 @functools.lru_cache(maxsize=1024)
 def _global_names(code: types.CodeType) -> tuple[str, ...]:
-    """Names a code object (and the lambdas and comprehensions inside it) may read as globals."""
+    """Names a code object (and the lambdas and comprehensions inside it) loads as globals; attribute names,
+    which co_names lists too, are left out, so that a call re-reads only real variables."""
+    loaded = (ins.argval for ins in dis.get_instructions(code) if ins.opname in ("LOAD_GLOBAL", "LOAD_NAME"))
     nested = (name for const in code.co_consts if isinstance(const, types.CodeType) for name in _global_names(const))
-    return tuple(dict.fromkeys((*code.co_names, *nested)))
+    return tuple(dict.fromkeys((*loaded, *nested)))
 
 
-def capture_table(fn_variables: Iterable[tuple[str, object]]) -> dict[int, tuple[str, torch.Tensor]]:
+def capture_table(variables: Mapping[str, object]) -> dict[int, tuple[str, torch.Tensor]]:
     """id(tensor) -> (variable name, tensor) for the captured tensors, for `Tracer.captured`."""
-    return {id(v): (name, v) for name, v in fn_variables if isinstance(v, torch.Tensor)}
-
-
-def snapshot(variables: Mapping[str, object]) -> tuple:
-    """What a cached trace depends on: constants by value, tensors by identity."""
-    return tuple(sorted((name, ("tensor", id(v)) if isinstance(v, torch.Tensor) else (type(v).__name__, v))
-                        for name, v in variables.items()))
+    return {id(v): (name, v) for name, v in variables.items() if isinstance(v, torch.Tensor)}
 
 
 # ---------------------------------------------------------------- declarations

@@ -198,7 +198,7 @@ class AttentionFunction:
         self._params, self._inputs = _declared_arguments(fn)
         self._heads_axis = LAYOUTS[layout][1]
         self._specs: dict[tuple, Attention] = {}
-        self._kernels: dict[tuple, object] = {}
+        self._compiled: dict[tuple, tuple[Attention, object]] = {}  # signature -> (spec, kernel)
         self._last: Attention | None = None
         functools.update_wrapper(self, fn)
 
@@ -221,14 +221,14 @@ class AttentionFunction:
 
     def __call__(self, q, k, v, **kwargs):
         signature = self._signature(q, k, v, kwargs)
-        kernel = self._kernels.get(signature)
-        if kernel is None:
+        entry = self._compiled.get(signature)
+        if entry is None:
             from ..runtime.api import compile as compile_spec  # the backend loads only when first needed
 
-            kernel = self._kernels[signature] = compile_spec(self._spec(signature, q, k, v, kwargs),
-                                                             backend=self.backend)
-        self._last = self._specs[signature]
-        return kernel(q, k, v, **kwargs)
+            spec = self._spec(signature, q, k, v, kwargs)
+            entry = self._compiled[signature] = (spec, compile_spec(spec, backend=self.backend))
+        self._last = entry[0]
+        return entry[1](q, k, v, **kwargs)
 
     def __repr__(self) -> str:
         return f"<attnc.attention {self.fn.__module__}.{self.fn.__qualname__} layout={self.layout}>"
@@ -236,12 +236,16 @@ class AttentionFunction:
     # -- internals
 
     def _signature(self, q, k, v, kwargs) -> tuple:
-        """What the trace depends on; cheap, for the per-call cache look-up."""
+        """What the trace depends on, read cheaply for the per-call look-up: dtypes, whether K/V have their own
+        head count and v its own head dim, the input tensors' dtypes and ranks."""
         try:
-            h, d = self._heads_axis, 3
-            qkv = (q.dtype, k.dtype, v.dtype, q.dim(), k.dim(), v.dim(), k.shape[h] != q.shape[h],
-                   v.shape[d] != q.shape[d])
-            return qkv + tuple((kwargs[name].dtype, kwargs[name].dim()) for name in self._inputs)
+            q_shape, k_shape, v_shape, h = q.shape, k.shape, v.shape, self._heads_axis
+            if not len(q_shape) == len(k_shape) == len(v_shape) == 4:
+                raise IndexError
+            signature = (q.dtype, k.dtype, v.dtype, k_shape[h] != q_shape[h], v_shape[3] != q_shape[3])
+            if self._inputs:
+                signature += tuple([(kwargs[name].dtype, kwargs[name].dim()) for name in self._inputs])
+            return signature
         except (AttributeError, KeyError, IndexError, TypeError):
             self._explain_bad_call(q, k, v, kwargs)
             raise

@@ -6,6 +6,7 @@ from typing import Callable
 
 from ..errors import CompileError
 from ..ir import QK, Attention, IndexVar, walk
+from .decode import plan_decode
 from .fold import fold_spec
 from .masks import analyze_masks
 from .plan import KernelPlan, PlanOptions, Target
@@ -27,6 +28,7 @@ PIPELINE: tuple[Pass, ...] = (
     choose_tiles,  # block sizes and warps from arch, dtype and head dim (one tuned table)
     share_kv_heads,  # GQA: let a program take the query heads that share one K/V head
     stage_pipeline,  # software-pipelining depth that fits shared memory; Hopper TMA / warp-spec flags
+    plan_decode,  # small-M tiles with packed GQA heads and split-KV bounds: decode and ragged/paged storage
 )
 
 

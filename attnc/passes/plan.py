@@ -29,8 +29,9 @@ class PlanOptions:
     num_warps: int | None = None
     num_stages: int | None = None
     pack_heads: bool | None = None  # GQA: put the query heads of one K/V head into one program's rows
-    tma: bool = False  # Hopper tensor descriptors for the K/V loads
-    warp_specialize: bool = False  # Hopper automatic warp specialization of the key loop
+    tma: bool | None = None  # Hopper tensor descriptors for the K/V loads
+    warp_specialize: bool | None = None  # Hopper automatic warp specialization of the key loop (needs tma)
+    num_splits: int | None = None  # split-KV decode: programs per sequence's key range (None: passes/decode.py)
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,17 @@ class HeadSharing:
 
 
 @dataclass(frozen=True)
+class DecodePlan:
+    """The decode / serving kernel (passes/decode.py): small-M launches with the GQA group's query heads packed
+    into the rows, the key range split across programs and merged through LSE, ragged and paged storage."""
+
+    tile: TileConfig  # block_m: the most packed rows (query heads x positions) a small-M program takes
+    max_splits: int  # split-KV: at most this many programs share one row tile's keys
+    min_split_tiles: int  # ... and each takes at least this many key tiles (the merge must pay for itself)
+    dense_max_m: int  # dense specs launch here when M <= this and the launch splits its keys; 0: never
+
+
+@dataclass(frozen=True)
 class TritonOptions:
     """Knobs only the Triton backend reads (the performance work tunes them)."""
 
@@ -117,6 +129,7 @@ class KernelPlan:
     tiling: Tiling | None = None
     heads: HeadSharing | None = None
     triton: TritonOptions | None = None
+    decode: DecodePlan | None = None
 
     @property
     def dtype(self) -> str:
@@ -151,6 +164,10 @@ class KernelPlan:
                          f"decode (M <= {t.decode_max_m}) {_tile(t.decode)}")
         if self.heads:
             lines.append(f"  gqa        pack heads: {self.heads.pack} (up to {self.heads.max_rows} rows)")
+        if self.decode:
+            d = self.decode
+            lines.append(f"  decode     {_tile(d.tile)}; split-KV up to {d.max_splits} splits of >= "
+                         f"{d.min_split_tiles} key tiles; dense M <= {d.dense_max_m}")
         if self.triton:
             o = self.triton
             lines.append(f"  triton     f32 dots {o.dot_precision}, tma {o.tma}, warp specialization {o.warp_specialize}")

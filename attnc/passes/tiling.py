@@ -13,6 +13,9 @@ class TunedRow:
     max_block_d: int
     prefill: TileConfig
     decode: TileConfig  # decode.block_m is the most rows (positions x packed heads) a decode program takes
+    masked: bool | None = None  # True: rows whose key range is bounded (causal, window); None: any
+    tma: bool = False  # Hopper: K/V through tensor descriptors
+    warp_specialize: bool = False  # Hopper: warp-specialized full-tile loop (with tma)
 
 
 # First matching row wins: newest arch first, then the narrowest dtype and head dim. The performance work
@@ -40,15 +43,22 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-def choose_tiles(plan: KernelPlan) -> KernelPlan:
+def tuned_row(plan: KernelPlan) -> TunedRow:
+    """The first TUNED row for the plan's arch, dtype, head dims and mask class."""
     arch = plan.target.arch or 0
-    block_d, block_dv = max(16, next_pow2(plan.head_dim)), max(16, next_pow2(plan.value_dim))
     bits = DTYPE_BITS[plan.dtype]
-    widest = max(block_d, block_dv)
-    row = next((r for r in TUNED if arch >= r.min_arch and bits <= r.max_dtype_bits and widest <= r.max_block_d),
-               None)
-    if row is None:  # nothing tuned this wide: the smallest tiles, which fit everywhere
-        row = TunedRow(0, bits, widest, TileConfig(32, 16, 4, 1), TileConfig(16, 16, 4, 1))
+    widest = max(16, next_pow2(plan.head_dim), next_pow2(plan.value_dim))
+    m = plan.masks
+    masked = m is not None and bool(m.hull.lower or m.hull.upper or m.evaluated)
+    row = next((r for r in TUNED if arch >= r.min_arch and bits <= r.max_dtype_bits and widest <= r.max_block_d
+                and r.masked in (None, masked)), None)
+    # nothing tuned this wide: the smallest tiles, which fit everywhere
+    return row or TunedRow(0, bits, widest, TileConfig(32, 16, 4, 1), TileConfig(16, 16, 4, 1))
+
+
+def choose_tiles(plan: KernelPlan) -> KernelPlan:
+    block_d, block_dv = max(16, next_pow2(plan.head_dim)), max(16, next_pow2(plan.value_dim))
+    row = tuned_row(plan)
     o = plan.options
     prefill = TileConfig(o.block_m or row.prefill.block_m, o.block_n or row.prefill.block_n,
                          o.num_warps or row.prefill.num_warps, row.prefill.num_stages)
@@ -73,9 +83,12 @@ def stage_pipeline(plan: KernelPlan) -> KernelPlan:
         return replace(c, num_stages=stages)
 
     hopper = (arch or 0) >= 90
+    row = tuned_row(plan)
+    tma = hopper and (row.tma if o.tma is None else o.tma)
+    ws = hopper and (row.warp_specialize if o.warp_specialize is None else o.warp_specialize)
     tiling = replace(t, prefill=fit(t.prefill), decode=fit(t.decode))
-    return replace(plan, tiling=tiling, triton=TritonOptions(
-        dot_precision="ieee", tma=o.tma and hopper, warp_specialize=o.warp_specialize and hopper))
+    # Warp specialization implies descriptors: Triton 3.6's pass fails on the pointer-load loop.
+    return replace(plan, tiling=tiling, triton=TritonOptions(dot_precision="ieee", tma=tma or ws, warp_specialize=ws))
 
 
 def smem_capacity(arch: int | None) -> int:

@@ -23,7 +23,9 @@ class Backend(Protocol):
         """The plan target for tensors on `device` (raises CompileError if this backend cannot run there)."""
 
     def build(self, plan: KernelPlan) -> Callable[[Bound], object]:
-        """A callable that runs the planned kernel on a bound call and returns out, or (out, lse)."""
+        """A callable that runs the planned kernel on a bound call and returns out, or (out, lse). It may also
+        have `run(bound) -> (result, prepared)`, where `prepared(q, k, v, kwargs)` repeats the call for later
+        calls with the same `call_key`, returning None to send a call back through bind()."""
 
 
 _BACKENDS: dict[str, Callable[[], Backend]] = {}
@@ -75,6 +77,21 @@ def _register_builtin() -> None:
 _register_builtin()
 
 
+PREPARED_CALLS = 64  # call signatures (shapes, strides, ...) each Kernel keeps a prepared launch for
+
+
+def call_key(q, k, v, kwargs: dict, input_names: tuple[str, ...]) -> tuple:
+    """What bind() and the launch derive from a call, apart from param values and data pointers: every tensor's
+    shape, strides, dtype and device, and the keyword names. Raises AttributeError / KeyError for arguments that
+    are not tensors or a missing input."""
+    key = (q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(), q.dtype, k.dtype, v.dtype, q.device,
+           k.device, v.device, *kwargs)
+    for name in input_names:
+        t = kwargs[name]
+        key += (t.shape, t.stride(), t.dtype, t.device)
+    return key
+
+
 class Kernel:
     """A compiled attention: call it as `kernel(q, k, v, **params_and_inputs)`."""
 
@@ -89,14 +106,35 @@ class Kernel:
         self.backend = backend
         self.options = options or PlanOptions()
         self._impls: dict[tuple, Callable[[Bound], object]] = {}
+        self._input_names = tuple(t.name for t in spec.inputs)
+        # call_key -> a launch that repeats a checked call (Backend.build's `run`): the per-call fast path
+        self._prepared: dict[tuple, Callable] = {}
 
     def __call__(self, q, k, v, /, **kwargs):
+        try:
+            key = call_key(q, k, v, kwargs, self._input_names)
+        except (AttributeError, KeyError, TypeError):
+            key = None  # not tensors, or a missing input: bind() words the error
+        else:
+            prepared = self._prepared.get(key)
+            if prepared is not None:
+                result = prepared(q, k, v, kwargs)
+                if result is not None:
+                    return result
         bound = bind(self.spec, q, k, v, kwargs)
         sizes = bound.sizes
         impl = self._impls.get((q.device, sizes["D"], sizes["DV"]))
         if impl is None:
             impl = self._build(q.device, sizes["D"], sizes["DV"])
-        return impl(bound)
+        run = getattr(impl, "run", None)
+        if run is None or key is None:
+            return impl(bound)
+        result, prepared = run(bound)
+        if prepared is not None:
+            if key not in self._prepared and len(self._prepared) >= PREPARED_CALLS:
+                self._prepared.pop(next(iter(self._prepared)), None)  # the oldest signature
+            self._prepared[key] = prepared
+        return result
 
     def plan(self, device: torch.device | str, head_dim: int, value_dim: int | None = None) -> KernelPlan:
         device = torch.device(device)
@@ -118,6 +156,18 @@ def compile(spec: Attention, backend: str | None = None, options: PlanOptions | 
     tvm for CPU, or triton's interpreter on CPU when TRITON_INTERPRET=1). Building happens on the first call
     for each device and head dim, through the kernel cache."""
     return Kernel(spec, backend, options)
+
+
+def load(path) -> Kernel | dict[str, Kernel]:
+    """The kernels `attnc compile FILE --backend triton --arch ... -o DIR` built ahead of time, run without
+    compiling: one Kernel when DIR holds one attention, else a dict name -> Kernel (attnc.runtime.aot).
+    `--backend tvm` artifacts load through attnc.codegen.tvm.aot (its AotKernels are called the same way)."""
+    from ..codegen.tvm import aot as tvm_aot
+    from .aot import load_artifact
+
+    if tvm_aot.is_artifact(path):
+        return tvm_aot.load(path)
+    return load_artifact(path)
 
 
 def head_dims(spec: Attention, head_dim: int | None = None, value_dim: int | None = None) -> tuple[int, int]:

@@ -74,10 +74,12 @@ import warnings
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, TypeVar
+from typing import TYPE_CHECKING, Callable, Iterator, Mapping, TypeVar
 
 import platformdirs
-from filelock import FileLock, Timeout
+
+if TYPE_CHECKING:  # filelock imports asyncio (~0.1 s): loaded by the functions that lock, on first use
+    from filelock import FileLock
 
 FORMAT = "v1"  # bump when the layout or manifest changes; old trees are then simply ignored
 MANIFEST = "manifest.json"
@@ -300,6 +302,8 @@ class KernelCache:
 
         Lock files stay: deleting one while another process waits on it would let two processes hold "the" lock.
         """
+        from filelock import Timeout
+
         removed = 0
         for entry_dir in self._entry_dirs():
             with self._file_lock(entry_dir.name):
@@ -339,6 +343,8 @@ class KernelCache:
             return self._thread_locks.setdefault(digest, threading.RLock())
 
     def _file_lock(self, digest: str, timeout: float = -1) -> FileLock:
+        from filelock import FileLock
+
         locks = self._base / ".locks"
         locks.mkdir(parents=True, exist_ok=True)  # the whole cache may have been deleted under us
         return FileLock(str(locks / f"{digest}.lock"), timeout=timeout)

@@ -16,6 +16,7 @@ from types import ModuleType
 import torch
 
 from .. import __version__
+from ..codegen.triton import codegen_fingerprint
 from ..codegen.triton.generate import generate, kernel_args
 from ..dsl.signature import Bound, canonical_view, lse_shape, out_shape
 from ..errors import CompileError
@@ -49,10 +50,11 @@ class TritonBackend:
         return Target("triton", "cpu", None)
 
     def build(self, plan: KernelPlan) -> "TritonLauncher":
+        from . import serving  # ragged/paged storage, and split-KV decode launches of dense specs
+
         if plan.spec.q_storage is not None or plan.spec.kv_storage is not None:
-            raise CompileError(f"attention {plan.spec.name!r}: ragged and paged storage have no Triton kernel yet "
-                               f"(the decode/serving work adds them); attnc.reference computes their semantics")
-        return TritonLauncher(plan, load_module(plan))
+            return serving.DecodeLauncher(plan)
+        return (serving.SplitKVLauncher if plan.decode.dense_max_m else TritonLauncher)(plan, load_module(plan))
 
 
 def cache_key(plan: KernelPlan) -> cache.CacheKey:
@@ -62,7 +64,7 @@ def cache_key(plan: KernelPlan) -> cache.CacheKey:
     return cache.CacheKey({
         "ir": plan.spec.canonical, "plan": repr(plan), "backend": "triton", "backend_version": triton.__version__,
         "device": f"{t.device}:{'interpreter' if t.arch is None else f'sm_{t.arch}'}", "attnc": __version__,
-        "name": plan.spec.name,
+        "codegen": codegen_fingerprint(), "name": plan.spec.name,
     })
 
 
@@ -107,31 +109,47 @@ class TritonLauncher:
         return t
 
     def __call__(self, bound: Bound):
+        return self.run(bound)[0]
+
+    def run(self, bound: Bound) -> tuple[object, "PreparedLaunch | None"]:
+        """out, or (out, lse), through Triton's JIT launch; and a PreparedLaunch that repeats this call for the
+        same shapes, strides, dtypes and devices without the JIT (None where it cannot)."""
         spec, sizes = self.spec, bound.sizes
         q = bound.q
         out = empty(out_shape(spec, bound), q.dtype, q.device)
         lse = empty(lse_shape(bound), torch.float32, q.device) if spec.returns_lse else None
-        if sizes["M"] > 0:
-            self.launch(bound, out, lse)
-        return (out, lse) if spec.returns_lse else out
-
-    def launch(self, bound: Bound, out: torch.Tensor, lse: torch.Tensor | None) -> None:
-        spec, sizes = self.spec, bound.sizes
+        result = (out, lse) if spec.returns_lse else out
+        if sizes["M"] == 0:
+            return result, None
         tiles = self.tiles(sizes["M"], sizes["H"] // sizes["HKV"])
+        args = self.kernel_arguments(bound, out, lse, tiles)
+        grid = (-(-sizes["M"] // tiles.block_mq), sizes["B"] * (sizes["H"] // tiles.pack))
+        c = tiles.config
+        constexprs = dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_MQ=tiles.block_mq, PACK=tiles.pack,
+                          UPCAST=self.upcast)
+        compiled = self.fwd[grid](*args, **constexprs, num_warps=c.num_warps, num_stages=c.num_stages)
+        direct = direct_launch(compiled, q.device)
+        if direct is None or not replayable(args):
+            return result, None
+        full = args + [constexprs[name] for name in self.fwd.arg_names[len(args):]]
+        return result, PreparedLaunch(self, bound, tiles, grid, full, len(args), direct)
+
+    def kernel_arguments(self, bound: Bound, out: torch.Tensor, lse: torch.Tensor | None,
+                         tiles: LaunchTiles) -> list:
+        """attn_fwd's positional arguments, in its order: pointers, strides, then `extra_args` (and the tile
+        summary's three when masks read tensors)."""
+        spec = self.spec
         extra = self.extra_args(bound)
         if self.args.data_dependent:
-            extra += self.summary(bound, tiles, extra)
-        c = tiles.config
-        grid = (-(-sizes["M"] // tiles.block_mq), sizes["B"] * (sizes["H"] // tiles.pack))
-        self.fwd[grid](
+            extra += self.summary(extra, [bound.inputs[name] for name, _ in self.args.inputs], bound.sizes, tiles,
+                                  bound.q.device)
+        return [
             bound.q, bound.k, bound.v, out, out if lse is None else lse,
             *canonical_view(bound.q, spec.q).stride(), *canonical_view(bound.k, spec.k).stride(),
             *canonical_view(bound.v, spec.v).stride(), *canonical_view(out, spec.q).stride(),
             *((0, 0, 0) if lse is None else lse.stride()),
             *extra,
-            BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_MQ=tiles.block_mq, PACK=tiles.pack, UPCAST=self.upcast,
-            num_warps=c.num_warps, num_stages=c.num_stages,
-        )
+        ]
 
     def extra_args(self, bound: Bound) -> list:
         a = self.args
@@ -141,25 +159,25 @@ class TritonLauncher:
             values += [t, *t.stride()]
         return values
 
-    def summary(self, bound: Bound, tiles: LaunchTiles, extra: list) -> list:
+    def summary(self, extra: list, tensors: list[torch.Tensor], sizes, tiles: LaunchTiles,
+                device: torch.device) -> list:
         """[summary, s_sb, s_sh]: the tile classes for this call's mask tensors, sizes and params, computed on
         the device by the generated `tile_summary` kernel and reused while those are unchanged. Entries hold
         the tensors themselves, so a data_ptr in a key cannot be reused by a new tensor while it is cached;
         `_version` catches in-place writes."""
-        tensors = [bound.inputs[name] for name, _ in self.args.inputs]
         key = (tuple(extra[i] for i in range(len(self.args.sizes) + len(self.args.params))),
                tuple((t.data_ptr(), t._version, tuple(t.shape), t.stride()) for t in tensors),
-               tiles, bound.q.device)
+               tiles, device)
         hit = self._summaries.get(key)
         if hit is not None:
             self._summaries.move_to_end(key)
             return list(hit[1])
-        sizes, c = bound.sizes, tiles.config
+        c = tiles.config
         m_tiles = -(-sizes["M"] // tiles.block_mq)
         n_tiles = -(-sizes["N"] // c.block_n)
         heads = sizes["H"] // tiles.pack if self.args.summary_uses_h else 1
         batches = sizes["B"] if self.args.summary_uses_b else 1
-        table = torch.empty((batches, heads, m_tiles, max(n_tiles, 1)), dtype=torch.int8, device=bound.q.device)
+        table = torch.empty((batches, heads, m_tiles, max(n_tiles, 1)), dtype=torch.int8, device=device)
         s_sb = heads * m_tiles * n_tiles if self.args.summary_uses_b else 0
         s_sh = m_tiles * n_tiles if self.args.summary_uses_h else 0
         result = (table, s_sb, s_sh)
@@ -171,3 +189,144 @@ class TritonLauncher:
         if len(self._summaries) > SUMMARY_CACHE_SIZE:
             self._summaries.popitem(last=False)
         return list(result)
+
+
+# ---------------------------------------------------------------- the launch without the JIT
+
+ALIGNMENT = 16  # Triton specializes pointers on 16-byte alignment
+_I32_MIN, _I32_MAX = -(2**31), 2**31 - 1
+_ABSENT = object()
+
+
+def replayable(args: list) -> bool:
+    """Whether a PreparedLaunch may repeat a launch with these arguments: tensors (replaced by each call's own)
+    at 16-byte aligned addresses, since an unaligned one made Triton specialize for it, and plain numbers, which
+    stay fixed. Anything else (a host-side tensor descriptor holds its call's address) must be rebuilt per call."""
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            if a.data_ptr() % ALIGNMENT:
+                return False
+        elif type(a) not in (int, float, bool):
+            return False
+    return True
+
+
+def _param_check(dtype: str):
+    """Per-call check of a param value that needs none of bind()'s conversions; None sends the call to bind()."""
+    if dtype == "i32":
+        return lambda x: x if type(x) is int and _I32_MIN <= x <= _I32_MAX else None
+    if dtype == "f32":
+        return lambda x: float(x) if type(x) is float or type(x) is int else None
+    return lambda x: x if type(x) is bool else None
+
+
+class PreparedLaunch:
+    """A checked call, replayed. For later calls whose tensors have the same shapes, strides, dtypes and devices
+    (and the same keyword names: the caller's key), the sizes, grid, strides, tiles and Triton's specialization
+    are those of the call it was made from. Per call it checks only the params, the pointers' 16-byte alignment,
+    the current device and Triton's launch hooks, allocates the outputs and calls Triton's launcher. It returns
+    None, and the caller takes the full path (bind, then Triton's JIT), whenever one of those differs."""
+
+    __slots__ = ("launcher", "direct", "args", "grid", "out_shape", "lse_shape", "dtype", "device", "param_slots",
+                 "input_slots", "summary_slot", "extra", "sizes", "tiles")
+
+    def __init__(self, launcher: TritonLauncher, bound: Bound, tiles: LaunchTiles, grid: tuple[int, int],
+                 args: list, positional: int, direct: "DirectLaunch"):
+        a = launcher.args
+        self.launcher, self.direct, self.grid, self.tiles, self.sizes = launcher, direct, grid, tiles, bound.sizes
+        self.out_shape = out_shape(launcher.spec, bound)
+        self.lse_shape = lse_shape(bound) if launcher.spec.returns_lse else None
+        self.dtype, self.device = bound.q.dtype, bound.q.device
+        n_extra = len(a.sizes) + len(a.params) + sum(1 + rank for _, rank in a.inputs)
+        base = positional - n_extra - (3 if a.data_dependent else 0)
+        first_param = base + len(a.sizes)
+        self.param_slots = tuple((first_param + n, p.name, _param_check(p.dtype))
+                                 for n, p in enumerate(launcher.spec.params))
+        slot, inputs = first_param + len(a.params), []
+        for name, rank in a.inputs:
+            inputs.append((slot, name))
+            slot += 1 + rank
+        self.input_slots = tuple(inputs)
+        self.extra = (base, base + n_extra)
+        self.summary_slot = base + n_extra if a.data_dependent else None
+        # No tensor is kept: the call's own tensors fill these slots each time.
+        self.args = [None if isinstance(x, torch.Tensor) else x for x in args]
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kwargs: dict):
+        args = self.args.copy()
+        for slot, name, check in self.param_slots:
+            value = kwargs.get(name, _ABSENT)
+            if value is not _ABSENT:  # absent now means absent when prepared (the caller's key): the default
+                value = check(value)
+                if value is None:
+                    return None
+                args[slot] = value
+        # q, k, v, out and lse go to the launcher as addresses: it takes them as they are, where for a tensor it
+        # calls data_ptr() and asks the driver about the pointer (the key has already fixed their device).
+        q_ptr, k_ptr, v_ptr = q.data_ptr(), k.data_ptr(), v.data_ptr()
+        pointers = q_ptr | k_ptr | v_ptr
+        for slot, name in self.input_slots:
+            t = args[slot] = kwargs[name]
+            pointers |= t.data_ptr()
+        stream = self.direct.stream() if not pointers % ALIGNMENT else None
+        if stream is None:
+            return None
+        out = empty(self.out_shape, self.dtype, self.device)
+        lse = out if self.lse_shape is None else empty(self.lse_shape, torch.float32, self.device)
+        out_ptr, lse_ptr = out.data_ptr(), lse.data_ptr()
+        if (out_ptr | lse_ptr) % ALIGNMENT:
+            return None
+        args[0], args[1], args[2], args[3], args[4] = q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr
+        if self.summary_slot is not None:
+            lo, hi = self.extra
+            tensors = [args[slot] for slot, _ in self.input_slots]
+            s = self.summary_slot
+            args[s:s + 3] = self.launcher.summary(args[lo:hi], tensors, self.sizes, self.tiles, self.device)
+        self.direct.launch(stream, self.grid, args)
+        return out if self.lse_shape is None else (out, lse)
+
+
+class DirectLaunch:
+    """Triton's launcher for one compiled kernel, called without JITFunction.run's per-call work (binding the
+    arguments, re-deriving the specialization key, formatting the options). Triton 3.6 through 3.9 launch a
+    CompiledKernel as `compiled.run(grid..., stream, function, packed_metadata, launch_metadata, enter_hook,
+    exit_hook, *every argument in signature order)`."""
+
+    def __init__(self, compiled, device_index: int, current_device, current_stream):
+        from triton import knobs
+
+        self.compiled = compiled  # held: Triton 3.9 unloads the module when a CompiledKernel is freed
+        self.run, self.function, self.metadata = compiled.run, compiled.function, compiled.packed_metadata
+        self.device_index = device_index
+        self.current_device, self.current_stream = current_device, current_stream
+        self.hooks = knobs.runtime
+
+    def stream(self):
+        """The current stream, or None when the JIT must launch: another device is current (the kernel was
+        loaded for this one), or a launch hook (a profiler) wants Triton's launch metadata."""
+        if self.current_device() != self.device_index or _hook_set(self.hooks.launch_enter_hook) \
+                or _hook_set(self.hooks.launch_exit_hook):
+            return None
+        return self.current_stream(self.device_index)
+
+    def launch(self, stream, grid: tuple[int, int], args: list) -> None:
+        self.run(grid[0], grid[1], 1, stream, self.function, self.metadata, None, None, None, *args)
+
+
+def _hook_set(hook) -> bool:
+    """Triton 3.6+ keeps launch hooks in a HookChain (never None; empty when unset); older knobs used None."""
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
+def direct_launch(compiled, device: torch.device) -> DirectLaunch | None:
+    """A DirectLaunch for what `jit_fn[grid](...)` returned: a CompiledKernel, loaded for the current device,
+    which must be the tensors' (the JIT compiles and loads per current device). The interpreter returns no
+    CompiledKernel, so its calls always take the JIT path."""
+    if device.type != "cuda" or getattr(compiled, "packed_metadata", None) is None:
+        return None
+    from triton.runtime.driver import driver
+
+    current_device, current_stream = driver.active.get_current_device, driver.active.get_current_stream
+    if current_device() != device.index:
+        return None
+    return DirectLaunch(compiled, device.index, current_device, current_stream)

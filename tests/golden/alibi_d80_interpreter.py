@@ -4,12 +4,13 @@ import triton
 import triton.language as tl
 
 INF = tl.constexpr(float("inf"))
-BIG = tl.constexpr(2 ** 62)
+BIG = tl.constexpr(2 ** 31 - 1)
 LN2 = tl.constexpr(0.6931471805599453)
 HEAD_DIM = tl.constexpr(80)
 VALUE_DIM = tl.constexpr(80)
 BLOCK_D = tl.constexpr(128)
 BLOCK_DV = tl.constexpr(128)
+
 
 
 
@@ -22,14 +23,16 @@ def attn_fwd(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_MQ: tl.constexpr, PACK: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
+    # Query tiles in reverse: under a causal mask the last tiles have the most keys, so they start first and
+    # the tail of the launch is short tiles.
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
     head_programs = sz_H // PACK
     b = (pid_bh // head_programs).to(tl.int64)
     hp = (pid_bh % head_programs).to(tl.int64)
     r = tl.arange(0, BLOCK_M)
     # Row r holds query head hp * PACK + r // BLOCK_MQ at position m0 + r % BLOCK_MQ (PACK > 1: GQA packing).
-    i_row = pid_m.to(tl.int64) * BLOCK_MQ + r % BLOCK_MQ
+    i_row = pid_m * BLOCK_MQ + r % BLOCK_MQ
     h_row = hp * PACK + r // BLOCK_MQ
     row_valid = i_row < sz_M
     offs_n = tl.arange(0, BLOCK_N)
@@ -37,12 +40,14 @@ def attn_fwd(
     exact_lo = tl.zeros([BLOCK_M], tl.int64)
     exact_hi = tl.zeros([BLOCK_M], tl.int64) + sz_N
     x0 = sz_N - sz_M
-    x1 = i_row + x0
-    x2 = x1 + 1
+    x1 = i_row.to(tl.int64) + tl.cast(x0, tl.int64)
+    x2 = x1.to(tl.int64) + 1
     exact_hi = tl.minimum(exact_hi, x2)
+    exact_lo = tl.minimum(exact_lo, sz_N).to(tl.int32)
+    exact_hi = tl.maximum(exact_hi, 0).to(tl.int32)
     hull_lo = exact_lo
     hull_hi = exact_hi
-    x4 = tl.load(t_slopes + h_row * t_slopes_s0, mask=row_valid, other=0).to(tl.float32)
+    x4 = tl.load(t_slopes + h_row.to(tl.int64) * t_slopes_s0, mask=row_valid, other=0).to(tl.float32)
     # -- key tiles: [t_start, t_end) run, [f_start, f_end) need no mask
     live = row_valid & (hull_hi > hull_lo)
     any_live = tl.max(live.to(tl.int32), 0) > 0
@@ -56,7 +61,7 @@ def attn_fwd(
     kvh = (hp * PACK) // (sz_H // sz_HKV)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q_tile = tl.load(q_ptr + b * s_qb + h_row[:, None] * s_qh + i_row[:, None] * s_qm + offs_d[None, :] * s_qd,
+    q_tile = tl.load(q_ptr + b * s_qb + h_row[:, None] * s_qh + i_row[:, None].to(tl.int64) * s_qm + offs_d[None, :] * s_qd,
                      mask=row_valid[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
     if UPCAST:  # bf16 in the interpreter: compute in f32
         q_tile = q_tile.to(tl.float32)
@@ -65,15 +70,19 @@ def attn_fwd(
     m_i = tl.full([BLOCK_M], -INF, tl.float32)  # running max, base 2
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    # In-tile offsets are int32 and loop-invariant; the tile's start is added as int64.
+    k_tile_ptrs = k_base + offs_n[None, :] * s_kn + offs_d[:, None] * s_kd
+    v_tile_ptrs = v_base + offs_n[:, None] * s_vn + offs_dv[None, :] * s_vd
+    
     for t in tl.range(t_start, f_start):  # partial tiles before the full ones
-        j_col = (t * BLOCK_N + offs_n).to(tl.int64)
+        j_col = t * BLOCK_N + offs_n
         col_valid = j_col < sz_N
-        k_tile = tl.load(k_base + j_col[None, :] * s_kn + offs_d[:, None] * s_kd, mask=col_valid[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
+        k_tile = tl.load(k_tile_ptrs + tl.cast(t * BLOCK_N, tl.int64) * s_kn, mask=col_valid[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
         if UPCAST:
             k_tile = k_tile.to(tl.float32)
         qk = tl.dot(q_tile, k_tile)
         x3 = qk * 0.16129820911147805
-        x5 = x1[:, None] - j_col[None, :]
+        x5 = x1[:, None].to(tl.int64) - j_col[None, :].to(tl.int64)
         x6 = x4[:, None] * x5.to(tl.float32)
         x7 = x6 * 1.4426950408889634
         x8 = x3 - x7
@@ -85,43 +94,43 @@ def attn_fwd(
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v_tile = tl.load(v_base + j_col[:, None] * s_vn + offs_dv[None, :] * s_vd, mask=col_valid[:, None] & (offs_dv[None, :] < VALUE_DIM), other=0.0)
+        v_tile = tl.load(v_tile_ptrs + tl.cast(t * BLOCK_N, tl.int64) * s_vn, mask=col_valid[:, None] & (offs_dv[None, :] < VALUE_DIM), other=0.0)
         if UPCAST:
             v_tile = v_tile.to(tl.float32)
         acc = acc * alpha[:, None] + tl.dot(p.to(v_tile.dtype), v_tile)
         m_i = m_new
     for t in tl.range(f_start, f_end):  # full tiles: no mask
-        j_col = (t * BLOCK_N + offs_n).to(tl.int64)
+        j_col = t * BLOCK_N + offs_n
         col_valid = j_col < sz_N
-        k_tile = tl.load(k_base + j_col[None, :] * s_kn + offs_d[:, None] * s_kd, mask=(offs_d[:, None] < HEAD_DIM), other=0.0)
+        k_tile = tl.load(k_tile_ptrs + tl.cast(t * BLOCK_N, tl.int64) * s_kn, mask=(offs_d[:, None] < HEAD_DIM), other=0.0)
         if UPCAST:
             k_tile = k_tile.to(tl.float32)
         qk = tl.dot(q_tile, k_tile)
         x3 = qk * 0.16129820911147805
-        x5 = x1[:, None] - j_col[None, :]
+        x5 = x1[:, None].to(tl.int64) - j_col[None, :].to(tl.int64)
         x6 = x4[:, None] * x5.to(tl.float32)
         x7 = x6 * 1.4426950408889634
         x8 = x3 - x7
         s = x8
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == -INF, 0.0, m_new)  # a row with nothing kept yet: exp2(-inf - 0) = 0, not NaN
+        m_safe = m_new  # a full tile keeps a key in every row: the max is finite
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v_tile = tl.load(v_base + j_col[:, None] * s_vn + offs_dv[None, :] * s_vd, mask=(offs_dv[None, :] < VALUE_DIM), other=0.0)
+        v_tile = tl.load(v_tile_ptrs + tl.cast(t * BLOCK_N, tl.int64) * s_vn, mask=(offs_dv[None, :] < VALUE_DIM), other=0.0)
         if UPCAST:
             v_tile = v_tile.to(tl.float32)
         acc = acc * alpha[:, None] + tl.dot(p.to(v_tile.dtype), v_tile)
         m_i = m_new
     for t in tl.range(f_end, t_end):  # partial tiles after
-        j_col = (t * BLOCK_N + offs_n).to(tl.int64)
+        j_col = t * BLOCK_N + offs_n
         col_valid = j_col < sz_N
-        k_tile = tl.load(k_base + j_col[None, :] * s_kn + offs_d[:, None] * s_kd, mask=col_valid[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
+        k_tile = tl.load(k_tile_ptrs + tl.cast(t * BLOCK_N, tl.int64) * s_kn, mask=col_valid[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
         if UPCAST:
             k_tile = k_tile.to(tl.float32)
         qk = tl.dot(q_tile, k_tile)
         x3 = qk * 0.16129820911147805
-        x5 = x1[:, None] - j_col[None, :]
+        x5 = x1[:, None].to(tl.int64) - j_col[None, :].to(tl.int64)
         x6 = x4[:, None] * x5.to(tl.float32)
         x7 = x6 * 1.4426950408889634
         x8 = x3 - x7
@@ -133,7 +142,7 @@ def attn_fwd(
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v_tile = tl.load(v_base + j_col[:, None] * s_vn + offs_dv[None, :] * s_vd, mask=col_valid[:, None] & (offs_dv[None, :] < VALUE_DIM), other=0.0)
+        v_tile = tl.load(v_tile_ptrs + tl.cast(t * BLOCK_N, tl.int64) * s_vn, mask=col_valid[:, None] & (offs_dv[None, :] < VALUE_DIM), other=0.0)
         if UPCAST:
             v_tile = v_tile.to(tl.float32)
         acc = acc * alpha[:, None] + tl.dot(p.to(v_tile.dtype), v_tile)
@@ -141,5 +150,5 @@ def attn_fwd(
     # -- a row with nothing kept: out = 0, lse = -inf
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
-    tl.store(out_ptr + b * s_ob + h_row[:, None] * s_oh + i_row[:, None] * s_om + offs_dv[None, :] * s_od,
+    tl.store(out_ptr + b * s_ob + h_row[:, None] * s_oh + i_row[:, None].to(tl.int64) * s_om + offs_dv[None, :] * s_od,
              out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & (offs_dv[None, :] < VALUE_DIM))

@@ -4,7 +4,9 @@ Every value has a *level*: scalar (per program: sizes, params, b), row ([BLOCK_M
 or tile ([BLOCK_M, BLOCK_N]: qk). Scalar and row values are emitted once into the kernel's prologue; col and
 tile values into the current scope (a loop body). Operands of mixed levels are broadcast with [:, None] /
 [None, :]. Semantics follow the reference: ints are int64 with floored `%`, `/` is true division, booleans
-count as ints in arithmetic, and int/float mixes compute in float32.
+count as ints in arithmetic, and int/float mixes compute in float32. Integer results that provably fit int32
+(from the known ranges of positions and literals) stay int32, which keeps per-element tile math cheap; any
+other integer arithmetic widens its operands to int64 first. Positions i and j are below POSITION_LIMIT.
 """
 from __future__ import annotations
 
@@ -19,6 +21,9 @@ SCALAR, ROW, COL, TILE = 0, 1, 2, 3
 _FLOAT_FUNCS = {"exp": "tl.exp", "exp2": "tl.exp2", "log": "tl.log", "log2": "tl.log2", "sqrt": "tl.sqrt",
                 "rsqrt": "tl.rsqrt", "sigmoid": "tl.sigmoid", "floor": "tl.floor"}
 _INDEX = {"b": ("b", SCALAR), "h": ("h_row", ROW), "i": ("i_row", ROW), "j": ("j_col", COL)}
+POSITION_LIMIT = 2 ** 30  # i and j are int32 in the kernel; sums and differences of two still fit
+_INT32 = (-2 ** 31, 2 ** 31 - 1)
+_POSITIONS = {"i", "j"}
 _VALID = {ROW: "row_valid", COL: "col_valid", TILE: "row_valid[:, None] & col_valid[None, :]"}
 
 
@@ -44,6 +49,7 @@ class Value:
     level: int
     kind: str  # "int" | "float" | "bool"
     literal: bool = False
+    span: tuple[int, int] | None = None  # ints: [lo, hi] when the code is int32 and provably in it; else int64
 
 
 class Emitter:
@@ -92,31 +98,39 @@ class Emitter:
             return repr(float(_literal_value(v)))
         return code if v.kind == "float" else f"{code}.to(tl.float32)"
 
-    def as_int(self, v: Value, level: int) -> str:
-        """A bool operand of arithmetic counts as an int."""
+    def as_int(self, v: Value, level: int, wide: bool = False) -> str:
+        """A bool operand of arithmetic counts as an int; `wide`: as int64 (literals convert by themselves)."""
         code = self.at(v, level)
-        if v.kind != "bool":
-            return code
-        return str(int(_literal_value(v))) if v.literal else f"{code}.to(tl.int64)"
+        if v.literal:
+            return str(int(_literal_value(v))) if v.kind == "bool" else code
+        if v.kind == "bool" or wide:
+            dtype = "tl.int64" if wide else "tl.int32"
+            # scalars may arrive as Python ints (specialized or interpreted arguments): tl.cast takes both
+            return f"tl.cast({code}, {dtype})" if v.level == SCALAR else f"{code}.to({dtype})"
+        return code
 
     # -- emission
 
-    def _assign(self, code: str, level: int, kind: str) -> Value:
+    def _assign(self, code: str, level: int, kind: str, span: tuple[int, int] | None = None) -> Value:
         name = f"x{self._count}"
         self._count += 1
         lines = self._scopes[0][0] if level <= ROW else self._scopes[-1][0]
         lines.append(f"{name} = {code}")
-        return Value(name, level, kind)
+        return Value(name, level, kind, span=span)
+
+    def _int_operands(self, values: list[Value], level: int, span: tuple[int, int] | None) -> list[str]:
+        """Operands of integer arithmetic whose result lies in `span` (None: unknown, so compute in int64)."""
+        return [self.as_int(v, level, wide=span is None) for v in values]
 
     def _emit(self, e: Expr) -> Value:
         kind = expr_type(e, self.spec)
         if isinstance(e, Num):
-            return Value(_literal(e), SCALAR, kind, literal=True)
+            return Value(_literal(e), SCALAR, kind, literal=True, span=_literal_span(e))
         if isinstance(e, IndexVar):
             name, level = _INDEX[e.name]
-            return Value(name, level, "int")
+            return Value(name, level, "int", span=(0, POSITION_LIMIT - 1) if e.name in _POSITIONS else None)
         if isinstance(e, SizeRef):
-            return Value(size_arg(e.name), SCALAR, "int")
+            return Value(size_arg(e.name), SCALAR, "int", span=(0, _INT32[1]))
         if isinstance(e, ParamRef):
             return Value(param_arg(e.name), SCALAR, kind)
         if isinstance(e, QK):
@@ -127,7 +141,10 @@ class Emitter:
             x = self.value(e.operand)
             if e.op == "not":
                 return self._assign(f"{x.code} == 0", x.level, "bool")
-            return self._assign(f"-{self.as_int(x, x.level)}", x.level, kind)
+            if kind == "float":
+                return self._assign(f"-{x.code}", x.level, kind)
+            span = _fit(_span(x) and (-_span(x)[1], -_span(x)[0]))
+            return self._assign(f"-{self._int_operands([x], x.level, span)[0]}", x.level, kind, span)
         if isinstance(e, Binary):
             return self._binary(e, kind)
         if isinstance(e, Call):
@@ -140,9 +157,7 @@ class Emitter:
         dims = self.spec.input(e.tensor).shape
         terms, checks = [], [_VALID[level]] if level != SCALAR else []
         for axis, (v, x) in enumerate(zip(idx, e.indices)):
-            code = self.at(v, level)
-            if not v.literal and v.level == SCALAR and v.code != "b":  # int32 params/sizes: widen before scaling
-                code = f"{code}.to(tl.int64)"
+            code = self.as_int(v, level, wide=True)  # int32 positions, params, sizes: widen before scaling
             terms.append(f"{code} * {stride_arg(e.tensor, axis)}")
             if not _in_range_by_construction(x, dims[axis]):
                 # An index out of the table's bounds reads 0, never outside the tensor (the reference rejects it).
@@ -160,22 +175,26 @@ class Emitter:
             return self._assign(f"{self.at(a, level)} {'&' if e.op == 'and' else '|'} {self.at(b, level)}", level,
                                 "bool")
         floats = "float" in (a.kind, b.kind) or e.op == "/"
+        span = None
         if floats:
             x, y = self.as_float(a, level), self.as_float(b, level)
         elif e.op in ("==", "!=") and a.kind == b.kind == "bool":
             x, y = self.at(a, level), self.at(b, level)
-        else:
+        elif kind == "bool":  # comparisons: int32 against int64 promotes by itself
             x, y = self.as_int(a, level), self.as_int(b, level)
+        else:
+            span = _arith_span(e.op, _span(a), _span(b))
+            x, y = self._int_operands([a, b], level, span)
         if e.op == "%":
             if floats:
                 return self._assign(f"{x} - {y} * tl.floor({x} / {y})", level, "float")
-            rem = self._assign(f"{x} % {y}", level, "int")  # C remainder: sign of x; Python's has y's sign
+            rem = self._assign(f"{x} % {y}", level, "int", span)  # C remainder: sign of x; Python's has y's sign
             if b.literal:
                 fix = f"{rem.code} < 0" if _literal_value(b) > 0 else f"{rem.code} > 0"
             else:
                 fix = f"({rem.code} != 0) & (({rem.code} < 0) != ({y} < 0))"
-            return self._assign(f"tl.where({fix}, {rem.code} + {y}, {rem.code})", level, "int")
-        return self._assign(f"{x} {e.op} {y}", level, kind)
+            return self._assign(f"tl.where({fix}, {rem.code} + {y}, {rem.code})", level, "int", span)
+        return self._assign(f"{x} {e.op} {y}", level, kind, span)
 
     def _call(self, e: Call, kind: str) -> Value:
         args = [self.value(x) for x in e.args]
@@ -186,13 +205,57 @@ class Emitter:
             x = self.as_float(args[0], level)
             return self._assign(f"1.0 - 2.0 / (tl.exp2({2 * math.log2(math.e)!r} * {x}) + 1.0)", level, "float")
         if e.fn == "abs":
-            return self._assign(f"tl.abs({self.as_int(args[0], level)})", level, kind)
+            if kind == "float":
+                return self._assign(f"tl.abs({self.at(args[0], level)})", level, kind)
+            a = _span(args[0])
+            span = _fit(a and (0, max(abs(a[0]), abs(a[1]))))
+            return self._assign(f"tl.abs({self._int_operands(args, level, span)[0]})", level, kind, span)
         operands = args[1:] if e.fn == "where" else args
-        convert = {"float": self.as_float, "int": self.as_int, "bool": self.at}[kind]
-        x, y = (convert(v, level) for v in operands)
+        span = None
+        if kind == "int":
+            spans = [_span(v) for v in operands]
+            span = None if None in spans else (min(s[0] for s in spans), max(s[1] for s in spans))
+            x, y = self._int_operands(operands, level, span)
+        else:
+            convert = {"float": self.as_float, "bool": self.at}[kind]
+            x, y = (convert(v, level) for v in operands)
         if e.fn == "where":
-            return self._assign(f"tl.where({self.at(args[0], level)}, {x}, {y})", level, kind)
-        return self._assign(f"tl.{'minimum' if e.fn == 'min' else 'maximum'}({x}, {y})", level, kind)
+            return self._assign(f"tl.where({self.at(args[0], level)}, {x}, {y})", level, kind, span)
+        return self._assign(f"tl.{'minimum' if e.fn == 'min' else 'maximum'}({x}, {y})", level, kind, span)
+
+
+def _span(v: Value) -> tuple[int, int] | None:
+    """The int32 range of an int or bool operand, None when it may be int64 (or is a param or size)."""
+    if v.kind == "bool":
+        return (0, 1)
+    return v.span if v.kind == "int" else None
+
+
+def _fit(span: tuple[int, int] | None) -> tuple[int, int] | None:
+    return span if span is not None and _INT32[0] <= span[0] and span[1] <= _INT32[1] else None
+
+
+def _arith_span(op: str, a: tuple[int, int] | None, b: tuple[int, int] | None) -> tuple[int, int] | None:
+    """Interval arithmetic for + - * %; None when an operand is unknown or the result may leave int32."""
+    if a is None or b is None:
+        return None
+    if op == "+":
+        return _fit((a[0] + b[0], a[1] + b[1]))
+    if op == "-":
+        return _fit((a[0] - b[1], a[1] - b[0]))
+    if op == "*":
+        corners = [x * y for x in a for y in b]
+        return _fit((min(corners), max(corners)))
+    if op == "%" and b[0] == b[1] != 0:  # floored remainder by a constant c: within (-|c|, |c|)
+        c = abs(b[0])
+        return (-(c - 1), c - 1) if c <= 2 ** 30 else None
+    return None
+
+
+def _literal_span(e: Num) -> tuple[int, int] | None:
+    if e.is_float:
+        return None
+    return _fit((int(e.value), int(e.value)))
 
 
 def _in_range_by_construction(index: Expr, dim: str) -> bool:

@@ -102,7 +102,9 @@ def generate(plan: KernelPlan) -> str:
         summary_prologue="\n".join(summary_prologue), summary_lines="\n".join(summary_lines),
         sink=sink, returns_lse=spec.returns_lse,
         dot_args=', input_precision="ieee"' if plan.dtype == "f32" and plan.triton.dot_precision == "ieee" else "",
-        ws_arg=", warp_specialize=True" if plan.triton.warp_specialize else "",
+        tma=plan.triton.tma,
+        set_allocator=plan.triton.tma and plan.target.arch is not None,  # the interpreter needs no scratch
+        ws_arg=", warp_specialize=True" if plan.triton.warp_specialize and plan.triton.tma else "",
         d_mask_q=" & (offs_d[None, :] < HEAD_DIM)" if pad_d else "",
         d_mask_k=" & (offs_d[:, None] < HEAD_DIM)" if pad_d else "",
         d_mask_v=" & (offs_dv[None, :] < VALUE_DIM)" if pad_dv else "",
@@ -136,6 +138,8 @@ def _bounds(em: Emitter, exact: KeyRange, hull: KeyRange) -> None:
         em.prologue.append(f"{hi} = tl.zeros([BLOCK_M], tl.int64) + sz_N")
         for e in r.upper:
             em.prologue.append(f"{hi} = tl.minimum({hi}, {em.as_int(em.value(e), em.value(e).level)})")
+        # Clamped to [0, N], the bounds fit int32, so the masks of partial tiles compare int32 with int32.
+        em.prologue += [f"{lo} = tl.minimum({lo}, sz_N).to(tl.int32)", f"{hi} = tl.maximum({hi}, 0).to(tl.int32)"]
 
 
 def _as_tile(em: Emitter, e: Expr) -> str:

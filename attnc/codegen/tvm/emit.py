@@ -67,6 +67,11 @@ _FLOAT_FUNCS = {
     "log": tir.log, "log2": tir.log2, "sqrt": tir.sqrt, "floor": tir.floor,
     "rsqrt": lambda x: f32(1.0) / tir.sqrt(x),
 }
+# GPUs evaluate these in hardware (SFU): TVM's CUDA/Metal/... intrinsics, no polynomial needed.
+_NATIVE_FUNCS = {
+    **_FLOAT_FUNCS, "exp": tir.exp, "exp2": tir.exp2, "tanh": tir.tanh, "sigmoid": tir.sigmoid,
+    "rsqrt": tir.rsqrt,
+}
 _COMPARE = {"<": tir.LT, "<=": tir.LE, ">": tir.GT, ">=": tir.GE, "==": tir.EQ, "!=": tir.NE}
 
 
@@ -82,9 +87,10 @@ class Scope:
 
 
 class Emitter:
-    def __init__(self, spec: Attention, scope: Scope):
+    def __init__(self, spec: Attention, scope: Scope, native_math: bool = False):
         self.spec = spec
         self.scope = scope
+        self.funcs = _NATIVE_FUNCS if native_math else _FLOAT_FUNCS
 
     def float(self, e: Expr) -> tir.PrimExpr:
         return self._as(self.emit(e), expr_type(e, self.spec), "float")
@@ -170,8 +176,8 @@ class Emitter:
         return {"+": tir.Add, "-": tir.Sub, "*": tir.Mul, "/": tir.Div}[e.op](a, b)
 
     def _call(self, e: Call, kind: str) -> tir.PrimExpr:
-        if e.fn in _FLOAT_FUNCS:
-            return _FLOAT_FUNCS[e.fn](self.float(e.args[0]))
+        if e.fn in self.funcs:
+            return self.funcs[e.fn](self.float(e.args[0]))
         if e.fn == "abs":
             return tir.abs(self._as(self.emit(e.args[0]), expr_type(e.args[0], self.spec), kind))
         operands = e.args[1:] if e.fn == "where" else e.args

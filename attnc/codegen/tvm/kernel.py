@@ -61,8 +61,15 @@ def decode_schedule(vector: int) -> CpuSchedule:
     return CpuSchedule(vector, block_m=vector, block_n=64, kv_rows=8, out_rows=4, out_cols=4 * vector)
 
 
+def parameter_names(spec) -> tuple[str, ...]:
+    """The compiled function's parameters in call order (Args declares them; sizes and strides are not
+    parameters: TVM reads them from the tensors)."""
+    return ("q", "k", "v", "out", *(["lse"] if spec.returns_lse else []), *(f"in_{t.name}" for t in spec.inputs),
+            *(f"p_{p.name}" for p in spec.params))
+
+
 class Args:
-    """The PrimFunc's parameters: q, k, v, out, [lse], input tables, params (names are the call order)."""
+    """The PrimFunc's parameters (parameter_names): q, k, v, out, [lse], input tables, params."""
 
     def __init__(self, plan: KernelPlan):
         spec = plan.spec
@@ -80,7 +87,7 @@ class Args:
             if unit_last:
                 strides[-1] = 1  # vector loads along the head dim (the launcher copies otherwise)
             handle = T.arg(name, T.handle())
-            return T.match_buffer(handle, shape, dtype, strides=strides)
+            return IRBuilder.name(name, T.match_buffer(handle, shape, dtype, strides=strides))  # named in sources
 
         dtype = TIR_DTYPES[plan.dtype]
         self.q = tensor("q", [s["B"], s["H"], s["M"], s["D"]], dtype)
@@ -99,7 +106,7 @@ class Args:
 
 def build_primfunc(plan: KernelPlan, sched: CpuSchedule, name: str = "attn") -> tir.PrimFunc:
     spec, masks, score = plan.spec, plan.masks, plan.score
-    bm, bn, vl = sched.block_m, sched.block_n, sched.vector
+    bm, bn = sched.block_m, sched.block_n
     d_model, dv_model = plan.head_dim, plan.value_dim
     with IRBuilder() as ib:
         with T.prim_func():
@@ -122,6 +129,7 @@ def build_primfunc(plan: KernelPlan, sched: CpuSchedule, name: str = "attn") -> 
                 acc = T.alloc_buffer((bm, dv_model), F32)
                 m_run, l_run = T.alloc_buffer((bm,), F32), T.alloc_buffer((bm,), F32)
                 m_new, alpha = T.alloc_buffer((bm,), F32), T.alloc_buffer((bm,), F32)
+                m_safe = T.alloc_buffer((bm,), F32)
                 bounds = T.alloc_buffer((4,), I64)  # hull lo / hi, exact max-lo / min-hi over the tile's rows
 
                 # -- which key tiles run, and which of them are full (passes.masks.key_tiles)
@@ -151,22 +159,18 @@ def build_primfunc(plan: KernelPlan, sched: CpuSchedule, name: str = "attn") -> 
                     _scores(sched, a, q_t, s_t, b, kvh, j0, d_model)
                     with T.vectorized(0, bm) as i:
                         T.buffer_store(m_new, m_run[i], [i])
-                    if masks.evaluated:  # element-wise conjuncts: no tile is known to be full
-                        _logits(sched, spec, plan, a, s_t, m_new, b, h, i0, j0, masked=True)
-                    else:
-                        with T.If(tir.Or(kt < f_start, kt >= f_end)):
-                            with T.Then():
-                                _logits(sched, spec, plan, a, s_t, m_new, b, h, i0, j0, masked=True)
-                            with T.Else():
-                                _logits(sched, spec, plan, a, s_t, m_new, b, h, i0, j0, masked=False)
+                    by_tile_kind(plan, kt, f_start, f_end,
+                                 lambda masked: _logits(sched, plan, a, s_t, m_new, b, h, i0, j0, masked))
+                    # m_run stays -inf while a row has kept nothing (a finite stand-in would lose the mass of
+                    # later logits far below it); `m_safe` is what gets subtracted, so -inf - -inf never occurs.
                     with T.vectorized(0, bm) as i:
-                        safe = tir.Select(m_new[i] == f32(NEG_INF), f32(0), m_new[i])  # fully masked: no NaN
-                        T.buffer_store(alpha, exp2(m_run[i] - safe), [i])
-                        T.buffer_store(m_run, safe, [i])
+                        T.buffer_store(m_safe, tir.Select(m_new[i] == f32(NEG_INF), f32(0), m_new[i]), [i])
+                        T.buffer_store(alpha, exp2(m_run[i] - m_safe[i]), [i])
+                        T.buffer_store(m_run, m_new[i], [i])
                         T.buffer_store(l_run, l_run[i] * alpha[i], [i])
                     with T.serial(0, bn) as jj:
                         with T.vectorized(0, bm) as i:
-                            T.buffer_store(s_t, exp2(s_t[jj, i] - m_run[i]), [jj, i])
+                            T.buffer_store(s_t, exp2(s_t[jj, i] - m_safe[i]), [jj, i])
                             T.buffer_store(l_run, l_run[i] + s_t[jj, i], [i])
                     _accumulate(sched, a, s_t, acc, alpha, b, kvh, j0, tir.min(bn, s["N"] - j0), dv_model)
 
@@ -243,19 +247,37 @@ def _scores(sched: CpuSchedule, a: Args, q_t, s_t, b, kvh, j0, d_model: int) -> 
                 T.buffer_store(s_t, reg[i], [jo * rj + r, i])
 
 
-def _logits(sched: CpuSchedule, spec, plan: KernelPlan, a: Args, s_t, m_new, b, h, i0, j0, masked: bool) -> None:
+def by_tile_kind(plan: KernelPlan, kt, f_start, f_end, emit) -> None:
+    """emit(masked=True) for partial key tiles, emit(masked=False) for full ones ([f_start, f_end)); with
+    element-wise mask conjuncts no tile is known to be full."""
+    if plan.masks.evaluated:
+        emit(True)
+        return
+    with T.If(tir.Or(kt < f_start, kt >= f_end)):
+        with T.Then():
+            emit(True)
+        with T.Else():
+            emit(False)
+
+
+def logit2(plan: KernelPlan, em: Emitter, j, masked: bool) -> tir.PrimExpr:
+    """The base-2 logit of the element `em` stands for; on a partial tile -inf where a mask (or j < N) fails."""
+    logit = em.float(plan.score.logits2)
+    if not masked:
+        return logit
+    keep = j < em.scope.sizes["N"]
+    for m in plan.spec.masks:
+        keep = tir.And(keep, em.bool(m))
+    return tir.Select(keep, logit, f32(NEG_INF))
+
+
+def _logits(sched: CpuSchedule, plan: KernelPlan, a: Args, s_t, m_new, b, h, i0, j0, masked: bool) -> None:
     """s_t <- logits2 (masked elements -inf on partial tiles) and m_new <- the running row max."""
     with T.serial(0, sched.block_n) as jj:
         with T.vectorized(0, sched.block_m) as i:
             j = j0 + jj
-            em = Emitter(spec, a.scope({"b": b, "h": h, "i": i0 + i, "j": j}, qk=s_t[jj, i]))
-            logit = em.float(plan.score.logits2)
-            if masked:
-                keep = j < a.sizes["N"]
-                for m in spec.masks:
-                    keep = tir.And(keep, em.bool(m))
-                logit = tir.Select(keep, logit, f32(NEG_INF))
-            T.buffer_store(s_t, logit, [jj, i])
+            em = Emitter(plan.spec, a.scope({"b": b, "h": h, "i": i0 + i, "j": j}, qk=s_t[jj, i]))
+            T.buffer_store(s_t, logit2(plan, em, j, masked), [jj, i])
             T.buffer_store(m_new, tir.max(m_new[i], s_t[jj, i]), [i])
 
 

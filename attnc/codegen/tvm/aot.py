@@ -1,0 +1,326 @@
+"""Ahead-of-time TVM kernels: `build` makes an artifact folder on any machine (nvcc compiles CUDA kernels, no
+GPU needed); `load` runs it with only the TVM runtime -- the `tvm` package when installed, otherwise
+tvm_ffi plus libtvm_runtime.so (and libtvm_runtime_cuda.so) from a trimmed runtime folder (runtime_pack.py).
+
+An artifact folder holds kernel.so (the exported TVM module: host code plus the embedded CUDA binary),
+spec.pkl (the planned-for ir.Attention, checked against its key on load) and manifest.json. `compile_file`
+(`attnc compile --backend tvm`) writes one per attention of a spec file under an index manifest.
+
+`emit_source` writes kernel source for targets that are generated here but not run: Metal, ROCm (AMDGPU
+assembly) and OpenCL through the plain GPU kernel (gpu.py), CUDA C through the tensor-core kernel (cuda.py).
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import pickle
+import re
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from ... import __version__
+from ...dsl.signature import bind
+from ...errors import CallError, CompileError
+from ...ir import Attention
+from ...passes import Target, plan_kernel
+from .launch import launch
+
+FORMAT = "attnc-tvm-aot/1"
+SET_FORMAT = "attnc-tvm-aot-set/1"  # compile_file's folder: one FORMAT folder per attention
+MANIFEST, SPEC_FILE, LIBRARY = "manifest.json", "spec.pkl", "kernel.so"
+RUNTIME_ENV = "ATTNC_TVM_RUNTIME"  # a folder holding libtvm_runtime.so (runtime_pack.py makes one)
+RUNTIME_DIR = "tvm_runtime"  # ... or this folder under any sys.path entry
+TARGETS = ("cuda", "llvm")  # runnable artifacts; other TVM targets: --emit source (emit_source)
+# --emit source: TVM target kind -> (file suffix, comment prefix, what the text is)
+SOURCE_TARGETS = {
+    "cuda": ("cu", "//", "CUDA C (tensor cores for f16/bf16)"),
+    "metal": ("metal", "//", "Metal Shading Language"),
+    "rocm": ("s", ";", "AMDGPU assembly (LLVM), before linking ROCm's device libraries"),
+    "opencl": ("cl", "//", "OpenCL C"),
+}
+# TVM targets attnc cannot write source for, and why.
+NO_SOURCE = {
+    "vulkan": "the apache-tvm wheel is built without the SPIR-V code generator (no target.build.vulkan); build TVM "
+              "from source with USE_VULKAN=ON, or emit --target opencl / metal",
+    "webgpu": "WGSL has no 64-bit integers, which attnc's index and mask arithmetic uses; emit --target metal / "
+              "opencl",
+}
+
+
+def build(spec: Attention, out_dir: str | Path, target: str = "cuda", arch: str | None = "sm_90a",
+          head_dim: int | None = None, value_dim: int | None = None) -> Path:
+    """Compile `spec` for `target` ("cuda" with `arch` like "sm_90a", or "llvm": this machine's CPU) into
+    `out_dir`; returns the folder."""
+    from ...runtime.api import head_dims
+    from .backend import check_dense, compile_module
+    from .host import host_cpu
+
+    d, dv = head_dims(spec, head_dim, value_dim)
+    out = Path(out_dir)
+    if target == "cuda":
+        from .cuda import build_cuda_kernel
+
+        number = _arch_number(arch)
+        plan = plan_kernel(spec, Target("tvm", "cuda", number), d, dv)
+        check_dense(plan)
+        sched, func = build_cuda_kernel(plan, "attn")
+        funcs = {"attn": func}
+        tvm_target = _tvm_target("cuda", arch)
+        kinds, decode_max_m, device = {"prefill": "attn"}, 0, f"cuda:{arch}"
+    elif target == "llvm":
+        from .kernel import build_primfunc, decode_schedule, prefill_schedule
+
+        cpu = host_cpu()
+        plan = plan_kernel(spec, Target("tvm", "cpu", None), d, dv)
+        check_dense(plan)
+        funcs = {"attn_prefill": build_primfunc(plan, prefill_schedule(cpu.vector), "attn_prefill"),
+                 "attn_decode": build_primfunc(plan, decode_schedule(cpu.vector), "attn_decode")}
+        tvm_target, sched = cpu.target(), None
+        kinds, decode_max_m, device = {"prefill": "attn_prefill", "decode": "attn_decode"}, cpu.vector, cpu.label
+    else:
+        raise CompileError(_not_runnable(target))
+    out.mkdir(parents=True, exist_ok=True)
+    compile_module(funcs, plan, tvm_target, device).export_library(str(out / LIBRARY))
+    (out / SPEC_FILE).write_bytes(pickle.dumps(spec))
+    import tvm
+
+    manifest = {
+        "format": FORMAT, "backend": "tvm", "target": target, "arch": arch if target == "cuda" else None,
+        "device": device, "name": spec.name, "key": spec.key, "dtype": spec.q.dtype, "head_dim": d,
+        "value_dim": dv, "functions": kinds, "decode_max_m": decode_max_m, "schedule": repr(sched),
+        "tvm": tvm.__version__, "attnc": __version__, "library": LIBRARY, "spec": SPEC_FILE,
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return out
+
+
+def emit_source(spec: Attention, target: str, arch: str | None = None, head_dim: int | None = None,
+                value_dim: int | None = None) -> str:
+    """The kernel source TVM generates for `target` (a key of SOURCE_TARGETS), with a comment header naming the
+    spec, head dims, schedule and kernel arguments. Written, not run: CUDA and LLVM artifacts come from `build`.
+    `arch`: sm_XX[a] for cuda (default sm_90a), gfxNNN for rocm (default gfx942, MI300), unused elsewhere.
+
+    cuda runs the tensor-core kernel (cuda.py; plain for f32); metal, rocm and opencl run the plain GPU kernel
+    (gpu.py), since mma.sync / ldmatrix / cp.async are PTX-only."""
+    from ...runtime.api import head_dims
+    from .backend import check_dense, compile_module
+    from .kernel import parameter_names
+
+    if target in NO_SOURCE:
+        raise CompileError(f"--target {target}: no kernel source: {NO_SOURCE[target]}")
+    if target not in SOURCE_TARGETS:
+        raise CompileError(f"--target {target}: attnc writes kernel source for {', '.join(SOURCE_TARGETS)}; pick "
+                           f"one of those")
+    _check_codegen(target)
+    d, dv = head_dims(spec, head_dim, value_dim)
+    if target == "cuda":
+        from .cuda import build_cuda_kernel
+
+        arch = arch or "sm_90a"
+        plan = plan_kernel(spec, Target("tvm", "cuda", _arch_number(arch)), d, dv)
+        check_dense(plan)
+        sched, func = build_cuda_kernel(plan, "attn")
+    else:
+        from .gpu import build_gpu_primfunc, gpu_schedule
+
+        if target == "rocm":
+            arch = arch or "gfx942"
+            if re.fullmatch(r"gfx[0-9a-f]+", arch) is None:
+                raise CompileError(f"--arch {arch!r} is not an AMD GPU architecture; pass one like gfx942 (MI300) "
+                                   f"or gfx90a (MI200)")
+        elif arch is not None:
+            raise CompileError(f"--arch {arch!r}: --target {target} takes no architecture; leave --arch out")
+        plan = plan_kernel(spec, Target("tvm", target, None), d, dv)
+        check_dense(plan)
+        sched = gpu_schedule(plan)
+        func = build_gpu_primfunc(plan, sched, "attn")
+    _, comment, what = SOURCE_TARGETS[target]
+    label = f"{target}{':' + arch if arch else ''}"
+    with _rocm_without_toolchain() if target == "rocm" else contextlib.nullcontext():
+        module = compile_module({"attn": func}, plan, _tvm_target(target, arch), label)
+    device_module = module.mod.imports[0]
+    source = device_module.inspect_source("asm" if target == "rocm" else "")
+    import tvm
+
+    header = [f"{what}, generated by attnc {__version__} with TVM {tvm.__version__} for {label}",
+              f"attention {spec.name} (key {spec.key[:16]}), D={d} DV={dv}, q/k/v {plan.dtype}, {sched}",
+              f"TVM host function arguments: {', '.join(parameter_names(spec))}; the device kernel takes those "
+              f"buffers by name, then sizes and strides",
+              "q/k/v/out are [B, heads, sequence, head dim] views with any strides but a unit head-dim stride"]
+    return "".join(f"{comment} {line}\n" for line in header) + "\n" + source
+
+
+def _tvm_target(kind: str, arch: str | None):
+    import tvm
+
+    options = {"cuda": {"arch": arch}, "rocm": {"mcpu": arch} if arch else {}}.get(kind, {})
+    return tvm.target.Target({"kind": kind, **options}, host="llvm")
+
+
+def _check_codegen(kind: str) -> None:
+    import tvm_ffi
+
+    if tvm_ffi.get_global_func(f"target.build.{kind}", allow_missing=True) is None:
+        raise CompileError(f"--target {kind}: this TVM build has no {kind} code generator (target.build.{kind}); "
+                           f"install a TVM built with it")
+
+
+@contextlib.contextmanager
+def _rocm_without_toolchain():
+    """TVM's ROCm build links ROCm's device-library bitcode and then ld.lld's code object, both from a ROCm
+    install; the source (assembly) exists before either step. Stand-ins for the two callbacks, restored after."""
+    import tvm.support.rocm  # noqa: F401  (registers the callbacks being replaced)
+    import tvm_ffi
+
+    names = {"tvm_callback_rocm_bitcode_path": lambda rocdl_dir=None: [], "tvm_callback_rocm_link": lambda obj: obj}
+    originals = {name: tvm_ffi.get_global_func(name) for name in names}
+    for name, stand_in in names.items():
+        tvm_ffi.register_global_func(name, stand_in, override=True)
+    try:
+        yield
+    finally:
+        for name, original in originals.items():
+            tvm_ffi.register_global_func(name, original, override=True)
+
+
+def _not_runnable(target: str) -> str:
+    return (f"attnc compile --backend tvm builds runnable kernels for {' and '.join(TARGETS)}, not {target!r}; for "
+            f"other TVM targets write the kernel source with --emit source")
+
+
+def _arch_number(arch: str | None) -> int:
+    match = re.fullmatch(r"sm_(\d+)a?", arch or "")
+    if match is None:
+        raise CompileError(f"--arch {arch!r} is not a CUDA architecture; pass one like sm_90a or sm_80")
+    return int(match.group(1))
+
+
+class AotKernel:
+    """A loaded artifact: call it as `kernel(q, k, v, **params_and_inputs)`, like attnc.compile's kernels."""
+
+    def __init__(self, spec: Attention, manifest: dict, functions: dict):
+        self.spec = spec
+        self.manifest = manifest
+        self._functions = functions
+        self._device_type = "cuda" if manifest["target"] == "cuda" else "cpu"
+
+    def __call__(self, q, k, v, /, **kwargs):
+        bound = bind(self.spec, q, k, v, kwargs)
+        m = self.manifest
+        if bound.q.device.type != self._device_type:
+            raise CallError(f"q: this kernel was built for {m['device']} and takes {self._device_type} tensors, "
+                            f"got tensors on {bound.q.device}; move them, or build for that device")
+        if (bound.sizes["D"], bound.sizes["DV"]) != (m["head_dim"], m["value_dim"]):
+            raise CallError(f"q: this kernel was built for head dims D={m['head_dim']} DV={m['value_dim']}, got "
+                            f"D={bound.sizes['D']} DV={bound.sizes['DV']}; rebuild with --dims D=...")
+        kind = "decode" if "decode" in self._functions and bound.sizes["M"] <= m["decode_max_m"] else "prefill"
+        return launch(self.spec, self._functions[kind], bound)
+
+    def __repr__(self) -> str:
+        return f"attnc.AotKernel({self.spec.name!r}, {self.manifest['device']}, key={self.spec.key[:12]})"
+
+
+def compile_file(file: str | Path, out_dir: str | Path, target: str = "cuda", arch: str | None = None,
+                 names: Sequence[str] | None = None, head_dims: Sequence[tuple[int, int | None]] = (),
+                 emit: str = "artifact") -> list[str]:
+    """`attnc compile FILE --backend tvm`: the attentions of `file` (all, or `names`) built into `out_dir`.
+
+    emit="artifact" (targets cuda, llvm): one `build` folder per attention, OUT/<name>/, and OUT/manifest.json
+    listing them, which `load(OUT)` reads. emit="source" (cuda, metal, rocm, opencl): OUT/<name>.<suffix> from
+    `emit_source`. head_dims: at most one (D, DV or None), used where a spec does not bind D. Returns one line
+    per file written."""
+    from ...dsl.parser import parse_file
+
+    if emit not in ("artifact", "source"):
+        raise CompileError(f"--emit {emit}: the tvm backend writes an `artifact` (targets {', '.join(TARGETS)}) or "
+                           f"kernel `source` (targets {', '.join(SOURCE_TARGETS)})")
+    if len(head_dims) > 1:
+        raise CompileError("--dims: the tvm backend builds one head dim per attention; run `attnc compile` once per "
+                           "head dim, each with its own -o")
+    specs = parse_file(file)
+    missing = [n for n in names or () if n not in {s.name for s in specs}]
+    if missing:
+        raise CompileError(f"{file} has no attention named {', '.join(map(repr, missing))}; it has: "
+                           f"{', '.join(s.name for s in specs)}")
+    specs = [s for s in specs if not names or s.name in names]
+    d, dv = head_dims[0] if head_dims else (None, None)
+    out = Path(out_dir)
+    if emit == "artifact" and target not in TARGETS:  # before any work: source targets say --emit source
+        raise CompileError(_not_runnable(target))
+    out.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for spec in specs:
+        dims = (None, None) if "D" in spec.dim_values else (d, dv)  # a spec's own `dims` win
+        if emit == "source":
+            path = out / f"{spec.name}.{SOURCE_TARGETS.get(target, ('',))[0]}"
+            path.write_text(emit_source(spec, target, arch, *dims))
+        else:
+            path = build(spec, out / spec.name, target, arch or ("sm_90a" if target == "cuda" else None), *dims)
+        lines.append(f"{spec.name}: {target} {emit} -> {path}")
+    if emit == "artifact":
+        index = {"format": SET_FORMAT, "backend": "tvm", "target": target, "attentions": [s.name for s in specs]}
+        (out / MANIFEST).write_text(json.dumps(index, indent=2) + "\n")
+    return lines
+
+
+def is_artifact(path: str | Path) -> bool:
+    """Whether `path` holds a TVM artifact (`build`'s folder or `compile_file`'s set): what attnc.load asks."""
+    try:
+        return json.loads((Path(path) / MANIFEST).read_text()).get("format") in (FORMAT, SET_FORMAT)
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def load(path: str | Path) -> AotKernel | dict[str, AotKernel]:
+    """A `build` folder as an AotKernel; a `compile_file` folder as its one AotKernel, or a dict by name."""
+    folder = Path(path)
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError) as err:
+        raise CompileError(f"{folder}: not an attnc TVM artifact folder ({err}); build one with "
+                           f"`attnc compile FILE --backend tvm -o DIR`") from err
+    if manifest.get("format") == SET_FORMAT:
+        kernels = {name: load(folder / name) for name in manifest["attentions"]}
+        return next(iter(kernels.values())) if len(kernels) == 1 else kernels
+    if manifest.get("format") != FORMAT:
+        raise CompileError(f"{folder / MANIFEST}: format {manifest.get('format')!r}, this attnc reads {FORMAT}; "
+                           f"rebuild the artifact with this attnc")
+    spec = pickle.loads((folder / manifest["spec"]).read_bytes())
+    if not isinstance(spec, Attention) or spec.key != manifest["key"]:
+        raise CompileError(f"{folder / manifest['spec']}: the spec does not match the manifest's key "
+                           f"(built by attnc {manifest.get('attnc')}); rebuild the artifact")
+    module = load_module(folder / manifest["library"], cuda=manifest["target"] == "cuda")
+    return AotKernel(spec, manifest, {kind: module[name] for kind, name in manifest["functions"].items()})
+
+
+def load_module(library: Path, cuda: bool):
+    """The TVM runtime module in `library`: through `tvm` when installed, else tvm_ffi and the runtime
+    libraries of a trimmed runtime folder."""
+    try:
+        import tvm
+    except ImportError:
+        tvm = None
+    if tvm is not None:
+        return tvm.runtime.load_module(str(library))
+    import tvm_ffi
+
+    folder = runtime_folder()
+    names = ["libtvm_runtime.so"] + (["libcudart.so.13", "libtvm_runtime_cuda.so"] if cuda else [])
+    for name in names:
+        lib = folder / name
+        if lib.exists() or name != "libcudart.so.13":  # the CUDA runtime may come from the system instead
+            ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
+    return tvm_ffi.load_module(str(library))
+
+
+def runtime_folder() -> Path:
+    candidates = [Path(os.environ[RUNTIME_ENV])] if os.environ.get(RUNTIME_ENV) else []
+    candidates += [Path(p) / RUNTIME_DIR for p in sys.path if p]
+    for folder in candidates:
+        if (folder / "libtvm_runtime.so").exists():
+            return folder
+    raise CompileError(f"running a TVM artifact needs the TVM runtime: install apache-tvm, or point {RUNTIME_ENV} at "
+                       f"a folder with libtvm_runtime.so (python -m attnc.codegen.tvm.runtime_pack makes one)")

@@ -1,0 +1,133 @@
+"""Decode and serving: the plan of the split-KV kernel (codegen/triton/decode.py.j2) and its per-launch choices.
+
+Decode reads a long K/V cache for one or a few query tokens per sequence: the work is memory bound and there
+is too little of it per sequence to fill the GPU. Three things fix that:
+
+- GQA packing: the query heads that share a K/V head become rows of one program (row = (head in group,
+  query position)), so each K/V tile is read once for the whole group and the tensor-core tile has rows to
+  fill at M = 1.
+- split-KV: each row tile's key range is cut into `splits` contiguous runs of key tiles, one program each;
+  every program writes its partial (out, lse) and a second small kernel merges them through the LSE.
+- ragged / paged storage: sequence lengths and page ids are data on the device. The grid is sized by upper
+  bounds known from shapes alone (no host sync) and a program past its sequence's end does nothing.
+
+`decode_launch` is the per-launch choice: a pure function of the sizes known at launch and the SM count.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Mapping
+
+from ..errors import CompileError
+from ..ir import Ragged
+from .plan import DecodePlan, KernelPlan, TileConfig
+from .tiling import DTYPE_BITS, MIN_DOT_ROWS, LaunchTiles, next_pow2, smem_bytes, smem_capacity
+
+
+@dataclass(frozen=True)
+class DecodeRow:
+    min_arch: int  # compute capability x 10; 0 matches the interpreter
+    max_dtype_bits: int
+    max_block_d: int
+    tile: TileConfig
+
+
+# First matching row wins. Decode tiles are short in M (packed heads x a few positions) and take keys in
+# BLOCK_N-wide steps with enough stages in flight to keep the memory system busy (two programs per SM fit).
+DECODE_TUNED: tuple[DecodeRow, ...] = (
+    DecodeRow(80, 16, 128, TileConfig(64, 64, 4, 3)),
+    DecodeRow(80, 16, 256, TileConfig(32, 32, 4, 2)),
+    DecodeRow(80, 32, 128, TileConfig(32, 32, 4, 2)),
+    DecodeRow(70, 32, 256, TileConfig(16, 32, 4, 1)),
+    # The interpreter: narrow key tiles so that small test shapes still have several tiles to split.
+    DecodeRow(0, 32, 1024, TileConfig(64, 16, 4, 1)),
+)
+MAX_SPLITS = 64
+MIN_SPLIT_TILES = 4  # a split reads at least 4 key tiles (256 keys at BLOCK_N = 64): the merge stays small
+PROGRAMS_PER_SM = 2  # split until the launch has about this many programs per SM
+INTERPRETER_SMS = 1  # the interpreter runs one program at a time
+
+
+def plan_decode(plan: KernelPlan) -> KernelPlan:
+    arch = plan.target.arch or 0
+    bits = DTYPE_BITS[plan.dtype]
+    t = plan.tiling
+    widest = max(t.block_d, t.block_dv)
+    row = next((r for r in DECODE_TUNED if arch >= r.min_arch and bits <= r.max_dtype_bits
+                and widest <= r.max_block_d), None)
+    tile = row.tile if row else TileConfig(16, 16, 4, 1)
+    o = plan.options
+    tile = replace(tile, block_n=o.block_n or tile.block_n, num_warps=o.num_warps or tile.num_warps,
+                   num_stages=o.num_stages or (tile.num_stages if arch else 1))
+    if o.num_splits is not None and o.num_splits < 1:
+        raise CompileError(f"num_splits must be at least 1, got {o.num_splits}")
+    while tile.num_stages > 1 and smem_bytes(tile.block_m, tile.block_n, t.block_d, t.block_dv, tile.num_stages,
+                                              bits // 8) > smem_capacity(plan.target.arch):
+        tile = replace(tile, num_stages=tile.num_stages - 1)
+    return replace(plan, decode=DecodePlan(tile=tile, max_splits=MAX_SPLITS, min_split_tiles=MIN_SPLIT_TILES,
+                                           dense_max_m=tile.block_m))
+
+
+@dataclass(frozen=True)
+class DecodeLaunch:
+    tiles: LaunchTiles  # rows per program (config.block_m = pack * block_mq), keys per step, warps, stages
+    splits: int  # programs per row tile's key range; 1: the kernel writes out and lse itself
+    q_programs: int  # grid axis 0: row tiles (an upper bound for a ragged q)
+    head_programs: int  # grid axis 1: (B x) H // pack
+    search_steps: int  # a ragged q: binary-search steps to find a program's sequence
+
+
+def decode_launch(plan: KernelPlan, sizes: Mapping[str, int], sm_count: int) -> DecodeLaunch | None:
+    """The decode kernel's launch for these sizes (B, H, HKV, the capacities M and N, and T, TK for ragged
+    storage); None for a dense spec whose launch is better served by the prefill kernel (large M, or no
+    split).
+
+    Rows: a sequence is expected to have m = M query rows (ceil(T / B) for a ragged q). When m fits the decode
+    tile, the group's heads are packed: positions = next_pow2(m), pack = the largest power of two dividing
+    H // HKV with pack * positions <= the tile's rows; else the prefill tile without packing. A ragged q gets
+    (T + B * (BLOCK_MQ - 1)) // BLOCK_MQ row-tile programs: sequence b's tiles start at
+    (cu[b] + b * (BLOCK_MQ - 1)) // BLOCK_MQ, which leaves room for each sequence's last partial tile.
+
+    Splits: with n the expected keys per sequence (N; TK / B for ragged k/v; the paged capacity MAXP * PAGE,
+    since the lengths are data) and key_tiles = ceil(n / BLOCK_N),
+        splits = clamp(ceil(PROGRAMS_PER_SM * SMs / programs), 1, min(max_splits, key_tiles // min_split_tiles))
+    then evened out to ceil(key_tiles / ceil(key_tiles / splits)), where programs = row tiles x head programs
+    (x B): split only until the GPU has about two programs per SM, and never into runs too short to pay for
+    the merge. PlanOptions(num_splits=...) fixes the count (at most one split per key tile)."""
+    d, t = plan.decode, plan.tiling
+    b, heads, group = sizes["B"], sizes["H"], sizes["H"] // sizes["HKV"]
+    ragged_q = plan.spec.q_storage is not None
+    m = -(-sizes["T"] // b) if ragged_q else sizes["M"]
+    dense = not ragged_q and plan.spec.kv_storage is None
+    if dense and m > d.dense_max_m:
+        return None
+    positions = next_pow2(max(m, 1))
+    if positions <= d.tile.block_m:
+        pack = 1
+        if plan.heads.pack:
+            while group % (pack * 2) == 0 and pack * 2 * positions <= d.tile.block_m:
+                pack *= 2
+        block_m = max(MIN_DOT_ROWS, pack * positions)
+        tiles = LaunchTiles(replace(d.tile, block_m=block_m), pack, block_m // pack)
+    else:
+        tiles = LaunchTiles(t.prefill, 1, t.prefill.block_m)
+    block_mq = tiles.block_mq
+    if ragged_q:
+        q_programs = (sizes["T"] + b * (block_mq - 1)) // block_mq
+        head_programs = heads // tiles.pack
+        programs = b * -(-m // block_mq) * head_programs
+    else:
+        q_programs = -(-sizes["M"] // block_mq)
+        head_programs = b * (heads // tiles.pack)
+        programs = q_programs * head_programs
+    n = -(-sizes["TK"] // b) if isinstance(plan.spec.kv_storage, Ragged) else sizes["N"]
+    key_tiles = -(-n // tiles.config.block_n)
+    if plan.options.num_splits is not None:
+        splits = max(1, min(plan.options.num_splits, key_tiles))
+    else:
+        wanted = -(-PROGRAMS_PER_SM * sm_count // max(programs, 1))
+        splits = max(1, min(wanted, d.max_splits, key_tiles // d.min_split_tiles))
+        splits = -(-key_tiles // -(-key_tiles // splits)) if key_tiles else 1
+    if splits == 1 and dense:
+        return None  # a dense launch without splits: the prefill kernel (TMA, warp specialization) serves it
+    return DecodeLaunch(tiles, splits, q_programs, head_programs, max(0, b - 1).bit_length())

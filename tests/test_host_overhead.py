@@ -1,0 +1,342 @@
+"""The per-call fast path: after a checked call, later calls with the same shapes, strides, dtypes, devices and
+keyword names go through a PreparedLaunch straight to Triton's launcher; anything that would change bind()'s
+result or Triton's specialization (a param of another type, an unaligned pointer, other strides, another size)
+goes back through bind() and the JIT.
+
+On CPU Triton's interpreter returns no compiled kernel, so these tests stand an interpreter-backed launcher in
+for Triton's (it runs the kernel with exactly the argument list a direct launch receives) and check every
+result against attnc.reference. The GPU tests time the real thing."""
+import statistics
+import time
+
+import pytest
+import torch
+
+import attnc
+import attnc.runtime.api as api
+import attnc.runtime.launch as launch
+from attnc.errors import CallError
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 3e-2}
+
+WINDOW = """
+attention win {
+    q: f32[B, H, M, D]  k: f32[B, HKV, N, D]  v: f32[B, HKV, N, D]
+    param window: i32 = 8
+    param scale: f32 = 0.25
+    param flip: bool = false
+    score = where(flip, -qk, qk) * scale
+    mask causal
+    mask i + (N - M) - j < window
+    return softmax(score) @ v, lse
+}
+"""
+DOC = """
+attention doc {
+    q: f16[B, M, H, D]  k: f16[B, N, HKV, D]  v: f16[B, N, HKV, D]
+    input doc: i32[B, N]
+    mask doc[b, i] == doc[b, j]
+    return softmax(score) @ v
+}
+"""
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs(monkeypatch):
+    """Outputs start as NaN, so an element a launch fails to write fails the comparison."""
+    monkeypatch.setattr(launch, "empty",
+                        lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device))
+
+
+def assert_matches(spec, got, q, k, v, **kwargs):
+    want = attnc.reference(spec, q, k, v, **kwargs)
+    got, want = (got, want) if spec.returns_lse else ((got,), (want,))
+    for g, w in zip(got, want):
+        scale = max(1.0, w[torch.isfinite(w)].abs().max().item()) if w.numel() else 1.0
+        assert not torch.isnan(g).any()
+        assert torch.equal(torch.isinf(g), torch.isinf(w))
+        finite = torch.isfinite(w)
+        assert (g.double()[finite] - w[finite]).abs().max().item() <= TOL[q.dtype] * scale
+
+
+def tensors(spec, sizes, dtype):
+    return [torch.randn([sizes[n] for n in d.shape], device=DEVICE, dtype=dtype) for d in (spec.q, spec.k, spec.v)]
+
+
+class InterpreterLaunch:
+    """Stands in for Triton's launcher on CPU: receives what DirectLaunch.launch receives (every argument in
+    attn_fwd's signature order, constexprs included, q/k/v/out/lse as addresses) and runs the interpreted kernel
+    with it, finding the tensors at those addresses among those the test registered."""
+
+    def __init__(self, fwd):
+        self.fwd, self.launches, self.memory = fwd, 0, {}
+
+    def register(self, *tensors):
+        self.memory.update((t.data_ptr(), t) for t in tensors if isinstance(t, torch.Tensor))
+
+    def stream(self):
+        return 0
+
+    def launch(self, stream, grid, args):
+        self.launches += 1
+        assert all(type(a) is int for a in args[:5])
+        args = [self.memory[a] for a in args[:5]] + args[5:]
+        names = self.fwd.arg_names
+        first_constexpr = names.index("BLOCK_M")
+        self.fwd[grid](*args[:first_constexpr], **dict(zip(names[first_constexpr:], args[first_constexpr:])))
+
+
+class CountingJit:
+    """Wraps a launcher's JIT function: counts full-path launches and returns a stand-in CompiledKernel."""
+
+    def __init__(self, fwd):
+        self.fwd, self.arg_names, self.launches = fwd, fwd.arg_names, 0
+
+    def __getitem__(self, grid):
+        def launch_(*args, **kwargs):
+            self.launches += 1
+            self.fwd[grid](*args, **kwargs)
+            return self
+
+        return launch_
+
+
+@pytest.fixture
+def direct(monkeypatch):
+    """Builds a kernel with one call, then routes its JIT launches through CountingJit and its direct launches
+    through one InterpreterLaunch; returns (call, kernel, jit, direct launch), where `call` registers the call's
+    tensors with the stand-in and calls the kernel. On a GPU the real launcher runs: (kernel, kernel, None, None)."""
+    def setup(spec, *args, **kwargs):
+        kernel = attnc.compile(spec)
+        kernel(*args, **kwargs)
+        (launcher,) = kernel._impls.values()
+        if DEVICE == "cuda":
+            return kernel, kernel, None, None
+        kernel._prepared.clear()
+        jit = launcher.fwd = CountingJit(launcher.fwd)
+        stand_in = InterpreterLaunch(jit.fwd)
+        monkeypatch.setattr(launch, "direct_launch", lambda compiled, device: stand_in)
+        poisoned = launch.empty
+
+        def empty(*args):
+            out = poisoned(*args)
+            stand_in.register(out)
+            return out
+
+        monkeypatch.setattr(launch, "empty", empty)
+
+        def call(q, k, v, **kw):
+            stand_in.register(q, k, v)
+            return kernel(q, k, v, **kw)
+
+        return call, kernel, jit, stand_in
+
+    return setup
+
+
+def counts(jit, stand_in):
+    return (jit.launches, stand_in.launches) if jit is not None else None
+
+
+def test_later_calls_take_the_prepared_launch_and_match_the_reference(direct):
+    spec = attnc.parse(WINDOW)[0]
+    sizes = {"B": 2, "H": 4, "HKV": 2, "M": 19, "N": 41, "D": 16}
+    call, kernel, jit, stand_in = direct(spec, *tensors(spec, sizes, torch.float32))
+    params = [{}, {"window": 5}, {"window": 30, "scale": 1, "flip": True}, {"window": 5}, {"scale": 0.5}]
+    for kwargs in params:
+        q, k, v = tensors(spec, sizes, torch.float32)  # fresh data at new addresses each call
+        assert_matches(spec, call(q, k, v, **kwargs), q, k, v, **kwargs)
+    # keyword sets {}, {window}, {window, scale, flip}, {scale}: one full-path call each, the repeat is prepared
+    assert len(kernel._prepared) == 4
+    if jit is not None:
+        assert counts(jit, stand_in) == (4, 1)
+
+
+def test_calls_that_bind_or_specialize_differently_take_the_full_path(direct):
+    spec = attnc.parse(WINDOW)[0]
+    sizes = {"B": 1, "H": 2, "HKV": 2, "M": 9, "N": 9, "D": 16}
+    call, kernel, jit, stand_in = direct(spec, *tensors(spec, sizes, torch.float32))
+    q, k, v = tensors(spec, sizes, torch.float32)
+    assert_matches(spec, call(q, k, v, window=3), q, k, v, window=3)  # full path, prepares
+    assert_matches(spec, call(q, k, v, window=4), q, k, v, window=4)  # prepared
+    before = counts(jit, stand_in)
+
+    # a q at a 4-byte offset: same shape and strides, so the same key, but Triton would not assume alignment
+    flat = torch.randn(q.numel() + 1, device=DEVICE)
+    shifted = flat[1:].view(q.shape)
+    prepared = dict(kernel._prepared)
+    assert_matches(spec, call(shifted, k, v, window=3), shifted, k, v, window=3)
+    assert kernel._prepared == prepared  # not replaced by one prepared from the unaligned call
+    # a param value bind() converts (a numpy-style integral that is not an int)
+    window = torch.tensor(6).numpy()[()]
+    assert_matches(spec, call(q, k, v, window=window), q, k, v, window=6)
+    # other strides (a transposed copy seen through a view) and another size: new keys
+    q_t = q.transpose(1, 2).contiguous().transpose(1, 2)
+    assert_matches(spec, call(q_t, k, v, window=3), q_t, k, v, window=3)
+    q2, k2, v2 = tensors(spec, dict(sizes, M=12, N=20), torch.float32)
+    assert_matches(spec, call(q2, k2, v2, window=3), q2, k2, v2, window=3)
+    if jit is not None:
+        assert counts(jit, stand_in) == (before[0] + 4, before[1])
+        assert_matches(spec, call(q_t, k, v, window=2), q_t, k, v, window=2)  # now prepared too
+        assert counts(jit, stand_in) == (before[0] + 4, before[1] + 1)
+
+
+def test_errors_still_come_from_bind_after_a_prepared_call(direct):
+    spec = attnc.parse(WINDOW)[0]
+    sizes = {"B": 1, "H": 2, "HKV": 1, "M": 5, "N": 7, "D": 16}
+    q, k, v = tensors(spec, sizes, torch.float32)
+    call, kernel, _, _ = direct(spec, q, k, v, window=3)
+    call(q, k, v, window=3)
+    with pytest.raises(CallError, match="window: param i32 wants an int, got float"):
+        call(q, k, v, window=3.5)
+    with pytest.raises(CallError, match=r"window: param i32 wants an int \(a Python value\), got a torch.Tensor"):
+        call(q, k, v, window=torch.tensor(3))
+    with pytest.raises(CallError, match="window: param i32 value 4294967296 does not fit in 32 bits"):
+        call(q, k, v, window=2**32)
+    with pytest.raises(CallError, match="flip: param bool wants a bool, got int"):
+        call(q, k, v, window=3, flip=1)
+    with pytest.raises(CallError, match="wndow: unknown argument"):
+        call(q, k, v, wndow=3)
+    with pytest.raises(CallError, match="q: expected dtype f32"):
+        call(q.half(), k, v, window=3)
+    with pytest.raises(CallError, match="k: expected a torch.Tensor"):
+        call(q, k.tolist(), v, window=3)
+
+
+def test_data_dependent_masks_follow_the_mask_tensor_on_the_prepared_path(direct):
+    spec = attnc.parse(DOC)[0]
+    sizes = {"B": 2, "H": 2, "HKV": 1, "M": 33, "N": 47, "D": 16}
+    doc = torch.sort(torch.randint(0, 3, (2, 47), device=DEVICE), dim=-1).values.int()
+    call, kernel, jit, stand_in = direct(spec, *tensors(spec, sizes, torch.float16), doc=doc)
+    for shift in range(3):
+        q, k, v = tensors(spec, sizes, torch.float16)
+        assert_matches(spec, call(q, k, v, doc=doc), q, k, v, doc=doc)
+        doc[:, 20 + shift:] += 1  # in place: the tile summary must be recomputed
+    other = torch.sort(torch.randint(0, 5, (2, 47), device=DEVICE), dim=-1).values.int()
+    assert_matches(spec, call(q, k, v, doc=other), q, k, v, doc=other)
+    if jit is not None:
+        assert counts(jit, stand_in) == (1, 3)
+
+
+def test_prepared_launches_are_bounded_per_kernel(direct, monkeypatch):
+    monkeypatch.setattr(api, "PREPARED_CALLS", 2)
+    spec = attnc.parse(WINDOW)[0]
+    sizes = {"B": 1, "H": 1, "HKV": 1, "M": 3, "N": 3, "D": 16}
+    call, kernel, _, _ = direct(spec, *tensors(spec, sizes, torch.float32))
+    for m in (3, 4, 5):
+        q, k, v = tensors(spec, dict(sizes, M=m), torch.float32)
+        assert_matches(spec, call(q, k, v), q, k, v)
+    assert len(kernel._prepared) == 2
+
+
+def test_call_key_covers_what_bind_reads():
+    q, k, v = (torch.randn(1, 2, 3, 4) for _ in range(3))
+    doc = torch.zeros(1, 3, dtype=torch.int32)
+    base = api.call_key(q, k, v, {"doc": doc, "w": 1}, ("doc",))
+    assert base == api.call_key(q.clone(), k, v, {"doc": doc.clone(), "w": 2}, ("doc",))  # data, param values
+    for other in [api.call_key(q.transpose(2, 3).contiguous().transpose(2, 3), k, v, {"doc": doc, "w": 1}, ("doc",)),
+                  api.call_key(q, k, v.half(), {"doc": doc, "w": 1}, ("doc",)),
+                  api.call_key(q, k, v, {"doc": doc.long(), "w": 1}, ("doc",)),
+                  api.call_key(q, k, v, {"doc": doc}, ("doc",)),
+                  api.call_key(q[:, :1], k, v, {"doc": doc, "w": 1}, ("doc",))]:
+        assert other != base
+    with pytest.raises(AttributeError):
+        api.call_key(q, k.tolist(), v, {}, ())
+    with pytest.raises(KeyError):
+        api.call_key(q, k, v, {}, ("doc",))
+
+
+def test_only_aligned_tensors_and_numbers_are_replayed():
+    flat = torch.randn(65)
+    assert launch.replayable([flat[:64], 3, 0.5, True, flat[4:]])
+    assert not launch.replayable([flat[1:], 3])
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    descriptor = TensorDescriptor.from_tensor(flat[:64].view(8, 8), [8, 8])
+    assert not launch.replayable([flat[:64], descriptor])
+
+
+def test_launch_hooks_send_calls_to_the_jit():
+    from triton.knobs import HookChain
+
+    chain = HookChain()
+    assert not launch._hook_set(None) and not launch._hook_set(chain)
+    chain.add(print)
+    assert launch._hook_set(chain) and launch._hook_set(print)
+
+
+# ---------------------------------------------------------------- on the GPU
+
+
+def host_us_per_call(fn, calls: int = 10, rounds: int = 300) -> float:
+    """Median host time of one call: `calls` back-to-back calls timed between synchronizations, so the GPU
+    queue never fills and the time is the host's alone."""
+    for _ in range(50):
+        fn()
+    times = []
+    for _ in range(rounds):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        times.append((time.perf_counter() - start) / calls * 1e6)
+    torch.cuda.synchronize()
+    return statistics.median(times)
+
+
+TINY = """
+attention tiny {
+    q: bf16[B, H, M, D]  k: bf16[B, HKV, N, D]  v: bf16[B, HKV, N, D]
+    param cap: f32 = 30.0
+    score = qk * rsqrt(D)
+    score = cap * tanh(score / cap)
+    mask causal
+    return softmax(score) @ v
+}
+"""
+
+
+@pytest.mark.gpu
+def test_host_time_per_call_on_a_cache_hit_gpu():
+    spec = attnc.parse(TINY)[0]
+    q, k, v = (torch.randn(1, 4, 128, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    kernel = attnc.compile(spec)
+    assert_matches(spec, kernel(q, k, v, cap=20.0), q, k, v, cap=20.0)  # compiles; prepares the launch
+    (launcher,) = kernel._impls.values()
+    launcher.fwd = CountingJit(launcher.fwd)
+    for _ in range(3):
+        q, k, v = (torch.randn_like(t) for t in (q, k, v))
+        assert_matches(spec, kernel(q, k, v, cap=20.0), q, k, v, cap=20.0)
+    assert launcher.fwd.launches == 0 and len(kernel._prepared) == 1  # no JIT launch after the first call
+    us = host_us_per_call(lambda: kernel(q, k, v, cap=20.0))
+    assert us < 15.0, f"attnc.compile kernel: {us:.1f} us per call"
+
+    @attnc.attention
+    def softcap(q, k, v, *, cap: float = 30.0):
+        s = (q @ k) * q.D ** -0.5
+        s = cap * attnc.tanh(s / cap)
+        return attnc.softmax(s, where=attnc.causal(q, k)) @ v
+
+    assert_matches(spec, softcap(q, k, v, cap=20.0), q, k, v, cap=20.0)
+    us = host_us_per_call(lambda: softcap(q, k, v, cap=20.0))
+    assert_matches(spec, softcap(q, k, v, cap=20.0), q, k, v, cap=20.0)
+    assert us < 15.0, f"@attnc.attention: {us:.1f} us per call"
+
+
+@pytest.mark.gpu
+def test_prepared_launch_in_a_cuda_graph_gpu():
+    spec = attnc.parse(TINY)[0]
+    q, k, v = (torch.randn(2, 4, 100, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    kernel = attnc.compile(spec)
+    kernel(q, k, v)
+    kernel(q, k, v)  # prepared from here
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = kernel(q, k, v)
+    for _ in range(2):
+        for t in (q, k, v):
+            t.copy_(torch.randn_like(t))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_matches(spec, out, q, k, v)

@@ -1,0 +1,64 @@
+"""The Hopper paths of the generated kernel, run in Triton's interpreter: K/V through tensor descriptors (with
+the pointer fallback for layouts TMA cannot take) and the warp-specialized loop; and the emitter keeping
+position arithmetic in int32 only where it provably fits."""
+import math
+import types
+
+import pytest
+import torch
+
+import attnc
+from attnc.codegen.triton.generate import generate
+from attnc.passes import PlanOptions, Target, plan_kernel
+
+HOPPER = Target("triton", "cuda", 90)
+SPEC = """attention t {
+  q: f32[B, H, M, D]  k: f32[B, HKV, N, D]  v: f32[B, HKV, N, D]
+  param window: i32 = 40
+  score = qk * rsqrt(D) + 0.01 * (j - i)
+  mask i >= j
+  mask i - j < window
+  return softmax(score) @ v, lse
+}"""
+
+
+def hopper_module(spec, d, ws):
+    """The sm_90 source with descriptors on, loaded without a GPU (the interpreter needs no TMA scratch)."""
+    plan = plan_kernel(spec, HOPPER, d, d, PlanOptions(block_m=32, block_n=16, tma=True, warp_specialize=ws))
+    assert plan.triton.tma and plan.triton.warp_specialize == ws
+    source = generate(plan).replace("triton.set_allocator(_scratch)", "")
+    module = types.ModuleType("hopper_kernel")
+    exec(compile(source, "hopper_kernel.py", "exec"), module.__dict__)
+    return module
+
+
+@pytest.mark.parametrize("ws", [False, True])
+@pytest.mark.parametrize("kv_layout", ["contiguous", "transposed"])  # transposed: s_kd != 1, pointer fallback
+def test_descriptor_path_matches_reference(ws, kv_layout):
+    spec = attnc.parse(SPEC)[0]
+    B, H, HKV, M, N, D = 2, 4, 2, 45, 70, 48  # N % BLOCK_N != 0 and D < BLOCK_D: descriptors pad with zeros
+    module = hopper_module(spec, D, ws)
+    q = torch.randn(B, H, M, D)
+    k, v = torch.randn(B, HKV, N, D), torch.randn(B, HKV, N, D)
+    if kv_layout == "transposed":
+        k = k.transpose(2, 3).contiguous().transpose(2, 3)
+    out = torch.full_like(q, math.nan)
+    lse = torch.full((B, H, M), math.nan)
+    module.attn_fwd[(-(-M // 32), B * H)](
+        q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
+        B, H, HKV, M, N, 40, BLOCK_M=32, BLOCK_N=16, BLOCK_MQ=32, PACK=1, UPCAST=False)
+    want_out, want_lse = attnc.reference(spec, q, k, v, window=40)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    assert float((out.double() - want_out).abs().max()) < 2e-5
+    assert float((lse.double() - want_lse).abs().max()) < 2e-5
+
+
+def test_position_arithmetic_stays_int32_only_when_it_fits():
+    spec = attnc.parse(SPEC)[0]
+    source = generate(plan_kernel(spec, HOPPER, 64, 64))
+    # ALiBi's j - i is a difference of two positions: int32 tile math, converted straight to float
+    assert "j_col[None, :] - i_row[:, None]" in source
+    # i - window mixes a position with an i32 param of any value: computed in int64 (row level, once)
+    assert "i_row.to(tl.int64) - tl.cast(p_window, tl.int64)" in source
+    # the key bounds are clamped to [0, N] and then int32
+    assert "exact_lo = tl.minimum(exact_lo, sz_N).to(tl.int32)" in source
