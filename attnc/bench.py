@@ -281,8 +281,12 @@ def cold_compile(device: str) -> dict:
     ours = time.perf_counter() - t0
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    def score_mod(score, b, h, q_idx, kv_idx):
-        return c * torch.tanh(score / c)
+    # The constant is written into the mod's source: a captured Python float would be lifted by dynamo
+    # into a CPU scalar tensor, which inductor's flex kernel cannot take.
+    namespace: dict = {}
+    exec(f"def score_mod(score, b, h, q_idx, kv_idx):\n    return {c!r} * torch.tanh(score / {c!r})\n",
+         {"torch": torch}, namespace)
+    score_mod = namespace["score_mod"]
 
     bm = create_block_mask(_causal_mask, None, None, 1024, 1024, device=device)
     flex = torch.compile(flex_attention)
@@ -382,18 +386,20 @@ def main(argv: list[str] | None = None) -> int:
         raise attnc.CallError("attnc bench needs a CUDA GPU; on a CPU use benchmarks/bench_cpu.py")
     device = "cuda"
     report = {"env": environment(device), "rows": []}
-    for w in prefill_workloads(args.quick):
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"{re.sub(r'[^A-Za-z0-9]+', '-', report['env']['device']).strip('-').lower()}-{report['env']['date'][:10]}"
+    save = lambda: (out_dir / f"{stem}.json").write_text(json.dumps(report, indent=1))  # after every row:
+    for w in prefill_workloads(args.quick):  # a run cut short still leaves what it measured
         if args.only and not re.search(args.only, w.name):
             continue
         report["rows"].append(run_workload(w, device))
         torch.cuda.empty_cache()
+        save()
     if not args.only:
         report["host"] = host_overhead(device)
         report["cold_compile"] = cold_compile(device)
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"{re.sub(r'[^A-Za-z0-9]+', '-', report['env']['device']).strip('-').lower()}-{report['env']['date'][:10]}"
-    (out_dir / f"{stem}.json").write_text(json.dumps(report, indent=1))
+        save()
     plot(report, out_dir, stem)
     print_table(report)
     return 0

@@ -221,13 +221,21 @@ def test_a_folder_that_is_no_artifact_is_refused(tmp_path, content, message):
         attnc.load(tmp_path / "missing")
 
 
-def test_a_plan_this_attnc_would_not_make_is_refused(sm80, copy_of):
+@pytest.mark.parametrize("change", ["plan", "source"])
+def test_a_plan_or_source_this_attnc_would_not_make_is_refused(sm80, copy_of, change):
     folder = copy_of(sm80)
     m = manifest_of(folder)
-    m["attentions"][0]["builds"][0]["plan"] += " "
+    build = m["attentions"][0]["builds"][0]
+    if change == "plan":
+        build["plan"] += " "
+    else:  # an older code generator's source, with a matching hash: the launcher would pass other arguments
+        source = folder / build["source"]
+        source.write_text(source.read_text() + "# from another attnc\n")
+        data = source.read_bytes()
+        m["files"][build["source"]] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
     (folder / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(attnc.CacheError, match=r"plans attention 'small_causal' \(D=32\) differently from the attnc "
-                                               r"that built it: rebuild with `attnc compile"):
+    with pytest.raises(attnc.CacheError, match=r"plans or generates attention 'small_causal' \(D=32\) differently "
+                                               r"from the attnc that built it: rebuild with `attnc compile"):
         attnc.load(folder)
 
 
@@ -272,6 +280,13 @@ def test_missing_input_or_output_folder_exit_2(spec_file, tmp_path, capsys):
     assert compile_cli(spec_file, "--arch", "sm_90a", "-o", tmp_path / "mine", "--dims", "D=32") == 2
     assert "exists and is not an attnc AOT artifact" in capsys.readouterr().err
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def test_paged_storage_is_refused_with_a_message(tmp_path, capsys):
+    paged = Path(__file__).parents[1] / "examples" / "specs" / "paged_decode.attn"
+    assert compile_cli(paged, "--arch", "sm_90a", "-o", tmp_path / "out", "--dims", "D=64") == 2
+    assert "ragged and paged storage are not built ahead of time yet" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
 
 
 # ---------------------------------------------------------------- on the GPU

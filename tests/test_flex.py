@@ -9,6 +9,7 @@ import torch
 
 import attnc
 from attnc.dsl import flex as flex_module
+from attnc.dsl import symbolic as symbolic_module
 from attnc.dsl.flex import create_block_mask, flex_spec
 from attnc.errors import CallError, TraceError
 from attnc.ir import Binary, IndexVar, Num, TensorDecl, default_score
@@ -262,6 +263,169 @@ def test_mods_reading_mutable_objects_are_traced_every_call(monkeypatch):
 SCALE = 1.0
 
 
+# ---------------------------------------------------------------- the per-call path never reuses a stale trace
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """Counts traces (by label) and walks of a mod's captured variables."""
+    calls = {"score_mod": 0, "mask_mod": 0, "walks": 0}
+    trace_mod, captures = flex_module._trace_mod, symbolic_module.captures
+
+    def counting_trace(*args):
+        calls[args[1]] += 1
+        return trace_mod(*args)
+
+    def counting_captures(fn):
+        calls["walks"] += 1
+        return captures(fn)
+
+    monkeypatch.setattr(flex_module, "_trace_mod", counting_trace)
+    monkeypatch.setattr(symbolic_module, "captures", counting_captures)
+    return calls
+
+
+def test_a_hit_walks_and_traces_nothing(counted):
+    def fresh_alibi(score, b, h, q_idx, kv_idx):  # a function no other test has traced
+        return score + slopes[h] * (kv_idx - q_idx)
+
+    mask = block_mask(document)
+    assert counted == {"score_mod": 0, "mask_mod": 1, "walks": 1}
+    first = flex_spec(*qkv(kv_heads=HKV), fresh_alibi, mask, enable_gqa=True)
+    for _ in range(3):
+        assert flex_spec(*qkv(kv_heads=HKV), fresh_alibi, mask, enable_gqa=True) == first
+    assert counted == {"score_mod": 1, "mask_mod": 1, "walks": 2}  # the mask_mod once, at create_block_mask
+
+
+def make_biased(bias):
+    """A score_mod whose closure holds `bias`, and a function that rebinds it."""
+    def biased(score, b, h, q_idx, kv_idx):
+        return score + bias[h]
+
+    def rebind(t):
+        nonlocal bias
+        bias = t
+
+    return biased, rebind
+
+
+def test_a_rebound_captured_tensor_reaches_the_kernel(monkeypatch, counted):
+    """fp32 kernels (Triton's interpreter) against torch's FlexAttention on the same closure, after the captured
+    tensor is rebound to other objects and written in place; one kernel throughout."""
+    api = importlib.import_module("attnc.runtime.api")
+    compiled = []
+    real_compile = api.compile
+    monkeypatch.setattr(api, "compile", lambda spec, **kw: compiled.append(spec.name) or real_compile(spec, **kw))
+    monkeypatch.setattr(flex_module, "_KERNELS", {})
+    first, second = torch.randn(H), torch.randn(H)
+    biased, rebind = make_biased(first)
+    mask = block_mask(top_left_causal)
+    for step, bias in enumerate((first, second, first, first)):
+        rebind(bias)
+        if step == 3:
+            bias.mul_(-2.0)  # in place: the same object, so the same trace, and the kernel reads the new values
+        q, k, v = qkv()
+        out = attnc.flex_attention(q, k, v, score_mod=biased, block_mask=mask)
+        want, _ = flexattention_oracle(q, k, v, biased, top_left_causal)
+        torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=2e-5)
+    assert counted["score_mod"] == 2  # one trace per tensor object; coming back to `first` traces nothing
+    assert compiled == ["biased_top_left_causal"]
+
+
+def test_a_changed_captured_scalar_is_traced_again(counted):
+    def make_capped(cap):
+        def capped(score, b, h, q_idx, kv_idx):
+            return cap * torch.tanh(score / cap)
+
+        def rebind(value):
+            nonlocal cap
+            cap = value
+
+        return capped, rebind
+
+    capped, rebind = make_capped(20.0)
+    q, k, v = qkv()
+    specs = []
+    for cap in (20.0, 10.0, float("10"), -0.0, 0.0):  # float("10") is another object equal to 10.0
+        rebind(cap)
+        specs.append(flex_spec(q, k, v, capped))
+    assert [repr(s.score.lhs.value) for s in specs] == ["20.0", "10.0", "10.0", "-0.0", "0.0"]
+    assert specs[2].key == specs[1].key and specs[3].key != specs[4].key
+    assert counted["score_mod"] == 4  # 20, 10, -0.0 and 0.0 (which compare equal but trace differently)
+    out = attnc.reference(specs[1], q, k, v)
+    want, _ = flexattention_oracle(q, k, v, make_capped(10.0)[0])
+    torch.testing.assert_close(out, want, rtol=1e-9, atol=1e-9)
+
+
+def helper_double(q_idx, kv_idx):
+    return (kv_idx - q_idx) * 2
+
+
+def helper_triple(q_idx, kv_idx):
+    return (kv_idx - q_idx) * 3
+
+
+helper = helper_double
+
+
+def test_a_rebound_helper_function_is_traced_again():
+    global helper
+
+    def relative(score, b, h, q_idx, kv_idx):
+        return score + helper(q_idx, kv_idx)
+
+    q, k, v = qkv()
+    try:
+        assert "(j - i) * 2" in flex_spec(q, k, v, relative).canonical
+        helper = helper_triple  # same captures, other code
+        assert "(j - i) * 3" in flex_spec(q, k, v, relative).canonical
+    finally:
+        helper = helper_double
+
+
+def test_a_global_defined_later_is_seen():
+    """A name a mod loads that is not yet a global (here it falls back to the builtin abs) is watched too."""
+    scope = {"torch": torch}
+    exec("def absolute(score, b, h, q_idx, kv_idx):\n    return abs(score)\n", scope)
+    q, k, v = qkv()
+    assert "abs(qk * rsqrt(D))" in flex_spec(q, k, v, scope["absolute"]).canonical
+    scope["abs"] = torch.tanh
+    assert "tanh(qk * rsqrt(D))" in flex_spec(q, k, v, scope["absolute"]).canonical
+
+
+def test_callable_objects_are_traced_every_call(counted):
+    class Capped:
+        def __init__(self, cap):
+            self.cap = cap
+
+        def __call__(self, score, b, h, q_idx, kv_idx):
+            return self.cap * torch.tanh(score / self.cap)
+
+    capped = Capped(20.0)
+    q, k, v = qkv()
+    assert "20.0 * tanh" in flex_spec(q, k, v, capped).canonical
+    capped.cap = 5.0  # an attribute, not a variable: no snapshot can see it change
+    assert "5.0 * tanh" in flex_spec(q, k, v, capped).canonical and counted["score_mod"] == 2
+
+
+def test_traces_are_bounded_and_go_with_their_mods():
+    import gc
+
+    gc.collect()
+    before = len(flex_module._SCORE_MODS)
+    q, k, v = qkv()
+    biased, rebind = make_biased(torch.randn(H))
+    for _ in range(flex_module.SNAPSHOTS_PER_MOD + 4):
+        rebind(torch.randn(H))
+        flex_spec(q, k, v, biased)
+    assert len(flex_module._SCORE_MODS[id(biased)].seen) == flex_module.SNAPSHOTS_PER_MOD
+    for cap in range(5):  # mods made per call
+        flex_spec(q, k, v, lambda score, b, h, q_idx, kv_idx: score * cap)
+    del biased, rebind
+    gc.collect()
+    assert len(flex_module._SCORE_MODS) == before
+
+
 def test_noop_mask_and_no_mask_are_the_same():
     q, k, v = qkv()
     spec = flex_spec(q, k, v, block_mask=create_block_mask(torch_flex.noop_mask, 1, 1, M, N))
@@ -429,3 +593,36 @@ def test_flex_attention_on_gpu(dtype):
     tol = 2e-3 if dtype == torch.float16 else 2e-2
     torch.testing.assert_close(out.double(), ref_out, rtol=tol, atol=tol)
     torch.testing.assert_close(lse.double(), ref_lse, rtol=tol, atol=tol)
+
+
+@pytest.mark.gpu
+def test_flex_attention_host_time_per_call_gpu(monkeypatch):
+    """A cache hit of flex_attention (score_mod capturing a scalar, a causal block mask) costs the host < 15 us
+    on a tiny problem; the results before and after the timed calls match the reference (outputs poisoned)."""
+    from test_host_overhead import host_us_per_call
+
+    import attnc.runtime.launch as launch
+
+    cap = 30.0
+
+    def softcap(score, b, h, q_idx, kv_idx):
+        return cap * torch.tanh(score / cap)
+
+    mask = create_block_mask(top_left_causal, None, None, 128, 128, device="cuda")
+    q, k, v = (torch.randn(1, 4, 128, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    spec = flex_spec(q, k, v, softcap, mask)
+
+    def checked_calls():
+        with monkeypatch.context() as poisoned:
+            poisoned.setattr(launch, "empty", lambda shape, dtype, device: torch.full(
+                shape, float("nan"), dtype=dtype, device=device))
+            for _ in range(3):  # compiles, prepares the launch, then takes it
+                for t in (q, k, v):
+                    t.copy_(torch.randn_like(t))
+                out = attnc.flex_attention(q, k, v, score_mod=softcap, block_mask=mask)
+                torch.testing.assert_close(out.double(), attnc.reference(spec, q, k, v), rtol=2e-2, atol=2e-2)
+
+    checked_calls()
+    us = host_us_per_call(lambda: attnc.flex_attention(q, k, v, score_mod=softcap, block_mask=mask))
+    checked_calls()
+    assert us < 15.0, f"attnc.flex_attention: {us:.1f} us per call"

@@ -333,6 +333,13 @@ def test_call_errors_name_the_argument():
         biased.trace(q, k[0], v, bias=torch.randn(4))
     with pytest.raises(CallError, match="q: dtype torch.int32 is not supported"):
         biased.trace(q.int(), k, v, bias=torch.randn(4))
+    # calls check the same way, before anything is compiled
+    with pytest.raises(CallError, match="k: expected a 4-dim"):
+        biased(q, k[0], v, bias=torch.randn(4))
+    with pytest.raises(CallError, match="v: expected a 4-dim"):
+        biased(q, k, v[None], bias=torch.randn(4))
+    with pytest.raises(CallError, match="bias: missing input tensor"):
+        biased(q, k, v)
     with pytest.raises(CallError, match="layout"):
         attnc.attention(layout="SBHD")
 

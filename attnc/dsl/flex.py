@@ -6,13 +6,18 @@ is 1/sqrt(D), the text language's default score); masks are top-left aligned (`q
 `return_lse` gives the natural-log row log-sum-exp. The index arguments of a mod are symbolic and behave
 like 0-dim torch tensors; a tensor the mod captures (closure or global) and indexes, `bias[h, q_idx]`,
 becomes an `input` named after its variable and is passed to the kernel at every call.
+
+A score_mod is traced once per scale and per snapshot of what it captures: each call re-reads its closure cells
+and the globals it loads and compares them, by identity, with those it was traced with, so a changed scalar or
+a tensor rebound to another object traces it again; a mod reading an arbitrary object (a dict, `self`) is
+traced at every call. A mask_mod is traced once, by create_block_mask.
 """
 from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass, field
-from functools import cached_property
-from typing import Callable
+from functools import cached_property, partial
+from typing import Callable, NoReturn
 
 import torch
 
@@ -68,7 +73,9 @@ def _trace_mod(fn: Callable, label: str, args: tuple, want: str, captured: symbo
 @dataclass(frozen=True, eq=False)
 class BlockMask:
     """What `create_block_mask` records: the traced mask_mod and the sizes it was made for. No N^2 work is
-    done: the kernels derive which tiles to skip from the mask's expression."""
+    done: the kernels derive which tiles to skip from the mask's expression. The mask_mod is traced once, at
+    creation: the Python values it captures are read then (FlexAttention also computes its block mask at
+    creation); the tensors it indexes are passed by reference to every call, so writes into them are seen."""
 
     mask_mod: Callable
     B: int | None
@@ -107,48 +114,83 @@ VARIANTS = 64  # (score trace, block mask) pairs whose merged inputs and names a
 
 
 class _ScoreMod:
-    """The traces of one score_mod. `captured` is what it read at the last call and `traces` (scale -> trace)
-    hold for those values; `seen` keeps the traces of earlier snapshots (by Captures.key), so values that come
-    back, or are rebound to equal ones, trace nothing."""
+    """The traces of one score_mod (`mod`, weakly). `current` pairs what the mod read at the last call (a
+    symbolic.Captures) with the traces (scale -> ModTrace) made from those values; one attribute, so that
+    threads never see the values of one snapshot with the traces of another. `seen` keeps earlier snapshots by
+    Captures.key, so values that come back, or are rebound to equal ones, trace nothing."""
 
-    __slots__ = ("captured", "traces", "seen")
+    __slots__ = ("mod", "current", "seen")
 
-    def __init__(self):
-        self.captured = symbolic.Captures({}, None)
-        self.traces: dict = {}
-        self.seen: dict[tuple, tuple[symbolic.Captures, dict]] = {}
+    def __init__(self, mod: weakref.ref | None = None):
+        self.mod = mod
+        self.current: tuple[symbolic.Captures, dict[object, ModTrace]] = (symbolic.Captures({}, None), {})
+        self.seen: dict[tuple, tuple[symbolic.Captures, dict[object, ModTrace]]] = {}
 
-    def refresh(self, score_mod: Callable) -> None:
+    def trace(self, score_mod: Callable, scale) -> ModTrace:
+        captured, traces = self.current
+        if not captured.unchanged():
+            captured, traces = self.current = self._snapshot(score_mod)
+        trace = traces.get(scale)
+        if trace is None:
+            score = Sym(_base_score(scale), "float")
+            trace = _trace_mod(score_mod, "score_mod", (score, *_index_args()), "number", captured)
+            if captured.unchanged():  # else something was rebound while tracing: keep nothing
+                traces[scale] = trace
+        return trace
+
+    def _snapshot(self, score_mod: Callable) -> tuple[symbolic.Captures, dict[object, ModTrace]]:
         captured = symbolic.captures(score_mod)
-        entry = self.seen.get(captured.key) if captured.key is not None else None
+        if captured.key is None:  # reads an arbitrary object: nothing is kept
+            return captured, {}
+        entry = self.seen.get(captured.key)
         if entry is None:
-            entry = (captured, {})  # held with its key: the ids in the key stay unique
-            if captured.key is not None:
-                if len(self.seen) >= SNAPSHOTS_PER_MOD:
-                    self.seen.pop(next(iter(self.seen)))  # the oldest snapshot
-                self.seen[captured.key] = entry
-        self.captured, self.traces = captured, entry[1]
+            if len(self.seen) >= SNAPSHOTS_PER_MOD:
+                self.seen.pop(next(iter(self.seen)), None)  # the oldest snapshot
+            entry = self.seen[captured.key] = (captured, {})  # its Captures holds the objects whose ids key it
+        return captured, entry[1]
 
 
-# score_mod -> its traces; weak, so mods made per call do not pile up
-_SCORE_MODS: "weakref.WeakKeyDictionary[Callable, _ScoreMod]" = weakref.WeakKeyDictionary()
+# id(score_mod) -> its traces. Weak: an entry goes with its function, so mods made per call do not pile up
+# (keyed by id because a WeakKeyDictionary look-up makes a weak reference each time).
+_SCORE_MODS: dict[int, _ScoreMod] = {}
 _PLAIN_SCORES: dict[object, ModTrace] = {}  # scale -> the score without a score_mod
+
+
+def _forget(ref: weakref.ref, key: int) -> None:
+    state = _SCORE_MODS.get(key)
+    if state is not None and state.mod is ref:
+        del _SCORE_MODS[key]
+
+
+def _score_trace(score_mod: Callable | None, scale) -> ModTrace:
+    if score_mod is None:
+        trace = _PLAIN_SCORES.get(scale)
+        if trace is None:
+            trace = _PLAIN_SCORES[scale] = ModTrace(_base_score(scale))
+        return trace
+    state = _SCORE_MODS.get(id(score_mod))
+    if state is None or state.mod() is not score_mod:
+        try:
+            state = _ScoreMod(weakref.ref(score_mod, partial(_forget, key=id(score_mod))))
+        except TypeError:  # not weak-referenceable: traced on every call
+            state = _ScoreMod()
+        else:
+            _SCORE_MODS[id(score_mod)] = state
+    return state.trace(score_mod, scale)
 
 
 @dataclass(frozen=True, eq=False)
 class _Variant:
     """What every call with one score trace and one block mask shares: the captured tensors the kernel takes
-    (merged, by variable name), the spec's name, and the part of the kernel cache key they decide."""
+    (merged, by variable name; `inputs` in that order), the spec's name, and the part of the kernel cache key
+    they decide."""
 
     score: ModTrace
     block_mask: "BlockMask | None"
     tensors: dict[str, torch.Tensor]
+    inputs: tuple[torch.Tensor, ...]
     name: str
     key: tuple
-
-    @cached_property
-    def inputs(self) -> tuple[torch.Tensor, ...]:
-        return tuple(self.tensors.values())
 
 
 # (score trace, block mask trace) -> _Variant, oldest dropped first
@@ -166,56 +208,37 @@ def _base_score(scale) -> Expr:
     return default_score() if scale is None else Binary("*", QK(), Num(float(scale), True))
 
 
-def _score_trace(score_mod: Callable | None, scale) -> ModTrace:
-    if score_mod is None:
-        trace = _PLAIN_SCORES.get(scale)
-        if trace is None:
-            trace = _PLAIN_SCORES[scale] = ModTrace(_base_score(scale))
-        return trace
-    try:
-        state = _SCORE_MODS.get(score_mod)
-    except TypeError:  # not weak-referenceable: traced every call
-        state = None
-    if state is None:
-        state = _ScoreMod()
-        try:
-            _SCORE_MODS[score_mod] = state
-        except TypeError:
-            pass
-    if not state.captured.unchanged():
-        state.refresh(score_mod)
-    trace = state.traces.get(scale)
-    if trace is None:
-        score = Sym(_base_score(scale), "float")
-        trace = _trace_mod(score_mod, "score_mod", (score, *_index_args()), "number", state.captured)
-        if state.captured.key is not None:
-            state.traces[scale] = trace
-    return trace
-
-
-def _variant_of(score: ModTrace, block_mask: BlockMask | None, score_mod: Callable | None) -> _Variant:
+def _new_variant(score: ModTrace, block_mask: BlockMask | None, score_mod: Callable | None) -> _Variant:
     mask = block_mask.trace if block_mask is not None else None
-    variant = _VARIANTS.get((score, mask))
-    if variant is None:
-        tensors = dict(score.tensors)
-        for name, t in mask.tensors if mask is not None else ():
-            if tensors.setdefault(name, t) is not t:
-                raise CallError(f"score_mod and mask_mod capture different tensors named {name!r}; rename one of "
-                                f"the variables (each captured tensor becomes an input named after its variable)")
-        name = _name(score_mod, block_mask.mask_mod if block_mask is not None else None)
-        key = (score.text, mask.text if mask is not None else "", name, *tensors)
-        variant = _Variant(score, block_mask, tensors, name, key)
-        if len(_VARIANTS) >= VARIANTS:
-            _VARIANTS.pop(next(iter(_VARIANTS)))
-        _VARIANTS[(score, mask)] = variant
+    tensors = dict(score.tensors)
+    for name, t in mask.tensors if mask is not None else ():
+        if tensors.setdefault(name, t) is not t:
+            raise CallError(f"score_mod and mask_mod capture different tensors named {name!r}; rename one of "
+                            f"the variables (each captured tensor becomes an input named after its variable)")
+    name = _name(score_mod, block_mask.mask_mod if block_mask is not None else None)
+    key = (score.text, mask.text if mask is not None else "", name, *tensors)
+    variant = _Variant(score, block_mask, tensors, tuple(tensors.values()), name, key)
+    if len(_VARIANTS) >= VARIANTS:
+        _VARIANTS.pop(next(iter(_VARIANTS)))
+    _VARIANTS[(score, mask)] = variant
     return variant
 
 
 def _check_block_mask(block_mask, q_shape, k_shape) -> None:
+    if isinstance(block_mask, BlockMask):
+        batch, heads = block_mask.B, block_mask.H
+        if (block_mask.Q_LEN == q_shape[2] and block_mask.KV_LEN == k_shape[2]
+                and (batch is None or batch == 1 or batch == q_shape[0])
+                and (heads is None or heads == 1 or heads == q_shape[1])):
+            return
+    _raise_block_mask_error(block_mask, q_shape, k_shape)
+
+
+def _raise_block_mask_error(block_mask, q_shape, k_shape) -> NoReturn:
     if not isinstance(block_mask, BlockMask):
         raise CallError(f"block_mask: expected the result of attnc.create_block_mask, got "
                         f"{type(block_mask).__name__} (a torch BlockMask holds no traceable mask_mod)")
-    if block_mask.Q_LEN != q_shape[2] or block_mask.KV_LEN != k_shape[2]:
+    if (block_mask.Q_LEN, block_mask.KV_LEN) != (q_shape[2], k_shape[2]):
         raise CallError(f"block_mask: was created for Q_LEN={block_mask.Q_LEN}, KV_LEN={block_mask.KV_LEN} but "
                         f"query has {q_shape[2]} positions and key {k_shape[2]}; create the block mask for these "
                         f"lengths")
@@ -249,7 +272,10 @@ def _variant(query, key, value, score_mod, block_mask, scale, enable_gqa, return
         _check_block_mask(block_mask, q_shape, k_shape)
     if scale is not None:
         _check_scale(scale)
-    variant = _variant_of(_score_trace(score_mod, scale), block_mask, score_mod)
+    score = _score_trace(score_mod, scale)
+    variant = _VARIANTS.get((score, block_mask.trace if block_mask is not None else None))
+    if variant is None:
+        variant = _new_variant(score, block_mask, score_mod)
     # A tensor's dtype and rank can change in place (`t.data = ...`): read them on every call.
     inputs = tuple([(t.dtype, t.dim()) for t in variant.inputs]) if variant.inputs else ()
     return (variant.key, signature, inputs, bool(return_lse)), variant

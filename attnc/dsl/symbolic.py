@@ -13,7 +13,6 @@ import dis
 import functools
 import linecache
 import numbers
-import operator
 import os
 import sys
 import types

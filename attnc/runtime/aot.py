@@ -20,7 +20,12 @@ match this machine, or whose plans this attnc would not make, with a CacheError 
 
 Loaded attentions are ordinary `attnc.Kernel`s whose backend is the artifact (`AotBackend`): they bind their
 arguments like `attnc.compile`'s kernels and launch through the same `TritonLauncher`, whose kernels here are
-`AotKernel`s, stand-ins for Triton's JITFunction that run the saved cubins.
+`AotKernel`s, stand-ins for Triton's JITFunction that run the saved cubins (so the launcher's prepared-launch
+fast path applies to them too).
+
+Not built ahead of time yet: the split-KV decode kernels of runtime/serving.py (a loaded kernel runs small M
+through the forward kernel's decode tiles, which is correct but slower for long caches) and specs with ragged or
+paged storage (refused by `attnc compile`).
 """
 from __future__ import annotations
 
@@ -284,11 +289,14 @@ def _spec_of(artifact: Artifact, attention: AttentionBuild) -> Attention:
                          f"than the one it was built with: rebuild with `{artifact.command}`")
     spec = specs[0]
     for build in attention.builds:
+        # The same plan and the same generated source: the saved kernels take exactly the arguments this attnc's
+        # launcher passes.
         plan = plan_kernel(spec, Target("triton", "cuda", artifact.arch.capability), build.head_dim,
                            build.value_dim, PlanOptions())
-        if repr(plan) != build.plan:
-            raise CacheError(f"{artifact.path}: attnc {__version__} plans attention {attention.name!r} (D="
-                             f"{build.head_dim}) differently from the attnc that built it: rebuild with "
+        same = repr(plan) == build.plan and generate(plan) == (artifact.path / build.source).read_text("utf-8")
+        if not same:
+            raise CacheError(f"{artifact.path}: attnc {__version__} plans or generates attention {attention.name!r} "
+                             f"(D={build.head_dim}) differently from the attnc that built it: rebuild with "
                              f"`{artifact.command}`")
     return spec
 
@@ -631,8 +639,8 @@ def compile_artifact(file: str | os.PathLike, out: str | os.PathLike, arch: str,
         specs = [s for s in specs if s.name in names]
     for spec in specs:
         if spec.q_storage is not None or spec.kv_storage is not None:
-            raise CompileError(f"attention {spec.name!r}: ragged and paged storage have no Triton kernel yet, so no "
-                               f"AOT build; compile the other attentions with --name")
+            raise CompileError(f"attention {spec.name!r}: ragged and paged storage are not built ahead of time yet "
+                               f"(attnc.compile runs their decode kernels); build the other attentions with --name")
     builds = [(spec, _dims_for(spec, head_dims)) for spec in specs]
     command = command or (f"attnc compile {shlex.quote(str(file))} --backend triton --arch {target_arch.name} "
                           f"-o {shlex.quote(str(out))}")

@@ -78,7 +78,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Mapping, TypeVar
 
 import platformdirs
 
-if TYPE_CHECKING:  # filelock imports asyncio (~0.1 s): loaded by the functions that lock, on first use
+if TYPE_CHECKING:  # importing filelock takes 50-125 ms (asyncio, in some versions): the functions that lock do
     from filelock import FileLock
 
 FORMAT = "v1"  # bump when the layout or manifest changes; old trees are then simply ignored
