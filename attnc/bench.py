@@ -377,11 +377,14 @@ def plot(report: dict, out_dir: Path, stem: str) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .cli import bench_arguments
+
     ap = argparse.ArgumentParser(prog="attnc bench", description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="benchmarks/results", help="folder for the JSON and PNG files")
-    ap.add_argument("--only", default=None, help="regex: run only workloads whose name matches")
-    ap.add_argument("--quick", action="store_true", help="smaller sequence lengths (a smoke run)")
-    args = ap.parse_args(argv)
+    bench_arguments(ap)
+    return run(ap.parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
     if not torch.cuda.is_available():
         raise attnc.CallError("attnc bench needs a CUDA GPU; on a CPU use benchmarks/bench_cpu.py")
     device = "cuda"

@@ -168,12 +168,28 @@ def _compile(args: argparse.Namespace) -> int:
     return 0
 
 
+def bench_arguments(p: argparse.ArgumentParser) -> None:
+    """The benchmark's options (also used by `python -m attnc.bench`); declared here so that building the
+    CLI's parser never imports the benchmark and torch."""
+    p.add_argument("--out", default="benchmarks/results", help="folder for the JSON and PNG files")
+    p.add_argument("--only", default=None, help="regex: run only workloads whose name matches")
+    p.add_argument("--quick", action="store_true", help="smaller sequence lengths (a smoke run)")
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from . import bench
+
+    return bench.run(args)
+
+
 COMMANDS = (
     Command("check", "parse and check spec files; print each attention's name and key", _check_arguments, _check),
     Command("show", "print a spec in one of its forms (--emit)", _show_arguments, _show),
     Command("cache", "list or delete the compiled kernels (`attnc cache ls|clear`)", _cache_arguments, _cache),
     Command("compile", "build GPU kernels ahead of time, without a GPU, for `attnc.load(DIR)`", _compile_arguments,
             _compile),
+    Command("bench", "GPU benchmark side by side with SDPA (flash, cuDNN, efficient) and FlexAttention",
+            bench_arguments, _bench),
 )
 
 

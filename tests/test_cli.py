@@ -96,3 +96,10 @@ def test_python_dash_m_show_and_bad_usage():
     assert r.returncode == 0 and parse(r.stdout) == parse_file(SPECS[0])
     r = run("frobnicate")
     assert r.returncode == 2 and "invalid choice" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message a machine without a GPU gets")
+def test_bench_without_a_gpu_says_so():
+    result = run("bench", "--quick", "--only", "dense")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "attnc bench needs a CUDA GPU" in result.stderr
