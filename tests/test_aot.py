@@ -131,7 +131,10 @@ def test_compile_writes_sources_cubins_and_manifest(request, spec_file, which, c
             assert meta["name"] == "attn_fwd" and meta["target"]["arch"] == capability
             assert meta["triton_version"] == triton.__version__ and meta["hash"] == k["triton_hash"]
         assert launches == expected_launches(plan)
-        assert sorted(k["layout"] for k in build["kernels"]) == sorted(["any", "dense"] * len(launches))
+        # with descriptors (sm_90), each launch is built for K/V that they can take (TMA=True) and that they cannot
+        tma = {dict(k["launch"]).get("TMA") for k in build["kernels"]}
+        assert tma == ({True, False} if plan.triton.tma else {None}) and plan.triton.tma == (capability >= 90)
+        assert sorted(k["layout"] for k in build["kernels"]) == sorted(["any", "dense"] * len(launches) * len(tma))
 
 
 def test_load_gives_kernels_that_check_their_calls(sm90, spec_file):
@@ -349,9 +352,11 @@ def test_compiled_ahead_runs_without_compiling_gpu(tmp_path, monkeypatch):
                 kwargs["window"] = 40
             q, k, v = make(spec.q), make(spec.k), make(spec.v)
             q_strided = make(spec.q, stretch=2)[..., ::2]  # head-dim stride 2: the "any" build
-            for qq in (q, q_strided):
-                got = kernel(qq, k, v, **kwargs)
-                want = attnc.reference(spec, qq, k, v, **kwargs)
+            # K/V with head-dim stride 2: no tensor descriptors (the TMA=False build on sm_90)
+            k_strided, v_strided = make(spec.k, stretch=2)[..., ::2], make(spec.v, stretch=2)[..., ::2]
+            for qq, kk, vv in ((q, k, v), (q_strided, k, v), (q, k_strided, v_strided)):
+                got = kernel(qq, kk, vv, **kwargs)
+                want = attnc.reference(spec, qq, kk, vv, **kwargs)
                 out_, ref = (got[0], want[0]) if spec.returns_lse else (got, want)
                 assert not out_.isnan().any(), (name, m, n)
                 err = (out_.double() - ref).abs().max().item()

@@ -102,3 +102,39 @@ def test_plan_and_source_without_tensors():
         api.head_dims(spec)
     plan = attnc.compile(spec, backend="triton").plan("cpu", *api.head_dims(spec, 64))
     assert "exact      j >= max(0; i + (N - M) - window + 1)" in plan.describe()
+
+
+def test_config_over_shared_memory_is_retried_with_fewer_stages(monkeypatch):
+    """Triton's own shared-memory check (OutOfResources, before anything runs) makes the launcher drop one
+    pipeline stage at a time, keep what fits, and still give the right numbers."""
+    from triton.runtime.errors import OutOfResources
+
+    from attnc.passes import PlanOptions
+
+    spec = attnc.parse(SPEC)[0]
+    kernel = attnc.compile(spec, options=PlanOptions(num_stages=3))
+    q, k, v = torch.randn(1, 2, 100, 16), torch.randn(1, 2, 120, 16), torch.randn(1, 2, 120, 16)
+    kernel(q, k, v)
+    (launcher,) = kernel._impls.values()
+    real, stages_seen = launcher.fwd, []
+
+    class SharedMemoryLimited:  # a GPU on which only one stage fits
+        arg_names = real.arg_names
+
+        def __getitem__(self, grid):
+            def launch(*args, num_stages, **kwargs):
+                stages_seen.append(num_stages)
+                if num_stages > 1:
+                    raise OutOfResources(300000, 232448, "shared memory")
+                return real[grid](*args, num_stages=num_stages, **kwargs)
+            return launch
+
+    monkeypatch.setattr(launcher, "fwd", SharedMemoryLimited())
+    launcher._stages.clear()
+    for n in (120, 77):  # a new N each time, so the JIT launch runs (no prepared replay)
+        q, k, v = torch.randn(1, 2, 100, 16), torch.randn(1, 2, n, 16), torch.randn(1, 2, n, 16)
+        out, lse = kernel(q, k, v, window=500)
+        ref, ref_lse = attnc.reference(spec, q, k, v, window=500)
+        torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=0)
+        torch.testing.assert_close(lse.double(), ref_lse, atol=2e-5, rtol=0)  # -inf rows: N < M here
+    assert stages_seen == [3, 2, 1, 1]

@@ -10,6 +10,7 @@ import torch
 import attnc
 from attnc.codegen.triton.generate import generate
 from attnc.passes import PlanOptions, Target, plan_kernel
+from attnc.runtime.launch import descriptor_ready
 
 HOPPER = Target("triton", "cuda", 90)
 SPEC = """attention t {
@@ -42,11 +43,14 @@ def test_descriptor_path_matches_reference(ws, kv_layout):
     k, v = torch.randn(B, HKV, N, D), torch.randn(B, HKV, N, D)
     if kv_layout == "transposed":
         k = k.transpose(2, 3).contiguous().transpose(2, 3)
+    # the launcher's choice: descriptors for contiguous K/V, the pointer loops for a strided head dim
+    tma = descriptor_ready(k, spec.k) and descriptor_ready(v, spec.v)
+    assert tma == (kv_layout == "contiguous")
     out = torch.full_like(q, math.nan)
     lse = torch.full((B, H, M), math.nan)
     module.attn_fwd[(-(-M // 32), B * H)](
         q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
-        B, H, HKV, M, N, 40, BLOCK_M=32, BLOCK_N=16, BLOCK_MQ=32, PACK=1, UPCAST=False)
+        B, H, HKV, M, N, 40, BLOCK_M=32, BLOCK_N=16, BLOCK_MQ=32, PACK=1, UPCAST=False, TMA=tma)
     want_out, want_lse = attnc.reference(spec, q, k, v, window=40)
     assert torch.isfinite(out).all() and torch.isfinite(lse).all()
     assert float((out.double() - want_out).abs().max()) < 2e-5
@@ -62,3 +66,27 @@ def test_position_arithmetic_stays_int32_only_when_it_fits():
     assert "i_row.to(tl.int64) - tl.cast(p_window, tl.int64)" in source
     # the key bounds are clamped to [0, N] and then int32
     assert "exact_lo = tl.minimum(exact_lo, sz_N).to(tl.int32)" in source
+
+
+def test_descriptor_ready_follows_tma_rules():
+    spec = attnc.parse(SPEC)[0]
+    k = torch.randn(2, 3, 40, 16)  # f32: rows of 64 bytes
+    assert descriptor_ready(k, spec.k)
+    assert not descriptor_ready(k.transpose(2, 3).contiguous().transpose(2, 3), spec.k)  # head dim not unit-stride
+    assert not descriptor_ready(torch.randn(2, 3, 40, 17)[..., :16], spec.k)  # rows 68 bytes apart
+    assert not descriptor_ready(torch.randn(2 * 3 * 40 * 16 + 1)[1:].view(2, 3, 40, 16), spec.k)  # base off by 4
+    assert descriptor_ready(torch.randn(1, 1, 40, 16), spec.k)
+    # a size-1 batch or head dim may have any stride: it never moves the base
+    assert descriptor_ready(torch.randn(40 * 16).as_strided((1, 1, 40, 16), (7, 5, 16, 1)), spec.k)
+
+
+@pytest.mark.parametrize("tma", [False, True])
+def test_each_specialization_holds_only_the_loops_it_runs(tma):
+    """The K/V path is a constexpr and dead partial-tile loops are not generated (compile time)."""
+    source = generate(plan_kernel(attnc.parse(SPEC)[0], HOPPER, 64, 64, PlanOptions(tma=tma)))
+    assert ("if TMA:" in source) == tma and "tma_ok" not in source
+    # causal + window: a lower key bound, so partial tiles before the full ones: 3 loops per K/V path
+    assert source.count("for t in tl.range(") == (6 if tma else 3)
+    causal = attnc.parse(SPEC.replace("  mask i - j < window\n", ""))[0]
+    source = generate(plan_kernel(causal, HOPPER, 64, 64, PlanOptions(tma=tma)))
+    assert source.count("for t in tl.range(") == (4 if tma else 2)  # no lower bound: full tiles start at 0

@@ -11,7 +11,9 @@ Triton specializes a kernel on its arguments (16-byte aligned pointers, strides 
 when it compiles at run time; a build cannot see the tensors, so each forward kernel is compiled twice: a "dense"
 build that assumes what a q/k/v/out with a contiguous head dim and 16-element aligned rows has (what Triton's JIT
 would assume for them), and an "any" build that assumes nothing. Per call the first build whose assumptions the
-arguments meet runs. Sizes, strides and integer params are 64-bit arguments, so every value fits.
+arguments meet runs. Sizes, strides and integer params are 64-bit arguments, so every value fits. Where the plan
+reads K/V through tensor descriptors (sm_90), the launcher picks per call between the descriptor loops and the
+pointer loops (the TMA constexpr, from K/V's strides and alignment); the trace meets both, so both are built.
 
 `DIR/manifest.json` records the spec (canonical text and key), each plan, the kernels with their signatures,
 constexprs, assumptions and launch metadata, the Triton version and arch that built them, the attnc version and
@@ -456,14 +458,18 @@ def trace_launches(plan: KernelPlan, module: ModuleType) -> list[tuple[int, int,
 
     spec = plan.spec
     found: dict[tuple, tuple[int, int, Launch]] = {}
-    for m, group in _tile_classes(plan):
+    # K/V that tensor descriptors can take and, where the plan uses them, K/V that they cannot (the launcher then
+    # passes TMA=False): the head dim with stride 2.
+    kv_layouts = ((), ("D", "DV")) if plan.triton.tma else ((),)
+    for (m, group), strided in ((c, kv) for c in _tile_classes(plan) for kv in kv_layouts):
         log: list[Launch] = []
         kernels = {"attn_fwd": _Recorder(module.attn_fwd, log, last=True)}
         if hasattr(module, "tile_summary"):
             kernels["tile_summary"] = _Recorder(module.tile_summary, log, last=False)
         launcher = TritonLauncher(plan, SimpleNamespace(**kernels))
         sizes = _trace_sizes(plan, m, group)
-        q, k, v = (_meta(d.shape, d.dtype, sizes) for d in (spec.q, spec.k, spec.v))
+        q = _meta(spec.q.shape, spec.q.dtype, sizes)
+        k, v = (_meta(d.shape, d.dtype, sizes, strided) for d in (spec.k, spec.v))
         kwargs = {t.name: _meta(t.shape, t.dtype, sizes) for t in spec.inputs}
         kwargs.update({p.name: _trace_param(p) for p in spec.params if p.default is None})
         try:
@@ -509,12 +515,15 @@ def _trace_sizes(plan: KernelPlan, m: int, group: int) -> dict[str, int]:
     return sizes
 
 
-def _meta(shape: Sequence[str], dtype: str, sizes: Mapping[str, int]) -> torch.Tensor:
+def _meta(shape: Sequence[str], dtype: str, sizes: Mapping[str, int], strided: Sequence[str] = ()) -> torch.Tensor:
+    """A meta tensor of `shape`; the dims named in `strided` take every other element (stride 2 where contiguous
+    would be 1)."""
     import torch
 
     from ..dsl.signature import TORCH_DTYPES
 
-    return torch.empty([sizes[n] for n in shape], dtype=TORCH_DTYPES[dtype], device="meta")
+    t = torch.empty([sizes[n] * (2 if n in strided else 1) for n in shape], dtype=TORCH_DTYPES[dtype], device="meta")
+    return t[tuple(slice(None, None, 2) if n in strided else slice(None) for n in shape)]
 
 
 def _trace_param(p):

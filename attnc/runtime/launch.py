@@ -20,7 +20,7 @@ from ..codegen.triton import codegen_fingerprint
 from ..codegen.triton.generate import generate, kernel_args
 from ..dsl.signature import Bound, canonical_view, lse_shape, out_shape
 from ..errors import CompileError
-from ..passes import KernelPlan, LaunchTiles, Target, launch_tiles
+from ..passes import KernelPlan, LaunchTiles, Target, TileConfig, launch_tiles
 from . import cache
 
 SOURCE_FILE = "kernel.py"
@@ -101,6 +101,7 @@ class TritonLauncher:
         self.upcast = plan.target.arch is None and plan.dtype == "bf16"  # the interpreter's bf16 is wrong
         self._tiles: dict[tuple[int, int], LaunchTiles] = {}
         self._summaries: OrderedDict = OrderedDict()
+        self._stages: dict[tuple[TileConfig, bool | None], int] = {}  # pipeline stages that fit, per config
 
     def tiles(self, m: int, group: int) -> LaunchTiles:
         t = self._tiles.get((m, group))
@@ -127,12 +128,38 @@ class TritonLauncher:
         c = tiles.config
         constexprs = dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_MQ=tiles.block_mq, PACK=tiles.pack,
                           UPCAST=self.upcast)
-        compiled = self.fwd[grid](*args, **constexprs, num_warps=c.num_warps, num_stages=c.num_stages)
+        if self.plan.triton.tma:
+            # Decided here, not in the kernel, so a launch compiles one K/V loop set: the descriptor loops or the
+            # pointer ones. It depends on strides and dtype (fixed for a PreparedLaunch) and on 16-byte pointer
+            # alignment (which a PreparedLaunch checks per call), so a replay always meets it.
+            constexprs["TMA"] = descriptor_ready(bound.k, spec.k) and descriptor_ready(bound.v, spec.v)
+        compiled = self.launch_jit(grid, args, constexprs, c)
         direct = direct_launch(compiled, q.device)
         if direct is None or not replayable(args):
             return result, None
         full = args + [constexprs[name] for name in self.fwd.arg_names[len(args):]]
         return result, PreparedLaunch(self, bound, tiles, grid, full, len(args), direct)
+
+    def launch_jit(self, grid, args: list, constexprs: dict, c: TileConfig):
+        """Triton's JIT launch. When Triton finds a config over the device's shared memory (the plan's estimate
+        leaves out the scratch that lookups and warp specialization add), it is retried with one pipeline stage
+        fewer, before anything runs; the stage count that fits is kept for later launches of that config."""
+        from triton.runtime.errors import OutOfResources
+
+        key = (c, constexprs.get("TMA"))
+        stages = self._stages.get(key, c.num_stages)
+        while True:
+            try:
+                compiled = self.fwd[grid](*args, **constexprs, num_warps=c.num_warps, num_stages=stages)
+                self._stages[key] = stages
+                return compiled
+            except OutOfResources as e:
+                if stages <= 1:
+                    raise CompileError(
+                        f"attention {self.spec.name!r}: tile {c.block_m}x{c.block_n} needs more shared memory than "
+                        f"this GPU has even with one pipeline stage ({e}); compile with smaller tiles: "
+                        f"attnc.compile(spec, options=attnc.passes.PlanOptions(block_m=64, block_n=64))") from None
+                stages -= 1
 
     def kernel_arguments(self, bound: Bound, out: torch.Tensor, lse: torch.Tensor | None,
                          tiles: LaunchTiles) -> list:
@@ -189,6 +216,17 @@ class TritonLauncher:
         if len(self._summaries) > SUMMARY_CACHE_SIZE:
             self._summaries.popitem(last=False)
         return list(result)
+
+
+def descriptor_ready(t: torch.Tensor, decl) -> bool:
+    """Whether K or V (declared as `decl`) can be read through per-head 2-D tensor descriptors: a unit stride on
+    the head dim, and a 16-byte aligned base and batch, head and row strides (TMA's rules for global memory)."""
+    view = canonical_view(t, decl)
+    size = t.element_size()
+    (s_b, s_h, s_n, s_d), (n_b, n_h) = view.stride(), view.shape[:2]
+    # A batch or head stride of a size-1 dim never moves the base.
+    return s_d == 1 and (s_n * size) % ALIGNMENT == 0 and t.data_ptr() % ALIGNMENT == 0 \
+        and (n_b == 1 or (s_b * size) % ALIGNMENT == 0) and (n_h == 1 or (s_h * size) % ALIGNMENT == 0)
 
 
 # ---------------------------------------------------------------- the launch without the JIT

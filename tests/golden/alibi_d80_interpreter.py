@@ -73,32 +73,6 @@ def attn_fwd(
     # In-tile offsets are int32 and loop-invariant; the tile's start is added as int64.
     k_tile_ptrs = k_base + offs_n[None, :] * s_kn + offs_d[:, None] * s_kd
     v_tile_ptrs = v_base + offs_n[:, None] * s_vn + offs_dv[None, :] * s_vd
-    
-    for t in tl.range(t_start, f_start):  # partial tiles before the full ones
-        j_col = t * BLOCK_N + offs_n
-        col_valid = j_col < sz_N
-        k_tile = tl.load(k_tile_ptrs + tl.cast(t * BLOCK_N, tl.int64) * s_kn, mask=col_valid[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
-        if UPCAST:
-            k_tile = k_tile.to(tl.float32)
-        qk = tl.dot(q_tile, k_tile)
-        x3 = qk * 0.16129820911147805
-        x5 = x1[:, None].to(tl.int64) - j_col[None, :].to(tl.int64)
-        x6 = x4[:, None] * x5.to(tl.float32)
-        x7 = x6 * 1.4426950408889634
-        x8 = x3 - x7
-        s = x8
-        keep = (j_col[None, :] >= exact_lo[:, None]) & (j_col[None, :] < exact_hi[:, None])
-        s = tl.where(keep, s, -INF)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == -INF, 0.0, m_new)  # a row with nothing kept yet: exp2(-inf - 0) = 0, not NaN
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v_tile = tl.load(v_tile_ptrs + tl.cast(t * BLOCK_N, tl.int64) * s_vn, mask=col_valid[:, None] & (offs_dv[None, :] < VALUE_DIM), other=0.0)
-        if UPCAST:
-            v_tile = v_tile.to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v_tile.dtype), v_tile)
-        m_i = m_new
     for t in tl.range(f_start, f_end):  # full tiles: no mask
         j_col = t * BLOCK_N + offs_n
         col_valid = j_col < sz_N

@@ -31,7 +31,7 @@ def attn_fwd(
     s_lb, s_lh, s_lm,
     sz_B, sz_H, sz_HKV, sz_M, sz_N,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_MQ: tl.constexpr, PACK: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, TMA: tl.constexpr,
 ):
     # Query tiles in reverse: under a causal mask the last tiles have the most keys, so they start first and
     # the tail of the launch is short tiles.
@@ -79,37 +79,13 @@ def attn_fwd(
     m_i = tl.full([BLOCK_M], -INF, tl.float32)  # running max, base 2
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    # Tensor descriptors need a unit last stride and 16-byte aligned rows and base; other layouts load by pointer.
-    tma_ok = (tl.cast(s_kd, tl.int64) == 1) & (tl.cast(s_vd, tl.int64) == 1) \
-        & (tl.cast(s_kn, tl.int64) % 8 == 0) & (tl.cast(s_vn, tl.int64) % 8 == 0) \
-        & (tl.cast(k_base, tl.int64) % 16 == 0) & (tl.cast(v_base, tl.int64) % 16 == 0)
-    if tma_ok:
+    # TMA: the launcher found K and V with a unit last stride and 16-byte aligned rows and bases; other layouts
+    # load by pointer. A constexpr, so a kernel holds only the loops its layout runs.
+    if TMA:
         k_desc = tl.make_tensor_descriptor(k_base, shape=[sz_N, HEAD_DIM], strides=[s_kn, 1],
                                            block_shape=[BLOCK_N, BLOCK_D])
         v_desc = tl.make_tensor_descriptor(v_base, shape=[sz_N, VALUE_DIM], strides=[s_vn, 1],
                                            block_shape=[BLOCK_N, BLOCK_DV])
-        
-        for t in tl.range(t_start, f_start):  # partial tiles before the full ones
-            j_col = t * BLOCK_N + offs_n
-            col_valid = j_col < sz_N
-            k_tile = k_desc.load([t * BLOCK_N, 0]).T  # rows past N and columns past D read as zeros
-            if UPCAST:
-                k_tile = k_tile.to(tl.float32)
-            qk = tl.dot(q_tile, k_tile)
-            x3 = qk * 0.12751743082459868
-            s = x3
-            keep = (j_col[None, :] >= exact_lo[:, None]) & (j_col[None, :] < exact_hi[:, None])
-            s = tl.where(keep, s, -INF)
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == -INF, 0.0, m_new)  # a row with nothing kept yet: exp2(-inf - 0) = 0, not NaN
-            p = tl.exp2(s - m_safe[:, None])
-            alpha = tl.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v_tile = v_desc.load([t * BLOCK_N, 0])
-            if UPCAST:
-                v_tile = v_tile.to(tl.float32)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v_tile.dtype), v_tile)
-            m_i = m_new
         for t in tl.range(f_start, f_end):  # full tiles: no mask
             j_col = t * BLOCK_N + offs_n
             col_valid = j_col < sz_N
@@ -153,28 +129,6 @@ def attn_fwd(
     else:
         k_tile_ptrs = k_base + offs_n[None, :] * s_kn + offs_d[:, None] * s_kd
         v_tile_ptrs = v_base + offs_n[:, None] * s_vn + offs_dv[None, :] * s_vd
-        
-        for t in tl.range(t_start, f_start):  # partial tiles before the full ones
-            j_col = t * BLOCK_N + offs_n
-            col_valid = j_col < sz_N
-            k_tile = tl.load(k_tile_ptrs + tl.cast(t * BLOCK_N, tl.int64) * s_kn, mask=col_valid[None, :], other=0.0)
-            if UPCAST:
-                k_tile = k_tile.to(tl.float32)
-            qk = tl.dot(q_tile, k_tile)
-            x3 = qk * 0.12751743082459868
-            s = x3
-            keep = (j_col[None, :] >= exact_lo[:, None]) & (j_col[None, :] < exact_hi[:, None])
-            s = tl.where(keep, s, -INF)
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == -INF, 0.0, m_new)  # a row with nothing kept yet: exp2(-inf - 0) = 0, not NaN
-            p = tl.exp2(s - m_safe[:, None])
-            alpha = tl.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v_tile = tl.load(v_tile_ptrs + tl.cast(t * BLOCK_N, tl.int64) * s_vn, mask=col_valid[:, None], other=0.0)
-            if UPCAST:
-                v_tile = v_tile.to(tl.float32)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v_tile.dtype), v_tile)
-            m_i = m_new
         for t in tl.range(f_start, f_end):  # full tiles: no mask
             j_col = t * BLOCK_N + offs_n
             col_valid = j_col < sz_N

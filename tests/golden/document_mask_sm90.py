@@ -31,7 +31,7 @@ def attn_fwd(
     s_lb, s_lh, s_lm,
     sz_B, sz_H, sz_HKV, sz_M, sz_N, t_doc, t_doc_s0, t_doc_s1, summary_ptr, s_sb, s_sh,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_MQ: tl.constexpr, PACK: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, TMA: tl.constexpr,
 ):
     # Query tiles in reverse: under a causal mask the last tiles have the most keys, so they start first and
     # the tail of the launch is short tiles.
@@ -80,16 +80,13 @@ def attn_fwd(
     m_i = tl.full([BLOCK_M], -INF, tl.float32)  # running max, base 2
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    # Tensor descriptors need a unit last stride and 16-byte aligned rows and base; other layouts load by pointer.
-    tma_ok = (tl.cast(s_kd, tl.int64) == 1) & (tl.cast(s_vd, tl.int64) == 1) \
-        & (tl.cast(s_kn, tl.int64) % 8 == 0) & (tl.cast(s_vn, tl.int64) % 8 == 0) \
-        & (tl.cast(k_base, tl.int64) % 16 == 0) & (tl.cast(v_base, tl.int64) % 16 == 0)
-    if tma_ok:
+    # TMA: the launcher found K and V with a unit last stride and 16-byte aligned rows and bases; other layouts
+    # load by pointer. A constexpr, so a kernel holds only the loops its layout runs.
+    if TMA:
         k_desc = tl.make_tensor_descriptor(k_base, shape=[sz_N, HEAD_DIM], strides=[s_kn, 1],
                                            block_shape=[BLOCK_N, BLOCK_D])
         v_desc = tl.make_tensor_descriptor(v_base, shape=[sz_N, VALUE_DIM], strides=[s_vn, 1],
                                            block_shape=[BLOCK_N, BLOCK_DV])
-        
         # -- tile classes from the summary kernel: 0 empty, 1 full, 2 partial
         summary_base = summary_ptr + b * s_sb + hp * s_sh + pid_m.to(tl.int64) * ((sz_N + BLOCK_N - 1) // BLOCK_N)
         for t in tl.range(t_start, t_end):
@@ -140,7 +137,6 @@ def attn_fwd(
     else:
         k_tile_ptrs = k_base + offs_n[None, :] * s_kn + offs_d[:, None] * s_kd
         v_tile_ptrs = v_base + offs_n[:, None] * s_vn + offs_dv[None, :] * s_vd
-        
         # -- tile classes from the summary kernel: 0 empty, 1 full, 2 partial
         summary_base = summary_ptr + b * s_sb + hp * s_sh + pid_m.to(tl.int64) * ((sz_N + BLOCK_N - 1) // BLOCK_N)
         for t in tl.range(t_start, t_end):

@@ -86,6 +86,7 @@ def generate(plan: KernelPlan) -> str:
         summary_prologue = summary.prologue
 
     pad_d, pad_dv = tiling.block_d != plan.head_dim, tiling.block_dv != plan.value_dim
+    all_partial = bool(masks.evaluated) and not masks.data_dependent
     common = args.names()
     runtime_scalars = [size_arg(s) for s in args.sizes] + [param_arg(p) for p in args.params]
     tpl = _template()
@@ -97,7 +98,9 @@ def generate(plan: KernelPlan) -> str:
         common_args=_wrap_args(common),
         prologue="\n".join(main.prologue), score_lines="\n".join(score_lines), logits=logits,
         mask_lines="\n".join(mask_lines), keep_terms=keep_terms,
-        all_partial=bool(masks.evaluated) and not masks.data_dependent,
+        all_partial=all_partial,
+        # Without a lower key bound the full tiles start at tile 0 (exact_lo = 0): no partial tile precedes them.
+        partial_before=all_partial or bool(masks.exact.lower),
         data_dependent=masks.data_dependent,
         summary_prologue="\n".join(summary_prologue), summary_lines="\n".join(summary_lines),
         sink=sink, returns_lse=spec.returns_lse,
