@@ -2,7 +2,7 @@
 
 Here (TVM + nvcc, no GPU needed):
     python -m attnc.codegen.tvm.runtime_pack .tvmrt --python 3.12      # trimmed runtime, ~11 MB
-    python benchmarks/tvm_cuda_check.py build --aot .tvm-aot            # every dense example, bf16 and f16
+    python benchmarks/tvm_cuda_check.py build --aot .tvm-aot            # every dense example, bf16/f16/f32
 On the GPU machine (carry .tvmrt and .tvm-aot):
     PYTHONPATH=.tvmrt:. python benchmarks/tvm_cuda_check.py run --aot .tvm-aot --json $OUT/tvm_cuda.json
 
@@ -36,15 +36,16 @@ SHAPES = ((37, 75), (300, 300))  # (M, N): tails everywhere; then several tiles 
 
 
 def example_variants():
-    """(artifact name, spec) for every dense example in bf16 and f16 (f32 examples too: tensor cores), the
-    benchmark's spec and the very-negative-logits regression spec."""
+    """(artifact name, spec) for every dense example in bf16 and f16 (the tensor-core kernel) and f32 (the plain
+    GPU kernel, gpu.py, which Metal / ROCm / OpenCL source comes from), the benchmark's spec and the
+    very-negative-logits regression spec."""
     import attnc
     from test_triton_kernels import example_specs, with_dtype
 
     for spec in example_specs():
         if spec.q_storage is not None or spec.kv_storage is not None:
             continue  # ragged / paged: not lowered by the TVM backend
-        for dtype in ("bf16", "f16"):
+        for dtype in ("bf16", "f16", "f32"):
             yield f"{spec.name}-{dtype}", with_dtype(spec, dtype)
     yield "bench_causal_d128-bf16", attnc.parse(BENCH_SPEC)[0]
     from test_tvm_kernels import VERY_NEGATIVE  # logits ~ -1440 after key tiles a row keeps nothing of

@@ -1,12 +1,15 @@
-"""The TVM backend's CUDA kernels and AOT artifacts.
+"""The TVM backend's GPU kernels, AOT artifacts and kernel source for other targets.
 
 Without a GPU: CUDA kernels compile through nvcc and use tensor cores (mma.sync / ldmatrix / cp.async in the
-source); AOT artifacts round-trip on the CPU with only the TVM runtime (no `tvm` package) and check their
-calls. On the GPU (`-m gpu`): every artifact benchmarks/tvm_cuda_check.py built into .tvm-aot against
-attnc.reference, outputs poisoned with NaN (the GPU machine has no TVM compiler, so artifacts come from here).
+source; f32 takes the plain GPU kernel); Metal / ROCm / OpenCL source is generated from the plain GPU kernel
+(not run: no such device here); AOT artifacts round-trip on the CPU with only the TVM runtime (no `tvm`
+package), also through `attnc compile --backend tvm` and `attnc.load`. On the GPU (`-m gpu`): every artifact
+benchmarks/tvm_cuda_check.py built into .tvm-aot (tensor-core and plain kernels) against attnc.reference,
+outputs poisoned with NaN (the GPU machine has no TVM compiler, so artifacts come from here).
 """
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -73,6 +76,98 @@ def test_f32_is_refused_on_tensor_cores():
     plan = plan_kernel(attnc.parse(spec_text("f32"))[0], Target("tvm", "cuda", 90), 64, 64)
     with pytest.raises(attnc.CompileError, match="f16 or bf16"):
         build_cuda_primfunc(plan, cuda_schedule(plan))
+
+
+@needs_nvcc
+def test_f32_on_cuda_takes_the_plain_gpu_kernel():
+    from attnc.codegen.tvm.cuda import build_cuda_kernel
+    from attnc.codegen.tvm.gpu import GpuSchedule
+
+    plan = plan_kernel(attnc.parse(spec_text("f32"))[0], Target("tvm", "cuda", 90), 64, 64)
+    sched, _ = build_cuda_kernel(plan)
+    assert isinstance(sched, GpuSchedule)
+    src = aot.emit_source(plan.spec, "cuda", "sm_90a", 64)
+    assert "mma.sync" not in src and "cp.async" not in src
+    assert re.search(r"__shared__ [^;]*float", src) and "__syncthreads()" in src
+
+
+# Every emitter path the plain GPU kernel has: a score with a lookup and tanh, an affine and a lookup mask, a
+# sink, lse, a param, GQA, DV != D and a head dim that is not a power of two.
+SOURCE_SPEC = """
+attention everything {
+    q: f16[B, H, M, D]  k: f16[B, HKV, N, D]  v: f16[B, HKV, N, DV]
+    input slopes: f32[H]
+    input doc: i32[B, N]
+    input sinks: f32[H]
+    param cap: f32 = 30.0
+    score = qk * rsqrt(D) + slopes[h] * (j - i)
+    score = cap * tanh(score / cap)
+    mask causal
+    mask doc[b, i] == doc[b, j]
+    return softmax(score, sink=sinks[h]) @ v, lse
+}
+"""
+SOURCE_MARKS = {  # what makes each a real kernel of that language: entry point, on-chip tile memory, barrier
+    "metal": ("kernel void attn_kernel(", "threadgroup float", "threadgroup_barrier(mem_flags::mem_threadgroup)"),
+    "rocm": ('.amdgcn_target "amdgcn-amd-amdhsa-hcc-gfx90a"', "ds_read", "s_barrier"),
+    "opencl": ("__kernel void attn_kernel(", "__local float", "barrier(CLK_LOCAL_MEM_FENCE)"),
+}
+
+
+@pytest.mark.parametrize("target", sorted(SOURCE_MARKS))
+def test_kernel_source_for_other_gpus(target):
+    spec = attnc.parse(SOURCE_SPEC)[0]
+    src = aot.emit_source(spec, target, "gfx90a" if target == "rocm" else None, head_dim=40, value_dim=24)
+    header = src.split("\n", 4)
+    assert "attention everything" in header[1] and "D=40 DV=24" in header[1] and "GpuSchedule" in header[1]
+    assert "q, k, v, out, lse, in_doc, in_sinks, in_slopes, p_cap" in header[2]  # inputs in canonical order
+    for mark in SOURCE_MARKS[target]:
+        assert mark in src, mark
+    assert "mma" not in src and "ldmatrix" not in src  # PTX-only instructions stay in the CUDA kernel
+
+
+def test_kernel_source_refusals():
+    spec = attnc.parse(spec_text())[0]
+    for target, words in (("vulkan", "SPIR-V"), ("webgpu", "64-bit integers"), ("hexagon", "metal, rocm")):
+        with pytest.raises(attnc.CompileError, match=words):
+            aot.emit_source(spec, target, head_dim=64)
+    with pytest.raises(attnc.CompileError, match="gfx942"):
+        aot.emit_source(spec, "rocm", "sm_90a", head_dim=64)
+    with pytest.raises(attnc.CompileError, match="takes no architecture"):
+        aot.emit_source(spec, "metal", "sm_90a", head_dim=64)
+    with pytest.raises(attnc.CompileError, match="--dim"):  # D is not bound: it must be given
+        aot.emit_source(spec, "metal")
+
+
+def test_compile_command_tvm_artifact_and_source(tmp_path):
+    """`attnc compile --backend tvm`: a CPU artifact attnc.load runs (a dict by name; each attention's folder alone
+    is a kernel), and --emit source writes one file per attention."""
+    from attnc import cli
+
+    spec_file = tmp_path / "two.attn"
+    second = spec_text("f32", "").replace("attention t", "attention u")
+    spec_file.write_text(spec_text("f32", "mask causal", "DV") + second)
+    assert cli.main(["compile", str(spec_file), "--backend", "tvm", "--target", "llvm", "--dims", "D=24,DV=40",
+                     "-o", str(tmp_path / "art")]) == 0
+    kernels = attnc.load(tmp_path / "art")
+    assert sorted(kernels) == ["t", "u"]
+    q, k, v = torch.randn(2, 3, 37, 24), torch.randn(2, 3, 50, 24), torch.randn(2, 3, 50, 40)
+    (out, lse), (want, want_lse) = kernels["t"](q, k, v), attnc.reference(kernels["t"].spec, q, k, v)
+    assert (out.double() - want).abs().max() < 2e-5 and (lse.double() - want_lse).abs().max() < 2e-5
+    one = attnc.load(tmp_path / "art" / "u")  # each attention's own folder loads alone
+    q, k, v = torch.randn(1, 2, 5, 24), torch.randn(1, 2, 9, 24), torch.randn(1, 2, 9, 24)
+    assert one.spec.name == "u"
+    assert (one(q, k, v)[0].double() - attnc.reference(one.spec, q, k, v)[0]).abs().max() < 2e-5  # decode function
+
+    assert cli.main(["compile", str(spec_file), "--backend", "tvm", "--target", "metal", "--emit", "source",
+                     "--dims", "D=24,DV=40", "-o", str(tmp_path / "src")]) == 0
+    assert sorted(p.name for p in (tmp_path / "src").iterdir()) == ["t.metal", "u.metal"]
+    assert "kernel void attn_kernel(" in (tmp_path / "src" / "t.metal").read_text()
+    # metal is source only; triton builds CUDA only: both say what to use instead (exit status 2)
+    assert cli.main(["compile", str(spec_file), "--backend", "tvm", "--target", "metal", "--dims", "D=24",
+                     "-o", str(tmp_path / "x")]) == 2
+    assert cli.main(["compile", str(spec_file), "--target", "metal", "--arch", "sm_90a", "-o",
+                     str(tmp_path / "x")]) == 2
 
 
 def test_aot_target_and_arch_errors(tmp_path):

@@ -54,17 +54,18 @@ def kernel_args(plan: KernelPlan) -> KernelArgs:
     )
 
 
-@lru_cache(maxsize=1)
-def _template() -> jinja2.Template:
+@lru_cache(maxsize=None)
+def template(name: str) -> jinja2.Template:
+    """A kernel template of this package: kernel.py.j2 (prefill), decode.py.j2 (split-KV, paged, ragged)."""
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(Path(__file__).parent), undefined=jinja2.StrictUndefined,
                              keep_trailing_newline=True)
-    return env.get_template("kernel.py.j2")
+    return env.get_template(name)
 
 
-def generate(plan: KernelPlan) -> str:
+def shared_hooks(plan: KernelPlan) -> dict:
+    """The hooks every template fills the same way: per-row key bounds (prologue), the logits tile, the evaluated
+    masks, the sink, the head-dim padding masks and the dot precision."""
     spec, masks, tiling = plan.spec, plan.masks, plan.tiling
-    args = kernel_args(plan)
-
     main = Emitter(spec)
     _bounds(main, masks.exact, masks.hull)
     sink = None
@@ -75,6 +76,23 @@ def generate(plan: KernelPlan) -> str:
         logits = _float_tile(main, plan.score.logits2)
         with main.scope() as mask_lines:
             keep_terms = "".join(f" & ({_as_tile(main, c)})" for c in masks.evaluated)
+    pad_d, pad_dv = tiling.block_d != plan.head_dim, tiling.block_dv != plan.value_dim
+    return dict(
+        version=__version__, name=spec.name, key=plan.spec_key[:16],
+        head_dim=plan.head_dim, value_dim=plan.value_dim, block_d=tiling.block_d, block_dv=tiling.block_dv,
+        prologue="\n".join(main.prologue), score_lines="\n".join(score_lines), logits=logits,
+        mask_lines="\n".join(mask_lines), keep_terms=keep_terms, sink=sink, returns_lse=spec.returns_lse,
+        dot_args=', input_precision="ieee"' if plan.dtype == "f32" and plan.triton.dot_precision == "ieee" else "",
+        d_mask_q=" & (offs_d[None, :] < HEAD_DIM)" if pad_d else "",
+        d_mask_k=" & (offs_d[:, None] < HEAD_DIM)" if pad_d else "",
+        d_mask_v=" & (offs_dv[None, :] < VALUE_DIM)" if pad_dv else "",
+        d_mask_o=" & (offs_dv[None, :] < VALUE_DIM)" if pad_dv else "",
+    )
+
+
+def generate(plan: KernelPlan) -> str:
+    spec, masks = plan.spec, plan.masks
+    args = kernel_args(plan)
 
     summary_prologue, summary_lines = [], []
     if masks.data_dependent:
@@ -85,35 +103,22 @@ def generate(plan: KernelPlan) -> str:
         summary_lines.append("evaluated = " + " & ".join(f"({t})" for t in terms))
         summary_prologue = summary.prologue
 
-    pad_d, pad_dv = tiling.block_d != plan.head_dim, tiling.block_dv != plan.value_dim
     all_partial = bool(masks.evaluated) and not masks.data_dependent
-    common = args.names()
     runtime_scalars = [size_arg(s) for s in args.sizes] + [param_arg(p) for p in args.params]
-    tpl = _template()
-    source = tpl.render(
-        version=__version__, name=spec.name, key=plan.spec_key[:16],
+    return template("kernel.py.j2").render(
+        **shared_hooks(plan),
         plan_line=_plan_line(plan),
-        head_dim=plan.head_dim, value_dim=plan.value_dim, block_d=tiling.block_d, block_dv=tiling.block_dv,
         runtime_scalars=", ".join(f'"{n}"' for n in runtime_scalars),
-        common_args=_wrap_args(common),
-        prologue="\n".join(main.prologue), score_lines="\n".join(score_lines), logits=logits,
-        mask_lines="\n".join(mask_lines), keep_terms=keep_terms,
+        common_args=_wrap_args(args.names()),
         all_partial=all_partial,
         # Without a lower key bound the full tiles start at tile 0 (exact_lo = 0): no partial tile precedes them.
         partial_before=all_partial or bool(masks.exact.lower),
         data_dependent=masks.data_dependent,
         summary_prologue="\n".join(summary_prologue), summary_lines="\n".join(summary_lines),
-        sink=sink, returns_lse=spec.returns_lse,
-        dot_args=', input_precision="ieee"' if plan.dtype == "f32" and plan.triton.dot_precision == "ieee" else "",
         tma=plan.triton.tma,
         set_allocator=plan.triton.tma and plan.target.arch is not None,  # the interpreter needs no scratch
         ws_arg=", warp_specialize=True" if plan.triton.warp_specialize and plan.triton.tma else "",
-        d_mask_q=" & (offs_d[None, :] < HEAD_DIM)" if pad_d else "",
-        d_mask_k=" & (offs_d[:, None] < HEAD_DIM)" if pad_d else "",
-        d_mask_v=" & (offs_dv[None, :] < VALUE_DIM)" if pad_dv else "",
-        d_mask_o=" & (offs_dv[None, :] < VALUE_DIM)" if pad_dv else "",
     )
-    return source
 
 
 def _wrap_args(names: list[str], width: int = 100) -> str:

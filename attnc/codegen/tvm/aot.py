@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import importlib
 import json
 import os
 import pickle
@@ -172,9 +173,9 @@ def _check_codegen(kind: str) -> None:
 def _rocm_without_toolchain():
     """TVM's ROCm build links ROCm's device-library bitcode and then ld.lld's code object, both from a ROCm
     install; the source (assembly) exists before either step. Stand-ins for the two callbacks, restored after."""
-    import tvm.support.rocm  # noqa: F401  (registers the callbacks being replaced)
     import tvm_ffi
 
+    importlib.import_module("tvm.support.rocm")  # registers the callbacks being replaced
     names = {"tvm_callback_rocm_bitcode_path": lambda rocdl_dir=None: [], "tvm_callback_rocm_link": lambda obj: obj}
     originals = {name: tvm_ffi.get_global_func(name) for name in names}
     for name, stand_in in names.items():
@@ -253,7 +254,8 @@ def compile_file(file: str | Path, out_dir: str | Path, target: str = "cuda", ar
     out.mkdir(parents=True, exist_ok=True)
     lines = []
     for spec in specs:
-        dims = (None, None) if "D" in spec.dim_values else (d, dv)  # a spec's own `dims` win
+        # a spec's own `dims` win; --dims DV only applies where v's head dim is DV
+        dims = (None, None) if "D" in spec.dim_values else (d, dv if spec.value_dim == "DV" else None)
         if emit == "source":
             path = out / f"{spec.name}.{SOURCE_TARGETS.get(target, ('',))[0]}"
             path.write_text(emit_source(spec, target, arch, *dims))

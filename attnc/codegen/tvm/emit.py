@@ -46,6 +46,21 @@ def exp2(x: tir.PrimExpr) -> tir.PrimExpr:
     return tir.Select(x < f32(-126.0), f32(0.0), value)
 
 
+def exp2_nonpositive(x: tir.PrimExpr) -> tir.PrimExpr:
+    """2**x for float32 x <= 0 or -inf (the softmax's exp2(logit - max)): the exponent n = round(x) is added
+    straight into the polynomial's exponent bits, which stays a normal float for n >= -125. Results below
+    2**-125 are 0 (exp2(-inf) == 0 exactly). About 12 vector instructions against exp2's 19."""
+    clamped = tir.Var("e2x", F32)
+    whole = tir.Var("e2r", F32)
+    poly = f32(_EXP2_COEFFS[-1])
+    for c in reversed(_EXP2_COEFFS[:-1]):
+        poly = poly * (clamped - whole) + f32(c)
+    bits = tir.reinterpret(I32, poly) + tir.shift_left(tir.Cast(I32, whole), 23)
+    value = tir.Let(clamped, tir.max(x, f32(-127.0)),
+                    tir.Let(whole, tir.round(clamped), tir.reinterpret(F32, bits)))
+    return tir.Select(x < f32(-125.0), f32(0.0), value)
+
+
 def _pow2(n: tir.PrimExpr) -> tir.PrimExpr:
     return tir.reinterpret(F32, tir.shift_left(n + 127, 23))
 
