@@ -3,7 +3,6 @@
 GQA-packed rows, and every language feature in those layouts. Outputs and the split workspace start as NaN.
 On CPU these run in Triton's interpreter; the @gpu tests rerun them at serving sizes on the H100."""
 import random
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,25 +13,11 @@ from attnc.errors import CompileError
 from attnc.ir import Paged
 from attnc.passes import PlanOptions, Target, plan_kernel
 from attnc.passes.decode import decode_launch
+from test_triton_kernels import (  # noqa: F401  (poisoned_outputs is an autouse fixture: importing enables it)
+    DEVICE, TORCH, assert_matches, poisoned_outputs, with_dtype,
+)
 
 SPECS_DIR = Path(__file__).resolve().parent.parent / "examples" / "specs"
-TORCH = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
-TOL = {"f32": 2e-5, "f16": 3e-3, "bf16": 3e-2}  # max abs error relative to max(1, max |reference|)
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@pytest.fixture(autouse=True)
-def poisoned_outputs(monkeypatch):
-    """Outputs and the split-KV workspace start as NaN, so an element the kernels fail to write shows."""
-    import attnc.runtime.launch as launch
-
-    monkeypatch.setattr(launch, "empty", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype,
-                                                                                 device=device))
-
-
-def with_dtype(spec, dtype):
-    return replace(spec, q=replace(spec.q, dtype=dtype), k=replace(spec.k, dtype=dtype),
-                   v=replace(spec.v, dtype=dtype))
 
 
 def parse_one(text):
@@ -61,26 +46,6 @@ def paged_cache(lengths, page, hkv, d, dtype, layout="PAGES, PAGE, HKV, D", spar
     shape = [sizes[x.strip()] for x in layout.split(",")]
     k, v = (torch.randn(shape, device=device).to(dtype) for _ in range(2))
     return k, v, table.to(device), torch.tensor(lengths, dtype=torch.int32, device=device)
-
-
-def assert_matches(spec, got, want, tol=None):
-    tol = tol or TOL[spec.q.dtype]
-    if spec.returns_lse:
-        (out, lse), (ref, ref_lse) = got, want
-        assert lse.dtype == torch.float32 and lse.shape == ref_lse.shape
-        finite = torch.isfinite(ref_lse)
-        assert torch.equal(torch.isfinite(lse), finite), "lse is -inf exactly where no key is kept"
-        assert (lse[~finite] == ref_lse[~finite].float()).all()
-        if finite.any():
-            err = (lse.double() - ref_lse)[finite].abs().max().item()
-            assert err <= max(tol, 1e-5) * max(1.0, ref_lse[finite].abs().max().item()), err
-    else:
-        out, ref = got, want
-    assert out.dtype == TORCH[spec.q.dtype] and out.shape == ref.shape
-    assert not out.isnan().any(), "every output element is written (outputs start as NaN)"
-    if ref.numel():
-        err = (out.double() - ref).abs().max().item()
-        assert err <= tol * max(1.0, ref.abs().max().item()), err
 
 
 def check(spec, q, k, v, splits=(None,), **kwargs):
