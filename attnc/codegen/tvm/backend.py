@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import struct
 from pathlib import Path
 
 import torch
@@ -74,6 +75,74 @@ def compile_module(funcs: dict, plan: KernelPlan, target, label: str):
         raise CompileError(f"TVM could not build attention {plan.spec.name!r} for {label}: {err}") from err
 
 
+def export_library(executable, path: str | Path, target, label: str) -> None:
+    """Write compile_module's `executable` as a shared library with each CUDA kernel as an nvcc fatbin.
+
+    TVM 0.27's compiler leaves CUDA kernels as source (module format "cuda") and the runtime compiles them when
+    the library is loaded, through tvm.support.nvcc: absent where only the TVM runtime is installed. So the
+    import tree is packed here, as export_library would, with the source swapped for its fatbin."""
+    def pack_imports(host, system_lib: bool, prefix: str, workspace: str) -> str:
+        import tvm_ffi
+
+        blob = tvm_ffi.get_global_func("runtime.ModulePackImportsToTensor")(host).numpy().tobytes()
+        cuda_modules = host._collect_from_import_tree(lambda m: m.kind == "cuda")
+        sources = {m.inspect_source("cuda").encode() for m in cuda_modules}
+        with target:  # nvcc's -gencode comes from the current target's arch
+            blob = with_cuda_fatbins(blob, sources)
+        packed = tvm_ffi.get_global_func("codegen.codegen_blob")(
+            blob, system_lib, host.get_function("_get_target_string")(), prefix)
+        out = os.path.join(workspace, f"{prefix}devc.o")
+        packed.write_to_file(out)
+        return out
+
+    try:
+        executable.mod.export_library(str(path), fpack_imports=pack_imports)
+    except (RuntimeError, OSError) as err:  # nvcc or the linker failed
+        raise CompileError(f"could not export the TVM kernel for {label}: {err}") from err
+
+
+_U64 = struct.Struct("<Q")
+
+
+def with_cuda_fatbins(blob: bytes, sources: set[bytes]) -> bytes:
+    """`blob` (TVM's packed import tree: u64 size; the tree as two u64 vectors; per module its kind and, unless
+    "_lib", its saved bytes) with each CUDA module's saved bytes, [format][function table][code], turned from
+    format "cuda" with code one of `sources` into format "fatbin" with nvcc's fatbin of that source."""
+    from tvm.support.nvcc import compile_cuda
+
+    def field(at: int) -> tuple[bytes, int]:  # a u64-length-prefixed field at `at`, and the offset after it
+        (size,) = _U64.unpack_from(blob, at)
+        return blob[at + 8:at + 8 + size], at + 8 + size
+
+    def fatbin(saved: bytes) -> bytes:
+        fmt = _U64.pack(4) + b"cuda"
+        source = next((s for s in sources if saved.startswith(fmt) and saved.endswith(_U64.pack(len(s)) + s)), None)
+        if source is None:
+            return saved  # already compiled (TVM with its CUDA runtime loaded JIT-compiles while building)
+        table = saved[len(fmt):len(saved) - 8 - len(source)]
+        binary = bytes(compile_cuda(source.decode(), target_format="fatbin", compiler="nvcc"))
+        return _U64.pack(6) + b"fatbin" + table + _U64.pack(len(binary)) + binary
+
+    at = 8
+    (rows,) = _U64.unpack_from(blob, at)
+    at += 8 + 8 * rows  # import tree row pointers: one per module, plus one
+    (children,) = _U64.unpack_from(blob, at)
+    at += 8 + 8 * children
+    parts = [blob[8:at]]
+    for _ in range(rows - 1):
+        kind, at = field(at)
+        parts.append(_U64.pack(len(kind)) + kind)
+        if kind != b"_lib":
+            saved, at = field(at)
+            saved = fatbin(saved) if kind == b"cuda" else saved
+            parts.append(_U64.pack(len(saved)) + saved)
+    if at != len(blob):
+        raise CompileError(f"TVM's packed module layout is not the one attnc reads ({len(blob) - at} bytes left "
+                           f"over); use apache-tvm 0.27")
+    body = b"".join(parts)
+    return _U64.pack(len(body)) + body
+
+
 def cache_key(plan: KernelPlan, sched, func, device: str) -> cache.CacheKey:
     """The TensorIR text is part of the key, so a change to the code generator never loads a stale library."""
     import tvm
@@ -91,8 +160,8 @@ def load_function(plan: KernelPlan, sched, func, target, device: str):
     import tvm
 
     def build(out_dir: Path) -> None:
-        compile_module({FUNCTION: func}, plan, target, f"{device} with {sched}").export_library(
-            str(out_dir / LIBRARY_FILE))
+        label = f"{device} with {sched}"
+        export_library(compile_module({FUNCTION: func}, plan, target, label), out_dir / LIBRARY_FILE, target, label)
 
     def load(entry: cache.Entry):
         return tvm.runtime.load_module(str(entry.file(LIBRARY_FILE)))[FUNCTION]
