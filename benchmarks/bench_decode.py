@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 import attnc
-from attnc.bench import environment
+from attnc.bench import compiled_flex_attention, environment
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 CHECK_TOL = 2e-2  # relative Frobenius error against the anchor
@@ -84,9 +84,9 @@ def runners(w: DecodeWorkload, q, k, v, gen) -> dict:
     made["sdpa-cudnn"] = sdpa(SDPBackend.CUDNN_ATTENTION)
     made["sdpa-flash"] = sdpa(SDPBackend.FLASH_ATTENTION)
     try:
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        from torch.nn.attention.flex_attention import create_block_mask
 
-        flex = torch.compile(flex_attention, dynamic=False)
+        flex = compiled_flex_attention(dynamic=False)
         offset = w.L - 1  # bottom-right causal: the new token sees the whole cache
 
         def keep(b, h, q_idx, kv_idx):
