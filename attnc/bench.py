@@ -14,6 +14,7 @@ import math
 import platform
 import random
 import re
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -246,6 +247,22 @@ def run_workload(w: Workload, device: str, check_tol: float = 2e-2) -> dict:
         row["results"][name] = res
     row.update(timings)
     return row
+
+
+def host_us_per_call(fn, calls: int = 10, rounds: int = 300) -> float:
+    """Median host time of one call: `calls` back-to-back calls timed between synchronizations, so the GPU
+    queue never fills and the time is the host's alone."""
+    for _ in range(50):
+        fn()
+    times = []
+    for _ in range(rounds):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        times.append((time.perf_counter() - start) / calls * 1e6)
+    torch.cuda.synchronize()
+    return statistics.median(times)
 
 
 def host_overhead(device: str, calls: int = 2000) -> dict:

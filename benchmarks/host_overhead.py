@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import statistics
 import time
 
 import torch
@@ -25,6 +24,7 @@ import torch
 import attnc
 import attnc.runtime.api as api
 import attnc.runtime.launch as launch
+from attnc.bench import host_us_per_call
 from attnc.dsl.signature import bind
 
 B, H, S, D = 1, 16, 128, 64
@@ -41,22 +41,13 @@ attention tiny_{name} {{
 
 def host_us(fn, calls: int, rounds: int) -> tuple[float, float]:
     """(median host us per call with a sync every `calls` calls, us per call over 2000 unsynchronized calls)."""
-    for _ in range(50):
-        fn()
-    times = []
-    for _ in range(rounds):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        times.append((time.perf_counter() - start) / calls * 1e6)
-    torch.cuda.synchronize()
+    median = host_us_per_call(fn, calls, rounds)
     start = time.perf_counter()
     for _ in range(2000):
         fn()
     stream = (time.perf_counter() - start) / 2000 * 1e6
     torch.cuda.synchronize()
-    return statistics.median(times), stream
+    return median, stream
 
 
 def causal_mask(b, h, q_idx, kv_idx):

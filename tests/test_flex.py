@@ -599,7 +599,7 @@ def test_flex_attention_on_gpu(dtype):
 def test_flex_attention_host_time_per_call_gpu(monkeypatch):
     """A cache hit of flex_attention (score_mod capturing a scalar, a causal block mask) costs the host < 15 us
     on a tiny problem; the results before and after the timed calls match the reference (outputs poisoned)."""
-    from test_host_overhead import host_us_per_call
+    from attnc.bench import host_us_per_call
 
     import attnc.runtime.launch as launch
 

@@ -6,15 +6,13 @@ goes back through bind() and the JIT.
 On CPU Triton's interpreter returns no compiled kernel, so these tests stand an interpreter-backed launcher in
 for Triton's (it runs the kernel with exactly the argument list a direct launch receives) and check every
 result against attnc.reference. The GPU tests time the real thing."""
-import statistics
-import time
-
 import pytest
 import torch
 
 import attnc
 import attnc.runtime.api as api
 import attnc.runtime.launch as launch
+from attnc.bench import host_us_per_call
 from attnc.errors import CallError
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -267,22 +265,6 @@ def test_launch_hooks_send_calls_to_the_jit():
 
 
 # ---------------------------------------------------------------- on the GPU
-
-
-def host_us_per_call(fn, calls: int = 10, rounds: int = 300) -> float:
-    """Median host time of one call: `calls` back-to-back calls timed between synchronizations, so the GPU
-    queue never fills and the time is the host's alone."""
-    for _ in range(50):
-        fn()
-    times = []
-    for _ in range(rounds):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        times.append((time.perf_counter() - start) / calls * 1e6)
-    torch.cuda.synchronize()
-    return statistics.median(times)
 
 
 TINY = """

@@ -27,7 +27,7 @@ from tvm.script.ir_builder import tirx as T
 from ...errors import CompileError
 from ...passes import KernelPlan
 from .emit import F32, LN2, Emitter, f32
-from .gpu import block_key_tiles, build_gpu_primfunc, gpu_schedule, i32, sync
+from .gpu import block_key_tiles, build_gpu_primfunc, gpu_schedule, i32, query_tile_grid, sync
 from .kernel import TIR_DTYPES, Args, by_tile_kind, logit2
 
 NEG_INF = -math.inf
@@ -89,13 +89,7 @@ def build_cuda_primfunc(plan: KernelPlan, sched: CudaSchedule, name: str = "attn
             T.func_name(name)
             a = Args(plan)
             s = a.sizes
-            q_tiles = tir.floordiv(s["M"] + bm - 1, bm)
-            bz, by, bx, tx = (T.env_thread(t) for t in ("blockIdx.z", "blockIdx.y", "blockIdx.x", "threadIdx.x"))
-            with T.launch_thread(bz, s["B"]), T.launch_thread(by, s["H"]), T.launch_thread(bx, q_tiles), \
-                    T.launch_thread(tx, threads):
-                b, h = bz, by
-                i0 = T.Bind((q_tiles - 1 - bx) * bm)
-                kvh = T.Bind(tir.truncdiv(h, tir.truncdiv(s["H"], s["HKV"])))
+            with query_tile_grid(s, bm, threads) as (b, h, i0, kvh, tx):
                 warp = T.Bind(tir.truncdiv(tx, WARP))
                 lane = T.Bind(tir.truncmod(tx, WARP))
                 g, t = T.Bind(tir.truncdiv(lane, 4)), T.Bind(tir.truncmod(lane, 4))

@@ -13,6 +13,7 @@ query row for the whole key loop, so the online softmax runs in the thread's reg
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from tvm import tirx as tir
@@ -42,6 +43,19 @@ def gpu_schedule(plan: KernelPlan) -> GpuSchedule:
     return GpuSchedule(threads=64, block_n=block_n)
 
 
+@contextmanager
+def query_tile_grid(s: dict, block_m: int, threads: int):
+    """The launch of both GPU kernels: a thread block per (batch, head, query tile of `block_m` rows), the last
+    query tiles (the longest causal rows) first. Yields (b, h, first row i0, K/V head, thread index)."""
+    q_tiles = tir.floordiv(s["M"] + block_m - 1, block_m)
+    bz, by, bx, tx = (T.env_thread(t) for t in ("blockIdx.z", "blockIdx.y", "blockIdx.x", "threadIdx.x"))
+    with T.launch_thread(bz, s["B"]), T.launch_thread(by, s["H"]), T.launch_thread(bx, q_tiles), \
+            T.launch_thread(tx, threads):
+        i0 = T.Bind((q_tiles - 1 - bx) * block_m)
+        kvh = T.Bind(tir.truncdiv(by, tir.truncdiv(s["H"], s["HKV"])))
+        yield bz, by, i0, kvh, tx
+
+
 def build_gpu_primfunc(plan: KernelPlan, sched: GpuSchedule, name: str = "attn") -> tir.PrimFunc:
     spec, score = plan.spec, plan.score
     bm, bn = sched.threads, sched.block_n
@@ -51,13 +65,7 @@ def build_gpu_primfunc(plan: KernelPlan, sched: GpuSchedule, name: str = "attn")
             T.func_name(name)
             a = Args(plan)
             s = a.sizes
-            q_tiles = tir.floordiv(s["M"] + bm - 1, bm)
-            bz, by, bx, tx = (T.env_thread(t) for t in ("blockIdx.z", "blockIdx.y", "blockIdx.x", "threadIdx.x"))
-            with T.launch_thread(bz, s["B"]), T.launch_thread(by, s["H"]), T.launch_thread(bx, q_tiles), \
-                    T.launch_thread(tx, bm):
-                b, h = bz, by
-                i0 = T.Bind((q_tiles - 1 - bx) * bm)
-                kvh = T.Bind(tir.truncdiv(h, tir.truncdiv(s["H"], s["HKV"])))
+            with query_tile_grid(s, bm, bm) as (b, h, i0, kvh, tx):
                 row = T.Bind(i0 + tx)  # rows past M run along (they stage and sync) but store nothing
                 k_tile = T.alloc_buffer((bn * d_model,), F32, scope="shared")
                 v_tile = T.alloc_buffer((bn * dv_model,), F32, scope="shared")
