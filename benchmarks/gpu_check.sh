@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
 # One device-tool call that checks attnc on the lent GPU: GPU tests, the TVM CUDA artifacts, host overhead and
 # (with `sweep`) the Triton tile sweep. Run from a snapshot of the repo with the carried wheels beside it:
-#   carry [".whl", ".snap", ".tvmrt", ".tvm-aot", ".aot-demo"]; cd .snap && bash benchmarks/gpu_check.sh [sweep]
+#   carry [".whl", ".snap", ".tvmrt", ".tvm-aot", ".aot-demo.tar.xz"]; cd .snap && bash benchmarks/gpu_check.sh [sweep]
+# (the Triton AOT artifacts travel compressed: cubins shrink ~10x, and a carry holds 64 MiB in all).
 # Everything it writes goes under $OUT.
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site ../.whl/*.whl || exit 1
+[ -f ../.aot-demo.tar.xz ] && tar -xJf ../.aot-demo.tar.xz -C ..
+# pytest-xdist among the wheels: the GPU tests are bound by Triton compiles on the host's cores
+python3 -c "import xdist" 2>/dev/null || PYTHONPATH=/tmp/site python3 -c "import xdist" 2>/dev/null && XDIST="-n ${WORKERS:-8}" || XDIST=""
 export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1 OUT="${OUT:-/tmp/out}"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-timeout "${TEST_SECONDS:-260}" python3 -m pytest -m gpu -q -rf -p no:cacheprovider \
+timeout "${TEST_SECONDS:-260}" python3 -m pytest -m gpu -q -rf -p no:cacheprovider $XDIST \
   tests/test_decode_kernels.py tests/test_merge.py tests/test_host_overhead.py tests/test_trace.py tests/test_flex.py \
   tests/test_paged_varlen.py tests/test_aot.py tests/test_triton_tma.py tests/test_tvm_kernels.py \
   tests/test_triton_gpu.py > "$OUT/gpu-tests.log" 2>&1
