@@ -27,7 +27,7 @@ def hopper_module(spec, d, ws):
     """The sm_90 source with descriptors on, loaded without a GPU (the interpreter needs no TMA scratch)."""
     plan = plan_kernel(spec, HOPPER, d, d, PlanOptions(block_m=32, block_n=16, tma=True, warp_specialize=ws))
     assert plan.triton.tma and plan.triton.warp_specialize == ws
-    source = generate(plan).replace("triton.set_allocator(_scratch)", "")
+    source = generate(plan).replace("scratch.install()", "")
     module = types.ModuleType("hopper_kernel")
     exec(compile(source, "hopper_kernel.py", "exec"), module.__dict__)
     return module
@@ -90,3 +90,18 @@ def test_each_specialization_holds_only_the_loops_it_runs(tma):
     causal = attnc.parse(SPEC.replace("  mask i - j < window\n", ""))[0]
     source = generate(plan_kernel(causal, HOPPER, 64, 64, PlanOptions(tma=tma)))
     assert source.count("for t in tl.range(") == (4 if tma else 2)  # no lower bound: full tiles start at 0
+
+
+@pytest.mark.gpu
+def test_descriptor_scratch_is_one_buffer_per_stream_gpu():
+    """Launches on one stream run in order and share one scratch buffer (grown on demand); another stream gets
+    its own, so kernels running concurrently never share descriptor scratch."""
+    from attnc.runtime import scratch
+
+    stream = torch.cuda.current_stream().cuda_stream
+    first = scratch.scratch(1024, 128, stream)
+    assert scratch.scratch(512, 128, stream).data_ptr() == first.data_ptr()
+    grown = scratch.scratch(1 << 20, 128, stream)
+    assert grown.numel() >= 1 << 20 and scratch.scratch(1024, 128, stream).data_ptr() == grown.data_ptr()
+    other = torch.cuda.Stream()
+    assert scratch.scratch(1024, 128, other.cuda_stream).data_ptr() != grown.data_ptr()

@@ -61,6 +61,27 @@ def test_cuda_kernel_uses_tensor_cores(dtype):
     assert "cp_async" in src and "__shfl_xor_sync" in src  # async K/V staging; quad row max / sum
 
 
+def register_views_out_of_bounds(src: str) -> list[str]:
+    """Every `((unsigned *)(frag + off))[r]` (ldmatrix / mma operands) that reaches past `frag`'s declared
+    elements: such a write lands in a neighbouring local array, which no CPU run can show."""
+    sizes = {name: (int(n), 2 if dtype in ("half", "nv_bfloat16") else 4)
+             for dtype, name, n in re.findall(r"(half|nv_bfloat16|float) (_ptr_\d+)\[(\d+)\];", src)}
+    bad = []
+    for name, off, reg in re.findall(r"\(\(unsigned \*\)\((_ptr_\d+) \+ (\d+)\)\)\[(\d+)\]", src):
+        n, width = sizes[name]
+        if int(off) * width + 4 * (int(reg) + 1) > n * width:
+            bad.append(f"{name}[{n}] + {off} register {reg}")
+    return sorted(set(bad))
+
+
+@needs_nvcc
+@pytest.mark.parametrize("d", [64, 128, 96])
+def test_cuda_fragments_stay_inside_their_arrays(d):
+    src = cuda_source(attnc.parse(spec_text("bf16"))[0], d)
+    assert "((unsigned *)(" in src  # the pattern below still matches TVM's ldmatrix / mma operands
+    assert register_views_out_of_bounds(src) == []
+
+
 @needs_nvcc
 def test_cuda_kernel_odd_head_dims_and_evaluated_masks():
     """D not a multiple of 8 stages element by element; DV != D; lookups and dilation masks compile."""

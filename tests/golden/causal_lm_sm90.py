@@ -3,15 +3,9 @@
 import triton
 import triton.language as tl
 
-import torch
+from attnc.runtime import scratch
 
-
-def _scratch(size: int, alignment: int, stream):
-    """Global scratch for device-side tensor descriptors (Triton asks for it at launch)."""
-    return torch.empty(size, dtype=torch.int8, device="cuda")
-
-
-triton.set_allocator(_scratch)
+scratch.install()  # device-side tensor descriptors need global scratch at each launch
 
 INF = tl.constexpr(float("inf"))
 BIG = tl.constexpr(2 ** 31 - 1)

@@ -26,7 +26,7 @@ from ... import __version__
 from ...dsl.signature import bind
 from ...errors import CallError, CompileError
 from ...ir import Attention
-from ...passes import Target, plan_kernel
+from ...passes import PlanOptions, Target, plan_kernel
 from .launch import launch
 
 FORMAT = "attnc-tvm-aot/1"
@@ -52,9 +52,9 @@ NO_SOURCE = {
 
 
 def build(spec: Attention, out_dir: str | Path, target: str = "cuda", arch: str | None = "sm_90a",
-          head_dim: int | None = None, value_dim: int | None = None) -> Path:
+          head_dim: int | None = None, value_dim: int | None = None, options: PlanOptions = PlanOptions()) -> Path:
     """Compile `spec` for `target` ("cuda" with `arch` like "sm_90a", or "llvm": this machine's CPU) into
-    `out_dir`; returns the folder."""
+    `out_dir`; returns the folder. `options` overrides the CUDA kernel's num_warps / block_n."""
     from ...runtime.api import head_dims
     from .backend import check_dense, compile_module, export_library
     from .host import host_cpu
@@ -65,7 +65,7 @@ def build(spec: Attention, out_dir: str | Path, target: str = "cuda", arch: str 
         from .cuda import build_cuda_kernel
 
         number = _arch_number(arch)
-        plan = plan_kernel(spec, Target("tvm", "cuda", number), d, dv)
+        plan = plan_kernel(spec, Target("tvm", "cuda", number), d, dv, options)
         check_dense(plan)
         sched, func = build_cuda_kernel(plan, "attn")
         funcs = {"attn": func}

@@ -51,9 +51,15 @@ class CudaSchedule:
 
 
 def cuda_schedule(plan: KernelPlan) -> CudaSchedule:
-    """Registers bound the tile: a thread keeps D/2 Q values, DV/2 output and block_n/2 score accumulators."""
+    """Registers bound the tile: a thread keeps D/2 Q values, DV/2 output and block_n/2 score accumulators.
+    PlanOptions' num_warps (16 query rows each) and block_n (a multiple of 16) override the default."""
     widest = max(_round16(plan.head_dim), _round16(plan.value_dim))
-    return CudaSchedule(warps=4, block_n=64 if widest <= 128 else 32)
+    warps = plan.options.num_warps or 4
+    block_n = plan.options.block_n or (64 if widest <= 128 else 32)
+    if warps not in (1, 2, 4, 8) or block_n % 16 or not 16 <= block_n <= 128:
+        raise CompileError(f"attention {plan.spec.name!r}: the TVM CUDA kernel takes num_warps in 1, 2, 4, 8 and "
+                           f"block_n a multiple of 16 up to 128 (got num_warps={warps}, block_n={block_n})")
+    return CudaSchedule(warps=warps, block_n=block_n)
 
 
 def _round16(x: int) -> int:
@@ -97,7 +103,7 @@ def build_cuda_primfunc(plan: KernelPlan, sched: CudaSchedule, name: str = "attn
 
                 smem = T.alloc_buffer((smem_elems,), dtype, scope="shared.dyn")  # > 48 KiB: dynamic
                 q_frag = T.alloc_buffer((dp // 16 * 8,), dtype, scope="local")
-                b_frag = T.alloc_buffer((4,), dtype, scope="local")
+                b_frag = T.alloc_buffer((8,), dtype, scope="local")  # ldmatrix.x4: 4 registers of 2 elements
                 acc_s = T.alloc_buffer((bn // 8 * 4,), F32, scope="local")
                 p_frag = T.alloc_buffer((bn // 8 * 4,), dtype, scope="local")
                 acc_o = T.alloc_buffer((dvp // 8 * 4,), F32, scope="local")
@@ -163,7 +169,7 @@ def build_cuda_primfunc(plan: KernelPlan, sched: CudaSchedule, name: str = "attn
                             col = kd * 16 + tir.truncmod(tir.truncdiv(lane, 8), 2) * 8
                             _ldmatrix(b_frag, 0, smem, k_at + key * k_stride + col, trans=False)
                             _mma(mma_type, q_frag, kd * 8, b_frag, 0, acc_s, 2 * n16 * 4)
-                            _mma(mma_type, q_frag, kd * 8, b_frag, 2, acc_s, (2 * n16 + 1) * 4)
+                            _mma(mma_type, q_frag, kd * 8, b_frag, 4, acc_s, (2 * n16 + 1) * 4)
 
                     def logits(masked: bool):
                         with T.unroll(0, bn // 8) as nt:
@@ -206,7 +212,7 @@ def build_cuda_primfunc(plan: KernelPlan, sched: CudaSchedule, name: str = "attn
                             col = n16 * 16 + tir.truncdiv(lane, 16) * 8
                             _ldmatrix(b_frag, 0, smem, v_at + key * v_stride + col, trans=True)
                             _mma(mma_type, p_frag, k16 * 8, b_frag, 0, acc_o, 2 * n16 * 4)
-                            _mma(mma_type, p_frag, k16 * 8, b_frag, 2, acc_o, (2 * n16 + 1) * 4)
+                            _mma(mma_type, p_frag, k16 * 8, b_frag, 4, acc_o, (2 * n16 + 1) * 4)
                     sync()  # this stage is read: the next step may stage into it
 
                 # -- out = acc / l (0 for a row with nothing kept), lse = (m + log2 l) ln 2
@@ -307,6 +313,7 @@ def _ldmatrix(frag, frag_offset, smem, smem_offset, trans: bool) -> None:
 
 
 def _mma(mma_type: str, a, a_offset, b, b_offset, c, c_offset) -> None:
-    """c[c_offset:+4] += A (16x16, row) B (16x8, col): one m16n8k16 tensor-core step of the warp."""
+    """c[c_offset:+4] += A (16x16, row) B (16x8, col): one m16n8k16 tensor-core step of the warp. Offsets count
+    elements: A is 8 (4 registers), B 4 (2 registers), C 4 f32 values per thread."""
     T.evaluate(T.ptx_legacy.mma("m16n8k16", "row", "col", mma_type, mma_type, "fp32", a.data, a_offset, b.data,
                                 b_offset, c.data, c_offset, False, dtype=F32))
