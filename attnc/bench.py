@@ -265,6 +265,12 @@ def host_us_per_call(fn, calls: int = 10, rounds: int = 300) -> float:
     return statistics.median(times)
 
 
+def sdpa_host_us(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> float:
+    """host_us_per_call of causal torch SDPA on these tensors: the yardstick host-time tests compare with, since
+    the same Python path costs 1.6x more on one GPU machine's host than on another's (18 vs 30 us measured)."""
+    return host_us_per_call(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+
 def host_overhead(device: str, calls: int = 2000) -> dict:
     """Host time per call on a tiny problem (cache hit), for attnc, SDPA and compiled FlexAttention."""
     q, k, v = (torch.randn(1, 1, 64, 64, device=device, dtype=torch.bfloat16) for _ in range(3))

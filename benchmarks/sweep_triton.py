@@ -89,10 +89,10 @@ def run(args) -> list[dict]:
         state[w.name] = (q, k, v, extra, reference(w, q, k, v, extra))
     log = Path(args.out) / "sweep.jsonl"
     rows = []
-    ranks = max(len(c) for c in CONFIGS.values())
+    ranks = len(args.configs) if args.configs else max(len(c) for c in CONFIGS.values())
     for rank in range(ranks):
         for w in work:
-            configs = CONFIGS[w.D]
+            configs = args.configs or CONFIGS[w.D]
             if rank >= len(configs):
                 continue
             if time.time() - t0 > args.budget:
@@ -129,6 +129,8 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--only", default=None, help="regex over workload names")
     ap.add_argument("--budget", type=float, default=330.0, help="seconds; no new config starts after it")
+    ap.add_argument("--configs", type=json.loads, default=None,
+                    help='JSON list of [BM, BN, warps, stages, tma, ws] for every workload, in place of CONFIGS')
     args = ap.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)
     rows = run(args)

@@ -56,7 +56,7 @@ def build(spec: Attention, out_dir: str | Path, target: str = "cuda", arch: str 
     """Compile `spec` for `target` ("cuda" with `arch` like "sm_90a", or "llvm": this machine's CPU) into
     `out_dir`; returns the folder. `options` overrides the CUDA kernel's num_warps / block_n."""
     from ...runtime.api import head_dims
-    from .backend import check_dense, compile_module, export_library
+    from .backend import check_dense, compile_module, export_library, nvcc_options
     from .host import host_cpu
 
     d, dv = head_dims(spec, head_dim, value_dim)
@@ -84,7 +84,8 @@ def build(spec: Attention, out_dir: str | Path, target: str = "cuda", arch: str 
     else:
         raise CompileError(_not_runnable(target))
     out.mkdir(parents=True, exist_ok=True)
-    export_library(compile_module(funcs, plan, tvm_target, device), out / LIBRARY, tvm_target, device)
+    export_library(compile_module(funcs, plan, tvm_target, device), out / LIBRARY, tvm_target, device,
+                   nvcc_options(plan) if target == "cuda" else ())
     (out / SPEC_FILE).write_bytes(pickle.dumps(spec))
     import tvm
 

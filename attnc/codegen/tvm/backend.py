@@ -75,8 +75,18 @@ def compile_module(funcs: dict, plan: KernelPlan, target, label: str):
         raise CompileError(f"TVM could not build attention {plan.spec.name!r} for {label}: {err}") from err
 
 
-def export_library(executable, path: str | Path, target, label: str) -> None:
-    """Write compile_module's `executable` as a shared library with each CUDA kernel as an nvcc fatbin.
+def nvcc_options(plan: KernelPlan) -> tuple[str, ...]:
+    """Fast math (ex2.approx / rcp.approx / lg2.approx without range fix-ups, denormals flushed) for the
+    tensor-core kernels: their f16 / bf16 outputs do not see the last bits it changes; f32 kernels keep IEEE
+    math for their 1e-5 tolerance."""
+    from .cuda import MMA_TYPES
+
+    return ("-use_fast_math",) if plan.dtype in MMA_TYPES else ()
+
+
+def export_library(executable, path: str | Path, target, label: str, options: tuple[str, ...] = ()) -> None:
+    """Write compile_module's `executable` as a shared library with each CUDA kernel as an nvcc fatbin
+    (nvcc gets `options`, e.g. nvcc_options(plan)).
 
     TVM 0.27's compiler leaves CUDA kernels as source (module format "cuda") and the runtime compiles them when
     the library is loaded, through tvm.support.nvcc: absent where only the TVM runtime is installed. So the
@@ -88,7 +98,7 @@ def export_library(executable, path: str | Path, target, label: str) -> None:
         cuda_modules = host._collect_from_import_tree(lambda m: m.kind == "cuda")
         sources = {m.inspect_source("cuda").encode() for m in cuda_modules}
         with target:  # nvcc's -gencode comes from the current target's arch
-            blob = with_cuda_fatbins(blob, sources)
+            blob = with_cuda_fatbins(blob, sources, options)
         packed = tvm_ffi.get_global_func("codegen.codegen_blob")(
             blob, system_lib, host.get_function("_get_target_string")(), prefix)
         out = os.path.join(workspace, f"{prefix}devc.o")
@@ -104,7 +114,7 @@ def export_library(executable, path: str | Path, target, label: str) -> None:
 _U64 = struct.Struct("<Q")
 
 
-def with_cuda_fatbins(blob: bytes, sources: set[bytes]) -> bytes:
+def with_cuda_fatbins(blob: bytes, sources: set[bytes], options: tuple[str, ...] = ()) -> bytes:
     """`blob` (TVM's packed import tree: u64 size; the tree as two u64 vectors; per module its kind and, unless
     "_lib", its saved bytes) with each CUDA module's saved bytes, [format][function table][code], turned from
     format "cuda" with code one of `sources` into format "fatbin" with nvcc's fatbin of that source."""
@@ -120,7 +130,8 @@ def with_cuda_fatbins(blob: bytes, sources: set[bytes]) -> bytes:
         if source is None:
             return saved  # already compiled (TVM with its CUDA runtime loaded JIT-compiles while building)
         table = saved[len(fmt):len(saved) - 8 - len(source)]
-        binary = bytes(compile_cuda(source.decode(), target_format="fatbin", compiler="nvcc"))
+        binary = bytes(compile_cuda(source.decode(), target_format="fatbin", options=list(options) or None,
+                                    compiler="nvcc"))
         return _U64.pack(6) + b"fatbin" + table + _U64.pack(len(binary)) + binary
 
     at = 8
@@ -151,6 +162,7 @@ def cache_key(plan: KernelPlan, sched, func, device: str) -> cache.CacheKey:
         "ir": plan.spec.canonical, "plan": repr(plan), "schedule": repr(sched),
         "tir": hashlib.sha256(func.script().encode()).hexdigest(), "backend": "tvm",
         "backend_version": tvm.__version__, "device": device, "attnc": __version__,
+        "nvcc_options": " ".join(nvcc_options(plan)) if device.startswith("cuda") else "",
         "name": plan.spec.name,
     })
 
@@ -161,7 +173,8 @@ def load_function(plan: KernelPlan, sched, func, target, device: str):
 
     def build(out_dir: Path) -> None:
         label = f"{device} with {sched}"
-        export_library(compile_module({FUNCTION: func}, plan, target, label), out_dir / LIBRARY_FILE, target, label)
+        export_library(compile_module({FUNCTION: func}, plan, target, label), out_dir / LIBRARY_FILE, target, label,
+                       nvcc_options(plan))
 
     def load(entry: cache.Entry):
         return tvm.runtime.load_module(str(entry.file(LIBRARY_FILE)))[FUNCTION]
