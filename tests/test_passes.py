@@ -170,6 +170,16 @@ def test_tiling_pads_head_dim_and_fits_shared_memory():
             assert need <= 232448, (d, dtype, c)
 
 
+def test_banded_masks_take_the_banded_tiles_on_hopper():
+    """A lower key bound (sliding window) selects the banded TUNED row; causal and dense do not."""
+    tiles = {}
+    for name, masks in [("dense", ""), ("causal", "mask causal"), ("window", "mask causal\nmask i - j < 1024")]:
+        spec = spec_of("attention t {" + header("bf16") + masks + "\nreturn softmax(score) @ v }")
+        tiles[name] = plan_kernel(spec, H100, 128, 128).tiling.prefill
+    assert (tiles["window"].block_m, tiles["window"].block_n) == (64, 64)
+    assert tiles["dense"] == tiles["causal"] != tiles["window"]
+
+
 def test_launch_tiles_pack_gqa_heads_for_decode():
     spec = spec_of("attention t {" + header("bf16") + "mask causal\nreturn softmax(score) @ v }")
     plan = plan_kernel(spec, H100, 128, 128)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from typing import Mapping
 
 from ..errors import CompileError
-from ..ir import Ragged
+from ..ir import Paged, Ragged
 from .plan import DecodePlan, KernelPlan, TileConfig
 from .tiling import DTYPE_BITS, MIN_DOT_ROWS, LaunchTiles, next_pow2, smem_bytes, smem_capacity
 
@@ -46,6 +46,7 @@ MAX_SPLITS = 64
 MIN_SPLIT_TILES = 4  # a split reads at least 4 key tiles (256 keys at BLOCK_N = 64): the merge stays small
 PROGRAMS_PER_SM = 2  # split until the launch has about this many programs per SM
 INTERPRETER_SMS = 1  # the interpreter runs one program at a time
+COMBINE_TILE = 8192  # f32 partial-row elements an attn_combine program loads at once (64 a thread at 4 warps)
 
 
 def plan_decode(plan: KernelPlan) -> KernelPlan:
@@ -75,6 +76,8 @@ class DecodeLaunch:
     q_programs: int  # grid axis 0: row tiles (an upper bound for a ragged q)
     head_programs: int  # grid axis 1: (B x) H // pack
     search_steps: int  # a ragged q: binary-search steps to find a program's sequence
+    combine_rows: int  # attn_combine's BLOCK_R: workspace rows per program
+    combine_splits: int  # attn_combine's BLOCK_S: splits it loads at once
 
 
 def decode_launch(plan: KernelPlan, sizes: Mapping[str, int], sm_count: int) -> DecodeLaunch | None:
@@ -93,7 +96,11 @@ def decode_launch(plan: KernelPlan, sizes: Mapping[str, int], sm_count: int) -> 
         splits = clamp(ceil(PROGRAMS_PER_SM * SMs / programs), 1, min(max_splits, key_tiles // min_split_tiles))
     then evened out to ceil(key_tiles / ceil(key_tiles / splits)), where programs = row tiles x head programs
     (x B): split only until the GPU has about two programs per SM, and never into runs too short to pay for
-    the merge. PlanOptions(num_splits=...) fixes the count (at most one split per key tile)."""
+    the merge. PlanOptions(num_splits=...) fixes the count (at most one split per key tile).
+
+    Stages: the plan's num_stages - 1 is the number of K/V tiles in flight; `pipeline_stages` turns it into
+    Triton's num_stages (more for a paged cache). The merge (attn_combine) takes all splits of its rows in one
+    load where they fit in COMBINE_TILE elements (`combine_blocks`)."""
     d, t = plan.decode, plan.tiling
     b, heads, group = sizes["B"], sizes["H"], sizes["H"] // sizes["HKV"]
     ragged_q = plan.spec.q_storage is not None
@@ -130,4 +137,23 @@ def decode_launch(plan: KernelPlan, sizes: Mapping[str, int], sm_count: int) -> 
         splits = -(-key_tiles // -(-key_tiles // splits)) if key_tiles else 1
     if splits == 1 and dense:
         return None  # a dense launch without splits: the prefill kernel (TMA, warp specialization) serves it
-    return DecodeLaunch(tiles, splits, q_programs, head_programs, max(0, b - 1).bit_length())
+    paged = isinstance(plan.spec.kv_storage, Paged)
+    tiles = replace(tiles, config=replace(tiles.config, num_stages=pipeline_stages(tiles.config.num_stages, paged)))
+    rows = sizes["M"] * (1 if ragged_q else b)  # workspace rows: packed tokens (M is T), else (b, i) pairs
+    return DecodeLaunch(tiles, splits, q_programs, head_programs, max(0, b - 1).bit_length(),
+                        *combine_blocks(splits, rows, t.block_dv))
+
+
+def pipeline_stages(stages: int, paged: bool) -> int:
+    """Triton's num_stages that keeps stages - 1 K/V tiles in flight. Triton's pipeliner shares num_stages - 1
+    among the loads of a chain that ends in a dot (AssignLatencies: (num_stages - 1) // chain length each); a
+    paged K/V load waits on its page-id load, a chain of two, so it needs 2 * (stages - 1) + 1 (sm_90 TTGIR:
+    paged at num_stages 3 double-buffers nothing, 39 KB of shared memory; at 5 it matches dense at 3, 72 KB)."""
+    return 2 * (stages - 1) + 1 if paged and stages > 1 else stages
+
+
+def combine_blocks(splits: int, rows: int, block_dv: int) -> tuple[int, int]:
+    """attn_combine's (BLOCK_R, BLOCK_S): every split at once while a row of them fits in COMBINE_TILE (always
+    at MAX_SPLITS and BLOCK_DV <= 128), then as many rows per program as fit."""
+    block_s = min(next_pow2(splits), max(1, COMBINE_TILE // block_dv))
+    return max(1, min(next_pow2(rows), COMBINE_TILE // (block_s * block_dv))), block_s

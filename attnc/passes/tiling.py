@@ -14,6 +14,7 @@ class TunedRow:
     prefill: TileConfig
     decode: TileConfig  # decode.block_m is the most rows (positions x packed heads) a decode program takes
     masked: bool | None = None  # True: rows whose key range is bounded (causal, window); None: any
+    banded: bool | None = None  # True: rows with a lower key bound too (sliding window, chunks); None: any
     tma: bool = False  # Hopper: K/V through tensor descriptors
     warp_specialize: bool = False  # Hopper: warp-specialized full-tile loop (with tma)
 
@@ -24,6 +25,9 @@ TUNED: tuple[TunedRow, ...] = (
     # H100 sweep of 2026-11-21 (benchmarks/NOTES.md): the winners for dense, causal, GQA, softcap and ALiBi;
     # causal and the 1024 window were within 4% of them with BN=64 and no TMA.
     TunedRow(90, 16, 64, TileConfig(128, 128, 4, 3), TileConfig(64, 64, 4, 3), tma=True, warp_specialize=True),
+    # Banded rows (window 1024, S=8192; sweep of session 2): 64x64 tiles 356 TFLOP/s against 292 for 128x64 and
+    # 313 for 128x128: a band has partial tiles at both ends, and their waste, (W + BM + BN) / W, shrinks.
+    TunedRow(90, 16, 128, TileConfig(64, 64, 4, 3), TileConfig(64, 64, 4, 3), banded=True, tma=True),
     TunedRow(90, 16, 128, TileConfig(128, 128, 8, 3), TileConfig(64, 64, 4, 3), tma=True),
     TunedRow(90, 16, 256, TileConfig(128, 64, 8, 2), TileConfig(64, 64, 4, 2), tma=True),
     TunedRow(90, 32, 128, TileConfig(64, 32, 4, 2), TileConfig(32, 32, 4, 2)),
@@ -52,8 +56,9 @@ def tuned_row(plan: KernelPlan) -> TunedRow:
     widest = max(16, next_pow2(plan.head_dim), next_pow2(plan.value_dim))
     m = plan.masks
     masked = m is not None and bool(m.hull.lower or m.hull.upper or m.evaluated)
+    banded = m is not None and bool(m.hull.lower)
     row = next((r for r in TUNED if arch >= r.min_arch and bits <= r.max_dtype_bits and widest <= r.max_block_d
-                and r.masked in (None, masked)), None)
+                and r.masked in (None, masked) and r.banded in (None, banded)), None)
     # nothing tuned this wide: the smallest tiles, which fit everywhere
     return row or TunedRow(0, bits, widest, TileConfig(32, 16, 4, 1), TileConfig(16, 16, 4, 1))
 

@@ -20,7 +20,6 @@ from ..passes.decode import INTERPRETER_SMS, DecodeLaunch, decode_launch
 from . import cache, launch
 
 SOURCE_FILE = "decode.py"
-COMBINE_ROWS = 16  # rows per attn_combine program
 
 
 @lru_cache(maxsize=None)
@@ -120,8 +119,8 @@ class DecodeLauncher:
             rows = workspace_rows(spec, sizes)
             combine = [ws_out, ws_lse, out, lse_or_out, *ws_strides, *_strides(out_c), *lse_strides, rows,
                        sizes["M"], go.splits]
-            calls.append((self.combine_fn, (-(-rows // COMBINE_ROWS), sizes["H"]), combine,
-                          dict(BLOCK_R=COMBINE_ROWS, num_warps=4)))
+            calls.append((self.combine_fn, (-(-rows // go.combine_rows), sizes["H"]), combine,
+                          dict(BLOCK_R=go.combine_rows, BLOCK_S=go.combine_splits, num_warps=4)))
         return calls
 
     def param_slot(self, name: str) -> int:
