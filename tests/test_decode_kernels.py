@@ -255,8 +255,8 @@ def test_dense_decode_launches_split_kv(m, n, ratio, monkeypatch):
         launches.append(go.splits), original(self, bound, go, *a))[1])
     check(spec, q, k, v, splits=(3,))
     assert launches == [3]
-    check(spec, q, k, v, splits=(1,))  # one split: the prefill kernel
-    assert launches == [3]
+    check(spec, q, k, v, splits=(1,))  # one split: the decode kernel writes out and lse itself
+    assert launches == [3, 1]
 
 
 def test_example_mqa_decode_with_splits():
@@ -280,8 +280,8 @@ def test_split_count_follows_batch_heads_length_and_sms():
     def splits(b, n, sms=132):
         return decode_launch(plan, {**sizes, "B": b, "N": n, "MAXP": n // 16}, sms).splits
 
-    assert splits(64, 4096) == 1  # 512 programs already fill 132 SMs twice
-    assert splits(1, 32768) > 16 and splits(1, 32768) <= 64
+    assert splits(64, 4096) == 1  # 512 programs already fill 132 SMs
+    assert splits(1, 32768) == 16  # 8 head programs x 16 splits: about one program per SM
     assert 1 < splits(8, 8192) < splits(1, 8192)
     assert splits(1, 256) == 1  # 4 key tiles: too few to split
     assert splits(1, 32768, sms=16) < splits(1, 32768)
@@ -294,8 +294,16 @@ def test_dense_prefill_shapes_stay_on_the_prefill_kernel():
     plan = plan_for(attnc.parse(DENSE)[0])
     sizes = dict(B=1, H=32, HKV=8, D=128, DV=128)
     assert decode_launch(plan, {**sizes, "M": 1000, "N": 1000}, 132) is None
-    assert decode_launch(plan, {**sizes, "M": 1, "N": 100}, 132) is None  # short: no split
+    assert decode_launch(plan, {**sizes, "M": 1, "N": 100}, 132).splits == 1  # short: no split, decode kernel
     assert decode_launch(plan, {**sizes, "M": 1, "N": 32768}, 132).splits > 1
+
+
+def test_paged_cache_takes_its_own_key_tile_on_hopper():
+    paged = plan_for(attnc.parse_file(SPECS_DIR / "paged_decode.attn")[0])
+    dense = plan_for(with_dtype(attnc.parse(DENSE)[0], "bf16"))  # the paged example's dtype
+    assert paged.spec.q.dtype == "bf16"
+    assert (paged.decode.tile.block_n, dense.decode.tile.block_n) == (128, 64)
+    assert plan_for(attnc.parse_file(SPECS_DIR / "paged_decode.attn")[0], arch=80).decode.tile.block_n == 64
 
 
 def test_ragged_row_tiles_cover_every_sequence_once():

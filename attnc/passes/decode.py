@@ -30,11 +30,15 @@ class DecodeRow:
     max_dtype_bits: int
     max_block_d: int
     tile: TileConfig
+    paged_block_n: int | None = None  # BLOCK_N for a paged cache, where it differs from tile.block_n
 
 
 # First matching row wins. Decode tiles are short in M (packed heads x a few positions) and take keys in
 # BLOCK_N-wide steps with enough stages in flight to keep the memory system busy (two programs per SM fit).
 DECODE_TUNED: tuple[DecodeRow, ...] = (
+    # H100 sweep (benchmarks/sweep_decode.py, session 2): BLOCK_N=64 for contiguous K/V; paged K/V 128, which
+    # led at every batch size swept there (B=8 2.26 TB/s against <= 2.02 at 64; B=64 2.88-2.90 against 2.39-2.52).
+    DecodeRow(90, 16, 128, TileConfig(64, 64, 4, 3), paged_block_n=128),
     DecodeRow(80, 16, 128, TileConfig(64, 64, 4, 3)),
     DecodeRow(80, 16, 256, TileConfig(32, 32, 4, 2)),
     DecodeRow(80, 32, 128, TileConfig(32, 32, 4, 2)),
@@ -44,8 +48,9 @@ DECODE_TUNED: tuple[DecodeRow, ...] = (
 )
 MAX_SPLITS = 64
 MIN_SPLIT_TILES = 4  # a split reads at least 4 key tiles (256 keys at BLOCK_N = 64): the merge stays small
-PROGRAMS_PER_SM = 2  # split until the launch has about this many programs per SM
-INTERPRETER_SMS = 1  # the interpreter runs one program at a time
+PROGRAMS_PER_SM = 1  # split while the launch has fewer programs than SMs (H100 sweep: B=1 16 splits beat 32,
+# B=8 2 beat 5, B=64 1 beat 2)
+INTERPRETER_SMS = 2  # the interpreter runs one program at a time; 2 keeps single-program test launches split
 COMBINE_TILE = 8192  # f32 partial-row elements an attn_combine program loads at once (64 a thread at 4 warps)
 
 
@@ -57,6 +62,8 @@ def plan_decode(plan: KernelPlan) -> KernelPlan:
     row = next((r for r in DECODE_TUNED if arch >= r.min_arch and bits <= r.max_dtype_bits
                 and widest <= r.max_block_d), None)
     tile = row.tile if row else TileConfig(16, 16, 4, 1)
+    if row and row.paged_block_n and isinstance(plan.spec.kv_storage, Paged):
+        tile = replace(tile, block_n=row.paged_block_n)
     o = plan.options
     tile = replace(tile, block_n=o.block_n or tile.block_n, num_warps=o.num_warps or tile.num_warps,
                    num_stages=o.num_stages or (tile.num_stages if arch else 1))
@@ -82,8 +89,8 @@ class DecodeLaunch:
 
 def decode_launch(plan: KernelPlan, sizes: Mapping[str, int], sm_count: int) -> DecodeLaunch | None:
     """The decode kernel's launch for these sizes (B, H, HKV, the capacities M and N, and T, TK for ragged
-    storage); None for a dense spec whose launch is better served by the prefill kernel (large M, or no
-    split).
+    storage); None for a dense spec whose M is past the decode tile (the prefill kernel serves it). A dense
+    M = 1 launch without splits stays here (H100, B=64: 3.02 TB/s against 2.73 for the prefill kernel).
 
     Rows: a sequence is expected to have m = M query rows (ceil(T / B) for a ragged q). When m fits the decode
     tile, the group's heads are packed: positions = next_pow2(m), pack = the largest power of two dividing
@@ -93,9 +100,9 @@ def decode_launch(plan: KernelPlan, sizes: Mapping[str, int], sm_count: int) -> 
 
     Splits: with n the expected keys per sequence (N; TK / B for ragged k/v; the paged capacity MAXP * PAGE,
     since the lengths are data) and key_tiles = ceil(n / BLOCK_N),
-        splits = clamp(ceil(PROGRAMS_PER_SM * SMs / programs), 1, min(max_splits, key_tiles // min_split_tiles))
+        splits = clamp(floor(PROGRAMS_PER_SM * SMs / programs), 1, min(max_splits, key_tiles // min_split_tiles))
     then evened out to ceil(key_tiles / ceil(key_tiles / splits)), where programs = row tiles x head programs
-    (x B): split only until the GPU has about two programs per SM, and never into runs too short to pay for
+    (x B): split only until the GPU has about one program per SM, and never into runs too short to pay for
     the merge. PlanOptions(num_splits=...) fixes the count (at most one split per key tile).
 
     Stages: the plan's num_stages - 1 is the number of K/V tiles in flight; `pipeline_stages` turns it into
@@ -132,11 +139,9 @@ def decode_launch(plan: KernelPlan, sizes: Mapping[str, int], sm_count: int) -> 
     if plan.options.num_splits is not None:
         splits = max(1, min(plan.options.num_splits, key_tiles))
     else:
-        wanted = -(-PROGRAMS_PER_SM * sm_count // max(programs, 1))
+        wanted = PROGRAMS_PER_SM * sm_count // max(programs, 1)
         splits = max(1, min(wanted, d.max_splits, key_tiles // d.min_split_tiles))
         splits = -(-key_tiles // -(-key_tiles // splits)) if key_tiles else 1
-    if splits == 1 and dense:
-        return None  # a dense launch without splits: the prefill kernel (TMA, warp specialization) serves it
     paged = isinstance(plan.spec.kv_storage, Paged)
     tiles = replace(tiles, config=replace(tiles.config, num_stages=pipeline_stages(tiles.config.num_stages, paged)))
     rows = sizes["M"] * (1 if ragged_q else b)  # workspace rows: packed tokens (M is T), else (b, i) pairs
