@@ -90,8 +90,8 @@ class DecodeLaunch:
 def decode_launch(plan: KernelPlan, sizes: Mapping[str, int], sm_count: int) -> DecodeLaunch | None:
     """The decode kernel's launch for these sizes (B, H, HKV, the capacities M and N, and T, TK for ragged
     storage); None for a dense spec whose launch the prefill kernel serves: M past the decode tile, or no split
-    with M past the decode regime or a data-dependent mask. A dense decode-sized launch without splits stays
-    here (H100, B=64, M=1: 3.02 TB/s against 2.73 for the prefill kernel).
+    with M > 1 or a data-dependent mask. A dense M = 1 launch without splits stays here (H100, B=64: 3.02
+    TB/s against 2.73 for the prefill kernel).
 
     Rows: a sequence is expected to have m = M query rows (ceil(T / B) for a ragged q). When m fits the decode
     tile, the group's heads are packed: positions = next_pow2(m), pack = the largest power of two dividing
@@ -143,8 +143,8 @@ def decode_launch(plan: KernelPlan, sizes: Mapping[str, int], sm_count: int) -> 
         wanted = PROGRAMS_PER_SM * sm_count // max(programs, 1)
         splits = max(1, min(wanted, d.max_splits, key_tiles // d.min_split_tiles))
         splits = -(-key_tiles // -(-key_tiles // splits)) if key_tiles else 1
-    if splits == 1 and dense and (m > t.decode_max_m or plan.masks.data_dependent):
-        return None  # the prefill kernel: its launch tiles serve M past decode, its tile summary skips tiles
+    if splits == 1 and dense and (m > 1 or plan.masks.data_dependent):
+        return None  # the prefill kernel: measured only at M = 1 to lose to this one; its tile summary skips tiles
     paged = isinstance(plan.spec.kv_storage, Paged)
     tiles = replace(tiles, config=replace(tiles.config, num_stages=pipeline_stages(tiles.config.num_stages, paged)))
     rows = sizes["M"] * (1 if ragged_q else b)  # workspace rows: packed tokens (M is T), else (b, i) pairs
