@@ -7,9 +7,9 @@
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site ../.whl/*.whl || exit 1
 [ -f ../.aot-demo.tar.xz ] && tar -xJf ../.aot-demo.tar.xz -C ..
-# pytest-xdist among the wheels: the GPU tests are bound by Triton compiles on the host's cores
-python3 -c "import xdist" 2>/dev/null || PYTHONPATH=/tmp/site python3 -c "import xdist" 2>/dev/null && XDIST="-n ${WORKERS:-8}" || XDIST=""
 export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1 OUT="${OUT:-/tmp/out}"
+# pytest-xdist among the wheels: the GPU tests are bound by Triton compiles on the host's cores
+XDIST=""; python3 -c "import xdist" 2>/dev/null && XDIST="-n ${WORKERS:-8}"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 GPU_TESTS="tests/test_decode_kernels.py tests/test_merge.py tests/test_host_overhead.py tests/test_trace.py

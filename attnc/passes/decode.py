@@ -147,9 +147,13 @@ def decode_launch(plan: KernelPlan, sizes: Mapping[str, int], sm_count: int) -> 
         return None  # the prefill kernel: measured only at M = 1 to lose to this one; its tile summary skips tiles
     paged = isinstance(plan.spec.kv_storage, Paged)
     tiles = replace(tiles, config=replace(tiles.config, num_stages=pipeline_stages(tiles.config.num_stages, paged)))
-    rows = sizes["M"] * (1 if ragged_q else b)  # workspace rows: packed tokens (M is T), else (b, i) pairs
     return DecodeLaunch(tiles, splits, q_programs, head_programs, max(0, b - 1).bit_length(),
-                        *combine_blocks(splits, rows, t.block_dv))
+                        *combine_blocks(splits, workspace_rows(plan.spec, sizes), t.block_dv))
+
+
+def workspace_rows(spec, sizes: Mapping[str, int]) -> int:
+    """Rows of the split workspace: the packed tokens of a ragged q, else (b, i) pairs."""
+    return sizes["M"] * (1 if spec.q_storage is not None else sizes["B"])
 
 
 def pipeline_stages(stages: int, paged: bool) -> int:

@@ -367,11 +367,11 @@ class DirectLaunch:
         if self.scratch_bytes:
             size = self.scratch_bytes * grid[0] * grid[1]
             last_stream, last_size, buffer = self.scratch
-            if torch.cuda.is_current_stream_capturing():  # the graph's own allocation, never kept for eager calls
+            capturing = torch.cuda.is_current_stream_capturing()  # the graph's own allocation, never kept
+            if capturing or last_stream != stream or last_size < size:
                 buffer = scratch.scratch(size, self.scratch_align, stream)
-            elif last_stream != stream or last_size < size:
-                buffer = scratch.scratch(size, self.scratch_align, stream)
-                self.scratch = (stream, size, buffer)
+                if not capturing:
+                    self.scratch = (stream, size, buffer)
             scratch_ptr = buffer.data_ptr()
         self.raw(grid[0], grid[1], 1, stream, self.function, *self.flags, scratch_ptr, None, self.metadata, None,
                  None, None, *args)

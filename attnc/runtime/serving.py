@@ -16,7 +16,7 @@ import torch
 from ..codegen.triton.decode import decode_args, generate_decode
 from ..dsl.signature import Bound, _coerce_param, canonical_view, lse_shape, out_shape
 from ..passes import KernelPlan
-from ..passes.decode import INTERPRETER_SMS, DecodeLaunch, decode_launch
+from ..passes.decode import INTERPRETER_SMS, DecodeLaunch, decode_launch, workspace_rows
 from . import cache, launch
 
 SOURCE_FILE = "decode.py"
@@ -152,11 +152,6 @@ def allocate(shapes: tuple, dtype: torch.dtype, device: torch.device) -> tuple:
     out, *rest = shapes
     return (launch.empty(out, dtype, device), *(None if s is None else launch.empty(s, torch.float32, device)
                                                  for s in rest))
-
-
-def workspace_rows(spec, sizes) -> int:
-    """Rows of the split workspace: the packed tokens of a ragged q, else (b, i) pairs."""
-    return sizes["M"] * (1 if spec.q_storage is not None else sizes["B"])
 
 
 class PreparedDecode:
