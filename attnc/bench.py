@@ -252,23 +252,35 @@ def run_workload(w: Workload, device: str, check_tol: float = 2e-2) -> dict:
 def host_us_per_call(fn, calls: int = 10, rounds: int = 300) -> float:
     """Median host time of one call: `calls` back-to-back calls timed between synchronizations, so the GPU
     queue never fills and the time is the host's alone."""
-    for _ in range(50):
-        fn()
-    times = []
-    for _ in range(rounds):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(calls):
+    return host_us_interleaved({"fn": fn}, calls, rounds)["fn"]
+
+
+def host_us_interleaved(fns: dict, calls: int = 10, rounds: int = 300) -> dict[str, float]:
+    """host_us_per_call of each function, measured in turn within every round, so a change of the host's speed
+    during the measurement (the first one timed in a process ran 20 us where a later one ran 16) reaches all
+    of them alike."""
+    for fn in fns.values():
+        for _ in range(50):
             fn()
-        times.append((time.perf_counter() - start) / calls * 1e6)
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            times[name].append((time.perf_counter() - start) / calls * 1e6)
     torch.cuda.synchronize()
-    return statistics.median(times)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
-def sdpa_host_us(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> float:
-    """host_us_per_call of causal torch SDPA on these tensors: the yardstick host-time tests compare with, since
-    the same Python path costs 1.6x more on one GPU machine's host than on another's (18 vs 30 us measured)."""
-    return host_us_per_call(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True))
+def host_us_against_sdpa(fn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[float, float]:
+    """(fn's, causal torch SDPA's) host us per call on these tensors, interleaved: SDPA is the yardstick the
+    host-time tests compare with, since the same Python path costs 1.6x more on one GPU machine's host than on
+    another's (18 vs 30 us measured)."""
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    us = host_us_interleaved({"fn": fn, "sdpa": lambda: sdpa(q, k, v, is_causal=True)})
+    return us["fn"], us["sdpa"]
 
 
 def host_overhead(device: str, calls: int = 2000) -> dict:
