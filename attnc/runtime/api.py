@@ -151,10 +151,16 @@ class Kernel:
         return f"attnc.Kernel({self.spec.name!r}, backend={self.backend!r}, key={self.key[:12]})"
 
 
-def compile(spec: Attention, backend: str | None = None, options: PlanOptions | None = None) -> Kernel:
+def compile(spec: Attention, backend: str | None = None, options: PlanOptions | None = None,
+            autotune: bool = False):
     """A callable kernel for `spec`. backend None picks per call from the tensors' device (triton for CUDA,
     tvm for CPU, or triton's interpreter on CPU when TRITON_INTERPRET=1). Building happens on the first call
-    for each device and head dim, through the kernel cache."""
+    for each device and head dim, through the kernel cache. autotune=True times candidate prefill tiles on the
+    first call of each shape regime and keeps the fastest correct one in the kernel cache (runtime/autotune.py)."""
+    if autotune:
+        from .autotune import TunedKernel
+
+        return TunedKernel(spec, backend, options)
     return Kernel(spec, backend, options)
 
 
