@@ -3,18 +3,21 @@
 Here (TVM + nvcc, no GPU needed):
     python -m attnc.codegen.tvm.runtime_pack .tvmrt --python 3.12      # trimmed runtime, ~11 MB
     python benchmarks/tvm_cuda_check.py build --aot .tvm-aot            # every dense example, bf16/f16/f32
+    python benchmarks/tvm_cuda_check.py ptxas                           # registers / spills of the bench kernels
 On the GPU machine (carry .tvmrt and .tvm-aot):
     PYTHONPATH=.tvmrt:. python benchmarks/tvm_cuda_check.py run --aot .tvm-aot --json $OUT/tvm_cuda.json
 
 `run` loads every artifact, runs it on fresh random inputs (outputs poisoned with NaN) against attnc.reference
 (float64) at two shapes, then times dense causal bf16 D=128 B=4 H=16 S=4096 against attnc's Triton kernel (and
-torch SDPA) in the same process. One failure never stops the rest; it prints a table and writes JSON.
+torch SDPA) in the same process, once per tensor-core schedule in BENCH_SCHEDULES. One failure never stops the
+rest; it prints a table and writes JSON.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import re
 import sys
 import time
 import traceback
@@ -32,7 +35,17 @@ attention bench_causal_d128 {
 }
 """
 BENCH_SHAPE = dict(B=4, H=16, S=4096, D=128)
-BENCH_SCHEDULES = ((4, 64), (8, 64), (4, 32), (8, 32))  # (num_warps, block_n) of the timed tensor-core kernel
+# The timed tensor-core schedules (cuda.CudaSchedule): (warps, rows per warp, block_n, Q in registers, scale
+# folded into exp2). The first is session 2's kernel; rows per warp 32 is FA2's split (each K / V fragment feeds
+# two row blocks), which needs Q in shared memory for its registers.
+BENCH_SCHEDULES = (
+    (4, 16, 64, True, False), (4, 16, 64, True, True), (8, 16, 64, True, True), (4, 16, 64, False, True),
+    (4, 32, 64, False, True), (4, 32, 64, False, False), (4, 32, 32, False, True), (4, 32, 32, False, False),
+    (8, 32, 64, False, True), (8, 32, 32, False, True),
+)
+# bf16 examples up to D=128 also built at this many rows per warp (artifact suffix -r16): the default is 32
+# (cuda.DEFAULT_ROW_BLOCKS), so session 2's split stays checked too
+EXAMPLE_ROWS_PER_WARP = 16
 SHAPES = ((37, 75), (300, 300))  # (M, N): tails everywhere; then several tiles with a causal diagonal
 
 
@@ -53,34 +66,77 @@ def example_variants():
     yield "very_negative-bf16", with_dtype(attnc.parse(VERY_NEGATIVE)[0], "bf16")
 
 
-def build(aot: Path) -> int:
-    from attnc.codegen.tvm import aot as tvm_aot
+def bench_name(warps: int, rows: int, block_n: int, q_in_registers: bool, fold_scale: bool) -> str:
+    """The artifact folder of a BENCH_SCHEDULES entry, e.g. bench_causal_d128-bf16-w4r32n64-qsmem-fma."""
+    return (f"bench_causal_d128-bf16-w{warps}r{rows}n{block_n}-q{'reg' if q_in_registers else 'smem'}-"
+            f"{'fma' if fold_scale else 'mul'}")
+
+
+def bench_schedule(warps: int, rows: int, block_n: int, q_in_registers: bool, fold_scale: bool):
+    from attnc.codegen.tvm.cuda import CudaSchedule
+
+    return CudaSchedule(warps=warps, block_n=block_n, row_blocks=rows // 16, q_in_registers=q_in_registers,
+                        fold_scale=fold_scale)
+
+
+def build_jobs():
+    """(artifact name, spec, D, DV, PlanOptions, CudaSchedule or None) of every artifact `build` makes."""
+    import attnc
+    from attnc.passes import PlanOptions
     from test_triton_kernels import example_sizes
 
-    failed = 0
     for name, spec in example_variants():
         sizes = example_sizes(spec)
+        d, dv = sizes["D"], sizes["DV"]
+        yield name, spec, d, dv, PlanOptions(), None
+        if spec.q.dtype == "bf16" and max(d, dv) <= 128:  # wider heads take 16 rows per warp already
+            yield (f"{name}-r{EXAMPLE_ROWS_PER_WARP}", spec, d, dv,
+                   PlanOptions(num_warps=4, block_m=4 * EXAMPLE_ROWS_PER_WARP), None)
+    spec = attnc.parse(BENCH_SPEC)[0]
+    for entry in BENCH_SCHEDULES:
+        yield bench_name(*entry), spec, 128, 128, PlanOptions(), bench_schedule(*entry)
+
+
+def build(aot: Path) -> int:
+    from attnc.codegen.tvm import aot as tvm_aot
+
+    failed = 0
+    for name, spec, d, dv, options, schedule in build_jobs():
         start = time.perf_counter()
         try:
-            tvm_aot.build(spec, aot / name, "cuda", "sm_90a", sizes["D"], sizes["DV"])
-            print(f"built {name:32s} D={sizes['D']:3d} DV={sizes['DV']:3d} {time.perf_counter() - start:5.1f} s",
-                  flush=True)
+            tvm_aot.build(spec, aot / name, "cuda", "sm_90a", d, dv, options, schedule)
+            print(f"built {name:44s} D={d:3d} DV={dv:3d} {time.perf_counter() - start:5.1f} s", flush=True)
         except Exception as err:  # keep building the rest
             failed += 1
             print(f"FAILED {name}: {type(err).__name__}: {err}", flush=True)
-    import attnc
-    from attnc.passes import PlanOptions
-
-    for warps, block_n in BENCH_SCHEDULES:
-        name = f"bench_causal_d128-bf16-w{warps}n{block_n}"
-        try:
-            tvm_aot.build(attnc.parse(BENCH_SPEC)[0], aot / name, "cuda", "sm_90a", 128, 128,
-                          PlanOptions(num_warps=warps, block_n=block_n))
-            print(f"built {name}", flush=True)
-        except Exception as err:
-            failed += 1
-            print(f"FAILED {name}: {type(err).__name__}: {err}", flush=True)
     return 1 if failed else 0
+
+
+def ptxas_report() -> int:
+    """ptxas's registers, spills and stack per BENCH_SCHEDULES kernel (nvcc with the backend's options; no GPU)."""
+    import subprocess
+    import tempfile
+
+    import attnc
+    from attnc.codegen.tvm.backend import compile_module, cuda_target, nvcc_options
+    from attnc.codegen.tvm.cuda import build_cuda_primfunc
+    from attnc.passes import Target, plan_kernel
+
+    plan = plan_kernel(attnc.parse(BENCH_SPEC)[0], Target("tvm", "cuda", 90), 128, 128)
+    with tempfile.TemporaryDirectory() as tmp:
+        for entry in BENCH_SCHEDULES:
+            sched = bench_schedule(*entry)
+            module = compile_module({"attn": build_cuda_primfunc(plan, sched)}, plan, cuda_target(90), str(sched))
+            source = Path(tmp) / "k.cu"
+            source.write_text(module.mod.imports[0].inspect_source())
+            done = subprocess.run(["nvcc", "-cubin", "-arch=sm_90a", *nvcc_options(plan), "-Xptxas", "-v", "-o",
+                                   str(Path(tmp) / "k.cubin"), str(source)], capture_output=True, text=True)
+            info = " ".join(done.stderr.split())
+            registers = re.search(r"Used (\d+) registers", info)
+            spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", info)
+            print(f"{bench_name(*entry):48s} " + (f"{registers[1]} registers, spill stores {spills[1]} B, loads "
+                                                   f"{spills[2]} B" if registers and spills else info[-300:]))
+    return 0
 
 
 def check_one(kernel, shape) -> dict:
@@ -113,51 +169,66 @@ def check_one(kernel, shape) -> dict:
 
 
 def bench(aot: Path, reps: int) -> dict:
+    """Every BENCH_SCHEDULES kernel, attnc's Triton kernel and SDPA on one input, each checked against SDPA and
+    then timed in interleaved rounds (a slow phase of the GPU hits every kernel alike)."""
     import torch
 
     import attnc
     from attnc.codegen.tvm import aot as tvm_aot
 
     b, h, s, d = (BENCH_SHAPE[x] for x in ("B", "H", "S", "D"))
-    kernels = {f"tvm w{w} n{n}": tvm_aot.load(aot / f"bench_causal_d128-bf16-w{w}n{n}") for w, n in BENCH_SCHEDULES}
-    triton_kernel = attnc.compile(next(iter(kernels.values())).spec, backend="triton")
     q, k, v = (torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     sdpa = torch.nn.functional.scaled_dot_product_attention
-    runs = {**{name: (lambda kernel=kernel: kernel(q, k, v)) for name, kernel in kernels.items()},
-            "triton": lambda: triton_kernel(q, k, v), "sdpa": lambda: sdpa(q, k, v, is_causal=True)}
-    want = sdpa(q, k, v, is_causal=True).float()
     result = {"shape": BENCH_SHAPE, "dtype": "bf16", "causal": True}
-    flops = 4 * b * h * s * s * d * 0.5
-    for name, fn in runs.items():
+    runs = {}
+    for entry in BENCH_SCHEDULES:
+        label = "tvm " + bench_name(*entry).split("-bf16-")[1]
         try:
-            err = (fn().float() - want).abs().max().item()
-            ms = _time(fn, reps)
-            result[name] = {"ms": ms, "tflops": flops / ms / 1e9, "max_abs_err_vs_sdpa": err}
+            kernel = tvm_aot.load(aot / bench_name(*entry))
+            runs[label] = lambda kernel=kernel: kernel(q, k, v)
+        except Exception as e:
+            result[label] = {"error": f"{type(e).__name__}: {e}"}
+    triton_kernel = attnc.compile(attnc.parse(BENCH_SPEC)[0], backend="triton")
+    runs.update(triton=lambda: triton_kernel(q, k, v), sdpa=lambda: sdpa(q, k, v, is_causal=True))
+    want = sdpa(q, k, v, is_causal=True).float()
+    flops = 4 * b * h * s * s * d * 0.5
+    for name, fn in list(runs.items()):
+        try:
+            result[name] = {"max_abs_err_vs_sdpa": (fn().float() - want).abs().max().item()}
         except Exception as e:  # one side failing still reports the others
             result[name] = {"error": f"{type(e).__name__}: {e}"}
-    correct = [n for n in kernels if "ms" in result[n] and result[n]["max_abs_err_vs_sdpa"] < 0.05]
-    if correct and "ms" in result.get("triton", {}):
-        best = min(correct, key=lambda n: result[n]["ms"])
-        result["tvm_best_schedule"] = best
-        result["tvm_over_triton_speed"] = result["triton"]["ms"] / result[best]["ms"]
+            del runs[name]
+    for name, ms in _time_interleaved(runs, reps).items():
+        result[name].update(ms=ms, tflops=flops / ms / 1e9)
+    correct = [n for n in runs if n.startswith("tvm") and result[n]["max_abs_err_vs_sdpa"] < 0.05]
+    if "triton" in runs:
+        for name in correct:
+            result[name]["over_triton"] = result["triton"]["ms"] / result[name]["ms"]
+        if correct:
+            best = min(correct, key=lambda n: result[n]["ms"])
+            result["tvm_best_schedule"] = best
+            result["tvm_over_triton_speed"] = result["triton"]["ms"] / result[best]["ms"]
     return result
 
 
-def _time(fn, reps: int) -> float:
-    """Median of `reps` CUDA-event timings, after warm-up, in ms."""
+def _time_interleaved(runs: dict, reps: int, rounds: int = 5) -> dict:
+    """name -> median ms of `reps` CUDA-event timings per function, taken `rounds` times round-robin."""
     import torch
 
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+    times = {name: [] for name in runs}
+    for fn in runs.values():
+        for _ in range(3):  # warm-up
+            fn()
+    for _ in range(rounds):
+        for name, fn in runs.items():
+            for _ in range(max(1, reps // rounds)):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times[name].append(start.elapsed_time(end))
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
 def run(aot: Path, json_path: Path | None, reps: int) -> int:
@@ -197,11 +268,13 @@ def run(aot: Path, json_path: Path | None, reps: int) -> int:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("mode", choices=("build", "run"))
+    ap.add_argument("mode", choices=("build", "run", "ptxas"))
     ap.add_argument("--aot", type=Path, default=ROOT / ".tvm-aot")
     ap.add_argument("--json", type=Path, help="run: write the results here")
     ap.add_argument("--reps", type=int, default=20)
     args = ap.parse_args()
+    if args.mode == "ptxas":
+        return ptxas_report()
     return build(args.aot) if args.mode == "build" else run(args.aot, args.json, args.reps)
 
 

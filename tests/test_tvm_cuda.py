@@ -7,6 +7,7 @@ package), also through `attnc compile --backend tvm` and `attnc.load`. On the GP
 benchmarks/tvm_cuda_check.py built into .tvm-aot (tensor-core and plain kernels) against attnc.reference,
 outputs poisoned with NaN (the GPU machine has no TVM compiler, so artifacts come from here).
 """
+import dataclasses
 import math
 import os
 import re
@@ -21,7 +22,7 @@ import torch
 
 import attnc
 from attnc.codegen.tvm import aot
-from attnc.passes import Target, plan_kernel
+from attnc.passes import PlanOptions, Target, plan_kernel
 
 ROOT = Path(__file__).resolve().parent.parent
 AOT_DIR = ROOT / ".tvm-aot"
@@ -38,14 +39,16 @@ attention t {{
 """
 
 
-def cuda_source(spec, d, dv=None):
+def cuda_source(spec, d, dv=None, options=PlanOptions(), **schedule):
+    """The tensor-core kernel's CUDA C for cuda_schedule(plan) with `schedule`'s fields replaced."""
     import tvm
 
     from attnc.codegen.tvm.backend import compile_module, cuda_target
     from attnc.codegen.tvm.cuda import build_cuda_primfunc, cuda_schedule
 
-    plan = plan_kernel(spec, Target("tvm", "cuda", 90), d, dv or d)
-    module = compile_module({"attn": build_cuda_primfunc(plan, cuda_schedule(plan))}, plan, cuda_target(90), "test")
+    plan = plan_kernel(spec, Target("tvm", "cuda", 90), d, dv or d, options)
+    sched = dataclasses.replace(cuda_schedule(plan), **schedule)
+    module = compile_module({"attn": build_cuda_primfunc(plan, sched)}, plan, cuda_target(90), "test")
     assert isinstance(module, tvm.runtime.Executable)
     return module.mod.imports[0].inspect_source()
 
@@ -61,25 +64,96 @@ def test_cuda_kernel_uses_tensor_cores(dtype):
     assert "cp_async" in src and "__shfl_xor_sync" in src  # async K/V staging; quad row max / sum
 
 
+REGISTER_VIEW = re.compile(r"\(\((unsigned|float) \*\)\((_ptr_\d+) \+ (\d+)\)\)\[(\d+)\]")
+
+
 def register_views_out_of_bounds(src: str) -> list[str]:
-    """Every `((unsigned *)(frag + off))[r]` (ldmatrix / mma operands) that reaches past `frag`'s declared
-    elements: such a write lands in a neighbouring local array, which no CPU run can show."""
+    """Every `((unsigned *)(frag + off))[r]` / `((float *)(acc + off))[r]` (ldmatrix / mma operands and
+    accumulators) that reaches past the array's declared elements: such a write lands in a neighbouring local
+    array, which no CPU run can show."""
     sizes = {name: (int(n), 2 if dtype in ("half", "nv_bfloat16") else 4)
              for dtype, name, n in re.findall(r"(half|nv_bfloat16|float) (_ptr_\d+)\[(\d+)\];", src)}
     bad = []
-    for name, off, reg in re.findall(r"\(\(unsigned \*\)\((_ptr_\d+) \+ (\d+)\)\)\[(\d+)\]", src):
+    for _, name, off, reg in REGISTER_VIEW.findall(src):
         n, width = sizes[name]
         if int(off) * width + 4 * (int(reg) + 1) > n * width:
             bad.append(f"{name}[{n}] + {off} register {reg}")
     return sorted(set(bad))
 
 
+def test_register_view_check_catches_an_overflow():
+    """The check itself: session 2's bug (an 8-element ldmatrix.x4 fragment declared with 4) is reported."""
+    src = "nv_bfloat16 _ptr_7[4];\n float _ptr_6[8];\n ((unsigned *)(_ptr_7 + 0))[3] ((float *)(_ptr_6 + 4))[3]"
+    assert register_views_out_of_bounds(src) == ["_ptr_7[4] + 0 register 3"]
+
+
+# (PlanOptions, schedule fields replaced): session 2's kernel, the scale folded into exp2, Q in shared memory at
+# 16 rows, 32 rows per warp with Q in shared memory (the default there at D >= 64) and in registers, and with
+# block_n 32 at 8 warps.
+FRAGMENT_CASES = {
+    "r16-qreg-mul": (PlanOptions(), {"fold_scale": False}),
+    "r16-qreg-fma": (PlanOptions(), {"fold_scale": True}),
+    "r16-qsmem-fma": (PlanOptions(), {"q_in_registers": False}),
+    "r32-qsmem-fma": (PlanOptions(num_warps=4, block_m=128), {}),
+    "r32-qreg-fma": (PlanOptions(num_warps=2, block_m=64), {"q_in_registers": True}),
+    "r32n32-qsmem-mul": (PlanOptions(num_warps=8, block_m=256, block_n=32), {"fold_scale": False}),
+}
+
+
 @needs_nvcc
-@pytest.mark.parametrize("d", [64, 128, 96])
-def test_cuda_fragments_stay_inside_their_arrays(d):
-    src = cuda_source(attnc.parse(spec_text("bf16"))[0], d)
-    assert "((unsigned *)(" in src  # the pattern below still matches TVM's ldmatrix / mma operands
+@pytest.mark.parametrize("d, case", [(128, "r16-qreg-mul"), (128, "r16-qreg-fma"), (128, "r32-qsmem-fma"),
+                                     (128, "r32n32-qsmem-mul"), (64, "r32-qreg-fma"), (96, "r32-qsmem-fma"),
+                                     (64, "r16-qsmem-fma")])
+def test_cuda_fragments_stay_inside_their_arrays(d, case):
+    options, schedule = FRAGMENT_CASES[case]
+    src = cuda_source(attnc.parse(spec_text("bf16"))[0], d, None, options, **schedule)
+    assert "((unsigned *)(" in src and "((float *)(" in src  # the pattern still matches TVM's mma operands
     assert register_views_out_of_bounds(src) == []
+
+
+@needs_nvcc
+@pytest.mark.parametrize("q_in_registers", [False, True])
+def test_two_row_blocks_share_each_k_and_v_fragment(q_in_registers):
+    """32 rows per warp: each K / V ldmatrix feeds four mma.sync (two n8 halves x two row blocks); Q's fragments
+    are loaded once (registers) or once per key tile (shared memory), for both row blocks."""
+    d, block_n = 64, 32
+    src = cuda_source(attnc.parse(spec_text("bf16"))[0], d, None,
+                      PlanOptions(num_warps=4, block_m=128, block_n=block_n), q_in_registers=q_in_registers)
+    kv_loads = (d // 16) * (block_n // 16) * 2  # K for S = Q K^T, V for O = P V (DV = D)
+    assert src.count("mma.sync.aligned.m16n8k16") == 4 * kv_loads
+    assert src.count("ldmatrix.sync.aligned") == kv_loads + 2 * (d // 16)
+
+
+SCALED_SPEC = """
+attention s {
+    q: bf16[B, H, M, D]  k: bf16[B, H, N, D]  v: bf16[B, H, N, D]
+    score = qk * rsqrt(D) + 0.5
+    return softmax(score) @ v
+}
+"""
+
+
+def test_cuda_schedule_choices_and_refusals():
+    from attnc.codegen.tvm.cuda import build_cuda_primfunc, cuda_schedule
+
+    def plan(text, d, **options):
+        return plan_kernel(attnc.parse(text)[0], Target("tvm", "cuda", 90), d, d, PlanOptions(**options))
+
+    s = cuda_schedule(plan(spec_text(), 128))  # the default: 32 rows per warp, block_n 32, Q in shared memory
+    assert (s.rows_per_warp, s.block_m, s.block_n, s.q_in_registers, s.fold_scale) == (32, 128, 32, False, True)
+    s = cuda_schedule(plan(spec_text(), 128, block_m=64))  # session 2's kernel: 16 rows per warp, block_n 64
+    assert (s.rows_per_warp, s.block_m, s.block_n, s.q_in_registers) == (16, 64, 64, True)
+    s = cuda_schedule(plan(spec_text(), 256))  # wider heads: one row block per warp
+    assert (s.rows_per_warp, s.block_n) == (16, 32)
+    s = cuda_schedule(plan(spec_text(), 128, num_warps=4, block_m=128))
+    assert (s.row_blocks, s.block_m, s.threads, s.q_in_registers) == (2, 128, 128, False)  # too many registers
+    assert cuda_schedule(plan(spec_text(), 32, num_warps=2, block_m=64, block_n=32)).q_in_registers
+    shifted = plan(SCALED_SPEC, 64)
+    assert not cuda_schedule(shifted).fold_scale  # qk * c + 0.5 is not c * qk
+    with pytest.raises(attnc.CompileError, match="c \\* qk"):
+        build_cuda_primfunc(shifted, dataclasses.replace(cuda_schedule(shifted), fold_scale=True))
+    with pytest.raises(attnc.CompileError, match="16 or 32 rows per warp"):
+        cuda_schedule(plan(spec_text(), 64, num_warps=2, block_m=128))  # 64 rows per warp
 
 
 @needs_nvcc

@@ -52,9 +52,11 @@ NO_SOURCE = {
 
 
 def build(spec: Attention, out_dir: str | Path, target: str = "cuda", arch: str | None = "sm_90a",
-          head_dim: int | None = None, value_dim: int | None = None, options: PlanOptions = PlanOptions()) -> Path:
+          head_dim: int | None = None, value_dim: int | None = None, options: PlanOptions = PlanOptions(),
+          cuda_schedule=None) -> Path:
     """Compile `spec` for `target` ("cuda" with `arch` like "sm_90a", or "llvm": this machine's CPU) into
-    `out_dir`; returns the folder. `options` overrides the CUDA kernel's num_warps / block_n."""
+    `out_dir`; returns the folder. `options` overrides the CUDA kernel's num_warps / block_m / block_n;
+    `cuda_schedule` (a cuda.CudaSchedule) replaces the f16 / bf16 kernel's whole schedule."""
     from ...runtime.api import head_dims
     from .backend import check_dense, compile_module, export_library, nvcc_options
     from .host import host_cpu
@@ -67,7 +69,7 @@ def build(spec: Attention, out_dir: str | Path, target: str = "cuda", arch: str 
         number = _arch_number(arch)
         plan = plan_kernel(spec, Target("tvm", "cuda", number), d, dv, options)
         check_dense(plan)
-        sched, func = build_cuda_kernel(plan, "attn")
+        sched, func = build_cuda_kernel(plan, "attn", cuda_schedule)
         funcs = {"attn": func}
         tvm_target = _tvm_target("cuda", arch)
         kinds, decode_max_m, device = {"prefill": "attn"}, 0, f"cuda:{arch}"
