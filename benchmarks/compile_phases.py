@@ -15,9 +15,11 @@ are compiled round-robin and the median of `--runs` is reported.
 Variants, each one change from `tuned` (the plan attnc makes): `stages2`/`stages3` (num_stages), `pointer`
 (pointer loads instead of tensor descriptors), `tma_no_ws` (D=64, whose tuned row warp-specializes), `warps8`
 (D=64: 8 warps instead of 4, half the elements per thread), `lse` (the spec also returns lse), `mask_all` (the
-element-wise mask on every key tile; measurement only: the template is rendered as if every tile were partial).
+element-wise mask on every key tile; measurement only: the template is rendered as if every tile were partial),
+`libdevice_exp2` (tl.exp2, which Triton 3.6 lowers through libdevice, instead of the inline `ex2.approx`).
 `--template PATH` adds `tuned` rendered from another prefill template (e.g. an earlier commit's, for a
-before/after in one run); `--ptxas` times ptxas options on the tuned PTX.
+before/after in one run; with tl.exp2 in the score, as templates before the `exp2` hook expect); `--ptxas` times
+ptxas options on the tuned PTX.
 
     python benchmarks/compile_phases.py [--runs 3] [--dims 64,128] [--variants tuned,lse,...] [--template PATH]
                                         [--ptxas] [--json PATH] [--dump DIR]
@@ -72,6 +74,7 @@ class Variant:
     lse: bool = False
     mask_all: bool = False  # render with every key tile partial: the mask on every tile
     template: Path | None = None  # another prefill template than the package's
+    exp2: str | None = None  # the kernel's base-2 exponential; None: generate()'s choice
     only_dims: tuple[int, ...] = ()  # empty: every head dim
 
 
@@ -84,6 +87,7 @@ VARIANTS = (
     Variant("warps8", PlanOptions(num_warps=8), only_dims=(64,)),
     Variant("lse", lse=True),
     Variant("mask_all", mask_all=True),
+    Variant("libdevice_exp2", exp2="tl.exp2"),
 )
 
 
@@ -116,11 +120,11 @@ class _Rendering:
 
 @contextmanager
 def prefill_template(variant: Variant):
-    """generate() with the variant's prefill template and hook overrides."""
-    if variant.template is None and not variant.mask_all:
+    """generate() with the variant's prefill template, exp2 and hook overrides."""
+    if variant.template is None and not variant.mask_all and variant.exp2 is None:
         yield
         return
-    real = codegen.template
+    real, real_hooks = codegen.template, codegen.shared_hooks
     template = real(PREFILL_TEMPLATE)
     if variant.template is not None:
         env = jinja2.Environment(loader=jinja2.FileSystemLoader(variant.template.parent),
@@ -128,10 +132,12 @@ def prefill_template(variant: Variant):
         template = env.get_template(variant.template.name)
     overrides = {"all_partial": True, "partial_before": True} if variant.mask_all else {}
     codegen.template = lambda name: _Rendering(template, overrides) if name == PREFILL_TEMPLATE else real(name)
+    if variant.exp2 is not None:
+        codegen.shared_hooks = lambda plan, exp2="tl.exp2": real_hooks(plan, variant.exp2)
     try:
         yield
     finally:
-        codegen.template = real
+        codegen.template, codegen.shared_hooks = real, real_hooks
 
 
 def make_case(variant: Variant, d: int, cap: float, folder: Path) -> Case:
@@ -243,7 +249,8 @@ def main() -> None:
     dims = [int(x) for x in args.dims.split(",")]
     variants = [v for v in VARIANTS if v.name in args.variants.split(",")]
     if args.template:
-        variants.append(replace(VARIANTS[0], name=f"tuned@{args.template.name}", template=args.template.resolve()))
+        variants.append(replace(VARIANTS[0], name=f"tuned@{args.template.name}", template=args.template.resolve(),
+                                exp2="tl.exp2"))
     cap = round(random.uniform(10.0, 60.0), 6)  # a constant never compiled before, as the benchmark's
 
     print(f"triton {triton.__version__}, torch {torch.__version__}, {os.cpu_count()} CPUs, load "

@@ -14,6 +14,7 @@ from attnc.ir import (
 )
 from attnc.passes import PIPELINE, KeyRange, PlanOptions, Target, launch_tiles, plan_kernel, verify
 from attnc.passes.fold import evaluate, fold
+from attnc.passes.tiling import MIN_DOT_ROWS
 from attnc.passes.masks import key_range, key_tiles
 from attnc.passes.score import LOG2E, scaled
 
@@ -187,7 +188,7 @@ def test_launch_tiles_pack_gqa_heads_for_decode():
     one = launch_tiles(plan, 1, 8)
     assert one.pack == 8 and one.config.block_m == one.pack * one.block_mq
     assert launch_tiles(plan, 1, 3).pack == 1  # no power of two > 1 divides 3
-    prefill = launch_tiles(plan, 4096, 8)
+    prefill = launch_tiles(plan, 8192, 8)
     assert prefill.pack == 1 and prefill.config == plan.tiling.prefill
     unpacked = plan_kernel(spec, H100, 128, 128, PlanOptions(pack_heads=False))
     assert launch_tiles(unpacked, 1, 8).pack == 1
@@ -218,3 +219,19 @@ def test_plan_describe_names_the_decisions():
     spec = mask_spec(EVALUATED_MASKS["document"])
     text = plan_for(spec).describe()
     assert "tile summary kernel: yes" in text and "evaluated  doc[b, i + (N - M)] == doc[b, j]" in text
+
+
+def test_short_sequences_take_the_short_tile_on_hopper():
+    """The M regime: causal D=128 on the H100 takes 64x64 tiles up to M=4096, dense up to M=1024; a tile the
+    user sets applies to every M; the decode range is unchanged."""
+    for masks, limit in (("mask causal", 4096), ("", 1024)):
+        spec = spec_of("attention t {" + header("bf16") + masks + "\nreturn softmax(score) @ v }")
+        plan = plan_kernel(spec, H100, 128, 128)
+        t = plan.tiling
+        assert (t.short.block_m, t.short.block_n, t.short_max_m) == (64, 64, limit)
+        assert launch_tiles(plan, limit, 1).config == t.short
+        assert launch_tiles(plan, limit + 1, 1).config == t.prefill != t.short
+        assert launch_tiles(plan, 1, 1).config.block_m == MIN_DOT_ROWS
+        forced = plan_kernel(spec, H100, 128, 128, PlanOptions(block_m=128, block_n=64))
+        assert forced.tiling.short is None
+        assert launch_tiles(forced, 100, 1).config == forced.tiling.prefill

@@ -23,11 +23,17 @@ SPEC = """attention t {
 }"""
 
 
+INLINE_EX2 = 'tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1)'
+
+
 def hopper_module(spec, d, ws):
     """The sm_90 source with descriptors on, loaded without a GPU (the interpreter needs no TMA scratch)."""
     plan = plan_kernel(spec, HOPPER, d, d, PlanOptions(block_m=32, block_n=16, tma=True, warp_specialize=ws))
     assert plan.triton.tma and plan.triton.warp_specialize == ws
+    # the interpreter has no descriptor scratch allocator and runs no inline assembly
     source = generate(plan).replace("scratch.install()", "")
+    assert INLINE_EX2 in source
+    source = source.replace(INLINE_EX2, "tl.exp2(x)")
     module = types.ModuleType("hopper_kernel")
     exec(compile(source, "hopper_kernel.py", "exec"), module.__dict__)
     return module
@@ -80,16 +86,36 @@ def test_descriptor_ready_follows_tma_rules():
     assert descriptor_ready(torch.randn(40 * 16).as_strided((1, 1, 40, 16), (7, 5, 16, 1)), spec.k)
 
 
-@pytest.mark.parametrize("tma", [False, True])
-def test_each_specialization_holds_only_the_loops_it_runs(tma):
-    """The K/V path is a constexpr and dead partial-tile loops are not generated (compile time)."""
-    source = generate(plan_kernel(attnc.parse(SPEC)[0], HOPPER, 64, 64, PlanOptions(tma=tma)))
-    assert ("if TMA:" in source) == tma and "tma_ok" not in source
-    # causal + window: a lower key bound, so partial tiles before the full ones: 3 loops per K/V path
-    assert source.count("for t in tl.range(") == (6 if tma else 3)
-    causal = attnc.parse(SPEC.replace("  mask i - j < window\n", ""))[0]
-    source = generate(plan_kernel(causal, HOPPER, 64, 64, PlanOptions(tma=tma)))
-    assert source.count("for t in tl.range(") == (4 if tma else 2)  # no lower bound: full tiles start at 0
+@pytest.mark.parametrize("tma, ws", [(False, False), (True, False), (True, True)])
+def test_each_specialization_holds_only_the_loops_it_runs(tma, ws):
+    """The K/V path is a constexpr, so a kernel holds only the loops its layout runs. A path is one key loop with
+    the mask under a per-tile branch (compile time), except the warp-specialized descriptor path: a loop per tile
+    class, so the specialized loop holds no mask (its steady-state speed)."""
+    def loops(spec):
+        source = generate(plan_kernel(spec, HOPPER, 64, 64, PlanOptions(tma=tma, warp_specialize=ws)))
+        assert ("if TMA:" in source) == tma and "tma_ok" not in source
+        assert ("warp_specialize=True" in source) == ws
+        return source.count("for t in tl.range("), source
+
+    # causal + window: a lower key bound, so partial tiles before and after the full ones
+    count, source = loops(attnc.parse(SPEC)[0])
+    assert count == {(False, False): 1, (True, False): 2, (True, True): 4}[(tma, ws)]
+    assert "if (t < f_start) | (t >= f_end):  # a partial tile" in source
+    # causal: no lower bound, the full tiles start at 0
+    count, source = loops(attnc.parse(SPEC.replace("  mask i - j < window\n", ""))[0])
+    assert count == {(False, False): 1, (True, False): 2, (True, True): 3}[(tma, ws)]
+    assert "if t >= f_end:  # a partial tile" in source and "t < f_start" not in source
+
+
+def test_gpu_kernels_take_exp2_as_inline_ptx():
+    """On a GPU every exp2 of the prefill kernel (softmax, tanh, exp2 in the score) is the one-instruction helper,
+    so Triton links no libdevice for it; the interpreter, which runs no inline assembly, keeps tl.exp2."""
+    spec = attnc.parse(SPEC.replace("0.01 * (j - i)", "tanh(qk / 30.0) + exp2(0.01 * (j - i))"))[0]
+    source = generate(plan_kernel(spec, HOPPER, 64, 64))
+    assert "tl.exp2(" not in source and INLINE_EX2 in source
+    assert source.count("ex2_approx(") == 1 + 4  # the helper's def; tanh, exp2, p and alpha in the key loop
+    interpreted = generate(plan_kernel(spec, Target("triton", "cpu", None), 64, 64))
+    assert "inline_asm" not in interpreted and "ex2_approx" not in interpreted and "tl.exp2(" in interpreted
 
 
 @pytest.mark.gpu

@@ -21,7 +21,7 @@ from typing import Mapping
 from ..errors import CompileError
 from ..ir import Paged, Ragged
 from .plan import DecodePlan, KernelPlan, TileConfig
-from .tiling import DTYPE_BITS, MIN_DOT_ROWS, LaunchTiles, next_pow2, smem_bytes, smem_capacity
+from .tiling import DTYPE_BITS, MIN_DOT_ROWS, LaunchTiles, next_pow2, prefill_tile, smem_bytes, smem_capacity
 
 
 @dataclass(frozen=True)
@@ -125,7 +125,8 @@ def decode_launch(plan: KernelPlan, sizes: Mapping[str, int], sm_count: int) -> 
         block_m = max(MIN_DOT_ROWS, pack * positions)
         tiles = LaunchTiles(replace(d.tile, block_m=block_m), pack, block_m // pack)
     else:
-        tiles = LaunchTiles(t.prefill, 1, t.prefill.block_m)
+        c = prefill_tile(t, m)
+        tiles = LaunchTiles(c, 1, c.block_m)
     block_mq = tiles.block_mq
     if ragged_q:
         q_programs = (sizes["T"] + b * (block_mq - 1)) // block_mq

@@ -59,7 +59,7 @@ def verify(plan: KernelPlan, after: str = "") -> None:
             problems.append("the loop hull must include every exact lower bound")
     if plan.tiling is not None:
         t = plan.tiling
-        for c in (t.prefill, t.decode):
+        for c in t.configs:
             for v in (c.block_m, c.block_n):
                 if v < 16 or v & (v - 1):
                     problems.append(f"block sizes must be powers of two >= 16, got {c}")
@@ -69,7 +69,7 @@ def verify(plan: KernelPlan, after: str = "") -> None:
             problems.append("packed rows exceed the decode tile")
         if plan.triton is not None:
             cap = smem_capacity(plan.target.arch)
-            for c in (t.prefill, t.decode):
+            for c in t.configs:
                 need = smem_bytes(c.block_m, c.block_n, t.block_d, t.block_dv, 1, DTYPE_BITS[plan.dtype] // 8)
                 if need > cap:
                     problems.append(f"tile {c} needs {need} B of shared memory even unpipelined; the device has "

@@ -30,7 +30,9 @@ class PlanOptions:
     num_stages: int | None = None
     pack_heads: bool | None = None  # GQA: put the query heads of one K/V head into one program's rows
     tma: bool | None = None  # Hopper tensor descriptors for the K/V loads
-    warp_specialize: bool | None = None  # Hopper automatic warp specialization of the key loop (needs tma)
+    # Hopper: Triton's automatic warp specialization of the full-tile loop (needs tma); Triton 3.6 does not
+    # specialize this kernel's loop, and there it only selects the two-loop kernel form (passes/tiling.py)
+    warp_specialize: bool | None = None
     num_splits: int | None = None  # split-KV decode: programs per sequence's key range (None: passes/decode.py)
 
 
@@ -85,6 +87,12 @@ class Tiling:
     prefill: TileConfig
     decode: TileConfig  # for launches whose rows (M, times packed heads) fit in decode.block_m
     decode_max_m: int  # M up to this uses the decode config
+    short: TileConfig | None = None  # the prefill tile for M up to short_max_m (an M regime of the tuned table)
+    short_max_m: int = 0
+
+    @property
+    def configs(self) -> tuple[TileConfig, ...]:
+        return (self.prefill, self.decode) + ((self.short,) if self.short else ())
 
 
 @dataclass(frozen=True)
@@ -160,7 +168,8 @@ class KernelPlan:
                 lines.append(f"  sink2      {print_expr(self.score.sink2)}")
         if self.tiling:
             t = self.tiling
-            lines.append(f"  tiles      BLOCK_D={t.block_d} BLOCK_DV={t.block_dv} prefill {_tile(t.prefill)}; "
+            short = f"; M <= {t.short_max_m} {_tile(t.short)}" if t.short else ""
+            lines.append(f"  tiles      BLOCK_D={t.block_d} BLOCK_DV={t.block_dv} prefill {_tile(t.prefill)}{short}; "
                          f"decode (M <= {t.decode_max_m}) {_tile(t.decode)}")
         if self.heads:
             lines.append(f"  gqa        pack heads: {self.heads.pack} (up to {self.heads.max_rows} rows)")

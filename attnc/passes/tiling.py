@@ -13,10 +13,15 @@ class TunedRow:
     max_block_d: int
     prefill: TileConfig
     decode: TileConfig  # decode.block_m is the most rows (positions x packed heads) a decode program takes
+    short: TileConfig | None = None  # the prefill tile for short sequences: M up to short_max_m
+    short_max_m: int = 0
     masked: bool | None = None  # True: rows whose key range is bounded (causal, window); None: any
     banded: bool | None = None  # True: rows with a lower key bound too (sliding window, chunks); None: any
     tma: bool = False  # Hopper: K/V through tensor descriptors
-    warp_specialize: bool = False  # Hopper: warp-specialized full-tile loop (with tma)
+    # Hopper: asks Triton to warp-specialize the full-tile loop (with tma), which keeps full and partial tiles in
+    # loops of their own. Triton 3.6 leaves this kernel's loop unspecialized (benchmarks/NOTES.md, session 3), so
+    # there the flag selects that two-loop form, which measured fastest for D=64.
+    warp_specialize: bool = False
 
 
 # First matching row wins: newest arch first, then the narrowest dtype and head dim. The performance work
@@ -28,7 +33,12 @@ TUNED: tuple[TunedRow, ...] = (
     # Banded rows (window 1024, S=8192; sweep of session 2): 64x64 tiles 356 TFLOP/s against 292 for 128x64 and
     # 313 for 128x128: a band has partial tiles at both ends, and their waste, (W + BM + BN) / W, shrinks.
     TunedRow(90, 16, 128, TileConfig(64, 64, 4, 3), TileConfig(64, 64, 4, 3), banded=True, tma=True),
-    TunedRow(90, 16, 128, TileConfig(128, 128, 8, 3), TileConfig(64, 64, 4, 3), tma=True),
+    # M regimes (H100 sweeps and autotune runs, benchmarks/NOTES.md): short causal rows ran 64x64 tiles at 297
+    # TFLOP/s (S=1k) and 410 (S=4k) against 241 and 403 for 128x128; dense S=1k 387 against 368.
+    TunedRow(90, 16, 128, TileConfig(128, 128, 8, 3), TileConfig(64, 64, 4, 3), masked=True, tma=True,
+             short=TileConfig(64, 64, 4, 3), short_max_m=4096),
+    TunedRow(90, 16, 128, TileConfig(128, 128, 8, 3), TileConfig(64, 64, 4, 3), tma=True,
+             short=TileConfig(64, 64, 4, 3), short_max_m=1024),
     TunedRow(90, 16, 256, TileConfig(128, 64, 8, 2), TileConfig(64, 64, 4, 2), tma=True),
     TunedRow(90, 32, 128, TileConfig(64, 32, 4, 2), TileConfig(32, 32, 4, 2)),
     TunedRow(90, 32, 256, TileConfig(32, 32, 4, 1), TileConfig(32, 32, 4, 1)),
@@ -70,7 +80,11 @@ def choose_tiles(plan: KernelPlan) -> KernelPlan:
     prefill = TileConfig(o.block_m or row.prefill.block_m, o.block_n or row.prefill.block_n,
                          o.num_warps or row.prefill.num_warps, row.prefill.num_stages)
     decode = replace(row.decode, block_n=o.block_n or row.decode.block_n)
-    return replace(plan, tiling=Tiling(block_d, block_dv, prefill, decode, DECODE_MAX_M))
+    # A tile the user set applies to every M: no short-sequence regime then.
+    user_tile = o.block_m or o.block_n or o.num_warps
+    short = None if user_tile else row.short
+    return replace(plan, tiling=Tiling(block_d, block_dv, prefill, decode, DECODE_MAX_M, short,
+                                       row.short_max_m if short else 0))
 
 
 def share_kv_heads(plan: KernelPlan) -> KernelPlan:
@@ -93,7 +107,7 @@ def stage_pipeline(plan: KernelPlan) -> KernelPlan:
     row = tuned_row(plan)
     tma = hopper and (row.tma if o.tma is None else o.tma)
     ws = hopper and (row.warp_specialize if o.warp_specialize is None else o.warp_specialize)
-    tiling = replace(t, prefill=fit(t.prefill), decode=fit(t.decode))
+    tiling = replace(t, prefill=fit(t.prefill), decode=fit(t.decode), short=t.short and fit(t.short))
     # Warp specialization implies descriptors: Triton 3.6's pass fails on the pointer-load loop.
     return replace(plan, tiling=tiling, triton=TritonOptions(dot_precision="ieee", tma=tma or ws, warp_specialize=ws))
 
@@ -121,11 +135,17 @@ class LaunchTiles:
     block_mq: int  # query positions per program: config.block_m == pack * block_mq
 
 
+def prefill_tile(t: Tiling, m: int) -> TileConfig:
+    """The prefill tile for M queries: the short-sequence one up to short_max_m, else the long one."""
+    return t.short if t.short is not None and m <= t.short_max_m else t.prefill
+
+
 def launch_tiles(plan: KernelPlan, m: int, group: int) -> LaunchTiles:
     """The tile for one launch, from M and the GQA group size H // HKV (both runtime values; memoize by them)."""
     t = plan.tiling
     if m > t.decode_max_m:
-        return LaunchTiles(t.prefill, 1, t.prefill.block_m)
+        c = prefill_tile(t, m)
+        return LaunchTiles(c, 1, c.block_m)
     positions = next_pow2(max(m, 1))
     pack = 1
     if plan.heads.pack:

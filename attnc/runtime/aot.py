@@ -488,7 +488,9 @@ def _tile_classes(plan: KernelPlan) -> list[tuple[int, int]]:
     """One (M, H // HKV) per distinct LaunchTiles: M up to one past the decode limit, group sizes up to the most
     heads a program packs (powers of two: packing takes the largest power of two dividing the group)."""
     dims = plan.spec.dim_values
-    ms = [dims["M"]] if "M" in dims else range(1, plan.tiling.decode_max_m + 2)
+    t = plan.tiling
+    # every decode M, then the first M of each prefill regime (short, then long)
+    ms = [dims["M"]] if "M" in dims else [*range(1, t.decode_max_m + 2), *((t.short_max_m + 1,) * bool(t.short))]
     if "H" in dims and "HKV" in dims:
         groups = [dims["H"] // dims["HKV"]]
     elif plan.spec.is_gqa_shape:

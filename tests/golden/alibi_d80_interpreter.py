@@ -48,7 +48,7 @@ def attn_fwd(
     hull_lo = exact_lo
     hull_hi = exact_hi
     x4 = tl.load(t_slopes + h_row.to(tl.int64) * t_slopes_s0, mask=row_valid, other=0).to(tl.float32)
-    # -- key tiles: [t_start, t_end) run, [f_start, f_end) need no mask
+    # -- key tiles: [t_start, t_end) run, [f_start, f_end) need no mask (none do where every tile is masked)
     live = row_valid & (hull_hi > hull_lo)
     any_live = tl.max(live.to(tl.int32), 0) > 0
     t_start = tl.where(any_live, tl.min(tl.where(live, hull_lo, BIG), 0) // BLOCK_N, 0)
@@ -73,30 +73,7 @@ def attn_fwd(
     # In-tile offsets are int32 and loop-invariant; the tile's start is added as int64.
     k_tile_ptrs = k_base + offs_n[None, :] * s_kn + offs_d[:, None] * s_kd
     v_tile_ptrs = v_base + offs_n[:, None] * s_vn + offs_dv[None, :] * s_vd
-    for t in tl.range(f_start, f_end):  # full tiles: no mask
-        j_col = t * BLOCK_N + offs_n
-        col_valid = j_col < sz_N
-        k_tile = tl.load(k_tile_ptrs + tl.cast(t * BLOCK_N, tl.int64) * s_kn, mask=(offs_d[:, None] < HEAD_DIM), other=0.0)
-        if UPCAST:
-            k_tile = k_tile.to(tl.float32)
-        qk = tl.dot(q_tile, k_tile)
-        x3 = qk * 0.16129820911147805
-        x5 = x1[:, None].to(tl.int64) - j_col[None, :].to(tl.int64)
-        x6 = x4[:, None] * x5.to(tl.float32)
-        x7 = x6 * 1.4426950408889634
-        x8 = x3 - x7
-        s = x8
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = m_new  # a full tile keeps a key in every row: the max is finite
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v_tile = tl.load(v_tile_ptrs + tl.cast(t * BLOCK_N, tl.int64) * s_vn, mask=(offs_dv[None, :] < VALUE_DIM), other=0.0)
-        if UPCAST:
-            v_tile = v_tile.to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v_tile.dtype), v_tile)
-        m_i = m_new
-    for t in tl.range(f_end, t_end):  # partial tiles after
+    for t in tl.range(t_start, t_end):  # [f_start, f_end) need no mask
         j_col = t * BLOCK_N + offs_n
         col_valid = j_col < sz_N
         k_tile = tl.load(k_tile_ptrs + tl.cast(t * BLOCK_N, tl.int64) * s_kn, mask=col_valid[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
@@ -109,8 +86,9 @@ def attn_fwd(
         x7 = x6 * 1.4426950408889634
         x8 = x3 - x7
         s = x8
-        keep = (j_col[None, :] >= exact_lo[:, None]) & (j_col[None, :] < exact_hi[:, None])
-        s = tl.where(keep, s, -INF)
+        if t >= f_end:  # a partial tile
+            keep = (j_col[None, :] >= exact_lo[:, None]) & (j_col[None, :] < exact_hi[:, None])
+            s = tl.where(keep, s, -INF)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == -INF, 0.0, m_new)  # a row with nothing kept yet: exp2(-inf - 0) = 0, not NaN
         p = tl.exp2(s - m_safe[:, None])

@@ -16,6 +16,12 @@ BLOCK_D = tl.constexpr(64)
 BLOCK_DV = tl.constexpr(64)
 
 
+@triton.jit
+def ex2_approx(x):
+    # What Triton 3.6 makes of tl.exp2 through libdevice (__nv_exp2f, FTZ), as one instruction.
+    return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1)
+
+
 
 
 @triton.jit(do_not_specialize=["sz_B", "sz_H", "sz_HKV", "sz_M", "sz_N", "p_window"])
@@ -56,7 +62,7 @@ def attn_fwd(
     hull_hi = exact_hi
     x5 = tl.load(t_sinks + h_row.to(tl.int64) * t_sinks_s0, mask=row_valid, other=0).to(tl.float32)
     x6 = x5 * 1.4426950408889634
-    # -- key tiles: [t_start, t_end) run, [f_start, f_end) need no mask
+    # -- key tiles: [t_start, t_end) run, [f_start, f_end) need no mask (none do where every tile is masked)
     live = row_valid & (hull_hi > hull_lo)
     any_live = tl.max(live.to(tl.int32), 0) > 0
     t_start = tl.where(any_live, tl.min(tl.where(live, hull_lo, BIG), 0) // BLOCK_N, 0)
@@ -101,8 +107,8 @@ def attn_fwd(
                 s = tl.where(keep, s, -INF)
                 m_new = tl.maximum(m_i, tl.max(s, 1))
                 m_safe = tl.where(m_new == -INF, 0.0, m_new)  # a row with nothing kept yet: exp2(-inf - 0) = 0, not NaN
-                p = tl.exp2(s - m_safe[:, None])
-                alpha = tl.exp2(m_i - m_safe)
+                p = ex2_approx(s - m_safe[:, None])
+                alpha = ex2_approx(m_i - m_safe)
                 l_i = l_i * alpha + tl.sum(p, 1)
                 v_tile = v_desc.load([t * BLOCK_N, 0])
                 if UPCAST:
@@ -120,8 +126,8 @@ def attn_fwd(
                 s = x7
                 m_new = tl.maximum(m_i, tl.max(s, 1))
                 m_safe = m_new  # a full tile keeps a key in every row: the max is finite
-                p = tl.exp2(s - m_safe[:, None])
-                alpha = tl.exp2(m_i - m_safe)
+                p = ex2_approx(s - m_safe[:, None])
+                alpha = ex2_approx(m_i - m_safe)
                 l_i = l_i * alpha + tl.sum(p, 1)
                 v_tile = v_desc.load([t * BLOCK_N, 0])
                 if UPCAST:
@@ -141,8 +147,8 @@ def attn_fwd(
                 s = tl.where(keep, s, -INF)
                 m_new = tl.maximum(m_i, tl.max(s, 1))
                 m_safe = tl.where(m_new == -INF, 0.0, m_new)  # a row with nothing kept yet: exp2(-inf - 0) = 0, not NaN
-                p = tl.exp2(s - m_safe[:, None])
-                alpha = tl.exp2(m_i - m_safe)
+                p = ex2_approx(s - m_safe[:, None])
+                alpha = ex2_approx(m_i - m_safe)
                 l_i = l_i * alpha + tl.sum(p, 1)
                 v_tile = v_desc.load([t * BLOCK_N, 0])
                 if UPCAST:
@@ -152,7 +158,7 @@ def attn_fwd(
     else:
         k_tile_ptrs = k_base + offs_n[None, :] * s_kn + offs_d[:, None] * s_kd
         v_tile_ptrs = v_base + offs_n[:, None] * s_vn + offs_dv[None, :] * s_vd
-        for t in tl.range(t_start, f_start):  # partial tiles before the full ones
+        for t in tl.range(t_start, t_end):  # [f_start, f_end) need no mask
             j_col = t * BLOCK_N + offs_n
             col_valid = j_col < sz_N
             k_tile = tl.load(k_tile_ptrs + tl.cast(t * BLOCK_N, tl.int64) * s_kn, mask=col_valid[None, :], other=0.0)
@@ -161,52 +167,13 @@ def attn_fwd(
             qk = tl.dot(q_tile, k_tile)
             x7 = qk * 0.18033688011112042
             s = x7
-            keep = (j_col[None, :] >= exact_lo[:, None]) & (j_col[None, :] < exact_hi[:, None])
-            s = tl.where(keep, s, -INF)
+            if (t < f_start) | (t >= f_end):  # a partial tile
+                keep = (j_col[None, :] >= exact_lo[:, None]) & (j_col[None, :] < exact_hi[:, None])
+                s = tl.where(keep, s, -INF)
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == -INF, 0.0, m_new)  # a row with nothing kept yet: exp2(-inf - 0) = 0, not NaN
-            p = tl.exp2(s - m_safe[:, None])
-            alpha = tl.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v_tile = tl.load(v_tile_ptrs + tl.cast(t * BLOCK_N, tl.int64) * s_vn, mask=col_valid[:, None], other=0.0)
-            if UPCAST:
-                v_tile = v_tile.to(tl.float32)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v_tile.dtype), v_tile)
-            m_i = m_new
-        for t in tl.range(f_start, f_end):  # full tiles: no mask
-            j_col = t * BLOCK_N + offs_n
-            col_valid = j_col < sz_N
-            k_tile = tl.load(k_tile_ptrs + tl.cast(t * BLOCK_N, tl.int64) * s_kn)
-            if UPCAST:
-                k_tile = k_tile.to(tl.float32)
-            qk = tl.dot(q_tile, k_tile)
-            x7 = qk * 0.18033688011112042
-            s = x7
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = m_new  # a full tile keeps a key in every row: the max is finite
-            p = tl.exp2(s - m_safe[:, None])
-            alpha = tl.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v_tile = tl.load(v_tile_ptrs + tl.cast(t * BLOCK_N, tl.int64) * s_vn)
-            if UPCAST:
-                v_tile = v_tile.to(tl.float32)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v_tile.dtype), v_tile)
-            m_i = m_new
-        for t in tl.range(f_end, t_end):  # partial tiles after
-            j_col = t * BLOCK_N + offs_n
-            col_valid = j_col < sz_N
-            k_tile = tl.load(k_tile_ptrs + tl.cast(t * BLOCK_N, tl.int64) * s_kn, mask=col_valid[None, :], other=0.0)
-            if UPCAST:
-                k_tile = k_tile.to(tl.float32)
-            qk = tl.dot(q_tile, k_tile)
-            x7 = qk * 0.18033688011112042
-            s = x7
-            keep = (j_col[None, :] >= exact_lo[:, None]) & (j_col[None, :] < exact_hi[:, None])
-            s = tl.where(keep, s, -INF)
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == -INF, 0.0, m_new)  # a row with nothing kept yet: exp2(-inf - 0) = 0, not NaN
-            p = tl.exp2(s - m_safe[:, None])
-            alpha = tl.exp2(m_i - m_safe)
+            p = ex2_approx(s - m_safe[:, None])
+            alpha = ex2_approx(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, 1)
             v_tile = tl.load(v_tile_ptrs + tl.cast(t * BLOCK_N, tl.int64) * s_vn, mask=col_valid[:, None], other=0.0)
             if UPCAST:
@@ -217,8 +184,8 @@ def attn_fwd(
     sink = x6
     m_fin = tl.maximum(m_i, sink)
     m_fin_safe = tl.where(m_fin == -INF, 0.0, m_fin)
-    alpha = tl.exp2(m_i - m_fin_safe)
-    l_i = l_i * alpha + tl.exp2(sink - m_fin_safe)
+    alpha = ex2_approx(m_i - m_fin_safe)
+    l_i = l_i * alpha + ex2_approx(sink - m_fin_safe)
     acc = acc * alpha[:, None]
     m_i = m_fin
     # -- a row with nothing kept: out = 0, lse = -inf

@@ -53,8 +53,9 @@ class Value:
 
 
 class Emitter:
-    def __init__(self, spec: Attention):
+    def __init__(self, spec: Attention, exp2: str = "tl.exp2"):
         self.spec = spec
+        self.exp2 = exp2  # the base-2 exponential's name in the kernel module (exp2 and tanh use it)
         self.prologue: list[str] = []
         # scopes[0] is the prologue; each scope has its lines and a memo (CSE) that inner scopes see.
         self._scopes: list[tuple[list[str], dict[Expr, Value]]] = [(self.prologue, {})]
@@ -200,10 +201,11 @@ class Emitter:
         args = [self.value(x) for x in e.args]
         level = _join(*args)
         if e.fn in _FLOAT_FUNCS:
-            return self._assign(f"{_FLOAT_FUNCS[e.fn]}({self.as_float(args[0], level)})", level, "float")
+            fn = self.exp2 if e.fn == "exp2" else _FLOAT_FUNCS[e.fn]
+            return self._assign(f"{fn}({self.as_float(args[0], level)})", level, "float")
         if e.fn == "tanh":  # libdevice tanh fails in the interpreter: tanh(x) = 1 - 2 / (exp2(2 x log2 e) + 1)
             x = self.as_float(args[0], level)
-            return self._assign(f"1.0 - 2.0 / (tl.exp2({2 * math.log2(math.e)!r} * {x}) + 1.0)", level, "float")
+            return self._assign(f"1.0 - 2.0 / ({self.exp2}({2 * math.log2(math.e)!r} * {x}) + 1.0)", level, "float")
         if e.fn == "abs":
             if kind == "float":
                 return self._assign(f"tl.abs({self.at(args[0], level)})", level, kind)

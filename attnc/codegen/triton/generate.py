@@ -62,11 +62,11 @@ def template(name: str) -> jinja2.Template:
     return env.get_template(name)
 
 
-def shared_hooks(plan: KernelPlan) -> dict:
+def shared_hooks(plan: KernelPlan, exp2: str = "tl.exp2") -> dict:
     """The hooks every template fills the same way: per-row key bounds (prologue), the logits tile, the evaluated
-    masks, the sink, the head-dim padding masks and the dot precision."""
+    masks, the sink, the head-dim padding masks and the dot precision; `exp2` names the base-2 exponential."""
     spec, masks, tiling = plan.spec, plan.masks, plan.tiling
-    main = Emitter(spec)
+    main = Emitter(spec, exp2)
     _bounds(main, masks.exact, masks.hull)
     sink = None
     if plan.score.sink2 is not None:
@@ -78,7 +78,7 @@ def shared_hooks(plan: KernelPlan) -> dict:
             keep_terms = "".join(f" & ({_as_tile(main, c)})" for c in masks.evaluated)
     pad_d, pad_dv = tiling.block_d != plan.head_dim, tiling.block_dv != plan.value_dim
     return dict(
-        version=__version__, name=spec.name, key=plan.spec_key[:16],
+        version=__version__, name=spec.name, key=plan.spec_key[:16], exp2=exp2,
         head_dim=plan.head_dim, value_dim=plan.value_dim, block_d=tiling.block_d, block_dv=tiling.block_dv,
         prologue="\n".join(main.prologue), score_lines="\n".join(score_lines), logits=logits,
         mask_lines="\n".join(mask_lines), keep_terms=keep_terms, sink=sink, returns_lse=spec.returns_lse,
@@ -106,13 +106,15 @@ def generate(plan: KernelPlan) -> str:
     all_partial = bool(masks.evaluated) and not masks.data_dependent
     runtime_scalars = [size_arg(s) for s in args.sizes] + [param_arg(p) for p in args.params]
     return template("kernel.py.j2").render(
-        **shared_hooks(plan),
+        # On a GPU, exp2 is inline PTX (the instruction libdevice's would become): a kernel that calls no libdevice
+        # function compiles without linking libdevice. The interpreter runs no inline assembly.
+        **shared_hooks(plan, "tl.exp2" if plan.target.arch is None else "ex2_approx"),
         plan_line=_plan_line(plan),
         runtime_scalars=", ".join(f'"{n}"' for n in runtime_scalars),
         common_args=_wrap_args(args.names()),
         all_partial=all_partial,
         # Without a lower key bound the full tiles start at tile 0 (exact_lo = 0): no partial tile precedes them.
-        partial_before=all_partial or bool(masks.exact.lower),
+        partial_before=bool(masks.exact.lower),
         data_dependent=masks.data_dependent,
         summary_prologue="\n".join(summary_prologue), summary_lines="\n".join(summary_lines),
         tma=plan.triton.tma,
@@ -167,4 +169,7 @@ def _plan_line(plan: KernelPlan) -> str:
     return (f"{plan.target.backend}/{plan.target.device}"
             f"{'' if plan.target.arch is None else f'/sm_{plan.target.arch}'} {plan.dtype} D={plan.head_dim} "
             f"DV={plan.value_dim}; prefill {t.prefill.block_m}x{t.prefill.block_n} w{t.prefill.num_warps} "
-            f"s{t.prefill.num_stages}; decode <= {t.decode.block_m} rows x {t.decode.block_n}")
+            f"s{t.prefill.num_stages}"
+            + (f" (M <= {t.short_max_m}: {t.short.block_m}x{t.short.block_n} w{t.short.num_warps} s{t.short.num_stages})"
+               if t.short else "")
+            + f"; decode <= {t.decode.block_m} rows x {t.decode.block_n}")
