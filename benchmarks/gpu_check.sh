@@ -14,7 +14,7 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 GPU_TESTS="tests/test_decode_kernels.py tests/test_merge.py tests/test_host_overhead.py tests/test_trace.py
   tests/test_flex.py tests/test_paged_varlen.py tests/test_aot.py tests/test_triton_tma.py tests/test_tvm_kernels.py
-  tests/test_triton_gpu.py"
+  tests/test_triton_gpu.py tests/test_autotune.py"
 # Host-time tests run alone afterwards: parallel workers compiling beside them would inflate their timings.
 timeout "${TEST_SECONDS:-260}" python3 -m pytest -m gpu -q -rf -p no:cacheprovider $XDIST -k "not host_time" \
   $GPU_TESTS > "$OUT/gpu-tests.log" 2>&1
@@ -23,7 +23,7 @@ timeout 120 python3 -m pytest -m gpu -q -rf -p no:cacheprovider -k host_time $GP
 echo "host-time tests exit $?"; grep -E "passed|failed|error|us per call" "$OUT/gpu-host-tests.log" | tail -6
 if [ -d ../.tvm-aot ]; then
   ln -sfn ../.tvm-aot .tvm-aot  # where tests/test_tvm_cuda.py looks
-  PYTHONPATH="../.tvmrt:$PYTHONPATH" timeout 60 python3 benchmarks/tvm_cuda_check.py run --aot ../.tvm-aot \
+  PYTHONPATH="../.tvmrt:$PYTHONPATH" timeout 200 python3 benchmarks/tvm_cuda_check.py run --aot ../.tvm-aot \
     --json "$OUT/tvm_cuda.json" > "$OUT/tvm_cuda.log" 2>&1; echo "tvm cuda exit $?"; tail -40 "$OUT/tvm_cuda.log"
   PYTHONPATH="../.tvmrt:$PYTHONPATH" timeout 120 python3 -m pytest -m gpu -q -rf -p no:cacheprovider \
     tests/test_tvm_cuda.py > "$OUT/gpu-tvm-tests.log" 2>&1

@@ -138,7 +138,7 @@ def test_call_errors_are_the_plain_kernels(monkeypatch):
 
 @pytest.mark.gpu
 def test_autotune_on_the_gpu_times_real_tiles(poisoned):
-    spec = attnc.parse(SPEC.replace("f32", "bf16"))[0]
+    spec = attnc.parse(SPEC.replace("f32[", "bf16["))[0]
     kern = attnc.compile(spec, autotune=True)
     q, k, v = (torch.randn(2, 4, 1000, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     out = kern(q, k, v, cap=30.0)
