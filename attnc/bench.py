@@ -1,8 +1,10 @@
-"""Side-by-side GPU benchmark: attnc against SDPA (flash, cuDNN, efficient) and compiled FlexAttention.
+"""Side-by-side benchmarks. GPU: attnc against SDPA (flash, cuDNN, efficient) and compiled FlexAttention.
+CPU (`--device cpu`): attnc's TVM kernels against torch's CPU scaled_dot_product_attention.
 
 Every runner sees the same inputs in the same process; each output is checked against the others before any
-timing counts. Times are the median of `triton.testing.do_bench`; FLOPs count only kept (query, key) pairs.
-Results go to `<out>/<device>-<date>.json` plus PNG plots; `attnc bench` and `benchmarks/run.py` call `main`.
+timing counts. GPU times are the median of `triton.testing.do_bench`; FLOPs count only kept (query, key) pairs.
+Results go to `<out>/<device>-<date>.json` (GPU: plus PNG plots; CPU: `cpu-<date>.json`); `attnc bench` and
+`benchmarks/run.py` call `main`.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import datetime as _dt
 import functools
 import json
 import math
+import os
 import platform
 import random
 import re
@@ -423,8 +426,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "device", "cuda") == "cpu":
+        return run_cpu(args)
     if not torch.cuda.is_available():
-        raise attnc.CallError("attnc bench needs a CUDA GPU; on a CPU use benchmarks/bench_cpu.py")
+        raise attnc.CallError("attnc bench needs a CUDA GPU; on a CPU run `attnc bench --device cpu` (attnc's "
+                              "TVM kernels against torch's CPU SDPA)")
     device = "cuda"
     report = {"env": environment(device), "rows": []}
     out_dir = Path(args.out)
@@ -448,3 +454,176 @@ def run(args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+# ---------------------------------------------------------------- CPU (--device cpu)
+
+CPU_SPEC = """
+attention bench_cpu_{name} {{
+    q: f32[B, H, M, D]  k: f32[B, H, N, D]  v: f32[B, H, N, D]
+{mask}    return softmax(score) @ v
+}}
+"""
+CPU_HEADS = 8  # B = 1, H = 8: the issue's shapes
+CPU_TOL = 1e-4  # relative (norm) error against torch's fp32 SDPA that still counts as the same result
+# Before each block of calls the process pauses this long. After a call, torch's OpenMP workers spin for a few
+# ms of CPU and TVM's workers yield-spin for longer: a block that starts inside the other library's spin shares
+# a core with it (attnc at dense S=512 D=64, 2 threads: 4.6 ms right after an SDPA call, 2.4 ms after a pause).
+SETTLE_S = 0.05
+
+
+@dataclass(frozen=True)
+class CpuWorkload:
+    causal: bool
+    D: int
+    S: int
+
+    @property
+    def name(self) -> str:
+        return f"{'causal' if self.causal else 'dense'} D={self.D} S={self.S}"
+
+    @property
+    def flops(self) -> float:
+        kept = self.S * (self.S + 1) // 2 if self.causal else self.S * self.S
+        return 4.0 * CPU_HEADS * self.D * kept
+
+
+def cpu_workloads(seqs: list[int], dims: list[int], only: str | None = None) -> list[CpuWorkload]:
+    rows = [CpuWorkload(causal, d, s) for causal in (False, True) for d in dims for s in seqs]
+    return [w for w in rows if not only or re.search(only, w.name)]
+
+
+def time_in_blocks(fns: dict[str, Callable], rounds: int, seconds: float) -> dict[str, list[list[float]]]:
+    """Call times (s) of each function, per round. A round gives each function one block: a pause (SETTLE_S),
+    an untimed call (it wakes the library's thread pool), then timed calls for about `seconds` (at least 3).
+    The blocks alternate round by round, so a change of the machine's load reaches every function alike."""
+    times: dict[str, list[list[float]]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            time.sleep(SETTLE_S)
+            fn()
+            block: list[float] = []
+            start = time.perf_counter()
+            while len(block) < 3 or time.perf_counter() - start < seconds:
+                t0 = time.perf_counter()
+                fn()
+                block.append(time.perf_counter() - t0)
+            times[name].append(block)
+    return times
+
+
+def summarize_blocks(attnc_blocks: list[list[float]], torch_blocks: list[list[float]], flops: float) -> dict:
+    """Times: the median over every timed call. Speedup: the median over rounds of torch's median / attnc's
+    median in that round (each round's own machine conditions)."""
+    ratios = [statistics.median(b) / statistics.median(a) for a, b in zip(attnc_blocks, torch_blocks)]
+    ours = [t for block in attnc_blocks for t in block]
+    theirs = [t for block in torch_blocks for t in block]
+    return {"attnc_ms": statistics.median(ours) * 1e3, "torch_ms": statistics.median(theirs) * 1e3,
+            "attnc_min_ms": min(ours) * 1e3, "torch_min_ms": min(theirs) * 1e3,
+            "speedup": statistics.median(ratios), "speedup_min": min(ratios), "speedup_max": max(ratios),
+            "attnc_gflops": flops / statistics.median(ours) / 1e9,
+            "torch_gflops": flops / statistics.median(theirs) / 1e9,
+            "calls_per_round": [len(block) for block in attnc_blocks]}
+
+
+def cpu_environment(threads: int) -> dict:
+    import tvm
+
+    from .codegen.tvm.host import host_cpu
+
+    cpu = host_cpu()
+    return {"device": "cpu", "model": _cpu_model(), "llvm_mcpu": cpu.mcpu, "vector_lanes": cpu.vector,
+            "logical_cores": os.cpu_count(), "threads": {"torch": torch.get_num_threads(), "tvm": threads},
+            "torch": torch.__version__, "tvm": tvm.__version__, "attnc": attnc.__version__,
+            "python": platform.python_version(), "date": _dt.datetime.now().isoformat(timespec="seconds"),
+            "batch": 1, "heads": CPU_HEADS, "dtype": "f32",
+            "method": f"per round one block of calls per side, each after a {SETTLE_S * 1e3:.0f} ms pause and an "
+                      f"untimed call; times: median over every timed call; speedup: median over rounds of "
+                      f"torch / attnc block medians"}
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        return platform.processor()
+
+
+def _int_list(text: str, option: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise attnc.CallError(f"{option} {text}: expected positive integers separated by commas, e.g. "
+                              f"{option} 512,1024")
+    return values
+
+
+def run_cpu(args: argparse.Namespace) -> int:
+    """attnc's TVM kernels against torch's CPU SDPA, same inputs and thread count; writes cpu-<date>.json."""
+    from .codegen.tvm.host import configure_threads
+
+    if args.threads is not None and args.threads < 1:
+        raise attnc.CallError(f"--threads {args.threads}: expected a positive thread count")
+    seqs = _int_list(args.seqs, "--seqs")[:2] if args.quick else _int_list(args.seqs, "--seqs")
+    dims = _int_list(args.dims, "--dims")
+    rounds = min(args.rounds, 3) if args.quick else args.rounds
+    if rounds < 1:
+        raise attnc.CallError(f"--rounds {args.rounds}: expected at least 1")
+    threads = configure_threads(args.threads)  # TVM's pool size, before its first parallel launch
+    torch.set_num_threads(threads)
+    report = {"env": cpu_environment(threads), "rows": []}
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"cpu-{report['env']['date'][:10]}.json"
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    kernels = {causal: attnc.compile(attnc.parse(CPU_SPEC.format(name="causal" if causal else "dense",
+                                                                 mask="    mask i >= j\n" if causal else ""))[0],
+                                     backend="tvm")
+               for causal in (False, True)}
+    for w in cpu_workloads(seqs, dims, args.only):
+        gen = torch.Generator().manual_seed(w.S * 1000 + w.D)
+        q, k, v = (torch.randn(1, CPU_HEADS, w.S, w.D, generator=gen) for _ in range(3))
+        kernel = kernels[w.causal]
+        fns = {"attnc": lambda: kernel(q, k, v), "torch": lambda: sdpa(q, k, v, is_causal=w.causal)}
+        err = _rel_err(fns["attnc"](), fns["torch"]())
+        row = {"workload": w.name, "causal": w.causal, "S": w.S, "D": w.D, "flops": w.flops, "rel_err": err}
+        if not math.isfinite(err) or err > CPU_TOL:
+            row["error"] = f"wrong result: rel err {err:.3g} vs torch"
+        else:
+            row["loadavg_before"] = os.getloadavg()
+            blocks = time_in_blocks(fns, rounds, seconds=0.1 if args.quick else 0.5)
+            row.update(summarize_blocks(blocks["attnc"], blocks["torch"], w.flops), loadavg_after=os.getloadavg())
+        report["rows"].append(row)
+        path.write_text(json.dumps(report, indent=1) + "\n")  # after every row: a run cut short keeps its rows
+    print_cpu_table(report)
+    print(f"wrote {path}")
+    return 0
+
+
+def print_cpu_table(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    env = report["env"]
+    table = Table(title=f"{env['model']} ({env['llvm_mcpu']}) · {env['threads']['tvm']} threads · torch "
+                        f"{env['torch']} · tvm {env['tvm']} · fp32, B=1, H={env['heads']}")
+    for name in ("workload", "attnc ms", "torch ms", "attnc/torch", "rounds", "GFLOP/s", "rel err", "load"):
+        table.add_column(name, justify="left" if name == "workload" else "right", no_wrap=True)
+    for row in report["rows"]:
+        if "error" in row:
+            table.add_row(row["workload"], *["—"] * 5, f"{row['rel_err']:.1e}", "", style="red")
+            continue
+        table.add_row(row["workload"], f"{row['attnc_ms']:.2f}", f"{row['torch_ms']:.2f}",
+                      f"{row['speedup']:.2f}×", f"{row['speedup_min']:.2f}-{row['speedup_max']:.2f}",
+                      f"{row['attnc_gflops']:.0f}", f"{row['rel_err']:.1e}", f"{row['loadavg_before'][0]:.2f}",
+                      style=None if row["speedup"] >= 1.0 else "yellow")
+    console = Console(width=max(Console().width, 100))  # the table's width when printed to a file or pipe
+    console.print(table)
+    timed = [r for r in report["rows"] if "speedup" in r]
+    if timed:
+        worst = min(timed, key=lambda r: r["speedup"])
+        console.print(f"worst attnc / torch: {worst['speedup']:.2f}× ({worst['workload']}); 1-minute load "
+                        f"average now {os.getloadavg()[0]:.2f}")

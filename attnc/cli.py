@@ -171,9 +171,18 @@ def _compile(args: argparse.Namespace) -> int:
 def bench_arguments(p: argparse.ArgumentParser) -> None:
     """The benchmark's options (also used by `python -m attnc.bench`); declared here so that building the
     CLI's parser never imports the benchmark and torch."""
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                   help="cuda (default): against SDPA and FlexAttention; cpu: attnc's TVM kernels against torch's "
+                        "CPU SDPA (fp32, B=1, H=8, dense and causal)")
     p.add_argument("--out", default="benchmarks/results", help="folder for the JSON and PNG files")
     p.add_argument("--only", default=None, help="regex: run only workloads whose name matches")
     p.add_argument("--quick", action="store_true", help="smaller sequence lengths (a smoke run)")
+    cpu = p.add_argument_group("--device cpu")
+    cpu.add_argument("--threads", type=int, default=None,
+                     help="threads for both libraries (default: TVM_NUM_THREADS, else torch's thread count)")
+    cpu.add_argument("--seqs", default="512,1024,2048,4096", help="sequence lengths S = M = N (comma-separated)")
+    cpu.add_argument("--dims", default="64,128", help="head dims (comma-separated)")
+    cpu.add_argument("--rounds", type=int, default=7, help="alternating rounds per workload (median over them)")
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -188,7 +197,8 @@ COMMANDS = (
     Command("cache", "list or delete the compiled kernels (`attnc cache ls|clear`)", _cache_arguments, _cache),
     Command("compile", "build GPU kernels ahead of time, without a GPU, for `attnc.load(DIR)`", _compile_arguments,
             _compile),
-    Command("bench", "GPU benchmark side by side with SDPA (flash, cuDNN, efficient) and FlexAttention",
+    Command("bench", "benchmark side by side: GPU against SDPA (flash, cuDNN, efficient) and FlexAttention; "
+                     "--device cpu against torch's CPU SDPA",
             bench_arguments, _bench),
 )
 

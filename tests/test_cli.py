@@ -103,3 +103,28 @@ def test_bench_without_a_gpu_says_so():
     result = run("bench", "--quick", "--only", "dense")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "attnc bench needs a CUDA GPU" in result.stderr
+
+
+def test_bench_on_the_cpu_writes_a_checked_row_per_workload(tmp_path):
+    """`attnc bench --device cpu`: every row is checked against torch before it is timed, and the JSON holds
+    the timings the table prints."""
+    import json
+
+    result = run("bench", "--device", "cpu", "--seqs", "40", "--dims", "16", "--rounds", "2", "--threads", "1",
+                 "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    (path,) = tmp_path.glob("cpu-*.json")
+    report = json.loads(path.read_text())
+    assert report["env"]["threads"] == {"torch": 1, "tvm": 1}
+    assert [row["workload"] for row in report["rows"]] == ["dense D=16 S=40", "causal D=16 S=40"]
+    for row in report["rows"]:
+        assert "error" not in row and row["rel_err"] < 1e-5
+        assert 0 < row["attnc_min_ms"] <= row["attnc_ms"] and 0 < row["torch_min_ms"] <= row["torch_ms"]
+        assert row["speedup_min"] <= row["speedup"] <= row["speedup_max"] and len(row["calls_per_round"]) == 2
+        assert f"{row['workload']} " in result.stdout and f"{row['attnc_ms']:.2f}" in result.stdout
+
+
+def test_bench_on_the_cpu_rejects_bad_lists():
+    result = run("bench", "--device", "cpu", "--seqs", "512,x")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "--seqs 512,x: expected positive integers" in result.stderr

@@ -83,6 +83,25 @@ def test_random_shapes(masks):
         check(spec, kernel(q, k, v), attnc.reference(spec, q, k, v))
 
 
+@pytest.mark.parametrize("claim_tasks", [False, True], ids=["static", "claimed"])
+def test_task_schedules(claim_tasks, monkeypatch):
+    """Both ways of handing out query tiles to threads (kernel.CpuSchedule.claim_tasks), with more tasks than
+    one claim word holds (2 x 3 heads x 10 query tiles) and causal tiles of unequal cost."""
+    from attnc.codegen.tvm.host import host_cpu
+
+    if claim_tasks and not host_cpu().x86:
+        pytest.skip("tasks are claimed with x86's lock bts")
+    default = tvm_backend.prefill_schedule
+    monkeypatch.setattr(tvm_backend, "prefill_schedule", lambda vector: replace(default(vector),
+                                                                                claim_tasks=claim_tasks))
+    spec = f32_spec((ir.causal_mask(),))
+    q, k, v = torch.randn(2, 3, 300, 32), torch.randn(2, 3, 300, 32), torch.randn(2, 3, 300, 32)
+    kernel = attnc.compile(spec, backend="tvm")
+    for _ in range(3):  # claims start from zero on every call
+        check(spec, kernel(q, k, v), attnc.reference(spec, q, k, v))
+    assert kernel._impls[(q.device, 32, 32)].schedules["prefill"].claim_tasks == claim_tasks
+
+
 def test_value_dim_and_odd_head_dim():
     spec = f32_spec((ir.causal_mask(),), v_shape=("B", "H", "N", "DV"))
     q, k, v = torch.randn(2, 2, 41, 24), torch.randn(2, 2, 90, 24), torch.randn(2, 2, 90, 72)

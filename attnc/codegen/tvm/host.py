@@ -18,6 +18,10 @@ class HostCpu:
         return tvm.target.Target({"kind": "llvm", "mcpu": self.mcpu, "mtriple": self.triple})
 
     @property
+    def x86(self) -> bool:
+        return self.triple.startswith(("x86_64", "i386", "i686"))
+
+    @property
     def label(self) -> str:
         """The cache key's device part: kernels built for one CPU may not run on another."""
         return f"cpu:{self.triple}:{self.mcpu}:v{self.vector}"

@@ -1,9 +1,9 @@
 """A KernelPlan -> a TensorIR PrimFunc for CPUs (LLVM), built with TVM's IR builder.
 
-One parallel task per (batch, head, query tile). Per task the flash algorithm runs over the key tiles the
-mask analysis leaves (`passes.masks.key_tiles`, mirrored here in TIR): tiles outside the loop hull never
-run, full tiles evaluate no mask, partial tiles evaluate every mask element-wise. Softmax runs in base 2 on
-the plan's `logits2`.
+One parallel task per (batch, head, query tile), handed out to threads at run time on x86 (_claimed_tasks;
+static ranges elsewhere). Per task the flash algorithm runs over the key tiles the mask analysis leaves
+(`passes.masks.key_tiles`, mirrored here in TIR): tiles outside the loop hull never run, full tiles evaluate no
+mask, partial tiles evaluate every mask element-wise. Softmax runs in base 2 on the plan's `logits2`.
 
 The CPU schedule (why the loops look as they do):
 - Scores are computed transposed, S^T[j, i] = sum_d k[j, d] * Q^T[d, i], with the query tile packed as Q^T
@@ -30,6 +30,7 @@ from tvm.script.ir_builder import tirx as T
 from ...ir import SizeRef, walk
 from ...passes import KernelPlan
 from .emit import F32, I32, I64, LN2, Emitter, Scope, exp2_nonpositive, f32
+from .host import host_cpu
 
 # TIR dtypes of the spec's tensor element types. bool tables are passed as uint8 views (DLPack bool and TVM
 # bool buffers disagree on the element type); params arrive as int32 / float32 scalars (bool as 0 / 1).
@@ -47,6 +48,7 @@ class CpuSchedule:
     kv_rows: int  # keys per register tile of S^T (kv_rows x block_m accumulators)
     out_rows: int  # query rows per register tile of P V; divides block_m
     out_cols: int  # value columns per register tile of P V (the last one may be narrower)
+    claim_tasks: bool = False  # hand tasks out at run time (x86: `lock bts`; _claimed_tasks), else static ranges
 
     def __post_init__(self):
         assert self.block_m % self.vector == 0 and self.block_n % self.kv_rows == 0
@@ -58,12 +60,14 @@ def prefill_schedule(vector: int) -> CpuSchedule:
     """Two vectors of query rows per task: Q^T, the scores and the output tile of a task stay in L1 at D=128
     (four vectors, the earlier choice, measured 5-40% slower with 2 threads and no faster with 1), and twice as
     many tasks even out the threads when one is preempted on a shared machine."""
-    return CpuSchedule(vector, block_m=2 * vector, block_n=64, kv_rows=8, out_rows=4, out_cols=4 * vector)
+    return CpuSchedule(vector, block_m=2 * vector, block_n=64, kv_rows=8, out_rows=4, out_cols=4 * vector,
+                       claim_tasks=host_cpu().x86)
 
 
 def decode_schedule(vector: int) -> CpuSchedule:
     """Few query rows (decode): one vector of rows per task, so no work goes to padding rows."""
-    return CpuSchedule(vector, block_m=vector, block_n=64, kv_rows=8, out_rows=4, out_cols=4 * vector)
+    return CpuSchedule(vector, block_m=vector, block_n=64, kv_rows=8, out_rows=4, out_cols=4 * vector,
+                       claim_tasks=host_cpu().x86)
 
 
 def parameter_names(spec) -> tuple[str, ...]:
@@ -110,84 +114,145 @@ class Args:
 
 
 def build_primfunc(plan: KernelPlan, sched: CpuSchedule, name: str = "attn") -> tir.PrimFunc:
-    spec, masks, score = plan.spec, plan.masks, plan.score
-    bm, bn = sched.block_m, sched.block_n
-    d_model, dv_model = plan.head_dim, plan.value_dim
     with IRBuilder() as ib:
         with T.prim_func():
             T.func_name(name)
             a = Args(plan)
             s = a.sizes
-            n_i64 = tir.Cast(I64, s["N"])
-            q_tiles = tir.floordiv(s["M"] + bm - 1, bm)
-            with T.parallel(0, s["B"] * s["H"] * q_tiles) as task:
-                # Indices are non-negative: truncated division is one instruction (floored division by a
-                # runtime value expands into selects, which once made LLVM take seconds on the GQA kernels).
-                b = T.Bind(tir.truncdiv(task, s["H"] * q_tiles))
-                h = T.Bind(tir.truncmod(tir.truncdiv(task, q_tiles), s["H"]))
-                i0 = T.Bind(tir.truncmod(task, q_tiles) * bm)
-                kvh = T.Bind(tir.truncdiv(h, tir.truncdiv(s["H"], s["HKV"])))
-                rows = T.Bind(tir.min(bm, s["M"] - i0))
-
-                q_t = T.alloc_buffer((d_model, bm), F32)
-                s_t = T.alloc_buffer((bn, bm), F32)
-                acc = T.alloc_buffer((bm, dv_model), F32)
-                m_run, l_run = T.alloc_buffer((bm,), F32), T.alloc_buffer((bm,), F32)
-                m_new, alpha = T.alloc_buffer((bm,), F32), T.alloc_buffer((bm,), F32)
-                m_safe = T.alloc_buffer((bm,), F32)
-                bounds = T.alloc_buffer((4,), I64)  # hull lo / hi, exact max-lo / min-hi over the tile's rows
-
-                # -- which key tiles run, and which of them are full (passes.masks.key_tiles)
-                init_bounds(bounds, n_i64)
-                with T.serial(0, rows) as r:
-                    row = row_bounds(Emitter(spec, a.scope({"b": b, "h": h, "i": i0 + r})), masks, n_i64)
-                    reduce_bounds(bounds, [T.Bind(x) for x in row])
-                t_start, f_start, f_end, t_end = key_tiles(bounds, bn)
-
-                # -- Q^T, and the running max / sum / output
-                with T.serial(0, bm) as i:
-                    with T.serial(0, d_model) as d:
-                        T.buffer_store(q_t, tir.Cast(F32, a.q[b, h, tir.min(i0 + i, s["M"] - 1), d]), [d, i])
-                    with T.vectorized(0, dv_model) as d:
-                        T.buffer_store(acc, f32(0), [i, d])
-                with T.vectorized(0, bm) as i:
-                    if score.sink2 is None:
-                        T.buffer_store(m_run, f32(NEG_INF), [i])
-                        T.buffer_store(l_run, f32(0), [i])
-                    else:  # the sink starts the row: max = sink, sum = exp2(sink - sink)
-                        sink = Emitter(spec, a.scope({"b": b, "h": h, "i": i0 + i})).float(score.sink2)
-                        T.buffer_store(m_run, sink, [i])
-                        T.buffer_store(l_run, tir.Select(sink == f32(NEG_INF), f32(0), f32(1)), [i])
-
-                with T.serial(t_start, t_end) as kt:
-                    j0 = T.Bind(kt * bn)
-                    with T.vectorized(0, bm) as i:
-                        T.buffer_store(m_new, m_run[i], [i])
-                    by_tile_kind(plan, kt, f_start, f_end,
-                                 lambda masked: _scores(sched, plan, a, q_t, s_t, m_new, b, h, kvh, i0, j0, masked))
-                    # m_run stays -inf while a row has kept nothing (a finite stand-in would lose the mass of
-                    # later logits far below it); `m_safe` is what gets subtracted, so -inf - -inf never occurs.
-                    with T.vectorized(0, bm) as i:
-                        T.buffer_store(m_safe, tir.Select(m_new[i] == f32(NEG_INF), f32(0), m_new[i]), [i])
-                        T.buffer_store(alpha, exp2_nonpositive(m_run[i] - m_safe[i]), [i])
-                        T.buffer_store(m_run, m_new[i], [i])
-                        T.buffer_store(l_run, l_run[i] * alpha[i], [i])
-                    with T.serial(0, bn) as jj:
-                        with T.vectorized(0, bm) as i:
-                            T.buffer_store(s_t, exp2_nonpositive(s_t[jj, i] - m_safe[i]), [jj, i])
-                            T.buffer_store(l_run, l_run[i] + s_t[jj, i], [i])
-                    _accumulate(sched, a, s_t, acc, alpha, b, kvh, j0, tir.min(bn, s["N"] - j0), dv_model)
-
-                # -- out = acc / l (0 for a row with nothing kept), lse = (m + log2 l) ln 2
-                with T.serial(0, rows) as i:
-                    inv = T.Bind(tir.Select(l_run[i] > f32(0), f32(1) / l_run[i], f32(0)))
-                    with T.vectorized(0, dv_model) as d:
-                        T.buffer_store(a.out, tir.Cast(a.out.dtype, acc[i, d] * inv), [b, h, i0 + i, d])
-                    if a.lse is not None:
-                        lse = tir.Select(l_run[i] > f32(0), (m_run[i] + tir.log2(l_run[i])) * f32(LN2),
-                                         f32(NEG_INF))
-                        T.buffer_store(a.lse, lse, [b, h, i0 + i])
+            q_tiles = T.Bind(tir.floordiv(s["M"] + sched.block_m - 1, sched.block_m))
+            tasks = T.Bind(s["B"] * s["H"] * q_tiles)
+            if not sched.claim_tasks:
+                with T.parallel(0, tasks) as task:
+                    _attention_tile(plan, sched, a, task, q_tiles, _tile_scratch(plan, sched))
+            else:
+                _claimed_tasks(tasks, lambda task, scratch: _attention_tile(plan, sched, a, task, q_tiles, scratch),
+                               lambda: _tile_scratch(plan, sched))
     return ib.get()
+
+
+def _claimed_tasks(tasks, run, scratch) -> None:
+    """Tasks handed out at run time. TVM splits a parallel loop into one static range per thread, so a thread
+    that is preempted (a busy core on a shared machine, or torch's OpenMP workers spinning after an op) stalls
+    the whole call. Here every task has a claim bit, set with x86's `lock bts` (which returns the old bit), and
+    a slot of the parallel loop whose own task is still unclaimed runs it, then claims forward (its following
+    tasks, usually its own slots' next ones) and, when the next one is taken, the highest unclaimed tasks from
+    the top down: a thread that finishes early takes over the tail of a slow thread's range. Every slot tries its
+    own task, so every task runs exactly once whatever the claim order; the scan's plain loads of claim words
+    only skip full words (bits are only ever set) and never decide alone that a task is done."""
+    claims = T.alloc_buffer((tir.truncdiv(tasks + 31, 32),), I32)
+    with T.serial(0, tir.truncdiv(tasks + 31, 32)) as w:
+        T.buffer_store(claims, 0, [w])
+
+    def claim(task):  # true when this thread set the task's bit
+        return tir.call_llvm_intrin("int8", "llvm.x86.atomic.bts.rm", tir.address_of(claims[0]),
+                                    task) == tir.const(0, "int8")
+
+    with T.parallel(0, tasks) as slot:
+        with T.If(claim(slot)):
+            with T.Then():
+                buffers = scratch()  # once per active slot (about one per thread), not once per task
+                cursor = T.alloc_buffer((3,), I32)  # the task to run (-1: none), the steal scan's position, forward?
+                for index, value in enumerate((slot, tasks - 1, 1)):
+                    T.buffer_store(cursor, value, [index])
+                with T.While(cursor[0] >= 0):
+                    done = T.Bind(cursor[0])
+                    run(done, buffers)
+                    T.buffer_store(cursor, -1, [0])
+                    with T.If(tir.And(cursor[2] == 1, done + 1 < tasks)):
+                        with T.Then():
+                            with T.If(claim(done + 1)):
+                                with T.Then():
+                                    T.buffer_store(cursor, done + 1, [0])
+                    with T.If(cursor[0] < 0):
+                        with T.Then():
+                            T.buffer_store(cursor, 0, [2])
+                    with T.While(tir.And(cursor[0] < 0, cursor[1] >= 0)):
+                        at = T.Bind(cursor[1])
+                        with T.If(claims[tir.shift_right(at, 5)] == -1):
+                            with T.Then():  # all 32 tasks of this word are taken
+                                T.buffer_store(cursor, tir.shift_right(at, 5) * 32 - 1, [1])
+                            with T.Else():
+                                with T.If(claim(at)):
+                                    with T.Then():
+                                        T.buffer_store(cursor, at, [0])
+                                T.buffer_store(cursor, at - 1, [1])
+
+
+def _tile_scratch(plan: KernelPlan, sched: CpuSchedule) -> dict:
+    bm, bn = sched.block_m, sched.block_n
+    return {"q_t": T.alloc_buffer((plan.head_dim, bm), F32), "s_t": T.alloc_buffer((bn, bm), F32),
+            "acc": T.alloc_buffer((bm, plan.value_dim), F32),
+            **{name: T.alloc_buffer((bm,), F32) for name in ("m_run", "l_run", "m_new", "alpha", "m_safe")},
+            "bounds": T.alloc_buffer((4,), I64)}  # hull lo / hi, exact max-lo / min-hi over the tile's rows
+
+
+def _attention_tile(plan: KernelPlan, sched: CpuSchedule, a: Args, task, q_tiles, scratch: dict) -> None:
+    """One task: the query tile `task` (batch, head, tile index) against every key tile it keeps."""
+    spec, score = plan.spec, plan.score
+    bm, bn = sched.block_m, sched.block_n
+    d_model, dv_model = plan.head_dim, plan.value_dim
+    s = a.sizes
+    n_i64 = tir.Cast(I64, s["N"])
+    q_t, s_t, acc, bounds = scratch["q_t"], scratch["s_t"], scratch["acc"], scratch["bounds"]
+    m_run, l_run, m_new = scratch["m_run"], scratch["l_run"], scratch["m_new"]
+    alpha, m_safe = scratch["alpha"], scratch["m_safe"]
+    # Indices are non-negative: truncated division is one instruction (floored division by a
+    # runtime value expands into selects, which once made LLVM take seconds on the GQA kernels).
+    b = T.Bind(tir.truncdiv(task, s["H"] * q_tiles))
+    h = T.Bind(tir.truncmod(tir.truncdiv(task, q_tiles), s["H"]))
+    i0 = T.Bind(tir.truncmod(task, q_tiles) * bm)
+    kvh = T.Bind(tir.truncdiv(h, tir.truncdiv(s["H"], s["HKV"])))
+    rows = T.Bind(tir.min(bm, s["M"] - i0))
+
+    # -- which key tiles run, and which of them are full (passes.masks.key_tiles)
+    init_bounds(bounds, n_i64)
+    with T.serial(0, rows) as r:
+        row = row_bounds(Emitter(spec, a.scope({"b": b, "h": h, "i": i0 + r})), plan.masks, n_i64)
+        reduce_bounds(bounds, [T.Bind(x) for x in row])
+    t_start, f_start, f_end, t_end = key_tiles(bounds, bn)
+
+    # -- Q^T, and the running max / sum / output
+    with T.serial(0, bm) as i:
+        with T.serial(0, d_model) as d:
+            T.buffer_store(q_t, tir.Cast(F32, a.q[b, h, tir.min(i0 + i, s["M"] - 1), d]), [d, i])
+        with T.vectorized(0, dv_model) as d:
+            T.buffer_store(acc, f32(0), [i, d])
+    with T.vectorized(0, bm) as i:
+        if score.sink2 is None:
+            T.buffer_store(m_run, f32(NEG_INF), [i])
+            T.buffer_store(l_run, f32(0), [i])
+        else:  # the sink starts the row: max = sink, sum = exp2(sink - sink)
+            sink = Emitter(spec, a.scope({"b": b, "h": h, "i": i0 + i})).float(score.sink2)
+            T.buffer_store(m_run, sink, [i])
+            T.buffer_store(l_run, tir.Select(sink == f32(NEG_INF), f32(0), f32(1)), [i])
+
+    with T.serial(t_start, t_end) as kt:
+        j0 = T.Bind(kt * bn)
+        with T.vectorized(0, bm) as i:
+            T.buffer_store(m_new, m_run[i], [i])
+        by_tile_kind(plan, kt, f_start, f_end,
+                     lambda masked: _scores(sched, plan, a, q_t, s_t, m_new, b, h, kvh, i0, j0, masked))
+        # m_run stays -inf while a row has kept nothing (a finite stand-in would lose the mass of
+        # later logits far below it); `m_safe` is what gets subtracted, so -inf - -inf never occurs.
+        with T.vectorized(0, bm) as i:
+            T.buffer_store(m_safe, tir.Select(m_new[i] == f32(NEG_INF), f32(0), m_new[i]), [i])
+            T.buffer_store(alpha, exp2_nonpositive(m_run[i] - m_safe[i]), [i])
+            T.buffer_store(m_run, m_new[i], [i])
+            T.buffer_store(l_run, l_run[i] * alpha[i], [i])
+        with T.serial(0, bn) as jj:
+            with T.vectorized(0, bm) as i:
+                T.buffer_store(s_t, exp2_nonpositive(s_t[jj, i] - m_safe[i]), [jj, i])
+                T.buffer_store(l_run, l_run[i] + s_t[jj, i], [i])
+        _accumulate(sched, a, s_t, acc, alpha, b, kvh, j0, tir.min(bn, s["N"] - j0), dv_model)
+
+    # -- out = acc / l (0 for a row with nothing kept), lse = (m + log2 l) ln 2
+    with T.serial(0, rows) as i:
+        inv = T.Bind(tir.Select(l_run[i] > f32(0), f32(1) / l_run[i], f32(0)))
+        with T.vectorized(0, dv_model) as d:
+            T.buffer_store(a.out, tir.Cast(a.out.dtype, acc[i, d] * inv), [b, h, i0 + i, d])
+        if a.lse is not None:
+            lse = tir.Select(l_run[i] > f32(0), (m_run[i] + tir.log2(l_run[i])) * f32(LN2), f32(NEG_INF))
+            T.buffer_store(a.lse, lse, [b, h, i0 + i])
 
 
 def key_tiles(bounds, bn: int):
