@@ -425,6 +425,14 @@ def main(argv: list[str] | None = None) -> int:
     return run(ap.parse_args(argv))
 
 
+def result_path(out: str | Path, env: dict, prefix: str = "") -> Path:
+    """`<out>/<prefix><device>-<date>.json` (the folder made if missing): where a benchmark writes its report."""
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = re.sub(r"[^A-Za-z0-9]+", "-", env["device"]).strip("-").lower()
+    return out_dir / f"{prefix}{device}-{env['date'][:10]}.json"
+
+
 def run(args: argparse.Namespace) -> int:
     if getattr(args, "device", "cuda") == "cpu":
         return run_cpu(args)
@@ -433,10 +441,9 @@ def run(args: argparse.Namespace) -> int:
                               "TVM kernels against torch's CPU SDPA)")
     device = "cuda"
     report = {"env": environment(device), "rows": []}
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"{re.sub(r'[^A-Za-z0-9]+', '-', report['env']['device']).strip('-').lower()}-{report['env']['date'][:10]}"
-    save = lambda: (out_dir / f"{stem}.json").write_text(json.dumps(report, indent=1))  # after every row:
+    path = result_path(args.out, report["env"])
+    out_dir, stem = path.parent, path.stem
+    save = lambda: path.write_text(json.dumps(report, indent=1))  # after every row:
     for w in prefill_workloads(args.quick):  # a run cut short still leaves what it measured
         if args.only and not re.search(args.only, w.name):
             continue
@@ -575,9 +582,7 @@ def run_cpu(args: argparse.Namespace) -> int:
     threads = configure_threads(args.threads)  # TVM's pool size, before its first parallel launch
     torch.set_num_threads(threads)
     report = {"env": cpu_environment(threads), "rows": []}
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"cpu-{report['env']['date'][:10]}.json"
+    path = result_path(args.out, report["env"])  # cpu-<date>.json
     sdpa = torch.nn.functional.scaled_dot_product_attention
     kernels = {causal: attnc.compile(attnc.parse(CPU_SPEC.format(name="causal" if causal else "dense",
                                                                  mask="    mask i >= j\n" if causal else ""))[0],

@@ -17,12 +17,11 @@ import json
 import re
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 import attnc
-from attnc.bench import compiled_flex_attention, environment
+from attnc.bench import compiled_flex_attention, environment, result_path
 
 HEAD_DIM, TOTAL_TOKENS = 128, 16384
 CHECK_TOL = 2e-2  # relative Frobenius error against the anchor
@@ -171,10 +170,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         report["rows"].append(run_workload(w, "cuda"))
         torch.cuda.empty_cache()
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    device = re.sub(r"[^A-Za-z0-9]+", "-", report["env"]["device"]).strip("-").lower()
-    path = out_dir / f"varlen-{device}-{report['env']['date'][:10]}.json"
+    path = result_path(args.out, report["env"], "varlen-")
     path.write_text(json.dumps(report, indent=1))
     print_table(report)
     print(f"wrote {path}")
