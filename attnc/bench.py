@@ -433,6 +433,22 @@ def result_path(out: str | Path, env: dict, prefix: str = "") -> Path:
     return out_dir / f"{prefix}{device}-{env['date'][:10]}.json"
 
 
+def run_report(bench: str, workloads, run_one, out: str | Path, prefix: str, only: str | None) -> tuple[dict, Path]:
+    """A GPU benchmark script's report: run_one(w, "cuda") for each workload whose name matches `only` (a regex),
+    then the JSON written to result_path(out, env, prefix)."""
+    if not torch.cuda.is_available():
+        raise attnc.CallError(f"{bench} needs a CUDA GPU")
+    report = {"env": environment("cuda"), "rows": []}
+    for w in workloads:
+        if only and not re.search(only, w.name):
+            continue
+        report["rows"].append(run_one(w, "cuda"))
+        torch.cuda.empty_cache()
+    path = result_path(out, report["env"], prefix)
+    path.write_text(json.dumps(report, indent=1))
+    return report, path
+
+
 def run(args: argparse.Namespace) -> int:
     if getattr(args, "device", "cuda") == "cpu":
         return run_cpu(args)

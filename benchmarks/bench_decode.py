@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
-import re
 from dataclasses import asdict, dataclass
 
 import torch
 
 import attnc
-from attnc.bench import compiled_flex_attention, environment, result_path
+from attnc.bench import compiled_flex_attention, run_report
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 CHECK_TOL = 2e-2  # relative Frobenius error against the anchor
@@ -207,16 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default=None, help="regex: run only workloads whose name matches")
     ap.add_argument("--quick", action="store_true", help="fewer cache lengths (a smoke run)")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        raise attnc.CallError("bench_decode needs a CUDA GPU")
-    report = {"env": environment("cuda"), "rows": []}
-    for w in workloads(args.quick):
-        if args.only and not re.search(args.only, w.name):
-            continue
-        report["rows"].append(run_workload(w, "cuda"))
-        torch.cuda.empty_cache()
-    path = result_path(args.out, report["env"], "decode-")
-    path.write_text(json.dumps(report, indent=1))
+    report, path = run_report("bench_decode", workloads(args.quick), run_workload, args.out, "decode-", args.only)
     print_table(report)
     print(f"wrote {path}")
     return 0

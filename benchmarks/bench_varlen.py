@@ -13,15 +13,13 @@ separately. Results: `<out>/varlen-<device>-<date>.json`.
 from __future__ import annotations
 
 import argparse
-import json
-import re
 import time
 from dataclasses import dataclass
 
 import torch
 
 import attnc
-from attnc.bench import compiled_flex_attention, environment, result_path
+from attnc.bench import compiled_flex_attention, run_report
 
 HEAD_DIM, TOTAL_TOKENS = 128, 16384
 CHECK_TOL = 2e-2  # relative Frobenius error against the anchor
@@ -162,16 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="benchmarks/results", help="folder for the JSON file")
     ap.add_argument("--only", default=None, help="regex: run only workloads whose name matches")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        raise attnc.CallError("bench_varlen needs a CUDA GPU")
-    report = {"env": environment("cuda"), "rows": []}
-    for w in WORKLOADS:
-        if args.only and not re.search(args.only, w.name):
-            continue
-        report["rows"].append(run_workload(w, "cuda"))
-        torch.cuda.empty_cache()
-    path = result_path(args.out, report["env"], "varlen-")
-    path.write_text(json.dumps(report, indent=1))
+    report, path = run_report("bench_varlen", WORKLOADS, run_workload, args.out, "varlen-", args.only)
     print_table(report)
     print(f"wrote {path}")
     return 0
