@@ -381,6 +381,13 @@ def print_table(report: dict) -> None:
     for key in ("host", "cold_compile"):
         if key in report:
             Console().print(f"{key}: {json.dumps(report[key])}")
+    print_errors(report)
+
+
+def print_errors(report: dict) -> None:
+    """Each runner that could not run a workload, or whose result failed the check, with its reason."""
+    from rich.console import Console
+
     for row in report["rows"]:
         for p, r in row["results"].items():
             if "error" in r:
@@ -431,6 +438,32 @@ def result_path(out: str | Path, env: dict, prefix: str = "") -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     device = re.sub(r"[^A-Za-z0-9]+", "-", env["device"]).strip("-").lower()
     return out_dir / f"{prefix}{device}-{env['date'][:10]}.json"
+
+
+def checked_runners(made: dict, anchors: tuple[str, ...], tol: float, results: dict) -> dict:
+    """Run each runner of `made` (name -> fn, or name -> the reason it cannot run) once and compare its output
+    with the first of `anchors` that ran (relative Frobenius error). results[name] gets rel_err or the error;
+    returned: name -> fn for the runners that agree, the ones worth timing."""
+    outputs = {}
+    for name, fn in made.items():
+        if isinstance(fn, str):
+            results[name] = {"error": fn}
+            continue
+        try:
+            outputs[name] = (fn, fn())
+        except Exception as e:  # noqa: BLE001  (a peer that cannot run this workload is reported)
+            results[name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+    anchor = next((n for n in anchors if n in outputs), None)
+    agreeing = {}
+    for name, (fn, out) in outputs.items():
+        ref = outputs[anchor][1].float() if anchor else out.float()
+        err = float((out.float() - ref).norm() / ref.norm().clamp_min(1e-30))
+        results[name] = {"rel_err_vs": anchor, "rel_err": err}
+        if err <= tol:
+            agreeing[name] = fn
+        else:
+            results[name]["error"] = f"wrong result: rel err {err:.3g} vs {anchor}"
+    return agreeing
 
 
 def run_report(bench: str, workloads, run_one, out: str | Path, prefix: str, only: str | None) -> tuple[dict, Path]:

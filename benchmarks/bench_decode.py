@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 import attnc
-from attnc.bench import compiled_flex_attention, run_report
+from attnc.bench import checked_runners, compiled_flex_attention, print_errors, run_report
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 CHECK_TOL = 2e-2  # relative Frobenius error against the anchor
@@ -140,28 +140,12 @@ def run_workload(w: DecodeWorkload, device: str) -> dict:
             for _ in range(2))
     row = {"workload": w.name, **asdict(w), "H": HEADS, "HKV": KV_HEADS, "D": HEAD_DIM, "kv_bytes": w.kv_bytes,
            "results": {}}
-    outputs = {}
-    for name, fn in runners(w, q, k, v, gen).items():
-        if isinstance(fn, str):
-            row["results"][name] = {"error": fn}
-            continue
-        try:
-            outputs[name] = (fn, fn())
-        except Exception as e:  # noqa: BLE001  (a peer that cannot run this workload is reported)
-            row["results"][name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
-    anchor = next((n for n in ("sdpa-flash", "sdpa-cudnn", "flex") if n in outputs), None)
-    for name, (fn, out) in outputs.items():
-        ref = outputs[anchor][1].float() if anchor else out.float()
-        err = float((out.float() - ref).norm() / ref.norm().clamp_min(1e-30))
-        res = {"rel_err_vs": anchor, "rel_err": err}
-        if not err <= CHECK_TOL:
-            res["error"] = f"wrong result: rel err {err:.3g} vs {anchor}"
-        else:
-            ms = do_bench(fn, warmup=25, rep=200, return_mode="median")
-            clean_ms = read_flush_ms(fn)
-            res.update(ms=ms, kv_tb_per_s=w.kv_bytes / (ms * 1e-3) / 1e12, read_flush_ms=clean_ms,
-                       read_flush_kv_tb_per_s=w.kv_bytes / (clean_ms * 1e-3) / 1e12)
-        row["results"][name] = res
+    made = runners(w, q, k, v, gen)
+    for name, fn in checked_runners(made, ("sdpa-flash", "sdpa-cudnn", "flex"), CHECK_TOL, row["results"]).items():
+        ms = do_bench(fn, warmup=25, rep=200, return_mode="median")
+        clean_ms = read_flush_ms(fn)
+        row["results"][name].update(ms=ms, kv_tb_per_s=w.kv_bytes / (ms * 1e-3) / 1e12, read_flush_ms=clean_ms,
+                                    read_flush_kv_tb_per_s=w.kv_bytes / (clean_ms * 1e-3) / 1e12)
     return row
 
 
@@ -193,10 +177,7 @@ def print_table(report: dict) -> None:
                       f"{clean['attnc']:.2f}, {clean_best:.2f}" if clean["attnc"] and clean_best else "—",
                       f"{paged / ours:.2f}×" if ours and paged else "—")
     Console().print(table)
-    for row in report["rows"]:
-        for p, r in row["results"].items():
-            if "error" in r:
-                Console().print(f"[yellow]{row['workload']} / {p}: {r['error']}")
+    print_errors(report)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 import attnc
-from attnc.bench import compiled_flex_attention, run_report
+from attnc.bench import checked_runners, compiled_flex_attention, print_errors, run_report
 
 HEAD_DIM, TOTAL_TOKENS = 128, 16384
 CHECK_TOL = 2e-2  # relative Frobenius error against the anchor
@@ -110,24 +110,12 @@ def run_workload(w: VarlenWorkload, device: str) -> dict:
     flops = 4 * HEAD_DIM * w.H * kept_pairs(lengths)
     row = {"workload": w.name, "mix": w.mix, "low": w.low, "high": w.high, "H": w.H, "HKV": w.HKV,
            "D": HEAD_DIM, "sequences": len(lengths), "tokens": TOTAL_TOKENS, "flops": flops, "results": {}}
-    outputs, timings = {}, {}
-    for name, fn in runners(w, q, k, v, cu, lengths, timings).items():
-        try:
-            outputs[name] = (fn, fn())
-        except Exception as e:  # noqa: BLE001  (a peer that cannot run this workload is reported)
-            row["results"][name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+    timings = {}
+    made = runners(w, q, k, v, cu, lengths, timings)
+    for name, fn in checked_runners(made, ("fa2-varlen", "flex"), CHECK_TOL, row["results"]).items():
+        ms = do_bench(fn, warmup=25, rep=200, return_mode="median")
+        row["results"][name].update(ms=ms, tflops=flops / (ms * 1e-3) / 1e12)
     row.update(timings)
-    anchor = next((n for n in ("fa2-varlen", "flex") if n in outputs), None)
-    for name, (fn, out) in outputs.items():
-        ref = outputs[anchor][1].float() if anchor else out.float()
-        err = float((out.float() - ref).norm() / ref.norm().clamp_min(1e-30))
-        res = {"rel_err_vs": anchor, "rel_err": err}
-        if not err <= CHECK_TOL:
-            res["error"] = f"wrong result: rel err {err:.3g} vs {anchor}"
-        else:
-            ms = do_bench(fn, warmup=25, rep=200, return_mode="median")
-            res.update(ms=ms, tflops=flops / (ms * 1e-3) / 1e12)
-        row["results"][name] = res
     return row
 
 
@@ -149,10 +137,7 @@ def print_table(report: dict) -> None:
         ratios = [f"{tf['attnc'] / tf[p]:.2f}×" if tf["attnc"] and tf[p] else "—" for p in ("fa2-varlen", "flex")]
         table.add_row(row["workload"], str(row["sequences"]), *cells, *ratios)
     Console().print(table)
-    for row in report["rows"]:
-        for p, r in row["results"].items():
-            if "error" in r:
-                Console().print(f"[yellow]{row['workload']} / {p}: {r['error']}")
+    print_errors(report)
 
 
 def main(argv: list[str] | None = None) -> int:
