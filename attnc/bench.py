@@ -197,6 +197,10 @@ def _attnc_runner(w: Workload, q, k, v, extra):
     return lambda: kern(q, k, v, **kwargs)
 
 
+def _error_text(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:200]}" if str(e) else type(e).__name__
+
+
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.float(), b.float()
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
@@ -220,34 +224,27 @@ def run_workload(w: Workload, device: str, check_tol: float = 2e-2) -> dict:
         "sdpa-efficient": lambda: _sdpa_runner("EFFICIENT_ATTENTION")(w, q, k, v, extra),
         "flex": lambda: _flex_runner(w, q, k, v, extra, timings),
     }
-    outputs = {}
+    made = {}
     for name, make in makers.items():
         try:
             fn = make()
-            if fn is None:
-                continue
-            outputs[name] = (fn, fn())
         except Exception as e:  # a peer that cannot run this workload is reported, not fatal
-            row["results"][name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+            fn = _error_text(e)
+        if fn is not None:
+            made[name] = fn
     # Correctness first: every output against the first peer that ran (or attnc when no peer ran).
-    names = list(outputs)
-    anchor = next((n for n in names if n != "attnc"), names[0] if names else None)
-    for name, (fn, out) in outputs.items():
-        err = _rel_err(out, outputs[anchor][1]) if anchor and name != anchor else 0.0
-        res = {"rel_err_vs": anchor, "rel_err": err}
-        if not math.isfinite(err) or err > check_tol:
-            res["error"] = f"wrong result: rel err {err:.3g} vs {anchor}"
-        else:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            fn()
-            torch.cuda.synchronize()
-            res["peak_extra_bytes"] = torch.cuda.max_memory_allocated() - base
-            ms = do_bench(fn, warmup=25, rep=100, return_mode="median")
-            res["ms"] = ms
-            res["tflops"] = flops / (ms * 1e-3) / 1e12
-        row["results"][name] = res
+    anchors = (*(n for n in made if n != "attnc"), "attnc")
+    for name, fn in checked_runners(made, anchors, check_tol, row["results"]).items():
+        res = row["results"][name]
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        res["peak_extra_bytes"] = torch.cuda.max_memory_allocated() - base
+        ms = do_bench(fn, warmup=25, rep=100, return_mode="median")
+        res["ms"] = ms
+        res["tflops"] = flops / (ms * 1e-3) / 1e12
     row.update(timings)
     return row
 
@@ -452,12 +449,11 @@ def checked_runners(made: dict, anchors: tuple[str, ...], tol: float, results: d
         try:
             outputs[name] = (fn, fn())
         except Exception as e:  # noqa: BLE001  (a peer that cannot run this workload is reported)
-            results[name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+            results[name] = {"error": _error_text(e)}
     anchor = next((n for n in anchors if n in outputs), None)
     agreeing = {}
     for name, (fn, out) in outputs.items():
-        ref = outputs[anchor][1].float() if anchor else out.float()
-        err = float((out.float() - ref).norm() / ref.norm().clamp_min(1e-30))
+        err = _rel_err(out, outputs[anchor][1] if anchor else out)
         results[name] = {"rel_err_vs": anchor, "rel_err": err}
         if err <= tol:
             agreeing[name] = fn
@@ -467,18 +463,18 @@ def checked_runners(made: dict, anchors: tuple[str, ...], tol: float, results: d
 
 
 def run_report(bench: str, workloads, run_one, out: str | Path, prefix: str, only: str | None) -> tuple[dict, Path]:
-    """A GPU benchmark script's report: run_one(w, "cuda") for each workload whose name matches `only` (a regex),
-    then the JSON written to result_path(out, env, prefix)."""
+    """A GPU benchmark's report: run_one(w, "cuda") for each workload whose name matches `only` (a regex), the
+    JSON rewritten at result_path(out, env, prefix) after every row."""
     if not torch.cuda.is_available():
         raise attnc.CallError(f"{bench} needs a CUDA GPU")
     report = {"env": environment("cuda"), "rows": []}
+    path = result_path(out, report["env"], prefix)
     for w in workloads:
         if only and not re.search(only, w.name):
             continue
         report["rows"].append(run_one(w, "cuda"))
         torch.cuda.empty_cache()
-    path = result_path(out, report["env"], prefix)
-    path.write_text(json.dumps(report, indent=1))
+        path.write_text(json.dumps(report, indent=1))  # after every row: a run cut short keeps what it measured
     return report, path
 
 
@@ -488,28 +484,15 @@ def run(args: argparse.Namespace) -> int:
     if not torch.cuda.is_available():
         raise attnc.CallError("attnc bench needs a CUDA GPU; on a CPU run `attnc bench --device cpu` (attnc's "
                               "TVM kernels against torch's CPU SDPA)")
-    device = "cuda"
-    report = {"env": environment(device), "rows": []}
-    path = result_path(args.out, report["env"])
-    out_dir, stem = path.parent, path.stem
-    save = lambda: path.write_text(json.dumps(report, indent=1))  # after every row:
-    for w in prefill_workloads(args.quick):  # a run cut short still leaves what it measured
-        if args.only and not re.search(args.only, w.name):
-            continue
-        report["rows"].append(run_workload(w, device))
-        torch.cuda.empty_cache()
-        save()
+    report, path = run_report("attnc bench", prefill_workloads(args.quick), run_workload, args.out, "", args.only)
     if not args.only:
-        report["host"] = host_overhead(device)
-        report["cold_compile"] = cold_compile(device)
-        save()
-    plot(report, out_dir, stem)
+        report["host"] = host_overhead("cuda")
+        report["cold_compile"] = cold_compile("cuda")
+        path.write_text(json.dumps(report, indent=1))
+    plot(report, path.parent, path.stem)
     print_table(report)
     return 0
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())
 
 
 # ---------------------------------------------------------------- CPU (--device cpu)
@@ -681,3 +664,7 @@ def print_cpu_table(report: dict) -> None:
         worst = min(timed, key=lambda r: r["speedup"])
         console.print(f"worst attnc / torch: {worst['speedup']:.2f}× ({worst['workload']}); 1-minute load "
                         f"average now {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
