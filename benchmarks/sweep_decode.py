@@ -167,14 +167,10 @@ def synchronize(device: str) -> None:
 
 def poisoned(fn, device: str):
     """fn() with every output and workspace allocation NaN-filled, so elements no kernel writes fail the check."""
-    plain = launch.empty
-    launch.empty = lambda shape, dtype, dev: torch.full(shape, math.nan, dtype=dtype, device=dev)
-    try:
+    with launch.poisoned_outputs():
         result = fn()
         synchronize(device)
         return result
-    finally:
-        launch.empty = plain
 
 
 def check(p: Prepared, result) -> float:

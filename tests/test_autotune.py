@@ -1,7 +1,6 @@
 """attnc.compile(spec, autotune=True): candidate tiles timed once per regime, checked against the table's tile,
 the choice persisted in the kernel cache. Runs on Triton's interpreter (fp32, small shapes); the timer is
 replaced so the choice is known, and every result is checked against attnc.reference with poisoned outputs."""
-import math
 
 import pytest
 import torch
@@ -20,8 +19,7 @@ SPEC = """attention tuned_causal {
 
 @pytest.fixture
 def poisoned(monkeypatch):
-    monkeypatch.setattr(launch, "empty", lambda shape, dtype, device: torch.full(shape, math.nan, dtype=dtype,
-                                                                                  device=device))
+    monkeypatch.setattr(launch, "empty", launch.nan_empty)
 
 
 def inputs(m=40, n=40, d=16, h=2, hkv=2):

@@ -14,7 +14,6 @@ import json
 import math
 import statistics
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -90,18 +89,6 @@ def time_ms(fn, cuda: bool) -> float:
     return statistics.median(times)
 
 
-@contextmanager
-def _poisoned_outputs():
-    """Outputs NaN-filled while a candidate is checked, so elements its kernel never writes fail the check (a
-    fresh torch.empty may hold an earlier candidate's correct output)."""
-    plain = launch.empty
-    launch.empty = lambda shape, dtype, device: torch.full(shape, math.nan, dtype=dtype, device=device)
-    try:
-        yield
-    finally:
-        launch.empty = plain
-
-
 def _first(result):
     return result[0] if isinstance(result, tuple) else result
 
@@ -122,7 +109,7 @@ def tune(spec: Attention, backend: str | None, options: PlanOptions, tiles: tupl
     for tile in tiles:
         kern = Kernel(spec, backend, tile.options(options))
         try:
-            with _poisoned_outputs():
+            with launch.poisoned_outputs():  # a fresh torch.empty may hold an earlier candidate's output
                 out = _first(kern(q, k, v, **kwargs))
             if q.is_cuda:
                 torch.cuda.synchronize(q.device)

@@ -7,9 +7,11 @@ new B, M, N or param value reuses the compiled kernel; the tile for a launch is 
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import sys
 from collections import OrderedDict
+from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 
@@ -28,8 +30,25 @@ SUMMARY_CACHE_SIZE = 4  # tile summaries kept per kernel (one per distinct mask 
 
 
 def empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Output allocation (tests swap in a NaN-filled one so unwritten elements show)."""
+    """Output allocation (tests swap in `nan_empty` so unwritten elements show)."""
     return torch.empty(shape, dtype=dtype, device=device)
+
+
+def nan_empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """`empty`, poisoned: NaN-filled, so an element no kernel writes fails any check of the result."""
+    return torch.full(shape, math.nan, dtype=dtype, device=device)
+
+
+@contextmanager
+def poisoned_outputs():
+    """Outputs and serving workspaces allocated by `nan_empty` while the block runs (it swaps this module's
+    `empty`: not for concurrent threads)."""
+    global empty
+    plain, empty = empty, nan_empty
+    try:
+        yield
+    finally:
+        empty = plain
 
 
 def interpreting() -> bool:
