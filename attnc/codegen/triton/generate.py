@@ -166,10 +166,12 @@ def _float_tile(em: Emitter, e: Expr) -> str:
 
 def _plan_line(plan: KernelPlan) -> str:
     t = plan.tiling
+
+    def tile(c) -> str:
+        return f"{c.block_m}x{c.block_n} w{c.num_warps} s{c.num_stages}"
+
+    short = f" (M <= {t.short_max_m}: {tile(t.short)})" if t.short else ""
     return (f"{plan.target.backend}/{plan.target.device}"
             f"{'' if plan.target.arch is None else f'/sm_{plan.target.arch}'} {plan.dtype} D={plan.head_dim} "
-            f"DV={plan.value_dim}; prefill {t.prefill.block_m}x{t.prefill.block_n} w{t.prefill.num_warps} "
-            f"s{t.prefill.num_stages}"
-            + (f" (M <= {t.short_max_m}: {t.short.block_m}x{t.short.block_n} w{t.short.num_warps} s{t.short.num_stages})"
-               if t.short else "")
-            + f"; decode <= {t.decode.block_m} rows x {t.decode.block_n}")
+            f"DV={plan.value_dim}; prefill {tile(t.prefill)}{short}; decode <= {t.decode.block_m} rows x "
+            f"{t.decode.block_n}")
