@@ -7,21 +7,21 @@ from importlib import import_module
 from .errors import AttncError, CacheError, CallError, CompileError, SpecError, TraceError
 from .ir import Attention
 
-__version__ = "0.1.0"
+from .version import __version__
 
 _LAZY = {
     "parse": ("attnc.dsl.parser", "parse"),
     "parse_file": ("attnc.dsl.parser", "parse_file"),
     "reference": ("attnc.dsl.reference", "reference"),
-    "attention": ("attnc.dsl.trace", "attention"),
+    "attention": ("attnc.runtime.api", "attention"),
     "Tensor": ("attnc.dsl.trace", "Tensor"),
     "causal": ("attnc.dsl.trace", "causal"),
     "softmax": ("attnc.dsl.trace", "softmax"),
     "where": ("attnc.dsl.trace", "where"),
     **{fn: ("attnc.dsl.trace", fn) for fn in
        ("exp", "exp2", "log", "log2", "sqrt", "rsqrt", "tanh", "sigmoid", "abs", "minimum", "maximum", "floor")},
-    "flex_attention": ("attnc.dsl.flex", "flex_attention"),
-    "create_block_mask": ("attnc.dsl.flex", "create_block_mask"),
+    "flex_attention": ("attnc.runtime.api", "flex_attention"),
+    "create_block_mask": ("attnc.runtime.api", "create_block_mask"),
     "compile": ("attnc.runtime.api", "compile"),
     "load": ("attnc.runtime.api", "load"),
     "merge_states": ("attnc.merge", "merge_states"),

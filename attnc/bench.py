@@ -421,14 +421,6 @@ def plot(report: dict, out_dir: Path, stem: str) -> list[Path]:
     return paths
 
 
-def main(argv: list[str] | None = None) -> int:
-    from .cli import bench_arguments
-
-    ap = argparse.ArgumentParser(prog="attnc bench", description=__doc__.splitlines()[0])
-    bench_arguments(ap)
-    return run(ap.parse_args(argv))
-
-
 def result_path(out: str | Path, env: dict, prefix: str = "") -> Path:
     """`<out>/<prefix><device>-<date>.json` (the folder made if missing): where a benchmark writes its report."""
     out_dir = Path(out)
@@ -568,7 +560,7 @@ def summarize_blocks(attnc_blocks: list[list[float]], torch_blocks: list[list[fl
 def cpu_environment(threads: int) -> dict:
     import tvm
 
-    from .codegen.tvm.host import host_cpu
+    from .backends.tvm.host import host_cpu
 
     cpu = host_cpu()
     return {"device": "cpu", "model": _cpu_model(), "llvm_mcpu": cpu.mcpu, "vector_lanes": cpu.vector,
@@ -602,7 +594,7 @@ def _int_list(text: str, option: str) -> list[int]:
 
 def run_cpu(args: argparse.Namespace) -> int:
     """attnc's TVM kernels against torch's CPU SDPA, same inputs and thread count; writes cpu-<date>.json."""
-    from .codegen.tvm.host import configure_threads
+    from .backends.tvm.host import configure_threads
 
     if args.threads is not None and args.threads < 1:
         raise attnc.CallError(f"--threads {args.threads}: expected a positive thread count")
@@ -665,6 +657,3 @@ def print_cpu_table(report: dict) -> None:
         console.print(f"worst attnc / torch: {worst['speedup']:.2f}× ({worst['workload']}); 1-minute load "
                         f"average now {os.getloadavg()[0]:.2f}")
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -12,7 +12,7 @@ from typing import Callable
 
 from rich.console import Console
 
-from . import __version__
+from .version import __version__
 from .errors import AttncError
 
 # --emit NAME -> "module:function" turning a checked ir.Attention into text.
@@ -92,7 +92,7 @@ def _cache_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _cache(args: argparse.Namespace) -> int:
-    from .runtime import cache
+    from .backends import cache
 
     out = _out()
     if args.action == "clear":
@@ -137,7 +137,7 @@ def _parse_head_dims(text: str) -> tuple[int, int | None]:
 
 
 def _compile_tvm(args: argparse.Namespace) -> int:
-    from .codegen.tvm.aot import compile_file
+    from .backends.tvm.aot import compile_file
 
     for line in compile_file(args.file, args.output, args.target or "cuda", args.arch, args.name,
                              [_parse_head_dims(t) for t in args.dims], args.emit):
@@ -146,7 +146,7 @@ def _compile_tvm(args: argparse.Namespace) -> int:
 
 
 def _compile(args: argparse.Namespace) -> int:
-    from .runtime.aot import compile_artifact
+    from .backends.triton.aot import compile_artifact
 
     if args.backend == "tvm":
         return _compile_tvm(args)
@@ -169,7 +169,7 @@ def _compile(args: argparse.Namespace) -> int:
 
 
 def bench_arguments(p: argparse.ArgumentParser) -> None:
-    """The benchmark's options (also used by `python -m attnc.bench`); declared here so that building the
+    """The benchmark's options; declared here so that building the
     CLI's parser never imports the benchmark and torch."""
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                    help="cuda (default): against SDPA and FlexAttention; cpu: attnc's TVM kernels against torch's "

@@ -16,9 +16,9 @@ import torch
 import triton
 
 import attnc
-import attnc.runtime.launch as launch
+import attnc.backends.triton.launch as launch
 from attnc.dsl.signature import TORCH_DTYPES
-from attnc.runtime.aot import MANIFEST, read_artifact
+from attnc.backends.triton.aot import MANIFEST, read_artifact
 
 TOL = {"bf16": 3e-2, "f16": 3e-3, "f32": 2e-5}  # max abs error over max(1, max |reference|)
 CASES = [(1, 1000), (5, 333), (300, 1000), (1000, 1000)]  # (M, N): decode, small decode, prefill

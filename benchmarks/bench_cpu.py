@@ -10,7 +10,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # this checkout's attnc, whatever an editable install points at
 
-from attnc.bench import main  # noqa: E402
+from attnc.cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    raise SystemExit(main(["--device", "cpu", "--out", str(ROOT / "benchmarks" / "results"), *sys.argv[1:]]))
+    raise SystemExit(main(["bench", "--device", "cpu", "--out", str(ROOT / "benchmarks" / "results"), *sys.argv[1:]]))

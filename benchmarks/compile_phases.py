@@ -52,11 +52,11 @@ from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
 import attnc  # noqa: E402
-from attnc.codegen.triton import generate as codegen  # noqa: E402
+from attnc.backends.triton import generate as codegen  # noqa: E402
 from attnc.dsl.signature import bind  # noqa: E402
 from attnc.passes import PlanOptions, Target, plan_kernel  # noqa: E402
-from attnc.runtime.aot import _import_kernels, _Recorder, _TraceDone  # noqa: E402
-from attnc.runtime.launch import TritonLauncher  # noqa: E402
+from attnc.backends.triton.aot import _import_kernels, _Recorder, _TraceDone  # noqa: E402
+from attnc.backends.triton.launch import TritonLauncher  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from host_overhead import B, H, S, SPEC  # noqa: E402  (the cold-compile benchmark's spec and shapes)

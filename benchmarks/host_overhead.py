@@ -22,8 +22,8 @@ import time
 import torch
 
 import attnc
-import attnc.runtime.api as api
-import attnc.runtime.launch as launch
+import attnc.runtime.kernel as api
+import attnc.backends.triton.launch as launch
 from attnc.bench import host_us_per_call
 from attnc.dsl.signature import bind
 

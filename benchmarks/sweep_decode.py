@@ -40,7 +40,7 @@ from attnc.dsl.signature import bind
 from attnc.passes import PlanOptions
 from attnc.passes.decode import decode_launch
 from attnc.passes.tiling import launch_tiles
-from attnc.runtime import launch, serving
+from attnc.backends.triton import launch, serving
 from bench_decode import CONTIGUOUS, HEAD_DIM, HEADS, KV_HEADS, PAGED, paged_copy
 
 CHECK_TOL = 1e-2  # relative Frobenius error of a bf16 output against the float32 formula

@@ -21,7 +21,7 @@ import torch
 import attnc
 from attnc.bench import Workload, kept_pairs, prefill_workloads
 from attnc.passes import PlanOptions
-from attnc.runtime import launch
+from attnc.backends.triton import launch
 
 # (block_m, block_n, num_warps, num_stages, tma, warp_specialize), most promising first
 CONFIGS = {

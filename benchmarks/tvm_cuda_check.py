@@ -1,7 +1,7 @@
 """The TVM CUDA kernels, built ahead of time here and checked on the GPU machine with only the TVM runtime.
 
 Here (TVM + nvcc, no GPU needed):
-    python -m attnc.codegen.tvm.runtime_pack .tvmrt --python 3.12      # trimmed runtime, ~11 MB
+    python -m attnc.backends.tvm.runtime_pack .tvmrt --python 3.12      # trimmed runtime, ~11 MB
     python benchmarks/tvm_cuda_check.py build --aot .tvm-aot            # every dense example, bf16/f16/f32
     python benchmarks/tvm_cuda_check.py ptxas                           # registers / spills of the bench kernels
 On the GPU machine (carry .tvmrt and .tvm-aot):
@@ -73,7 +73,7 @@ def bench_name(warps: int, rows: int, block_n: int, q_in_registers: bool, fold_s
 
 
 def bench_schedule(warps: int, rows: int, block_n: int, q_in_registers: bool, fold_scale: bool):
-    from attnc.codegen.tvm.cuda import CudaSchedule
+    from attnc.backends.tvm.cuda import CudaSchedule
 
     return CudaSchedule(warps=warps, block_n=block_n, row_blocks=rows // 16, q_in_registers=q_in_registers,
                         fold_scale=fold_scale)
@@ -98,7 +98,7 @@ def build_jobs():
 
 
 def build(aot: Path) -> int:
-    from attnc.codegen.tvm import aot as tvm_aot
+    from attnc.backends.tvm import aot as tvm_aot
 
     failed = 0
     for name, spec, d, dv, options, schedule in build_jobs():
@@ -118,8 +118,8 @@ def ptxas_report() -> int:
     import tempfile
 
     import attnc
-    from attnc.codegen.tvm.backend import compile_module, cuda_target, nvcc_options
-    from attnc.codegen.tvm.cuda import build_cuda_primfunc
+    from attnc.backends.tvm.backend import compile_module, cuda_target, nvcc_options
+    from attnc.backends.tvm.cuda import build_cuda_primfunc
     from attnc.passes import Target, plan_kernel
 
     plan = plan_kernel(attnc.parse(BENCH_SPEC)[0], Target("tvm", "cuda", 90), 128, 128)
@@ -174,7 +174,7 @@ def bench(aot: Path, reps: int) -> dict:
     import torch
 
     import attnc
-    from attnc.codegen.tvm import aot as tvm_aot
+    from attnc.backends.tvm import aot as tvm_aot
 
     b, h, s, d = (BENCH_SHAPE[x] for x in ("B", "H", "S", "D"))
     q, k, v = (torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
@@ -234,8 +234,8 @@ def _time_interleaved(runs: dict, reps: int, rounds: int = 5) -> dict:
 def run(aot: Path, json_path: Path | None, reps: int) -> int:
     import torch
 
-    import attnc.codegen.tvm.launch as launch
-    from attnc.codegen.tvm import aot as tvm_aot
+    import attnc.backends.tvm.launch as launch
+    from attnc.backends.tvm import aot as tvm_aot
 
     # Poisoned outputs: an element the kernel never writes stays NaN and fails.
     launch.empty = lambda shape, dtype, device: torch.full(shape, math.nan, dtype=dtype, device=device)

@@ -13,9 +13,9 @@ import triton
 
 import attnc
 from attnc import cli
-from attnc.codegen.triton.generate import generate
+from attnc.backends.triton.generate import generate
 from attnc.passes import Target, launch_tiles, plan_kernel
-from attnc.runtime import aot
+from attnc.backends.triton import aot
 
 SPECS = """\
 attention small_causal {
@@ -142,7 +142,7 @@ def test_load_gives_kernels_that_check_their_calls(sm90, spec_file):
     assert sorted(kernels) == ["small_causal", "small_window"]
     specs = {s.name: s for s in attnc.parse_file(spec_file)}
     for name, kernel in kernels.items():
-        assert isinstance(kernel, attnc.runtime.api.Kernel) and kernel.key == specs[name].key
+        assert isinstance(kernel, attnc.runtime.kernel.Kernel) and kernel.key == specs[name].key
     q = torch.randn(1, 2, 5, 32)
     with pytest.raises(attnc.CallError, match=r"^q: expected dtype f16"):
         kernels["small_causal"](q, q, q)
@@ -154,7 +154,7 @@ def test_load_gives_kernels_that_check_their_calls(sm90, spec_file):
 
 def test_load_of_one_attention_gives_a_kernel_and_refuses_other_head_dims(sm80):
     kernel = attnc.load(sm80)
-    assert isinstance(kernel, attnc.runtime.api.Kernel) and kernel.spec.name == "small_causal"
+    assert isinstance(kernel, attnc.runtime.kernel.Kernel) and kernel.spec.name == "small_causal"
     artifact = aot.read_artifact(sm80)
     backend = aot.AotBackend(artifact, artifact.attentions[0], kernel.spec)
     with pytest.raises(attnc.CacheError, match=r"was built for D=32 DV=32, not D=64 DV=64: rebuild with "
@@ -324,7 +324,7 @@ attention g_doc {
 
 @pytest.mark.gpu
 def test_compiled_ahead_runs_without_compiling_gpu(tmp_path, monkeypatch):
-    import attnc.runtime.launch as launch
+    import attnc.backends.triton.launch as launch
 
     (tmp_path / "g.attn").write_text(GPU_SPECS)
     major, minor = torch.cuda.get_device_capability()

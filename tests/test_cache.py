@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from attnc.runtime import cache
+from attnc.backends import cache
 
 REPO = Path(__file__).resolve().parents[1]
 IR = "attention x {\n    q: f16[B, H, M, D]\n    k: f16[B, H, N, D]\n    v: f16[B, H, N, D]\n    mask causal\n}\n"
@@ -57,7 +57,7 @@ def _entry_dirs() -> list[Path]:
 CHILD = """
 import json, os, sys, time
 from pathlib import Path
-from attnc.runtime import cache
+from attnc.backends import cache
 side, payload, go, parts = Path(sys.argv[1]), sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
 while go != "-" and not os.path.exists(go):
     time.sleep(0.005)

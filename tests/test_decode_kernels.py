@@ -244,7 +244,7 @@ DENSE = """attention g {
 
 @pytest.mark.parametrize("m, n, ratio", [(1, 200, 4), (3, 97, 8), (4, 70, 1)])
 def test_dense_decode_launches_split_kv(m, n, ratio, monkeypatch):
-    import attnc.runtime.serving as serving
+    import attnc.backends.triton.serving as serving
 
     spec = parse_one(DENSE)
     q = torch.randn(2, 2 * ratio, m, 64, device=DEVICE)
@@ -436,7 +436,7 @@ class InterpreterDirect:
 
 
 def test_later_calls_take_the_prepared_launch(monkeypatch):
-    import attnc.runtime.launch as launch
+    import attnc.backends.triton.launch as launch
 
     spec = parse_one(PAGED.format(dt="f32", layout="PAGES, PAGE, HKV, D").replace(
         "mask causal", "param w: i32 = 1000\n    mask causal\n    mask i + (N - M) - j < w"))

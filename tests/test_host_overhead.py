@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import attnc
-import attnc.runtime.api as api
-import attnc.runtime.launch as launch
+import attnc.runtime.kernel as api
+import attnc.backends.triton.launch as launch
 from attnc.bench import host_us_against_sdpa
 from attnc.errors import CallError
 
@@ -285,7 +285,7 @@ class CudaLauncher:
 def test_direct_launch_calls_triton_36s_c_launcher_with_cached_scratch(monkeypatch):
     from triton.backends.nvidia import driver as nvidia_driver
 
-    from attnc.runtime import scratch
+    from attnc.backends.triton import scratch
 
     monkeypatch.setattr(nvidia_driver, "_BASE_ARGS_FORMAT", "iiiKKppOOOOOO", raising=False)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 import attnc
-from attnc.codegen.triton.generate import generate
+from attnc.backends.triton.generate import generate
 from attnc.passes import PlanOptions, Target, plan_kernel
 
 GOLDEN = Path(__file__).resolve().parent / "golden"

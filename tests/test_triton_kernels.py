@@ -67,7 +67,7 @@ def qkv(spec, sizes, device=DEVICE):
 @pytest.fixture(autouse=True)
 def poisoned_outputs(monkeypatch):
     """Kernel outputs start as NaN, so an element the kernel fails to write fails the comparison."""
-    import attnc.runtime.launch as launch
+    import attnc.backends.triton.launch as launch
 
     monkeypatch.setattr(launch, "empty", launch.nan_empty)
 

@@ -4,10 +4,12 @@ import pytest
 import torch
 
 import attnc
-import attnc.runtime.api as api
-import attnc.runtime.launch as launch
+from attnc.backends.triton.backend import TritonBackend
+import attnc.runtime.kernel as api
+from attnc.passes import head_dims
+import attnc.backends.triton.launch as launch
 from attnc.errors import CompileError
-from attnc.runtime import cache
+from attnc.backends import cache
 
 SPEC = """
 attention win {
@@ -93,14 +95,14 @@ def test_backend_choice_and_errors(monkeypatch):
     with pytest.raises(CompileError, match="expects an attnc.Attention"):
         attnc.compile("attention x {}")
     with pytest.raises(CompileError, match="TRITON_INTERPRET=1"):
-        launch.TritonBackend().target(torch.device("cpu"))
+        TritonBackend().target(torch.device("cpu"))
 
 
 def test_plan_and_source_without_tensors():
     spec = attnc.parse(SPEC)[0]
     with pytest.raises(CompileError, match="dims D = 128"):
-        api.head_dims(spec)
-    plan = attnc.compile(spec, backend="triton").plan("cpu", *api.head_dims(spec, 64))
+        head_dims(spec)
+    plan = attnc.compile(spec, backend="triton").plan("cpu", *head_dims(spec, 64))
     assert "exact      j >= max(0; i + (N - M) - window + 1)" in plan.describe()
 
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import attnc
-from attnc.codegen.triton.generate import generate
+from attnc.backends.triton.generate import generate
 from attnc.passes import PlanOptions, Target, plan_kernel
-from attnc.runtime.launch import descriptor_ready
+from attnc.backends.triton.launch import descriptor_ready
 
 HOPPER = Target("triton", "cuda", 90)
 SPEC = """attention t {
@@ -122,7 +122,7 @@ def test_gpu_kernels_take_exp2_as_inline_ptx():
 def test_descriptor_scratch_is_one_buffer_per_stream_gpu():
     """Launches on one stream run in order and share one scratch buffer (grown on demand); another stream gets
     its own, so kernels running concurrently never share descriptor scratch."""
-    from attnc.runtime import scratch
+    from attnc.backends.triton import scratch
 
     stream = torch.cuda.current_stream().cuda_stream
     first = scratch.scratch(1024, 128, stream)

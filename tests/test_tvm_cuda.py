@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import attnc
-from attnc.codegen.tvm import aot
+from attnc.backends.tvm import aot
 from attnc.passes import PlanOptions, Target, plan_kernel
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,8 +43,8 @@ def cuda_source(spec, d, dv=None, options=PlanOptions(), **schedule):
     """The tensor-core kernel's CUDA C for cuda_schedule(plan) with `schedule`'s fields replaced."""
     import tvm
 
-    from attnc.codegen.tvm.backend import compile_module, cuda_target
-    from attnc.codegen.tvm.cuda import build_cuda_primfunc, cuda_schedule
+    from attnc.backends.tvm.backend import compile_module, cuda_target
+    from attnc.backends.tvm.cuda import build_cuda_primfunc, cuda_schedule
 
     plan = plan_kernel(spec, Target("tvm", "cuda", 90), d, dv or d, options)
     sched = dataclasses.replace(cuda_schedule(plan), **schedule)
@@ -134,7 +134,7 @@ attention s {
 
 
 def test_cuda_schedule_choices_and_refusals():
-    from attnc.codegen.tvm.cuda import build_cuda_primfunc, cuda_schedule
+    from attnc.backends.tvm.cuda import build_cuda_primfunc, cuda_schedule
 
     def plan(text, d, **options):
         return plan_kernel(attnc.parse(text)[0], Target("tvm", "cuda", 90), d, d, PlanOptions(**options))
@@ -166,7 +166,7 @@ def test_cuda_kernel_odd_head_dims_and_evaluated_masks():
 
 
 def test_f32_is_refused_on_tensor_cores():
-    from attnc.codegen.tvm.cuda import build_cuda_primfunc, cuda_schedule
+    from attnc.backends.tvm.cuda import build_cuda_primfunc, cuda_schedule
 
     plan = plan_kernel(attnc.parse(spec_text("f32"))[0], Target("tvm", "cuda", 90), 64, 64)
     with pytest.raises(attnc.CompileError, match="f16 or bf16"):
@@ -175,8 +175,8 @@ def test_f32_is_refused_on_tensor_cores():
 
 @needs_nvcc
 def test_f32_on_cuda_takes_the_plain_gpu_kernel():
-    from attnc.codegen.tvm.cuda import build_cuda_kernel
-    from attnc.codegen.tvm.gpu import GpuSchedule
+    from attnc.backends.tvm.cuda import build_cuda_kernel
+    from attnc.backends.tvm.gpu import GpuSchedule
 
     plan = plan_kernel(attnc.parse(spec_text("f32"))[0], Target("tvm", "cuda", 90), 64, 64)
     sched, _ = build_cuda_kernel(plan)
@@ -277,7 +277,7 @@ def test_aot_target_and_arch_errors(tmp_path):
 
 def test_aot_round_trip_with_only_the_tvm_runtime(tmp_path):
     """Built here, loaded in a process where `import tvm` fails: tvm_ffi plus the trimmed runtime folder."""
-    from attnc.codegen.tvm.runtime_pack import pack
+    from attnc.backends.tvm.runtime_pack import pack
 
     spec = attnc.parse(spec_text("f32", "mask causal\n    param window: i32 = 8\n    mask i + (N - M) - j < window"))[0]
     aot.build(spec, tmp_path / "art", target="llvm", head_dim=24)
@@ -286,10 +286,10 @@ def test_aot_round_trip_with_only_the_tvm_runtime(tmp_path):
         import sys, math
         sys.modules["tvm"] = None  # the GPU machine has no TVM: only tvm_ffi and libtvm_runtime.so
         import torch, attnc
-        import attnc.codegen.tvm.launch as launch
-        from attnc.codegen.tvm import aot
+        import attnc.backends.tvm.launch as launch
+        from attnc.backends.tvm import aot
         launch.empty = lambda shape, dtype, device: torch.full(shape, math.nan, dtype=dtype, device=device)
-        kernel = attnc.codegen.tvm.aot.load({str(tmp_path / "art")!r})
+        kernel = attnc.backends.tvm.aot.load({str(tmp_path / "art")!r})
         for m, n in ((1, 40), (45, 45), (70, 33)):  # decode and prefill functions
             q, k, v = torch.randn(2, 3, m, 24), torch.randn(2, 3, n, 24), torch.randn(2, 3, n, 24)
             (out, lse), (want, want_lse) = kernel(q, k, v, window=5), attnc.reference(kernel.spec, q, k, v, window=5)
@@ -318,7 +318,7 @@ def test_cuda_artifact_ships_a_fatbin_and_loads_without_nvcc(tmp_path):
     """The GPU machine has only the TVM runtime: kernel.so must carry compiled CUDA (a fatbin), not source that
     the runtime would hand to tvm.support.nvcc. Loaded here in a process without `tvm`, through the trimmed runtime
     and a stand-in libcuda.so.1 (no GPU here: every driver call fails), up to looking the kernel function up."""
-    from attnc.codegen.tvm.runtime_pack import pack
+    from attnc.backends.tvm.runtime_pack import pack
 
     spec = attnc.parse(spec_text("f16"))[0]
     library = aot.build(spec, tmp_path / "art", target="cuda", arch="sm_90a", head_dim=64) / aot.LIBRARY
@@ -338,7 +338,7 @@ def test_cuda_artifact_ships_a_fatbin_and_loads_without_nvcc(tmp_path):
         import sys
         sys.modules["tvm"] = None  # no tvm, so no tvm.support.nvcc and no tvm_callback_cuda_compile
         from pathlib import Path
-        from attnc.codegen.tvm import aot
+        from attnc.backends.tvm import aot
         module = aot.load_module(Path({str(library)!r}), cuda=True)
         device = module.imports[0]
         try:
@@ -362,7 +362,7 @@ def _artifacts():
 @pytest.mark.gpu
 @pytest.mark.parametrize("folder", _artifacts(), ids=lambda p: p.name)
 def test_cuda_artifact_matches_reference(folder, monkeypatch):
-    import attnc.codegen.tvm.launch as launch
+    import attnc.backends.tvm.launch as launch
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from tvm_cuda_check import SHAPES, check_one
@@ -379,7 +379,7 @@ def test_cuda_artifact_matches_reference(folder, monkeypatch):
 @pytest.mark.parametrize("shape", [(100, 800), (16, 130), (37, 75)])
 def test_cuda_very_negative_logits_after_empty_tiles(shape, monkeypatch):
     """test_tvm_kernels.VERY_NEGATIVE on the GPU: the running max stays -inf through a row's empty key tiles."""
-    import attnc.codegen.tvm.launch as launch
+    import attnc.backends.tvm.launch as launch
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from tvm_cuda_check import check_one

@@ -11,10 +11,10 @@ import attnc
 from attnc import ir
 
 pytest.importorskip("tvm")  # the GPU machine has no TVM compiler: these tests run in CI
-from attnc.codegen.tvm import backend as tvm_backend
-from attnc.codegen.tvm import launch as tvm_launch
-from attnc.codegen.tvm.emit import exp2, tanh
-from attnc.runtime import cache
+from attnc.backends.tvm import backend as tvm_backend
+from attnc.backends.tvm import launch as tvm_launch
+from attnc.backends.tvm.emit import exp2, tanh
+from attnc.backends import cache
 
 from test_triton_kernels import TOL, TORCH, example_kwargs, example_sizes, example_specs
 
@@ -87,7 +87,7 @@ def test_random_shapes(masks):
 def test_task_schedules(claim_tasks, monkeypatch):
     """Both ways of handing out query tiles to threads (kernel.CpuSchedule.claim_tasks), with more tasks than
     one claim word holds (2 x 3 heads x 10 query tiles) and causal tiles of unequal cost."""
-    from attnc.codegen.tvm.host import host_cpu
+    from attnc.backends.tvm.host import host_cpu
 
     if claim_tasks and not host_cpu().x86:
         pytest.skip("tasks are claimed with x86's lock bts")
@@ -199,7 +199,7 @@ def test_vector_math():
     from tvm.script.ir_builder import IRBuilder
     from tvm.script.ir_builder import tirx as T
 
-    from attnc.codegen.tvm.host import host_cpu
+    from attnc.backends.tvm.host import host_cpu
 
     x = torch.cat([torch.linspace(-150, 140, 4093), torch.tensor([-math.inf, math.inf, 0.0])])
     with IRBuilder() as ib:

@@ -25,7 +25,7 @@ from ..errors import CallError, Diagnostic, TraceError
 from ..ir import (
     QK, Attention, Binary, Expr, IndexVar, Num, default_score, make_attention, print_expr, split_conjuncts,
 )
-from . import symbolic
+from . import compiler, symbolic
 from .check import check_attention
 from .symbolic import Sym
 
@@ -311,8 +311,6 @@ def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=Non
     cache_key += (kernel_options.get("backend") if kernel_options else None,)
     entry = _KERNELS.get(cache_key)
     if entry is None:
-        from ..runtime.api import compile as compile_spec  # the backend loads only when first needed
-
         spec = _build_spec(query, key, value, enable_gqa, variant, return_lse)
-        entry = _KERNELS[cache_key] = (spec, compile_spec(spec, backend=cache_key[-1]))
+        entry = _KERNELS[cache_key] = (spec, compiler.compile_spec(spec, backend=cache_key[-1]))
     return entry[1](query, key, value, **variant.tensors)

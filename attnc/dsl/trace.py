@@ -25,7 +25,7 @@ from ..ir import (
     QK, ROLES, Attention, Expr, IndexVar, ParamDecl, ParamRef, SizeRef, Softmax, causal_mask, dtype_kind,
     make_attention,
 )
-from . import symbolic
+from . import compiler, symbolic
 from .check import check_attention
 from .symbolic import LAYOUTS, Sym, as_expr, function_span, trace_error, user_span
 
@@ -223,10 +223,8 @@ class AttentionFunction:
         signature = self._signature(q, k, v, kwargs)
         entry = self._compiled.get(signature)
         if entry is None:
-            from ..runtime.api import compile as compile_spec  # the backend loads only when first needed
-
             spec = self._spec(signature, q, k, v, kwargs)
-            entry = self._compiled[signature] = (spec, compile_spec(spec, backend=self.backend))
+            entry = self._compiled[signature] = (spec, compiler.compile_spec(spec, backend=self.backend))
         self._last = entry[0]
         return entry[1](q, k, v, **kwargs)
 

@@ -77,3 +77,13 @@ def verify(plan: KernelPlan, after: str = "") -> None:
     if problems:
         where = f" after pass {after}" if after else ""
         raise CompileError(f"invalid kernel plan for {plan.spec.name!r}{where}: " + "; ".join(problems))
+
+
+def head_dims(spec: Attention, head_dim: int | None = None, value_dim: int | None = None) -> tuple[int, int]:
+    """D and DV for planning without tensors (CLI, AOT): from the arguments or the spec's `dims`."""
+    dims = spec.dim_values
+    d = head_dim or dims.get("D")
+    if d is None:
+        raise CompileError(f"attention {spec.name!r}: the head dim D is only known from tensors; bind it with "
+                           f"`dims D = 128` in the spec, or pass it (CLI: --dims D=128)")
+    return d, value_dim or dims.get("DV") or d

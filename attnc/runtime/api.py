@@ -1,154 +1,12 @@
-"""`attnc.compile` and the `Kernel` it returns; the backend registry.
-
-A Kernel plans and builds lazily, once per (device, head dims): D and DV fix the tile shapes, everything
-else (B, M, N, params) is a runtime argument. The spec's key is computed once, at `compile`.
-"""
+"""The public entry points of the runtime: `attnc.compile`, `attnc.load`, and the text `attnc show` prints."""
 from __future__ import annotations
 
-import os
-from typing import Callable, Protocol
-
-import torch
-
-from ..dsl.signature import Bound, bind
-from ..errors import CompileError
+from ..dsl import compiler
+from ..dsl.flex import create_block_mask, flex_attention  # noqa: F401  (attnc's public names)
+from ..dsl.trace import attention  # noqa: F401
 from ..ir import Attention
-from ..passes import KernelPlan, PlanOptions, Target, plan_kernel
-
-
-class Backend(Protocol):
-    name: str
-
-    def target(self, device: torch.device) -> Target:
-        """The plan target for tensors on `device` (raises CompileError if this backend cannot run there)."""
-
-    def build(self, plan: KernelPlan) -> Callable[[Bound], object]:
-        """A callable that runs the planned kernel on a bound call and returns out, or (out, lse). It may also
-        have `run(bound) -> (result, prepared)`, where `prepared(q, k, v, kwargs)` repeats the call for later
-        calls with the same `call_key`, returning None to send a call back through bind()."""
-
-
-_BACKENDS: dict[str, Callable[[], Backend]] = {}
-
-
-def register_backend(name: str, factory: Callable[[], Backend]) -> None:
-    """Make `compile(spec, backend=name)` available; `factory` is called once, on first use."""
-    _BACKENDS[name] = factory
-
-
-_instances: dict[str, Backend] = {}
-
-
-def get_backend(name: str) -> Backend:
-    backend = _instances.get(name)
-    if backend is None:
-        if name not in _BACKENDS and name == "tvm":
-            _import_tvm_backend()
-        if name not in _BACKENDS:
-            known = ", ".join(sorted(_BACKENDS)) or "none"
-            raise CompileError(f"backend {name!r} is not available (registered: {known})"
-                               + ("; the TVM backend registers itself from attnc.codegen.tvm, which is not "
-                                  "installed yet: use backend='triton' with TRITON_INTERPRET=1 on CPU"
-                                  if name == "tvm" else ""))
-        backend = _instances[name] = _BACKENDS[name]()
-    return backend
-
-
-def _import_tvm_backend() -> None:
-    try:
-        import attnc.codegen.tvm.backend  # noqa: F401  (registers "tvm" when present)
-    except ImportError:
-        pass
-
-
-def default_backend(device: torch.device) -> str:
-    """triton for CUDA tensors; for CPU tensors tvm, unless Triton's interpreter is switched on."""
-    if device.type == "cuda" or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        return "triton"
-    return "tvm"
-
-
-def _register_builtin() -> None:
-    from .launch import TritonBackend
-
-    register_backend("triton", TritonBackend)
-
-
-_register_builtin()
-
-
-PREPARED_CALLS = 64  # call signatures (shapes, strides, ...) each Kernel keeps a prepared launch for
-
-
-def call_key(q, k, v, kwargs: dict, input_names: tuple[str, ...]) -> tuple:
-    """What bind() and the launch derive from a call, apart from param values and data pointers: every tensor's
-    shape, strides, dtype and device, and the keyword names. Raises AttributeError / KeyError for arguments that
-    are not tensors or a missing input."""
-    key = (q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(), q.dtype, k.dtype, v.dtype, q.device,
-           k.device, v.device, *kwargs)
-    for name in input_names:
-        t = kwargs[name]
-        key += (t.shape, t.stride(), t.dtype, t.device)
-    return key
-
-
-class Kernel:
-    """A compiled attention: call it as `kernel(q, k, v, **params_and_inputs)`."""
-
-    def __init__(self, spec: Attention, backend: str | None = None, options: PlanOptions | None = None):
-        if not isinstance(spec, Attention):
-            raise CompileError(f"attnc.compile expects an attnc.Attention (from attnc.parse or a decorator), "
-                               f"got {type(spec).__name__}")
-        if backend is not None:
-            get_backend(backend)  # fail at compile time for an unknown backend
-        self.spec = spec
-        self.key = spec.key
-        self.backend = backend
-        self.options = options or PlanOptions()
-        self._impls: dict[tuple, Callable[[Bound], object]] = {}
-        self._input_names = tuple(t.name for t in spec.inputs)
-        # call_key -> a launch that repeats a checked call (Backend.build's `run`): the per-call fast path
-        self._prepared: dict[tuple, Callable] = {}
-
-    def __call__(self, q, k, v, /, **kwargs):
-        try:
-            key = call_key(q, k, v, kwargs, self._input_names)
-        except (AttributeError, KeyError, TypeError):
-            key = None  # not tensors, or a missing input: bind() words the error
-        else:
-            prepared = self._prepared.get(key)
-            if prepared is not None:
-                result = prepared(q, k, v, kwargs)
-                if result is not None:
-                    return result
-        bound = bind(self.spec, q, k, v, kwargs)
-        sizes = bound.sizes
-        impl = self._impls.get((q.device, sizes["D"], sizes["DV"]))
-        if impl is None:
-            impl = self._build(q.device, sizes["D"], sizes["DV"])
-        run = getattr(impl, "run", None)
-        if run is None or key is None:
-            return impl(bound)
-        result, prepared = run(bound)
-        if prepared is not None:
-            if key not in self._prepared and len(self._prepared) >= PREPARED_CALLS:
-                self._prepared.pop(next(iter(self._prepared)), None)  # the oldest signature
-            self._prepared[key] = prepared
-        return result
-
-    def plan(self, device: torch.device | str, head_dim: int, value_dim: int | None = None) -> KernelPlan:
-        device = torch.device(device)
-        backend = get_backend(self.backend or default_backend(device))
-        return plan_kernel(self.spec, backend.target(device), head_dim, value_dim or head_dim, self.options)
-
-    def _build(self, device: torch.device, head_dim: int, value_dim: int):
-        backend = get_backend(self.backend or default_backend(device))
-        plan = plan_kernel(self.spec, backend.target(device), head_dim, value_dim, self.options)
-        impl = self._impls[(device, head_dim, value_dim)] = backend.build(plan)
-        return impl
-
-    def __repr__(self) -> str:
-        return f"attnc.Kernel({self.spec.name!r}, backend={self.backend!r}, key={self.key[:12]})"
+from ..passes import KernelPlan, PlanOptions, Target, head_dims, plan_kernel
+from .kernel import Kernel
 
 
 def compile(spec: Attention, backend: str | None = None, options: PlanOptions | None = None,
@@ -166,24 +24,16 @@ def compile(spec: Attention, backend: str | None = None, options: PlanOptions | 
 
 def load(path) -> Kernel | dict[str, Kernel]:
     """The kernels `attnc compile FILE --backend triton --arch ... -o DIR` built ahead of time, run without
-    compiling: one Kernel when DIR holds one attention, else a dict name -> Kernel (attnc.runtime.aot).
-    `--backend tvm` artifacts load through attnc.codegen.tvm.aot (its AotKernels are called the same way)."""
-    from ..codegen.tvm import aot as tvm_aot
-    from .aot import load_artifact
+    compiling: one Kernel when DIR holds one attention, else a dict name -> Kernel (attnc.backends.triton.aot).
+    `--backend tvm` artifacts load through attnc.backends.tvm.aot (its AotKernels are called the same way)."""
+    from ..backends.triton.aot import load_backends
+    from ..backends.tvm import aot as tvm_aot
 
     if tvm_aot.is_artifact(path):
         return tvm_aot.load(path)
-    return load_artifact(path)
-
-
-def head_dims(spec: Attention, head_dim: int | None = None, value_dim: int | None = None) -> tuple[int, int]:
-    """D and DV for planning without tensors (CLI, AOT): from the arguments or the spec's `dims`."""
-    dims = spec.dim_values
-    d = head_dim or dims.get("D")
-    if d is None:
-        raise CompileError(f"attention {spec.name!r}: the head dim D is only known from tensors; bind it with "
-                           f"`dims D = 128` in the spec, or pass it (CLI: --dim D=128)")
-    return d, value_dim or dims.get("DV") or d
+    kernels = {name: Kernel(spec, backend=backend, options=PlanOptions())
+               for name, (spec, backend) in load_backends(path).items()}
+    return next(iter(kernels.values())) if len(kernels) == 1 else kernels
 
 
 # `attnc show --emit plan|triton`: planned for an H100 (sm_90); an unbound head dim is shown as 128.
@@ -204,7 +54,10 @@ def emit_plan(spec: Attention) -> str:
 
 
 def emit_triton(spec: Attention) -> str:
-    from ..codegen.triton.generate import generate
+    from ..backends.triton.generate import generate
 
     plan, note = _show_plan(spec)
     return note + generate(plan)
+
+
+compiler.install(compile)  # the front-ends (decorator, flex) compile what they trace through this

@@ -19,14 +19,16 @@ from pathlib import Path
 
 import torch
 
-from .. import __version__
+from ..version import __version__
 from ..dsl.signature import bind
 from ..errors import AttncError
 from ..ir import Attention
 from ..passes import PlanOptions
 from ..passes.tiling import DECODE_MAX_M, next_pow2
-from . import cache, launch
-from .api import Kernel, call_key, default_backend
+from ..backends import cache
+from ..backends.triton import launch
+from ..backends.triton.backend import TritonBackend
+from .kernel import Kernel, call_key, default_backend
 
 CHOICE_FILE = "choice.json"
 # Relative Frobenius error a candidate may differ from the table's tile by (accumulation order differs).
@@ -173,10 +175,10 @@ class TunedKernel:
     def _choice(self, regime: tuple, backend: str, q, k, v, kwargs: dict) -> dict:
         import triton
 
-        from ..codegen.triton import codegen_fingerprint
+        from ..backends.triton import codegen_fingerprint
 
         device, dtype, d, dv, group, m, n = regime
-        arch = launch.TritonBackend().target(device).arch
+        arch = TritonBackend().target(device).arch
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "triton-interpreter"
         key = cache.CacheKey({
             "backend": "autotune", "ir": self.spec.canonical, "name": self.spec.name,

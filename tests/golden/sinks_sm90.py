@@ -3,7 +3,7 @@
 import triton
 import triton.language as tl
 
-from attnc.runtime import scratch
+from attnc.backends.triton import scratch
 
 scratch.install()  # device-side tensor descriptors need global scratch at each launch
 

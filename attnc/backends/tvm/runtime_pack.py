@@ -1,6 +1,6 @@
 """A trimmed TVM runtime (~15 MB) for running AOT artifacts on a machine without TVM or a package registry:
 
-    python -m attnc.codegen.tvm.runtime_pack OUT [--python 3.12]
+    python -m attnc.backends.tvm.runtime_pack OUT [--python 3.12]
 
 OUT/tvm_ffi/ is the tvm_ffi package for that Python (copied when it is this Python's, else unpacked from the
 wheel pip downloads); OUT/tvm_runtime/ holds libtvm_runtime.so, libtvm_runtime_cuda.so and the CUDA runtime

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import jinja2
 
-from ... import __version__
+from ...version import __version__
 from ...ir import ROLES, Expr, IndexVar, SizeRef, walk
 from ...passes.plan import KernelPlan, KeyRange
 from .emit import TILE, Emitter, input_arg, param_arg, size_arg, stride_arg

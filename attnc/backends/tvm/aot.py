@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from ... import __version__
+from ...version import __version__
 from ...dsl.signature import bind
 from ...errors import CallError, CompileError
 from ...ir import Attention
@@ -57,7 +57,7 @@ def build(spec: Attention, out_dir: str | Path, target: str = "cuda", arch: str 
     """Compile `spec` for `target` ("cuda" with `arch` like "sm_90a", or "llvm": this machine's CPU) into
     `out_dir`; returns the folder. `options` overrides the CUDA kernel's num_warps / block_m / block_n;
     `cuda_schedule` (a cuda.CudaSchedule) replaces the f16 / bf16 kernel's whole schedule."""
-    from ...runtime.api import head_dims
+    from ...passes import head_dims
     from .backend import check_dense, compile_module, export_library, nvcc_options
     from .host import host_cpu
 
@@ -109,7 +109,7 @@ def emit_source(spec: Attention, target: str, arch: str | None = None, head_dim:
 
     cuda runs the tensor-core kernel (cuda.py; plain for f32); metal, rocm and opencl run the plain GPU kernel
     (gpu.py), since mma.sync / ldmatrix / cp.async are PTX-only."""
-    from ...runtime.api import head_dims
+    from ...passes import head_dims
     from .backend import check_dense, compile_module
     from .kernel import parameter_names
 
@@ -328,4 +328,4 @@ def runtime_folder() -> Path:
         if (folder / "libtvm_runtime.so").exists():
             return folder
     raise CompileError(f"running a TVM artifact needs the TVM runtime: install apache-tvm, or point {RUNTIME_ENV} at "
-                       f"a folder with libtvm_runtime.so (python -m attnc.codegen.tvm.runtime_pack makes one)")
+                       f"a folder with libtvm_runtime.so (python -m attnc.backends.tvm.runtime_pack makes one)")

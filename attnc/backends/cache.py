@@ -2,7 +2,7 @@
 
 How a backend uses it
 ---------------------
-    from attnc.runtime import cache
+    from attnc.backends import cache
 
     key = cache.CacheKey({
         "ir": spec.canonical,                 # canonical IR text

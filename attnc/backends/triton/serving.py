@@ -13,11 +13,12 @@ from types import ModuleType
 
 import torch
 
-from ..codegen.triton.decode import decode_args, generate_decode
-from ..dsl.signature import Bound, _coerce_param, canonical_view, lse_shape, out_shape
-from ..passes import KernelPlan
-from ..passes.decode import INTERPRETER_SMS, DecodeLaunch, decode_launch, workspace_rows
-from . import cache, launch
+from .decode import decode_args, generate_decode
+from ...dsl.signature import Bound, _coerce_param, canonical_view, lse_shape, out_shape
+from ...passes import KernelPlan
+from ...passes.decode import INTERPRETER_SMS, DecodeLaunch, decode_launch, workspace_rows
+from .. import cache
+from . import launch
 
 SOURCE_FILE = "decode.py"
 

@@ -49,11 +49,11 @@ from types import ModuleType, SimpleNamespace
 from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
 
 # Compiler workers import this module: torch (seconds to import) and the runtime are imported where used.
-from .. import __version__
-from ..codegen.triton.generate import generate
-from ..errors import AttncError, CacheError, CallError, CompileError
-from ..ir import Attention
-from ..passes import KernelPlan, PlanOptions, Target, launch_tiles, plan_kernel
+from ...version import __version__
+from .generate import generate
+from ...errors import AttncError, CacheError, CallError, CompileError
+from ...ir import Attention
+from ...passes import KernelPlan, PlanOptions, Target, launch_tiles, plan_kernel
 
 if TYPE_CHECKING:
     import torch
@@ -267,23 +267,19 @@ def _with_arch(command: str, arch: Arch) -> str:
 # ---------------------------------------------------------------- loading
 
 
-def load_artifact(path: str | os.PathLike):
-    """`attnc.load`: the artifact's attentions as Kernels; one Kernel when it holds one, else a dict by name."""
-    from .api import Kernel, register_backend
-
+def load_backends(path: str | os.PathLike) -> dict[str, tuple[Attention, "AotBackend"]]:
+    """`attnc.load`: each attention of the artifact, by name, as its spec and the backend that runs its saved
+    kernels (the runtime wraps each pair in an attnc.Kernel)."""
     artifact = read_artifact(path)
-    kernels = {}
+    loaded = {}
     for attention in artifact.attentions:
         spec = _spec_of(artifact, attention)
-        backend = AotBackend(artifact, attention, spec)
-        name = f"aot:{artifact.path.resolve()}:{attention.name}:{artifact.manifest['digest'][:16]}"
-        register_backend(name, lambda backend=backend: backend)
-        kernels[attention.name] = Kernel(spec, backend=name, options=PlanOptions())
-    return next(iter(kernels.values())) if len(kernels) == 1 else kernels
+        loaded[attention.name] = (spec, AotBackend(artifact, attention, spec))
+    return loaded
 
 
 def _spec_of(artifact: Artifact, attention: AttentionBuild) -> Attention:
-    from ..dsl.parser import parse
+    from ...dsl.parser import parse
 
     specs = parse(attention.canonical, filename=f"{artifact.path / MANIFEST}:{attention.name}")
     if len(specs) != 1 or specs[0].key != attention.key:
@@ -453,7 +449,7 @@ class _Recorder:
 def trace_launches(plan: KernelPlan, module: ModuleType) -> list[tuple[int, int, Launch]]:
     """(M, H // HKV, launch) for every distinct launch the runtime launcher makes for `plan`: one call per tile
     `launch_tiles` can choose, run through TritonLauncher on meta tensors with recording kernels."""
-    from ..dsl.signature import bind
+    from ...dsl.signature import bind
     from .launch import TritonLauncher
 
     spec = plan.spec
@@ -522,7 +518,7 @@ def _meta(shape: Sequence[str], dtype: str, sizes: Mapping[str, int], strided: S
     would be 1)."""
     import torch
 
-    from ..dsl.signature import TORCH_DTYPES
+    from ...dsl.signature import TORCH_DTYPES
 
     t = torch.empty([sizes[n] * (2 if n in strided else 1) for n in shape], dtype=TORCH_DTYPES[dtype], device="meta")
     return t[tuple(slice(None, None, 2) if n in strided else slice(None) for n in shape)]
@@ -636,7 +632,7 @@ def compile_artifact(file: str | os.PathLike, out: str | os.PathLike, arch: str,
     jobs: compiler processes (default: the CPU count, at most 8). command: recorded for rebuild hints.
     The folder is written whole or not at all: built beside `out`, then moved into place (replacing an earlier
     artifact there, never any other folder)."""
-    from ..dsl.parser import parse_file
+    from ...dsl.parser import parse_file
 
     target_arch = Arch.parse(arch)
     out = Path(out)

@@ -13,12 +13,11 @@ from pathlib import Path
 
 import torch
 
-from ... import __version__
+from ...version import __version__
 from ...dsl.signature import Bound
 from ...errors import CompileError
 from ...passes import KernelPlan, Target
-from ...runtime import cache
-from ...runtime.api import register_backend
+from .. import cache
 from .host import configure_threads, host_cpu
 from .kernel import build_primfunc, decode_schedule, prefill_schedule
 from .launch import launch
@@ -218,4 +217,3 @@ class CudaLauncher:
         return launch(self.plan.spec, self.function, bound)
 
 
-register_backend("tvm", TvmBackend)

@@ -17,13 +17,14 @@ from types import ModuleType
 
 import torch
 
-from .. import __version__
-from ..codegen.triton import codegen_fingerprint
-from ..codegen.triton.generate import generate, kernel_args
-from ..dsl.signature import Bound, canonical_view, lse_shape, out_shape
-from ..errors import CompileError
-from ..passes import KernelPlan, LaunchTiles, Target, TileConfig, launch_tiles
-from . import cache, scratch
+from ...version import __version__
+from . import codegen_fingerprint
+from .generate import generate, kernel_args
+from ...dsl.signature import Bound, canonical_view, lse_shape, out_shape
+from ...errors import CompileError
+from ...passes import KernelPlan, LaunchTiles, Target, TileConfig, launch_tiles
+from .. import cache
+from . import scratch
 
 SOURCE_FILE = "kernel.py"
 SUMMARY_CACHE_SIZE = 4  # tile summaries kept per kernel (one per distinct mask tensors / sizes)
@@ -53,27 +54,6 @@ def poisoned_outputs():
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-class TritonBackend:
-    name = "triton"
-
-    def target(self, device: torch.device) -> Target:
-        if device.type == "cuda":
-            major, minor = torch.cuda.get_device_capability(device)
-            return Target("triton", "cuda", major * 10 + minor)
-        if not interpreting():
-            raise CompileError(f"the triton backend runs on CUDA tensors (got tensors on {device}); set "
-                               f"TRITON_INTERPRET=1 before importing triton to use its CPU interpreter, or use "
-                               f"backend='tvm' for CPU tensors")
-        return Target("triton", "cpu", None)
-
-    def build(self, plan: KernelPlan) -> "TritonLauncher":
-        from . import serving  # ragged/paged storage, and split-KV decode launches of dense specs
-
-        if plan.spec.q_storage is not None or plan.spec.kv_storage is not None:
-            return serving.DecodeLauncher(plan)
-        return (serving.SplitKVLauncher if plan.decode.dense_max_m else TritonLauncher)(plan, load_module(plan))
 
 
 def cache_key(plan: KernelPlan) -> cache.CacheKey:
@@ -352,7 +332,7 @@ class DirectLaunch:
     With Triton 3.6's launcher (a Python CudaLauncher around a C `launch`), the C function is called directly:
     the Python wrapper's per-call work (a closure, two allocator lookups, the scratch callback, and for a
     tensor scratch a data_ptr() call plus a driver pointer query) is ~3-5 us of host time on the H100 machines.
-    The descriptor scratch then comes from attnc.runtime.scratch, as the wrapper's allocator would give it."""
+    The descriptor scratch then comes from attnc.backends.triton.scratch, as the wrapper's allocator would give it."""
 
     def __init__(self, compiled, device_index: int, current_device, current_stream):
         from triton import knobs

@@ -1,0 +1,35 @@
+"""Code generators, launchers and AOT builders, one package per backend (triton/, tvm/); peers that import
+nothing from each other or from the runtime above them.
+
+`get_backend(name)` is the registry: names map to the classes by import path, so a backend's compiler
+(Triton, TVM) is imported on its first use and nothing here imports a backend module at import time.
+"""
+from __future__ import annotations
+
+from importlib import import_module
+
+from ..errors import CompileError
+
+BUILTIN = {
+    "triton": ("attnc.backends.triton.backend", "TritonBackend"),
+    "tvm": ("attnc.backends.tvm.backend", "TvmBackend"),
+}
+
+_instances: dict[str, object] = {}
+
+
+def get_backend(name: str):
+    """The backend object registered as `name` (made once): `target(device) -> Target` and
+    `build(plan) -> launcher` (attnc.runtime.kernel.Backend)."""
+    backend = _instances.get(name)
+    if backend is None:
+        if name not in BUILTIN:
+            raise CompileError(f"backend {name!r} is not available (known: {', '.join(sorted(BUILTIN))})")
+        module, attr = BUILTIN[name]
+        try:
+            factory = getattr(import_module(module), attr)
+        except ImportError as err:
+            raise CompileError(f"backend {name!r} cannot be imported here ({err}); "
+                               f"use backend='triton' with TRITON_INTERPRET=1 on CPU") from err
+        backend = _instances[name] = factory()
+    return backend

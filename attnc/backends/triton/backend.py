@@ -1,0 +1,29 @@
+"""The "triton" backend: its plan target per device, and the launcher for a plan (launch.py for dense specs,
+serving.py for ragged or paged storage and split-KV decode)."""
+from __future__ import annotations
+
+import torch
+
+from ...errors import CompileError
+from ...passes import KernelPlan, Target
+from .launch import TritonLauncher, interpreting, load_module
+from .serving import DecodeLauncher, SplitKVLauncher
+
+
+class TritonBackend:
+    name = "triton"
+
+    def target(self, device: torch.device) -> Target:
+        if device.type == "cuda":
+            major, minor = torch.cuda.get_device_capability(device)
+            return Target("triton", "cuda", major * 10 + minor)
+        if not interpreting():
+            raise CompileError(f"the triton backend runs on CUDA tensors (got tensors on {device}); set "
+                               f"TRITON_INTERPRET=1 before importing triton to use its CPU interpreter, or use "
+                               f"backend='tvm' for CPU tensors")
+        return Target("triton", "cpu", None)
+
+    def build(self, plan: KernelPlan) -> TritonLauncher:
+        if plan.spec.q_storage is not None or plan.spec.kv_storage is not None:
+            return DecodeLauncher(plan)
+        return (SplitKVLauncher if plan.decode.dense_max_m else TritonLauncher)(plan, load_module(plan))

@@ -1,0 +1,114 @@
+"""The `Kernel` that `attnc.compile` returns: it plans and builds lazily, once per (device, head dims): D and DV
+fix the tile shapes, everything else (B, M, N, params) is a runtime argument. The spec's key is computed once.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, Protocol
+
+import torch
+
+from ..backends import get_backend
+from ..dsl.signature import Bound, bind
+from ..errors import CompileError
+from ..ir import Attention
+from ..passes import KernelPlan, PlanOptions, plan_kernel
+from ..passes.plan import Target
+
+
+class Backend(Protocol):
+    name: str
+
+    def target(self, device: torch.device) -> Target:
+        """The plan target for tensors on `device` (raises CompileError if this backend cannot run there)."""
+
+    def build(self, plan: KernelPlan) -> Callable[[Bound], object]:
+        """A callable that runs the planned kernel on a bound call and returns out, or (out, lse). It may also
+        have `run(bound) -> (result, prepared)`, where `prepared(q, k, v, kwargs)` repeats the call for later
+        calls with the same `call_key`, returning None to send a call back through bind()."""
+
+
+def default_backend(device: torch.device) -> str:
+    """triton for CUDA tensors; for CPU tensors tvm, unless Triton's interpreter is switched on."""
+    if device.type == "cuda" or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        return "triton"
+    return "tvm"
+
+
+PREPARED_CALLS = 64  # call signatures (shapes, strides, ...) each Kernel keeps a prepared launch for
+
+
+def call_key(q, k, v, kwargs: dict, input_names: tuple[str, ...]) -> tuple:
+    """What bind() and the launch derive from a call, apart from param values and data pointers: every tensor's
+    shape, strides, dtype and device, and the keyword names. Raises AttributeError / KeyError for arguments that
+    are not tensors or a missing input."""
+    key = (q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(), q.dtype, k.dtype, v.dtype, q.device,
+           k.device, v.device, *kwargs)
+    for name in input_names:
+        t = kwargs[name]
+        key += (t.shape, t.stride(), t.dtype, t.device)
+    return key
+
+
+class Kernel:
+    """A compiled attention: call it as `kernel(q, k, v, **params_and_inputs)`."""
+
+    def __init__(self, spec: Attention, backend: "str | Backend | None" = None, options: PlanOptions | None = None):
+        if not isinstance(spec, Attention):
+            raise CompileError(f"attnc.compile expects an attnc.Attention (from attnc.parse or a decorator), "
+                               f"got {type(spec).__name__}")
+        if isinstance(backend, str):
+            get_backend(backend)  # fail at compile time for an unknown backend
+        self.spec = spec
+        self.key = spec.key
+        self.backend = backend
+        self.options = options or PlanOptions()
+        self._impls: dict[tuple, Callable[[Bound], object]] = {}
+        self._input_names = tuple(t.name for t in spec.inputs)
+        # call_key -> a launch that repeats a checked call (Backend.build's `run`): the per-call fast path
+        self._prepared: dict[tuple, Callable] = {}
+
+    def __call__(self, q, k, v, /, **kwargs):
+        try:
+            key = call_key(q, k, v, kwargs, self._input_names)
+        except (AttributeError, KeyError, TypeError):
+            key = None  # not tensors, or a missing input: bind() words the error
+        else:
+            prepared = self._prepared.get(key)
+            if prepared is not None:
+                result = prepared(q, k, v, kwargs)
+                if result is not None:
+                    return result
+        bound = bind(self.spec, q, k, v, kwargs)
+        sizes = bound.sizes
+        impl = self._impls.get((q.device, sizes["D"], sizes["DV"]))
+        if impl is None:
+            impl = self._build(q.device, sizes["D"], sizes["DV"])
+        run = getattr(impl, "run", None)
+        if run is None or key is None:
+            return impl(bound)
+        result, prepared = run(bound)
+        if prepared is not None:
+            if key not in self._prepared and len(self._prepared) >= PREPARED_CALLS:
+                self._prepared.pop(next(iter(self._prepared)), None)  # the oldest signature
+            self._prepared[key] = prepared
+        return result
+
+    def plan(self, device: torch.device | str, head_dim: int, value_dim: int | None = None) -> KernelPlan:
+        device = torch.device(device)
+        return plan_kernel(self.spec, self._backend(device).target(device), head_dim, value_dim or head_dim,
+                           self.options)
+
+    def _build(self, device: torch.device, head_dim: int, value_dim: int):
+        backend = self._backend(device)
+        plan = plan_kernel(self.spec, backend.target(device), head_dim, value_dim, self.options)
+        impl = self._impls[(device, head_dim, value_dim)] = backend.build(plan)
+        return impl
+
+    def _backend(self, device: torch.device) -> Backend:
+        if self.backend is None or isinstance(self.backend, str):
+            return get_backend(self.backend or default_backend(device))
+        return self.backend
+
+    def __repr__(self) -> str:
+        return f"attnc.Kernel({self.spec.name!r}, backend={self.backend!r}, key={self.key[:12]})"
