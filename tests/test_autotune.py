@@ -6,7 +6,9 @@ import pytest
 import torch
 
 import attnc
-from attnc.runtime import autotune, cache, launch
+from attnc.backends import cache
+from attnc.backends.triton import launch
+from attnc.runtime import autotune
 
 SPEC = """attention tuned_causal {
     q: f32[B, H, M, D]  k: f32[B, HKV, N, D]  v: f32[B, HKV, N, D]

@@ -26,12 +26,11 @@ def ex2_approx(x):
 
 @triton.jit(do_not_specialize=["sz_B", "sz_H", "sz_HKV", "sz_M", "sz_N"])
 def attn_fwd(
-    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
-    s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, s_ob, s_oh, s_om, s_od,
-    s_lb, s_lh, s_lm,
-    sz_B, sz_H, sz_HKV, sz_M, sz_N, t_doc, t_doc_s0, t_doc_s1, summary_ptr, s_sb, s_sh,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_MQ: tl.constexpr, PACK: tl.constexpr,
-    UPCAST: tl.constexpr, TMA: tl.constexpr,
+    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb,
+    s_vh, s_vn, s_vd, s_ob, s_oh, s_om, s_od, s_lb, s_lh, s_lm, sz_B, sz_H, sz_HKV, sz_M, sz_N,
+    t_doc, t_doc_s0, t_doc_s1, summary_ptr, s_sb, s_sh, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_MQ: tl.constexpr, PACK: tl.constexpr, UPCAST: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     # Query tiles in reverse: under a causal mask the last tiles have the most keys, so they start first and
     # the tail of the launch is short tiles.
@@ -156,8 +155,8 @@ def attn_fwd(
 @triton.jit(do_not_specialize=["sz_B", "sz_H", "sz_HKV", "sz_M", "sz_N"])
 def tile_summary(
     sz_B, sz_H, sz_HKV, sz_M, sz_N, t_doc, t_doc_s0, t_doc_s1, summary_ptr, s_sb, s_sh,
-    head_programs_s,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_MQ: tl.constexpr, PACK: tl.constexpr,
+    head_programs_s, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_MQ: tl.constexpr,
+    PACK: tl.constexpr,
 ):
     """Classes each (query tile, key tile) of the main kernel: 0 nothing kept, 1 all kept, 2 partial."""
     # Query tiles in reverse: under a causal mask the last tiles have the most keys, so they start first and

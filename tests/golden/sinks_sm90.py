@@ -26,12 +26,10 @@ def ex2_approx(x):
 
 @triton.jit(do_not_specialize=["sz_B", "sz_H", "sz_HKV", "sz_M", "sz_N", "p_window"])
 def attn_fwd(
-    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
-    s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, s_ob, s_oh, s_om, s_od,
-    s_lb, s_lh, s_lm,
-    sz_B, sz_H, sz_HKV, sz_M, sz_N, p_window, t_sinks, t_sinks_s0,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_MQ: tl.constexpr, PACK: tl.constexpr,
-    UPCAST: tl.constexpr, TMA: tl.constexpr,
+    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb,
+    s_vh, s_vn, s_vd, s_ob, s_oh, s_om, s_od, s_lb, s_lh, s_lm, sz_B, sz_H, sz_HKV, sz_M, sz_N,
+    p_window, t_sinks, t_sinks_s0, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_MQ: tl.constexpr, PACK: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr,
 ):
     # Query tiles in reverse: under a causal mask the last tiles have the most keys, so they start first and
     # the tail of the launch is short tiles.

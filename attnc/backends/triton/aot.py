@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
 # Compiler workers import this module: torch (seconds to import) and the runtime are imported where used.
 from ...version import __version__
 from .generate import generate
+from .signature import ALIGNED, UNIT
 from ...errors import AttncError, CacheError, CallError, CompileError
 from ...ir import Attention
 from ...passes import KernelPlan, PlanOptions, Target, launch_tiles, plan_kernel
@@ -111,10 +112,7 @@ class Layout:
 LAYOUTS = (
     # q/k/v/out with a contiguous head dim and rows 16 elements apart: every contiguous BHSD or BSHD tensor whose
     # head dims are multiples of 16, and their head or sequence slices.
-    Layout("dense",
-           divisible=("q_ptr", "k_ptr", "v_ptr", "out_ptr", "s_qb", "s_qh", "s_qm", "s_kb", "s_kh", "s_kn",
-                      "s_vb", "s_vh", "s_vn", "s_ob", "s_oh", "s_om"),
-           unit=("s_qd", "s_kd", "s_vd", "s_od")),
+    Layout("dense", divisible=ALIGNED, unit=UNIT),
     Layout("any"),
 )
 

@@ -4,44 +4,16 @@ come from the same emitter as the prefill kernel; `generate_decode` is pure: the
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from ...ir import Paged, Ragged
 from ...passes.plan import KernelPlan
-from .emit import input_arg, param_arg, size_arg, stride_arg
-from .generate import _wrap_args, kernel_args, shared_hooks, template
-
-
-@dataclass(frozen=True)
-class DecodeArgs:
-    """The runtime arguments `attn_decode` takes after its fixed pointers and strides."""
-
-    sizes: tuple[str, ...]  # size names, in order
-    size_args: tuple[str, ...]  # their argument names: cap_M / cap_N where sequences have their own lengths
-    params: tuple[str, ...]
-    inputs: tuple[tuple[str, int], ...]  # (input name, rank): t_<name> then its strides
-
-    def names(self) -> list[str]:
-        names = list(self.size_args) + [param_arg(p) for p in self.params]
-        for t, rank in self.inputs:
-            names += [input_arg(t)] + [stride_arg(t, axis) for axis in range(rank)]
-        return names
-
-
-def decode_args(plan: KernelPlan) -> DecodeArgs:
-    spec = plan.spec
-    base = kernel_args(plan)
-    sizes = base.sizes
-    if isinstance(spec.kv_storage, Paged) and "PAGE" not in sizes and "PAGE" not in spec.dim_values:
-        sizes += ("PAGE",)
-    per_sequence = {"M": spec.q_storage is not None, "N": spec.kv_storage is not None}
-    size_args = tuple(f"cap_{s}" if per_sequence.get(s) else size_arg(s) for s in sizes)
-    return DecodeArgs(sizes, size_args, base.params, base.inputs)
+from .emit import input_arg, size_arg, stride_arg
+from .generate import shared_hooks, template
+from .signature import COMBINE_SIGNATURE, decode_signature, spec_args
 
 
 def generate_decode(plan: KernelPlan) -> str:
     spec = plan.spec
-    args = decode_args(plan)
+    args = spec_args(plan, per_sequence=True)
 
     storage = {"q_offsets": "0", "q_offsets_stride": "0", "kv_offsets": "0", "kv_offsets_stride": "0",
                "kv_lengths": "0", "kv_lengths_stride": "0", "table": "0", "table_row_stride": "0",
@@ -58,7 +30,7 @@ def generate_decode(plan: KernelPlan) -> str:
                        table=input_arg(kv.table), table_row_stride=stride_arg(kv.table, 0),
                        table_stride=stride_arg(kv.table, 1), page_size=str(page) if page else size_arg("PAGE"))
 
-    runtime_scalars = list(args.size_args) + [param_arg(p) for p in args.params] + ["search_steps", "n_splits"]
+    signature = decode_signature(args)
     d = plan.decode.tile
     return template("decode.py.j2").render(
         **shared_hooks(plan),
@@ -66,8 +38,9 @@ def generate_decode(plan: KernelPlan) -> str:
                    f"{'' if plan.target.arch is None else f'/sm_{plan.target.arch}'} {plan.dtype} D={plan.head_dim} "
                    f"DV={plan.value_dim}; decode <= {d.block_m} rows x {d.block_n} w{d.num_warps} s{d.num_stages}, "
                    f"up to {plan.decode.max_splits} splits"),
-        runtime_scalars=", ".join(f'"{n}"' for n in runtime_scalars),
-        common_args=_wrap_args(args.names()),
+        runtime_scalars=signature.unspecialized(),
+        decode_signature=signature.render(),
+        combine_signature=COMBINE_SIGNATURE.render(),
         all_partial=bool(plan.masks.evaluated),  # data-dependent masks too: evaluated on every tile, no summary
         ragged_q=spec.q_storage is not None,
         kv_storage="paged" if isinstance(kv, Paged) else "ragged" if isinstance(kv, Ragged) else "dense",

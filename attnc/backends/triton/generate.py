@@ -9,50 +9,10 @@ from pathlib import Path
 import jinja2
 
 from ...version import __version__
-from ...ir import ROLES, Expr, IndexVar, SizeRef, walk
+from ...ir import Expr
 from ...passes.plan import KernelPlan, KeyRange
-from .emit import TILE, Emitter, input_arg, param_arg, size_arg, stride_arg
-
-# Sizes every kernel takes; other sizes are passed only when an expression uses them.
-KERNEL_SIZES = ("B", "H", "HKV", "M", "N")
-
-
-@dataclass(frozen=True)
-class KernelArgs:
-    """The runtime arguments the generated kernels take after the fixed q/k/v/out/lse pointers and strides."""
-
-    sizes: tuple[str, ...]  # size names, passed as sz_<name>
-    params: tuple[str, ...]  # param names, passed as p_<name>
-    inputs: tuple[tuple[str, int], ...]  # (input name, rank): t_<name> then its strides t_<name>_s<axis>
-    data_dependent: bool  # summary_ptr, s_sb, s_sh follow
-    summary_uses_b: bool  # whether the tile summary differs per batch / per head program
-    summary_uses_h: bool
-
-    def names(self) -> list[str]:
-        names = [size_arg(s) for s in self.sizes] + [param_arg(p) for p in self.params]
-        for t, rank in self.inputs:
-            names += [input_arg(t)] + [stride_arg(t, axis) for axis in range(rank)]
-        if self.data_dependent:
-            names += ["summary_ptr", "s_sb", "s_sh"]
-        return names
-
-
-def kernel_args(plan: KernelPlan) -> KernelArgs:
-    spec = plan.spec
-    exprs = [spec.score, *spec.masks] + ([spec.normalizer.sink] if spec.normalizer.sink is not None else [])
-    used = {n.name for e in exprs for n in walk(e) if isinstance(n, SizeRef)}
-    used |= {dim for t in spec.inputs for dim in t.shape}  # lookups check their indices against these
-    free = sorted(used - set(ROLES))
-    mask_vars = {n.name for e in spec.masks for n in walk(e) if isinstance(n, IndexVar)}
-    return KernelArgs(
-        sizes=KERNEL_SIZES + tuple(free),
-        params=tuple(p.name for p in spec.params),
-        inputs=tuple((t.name, len(t.shape)) for t in spec.inputs),
-        data_dependent=plan.masks.data_dependent,
-        summary_uses_b="b" in mask_vars,
-        summary_uses_h="h" in mask_vars,
-    )
-
+from .emit import TILE, Emitter
+from .signature import prefill_signature, spec_args, summary_signature
 
 @lru_cache(maxsize=None)
 def template(name: str) -> jinja2.Template:
@@ -92,7 +52,7 @@ def shared_hooks(plan: KernelPlan, exp2: str = "tl.exp2") -> dict:
 
 def generate(plan: KernelPlan) -> str:
     spec, masks = plan.spec, plan.masks
-    args = kernel_args(plan)
+    args = spec_args(plan)
 
     summary_prologue, summary_lines = [], []
     if masks.data_dependent:
@@ -104,14 +64,15 @@ def generate(plan: KernelPlan) -> str:
         summary_prologue = summary.prologue
 
     all_partial = bool(masks.evaluated) and not masks.data_dependent
-    runtime_scalars = [size_arg(s) for s in args.sizes] + [param_arg(p) for p in args.params]
+    signature = prefill_signature(args, plan.triton.tma)
     return template("kernel.py.j2").render(
         # On a GPU, exp2 is inline PTX (the instruction libdevice's would become): a kernel that calls no libdevice
         # function compiles without linking libdevice. The interpreter runs no inline assembly.
         **shared_hooks(plan, "tl.exp2" if plan.target.arch is None else "ex2_approx"),
         plan_line=_plan_line(plan),
-        runtime_scalars=", ".join(f'"{n}"' for n in runtime_scalars),
-        common_args=_wrap_args(args.names()),
+        runtime_scalars=signature.unspecialized(),
+        signature=signature.render(),
+        summary_signature=summary_signature(args).render() if masks.data_dependent else "",
         all_partial=all_partial,
         # Without a lower key bound the full tiles start at tile 0 (exact_lo = 0): no partial tile precedes them.
         partial_before=bool(masks.exact.lower),
@@ -121,18 +82,6 @@ def generate(plan: KernelPlan) -> str:
         set_allocator=plan.triton.tma and plan.target.arch is not None,  # the interpreter needs no scratch
         ws_arg=", warp_specialize=True" if plan.triton.warp_specialize and plan.triton.tma else "",
     )
-
-
-def _wrap_args(names: list[str], width: int = 100) -> str:
-    """Argument names, comma-terminated, wrapped at `width` with the signature's indentation."""
-    lines, line = [], ""
-    for n in names:
-        if line and len(line) + len(n) + 2 > width - 4:
-            lines.append(line.rstrip())
-            line = ""
-        line += f"{n}, "
-    lines.append(line.rstrip())
-    return "\n    ".join(lines)
 
 
 def _bounds(em: Emitter, exact: KeyRange, hull: KeyRange) -> None:

@@ -19,7 +19,9 @@ import torch
 
 from ...version import __version__
 from . import codegen_fingerprint
-from .generate import generate, kernel_args
+from .generate import generate
+from .emit import input_arg, param_arg
+from .signature import prefill_signature, qkv_values, spec_args, summary_signature
 from ...dsl.signature import Bound, canonical_view, lse_shape, out_shape
 from ...errors import CompileError
 from ...passes import KernelPlan, LaunchTiles, Target, TileConfig, launch_tiles
@@ -96,7 +98,8 @@ class TritonLauncher:
         self.spec = plan.spec
         self.fwd = module.attn_fwd
         self.summary_fn = getattr(module, "tile_summary", None)
-        self.args = kernel_args(plan)
+        self.args = spec_args(plan)
+        self.signature = prefill_signature(self.args, plan.triton.tma)
         self.upcast = plan.target.arch is None and plan.dtype == "bf16"  # the interpreter's bf16 is wrong
         self._tiles: dict[tuple[int, int], LaunchTiles] = {}
         self._summaries: OrderedDict = OrderedDict()
@@ -137,7 +140,7 @@ class TritonLauncher:
         if direct is None or not replayable(args):
             return result, None
         full = args + [constexprs[name] for name in self.fwd.arg_names[len(args):]]
-        return result, PreparedLaunch(self, bound, tiles, grid, full, len(args), direct)
+        return result, PreparedLaunch(self, bound, tiles, grid, full, direct)
 
     def launch_jit(self, grid, args: list, constexprs: dict, c: TileConfig):
         """Triton's JIT launch. When Triton finds a config over the device's shared memory (the plan's estimate
@@ -162,37 +165,23 @@ class TritonLauncher:
 
     def kernel_arguments(self, bound: Bound, out: torch.Tensor, lse: torch.Tensor | None,
                          tiles: LaunchTiles) -> list:
-        """attn_fwd's positional arguments, in its order: pointers, strides, then `extra_args` (and the tile
-        summary's three when masks read tensors)."""
+        """attn_fwd's runtime arguments, packed by its signature."""
         spec = self.spec
-        extra = self.extra_args(bound)
+        values = self.args.values(bound.sizes, bound.params, bound.inputs)
+        values.update(qkv_values(spec, bound, out, lse))
         if self.args.data_dependent:
-            extra += self.summary(extra, [bound.inputs[name] for name, _ in self.args.inputs], bound.sizes, tiles,
-                                  bound.q.device)
-        return [
-            bound.q, bound.k, bound.v, out, out if lse is None else lse,
-            *canonical_view(bound.q, spec.q).stride(), *canonical_view(bound.k, spec.k).stride(),
-            *canonical_view(bound.v, spec.v).stride(), *canonical_view(out, spec.q).stride(),
-            *((0, 0, 0) if lse is None else lse.stride()),
-            *extra,
-        ]
+            scalars = values["sizes"] + values["params"]
+            values["summary"] = self.summary(scalars, [bound.inputs[name] for name, _ in self.args.inputs],
+                                             bound.sizes, tiles, bound.q.device)
+        return self.signature.pack(values)
 
-    def extra_args(self, bound: Bound) -> list:
-        a = self.args
-        values = [bound.sizes[s] for s in a.sizes] + [bound.params[p] for p in a.params]
-        for name, _ in a.inputs:
-            t = bound.inputs[name]
-            values += [t, *t.stride()]
-        return values
-
-    def summary(self, extra: list, tensors: list[torch.Tensor], sizes, tiles: LaunchTiles,
+    def summary(self, scalars: list, tensors: list[torch.Tensor], sizes, tiles: LaunchTiles,
                 device: torch.device) -> list:
         """[summary, s_sb, s_sh]: the tile classes for this call's mask tensors, sizes and params, computed on
         the device by the generated `tile_summary` kernel and reused while those are unchanged. Entries hold
         the tensors themselves, so a data_ptr in a key cannot be reused by a new tensor while it is cached;
         `_version` catches in-place writes."""
-        key = (tuple(extra[i] for i in range(len(self.args.sizes) + len(self.args.params))),
-               tuple((t.data_ptr(), t._version, tuple(t.shape), t.stride()) for t in tensors),
+        key = (tuple(scalars), tuple((t.data_ptr(), t._version, tuple(t.shape), t.stride()) for t in tensors),
                tiles, device)
         hit = self._summaries.get(key)
         if hit is not None:
@@ -208,8 +197,10 @@ class TritonLauncher:
         s_sh = m_tiles * n_tiles if self.args.summary_uses_h else 0
         result = (table, s_sb, s_sh)
         if n_tiles:
+            values = dict(sizes=scalars[:len(self.args.sizes)], params=scalars[len(self.args.sizes):],
+                          inputs=[x for t in tensors for x in (t, *t.stride())], summary=result, head_programs=[heads])
             self.summary_fn[(m_tiles, batches * heads)](
-                *extra, *result, heads, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_MQ=tiles.block_mq,
+                *summary_signature(self.args).pack(values), BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_MQ=tiles.block_mq,
                 PACK=tiles.pack, num_warps=c.num_warps)
         self._summaries[key] = (tensors, result)
         if len(self._summaries) > SUMMARY_CACHE_SIZE:
@@ -265,27 +256,22 @@ class PreparedLaunch:
     None, and the caller takes the full path (bind, then Triton's JIT), whenever one of those differs."""
 
     __slots__ = ("launcher", "direct", "args", "grid", "out_shape", "lse_shape", "dtype", "device", "param_slots",
-                 "input_slots", "summary_slot", "extra", "sizes", "tiles")
+                 "input_slots", "summary_slot", "scalars", "pointers", "sizes", "tiles")
 
     def __init__(self, launcher: TritonLauncher, bound: Bound, tiles: LaunchTiles, grid: tuple[int, int],
-                 args: list, positional: int, direct: "DirectLaunch"):
+                 args: list, direct: "DirectLaunch"):
         a = launcher.args
         self.launcher, self.direct, self.grid, self.tiles, self.sizes = launcher, direct, grid, tiles, bound.sizes
         self.out_shape = out_shape(launcher.spec, bound)
         self.lse_shape = lse_shape(bound) if launcher.spec.returns_lse else None
         self.dtype, self.device = bound.q.dtype, bound.q.device
-        n_extra = len(a.sizes) + len(a.params) + sum(1 + rank for _, rank in a.inputs)
-        base = positional - n_extra - (3 if a.data_dependent else 0)
-        first_param = base + len(a.sizes)
-        self.param_slots = tuple((first_param + n, p.name, _param_check(p.dtype))
-                                 for n, p in enumerate(launcher.spec.params))
-        slot, inputs = first_param + len(a.params), []
-        for name, rank in a.inputs:
-            inputs.append((slot, name))
-            slot += 1 + rank
-        self.input_slots = tuple(inputs)
-        self.extra = (base, base + n_extra)
-        self.summary_slot = base + n_extra if a.data_dependent else None
+        sig = launcher.signature
+        self.param_slots = tuple((sig.slot(param_arg(p.name)), p.name, _param_check(p.dtype))
+                                 for p in launcher.spec.params)
+        self.input_slots = tuple((sig.slot(input_arg(name)), name) for name, _ in a.inputs)
+        self.scalars = slice(sig.span("sizes")[0], sig.span("params")[1])
+        self.pointers = slice(*sig.span("pointers"))
+        self.summary_slot = sig.span("summary")[0] if a.data_dependent else None
         # No tensor is kept: the call's own tensors fill these slots each time.
         self.args = [None if isinstance(x, torch.Tensor) else x for x in args]
 
@@ -313,12 +299,11 @@ class PreparedLaunch:
         out_ptr, lse_ptr = out.data_ptr(), lse.data_ptr()
         if (out_ptr | lse_ptr) % ALIGNMENT:
             return None
-        args[0], args[1], args[2], args[3], args[4] = q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr
+        args[self.pointers] = q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr
         if self.summary_slot is not None:
-            lo, hi = self.extra
             tensors = [args[slot] for slot, _ in self.input_slots]
             s = self.summary_slot
-            args[s:s + 3] = self.launcher.summary(args[lo:hi], tensors, self.sizes, self.tiles, self.device)
+            args[s:s + 3] = self.launcher.summary(args[self.scalars], tensors, self.sizes, self.tiles, self.device)
         self.direct.launch(stream, self.grid, args)
         return out if self.lse_shape is None else (out, lse)
 

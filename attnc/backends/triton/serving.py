@@ -13,12 +13,14 @@ from types import ModuleType
 
 import torch
 
-from .decode import decode_args, generate_decode
-from ...dsl.signature import Bound, _coerce_param, canonical_view, lse_shape, out_shape
+from .decode import generate_decode
+from ...dsl.signature import Bound, _coerce_param, lse_shape, out_shape
 from ...passes import KernelPlan
 from ...passes.decode import INTERPRETER_SMS, DecodeLaunch, decode_launch, workspace_rows
 from .. import cache
 from . import launch
+from .emit import input_arg, param_arg
+from .signature import COMBINE_SIGNATURE, decode_signature, qkv_values, spec_args
 
 SOURCE_FILE = "decode.py"
 
@@ -43,11 +45,6 @@ def load_decode_module(plan: KernelPlan) -> ModuleType:
     return cache.get_or_load(cache.CacheKey({**key.as_dict(), "kernel": "decode"}), build, load)
 
 
-def _strides(t: torch.Tensor, rank: int = 4) -> tuple[int, ...]:
-    """Strides padded in front with zeros: a packed [H, T, D] view addresses like [1, H, T, D] with b = 0."""
-    return (0,) * (rank - t.dim()) + tuple(t.stride())
-
-
 class DecodeLauncher:
     """Runs `attn_decode` (and `attn_combine`) for a bound call of a spec with ragged or paged storage, or for
     the decode launches of a dense one (SplitKVLauncher)."""
@@ -56,7 +53,8 @@ class DecodeLauncher:
         self.plan, self.spec = plan, plan.spec
         module = module or load_decode_module(plan)
         self.decode_fn, self.combine_fn = module.attn_decode, module.attn_combine
-        self.args = decode_args(plan)
+        self.args = spec_args(plan, per_sequence=True)
+        self.signature = decode_signature(self.args)
         self.upcast = plan.target.arch is None and plan.dtype == "bf16"  # the interpreter's bf16 is wrong
         self._launches: dict[tuple, DecodeLaunch | None] = {}
 
@@ -98,45 +96,23 @@ class DecodeLauncher:
         """(kernel, grid, positional arguments, constexprs and options) of attn_decode, then of attn_combine
         when the keys split. Tensors sit at fixed places: DECODE_TENSOR_SLOTS, COMBINE_TENSOR_SLOTS, and the
         input tensors after the sizes and params (`input_slot`)."""
-        spec, sizes, q = self.spec, bound.sizes, bound.q
+        spec, sizes = self.spec, bound.sizes
         split = ws_out is not None
-        out_c = canonical_view(out, spec.q)
-        lse_or_out = out if lse is None else lse
-        lse_strides = (0, 0, 0) if lse is None else _strides(lse, 3)
-        ws_strides = (*ws_out.stride()[:3], *ws_lse.stride()[:2]) if split else (0,) * 5
-        extra = [sizes[s] for s in self.args.sizes] + [bound.params[p] for p in self.args.params]
-        for name, _ in self.args.inputs:
-            t = bound.inputs[name]
-            extra += [t, *t.stride()]
+        values = self.args.values(sizes, bound.params, bound.inputs)
+        values.update(qkv_values(spec, bound, out, lse),
+                      workspace=(ws_out, ws_lse) if split else (out, out),
+                      workspace_strides=(*ws_out.stride()[:3], *ws_lse.stride()[:2]) if split else (0,) * 5,
+                      launch=(go.search_steps, go.splits))
         c = go.tiles.config
-        decode = [q, bound.k, bound.v, out, lse_or_out, ws_out if split else out, ws_lse if split else out,
-                  *_strides(canonical_view(q, spec.q)), *_strides(canonical_view(bound.k, spec.k)),
-                  *_strides(canonical_view(bound.v, spec.v)), *_strides(out_c), *lse_strides, *ws_strides,
-                  *extra, go.search_steps, go.splits]
-        calls = [(self.decode_fn, (go.q_programs * go.splits, go.head_programs), decode,
+        calls = [(self.decode_fn, (go.q_programs * go.splits, go.head_programs), self.signature.pack(values),
                   dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_MQ=go.tiles.block_mq, PACK=go.tiles.pack,
                        SPLIT=split, UPCAST=self.upcast, num_warps=c.num_warps, num_stages=c.num_stages))]
         if split:
             rows = workspace_rows(spec, sizes)
-            combine = [ws_out, ws_lse, out, lse_or_out, *ws_strides, *_strides(out_c), *lse_strides, rows,
-                       sizes["M"], go.splits]
-            calls.append((self.combine_fn, (-(-rows // go.combine_rows), sizes["H"]), combine,
+            values.update(outputs=values["pointers"][3:], rows=(rows, sizes["M"], go.splits))
+            calls.append((self.combine_fn, (-(-rows // go.combine_rows), sizes["H"]), COMBINE_SIGNATURE.pack(values),
                           dict(BLOCK_R=go.combine_rows, BLOCK_S=go.combine_splits, num_warps=4)))
         return calls
-
-    def param_slot(self, name: str) -> int:
-        return FIXED_DECODE_ARGS + len(self.args.sizes) + self.args.params.index(name)
-
-    def input_slot(self, name: str) -> int:
-        slot = FIXED_DECODE_ARGS + len(self.args.sizes) + len(self.args.params)
-        for other, rank in self.args.inputs:
-            if other == name:
-                return slot
-            slot += 1 + rank
-        raise KeyError(name)
-
-
-FIXED_DECODE_ARGS = 7 + 4 * 4 + 3 + 5  # pointers, q/k/v/out strides, lse strides, workspace strides
 
 
 def output_shapes(spec, bound: Bound, go: DecodeLaunch | None) -> tuple:
@@ -170,8 +146,11 @@ class PreparedDecode:
                      + [meta[n] for n in fn.arg_names[len(args):]] for fn, _, args, meta in calls]
         self.grids = [grid for _, grid, _, _ in calls]
         spec = launcher.spec
-        self.params = tuple((launcher.param_slot(p.name), p) for p in spec.params)
-        self.inputs = tuple((launcher.input_slot(name), name) for name, _ in launcher.args.inputs)
+        sig = launcher.signature
+        self.params = tuple((sig.slot(param_arg(p.name)), p) for p in spec.params)
+        self.inputs = tuple((sig.slot(input_arg(name)), name) for name, _ in launcher.args.inputs)
+        self.tensors = slice(sig.span("pointers")[0], sig.span("workspace")[1])
+        self.combine_tensors = slice(COMBINE_SIGNATURE.span("workspace")[0], COMBINE_SIGNATURE.span("outputs")[1])
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kwargs: dict):
         decode = self.args[0].copy()
@@ -189,11 +168,11 @@ class PreparedDecode:
         made = [out, out if lse is None else lse, out if ws_out is None else ws_out, out if ws_lse is None else ws_lse]
         if any(t.data_ptr() % launch.ALIGNMENT for t in made):
             return None
-        decode[0:7] = [q, k, v, *made]
+        decode[self.tensors] = [q, k, v, *made]
         self.directs[0].launch(stream, self.grids[0], decode)
         if ws_out is not None:
             combine = self.args[1].copy()
-            combine[0:4] = [ws_out, ws_lse, out, made[1]]
+            combine[self.combine_tensors] = [ws_out, ws_lse, out, made[1]]
             self.directs[1].launch(stream, self.grids[1], combine)
         return out if lse is None else (out, lse)
 

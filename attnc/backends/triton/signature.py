@@ -1,0 +1,193 @@
+"""One record per generated kernel, its parameter list: the template renders the kernel's `def` from it and the
+launchers pack their arguments through it, so no argument slot is counted by hand (as Inductor's KernelArgs).
+
+A signature is a sequence of groups. Each group has a role, the name of what a launcher passes for it (`q`, the
+strides of `q`, the sizes, ...), and the kernel parameters it fills, in order. `pack` lays the launcher's values
+out in the kernel's order; `slot` says where a parameter sits, for launches that patch a prepared list.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+from ...ir import ROLES, IndexVar, Paged, SizeRef, walk
+from ...dsl.signature import canonical_view
+from ...passes.plan import KernelPlan
+from .emit import input_arg, param_arg, size_arg, stride_arg
+
+# Sizes every kernel takes; other sizes are passed only when an expression uses them.
+KERNEL_SIZES = ("B", "H", "HKV", "M", "N")
+
+
+@dataclass(frozen=True)
+class Group:
+    role: str  # the key of the value a launcher passes for it
+    names: tuple[str, ...]  # the kernel parameters it fills
+
+
+@dataclass(frozen=True)
+class Signature:
+    function: str
+    groups: tuple[Group, ...]
+    constexprs: tuple[str, ...]
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(n for g in self.groups for n in g.names)
+
+    def slot(self, name: str) -> int:
+        """The position of parameter `name` among the runtime (non-constexpr) arguments."""
+        return self.names.index(name)
+
+    def names_of(self, *roles: str) -> tuple[str, ...]:
+        return tuple(n for g in self.groups if g.role in roles for n in g.names)
+
+    def span(self, role: str) -> tuple[int, int]:
+        """[start, end) of a group's parameters among the runtime arguments."""
+        start = 0
+        for g in self.groups:
+            if g.role == role:
+                return start, start + len(g.names)
+            start += len(g.names)
+        raise KeyError(role)
+
+    def pack(self, values: Mapping[str, Sequence]) -> list:
+        """The runtime arguments in the kernel's order from `values[role]` (a sequence per group)."""
+        args = []
+        for g in self.groups:
+            got = values[g.role]
+            if len(got) != len(g.names):
+                raise AssertionError(f"{self.function}: {g.role} has {len(got)} values for {g.names}")
+            args.extend(got)
+        return args
+
+    def unspecialized(self) -> str:
+        """Triton's do_not_specialize list: the sizes, params and launch scalars change between calls."""
+        return ", ".join(f'"{n}"' for n in self.names_of("sizes", "params", "launch"))
+
+    def render(self, width: int = 100) -> str:
+        """The parameter list of the kernel's `def`, wrapped at `width` with the signature's indentation."""
+        names = list(self.names) + [f"{c}: tl.constexpr" for c in self.constexprs]
+        lines, line = [], ""
+        for n in names:
+            if line and len(line) + len(n) + 2 > width - 4:
+                lines.append(line.rstrip())
+                line = ""
+            line += f"{n}, "
+        lines.append(line.rstrip())
+        return "\n    ".join(lines)
+
+
+def _strides(prefix: str, axes: str) -> tuple[str, ...]:
+    return tuple(f"s_{prefix}{a}" for a in axes)
+
+
+# The q/k/v/out/lse pointers and strides every attention kernel starts with; strides of the canonical
+# [B, H, M, D] views (lse [B, H, M]).
+QKV_GROUPS = (
+    Group("pointers", ("q_ptr", "k_ptr", "v_ptr", "out_ptr", "lse_ptr")),
+    Group("q_strides", _strides("q", "bhmd")),
+    Group("k_strides", _strides("k", "bhnd")),
+    Group("v_strides", _strides("v", "bhnd")),
+    Group("out_strides", _strides("o", "bhmd")),
+    Group("lse_strides", _strides("l", "bhm")),
+)
+# What AOT's "dense" layout assumes of the tensors a contiguous head dim gives: 16-byte aligned pointers and
+# row strides, unit head-dim strides.
+ALIGNED = ("q_ptr", "k_ptr", "v_ptr", "out_ptr") + tuple(
+    g.names[i] for g in QKV_GROUPS[1:5] for i in range(3))
+UNIT = tuple(g.names[3] for g in QKV_GROUPS[1:5])
+
+
+@dataclass(frozen=True)
+class SpecArgs:
+    """The spec's runtime arguments: sizes its expressions use, params, extra input tensors with strides."""
+
+    sizes: tuple[str, ...]  # size names
+    size_args: tuple[str, ...]  # their parameter names (cap_M / cap_N where sequences have their own lengths)
+    params: tuple[str, ...]
+    inputs: tuple[tuple[str, int], ...]  # (input name, rank)
+    data_dependent: bool  # the prefill kernel reads a tile summary
+    summary_uses_b: bool  # whether the tile summary differs per batch / per head program
+    summary_uses_h: bool
+
+    def groups(self) -> tuple[Group, ...]:
+        return (Group("sizes", self.size_args), Group("params", tuple(param_arg(p) for p in self.params)),
+                Group("inputs", tuple(n for t, rank in self.inputs
+                                      for n in (input_arg(t), *(stride_arg(t, a) for a in range(rank))))))
+
+    def values(self, sizes: Mapping[str, int], params: Mapping[str, object], inputs: Mapping[str, object]) -> dict:
+        """The sizes, params and inputs groups' values for one call."""
+        tensors = []
+        for name, _ in self.inputs:
+            t = inputs[name]
+            tensors += [t, *t.stride()]
+        return {"sizes": [sizes[s] for s in self.sizes], "params": [params[p] for p in self.params],
+                "inputs": tensors}
+
+
+def spec_args(plan: KernelPlan, per_sequence: bool = False) -> SpecArgs:
+    """`per_sequence`: the decode kernel, where M and N of ragged or paged storage are capacities and a paged
+    spec also takes the page size."""
+    spec = plan.spec
+    exprs = [spec.score, *spec.masks] + ([spec.normalizer.sink] if spec.normalizer.sink is not None else [])
+    used = {n.name for e in exprs for n in walk(e) if isinstance(n, SizeRef)}
+    used |= {dim for t in spec.inputs for dim in t.shape}  # lookups check their indices against these
+    sizes = KERNEL_SIZES + tuple(sorted(used - set(ROLES)))
+    size_args = tuple(size_arg(s) for s in sizes)
+    if per_sequence:
+        if isinstance(spec.kv_storage, Paged) and "PAGE" not in sizes and "PAGE" not in spec.dim_values:
+            sizes += ("PAGE",)
+        capacity = {"M": spec.q_storage is not None, "N": spec.kv_storage is not None}
+        size_args = tuple(f"cap_{s}" if capacity.get(s) else size_arg(s) for s in sizes)
+    mask_vars = {n.name for e in spec.masks for n in walk(e) if isinstance(n, IndexVar)}
+    return SpecArgs(sizes, size_args, tuple(p.name for p in spec.params),
+                    tuple((t.name, len(t.shape)) for t in spec.inputs), plan.masks.data_dependent,
+                    "b" in mask_vars, "h" in mask_vars)
+
+
+TILE_CONSTEXPRS = ("BLOCK_M", "BLOCK_N", "BLOCK_MQ", "PACK")
+SUMMARY = Group("summary", ("summary_ptr", "s_sb", "s_sh"))
+
+
+def prefill_signature(args: SpecArgs, tma: bool) -> Signature:
+    return Signature("attn_fwd", QKV_GROUPS + args.groups() + ((SUMMARY,) if args.data_dependent else ()),
+                     TILE_CONSTEXPRS + ("UPCAST",) + (("TMA",) if tma else ()))
+
+
+def summary_signature(args: SpecArgs) -> Signature:
+    return Signature("tile_summary", args.groups() + (SUMMARY, Group("head_programs", ("head_programs_s",))),
+                     TILE_CONSTEXPRS)
+
+
+WORKSPACE = (Group("workspace", ("ws_out_ptr", "ws_lse_ptr")),
+             Group("workspace_strides", ("s_wo_s", "s_wo_h", "s_wo_r", "s_wl_s", "s_wl_h")))
+
+
+def decode_signature(args: SpecArgs) -> Signature:
+    # the workspace pointers follow q/k/v/out/lse: a prepared launch replaces the seven tensors as one run
+    return Signature("attn_decode", QKV_GROUPS[:1] + WORKSPACE[:1] + QKV_GROUPS[1:] + WORKSPACE[1:] + args.groups()
+                     + (Group("launch", ("search_steps", "n_splits")),),
+                     TILE_CONSTEXPRS + ("SPLIT", "UPCAST"))
+
+
+COMBINE_SIGNATURE = Signature(
+    "attn_combine",
+    (Group("workspace", ("ws_out_ptr", "ws_lse_ptr")), Group("outputs", ("out_ptr", "lse_ptr")),
+     WORKSPACE[1], QKV_GROUPS[4], QKV_GROUPS[5], Group("rows", ("rows", "rows_per_b", "n_splits"))),
+    ("BLOCK_R", "BLOCK_S"))
+
+
+def padded_strides(t, rank: int) -> tuple[int, ...]:
+    """Strides padded in front with zeros: a packed [H, T, D] view addresses like [1, H, T, D] with b = 0."""
+    return (0,) * (rank - t.dim()) + tuple(t.stride())
+
+
+def qkv_values(spec, bound, out, lse) -> dict:
+    """The pointer and stride groups of q, k, v, out and lse for one call (lse None: out stands in, strides 0)."""
+    return {"pointers": [bound.q, bound.k, bound.v, out, out if lse is None else lse],
+            "q_strides": padded_strides(canonical_view(bound.q, spec.q), 4),
+            "k_strides": padded_strides(canonical_view(bound.k, spec.k), 4),
+            "v_strides": padded_strides(canonical_view(bound.v, spec.v), 4),
+            "out_strides": padded_strides(canonical_view(out, spec.q), 4),
+            "lse_strides": (0, 0, 0) if lse is None else padded_strides(lse, 3)}
