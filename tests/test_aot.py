@@ -13,8 +13,9 @@ import triton
 
 import attnc
 from attnc import cli
+from attnc.backends.triton.decode import generate_decode
 from attnc.backends.triton.generate import generate
-from attnc.passes import Target, launch_tiles, plan_kernel
+from attnc.passes import Target, plan_kernel
 from attnc.backends.triton import aot
 
 SPECS = """\
@@ -73,15 +74,6 @@ def cubin_sm(data: bytes) -> int:
     return (flags >> 8) & 0xFF if data[8] >= 8 else flags & 0xFF
 
 
-def expected_launches(plan) -> set:
-    """The (BLOCK_M, BLOCK_N, BLOCK_MQ, PACK, warps, stages) a call can use: launch_tiles over M and groups."""
-    configs = set()
-    for m in range(1, plan.tiling.decode_max_m + 40):
-        t = launch_tiles(plan, m, 1)
-        configs.add((t.config.block_m, t.config.block_n, t.block_mq, t.pack, t.config.num_warps, t.config.num_stages))
-    return configs
-
-
 @pytest.mark.parametrize("which, capability, names", [("sm90", 90, ["small_causal", "small_window"]),
                                                       ("sm80", 80, ["small_causal"])])
 def test_compile_writes_sources_cubins_and_manifest(request, spec_file, which, capability, names):
@@ -106,35 +98,41 @@ def test_compile_writes_sources_cubins_and_manifest(request, spec_file, which, c
         assert (build["head_dim"], build["value_dim"]) == (32, 32)
         plan = plan_kernel(spec, Target("triton", "cuda", capability), 32, 32)
         assert build["plan"] == repr(plan)
-        assert (folder / build["source"]).read_text() == generate(plan)
-        launches = set()
+        generators = {"prefill": generate, "decode": generate_decode}
+        assert build["sources"].keys() == {k.module for k in plan.kernels}
+        for module, path in build["sources"].items():
+            assert (folder / path).read_text() == generators[module](plan)
+        built = []
         for k in build["kernels"]:
             launch = dict(k["launch"])
-            launches.add((launch["BLOCK_M"], launch["BLOCK_N"], launch["BLOCK_MQ"], launch["PACK"],
-                          launch["num_warps"], launch["num_stages"]))
-            assert k["kernel"] == "attn_fwd" and launch["UPCAST"] is False
-            assert (k["num_warps"], k["num_stages"]) == (launch["num_warps"], launch["num_stages"]) and k["shared"] > 0
-            assert list(k["signature"])[:5] == ["q_ptr", "k_ptr", "v_ptr", "out_ptr", "lse_ptr"]
-            assert k["signature"]["q_ptr"] == "*fp16"
-            assert k["signature"]["lse_ptr"] == ("*fp32" if spec.returns_lse else "*fp16")
+            built.append((k["kernel"], tuple(map(tuple, k["launch"])), k["layout"]))
+            assert (k["num_warps"], k["num_stages"]) == (launch["num_warps"], launch.get("num_stages", 3))
+            assert k["shared"] >= 0 and launch.get("UPCAST", False) is False
             assert all(k["signature"][n] == "constexpr" and k["constexprs"][n] == v for n, v in launch.items()
                        if n.isupper())
-            if a["name"] == "small_window":
-                assert k["signature"]["p_window"] == "i64"
             dense = k["layout"] == "dense"
-            assert k["assumes"]["equal_to_1"] == (["s_qd", "s_kd", "s_vd", "s_od"] if dense else [])
-            assert ("q_ptr" in k["assumes"]["divisible_by_16"]) == dense
-            assert all(k["signature"][n] == ("constexpr" if n in k["assumes"]["equal_to_1"] else "i64")
-                       for n in ("s_qd", "s_qm", "sz_M", "sz_N"))
+            if k["kernel"] in ("attn_fwd", "attn_decode"):
+                assert list(k["signature"])[:5] == ["q_ptr", "k_ptr", "v_ptr", "out_ptr", "lse_ptr"]
+                assert k["signature"]["q_ptr"] == "*fp16"
+                assert k["signature"]["lse_ptr"] == ("*fp32" if spec.returns_lse else "*fp16")
+                if a["name"] == "small_window":
+                    assert k["signature"]["p_window"] == "i64"
+                assert k["assumes"]["equal_to_1"] == (["s_qd", "s_kd", "s_vd", "s_od"] if dense else [])
+                assert ("q_ptr" in k["assumes"]["divisible_by_16"]) == dense
+                assert all(k["signature"][n] == ("constexpr" if n in k["assumes"]["equal_to_1"] else "i64")
+                           for n in ("s_qd", "s_qm"))
             assert cubin_sm((folder / k["binary"]).read_bytes()) == capability
             meta = json.loads((folder / k["metadata"]).read_text())
-            assert meta["name"] == "attn_fwd" and meta["target"]["arch"] == capability
+            assert meta["name"] == k["kernel"] and meta["target"]["arch"] == capability
             assert meta["triton_version"] == triton.__version__ and meta["hash"] == k["triton_hash"]
-        assert launches == expected_launches(plan)
-        # with descriptors (sm_90), each launch is built for K/V that they can take (TMA=True) and that they cannot
-        tma = {dict(k["launch"]).get("TMA") for k in build["kernels"]}
+        # exactly the plan's kernel list, each for the layouts that differ for it
+        assert {(f, launch) for f, launch, _ in built} == {(k.function, k.launch) for k in plan.kernels}
+        assert len(built) == len(set(built))
+        # with descriptors (sm_90), each prefill launch is built for K/V that they can take (TMA=True) and that
+        # they cannot; the split-KV decode kernels and their merge are built too
+        tma = {dict(launch).get("TMA") for f, launch, _ in built if f == "attn_fwd"}
         assert tma == ({True, False} if plan.triton.tma else {None}) and plan.triton.tma == (capability >= 90)
-        assert sorted(k["layout"] for k in build["kernels"]) == sorted(["any", "dense"] * len(launches) * len(tma))
+        assert {"attn_decode", "attn_combine"} <= {f for f, _, _ in built}
 
 
 def test_load_gives_kernels_that_check_their_calls(sm90, spec_file):
@@ -189,7 +187,7 @@ def test_a_changed_or_missing_file_is_refused(sm90, copy_of):
                               f"wrote it): rebuild with `{m['command']}`")
     cubin.write_bytes(sm90.joinpath(cubin.relative_to(folder)).read_bytes())
     attnc.load(folder)  # restored: accepted again
-    source = folder / m["attentions"][1]["builds"][0]["source"]
+    source = folder / m["attentions"][1]["builds"][0]["sources"]["prefill"]
     source.unlink()
     with pytest.raises(attnc.CacheError, match=rf"^{source}: listed in manifest.json but cannot be read"):
         attnc.load(folder)
@@ -232,10 +230,10 @@ def test_a_plan_or_source_this_attnc_would_not_make_is_refused(sm80, copy_of, ch
     if change == "plan":
         build["plan"] += " "
     else:  # an older code generator's source, with a matching hash: the launcher would pass other arguments
-        source = folder / build["source"]
+        source = folder / build["sources"]["prefill"]
         source.write_text(source.read_text() + "# from another attnc\n")
         data = source.read_bytes()
-        m["files"][build["source"]] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+        m["files"][build["sources"]["prefill"]] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
     (folder / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(attnc.CacheError, match=r"plans or generates attention 'small_causal' \(D=32\) differently "
                                                r"from the attnc that built it: rebuild with `attnc compile"):
@@ -285,11 +283,14 @@ def test_missing_input_or_output_folder_exit_2(spec_file, tmp_path, capsys):
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 
 
-def test_paged_storage_is_refused_with_a_message(tmp_path, capsys):
+def test_paged_storage_builds_its_decode_kernels(tmp_path):
+    """Ragged and paged specs run every launch on the decode kernels: the artifact holds those, and only those."""
     paged = Path(__file__).parents[1] / "examples" / "specs" / "paged_decode.attn"
-    assert compile_cli(paged, "--arch", "sm_90a", "-o", tmp_path / "out", "--dims", "D=64") == 2
-    assert "ragged and paged storage are not built ahead of time yet" in capsys.readouterr().err
-    assert list(tmp_path.iterdir()) == []
+    assert compile_cli(paged, "--arch", "sm_90a", "-o", tmp_path / "out", "--dims", "D=64") == 0
+    (attention,) = manifest_of(tmp_path / "out")["attentions"]
+    (build,) = attention["builds"]
+    assert list(build["sources"]) == ["decode"]
+    assert {k["kernel"] for k in build["kernels"]} == {"attn_decode", "attn_combine"}
 
 
 # ---------------------------------------------------------------- on the GPU

@@ -20,7 +20,7 @@ from typing import Mapping
 
 from ..errors import CompileError
 from ..ir import Paged, Ragged
-from .plan import DecodePlan, KernelPlan, TileConfig
+from .plan import DecodePlan, KernelLaunch, KernelPlan, TileConfig
 from .tiling import DTYPE_BITS, MIN_DOT_ROWS, LaunchTiles, next_pow2, prefill_tile, smem_bytes, smem_capacity
 
 
@@ -83,8 +83,13 @@ class DecodeLaunch:
     q_programs: int  # grid axis 0: row tiles (an upper bound for a ragged q)
     head_programs: int  # grid axis 1: (B x) H // pack
     search_steps: int  # a ragged q: binary-search steps to find a program's sequence
-    combine_rows: int  # attn_combine's BLOCK_R: workspace rows per program
-    combine_splits: int  # attn_combine's BLOCK_S: splits it loads at once
+    decode: KernelLaunch  # attn_decode's launch
+    combine: KernelLaunch | None  # attn_combine's, which merges the splits (None: one split)
+
+    @property
+    def combine_rows(self) -> int:
+        """attn_combine's BLOCK_R: workspace rows per program."""
+        return self.combine.keywords["BLOCK_R"]
 
 
 def decode_launch(plan: KernelPlan, sizes: Mapping[str, int], sm_count: int) -> DecodeLaunch | None:
@@ -108,25 +113,15 @@ def decode_launch(plan: KernelPlan, sizes: Mapping[str, int], sm_count: int) -> 
 
     Stages: the plan's num_stages - 1 is the number of K/V tiles in flight; `pipeline_stages` turns it into
     Triton's num_stages (more for a paged cache). The merge (attn_combine) takes all splits of its rows in one
-    load where they fit in COMBINE_TILE elements (`combine_blocks`)."""
-    d, t = plan.decode, plan.tiling
+    load where they fit in COMBINE_TILE elements (`combine_kernel`)."""
+    d = plan.decode
     b, heads, group = sizes["B"], sizes["H"], sizes["H"] // sizes["HKV"]
     ragged_q = plan.spec.q_storage is not None
     m = -(-sizes["T"] // b) if ragged_q else sizes["M"]
     dense = not ragged_q and plan.spec.kv_storage is None
     if dense and m > d.dense_max_m:
         return None
-    positions = next_pow2(max(m, 1))
-    if positions <= d.tile.block_m:
-        pack = 1
-        if plan.heads.pack:
-            while group % (pack * 2) == 0 and pack * 2 * positions <= d.tile.block_m:
-                pack *= 2
-        block_m = max(MIN_DOT_ROWS, pack * positions)
-        tiles = LaunchTiles(replace(d.tile, block_m=block_m), pack, block_m // pack)
-    else:
-        c = prefill_tile(t, m)
-        tiles = LaunchTiles(c, 1, c.block_m)
+    tiles = decode_tiles(plan, m, group)
     block_mq = tiles.block_mq
     if ragged_q:
         q_programs = (sizes["T"] + b * (block_mq - 1)) // block_mq
@@ -146,10 +141,51 @@ def decode_launch(plan: KernelPlan, sizes: Mapping[str, int], sm_count: int) -> 
         splits = -(-key_tiles // -(-key_tiles // splits)) if key_tiles else 1
     if splits == 1 and dense and (m > 1 or plan.masks.data_dependent):
         return None  # the prefill kernel: measured only at M = 1 to lose to this one; its tile summary skips tiles
-    paged = isinstance(plan.spec.kv_storage, Paged)
-    tiles = replace(tiles, config=replace(tiles.config, num_stages=pipeline_stages(tiles.config.num_stages, paged)))
     return DecodeLaunch(tiles, splits, q_programs, head_programs, max(0, b - 1).bit_length(),
-                        *combine_blocks(splits, workspace_rows(plan.spec, sizes), t.block_dv))
+                        decode_kernel(plan, tiles, splits > 1),
+                        combine_kernel(plan, splits) if splits > 1 else None)
+
+
+def decode_tiles(plan: KernelPlan, m: int, group: int) -> LaunchTiles:
+    """The decode kernel's tile for m query rows per sequence and H // HKV = group: the group's heads packed
+    into the rows while m fits the decode tile, else the prefill tile without packing; Triton's num_stages
+    from `pipeline_stages`."""
+    d = plan.decode
+    positions = next_pow2(max(m, 1))
+    if positions <= d.tile.block_m:
+        pack = 1
+        if plan.heads.pack:
+            while group % (pack * 2) == 0 and pack * 2 * positions <= d.tile.block_m:
+                pack *= 2
+        block_m = max(MIN_DOT_ROWS, pack * positions)
+        tiles = LaunchTiles(replace(d.tile, block_m=block_m), pack, block_m // pack)
+    else:
+        c = prefill_tile(plan.tiling, m)
+        tiles = LaunchTiles(c, 1, c.block_m)
+    paged = isinstance(plan.spec.kv_storage, Paged)
+    return replace(tiles, config=replace(tiles.config, num_stages=pipeline_stages(tiles.config.num_stages, paged)))
+
+
+def decode_kernel(plan: KernelPlan, tiles: LaunchTiles, split: bool) -> KernelLaunch:
+    c = tiles.config
+    return KernelLaunch("attn_decode", (("BLOCK_M", c.block_m), ("BLOCK_N", c.block_n), ("BLOCK_MQ", tiles.block_mq),
+                                        ("PACK", tiles.pack), ("SPLIT", split), ("UPCAST", upcast(plan)),
+                                        ("num_warps", c.num_warps), ("num_stages", c.num_stages)))
+
+
+def combine_kernel(plan: KernelPlan, splits: int) -> KernelLaunch:
+    """attn_combine for `splits` partial results: every split at once while a row of them fits in COMBINE_TILE
+    (always at MAX_SPLITS and BLOCK_DV <= 128), and as many rows per program as fit (rows past the end are
+    masked, so the choice needs no row count and the set of combine kernels stays small)."""
+    block_dv = plan.tiling.block_dv
+    block_s = min(next_pow2(splits), max(1, COMBINE_TILE // block_dv))
+    block_r = max(1, COMBINE_TILE // (block_s * block_dv))
+    return KernelLaunch("attn_combine", (("BLOCK_R", block_r), ("BLOCK_S", block_s), ("num_warps", 4)))
+
+
+def upcast(plan: KernelPlan) -> bool:
+    """The interpreter's bf16 is wrong: its kernels load bf16 and compute in f32."""
+    return plan.target.arch is None and plan.dtype == "bf16"
 
 
 def workspace_rows(spec, sizes: Mapping[str, int]) -> int:
@@ -163,10 +199,3 @@ def pipeline_stages(stages: int, paged: bool) -> int:
     paged K/V load waits on its page-id load, a chain of two, so it needs 2 * (stages - 1) + 1 (sm_90 TTGIR:
     paged at num_stages 3 double-buffers nothing, 39 KB of shared memory; at 5 it matches dense at 3, 72 KB)."""
     return 2 * (stages - 1) + 1 if paged and stages > 1 else stages
-
-
-def combine_blocks(splits: int, rows: int, block_dv: int) -> tuple[int, int]:
-    """attn_combine's (BLOCK_R, BLOCK_S): every split at once while a row of them fits in COMBINE_TILE (always
-    at MAX_SPLITS and BLOCK_DV <= 128), then as many rows per program as fit."""
-    block_s = min(next_pow2(splits), max(1, COMBINE_TILE // block_dv))
-    return max(1, min(next_pow2(rows), COMBINE_TILE // (block_s * block_dv))), block_s

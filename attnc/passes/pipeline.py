@@ -8,6 +8,7 @@ from ..errors import CompileError
 from ..ir import QK, Attention, IndexVar, walk
 from .decode import plan_decode
 from .fold import fold_spec
+from .kernels import list_kernels
 from .masks import analyze_masks
 from .plan import KernelPlan, PlanOptions, Target
 from .score import to_exp2_domain
@@ -21,22 +22,39 @@ def fold_constants(plan: KernelPlan) -> KernelPlan:
     return replace(plan, spec=fold_spec(plan.spec, sizes))
 
 
-PIPELINE: tuple[Pass, ...] = (
+# Backend-neutral: what the math is, whatever runs it.
+NEUTRAL: tuple[Pass, ...] = (
     fold_constants,  # dims and head dims become literals, so later passes and kernels see constants
     analyze_masks,  # masks -> key-range loop bounds, full/partial tiles, element-wise checks
     to_exp2_domain,  # base-2 softmax with log2(e) folded into qk's scale: one multiply per score
-    choose_tiles,  # block sizes and warps from arch, dtype and head dim (one tuned table)
-    share_kv_heads,  # GQA: let a program take the query heads that share one K/V head
-    stage_pipeline,  # software-pipelining depth that fits shared memory; Hopper TMA / warp-spec flags
-    plan_decode,  # small-M tiles with packed GQA heads and split-KV bounds: decode and ragged/paged storage
 )
+# Then one schedule per backend: how its kernels run. TVM's loop schedule is chosen in backends/tvm from the
+# neutral plan, so its list is empty.
+SCHEDULES: dict[str, tuple[Pass, ...]] = {
+    "triton": (
+        choose_tiles,  # block sizes and warps from arch, dtype and head dim (one tuned table)
+        share_kv_heads,  # GQA: let a program take the query heads that share one K/V head
+        stage_pipeline,  # software-pipelining depth that fits shared memory; Hopper TMA / warp-spec flags
+        plan_decode,  # small-M tiles with packed GQA heads and split-KV bounds: decode and ragged/paged storage
+        list_kernels,  # every kernel a launch may select: the runtime, AOT and autotune share one finite list
+    ),
+    "tvm": (),
+}
+
+
+def pipeline(backend: str) -> tuple[Pass, ...]:
+    """The passes a plan for `backend` runs, in order."""
+    return NEUTRAL + SCHEDULES[backend]
+
+
+PIPELINE = pipeline("triton")
 
 
 def plan_kernel(spec: Attention, target: Target, head_dim: int, value_dim: int,
                 options: PlanOptions = PlanOptions(), check: bool = True) -> KernelPlan:
     """Run every pass; `check` verifies the plan after each one."""
     plan = KernelPlan(spec=spec, spec_key=spec.key, target=target, head_dim=head_dim, value_dim=value_dim, options=options)
-    for step in PIPELINE:
+    for step in pipeline(target.backend):
         plan = step(plan)
         if check:
             verify(plan, after=step.__name__)

@@ -125,6 +125,25 @@ class TritonOptions:
 
 
 @dataclass(frozen=True)
+class KernelLaunch:
+    """One compiled kernel a plan may launch: a generated function (`attn_fwd`, `tile_summary` of the prefill
+    module; `attn_decode`, `attn_combine` of the decode module) and its launch keywords (constexprs, then
+    num_warps and num_stages) in the order the launcher passes them. The runtime launches only these, and an
+    AOT build compiles exactly these."""
+
+    function: str
+    launch: tuple[tuple[str, int | bool], ...]
+
+    @property
+    def keywords(self) -> dict:
+        return dict(self.launch)
+
+    @property
+    def module(self) -> str:
+        return "decode" if self.function in ("attn_decode", "attn_combine") else "prefill"
+
+
+@dataclass(frozen=True)
 class KernelPlan:
     spec: Attention  # with compile-time sizes substituted and constants folded
     spec_key: str  # the key of the spec as written (before folding)
@@ -138,6 +157,7 @@ class KernelPlan:
     heads: HeadSharing | None = None
     triton: TritonOptions | None = None
     decode: DecodePlan | None = None
+    kernels: tuple[KernelLaunch, ...] = ()  # every kernel a launch of this plan may run (passes/kernels.py)
 
     @property
     def dtype(self) -> str:
@@ -180,6 +200,12 @@ class KernelPlan:
         if self.triton:
             o = self.triton
             lines.append(f"  triton     f32 dots {o.dot_precision}, tma {o.tma}, warp specialization {o.warp_specialize}")
+        if self.kernels:
+            counts: dict[str, int] = {}
+            for k in self.kernels:
+                counts[k.function] = counts.get(k.function, 0) + 1
+            lines.append("  kernels    " + ", ".join(f"{name} x{n}" for name, n in counts.items())
+                         + " (launch configs a call may select)")
         return "\n".join(lines)
 
 

@@ -50,11 +50,13 @@ from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
 
 # Compiler workers import this module: torch (seconds to import) and the runtime are imported where used.
 from ...version import __version__
+from .decode import generate_decode
 from .generate import generate
-from .signature import ALIGNED, UNIT
+from .signature import ALIGNED, UNIT, argument_types
 from ...errors import AttncError, CacheError, CallError, CompileError
 from ...ir import Attention
-from ...passes import KernelPlan, PlanOptions, Target, launch_tiles, plan_kernel
+from ...passes import KernelPlan, PlanOptions, Target, plan_kernel
+from ...passes.plan import KernelLaunch
 
 if TYPE_CHECKING:
     import torch
@@ -63,10 +65,10 @@ if TYPE_CHECKING:
 
 FORMAT = "attnc-aot/1"  # bump when the layout or the manifest changes
 MANIFEST = "manifest.json"
-SOURCE = "kernel.py"  # the generated source in each build folder
+SOURCES = {"prefill": "kernel.py", "decode": "decode.py"}  # the generated sources in each build folder
+GENERATORS = {"prefill": generate, "decode": generate_decode}
 ALIGNMENT = 16  # bytes for pointers, elements for strides: Triton's "tt.divisibility" hint
 MIN_CAPABILITY = 75  # the oldest NVIDIA arch Triton 3.x compiles for
-TRACE_N = 48  # key length of the traced launches: several key tiles, so tile summaries launch too
 
 
 # ---------------------------------------------------------------- targets and layouts
@@ -158,7 +160,7 @@ class HeadDimBuild:
     head_dim: int
     value_dim: int
     plan: str  # repr(KernelPlan): load re-plans and compares
-    source: str  # artifact-relative path of kernel.py
+    sources: Mapping[str, str]  # module ("prefill", "decode") -> artifact-relative path of its generated source
     kernels: tuple[KernelBuild, ...]
 
 
@@ -209,7 +211,7 @@ def read_artifact(path: str | os.PathLike) -> Artifact:
         _check_files(folder, manifest["files"], command)
         attentions = tuple(
             AttentionBuild(a["name"], a["key"], a["canonical"], tuple(
-                HeadDimBuild(int(b["head_dim"]), int(b["value_dim"]), b["plan"], b["source"],
+                HeadDimBuild(int(b["head_dim"]), int(b["value_dim"]), b["plan"], dict(b["sources"]),
                              tuple(KernelBuild.from_json(k) for k in b["kernels"]))
                 for b in a["builds"]))
             for a in manifest["attentions"])
@@ -289,7 +291,9 @@ def _spec_of(artifact: Artifact, attention: AttentionBuild) -> Attention:
         # launcher passes.
         plan = plan_kernel(spec, Target("triton", "cuda", artifact.arch.capability), build.head_dim,
                            build.value_dim, PlanOptions())
-        same = repr(plan) == build.plan and generate(plan) == (artifact.path / build.source).read_text("utf-8")
+        same = repr(plan) == build.plan and all(
+            GENERATORS[module](plan) == (artifact.path / path).read_text("utf-8")
+            for module, path in build.sources.items())
         if not same:
             raise CacheError(f"{artifact.path}: attnc {__version__} plans or generates attention {attention.name!r} "
                              f"(D={build.head_dim}) differently from the attnc that built it: rebuild with "
@@ -318,7 +322,7 @@ class AotBackend:
         return Target("triton", "cuda", a.arch.capability)
 
     def build(self, plan: KernelPlan) -> TritonLauncher:
-        from .launch import TritonLauncher
+        from .serving import launcher_for
 
         builds = self.attention.builds
         match = next((b for b in builds if b.plan == repr(plan)), None)
@@ -327,14 +331,16 @@ class AotBackend:
             raise CacheError(f"{self.artifact.path}: attention {self.attention.name!r} was built for {built}, not "
                              f"D={plan.head_dim} DV={plan.value_dim}: rebuild with --dims D={plan.head_dim},"
                              f"DV={plan.value_dim} (`{self.artifact.command}`)")
-        digest = self.artifact.manifest["files"][match.source]["sha256"]
-        module = _import_kernels(self.artifact.path / match.source, f"attnc_aot.{self.spec.name}_{digest[:16]}")
-        kernels = {}
-        for k in match.kernels:
-            kernels.setdefault(k.kernel, []).append(k)
-        stand_ins = {name: AotKernel(getattr(module, name), self.artifact.path, ks, self.artifact.command)
-                     for name, ks in kernels.items()}
-        return TritonLauncher(plan, SimpleNamespace(**stand_ins))
+        modules = {}
+        for module, path in match.sources.items():
+            digest = self.artifact.manifest["files"][path]["sha256"]
+            loaded = _import_kernels(self.artifact.path / path, f"attnc_aot.{self.spec.name}_{module}_{digest[:16]}")
+            kernels = [k for k in match.kernels if KernelLaunch(k.kernel, ()).module == module]
+            modules[module] = SimpleNamespace(**{
+                name: AotKernel(getattr(loaded, name), self.artifact.path, [k for k in kernels if k.kernel == name],
+                                self.artifact.command)
+                for name in dict.fromkeys(k.kernel for k in kernels)})
+        return launcher_for(plan, modules.get("prefill"), modules.get("decode"))
 
 
 class AotKernel:
@@ -415,128 +421,6 @@ def _import_kernels(path: Path, module_name: str) -> ModuleType:
 
 
 # ---------------------------------------------------------------- building
-
-
-@dataclass(frozen=True)
-class Launch:
-    """One kernel launch the runtime launcher makes: the kernel, its positional arguments (meta tensors and
-    Python scalars) and its constexpr/option keywords in call order."""
-
-    kernel: str
-    args: tuple
-    launch: tuple[tuple[str, object], ...]
-
-
-class _TraceDone(Exception):
-    """Raised by the recording attn_fwd: the forward launch is the last one a call makes."""
-
-
-class _Recorder:
-    def __init__(self, fn, log: list[Launch], last: bool):
-        self.fn, self.log, self.last = fn, log, last
-        self.arg_names = fn.arg_names
-
-    def __getitem__(self, grid):
-        def record(*args, **launch):
-            self.log.append(Launch(self.fn.__name__, args, tuple(launch.items())))
-            if self.last:
-                raise _TraceDone
-        return record
-
-
-def trace_launches(plan: KernelPlan, module: ModuleType) -> list[tuple[int, int, Launch]]:
-    """(M, H // HKV, launch) for every distinct launch the runtime launcher makes for `plan`: one call per tile
-    `launch_tiles` can choose, run through TritonLauncher on meta tensors with recording kernels."""
-    from ...dsl.signature import bind
-    from .launch import TritonLauncher
-
-    spec = plan.spec
-    found: dict[tuple, tuple[int, int, Launch]] = {}
-    # K/V that tensor descriptors can take and, where the plan uses them, K/V that they cannot (the launcher then
-    # passes TMA=False): the head dim with stride 2.
-    kv_layouts = ((), ("D", "DV")) if plan.triton.tma else ((),)
-    for (m, group), strided in ((c, kv) for c in _tile_classes(plan) for kv in kv_layouts):
-        log: list[Launch] = []
-        kernels = {"attn_fwd": _Recorder(module.attn_fwd, log, last=True)}
-        if hasattr(module, "tile_summary"):
-            kernels["tile_summary"] = _Recorder(module.tile_summary, log, last=False)
-        launcher = TritonLauncher(plan, SimpleNamespace(**kernels))
-        sizes = _trace_sizes(plan, m, group)
-        q = _meta(spec.q.shape, spec.q.dtype, sizes)
-        k, v = (_meta(d.shape, d.dtype, sizes, strided) for d in (spec.k, spec.v))
-        kwargs = {t.name: _meta(t.shape, t.dtype, sizes) for t in spec.inputs}
-        kwargs.update({p.name: _trace_param(p) for p in spec.params if p.default is None})
-        try:
-            launcher(bind(spec, q, k, v, kwargs))
-        except _TraceDone:
-            pass
-        if not log or log[-1].kernel != "attn_fwd":
-            raise CompileError(f"attention {spec.name!r}: the launcher made no forward launch for M={m}; nothing "
-                               f"to build ahead of time")
-        for launch in log:
-            found.setdefault((launch.kernel, launch.launch), (m, group, launch))
-    return list(found.values())
-
-
-def _tile_classes(plan: KernelPlan) -> list[tuple[int, int]]:
-    """One (M, H // HKV) per distinct LaunchTiles: M up to one past the decode limit, group sizes up to the most
-    heads a program packs (powers of two: packing takes the largest power of two dividing the group)."""
-    dims = plan.spec.dim_values
-    t = plan.tiling
-    # every decode M, then the first M of each prefill regime (short, then long)
-    ms = [dims["M"]] if "M" in dims else [*range(1, t.decode_max_m + 2), *((t.short_max_m + 1,) * bool(t.short))]
-    if "H" in dims and "HKV" in dims:
-        groups = [dims["H"] // dims["HKV"]]
-    elif plan.spec.is_gqa_shape:
-        groups = [1 << p for p in range(plan.heads.max_rows.bit_length())]
-        groups = [g for g in groups if "H" not in dims or dims["H"] % g == 0]
-    else:
-        groups = [1]
-    seen: dict = {}
-    for group in groups:
-        for m in ms:
-            seen.setdefault(launch_tiles(plan, m, group), (m, group))
-    return list(seen.values())
-
-
-def _trace_sizes(plan: KernelPlan, m: int, group: int) -> dict[str, int]:
-    spec = plan.spec
-    names = {n for d in (spec.q, spec.k, spec.v, *spec.inputs) for n in d.shape}
-    sizes = {n: ALIGNMENT for n in names}
-    sizes.update(B=2, M=m, N=TRACE_N, D=plan.head_dim, DV=plan.value_dim)
-    dims = spec.dim_values
-    sizes["HKV"] = dims.get("HKV", dims["H"] // group if "H" in dims else 2)
-    sizes["H"] = sizes["HKV"] * group
-    sizes.update(dims)
-    return sizes
-
-
-def _meta(shape: Sequence[str], dtype: str, sizes: Mapping[str, int], strided: Sequence[str] = ()) -> torch.Tensor:
-    """A meta tensor of `shape`; the dims named in `strided` take every other element (stride 2 where contiguous
-    would be 1)."""
-    import torch
-
-    from ...dsl.signature import TORCH_DTYPES
-
-    t = torch.empty([sizes[n] * (2 if n in strided else 1) for n in shape], dtype=TORCH_DTYPES[dtype], device="meta")
-    return t[tuple(slice(None, None, 2) if n in strided else slice(None) for n in shape)]
-
-
-def _trace_param(p):
-    return {"i32": 1, "f32": 1.0, "bool": False}[p.dtype]
-
-
-def _arg_type(name: str, value) -> str:
-    """The signature type of a runtime argument: as Triton's JIT types it, except that every int is i64 (the JIT
-    picks i32 or i64 from the value, which a build cannot see)."""
-    import torch
-    from triton.runtime.jit import mangle_type
-
-    if isinstance(value, torch.Tensor) or isinstance(value, (bool, float)):
-        return mangle_type(value)
-    if isinstance(value, int):
-        return "i64"
-    raise CompileError(f"argument {name} ({type(value).__name__}) has no ahead-of-time signature type")
 
 
 @dataclass(frozen=True)
@@ -642,10 +526,6 @@ def compile_artifact(file: str | os.PathLike, out: str | os.PathLike, arch: str,
             raise AttncError(f"{file} has no attention named {', '.join(map(repr, missing))}; it has: "
                              f"{', '.join(s.name for s in specs)}")
         specs = [s for s in specs if s.name in names]
-    for spec in specs:
-        if spec.q_storage is not None or spec.kv_storage is not None:
-            raise CompileError(f"attention {spec.name!r}: ragged and paged storage are not built ahead of time yet "
-                               f"(attnc.compile runs their decode kernels); build the other attentions with --name")
     builds = [(spec, _dims_for(spec, head_dims)) for spec in specs]
     command = command or (f"attnc compile {shlex.quote(str(file))} --backend triton --arch {target_arch.name} "
                           f"-o {shlex.quote(str(out))}")
@@ -719,7 +599,7 @@ def _hash_files(folder: Path) -> dict:
 
 def _build(staging: Path, builds, arch: Arch, workers: int, command: str) -> tuple[dict, list[str]]:
     jobs: list[CompileJob] = []
-    entries: list[tuple[dict, dict, list[tuple[CompileJob, Launch, Layout, dict]]]] = []
+    entries: list[tuple[dict, dict, list[tuple[CompileJob, KernelLaunch, Layout, dict]]]] = []
     attentions = []
     for spec, head_dims in builds:
         attention = {"name": spec.name, "key": spec.key, "canonical": spec.canonical, "builds": []}
@@ -728,40 +608,42 @@ def _build(staging: Path, builds, arch: Arch, workers: int, command: str) -> tup
             plan = plan_kernel(spec, Target("triton", "cuda", arch.capability), d, dv, PlanOptions())
             folder = Path(spec.name) / f"d{d}_dv{dv}"
             (staging / folder).mkdir(parents=True)
-            source = staging / folder / SOURCE
-            text = generate(plan)
-            source.write_text(text, encoding="utf-8")
-            module_name = f"attnc_aot_build.{spec.name}_{hashlib.sha256(text.encode()).hexdigest()[:16]}"
-            module = _import_kernels(source, module_name)
             build = {"head_dim": d, "value_dim": dv, "plan": repr(plan), "plan_text": plan.describe(),
-                     "source": (folder / SOURCE).as_posix(), "launches": [], "kernels": []}
+                     "sources": {}, "kernels": []}
             attention["builds"].append(build)
+            modules = {}
+            for module in dict.fromkeys(k.module for k in plan.kernels):
+                source = staging / folder / SOURCES[module]
+                text = GENERATORS[module](plan)
+                source.write_text(text, encoding="utf-8")
+                name = f"attnc_aot_build.{spec.name}_{module}_{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+                modules[module] = (source, name, _import_kernels(source, name))
+                build["sources"][module] = (folder / SOURCES[module]).as_posix()
+            types = argument_types(plan)
             pending = []
-            for m, group, launch in trace_launches(plan, module):
-                build["launches"].append({"M": m, "group": group, "kernel": launch.kernel,
-                                          "launch": [list(kv) for kv in launch.launch]})
-                fn = getattr(module, launch.kernel)
+            for kernel in plan.kernels:
+                source, module_name, module = modules[kernel.module]
+                fn = getattr(module, kernel.function)
                 for layout in _layouts_for(fn):
-                    stem = folder / f"{launch.kernel}.{len(pending):02d}.{layout.name}"
-                    job = _job(fn, launch, layout, str(source), module_name, arch, str(staging / stem),
-                               f"{launch.kernel} of attention {spec.name!r} (D={d} DV={dv}, "
-                               f"{dict(launch.launch)}, {layout.name} layout) for {arch.name}")
-                    pending.append((job, launch, layout, {"binary": stem.as_posix() + ".cubin",
+                    stem = folder / f"{kernel.function}.{len(pending):03d}.{layout.name}"
+                    job = _job(fn, kernel, types, layout, str(source), module_name, arch, str(staging / stem),
+                               f"{kernel.function} of attention {spec.name!r} (D={d} DV={dv}, "
+                               f"{kernel.keywords}, {layout.name} layout) for {arch.name}")
+                    pending.append((job, kernel, layout, {"binary": stem.as_posix() + ".cubin",
                                                           "metadata": stem.as_posix() + ".json"}))
             jobs += [p[0] for p in pending]
             entries.append((attention, build, pending))
     results = iter(_run_jobs(jobs, workers))
     lines = []
     for attention, build, pending in entries:
-        for job, launch, layout, paths in pending:
+        for job, kernel, layout, paths in pending:
             r = next(results)
             build["kernels"].append(KernelBuild(
-                launch.kernel, launch.launch, layout.name, job.signature, job.constexprs, job.divisible,
+                kernel.function, kernel.launch, layout.name, job.signature, job.constexprs, job.divisible,
                 tuple(n for n, v in job.constexprs.items() if n in layout.unit), paths["binary"], paths["metadata"],
                 r["hash"], r["shared"], r["num_warps"], r["num_stages"]).as_json())
         lines.append(f"{attention['name']}: D={build['head_dim']} DV={build['value_dim']}, "
-                     f"{len(build['launches'])} launch configs, {len(pending)} kernels -> "
-                     f"{Path(build['source']).parent.as_posix()}/")
+                     f"{len(pending)} kernels -> {Path(next(iter(build['sources'].values()))).parent.as_posix()}/")
     manifest = {"format": FORMAT, "attnc": __version__, "triton": _triton_version(), "arch": arch.name,
                 "capability": arch.capability, "command": command,
                 "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -781,18 +663,18 @@ def _layouts_for(fn) -> list[Layout]:
     return result
 
 
-def _job(fn, launch: Launch, layout: Layout, source: str, module: str, arch: Arch, out_stem: str,
-         label: str) -> CompileJob:
+def _job(fn, kernel: KernelLaunch, types: Mapping[str, str], layout: Layout, source: str, module: str, arch: Arch,
+         out_stem: str, label: str) -> CompileJob:
     """The signature and constexprs Triton's JIT would compile for this launch, with `layout`'s assumptions."""
-    keywords = dict(launch.launch)
+    keywords = kernel.keywords
     signature, constexprs = {}, {}
-    for i, (name, param) in enumerate(zip(fn.arg_names, fn.params)):
+    for name, param in zip(fn.arg_names, fn.params):
         if param.is_constexpr:
             signature[name], constexprs[name] = "constexpr", keywords[name]
         elif name in layout.unit:
             signature[name], constexprs[name] = "constexpr", 1
         else:
-            signature[name] = _arg_type(name, launch.args[i] if i < len(launch.args) else keywords[name])
+            signature[name] = types[name]
     options = {k: v for k, v in keywords.items() if k not in fn.arg_names}
-    return CompileJob(source, module, launch.kernel, signature, constexprs, layout.divisible, options,
+    return CompileJob(source, module, kernel.function, signature, constexprs, layout.divisible, options,
                       arch.capability, out_stem, label)

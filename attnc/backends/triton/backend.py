@@ -7,7 +7,7 @@ import torch
 from ...errors import CompileError
 from ...passes import KernelPlan, Target
 from .launch import TritonLauncher, interpreting, load_module
-from .serving import DecodeLauncher, SplitKVLauncher
+from .serving import launcher_for
 
 
 class TritonBackend:
@@ -24,6 +24,5 @@ class TritonBackend:
         return Target("triton", "cpu", None)
 
     def build(self, plan: KernelPlan) -> TritonLauncher:
-        if plan.spec.q_storage is not None or plan.spec.kv_storage is not None:
-            return DecodeLauncher(plan)
-        return (SplitKVLauncher if plan.decode.dense_max_m else TritonLauncher)(plan, load_module(plan))
+        storage = plan.spec.q_storage is not None or plan.spec.kv_storage is not None
+        return launcher_for(plan, None if storage else load_module(plan))

@@ -24,7 +24,9 @@ from .emit import input_arg, param_arg
 from .signature import prefill_signature, qkv_values, spec_args, summary_signature
 from ...dsl.signature import Bound, canonical_view, lse_shape, out_shape
 from ...errors import CompileError
-from ...passes import KernelPlan, LaunchTiles, Target, TileConfig, launch_tiles
+from ...passes import KernelPlan, LaunchTiles, Target, launch_tiles
+from ...passes.kernels import prefill_kernel, summary_kernel
+from ...passes.plan import KernelLaunch
 from .. import cache
 from . import scratch
 
@@ -100,10 +102,9 @@ class TritonLauncher:
         self.summary_fn = getattr(module, "tile_summary", None)
         self.args = spec_args(plan)
         self.signature = prefill_signature(self.args, plan.triton.tma)
-        self.upcast = plan.target.arch is None and plan.dtype == "bf16"  # the interpreter's bf16 is wrong
         self._tiles: dict[tuple[int, int], LaunchTiles] = {}
         self._summaries: OrderedDict = OrderedDict()
-        self._stages: dict[tuple[TileConfig, bool | None], int] = {}  # pipeline stages that fit, per config
+        self._stages: dict[KernelLaunch, int] = {}  # pipeline stages that fit, per kernel
 
     def tiles(self, m: int, group: int) -> LaunchTiles:
         t = self._tiles.get((m, group))
@@ -127,38 +128,37 @@ class TritonLauncher:
         tiles = self.tiles(sizes["M"], sizes["H"] // sizes["HKV"])
         args = self.kernel_arguments(bound, out, lse, tiles)
         grid = (-(-sizes["M"] // tiles.block_mq), sizes["B"] * (sizes["H"] // tiles.pack))
-        c = tiles.config
-        constexprs = dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_MQ=tiles.block_mq, PACK=tiles.pack,
-                          UPCAST=self.upcast)
-        if self.plan.triton.tma:
-            # Decided here, not in the kernel, so a launch compiles one K/V loop set: the descriptor loops or the
-            # pointer ones. It depends on strides and dtype (fixed for a PreparedLaunch) and on 16-byte pointer
-            # alignment (which a PreparedLaunch checks per call), so a replay always meets it.
-            constexprs["TMA"] = descriptor_ready(bound.k, spec.k) and descriptor_ready(bound.v, spec.v)
-        compiled = self.launch_jit(grid, args, constexprs, c)
+        # TMA is decided here, not in the kernel, so a launch compiles one K/V loop set: the descriptor loops or
+        # the pointer ones. It depends on strides and dtype (fixed for a PreparedLaunch) and on 16-byte pointer
+        # alignment (which a PreparedLaunch checks per call), so a replay always meets it.
+        tma = descriptor_ready(bound.k, spec.k) and descriptor_ready(bound.v, spec.v) if self.plan.triton.tma else None
+        kernel = prefill_kernel(self.plan, tiles, tma)
+        compiled = self.launch_jit(grid, args, kernel)
         direct = direct_launch(compiled, q.device)
         if direct is None or not replayable(args):
             return result, None
-        full = args + [constexprs[name] for name in self.fwd.arg_names[len(args):]]
+        keywords = kernel.keywords
+        full = args + [keywords[name] for name in self.fwd.arg_names[len(args):]]
         return result, PreparedLaunch(self, bound, tiles, grid, full, direct)
 
-    def launch_jit(self, grid, args: list, constexprs: dict, c: TileConfig):
+    def launch_jit(self, grid, args: list, kernel: KernelLaunch):
         """Triton's JIT launch. When Triton finds a config over the device's shared memory (the plan's estimate
         leaves out the scratch that lookups and warp specialization add), it is retried with one pipeline stage
         fewer, before anything runs; the stage count that fits is kept for later launches of that config."""
         from triton.runtime.errors import OutOfResources
 
-        key = (c, constexprs.get("TMA"))
-        stages = self._stages.get(key, c.num_stages)
+        keywords = kernel.keywords
+        stages = self._stages.get(kernel, keywords["num_stages"])
         while True:
             try:
-                compiled = self.fwd[grid](*args, **constexprs, num_warps=c.num_warps, num_stages=stages)
-                self._stages[key] = stages
+                compiled = self.fwd[grid](*args, **{**keywords, "num_stages": stages})
+                self._stages[kernel] = stages
                 return compiled
             except OutOfResources as e:
                 if stages <= 1:
                     raise CompileError(
-                        f"attention {self.spec.name!r}: tile {c.block_m}x{c.block_n} needs more shared memory than "
+                        f"attention {self.spec.name!r}: tile {keywords['BLOCK_M']}x{keywords['BLOCK_N']} needs more "
+                        f"shared memory than "
                         f"this GPU has even with one pipeline stage ({e}); compile with smaller tiles: "
                         f"attnc.compile(spec, options=attnc.passes.PlanOptions(block_m=64, block_n=64))") from None
                 stages -= 1
@@ -200,8 +200,7 @@ class TritonLauncher:
             values = dict(sizes=scalars[:len(self.args.sizes)], params=scalars[len(self.args.sizes):],
                           inputs=[x for t in tensors for x in (t, *t.stride())], summary=result, head_programs=[heads])
             self.summary_fn[(m_tiles, batches * heads)](
-                *summary_signature(self.args).pack(values), BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_MQ=tiles.block_mq,
-                PACK=tiles.pack, num_warps=c.num_warps)
+                *summary_signature(self.args).pack(values), **summary_kernel(tiles).keywords)
         self._summaries[key] = (tensors, result)
         if len(self._summaries) > SUMMARY_CACHE_SIZE:
             self._summaries.popitem(last=False)

@@ -55,7 +55,6 @@ class DecodeLauncher:
         self.decode_fn, self.combine_fn = module.attn_decode, module.attn_combine
         self.args = spec_args(plan, per_sequence=True)
         self.signature = decode_signature(self.args)
-        self.upcast = plan.target.arch is None and plan.dtype == "bf16"  # the interpreter's bf16 is wrong
         self._launches: dict[tuple, DecodeLaunch | None] = {}
 
     def launch_for(self, bound: Bound) -> DecodeLaunch | None:
@@ -103,15 +102,13 @@ class DecodeLauncher:
                       workspace=(ws_out, ws_lse) if split else (out, out),
                       workspace_strides=(*ws_out.stride()[:3], *ws_lse.stride()[:2]) if split else (0,) * 5,
                       launch=(go.search_steps, go.splits))
-        c = go.tiles.config
         calls = [(self.decode_fn, (go.q_programs * go.splits, go.head_programs), self.signature.pack(values),
-                  dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_MQ=go.tiles.block_mq, PACK=go.tiles.pack,
-                       SPLIT=split, UPCAST=self.upcast, num_warps=c.num_warps, num_stages=c.num_stages))]
+                  go.decode.keywords)]
         if split:
             rows = workspace_rows(spec, sizes)
             values.update(outputs=values["pointers"][3:], rows=(rows, sizes["M"], go.splits))
             calls.append((self.combine_fn, (-(-rows // go.combine_rows), sizes["H"]), COMBINE_SIGNATURE.pack(values),
-                          dict(BLOCK_R=go.combine_rows, BLOCK_S=go.combine_splits, num_warps=4)))
+                          go.combine.keywords))
         return calls
 
 
@@ -181,15 +178,27 @@ class SplitKVLauncher(launch.TritonLauncher):
     """A dense spec's launcher: the prefill kernel, except for launches `decode_launch` splits (small M, long
     N), which run the decode kernels (generated on the first such launch)."""
 
-    def __init__(self, plan: KernelPlan, module: ModuleType):
+    def __init__(self, plan: KernelPlan, module: ModuleType, decode_module: ModuleType | None = None):
         super().__init__(plan, module)
         self._decode: DecodeLauncher | None = None
+        self._decode_module = decode_module
 
     def run(self, bound: Bound):
         decode = self._decode
         if decode is None:
             if bound.sizes["M"] > self.plan.decode.dense_max_m:
                 return super().run(bound)
-            decode = self._decode = DecodeLauncher(self.plan)
+            decode = self._decode = DecodeLauncher(self.plan, self._decode_module)
         go = decode.launch_for(bound)
         return decode.run(bound, go) if go is not None else super().run(bound)
+
+
+def launcher_for(plan: KernelPlan, prefill: ModuleType | None, decode: ModuleType | None = None):
+    """The launcher of a plan, given the modules holding its kernels (None: generated and loaded through the
+    kernel cache when first needed): ragged and paged specs run every launch on the decode kernels, dense ones
+    on the prefill kernel and, where the plan splits keys for small M, on the decode kernels too."""
+    if plan.spec.q_storage is not None or plan.spec.kv_storage is not None:
+        return DecodeLauncher(plan, decode)
+    if plan.decode.dense_max_m:
+        return SplitKVLauncher(plan, prefill, decode)
+    return launch.TritonLauncher(plan, prefill)

@@ -191,3 +191,28 @@ def qkv_values(spec, bound, out, lse) -> dict:
             "v_strides": padded_strides(canonical_view(bound.v, spec.v), 4),
             "out_strides": padded_strides(canonical_view(out, spec.q), 4),
             "lse_strides": (0, 0, 0) if lse is None else padded_strides(lse, 3)}
+
+
+TRITON_TYPES = {"f16": "fp16", "bf16": "bf16", "f32": "fp32", "f64": "fp64", "i8": "i8", "i16": "i16", "i32": "i32",
+                "i64": "i64", "bool": "i1"}
+PARAM_TYPES = {"i32": "i64", "f32": "fp32", "bool": "i1"}  # a build cannot see an int's value: every int is i64
+
+
+def argument_types(plan: KernelPlan) -> dict[str, str]:
+    """Triton's signature type of every runtime parameter of the plan's kernels, as its JIT would type the
+    arguments the launchers pass (ints as i64): what an AOT build compiles for."""
+    spec = plan.spec
+    q = "*" + TRITON_TYPES[spec.q.dtype]
+    lse = "*fp32" if spec.returns_lse else q  # without lse, out stands in for its pointer
+    types = {"q_ptr": q, "k_ptr": "*" + TRITON_TYPES[spec.k.dtype], "v_ptr": "*" + TRITON_TYPES[spec.v.dtype],
+             "out_ptr": q, "lse_ptr": lse, "ws_out_ptr": "*fp32", "ws_lse_ptr": "*fp32", "summary_ptr": "*i8"}
+    types.update({param_arg(p.name): PARAM_TYPES[p.dtype] for p in spec.params})
+    types.update({input_arg(t.name): "*" + TRITON_TYPES[t.dtype] for t in spec.inputs})
+    return _IntsByDefault(types)
+
+
+class _IntsByDefault(dict):
+    """Every parameter not named (sizes, strides, launch scalars) is an i64."""
+
+    def __missing__(self, name: str) -> str:
+        return "i64"

@@ -1,0 +1,92 @@
+"""The finite set of kernels a Triton plan may launch, listed in the plan (`KernelPlan.kernels`).
+
+A launch picks its kernels with pure functions of the plan and the call's sizes: `launch_tiles` for the prefill
+kernel, `decode_launch` for the decode and merge kernels. Their results range over a finite set, since tiles
+change only at powers of two of M and of the GQA group and splits are at most MAX_SPLITS; `list_kernels`
+enumerates that set. The runtime launches `prefill_kernel` / `DecodeLaunch` records, and AOT builds compile the
+list, so a loaded artifact holds every kernel a call can select.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+from .decode import MAX_SPLITS, combine_kernel, decode_kernel, decode_tiles, upcast
+from .plan import KernelLaunch, KernelPlan
+from .tiling import LaunchTiles, launch_tiles, next_pow2
+
+
+def prefill_kernel(plan: KernelPlan, tiles: LaunchTiles, tma: bool | None) -> KernelLaunch:
+    """attn_fwd for a launch of `tiles`; `tma`: K/V through descriptors (None where the plan has no TMA)."""
+    c = tiles.config
+    return KernelLaunch("attn_fwd", (("BLOCK_M", c.block_m), ("BLOCK_N", c.block_n), ("BLOCK_MQ", tiles.block_mq),
+                                     ("PACK", tiles.pack), ("UPCAST", upcast(plan)))
+                        + ((("TMA", tma),) if tma is not None else ())
+                        + (("num_warps", c.num_warps), ("num_stages", c.num_stages)))
+
+
+def summary_kernel(tiles: LaunchTiles) -> KernelLaunch:
+    """tile_summary, which classes the key tiles of data-dependent masks for attn_fwd's launch of `tiles`."""
+    c = tiles.config
+    return KernelLaunch("tile_summary", (("BLOCK_M", c.block_m), ("BLOCK_N", c.block_n),
+                                         ("BLOCK_MQ", tiles.block_mq), ("PACK", tiles.pack),
+                                         ("num_warps", c.num_warps)))
+
+
+def list_kernels(plan: KernelPlan) -> KernelPlan:
+    found: dict[KernelLaunch, None] = {}
+    storage = plan.spec.q_storage is not None or plan.spec.kv_storage is not None
+    groups = group_classes(plan)
+    if not storage:  # ragged and paged specs run every launch on the decode kernel
+        for m in prefill_m_classes(plan):
+            for group in groups:
+                tiles = launch_tiles(plan, m, group)
+                for tma in ((True, False) if plan.triton.tma else (None,)):
+                    found[prefill_kernel(plan, tiles, tma)] = None
+                if plan.masks.data_dependent:
+                    found[summary_kernel(tiles)] = None
+    if storage or plan.decode.dense_max_m:
+        for m in decode_m_classes(plan, storage):
+            for group in groups:
+                tiles = decode_tiles(plan, m, group)
+                for split in (False, True):
+                    found[decode_kernel(plan, tiles, split)] = None
+        splits = 2
+        while splits <= next_pow2(MAX_SPLITS):
+            found[combine_kernel(plan, splits)] = None
+            splits *= 2
+    return replace(plan, kernels=tuple(found))
+
+
+def group_classes(plan: KernelPlan) -> list[int]:
+    """H // HKV values with distinct tiles: the spec's own where dims bind it, else the powers of two up to the
+    most heads a program packs (packing takes the largest power of two dividing the group)."""
+    dims = plan.spec.dim_values
+    if "H" in dims and "HKV" in dims:
+        return [dims["H"] // dims["HKV"]]
+    if not plan.spec.is_gqa_shape:
+        return [1]
+    limit = max(plan.heads.max_rows, plan.decode.tile.block_m if plan.decode else 1)
+    return [g for g in (1 << p for p in range(limit.bit_length())) if "H" not in dims or dims["H"] % g == 0]
+
+
+def prefill_m_classes(plan: KernelPlan) -> list[int]:
+    """One M per prefill tile regime: each decode-tile M (powers of two), then the first M of the short and the
+    long prefill tiles."""
+    t = plan.tiling
+    if "M" in plan.spec.dim_values:
+        return [plan.spec.dim_values["M"]]
+    return [*(1 << p for p in range(t.decode_max_m.bit_length())), t.decode_max_m + 1,
+            *((t.short_max_m + 1,) if t.short else ())]
+
+
+def decode_m_classes(plan: KernelPlan, storage: bool) -> list[int]:
+    """Rows per sequence with distinct decode tiles: powers of two up to the decode tile and, for ragged or
+    paged storage (whose every launch runs the decode kernel), the prefill regimes past it."""
+    if "M" in plan.spec.dim_values and plan.spec.q_storage is None:
+        return [plan.spec.dim_values["M"]]
+    d, t = plan.decode, plan.tiling
+    top = d.tile.block_m if storage else min(d.tile.block_m, d.dense_max_m)
+    ms = [1 << p for p in range(top.bit_length())]
+    if storage:
+        ms += [d.tile.block_m + 1] + ([t.short_max_m + 1] if t.short and t.short_max_m > d.tile.block_m else [])
+    return ms

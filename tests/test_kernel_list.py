@@ -1,0 +1,104 @@
+"""The plan's kernel list (passes/kernels.py) holds every kernel a launch can select: checked against the
+selectors the launchers use, over many call shapes and several plans, and against what the launchers
+really launch on CPU (Triton's interpreter)."""
+import random
+
+import pytest
+import torch
+
+import attnc
+from attnc.backends.triton import launch
+from attnc.passes import Target, launch_tiles, plan_kernel
+from attnc.passes.decode import decode_launch
+from attnc.passes.kernels import prefill_kernel, summary_kernel
+
+SPECS = """\
+attention gqa_causal {
+    q: f16[B, H, M, D]  k: f16[B, HKV, N, D]  v: f16[B, HKV, N, D]
+    mask causal
+    return softmax(score) @ v, lse
+}
+attention doc {
+    q: bf16[B, H, M, D]  k: bf16[B, H, N, D]  v: bf16[B, H, N, D]
+    input doc: i32[B, N]
+    mask doc[b, i] == doc[b, j]
+    return softmax(score) @ v
+}
+attention paged_cache {
+    q: f16[B, M, H, D]  k: f16[PAGES, PAGE, HKV, D]  v: f16[PAGES, PAGE, HKV, D]
+    paged k, v by block_table, kv_len
+    return softmax(score) @ v
+}
+"""
+
+
+@pytest.mark.parametrize("arch", [None, 80, 90])
+@pytest.mark.parametrize("name", ["gqa_causal", "doc", "paged_cache"])
+def test_every_selected_kernel_is_listed(arch, name):
+    spec = {s.name: s for s in attnc.parse(SPECS)}[name]
+    plan = plan_kernel(spec, Target("triton", "cuda" if arch else "cpu", arch), 64, 64)
+    listed = set(plan.kernels)
+    assert len(listed) == len(plan.kernels) and listed
+    storage = spec.kv_storage is not None
+    rng = random.Random(0)
+    for _ in range(400):
+        hkv = rng.choice([1, 2, 4])
+        group = rng.choice([1, 2, 3, 4, 6, 8, 16, 32]) if spec.is_gqa_shape else 1
+        m, n, b = rng.choice([1, 2, 3, 5, 8, 16, 17, 31, 64, 65, 100, 1024, 4097]), rng.randint(1, 70000), rng.randint(1, 64)
+        sizes = {"B": b, "H": hkv * group, "HKV": hkv, "M": m, "N": n, "D": 64, "DV": 64, "PAGE": 16,
+                 "MAXP": -(-n // 16), "PAGES": b * -(-n // 16)}
+        go = decode_launch(plan, sizes, rng.choice([2, 108, 132])) if storage or plan.decode.dense_max_m else None
+        if go is not None:
+            assert go.decode in listed, (sizes, go.decode)
+            assert go.combine is None or go.combine in listed, (sizes, go.combine)
+            continue
+        assert not storage
+        tiles = launch_tiles(plan, m, group)
+        for tma in ((True, False) if plan.triton.tma else (None,)):
+            assert prefill_kernel(plan, tiles, tma) in listed, (sizes, tiles)
+        if plan.masks.data_dependent:
+            assert summary_kernel(tiles) in listed
+
+
+class Recording:
+    """Stands in for a generated module: records each (function, launch keywords) and runs the real kernel."""
+
+    def __init__(self, module, seen: list):
+        self.module, self.seen = module, seen
+
+    def __getattr__(self, name):
+        fn = getattr(self.module, name)
+        seen = self.seen
+
+        class Launcher:
+            arg_names = fn.arg_names
+
+            def __getitem__(self, grid):
+                def run(*args, **keywords):
+                    seen.append((name, tuple(keywords.items())))
+                    return fn[grid](*args, **keywords)
+                return run
+        return Launcher()
+
+
+def test_launchers_launch_only_listed_kernels():
+    """The real launchers, on the interpreter, across decode and prefill shapes of a dense GQA spec."""
+    spec = attnc.parse(SPECS)[0]
+    plan = plan_kernel(spec, Target("triton", "cpu", None), 16, 16)
+    seen: list = []
+    from attnc.backends.triton.serving import launcher_for, load_decode_module
+
+    launcher = launcher_for(plan, Recording(launch.load_module(plan), seen),
+                            Recording(load_decode_module(plan), seen))
+    from attnc.dsl.signature import bind
+
+    torch.manual_seed(0)
+    for m, n in [(1, 300), (1, 20), (3, 200), (40, 40), (70, 90)]:
+        q, k, v = (torch.randn(1, h, s, 16).half() for h, s in ((2, m), (1, n), (1, n)))
+        with launch.poisoned_outputs():
+            out, lse = launcher(bind(spec, q, k, v, {}))
+        ref, ref_lse = attnc.reference(spec, q, k, v)
+        assert (out.double() - ref).abs().max() < 2e-3 and (lse.double() - ref_lse).abs().max() < 2e-3
+    listed = {(k.function, k.launch) for k in plan.kernels}
+    assert seen and set(seen) <= listed, set(seen) - listed
+    assert {"attn_fwd", "attn_decode", "attn_combine"} <= {f for f, _ in seen}
