@@ -54,6 +54,7 @@ from ..codegen.triton.generate import generate
 from ..errors import AttncError, CacheError, CallError, CompileError
 from ..ir import Attention
 from ..passes import KernelPlan, PlanOptions, Target, launch_tiles, plan_kernel
+from . import cache
 
 if TYPE_CHECKING:
     import torch
@@ -208,13 +209,18 @@ def read_artifact(path: str | os.PathLike) -> Artifact:
         command = manifest["command"]
         built_by = f"built by Triton {manifest['triton']} for {arch.name}"
         _check_versions(manifest, built_by, command)
-        _check_files(folder, manifest["files"], command)
+        cache.verify_files(folder, manifest["files"], f"rebuild with `{command}`")
         attentions = tuple(
             AttentionBuild(a["name"], a["key"], a["canonical"], tuple(
                 HeadDimBuild(int(b["head_dim"]), int(b["value_dim"]), b["plan"], b["source"],
                              tuple(KernelBuild.from_json(k) for k in b["kernels"]))
                 for b in a["builds"]))
             for a in manifest["attentions"])
+        unlisted = [path for a in attentions for b in a.builds
+                    for path in (b.source, *(p for k in b.kernels for p in (k.binary, k.metadata)))
+                    if path not in manifest["files"]]
+        if unlisted:
+            raise ValueError(f"files not in its file list: {unlisted}")
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise CacheError(f"{manifest_path}: garbled manifest ({type(err).__name__}: {err}); rebuild the artifact "
                          f"with `attnc compile`") from None
@@ -233,19 +239,6 @@ def _check_versions(manifest: dict, built_by: str, command: str) -> None:
     if manifest["attnc"] != __version__:
         raise CacheError(f"{built_by} and attnc {manifest['attnc']}; this is attnc {__version__}: rebuild with "
                          f"`{command}` using this attnc")
-
-
-def _check_files(folder: Path, files: dict, command: str) -> None:
-    for name, record in files.items():
-        path = folder / name
-        try:
-            data = path.read_bytes()
-        except OSError as err:
-            raise CacheError(f"{path}: listed in {MANIFEST} but cannot be read ({type(err).__name__}); the artifact "
-                             f"is incomplete: rebuild with `{command}`") from None
-        if len(data) != record["size"] or hashlib.sha256(data).hexdigest() != record["sha256"]:
-            raise CacheError(f"{path}: does not match the SHA-256 in {MANIFEST} (changed after `attnc compile` "
-                             f"wrote it): rebuild with `{command}`")
 
 
 def _check_gpu(arch: Arch, built_by: str, command: str) -> None:
@@ -665,6 +658,7 @@ def compile_artifact(file: str | os.PathLike, out: str | os.PathLike, arch: str,
         manifest["files"] = files
         manifest["digest"] = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+        cache.seal([staging, *staging.rglob("*")])
         _move_into_place(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
