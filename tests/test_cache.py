@@ -566,7 +566,8 @@ def test_an_unsafe_entry_is_refused_with_a_warning_and_rebuilt(unsafe, tmp_path,
     cache.clear_memory()
     with pytest.raises(cache.CacheError, match=re.escape(message)):
         cache.check_private(entry.path) if "entry" in unsafe else cache.check_private(entry.file("kernel.py"))
-    with pytest.warns(cache.CacheWarning, match=f"refused to load {re.escape(str(entry.path))}: .*{re.escape(message)}"):
+    refused = f"refused to load {re.escape(str(entry.path))}: .*{re.escape(message)}"
+    with pytest.warns(cache.CacheWarning, match=refused):
         rebuilt = cache.get_or_build(_key(), _builder(side, "ANSWER = 42\n"))
     assert _builds(side) == 2 and rebuilt.read_text("kernel.py") == "ANSWER = 42\n"
     assert _modes(rebuilt.path) == {".": 0o700, "kernel.py": 0o600, "manifest.json": 0o600, "sub": 0o700,

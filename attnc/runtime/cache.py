@@ -517,7 +517,8 @@ def verify_files(folder: Path, files: Mapping[str, Mapping], rebuild: str) -> No
     """For AOT artifacts, which a user points attnc at (and may have installed as root): raise CacheError unless
     `folder`, each file in `files` (its manifest's: name relative to `folder` -> {"sha256", "size"}) and the
     folders between, and the manifest itself, are plain files and folders inside `folder`, owned by this user or
-    root and writable by nobody else, and each file has its listed size and SHA-256. `rebuild` ends the messages: how to build it again."""
+    root and writable by nobody else, and each file has its listed size and SHA-256. `rebuild` ends the
+    messages: how to build the artifact again."""
     trusted = (os.getuid(), 0) if hasattr(os, "getuid") else None
     check_private(folder, follow=True, owners=trusted)
     check_private(folder / MANIFEST, owners=trusted)  # the text that says what the files must be
