@@ -18,7 +18,10 @@ pointer loops (the TMA constexpr, from K/V's strides and alignment); the trace m
 `DIR/manifest.json` records the spec (canonical text and key), each plan, the kernels with their signatures,
 constexprs, assumptions and launch metadata, the Triton version and arch that built them, the attnc version and
 the SHA-256 of every file. `load` refuses an artifact whose Triton version, attnc version, arch or files do not
-match this machine, or whose plans this attnc would not make, with a CacheError that says how to rebuild it.
+match this machine, or whose plans this attnc would not make, with a CacheError that says how to rebuild it; and
+one whose folder, manifest or files are not owned by this user or root, or are writable by others, or lie outside
+the folder (runtime/cache.verify_files). The spec is read back from its canonical text (no pickle) and must give
+the recorded key before any kernel is imported.
 
 Loaded attentions are ordinary `attnc.Kernel`s whose backend is the artifact (`AotBackend`): they bind their
 arguments like `attnc.compile`'s kernels and launch through the same `TritonLauncher`, whose kernels here are
