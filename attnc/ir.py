@@ -224,11 +224,15 @@ class Attention:
         return print_attention(self)
 
     @cached_property
+    def anonymous_canonical(self) -> str:
+        """The canonical text with the name written as `_`: the math alone (what `key` hashes)."""
+        return print_attention(replace(self, name="_"))
+
+    @cached_property
     def key(self) -> str:
         """Hex SHA-256 of the canonical text without the name: spans, comments, equivalent spellings and the
         label a front-end gives the variant do not change it, so the same math shares one cached kernel."""
-        anonymous = print_attention(replace(self, name="_"))
-        return hashlib.sha256(anonymous.encode()).hexdigest()
+        return hashlib.sha256(self.anonymous_canonical.encode()).hexdigest()
 
     @property
     def dim_values(self) -> dict[str, int]:

@@ -3,6 +3,8 @@ and a manifest; `attnc.load(DIR)` refuses a changed file, another Triton or attn
 (on the GPU, `-m gpu`) runs the saved cubins against attnc.reference without compiling anything."""
 import hashlib
 import json
+import os
+import re
 import shutil
 import struct
 from pathlib import Path
@@ -191,6 +193,45 @@ def test_a_changed_or_missing_file_is_refused(sm90, copy_of):
     source.unlink()
     with pytest.raises(attnc.CacheError, match=rf"^{source}: listed in manifest.json but cannot be read"):
         attnc.load(folder)
+
+
+@pytest.mark.parametrize("loose", ["cubin", "build folder", "manifest"])
+def test_files_others_can_change_are_refused(sm80, copy_of, loose):
+    folder = copy_of(sm80)
+    cubin = folder / manifest_of(folder)["attentions"][0]["builds"][0]["kernels"][0]["binary"]
+    path = {"cubin": cubin, "build folder": cubin.parent, "manifest": folder / "manifest.json"}[loose]
+    path.chmod(path.stat().st_mode | 0o002)
+    with pytest.raises(attnc.CacheError, match=f"^{path} is writable by others"):
+        attnc.load(folder)
+    path.chmod(path.stat().st_mode & ~0o002)
+    attnc.load(folder)
+
+
+def test_paths_outside_the_artifact_are_refused(sm80, copy_of):
+    folder = copy_of(sm80)
+    m = manifest_of(folder)
+    kernel = m["attentions"][0]["builds"][0]["kernels"][0]
+    outside = f"../{folder.name}/{kernel['binary']}"
+    m["files"][outside] = m["files"][kernel["binary"]]
+    (folder / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(attnc.CacheError, match=f"lists '{re.escape(outside)}', a file outside the artifact"):
+        attnc.load(folder)
+    del m["files"][outside]
+    del m["files"][kernel["binary"]]  # still on disk, but no longer listed (so not hashed): refused too
+    (folder / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(attnc.CacheError, match="garbled manifest .*files not in its file list"):
+        attnc.load(folder)
+
+
+def test_a_build_made_under_umask_000_is_loadable(spec_file, tmp_path):
+    old = os.umask(0)
+    try:
+        assert compile_cli(spec_file, "--name", "small_causal", "--arch", "sm_80", "-o", tmp_path / "a", "--dims",
+                           "D=32", "--jobs", "1") == 0
+    finally:
+        os.umask(old)
+    assert all(p.stat().st_mode & 0o022 == 0 for p in [tmp_path / "a", *(tmp_path / "a").rglob("*")])
+    attnc.load(tmp_path / "a")
 
 
 def test_another_triton_or_attnc_version_is_refused(sm90, copy_of):

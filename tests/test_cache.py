@@ -1,9 +1,12 @@
 """The kernel cache: memory and disk layers, corruption recovery, races between processes, diagnostics."""
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -23,12 +26,11 @@ BASE_PARTS = {
     "backend_version": "3.9.0",
     "device": "cpu:x86_64",
     "attnc": "0.1.0",
-    "name": "x",
 }
 
 
-def _key(**changes: str) -> cache.CacheKey:
-    return cache.CacheKey({**BASE_PARTS, **changes})
+def _key(name: str = "x", **changes: str) -> cache.CacheKey:
+    return cache.CacheKey({**BASE_PARTS, **changes}, name=name)
 
 
 def _builder(side: Path, payload: str, delay: float = 0.0):
@@ -69,7 +71,7 @@ sys.stdout.write(cache.get_or_build(cache.CacheKey(parts), build).read_text("ker
 """
 
 
-def _child(side: Path, payload: str, go: str = "-") -> subprocess.Popen:
+def _child(side: Path, payload: str, go: str = "-") -> subprocess.Popen:  # the child's key has no name
     return subprocess.Popen([sys.executable, "-c", CHILD, str(side), payload, go, json.dumps(BASE_PARTS)],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -300,15 +302,14 @@ def test_list_entries_and_clear(tmp_path):
     time.sleep(0.01)
     cache.get_or_build(_key(plan="p2", name="second"), _builder(side, "two two"))
     time.sleep(0.01)
-    tvm_key = cache.CacheKey({"ir": IR, "backend": "tvm"})  # no "name" part: the name comes from meta.json
+    tvm_key = cache.CacheKey({"ir": IR, "backend": "tvm"})  # no name: shown as None
 
     def tvm_build(out: Path) -> None:
         (out / "kernel.so").write_bytes(os.urandom(300))
-        (out / "meta.json").write_text(json.dumps({"name": "from_meta"}))
 
     cache.get_or_build(tvm_key, tvm_build)
     entries = cache.list_entries()
-    assert [(e.backend, e.name) for e in entries] == [("tvm", "from_meta"), ("triton", "second"), ("triton", "x")]
+    assert [(e.backend, e.name) for e in entries] == [("tvm", None), ("triton", "second"), ("triton", "x")]
     assert entries[0].digest == tvm_key.digest and entries[0].created >= entries[1].created >= entries[2].created
     for e in entries:
         on_disk = sum(p.stat().st_size for p in e.path.rglob("*") if p.is_file())
@@ -358,7 +359,7 @@ def test_cache_root_follows_env(tmp_path, monkeypatch):
     monkeypatch.setenv("ATTNC_CACHE_DIR", str(tmp_path / "elsewhere"))
     assert cache.cache_root() == tmp_path / "elsewhere"
     entry = cache.get_or_build(_key(), _builder(tmp_path / "side", "k"))
-    assert entry.path == tmp_path / "elsewhere" / "v1" / "triton" / _key().digest[:2] / _key().digest
+    assert entry.path == tmp_path / "elsewhere" / cache.FORMAT / "triton" / _key().digest[:2] / _key().digest
 
 
 def _under_a_file(tmp_path: Path) -> Path:
@@ -382,7 +383,7 @@ def test_unwritable_cache_dir_falls_back_with_warning(make_dir, tmp_path, monkey
     configured = make_dir(tmp_path)
     monkeypatch.setenv("ATTNC_CACHE_DIR", str(configured))
     side = tmp_path / "side"
-    with pytest.warns(cache.CacheWarning, match="not writable"):
+    with pytest.warns(cache.CacheWarning, match="cannot be used"):
         entry = cache.get_or_build(_key(), _builder(side, "fallback"))
     assert entry.read_text("kernel.py") == "fallback"
     assert not entry.path.is_relative_to(configured) and entry.path.is_relative_to(cache.cache_root())
@@ -426,3 +427,215 @@ def test_debug_logs_hits_misses_rebuilds_with_changed_part(cache_debug, tmp_path
     (message,) = [r.getMessage() for r in cache_debug.records if r.getMessage().startswith("rebuild ")]
     assert "'kernel.py' has 5 bytes, the manifest says 10" in message
     assert "attnc.cache: rebuild triton" in capsys.readouterr().err  # ATTNC_CACHE_DEBUG prints to stderr
+
+
+# ---------------------------------------------------------------- trust: permissions, owners, the secret
+
+
+def _modes(folder: Path) -> dict[str, int]:
+    return {p.relative_to(folder).as_posix(): p.stat().st_mode & 0o777 for p in [folder, *folder.rglob("*")]}
+
+
+def test_made_private_whatever_the_umask(tmp_path, monkeypatch):
+    monkeypatch.setenv("ATTNC_CACHE_DIR", str(tmp_path / "made" / "cache"))
+    monkeypatch.setenv(cache.SECRET_ENV, str(tmp_path / "keys" / "secret"))
+    old = os.umask(0)
+    try:
+        cache.get_or_build(_key(), _builder(tmp_path / "side", "kernel"))
+    finally:
+        os.umask(old)
+    modes = _modes(tmp_path / "made")
+    folders = {name for name in modes if (tmp_path / "made" / name).is_dir()}
+    assert {"cache", f"cache/{cache.FORMAT}/.locks", f"cache/{cache.FORMAT}/.tmp"} <= folders
+    assert {name: modes[name] for name in folders} == {name: 0o700 for name in folders}
+    files = {name: mode for name, mode in modes.items() if name not in folders}
+    assert any(name.endswith("/kernel.py") for name in files) and any(name.endswith("/sub/meta.json") for name in files)
+    assert all(name.endswith(".lock") or mode & 0o077 == 0 for name, mode in files.items()), files
+    assert _modes(tmp_path / "keys") == {".": 0o700, "secret": 0o600}
+
+
+PLANTED = "open({marker!r}, 'w').write('executed')\n"
+
+
+def _run_entry(entry: cache.Entry) -> dict:
+    """What a backend's load does with a kernel.py: execute it."""
+    scope: dict = {}
+    exec(compile(entry.read_text("kernel.py"), str(entry.file("kernel.py")), "exec"), scope)
+    return scope
+
+
+def _rewrite_manifest(entry: cache.Entry, **changes) -> None:
+    """The manifest an attacker writes for planted files: right sizes and hashes, and `changes`."""
+    manifest = json.loads((entry.path / cache.MANIFEST).read_text())
+    for name in manifest["files"]:
+        data = (entry.path / name).read_bytes()
+        manifest["files"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    manifest.update(changes)
+    (entry.path / cache.MANIFEST).write_text(json.dumps(manifest))
+
+
+def _forged_mac(entry: cache.Entry) -> str:
+    records = tuple(cache.FileRecord(r.name, hashlib.sha256((entry.path / r.name).read_bytes()).hexdigest(),
+                                     (entry.path / r.name).stat().st_size) for r in entry.files)
+    return cache._mac(b"a guess at the secret".ljust(32, b"!"), entry.key.digest, records)
+
+
+def _plant_with_manifest(entry: cache.Entry, marker: Path) -> None:
+    entry.file("kernel.py").write_text(PLANTED.format(marker=str(marker)))
+    _rewrite_manifest(entry)
+
+
+def _plant_with_forged_mac(entry: cache.Entry, marker: Path) -> None:
+    entry.file("kernel.py").write_text(PLANTED.format(marker=str(marker)))
+    _rewrite_manifest(entry, mac=_forged_mac(entry))
+
+
+def _plant_other_key_entry(entry: cache.Entry, marker: Path) -> None:
+    """A valid entry of another key (built by attnc, with its own manifest) moved into this key's place."""
+    other = cache.get_or_build(_key(plan="another plan"), lambda out: (out / "kernel.py").write_text(
+        PLANTED.format(marker=str(marker))))
+    shutil.rmtree(entry.path)
+    shutil.copytree(other.path, entry.path)
+
+
+def _plant_other_key_files(entry: cache.Entry, marker: Path) -> None:
+    """Another key's valid kernel swapped in, with this entry's manifest rewritten to its hashes."""
+    other = cache.get_or_build(_key(plan="another plan"), lambda out: (out / "kernel.py").write_text(
+        PLANTED.format(marker=str(marker))))
+    shutil.copyfile(other.file("kernel.py"), entry.file("kernel.py"))
+    _rewrite_manifest(entry, mac=json.loads((other.path / cache.MANIFEST).read_text())["mac"])
+
+
+def _plant_extra_file(entry: cache.Entry, marker: Path) -> None:
+    (entry.path / "sitecustomize.py").write_text(PLANTED.format(marker=str(marker)))
+
+
+PLANTS = {"rewritten manifest": _plant_with_manifest, "forged MAC": _plant_with_forged_mac,
+          "another key's entry": _plant_other_key_entry, "another key's kernel": _plant_other_key_files,
+          "unlisted file": _plant_extra_file}
+
+
+@pytest.mark.parametrize("plant", PLANTS, ids=list(PLANTS))
+def test_a_planted_kernel_is_never_executed(plant, tmp_path):
+    side, marker = tmp_path / "side", tmp_path / "marker"
+    payload = "ANSWER = 42\n"
+    entry = cache.get_or_load(_key(), _builder(side, payload), _run_entry)
+    assert entry["ANSWER"] == 42
+    PLANTS[plant](cache.get_or_build(_key(), _builder(side, "never")), marker)
+    cache.clear_memory()  # a new process
+    assert "corrupt" in cache.explain_miss(_key())
+    scope = cache.get_or_load(_key(), _builder(side, payload), _run_entry)
+    assert scope["ANSWER"] == 42 and not marker.exists()
+    assert _builds(side) == 2  # rebuilt, and the rebuilt entry verifies from disk
+    cache.clear_memory()
+    assert cache.get_or_load(_key(), _builder(side, "never"), _run_entry)["ANSWER"] == 42 and _builds(side) == 2
+
+
+def _fake_owner(monkeypatch, inode: int, uid: int = 12345) -> None:
+    """os.lstat / os.stat report `uid` as the owner of the file with `inode` (tests run as root: chown proves
+    nothing there)."""
+    for name in ("lstat", "stat"):
+        real = getattr(os, name)
+
+        def fake(path, *args, _real=real, **kwargs):
+            st = _real(path, *args, **kwargs)
+            if st.st_ino != inode:
+                return st
+            fields = list(st[:10])
+            fields[4] = uid
+            return os.stat_result(fields)
+
+        monkeypatch.setattr(os, name, fake)
+
+
+UNSAFE = {
+    "group-writable entry": (lambda e, mp: e.path.chmod(0o770), "writable by group (mode 0770)"),
+    "world-writable file": (lambda e, mp: e.file("kernel.py").chmod(0o606), "writable by others (mode 0606)"),
+    "entry of another user": (lambda e, mp: _fake_owner(mp, e.path.stat().st_ino), "is owned by uid 12345"),
+    "file of another user": (lambda e, mp: _fake_owner(mp, e.file("kernel.py").stat().st_ino),
+                             "is owned by uid 12345"),
+}
+
+
+@pytest.mark.parametrize("unsafe", UNSAFE, ids=list(UNSAFE))
+def test_an_unsafe_entry_is_refused_with_a_warning_and_rebuilt(unsafe, tmp_path, monkeypatch):
+    side = tmp_path / "side"
+    entry = cache.get_or_build(_key(), _builder(side, "ANSWER = 42\n"))
+    make_unsafe, message = UNSAFE[unsafe]
+    make_unsafe(entry, monkeypatch)
+    cache.clear_memory()
+    with pytest.raises(cache.CacheError, match=re.escape(message)):
+        cache.check_private(entry.path) if "entry" in unsafe else cache.check_private(entry.file("kernel.py"))
+    refused = f"refused to load {re.escape(str(entry.path))}: .*{re.escape(message)}"
+    with pytest.warns(cache.CacheWarning, match=refused):
+        rebuilt = cache.get_or_build(_key(), _builder(side, "ANSWER = 42\n"))
+    assert _builds(side) == 2 and rebuilt.read_text("kernel.py") == "ANSWER = 42\n"
+    assert _modes(rebuilt.path) == {".": 0o700, "kernel.py": 0o600, "manifest.json": 0o600, "sub": 0o700,
+                                    "sub/meta.json": 0o600}
+
+
+def _group_writable_root(root: Path, monkeypatch) -> str:
+    root.mkdir(mode=0o700)
+    root.chmod(0o775)
+    return "writable by group (mode 0775)"
+
+
+def _root_of_another_user(root: Path, monkeypatch) -> str:
+    root.mkdir(mode=0o700)
+    _fake_owner(monkeypatch, root.stat().st_ino, uid=4242)
+    return "is owned by uid 4242"
+
+
+def _secret_others_can_read(root: Path, monkeypatch) -> str:
+    secret = root.parent / "readable-secret"
+    secret.write_text("ab" * 32)
+    secret.chmod(0o644)
+    monkeypatch.setenv(cache.SECRET_ENV, str(secret))
+    return "readable or writable by group and others (mode 0644)"
+
+
+def _garbled_secret(root: Path, monkeypatch) -> str:
+    secret = root.parent / "short-secret"
+    secret.write_text("abcd")
+    secret.chmod(0o600)
+    monkeypatch.setenv(cache.SECRET_ENV, str(secret))
+    return "does not hold a cache secret"
+
+
+@pytest.mark.parametrize("make_unsafe", [_group_writable_root, _root_of_another_user, _secret_others_can_read,
+                                         _garbled_secret])
+def test_an_unsafe_root_or_secret_falls_back_to_a_private_cache(make_unsafe, tmp_path, monkeypatch):
+    root = tmp_path / "shared"
+    message = make_unsafe(root, monkeypatch)
+    monkeypatch.setenv("ATTNC_CACHE_DIR", str(root))
+    side = tmp_path / "side"
+    with pytest.warns(cache.CacheWarning, match=f"attnc kernel cache {re.escape(str(root))} cannot be used "
+                                                f"\\(.*{re.escape(message)}"):
+        entry = cache.get_or_build(_key(), _builder(side, "fallback"))
+    assert not entry.path.is_relative_to(root) and entry.read_text("kernel.py") == "fallback"
+    fallback = cache.cache_root()
+    assert fallback != root and fallback.stat().st_mode & 0o777 == 0o700
+    assert not list(root.rglob("kernel.py")) if root.exists() else True
+
+
+def test_clear_reports_what_it_cannot_remove(tmp_path, monkeypatch, capsys):
+    from attnc.cli import main
+
+    side = tmp_path / "side"
+    stuck = cache.get_or_build(_key(), _builder(side, "one"))
+    cache.get_or_build(_key(plan="p2"), _builder(side, "two"))
+    real_replace = os.replace
+
+    def replace(src, dst, *args, **kwargs):
+        if Path(src) == stuck.path:
+            raise PermissionError(13, "Permission denied", str(src))
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", replace)
+    assert main(["cache", "clear"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"removed 1 kernel(s) from {cache.cache_root()}, but 1 folder(s) could not be removed")
+    assert f"{stuck.path} (PermissionError: Permission denied)" in err and "Traceback" not in err
+    assert [e.path for e in cache.list_entries()] == [stuck.path]
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert cache.clear() == 1 and cache.list_entries() == []

@@ -75,6 +75,29 @@ def test_second_process_loads_from_disk_without_generating(counted):
     assert "def attn_fwd(" in source and "@triton.jit" in source
 
 
+def test_specs_differing_only_in_name_share_one_entry_and_one_build(counted):
+    """The name labels an entry; the math keys it: prefill and decode kernels are built once for both names, and
+    the shared source holds neither name."""
+    first, second = (attnc.parse(SPEC.replace("attention win", f"attention {name}"))[0]
+                     for name in ("zebra_one", "zebra_two"))
+    assert (first.name, second.name) == ("zebra_one", "zebra_two") and first.key == second.key
+    for spec in (first, second):
+        kernel = attnc.compile(spec)
+        for m, n in ((6, 40), (1, 70)):  # the prefill kernel, then the decode one
+            q, k, v = torch.randn(2, 4, m, 16), torch.randn(2, 2, n, 16), torch.randn(2, 2, n, 16)
+            with launch.poisoned_outputs():
+                out, lse = kernel(q, k, v, window=5)
+            want, want_lse = attnc.reference(spec, q, k, v, window=5)
+            assert (out.double() - want).abs().max() < 2e-5 and (lse.double() - want_lse).abs().max() < 2e-5
+    assert counted["generate"] == 1
+    entries = [e for e in cache.list_entries() if e.backend == "triton"]
+    assert sorted(_kernel_kind(e) for e in entries) == ["decode", "prefill"]
+    assert {e.name for e in entries} == {"zebra_one"}  # the name it was first built under, as metadata
+    for e in entries:
+        source = "".join(p.read_text() for p in e.path.glob("*.py"))
+        assert "def attn_" in source and "zebra" not in source
+
+
 def test_new_head_dim_builds_a_second_kernel(counted):
     spec = attnc.parse(SPEC)[0]
     kernel = attnc.compile(spec)

@@ -271,7 +271,7 @@ def test_aot_target_and_arch_errors(tmp_path):
         aot.build(spec, tmp_path / "a", target="metal", head_dim=64)
     with pytest.raises(attnc.CompileError, match="sm_90a"):
         aot.build(spec, tmp_path / "a", target="cuda", arch="hopper", head_dim=64)
-    with pytest.raises(attnc.CompileError, match="not an attnc TVM artifact"):
+    with pytest.raises(attnc.CacheError, match="not an attnc TVM artifact"):
         aot.load(tmp_path)
 
 

@@ -176,6 +176,18 @@ def test_low_precision_inputs_compute_in_f32():
         check(typed, (out, lse), attnc.reference(typed, q, k, v))
 
 
+def test_specs_differing_only_in_name_share_one_library(monkeypatch):
+    builds = []
+    real = tvm_backend.compile_module
+    monkeypatch.setattr(tvm_backend, "compile_module", lambda *a, **kw: builds.append(1) or real(*a, **kw))
+    spec = f32_spec(masks=(ir.causal_mask(),))
+    q, k, v = torch.randn(1, 2, 70, 16), torch.randn(1, 2, 75, 16), torch.randn(1, 2, 75, 16)
+    for named in (spec, replace(spec, name="renamed")):
+        check(named, attnc.compile(named, backend="tvm")(q, k, v), attnc.reference(named, q, k, v))
+    assert len(builds) == 1
+    assert [(e.backend, e.name) for e in cache.list_entries()] == [("tvm", "t")]
+
+
 def test_built_once_then_cached():
     spec = f32_spec()
     q = torch.randn(1, 1, 70, 16)

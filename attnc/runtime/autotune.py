@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 
-from ..version import __version__
 from ..dsl.signature import bind
 from ..errors import AttncError
 from ..ir import Attention
@@ -181,11 +180,11 @@ class TunedKernel:
         arch = TritonBackend().target(device).arch
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "triton-interpreter"
         key = cache.CacheKey({
-            "backend": "autotune", "ir": self.spec.canonical, "name": self.spec.name,
+            **cache.spec_parts(self.spec), "backend": "autotune",
             "device": f"{name}:sm_{arch}" if arch else name, "dtype": str(dtype), "D": str(d), "DV": str(dv),
             "group": str(group), "M": str(m), "N": str(n), "options": repr(self.options),
-            "backend_version": triton.__version__, "attnc": __version__, "codegen": codegen_fingerprint(),
-        })
+            "backend_version": triton.__version__, "codegen": codegen_fingerprint(),
+        }, name=self.spec.name)
         tiles = candidates(arch, max(d, dv))
 
         def build(out_dir: Path) -> None:

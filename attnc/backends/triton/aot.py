@@ -18,7 +18,10 @@ pointer loops (the TMA constexpr, from K/V's strides and alignment); the trace m
 `DIR/manifest.json` records the spec (canonical text and key), each plan, the kernels with their signatures,
 constexprs, assumptions and launch metadata, the Triton version and arch that built them, the attnc version and
 the SHA-256 of every file. `load` refuses an artifact whose Triton version, attnc version, arch or files do not
-match this machine, or whose plans this attnc would not make, with a CacheError that says how to rebuild it.
+match this machine, or whose plans this attnc would not make, with a CacheError that says how to rebuild it; and
+one whose folder, manifest or files are not owned by this user or root, or are writable by others, or lie outside
+the folder (runtime/cache.verify_files). The spec is read back from its canonical text (no pickle) and must give
+the recorded key before any kernel is imported.
 
 Loaded attentions are ordinary `attnc.Kernel`s whose backend is the artifact (`AotBackend`): they bind their
 arguments like `attnc.compile`'s kernels and launch through the same `TritonLauncher`, whose kernels here are
@@ -57,6 +60,7 @@ from ...errors import AttncError, CacheError, CallError, CompileError
 from ...ir import Attention
 from ...passes import KernelPlan, PlanOptions, Target, plan_kernel
 from ...passes.plan import KernelLaunch
+from .. import cache
 
 if TYPE_CHECKING:
     import torch
@@ -208,13 +212,18 @@ def read_artifact(path: str | os.PathLike) -> Artifact:
         command = manifest["command"]
         built_by = f"built by Triton {manifest['triton']} for {arch.name}"
         _check_versions(manifest, built_by, command)
-        _check_files(folder, manifest["files"], command)
+        cache.verify_files(folder, manifest["files"], f"rebuild with `{command}`")
         attentions = tuple(
             AttentionBuild(a["name"], a["key"], a["canonical"], tuple(
                 HeadDimBuild(int(b["head_dim"]), int(b["value_dim"]), b["plan"], dict(b["sources"]),
                              tuple(KernelBuild.from_json(k) for k in b["kernels"]))
                 for b in a["builds"]))
             for a in manifest["attentions"])
+        unlisted = [path for a in attentions for b in a.builds
+                    for path in (*b.sources.values(), *(p for k in b.kernels for p in (k.binary, k.metadata)))
+                    if path not in manifest["files"]]
+        if unlisted:
+            raise ValueError(f"files not in its file list: {unlisted}")
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise CacheError(f"{manifest_path}: garbled manifest ({type(err).__name__}: {err}); rebuild the artifact "
                          f"with `attnc compile`") from None
@@ -233,19 +242,6 @@ def _check_versions(manifest: dict, built_by: str, command: str) -> None:
     if manifest["attnc"] != __version__:
         raise CacheError(f"{built_by} and attnc {manifest['attnc']}; this is attnc {__version__}: rebuild with "
                          f"`{command}` using this attnc")
-
-
-def _check_files(folder: Path, files: dict, command: str) -> None:
-    for name, record in files.items():
-        path = folder / name
-        try:
-            data = path.read_bytes()
-        except OSError as err:
-            raise CacheError(f"{path}: listed in {MANIFEST} but cannot be read ({type(err).__name__}); the artifact "
-                             f"is incomplete: rebuild with `{command}`") from None
-        if len(data) != record["size"] or hashlib.sha256(data).hexdigest() != record["sha256"]:
-            raise CacheError(f"{path}: does not match the SHA-256 in {MANIFEST} (changed after `attnc compile` "
-                             f"wrote it): rebuild with `{command}`")
 
 
 def _check_gpu(arch: Arch, built_by: str, command: str) -> None:
@@ -539,6 +535,7 @@ def compile_artifact(file: str | os.PathLike, out: str | os.PathLike, arch: str,
         manifest["files"] = files
         manifest["digest"] = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+        cache.seal([staging, *staging.rglob("*")])
         _move_into_place(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -38,7 +38,7 @@ def shared_hooks(plan: KernelPlan, exp2: str = "tl.exp2") -> dict:
             keep_terms = "".join(f" & ({_as_tile(main, c)})" for c in masks.evaluated)
     pad_d, pad_dv = tiling.block_d != plan.head_dim, tiling.block_dv != plan.value_dim
     return dict(
-        version=__version__, name=spec.name, key=plan.spec_key[:16], exp2=exp2,
+        version=__version__, key=plan.spec_key[:16], exp2=exp2,
         head_dim=plan.head_dim, value_dim=plan.value_dim, block_d=tiling.block_d, block_dv=tiling.block_dv,
         prologue="\n".join(main.prologue), score_lines="\n".join(score_lines), logits=logits,
         mask_lines="\n".join(mask_lines), keep_terms=keep_terms, sink=sink, returns_lse=spec.returns_lse,

@@ -17,7 +17,6 @@ from types import ModuleType
 
 import torch
 
-from ...version import __version__
 from . import codegen_fingerprint
 from .generate import generate
 from .emit import input_arg, param_arg
@@ -65,10 +64,9 @@ def cache_key(plan: KernelPlan) -> cache.CacheKey:
 
     t = plan.target
     return cache.CacheKey({
-        "ir": plan.spec.canonical, "plan": repr(plan), "backend": "triton", "backend_version": triton.__version__,
-        "device": f"{t.device}:{'interpreter' if t.arch is None else f'sm_{t.arch}'}", "attnc": __version__,
-        "codegen": codegen_fingerprint(), "name": plan.spec.name,
-    })
+        **cache.plan_parts(plan), "backend": "triton", "backend_version": triton.__version__,
+        "device": f"{t.device}:{'interpreter' if t.arch is None else f'sm_{t.arch}'}", "codegen": codegen_fingerprint(),
+    }, name=plan.spec.name)
 
 
 def load_module(plan: KernelPlan) -> ModuleType:
@@ -77,7 +75,7 @@ def load_module(plan: KernelPlan) -> ModuleType:
         (out_dir / SOURCE_FILE).write_text(generate(plan), encoding="utf-8")
 
     def load(entry: cache.Entry) -> ModuleType:
-        return import_source(entry.file(SOURCE_FILE), f"attnc_kernels.{plan.spec.name}_{entry.key.digest[:16]}")
+        return import_source(entry.file(SOURCE_FILE), f"attnc_kernels.k{entry.key.digest[:16]}")
 
     return cache.get_or_load(cache_key(plan), build, load)
 

@@ -38,11 +38,9 @@ def load_decode_module(plan: KernelPlan) -> ModuleType:
         (out_dir / SOURCE_FILE).write_text(generate_decode(plan), encoding="utf-8")
 
     def load(entry: cache.Entry) -> ModuleType:
-        return launch.import_source(entry.file(SOURCE_FILE),
-                                    f"attnc_kernels.{plan.spec.name}_decode_{entry.key.digest[:16]}")
+        return launch.import_source(entry.file(SOURCE_FILE), f"attnc_kernels.k{entry.key.digest[:16]}")
 
-    key = launch.cache_key(plan)
-    return cache.get_or_load(cache.CacheKey({**key.as_dict(), "kernel": "decode"}), build, load)
+    return cache.get_or_load(launch.cache_key(plan).updated(kernel="decode"), build, load)
 
 
 class DecodeLauncher:

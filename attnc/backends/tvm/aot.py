@@ -2,8 +2,10 @@
 GPU needed); `load` runs it with only the TVM runtime -- the `tvm` package when installed, otherwise
 tvm_ffi plus libtvm_runtime.so (and libtvm_runtime_cuda.so) from a trimmed runtime folder (runtime_pack.py).
 
-An artifact folder holds kernel.so (the exported TVM module: host code plus the embedded CUDA binary),
-spec.pkl (the planned-for ir.Attention, checked against its key on load) and manifest.json. `compile_file`
+An artifact folder holds kernel.so (the exported TVM module: host code plus the embedded CUDA binary) and
+manifest.json: the spec's canonical text and key, the plan and its options, the library's SHA-256. `load` parses
+the text, checks that it gives the key and that this attnc makes the same plan, and checks the library's owner,
+permissions and hash (runtime/cache.verify_files) before it loads anything. `compile_file`
 (`attnc compile --backend tvm`) writes one per attention of a spec file under an index manifest.
 
 `emit_source` writes kernel source for targets that are generated here but not run: Metal, ROCm (AMDGPU
@@ -13,10 +15,11 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
+import hashlib
 import importlib
 import json
 import os
-import pickle
 import re
 import sys
 from pathlib import Path
@@ -24,14 +27,15 @@ from typing import Sequence
 
 from ...version import __version__
 from ...dsl.signature import bind
-from ...errors import CallError, CompileError
+from ...errors import AttncError, CacheError, CallError, CompileError
 from ...ir import Attention
-from ...passes import PlanOptions, Target, plan_kernel
+from ...passes import KernelPlan, PlanOptions, Target, plan_kernel
+from .. import cache
 from .launch import launch
 
 FORMAT = "attnc-tvm-aot/1"
 SET_FORMAT = "attnc-tvm-aot-set/1"  # compile_file's folder: one FORMAT folder per attention
-MANIFEST, SPEC_FILE, LIBRARY = "manifest.json", "spec.pkl", "kernel.so"
+MANIFEST, LIBRARY = "manifest.json", "kernel.so"
 RUNTIME_ENV = "ATTNC_TVM_RUNTIME"  # a folder holding libtvm_runtime.so (runtime_pack.py makes one)
 RUNTIME_DIR = "tvm_runtime"  # ... or this folder under any sys.path entry
 TARGETS = ("cuda", "llvm")  # runnable artifacts; other TVM targets: --emit source (emit_source)
@@ -66,8 +70,7 @@ def build(spec: Attention, out_dir: str | Path, target: str = "cuda", arch: str 
     if target == "cuda":
         from .cuda import build_cuda_kernel
 
-        number = _arch_number(arch)
-        plan = plan_kernel(spec, Target("tvm", "cuda", number), d, dv, options)
+        plan = plan_kernel(spec, _plan_target(target, arch), d, dv, options)
         check_dense(plan)
         sched, func = build_cuda_kernel(plan, "attn", cuda_schedule)
         funcs = {"attn": func}
@@ -77,7 +80,8 @@ def build(spec: Attention, out_dir: str | Path, target: str = "cuda", arch: str 
         from .kernel import build_primfunc, decode_schedule, prefill_schedule
 
         cpu = host_cpu()
-        plan = plan_kernel(spec, Target("tvm", "cpu", None), d, dv)
+        options = PlanOptions()  # the CPU schedules take no overrides
+        plan = plan_kernel(spec, _plan_target(target, arch), d, dv, options)
         check_dense(plan)
         funcs = {"attn_prefill": build_primfunc(plan, prefill_schedule(cpu.vector), "attn_prefill"),
                  "attn_decode": build_primfunc(plan, decode_schedule(cpu.vector), "attn_decode")}
@@ -85,20 +89,29 @@ def build(spec: Attention, out_dir: str | Path, target: str = "cuda", arch: str 
         kinds, decode_max_m, device = {"prefill": "attn_prefill", "decode": "attn_decode"}, cpu.vector, cpu.label
     else:
         raise CompileError(_not_runnable(target))
+    made = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     export_library(compile_module(funcs, plan, tvm_target, device), out / LIBRARY, tvm_target, device,
                    nvcc_options(plan) if target == "cuda" else ())
-    (out / SPEC_FILE).write_bytes(pickle.dumps(spec))
+    library = (out / LIBRARY).read_bytes()
     import tvm
 
     manifest = {
         "format": FORMAT, "backend": "tvm", "target": target, "arch": arch if target == "cuda" else None,
-        "device": device, "name": spec.name, "key": spec.key, "dtype": spec.q.dtype, "head_dim": d,
-        "value_dim": dv, "functions": kinds, "decode_max_m": decode_max_m, "schedule": repr(sched),
-        "tvm": tvm.__version__, "attnc": __version__, "library": LIBRARY, "spec": SPEC_FILE,
+        "device": device, "name": spec.name, "key": spec.key, "canonical": spec.canonical, "plan": repr(plan),
+        "options": dataclasses.asdict(options), "dtype": spec.q.dtype, "head_dim": d, "value_dim": dv,
+        "functions": kinds, "decode_max_m": decode_max_m, "schedule": repr(sched), "tvm": tvm.__version__,
+        "attnc": __version__, "library": LIBRARY,
+        "files": {LIBRARY: {"sha256": hashlib.sha256(library).hexdigest(), "size": len(library)}},
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    cache.seal([out / LIBRARY, out / MANIFEST] + ([out] if made else []))
     return out
+
+
+def _plan_target(target: str, arch: str | None) -> Target:
+    """The plan target of an artifact for TVM target `target` ("cuda" with `arch`, or "llvm")."""
+    return Target("tvm", "cuda", _arch_number(arch)) if target == "cuda" else Target("tvm", "cpu", None)
 
 
 def emit_source(spec: Attention, target: str, arch: str | None = None, head_dim: int | None = None,
@@ -280,25 +293,59 @@ def is_artifact(path: str | Path) -> bool:
 
 
 def load(path: str | Path) -> AotKernel | dict[str, AotKernel]:
-    """A `build` folder as an AotKernel; a `compile_file` folder as its one AotKernel, or a dict by name."""
+    """A `build` folder as an AotKernel; a `compile_file` folder as its one AotKernel, or a dict by name.
+    Nothing is loaded before the spec text gives the recorded key and plan and the files pass
+    cache.verify_files; a CacheError says what does not."""
     folder = Path(path)
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
     except (OSError, ValueError) as err:
-        raise CompileError(f"{folder}: not an attnc TVM artifact folder ({err}); build one with "
-                           f"`attnc compile FILE --backend tvm -o DIR`") from err
-    if manifest.get("format") == SET_FORMAT:
-        kernels = {name: load(folder / name) for name in manifest["attentions"]}
-        return next(iter(kernels.values())) if len(kernels) == 1 else kernels
-    if manifest.get("format") != FORMAT:
-        raise CompileError(f"{folder / MANIFEST}: format {manifest.get('format')!r}, this attnc reads {FORMAT}; "
-                           f"rebuild the artifact with this attnc")
-    spec = pickle.loads((folder / manifest["spec"]).read_bytes())
-    if not isinstance(spec, Attention) or spec.key != manifest["key"]:
-        raise CompileError(f"{folder / manifest['spec']}: the spec does not match the manifest's key "
-                           f"(built by attnc {manifest.get('attnc')}); rebuild the artifact")
-    module = load_module(folder / manifest["library"], cuda=manifest["target"] == "cuda")
-    return AotKernel(spec, manifest, {kind: module[name] for kind, name in manifest["functions"].items()})
+        raise CacheError(f"{folder}: not an attnc TVM artifact folder ({err}); build one with "
+                         f"`attnc compile FILE --backend tvm -o DIR`") from None
+    if not isinstance(manifest, dict) or manifest.get("format") not in (FORMAT, SET_FORMAT):
+        got = manifest.get("format") if isinstance(manifest, dict) else None
+        raise CacheError(f"{folder / MANIFEST}: format {got!r}, this attnc reads {FORMAT}; rebuild the artifact with "
+                         f"this attnc")
+    try:
+        if manifest["format"] == SET_FORMAT:
+            names = manifest["attentions"]
+            if not all(isinstance(n, str) and n.isidentifier() for n in names):
+                raise ValueError(f"attention names {names!r} are not all identifiers")
+            kernels = {name: load(folder / name) for name in names}
+            return next(iter(kernels.values())) if len(kernels) == 1 else kernels
+        spec, plan = _checked_spec(folder, manifest)
+        cache.verify_files(folder, manifest["files"], "rebuild the artifact with `attnc compile --backend tvm`")
+        if manifest["library"] not in manifest["files"]:
+            raise ValueError(f"the library {manifest['library']!r} is not in its file list")
+        functions = manifest["functions"].items()
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise CacheError(f"{folder / MANIFEST}: garbled manifest ({type(err).__name__}: {err}); rebuild the artifact "
+                         f"with `attnc compile --backend tvm`") from None
+    module = load_module(folder / manifest["library"], cuda=plan.target.device == "cuda")
+    return AotKernel(spec, manifest, {kind: module[name] for kind, name in functions})
+
+
+def _checked_spec(folder: Path, manifest: dict) -> tuple[Attention, KernelPlan]:
+    """The artifact's spec, parsed from its canonical text, and its plan, made again: each must be what the
+    manifest records (the key; the plan this attnc makes), else the library may take other arguments."""
+    from ...dsl.parser import parse
+
+    try:
+        specs = parse(manifest["canonical"], filename=f"{folder / MANIFEST}:canonical")
+    except AttncError as err:
+        raise CacheError(f"{folder / MANIFEST}: its spec text does not parse ({err}); rebuild the artifact with "
+                         f"`attnc compile --backend tvm`") from None
+    if len(specs) != 1 or specs[0].key != manifest["key"]:
+        raise CacheError(f"{folder / MANIFEST}: its spec text does not give the key it records (built by attnc "
+                         f"{manifest.get('attnc')}); rebuild the artifact with `attnc compile --backend tvm`")
+    spec = specs[0]
+    plan = plan_kernel(spec, _plan_target(manifest["target"], manifest["arch"]), int(manifest["head_dim"]),
+                       int(manifest["value_dim"]), PlanOptions(**manifest["options"]))
+    if repr(plan) != manifest["plan"]:
+        raise CacheError(f"{folder}: attnc {__version__} plans attention {spec.name!r} differently from attnc "
+                         f"{manifest.get('attnc')}, which built it; rebuild the artifact with `attnc compile "
+                         f"--backend tvm`")
+    return spec, plan
 
 
 def load_module(library: Path, cuda: bool):

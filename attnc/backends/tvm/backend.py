@@ -13,11 +13,11 @@ from pathlib import Path
 
 import torch
 
-from ...version import __version__
 from ...dsl.signature import Bound
 from ...errors import CompileError
 from ...passes import KernelPlan, Target
 from .. import cache
+from . import codegen_fingerprint
 from .host import configure_threads, host_cpu
 from .kernel import build_primfunc, decode_schedule, prefill_schedule
 from .launch import launch
@@ -158,12 +158,10 @@ def cache_key(plan: KernelPlan, sched, func, device: str) -> cache.CacheKey:
     import tvm
 
     return cache.CacheKey({
-        "ir": plan.spec.canonical, "plan": repr(plan), "schedule": repr(sched),
-        "tir": hashlib.sha256(func.script().encode()).hexdigest(), "backend": "tvm",
-        "backend_version": tvm.__version__, "device": device, "attnc": __version__,
+        **cache.plan_parts(plan), "schedule": repr(sched), "tir": hashlib.sha256(func.script().encode()).hexdigest(),
+        "backend": "tvm", "backend_version": tvm.__version__, "device": device, "codegen": codegen_fingerprint(),
         "nvcc_options": " ".join(nvcc_options(plan)) if device.startswith("cuda") else "",
-        "name": plan.spec.name,
-    })
+    }, name=plan.spec.name)
 
 
 def load_function(plan: KernelPlan, sched, func, target, device: str):
