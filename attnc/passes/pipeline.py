@@ -24,7 +24,7 @@ def fold_constants(plan: KernelPlan) -> KernelPlan:
 PIPELINE: tuple[Pass, ...] = (
     fold_constants,  # dims and head dims become literals, so later passes and kernels see constants
     analyze_masks,  # masks -> key-range loop bounds, full/partial tiles, element-wise checks
-    to_exp2_domain,  # base-2 softmax with log2(e) folded into qk's scale: one multiply per score
+    to_exp2_domain,  # the normalizer in base 2, log2(e) folded into qk's scale: one multiply per score
     choose_tiles,  # block sizes and warps from arch, dtype and head dim (one tuned table)
     share_kv_heads,  # GQA: let a program take the query heads that share one K/V head
     stage_pipeline,  # software-pipelining depth that fits shared memory; Hopper TMA / warp-spec flags
