@@ -195,7 +195,9 @@ class Softmax(Normalizer):
 @dataclass(frozen=True)
 class Sigmoid(Normalizer):
     """Sigmoid attention: p_j = sigmoid(s_j), no row normalisation (a bias such as `- log(N)` is written in the
-    score); lse = log(sum_j sigmoid(s_j)), the log of the row's total weight."""
+    score); lse = log(sum_j sigmoid(s_j)), the log of the row's total weight. The kernels keep no running max
+    (every weight is in (0, 1)) and sum the weights in float32: a row whose weights all lie below float32's range
+    (every score under about -87) gets out = 0, as small as the true value, and lse = -inf."""
 
     name = "sigmoid"
     weight = "sigmoid"

@@ -5,6 +5,7 @@ varlen storage (in the interpreter on CPU, at serving sizes with -m gpu), TVM on
 import ast
 import math
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ from attnc.dsl.flex import create_block_mask, flex_spec
 from attnc.passes import PlanOptions
 from test_decode_kernels import check, offsets, paged_cache
 from test_triton_kernels import (  # noqa: F401  (poisoned_outputs is an autouse fixture: importing enables it)
-    DEVICE, TOL, TORCH, assert_matches, poisoned_outputs, qkv, run_and_check,
+    DEVICE, RANDOM_SHAPES, TOL, TORCH, _spec, assert_matches, poisoned_outputs, qkv, run_and_check,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,9 +27,8 @@ INF = math.inf
 
 def sigmoid_spec(dtype="f32", masks="mask causal", extra="", lse=True, layout="B, H, M, D", kv="B, HKV, N, D",
                  score="qk * rsqrt(D) - log(N)"):
-    return attnc.parse(f"attention s {{ q: {dtype}[{layout}] k: {dtype}[{kv}] v: {dtype}[{kv}]\n{extra}\n"
-                       f"score = {score}\n{masks}\nreturn sigmoid(score) @ v{', lse' if lse else ''} }}",
-                       "sigmoid.attn")[0]
+    return _spec(masks, dtype, layout, kv, extra=f"{extra}\nscore = {score}",
+                 ret=f"sigmoid(score) @ v{', lse' if lse else ''}")
 
 
 # ---------------------------------------------------------------- the IR node and the front-ends
@@ -153,16 +153,10 @@ def test_reference_lse_of_very_negative_scores():
 
 # ---------------------------------------------------------------- Triton in the interpreter (GPU: -m gpu)
 
-# (M, N, H, HKV, D, masks): decode M = 1 with GQA, D off a power of two, M > N (rows with no key), a window with
-# a param, a data-dependent mask (tile summary), no mask
-PREFILL_CASES = [
-    (1, 97, 8, 2, 64, "mask causal"),
-    (37, 75, 4, 2, 80, "mask causal"),
-    (20, 9, 2, 2, 32, "mask causal"),
-    (33, 70, 4, 4, 32, "param w: i32 = 9\nmask causal\nmask i + (N - M) - j < w"),
-    (40, 70, 2, 1, 16, "input doc: i32[B, N]\nmask doc[b, i] == doc[b, j]"),
-    (64, 100, 4, 4, 32, ""),
-]
+# (M, N, H, HKV, D, masks) of the softmax kernels' random shapes: decode M = 1 with GQA 8, D = 80, M > N (rows
+# with no key), no mask, a window with a param; and a data-dependent mask (tile summary kernel)
+PREFILL_CASES = [RANDOM_SHAPES[i] for i in (1, 5, 6, 7, 8)] + [
+    (40, 70, 2, 1, 16, "input doc: i32[B, N]\nmask doc[b, i] == doc[b, j]")]
 
 
 def prefill_kwargs(spec, sizes, device=DEVICE):
@@ -187,11 +181,15 @@ def test_triton_prefill(m, n, h, hkv, d, masks, dtype):
 
 
 def test_triton_very_negative_scores_give_zero_not_nan():
-    """2^-s overflows to inf for s far below 0: the weight is 0 (the reference's ~1e-87), never NaN."""
-    spec = sigmoid_spec("f32", score="qk * rsqrt(D) - 200.0", lse=False)
+    """2^-s overflows to inf for s far below 0: the weight is 0 (the reference's ~1e-87), never NaN; the lse is
+    -inf where every weight of a row is below float32's range (ir.Sigmoid), else exact (shift 60: ~1e-26)."""
+    spec = sigmoid_spec("f32", extra="param shift: f32", score="qk * rsqrt(D) - shift")
     sizes = {"B": 1, "H": 2, "HKV": 2, "M": 20, "N": 40, "D": 16, "DV": 16}
-    out = run_and_check(spec, sizes, kwargs={})
-    assert bool((out.abs() < 1e-30).all())
+    q, k, v = qkv(spec, sizes)
+    run_and_check(spec, sizes, kwargs={"shift": 60.0}, tensors=(q, k, v))
+    (out, lse), (want, _) = attnc.compile(spec)(q, k, v, shift=200.0), attnc.reference(spec, q, k, v, shift=200.0)
+    assert_matches(replace(spec, returns_lse=False), out, want)
+    assert bool((out.abs() < 1e-30).all()) and not lse.isnan().any()
 
 
 def split_launches(monkeypatch) -> list[int]:
@@ -253,24 +251,20 @@ def tvm_nan_outputs(monkeypatch):
                         lambda shape, dtype, device: torch.full(shape, math.nan, dtype=dtype, device=device))
 
 
-@pytest.mark.parametrize("dtype, masks", [("f32", "param w: i32 = 9\nmask causal\nmask i + (N - M) - j < w"),
-                                          ("f16", "mask causal")])
-def test_tvm_cpu(dtype, masks, tvm_nan_outputs):
-    """Prefill and decode schedules, GQA, D = 48, rows with no key (M > N), one kernel for every shape."""
-    mask_lines, extra = split_masks(masks)
-    spec = sigmoid_spec(dtype, mask_lines, extra)
+@pytest.mark.parametrize("dtype", ["f32", "f16"])
+def test_tvm_cpu(dtype, tvm_nan_outputs):
+    """Prefill and decode schedules, GQA, D = 48, rows with no key (M > N), a window, one kernel for every shape;
+    scores shifted far below 0 (2^-s overflows) give weights of 0, not NaN."""
+    spec = sigmoid_spec(dtype, "mask causal\nmask i + (N - M) - j < w", "param w: i32 = 9\nparam shift: f32 = 0.0",
+                        score="qk * rsqrt(D) - log(N) - shift")
     kernel = attnc.compile(spec, backend="tvm")
     for b, h, hkv, m, n in [(2, 4, 2, 70, 130), (1, 2, 1, 1, 77), (2, 2, 2, 20, 9)]:
         sizes = {"B": b, "H": h, "HKV": hkv, "M": m, "N": n, "D": 48, "DV": 48}
-        q, k, v = (t.cpu() for t in qkv(spec, sizes, "cpu"))
+        q, k, v = qkv(spec, sizes, "cpu")
         assert_matches(spec, kernel(q, k, v), attnc.reference(spec, q, k, v))
-
-
-def test_tvm_cpu_very_negative_scores(tvm_nan_outputs):
-    spec = sigmoid_spec("f32", score="qk * rsqrt(D) - 200.0", lse=False)
-    q, k, v = torch.randn(1, 2, 20, 16), torch.randn(1, 2, 90, 16), torch.randn(1, 2, 90, 16)
-    out = attnc.compile(spec, backend="tvm")(q, k, v)
-    assert_matches(spec, out, attnc.reference(spec, q, k, v))
+    (out, lse), (want, _) = kernel(q, k, v, shift=200.0), attnc.reference(spec, q, k, v, shift=200.0)
+    assert_matches(replace(spec, returns_lse=False), out, want)
+    assert not lse.isnan().any()  # -inf: every weight is below float32's range (ir.Sigmoid)
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (CUDA kernels are built by it)")
