@@ -1,6 +1,8 @@
 """The shared vocabulary: frozen IR nodes, the canonical printer and the stable key.
 
-Every front-end (text, decorator, flex mods) produces an `Attention`; every later stage reads one.
+Every front-end (text, decorator, flex mods) produces an `Attention`; every later stage reads one. The normalizer
+is a node too (`Normalizer`: softmax, sigmoid) whose parts (weight map, row normalisation, merge, lse) are data:
+stages ask it instead of assuming one, and each backend lowers it in one module (codegen/*/normalize.py).
 Nodes are frozen dataclasses with tuple children and structural equality; `span` is carried for
 error messages but excluded from equality, hashing and the key.
 """

@@ -16,10 +16,12 @@ the weights so far (and `m_i`, the running max, where rows are normalised), and 
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 from ...ir import Normalizer
 
 
-class TritonNormalizer:
+class TritonNormalizer(ABC):
     state: str
     acc_scale: str
     advance: str | None
@@ -31,8 +33,9 @@ class TritonNormalizer:
     def __init__(self, exp2: str):
         self.exp2 = exp2  # the base-2 exponential's name in the generated module
 
+    @abstractmethod
     def weights(self, masked) -> str:
-        raise NotImplementedError
+        """The lines of a key tile that turn `s` into `p` and update the running state."""
 
 
 class _Normalised(TritonNormalizer):
@@ -43,6 +46,7 @@ class _Normalised(TritonNormalizer):
     advance = "m_i = m_new"
     out = "l_safe = tl.where(l_i == 0.0, 1.0, l_i)\nout = acc / l_safe[:, None]"
     log2_total = "m_i + tl.log2(l_safe)"
+    # where, not a product alone: a split with weight 0 contributes 0 whatever its partial row holds
     combine_acc = "acc * alpha[:, None] + tl.sum(tl.where(w[:, :, None] > 0, w[:, :, None] * parts, 0.0), 0)"
     combine_out = "acc / l_safe[:, None]"
 
@@ -64,7 +68,7 @@ class _Sigmoid(TritonNormalizer):
     advance = None
     out = "l_safe = tl.where(l_i == 0.0, 1.0, l_i)\nout = acc  # not normalised: a row that kept no key holds 0"
     log2_total = "tl.log2(l_safe)"
-    combine_acc = "acc + tl.sum(parts, 0)"
+    combine_acc = "acc + tl.sum(parts, 0)"  # every split writes its rows (0 where it kept no key)
     combine_out = "acc"
 
     def weights(self, masked) -> str:
