@@ -26,6 +26,7 @@ from typing import Callable
 import torch
 
 import attnc
+from attnc.ir import return_text
 
 # ---------------------------------------------------------------- workloads
 
@@ -56,7 +57,7 @@ def _spec(name: str, D: int, gqa: bool, body: str, params: str = "", inputs: str
         f"attention {name} {{\n"
         f"    q: bf16[B, H, M, D]  k: bf16[B, {kv}, N, D]  v: bf16[B, {kv}, N, D]\n"
         f"{params}{inputs}{body}"
-        f"    return softmax(score) @ v\n}}\n"
+        f"    {return_text()}\n}}\n"
     )
 
 
@@ -492,9 +493,9 @@ def run(args: argparse.Namespace) -> int:
 CPU_SPEC = """
 attention bench_cpu_{name} {{
     q: f32[B, H, M, D]  k: f32[B, H, N, D]  v: f32[B, H, N, D]
-{mask}    return softmax(score) @ v
+{mask}    RETURN
 }}
-"""
+""".replace("RETURN", return_text())
 CPU_HEADS = 8  # B = 1, H = 8: the issue's shapes
 CPU_TOL = 1e-4  # relative (norm) error against torch's fp32 SDPA that still counts as the same result
 # Before each block of calls the process pauses this long. After a call, torch's OpenMP workers spin for a few

@@ -1,6 +1,8 @@
 """The shared vocabulary: frozen IR nodes, the canonical printer and the stable key.
 
-Every front-end (text, decorator, flex mods) produces an `Attention`; every later stage reads one.
+Every front-end (text, decorator, flex mods) produces an `Attention`; every later stage reads one. The normalizer
+is a node too (`Normalizer`: softmax, sigmoid) whose parts (weight map, row normalisation, merge, lse) are data:
+stages ask it instead of assuming one, and each backend lowers it in one module (codegen/*/normalize.py).
 Nodes are frozen dataclasses with tuple children and structural equality; `span` is carried for
 error messages but excluded from equality, hashing and the key.
 """
@@ -10,7 +12,7 @@ import hashlib
 import math
 from dataclasses import dataclass, field, replace
 from functools import cached_property
-from typing import Union
+from typing import ClassVar, Union
 
 from .errors import Span
 
@@ -150,15 +152,73 @@ class ParamDecl:
     span: Span | None = _span()
 
 
+# ---------------------------------------------------------------- normalizers
+
+
 @dataclass(frozen=True)
-class Softmax:
-    """softmax over the kept keys; `sink` is a per-head logit that joins the denominator only."""
+class Normalizer:
+    """`return NAME(score[, sink=...]) @ v`: how the weights p_j of a row come from its scores s_j over the kept
+    keys j. A kind of normalizer is its parts, as data; every stage (checker, reference, passes, each backend's
+    lowering, the split-KV and `merge_states` merges) reads these instead of assuming one kind:
+      weight      the elementwise map w_j = f(s_j), a function of UNARY_FUNCS;
+      normalized  True: rows are normalised, p_j = w_j / (sum_k w_k [+ exp(sink)]), computed with a running max
+                  and sum over the key tiles; False: p_j = w_j;
+      merge       (derived) how results over two disjoint key sets combine: "lse" (each out weighted by
+                  exp(lse_part - lse)) for normalised rows, "sum" (outs added) otherwise;
+      takes_sink  whether `sink=` (a per-row logit that joins the denominator only) is allowed.
+    lse is the same for every kind: log(sum_j w_j) over the kept keys (plus exp(sink)), -inf for a row that keeps
+    no key (and has no sink). So the lse of a union of key sets is the logaddexp of the parts' lse, whichever the
+    merge of the outs.
+    """
 
     sink: Expr | None = None
     span: Span | None = _span()
 
+    name: ClassVar[str]
+    weight: ClassVar[str]
+    normalized: ClassVar[bool]
+    takes_sink: ClassVar[bool]
 
-Normalizer = Softmax
+    @property
+    def merge(self) -> str:
+        return "lse" if self.normalized else "sum"
+
+
+@dataclass(frozen=True)
+class Softmax(Normalizer):
+    """p_j = exp(s_j) / (sum_k exp(s_k) + exp(sink)); lse is the row's log-sum-exp."""
+
+    name = "softmax"
+    weight = "exp"
+    normalized = True
+    takes_sink = True
+
+
+@dataclass(frozen=True)
+class Sigmoid(Normalizer):
+    """Sigmoid attention: p_j = sigmoid(s_j), no row normalisation (a bias such as `- log(N)` is written in the
+    score); lse = log(sum_j sigmoid(s_j)), the log of the row's total weight. The kernels keep no running max
+    (every weight is in (0, 1)) and sum the weights in float32: a row whose weights all lie below float32's range
+    (every score under about -87) gets out = 0, as small as the true value, and lse = -inf."""
+
+    name = "sigmoid"
+    weight = "sigmoid"
+    normalized = False
+    takes_sink = False
+
+
+NORMALIZERS: dict[str, type[Normalizer]] = {n.name: n for n in (Softmax, Sigmoid)}
+DEFAULT_NORMALIZER: type[Normalizer] = Softmax  # where a front-end names none (FlexAttention, make_attention)
+
+
+def print_normalizer(n: Normalizer) -> str:
+    sink = "" if n.sink is None else f", sink={print_expr(n.sink)}"
+    return f"{n.name}(score{sink})"
+
+
+def return_text(n: Normalizer | None = None, returns_lse: bool = False) -> str:
+    """The `return` statement of a spec with normalizer `n` (the default one when None)."""
+    return f"return {print_normalizer(n or DEFAULT_NORMALIZER())} @ v{', lse' if returns_lse else ''}"
 
 
 @dataclass(frozen=True)
@@ -212,7 +272,7 @@ class Attention:
     inputs: tuple[TensorDecl, ...] = ()  # extra tensors, sorted by name
     score: Expr = field(default_factory=default_score)
     masks: tuple[Expr, ...] = ()  # conjunction; split at `and`, deduplicated, sorted by printed form
-    normalizer: Normalizer = field(default_factory=Softmax)
+    normalizer: Normalizer = field(default_factory=DEFAULT_NORMALIZER)
     returns_lse: bool = False
     span: Span | None = _span()
     # Dense (None) unless a `ragged` / `paged` statement says otherwise. Their index tensors are also in `inputs`.
@@ -298,7 +358,7 @@ def make_attention(
         inputs=tuple(sorted(inputs, key=lambda t: t.name)),
         score=default_score() if score is None else score,
         masks=tuple(flat[key] for key in sorted(flat)),
-        normalizer=Softmax() if normalizer is None else normalizer,
+        normalizer=DEFAULT_NORMALIZER() if normalizer is None else normalizer,
         returns_lse=returns_lse,
         span=span,
         q_storage=q_storage,
@@ -451,8 +511,6 @@ def print_attention(a: Attention) -> str:
     lines.append(f"    score = {print_expr(a.score)}")
     for m in a.masks:
         lines.append(f"    mask {print_expr(m)}")
-    sink = "" if a.normalizer.sink is None else f", sink={print_expr(a.normalizer.sink)}"
-    lse = ", lse" if a.returns_lse else ""
-    lines.append(f"    return softmax(score{sink}) @ v{lse}")
+    lines.append(f"    {return_text(a.normalizer, a.returns_lse)}")
     lines.append("}")
     return "\n".join(lines) + "\n"

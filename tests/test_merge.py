@@ -1,6 +1,7 @@
-"""attnc.merge_states: two partial results over disjoint key sets merge into the result over their union.
-The halves and the whole come from the float64 reference (keys split with two masks); on CPU the Triton kernel
-runs in the interpreter (tests/conftest.py), and the torch fallback is tested alongside."""
+"""attnc.merge_states: two partial results over disjoint key sets merge into the result over their union, as the
+normalizer merges (softmax through the lse, sigmoid by summing). The halves and the whole come from the float64
+reference (keys split with two masks); on CPU the Triton kernel runs in the interpreter (tests/conftest.py), and
+the torch fallback is tested alongside."""
 import math
 
 import pytest
@@ -23,12 +24,12 @@ DECLS = {
 }
 
 
-def split_specs(layout):
+def split_specs(layout, normalizer="softmax"):
     """The keys of a causal spec with ALiBi, split at a runtime position: half a, half b, and the whole."""
     def spec(name, mask):
         return (f"attention {name} {{ {DECLS[layout]}  input slopes: f32[H]  param split: i32\n"
                 f"  score = qk * rsqrt(D) + slopes[h] * (j - i)\n  mask causal\n  mask {mask}\n"
-                f"  return softmax(score) @ v, lse }}\n")
+                f"  return {normalizer}(score) @ v, lse }}\n")
     return attnc.parse(spec("a", "j < split") + spec("b", "j >= split") + spec("whole", "true"))
 
 
@@ -124,6 +125,39 @@ def test_random_states_against_the_formula(d, path):
     assert bool((out[0, :, 2] == 0).all()) and bool((lse[0, :, 2] == -INF).all())
 
 
+@pytest.mark.parametrize("layout", ["bhsd", "bshd", "thd"])
+@pytest.mark.parametrize("split", [0, 3, 100])
+def test_sigmoid_halves_sum_into_the_whole(layout, split, path):
+    """Sigmoid weights are not normalised: the outs add up (an lse merge would average them), the lse of the
+    whole is still the logaddexp of the halves'. The normalizer is given by name or as the spec."""
+    half_a, half_b, whole = split_specs(layout, "sigmoid")
+    args, kwargs = random_call(layout)
+    out_a, lse_a = attnc.reference(half_a, *args, **kwargs, split=split)
+    out_b, lse_b = attnc.reference(half_b, *args, **kwargs, split=split)
+    want_out, want_lse = attnc.reference(whole, *args, **kwargs, split=split)
+    for normalizer in ("sigmoid", whole, whole.normalizer):
+        out, lse = attnc.merge_states(out_a, lse_a, out_b, lse_b, normalizer=normalizer)
+        assert_merged(out, lse, want_out, want_lse)
+    if split == 3:  # both halves hold keys: merging them as softmax's would be wrong
+        averaged, _ = attnc.merge_states(out_a, lse_a, out_b, lse_b)
+        assert not torch.allclose(averaged.double(), want_out)
+
+
+def test_sigmoid_random_states_against_the_formula(path):
+    """out = out_a + out_b where each side kept a key (an empty side's out, NaN here, is ignored)."""
+    B, H, M, d = 2, 3, 7, 40
+    out_a, out_b = torch.randn(B, M, H, d).transpose(1, 2), torch.randn(B, H, M, d)
+    lse_a, lse_b = torch.randn(B, H, M) * 4, torch.randn(B, H, M) * 4
+    lse_a[0, :, :3] = -INF
+    lse_b[0, :, 2:5] = -INF  # row 2: both empty
+    out_b[0, :, 2:5] = float("nan")
+    out, lse = attnc.merge_states(out_a, lse_a, out_b, lse_b, layout="bhsd", normalizer="sigmoid")
+    want_out = (torch.where((lse_a > -INF)[..., None], out_a, 0.0)
+                + torch.where((lse_b > -INF)[..., None], out_b.nan_to_num(), 0.0))
+    assert_merged(out, lse, want_out, torch.logaddexp(lse_a.double(), lse_b.double()))
+    assert bool((out[0, :, 2] == 0).all()) and bool((lse[0, :, 2] == -INF).all())
+
+
 def test_layout_is_inferred_or_named():
     out_bshd, lse = torch.randn(2, 5, 3, 8), torch.randn(2, 3, 5)
     other, lse_other = torch.randn(2, 5, 3, 8), torch.randn(2, 3, 5)
@@ -152,6 +186,9 @@ def test_call_errors_name_the_argument():
         ((out, lse, out, lse), {"layout": "thd"}, r"^lse_a: with layout 'thd', out \[T, H, D\] = \(2, 3, 5, 8\) "
                                                   r"needs lse \[H, T\] = None"),
         ((out, lse, out, lse), {"layout": "BHSD"}, r"^layout: expected one of 'bhsd', 'bshd', 'thd', got 'BHSD'"),
+        ((out, lse, out, lse), {"normalizer": "relu"}, r"^normalizer: expected one of 'softmax', 'sigmoid', an "
+                                                       r"attnc.Attention or None, got 'relu'"),
+        ((out, lse, out, lse), {"normalizer": 2}, r"^normalizer: expected one of .* got 2"),
     ]
     for args, kwargs, message in cases:
         with pytest.raises(CallError, match=message):
@@ -165,14 +202,15 @@ def test_empty_rows_launch_nothing():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("normalizer", ["softmax", "sigmoid"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("layout", ["bhsd", "bshd", "thd"])
-def test_gpu_kernel_against_the_cpu_reference(dtype, layout):
-    half_a, half_b, whole = split_specs(layout)
+def test_gpu_kernel_against_the_cpu_reference(dtype, layout, normalizer):
+    half_a, half_b, whole = split_specs(layout, normalizer)
     args, kwargs = random_call(layout, H=8, HKV=2, D=64, DV=128)
     want_out, want_lse = attnc.reference(whole, *args, **kwargs, split=5)
     halves = [attnc.reference(spec, *args, **kwargs, split=5) for spec in (half_a, half_b)]
     (out_a, lse_a), (out_b, lse_b) = ((o.to("cuda", dtype), s.float().cuda()) for o, s in halves)
-    out, lse = attnc.merge_states(out_a, lse_a, out_b, lse_b)
+    out, lse = attnc.merge_states(out_a, lse_a, out_b, lse_b, normalizer=normalizer)
     assert out.is_cuda and out.dtype == dtype
     assert_merged(out.cpu(), lse.cpu(), want_out, want_lse)

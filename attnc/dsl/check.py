@@ -427,12 +427,20 @@ def _check_expressions(report: _Report, env: _Env, score, masks, normalizer, fal
     sink = normalizer.sink
     if sink is not None:
         here = sink.span or normalizer.span or fallback
+        if not normalizer.takes_sink:
+            report.error(f"{normalizer.name} takes no sink: a sink is a logit that joins the denominator of a "
+                         f"normalised row ({_with_sink()}), and {normalizer.name} does not normalise its rows",
+                         here)
         if typer.kind(sink, here) == "bool":
             report.error("the sink must be a number, but this is a boolean", here)
         for node in ir.walk(sink):
             if isinstance(node, ir.QK) or (isinstance(node, ir.IndexVar) and node.name == "j"):
                 report.error(f"the sink is one logit per row and cannot depend on "
                              f"{'qk' if isinstance(node, ir.QK) else 'the key position j'}", node.span or here)
+
+
+def _with_sink() -> str:
+    return ", ".join(f"`{n.name}(score, sink=...)`" for n in ir.NORMALIZERS.values() if n.takes_sink)
 
 
 class _Typer:
@@ -516,8 +524,8 @@ class _Typer:
         if e.fn not in ir.FUNCS:
             if e.fn in self.env.inputs:
                 hint = f": {e.fn} is a tensor, index it as {e.fn}[...]"
-            elif e.fn == "softmax":
-                hint = ": softmax is the normalizer, used only in `return softmax(score) @ v`"
+            elif e.fn in ir.NORMALIZERS:
+                hint = f": {e.fn} is a normalizer, used only in `{ir.return_text(ir.NORMALIZERS[e.fn]())}`"
             else:
                 hint = _did_you_mean(e.fn, ir.FUNCS) or f" (functions: {', '.join(ir.FUNCS)})"
             self.report.error(f"unknown function '{e.fn}'{hint}", here)
@@ -548,7 +556,7 @@ class _Typer:
         kinds = [self.kind(x, here) for x in e.indices]
         if e.tensor in _QKV:
             hint = ("use qk for the dot product of q and k" if e.tensor != "v"
-                    else "v is used only in `return softmax(score) @ v`")
+                    else f"v is used only in `{ir.return_text()}`")
             self.report.error(f"{e.tensor} cannot be indexed in an expression: {hint}", here)
             return None
         t = self.env.inputs.get(e.tensor)
@@ -609,7 +617,7 @@ class _Elaborator:
             else:
                 ret = st
         if ret is None:
-            report.error(f"attention {b.name.text} has no return; end it with `return softmax(score) @ v`",
+            report.error(f"attention {b.name.text} has no return; end it with `{ir.return_text()}`",
                          b.name.span)
         else:
             self._check_return(ret)
@@ -630,8 +638,10 @@ class _Elaborator:
             score = self._resolve(st.value, env, score)
         mask_exprs = [self._resolve(m.condition, env, None) for m in masks]
         sink = ret.sink if ret is not None else None
-        normalizer = ir.Softmax(None if sink is None else self._resolve(sink, env, None),
-                                span=ret.span if ret is not None else None)
+        kind = ir.NORMALIZERS.get(ret.normalizer.text, ir.DEFAULT_NORMALIZER) if ret is not None \
+            else ir.DEFAULT_NORMALIZER  # an unknown one is reported; the rest is checked as for the default
+        normalizer = kind(None if sink is None else self._resolve(sink, env, None),
+                          span=ret.span if ret is not None else None)
         _check_expressions(report, env, score, mask_exprs, normalizer, b.name.span)
 
         diagnostics = report.sorted()
@@ -753,11 +763,14 @@ class _Elaborator:
         return kept + [decl for decl, _ in implied.values()]
 
     def _check_return(self, ret: ReturnStmt) -> None:
-        if ret.normalizer.text != "softmax":
-            self.report.error(f"unknown normalizer '{ret.normalizer.text}'; the normalizer is softmax(score)",
-                              ret.normalizer.span)
-        if ret.sink_name is not None and ret.sink_name.text != "sink":
-            self.report.error(f"softmax takes `sink=...`, not `{ret.sink_name.text}=...`", ret.sink_name.span)
+        kind = ir.NORMALIZERS.get(ret.normalizer.text)
+        if kind is None:
+            known = " or ".join(f"`{ir.print_normalizer(n())}`" for n in ir.NORMALIZERS.values())
+            self.report.error(f"unknown normalizer '{ret.normalizer.text}'; the normalizer is {known}"
+                              f"{_did_you_mean(ret.normalizer.text, ir.NORMALIZERS)}", ret.normalizer.span)
+        elif kind.takes_sink and ret.sink_name is not None and ret.sink_name.text != "sink":
+            # (a normalizer without a sink reports any `NAME=...` where the sink is checked)
+            self.report.error(f"{kind.name} takes `sink=...`, not `{ret.sink_name.text}=...`", ret.sink_name.span)
         if ret.value.text != "v":
             self.report.error(f"the weights multiply the value tensor: write `@ v`, not `@ {ret.value.text}`",
                               ret.value.span)
@@ -798,9 +811,9 @@ class _Elaborator:
         elif n in ("q", "k"):
             problem = f"{n} cannot be used in an expression: use qk for the dot product of q and k"
         elif n == "v":
-            problem = "v can be used only in `return softmax(score) @ v`"
+            problem = f"v can be used only in `{ir.return_text()}`"
         elif n == "lse":
-            problem = "lse is an output and can be named only in `return softmax(score) @ v, lse`"
+            problem = f"lse is an output and can be named only in `{ir.return_text(returns_lse=True)}`"
         elif n in env.inputs:
             t = env.inputs[n]
             problem = f"{n} is a tensor: index it, as {n}[{', '.join(x.lower() for x in t.shape)}]"

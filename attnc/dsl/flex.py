@@ -11,6 +11,10 @@ A score_mod is traced once per scale and per snapshot of what it captures: each 
 and the globals it loads and compares them, by identity, with those it was traced with, so a changed scalar or
 a tensor rebound to another object traces it again; a mod reading an arbitrary object (a dict, `self`) is
 traced at every call. A mask_mod is traced once, by create_block_mask.
+
+`flex_attention(..., normalizer="sigmoid")` (an attnc extension; FlexAttention always normalises with softmax)
+runs sigmoid attention with the same mods: weights sigmoid(score), rows not normalised, lse the log of each row's
+total weight (ir.Normalizer); write a bias such as -log(N) in the score_mod.
 """
 from __future__ import annotations
 
@@ -23,7 +27,8 @@ import torch
 
 from ..errors import CallError, Diagnostic, TraceError
 from ..ir import (
-    QK, Attention, Binary, Expr, IndexVar, Num, default_score, make_attention, print_expr, split_conjuncts,
+    DEFAULT_NORMALIZER, NORMALIZERS, QK, Attention, Binary, Expr, IndexVar, Normalizer, Num, default_score,
+    make_attention, print_expr, split_conjuncts,
 )
 from . import compiler, symbolic
 from .check import check_attention
@@ -281,36 +286,49 @@ def _variant(query, key, value, score_mod, block_mask, scale, enable_gqa, return
     return (variant.key, signature, inputs, bool(return_lse)), variant
 
 
-def _build_spec(query, key, value, enable_gqa, variant: _Variant, return_lse) -> Attention:
+def _normalizer(normalizer) -> type[Normalizer]:
+    if normalizer is None:
+        return DEFAULT_NORMALIZER
+    if isinstance(normalizer, str) and normalizer in NORMALIZERS:
+        return NORMALIZERS[normalizer]
+    raise CallError(f"normalizer: expected one of {', '.join(map(repr, NORMALIZERS))} or None "
+                    f"({DEFAULT_NORMALIZER.name}, as FlexAttention), got {normalizer!r}")
+
+
+def _build_spec(query, key, value, enable_gqa, variant: _Variant, return_lse,
+                normalizer: type[Normalizer] = DEFAULT_NORMALIZER) -> Attention:
     decls = symbolic.qkv_decls(query, key, value, "BHSD", gqa_allowed=enable_gqa)
     block_mask, score = variant.block_mask, variant.score
     masks = block_mask.masks if block_mask is not None else ()
     fallback = symbolic.function_span(block_mask.mask_mod) if block_mask is not None else None
     spec = make_attention(variant.name, *decls,
                           inputs=symbolic.input_decls([score.expr, *masks], variant.tensors, fallback),
-                          score=score.expr, masks=masks, returns_lse=bool(return_lse))
+                          score=score.expr, masks=masks, normalizer=normalizer(),
+                          returns_lse=bool(return_lse))
     check_attention(spec)
     return spec
 
 
 def flex_spec(query, key, value, score_mod=None, block_mask=None, scale=None, enable_gqa=False,
-              return_lse=False) -> Attention:
+              return_lse=False, *, normalizer=None) -> Attention:
     """The spec `flex_attention` runs for these arguments, without compiling it."""
     _, variant = _variant(query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse)
-    return _build_spec(query, key, value, enable_gqa, variant, return_lse)
+    return _build_spec(query, key, value, enable_gqa, variant, return_lse, _normalizer(normalizer))
 
 
 def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=None, enable_gqa=False,
-                   return_lse=False, kernel_options=None):
+                   return_lse=False, kernel_options=None, *, normalizer=None):
     """FlexAttention's `flex_attention` on attnc kernels: out [B, H, M, DV], or (out, lse) with return_lse.
 
     kernel_options may hold "backend" (passed to attnc.compile); FlexAttention's tuning options (BLOCK_M, ...)
-    are accepted and ignored, since attnc plans its own tiles.
+    are accepted and ignored, since attnc plans its own tiles. `normalizer`: None (softmax, as FlexAttention) or
+    "sigmoid" (sigmoid attention; module doc).
     """
     cache_key, variant = _variant(query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse)
-    cache_key += (kernel_options.get("backend") if kernel_options else None,)
+    kind = _normalizer(normalizer)
+    cache_key += (kind, kernel_options.get("backend") if kernel_options else None)
     entry = _KERNELS.get(cache_key)
     if entry is None:
-        spec = _build_spec(query, key, value, enable_gqa, variant, return_lse)
+        spec = _build_spec(query, key, value, enable_gqa, variant, return_lse, kind)
         entry = _KERNELS[cache_key] = (spec, compiler.compile_spec(spec, backend=cache_key[-1]))
     return entry[1](query, key, value, **variant.tensors)

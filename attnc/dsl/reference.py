@@ -1,7 +1,8 @@
 """The float64 oracle: what every kernel must compute (DESIGN.md, Semantics).
 
-For every b, h, i the kept keys are the j where every mask holds; p = softmax(score over the kept j), where
-a sink adds exp(sink) to the denominator only; out = sum_j p_j v[b, kvh, j, :] with kvh = h // (H // HKV).
+For every b, h, i the kept keys are the j where every mask holds; each has the weight w_j = f(score_j), f the
+normalizer's map (ir.Normalizer); p_j = w_j / (sum_k w_k [+ exp(sink)]) where the normalizer normalises rows,
+else p_j = w_j; out = sum_j p_j v[b, kvh, j, :] with kvh = h // (H // HKV); lse = log(sum_j w_j [+ exp(sink)]).
 A row with no kept key gives out = 0 and lse = -inf (with a sink: lse = the sink's logit).
 
 Expressions are evaluated with torch in float64 / int64 on a broadcast grid b [Bc,1,1,1], h [1,H,1,1],
@@ -39,6 +40,8 @@ _COMPARE: Mapping[str, Callable] = {
     "<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge, "==": operator.eq, "!=": operator.ne,
 }
 _LOGIC: Mapping[str, Callable] = {"and": torch.logical_and, "or": torch.logical_or}
+# log f(s) of each normalizer's weight map f (ir.Normalizer.weight), exact for very negative s (log sigmoid(s) = s).
+_LOG_WEIGHTS: Mapping[str, Callable] = {"exp": lambda s: s, "sigmoid": torch.nn.functional.logsigmoid}
 _FLOAT_FUNCS: Mapping[str, Callable] = {
     "exp": torch.exp, "exp2": torch.exp2, "log": torch.log, "log2": torch.log2, "sqrt": torch.sqrt,
     "rsqrt": torch.rsqrt, "tanh": torch.tanh, "sigmoid": torch.sigmoid, "floor": torch.floor,
@@ -78,7 +81,7 @@ def reference(spec: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                 "i": torch.arange(m0, m1, device=device).view(1, 1, -1, 1),
                 "j": torch.arange(n, device=device).view(1, 1, 1, -1),
             }
-            p, row_lse = _softmax(spec, replace(env, index=index, sizes=sizes, qk=qk.view(nb, heads, m1 - m0, n)))
+            p, row_lse = _weights(spec, replace(env, index=index, sizes=sizes, qk=qk.view(nb, heads, m1 - m0, n)))
             seg.lse[:, :, m0:m1] = row_lse
             pv = p.reshape(nb, kv_heads, group * (m1 - m0), n) @ seg.v
             seg.out[:, :, m0:m1] = pv.view(nb, heads, m1 - m0, dv)
@@ -169,19 +172,23 @@ def _paged_keys(storage: Paged, bound: Bound, kc: torch.Tensor, vc: torch.Tensor
     return gather
 
 
-def _softmax(spec: Attention, env: _Env) -> tuple[torch.Tensor, torch.Tensor]:
+def _weights(spec: Attention, env: _Env) -> tuple[torch.Tensor, torch.Tensor]:
     """p [Bc, H, Mc, N] over the kept keys, and each row's natural-log lse (the sink joins the sum)."""
     keep = torch.ones((), dtype=torch.bool, device=env.device)
     for mask in spec.masks:
         keep = keep & evaluate(mask, env).bool()
-    logits = torch.where(keep, _as_float(evaluate(spec.score, env)), -torch.inf).expand(env.qk.shape)
-    if spec.normalizer.sink is None:
-        row_lse = torch.logsumexp(logits, dim=-1)
+    normalizer = spec.normalizer
+    scores = torch.where(keep, _as_float(evaluate(spec.score, env)), -torch.inf).expand(env.qk.shape)
+    log_w = _LOG_WEIGHTS[normalizer.weight](scores)  # log f(s): -inf where nothing is kept
+    if normalizer.sink is None:
+        row_lse = torch.logsumexp(log_w, dim=-1)
     else:
-        sink = _as_float(evaluate(spec.normalizer.sink, env)).expand(*env.qk.shape[:-1], 1)
-        row_lse = torch.logsumexp(torch.cat([logits, sink], dim=-1), dim=-1)
+        sink = _as_float(evaluate(normalizer.sink, env)).expand(*env.qk.shape[:-1], 1)
+        row_lse = torch.logsumexp(torch.cat([log_w, sink], dim=-1), dim=-1)
+    if not normalizer.normalized:
+        return torch.exp(log_w), row_lse
     # A row with nothing kept has lse = -inf and all logits -inf: subtracting 0 keeps p = 0, not NaN.
-    return torch.exp(logits - torch.where(row_lse > -torch.inf, row_lse, 0.0)[..., None]), row_lse
+    return torch.exp(log_w - torch.where(row_lse > -torch.inf, row_lse, 0.0)[..., None]), row_lse
 
 
 def _widen(t: torch.Tensor) -> torch.Tensor:

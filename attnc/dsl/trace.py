@@ -5,7 +5,7 @@
         s = (q @ k) * q.D ** -0.5
         s = cap * attnc.tanh(s / cap) + slopes[q.head] * (k.pos - q.pos)
         keep = attnc.causal(q, k) & (doc[q.batch, q.pos] == doc[k.batch, k.pos])
-        return attnc.softmax(s, where=keep) @ v
+        return attnc.softmax(s, where=keep) @ v      # or attnc.sigmoid(s, where=keep) @ v: sigmoid attention
 
 The function runs once per call signature (q/k/v dtypes, whether K/V have their own head count, whether v
 has its own head dim, input dtypes) with symbolic arguments; the spec it builds is compiled by
@@ -22,8 +22,8 @@ import torch
 
 from ..errors import CallError, Diagnostic, TraceError
 from ..ir import (
-    QK, ROLES, Attention, Expr, IndexVar, ParamDecl, ParamRef, SizeRef, Softmax, causal_mask, dtype_kind,
-    make_attention,
+    NORMALIZERS, QK, ROLES, Attention, Expr, IndexVar, Normalizer, ParamDecl, ParamRef, SizeRef, Sigmoid, Softmax,
+    causal_mask, dtype_kind, make_attention,
 )
 from . import compiler, symbolic
 from .check import check_attention
@@ -75,7 +75,11 @@ class TracedTensor:
     def __matmul__(self, other) -> Sym:
         if self.name == "q" and isinstance(other, TracedTensor) and other.name == "k":
             return Sym(QK(span=user_span()), "float")
-        raise trace_error("only q @ k (the scores) and p @ v (with p = attnc.softmax(...)) can be traced")
+        raise trace_error(f"only q @ k (the scores) and p @ v (with p = {_WEIGHT_FUNCTIONS}) can be traced")
+
+    def __rmatmul__(self, other):
+        raise trace_error(f"only the weights of a normalizer multiply {self.name}: p @ v with p = "
+                          f"{_WEIGHT_FUNCTIONS}")
 
     def __bool__(self):
         raise trace_error(f"{self.name} is symbolic inside a traced function and has no truth value")
@@ -93,17 +97,23 @@ class InputTensor:
         return symbolic.lookup(self.name, self.dtype, self.ndim, index)
 
 
+# How the normalizers are called here, for messages: "attnc.softmax(...) or attnc.sigmoid(...)".
+_WEIGHT_FUNCTIONS = " or ".join(f"attnc.{name}(...)" for name in NORMALIZERS)
+
+
 @dataclass(frozen=True, eq=False)
 class Probabilities:
-    """`attnc.softmax(score, where=..., sink=...)`: multiply by v to return it; `.lse` is its log-sum-exp."""
+    """The weights of a normalizer (`attnc.softmax(score, where=..., sink=...)`, `attnc.sigmoid(score, where=...)`):
+    multiply by v to return them; `.lse` is the log of the row's total weight (ir.Normalizer)."""
 
     score: Expr
     masks: tuple[Expr, ...]
-    sink: Expr | None
+    normalizer: Normalizer
 
     def __matmul__(self, other) -> "Output":
         if not (isinstance(other, TracedTensor) and other.name == "v"):
-            raise trace_error("softmax weights multiply the value tensor: write `attnc.softmax(s) @ v`")
+            name = self.normalizer.name
+            raise trace_error(f"{name} weights multiply the value tensor: write `attnc.{name}(s) @ v`")
         return Output(self)
 
     @property
@@ -124,19 +134,58 @@ class Lse:
 # ---------------------------------------------------------------- functions used inside a traced function
 
 
-def softmax(score, *, where=None, sink=None) -> Probabilities:
-    """softmax of `score` over the keys where `where` holds; `sink` (one logit per row) joins the denominator."""
+def _weights(normalizer: Normalizer, score, where) -> Probabilities:
     score_expr, kind = as_expr(score)
     if kind == "bool":
-        raise trace_error("the score given to softmax is a boolean; pass conditions as where=...")
+        raise trace_error(f"the score given to {normalizer.name} is a boolean; pass conditions as where=...")
     masks = ()
     if where is not None:
         mask, kind = as_expr(where)
         if kind != "bool":
-            raise trace_error(f"softmax(where=...) takes a condition (a comparison), got {kind}")
+            raise trace_error(f"{normalizer.name}(where=...) takes a condition (a comparison), got {kind}")
         masks = (mask,)
-    sink_expr = None if sink is None else as_expr(sink)[0]
-    return Probabilities(score_expr, masks, sink_expr)
+    return Probabilities(score_expr, masks, normalizer)
+
+
+def softmax(score, *, where=None, sink=None) -> Probabilities:
+    """softmax of `score` over the keys where `where` holds; `sink` (one logit per row) joins the denominator."""
+    return _weights(Softmax(None if sink is None else as_expr(sink)[0]), score, where)
+
+
+class SigmoidWeights(Sym):
+    """`attnc.sigmoid(s)`: the elementwise sigmoid of a traced value and, multiplied by v, the sigmoid normalizer
+    (sigmoid attention: weights sigmoid(s_j), rows not normalised)."""
+
+    __slots__ = ("score", "_as_weights")
+
+    def __init__(self, *args):
+        value = _sigmoid(*args)  # checks the arguments
+        super().__init__(value.expr, value.kind)
+        self.score, self._as_weights = args[0], None
+
+    def weights(self) -> Probabilities:
+        """The same object each time, so that `p @ v, p.lse` return one normalizer's outputs."""
+        if self._as_weights is None:
+            self._as_weights = _weights(Sigmoid(), self.score, None)
+        return self._as_weights
+
+    def __matmul__(self, other) -> "Output":
+        return self.weights() @ other
+
+    @property
+    def lse(self) -> "Lse":
+        return self.weights().lse
+
+
+def sigmoid(*args, where=None):
+    """sigmoid(x) of a traced value. As the returned weights, `attnc.sigmoid(s) @ v` or
+    `attnc.sigmoid(s, where=keep) @ v`, it is sigmoid attention: each kept key weighs sigmoid(s_j), with no row
+    normalisation; `where` (a condition) keeps the keys where it holds."""
+    if where is None:
+        return SigmoidWeights(*args)
+    if len(args) != 1:
+        raise trace_error(f"attnc.sigmoid(score, where=...) takes one score, got {len(args)} arguments")
+    return _weights(Sigmoid(), args[0], where)
 
 
 def causal(q: TracedTensor, k: TracedTensor) -> Sym:
@@ -161,7 +210,7 @@ def _math(fn: str, name: str, arity: int = 1):
     return apply
 
 
-exp, exp2, log, log2, sqrt, rsqrt, tanh, sigmoid, abs, floor = (  # noqa: A001 - the IR's names
+exp, exp2, log, log2, sqrt, rsqrt, tanh, _sigmoid, abs, floor = (  # noqa: A001 - the IR's names
     _math(fn, fn) for fn in ("exp", "exp2", "log", "log2", "sqrt", "rsqrt", "tanh", "sigmoid", "abs", "floor"))
 minimum = _math("min", "minimum", 2)
 maximum = _math("max", "maximum", 2)
@@ -273,8 +322,8 @@ class AttentionFunction:
         p, returns_lse = _returned(result, self.fn)
         spec = make_attention(
             self.fn.__name__, q_decl, k_decl, v_decl, params=self._params,
-            inputs=symbolic.input_decls([p.score, *p.masks, p.sink], tensors, function_span(self.fn)),
-            score=p.score, masks=p.masks, normalizer=Softmax(p.sink), returns_lse=returns_lse,
+            inputs=symbolic.input_decls([p.score, *p.masks, p.normalizer.sink], tensors, function_span(self.fn)),
+            score=p.score, masks=p.masks, normalizer=p.normalizer, returns_lse=returns_lse,
             span=function_span(self.fn))
         check_attention(spec)
         return spec
@@ -287,7 +336,7 @@ def _returned(result, fn) -> tuple[Probabilities, bool]:
             and isinstance(result[1], Lse) and result[1].probabilities is result[0].probabilities):
         return result[0].probabilities, True
     raise TraceError(Diagnostic(
-        f"{fn.__name__} must return `p @ v` or `p @ v, p.lse` with p = attnc.softmax(...), "
+        f"{fn.__name__} must return `p @ v` or `p @ v, p.lse` with p = {_WEIGHT_FUNCTIONS}, "
         f"not {type(result).__name__}", function_span(fn)))
 
 

@@ -6,7 +6,7 @@ import operator
 from dataclasses import replace
 from typing import Callable, Mapping, Union
 
-from ..ir import Attention, Binary, Call, Expr, IndexVar, Lookup, Num, ParamRef, SizeRef, Softmax, Unary, QK
+from ..ir import Attention, Binary, Call, Expr, IndexVar, Lookup, Num, ParamRef, SizeRef, Unary, QK
 
 Scalar = Union[int, float, bool]
 
@@ -118,4 +118,4 @@ def fold_spec(spec: Attention, sizes: Mapping[str, int]) -> Attention:
     masks = tuple(m for m in (fold(m, sizes) for m in spec.masks) if m != Num(True, False))
     sink = spec.normalizer.sink
     return replace(spec, score=fold(spec.score, sizes), masks=masks,
-                   normalizer=Softmax(None if sink is None else fold(sink, sizes)))
+                   normalizer=replace(spec.normalizer, sink=None if sink is None else fold(sink, sizes)))

@@ -26,7 +26,7 @@ def fold_constants(plan: KernelPlan) -> KernelPlan:
 NEUTRAL: tuple[Pass, ...] = (
     fold_constants,  # dims and head dims become literals, so later passes and kernels see constants
     analyze_masks,  # masks -> key-range loop bounds, full/partial tiles, element-wise checks
-    to_exp2_domain,  # base-2 softmax with log2(e) folded into qk's scale: one multiply per score
+    to_exp2_domain,  # the normalizer in base 2, log2(e) folded into qk's scale: one multiply per score
 )
 # Then one schedule per backend: how its kernels run. TVM's loop schedule is chosen in backends/tvm from the
 # neutral plan, so its list is empty.

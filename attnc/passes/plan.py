@@ -66,7 +66,8 @@ class MaskPlan:
 
 @dataclass(frozen=True)
 class ScorePlan:
-    """Softmax runs in base 2: `logits2` = score * log2(e) with the constant factor folded into qk's scale."""
+    """The normalizer runs in base 2 (passes/score.py): `logits2` = score * log2(e) with the constant factor
+    folded into qk's scale."""
 
     logits2: Expr
     sink2: Expr | None = None  # the sink's logit times log2(e)
@@ -182,6 +183,9 @@ class KernelPlan:
             lines += [f"  evaluated  {print_expr(e)}" for e in m.evaluated]
             if m.data_dependent:
                 lines.append("  tile summary kernel: yes (data-dependent masks)")
+        n = self.spec.normalizer
+        lines.append(f"  normalizer {n.name}: weights {n.weight}(s), rows "
+                     f"{'normalised' if n.normalized else 'not normalised'}, partial results merge by {n.merge}")
         if self.score:
             lines.append(f"  logits2    {print_expr(self.score.logits2)}")
             if self.score.sink2 is not None:

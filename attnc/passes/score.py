@@ -1,4 +1,5 @@
-"""The exp2 domain: softmax(score) == softmax2(score * log2(e)); the factor folds into qk's scale."""
+"""The exp2 domain: kernels evaluate the normalizer's weight map in base 2 on logits2 = score * log2(e), since
+exp(s) = 2^(s log2 e) and sigmoid(s) = 1 / (1 + 2^(-s log2 e)); the factor folds into qk's scale."""
 from __future__ import annotations
 
 import math

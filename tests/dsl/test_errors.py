@@ -93,7 +93,10 @@ CORPUS = [
     (body("param f: bool") .replace(RET, "    return softmax(score, sink=f) @ v\n}\n"), 6, 32, "^",
      "the sink must be a number, but this is a boolean"),
     # -- the return
-    (HEAD + "    return sigmoid(score) @ v\n}\n", 5, 12, "^^^^^^^", "unknown normalizer 'sigmoid'"),
+    (HEAD + "    return sigmod(score) @ v\n}\n", 5, 12, "^^^^^^", "unknown normalizer 'sigmod'; the normalizer is "
+     "`softmax(score)` or `sigmoid(score)`; did you mean 'sigmoid'?"),
+    (HEAD + "    return sigmoid(score, sink=0.5) @ v\n}\n", 5, 32, "^^^", "sigmoid takes no sink"),
+    (HEAD + "    return sigmoid(score, bias=0.5) @ v\n}\n", 5, 32, "^^^", "sigmoid takes no sink"),
     (HEAD + "    return softmax(score) @ k\n}\n", 5, 29, "^", "write `@ v`, not `@ k`"),
     (HEAD + "    return softmax(score) @ v, lsee\n}\n", 5, 32, "^^^^", "the only second output is lse"),
     (HEAD + "    return softmax(score, sinks=1.0) @ v\n}\n", 5, 27, "^^^^^", "softmax takes `sink=...`"),

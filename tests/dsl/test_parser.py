@@ -228,7 +228,8 @@ def test_printed_random_expressions_parse_back(seed):
         "r", q, k, v, inputs=[ir.TensorDecl("s", "f32", ("H",))],
         params=[ir.ParamDecl("cap", "f32", 1.0), ir.ParamDecl("w", "i32"), ir.ParamDecl("flag", "bool", False)],
         score=_random_expr(rng, "num", 5, True), masks=[_random_expr(rng, "bool", 5, False) for _ in range(2)],
-        normalizer=ir.Softmax(_random_expr(rng, "num", 3, False, ("b", "h", "i")) if seed % 2 else None))
+        normalizer=ir.Sigmoid() if seed % 4 == 3
+        else ir.Softmax(_random_expr(rng, "num", 3, False, ("b", "h", "i")) if seed % 2 else None))
     (again,) = parse(spec.canonical, "random.attn")
     assert again.canonical == spec.canonical
     assert again == spec

@@ -13,6 +13,7 @@ from ...ir import Expr
 from ...passes.plan import KernelPlan, KeyRange
 from .emit import TILE, Emitter
 from .signature import prefill_signature, spec_args, summary_signature
+from .normalize import lower as lower_normalizer
 
 @lru_cache(maxsize=None)
 def template(name: str) -> jinja2.Template:
@@ -24,7 +25,8 @@ def template(name: str) -> jinja2.Template:
 
 def shared_hooks(plan: KernelPlan, exp2: str = "tl.exp2") -> dict:
     """The hooks every template fills the same way: per-row key bounds (prologue), the logits tile, the evaluated
-    masks, the sink, the head-dim padding masks and the dot precision; `exp2` names the base-2 exponential."""
+    masks, the normalizer's lowering and its sink, the head-dim padding masks and the dot precision; `exp2` names
+    the base-2 exponential."""
     spec, masks, tiling = plan.spec, plan.masks, plan.tiling
     main = Emitter(spec, exp2)
     _bounds(main, masks.exact, masks.hull)
@@ -42,6 +44,7 @@ def shared_hooks(plan: KernelPlan, exp2: str = "tl.exp2") -> dict:
         head_dim=plan.head_dim, value_dim=plan.value_dim, block_d=tiling.block_d, block_dv=tiling.block_dv,
         prologue="\n".join(main.prologue), score_lines="\n".join(score_lines), logits=logits,
         mask_lines="\n".join(mask_lines), keep_terms=keep_terms, sink=sink, returns_lse=spec.returns_lse,
+        normalizer=lower_normalizer(spec.normalizer, exp2),
         dot_args=', input_precision="ieee"' if plan.dtype == "f32" and plan.triton.dot_precision == "ieee" else "",
         d_mask_q=" & (offs_d[None, :] < HEAD_DIM)" if pad_d else "",
         d_mask_k=" & (offs_d[:, None] < HEAD_DIM)" if pad_d else "",

@@ -3,7 +3,7 @@ IR builder and TVM's `ptx_ldmatrix` / `ptx_mma` builtins (mma.sync m16n8k16, f16
 
 Work split: one thread block per (query tile, head, batch), heaviest query tiles first (causal rows late in
 the sequence have the most keys). Each of the block's warps owns 16 or 32 query rows (one or two m16 row
-blocks) for the whole key loop, so the online softmax never leaves registers:
+blocks) for the whole key loop, so the normalizer's running state (normalize.py) never leaves registers:
 - Q is staged through shared memory once and kept as A fragments (ldmatrix), or, when registers are short,
   left in shared memory and re-read per 16-wide step of the head dim.
 - Per key tile, K and V are staged in shared memory (rows padded by 8 elements: ldmatrix reads 8 rows of
@@ -30,9 +30,10 @@ from tvm.script.ir_builder import tirx as T
 from ...errors import CompileError
 from ...ir import QK, Binary, Num
 from ...passes import KernelPlan
-from .emit import F32, LN2, Emitter, f32
+from .emit import F32, Emitter, f32
 from .gpu import block_key_tiles, build_gpu_primfunc, gpu_schedule, i32, query_tile_grid, sync
 from .kernel import TIR_DTYPES, Args, by_tile_kind, logit2
+from .normalize import lower as lower_normalizer
 
 NEG_INF = -math.inf
 MMA_TYPES = {"f16": "fp16", "bf16": "bf16"}  # ptx_mma operand type names
@@ -139,6 +140,7 @@ def build_cuda_primfunc(plan: KernelPlan, sched: CudaSchedule, name: str = "attn
         return x if scale is None else x * f32(scale)
 
     spec, sink2 = plan.spec, plan.score.sink2
+    norm = lower_normalizer(spec.normalizer)
     rb, bn, threads = sched.row_blocks, sched.block_n, sched.threads
     bm, rows_per_warp = sched.block_m, sched.rows_per_warp
     dp, dvp = _round16(plan.head_dim), _round16(plan.value_dim)
@@ -269,32 +271,33 @@ def build_cuda_primfunc(plan: KernelPlan, sched: CudaSchedule, name: str = "attn
 
                     by_tile_kind(plan, kt, f_start, f_end, logits)
 
-                    # -- online softmax: m_run stays -inf while a row has kept nothing; `safe` avoids -inf - -inf
-                    for r in thread_rows:
-                        T.buffer_store(m_new, m_run[r], [r])
-                    with T.unroll(0, bn // 8) as nt:
-                        with T.unroll(0, 4) as c:
-                            for mb in range(rb):
-                                r = 2 * mb + tir.truncdiv(c, 2)
-                                T.buffer_store(m_new, tir.max(m_new[r], acc_s[mb * s_block + nt * 4 + c]), [r])
-                    for r in thread_rows:
-                        for mask in (1, 2):
-                            T.buffer_store(m_new, tir.max(m_new[r], _shfl_xor(m_new[r], mask)), [r])
-                        T.buffer_store(safe, scaled(tir.Select(m_new[r] == f32(NEG_INF), f32(0), m_new[r])), [r])
-                        T.buffer_store(alpha, tir.exp2(scaled(m_run[r]) - safe[r]), [r])
-                        T.buffer_store(m_run, m_new[r], [r])
-                        T.buffer_store(l_run, l_run[r] * alpha[r], [r])
-                    with T.unroll(0, dvp // 8) as nt:
-                        with T.unroll(0, 4) as c:
-                            for mb in range(rb):
-                                e = mb * o_block + nt * 4 + c
-                                T.buffer_store(acc_o, acc_o[e] * alpha[2 * mb + tir.truncdiv(c, 2)], [e])
+                    if norm.running_max:
+                        # -- the running max: m_run stays -inf while a row has kept nothing; `safe` avoids -inf - -inf
+                        for r in thread_rows:
+                            T.buffer_store(m_new, m_run[r], [r])
+                        with T.unroll(0, bn // 8) as nt:
+                            with T.unroll(0, 4) as c:
+                                for mb in range(rb):
+                                    r = 2 * mb + tir.truncdiv(c, 2)
+                                    T.buffer_store(m_new, tir.max(m_new[r], acc_s[mb * s_block + nt * 4 + c]), [r])
+                        for r in thread_rows:
+                            for mask in (1, 2):
+                                T.buffer_store(m_new, tir.max(m_new[r], _shfl_xor(m_new[r], mask)), [r])
+                            T.buffer_store(safe, scaled(tir.Select(m_new[r] == f32(NEG_INF), f32(0), m_new[r])), [r])
+                            T.buffer_store(alpha, tir.exp2(scaled(m_run[r]) - safe[r]), [r])
+                            T.buffer_store(m_run, m_new[r], [r])
+                            T.buffer_store(l_run, l_run[r] * alpha[r], [r])
+                        with T.unroll(0, dvp // 8) as nt:
+                            with T.unroll(0, 4) as c:
+                                for mb in range(rb):
+                                    e = mb * o_block + nt * 4 + c
+                                    T.buffer_store(acc_o, acc_o[e] * alpha[2 * mb + tir.truncdiv(c, 2)], [e])
                     with T.unroll(0, bn // 8) as nt:
                         with T.unroll(0, 4) as c:
                             for mb in range(rb):
                                 e = mb * s_block + nt * 4 + c
                                 r = 2 * mb + tir.truncdiv(c, 2)
-                                T.buffer_store(acc_s, tir.exp2(scaled(acc_s[e]) - safe[r]), [e])
+                                T.buffer_store(acc_s, norm.weight(scaled(acc_s[e]), safe[r], True), [e])
                                 T.buffer_store(l_run, l_run[r] + acc_s[e], [r])
                                 T.buffer_store(p_frag, tir.Cast(dtype, acc_s[e]), [e])
 
@@ -311,7 +314,7 @@ def build_cuda_primfunc(plan: KernelPlan, sched: CudaSchedule, name: str = "attn
                 if not sched.q_in_registers:
                     _wait_async(0)  # a block that ran no key tile must not exit while Q's copy is landing
 
-                # -- out = acc / l (0 for a row with nothing kept), lse = (c m + log2 l) ln 2
+                # -- out = acc scaled as the normalizer says (0 for a row with nothing kept), lse from c m and l
                 for r in thread_rows:
                     for mask in (1, 2):
                         T.buffer_store(l_run, l_run[r] + _shfl_xor(l_run[r], mask), [r])
@@ -319,15 +322,12 @@ def build_cuda_primfunc(plan: KernelPlan, sched: CudaSchedule, name: str = "attn
                     row = row_of(mb, half)
                     with T.If(row < s["M"]):
                         with T.Then():
-                            inv = T.Bind(tir.Select(l_run[r] > f32(0), f32(1) / l_run[r], f32(0)))
+                            inv = T.Bind(norm.out_scale(l_run[r]))
                             _store_row(a.out, acc_o, mb * o_block, inv, b, h, row, half, t, plan.value_dim)
                             if a.lse is not None:
                                 with T.If(t == 0):
                                     with T.Then():
-                                        lse = tir.Select(l_run[r] > f32(0),
-                                                         (scaled(m_run[r]) + tir.log2(l_run[r])) * f32(LN2),
-                                                         f32(NEG_INF))
-                                        T.buffer_store(a.lse, lse, [b, h, row])
+                                        T.buffer_store(a.lse, norm.lse(scaled(m_run[r]), l_run[r]), [b, h, row])
     return ib.get()
 
 

@@ -4,7 +4,8 @@ CUDA for f32): plain FlashAttention-2 without tensor cores, built with TVM's IR 
 The tensor-core kernel (cuda.py) uses PTX-only instructions (mma.sync, ldmatrix, cp.async); this one needs
 only what every GPU backend has: a grid of thread blocks, shared (threadgroup / LDS / workgroup) memory and
 barriers. One thread block per (query tile, head, batch), heaviest query tiles first; each thread owns one
-query row for the whole key loop, so the online softmax runs in the thread's registers with no shuffles:
+query row for the whole key loop, so the normalizer's running state stays in the thread's registers with no
+shuffles:
 - per key tile the block stages K and V in shared memory as float32 (each thread copies a strided share),
 - each thread computes its row's scores against the staged keys, its running max / sum and output row,
 - the key loop runs over the tiles the mask analysis leaves (the same formula as the CPU and CUDA kernels);
@@ -21,8 +22,9 @@ from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
 from ...passes import KernelPlan
-from .emit import F32, I64, LN2, Emitter, f32
+from .emit import F32, I64, Emitter, f32
 from .kernel import Args, by_tile_kind, init_bounds, key_tiles, logit2, reduce_bounds, row_bounds
+from .normalize import lower as lower_normalizer
 
 NEG_INF = -math.inf
 # Bytes of the staged K + V tile: half of Metal's 32 KiB of threadgroup memory, so two blocks fit per core.
@@ -58,6 +60,7 @@ def query_tile_grid(s: dict, block_m: int, threads: int):
 
 def build_gpu_primfunc(plan: KernelPlan, sched: GpuSchedule, name: str = "attn") -> tir.PrimFunc:
     spec, score = plan.spec, plan.score
+    norm = lower_normalizer(spec.normalizer)
     bm, bn = sched.threads, sched.block_n
     d_model, dv_model = plan.head_dim, plan.value_dim
     with IRBuilder() as ib:
@@ -95,7 +98,8 @@ def build_gpu_primfunc(plan: KernelPlan, sched: GpuSchedule, name: str = "attn")
                     _stage(k_tile, a.k, (b, kvh), j0, bn, d_model, bm, tx, s["N"])
                     _stage(v_tile, a.v, (b, kvh), j0, bn, dv_model, bm, tx, s["N"])
                     sync()
-                    T.buffer_store(m_new, m_run[at], [at])
+                    if norm.running_max:
+                        T.buffer_store(m_new, m_run[at], [at])
 
                     def logits(masked: bool):
                         with T.serial(0, bn) as jj:
@@ -104,32 +108,32 @@ def build_gpu_primfunc(plan: KernelPlan, sched: GpuSchedule, name: str = "attn")
                                 T.buffer_store(s_row, s_row[jj] + q_row[c] * k_tile[jj * d_model + c], [jj])
                             em = Emitter(spec, a.scope({"b": b, "h": h, "i": row, "j": j0 + jj}, s_row[jj]), True)
                             T.buffer_store(s_row, logit2(plan, em, j0 + jj, masked), [jj])
-                            T.buffer_store(m_new, tir.max(m_new[at], s_row[jj]), [at])
+                            if norm.running_max:
+                                T.buffer_store(m_new, tir.max(m_new[at], s_row[jj]), [at])
 
                     by_tile_kind(plan, kt, f_start, f_end, logits)
-                    # m_run stays -inf while the row has kept nothing; m_safe avoids -inf - -inf
-                    T.buffer_store(m_safe, tir.Select(m_new[at] == f32(NEG_INF), f32(0), m_new[at]), [at])
-                    T.buffer_store(alpha, tir.exp2(m_run[at] - m_safe[at]), [at])
-                    T.buffer_store(m_run, m_new[at], [at])
-                    T.buffer_store(l_run, l_run[at] * alpha[at], [at])
-                    with T.serial(0, dv_model) as c:
-                        T.buffer_store(acc, acc[c] * alpha[at], [c])
+                    if norm.running_max:
+                        # m_run stays -inf while the row has kept nothing; m_safe avoids -inf - -inf
+                        T.buffer_store(m_safe, tir.Select(m_new[at] == f32(NEG_INF), f32(0), m_new[at]), [at])
+                        T.buffer_store(alpha, tir.exp2(m_run[at] - m_safe[at]), [at])
+                        T.buffer_store(m_run, m_new[at], [at])
+                        T.buffer_store(l_run, l_run[at] * alpha[at], [at])
+                        with T.serial(0, dv_model) as c:
+                            T.buffer_store(acc, acc[c] * alpha[at], [c])
                     with T.serial(0, bn) as jj:
-                        T.buffer_store(s_row, tir.exp2(s_row[jj] - m_safe[at]), [jj])
+                        T.buffer_store(s_row, norm.weight(s_row[jj], m_safe[at], True), [jj])
                         T.buffer_store(l_run, l_run[at] + s_row[jj], [at])
                         with T.serial(0, dv_model) as c:
                             T.buffer_store(acc, acc[c] + s_row[jj] * v_tile[jj * dv_model + c], [c])
 
-                # -- out = acc / l (0 for a row with nothing kept), lse = (m + log2 l) ln 2
+                # -- out = acc scaled as the normalizer says (0 for a row with nothing kept), lse
                 with T.If(row < s["M"]):
                     with T.Then():
-                        inv = T.Bind(tir.Select(l_run[at] > f32(0), f32(1) / l_run[at], f32(0)))
+                        inv = T.Bind(norm.out_scale(l_run[at]))
                         with T.serial(0, dv_model) as c:
                             T.buffer_store(a.out, tir.Cast(a.out.dtype, acc[c] * inv), [b, h, row, c])
                         if a.lse is not None:
-                            lse = tir.Select(l_run[at] > f32(0), (m_run[at] + tir.log2(l_run[at])) * f32(LN2),
-                                             f32(NEG_INF))
-                            T.buffer_store(a.lse, lse, [b, h, row])
+                            T.buffer_store(a.lse, norm.lse(m_run[at], l_run[at]), [b, h, row])
     return ib.get()
 
 

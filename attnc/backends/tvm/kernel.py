@@ -3,12 +3,13 @@
 One parallel task per (batch, head, query tile), handed out to threads at run time on x86 (_claimed_tasks;
 static ranges elsewhere). Per task the flash algorithm runs over the key tiles the mask analysis leaves
 (`passes.masks.key_tiles`, mirrored here in TIR): tiles outside the loop hull never run, full tiles evaluate no
-mask, partial tiles evaluate every mask element-wise. Softmax runs in base 2 on the plan's `logits2`.
+mask, partial tiles evaluate every mask element-wise. The normalizer (its lowering: normalize.py) runs in base 2
+on the plan's `logits2`.
 
 The CPU schedule (why the loops look as they do):
 - Scores are computed transposed, S^T[j, i] = sum_d k[j, d] * Q^T[d, i], with the query tile packed as Q^T
   once per task: the vector lanes run over query rows, each k element is a broadcast, and the row max /
-  row sum of the softmax become vertical (lane-wise) reductions over j, with no shuffles.
+  row sum of the normalizer become vertical (lane-wise) reductions over j, with no shuffles.
 - Register tiles (`kv_rows` x `block_m` scores, `out_rows` x `out_cols` outputs) are separate small buffers:
   TVM places constant-size "global" allocations under 1 KiB on the stack, where LLVM keeps them in
   registers; larger ones, and "local" ones, go to the workspace allocator and every update goes to memory.
@@ -16,7 +17,7 @@ The CPU schedule (why the loops look as they do):
   register tile before it is stored, so the scores go through memory once.
 - P V accumulates into the output tile with the lanes over value columns (contiguous rows of v); the
   rescale by exp2(m_old - m_new) is folded into loading the register tile.
-- exp2 is a vectorizable polynomial (emit.exp2_nonpositive: softmax arguments are never positive).
+- exp2 is a vectorizable polynomial (emit.exp2_nonpositive where the argument is never positive: logit - max).
 """
 from __future__ import annotations
 
@@ -29,8 +30,9 @@ from tvm.script.ir_builder import tirx as T
 
 from ...ir import SizeRef, walk
 from ...passes import KernelPlan
-from .emit import F32, I32, I64, LN2, Emitter, Scope, exp2_nonpositive, f32
+from .emit import F32, I32, I64, Emitter, Scope, exp2_nonpositive, f32
 from .host import host_cpu
+from .normalize import lower as lower_normalizer
 
 # TIR dtypes of the spec's tensor element types. bool tables are passed as uint8 views (DLPack bool and TVM
 # bool buffers disagree on the element type); params arrive as int32 / float32 scalars (bool as 0 / 1).
@@ -190,6 +192,7 @@ def _tile_scratch(plan: KernelPlan, sched: CpuSchedule) -> dict:
 def _attention_tile(plan: KernelPlan, sched: CpuSchedule, a: Args, task, q_tiles, scratch: dict) -> None:
     """One task: the query tile `task` (batch, head, tile index) against every key tile it keeps."""
     spec, score = plan.spec, plan.score
+    norm = lower_normalizer(spec.normalizer)
     bm, bn = sched.block_m, sched.block_n
     d_model, dv_model = plan.head_dim, plan.value_dim
     s = a.sizes
@@ -229,31 +232,34 @@ def _attention_tile(plan: KernelPlan, sched: CpuSchedule, a: Args, task, q_tiles
 
     with T.serial(t_start, t_end) as kt:
         j0 = T.Bind(kt * bn)
-        with T.vectorized(0, bm) as i:
-            T.buffer_store(m_new, m_run[i], [i])
+        if norm.running_max:
+            with T.vectorized(0, bm) as i:
+                T.buffer_store(m_new, m_run[i], [i])
+        row_max = m_new if norm.running_max else None
         by_tile_kind(plan, kt, f_start, f_end,
-                     lambda masked: _scores(sched, plan, a, q_t, s_t, m_new, b, h, kvh, i0, j0, masked))
-        # m_run stays -inf while a row has kept nothing (a finite stand-in would lose the mass of
-        # later logits far below it); `m_safe` is what gets subtracted, so -inf - -inf never occurs.
-        with T.vectorized(0, bm) as i:
-            T.buffer_store(m_safe, tir.Select(m_new[i] == f32(NEG_INF), f32(0), m_new[i]), [i])
-            T.buffer_store(alpha, exp2_nonpositive(m_run[i] - m_safe[i]), [i])
-            T.buffer_store(m_run, m_new[i], [i])
-            T.buffer_store(l_run, l_run[i] * alpha[i], [i])
+                     lambda masked: _scores(sched, plan, a, q_t, s_t, row_max, b, h, kvh, i0, j0, masked))
+        if norm.running_max:
+            # m_run stays -inf while a row has kept nothing (a finite stand-in would lose the mass of
+            # later logits far below it); `m_safe` is what gets subtracted, so -inf - -inf never occurs.
+            with T.vectorized(0, bm) as i:
+                T.buffer_store(m_safe, tir.Select(m_new[i] == f32(NEG_INF), f32(0), m_new[i]), [i])
+                T.buffer_store(alpha, exp2_nonpositive(m_run[i] - m_safe[i]), [i])
+                T.buffer_store(m_run, m_new[i], [i])
+                T.buffer_store(l_run, l_run[i] * alpha[i], [i])
         with T.serial(0, bn) as jj:
             with T.vectorized(0, bm) as i:
-                T.buffer_store(s_t, exp2_nonpositive(s_t[jj, i] - m_safe[i]), [jj, i])
+                T.buffer_store(s_t, norm.weight(s_t[jj, i], m_safe[i], False), [jj, i])
                 T.buffer_store(l_run, l_run[i] + s_t[jj, i], [i])
-        _accumulate(sched, a, s_t, acc, alpha, b, kvh, j0, tir.min(bn, s["N"] - j0), dv_model)
+        _accumulate(sched, a, s_t, acc, alpha if norm.running_max else None, b, kvh, j0, tir.min(bn, s["N"] - j0),
+                    dv_model)
 
-    # -- out = acc / l (0 for a row with nothing kept), lse = (m + log2 l) ln 2
+    # -- out = acc scaled as the normalizer says (0 for a row with nothing kept), lse = ln of the total weight
     with T.serial(0, rows) as i:
-        inv = T.Bind(tir.Select(l_run[i] > f32(0), f32(1) / l_run[i], f32(0)))
+        inv = T.Bind(norm.out_scale(l_run[i]))
         with T.vectorized(0, dv_model) as d:
             T.buffer_store(a.out, tir.Cast(a.out.dtype, acc[i, d] * inv), [b, h, i0 + i, d])
         if a.lse is not None:
-            lse = tir.Select(l_run[i] > f32(0), (m_run[i] + tir.log2(l_run[i])) * f32(LN2), f32(NEG_INF))
-            T.buffer_store(a.lse, lse, [b, h, i0 + i])
+            T.buffer_store(a.lse, norm.lse(m_run[i], l_run[i]), [b, h, i0 + i])
 
 
 def key_tiles(bounds, bn: int):
@@ -324,8 +330,8 @@ def logit2(plan: KernelPlan, em: Emitter, j, masked: bool) -> tir.PrimExpr:
 
 def _scores(sched: CpuSchedule, plan: KernelPlan, a: Args, q_t, s_t, m_new, b, h, kvh, i0, j0, masked: bool) -> None:
     """s_t[jj, :] = logits2 of q_t^T k[j0 + jj] (masked elements -inf on partial tiles), m_new <- the running
-    row max. Keys past N read key N - 1 (they are masked). The logits are taken from the register tile, so the
-    scores make one pass through memory."""
+    row max (None: the normalizer keeps none). Keys past N read key N - 1 (they are masked). The logits are taken
+    from the register tile, so the scores make one pass through memory."""
     bm, rj = sched.block_m, sched.kv_rows
     last = a.sizes["N"] - 1
     with T.serial(0, sched.block_n // rj) as jo:
@@ -343,11 +349,13 @@ def _scores(sched: CpuSchedule, plan: KernelPlan, a: Args, q_t, s_t, m_new, b, h
                 j = j0 + jo * rj + r
                 em = Emitter(plan.spec, a.scope({"b": b, "h": h, "i": i0 + i, "j": j}, qk=reg[i]))
                 T.buffer_store(s_t, logit2(plan, em, j, masked), [jo * rj + r, i])
-                T.buffer_store(m_new, tir.max(m_new[i], s_t[jo * rj + r, i]), [i])
+                if m_new is not None:
+                    T.buffer_store(m_new, tir.max(m_new[i], s_t[jo * rj + r, i]), [i])
 
 
 def _accumulate(sched: CpuSchedule, a: Args, p_t, acc, alpha, b, kvh, j0, keys, dv_model: int) -> None:
-    """acc = acc * alpha + P V over the tile's `keys` valid keys, one out_rows x out_cols register tile at a time."""
+    """acc = acc * alpha + P V over the tile's `keys` valid keys, one out_rows x out_cols register tile at a time
+    (alpha None: acc + P V)."""
     rp = sched.out_rows
     for c0 in range(0, dv_model, sched.out_cols):
         width = min(sched.out_cols, dv_model - c0)
@@ -355,7 +363,8 @@ def _accumulate(sched: CpuSchedule, a: Args, p_t, acc, alpha, b, kvh, j0, keys, 
             regs = [T.alloc_buffer((width,), F32) for _ in range(rp)]
             for r, reg in enumerate(regs):
                 with T.vectorized(0, width) as c:
-                    T.buffer_store(reg, acc[io * rp + r, c0 + c] * alpha[io * rp + r], [c])
+                    old = acc[io * rp + r, c0 + c]
+                    T.buffer_store(reg, old if alpha is None else old * alpha[io * rp + r], [c])
             with T.serial(0, keys) as jj:
                 for r, reg in enumerate(regs):
                     p = p_t[jj, io * rp + r]

@@ -1,0 +1,83 @@
+"""The normalizer's lowering for the Triton templates (ir.Normalizer): the code each template splices in at named
+hooks, so that kernel.py.j2 and decode.py.j2 never know which normalizer they run.
+
+In a key tile, `s` holds the base-2 logits (-inf where a key is not kept); the hooks keep per row `l_i`, the sum of
+the weights so far (and `m_i`, the running max, where rows are normalised), and `acc`, the weighted sum of values:
+    state           the lines that start m_i / l_i
+    weights(masked) from `s`: `p`, the tile's weights, and l_i updated (masked: some row may have kept nothing yet)
+    acc_scale       what acc is before this tile's P V is added (the old acc rescaled to the new running max)
+    advance         the line that ends a tile (None: nothing to carry)
+    out             from acc and l_i after the last tile: `l_safe` (l_i, 1 where 0) and `out`, 0 for a row that
+                    kept no key
+    log2_total      the base-2 log of the row's total weight from m_i and l_safe: lse / ln 2 where l_i > 0
+    combine_acc     attn_combine's acc after a chunk of splits: their partial outs `parts` [splits, rows, DV], each
+                    split weighted by `w` = exp2(lse_s - m) (alpha: the rescale of acc to the new max m)
+    combine_out     attn_combine's out from acc and l_safe
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+from ...ir import Normalizer
+
+
+class TritonNormalizer(ABC):
+    state: str
+    acc_scale: str
+    advance: str | None
+    out: str
+    log2_total: str
+    combine_acc: str
+    combine_out: str
+
+    def __init__(self, exp2: str):
+        self.exp2 = exp2  # the base-2 exponential's name in the generated module
+
+    @abstractmethod
+    def weights(self, masked) -> str:
+        """The lines of a key tile that turn `s` into `p` and update the running state."""
+
+
+class _Normalised(TritonNormalizer):
+    """p = exp2(s - m) with a running max m, l the running sum (rescaled by alpha whenever m grows)."""
+
+    state = "m_i = tl.full([BLOCK_M], -INF, tl.float32)  # running max, base 2\nl_i = tl.zeros([BLOCK_M], tl.float32)"
+    acc_scale = "acc * alpha[:, None]"
+    advance = "m_i = m_new"
+    out = "l_safe = tl.where(l_i == 0.0, 1.0, l_i)\nout = acc / l_safe[:, None]"
+    log2_total = "m_i + tl.log2(l_safe)"
+    # where, not a product alone: a split with weight 0 contributes 0 whatever its partial row holds
+    combine_acc = "acc * alpha[:, None] + tl.sum(tl.where(w[:, :, None] > 0, w[:, :, None] * parts, 0.0), 0)"
+    combine_out = "acc / l_safe[:, None]"
+
+    def weights(self, masked) -> str:
+        safe = ("m_safe = tl.where(m_new == -INF, 0.0, m_new)  # a row with nothing kept yet: exp2(-inf - 0) = 0, "
+                "not NaN" if masked else "m_safe = m_new  # a full tile keeps a key in every row: the max is finite")
+        return "\n".join(["m_new = tl.maximum(m_i, tl.max(s, 1))", safe,
+                          f"p = {self.exp2}(s - m_safe[:, None])",
+                          f"alpha = {self.exp2}(m_i - m_safe)",
+                          "l_i = l_i * alpha + tl.sum(p, 1)"])
+
+
+class _Sigmoid(TritonNormalizer):
+    """p = sigmoid(s ln 2) = 1 / (1 + exp2(-s)), in (0, 1): no running max. s = -inf (not kept) or very negative
+    gives exp2(-s) = inf and p = 0, not NaN; the outs of splits add up."""
+
+    state = "l_i = tl.zeros([BLOCK_M], tl.float32)  # the row's total weight"
+    acc_scale = "acc"
+    advance = None
+    out = "l_safe = tl.where(l_i == 0.0, 1.0, l_i)\nout = acc  # not normalised: a row that kept no key holds 0"
+    log2_total = "tl.log2(l_safe)"
+    combine_acc = "acc + tl.sum(parts, 0)"  # every split writes its rows (0 where it kept no key)
+    combine_out = "acc"
+
+    def weights(self, masked) -> str:
+        return f"p = 1.0 / (1.0 + {self.exp2}(-s))\nl_i = l_i + tl.sum(p, 1)"
+
+
+_LOWERINGS: dict[str, type[TritonNormalizer]] = {"softmax": _Normalised, "sigmoid": _Sigmoid}
+
+
+def lower(normalizer: Normalizer, exp2: str) -> TritonNormalizer:
+    """The hooks of `normalizer`, with `exp2` the name of the base-2 exponential the kernel calls."""
+    return _LOWERINGS[normalizer.name](exp2)
