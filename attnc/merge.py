@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .errors import CallError
+from .errors import CallError, checks_arguments
 
 # Each layout: (out's shape as sizes, lse's shape as sizes); rows are out's leading axes, D its last.
 LAYOUTS = {
@@ -31,6 +31,7 @@ LAYOUTS = {
 }
 
 
+@checks_arguments
 def merge_states(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor,
                  layout: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse) of attention over the union of the key sets of two partial results. `layout` is 'bhsd',

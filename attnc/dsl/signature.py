@@ -21,7 +21,7 @@ from typing import Mapping, Union
 
 import torch
 
-from ..errors import CallError
+from ..errors import CallError, checks_arguments
 from ..ir import Attention, Paged, ParamDecl, Ragged, TensorDecl
 
 TORCH_DTYPES: Mapping[str, torch.dtype] = MappingProxyType({
@@ -64,6 +64,17 @@ def bind(spec: Attention, q, k, v, kwargs: Mapping[str, object]) -> Bound:
     inputs = {decl.name: t for decl, t in tensors[3:]}
     lse_dims = ("H", "T") if spec.q_storage is not None else ("B", "H", "M")
     return Bound(q, k, v, MappingProxyType(sizes), MappingProxyType(params), MappingProxyType(inputs), lse_dims)
+
+
+def call_usage(spec: Attention) -> str:
+    """How a kernel of `spec` is called: `name(q, k, v, *, window: i32 = 4096, slopes: f32[H])`."""
+    named = [f"{t.name}: {_decl_text(t)}" for t in spec.inputs]
+    named += [f"{p.name}: {p.dtype}" + ("" if p.default is None else f" = {p.default}") for p in spec.params]
+    return f"{spec.name}(q, k, v{', *, ' if named else ''}{', '.join(named)})"
+
+
+# The decorator of a kernel's `__call__(self, q, k, v, /, **kwargs)`: call mistakes name the argument.
+kernel_call = checks_arguments(usage=lambda args, kwargs: call_usage(args[0].spec))
 
 
 def out_shape(spec: Attention, bound: Bound) -> tuple[int, ...]:

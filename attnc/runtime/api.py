@@ -5,15 +5,28 @@ else (B, M, N, params) is a runtime argument. The spec's key is computed once, a
 """
 from __future__ import annotations
 
+import difflib
 import os
-from typing import Callable, Protocol
+from typing import Callable, Protocol, Union, overload
 
 import torch
 
-from ..dsl.signature import Bound, bind
-from ..errors import CompileError
+from ..dsl.signature import Bound, bind, kernel_call
+from ..errors import CallError, CompileError, checks_arguments
 from ..ir import Attention
 from ..passes import KernelPlan, PlanOptions, Target, plan_kernel
+from .progress import status
+
+
+Result = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]  # out, or (out, lse) when the spec returns lse
+
+
+class AttentionKernel(Protocol):
+    """What attnc.compile and attnc.load return: `kernel(q, k, v, **params_and_inputs) -> out | (out, lse)`."""
+
+    spec: Attention
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, /, **kwargs: object) -> Result: ...
 
 
 class Backend(Protocol):
@@ -110,7 +123,8 @@ class Kernel:
         # call_key -> a launch that repeats a checked call (Backend.build's `run`): the per-call fast path
         self._prepared: dict[tuple, Callable] = {}
 
-    def __call__(self, q, k, v, /, **kwargs):
+    @kernel_call
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, /, **kwargs: object) -> Result:
         try:
             key = call_key(q, k, v, kwargs, self._input_names)
         except (AttributeError, KeyError, TypeError):
@@ -124,8 +138,15 @@ class Kernel:
         bound = bind(self.spec, q, k, v, kwargs)
         sizes = bound.sizes
         impl = self._impls.get((q.device, sizes["D"], sizes["DV"]))
-        if impl is None:
-            impl = self._build(q.device, sizes["D"], sizes["DV"])
+        if impl is not None and getattr(impl, "run", None) is None:
+            return impl(bound)  # built whole (TVM): nothing left to compile
+        # Building, or a call signature the launcher has not prepared, whose launch Triton's JIT may compile:
+        # a status line on a terminal if it takes long.
+        backend = self.backend or default_backend(q.device)
+        with status(f"attnc: compiling {self.spec.name} ({backend} on {q.device.type}, D={sizes['D']})"):
+            return self._launch(impl or self._build(q.device, sizes["D"], sizes["DV"]), bound, key)
+
+    def _launch(self, impl, bound: Bound, key: tuple | None) -> Result:
         run = getattr(impl, "run", None)
         if run is None or key is None:
             return impl(bound)
@@ -151,8 +172,9 @@ class Kernel:
         return f"attnc.Kernel({self.spec.name!r}, backend={self.backend!r}, key={self.key[:12]})"
 
 
+@checks_arguments
 def compile(spec: Attention, backend: str | None = None, options: PlanOptions | None = None,
-            autotune: bool = False):
+            autotune: bool = False) -> AttentionKernel:
     """A callable kernel for `spec`. backend None picks per call from the tensors' device (triton for CUDA,
     tvm for CPU, or triton's interpreter on CPU when TRITON_INTERPRET=1). Building happens on the first call
     for each device and head dim, through the kernel cache. autotune=True times candidate prefill tiles on the
@@ -164,16 +186,28 @@ def compile(spec: Attention, backend: str | None = None, options: PlanOptions | 
     return Kernel(spec, backend, options)
 
 
-def load(path) -> Kernel | dict[str, Kernel]:
-    """The kernels `attnc compile FILE --backend triton --arch ... -o DIR` built ahead of time, run without
-    compiling: one Kernel when DIR holds one attention, else a dict name -> Kernel (attnc.runtime.aot).
-    `--backend tvm` artifacts load through attnc.codegen.tvm.aot (its AotKernels are called the same way)."""
+@overload
+def load(path: str | os.PathLike[str], name: None = None) -> dict[str, AttentionKernel]: ...
+@overload
+def load(path: str | os.PathLike[str], name: str) -> AttentionKernel: ...
+
+
+@checks_arguments
+def load(path: str | os.PathLike[str], name: str | None = None) -> dict[str, AttentionKernel] | AttentionKernel:
+    """The kernels `attnc compile FILE -o DIR` built ahead of time, run without compiling: a dict name -> kernel
+    of every attention in DIR, or with `name`, that attention's kernel. Triton artifacts load as Kernels
+    (attnc.runtime.aot), `--backend tvm` ones through attnc.codegen.tvm.aot; both are called the same way."""
     from ..codegen.tvm import aot as tvm_aot
     from .aot import load_artifact
 
-    if tvm_aot.is_artifact(path):
-        return tvm_aot.load(path)
-    return load_artifact(path)
+    kernels: dict[str, AttentionKernel] = tvm_aot.load(path) if tvm_aot.is_artifact(path) else load_artifact(path)
+    if name is None:
+        return kernels
+    if name not in kernels:
+        close = difflib.get_close_matches(name, list(kernels), n=1)
+        raise CallError(f"name: {os.fspath(path)} has no attention named {name!r}"
+                        f"{f'; did you mean {close[0]!r}?' if close else ''} (it has: {', '.join(kernels)})")
+    return kernels[name]
 
 
 def head_dims(spec: Attention, head_dim: int | None = None, value_dim: int | None = None) -> tuple[int, int]:
@@ -182,7 +216,7 @@ def head_dims(spec: Attention, head_dim: int | None = None, value_dim: int | Non
     d = head_dim or dims.get("D")
     if d is None:
         raise CompileError(f"attention {spec.name!r}: the head dim D is only known from tensors; bind it with "
-                           f"`dims D = 128` in the spec, or pass it (CLI: --dim D=128)")
+                           f"`dims D = 128` in the spec, or pass it (CLI: --dims D=128)")
     return d, value_dim or dims.get("DV") or d
 
 

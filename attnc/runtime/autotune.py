@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..dsl.signature import bind
+from ..dsl.signature import bind, kernel_call
 from ..errors import AttncError
 from ..ir import Attention
 from ..passes import PlanOptions
@@ -143,6 +143,7 @@ class TunedKernel:
         self._by_regime: dict[tuple, Kernel] = {}
         self._input_names = tuple(t.name for t in spec.inputs)
 
+    @kernel_call
     def __call__(self, q, k, v, /, **kwargs):
         try:
             key = call_key(q, k, v, kwargs, self._input_names)
