@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Sequence
 
-from .errors import CallError, checks_arguments
+from .errors import AttncError, CallError, checks_arguments
 from .ir import Attention, IndexVar, SizeRef, print_attention, print_expr, walk
 from .passes import PIPELINE, KernelPlan, Target, launch_tiles, verify
 from .passes.fold import NotConstant, Scalar
@@ -50,6 +50,11 @@ class TileMap:
 
     def count(self, cls: int) -> int:
         return sum(row.count(cls) for row in self.classes)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Tiles per class name: {"skipped": ..., "full": ..., "partial": ..., "run time": ...}."""
+        return {name: self.count(cls) for cls, name in enumerate(CLASS_NAMES)}
 
 
 @dataclass(frozen=True)
@@ -121,8 +126,6 @@ def _plan_text(plan: KernelPlan) -> str:
 def tile_map(plan: KernelPlan, sizes: Mapping[str, int], params: Mapping[str, Scalar],
              inputs: Mapping[str, torch.Tensor], b: int = 0, h: int = 0) -> TileMap:
     """The class of every (query tile, key tile) block of batch b, head h (see the module docstring)."""
-    from .dsl.reference import keep_mask
-
     masks = plan.masks
     tiles = launch_tiles(plan, sizes["M"], sizes["H"] // sizes["HKV"]).config
     block_m, block_n = tiles.block_m, tiles.block_n
@@ -147,6 +150,8 @@ def tile_map(plan: KernelPlan, sizes: Mapping[str, int], params: Mapping[str, Sc
             elif unknown:
                 row.append(RUN_TIME)
             elif summary:  # the summary kernel's classes: nothing kept, all kept, or some
+                from .dsl.reference import keep_mask  # torch: only for tensors' values
+
                 cols = range(kt * block_n, min(sizes["N"], (kt + 1) * block_n))
                 kept = keep_mask(plan.spec, sizes, params, inputs, b, h, rows, cols)
                 row.append(SKIPPED if not kept.any() else FULL if kept.all() and in_exact else PARTIAL)
@@ -200,8 +205,12 @@ def draw_tile_map(x: Explanation, path: Path) -> Path:
                for c in range(len(CLASS_NAMES)) if t.count(c) or c != RUN_TIME]
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        fig.savefig(path, dpi=100)
+    except OSError as err:
+        raise AttncError(f"{path}: cannot write the tile map ({err.strerror or err})") from None
+    finally:
+        plt.close(fig)
     return path
 
 
