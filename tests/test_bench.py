@@ -73,3 +73,44 @@ def test_memory_scaling_plot_from_made_up_rows(tmp_path):
     assert lines["naive"] == [(1024, 64.0), (2048, 256.0), (4096, 1024.0)] and len(lines["attnc"]) == 4
     path = plot_memory_scaling(rows, "NVIDIA H100 80GB HBM3", tmp_path / "memory.png")
     assert path.stat().st_size > 1000
+
+
+def test_memory_scaling_measures_each_runner_and_records_out_of_memory(monkeypatch):
+    """memory_scaling's bookkeeping on the CPU: torch.cuda's memory counters faked by what each runner allocates
+    (its output's bytes), the naive runner out of memory past S=64. The GPU run measures the real peaks."""
+    import attnc.bench as bench
+
+    allocated = {"peak": 0}
+    for name in ("synchronize", "empty_cache"):
+        monkeypatch.setattr(torch.cuda, name, lambda: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: allocated.update(peak=0))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: allocated["peak"])
+    monkeypatch.setattr(bench, "MEMORY_HEADS", 2)
+    monkeypatch.setattr(bench, "MEMORY_DIM", 16)
+
+    def measured(fn):
+        def run(q, k, v):
+            out = fn(q, k, v)
+            allocated["peak"] = out.numel() * out.element_size()
+            return out
+        return run
+
+    naive_attention = bench.naive_attention
+
+    def naive(q, k, v):
+        if q.shape[-2] > 64:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return naive_attention(q, k, v)
+
+    real_compile = bench.attnc.compile
+    monkeypatch.setattr(bench.attnc, "compile", lambda spec: measured(real_compile(spec)))
+    monkeypatch.setattr(bench, "naive_attention", measured(naive))
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda q, k, v, is_causal: measured(lambda q, k, v: sdpa(q, k, v, is_causal=is_causal))(q, k, v))
+    rows = bench.memory_scaling("cpu", seqs=(32, 128))
+    assert [row["S"] for row in rows] == [32, 128]
+    assert rows[0]["results"] == {name: {"peak_extra_bytes": 2 * 32 * 16 * 2} for name in ("attnc", "sdpa", "naive")}
+    assert rows[1]["results"]["naive"] == {"error": "out of memory"}
+    assert rows[1]["results"]["attnc"] == {"peak_extra_bytes": 2 * 128 * 16 * 2}
