@@ -84,14 +84,21 @@ def checks_arguments(fn=None, *, usage=None):
             try:
                 return fn(*args, **kwargs)
             except TypeError:
-                problem = _argument_mismatch(params, args[1:] if method else args, kwargs)
-                if problem is None:
+                error = call_error(params, args[1:] if method else args, kwargs, lambda: shown(args, kwargs))
+                if error is None:
                     raise  # raised inside fn: not a call mistake
-                raise CallError(f"{problem}; call it as {shown(args, kwargs)}") from None
+                raise error from None
 
         return checked
 
     return wrap if fn is None else wrap(fn)
+
+
+def call_error(params: list[inspect.Parameter], args: tuple, kwargs: dict, usage) -> CallError | None:
+    """The CallError for calling a function of `params` with these arguments (usage() -> how to call it, for the
+    message), or None when they fit."""
+    problem = _argument_mismatch(params, args, kwargs)
+    return None if problem is None else CallError(f"{problem}; call it as {usage()}")
 
 
 def _argument_mismatch(params: list[inspect.Parameter], args: tuple, kwargs: dict) -> str | None:

@@ -14,14 +14,15 @@ and page ids themselves are data: `reference` checks them, kernels trust them.
 from __future__ import annotations
 
 import difflib
+import inspect
 import numbers
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Mapping, Union
+from typing import Callable, Mapping, Union
 
 import torch
 
-from ..errors import CallError, checks_arguments
+from ..errors import CallError, call_error
 from ..ir import Attention, Paged, ParamDecl, Ragged, TensorDecl
 
 TORCH_DTYPES: Mapping[str, torch.dtype] = MappingProxyType({
@@ -73,8 +74,14 @@ def call_usage(spec: Attention) -> str:
     return f"{spec.name}(q, k, v{', *, ' if named else ''}{', '.join(named)})"
 
 
-# The decorator of a kernel's `__call__(self, q, k, v, /, **kwargs)`: call mistakes name the argument.
-kernel_call = checks_arguments(usage=lambda args, kwargs: call_usage(args[0].spec))
+_QKV_CALL = [*(inspect.Parameter(n, inspect.Parameter.POSITIONAL_ONLY) for n in ("q", "k", "v")),
+             inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD)]
+
+
+def qkv_call_error(args: tuple, kwargs: Mapping[str, object], usage: Callable[[], str]) -> CallError:
+    """The CallError of a call `kernel(*args, **kwargs)` whose positional arguments are not q, k, v. Kernels take
+    `*args` and check `len(args) == 3` themselves: cheaper per call than a wrapper (attnc.errors.checks_arguments)."""
+    return call_error(_QKV_CALL, args, dict(kwargs), usage) or CallError(f"call it as {usage()}")
 
 
 def out_shape(spec: Attention, bound: Bound) -> tuple[int, ...]:

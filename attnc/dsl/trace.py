@@ -28,6 +28,7 @@ from ..ir import (
 )
 from . import symbolic
 from .check import check_attention
+from .signature import qkv_call_error
 from .symbolic import LAYOUTS, Sym, as_expr, function_span, trace_error, user_span
 
 
@@ -229,8 +230,10 @@ class AttentionFunction:
         self._last = self._spec(self._signature(q, k, v, kwargs), q, k, v, kwargs)
         return self._last
 
-    @checks_arguments(usage=lambda args, kwargs: args[0].usage)
-    def __call__(self, q, k, v, **kwargs):
+    def __call__(self, *args, **kwargs):
+        if len(args) != 3:
+            raise qkv_call_error(args, kwargs, lambda: self.usage)
+        q, k, v = args
         signature = self._signature(q, k, v, kwargs)
         entry = self._compiled.get(signature)
         if entry is None:

@@ -11,7 +11,7 @@ from typing import Callable, Protocol, Union, overload
 
 import torch
 
-from ..dsl.signature import Bound, bind, kernel_call
+from ..dsl.signature import Bound, bind, call_usage, qkv_call_error
 from ..errors import CallError, CompileError, checks_arguments
 from ..ir import Attention
 from ..passes import KernelPlan, PlanOptions, Target, plan_kernel
@@ -123,8 +123,11 @@ class Kernel:
         # call_key -> a launch that repeats a checked call (Backend.build's `run`): the per-call fast path
         self._prepared: dict[tuple, Callable] = {}
 
-    @kernel_call
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, /, **kwargs: object) -> Result:
+    def __call__(self, *args: torch.Tensor, **kwargs: object) -> Result:
+        """kernel(q, k, v, **params_and_inputs) -> out, or (out, lse)."""
+        if len(args) != 3:
+            raise qkv_call_error(args, kwargs, lambda: call_usage(self.spec))
+        q, k, v = args
         try:
             key = call_key(q, k, v, kwargs, self._input_names)
         except (AttributeError, KeyError, TypeError):

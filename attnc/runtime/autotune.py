@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..dsl.signature import bind, kernel_call
+from ..dsl.signature import bind, call_usage, qkv_call_error
 from ..errors import AttncError
 from ..ir import Attention
 from ..passes import PlanOptions
@@ -143,8 +143,10 @@ class TunedKernel:
         self._by_regime: dict[tuple, Kernel] = {}
         self._input_names = tuple(t.name for t in spec.inputs)
 
-    @kernel_call
-    def __call__(self, q, k, v, /, **kwargs):
+    def __call__(self, *args, **kwargs):
+        if len(args) != 3:
+            raise qkv_call_error(args, kwargs, lambda: call_usage(self.spec))
+        q, k, v = args
         try:
             key = call_key(q, k, v, kwargs, self._input_names)
         except (AttributeError, KeyError, TypeError):

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from ... import __version__
-from ...dsl.signature import bind, kernel_call
+from ...dsl.signature import bind, call_usage, qkv_call_error
 from ...errors import CallError, CompileError
 from ...ir import Attention
 from ...passes import PlanOptions, Target, plan_kernel
@@ -214,8 +214,10 @@ class AotKernel:
         self._functions = functions
         self._device_type = "cuda" if manifest["target"] == "cuda" else "cpu"
 
-    @kernel_call
-    def __call__(self, q, k, v, /, **kwargs):
+    def __call__(self, *args, **kwargs):
+        if len(args) != 3:
+            raise qkv_call_error(args, kwargs, lambda: call_usage(self.spec))
+        q, k, v = args
         bound = bind(self.spec, q, k, v, kwargs)
         m = self.manifest
         if bound.q.device.type != self._device_type:
