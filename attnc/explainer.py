@@ -127,8 +127,8 @@ def tile_map(plan: KernelPlan, sizes: Mapping[str, int], params: Mapping[str, Sc
              inputs: Mapping[str, torch.Tensor], b: int = 0, h: int = 0) -> TileMap:
     """The class of every (query tile, key tile) block of batch b, head h (see the module docstring)."""
     masks = plan.masks
-    tiles = launch_tiles(plan, sizes["M"], sizes["H"] // sizes["HKV"]).config
-    block_m, block_n = tiles.block_m, tiles.block_n
+    launch = launch_tiles(plan, sizes["M"], sizes["H"] // sizes["HKV"])
+    block_m, block_n = launch.block_mq, launch.config.block_n  # query positions: a decode tile packs GQA heads too
     m_tiles, n_tiles = math.ceil(sizes["M"] / block_m), math.ceil(sizes["N"] / block_n)
     env = {**sizes, **params, "b": b, "h": h}
     lookup = (lambda name, index: inputs[name][index].item()) if inputs else None

@@ -33,7 +33,7 @@ def grid(m: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.arange(m).view(-1, 1), torch.arange(n).view(1, -1)
 
 
-@pytest.mark.parametrize("m, n", [(1000, 1000), (700, 1300), (2048, 2048)])
+@pytest.mark.parametrize("m, n", [(1000, 1000), (700, 1300), (2048, 2048), (5, 1000)])  # 5: a decode tile
 @pytest.mark.parametrize("window", [None, 300])
 def test_causal_and_window_tiles_match_the_masks_pair_by_pair(m, n, window):
     masks = "mask causal" + ("\n mask i + (N - M) - j < window" if window else "")
