@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 
 from .errors import AttncError, CallError, checks_arguments
 from .ir import Attention, IndexVar, SizeRef, print_attention, print_expr, walk
-from .passes import PIPELINE, KernelPlan, Target, launch_tiles, verify
+from .passes import KernelPlan, Target, launch_tiles, plan_steps
 from .passes.fold import NotConstant, Scalar
 from .passes.masks import key_tiles
 
@@ -31,7 +31,6 @@ SKIPPED, FULL, PARTIAL, RUN_TIME = range(4)
 CLASS_NAMES = ("skipped", "full", "partial", "run time")
 CLASS_COLOURS = ("#eeeeee", "#2b6cb0", "#f6ad55", "#b794f4")  # light grey, blue, orange, lilac
 SHAPE_ROLES = ("B", "H", "M", "N", "D")
-DEFAULT_SHAPE = {"B": 1, "H": 8, "M": 4096, "N": 4096, "D": 128}
 
 
 @dataclass(frozen=True)
@@ -43,7 +42,7 @@ class PassStep:
 
 @dataclass(frozen=True)
 class TileMap:
-    block_m: int  # query rows per tile (one head; a decode launch packs GQA heads, shown per head here)
+    block_m: int  # query positions per tile (a decode launch also packs GQA heads into its rows)
     block_n: int
     classes: tuple[tuple[int, ...], ...]  # [query tile][key tile] -> SKIPPED / FULL / PARTIAL / RUN_TIME
     note: str  # what the map assumes (the batch and head shown, run-time classes)
@@ -103,16 +102,12 @@ def _tile_flops(x: Explanation) -> float:
 
 
 def pass_steps(spec: Attention, target: Target, head_dim: int, value_dim: int) -> tuple[KernelPlan, tuple[PassStep, ...]]:
-    """The plan after each pass of PIPELINE (verified as plan_kernel does), with diffs."""
-    plan = KernelPlan(spec=spec, spec_key=spec.key, target=target, head_dim=head_dim, value_dim=value_dim)
-    steps = [PassStep("spec", _plan_text(plan), "")]
-    for step in PIPELINE:
-        plan = step(plan)
-        verify(plan, after=step.__name__)
+    """The plan after each pass of PIPELINE (passes.plan_steps), with diffs."""
+    steps: list[PassStep] = []
+    for name, plan in plan_steps(spec, target, head_dim, value_dim):
         text = _plan_text(plan)
-        diff = "\n".join(difflib.unified_diff(steps[-1].text.splitlines(), text.splitlines(), "before", "after",
-                                              lineterm="", n=1))
-        steps.append(PassStep(step.__name__, text, "\n".join(diff.splitlines()[2:])))  # no ---/+++ header
+        diff = difflib.unified_diff(steps[-1].text.splitlines() if steps else [], text.splitlines(), lineterm="", n=1)
+        steps.append(PassStep(name, text, "\n".join(list(diff)[2:]) if steps else ""))  # [2:]: no ---/+++ lines
     return plan, tuple(steps)
 
 
