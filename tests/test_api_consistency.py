@@ -1,6 +1,6 @@
 """One behaviour across the public API and the CLI: call mistakes are CallErrors that name the argument, unknown
-names in specs get suggestions, attnc.load always gives a mapping, `attnc compile` leaves no half-written
-folder, and the package ships its type information."""
+names in specs get suggestions, `attnc compile` leaves no half-written folder, and the package ships its type
+information. (attnc.load's mapping and name=: test_aot.py, test_tvm_cuda.py.)"""
 import json
 import tomllib
 from importlib import resources
@@ -162,22 +162,6 @@ def test_a_failed_tvm_build_leaves_no_folder(tmp_path, capsys, monkeypatch):
     built.clear()
     assert _compile_tvm(spec_file, out, "--dims", "D=16") == 2
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json"] and not _leftovers(tmp_path)
-
-
-def test_load_gives_a_mapping_and_one_kernel_by_name(tmp_path, qkv, capsys):
-    spec_file = tmp_path / "one.attn"
-    spec_file.write_text(SPEC)
-    assert _compile_tvm(spec_file, tmp_path / "art", "--dims", "D=16") == 0
-    kernels = attnc.load(tmp_path / "art")
-    assert list(kernels) == ["windowed"]
-    kernel = attnc.load(tmp_path / "art", name="windowed")
-    q, k, v = qkv
-    slopes = torch.tensor([0.5, 0.25])
-    want = attnc.reference(kernel.spec, q, k, v, slopes=slopes, window=5)
-    assert (kernel(q, k, v, slopes=slopes, window=5).double() - want).abs().max() < 1e-5
-    with pytest.raises(attnc.CallError, match=r"^name: .* has no attention named 'windowd'; did you mean "
-                                              r"'windowed'\? \(it has: windowed\)"):
-        attnc.load(tmp_path / "art", name="windowd")
 
 
 def test_the_package_ships_its_types():

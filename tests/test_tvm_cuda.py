@@ -251,6 +251,9 @@ def test_compile_command_tvm_artifact_and_source(tmp_path):
     assert (out.double() - want).abs().max() < 2e-5 and (lse.double() - want_lse).abs().max() < 2e-5
     one = attnc.load(tmp_path / "art" / "u", name="u")  # each attention's own folder loads alone
     assert list(attnc.load(tmp_path / "art" / "u")) == ["u"]
+    with pytest.raises(attnc.CallError, match=r"^name: .* has no attention named 'uu'; did you mean 'u'\? "
+                                              r"\(it has: t, u\)"):
+        attnc.load(tmp_path / "art", name="uu")
     q, k, v = torch.randn(1, 2, 5, 24), torch.randn(1, 2, 9, 24), torch.randn(1, 2, 9, 24)
     assert one.spec.name == "u"
     assert (one(q, k, v)[0].double() - attnc.reference(one.spec, q, k, v)[0]).abs().max() < 2e-5  # decode function
