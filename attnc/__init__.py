@@ -3,9 +3,21 @@
 from __future__ import annotations
 
 from importlib import import_module
+from typing import TYPE_CHECKING
 
 from .errors import AttncError, CacheError, CallError, CompileError, SpecError, TraceError
 from .ir import Attention
+
+if TYPE_CHECKING:  # what type checkers see of the names imported on first use below (py.typed ships)
+    from .dsl.parser import parse, parse_file
+    from .dsl.reference import reference
+    from .dsl.trace import (
+        Tensor, abs, causal, exp, exp2, floor, log, log2, maximum, minimum, rsqrt, sigmoid, softmax,
+        sqrt, tanh, where,
+    )
+    from .explainer import explain
+    from .merge import merge_states
+    from .runtime.api import AttentionKernel, attention, compile, create_block_mask, flex_attention, load
 
 from .version import __version__
 
@@ -24,7 +36,9 @@ _LAZY = {
     "create_block_mask": ("attnc.runtime.api", "create_block_mask"),
     "compile": ("attnc.runtime.api", "compile"),
     "load": ("attnc.runtime.api", "load"),
+    "AttentionKernel": ("attnc.runtime.api", "AttentionKernel"),
     "merge_states": ("attnc.merge", "merge_states"),
+    "explain": ("attnc.explainer", "explain"),
 }
 
 __all__ = ["AttncError", "SpecError", "TraceError", "CallError", "CompileError", "CacheError", "Attention",

@@ -19,6 +19,7 @@ import random
 import re
 import statistics
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -382,6 +383,23 @@ def print_table(report: dict) -> None:
     print_errors(report)
 
 
+def print_row(row: dict) -> None:
+    """One finished row, at once: the workload and each runner's TFLOP/s, time or peak memory."""
+    from rich.console import Console
+
+    cells = []
+    for name, r in row["results"].items():
+        if "error" in r:
+            cells.append(f"{name} error")
+        elif "tflops" in r:
+            cells.append(f"{name} {r['tflops']:.0f} TFLOP/s")
+        elif "ms" in r:
+            cells.append(f"{name} {r['ms']:.3f} ms")
+        elif "peak_extra_bytes" in r:
+            cells.append(f"{name} {r['peak_extra_bytes'] / 2**20:.0f} MiB")
+    Console(highlight=False).print(f"{row['workload']}: {', '.join(cells)}", markup=False)
+
+
 def print_errors(report: dict) -> None:
     """Each runner that could not run a workload, or whose result failed the check, with its reason."""
     from rich.console import Console
@@ -392,34 +410,148 @@ def print_errors(report: dict) -> None:
                 Console().print(f"[yellow]{row['workload']} / {p}: {r['error']}")
 
 
-def plot(report: dict, out_dir: Path, stem: str) -> list[Path]:
+# One colour per runner in every panel of every plot, so a runner is recognised at a glance across panels.
+RUNNER_COLOURS = {
+    "attnc": "#d62728",  # red
+    "sdpa-cudnn": "#1f77b4",  # blue
+    "sdpa-flash": "#2ca02c",  # green
+    "sdpa-efficient": "#9467bd",  # purple
+    "flex": "#ff7f0e",  # orange
+    "torch": "#17becf",  # cyan: torch's CPU SDPA
+    "sdpa": "#1f77b4",  # SDPA's default dispatch (memory scaling)
+    "naive": "#7f7f7f",  # grey: softmax(q k^T) v with the scores in memory
+}
+_SPARE_COLOURS = ("#8c564b", "#e377c2", "#bcbd22", "#393b79", "#637939", "#843c39")
+
+
+def runner_colour(runner: str) -> str:
+    """The runner's fixed colour (RUNNER_COLOURS); a runner not listed gets a spare colour chosen by its name."""
+    return RUNNER_COLOURS.get(runner) or _SPARE_COLOURS[zlib.crc32(runner.encode()) % len(_SPARE_COLOURS)]
+
+
+def draw_panels(panels: dict[str, dict[str, list[tuple]]], device: str, title: str, ylabel: str,
+                xlabel: str | None = None, logx: bool = False, logy: bool = False):
+    """A figure with one panel per entry of `panels` (panel title -> runner -> [(x, y), ...]); each runner in
+    its own colour in every panel, and one legend for the figure, titled with the device."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels) + 1.6, 3.8), squeeze=False)
+    runners: list[str] = []
+    for ax, (name, lines) in zip(axes[0], panels.items()):
+        for runner, pts in lines.items():
+            if not pts:
+                continue
+            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", color=runner_colour(runner), label=runner)
+            runners += [runner] if runner not in runners else []
+        ax.set_title(name)
+        ax.set_ylabel(ylabel)
+        if xlabel:
+            ax.set_xlabel(xlabel)
+        if logx:
+            ax.set_xscale("log", base=2)
+        if logy:
+            ax.set_yscale("log")
+        ax.tick_params(axis="x", labelrotation=30, labelsize=7)
+    handles = [Line2D([], [], color=runner_colour(r), marker="o", label=r) for r in runners]
+    fig.legend(handles=handles, title=device, loc="center right", fontsize=8, title_fontsize=8, frameon=False)
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0, 1 - 1.5 / fig.get_figwidth(), 1))
+    return fig
+
+
+def save_figure(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def report_panels(report: dict, metric: str) -> dict[str, dict[str, list[tuple]]]:
+    """The GPU report's `metric` ("tflops", or "peak_extra_bytes" in MiB) per workload group and runner."""
+    scale = 1 if metric == "tflops" else 2**20
+    panels = {}
+    for group in sorted({r["group"] for r in report["rows"]}):
+        rows = [r for r in report["rows"] if r["group"] == group]
+        panels[group] = {p: [(r["workload"], r["results"][p][metric] / scale)
+                             for r in rows if metric in r["results"].get(p, {})] for p in PEERS}
+    return panels
+
+
+def plot(report: dict, out_dir: Path, stem: str) -> list[Path]:
+    """The GPU report's TFLOP/s and peak extra memory, one panel per workload group."""
     paths = []
-    groups = sorted({r["group"] for r in report["rows"]})
     for metric, ylabel, suffix in (("tflops", "TFLOP/s", "tflops"), ("peak_extra_bytes", "peak extra MiB", "memory")):
-        fig, axes = plt.subplots(1, len(groups), figsize=(4.5 * len(groups), 3.8), squeeze=False)
-        for ax, g in zip(axes[0], groups):
-            rows = [r for r in report["rows"] if r["group"] == g]
-            for p in PEERS:
-                pts = [(r["workload"], r["results"].get(p, {}).get(metric)) for r in rows]
-                pts = [(x, y / 2**20 if metric != "tflops" else y) for x, y in pts if y is not None]
-                if pts:
-                    ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=p)
-            ax.set_title(g)
-            ax.set_ylabel(ylabel)
-            ax.tick_params(axis="x", labelrotation=30, labelsize=7)
-        axes[0][0].legend(fontsize=7)
-        fig.suptitle(f"{report['env']['device']} — {ylabel}")
-        fig.tight_layout()
-        path = out_dir / f"{stem}-{suffix}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        fig = draw_panels(report_panels(report, metric), report["env"]["device"],
+                          f"{report['env']['device']} — {ylabel}", ylabel)
+        paths.append(save_figure(fig, out_dir / f"{stem}-{suffix}.png"))
     return paths
+
+
+# ---------------------------------------------------------------- memory scaling (GPU)
+
+MEMORY_SEQS = (1024, 2048, 4096, 8192, 16384, 32768)
+MEMORY_HEADS, MEMORY_DIM = 16, 128
+
+
+def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention as written in torch: the S x S scores (and their softmax) live in memory."""
+    s = q.shape[-2]
+    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    keep = torch.ones(s, s, dtype=torch.bool, device=q.device).tril()
+    return torch.softmax(scores.masked_fill(~keep, -math.inf), dim=-1) @ v
+
+
+def memory_scaling(device: str, seqs=MEMORY_SEQS) -> list[dict]:
+    """Peak memory one causal forward allocates beyond its inputs (B=1, 16 heads, D=128, bf16), per sequence
+    length, for attnc, SDPA and the naive form; a runner out of memory is recorded as such. Needs a GPU."""
+    spec = attnc.parse(_spec("bench_memory", MEMORY_DIM, False, "    mask i >= j\n"))[0]
+    kern = attnc.compile(spec)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    runners = {"attnc": kern, "sdpa": lambda q, k, v: sdpa(q, k, v, is_causal=True), "naive": naive_attention}
+    rows = []
+    for s in seqs:
+        q, k, v = (torch.randn(1, MEMORY_HEADS, s, MEMORY_DIM, device=device, dtype=torch.bfloat16)
+                   for _ in range(3))
+        row = {"S": s, "results": {}}
+        for name, fn in runners.items():
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            try:
+                fn(q, k, v)
+                torch.cuda.synchronize()
+                row["results"][name] = {"peak_extra_bytes": torch.cuda.max_memory_allocated() - base}
+            except torch.cuda.OutOfMemoryError:
+                row["results"][name] = {"error": "out of memory"}
+        rows.append(row)
+        print_row(row | {"workload": f"memory S={s}"})
+        del q, k, v
+    torch.cuda.empty_cache()
+    return rows
+
+
+def memory_panels(rows: list[dict]) -> dict[str, dict[str, list[tuple]]]:
+    """memory_scaling's rows as one panel: MiB per runner and length; the panel's title names the runners that
+    ran out of memory and the first length they failed at."""
+    runners = list(dict.fromkeys(name for row in rows for name in row["results"]))
+    lines = {r: [(row["S"], row["results"][r]["peak_extra_bytes"] / 2**20) for row in rows
+                 if "peak_extra_bytes" in row["results"].get(r, {})] for r in runners}
+    failed = {r: next((row["S"] for row in rows if "error" in row["results"].get(r, {})), None) for r in runners}
+    oom = "; ".join(f"{r} out of memory from S={s}" for r, s in failed.items() if s is not None)
+    return {f"causal, B=1, H={MEMORY_HEADS}, D={MEMORY_DIM}, bf16" + (f"\n({oom})" if oom else ""): lines}
+
+
+def plot_memory_scaling(rows: list[dict], device: str, path: Path) -> Path:
+    """Peak extra memory against sequence length, log-log, one line per runner (FlashTile's memory plot)."""
+    fig = draw_panels(memory_panels(rows), device, "peak memory vs sequence length", "peak extra MiB",
+                      "sequence length", logx=True, logy=True)
+    return save_figure(fig, path)
 
 
 def result_path(out: str | Path, env: dict, prefix: str = "") -> Path:
@@ -466,6 +598,7 @@ def run_report(bench: str, workloads, run_one, out: str | Path, prefix: str, onl
         if only and not re.search(only, w.name):
             continue
         report["rows"].append(run_one(w, "cuda"))
+        print_row(report["rows"][-1])
         torch.cuda.empty_cache()
         path.write_text(json.dumps(report, indent=1))  # after every row: a run cut short keeps what it measured
     return report, path
@@ -481,7 +614,10 @@ def run(args: argparse.Namespace) -> int:
     if not args.only:
         report["host"] = host_overhead("cuda")
         report["cold_compile"] = cold_compile("cuda")
+        report["memory_scaling"] = memory_scaling("cuda", MEMORY_SEQS[:3] if args.quick else MEMORY_SEQS)
         path.write_text(json.dumps(report, indent=1))
+        plot_memory_scaling(report["memory_scaling"], report["env"]["device"],
+                            path.parent / f"{path.stem}-memory-scaling.png")
     plot(report, path.parent, path.stem)
     print_table(report)
     return 0
@@ -628,9 +764,35 @@ def run_cpu(args: argparse.Namespace) -> int:
             row.update(summarize_blocks(blocks["attnc"], blocks["torch"], w.flops), loadavg_after=os.getloadavg())
         report["rows"].append(row)
         path.write_text(json.dumps(report, indent=1) + "\n")  # after every row: a run cut short keeps its rows
+        print_cpu_row(row)
     print_cpu_table(report)
-    print(f"wrote {path}")
+    plot_path = plot_cpu(report, path.with_suffix(".png"))
+    print(f"wrote {path} and {plot_path}")
     return 0
+
+
+def print_cpu_row(row: dict) -> None:
+    """One finished CPU row, at once."""
+    if "error" in row:
+        print(f"{row['workload']}: {row['error']}", flush=True)
+    else:
+        print(f"{row['workload']}: attnc {row['attnc_ms']:.2f} ms, torch {row['torch_ms']:.2f} ms "
+              f"({row['speedup']:.2f}x)", flush=True)
+
+
+def plot_cpu(report: dict, path: Path) -> Path:
+    """GFLOP/s against sequence length, one panel per mask and head dim, attnc and torch's SDPA."""
+    env = report["env"]
+    rows = [r for r in report["rows"] if "speedup" in r]
+    panels = {}
+    for row in sorted(rows, key=lambda r: (r["causal"], r["D"], r["S"])):
+        lines = panels.setdefault(f"{'causal' if row['causal'] else 'dense'} D={row['D']}", {"attnc": [], "torch": []})
+        for runner in lines:
+            lines[runner].append((row["S"], row[f"{runner}_gflops"]))
+    device = f"{env['model'] or 'CPU'}, {env['threads']['tvm']} threads"
+    fig = draw_panels(panels or {"no timed rows": {}}, device, f"fp32, B=1, H={env['heads']} — GFLOP/s", "GFLOP/s",
+                      "sequence length", logx=True)
+    return save_figure(fig, path)
 
 
 def print_cpu_table(report: dict) -> None:

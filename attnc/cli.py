@@ -3,6 +3,7 @@ EMITTERS, imported only when asked for, so `attnc check` never pulls in torch, T
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import shlex
 import sys
@@ -68,19 +69,72 @@ def _show_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--emit", choices=sorted(EMITTERS), default="ir", help="what to print (default: ir)")
 
 
-def _show(args: argparse.Namespace) -> int:
+def _specs_named(path: str, name: str | None) -> list:
+    """The attentions of the file at `path`: all, or the one called `name`."""
     from .dsl.parser import parse_file
 
-    path, specs = args.file, parse_file(args.file)
-    if args.name is not None:
-        chosen = [s for s in specs if s.name == args.name]
-        if not chosen:
-            raise AttncError(f"{path} has no attention named '{args.name}'; it has: "
-                             f"{', '.join(s.name for s in specs)}")
-        specs = chosen
+    specs = parse_file(path)
+    if name is None:
+        return specs
+    chosen = [s for s in specs if s.name == name]
+    if not chosen:
+        close = difflib.get_close_matches(name, [s.name for s in specs], n=1)
+        raise AttncError(f"{path} has no attention named '{name}'{f'; did you mean {close[0]!r}?' if close else ''}"
+                         f"; it has: {', '.join(s.name for s in specs)}")
+    return chosen
+
+
+def _show(args: argparse.Namespace) -> int:
+    specs = _specs_named(args.file, args.name)
     module, function = EMITTERS[args.emit].split(":")
     emit = getattr(import_module(module), function)
     _out().print("\n".join(emit(spec) for spec in specs), end="")
+    return 0
+
+
+# ---------------------------------------------------------------- explain
+
+
+def _explain_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", metavar="FILE", help="an .attn spec file")
+    p.add_argument("--name", help="the attention to explain (default: every one in the file)")
+    p.add_argument("--shape", default="1,8,4096,4096,128", metavar="B,H,M,N,D",
+                   help="the call to map tiles for (default: 1,8,4096,4096,128; the spec's `dims` win for D)")
+    p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                   help="a param's value (repeatable; default: the spec's default)")
+    p.add_argument("--png", metavar="PATH", help="where to write the tile map (default: NAME-tiles.png)")
+
+
+def _param_values(texts: list[str], spec) -> dict:
+    values = {}
+    for text in texts:
+        name, _, value = text.partition("=")
+        decl = spec.param(name.strip())
+        if decl is None:
+            known = [p.name for p in spec.params]
+            close = difflib.get_close_matches(name.strip(), known, n=1)
+            raise AttncError(f"--param {text}: attention {spec.name!r} has no param {name.strip()!r}"
+                             f"{f'; did you mean {close[0]!r}?' if close else ''} (params: {', '.join(known) or 'none'})")
+        try:
+            values[decl.name] = {"i32": int, "f32": float, "bool": lambda s: {"true": True, "false": False}[s]}[
+                decl.dtype](value.strip())
+        except (KeyError, ValueError):
+            raise AttncError(f"--param {text}: {decl.name} is {decl.dtype}; expected NAME=<"
+                             f"{'true|false' if decl.dtype == 'bool' else decl.dtype}>") from None
+    return values
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from .explainer import explain_spec, parse_shape
+
+    out, specs = _out(), _specs_named(args.file, args.name)
+    if args.png and len(specs) > 1:
+        raise AttncError(f"--png {args.png}: {args.file} has {len(specs)} attentions; pick one with --name")
+    for spec in specs:
+        result = explain_spec(spec, parse_shape(args.shape, spec), _param_values(args.param, spec))
+        out.print(result.passes_text())
+        out.print(result.summary())
+        out.print(f"wrote {result.save_png(args.png or f'{spec.name}-tiles.png')}")
     return 0
 
 
@@ -138,15 +192,19 @@ def _parse_head_dims(text: str) -> tuple[int, int | None]:
 
 def _compile_tvm(args: argparse.Namespace) -> int:
     from .backends.tvm.aot import compile_file
+    from .backends.progress import kernel_bar
 
-    for line in compile_file(args.file, args.output, args.target or "cuda", args.arch, args.name,
-                             [_parse_head_dims(t) for t in args.dims], args.emit):
+    with kernel_bar(f"building {args.output}") as progress:
+        lines = compile_file(args.file, args.output, args.target or "cuda", args.arch, args.name,
+                             [_parse_head_dims(t) for t in args.dims], args.emit, progress)
+    for line in lines:
         _out().print(line)
     return 0
 
 
 def _compile(args: argparse.Namespace) -> int:
     from .backends.triton.aot import compile_artifact
+    from .backends.progress import kernel_bar
 
     if args.backend == "tvm":
         return _compile_tvm(args)
@@ -158,8 +216,9 @@ def _compile(args: argparse.Namespace) -> int:
     # Recorded in the manifest: the command that rebuilds this artifact (load's errors quote it).
     words = ["attnc", "compile", args.file, *(w for n in args.name or () for w in ("--name", n)), "--backend",
              args.backend, "--arch", args.arch, "-o", args.output, *(w for d in args.dims for w in ("--dims", d))]
-    summary = compile_artifact(args.file, args.output, args.arch, args.name, head_dims, args.jobs,
-                               " ".join(shlex.quote(w) for w in words))
+    with kernel_bar(f"building {args.output}") as progress:
+        summary = compile_artifact(args.file, args.output, args.arch, args.name, head_dims, args.jobs,
+                                   " ".join(shlex.quote(w) for w in words), progress)
     out = _out()
     for line in summary.lines:
         out.print(line)
@@ -194,6 +253,8 @@ def _bench(args: argparse.Namespace) -> int:
 COMMANDS = (
     Command("check", "parse and check spec files; print each attention's name and key", _check_arguments, _check),
     Command("show", "print a spec in one of its forms (--emit)", _show_arguments, _show),
+    Command("explain", "the plan after every pass, and a PNG map of the tiles the masks skip for one shape",
+            _explain_arguments, _explain),
     Command("cache", "list or delete the compiled kernels (`attnc cache ls|clear`)", _cache_arguments, _cache),
     Command("compile", "build GPU kernels ahead of time, without a GPU, for `attnc.load(DIR)`", _compile_arguments,
             _compile),

@@ -1,6 +1,9 @@
 """Every error a user can cause is an AttncError; spec errors point at the source with a caret."""
 from __future__ import annotations
 
+import difflib
+import functools
+import inspect
 from dataclasses import dataclass, field
 
 
@@ -61,3 +64,69 @@ class CompileError(AttncError):
 
 class CacheError(AttncError):
     """The kernel cache or an AOT artifact cannot be used."""
+
+
+def checks_arguments(fn=None, *, usage=None):
+    """`fn` with a call whose arguments do not fit its signature (a missing or extra positional argument, an
+    unknown keyword, one given twice) raising a CallError that names the argument, where Python raises a
+    TypeError. A good call pays one extra frame: the arguments are examined only after a TypeError.
+    usage(args, kwargs) -> how to call it, quoted in the message (default: the name and signature)."""
+    def wrap(fn):
+        signature = inspect.signature(fn)
+        method = next(iter(signature.parameters), None) == "self"
+        params = [p for p in signature.parameters.values()][1 if method else 0:]
+        bare = signature.replace(parameters=[p.replace(annotation=p.empty) for p in params],
+                                 return_annotation=signature.empty)
+        shown = usage or (lambda args, kwargs: f"{fn.__name__}{bare}")
+
+        @functools.wraps(fn)
+        def checked(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except TypeError:
+                error = call_error(params, args[1:] if method else args, kwargs, lambda: shown(args, kwargs))
+                if error is None:
+                    raise  # raised inside fn: not a call mistake
+                raise error from None
+
+        return checked
+
+    return wrap if fn is None else wrap(fn)
+
+
+def call_error(params: list[inspect.Parameter], args: tuple, kwargs: dict, usage) -> CallError | None:
+    """The CallError for calling a function of `params` with these arguments (usage() -> how to call it, for the
+    message), or None when they fit."""
+    problem = _argument_mismatch(params, args, kwargs)
+    return None if problem is None else CallError(f"{problem}; call it as {usage()}")
+
+
+def _argument_mismatch(params: list[inspect.Parameter], args: tuple, kwargs: dict) -> str | None:
+    """What is wrong with calling a function of `params` on these arguments, or None when nothing is."""
+    kinds = inspect.Parameter
+    positional = [p for p in params if p.kind in (kinds.POSITIONAL_ONLY, kinds.POSITIONAL_OR_KEYWORD)]
+    by_name = {p.name: p for p in params if p.kind in (kinds.POSITIONAL_OR_KEYWORD, kinds.KEYWORD_ONLY)}
+    if len(args) > len(positional) and not any(p.kind == kinds.VAR_POSITIONAL for p in params):
+        names = ", ".join(p.name for p in positional)
+        return (f"argument {len(positional) + 1} ({_describe(args[len(positional)])}): takes {len(positional)} "
+                f"positional argument{'s' if len(positional) != 1 else ''} ({names}), got {len(args)}; pass the "
+                f"others by name")
+    for p, _ in zip(positional, args):
+        if p.name in kwargs and p.kind == kinds.POSITIONAL_OR_KEYWORD:
+            return f"{p.name}: given twice, by position and by name"
+    for name in kwargs:
+        if any(p.name == name and p.kind == kinds.POSITIONAL_ONLY for p in positional[len(args):]):
+            return f"{name}: passed by name, but it is taken by position only"
+        if name in by_name or any(p.kind == kinds.VAR_KEYWORD for p in params):
+            continue
+        close = difflib.get_close_matches(name, list(by_name), n=1)
+        return f"{name}: unknown argument" + (f"; did you mean {close[0]!r}?" if close else "")
+    for p in positional[len(args):] + [p for p in params if p.kind == kinds.KEYWORD_ONLY]:
+        if p.default is kinds.empty and (p.kind == kinds.POSITIONAL_ONLY or p.name not in kwargs):
+            return f"{p.name}: missing argument"
+    return None
+
+
+def _describe(value) -> str:
+    text = repr(value) if isinstance(value, (int, float, bool, str, type(None))) else type(value).__name__
+    return text if len(text) <= 40 else text[:37] + "..."

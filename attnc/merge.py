@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .errors import CallError
+from .errors import CallError, checks_arguments
 from .ir import DEFAULT_NORMALIZER, NORMALIZERS, Attention, Normalizer
 
 # Each layout: (out's shape as sizes, lse's shape as sizes); rows are out's leading axes, D its last.
@@ -35,6 +35,7 @@ LAYOUTS = {
 }
 
 
+@checks_arguments
 def merge_states(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor,
                  layout: str | None = None, normalizer=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse) of attention over the union of the key sets of two partial results. `layout` is 'bhsd',

@@ -81,8 +81,7 @@ def main() -> int:
     failures = checks = 0
     for folder in artifacts(args.dirs):
         artifact = read_artifact(folder)
-        loaded = attnc.load(folder)
-        kernels = loaded if isinstance(loaded, dict) else {loaded.spec.name: loaded}
+        kernels = attnc.load(folder)
         print(f"{folder}: built by Triton {artifact.triton} for {artifact.arch.name} ({artifact.command})")
         for attention in artifact.attentions:
             kernel = kernels[attention.name]

@@ -184,7 +184,7 @@ def bench(aot: Path, reps: int) -> dict:
     for entry in BENCH_SCHEDULES:
         label = "tvm " + bench_name(*entry).split("-bf16-")[1]
         try:
-            kernel = tvm_aot.load(aot / bench_name(*entry))
+            kernel, = tvm_aot.load(aot / bench_name(*entry)).values()
             runs[label] = lambda kernel=kernel: kernel(q, k, v)
         except Exception as e:
             result[label] = {"error": f"{type(e).__name__}: {e}"}
@@ -243,7 +243,7 @@ def run(aot: Path, json_path: Path | None, reps: int) -> int:
     for folder in sorted(p for p in aot.iterdir() if (p / tvm_aot.MANIFEST).exists()):
         row = {"artifact": folder.name}
         try:
-            kernel = tvm_aot.load(folder)
+            kernel, = tvm_aot.load(folder).values()
             row["checks"] = [check_one(kernel, shape) for shape in SHAPES]
             row["ok"] = all(c["ok"] for c in row["checks"])
         except Exception as err:  # the next artifact still runs

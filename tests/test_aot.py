@@ -152,9 +152,14 @@ def test_load_gives_kernels_that_check_their_calls(sm90, spec_file):
         kernels["small_causal"](q.half(), q.half(), q.half())
 
 
-def test_load_of_one_attention_gives_a_kernel_and_refuses_other_head_dims(sm80):
-    kernel = attnc.load(sm80)
+def test_load_of_one_attention_gives_a_mapping_and_refuses_other_head_dims(sm80):
+    kernels = attnc.load(sm80)
+    assert list(kernels) == ["small_causal"]  # a mapping by name, however many attentions the folder holds
+    kernel = attnc.load(sm80, name="small_causal")
     assert isinstance(kernel, attnc.runtime.kernel.Kernel) and kernel.spec.name == "small_causal"
+    with pytest.raises(attnc.CallError, match=r"^name: .* has no attention named 'small_casual'; did you mean "
+                                              r"'small_causal'\? \(it has: small_causal\)"):
+        attnc.load(sm80, name="small_casual")
     artifact = aot.read_artifact(sm80)
     backend = aot.AotBackend(artifact, artifact.attentions[0], kernel.spec)
     with pytest.raises(attnc.CacheError, match=r"was built for D=32 DV=32, not D=64 DV=64: rebuild with "

@@ -106,8 +106,8 @@ def test_bench_without_a_gpu_says_so():
 
 
 def test_bench_on_the_cpu_writes_a_checked_row_per_workload(tmp_path):
-    """`attnc bench --device cpu`: every row is checked against torch before it is timed, and the JSON holds
-    the timings the table prints."""
+    """`attnc bench --device cpu`: every row is checked against torch before it is timed, printed when it is done,
+    and the JSON holds the timings the table prints; a PNG plot goes beside it."""
     import json
 
     result = run("bench", "--device", "cpu", "--seqs", "40", "--dims", "16", "--rounds", "2", "--threads", "1",
@@ -122,6 +122,9 @@ def test_bench_on_the_cpu_writes_a_checked_row_per_workload(tmp_path):
         assert 0 < row["attnc_min_ms"] <= row["attnc_ms"] and 0 < row["torch_min_ms"] <= row["torch_ms"]
         assert row["speedup_min"] <= row["speedup"] <= row["speedup_max"] and len(row["calls_per_round"]) == 2
         assert f"{row['workload']} " in result.stdout and f"{row['attnc_ms']:.2f}" in result.stdout
+        # each row is printed as it finishes, before the table
+        assert result.stdout.index(f"{row['workload']}: attnc {row['attnc_ms']:.2f} ms") < result.stdout.index("┏")
+    assert path.with_suffix(".png").stat().st_size > 1000  # the CPU bench draws its plot too
 
 
 def test_bench_on_the_cpu_rejects_bad_lists():

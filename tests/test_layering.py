@@ -15,7 +15,7 @@ LAYERS = {
     "dsl": 2, "passes": 2,
     "backends": 3,
     "runtime": 4, "merge": 4,
-    "distributed": 5, "explain": 5, "bench": 5,
+    "distributed": 5, "explainer": 5, "bench": 5,
     "cli": 6, "__main__": 7,
 }
 IR_CORE = {"ir", "ops", "normalizers"}  # one vocabulary in a few modules: they may import each other

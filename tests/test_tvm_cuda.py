@@ -235,8 +235,8 @@ def test_kernel_source_refusals():
 
 
 def test_compile_command_tvm_artifact_and_source(tmp_path):
-    """`attnc compile --backend tvm`: a CPU artifact attnc.load runs (a dict by name; each attention's folder alone
-    is a kernel), and --emit source writes one file per attention."""
+    """`attnc compile --backend tvm`: a CPU artifact attnc.load runs (a dict by name, and each attention's folder
+    alone), and --emit source writes one file per attention."""
     from attnc import cli
 
     spec_file = tmp_path / "two.attn"
@@ -249,7 +249,11 @@ def test_compile_command_tvm_artifact_and_source(tmp_path):
     q, k, v = torch.randn(2, 3, 37, 24), torch.randn(2, 3, 50, 24), torch.randn(2, 3, 50, 40)
     (out, lse), (want, want_lse) = kernels["t"](q, k, v), attnc.reference(kernels["t"].spec, q, k, v)
     assert (out.double() - want).abs().max() < 2e-5 and (lse.double() - want_lse).abs().max() < 2e-5
-    one = attnc.load(tmp_path / "art" / "u")  # each attention's own folder loads alone
+    one = attnc.load(tmp_path / "art" / "u", name="u")  # each attention's own folder loads alone
+    assert list(attnc.load(tmp_path / "art" / "u")) == ["u"]
+    with pytest.raises(attnc.CallError, match=r"^name: .* has no attention named 'uu'; did you mean 'u'\? "
+                                              r"\(it has: t, u\)"):
+        attnc.load(tmp_path / "art", name="uu")
     q, k, v = torch.randn(1, 2, 5, 24), torch.randn(1, 2, 9, 24), torch.randn(1, 2, 9, 24)
     assert one.spec.name == "u"
     assert (one(q, k, v)[0].double() - attnc.reference(one.spec, q, k, v)[0]).abs().max() < 2e-5  # decode function
@@ -289,7 +293,7 @@ def test_aot_round_trip_with_only_the_tvm_runtime(tmp_path):
         import attnc.backends.tvm.launch as launch
         from attnc.backends.tvm import aot
         launch.empty = lambda shape, dtype, device: torch.full(shape, math.nan, dtype=dtype, device=device)
-        kernel = attnc.backends.tvm.aot.load({str(tmp_path / "art")!r})
+        kernel, = attnc.backends.tvm.aot.load({str(tmp_path / "art")!r}).values()
         for m, n in ((1, 40), (45, 45), (70, 33)):  # decode and prefill functions
             q, k, v = torch.randn(2, 3, m, 24), torch.randn(2, 3, n, 24), torch.randn(2, 3, n, 24)
             (out, lse), (want, want_lse) = kernel(q, k, v, window=5), attnc.reference(kernel.spec, q, k, v, window=5)
@@ -369,7 +373,7 @@ def test_cuda_artifact_matches_reference(folder, monkeypatch):
 
     monkeypatch.setattr(launch, "empty", lambda shape, dtype, device: torch.full(shape, math.nan, dtype=dtype,
                                                                                   device=device))
-    kernel = aot.load(folder)
+    kernel, = aot.load(folder).values()
     for shape in SHAPES:
         result = check_one(kernel, shape)
         assert result["ok"], result
@@ -388,5 +392,6 @@ def test_cuda_very_negative_logits_after_empty_tiles(shape, monkeypatch):
     assert (folder / aot.MANIFEST).exists(), f"build it first: python benchmarks/tvm_cuda_check.py build (no {folder})"
     monkeypatch.setattr(launch, "empty", lambda shape, dtype, device: torch.full(shape, math.nan, dtype=dtype,
                                                                                   device=device))
-    result = check_one(aot.load(folder), shape)
+    kernel, = aot.load(folder).values()
+    result = check_one(kernel, shape)
     assert result["ok"], result

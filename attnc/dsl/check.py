@@ -194,8 +194,8 @@ def in_source_order(diagnostics) -> list[Diagnostic]:
     return sorted(diagnostics, key=lambda d: (d.span is None, d.span and (d.span.line, d.span.col)))
 
 
-def _did_you_mean(word: str, candidates) -> str:
-    match = difflib.get_close_matches(word, sorted(set(candidates)), n=1, cutoff=0.6)
+def _did_you_mean(word: str, candidates, cutoff: float = 0.6) -> str:
+    match = difflib.get_close_matches(word, sorted(set(candidates)), n=1, cutoff=cutoff)
     return f"; did you mean '{match[0]}'?" if match else ""
 
 
@@ -820,7 +820,9 @@ class _Elaborator:
         elif n in ir.ROLES:
             problem = f"size {n} appears in no tensor shape and no `dims`"
         else:
-            known = [*ir.INDEX_VARS, *env.params, *env.sizes]
-            problem = f"unknown name '{n}'{_did_you_mean(n, known)}"
+            known = [*ir.INDEX_VARS, *env.params, *env.sizes, *env.inputs]
+            # keywords only when close: `casual` is causal, `scal` is no keyword
+            hint = _did_you_mean(n, known) or _did_you_mean(n, ("causal", "qk"), cutoff=0.8)
+            problem = f"unknown name '{n}'{hint}"
         self.report.error(problem, e.span)
         return e

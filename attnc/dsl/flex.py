@@ -25,7 +25,7 @@ from typing import Callable, NoReturn
 
 import torch
 
-from ..errors import CallError, Diagnostic, TraceError
+from ..errors import CallError, Diagnostic, TraceError, checks_arguments
 from ..ir import (
     DEFAULT_NORMALIZER, NORMALIZERS, QK, Attention, Binary, Expr, IndexVar, Normalizer, Num, default_score,
     make_attention, print_expr, split_conjuncts,
@@ -57,6 +57,8 @@ def _index_args() -> tuple[Sym, Sym, Sym, Sym]:
 def _trace_mod(fn: Callable, label: str, args: tuple, want: str, captured: symbolic.Captures | None = None) -> ModTrace:
     """Run `fn` on symbolic arguments; `want` is the kind it must return ('bool' for a mask, 'number').
     `captured`: what fn captures, when the caller has walked it already."""
+    if not callable(fn):
+        raise CallError(f"{label}: expected a function, got {type(fn).__name__}")
     if captured is None:
         captured = symbolic.captures(fn)
     tracer = symbolic.Tracer(label, symbolic.capture_table(captured.variables), _CAPTURE_HINT)
@@ -99,6 +101,7 @@ class BlockMask:
         return tuple(m for m in split_conjuncts(self.trace.expr) if m != Num(True, False))
 
 
+@checks_arguments
 def create_block_mask(mask_mod: Callable, B: int | None, H: int | None, Q_LEN: int, KV_LEN: int, device=None,
                       **ignored) -> BlockMask:
     """FlexAttention's `create_block_mask`: traces `mask_mod(b, h, q_idx, kv_idx)` at once. `device` and
@@ -309,6 +312,7 @@ def _build_spec(query, key, value, enable_gqa, variant: _Variant, return_lse,
     return spec
 
 
+@checks_arguments
 def flex_spec(query, key, value, score_mod=None, block_mask=None, scale=None, enable_gqa=False,
               return_lse=False, *, normalizer=None) -> Attention:
     """The spec `flex_attention` runs for these arguments, without compiling it."""
@@ -316,6 +320,7 @@ def flex_spec(query, key, value, score_mod=None, block_mask=None, scale=None, en
     return _build_spec(query, key, value, enable_gqa, variant, return_lse, _normalizer(normalizer))
 
 
+@checks_arguments
 def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=None, enable_gqa=False,
                    return_lse=False, kernel_options=None, *, normalizer=None):
     """FlexAttention's `flex_attention` on attnc kernels: out [B, H, M, DV], or (out, lse) with return_lse.

@@ -7,7 +7,9 @@ diagnostics point at the source with a caret; lark's own types never leave this 
 """
 from __future__ import annotations
 
+import difflib
 import os
+import re
 from dataclasses import replace
 from importlib import resources
 
@@ -122,6 +124,27 @@ def _expected_words(expected) -> str:
     return ", ".join(phrases[:-1]) + " or " + phrases[-1]
 
 
+_STATEMENTS = ("dims", "param", "input", "paged", "ragged", "score", "mask", "return")
+
+
+def _misspelt(e: UnexpectedToken, line_text: str) -> str:
+    """'; did you mean ...' for a misspelt keyword: the unexpected name itself (`atention`, `scor`), or the word
+    before it when a statement's first word was misspelt and so read as a q/k/v declaration (`paramm w: ...`
+    expects ':' after `paramm`)."""
+    expected = set(e.expected)
+    if e.token.type == "NAME" and len(expected) > 1:  # one expected word is named by the message already
+        words = [_WORDS[n].strip("'") for n in expected if n in _WORDS and _WORDS[n].strip("'") in KEYWORDS]
+        close = difflib.get_close_matches(e.token.value, words, n=1, cutoff=0.7)
+        if close:
+            return f"; did you mean '{close[0]}'?"
+    if expected == {"COLON"}:
+        before = re.search(r"([A-Za-z_]\w*)\s*$", line_text[:e.column - 1])
+        close = before and difflib.get_close_matches(before.group(1), _STATEMENTS, n=1, cutoff=0.7)
+        if close:
+            return f"; '{before.group(1)}' is not a statement keyword: did you mean '{close[0]}'?"
+    return ""
+
+
 def _syntax_diagnostic(e: UnexpectedInput, filename: str, lines: list[str]) -> Diagnostic:
     line, col = e.line, e.column
     if isinstance(e, UnexpectedCharacters):
@@ -131,7 +154,7 @@ def _syntax_diagnostic(e: UnexpectedInput, filename: str, lines: list[str]) -> D
         token = e.token
         what = (f"'{token.value}'" if token.type not in ("NAME", "NUMBER")
                 else f"{'name' if token.type == 'NAME' else 'number'} '{token.value}'")
-        message = f"unexpected {what}; expected {_expected_words(e.expected)}"
+        message = f"unexpected {what}; expected {_expected_words(e.expected)}{_misspelt(e, lines[line - 1])}"
         if token.value in KEYWORDS and set(e.expected) == {"NAME"}:
             message = f"'{token.value}' is a reserved word and cannot be a name"
         elif token.type in _COMPARISONS and not _COMPARISONS & set(e.expected):

@@ -21,7 +21,7 @@ from typing import Callable, Mapping
 
 import torch
 
-from ..errors import CallError
+from ..errors import CallError, checks_arguments
 from ..ir import (
     QK, Attention, Binary, Call, Expr, IndexVar, Lookup, Num, Paged, ParamRef, Ragged, SizeRef, TensorDecl, Unary,
     print_expr,
@@ -48,9 +48,14 @@ _FLOAT_FUNCS: Mapping[str, Callable] = {
 }
 
 
-def reference(spec: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, /, **kwargs):
+@checks_arguments
+def reference(spec: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, /,
+              **kwargs: object) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """out (float64, q's layout with DV for D), or (out, lse) with lse float64 [B, H, M] ([H, T] for a ragged
     q) when the spec returns lse. Params and input tensors are passed by name, as to a compiled kernel."""
+    if not isinstance(spec, Attention):
+        raise CallError(f"spec: expected an attnc.Attention (from attnc.parse or a decorator's .spec), got "
+                        f"{type(spec).__name__}")
     bound = bind(spec, q, k, v, kwargs)
     heads, kv_heads, d, dv = (bound.sizes[r] for r in ("H", "HKV", "D", "DV"))
     group = heads // kv_heads  # query head h reads K/V head h // group
@@ -283,3 +288,23 @@ def _as_number(x: torch.Tensor) -> torch.Tensor:
 def _as_float(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float64 else x.double()
 
+
+
+def keep_mask(spec: Attention, sizes: Mapping[str, int], params: Mapping[str, object],
+              inputs: Mapping[str, torch.Tensor], b: int, h: int, rows: range, cols: range) -> torch.Tensor:
+    """bool [len(rows), len(cols)]: the (query i, key j) pairs of batch b and head h that every mask of `spec`
+    keeps, with these sizes, params and input tensors (what `attnc explain` maps; masks never read qk)."""
+    env = _Env(
+        index={"b": torch.tensor(b), "h": torch.tensor(h), "i": torch.tensor(list(rows)).view(-1, 1),
+               "j": torch.tensor(list(cols)).view(1, -1)},
+        qk=torch.empty(0, dtype=torch.float64),
+        sizes={name: torch.tensor(value) for name, value in sizes.items()},
+        params={p.name: torch.tensor(params[p.name], dtype=_PARAM_DTYPES[p.dtype]) for p in spec.params},
+        inputs={name: _widen(t.cpu()) for name, t in inputs.items()},
+        input_decls={decl.name: decl for decl in spec.inputs},
+        device=torch.device("cpu"),
+    )
+    keep = torch.ones(len(rows), len(cols), dtype=torch.bool)
+    for mask in spec.masks:
+        keep &= evaluate(mask, env).bool()
+    return keep

@@ -14,14 +14,15 @@ and page ids themselves are data: `reference` checks them, kernels trust them.
 from __future__ import annotations
 
 import difflib
+import inspect
 import numbers
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Mapping, Union
+from typing import Callable, Mapping, Union
 
 import torch
 
-from ..errors import CallError
+from ..errors import CallError, call_error
 from ..ir import Attention, Paged, ParamDecl, Ragged, TensorDecl
 
 TORCH_DTYPES: Mapping[str, torch.dtype] = MappingProxyType({
@@ -64,6 +65,23 @@ def bind(spec: Attention, q, k, v, kwargs: Mapping[str, object]) -> Bound:
     inputs = {decl.name: t for decl, t in tensors[3:]}
     lse_dims = ("H", "T") if spec.q_storage is not None else ("B", "H", "M")
     return Bound(q, k, v, MappingProxyType(sizes), MappingProxyType(params), MappingProxyType(inputs), lse_dims)
+
+
+def call_usage(spec: Attention) -> str:
+    """How a kernel of `spec` is called: `name(q, k, v, *, window: i32 = 4096, slopes: f32[H])`."""
+    named = [f"{t.name}: {_decl_text(t)}" for t in spec.inputs]
+    named += [f"{p.name}: {p.dtype}" + ("" if p.default is None else f" = {p.default}") for p in spec.params]
+    return f"{spec.name}(q, k, v{', *, ' if named else ''}{', '.join(named)})"
+
+
+_QKV_CALL = [*(inspect.Parameter(n, inspect.Parameter.POSITIONAL_ONLY) for n in ("q", "k", "v")),
+             inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD)]
+
+
+def qkv_call_error(args: tuple, kwargs: Mapping[str, object], usage: Callable[[], str]) -> CallError:
+    """The CallError of a call `kernel(*args, **kwargs)` whose positional arguments are not q, k, v. Kernels take
+    `*args` and check `len(args) == 3` themselves: cheaper per call than a wrapper (attnc.errors.checks_arguments)."""
+    return call_error(_QKV_CALL, args, dict(kwargs), usage) or CallError(f"call it as {usage()}")
 
 
 def out_shape(spec: Attention, bound: Bound) -> tuple[int, ...]:

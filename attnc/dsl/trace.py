@@ -17,16 +17,18 @@ from __future__ import annotations
 import functools
 import inspect
 from dataclasses import dataclass, replace
+from typing import Callable, overload
 
 import torch
 
-from ..errors import CallError, Diagnostic, TraceError
+from ..errors import CallError, Diagnostic, TraceError, checks_arguments
 from ..ir import (
     NORMALIZERS, QK, ROLES, Attention, Expr, IndexVar, Normalizer, ParamDecl, ParamRef, SizeRef, Sigmoid, Softmax,
     causal_mask, dtype_kind, make_attention,
 )
 from . import compiler, symbolic
 from .check import check_attention
+from .signature import qkv_call_error
 from .symbolic import LAYOUTS, Sym, as_expr, function_span, trace_error, user_span
 
 
@@ -223,7 +225,15 @@ _ANNOTATIONS = {Tensor: "tensor", torch.Tensor: "tensor", float: "f32", int: "i3
                 "float": "f32", "int": "i32", "bool": "bool"}
 
 
-def attention(fn=None, *, layout: str = "BHSD", backend: str | None = None):
+@overload
+def attention(fn: Callable[..., object], *, layout: str = "BHSD", backend: str | None = None) -> AttentionFunction:
+    ...
+@overload
+def attention(fn: None = None, *, layout: str = "BHSD",
+              backend: str | None = None) -> Callable[[Callable[..., object]], AttentionFunction]: ...
+
+
+def attention(fn: Callable[..., object] | None = None, *, layout: str = "BHSD", backend: str | None = None):
     """Trace `fn(q, k, v, *, inputs..., params...)` into an attention spec, compiled on first call.
 
     `layout` is the tensors' memory order ("BHSD" or "BSHD"); `backend` goes to `attnc.compile`.
@@ -259,6 +269,7 @@ class AttentionFunction:
             raise CallError(f"{name}.spec: not traced yet; call {name}(q, k, v, ...) or {name}.trace(q, k, v, ...)")
         return self._last
 
+    @checks_arguments(usage=lambda args, kwargs: args[0].usage)
     def trace(self, q, k, v, **kwargs) -> Attention:
         """The spec for these tensors' signature, without compiling."""
         for name in kwargs:
@@ -268,7 +279,10 @@ class AttentionFunction:
         self._last = self._spec(self._signature(q, k, v, kwargs), q, k, v, kwargs)
         return self._last
 
-    def __call__(self, q, k, v, **kwargs):
+    def __call__(self, *args, **kwargs):
+        if len(args) != 3:
+            raise qkv_call_error(args, kwargs, lambda: self.usage)
+        q, k, v = args
         signature = self._signature(q, k, v, kwargs)
         entry = self._compiled.get(signature)
         if entry is None:
@@ -276,6 +290,11 @@ class AttentionFunction:
             entry = self._compiled[signature] = (spec, compiler.compile_spec(spec, backend=self.backend))
         self._last = entry[0]
         return entry[1](q, k, v, **kwargs)
+
+    @property
+    def usage(self) -> str:
+        """How to call it: the function's name and signature."""
+        return f"{self.fn.__name__}{inspect.signature(self.fn)}"
 
     def __repr__(self) -> str:
         return f"<attnc.attention {self.fn.__module__}.{self.fn.__qualname__} layout={self.layout}>"

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Callable
+from typing import Callable, Iterator
 
 from ..errors import CompileError
 from ..ir import QK, Attention, IndexVar, walk
@@ -53,12 +53,20 @@ PIPELINE = pipeline("triton")
 def plan_kernel(spec: Attention, target: Target, head_dim: int, value_dim: int,
                 options: PlanOptions = PlanOptions(), check: bool = True) -> KernelPlan:
     """Run every pass; `check` verifies the plan after each one."""
+    *_, (_, plan) = plan_steps(spec, target, head_dim, value_dim, options, check)
+    return plan
+
+
+def plan_steps(spec: Attention, target: Target, head_dim: int, value_dim: int,
+               options: PlanOptions = PlanOptions(), check: bool = True) -> Iterator[tuple[str, KernelPlan]]:
+    """("spec", the empty plan), then (pass name, the plan after it) for each pass (`attnc explain` shows them)."""
     plan = KernelPlan(spec=spec, spec_key=spec.key, target=target, head_dim=head_dim, value_dim=value_dim, options=options)
+    yield "spec", plan
     for step in pipeline(target.backend):
         plan = step(plan)
         if check:
             verify(plan, after=step.__name__)
-    return plan
+        yield step.__name__, plan
 
 
 def verify(plan: KernelPlan, after: str = "") -> None:

@@ -1,16 +1,22 @@
 """The public entry points of the runtime: `attnc.compile`, `attnc.load`, and the text `attnc show` prints."""
 from __future__ import annotations
 
+import difflib
+import os
+from typing import overload
+
 from ..dsl import compiler
 from ..dsl.flex import create_block_mask, flex_attention  # noqa: F401  (attnc's public names)
 from ..dsl.trace import attention  # noqa: F401
+from ..errors import CallError, checks_arguments
 from ..ir import Attention
 from ..passes import KernelPlan, PlanOptions, Target, head_dims, plan_kernel
-from .kernel import Kernel
+from .kernel import AttentionKernel, Kernel, Result  # noqa: F401  (Result: the type of a kernel's result)
 
 
+@checks_arguments
 def compile(spec: Attention, backend: str | None = None, options: PlanOptions | None = None,
-            autotune: bool = False):
+            autotune: bool = False) -> AttentionKernel:
     """A callable kernel for `spec`. backend None picks per call from the tensors' device (triton for CUDA,
     tvm for CPU, or triton's interpreter on CPU when TRITON_INTERPRET=1). Building happens on the first call
     for each device and head dim, through the kernel cache. autotune=True times candidate prefill tiles on the
@@ -22,18 +28,33 @@ def compile(spec: Attention, backend: str | None = None, options: PlanOptions | 
     return Kernel(spec, backend, options)
 
 
-def load(path) -> Kernel | dict[str, Kernel]:
-    """The kernels `attnc compile FILE --backend triton --arch ... -o DIR` built ahead of time, run without
-    compiling: one Kernel when DIR holds one attention, else a dict name -> Kernel (attnc.backends.triton.aot).
-    `--backend tvm` artifacts load through attnc.backends.tvm.aot (its AotKernels are called the same way)."""
+@overload
+def load(path: str | os.PathLike[str], name: None = None) -> dict[str, AttentionKernel]: ...
+@overload
+def load(path: str | os.PathLike[str], name: str) -> AttentionKernel: ...
+
+
+@checks_arguments
+def load(path: str | os.PathLike[str], name: str | None = None) -> dict[str, AttentionKernel] | AttentionKernel:
+    """The kernels `attnc compile FILE -o DIR` built ahead of time, run without compiling: a dict name -> kernel
+    of every attention in DIR, or with `name`, that attention's kernel. Triton artifacts load as Kernels whose
+    backend runs the saved kernels (attnc.backends.triton.aot), `--backend tvm` ones through
+    attnc.backends.tvm.aot; both are called the same way."""
     from ..backends.triton.aot import load_backends
     from ..backends.tvm import aot as tvm_aot
 
     if tvm_aot.is_artifact(path):
-        return tvm_aot.load(path)
-    kernels = {name: Kernel(spec, backend=backend, options=PlanOptions())
-               for name, (spec, backend) in load_backends(path).items()}
-    return next(iter(kernels.values())) if len(kernels) == 1 else kernels
+        kernels: dict[str, AttentionKernel] = tvm_aot.load(path)
+    else:
+        kernels = {attention: Kernel(spec, backend=backend, options=PlanOptions())
+                   for attention, (spec, backend) in load_backends(path).items()}
+    if name is None:
+        return kernels
+    if name not in kernels:
+        close = difflib.get_close_matches(name, list(kernels), n=1)
+        raise CallError(f"name: {os.fspath(path)} has no attention named {name!r}"
+                        f"{f'; did you mean {close[0]!r}?' if close else ''} (it has: {', '.join(kernels)})")
+    return kernels[name]
 
 
 # `attnc show --emit plan|triton`: planned for an H100 (sm_90); an unbound head dim is shown as 128.

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..dsl.signature import bind
+from ..dsl.signature import bind, call_usage, qkv_call_error
 from ..errors import AttncError
 from ..ir import Attention
 from ..passes import PlanOptions
@@ -144,7 +144,10 @@ class TunedKernel:
         self._by_regime: dict[tuple, Kernel] = {}
         self._input_names = tuple(t.name for t in spec.inputs)
 
-    def __call__(self, q, k, v, /, **kwargs):
+    def __call__(self, *args, **kwargs):
+        if len(args) != 3:
+            raise qkv_call_error(args, kwargs, lambda: call_usage(self.spec))
+        q, k, v = args
         try:
             key = call_key(q, k, v, kwargs, self._input_names)
         except (AttributeError, KeyError, TypeError):

@@ -4,16 +4,27 @@ fix the tile shapes, everything else (B, M, N, params) is a runtime argument. Th
 from __future__ import annotations
 
 import os
-from typing import Callable, Protocol
+from typing import Callable, Protocol, Union
 
 import torch
 
 from ..backends import get_backend
-from ..dsl.signature import Bound, bind
+from ..dsl.signature import Bound, bind, call_usage, qkv_call_error
 from ..errors import CompileError
 from ..ir import Attention
 from ..passes import KernelPlan, PlanOptions, plan_kernel
 from ..passes.plan import Target
+from ..backends.progress import status
+
+Result = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]  # out, or (out, lse) when the spec returns lse
+
+
+class AttentionKernel(Protocol):
+    """What attnc.compile and attnc.load return: `kernel(q, k, v, **params_and_inputs) -> out | (out, lse)`."""
+
+    spec: Attention
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, /, **kwargs: object) -> Result: ...
 
 
 class Backend(Protocol):
@@ -68,7 +79,11 @@ class Kernel:
         # call_key -> a launch that repeats a checked call (Backend.build's `run`): the per-call fast path
         self._prepared: dict[tuple, Callable] = {}
 
-    def __call__(self, q, k, v, /, **kwargs):
+    def __call__(self, *args: torch.Tensor, **kwargs: object) -> Result:
+        """kernel(q, k, v, **params_and_inputs) -> out, or (out, lse)."""
+        if len(args) != 3:
+            raise qkv_call_error(args, kwargs, lambda: call_usage(self.spec))
+        q, k, v = args
         try:
             key = call_key(q, k, v, kwargs, self._input_names)
         except (AttributeError, KeyError, TypeError):
@@ -82,8 +97,15 @@ class Kernel:
         bound = bind(self.spec, q, k, v, kwargs)
         sizes = bound.sizes
         impl = self._impls.get((q.device, sizes["D"], sizes["DV"]))
-        if impl is None:
-            impl = self._build(q.device, sizes["D"], sizes["DV"])
+        if impl is not None and getattr(impl, "run", None) is None:
+            return impl(bound)  # built whole (TVM): nothing left to compile
+        # Building, or a call signature the launcher has not prepared, whose launch Triton's JIT may compile:
+        # a status line on a terminal if it takes long.
+        backend = self.backend if isinstance(self.backend, str) else self._backend(q.device).name
+        with status(f"attnc: compiling {self.spec.name} ({backend} on {q.device.type}, D={sizes['D']})"):
+            return self._launch(impl or self._build(q.device, sizes["D"], sizes["DV"]), bound, key)
+
+    def _launch(self, impl, bound: Bound, key: tuple | None) -> Result:
         run = getattr(impl, "run", None)
         if run is None or key is None:
             return impl(bound)

@@ -42,8 +42,7 @@ import re
 import shlex
 import shutil
 import sys
-import tempfile
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -61,6 +60,8 @@ from ...ir import Attention
 from ...passes import KernelPlan, PlanOptions, Target, plan_kernel
 from ...passes.plan import KernelLaunch
 from .. import cache
+from ..folders import check_output, staged_folder
+from ..progress import Progress
 
 if TYPE_CHECKING:
     import torch
@@ -454,15 +455,22 @@ def compile_job(job: CompileJob) -> dict:
     return {"hash": compiled.hash, "shared": md.shared, "num_warps": md.num_warps, "num_stages": md.num_stages}
 
 
-def _run_jobs(jobs: list[CompileJob], workers: int) -> list[dict]:
+def _run_jobs(jobs: list[CompileJob], workers: int, progress: Progress | None = None) -> list[dict]:
     """Compile in fresh processes with Triton's interpreter off: where TRITON_INTERPRET=1 was set when triton was
-    imported, Triton's own library functions (tl.zeros, tl.max, ...) are interpreter functions and cannot compile."""
+    imported, Triton's own library functions (tl.zeros, tl.max, ...) are interpreter functions and cannot compile.
+    progress(done, total, label) hears of each kernel as it is done."""
     import multiprocessing
 
+    results: list[dict] = [{} for _ in jobs]
     try:
-        with _environ("TRITON_INTERPRET", "0"), ProcessPoolExecutor(  # workers are spawned inside map()
+        with _environ("TRITON_INTERPRET", "0"), ProcessPoolExecutor(  # workers are spawned at the first submit
                 max_workers=max(1, min(workers, len(jobs))), mp_context=multiprocessing.get_context("spawn")) as pool:
-            results = list(pool.map(compile_job, jobs))
+            futures = {pool.submit(compile_job, job): n for n, job in enumerate(jobs)}
+            for done, future in enumerate(as_completed(futures), 1):
+                n = futures[future]
+                results[n] = future.result()
+                if progress:
+                    progress(done, len(jobs), "/".join(Path(jobs[n].out_stem).parts[-3:]))
     except BrokenProcessPool:
         raise CompileError("the Triton compiler crashed in a worker process (a crash inside Triton, not an error in "
                            "the spec); run with --jobs 1 and look at the last kernel it compiled") from None
@@ -503,18 +511,19 @@ class BuildSummary:
 
 def compile_artifact(file: str | os.PathLike, out: str | os.PathLike, arch: str, names: Sequence[str] | None = None,
                      head_dims: Sequence[tuple[int, int | None]] = (), jobs: int | None = None,
-                     command: str | None = None) -> BuildSummary:
+                     command: str | None = None, progress: Progress | None = None) -> BuildSummary:
     """Build the AOT artifact of the attentions in `file` (all, or those in `names`) for `arch` into `out`.
 
     head_dims: (D, DV or None) builds for attentions whose spec does not bind D; the spec's dims win where it does.
     jobs: compiler processes (default: the CPU count, at most 8). command: recorded for rebuild hints.
+    progress(done, total, label): told of each kernel compiled (the CLI's progress bar).
     The folder is written whole or not at all: built beside `out`, then moved into place (replacing an earlier
     artifact there, never any other folder)."""
     from ...dsl.parser import parse_file
 
     target_arch = Arch.parse(arch)
     out = Path(out)
-    _check_output(out)
+    check_output(out, _is_artifact)
     specs = parse_file(file)
     if names:
         missing = [n for n in names if n not in {s.name for s in specs}]
@@ -525,21 +534,14 @@ def compile_artifact(file: str | os.PathLike, out: str | os.PathLike, arch: str,
     builds = [(spec, _dims_for(spec, head_dims)) for spec in specs]
     command = command or (f"attnc compile {shlex.quote(str(file))} --backend triton --arch {target_arch.name} "
                           f"-o {shlex.quote(str(out))}")
-    try:
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".building", dir=out.parent))
-    except OSError as err:
-        raise AttncError(f"-o {out}: cannot write in {out.parent} ({err.strerror or err})") from None
-    try:
-        manifest, lines = _build(staging, builds, target_arch, jobs or min(os.cpu_count() or 1, 8), command)
+    with staged_folder(out, _is_artifact) as staging:
+        manifest, lines = _build(staging, builds, target_arch, jobs or min(os.cpu_count() or 1, 8), command,
+                                 progress)
         files = _hash_files(staging)
         manifest["files"] = files
         manifest["digest"] = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
         cache.seal([staging, *staging.rglob("*")])
-        _move_into_place(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     size = sum(r["size"] for r in files.values()) + (out / MANIFEST).stat().st_size
     return BuildSummary(out, target_arch, manifest["triton"], tuple(lines), len(files) + 1, size)
 
@@ -560,32 +562,11 @@ def _dims_for(spec: Attention, head_dims: Sequence[tuple[int, int | None]]) -> l
     return list(dict.fromkeys(result))
 
 
-def _check_output(out: Path) -> None:
-    if not out.parent.is_dir():
-        raise AttncError(f"-o {out}: the folder {out.parent} does not exist; create it first")
-    if out.exists() and not _replaceable(out):
-        raise AttncError(f"-o {out}: exists and is not an attnc AOT artifact; pick another folder or remove it")
-
-
-def _replaceable(out: Path) -> bool:
-    if not out.is_dir():
-        return False
-    if not any(out.iterdir()):
-        return True
+def _is_artifact(out: Path) -> bool:
     try:
         return json.loads((out / MANIFEST).read_text(encoding="utf-8")).get("format", "").startswith("attnc-aot/")
     except (OSError, ValueError, AttributeError):
         return False
-
-
-def _move_into_place(staging: Path, out: Path) -> None:
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-        os.replace(out, old / "artifact")
-        os.replace(staging, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, out)
 
 
 def _hash_files(folder: Path) -> dict:
@@ -594,7 +575,8 @@ def _hash_files(folder: Path) -> dict:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def _build(staging: Path, builds, arch: Arch, workers: int, command: str) -> tuple[dict, list[str]]:
+def _build(staging: Path, builds, arch: Arch, workers: int, command: str,
+           progress: Progress | None = None) -> tuple[dict, list[str]]:
     jobs: list[CompileJob] = []
     entries: list[tuple[dict, dict, list[tuple[CompileJob, KernelLaunch, Layout, dict]]]] = []
     attentions = []
@@ -630,7 +612,9 @@ def _build(staging: Path, builds, arch: Arch, workers: int, command: str) -> tup
                                                           "metadata": stem.as_posix() + ".json"}))
             jobs += [p[0] for p in pending]
             entries.append((attention, build, pending))
-    results = iter(_run_jobs(jobs, workers))
+    if progress:
+        progress(0, len(jobs), f"{len(jobs)} kernels")
+    results = iter(_run_jobs(jobs, workers, progress))
     lines = []
     for attention, build, pending in entries:
         for job, kernel, layout, paths in pending:

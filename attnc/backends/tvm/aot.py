@@ -5,7 +5,7 @@ tvm_ffi plus libtvm_runtime.so (and libtvm_runtime_cuda.so) from a trimmed runti
 An artifact folder holds kernel.so (the exported TVM module: host code plus the embedded CUDA binary) and
 manifest.json: the spec's canonical text and key, the plan and its options, the library's SHA-256. `load` parses
 the text, checks that it gives the key and that this attnc makes the same plan, and checks the library's owner,
-permissions and hash (runtime/cache.verify_files) before it loads anything. `compile_file`
+permissions and hash (backends/cache.verify_files) before it loads anything. `compile_file`
 (`attnc compile --backend tvm`) writes one per attention of a spec file under an index manifest.
 
 `emit_source` writes kernel source for targets that are generated here but not run: Metal, ROCm (AMDGPU
@@ -23,15 +23,18 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from ...version import __version__
-from ...dsl.signature import bind
+from ...dsl.signature import bind, call_usage, qkv_call_error
 from ...errors import AttncError, CacheError, CallError, CompileError
 from ...ir import Attention
 from ...passes import KernelPlan, PlanOptions, Target, plan_kernel
 from .. import cache
 from .launch import launch
+
+if TYPE_CHECKING:
+    from ..progress import Progress
 
 FORMAT = "attnc-tvm-aot/1"
 SET_FORMAT = "attnc-tvm-aot-set/1"  # compile_file's folder: one FORMAT folder per attention
@@ -224,7 +227,10 @@ class AotKernel:
         self._functions = functions
         self._device_type = "cuda" if manifest["target"] == "cuda" else "cpu"
 
-    def __call__(self, q, k, v, /, **kwargs):
+    def __call__(self, *args, **kwargs):
+        if len(args) != 3:
+            raise qkv_call_error(args, kwargs, lambda: call_usage(self.spec))
+        q, k, v = args
         bound = bind(self.spec, q, k, v, kwargs)
         m = self.manifest
         if bound.q.device.type != self._device_type:
@@ -242,14 +248,17 @@ class AotKernel:
 
 def compile_file(file: str | Path, out_dir: str | Path, target: str = "cuda", arch: str | None = None,
                  names: Sequence[str] | None = None, head_dims: Sequence[tuple[int, int | None]] = (),
-                 emit: str = "artifact") -> list[str]:
+                 emit: str = "artifact", progress: Progress | None = None) -> list[str]:
     """`attnc compile FILE --backend tvm`: the attentions of `file` (all, or `names`) built into `out_dir`.
 
     emit="artifact" (targets cuda, llvm): one `build` folder per attention, OUT/<name>/, and OUT/manifest.json
     listing them, which `load(OUT)` reads. emit="source" (cuda, metal, rocm, opencl): OUT/<name>.<suffix> from
-    `emit_source`. head_dims: at most one (D, DV or None), used where a spec does not bind D. Returns one line
-    per file written."""
+    `emit_source`. head_dims: at most one (D, DV or None), used where a spec does not bind D. OUT is written whole
+    or not at all (backends/folders.py). progress(done, total, label) hears of each kernel. Returns one line per
+    file written."""
     from ...dsl.parser import parse_file
+    from ...passes import head_dims as resolve_head_dims
+    from ..folders import staged_folder
 
     if emit not in ("artifact", "source"):
         raise CompileError(f"--emit {emit}: the tvm backend writes an `artifact` (targets {', '.join(TARGETS)}) or "
@@ -267,21 +276,35 @@ def compile_file(file: str | Path, out_dir: str | Path, target: str = "cuda", ar
     out = Path(out_dir)
     if emit == "artifact" and target not in TARGETS:  # before any work: source targets say --emit source
         raise CompileError(_not_runnable(target))
-    out.mkdir(parents=True, exist_ok=True)
+    # a spec's own `dims` win; --dims DV only applies where v's head dim is DV
+    dims = {s.name: (None, None) if "D" in s.dim_values else (d, dv if s.value_dim == "DV" else None) for s in specs}
+    for spec in specs:  # an unbound head dim fails here, before anything is built
+        resolve_head_dims(spec, *dims[spec.name])
+    suffix = SOURCE_TARGETS.get(target, ("",))[0]
+    files = {s.name: f"{s.name}.{suffix}" if emit == "source" else s.name for s in specs}
     lines = []
-    for spec in specs:
-        # a spec's own `dims` win; --dims DV only applies where v's head dim is DV
-        dims = (None, None) if "D" in spec.dim_values else (d, dv if spec.value_dim == "DV" else None)
-        if emit == "source":
-            path = out / f"{spec.name}.{SOURCE_TARGETS.get(target, ('',))[0]}"
-            path.write_text(emit_source(spec, target, arch, *dims))
-        else:
-            path = build(spec, out / spec.name, target, arch or ("sm_90a" if target == "cuda" else None), *dims)
-        lines.append(f"{spec.name}: {target} {emit} -> {path}")
-    if emit == "artifact":
-        index = {"format": SET_FORMAT, "backend": "tvm", "target": target, "attentions": [s.name for s in specs]}
-        (out / MANIFEST).write_text(json.dumps(index, indent=2) + "\n")
+    with staged_folder(out, lambda folder: is_artifact(folder) or _is_source_folder(folder)) as staging:
+        for n, spec in enumerate(specs):
+            if progress:
+                progress(n, len(specs), f"{spec.name} ({target} {emit})")
+            if emit == "source":
+                (staging / files[spec.name]).write_text(emit_source(spec, target, arch, *dims[spec.name]))
+            else:
+                build(spec, staging / spec.name, target, arch or ("sm_90a" if target == "cuda" else None),
+                      *dims[spec.name])
+            lines.append(f"{spec.name}: {target} {emit} -> {out / files[spec.name]}")
+        if progress:
+            progress(len(specs), len(specs), "done")
+        if emit == "artifact":
+            index = {"format": SET_FORMAT, "backend": "tvm", "target": target, "attentions": [s.name for s in specs]}
+            (staging / MANIFEST).write_text(json.dumps(index, indent=2) + "\n")
     return lines
+
+
+def _is_source_folder(folder: Path) -> bool:
+    """A folder of --emit source files only (which a new --emit source build may replace)."""
+    suffixes = {f".{suffix}" for suffix, _, _ in SOURCE_TARGETS.values()}
+    return all(p.is_file() and p.suffix in suffixes for p in folder.iterdir())
 
 
 def is_artifact(path: str | Path) -> bool:
@@ -292,8 +315,8 @@ def is_artifact(path: str | Path) -> bool:
         return False
 
 
-def load(path: str | Path) -> AotKernel | dict[str, AotKernel]:
-    """A `build` folder as an AotKernel; a `compile_file` folder as its one AotKernel, or a dict by name.
+def load(path: str | Path) -> dict[str, AotKernel]:
+    """The kernels of a `build` folder (one) or a `compile_file` folder, by attention name (attnc.load).
     Nothing is loaded before the spec text gives the recorded key and plan and the files pass
     cache.verify_files; a CacheError says what does not."""
     folder = Path(path)
@@ -311,8 +334,7 @@ def load(path: str | Path) -> AotKernel | dict[str, AotKernel]:
             names = manifest["attentions"]
             if not all(isinstance(n, str) and n.isidentifier() for n in names):
                 raise ValueError(f"attention names {names!r} are not all identifiers")
-            kernels = {name: load(folder / name) for name in names}
-            return next(iter(kernels.values())) if len(kernels) == 1 else kernels
+            return {name: kernel for n in names for name, kernel in load(folder / n).items()}
         spec, plan = _checked_spec(folder, manifest)
         cache.verify_files(folder, manifest["files"], "rebuild the artifact with `attnc compile --backend tvm`")
         if manifest["library"] not in manifest["files"]:
@@ -322,7 +344,7 @@ def load(path: str | Path) -> AotKernel | dict[str, AotKernel]:
         raise CacheError(f"{folder / MANIFEST}: garbled manifest ({type(err).__name__}: {err}); rebuild the artifact "
                          f"with `attnc compile --backend tvm`") from None
     module = load_module(folder / manifest["library"], cuda=plan.target.device == "cuda")
-    return AotKernel(spec, manifest, {kind: module[name] for kind, name in functions})
+    return {spec.name: AotKernel(spec, manifest, {kind: module[name] for kind, name in functions})}
 
 
 def _checked_spec(folder: Path, manifest: dict) -> tuple[Attention, KernelPlan]:
