@@ -25,6 +25,7 @@ _LAZY = {
     "compile": ("attnc.runtime.api", "compile"),
     "load": ("attnc.runtime.api", "load"),
     "merge_states": ("attnc.merge", "merge_states"),
+    "check_errors": ("attnc.runtime.device_errors", "check_errors"),
 }
 
 __all__ = ["AttncError", "SpecError", "TraceError", "CallError", "CompileError", "CacheError", "Attention",

@@ -2,6 +2,10 @@
 
 A Kernel plans and builds lazily, once per (device, head dims): D and DV fix the tile shapes, everything
 else (B, M, N, params) is a runtime argument. The spec's key is computed once, at `compile`.
+
+Validate mode (`kernel(..., validate=True)`, or ATTNC_VALIDATE=1 for every call of the process) waits for the call,
+raises a CallError for bad index data the kernel recorded (runtime/device_errors.py) and then for an out-of-range
+lookup that reaches the result, by the reference's rule (dsl/reference.check_lookups).
 """
 from __future__ import annotations
 
@@ -10,8 +14,10 @@ from typing import Callable, Protocol
 
 import torch
 
+from .. import index_data
 from ..dsl.signature import Bound, bind
 from ..errors import CompileError
+from . import device_errors
 from ..ir import Attention
 from ..passes import KernelPlan, PlanOptions, Target, plan_kernel
 
@@ -110,7 +116,9 @@ class Kernel:
         # call_key -> a launch that repeats a checked call (Backend.build's `run`): the per-call fast path
         self._prepared: dict[tuple, Callable] = {}
 
-    def __call__(self, q, k, v, /, **kwargs):
+    def __call__(self, q, k, v, /, *, validate: bool = False, **kwargs):
+        if validate or index_data.VALIDATE_ALL:
+            return self.validated(q, k, v, kwargs)
         try:
             key = call_key(q, k, v, kwargs, self._input_names)
         except (AttributeError, KeyError, TypeError):
@@ -122,10 +130,7 @@ class Kernel:
                 if result is not None:
                     return result
         bound = bind(self.spec, q, k, v, kwargs)
-        sizes = bound.sizes
-        impl = self._impls.get((q.device, sizes["D"], sizes["DV"]))
-        if impl is None:
-            impl = self._build(q.device, sizes["D"], sizes["DV"])
+        impl = self._impl(bound)
         run = getattr(impl, "run", None)
         if run is None or key is None:
             return impl(bound)
@@ -135,6 +140,24 @@ class Kernel:
                 self._prepared.pop(next(iter(self._prepared)), None)  # the oldest signature
             self._prepared[key] = prepared
         return result
+
+    def validated(self, q, k, v, kwargs: dict):
+        """A call in validate mode (module docstring): the kernel records into an error buffer of its own, which is
+        read (a host sync) right after it; then the lookups are checked on the call's device."""
+        from ..dsl.reference import check_lookups
+
+        bound = bind(self.spec, q, k, v, kwargs)
+        impl = self._impl(bound)
+        with device_errors.capture(bound.q.device) as errors:
+            result = impl(bound)
+        device_errors.raise_recorded(errors)
+        check_lookups(self.spec, bound)
+        return result
+
+    def _impl(self, bound: Bound) -> Callable[[Bound], object]:
+        sizes = bound.sizes
+        impl = self._impls.get((bound.q.device, sizes["D"], sizes["DV"]))
+        return impl if impl is not None else self._build(bound.q.device, sizes["D"], sizes["DV"])
 
     def plan(self, device: torch.device | str, head_dim: int, value_dim: int | None = None) -> KernelPlan:
         device = torch.device(device)

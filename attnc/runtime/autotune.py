@@ -143,7 +143,7 @@ class TunedKernel:
         self._by_regime: dict[tuple, Kernel] = {}
         self._input_names = tuple(t.name for t in spec.inputs)
 
-    def __call__(self, q, k, v, /, **kwargs):
+    def __call__(self, q, k, v, /, *, validate: bool = False, **kwargs):
         try:
             key = call_key(q, k, v, kwargs, self._input_names)
         except (AttributeError, KeyError, TypeError):
@@ -151,7 +151,7 @@ class TunedKernel:
         kern = self._by_call.get(key)
         if kern is None:
             kern = self._by_call[key] = self._kernel_for(q, k, v, kwargs)
-        return kern(q, k, v, **kwargs)
+        return kern(q, k, v, validate=validate, **kwargs)
 
     def _kernel_for(self, q, k, v, kwargs: dict) -> Kernel:
         spec = self.spec

@@ -3,7 +3,8 @@ decode of dense specs.
 
 Per call: the launch (tiles, splits, grid) is memoized by the sizes, which come from shapes alone; lengths,
 offsets and page ids stay on the device, so nothing here syncs with the host. With more than one split, the
-programs write partial (out, lse) rows to a float32 workspace and `attn_combine` merges them.
+programs write partial (out, lse) rows to a float32 workspace and `attn_combine` merges them. The kernel checks
+the index data as it reads it and records violations in the device's error buffer (runtime/device_errors.py).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from ..codegen.triton.decode import decode_args, generate_decode
 from ..dsl.signature import Bound, _coerce_param, canonical_view, lse_shape, out_shape
 from ..passes import KernelPlan
 from ..passes.decode import INTERPRETER_SMS, DecodeLaunch, decode_launch, workspace_rows
-from . import cache, launch
+from . import cache, device_errors, launch
 
 SOURCE_FILE = "decode.py"
 
@@ -57,6 +58,7 @@ class DecodeLauncher:
         self.decode_fn, self.combine_fn = module.attn_decode, module.attn_combine
         self.args = decode_args(plan)
         self.upcast = plan.target.arch is None and plan.dtype == "bf16"  # the interpreter's bf16 is wrong
+        self.site = device_errors.register_site(plan.spec)
         self._launches: dict[tuple, DecodeLaunch | None] = {}
 
     def launch_for(self, bound: Bound) -> DecodeLaunch | None:
@@ -84,8 +86,8 @@ class DecodeLauncher:
         compiled = [fn[grid](*args, **meta) for fn, grid, args, meta in calls]
         directs = [launch.direct_launch(c, q.device) for c in compiled]
         tensors = [bound.q, bound.k, bound.v, *bound.inputs.values(), *(t for t in outputs if t is not None)]
-        if None in directs or any(t.data_ptr() % launch.ALIGNMENT for t in tensors):
-            return result, None
+        if None in directs or any(t.data_ptr() % launch.ALIGNMENT for t in tensors) or device_errors.capturing():
+            return result, None  # a validated call's error buffer is its own: not one to replay
         return result, PreparedDecode(self, bound, go, calls, directs)
 
     def outputs(self, bound: Bound, go: DecodeLaunch | None) -> tuple:
@@ -95,8 +97,8 @@ class DecodeLauncher:
     def calls(self, bound: Bound, go: DecodeLaunch, out: torch.Tensor, lse: torch.Tensor | None,
               ws_out: torch.Tensor | None, ws_lse: torch.Tensor | None) -> list[tuple]:
         """(kernel, grid, positional arguments, constexprs and options) of attn_decode, then of attn_combine
-        when the keys split. Tensors sit at fixed places: DECODE_TENSOR_SLOTS, COMBINE_TENSOR_SLOTS, and the
-        input tensors after the sizes and params (`input_slot`)."""
+        when the keys split. Tensors sit at fixed places: the first 7 arguments of each kernel, the input tensors
+        after the sizes and params (`input_slot`) and the error buffer (`error_slot`)."""
         spec, sizes, q = self.spec, bound.sizes, bound.q
         split = ws_out is not None
         out_c = canonical_view(out, spec.q)
@@ -111,7 +113,7 @@ class DecodeLauncher:
         decode = [q, bound.k, bound.v, out, lse_or_out, ws_out if split else out, ws_lse if split else out,
                   *_strides(canonical_view(q, spec.q)), *_strides(canonical_view(bound.k, spec.k)),
                   *_strides(canonical_view(bound.v, spec.v)), *_strides(out_c), *lse_strides, *ws_strides,
-                  *extra, go.search_steps, go.splits]
+                  *extra, go.search_steps, go.splits, device_errors.buffer(q.device), self.site]
         calls = [(self.decode_fn, (go.q_programs * go.splits, go.head_programs), decode,
                   dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_MQ=go.tiles.block_mq, PACK=go.tiles.pack,
                        SPLIT=split, UPCAST=self.upcast, num_warps=c.num_warps, num_stages=c.num_stages))]
@@ -125,6 +127,9 @@ class DecodeLauncher:
 
     def param_slot(self, name: str) -> int:
         return FIXED_DECODE_ARGS + len(self.args.sizes) + self.args.params.index(name)
+
+    def error_slot(self) -> int:
+        return FIXED_DECODE_ARGS + len(self.args.names()) + 2
 
     def input_slot(self, name: str) -> int:
         slot = FIXED_DECODE_ARGS + len(self.args.sizes) + len(self.args.params)
@@ -164,9 +169,11 @@ class PreparedDecode:
     def __init__(self, launcher: DecodeLauncher, bound: Bound, go: DecodeLaunch, calls: list[tuple], directs):
         self.launcher, self.directs = launcher, directs
         self.shapes, self.dtype, self.device = output_shapes(launcher.spec, bound, go), bound.q.dtype, bound.q.device
-        # No tensor is kept: each call's own tensors fill the tensor slots.
+        # No tensor is kept but the device's error buffer, which lives as long as the process: each call's own
+        # tensors fill the other tensor slots.
         self.args = [[None if isinstance(x, torch.Tensor) else x for x in args]
                      + [meta[n] for n in fn.arg_names[len(args):]] for fn, _, args, meta in calls]
+        self.args[0][launcher.error_slot()] = device_errors.buffer(bound.q.device)
         self.grids = [grid for _, grid, _, _ in calls]
         spec = launcher.spec
         self.params = tuple((launcher.param_slot(p.name), p) for p in spec.params)

@@ -22,7 +22,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from ... import __version__
+from ... import __version__, index_data
+from ...dsl.reference import check_lookups
 from ...dsl.signature import bind
 from ...errors import CallError, CompileError
 from ...ir import Attention
@@ -211,7 +212,8 @@ class AotKernel:
         self._functions = functions
         self._device_type = "cuda" if manifest["target"] == "cuda" else "cpu"
 
-    def __call__(self, q, k, v, /, **kwargs):
+    def __call__(self, q, k, v, /, *, validate: bool = False, **kwargs):
+        """validate=True (or ATTNC_VALIDATE=1) checks the call's lookups after it, as attnc.Kernel does."""
         bound = bind(self.spec, q, k, v, kwargs)
         m = self.manifest
         if bound.q.device.type != self._device_type:
@@ -221,7 +223,10 @@ class AotKernel:
             raise CallError(f"q: this kernel was built for head dims D={m['head_dim']} DV={m['value_dim']}, got "
                             f"D={bound.sizes['D']} DV={bound.sizes['DV']}; rebuild with --dims D=...")
         kind = "decode" if "decode" in self._functions and bound.sizes["M"] <= m["decode_max_m"] else "prefill"
-        return launch(self.spec, self._functions[kind], bound)
+        result = launch(self.spec, self._functions[kind], bound)
+        if validate or index_data.VALIDATE_ALL:
+            check_lookups(self.spec, bound)
+        return result
 
     def __repr__(self) -> str:
         return f"attnc.AotKernel({self.spec.name!r}, {self.manifest['device']}, key={self.spec.key[:12]})"
