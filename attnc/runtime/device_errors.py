@@ -34,8 +34,10 @@ def register_site(spec: Attention) -> int:
 
 
 def buffer(device: torch.device) -> torch.Tensor:
-    """The buffer kernels on `device` record into: a validated call's own, else the device's (made on first use;
-    kept for the process, so its address can be baked into prepared launches and CUDA graphs)."""
+    """The buffer kernels on `device` record into: a validated call's own, else the device's, made by the first
+    serving launch there and kept for the process, so that prepared launches and CUDA graphs hold its address (as
+    for compiling, make that first call before capturing a graph: made inside a capture, its zeroing would be
+    captured too)."""
     captured = _captured.get()
     if captured is not None:
         return captured
