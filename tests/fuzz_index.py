@@ -9,12 +9,13 @@ decreasing, negative or huge, against a model of what the kernels promise (attnc
 - `attnc.check_errors()` raises a CallError naming a tensor that holds a violation exactly when a kernel must have
   met one, and stays quiet for sound data (garbage in unused block-table entries included).
 
-    python tests/fuzz_index.py --n 1000 [--seed 0] [--device cuda]     # the full run (CPU: the interpreter)
-    python tests/fuzz_index.py --n 0 --cases '[{"kind": "paged", ...}]'   # given cases (test_index_safety)
+    python -m tests.fuzz_index --n 1000 [--seed 0] [--device cuda]   # the full run (CPU: the interpreter)
+    python tests/fuzz_index.py --n 0 --cases '[{"kind": "paged", ...}]'  # given cases (test_index_safety)
 
 Each case prints one JSON line: {"case": ..., "problems": [...], "recorded": ..., "validated": ...}; a line
 "start <case>" goes to stderr first, so a crash names the case that caused it. Exit status 1 when a case has
-problems.
+problems. 1,000 cases (seeds 1000-1999) took 532 s on a shared 2-core CPU machine under the interpreter: CI runs
+a share of them (tests/test_index_safety.py).
 """
 from __future__ import annotations
 
@@ -163,7 +164,7 @@ def build(case: Case, device: str, dtype: str) -> Call:
     t = sum(case.q_lens)
     m = case.q_lens[0]
     q = torch.randn((t, H, D) if ragged_q else (b, H, m, D) if case.kind == "ragged_kv" else (b, m, H, D))
-    index, kv_used = {}, None
+    index = {}
     if case.kind.startswith("paged"):
         pages = _page_count(case)
         k, v = (torch.randn(pages, case.page, case.hkv, D) for _ in range(2))

@@ -26,7 +26,7 @@ from attnc.passes import PlanOptions
 from fuzz_index import D, Case, build
 
 WORKER = Path(__file__).resolve().parent / "fuzz_index.py"
-CI_FUZZ_CASES = 40  # the CI share of the 1,000+ the full run takes (`python tests/fuzz_index.py --n 1000`)
+CI_FUZZ_CASES = 40  # the CI share of the 1,000+ the full run takes (`python -m tests.fuzz_index --n 1000`)
 ROOT = Path(__file__).resolve().parent.parent
 
 
