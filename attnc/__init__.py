@@ -39,6 +39,7 @@ _LAZY = {
     "AttentionKernel": ("attnc.runtime.api", "AttentionKernel"),
     "merge_states": ("attnc.merge", "merge_states"),
     "explain": ("attnc.explainer", "explain"),
+    "check_errors": ("attnc.backends.device_errors", "check_errors"),
 }
 
 __all__ = ["AttncError", "SpecError", "TraceError", "CallError", "CompileError", "CacheError", "Attention",

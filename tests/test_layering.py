@@ -10,7 +10,7 @@ ROOT = Path(attnc.__file__).parent
 # The layer of each top-level part of attnc: a module may import its own part or a lower layer. dsl and passes
 # share a layer but may not import each other; the two backends may not import each other.
 LAYERS = {
-    "errors": 0, "version": 0,
+    "errors": 0, "version": 0, "index_data": 0,
     "ir": 1, "ops": 1, "normalizers": 1,
     "dsl": 2, "passes": 2,
     "backends": 3,

@@ -450,19 +450,29 @@ def test_random_lengths_and_tables(seed):
     assert_sequences_match(per_sequence(out, lse, "ragged", m_lens), formula(batch, keep=causal))
 
 
-def test_lookup_bounds_are_checked_per_sequence():
+def test_lookups_are_per_sequence_and_read_zero_out_of_range():
     batch = make_batch("ragged", "ragged", [2, 3], [4, 6])
     spec = make_spec("ragged", "ragged", "    input pos: f32[TK]\n    score = qk * rsqrt(D) + pos[cu_k[b] + j]\n")
-    pos = torch.randn(10)
-    out, lse = attnc.reference(spec, *batch.args, **batch.kwargs, pos=pos)
+    pos = torch.randn(10) + 3.0  # far from 0, so a lookup that read 0 would show
+    out, lse = attnc.reference(spec, *batch.args, **batch.kwargs, pos=pos, validate=True)
 
     def score(s, h, i, j, b, M, N):
         return s + pos.double()[[0, 4][b] + j]
 
     assert_sequences_match(per_sequence(out, lse, "ragged", [2, 3]), formula(batch, score))
-    bad = make_spec("ragged", "ragged", "    input pos: f32[TK]\n    score = qk + pos[cu_k[b] + j + 1]\n")
-    with pytest.raises(CallError, match=r"pos: index 0 of `pos\[cu_k\[b\] \+ j \+ 1\]` takes values 5..10"):
-        attnc.reference(bad, *batch.args, **batch.kwargs, pos=pos)
+    # one past: the last key of the last sequence reads pos[10], outside pos: it reads 0
+    bad = make_spec("ragged", "ragged", "    input pos: f32[TK]\n    score = qk * rsqrt(D) + pos[cu_k[b] + j + 1]\n")
+    out, lse = attnc.reference(bad, *batch.args, **batch.kwargs, pos=pos)
+    padded = torch.cat([pos.double(), torch.zeros(1, dtype=torch.float64)])
+
+    def shifted(s, h, i, j, b, M, N):
+        return s + padded[[0, 4][b] + j + 1]
+
+    assert_sequences_match(per_sequence(out, lse, "ragged", [2, 3]), formula(batch, shifted))
+    with pytest.raises(CallError, match=r"^pos: index 0 of `pos\[cu_k\[b\] \+ j \+ 1\]` is 10 at b=1, h=0, i=0, "
+                                        r"j=5, outside dim 0 \(TK\) of pos, which has size 10; an out-of-range lookup "
+                                        r"reads 0"):
+        attnc.reference(bad, *batch.args, **batch.kwargs, pos=pos, validate=True)
 
 
 # ---------------------------------------------------------------- the data the reference checks

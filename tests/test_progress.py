@@ -8,7 +8,7 @@ import torch
 from rich.console import Console
 
 import attnc
-from attnc.runtime import progress
+from attnc.backends import progress
 
 SPEC = """
 attention progress_causal {

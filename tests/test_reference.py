@@ -429,11 +429,29 @@ def test_chunking_does_not_change_results(monkeypatch, limit):
 # ---------------------------------------------------------------- errors
 
 
-def test_out_of_range_lookup_names_tensor_and_range():
+def test_out_of_range_lookups_read_zero_and_validate_reports_kept_ones():
     case = Case(1, 2, 2, 6, 6, 32)
+    rel = torch.randn(2, 11) + 3.0  # far from 0, so a lookup that read 0 shows
     spec = spec_of(inputs=[TensorDecl("rel", "f32", ("H", "R"))], score=SCALED + tensor("rel")[h, i - j])
-    with pytest.raises(CallError, match=r"rel: index 1 of `rel\[h, i - j\]` takes values -5\.\.5.*0\.\.10"):
-        attnc.reference(spec, *case.args, rel=torch.randn(2, 11))
+    out = attnc.reference(spec, *case.args, rel=rel)
+    ii, jj = case.grid()
+    bias = torch.where(ii >= jj, rel.double()[:, (ii - jj).clamp(min=0)], 0.0)  # i - j < 0 reads 0
+    expected, _ = textbook(case.scaled_qk() + bias, torch.ones(6, 6, dtype=torch.bool), case.v64)
+    torch.testing.assert_close(out, expected, **TOL)
+    with pytest.raises(CallError, match=r"^rel: index 1 of `rel\[h, i - j\]` is -1 at b=0, h=0, i=0, j=1, outside "
+                                        r"dim 1 \(R\) of rel, which has size 11; an out-of-range lookup reads 0"):
+        attnc.reference(spec, *case.args, rel=rel, validate=True)
+    # under a causal mask every kept key reads inside rel: nothing to report, and the same numbers
+    causal = spec_of(inputs=[TensorDecl("rel", "f32", ("H", "R"))], score=SCALED + tensor("rel")[h, i - j],
+                     masks=[X(causal_mask())])
+    out = attnc.reference(causal, *case.args, rel=rel, validate=True)
+    expected, _ = textbook(case.scaled_qk() + bias, ii >= jj, case.v64)
+    torch.testing.assert_close(out, expected, **TOL)
+    # an index that does not depend on j is reported for every query row, kept keys or not
+    row = spec_of(inputs=[TensorDecl("rel", "f32", ("H", "R"))], score=SCALED + tensor("rel")[h, i + 6],
+                  masks=[j < 0])
+    with pytest.raises(CallError, match=r"^rel: index 1 of `rel\[h, i \+ 6\]` is 11 at b=0, h=0, i=5, outside"):
+        attnc.reference(row, *case.args, rel=rel, validate=True)
 
 
 def test_integer_modulo_by_zero_is_a_call_error():
@@ -492,5 +510,7 @@ def test_design_examples_from_text():
     keep = doc[:, None, :, None] == doc[:, None, None, :]
     expected, expected_lse = textbook(case.scaled_qk() + slopes.double()[:, None, None] * (jj - ii), keep, case.v64)
     torch.testing.assert_close((case.canonical(out), lse), (expected, expected_lse), **TOL)
-    with pytest.raises(CallError, match=r"doc: index 1 of `doc\[b, i\]` takes values 0\.\.16.*0\.\.15"):
-        attnc.reference(alibi, torch.randn(2, 17, 8, 64).half(), *case.args[1:], slopes=slopes, doc=doc)
+    # M = 17 queries against doc [B, N = 16]: query row 16 reads doc[b, 16], out of range (0 when not validating)
+    with pytest.raises(CallError, match=r"^doc: index 1 of `doc\[b, i\]` is 16 at b=0, h=0, i=16, outside dim 1 "
+                                        r"\(N\) of doc, which has size 16"):
+        attnc.reference(alibi, torch.randn(2, 17, 8, 64).half(), *case.args[1:], slopes=slopes, doc=doc, validate=True)

@@ -20,6 +20,8 @@ RESERVED = frozenset({
     "attention", "dims", "param", "input", "score", "mask", "return", "and", "or", "not",
     "inf", "true", "false", "qk", "causal", "lse", "paged", "ragged", "by",
 })
+# Keywords of a kernel call that are not the spec's params or inputs (runtime/api.py, Kernel.__call__).
+CALL_OPTIONS = frozenset({"validate"})
 
 _DTYPE_ALIASES = {
     "float16": "f16", "half": "f16", "fp16": "f16", "bfloat16": "bf16", "float32": "f32", "float": "f32",
@@ -315,6 +317,9 @@ def _check_declarations(report: _Report, q, k, v, params, inputs, dims, fallback
             report.error(f"'{name}' is declared twice (first as {_a(declared[name])})", span)
         elif name in RESERVED:
             report.error(f"'{name}' is a reserved word of the spec language; choose another name", span)
+        elif name in CALL_OPTIONS and kind != "tensor":
+            report.error(f"'{name}' is reserved for the call option `kernel(q, k, v, {name}=True)`; choose another "
+                         f"name", span)
         elif name in ir.ROLES or name in ir.INDEX_VARS:
             what = "a size role" if name in ir.ROLES else "an index variable"
             report.error(f"'{name}' is {what} and cannot name {_a(kind)}", span)

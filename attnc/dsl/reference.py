@@ -6,12 +6,19 @@ else p_j = w_j; out = sum_j p_j v[b, kvh, j, :] with kvh = h // (H // HKV); lse 
 A row with no kept key gives out = 0 and lse = -inf (with a sink: lse = the sink's logit).
 
 Expressions are evaluated with torch in float64 / int64 on a broadcast grid b [Bc,1,1,1], h [1,H,1,1],
-i [1,1,Mc,1], j [1,1,1,N], a chunk of batches and query rows at a time. Every tensor lookup is checked over
-the whole grid, kept or not, since kernels evaluate expressions on whole tiles.
+i [1,1,Mc,1], j [1,1,1,N], a chunk of batches and query rows at a time.
+
+Lookups out of range (the language's rule, shared by every backend): a lookup `t[x, ...]` whose index lies
+outside t's shape reads 0 (false for a bool table), wherever it is evaluated; kernels evaluate expressions on
+whole tiles, so a spec may well form such indices for keys it masks out (`rel[i - j]` under a causal mask).
+Validate mode (`validate=True` here and on kernels, or ATTNC_VALIDATE=1) reports an out-of-range lookup where it
+can change the result: for an index that depends on j, at a (b, h, i, j) every mask keeps; for one that does not
+(per row: `slopes[h]`, `lim[b]`, the sink), at every query row. `check_lookups` is that rule.
 
 Ragged and paged storage (docs/serving.md) are computed one sequence b at a time: i and j are positions inside
 the sequence, and M and N its own query and key lengths (offsets[b + 1] - offsets[b], or lengths[b]); the keys
-of a paged sequence are gathered from its pages first. The offsets, lengths and page ids are checked here.
+of a paged sequence are gathered from its pages first. The offsets, lengths and page ids are checked here, by the
+rules of attnc/index_data.py (which the kernels check on the device).
 """
 from __future__ import annotations
 
@@ -22,9 +29,10 @@ from typing import Callable, Mapping
 import torch
 
 from ..errors import CallError, checks_arguments
+from ..index_data import LENGTH, OFFSETS_DECREASE, OFFSETS_END, OFFSETS_START, PAGE_ID, Violation
 from ..ir import (
     QK, Attention, Binary, Call, Expr, IndexVar, Lookup, Num, Paged, ParamRef, Ragged, SizeRef, TensorDecl, Unary,
-    print_expr,
+    print_expr, walk,
 )
 from .signature import Bound, bind, canonical_view, lse_shape, out_shape
 
@@ -49,10 +57,11 @@ _FLOAT_FUNCS: Mapping[str, Callable] = {
 
 
 @checks_arguments
-def reference(spec: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, /,
+def reference(spec: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, /, *, validate: bool = False,
               **kwargs: object) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """out (float64, q's layout with DV for D), or (out, lse) with lse float64 [B, H, M] ([H, T] for a ragged
-    q) when the spec returns lse. Params and input tensors are passed by name, as to a compiled kernel."""
+    q) when the spec returns lse. Params and input tensors are passed by name, as to a compiled kernel.
+    validate=True also raises a CallError for an out-of-range lookup that reaches the result (`check_lookups`)."""
     if not isinstance(spec, Attention):
         raise CallError(f"spec: expected an attnc.Attention (from attnc.parse or a decorator's .spec), got "
                         f"{type(spec).__name__}")
@@ -62,7 +71,70 @@ def reference(spec: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     device = q.device
     out = torch.empty(out_shape(spec, bound), dtype=torch.float64, device=device)
     lse = torch.empty(lse_shape(bound), dtype=torch.float64, device=device)
-    env = _Env(  # the index grid, qk and the sequence lengths M and N are filled in per chunk
+    env = _env(spec, bound)
+    for seg in _segments(spec, bound, out, lse):
+        nb, m, n = seg.q.shape[0], seg.q.shape[2], seg.k.shape[2]
+        for m0, m1, chunk in _chunks(env, seg.b0, nb, heads, m, n):
+            # Grouping the query heads that share a K/V head as extra rows avoids copying K and V per head.
+            qk = seg.q[:, :, m0:m1].reshape(nb, kv_heads, group * (m1 - m0), d) @ seg.k.transpose(-1, -2)
+            p, row_lse = _weights(spec, replace(chunk, qk=qk.view(nb, heads, m1 - m0, n)))
+            seg.lse[:, :, m0:m1] = row_lse
+            pv = p.reshape(nb, kv_heads, group * (m1 - m0), n) @ seg.v
+            seg.out[:, :, m0:m1] = pv.view(nb, heads, m1 - m0, dv)
+    if validate:
+        check_lookups(spec, bound)
+    return (out, lse) if spec.returns_lse else out
+
+
+def check_lookups(spec: Attention, bound: Bound) -> None:
+    """Validate mode's rule for lookups (module docstring): raise a CallError for the first out-of-range lookup
+    index that can change the result, naming the table, the expression, the value and where it was read. Only
+    index expressions and masks are evaluated (never qk), on the call's device."""
+    lookups = list(dict.fromkeys(n for e in _spec_exprs(spec) for n in walk(e) if isinstance(n, Lookup)))
+    if not lookups:
+        return
+    env = _env(spec, bound)
+    heads = bound.sizes["H"]
+    for b0, nb, m, n in _extents(spec, bound):
+        for _, _, chunk in _chunks(env, b0, nb, heads, m, n):
+            keep = torch.ones((), dtype=torch.bool, device=env.device)
+            for mask in spec.masks:
+                keep = keep & evaluate(mask, chunk).bool()
+            for lookup in lookups:
+                _check_lookup(lookup, chunk, keep)
+
+
+def _check_lookup(e: Lookup, env: _Env, keep: torch.Tensor) -> None:
+    table = env.inputs[e.tensor]
+    per_key = any(isinstance(x, IndexVar) and x.name == "j" for x in walk(e))
+    grid = [len(env.index[name].view(-1)) for name in ("b", "h", "i")] + [len(env.index["j"].view(-1))
+                                                                           if per_key else 1]
+    for axis, index_expr in enumerate(e.indices):
+        index = evaluate(index_expr, env).expand(grid)
+        outside = (index < 0) | (index >= table.shape[axis])
+        if per_key:
+            outside = outside & keep.expand(grid)
+        if bool(outside.any()):
+            at = [int(x) for x in outside.nonzero()[0]]
+            where = ", ".join(f"{name}={int(env.index[name].view(-1)[n])}"
+                              for name, n in zip(("b", "h", "i", "j"), at[:4 if per_key else 3]))
+            raise CallError(
+                f"{e.tensor}: index {axis} of `{print_expr(e)}` is {int(index[tuple(at)])} at {where}, outside dim "
+                f"{axis} ({env.input_decls[e.tensor].shape[axis]}) of {e.tensor}, which has size "
+                f"{table.shape[axis]}; an out-of-range lookup reads 0 (validate mode reports it where it "
+                f"{'meets a kept key' if per_key else 'is read for a query row'}): fix the index or the table")
+
+
+def _spec_exprs(spec: Attention) -> list[Expr]:
+    sink = spec.normalizer.sink
+    return [spec.score, *spec.masks, *([] if sink is None else [sink])]
+
+
+def _env(spec: Attention, bound: Bound) -> _Env:
+    """The evaluation environment of a call; the index grid, qk and the sequence's M and N are filled in per
+    chunk (`_chunks`)."""
+    device = bound.q.device
+    return _Env(
         index={},
         qk=torch.empty(0),
         sizes={name: torch.tensor(value, device=device) for name, value in bound.sizes.items()},
@@ -72,25 +144,23 @@ def reference(spec: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         input_decls={decl.name: decl for decl in spec.inputs},
         device=device,
     )
-    for seg in _segments(spec, bound, out, lse):
-        nb, m, n = seg.q.shape[0], seg.q.shape[2], seg.k.shape[2]
-        sizes = dict(env.sizes, M=torch.tensor(m, device=device), N=torch.tensor(n, device=device))
-        rows = max(1, _CHUNK_ELEMS // (nb * heads * max(n, 1)))
-        for m0 in range(0, m, rows):
-            m1 = min(m0 + rows, m)
-            # Grouping the query heads that share a K/V head as extra rows avoids copying K and V per head.
-            qk = seg.q[:, :, m0:m1].reshape(nb, kv_heads, group * (m1 - m0), d) @ seg.k.transpose(-1, -2)
-            index = {
-                "b": torch.arange(seg.b0, seg.b0 + nb, device=device).view(-1, 1, 1, 1),
-                "h": torch.arange(heads, device=device).view(1, -1, 1, 1),
-                "i": torch.arange(m0, m1, device=device).view(1, 1, -1, 1),
-                "j": torch.arange(n, device=device).view(1, 1, 1, -1),
-            }
-            p, row_lse = _weights(spec, replace(env, index=index, sizes=sizes, qk=qk.view(nb, heads, m1 - m0, n)))
-            seg.lse[:, :, m0:m1] = row_lse
-            pv = p.reshape(nb, kv_heads, group * (m1 - m0), n) @ seg.v
-            seg.out[:, :, m0:m1] = pv.view(nb, heads, m1 - m0, dv)
-    return (out, lse) if spec.returns_lse else out
+
+
+def _chunks(env: _Env, b0: int, nb: int, heads: int, m: int, n: int):
+    """(m0, m1, `env` over batches b0 .. b0 + nb - 1, query rows m0 .. m1 - 1, with M = m and N = n), a chunk of
+    rows at a time."""
+    device = env.device
+    sizes = dict(env.sizes, M=torch.tensor(m, device=device), N=torch.tensor(n, device=device))
+    rows = max(1, _CHUNK_ELEMS // (nb * heads * max(n, 1)))
+    for m0 in range(0, m, rows):
+        m1 = min(m0 + rows, m)
+        index = {
+            "b": torch.arange(b0, b0 + nb, device=device).view(-1, 1, 1, 1),
+            "h": torch.arange(heads, device=device).view(1, -1, 1, 1),
+            "i": torch.arange(m0, m1, device=device).view(1, 1, -1, 1),
+            "j": torch.arange(n, device=device).view(1, 1, 1, -1),
+        }
+        yield m0, m1, replace(env, index=index, sizes=sizes)
 
 
 @dataclass(frozen=True)
@@ -111,70 +181,107 @@ def _segments(spec: Attention, bound: Bound, out: torch.Tensor, lse: torch.Tenso
     qc, kc, vc = (canonical_view(t, decl).double() for t, decl in
                   ((bound.q, spec.q), (bound.k, spec.k), (bound.v, spec.v)))
     out_c = canonical_view(out, spec.q)
-    sizes = bound.sizes
-    if spec.q_storage is None and spec.kv_storage is None:
-        step = max(1, _CHUNK_ELEMS // (sizes["H"] * max(sizes["M"], 1) * max(sizes["N"], 1)))
-        for b0 in range(0, sizes["B"], step):
-            b1 = min(b0 + step, sizes["B"])
+    sequences = _sequences(spec, bound)
+    if sequences is None:
+        for b0, b1 in _batch_chunks(bound.sizes):
             yield _Segment(b0, qc[b0:b1], kc[b0:b1], vc[b0:b1], out_c[b0:b1], lse[b0:b1])
         return
-    q_rows = _sequence_rows(spec.q_storage, bound, "T") if spec.q_storage is not None else None
-    if isinstance(spec.kv_storage, Paged):
-        kv_of = _paged_keys(spec.kv_storage, bound, kc, vc)
-    elif spec.kv_storage is not None:
-        kv_rows = _sequence_rows(spec.kv_storage, bound, "TK")
-        kv_of = lambda b: (kc[:, kv_rows[b]][None], vc[:, kv_rows[b]][None])  # noqa: E731
-    else:
-        kv_of = lambda b: (kc[b:b + 1], vc[b:b + 1])  # noqa: E731
-    for b in range(sizes["B"]):
-        k_b, v_b = kv_of(b)
-        if q_rows is None:
+    page = bound.sizes.get("PAGE")
+    for b, seq in enumerate(sequences):
+        if isinstance(seq.keys, torch.Tensor):  # page ids: the pages' slots in order, cut at the sequence's length
+            k_b, v_b = (t[seq.keys].transpose(0, 1).reshape(t.shape[1], len(seq.keys) * page, t.shape[3])
+                        [:, :seq.n][None] for t in (kc, vc))
+        elif seq.keys is not None:
+            k_b, v_b = kc[:, seq.keys][None], vc[:, seq.keys][None]
+        else:
+            k_b, v_b = kc[b:b + 1], vc[b:b + 1]
+        if seq.rows is None:
             yield _Segment(b, qc[b:b + 1], k_b, v_b, out_c[b:b + 1], lse[b:b + 1])
         else:  # a ragged q is canonically [H, T, D] and its lse [H, T]
-            rows = q_rows[b]
+            rows = seq.rows
             yield _Segment(b, qc[:, rows][None], k_b, v_b, out_c[:, rows][None], lse[:, rows][None])
 
 
-def _sequence_rows(storage: Ragged, bound: Bound, total: str) -> list[slice]:
+def _extents(spec: Attention, bound: Bound):
+    """(b0, nb, m, n) of each segment `_segments` makes: batches b0 .. b0 + nb - 1 sharing M = m and N = n."""
+    sequences = _sequences(spec, bound)
+    if sequences is None:
+        for b0, b1 in _batch_chunks(bound.sizes):
+            yield b0, b1 - b0, bound.sizes["M"], bound.sizes["N"]
+        return
+    for b, seq in enumerate(sequences):
+        yield b, 1, seq.m, seq.n
+
+
+def _batch_chunks(sizes) -> list[tuple[int, int]]:
+    step = max(1, _CHUNK_ELEMS // (sizes["H"] * max(sizes["M"], 1) * max(sizes["N"], 1)))
+    return [(b0, min(b0 + step, sizes["B"])) for b0 in range(0, sizes["B"], step)]
+
+
+@dataclass(frozen=True)
+class _Sequence:
+    """One sequence of a ragged or paged call: its rows of a ragged q (None: q's batch b) and its keys: rows of
+    ragged k/v, the page ids of a paged cache (an int64 tensor), or None for k/v's batch b."""
+
+    rows: slice | None
+    keys: slice | torch.Tensor | None
+    m: int
+    n: int
+
+
+def _sequences(spec: Attention, bound: Bound) -> list[_Sequence] | None:
+    """Each sequence's rows and keys, after checking the index data (attnc/index_data.py); None for a dense spec."""
+    if spec.q_storage is None and spec.kv_storage is None:
+        return None
+    sizes = bound.sizes
+    q_rows = _sequence_rows(spec.q_storage, bound, kv=False) if spec.q_storage is not None else None
+    kv = spec.kv_storage
+    if isinstance(kv, Paged):
+        keys, lengths = _page_ids(kv, bound)
+    elif kv is not None:
+        keys = _sequence_rows(kv, bound, kv=True)
+        lengths = [r.stop - r.start for r in keys]
+    else:
+        keys, lengths = [None] * sizes["B"], [sizes["N"]] * sizes["B"]
+    return [_Sequence(None if q_rows is None else q_rows[b], keys[b],
+                      sizes["M"] if q_rows is None else q_rows[b].stop - q_rows[b].start, lengths[b])
+            for b in range(sizes["B"])]
+
+
+def _sequence_rows(storage: Ragged, bound: Bound, kv: bool) -> list[slice]:
     """Each sequence's rows, after checking that the offsets start at 0, never decrease and end at the total."""
     name = storage.offsets
     offsets = bound.inputs[name].tolist()
-    count = bound.sizes[total]
+    count = bound.sizes["TK" if kv else "T"]
+    bad = None
     if offsets[0] != 0:
-        raise CallError(f"{name}: the offsets must start at 0, but {name}[0] = {offsets[0]}")
-    for b in range(len(offsets) - 1):
-        if offsets[b + 1] < offsets[b]:
-            raise CallError(f"{name}: the offsets must never decrease, but {name}[{b + 1}] = {offsets[b + 1]} < "
-                            f"{name}[{b}] = {offsets[b]}")
-    if offsets[-1] != count:
-        raise CallError(f"{name}: the offsets must end at {total} = {count}, the number of packed tokens, but "
-                        f"{name}[{len(offsets) - 1}] = {offsets[-1]}")
+        bad = Violation(OFFSETS_START, name, 0, 0, offsets[0], count)
+    else:
+        b = next((b for b in range(1, len(offsets)) if offsets[b] < offsets[b - 1]), None)
+        if b is not None:
+            bad = Violation(OFFSETS_DECREASE, name, b - 1, b, offsets[b], count, offsets[b - 1])
+        elif offsets[-1] != count:
+            bad = Violation(OFFSETS_END, name, len(offsets) - 2, len(offsets) - 1, offsets[-1], count, int(kv))
+    if bad is not None:
+        raise CallError(bad.message())
     return [slice(a, b) for a, b in zip(offsets, offsets[1:])]
 
 
-def _paged_keys(storage: Paged, bound: Bound, kc: torch.Tensor, vc: torch.Tensor):
-    """b -> (k, v) [1, HKV, N_b, D] of sequence b gathered from the pages (canonically [PAGES, HKV, PAGE, D]),
-    after checking the lengths and the page ids in use; table entries past a sequence's last page are unused."""
+def _page_ids(storage: Paged, bound: Bound) -> tuple[list[torch.Tensor], list[int]]:
+    """Each sequence's page ids (int64) and key count, after checking the lengths and the page ids in use; table
+    entries past a sequence's last page are unused."""
     lengths, table = bound.inputs[storage.lengths].tolist(), bound.inputs[storage.table]
     page, pages, capacity = bound.sizes["PAGE"], bound.sizes["PAGES"], bound.sizes["N"]
+    ids = []
     for b, n in enumerate(lengths):
         if not 0 <= n <= capacity:
-            raise CallError(f"{storage.lengths}: {storage.lengths}[{b}] = {n}, but a sequence holds 0 to MAXP * PAGE "
-                            f"= {capacity} keys (its {bound.sizes['MAXP']} block-table entries of {page} slots)")
+            raise CallError(Violation(LENGTH, storage.lengths, b, b, n, capacity, bound.sizes["MAXP"]).message())
         used = table[b, :-(-n // page)]
         if used.numel() and not (0 <= int(used.min()) and int(used.max()) < pages):
-            bad = next(p for p, e in enumerate(used.tolist()) if not 0 <= e < pages)
-            raise CallError(f"{storage.table}: {storage.table}[{b}, {bad}] = {int(used[bad])} is not a page id: "
-                            f"k and v have PAGES = {pages} pages, and sequence {b} uses the first {used.numel()} "
-                            f"entries of its row ({n} keys)")
-
-    def gather(b: int):
-        n = lengths[b]
-        ids = table[b, :-(-n // page)].long()
-        return tuple(t[ids].transpose(0, 1).reshape(t.shape[1], len(ids) * page, t.shape[3])[:, :n][None]
-                     for t in (kc, vc))
-
-    return gather
+            bad = next(e for e, x in enumerate(used.tolist()) if not 0 <= x < pages)
+            raise CallError(Violation(PAGE_ID, storage.table, b, bad, int(used[bad]), pages, n).message())
+        ids.append(used.long())
+    return ids, lengths
 
 
 def _weights(spec: Attention, env: _Env) -> tuple[torch.Tensor, torch.Tensor]:
@@ -265,19 +372,17 @@ def evaluate(e: Expr, env: _Env) -> torch.Tensor:
 
 
 def _lookup(e: Lookup, env: _Env) -> torch.Tensor:
-    table, decl = env.inputs[e.tensor], env.input_decls[e.tensor]
-    indices = []
+    """t[x, ...], reading 0 (false) where an index lies outside t (the module docstring's rule)."""
+    table = env.inputs[e.tensor]
+    indices, inside = [], torch.ones((), dtype=torch.bool, device=env.device)
     for axis, index_expr in enumerate(e.indices):
         index = evaluate(index_expr, env)
         size = table.shape[axis]
-        if index.numel():
-            lo, hi = int(index.min()), int(index.max())
-            if lo < 0 or hi >= size:
-                raise CallError(f"{e.tensor}: index {axis} of `{print_expr(e)}` takes values {lo}..{hi}, but dim "
-                                f"{axis} ({decl.shape[axis]}) of {e.tensor} has size {size}, so it must lie in "
-                                f"0..{size - 1}; fix the index expression or the tensor's shape")
-        indices.append(index)
-    return table[tuple(indices)]
+        inside = inside & (index >= 0) & (index < size)
+        indices.append(index.clamp(0, max(size - 1, 0)))
+    if table.numel() == 0:
+        return torch.zeros(inside.shape, dtype=table.dtype, device=env.device)
+    return torch.where(inside, table[tuple(indices)], torch.zeros((), dtype=table.dtype, device=env.device))
 
 
 def _as_number(x: torch.Tensor) -> torch.Tensor:
@@ -287,7 +392,6 @@ def _as_number(x: torch.Tensor) -> torch.Tensor:
 
 def _as_float(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float64 else x.double()
-
 
 
 def keep_mask(spec: Attention, sizes: Mapping[str, int], params: Mapping[str, object],

@@ -9,7 +9,8 @@ the sink's logit when there is a sink). Every other size must be at least 1.
 Ragged and paged storage (docs/serving.md): the sizes come from shapes alone, so B is derived from the block
 table, the lengths or the offsets (B1 = B + 1), and M and N are capacities that bound every sequence's own
 length: M = T for a ragged q, N = TK for ragged k/v, N = MAXP * PAGE for a paged cache. The offsets, lengths
-and page ids themselves are data: `reference` checks them, kernels trust them.
+and page ids themselves are data, untrusted: `reference` checks them, kernels check what they read on the device
+(attnc/index_data.py).
 """
 from __future__ import annotations
 

@@ -144,7 +144,7 @@ class TunedKernel:
         self._by_regime: dict[tuple, Kernel] = {}
         self._input_names = tuple(t.name for t in spec.inputs)
 
-    def __call__(self, *args, **kwargs):
+    def __call__(self, *args, validate: bool = False, **kwargs):
         if len(args) != 3:
             raise qkv_call_error(args, kwargs, lambda: call_usage(self.spec))
         q, k, v = args
@@ -155,7 +155,7 @@ class TunedKernel:
         kern = self._by_call.get(key)
         if kern is None:
             kern = self._by_call[key] = self._kernel_for(q, k, v, kwargs)
-        return kern(q, k, v, **kwargs)
+        return kern(q, k, v, validate=validate, **kwargs)
 
     def _kernel_for(self, q, k, v, kwargs: dict) -> Kernel:
         spec = self.spec

@@ -1,5 +1,9 @@
 """The `Kernel` that `attnc.compile` returns: it plans and builds lazily, once per (device, head dims): D and DV
 fix the tile shapes, everything else (B, M, N, params) is a runtime argument. The spec's key is computed once.
+
+Validate mode (`kernel(..., validate=True)`, or ATTNC_VALIDATE=1 for every call of the process) waits for the call,
+raises a CallError for bad index data the kernel recorded (backends/device_errors.py) and then for an out-of-range
+lookup that reaches the result, by the reference's rule (dsl/reference.check_lookups).
 """
 from __future__ import annotations
 
@@ -8,7 +12,8 @@ from typing import Callable, Protocol, Union
 
 import torch
 
-from ..backends import get_backend
+from .. import index_data
+from ..backends import device_errors, get_backend
 from ..dsl.signature import Bound, bind, call_usage, qkv_call_error
 from ..errors import CompileError
 from ..ir import Attention
@@ -79,11 +84,13 @@ class Kernel:
         # call_key -> a launch that repeats a checked call (Backend.build's `run`): the per-call fast path
         self._prepared: dict[tuple, Callable] = {}
 
-    def __call__(self, *args: torch.Tensor, **kwargs: object) -> Result:
-        """kernel(q, k, v, **params_and_inputs) -> out, or (out, lse)."""
+    def __call__(self, *args: torch.Tensor, validate: bool = False, **kwargs: object) -> Result:
+        """kernel(q, k, v, **params_and_inputs) -> out, or (out, lse); `validate`: see the module docstring."""
         if len(args) != 3:
             raise qkv_call_error(args, kwargs, lambda: call_usage(self.spec))
         q, k, v = args
+        if validate or index_data.VALIDATE_ALL:
+            return self.validated(q, k, v, kwargs)
         try:
             key = call_key(q, k, v, kwargs, self._input_names)
         except (AttributeError, KeyError, TypeError):
@@ -104,6 +111,20 @@ class Kernel:
         backend = self.backend if isinstance(self.backend, str) else self._backend(q.device).name
         with status(f"attnc: compiling {self.spec.name} ({backend} on {q.device.type}, D={sizes['D']})"):
             return self._launch(impl or self._build(q.device, sizes["D"], sizes["DV"]), bound, key)
+
+    def validated(self, q, k, v, kwargs: dict) -> Result:
+        """A call in validate mode: the kernel records into an error buffer of its own, which is read (a host sync)
+        right after it; then the lookups are checked on the call's device."""
+        from ..dsl.reference import check_lookups
+
+        bound = bind(self.spec, q, k, v, kwargs)
+        sizes = bound.sizes
+        impl = self._impls.get((q.device, sizes["D"], sizes["DV"])) or self._build(q.device, sizes["D"], sizes["DV"])
+        with device_errors.capture(bound.q.device) as errors:
+            result = impl(bound)
+        device_errors.raise_recorded(errors)
+        check_lookups(self.spec, bound)
+        return result
 
     def _launch(self, impl, bound: Bound, key: tuple | None) -> Result:
         run = getattr(impl, "run", None)

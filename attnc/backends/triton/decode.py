@@ -1,9 +1,12 @@
 """KernelPlan -> the source of the decode / serving module: `attn_decode` (split-KV, packed GQA rows, dense,
 ragged or paged storage) and `attn_combine` (the LSE merge of the splits), from decode.py.j2. Expressions
 come from the same emitter as the prefill kernel; `generate_decode` is pure: the same plan gives the same text.
+The checks of the index data (attnc/index_data.py) are generated with the storage: the kernel names the tensors
+it records in the error buffer by their place in `spec.inputs`.
 """
 from __future__ import annotations
 
+from ... import index_data
 from ...ir import Paged, Ragged
 from ...passes.plan import KernelPlan
 from .emit import input_arg, size_arg, stride_arg
@@ -17,18 +20,25 @@ def generate_decode(plan: KernelPlan) -> str:
 
     storage = {"q_offsets": "0", "q_offsets_stride": "0", "kv_offsets": "0", "kv_offsets_stride": "0",
                "kv_lengths": "0", "kv_lengths_stride": "0", "table": "0", "table_row_stride": "0",
-               "table_stride": "0", "page_size": "0"}
+               "table_stride": "0", "page_size": "0", "lengths_tensor": "0", "table_tensor": "0"}
+    place = {t.name: n for n, t in enumerate(spec.inputs)}  # a tensor's number in the error buffer
+    offsets = []  # every offsets tensor, checked by every program (its q and k/v roles separately: T and TK)
     if isinstance(spec.q_storage, Ragged):
-        storage.update(q_offsets=input_arg(spec.q_storage.offsets),
-                       q_offsets_stride=stride_arg(spec.q_storage.offsets, 0))
+        name = spec.q_storage.offsets
+        storage.update(q_offsets=input_arg(name), q_offsets_stride=stride_arg(name, 0))
+        offsets.append(dict(arg=input_arg(name), stride=stride_arg(name, 0), tensor=place[name], total="cap_M",
+                            is_kv=0))
     kv = spec.kv_storage
     if isinstance(kv, Ragged):
         storage.update(kv_offsets=input_arg(kv.offsets), kv_offsets_stride=stride_arg(kv.offsets, 0))
+        offsets.append(dict(arg=input_arg(kv.offsets), stride=stride_arg(kv.offsets, 0), tensor=place[kv.offsets],
+                            total="cap_N", is_kv=1))
     elif isinstance(kv, Paged):
         page = spec.dim_values.get("PAGE")
         storage.update(kv_lengths=input_arg(kv.lengths), kv_lengths_stride=stride_arg(kv.lengths, 0),
                        table=input_arg(kv.table), table_row_stride=stride_arg(kv.table, 0),
-                       table_stride=stride_arg(kv.table, 1), page_size=str(page) if page else size_arg("PAGE"))
+                       table_stride=stride_arg(kv.table, 1), page_size=str(page) if page else size_arg("PAGE"),
+                       lengths_tensor=str(place[kv.lengths]), table_tensor=str(place[kv.table]))
 
     signature = decode_signature(args)
     d = plan.decode.tile
@@ -44,5 +54,14 @@ def generate_decode(plan: KernelPlan) -> str:
         all_partial=bool(plan.masks.evaluated),  # data-dependent masks too: evaluated on every tile, no summary
         ragged_q=spec.q_storage is not None,
         kv_storage="paged" if isinstance(kv, Paged) else "ragged" if isinstance(kv, Ragged) else "dense",
+        index_data=spec.q_storage is not None or kv is not None,
+        offsets=offsets,
+        err=ERROR_CONSTANTS,
         **storage,
     )
+
+
+# The record layout and violation kinds as the kernel's constexprs (ERR_COUNT, ..., ERR_PAGE_ID).
+ERROR_CONSTANTS = tuple((f"ERR_{name}", getattr(index_data, name)) for name in (
+    "COUNT", "SITE", "TENSOR", "KIND", "SEQ", "INDEX", "VALUE", "LIMIT", "OTHER",
+    "PAGE_ID", "LENGTH", "OFFSETS_START", "OFFSETS_DECREASE", "OFFSETS_END"))

@@ -161,7 +161,8 @@ class Emitter:
             code = self.as_int(v, level, wide=True)  # int32 positions, params, sizes: widen before scaling
             terms.append(f"{code} * {stride_arg(e.tensor, axis)}")
             if not _in_range_by_construction(x, dims[axis]):
-                # An index out of the table's bounds reads 0, never outside the tensor (the reference rejects it).
+                # An index out of the table's bounds reads 0, never outside the tensor: the language's rule
+                # (dsl/reference.py), which validate mode checks on the host.
                 checks.append(f"({code} >= 0) & ({code} < {size_arg(dims[axis])})")
         mask = f", mask={' & '.join(checks)}, other=0" if checks else ""
         load = f"tl.load({input_arg(e.tensor)} + {' + '.join(terms)}{mask})"

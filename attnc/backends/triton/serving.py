@@ -3,7 +3,8 @@ decode of dense specs.
 
 Per call: the launch (tiles, splits, grid) is memoized by the sizes, which come from shapes alone; lengths,
 offsets and page ids stay on the device, so nothing here syncs with the host. With more than one split, the
-programs write partial (out, lse) rows to a float32 workspace and `attn_combine` merges them.
+programs write partial (out, lse) rows to a float32 workspace and `attn_combine` merges them. The kernel checks
+the index data as it reads it and records violations in the device's error buffer (backends/device_errors.py).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from .decode import generate_decode
 from ...dsl.signature import Bound, _coerce_param, lse_shape, out_shape
 from ...passes import KernelPlan
 from ...passes.decode import INTERPRETER_SMS, DecodeLaunch, decode_launch, workspace_rows
-from .. import cache
+from .. import cache, device_errors
 from . import launch
 from .emit import input_arg, param_arg
 from .signature import COMBINE_SIGNATURE, decode_signature, qkv_values, spec_args
@@ -53,6 +54,7 @@ class DecodeLauncher:
         self.decode_fn, self.combine_fn = module.attn_decode, module.attn_combine
         self.args = spec_args(plan, per_sequence=True)
         self.signature = decode_signature(self.args)
+        self.site = device_errors.register_site(plan.spec)
         self._launches: dict[tuple, DecodeLaunch | None] = {}
 
     def launch_for(self, bound: Bound) -> DecodeLaunch | None:
@@ -80,8 +82,8 @@ class DecodeLauncher:
         compiled = [fn[grid](*args, **meta) for fn, grid, args, meta in calls]
         directs = [launch.direct_launch(c, q.device) for c in compiled]
         tensors = [bound.q, bound.k, bound.v, *bound.inputs.values(), *(t for t in outputs if t is not None)]
-        if None in directs or any(t.data_ptr() % launch.ALIGNMENT for t in tensors):
-            return result, None
+        if None in directs or any(t.data_ptr() % launch.ALIGNMENT for t in tensors) or device_errors.capturing():
+            return result, None  # a validated call's error buffer is its own: not one to replay
         return result, PreparedDecode(self, bound, go, calls, directs)
 
     def outputs(self, bound: Bound, go: DecodeLaunch | None) -> tuple:
@@ -91,15 +93,14 @@ class DecodeLauncher:
     def calls(self, bound: Bound, go: DecodeLaunch, out: torch.Tensor, lse: torch.Tensor | None,
               ws_out: torch.Tensor | None, ws_lse: torch.Tensor | None) -> list[tuple]:
         """(kernel, grid, positional arguments, constexprs and options) of attn_decode, then of attn_combine
-        when the keys split. Tensors sit at fixed places: DECODE_TENSOR_SLOTS, COMBINE_TENSOR_SLOTS, and the
-        input tensors after the sizes and params (`input_slot`)."""
+        when the keys split, packed by their signatures."""
         spec, sizes = self.spec, bound.sizes
         split = ws_out is not None
         values = self.args.values(sizes, bound.params, bound.inputs)
         values.update(qkv_values(spec, bound, out, lse),
                       workspace=(ws_out, ws_lse) if split else (out, out),
                       workspace_strides=(*ws_out.stride()[:3], *ws_lse.stride()[:2]) if split else (0,) * 5,
-                      launch=(go.search_steps, go.splits))
+                      launch=(go.search_steps, go.splits), errors=(device_errors.buffer(bound.q.device), self.site))
         calls = [(self.decode_fn, (go.q_programs * go.splits, go.head_programs), self.signature.pack(values),
                   go.decode.keywords)]
         if split:
@@ -136,9 +137,11 @@ class PreparedDecode:
     def __init__(self, launcher: DecodeLauncher, bound: Bound, go: DecodeLaunch, calls: list[tuple], directs):
         self.launcher, self.directs = launcher, directs
         self.shapes, self.dtype, self.device = output_shapes(launcher.spec, bound, go), bound.q.dtype, bound.q.device
-        # No tensor is kept: each call's own tensors fill the tensor slots.
+        # No tensor is kept but the device's error buffer, which lives as long as the process: each call's own
+        # tensors fill the other tensor slots.
         self.args = [[None if isinstance(x, torch.Tensor) else x for x in args]
                      + [meta[n] for n in fn.arg_names[len(args):]] for fn, _, args, meta in calls]
+        self.args[0][launcher.signature.slot("err_ptr")] = device_errors.buffer(bound.q.device)
         self.grids = [grid for _, grid, _, _ in calls]
         spec = launcher.spec
         sig = launcher.signature

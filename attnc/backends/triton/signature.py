@@ -63,7 +63,7 @@ class Signature:
 
     def unspecialized(self) -> str:
         """Triton's do_not_specialize list: the sizes, params and launch scalars change between calls."""
-        return ", ".join(f'"{n}"' for n in self.names_of("sizes", "params", "launch"))
+        return ", ".join(f'"{n}"' for n in self.names_of("sizes", "params", "launch") + UNSPECIALIZED)
 
     def render(self, width: int = 100) -> str:
         """The parameter list of the kernel's `def`, wrapped at `width` with the signature's indentation."""
@@ -136,8 +136,8 @@ def spec_args(plan: KernelPlan, per_sequence: bool = False) -> SpecArgs:
     sizes = KERNEL_SIZES + tuple(sorted(used - set(ROLES)))
     size_args = tuple(size_arg(s) for s in sizes)
     if per_sequence:
-        if isinstance(spec.kv_storage, Paged) and "PAGE" not in sizes and "PAGE" not in spec.dim_values:
-            sizes += ("PAGE",)
+        if isinstance(spec.kv_storage, Paged):  # PAGE for the slots (unless bound by dims), PAGES to check page ids
+            sizes += tuple(s for s in ("PAGE", "PAGES") if s not in sizes and s not in spec.dim_values)
         capacity = {"M": spec.q_storage is not None, "N": spec.kv_storage is not None}
         size_args = tuple(f"cap_{s}" if capacity.get(s) else size_arg(s) for s in sizes)
     mask_vars = {n.name for e in spec.masks for n in walk(e) if isinstance(n, IndexVar)}
@@ -146,6 +146,7 @@ def spec_args(plan: KernelPlan, per_sequence: bool = False) -> SpecArgs:
                     "b" in mask_vars, "h" in mask_vars)
 
 
+UNSPECIALIZED = ("err_site",)  # the decode kernel's call site in the error buffer: one compile for every site
 TILE_CONSTEXPRS = ("BLOCK_M", "BLOCK_N", "BLOCK_MQ", "PACK")
 SUMMARY = Group("summary", ("summary_ptr", "s_sb", "s_sh"))
 
@@ -167,7 +168,7 @@ WORKSPACE = (Group("workspace", ("ws_out_ptr", "ws_lse_ptr")),
 def decode_signature(args: SpecArgs) -> Signature:
     # the workspace pointers follow q/k/v/out/lse: a prepared launch replaces the seven tensors as one run
     return Signature("attn_decode", QKV_GROUPS[:1] + WORKSPACE[:1] + QKV_GROUPS[1:] + WORKSPACE[1:] + args.groups()
-                     + (Group("launch", ("search_steps", "n_splits")),),
+                     + (Group("launch", ("search_steps", "n_splits")), Group("errors", ("err_ptr", "err_site"))),
                      TILE_CONSTEXPRS + ("SPLIT", "UPCAST"))
 
 
@@ -205,7 +206,8 @@ def argument_types(plan: KernelPlan) -> dict[str, str]:
     q = "*" + TRITON_TYPES[spec.q.dtype]
     lse = "*fp32" if spec.returns_lse else q  # without lse, out stands in for its pointer
     types = {"q_ptr": q, "k_ptr": "*" + TRITON_TYPES[spec.k.dtype], "v_ptr": "*" + TRITON_TYPES[spec.v.dtype],
-             "out_ptr": q, "lse_ptr": lse, "ws_out_ptr": "*fp32", "ws_lse_ptr": "*fp32", "summary_ptr": "*i8"}
+             "out_ptr": q, "lse_ptr": lse, "ws_out_ptr": "*fp32", "ws_lse_ptr": "*fp32", "summary_ptr": "*i8",
+             "err_ptr": "*i64"}
     types.update({param_arg(p.name): PARAM_TYPES[p.dtype] for p in spec.params})
     types.update({input_arg(t.name): "*" + TRITON_TYPES[t.dtype] for t in spec.inputs})
     return _IntsByDefault(types)

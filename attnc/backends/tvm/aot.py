@@ -25,7 +25,9 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
+from ... import index_data
 from ...version import __version__
+from ...dsl.reference import check_lookups
 from ...dsl.signature import bind, call_usage, qkv_call_error
 from ...errors import AttncError, CacheError, CallError, CompileError
 from ...ir import Attention
@@ -227,7 +229,8 @@ class AotKernel:
         self._functions = functions
         self._device_type = "cuda" if manifest["target"] == "cuda" else "cpu"
 
-    def __call__(self, *args, **kwargs):
+    def __call__(self, *args, validate: bool = False, **kwargs):
+        """validate=True (or ATTNC_VALIDATE=1) checks the call's lookups after it, as attnc.Kernel does."""
         if len(args) != 3:
             raise qkv_call_error(args, kwargs, lambda: call_usage(self.spec))
         q, k, v = args
@@ -240,7 +243,10 @@ class AotKernel:
             raise CallError(f"q: this kernel was built for head dims D={m['head_dim']} DV={m['value_dim']}, got "
                             f"D={bound.sizes['D']} DV={bound.sizes['DV']}; rebuild with --dims D=...")
         kind = "decode" if "decode" in self._functions and bound.sizes["M"] <= m["decode_max_m"] else "prefill"
-        return launch(self.spec, self._functions[kind], bound)
+        result = launch(self.spec, self._functions[kind], bound)
+        if validate or index_data.VALIDATE_ALL:
+            check_lookups(self.spec, bound)
+        return result
 
     def __repr__(self) -> str:
         return f"attnc.AotKernel({self.spec.name!r}, {self.manifest['device']}, key={self.spec.key[:12]})"

@@ -2,8 +2,8 @@
 
 Semantics follow the reference (DESIGN.md): ints compute in int64 with floored `%`, `/` is true division,
 booleans count as ints in arithmetic, int/float mixes and every float compute in float32. A lookup whose index
-leaves the table reads 0 (the reference rejects such calls; kernels evaluate whole tiles, so masked-out
-elements may still form such indices).
+leaves the table reads 0, the language's rule (dsl/reference.py; validate mode checks it on the host): kernels
+evaluate whole tiles, so masked-out elements may well form such indices.
 
 LLVM keeps `exp2`, `tanh` and friends as scalar libm calls inside vectorized loops, so the float functions
 the softmax needs are written here as polynomials over `exp2` that vectorize (one AVX-512 FMA chain each).
