@@ -6,6 +6,7 @@ from importlib import import_module
 
 from .errors import AttncError, CacheError, CallError, CompileError, SpecError, TraceError
 from .ir import Attention
+from .ops import UNARY_FUNCTIONS as _UNARY_FUNCTIONS
 
 __version__ = "0.1.0"
 
@@ -18,8 +19,7 @@ _LAZY = {
     "causal": ("attnc.dsl.trace", "causal"),
     "softmax": ("attnc.dsl.trace", "softmax"),
     "where": ("attnc.dsl.trace", "where"),
-    **{fn: ("attnc.dsl.trace", fn) for fn in
-       ("exp", "exp2", "log", "log2", "sqrt", "rsqrt", "tanh", "sigmoid", "abs", "minimum", "maximum", "floor")},
+    **{fn: ("attnc.dsl.trace", fn) for fn in (*_UNARY_FUNCTIONS, "minimum", "maximum")},  # attnc.tanh, attnc.erf, ...
     "flex_attention": ("attnc.dsl.flex", "flex_attention"),
     "create_block_mask": ("attnc.dsl.flex", "create_block_mask"),
     "compile": ("attnc.runtime.api", "compile"),

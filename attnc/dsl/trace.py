@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..errors import CallError, Diagnostic, TraceError
+from ..ops import UNARY_FUNCTIONS
 from ..ir import (
     QK, ROLES, Attention, Expr, IndexVar, ParamDecl, ParamRef, SizeRef, Softmax, causal_mask, dtype_kind,
     make_attention,
@@ -161,8 +162,8 @@ def _math(fn: str, name: str, arity: int = 1):
     return apply
 
 
-exp, exp2, log, log2, sqrt, rsqrt, tanh, sigmoid, abs, floor = (  # noqa: A001 - the IR's names
-    _math(fn, fn) for fn in ("exp", "exp2", "log", "log2", "sqrt", "rsqrt", "tanh", "sigmoid", "abs", "floor"))
+# attnc.exp, attnc.tanh, attnc.erf, ...: one per function of one operand in the operator table (ops.py).
+globals().update({fn: _math(fn, fn) for fn in UNARY_FUNCTIONS})
 minimum = _math("min", "minimum", 2)
 maximum = _math("max", "maximum", 2)
 
