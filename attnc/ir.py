@@ -46,7 +46,8 @@ class Node:
     equality that visits each pair of distinct nodes once (identical children compare in O(1))."""
 
     def __post_init__(self):
-        object.__setattr__(self, "_hash", hash((type(self).__name__, *(getattr(self, f) for f in _compared(type(self))))))
+        compared = (getattr(self, name) for name in _compared(type(self)))
+        object.__setattr__(self, "_hash", hash((type(self).__name__, *compared)))
 
     def __hash__(self) -> int:
         return self._hash
