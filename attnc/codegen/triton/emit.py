@@ -208,20 +208,10 @@ class _Rendering:
         return formula.build(self, x if x.isidentifier() else self.let(x))
 
     # -- ops.Formula's math interface (float32 operands)
+    add, sub, mul, div, lt = (lambda self, a, b, op=op: f"({a} {op} {b})" for op in "+-*/<")
+
     def const(self, c: float) -> str:
         return repr(float(c))
-
-    def add(self, a: str, b: str) -> str:
-        return f"({a} + {b})"
-
-    def sub(self, a: str, b: str) -> str:
-        return f"({a} - {b})"
-
-    def mul(self, a: str, b: str) -> str:
-        return f"({a} * {b})"
-
-    def div(self, a: str, b: str) -> str:
-        return f"({a} / {b})"
 
     def neg(self, a: str) -> str:
         return f"(-{a})"
@@ -237,9 +227,6 @@ class _Rendering:
 
     def exp2(self, a: str) -> str:
         return f"{self.em.exp2}({a})"
-
-    def lt(self, a: str, b: str) -> str:
-        return f"({a} < {b})"
 
     def select(self, cond: str, a: str, b: str) -> str:
         return f"tl.where({cond}, {a}, {b})"

@@ -14,6 +14,7 @@ than once is computed once, bound by a `Let`, so a score's TIR is as large as it
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -236,35 +237,11 @@ class _Math:
         self._lets.append((var, x))
         return var
 
+    # ops.Formula's interface: TIR's functions and PrimExpr's operators
     const = staticmethod(f32)
-    abs = staticmethod(tir.abs)
-    min = staticmethod(tir.min)
-    max = staticmethod(tir.max)
-    select = staticmethod(tir.Select)
-
-    @staticmethod
-    def add(a, b):
-        return a + b
-
-    @staticmethod
-    def sub(a, b):
-        return a - b
-
-    @staticmethod
-    def mul(a, b):
-        return a * b
-
-    @staticmethod
-    def div(a, b):
-        return a / b
-
-    @staticmethod
-    def neg(a):
-        return -a
-
-    @staticmethod
-    def lt(a, b):
-        return a < b
+    abs, min, max, select = (staticmethod(fn) for fn in (tir.abs, tir.min, tir.max, tir.Select))
+    add, sub, mul, div, neg, lt = (staticmethod(fn) for fn in (operator.add, operator.sub, operator.mul,
+                                                                operator.truediv, operator.neg, operator.lt))
 
 
 def render(op: Op, operands: list[tir.PrimExpr], kind: str, native: bool = False) -> tir.PrimExpr:
