@@ -121,10 +121,6 @@ class Emitter:
         lines.append(f"{name} = {code}")
         return Value(name, level, kind, span=span)
 
-    def _int_operands(self, values: list[Value], level: int, span: tuple[int, int] | None) -> list[str]:
-        """Operands of integer arithmetic whose result lies in `span` (None: unknown, so compute in int64)."""
-        return [self.as_int(v, level, wide=span is None) for v in values]
-
     def _emit(self, e: Expr) -> Value:
         kind = self.kinds(e)
         if isinstance(e, Num):
