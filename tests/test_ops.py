@@ -10,6 +10,7 @@ import shutil
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -69,11 +70,6 @@ def _operands(op: ops.Op, rng: random.Random):
     either = rng.choice(["bool", "number"])
     return [rng.random() < 0.5 if role == "bool" or (role == "any" and either == "bool") else number()
             for role in op.operands]
-
-
-def _tensor(x) -> torch.Tensor:
-    dtype = torch.bool if isinstance(x, bool) else torch.float64 if isinstance(x, float) else torch.int64
-    return torch.tensor(x, dtype=dtype)
 
 
 def _env() -> ref._Env:
@@ -158,7 +154,7 @@ _TRUTH = {"tanh": torch.tanh, "erf": torch.erf}
 
 def _ulps(got: torch.Tensor, x: torch.Tensor, name: str) -> float:
     truth = _TRUTH[name](x.double())
-    ulp = torch.from_numpy(__import__("numpy").spacing(truth.abs().float().numpy())).double()
+    ulp = torch.from_numpy(np.spacing(truth.abs().float().numpy())).double()
     return ((got.double() - truth).abs() / ulp).max().item()
 
 
