@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from .errors import AttncError, CacheError, CallError, CompileError, SpecError, TraceError
 from .ir import Attention
+from .ops import UNARY_FUNCTIONS as _UNARY_FUNCTIONS
 
 if TYPE_CHECKING:  # what type checkers see of the names imported on first use below (py.typed ships)
     from .dsl.parser import parse, parse_file
@@ -30,8 +31,7 @@ _LAZY = {
     "causal": ("attnc.dsl.trace", "causal"),
     "softmax": ("attnc.dsl.trace", "softmax"),
     "where": ("attnc.dsl.trace", "where"),
-    **{fn: ("attnc.dsl.trace", fn) for fn in
-       ("exp", "exp2", "log", "log2", "sqrt", "rsqrt", "tanh", "sigmoid", "abs", "minimum", "maximum", "floor")},
+    **{fn: ("attnc.dsl.trace", fn) for fn in (*_UNARY_FUNCTIONS, "minimum", "maximum")},  # attnc.tanh, attnc.erf, ...
     "flex_attention": ("attnc.runtime.api", "flex_attention"),
     "create_block_mask": ("attnc.runtime.api", "create_block_mask"),
     "compile": ("attnc.runtime.api", "compile"),

@@ -4,15 +4,18 @@ Every front-end (text, decorator, flex mods) produces an `Attention`; every late
 is a node too (`Normalizer`: softmax, sigmoid) whose parts (weight map, row normalisation, merge, lse) are data:
 stages ask it instead of assuming one, and each backend lowers it in one module (codegen/*/normalize.py).
 Nodes are frozen dataclasses with tuple children and structural equality; `span` is carried for
-error messages but excluded from equality, hashing and the key.
+error messages but excluded from equality, hashing and the key. Expressions are DAGs (`score = score + score`
+shares its operand): each node hashes once, when it is built, and equality and `walk` visit each distinct
+node once, so that nothing is exponential in the depth of the sharing. What each operator means is in
+ops.py; the syntax of the operators (their precedence) is here and in dsl/attn.lark.
 """
 from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass, field, replace
-from functools import cached_property
-from typing import ClassVar, Union
+from dataclasses import dataclass, field, fields, replace
+from functools import cache, cached_property
+from typing import Callable, ClassVar, Union
 
 from .errors import Span
 
@@ -27,9 +30,7 @@ INDEX_VARS = ("b", "h", "i", "j")
 TENSOR_DTYPES = ("f16", "bf16", "f32", "f64", "i8", "i16", "i32", "i64", "bool")
 QKV_DTYPES = ("f16", "bf16", "f32")
 PARAM_DTYPES = ("i32", "f32", "bool")
-UNARY_FUNCS = ("exp", "exp2", "log", "log2", "sqrt", "rsqrt", "tanh", "sigmoid", "abs", "floor")
-BINARY_FUNCS = ("min", "max")
-FUNCS = UNARY_FUNCS + BINARY_FUNCS + ("where",)
+# The binary operators of the syntax, by precedence class (their meaning: ops.OPS; functions: ops.FUNCTIONS).
 ARITH_OPS = ("+", "-", "*", "/", "%")
 COMPARE_OPS = ("<", "<=", ">", ">=", "==", "!=")
 LOGIC_OPS = ("and", "or")
@@ -42,8 +43,59 @@ def _span() -> Span | None:
 # ---------------------------------------------------------------- expressions
 
 
-@dataclass(frozen=True)
-class Num:
+class Node:
+    """Base of the expression nodes: a hash computed once, from the cached hashes of the children, and
+    equality that visits each pair of distinct nodes once (identical children compare in O(1))."""
+
+    def __post_init__(self):
+        compared = (getattr(self, name) for name in _compared(type(self)))
+        object.__setattr__(self, "_hash", hash((type(self).__name__, *compared)))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other) -> bool:
+        if self is other:
+            return True
+        if type(other) is not type(self):
+            return NotImplemented
+        return self._hash == other._hash and _same(self, other)
+
+
+@cache
+def _compared(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in fields(cls) if f.compare)
+
+
+def _same(a: Node, b: Node) -> bool:
+    """Structural equality of two expression DAGs, each pair of nodes compared once."""
+    proven: set[tuple[int, int]] = set()
+    stack = [(a, b)]
+    while stack:
+        x, y = stack.pop()
+        if x is y or (id(x), id(y)) in proven:
+            continue
+        if type(x) is not type(y) or x._hash != y._hash:
+            return False
+        proven.add((id(x), id(y)))  # optimistic: any difference below fails the whole comparison
+        for name in _compared(type(x)):
+            u, v = getattr(x, name), getattr(y, name)
+            pairs = zip(u, v) if isinstance(u, tuple) and isinstance(v, tuple) and len(u) == len(v) else ((u, v),)
+            for p, q in pairs:
+                if isinstance(p, Node):
+                    stack.append((p, q))
+                elif p is not q and p != q:
+                    return False
+    return True
+
+
+def _expr_node(cls):
+    """A frozen expression dataclass that keeps Node's hashing and equality."""
+    return dataclass(frozen=True, eq=False)(cls)
+
+
+@_expr_node
+class Num(Node):
     """A literal. `is_float` keeps 1 and 1.0 apart (Python's 1 == 1.0 would merge them)."""
 
     value: Union[int, float, bool]
@@ -51,56 +103,56 @@ class Num:
     span: Span | None = _span()
 
 
-@dataclass(frozen=True)
-class IndexVar:
+@_expr_node
+class IndexVar(Node):
     name: str  # one of INDEX_VARS
     span: Span | None = _span()
 
 
-@dataclass(frozen=True)
-class SizeRef:
+@_expr_node
+class SizeRef(Node):
     name: str  # a role in ROLES or a free size name
     span: Span | None = _span()
 
 
-@dataclass(frozen=True)
-class ParamRef:
+@_expr_node
+class ParamRef(Node):
     name: str
     span: Span | None = _span()
 
 
-@dataclass(frozen=True)
-class QK:
+@_expr_node
+class QK(Node):
     """q[b, h, i, :] . k[b, kvh, j, :] in float32 (float64 in the reference)."""
 
     span: Span | None = _span()
 
 
-@dataclass(frozen=True)
-class Lookup:
+@_expr_node
+class Lookup(Node):
     tensor: str
     indices: tuple["Expr", ...]
     span: Span | None = _span()
 
 
-@dataclass(frozen=True)
-class Unary:
+@_expr_node
+class Unary(Node):
     op: str  # "neg" | "not"
     operand: "Expr"
     span: Span | None = _span()
 
 
-@dataclass(frozen=True)
-class Binary:
+@_expr_node
+class Binary(Node):
     op: str  # ARITH_OPS, COMPARE_OPS or LOGIC_OPS
     lhs: "Expr"
     rhs: "Expr"
     span: Span | None = _span()
 
 
-@dataclass(frozen=True)
-class Call:
-    fn: str  # one of FUNCS
+@_expr_node
+class Call(Node):
+    fn: str  # one of ops.FUNCTIONS
     args: tuple["Expr", ...]
     span: Span | None = _span()
 
@@ -121,10 +173,14 @@ def children(e: Expr) -> tuple[Expr, ...]:
 
 
 def walk(e: Expr):
-    """Every node of `e`, parents before children."""
+    """Every distinct node of `e` once (a shared subexpression is not walked again), parents first."""
+    seen: set[int] = set()
     stack = [e]
     while stack:
         node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
         yield node
         stack.extend(reversed(children(node)))
 
@@ -211,14 +267,14 @@ NORMALIZERS: dict[str, type[Normalizer]] = {n.name: n for n in (Softmax, Sigmoid
 DEFAULT_NORMALIZER: type[Normalizer] = Softmax  # where a front-end names none (FlexAttention, make_attention)
 
 
-def print_normalizer(n: Normalizer) -> str:
-    sink = "" if n.sink is None else f", sink={print_expr(n.sink)}"
+def print_normalizer(n: Normalizer, expr: Callable[[Expr], str] = None) -> str:
+    sink = "" if n.sink is None else f", sink={(expr or print_expr)(n.sink)}"
     return f"{n.name}(score{sink})"
 
 
-def return_text(n: Normalizer | None = None, returns_lse: bool = False) -> str:
-    """The `return` statement of a spec with normalizer `n` (the default one when None)."""
-    return f"return {print_normalizer(n or DEFAULT_NORMALIZER())} @ v{', lse' if returns_lse else ''}"
+def return_text(n: Normalizer | None = None, returns_lse: bool = False, expr: Callable[[Expr], str] = None) -> str:
+    """The `return` statement of a spec with normalizer `n` (the default one when None); `expr` prints the sink."""
+    return f"return {print_normalizer(n or DEFAULT_NORMALIZER(), expr)} @ v{', lse' if returns_lse else ''}"
 
 
 @dataclass(frozen=True)
@@ -284,15 +340,14 @@ class Attention:
         return print_attention(self)
 
     @cached_property
-    def anonymous_canonical(self) -> str:
-        """The canonical text with the name written as `_`: the math alone (what `key` hashes)."""
-        return print_attention(replace(self, name="_"))
-
-    @cached_property
     def key(self) -> str:
-        """Hex SHA-256 of the canonical text without the name: spans, comments, equivalent spellings and the
-        label a front-end gives the variant do not change it, so the same math shares one cached kernel."""
-        return hashlib.sha256(self.anonymous_canonical.encode()).hexdigest()
+        """Hex SHA-256 of the canonical form without the name: spans, comments, equivalent spellings and the
+        label a front-end gives the variant do not change it, so the same math shares one cached kernel. The
+        expressions enter as lists of their distinct subexpressions, so the key takes time linear in the size of
+        the expression DAG (the canonical text of `score = score + score` repeated doubles per line)."""
+        numbering = _Numbering()
+        anonymous = print_attention(replace(self, name="_"), numbering)  # expressions as %n, listed after
+        return hashlib.sha256((anonymous + numbering.listing()).encode()).hexdigest()
 
     @property
     def dim_values(self) -> dict[str, int]:
@@ -371,41 +426,6 @@ def with_name(a: Attention, name: str) -> Attention:
 
 
 # ---------------------------------------------------------------- types
-
-
-def expr_type(e: Expr, spec: Attention) -> str:
-    """'int', 'float' or 'bool' for an expression of a checked spec (the checker reports misuse)."""
-    if isinstance(e, Num):
-        if isinstance(e.value, bool):
-            return "bool"
-        return "float" if e.is_float else "int"
-    if isinstance(e, (IndexVar, SizeRef)):
-        return "int"
-    if isinstance(e, QK):
-        return "float"
-    if isinstance(e, ParamRef):
-        p = spec.param(e.name)
-        return dtype_kind(p.dtype) if p else "float"
-    if isinstance(e, Lookup):
-        t = spec.input(e.tensor)
-        return dtype_kind(t.dtype) if t else "float"
-    if isinstance(e, Unary):
-        return "bool" if e.op == "not" else expr_type(e.operand, spec)
-    if isinstance(e, Binary):
-        if e.op in COMPARE_OPS or e.op in LOGIC_OPS:
-            return "bool"
-        if e.op == "/":
-            return "float"
-        return promote(expr_type(e.lhs, spec), expr_type(e.rhs, spec))
-    if isinstance(e, Call):
-        if e.fn in ("min", "max"):
-            return promote(expr_type(e.args[0], spec), expr_type(e.args[1], spec))
-        if e.fn == "where":
-            return promote(expr_type(e.args[1], spec), expr_type(e.args[2], spec))
-        if e.fn == "abs":
-            return expr_type(e.args[0], spec)
-        return "float"
-    raise TypeError(f"not an IR expression: {e!r}")
 
 
 def dtype_kind(dtype: str) -> str:
@@ -489,8 +509,8 @@ def print_storage(targets: str, s: Storage) -> str:
     return f"ragged {targets} by {s.offsets}"
 
 
-def print_attention(a: Attention) -> str:
-    """Canonical text of a spec; it parses back to an equal `Attention`."""
+def print_attention(a: Attention, expr: Callable[[Expr], str] = print_expr) -> str:
+    """Canonical text of a spec; it parses back to an equal `Attention`. `expr` prints the expressions."""
     lines = [f"attention {a.name} {{"]
     if a.dims:
         lines.append("    dims " + ", ".join(f"{n} = {v}" for n, v in a.dims))
@@ -508,9 +528,47 @@ def print_attention(a: Attention) -> str:
         if t in declared:
             continue
         lines.append(f"    input {_print_decl(t)}")
-    lines.append(f"    score = {print_expr(a.score)}")
+    lines.append(f"    score = {expr(a.score)}")
     for m in a.masks:
-        lines.append(f"    mask {print_expr(m)}")
-    lines.append(f"    {return_text(a.normalizer, a.returns_lse)}")
+        lines.append(f"    mask {expr(m)}")
+    lines.append(f"    {return_text(a.normalizer, a.returns_lse, expr)}")
     lines.append("}")
     return "\n".join(lines) + "\n"
+
+
+class _Numbering:
+    """Expressions as references %n into one list of distinct subexpressions (structurally equal ones share a
+    number), each written over its operands' numbers: a canonical form linear in the size of the DAG."""
+
+    def __init__(self):
+        self.numbers: dict[Expr, int] = {}
+        self.lines: list[str] = []
+
+    def __call__(self, e: Expr) -> str:
+        stack = [(e, False)]
+        while stack:
+            node, ready = stack.pop()
+            if node in self.numbers:
+                continue
+            if not ready:
+                stack.append((node, True))
+                stack.extend((c, False) for c in reversed(children(node)))
+                continue
+            self.numbers[node] = len(self.lines)
+            self.lines.append(self._text(node))
+        return f"%{self.numbers[e]}"
+
+    def _text(self, e: Expr) -> str:
+        ref = [f"%{self.numbers[c]}" for c in children(e)]
+        if isinstance(e, Lookup):
+            return f"{e.tensor}[{', '.join(ref)}]"
+        if isinstance(e, Call):
+            return f"{e.fn}({', '.join(ref)})"
+        if isinstance(e, Unary):
+            return f"{e.op} {ref[0]}"
+        if isinstance(e, Binary):
+            return f"{ref[0]} {e.op} {ref[1]}"
+        return print_expr(e)  # a leaf
+
+    def listing(self) -> str:
+        return "".join(f"%{n} = {line}\n" for n, line in enumerate(self.lines))

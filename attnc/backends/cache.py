@@ -171,11 +171,12 @@ class CacheKey:
 
 
 def spec_parts(spec: Attention) -> dict[str, str]:
-    """The key parts of a spec's math: its canonical text without its name (which only labels an entry), and the
+    """The key parts of a spec's math: its key (the hash of its canonical form without the name, which only labels an
+    entry), and the
     attnc and torch versions that every build depends on."""
     import torch
 
-    return {"ir": spec.anonymous_canonical, "attnc": __version__, "torch": torch.__version__}
+    return {"ir": spec.key, "attnc": __version__, "torch": torch.__version__}
 
 
 def plan_parts(plan: KernelPlan) -> dict[str, str]:

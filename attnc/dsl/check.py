@@ -12,7 +12,7 @@ import difflib
 from dataclasses import dataclass, replace
 from typing import Union
 
-from .. import ir
+from .. import ir, ops
 from ..errors import Diagnostic, Span, SpecError
 
 # Words a declared name may not take: the keywords of attn.lark, plus `lse`, the name of the second output.
@@ -450,13 +450,21 @@ def _with_sink() -> str:
 
 class _Typer:
     """Kinds ('int', 'float', 'bool') of expressions, reporting misuse where it happens; None after an error
-    so that one mistake is reported once."""
+    so that one mistake is reported once. The operators' rules come from the operator table (ops.py); each node
+    object is typed once, so a score that reuses itself (`score = score + score`) is checked in linear time."""
 
     def __init__(self, report: _Report, env: _Env):
         self.report = report
         self.env = env
+        self._memo: dict[int, tuple[object, str | None]] = {}  # id(node) -> (node, kind)
 
     def kind(self, e, fallback: Span | None) -> str | None:
+        known = self._memo.get(id(e))
+        if known is None:
+            known = self._memo[id(e)] = (e, self._kind(e, fallback))
+        return known[1]
+
+    def _kind(self, e, fallback: Span | None) -> str | None:
         here = getattr(e, "span", None) or fallback
         if isinstance(e, ir.Num):
             return _num_kind(e)
@@ -479,15 +487,10 @@ class _Typer:
             return ir.dtype_kind(p.dtype) if p.dtype in ir.PARAM_DTYPES else None
         if isinstance(e, ir.Lookup):
             return self._lookup(e, here)
-        if isinstance(e, ir.Unary):
-            operand = self.kind(e.operand, here)
-            if e.op == "not":
-                return self._need(operand, ("bool",), "`not`", e.operand, here) and "bool"
-            return self._need(operand, ("int", "float"), "unary `-`", e.operand, here)
-        if isinstance(e, ir.Binary):
-            return self._binary(e, here)
-        if isinstance(e, ir.Call):
-            return self._call(e, here)
+        if isinstance(e, ir.Call) and ops.function(e.fn) is None:
+            return self._unknown_function(e, here)
+        if isinstance(e, (ir.Unary, ir.Binary, ir.Call)):
+            return self._operator(ops.op_of(e), ir.children(e), here)
         raise TypeError(f"not an IR expression: {e!r}")
 
     def _need(self, kind: str | None, allowed: tuple[str, ...], what: str, operand, here) -> str | None:
@@ -505,57 +508,34 @@ class _Typer:
                           getattr(operand, "span", None) or here)
         return None
 
-    def _binary(self, e: ir.Binary, here) -> str | None:
-        lhs, rhs = self.kind(e.lhs, here), self.kind(e.rhs, here)
-        if e.op in ir.LOGIC_OPS:
-            ok = [self._need(k, ("bool",), f"`{e.op}`", side, here) for k, side in ((lhs, e.lhs), (rhs, e.rhs))]
-            return "bool" if all(ok) else None
-        if e.op in ("==", "!="):
-            if lhs is None or rhs is None:
-                return None
-            if (lhs == "bool") != (rhs == "bool"):
-                self.report.error(f"`{e.op}` compares {_kind_name(lhs)} with {_kind_name(rhs)}", here)
-                return None
-            return "bool"
-        numeric = ("int", "float")
-        ok = [self._need(k, numeric, f"`{e.op}`", side, here) for k, side in ((lhs, e.lhs), (rhs, e.rhs))]
-        if not all(ok):
+    def _operator(self, op: ops.Op, args: tuple, here) -> str | None:
+        kinds = [self.kind(a, here) for a in args]
+        if len(args) != op.arity:
+            self.report.error(f"{op.name} takes {op.arity} argument{'s' if op.arity > 1 else ''}, got {len(args)}",
+                              here)
             return None
-        if e.op in ir.COMPARE_OPS:
-            return "bool"
-        return "float" if e.op == "/" else ir.promote(lhs, rhs)
+        ok = True
+        for index, (role, kind, arg) in enumerate(zip(op.operands, kinds, args)):
+            if role != "any":
+                allowed = ("bool",) if role == "bool" else ("int", "float")
+                ok = self._need(kind, allowed, op.operand_label(index), arg, here) is not None and ok
+        either = [k for role, k in zip(op.operands, kinds) if role == "any"]  # numbers or booleans, alike
+        if not ok or None in either:
+            return None
+        if len({k == "bool" for k in either}) > 1:
+            self.report.error(op.same.format(op=op.name, a=_kind_name(either[0]), b=_kind_name(either[1])), here)
+            return None
+        return ops.result_kind(op, kinds)
 
-    def _call(self, e: ir.Call, here) -> str | None:
-        if e.fn not in ir.FUNCS:
-            if e.fn in self.env.inputs:
-                hint = f": {e.fn} is a tensor, index it as {e.fn}[...]"
-            elif e.fn in ir.NORMALIZERS:
-                hint = f": {e.fn} is a normalizer, used only in `{ir.return_text(ir.NORMALIZERS[e.fn]())}`"
-            else:
-                hint = _did_you_mean(e.fn, ir.FUNCS) or f" (functions: {', '.join(ir.FUNCS)})"
-            self.report.error(f"unknown function '{e.fn}'{hint}", here)
-            return None
-        arity = 1 if e.fn in ir.UNARY_FUNCS else 2 if e.fn in ir.BINARY_FUNCS else 3
-        kinds = [self.kind(a, here) for a in e.args]
-        if len(e.args) != arity:
-            self.report.error(f"{e.fn} takes {arity} argument{'s' if arity > 1 else ''}, got {len(e.args)}", here)
-            return None
-        if e.fn == "where":
-            cond = self._need(kinds[0], ("bool",), "where's condition", e.args[0], here)
-            a, b = kinds[1], kinds[2]
-            if cond is None or a is None or b is None:
-                return None
-            if (a == "bool") != (b == "bool"):
-                self.report.error(f"where's branches must both be numbers or both booleans, got "
-                                  f"{_kind_name(a)} and {_kind_name(b)}", here)
-                return None
-            return ir.promote(a, b)
-        ok = [self._need(k, ("int", "float"), e.fn, arg, here) for k, arg in zip(kinds, e.args)]
-        if not all(ok):
-            return None
-        if e.fn in ir.BINARY_FUNCS:
-            return ir.promote(*kinds)
-        return kinds[0] if e.fn == "abs" else "float"
+    def _unknown_function(self, e: ir.Call, here) -> None:
+        if e.fn in self.env.inputs:
+            hint = f": {e.fn} is a tensor, index it as {e.fn}[...]"
+        elif e.fn in ir.NORMALIZERS:
+            hint = f": {e.fn} is a normalizer, used only in `{ir.return_text(ir.NORMALIZERS[e.fn]())}`"
+        else:
+            hint = _did_you_mean(e.fn, ops.FUNCTIONS) or f" (functions: {', '.join(ops.FUNCTIONS)})"
+        self.report.error(f"unknown function '{e.fn}'{hint}", here)
+        return None
 
     def _lookup(self, e: ir.Lookup, here) -> str | None:
         kinds = [self.kind(x, here) for x in e.indices]

@@ -22,7 +22,6 @@ rules of attnc/index_data.py (which the kernels check on the device).
 """
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass, replace
 from typing import Callable, Mapping
 
@@ -32,8 +31,9 @@ from ..errors import CallError, checks_arguments
 from ..index_data import LENGTH, OFFSETS_DECREASE, OFFSETS_END, OFFSETS_START, PAGE_ID, Violation
 from ..ir import (
     QK, Attention, Binary, Call, Expr, IndexVar, Lookup, Num, Paged, ParamRef, Ragged, SizeRef, TensorDecl, Unary,
-    print_expr, walk,
+    children, print_expr, walk,
 )
+from ..ops import op_of
 from .signature import Bound, bind, canonical_view, lse_shape, out_shape
 
 # Scores are materialized at most this many elements at a time (batches x heads x query rows x keys).
@@ -41,19 +41,8 @@ _CHUNK_ELEMS = 1 << 22
 
 # Params are evaluated as int64, float64 or bool whatever their declared width (input tensors: _widen).
 _PARAM_DTYPES = {"i32": torch.int64, "f32": torch.float64, "bool": torch.bool}
-_ARITH: Mapping[str, Callable] = {
-    "+": torch.add, "-": torch.sub, "*": torch.mul, "/": torch.true_divide, "%": torch.remainder,
-}
-_COMPARE: Mapping[str, Callable] = {
-    "<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge, "==": operator.eq, "!=": operator.ne,
-}
-_LOGIC: Mapping[str, Callable] = {"and": torch.logical_and, "or": torch.logical_or}
 # log f(s) of each normalizer's weight map f (ir.Normalizer.weight), exact for very negative s (log sigmoid(s) = s).
 _LOG_WEIGHTS: Mapping[str, Callable] = {"exp": lambda s: s, "sigmoid": torch.nn.functional.logsigmoid}
-_FLOAT_FUNCS: Mapping[str, Callable] = {
-    "exp": torch.exp, "exp2": torch.exp2, "log": torch.log, "log2": torch.log2, "sqrt": torch.sqrt,
-    "rsqrt": torch.rsqrt, "tanh": torch.tanh, "sigmoid": torch.sigmoid, "floor": torch.floor,
-}
 
 
 @checks_arguments
@@ -325,9 +314,21 @@ class _Env:
 
 
 def evaluate(e: Expr, env: _Env) -> torch.Tensor:
-    """An IR expression as a float64, int64 or bool tensor that broadcasts against the grid. With only
-    those three dtypes, torch's promotion gives float64 when either side is float and int64 for ints;
-    only true division and the float functions need an explicit cast (they would give float32)."""
+    """An IR expression as a float64, int64 or bool tensor that broadcasts against the grid, each distinct node
+    evaluated once. With only those three dtypes, torch's promotion gives float64 when either side is float and
+    int64 for ints; operands are converted as the operator table says (ops.py): booleans count as ints where a
+    number is needed, and `/` and the float functions take float64 (torch would give float32)."""
+    memo: dict[Expr, torch.Tensor] = {}
+
+    def value(node: Expr) -> torch.Tensor:
+        if node not in memo:
+            memo[node] = _evaluate(node, value, env)
+        return memo[node]
+
+    return value(e)
+
+
+def _evaluate(e: Expr, value: Callable[[Expr], torch.Tensor], env: _Env) -> torch.Tensor:
     if isinstance(e, Num):
         dtype = torch.bool if isinstance(e.value, bool) else torch.float64 if e.is_float else torch.int64
         return torch.tensor(e.value, dtype=dtype, device=env.device)
@@ -340,43 +341,30 @@ def evaluate(e: Expr, env: _Env) -> torch.Tensor:
     if isinstance(e, QK):
         return env.qk
     if isinstance(e, Lookup):
-        return _lookup(e, env)
-    if isinstance(e, Unary):
-        x = evaluate(e.operand, env)
-        return torch.logical_not(x) if e.op == "not" else -_as_number(x)
-    if isinstance(e, Binary):
-        a, b = evaluate(e.lhs, env), evaluate(e.rhs, env)
-        if e.op in _LOGIC:
-            return _LOGIC[e.op](a, b)
-        if e.op in _COMPARE:
-            return _COMPARE[e.op](a, b)
-        a, b = _as_number(a), _as_number(b)
-        if e.op == "/":
-            a, b = _as_float(a), _as_float(b)
-        elif e.op == "%" and not b.is_floating_point() and bool((b == 0).any()):
+        return _lookup(e, value, env)
+    if isinstance(e, (Unary, Binary, Call)):
+        op = op_of(e)
+        args = [_operand(value(x), role, op.result) for x, role in zip(children(e), op.operands)]
+        try:
+            return op.torch(torch, *args)
+        except ZeroDivisionError:
             raise CallError(f"integer modulo by zero in `{print_expr(e)}`: `{print_expr(e.rhs)}` is 0; "
-                            f"pass a non-zero value")
-        return _ARITH[e.op](a, b)
-    if isinstance(e, Call):
-        args = [evaluate(x, env) for x in e.args]
-        if e.fn in _FLOAT_FUNCS:
-            return _FLOAT_FUNCS[e.fn](_as_float(args[0]))
-        if e.fn == "abs":
-            return torch.abs(_as_number(args[0]))
-        if e.fn in ("min", "max"):
-            fn = torch.minimum if e.fn == "min" else torch.maximum
-            return fn(_as_number(args[0]), _as_number(args[1]))
-        if e.fn == "where":
-            return torch.where(args[0].bool(), args[1], args[2])
+                            f"pass a non-zero value") from None
     raise TypeError(f"not an IR expression: {e!r}")
 
 
-def _lookup(e: Lookup, env: _Env) -> torch.Tensor:
+def _operand(x: torch.Tensor, role: str, result: str) -> torch.Tensor:
+    if role == "number":
+        return _as_float(x) if result == "float" else _as_number(x)
+    return x.bool() if role == "bool" else x
+
+
+def _lookup(e: Lookup, value: Callable[[Expr], torch.Tensor], env: _Env) -> torch.Tensor:
     """t[x, ...], reading 0 (false) where an index lies outside t (the module docstring's rule)."""
     table = env.inputs[e.tensor]
     indices, inside = [], torch.ones((), dtype=torch.bool, device=env.device)
     for axis, index_expr in enumerate(e.indices):
-        index = evaluate(index_expr, env)
+        index = value(index_expr)
         size = table.shape[axis]
         inside = inside & (index >= 0) & (index < size)
         indices.append(index.clamp(0, max(size - 1, 0)))

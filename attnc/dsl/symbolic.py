@@ -22,9 +22,8 @@ from typing import Callable, Iterable, Mapping
 import torch
 
 from ..errors import AttncError, CallError, Diagnostic, Span, TraceError
-from ..ir import (
-    QKV_DTYPES, Binary, Call, Expr, IndexVar, Lookup, Num, TensorDecl, Unary, dtype_kind, print_expr, promote, walk,
-)
+from ..ir import QKV_DTYPES, Binary, Call, Expr, IndexVar, Lookup, Num, TensorDecl, Unary, dtype_kind, print_expr, walk
+from ..ops import UNARY_FUNCTIONS, op_of, result_kind
 from .signature import TORCH_DTYPES
 
 IR_DTYPES: Mapping[torch.dtype, str] = {dtype: name for name, dtype in TORCH_DTYPES.items()}
@@ -254,14 +253,14 @@ def _unindexed_tensor_error(t: torch.Tensor) -> TraceError:
                        f"(float('-inf'), not torch.tensor(float('-inf')))")
 
 
+def _operator(node: Expr, kinds) -> Sym:
+    """A traced operator node, with the kind the operator table gives it."""
+    return Sym(node, result_kind(op_of(node), kinds))
+
+
 def arith(op: str, a, b) -> Sym:
     (ea, ka), (eb, kb) = as_expr(a), as_expr(b)
-    kind = "float" if op == "/" else promote(_numeric(ka), _numeric(kb))
-    return Sym(Binary(op, ea, eb, span=user_span()), kind)
-
-
-def _numeric(kind: str) -> str:
-    return "int" if kind == "bool" else kind
+    return _operator(Binary(op, ea, eb, span=user_span()), (ka, kb))
 
 
 def floordiv(a, b) -> Sym:
@@ -293,20 +292,12 @@ def logical_not(a) -> Sym:
 
 def neg(a) -> Sym:
     e, kind = as_expr(a)
-    return Sym(Unary("neg", e, span=user_span()), _numeric(kind))
+    return _operator(Unary("neg", e, span=user_span()), (kind,))
 
 
 def call(fn: str, *args) -> Sym:
     exprs, kinds = zip(*(as_expr(a) for a in args))
-    if fn in ("min", "max"):
-        kind = promote(_numeric(kinds[0]), _numeric(kinds[1]))
-    elif fn == "where":
-        kind = kinds[1] if kinds[1] == kinds[2] else promote(_numeric(kinds[1]), _numeric(kinds[2]))
-    elif fn == "abs":
-        kind = _numeric(kinds[0])
-    else:
-        kind = "float"
-    return Sym(Call(fn, tuple(exprs), span=user_span()), kind)
+    return _operator(Call(fn, tuple(exprs), span=user_span()), kinds)
 
 
 def where(cond, a, b) -> Sym:
@@ -424,7 +415,7 @@ def _unary(fn: str):
 
 
 TORCH_OPS: Mapping[str, Callable] = {
-    **{fn: _unary(fn) for fn in ("exp", "exp2", "log", "log2", "sqrt", "rsqrt", "tanh", "sigmoid", "abs", "floor")},
+    **{fn: _unary(fn) for fn in UNARY_FUNCTIONS},  # torch.exp, torch.erf, ... (and Tensor methods) by the same names
     "absolute": _unary("abs"),
     "neg": neg, "negative": neg,
     "add": _no_alpha("+"), "sub": _no_alpha("-"), "subtract": _no_alpha("-"),
@@ -447,8 +438,8 @@ TORCH_OPS: Mapping[str, Callable] = {
 }
 
 _SUPPORTED = ("what traces: + - * / // %, ** 0.5, ** -0.5, comparisons, & | ~, indexing a captured tensor with "
-              "integer expressions, and torch.exp/exp2/log/log2/sqrt/rsqrt/tanh/sigmoid/abs/floor/where/minimum/"
-              "maximum/clamp (or the same Tensor methods)")
+              f"integer expressions, and torch.{'/'.join(UNARY_FUNCTIONS)}/where/minimum/maximum/clamp (or the same "
+              "Tensor methods)")
 
 
 def _is_torch_function(func, name: str) -> bool:

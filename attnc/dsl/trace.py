@@ -22,6 +22,7 @@ from typing import Callable, overload
 import torch
 
 from ..errors import CallError, Diagnostic, TraceError, checks_arguments
+from ..ops import UNARY_FUNCTIONS
 from ..ir import (
     NORMALIZERS, QK, ROLES, Attention, Expr, IndexVar, Normalizer, ParamDecl, ParamRef, SizeRef, Sigmoid, Softmax,
     causal_mask, dtype_kind, make_attention,
@@ -212,8 +213,10 @@ def _math(fn: str, name: str, arity: int = 1):
     return apply
 
 
-exp, exp2, log, log2, sqrt, rsqrt, tanh, _sigmoid, abs, floor = (  # noqa: A001 - the IR's names
-    _math(fn, fn) for fn in ("exp", "exp2", "log", "log2", "sqrt", "rsqrt", "tanh", "sigmoid", "abs", "floor"))
+# attnc.exp, attnc.tanh, attnc.erf, ...: one per function of one operand in the operator table (ops.py); sigmoid,
+# which is also a normalizer, dispatches through `sigmoid` above.
+globals().update({fn: _math(fn, fn) for fn in UNARY_FUNCTIONS if fn != "sigmoid"})
+_sigmoid = _math("sigmoid", "sigmoid")
 minimum = _math("min", "minimum", 2)
 maximum = _math("max", "maximum", 2)
 

@@ -1,23 +1,15 @@
-"""Evaluating IR expressions on Python scalars, and the constant-folding pass built on it."""
+"""Evaluating IR expressions on Python scalars, and the constant-folding pass built on it. Operators mean what
+their entries in the operator table (ops.py) say; both walks visit each distinct node once."""
 from __future__ import annotations
 
 import math
-import operator
 from dataclasses import replace
 from typing import Callable, Mapping, Union
 
-from ..ir import Attention, Binary, Call, Expr, IndexVar, Lookup, Num, ParamRef, SizeRef, Unary, QK
+from ..ir import Attention, Binary, Call, Expr, IndexVar, Lookup, Num, ParamRef, SizeRef, Unary, QK, children
+from ..ops import op_of
 
 Scalar = Union[int, float, bool]
-
-_COMPARE = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge, "==": operator.eq,
-            "!=": operator.ne}
-_ARITH = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv, "%": operator.mod}
-_FLOAT_FUNCS: Mapping[str, Callable[[float], float]] = {
-    "exp": math.exp, "exp2": lambda x: 2.0 ** x, "log": math.log, "log2": math.log2, "sqrt": math.sqrt,
-    "rsqrt": lambda x: 1.0 / math.sqrt(x), "tanh": math.tanh, "sigmoid": lambda x: 1.0 / (1.0 + math.exp(-x)),
-    "floor": lambda x: float(math.floor(x)),
-}
 
 
 class NotConstant(Exception):
@@ -27,6 +19,17 @@ class NotConstant(Exception):
 def evaluate(e: Expr, env: Mapping[str, Scalar], lookup: Callable[[str, tuple], Scalar] | None = None) -> Scalar:
     """`e` with Python semantics (floored `%`, true `/`), names from `env` (index variables, sizes, params),
     tensor lookups through `lookup(tensor, indices)`. Raises NotConstant for anything missing."""
+    memo: dict[Expr, Scalar] = {}
+
+    def value(node: Expr) -> Scalar:
+        if node not in memo:
+            memo[node] = _evaluate(node, value, env, lookup)
+        return memo[node]
+
+    return value(e)
+
+
+def _evaluate(e: Expr, value: Callable[[Expr], Scalar], env: Mapping[str, Scalar], lookup) -> Scalar:
     if isinstance(e, Num):
         return e.value
     if isinstance(e, (IndexVar, SizeRef, ParamRef)):
@@ -38,37 +41,14 @@ def evaluate(e: Expr, env: Mapping[str, Scalar], lookup: Callable[[str, tuple], 
     if isinstance(e, Lookup):
         if lookup is None:
             raise NotConstant(e.tensor)
-        return lookup(e.tensor, tuple(int(evaluate(x, env, lookup)) for x in e.indices))
-    if isinstance(e, Unary):
-        x = evaluate(e.operand, env, lookup)
-        return (not x) if e.op == "not" else -x
-    if isinstance(e, Binary):
-        a = evaluate(e.lhs, env, lookup)
-        if e.op in ("and", "or"):
-            b = evaluate(e.rhs, env, lookup)
-            return bool(a and b) if e.op == "and" else bool(a or b)
-        b = evaluate(e.rhs, env, lookup)
-        if e.op in _COMPARE:
-            return _COMPARE[e.op](a, b)
-        if e.op in ("/", "%") and b == 0:
-            raise NotConstant("division by zero")
-        return _ARITH[e.op](a, b)
-    if isinstance(e, Call):
-        args = [evaluate(x, env, lookup) for x in e.args]
-        if e.fn in _FLOAT_FUNCS:
-            try:
-                return _FLOAT_FUNCS[e.fn](float(args[0]))
-            except (ValueError, OverflowError, ZeroDivisionError) as err:
-                raise NotConstant(f"{e.fn}: {err}") from None
-        if e.fn == "abs":
-            return abs(args[0])
-        if e.fn in ("min", "max", "where"):
-            a, b = args[1:] if e.fn == "where" else args
-            if isinstance(a, float) or isinstance(b, float):  # promote as the reference does
-                a, b = float(a), float(b)
-            if e.fn == "where":
-                return a if args[0] else b
-            return min(a, b) if e.fn == "min" else max(a, b)
+        return lookup(e.tensor, tuple(int(value(x)) for x in e.indices))
+    if isinstance(e, (Unary, Binary, Call)):
+        op = op_of(e)
+        args = [value(x) for x in children(e)]
+        try:
+            return op.python(*args)
+        except (ValueError, OverflowError, ZeroDivisionError) as err:
+            raise NotConstant(f"{op.name}: {err}") from None
     raise TypeError(f"not an IR expression: {e!r}")
 
 
@@ -78,22 +58,31 @@ def to_num(value: Scalar) -> Num:
     return Num(value, isinstance(value, float))
 
 
-def fold(e: Expr, env: Mapping[str, Scalar]) -> Expr:
-    """`e` with the names in `env` substituted and every constant subexpression computed."""
+def fold(e: Expr, env: Mapping[str, Scalar], memo: dict[Expr, Expr] | None = None) -> Expr:
+    """`e` with the names in `env` substituted and every constant subexpression computed. `memo` (results by
+    node, for this `env`) may be shared by several calls; each distinct node is folded once."""
+    memo = {} if memo is None else memo
+    done = memo.get(e)
+    if done is None:
+        done = memo[e] = _fold(e, env, memo)
+    return done
+
+
+def _fold(e: Expr, env: Mapping[str, Scalar], memo: dict[Expr, Expr]) -> Expr:
     if isinstance(e, (SizeRef, ParamRef, IndexVar)) and e.name in env:
         return to_num(env[e.name])
-    if isinstance(e, Unary):
-        operand = fold(e.operand, env)
-        e = replace(e, operand=operand)
-    elif isinstance(e, Binary):
-        e = replace(e, lhs=fold(e.lhs, env), rhs=fold(e.rhs, env))
-    elif isinstance(e, Call):
-        e = replace(e, args=tuple(fold(x, env) for x in e.args))
-    elif isinstance(e, Lookup):
-        return replace(e, indices=tuple(fold(x, env) for x in e.indices))
-    else:
+    if isinstance(e, Lookup):
+        return replace(e, indices=tuple(fold(x, env, memo) for x in e.indices))
+    if not isinstance(e, (Unary, Binary, Call)):
         return e
-    if all(isinstance(c, Num) for c in _operands(e)):
+    args = tuple(fold(x, env, memo) for x in children(e))
+    if isinstance(e, Unary):
+        e = replace(e, operand=args[0])
+    elif isinstance(e, Binary):
+        e = replace(e, lhs=args[0], rhs=args[1])
+    else:
+        e = replace(e, args=args)
+    if all(isinstance(c, Num) for c in args):
         try:
             value = evaluate(e, {})
         except NotConstant:
@@ -104,18 +93,11 @@ def fold(e: Expr, env: Mapping[str, Scalar]) -> Expr:
     return e
 
 
-def _operands(e: Expr) -> tuple[Expr, ...]:
-    if isinstance(e, Unary):
-        return (e.operand,)
-    if isinstance(e, Binary):
-        return (e.lhs, e.rhs)
-    return e.args
-
-
 def fold_spec(spec: Attention, sizes: Mapping[str, int]) -> Attention:
     """The spec with compile-time sizes substituted into score, masks and sink, and constants folded.
     Masks that fold to `true` are dropped; declarations are unchanged."""
-    masks = tuple(m for m in (fold(m, sizes) for m in spec.masks) if m != Num(True, False))
+    memo: dict[Expr, Expr] = {}
+    masks = tuple(m for m in (fold(m, sizes, memo) for m in spec.masks) if m != Num(True, False))
     sink = spec.normalizer.sink
-    return replace(spec, score=fold(spec.score, sizes), masks=masks,
-                   normalizer=replace(spec.normalizer, sink=None if sink is None else fold(sink, sizes)))
+    return replace(spec, score=fold(spec.score, sizes, memo), masks=masks,
+                   normalizer=replace(spec.normalizer, sink=None if sink is None else fold(sink, sizes, memo)))

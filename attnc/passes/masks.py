@@ -15,9 +15,8 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Callable, Mapping, Sequence
 
-from ..ir import (
-    COMPARE_OPS, QK, Attention, Binary, Call, Expr, IndexVar, Lookup, Num, SizeRef, Unary, expr_type, walk,
-)
+from ..ir import COMPARE_OPS, QK, Attention, Binary, Call, Expr, IndexVar, Lookup, Num, SizeRef, Unary, children, walk
+from ..ops import expr_type, op_of
 from .fold import Scalar, evaluate, fold
 from .plan import KernelPlan, KeyRange, MaskPlan
 
@@ -94,25 +93,43 @@ def interval_hull(e: Expr, spec: Attention) -> KeyRange | None:
 
 
 def linear_in_j(e: Expr) -> tuple[int, Expr | None] | None:
-    """`e` as (c, rest) with e == c * j + rest and rest free of j (None for 0); None if not of that form."""
-    if _free_of_j(e):
+    """`e` as (c, rest) with e == c * j + rest and rest free of j (None for 0); None if not of that form.
+    Which operators keep the form is the operator table's `linearity`: an additive operator (+, -, unary -)
+    combines its operands' forms with its constant derivatives (+-1), and a product scales one by an integer
+    literal. Each distinct node is analyzed once."""
+    free = _FreeOfJ()
+    memo: dict[Expr, tuple[int, Expr | None] | None] = {}
+
+    def form(node: Expr) -> tuple[int, Expr | None] | None:
+        if node not in memo:
+            memo[node] = _linear_form(node, form, free)
+        return memo[node]
+
+    return form(e)
+
+
+def _linear_form(e: Expr, form, free: "_FreeOfJ") -> tuple[int, Expr | None] | None:
+    if free(e):
         return 0, e
     if isinstance(e, IndexVar):  # j itself (other index variables are free of j)
         return 1, None
-    if isinstance(e, Unary) and e.op == "neg":
-        inner = linear_in_j(e.operand)
-        return None if inner is None else (-inner[0], _neg(inner[1]))
-    if isinstance(e, Binary) and e.op in ("+", "-"):
-        a, b = linear_in_j(e.lhs), linear_in_j(e.rhs)
-        if a is None or b is None:
+    if not isinstance(e, (Unary, Binary, Call)):
+        return None
+    op, args = op_of(e), children(e)
+    if op.linearity == "additive":
+        parts = [form(x) for x in args]
+        if None in parts:
             return None
-        if e.op == "+":
-            return a[0] + b[0], _add(a[1], b[1])
-        return a[0] - b[0], _sub(a[1], b[1])
-    if isinstance(e, Binary) and e.op == "*":
-        for factor, other in ((e.lhs, e.rhs), (e.rhs, e.lhs)):
+        signs = [int(evaluate(rule(args, e), {})) for rule in op.derivative]
+        rest = None
+        for sign, (_, term) in zip(signs, parts):
+            if term is not None:
+                rest = _add(rest, term) if sign > 0 else _sub(rest, term)
+        return sum(sign * coeff for sign, (coeff, _) in zip(signs, parts)), rest
+    if op.linearity == "product":
+        for factor, other in ((args[0], args[1]), (args[1], args[0])):
             if isinstance(factor, Num) and not factor.is_float and not isinstance(factor.value, bool):
-                inner = linear_in_j(other)
+                inner = form(other)
                 if inner is None:
                     return None
                 rest = None if inner[1] is None else Binary("*", factor, inner[1])
@@ -153,7 +170,20 @@ def key_tiles(masks: MaskPlan, rows: Sequence[Mapping[str, Scalar]], block_n: in
 
 
 def _free_of_j(e: Expr) -> bool:
-    return not any(isinstance(n, QK) or (isinstance(n, IndexVar) and n.name == "j") for n in walk(e))
+    return _FreeOfJ()(e)
+
+
+class _FreeOfJ:
+    """Whether expressions are free of j and qk, each distinct node looked at once."""
+
+    def __init__(self):
+        self.memo: dict[Expr, bool] = {}
+
+    def __call__(self, e: Expr) -> bool:
+        if e not in self.memo:
+            self.memo[e] = not (isinstance(e, QK) or (isinstance(e, IndexVar) and e.name == "j")) \
+                and all(self(c) for c in children(e))
+        return self.memo[e]
 
 
 def _reads_tensor_at_ij(e: Expr) -> bool:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
-from ..ir import QK, Binary, Expr, Num, Unary, walk
+from ..ir import QK, Binary, Call, Expr, Num, Unary, children
+from ..ops import op_of
 from .fold import fold
 from .plan import KernelPlan, ScorePlan
 
@@ -19,20 +20,33 @@ def to_exp2_domain(plan: KernelPlan) -> KernelPlan:
 
 
 def scaled(e: Expr, factor: Expr) -> Expr:
-    """`e * factor`, distributed over + and - so that a term `qk * c` (c free of qk) becomes
-    `qk * (c * factor)`: the product of constants folds, or is computed once per program."""
-    if isinstance(e, Binary) and e.op in ("+", "-"):
-        return Binary(e.op, scaled(e.lhs, factor), scaled(e.rhs, factor))
-    if isinstance(e, Unary) and e.op == "neg":
-        return Unary("neg", scaled(e.operand, factor))
+    """`e * factor`, distributed over the additive operators (+, -, unary -: the operator table's `linearity`)
+    so that a term `qk * c` (c free of qk) becomes `qk * (c * factor)`: the product of constants folds, or is
+    computed once per program. Each distinct node is scaled once."""
+    memo: dict[Expr, Expr] = {}
+    has_qk: dict[Expr, bool] = {}
+
+    def reads_qk(node: Expr) -> bool:
+        if node not in has_qk:
+            has_qk[node] = isinstance(node, QK) or any(reads_qk(c) for c in children(node))
+        return has_qk[node]
+
+    def scale(node: Expr) -> Expr:
+        if node not in memo:
+            memo[node] = _scaled(node, factor, scale, reads_qk)
+        return memo[node]
+
+    return scale(e)
+
+
+def _scaled(e: Expr, factor: Expr, scale, reads_qk) -> Expr:
+    if isinstance(e, (Unary, Binary, Call)) and op_of(e).linearity == "additive":
+        parts = [scale(x) for x in children(e)]
+        return Unary(e.op, parts[0]) if isinstance(e, Unary) else Binary(e.op, *parts)
     if isinstance(e, QK):
         return Binary("*", e, factor)
-    if isinstance(e, Binary) and e.op == "*":
+    if isinstance(e, Binary) and op_of(e).linearity == "product":
         for a, b in ((e.lhs, e.rhs), (e.rhs, e.lhs)):
-            if isinstance(a, QK) and not _has_qk(b):
+            if isinstance(a, QK) and not reads_qk(b):
                 return Binary("*", a, fold(Binary("*", b, factor), {}))
     return fold(Binary("*", e, factor), {})
-
-
-def _has_qk(e: Expr) -> bool:
-    return any(isinstance(n, QK) for n in walk(e))

@@ -7,6 +7,8 @@ tile values into the current scope (a loop body). Operands of mixed levels are b
 count as ints in arithmetic, and int/float mixes compute in float32. Integer results that provably fit int32
 (from the known ranges of positions and literals) stay int32, which keeps per-element tile math cheap; any
 other integer arithmetic widens its operands to int64 first. Positions i and j are below POSITION_LIMIT.
+Each operator's rendering and int32 range rule come from the operator table (ops.py); a shared subexpression
+is emitted once.
 """
 from __future__ import annotations
 
@@ -14,12 +16,11 @@ import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from ...ir import QK, Attention, Binary, Call, Expr, IndexVar, Lookup, Num, ParamRef, SizeRef, Unary, expr_type
+from ...ir import QK, Attention, Binary, Call, Expr, IndexVar, Lookup, Num, ParamRef, SizeRef, Unary, children
+from ...ops import Formula, Kinds, Op, compute_kind, op_of
 
 SCALAR, ROW, COL, TILE = 0, 1, 2, 3
 
-_FLOAT_FUNCS = {"exp": "tl.exp", "exp2": "tl.exp2", "log": "tl.log", "log2": "tl.log2", "sqrt": "tl.sqrt",
-                "rsqrt": "tl.rsqrt", "sigmoid": "tl.sigmoid", "floor": "tl.floor"}
 _INDEX = {"b": ("b", SCALAR), "h": ("h_row", ROW), "i": ("i_row", ROW), "j": ("j_col", COL)}
 POSITION_LIMIT = 2 ** 30  # i and j are int32 in the kernel; sums and differences of two still fit
 _INT32 = (-2 ** 31, 2 ** 31 - 1)
@@ -55,7 +56,8 @@ class Value:
 class Emitter:
     def __init__(self, spec: Attention, exp2: str = "tl.exp2"):
         self.spec = spec
-        self.exp2 = exp2  # the base-2 exponential's name in the kernel module (exp2 and tanh use it)
+        self.exp2 = exp2  # the base-2 exponential's name in the kernel module (exp2 and the formulas use it)
+        self.kinds = Kinds(spec)
         self.prologue: list[str] = []
         # scopes[0] is the prologue; each scope has its lines and a memo (CSE) that inner scopes see.
         self._scopes: list[tuple[list[str], dict[Expr, Value]]] = [(self.prologue, {})]
@@ -119,12 +121,8 @@ class Emitter:
         lines.append(f"{name} = {code}")
         return Value(name, level, kind, span=span)
 
-    def _int_operands(self, values: list[Value], level: int, span: tuple[int, int] | None) -> list[str]:
-        """Operands of integer arithmetic whose result lies in `span` (None: unknown, so compute in int64)."""
-        return [self.as_int(v, level, wide=span is None) for v in values]
-
     def _emit(self, e: Expr) -> Value:
-        kind = expr_type(e, self.spec)
+        kind = self.kinds(e)
         if isinstance(e, Num):
             return Value(_literal(e), SCALAR, kind, literal=True, span=_literal_span(e))
         if isinstance(e, IndexVar):
@@ -138,18 +136,8 @@ class Emitter:
             return Value("qk", TILE, "float")
         if isinstance(e, Lookup):
             return self._lookup(e, kind)
-        if isinstance(e, Unary):
-            x = self.value(e.operand)
-            if e.op == "not":
-                return self._assign(f"{x.code} == 0", x.level, "bool")
-            if kind == "float":
-                return self._assign(f"-{x.code}", x.level, kind)
-            span = _fit(_span(x) and (-_span(x)[1], -_span(x)[0]))
-            return self._assign(f"-{self._int_operands([x], x.level, span)[0]}", x.level, kind, span)
-        if isinstance(e, Binary):
-            return self._binary(e, kind)
-        if isinstance(e, Call):
-            return self._call(e, kind)
+        if isinstance(e, (Unary, Binary, Call)):
+            return self._operator(op_of(e), [self.value(x) for x in children(e)], kind)
         raise TypeError(f"not an IR expression: {e!r}")
 
     def _lookup(self, e: Lookup, kind: str) -> Value:
@@ -170,61 +158,75 @@ class Emitter:
             load += ".to(tl.float32)"  # f16/bf16/f64 tables compute in f32 (bf16 loads need it in the interpreter)
         return self._assign(load, level, kind)
 
-    def _binary(self, e: Binary, kind: str) -> Value:
-        a, b = self.value(e.lhs), self.value(e.rhs)
-        level = _join(a, b)
-        if e.op in ("and", "or"):
-            return self._assign(f"{self.at(a, level)} {'&' if e.op == 'and' else '|'} {self.at(b, level)}", level,
-                                "bool")
-        floats = "float" in (a.kind, b.kind) or e.op == "/"
-        span = None
-        if floats:
-            x, y = self.as_float(a, level), self.as_float(b, level)
-        elif e.op in ("==", "!=") and a.kind == b.kind == "bool":
-            x, y = self.at(a, level), self.at(b, level)
-        elif kind == "bool":  # comparisons: int32 against int64 promotes by itself
-            x, y = self.as_int(a, level), self.as_int(b, level)
-        else:
-            span = _arith_span(e.op, _span(a), _span(b))
-            x, y = self._int_operands([a, b], level, span)
-        if e.op == "%":
-            if floats:
-                return self._assign(f"{x} - {y} * tl.floor({x} / {y})", level, "float")
-            rem = self._assign(f"{x} % {y}", level, "int", span)  # C remainder: sign of x; Python's has y's sign
-            if b.literal:
-                fix = f"{rem.code} < 0" if _literal_value(b) > 0 else f"{rem.code} > 0"
-            else:
-                fix = f"({rem.code} != 0) & (({rem.code} < 0) != ({y} < 0))"
-            return self._assign(f"tl.where({fix}, {rem.code} + {y}, {rem.code})", level, "int", span)
-        return self._assign(f"{x} {e.op} {y}", level, kind, span)
-
-    def _call(self, e: Call, kind: str) -> Value:
-        args = [self.value(x) for x in e.args]
+    def _operator(self, op: Op, args: list[Value], kind: str) -> Value:
+        """One operator node: operands converted to the kind it computes in (ints: int32 where the result's range
+        is known to fit, else int64), then the table's rendering."""
         level = _join(*args)
-        if e.fn in _FLOAT_FUNCS:
-            fn = self.exp2 if e.fn == "exp2" else _FLOAT_FUNCS[e.fn]
-            return self._assign(f"{fn}({self.as_float(args[0], level)})", level, "float")
-        if e.fn == "tanh":  # libdevice tanh fails in the interpreter: tanh(x) = 1 - 2 / (exp2(2 x log2 e) + 1)
-            x = self.as_float(args[0], level)
-            return self._assign(f"1.0 - 2.0 / ({self.exp2}({2 * math.log2(math.e)!r} * {x}) + 1.0)", level, "float")
-        if e.fn == "abs":
-            if kind == "float":
-                return self._assign(f"tl.abs({self.at(args[0], level)})", level, kind)
-            a = _span(args[0])
-            span = _fit(a and (0, max(abs(a[0]), abs(a[1]))))
-            return self._assign(f"tl.abs({self._int_operands(args, level, span)[0]})", level, kind, span)
-        operands = args[1:] if e.fn == "where" else args
+        compute = compute_kind(op, [v.kind for v in args])
         span = None
-        if kind == "int":
-            spans = [_span(v) for v in operands]
-            span = None if None in spans else (min(s[0] for s in spans), max(s[1] for s in spans))
-            x, y = self._int_operands(operands, level, span)
+        if kind == "int" and op.span is not None:
+            span = op.span(*(_span(v) for v in args))
+        codes = []
+        for role, v in zip(op.operands, args):
+            if role == "bool" or compute == "bool":
+                codes.append(self.at(v, level))
+            elif compute == "float":
+                codes.append(self.as_float(v, level))
+            else:  # comparisons of ints need no widening: int32 against int64 promotes by itself
+                codes.append(self.as_int(v, level, wide=kind == "int" and span is None))
+        render = _Rendering(self, level, kind, span, args, compute)
+        if isinstance(op.triton, Formula):
+            code = render.formula(op.triton, codes[0])
+        elif callable(op.triton):
+            code = op.triton(render, *codes)
         else:
-            convert = {"float": self.as_float, "bool": self.at}[kind]
-            x, y = (convert(v, level) for v in operands)
-        if e.fn == "where":
-            return self._assign(f"tl.where({self.at(args[0], level)}, {x}, {y})", level, kind, span)
-        return self._assign(f"tl.{'minimum' if e.fn == 'min' else 'maximum'}({x}, {y})", level, kind, span)
+            code = op.triton.format(*codes, exp2=self.exp2)
+        return self._assign(code, level, kind, span)
+
+
+class _Rendering:
+    """What a table rendering sees of the node it renders: the kind it computes in, `let` (an intermediate
+    value named once), `literal` (an operand's value when it is a literal), `exp2`, and the math interface of
+    ops.Formula over Triton code."""
+
+    def __init__(self, em: Emitter, level: int, kind: str, span, args: list[Value], compute: str):
+        self.em, self.level, self.span, self.args = em, level, span, args
+        self.result_kind = kind
+        self.kind = compute
+
+    def let(self, code: str) -> str:
+        return self.em._assign(code, self.level, self.result_kind, self.span).code
+
+    def literal(self, index: int):
+        v = self.args[index]
+        return _literal_value(v) if v.literal else None
+
+    def formula(self, formula: Formula, x: str) -> str:
+        return formula.build(self, x if x.isidentifier() else self.let(x))
+
+    # -- ops.Formula's math interface (float32 operands)
+    add, sub, mul, div, lt = (lambda self, a, b, op=op: f"({a} {op} {b})" for op in "+-*/<")
+
+    def const(self, c: float) -> str:
+        return repr(float(c))
+
+    def neg(self, a: str) -> str:
+        return f"(-{a})"
+
+    def abs(self, a: str) -> str:
+        return f"tl.abs({a})"
+
+    def min(self, a: str, b: str) -> str:
+        return f"tl.minimum({a}, {b})"
+
+    def max(self, a: str, b: str) -> str:
+        return f"tl.maximum({a}, {b})"
+
+    def exp2(self, a: str) -> str:
+        return f"{self.em.exp2}({a})"
+
+    def select(self, cond: str, a: str, b: str) -> str:
+        return f"tl.where({cond}, {a}, {b})"
 
 
 def _span(v: Value) -> tuple[int, int] | None:
@@ -236,23 +238,6 @@ def _span(v: Value) -> tuple[int, int] | None:
 
 def _fit(span: tuple[int, int] | None) -> tuple[int, int] | None:
     return span if span is not None and _INT32[0] <= span[0] and span[1] <= _INT32[1] else None
-
-
-def _arith_span(op: str, a: tuple[int, int] | None, b: tuple[int, int] | None) -> tuple[int, int] | None:
-    """Interval arithmetic for + - * %; None when an operand is unknown or the result may leave int32."""
-    if a is None or b is None:
-        return None
-    if op == "+":
-        return _fit((a[0] + b[0], a[1] + b[1]))
-    if op == "-":
-        return _fit((a[0] - b[1], a[1] - b[0]))
-    if op == "*":
-        corners = [x * y for x in a for y in b]
-        return _fit((min(corners), max(corners)))
-    if op == "%" and b[0] == b[1] != 0:  # floored remainder by a constant c: within (-|c|, |c|)
-        c = abs(b[0])
-        return (-(c - 1), c - 1) if c <= 2 ** 30 else None
-    return None
 
 
 def _literal_span(e: Num) -> tuple[int, int] | None:

@@ -100,7 +100,8 @@ class DecodeLauncher:
         values.update(qkv_values(spec, bound, out, lse),
                       workspace=(ws_out, ws_lse) if split else (out, out),
                       workspace_strides=(*ws_out.stride()[:3], *ws_lse.stride()[:2]) if split else (0,) * 5,
-                      launch=(go.search_steps, go.splits), errors=(device_errors.buffer(bound.q.device), self.site))
+                      launch=(go.search_steps, go.splits), errors=(device_errors.buffer(bound.q.device),),
+                      site=(self.site,))
         calls = [(self.decode_fn, (go.q_programs * go.splits, go.head_programs), self.signature.pack(values),
                   go.decode.keywords)]
         if split:

@@ -62,8 +62,9 @@ class Signature:
         return args
 
     def unspecialized(self) -> str:
-        """Triton's do_not_specialize list: the sizes, params and launch scalars change between calls."""
-        return ", ".join(f'"{n}"' for n in self.names_of("sizes", "params", "launch") + UNSPECIALIZED)
+        """Triton's do_not_specialize list: the sizes, params, launch scalars and the decode kernel's call site in
+        the error buffer change between calls (one compile serves them all)."""
+        return ", ".join(f'"{n}"' for n in self.names_of("sizes", "params", "launch", "site"))
 
     def render(self, width: int = 100) -> str:
         """The parameter list of the kernel's `def`, wrapped at `width` with the signature's indentation."""
@@ -146,7 +147,6 @@ def spec_args(plan: KernelPlan, per_sequence: bool = False) -> SpecArgs:
                     "b" in mask_vars, "h" in mask_vars)
 
 
-UNSPECIALIZED = ("err_site",)  # the decode kernel's call site in the error buffer: one compile for every site
 TILE_CONSTEXPRS = ("BLOCK_M", "BLOCK_N", "BLOCK_MQ", "PACK")
 SUMMARY = Group("summary", ("summary_ptr", "s_sb", "s_sh"))
 
@@ -168,7 +168,8 @@ WORKSPACE = (Group("workspace", ("ws_out_ptr", "ws_lse_ptr")),
 def decode_signature(args: SpecArgs) -> Signature:
     # the workspace pointers follow q/k/v/out/lse: a prepared launch replaces the seven tensors as one run
     return Signature("attn_decode", QKV_GROUPS[:1] + WORKSPACE[:1] + QKV_GROUPS[1:] + WORKSPACE[1:] + args.groups()
-                     + (Group("launch", ("search_steps", "n_splits")), Group("errors", ("err_ptr", "err_site"))),
+                     + (Group("launch", ("search_steps", "n_splits")), Group("errors", ("err_ptr",)),
+                        Group("site", ("err_site",))),
                      TILE_CONSTEXPRS + ("SPLIT", "UPCAST"))
 
 

@@ -6,17 +6,25 @@ leaves the table reads 0, the language's rule (dsl/reference.py; validate mode c
 evaluate whole tiles, so masked-out elements may well form such indices.
 
 LLVM keeps `exp2`, `tanh` and friends as scalar libm calls inside vectorized loops, so the float functions
-the softmax needs are written here as polynomials over `exp2` that vectorize (one AVX-512 FMA chain each).
+the softmax needs are written here as polynomials over `exp2` that vectorize (one AVX-512 FMA chain each);
+tanh and erf are the operator table's formulas (ops.Formula) over them. GPUs (`native_math`) use TVM's
+intrinsics. Each operator's rendering comes from the operator table (ops.py). A float subexpression used more
+than once is computed once, bound by a `Let`, so a score's TIR is as large as its DAG, not its tree. (TVM's
+arithmetic analyzer still substitutes a let-bound value free of buffer loads wherever it simplifies, so a long
+chain of shared nodes, such as 16+ lines of `score = score + score`, still compiles in time exponential in its
+length inside TVM; 12 lines cost no more than one.)
 """
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 from typing import Mapping
 
 from tvm import tirx as tir
 
-from ...ir import QK, Attention, Binary, Call, Expr, IndexVar, Lookup, Num, ParamRef, SizeRef, Unary, expr_type
+from ...ir import QK, Attention, Binary, Call, Expr, IndexVar, Lookup, Num, ParamRef, SizeRef, Unary, children
+from ...ops import Formula, Kinds, Op, compute_kind, function, op_of
 
 F32, I64, I32 = "float32", "int64", "int32"
 LOG2E = math.log2(math.e)
@@ -69,27 +77,6 @@ def exp(x: tir.PrimExpr) -> tir.PrimExpr:
     return exp2(x * f32(LOG2E))
 
 
-def sigmoid(x: tir.PrimExpr) -> tir.PrimExpr:
-    return f32(1.0) / (f32(1.0) + exp(-x))
-
-
-def tanh(x: tir.PrimExpr) -> tir.PrimExpr:
-    return f32(1.0) - f32(2.0) / (exp2(x * f32(2.0 * LOG2E)) + f32(1.0))
-
-
-_FLOAT_FUNCS = {
-    "exp": exp, "exp2": exp2, "sigmoid": sigmoid, "tanh": tanh,
-    "log": tir.log, "log2": tir.log2, "sqrt": tir.sqrt, "floor": tir.floor,
-    "rsqrt": lambda x: f32(1.0) / tir.sqrt(x),
-}
-# GPUs evaluate these in hardware (SFU): TVM's CUDA/Metal/... intrinsics, no polynomial needed.
-_NATIVE_FUNCS = {
-    **_FLOAT_FUNCS, "exp": tir.exp, "exp2": tir.exp2, "tanh": tir.tanh, "sigmoid": tir.sigmoid,
-    "rsqrt": tir.rsqrt,
-}
-_COMPARE = {"<": tir.LT, "<=": tir.LE, ">": tir.GT, ">=": tir.GE, "==": tir.EQ, "!=": tir.NE}
-
-
 @dataclass(frozen=True)
 class Scope:
     """What the names of an expression stand for at one place of the kernel."""
@@ -105,58 +92,80 @@ class Emitter:
     def __init__(self, spec: Attention, scope: Scope, native_math: bool = False):
         self.spec = spec
         self.scope = scope
-        self.funcs = _NATIVE_FUNCS if native_math else _FLOAT_FUNCS
+        self.native_math = native_math
+        self.kinds = Kinds(spec)
 
     def float(self, e: Expr) -> tir.PrimExpr:
-        return self._as(self.emit(e), expr_type(e, self.spec), "float")
+        return self._root(e, "float")
 
     def int(self, e: Expr) -> tir.PrimExpr:
-        return self._as(self.emit(e), expr_type(e, self.spec), "int")
+        return self._root(e, "int")
 
     def bool(self, e: Expr) -> tir.PrimExpr:
-        return self._as(self.emit(e), expr_type(e, self.spec), "bool")
+        return self._root(e, "bool")
 
     def emit(self, e: Expr) -> tir.PrimExpr:
-        """`e` as a TIR expression of dtype float32, int64 or bool (its kind from ir.expr_type)."""
-        kind = expr_type(e, self.spec)
+        """`e` as a TIR expression of dtype float32, int64 or bool (its kind from ops.Kinds)."""
+        return self._root(e, self.kinds(e))
+
+    def _root(self, e: Expr, want: str) -> tir.PrimExpr:
+        build = _Build(self, _shared(e, self.kinds))
+        value = _as(build.value(e), self.kinds(e), want)
+        for var, bound in reversed(build.bindings):
+            value = tir.Let(var, bound, value)
+        return value
+
+
+class _Build:
+    """One expression's emission: each node emitted once; nodes with several users bound to variables."""
+
+    def __init__(self, em: Emitter, shared: set[Expr]):
+        self.em = em
+        self.shared = shared
+        self.memo: dict[Expr, tir.PrimExpr] = {}
+        self.bindings: list[tuple[tir.Var, tir.PrimExpr]] = []  # in order of use: each after those it reads
+
+    def value(self, e: Expr) -> tir.PrimExpr:
+        done = self.memo.get(e)
+        if done is None:
+            done = self._emit(e)
+            if e in self.shared:
+                var = tir.Var(f"t{len(self.bindings)}", done.ty)
+                self.bindings.append((var, done))
+                done = var
+            self.memo[e] = done
+        return done
+
+    def _converted(self, e: Expr, want: str) -> tir.PrimExpr:
+        return _as(self.value(e), self.em.kinds(e), want)
+
+    def _emit(self, e: Expr) -> tir.PrimExpr:
+        kind, scope = self.em.kinds(e), self.em.scope
         if isinstance(e, Num):
             if kind == "bool":
                 return tir.const(bool(e.value), "bool")
             return f32(e.value) if kind == "float" else tir.const(int(e.value), I64)
         if isinstance(e, IndexVar):
-            return tir.Cast(I64, self.scope.index[e.name])
+            return tir.Cast(I64, scope.index[e.name])
         if isinstance(e, SizeRef):
-            return tir.Cast(I64, self.scope.sizes[e.name])
+            return tir.Cast(I64, scope.sizes[e.name])
         if isinstance(e, ParamRef):
-            var = self.scope.params[e.name]
-            decl = self.spec.param(e.name).dtype
+            var = scope.params[e.name]
+            decl = self.em.spec.param(e.name).dtype
             return {"bool": lambda: var != 0, "i32": lambda: tir.Cast(I64, var), "f32": lambda: var}[decl]()
         if isinstance(e, QK):
-            return self.scope.qk
+            return scope.qk
         if isinstance(e, Lookup):
             return self._lookup(e, kind)
-        if isinstance(e, Unary):
-            if e.op == "not":
-                return tir.Not(self.bool(e.operand))
-            return -self._as(self.emit(e.operand), expr_type(e.operand, self.spec), kind)
-        if isinstance(e, Binary):
-            return self._binary(e, kind)
-        if isinstance(e, Call):
-            return self._call(e, kind)
+        if isinstance(e, (Unary, Binary, Call)):
+            return self._operator(op_of(e), children(e))
         raise TypeError(f"not an IR expression: {e!r}")
 
-    def _as(self, x: tir.PrimExpr, have: str, want: str) -> tir.PrimExpr:
-        if have == want:
-            return x
-        if want == "bool":
-            return x != tir.const(0, F32 if have == "float" else I64)
-        return tir.Cast(F32 if want == "float" else I64, x)
-
     def _lookup(self, e: Lookup, kind: str) -> tir.PrimExpr:
-        table = self.scope.inputs[e.tensor]
+        table = self.em.scope.inputs[e.tensor]
         indices, inside = [], []
         for index, extent in zip(e.indices, table.shape):
-            x = self.int(index)
+            x = self._converted(index, "int")
             size = tir.Cast(I64, extent)
             inside.append(tir.And(x >= tir.const(0, I64), x < size))
             indices.append(tir.Cast(I32, tir.max(tir.min(x, size - 1), tir.const(0, I64))))
@@ -171,32 +180,81 @@ class Emitter:
             ok = tir.And(ok, c)
         return tir.Select(ok, value, zero)
 
-    def _binary(self, e: Binary, kind: str) -> tir.PrimExpr:
-        lk, rk = expr_type(e.lhs, self.spec), expr_type(e.rhs, self.spec)
-        if e.op in ("and", "or"):
-            a, b = self.bool(e.lhs), self.bool(e.rhs)
-            return tir.And(a, b) if e.op == "and" else tir.Or(a, b)
-        a, b = self.emit(e.lhs), self.emit(e.rhs)
-        if "float" in (lk, rk) or e.op == "/":
-            common = "float"
-        elif e.op in ("==", "!=") and lk == rk == "bool":
-            common = "bool"
-        else:
-            common = "int"
-        a, b = self._as(a, lk, common), self._as(b, rk, common)
-        if e.op in _COMPARE:
-            return _COMPARE[e.op](a, b)
-        if e.op == "%":
-            return a - b * tir.floor(a / b) if common == "float" else tir.floormod(a, b)
-        return {"+": tir.Add, "-": tir.Sub, "*": tir.Mul, "/": tir.Div}[e.op](a, b)
+    def _operator(self, op: Op, args: tuple[Expr, ...]) -> tir.PrimExpr:
+        """Operands converted to the kind the operator computes in, then the table's rendering (TVM's intrinsic
+        where the target has fast math and the table names one)."""
+        compute = compute_kind(op, [self.em.kinds(a) for a in args])
+        operands = [self._converted(a, "bool" if role == "bool" else compute) for a, role in zip(args, op.operands)]
+        return render(op, operands, compute, self.em.native_math)
 
-    def _call(self, e: Call, kind: str) -> tir.PrimExpr:
-        if e.fn in self.funcs:
-            return self.funcs[e.fn](self.float(e.args[0]))
-        if e.fn == "abs":
-            return tir.abs(self._as(self.emit(e.args[0]), expr_type(e.args[0], self.spec), kind))
-        operands = e.args[1:] if e.fn == "where" else e.args
-        x, y = (self._as(self.emit(a), expr_type(a, self.spec), kind) for a in operands)
-        if e.fn == "where":
-            return tir.Select(self.bool(e.args[0]), x, y)
-        return tir.min(x, y) if e.fn == "min" else tir.max(x, y)
+
+def _shared(e: Expr, kinds: Kinds) -> set[Expr]:
+    """The float operator and lookup nodes of `e` that more than one parent uses (structurally equal ones count
+    as one): each is emitted once and bound to a variable. Integer and boolean ones (index math, masks, key
+    bounds) stay shared PrimExpr objects: kernels place a bound in several statements, and TIR's analyzer
+    rejects an integer variable bound twice under different constraints."""
+    uses: dict[Expr, int] = {}
+    stack = [e]
+    seen: set[Expr] = set()
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        for c in children(node):
+            uses[c] = uses.get(c, 0) + 1
+            stack.append(c)
+    return {n for n, count in uses.items()
+            if count > 1 and isinstance(n, (Lookup, Unary, Binary, Call)) and kinds(n) == "float"}
+
+
+def _as(x: tir.PrimExpr, have: str, want: str) -> tir.PrimExpr:
+    if have == want:
+        return x
+    if want == "bool":
+        return x != tir.const(0, F32 if have == "float" else I64)
+    return tir.Cast(F32 if want == "float" else I64, x)
+
+
+class _Math:
+    """What a table rendering sees (ops.Op.tvm): `tir`, the kind the operator computes in, the float functions
+    of the target (vectorizable polynomials on CPUs, intrinsics with `native`), and ops.Formula's interface."""
+
+    tir = tir
+
+    def __init__(self, kind: str, native: bool = False):
+        self.kind = kind
+        self.exp = tir.exp if native else exp
+        self.exp2 = tir.exp2 if native else exp2
+        self._lets: list[tuple[tir.Var, tir.PrimExpr]] = []
+
+    def formula(self, formula: Formula, x: tir.PrimExpr) -> tir.PrimExpr:
+        arg = tir.Var("fx", x.ty)
+        value = formula.build(self, arg)
+        for var, bound in reversed([(arg, x), *self._lets]):
+            value = tir.Let(var, bound, value)
+        return value
+
+    def let(self, x: tir.PrimExpr) -> tir.PrimExpr:
+        var = tir.Var(f"f{len(self._lets)}", x.ty)
+        self._lets.append((var, x))
+        return var
+
+    # ops.Formula's interface: TIR's functions and PrimExpr's operators
+    const = staticmethod(f32)
+    abs, min, max, select = (staticmethod(fn) for fn in (tir.abs, tir.min, tir.max, tir.Select))
+    add, sub, mul, div, neg, lt = (staticmethod(fn) for fn in (operator.add, operator.sub, operator.mul,
+                                                                operator.truediv, operator.neg, operator.lt))
+
+
+def render(op: Op, operands: list[tir.PrimExpr], kind: str, native: bool = False) -> tir.PrimExpr:
+    """`op` applied to operands already converted to `kind`, the kind it computes in."""
+    if native and op.tvm_native:
+        return getattr(tir, op.tvm_native)(*operands)
+    math = _Math(kind, native)
+    return math.formula(op.tvm, operands[0]) if isinstance(op.tvm, Formula) else op.tvm(math, *operands)
+
+
+def float_function(name: str, x: tir.PrimExpr, native: bool = False) -> tir.PrimExpr:
+    """The language's float function `name` (tanh, erf, ...) of a float32 PrimExpr, as the kernels compute it."""
+    return render(function(name), [x], "float", native)
