@@ -22,6 +22,8 @@ _LAZY = {
        ("exp", "exp2", "log", "log2", "sqrt", "rsqrt", "tanh", "sigmoid", "abs", "minimum", "maximum", "floor")},
     "flex_attention": ("attnc.dsl.flex", "flex_attention"),
     "create_block_mask": ("attnc.dsl.flex", "create_block_mask"),
+    "AuxRequest": ("attnc.dsl.flex", "AuxRequest"),
+    "AuxOutput": ("attnc.dsl.flex", "AuxOutput"),
     "compile": ("attnc.runtime.api", "compile"),
     "load": ("attnc.runtime.api", "load"),
     "merge_states": ("attnc.merge", "merge_states"),

@@ -28,7 +28,7 @@ PARAM_DTYPES = ("i32", "f32", "bool")
 UNARY_FUNCS = ("exp", "exp2", "log", "log2", "sqrt", "rsqrt", "tanh", "sigmoid", "abs", "floor")
 BINARY_FUNCS = ("min", "max")
 FUNCS = UNARY_FUNCS + BINARY_FUNCS + ("where",)
-ARITH_OPS = ("+", "-", "*", "/", "%")
+ARITH_OPS = ("+", "-", "*", "/", "//", "%")  # `//`: floored division of integers (Python's)
 COMPARE_OPS = ("<", "<=", ">", ">=", "==", "!=")
 LOGIC_OPS = ("and", "or")
 
@@ -361,7 +361,7 @@ def promote(a: str, b: str) -> str:
 # ---------------------------------------------------------------- canonical printer
 
 # Binding strength for the printer; the grammar (dsl/attn.lark) uses the same order.
-_PREC = {"or": 1, "and": 2, "not": 3, **{op: 4 for op in COMPARE_OPS}, "+": 5, "-": 5, "*": 6, "/": 6, "%": 6}
+_PREC = {"or": 1, "and": 2, "not": 3, **{op: 4 for op in COMPARE_OPS}, "+": 5, "-": 5, "*": 6, "/": 6, "//": 6, "%": 6}
 _UNARY_PREC = 7
 _ATOM_PREC = 8
 

@@ -510,6 +510,10 @@ class _Typer:
             return None
         if e.op in ir.COMPARE_OPS:
             return "bool"
+        if e.op == "//" and "float" in (lhs, rhs):
+            self.report.error("`//` divides integers (rounding down); for numbers with a fraction write "
+                              "floor(a / b)", here)
+            return None
         return "float" if e.op == "/" else ir.promote(lhs, rhs)
 
     def _call(self, e: ir.Call, here) -> str | None:

@@ -34,6 +34,7 @@ _CHUNK_ELEMS = 1 << 22
 _PARAM_DTYPES = {"i32": torch.int64, "f32": torch.float64, "bool": torch.bool}
 _ARITH: Mapping[str, Callable] = {
     "+": torch.add, "-": torch.sub, "*": torch.mul, "/": torch.true_divide, "%": torch.remainder,
+    "//": lambda a, b: torch.div(a, b, rounding_mode="floor"),
 }
 _COMPARE: Mapping[str, Callable] = {
     "<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge, "==": operator.eq, "!=": operator.ne,
@@ -234,8 +235,9 @@ def evaluate(e: Expr, env: _Env) -> torch.Tensor:
         a, b = _as_number(a), _as_number(b)
         if e.op == "/":
             a, b = _as_float(a), _as_float(b)
-        elif e.op == "%" and not b.is_floating_point() and bool((b == 0).any()):
-            raise CallError(f"integer modulo by zero in `{print_expr(e)}`: `{print_expr(e.rhs)}` is 0; "
+        elif e.op in ("%", "//") and not b.is_floating_point() and bool((b == 0).any()):
+            what = "modulo" if e.op == "%" else "division"
+            raise CallError(f"integer {what} by zero in `{print_expr(e)}`: `{print_expr(e.rhs)}` is 0; "
                             f"pass a non-zero value")
         return _ARITH[e.op](a, b)
     if isinstance(e, Call):

@@ -12,7 +12,8 @@ Scalar = Union[int, float, bool]
 
 _COMPARE = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge, "==": operator.eq,
             "!=": operator.ne}
-_ARITH = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv, "%": operator.mod}
+_ARITH = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv, "//": operator.floordiv,
+          "%": operator.mod}
 _FLOAT_FUNCS: Mapping[str, Callable[[float], float]] = {
     "exp": math.exp, "exp2": lambda x: 2.0 ** x, "log": math.log, "log2": math.log2, "sqrt": math.sqrt,
     "rsqrt": lambda x: 1.0 / math.sqrt(x), "tanh": math.tanh, "sigmoid": lambda x: 1.0 / (1.0 + math.exp(-x)),
@@ -25,7 +26,7 @@ class NotConstant(Exception):
 
 
 def evaluate(e: Expr, env: Mapping[str, Scalar], lookup: Callable[[str, tuple], Scalar] | None = None) -> Scalar:
-    """`e` with Python semantics (floored `%`, true `/`), names from `env` (index variables, sizes, params),
+    """`e` with Python semantics (floored `%` and `//`, true `/`), names from `env` (index variables, sizes, params),
     tensor lookups through `lookup(tensor, indices)`. Raises NotConstant for anything missing."""
     if isinstance(e, Num):
         return e.value
@@ -50,7 +51,7 @@ def evaluate(e: Expr, env: Mapping[str, Scalar], lookup: Callable[[str, tuple], 
         b = evaluate(e.rhs, env, lookup)
         if e.op in _COMPARE:
             return _COMPARE[e.op](a, b)
-        if e.op in ("/", "%") and b == 0:
+        if e.op in ("/", "//", "%") and b == 0:
             raise NotConstant("division by zero")
         return _ARITH[e.op](a, b)
     if isinstance(e, Call):

@@ -3,7 +3,7 @@
 Every value has a *level*: scalar (per program: sizes, params, b), row ([BLOCK_M]: i, h), col ([BLOCK_N]: j)
 or tile ([BLOCK_M, BLOCK_N]: qk). Scalar and row values are emitted once into the kernel's prologue; col and
 tile values into the current scope (a loop body). Operands of mixed levels are broadcast with [:, None] /
-[None, :]. Semantics follow the reference: ints are int64 with floored `%`, `/` is true division, booleans
+[None, :]. Semantics follow the reference: ints are int64 with floored `%` and `//`, `/` is true division, booleans
 count as ints in arithmetic, and int/float mixes compute in float32. Integer results that provably fit int32
 (from the known ranges of positions and literals) stay int32, which keeps per-element tile math cheap; any
 other integer arithmetic widens its operands to int64 first. Positions i and j are below POSITION_LIMIT.
@@ -186,15 +186,19 @@ class Emitter:
         else:
             span = _arith_span(e.op, _span(a), _span(b))
             x, y = self._int_operands([a, b], level, span)
-        if e.op == "%":
-            if floats:
-                return self._assign(f"{x} - {y} * tl.floor({x} / {y})", level, "float")
-            rem = self._assign(f"{x} % {y}", level, "int", span)  # C remainder: sign of x; Python's has y's sign
+        if e.op == "%" and floats:
+            return self._assign(f"{x} - {y} * tl.floor({x} / {y})", level, "float")
+        if e.op in ("%", "//"):  # integers (the checker gives `//` nothing else)
+            # C remainder and quotient round toward zero, Python's down: they differ where the remainder is
+            # non-zero with a sign other than y's.
+            rem = self._assign(f"{x} % {y}", level, "int", _arith_span("%", _span(a), _span(b)))
             if b.literal:
                 fix = f"{rem.code} < 0" if _literal_value(b) > 0 else f"{rem.code} > 0"
             else:
                 fix = f"({rem.code} != 0) & (({rem.code} < 0) != ({y} < 0))"
-            return self._assign(f"tl.where({fix}, {rem.code} + {y}, {rem.code})", level, "int", span)
+            if e.op == "%":
+                return self._assign(f"tl.where({fix}, {rem.code} + {y}, {rem.code})", level, "int", span)
+            return self._assign(f"{x} // {y} - tl.where({fix}, 1, 0)", level, "int", span)
         return self._assign(f"{x} {e.op} {y}", level, kind, span)
 
     def _call(self, e: Call, kind: str) -> Value:
@@ -238,7 +242,7 @@ def _fit(span: tuple[int, int] | None) -> tuple[int, int] | None:
 
 
 def _arith_span(op: str, a: tuple[int, int] | None, b: tuple[int, int] | None) -> tuple[int, int] | None:
-    """Interval arithmetic for + - * %; None when an operand is unknown or the result may leave int32."""
+    """Interval arithmetic for + - * % //; None when an operand is unknown or the result may leave int32."""
     if a is None or b is None:
         return None
     if op == "+":
@@ -251,6 +255,9 @@ def _arith_span(op: str, a: tuple[int, int] | None, b: tuple[int, int] | None) -
     if op == "%" and b[0] == b[1] != 0:  # floored remainder by a constant c: within (-|c|, |c|)
         c = abs(b[0])
         return (-(c - 1), c - 1) if c <= 2 ** 30 else None
+    if op == "//" and b[0] == b[1] != 0:  # floored quotient by a constant: monotonic in the dividend
+        lo, hi = sorted((a[0] // b[0], a[1] // b[0]))
+        return _fit((lo, hi))
     return None
 
 

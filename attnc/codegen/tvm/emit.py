@@ -1,6 +1,6 @@
 """IR expressions -> TIR expressions, and vectorizable float functions.
 
-Semantics follow the reference (DESIGN.md): ints compute in int64 with floored `%`, `/` is true division,
+Semantics follow the reference (DESIGN.md): ints compute in int64 with floored `%` and `//`, `/` is true division,
 booleans count as ints in arithmetic, int/float mixes and every float compute in float32. A lookup whose index
 leaves the table reads 0 (the reference rejects such calls; kernels evaluate whole tiles, so masked-out
 elements may still form such indices).
@@ -188,6 +188,8 @@ class Emitter:
             return _COMPARE[e.op](a, b)
         if e.op == "%":
             return a - b * tir.floor(a / b) if common == "float" else tir.floormod(a, b)
+        if e.op == "//":  # integers only (the checker's rule)
+            return tir.floordiv(a, b)
         return {"+": tir.Add, "-": tir.Sub, "*": tir.Mul, "/": tir.Div}[e.op](a, b)
 
     def _call(self, e: Call, kind: str) -> tir.PrimExpr:
