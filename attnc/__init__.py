@@ -34,6 +34,8 @@ _LAZY = {
     **{fn: ("attnc.dsl.trace", fn) for fn in (*_UNARY_FUNCTIONS, "minimum", "maximum")},  # attnc.tanh, attnc.erf, ...
     "flex_attention": ("attnc.runtime.api", "flex_attention"),
     "create_block_mask": ("attnc.runtime.api", "create_block_mask"),
+    "AuxRequest": ("attnc.dsl.flex", "AuxRequest"),
+    "AuxOutput": ("attnc.dsl.flex", "AuxOutput"),
     "compile": ("attnc.runtime.api", "compile"),
     "load": ("attnc.runtime.api", "load"),
     "AttentionKernel": ("attnc.runtime.api", "AttentionKernel"),

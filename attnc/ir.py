@@ -31,7 +31,7 @@ TENSOR_DTYPES = ("f16", "bf16", "f32", "f64", "i8", "i16", "i32", "i64", "bool")
 QKV_DTYPES = ("f16", "bf16", "f32")
 PARAM_DTYPES = ("i32", "f32", "bool")
 # The binary operators of the syntax, by precedence class (their meaning: ops.OPS; functions: ops.FUNCTIONS).
-ARITH_OPS = ("+", "-", "*", "/", "%")
+ARITH_OPS = ("+", "-", "*", "/", "//", "%")  # `//`: floored division of integers (Python's)
 COMPARE_OPS = ("<", "<=", ">", ">=", "==", "!=")
 LOGIC_OPS = ("and", "or")
 
@@ -84,7 +84,7 @@ def _same(a: Node, b: Node) -> bool:
             for p, q in pairs:
                 if isinstance(p, Node):
                     stack.append((p, q))
-                elif p is not q and p != q:
+                elif p is not q and (type(p) is not type(q) or p != q):  # True == 1 in Python, not here
                     return False
     return True
 
@@ -96,7 +96,8 @@ def _expr_node(cls):
 
 @_expr_node
 class Num(Node):
-    """A literal. `is_float` keeps 1 and 1.0 apart (Python's 1 == 1.0 would merge them)."""
+    """A literal. `is_float` keeps 1 and 1.0 apart (Python's 1 == 1.0 would merge them); Node's equality keeps
+    true and 1 apart."""
 
     value: Union[int, float, bool]
     is_float: bool
@@ -445,7 +446,7 @@ def promote(a: str, b: str) -> str:
 # ---------------------------------------------------------------- canonical printer
 
 # Binding strength for the printer; the grammar (dsl/attn.lark) uses the same order.
-_PREC = {"or": 1, "and": 2, "not": 3, **{op: 4 for op in COMPARE_OPS}, "+": 5, "-": 5, "*": 6, "/": 6, "%": 6}
+_PREC = {"or": 1, "and": 2, "not": 3, **{op: 4 for op in COMPARE_OPS}, "+": 5, "-": 5, "*": 6, "/": 6, "//": 6, "%": 6}
 _UNARY_PREC = 7
 _ATOM_PREC = 8
 

@@ -48,7 +48,8 @@ class Formula:
 class Op:
     name: str  # the operator's token ("+", "and") or function name ("tanh"); "neg" and "not" for Unary
     node: type  # the IR node that carries it: Unary, Binary or Call
-    operands: tuple[str, ...]  # per operand: "number", "bool", or "any" (a number or a boolean, see `same`)
+    operands: tuple[str, ...]  # per operand: "number", "integer" (an int or a boolean), "bool", or "any" (a
+    # number or a boolean, see `same`)
     result: str  # "bool", "float", or "common": the common kind of the non-"bool" operands
     python: Callable  # fold: Python scalars -> scalar; may raise ZeroDivisionError, ValueError, OverflowError
     torch: Callable  # reference: (torch module, *tensors) -> tensor; ZeroDivisionError for an integer % 0
@@ -149,6 +150,12 @@ def _torch_remainder(t, a, b):
     return t.remainder(a, b)
 
 
+def _torch_floor_divide(t, a, b):
+    if bool((b == 0).any()):
+        raise ZeroDivisionError("integer division by zero")
+    return t.div(a, b, rounding_mode="floor")
+
+
 # ---------------------------------------------------------------- backend renderings
 
 
@@ -156,13 +163,24 @@ def _triton_remainder(t, x: str, y: str) -> str:
     """Floored remainder: a float formula, or C's remainder (the sign of x) moved to the sign of y."""
     if t.kind == "float":
         return f"{x} - {y} * tl.floor({x} / {y})"
+    rem, fix = _c_rounding_fix(t, x, y)
+    return f"tl.where({fix}, {rem} + {y}, {rem})"
+
+
+def _triton_floor_divide(t, x: str, y: str) -> str:
+    """Floored quotient of integers: C's quotient rounds toward zero, one too high where the fix applies."""
+    _, fix = _c_rounding_fix(t, x, y)
+    return f"{x} // {y} - tl.where({fix}, 1, 0)"
+
+
+def _c_rounding_fix(t, x: str, y: str) -> tuple[str, str]:
+    """C's remainder of x by y, and where C's and Python's division differ: a non-zero remainder whose sign is
+    not y's."""
     rem = t.let(f"{x} % {y}")
     divisor = t.literal(1)
     if divisor is not None:
-        fix = f"{rem} < 0" if divisor > 0 else f"{rem} > 0"
-    else:
-        fix = f"({rem} != 0) & (({rem} < 0) != ({y} < 0))"
-    return f"tl.where({fix}, {rem} + {y}, {rem})"
+        return rem, (f"{rem} < 0" if divisor > 0 else f"{rem} > 0")
+    return rem, f"({rem} != 0) & (({rem} < 0) != ({y} < 0))"
 
 
 def _tvm_remainder(m, a, b):
@@ -249,6 +267,13 @@ def _remainder_span(_a, b):
     return None
 
 
+def _quotient_span(a, b):
+    """Floored quotient by a constant: monotonic in the dividend."""
+    if b[0] == b[1] != 0:
+        return _fit(tuple(sorted((a[0] // b[0], a[1] // b[0]))))
+    return None
+
+
 def _hull(*spans):
     return (min(s[0] for s in spans), max(s[1] for s in spans))
 
@@ -296,6 +321,9 @@ OPS: tuple[Op, ...] = (
        "floored: a - b floor(a / b), so 1 and -floor(a / b) almost everywhere (torch.remainder's rule); "
        "undefined where the quotient is a whole number",
        span=_known(_remainder_span)),
+    Op("//", Binary, ("integer", "integer"), "common", operator.floordiv, _torch_floor_divide, _triton_floor_divide,
+       lambda m, a, b: m.tir.floordiv(a, b), (_zero, _zero), "floored division of integers: piecewise constant",
+       span=_known(_quotient_span)),
     # -- comparisons and logic: boolean results
     _compare("<", operator.lt, "LT"), _compare("<=", operator.le, "LE"),
     _compare(">", operator.gt, "GT"), _compare(">=", operator.ge, "GE"),
@@ -382,7 +410,8 @@ def compute_kind(op: Op, kinds: Sequence[str]) -> str:
     their common kind ("number" operands count booleans as ints; "any" operands keep them)."""
     if op.result == "float":
         return "float"
-    shared = [numeric(k) if role == "number" else k for role, k in zip(op.operands, kinds) if role != "bool"]
+    shared = [numeric(k) if role in ("number", "integer") else k for role, k in zip(op.operands, kinds)
+              if role != "bool"]
     kind = shared[0] if shared else "bool"  # logic: booleans only
     for k in shared[1:]:
         kind = promote(kind, k)

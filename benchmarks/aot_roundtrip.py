@@ -22,6 +22,7 @@ from attnc.backends.triton.aot import MANIFEST, read_artifact
 
 TOL = {"bf16": 3e-2, "f16": 3e-3, "f32": 2e-5}  # max abs error over max(1, max |reference|)
 CASES = [(1, 1000), (5, 333), (300, 1000), (1000, 1000)]  # (M, N): decode, small decode, prefill
+SPEED_CASE = (1, 16384)  # a split-KV decode launch: the loaded artifact against a JIT build of the same spec
 
 
 def artifacts(paths: list[str]) -> list[Path]:
@@ -108,7 +109,29 @@ def main() -> int:
                               + ("" if lse_err is None else f"  lse err {lse_err:.2e}"))
     print(f"{checks - failures}/{checks} checks passed; Triton compiled {len(compiles)} kernel(s) during the runs"
           + (f": {compiles}" if compiles else " (every launch ran a saved cubin)"))
+    launch.empty = torch.empty
+    for folder in artifacts(args.dirs):
+        for name, kernel in attnc.load(folder).items():
+            speed(kernel)
     return 1 if failures or compiles else 0
+
+
+def speed(loaded) -> None:
+    """Times a split-KV decode call of a loaded kernel against a JIT build of its spec (after the checks, so the
+    JIT's compiles do not count there): the artifact must carry the decode kernels to run at the JIT's speed."""
+    from triton.testing import do_bench
+
+    spec = loaded.spec
+    m, n = SPEED_CASE
+    sizes = {name: 16 for d in (spec.q, spec.k, spec.v, *spec.inputs) for name in d.shape}
+    sizes.update(B=1, H=8, HKV=2 if spec.is_gqa_shape else 8, M=m, N=n, D=128, DV=128)
+    sizes.update(spec.dim_values)
+    q, k, v, inputs = random_inputs(spec, sizes, 1)
+    jit = attnc.compile(spec)
+    times = {label: do_bench(lambda f=f: f(q, k, v, **inputs), warmup=25, rep=200, return_mode="median")
+             for label, f in (("aot", loaded), ("jit", jit))}
+    print(f"  speed {spec.name:14s} M={m} N={n}: artifact {times['aot'] * 1e3:.1f} us, JIT {times['jit'] * 1e3:.1f} us "
+          f"({times['jit'] / times['aot']:.2f}x)")
 
 
 if __name__ == "__main__":

@@ -97,11 +97,13 @@ def build_jobs():
         yield bench_name(*entry), spec, 128, 128, PlanOptions(), bench_schedule(*entry)
 
 
-def build(aot: Path) -> int:
+def build(aot: Path, only: str | None = None) -> int:
     from attnc.backends.tvm import aot as tvm_aot
 
     failed = 0
     for name, spec, d, dv, options, schedule in build_jobs():
+        if only and not re.search(only, name):
+            continue
         start = time.perf_counter()
         try:
             tvm_aot.build(spec, aot / name, "cuda", "sm_90a", d, dv, options, schedule)
@@ -272,10 +274,11 @@ def main() -> int:
     ap.add_argument("--aot", type=Path, default=ROOT / ".tvm-aot")
     ap.add_argument("--json", type=Path, help="run: write the results here")
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--only", help="build: only the artifacts whose name matches this regex")
     args = ap.parse_args()
     if args.mode == "ptxas":
         return ptxas_report()
-    return build(args.aot) if args.mode == "build" else run(args.aot, args.json, args.reps)
+    return build(args.aot, args.only) if args.mode == "build" else run(args.aot, args.json, args.reps)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import attnc
+from attnc.backends.triton import launch as triton_launch
 from attnc.dsl import flex as flex_module
 from attnc.dsl import symbolic as symbolic_module
 from attnc.dsl.flex import create_block_mask, flex_spec
@@ -222,7 +223,7 @@ def test_helper_functions_and_their_captures_trace():
 
     bias = torch.randn(M + N - 1)
     spec = flex_spec(*qkv(), shifted)
-    assert spec.input("bias") == TensorDecl("bias", "f32", ("N",))
+    assert spec.input("bias") == TensorDecl("bias", "f32", ("bias_0",))  # indexed by an expression: its own size
 
 
 def test_score_traces_are_cached_until_a_capture_changes(monkeypatch):
@@ -526,8 +527,11 @@ def test_call_errors():
         flex_spec(q, k, v, block_mask=block_mask(top_left_causal, M, N - 1))
     with pytest.raises(CallError, match="block_mask: was created for B=3"):
         flex_spec(q, k, v, block_mask=create_block_mask(top_left_causal, 3, None, M, N))
-    with pytest.raises(CallError, match="attnc.create_block_mask"):
-        flex_spec(q, k, v, block_mask=torch_flex.create_block_mask(top_left_causal, None, None, M, N, device="cpu"))
+    with pytest.raises(CallError, match="block_mask: expected the result of attnc.create_block_mask or of torch's"):
+        flex_spec(q, k, v, block_mask=torch.ones(M, N, dtype=torch.bool))
+    with pytest.raises(CallError, match="block_mask: was created for Q_LEN=5, KV_LEN=8"):
+        flex_spec(q, k, v, block_mask=torch_flex.create_block_mask(top_left_causal, None, None, M, N - 1,
+                                                                   device="cpu"))
     with pytest.raises(CallError, match="scale"):
         flex_spec(q, k, v, scale="0.1")
     with pytest.raises(CallError, match="Q_LEN"):
@@ -629,3 +633,221 @@ def test_flex_attention_host_time_per_call_gpu(monkeypatch):
                                        q, k, v)
     checked_calls()
     assert us < HOST_BOUND * sdpa_us, f"attnc.flex_attention: {us:.1f} us per call, SDPA {sdpa_us:.1f}"
+
+
+# ---------------------------------------------------------------- tables indexed by expressions (attention-gym)
+# A dim indexed by a bare b, h, q_idx or kv_idx takes that role's size; any other dim has its own free size, so
+# tables longer or shorter than a role (2N-1 relative offsets, B+1 or docs+1 offsets, one entry per 16 keys)
+# trace and run.
+
+GYM_B, GYM_H, GYM_M, GYM_N, GYM_D, BLOCK = 2, 3, 37, 45, 24, 16
+
+
+def relative_bias_mod(table, n):
+    """attention-gym's relative positional bias: one learned value per head and query-key offset."""
+    def relative_bias(score, b, h, q_idx, kv_idx):
+        return score + table[h, q_idx - kv_idx + n - 1]
+    return relative_bias
+
+
+def relative_buckets_mod(table, n):
+    """The relative bias shared by buckets of 8 offsets: `//` rounds down, also for negative offsets."""
+    def relative_buckets(score, b, h, q_idx, kv_idx):
+        return score + table[h, (q_idx - kv_idx) // 8 + (n + 7) // 8]
+    return relative_buckets
+
+
+def document_causal_mod(offsets, document_id):
+    """attention-gym's generate_doc_mask_mod(causal): documents packed along the sequence, causal inside
+    each, positions counted from the document's start (offsets has one entry per document, plus one)."""
+    def document_causal(b, h, q_idx, kv_idx):
+        q_logical = q_idx - offsets[document_id[q_idx]]
+        kv_logical = kv_idx - offsets[document_id[kv_idx]]
+        return (document_id[q_idx] == document_id[kv_idx]) & (q_logical >= kv_logical)
+    return document_causal
+
+
+def sequence_lengths_mod(cu_lengths):
+    """Keys past each batch entry's length are padding: cu_lengths holds B + 1 cumulative lengths."""
+    def sequence_lengths(b, h, q_idx, kv_idx):
+        return kv_idx < cu_lengths[b + 1] - cu_lengths[b]
+    return sequence_lengths
+
+
+def block_sparse_mod(blocks):
+    """A block-sparse mask: blocks[b, q_idx // 16, kv_idx // 16] keeps a 16 x 16 tile of scores."""
+    def block_sparse(b, h, q_idx, kv_idx):
+        return blocks[b, q_idx // BLOCK, kv_idx // BLOCK] | (q_idx == kv_idx)  # the diagonal keeps rows non-empty
+    return block_sparse
+
+
+def gym_case(name, gen):
+    """(score_mod, mask_mod, the tables they capture by name, the text of their declarations, score and mask)
+    for one attention-gym case, on fresh random tables."""
+    if name in ("relative bias", "sequence lengths"):
+        table = torch.randn(GYM_H, GYM_M + GYM_N - 1, generator=gen)
+        text = f"input table: f32[H, T]  score = qk * rsqrt(D) + table[h, i - j + {GYM_N} - 1]"
+        if name == "relative bias":
+            return relative_bias_mod(table, GYM_N), None, {"table": table}, text
+        cu_lengths = torch.cat([torch.zeros(1, dtype=torch.long),
+                                torch.randint(1, GYM_N + 1, (GYM_B,), generator=gen).cumsum(0)])
+        return relative_bias_mod(table, GYM_N), sequence_lengths_mod(cu_lengths), \
+            {"table": table, "cu_lengths": cu_lengths}, \
+            text + "  input cu_lengths: i64[B1]  mask j < cu_lengths[b + 1] - cu_lengths[b]"
+    if name == "relative buckets":
+        table = torch.randn(GYM_H, (GYM_M + GYM_N) // 8 + 2, generator=gen)
+        return relative_buckets_mod(table, GYM_N), None, {"table": table}, (
+            f"input table: f32[H, T]  score = qk * rsqrt(D) + table[h, (i - j) // 8 + {(GYM_N + 7) // 8}]")
+    if name == "document offsets":
+        lengths = torch.randint(1, 12, (GYM_N,), generator=gen)  # documents past position N are never read
+        document_id = torch.repeat_interleave(torch.arange(GYM_N), lengths)[:GYM_N].int()
+        offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+        return None, document_causal_mod(offsets, document_id), {"offsets": offsets, "document_id": document_id}, (
+            "input offsets: i64[DOCS]  input document_id: i32[N]  mask document_id[i] == document_id[j]  "
+            "mask i - offsets[document_id[i]] >= j - offsets[document_id[j]]")
+    blocks = torch.rand(GYM_B, -(-GYM_M // BLOCK), -(-GYM_N // BLOCK), generator=gen) < 0.5
+    return None, block_sparse_mod(blocks), {"blocks": blocks}, (
+        f"input blocks: bool[B, QB, KB]  mask blocks[b, i // {BLOCK}, j // {BLOCK}] or i == j")
+
+
+GYM_CASES = ["relative bias", "relative buckets", "document offsets", "sequence lengths", "block table"]
+
+
+def gym_call(case):
+    gen = torch.Generator().manual_seed(GYM_CASES.index(case))
+    score_mod, mask_mod, tables, text = gym_case(case, gen)
+    q, k, v = (torch.randn(GYM_B, GYM_H, n, GYM_D, generator=gen) for n in (GYM_M, GYM_N, GYM_N))
+    mask = None if mask_mod is None else create_block_mask(mask_mod, None, None, GYM_M, GYM_N)
+    return (q, k, v), score_mod, mask_mod, mask, tables, text
+
+
+@pytest.mark.parametrize("case, backend", [(case, "triton") for case in GYM_CASES] + [
+    (case, "tvm") for case in ("relative bias", "document offsets", "block table")])  # TVM compiles for seconds
+def test_tables_indexed_by_expressions_run(case, backend, monkeypatch):
+    """fp32 kernels (Triton's interpreter; TVM on LLVM) against torch's own FlexAttention and attnc's reference,
+    on fresh random tables and inputs; outputs start as NaN."""
+    if backend == "tvm":
+        pytest.importorskip("tvm")
+        from attnc.backends.tvm import launch as tvm_launch
+
+        monkeypatch.setattr(tvm_launch, "empty", triton_launch.nan_empty)
+    monkeypatch.setattr(triton_launch, "empty", triton_launch.nan_empty)
+    (q, k, v), score_mod, mask_mod, mask, tables, _ = gym_call(case)
+    out, lse = attnc.flex_attention(q, k, v, score_mod=score_mod, block_mask=mask, return_lse=True,
+                                    kernel_options={"backend": backend})
+    want_out, want_lse = flexattention_oracle(q, k, v, score_mod, mask_mod)
+    torch.testing.assert_close(out.double(), want_out, rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(lse.double(), want_lse, rtol=1e-5, atol=2e-5)
+    ref_out, ref_lse = attnc.reference(flex_spec(q, k, v, score_mod, mask, return_lse=True), q, k, v, **tables)
+    torch.testing.assert_close(ref_out, want_out, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(ref_lse, want_lse, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("case", GYM_CASES)
+def test_tables_indexed_by_expressions_have_free_sizes(case):
+    """The traced spec declares a free size for every dim indexed by an expression, and computes what the text
+    spec written with free size names computes (`//` is integer division in both)."""
+    (q, k, v), score_mod, _, mask, tables, text = gym_call(case)
+    traced = flex_spec(q, k, v, score_mod, mask)
+    parsed = attnc.parse(f"attention {traced.name} {{ {HEADER.format(kv='H')} {text} "
+                         f"return softmax(score) @ v }}")[0]
+    assert traced.score == parsed.score and traced.masks == parsed.masks
+    for decl in traced.inputs:
+        free = [n not in ("B", "H", "M", "N") for n in decl.shape]
+        assert free == [n not in ("B", "H", "M", "N") for n in parsed.input(decl.name).shape]
+        assert all(decl.shape.count(n) == 1 for n in decl.shape if n.startswith(decl.name))
+    torch.testing.assert_close(attnc.reference(traced, q, k, v, **tables), attnc.reference(parsed, q, k, v, **tables),
+                               rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- torch's own BlockMask
+
+
+def torch_block_mask(mask_mod, m=M, n=N, batch=None):
+    return torch_flex.create_block_mask(mask_mod, batch, None, m, n, device="cpu")
+
+
+def test_torch_block_mask_runs(monkeypatch):
+    """torch's BlockMask for mods of every kind (affine, a captured table, and_masks of both, a block table
+    read through //) runs on fp32 kernels (Triton's interpreter) and equals torch's FlexAttention with that very
+    BlockMask; its spec is the one attnc's own create_block_mask gives."""
+    monkeypatch.setattr(triton_launch, "empty", triton_launch.nan_empty)
+    blocks = torch.rand(B, 2, 3) < 0.5
+
+    def block_sparse(b, h, q_idx, kv_idx):
+        return blocks[b, q_idx // 4, kv_idx // 4] | (q_idx == kv_idx)
+
+    for mask_mod in (sliding_window, document, torch_flex.and_masks(top_left_causal, document), block_sparse):
+        q, k, v = qkv(kv_heads=HKV)
+        torch_mask = torch_block_mask(mask_mod, batch=B)
+        assert flex_spec(q, k, v, alibi, torch_mask, enable_gqa=True).key == \
+            flex_spec(q, k, v, alibi, create_block_mask(mask_mod, B, None, M, N), enable_gqa=True).key
+        out = attnc.flex_attention(q, k, v, score_mod=alibi, block_mask=torch_mask, enable_gqa=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            want = torch_flex.flex_attention(*(x.double() for x in (q, k, v)), score_mod=alibi,
+                                             block_mask=torch_mask, enable_gqa=True)
+        torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=2e-5)
+
+
+def test_torch_block_mask_is_traced_once_per_object(counted):
+    mask = torch_block_mask(sliding_window)
+    q, k, v = qkv()
+    first = flex_spec(q, k, v, block_mask=mask)
+    assert flex_spec(q, k, v, block_mask=mask) == first and counted["mask_mod"] == 1
+    mask.mask_mod = top_left_causal  # reassigned: traced again
+    assert flex_spec(q, k, v, block_mask=mask).masks == (Binary(">=", IndexVar("i"), IndexVar("j")),)
+    assert counted["mask_mod"] == 2
+    assert flex_spec(q, k, v, block_mask=torch_block_mask(sliding_window)) == first and counted["mask_mod"] == 3
+
+
+def test_torch_block_masks_without_their_mask_are_refused():
+    """A torch BlockMask whose mask lives only in its block tables would silently keep keys they drop."""
+    q, k, v = qkv(m=300, n=300)
+    causal = torch_block_mask(top_left_causal, 300, 300, batch=B)
+    tables_only = torch_flex.BlockMask.from_kv_blocks(causal.kv_num_blocks, causal.kv_indices,
+                                                      seq_lengths=(300, 300))
+    with pytest.raises(CallError, match="mask lives only in its block tables"):
+        flex_spec(q, k, v, block_mask=tables_only)
+    with pytest.raises(CallError, match="block_mask: "):  # a slice: torch 2.13 stubs its mask_mod, older keep none
+        flex_spec(q[:1], k[:1], v[:1], block_mask=causal[:1])
+    dense = torch_flex.BlockMask.from_kv_blocks(torch.ones(1, 1, 1, dtype=torch.int32),
+                                                torch.zeros(1, 1, 1, 1, dtype=torch.int32), seq_lengths=(M, N))
+    assert flex_spec(*qkv(), block_mask=dense).masks == ()  # every block kept: noop_mask is the whole mask
+
+
+# ---------------------------------------------------------------- return_aux (torch >= 2.11) and return_lse
+
+
+def test_return_aux_and_return_lse(monkeypatch):
+    """Both spellings give FlexAttention's lse (fp32 kernels, Triton's interpreter); AuxRequest() gives an
+    AuxOutput of Nones, as torch's does."""
+    monkeypatch.setattr(triton_launch, "empty", triton_launch.nan_empty)
+    q, k, v = qkv(kv_heads=HKV)
+    mask = block_mask(document)
+    want_out, want_lse = flexattention_oracle(q, k, v, softcap, document, gqa=True)
+    out, aux = attnc.flex_attention(q, k, v, score_mod=softcap, block_mask=mask, enable_gqa=True,
+                                    return_aux=attnc.AuxRequest(lse=True))
+    assert isinstance(aux, attnc.AuxOutput) and aux.max_scores is None
+    torch.testing.assert_close(out.double(), want_out, rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(aux.lse.double(), want_lse, rtol=1e-5, atol=2e-5)
+    out, lse = attnc.flex_attention(q, k, v, score_mod=softcap, block_mask=mask, enable_gqa=True, return_lse=True)
+    torch.testing.assert_close(out.double(), want_out, rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(lse.double(), want_lse, rtol=1e-5, atol=2e-5)
+    out, aux = attnc.flex_attention(q, k, v, score_mod=softcap, block_mask=mask, enable_gqa=True,
+                                    return_aux=attnc.AuxRequest())
+    assert aux == attnc.AuxOutput(lse=None, max_scores=None)
+    torch.testing.assert_close(out.double(), want_out, rtol=1e-5, atol=2e-5)
+    assert flex_spec(q, k, v, softcap, mask, enable_gqa=True, return_aux=attnc.AuxRequest(lse=True)).returns_lse
+    if hasattr(torch_flex, "AuxRequest"):  # torch >= 2.11: attnc takes and returns torch's own types
+        assert attnc.AuxRequest is torch_flex.AuxRequest and attnc.AuxOutput is torch_flex.AuxOutput
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(return_lse=True, return_aux=attnc.AuxRequest(lse=True)), "pass one of them"),
+    (dict(return_aux=attnc.AuxRequest(lse=True, max_scores=True)), "max_scores is not computed"),
+    (dict(return_aux=True), "expected an AuxRequest"),
+])
+def test_return_aux_errors(kwargs, words):
+    with pytest.raises(CallError, match=words):
+        attnc.flex_attention(*qkv(), **kwargs)

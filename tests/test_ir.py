@@ -49,3 +49,11 @@ def test_name_is_a_label_not_part_of_the_key():
     a = make_attention("one", *_qkv(), masks=[causal_mask()])
     b = make_attention("two", *_qkv(), masks=[causal_mask()])
     assert a != b and a.key == b.key and a.canonical != b.canonical
+
+
+def test_true_and_one_are_different_literals():
+    """Python's True == 1; the IR's literals differ, so a memo keyed by node never gives one for the other."""
+    from attnc.ir import Num
+
+    assert Num(True, False) != Num(1, False) and Num(1, False) != Num(1.0, True)
+    assert len({Num(True, False): 0, Num(1, False): 1}) == 2

@@ -59,7 +59,7 @@ def test_one_entry_per_operator_and_function():
     assert {"erf", "sin", "cos", "tanh", "where", "min", "max"} <= set(ops.FUNCTIONS)
     for op in ops.OPS:
         assert op.derivative is None and op.about_derivative or len(op.derivative) == op.arity, op.name
-        assert op.result in ("bool", "float", "common") and set(op.operands) <= {"number", "bool", "any"}
+        assert op.result in ("bool", "float", "common") and set(op.operands) <= {"number", "integer", "bool", "any"}
 
 
 def _operands(op: ops.Op, rng: random.Random):
@@ -68,7 +68,8 @@ def _operands(op: ops.Op, rng: random.Random):
         return rng.choice([rng.randint(-7, 7), rng.uniform(-3, 3), rng.choice([0, 0.0, 2, -1.5])])
 
     either = rng.choice(["bool", "number"])
-    return [rng.random() < 0.5 if role == "bool" or (role == "any" and either == "bool") else number()
+    return [rng.random() < 0.5 if role == "bool" or (role == "any" and either == "bool")
+            else rng.randint(-9, 9) if role == "integer" else number()
             for role in op.operands]
 
 

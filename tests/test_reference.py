@@ -38,6 +38,7 @@ class X:
     __mul__, __rmul__ = _binary("*"), _binary("*", swap=True)
     __truediv__, __rtruediv__ = _binary("/"), _binary("/", swap=True)
     __mod__, __rmod__ = _binary("%"), _binary("%", swap=True)
+    __floordiv__, __rfloordiv__ = _binary("//"), _binary("//", swap=True)
     __lt__, __le__, __gt__, __ge__ = _binary("<"), _binary("<="), _binary(">"), _binary(">=")
     __eq__, __ne__ = _binary("=="), _binary("!=")
     __and__, __or__ = _binary("and"), _binary("or")
@@ -353,13 +354,14 @@ def test_bool_param_switches_a_mask():
     torch.testing.assert_close(attnc.reference(spec, *case.args, causal=False), sdpa(case), **TOL)
 
 
-def test_floored_modulo_and_true_division_follow_python():
+def test_floored_modulo_and_division_and_true_division_follow_python():
     case = Case(1, 2, 2, 9, 13, 32)
-    spec = spec_of(masks=[(j - i) % 3 != 1], score=SCALED + (j - i) % 2.5 - (i - 2 * j) / 4 + (i - j) % -4)
+    spec = spec_of(masks=[(j - i) % 3 != 1], score=SCALED + (j - i) % 2.5 - (i - 2 * j) / 4 + (i - j) % -4
+                   + (j - i) // 4 - (i - 2 * j) // -3)
     out = attnc.reference(spec, *case.args)
-    # plain Python ints and floats: % is floored (result takes the divisor's sign), / is true division
-    bias = torch.tensor([[(jj - ii) % 2.5 - (ii - 2 * jj) / 4 + (ii - jj) % -4 for jj in range(13)] for ii in range(9)],
-                        dtype=torch.float64)
+    # plain Python ints and floats: % and // are floored (% takes the divisor's sign), / is true division
+    bias = torch.tensor([[(jj - ii) % 2.5 - (ii - 2 * jj) / 4 + (ii - jj) % -4 + (jj - ii) // 4 - (ii - 2 * jj) // -3
+                          for jj in range(13)] for ii in range(9)], dtype=torch.float64)
     keep = torch.tensor([[(jj - ii) % 3 != 1 for jj in range(13)] for ii in range(9)])
     expected, _ = textbook(case.scaled_qk() + bias, keep, case.v64)
     torch.testing.assert_close(out, expected, **TOL)
@@ -454,10 +456,13 @@ def test_out_of_range_lookups_read_zero_and_validate_reports_kept_ones():
         attnc.reference(row, *case.args, rel=rel, validate=True)
 
 
-def test_integer_modulo_by_zero_is_a_call_error():
+def test_integer_modulo_and_division_by_zero_are_call_errors():
     case = Case(1, 2, 2, 4, 4, 32)
     spec = spec_of(params=[ParamDecl("period", "i32")], masks=[j % param("period") == 0])
     with pytest.raises(CallError, match="modulo by zero.*period"):
+        attnc.reference(spec, *case.args, period=0)
+    spec = spec_of(params=[ParamDecl("period", "i32")], masks=[j // param("period") == 0])
+    with pytest.raises(CallError, match="division by zero.*period"):
         attnc.reference(spec, *case.args, period=0)
 
 

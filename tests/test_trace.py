@@ -108,10 +108,14 @@ def test_params_keep_kinds_and_defaults():
     (lambda q, k, t: t[q.head, q.pos], ("H", "M")),
     (lambda q, k, t: t[q.batch, q.head], ("B", "H")),
     (lambda q, k, t: t[q.batch, k.pos], ("B", "N")),
-    (lambda q, k, t: t[q.pos - k.pos + k.N - 1, q.head % 2], ("N", "H")),
+    (lambda q, k, t: t[q.head, q.pos] + t[q.head, k.pos], ("H", "N")),  # both positions: the longer
+    # A dim indexed by an expression anywhere has its own size (a relative-bias table holds M + N - 1 entries).
+    (lambda q, k, t: t[q.pos - k.pos + k.N - 1, q.head % 2], ("t_0", "t_1")),
     (lambda q, k, t: t[3, q.batch + q.head], ("t_0", "t_1")),
+    (lambda q, k, t: t[q.head, q.pos] + t[q.head, q.pos + 1], ("H", "t_1")),
 ])
 def test_input_dims_are_named_by_their_indices(index, shape):
+    """Only a bare index variable gives a dim its role's size; every other dim is free."""
     @attnc.attention
     def lookup(q, k, v, *, t: attnc.Tensor):
         return attnc.softmax(q @ k + index(q, k, t)) @ v

@@ -501,6 +501,9 @@ class _Typer:
         if allowed == ("bool",):
             hint = " (compare it, e.g. `x != 0`)"
             need = "booleans"
+        elif "float" not in allowed:
+            hint = " (it divides integers, rounding down; for numbers with a fraction write floor(a / b))"
+            need = "integers"
         else:
             hint = " (use where(cond, a, b) to turn a condition into a number)"
             need = "numbers"
@@ -517,7 +520,7 @@ class _Typer:
         ok = True
         for index, (role, kind, arg) in enumerate(zip(op.operands, kinds, args)):
             if role != "any":
-                allowed = ("bool",) if role == "bool" else ("int", "float")
+                allowed = {"bool": ("bool",), "integer": ("int", "bool")}.get(role, ("int", "float"))
                 ok = self._need(kind, allowed, op.operand_label(index), arg, here) is not None and ok
         either = [k for role, k in zip(op.operands, kinds) if role == "any"]  # numbers or booleans, alike
         if not ok or None in either:

@@ -3,9 +3,14 @@
 
 Semantics follow FlexAttention: tensors are BHSD; the `score` reaching score_mod is `qk * scale` (scale None
 is 1/sqrt(D), the text language's default score); masks are top-left aligned (`q_idx >= kv_idx` is `i >= j`);
-`return_lse` gives the natural-log row log-sum-exp. The index arguments of a mod are symbolic and behave
-like 0-dim torch tensors; a tensor the mod captures (closure or global) and indexes, `bias[h, q_idx]`,
-becomes an `input` named after its variable and is passed to the kernel at every call.
+`return_aux=AuxRequest(lse=True)` (torch 2.11's spelling) or `return_lse=True` gives the natural-log row
+log-sum-exp. The index arguments of a mod are symbolic and behave like 0-dim torch tensors; a tensor the mod
+captures (closure or global) and indexes, `bias[h, q_idx]`, becomes an `input` named after its variable and is
+passed to the kernel at every call. A dim of it indexed by a bare b, h, q_idx or kv_idx has that role's size; any
+other dim (`bias[q_idx - kv_idx + N - 1]`, `blocks[q_idx // 64]`) has its own size, the tensor's.
+
+`block_mask` is attnc's (`attnc.create_block_mask`) or torch's own BlockMask, whose `mask_mod` is traced once
+per BlockMask object: its block tables are not read, since the kernels derive which tiles to skip themselves.
 
 A score_mod is traced once per scale and per snapshot of what it captures: each call re-reads its closure cells
 and the globals it loads and compares them, by identity, with those it was traced with, so a changed scalar or
@@ -21,7 +26,7 @@ from __future__ import annotations
 import weakref
 from dataclasses import dataclass, field
 from functools import cached_property, partial
-from typing import Callable, NoReturn
+from typing import Callable, NamedTuple, NoReturn
 
 import torch
 
@@ -110,6 +115,89 @@ def create_block_mask(mask_mod: Callable, B: int | None, H: int | None, Q_LEN: i
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise CallError(f"{name}: expected a non-negative int, got {value!r}")
     return BlockMask(mask_mod, B, H, Q_LEN, KV_LEN, _trace_mod(mask_mod, "mask_mod", _index_args(), "bool"))
+
+
+# id(torch BlockMask) -> (a weak reference to it, the mask_mod traced, attnc's BlockMask); weak, as _SCORE_MODS.
+_TORCH_BLOCK_MASKS: dict[int, tuple[weakref.ref, Callable, BlockMask]] = {}
+
+
+def _forget_torch_mask(ref: weakref.ref, key: int) -> None:
+    entry = _TORCH_BLOCK_MASKS.get(key)
+    if entry is not None and entry[0] is ref:
+        del _TORCH_BLOCK_MASKS[key]
+
+
+def _from_torch(block_mask) -> BlockMask:
+    """attnc's BlockMask for torch's: its mask_mod traced, once per object (and again if `mask_mod` is
+    reassigned). Its sizes: `seq_lengths` (torch >= 2.6; `shape[-2:]` before) and the batch and head counts
+    of its block tables (1 when created with None)."""
+    entry = _TORCH_BLOCK_MASKS.get(id(block_mask))
+    mask_mod = getattr(block_mask, "mask_mod", None)
+    if entry is not None and entry[0]() is block_mask and entry[1] is mask_mod:
+        return entry[2]
+    if not (callable(mask_mod) and hasattr(block_mask, "shape") and hasattr(block_mask, "kv_num_blocks")):
+        raise CallError(f"block_mask: expected the result of attnc.create_block_mask or of torch's "
+                        f"create_block_mask, got {type(block_mask).__name__}")
+    torch_flex = _torch_flex()
+    if mask_mod is getattr(torch_flex, "_sliced_mask_mod_error", None):
+        raise CallError("block_mask: a sliced torch BlockMask (block_mask[...]) keeps no mask_mod to trace; "
+                        "create the block mask for the sizes you call with")
+    if mask_mod is torch_flex.noop_mask and not bool(block_mask.to_dense().all()):
+        # A mask held only in the block tables (BlockMask.from_kv_blocks without a mask_mod, or a slice on
+        # torch < 2.13): tracing noop_mask would keep keys the tables drop.
+        raise CallError("block_mask: this torch BlockMask drops blocks but its mask_mod is noop_mask, so the mask "
+                        "lives only in its block tables, which attnc does not read; pass mask_mod to "
+                        "create_block_mask (or from_kv_blocks) so that it says which keys are kept")
+    q_len, kv_len = getattr(block_mask, "seq_lengths", None) or tuple(block_mask.shape[-2:])
+    batch, heads = (tuple(block_mask.shape[:-2]) + (None, None))[:2]
+    converted = create_block_mask(mask_mod, batch, heads, int(q_len), int(kv_len))
+    try:
+        ref = weakref.ref(block_mask, partial(_forget_torch_mask, key=id(block_mask)))
+    except TypeError:  # not weak-referenceable: traced on every call
+        return converted
+    _TORCH_BLOCK_MASKS[id(block_mask)] = (ref, mask_mod, converted)
+    return converted
+
+
+def _torch_flex():
+    """torch.nn.attention.flex_attention, the module (the package attribute of that name is the function)."""
+    import importlib
+
+    return importlib.import_module("torch.nn.attention.flex_attention")
+
+
+# ---------------------------------------------------------------- auxiliary outputs
+
+try:  # torch >= 2.11: return_aux takes torch's own types, and attnc returns them
+    from torch.nn.attention.flex_attention import AuxOutput, AuxRequest
+except ImportError:
+    class AuxRequest(NamedTuple):
+        """Which auxiliary outputs flex_attention returns (torch 2.11's AuxRequest)."""
+
+        lse: bool = False
+        max_scores: bool = False
+
+    class AuxOutput(NamedTuple):
+        """The auxiliary outputs flex_attention returns; a field not requested is None (torch 2.11's AuxOutput)."""
+
+        lse: torch.Tensor | None = None
+        max_scores: torch.Tensor | None = None
+
+
+def _wants_lse(return_lse, return_aux) -> bool:
+    """Whether the kernel must return lse, for FlexAttention's two spellings of the request."""
+    if return_aux is None:
+        return bool(return_lse)
+    if return_lse:
+        raise CallError("return_lse and return_aux: pass one of them (return_lse is torch's older spelling of "
+                        "return_aux=AuxRequest(lse=True))")
+    if not (hasattr(return_aux, "lse") and hasattr(return_aux, "max_scores")):
+        raise CallError(f"return_aux: expected an AuxRequest(lse=..., max_scores=...), got "
+                        f"{type(return_aux).__name__}")
+    if return_aux.max_scores:
+        raise CallError("return_aux: max_scores is not computed by attnc's kernels; request lse only "
+                        "(AuxRequest(lse=True))")
+    return bool(return_aux.lse)
 
 
 # ---------------------------------------------------------------- flex_attention
@@ -232,20 +320,16 @@ def _new_variant(score: ModTrace, block_mask: BlockMask | None, score_mod: Calla
     return variant
 
 
-def _check_block_mask(block_mask, q_shape, k_shape) -> None:
-    if isinstance(block_mask, BlockMask):
-        batch, heads = block_mask.B, block_mask.H
-        if (block_mask.Q_LEN == q_shape[2] and block_mask.KV_LEN == k_shape[2]
-                and (batch is None or batch == 1 or batch == q_shape[0])
-                and (heads is None or heads == 1 or heads == q_shape[1])):
-            return
+def _check_block_mask(block_mask: BlockMask, q_shape, k_shape) -> None:
+    batch, heads = block_mask.B, block_mask.H
+    if (block_mask.Q_LEN == q_shape[2] and block_mask.KV_LEN == k_shape[2]
+            and (batch is None or batch == 1 or batch == q_shape[0])
+            and (heads is None or heads == 1 or heads == q_shape[1])):
+        return
     _raise_block_mask_error(block_mask, q_shape, k_shape)
 
 
-def _raise_block_mask_error(block_mask, q_shape, k_shape) -> NoReturn:
-    if not isinstance(block_mask, BlockMask):
-        raise CallError(f"block_mask: expected the result of attnc.create_block_mask, got "
-                        f"{type(block_mask).__name__} (a torch BlockMask holds no traceable mask_mod)")
+def _raise_block_mask_error(block_mask: BlockMask, q_shape, k_shape) -> NoReturn:
     if (block_mask.Q_LEN, block_mask.KV_LEN) != (q_shape[2], k_shape[2]):
         raise CallError(f"block_mask: was created for Q_LEN={block_mask.Q_LEN}, KV_LEN={block_mask.KV_LEN} but "
                         f"query has {q_shape[2]} positions and key {k_shape[2]}; create the block mask for these "
@@ -266,7 +350,7 @@ def _name(score_mod, mask_mod) -> str:
 def _variant(query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse) -> tuple[tuple, _Variant]:
     """(cache key, variant): all a call needs before the kernel is found. The key holds what the spec depends on
     (dtypes, whether K/V have their own head count and v its own head dim, the inputs' dtypes and ranks), so a
-    hit builds no declarations."""
+    hit builds no declarations. `block_mask` is attnc's BlockMask (or None) by now."""
     try:
         q_shape, k_shape, v_shape = query.shape, key.shape, value.shape
         if not len(q_shape) == len(k_shape) == len(v_shape) == 4:
@@ -314,26 +398,36 @@ def _build_spec(query, key, value, enable_gqa, variant: _Variant, return_lse,
 
 @checks_arguments
 def flex_spec(query, key, value, score_mod=None, block_mask=None, scale=None, enable_gqa=False,
-              return_lse=False, *, normalizer=None) -> Attention:
+              return_lse=False, *, return_aux=None, normalizer=None) -> Attention:
     """The spec `flex_attention` runs for these arguments, without compiling it."""
-    _, variant = _variant(query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse)
-    return _build_spec(query, key, value, enable_gqa, variant, return_lse, _normalizer(normalizer))
+    lse = _wants_lse(return_lse, return_aux)
+    if block_mask is not None and not isinstance(block_mask, BlockMask):
+        block_mask = _from_torch(block_mask)
+    _, variant = _variant(query, key, value, score_mod, block_mask, scale, enable_gqa, lse)
+    return _build_spec(query, key, value, enable_gqa, variant, lse, _normalizer(normalizer))
 
 
 @checks_arguments
 def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=None, enable_gqa=False,
-                   return_lse=False, kernel_options=None, *, normalizer=None):
-    """FlexAttention's `flex_attention` on attnc kernels: out [B, H, M, DV], or (out, lse) with return_lse.
+                   return_lse=False, kernel_options=None, *, return_aux=None, normalizer=None):
+    """FlexAttention's `flex_attention` on attnc kernels: out [B, H, M, DV]; (out, AuxOutput(lse=...)) with
+    return_aux=AuxRequest(lse=True); (out, lse) with return_lse=True (torch's older spelling).
 
-    kernel_options may hold "backend" (passed to attnc.compile); FlexAttention's tuning options (BLOCK_M, ...)
-    are accepted and ignored, since attnc plans its own tiles. `normalizer`: None (softmax, as FlexAttention) or
-    "sigmoid" (sigmoid attention; module doc).
+    block_mask is attnc's or torch's BlockMask. kernel_options may hold "backend" (passed to attnc.compile);
+    FlexAttention's tuning options (BLOCK_M, ...) are accepted and ignored, since attnc plans its own tiles.
+    `normalizer`: None (softmax, as FlexAttention) or "sigmoid" (sigmoid attention; module doc).
     """
-    cache_key, variant = _variant(query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse)
+    lse = _wants_lse(return_lse, return_aux)
+    if block_mask is not None and not isinstance(block_mask, BlockMask):
+        block_mask = _from_torch(block_mask)
+    cache_key, variant = _variant(query, key, value, score_mod, block_mask, scale, enable_gqa, lse)
     kind = _normalizer(normalizer)
     cache_key += (kind, kernel_options.get("backend") if kernel_options else None)
     entry = _KERNELS.get(cache_key)
     if entry is None:
-        spec = _build_spec(query, key, value, enable_gqa, variant, return_lse, kind)
+        spec = _build_spec(query, key, value, enable_gqa, variant, lse, kind)
         entry = _KERNELS[cache_key] = (spec, compiler.compile_spec(spec, backend=cache_key[-1]))
-    return entry[1](query, key, value, **variant.tensors)
+    result = entry[1](query, key, value, **variant.tensors)
+    if return_aux is None:
+        return result
+    return (result[0], AuxOutput(lse=result[1])) if lse else (result, AuxOutput())

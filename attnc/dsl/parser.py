@@ -35,8 +35,8 @@ _GROUPS = (
      "a statement (dims, param, input, paged, ragged, score, mask, return or a q/k/v declaration)"),
     ({"NAME", "NUMBER"}, {"NAME", "NUMBER", "LPAR", "MINUS", "NOT", "INF", "TRUE", "FALSE", "QK", "SCORE", "CAUSAL"},
      "an expression"),
-    ({"PLUS", "STAR"}, {"LT", "LE", "GT", "GE", "EQ", "NE", "PLUS", "MINUS", "STAR", "SLASH", "PERCENT", "AND",
-                        "OR", "LSQB", "LPAR"}, "an operator"),
+    ({"PLUS", "STAR"}, {"LT", "LE", "GT", "GE", "EQ", "NE", "PLUS", "MINUS", "STAR", "SLASH", "DSLASH", "PERCENT",
+                        "AND", "OR", "LSQB", "LPAR"}, "an operator"),
 )
 
 _COMPARISONS = {"LT", "LE", "GT", "GE", "EQ", "NE"}

@@ -348,13 +348,13 @@ def _evaluate(e: Expr, value: Callable[[Expr], torch.Tensor], env: _Env) -> torc
         try:
             return op.torch(torch, *args)
         except ZeroDivisionError:
-            raise CallError(f"integer modulo by zero in `{print_expr(e)}`: `{print_expr(e.rhs)}` is 0; "
-                            f"pass a non-zero value") from None
+            raise CallError(f"integer {'division' if op.name == '//' else 'modulo'} by zero in `{print_expr(e)}`: "
+                            f"`{print_expr(e.rhs)}` is 0; pass a non-zero value") from None
     raise TypeError(f"not an IR expression: {e!r}")
 
 
 def _operand(x: torch.Tensor, role: str, result: str) -> torch.Tensor:
-    if role == "number":
+    if role in ("number", "integer"):
         return _as_float(x) if result == "float" else _as_number(x)
     return x.bool() if role == "bool" else x
 

@@ -264,8 +264,11 @@ def arith(op: str, a, b) -> Sym:
 
 
 def floordiv(a, b) -> Sym:
-    """a // b as floor(a / b): the IR has no integer division. The result is a float."""
-    return call("floor", arith("/", a, b))
+    """a // b: the IR's floored integer division for integers (an integer, so it can index a table, as in
+    `blocks[q_idx // 64]`); floor(a / b), a float, when either side is a float."""
+    if "float" in (as_expr(a)[1], as_expr(b)[1]):
+        return call("floor", arith("/", a, b))
+    return arith("//", a, b)
 
 
 def compare(op: str, a, b) -> Sym:
@@ -522,6 +525,11 @@ def captures(fn: Callable) -> Captures:
             visit(value)
         elif isinstance(value, _PLAIN_OBJECTS):
             key.append((name, "object", id(value)))
+        elif isinstance(value, tuple) and not any(isinstance(x, torch.Tensor) for x in value):
+            # immutable: torch's and_masks / or_masks keep their mods in one; its items are read as variables
+            key.append((name, "tuple", len(value)))
+            for index, item in enumerate(value):
+                read(f"{name}[{index}]", item)
         else:
             plain = False
 
@@ -570,8 +578,10 @@ def ir_dtype(t: torch.Tensor, what: str) -> str:
     return IR_DTYPES[t.dtype]
 
 
-# The one naming rule for input dims (decorator and flex): a dim indexed only by the batch is B, by the
-# query head H, by the query position M, by the key position (or both positions) N, anything else is free.
+# The one naming rule for input dims (decorator and flex): a dim indexed only by the bare batch index is B, by
+# the bare query head H, by the bare query position M, by the bare key position (or by both positions) N. A dim
+# any lookup indexes with an expression (`bias[i - j + N - 1]`, `offsets[doc[i]]`, `blocks[i // 64]`) has its
+# own free size, taken from the tensor and checked only for rank: its length is the table's, not a role's.
 _AXIS_ROLE = {frozenset("b"): "B", frozenset("h"): "H", frozenset("i"): "M", frozenset("j"): "N",
               frozenset("ij"): "N"}
 
@@ -580,7 +590,7 @@ def input_decls(exprs: Iterable[Expr | None], tensors: Mapping[str, torch.Tensor
                 fallback: Span | None = None) -> tuple[TensorDecl, ...]:
     """Declarations of the input tensors, each dim named by the index variables of the lookups into it;
     each declaration points at the first lookup into its tensor."""
-    used: dict[tuple[str, int], set[str]] = {}
+    used: dict[tuple[str, int], set[str | None]] = {}  # None: indexed by an expression somewhere
     first: dict[str, Span | None] = {}
     for e in exprs:
         if e is None:  # no sink
@@ -589,8 +599,8 @@ def input_decls(exprs: Iterable[Expr | None], tensors: Mapping[str, torch.Tensor
             if isinstance(node, Lookup):
                 first.setdefault(node.tensor, node.span)
                 for axis, index in enumerate(node.indices):
-                    used.setdefault((node.tensor, axis), set()).update(
-                        n.name for n in walk(index) if isinstance(n, IndexVar))
+                    used.setdefault((node.tensor, axis), set()).add(
+                        index.name if isinstance(index, IndexVar) else None)
     return tuple(
         TensorDecl(name, ir_dtype(t, name),
                    tuple(_AXIS_ROLE.get(frozenset(used.get((name, axis), ())), f"{name}_{axis}")

@@ -17,7 +17,7 @@ class NotConstant(Exception):
 
 
 def evaluate(e: Expr, env: Mapping[str, Scalar], lookup: Callable[[str, tuple], Scalar] | None = None) -> Scalar:
-    """`e` with Python semantics (floored `%`, true `/`), names from `env` (index variables, sizes, params),
+    """`e` with Python semantics (floored `%` and `//`, true `/`), names from `env` (index variables, sizes, params),
     tensor lookups through `lookup(tensor, indices)`. Raises NotConstant for anything missing."""
     memo: dict[Expr, Scalar] = {}
 

@@ -79,6 +79,8 @@ CORPUS = [
     (body("mask i and j > 0"), 5, 10, "^", "`and` needs booleans, but this is an integer"),
     (body("mask not i"), 5, 14, "^", "`not` needs booleans"),
     (body("score = qk + (i < j)"), 5, 19, "^^^^^", "`+` needs numbers, but this is a boolean"),
+    (body("score = qk // 2"), 5, 13, "^^", "`//` needs integers, but this is a float (it divides integers, "
+                                           "rounding down; for numbers with a fraction write floor(a / b))"),
     (body("score = where(i, qk, 0.0)"), 5, 19, "^", "where's condition needs booleans"),
     (body("score = where(i < j, qk, true)"), 5, 13, "^" * 22, "where's branches must both be numbers or both"),
     (body("mask (i < j) == 1"), 5, 10, "^" * 12, "`==` compares a boolean with an integer"),

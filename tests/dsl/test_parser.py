@@ -208,7 +208,10 @@ def _random_expr(rng: random.Random, kind: str, depth: int, allow_qk: bool, inde
         return ir.Call("where", (sub("bool"), sub("bool"), sub("bool")))
     choice = rng.randrange(5)
     if choice == 0:
-        return ir.Binary(rng.choice(ir.ARITH_OPS), sub("num"), sub("num"))
+        op = rng.choice(ir.ARITH_OPS)
+        if op == "//":  # divides integers only
+            return ir.Binary(op, ir.IndexVar(rng.choice(index_vars)), ir.Num(rng.choice((3, -7)), False))
+        return ir.Binary(op, sub("num"), sub("num"))
     if choice == 1:
         operand = sub("num")
         return operand if isinstance(operand, ir.Num) else ir.Unary("neg", operand)  # `-3` parses as one literal

@@ -3,7 +3,7 @@
 Every value has a *level*: scalar (per program: sizes, params, b), row ([BLOCK_M]: i, h), col ([BLOCK_N]: j)
 or tile ([BLOCK_M, BLOCK_N]: qk). Scalar and row values are emitted once into the kernel's prologue; col and
 tile values into the current scope (a loop body). Operands of mixed levels are broadcast with [:, None] /
-[None, :]. Semantics follow the reference: ints are int64 with floored `%`, `/` is true division, booleans
+[None, :]. Semantics follow the reference: ints are int64 with floored `%` and `//`, `/` is true division, booleans
 count as ints in arithmetic, and int/float mixes compute in float32. Integer results that provably fit int32
 (from the known ranges of positions and literals) stay int32, which keeps per-element tile math cheap; any
 other integer arithmetic widens its operands to int64 first. Positions i and j are below POSITION_LIMIT.
