@@ -332,7 +332,8 @@ def test_missing_input_or_output_folder_exit_2(spec_file, tmp_path, capsys):
 def test_paged_storage_builds_its_decode_kernels(tmp_path):
     """Ragged and paged specs run every launch on the decode kernels: the artifact holds those, and only those."""
     paged = Path(__file__).parents[1] / "examples" / "specs" / "paged_decode.attn"
-    assert compile_cli(paged, "--arch", "sm_90a", "-o", tmp_path / "out", "--dims", "D=64") == 0
+    out = tmp_path / "out"
+    assert compile_cli(paged, "--name", "paged_decode", "--arch", "sm_90a", "-o", out, "--dims", "D=64") == 0
     (attention,) = manifest_of(tmp_path / "out")["attentions"]
     (build,) = attention["builds"]
     assert list(build["sources"]) == ["decode"]

@@ -386,9 +386,17 @@ def test_nested_exponentials_on_tvm(poisoned):
     run_case(g, 0, "tvm")
 
 
+# Seeds that give a wrong result on the GPU and not on the interpreter: open bugs, each found by this test.
+GPU_WRONG = {
+    1004: "H100, 2026-12-06: out error 2.3 in f16 and bf16 (data-dependent masks, `(i - j) // -4`, a tanh sink, "
+          "DV < D); correct under Triton's interpreter",
+}
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["f16", "bf16"])
-@pytest.mark.parametrize("seed", GPU_SEEDS)
+@pytest.mark.parametrize("seed", [pytest.param(s, marks=pytest.mark.xfail(strict=True, reason=GPU_WRONG[s]))
+                                  if s in GPU_WRONG else s for s in GPU_SEEDS])
 def test_random_spec_on_gpu(seed, dtype, poisoned):
     g = generate(seed, dtype, large=True)
     run_case(g, seed, "triton", device="cuda")

@@ -142,7 +142,7 @@ def test_a_tvm_artifact_holds_spec_text_and_plan_and_round_trips(tvm_artifact):
     assert sorted(p.name for p in tvm_artifact.iterdir()) == [aot.LIBRARY, aot.MANIFEST]  # no pickled spec
     spec = attnc.parse(manifest["canonical"])[0]
     assert spec.key == manifest["key"] and manifest["plan"].startswith("KernelPlan(")
-    kernel = attnc.load(tvm_artifact)
+    kernel = attnc.load(tvm_artifact, name="planted")
     for m, n in ((1, 20), (30, 30)):  # the decode and prefill functions
         q, k, v = _inputs(m, n)
         _check(kernel.spec, kernel(q, k, v), q, k, v)
@@ -196,7 +196,7 @@ def test_a_tvm_artifact_others_can_change_is_refused(loose, tvm_artifact):
     with pytest.raises(attnc.CacheError, match=f"{path} is writable by group"):
         attnc.load(tvm_artifact)
     path.chmod(path.stat().st_mode & ~0o020)
-    assert attnc.load(tvm_artifact).spec.name == "planted"
+    assert attnc.load(tvm_artifact, name="planted").spec.name == "planted"
 
 
 # ---------------------------------------------------------------- no pickle
