@@ -43,6 +43,16 @@ class Backend(Protocol):
         have `run(bound) -> (result, prepared)`, where `prepared(q, k, v, kwargs)` repeats the call for later
         calls with the same `call_key`, returning None to send a call back through bind()."""
 
+    def build_backward(self, plan: KernelPlan) -> Callable[..., dict[str, torch.Tensor]]:
+        """The backward of a planned forward (passes/grad.py gives its math), as a callable
+        `grads(bound, out, lse, dout, dlse, deterministic) -> {name: gradient}`:
+          bound  the forward call (its q, k, v and inputs as the user passed them; `plan.spec` returns lse);
+          out    the forward's out; lse: its float32 lse (lse_shape(bound)); dout: out's gradient (any strides);
+          dlse   lse's gradient, or None when the caller's loss does not read lse;
+          deterministic  True: no floating-point atomics, so two runs give the same bits.
+        The result holds "q", "k", "v" and each float input of `derive(plan.spec).tables`, each with the shape and
+        dtype of its tensor. Rows with no kept key contribute nothing."""
+
 
 def default_backend(device: torch.device) -> str:
     """triton for CUDA tensors; for CPU tensors tvm, unless Triton's interpreter is switched on."""
