@@ -16,16 +16,19 @@ from .kernel import AttentionKernel, Kernel, Result  # noqa: F401  (Result: the 
 
 @checks_arguments
 def compile(spec: Attention, backend: str | None = None, options: PlanOptions | None = None,
-            autotune: bool = False) -> AttentionKernel:
+            autotune: bool = False, deterministic: bool | None = None) -> AttentionKernel:
     """A callable kernel for `spec`. backend None picks per call from the tensors' device (triton for CUDA,
     tvm for CPU, or triton's interpreter on CPU when TRITON_INTERPRET=1). Building happens on the first call
     for each device and head dim, through the kernel cache. autotune=True times candidate prefill tiles on the
-    first call of each shape regime and keeps the fastest correct one in the kernel cache (runtime/autotune.py)."""
+    first call of each shape regime and keeps the fastest correct one in the kernel cache (runtime/autotune.py).
+    Calls that need gradients (or that torch.compile traces) run as the op attnc::attention with a backward
+    (runtime/autograd.py); deterministic=True makes the backward avoid float atomics, None follows
+    torch.use_deterministic_algorithms."""
     if autotune:
         from .autotune import TunedKernel
 
-        return TunedKernel(spec, backend, options)
-    return Kernel(spec, backend, options)
+        return TunedKernel(spec, backend, options, deterministic)
+    return Kernel(spec, backend, options, deterministic)
 
 
 @overload

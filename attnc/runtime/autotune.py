@@ -136,8 +136,9 @@ class TunedKernel:
     """A Kernel that picks its prefill tile per regime by timing candidates once (see the module docstring).
     Called like attnc.Kernel; `choices` maps each regime tuned or loaded in this process to its record."""
 
-    def __init__(self, spec: Attention, backend: str | None = None, options: PlanOptions | None = None):
-        self.plain = Kernel(spec, backend, options)
+    def __init__(self, spec: Attention, backend: str | None = None, options: PlanOptions | None = None,
+                 deterministic: bool | None = None):
+        self.plain = Kernel(spec, backend, options, deterministic)
         self.spec, self.backend, self.options = spec, backend, self.plain.options
         self.choices: dict[tuple, dict] = {}
         self._by_call: dict[tuple, Kernel] = {}
@@ -171,7 +172,7 @@ class TunedKernel:
         if kern is None:
             record = self._choice(regime, backend, q, k, v, kwargs)
             self.choices[regime] = record
-            kern = self._by_regime[regime] = Kernel(spec, self.backend, Tile(**record["tile"]).options(self.options))
+            kern = self._by_regime[regime] = self.plain.sibling(spec, Tile(**record["tile"]).options(self.options))
         return kern
 
     def _choice(self, regime: tuple, backend: str, q, k, v, kwargs: dict) -> dict:

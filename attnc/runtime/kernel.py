@@ -13,6 +13,7 @@ from typing import Callable, Protocol, Union
 import torch
 
 from .. import index_data
+from . import autograd
 from ..backends import device_errors, get_backend
 from ..dsl.signature import Bound, bind, call_usage, qkv_call_error
 from ..errors import CompileError
@@ -79,7 +80,8 @@ def call_key(q, k, v, kwargs: dict, input_names: tuple[str, ...]) -> tuple:
 class Kernel:
     """A compiled attention: call it as `kernel(q, k, v, **params_and_inputs)`."""
 
-    def __init__(self, spec: Attention, backend: "str | Backend | None" = None, options: PlanOptions | None = None):
+    def __init__(self, spec: Attention, backend: "str | Backend | None" = None, options: PlanOptions | None = None,
+                 deterministic: bool | None = None):
         if not isinstance(spec, Attention):
             raise CompileError(f"attnc.compile expects an attnc.Attention (from attnc.parse or a decorator), "
                                f"got {type(spec).__name__}")
@@ -89,16 +91,21 @@ class Kernel:
         self.key = spec.key
         self.backend = backend
         self.options = options or PlanOptions()
+        # the backward's choice: no float atomics when True; None follows torch.use_deterministic_algorithms
+        self.deterministic = deterministic
         self._impls: dict[tuple, Callable[[Bound], object]] = {}
         self._input_names = tuple(t.name for t in spec.inputs)
         # call_key -> a launch that repeats a checked call (Backend.build's `run`): the per-call fast path
         self._prepared: dict[tuple, Callable] = {}
+        self.op_key = autograd.register(self)  # its name in the attnc::attention ops (training, torch.compile)
 
     def __call__(self, *args: torch.Tensor, validate: bool = False, **kwargs: object) -> Result:
         """kernel(q, k, v, **params_and_inputs) -> out, or (out, lse); `validate`: see the module docstring."""
         if len(args) != 3:
             raise qkv_call_error(args, kwargs, lambda: call_usage(self.spec))
         q, k, v = args
+        if autograd.needs_op(q, k, v, kwargs):
+            return autograd.call(self, q, k, v, kwargs)
         if validate or index_data.VALIDATE_ALL:
             return self.validated(q, k, v, kwargs)
         try:
@@ -118,7 +125,7 @@ class Kernel:
             return impl(bound)  # built whole (TVM): nothing left to compile
         # Building, or a call signature the launcher has not prepared, whose launch Triton's JIT may compile:
         # a status line on a terminal if it takes long.
-        backend = self.backend if isinstance(self.backend, str) else self._backend(q.device).name
+        backend = self.backend if isinstance(self.backend, str) else self.backend_for(q.device).name
         with status(f"attnc: compiling {self.spec.name} ({backend} on {q.device.type}, D={sizes['D']})"):
             return self._launch(impl or self._build(q.device, sizes["D"], sizes["DV"]), bound, key)
 
@@ -149,19 +156,30 @@ class Kernel:
 
     def plan(self, device: torch.device | str, head_dim: int, value_dim: int | None = None) -> KernelPlan:
         device = torch.device(device)
-        return plan_kernel(self.spec, self._backend(device).target(device), head_dim, value_dim or head_dim,
+        return plan_kernel(self.spec, self.backend_for(device).target(device), head_dim, value_dim or head_dim,
                            self.options)
 
     def _build(self, device: torch.device, head_dim: int, value_dim: int):
-        backend = self._backend(device)
+        backend = self.backend_for(device)
         plan = plan_kernel(self.spec, backend.target(device), head_dim, value_dim, self.options)
         impl = self._impls[(device, head_dim, value_dim)] = backend.build(plan)
         return impl
 
-    def _backend(self, device: torch.device) -> Backend:
+    def backend_for(self, device: torch.device) -> Backend:
         if self.backend is None or isinstance(self.backend, str):
             return get_backend(self.backend or default_backend(device))
         return self.backend
+
+    @property
+    def backend_name(self) -> str:
+        """The backend's name, "auto" where each call's device picks it."""
+        if self.backend is None or isinstance(self.backend, str):
+            return self.backend or "auto"
+        return getattr(self.backend, "name", type(self.backend).__name__)
+
+    def sibling(self, spec: Attention, options: PlanOptions | None = None) -> "Kernel":
+        """A kernel for `spec` with this one's backend, options (unless given) and determinism."""
+        return Kernel(spec, self.backend, options or self.options, self.deterministic)
 
     def __repr__(self) -> str:
         return f"attnc.Kernel({self.spec.name!r}, backend={self.backend!r}, key={self.key[:12]})"

@@ -1,0 +1,176 @@
+"""Training: every attnc call that needs gradients, or that torch.compile traces, runs as the custom op
+`attnc::attention` (torch.library), with a fake implementation for tracing and a registered autograd formula
+whose backward is the op `attnc::attention_backward`, the backend's kernels for the IR's derivative
+(passes/grad.py). The forward saves out and lse (never an N x N matrix).
+
+An op takes the kernel as a string: the key of an `_Entry` registered here when a Kernel first runs through the
+op, so that a traced graph names the kernel as a constant. Params cross the op as floats (every i32 param is
+exact in a double) in one float64 CPU tensor (a list of floats would be a pytree whose shape torch.compile
+treats differently when empty), converted back by their declared types.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import replace
+from typing import Callable, Sequence
+
+import torch
+
+from ..dsl.signature import bind
+from ..errors import CallError, CompileError
+from ..passes.grad import derive
+
+_KERNELS: dict[str, "kernel.Kernel"] = {}  # by op key (register)
+_ENTRIES: dict[str, "_Entry"] = {}  # made on a kernel's first call through the ops
+
+
+class _Entry:
+    """One kernel as the ops see it: its lse-returning forward, its backward launchers and the names of the
+    float inputs that receive gradients."""
+
+    def __init__(self, kernel: "kernel.Kernel"):
+        self.spec = kernel.spec
+        # The forward always returns lse, which the backward reads; a spec without lse gets a sibling kernel.
+        self.forward = kernel if kernel.spec.returns_lse else kernel.sibling(replace(kernel.spec, returns_lse=True))
+        self.deterministic = kernel.deterministic
+        self.input_names = tuple(t.name for t in self.spec.inputs)
+        self.tables = derive(self.spec).tables
+        self._backwards: dict[tuple, Callable] = {}
+
+    def kwargs(self, inputs: Sequence[torch.Tensor], params: torch.Tensor) -> dict[str, object]:
+        kwargs: dict[str, object] = dict(zip(self.input_names, inputs))
+        for decl, value in zip(self.spec.params, params.tolist()):
+            kwargs[decl.name] = bool(value) if decl.dtype == "bool" else int(value) if decl.dtype == "i32" else value
+        return kwargs
+
+    def backward(self, q, k, v, kwargs, out, lse, dout, dlse, deterministic: bool) -> dict[str, torch.Tensor]:
+        bound = bind(self.forward.spec, q, k, v, kwargs)
+        sizes = bound.sizes
+        where = (q.device, sizes["D"], sizes["DV"])
+        grads = self._backwards.get(where)
+        if grads is None:
+            backend = self.forward.backend_for(q.device)
+            build = getattr(backend, "build_backward", None)
+            if build is None:
+                raise CompileError(f"attention {self.spec.name!r}: backend {getattr(backend, 'name', backend)!r} "
+                                   f"has no backward kernels here (ahead-of-time artifacts run forward only); "
+                                   f"train with a kernel from attnc.compile on CPU (tvm) or CUDA (triton) tensors")
+            grads = self._backwards[where] = build(self.forward.plan(q.device, sizes["D"], sizes["DV"]))
+        return grads(bound, out, lse, dout, dlse, deterministic)
+
+
+def register(kernel: "kernel.Kernel") -> str:
+    """The ops' name for `kernel` (computed where the kernel is made, so that torch.compile's tracing of a call
+    only reads it): the same spec, backend, options and determinism share one name and one entry."""
+    text = f"{kernel.spec.key}|{kernel.backend_name}|{kernel.options!r}|{kernel.deterministic}"
+    key = hashlib.sha256(text.encode()).hexdigest()[:32]
+    _KERNELS.setdefault(key, kernel)
+    return key
+
+
+def _entry(key: str) -> _Entry:
+    entry = _ENTRIES.get(key)
+    if entry is None:
+        if key not in _KERNELS:
+            raise CompileError(f"attnc::attention: no kernel {key!r} in this process; a graph that calls attnc "
+                               f"ops runs where its kernels were made with attnc.compile")
+        entry = _ENTRIES[key] = _Entry(_KERNELS[key])
+    return entry
+
+
+# ---------------------------------------------------------------- the ops
+
+
+@torch.library.custom_op("attnc::attention", mutates_args=())
+def attention_op(key: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: list[torch.Tensor],
+                 params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) of kernel `key`."""
+    entry = _entry(key)
+    out, lse = entry.forward(q, k, v, **entry.kwargs(inputs, params))
+    return out, lse
+
+
+@attention_op.register_fake
+def _attention_fake(key, q, k, v, inputs, params):
+    spec = _entry(key).spec
+    sizes = dict(zip(spec.q.shape, q.shape))
+    sizes["DV"] = dict(zip(spec.v.shape, v.shape))[spec.value_dim]
+    out = q.new_empty([sizes["DV"] if name == "D" else sizes[name] for name in spec.q.shape])
+    lse_dims = ("H", "T") if spec.q_storage is not None else ("B", "H", "M")
+    return out, q.new_empty([sizes[name] for name in lse_dims], dtype=torch.float32)
+
+
+@torch.library.custom_op("attnc::attention_backward", mutates_args=())
+def attention_backward_op(key: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: list[torch.Tensor],
+                          params: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor,
+                          dlse: torch.Tensor | None, deterministic: bool) -> list[torch.Tensor]:
+    """[dq, dk, dv, then the gradient of each float input the score or sink reads (_Entry.tables)]."""
+    entry = _entry(key)
+    kwargs = entry.kwargs(inputs, params)
+    grads = entry.backward(q, k, v, kwargs, out, lse, dout, dlse, deterministic)
+    return [grads["q"], grads["k"], grads["v"], *(grads[name] for name in entry.tables)]
+
+
+@attention_backward_op.register_fake
+def _attention_backward_fake(key, q, k, v, inputs, params, out, lse, dout, dlse, deterministic):
+    entry = _entry(key)
+    by_name = dict(zip(entry.input_names, inputs))
+    return [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
+            *(torch.empty_like(by_name[name]) for name in entry.tables)]
+
+
+def _setup_context(ctx, inputs, output):
+    key, q, k, v, tensors, params = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, *tensors)
+    ctx.key, ctx.params = key, params
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse, *tensors = ctx.saved_tensors
+    entry = _entry(ctx.key)
+    deterministic = entry.deterministic
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    if not entry.spec.returns_lse:
+        dlse = None  # the caller never saw lse
+    grads = attention_backward_op(ctx.key, q, k, v, tensors, ctx.params, out, lse, dout.contiguous(), dlse,
+                                  deterministic)
+    by_name = dict(zip(entry.tables, grads[3:]))
+    input_grads = [by_name.get(name) for name in entry.input_names]
+    return None, grads[0], grads[1], grads[2], input_grads, None
+
+
+def _no_double_backward(ctx, *grads):
+    raise CallError("attnc computes first derivatives only: double backward (a gradient of a gradient, e.g. "
+                     "torch.autograd.grad(..., create_graph=True) then .backward()) is not supported; detach the "
+                     "first gradient or use attnc.reference for higher derivatives")
+
+
+attention_op.register_autograd(_backward, setup_context=_setup_context)
+attention_backward_op.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
+
+
+# ---------------------------------------------------------------- the call
+
+
+def needs_op(q, k, v, kwargs: dict) -> bool:
+    """Whether a call must run through the op: torch.compile is tracing it, or autograd must record it."""
+    if torch.compiler.is_compiling():
+        return True
+    if not torch.is_grad_enabled():
+        return False
+    return any(isinstance(t, torch.Tensor) and t.requires_grad for t in (q, k, v, *kwargs.values()))
+
+
+def call(kernel: "kernel.Kernel", q, k, v, kwargs: dict):
+    """kernel(q, k, v, **kwargs) through the op: out, or (out, lse) as the spec returns."""
+    spec = kernel.spec
+    if not torch.compiler.is_compiling():
+        bind(spec, q, k, v, kwargs)  # argument errors as CallErrors before the op (torch.compile: at run time)
+    key = kernel.op_key
+    inputs = [kwargs[t.name] for t in spec.inputs]
+    params = torch.tensor([kwargs[p.name] if p.name in kwargs else p.default for p in spec.params],
+                          dtype=torch.float64)
+    out, lse = attention_op(key, q, k, v, inputs, params)
+    return (out, lse) if spec.returns_lse else out
