@@ -1,6 +1,6 @@
 """A KernelPlan -> a TensorIR PrimFunc for CPUs (LLVM), built with TVM's IR builder.
 
-One parallel task per (batch, head, query tile), handed out to threads at run time on x86 (_claimed_tasks;
+One parallel task per (batch, head, query tile), handed out to threads at run time on x86 (claimed_tasks;
 static ranges elsewhere). Per task the flash algorithm runs over the key tiles the mask analysis leaves
 (`passes.masks.key_tiles`, mirrored here in TIR): tiles outside the loop hull never run, full tiles evaluate no
 mask, partial tiles evaluate every mask element-wise. The normalizer (its lowering: normalize.py) runs in base 2
@@ -50,7 +50,7 @@ class CpuSchedule:
     kv_rows: int  # keys per register tile of S^T (kv_rows x block_m accumulators)
     out_rows: int  # query rows per register tile of P V; divides block_m
     out_cols: int  # value columns per register tile of P V (the last one may be narrower)
-    claim_tasks: bool = False  # hand tasks out at run time (x86: `lock bts`; _claimed_tasks), else static ranges
+    claim_tasks: bool = False  # hand tasks out at run time (x86: `lock bts`; claimed_tasks), else static ranges
 
     def __post_init__(self):
         assert self.block_m % self.vector == 0 and self.block_n % self.kv_rows == 0
@@ -80,37 +80,61 @@ def parameter_names(spec) -> tuple[str, ...]:
             *(f"p_{p.name}" for p in spec.params))
 
 
+def size_vars(plan: KernelPlan) -> dict[str, tir.PrimExpr]:
+    """Every size the spec names, as a constant where the plan fixes it (D, DV, `dims`), else an int32 variable
+    that TVM binds from the first buffer shaped by it."""
+    spec = plan.spec
+    fixed = {**spec.dim_values, "D": plan.head_dim, "DV": plan.value_dim}
+    names = dict.fromkeys(n for t in (spec.q, spec.k, spec.v, *spec.inputs) for n in t.shape)
+    for e in (spec.score, *spec.masks, *([spec.normalizer.sink] if spec.normalizer.sink else [])):
+        names.update(dict.fromkeys(n.name for n in walk(e) if isinstance(n, SizeRef)))
+    sizes = {n: tir.IntImm(I32, fixed[n]) if n in fixed else tir.Var(n, I32) for n in names}
+    sizes.setdefault("HKV", sizes["H"])
+    sizes.setdefault("DV", sizes["D"])
+    return sizes
+
+
+def buffer_arg(name: str, shape, dtype: str, strides: str = "unit_last") -> tir.Buffer:
+    """The next PrimFunc parameter, a tensor: `unit_last` any strides but a unit last one (vector loads along the
+    head dim; the launcher copies otherwise), `any` any strides, `compact` contiguous (attnc's own buffers, whose
+    addresses TVM then computes from the shape)."""
+    handle = T.arg(name, T.handle())
+    if strides == "compact":
+        return IRBuilder.name(name, T.match_buffer(handle, shape, dtype))
+    stride_vars = [tir.Var(f"{name}_s{a}", I32) for a in range(len(shape))]
+    if strides == "unit_last":
+        stride_vars[-1] = 1
+    return IRBuilder.name(name, T.match_buffer(handle, shape, dtype, strides=stride_vars))  # named in sources
+
+
+def qkv_shapes(s: dict) -> dict[str, list]:
+    """q, k, v and out as [B, heads, sequence, head dim] (canonical_view), from size_vars."""
+    return {"q": [s["B"], s["H"], s["M"], s["D"]], "k": [s["B"], s["HKV"], s["N"], s["D"]],
+            "v": [s["B"], s["HKV"], s["N"], s["DV"]], "out": [s["B"], s["H"], s["M"], s["DV"]]}
+
+
+def input_args(spec, s: dict) -> dict[str, tir.Buffer]:
+    """The spec's input tables as parameters `in_<name>` (read through the emitter's lookups: any strides)."""
+    return {t.name: buffer_arg(f"in_{t.name}", [s[n] for n in t.shape], TIR_DTYPES[t.dtype], "any")
+            for t in spec.inputs}
+
+
+def param_args(spec) -> dict[str, tir.Var]:
+    return {p.name: T.arg(f"p_{p.name}", tir.Var(f"p_{p.name}", PARAM_DTYPES[p.dtype])) for p in spec.params}
+
+
 class Args:
     """The PrimFunc's parameters (parameter_names): q, k, v, out, [lse], input tables, params."""
 
     def __init__(self, plan: KernelPlan):
         spec = plan.spec
-        fixed = {**spec.dim_values, "D": plan.head_dim, "DV": plan.value_dim}
-        names = dict.fromkeys(n for t in (spec.q, spec.k, spec.v, *spec.inputs) for n in t.shape)
-        for e in (spec.score, *spec.masks, *([spec.normalizer.sink] if spec.normalizer.sink else [])):
-            names.update(dict.fromkeys(n.name for n in walk(e) if isinstance(n, SizeRef)))
-        self.sizes = {n: tir.IntImm(I32, fixed[n]) if n in fixed else tir.Var(n, I32) for n in names}
-        self.sizes.setdefault("HKV", self.sizes["H"])
-        self.sizes.setdefault("DV", self.sizes["D"])
-        s = self.sizes
-
-        def tensor(name, shape, dtype, unit_last=True):
-            strides = [tir.Var(f"{name}_s{a}", I32) for a in range(len(shape))]
-            if unit_last:
-                strides[-1] = 1  # vector loads along the head dim (the launcher copies otherwise)
-            handle = T.arg(name, T.handle())
-            return IRBuilder.name(name, T.match_buffer(handle, shape, dtype, strides=strides))  # named in sources
-
+        self.sizes = s = size_vars(plan)
+        shapes = qkv_shapes(s)
         dtype = TIR_DTYPES[plan.dtype]
-        self.q = tensor("q", [s["B"], s["H"], s["M"], s["D"]], dtype)
-        self.k = tensor("k", [s["B"], s["HKV"], s["N"], s["D"]], dtype)
-        self.v = tensor("v", [s["B"], s["HKV"], s["N"], s["DV"]], dtype)
-        self.out = tensor("out", [s["B"], s["H"], s["M"], s["DV"]], dtype)
-        self.lse = tensor("lse", [s["B"], s["H"], s["M"]], F32) if spec.returns_lse else None
-        self.inputs = {t.name: tensor(f"in_{t.name}", [s[n] for n in t.shape], TIR_DTYPES[t.dtype], False)
-                       for t in spec.inputs}
-        self.params = {p.name: T.arg(f"p_{p.name}", tir.Var(f"p_{p.name}", PARAM_DTYPES[p.dtype]))
-                       for p in spec.params}
+        self.q, self.k, self.v, self.out = (buffer_arg(name, shapes[name], dtype) for name in ("q", "k", "v", "out"))
+        self.lse = buffer_arg("lse", [s["B"], s["H"], s["M"]], F32) if spec.returns_lse else None
+        self.inputs = input_args(spec, s)
+        self.params = param_args(spec)
 
     def scope(self, index, qk=None) -> Scope:
         return Scope(index, self.sizes, self.params, self.inputs, qk)
@@ -128,12 +152,12 @@ def build_primfunc(plan: KernelPlan, sched: CpuSchedule, name: str = "attn") -> 
                 with T.parallel(0, tasks) as task:
                     _attention_tile(plan, sched, a, task, q_tiles, _tile_scratch(plan, sched))
             else:
-                _claimed_tasks(tasks, lambda task, scratch: _attention_tile(plan, sched, a, task, q_tiles, scratch),
+                claimed_tasks(tasks, lambda task, scratch: _attention_tile(plan, sched, a, task, q_tiles, scratch),
                                lambda: _tile_scratch(plan, sched))
     return ib.get()
 
 
-def _claimed_tasks(tasks, run, scratch) -> None:
+def claimed_tasks(tasks, run, scratch) -> None:
     """Tasks handed out at run time. TVM splits a parallel loop into one static range per thread, so a thread
     that is preempted (a busy core on a shared machine, or torch's OpenMP workers spinning after an op) stalls
     the whole call. Here every task has a claim bit, set with x86's `lock bts` (which returns the old bit), and
