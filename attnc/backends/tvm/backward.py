@@ -127,16 +127,20 @@ def _rows_function(plan: KernelPlan, sched: BackwardSchedule) -> tir.PrimFunc:
                     reduce_bounds(bounds, [T.Bind(e) for e in row_bounds(em, plan.masks, n_i64)])
                 for slot, value in enumerate(key_tiles(bounds, sched.block_n)):
                     T.buffer_store(x.tiles, value, [b, h, qt, slot])
+                # Q^T and dO^T a head-dim row at a time: the stores run along the rows (padded rows repeat the last
+                # row, with dO = 0)
+                with T.serial(0, plan.head_dim) as d:
+                    with T.serial(0, bm) as r:
+                        T.buffer_store(x.q_t, tir.Cast(F32, q[b, h, tir.min(i0 + r, s["M"] - 1), d]), [b, h, d, i0 + r])
+                with T.serial(0, plan.value_dim) as c:
+                    with T.serial(0, bm) as r:
+                        value = tir.Cast(F32, dout[b, h, tir.min(i0 + r, s["M"] - 1), c])
+                        T.buffer_store(x.do_t, tir.Select(r < rows, value, f32(0)), [b, h, c, i0 + r])
                 delta = T.alloc_buffer((1,), F32)
                 with T.serial(0, bm) as r:
                     i = T.Bind(i0 + r)
-                    row = T.Bind(tir.min(i, s["M"] - 1))  # padded rows repeat the last row, with dO = 0
+                    row = T.Bind(tir.min(i, s["M"] - 1))
                     valid = r < rows
-                    with T.serial(0, plan.head_dim) as d:
-                        T.buffer_store(x.q_t, tir.Cast(F32, q[b, h, row, d]), [b, h, d, i])
-                    with T.serial(0, plan.value_dim) as c:
-                        T.buffer_store(x.do_t, tir.Select(valid, tir.Cast(F32, dout[b, h, row, c]), f32(0)),
-                                       [b, h, c, i])
                     row_lse = lse[b, h, row]
                     kept = row_lse != f32(NEG_INF)
                     T.buffer_store(x.lse2, tir.Select(kept, row_lse * f32(LOG2E), f32(0)), [b, h, i])
