@@ -20,7 +20,7 @@ from ...passes.grad import derive
 from .. import cache
 from . import codegen_fingerprint
 from .host import configure_threads, host_cpu
-from .backward import backward_schedule, build_backward_primfuncs
+from .backward import build_backward_primfuncs
 from .kernel import build_primfunc, decode_schedule, prefill_schedule
 from .launch import launch, launch_backward
 
@@ -240,7 +240,7 @@ class TvmBackward:
 
     def __init__(self, plan: KernelPlan):
         self.plan = plan
-        self.sched = backward_schedule(host_cpu().vector)
+        self.sched = prefill_schedule(host_cpu().vector)  # the forward prefill's register tiles
         self.tables = derive(plan.spec).tables
         self.functions = load_functions(plan, self.sched, build_backward_primfuncs(plan, self.sched),
                                         host_cpu().target(), host_cpu().label, stage="backward")

@@ -18,10 +18,10 @@ Three functions, run one after the other (the launcher: backend.TvmBackward):
 - `bwd_finish`: dQ as the sum of the split partials, and each table's gradient as the sum of the task partials,
   cast to the tensors' dtypes.
 
-The products are the forward's two register-tile forms: transposed (lanes over query rows, a broadcast K or V
-element per step: `_transposed_product`) and accumulating (lanes over head-dim columns, a broadcast weight per
-step: `_accumulate`). Padded query rows never reach a result: the sums over query rows stop at the tile's valid
-rows, and dQ's padded rows are never read.
+The products are the forward's two register-tile forms, with its prefill schedule (kernel.CpuSchedule):
+transposed (lanes over query rows, a broadcast K or V element per step: kernel.transposed_product) and
+accumulating (lanes over head-dim columns, a broadcast weight per step: kernel.accumulate). Padded query rows never
+reach a result: the sums over query rows stop at the tile's valid rows, and dQ's padded rows are never read.
 """
 from __future__ import annotations
 
@@ -35,38 +35,16 @@ from tvm.script.ir_builder import tirx as T
 from ...passes import KernelPlan
 from ...passes.grad import Derivatives, TableGrad, derive, weight_derivative
 from .emit import F32, I32, I64, LOG2E, Emitter, Scope, exp2, f32
-from .host import host_cpu
 from .launch import FINISH, KEYS, ROWS
-from .kernel import (TIR_DTYPES, buffer_arg, by_tile_kind, claimed_tasks, init_bounds, input_args, key_tiles,
-                     logit2, param_args, qkv_shapes, reduce_bounds, row_bounds, size_vars)
+from .kernel import (TIR_DTYPES, CpuSchedule, accumulate, buffer_arg, by_tile_kind, claimed_tasks, init_bounds,
+                     input_args, key_tiles, logit2, param_args, qkv_shapes, reduce_bounds, row_bounds, size_vars,
+                     transposed_product)
 from .normalize import lower as lower_normalizer
 
 NEG_INF = -math.inf
 
 
-@dataclass(frozen=True)
-class BackwardSchedule:
-    vector: int  # float32 SIMD lanes
-    block_m: int  # query rows per tile; a multiple of `vector` (lanes run over rows in the transposed products)
-    block_n: int  # keys per tile; a multiple of kv_rows and of out_rows
-    kv_rows: int  # keys per register tile of the transposed products (kv_rows x block_m accumulators)
-    out_rows: int  # rows per register tile of the accumulating products; divides block_m
-    out_cols: int  # head-dim columns per register tile of the accumulating products
-    claim_tasks: bool  # hand the key tasks out at run time (kernel.claimed_tasks)
-
-    def __post_init__(self):
-        assert self.block_m % self.vector == 0 and self.block_n % self.kv_rows == 0
-        assert self.block_m % self.out_rows == 0 and self.block_n % self.out_rows == 0
-        assert self.block_m * 4 < 1024 and self.out_cols * 4 < 1024  # register rows on the stack (kernel.py)
-
-
-def backward_schedule(vector: int) -> BackwardSchedule:
-    """The forward prefill's register tiles (kernel.prefill_schedule: 16 accumulators each)."""
-    return BackwardSchedule(vector, block_m=4 * vector, block_n=64, kv_rows=4, out_rows=4, out_cols=4 * vector,
-                            claim_tasks=host_cpu().x86)
-
-
-def build_backward_primfuncs(plan: KernelPlan, sched: BackwardSchedule) -> dict[str, tir.PrimFunc]:
+def build_backward_primfuncs(plan: KernelPlan, sched: CpuSchedule) -> dict[str, tir.PrimFunc]:
     derivs = derive(plan.spec)
     return {ROWS: _rows_function(plan, sched), KEYS: _keys_function(plan, sched, derivs),
             FINISH: _finish_function(plan, derivs)}
@@ -95,7 +73,7 @@ def _table_partials(plan: KernelPlan, s: dict, tables: tuple[str, ...]) -> dict[
 # ---------------------------------------------------------------- bwd_rows
 
 
-def _rows_function(plan: KernelPlan, sched: BackwardSchedule) -> tir.PrimFunc:
+def _rows_function(plan: KernelPlan, sched: CpuSchedule) -> tir.PrimFunc:
     spec = plan.spec
     bm = sched.block_m
     normalized = spec.normalizer.normalized
@@ -159,7 +137,7 @@ def _rows_function(plan: KernelPlan, sched: BackwardSchedule) -> tir.PrimFunc:
 # ---------------------------------------------------------------- bwd_keys
 
 
-def _keys_function(plan: KernelPlan, sched: BackwardSchedule, derivs: Derivatives) -> tir.PrimFunc:
+def _keys_function(plan: KernelPlan, sched: CpuSchedule, derivs: Derivatives) -> tir.PrimFunc:
     spec = plan.spec
     with IRBuilder() as ib:
         with T.prim_func():
@@ -198,7 +176,7 @@ class _KeyArgs:
         return Scope(index, self.sizes, self.params, self.inputs, qk)
 
 
-def _key_scratch(plan: KernelPlan, sched: BackwardSchedule, derivs: Derivatives) -> dict:
+def _key_scratch(plan: KernelPlan, sched: CpuSchedule, derivs: Derivatives) -> dict:
     bm, bn = sched.block_m, sched.block_n
     tiles = {"dk_acc": T.alloc_buffer((bn, plan.head_dim), F32), "dv_acc": T.alloc_buffer((bn, plan.value_dim), F32),
              **{name: T.alloc_buffer((bn, bm), F32) for name in ("qk_t", "p_t", "ds_t")}}
@@ -207,7 +185,7 @@ def _key_scratch(plan: KernelPlan, sched: BackwardSchedule, derivs: Derivatives)
     return tiles
 
 
-def _key_task(plan: KernelPlan, sched: BackwardSchedule, derivs: Derivatives, a: _KeyArgs, task, scratch: dict):
+def _key_task(plan: KernelPlan, sched: CpuSchedule, derivs: Derivatives, a: _KeyArgs, task, scratch: dict):
     """One task: the key tiles split, split + S, ... of (batch, K/V head), against every query tile that keeps them,
     for each query head of the group."""
     s, bn = a.sizes, sched.block_n
@@ -263,7 +241,7 @@ class _Tile:
     f_end: tir.PrimExpr
 
 
-def _tile_pair(plan: KernelPlan, sched: BackwardSchedule, derivs: Derivatives, a: _KeyArgs, task, t: _Tile,
+def _tile_pair(plan: KernelPlan, sched: CpuSchedule, derivs: Derivatives, a: _KeyArgs, task, t: _Tile,
                scratch: dict) -> None:
     """The five products of one pair and its table gradients. On partial tiles the masks are evaluated
     element-wise, as in the forward; only that step has a code path per tile kind (half the code to compile)."""
@@ -295,20 +273,20 @@ def _tile_pair(plan: KernelPlan, sched: BackwardSchedule, derivs: Derivatives, a
             T.buffer_store(ds_t, kept(ds * em.float(derivs.dqk)), [jj, i])
 
     d_model, dv_model = plan.head_dim, plan.value_dim
-    _transposed_product(sched, lambda jj, d: tir.Cast(F32, a.k[b, kvh, tir.min(j0 + jj, last), d]),
+    transposed_product(sched, lambda jj, d: tir.Cast(F32, a.k[b, kvh, tir.min(j0 + jj, last), d]),
                         lambda d, i: x.q_t[b, h, d, i0 + i], d_model, store_scores)
-    _transposed_product(sched, lambda jj, c: tir.Cast(F32, a.v[b, kvh, tir.min(j0 + jj, last), c]),
+    transposed_product(sched, lambda jj, c: tir.Cast(F32, a.v[b, kvh, tir.min(j0 + jj, last), c]),
                         lambda c, i: x.do_t[b, h, c, i0 + i], dv_model,
                         lambda jj, dp: by_tile_kind(plan, t.kt, t.f_start, t.f_end,
                                                     lambda masked: weights_and_ds(jj, dp, masked)))
     dk_acc, dv_acc = scratch["dk_acc"], scratch["dv_acc"]
-    _accumulate(sched, sched.block_n, dv_model, t.rows, lambda r, c: dv_acc[r, c], lambda step, r: p_t[r, step],
+    accumulate(sched, sched.block_n, dv_model, t.rows, lambda r, c: dv_acc[r, c], lambda step, r: p_t[r, step],
                 lambda step, c: tir.Cast(F32, a.dout[b, h, i0 + step, c]),
                 lambda r, c, value: T.buffer_store(dv_acc, value, [r, c]))
-    _accumulate(sched, sched.block_n, d_model, t.rows, lambda r, c: dk_acc[r, c], lambda step, r: ds_t[r, step],
+    accumulate(sched, sched.block_n, d_model, t.rows, lambda r, c: dk_acc[r, c], lambda step, r: ds_t[r, step],
                 lambda step, c: tir.Cast(F32, a.q[b, h, i0 + step, c]),
                 lambda r, c, value: T.buffer_store(dk_acc, value, [r, c]))
-    _accumulate(sched, sched.block_m, d_model, t.keys, lambda r, c: a.dq_part[t.split, b, h, i0 + r, c],
+    accumulate(sched, sched.block_m, d_model, t.keys, lambda r, c: a.dq_part[t.split, b, h, i0 + r, c],
                 lambda step, r: ds_t[step, r], lambda step, c: tir.Cast(F32, a.k[b, kvh, j0 + step, c]),
                 lambda r, c, value: T.buffer_store(a.dq_part, value, [t.split, b, h, i0 + r, c]))
     if derivs.score_tables:
@@ -342,45 +320,6 @@ def _scatter(partial: tir.Buffer, task, em: Emitter, grad: TableGrad, upstream) 
         with T.Then():
             at = [task, *indices]
             T.buffer_store(partial, partial[tuple(at)] + upstream * em.float(grad.dscore), at)
-
-
-def _transposed_product(sched: BackwardSchedule, row, column, length: int, consume) -> None:
-    """For each register tile of kv_rows key rows jj of the block: reg[i] = sum_{d < length} row(jj, d) *
-    column(d, i) for the block_m query lanes i, then consume(jj, reg)."""
-    bm, rj = sched.block_m, sched.kv_rows
-    with T.serial(0, sched.block_n // rj) as jo:
-        regs = [T.alloc_buffer((bm,), F32) for _ in range(rj)]
-        for reg in regs:
-            with T.vectorized(0, bm) as i:
-                T.buffer_store(reg, f32(0), [i])
-        with T.serial(0, length) as d:
-            for r, reg in enumerate(regs):
-                element = row(jo * rj + r, d)
-                with T.vectorized(0, bm) as i:
-                    T.buffer_store(reg, reg[i] + element * column(d, i), [i])
-        for r, reg in enumerate(regs):
-            consume(jo * rj + r, reg)
-
-
-def _accumulate(sched: BackwardSchedule, rows: int, cols: int, steps, load, weight, value, store) -> None:
-    """store(r, c, load(r, c) + sum_{t < steps} weight(t, r) * value(t, c)) for r < rows, c < cols, one out_rows
-    x out_cols register tile at a time (lanes over c, each weight a broadcast)."""
-    rp = sched.out_rows
-    for c0 in range(0, cols, sched.out_cols):
-        width = min(sched.out_cols, cols - c0)
-        with T.serial(0, rows // rp) as io:
-            regs = [T.alloc_buffer((width,), F32) for _ in range(rp)]
-            for r, reg in enumerate(regs):
-                with T.vectorized(0, width) as c:
-                    T.buffer_store(reg, load(io * rp + r, c0 + c), [c])
-            with T.serial(0, steps) as t:
-                for r, reg in enumerate(regs):
-                    w = weight(t, io * rp + r)
-                    with T.vectorized(0, width) as c:
-                        T.buffer_store(reg, reg[c] + w * value(t, c0 + c), [c])
-            for r, reg in enumerate(regs):
-                with T.vectorized(0, width) as c:
-                    store(io * rp + r, c0 + c, reg[c])
 
 
 # ---------------------------------------------------------------- bwd_finish

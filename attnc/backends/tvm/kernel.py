@@ -54,7 +54,7 @@ class CpuSchedule:
 
     def __post_init__(self):
         assert self.block_m % self.vector == 0 and self.block_n % self.kv_rows == 0
-        assert self.block_m % self.out_rows == 0
+        assert self.block_m % self.out_rows == 0 and self.block_n % self.out_rows == 0
         assert self.block_m * 4 < 1024 and self.out_cols * 4 < 1024  # each register row on the stack: module doc
 
 
@@ -356,45 +356,64 @@ def _scores(sched: CpuSchedule, plan: KernelPlan, a: Args, q_t, s_t, m_new, b, h
     """s_t[jj, :] = logits2 of q_t^T k[j0 + jj] (masked elements -inf on partial tiles), m_new <- the running
     row max (None: the normalizer keeps none). Keys past N read key N - 1 (they are masked). The logits are taken
     from the register tile, so the scores make one pass through memory."""
-    bm, rj = sched.block_m, sched.kv_rows
     last = a.sizes["N"] - 1
+
+    def logits(jj, reg):
+        with T.vectorized(0, sched.block_m) as i:
+            j = j0 + jj
+            em = Emitter(plan.spec, a.scope({"b": b, "h": h, "i": i0 + i, "j": j}, qk=reg[i]))
+            T.buffer_store(s_t, logit2(plan, em, j, masked), [jj, i])
+            if m_new is not None:
+                T.buffer_store(m_new, tir.max(m_new[i], s_t[jj, i]), [i])
+
+    transposed_product(sched, lambda jj, d: tir.Cast(F32, a.k[b, kvh, tir.min(j0 + jj, last), d]),
+                       lambda d, i: q_t[d, i], plan.head_dim, logits)
+
+
+def _accumulate(sched: CpuSchedule, a: Args, p_t, acc, alpha, b, kvh, j0, keys, dv_model: int) -> None:
+    """acc = acc * alpha + P V over the tile's `keys` valid keys (alpha None: acc + P V)."""
+    accumulate(sched, sched.block_m, dv_model, keys,
+               lambda r, c: acc[r, c] if alpha is None else acc[r, c] * alpha[r], lambda jj, r: p_t[jj, r],
+               lambda jj, c: tir.Cast(F32, a.v[b, kvh, j0 + jj, c]),
+               lambda r, c, value: T.buffer_store(acc, value, [r, c]))
+
+
+def transposed_product(sched: CpuSchedule, row, column, length: int, consume) -> None:
+    """The transposed register-tile product (module doc): for each register tile of kv_rows rows jj of the
+    block_n-row block, reg[i] = sum_{d < length} row(jj, d) * column(d, i) over the block_m lanes i (each row
+    element a broadcast), then consume(jj, reg)."""
+    bm, rj = sched.block_m, sched.kv_rows
     with T.serial(0, sched.block_n // rj) as jo:
         regs = [T.alloc_buffer((bm,), F32) for _ in range(rj)]
         for reg in regs:
             with T.vectorized(0, bm) as i:
                 T.buffer_store(reg, f32(0), [i])
-        with T.serial(0, plan.head_dim) as d:
+        with T.serial(0, length) as d:
             for r, reg in enumerate(regs):
-                key = tir.Cast(F32, a.k[b, kvh, tir.min(j0 + jo * rj + r, last), d])
+                element = row(jo * rj + r, d)
                 with T.vectorized(0, bm) as i:
-                    T.buffer_store(reg, reg[i] + key * q_t[d, i], [i])
+                    T.buffer_store(reg, reg[i] + element * column(d, i), [i])
         for r, reg in enumerate(regs):
-            with T.vectorized(0, bm) as i:
-                j = j0 + jo * rj + r
-                em = Emitter(plan.spec, a.scope({"b": b, "h": h, "i": i0 + i, "j": j}, qk=reg[i]))
-                T.buffer_store(s_t, logit2(plan, em, j, masked), [jo * rj + r, i])
-                if m_new is not None:
-                    T.buffer_store(m_new, tir.max(m_new[i], s_t[jo * rj + r, i]), [i])
+            consume(jo * rj + r, reg)
 
 
-def _accumulate(sched: CpuSchedule, a: Args, p_t, acc, alpha, b, kvh, j0, keys, dv_model: int) -> None:
-    """acc = acc * alpha + P V over the tile's `keys` valid keys, one out_rows x out_cols register tile at a time
-    (alpha None: acc + P V)."""
+def accumulate(sched: CpuSchedule, rows: int, cols: int, steps, load, weight, value, store) -> None:
+    """The accumulating register-tile product (module doc): store(r, c, load(r, c) + sum_{t < steps} weight(t, r)
+    * value(t, c)) for r < rows, c < cols, one out_rows x out_cols register tile at a time (lanes over c, each
+    weight a broadcast)."""
     rp = sched.out_rows
-    for c0 in range(0, dv_model, sched.out_cols):
-        width = min(sched.out_cols, dv_model - c0)
-        with T.serial(0, sched.block_m // rp) as io:
+    for c0 in range(0, cols, sched.out_cols):
+        width = min(sched.out_cols, cols - c0)
+        with T.serial(0, rows // rp) as io:
             regs = [T.alloc_buffer((width,), F32) for _ in range(rp)]
             for r, reg in enumerate(regs):
                 with T.vectorized(0, width) as c:
-                    old = acc[io * rp + r, c0 + c]
-                    T.buffer_store(reg, old if alpha is None else old * alpha[io * rp + r], [c])
-            with T.serial(0, keys) as jj:
+                    T.buffer_store(reg, load(io * rp + r, c0 + c), [c])
+            with T.serial(0, steps) as t:
                 for r, reg in enumerate(regs):
-                    p = p_t[jj, io * rp + r]
+                    w = weight(t, io * rp + r)
                     with T.vectorized(0, width) as c:
-                        value = tir.Cast(F32, a.v[b, kvh, j0 + jj, c0 + c])
-                        T.buffer_store(reg, reg[c] + p * value, [c])
+                        T.buffer_store(reg, reg[c] + w * value(t, c0 + c), [c])
             for r, reg in enumerate(regs):
                 with T.vectorized(0, width) as c:
-                    T.buffer_store(acc, reg[c], [io * rp + r, c0 + c])
+                    store(io * rp + r, c0 + c, reg[c])
