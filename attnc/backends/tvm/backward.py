@@ -51,13 +51,15 @@ def build_backward_primfuncs(plan: KernelPlan, sched: CpuSchedule) -> dict[str, 
 
 
 class _Scratch:
-    """The float32 buffers bwd_rows writes and bwd_keys reads, all compact, query rows padded to MP (QT tiles)."""
+    """The float32 buffers bwd_rows writes and bwd_keys reads, all compact, query rows padded to MP (QT tiles).
+    Q^T and dO^T are stored a query tile at a time ([D, block_m] blocks): a pair's tile is one contiguous block (with
+    whole rows of MP apart, its rows would fall into a few cache sets)."""
 
-    def __init__(self, s: dict):
+    def __init__(self, s: dict, block_m: int):
         mp, qt = tir.Var("MP", I32), tir.Var("QT", I32)
         b, h = s["B"], s["H"]
-        self.q_t = buffer_arg("q_t", [b, h, s["D"], mp], F32, "compact")
-        self.do_t = buffer_arg("do_t", [b, h, s["DV"], mp], F32, "compact")
+        self.q_t = buffer_arg("q_t", [b, h, qt, s["D"], block_m], F32, "compact")
+        self.do_t = buffer_arg("do_t", [b, h, qt, s["DV"], block_m], F32, "compact")
         self.lse2 = buffer_arg("lse2", [b, h, mp], F32, "compact")  # lse * log2(e); 0 for a row that kept nothing
         self.coef = buffer_arg("coef", [b, h, mp], F32, "compact")  # the dS rule's row term; 0 on padded rows
         self.tiles = buffer_arg("tiles", [b, h, qt, 4], I32, "compact")  # key_tiles of each query tile
@@ -88,7 +90,7 @@ def _rows_function(plan: KernelPlan, sched: CpuSchedule) -> tir.PrimFunc:
             dout = buffer_arg("dout", shapes["out"], dtype)
             lse = buffer_arg("lse", [s["B"], s["H"], s["M"]], F32, "any")
             dlse = buffer_arg("dlse", [s["B"], s["H"], s["M"]], F32, "any")
-            x = _Scratch(s)
+            x = _Scratch(s, bm)
             inputs, params = input_args(spec, s), param_args(spec)
             n_i64 = tir.Cast(I64, s["N"])
             q_tiles = x.query_tiles
@@ -109,11 +111,11 @@ def _rows_function(plan: KernelPlan, sched: CpuSchedule) -> tir.PrimFunc:
                 # row, with dO = 0)
                 with T.serial(0, plan.head_dim) as d:
                     with T.serial(0, bm) as r:
-                        T.buffer_store(x.q_t, tir.Cast(F32, q[b, h, tir.min(i0 + r, s["M"] - 1), d]), [b, h, d, i0 + r])
+                        T.buffer_store(x.q_t, tir.Cast(F32, q[b, h, tir.min(i0 + r, s["M"] - 1), d]), [b, h, qt, d, r])
                 with T.serial(0, plan.value_dim) as c:
                     with T.serial(0, bm) as r:
                         value = tir.Cast(F32, dout[b, h, tir.min(i0 + r, s["M"] - 1), c])
-                        T.buffer_store(x.do_t, tir.Select(r < rows, value, f32(0)), [b, h, c, i0 + r])
+                        T.buffer_store(x.do_t, tir.Select(r < rows, value, f32(0)), [b, h, qt, c, r])
                 delta = T.alloc_buffer((1,), F32)
                 with T.serial(0, bm) as r:
                     i = T.Bind(i0 + r)
@@ -142,7 +144,7 @@ def _keys_function(plan: KernelPlan, sched: CpuSchedule, derivs: Derivatives) ->
     with IRBuilder() as ib:
         with T.prim_func():
             T.func_name(KEYS)
-            a = _KeyArgs(plan, derivs)
+            a = _KeyArgs(plan, sched, derivs)
             s = a.sizes
             tasks = T.Bind(s["B"] * s["HKV"] * a.splits)
             if not sched.claim_tasks:
@@ -158,14 +160,14 @@ class _KeyArgs:
     """bwd_keys's parameters, in call order: q, k, v, dout, the _Scratch buffers, dq_part, dk, dv, the table
     partials, input tables, params."""
 
-    def __init__(self, plan: KernelPlan, derivs: Derivatives):
+    def __init__(self, plan: KernelPlan, sched: CpuSchedule, derivs: Derivatives):
         self.sizes = s = size_vars(plan)
         shapes, dtype = qkv_shapes(s), TIR_DTYPES[plan.dtype]
         self.q, self.k, self.v = (buffer_arg(name, shapes[name], dtype) for name in ("q", "k", "v"))
         self.dout = buffer_arg("dout", shapes["out"], dtype)
-        self.x = _Scratch(s)
+        self.x = _Scratch(s, sched.block_m)
         self.splits = tir.Var("S", I32)
-        self.dq_part = buffer_arg("dq_part", [self.splits, s["B"], s["H"], self.x.q_t.shape[3], s["D"]], F32,
+        self.dq_part = buffer_arg("dq_part", [self.splits, s["B"], s["H"], self.x.lse2.shape[2], s["D"]], F32,
                                   "compact")
         self.dk = buffer_arg("dk", shapes["k"], dtype)
         self.dv = buffer_arg("dv", shapes["v"], dtype)
@@ -211,8 +213,8 @@ def _key_task(plan: KernelPlan, sched: CpuSchedule, derivs: Derivatives, a: _Key
                 with T.If(tir.And(kt >= t_start, kt < t_end)):
                     with T.Then():
                         i0 = T.Bind(qt * sched.block_m)
-                        tile = _Tile(b, h, kvh, i0, j0, T.Bind(tir.min(sched.block_m, s["M"] - i0)), keys, split,
-                                     kt, f_start, f_end)
+                        tile = _Tile(b, h, kvh, qt, i0, j0, T.Bind(tir.min(sched.block_m, s["M"] - i0)), keys,
+                                     split, kt, f_start, f_end)
                         _tile_pair(plan, sched, derivs, a, task, tile, scratch)
         with T.serial(0, keys) as jj:
             for acc, dst in ((dk_acc, a.dk), (dv_acc, a.dv)):
@@ -231,6 +233,7 @@ class _Tile:
     b: tir.PrimExpr
     h: tir.PrimExpr
     kvh: tir.PrimExpr
+    qt: tir.PrimExpr  # the query tile: rows i0 = qt * block_m on
     i0: tir.PrimExpr
     j0: tir.PrimExpr
     rows: tir.PrimExpr
@@ -274,9 +277,9 @@ def _tile_pair(plan: KernelPlan, sched: CpuSchedule, derivs: Derivatives, a: _Ke
 
     d_model, dv_model = plan.head_dim, plan.value_dim
     transposed_product(sched, lambda jj, d: tir.Cast(F32, a.k[b, kvh, tir.min(j0 + jj, last), d]),
-                        lambda d, i: x.q_t[b, h, d, i0 + i], d_model, store_scores)
+                        lambda d, i: x.q_t[b, h, t.qt, d, i], d_model, store_scores)
     transposed_product(sched, lambda jj, c: tir.Cast(F32, a.v[b, kvh, tir.min(j0 + jj, last), c]),
-                        lambda c, i: x.do_t[b, h, c, i0 + i], dv_model,
+                        lambda c, i: x.do_t[b, h, t.qt, c, i], dv_model,
                         lambda jj, dp: by_tile_kind(plan, t.kt, t.f_start, t.f_end,
                                                     lambda masked: weights_and_ds(jj, dp, masked)))
     dk_acc, dv_acc = scratch["dk_acc"], scratch["dv_acc"]

@@ -63,7 +63,8 @@ def launch_backward(spec, functions: dict, tables: tuple[str, ...], block_m: int
     q_tiles = -(-sizes["M"] // block_m)
     mp = q_tiles * block_m  # query rows padded to whole tiles
     f32 = torch.float32
-    scratch = [torch.empty((b, h, sizes["D"], mp), dtype=f32), torch.empty((b, h, sizes["DV"], mp), dtype=f32),
+    scratch = [torch.empty((b, h, q_tiles, sizes["D"], block_m), dtype=f32),
+               torch.empty((b, h, q_tiles, sizes["DV"], block_m), dtype=f32),
                torch.empty((b, h, mp), dtype=f32), torch.empty((b, h, mp), dtype=f32),
                torch.empty((b, h, q_tiles, 4), dtype=torch.int32)]
     q_view, k_view, v_view = (loadable(canonical_view(t, decl), False) for t, decl in
