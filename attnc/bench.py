@@ -630,9 +630,9 @@ def run(args: argparse.Namespace) -> int:
 CPU_SPEC = """
 attention bench_cpu_{name} {{
     q: f32[B, H, M, D]  k: f32[B, H, N, D]  v: f32[B, H, N, D]
-{mask}    RETURN
+{mask}    {returns}
 }}
-""".replace("RETURN", return_text())
+"""
 CPU_HEADS = 8  # B = 1, H = 8: the issue's shapes
 CPU_TOL = 1e-4  # relative (norm) error against torch's fp32 SDPA that still counts as the same result
 # Before each block of calls the process pauses this long. After a call, torch's OpenMP workers spin for a few
@@ -653,8 +653,12 @@ class CpuWorkload:
 
     @property
     def flops(self) -> float:
+        """The forward's FLOPs over kept pairs (`--backward`: times 1 + BACKWARD_FLOPS)."""
         kept = self.S * (self.S + 1) // 2 if self.causal else self.S * self.S
         return 4.0 * CPU_HEADS * self.D * kept
+
+
+BACKWARD_FLOPS = 2.5  # the backward counted as 2.5x the forward's FLOPs (FlashAttention's convention)
 
 
 def cpu_workloads(seqs: list[int], dims: list[int], only: str | None = None) -> list[CpuWorkload]:
@@ -743,26 +747,30 @@ def run_cpu(args: argparse.Namespace) -> int:
         raise attnc.CallError(f"--rounds {args.rounds}: expected at least 1")
     threads = configure_threads(args.threads)  # TVM's pool size, before its first parallel launch
     torch.set_num_threads(threads)
-    report = {"env": cpu_environment(threads), "rows": []}
-    path = result_path(args.out, report["env"])  # cpu-<date>.json
-    sdpa = torch.nn.functional.scaled_dot_product_attention
+    backward = args.backward
+    report = {"env": {**cpu_environment(threads), "pass": "forward+backward" if backward else "forward"}, "rows": []}
+    if backward:
+        report["env"]["flops"] = f"forward FLOPs over kept pairs x {1 + BACKWARD_FLOPS} (the backward as " \
+                                 f"{BACKWARD_FLOPS}x the forward)"
+    path = result_path(args.out, report["env"], "backward-" if backward else "")  # [backward-]cpu-<date>.json
     kernels = {causal: attnc.compile(attnc.parse(CPU_SPEC.format(name="causal" if causal else "dense",
-                                                                 mask="    mask i >= j\n" if causal else ""))[0],
+                                                                 mask="    mask i >= j\n" if causal else "",
+                                                                 returns=return_text(returns_lse=backward)))[0],
                                      backend="tvm")
                for causal in (False, True)}
     for w in cpu_workloads(seqs, dims, args.only):
         gen = torch.Generator().manual_seed(w.S * 1000 + w.D)
         q, k, v = (torch.randn(1, CPU_HEADS, w.S, w.D, generator=gen) for _ in range(3))
-        kernel = kernels[w.causal]
-        fns = {"attnc": lambda: kernel(q, k, v), "torch": lambda: sdpa(q, k, v, is_causal=w.causal)}
+        fns = (cpu_training_runners if backward else cpu_forward_runners)(kernels[w.causal], w, q, k, v, gen)
+        flops = w.flops * (1 + BACKWARD_FLOPS if backward else 1)
         err = _rel_err(fns["attnc"](), fns["torch"]())
-        row = {"workload": w.name, "causal": w.causal, "S": w.S, "D": w.D, "flops": w.flops, "rel_err": err}
+        row = {"workload": w.name, "causal": w.causal, "S": w.S, "D": w.D, "flops": flops, "rel_err": err}
         if not math.isfinite(err) or err > CPU_TOL:
             row["error"] = f"wrong result: rel err {err:.3g} vs torch"
         else:
             row["loadavg_before"] = os.getloadavg()
             blocks = time_in_blocks(fns, rounds, seconds=0.1 if args.quick else 0.5)
-            row.update(summarize_blocks(blocks["attnc"], blocks["torch"], w.flops), loadavg_after=os.getloadavg())
+            row.update(summarize_blocks(blocks["attnc"], blocks["torch"], flops), loadavg_after=os.getloadavg())
         report["rows"].append(row)
         path.write_text(json.dumps(report, indent=1) + "\n")  # after every row: a run cut short keeps its rows
         print_cpu_row(row)
@@ -770,6 +778,34 @@ def run_cpu(args: argparse.Namespace) -> int:
     plot_path = plot_cpu(report, path.with_suffix(".png"))
     print(f"wrote {path} and {plot_path}")
     return 0
+
+
+def cpu_forward_runners(kernel, w: CpuWorkload, q, k, v, gen) -> dict[str, Callable]:
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    return {"attnc": lambda: kernel(q, k, v), "torch": lambda: sdpa(q, k, v, is_causal=w.causal)}
+
+
+def cpu_training_runners(kernel, w: CpuWorkload, q, k, v, gen) -> dict[str, Callable]:
+    """Forward and backward of sum(out * dout), each returning dq, dk, dv concatenated: attnc's TVM forward and
+    its backward (Backend.build_backward) called directly, torch's SDPA through autograd."""
+    from .backends import get_backend
+    from .dsl.signature import bind
+
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    backward = get_backend("tvm").build_backward(kernel.plan("cpu", w.D))
+    dout = torch.randn(q.shape, generator=gen)
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+
+    def attnc_step():
+        out, lse = kernel(q, k, v)
+        grads = backward(bind(kernel.spec, q, k, v, {}), out, lse, dout, None, False)
+        return torch.cat([grads[role].flatten() for role in "qkv"])
+
+    def torch_step():
+        out = sdpa(*leaves, is_causal=w.causal)
+        return torch.cat([g.flatten() for g in torch.autograd.grad(out, leaves, dout)])
+
+    return {"attnc": attnc_step, "torch": torch_step}
 
 
 def print_cpu_row(row: dict) -> None:
@@ -791,8 +827,9 @@ def plot_cpu(report: dict, path: Path) -> Path:
         for runner in lines:
             lines[runner].append((row["S"], row[f"{runner}_gflops"]))
     device = f"{env['model'] or 'CPU'}, {env['threads']['tvm']} threads"
-    fig = draw_panels(panels or {"no timed rows": {}}, device, f"fp32, B=1, H={env['heads']} — GFLOP/s", "GFLOP/s",
-                      "sequence length", logx=True)
+    what = " forward+backward (backward = 2.5x forward FLOPs)" if env.get("pass") == "forward+backward" else ""
+    fig = draw_panels(panels or {"no timed rows": {}}, device, f"fp32, B=1, H={env['heads']}{what} — GFLOP/s",
+                      "GFLOP/s", "sequence length", logx=True)
     return save_figure(fig, path)
 
 
@@ -802,7 +839,7 @@ def print_cpu_table(report: dict) -> None:
 
     env = report["env"]
     table = Table(title=f"{env['model']} ({env['llvm_mcpu']}) · {env['threads']['tvm']} threads · torch "
-                        f"{env['torch']} · tvm {env['tvm']} · fp32, B=1, H={env['heads']}")
+                        f"{env['torch']} · tvm {env['tvm']} · fp32, B=1, H={env['heads']} · {env['pass']}")
     for name in ("workload", "attnc ms", "torch ms", "attnc/torch", "rounds", "GFLOP/s", "rel err", "load"):
         table.add_column(name, justify="left" if name == "workload" else "right", no_wrap=True)
     for row in report["rows"]:

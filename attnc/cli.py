@@ -242,6 +242,8 @@ def bench_arguments(p: argparse.ArgumentParser) -> None:
     cpu.add_argument("--seqs", default="512,1024,2048,4096", help="sequence lengths S = M = N (comma-separated)")
     cpu.add_argument("--dims", default="64,128", help="head dims (comma-separated)")
     cpu.add_argument("--rounds", type=int, default=7, help="alternating rounds per workload (median over them)")
+    cpu.add_argument("--backward", action="store_true",
+                     help="time forward+backward (gradients of q, k, v) against torch's SDPA through autograd")
 
 
 def _bench(args: argparse.Namespace) -> int:

@@ -105,17 +105,22 @@ def test_bench_without_a_gpu_says_so():
     assert "attnc bench needs a CUDA GPU" in result.stderr
 
 
-def test_bench_on_the_cpu_writes_a_checked_row_per_workload(tmp_path):
-    """`attnc bench --device cpu`: every row is checked against torch before it is timed, printed when it is done,
-    and the JSON holds the timings the table prints; a PNG plot goes beside it."""
+@pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
+def test_bench_on_the_cpu_writes_a_checked_row_per_workload(tmp_path, backward):
+    """`attnc bench --device cpu [--backward]`: every row is checked against torch (with --backward: the
+    gradients of q, k, v against torch's autograd) before it is timed, printed when it is done, and the JSON holds
+    the timings the table prints; a PNG plot goes beside it."""
     import json
 
     result = run("bench", "--device", "cpu", "--seqs", "40", "--dims", "16", "--rounds", "2", "--threads", "1",
-                 "--out", str(tmp_path))
+                 "--out", str(tmp_path), *(["--backward"] if backward else []))
     assert result.returncode == 0, result.stderr
-    (path,) = tmp_path.glob("cpu-*.json")
+    (path,) = tmp_path.glob("backward-cpu-*.json" if backward else "cpu-*.json")
     report = json.loads(path.read_text())
     assert report["env"]["threads"] == {"torch": 1, "tvm": 1}
+    assert report["env"]["pass"] == ("forward+backward" if backward else "forward")
+    forward_flops = 4 * 8 * 16 * 40 * 40  # dense: every pair; H = 8, D = 16, S = 40
+    assert report["rows"][0]["flops"] == forward_flops * (3.5 if backward else 1)
     assert [row["workload"] for row in report["rows"]] == ["dense D=16 S=40", "causal D=16 S=40"]
     for row in report["rows"]:
         assert "error" not in row and row["rel_err"] < 1e-5

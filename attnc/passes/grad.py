@@ -63,9 +63,17 @@ class NormalizerBackward:
 
 
 def normalizer_backward(n: Normalizer) -> NormalizerBackward:
-    weight = function(n.weight)
-    rule = weight.derivative[0]
-    return NormalizerBackward(n.normalized, fold(rule((SCORE,), WEIGHT), {}))
+    return NormalizerBackward(n.normalized, _weight_derivative(n, SCORE, WEIGHT))
+
+
+def weight_derivative(n: Normalizer, score: Expr) -> Expr:
+    """f'(score) as IR of the score itself: NormalizerBackward.dweight with s = score and w = f(score), for a
+    kernel that evaluates the score's expression (an emitter shares the nodes f and f' have in common)."""
+    return _weight_derivative(n, score, Call(n.weight, (score,)))
+
+
+def _weight_derivative(n: Normalizer, score: Expr, weight: Expr) -> Expr:
+    return fold(function(n.weight).derivative[0]((score,), weight), {})
 
 
 def derive(spec: Attention) -> Derivatives:

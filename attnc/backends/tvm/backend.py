@@ -16,14 +16,17 @@ import torch
 from ...dsl.signature import Bound
 from ...errors import CompileError
 from ...passes import KernelPlan, Target
+from ...passes.grad import derive
 from .. import cache
 from . import codegen_fingerprint
 from .host import configure_threads, host_cpu
+from .backward import build_backward_primfuncs
 from .kernel import build_primfunc, decode_schedule, prefill_schedule
-from .launch import launch
+from .launch import launch, launch_backward
 
 LIBRARY_FILE = "kernel.so"
 FUNCTION = "attn"
+MAX_SPLITS = 4  # the backward keeps at most this many float32 partials of dQ (backward.py)
 
 
 class TvmBackend:
@@ -44,6 +47,15 @@ class TvmBackend:
     def build(self, plan: KernelPlan):
         check_dense(plan)
         return CudaLauncher(plan) if plan.target.device == "cuda" else TvmLauncher(plan)
+
+    def build_backward(self, plan: KernelPlan):
+        """The CPU backward (backward.py; Backend.build_backward's contract). CUDA tensors train through the
+        triton backend."""
+        check_dense(plan)
+        if plan.target.device == "cuda":
+            raise CompileError(f"attention {plan.spec.name!r}: the tvm backend's backward runs on the CPU; backward "
+                               f"on CUDA runs through the triton backend (backend='triton')")
+        return TvmBackward(plan)
 
 
 def check_dense(plan: KernelPlan) -> None:
@@ -153,30 +165,36 @@ def with_cuda_fatbins(blob: bytes, sources: set[bytes], options: tuple[str, ...]
     return _U64.pack(len(body)) + body
 
 
-def cache_key(plan: KernelPlan, sched, func, device: str) -> cache.CacheKey:
-    """The TensorIR text is part of the key, so a change to the code generator never loads a stale library."""
+def cache_key(plan: KernelPlan, sched, funcs: dict, device: str, stage: str = "forward") -> cache.CacheKey:
+    """The TensorIR text of every function is part of the key, so a change to the code generator never loads a
+    stale library; `stage` tells the forward's library from the backward's (backward.py) of the same plan."""
     import tvm
 
+    tir = hashlib.sha256()
+    for name, func in funcs.items():
+        tir.update(name.encode() + b"\0" + func.script().encode() + b"\0")
     return cache.CacheKey({
-        **cache.plan_parts(plan), "schedule": repr(sched), "tir": hashlib.sha256(func.script().encode()).hexdigest(),
+        **cache.plan_parts(plan), "stage": stage, "schedule": repr(sched), "tir": tir.hexdigest(),
         "backend": "tvm", "backend_version": tvm.__version__, "device": device, "codegen": codegen_fingerprint(),
         "nvcc_options": " ".join(nvcc_options(plan)) if device.startswith("cuda") else "",
     }, name=plan.spec.name)
 
 
-def load_function(plan: KernelPlan, sched, func, target, device: str):
-    """The compiled function from the kernel cache (built and exported as a shared library on a miss)."""
+def load_functions(plan: KernelPlan, sched, funcs: dict, target, device: str, stage: str = "forward") -> dict:
+    """The compiled functions (name -> PrimFunc in, name -> callable out) of one library from the kernel cache,
+    built and exported as a shared library on a miss."""
     import tvm
 
     def build(out_dir: Path) -> None:
         label = f"{device} with {sched}"
-        export_library(compile_module({FUNCTION: func}, plan, target, label), out_dir / LIBRARY_FILE, target, label,
+        export_library(compile_module(funcs, plan, target, label), out_dir / LIBRARY_FILE, target, label,
                        nvcc_options(plan))
 
-    def load(entry: cache.Entry):
-        return tvm.runtime.load_module(str(entry.file(LIBRARY_FILE)))[FUNCTION]
+    def load(entry: cache.Entry) -> dict:
+        module = tvm.runtime.load_module(str(entry.file(LIBRARY_FILE)))
+        return {name: module[name] for name in funcs}
 
-    return cache.get_or_load(cache_key(plan, sched, func, device), build, load)
+    return cache.get_or_load(cache_key(plan, sched, funcs, device, stage), build, load)
 
 
 class TvmLauncher:
@@ -194,8 +212,9 @@ class TvmLauncher:
         fn = self._functions.get(kind)
         if fn is None:
             sched = self.schedules[kind]
-            fn = self._functions[kind] = load_function(self.plan, sched, build_primfunc(self.plan, sched, FUNCTION),
-                                                       host_cpu().target(), host_cpu().label)
+            funcs = {FUNCTION: build_primfunc(self.plan, sched, FUNCTION)}
+            fn = self._functions[kind] = load_functions(self.plan, sched, funcs, host_cpu().target(),
+                                                        host_cpu().label)[FUNCTION]
         return fn
 
     def __call__(self, bound: Bound):
@@ -209,9 +228,32 @@ class CudaLauncher:
         self.plan = plan
         sched, func = build_cuda_kernel(plan, FUNCTION)
         arch = plan.target.arch
-        self.function = load_function(plan, sched, func, cuda_target(arch), f"cuda:sm_{arch}")
+        self.function = load_functions(plan, sched, {FUNCTION: func}, cuda_target(arch), f"cuda:sm_{arch}")[FUNCTION]
 
     def __call__(self, bound: Bound):
         return launch(self.plan.spec, self.function, bound)
 
 
+class TvmBackward:
+    """The CPU backward (backward.py): its three functions from one cached library, and their launch. The result
+    is deterministic whatever `deterministic` says: no task shares a write with another."""
+
+    def __init__(self, plan: KernelPlan):
+        self.plan = plan
+        self.sched = prefill_schedule(host_cpu().vector)  # the forward prefill's register tiles
+        self.tables = derive(plan.spec).tables
+        self.functions = load_functions(plan, self.sched, build_backward_primfuncs(plan, self.sched),
+                                        host_cpu().target(), host_cpu().label, stage="backward")
+
+    def __call__(self, bound: Bound, out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor,
+                 dlse: torch.Tensor | None = None, deterministic: bool = False) -> dict[str, torch.Tensor]:
+        splits = key_splits(bound.sizes["B"] * bound.sizes["HKV"], -(-bound.sizes["N"] // self.sched.block_n),
+                            int(os.environ["TVM_NUM_THREADS"]))
+        return launch_backward(self.plan.spec, self.functions, self.tables, self.sched.block_m, splits, bound, out,
+                               lse, dout, dlse)
+
+
+def key_splits(kv_heads: int, key_tiles: int, threads: int) -> int:
+    """How many tasks share the key tiles of one (batch, K/V head) in the backward: enough for two tasks per
+    thread, at most MAX_SPLITS (each split is a float32 copy of dQ) and at most one per key tile."""
+    return max(1, min(MAX_SPLITS, key_tiles, -(-2 * threads // max(1, kv_heads))))

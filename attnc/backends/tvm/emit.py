@@ -104,6 +104,10 @@ class Emitter:
     def bool(self, e: Expr) -> tir.PrimExpr:
         return self._root(e, "bool")
 
+    def place(self, e: Lookup) -> tuple[list[tir.PrimExpr], tir.PrimExpr]:
+        """The clamped indices of the lookup `e` and whether they lie inside its table (module function place)."""
+        return place(self.scope.inputs[e.tensor], [self.int(index) for index in e.indices])
+
     def emit(self, e: Expr) -> tir.PrimExpr:
         """`e` as a TIR expression of dtype float32, int64 or bool (its kind from ops.Kinds)."""
         return self._root(e, self.kinds(e))
@@ -163,21 +167,13 @@ class _Build:
 
     def _lookup(self, e: Lookup, kind: str) -> tir.PrimExpr:
         table = self.em.scope.inputs[e.tensor]
-        indices, inside = [], []
-        for index, extent in zip(e.indices, table.shape):
-            x = self._converted(index, "int")
-            size = tir.Cast(I64, extent)
-            inside.append(tir.And(x >= tir.const(0, I64), x < size))
-            indices.append(tir.Cast(I32, tir.max(tir.min(x, size - 1), tir.const(0, I64))))
+        indices, ok = place(table, [self._converted(index, "int") for index in e.indices])
         value = tir.BufferLoad(table, indices)
         if kind == "bool":
             value, zero = value != tir.const(0, table.dtype), tir.const(False, "bool")
         else:
             dtype = F32 if kind == "float" else I64
             value, zero = tir.Cast(dtype, value), tir.const(0, dtype)
-        ok = inside[0]
-        for c in inside[1:]:
-            ok = tir.And(ok, c)
         return tir.Select(ok, value, zero)
 
     def _operator(self, op: Op, args: tuple[Expr, ...]) -> tir.PrimExpr:
@@ -186,6 +182,18 @@ class _Build:
         compute = compute_kind(op, [self.em.kinds(a) for a in args])
         operands = [self._converted(a, "bool" if role == "bool" else compute) for a, role in zip(args, op.operands)]
         return render(op, operands, compute, self.em.native_math)
+
+
+def place(table: tir.Buffer, xs: list[tir.PrimExpr]) -> tuple[list[tir.PrimExpr], tir.PrimExpr]:
+    """Where a lookup with int64 indices `xs` reads `table`: the indices clamped into the table (int32), and
+    whether every one was inside it (outside, the lookup reads 0 and takes no gradient)."""
+    indices, ok = [], tir.const(True, "bool")
+    for x, extent in zip(xs, table.shape):
+        size = tir.Cast(I64, extent)
+        inside = tir.And(x >= tir.const(0, I64), x < size)
+        ok = inside if not indices else tir.And(ok, inside)
+        indices.append(tir.Cast(I32, tir.max(tir.min(x, size - 1), tir.const(0, I64))))
+    return indices, ok
 
 
 def _shared(e: Expr, kinds: Kinds) -> set[Expr]:

@@ -1,6 +1,6 @@
 """A KernelPlan -> a TensorIR PrimFunc for CPUs (LLVM), built with TVM's IR builder.
 
-One parallel task per (batch, head, query tile), handed out to threads at run time on x86 (_claimed_tasks;
+One parallel task per (batch, head, query tile), handed out to threads at run time on x86 (claimed_tasks;
 static ranges elsewhere). Per task the flash algorithm runs over the key tiles the mask analysis leaves
 (`passes.masks.key_tiles`, mirrored here in TIR): tiles outside the loop hull never run, full tiles evaluate no
 mask, partial tiles evaluate every mask element-wise. The normalizer (its lowering: normalize.py) runs in base 2
@@ -50,11 +50,11 @@ class CpuSchedule:
     kv_rows: int  # keys per register tile of S^T (kv_rows x block_m accumulators)
     out_rows: int  # query rows per register tile of P V; divides block_m
     out_cols: int  # value columns per register tile of P V (the last one may be narrower)
-    claim_tasks: bool = False  # hand tasks out at run time (x86: `lock bts`; _claimed_tasks), else static ranges
+    claim_tasks: bool = False  # hand tasks out at run time (x86: `lock bts`; claimed_tasks), else static ranges
 
     def __post_init__(self):
         assert self.block_m % self.vector == 0 and self.block_n % self.kv_rows == 0
-        assert self.block_m % self.out_rows == 0
+        assert self.block_m % self.out_rows == 0 and self.block_n % self.out_rows == 0
         assert self.block_m * 4 < 1024 and self.out_cols * 4 < 1024  # each register row on the stack: module doc
 
 
@@ -80,37 +80,61 @@ def parameter_names(spec) -> tuple[str, ...]:
             *(f"p_{p.name}" for p in spec.params))
 
 
+def size_vars(plan: KernelPlan) -> dict[str, tir.PrimExpr]:
+    """Every size the spec names, as a constant where the plan fixes it (D, DV, `dims`), else an int32 variable
+    that TVM binds from the first buffer shaped by it."""
+    spec = plan.spec
+    fixed = {**spec.dim_values, "D": plan.head_dim, "DV": plan.value_dim}
+    names = dict.fromkeys(n for t in (spec.q, spec.k, spec.v, *spec.inputs) for n in t.shape)
+    for e in (spec.score, *spec.masks, *([spec.normalizer.sink] if spec.normalizer.sink else [])):
+        names.update(dict.fromkeys(n.name for n in walk(e) if isinstance(n, SizeRef)))
+    sizes = {n: tir.IntImm(I32, fixed[n]) if n in fixed else tir.Var(n, I32) for n in names}
+    sizes.setdefault("HKV", sizes["H"])
+    sizes.setdefault("DV", sizes["D"])
+    return sizes
+
+
+def buffer_arg(name: str, shape, dtype: str, strides: str = "unit_last") -> tir.Buffer:
+    """The next PrimFunc parameter, a tensor: `unit_last` any strides but a unit last one (vector loads along the
+    head dim; the launcher copies otherwise), `any` any strides, `compact` contiguous (attnc's own buffers, whose
+    addresses TVM then computes from the shape)."""
+    handle = T.arg(name, T.handle())
+    if strides == "compact":
+        return IRBuilder.name(name, T.match_buffer(handle, shape, dtype))
+    stride_vars = [tir.Var(f"{name}_s{a}", I32) for a in range(len(shape))]
+    if strides == "unit_last":
+        stride_vars[-1] = 1
+    return IRBuilder.name(name, T.match_buffer(handle, shape, dtype, strides=stride_vars))  # named in sources
+
+
+def qkv_shapes(s: dict) -> dict[str, list]:
+    """q, k, v and out as [B, heads, sequence, head dim] (canonical_view), from size_vars."""
+    return {"q": [s["B"], s["H"], s["M"], s["D"]], "k": [s["B"], s["HKV"], s["N"], s["D"]],
+            "v": [s["B"], s["HKV"], s["N"], s["DV"]], "out": [s["B"], s["H"], s["M"], s["DV"]]}
+
+
+def input_args(spec, s: dict) -> dict[str, tir.Buffer]:
+    """The spec's input tables as parameters `in_<name>` (read through the emitter's lookups: any strides)."""
+    return {t.name: buffer_arg(f"in_{t.name}", [s[n] for n in t.shape], TIR_DTYPES[t.dtype], "any")
+            for t in spec.inputs}
+
+
+def param_args(spec) -> dict[str, tir.Var]:
+    return {p.name: T.arg(f"p_{p.name}", tir.Var(f"p_{p.name}", PARAM_DTYPES[p.dtype])) for p in spec.params}
+
+
 class Args:
     """The PrimFunc's parameters (parameter_names): q, k, v, out, [lse], input tables, params."""
 
     def __init__(self, plan: KernelPlan):
         spec = plan.spec
-        fixed = {**spec.dim_values, "D": plan.head_dim, "DV": plan.value_dim}
-        names = dict.fromkeys(n for t in (spec.q, spec.k, spec.v, *spec.inputs) for n in t.shape)
-        for e in (spec.score, *spec.masks, *([spec.normalizer.sink] if spec.normalizer.sink else [])):
-            names.update(dict.fromkeys(n.name for n in walk(e) if isinstance(n, SizeRef)))
-        self.sizes = {n: tir.IntImm(I32, fixed[n]) if n in fixed else tir.Var(n, I32) for n in names}
-        self.sizes.setdefault("HKV", self.sizes["H"])
-        self.sizes.setdefault("DV", self.sizes["D"])
-        s = self.sizes
-
-        def tensor(name, shape, dtype, unit_last=True):
-            strides = [tir.Var(f"{name}_s{a}", I32) for a in range(len(shape))]
-            if unit_last:
-                strides[-1] = 1  # vector loads along the head dim (the launcher copies otherwise)
-            handle = T.arg(name, T.handle())
-            return IRBuilder.name(name, T.match_buffer(handle, shape, dtype, strides=strides))  # named in sources
-
+        self.sizes = s = size_vars(plan)
+        shapes = qkv_shapes(s)
         dtype = TIR_DTYPES[plan.dtype]
-        self.q = tensor("q", [s["B"], s["H"], s["M"], s["D"]], dtype)
-        self.k = tensor("k", [s["B"], s["HKV"], s["N"], s["D"]], dtype)
-        self.v = tensor("v", [s["B"], s["HKV"], s["N"], s["DV"]], dtype)
-        self.out = tensor("out", [s["B"], s["H"], s["M"], s["DV"]], dtype)
-        self.lse = tensor("lse", [s["B"], s["H"], s["M"]], F32) if spec.returns_lse else None
-        self.inputs = {t.name: tensor(f"in_{t.name}", [s[n] for n in t.shape], TIR_DTYPES[t.dtype], False)
-                       for t in spec.inputs}
-        self.params = {p.name: T.arg(f"p_{p.name}", tir.Var(f"p_{p.name}", PARAM_DTYPES[p.dtype]))
-                       for p in spec.params}
+        self.q, self.k, self.v, self.out = (buffer_arg(name, shapes[name], dtype) for name in ("q", "k", "v", "out"))
+        self.lse = buffer_arg("lse", [s["B"], s["H"], s["M"]], F32) if spec.returns_lse else None
+        self.inputs = input_args(spec, s)
+        self.params = param_args(spec)
 
     def scope(self, index, qk=None) -> Scope:
         return Scope(index, self.sizes, self.params, self.inputs, qk)
@@ -128,12 +152,12 @@ def build_primfunc(plan: KernelPlan, sched: CpuSchedule, name: str = "attn") -> 
                 with T.parallel(0, tasks) as task:
                     _attention_tile(plan, sched, a, task, q_tiles, _tile_scratch(plan, sched))
             else:
-                _claimed_tasks(tasks, lambda task, scratch: _attention_tile(plan, sched, a, task, q_tiles, scratch),
+                claimed_tasks(tasks, lambda task, scratch: _attention_tile(plan, sched, a, task, q_tiles, scratch),
                                lambda: _tile_scratch(plan, sched))
     return ib.get()
 
 
-def _claimed_tasks(tasks, run, scratch) -> None:
+def claimed_tasks(tasks, run, scratch) -> None:
     """Tasks handed out at run time. TVM splits a parallel loop into one static range per thread, so a thread
     that is preempted (a busy core on a shared machine, or torch's OpenMP workers spinning after an op) stalls
     the whole call. Here every task has a claim bit, set with x86's `lock bts` (which returns the old bit), and
@@ -332,45 +356,64 @@ def _scores(sched: CpuSchedule, plan: KernelPlan, a: Args, q_t, s_t, m_new, b, h
     """s_t[jj, :] = logits2 of q_t^T k[j0 + jj] (masked elements -inf on partial tiles), m_new <- the running
     row max (None: the normalizer keeps none). Keys past N read key N - 1 (they are masked). The logits are taken
     from the register tile, so the scores make one pass through memory."""
-    bm, rj = sched.block_m, sched.kv_rows
     last = a.sizes["N"] - 1
+
+    def logits(jj, reg):
+        with T.vectorized(0, sched.block_m) as i:
+            j = j0 + jj
+            em = Emitter(plan.spec, a.scope({"b": b, "h": h, "i": i0 + i, "j": j}, qk=reg[i]))
+            T.buffer_store(s_t, logit2(plan, em, j, masked), [jj, i])
+            if m_new is not None:
+                T.buffer_store(m_new, tir.max(m_new[i], s_t[jj, i]), [i])
+
+    transposed_product(sched, lambda jj, d: tir.Cast(F32, a.k[b, kvh, tir.min(j0 + jj, last), d]),
+                       lambda d, i: q_t[d, i], plan.head_dim, logits)
+
+
+def _accumulate(sched: CpuSchedule, a: Args, p_t, acc, alpha, b, kvh, j0, keys, dv_model: int) -> None:
+    """acc = acc * alpha + P V over the tile's `keys` valid keys (alpha None: acc + P V)."""
+    accumulate(sched, sched.block_m, dv_model, keys,
+               lambda r, c: acc[r, c] if alpha is None else acc[r, c] * alpha[r], lambda jj, r: p_t[jj, r],
+               lambda jj, c: tir.Cast(F32, a.v[b, kvh, j0 + jj, c]),
+               lambda r, c, value: T.buffer_store(acc, value, [r, c]))
+
+
+def transposed_product(sched: CpuSchedule, row, column, length: int, consume) -> None:
+    """The transposed register-tile product (module doc): for each register tile of kv_rows rows jj of the
+    block_n-row block, reg[i] = sum_{d < length} row(jj, d) * column(d, i) over the block_m lanes i (each row
+    element a broadcast), then consume(jj, reg)."""
+    bm, rj = sched.block_m, sched.kv_rows
     with T.serial(0, sched.block_n // rj) as jo:
         regs = [T.alloc_buffer((bm,), F32) for _ in range(rj)]
         for reg in regs:
             with T.vectorized(0, bm) as i:
                 T.buffer_store(reg, f32(0), [i])
-        with T.serial(0, plan.head_dim) as d:
+        with T.serial(0, length) as d:
             for r, reg in enumerate(regs):
-                key = tir.Cast(F32, a.k[b, kvh, tir.min(j0 + jo * rj + r, last), d])
+                element = row(jo * rj + r, d)
                 with T.vectorized(0, bm) as i:
-                    T.buffer_store(reg, reg[i] + key * q_t[d, i], [i])
+                    T.buffer_store(reg, reg[i] + element * column(d, i), [i])
         for r, reg in enumerate(regs):
-            with T.vectorized(0, bm) as i:
-                j = j0 + jo * rj + r
-                em = Emitter(plan.spec, a.scope({"b": b, "h": h, "i": i0 + i, "j": j}, qk=reg[i]))
-                T.buffer_store(s_t, logit2(plan, em, j, masked), [jo * rj + r, i])
-                if m_new is not None:
-                    T.buffer_store(m_new, tir.max(m_new[i], s_t[jo * rj + r, i]), [i])
+            consume(jo * rj + r, reg)
 
 
-def _accumulate(sched: CpuSchedule, a: Args, p_t, acc, alpha, b, kvh, j0, keys, dv_model: int) -> None:
-    """acc = acc * alpha + P V over the tile's `keys` valid keys, one out_rows x out_cols register tile at a time
-    (alpha None: acc + P V)."""
+def accumulate(sched: CpuSchedule, rows: int, cols: int, steps, load, weight, value, store) -> None:
+    """The accumulating register-tile product (module doc): store(r, c, load(r, c) + sum_{t < steps} weight(t, r)
+    * value(t, c)) for r < rows, c < cols, one out_rows x out_cols register tile at a time (lanes over c, each
+    weight a broadcast)."""
     rp = sched.out_rows
-    for c0 in range(0, dv_model, sched.out_cols):
-        width = min(sched.out_cols, dv_model - c0)
-        with T.serial(0, sched.block_m // rp) as io:
+    for c0 in range(0, cols, sched.out_cols):
+        width = min(sched.out_cols, cols - c0)
+        with T.serial(0, rows // rp) as io:
             regs = [T.alloc_buffer((width,), F32) for _ in range(rp)]
             for r, reg in enumerate(regs):
                 with T.vectorized(0, width) as c:
-                    old = acc[io * rp + r, c0 + c]
-                    T.buffer_store(reg, old if alpha is None else old * alpha[io * rp + r], [c])
-            with T.serial(0, keys) as jj:
+                    T.buffer_store(reg, load(io * rp + r, c0 + c), [c])
+            with T.serial(0, steps) as t:
                 for r, reg in enumerate(regs):
-                    p = p_t[jj, io * rp + r]
+                    w = weight(t, io * rp + r)
                     with T.vectorized(0, width) as c:
-                        value = tir.Cast(F32, a.v[b, kvh, j0 + jj, c0 + c])
-                        T.buffer_store(reg, reg[c] + p * value, [c])
+                        T.buffer_store(reg, reg[c] + w * value(t, c0 + c), [c])
             for r, reg in enumerate(regs):
                 with T.vectorized(0, width) as c:
-                    T.buffer_store(acc, reg[c], [io * rp + r, c0 + c])
+                    store(io * rp + r, c0 + c, reg[c])

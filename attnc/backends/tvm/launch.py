@@ -10,6 +10,9 @@ import torch
 
 from ...dsl.signature import Bound, canonical_view, lse_shape, out_shape
 
+# The backward's functions (backward.py), by name: the library holds all three.
+ROWS, KEYS, FINISH = "bwd_rows", "bwd_keys", "bwd_finish"
+
 
 def empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Output allocation (tests swap in a NaN-filled one so unwritten elements show)."""
@@ -24,13 +27,12 @@ def launch(spec, function, bound: Bound):
     lse = empty(lse_shape(bound), torch.float32, q.device) if spec.returns_lse else None
     if bound.sizes["M"] > 0:
         gpu = q.device.type == "cuda"
-        args = [_loadable(canonical_view(t, decl), gpu) for t, decl in
+        args = [loadable(canonical_view(t, decl), gpu) for t, decl in
                 ((q, spec.q), (bound.k, spec.k), (bound.v, spec.v))]
         args.append(canonical_view(out, spec.q))  # freshly allocated in q's layout: head dim is contiguous
         if lse is not None:
             args.append(lse)
-        args += [_table(bound.inputs[t.name]) for t in spec.inputs]
-        args += [int(v) if isinstance(v, bool) else v for v in (bound.params[p.name] for p in spec.params)]
+        args += extra_args(spec, bound)
         if gpu:
             import tvm_ffi
 
@@ -43,7 +45,43 @@ def launch(spec, function, bound: Bound):
     return (out, lse) if spec.returns_lse else out
 
 
-def _loadable(t: torch.Tensor, gpu: bool) -> torch.Tensor:
+def launch_backward(spec, functions: dict, tables: tuple[str, ...], block_m: int, splits: int, bound: Bound,
+                    out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor,
+                    dlse: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """Run the backward's three functions (backward.py) on a bound call: the gradients of q, k, v and the float
+    input `tables`, each with its tensor's shape and dtype, contiguous. `block_m`: the query tile of the build;
+    `splits`: how many tasks share the key tiles of one (batch, K/V head)."""
+    q = bound.q
+    grads = {role: empty(t.shape, t.dtype, t.device) for role, t in (("q", q), ("k", bound.k), ("v", bound.v))}
+    grads.update({name: empty(bound.inputs[name].shape, bound.inputs[name].dtype, q.device) for name in tables})
+    sizes = bound.sizes
+    if sizes["M"] == 0:  # no query: nothing reaches K, V or a table
+        for grad in grads.values():
+            grad.zero_()
+        return grads
+    b, h, hkv = sizes["B"], sizes["H"], sizes["HKV"]
+    q_tiles = -(-sizes["M"] // block_m)
+    mp = q_tiles * block_m  # query rows padded to whole tiles
+    f32 = torch.float32
+    scratch = [torch.empty((b, h, q_tiles, sizes["D"], block_m), dtype=f32),
+               torch.empty((b, h, q_tiles, sizes["DV"], block_m), dtype=f32),
+               torch.empty((b, h, mp), dtype=f32), torch.empty((b, h, mp), dtype=f32),
+               torch.empty((b, h, q_tiles, 4), dtype=torch.int32)]
+    q_view, k_view, v_view = (loadable(canonical_view(t, decl), False) for t, decl in
+                              ((q, spec.q), (bound.k, spec.k), (bound.v, spec.v)))
+    out_view, dout_view = (loadable(canonical_view(t, spec.q), False) for t in (out, dout))
+    extra = extra_args(spec, bound)
+    functions[ROWS](q_view, k_view, out_view, dout_view, lse, torch.zeros_like(lse) if dlse is None else dlse,
+                    *scratch, *extra)
+    dq_part = torch.zeros((splits, b, h, mp, sizes["D"]), dtype=f32)
+    partials = [torch.zeros((b * hkv * splits, *bound.inputs[name].shape), dtype=f32) for name in tables]
+    functions[KEYS](q_view, k_view, v_view, dout_view, *scratch, dq_part, canonical_view(grads["k"], spec.k),
+                    canonical_view(grads["v"], spec.v), *partials, *extra)
+    functions[FINISH](dq_part, canonical_view(grads["q"], spec.q), *partials, *(grads[name] for name in tables))
+    return grads
+
+
+def loadable(t: torch.Tensor, gpu: bool) -> torch.Tensor:
     """Kernels load along the head dim with vector loads (CPU) or 16-byte cp.async (CUDA, head dims that are
     multiples of 8: rows must start 16-byte aligned). A view that breaks this is copied (rare)."""
     if t.stride(-1) != 1:
@@ -53,5 +91,8 @@ def _loadable(t: torch.Tensor, gpu: bool) -> torch.Tensor:
     return t
 
 
-def _table(t: torch.Tensor) -> torch.Tensor:
-    return t.view(torch.uint8) if t.dtype == torch.bool else t
+def extra_args(spec, bound: Bound) -> list:
+    """The compiled functions' last arguments: the input tables (bool ones as uint8 views), then the params."""
+    tables = [bound.inputs[t.name] for t in spec.inputs]
+    return [*(t.view(torch.uint8) if t.dtype == torch.bool else t for t in tables),
+            *(int(v) if isinstance(v, bool) else v for v in (bound.params[p.name] for p in spec.params))]
