@@ -92,17 +92,17 @@ def batch(generator: torch.Generator, size: int, device) -> torch.Tensor:
     return torch.cat([first, first], 1).to(device)
 
 
-def attention_fn(kind: str, dtype: str):
+def attention_fn(kind: str, dtype: str, backend: str | None = None):
     if kind == "torch":
         return torch_attention
-    return attnc.compile(attnc.parse(SPEC.format(dtype=dtype))[0])
+    return attnc.compile(attnc.parse(SPEC.format(dtype=dtype))[0], backend=backend)
 
 
 def train(steps: int, attention: str = "attnc", device: str = "cpu", dtype: str = "f32", compile: bool = False,
-          batch_size: int = 16, seed: int = 0, log_every: int = 0) -> list[float]:
-    """The loss of every step; the model and the data depend only on `seed`."""
+          batch_size: int = 16, seed: int = 0, log_every: int = 0, backend: str | None = None) -> list[float]:
+    """The loss of every step; the model and the data depend only on `seed`. `backend` goes to attnc.compile."""
     torch.manual_seed(seed)
-    model = GPT(attention_fn(attention, dtype)).to(device=device, dtype=DTYPES[dtype])
+    model = GPT(attention_fn(attention, dtype, backend)).to(device=device, dtype=DTYPES[dtype])
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     step_fn = model
     if compile:
