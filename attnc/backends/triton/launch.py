@@ -140,26 +140,10 @@ class TritonLauncher:
         return result, PreparedLaunch(self, bound, tiles, grid, full, direct)
 
     def launch_jit(self, grid, args: list, kernel: KernelLaunch):
-        """Triton's JIT launch. When Triton finds a config over the device's shared memory (the plan's estimate
-        leaves out the scratch that lookups and warp specialization add), it is retried with one pipeline stage
-        fewer, before anything runs; the stage count that fits is kept for later launches of that config."""
-        from triton.runtime.errors import OutOfResources
-
-        keywords = kernel.keywords
-        stages = self._stages.get(kernel, keywords["num_stages"])
-        while True:
-            try:
-                compiled = self.fwd[grid](*args, **{**keywords, "num_stages": stages})
-                self._stages[kernel] = stages
-                return compiled
-            except OutOfResources as e:
-                if stages <= 1:
-                    raise CompileError(
-                        f"attention {self.spec.name!r}: tile {keywords['BLOCK_M']}x{keywords['BLOCK_N']} needs more "
-                        f"shared memory than "
-                        f"this GPU has even with one pipeline stage ({e}); compile with smaller tiles: "
-                        f"attnc.compile(spec, options=attnc.passes.PlanOptions(block_m=64, block_n=64))") from None
-                stages -= 1
+        """Triton's JIT launch of attn_fwd (`launch_fitting`)."""
+        return launch_fitting(self.fwd, grid, args, kernel.keywords, self._stages, kernel, self.spec.name,
+                              "compile with smaller tiles: attnc.compile(spec, "
+                              "options=attnc.passes.PlanOptions(block_m=64, block_n=64))")
 
     def kernel_arguments(self, bound: Bound, out: torch.Tensor, lse: torch.Tensor | None,
                          tiles: LaunchTiles) -> list:
@@ -203,6 +187,27 @@ class TritonLauncher:
         if len(self._summaries) > SUMMARY_CACHE_SIZE:
             self._summaries.popitem(last=False)
         return list(result)
+
+
+def launch_fitting(fn, grid, args: list, keywords: dict, fitted: dict, key, name: str, advice: str):
+    """Triton's JIT launch of `fn`. When Triton finds a config over the device's shared memory (the plan's estimate
+    leaves out the scratch that lookups and warp specialization add), it is retried with one pipeline stage
+    fewer, before anything runs; the stage count that fits is kept in `fitted[key]` for later launches. `advice`
+    ends the CompileError where even one stage does not fit."""
+    from triton.runtime.errors import OutOfResources
+
+    stages = fitted.get(key, keywords["num_stages"])
+    while True:
+        try:
+            compiled = fn[grid](*args, **{**keywords, "num_stages": stages})
+            fitted[key] = stages
+            return compiled
+        except OutOfResources as e:
+            if stages <= 1:
+                raise CompileError(
+                    f"attention {name!r}: tile {keywords['BLOCK_M']}x{keywords['BLOCK_N']} of {fn.__name__} needs "
+                    f"more shared memory than this GPU has even with one pipeline stage ({e}); {advice}") from None
+            stages -= 1
 
 
 def descriptor_ready(t: torch.Tensor, decl) -> bool:
