@@ -25,6 +25,9 @@ from typing import Callable
 from ..ir import QK, Attention, Call, Expr, IndexVar, Lookup, Normalizer, Num, Binary, Unary, children, dtype_kind, walk
 from ..ops import Kinds, function, op_of
 from .fold import fold
+from .masks import query_range
+from .plan import BackwardPlan, KernelPlan
+from .tiling import backward_tiles
 
 ONE = Num(1.0, True)
 SCORE = IndexVar("s")  # stands for the score value in NormalizerBackward's expressions
@@ -66,6 +69,12 @@ def normalizer_backward(n: Normalizer) -> NormalizerBackward:
     weight = function(n.weight)
     rule = weight.derivative[0]
     return NormalizerBackward(n.normalized, fold(rule((SCORE,), WEIGHT), {}))
+
+
+def plan_backward(plan: KernelPlan) -> BackwardPlan:
+    """The backward kernels' tiles and the mask analysis transposed (rows per key tile) for a planned forward."""
+    dkdv, dq = backward_tiles(plan)
+    return BackwardPlan(dkdv, dq, query_range(plan.masks))
 
 
 def derive(spec: Attention) -> Derivatives:

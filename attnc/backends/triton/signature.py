@@ -13,7 +13,7 @@ from typing import Mapping, Sequence
 from ...ir import ROLES, IndexVar, Paged, SizeRef, walk
 from ...dsl.signature import canonical_view
 from ...passes.plan import KernelPlan
-from .emit import input_arg, param_arg, size_arg, stride_arg
+from .emit import grad_arg, grad_stride, input_arg, param_arg, size_arg, stride_arg
 
 # Sizes every kernel takes; other sizes are passed only when an expression uses them.
 KERNEL_SIZES = ("B", "H", "HKV", "M", "N")
@@ -178,6 +178,35 @@ COMBINE_SIGNATURE = Signature(
     (Group("workspace", ("ws_out_ptr", "ws_lse_ptr")), Group("outputs", ("out_ptr", "lse_ptr")),
      WORKSPACE[1], QKV_GROUPS[4], QKV_GROUPS[5], Group("rows", ("rows", "rows_per_b", "n_splits"))),
     ("BLOCK_R", "BLOCK_S"))
+
+
+# The backward's tensors (backward.py.j2): each one's pointer `{name}_ptr` and strides of its canonical view
+# ([B, H, M, D] / [B, H, M]), named as QKV_GROUPS names those of q, k, v, out and lse.
+BACKWARD_TENSORS = {"q": ("q", "bhmd"), "k": ("k", "bhnd"), "v": ("v", "bhnd"), "out": ("o", "bhmd"),
+                    "do": ("do", "bhmd"), "lse": ("l", "bhm"), "dlse": ("dl", "bhm"), "delta": ("de", "bhm"),
+                    "dq": ("dq", "bhmd"), "dk": ("dk", "bhnd"), "dv": ("dv", "bhnd")}
+SEARCH = Group("launch", ("search_steps",))  # binary-search steps over a ragged batch's offsets
+
+
+def _tensor_groups(names: tuple[str, ...]) -> tuple[Group, ...]:
+    return (Group("pointers", tuple(f"{n}_ptr" for n in names)),
+            *(Group(f"{n}_strides", _strides(*BACKWARD_TENSORS[n])) for n in names))
+
+
+def backward_signatures(args: SpecArgs, tables: tuple[tuple[str, int], ...], summary: bool) -> dict[str, Signature]:
+    """The backward kernels' signatures by function: `tables` the float inputs that get a gradient (name, rank),
+    `summary` whether the dK/dV and dQ kernels read a tile summary."""
+    grads = (Group("table_grads", tuple(n for name, rank in tables for n in (
+        grad_arg(name), grad_stride(name, "p"), *(grad_stride(name, a) for a in range(rank))))),) if tables else ()
+    classes = (SUMMARY,) if summary else ()
+    return {s.function: s for s in (
+        Signature("attn_bwd_prep", _tensor_groups(("out", "do", "lse", "dlse", "delta")) + args.groups() + grads
+                  + (SEARCH,), TILE_CONSTEXPRS + ("HAS_DLSE", "DETERMINISTIC")),
+        Signature("attn_bwd_dkdv", _tensor_groups(("q", "k", "v", "do", "lse", "delta", "dq", "dk", "dv"))
+                  + args.groups() + grads + classes + (SEARCH,), ("BLOCK_M", "BLOCK_N", "UPCAST", "DETERMINISTIC")),
+        Signature("attn_bwd_dq", _tensor_groups(("q", "k", "v", "do", "lse", "delta", "dq")) + args.groups()
+                  + classes + (SEARCH,), TILE_CONSTEXPRS + ("UPCAST",)),
+    )}
 
 
 def padded_strides(t, rank: int) -> tuple[int, ...]:
