@@ -93,7 +93,10 @@ def reference_grads(spec, q, k, v, kwargs, dout, dlse):
     if dlse is not None:
         kept = torch.isfinite(lse)
         loss = loss + (torch.where(kept, lse, 0.0) * dlse.double()).sum()
-    return dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
+    if not loss.requires_grad:  # M = 0: nothing reads the inputs
+        return {name: torch.zeros_like(t) for name, t in leaves.items()}
+    grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+    return {name: torch.zeros_like(t) if g is None else g for (name, t), g in zip(leaves.items(), grads)}
 
 
 def check_backward(spec, m, n, deterministic, with_dlse, dtype=None, device=DEVICE, d=None, seed=0):
@@ -262,3 +265,10 @@ def test_head_dims_and_long_sequences_gpu(d, deterministic):
     check_backward(EXAMPLES["gqa_causal"] if d == 128 else EXAMPLES["sliding_window"], 1000, 1100, deterministic,
                    True, dtype="bf16", d=d)
     check_backward(PADDED, 700, 900, deterministic, True, dtype="f16", d=d)
+
+
+@pytest.mark.parametrize("m, n", [(0, 40), (37, 0)])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_empty_queries_or_keys(m, n, deterministic):
+    # no queries: zero dK, dV and table gradients; no keys: every row keeps only the sink (dsink = dlse)
+    check_backward(EXAMPLES["sinks"], m, n, deterministic, True, dtype="f32")

@@ -112,7 +112,9 @@ def query_tiles(em: Emitter, queries: QueryRange) -> list[str]:
     lines += [f"q_hi = tl.minimum(q_hi, key_end - {code(r)})" for r in queries.from_lower]
     lines += [f"q_hi = tl.where({code(u)} > key_first, q_hi, 0)" for u in queries.upper_free]
     lines += [f"q_hi = tl.where({code(lo)} < key_end, q_hi, 0)" for lo in queries.lower_free]
-    return lines + ["m_start = q_lo // BLOCK_M", "m_end = (tl.minimum(q_hi, sz_M) + BLOCK_M - 1) // BLOCK_M"]
+    # clamped into [0, M], the tile indices fit int32, and so do the positions i the loop makes from them
+    return lines + ["m_start = (tl.minimum(q_lo, sz_M) // BLOCK_M).to(tl.int32)",
+                    "m_end = ((tl.minimum(q_hi, sz_M) + BLOCK_M - 1) // BLOCK_M).to(tl.int32)"]
 
 
 def tile_hooks(em: Emitter, plan: KernelPlan, derivs: Derivatives, masked: bool, tables: bool) -> dict:
