@@ -272,3 +272,77 @@ def test_head_dims_and_long_sequences_gpu(d, deterministic):
 def test_empty_queries_or_keys(m, n, deterministic):
     # no queries: zero dK, dV and table gradients; no keys: every row keeps only the sink (dsink = dlse)
     check_backward(EXAMPLES["sinks"], m, n, deterministic, True, dtype="f32")
+
+
+INLINE_EX2 = 'tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1)'
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_hopper_descriptor_path(deterministic):
+    # The sm_90 source (q, dO, dQ and K, V through tensor descriptors) run in the interpreter, which needs no
+    # descriptor scratch and runs no inline assembly. Triton 3.9's interpreter has no descriptor reduction: the
+    # bulk add of dQ runs as the same add through pointers here (it compiles for sm_90: benchmarks/NOTES.md).
+    import types
+
+    from attnc.backends.triton.backward import generate_backward
+    from attnc.backends.triton.gradients import BackwardLauncher
+    from attnc.passes import PlanOptions, Target
+
+    spec = replace(PADDED, returns_lse=True)
+    q, k, v, kwargs = call_inputs(spec, 45, 70, "f32", "cpu", d=40)
+    _, bound, out, lse = forward(spec, q, k, v, kwargs)
+    plan = plan_kernel(spec, Target("triton", "cuda", 90), 40, 40, PlanOptions(tma=True))
+    source = generate_backward(plan)
+    assert "make_tensor_descriptor" in source and INLINE_EX2 in source
+    module = types.ModuleType("hopper_backward")
+    bulk_add = "dq_desc.atomic_add([m * BLOCK_M, 0], dq_tile)"
+    assert bulk_add in source
+    source = source.replace(bulk_add, "tl.atomic_add(dq_ptr + b * s_dqb + h * s_dqh + q_rows[:, None] * s_dqm "
+                                      "+ offs_d[None, :] * s_dqd, dq_tile, mask=row_valid[:, None] & (offs_d < 40))")
+    exec(compile(source.replace("scratch.install()", "").replace(INLINE_EX2, "tl.exp2(x)"), "hopper_backward.py",
+                 "exec"), module.__dict__)
+    dout, dlse = torch.randn_like(out), torch.randn_like(lse)
+    launcher = BackwardLauncher(plan, module)
+    assert launcher.descriptors(q, k, v, dout, torch.zeros_like(q)) == {"attn_bwd_dkdv": True, "attn_bwd_dq": True}
+    assert not launcher.descriptors(q, k, v, dout.transpose(2, 3).contiguous().transpose(2, 3),
+                                    torch.zeros_like(q))["attn_bwd_dkdv"]  # dO with a strided head dim
+    grads = launcher(bound, out, lse, dout, dlse, deterministic)
+    want = reference_grads(spec, q, k, v, kwargs, dout, dlse)
+    for name, ref in want.items():
+        assert not grads[name].isnan().any(), name
+        err = (grads[name].double() - ref.double()).abs().max().item()
+        assert err <= TOL["f32"] * max(1.0, ref.abs().max().item()), (name, err)
+
+
+def test_backward_kernels_compile_for_hopper(tmp_path):
+    # ptxas without a GPU (as the AOT builds): every kernel a call can launch, descriptors on and off, for a dense
+    # spec with a table and a tile summary (alibi_doc: BSHD, GQA) and a ragged one with a sink (varlen_alibi_sinks)
+    from attnc.backends.triton import aot
+    from attnc.backends.triton.backward import generate_backward, gradient_tables, summary_used
+    from attnc.backends.triton.gradients import launch_keywords
+    from attnc.backends.triton.signature import backward_argument_types, backward_signatures, spec_args
+    from attnc.passes import Target
+
+    jobs = []
+    for name in ("alibi_doc", "varlen_alibi_sinks"):
+        spec = replace(EXAMPLES[name], returns_lse=True)
+        plan = plan_kernel(spec, Target("triton", "cuda", 90), 64, 64)
+        source = tmp_path / f"{name}.py"
+        source.write_text(generate_backward(plan))
+        signatures = backward_signatures(spec_args(plan, per_sequence=True), gradient_tables(spec),
+                                         summary_used(plan), plan.triton.tma)
+        for deterministic, tma in ((False, True), (False, False), (True, True), (True, False)):
+            types = backward_argument_types(plan, deterministic)
+            for kernel, keywords in launch_keywords(plan, deterministic, True).items():
+                if kernel == "attn_bwd_dq" and not deterministic or kernel == "attn_bwd_prep" and not tma:
+                    continue
+                sig = signatures[kernel]
+                constexprs = {n: keywords[n] for n in sig.constexprs if n != "TMA"}
+                constexprs.update({"TMA": tma} if "TMA" in sig.constexprs else {})
+                label = f"{name} {kernel} deterministic={deterministic} tma={tma}"
+                jobs.append(aot.CompileJob(
+                    str(source), f"bwd_{name}", kernel, {n: types[n] for n in sig.names}, constexprs, (),
+                    {"num_warps": keywords["num_warps"], "num_stages": keywords["num_stages"]}, 90,
+                    str(tmp_path / label.replace(" ", "_")), label))
+    results = aot._run_jobs(jobs, workers=2)
+    assert [(job.label, r["error"]) for job, r in zip(jobs, results) if "error" in r] == []

@@ -27,7 +27,7 @@ from ..ops import Kinds, function, op_of
 from .fold import fold
 from .masks import query_range
 from .plan import BackwardPlan, KernelPlan
-from .tiling import backward_tiles
+from .tiling import PREP_TILE, backward_tiles
 
 ONE = Num(1.0, True)
 SCORE = IndexVar("s")  # stands for the score value in NormalizerBackward's expressions
@@ -74,7 +74,7 @@ def normalizer_backward(n: Normalizer) -> NormalizerBackward:
 def plan_backward(plan: KernelPlan) -> BackwardPlan:
     """The backward kernels' tiles and the mask analysis transposed (rows per key tile) for a planned forward."""
     dkdv, dq = backward_tiles(plan)
-    return BackwardPlan(dkdv, dq, query_range(plan.masks))
+    return BackwardPlan(dkdv, dq, PREP_TILE, query_range(plan.masks))
 
 
 def derive(spec: Attention) -> Derivatives:

@@ -100,10 +100,12 @@ class QueryRange:
 class BackwardPlan:
     """The backward's kernels (passes/grad.py): the dK/dV kernel holds `dkdv.block_n` keys and steps through
     `dkdv.block_m` query rows at a time, over the rows `queries` leaves; the dQ kernel (deterministic backward)
-    is shaped like the forward, `dq.block_m` query rows stepping through `dq.block_n` keys."""
+    is shaped like the forward, `dq.block_m` query rows stepping through `dq.block_n` keys; the row kernel
+    (delta, sink gradients) takes `prep.block_m` rows."""
 
     dkdv: TileConfig
     dq: TileConfig
+    prep: TileConfig
     queries: QueryRange
 
 

@@ -64,13 +64,17 @@ class BackwardRow(Row):
     dq: TileConfig  # block_m: the query rows a program holds; block_n: keys per step
 
 
-# The backward's tiles (plan.BackwardPlan), first matching row wins. Not swept on a GPU yet: starting points from
-# FlashAttention-2 and Triton's fused-attention tutorial on the H100 (dK/dV: a wide key tile held in registers with
-# its dK and dV accumulators, narrow query steps; dQ the transpose), halved where D = 256 doubles the accumulators.
+# The backward's tiles (plan.BackwardPlan), first matching row wins. Not timed on a GPU yet. The sm_90 rows are the
+# largest tiles that ptxas compiled without spilling (Triton 3.9, causal bf16, compiled without a GPU; the stack
+# bytes per thread of its resource report), with q, dO and dQ (dK/dV kernel) and K, V (dQ kernel) through tensor
+# descriptors: dK/dV D=64 64x128 w8 0, D=128 64x64 w8 0 (64x128: 552), D=256 32x32 w8 0 (32x64: 560); dQ D=64
+# 128x64 w8 0, D=128 64x64 w8 0 (128x64: 64), D=256 32x64 w8 0. Through pointers (layouts TMA cannot take) the same
+# tiles spill 176-408 bytes. The dK/dV kernel holds a key tile with its dK and dV accumulators in registers and
+# steps through query rows; the dQ kernel is its transpose. Other rows: FlashAttention-2's shapes.
 BACKWARD_TUNED: tuple[BackwardRow, ...] = (
-    BackwardRow(90, 16, 64, TileConfig(64, 128, 4, 3), TileConfig(128, 64, 4, 3)),
-    BackwardRow(90, 16, 128, TileConfig(64, 128, 8, 2), TileConfig(128, 64, 8, 2)),
-    BackwardRow(90, 16, 256, TileConfig(32, 64, 8, 1), TileConfig(64, 32, 8, 1)),
+    BackwardRow(90, 16, 64, TileConfig(64, 128, 8, 2), TileConfig(128, 64, 8, 2)),
+    BackwardRow(90, 16, 128, TileConfig(64, 64, 8, 2), TileConfig(64, 64, 8, 2)),
+    BackwardRow(90, 16, 256, TileConfig(32, 32, 8, 1), TileConfig(32, 64, 8, 1)),
     BackwardRow(80, 16, 128, TileConfig(64, 64, 4, 2), TileConfig(64, 64, 4, 2)),
     BackwardRow(80, 16, 256, TileConfig(32, 64, 4, 1), TileConfig(64, 32, 4, 1)),
     BackwardRow(80, 32, 128, TileConfig(32, 64, 4, 1), TileConfig(64, 32, 4, 1)),
@@ -78,6 +82,9 @@ BACKWARD_TUNED: tuple[BackwardRow, ...] = (
     # The interpreter: small tiles, so that test shapes have several tiles, and partial ones, both ways.
     BackwardRow(0, 32, 1024, TileConfig(16, 32, 4, 1), TileConfig(32, 16, 4, 1)),
 )
+# The backward's row kernel (delta, sink gradients): memory-bound, narrow enough that its O and dO rows of up to
+# 256 floats stay in registers.
+PREP_TILE = TileConfig(32, 16, 4, 1)
 DECODE_MAX_M = 16
 MIN_DOT_ROWS = 16  # tl.dot needs at least 16 rows
 DTYPE_BITS = {"f16": 16, "bf16": 16, "f32": 32}

@@ -33,7 +33,8 @@ def generate_backward(plan: KernelPlan) -> str:
     rule = normalizer_backward(spec.normalizer)
     exp2 = "tl.exp2" if plan.target.arch is None else "ex2_approx"  # as the forward: see generate()
     data_dependent = summary_used(plan)
-    signatures = backward_signatures(spec_args(plan, per_sequence=True), gradient_tables(spec), data_dependent)
+    signatures = backward_signatures(spec_args(plan, per_sequence=True), gradient_tables(spec), data_dependent,
+                                     plan.triton.tma)
     ragged_q, ragged_kv = spec.q_storage is not None, spec.kv_storage is not None
 
     # attn_bwd_prep: per row, the sink's gradient into the tables it reads
@@ -86,6 +87,7 @@ def generate_backward(plan: KernelPlan) -> str:
         # the dQ kernel's key loops: common.key_loops as the forward's, without descriptors
         data_dependent=data_dependent, all_partial=bool(masks.evaluated) and not data_dependent,
         partial_before=bool(masks.exact.lower), ws_arg="",
+        tma=plan.triton.tma, set_allocator=plan.triton.tma and plan.target.arch is not None,
         **{f"{name.removeprefix('attn_bwd_')}_signature": s.render() for name, s in signatures.items()},
         **{f"{name.removeprefix('attn_bwd_')}_scalars": s.unspecialized() for name, s in signatures.items()},
     )

@@ -61,7 +61,7 @@ class BackwardLauncher:
         module = module or load_backward_module(plan)
         self.args = spec_args(plan, per_sequence=True)
         self.tables = gradient_tables(spec)
-        self.signatures = backward_signatures(self.args, self.tables, summary_used(plan))
+        self.signatures = backward_signatures(self.args, self.tables, summary_used(plan), plan.triton.tma)
         self.kernels = {name: getattr(module, name) for name in self.signatures}
         # the forward's tile_summary classes the backward's tiles of data-dependent masks
         self.forward = launch.TritonLauncher(plan, launch.load_module(plan)) if summary_used(plan) else None
@@ -93,7 +93,10 @@ class BackwardLauncher:
         if dlse is None:
             values["dlse_strides"] = (0, 0, 0)  # lse stands in for the pointer
 
-        keywords = self.keywords(deterministic, dlse is not None)
+        keywords = launch_keywords(self.plan, deterministic, dlse is not None)
+        if self.plan.triton.tma:
+            for name, tma in self.descriptors(q, k, v, dout, dq).items():
+                keywords[name]["TMA"] = tma
         for name in ("attn_bwd_prep", "attn_bwd_dkdv", "attn_bwd_dq"):
             if name == "attn_bwd_dq" and not deterministic:
                 continue
@@ -106,7 +109,7 @@ class BackwardLauncher:
             if any(g.role == "summary" for g in sig.groups):
                 values["summary"] = self.summary(bound, values, name)
             launch.launch_fitting(self.kernels[name], grid, sig.pack(values), keywords[name], self._stages,
-                                  (name, deterministic), spec.name,
+                                  (name, *keywords[name].items()), spec.name,
                                   "the backward's tiles are the BACKWARD_TUNED table of attnc/passes/tiling.py")
 
         grads = {"q": dq if dq.dtype == q.dtype else dq.to(q.dtype), "k": dk, "v": dv}
@@ -120,16 +123,17 @@ class BackwardLauncher:
         """Each kernel's grid: query tiles x heads (prep, dQ), key tiles x K/V heads (dK/dV). Packed storage gets
         room for every sequence's last partial tile (its programs find their sequence on the device)."""
         b = sizes["B"]
-        rows, keys = self.backward.dq.block_m, self.backward.dkdv.block_n
-        if self.spec.q_storage is not None:
-            queries = ((sizes["M"] + b * (rows - 1)) // rows, sizes["H"])
-        else:
-            queries = (-(-sizes["M"] // rows), b * sizes["H"])
-        if self.spec.kv_storage is not None:
-            key_tiles = ((sizes["N"] + b * (keys - 1)) // keys, sizes["HKV"])
-        else:
-            key_tiles = (-(-sizes["N"] // keys), b * sizes["HKV"])
-        return {"attn_bwd_prep": queries, "attn_bwd_dq": queries, "attn_bwd_dkdv": key_tiles}
+
+        def tiles(size: str, block: int, heads: str, packed: bool) -> tuple[int, int]:
+            if packed:
+                return (sizes[size] + b * (block - 1)) // block, sizes[heads]
+            return -(-sizes[size] // block), b * sizes[heads]
+
+        ragged_q, ragged_kv = self.spec.q_storage is not None, self.spec.kv_storage is not None
+        bp = self.backward
+        return {"attn_bwd_prep": tiles("M", bp.prep.block_m, "H", ragged_q),
+                "attn_bwd_dq": tiles("M", bp.dq.block_m, "H", ragged_q),
+                "attn_bwd_dkdv": tiles("N", bp.dkdv.block_n, "HKV", ragged_kv)}
 
     def table_workspaces(self, bound: Bound, programs: dict[str, int], deterministic: bool, device):
         """Per kernel that adds to input tables, its table_grads group values; and per table the float32 buffer
@@ -157,24 +161,12 @@ class BackwardLauncher:
                 first += programs[name]
         return slices, workspaces
 
-    def keywords(self, deterministic: bool, has_dlse: bool) -> dict[str, dict]:
-        """Each kernel's constexprs and launch options."""
-        rows, keys = self.backward.dq, self.backward.dkdv
-
-        def tiles(c: TileConfig) -> dict:
-            return {"BLOCK_M": c.block_m, "BLOCK_N": c.block_n}
-
-        def options(c: TileConfig) -> dict:
-            return {"num_warps": c.num_warps, "num_stages": c.num_stages}
-
-        query_major = {**tiles(rows), "BLOCK_MQ": rows.block_m, "PACK": 1}
-        up = upcast(self.plan)
-        return {
-            "attn_bwd_prep": {**query_major, "HAS_DLSE": has_dlse, "DETERMINISTIC": deterministic,
-                              "num_warps": rows.num_warps, "num_stages": 1},
-            "attn_bwd_dkdv": {**tiles(keys), "UPCAST": up, "DETERMINISTIC": deterministic, **options(keys)},
-            "attn_bwd_dq": {**query_major, "UPCAST": up, **options(rows)},
-        }
+    def descriptors(self, q, k, v, dout, dq) -> dict[str, bool]:
+        """Hopper: whether each kernel reads through tensor descriptors, where every tensor it reads that way fits
+        TMA's rules (as the forward's K and V): q, dO and dQ for attn_bwd_dkdv, K and V for attn_bwd_dq."""
+        spec = self.spec
+        return {"attn_bwd_dkdv": all(launch.descriptor_ready(t, spec.q) for t in (q, dout, dq)),
+                "attn_bwd_dq": launch.descriptor_ready(k, spec.k) and launch.descriptor_ready(v, spec.v)}
 
     def summary(self, bound: Bound, values: dict, kernel: str) -> list:
         """[summary, s_sb, s_sh]: the forward's tile classes for the tiles of `kernel`."""
@@ -182,3 +174,17 @@ class BackwardLauncher:
         tiles = LaunchTiles(c, 1, c.block_m)
         tensors = [bound.inputs[name] for name, _ in self.forward.args.inputs]
         return self.forward.summary(values["sizes"] + values["params"], tensors, bound.sizes, tiles, bound.q.device)
+
+
+def launch_keywords(plan: KernelPlan, deterministic: bool, has_dlse: bool) -> dict[str, dict]:
+    """Each backward kernel's constexprs and launch options (TMA, where the plan has it, is the launcher's per
+    call)."""
+    def tiles(c: TileConfig, query_major: bool) -> dict:
+        rows = {"BLOCK_MQ": c.block_m, "PACK": 1} if query_major else {}
+        return {"BLOCK_M": c.block_m, "BLOCK_N": c.block_n, **rows, "num_warps": c.num_warps,
+                "num_stages": c.num_stages}
+
+    bp, up = plan_backward(plan), upcast(plan)
+    return {"attn_bwd_prep": {**tiles(bp.prep, True), "HAS_DLSE": has_dlse, "DETERMINISTIC": deterministic},
+            "attn_bwd_dkdv": {**tiles(bp.dkdv, False), "UPCAST": up, "DETERMINISTIC": deterministic},
+            "attn_bwd_dq": {**tiles(bp.dq, True), "UPCAST": up}}

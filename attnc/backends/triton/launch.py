@@ -20,7 +20,7 @@ import torch
 from . import codegen_fingerprint
 from .generate import generate
 from .emit import input_arg, param_arg
-from .signature import prefill_signature, qkv_values, spec_args, summary_signature
+from .signature import padded_strides, prefill_signature, qkv_values, spec_args, summary_signature
 from ...dsl.signature import Bound, canonical_view, lse_shape, out_shape
 from ...errors import CompileError
 from ...passes import KernelPlan, LaunchTiles, Target, launch_tiles
@@ -211,11 +211,13 @@ def launch_fitting(fn, grid, args: list, keywords: dict, fitted: dict, key, name
 
 
 def descriptor_ready(t: torch.Tensor, decl) -> bool:
-    """Whether K or V (declared as `decl`) can be read through per-head 2-D tensor descriptors: a unit stride on
-    the head dim, and a 16-byte aligned base and batch, head and row strides (TMA's rules for global memory)."""
+    """Whether a q/k/v-shaped tensor (declared as `decl`; packed storage too) can be read through per-head 2-D
+    tensor descriptors: a unit stride on the head dim, and a 16-byte aligned base and batch, head and row strides
+    (TMA's rules for global memory)."""
     view = canonical_view(t, decl)
     size = t.element_size()
-    (s_b, s_h, s_n, s_d), (n_b, n_h) = view.stride(), view.shape[:2]
+    s_b, s_h, s_n, s_d = padded_strides(view, 4)
+    n_b, n_h = ((1,) * (4 - view.dim()) + tuple(view.shape))[:2]
     # A batch or head stride of a size-1 dim never moves the base.
     return s_d == 1 and (s_n * size) % ALIGNMENT == 0 and t.data_ptr() % ALIGNMENT == 0 \
         and (n_b == 1 or (s_b * size) % ALIGNMENT == 0) and (n_h == 1 or (s_h * size) % ALIGNMENT == 0)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
-from ...ir import ROLES, IndexVar, Paged, SizeRef, walk
+from ...ir import ROLES, IndexVar, Paged, SizeRef, dtype_kind, walk
 from ...dsl.signature import canonical_view
 from ...passes.plan import KernelPlan
 from .emit import grad_arg, grad_stride, input_arg, param_arg, size_arg, stride_arg
@@ -193,9 +193,10 @@ def _tensor_groups(names: tuple[str, ...]) -> tuple[Group, ...]:
             *(Group(f"{n}_strides", _strides(*BACKWARD_TENSORS[n])) for n in names))
 
 
-def backward_signatures(args: SpecArgs, tables: tuple[tuple[str, int], ...], summary: bool) -> dict[str, Signature]:
+def backward_signatures(args: SpecArgs, tables: tuple[tuple[str, int], ...], summary: bool,
+                        tma: bool) -> dict[str, Signature]:
     """The backward kernels' signatures by function: `tables` the float inputs that get a gradient (name, rank),
-    `summary` whether the dK/dV and dQ kernels read a tile summary."""
+    `summary` whether the dK/dV and dQ kernels read a tile summary, `tma` whether they take the TMA switch."""
     grads = (Group("table_grads", tuple(n for name, rank in tables for n in (
         grad_arg(name), grad_stride(name, "p"), *(grad_stride(name, a) for a in range(rank))))),) if tables else ()
     classes = (SUMMARY,) if summary else ()
@@ -203,9 +204,10 @@ def backward_signatures(args: SpecArgs, tables: tuple[tuple[str, int], ...], sum
         Signature("attn_bwd_prep", _tensor_groups(("out", "do", "lse", "dlse", "delta")) + args.groups() + grads
                   + (SEARCH,), TILE_CONSTEXPRS + ("HAS_DLSE", "DETERMINISTIC")),
         Signature("attn_bwd_dkdv", _tensor_groups(("q", "k", "v", "do", "lse", "delta", "dq", "dk", "dv"))
-                  + args.groups() + grads + classes + (SEARCH,), ("BLOCK_M", "BLOCK_N", "UPCAST", "DETERMINISTIC")),
+                  + args.groups() + grads + classes + (SEARCH,),
+                  ("BLOCK_M", "BLOCK_N", "UPCAST", "DETERMINISTIC") + (("TMA",) if tma else ())),
         Signature("attn_bwd_dq", _tensor_groups(("q", "k", "v", "do", "lse", "delta", "dq")) + args.groups()
-                  + classes + (SEARCH,), TILE_CONSTEXPRS + ("UPCAST",)),
+                  + classes + (SEARCH,), TILE_CONSTEXPRS + ("UPCAST",) + (("TMA",) if tma else ())),
     )}
 
 
@@ -241,6 +243,17 @@ def argument_types(plan: KernelPlan) -> dict[str, str]:
     types.update({param_arg(p.name): PARAM_TYPES[p.dtype] for p in spec.params})
     types.update({input_arg(t.name): "*" + TRITON_TYPES[t.dtype] for t in spec.inputs})
     return _IntsByDefault(types)
+
+
+def backward_argument_types(plan: KernelPlan, deterministic: bool) -> dict[str, str]:
+    """argument_types of the backward kernels' parameters: dQ accumulates in float32 by atomics, unless
+    `deterministic`; the input tables' gradients are float32."""
+    types = argument_types(plan)
+    q = types["q_ptr"]
+    types.update(do_ptr=q, dlse_ptr="*fp32", delta_ptr="*fp32", dq_ptr=q if deterministic else "*fp32",
+                 dk_ptr=types["k_ptr"], dv_ptr=types["v_ptr"])
+    types.update({grad_arg(t.name): "*fp32" for t in plan.spec.inputs if dtype_kind(t.dtype) == "float"})
+    return types
 
 
 class _IntsByDefault(dict):
