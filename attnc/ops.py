@@ -436,6 +436,10 @@ class Kinds:
             kind = self._memo[e] = self._kind(e)
         return kind
 
+    def assume(self, e: Expr, kind: str) -> None:
+        """Type `e` as `kind`: a placeholder a pass puts in an expression (grad.WEIGHT is a float)."""
+        self._memo[e] = kind
+
     def _kind(self, e: Expr) -> str:
         if isinstance(e, Num):
             return "bool" if isinstance(e.value, bool) else "float" if e.is_float else "int"

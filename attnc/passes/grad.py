@@ -25,6 +25,9 @@ from typing import Callable
 from ..ir import QK, Attention, Call, Expr, IndexVar, Lookup, Normalizer, Num, Binary, Unary, children, dtype_kind, walk
 from ..ops import Kinds, function, op_of
 from .fold import fold
+from .masks import query_range
+from .plan import BackwardPlan, KernelPlan
+from .tiling import PREP_TILE, backward_tiles
 
 ONE = Num(1.0, True)
 SCORE = IndexVar("s")  # stands for the score value in NormalizerBackward's expressions
@@ -74,6 +77,12 @@ def weight_derivative(n: Normalizer, score: Expr) -> Expr:
 
 def _weight_derivative(n: Normalizer, score: Expr, weight: Expr) -> Expr:
     return fold(function(n.weight).derivative[0]((score,), weight), {})
+
+
+def plan_backward(plan: KernelPlan) -> BackwardPlan:
+    """The backward kernels' tiles and the mask analysis transposed (rows per key tile) for a planned forward."""
+    dkdv, dq = backward_tiles(plan)
+    return BackwardPlan(dkdv, dq, PREP_TILE, query_range(plan.masks))
 
 
 def derive(spec: Attention) -> Derivatives:

@@ -18,7 +18,7 @@ from typing import Callable, Mapping, Sequence
 from ..ir import COMPARE_OPS, QK, Attention, Binary, Call, Expr, IndexVar, Lookup, Num, SizeRef, Unary, children, walk
 from ..ops import expr_type, op_of
 from .fold import Scalar, evaluate, fold
-from .plan import KernelPlan, KeyRange, MaskPlan
+from .plan import KernelPlan, KeyRange, MaskPlan, QueryRange
 
 _FLIP = {"<": ">", "<=": ">=", ">": "<", ">=": "<=", "==": "==", "!=": "!="}
 _ZERO, _ONE = Num(0, False), Num(1, False)
@@ -43,6 +43,22 @@ def analyze_masks(plan: KernelPlan) -> KernelPlan:
     hull = KeyRange(_unique(exact_lower + hull_lower), _unique(exact_upper + hull_upper))
     masks = MaskPlan(exact, hull, tuple(evaluated), any(_reads_tensor_at_ij(c) for c in evaluated))
     return replace(plan, masks=masks)
+
+
+def query_range(masks: MaskPlan) -> QueryRange:
+    """The hull's per-row key bounds inverted, where they are i + r or free of i (plan.QueryRange)."""
+    found: dict[str, list[Expr]] = {"from_upper": [], "from_lower": [], "upper_free": [], "lower_free": []}
+    for side, bounds in (("upper", masks.hull.upper), ("lower", masks.hull.lower)):
+        for bound in bounds:
+            form = linear_in_j(bound, "i")
+            if form is None:
+                continue
+            coeff, rest = form
+            if coeff == 0:
+                found[f"{side}_free"].append(bound)
+            elif coeff == 1:
+                found[f"from_{side}"].append(fold(rest if rest is not None else _ZERO, {}))
+    return QueryRange(**{name: _unique(exprs) for name, exprs in found.items()})
 
 
 def key_range(conjunct: Expr, spec: Attention) -> KeyRange | None:
@@ -92,12 +108,12 @@ def interval_hull(e: Expr, spec: Attention) -> KeyRange | None:
     return None
 
 
-def linear_in_j(e: Expr) -> tuple[int, Expr | None] | None:
+def linear_in_j(e: Expr, var: str = "j") -> tuple[int, Expr | None] | None:
     """`e` as (c, rest) with e == c * j + rest and rest free of j (None for 0); None if not of that form.
     Which operators keep the form is the operator table's `linearity`: an additive operator (+, -, unary -)
     combines its operands' forms with its constant derivatives (+-1), and a product scales one by an integer
-    literal. Each distinct node is analyzed once."""
-    free = _FreeOfJ()
+    literal. Each distinct node is analyzed once. `var`: another index variable in place of j."""
+    free = _FreeOf(var)
     memo: dict[Expr, tuple[int, Expr | None] | None] = {}
 
     def form(node: Expr) -> tuple[int, Expr | None] | None:
@@ -108,10 +124,10 @@ def linear_in_j(e: Expr) -> tuple[int, Expr | None] | None:
     return form(e)
 
 
-def _linear_form(e: Expr, form, free: "_FreeOfJ") -> tuple[int, Expr | None] | None:
+def _linear_form(e: Expr, form, free: "_FreeOf") -> tuple[int, Expr | None] | None:
     if free(e):
         return 0, e
-    if isinstance(e, IndexVar):  # j itself (other index variables are free of j)
+    if isinstance(e, IndexVar):  # the variable itself (other index variables are free of it)
         return 1, None
     if not isinstance(e, (Unary, Binary, Call)):
         return None
@@ -170,18 +186,19 @@ def key_tiles(masks: MaskPlan, rows: Sequence[Mapping[str, Scalar]], block_n: in
 
 
 def _free_of_j(e: Expr) -> bool:
-    return _FreeOfJ()(e)
+    return _FreeOf("j")(e)
 
 
-class _FreeOfJ:
-    """Whether expressions are free of j and qk, each distinct node looked at once."""
+class _FreeOf:
+    """Whether expressions are free of one index variable and of qk, each distinct node looked at once."""
 
-    def __init__(self):
+    def __init__(self, var: str):
+        self.var = var
         self.memo: dict[Expr, bool] = {}
 
     def __call__(self, e: Expr) -> bool:
         if e not in self.memo:
-            self.memo[e] = not (isinstance(e, QK) or (isinstance(e, IndexVar) and e.name == "j")) \
+            self.memo[e] = not (isinstance(e, QK) or (isinstance(e, IndexVar) and e.name == self.var)) \
                 and all(self(c) for c in children(e))
         return self.memo[e]
 

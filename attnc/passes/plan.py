@@ -82,6 +82,34 @@ class TileConfig:
 
 
 @dataclass(frozen=True)
+class QueryRange:
+    """The mask analysis transposed, for the backward's dK/dV kernel: which query rows can keep a key of the key
+    tile [j0, j1), from the hull's per-row key bounds (MaskPlan.hull). An upper bound i + r keeps keys j < i + r, so
+    it reaches the tile only from rows i >= j0 + 1 - r; a lower bound i + r (keys j >= i + r) only from rows
+    i < j1 - r; a bound free of i keeps the tile's keys in every row or in none (upper u > j0, lower l < j1).
+    Other bounds (i with another coefficient, or inside a lookup or a modulo) bound no rows: the kernel's per-tile
+    check, the forward's rule, skips those tiles."""
+
+    from_upper: tuple[Expr, ...] = ()  # r of each upper bound i + r: rows i >= j0 + 1 - r
+    from_lower: tuple[Expr, ...] = ()  # r of each lower bound i + r: rows i < j1 - r
+    upper_free: tuple[Expr, ...] = ()  # upper bounds free of i: no row unless one is > j0
+    lower_free: tuple[Expr, ...] = ()  # lower bounds free of i: no row unless one is < j1
+
+
+@dataclass(frozen=True)
+class BackwardPlan:
+    """The backward's kernels (passes/grad.py): the dK/dV kernel holds `dkdv.block_n` keys and steps through
+    `dkdv.block_m` query rows at a time, over the rows `queries` leaves; the dQ kernel (deterministic backward)
+    is shaped like the forward, `dq.block_m` query rows stepping through `dq.block_n` keys; the row kernel
+    (delta, sink gradients) takes `prep.block_m` rows."""
+
+    dkdv: TileConfig
+    dq: TileConfig
+    prep: TileConfig
+    queries: QueryRange
+
+
+@dataclass(frozen=True)
 class Tiling:
     block_d: int  # D padded to a power of two (loads are masked when D is not one)
     block_dv: int

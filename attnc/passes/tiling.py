@@ -7,10 +7,16 @@ from .plan import HeadSharing, KernelPlan, TileConfig, Tiling, TritonOptions
 
 
 @dataclass(frozen=True)
-class TunedRow:
+class Row:
+    """What a row of a tuned table matches: the first row whose bounds hold wins (`first_row`)."""
+
     min_arch: int  # compute capability x 10; 0 matches the interpreter / no GPU
     max_dtype_bits: int
-    max_block_d: int
+    max_block_d: int  # the wider of D and DV, padded to a power of two
+
+
+@dataclass(frozen=True)
+class TunedRow(Row):
     prefill: TileConfig
     decode: TileConfig  # decode.block_m is the most rows (positions x packed heads) a decode program takes
     short: TileConfig | None = None  # the prefill tile for short sequences: M up to short_max_m
@@ -50,6 +56,35 @@ TUNED: tuple[TunedRow, ...] = (
     # The Triton interpreter: few, wide tiles keep it fast; 32 still gives several tiles on test shapes.
     TunedRow(0, 32, 1024, TileConfig(32, 32, 4, 1), TileConfig(32, 32, 4, 1)),
 )
+
+
+@dataclass(frozen=True)
+class BackwardRow(Row):
+    dkdv: TileConfig  # block_m: query rows per step; block_n: the keys a program holds
+    dq: TileConfig  # block_m: the query rows a program holds; block_n: keys per step
+
+
+# The backward's tiles (plan.BackwardPlan), first matching row wins. Not timed on a GPU yet. The sm_90 rows are the
+# largest tiles that ptxas compiled without spilling (Triton 3.9, causal bf16, compiled without a GPU; the stack
+# bytes per thread of its resource report), with q, dO and dQ (dK/dV kernel) and K, V (dQ kernel) through tensor
+# descriptors: dK/dV D=64 64x128 w8 0, D=128 64x64 w8 0 (64x128: 552), D=256 32x32 w8 0 (32x64: 560); dQ D=64
+# 128x64 w8 0, D=128 64x64 w8 0 (128x64: 64), D=256 32x64 w8 0. Through pointers (layouts TMA cannot take) the same
+# tiles spill 176-408 bytes. The dK/dV kernel holds a key tile with its dK and dV accumulators in registers and
+# steps through query rows; the dQ kernel is its transpose. Other rows: FlashAttention-2's shapes.
+BACKWARD_TUNED: tuple[BackwardRow, ...] = (
+    BackwardRow(90, 16, 64, TileConfig(64, 128, 8, 2), TileConfig(128, 64, 8, 2)),
+    BackwardRow(90, 16, 128, TileConfig(64, 64, 8, 2), TileConfig(64, 64, 8, 2)),
+    BackwardRow(90, 16, 256, TileConfig(32, 32, 8, 1), TileConfig(32, 64, 8, 1)),
+    BackwardRow(80, 16, 128, TileConfig(64, 64, 4, 2), TileConfig(64, 64, 4, 2)),
+    BackwardRow(80, 16, 256, TileConfig(32, 64, 4, 1), TileConfig(64, 32, 4, 1)),
+    BackwardRow(80, 32, 128, TileConfig(32, 64, 4, 1), TileConfig(64, 32, 4, 1)),
+    BackwardRow(70, 32, 256, TileConfig(16, 32, 4, 1), TileConfig(32, 16, 4, 1)),
+    # The interpreter: small tiles, so that test shapes have several tiles, and partial ones, both ways.
+    BackwardRow(0, 32, 1024, TileConfig(16, 32, 4, 1), TileConfig(32, 16, 4, 1)),
+)
+# The backward's row kernel (delta, sink gradients): memory-bound, narrow enough that its O and dO rows of up to
+# 256 floats stay in registers.
+PREP_TILE = TileConfig(32, 16, 4, 1)
 DECODE_MAX_M = 16
 MIN_DOT_ROWS = 16  # tl.dot needs at least 16 rows
 DTYPE_BITS = {"f16": 16, "bf16": 16, "f32": 32}
@@ -59,18 +94,34 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
+def first_row(table, plan: KernelPlan, fits=lambda row: True):
+    """The first row of a tuned table that matches the plan's arch, dtype and head dims (and `fits`); None where
+    nothing is tuned this wide."""
+    arch, bits = plan.target.arch or 0, DTYPE_BITS[plan.dtype]
+    return next((r for r in table if arch >= r.min_arch and bits <= r.max_dtype_bits
+                 and widest_block(plan) <= r.max_block_d and fits(r)), None)
+
+
+def widest_block(plan: KernelPlan) -> int:
+    return max(16, next_pow2(plan.head_dim), next_pow2(plan.value_dim))
+
+
 def tuned_row(plan: KernelPlan) -> TunedRow:
     """The first TUNED row for the plan's arch, dtype, head dims and mask class."""
-    arch = plan.target.arch or 0
-    bits = DTYPE_BITS[plan.dtype]
-    widest = max(16, next_pow2(plan.head_dim), next_pow2(plan.value_dim))
     m = plan.masks
     masked = m is not None and bool(m.hull.lower or m.hull.upper or m.evaluated)
     banded = m is not None and bool(m.hull.lower)
-    row = next((r for r in TUNED if arch >= r.min_arch and bits <= r.max_dtype_bits and widest <= r.max_block_d
-                and r.masked in (None, masked) and r.banded in (None, banded)), None)
+    row = first_row(TUNED, plan, lambda r: r.masked in (None, masked) and r.banded in (None, banded))
     # nothing tuned this wide: the smallest tiles, which fit everywhere
-    return row or TunedRow(0, bits, widest, TileConfig(32, 16, 4, 1), TileConfig(16, 16, 4, 1))
+    return row or TunedRow(0, DTYPE_BITS[plan.dtype], widest_block(plan), TileConfig(32, 16, 4, 1),
+                           TileConfig(16, 16, 4, 1))
+
+
+def backward_tiles(plan: KernelPlan) -> tuple[TileConfig, TileConfig]:
+    """(dK/dV tile, dQ tile) from BACKWARD_TUNED for the plan's arch, dtype and head dims."""
+    row = first_row(BACKWARD_TUNED, plan)
+    # nothing tuned this wide: the smallest tiles, which fit everywhere
+    return (row.dkdv, row.dq) if row else (TileConfig(16, 16, 4, 1), TileConfig(16, 16, 4, 1))
 
 
 def choose_tiles(plan: KernelPlan) -> KernelPlan:

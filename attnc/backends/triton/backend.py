@@ -1,11 +1,12 @@
-"""The "triton" backend: its plan target per device, and the launcher for a plan (launch.py for dense specs,
-serving.py for ragged or paged storage and split-KV decode)."""
+"""The "triton" backend: its plan target per device, the launcher for a plan (launch.py for dense specs,
+serving.py for ragged or paged storage and split-KV decode), and the backward of a plan (gradients.py)."""
 from __future__ import annotations
 
 import torch
 
 from ...errors import CompileError
 from ...passes import KernelPlan, Target
+from .gradients import BackwardLauncher
 from .launch import TritonLauncher, interpreting, load_module
 from .serving import launcher_for
 
@@ -26,3 +27,6 @@ class TritonBackend:
     def build(self, plan: KernelPlan) -> TritonLauncher:
         storage = plan.spec.q_storage is not None or plan.spec.kv_storage is not None
         return launcher_for(plan, None if storage else load_module(plan))
+
+    def build_backward(self, plan: KernelPlan) -> BackwardLauncher:
+        return BackwardLauncher(plan)

@@ -1,8 +1,10 @@
 """IR expressions -> Triton code, one assignment per node, hoisted to where it is invariant.
 
 Every value has a *level*: scalar (per program: sizes, params, b), row ([BLOCK_M]: i, h), col ([BLOCK_N]: j)
-or tile ([BLOCK_M, BLOCK_N]: qk). Scalar and row values are emitted once into the kernel's prologue; col and
-tile values into the current scope (a loop body). Operands of mixed levels are broadcast with [:, None] /
+or tile ([BLOCK_M, BLOCK_N]: qk). A `Layout` says where each level goes: in the query-major kernels (forward,
+dQ) scalar and row values are emitted once into the kernel's prologue and col and tile values into the current
+scope (a loop body); the key-major dK/dV kernel holds one key tile and loops over query tiles, so there col values
+are the invariant ones and its tile is [BLOCK_N, BLOCK_M]. Operands of mixed levels are broadcast with [:, None] /
 [None, :]. Semantics follow the reference: ints are int64 with floored `%` and `//`, `/` is true division, booleans
 count as ints in arithmetic, and int/float mixes compute in float32. Integer results that provably fit int32
 (from the known ranges of positions and literals) stay int32, which keeps per-element tile math cheap; any
@@ -21,11 +23,43 @@ from ...ops import Formula, Kinds, Op, compute_kind, op_of
 
 SCALAR, ROW, COL, TILE = 0, 1, 2, 3
 
-_INDEX = {"b": ("b", SCALAR), "h": ("h_row", ROW), "i": ("i_row", ROW), "j": ("j_col", COL)}
 POSITION_LIMIT = 2 ** 30  # i and j are int32 in the kernel; sums and differences of two still fit
 _INT32 = (-2 ** 31, 2 ** 31 - 1)
 _POSITIONS = {"i", "j"}
-_VALID = {ROW: "row_valid", COL: "col_valid", TILE: "row_valid[:, None] & col_valid[None, :]"}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a kernel holds the levels: each index variable's code and level, the scope each level's values are
+    emitted into (per level SCALAR, ROW, COL, TILE: 0 the prologue, 1 the first scope opened, -1 the innermost),
+    and the tile's axes (`keys_major`: [BLOCK_N, BLOCK_M], a row value broadcasting as [None, :])."""
+
+    index: tuple[tuple[str, str, int], ...]  # (index variable, code, level)
+    scopes: tuple[int, int, int, int]
+    keys_major: bool = False
+
+    def broadcast(self, level: int) -> str:
+        """The suffix that broadcasts a row or col vector against a tile."""
+        return "[:, None]" if (level == ROW) != self.keys_major else "[None, :]"
+
+    @property
+    def tile_shape(self) -> str:
+        return "[BLOCK_N, BLOCK_M]" if self.keys_major else "[BLOCK_M, BLOCK_N]"
+
+    def valid(self, level: int) -> str:
+        """Code for the positions a value of `level` holds that are inside the sequences (row_valid, col_valid)."""
+        if level == TILE:
+            return f"row_valid{self.broadcast(ROW)} & col_valid{self.broadcast(COL)}"
+        return {ROW: "row_valid", COL: "col_valid"}[level]
+
+
+# The forward and dQ kernels: a program holds query rows (packed heads among them) and loops over key tiles.
+QUERY_MAJOR = Layout((("b", "b", SCALAR), ("h", "h_row", ROW), ("i", "i_row", ROW), ("j", "j_col", COL)),
+                     (0, 0, -1, -1))
+# The dK/dV kernel: a program holds one key tile and loops over the group's heads (the prologue, scope 0, is
+# emitted per head, so h is a scalar and col values are hoisted to it) and over query tiles (scope 1: the rows).
+KEY_MAJOR = Layout((("b", "b", SCALAR), ("h", "h", SCALAR), ("i", "i_row", ROW), ("j", "j_col", COL)),
+                   (0, 1, 0, -1), keys_major=True)
 
 
 def size_arg(name: str) -> str:
@@ -44,6 +78,16 @@ def stride_arg(tensor: str, axis: int) -> str:
     return f"t_{tensor}_s{axis}"
 
 
+def grad_arg(tensor: str) -> str:
+    """The gradient (or per-program gradient workspace) of a float input."""
+    return f"g_{tensor}"
+
+
+def grad_stride(tensor: str, axis: int | str) -> str:
+    """A stride of grad_arg(tensor): per table axis, and "p" between programs' slices (0: one shared slice)."""
+    return f"g_{tensor}_s{axis}"
+
+
 @dataclass(frozen=True)
 class Value:
     code: str  # a name or a literal
@@ -54,9 +98,11 @@ class Value:
 
 
 class Emitter:
-    def __init__(self, spec: Attention, exp2: str = "tl.exp2"):
+    def __init__(self, spec: Attention, exp2: str = "tl.exp2", layout: Layout = QUERY_MAJOR):
         self.spec = spec
         self.exp2 = exp2  # the base-2 exponential's name in the kernel module (exp2 and the formulas use it)
+        self.layout = layout
+        self._index = {name: (code, level) for name, code, level in layout.index}
         self.kinds = Kinds(spec)
         self.prologue: list[str] = []
         # scopes[0] is the prologue; each scope has its lines and a memo (CSE) that inner scopes see.
@@ -75,24 +121,29 @@ class Emitter:
 
     # -- public helpers
 
+    def bind(self, e: Expr, code: str, level: int, kind: str) -> None:
+        """Let `e` (a placeholder such as grad.WEIGHT) stand for `code` in the current scope."""
+        self.kinds.assume(e, kind)
+        self._scopes[-1][1][e] = Value(code, level, kind)
+
     def value(self, e: Expr) -> Value:
         for _, memo in reversed(self._scopes):
             if e in memo:
                 return memo[e]
         v = self._emit(e)
         if not v.literal and v.code.startswith("x"):
-            target = self._scopes[0] if v.level <= ROW else self._scopes[-1]
-            target[1][e] = v
+            self._target(v.level)[1][e] = v
         return v
+
+    def _target(self, level: int) -> tuple[list[str], dict[Expr, Value]]:
+        return self._scopes[self.layout.scopes[level]]
 
     def at(self, v: Value, level: int) -> str:
         """v's code broadcast to `level` (scalars and literals broadcast by themselves)."""
         if v.level == level or v.level == SCALAR:
             return v.code
-        if v.level == ROW and level == TILE:
-            return f"{v.code}[:, None]"
-        if v.level == COL and level == TILE:
-            return f"{v.code}[None, :]"
+        if level == TILE and v.level in (ROW, COL):
+            return f"{v.code}{self.layout.broadcast(v.level)}"
         raise AssertionError(f"cannot broadcast level {v.level} to {level}")
 
     def as_float(self, v: Value, level: int) -> str:
@@ -117,8 +168,7 @@ class Emitter:
     def _assign(self, code: str, level: int, kind: str, span: tuple[int, int] | None = None) -> Value:
         name = f"x{self._count}"
         self._count += 1
-        lines = self._scopes[0][0] if level <= ROW else self._scopes[-1][0]
-        lines.append(f"{name} = {code}")
+        self._target(level)[0].append(f"{name} = {code}")
         return Value(name, level, kind, span=span)
 
     def _emit(self, e: Expr) -> Value:
@@ -126,7 +176,7 @@ class Emitter:
         if isinstance(e, Num):
             return Value(_literal(e), SCALAR, kind, literal=True, span=_literal_span(e))
         if isinstance(e, IndexVar):
-            name, level = _INDEX[e.name]
+            name, level = self._index[e.name]
             return Value(name, level, "int", span=(0, POSITION_LIMIT - 1) if e.name in _POSITIONS else None)
         if isinstance(e, SizeRef):
             return Value(size_arg(e.name), SCALAR, "int", span=(0, _INT32[1]))
@@ -140,20 +190,26 @@ class Emitter:
             return self._operator(op_of(e), [self.value(x) for x in children(e)], kind)
         raise TypeError(f"not an IR expression: {e!r}")
 
-    def _lookup(self, e: Lookup, kind: str) -> Value:
+    def element(self, e: Lookup, strides: list[str]) -> tuple[str, list[str], int]:
+        """The element `e` reads, in a tensor of e's table shape with `strides`: (its int64 offset, the checks that
+        keep it inside the sequences and the table, the level)."""
         idx = [self.value(x) for x in e.indices]
         level = _join(*idx)
         dims = self.spec.input(e.tensor).shape
-        terms, checks = [], [_VALID[level]] if level != SCALAR else []
+        terms, checks = [], [self.layout.valid(level)] if level != SCALAR else []
         for axis, (v, x) in enumerate(zip(idx, e.indices)):
             code = self.as_int(v, level, wide=True)  # int32 positions, params, sizes: widen before scaling
-            terms.append(f"{code} * {stride_arg(e.tensor, axis)}")
+            terms.append(f"{code} * {strides[axis]}")
             if not _in_range_by_construction(x, dims[axis]):
                 # An index out of the table's bounds reads 0, never outside the tensor: the language's rule
                 # (dsl/reference.py), which validate mode checks on the host.
                 checks.append(f"({code} >= 0) & ({code} < {size_arg(dims[axis])})")
+        return " + ".join(terms), checks, level
+
+    def _lookup(self, e: Lookup, kind: str) -> Value:
+        offset, checks, level = self.element(e, [stride_arg(e.tensor, a) for a in range(len(e.indices))])
         mask = f", mask={' & '.join(checks)}, other=0" if checks else ""
-        load = f"tl.load({input_arg(e.tensor)} + {' + '.join(terms)}{mask})"
+        load = f"tl.load({input_arg(e.tensor)} + {offset}{mask})"
         if kind == "float":
             load += ".to(tl.float32)"  # f16/bf16/f64 tables compute in f32 (bf16 loads need it in the interpreter)
         return self._assign(load, level, kind)

@@ -29,15 +29,15 @@ def shared_hooks(plan: KernelPlan, exp2: str = "tl.exp2") -> dict:
     the base-2 exponential."""
     spec, masks, tiling = plan.spec, plan.masks, plan.tiling
     main = Emitter(spec, exp2)
-    _bounds(main, masks.exact, masks.hull)
+    bounds(main, masks.exact, masks.hull)
     sink = None
     if plan.score.sink2 is not None:
         v = main.value(plan.score.sink2)
         sink = main.as_float(v, v.level) if v.level else f"tl.zeros([BLOCK_M], tl.float32) + {main.as_float(v, 0)}"
     with main.scope() as score_lines:
-        logits = _float_tile(main, plan.score.logits2)
+        logits = float_tile(main, plan.score.logits2)
         with main.scope() as mask_lines:
-            keep_terms = "".join(f" & ({_as_tile(main, c)})" for c in masks.evaluated)
+            keep_terms = "".join(f" & ({as_tile(main, c)})" for c in masks.evaluated)
     pad_d, pad_dv = tiling.block_d != plan.head_dim, tiling.block_dv != plan.value_dim
     return dict(
         version=__version__, key=plan.spec_key[:16], exp2=exp2,
@@ -60,9 +60,9 @@ def generate(plan: KernelPlan) -> str:
     summary_prologue, summary_lines = [], []
     if masks.data_dependent:
         summary = Emitter(spec)
-        _bounds(summary, masks.exact, masks.hull)
+        bounds(summary, masks.exact, masks.hull)
         with summary.scope() as summary_lines:
-            terms = [_as_tile(summary, c) for c in masks.evaluated]
+            terms = [as_tile(summary, c) for c in masks.evaluated]
         summary_lines.append("evaluated = " + " & ".join(f"({t})" for t in terms))
         summary_prologue = summary.prologue
 
@@ -87,33 +87,35 @@ def generate(plan: KernelPlan) -> str:
     )
 
 
-def _bounds(em: Emitter, exact: KeyRange, hull: KeyRange) -> None:
-    """Per-row [lo, hi) of the exact and hull key ranges as [BLOCK_M] int64 vectors in the prologue."""
+def bounds(em: Emitter, exact: KeyRange, hull: KeyRange, lines: list[str] | None = None) -> None:
+    """Per-row [lo, hi) of the exact and hull key ranges as [BLOCK_M] int64 vectors, appended to `lines` (the
+    prologue unless given: the row scope of the dK/dV kernel)."""
+    lines = em.prologue if lines is None else lines
     for name, r in (("exact", exact), ("hull", hull)):
         if name == "hull" and r == exact:
-            em.prologue += ["hull_lo = exact_lo", "hull_hi = exact_hi"]
+            lines += ["hull_lo = exact_lo", "hull_hi = exact_hi"]
             continue
         lo, hi = f"{name}_lo", f"{name}_hi"
-        em.prologue.append(f"{lo} = tl.zeros([BLOCK_M], tl.int64)")
+        lines.append(f"{lo} = tl.zeros([BLOCK_M], tl.int64)")
         for e in r.lower:
-            em.prologue.append(f"{lo} = tl.maximum({lo}, {em.as_int(em.value(e), em.value(e).level)})")
-        em.prologue.append(f"{hi} = tl.zeros([BLOCK_M], tl.int64) + sz_N")
+            lines.append(f"{lo} = tl.maximum({lo}, {em.as_int(em.value(e), em.value(e).level)})")
+        lines.append(f"{hi} = tl.zeros([BLOCK_M], tl.int64) + sz_N")
         for e in r.upper:
-            em.prologue.append(f"{hi} = tl.minimum({hi}, {em.as_int(em.value(e), em.value(e).level)})")
+            lines.append(f"{hi} = tl.minimum({hi}, {em.as_int(em.value(e), em.value(e).level)})")
         # Clamped to [0, N], the bounds fit int32, so the masks of partial tiles compare int32 with int32.
-        em.prologue += [f"{lo} = tl.minimum({lo}, sz_N).to(tl.int32)", f"{hi} = tl.maximum({hi}, 0).to(tl.int32)"]
+        lines += [f"{lo} = tl.minimum({lo}, sz_N).to(tl.int32)", f"{hi} = tl.maximum({hi}, 0).to(tl.int32)"]
 
 
-def _as_tile(em: Emitter, e: Expr) -> str:
-    """Code for the bool `e` broadcast against a [BLOCK_M, BLOCK_N] tile."""
+def as_tile(em: Emitter, e: Expr) -> str:
+    """Code for the bool `e` broadcast against a tile."""
     return em.at(em.value(e), TILE)
 
 
-def _float_tile(em: Emitter, e: Expr) -> str:
-    """Code for `e` as a float32 [BLOCK_M, BLOCK_N] tile."""
+def float_tile(em: Emitter, e: Expr) -> str:
+    """Code for `e` as a float32 tile."""
     v = em.value(e)
     code = em.as_float(v, TILE)
-    return code if v.level == TILE else f"tl.zeros([BLOCK_M, BLOCK_N], tl.float32) + {code}"
+    return code if v.level == TILE else f"tl.zeros({em.layout.tile_shape}, tl.float32) + {code}"
 
 
 def _plan_line(plan: KernelPlan) -> str:

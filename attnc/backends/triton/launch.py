@@ -20,7 +20,7 @@ import torch
 from . import codegen_fingerprint
 from .generate import generate
 from .emit import input_arg, param_arg
-from .signature import prefill_signature, qkv_values, spec_args, summary_signature
+from .signature import padded_strides, prefill_signature, qkv_values, spec_args, summary_signature
 from ...dsl.signature import Bound, canonical_view, lse_shape, out_shape
 from ...errors import CompileError
 from ...passes import KernelPlan, LaunchTiles, Target, launch_tiles
@@ -140,26 +140,10 @@ class TritonLauncher:
         return result, PreparedLaunch(self, bound, tiles, grid, full, direct)
 
     def launch_jit(self, grid, args: list, kernel: KernelLaunch):
-        """Triton's JIT launch. When Triton finds a config over the device's shared memory (the plan's estimate
-        leaves out the scratch that lookups and warp specialization add), it is retried with one pipeline stage
-        fewer, before anything runs; the stage count that fits is kept for later launches of that config."""
-        from triton.runtime.errors import OutOfResources
-
-        keywords = kernel.keywords
-        stages = self._stages.get(kernel, keywords["num_stages"])
-        while True:
-            try:
-                compiled = self.fwd[grid](*args, **{**keywords, "num_stages": stages})
-                self._stages[kernel] = stages
-                return compiled
-            except OutOfResources as e:
-                if stages <= 1:
-                    raise CompileError(
-                        f"attention {self.spec.name!r}: tile {keywords['BLOCK_M']}x{keywords['BLOCK_N']} needs more "
-                        f"shared memory than "
-                        f"this GPU has even with one pipeline stage ({e}); compile with smaller tiles: "
-                        f"attnc.compile(spec, options=attnc.passes.PlanOptions(block_m=64, block_n=64))") from None
-                stages -= 1
+        """Triton's JIT launch of attn_fwd (`launch_fitting`)."""
+        return launch_fitting(self.fwd, grid, args, kernel.keywords, self._stages, kernel, self.spec.name,
+                              "compile with smaller tiles: attnc.compile(spec, "
+                              "options=attnc.passes.PlanOptions(block_m=64, block_n=64))")
 
     def kernel_arguments(self, bound: Bound, out: torch.Tensor, lse: torch.Tensor | None,
                          tiles: LaunchTiles) -> list:
@@ -205,12 +189,35 @@ class TritonLauncher:
         return list(result)
 
 
+def launch_fitting(fn, grid, args: list, keywords: dict, fitted: dict, key, name: str, advice: str):
+    """Triton's JIT launch of `fn`. When Triton finds a config over the device's shared memory (the plan's estimate
+    leaves out the scratch that lookups and warp specialization add), it is retried with one pipeline stage
+    fewer, before anything runs; the stage count that fits is kept in `fitted[key]` for later launches. `advice`
+    ends the CompileError where even one stage does not fit."""
+    from triton.runtime.errors import OutOfResources
+
+    stages = fitted.get(key, keywords["num_stages"])
+    while True:
+        try:
+            compiled = fn[grid](*args, **{**keywords, "num_stages": stages})
+            fitted[key] = stages
+            return compiled
+        except OutOfResources as e:
+            if stages <= 1:
+                raise CompileError(
+                    f"attention {name!r}: tile {keywords['BLOCK_M']}x{keywords['BLOCK_N']} of {fn.__name__} needs "
+                    f"more shared memory than this GPU has even with one pipeline stage ({e}); {advice}") from None
+            stages -= 1
+
+
 def descriptor_ready(t: torch.Tensor, decl) -> bool:
-    """Whether K or V (declared as `decl`) can be read through per-head 2-D tensor descriptors: a unit stride on
-    the head dim, and a 16-byte aligned base and batch, head and row strides (TMA's rules for global memory)."""
+    """Whether a q/k/v-shaped tensor (declared as `decl`; packed storage too) can be read through per-head 2-D
+    tensor descriptors: a unit stride on the head dim, and a 16-byte aligned base and batch, head and row strides
+    (TMA's rules for global memory)."""
     view = canonical_view(t, decl)
     size = t.element_size()
-    (s_b, s_h, s_n, s_d), (n_b, n_h) = view.stride(), view.shape[:2]
+    s_b, s_h, s_n, s_d = padded_strides(view, 4)
+    n_b, n_h = ((1,) * (4 - view.dim()) + tuple(view.shape))[:2]
     # A batch or head stride of a size-1 dim never moves the base.
     return s_d == 1 and (s_n * size) % ALIGNMENT == 0 and t.data_ptr() % ALIGNMENT == 0 \
         and (n_b == 1 or (s_b * size) % ALIGNMENT == 0) and (n_h == 1 or (s_h * size) % ALIGNMENT == 0)

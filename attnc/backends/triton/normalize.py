@@ -13,6 +13,9 @@ the weights so far (and `m_i`, the running max, where rows are normalised), and 
     combine_acc     attn_combine's acc after a chunk of splits: their partial outs `parts` [splits, rows, DV], each
                     split weighted by `w` = exp2(lse_s - m) (alpha: the rescale of acc to the new max m)
     combine_out     attn_combine's out from acc and l_safe
+The backward (backward.py.j2) recomputes a tile's weights from the forward's lse:
+    recompute(row)  from `s` and `lse2` (the row's lse in base 2, +inf for a row that kept nothing): `p`, each
+                    kept key's weight in out (0 where s = -inf); `row` broadcasts a row vector against the tile
 """
 from __future__ import annotations
 
@@ -37,6 +40,10 @@ class TritonNormalizer(ABC):
     def weights(self, masked) -> str:
         """The lines of a key tile that turn `s` into `p` and update the running state."""
 
+    @abstractmethod
+    def recompute(self, row: str) -> str:
+        """The backward's line that turns `s` into `p` given the row's `lse2`."""
+
 
 class _Normalised(TritonNormalizer):
     """p = exp2(s - m) with a running max m, l the running sum (rescaled by alpha whenever m grows)."""
@@ -58,6 +65,9 @@ class _Normalised(TritonNormalizer):
                           f"alpha = {self.exp2}(m_i - m_safe)",
                           "l_i = l_i * alpha + tl.sum(p, 1)"])
 
+    def recompute(self, row: str) -> str:
+        return f"p = {self.exp2}(s - lse2{row})"
+
 
 class _Sigmoid(TritonNormalizer):
     """p = sigmoid(s ln 2) = 1 / (1 + exp2(-s)), in (0, 1): no running max. s = -inf (not kept) or very negative
@@ -72,7 +82,10 @@ class _Sigmoid(TritonNormalizer):
     combine_out = "acc"
 
     def weights(self, masked) -> str:
-        return f"p = 1.0 / (1.0 + {self.exp2}(-s))\nl_i = l_i + tl.sum(p, 1)"
+        return f"{self.recompute('')}\nl_i = l_i + tl.sum(p, 1)"
+
+    def recompute(self, row: str) -> str:
+        return f"p = 1.0 / (1.0 + {self.exp2}(-s))"
 
 
 _LOWERINGS: dict[str, type[TritonNormalizer]] = {"softmax": _Normalised, "sigmoid": _Sigmoid}

@@ -10,10 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
-from ...ir import ROLES, IndexVar, Paged, SizeRef, walk
+from ...ir import ROLES, IndexVar, Paged, SizeRef, dtype_kind, walk
 from ...dsl.signature import canonical_view
 from ...passes.plan import KernelPlan
-from .emit import input_arg, param_arg, size_arg, stride_arg
+from .emit import grad_arg, grad_stride, input_arg, param_arg, size_arg, stride_arg
 
 # Sizes every kernel takes; other sizes are passed only when an expression uses them.
 KERNEL_SIZES = ("B", "H", "HKV", "M", "N")
@@ -180,6 +180,37 @@ COMBINE_SIGNATURE = Signature(
     ("BLOCK_R", "BLOCK_S"))
 
 
+# The backward's tensors (backward.py.j2): each one's pointer `{name}_ptr` and strides of its canonical view
+# ([B, H, M, D] / [B, H, M]), named as QKV_GROUPS names those of q, k, v, out and lse.
+BACKWARD_TENSORS = {"q": ("q", "bhmd"), "k": ("k", "bhnd"), "v": ("v", "bhnd"), "out": ("o", "bhmd"),
+                    "do": ("do", "bhmd"), "lse": ("l", "bhm"), "dlse": ("dl", "bhm"), "delta": ("de", "bhm"),
+                    "dq": ("dq", "bhmd"), "dk": ("dk", "bhnd"), "dv": ("dv", "bhnd")}
+SEARCH = Group("launch", ("search_steps",))  # binary-search steps over a ragged batch's offsets
+
+
+def _tensor_groups(names: tuple[str, ...]) -> tuple[Group, ...]:
+    return (Group("pointers", tuple(f"{n}_ptr" for n in names)),
+            *(Group(f"{n}_strides", _strides(*BACKWARD_TENSORS[n])) for n in names))
+
+
+def backward_signatures(args: SpecArgs, tables: tuple[tuple[str, int], ...], summary: bool,
+                        tma: bool) -> dict[str, Signature]:
+    """The backward kernels' signatures by function: `tables` the float inputs that get a gradient (name, rank),
+    `summary` whether the dK/dV and dQ kernels read a tile summary, `tma` whether they take the TMA switch."""
+    grads = (Group("table_grads", tuple(n for name, rank in tables for n in (
+        grad_arg(name), grad_stride(name, "p"), *(grad_stride(name, a) for a in range(rank))))),) if tables else ()
+    classes = (SUMMARY,) if summary else ()
+    return {s.function: s for s in (
+        Signature("attn_bwd_prep", _tensor_groups(("out", "do", "lse", "dlse", "delta")) + args.groups() + grads
+                  + (SEARCH,), TILE_CONSTEXPRS + ("HAS_DLSE", "DETERMINISTIC")),
+        Signature("attn_bwd_dkdv", _tensor_groups(("q", "k", "v", "do", "lse", "delta", "dq", "dk", "dv"))
+                  + args.groups() + grads + classes + (SEARCH,),
+                  ("BLOCK_M", "BLOCK_N", "UPCAST", "DETERMINISTIC") + (("TMA",) if tma else ())),
+        Signature("attn_bwd_dq", _tensor_groups(("q", "k", "v", "do", "lse", "delta", "dq")) + args.groups()
+                  + classes + (SEARCH,), TILE_CONSTEXPRS + ("UPCAST",) + (("TMA",) if tma else ())),
+    )}
+
+
 def padded_strides(t, rank: int) -> tuple[int, ...]:
     """Strides padded in front with zeros: a packed [H, T, D] view addresses like [1, H, T, D] with b = 0."""
     return (0,) * (rank - t.dim()) + tuple(t.stride())
@@ -212,6 +243,17 @@ def argument_types(plan: KernelPlan) -> dict[str, str]:
     types.update({param_arg(p.name): PARAM_TYPES[p.dtype] for p in spec.params})
     types.update({input_arg(t.name): "*" + TRITON_TYPES[t.dtype] for t in spec.inputs})
     return _IntsByDefault(types)
+
+
+def backward_argument_types(plan: KernelPlan, deterministic: bool) -> dict[str, str]:
+    """argument_types of the backward kernels' parameters: dQ accumulates in float32 by atomics, unless
+    `deterministic`; the input tables' gradients are float32."""
+    types = argument_types(plan)
+    q = types["q_ptr"]
+    types.update(do_ptr=q, dlse_ptr="*fp32", delta_ptr="*fp32", dq_ptr=q if deterministic else "*fp32",
+                 dk_ptr=types["k_ptr"], dv_ptr=types["v_ptr"])
+    types.update({grad_arg(t.name): "*fp32" for t in plan.spec.inputs if dtype_kind(t.dtype) == "float"})
+    return types
 
 
 class _IntsByDefault(dict):

@@ -1,0 +1,190 @@
+"""The backward at run time (TritonBackend.build_backward): build the backward module (backward.py) and launch its
+kernels for a bound forward call.
+
+Per call: attn_bwd_prep (delta per row, the sink's gradient), then attn_bwd_dkdv (dK, dV; dQ and the input tables'
+gradients by atomics), or with `deterministic` attn_bwd_dkdv without atomics and attn_bwd_dq for dQ, the tables'
+gradients summed from per-program slices. Extra memory is O(rows) (delta, dQ in float32 for the atomics) plus the
+gradients of the input tables (times the programs, with `deterministic`); no [M, N] buffer.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from ...dsl.signature import Bound, canonical_view, lse_shape
+from ...errors import CallError, CompileError
+from ...ir import Paged
+from ...passes import KernelPlan, LaunchTiles
+from ...passes.decode import upcast
+from ...passes.grad import plan_backward
+from ...passes.plan import TileConfig
+from .. import cache
+from . import launch
+from .backward import generate_backward, gradient_tables, summary_used
+from .signature import BACKWARD_TENSORS, backward_signatures, padded_strides, spec_args
+
+SOURCE_FILE = "backward.py"
+# deterministic=True keeps a gradient slice per program for each input table: at most this many bytes of them
+DETERMINISTIC_WORKSPACE_BYTES = 1 << 30
+
+
+def load_backward_module(plan: KernelPlan) -> ModuleType:
+    """The generated backward module for `plan`, from the kernel cache (its own entry: the key says 'backward'
+    and holds the backward plan, whose tile table is outside the code generator's fingerprint)."""
+    def build(out_dir: Path) -> None:
+        (out_dir / SOURCE_FILE).write_text(generate_backward(plan), encoding="utf-8")
+
+    def load(entry: cache.Entry) -> ModuleType:
+        return launch.import_source(entry.file(SOURCE_FILE), f"attnc_kernels.k{entry.key.digest[:16]}")
+
+    key = launch.cache_key(plan).updated(kernel="backward", backward=repr(plan_backward(plan)))
+    return cache.get_or_load(key, build, load)
+
+
+class BackwardLauncher:
+    """`grads(bound, out, lse, dout, dlse, deterministic) -> {"q", "k", "v", table: gradient}` for a planned
+    forward (runtime.kernel.Backend.build_backward)."""
+
+    def __init__(self, plan: KernelPlan, module: ModuleType | None = None):
+        spec = plan.spec
+        if isinstance(spec.kv_storage, Paged):
+            raise CompileError(f"attention {spec.name!r}: the Triton backward takes dense or ragged k and v, not a "
+                               f"paged cache (a training step has its keys in a tensor: use `ragged k, v by ...`)")
+        if not spec.returns_lse:
+            raise CompileError(f"attention {spec.name!r}: the backward recomputes the weights from the forward's "
+                               f"lse; plan the forward of dataclasses.replace(spec, returns_lse=True)")
+        self.plan, self.spec = plan, spec
+        self.backward = plan_backward(plan)
+        module = module or load_backward_module(plan)
+        self.args = spec_args(plan, per_sequence=True)
+        self.tables = gradient_tables(spec)
+        self.signatures = backward_signatures(self.args, self.tables, summary_used(plan), plan.triton.tma)
+        self.kernels = {name: getattr(module, name) for name in self.signatures}
+        # the forward's tile_summary classes the backward's tiles of data-dependent masks
+        self.forward = launch.TritonLauncher(plan, launch.load_module(plan)) if summary_used(plan) else None
+        self._stages: dict = {}  # pipeline stages that fit, per (kernel, tile)
+
+    def __call__(self, bound: Bound, out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor,
+                 dlse: torch.Tensor | None = None, deterministic: bool = False) -> dict[str, torch.Tensor]:
+        spec, sizes = self.spec, bound.sizes
+        q, k, v = bound.q, bound.k, bound.v
+        device = q.device
+        # dQ accumulates by atomics in float32, unless the dQ kernel writes it once
+        dq = launch.empty(q.shape, q.dtype, device) if deterministic else torch.zeros(
+            q.shape, dtype=torch.float32, device=device)
+        dk, dv = launch.empty(k.shape, k.dtype, device), launch.empty(v.shape, v.dtype, device)
+        delta = torch.empty(lse_shape(bound), dtype=torch.float32, device=device)
+        grids = self.grids(sizes)
+        programs = {name: grid[0] * grid[1] for name, grid in grids.items()}
+        slices, workspaces = self.table_workspaces(bound, programs, deterministic, device)
+
+        tensors = {"q": q, "k": k, "v": v, "out": out, "do": dout, "lse": lse, "dlse": lse if dlse is None else dlse,
+                   "delta": delta, "dq": dq, "dk": dk, "dv": dv}
+        values = self.args.values(sizes, bound.params, bound.inputs)
+        values["launch"] = [max(0, sizes["B"] - 1).bit_length()]
+        for name, t in tensors.items():
+            decl = {"q": spec.q, "out": spec.q, "do": spec.q, "dq": spec.q, "k": spec.k, "dk": spec.k,
+                    "v": spec.v, "dv": spec.v}.get(name)
+            rank = len(BACKWARD_TENSORS[name][1])
+            values[f"{name}_strides"] = padded_strides(t if decl is None else canonical_view(t, decl), rank)
+        if dlse is None:
+            values["dlse_strides"] = (0, 0, 0)  # lse stands in for the pointer
+
+        keywords = launch_keywords(self.plan, deterministic, dlse is not None)
+        if self.plan.triton.tma:
+            for name, tma in self.descriptors(q, k, v, dout, dq).items():
+                keywords[name]["TMA"] = tma
+        for name in ("attn_bwd_prep", "attn_bwd_dkdv", "attn_bwd_dq"):
+            if name == "attn_bwd_dq" and not deterministic:
+                continue
+            grid = grids[name]
+            if not grid[0] * grid[1]:
+                continue
+            sig = self.signatures[name]
+            values["pointers"] = [tensors[p.removesuffix("_ptr")] for p in sig.names_of("pointers")]
+            values["table_grads"] = slices.get(name, [])
+            if any(g.role == "summary" for g in sig.groups):
+                values["summary"] = self.summary(bound, values, name)
+            launch.launch_fitting(self.kernels[name], grid, sig.pack(values), keywords[name], self._stages,
+                                  (name, *keywords[name].items()), spec.name,
+                                  "the backward's tiles are the BACKWARD_TUNED table of attnc/passes/tiling.py")
+
+        grads = {"q": dq if dq.dtype == q.dtype else dq.to(q.dtype), "k": dk, "v": dv}
+        for (table, _), ws in zip(self.tables, workspaces):
+            t = bound.inputs[table]
+            total = ws.sum(0) if deterministic else ws[0]
+            grads[table] = total.view(t.shape).to(t.dtype)
+        return grads
+
+    def grids(self, sizes) -> dict[str, tuple[int, int]]:
+        """Each kernel's grid: query tiles x heads (prep, dQ), key tiles x K/V heads (dK/dV). Packed storage gets
+        room for every sequence's last partial tile (its programs find their sequence on the device)."""
+        b = sizes["B"]
+
+        def tiles(size: str, block: int, heads: str, packed: bool) -> tuple[int, int]:
+            if packed:
+                return (sizes[size] + b * (block - 1)) // block, sizes[heads]
+            return -(-sizes[size] // block), b * sizes[heads]
+
+        ragged_q, ragged_kv = self.spec.q_storage is not None, self.spec.kv_storage is not None
+        bp = self.backward
+        return {"attn_bwd_prep": tiles("M", bp.prep.block_m, "H", ragged_q),
+                "attn_bwd_dq": tiles("M", bp.dq.block_m, "H", ragged_q),
+                "attn_bwd_dkdv": tiles("N", bp.dkdv.block_n, "HKV", ragged_kv)}
+
+    def table_workspaces(self, bound: Bound, programs: dict[str, int], deterministic: bool, device):
+        """Per kernel that adds to input tables, its table_grads group values; and per table the float32 buffer
+        its gradient is summed from: one shared slice (atomics), or with `deterministic` one slice per program of
+        attn_bwd_prep and then of attn_bwd_dkdv."""
+        slices: dict[str, list] = {"attn_bwd_prep": [], "attn_bwd_dkdv": []}
+        workspaces = []
+        adding = ("attn_bwd_prep", "attn_bwd_dkdv")
+        count = sum(programs[n] for n in adding) if deterministic else 1
+        for table, _ in self.tables:
+            shape = bound.inputs[table].shape
+            numel = math.prod(shape)
+            if deterministic and (count * numel * 4 > DETERMINISTIC_WORKSPACE_BYTES or numel >= 2 ** 31 - 1):
+                raise CallError(
+                    f"{table}: deterministic=True sums the gradient of {table} from one copy per program "
+                    f"({count} x {numel} floats, more than {DETERMINISTIC_WORKSPACE_BYTES >> 20} MiB); pass "
+                    f"deterministic=False (atomic adds) for a table this large")
+            ws = torch.zeros((count, numel), dtype=torch.float32, device=device)
+            workspaces.append(ws)
+            strides = torch.empty(shape, device="meta").stride()
+            first = 0
+            for name in adding:
+                part = ws[first:] if deterministic else ws
+                slices[name] += [part, numel if deterministic else 0, *strides]
+                first += programs[name]
+        return slices, workspaces
+
+    def descriptors(self, q, k, v, dout, dq) -> dict[str, bool]:
+        """Hopper: whether each kernel reads through tensor descriptors, where every tensor it reads that way fits
+        TMA's rules (as the forward's K and V): q, dO and dQ for attn_bwd_dkdv, K and V for attn_bwd_dq."""
+        spec = self.spec
+        return {"attn_bwd_dkdv": all(launch.descriptor_ready(t, spec.q) for t in (q, dout, dq)),
+                "attn_bwd_dq": launch.descriptor_ready(k, spec.k) and launch.descriptor_ready(v, spec.v)}
+
+    def summary(self, bound: Bound, values: dict, kernel: str) -> list:
+        """[summary, s_sb, s_sh]: the forward's tile classes for the tiles of `kernel`."""
+        c = self.backward.dkdv if kernel == "attn_bwd_dkdv" else self.backward.dq
+        tiles = LaunchTiles(c, 1, c.block_m)
+        tensors = [bound.inputs[name] for name, _ in self.forward.args.inputs]
+        return self.forward.summary(values["sizes"] + values["params"], tensors, bound.sizes, tiles, bound.q.device)
+
+
+def launch_keywords(plan: KernelPlan, deterministic: bool, has_dlse: bool) -> dict[str, dict]:
+    """Each backward kernel's constexprs and launch options (TMA, where the plan has it, is the launcher's per
+    call)."""
+    def tiles(c: TileConfig, query_major: bool) -> dict:
+        rows = {"BLOCK_MQ": c.block_m, "PACK": 1} if query_major else {}
+        return {"BLOCK_M": c.block_m, "BLOCK_N": c.block_n, **rows, "num_warps": c.num_warps,
+                "num_stages": c.num_stages}
+
+    bp, up = plan_backward(plan), upcast(plan)
+    return {"attn_bwd_prep": {**tiles(bp.prep, True), "HAS_DLSE": has_dlse, "DETERMINISTIC": deterministic},
+            "attn_bwd_dkdv": {**tiles(bp.dkdv, False), "UPCAST": up, "DETERMINISTIC": deterministic},
+            "attn_bwd_dq": {**tiles(bp.dq, True), "UPCAST": up}}

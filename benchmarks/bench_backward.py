@@ -1,0 +1,184 @@
+"""Training-step benchmark (GPU): forward + backward of attnc against torch SDPA (FlashAttention-2 and cuDNN
+backends, through torch.nn.attention.sdpa_kernel) and compiled FlexAttention (torch.compile(flex_attention)),
+in one process on the same inputs.
+
+Workloads: attnc.bench.prefill_workloads (bf16; dense and causal at S = 1k / 4k / 16k with 16k tokens per batch,
+GQA 32/8, sliding window 1024, softcap 30, ALiBi, head dims 64 / 128 / 256). Each runner computes out and the
+gradients of q, k and v for a fixed random dout; the gradients are checked against the first peer that ran
+(relative Frobenius error) before any timing counts. Times are the median of triton.testing.do_bench over the
+whole step; FLOPs count the forward as 4 * B * H * D * (kept query-key pairs) and the backward as 2.5 times that,
+so TFLOP/s = 3.5 * forward FLOPs / time. Peak memory is torch.cuda.max_memory_allocated during one step, less
+what was allocated before it. Results: `<out>/backward-<device>-<date>.json` and PNG plots beside it.
+
+attnc runs through `--api`: `autograd` calls the compiled kernel and torch.autograd.grad (the autograd layer of
+attnc/runtime), `backend` plans the forward with lse and calls TritonBackend.build / build_backward directly (no
+autograd needed), `auto` (default) takes autograd where the kernel's output requires grad.
+
+    python benchmarks/bench_backward.py --out benchmarks/results [--only causal] [--quick] [--deterministic]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import replace
+
+import torch
+
+import attnc
+from attnc.bench import (
+    Workload, checked_runners, compiled_flex_attention, environment, kept_pairs, plot, prefill_workloads, print_errors,
+    run_report,
+)
+from attnc.backends import get_backend
+from attnc.dsl.signature import bind
+from attnc.passes import plan_kernel
+
+CHECK_TOL = 3e-2  # relative Frobenius error of the concatenated gradients against the anchor (bf16)
+BACKWARD_FACTOR = 2.5  # backward FLOPs per forward FLOP (5 matmuls against 2)
+PEERS = ("attnc", "sdpa-cudnn", "sdpa-flash", "flex")
+
+
+def gradients(out: torch.Tensor, leaves: tuple, dout: torch.Tensor) -> torch.Tensor:
+    """dq, dk, dv of `out` for `dout`, flattened into one tensor (what the runners are checked on)."""
+    return torch.cat([g.flatten() for g in torch.autograd.grad(out, leaves, dout)])
+
+
+def attnc_runner(w: Workload, q, k, v, dout, extra, api: str, deterministic: bool):
+    spec = attnc.parse(w.spec)[0]
+    kwargs = {**w.params, **extra}
+    if api != "backend":
+        kern = attnc.compile(spec)
+        leaves = tuple(t.detach().requires_grad_() for t in (q, k, v))
+        if api == "autograd" or kern(*leaves, **kwargs).requires_grad:
+            return lambda: gradients(kern(*leaves, **kwargs), leaves, dout)
+    # the backend's API: the forward planned with lse, then the backward kernels
+    spec = replace(spec, returns_lse=True)
+    backend = get_backend("triton")
+    plan = plan_kernel(spec, backend.target(q.device), w.D, w.D)
+    forward, backward = backend.build(plan), backend.build_backward(plan)
+
+    def step():
+        bound = bind(spec, q, k, v, kwargs)
+        out, lse = forward(bound)
+        grads = backward(bound, out, lse, dout, None, deterministic)
+        return torch.cat([grads[n].flatten() for n in "qkv"])
+
+    return step
+
+
+def sdpa_runner(w: Workload, q, k, v, dout, backend_name: str):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if not w.sdpa:
+        return None
+    backend = getattr(SDPBackend, backend_name)
+    leaves = tuple(t.detach().requires_grad_() for t in (q, k, v))
+
+    def step():
+        with sdpa_kernel([backend]):
+            out = torch.nn.functional.scaled_dot_product_attention(*leaves, is_causal=w.causal,
+                                                                   enable_gqa=w.HKV != w.H)
+        return gradients(out, leaves, dout)
+
+    return step
+
+
+def flex_runner(w: Workload, q, k, v, dout, extra):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    if w.flex is None:
+        return None
+    score_mod, mask_mod = w.flex(extra)
+    block_mask = None if mask_mod is None else create_block_mask(mask_mod, None, None, w.S, w.S, device=q.device)
+    fn = compiled_flex_attention()
+    leaves = tuple(t.detach().requires_grad_() for t in (q, k, v))
+    return lambda: gradients(fn(*leaves, score_mod=score_mod, block_mask=block_mask, enable_gqa=w.HKV != w.H),
+                             leaves, dout)
+
+
+def run_workload(w: Workload, device: str, api: str = "auto", deterministic: bool = False) -> dict:
+    from triton.testing import do_bench
+
+    gen = torch.Generator(device=device).manual_seed(hash(w.name) & 0xFFFF)
+    q, k, v = (torch.randn(w.B, h, w.S, w.D, device=device, dtype=torch.bfloat16, generator=gen)
+               for h in (w.H, w.HKV, w.HKV))
+    dout = torch.randn(w.B, w.H, w.S, w.D, device=device, dtype=torch.bfloat16, generator=gen)
+    extra = w.inputs(w.B, w.H, w.S, device) if w.inputs else {}
+    forward_flops = 4.0 * w.B * w.H * w.D * kept_pairs(w)
+    flops = forward_flops * (1 + BACKWARD_FACTOR)
+    row: dict = {"workload": w.name, "group": w.group, "B": w.B, "H": w.H, "HKV": w.HKV, "S": w.S, "D": w.D,
+                 "forward_flops": forward_flops, "flops": flops, "results": {}}
+    makers = {
+        "attnc": lambda: attnc_runner(w, q, k, v, dout, extra, api, deterministic),
+        "sdpa-cudnn": lambda: sdpa_runner(w, q, k, v, dout, "CUDNN_ATTENTION"),
+        "sdpa-flash": lambda: sdpa_runner(w, q, k, v, dout, "FLASH_ATTENTION"),
+        "flex": lambda: flex_runner(w, q, k, v, dout, extra),
+    }
+    made = {}
+    for name, make in makers.items():
+        try:
+            fn = make()
+        except Exception as e:  # noqa: BLE001  (a peer that cannot run this workload is reported)
+            fn = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        if fn is not None:
+            made[name] = fn
+    for name, fn in checked_runners(made, (*(n for n in made if n != "attnc"), "attnc"), CHECK_TOL,
+                                    row["results"]).items():
+        res = row["results"][name]
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        res["peak_extra_bytes"] = torch.cuda.max_memory_allocated() - base
+        ms = do_bench(fn, warmup=25, rep=100, return_mode="median")
+        res.update(ms=ms, tflops=flops / (ms * 1e-3) / 1e12)
+    return row
+
+
+def print_table(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    env = report["env"]
+    table = Table(title=f"{env['device']} · torch {env['torch']} · triton {env['triton']} · bf16 forward + "
+                        f"backward, TFLOP/s (backward = {BACKWARD_FACTOR}x forward FLOPs) · peak extra MiB")
+    for col in ("workload", *PEERS, "attnc / flex", "attnc / cudnn"):
+        table.add_column(col, justify="left" if col == "workload" else "right")
+    for row in report["rows"]:
+        res = row["results"]
+        tf = {p: res.get(p, {}).get("tflops") for p in PEERS}
+        cells = [f"{tf[p]:.0f} · {res[p]['peak_extra_bytes'] / 2**20:.0f}" if tf[p] else
+                 ("err" if p in res else "—") for p in PEERS]
+        ratios = [f"{tf['attnc'] / tf[p]:.2f}×" if tf["attnc"] and tf[p] else "—" for p in ("flex", "sdpa-cudnn")]
+        table.add_row(row["workload"], *cells, *ratios)
+    Console().print(table)
+    print_errors(report)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="benchmarks/results", help="folder for the JSON file and plots")
+    ap.add_argument("--only", default=None, help="regex: run only workloads whose name matches")
+    ap.add_argument("--quick", action="store_true", help="S up to 4k")
+    ap.add_argument("--api", choices=("auto", "autograd", "backend"), default="auto", help="how attnc runs")
+    ap.add_argument("--deterministic", action="store_true", help="attnc's backward without atomics (api backend)")
+    args = ap.parse_args(argv)
+    if torch.cuda.is_available():
+        print(json.dumps(environment("cuda")))  # device and versions, before the first (long) compile
+
+    def run_one(w: Workload, device: str) -> dict:
+        return run_workload(w, device, args.api, args.deterministic)
+
+    report, path = run_report("bench_backward", prefill_workloads(args.quick), run_one, args.out, "backward-",
+                              args.only)
+    report["settings"] = {"api": args.api, "deterministic": args.deterministic}
+    path.write_text(json.dumps(report, indent=1))
+    plot(report, path.parent, path.stem)
+    print_table(report)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
