@@ -87,7 +87,7 @@ def attention_op(key: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, in
     """(out, lse) of kernel `key`."""
     entry = _entry(key)
     out, lse = entry.forward(q, k, v, **entry.kwargs(inputs, params))
-    return out, lse
+    return out.contiguous(), lse.contiguous()  # the strides the fake promises (torch.compile checks them)
 
 
 @attention_op.register_fake
@@ -108,7 +108,14 @@ def attention_backward_op(key: str, q: torch.Tensor, k: torch.Tensor, v: torch.T
     entry = _entry(key)
     kwargs = entry.kwargs(inputs, params)
     grads = entry.backward(q, k, v, kwargs, out, lse, dout, dlse, deterministic)
-    return [grads["q"], grads["k"], grads["v"], *(grads[name] for name in entry.tables)]
+    tensors = {"q": q, "k": k, "v": v, **kwargs}
+    return [_strided_like(grads[name], tensors[name]) for name in ("q", "k", "v", *entry.tables)]
+
+
+def _strided_like(grad: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
+    """`grad` with torch.empty_like(tensor)'s strides, which the fake gives (a copy only where they differ)."""
+    like = torch.empty_like(tensor)
+    return grad if grad.stride() == like.stride() else like.copy_(grad)
 
 
 @attention_backward_op.register_fake
