@@ -15,7 +15,7 @@ import attnc
 from attnc.backends import get_backend
 from attnc.dsl.signature import bind
 from attnc.errors import CallError, CompileError
-from attnc.ir import Paged, print_expr
+from attnc.ir import Paged
 from attnc.passes import plan_kernel
 from attnc.passes.fold import evaluate
 from attnc.passes.grad import derive, plan_backward
