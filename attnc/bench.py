@@ -209,8 +209,6 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def run_workload(w: Workload, device: str, check_tol: float = 2e-2) -> dict:
-    from triton.testing import do_bench
-
     gen = torch.Generator(device=device).manual_seed(hash(w.name) & 0xFFFF)
     mk = lambda h: torch.randn(w.B, h, w.S, w.D, device=device, dtype=torch.bfloat16, generator=gen)
     q, k, v = mk(w.H), mk(w.HKV), mk(w.HKV)
@@ -226,6 +224,17 @@ def run_workload(w: Workload, device: str, check_tol: float = 2e-2) -> dict:
         "sdpa-efficient": lambda: _sdpa_runner("EFFICIENT_ATTENTION")(w, q, k, v, extra),
         "flex": lambda: _flex_runner(w, q, k, v, extra, timings),
     }
+    measure(makers, row["results"], flops, check_tol)
+    row.update(timings)
+    return row
+
+
+def measure(makers: dict[str, Callable], results: dict, flops: float, check_tol: float) -> None:
+    """Each runner made (a maker returns its fn, None where the runner cannot express the workload, or raises),
+    then correctness first: every output against the first peer that ran (or attnc when no peer ran); the
+    agreeing runners' peak extra memory over one call and median time (do_bench) go into results[name]."""
+    from triton.testing import do_bench
+
     made = {}
     for name, make in makers.items():
         try:
@@ -234,10 +243,9 @@ def run_workload(w: Workload, device: str, check_tol: float = 2e-2) -> dict:
             fn = _error_text(e)
         if fn is not None:
             made[name] = fn
-    # Correctness first: every output against the first peer that ran (or attnc when no peer ran).
     anchors = (*(n for n in made if n != "attnc"), "attnc")
-    for name, fn in checked_runners(made, anchors, check_tol, row["results"]).items():
-        res = row["results"][name]
+    for name, fn in checked_runners(made, anchors, check_tol, results).items():
+        res = results[name]
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -247,8 +255,6 @@ def run_workload(w: Workload, device: str, check_tol: float = 2e-2) -> dict:
         ms = do_bench(fn, warmup=25, rep=100, return_mode="median")
         res["ms"] = ms
         res["tflops"] = flops / (ms * 1e-3) / 1e12
-    row.update(timings)
-    return row
 
 
 def host_us_per_call(fn, calls: int = 10, rounds: int = 300) -> float:

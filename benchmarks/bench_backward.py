@@ -26,7 +26,7 @@ import torch
 
 import attnc
 from attnc.bench import (
-    Workload, checked_runners, compiled_flex_attention, environment, kept_pairs, plot, prefill_workloads, print_errors,
+    Workload, compiled_flex_attention, environment, kept_pairs, measure, plot, prefill_workloads, print_errors,
     run_report,
 )
 from attnc.backends import get_backend
@@ -97,8 +97,6 @@ def flex_runner(w: Workload, q, k, v, dout, extra):
 
 
 def run_workload(w: Workload, device: str, api: str = "auto", deterministic: bool = False) -> dict:
-    from triton.testing import do_bench
-
     gen = torch.Generator(device=device).manual_seed(hash(w.name) & 0xFFFF)
     q, k, v = (torch.randn(w.B, h, w.S, w.D, device=device, dtype=torch.bfloat16, generator=gen)
                for h in (w.H, w.HKV, w.HKV))
@@ -114,25 +112,7 @@ def run_workload(w: Workload, device: str, api: str = "auto", deterministic: boo
         "sdpa-flash": lambda: sdpa_runner(w, q, k, v, dout, "FLASH_ATTENTION"),
         "flex": lambda: flex_runner(w, q, k, v, dout, extra),
     }
-    made = {}
-    for name, make in makers.items():
-        try:
-            fn = make()
-        except Exception as e:  # noqa: BLE001  (a peer that cannot run this workload is reported)
-            fn = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-        if fn is not None:
-            made[name] = fn
-    for name, fn in checked_runners(made, (*(n for n in made if n != "attnc"), "attnc"), CHECK_TOL,
-                                    row["results"]).items():
-        res = row["results"][name]
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        res["peak_extra_bytes"] = torch.cuda.max_memory_allocated() - base
-        ms = do_bench(fn, warmup=25, rep=100, return_mode="median")
-        res.update(ms=ms, tflops=flops / (ms * 1e-3) / 1e12)
+    measure(makers, row["results"], flops, CHECK_TOL)
     return row
 
 

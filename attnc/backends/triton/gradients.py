@@ -29,6 +29,8 @@ from .signature import BACKWARD_TENSORS, backward_signatures, padded_strides, sp
 SOURCE_FILE = "backward.py"
 # deterministic=True keeps a gradient slice per program for each input table: at most this many bytes of them
 DETERMINISTIC_WORKSPACE_BYTES = 1 << 30
+# The backward's tensors laid out as q, k or v (the others are lse-shaped)
+SHAPED_AS = {"q": "q", "out": "q", "do": "q", "dq": "q", "k": "k", "dk": "k", "v": "v", "dv": "v"}
 
 
 def load_backward_module(plan: KernelPlan) -> ModuleType:
@@ -86,10 +88,9 @@ class BackwardLauncher:
         values = self.args.values(sizes, bound.params, bound.inputs)
         values["launch"] = [max(0, sizes["B"] - 1).bit_length()]
         for name, t in tensors.items():
-            decl = {"q": spec.q, "out": spec.q, "do": spec.q, "dq": spec.q, "k": spec.k, "dk": spec.k,
-                    "v": spec.v, "dv": spec.v}.get(name)
-            rank = len(BACKWARD_TENSORS[name][1])
-            values[f"{name}_strides"] = padded_strides(t if decl is None else canonical_view(t, decl), rank)
+            declared = SHAPED_AS.get(name)  # q/k/v-shaped: strides of the canonical view; lse-shaped: as they are
+            view = t if declared is None else canonical_view(t, getattr(spec, declared))
+            values[f"{name}_strides"] = padded_strides(view, len(BACKWARD_TENSORS[name][1]))
         if dlse is None:
             values["dlse_strides"] = (0, 0, 0)  # lse stands in for the pointer
 
