@@ -1,7 +1,7 @@
 """The TVM CPU backward (backends/tvm/backward.py) against torch autograd through attnc.reference (float64):
 every example spec with dense storage, its forward run with lse through the TVM backend, then build_backward's
 gradients of q, k, v and every float input table, on seeded random inputs with NaN-poisoned gradient buffers.
-Each spec runs in f32 (tolerance 2e-5 of the largest gradient) on two shapes: one tile of queries with dlse
+Each spec runs in f32 (tolerance 4e-5 of the largest gradient) on two shapes: one tile of queries with dlse
 given, and several query tiles with more queries than keys (causal masks leave whole rows empty) without dlse.
 A few run in their own bf16 / f16 as well. The kernels are built once per spec for the module (one cache)."""
 import math
@@ -26,7 +26,9 @@ from test_triton_kernels import TOL, TORCH, example_kwargs, example_sizes, examp
 DENSE = [s for s in example_specs() if s.q_storage is None and s.kv_storage is None]
 # (M, N, dlse given): one query tile; then several, with M > N (empty rows under causal masks) and no dlse
 SHAPES = [(37, 75, True), (150, 70, False)]
-REL_TOL = {"f32": 2e-5, "f16": 3e-3, "bf16": 3e-2}
+# Of the largest gradient. f32: alibi_doc's random slopes times positions give logits near 150, which float32 holds
+# to ~1e-5 (its worst gradients are 1.3e-5 and 1.6e-5 off; the other specs 1e-6 or less).
+REL_TOL = {"f32": 4e-5, "f16": 3e-3, "bf16": 3e-2}
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from ...passes.grad import derive
 from .. import cache
 from . import codegen_fingerprint
 from .host import configure_threads, host_cpu
-from .backward import build_backward_primfuncs
+from .backward import KEY_TILES, build_backward_primfuncs
 from .kernel import build_primfunc, decode_schedule, prefill_schedule
 from .launch import launch, launch_backward
 
@@ -247,13 +247,13 @@ class TvmBackward:
 
     def __call__(self, bound: Bound, out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor,
                  dlse: torch.Tensor | None = None, deterministic: bool = False) -> dict[str, torch.Tensor]:
-        splits = key_splits(bound.sizes["B"] * bound.sizes["HKV"], -(-bound.sizes["N"] // self.sched.block_n),
-                            int(os.environ["TVM_NUM_THREADS"]))
+        key_blocks = -(-bound.sizes["N"] // (KEY_TILES * self.sched.block_n))
+        splits = key_splits(bound.sizes["B"] * bound.sizes["HKV"], key_blocks, int(os.environ["TVM_NUM_THREADS"]))
         return launch_backward(self.plan.spec, self.functions, self.tables, self.sched.block_m, splits, bound, out,
                                lse, dout, dlse)
 
 
-def key_splits(kv_heads: int, key_tiles: int, threads: int) -> int:
-    """How many tasks share the key tiles of one (batch, K/V head) in the backward: enough for two tasks per
-    thread, at most MAX_SPLITS (each split is a float32 copy of dQ) and at most one per key tile."""
-    return max(1, min(MAX_SPLITS, key_tiles, -(-2 * threads // max(1, kv_heads))))
+def key_splits(kv_heads: int, key_blocks: int, threads: int) -> int:
+    """How many tasks share the key blocks of one (batch, K/V head) in the backward: enough for two tasks per
+    thread, at most MAX_SPLITS (each split is a float32 copy of dQ) and at most one per key block."""
+    return max(1, min(MAX_SPLITS, key_blocks, -(-2 * threads // max(1, kv_heads))))

@@ -7,9 +7,9 @@ Three functions, run one after the other (the launcher: backend.TvmBackward):
   padded to whole tiles, and per row the base-2 lse and the coefficient `coef` of the dS rule:
   dS = g (dP - coef), with g = P and coef = Delta - dlse (Delta = rowsum(dO * O)) for normalised rows, and
   g = f'(s) and coef = -dlse exp(-lse) otherwise (grad.py's module docstring).
-- `bwd_keys`, parallel over (batch, K/V head, split): a split takes every S-th key tile (S splits; strided, so
-  causal work is balanced) and, per key tile, loops over the query heads of its GQA group and the query tiles
-  whose key range holds the tile, recomputing the scores and P from lse:
+- `bwd_keys`, parallel over (batch, K/V head, split): a split takes every S-th block of KEY_TILES key tiles (S
+  splits; strided, so causal work is balanced) and, per block, loops over the query heads of its GQA group, the
+  query tiles and the block's key tiles in their key ranges, recomputing the scores and P from lse:
       qk^T = K Q^T, dP^T = V dO^T, dS^T by the normalizer's rule, dqk^T = dS^T * d score/d qk,
       dV += P^T dO, dK += dqk^T Q (kept in the task's float32 accumulators), dQ += dqk K
   into its split's float32 partial of dQ. One pass, five products (FA2's separate dQ pass would recompute two);
@@ -34,7 +34,7 @@ from tvm.script.ir_builder import tirx as T
 
 from ...passes import KernelPlan
 from ...passes.grad import Derivatives, TableGrad, derive, weight_derivative
-from .emit import F32, I32, I64, LOG2E, Emitter, Scope, exp2, f32
+from .emit import F32, F64, I32, I64, LOG2E, Emitter, Scope, exp2, f32
 from .launch import FINISH, KEYS, ROWS
 from .kernel import (TIR_DTYPES, CpuSchedule, accumulate, buffer_arg, by_tile_kind, claimed_tasks, init_bounds,
                      input_args, key_tiles, logit2, param_args, qkv_shapes, reduce_bounds, row_bounds, size_vars,
@@ -42,6 +42,7 @@ from .kernel import (TIR_DTYPES, CpuSchedule, accumulate, buffer_arg, by_tile_ki
 from .normalize import lower as lower_normalizer
 
 NEG_INF = -math.inf
+KEY_TILES = 4  # key tiles per block of a key task (_key_task): 256 keys of K, V and dK, dV accumulators at D = 128
 
 
 def build_backward_primfuncs(plan: KernelPlan, sched: CpuSchedule) -> dict[str, tir.PrimFunc]:
@@ -67,8 +68,10 @@ class _Scratch:
 
 
 def _table_partials(plan: KernelPlan, s: dict, tables: tuple[str, ...]) -> dict[str, tir.Buffer]:
+    """Per key task a float64 partial of each table's gradient: a table element (an ALiBi slope) may sum a
+    gradient term of every (query, key) pair of a head, and these cancel (a softmax row's dS sums to 0)."""
     tasks = tir.Var("TASKS", I32)
-    return {name: buffer_arg(f"part_{name}", [tasks, *(s[n] for n in plan.spec.input(name).shape)], F32, "compact")
+    return {name: buffer_arg(f"part_{name}", [tasks, *(s[n] for n in plan.spec.input(name).shape)], F64, "compact")
             for name in tables}
 
 
@@ -179,47 +182,54 @@ class _KeyArgs:
 
 
 def _key_scratch(plan: KernelPlan, sched: CpuSchedule, derivs: Derivatives) -> dict:
-    bm, bn = sched.block_m, sched.block_n
-    tiles = {"dk_acc": T.alloc_buffer((bn, plan.head_dim), F32), "dv_acc": T.alloc_buffer((bn, plan.value_dim), F32),
-             **{name: T.alloc_buffer((bn, bm), F32) for name in ("qk_t", "p_t", "ds_t")}}
+    bm, block_keys = sched.block_m, KEY_TILES * sched.block_n
+    tiles = {"dk_acc": T.alloc_buffer((block_keys, plan.head_dim), F32),
+             "dv_acc": T.alloc_buffer((block_keys, plan.value_dim), F32),
+             **{name: T.alloc_buffer((sched.block_n, bm), F32) for name in ("qk_t", "p_t", "ds_t")}}
     if derivs.score_tables:
-        tiles["dsn_t"] = T.alloc_buffer((bn, bm), F32)  # dS itself (ds_t holds dS * d score/d qk)
+        tiles["dsn_t"] = T.alloc_buffer((sched.block_n, bm), F32)  # dS itself (ds_t holds dS * d score/d qk)
     return tiles
 
 
 def _key_task(plan: KernelPlan, sched: CpuSchedule, derivs: Derivatives, a: _KeyArgs, task, scratch: dict):
-    """One task: the key tiles split, split + S, ... of (batch, K/V head), against every query tile that keeps them,
-    for each query head of the group."""
+    """One task: the key blocks split, split + S, ... (KEY_TILES key tiles each) of (batch, K/V head), against
+    every query tile that keeps them, for each query head of the group. A query tile's data is used for every key
+    tile of the block before the next one is read: the block's K, V and accumulators and one query tile's Q^T, dO^T,
+    Q, dO and dQ partial stay in L2."""
     s, bn = a.sizes, sched.block_n
+    block_keys = KEY_TILES * bn
     splits = a.splits
     b = T.Bind(tir.truncdiv(task, s["HKV"] * splits))
     kvh = T.Bind(tir.truncmod(tir.truncdiv(task, splits), s["HKV"]))
     split = T.Bind(tir.truncmod(task, splits))
     group = T.Bind(tir.truncdiv(s["H"], s["HKV"]))
-    key_tile_count = T.Bind(tir.truncdiv(s["N"] + bn - 1, bn))
+    key_blocks = T.Bind(tir.truncdiv(s["N"] + block_keys - 1, block_keys))
     dk_acc, dv_acc = scratch["dk_acc"], scratch["dv_acc"]
-    with T.serial(0, tir.truncdiv(key_tile_count - split + splits - 1, splits)) as step:
-        kt = T.Bind(split + step * splits)
-        j0 = T.Bind(kt * bn)
-        keys = T.Bind(tir.min(bn, s["N"] - j0))
+    with T.serial(0, tir.truncdiv(key_blocks - split + splits - 1, splits)) as step:
+        kb = T.Bind(split + step * splits)
         for acc in (dk_acc, dv_acc):
-            with T.serial(0, bn) as jj:
+            with T.serial(0, block_keys) as jj:
                 with T.vectorized(0, acc.shape[1]) as c:
                     T.buffer_store(acc, f32(0), [jj, c])
         with T.serial(0, group) as g:
             h = T.Bind(kvh * group + g)
             with T.serial(0, a.x.query_tiles) as qt:
                 t_start, f_start, f_end, t_end = (T.Bind(a.x.tiles[b, h, qt, slot]) for slot in range(4))
-                with T.If(tir.And(kt >= t_start, kt < t_end)):
-                    with T.Then():
-                        i0 = T.Bind(qt * sched.block_m)
-                        tile = _Tile(b, h, kvh, qt, i0, j0, T.Bind(tir.min(sched.block_m, s["M"] - i0)), keys,
-                                     split, kt, f_start, f_end)
-                        _tile_pair(plan, sched, derivs, a, task, tile, scratch)
-        with T.serial(0, keys) as jj:
+                i0 = T.Bind(qt * sched.block_m)
+                rows = T.Bind(tir.min(sched.block_m, s["M"] - i0))
+                with T.serial(0, KEY_TILES) as kk:
+                    kt = T.Bind(kb * KEY_TILES + kk)
+                    with T.If(tir.And(kt >= t_start, kt < t_end)):  # t_end <= the key tiles of N
+                        with T.Then():
+                            j0 = T.Bind(kt * bn)
+                            tile = _Tile(b, h, kvh, qt, i0, j0, rows, T.Bind(tir.min(bn, s["N"] - j0)), kk * bn,
+                                         split, kt, f_start, f_end)
+                            _tile_pair(plan, sched, derivs, a, task, tile, scratch)
+        jb = T.Bind(kb * block_keys)
+        with T.serial(0, tir.min(block_keys, s["N"] - jb)) as jj:
             for acc, dst in ((dk_acc, a.dk), (dv_acc, a.dv)):
                 with T.vectorized(0, acc.shape[1]) as c:
-                    T.buffer_store(dst, tir.Cast(dst.dtype, acc[jj, c]), [b, kvh, j0 + jj, c])
+                    T.buffer_store(dst, tir.Cast(dst.dtype, acc[jj, c]), [b, kvh, jb + jj, c])
     if derivs.sink_tables:
         with T.If(split == 0):
             with T.Then():
@@ -238,6 +248,7 @@ class _Tile:
     j0: tir.PrimExpr
     rows: tir.PrimExpr
     keys: tir.PrimExpr
+    acc0: tir.PrimExpr  # the key tile's first row in the block's dK / dV accumulators
     split: tir.PrimExpr
     kt: tir.PrimExpr  # the key tile, and the full ones [f_start, f_end) of the query tile (kernel.by_tile_kind)
     f_start: tir.PrimExpr
@@ -283,12 +294,12 @@ def _tile_pair(plan: KernelPlan, sched: CpuSchedule, derivs: Derivatives, a: _Ke
                         lambda jj, dp: by_tile_kind(plan, t.kt, t.f_start, t.f_end,
                                                     lambda masked: weights_and_ds(jj, dp, masked)))
     dk_acc, dv_acc = scratch["dk_acc"], scratch["dv_acc"]
-    accumulate(sched, sched.block_n, dv_model, t.rows, lambda r, c: dv_acc[r, c], lambda step, r: p_t[r, step],
-                lambda step, c: tir.Cast(F32, a.dout[b, h, i0 + step, c]),
-                lambda r, c, value: T.buffer_store(dv_acc, value, [r, c]))
-    accumulate(sched, sched.block_n, d_model, t.rows, lambda r, c: dk_acc[r, c], lambda step, r: ds_t[r, step],
-                lambda step, c: tir.Cast(F32, a.q[b, h, i0 + step, c]),
-                lambda r, c, value: T.buffer_store(dk_acc, value, [r, c]))
+    accumulate(sched, sched.block_n, dv_model, t.rows, lambda r, c: dv_acc[t.acc0 + r, c],
+               lambda step, r: p_t[r, step], lambda step, c: tir.Cast(F32, a.dout[b, h, i0 + step, c]),
+               lambda r, c, value: T.buffer_store(dv_acc, value, [t.acc0 + r, c]))
+    accumulate(sched, sched.block_n, d_model, t.rows, lambda r, c: dk_acc[t.acc0 + r, c],
+               lambda step, r: ds_t[r, step], lambda step, c: tir.Cast(F32, a.q[b, h, i0 + step, c]),
+               lambda r, c, value: T.buffer_store(dk_acc, value, [t.acc0 + r, c]))
     accumulate(sched, sched.block_m, d_model, t.keys, lambda r, c: a.dq_part[t.split, b, h, i0 + r, c],
                 lambda step, r: ds_t[step, r], lambda step, c: tir.Cast(F32, a.k[b, kvh, j0 + step, c]),
                 lambda r, c, value: T.buffer_store(a.dq_part, value, [t.split, b, h, i0 + r, c]))
@@ -322,7 +333,7 @@ def _scatter(partial: tir.Buffer, task, em: Emitter, grad: TableGrad, upstream) 
     with T.If(inside):
         with T.Then():
             at = [task, *indices]
-            T.buffer_store(partial, partial[tuple(at)] + upstream * em.float(grad.dscore), at)
+            T.buffer_store(partial, partial[tuple(at)] + tir.Cast(F64, upstream * em.float(grad.dscore)), at)
 
 
 # ---------------------------------------------------------------- bwd_finish
@@ -364,8 +375,8 @@ def _sum_partials(partial: tir.Buffer, grad: tir.Buffer) -> None:
             with T.serial(0, grad.shape[len(index)]) as axis:
                 nest(index + [axis])
             return
-        total = T.alloc_buffer((1,), F32)
-        T.buffer_store(total, f32(0), [0])
+        total = T.alloc_buffer((1,), F64)
+        T.buffer_store(total, tir.const(0, F64), [0])
         with T.serial(0, partial.shape[0]) as task:
             T.buffer_store(total, total[0] + partial[tuple([task, *index])], [0])
         T.buffer_store(grad, tir.Cast(grad.dtype, total[0]), index)

@@ -26,7 +26,7 @@ from tvm import tirx as tir
 from ...ir import QK, Attention, Binary, Call, Expr, IndexVar, Lookup, Num, ParamRef, SizeRef, Unary, children
 from ...ops import Formula, Kinds, Op, compute_kind, function, op_of
 
-F32, I64, I32 = "float32", "int64", "int32"
+F32, F64, I64, I32 = "float32", "float64", "int64", "int32"
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 # 2**f on [-1/2, 1/2]: Taylor coefficients of exp(f ln 2); degree 6 keeps the relative error below 2e-7.

@@ -30,13 +30,13 @@ from tvm.script.ir_builder import tirx as T
 
 from ...ir import SizeRef, walk
 from ...passes import KernelPlan
-from .emit import F32, I32, I64, Emitter, Scope, exp2_nonpositive, f32
+from .emit import F32, F64, I32, I64, Emitter, Scope, exp2_nonpositive, f32
 from .host import host_cpu
 from .normalize import lower as lower_normalizer
 
 # TIR dtypes of the spec's tensor element types. bool tables are passed as uint8 views (DLPack bool and TVM
 # bool buffers disagree on the element type); params arrive as int32 / float32 scalars (bool as 0 / 1).
-TIR_DTYPES = {"f16": "float16", "bf16": "bfloat16", "f32": F32, "f64": "float64", "i8": "int8", "i16": "int16",
+TIR_DTYPES = {"f16": "float16", "bf16": "bfloat16", "f32": F32, "f64": F64, "i8": "int8", "i16": "int16",
               "i32": I32, "i64": I64, "bool": "uint8"}
 PARAM_DTYPES = {"i32": I32, "f32": F32, "bool": I32}
 NEG_INF = -math.inf

@@ -74,7 +74,7 @@ def launch_backward(spec, functions: dict, tables: tuple[str, ...], block_m: int
     functions[ROWS](q_view, k_view, out_view, dout_view, lse, torch.zeros_like(lse) if dlse is None else dlse,
                     *scratch, *extra)
     dq_part = torch.zeros((splits, b, h, mp, sizes["D"]), dtype=f32)
-    partials = [torch.zeros((b * hkv * splits, *bound.inputs[name].shape), dtype=f32) for name in tables]
+    partials = [torch.zeros((b * hkv * splits, *bound.inputs[name].shape), dtype=torch.float64) for name in tables]
     functions[KEYS](q_view, k_view, v_view, dout_view, *scratch, dq_part, canonical_view(grads["k"], spec.k),
                     canonical_view(grads["v"], spec.v), *partials, *extra)
     functions[FINISH](dq_part, canonical_view(grads["q"], spec.q), *partials, *(grads[name] for name in tables))
