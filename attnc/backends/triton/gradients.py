@@ -96,8 +96,7 @@ class BackwardLauncher:
 
         keywords = launch_keywords(self.plan, deterministic, dlse is not None)
         if self.plan.triton.tma:
-            for name, tma in self.descriptors(q, k, v, dout, dq).items():
-                keywords[name]["TMA"] = tma
+            keywords["attn_bwd_dkdv"]["TMA"] = self.descriptors(q, dout, dq)
         for name in ("attn_bwd_prep", "attn_bwd_dkdv", "attn_bwd_dq"):
             if name == "attn_bwd_dq" and not deterministic:
                 continue
@@ -162,12 +161,12 @@ class BackwardLauncher:
                 first += programs[name]
         return slices, workspaces
 
-    def descriptors(self, q, k, v, dout, dq) -> dict[str, bool]:
-        """Hopper: whether each kernel reads through tensor descriptors, where every tensor it reads that way fits
-        TMA's rules (as the forward's K and V): q, dO and dQ for attn_bwd_dkdv, K and V for attn_bwd_dq."""
-        spec = self.spec
-        return {"attn_bwd_dkdv": all(launch.descriptor_ready(t, spec.q) for t in (q, dout, dq)),
-                "attn_bwd_dq": launch.descriptor_ready(k, spec.k) and launch.descriptor_ready(v, spec.v)}
+    def descriptors(self, q, dout, dq) -> bool:
+        """Hopper: whether attn_bwd_dkdv reads q, dO and dQ through tensor descriptors: where each fits TMA's rules
+        (as the forward's K and V). attn_bwd_dq loads K by pointers: its K tile feeds one dot transposed (q kᵀ) and
+        one as it is (dS k), and Triton 3.6's pipeliner fails on a descriptor load used both ways
+        ("PassManager::run failed" in TritonGPUPipeline, seen on the H100)."""
+        return all(launch.descriptor_ready(t, self.spec.q) for t in (q, dout, dq))
 
     def summary(self, bound: Bound, values: dict, kernel: str) -> list:
         """[summary, s_sb, s_sh]: the forward's tile classes for the tiles of `kernel`."""

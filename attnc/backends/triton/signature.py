@@ -196,7 +196,8 @@ def _tensor_groups(names: tuple[str, ...]) -> tuple[Group, ...]:
 def backward_signatures(args: SpecArgs, tables: tuple[tuple[str, int], ...], summary: bool,
                         tma: bool) -> dict[str, Signature]:
     """The backward kernels' signatures by function: `tables` the float inputs that get a gradient (name, rank),
-    `summary` whether the dK/dV and dQ kernels read a tile summary, `tma` whether they take the TMA switch."""
+    `summary` whether the dK/dV and dQ kernels read a tile summary, `tma` whether the dK/dV kernel takes the TMA
+    switch (the dQ kernel loads by pointers: gradients.BackwardLauncher.descriptors says why)."""
     grads = (Group("table_grads", tuple(n for name, rank in tables for n in (
         grad_arg(name), grad_stride(name, "p"), *(grad_stride(name, a) for a in range(rank))))),) if tables else ()
     classes = (SUMMARY,) if summary else ()
@@ -207,7 +208,7 @@ def backward_signatures(args: SpecArgs, tables: tuple[tuple[str, int], ...], sum
                   + args.groups() + grads + classes + (SEARCH,),
                   ("BLOCK_M", "BLOCK_N", "UPCAST", "DETERMINISTIC") + (("TMA",) if tma else ())),
         Signature("attn_bwd_dq", _tensor_groups(("q", "k", "v", "do", "lse", "delta", "dq")) + args.groups()
-                  + classes + (SEARCH,), TILE_CONSTEXPRS + ("UPCAST",) + (("TMA",) if tma else ())),
+                  + classes + (SEARCH,), TILE_CONSTEXPRS + ("UPCAST",)),
     )}
 
 
