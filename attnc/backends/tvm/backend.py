@@ -1,15 +1,18 @@
 """The "tvm" backend: build (TensorIR -> LLVM for the host CPU, or -> CUDA through nvcc; a shared library
 through the kernel cache) and launch.
 
-Per call the launcher (launch.py) only reads shapes and strides, allocates the outputs with torch and calls the
-compiled function, which takes the torch tensors through DLPack without copies.
+TVM's compiler is imported on a cache miss only: the cache key is computed from the plan, the schedule, attnc's
+lowering code and TVM's version, and a cached library is loaded through TVM's runtime (runtime.py), so a new
+process whose kernels are cached starts fast. Per call the launcher (launch.py) only reads shapes and strides,
+allocates the outputs with torch and calls the compiled function, which takes the torch tensors through DLPack
+without copies.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import struct
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -19,8 +22,9 @@ from ...passes import KernelPlan, Target
 from .. import cache
 from . import codegen_fingerprint
 from .host import configure_threads, host_cpu
-from .kernel import build_primfunc, decode_schedule, prefill_schedule
 from .launch import launch
+from .runtime import load_module, tvm_version
+from .schedule import decode_schedule, prefill_schedule
 
 LIBRARY_FILE = "kernel.so"
 FUNCTION = "attn"
@@ -153,30 +157,29 @@ def with_cuda_fatbins(blob: bytes, sources: set[bytes], options: tuple[str, ...]
     return _U64.pack(len(body)) + body
 
 
-def cache_key(plan: KernelPlan, sched, func, device: str) -> cache.CacheKey:
-    """The TensorIR text is part of the key, so a change to the code generator never loads a stale library."""
-    import tvm
-
+def cache_key(plan: KernelPlan, sched, device: str) -> cache.CacheKey:
+    """Computed without TVM's compiler: the TensorIR a build lowers is a function of the plan, the schedule and
+    attnc's lowering code (the codegen part), and what LLVM or nvcc make of it, of TVM's version and the device."""
     return cache.CacheKey({
-        **cache.plan_parts(plan), "schedule": repr(sched), "tir": hashlib.sha256(func.script().encode()).hexdigest(),
-        "backend": "tvm", "backend_version": tvm.__version__, "device": device, "codegen": codegen_fingerprint(),
+        **cache.plan_parts(plan), "schedule": repr(sched), "backend": "tvm", "backend_version": tvm_version(),
+        "device": device, "codegen": codegen_fingerprint(),
         "nvcc_options": " ".join(nvcc_options(plan)) if device.startswith("cuda") else "",
     }, name=plan.spec.name)
 
 
-def load_function(plan: KernelPlan, sched, func, target, device: str):
-    """The compiled function from the kernel cache (built and exported as a shared library on a miss)."""
-    import tvm
-
+def load_function(plan: KernelPlan, sched, lower: Callable[[], tuple[object, object]], device: str):
+    """The compiled function from the kernel cache; on a miss `lower()` gives (PrimFunc, TVM target), which is
+    built and exported as a shared library."""
     def build(out_dir: Path) -> None:
+        func, target = lower()
         label = f"{device} with {sched}"
         export_library(compile_module({FUNCTION: func}, plan, target, label), out_dir / LIBRARY_FILE, target, label,
                        nvcc_options(plan))
 
     def load(entry: cache.Entry):
-        return tvm.runtime.load_module(str(entry.file(LIBRARY_FILE)))[FUNCTION]
+        return load_module(entry.file(LIBRARY_FILE), cuda=device.startswith("cuda"))[FUNCTION]
 
-    return cache.get_or_load(cache_key(plan, sched, func, device), build, load)
+    return cache.get_or_load(cache_key(plan, sched, device), build, load)
 
 
 class TvmLauncher:
@@ -194,8 +197,13 @@ class TvmLauncher:
         fn = self._functions.get(kind)
         if fn is None:
             sched = self.schedules[kind]
-            fn = self._functions[kind] = load_function(self.plan, sched, build_primfunc(self.plan, sched, FUNCTION),
-                                                       host_cpu().target(), host_cpu().label)
+
+            def lower():
+                from .kernel import build_primfunc
+
+                return build_primfunc(self.plan, sched, FUNCTION), host_cpu().target()
+
+            fn = self._functions[kind] = load_function(self.plan, sched, lower, host_cpu().label)
         return fn
 
     def __call__(self, bound: Bound):
@@ -204,12 +212,13 @@ class TvmLauncher:
 
 class CudaLauncher:
     def __init__(self, plan: KernelPlan):
-        from .cuda import build_cuda_kernel
+        from .cuda import build_cuda_kernel, kernel_schedule
 
         self.plan = plan
-        sched, func = build_cuda_kernel(plan, FUNCTION)
         arch = plan.target.arch
-        self.function = load_function(plan, sched, func, cuda_target(arch), f"cuda:sm_{arch}")
+        sched = kernel_schedule(plan)
+        self.function = load_function(plan, sched, lambda: (build_cuda_kernel(plan, FUNCTION, sched)[1],
+                                                            cuda_target(arch)), f"cuda:sm_{arch}")
 
     def __call__(self, bound: Bound):
         return launch(self.plan.spec, self.function, bound)

@@ -1,5 +1,5 @@
 """Running a compiled TVM kernel on a bound call: shared by the JIT launchers (backend.py) and AOT artifacts
-(aot.py). Imports no TVM compiler: AOT artifacts run with only the TVM runtime.
+(aot.py). Imports no TVM compiler: cached kernels and AOT artifacts run with only the TVM runtime (runtime.py).
 
 q/k/v/out are passed as [B, heads, sequence, head dim] views of whatever layout the spec declares (BSHD is a
 matter of strides); the compiled function takes the torch tensors through DLPack without copies.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from ...dsl.signature import Bound, canonical_view, lse_shape, out_shape
+from .runtime import ffi
 
 
 def empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -32,8 +33,7 @@ def launch(spec, function, bound: Bound):
         args += [_table(bound.inputs[t.name]) for t in spec.inputs]
         args += [int(v) if isinstance(v, bool) else v for v in (bound.params[p.name] for p in spec.params)]
         if gpu:
-            import tvm_ffi
-
+            tvm_ffi = ffi()
             # TVM launches on the stream it is given: torch's current one, so the kernel orders with torch's work.
             with tvm_ffi.use_raw_stream(tvm_ffi.device("cuda", q.device.index or 0),
                                         torch.cuda.current_stream(q.device).cuda_stream):
