@@ -711,7 +711,7 @@ def cpu_environment(threads: int) -> dict:
     from .backends.tvm.host import host_cpu
 
     cpu = host_cpu()
-    return {"device": "cpu", "model": _cpu_model(), "llvm_mcpu": cpu.mcpu, "vector_lanes": cpu.vector,
+    return {"device": "cpu", "model": cpu.model, "llvm_mcpu": cpu.llvm_names()[0], "vector_lanes": cpu.vector,
             "logical_cores": os.cpu_count(), "threads": {"torch": torch.get_num_threads(), "tvm": threads},
             "torch": torch.__version__, "tvm": tvm.__version__, "attnc": attnc.__version__,
             "python": platform.python_version(), "date": _dt.datetime.now().isoformat(timespec="seconds"),
@@ -719,14 +719,6 @@ def cpu_environment(threads: int) -> dict:
             "method": f"per round one block of calls per side, each after a {SETTLE_S * 1e3:.0f} ms pause and an "
                       f"untimed call; times: median over every timed call; speedup: median over rounds of "
                       f"torch / attnc block medians"}
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    except OSError:
-        return platform.processor()
 
 
 def _int_list(text: str, option: str) -> list[int]:

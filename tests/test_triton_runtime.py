@@ -7,6 +7,7 @@ import attnc
 from attnc.backends.triton.backend import TritonBackend
 import attnc.runtime.kernel as api
 from attnc.passes import head_dims
+import attnc.backends.triton.generate as generate_module
 import attnc.backends.triton.launch as launch
 from attnc.errors import CompileError
 from attnc.backends import cache
@@ -28,7 +29,7 @@ attention win {
 def counted(monkeypatch):
     """Counts code generation and planning."""
     counts = {"generate": 0, "plan": 0}
-    real_generate, real_plan = launch.generate, api.plan_kernel
+    real_generate, real_plan = generate_module.generate, api.plan_kernel
 
     def generate(plan):
         counts["generate"] += 1
@@ -38,7 +39,7 @@ def counted(monkeypatch):
         counts["plan"] += 1
         return real_plan(*args, **kwargs)
 
-    monkeypatch.setattr(launch, "generate", generate)
+    monkeypatch.setattr(generate_module, "generate", generate)  # launch imports it on a cache miss
     monkeypatch.setattr(api, "plan_kernel", plan_kernel)
     return counts
 

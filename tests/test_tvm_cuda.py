@@ -22,6 +22,7 @@ import torch
 
 import attnc
 from attnc.backends.tvm import aot
+from attnc.backends.tvm import runtime as tvm_runtime
 from attnc.passes import PlanOptions, Target, plan_kernel
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -331,7 +332,7 @@ def test_cuda_artifact_ships_a_fatbin_and_loads_without_nvcc(tmp_path):
     assert b"mma.sync" not in data and b"__global__" not in data  # the CUDA source is not shipped
 
     runtime = pack(tmp_path / "rt", f"{sys.version_info.major}.{sys.version_info.minor}")
-    cuda_lib = runtime / aot.RUNTIME_DIR / "libtvm_runtime_cuda.so"
+    cuda_lib = runtime / tvm_runtime.RUNTIME_DIR / "libtvm_runtime_cuda.so"
     undefined = subprocess.run(["nm", "-D", "--undefined-only", str(cuda_lib)], capture_output=True, text=True,
                                check=True).stdout.split()
     driver = sorted({s.split("@")[0] for s in undefined if re.match(r"cu[A-Z]", s)})
@@ -342,8 +343,8 @@ def test_cuda_artifact_ships_a_fatbin_and_loads_without_nvcc(tmp_path):
         import sys
         sys.modules["tvm"] = None  # no tvm, so no tvm.support.nvcc and no tvm_callback_cuda_compile
         from pathlib import Path
-        from attnc.backends.tvm import aot
-        module = aot.load_module(Path({str(library)!r}), cuda=True)
+        from attnc.backends.tvm import runtime
+        module = runtime.load_module(Path({str(library)!r}), cuda=True)
         device = module.imports[0]
         try:
             device.inspect_source("fatbin")

@@ -85,7 +85,7 @@ def test_random_shapes(masks):
 
 @pytest.mark.parametrize("claim_tasks", [False, True], ids=["static", "claimed"])
 def test_task_schedules(claim_tasks, monkeypatch):
-    """Both ways of handing out query tiles to threads (kernel.CpuSchedule.claim_tasks), with more tasks than
+    """Both ways of handing out query tiles to threads (schedule.CpuSchedule.claim_tasks), with more tasks than
     one claim word holds (2 x 3 heads x 10 query tiles) and causal tiles of unequal cost."""
     from attnc.backends.tvm.host import host_cpu
 

@@ -18,6 +18,10 @@ BUILTIN = {
     "tvm": ("attnc.backends.tvm.backend", "TvmBackend"),
 }
 
+# attnc modules that generated kernels render besides their own package: the operator table (each operator's
+# Triton and TVM forms) and the index-data rules (how the serving kernels clamp and flag bad offsets and pages).
+SHARED_SOURCES = ("ops.py", "index_data.py")
+
 _instances: dict[str, object] = {}
 
 
@@ -40,10 +44,12 @@ def get_backend(name: str):
 
 @lru_cache(maxsize=None)
 def source_fingerprint(package: Path) -> str:
-    """SHA-256 over a code generator package's sources and templates: a kernel cache key part, so an edited
-    code generator never loads what an older one built (as Inductor keys on its own code)."""
+    """SHA-256 over a code generator package's sources and templates and the modules every generator renders
+    (SHARED_SOURCES): a kernel cache key part, so an edited code generator never loads what an older one built (as
+    Inductor keys on its own code). It reads files only, so a key is computed without importing a compiler."""
     digest = hashlib.sha256()
-    for path in sorted(package.iterdir()):
+    shared = [Path(__file__).parent.parent / name for name in SHARED_SOURCES]
+    for path in [*sorted(package.iterdir()), *shared]:
         if path.suffix in (".py", ".j2"):
             digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()

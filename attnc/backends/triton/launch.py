@@ -18,7 +18,6 @@ from types import ModuleType
 import torch
 
 from . import codegen_fingerprint
-from .generate import generate
 from .emit import input_arg, param_arg
 from .signature import padded_strides, prefill_signature, qkv_values, spec_args, summary_signature
 from ...dsl.signature import Bound, canonical_view, lse_shape, out_shape
@@ -70,8 +69,11 @@ def cache_key(plan: KernelPlan) -> cache.CacheKey:
 
 
 def load_module(plan: KernelPlan) -> ModuleType:
-    """The generated module for `plan`, from the kernel cache (generated and written on a miss)."""
+    """The generated module for `plan`, from the kernel cache (generated and written on a miss: the code generator
+    and its templates are imported then only)."""
     def build(out_dir: Path) -> None:
+        from .generate import generate
+
         (out_dir / SOURCE_FILE).write_text(generate(plan), encoding="utf-8")
 
     def load(entry: cache.Entry) -> ModuleType:

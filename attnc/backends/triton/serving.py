@@ -14,7 +14,6 @@ from types import ModuleType
 
 import torch
 
-from .decode import generate_decode
 from ...dsl.signature import Bound, _coerce_param, lse_shape, out_shape
 from ...passes import KernelPlan
 from ...passes.decode import INTERPRETER_SMS, DecodeLaunch, decode_launch, workspace_rows
@@ -36,6 +35,8 @@ def sm_count(device: torch.device) -> int:
 def load_decode_module(plan: KernelPlan) -> ModuleType:
     """The generated decode module for `plan`, from the kernel cache (its own entry: the key says 'decode')."""
     def build(out_dir: Path) -> None:
+        from .decode import generate_decode
+
         (out_dir / SOURCE_FILE).write_text(generate_decode(plan), encoding="utf-8")
 
     def load(entry: cache.Entry) -> ModuleType:

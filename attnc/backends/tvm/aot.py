@@ -1,6 +1,6 @@
 """Ahead-of-time TVM kernels: `build` makes an artifact folder on any machine (nvcc compiles CUDA kernels, no
-GPU needed); `load` runs it with only the TVM runtime -- the `tvm` package when installed, otherwise
-tvm_ffi plus libtvm_runtime.so (and libtvm_runtime_cuda.so) from a trimmed runtime folder (runtime_pack.py).
+GPU needed); `load` runs it with only the TVM runtime (runtime.py): tvm_ffi plus libtvm_runtime.so (and
+libtvm_runtime_cuda.so), from the installed TVM or a trimmed runtime folder (runtime_pack.py).
 
 An artifact folder holds kernel.so (the exported TVM module: host code plus the embedded CUDA binary) and
 manifest.json: the spec's canonical text and key, the plan and its options, the library's SHA-256. `load` parses
@@ -14,14 +14,11 @@ assembly) and OpenCL through the plain GPU kernel (gpu.py), CUDA C through the t
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 import hashlib
 import importlib
 import json
-import os
 import re
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
@@ -34,6 +31,7 @@ from ...ir import Attention
 from ...passes import KernelPlan, PlanOptions, Target, plan_kernel
 from .. import cache
 from .launch import launch
+from .runtime import load_module, tvm_version
 
 if TYPE_CHECKING:
     from ..progress import Progress
@@ -41,8 +39,6 @@ if TYPE_CHECKING:
 FORMAT = "attnc-tvm-aot/1"
 SET_FORMAT = "attnc-tvm-aot-set/1"  # compile_file's folder: one FORMAT folder per attention
 MANIFEST, LIBRARY = "manifest.json", "kernel.so"
-RUNTIME_ENV = "ATTNC_TVM_RUNTIME"  # a folder holding libtvm_runtime.so (runtime_pack.py makes one)
-RUNTIME_DIR = "tvm_runtime"  # ... or this folder under any sys.path entry
 TARGETS = ("cuda", "llvm")  # runnable artifacts; other TVM targets: --emit source (emit_source)
 # --emit source: TVM target kind -> (file suffix, comment prefix, what the text is)
 SOURCE_TARGETS = {
@@ -82,7 +78,8 @@ def build(spec: Attention, out_dir: str | Path, target: str = "cuda", arch: str 
         tvm_target = _tvm_target("cuda", arch)
         kinds, decode_max_m, device = {"prefill": "attn"}, 0, f"cuda:{arch}"
     elif target == "llvm":
-        from .kernel import build_primfunc, decode_schedule, prefill_schedule
+        from .kernel import build_primfunc
+        from .schedule import decode_schedule, prefill_schedule
 
         cpu = host_cpu()
         options = PlanOptions()  # the CPU schedules take no overrides
@@ -99,13 +96,11 @@ def build(spec: Attention, out_dir: str | Path, target: str = "cuda", arch: str 
     export_library(compile_module(funcs, plan, tvm_target, device), out / LIBRARY, tvm_target, device,
                    nvcc_options(plan) if target == "cuda" else ())
     library = (out / LIBRARY).read_bytes()
-    import tvm
-
     manifest = {
         "format": FORMAT, "backend": "tvm", "target": target, "arch": arch if target == "cuda" else None,
         "device": device, "name": spec.name, "key": spec.key, "canonical": spec.canonical, "plan": repr(plan),
         "options": dataclasses.asdict(options), "dtype": spec.q.dtype, "head_dim": d, "value_dim": dv,
-        "functions": kinds, "decode_max_m": decode_max_m, "schedule": repr(sched), "tvm": tvm.__version__,
+        "functions": kinds, "decode_max_m": decode_max_m, "schedule": repr(sched), "tvm": tvm_version(),
         "attnc": __version__, "library": LIBRARY,
         "files": {LIBRARY: {"sha256": hashlib.sha256(library).hexdigest(), "size": len(library)}},
     }
@@ -374,33 +369,3 @@ def _checked_spec(folder: Path, manifest: dict) -> tuple[Attention, KernelPlan]:
                          f"{manifest.get('attnc')}, which built it; rebuild the artifact with `attnc compile "
                          f"--backend tvm`")
     return spec, plan
-
-
-def load_module(library: Path, cuda: bool):
-    """The TVM runtime module in `library`: through `tvm` when installed, else tvm_ffi and the runtime
-    libraries of a trimmed runtime folder."""
-    try:
-        import tvm
-    except ImportError:
-        tvm = None
-    if tvm is not None:
-        return tvm.runtime.load_module(str(library))
-    import tvm_ffi
-
-    folder = runtime_folder()
-    names = ["libtvm_runtime.so"] + (["libcudart.so.13", "libtvm_runtime_cuda.so"] if cuda else [])
-    for name in names:
-        lib = folder / name
-        if lib.exists() or name != "libcudart.so.13":  # the CUDA runtime may come from the system instead
-            ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
-    return tvm_ffi.load_module(str(library))
-
-
-def runtime_folder() -> Path:
-    candidates = [Path(os.environ[RUNTIME_ENV])] if os.environ.get(RUNTIME_ENV) else []
-    candidates += [Path(p) / RUNTIME_DIR for p in sys.path if p]
-    for folder in candidates:
-        if (folder / "libtvm_runtime.so").exists():
-            return folder
-    raise CompileError(f"running a TVM artifact needs the TVM runtime: install apache-tvm, or point {RUNTIME_ENV} at "
-                       f"a folder with libtvm_runtime.so (python -m attnc.backends.tvm.runtime_pack makes one)")

@@ -1,28 +1,31 @@
 """The "tvm" backend: build (TensorIR -> LLVM for the host CPU, or -> CUDA through nvcc; a shared library
 through the kernel cache) and launch.
 
-Per call the launcher (launch.py) only reads shapes and strides, allocates the outputs with torch and calls the
-compiled function, which takes the torch tensors through DLPack without copies.
+TVM's compiler is imported on a cache miss only: the cache key is computed from the plan, the schedule, attnc's
+lowering code and TVM's version, and a cached library is loaded through TVM's runtime (runtime.py), so a new
+process whose kernels are cached starts fast. Per call the launcher (launch.py) only reads shapes and strides,
+allocates the outputs with torch and calls the compiled function, which takes the torch tensors through DLPack
+without copies.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import struct
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from ...dsl.signature import Bound
 from ...errors import CompileError
 from ...passes import KernelPlan, Target
-from ...passes.grad import derive
+from ...passes.grad import derive, normalizer_backward
 from .. import cache
 from . import codegen_fingerprint
 from .host import configure_threads, host_cpu
-from .backward import KEY_TILES, build_backward_primfuncs
-from .kernel import build_primfunc, decode_schedule, prefill_schedule
-from .launch import launch, launch_backward
+from .launch import FINISH, KEYS, ROWS, launch, launch_backward
+from .runtime import load_module, tvm_version
+from .schedule import KEY_TILES, decode_schedule, prefill_schedule
 
 LIBRARY_FILE = "kernel.so"
 FUNCTION = "attn"
@@ -165,36 +168,34 @@ def with_cuda_fatbins(blob: bytes, sources: set[bytes], options: tuple[str, ...]
     return _U64.pack(len(body)) + body
 
 
-def cache_key(plan: KernelPlan, sched, funcs: dict, device: str, stage: str = "forward") -> cache.CacheKey:
-    """The TensorIR text of every function is part of the key, so a change to the code generator never loads a
-    stale library; `stage` tells the forward's library from the backward's (backward.py) of the same plan."""
-    import tvm
-
-    tir = hashlib.sha256()
-    for name, func in funcs.items():
-        tir.update(name.encode() + b"\0" + func.script().encode() + b"\0")
+def cache_key(plan: KernelPlan, sched, device: str, stage: str = "forward", derivatives: str = "") -> cache.CacheKey:
+    """Computed without TVM's compiler: the TensorIR a build lowers is a function of the plan, the schedule, the
+    stage (the forward's library or the backward's, backward.py, of the same plan), the backward's `derivatives`
+    (passes/grad.py's IR, whose code is outside the codegen part) and attnc's lowering code (the codegen part),
+    and what LLVM or nvcc make of it, of TVM's version and the device."""
     return cache.CacheKey({
-        **cache.plan_parts(plan), "stage": stage, "schedule": repr(sched), "tir": tir.hexdigest(),
-        "backend": "tvm", "backend_version": tvm.__version__, "device": device, "codegen": codegen_fingerprint(),
+        **cache.plan_parts(plan), "stage": stage, "schedule": repr(sched), "derivatives": derivatives,
+        "backend": "tvm", "backend_version": tvm_version(), "device": device, "codegen": codegen_fingerprint(),
         "nvcc_options": " ".join(nvcc_options(plan)) if device.startswith("cuda") else "",
     }, name=plan.spec.name)
 
 
-def load_functions(plan: KernelPlan, sched, funcs: dict, target, device: str, stage: str = "forward") -> dict:
-    """The compiled functions (name -> PrimFunc in, name -> callable out) of one library from the kernel cache,
-    built and exported as a shared library on a miss."""
-    import tvm
-
+def load_functions(plan: KernelPlan, sched, names: tuple[str, ...], lower: Callable[[], tuple[dict, object]],
+                   device: str, stage: str = "forward", derivatives: str = "") -> dict:
+    """The compiled functions `names` (name -> callable) of one library from the kernel cache; on a miss `lower()`
+    gives (name -> PrimFunc, TVM target), which is built and exported as a shared library (cache_key tells the
+    other arguments)."""
     def build(out_dir: Path) -> None:
+        funcs, target = lower()
         label = f"{device} with {sched}"
         export_library(compile_module(funcs, plan, target, label), out_dir / LIBRARY_FILE, target, label,
                        nvcc_options(plan))
 
     def load(entry: cache.Entry) -> dict:
-        module = tvm.runtime.load_module(str(entry.file(LIBRARY_FILE)))
-        return {name: module[name] for name in funcs}
+        module = load_module(entry.file(LIBRARY_FILE), cuda=device.startswith("cuda"))
+        return {name: module[name] for name in names}
 
-    return cache.get_or_load(cache_key(plan, sched, funcs, device, stage), build, load)
+    return cache.get_or_load(cache_key(plan, sched, device, stage, derivatives), build, load)
 
 
 class TvmLauncher:
@@ -212,8 +213,13 @@ class TvmLauncher:
         fn = self._functions.get(kind)
         if fn is None:
             sched = self.schedules[kind]
-            funcs = {FUNCTION: build_primfunc(self.plan, sched, FUNCTION)}
-            fn = self._functions[kind] = load_functions(self.plan, sched, funcs, host_cpu().target(),
+
+            def lower():
+                from .kernel import build_primfunc
+
+                return {FUNCTION: build_primfunc(self.plan, sched, FUNCTION)}, host_cpu().target()
+
+            fn = self._functions[kind] = load_functions(self.plan, sched, (FUNCTION,), lower,
                                                         host_cpu().label)[FUNCTION]
         return fn
 
@@ -223,12 +229,14 @@ class TvmLauncher:
 
 class CudaLauncher:
     def __init__(self, plan: KernelPlan):
-        from .cuda import build_cuda_kernel
+        from .cuda import build_cuda_kernel, kernel_schedule
 
         self.plan = plan
-        sched, func = build_cuda_kernel(plan, FUNCTION)
         arch = plan.target.arch
-        self.function = load_functions(plan, sched, {FUNCTION: func}, cuda_target(arch), f"cuda:sm_{arch}")[FUNCTION]
+        sched = kernel_schedule(plan)
+        self.function = load_functions(plan, sched, (FUNCTION,),
+                                       lambda: ({FUNCTION: build_cuda_kernel(plan, FUNCTION, sched)[1]},
+                                                cuda_target(arch)), f"cuda:sm_{arch}")[FUNCTION]
 
     def __call__(self, bound: Bound):
         return launch(self.plan.spec, self.function, bound)
@@ -241,9 +249,16 @@ class TvmBackward:
     def __init__(self, plan: KernelPlan):
         self.plan = plan
         self.sched = prefill_schedule(host_cpu().vector)  # the forward prefill's register tiles
-        self.tables = derive(plan.spec).tables
-        self.functions = load_functions(plan, self.sched, build_backward_primfuncs(plan, self.sched),
-                                        host_cpu().target(), host_cpu().label, stage="backward")
+        derivatives = derive(plan.spec)
+        self.tables = derivatives.tables
+
+        def lower():
+            from .backward import build_backward_primfuncs
+
+            return build_backward_primfuncs(plan, self.sched), host_cpu().target()
+
+        self.functions = load_functions(plan, self.sched, (ROWS, KEYS, FINISH), lower, host_cpu().label, "backward",
+                                        repr((derivatives, normalizer_backward(plan.spec.normalizer))))
 
     def __call__(self, bound: Bound, out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor,
                  dlse: torch.Tensor | None = None, deterministic: bool = False) -> dict[str, torch.Tensor]:

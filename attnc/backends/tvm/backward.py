@@ -18,7 +18,7 @@ Three functions, run one after the other (the launcher: backend.TvmBackward):
 - `bwd_finish`: dQ as the sum of the split partials, and each table's gradient as the sum of the task partials,
   cast to the tensors' dtypes.
 
-The products are the forward's two register-tile forms, with its prefill schedule (kernel.CpuSchedule):
+The products are the forward's two register-tile forms, with its prefill schedule (schedule.CpuSchedule):
 transposed (lanes over query rows, a broadcast K or V element per step: kernel.transposed_product) and
 accumulating (lanes over head-dim columns, a broadcast weight per step: kernel.accumulate). Padded query rows never
 reach a result: the sums over query rows stop at the tile's valid rows, and dQ's padded rows are never read.
@@ -36,13 +36,13 @@ from ...passes import KernelPlan
 from ...passes.grad import Derivatives, TableGrad, derive, weight_derivative
 from .emit import F32, F64, I32, I64, LOG2E, Emitter, Scope, exp2, f32
 from .launch import FINISH, KEYS, ROWS
-from .kernel import (TIR_DTYPES, CpuSchedule, accumulate, buffer_arg, by_tile_kind, claimed_tasks, init_bounds,
+from .kernel import (TIR_DTYPES, accumulate, buffer_arg, by_tile_kind, claimed_tasks, init_bounds,
                      input_args, key_tiles, logit2, param_args, qkv_shapes, reduce_bounds, row_bounds, size_vars,
                      transposed_product)
 from .normalize import lower as lower_normalizer
+from .schedule import KEY_TILES, CpuSchedule
 
 NEG_INF = -math.inf
-KEY_TILES = 4  # key tiles per block of a key task (_key_task): 256 keys of K, V and dK, dV accumulators at D = 128
 
 
 def build_backward_primfuncs(plan: KernelPlan, sched: CpuSchedule) -> dict[str, tir.PrimFunc]:

@@ -113,15 +113,18 @@ def _round16(x: int) -> int:
     return -(-x // 16) * 16
 
 
+def kernel_schedule(plan: KernelPlan, schedule: CudaSchedule | None = None):
+    """The schedule build_cuda_kernel uses: `schedule` (default cuda_schedule(plan)) for the tensor-core kernel of
+    f16 / bf16, gpu_schedule(plan) for the plain GPU kernel of the dtypes tensor cores do not take."""
+    return (schedule or cuda_schedule(plan)) if plan.dtype in MMA_TYPES else gpu_schedule(plan)
+
+
 def build_cuda_kernel(plan: KernelPlan, name: str = "attn", schedule: CudaSchedule | None = None):
-    """(schedule, PrimFunc) for CUDA: the tensor-core kernel for f16 / bf16 (`schedule`, default
-    cuda_schedule(plan)), the plain GPU kernel (gpu.py) for the dtypes tensor cores do not take (f32 computes
-    in f32 FMAs)."""
-    if plan.dtype in MMA_TYPES:
-        sched = schedule or cuda_schedule(plan)
-        return sched, build_cuda_primfunc(plan, sched, name)
-    sched = gpu_schedule(plan)
-    return sched, build_gpu_primfunc(plan, sched, name)
+    """(schedule, PrimFunc) for CUDA: the tensor-core kernel for f16 / bf16, the plain GPU kernel (gpu.py)
+    otherwise (f32 computes in f32 FMAs); the schedule is kernel_schedule(plan, schedule)."""
+    sched = kernel_schedule(plan, schedule)
+    build = build_cuda_primfunc if plan.dtype in MMA_TYPES else build_gpu_primfunc
+    return sched, build(plan, sched, name)
 
 
 def build_cuda_primfunc(plan: KernelPlan, sched: CudaSchedule, name: str = "attn") -> tir.PrimFunc:

@@ -1,50 +1,70 @@
-"""The CPU this process runs on, as TVM sees it: the LLVM target (host mcpu), SIMD width and thread count."""
+"""The CPU this process runs on: what the kernel cache keys on and the schedules need (read from the OS, without
+TVM), and the LLVM target a build compiles for (TVM's compiler, on a cache miss only)."""
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
+import platform
 from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
 class HostCpu:
-    mcpu: str  # LLVM's name for the host CPU; plain "llvm" would target generic x86-64 (half the speed)
-    triple: str
+    machine: str  # platform.machine(): x86_64, aarch64, arm64, ...
+    model: str  # /proc/cpuinfo's model name (platform.processor() elsewhere)
+    features: str  # SHA-256 prefix of the CPU's feature flags: the instructions a kernel built here may use
     vector: int  # float32 lanes per SIMD register: 16 with AVX-512, 8 with AVX2, else 4
 
+    def llvm_names(self) -> tuple[str, str]:
+        """LLVM's names for this CPU and system, (mcpu, triple), from TVM's compiler."""
+        from tvm.target import codegen
+
+        return codegen.llvm_get_system_cpu(), codegen.llvm_get_system_triple()
+
     def target(self):
+        """LLVM's target for this CPU (host mcpu; plain "llvm" would target generic x86-64, half the speed)."""
         import tvm
 
-        return tvm.target.Target({"kind": "llvm", "mcpu": self.mcpu, "mtriple": self.triple})
+        mcpu, triple = self.llvm_names()
+        return tvm.target.Target({"kind": "llvm", "mcpu": mcpu, "mtriple": triple})
 
     @property
     def x86(self) -> bool:
-        return self.triple.startswith(("x86_64", "i386", "i686"))
+        return self.machine.lower() in ("x86_64", "amd64", "i386", "i686")
 
     @property
     def label(self) -> str:
-        """The cache key's device part: kernels built for one CPU may not run on another."""
-        return f"cpu:{self.triple}:{self.mcpu}:v{self.vector}"
+        """The cache key's device part: kernels built for one CPU may not run on another. LLVM picks the target
+        CPU (mcpu) from the same model and flags, so they stand for it without asking LLVM."""
+        return f"cpu:{self.machine}:{self.model}:{self.features}:v{self.vector}"
 
 
 @functools.lru_cache(maxsize=None)
 def host_cpu() -> HostCpu:
-    from tvm.target import codegen
-
-    flags = _cpu_flags()
+    model, flags = _cpu_info()
     vector = 16 if "avx512f" in flags else 8 if "avx2" in flags else 4
-    return HostCpu(codegen.llvm_get_system_cpu(), codegen.llvm_get_system_triple(), vector)
+    features = hashlib.sha256(" ".join(sorted(flags)).encode()).hexdigest()[:16]
+    return HostCpu(platform.machine(), model or platform.processor(), features, vector)
 
 
-def _cpu_flags() -> set[str]:
+def _cpu_info() -> tuple[str, set[str]]:
+    """The model name and feature flags of the first CPU in /proc/cpuinfo ("flags" on x86, "Features" on Arm)."""
+    model, flags = "", set()
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
             for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+                name, _, value = line.partition(":")
+                name = name.strip()
+                if name == "model name" and not model:
+                    model = value.strip()
+                elif name in ("flags", "Features") and not flags:
+                    flags = set(value.split())
+                elif not line.strip() and (model or flags):
+                    break  # the end of the first CPU's block
     except OSError:
         pass
-    return set()
+    return model, flags
 
 
 def configure_threads(threads: int | None = None) -> int:

@@ -22,7 +22,6 @@ The CPU schedule (why the loops look as they do):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 from tvm import tirx as tir
 from tvm.script.ir_builder import IRBuilder
@@ -31,8 +30,8 @@ from tvm.script.ir_builder import tirx as T
 from ...ir import SizeRef, walk
 from ...passes import KernelPlan
 from .emit import F32, F64, I32, I64, Emitter, Scope, exp2_nonpositive, f32
-from .host import host_cpu
 from .normalize import lower as lower_normalizer
+from .schedule import CpuSchedule
 
 # TIR dtypes of the spec's tensor element types. bool tables are passed as uint8 views (DLPack bool and TVM
 # bool buffers disagree on the element type); params arrive as int32 / float32 scalars (bool as 0 / 1).
@@ -40,37 +39,6 @@ TIR_DTYPES = {"f16": "float16", "bf16": "bfloat16", "f32": F32, "f64": F64, "i8"
               "i32": I32, "i64": I64, "bool": "uint8"}
 PARAM_DTYPES = {"i32": I32, "f32": F32, "bool": I32}
 NEG_INF = -math.inf
-
-
-@dataclass(frozen=True)
-class CpuSchedule:
-    vector: int  # float32 SIMD lanes
-    block_m: int  # query rows per task; a multiple of `vector` (lanes run over rows in S^T)
-    block_n: int  # keys per step; a multiple of kv_rows
-    kv_rows: int  # keys per register tile of S^T (kv_rows x block_m accumulators)
-    out_rows: int  # query rows per register tile of P V; divides block_m
-    out_cols: int  # value columns per register tile of P V (the last one may be narrower)
-    claim_tasks: bool = False  # hand tasks out at run time (x86: `lock bts`; claimed_tasks), else static ranges
-
-    def __post_init__(self):
-        assert self.block_m % self.vector == 0 and self.block_n % self.kv_rows == 0
-        assert self.block_m % self.out_rows == 0 and self.block_n % self.out_rows == 0
-        assert self.block_m * 4 < 1024 and self.out_cols * 4 < 1024  # each register row on the stack: module doc
-
-
-def prefill_schedule(vector: int) -> CpuSchedule:
-    """Four vectors of query rows per task and 4 keys per S^T register tile: 16 accumulators either way, but each
-    broadcast K element now feeds four vector FMAs instead of two. Quiet machine, 2 threads, fp32 (session 3,
-    against two vectors and 8 keys): dense D=128 S=4096 1.05x torch's SDPA instead of 0.96x, D=64 +2-7%,
-    causal within 1% or better. (Four vectors with 8 keys, 32 accumulators, had measured 5-40% slower.)"""
-    return CpuSchedule(vector, block_m=4 * vector, block_n=64, kv_rows=4, out_rows=4, out_cols=4 * vector,
-                       claim_tasks=host_cpu().x86)
-
-
-def decode_schedule(vector: int) -> CpuSchedule:
-    """Few query rows (decode): one vector of rows per task, so no work goes to padding rows."""
-    return CpuSchedule(vector, block_m=vector, block_n=64, kv_rows=8, out_rows=4, out_cols=4 * vector,
-                       claim_tasks=host_cpu().x86)
 
 
 def parameter_names(spec) -> tuple[str, ...]:

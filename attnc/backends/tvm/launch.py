@@ -1,5 +1,5 @@
 """Running a compiled TVM kernel on a bound call: shared by the JIT launchers (backend.py) and AOT artifacts
-(aot.py). Imports no TVM compiler: AOT artifacts run with only the TVM runtime.
+(aot.py). Imports no TVM compiler: cached kernels and AOT artifacts run with only the TVM runtime (runtime.py).
 
 q/k/v/out are passed as [B, heads, sequence, head dim] views of whatever layout the spec declares (BSHD is a
 matter of strides); the compiled function takes the torch tensors through DLPack without copies.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from ...dsl.signature import Bound, canonical_view, lse_shape, out_shape
+from .runtime import ffi
 
 # The backward's functions (backward.py), by name: the library holds all three.
 ROWS, KEYS, FINISH = "bwd_rows", "bwd_keys", "bwd_finish"
@@ -34,8 +35,7 @@ def launch(spec, function, bound: Bound):
             args.append(lse)
         args += extra_args(spec, bound)
         if gpu:
-            import tvm_ffi
-
+            tvm_ffi = ffi()
             # TVM launches on the stream it is given: torch's current one, so the kernel orders with torch's work.
             with tvm_ffi.use_raw_stream(tvm_ffi.device("cuda", q.device.index or 0),
                                         torch.cuda.current_stream(q.device).cuda_stream):

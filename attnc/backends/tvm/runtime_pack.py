@@ -4,7 +4,7 @@
 
 OUT/tvm_ffi/ is the tvm_ffi package for that Python (copied when it is this Python's, else unpacked from the
 wheel pip downloads); OUT/tvm_runtime/ holds libtvm_runtime.so, libtvm_runtime_cuda.so and the CUDA runtime
-they link. Put OUT on PYTHONPATH there: aot.load finds tvm_runtime/ on sys.path.
+they link. Put OUT on PYTHONPATH there: runtime.load_module finds tvm_runtime/ on sys.path.
 """
 from __future__ import annotations
 
@@ -16,10 +16,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from .aot import RUNTIME_DIR
+from .runtime import CUDART, RUNTIME_DIR, RUNTIME_LIBS
 
-RUNTIME_LIBS = ("libtvm_runtime.so", "libtvm_runtime_cuda.so")
-CUDART = "libcudart.so.13"  # what libtvm_runtime_cuda.so links (apache-tvm 0.27 wheels)
 SKIP = ("__pycache__", "include", "src", "3rdparty")  # C++ headers and sources: not needed to run
 
 
