@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from ...ir import QK, Attention, Binary, Call, Expr, IndexVar, Lookup, Num, ParamRef, SizeRef, Unary, children
 from ...ops import Formula, Kinds, Op, compute_kind, op_of
+from .. import names
 
 SCALAR, ROW, COL, TILE = 0, 1, 2, 3
 
@@ -26,22 +27,6 @@ POSITION_LIMIT = 2 ** 30  # i and j are int32 in the kernel; sums and difference
 _INT32 = (-2 ** 31, 2 ** 31 - 1)
 _POSITIONS = {"i", "j"}
 _VALID = {ROW: "row_valid", COL: "col_valid", TILE: "row_valid[:, None] & col_valid[None, :]"}
-
-
-def size_arg(name: str) -> str:
-    return f"sz_{name}"
-
-
-def param_arg(name: str) -> str:
-    return f"p_{name}"
-
-
-def input_arg(name: str) -> str:
-    return f"t_{name}"
-
-
-def stride_arg(tensor: str, axis: int) -> str:
-    return f"t_{tensor}_s{axis}"
 
 
 @dataclass(frozen=True)
@@ -129,9 +114,9 @@ class Emitter:
             name, level = _INDEX[e.name]
             return Value(name, level, "int", span=(0, POSITION_LIMIT - 1) if e.name in _POSITIONS else None)
         if isinstance(e, SizeRef):
-            return Value(size_arg(e.name), SCALAR, "int", span=(0, _INT32[1]))
+            return Value(names.size(e.name), SCALAR, "int", span=(0, _INT32[1]))
         if isinstance(e, ParamRef):
-            return Value(param_arg(e.name), SCALAR, kind)
+            return Value(names.param(e.name), SCALAR, kind)
         if isinstance(e, QK):
             return Value("qk", TILE, "float")
         if isinstance(e, Lookup):
@@ -147,13 +132,13 @@ class Emitter:
         terms, checks = [], [_VALID[level]] if level != SCALAR else []
         for axis, (v, x) in enumerate(zip(idx, e.indices)):
             code = self.as_int(v, level, wide=True)  # int32 positions, params, sizes: widen before scaling
-            terms.append(f"{code} * {stride_arg(e.tensor, axis)}")
+            terms.append(f"{code} * {names.stride(e.tensor, axis)}")
             if not _in_range_by_construction(x, dims[axis]):
                 # An index out of the table's bounds reads 0, never outside the tensor: the language's rule
                 # (dsl/reference.py), which validate mode checks on the host.
-                checks.append(f"({code} >= 0) & ({code} < {size_arg(dims[axis])})")
+                checks.append(f"({code} >= 0) & ({code} < {names.size(dims[axis])})")
         mask = f", mask={' & '.join(checks)}, other=0" if checks else ""
-        load = f"tl.load({input_arg(e.tensor)} + {' + '.join(terms)}{mask})"
+        load = f"tl.load({names.tensor(e.tensor)} + {' + '.join(terms)}{mask})"
         if kind == "float":
             load += ".to(tl.float32)"  # f16/bf16/f64 tables compute in f32 (bf16 loads need it in the interpreter)
         return self._assign(load, level, kind)

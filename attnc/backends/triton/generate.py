@@ -10,6 +10,7 @@ import jinja2
 
 from ...version import __version__
 from ...ir import Expr
+from .. import names
 from ...passes.plan import KernelPlan, KeyRange
 from .emit import TILE, Emitter
 from .signature import prefill_signature, spec_args, summary_signature
@@ -89,6 +90,7 @@ def generate(plan: KernelPlan) -> str:
 
 def _bounds(em: Emitter, exact: KeyRange, hull: KeyRange) -> None:
     """Per-row [lo, hi) of the exact and hull key ranges as [BLOCK_M] int64 vectors in the prologue."""
+    n_keys = names.size("N")
     for name, r in (("exact", exact), ("hull", hull)):
         if name == "hull" and r == exact:
             em.prologue += ["hull_lo = exact_lo", "hull_hi = exact_hi"]
@@ -97,11 +99,12 @@ def _bounds(em: Emitter, exact: KeyRange, hull: KeyRange) -> None:
         em.prologue.append(f"{lo} = tl.zeros([BLOCK_M], tl.int64)")
         for e in r.lower:
             em.prologue.append(f"{lo} = tl.maximum({lo}, {em.as_int(em.value(e), em.value(e).level)})")
-        em.prologue.append(f"{hi} = tl.zeros([BLOCK_M], tl.int64) + sz_N")
+        em.prologue.append(f"{hi} = tl.zeros([BLOCK_M], tl.int64) + {n_keys}")
         for e in r.upper:
             em.prologue.append(f"{hi} = tl.minimum({hi}, {em.as_int(em.value(e), em.value(e).level)})")
         # Clamped to [0, N], the bounds fit int32, so the masks of partial tiles compare int32 with int32.
-        em.prologue += [f"{lo} = tl.minimum({lo}, sz_N).to(tl.int32)", f"{hi} = tl.maximum({hi}, 0).to(tl.int32)"]
+        em.prologue += [f"{lo} = tl.minimum({lo}, {n_keys}).to(tl.int32)",
+                        f"{hi} = tl.maximum({hi}, 0).to(tl.int32)"]
 
 
 def _as_tile(em: Emitter, e: Expr) -> str:

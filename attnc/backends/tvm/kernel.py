@@ -30,6 +30,7 @@ from tvm.script.ir_builder import tirx as T
 
 from ...ir import SizeRef, walk
 from ...passes import KernelPlan
+from .. import names
 from .emit import F32, I32, I64, Emitter, Scope, exp2_nonpositive, f32
 from .host import host_cpu
 from .normalize import lower as lower_normalizer
@@ -76,8 +77,8 @@ def decode_schedule(vector: int) -> CpuSchedule:
 def parameter_names(spec) -> tuple[str, ...]:
     """The compiled function's parameters in call order (Args declares them; sizes and strides are not
     parameters: TVM reads them from the tensors)."""
-    return ("q", "k", "v", "out", *(["lse"] if spec.returns_lse else []), *(f"in_{t.name}" for t in spec.inputs),
-            *(f"p_{p.name}" for p in spec.params))
+    return ("q", "k", "v", "out", *(["lse"] if spec.returns_lse else []),
+            *(names.tensor(t.name) for t in spec.inputs), *(names.param(p.name) for p in spec.params))
 
 
 class Args:
@@ -86,16 +87,17 @@ class Args:
     def __init__(self, plan: KernelPlan):
         spec = plan.spec
         fixed = {**spec.dim_values, "D": plan.head_dim, "DV": plan.value_dim}
-        names = dict.fromkeys(n for t in (spec.q, spec.k, spec.v, *spec.inputs) for n in t.shape)
+        used = dict.fromkeys(n for t in (spec.q, spec.k, spec.v, *spec.inputs) for n in t.shape)
         for e in (spec.score, *spec.masks, *([spec.normalizer.sink] if spec.normalizer.sink else [])):
-            names.update(dict.fromkeys(n.name for n in walk(e) if isinstance(n, SizeRef)))
-        self.sizes = {n: tir.IntImm(I32, fixed[n]) if n in fixed else tir.Var(n, I32) for n in names}
+            used.update(dict.fromkeys(n.name for n in walk(e) if isinstance(n, SizeRef)))
+        self.sizes = {n: tir.IntImm(I32, fixed[n]) if n in fixed else tir.Var(names.size(n), I32) for n in used}
         self.sizes.setdefault("HKV", self.sizes["H"])
         self.sizes.setdefault("DV", self.sizes["D"])
         s = self.sizes
 
-        def tensor(name, shape, dtype, unit_last=True):
-            strides = [tir.Var(f"{name}_s{a}", I32) for a in range(len(shape))]
+        def tensor(name, shape, dtype, strides=None, unit_last=True):
+            """A buffer argument; strides: the names of its stride variables (default: {name}_s{axis})."""
+            strides = [tir.Var(n, I32) for n in strides or (f"{name}_s{a}" for a in range(len(shape)))]
             if unit_last:
                 strides[-1] = 1  # vector loads along the head dim (the launcher copies otherwise)
             handle = T.arg(name, T.handle())
@@ -107,9 +109,10 @@ class Args:
         self.v = tensor("v", [s["B"], s["HKV"], s["N"], s["DV"]], dtype)
         self.out = tensor("out", [s["B"], s["H"], s["M"], s["DV"]], dtype)
         self.lse = tensor("lse", [s["B"], s["H"], s["M"]], F32) if spec.returns_lse else None
-        self.inputs = {t.name: tensor(f"in_{t.name}", [s[n] for n in t.shape], TIR_DTYPES[t.dtype], False)
+        self.inputs = {t.name: tensor(names.tensor(t.name), [s[n] for n in t.shape], TIR_DTYPES[t.dtype],
+                                      [names.stride(t.name, a) for a in range(len(t.shape))], unit_last=False)
                        for t in spec.inputs}
-        self.params = {p.name: T.arg(f"p_{p.name}", tir.Var(f"p_{p.name}", PARAM_DTYPES[p.dtype]))
+        self.params = {p.name: T.arg(names.param(p.name), tir.Var(names.param(p.name), PARAM_DTYPES[p.dtype]))
                        for p in spec.params}
 
     def scope(self, index, qk=None) -> Scope:
