@@ -136,5 +136,5 @@ def attn_fwd(
     out = acc / l_safe[:, None]
     tl.store(out_ptr + b * s_ob + h_row[:, None] * s_oh + i_row[:, None].to(tl.int64) * s_om + offs_dv[None, :] * s_od,
              out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
-    lse = tl.where(l_i == 0.0, -INF, (m_i + tl.log2(l_safe)) * LN2)
+    lse = tl.where(l_i == 0.0, -INF, (tl.where(m_i == INF, INF, m_i + tl.log2(l_safe))) * LN2)
     tl.store(lse_ptr + b * s_lb + h_row * s_lh + i_row.to(tl.int64) * s_lm, lse, mask=row_valid)
