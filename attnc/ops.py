@@ -159,18 +159,37 @@ def _torch_floor_divide(t, a, b):
 # ---------------------------------------------------------------- backend renderings
 
 
+# An integer `%` or `//` by zero gives 0 in the kernels (a divisor from a param or table value, or from sizes folded
+# at compile time): x86's division traps on it, which would kill the process. The reference raises instead.
+
+
 def _triton_remainder(t, x: str, y: str) -> str:
-    """Floored remainder: a float formula, or C's remainder (the sign of x) moved to the sign of y."""
+    """Floored remainder: a float formula, or C's remainder (the sign of x) moved to the sign of y; x % 1 is the
+    0 a zero divisor gives."""
     if t.kind == "float":
         return f"{x} - {y} * tl.floor({x} / {y})"
+    y = _triton_nonzero(t, y)
     rem, fix = _c_rounding_fix(t, x, y)
     return f"tl.where({fix}, {rem} + {y}, {rem})"
 
 
 def _triton_floor_divide(t, x: str, y: str) -> str:
     """Floored quotient of integers: C's quotient rounds toward zero, one too high where the fix applies."""
-    _, fix = _c_rounding_fix(t, x, y)
-    return f"{x} // {y} - tl.where({fix}, 1, 0)"
+    divisor = t.literal(1)
+    if divisor == 0:
+        return f"({x}) * 0"  # x's shape
+    safe = _triton_nonzero(t, y)
+    _, fix = _c_rounding_fix(t, x, safe)
+    quotient = f"{x} // {safe} - tl.where({fix}, 1, 0)"
+    return quotient if divisor is not None else f"tl.where({y} == 0, 0, {quotient})"
+
+
+def _triton_nonzero(t, y: str) -> str:
+    """The divisor y, 1 where it is 0."""
+    divisor = t.literal(1)
+    if divisor is not None:
+        return y if divisor != 0 else "1"
+    return t.let(f"tl.where({y} == 0, 1, {y})")
 
 
 def _c_rounding_fix(t, x: str, y: str) -> tuple[str, str]:
@@ -184,7 +203,25 @@ def _c_rounding_fix(t, x: str, y: str) -> tuple[str, str]:
 
 
 def _tvm_remainder(m, a, b):
-    return a - b * m.tir.floor(a / b) if m.kind == "float" else m.tir.floormod(a, b)
+    return a - b * m.tir.floor(a / b) if m.kind == "float" else m.tir.floormod(a, _tvm_nonzero(m, b))
+
+
+def _tvm_floor_divide(m, a, b):
+    if isinstance(b, m.tir.IntImm):
+        return m.tir.floordiv(a, b) if b.value != 0 else m.tir.const(0, str(b.ty))
+    return m.tir.floordiv(a * _tvm_is_nonzero(m, b), _tvm_nonzero(m, b))  # 0 // 1 where b is 0
+
+
+def _tvm_nonzero(m, b):
+    """The divisor b, 1 where it is 0. Arithmetic, not a select: where a select of the result dropped the quotient
+    by 0, LLVM saw through a select on the divisor and divided by the 0 it guarded against."""
+    if isinstance(b, m.tir.IntImm):
+        return b if b.value != 0 else m.tir.const(1, str(b.ty))
+    return b + (1 - _tvm_is_nonzero(m, b))
+
+
+def _tvm_is_nonzero(m, b):
+    return m.tir.Cast(str(b.ty), b != m.tir.const(0, str(b.ty)))
 
 
 def _horner(m, x, coeffs: Sequence[float]):
@@ -322,7 +359,7 @@ OPS: tuple[Op, ...] = (
        "undefined where the quotient is a whole number",
        span=_known(_remainder_span)),
     Op("//", Binary, ("integer", "integer"), "common", operator.floordiv, _torch_floor_divide, _triton_floor_divide,
-       lambda m, a, b: m.tir.floordiv(a, b), (_zero, _zero), "floored division of integers: piecewise constant",
+       _tvm_floor_divide, (_zero, _zero), "floored division of integers: piecewise constant",
        span=_known(_quotient_span)),
     # -- comparisons and logic: boolean results
     _compare("<", operator.lt, "LT"), _compare("<=", operator.le, "LE"),

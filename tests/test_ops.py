@@ -365,3 +365,27 @@ def test_shared_subexpressions_compile_and_run(backend):
     got = attnc.compile(spec, backend=backend)(q, k, v)
     assert time.perf_counter() - start < 60  # before: over 100 s from 8 lines on TVM, doubling per line
     _assert_close(spec, got, q, k, v, 1e-5)
+
+
+# ---------------------------------------------------------------- integer division by zero
+
+
+@pytest.mark.parametrize("backend", ["triton", "tvm"])
+def test_integer_division_by_zero_gives_zero_in_kernels(backend):
+    """x % 0 and x // 0 are 0 in the kernels, whether the zero comes at run time (a param) or from sizes folded at
+    compile time (D - 16 with D = 16): x86's division traps on a zero divisor, which killed the process on TVM.
+    The reference raises instead, so the kernels are compared with the same math written without the division."""
+    if backend == "tvm":
+        pytest.importorskip("tvm")
+    spec = _spec("param w: i32 = 3\nscore = qk * rsqrt(D) + (j - i) // w + (i - j) // (D - 16)\nmask causal\n"
+                 "mask (i - j) % w == 0 and (j + 1) % (D - 16) == 0")
+    plain = _spec("mask causal")
+    torch.manual_seed(5)
+    q, k, v = (torch.randn(1, 2, 37, 16) for _ in range(3))
+    kernel = attnc.compile(spec, backend=backend)
+    _assert_close(plain, kernel(q, k, v, w=0), q, k, v, 1e-5)
+    with pytest.raises(attnc.CallError, match="integer modulo by zero"):
+        attnc.reference(spec, q, k, v, w=0)
+    # a non-zero divisor divides: w = 3 keeps every third key on the diagonal's side, floored
+    want = _spec("score = qk * rsqrt(D) + (j - i) // 3\nmask causal\nmask (i - j) % 3 == 0")
+    _assert_close(want, kernel(q, k, v, w=3), q, k, v, 1e-5)

@@ -159,8 +159,22 @@ def elaborate(block: Block) -> tuple[ir.Attention | None, list[Diagnostic]]:
     return _Elaborator(block).run()
 
 
+def spec_name(text: object, fallback: str) -> str:
+    """`text` where it can name an attention block (a name, no reserved word), else `fallback`: a name from
+    Python (a function's __name__) may hold anything, a newline and code included."""
+    return text if _is_name(text) and text not in RESERVED else fallback
+
+
+def _is_name(text: object) -> bool:
+    """Whether the grammar's NAME matches `text` (Python's identifiers include non-ASCII letters)."""
+    return isinstance(text, str) and text.isascii() and text.isidentifier()
+
+
 def attention_diagnostics(spec: ir.Attention) -> list[Diagnostic]:
     report = _Report()
+    if spec_name(spec.name, None) is None:
+        report.error(f"the attention's name {spec.name!r} is not a name: use letters, digits and _ (not first a "
+                     f"digit), and no reserved word", spec.span)
     storages = (spec.q_storage, spec.kv_storage)
     _check_declarations(report, spec.q, spec.k, spec.v, spec.params, spec.inputs, spec.dims, spec.span,
                         storages=storages)
@@ -315,6 +329,9 @@ def _check_declarations(report: _Report, q, k, v, params, inputs, dims, fallback
                              + [(t.name, "input", t.span) for t in inputs]):
         if name in declared:
             report.error(f"'{name}' is declared twice (first as {_a(declared[name])})", span)
+        elif not _is_name(name):
+            report.error(f"{name!r} cannot name {_a(kind)}: a name is ASCII letters, digits and _, not first a digit",
+                         span)
         elif name in RESERVED:
             report.error(f"'{name}' is a reserved word of the spec language; choose another name", span)
         elif name in CALL_OPTIONS and kind != "tensor":
@@ -341,6 +358,9 @@ def _check_declarations(report: _Report, q, k, v, params, inputs, dims, fallback
                         f"{_storage_kind(per_sequence[entry])}: {entry} is each sequence's own length, usable in "
                         f"expressions but not as a tensor size)")
             report.error(f"{where} uses {entry}, but no shape of q, k or v does{hint}", span)
+        elif not _is_name(entry):
+            report.error(f"{entry!r} cannot name a size: a name is ASCII letters, digits and _, not first a digit",
+                         span)
         elif entry in declared:
             report.error(f"'{entry}' names both a size and {_a(declared[entry])}", span)
         elif entry in ir.INDEX_VARS or entry in RESERVED:

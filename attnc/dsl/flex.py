@@ -36,7 +36,7 @@ from ..ir import (
     make_attention, print_expr, split_conjuncts,
 )
 from . import compiler, symbolic
-from .check import check_attention
+from .check import check_attention, spec_name
 from .symbolic import Sym
 
 _CAPTURE_HINT = (" that is not a variable it captures; a mod can index tensors it captures from its closure or "
@@ -343,8 +343,7 @@ def _raise_block_mask_error(block_mask: BlockMask, q_shape, k_shape) -> NoReturn
 def _name(score_mod, mask_mod) -> str:
     """The spec's name: the mods' function names (lambdas have none), else `flex_attention`."""
     names = [getattr(fn, "__name__", "") for fn in (score_mod, mask_mod) if fn is not None]
-    names = [n for n in names if n.isidentifier()]
-    return "_".join(names) or "flex_attention"
+    return spec_name("_".join(n for n in names if spec_name(n, None)), "flex_attention")
 
 
 def _variant(query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse) -> tuple[tuple, _Variant]:

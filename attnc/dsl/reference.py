@@ -288,8 +288,9 @@ def _weights(spec: Attention, env: _Env) -> tuple[torch.Tensor, torch.Tensor]:
         row_lse = torch.logsumexp(torch.cat([log_w, sink], dim=-1), dim=-1)
     if not normalizer.normalized:
         return torch.exp(log_w), row_lse
-    # A row with nothing kept has lse = -inf and all logits -inf: subtracting 0 keeps p = 0, not NaN.
-    return torch.exp(log_w - torch.where(row_lse > -torch.inf, row_lse, 0.0)[..., None]), row_lse
+    # A row with nothing kept has lse = -inf and all logits -inf: subtracting 0 keeps p = 0, not NaN (a NaN lse
+    # stays, so that a NaN sink or score makes its row NaN).
+    return torch.exp(log_w - torch.where(row_lse == -torch.inf, 0.0, row_lse)[..., None]), row_lse
 
 
 def _widen(t: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,7 @@ from ..ir import (
     causal_mask, dtype_kind, make_attention,
 )
 from . import compiler, symbolic
-from .check import check_attention
+from .check import check_attention, spec_name
 from .signature import qkv_call_error
 from .symbolic import LAYOUTS, Sym, as_expr, function_span, trace_error, user_span
 
@@ -343,7 +343,7 @@ class AttentionFunction:
             result = self.fn(TracedTensor("q"), TracedTensor("k"), TracedTensor("v"), **args)
         p, returns_lse = _returned(result, self.fn)
         spec = make_attention(
-            self.fn.__name__, q_decl, k_decl, v_decl, params=self._params,
+            spec_name(self.fn.__name__, "traced_attention"), q_decl, k_decl, v_decl, params=self._params,
             inputs=symbolic.input_decls([p.score, *p.masks, p.normalizer.sink], tensors, function_span(self.fn)),
             score=p.score, masks=p.masks, normalizer=p.normalizer, returns_lse=returns_lse,
             span=function_span(self.fn))

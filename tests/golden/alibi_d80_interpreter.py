@@ -18,7 +18,7 @@ BLOCK_DV = tl.constexpr(128)
 def attn_fwd(
     q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb,
     s_vh, s_vn, s_vd, s_ob, s_oh, s_om, s_od, s_lb, s_lh, s_lm, sz_B, sz_H, sz_HKV, sz_M, sz_N,
-    t_slopes, t_slopes_s0, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_MQ: tl.constexpr,
+    t_slopes, st0_slopes, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_MQ: tl.constexpr,
     PACK: tl.constexpr, UPCAST: tl.constexpr,
 ):
     # Query tiles in reverse: under a causal mask the last tiles have the most keys, so they start first and
@@ -45,16 +45,16 @@ def attn_fwd(
     exact_hi = tl.maximum(exact_hi, 0).to(tl.int32)
     hull_lo = exact_lo
     hull_hi = exact_hi
-    x4 = tl.load(t_slopes + h_row.to(tl.int64) * t_slopes_s0, mask=row_valid, other=0).to(tl.float32)
-    # -- key tiles: [t_start, t_end) run, [f_start, f_end) need no mask (none do where every tile is masked)
+    x4 = tl.load(t_slopes + h_row.to(tl.int64) * st0_slopes, mask=row_valid, other=0).to(tl.float32)
+    # -- key tiles: [run_start, run_end) run, [f_start, f_end) need no mask (none do where every tile is masked)
     live = row_valid & (hull_hi > hull_lo)
     any_live = tl.max(live.to(tl.int32), 0) > 0
-    t_start = tl.where(any_live, tl.min(tl.where(live, hull_lo, BIG), 0) // BLOCK_N, 0)
-    t_end = tl.where(any_live, (tl.max(tl.where(live, hull_hi, 0), 0) + BLOCK_N - 1) // BLOCK_N, 0)
+    run_start = tl.where(any_live, tl.min(tl.where(live, hull_lo, BIG), 0) // BLOCK_N, 0)
+    run_end = tl.where(any_live, (tl.max(tl.where(live, hull_hi, 0), 0) + BLOCK_N - 1) // BLOCK_N, 0)
     f_lo = tl.max(tl.where(row_valid, exact_lo, 0), 0)
     f_hi = tl.maximum(tl.min(tl.where(row_valid, exact_hi, BIG), 0), 0)
-    f_start = tl.minimum(tl.maximum((f_lo + BLOCK_N - 1) // BLOCK_N, t_start), t_end)
-    f_end = tl.minimum(tl.maximum(f_hi // BLOCK_N, f_start), t_end)
+    f_start = tl.minimum(tl.maximum((f_lo + BLOCK_N - 1) // BLOCK_N, run_start), run_end)
+    f_end = tl.minimum(tl.maximum(f_hi // BLOCK_N, f_start), run_end)
     # -- this program's query tile and its K/V head
     kvh = (hp * PACK) // (sz_H // sz_HKV)
     offs_d = tl.arange(0, BLOCK_D)
@@ -71,7 +71,7 @@ def attn_fwd(
     # In-tile offsets are int32 and loop-invariant; the tile's start is added as int64.
     k_tile_ptrs = k_base + offs_n[None, :] * s_kn + offs_d[:, None] * s_kd
     v_tile_ptrs = v_base + offs_n[:, None] * s_vn + offs_dv[None, :] * s_vd
-    for t in tl.range(t_start, t_end):  # [f_start, f_end) need no mask
+    for t in tl.range(run_start, run_end):  # [f_start, f_end) need no mask
         j_col = t * BLOCK_N + offs_n
         col_valid = j_col < sz_N
         k_tile = tl.load(k_tile_ptrs + tl.cast(t * BLOCK_N, tl.int64) * s_kn, mask=col_valid[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)

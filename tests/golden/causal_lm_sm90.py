@@ -55,15 +55,15 @@ def attn_fwd(
     exact_hi = tl.maximum(exact_hi, 0).to(tl.int32)
     hull_lo = exact_lo
     hull_hi = exact_hi
-    # -- key tiles: [t_start, t_end) run, [f_start, f_end) need no mask (none do where every tile is masked)
+    # -- key tiles: [run_start, run_end) run, [f_start, f_end) need no mask (none do where every tile is masked)
     live = row_valid & (hull_hi > hull_lo)
     any_live = tl.max(live.to(tl.int32), 0) > 0
-    t_start = tl.where(any_live, tl.min(tl.where(live, hull_lo, BIG), 0) // BLOCK_N, 0)
-    t_end = tl.where(any_live, (tl.max(tl.where(live, hull_hi, 0), 0) + BLOCK_N - 1) // BLOCK_N, 0)
+    run_start = tl.where(any_live, tl.min(tl.where(live, hull_lo, BIG), 0) // BLOCK_N, 0)
+    run_end = tl.where(any_live, (tl.max(tl.where(live, hull_hi, 0), 0) + BLOCK_N - 1) // BLOCK_N, 0)
     f_lo = tl.max(tl.where(row_valid, exact_lo, 0), 0)
     f_hi = tl.maximum(tl.min(tl.where(row_valid, exact_hi, BIG), 0), 0)
-    f_start = tl.minimum(tl.maximum((f_lo + BLOCK_N - 1) // BLOCK_N, t_start), t_end)
-    f_end = tl.minimum(tl.maximum(f_hi // BLOCK_N, f_start), t_end)
+    f_start = tl.minimum(tl.maximum((f_lo + BLOCK_N - 1) // BLOCK_N, run_start), run_end)
+    f_end = tl.minimum(tl.maximum(f_hi // BLOCK_N, f_start), run_end)
     # -- this program's query tile and its K/V head
     kvh = (hp * PACK) // (sz_H // sz_HKV)
     offs_d = tl.arange(0, BLOCK_D)
@@ -84,7 +84,7 @@ def attn_fwd(
                                            block_shape=[BLOCK_N, BLOCK_D])
         v_desc = tl.make_tensor_descriptor(v_base, shape=[sz_N, VALUE_DIM], strides=[s_vn, 1],
                                            block_shape=[BLOCK_N, BLOCK_DV])
-        for t in tl.range(t_start, t_end):  # [f_start, f_end) need no mask
+        for t in tl.range(run_start, run_end):  # [f_start, f_end) need no mask
             j_col = t * BLOCK_N + offs_n
             col_valid = j_col < sz_N
             k_tile = k_desc.load([t * BLOCK_N, 0]).T  # rows past N and columns past D read as zeros
@@ -109,7 +109,7 @@ def attn_fwd(
     else:
         k_tile_ptrs = k_base + offs_n[None, :] * s_kn + offs_d[:, None] * s_kd
         v_tile_ptrs = v_base + offs_n[:, None] * s_vn + offs_dv[None, :] * s_vd
-        for t in tl.range(t_start, t_end):  # [f_start, f_end) need no mask
+        for t in tl.range(run_start, run_end):  # [f_start, f_end) need no mask
             j_col = t * BLOCK_N + offs_n
             col_valid = j_col < sz_N
             k_tile = tl.load(k_tile_ptrs + tl.cast(t * BLOCK_N, tl.int64) * s_kn, mask=col_valid[None, :], other=0.0)
@@ -136,5 +136,5 @@ def attn_fwd(
     out = acc / l_safe[:, None]
     tl.store(out_ptr + b * s_ob + h_row[:, None] * s_oh + i_row[:, None].to(tl.int64) * s_om + offs_dv[None, :] * s_od,
              out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
-    lse = tl.where(l_i == 0.0, -INF, (m_i + tl.log2(l_safe)) * LN2)
+    lse = tl.where(l_i == 0.0, -INF, (tl.where(m_i == INF, INF, m_i + tl.log2(l_safe))) * LN2)
     tl.store(lse_ptr + b * s_lb + h_row * s_lh + i_row.to(tl.int64) * s_lm, lse, mask=row_valid)

@@ -28,9 +28,8 @@ def ex2_approx(x):
 def attn_fwd(
     q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb,
     s_vh, s_vn, s_vd, s_ob, s_oh, s_om, s_od, s_lb, s_lh, s_lm, sz_B, sz_H, sz_HKV, sz_M, sz_N,
-    t_doc, t_doc_s0, t_doc_s1, summary_ptr, s_sb, s_sh, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_MQ: tl.constexpr, PACK: tl.constexpr, UPCAST: tl.constexpr,
-    TMA: tl.constexpr,
+    t_doc, st0_doc, st1_doc, summary_ptr, s_sb, s_sh, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_MQ: tl.constexpr, PACK: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr,
 ):
     # Query tiles in reverse: under a causal mask the last tiles have the most keys, so they start first and
     # the tail of the launch is short tiles.
@@ -56,16 +55,16 @@ def attn_fwd(
     exact_hi = tl.maximum(exact_hi, 0).to(tl.int32)
     hull_lo = exact_lo
     hull_hi = exact_hi
-    x4 = tl.load(t_doc + tl.cast(b, tl.int64) * t_doc_s0 + x1.to(tl.int64) * t_doc_s1, mask=row_valid & (x1.to(tl.int64) >= 0) & (x1.to(tl.int64) < sz_N), other=0)
-    # -- key tiles: [t_start, t_end) run, [f_start, f_end) need no mask (none do where every tile is masked)
+    x4 = tl.load(t_doc + tl.cast(b, tl.int64) * st0_doc + x1.to(tl.int64) * st1_doc, mask=row_valid & (x1.to(tl.int64) >= 0) & (x1.to(tl.int64) < sz_N), other=0)
+    # -- key tiles: [run_start, run_end) run, [f_start, f_end) need no mask (none do where every tile is masked)
     live = row_valid & (hull_hi > hull_lo)
     any_live = tl.max(live.to(tl.int32), 0) > 0
-    t_start = tl.where(any_live, tl.min(tl.where(live, hull_lo, BIG), 0) // BLOCK_N, 0)
-    t_end = tl.where(any_live, (tl.max(tl.where(live, hull_hi, 0), 0) + BLOCK_N - 1) // BLOCK_N, 0)
+    run_start = tl.where(any_live, tl.min(tl.where(live, hull_lo, BIG), 0) // BLOCK_N, 0)
+    run_end = tl.where(any_live, (tl.max(tl.where(live, hull_hi, 0), 0) + BLOCK_N - 1) // BLOCK_N, 0)
     f_lo = tl.max(tl.where(row_valid, exact_lo, 0), 0)
     f_hi = tl.maximum(tl.min(tl.where(row_valid, exact_hi, BIG), 0), 0)
-    f_start = tl.minimum(tl.maximum((f_lo + BLOCK_N - 1) // BLOCK_N, t_start), t_end)
-    f_end = tl.minimum(tl.maximum(f_hi // BLOCK_N, f_start), t_end)
+    f_start = tl.minimum(tl.maximum((f_lo + BLOCK_N - 1) // BLOCK_N, run_start), run_end)
+    f_end = tl.minimum(tl.maximum(f_hi // BLOCK_N, f_start), run_end)
     # -- this program's query tile and its K/V head
     kvh = (hp * PACK) // (sz_H // sz_HKV)
     offs_d = tl.arange(0, BLOCK_D)
@@ -88,7 +87,7 @@ def attn_fwd(
                                            block_shape=[BLOCK_N, BLOCK_DV])
         # -- tile classes from the summary kernel: 0 empty, 1 full, 2 partial
         summary_base = summary_ptr + b * s_sb + hp * s_sh + pid_m.to(tl.int64) * ((sz_N + BLOCK_N - 1) // BLOCK_N)
-        for t in tl.range(t_start, t_end):
+        for t in tl.range(run_start, run_end):
             cls = tl.load(summary_base + t)
             if cls != 0:
                 j_col = t * BLOCK_N + offs_n
@@ -100,7 +99,7 @@ def attn_fwd(
                 x3 = qk * 0.12751743082459868
                 s = x3
                 if (cls == 2) | (t < f_start) | (t >= f_end):  # a partial tile
-                    x5 = tl.load(t_doc + tl.cast(b, tl.int64) * t_doc_s0 + j_col.to(tl.int64) * t_doc_s1, mask=col_valid, other=0)
+                    x5 = tl.load(t_doc + tl.cast(b, tl.int64) * st0_doc + j_col.to(tl.int64) * st1_doc, mask=col_valid, other=0)
                     x6 = x4[:, None] == x5[None, :]
                     keep = (j_col[None, :] >= exact_lo[:, None]) & (j_col[None, :] < exact_hi[:, None]) & (x6)
                     s = tl.where(keep, s, -INF)
@@ -119,7 +118,7 @@ def attn_fwd(
         v_tile_ptrs = v_base + offs_n[:, None] * s_vn + offs_dv[None, :] * s_vd
         # -- tile classes from the summary kernel: 0 empty, 1 full, 2 partial
         summary_base = summary_ptr + b * s_sb + hp * s_sh + pid_m.to(tl.int64) * ((sz_N + BLOCK_N - 1) // BLOCK_N)
-        for t in tl.range(t_start, t_end):
+        for t in tl.range(run_start, run_end):
             cls = tl.load(summary_base + t)
             if cls != 0:
                 j_col = t * BLOCK_N + offs_n
@@ -131,7 +130,7 @@ def attn_fwd(
                 x3 = qk * 0.12751743082459868
                 s = x3
                 if (cls == 2) | (t < f_start) | (t >= f_end):  # a partial tile
-                    x5 = tl.load(t_doc + tl.cast(b, tl.int64) * t_doc_s0 + j_col.to(tl.int64) * t_doc_s1, mask=col_valid, other=0)
+                    x5 = tl.load(t_doc + tl.cast(b, tl.int64) * st0_doc + j_col.to(tl.int64) * st1_doc, mask=col_valid, other=0)
                     x6 = x4[:, None] == x5[None, :]
                     keep = (j_col[None, :] >= exact_lo[:, None]) & (j_col[None, :] < exact_hi[:, None]) & (x6)
                     s = tl.where(keep, s, -INF)
@@ -154,7 +153,7 @@ def attn_fwd(
 
 @triton.jit(do_not_specialize=["sz_B", "sz_H", "sz_HKV", "sz_M", "sz_N"])
 def tile_summary(
-    sz_B, sz_H, sz_HKV, sz_M, sz_N, t_doc, t_doc_s0, t_doc_s1, summary_ptr, s_sb, s_sh,
+    sz_B, sz_H, sz_HKV, sz_M, sz_N, t_doc, st0_doc, st1_doc, summary_ptr, s_sb, s_sh,
     head_programs_s, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_MQ: tl.constexpr,
     PACK: tl.constexpr,
 ):
@@ -183,22 +182,22 @@ def tile_summary(
     exact_hi = tl.maximum(exact_hi, 0).to(tl.int32)
     hull_lo = exact_lo
     hull_hi = exact_hi
-    x3 = tl.load(t_doc + tl.cast(b, tl.int64) * t_doc_s0 + x1.to(tl.int64) * t_doc_s1, mask=row_valid & (x1.to(tl.int64) >= 0) & (x1.to(tl.int64) < sz_N), other=0)
-    # -- key tiles: [t_start, t_end) run, [f_start, f_end) need no mask (none do where every tile is masked)
+    x3 = tl.load(t_doc + tl.cast(b, tl.int64) * st0_doc + x1.to(tl.int64) * st1_doc, mask=row_valid & (x1.to(tl.int64) >= 0) & (x1.to(tl.int64) < sz_N), other=0)
+    # -- key tiles: [run_start, run_end) run, [f_start, f_end) need no mask (none do where every tile is masked)
     live = row_valid & (hull_hi > hull_lo)
     any_live = tl.max(live.to(tl.int32), 0) > 0
-    t_start = tl.where(any_live, tl.min(tl.where(live, hull_lo, BIG), 0) // BLOCK_N, 0)
-    t_end = tl.where(any_live, (tl.max(tl.where(live, hull_hi, 0), 0) + BLOCK_N - 1) // BLOCK_N, 0)
+    run_start = tl.where(any_live, tl.min(tl.where(live, hull_lo, BIG), 0) // BLOCK_N, 0)
+    run_end = tl.where(any_live, (tl.max(tl.where(live, hull_hi, 0), 0) + BLOCK_N - 1) // BLOCK_N, 0)
     f_lo = tl.max(tl.where(row_valid, exact_lo, 0), 0)
     f_hi = tl.maximum(tl.min(tl.where(row_valid, exact_hi, BIG), 0), 0)
-    f_start = tl.minimum(tl.maximum((f_lo + BLOCK_N - 1) // BLOCK_N, t_start), t_end)
-    f_end = tl.minimum(tl.maximum(f_hi // BLOCK_N, f_start), t_end)
+    f_start = tl.minimum(tl.maximum((f_lo + BLOCK_N - 1) // BLOCK_N, run_start), run_end)
+    f_end = tl.minimum(tl.maximum(f_hi // BLOCK_N, f_start), run_end)
     summary_base = summary_ptr + pid_bh.to(tl.int64) * tl.num_programs(0) * ((sz_N + BLOCK_N - 1) // BLOCK_N) \
         + pid_m.to(tl.int64) * ((sz_N + BLOCK_N - 1) // BLOCK_N)
-    for t in tl.range(t_start, t_end):
+    for t in tl.range(run_start, run_end):
         j_col = t * BLOCK_N + offs_n
         col_valid = j_col < sz_N
-        x4 = tl.load(t_doc + tl.cast(b, tl.int64) * t_doc_s0 + j_col.to(tl.int64) * t_doc_s1, mask=col_valid, other=0)
+        x4 = tl.load(t_doc + tl.cast(b, tl.int64) * st0_doc + j_col.to(tl.int64) * st1_doc, mask=col_valid, other=0)
         x5 = x3[:, None] == x4[None, :]
         evaluated = (x5)
         valid = row_valid[:, None] & col_valid[None, :]

@@ -28,7 +28,7 @@ def ex2_approx(x):
 def attn_fwd(
     q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb,
     s_vh, s_vn, s_vd, s_ob, s_oh, s_om, s_od, s_lb, s_lh, s_lm, sz_B, sz_H, sz_HKV, sz_M, sz_N,
-    p_window, t_sinks, t_sinks_s0, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    p_window, t_sinks, st0_sinks, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_MQ: tl.constexpr, PACK: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr,
 ):
     # Query tiles in reverse: under a causal mask the last tiles have the most keys, so they start first and
@@ -58,17 +58,17 @@ def attn_fwd(
     exact_hi = tl.maximum(exact_hi, 0).to(tl.int32)
     hull_lo = exact_lo
     hull_hi = exact_hi
-    x5 = tl.load(t_sinks + h_row.to(tl.int64) * t_sinks_s0, mask=row_valid, other=0).to(tl.float32)
+    x5 = tl.load(t_sinks + h_row.to(tl.int64) * st0_sinks, mask=row_valid, other=0).to(tl.float32)
     x6 = x5 * 1.4426950408889634
-    # -- key tiles: [t_start, t_end) run, [f_start, f_end) need no mask (none do where every tile is masked)
+    # -- key tiles: [run_start, run_end) run, [f_start, f_end) need no mask (none do where every tile is masked)
     live = row_valid & (hull_hi > hull_lo)
     any_live = tl.max(live.to(tl.int32), 0) > 0
-    t_start = tl.where(any_live, tl.min(tl.where(live, hull_lo, BIG), 0) // BLOCK_N, 0)
-    t_end = tl.where(any_live, (tl.max(tl.where(live, hull_hi, 0), 0) + BLOCK_N - 1) // BLOCK_N, 0)
+    run_start = tl.where(any_live, tl.min(tl.where(live, hull_lo, BIG), 0) // BLOCK_N, 0)
+    run_end = tl.where(any_live, (tl.max(tl.where(live, hull_hi, 0), 0) + BLOCK_N - 1) // BLOCK_N, 0)
     f_lo = tl.max(tl.where(row_valid, exact_lo, 0), 0)
     f_hi = tl.maximum(tl.min(tl.where(row_valid, exact_hi, BIG), 0), 0)
-    f_start = tl.minimum(tl.maximum((f_lo + BLOCK_N - 1) // BLOCK_N, t_start), t_end)
-    f_end = tl.minimum(tl.maximum(f_hi // BLOCK_N, f_start), t_end)
+    f_start = tl.minimum(tl.maximum((f_lo + BLOCK_N - 1) // BLOCK_N, run_start), run_end)
+    f_end = tl.minimum(tl.maximum(f_hi // BLOCK_N, f_start), run_end)
     # -- this program's query tile and its K/V head
     kvh = (hp * PACK) // (sz_H // sz_HKV)
     offs_d = tl.arange(0, BLOCK_D)
@@ -87,12 +87,12 @@ def attn_fwd(
     if TMA:
         # Without this branch (it only skips programs without key tiles) Triton's warp-specialization pass fails
         # on these loops (a dominance assertion in 3.6 and 3.9); inside it the pass leaves them unspecialized.
-        if t_end > 0:
+        if run_end > 0:
             k_desc = tl.make_tensor_descriptor(k_base, shape=[sz_N, HEAD_DIM], strides=[s_kn, 1],
                                                block_shape=[BLOCK_N, BLOCK_D])
             v_desc = tl.make_tensor_descriptor(v_base, shape=[sz_N, VALUE_DIM], strides=[s_vn, 1],
                                                block_shape=[BLOCK_N, BLOCK_DV])
-            for t in tl.range(t_start, f_start):  # partial tiles before the full ones
+            for t in tl.range(run_start, f_start):  # partial tiles before the full ones
                 j_col = t * BLOCK_N + offs_n
                 col_valid = j_col < sz_N
                 k_tile = k_desc.load([t * BLOCK_N, 0]).T  # rows past N and columns past D read as zeros
@@ -132,7 +132,7 @@ def attn_fwd(
                     v_tile = v_tile.to(tl.float32)
                 acc = acc * alpha[:, None] + tl.dot(p.to(v_tile.dtype), v_tile)
                 m_i = m_new
-            for t in tl.range(f_end, t_end):  # partial tiles after
+            for t in tl.range(f_end, run_end):  # partial tiles after
                 j_col = t * BLOCK_N + offs_n
                 col_valid = j_col < sz_N
                 k_tile = k_desc.load([t * BLOCK_N, 0]).T  # rows past N and columns past D read as zeros
@@ -156,7 +156,7 @@ def attn_fwd(
     else:
         k_tile_ptrs = k_base + offs_n[None, :] * s_kn + offs_d[:, None] * s_kd
         v_tile_ptrs = v_base + offs_n[:, None] * s_vn + offs_dv[None, :] * s_vd
-        for t in tl.range(t_start, t_end):  # [f_start, f_end) need no mask
+        for t in tl.range(run_start, run_end):  # [f_start, f_end) need no mask
             j_col = t * BLOCK_N + offs_n
             col_valid = j_col < sz_N
             k_tile = tl.load(k_tile_ptrs + tl.cast(t * BLOCK_N, tl.int64) * s_kn, mask=col_valid[None, :], other=0.0)

@@ -8,9 +8,8 @@ from __future__ import annotations
 from ...ir import Attention, Expr, walk
 from ...passes.grad import SCORE, WEIGHT, Derivatives, TableGrad, derive, normalizer_backward, plan_backward
 from ...passes.plan import BackwardPlan, KernelPlan, QueryRange, TileConfig
-from .emit import (
-    COL, KEY_MAJOR, QUERY_MAJOR, ROW, SCALAR, TILE, Emitter, Layout, grad_arg, grad_stride, input_arg, stride_arg,
-)
+from .. import names
+from .emit import COL, KEY_MAJOR, QUERY_MAJOR, ROW, SCALAR, TILE, Emitter, Layout
 from .generate import as_tile, bounds, float_tile, shared_hooks, template
 from .signature import backward_signatures, spec_args
 
@@ -67,7 +66,8 @@ def generate_backward(plan: KernelPlan) -> str:
     storage = {}
     for side, st in (("q", spec.q_storage), ("kv", spec.kv_storage)):
         if st is not None:
-            storage.update({f"{side}_offsets": input_arg(st.offsets), f"{side}_offsets_stride": stride_arg(st.offsets, 0)})
+            storage.update({f"{side}_offsets": names.tensor(st.offsets),
+                            f"{side}_offsets_stride": names.stride(st.offsets, 0)})
     hooks = shared_hooks(plan, exp2)
     return template("backward.py.j2").render({
         **hooks,  # the forward's hooks; the backward's own below take precedence
@@ -157,14 +157,15 @@ def scatter(em: Emitter, grad: TableGrad, contribution: str, level: int, name: s
     of that element's offset first (a per-head table takes one add per tile), then added by an atomic, or
     (DETERMINISTIC) into the program's slice of the workspace; out-of-range lookups add nothing."""
     table = grad.lookup.tensor
-    offset, checks, at = em.element(grad.lookup, [grad_stride(table, a) for a in range(len(grad.lookup.indices))])
+    strides = [names.gradient_stride(table, a) for a in range(len(grad.lookup.indices))]
+    offset, checks, at = em.element(grad.lookup, strides)
     lines = [f"{name} = {contribution} * {em.as_float(em.value(grad.dscore), level)}"]
     if masked:
         lines.append(f"{name} = tl.where(keep, {name}, 0.0)")
     total = _reduce(name, level, at, em.layout)
     ok = " & ".join(f"({c})" for c in checks)
     mask = f", mask={ok}" if ok else ""
-    slice_ = f"{grad_arg(table)} + prog * {grad_stride(table, 'p')}"
+    slice_ = f"{names.gradient(table)} + prog * {names.gradient_stride(table, 'p')}"
     if at == SCALAR:
         ordered = [f"slot = {slice_} + {offset}", f"tl.store(slot, tl.load(slot{mask}) + {total}{mask})",
                    "tl.debug_barrier()"]
@@ -172,7 +173,7 @@ def scatter(em: Emitter, grad: TableGrad, contribution: str, level: int, name: s
         size = {ROW: "BLOCK_M", COL: "BLOCK_N", TILE: "BLOCK_M * BLOCK_N"}[at]
         ordered = [f"add_ordered({slice_}, {offset}, {total}, {ok or 'True'}, {size})"]
     return lines + ["if DETERMINISTIC:", *(f"    {line}" for line in ordered),
-                    "else:", f"    tl.atomic_add({grad_arg(table)} + {offset}, {total}{mask})"]
+                    "else:", f"    tl.atomic_add({names.gradient(table)} + {offset}, {total}{mask})"]
 
 
 def _reduce(code: str, level: int, to: int, layout: Layout) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from ... import index_data
 from ...ir import Paged, Ragged
 from ...passes.plan import KernelPlan
-from .emit import input_arg, size_arg, stride_arg
+from .. import names
 from .generate import shared_hooks, template
 from .signature import COMBINE_SIGNATURE, decode_signature, spec_args
 
@@ -25,19 +25,19 @@ def generate_decode(plan: KernelPlan) -> str:
     offsets = []  # every offsets tensor, checked by every program (its q and k/v roles separately: T and TK)
     if isinstance(spec.q_storage, Ragged):
         name = spec.q_storage.offsets
-        storage.update(q_offsets=input_arg(name), q_offsets_stride=stride_arg(name, 0))
-        offsets.append(dict(arg=input_arg(name), stride=stride_arg(name, 0), tensor=place[name], total="cap_M",
-                            is_kv=0))
+        storage.update(q_offsets=names.tensor(name), q_offsets_stride=names.stride(name, 0))
+        offsets.append(dict(arg=names.tensor(name), stride=names.stride(name, 0), tensor=place[name],
+                            total=names.capacity("M"), is_kv=0))
     kv = spec.kv_storage
     if isinstance(kv, Ragged):
-        storage.update(kv_offsets=input_arg(kv.offsets), kv_offsets_stride=stride_arg(kv.offsets, 0))
-        offsets.append(dict(arg=input_arg(kv.offsets), stride=stride_arg(kv.offsets, 0), tensor=place[kv.offsets],
-                            total="cap_N", is_kv=1))
+        storage.update(kv_offsets=names.tensor(kv.offsets), kv_offsets_stride=names.stride(kv.offsets, 0))
+        offsets.append(dict(arg=names.tensor(kv.offsets), stride=names.stride(kv.offsets, 0),
+                            tensor=place[kv.offsets], total=names.capacity("N"), is_kv=1))
     elif isinstance(kv, Paged):
         page = spec.dim_values.get("PAGE")
-        storage.update(kv_lengths=input_arg(kv.lengths), kv_lengths_stride=stride_arg(kv.lengths, 0),
-                       table=input_arg(kv.table), table_row_stride=stride_arg(kv.table, 0),
-                       table_stride=stride_arg(kv.table, 1), page_size=str(page) if page else size_arg("PAGE"),
+        storage.update(kv_lengths=names.tensor(kv.lengths), kv_lengths_stride=names.stride(kv.lengths, 0),
+                       table=names.tensor(kv.table), table_row_stride=names.stride(kv.table, 0),
+                       table_stride=names.stride(kv.table, 1), page_size=str(page) if page else names.size("PAGE"),
                        lengths_tensor=str(place[kv.lengths]), table_tensor=str(place[kv.table]))
 
     signature = decode_signature(args)

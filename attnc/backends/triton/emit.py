@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from ...ir import QK, Attention, Binary, Call, Expr, IndexVar, Lookup, Num, ParamRef, SizeRef, Unary, children
 from ...ops import Formula, Kinds, Op, compute_kind, op_of
+from .. import names
 
 SCALAR, ROW, COL, TILE = 0, 1, 2, 3
 
@@ -60,32 +61,6 @@ QUERY_MAJOR = Layout((("b", "b", SCALAR), ("h", "h_row", ROW), ("i", "i_row", RO
 # emitted per head, so h is a scalar and col values are hoisted to it) and over query tiles (scope 1: the rows).
 KEY_MAJOR = Layout((("b", "b", SCALAR), ("h", "h", SCALAR), ("i", "i_row", ROW), ("j", "j_col", COL)),
                    (0, 1, 0, -1), keys_major=True)
-
-
-def size_arg(name: str) -> str:
-    return f"sz_{name}"
-
-
-def param_arg(name: str) -> str:
-    return f"p_{name}"
-
-
-def input_arg(name: str) -> str:
-    return f"t_{name}"
-
-
-def stride_arg(tensor: str, axis: int) -> str:
-    return f"t_{tensor}_s{axis}"
-
-
-def grad_arg(tensor: str) -> str:
-    """The gradient (or per-program gradient workspace) of a float input."""
-    return f"g_{tensor}"
-
-
-def grad_stride(tensor: str, axis: int | str) -> str:
-    """A stride of grad_arg(tensor): per table axis, and "p" between programs' slices (0: one shared slice)."""
-    return f"g_{tensor}_s{axis}"
 
 
 @dataclass(frozen=True)
@@ -179,9 +154,9 @@ class Emitter:
             name, level = self._index[e.name]
             return Value(name, level, "int", span=(0, POSITION_LIMIT - 1) if e.name in _POSITIONS else None)
         if isinstance(e, SizeRef):
-            return Value(size_arg(e.name), SCALAR, "int", span=(0, _INT32[1]))
+            return Value(names.size(e.name), SCALAR, "int", span=(0, _INT32[1]))
         if isinstance(e, ParamRef):
-            return Value(param_arg(e.name), SCALAR, kind)
+            return Value(names.param(e.name), SCALAR, kind)
         if isinstance(e, QK):
             return Value("qk", TILE, "float")
         if isinstance(e, Lookup):
@@ -203,13 +178,13 @@ class Emitter:
             if not _in_range_by_construction(x, dims[axis]):
                 # An index out of the table's bounds reads 0, never outside the tensor: the language's rule
                 # (dsl/reference.py), which validate mode checks on the host.
-                checks.append(f"({code} >= 0) & ({code} < {size_arg(dims[axis])})")
+                checks.append(f"({code} >= 0) & ({code} < {names.size(dims[axis])})")
         return " + ".join(terms), checks, level
 
     def _lookup(self, e: Lookup, kind: str) -> Value:
-        offset, checks, level = self.element(e, [stride_arg(e.tensor, a) for a in range(len(e.indices))])
+        offset, checks, level = self.element(e, [names.stride(e.tensor, a) for a in range(len(e.indices))])
         mask = f", mask={' & '.join(checks)}, other=0" if checks else ""
-        load = f"tl.load({input_arg(e.tensor)} + {offset}{mask})"
+        load = f"tl.load({names.tensor(e.tensor)} + {offset}{mask})"
         if kind == "float":
             load += ".to(tl.float32)"  # f16/bf16/f64 tables compute in f32 (bf16 loads need it in the interpreter)
         return self._assign(load, level, kind)

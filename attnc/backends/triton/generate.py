@@ -10,6 +10,7 @@ import jinja2
 
 from ...version import __version__
 from ...ir import Expr
+from .. import names
 from ...passes.plan import KernelPlan, KeyRange
 from .emit import TILE, Emitter
 from .signature import prefill_signature, spec_args, summary_signature
@@ -91,6 +92,7 @@ def bounds(em: Emitter, exact: KeyRange, hull: KeyRange, lines: list[str] | None
     """Per-row [lo, hi) of the exact and hull key ranges as [BLOCK_M] int64 vectors, appended to `lines` (the
     prologue unless given: the row scope of the dK/dV kernel)."""
     lines = em.prologue if lines is None else lines
+    n_keys = names.size("N")
     for name, r in (("exact", exact), ("hull", hull)):
         if name == "hull" and r == exact:
             lines += ["hull_lo = exact_lo", "hull_hi = exact_hi"]
@@ -99,11 +101,11 @@ def bounds(em: Emitter, exact: KeyRange, hull: KeyRange, lines: list[str] | None
         lines.append(f"{lo} = tl.zeros([BLOCK_M], tl.int64)")
         for e in r.lower:
             lines.append(f"{lo} = tl.maximum({lo}, {em.as_int(em.value(e), em.value(e).level)})")
-        lines.append(f"{hi} = tl.zeros([BLOCK_M], tl.int64) + sz_N")
+        lines.append(f"{hi} = tl.zeros([BLOCK_M], tl.int64) + {n_keys}")
         for e in r.upper:
             lines.append(f"{hi} = tl.minimum({hi}, {em.as_int(em.value(e), em.value(e).level)})")
         # Clamped to [0, N], the bounds fit int32, so the masks of partial tiles compare int32 with int32.
-        lines += [f"{lo} = tl.minimum({lo}, sz_N).to(tl.int32)", f"{hi} = tl.maximum({hi}, 0).to(tl.int32)"]
+        lines += [f"{lo} = tl.minimum({lo}, {n_keys}).to(tl.int32)", f"{hi} = tl.maximum({hi}, 0).to(tl.int32)"]
 
 
 def as_tile(em: Emitter, e: Expr) -> str:

@@ -18,14 +18,13 @@ from types import ModuleType
 import torch
 
 from . import codegen_fingerprint
-from .emit import input_arg, param_arg
 from .signature import padded_strides, prefill_signature, qkv_values, spec_args, summary_signature
 from ...dsl.signature import Bound, canonical_view, lse_shape, out_shape
 from ...errors import CompileError
 from ...passes import KernelPlan, LaunchTiles, Target, launch_tiles
 from ...passes.kernels import prefill_kernel, summary_kernel
 from ...passes.plan import KernelLaunch
-from .. import cache
+from .. import cache, names
 from . import scratch
 
 SOURCE_FILE = "kernel.py"
@@ -272,9 +271,9 @@ class PreparedLaunch:
         self.lse_shape = lse_shape(bound) if launcher.spec.returns_lse else None
         self.dtype, self.device = bound.q.dtype, bound.q.device
         sig = launcher.signature
-        self.param_slots = tuple((sig.slot(param_arg(p.name)), p.name, _param_check(p.dtype))
+        self.param_slots = tuple((sig.slot(names.param(p.name)), p.name, _param_check(p.dtype))
                                  for p in launcher.spec.params)
-        self.input_slots = tuple((sig.slot(input_arg(name)), name) for name, _ in a.inputs)
+        self.input_slots = tuple((sig.slot(names.tensor(name)), name) for name, _ in a.inputs)
         self.scalars = slice(sig.span("sizes")[0], sig.span("params")[1])
         self.pointers = slice(*sig.span("pointers"))
         self.summary_slot = sig.span("summary")[0] if a.data_dependent else None

@@ -52,7 +52,7 @@ class _Normalised(TritonNormalizer):
     acc_scale = "acc * alpha[:, None]"
     advance = "m_i = m_new"
     out = "l_safe = tl.where(l_i == 0.0, 1.0, l_i)\nout = acc / l_safe[:, None]"
-    log2_total = "m_i + tl.log2(l_safe)"
+    log2_total = "tl.where(m_i == INF, INF, m_i + tl.log2(l_safe))"  # a +inf logit: +inf, though its weights are NaN
     # where, not a product alone: a split with weight 0 contributes 0 whatever its partial row holds
     combine_acc = "acc * alpha[:, None] + tl.sum(tl.where(w[:, :, None] > 0, w[:, :, None] * parts, 0.0), 0)"
     combine_out = "acc / l_safe[:, None]"

@@ -17,9 +17,8 @@ import torch
 from ...dsl.signature import Bound, _coerce_param, lse_shape, out_shape
 from ...passes import KernelPlan
 from ...passes.decode import INTERPRETER_SMS, DecodeLaunch, decode_launch, workspace_rows
-from .. import cache, device_errors
+from .. import cache, device_errors, names
 from . import launch
-from .emit import input_arg, param_arg
 from .signature import COMBINE_SIGNATURE, decode_signature, qkv_values, spec_args
 
 SOURCE_FILE = "decode.py"
@@ -147,8 +146,8 @@ class PreparedDecode:
         self.grids = [grid for _, grid, _, _ in calls]
         spec = launcher.spec
         sig = launcher.signature
-        self.params = tuple((sig.slot(param_arg(p.name)), p) for p in spec.params)
-        self.inputs = tuple((sig.slot(input_arg(name)), name) for name, _ in launcher.args.inputs)
+        self.params = tuple((sig.slot(names.param(p.name)), p) for p in spec.params)
+        self.inputs = tuple((sig.slot(names.tensor(name)), name) for name, _ in launcher.args.inputs)
         self.tensors = slice(sig.span("pointers")[0], sig.span("workspace")[1])
         self.combine_tensors = slice(COMBINE_SIGNATURE.span("workspace")[0], COMBINE_SIGNATURE.span("outputs")[1])
 

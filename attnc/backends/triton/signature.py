@@ -13,7 +13,7 @@ from typing import Mapping, Sequence
 from ...ir import ROLES, IndexVar, Paged, SizeRef, dtype_kind, walk
 from ...dsl.signature import canonical_view
 from ...passes.plan import KernelPlan
-from .emit import grad_arg, grad_stride, input_arg, param_arg, size_arg, stride_arg
+from .. import names
 
 # Sizes every kernel takes; other sizes are passed only when an expression uses them.
 KERNEL_SIZES = ("B", "H", "HKV", "M", "N")
@@ -113,9 +113,9 @@ class SpecArgs:
     summary_uses_h: bool
 
     def groups(self) -> tuple[Group, ...]:
-        return (Group("sizes", self.size_args), Group("params", tuple(param_arg(p) for p in self.params)),
+        return (Group("sizes", self.size_args), Group("params", tuple(names.param(p) for p in self.params)),
                 Group("inputs", tuple(n for t, rank in self.inputs
-                                      for n in (input_arg(t), *(stride_arg(t, a) for a in range(rank))))))
+                                      for n in (names.tensor(t), *(names.stride(t, a) for a in range(rank))))))
 
     def values(self, sizes: Mapping[str, int], params: Mapping[str, object], inputs: Mapping[str, object]) -> dict:
         """The sizes, params and inputs groups' values for one call."""
@@ -135,12 +135,12 @@ def spec_args(plan: KernelPlan, per_sequence: bool = False) -> SpecArgs:
     used = {n.name for e in exprs for n in walk(e) if isinstance(n, SizeRef)}
     used |= {dim for t in spec.inputs for dim in t.shape}  # lookups check their indices against these
     sizes = KERNEL_SIZES + tuple(sorted(used - set(ROLES)))
-    size_args = tuple(size_arg(s) for s in sizes)
+    size_args = tuple(names.size(s) for s in sizes)
     if per_sequence:
         if isinstance(spec.kv_storage, Paged):  # PAGE for the slots (unless bound by dims), PAGES to check page ids
             sizes += tuple(s for s in ("PAGE", "PAGES") if s not in sizes and s not in spec.dim_values)
         capacity = {"M": spec.q_storage is not None, "N": spec.kv_storage is not None}
-        size_args = tuple(f"cap_{s}" if capacity.get(s) else size_arg(s) for s in sizes)
+        size_args = tuple(names.capacity(s) if capacity.get(s) else names.size(s) for s in sizes)
     mask_vars = {n.name for e in spec.masks for n in walk(e) if isinstance(n, IndexVar)}
     return SpecArgs(sizes, size_args, tuple(p.name for p in spec.params),
                     tuple((t.name, len(t.shape)) for t in spec.inputs), plan.masks.data_dependent,
@@ -199,7 +199,8 @@ def backward_signatures(args: SpecArgs, tables: tuple[tuple[str, int], ...], sum
     `summary` whether the dK/dV and dQ kernels read a tile summary, `tma` whether the dK/dV kernel takes the TMA
     switch (the dQ kernel loads by pointers: gradients.BackwardLauncher.descriptors says why)."""
     grads = (Group("table_grads", tuple(n for name, rank in tables for n in (
-        grad_arg(name), grad_stride(name, "p"), *(grad_stride(name, a) for a in range(rank))))),) if tables else ()
+        names.gradient(name), names.gradient_stride(name, "p"),
+        *(names.gradient_stride(name, a) for a in range(rank))))),) if tables else ()
     classes = (SUMMARY,) if summary else ()
     return {s.function: s for s in (
         Signature("attn_bwd_prep", _tensor_groups(("out", "do", "lse", "dlse", "delta")) + args.groups() + grads
@@ -241,8 +242,8 @@ def argument_types(plan: KernelPlan) -> dict[str, str]:
     types = {"q_ptr": q, "k_ptr": "*" + TRITON_TYPES[spec.k.dtype], "v_ptr": "*" + TRITON_TYPES[spec.v.dtype],
              "out_ptr": q, "lse_ptr": lse, "ws_out_ptr": "*fp32", "ws_lse_ptr": "*fp32", "summary_ptr": "*i8",
              "err_ptr": "*i64"}
-    types.update({param_arg(p.name): PARAM_TYPES[p.dtype] for p in spec.params})
-    types.update({input_arg(t.name): "*" + TRITON_TYPES[t.dtype] for t in spec.inputs})
+    types.update({names.param(p.name): PARAM_TYPES[p.dtype] for p in spec.params})
+    types.update({names.tensor(t.name): "*" + TRITON_TYPES[t.dtype] for t in spec.inputs})
     return _IntsByDefault(types)
 
 
@@ -253,7 +254,7 @@ def backward_argument_types(plan: KernelPlan, deterministic: bool) -> dict[str, 
     q = types["q_ptr"]
     types.update(do_ptr=q, dlse_ptr="*fp32", delta_ptr="*fp32", dq_ptr=q if deterministic else "*fp32",
                  dk_ptr=types["k_ptr"], dv_ptr=types["v_ptr"])
-    types.update({grad_arg(t.name): "*fp32" for t in plan.spec.inputs if dtype_kind(t.dtype) == "float"})
+    types.update({names.gradient(t.name): "*fp32" for t in plan.spec.inputs if dtype_kind(t.dtype) == "float"})
     return types
 
 

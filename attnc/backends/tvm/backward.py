@@ -34,6 +34,7 @@ from tvm.script.ir_builder import tirx as T
 
 from ...passes import KernelPlan
 from ...passes.grad import Derivatives, TableGrad, derive, weight_derivative
+from .. import names
 from .emit import F32, F64, I32, I64, LOG2E, Emitter, Scope, exp2, f32
 from .launch import FINISH, KEYS, ROWS
 from .kernel import (TIR_DTYPES, accumulate, buffer_arg, by_tile_kind, claimed_tasks, init_bounds,
@@ -71,7 +72,8 @@ def _table_partials(plan: KernelPlan, s: dict, tables: tuple[str, ...]) -> dict[
     """Per key task a float64 partial of each table's gradient: a table element (an ALiBi slope) may sum a
     gradient term of every (query, key) pair of a head, and these cancel (a softmax row's dS sums to 0)."""
     tasks = tir.Var("TASKS", I32)
-    return {name: buffer_arg(f"part_{name}", [tasks, *(s[n] for n in plan.spec.input(name).shape)], F64, "compact")
+    return {name: buffer_arg(names.gradient_partials(name), [tasks, *(s[n] for n in plan.spec.input(name).shape)],
+                             F64, "compact")
             for name in tables}
 
 
@@ -185,7 +187,7 @@ def _key_scratch(plan: KernelPlan, sched: CpuSchedule, derivs: Derivatives) -> d
     bm, block_keys = sched.block_m, KEY_TILES * sched.block_n
     tiles = {"dk_acc": T.alloc_buffer((block_keys, plan.head_dim), F32),
              "dv_acc": T.alloc_buffer((block_keys, plan.value_dim), F32),
-             **{name: T.alloc_buffer((sched.block_n, bm), F32) for name in ("qk_t", "p_t", "ds_t")}}
+             **{name: T.alloc_buffer((sched.block_n, bm), F32) for name in ("qk_t", "weight_t", "ds_t")}}
     if derivs.score_tables:
         tiles["dsn_t"] = T.alloc_buffer((sched.block_n, bm), F32)  # dS itself (ds_t holds dS * d score/d qk)
     return tiles
@@ -262,7 +264,7 @@ def _tile_pair(plan: KernelPlan, sched: CpuSchedule, derivs: Derivatives, a: _Ke
     spec, x = plan.spec, a.x
     norm = lower_normalizer(spec.normalizer)
     dweight = None if spec.normalizer.normalized else weight_derivative(spec.normalizer, spec.score)
-    qk_t, p_t, ds_t, dsn_t = scratch["qk_t"], scratch["p_t"], scratch["ds_t"], scratch.get("dsn_t")
+    qk_t, weight_t, ds_t, dsn_t = scratch["qk_t"], scratch["weight_t"], scratch["ds_t"], scratch.get("dsn_t")
     b, h, kvh, i0, j0 = t.b, t.h, t.kvh, t.i0, t.j0
     last = a.sizes["N"] - 1  # keys past N read key N - 1: they are masked
 
@@ -275,8 +277,8 @@ def _tile_pair(plan: KernelPlan, sched: CpuSchedule, derivs: Derivatives, a: _Ke
         j = j0 + jj
         with T.vectorized(0, sched.block_m) as i:
             em = Emitter(spec, a.scope({"b": b, "h": h, "i": i0 + i, "j": j}, qk=qk_t[jj, i]))
-            T.buffer_store(p_t, norm.weight(logit2(plan, em, j, masked), x.lse2[b, h, i0 + i], False), [jj, i])
-            p = p_t[jj, i]
+            T.buffer_store(weight_t, norm.weight(logit2(plan, em, j, masked), x.lse2[b, h, i0 + i], False), [jj, i])
+            p = weight_t[jj, i]
             ds = (p if dweight is None else em.float(dweight)) * (dp[i] - x.coef[b, h, i0 + i])
 
             def kept(value):  # masked elements (P = 0) take no gradient, whatever d score/d qk is there
@@ -295,7 +297,7 @@ def _tile_pair(plan: KernelPlan, sched: CpuSchedule, derivs: Derivatives, a: _Ke
                                                     lambda masked: weights_and_ds(jj, dp, masked)))
     dk_acc, dv_acc = scratch["dk_acc"], scratch["dv_acc"]
     accumulate(sched, sched.block_n, dv_model, t.rows, lambda r, c: dv_acc[t.acc0 + r, c],
-               lambda step, r: p_t[r, step], lambda step, c: tir.Cast(F32, a.dout[b, h, i0 + step, c]),
+               lambda step, r: weight_t[r, step], lambda step, c: tir.Cast(F32, a.dout[b, h, i0 + step, c]),
                lambda r, c, value: T.buffer_store(dv_acc, value, [t.acc0 + r, c]))
     accumulate(sched, sched.block_n, d_model, t.rows, lambda r, c: dk_acc[t.acc0 + r, c],
                lambda step, r: ds_t[r, step], lambda step, c: tir.Cast(F32, a.q[b, h, i0 + step, c]),
@@ -349,7 +351,7 @@ def _finish_function(plan: KernelPlan, derivs: Derivatives) -> tir.PrimFunc:
             dq_part = buffer_arg("dq_part", [splits, s["B"], s["H"], mp, s["D"]], F32, "compact")
             dq = buffer_arg("dq", qkv_shapes(s)["q"], TIR_DTYPES[plan.dtype])
             partials = _table_partials(plan, s, derivs.tables)
-            grads = {name: buffer_arg(f"d_{name}", [s[n] for n in spec.input(name).shape],
+            grads = {name: buffer_arg(names.gradient(name), [s[n] for n in spec.input(name).shape],
                                       TIR_DTYPES[spec.input(name).dtype], "compact") for name in derivs.tables}
             with T.parallel(0, s["B"] * s["H"]) as bh:
                 b = T.Bind(tir.truncdiv(bh, s["H"]))

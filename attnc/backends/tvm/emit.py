@@ -39,7 +39,7 @@ def f32(x: float) -> tir.PrimExpr:
 
 def exp2(x: tir.PrimExpr) -> tir.PrimExpr:
     """2**x for float32 x; results below 2**-126 flush to 0 (so exp2(-inf) == 0 exactly and no denormal, which
-    x86 handles slowly, ever appears), inf from x = 128 on."""
+    x86 handles slowly, ever appears), inf from x = 128 on, NaN for NaN."""
     clamped = tir.Var("e2x", F32)
     whole = tir.Var("e2n", I32)
     frac = clamped - tir.Cast(F32, whole)
@@ -51,13 +51,14 @@ def exp2(x: tir.PrimExpr) -> tir.PrimExpr:
     value = poly * _pow2(half) * _pow2(whole - half)
     value = tir.Let(clamped, tir.max(tir.min(x, f32(128.0)), f32(-127.0)),
                     tir.Let(whole, tir.Cast(I32, tir.round(clamped)), value))
-    return tir.Select(x < f32(-126.0), f32(0.0), value)
+    return _nan_through(x, tir.Select(x < f32(-126.0), f32(0.0), value))
 
 
 def exp2_nonpositive(x: tir.PrimExpr) -> tir.PrimExpr:
     """2**x for float32 x <= 0 or -inf (the softmax's exp2(logit - max)): the exponent n = round(x) is added
     straight into the polynomial's exponent bits, which stays a normal float for n >= -125. Results below
-    2**-125 are 0 (exp2(-inf) == 0 exactly). About 12 vector instructions against exp2's 19."""
+    2**-125 are 0 (exp2(-inf) == 0 exactly), NaN for NaN. About 12 vector instructions against exp2's 19, and a
+    compare and a blend each for NaN."""
     clamped = tir.Var("e2x", F32)
     whole = tir.Var("e2r", F32)
     poly = f32(_EXP2_COEFFS[-1])
@@ -66,7 +67,13 @@ def exp2_nonpositive(x: tir.PrimExpr) -> tir.PrimExpr:
     bits = tir.reinterpret(I32, poly) + tir.shift_left(tir.Cast(I32, whole), 23)
     value = tir.Let(clamped, tir.max(x, f32(-127.0)),
                     tir.Let(whole, tir.round(clamped), tir.reinterpret(F32, bits)))
-    return tir.Select(x < f32(-125.0), f32(0.0), value)
+    return _nan_through(x, tir.Select(x < f32(-125.0), f32(0.0), value))
+
+
+def _nan_through(x: tir.PrimExpr, value: tir.PrimExpr) -> tir.PrimExpr:
+    """value, or x where x is NaN: the clamps above would turn a NaN into a number (LLVM's min and max keep the
+    other operand), and a NaN score must stay NaN to the output, as in the reference."""
+    return tir.Select(tir.isnan(x), x, value)
 
 
 def _pow2(n: tir.PrimExpr) -> tir.PrimExpr:

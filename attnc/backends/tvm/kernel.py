@@ -29,6 +29,7 @@ from tvm.script.ir_builder import tirx as T
 
 from ...ir import SizeRef, walk
 from ...passes import KernelPlan
+from .. import names
 from .emit import F32, F64, I32, I64, Emitter, Scope, exp2_nonpositive, f32
 from .normalize import lower as lower_normalizer
 from .schedule import CpuSchedule
@@ -44,8 +45,8 @@ NEG_INF = -math.inf
 def parameter_names(spec) -> tuple[str, ...]:
     """The compiled function's parameters in call order (Args declares them; sizes and strides are not
     parameters: TVM reads them from the tensors)."""
-    return ("q", "k", "v", "out", *(["lse"] if spec.returns_lse else []), *(f"in_{t.name}" for t in spec.inputs),
-            *(f"p_{p.name}" for p in spec.params))
+    return ("q", "k", "v", "out", *(["lse"] if spec.returns_lse else []),
+            *(names.tensor(t.name) for t in spec.inputs), *(names.param(p.name) for p in spec.params))
 
 
 def size_vars(plan: KernelPlan) -> dict[str, tir.PrimExpr]:
@@ -53,23 +54,24 @@ def size_vars(plan: KernelPlan) -> dict[str, tir.PrimExpr]:
     that TVM binds from the first buffer shaped by it."""
     spec = plan.spec
     fixed = {**spec.dim_values, "D": plan.head_dim, "DV": plan.value_dim}
-    names = dict.fromkeys(n for t in (spec.q, spec.k, spec.v, *spec.inputs) for n in t.shape)
+    used = dict.fromkeys(n for t in (spec.q, spec.k, spec.v, *spec.inputs) for n in t.shape)
     for e in (spec.score, *spec.masks, *([spec.normalizer.sink] if spec.normalizer.sink else [])):
-        names.update(dict.fromkeys(n.name for n in walk(e) if isinstance(n, SizeRef)))
-    sizes = {n: tir.IntImm(I32, fixed[n]) if n in fixed else tir.Var(n, I32) for n in names}
+        used.update(dict.fromkeys(n.name for n in walk(e) if isinstance(n, SizeRef)))
+    sizes = {n: tir.IntImm(I32, fixed[n]) if n in fixed else tir.Var(names.size(n), I32) for n in used}
     sizes.setdefault("HKV", sizes["H"])
     sizes.setdefault("DV", sizes["D"])
     return sizes
 
 
-def buffer_arg(name: str, shape, dtype: str, strides: str = "unit_last") -> tir.Buffer:
+def buffer_arg(name: str, shape, dtype: str, strides: str = "unit_last",
+               stride_names: list[str] | None = None) -> tir.Buffer:
     """The next PrimFunc parameter, a tensor: `unit_last` any strides but a unit last one (vector loads along the
     head dim; the launcher copies otherwise), `any` any strides, `compact` contiguous (attnc's own buffers, whose
-    addresses TVM then computes from the shape)."""
+    addresses TVM then computes from the shape). `stride_names`: its stride variables' (default {name}_s{axis})."""
     handle = T.arg(name, T.handle())
     if strides == "compact":
         return IRBuilder.name(name, T.match_buffer(handle, shape, dtype))
-    stride_vars = [tir.Var(f"{name}_s{a}", I32) for a in range(len(shape))]
+    stride_vars = [tir.Var(n, I32) for n in stride_names or (f"{name}_s{a}" for a in range(len(shape)))]
     if strides == "unit_last":
         stride_vars[-1] = 1
     return IRBuilder.name(name, T.match_buffer(handle, shape, dtype, strides=stride_vars))  # named in sources
@@ -82,13 +84,16 @@ def qkv_shapes(s: dict) -> dict[str, list]:
 
 
 def input_args(spec, s: dict) -> dict[str, tir.Buffer]:
-    """The spec's input tables as parameters `in_<name>` (read through the emitter's lookups: any strides)."""
-    return {t.name: buffer_arg(f"in_{t.name}", [s[n] for n in t.shape], TIR_DTYPES[t.dtype], "any")
+    """The spec's input tables as parameters names.tensor(name) (read through the emitter's lookups: any
+    strides)."""
+    return {t.name: buffer_arg(names.tensor(t.name), [s[n] for n in t.shape], TIR_DTYPES[t.dtype], "any",
+                               [names.stride(t.name, a) for a in range(len(t.shape))])
             for t in spec.inputs}
 
 
 def param_args(spec) -> dict[str, tir.Var]:
-    return {p.name: T.arg(f"p_{p.name}", tir.Var(f"p_{p.name}", PARAM_DTYPES[p.dtype])) for p in spec.params}
+    return {p.name: T.arg(names.param(p.name), tir.Var(names.param(p.name), PARAM_DTYPES[p.dtype]))
+            for p in spec.params}
 
 
 class Args:

@@ -26,12 +26,14 @@ class TirNormalizer:
     # weight(s, m_safe, native): a key's weight from its base-2 logit s (-inf: not kept) and the row's m_safe (the
     # running max, 0 while the row has kept nothing; unused without a running max)
     weight: Callable[[tir.PrimExpr, tir.PrimExpr, bool], tir.PrimExpr]
-    out_scale: Callable[[tir.PrimExpr], tir.PrimExpr]  # out = acc * out_scale(l); 0 where l == 0 if it divides
+    # out = acc * out_scale(l); 0 where l == 0 if it divides (and NaN where l is: a NaN weight reaches the output)
+    out_scale: Callable[[tir.PrimExpr], tir.PrimExpr]
     log2_total: Callable[[tir.PrimExpr, tir.PrimExpr], tir.PrimExpr]  # log2 of the total weight from m, l > 0
 
     def lse(self, m: tir.PrimExpr, l_sum: tir.PrimExpr) -> tir.PrimExpr:
-        """The natural-log lse of a row from its running max (base 2) and sum; -inf for a row that kept nothing."""
-        return tir.Select(l_sum > f32(0), self.log2_total(m, l_sum) * f32(LN2), f32(NEG_INF))
+        """The natural-log lse of a row from its running max (base 2) and sum; -inf for a row that kept nothing,
+        NaN for a row whose sum is NaN."""
+        return tir.Select(l_sum == f32(0), f32(NEG_INF), self.log2_total(m, l_sum) * f32(LN2))
 
 
 def _exp_weight(s, m_safe, native: bool):
@@ -46,8 +48,9 @@ def _sigmoid_weight(s, m_safe, native: bool):
 _LOWERINGS = {
     "softmax": TirNormalizer(
         running_max=True, weight=_exp_weight,
-        out_scale=lambda l_sum: tir.Select(l_sum > f32(0), f32(1) / l_sum, f32(0)),
-        log2_total=lambda m, l_sum: m + tir.log2(l_sum)),
+        out_scale=lambda l_sum: tir.Select(l_sum == f32(0), f32(0), f32(1) / l_sum),
+        # a +inf logit: +inf, as the reference's logsumexp, though its weights are NaN
+        log2_total=lambda m, l_sum: tir.Select(m == f32(math.inf), m, m + tir.log2(l_sum))),
     "sigmoid": TirNormalizer(
         running_max=False, weight=_sigmoid_weight, out_scale=lambda l_sum: f32(1),
         log2_total=lambda m, l_sum: tir.log2(l_sum)),
