@@ -216,7 +216,7 @@ def test_kernel_source_for_other_gpus(target):
     src = aot.emit_source(spec, target, "gfx90a" if target == "rocm" else None, head_dim=40, value_dim=24)
     header = src.split("\n", 4)
     assert "attention everything" in header[1] and "D=40 DV=24" in header[1] and "GpuSchedule" in header[1]
-    assert "q, k, v, out, lse, in_doc, in_sinks, in_slopes, p_cap" in header[2]  # inputs in canonical order
+    assert "q, k, v, out, lse, t_doc, t_sinks, t_slopes, p_cap" in header[2]  # inputs in canonical order, mangled
     for mark in SOURCE_MARKS[target]:
         assert mark in src, mark
     assert "mma" not in src and "ldmatrix" not in src  # PTX-only instructions stay in the CUDA kernel

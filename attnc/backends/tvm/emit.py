@@ -72,8 +72,10 @@ def exp2_nonpositive(x: tir.PrimExpr) -> tir.PrimExpr:
 
 def _nan_through(x: tir.PrimExpr, value: tir.PrimExpr) -> tir.PrimExpr:
     """value, or x where x is NaN: the clamps above would turn a NaN into a number (LLVM's min and max keep the
-    other operand), and a NaN score must stay NaN to the output, as in the reference."""
-    return tir.Select(tir.isnan(x), x, value)
+    other operand), and a NaN score must stay NaN to the output, as in the reference. NaN is read from the bits:
+    TVM folds x != x to false, and its isnan of a let-bound variable fails to vectorize."""
+    magnitude = tir.bitwise_and(tir.reinterpret(I32, x), tir.const(0x7FFFFFFF, I32))
+    return tir.Select(magnitude > tir.const(0x7F800000, I32), x, value)
 
 
 def _pow2(n: tir.PrimExpr) -> tir.PrimExpr:
