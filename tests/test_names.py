@@ -100,7 +100,8 @@ def test_triton_source_holds_user_names_only_mangled(target):
 
 def test_tvm_kernel_holds_user_names_only_mangled():
     pytest.importorskip("tvm")
-    from attnc.backends.tvm.kernel import build_primfunc, parameter_names, prefill_schedule
+    from attnc.backends.tvm.kernel import build_primfunc, parameter_names
+    from attnc.backends.tvm.schedule import prefill_schedule
 
     from attnc.backends.tvm.backward import build_backward_primfuncs
 
