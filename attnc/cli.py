@@ -236,17 +236,28 @@ def bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="benchmarks/results", help="folder for the JSON and PNG files")
     p.add_argument("--only", default=None, help="regex: run only workloads whose name matches")
     p.add_argument("--quick", action="store_true", help="smaller sequence lengths (a smoke run)")
+    p.add_argument("--backward", action="store_true",
+                   help="time training steps, forward + backward (gradients of q, k, v): on cuda against SDPA "
+                        "(cuDNN, FlashAttention-2) and compiled FlexAttention, on cpu against torch's SDPA")
+    gpu = p.add_argument_group("--device cuda --backward")
+    gpu.add_argument("--api", choices=("auto", "autograd", "backend"), default="auto",
+                     help="how attnc runs: autograd (the compiled kernel and torch.autograd.grad), backend (the "
+                          "Triton forward and backward kernels called directly), auto (autograd where the output "
+                          "requires grad)")
+    gpu.add_argument("--deterministic", action="store_true", help="attnc's backward without atomics")
     cpu = p.add_argument_group("--device cpu")
     cpu.add_argument("--threads", type=int, default=None,
                      help="threads for both libraries (default: TVM_NUM_THREADS, else torch's thread count)")
     cpu.add_argument("--seqs", default="512,1024,2048,4096", help="sequence lengths S = M = N (comma-separated)")
     cpu.add_argument("--dims", default="64,128", help="head dims (comma-separated)")
     cpu.add_argument("--rounds", type=int, default=7, help="alternating rounds per workload (median over them)")
-    cpu.add_argument("--backward", action="store_true",
-                     help="time forward+backward (gradients of q, k, v) against torch's SDPA through autograd")
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.backward and args.device == "cuda":
+        from .bench import backward as bench_backward
+
+        return bench_backward.run(args)
     from . import bench
 
     return bench.run(args)

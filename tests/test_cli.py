@@ -99,10 +99,12 @@ def test_python_dash_m_show_and_bad_usage():
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message a machine without a GPU gets")
-def test_bench_without_a_gpu_says_so():
-    result = run("bench", "--quick", "--only", "dense")
+@pytest.mark.parametrize("extra", [(), ("--backward", "--api", "backend", "--deterministic")],
+                         ids=["forward", "backward"])
+def test_bench_without_a_gpu_says_so(extra):
+    result = run("bench", "--quick", "--only", "dense", *extra)
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "attnc bench needs a CUDA GPU" in result.stderr
+    assert f"attnc bench {' '.join(extra[:1])}".strip() + " needs a CUDA GPU" in result.stderr
 
 
 @pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])

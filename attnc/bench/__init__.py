@@ -708,7 +708,7 @@ def summarize_blocks(attnc_blocks: list[list[float]], torch_blocks: list[list[fl
 def cpu_environment(threads: int) -> dict:
     import tvm
 
-    from .backends.tvm.host import host_cpu
+    from ..backends.tvm.host import host_cpu
 
     cpu = host_cpu()
     return {"device": "cpu", "model": cpu.model, "llvm_mcpu": cpu.llvm_names()[0], "vector_lanes": cpu.vector,
@@ -734,7 +734,7 @@ def _int_list(text: str, option: str) -> list[int]:
 
 def run_cpu(args: argparse.Namespace) -> int:
     """attnc's TVM kernels against torch's CPU SDPA, same inputs and thread count; writes cpu-<date>.json."""
-    from .backends.tvm.host import configure_threads
+    from ..backends.tvm.host import configure_threads
 
     if args.threads is not None and args.threads < 1:
         raise attnc.CallError(f"--threads {args.threads}: expected a positive thread count")
@@ -786,8 +786,8 @@ def cpu_forward_runners(kernel, w: CpuWorkload, q, k, v, gen) -> dict[str, Calla
 def cpu_training_runners(kernel, w: CpuWorkload, q, k, v, gen) -> dict[str, Callable]:
     """Forward and backward of sum(out * dout), each returning dq, dk, dv concatenated: attnc's TVM forward and
     its backward (Backend.build_backward) called directly, torch's SDPA through autograd."""
-    from .backends import get_backend
-    from .dsl.signature import bind
+    from ..backends import get_backend
+    from ..dsl.signature import bind
 
     sdpa = torch.nn.functional.scaled_dot_product_attention
     backward = get_backend("tvm").build_backward(kernel.plan("cpu", w.D))

@@ -1,6 +1,6 @@
-"""Training-step benchmark (GPU): forward + backward of attnc against torch SDPA (FlashAttention-2 and cuDNN
-backends, through torch.nn.attention.sdpa_kernel) and compiled FlexAttention (torch.compile(flex_attention)),
-in one process on the same inputs.
+"""`attnc bench --backward` on a GPU: training steps (forward + backward) of attnc against torch SDPA
+(FlashAttention-2 and cuDNN backends, through torch.nn.attention.sdpa_kernel) and compiled FlexAttention, in one
+process on the same inputs.
 
 Workloads: attnc.bench.prefill_workloads (bf16; dense and causal at S = 1k / 4k / 16k with 16k tokens per batch,
 GQA 32/8, sliding window 1024, softcap 30, ALiBi, head dims 64 / 128 / 256). Each runner computes out and the
@@ -13,8 +13,6 @@ what was allocated before it. Results: `<out>/backward-<device>-<date>.json` and
 attnc runs through `--api`: `autograd` calls the compiled kernel and torch.autograd.grad (the autograd layer of
 attnc/runtime), `backend` plans the forward with lse and calls TritonBackend.build / build_backward directly (no
 autograd needed), `auto` (default) takes autograd where the kernel's output requires grad.
-
-    python benchmarks/bench_backward.py --out benchmarks/results [--only causal] [--quick] [--deterministic]
 """
 from __future__ import annotations
 
@@ -25,16 +23,15 @@ from dataclasses import replace
 import torch
 
 import attnc
+from attnc.backends import get_backend
 from attnc.bench import (
-    Workload, compiled_flex_attention, environment, kept_pairs, measure, plot, prefill_workloads, print_errors,
+    BACKWARD_FLOPS, Workload, compiled_flex_attention, kept_pairs, measure, plot, prefill_workloads, print_errors,
     run_report,
 )
-from attnc.backends import get_backend
 from attnc.dsl.signature import bind
 from attnc.passes import plan_kernel
 
 CHECK_TOL = 3e-2  # relative Frobenius error of the concatenated gradients against the anchor (bf16)
-BACKWARD_FACTOR = 2.5  # backward FLOPs per forward FLOP (5 matmuls against 2)
 PEERS = ("attnc", "sdpa-cudnn", "sdpa-flash", "flex")
 
 
@@ -103,7 +100,7 @@ def run_workload(w: Workload, device: str, api: str = "auto", deterministic: boo
     dout = torch.randn(w.B, w.H, w.S, w.D, device=device, dtype=torch.bfloat16, generator=gen)
     extra = w.inputs(w.B, w.H, w.S, device) if w.inputs else {}
     forward_flops = 4.0 * w.B * w.H * w.D * kept_pairs(w)
-    flops = forward_flops * (1 + BACKWARD_FACTOR)
+    flops = forward_flops * (1 + BACKWARD_FLOPS)
     row: dict = {"workload": w.name, "group": w.group, "B": w.B, "H": w.H, "HKV": w.HKV, "S": w.S, "D": w.D,
                  "forward_flops": forward_flops, "flops": flops, "results": {}}
     makers = {
@@ -122,7 +119,7 @@ def print_table(report: dict) -> None:
 
     env = report["env"]
     table = Table(title=f"{env['device']} · torch {env['torch']} · triton {env['triton']} · bf16 forward + "
-                        f"backward, TFLOP/s (backward = {BACKWARD_FACTOR}x forward FLOPs) · peak extra MiB")
+                        f"backward, TFLOP/s (backward = {BACKWARD_FLOPS}x forward FLOPs) · peak extra MiB")
     for col in ("workload", *PEERS, "attnc / flex", "attnc / cudnn"):
         table.add_column(col, justify="left" if col == "workload" else "right")
     for row in report["rows"]:
@@ -136,29 +133,16 @@ def print_table(report: dict) -> None:
     print_errors(report)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="benchmarks/results", help="folder for the JSON file and plots")
-    ap.add_argument("--only", default=None, help="regex: run only workloads whose name matches")
-    ap.add_argument("--quick", action="store_true", help="S up to 4k")
-    ap.add_argument("--api", choices=("auto", "autograd", "backend"), default="auto", help="how attnc runs")
-    ap.add_argument("--deterministic", action="store_true", help="attnc's backward without atomics (api backend)")
-    args = ap.parse_args(argv)
-    if torch.cuda.is_available():
-        print(json.dumps(environment("cuda")))  # device and versions, before the first (long) compile
-
+def run(args: argparse.Namespace) -> int:
+    """The GPU training benchmark for `attnc bench --backward [--api ...] [--deterministic]`."""
     def run_one(w: Workload, device: str) -> dict:
         return run_workload(w, device, args.api, args.deterministic)
 
-    report, path = run_report("bench_backward", prefill_workloads(args.quick), run_one, args.out, "backward-",
-                              args.only)
+    report, path = run_report("attnc bench --backward", prefill_workloads(args.quick), run_one, args.out,
+                              "backward-", args.only)
     report["settings"] = {"api": args.api, "deterministic": args.deterministic}
     path.write_text(json.dumps(report, indent=1))
     plot(report, path.parent, path.stem)
     print_table(report)
     print(f"wrote {path}")
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
