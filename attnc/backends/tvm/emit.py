@@ -49,9 +49,10 @@ def exp2(x: tir.PrimExpr) -> tir.PrimExpr:
     # 2**n built in the exponent bits, in two halves so that n = 128 gives inf and every half stays normal.
     half = tir.shift_right(whole, 1)
     value = poly * _pow2(half) * _pow2(whole - half)
-    value = tir.Let(clamped, tir.max(tir.min(x, f32(128.0)), f32(-127.0)),
-                    tir.Let(whole, tir.Cast(I32, tir.round(clamped)), value))
-    return _nan_through(x, tir.Select(x < f32(-126.0), f32(0.0), value))
+    return _bound(x, lambda x: _nan_through(x, tir.Select(
+        x < f32(-126.0), f32(0.0),
+        tir.Let(clamped, tir.max(tir.min(x, f32(128.0)), f32(-127.0)),
+                tir.Let(whole, tir.Cast(I32, tir.round(clamped)), value)))))
 
 
 def exp2_nonpositive(x: tir.PrimExpr) -> tir.PrimExpr:
@@ -65,9 +66,19 @@ def exp2_nonpositive(x: tir.PrimExpr) -> tir.PrimExpr:
     for c in reversed(_EXP2_COEFFS[:-1]):
         poly = poly * (clamped - whole) + f32(c)
     bits = tir.reinterpret(I32, poly) + tir.shift_left(tir.Cast(I32, whole), 23)
-    value = tir.Let(clamped, tir.max(x, f32(-127.0)),
-                    tir.Let(whole, tir.round(clamped), tir.reinterpret(F32, bits)))
-    return _nan_through(x, tir.Select(x < f32(-125.0), f32(0.0), value))
+    return _bound(x, lambda x: _nan_through(x, tir.Select(
+        x < f32(-125.0), f32(0.0),
+        tir.Let(clamped, tir.max(x, f32(-127.0)), tir.Let(whole, tir.round(clamped), tir.reinterpret(F32, bits))))))
+
+
+def _bound(x: tir.PrimExpr, body) -> tir.PrimExpr:
+    """body(x) with x bound once by a Let where it is more than a variable or constant: exp2 reads its argument
+    three times, and a masked logit (a Select over table loads) copied three times per exp2 made TVM's simplifier
+    take 15 s on the document-mask backward."""
+    if isinstance(x, (tir.Var, tir.FloatImm)):
+        return body(x)
+    var = tir.Var("e2a", F32)
+    return tir.Let(var, x, body(var))
 
 
 def _nan_through(x: tir.PrimExpr, value: tir.PrimExpr) -> tir.PrimExpr:
