@@ -13,6 +13,8 @@ import attnc
 from attnc import cli
 from attnc.errors import checks_arguments
 
+pytestmark = pytest.mark.shared_cache
+
 ROOT = Path(__file__).resolve().parent.parent
 SPEC = """
 attention windowed {

@@ -25,6 +25,8 @@ from test_triton_kernels import (  # noqa: F401  (poisoned_outputs is an autouse
     TORCH, example_kwargs, example_specs, poisoned_outputs, with_dtype,
 )
 
+pytestmark = pytest.mark.shared_cache
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Max abs error of a gradient, relative to max(1, max |reference gradient|).
 TOL = {"f32": 2e-5, "f16": 1e-2, "bf16": 5e-2}

@@ -23,23 +23,14 @@ from attnc.passes.plan import Target
 
 from test_triton_kernels import TOL, TORCH, example_kwargs, example_sizes, example_specs, with_dtype
 
+pytestmark = pytest.mark.shared_cache
+
 DENSE = [s for s in example_specs() if s.q_storage is None and s.kv_storage is None]
 # (M, N, dlse given): one query tile; then several, with M > N (empty rows under causal masks) and no dlse
 SHAPES = [(37, 75, True), (150, 70, False)]
 # Of the largest gradient. f32: alibi_doc's random slopes times positions give logits near 150, which float32 holds
 # to ~1e-5 (its worst gradients are 1.3e-5 and 1.6e-5 off; the other specs 1e-6 or less).
 REL_TOL = {"f32": 4e-5, "f16": 3e-3, "bf16": 3e-2}
-
-
-@pytest.fixture(scope="module")
-def _module_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("attnc-cache")
-
-
-@pytest.fixture(autouse=True)
-def _isolated_cache(_module_cache, monkeypatch):
-    """One kernel cache for this module (conftest gives each test its own): a spec's kernels are built once."""
-    monkeypatch.setenv("ATTNC_CACHE_DIR", str(_module_cache))
 
 
 @pytest.fixture(autouse=True)

@@ -17,6 +17,8 @@ from test_triton_kernels import (  # noqa: F401  (poisoned_outputs is an autouse
     DEVICE, TORCH, assert_matches, poisoned_outputs, with_dtype,
 )
 
+pytestmark = pytest.mark.shared_cache
+
 SPECS_DIR = Path(__file__).resolve().parent.parent / "examples" / "specs"
 
 

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.shared_cache
+
 EXAMPLES = sorted((Path(__file__).parent.parent / "examples" / "python").glob("*.py"))
 
 

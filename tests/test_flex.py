@@ -15,6 +15,8 @@ from attnc.dsl.flex import create_block_mask, flex_spec
 from attnc.errors import CallError, TraceError
 from attnc.ir import Binary, IndexVar, Num, TensorDecl, default_score
 
+pytestmark = pytest.mark.shared_cache
+
 # The module (the package attribute of the same name is the function).
 torch_flex = importlib.import_module("torch.nn.attention.flex_attention")
 B, H, HKV, M, N, D = 2, 4, 2, 5, 9, 16

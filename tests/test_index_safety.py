@@ -25,6 +25,8 @@ from attnc.errors import CompileError
 from attnc.passes import PlanOptions
 from fuzz_index import D, Case, build
 
+pytestmark = pytest.mark.shared_cache
+
 WORKER = Path(__file__).resolve().parent / "fuzz_index.py"
 CI_FUZZ_CASES = 40  # the CI share of the 1,000+ the full run takes (`python -m tests.fuzz_index --n 1000`)
 ROOT = Path(__file__).resolve().parent.parent

@@ -18,6 +18,8 @@ from attnc.backends.triton.decode import generate_decode
 from attnc.backends.triton.generate import generate
 from attnc.passes import PlanOptions, Target, plan_kernel
 
+pytestmark = pytest.mark.shared_cache
+
 TRITON_DIR = Path(attnc.__file__).parent / "backends" / "triton"
 GOLDEN = Path(__file__).resolve().parent / "golden"
 SPECS = Path(__file__).resolve().parent.parent / "examples" / "specs"

@@ -10,6 +10,8 @@ import torch
 
 import attnc
 
+pytestmark = pytest.mark.shared_cache
+
 SOFTMAX = """attention nan_softmax {
     q: f32[B, H, M, D]  k: f32[B, H, N, D]  v: f32[B, H, N, D]
     input bias: f32[H, N]

@@ -21,6 +21,8 @@ from test_triton_kernels import (  # noqa: F401  (poisoned_outputs is an autouse
     DEVICE, RANDOM_SHAPES, TOL, TORCH, _spec, assert_matches, poisoned_outputs, qkv, run_and_check,
 )
 
+pytestmark = pytest.mark.shared_cache
+
 ROOT = Path(__file__).resolve().parent.parent
 INF = math.inf
 

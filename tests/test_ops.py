@@ -20,6 +20,8 @@ from attnc.dsl import reference as ref
 from attnc.dsl.flex import flex_spec
 from attnc.passes.fold import NotConstant, evaluate
 
+pytestmark = pytest.mark.shared_cache
+
 HEADER = "q: f32[B, H, M, D]  k: f32[B, H, N, D]  v: f32[B, H, N, D]"
 
 

@@ -14,6 +14,8 @@ from attnc.dsl.parser import parse
 from attnc.dsl.signature import bind, canonical_view, lse_shape, out_shape
 from attnc.errors import CallError, SpecError
 
+pytestmark = pytest.mark.shared_cache
+
 TOL = dict(rtol=1e-10, atol=1e-12)
 INF = math.inf
 

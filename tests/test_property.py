@@ -25,6 +25,8 @@ import torch
 
 import attnc
 
+pytestmark = pytest.mark.shared_cache
+
 # ---------------------------------------------------------------- the vocabulary
 
 # (name, operand kinds, the call written on operand texts): each keeps a finite, bounded value for finite operands.

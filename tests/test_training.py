@@ -15,6 +15,8 @@ from attnc.passes.grad import derive
 
 from test_triton_kernels import example_kwargs, example_sizes, example_specs, with_dtype
 
+pytestmark = pytest.mark.shared_cache
+
 DENSE = [s for s in example_specs() if s.q_storage is None and s.kv_storage is None]
 BACKENDS = ["tvm", "triton"]  # on CPU: TVM through LLVM, Triton through its interpreter
 F32_TOL = 2e-5  # dq, dk, dv sum over keys or queries: a little above f32's 1e-5

@@ -11,6 +11,8 @@ import attnc
 from attnc.errors import CallError
 from attnc.passes import PlanOptions
 
+pytestmark = pytest.mark.shared_cache
+
 SPECS_DIR = Path(__file__).resolve().parent.parent / "examples" / "specs"
 TORCH = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 # Max abs error allowed, relative to max(1, max |reference|).
