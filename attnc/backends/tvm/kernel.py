@@ -413,7 +413,7 @@ def _attention_tile(plan: KernelPlan, sched: CpuSchedule, a: Args, seqs: Sequenc
                     T.buffer_store(s_t, norm.weight(s_t[jj, i], m_safe[i], False), [jj, i])
                     T.buffer_store(l_run, l_run[i] + s_t[jj, i], [i])
             _accumulate(sched, a, places, s_t, acc, alpha if norm.running_max else None, j0, tir.min(bn, n - j0),
-                        dv_model)
+                        dv_model, rows)
 
     # -- out = acc scaled as the normalizer says (0 for a row with nothing kept), lse = ln of the total weight;
     # rows that bad index data reached are NaN
@@ -530,12 +530,13 @@ def _scores(sched: CpuSchedule, plan: KernelPlan, a: Args, places: Places, scope
                        lambda d, i: q_t[d, i], plan.head_dim, logits)
 
 
-def _accumulate(sched: CpuSchedule, a: Args, places: Places, p_t, acc, alpha, j0, keys, dv_model: int) -> None:
-    """acc = acc * alpha + P V over the tile's `keys` valid keys (alpha None: acc + P V)."""
+def _accumulate(sched: CpuSchedule, a: Args, places: Places, p_t, acc, alpha, j0, keys, dv_model: int, rows) -> None:
+    """acc = acc * alpha + P V over the tile's `keys` valid keys (alpha None: acc + P V), for the register tiles
+    holding the task's `rows` rows (the others are never stored)."""
     accumulate(sched, sched.block_m, dv_model, keys,
                lambda r, c: acc[r, c] if alpha is None else acc[r, c] * alpha[r], lambda jj, r: p_t[jj, r],
                lambda jj, c: tir.Cast(F32, a.v[(*places.key(jj, j0 + jj), c)]),
-               lambda r, c, value: T.buffer_store(acc, value, [r, c]))
+               lambda r, c, value: T.buffer_store(acc, value, [r, c]), rows)
 
 
 def transposed_product(sched: CpuSchedule, row, column, length: int, consume) -> None:
@@ -557,14 +558,15 @@ def transposed_product(sched: CpuSchedule, row, column, length: int, consume) ->
             consume(jo * rj + r, reg)
 
 
-def accumulate(sched: CpuSchedule, rows: int, cols: int, steps, load, weight, value, store) -> None:
+def accumulate(sched: CpuSchedule, rows: int, cols: int, steps, load, weight, value, store, live_rows=None) -> None:
     """The accumulating register-tile product (module doc): store(r, c, load(r, c) + sum_{t < steps} weight(t, r)
     * value(t, c)) for r < rows, c < cols, one out_rows x out_cols register tile at a time (lanes over c, each
-    weight a broadcast)."""
+    weight a broadcast). `live_rows`: only the register tiles holding rows below it run (a decode task's few
+    rows)."""
     rp = sched.out_rows
     for c0 in range(0, cols, sched.out_cols):
         width = min(sched.out_cols, cols - c0)
-        with T.serial(0, rows // rp) as io:
+        with T.serial(0, rows // rp if live_rows is None else tir.truncdiv(live_rows + rp - 1, rp)) as io:
             regs = [T.alloc_buffer((width,), F32) for _ in range(rp)]
             for r, reg in enumerate(regs):
                 with T.vectorized(0, width) as c:
