@@ -116,6 +116,27 @@ def test_paged_decode_local_and_chunked_prefill():
     run(prefill, q, k, v, cu_seqlens_q=offsets(q_lens), block_table=table, kv_len=lens)
 
 
+PAGED_ALIBI_SINKS = attnc.parse("""attention paged_alibi_sinks {
+    q: f32[B, M, H, D]  k: f32[PAGES, PAGE, HKV, D]  v: f32[PAGES, PAGE, HKV, D]
+    paged k, v by block_table, kv_len
+    input slopes: f32[H]
+    input sinks: f32[H]
+    score = qk * rsqrt(D) + slopes[h] * (j - i)
+    mask causal
+    return softmax(score, sink=sinks[h]) @ v, lse
+}""", "paged_alibi_sinks.attn")[0]
+
+
+@pytest.mark.parametrize("m", [1, 2, 5])
+def test_packed_heads_read_their_own_head(m):
+    """Decode tasks pack a GQA group's heads into their rows (schedule.decode_pack: 4 heads at M = 2 on 16 lanes):
+    the score and the sink read each row's own head (slopes[h], sinks[h])."""
+    gen = torch.Generator().manual_seed(4)
+    q, k, v, table, lens = paged_call([30, 0, 65], m, h=8, hkv=2, seed=4)
+    run(PAGED_ALIBI_SINKS, q, k, v, block_table=table, kv_len=lens, slopes=torch.rand(8, generator=gen),
+        sinks=torch.randn(8, generator=gen))
+
+
 @pytest.mark.parametrize("name", ["varlen_causal", "varlen_alibi_sinks"])
 def test_varlen(name):
     """Packed sequences, with an empty one and sequences longer than a query tile; GQA for varlen_causal."""
@@ -160,7 +181,7 @@ def test_tile_summary_classes_and_skipped_tiles():
     """Documents of 64 keys (whole key tiles): the summary classes every (query tile, key tile) pair as the mask
     says, and the prefill kernel skips the empty ones: V holds NaN in document 0's keys, which only document 0's
     rows keep, so every other row comes out finite and right only if those tiles are never read."""
-    sched = prefill_schedule(host_cpu().vector, summary=True)
+    sched = prefill_schedule(host_cpu().vector)
     bm, bn = sched.block_m, sched.block_n
     n = 4 * 64
     gen = torch.Generator().manual_seed(3)

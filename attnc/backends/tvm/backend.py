@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import struct
 from collections import OrderedDict
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -26,7 +27,7 @@ from . import codegen_fingerprint
 from .host import configure_threads, host_cpu
 from .launch import FINISH, KEYS, ROWS, extra_args, launch, launch_backward, qkv_args
 from .runtime import load_module, tvm_version
-from .schedule import KEY_TILES, decode_schedule, prefill_schedule, summary_uses_h, uses_summary
+from .schedule import KEY_TILES, decode_pack, decode_schedule, prefill_schedule, summary_uses_h, uses_summary
 
 LIBRARY_FILE = "kernel.so"
 FUNCTION = "attn"
@@ -212,12 +213,23 @@ class TvmLauncher:
         self.plan = plan
         vector = host_cpu().vector
         self.decode_rows = vector  # M up to this runs the decode schedule
-        self.schedules = {"prefill": prefill_schedule(vector, plan.masks.data_dependent),
-                          "decode": decode_schedule(vector)}
+        prefill = prefill_schedule(vector)
+        self.schedules = {"prefill": replace(prefill, summary=True) if plan.masks.data_dependent else prefill,
+                          "decode": decode_schedule(vector)}  # and decode schedules with heads packed, when called
         self._functions: dict[str, dict] = {}
         self.serving = plan.spec.q_storage is not None or plan.spec.kv_storage is not None
         self.site = device_errors.register_site(plan.spec) if self.serving else None
         self._summaries: OrderedDict = OrderedDict()
+
+    def schedule(self, rows: int, group: int) -> tuple[str, object]:
+        """The schedule (and its name) for `rows` query rows per sequence and H / HKV = group."""
+        if rows > self.decode_rows:
+            return "prefill", self.schedules["prefill"]
+        pack = decode_pack(self.decode_rows, rows, group)
+        kind = "decode" if pack == 1 else f"decode/{pack}"
+        if kind not in self.schedules:
+            self.schedules[kind] = decode_schedule(self.decode_rows, pack)
+        return kind, self.schedules[kind]
 
     def functions(self, kind: str) -> dict:
         fns = self._functions.get(kind)
@@ -237,13 +249,10 @@ class TvmLauncher:
             fns = self._functions[kind] = load_functions(self.plan, sched, names, lower, host_cpu().label)
         return fns
 
-    def function(self, m: int):
-        return self.functions("decode" if m <= self.decode_rows else "prefill")[FUNCTION]
-
     def __call__(self, bound: Bound):
         sizes = bound.sizes
         m = -(-sizes["T"] // sizes["B"]) if self.plan.spec.q_storage is not None else sizes["M"]
-        kind = "decode" if m <= self.decode_rows else "prefill"
+        kind, _ = self.schedule(m, sizes["H"] // sizes["HKV"])
         fns = self.functions(kind)
         tail = None
         if SUMMARY in fns or self.serving:

@@ -156,10 +156,11 @@ def build_primfunc(plan: KernelPlan, sched: CpuSchedule, name: str = "attn") -> 
             T.func_name(name)
             a = Args(plan, summary)
             s = a.sizes
-            seqs = Sequences(plan, a, sched.block_m)
+            rows_per_head = sched.block_m // sched.pack
+            seqs = Sequences(plan, a, rows_per_head)
             seqs.prologue(record_violations=True)
-            q_tiles = T.Bind(tir.floordiv(s["M"] + sched.block_m - 1, sched.block_m))
-            tasks = T.Bind(seqs.task_count(s["H"], q_tiles))
+            q_tiles = T.Bind(tir.floordiv(s["M"] + rows_per_head - 1, rows_per_head))
+            tasks = T.Bind(seqs.task_count(tir.truncdiv(s["H"], sched.pack), q_tiles))
             # per task: the last bad block-table entry its key tiles read (-1: none), and its sequence
             bad = (T.alloc_buffer((tasks,), I32), T.alloc_buffer((tasks,), I32)) if seqs.paged else None
             parallel_tasks(sched, tasks, lambda task, scratch: _attention_task(plan, sched, a, seqs, task, q_tiles,
@@ -306,16 +307,16 @@ def _tile_scratch(plan: KernelPlan, sched: CpuSchedule) -> dict:
 class Places:
     """Where a task's rows and keys live: index tuples into q (and out), lse, and k / v."""
 
-    q: Callable  # q(i) for row i of the sequence (any i < M)
-    lse: Callable  # lse(i)
+    q: Callable  # q(h, i) for row i (any i < M) of head h of the sequence
+    lse: Callable  # lse(h, i)
     key: Callable  # key(jj, j) for key j = j0 + jj of the current key tile (j < N)
 
 
 def _places(seqs: Sequences, r: Rows, kvh, scratch: dict) -> Places:
     if seqs.ragged_q:
-        def q_place(i): return (r.h, r.q_row0 + i)
+        def q_place(h, i): return (h, r.q_row0 + i)
     else:
-        def q_place(i): return (r.b, r.h, i)
+        def q_place(h, i): return (r.b, h, i)
     if seqs.paged:
         key_page, key_slot = scratch["key_page"], scratch["key_slot"]
 
@@ -331,7 +332,7 @@ def _attention_task(plan: KernelPlan, sched: CpuSchedule, a: Args, seqs: Sequenc
                     bad) -> None:
     """One task (serving.Sequences.rows): its query tile against every key tile it keeps; with a paged cache
     it notes the last bad block-table entry it read into bad[0][task] (its sequence into bad[1][task])."""
-    r = seqs.rows(task, a.sizes["H"], q_tiles)
+    r = seqs.rows(task, tir.truncdiv(a.sizes["H"], sched.pack), q_tiles)
     if bad is not None:
         T.buffer_store(scratch["worst"], -1, [0])
     with T.If(r.rows > 0):
@@ -346,14 +347,30 @@ def _attention_task(plan: KernelPlan, sched: CpuSchedule, a: Args, seqs: Sequenc
 
 def _attention_tile(plan: KernelPlan, sched: CpuSchedule, a: Args, seqs: Sequences, r: Rows, summary_row,
                     scratch: dict) -> None:
-    """The query tile of `r` (at least one row) against every key tile it keeps."""
+    """The query tile of `r` (at least one row) against every key tile it keeps. With the GQA group's heads packed
+    (sched.pack > 1), lane l of the tile is row r.i0 + l % (block_m / pack) of head pack * r.h + l // (block_m /
+    pack): each K/V tile is read once for the packed heads."""
     spec, score = plan.spec, plan.score
     norm = lower_normalizer(spec.normalizer)
     bm, bn = sched.block_m, sched.block_n
     d_model, dv_model = plan.head_dim, plan.value_dim
     s = a.sizes
-    b, h, i0, rows = r.b, r.h, r.i0, r.rows
+    b, i0, rows = r.b, r.i0, r.rows
     m, n = r.sizes["M"], r.sizes["N"]
+    pack, per_head = sched.pack, bm // sched.pack
+    h = T.Bind(r.h * pack)  # the first packed head
+
+    def lane_h(lane):  # a lane's head and row (per_head is a power of two: a shift and a mask)
+        return h + tir.truncdiv(lane, per_head) if pack > 1 else h
+
+    def lane_i(lane):
+        return i0 + (tir.truncmod(lane, per_head) if pack > 1 else lane)
+
+    # the lanes that hold rows: the first `rows` (pack = 1), or those of each packed head's first `rows`
+    lanes = bm if pack > 1 else rows
+
+    def live(lane):
+        return tir.truncmod(lane, per_head) < rows if pack > 1 else None
     n_i64 = tir.Cast(I64, n)
     q_t, s_t, acc, bounds = scratch["q_t"], scratch["s_t"], scratch["acc"], scratch["bounds"]
     m_run, l_run, m_new = scratch["m_run"], scratch["l_run"], scratch["m_new"]
@@ -363,20 +380,22 @@ def _attention_tile(plan: KernelPlan, sched: CpuSchedule, a: Args, seqs: Sequenc
     kvh = T.Bind(tir.truncdiv(h, tir.truncdiv(s["H"], s["HKV"])))
     places = _places(seqs, r, kvh, scratch)
 
-    def scope(index, qk=None) -> Scope:
-        return a.scope({"b": b, "h": h, **index}, qk, r.sizes)
+    def scope(lane, j=None, qk=None) -> Scope:
+        return a.scope({"b": b, "h": lane_h(lane), "i": lane_i(lane), **({} if j is None else {"j": j})}, qk,
+                       r.sizes)
 
     # -- which key tiles run, and which of them are full (passes.masks.key_tiles)
     init_bounds(bounds, n_i64)
-    with T.serial(0, rows) as i:
-        row = row_bounds(Emitter(spec, scope({"i": i0 + i})), plan.masks, n_i64)
-        reduce_bounds(bounds, [T.Bind(x) for x in row])
+    with T.serial(0, lanes) as i:
+        with _only_if(live(i)):
+            row = row_bounds(Emitter(spec, scope(i)), plan.masks, n_i64)
+            reduce_bounds(bounds, [T.Bind(x) for x in row])
     t_start, f_start, f_end, t_end = key_tiles(bounds, bn)
 
     # -- Q^T, and the running max / sum / output
     with T.serial(0, bm) as i:
         with T.serial(0, d_model) as d:
-            T.buffer_store(q_t, tir.Cast(F32, a.q[(*places.q(tir.min(i0 + i, m - 1)), d)]), [d, i])
+            T.buffer_store(q_t, tir.Cast(F32, a.q[(*places.q(lane_h(i), tir.min(lane_i(i), m - 1)), d)]), [d, i])
         with T.vectorized(0, dv_model) as d:
             T.buffer_store(acc, f32(0), [i, d])
     with T.vectorized(0, bm) as i:
@@ -384,7 +403,7 @@ def _attention_tile(plan: KernelPlan, sched: CpuSchedule, a: Args, seqs: Sequenc
             T.buffer_store(m_run, f32(NEG_INF), [i])
             T.buffer_store(l_run, f32(0), [i])
         else:  # the sink starts the row: max = sink, sum = exp2(sink - sink)
-            sink = Emitter(spec, scope({"i": i0 + i})).float(score.sink2)
+            sink = Emitter(spec, scope(i)).float(score.sink2)
             T.buffer_store(m_run, sink, [i])
             T.buffer_store(l_run, tir.Select(sink == f32(NEG_INF), f32(0), f32(1)), [i])
 
@@ -398,7 +417,7 @@ def _attention_tile(plan: KernelPlan, sched: CpuSchedule, a: Args, seqs: Sequenc
                     T.buffer_store(m_new, m_run[i], [i])
             row_max = m_new if norm.running_max else None
             by_tile_kind(plan, kt, f_start, f_end,
-                         lambda masked: _scores(sched, plan, a, places, scope, q_t, s_t, row_max, n, i0, j0, masked),
+                         lambda masked: _scores(sched, plan, a, places, scope, q_t, s_t, row_max, n, j0, masked),
                          None if summary_row is None else a.summary[summary_row, kt])
             if norm.running_max:
                 # m_run stays -inf while a row has kept nothing (a finite stand-in would lose the mass of
@@ -413,7 +432,7 @@ def _attention_tile(plan: KernelPlan, sched: CpuSchedule, a: Args, seqs: Sequenc
                     T.buffer_store(s_t, norm.weight(s_t[jj, i], m_safe[i], False), [jj, i])
                     T.buffer_store(l_run, l_run[i] + s_t[jj, i], [i])
             _accumulate(sched, a, places, s_t, acc, alpha if norm.running_max else None, j0, tir.min(bn, n - j0),
-                        dv_model, rows)
+                        dv_model, lanes)
 
     # -- out = acc scaled as the normalizer says (0 for a row with nothing kept), lse = ln of the total weight;
     # rows that bad index data reached are NaN
@@ -421,15 +440,28 @@ def _attention_tile(plan: KernelPlan, sched: CpuSchedule, a: Args, seqs: Sequenc
     if seqs.paged:
         poison = tir.Or(poison, scratch["worst"][0] >= 0)
     nan = tir.reinterpret(F32, tir.const(0x7FC00000, I32))
-    with T.serial(0, rows) as i:
-        inv = T.Bind(norm.out_scale(l_run[i]))
-        with T.vectorized(0, dv_model) as d:
-            value = acc[i, d] * inv
-            T.buffer_store(a.out, tir.Cast(a.out.dtype, value if poison is None else tir.Select(poison, nan, value)),
-                           [*places.q(i0 + i), d])
-        if a.lse is not None:
-            value = norm.lse(m_run[i], l_run[i])
-            T.buffer_store(a.lse, value if poison is None else tir.Select(poison, nan, value), list(places.lse(i0 + i)))
+    with T.serial(0, lanes) as i:
+        with _only_if(live(i)):
+            inv = T.Bind(norm.out_scale(l_run[i]))
+            with T.vectorized(0, dv_model) as d:
+                value = acc[i, d] * inv
+                T.buffer_store(a.out, tir.Cast(a.out.dtype, value if poison is None else
+                                               tir.Select(poison, nan, value)), [*places.q(lane_h(i), lane_i(i)), d])
+            if a.lse is not None:
+                value = norm.lse(m_run[i], l_run[i])
+                T.buffer_store(a.lse, value if poison is None else tir.Select(poison, nan, value),
+                               list(places.lse(lane_h(i), lane_i(i))))
+
+
+@contextmanager
+def _only_if(condition):
+    """The block runs where `condition` holds (None: always)."""
+    if condition is None:
+        yield
+        return
+    with T.If(condition):
+        with T.Then():
+            yield
 
 
 @contextmanager
@@ -511,7 +543,7 @@ def logit2(plan: KernelPlan, em: Emitter, j, masked: bool) -> tir.PrimExpr:
     return tir.Select(keep, logit, f32(NEG_INF))
 
 
-def _scores(sched: CpuSchedule, plan: KernelPlan, a: Args, places: Places, scope, q_t, s_t, m_new, n, i0, j0,
+def _scores(sched: CpuSchedule, plan: KernelPlan, a: Args, places: Places, scope, q_t, s_t, m_new, n, j0,
             masked: bool) -> None:
     """s_t[jj, :] = logits2 of q_t^T k[j0 + jj] (masked elements -inf on partial tiles), m_new <- the running
     row max (None: the normalizer keeps none). Keys past N read key N - 1 (they are masked). The logits are taken
@@ -521,7 +553,7 @@ def _scores(sched: CpuSchedule, plan: KernelPlan, a: Args, places: Places, scope
     def logits(jj, reg):
         with T.vectorized(0, sched.block_m) as i:
             j = j0 + jj
-            em = Emitter(plan.spec, scope({"i": i0 + i, "j": j}, qk=reg[i]))
+            em = Emitter(plan.spec, scope(i, j, qk=reg[i]))
             T.buffer_store(s_t, logit2(plan, em, j, masked), [jj, i])
             if m_new is not None:
                 T.buffer_store(m_new, tir.max(m_new[i], s_t[jj, i]), [i])

@@ -21,26 +21,41 @@ class CpuSchedule:
     out_cols: int  # value columns per register tile of P V (the last one may be narrower)
     claim_tasks: bool = False  # hand tasks out at run time (x86: `lock bts`; kernel.claimed_tasks), else static ranges
     summary: bool = False  # data-dependent masks: skip key tiles by a tile summary (kernel.tile_summary_primfunc)
+    pack: int = 1  # GQA: query heads of one K/V head sharing a task's rows (block_m / pack rows each; a power of 2)
 
     def __post_init__(self):
         assert self.block_m % self.vector == 0 and self.block_n % self.kv_rows == 0
         assert self.block_m % self.out_rows == 0 and self.block_n % self.out_rows == 0
         assert self.block_m * 4 < 1024 and self.out_cols * 4 < 1024  # each register row on the stack: module doc
+        assert self.block_m % self.pack == 0 and self.pack & (self.pack - 1) == 0
 
 
-def prefill_schedule(vector: int, summary: bool = False) -> CpuSchedule:
+def prefill_schedule(vector: int) -> CpuSchedule:
     """Four vectors of query rows per task and 4 keys per S^T register tile: 16 accumulators either way, but each
     broadcast K element now feeds four vector FMAs instead of two. Quiet machine, 2 threads, fp32 (session 3,
     against two vectors and 8 keys): dense D=128 S=4096 1.05x torch's SDPA instead of 0.96x, D=64 +2-7%,
     causal within 1% or better. (Four vectors with 8 keys, 32 accumulators, had measured 5-40% slower.)"""
     return CpuSchedule(vector, block_m=4 * vector, block_n=64, kv_rows=4, out_rows=4, out_cols=4 * vector,
-                       claim_tasks=host_cpu().x86, summary=summary)
-
-
-def decode_schedule(vector: int) -> CpuSchedule:
-    """Few query rows (decode): one vector of rows per task, so no work goes to padding rows."""
-    return CpuSchedule(vector, block_m=vector, block_n=64, kv_rows=8, out_rows=4, out_cols=4 * vector,
                        claim_tasks=host_cpu().x86)
+
+
+def decode_schedule(vector: int, pack: int = 1) -> CpuSchedule:
+    """Few query rows (decode): one vector of rows per task, so no work goes to padding rows; `pack` heads of a GQA
+    group share it (decode_pack)."""
+    return CpuSchedule(vector, block_m=vector, block_n=64, kv_rows=8, out_rows=4, out_cols=4 * vector,
+                       claim_tasks=host_cpu().x86, pack=pack)
+
+
+def decode_pack(vector: int, rows: int, group: int) -> int:
+    """Heads packed into a decode task of `vector` rows, for `rows` query rows per sequence and H / HKV = group: the
+    largest power of two dividing the group whose heads' rows (each padded to a power of two) fit the vector, as the
+    Triton decode kernel packs them (passes/decode.py, decode_tiles)."""
+    positions, pack = 1, 1
+    while positions < rows:
+        positions *= 2
+    while group % (2 * pack) == 0 and 2 * pack * positions <= vector:
+        pack *= 2
+    return pack
 
 
 def uses_summary(plan, sched: CpuSchedule) -> bool:
