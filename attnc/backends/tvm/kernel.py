@@ -18,6 +18,11 @@ The CPU schedule (why the loops look as they do):
 - P V accumulates into the output tile with the lanes over value columns (contiguous rows of v); the
   rescale by exp2(m_old - m_new) is folded into loading the register tile.
 - exp2 is a vectorizable polynomial (emit.exp2_nonpositive where the argument is never positive: logit - max).
+
+Ragged and paged storage (serving.py): a task's sequence, rows and sizes come from the offsets or lengths, keys
+are read through the block table or the offsets, and the index data is checked, clamped and flagged there. Decode
+schedules pack a GQA group's heads into a task's rows (CpuSchedule.pack); data-dependent masks get a tile summary
+(tile_summary_primfunc) that the prefill schedule reads to skip empty key tiles and the mask on full ones.
 """
 from __future__ import annotations
 
