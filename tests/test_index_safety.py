@@ -206,17 +206,20 @@ PAGED = attnc.parse("""attention paged_decode {
 }""", "paged.attn")[0]
 
 
-def serving_backends():
-    """The backends that run PAGED on this machine's device: triton (CUDA, or the interpreter), and on CPU tvm."""
+def backends():
     names = ["triton"] if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1" else []
-    if not torch.cuda.is_available():
-        try:
-            import tvm  # noqa: F401
+    try:
+        import tvm  # noqa: F401
 
-            names.append("tvm")
-        except ImportError:
-            pass
+        names.append("tvm")
+    except ImportError:
+        pass
     return names
+
+
+def serving_backends():
+    """The backends whose serving kernels run on this machine's device: tvm's only on the CPU."""
+    return [name for name in backends() if name == "triton" or not torch.cuda.is_available()]
 
 
 @pytest.mark.parametrize("backend", serving_backends())
@@ -257,17 +260,6 @@ REL = attnc.parse("""attention rel_bias {
     mask doc[b, j + 1] != 7
     return softmax(score) @ v, lse
 }""", "rel.attn")[0]
-
-
-def backends():
-    names = ["triton"] if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1" else []
-    try:
-        import tvm  # noqa: F401
-
-        names.append("tvm")
-    except ImportError:
-        pass
-    return names
 
 
 @pytest.mark.parametrize("backend", backends())
