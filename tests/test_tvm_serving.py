@@ -231,7 +231,7 @@ def test_bad_page_id_is_poisoned_and_flagged_in_process():
         kernel(spec)(q, k, v, block_table=table, kv_len=torch.tensor([7, 9, 13], dtype=torch.int32), validate=True)
 
 
-CI_RANDOM_CASES = 30
+CI_RANDOM_CASES = 12  # each new (kind, heads packed) pair compiles a kernel: a few seconds
 
 
 def test_adversarial_index_data_through_tvm():
