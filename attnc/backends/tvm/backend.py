@@ -221,15 +221,16 @@ class TvmLauncher:
         self.site = device_errors.register_site(plan.spec) if self.serving else None
         self._summaries: OrderedDict = OrderedDict()
 
-    def schedule(self, rows: int, group: int) -> tuple[str, object]:
-        """The schedule (and its name) for `rows` query rows per sequence and H / HKV = group."""
+    def schedule_kind(self, rows: int, group: int) -> str:
+        """The key in `schedules` of the schedule for `rows` query rows per sequence and H / HKV = group (a decode
+        schedule with heads packed is added when first asked for)."""
         if rows > self.decode_rows:
-            return "prefill", self.schedules["prefill"]
+            return "prefill"
         pack = decode_pack(self.decode_rows, rows, group)
         kind = "decode" if pack == 1 else f"decode/{pack}"
         if kind not in self.schedules:
             self.schedules[kind] = decode_schedule(self.decode_rows, pack)
-        return kind, self.schedules[kind]
+        return kind
 
     def functions(self, kind: str) -> dict:
         fns = self._functions.get(kind)
@@ -252,7 +253,7 @@ class TvmLauncher:
     def __call__(self, bound: Bound):
         sizes = bound.sizes
         m = -(-sizes["T"] // sizes["B"]) if self.plan.spec.q_storage is not None else sizes["M"]
-        kind, _ = self.schedule(m, sizes["H"] // sizes["HKV"])
+        kind = self.schedule_kind(m, sizes["H"] // sizes["HKV"])
         fns = self.functions(kind)
         tail = None
         if SUMMARY in fns or self.serving:
