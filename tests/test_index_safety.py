@@ -21,7 +21,6 @@ import torch
 
 import attnc
 from attnc import index_data
-from attnc.errors import CompileError
 from attnc.passes import PlanOptions
 from fuzz_index import D, Case, build
 
@@ -209,7 +208,24 @@ PAGED = attnc.parse("""attention paged_decode {
 }""", "paged.attn")[0]
 
 
-def test_a_validated_call_has_its_own_error_buffer():
+def backends():
+    names = ["triton"] if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1" else []
+    try:
+        import tvm  # noqa: F401
+
+        names.append("tvm")
+    except ImportError:
+        pass
+    return names
+
+
+def serving_backends():
+    """The backends whose serving kernels run on this machine's device: tvm's only on the CPU."""
+    return [name for name in backends() if name == "triton" or not torch.cuda.is_available()]
+
+
+@pytest.mark.parametrize("backend", serving_backends())
+def test_a_validated_call_has_its_own_error_buffer(backend):
     """validate=True raises for its own call only: an earlier unchecked record stays for check_errors. (The pools
     are views one page into their storage, so page id -1 stays inside it even if the clamp were lost.)"""
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -217,7 +233,7 @@ def test_a_validated_call_has_its_own_error_buffer():
     q = torch.randn(2, 1, 4, 16, device=device)
     table = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32, device=device)
     lens = torch.tensor([6, 8], dtype=torch.int32, device=device)
-    kern = attnc.compile(PAGED)
+    kern = attnc.compile(PAGED, backend=backend)
     want = attnc.reference(PAGED, q, k, v, block_table=table, kv_len=lens)
     attnc.check_errors()  # whatever earlier tests left
     bad = torch.tensor([[0, 1], [-1, 3]], dtype=torch.int32, device=device)
@@ -236,14 +252,6 @@ def test_validate_is_a_reserved_name():
                     "score = qk + validate[h] return softmax(score) @ v }")
 
 
-def test_tvm_refuses_ragged_and_paged_storage():
-    pytest.importorskip("tvm")
-    q, k, v = torch.randn(2, 1, 4, 16), torch.randn(4, 4, 2, 16), torch.randn(4, 4, 2, 16)
-    table, lens = torch.zeros(2, 2, dtype=torch.int32), torch.zeros(2, dtype=torch.int32)
-    with pytest.raises(CompileError, match="the tvm backend does not lower ragged or paged storage"):
-        attnc.compile(PAGED, backend="tvm")(q, k, v, block_table=table, kv_len=lens)
-
-
 # -- lookups: one rule, read 0 out of range, everywhere
 
 REL = attnc.parse("""attention rel_bias {
@@ -254,17 +262,6 @@ REL = attnc.parse("""attention rel_bias {
     mask doc[b, j + 1] != 7
     return softmax(score) @ v, lse
 }""", "rel.attn")[0]
-
-
-def backends():
-    names = ["triton"] if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1" else []
-    try:
-        import tvm  # noqa: F401
-
-        names.append("tvm")
-    except ImportError:
-        pass
-    return names
 
 
 @pytest.mark.parametrize("backend", backends())

@@ -9,6 +9,7 @@ import torch
 
 import attnc
 from attnc import ir
+from attnc.passes import Target
 
 pytest.importorskip("tvm")  # the GPU machine has no TVM compiler: these tests run in CI
 from attnc.backends.tvm import backend as tvm_backend
@@ -63,10 +64,17 @@ def test_example_matches_reference(spec):
 
 
 @pytest.mark.parametrize("spec", STORED_EXAMPLES, ids=lambda s: s.name)
-def test_ragged_and_paged_storage_are_refused(spec):
-    """Not lowered yet: a CompileError that names the workaround, not a wrong number."""
-    with pytest.raises(attnc.CompileError, match="ragged or paged"):
-        tvm_backend.TvmBackend().build(attnc.compile(spec, backend="tvm").plan("cpu", 64))
+def test_ragged_and_paged_storage_run_in_the_cpu_forward_only(spec):
+    """The CPU forward lowers them (tests/test_tvm_serving.py checks the numbers); the backward and the CUDA kernel
+    do not: a CompileError that names the workaround, not a wrong number."""
+    plan = attnc.compile(spec, backend="tvm").plan("cpu", 64)
+    assert isinstance(tvm_backend.TvmBackend().build(plan), tvm_backend.TvmLauncher)
+    with pytest.raises(attnc.CompileError, match="ragged and paged storage run on the tvm backend's CPU forward "
+                                                 "kernel; the backward does not lower them: run it with "
+                                                 "backend='triton'"):
+        tvm_backend.TvmBackend().build_backward(plan)
+    with pytest.raises(attnc.CompileError, match="its CUDA kernel does not lower them"):
+        tvm_backend.TvmBackend().build(replace(plan, target=Target("tvm", "cuda", 90)))
 
 
 @pytest.mark.parametrize("masks", [(), (ir.causal_mask(),)], ids=["dense", "causal"])

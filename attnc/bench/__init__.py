@@ -1,5 +1,6 @@
 """Side-by-side benchmarks. GPU: attnc against SDPA (flash, cuDNN, efficient) and compiled FlexAttention.
-CPU (`--device cpu`): attnc's TVM kernels against torch's CPU scaled_dot_product_attention.
+CPU (`--device cpu`): attnc's TVM kernels against torch's CPU scaled_dot_product_attention, dense and causal, and
+serving rows (a paged decode, a varlen prefill) against SDPA called per sequence on its gathered pages or rows.
 
 Every runner sees the same inputs in the same process; each output is checked against the others before any
 timing counts. GPU times are the median of `triton.testing.do_bench`; FLOPs count only kept (query, key) pairs.
@@ -756,22 +757,33 @@ def run_cpu(args: argparse.Namespace) -> int:
                                                                  returns=return_text(returns_lse=backward)))[0],
                                      backend="tvm")
                for causal in (False, True)}
-    for w in cpu_workloads(seqs, dims, args.only):
-        gen = torch.Generator().manual_seed(w.S * 1000 + w.D)
-        q, k, v = (torch.randn(1, CPU_HEADS, w.S, w.D, generator=gen) for _ in range(3))
-        fns = (cpu_training_runners if backward else cpu_forward_runners)(kernels[w.causal], w, q, k, v, gen)
-        flops = w.flops * (1 + BACKWARD_FLOPS if backward else 1)
+    seconds = 0.1 if args.quick else 0.5
+
+    def add_row(row: dict, fns: dict[str, Callable]) -> None:
+        """Check attnc against torch, time both, and write the row out (a run cut short keeps its rows)."""
         err = _rel_err(fns["attnc"](), fns["torch"]())
-        row = {"workload": w.name, "causal": w.causal, "S": w.S, "D": w.D, "flops": flops, "rel_err": err}
+        row["rel_err"] = err
         if not math.isfinite(err) or err > CPU_TOL:
             row["error"] = f"wrong result: rel err {err:.3g} vs torch"
         else:
             row["loadavg_before"] = os.getloadavg()
-            blocks = time_in_blocks(fns, rounds, seconds=0.1 if args.quick else 0.5)
-            row.update(summarize_blocks(blocks["attnc"], blocks["torch"], flops), loadavg_after=os.getloadavg())
+            blocks = time_in_blocks(fns, rounds, seconds)
+            row.update(summarize_blocks(blocks["attnc"], blocks["torch"], row["flops"]), loadavg_after=os.getloadavg())
         report["rows"].append(row)
-        path.write_text(json.dumps(report, indent=1) + "\n")  # after every row: a run cut short keeps its rows
+        path.write_text(json.dumps(report, indent=1) + "\n")
         print_cpu_row(row)
+
+    for w in cpu_workloads(seqs, dims, args.only):
+        gen = torch.Generator().manual_seed(w.S * 1000 + w.D)
+        q, k, v = (torch.randn(1, CPU_HEADS, w.S, w.D, generator=gen) for _ in range(3))
+        fns = (cpu_training_runners if backward else cpu_forward_runners)(kernels[w.causal], w, q, k, v, gen)
+        add_row({"workload": w.name, "causal": w.causal, "S": w.S, "D": w.D,
+                 "flops": w.flops * (1 + BACKWARD_FLOPS if backward else 1)}, fns)
+    if not backward:  # the serving kernels have no backward
+        serving = {kind: attnc.compile(attnc.parse(text)[0], backend="tvm") for kind, text in SERVING_SPECS.items()}
+        for w in serving_workloads(seqs[:1] if args.quick else seqs, dims, args.only):
+            fns, flops = serving_runners(serving[w.kind], w)
+            add_row({"workload": w.name, "causal": True, "S": w.S, "D": w.D, "flops": flops, "panel": w.kind}, fns)
     print_cpu_table(report)
     plot_path = plot_cpu(report, path.with_suffix(".png"))
     print(f"wrote {path} and {plot_path}")
@@ -806,6 +818,92 @@ def cpu_training_runners(kernel, w: CpuWorkload, q, k, v, gen) -> dict[str, Call
     return {"attnc": attnc_step, "torch": torch_step}
 
 
+# Serving rows (docs/serving.md): B sequences of S/2 to S keys (decode) or tokens (varlen prefill), H = CPU_HEADS
+# query heads over SERVING_KV_HEADS K/V heads; torch gathers each sequence's pages, or slices its rows, and calls
+# SDPA per sequence.
+SERVING_SPECS = {
+    "paged decode": """attention bench_cpu_paged_decode {
+    q: f32[B, M, H, D]  k: f32[PAGES, PAGE, HKV, D]  v: f32[PAGES, PAGE, HKV, D]
+    paged k, v by block_table, kv_len
+    mask causal
+    return softmax(score) @ v
+}""",
+    "varlen prefill": """attention bench_cpu_varlen {
+    q: f32[T, H, D]  k: f32[TK, HKV, D]  v: f32[TK, HKV, D]
+    ragged q by cu_seqlens
+    ragged k, v by cu_seqlens
+    mask causal
+    return softmax(score) @ v
+}""",
+}
+SERVING_BATCH = {"paged decode": 8, "varlen prefill": 4}
+SERVING_KV_HEADS = 2
+SERVING_PAGE = 16
+
+
+@dataclass(frozen=True)
+class ServingWorkload:
+    kind: str  # a key of SERVING_SPECS
+    D: int
+    S: int  # the longest sequence
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind} D={self.D} S={self.S}"
+
+    def lengths(self, gen: torch.Generator) -> list[int]:
+        half = max(1, self.S // 2)
+        return [half + int(x) for x in torch.randint(0, self.S - half + 1, (SERVING_BATCH[self.kind],), generator=gen)]
+
+
+def serving_workloads(seqs: list[int], dims: list[int], only: str | None = None) -> list[ServingWorkload]:
+    rows = [ServingWorkload(kind, d, s) for kind in SERVING_SPECS for d in dims for s in seqs]
+    return [w for w in rows if not only or re.search(only, w.name)]
+
+
+def serving_runners(kernel, w: ServingWorkload) -> tuple[dict[str, Callable], float]:
+    """attnc's call and torch's (SDPA per sequence over its gathered pages or rows), on the same data; and the
+    FLOPs over kept pairs."""
+    gen = torch.Generator().manual_seed(w.S * 1000 + w.D + 7)
+    lens = w.lengths(gen)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    h, hkv, d = CPU_HEADS, SERVING_KV_HEADS, w.D
+    if w.kind == "paged decode":
+        used = [-(-n // SERVING_PAGE) for n in lens]
+        pages = sum(used)
+        k, v = (torch.randn(pages, SERVING_PAGE, hkv, d, generator=gen) for _ in range(2))
+        ids = torch.randperm(pages, generator=gen)
+        table = torch.zeros(len(lens), max(used), dtype=torch.int32)
+        at = 0
+        for b, n in enumerate(used):
+            table[b, :n] = ids[at:at + n]
+            at += n
+        kv_len = torch.tensor(lens, dtype=torch.int32)
+        q = torch.randn(len(lens), 1, h, d, generator=gen)
+        rows = [(table[b, :used[b]].long(), n) for b, n in enumerate(lens)]
+
+        def torch_paged():  # 4-D [1, heads, rows, D] views: torch's CPU flash kernel (3-D ones take its math path)
+            outs = [sdpa(q[b:b + 1].transpose(1, 2), k[own].flatten(0, 1)[None, :n].transpose(1, 2),
+                         v[own].flatten(0, 1)[None, :n].transpose(1, 2), enable_gqa=True)
+                    for b, (own, n) in enumerate(rows)]
+            return torch.cat(outs).transpose(1, 2)
+
+        fns = {"attnc": lambda: kernel(q, k, v, block_table=table, kv_len=kv_len), "torch": torch_paged}
+        return fns, 4.0 * h * d * sum(lens)
+    cu = [0]
+    for n in lens:
+        cu.append(cu[-1] + n)
+    q, k, v = (torch.randn(cu[-1], heads, d, generator=gen) for heads in (h, hkv, hkv))
+    offsets = torch.tensor(cu, dtype=torch.int32)
+
+    def torch_varlen():
+        return torch.cat([sdpa(q[None, a:e].transpose(1, 2), k[None, a:e].transpose(1, 2), v[None, a:e].transpose(1, 2),
+                               is_causal=True, enable_gqa=True)[0].transpose(0, 1) for a, e in zip(cu, cu[1:])])
+
+    fns = {"attnc": lambda: kernel(q, k, v, cu_seqlens=offsets), "torch": torch_varlen}
+    return fns, 4.0 * h * d * sum(n * (n + 1) // 2 for n in lens)
+
+
 def print_cpu_row(row: dict) -> None:
     """One finished CPU row, at once."""
     if "error" in row:
@@ -820,8 +918,9 @@ def plot_cpu(report: dict, path: Path) -> Path:
     env = report["env"]
     rows = [r for r in report["rows"] if "speedup" in r]
     panels = {}
-    for row in sorted(rows, key=lambda r: (r["causal"], r["D"], r["S"])):
-        lines = panels.setdefault(f"{'causal' if row['causal'] else 'dense'} D={row['D']}", {"attnc": [], "torch": []})
+    for row in sorted(rows, key=lambda r: (r.get("panel", ""), r["causal"], r["D"], r["S"])):
+        panel = row.get("panel") or ("causal" if row["causal"] else "dense")
+        lines = panels.setdefault(f"{panel} D={row['D']}", {"attnc": [], "torch": []})
         for runner in lines:
             lines[runner].append((row["S"], row[f"{runner}_gflops"]))
     device = f"{env['model'] or 'CPU'}, {env['threads']['tvm']} threads"

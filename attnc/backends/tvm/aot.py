@@ -72,7 +72,7 @@ def build(spec: Attention, out_dir: str | Path, target: str = "cuda", arch: str 
         from .cuda import build_cuda_kernel
 
         plan = plan_kernel(spec, _plan_target(target, arch), d, dv, options)
-        check_dense(plan)
+        check_dense(plan, "ahead-of-time compilation")
         sched, func = build_cuda_kernel(plan, "attn", cuda_schedule)
         funcs = {"attn": func}
         tvm_target = _tvm_target("cuda", arch)
@@ -84,7 +84,7 @@ def build(spec: Attention, out_dir: str | Path, target: str = "cuda", arch: str 
         cpu = host_cpu()
         options = PlanOptions()  # the CPU schedules take no overrides
         plan = plan_kernel(spec, _plan_target(target, arch), d, dv, options)
-        check_dense(plan)
+        check_dense(plan, "ahead-of-time compilation")
         funcs = {"attn_prefill": build_primfunc(plan, prefill_schedule(cpu.vector), "attn_prefill"),
                  "attn_decode": build_primfunc(plan, decode_schedule(cpu.vector), "attn_decode")}
         tvm_target, sched = cpu.target(), None
@@ -138,7 +138,7 @@ def emit_source(spec: Attention, target: str, arch: str | None = None, head_dim:
 
         arch = arch or "sm_90a"
         plan = plan_kernel(spec, Target("tvm", "cuda", _arch_number(arch)), d, dv)
-        check_dense(plan)
+        check_dense(plan, "ahead-of-time compilation")
         sched, func = build_cuda_kernel(plan, "attn")
     else:
         from .gpu import build_gpu_primfunc, gpu_schedule
@@ -151,7 +151,7 @@ def emit_source(spec: Attention, target: str, arch: str | None = None, head_dim:
         elif arch is not None:
             raise CompileError(f"--arch {arch!r}: --target {target} takes no architecture; leave --arch out")
         plan = plan_kernel(spec, Target("tvm", target, None), d, dv)
-        check_dense(plan)
+        check_dense(plan, "ahead-of-time compilation")
         sched = gpu_schedule(plan)
         func = build_gpu_primfunc(plan, sched, "attn")
     _, comment, what = SOURCE_TARGETS[target]

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import struct
+from collections import OrderedDict
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -20,15 +22,17 @@ from ...dsl.signature import Bound
 from ...errors import CompileError
 from ...passes import KernelPlan, Target
 from ...passes.grad import derive, normalizer_backward
-from .. import cache
+from .. import cache, device_errors
 from . import codegen_fingerprint
 from .host import configure_threads, host_cpu
-from .launch import FINISH, KEYS, ROWS, launch, launch_backward
+from .launch import FINISH, KEYS, ROWS, extra_args, launch, launch_backward, qkv_args
 from .runtime import load_module, tvm_version
-from .schedule import KEY_TILES, decode_schedule, prefill_schedule
+from .schedule import KEY_TILES, decode_pack, decode_schedule, prefill_schedule, summary_uses_h, uses_summary
 
 LIBRARY_FILE = "kernel.so"
 FUNCTION = "attn"
+SUMMARY = "tile_summary"  # kernel.tile_summary_primfunc, in the prefill library of data-dependent masks
+SUMMARY_CACHE_SIZE = 4  # tile summaries kept per kernel (one per distinct mask tensors / sizes / params)
 MAX_SPLITS = 4  # the backward keeps at most this many float32 partials of dQ (backward.py)
 
 
@@ -48,25 +52,27 @@ class TvmBackend:
         return Target("tvm", "cpu", None)
 
     def build(self, plan: KernelPlan):
-        check_dense(plan)
-        return CudaLauncher(plan) if plan.target.device == "cuda" else TvmLauncher(plan)
+        if plan.target.device == "cuda":
+            check_dense(plan, "its CUDA kernel")
+            return CudaLauncher(plan)
+        return TvmLauncher(plan)
 
     def build_backward(self, plan: KernelPlan):
         """The CPU backward (backward.py; Backend.build_backward's contract). CUDA tensors train through the
         triton backend."""
-        check_dense(plan)
+        check_dense(plan, "the backward")
         if plan.target.device == "cuda":
             raise CompileError(f"attention {plan.spec.name!r}: the tvm backend's backward runs on the CPU; backward "
                                f"on CUDA runs through the triton backend (backend='triton')")
         return TvmBackward(plan)
 
 
-def check_dense(plan: KernelPlan) -> None:
+def check_dense(plan: KernelPlan, where: str) -> None:
+    """Ragged and paged storage run in the CPU forward kernel only (serving.py); `where` names what refuses."""
     spec = plan.spec
     if spec.q_storage is not None or spec.kv_storage is not None:
-        raise CompileError(f"attention {spec.name!r}: the tvm backend does not lower ragged or paged storage "
-                           f"yet; run it with backend='triton' (CUDA, or TRITON_INTERPRET=1 on CPU), or pass "
-                           f"dense q/k/v")
+        raise CompileError(f"attention {spec.name!r}: ragged and paged storage run on the tvm backend's CPU forward "
+                           f"kernel; {where} does not lower them: run it with backend='triton', or pass dense q/k/v")
 
 
 def cuda_target(arch: int):
@@ -199,32 +205,89 @@ def load_functions(plan: KernelPlan, sched, names: tuple[str, ...], lower: Calla
 
 
 class TvmLauncher:
-    """CPU: a prefill schedule and, for M up to one vector of rows, a decode schedule."""
+    """CPU: a prefill schedule and, for M up to one vector of rows, a decode schedule (M: the rows a sequence is
+    expected to have, ceil(T / B) for a ragged q). Data-dependent masks: the prefill library also holds the tile
+    summary, computed per call and reused while the mask tensors, sizes and params are unchanged."""
 
     def __init__(self, plan: KernelPlan):
         self.plan = plan
         vector = host_cpu().vector
         self.decode_rows = vector  # M up to this runs the decode schedule
-        self.schedules = {"prefill": prefill_schedule(vector), "decode": decode_schedule(vector)}
-        self._functions: dict[str, object] = {}
+        prefill = prefill_schedule(vector)
+        self.schedules = {"prefill": replace(prefill, summary=True) if plan.masks.data_dependent else prefill,
+                          "decode": decode_schedule(vector)}  # and decode schedules with heads packed, when called
+        self._functions: dict[str, dict] = {}
+        self.serving = plan.spec.q_storage is not None or plan.spec.kv_storage is not None
+        self.site = device_errors.register_site(plan.spec) if self.serving else None
+        self._summaries: OrderedDict = OrderedDict()
 
-    def function(self, m: int):
-        kind = "decode" if m <= self.decode_rows else "prefill"
-        fn = self._functions.get(kind)
-        if fn is None:
+    def schedule_kind(self, rows: int, group: int) -> str:
+        """The key in `schedules` of the schedule for `rows` query rows per sequence and H / HKV = group (a decode
+        schedule with heads packed is added when first asked for)."""
+        if rows > self.decode_rows:
+            return "prefill"
+        pack = decode_pack(self.decode_rows, rows, group)
+        kind = "decode" if pack == 1 else f"decode/{pack}"
+        if kind not in self.schedules:
+            self.schedules[kind] = decode_schedule(self.decode_rows, pack)
+        return kind
+
+    def functions(self, kind: str) -> dict:
+        fns = self._functions.get(kind)
+        if fns is None:
             sched = self.schedules[kind]
+            summary = uses_summary(self.plan, sched)
+            names = (FUNCTION, SUMMARY) if summary else (FUNCTION,)
 
             def lower():
-                from .kernel import build_primfunc
+                from .kernel import build_primfunc, tile_summary_primfunc
 
-                return {FUNCTION: build_primfunc(self.plan, sched, FUNCTION)}, host_cpu().target()
+                funcs = {FUNCTION: build_primfunc(self.plan, sched, FUNCTION)}
+                if summary:
+                    funcs[SUMMARY] = tile_summary_primfunc(self.plan, sched, SUMMARY)
+                return funcs, host_cpu().target()
 
-            fn = self._functions[kind] = load_functions(self.plan, sched, (FUNCTION,), lower,
-                                                        host_cpu().label)[FUNCTION]
-        return fn
+            fns = self._functions[kind] = load_functions(self.plan, sched, names, lower, host_cpu().label)
+        return fns
 
     def __call__(self, bound: Bound):
-        return launch(self.plan.spec, self.function(bound.sizes["M"]), bound)
+        sizes = bound.sizes
+        m = -(-sizes["T"] // sizes["B"]) if self.plan.spec.q_storage is not None else sizes["M"]
+        kind = self.schedule_kind(m, sizes["H"] // sizes["HKV"])
+        fns = self.functions(kind)
+        tail = None
+        if SUMMARY in fns or self.serving:
+            def tail():
+                extra = [self.summary(fns[SUMMARY], bound, self.schedules[kind])] if SUMMARY in fns else []
+                if self.serving:
+                    extra += [device_errors.buffer(bound.q.device), self.site]
+                return extra
+        return launch(self.plan.spec, fns[FUNCTION], bound, tail)
+
+    def summary(self, function, bound: Bound, sched) -> torch.Tensor:
+        """The tile classes (kernel.tile_summary_primfunc) for this call's mask tensors, sizes and params. Entries
+        hold the tensors themselves, so a data_ptr in a key cannot be reused by a new tensor while it is cached;
+        `_version` catches in-place writes."""
+        tensors = list(bound.inputs.values())
+        key = (tuple(bound.sizes.items()), tuple(bound.params.items()),
+               tuple((t.data_ptr(), t._version, tuple(t.shape), t.stride()) for t in tensors))
+        hit = self._summaries.get(key)
+        if hit is not None:
+            self._summaries.move_to_end(key)
+            return hit[1]
+        sizes, bm = bound.sizes, sched.block_m
+        spec = self.plan.spec
+        heads = sizes["H"] if summary_uses_h(self.plan) else 1
+        if spec.q_storage is not None:
+            rows = heads * ((sizes["T"] + sizes["B"] * (bm - 1)) // bm)
+        else:
+            rows = sizes["B"] * heads * -(-sizes["M"] // bm)
+        table = torch.empty((rows, max(1, -(-sizes["N"] // sched.block_n))), dtype=torch.int8)
+        function(*qkv_args(spec, bound, False), *extra_args(spec, bound), table)
+        self._summaries[key] = (tensors, table)
+        if len(self._summaries) > SUMMARY_CACHE_SIZE:
+            self._summaries.popitem(last=False)
+        return table
 
 
 class CudaLauncher:

@@ -6,6 +6,8 @@ matter of strides); the compiled function takes the torch tensors through DLPack
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from ...dsl.signature import Bound, canonical_view, lse_shape, out_shape
@@ -20,20 +22,22 @@ def empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def launch(spec, function, bound: Bound):
+def launch(spec, function, bound: Bound, tail: Callable[[], list] | None = None):
     """Allocate out (and lse) and run a compiled kernel; shared by the JIT launchers and AOT artifacts.
-    q/k/v/out go as [B, heads, sequence, head dim] views of whatever layout the spec declares."""
+    q/k/v/out go as [B, heads, sequence, head dim] views of whatever layout the spec declares. `tail()`: the
+    arguments after the params (the tile summary, the error buffer and site of serving kernels)."""
     q = bound.q
     out = empty(out_shape(spec, bound), q.dtype, q.device)
     lse = empty(lse_shape(bound), torch.float32, q.device) if spec.returns_lse else None
     if bound.sizes["M"] > 0:
         gpu = q.device.type == "cuda"
-        args = [loadable(canonical_view(t, decl), gpu) for t, decl in
-                ((q, spec.q), (bound.k, spec.k), (bound.v, spec.v))]
+        args = qkv_args(spec, bound, gpu)
         args.append(canonical_view(out, spec.q))  # freshly allocated in q's layout: head dim is contiguous
         if lse is not None:
             args.append(lse)
         args += extra_args(spec, bound)
+        if tail is not None:
+            args += tail()
         if gpu:
             tvm_ffi = ffi()
             # TVM launches on the stream it is given: torch's current one, so the kernel orders with torch's work.
@@ -43,6 +47,12 @@ def launch(spec, function, bound: Bound):
         else:
             function(*args)
     return (out, lse) if spec.returns_lse else out
+
+
+def qkv_args(spec, bound: Bound, gpu: bool) -> list:
+    """q, k, v as the kernels take them (canonical_view, loadable)."""
+    return [loadable(canonical_view(t, decl), gpu) for t, decl in ((bound.q, spec.q), (bound.k, spec.k),
+                                                                    (bound.v, spec.v))]
 
 
 def launch_backward(spec, functions: dict, tables: tuple[str, ...], block_m: int, splits: int, bound: Bound,

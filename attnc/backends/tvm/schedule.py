@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ...ir import IndexVar, walk
 from .host import host_cpu
 
 # Key tiles per block of a backward key task (backward._key_task): 256 keys of K, V and dK, dV accumulators at D = 128
@@ -19,11 +20,14 @@ class CpuSchedule:
     out_rows: int  # query rows per register tile of P V; divides block_m
     out_cols: int  # value columns per register tile of P V (the last one may be narrower)
     claim_tasks: bool = False  # hand tasks out at run time (x86: `lock bts`; kernel.claimed_tasks), else static ranges
+    summary: bool = False  # data-dependent masks: skip key tiles by a tile summary (kernel.tile_summary_primfunc)
+    pack: int = 1  # GQA: query heads of one K/V head sharing a task's rows (block_m / pack rows each; a power of 2)
 
     def __post_init__(self):
         assert self.block_m % self.vector == 0 and self.block_n % self.kv_rows == 0
         assert self.block_m % self.out_rows == 0 and self.block_n % self.out_rows == 0
         assert self.block_m * 4 < 1024 and self.out_cols * 4 < 1024  # each register row on the stack: module doc
+        assert self.block_m % self.pack == 0 and self.pack & (self.pack - 1) == 0
 
 
 def prefill_schedule(vector: int) -> CpuSchedule:
@@ -35,7 +39,31 @@ def prefill_schedule(vector: int) -> CpuSchedule:
                        claim_tasks=host_cpu().x86)
 
 
-def decode_schedule(vector: int) -> CpuSchedule:
-    """Few query rows (decode): one vector of rows per task, so no work goes to padding rows."""
+def decode_schedule(vector: int, pack: int = 1) -> CpuSchedule:
+    """Few query rows (decode): one vector of rows per task, so no work goes to padding rows; `pack` heads of a GQA
+    group share it (decode_pack)."""
     return CpuSchedule(vector, block_m=vector, block_n=64, kv_rows=8, out_rows=4, out_cols=4 * vector,
-                       claim_tasks=host_cpu().x86)
+                       claim_tasks=host_cpu().x86, pack=pack)
+
+
+def decode_pack(vector: int, rows: int, group: int) -> int:
+    """Heads packed into a decode task of `vector` rows, for `rows` query rows per sequence and H / HKV = group: the
+    largest power of two dividing the group whose heads' rows (each padded to a power of two) fit the vector, as the
+    Triton decode kernel packs them (passes/decode.py, decode_tiles)."""
+    positions, pack = 1, 1
+    while positions < rows:
+        positions *= 2
+    while group % (2 * pack) == 0 and 2 * pack * positions <= vector:
+        pack *= 2
+    return pack
+
+
+def uses_summary(plan, sched: CpuSchedule) -> bool:
+    """Whether the kernel of `sched` reads a tile summary: the prefill schedule of data-dependent masks (decode
+    schedules, a vector of rows, evaluate them on every tile, as the Triton decode kernel does)."""
+    return sched.summary and plan.masks.data_dependent
+
+
+def summary_uses_h(plan) -> bool:
+    """Whether the tile summary differs per head (a mask reads h); else the heads share one."""
+    return any(isinstance(n, IndexVar) and n.name == "h" for m in plan.spec.masks for n in walk(m))
