@@ -54,6 +54,7 @@ DENSE_EXAMPLES = [s for s in example_specs() if s.q_storage is None and s.kv_sto
 STORED_EXAMPLES = [s for s in example_specs() if s not in DENSE_EXAMPLES]
 
 
+@pytest.mark.shared_cache
 @pytest.mark.parametrize("spec", DENSE_EXAMPLES, ids=lambda s: s.name)
 def test_example_matches_reference(spec):
     sizes = example_sizes(spec)
@@ -77,6 +78,7 @@ def test_ragged_and_paged_storage_run_in_the_cpu_forward_only(spec):
         tvm_backend.TvmBackend().build(replace(plan, target=Target("tvm", "cuda", 90)))
 
 
+@pytest.mark.shared_cache
 @pytest.mark.parametrize("masks", [(), (ir.causal_mask(),)], ids=["dense", "causal"])
 def test_random_shapes(masks):
     """One kernel per head dim serves every B, H, M, N (including the decode schedule for small M)."""
@@ -91,6 +93,7 @@ def test_random_shapes(masks):
         check(spec, kernel(q, k, v), attnc.reference(spec, q, k, v))
 
 
+@pytest.mark.shared_cache
 @pytest.mark.parametrize("claim_tasks", [False, True], ids=["static", "claimed"])
 def test_task_schedules(claim_tasks, monkeypatch):
     """Both ways of handing out query tiles to threads (schedule.CpuSchedule.claim_tasks), with more tasks than
@@ -110,12 +113,14 @@ def test_task_schedules(claim_tasks, monkeypatch):
     assert kernel._impls[(q.device, 32, 32)].schedules["prefill"].claim_tasks == claim_tasks
 
 
+@pytest.mark.shared_cache
 def test_value_dim_and_odd_head_dim():
     spec = f32_spec((ir.causal_mask(),), v_shape=("B", "H", "N", "DV"))
     q, k, v = torch.randn(2, 2, 41, 24), torch.randn(2, 2, 90, 24), torch.randn(2, 2, 90, 72)
     check(spec, attnc.compile(spec, backend="tvm")(q, k, v), attnc.reference(spec, q, k, v))
 
 
+@pytest.mark.shared_cache
 def test_gqa_bshd_and_strided_views():
     """BSHD is a layout the kernel reads through strides; views that are not contiguous are read in place."""
     bshd = ("B", "N", "HKV", "D")
@@ -128,6 +133,7 @@ def test_gqa_bshd_and_strided_views():
     assert got[0].shape == (2, 37, 6, 32)  # out in q's layout
 
 
+@pytest.mark.shared_cache
 def test_empty_rows_and_no_keys():
     """Rows with no kept key give out = 0 and lse = -inf; with a sink, lse = the sink's logit."""
     keep_first = ir.Binary("<", ir.IndexVar("j"), ir.Lookup("n_keys", (ir.IndexVar("b"),)))
@@ -163,6 +169,7 @@ attention very_negative {
 VERY_NEGATIVE_TOL = 3e-4
 
 
+@pytest.mark.shared_cache
 @pytest.mark.parametrize("m, n", [(100, 800), (16, 130)], ids=["prefill", "decode"])
 def test_very_negative_logits_after_empty_tiles(m, n):
     spec = attnc.parse(VERY_NEGATIVE)[0]
@@ -173,6 +180,7 @@ def test_very_negative_logits_after_empty_tiles(m, n):
     torch.testing.assert_close(out.double(), want, rtol=0, atol=VERY_NEGATIVE_TOL * max(1.0, want.abs().max().item()))
 
 
+@pytest.mark.shared_cache
 def test_low_precision_inputs_compute_in_f32():
     spec = f32_spec((ir.causal_mask(),))
     for dtype in ("f16", "bf16"):
@@ -213,6 +221,7 @@ def test_other_devices_are_refused_with_a_hint():
         tvm_backend.TvmBackend().target(torch.device("meta"))
 
 
+@pytest.mark.shared_cache
 def test_vector_math():
     """The polynomial exp2 and the tanh formula the kernels use, in a vectorized loop, against torch."""
     import tvm
