@@ -26,6 +26,8 @@ from attnc.backends.tvm.schedule import prefill_schedule  # noqa: E402
 from fuzz_index import random_case  # noqa: E402
 from test_index_safety import FIXED, WORKER, key  # noqa: E402
 
+pytestmark = pytest.mark.shared_cache
+
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = ROOT / "examples" / "specs"
 TOL = 2e-5
