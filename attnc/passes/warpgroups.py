@@ -1,0 +1,76 @@
+"""Hopper pipeline staging: whether the forward prefill runs the Gluon warpgroup-specialized kernel, and its layout.
+
+A pure function of the plan. The Gluon kernel (backends/triton/gluon.py.j2) covers dense storage, f16/bf16 q, k and
+v, head dims up to 256 and sm_90 (warpgroup MMA exists there only); everything else keeps the Triton template,
+and so do launches with M in the decode regime (the decode tile packs GQA heads). Until the kernel has run on an
+H100 it is opt-in: PlanOptions(gluon=True).
+
+The layouts follow FlashAttention-3 on an H100 (232,448 B of shared memory, 64K registers per SM, one program per
+SM): 128 query rows in two consumer warpgroups of 64 rows at 240 registers per thread, one producer warp at 24.
+A consumer holds per thread the fp32 accumulator (DV / 2 registers for 64 rows), the score tile (BN / 2) and P
+(BN / 4, bf16); overlapping the next tile's QK^T with the softmax keeps a second score tile live, which fits up to
+DV = 128 with BN = 128. The ring depth is the most stages, up to MAX_STAGES, whose K/V tiles fit beside Q.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+from .plan import KernelPlan, WarpgroupLayout, WarpgroupPlan
+from .tiling import DTYPE_BITS, smem_bytes, smem_capacity, widest_block
+
+GLUON_ARCH = 90
+GLUON_DTYPES = ("f16", "bf16")
+MAX_HEAD_BLOCK = 256  # BLOCK_D and BLOCK_DV: one TMA box and one wgmma N each
+MAX_STAGES = 4
+OPT_IN = "opt-in until verified on an H100: PlanOptions(gluon=True) selects it"
+
+
+def unavailable(plan: KernelPlan) -> str:
+    """Why the plan cannot run the Gluon kernel ("" where it can)."""
+    spec, arch = plan.spec, plan.target.arch
+    if arch is None:
+        return "no GPU: the Gluon kernel needs sm_90"
+    if arch != GLUON_ARCH:
+        return f"sm_{arch}: warpgroup MMA is sm_90 only"
+    if spec.q_storage is not None or spec.kv_storage is not None:
+        return "ragged or paged storage runs the decode kernel"
+    dtypes = {spec.q.dtype, spec.k.dtype, spec.v.dtype}
+    if len(dtypes) > 1 or plan.dtype not in GLUON_DTYPES:
+        return f"q, k, v are {'/'.join(sorted(dtypes))}: the Gluon kernel takes one of {', '.join(GLUON_DTYPES)}"
+    if widest_block(plan) > MAX_HEAD_BLOCK:
+        return f"D={plan.head_dim} DV={plan.value_dim}: the Gluon kernel takes head dims up to {MAX_HEAD_BLOCK}"
+    if plan.head_dim % 8 or plan.value_dim % 8:
+        return f"D={plan.head_dim} DV={plan.value_dim}: TMA rows need head dims that are multiples of 8"
+    return ""
+
+
+def choose_layout(plan: KernelPlan) -> WarpgroupLayout:
+    t = plan.tiling
+    widest = widest_block(plan)
+    block_m, consumers = 128, 2
+    block_n = 128 if widest <= 128 else 64
+    overlap = t.block_dv <= 128 and block_n <= 128
+    bytes_per = DTYPE_BITS[plan.dtype] // 8
+    stages = MAX_STAGES
+    while stages > 1 and smem_bytes(block_m, block_n, t.block_d, t.block_dv, stages, bytes_per) + BARRIER_BYTES \
+            > smem_capacity(plan.target.arch):
+        stages -= 1
+    # Two stages are what FlashAttention-3 runs at D = 128 and 256; more only pays where K/V tiles are small.
+    stages = min(stages, 2 if widest >= 128 else 3)
+    return WarpgroupLayout(block_m, block_n, stages, consumers, 4, "pingpong", overlap)
+
+
+BARRIER_BYTES = 1024  # mbarriers and the compiler's alignment padding
+
+
+def stage_warpgroups(plan: KernelPlan) -> KernelPlan:
+    why = unavailable(plan)
+    if why:
+        return replace(plan, warpgroups=WarpgroupPlan("triton", why))
+    layout = choose_layout(plan)
+    if not plan.options.gluon:
+        return replace(plan, warpgroups=WarpgroupPlan("triton", f"the Gluon warpgroup kernel qualifies, {OPT_IN}",
+                                                      layout))
+    return replace(plan, warpgroups=WarpgroupPlan(
+        "gluon", f"prefill launches (M > {plan.tiling.decode_max_m}); decode launches keep the Triton template",
+        layout))
