@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from ..ir import Expr, IndexVar, Lookup, walk
 from .plan import KernelPlan, WarpgroupLayout, WarpgroupPlan
 from .tiling import DTYPE_BITS, smem_bytes, smem_capacity, widest_block
 
@@ -39,28 +40,52 @@ def unavailable(plan: KernelPlan) -> str:
         return f"q, k, v are {'/'.join(sorted(dtypes))}: the Gluon kernel takes one of {', '.join(GLUON_DTYPES)}"
     if widest_block(plan) > MAX_HEAD_BLOCK:
         return f"D={plan.head_dim} DV={plan.value_dim}: the Gluon kernel takes head dims up to {MAX_HEAD_BLOCK}"
+    if plan.tiling.block_dv > plan.tiling.block_d:
+        return f"D={plan.head_dim} DV={plan.value_dim}: the output tile reuses Q's shared memory, so DV <= D"
     if plan.head_dim % 8 or plan.value_dim % 8:
         return f"D={plan.head_dim} DV={plan.value_dim}: TMA rows need head dims that are multiples of 8"
     return ""
+
+
+def tile_work(plan: KernelPlan) -> int:
+    """How much a key tile computes per element beyond qk's scale, each step a tile of registers of its own:
+    2 for masks evaluated element by element or a score that reads a table at (i, j) (integer and gather work),
+    1 for a score that depends on the key position otherwise (ALiBi's distance), 0 for neither."""
+    def positions(e: Expr) -> set[str]:
+        return {v.name for v in walk(e) if isinstance(v, IndexVar)}
+
+    logits = plan.score.logits2
+    if plan.masks.evaluated or any(isinstance(n, Lookup) and {"i", "j"} <= positions(n) for n in walk(logits)):
+        return 2
+    return 1 if "j" in positions(logits) else 0
 
 
 def choose_layout(plan: KernelPlan) -> WarpgroupLayout:
     t = plan.tiling
     widest = widest_block(plan)
     block_m, consumers = 128, 2
+    # Key tiles as wide as the consumers' 240 registers hold without spilling (ptxas, benchmarks/NOTES.md session 6):
+    # per thread the score tile takes BN / 2 registers, the accumulator DV / 2, and per-element work a tile more.
+    work = tile_work(plan)
     block_n = 128 if widest <= 128 else 64
-    overlap = t.block_dv <= 128 and block_n <= 128
+    if work == 2 or (work and widest > 128):
+        block_n //= 2
+    # Overlap keeps a second score tile live: it fits beside a 64-register accumulator (DV <= 128), not beside
+    # per-element integer work at D >= 128.
+    overlap = t.block_dv <= 128 and not (work == 2 and widest >= 128)
     bytes_per = DTYPE_BITS[plan.dtype] // 8
-    stages = MAX_STAGES
+    # The ring: the most stages that fit beside Q, up to MAX_STAGES, and at most RING_BYTES of K and V in flight
+    # (FlashAttention-3 runs two 64 KiB stages at D = 128).
+    slot = block_n * (t.block_d + t.block_dv) * bytes_per
+    stages = min(MAX_STAGES, max(2, RING_BYTES // slot))
     while stages > 1 and smem_bytes(block_m, block_n, t.block_d, t.block_dv, stages, bytes_per) + BARRIER_BYTES \
             > smem_capacity(plan.target.arch):
         stages -= 1
-    # Two stages are what FlashAttention-3 runs at D = 128 and 256; more only pays where K/V tiles are small.
-    stages = min(stages, 2 if widest >= 128 else 3)
     return WarpgroupLayout(block_m, block_n, stages, consumers, 4, "pingpong", overlap)
 
 
 BARRIER_BYTES = 1024  # mbarriers and the compiler's alignment padding
+RING_BYTES = 128 * 1024
 
 
 def stage_warpgroups(plan: KernelPlan) -> KernelPlan:
