@@ -61,8 +61,10 @@ def compile_one(plan, work: Path) -> dict:
     regs = int(re.search(r"Used (\d+) registers", report).group(1))
     spills = sum(int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", report))
     stack = int(re.search(r"(\d+) bytes stack frame", report).group(1))
+    warnings = [line for line in report.splitlines() if "warning" in line.lower()]  # e.g. serialized wgmma
     maxnreg = sorted({int(x) for x in re.findall(r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+)", compiled.asm["ptx"])})
-    return dict(regs=regs, spills=spills, stack=stack, shared=compiled.metadata.shared, setmaxnreg=maxnreg)
+    return dict(regs=regs, spills=spills, stack=stack, shared=compiled.metadata.shared, setmaxnreg=maxnreg,
+                warnings=warnings)
 
 
 def main() -> int:
@@ -92,11 +94,13 @@ def main() -> int:
                         ok = False
                         print(f"FAIL {label}  {type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}", flush=True)
                         continue
-                    ok &= r["spills"] == 0
+                    ok &= r["spills"] == 0 and not r["warnings"]
                     print(f"{'ok  ' if r['spills'] == 0 else 'SPILL'} {label}  BN={w.layout.block_n} "
                           f"stages={w.layout.stages} overlap={w.layout.overlap}  regs={r['regs']} "
                           f"setmaxnreg={r['setmaxnreg']} spills={r['spills']} B stack={r['stack']} B "
                           f"smem={r['shared']} B", flush=True)
+                    for line in r["warnings"]:
+                        print(f"     {line}", flush=True)
     return 0 if ok else 1
 
 

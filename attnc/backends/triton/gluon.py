@@ -17,8 +17,6 @@ from ...dsl.signature import Bound, lse_shape, out_shape
 from ...passes.plan import KernelPlan
 from .. import cache
 from . import launch
-from .emit import GLUON_VECTORS
-from .generate import shared_hooks, template
 from .signature import Signature, gluon_signature, qkv_values, spec_args
 
 SOURCE_FILE = "gluon_kernel.py"
@@ -28,6 +26,9 @@ MAX_REGISTERS = 65536  # per SM on sm_90: the partitions' setmaxnreg budgets mus
 
 
 def generate_gluon(plan: KernelPlan) -> str:
+    from .emit import GLUON_VECTORS
+    from .generate import shared_hooks, template
+
     w, masks = plan.warpgroups.layout, plan.masks
     signature = gluon_signature(spec_args(plan))
     return template("gluon.py.j2").render(
