@@ -73,6 +73,7 @@ def main() -> int:
     parser.add_argument("--spec", help="only this example spec")
     parser.add_argument("--dims", type=int, nargs="*", default=[64, 128, 256])
     parser.add_argument("--dtypes", nargs="*", default=["bf16", "f16"])
+    parser.add_argument("--schedule", choices=("pingpong", "cooperative"), help="force the consumers' schedule")
     parser.add_argument("--max-spill", type=int, default=128, help="spill bytes (stores + loads) a kernel may have")
     args = parser.parse_args()
     ok = True
@@ -84,7 +85,7 @@ def main() -> int:
                 for d in ([bound] if bound else args.dims):
                     dv = spec.dim_values.get("DV", d)
                     plan = plan_kernel(with_dtype(spec, dtype), Target("triton", "cuda", 90), d, dv,
-                                       PlanOptions(gluon=True))
+                                       PlanOptions(gluon=True, warpgroup_schedule=args.schedule))
                     w = plan.warpgroups
                     label = f"{spec.name:18s} {dtype:4s} D={d:3d} DV={dv:3d}"
                     if w.path != "gluon":
@@ -97,7 +98,7 @@ def main() -> int:
                         print(f"FAIL {label}  {type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}", flush=True)
                         continue
                     ok &= r["spills"] <= args.max_spill and not r["warnings"]
-                    print(f"{'ok  ' if r['spills'] == 0 else 'SPILL'} {label}  BN={w.layout.block_n} "
+                    print(f"{'ok  ' if r['spills'] == 0 else 'SPILL'} {label}  {w.layout.schedule} BN={w.layout.block_n} "
                           f"stages={w.layout.stages} overlap={w.layout.overlap}  regs={r['regs']} "
                           f"setmaxnreg={r['setmaxnreg']} spills={r['spills']} B stack={r['stack']} B "
                           f"smem={r['shared']} B", flush=True)

@@ -49,10 +49,10 @@ def _head_dims(spec):
 CASES = [(name, d) for name in sorted(EXAMPLES) for d in _head_dims(EXAMPLES[name])]
 
 
-def _run(spec, sizes, gluon_launches, expect_gluon=True):
+def _run(spec, sizes, gluon_launches, expect_gluon=True, options=GLUON):
     q, k, v = qkv(spec, sizes, "cuda")
     kwargs = example_kwargs(spec, sizes, "cuda")
-    got = attnc.compile(spec, options=GLUON)(q, k, v, **kwargs)
+    got = attnc.compile(spec, options=options)(q, k, v, **kwargs)
     assert_matches(spec, got, attnc.reference(spec, q, k, v, **kwargs))
     assert gluon_launches == [expect_gluon], "the launch ran the Gluon kernel" if expect_gluon else "the template"
 
@@ -76,6 +76,16 @@ def test_long_sequences_gluon_gpu(name, gluon_launches):
     sizes = example_sizes(spec, m=2048, n=2048)
     sizes.update(H=4, HKV=2 if spec.is_gqa_shape else 4)
     _run(spec, sizes, gluon_launches)
+
+
+@pytest.mark.parametrize("name, d", [("causal_lm", 128), ("dense", 256), ("document_mask", 64), ("sinks", 64)])
+def test_cooperative_schedule_gpu(name, d, gluon_launches):
+    """The other consumer schedule (one partition of two warpgroups), selected by PlanOptions."""
+    _needs_hopper()
+    spec = replace(with_dtype(EXAMPLES[name], "bf16"), returns_lse=True)
+    sizes = example_sizes(spec, m=700, n=1300)
+    sizes.update(D=d, DV=d)
+    _run(spec, sizes, gluon_launches, options=PlanOptions(gluon=True, warpgroup_schedule="cooperative"))
 
 
 def test_decode_shapes_and_strided_inputs_take_the_template_gpu(gluon_launches):

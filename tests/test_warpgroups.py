@@ -51,6 +51,19 @@ def test_per_element_work_narrows_the_key_tile():
     assert _plan("alibi", d=256).warpgroups.layout.block_n == 32
 
 
+def test_cooperative_schedule_on_request():
+    """One consumer partition of 8 warps (two warpgroups sharing every step) instead of two of 4."""
+    plan = _plan(options=PlanOptions(gluon=True, warpgroup_schedule="cooperative"))
+    w = plan.warpgroups.layout
+    assert (w.schedule, w.consumers, w.consumer_warps, w.rows_per_consumer) == ("cooperative", 1, 8, 128)
+    source = gluon.generate_gluon(plan)
+    compile(source, "cooperative.py", "exec")
+    assert source.count("(consume, (") == 1 and "], [1],\n       [24])" in source
+    assert gluon.max_registers(plan) == gluon.max_registers(_plan())  # 12 warps either way
+    with pytest.raises(attnc.CompileError, match="warpgroup_schedule must be one of pingpong, cooperative"):
+        _plan(options=PlanOptions(gluon=True, warpgroup_schedule="three"))
+
+
 def test_mla_value_dim():
     w = _plan("mla_prefill", d=192, dv=128).warpgroups
     assert w.path == "gluon" and w.layout.block_n == 64 and w.layout.overlap

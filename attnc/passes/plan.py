@@ -37,6 +37,9 @@ class PlanOptions:
     # Hopper: the Gluon warpgroup-specialized prefill kernel (passes/warpgroups.py) where the plan qualifies; opt-in
     # until it is verified on an H100, so None and False keep the Triton template
     gluon: bool | None = None
+    # its consumers: "pingpong" (two warpgroups, a partition each, 64 rows each) or "cooperative" (one partition of
+    # two warpgroups sharing every step); None: the pass's choice
+    warpgroup_schedule: str | None = None
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from ..errors import CompileError
 from ..ir import Expr, IndexVar, Lookup, walk
 from .plan import KernelPlan, WarpgroupLayout, WarpgroupPlan
 from .tiling import DTYPE_BITS, smem_bytes, smem_capacity, widest_block
@@ -63,7 +64,7 @@ def tile_work(plan: KernelPlan) -> int:
 def choose_layout(plan: KernelPlan) -> WarpgroupLayout:
     t = plan.tiling
     widest = widest_block(plan)
-    block_m, consumers = 128, 2
+    block_m = 128
     # Key tiles as wide as the consumers' 240 registers hold without spilling (ptxas, benchmarks/NOTES.md session 6):
     # per thread the score tile takes BN / 2 registers, the accumulator DV / 2, and per-element work a tile more.
     work = tile_work(plan)
@@ -81,9 +82,15 @@ def choose_layout(plan: KernelPlan) -> WarpgroupLayout:
     while stages > 1 and smem_bytes(block_m, block_n, t.block_d, t.block_dv, stages, bytes_per) + BARRIER_BYTES \
             > smem_capacity(plan.target.arch):
         stages -= 1
-    return WarpgroupLayout(block_m, block_n, stages, consumers, 4, "pingpong", overlap)
+    schedule = plan.options.warpgroup_schedule or "pingpong"
+    if schedule not in SCHEDULES:
+        raise CompileError(f"warpgroup_schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+    # cooperative: one consumer partition whose 8 warps (two warpgroups) share the 128 rows of every step
+    consumers, warps = (2, 4) if schedule == "pingpong" else (1, 8)
+    return WarpgroupLayout(block_m, block_n, stages, consumers, warps, schedule, overlap)
 
 
+SCHEDULES = ("pingpong", "cooperative")
 BARRIER_BYTES = 1024  # mbarriers and the compiler's alignment padding
 RING_BYTES = 128 * 1024
 
