@@ -78,14 +78,16 @@ def test_long_sequences_gluon_gpu(name, gluon_launches):
     _run(spec, sizes, gluon_launches)
 
 
+@pytest.mark.parametrize("schedule", ["parallel", "cooperative"])
 @pytest.mark.parametrize("name, d", [("causal_lm", 128), ("dense", 256), ("document_mask", 64), ("sinks", 64)])
-def test_cooperative_schedule_gpu(name, d, gluon_launches):
-    """The other consumer schedule (one partition of two warpgroups), selected by PlanOptions."""
+def test_other_schedules_gpu(name, d, schedule, gluon_launches):
+    """The consumer schedules besides ping-pong, selected by PlanOptions: two partitions without the handoff, and
+    one partition of two warpgroups."""
     _needs_hopper()
     spec = replace(with_dtype(EXAMPLES[name], "bf16"), returns_lse=True)
     sizes = example_sizes(spec, m=700, n=1300)
     sizes.update(D=d, DV=d)
-    _run(spec, sizes, gluon_launches, options=PlanOptions(gluon=True, warpgroup_schedule="cooperative"))
+    _run(spec, sizes, gluon_launches, options=PlanOptions(gluon=True, warpgroup_schedule=schedule))
 
 
 def test_decode_shapes_and_strided_inputs_take_the_template_gpu(gluon_launches):

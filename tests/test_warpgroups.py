@@ -60,8 +60,22 @@ def test_cooperative_schedule_on_request():
     compile(source, "cooperative.py", "exec")
     assert source.count("(consume, (") == 1 and "], [1],\n       [24])" in source
     assert gluon.max_registers(plan) == gluon.max_registers(_plan())  # 12 warps either way
-    with pytest.raises(attnc.CompileError, match="warpgroup_schedule must be one of pingpong, cooperative"):
+    assert "turns" not in source  # the handoff is ping-pong's
+    with pytest.raises(attnc.CompileError, match="warpgroup_schedule must be one of pingpong, parallel, cooperative"):
         _plan(options=PlanOptions(gluon=True, warpgroup_schedule="three"))
+
+
+def test_pingpong_hands_the_tensor_cores_over():
+    """Ping-pong: the consumers alternate turns at issuing MMAs (consumer 0 first), one wait and one arrive per
+    group of issues in each, so both take the same number of turns; parallel drops the handoff."""
+    source = gluon.generate_gluon(_plan())
+    assert source.count("mbarrier.wait(turns.index(CONSUMER), turn & 1)") == 3  # first QK^T, loop, last P V
+    assert source.count("mbarrier.arrive(turns.index(1 - CONSUMER), count=1)") == 3
+    assert "mbarrier.arrive(turns.index(0), count=1)" in source
+    serial = gluon.generate_gluon(_plan("dense", d=256))  # no overlap: QK^T and P V in turns of their own
+    assert serial.count("mbarrier.wait(turns.index(CONSUMER), turn & 1)") == 2
+    parallel = gluon.generate_gluon(_plan(options=PlanOptions(gluon=True, warpgroup_schedule="parallel")))
+    assert "turns" not in parallel and parallel.count("(consume, (") == 2
 
 
 def test_mla_value_dim():

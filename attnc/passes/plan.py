@@ -37,8 +37,9 @@ class PlanOptions:
     # Hopper: the Gluon warpgroup-specialized prefill kernel (passes/warpgroups.py) where the plan qualifies; opt-in
     # until it is verified on an H100, so None and False keep the Triton template
     gluon: bool | None = None
-    # its consumers: "pingpong" (two warpgroups, a partition each, 64 rows each) or "cooperative" (one partition of
-    # two warpgroups sharing every step); None: the pass's choice
+    # its consumers: "pingpong" (two warpgroups, a partition each, 64 rows each, taking turns at the tensor
+    # cores), "parallel" (the same without turns) or "cooperative" (one partition of two warpgroups sharing
+    # every step); None: the pass's choice
     warpgroup_schedule: str | None = None
 
 
@@ -164,8 +165,10 @@ class WarpgroupLayout:
     """Hopper pipeline staging of the Gluon prefill kernel (FlashAttention-3's design): one producer warp issues
     TMA loads of K and V tiles into a ring of `stages` shared-memory slots, each guarded by a ready and an empty
     mbarrier; `consumers` warpgroups of `consumer_warps` warps take `block_m // consumers` query rows each.
-    pingpong: each consumer warpgroup is a partition of its own over its rows, so one's softmax runs while the
-    other's MMAs hold the tensor cores; cooperative: one partition whose warpgroups share every step.
+    pingpong: each consumer warpgroup is a partition of its own over its rows, and they take turns at issuing
+    MMAs (an mbarrier pair hands the turn over), so one's softmax runs while the other's MMAs hold the tensor
+    cores; parallel: the same partitions without the handoff (the warp schedulers interleave them);
+    cooperative: one partition whose two warpgroups share every step.
     overlap: within a consumer, QK^T of tile j+1 and P V of tile j are in flight while the softmax of j+1 runs
     (both MMAs async wgmma); without it each async MMA is waited for at once."""
 
@@ -174,7 +177,7 @@ class WarpgroupLayout:
     stages: int
     consumers: int
     consumer_warps: int
-    schedule: str  # "pingpong" | "cooperative"
+    schedule: str  # "pingpong" | "parallel" | "cooperative"
     overlap: bool
     producer_warps: int = 1
     producer_regs: int = 24  # registers per thread after setmaxnreg (the warp only issues TMA)

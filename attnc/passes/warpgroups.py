@@ -86,11 +86,11 @@ def choose_layout(plan: KernelPlan) -> WarpgroupLayout:
     if schedule not in SCHEDULES:
         raise CompileError(f"warpgroup_schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
     # cooperative: one consumer partition whose 8 warps (two warpgroups) share the 128 rows of every step
-    consumers, warps = (2, 4) if schedule == "pingpong" else (1, 8)
+    consumers, warps = (1, 8) if schedule == "cooperative" else (2, 4)
     return WarpgroupLayout(block_m, block_n, stages, consumers, warps, schedule, overlap)
 
 
-SCHEDULES = ("pingpong", "cooperative")
+SCHEDULES = ("pingpong", "parallel", "cooperative")
 BARRIER_BYTES = 1024  # mbarriers and the compiler's alignment padding
 RING_BYTES = 128 * 1024
 

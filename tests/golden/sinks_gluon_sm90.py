@@ -74,8 +74,7 @@ def consume(
     q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb,
     s_vh, s_vn, s_vd, s_ob, s_oh, s_om, s_od, s_lb, s_lh, s_lm, sz_B, sz_H, sz_HKV, sz_M, sz_N,
     p_window, t_sinks, st0_sinks,
-    run_start, run_end, f_start, f_end, o_desc, q_bufs, k_bufs, v_bufs, q_ready, k_ready, v_ready, empty,
-    CONSUMER: gl.constexpr
+    run_start, run_end, f_start, f_end, o_desc, q_bufs, k_bufs, v_bufs, q_ready, k_ready, v_ready, empty, turns, CONSUMER: gl.constexpr
 ):
     """One consumer warpgroup: rows [CONSUMER * ROWS, (CONSUMER + 1) * ROWS) of the program's query tile."""
     BLOCK_M: gl.constexpr = ROWS
@@ -118,11 +117,15 @@ def consume(
     s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, MMA)
     q_smem = q_bufs.index(CONSUMER)
     mbarrier.wait(q_ready.index(CONSUMER), 0)
+    turn = 0  # turns this consumer has had at the tensor cores
     if run_end > run_start:
         # the first tile: QK^T alone; P stays in registers (probs) for the next step's P V
         t = run_start
         mbarrier.wait(k_ready.index(0), 0)
+        mbarrier.wait(turns.index(CONSUMER), turn & 1)  # this consumer's turn to issue MMAs
         qk = warpgroup_mma(q_smem, k_bufs.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        mbarrier.arrive(turns.index(1 - CONSUMER), count=1)  # the other consumer's turn
+        turn += 1
         qk = warpgroup_mma_wait(0, deps=[qk])
         j_col = t * BLOCK_N + offs_n
         col_valid = j_col < sz_N
@@ -144,9 +147,12 @@ def consume(
             slot = n % STAGES
             prev = (n - 1) % STAGES
             mbarrier.wait(k_ready.index(slot), (n // STAGES) & 1)
-            qk = warpgroup_mma(q_smem, k_bufs.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
             mbarrier.wait(v_ready.index(prev), ((n - 1) // STAGES) & 1)
+            mbarrier.wait(turns.index(CONSUMER), turn & 1)  # this consumer's turn to issue MMAs
+            qk = warpgroup_mma(q_smem, k_bufs.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
             pv = warpgroup_mma(probs, v_bufs.index(prev), acc, is_async=True)
+            mbarrier.arrive(turns.index(1 - CONSUMER), count=1)  # the other consumer's turn
+            turn += 1
             # wgmma groups retire in order: with one left in flight, QK^T of this tile is done, P V of the last runs
             qk = warpgroup_mma_wait(1, deps=[qk])
             j_col = t * BLOCK_N + offs_n
@@ -168,7 +174,10 @@ def consume(
             probs = gl.convert_layout(p.to(DTYPE), P_OPERAND)
         last = (run_end - 1 - run_start) % STAGES
         mbarrier.wait(v_ready.index(last), ((run_end - 1 - run_start) // STAGES) & 1)
+        mbarrier.wait(turns.index(CONSUMER), turn & 1)  # this consumer's turn to issue MMAs
         pv = warpgroup_mma(probs, v_bufs.index(last), acc, is_async=True)
+        mbarrier.arrive(turns.index(1 - CONSUMER), count=1)  # the other consumer's turn
+        turn += 1
         acc, probs = warpgroup_mma_wait(0, deps=[pv, probs])
         mbarrier.arrive(empty.index(last), count=1)
     # -- the sink joins the denominator only
@@ -263,9 +272,14 @@ def attn_fwd_gluon(
         mbarrier.init(k_ready.index(s), count=1)
         mbarrier.init(v_ready.index(s), count=1)
         mbarrier.init(empty.index(s), count=CONSUMERS)  # a slot is free once every consumer released it
+    # The consumers' turns at the tensor cores: consumer 0 has the first
+    turns = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    for c in gl.static_range(2):
+        mbarrier.init(turns.index(c), count=1)
+    mbarrier.arrive(turns.index(0), count=1)
     gl.warp_specialize([
-        (consume, (q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, s_ob, s_oh, s_om, s_od, s_lb, s_lh, s_lm, sz_B, sz_H, sz_HKV, sz_M, sz_N, p_window, t_sinks, st0_sinks, run_start, run_end, f_start, f_end, o_desc, q_bufs, k_bufs, v_bufs, q_ready, k_ready, v_ready, empty, 0)),
-        (consume, (q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, s_ob, s_oh, s_om, s_od, s_lb, s_lh, s_lm, sz_B, sz_H, sz_HKV, sz_M, sz_N, p_window, t_sinks, st0_sinks, run_start, run_end, f_start, f_end, o_desc, q_bufs, k_bufs, v_bufs, q_ready, k_ready, v_ready, empty, 1)),
+        (consume, (q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, s_ob, s_oh, s_om, s_od, s_lb, s_lh, s_lm, sz_B, sz_H, sz_HKV, sz_M, sz_N, p_window, t_sinks, st0_sinks, run_start, run_end, f_start, f_end, o_desc, q_bufs, k_bufs, v_bufs, q_ready, k_ready, v_ready, empty, turns, 0)),
+        (consume, (q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, s_ob, s_oh, s_om, s_od, s_lb, s_lh, s_lm, sz_B, sz_H, sz_HKV, sz_M, sz_N, p_window, t_sinks, st0_sinks, run_start, run_end, f_start, f_end, o_desc, q_bufs, k_bufs, v_bufs, q_ready, k_ready, v_ready, empty, turns, 1)),
         (produce, (q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, s_ob, s_oh, s_om, s_od, s_lb, s_lh, s_lm, sz_B, sz_H, sz_HKV, sz_M, sz_N, p_window, t_sinks, st0_sinks, run_start, run_end, q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_ready, k_ready, v_ready, empty)),
     ], [CONSUMER_WARPS, 1],
        [240, 24])

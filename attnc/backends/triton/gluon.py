@@ -36,6 +36,7 @@ def generate_gluon(plan: KernelPlan) -> str:
         vectors=GLUON_VECTORS,
         plan_line=plan_line(plan),
         layout=w,
+        handoff=w.schedule == "pingpong",
         dtype=GLUON_DTYPES[plan.dtype],
         # One wgmma layout for the score tile and the accumulator: its instruction N divides both.
         mma_n=min(w.block_n, plan.tiling.block_dv),
