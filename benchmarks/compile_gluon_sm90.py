@@ -27,6 +27,7 @@ from attnc.backends.triton import launch
 from attnc.backends.triton.gluon import generate_gluon, max_registers
 from attnc.backends.triton.signature import argument_types, gluon_signature, spec_args
 from attnc.passes import PlanOptions, Target, plan_kernel
+from attnc.passes.warpgroups import SCHEDULES
 
 PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
 
@@ -73,7 +74,7 @@ def main() -> int:
     parser.add_argument("--spec", help="only this example spec")
     parser.add_argument("--dims", type=int, nargs="*", default=[64, 128, 256])
     parser.add_argument("--dtypes", nargs="*", default=["bf16", "f16"])
-    parser.add_argument("--schedule", choices=("pingpong", "cooperative"), help="force the consumers' schedule")
+    parser.add_argument("--schedule", choices=SCHEDULES, help="force the consumers' schedule")
     parser.add_argument("--max-spill", type=int, default=128, help="spill bytes (stores + loads) a kernel may have")
     args = parser.parse_args()
     ok = True
