@@ -99,8 +99,8 @@ def main() -> int:
                         print(f"FAIL {label}  {type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}", flush=True)
                         continue
                     ok &= r["spills"] <= args.max_spill and not r["warnings"]
-                    print(f"{'ok  ' if r['spills'] == 0 else 'SPILL'} {label}  {w.layout.schedule} BN={w.layout.block_n} "
-                          f"stages={w.layout.stages} overlap={w.layout.overlap}  regs={r['regs']} "
+                    print(f"{'ok  ' if r['spills'] == 0 else 'SPILL'} {label}  {w.layout.schedule} "
+                          f"BN={w.layout.block_n} stages={w.layout.stages} overlap={w.layout.overlap}  regs={r['regs']} "
                           f"setmaxnreg={r['setmaxnreg']} spills={r['spills']} B stack={r['stack']} B "
                           f"smem={r['shared']} B", flush=True)
                     for line in r["warnings"]:

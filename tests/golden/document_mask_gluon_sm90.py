@@ -231,8 +231,11 @@ def attn_fwd_gluon(
         mbarrier.init(turns.index(c), count=1)
     mbarrier.arrive(turns.index(0), count=1)
     gl.warp_specialize([
-        (consume, (q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, s_ob, s_oh, s_om, s_od, s_lb, s_lh, s_lm, sz_B, sz_H, sz_HKV, sz_M, sz_N, t_doc, st0_doc, st1_doc, run_start, run_end, f_start, f_end, o_desc, q_bufs, k_bufs, v_bufs, q_ready, k_ready, v_ready, empty, turns, 0)),
-        (consume, (q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, s_ob, s_oh, s_om, s_od, s_lb, s_lh, s_lm, sz_B, sz_H, sz_HKV, sz_M, sz_N, t_doc, st0_doc, st1_doc, run_start, run_end, f_start, f_end, o_desc, q_bufs, k_bufs, v_bufs, q_ready, k_ready, v_ready, empty, turns, 1)),
-        (produce, (q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, s_ob, s_oh, s_om, s_od, s_lb, s_lh, s_lm, sz_B, sz_H, sz_HKV, sz_M, sz_N, t_doc, st0_doc, st1_doc, run_start, run_end, q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_ready, k_ready, v_ready, empty)),
+        (consume, (q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, s_ob, s_oh, s_om, s_od, s_lb, s_lh, s_lm, sz_B, sz_H, sz_HKV, sz_M, sz_N, t_doc, st0_doc, st1_doc, run_start, run_end, f_start, f_end, o_desc,
+                   q_bufs, k_bufs, v_bufs, q_ready, k_ready, v_ready, empty, turns, 0)),
+        (consume, (q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, s_ob, s_oh, s_om, s_od, s_lb, s_lh, s_lm, sz_B, sz_H, sz_HKV, sz_M, sz_N, t_doc, st0_doc, st1_doc, run_start, run_end, f_start, f_end, o_desc,
+                   q_bufs, k_bufs, v_bufs, q_ready, k_ready, v_ready, empty, turns, 1)),
+        (produce, (q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, s_ob, s_oh, s_om, s_od, s_lb, s_lh, s_lm, sz_B, sz_H, sz_HKV, sz_M, sz_N, t_doc, st0_doc, st1_doc, run_start, run_end, q_desc, k_desc, v_desc,
+                   q_bufs, k_bufs, v_bufs, q_ready, k_ready, v_ready, empty)),
     ], [CONSUMER_WARPS, 1],
        [240, 24])
