@@ -9,7 +9,9 @@ import torch
 import attnc
 from attnc.backends.triton import gluon
 from attnc.passes import PlanOptions, Target, plan_kernel
-from test_triton_kernels import EXAMPLES, with_dtype
+from test_triton_kernels import (  # noqa: F401  (poisoned_outputs is an autouse fixture: importing enables it)
+    EXAMPLES, poisoned_outputs, with_dtype,
+)
 
 H100 = Target("triton", "cuda", 90)
 GLUON = PlanOptions(gluon=True)
@@ -274,3 +276,14 @@ def test_a_covered_launch_packs_the_kernel_signature(monkeypatch):
     assert options == {"num_warps": 4, "maxnreg": gluon.max_registers(plan)}
     assert args[names.index("sz_M")] == 300 and args[names.index("sz_HKV")] == 2 and args[3] is out
     assert len(made) == 1 and out.shape == q.shape
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's fallback; the GPU runs test_gluon_gpu.py")
+def test_asking_in_the_interpreter_warns_and_computes_with_the_template():
+    """End to end on CPU tensors (Triton's interpreter): the option cannot be met, so the call warns once and the
+    template's result matches the reference, every output element written."""
+    from test_triton_kernels import example_sizes, run_and_check
+
+    spec = with_dtype(EXAMPLES["sinks"], "f16")
+    with pytest.warns(UserWarning, match="no GPU: the Gluon kernel needs sm_90"):
+        run_and_check(spec, example_sizes(spec, m=20, n=45), options=GLUON)
