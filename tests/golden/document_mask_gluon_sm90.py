@@ -152,7 +152,7 @@ def consume(
     out = acc / l_safe[:, None]
     # out through Q's shared memory (its last QK^T is done) and a TMA store: rows past M and columns past DV are
     # not written. A pointer store would hold a 64-bit address per element (DV of them per thread at 64 rows).
-    o_smem = q_smem._reinterpret(DTYPE, [BLOCK_M, BLOCK_DV], O_SMEM)
+    o_smem = q_smem  # the same shape, so the same layout
     o_smem.store(out.to(DTYPE))
     fence_async_shared()
     tma.async_copy_shared_to_global(o_desc, [pid_m * BLOCK_MQ + CONSUMER * ROWS, 0], o_smem)
