@@ -166,11 +166,11 @@ class WarpgroupLayout:
     TMA loads of K and V tiles into a ring of `stages` shared-memory slots, each guarded by a ready and an empty
     mbarrier; `consumers` warpgroups of `consumer_warps` warps take `block_m // consumers` query rows each.
     pingpong: each consumer warpgroup is a partition of its own over its rows, and they take turns at issuing
-    MMAs (an mbarrier pair hands the turn over), so one's softmax runs while the other's MMAs hold the tensor
+    MMAs (an mbarrier pair hands the turn over), so one computes weights while the other's MMAs hold the tensor
     cores; parallel: the same partitions without the handoff (the warp schedulers interleave them);
     cooperative: one partition whose two warpgroups share every step.
-    overlap: within a consumer, QK^T of tile j+1 and P V of tile j are in flight while the softmax of j+1 runs
-    (both MMAs async wgmma); without it each async MMA is waited for at once."""
+    overlap: within a consumer, QK^T of tile j+1 and P V of tile j are in flight while the weights of j+1 are
+    computed (both MMAs async wgmma); without it each async MMA is waited for at once."""
 
     block_m: int  # query rows per program, all consumers together
     block_n: int  # keys per ring slot
@@ -294,7 +294,7 @@ class KernelPlan:
 
 
 def _warpgroups(w: WarpgroupLayout) -> str:
-    overlap = ("QK^T(j+1) and PV(j) async under the softmax of j+1" if w.overlap
+    overlap = ("QK^T(j+1) and PV(j) async under the weights of j+1" if w.overlap
                else "QK^T and PV async, each waited for at once")
     return (f"producer {w.producer_warps} warp (TMA, {w.producer_regs} regs) -> ring of {w.stages} K/V stages "
             f"(mbarriers) -> {w.consumers} consumer warpgroup{'s' if w.consumers > 1 else ''} "

@@ -8,7 +8,7 @@ H100 it is opt-in: PlanOptions(gluon=True).
 The layouts follow FlashAttention-3 on an H100 (232,448 B of shared memory, 64K registers per SM, one program per
 SM): 128 query rows in two consumer warpgroups of 64 rows at 240 registers per thread, one producer warp at 24.
 A consumer holds per thread the fp32 accumulator (DV / 2 registers for 64 rows), the score tile (BN / 2) and P
-(BN / 4, bf16); overlapping the next tile's QK^T with the softmax keeps a second score tile live, which fits up to
+(BN / 4, bf16); overlapping the next tile's QK^T with the weights keeps a second score tile live, which fits up to
 DV = 128 with BN = 128. The ring depth is the most stages, up to MAX_STAGES, whose K/V tiles fit beside Q.
 """
 from __future__ import annotations
