@@ -21,6 +21,7 @@ EMITTERS = {
     "ir": "attnc.ir:print_attention",
     "plan": "attnc.runtime.api:emit_plan",
     "triton": "attnc.runtime.api:emit_triton",
+    "gluon": "attnc.runtime.api:emit_gluon",
 }
 
 

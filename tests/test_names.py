@@ -234,12 +234,12 @@ def test_templates_and_emitters_name_nothing_with_a_user_prefix():
 
 def test_golden_sources_hold_no_user_name_as_written():
     """Every golden file: each name its spec declares appears only mangled, the spec's name not at all."""
-    from test_triton_golden import CASES
+    from test_triton_golden import CASES, GLUON_CASES
 
     template = set(_identifiers(generate(plan_kernel(attnc.parse(_text(PLAIN.get))[0], Target(
         "triton", "cpu", None), 16, 16, PlanOptions()))))  # what the templates name on their own
     seen = set()
-    for golden, file, name, _, _ in CASES:
+    for golden, file, name, _, _ in CASES + GLUON_CASES:
         spec = next(s for s in attnc.parse_file(SPECS / file) if s.name == name)
         source = (GOLDEN / golden).read_text()
         user = ({p.name for p in spec.params} | {t.name for t in spec.inputs}

@@ -1,11 +1,12 @@
-"""Golden files: the generated Triton source for a few specs, so a change to the generator shows up as a diff.
-After an intended change, rewrite them with `python -m pytest tests/test_triton_golden.py --update-golden`."""
+"""Golden files: the generated Triton and Gluon source for a few specs, so a change to a generator shows up as a
+diff. After an intended change, rewrite them with `python -m pytest tests/test_triton_golden.py --update-golden`."""
 from pathlib import Path
 
 import pytest
 
 import attnc
 from attnc.backends.triton.generate import generate
+from attnc.backends.triton.gluon import generate_gluon
 from attnc.passes import PlanOptions, Target, plan_kernel
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
@@ -20,10 +21,31 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("golden, file, name, target, d", CASES, ids=[c[0] for c in CASES])
-def test_generated_source_matches_golden(golden, file, name, target, d, request):
+# The Gluon warpgroup prefill (sm_90, PlanOptions(gluon=True)): a causal prefill with lse (overlapped QK^T and P V),
+# a data-dependent mask (every tile masked, narrower key tiles), sinks + GQA + a window at D = 64, and MLA's
+# D = 192 / DV = 128 (padded head dim, DV != D).
+GLUON_CASES = [
+    ("causal_lm_gluon_sm90.py", "causal.attn", "causal_lm", Target("triton", "cuda", 90), 128),
+    ("document_mask_gluon_sm90.py", "document_mask.attn", "document_mask", Target("triton", "cuda", 90), 128),
+    ("sinks_gluon_sm90.py", "sinks.attn", "sinks", Target("triton", "cuda", 90), 64),
+    ("mla_prefill_gluon_sm90.py", "mla_dv.attn", "mla_prefill", Target("triton", "cuda", 90), 192),
+]
+
+
+def _source(file, name, target, d, gluon: bool) -> str:
     spec = next(s for s in attnc.parse_file(SPECS / file) if s.name == name)
-    source = generate(plan_kernel(spec, target, d, d, PlanOptions()))
+    plan = plan_kernel(spec, target, d, spec.dim_values.get("DV", d), PlanOptions(gluon=gluon or None))
+    if gluon:
+        assert plan.warpgroups.path == "gluon", plan.warpgroups.reason
+        return generate_gluon(plan)
+    return generate(plan)
+
+
+@pytest.mark.parametrize("golden, file, name, target, d, gluon",
+                         [c + (False,) for c in CASES] + [c + (True,) for c in GLUON_CASES],
+                         ids=[c[0] for c in CASES + GLUON_CASES])
+def test_generated_source_matches_golden(golden, file, name, target, d, gluon, request):
+    source = _source(file, name, target, d, gluon)
     compile(source, golden, "exec")  # it is valid Python
     path = GOLDEN / golden
     if request.config.getoption("--update-golden"):

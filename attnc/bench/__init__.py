@@ -200,6 +200,19 @@ def _attnc_runner(w: Workload, q, k, v, extra):
     return lambda: kern(q, k, v, **kwargs)
 
 
+def _attnc_gluon_runner(w: Workload, q, k, v, extra):
+    """attnc with the Gluon warpgroup prefill (PlanOptions(gluon=True), opt-in until verified); None where it
+    would not run, since the template's row is attnc's then."""
+    from ..backends.triton.gluon import unavailable_here
+    from ..passes import PlanOptions
+
+    kern = attnc.compile(attnc.parse(w.spec)[0], options=PlanOptions(gluon=True))
+    if kern.plan(q.device, w.D).warpgroups.path != "gluon" or unavailable_here():
+        return None
+    kwargs = {**w.params, **extra}
+    return lambda: kern(q, k, v, **kwargs)
+
+
 def _error_text(e: Exception) -> str:
     return f"{type(e).__name__}: {str(e).splitlines()[0][:200]}" if str(e) else type(e).__name__
 
@@ -220,6 +233,7 @@ def run_workload(w: Workload, device: str, check_tol: float = 2e-2) -> dict:
     timings: dict = {}
     makers = {
         "attnc": lambda: _attnc_runner(w, q, k, v, extra),
+        "attnc-gluon": lambda: _attnc_gluon_runner(w, q, k, v, extra),
         "sdpa-cudnn": lambda: _sdpa_runner("CUDNN_ATTENTION")(w, q, k, v, extra),
         "sdpa-flash": lambda: _sdpa_runner("FLASH_ATTENTION")(w, q, k, v, extra),
         "sdpa-efficient": lambda: _sdpa_runner("EFFICIENT_ATTENTION")(w, q, k, v, extra),
@@ -244,7 +258,7 @@ def measure(makers: dict[str, Callable], results: dict, flops: float, check_tol:
             fn = _error_text(e)
         if fn is not None:
             made[name] = fn
-    anchors = (*(n for n in made if n != "attnc"), "attnc")
+    anchors = (*(n for n in made if not n.startswith("attnc")), "attnc")  # attnc's runners never judge each other
     for name, fn in checked_runners(made, anchors, check_tol, results).items():
         res = results[name]
         torch.cuda.synchronize()
@@ -356,7 +370,7 @@ def environment(device: str) -> dict:
             "python": platform.python_version(), "date": _dt.datetime.now().isoformat(timespec="seconds")}
 
 
-PEERS = ("attnc", "sdpa-cudnn", "sdpa-flash", "sdpa-efficient", "flex")
+PEERS = ("attnc", "attnc-gluon", "sdpa-cudnn", "sdpa-flash", "sdpa-efficient", "flex")
 
 
 def print_table(report: dict) -> None:
@@ -377,7 +391,7 @@ def print_table(report: dict) -> None:
                 cells.append("—")
             elif "tflops" in r:
                 cells.append(f"{r['tflops']:.0f}")
-                if p != "attnc":
+                if not p.startswith("attnc"):
                     best = max(best, r["tflops"])
             else:
                 cells.append("err")
@@ -420,6 +434,7 @@ def print_errors(report: dict) -> None:
 # One colour per runner in every panel of every plot, so a runner is recognised at a glance across panels.
 RUNNER_COLOURS = {
     "attnc": "#d62728",  # red
+    "attnc-gluon": "#e377c2",  # pink: attnc's Gluon warpgroup prefill (opt-in)
     "sdpa-cudnn": "#1f77b4",  # blue
     "sdpa-flash": "#2ca02c",  # green
     "sdpa-efficient": "#9467bd",  # purple
@@ -428,7 +443,7 @@ RUNNER_COLOURS = {
     "sdpa": "#1f77b4",  # SDPA's default dispatch (memory scaling)
     "naive": "#7f7f7f",  # grey: softmax(q k^T) v with the scores in memory
 }
-_SPARE_COLOURS = ("#8c564b", "#e377c2", "#bcbd22", "#393b79", "#637939", "#843c39")
+_SPARE_COLOURS = ("#8c564b", "#bcbd22", "#393b79", "#637939", "#843c39")
 
 
 def runner_colour(runner: str) -> str:

@@ -12,6 +12,7 @@ from .kernels import list_kernels
 from .masks import analyze_masks
 from .plan import KernelPlan, PlanOptions, Target
 from .score import to_exp2_domain
+from .warpgroups import stage_warpgroups
 from .tiling import DTYPE_BITS, choose_tiles, share_kv_heads, smem_bytes, smem_capacity, stage_pipeline
 
 Pass = Callable[[KernelPlan], KernelPlan]
@@ -35,6 +36,7 @@ SCHEDULES: dict[str, tuple[Pass, ...]] = {
         choose_tiles,  # block sizes and warps from arch, dtype and head dim (one tuned table)
         share_kv_heads,  # GQA: let a program take the query heads that share one K/V head
         stage_pipeline,  # software-pipelining depth that fits shared memory; Hopper TMA / warp-spec flags
+        stage_warpgroups,  # sm_90: the Gluon warpgroup-specialized prefill (producer warp, consumer warpgroups)
         plan_decode,  # small-M tiles with packed GQA heads and split-KV bounds: decode and ragged/paged storage
         list_kernels,  # every kernel a launch may select: the runtime, AOT and autotune share one finite list
     ),

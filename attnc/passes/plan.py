@@ -34,6 +34,13 @@ class PlanOptions:
     # specialize this kernel's loop, and there it only selects the two-loop kernel form (passes/tiling.py)
     warp_specialize: bool | None = None
     num_splits: int | None = None  # split-KV decode: programs per sequence's key range (None: passes/decode.py)
+    # Hopper: the Gluon warpgroup-specialized prefill kernel (passes/warpgroups.py) where the plan qualifies; opt-in
+    # until it is verified on an H100, so None and False keep the Triton template
+    gluon: bool | None = None
+    # its consumers: "pingpong" (two warpgroups, a partition each, 64 rows each, taking turns at the tensor
+    # cores), "parallel" (the same without turns) or "cooperative" (one partition of two warpgroups sharing
+    # every step); None: the pass's choice
+    warpgroup_schedule: str | None = None
 
 
 @dataclass(frozen=True)
@@ -154,6 +161,45 @@ class TritonOptions:
 
 
 @dataclass(frozen=True)
+class WarpgroupLayout:
+    """Hopper pipeline staging of the Gluon prefill kernel (FlashAttention-3's design): one producer warp issues
+    TMA loads of K and V tiles into a ring of `stages` shared-memory slots, each guarded by a ready and an empty
+    mbarrier; `consumers` warpgroups of `consumer_warps` warps take `block_m // consumers` query rows each.
+    pingpong: each consumer warpgroup is a partition of its own over its rows, and they take turns at issuing
+    MMAs (an mbarrier pair hands the turn over), so one computes weights while the other's MMAs hold the tensor
+    cores; parallel: the same partitions without the handoff (the warp schedulers interleave them);
+    cooperative: one partition whose two warpgroups share every step.
+    overlap: within a consumer, QK^T of tile j+1 and P V of tile j are in flight while the weights of j+1 are
+    computed (both MMAs async wgmma); without it each async MMA is waited for at once."""
+
+    block_m: int  # query rows per program, all consumers together
+    block_n: int  # keys per ring slot
+    stages: int
+    consumers: int
+    consumer_warps: int
+    schedule: str  # "pingpong" | "parallel" | "cooperative"
+    overlap: bool
+    producer_warps: int = 1
+    producer_regs: int = 24  # registers per thread after setmaxnreg (the warp only issues TMA)
+    consumer_regs: int = 240
+
+    @property
+    def rows_per_consumer(self) -> int:
+        return self.block_m // self.consumers
+
+
+@dataclass(frozen=True)
+class WarpgroupPlan:
+    """Which forward prefill kernel runs (passes/warpgroups.py): "gluon" (the warpgroup-specialized kernel of
+    `layout`) or "triton" (the template), and why. `layout` is set wherever the plan qualifies, also while the
+    option leaves the template in charge, so `attnc show --emit plan` shows what the Gluon kernel would run."""
+
+    path: str  # "gluon" | "triton"
+    reason: str
+    layout: WarpgroupLayout | None = None
+
+
+@dataclass(frozen=True)
 class KernelLaunch:
     """One compiled kernel a plan may launch: a generated function (`attn_fwd`, `tile_summary` of the prefill
     module; `attn_decode`, `attn_combine` of the decode module) and its launch keywords (constexprs, then
@@ -186,6 +232,7 @@ class KernelPlan:
     heads: HeadSharing | None = None
     triton: TritonOptions | None = None
     decode: DecodePlan | None = None
+    warpgroups: WarpgroupPlan | None = None
     kernels: tuple[KernelLaunch, ...] = ()  # every kernel a launch of this plan may run (passes/kernels.py)
 
     @property
@@ -232,6 +279,11 @@ class KernelPlan:
         if self.triton:
             o = self.triton
             lines.append(f"  triton     f32 dots {o.dot_precision}, tma {o.tma}, warp specialization {o.warp_specialize}")
+        if self.warpgroups:
+            w = self.warpgroups
+            lines.append(f"  prefill    {w.path} kernel: {w.reason}")
+            if w.layout:
+                lines.append(f"  warpgroups {_warpgroups(w.layout)}")
         if self.kernels:
             counts: dict[str, int] = {}
             for k in self.kernels:
@@ -239,6 +291,15 @@ class KernelPlan:
             lines.append("  kernels    " + ", ".join(f"{name} x{n}" for name, n in counts.items())
                          + " (launch configs a call may select)")
         return "\n".join(lines)
+
+
+def _warpgroups(w: WarpgroupLayout) -> str:
+    overlap = ("QK^T(j+1) and PV(j) async under the weights of j+1" if w.overlap
+               else "QK^T and PV async, each waited for at once")
+    return (f"producer {w.producer_warps} warp (TMA, {w.producer_regs} regs) -> ring of {w.stages} K/V stages "
+            f"(mbarriers) -> {w.consumers} consumer warpgroup{'s' if w.consumers > 1 else ''} "
+            f"x {w.consumer_warps} warps, {w.schedule} ({w.consumer_regs} regs), BM={w.block_m} "
+            f"({w.rows_per_consumer} rows each) BN={w.block_n}; {overlap}")
 
 
 def _tile(c: TileConfig) -> str:

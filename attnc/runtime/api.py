@@ -65,11 +65,11 @@ SHOW_TARGET = Target("triton", "cuda", 90)
 SHOW_HEAD_DIM = 128
 
 
-def _show_plan(spec: Attention) -> tuple[KernelPlan, str]:
+def _show_plan(spec: Attention, options: PlanOptions = PlanOptions()) -> tuple[KernelPlan, str]:
     dims = spec.dim_values
     note = "" if "D" in dims else f"# D is not bound by `dims`: shown for D = {SHOW_HEAD_DIM}\n"
     d, dv = head_dims(spec, dims.get("D", SHOW_HEAD_DIM))
-    return plan_kernel(spec, SHOW_TARGET, d, dv), note
+    return plan_kernel(spec, SHOW_TARGET, d, dv, options), note
 
 
 def emit_plan(spec: Attention) -> str:
@@ -82,6 +82,16 @@ def emit_triton(spec: Attention) -> str:
 
     plan, note = _show_plan(spec)
     return note + generate(plan)
+
+
+def emit_gluon(spec: Attention) -> str:
+    """The Gluon warpgroup prefill kernel the plan runs with PlanOptions(gluon=True), or why it does not apply."""
+    from ..backends.triton.gluon import generate_gluon
+
+    plan, note = _show_plan(spec, PlanOptions(gluon=True))
+    if plan.warpgroups.path != "gluon":
+        return f"{note}# {spec.name}: no Gluon kernel ({plan.warpgroups.reason}); the Triton template runs\n"
+    return note + generate_gluon(plan)
 
 
 compiler.install(compile)  # the front-ends (decorator, flex) compile what they trace through this

@@ -6,6 +6,7 @@ import torch
 
 from ...errors import CompileError
 from ...passes import KernelPlan, Target
+from . import gluon
 from .gradients import BackwardLauncher
 from .launch import TritonLauncher, interpreting, load_module
 from .serving import launcher_for
@@ -26,7 +27,8 @@ class TritonBackend:
 
     def build(self, plan: KernelPlan) -> TritonLauncher:
         storage = plan.spec.q_storage is not None or plan.spec.kv_storage is not None
-        return launcher_for(plan, None if storage else load_module(plan))
+        # sm_90 with PlanOptions(gluon=True): the Gluon warpgroup kernel takes the prefill launches it covers
+        return gluon.launcher(plan, launcher_for(plan, None if storage else load_module(plan)))
 
     def build_backward(self, plan: KernelPlan) -> BackwardLauncher:
         return BackwardLauncher(plan)

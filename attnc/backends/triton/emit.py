@@ -64,6 +64,32 @@ KEY_MAJOR = Layout((("b", "b", SCALAR), ("h", "h", SCALAR), ("i", "i_row", ROW),
 
 
 @dataclass(frozen=True)
+class Vectors:
+    """How a generated module spells a new vector or tile. Triton infers layouts; Gluon names them: its kernel
+    functions bind ROW, COL and TILE to the layouts of their [BLOCK_M], [BLOCK_N] and [BLOCK_M, BLOCK_N] values."""
+
+    gluon: bool = False
+
+    def _layout(self, shape: str) -> str:
+        return {"[BLOCK_M]": "ROW", "[BLOCK_N]": "COL"}.get(shape, "TILE")
+
+    def zeros(self, shape: str, dtype: str) -> str:
+        return f"gl.zeros({shape}, {dtype}, {self._layout(shape)})" if self.gluon else f"tl.zeros({shape}, {dtype})"
+
+    def full(self, shape: str, value: str, dtype: str) -> str:
+        if self.gluon:
+            return f"gl.full({shape}, {value}, {dtype}, {self._layout(shape)})"
+        return f"tl.full({shape}, {value}, {dtype})"
+
+    def arange(self, size: str) -> str:
+        return f"gl.arange(0, {size}, layout={self._layout(f'[{size}]')})" if self.gluon else f"tl.arange(0, {size})"
+
+
+TRITON_VECTORS = Vectors()
+GLUON_VECTORS = Vectors(gluon=True)
+
+
+@dataclass(frozen=True)
 class Value:
     code: str  # a name or a literal
     level: int
@@ -73,10 +99,12 @@ class Value:
 
 
 class Emitter:
-    def __init__(self, spec: Attention, exp2: str = "tl.exp2", layout: Layout = QUERY_MAJOR):
+    def __init__(self, spec: Attention, exp2: str = "tl.exp2", layout: Layout = QUERY_MAJOR,
+                 vectors: Vectors = TRITON_VECTORS):
         self.spec = spec
         self.exp2 = exp2  # the base-2 exponential's name in the kernel module (exp2 and the formulas use it)
         self.layout = layout
+        self.vectors = vectors
         self._index = {name: (code, level) for name, code, level in layout.index}
         self.kinds = Kinds(spec)
         self.prologue: list[str] = []

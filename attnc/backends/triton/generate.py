@@ -12,7 +12,7 @@ from ...version import __version__
 from ...ir import Expr
 from .. import names
 from ...passes.plan import KernelPlan, KeyRange
-from .emit import TILE, Emitter
+from .emit import TILE, TRITON_VECTORS, Emitter, Vectors
 from .signature import prefill_signature, spec_args, summary_signature
 from .normalize import lower as lower_normalizer
 
@@ -24,17 +24,17 @@ def template(name: str) -> jinja2.Template:
     return env.get_template(name)
 
 
-def shared_hooks(plan: KernelPlan, exp2: str = "tl.exp2") -> dict:
+def shared_hooks(plan: KernelPlan, exp2: str = "tl.exp2", vectors: Vectors = TRITON_VECTORS) -> dict:
     """The hooks every template fills the same way: per-row key bounds (prologue), the logits tile, the evaluated
     masks, the normalizer's lowering and its sink, the head-dim padding masks and the dot precision; `exp2` names
-    the base-2 exponential."""
+    the base-2 exponential, `vectors` spells new vectors (Triton or Gluon)."""
     spec, masks, tiling = plan.spec, plan.masks, plan.tiling
-    main = Emitter(spec, exp2)
+    main = Emitter(spec, exp2, vectors=vectors)
     bounds(main, masks.exact, masks.hull)
     sink = None
     if plan.score.sink2 is not None:
         v = main.value(plan.score.sink2)
-        sink = main.as_float(v, v.level) if v.level else f"tl.zeros([BLOCK_M], tl.float32) + {main.as_float(v, 0)}"
+        sink = main.as_float(v, v.level) if v.level else f"{vectors.zeros('[BLOCK_M]', 'tl.float32')} + {main.as_float(v, 0)}"
     with main.scope() as score_lines:
         logits = float_tile(main, plan.score.logits2)
         with main.scope() as mask_lines:
@@ -45,7 +45,7 @@ def shared_hooks(plan: KernelPlan, exp2: str = "tl.exp2") -> dict:
         head_dim=plan.head_dim, value_dim=plan.value_dim, block_d=tiling.block_d, block_dv=tiling.block_dv,
         prologue="\n".join(main.prologue), score_lines="\n".join(score_lines), logits=logits,
         mask_lines="\n".join(mask_lines), keep_terms=keep_terms, sink=sink, returns_lse=spec.returns_lse,
-        normalizer=lower_normalizer(spec.normalizer, exp2),
+        normalizer=lower_normalizer(spec.normalizer, exp2, vectors),
         dot_args=', input_precision="ieee"' if plan.dtype == "f32" and plan.triton.dot_precision == "ieee" else "",
         d_mask_q=" & (offs_d[None, :] < HEAD_DIM)" if pad_d else "",
         d_mask_k=" & (offs_d[:, None] < HEAD_DIM)" if pad_d else "",
@@ -98,10 +98,10 @@ def bounds(em: Emitter, exact: KeyRange, hull: KeyRange, lines: list[str] | None
             lines += ["hull_lo = exact_lo", "hull_hi = exact_hi"]
             continue
         lo, hi = f"{name}_lo", f"{name}_hi"
-        lines.append(f"{lo} = tl.zeros([BLOCK_M], tl.int64)")
+        lines.append(f"{lo} = {em.vectors.zeros('[BLOCK_M]', 'tl.int64')}")
         for e in r.lower:
             lines.append(f"{lo} = tl.maximum({lo}, {em.as_int(em.value(e), em.value(e).level)})")
-        lines.append(f"{hi} = tl.zeros([BLOCK_M], tl.int64) + {n_keys}")
+        lines.append(f"{hi} = {em.vectors.zeros('[BLOCK_M]', 'tl.int64')} + {n_keys}")
         for e in r.upper:
             lines.append(f"{hi} = tl.minimum({hi}, {em.as_int(em.value(e), em.value(e).level)})")
         # Clamped to [0, N], the bounds fit int32, so the masks of partial tiles compare int32 with int32.
@@ -117,7 +117,7 @@ def float_tile(em: Emitter, e: Expr) -> str:
     """Code for `e` as a float32 tile."""
     v = em.value(e)
     code = em.as_float(v, TILE)
-    return code if v.level == TILE else f"tl.zeros({em.layout.tile_shape}, tl.float32) + {code}"
+    return code if v.level == TILE else f"{em.vectors.zeros(em.layout.tile_shape, 'tl.float32')} + {code}"
 
 
 def _plan_line(plan: KernelPlan) -> str:

@@ -22,10 +22,10 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 
 from ...ir import Normalizer
+from .emit import TRITON_VECTORS, Vectors
 
 
 class TritonNormalizer(ABC):
-    state: str
     acc_scale: str
     advance: str | None
     out: str
@@ -33,8 +33,14 @@ class TritonNormalizer(ABC):
     combine_acc: str
     combine_out: str
 
-    def __init__(self, exp2: str):
+    def __init__(self, exp2: str, vectors: Vectors = TRITON_VECTORS):
         self.exp2 = exp2  # the base-2 exponential's name in the generated module
+        self.vectors = vectors  # how the module spells new vectors (Triton or Gluon)
+
+    @property
+    @abstractmethod
+    def state(self) -> str:
+        """The lines that start the running state."""
 
     @abstractmethod
     def weights(self, masked) -> str:
@@ -48,7 +54,11 @@ class TritonNormalizer(ABC):
 class _Normalised(TritonNormalizer):
     """p = exp2(s - m) with a running max m, l the running sum (rescaled by alpha whenever m grows)."""
 
-    state = "m_i = tl.full([BLOCK_M], -INF, tl.float32)  # running max, base 2\nl_i = tl.zeros([BLOCK_M], tl.float32)"
+    @property
+    def state(self) -> str:
+        return (f"m_i = {self.vectors.full('[BLOCK_M]', '-INF', 'tl.float32')}  # running max, base 2\n"
+                f"l_i = {self.vectors.zeros('[BLOCK_M]', 'tl.float32')}")
+
     acc_scale = "acc * alpha[:, None]"
     advance = "m_i = m_new"
     out = "l_safe = tl.where(l_i == 0.0, 1.0, l_i)\nout = acc / l_safe[:, None]"
@@ -73,7 +83,10 @@ class _Sigmoid(TritonNormalizer):
     """p = sigmoid(s ln 2) = 1 / (1 + exp2(-s)), in (0, 1): no running max. s = -inf (not kept) or very negative
     gives exp2(-s) = inf and p = 0, not NaN; the outs of splits add up."""
 
-    state = "l_i = tl.zeros([BLOCK_M], tl.float32)  # the row's total weight"
+    @property
+    def state(self) -> str:
+        return f"l_i = {self.vectors.zeros('[BLOCK_M]', 'tl.float32')}  # the row's total weight"
+
     acc_scale = "acc"
     advance = None
     out = "l_safe = tl.where(l_i == 0.0, 1.0, l_i)\nout = acc  # not normalised: a row that kept no key holds 0"
@@ -91,6 +104,6 @@ class _Sigmoid(TritonNormalizer):
 _LOWERINGS: dict[str, type[TritonNormalizer]] = {"softmax": _Normalised, "sigmoid": _Sigmoid}
 
 
-def lower(normalizer: Normalizer, exp2: str) -> TritonNormalizer:
+def lower(normalizer: Normalizer, exp2: str, vectors: Vectors = TRITON_VECTORS) -> TritonNormalizer:
     """The hooks of `normalizer`, with `exp2` the name of the base-2 exponential the kernel calls."""
-    return _LOWERINGS[normalizer.name](exp2)
+    return _LOWERINGS[normalizer.name](exp2, vectors)

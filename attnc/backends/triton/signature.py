@@ -156,6 +156,12 @@ def prefill_signature(args: SpecArgs, tma: bool) -> Signature:
                      TILE_CONSTEXPRS + ("UPCAST",) + (("TMA",) if tma else ()))
 
 
+def gluon_signature(args: SpecArgs) -> Signature:
+    """The Gluon prefill kernel's (gluon.py.j2): its tile sizes are module constants, and data-dependent masks are
+    evaluated on every tile, without a tile summary."""
+    return Signature("attn_fwd_gluon", QKV_GROUPS + args.groups(), ())
+
+
 def summary_signature(args: SpecArgs) -> Signature:
     return Signature("tile_summary", args.groups() + (SUMMARY, Group("head_programs", ("head_programs_s",))),
                      TILE_CONSTEXPRS)

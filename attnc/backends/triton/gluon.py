@@ -1,0 +1,134 @@
+"""The Hopper warpgroup-specialized forward in Gluon (gluon.py.j2): its source, and a launcher that runs it for the
+prefill launches it covers and hands every other launch to the Triton template's launcher.
+
+The plan decides the path and the layout (passes/warpgroups.py); this module adds what only the installed Triton
+and the call can tell: whether Triton's Gluon has the Hopper API the kernel was written against (GLUON_TRITON:
+the kernel has been compiled with these versions only), and per call whether q, k and v can be read through TMA
+descriptors. `generate_gluon` is pure: the same plan gives the same text.
+"""
+from __future__ import annotations
+
+import warnings
+from functools import lru_cache
+
+import torch
+
+from ...dsl.signature import Bound, lse_shape, out_shape
+from ...passes.plan import KernelPlan
+from .. import cache
+from . import launch
+from .signature import Signature, gluon_signature, qkv_values, spec_args
+
+SOURCE_FILE = "gluon_kernel.py"
+GLUON_TRITON = ("3.6",)  # Triton releases (major.minor) whose Gluon the kernel compiles with
+GLUON_DTYPES = {"f16": "gl.float16", "bf16": "gl.bfloat16"}
+MAX_REGISTERS = 65536  # per SM on sm_90: the partitions' setmaxnreg budgets must fit in it together
+
+
+def generate_gluon(plan: KernelPlan) -> str:
+    from .emit import GLUON_VECTORS
+    from .generate import shared_hooks, template
+
+    w, masks = plan.warpgroups.layout, plan.masks
+    signature = gluon_signature(spec_args(plan))
+    return template("gluon.py.j2").render(
+        **shared_hooks(plan, "ex2_approx", GLUON_VECTORS),
+        vectors=GLUON_VECTORS,
+        plan_line=plan_line(plan),
+        layout=w,
+        handoff=w.schedule == "pingpong",
+        dtype=GLUON_DTYPES[plan.dtype],
+        # One wgmma layout for the score tile and the accumulator: its instruction N divides both.
+        mma_n=min(w.block_n, plan.tiling.block_dv),
+        signature=signature.render(),
+        arguments=", ".join(signature.names),
+        runtime_scalars=signature.unspecialized(),
+        # Data-dependent masks have no tile summary here: every tile of the hull evaluates them.
+        all_partial=bool(masks.evaluated),
+        partial_before=bool(masks.exact.lower),
+    )
+
+
+def plan_line(plan: KernelPlan) -> str:
+    w = plan.warpgroups.layout
+    return (f"gluon/sm_{plan.target.arch} {plan.dtype} D={plan.head_dim} DV={plan.value_dim}; BM={w.block_m} "
+            f"BN={w.block_n} stages={w.stages}; {w.consumers}x{w.consumer_warps} consumer warps {w.schedule}"
+            f"{' overlapped' if w.overlap else ''} + {w.producer_warps} producer warp")
+
+
+def max_registers(plan: KernelPlan) -> int:
+    """maxnreg of the launch: the default partition (the first consumer) gets what the register file leaves after
+    the workers' budgets, so the kernel-wide limit is the file split over all warps, warpgroups rounded up."""
+    w = plan.warpgroups.layout
+    warps = w.consumers * w.consumer_warps + 4 * -(-w.producer_warps // 4)
+    return (MAX_REGISTERS // (32 * warps)) // 8 * 8
+
+
+@lru_cache(maxsize=None)
+def unavailable_here() -> str:
+    """Why this Triton cannot run the Gluon kernel ("" where it can)."""
+    import triton
+
+    release = ".".join(triton.__version__.split(".")[:2])
+    if release not in GLUON_TRITON:
+        return f"Triton {triton.__version__}: the Gluon kernel is written for Triton {', '.join(GLUON_TRITON)}"
+    try:
+        from triton.experimental.gluon.language.nvidia import hopper  # noqa: F401
+    except ImportError as e:
+        return f"Triton {triton.__version__} has no Gluon Hopper API ({e})"
+    return ""
+
+
+def load_gluon_module(plan: KernelPlan):
+    def build(out_dir) -> None:
+        (out_dir / SOURCE_FILE).write_text(generate_gluon(plan), encoding="utf-8")
+
+    def load(entry: cache.Entry):
+        return launch.import_source(entry.file(SOURCE_FILE), f"attnc_kernels.g{entry.key.digest[:16]}")
+
+    key = launch.cache_key(plan)
+    return cache.get_or_load(cache.CacheKey({**dict(key.parts), "kernel": "gluon"}, name=key.name), build, load)
+
+
+def launcher(plan: KernelPlan, fallback):
+    """The plan's launcher: `fallback` (the template's) unless the plan runs the Gluon kernel and this Triton can;
+    a plan that asked for it (PlanOptions(gluon=True)) and cannot have it warns once, saying why."""
+    why = plan.warpgroups.reason if plan.warpgroups.path != "gluon" else unavailable_here()
+    if plan.options.gluon and (plan.warpgroups.path != "gluon" or why):
+        warnings.warn(f"attention {plan.spec.name!r}: the Gluon warpgroup kernel was asked for and does not run "
+                      f"({why}); the Triton template runs instead", stacklevel=4)
+    if plan.warpgroups.path != "gluon" or why:
+        return fallback
+    return GluonLauncher(plan, load_gluon_module(plan), fallback)
+
+
+class GluonLauncher:
+    def __init__(self, plan: KernelPlan, module, fallback):
+        self.plan, self.spec, self.fallback = plan, plan.spec, fallback
+        self.kernel = module.attn_fwd_gluon
+        self.args = spec_args(plan)
+        self.signature: Signature = gluon_signature(self.args)
+        self.min_m = max(plan.tiling.decode_max_m, plan.decode.dense_max_m if plan.decode else 0) + 1
+        self.maxnreg = max_registers(plan)
+
+    def __call__(self, bound: Bound):
+        return self.run(bound)[0]
+
+    def covers(self, bound: Bound) -> bool:
+        """Prefill launches (past the decode regime) whose q, k and v TMA can read."""
+        spec = self.spec
+        return bound.sizes["M"] >= self.min_m and launch.descriptor_ready(bound.q, spec.q) \
+            and launch.descriptor_ready(bound.k, spec.k) and launch.descriptor_ready(bound.v, spec.v)
+
+    def run(self, bound: Bound):
+        if not self.covers(bound):
+            return self.fallback.run(bound)
+        spec, sizes, q = self.spec, bound.sizes, bound.q
+        out = launch.empty(out_shape(spec, bound), q.dtype, q.device)
+        lse = launch.empty(lse_shape(bound), torch.float32, q.device) if spec.returns_lse else None
+        values = self.args.values(sizes, bound.params, bound.inputs)
+        values.update(qkv_values(spec, bound, out, lse))
+        w = self.plan.warpgroups.layout
+        grid = (-(-sizes["M"] // w.block_m), sizes["B"] * sizes["H"])
+        self.kernel[grid](*self.signature.pack(values), num_warps=w.consumer_warps, maxnreg=self.maxnreg)
+        return ((out, lse) if spec.returns_lse else out), None

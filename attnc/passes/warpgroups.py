@@ -1,0 +1,108 @@
+"""Hopper pipeline staging: whether the forward prefill runs the Gluon warpgroup-specialized kernel, and its layout.
+
+A pure function of the plan. The Gluon kernel (backends/triton/gluon.py.j2) covers dense storage, f16/bf16 q, k and
+v, head dims up to 256 and sm_90 (warpgroup MMA exists there only); everything else keeps the Triton template,
+and so do launches with M in the decode regime (the decode tile packs GQA heads). Until the kernel has run on an
+H100 it is opt-in: PlanOptions(gluon=True).
+
+The layouts follow FlashAttention-3 on an H100 (232,448 B of shared memory, 64K registers per SM, one program per
+SM): 128 query rows in two consumer warpgroups of 64 rows at 240 registers per thread, one producer warp at 24.
+A consumer holds per thread the fp32 accumulator (DV / 2 registers for 64 rows), the score tile (BN / 2) and P
+(BN / 4, bf16); overlapping the next tile's QK^T with the weights keeps a second score tile live, which fits up to
+DV = 128 with BN = 128. The ring depth is the most stages, up to MAX_STAGES, whose K/V tiles fit beside Q.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+from ..errors import CompileError
+from ..ir import Expr, IndexVar, Lookup, walk
+from .plan import KernelPlan, WarpgroupLayout, WarpgroupPlan
+from .tiling import DTYPE_BITS, smem_bytes, smem_capacity, widest_block
+
+GLUON_ARCH = 90
+GLUON_DTYPES = ("f16", "bf16")
+MAX_HEAD_BLOCK = 256  # BLOCK_D and BLOCK_DV: one TMA box and one wgmma N each
+MAX_STAGES = 4
+OPT_IN = "opt-in until verified on an H100: PlanOptions(gluon=True) selects it"
+
+
+def unavailable(plan: KernelPlan) -> str:
+    """Why the plan cannot run the Gluon kernel ("" where it can)."""
+    spec, arch = plan.spec, plan.target.arch
+    if arch is None:
+        return "no GPU: the Gluon kernel needs sm_90"
+    if arch != GLUON_ARCH:
+        return f"sm_{arch}: warpgroup MMA is sm_90 only"
+    if spec.q_storage is not None or spec.kv_storage is not None:
+        return "ragged or paged storage runs the decode kernel"
+    dtypes = {spec.q.dtype, spec.k.dtype, spec.v.dtype}
+    if len(dtypes) > 1 or plan.dtype not in GLUON_DTYPES:
+        return f"q, k, v are {'/'.join(sorted(dtypes))}: the Gluon kernel takes one of {', '.join(GLUON_DTYPES)}"
+    if widest_block(plan) > MAX_HEAD_BLOCK:
+        return f"D={plan.head_dim} DV={plan.value_dim}: the Gluon kernel takes head dims up to {MAX_HEAD_BLOCK}"
+    if plan.tiling.block_dv > plan.tiling.block_d:
+        return f"D={plan.head_dim} DV={plan.value_dim}: the output tile reuses Q's shared memory, so DV <= D"
+    if plan.head_dim % 8 or plan.value_dim % 8:
+        return f"D={plan.head_dim} DV={plan.value_dim}: TMA rows need head dims that are multiples of 8"
+    return ""
+
+
+def tile_work(plan: KernelPlan) -> int:
+    """How much a key tile computes per element beyond qk's scale, each step a tile of registers of its own:
+    2 for masks evaluated element by element or a score that reads a table at (i, j) (integer and gather work),
+    1 for a score that depends on the key position otherwise (ALiBi's distance), 0 for neither."""
+    def positions(e: Expr) -> set[str]:
+        return {v.name for v in walk(e) if isinstance(v, IndexVar)}
+
+    logits = plan.score.logits2
+    if plan.masks.evaluated or any(isinstance(n, Lookup) and {"i", "j"} <= positions(n) for n in walk(logits)):
+        return 2
+    return 1 if "j" in positions(logits) else 0
+
+
+def choose_layout(plan: KernelPlan) -> WarpgroupLayout:
+    t = plan.tiling
+    widest = widest_block(plan)
+    block_m = 128
+    # Key tiles as wide as the consumers' 240 registers hold without spilling (ptxas, benchmarks/NOTES.md session 6):
+    # per thread the score tile takes BN / 2 registers, the accumulator DV / 2, and per-element work a tile more.
+    work = tile_work(plan)
+    block_n = 128 if widest <= 128 else 64
+    if work == 2 or (work and widest > 128):
+        block_n //= 2
+    # Overlap keeps a second score tile live: it fits beside a 64-register accumulator (DV <= 128), not beside
+    # per-element integer work at D >= 128.
+    overlap = t.block_dv <= 128 and not (work == 2 and widest >= 128)
+    bytes_per = DTYPE_BITS[plan.dtype] // 8
+    # The ring: the most stages that fit beside Q, up to MAX_STAGES, and at most RING_BYTES of K and V in flight
+    # (FlashAttention-3 runs two 64 KiB stages at D = 128).
+    slot = block_n * (t.block_d + t.block_dv) * bytes_per
+    stages = min(MAX_STAGES, max(2, RING_BYTES // slot))
+    while stages > 1 and smem_bytes(block_m, block_n, t.block_d, t.block_dv, stages, bytes_per) + BARRIER_BYTES \
+            > smem_capacity(plan.target.arch):
+        stages -= 1
+    schedule = plan.options.warpgroup_schedule or "pingpong"
+    if schedule not in SCHEDULES:
+        raise CompileError(f"warpgroup_schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+    # cooperative: one consumer partition whose 8 warps (two warpgroups) share the 128 rows of every step
+    consumers, warps = (1, 8) if schedule == "cooperative" else (2, 4)
+    return WarpgroupLayout(block_m, block_n, stages, consumers, warps, schedule, overlap)
+
+
+SCHEDULES = ("pingpong", "parallel", "cooperative")
+BARRIER_BYTES = 1024  # mbarriers and the compiler's alignment padding
+RING_BYTES = 128 * 1024
+
+
+def stage_warpgroups(plan: KernelPlan) -> KernelPlan:
+    why = unavailable(plan)
+    if why:
+        return replace(plan, warpgroups=WarpgroupPlan("triton", why))
+    layout = choose_layout(plan)
+    if not plan.options.gluon:
+        return replace(plan, warpgroups=WarpgroupPlan("triton", f"the Gluon warpgroup kernel qualifies, {OPT_IN}",
+                                                      layout))
+    return replace(plan, warpgroups=WarpgroupPlan(
+        "gluon", f"prefill launches (M > {plan.tiling.decode_max_m}); decode launches keep the Triton template",
+        layout))

@@ -1,0 +1,112 @@
+"""Compile the Gluon warpgroup prefill kernel (attnc/backends/triton/gluon.py.j2) of every dense example spec for
+sm_90 without a GPU, for D = 64 / 128 / 256 (and the spec's own DV where it binds one) in bf16 and f16, and print
+ptxas' registers, spills and the shared memory per kernel. Needs Triton 3.6 (the GPU machine's), e.g.
+
+    python3 -m venv --system-site-packages /tmp/venv36 && /tmp/venv36/bin/pip install triton==3.6.0
+    PYTHONPATH=$PWD /tmp/venv36/bin/python benchmarks/compile_gluon_sm90.py [--spec NAME] [--dims 128]
+
+Exit status 1 if a kernel fails to compile, ptxas warns (serialized wgmma), or a kernel spills more than --max-spill
+bytes (default 128: dilated_window's per-element int64 modulo spills 28-72 B at D >= 128, benchmarks/NOTES.md)."""
+import argparse
+import glob
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+os.environ["TRITON_INTERPRET"] = "0"
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.experimental.gluon._runtime import GluonASTSource
+
+import attnc
+from attnc.backends.triton import launch
+from attnc.backends.triton.gluon import generate_gluon, max_registers
+from attnc.backends.triton.signature import argument_types, gluon_signature, spec_args
+from attnc.passes import PlanOptions, Target, plan_kernel
+from attnc.passes.warpgroups import SCHEDULES
+
+PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+
+
+def dense_specs(only: str | None):
+    for path in sorted(glob.glob("examples/specs/*.attn")):
+        for spec in attnc.parse_file(path):
+            if spec.q_storage is None and spec.kv_storage is None and (only is None or spec.name == only):
+                yield spec
+
+
+def with_dtype(spec, dtype: str):
+    return replace(spec, q=replace(spec.q, dtype=dtype), k=replace(spec.k, dtype=dtype),
+                   v=replace(spec.v, dtype=dtype))
+
+
+def compile_one(plan, work: Path) -> dict:
+    source = generate_gluon(plan)
+    path = work / f"{plan.spec.name}_{plan.dtype}_{plan.head_dim}_{plan.value_dim}.py"
+    path.write_text(source)
+    module = launch.import_source(path, f"gluon_{path.stem}")
+    fn = module.attn_fwd_gluon
+    types = argument_types(plan)
+    # What the JIT sees at launch for sizes and strides below 2^31: i32 (do_not_specialize keeps sizes unspecialized).
+    signature = {n: ("i32" if types[n] == "i64" else types[n]) for n in gluon_signature(spec_args(plan)).names}
+    compiled = triton.compile(GluonASTSource(fn, signature, {}), target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": plan.warpgroups.layout.consumer_warps,
+                                       "maxnreg": max_registers(plan)})
+    ptx = work / f"{path.stem}.ptx"
+    ptx.write_text(compiled.asm["ptx"])
+    report = subprocess.run([str(PTXAS), "-arch=sm_90a", "-v", str(ptx), "-o", os.devnull],
+                            capture_output=True, text=True, check=True).stderr
+    regs = int(re.search(r"Used (\d+) registers", report).group(1))
+    spills = sum(int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", report))
+    stack = int(re.search(r"(\d+) bytes stack frame", report).group(1))
+    warnings = [line for line in report.splitlines() if "warning" in line.lower()]  # e.g. serialized wgmma
+    maxnreg = sorted({int(x) for x in re.findall(r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+)", compiled.asm["ptx"])})
+    return dict(regs=regs, spills=spills, stack=stack, shared=compiled.metadata.shared, setmaxnreg=maxnreg,
+                warnings=warnings)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--spec", help="only this example spec")
+    parser.add_argument("--dims", type=int, nargs="*", default=[64, 128, 256])
+    parser.add_argument("--dtypes", nargs="*", default=["bf16", "f16"])
+    parser.add_argument("--schedule", choices=SCHEDULES, help="force the consumers' schedule")
+    parser.add_argument("--max-spill", type=int, default=128, help="spill bytes (stores + loads) a kernel may have")
+    args = parser.parse_args()
+    ok = True
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        for spec in dense_specs(args.spec):
+            bound = spec.dim_values.get("D")
+            for dtype in args.dtypes:
+                for d in ([bound] if bound else args.dims):
+                    dv = spec.dim_values.get("DV", d)
+                    plan = plan_kernel(with_dtype(spec, dtype), Target("triton", "cuda", 90), d, dv,
+                                       PlanOptions(gluon=True, warpgroup_schedule=args.schedule))
+                    w = plan.warpgroups
+                    label = f"{spec.name:18s} {dtype:4s} D={d:3d} DV={dv:3d}"
+                    if w.path != "gluon":
+                        print(f"skip {label}  {w.reason}", flush=True)
+                        continue
+                    try:
+                        r = compile_one(plan, work)
+                    except Exception as e:  # report every kernel, then fail
+                        ok = False
+                        print(f"FAIL {label}  {type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}", flush=True)
+                        continue
+                    ok &= r["spills"] <= args.max_spill and not r["warnings"]
+                    print(f"{'ok  ' if r['spills'] == 0 else 'SPILL'} {label}  {w.layout.schedule} "
+                          f"BN={w.layout.block_n} stages={w.layout.stages} overlap={w.layout.overlap}  regs={r['regs']} "
+                          f"setmaxnreg={r['setmaxnreg']} spills={r['spills']} B stack={r['stack']} B "
+                          f"smem={r['shared']} B", flush=True)
+                    for line in r["warnings"]:
+                        print(f"     {line}", flush=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""The Gluon warpgroup prefill (PlanOptions(gluon=True)) on an H100 (run with `python -m pytest -m gpu
+tests/test_gluon_gpu.py`): every dense example spec in bf16 and fp16 at D = 64 / 128 / 256 (a spec's own D and DV
+where it binds them), with lse, against attnc.reference with NaN-poisoned outputs; each test checks that the Gluon
+kernel ran, not the template it falls back to."""
+from dataclasses import replace
+
+import pytest
+import torch
+
+import attnc
+from attnc.backends.triton import gluon
+from attnc.passes import PlanOptions
+from test_triton_kernels import (  # noqa: F401  (poisoned_outputs is an autouse fixture: importing enables it)
+    EXAMPLES, assert_matches, example_kwargs, example_sizes, poisoned_outputs, qkv, with_dtype,
+)
+
+pytestmark = pytest.mark.gpu
+GLUON = PlanOptions(gluon=True)
+
+
+@pytest.fixture
+def gluon_launches(monkeypatch):
+    """How many launches ran the Gluon kernel (the rest went to the template)."""
+    ran = []
+    covers = gluon.GluonLauncher.covers
+
+    def counted(self, bound):
+        took = covers(self, bound)
+        ran.append(took)
+        return took
+
+    monkeypatch.setattr(gluon.GluonLauncher, "covers", counted)
+    return ran
+
+
+def _needs_hopper():
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon warpgroup kernel runs on sm_90")
+    why = gluon.unavailable_here()
+    if why:
+        pytest.skip(why)
+
+
+def _head_dims(spec):
+    d = spec.dim_values.get("D")
+    return [d] if d else [64, 128, 256]
+
+
+CASES = [(name, d) for name in sorted(EXAMPLES) for d in _head_dims(EXAMPLES[name])]
+
+
+def _run(spec, sizes, gluon_launches, expect_gluon=True, options=GLUON):
+    q, k, v = qkv(spec, sizes, "cuda")
+    kwargs = example_kwargs(spec, sizes, "cuda")
+    got = attnc.compile(spec, options=options)(q, k, v, **kwargs)
+    assert_matches(spec, got, attnc.reference(spec, q, k, v, **kwargs))
+    assert gluon_launches == [expect_gluon], "the launch ran the Gluon kernel" if expect_gluon else "the template"
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "f16"])
+@pytest.mark.parametrize("name, d", CASES, ids=[f"{n}-D{d}" for n, d in CASES])
+def test_example_spec_gluon_gpu(name, d, dtype, gluon_launches):
+    """M and N off the tile sizes, M != N (bottom-right causal alignment), GQA where the spec has it."""
+    _needs_hopper()
+    spec = replace(with_dtype(EXAMPLES[name], dtype), returns_lse=True)
+    sizes = example_sizes(spec, m=300, n=1000)
+    sizes.update(M=300, D=d, DV=spec.dim_values.get("DV", d))  # mqa_decode's example M is a decode one
+    _run(spec, sizes, gluon_launches)
+
+
+@pytest.mark.parametrize("name", ["causal_lm", "dense", "sliding_window", "gqa_causal", "document_mask", "sinks"])
+def test_long_sequences_gluon_gpu(name, gluon_launches):
+    """Many key tiles per program: the ring wraps several times, with full tiles between partial ones."""
+    _needs_hopper()
+    spec = replace(with_dtype(EXAMPLES[name], "bf16"), returns_lse=True)
+    sizes = example_sizes(spec, m=2048, n=2048)
+    sizes.update(H=4, HKV=2 if spec.is_gqa_shape else 4)
+    _run(spec, sizes, gluon_launches)
+
+
+@pytest.mark.parametrize("schedule", ["parallel", "cooperative"])
+@pytest.mark.parametrize("name, d", [("causal_lm", 128), ("dense", 256), ("document_mask", 64), ("sinks", 64)])
+def test_other_schedules_gpu(name, d, schedule, gluon_launches):
+    """The consumer schedules besides ping-pong, selected by PlanOptions: two partitions without the handoff, and
+    one partition of two warpgroups."""
+    _needs_hopper()
+    spec = replace(with_dtype(EXAMPLES[name], "bf16"), returns_lse=True)
+    sizes = example_sizes(spec, m=700, n=1300)
+    sizes.update(D=d, DV=d)
+    _run(spec, sizes, gluon_launches, options=PlanOptions(gluon=True, warpgroup_schedule=schedule))
+
+
+def test_decode_shapes_and_strided_inputs_take_the_template_gpu(gluon_launches):
+    _needs_hopper()
+    spec = replace(with_dtype(EXAMPLES["causal_lm"], "bf16"), returns_lse=True)
+    _run(spec, example_sizes(spec, m=3, n=500), gluon_launches, expect_gluon=False)
+    gluon_launches.clear()
+    sizes = example_sizes(spec, m=300, n=500)
+    q, k, v = qkv(spec, {**sizes, "D": 2 * sizes["D"]}, "cuda")
+    q, k, v = q[..., ::2], k[..., ::2], v[..., ::2]  # a head-dim stride of 2: TMA cannot read it
+    got = attnc.compile(spec, options=GLUON)(q, k, v)
+    assert_matches(spec, got, attnc.reference(spec, q, k, v))
+    assert gluon_launches == [False]

@@ -1,0 +1,289 @@
+"""Hopper pipeline staging (passes/warpgroups.py) and the Gluon path's fallback, without a GPU: which plans qualify,
+the layout each gets, what `attnc show --emit plan` prints, and that a launch the Gluon kernel does not cover (or a
+Triton without it) runs the Triton template."""
+from dataclasses import replace
+
+import pytest
+import torch
+
+import attnc
+from attnc.backends.triton import gluon
+from attnc.passes import PlanOptions, Target, plan_kernel
+from test_triton_kernels import (  # noqa: F401  (poisoned_outputs is an autouse fixture: importing enables it)
+    EXAMPLES, poisoned_outputs, with_dtype,
+)
+
+H100 = Target("triton", "cuda", 90)
+GLUON = PlanOptions(gluon=True)
+
+
+def _plan(name="causal_lm", d=128, dv=None, dtype="bf16", target=H100, options=GLUON):
+    return plan_kernel(with_dtype(EXAMPLES[name], dtype), target, d, dv or d, options)
+
+
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("dtype", ["bf16", "f16"])
+def test_dense_prefill_qualifies_on_sm90(d, dtype):
+    w = _plan(d=d, dtype=dtype).warpgroups
+    assert w.path == "gluon" and w.layout is not None
+    assert (w.layout.consumers, w.layout.consumer_warps, w.layout.schedule) == (2, 4, "pingpong")
+    assert w.layout.producer_warps == 1 and w.layout.block_m == 128
+
+
+def test_layouts_per_head_dim():
+    """D <= 128: 128-key tiles with QK^T(j+1) and P V(j) under the softmax; D = 256: 64-key tiles, each MMA waited
+    for (the 128-register accumulator leaves no room for a second score tile); the ring fits shared memory."""
+    d64, d128, d256 = (_plan("dense", d=d).warpgroups.layout for d in (64, 128, 256))
+    assert (d64.block_n, d64.overlap, d64.stages) == (128, True, 4)
+    assert (d128.block_n, d128.overlap, d128.stages) == (128, True, 2)
+    assert (d256.block_n, d256.overlap, d256.stages) == (64, False, 2)
+    for layout, d in ((d64, 64), (d128, 128), (d256, 256)):
+        smem = (layout.block_m * d + layout.stages * layout.block_n * 2 * d) * 2
+        assert smem <= 232448 - 1024
+
+
+def test_per_element_work_narrows_the_key_tile():
+    """Element-wise masks (data-dependent ones too) and (i, j) table reads take registers per element: half the
+    key tile, and no overlap at D >= 128; a score depending on j (ALiBi) only at D = 256."""
+    doc = _plan("document_mask").warpgroups.layout
+    assert (doc.block_n, doc.overlap) == (64, False)
+    assert _plan("document_mask", d=64).warpgroups.layout.overlap
+    assert _plan("relative_bias").warpgroups.layout.block_n == 64
+    assert _plan("alibi").warpgroups.layout.block_n == 128
+    assert _plan("alibi", d=256).warpgroups.layout.block_n == 32
+
+
+def test_cooperative_schedule_on_request():
+    """One consumer partition of 8 warps (two warpgroups sharing every step) instead of two of 4."""
+    plan = _plan(options=PlanOptions(gluon=True, warpgroup_schedule="cooperative"))
+    w = plan.warpgroups.layout
+    assert (w.schedule, w.consumers, w.consumer_warps, w.rows_per_consumer) == ("cooperative", 1, 8, 128)
+    source = gluon.generate_gluon(plan)
+    compile(source, "cooperative.py", "exec")
+    assert source.count("(consume, (") == 1 and "], [1],\n       [24])" in source
+    assert gluon.max_registers(plan) == gluon.max_registers(_plan())  # 12 warps either way
+    assert "turns" not in source  # the handoff is ping-pong's
+    with pytest.raises(attnc.CompileError, match="warpgroup_schedule must be one of pingpong, parallel, cooperative"):
+        _plan(options=PlanOptions(gluon=True, warpgroup_schedule="three"))
+
+
+def test_pingpong_hands_the_tensor_cores_over():
+    """Ping-pong: the consumers alternate turns at issuing MMAs (consumer 0 first), one wait and one arrive per
+    group of issues in each, so both take the same number of turns; parallel drops the handoff."""
+    source = gluon.generate_gluon(_plan())
+    assert source.count("mbarrier.wait(turns.index(CONSUMER), turn & 1)") == 3  # first QK^T, loop, last P V
+    assert source.count("mbarrier.arrive(turns.index(1 - CONSUMER), count=1)") == 3
+    assert "mbarrier.arrive(turns.index(0), count=1)" in source
+    serial = gluon.generate_gluon(_plan("dense", d=256))  # no overlap: QK^T and P V in turns of their own
+    assert serial.count("mbarrier.wait(turns.index(CONSUMER), turn & 1)") == 2
+    parallel = gluon.generate_gluon(_plan(options=PlanOptions(gluon=True, warpgroup_schedule="parallel")))
+    assert "turns" not in parallel and parallel.count("(consume, (") == 2
+
+
+def test_mla_value_dim():
+    w = _plan("mla_prefill", d=192, dv=128).warpgroups
+    assert w.path == "gluon" and w.layout.block_n == 64 and w.layout.overlap
+
+
+@pytest.mark.parametrize("change, reason", [
+    (dict(dtype="f32"), "f16, bf16"),
+    (dict(target=Target("triton", "cuda", 80)), "sm_80"),
+    (dict(target=Target("triton", "cuda", 100)), "sm_100"),
+    (dict(target=Target("triton", "cpu", None)), "no GPU"),
+    (dict(d=512), "up to 256"),
+    (dict(d=64, dv=128), "DV <= D"),
+    (dict(d=100), "multiples of 8"),
+])
+def test_what_keeps_the_template(change, reason):
+    w = _plan(**change).warpgroups
+    assert w.path == "triton" and reason in w.reason
+
+
+def test_paged_and_ragged_keep_the_decode_kernel():
+    spec = next(s for s in attnc.parse_file("examples/specs/paged_decode.attn") if s.name == "paged_decode")
+    w = plan_kernel(spec, H100, 128, 128, GLUON).warpgroups
+    assert w.path == "triton" and "paged" in w.reason
+
+
+def test_opt_in_only():
+    """Until verified on an H100 the default stays the template; the plan still shows the layout it would run."""
+    for options in (PlanOptions(), PlanOptions(gluon=False)):
+        w = _plan(options=options).warpgroups
+        assert w.path == "triton" and "opt-in" in w.reason and w.layout == _plan().warpgroups.layout
+
+
+def test_the_decision_is_a_pure_function_of_the_plan():
+    assert _plan() == _plan() and hash(_plan().warpgroups) == hash(_plan().warpgroups)
+    assert _plan().warpgroups != _plan(d=256).warpgroups
+
+
+def test_plan_text_states_the_path_and_layout():
+    text = _plan().describe()
+    assert "prefill    gluon kernel" in text
+    assert "producer 1 warp (TMA, 24 regs) -> ring of 2 K/V stages" in text and "pingpong" in text
+    assert "QK^T(j+1) and PV(j) async" in text
+    assert "prefill    triton kernel: q, k, v are f32" in _plan(dtype="f32").describe()
+
+
+def test_cli_shows_the_staging(capsys):
+    from attnc.cli import main
+
+    assert main(["show", "examples/specs/causal.attn", "--emit", "plan"]) == 0
+    out = capsys.readouterr().out
+    assert "warpgroups producer 1 warp" in out and "opt-in" in out
+    assert main(["show", "examples/specs/paged_decode.attn", "--name", "paged_decode", "--emit", "gluon"]) == 0
+    assert "no Gluon kernel (ragged or paged storage" in capsys.readouterr().out
+    assert main(["show", "examples/specs/causal.attn", "--emit", "gluon"]) == 0
+    assert "def attn_fwd_gluon(" in capsys.readouterr().out
+
+
+class _Template:
+    """Stands for the template's launcher: records the launches handed to it."""
+
+    def __init__(self):
+        self.runs = []
+
+    def run(self, bound):
+        self.runs.append(bound)
+        return "template", None
+
+
+def test_a_plan_that_does_not_run_gluon_keeps_the_template_quietly(recwarn):
+    fallback = _Template()
+    assert gluon.launcher(_plan(options=PlanOptions()), fallback) is fallback
+    assert gluon.launcher(_plan(dtype="f32", options=PlanOptions()), fallback) is fallback
+    assert not recwarn.list
+
+
+def test_asking_where_it_cannot_run_warns_and_falls_back():
+    fallback = _Template()
+    with pytest.warns(UserWarning, match=r"Gluon warpgroup kernel was asked for .*sm_80: warpgroup MMA is sm_90"):
+        assert gluon.launcher(_plan(target=Target("triton", "cuda", 80)), fallback) is fallback
+
+
+def test_a_triton_without_the_gluon_kernel_falls_back(monkeypatch):
+    monkeypatch.setattr(gluon, "unavailable_here", lambda: "Triton 9.9: the Gluon kernel is written for Triton 3.6")
+    fallback = _Template()
+    with pytest.warns(UserWarning, match="Triton 9.9"):
+        assert gluon.launcher(_plan(), fallback) is fallback
+
+
+def test_this_triton_is_judged_by_its_release():
+    import triton
+
+    why = gluon.unavailable_here()
+    release = ".".join(triton.__version__.split(".")[:2])
+    assert (why == "") == (release in gluon.GLUON_TRITON), why
+    if why:
+        assert triton.__version__ in why
+
+
+def test_only_prefill_launches_with_tma_ready_tensors_run_gluon():
+    """M in the decode regime, and q/k/v that TMA cannot read (a non-unit head-dim stride), go to the template."""
+    from attnc.dsl.signature import bind
+
+    plan = _plan("gqa_causal")
+    fallback = _Template()
+    module = type("Module", (), {"attn_fwd_gluon": None})
+    launcher = gluon.GluonLauncher(plan, module, fallback)
+    spec = plan.spec
+
+    def bound(m, strided=False):
+        q = torch.randn(2, 8, m, 256 if strided else 128, dtype=torch.bfloat16)
+        q = q[..., ::2] if strided else q
+        k, v = (torch.randn(2, 2, 300, 128, dtype=torch.bfloat16) for _ in range(2))
+        return bind(spec, q, k, v, {})
+
+    # the decode kernel's M (split-KV included) stays with the template
+    assert launcher.min_m == max(plan.tiling.decode_max_m, plan.decode.dense_max_m) + 1
+    assert not launcher.covers(bound(launcher.min_m - 1))
+    assert launcher.covers(bound(launcher.min_m))
+    assert not launcher.covers(bound(300, strided=True))
+    assert launcher.run(bound(1)) == ("template", None) and len(fallback.runs) == 1
+
+
+def test_max_registers_leave_the_default_partition_240():
+    """setmaxnreg budgets: the launch's maxnreg over 12 warps (2 consumer warpgroups, the producer warp's group)
+    leaves the first consumer (the default partition) what the second and the producer do not take."""
+    plan = _plan()
+    w = plan.warpgroups.layout
+    total = gluon.max_registers(plan) * 32 * 12
+    assert total <= 65536
+    assert (total - 128 * (w.consumer_regs + w.producer_regs)) // 128 >= w.consumer_regs
+
+
+def test_generated_source_names_every_hook():
+    """The Gluon kernel takes the spec's params and tables (mangled) and its sink from the same IR as the template."""
+    plan = _plan("sinks", d=64)
+    source = gluon.generate_gluon(plan)
+    compile(source, "sinks.py", "exec")
+    assert "t_sinks" in source and "p_window" in source and "sink = " in source
+    assert source.count("warpgroup_mma(") == 4  # QK^T and P V: first tile, loop, and the last P V
+    no_lse = gluon.generate_gluon(_plan("dense"))
+    assert "lse_ptr + b" not in no_lse and "lse_ptr + b" in gluon.generate_gluon(_plan("causal_lm"))
+    sigmoid = gluon.generate_gluon(_plan("sigmoid_causal"))
+    assert "1.0 / (1.0 + ex2_approx(-s))" in sigmoid and "m_i =" not in sigmoid
+
+
+def test_hostile_names_reach_gluon_only_mangled():
+    from test_names import PLAIN, _renamed, _text, _without_key
+
+    def source(rename):
+        spec = with_dtype(attnc.parse(_text(rename))[0], "bf16")
+        return gluon.generate_gluon(plan_kernel(spec, H100, 64, 64, GLUON))
+
+    hostile, plain = source(lambda n: n), source(PLAIN.get)
+    compile(hostile, "hostile.py", "exec")
+    assert _without_key(hostile) == _without_key(_renamed(plain)) and "zq" not in _renamed(plain)
+
+
+def test_hooks_match_the_template():
+    """Scores, masks and the normalizer come from the same emitter as the Triton template: the lines agree but
+    for the vectors' constructors and the exp2 the GPU module defines."""
+    from attnc.backends.triton.generate import generate
+
+    plan = _plan("gemma2_local", d=256)
+    template = generate(replace(plan, options=PlanOptions()))
+    source = gluon.generate_gluon(plan)
+    for line in ("cap * tanh", "keep = (j_col[None, :] >= exact_lo[:, None])"):
+        assert (line in template) == (line in source)
+    score = [ln.strip() for ln in source.splitlines() if ln.strip().startswith("x") and "qk" in ln]
+    assert score and all(line in template for line in score)
+
+
+def test_a_covered_launch_packs_the_kernel_signature(monkeypatch):
+    """The launch the GPU runs, with the kernel stubbed: one argument per parameter of attn_fwd_gluon, the grid over
+    128-row query tiles and (batch, head), the consumers' warps and the register limit, outputs from launch.empty."""
+    from attnc.backends.triton import launch
+    from attnc.dsl.signature import bind
+
+    plan = _plan("sinks", d=64)
+    calls = []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *args, **options: calls.append((grid, args, options))
+
+    launcher = gluon.GluonLauncher(plan, type("Module", (), {"attn_fwd_gluon": Kernel()}), _Template())
+    made = []
+    monkeypatch.setattr(launch, "empty", lambda *a: made.append(a) or torch.full(a[0], float("nan"), dtype=a[1]))
+    q = torch.randn(2, 8, 300, 64, dtype=torch.bfloat16)
+    k, v = (torch.randn(2, 2, 500, 64, dtype=torch.bfloat16) for _ in range(2))
+    out = launcher(bind(plan.spec, q, k, v, {"sinks": torch.randn(8)}))
+    (grid, args, options), = calls
+    names = gluon.gluon_signature(gluon.spec_args(plan)).names
+    assert grid == (3, 16) and len(args) == len(names)
+    assert options == {"num_warps": 4, "maxnreg": gluon.max_registers(plan)}
+    assert args[names.index("sz_M")] == 300 and args[names.index("sz_HKV")] == 2 and args[3] is out
+    assert len(made) == 1 and out.shape == q.shape
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's fallback; the GPU runs test_gluon_gpu.py")
+def test_asking_in_the_interpreter_warns_and_computes_with_the_template():
+    """End to end on CPU tensors (Triton's interpreter): the option cannot be met, so the call warns once and the
+    template's result matches the reference, every output element written."""
+    from test_triton_kernels import example_sizes, run_and_check
+
+    spec = with_dtype(EXAMPLES["sinks"], "f16")
+    with pytest.warns(UserWarning, match="no GPU: the Gluon kernel needs sm_90"):
+        run_and_check(spec, example_sizes(spec, m=20, n=45), options=GLUON)
