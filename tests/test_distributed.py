@@ -1,0 +1,196 @@
+"""attnc.distributed over gloo on the CPU: 2 and 4 processes (one spawn per world size runs every check), each
+rank holding a shard of q, k, v, against attnc.reference (float64, autograd for the gradients) on the whole
+sequence: out, lse, dq, dk, dv and the float tables' gradients (summed over the group), with NaN-poisoned
+result buffers. The example specs with dense storage run in float32, on a 21-long sequence (uneven shards for
+both zigzag and contiguous splits), 3 query heads (no world size here divides them) or 4 with one K/V head, and
+the ranks share one kernel cache, so each kernel is built once."""
+import math
+import os
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import attnc
+
+pytest.importorskip("tvm")
+
+from test_triton_kernels import TORCH, example_specs, with_dtype  # noqa: E402
+
+L = 21
+REL_TOL = 4e-5  # of the largest value, float32
+SPECS = ("dense", "causal_lm", "sliding_window", "gqa_causal", "alibi", "document_mask", "key_padding",
+         "sigmoid_causal", "sinks", "bshd_causal", "prefix_lm")
+PARAMS = {"window": 5, "prefix": 6}
+# (spec, schedule, sharding, contiguous lengths or None): every spec on its automatic choice, then the other
+# schedule and sharding for a few, and an uneven hand-made split
+CASES = [(name, "auto", "auto", None) for name in SPECS] + [
+    ("causal_lm", "allgather", "zigzag", None),
+    ("sinks", "ring", "contiguous", None),
+    ("gqa_causal", "ring", "auto", None),
+    ("document_mask", "ring", "contiguous", None),
+    ("alibi", "ring", "contiguous", "uneven"),
+]
+
+
+def _specs():
+    found = {s.name: s for s in example_specs()}
+    return {name: with_dtype(found[name], "f32") for name in SPECS}
+
+
+def _sizes(spec):
+    dims = spec.dim_values
+    gqa = spec.is_gqa_shape
+    sizes = {"B": 2 if spec.name == "document_mask" else 1, "H": 4 if gqa else 3, "HKV": 1 if gqa else 3,
+             "M": L, "N": L, "D": dims.get("D", 16)}
+    sizes["DV"] = dims.get("DV", sizes["D"])
+    return sizes
+
+
+def _inputs(spec, seed):
+    gen = torch.Generator().manual_seed(seed)
+    sizes = _sizes(spec)
+    q, k, v = (torch.randn([sizes[s] for s in t.shape], generator=gen) for t in (spec.q, spec.k, spec.v))
+    kwargs = {}
+    for t in spec.inputs:
+        shape = [sizes[s] for s in t.shape]
+        if t.name == "doc":  # 3 documents per sequence
+            kwargs[t.name] = torch.sort(torch.randint(0, 3, shape, generator=gen), dim=-1).values.int()
+        elif t.name == "kv_len":
+            kwargs[t.name] = torch.tensor([L - 4] * shape[0], dtype=torch.int32)
+        else:
+            kwargs[t.name] = torch.randn(shape, generator=gen)
+    kwargs.update({p.name: PARAMS[p.name] for p in spec.params if p.name in PARAMS})
+    return q, k, v, kwargs
+
+
+def _reference(spec, q, k, v, kwargs, dout, dlse, tables):
+    spec64 = with_dtype(replace(spec, returns_lse=True), "f64")
+    leaves = {role: t.double().requires_grad_() for role, t in zip("qkv", (q, k, v))}
+    kw = {n: (x.detach().requires_grad_() if n in tables else x) for n, x in kwargs.items()}
+    leaves.update({n: kw[n] for n in tables})
+    out, lse = attnc.reference(spec64, leaves["q"], leaves["k"], leaves["v"], **kw)
+    loss = (out * dout.double()).sum()
+    if dlse is not None:
+        loss = loss + (torch.where(lse > -math.inf, lse, 0.0) * dlse.double()).sum()
+    return out, lse, dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
+
+
+def _close(name, got, want, case):
+    want = want.double()
+    scale = max(1.0, want.abs().max().item())
+    err = (got.double() - want).abs().max().item() if want.numel() else 0.0
+    assert not math.isnan(err) and err <= REL_TOL * scale, f"{case}: {name} off by {err:.3g} (scale {scale:.3g})"
+
+
+def _check_case(case, spec, seed, group=None):
+    from attnc.distributed import context_parallel
+
+    name, schedule, sharding, split = case
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    q, k, v, kwargs = _inputs(spec, seed)
+    cp = context_parallel(attnc.compile(spec, backend="tvm"), group=group, schedule=schedule, sharding=sharding)
+    qa, ka = spec.q.shape.index("M"), spec.k.shape.index("N")
+    if split == "uneven":  # contiguous runs of 13 and 8 (2 ranks) or 9, 1, 8, 3 (4 ranks)
+        lengths = {1: [L], 2: [13, 8], 4: [9, 1, 8, 3]}[world]
+        start = sum(lengths[:rank])
+
+        def shard(x, dim):
+            return x.narrow(dim, start, lengths[rank]).contiguous()
+    else:
+        def shard(x, dim):
+            return cp.shard(x, dim)
+    gen = torch.Generator().manual_seed(seed + 1)
+    tables = cp.tables
+    dout = torch.randn(q.shape[:-1] + (_sizes(spec)["DV"],), generator=gen)
+    dlse = torch.randn(q.shape[0], _sizes(spec)["H"], L, generator=gen) if spec.returns_lse else None
+    ref_out, ref_lse, ref_grads = _reference(spec, q, k, v, kwargs, dout, dlse, tables)
+
+    local = {role: shard(t, ax).requires_grad_() for role, t, ax in (("q", q, qa), ("k", k, ka), ("v", v, ka))}
+    kw = {n: (x.clone().requires_grad_() if n in tables else x) for n, x in kwargs.items()}
+    result = cp(local["q"], local["k"], local["v"], **kw)
+    out, lse = result if spec.returns_lse else (result, None)
+    case_text = f"{case} rank {rank}/{world}"
+    _close("out", out, shard(ref_out, qa), case_text)
+    loss = (out * shard(dout, qa)).sum()
+    if lse is not None:
+        _close("lse", torch.where(lse > -math.inf, lse, 0.0), shard(torch.where(ref_lse > -math.inf, ref_lse, 0.0), 2),
+               case_text)
+        assert torch.equal(lse == -math.inf, shard(ref_lse == -math.inf, 2)), f"{case_text}: lse -inf rows"
+        loss = loss + (torch.where(lse > -math.inf, lse, 0.0) * shard(dlse, 2)).sum()
+    loss.backward()
+    for role, ax in (("q", qa), ("k", ka), ("v", ka)):
+        _close(f"d{role}", local[role].grad, shard(ref_grads[role], ax), case_text)
+    for n in tables:
+        grad = kw[n].grad.clone()
+        dist.all_reduce(grad, group=group)  # each rank holds its share
+        _close(f"d{n}", grad, ref_grads[n], case_text)
+
+
+def _worker(rank, world, init_file, cache_dir):
+    os.environ["ATTNC_CACHE_DIR"] = cache_dir
+    os.environ["TRITON_INTERPRET"] = "0"  # merge_states in torch on CPU tensors
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        from attnc import merge
+        from attnc.backends.tvm import launch
+
+        def poisoned(shape, dtype, device):
+            return torch.full(shape, math.nan, dtype=dtype, device=device)
+
+        launch.empty = merge.empty = poisoned
+        specs = _specs()
+        # World size 1 first, each rank on its own specs: the ranks build the kernels side by side, one core each
+        alone = [dist.new_group([r]) for r in range(world)]
+        for index, name in enumerate(SPECS[rank::world]):
+            _check_case((name, "auto", "auto", None), specs[name], seed=100 + index, group=alone[rank])
+        dist.barrier()
+        for index, case in enumerate(CASES):
+            _check_case(case, specs[case[0]], seed=index)
+        # the errors name the argument
+        from attnc.distributed import context_parallel
+
+        cp = context_parallel(attnc.compile(specs["causal_lm"], backend="tvm"))
+        q = torch.randn(1, 3, 10 + rank, 16)
+        with pytest.raises(attnc.CallError, match="cp_q0"):
+            cp(q, q, q, cp_q0=3)
+        with pytest.raises(attnc.CallError, match="^k:"):
+            cp(q, q[:, :, :9], q[:, :, :9])
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_context_parallel_gloo(world, tmp_path, _shared_cache_dir):
+    init = tmp_path / "init"
+    mp.spawn(_worker, args=(world, str(init), str(_shared_cache_dir)), nprocs=world, join=True)
+
+
+def test_bad_arguments():
+    from attnc.distributed import context_parallel
+
+    spec = _specs()["causal_lm"]
+    with pytest.raises(attnc.CallError, match="^schedule:"):
+        context_parallel(spec, schedule="tree")
+    with pytest.raises(attnc.CallError, match="^sharding:"):
+        context_parallel(spec, sharding="striped")
+    with pytest.raises(attnc.CallError, match="^kernel_or_spec:"):
+        context_parallel("causal")
+    paged = next(s for s in example_specs() if s.kv_storage is not None)
+    with pytest.raises(attnc.CallError, match="paged"):
+        context_parallel(paged)
+
+
+def test_automatic_choices():
+    from attnc.distributed import context_parallel
+
+    specs = _specs()
+    assert context_parallel(specs["causal_lm"]).sharding == "zigzag"
+    assert context_parallel(specs["sliding_window"]).sharding == "zigzag"
+    assert context_parallel(specs["dense"]).sharding == "contiguous"
+    assert context_parallel(specs["document_mask"]).sharding == "zigzag"
