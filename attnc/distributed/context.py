@@ -281,13 +281,15 @@ class _Call:
                 dkv = [self._shard_grad(local, role, kv[i], owner) for i, role in enumerate("kv")]
                 if recv:
                     dkv = [mine + theirs for mine, theirs in zip(dkv, recv)]
-                _wait(sent)
-                sent = ring.post(sends=dkv, recvs=())  # on to the next rank; after the last step, to the owner
+                if self.world > 1:  # on to the next rank; after the last step, to the shard's owner
+                    _wait(sent)
+                    sent = ring.post(sends=dkv, recvs=())
                 kv = incoming
-            final = [torch.empty(self.k_shape(t, self.rank), dtype=torch.float32, device=t.device) for t in (k, v)]
-            _wait(ring.post(sends=(), recvs=final))
-            _wait(sent)
-            dk, dv = final
+            if self.world > 1:
+                dkv = [torch.empty(self.k_shape(t, self.rank), dtype=torch.float32, device=t.device) for t in (k, v)]
+                _wait(ring.post(sends=(), recvs=dkv))
+                _wait(sent)
+            dk, dv = dkv
         dq = torch.cat([acc.get(("q", a), run) for a, (_, run) in enumerate(runs)], dim=self.cp.q_axis)
         result = {"q": dq.to(q.dtype), "k": dk.to(k.dtype), "v": dv.to(v.dtype)}
         for name in self.cp.tables:
