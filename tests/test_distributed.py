@@ -1,4 +1,4 @@
-"""attnc.distributed over gloo on the CPU: 2 and 4 processes (one spawn per world size runs every check), each
+"""attnc.distributed over gloo on the CPU: one spawn of 4 processes runs every check, in groups of 1, 2 and 4, each
 rank holding a shard of q, k, v, against attnc.reference (float64, autograd for the gradients) on the whole
 sequence: out, lse, dq, dk, dv and the float tables' gradients (summed over the group), with NaN-poisoned
 result buffers. The example specs with dense storage run in float32, on a 21-long sequence (uneven shards for
@@ -27,14 +27,15 @@ REL_TOL = 4e-5  # of the largest value, float32
 SPECS = ("dense", "causal_lm", "sliding_window", "gqa_causal", "alibi", "document_mask", "sigmoid_causal", "sinks",
          "bshd_causal")
 PARAMS = {"window": 5}
-# (spec, schedule, sharding, contiguous lengths or None): every spec on its automatic choice, then the other
-# schedule and sharding for a few, and an uneven hand-made split
+# (spec, schedule, sharding, what else): every spec on its automatic choice, then the other schedule and sharding
+# for a few, an uneven hand-made split, and a window that leaves every row without keys (each pair skipped)
 CASES = [(name, "auto", "auto", None) for name in SPECS] + [
     ("causal_lm", "allgather", "zigzag", None),
     ("sinks", "ring", "contiguous", None),
     ("gqa_causal", "ring", "auto", None),
     ("document_mask", "ring", "contiguous", None),
     ("alibi", "ring", "contiguous", "uneven"),
+    ("sliding_window", "ring", "auto", "no keys"),
 ]
 
 
@@ -86,13 +87,18 @@ def _close(name, got, want, case):
     assert not math.isnan(err) and err <= REL_TOL * scale, f"{case}: {name} off by {err:.3g} (scale {scale:.3g})"
 
 
-def _check_case(case, spec, seed, group=None):
+def _check_case(case, spec, seed, group=None, device="cpu"):
     from attnc.distributed import context_parallel
 
     name, schedule, sharding, split = case
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     q, k, v, kwargs = _inputs(spec, seed)
-    cp = context_parallel(attnc.compile(spec, backend="tvm"), group=group, schedule=schedule, sharding=sharding)
+    if split == "no keys":
+        kwargs["window"] = 0
+    q, k, v = (t.to(device) for t in (q, k, v))
+    kwargs = {n: (x.to(device) if isinstance(x, torch.Tensor) else x) for n, x in kwargs.items()}
+    kernel = attnc.compile(spec, backend="tvm" if device == "cpu" else None)  # Triton on GPUs
+    cp = context_parallel(kernel, group=group, schedule=schedule, sharding=sharding)
     qa, ka = spec.q.shape.index("M"), spec.k.shape.index("N")
     if split == "uneven":  # contiguous runs of 13 and 8 (2 ranks) or 9, 1, 8, 3 (4 ranks)
         lengths = {1: [L], 2: [13, 8], 4: [9, 1, 8, 3]}[world]
@@ -105,8 +111,8 @@ def _check_case(case, spec, seed, group=None):
             return cp.shard(x, dim)
     gen = torch.Generator().manual_seed(seed + 1)
     tables = cp.tables
-    dout = torch.randn(q.shape[:-1] + (_sizes(spec)["DV"],), generator=gen)
-    dlse = torch.randn(q.shape[0], _sizes(spec)["H"], L, generator=gen) if spec.returns_lse else None
+    dout = torch.randn(q.shape[:-1] + (_sizes(spec)["DV"],), generator=gen).to(device)
+    dlse = torch.randn(q.shape[0], _sizes(spec)["H"], L, generator=gen).to(device) if spec.returns_lse else None
     ref_out, ref_lse, ref_grads = _reference(spec, q, k, v, kwargs, dout, dlse, tables)
 
     local = {role: shard(t, ax).requires_grad_() for role, t, ax in (("q", q, qa), ("k", k, ka), ("v", v, ka))}
@@ -130,6 +136,26 @@ def _check_case(case, spec, seed, group=None):
         _close(f"d{n}", grad, ref_grads[n], case_text)
 
 
+def _check_torch_layout(spec, world):
+    """Buffers sharded by PyTorch's context_parallel (head-tail) are attnc's zigzag shards: attnc runs on them."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.experimental import context_parallel as torch_context_parallel
+
+    from attnc.distributed import context_parallel
+
+    mesh = init_device_mesh("cpu", (world,))
+    cp = context_parallel(attnc.compile(spec, backend="tvm"), group=mesh.get_group(), sharding="zigzag")
+    gen = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(1, 3, 24, 16, generator=gen) for _ in range(3))  # torch needs 2W | length
+    ref_out, ref_lse = attnc.reference(spec, q, k, v)
+    buffers = [q.clone(), k.clone(), v.clone()]
+    with torch_context_parallel(mesh, buffers=buffers, buffer_seq_dims=[2, 2, 2]):
+        assert torch.equal(buffers[0], cp.shard(q, 2))
+        out, lse = cp(*buffers)
+    _close("out under torch's context_parallel", out, cp.shard(ref_out, 2), f"world {world}")
+    _close("lse under torch's context_parallel", lse, cp.shard(ref_lse, 2), f"world {world}")
+
+
 def _worker(rank, world, init_file, cache_dir):
     os.environ["ATTNC_CACHE_DIR"] = cache_dir
     os.environ["TRITON_INTERPRET"] = "0"  # merge_states in torch on CPU tensors
@@ -144,13 +170,16 @@ def _worker(rank, world, init_file, cache_dir):
 
         launch.empty = merge.empty = poisoned
         specs = _specs()
-        # World size 1 first, each rank on its own specs: the ranks build the kernels side by side, one core each
+        # World size 1 first, each rank on its own specs: the ranks build the kernels side by side
         alone = [dist.new_group([r]) for r in range(world)]
         for index, name in enumerate(SPECS[rank::world]):
             _check_case((name, "auto", "auto", None), specs[name], seed=100 + index, group=alone[rank])
-        dist.barrier()
-        for index, case in enumerate(CASES):
-            _check_case(case, specs[case[0]], seed=index)
+        # Then two groups of 2 at once (ranks 0, 1 and 2, 3: group ranks differ from global ranks), then all 4
+        pairs = [dist.new_group([r, r + 1]) for r in range(0, world, 2)]
+        for group in (pairs[rank // 2], None):
+            for index, case in enumerate(CASES):
+                _check_case(case, specs[case[0]], seed=index, group=group)
+        _check_torch_layout(specs["causal_lm"], world)
         # the errors name the argument
         from attnc.distributed import context_parallel
 
@@ -164,10 +193,21 @@ def _worker(rank, world, init_file, cache_dir):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_context_parallel_gloo(world, tmp_path, _shared_cache_dir):
-    init = tmp_path / "init"
-    mp.spawn(_worker, args=(world, str(init), str(_shared_cache_dir)), nprocs=world, join=True)
+def test_context_parallel_gloo(tmp_path, _shared_cache_dir):
+    """4 processes: world size 1 on each, two groups of 2, then one group of 4 (module docstring)."""
+    mp.spawn(_worker, args=(4, str(tmp_path / "init"), str(_shared_cache_dir)), nprocs=4, join=True)
+
+
+@pytest.mark.gpu
+def test_world_size_one_on_gpu(tmp_path):
+    """The ring (with its zigzag pairs) and all-gather schedules over a one-rank NCCL group, Triton kernels."""
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        specs = _specs()
+        for index, case in enumerate(CASES):
+            _check_case(case, specs[case[0]], seed=index, device="cuda")
+    finally:
+        dist.destroy_process_group()
 
 
 def test_bad_arguments():
@@ -205,6 +245,7 @@ def test_pair_skipping():
     assert causal.empty(env, 0, 5, 5, 10) and not causal.empty(env, 5, 10, 0, 5) and not causal.empty(env, 4, 6, 5, 6)
     assert window.empty(env, 10, 15, 0, 5) and not window.empty(env, 10, 15, 6, 7) and window.empty(env, 10, 15, 15, 20)
     assert not any(dense.empty(env, a, a + 5, b, b + 5) for a in (0, 10) for b in (0, 10))
+    assert window.empty({**env, "window": 0}, 5, 10, 5, 10) and not window.empty({**env, "window": 1}, 5, 10, 5, 10)
     assert causal.empty({"M": 20, "N": 25}, 0, 5, 11, 25) and not causal.empty({"M": 20, "N": 25}, 0, 5, 5, 6)
 
 

@@ -16,7 +16,7 @@ allgather the full dK/dV are summed over the group (all_reduce) and each rank ke
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -129,7 +129,6 @@ class _Call:
     k_layout: list[list[Segment]]
     env: dict  # sizes with the global M and N, params: what the pair skipping evaluates
     kwargs: dict  # the user's params and inputs, and the global lengths
-    _deterministic: bool | None = field(default=None)
 
     # ------------------------------------------------------------ pieces
 
@@ -168,11 +167,11 @@ class _Call:
 
     def forward(self, q, k, v) -> tuple[torch.Tensor, torch.Tensor]:
         runs = self.q_runs(q)
-        parts: list[list] = [[] for _ in runs]  # per query run: its (out, lse) partials
+        merged: list = [None] * len(runs)  # per query run: (out as [B, H, M, DV], lse) over the keys so far
         if self.schedule == "allgather":
             k_all, v_all = self.gather_kv(k, v)
             for a, ((q0, _), q_run) in enumerate(runs):
-                parts[a].append(self.kernel(True)(q_run, k_all, v_all, **self.offsets(q0, 0)))
+                merged[a] = self._merge(merged[a], self.kernel(True)(q_run, k_all, v_all, **self.offsets(q0, 0)))
         else:
             ring = _Ring(self.cp.group, self.rank, self.world)
             kv = (k.contiguous(), v.contiguous())
@@ -187,36 +186,38 @@ class _Call:
                 for a, c, sink in self.pairs(owner):
                     (q0, _), q_run = runs[a]
                     (k0, _), k_run = k_runs[c]
-                    parts[a].append(self.kernel(sink)(q_run, k_run, v_runs[c][1], **self.offsets(q0, k0)))
+                    part = self.kernel(sink)(q_run, k_run, v_runs[c][1], **self.offsets(q0, k0))
+                    merged[a] = self._merge(merged[a], part)
                 _wait(works)
                 kv = incoming
-        return self._merge(q, runs, parts)
+        return self._finish(q, runs, merged)
 
     def gather_kv(self, k, v) -> tuple[torch.Tensor, torch.Tensor]:
         lengths = [sum(n for _, n in segs) for segs in self.k_layout]
         return tuple(assemble(all_gather_uneven(t, self.cp.k_axis, lengths, self.cp.group), self.cp.k_axis,
                               self.k_layout) for t in (k, v))
 
-    def _merge(self, q, runs, parts) -> tuple[torch.Tensor, torch.Tensor]:
+    def _merge(self, merged, part) -> tuple[torch.Tensor, torch.Tensor]:
+        """A query run's result so far, merged with one more pair's partial (out, lse), by the normalizer's rule."""
         spec = self.cp.spec
+        out, lse = canonical_view(part[0], spec.q), part[1]
+        if merged is None:
+            return out, lse
+        return merge_states(merged[0].float(), merged[1], out.float(), lse, layout="bhsd", normalizer=spec)
+
+    def _finish(self, q, runs, merged) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's out (q's layout and dtype) and lse from its query runs' results."""
+        spec, sizes = self.cp.spec, self.env
         outs, lses = [], []
-        for ((_, m), q_run), partial in zip(runs, parts):
-            if not partial:  # no key reaches these rows: out = 0, lse = -inf
-                shape = list(q_run.shape)
-                shape[spec.q.shape.index("D")] = self.env["DV"]
-                out = torch.zeros(shape, dtype=q.dtype, device=q.device)
-                lse = torch.full((self.env["B"], self.env["H"], m), -torch.inf, device=q.device)
-                partial = [(out, lse)]
-            out, lse = partial[0]
-            acc = canonical_view(out, spec.q)
-            for out_b, lse_b in partial[1:]:
-                acc, lse = merge_states(acc.float(), lse, canonical_view(out_b, spec.q).float(), lse_b,
-                                        layout="bhsd", normalizer=spec)
-            outs.append(acc)
-            lses.append(lse)
+        for ((_, m), _), result in zip(runs, merged):
+            if result is None:  # the masks leave these rows no key: out = 0, lse = -inf
+                result = (q.new_zeros(sizes["B"], sizes["H"], m, sizes["DV"]),
+                          torch.full((sizes["B"], sizes["H"], m), -torch.inf, device=q.device))
+            outs.append(result[0])
+            lses.append(result[1])
         canonical = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
-        sizes = (2, 3, 4, 5)  # distinct sizes show where canonical_view puts each axis of q's layout
-        order = [sizes.index(n) for n in canonical_view(torch.empty(sizes), spec.q).shape]
+        axes = (2, 3, 4, 5)  # distinct sizes show where canonical_view puts each axis of q's layout
+        order = [axes.index(n) for n in canonical_view(torch.empty(axes), spec.q).shape]
         out = canonical.permute(*[order.index(axis) for axis in range(4)]).to(q.dtype).contiguous()
         lse = torch.cat(lses, dim=2) if len(lses) > 1 else lses[0]
         return out, lse.float().contiguous()

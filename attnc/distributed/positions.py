@@ -105,20 +105,17 @@ class PairSkipper:
         """True when no row of [q0, q1) keeps a key of [j0, j1); env: sizes (global M, N) and params."""
         if q1 <= q0 or j1 <= j0:
             return True
-        lo, hi = q0, q1
-        for r in filter(_known, (_value(r, env) for r in self.rows.from_upper)):
-            lo = max(lo, j0 + 1 - r)
-        for r in filter(_known, (_value(r, env) for r in self.rows.from_lower)):
-            hi = min(hi, j1 - r)
+        uppers = [r for r in (_value(r, env) for r in self.rows.from_upper) if r is not None]
+        lowers = [r for r in (_value(r, env) for r in self.rows.from_lower) if r is not None]
+        if uppers and lowers and max(lowers) >= min(uppers):  # every row's keys [i + lower, i + upper) are none
+            return True
+        lo = max([q0] + [j0 + 1 - r for r in uppers])
+        hi = min([q1] + [j1 - r for r in lowers])
         if lo >= hi:
             return True
         if any(u is not None and u <= j0 for u in (_value(e, env) for e in self.rows.upper_free)):
             return True
         return any(low is not None and low >= j1 for low in (_value(e, env) for e in self.rows.lower_free))
-
-
-def _known(value: int | None) -> bool:
-    return value is not None
 
 
 def _value(e: Expr, env: Mapping[str, object]) -> int | None:
