@@ -6,9 +6,7 @@ both zigzag and contiguous splits), 3 query heads (no world size here divides th
 the ranks share one kernel cache, so each kernel is built once."""
 import math
 import os
-import tempfile
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +17,7 @@ import attnc
 
 pytest.importorskip("tvm")
 
-from test_triton_kernels import TORCH, example_specs, with_dtype  # noqa: E402
+from test_triton_kernels import example_specs, with_dtype  # noqa: E402
 
 L = 21
 REL_TOL = 4e-5  # of the largest value, float32
@@ -36,7 +34,12 @@ CASES = [(name, "auto", "auto", None) for name in SPECS] + [
     ("document_mask", "ring", "contiguous", None),
     ("alibi", "ring", "contiguous", "uneven"),
     ("sliding_window", "ring", "auto", "no keys"),
+    ("causal_lm", "auto", "auto", "traced"),
 ]
+
+
+def _traced_causal(q, k, v):
+    return attnc.softmax((q @ k) * q.D ** -0.5, where=attnc.causal(q, k)) @ v
 
 
 def _specs():
@@ -98,6 +101,9 @@ def _check_case(case, spec, seed, group=None, device="cpu"):
     q, k, v = (t.to(device) for t in (q, k, v))
     kwargs = {n: (x.to(device) if isinstance(x, torch.Tensor) else x) for n, x in kwargs.items()}
     kernel = attnc.compile(spec, backend="tvm" if device == "cpu" else None)  # Triton on GPUs
+    if split == "traced":  # the decorator's front-end: the same math as causal_lm, so the same kernels
+        kernel = attnc.attention(_traced_causal, backend=kernel.backend)
+        spec = kernel.trace(q, k, v)
     cp = context_parallel(kernel, group=group, schedule=schedule, sharding=sharding)
     qa, ka = spec.q.shape.index("M"), spec.k.shape.index("N")
     if split == "uneven":  # contiguous runs of 13 and 8 (2 ranks) or 9, 1, 8, 3 (4 ranks)
@@ -233,6 +239,10 @@ def test_automatic_choices():
     assert context_parallel(specs["sliding_window"]).sharding == "zigzag"
     assert context_parallel(specs["dense"]).sharding == "contiguous"
     assert context_parallel(specs["document_mask"]).sharding == "zigzag"
+    gqa = {"H": 32, "HKV": 8, "D": 128, "DV": 128}
+    assert context_parallel(specs["gqa_causal"]).schedule_for(gqa) == "allgather"
+    assert context_parallel(specs["gqa_causal"]).schedule_for({**gqa, "HKV": 32}) == "ring"
+    assert context_parallel(specs["gqa_causal"], schedule="ring").schedule_for(gqa) == "ring"
 
 
 def test_pair_skipping():

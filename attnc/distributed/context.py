@@ -30,7 +30,8 @@ from ..passes.grad import derive
 from ..runtime import autograd
 from ..runtime.kernel import Kernel
 from .positions import PairSkipper, shard_names, shard_spec
-from .sharding import SHARDINGS, Segment, all_gather_uneven, assemble, gather_lengths, segments, shard_sequence
+from .sharding import (SHARDINGS, Segment, all_gather_uneven, assemble, gather_lengths, segments, shard_sequence,
+                       unshard_sequence)
 
 SCHEDULES = ("auto", "ring", "allgather")
 
@@ -44,8 +45,10 @@ class ContextParallel:
                  sharding: str = "auto"):
         if isinstance(kernel_or_spec, Kernel):
             base = kernel_or_spec
-        elif isinstance(kernel_or_spec, Attention) or isinstance(getattr(kernel_or_spec, "spec", None), Attention):
-            base = Kernel(getattr(kernel_or_spec, "spec", kernel_or_spec))
+        elif isinstance(kernel_or_spec, Attention):
+            base = Kernel(kernel_or_spec)
+        elif isinstance(getattr(kernel_or_spec, "spec", None), Attention):  # decorated: its spec as last traced
+            base = Kernel(kernel_or_spec.spec, getattr(kernel_or_spec, "backend", None))
         else:
             raise CallError(f"kernel_or_spec: expected an attnc.Attention, a kernel from attnc.compile or a "
                             f"decorated attention, got {type(kernel_or_spec).__name__}")
@@ -80,9 +83,16 @@ class ContextParallel:
 
     def unshard(self, local: torch.Tensor, dim: int) -> torch.Tensor:
         """The whole sequence from every rank's shard along `dim` (an all-gather)."""
-        from .sharding import unshard_sequence
-
         return unshard_sequence(local, dim, self.group, self.sharding)
+
+    def schedule_for(self, sizes) -> str:
+        """The schedule a call with these sizes (H, HKV, D, DV) runs: under "auto", allgather where K/V per
+        position are at most half of q's (GQA with few K/V heads): one all-gather of small K/V, then one kernel
+        call per query run instead of a call per shard pair; else ring."""
+        if self.schedule != "auto":
+            return self.schedule
+        small_kv = sizes["HKV"] * (sizes["D"] + sizes["DV"]) * 2 <= sizes["H"] * sizes["D"]
+        return "allgather" if small_kv else "ring"
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, /, **kwargs: object):
         call = self._prepare(q, k, v, kwargs)
@@ -108,12 +118,8 @@ class ContextParallel:
                             f"{k_lengths} keys; use sharding='contiguous' for M != N")
         total_m, total_n = sum(q_lengths), sum(k_lengths)
         env = {**sizes, **bound.params, "M": total_m, "N": total_n}
-        schedule = self.schedule
-        if schedule == "auto":  # K/V per position at most half of q's: gathering them costs less than a ring turn
-            small_kv = sizes["HKV"] * (sizes["D"] + sizes["DV"]) * 2 <= sizes["H"] * sizes["D"]
-            schedule = "allgather" if small_kv else "ring"
         globals_ = {self.names.m: total_m, self.names.n: total_n}
-        return _Call(self, rank, world, schedule, segments(self.sharding, q_lengths),
+        return _Call(self, rank, world, self.schedule_for(sizes), segments(self.sharding, q_lengths),
                      segments(self.sharding, k_lengths), env, {**kwargs, **globals_})
 
 

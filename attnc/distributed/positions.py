@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Mapping
 
-from ..ir import Attention, Binary, Expr, IndexVar, ParamDecl, ParamRef, SizeRef, TensorDecl, children
+from ..ir import Attention, Binary, Expr, IndexVar, Lookup, ParamDecl, ParamRef, SizeRef, Unary, children
 from ..passes.fold import NotConstant, evaluate
 from ..passes.masks import analyze_masks, query_range
 from ..passes.plan import KernelPlan, QueryRange, Target
@@ -81,13 +81,14 @@ def shard_spec(spec: Attention, names: ShardNames, sink: bool = True) -> Attenti
 
 
 def _with_children(e: Expr, new: tuple[Expr, ...]) -> Expr:
-    if hasattr(e, "indices"):
+    """`e` with ir.children(e) replaced by `new`."""
+    if isinstance(e, Lookup):
         return replace(e, indices=new)
-    if hasattr(e, "operand"):
+    if isinstance(e, Unary):
         return replace(e, operand=new[0])
-    if hasattr(e, "lhs"):
+    if isinstance(e, Binary):
         return replace(e, lhs=new[0], rhs=new[1])
-    return replace(e, args=new)
+    return replace(e, args=new)  # Call
 
 
 class PairSkipper:
