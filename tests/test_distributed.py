@@ -276,3 +276,23 @@ def test_shard_helpers(world, length):
     if world > 1:  # a shard that is not the layout's
         with pytest.raises(attnc.CallError, match="^q: rank 0"):
             segments("zigzag", [length + 1] + [0] * (world - 1))
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_zigzag_balances_causal_pairs(world):
+    """Under a causal mask every rank runs the same number of shard pairs with zigzag shards (the empty ones are
+    skipped), and not with contiguous ones."""
+    from attnc.distributed.context import _Call
+    from attnc.distributed.sharding import segments
+
+    spec = _specs()["causal_lm"]
+    length = 8 * world
+    counts = {}
+    for sharding in ("zigzag", "contiguous"):
+        cp = attnc.distributed.context_parallel(spec, sharding=sharding)
+        layout = segments(sharding, [length // world] * world)
+        env = {"B": 1, "H": 3, "HKV": 3, "D": 16, "DV": 16, "M": length, "N": length}
+        counts[sharding] = [sum(len(_Call(cp, r, world, "ring", layout, layout, env, {}).pairs(owner))
+                                for owner in range(world)) for r in range(world)]
+    assert len(set(counts["zigzag"])) == 1 and counts["zigzag"][0] < 4 * world
+    assert counts["contiguous"] == list(range(1, world + 1))
