@@ -1,6 +1,6 @@
 """Context parallelism with attnc.distributed: every rank holds a shard of one long sequence.
 
-    torchrun --standalone --nproc-per-node 2 examples/context_parallel.py
+    torchrun --standalone --nproc-per-node 2 examples/context_parallel.py   (or python3 -m torch.distributed.run ...)
 
 gloo on CPU tensors, NCCL on GPUs (the same code with device="cuda"). Each rank checks its shard of the output
 and of the gradients against attnc.reference on the whole sequence.
@@ -14,9 +14,9 @@ import attnc
 from attnc.distributed import context_parallel
 
 device = "cuda" if torch.cuda.is_available() else "cpu"
-dist.init_process_group("nccl" if device == "cuda" else "gloo")
 if device == "cuda":
-    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))  # one GPU per rank, before NCCL starts
+dist.init_process_group("nccl" if device == "cuda" else "gloo")
 torch.set_num_threads(1)
 
 spec = attnc.parse("""
