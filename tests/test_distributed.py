@@ -1,9 +1,10 @@
-"""attnc.distributed over gloo on the CPU: one spawn of 4 processes runs every check, in groups of 1, 2 and 4, each
-rank holding a shard of q, k, v, against attnc.reference (float64, autograd for the gradients) on the whole
+"""attnc.distributed over gloo on the CPU: one spawn of 4 processes runs every check, in groups of 1, 2 and 4,
+each rank holding a shard of q, k, v, against attnc.reference (float64, autograd for the gradients) on the whole
 sequence: out, lse, dq, dk, dv and the float tables' gradients (summed over the group), with NaN-poisoned
-result buffers. The example specs with dense storage run in float32, on a 21-long sequence (uneven shards for
-both zigzag and contiguous splits), 3 query heads (no world size here divides them) or 4 with one K/V head, and
-the ranks share one kernel cache, so each kernel is built once."""
+result buffers. The example specs with dense storage run in float32 on the TVM backend (and a few on the Triton
+backend through Triton's interpreter, on machines without a GPU), on a 21-long sequence (uneven shards for both
+zigzag and contiguous splits), 3 query heads (no world size here divides them) or 4 with one K/V head; the ranks
+share one kernel cache, so each kernel is built once."""
 import math
 import os
 from dataclasses import replace
@@ -36,6 +37,10 @@ CASES = [(name, "auto", "auto", None) for name in SPECS] + [
     ("sliding_window", "ring", "auto", "no keys"),
     ("causal_lm", "auto", "auto", "traced"),
 ]
+
+# On machines without a GPU, the Triton backend through Triton's interpreter (no build; about 1 s a case)
+TRITON_CASES = [("causal_lm", "ring", "auto", None), ("document_mask", "ring", "contiguous", None),
+                ("sinks", "ring", "contiguous", None), ("alibi", "ring", "contiguous", "uneven")]
 
 
 def _traced_causal(q, k, v):
@@ -90,7 +95,7 @@ def _close(name, got, want, case):
     assert not math.isnan(err) and err <= REL_TOL * scale, f"{case}: {name} off by {err:.3g} (scale {scale:.3g})"
 
 
-def _check_case(case, spec, seed, group=None, device="cpu"):
+def _check_case(case, spec, seed, group=None, device="cpu", backend="tvm"):
     from attnc.distributed import context_parallel
 
     name, schedule, sharding, split = case
@@ -100,7 +105,7 @@ def _check_case(case, spec, seed, group=None, device="cpu"):
         kwargs["window"] = 0
     q, k, v = (t.to(device) for t in (q, k, v))
     kwargs = {n: (x.to(device) if isinstance(x, torch.Tensor) else x) for n, x in kwargs.items()}
-    kernel = attnc.compile(spec, backend="tvm" if device == "cpu" else None)  # Triton on GPUs
+    kernel = attnc.compile(spec, backend=backend)
     if split == "traced":  # the decorator's front-end: the same math as causal_lm, so the same kernels
         kernel = attnc.attention(_traced_causal, backend=kernel.backend)
         spec = kernel.trace(q, k, v)
@@ -164,17 +169,20 @@ def _check_torch_layout(spec, world):
 
 def _worker(rank, world, init_file, cache_dir):
     os.environ["ATTNC_CACHE_DIR"] = cache_dir
-    os.environ["TRITON_INTERPRET"] = "0"  # merge_states in torch on CPU tensors
+    # Triton imported in interpreter mode (conftest, on a machine without a GPU; the mode cannot change after
+    # import) runs its kernels, merge_states' among them, on CPU tensors
+    interpreter = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         from attnc import merge
+        from attnc.backends.triton import launch as triton_launch
         from attnc.backends.tvm import launch
 
         def poisoned(shape, dtype, device):
             return torch.full(shape, math.nan, dtype=dtype, device=device)
 
-        launch.empty = merge.empty = poisoned
+        launch.empty = merge.empty = triton_launch.empty = poisoned
         specs = _specs()
         # World size 1 first, each rank on its own specs: the ranks build the kernels side by side (the ring runs
         # every kernel a spec needs: the all-gather schedule never runs a sink spec's kernel without the sink)
@@ -186,6 +194,9 @@ def _worker(rank, world, init_file, cache_dir):
         for group in (pairs[rank // 2], None):
             for index, case in enumerate(CASES):
                 _check_case(case, specs[case[0]], seed=index, group=group)
+        if interpreter:  # the GPU path's kernels, on the pair groups
+            for index, case in enumerate(TRITON_CASES):
+                _check_case(case, specs[case[0]], seed=50 + index, group=pairs[rank // 2], backend="triton")
         _check_torch_layout(specs["causal_lm"], world)
         # the errors name the argument
         from attnc.distributed import context_parallel
@@ -212,7 +223,7 @@ def test_world_size_one_on_gpu(tmp_path):
     try:
         specs = _specs()
         for index, case in enumerate(CASES):
-            _check_case(case, specs[case[0]], seed=index, device="cuda")
+            _check_case(case, specs[case[0]], seed=index, device="cuda", backend=None)
     finally:
         dist.destroy_process_group()
 
