@@ -18,6 +18,7 @@ if TYPE_CHECKING:  # what type checkers see of the names imported on first use b
     )
     from .explainer import explain
     from .merge import merge_states
+    from . import distributed
     from .runtime.api import AttentionKernel, attention, compile, create_block_mask, flex_attention, load
 
 from .version import __version__
@@ -40,6 +41,7 @@ _LAZY = {
     "load": ("attnc.runtime.api", "load"),
     "AttentionKernel": ("attnc.runtime.api", "AttentionKernel"),
     "merge_states": ("attnc.merge", "merge_states"),
+    "distributed": ("attnc.distributed", None),
     "explain": ("attnc.explainer", "explain"),
     "check_errors": ("attnc.backends.device_errors", "check_errors"),
 }
@@ -51,7 +53,7 @@ __all__ = ["AttncError", "SpecError", "TraceError", "CallError", "CompileError",
 def __getattr__(name: str):
     if name in _LAZY:
         module, attr = _LAZY[name]
-        value = getattr(import_module(module), attr)
+        value = import_module(module) if attr is None else getattr(import_module(module), attr)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'attnc' has no attribute {name!r}")

@@ -181,3 +181,17 @@ def call(kernel: "kernel.Kernel", q, k, v, kwargs: dict):
                           dtype=torch.float64)
     out, lse = attention_op(key, q, k, v, inputs, params)
     return (out, lse) if spec.returns_lse else out
+
+
+def gradients(kernel: "kernel.Kernel", q, k, v, kwargs: dict, out, lse, dout, dlse,
+              deterministic: bool | None = None) -> dict[str, torch.Tensor]:
+    """The backward kernels of one call of `kernel`, outside autograd: {"q", "k", "v", each float table of
+    derive(spec).tables: its gradient}. `out` and `lse` are the rows' results the weights are normalised by: for a
+    call over part of the keys (attnc.distributed's shard pairs) the merged ones over all keys, so that each part's
+    gradients add up to the whole's. deterministic None follows the kernel, then torch."""
+    entry = _entry(kernel.op_key)
+    if deterministic is None:
+        deterministic = entry.deterministic
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    return entry.backward(q, k, v, kwargs, out, lse, dout, dlse, deterministic)
