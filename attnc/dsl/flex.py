@@ -36,7 +36,7 @@ from ..ir import (
     make_attention, print_expr, split_conjuncts,
 )
 from . import compiler, symbolic
-from .check import check_attention, spec_name
+from .check import check_attention, number_problem, spec_name
 from .symbolic import Sym
 
 _CAPTURE_HINT = (" that is not a variable it captures; a mod can index tensors it captures from its closure or "
@@ -298,6 +298,8 @@ _KERNELS: dict[tuple, tuple[Attention, object]] = {}
 def _check_scale(scale) -> None:
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise CallError(f"scale: expected a Python float or None, got {type(scale).__name__}")
+    if number_problem(scale, isinstance(scale, float)):
+        raise CallError(f"scale: {number_problem(scale, isinstance(scale, float))}")
 
 
 def _base_score(scale) -> Expr:
