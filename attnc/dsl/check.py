@@ -734,11 +734,12 @@ class _Elaborator:
         score = ir.default_score()
         depths: dict[int, int] = {}
         for st in scores:
-            score = self._resolve(st.value, env, score)
-            if ir.depth(score, depths) > MAX_DEPTH:
+            rebound = self._resolve(st.value, env, score)
+            if ir.depth(rebound, depths) > MAX_DEPTH:
                 report.error(f"with this line the score nests more than {MAX_DEPTH} levels deep (each `score = ...` "
                              f"line adds its own nesting to the score before it)", st.span)
                 break
+            score = rebound
         mask_exprs = [self._resolve(m.condition, env, None) for m in masks]
         sink = ret.sink if ret is not None else None
         kind = ir.NORMALIZERS.get(ret.normalizer.text, ir.DEFAULT_NORMALIZER) if ret is not None \

@@ -40,8 +40,11 @@ _GROUPS = (
 )
 
 _COMPARISONS = {"LT", "LE", "GT", "GE", "EQ", "NE"}
-# Limits that keep a hostile or broken file from exhausting time, memory or the stack; a real spec is a few KB.
+# Limits that keep a hostile or broken file from exhausting time, memory or the stack: a real spec is a few KB
+# and a few hundred words and symbols; parsing takes about 50 us a token.
 MAX_SPEC_BYTES = 1 << 20
+MAX_SPEC_TOKENS = 20_000
+_TOKEN = re.compile(r"\w+|[^\w\s]")  # counts what the lexer makes tokens of (comments' words too, to be brief)
 _STATEMENT_RULES = frozenset({"start", "attention", "dims", "binding", "tensor", "input", "shape", "storage", "names",
                               "param", "score", "mask", "result", "sink"})
 _CHARACTER_HINTS = {"&": "; write `and`", "|": "; write `or`", "!": "; write `not` (or `!=`)",
@@ -54,6 +57,10 @@ def parse(text: str, filename: str = "<string>") -> list[ir.Attention]:
     problem (syntax errors stop at the first)."""
     if len(text) > MAX_SPEC_BYTES:
         raise SpecError(Diagnostic(f"{filename}: {_too_large(len(text), 'characters')}"))
+    tokens = len(_TOKEN.findall(text))
+    if tokens > MAX_SPEC_TOKENS:
+        raise SpecError(Diagnostic(f"{filename}: the spec is too long ({tokens:,} words and symbols; at most "
+                                   f"{MAX_SPEC_TOKENS:,}): split it into several files"))
     lines = _lines(text)
     nul = text.find("\x00")
     if nul >= 0:
@@ -65,8 +72,10 @@ def parse(text: str, filename: str = "<string>") -> list[ir.Attention]:
         raise SpecError(_syntax_diagnostic(e, filename, lines)) from None
     too_deep = _too_deep(tree)
     if too_deep is not None:
+        start = too_deep.meta  # a caret under its first character: the expression may run for pages
         raise SpecError(Diagnostic(f"this expression nests more than {check.MAX_DEPTH} levels deep; split it with "
-                                   f"`score = ...` lines", _Places(filename, lines).span(too_deep.meta)))
+                                   f"`score = ...` lines", Span(filename, start.line, start.column, start.line,
+                                                                start.column + 1, lines[start.line - 1])))
     to_blocks = _ToBlocks(filename, lines)
     blocks = to_blocks.transform(tree)
     if to_blocks.problems:
@@ -130,7 +139,7 @@ def _too_deep(tree: Tree) -> Tree | None:
             depth += 1
             if depth > check.MAX_DEPTH:
                 return node
-        stack.extend((c, depth) for c in node.children if isinstance(c, Tree))
+        stack.extend((c, depth) for c in reversed(node.children) if isinstance(c, Tree))  # leftmost first
     return None
 
 
@@ -207,16 +216,6 @@ def _syntax_diagnostic(e: UnexpectedInput, filename: str, lines: list[str]) -> D
 # ---------------------------------------------------------------- parse tree -> blocks
 
 
-class _Places:
-    def __init__(self, filename: str, lines: list[str]):
-        self.filename = filename
-        self.lines = lines
-
-    def span(self, place) -> Span:
-        return Span(self.filename, place.line, place.column, place.end_line, place.end_column,
-                    self.lines[place.line - 1])
-
-
 class _ToBlocks(Transformer):
     """Bottom-up: tokens and rules become IR expressions (with check.Name for bare names) and statements.
     Problems found on the way are collected in `problems` (an exception raised here would reach the caller
@@ -224,8 +223,13 @@ class _ToBlocks(Transformer):
 
     def __init__(self, filename: str, lines: list[str]):
         super().__init__()
-        self._span = _Places(filename, lines).span
+        self.filename = filename
+        self.lines = lines
         self.problems: list[Diagnostic] = []
+
+    def _span(self, place) -> Span:
+        return Span(self.filename, place.line, place.column, place.end_line, place.end_column,
+                    self.lines[place.line - 1])
 
     def _word(self, token: Token) -> check.Word:
         return check.Word(str(token), self._span(token))
