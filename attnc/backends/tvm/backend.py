@@ -18,6 +18,7 @@ import torch
 
 from ...dsl.signature import Bound
 from ...errors import CompileError
+from ...ir import children, post_order
 from ...passes import KernelPlan, Target
 from ...passes.grad import derive, normalizer_backward
 from .. import cache
@@ -27,6 +28,11 @@ from .launch import FINISH, KEYS, ROWS, launch, launch_backward
 from .runtime import load_module, tvm_version
 from .schedule import KEY_TILES, decode_schedule, prefill_schedule
 
+# TVM's arithmetic analyzer substitutes a let-bound value free of buffer loads wherever it simplifies (emit.py), so
+# its passes take time in the size of an expression as a tree, each shared node counted at every use: 15 lines of
+# `score = score + score` after `score = qk * rsqrt(D) * 0.5` (196,607 tree nodes) take 13 s to build on a CPU
+# core, 6 s more than one line, and each line more doubles that.
+MAX_TREE_NODES = 250_000
 LIBRARY_FILE = "kernel.so"
 FUNCTION = "attn"
 MAX_SPLITS = 4  # the backward keeps at most this many float32 partials of dQ (backward.py)
@@ -49,12 +55,14 @@ class TvmBackend:
 
     def build(self, plan: KernelPlan):
         check_dense(plan)
+        check_tree_size(plan)
         return CudaLauncher(plan) if plan.target.device == "cuda" else TvmLauncher(plan)
 
     def build_backward(self, plan: KernelPlan):
         """The CPU backward (backward.py; Backend.build_backward's contract). CUDA tensors train through the
         triton backend."""
         check_dense(plan)
+        check_tree_size(plan)
         if plan.target.device == "cuda":
             raise CompileError(f"attention {plan.spec.name!r}: the tvm backend's backward runs on the CPU; backward "
                                f"on CUDA runs through the triton backend (backend='triton')")
@@ -67,6 +75,22 @@ def check_dense(plan: KernelPlan) -> None:
         raise CompileError(f"attention {spec.name!r}: the tvm backend does not lower ragged or paged storage "
                            f"yet; run it with backend='triton' (CUDA, or TRITON_INTERPRET=1 on CPU), or pass "
                            f"dense q/k/v")
+
+
+def check_tree_size(plan: KernelPlan) -> None:
+    """A CompileError where TVM's passes would take minutes: see MAX_TREE_NODES."""
+    spec = plan.spec
+    sizes: dict[int, int] = {}
+    seen: set[int] = set()
+    for root in (spec.score, *spec.masks, spec.normalizer.sink):
+        for node in post_order(root, seen) if root is not None else ():
+            sizes[id(node)] = 1 + sum(sizes[id(c)] for c in children(node))
+        if root is not None and sizes[id(root)] > MAX_TREE_NODES:
+            raise CompileError(f"attention {spec.name!r}: written out as a tree, with each shared subexpression "
+                               f"repeated where it is used, an expression has {sizes[id(root)]:,} nodes, and "
+                               f"TVM's simplifier takes time in that size (at most {MAX_TREE_NODES:,}, which build "
+                               f"in seconds); run it with backend='triton' (CUDA, or TRITON_INTERPRET=1 on CPU), "
+                               f"which emits each shared subexpression once")
 
 
 def cuda_target(arch: int):
