@@ -394,8 +394,9 @@ def test_shared_subexpressions_run_on_the_triton_interpreter_and_tvm_refuses_a_h
     if importlib.util.find_spec("tvm") is None:
         return
     start = time.perf_counter()
-    with pytest.raises(attnc.CompileError, match=r"an expression has [\d,]+ nodes.*backend='triton'"):
-        attnc.compile(spec, backend="tvm")(q, k, v)
+    for refused in (spec, _spec("score = tanh(tanh(tanh(score)))")):  # three nested tanh took 44 s to build
+        with pytest.raises(attnc.CompileError, match=r"an expression has about [\d,]+ nodes.*backend='triton'"):
+            attnc.compile(refused, backend="tvm")(q, k, v)
     assert time.perf_counter() - start < 5
 
 

@@ -18,7 +18,7 @@ import torch
 
 from ...dsl.signature import Bound
 from ...errors import CompileError
-from ...ir import children, post_order
+from ...ir import Call, children, post_order
 from ...passes import KernelPlan, Target
 from ...passes.grad import derive, normalizer_backward
 from .. import cache
@@ -28,11 +28,15 @@ from .launch import FINISH, KEYS, ROWS, launch, launch_backward
 from .runtime import load_module, tvm_version
 from .schedule import KEY_TILES, decode_schedule, prefill_schedule
 
-# TVM's arithmetic analyzer substitutes a let-bound value free of buffer loads wherever it simplifies (emit.py), so
-# its passes take time in the size of an expression as a tree, each shared node counted at every use: 15 lines of
+# TVM's arithmetic analyzer substitutes let-bound values wherever it simplifies (emit.py), so its passes take time
+# in the size of an expression as a tree, each shared node counted at every use: 15 lines of
 # `score = score + score` after `score = qk * rsqrt(D) * 0.5` (196,607 tree nodes) take 13 s to build on a CPU
-# core, 6 s more than one line, and each line more doubles that.
+# core, 6 s more than one line, and each line more doubles that. The functions emit.py writes as polynomials over
+# exp2 with let-bound parts repeat their argument there: tanh(tanh(x)) builds in 9 s, three nested tanh in 44 s and
+# four in over 5 minutes, so each such call counts its argument EXPANDING times (two nested calls pass, three not).
 MAX_TREE_NODES = 250_000
+EXPANDING = 64
+_EXPANDING_FUNCTIONS = frozenset({"exp", "exp2", "tanh", "erf", "sigmoid"})
 LIBRARY_FILE = "kernel.so"
 FUNCTION = "attn"
 MAX_SPLITS = 4  # the backward keeps at most this many float32 partials of dQ (backward.py)
@@ -84,13 +88,15 @@ def check_tree_size(plan: KernelPlan) -> None:
     seen: set[int] = set()
     for root in (spec.score, *spec.masks, spec.normalizer.sink):
         for node in post_order(root, seen) if root is not None else ():
-            sizes[id(node)] = 1 + sum(sizes[id(c)] for c in children(node))
+            repeats = EXPANDING if isinstance(node, Call) and node.fn in _EXPANDING_FUNCTIONS else 1
+            sizes[id(node)] = 1 + repeats * sum(sizes[id(c)] for c in children(node))
         if root is not None and sizes[id(root)] > MAX_TREE_NODES:
             raise CompileError(f"attention {spec.name!r}: written out as a tree, with each shared subexpression "
-                               f"repeated where it is used, an expression has {sizes[id(root)]:,} nodes, and "
-                               f"TVM's simplifier takes time in that size (at most {MAX_TREE_NODES:,}, which build "
-                               f"in seconds); run it with backend='triton' (CUDA, or TRITON_INTERPRET=1 on CPU), "
-                               f"which emits each shared subexpression once")
+                               f"repeated where it is used (and nested exp, tanh, erf or sigmoid calls expanded), "
+                               f"an expression has about {sizes[id(root)]:,} nodes, and TVM's simplifier takes time "
+                               f"in that size (at most {MAX_TREE_NODES:,}, which build in seconds); run it with "
+                               f"backend='triton' (CUDA, or TRITON_INTERPRET=1 on CPU), which emits each shared "
+                               f"subexpression once")
 
 
 def cuda_target(arch: int):
