@@ -110,7 +110,7 @@ def _chars(rng: random.Random, text: str, _corpus) -> str:
 
 
 def _tokens(rng: random.Random, text: str, _corpus) -> str:
-    tokens = _TOKEN.findall(text)
+    tokens = _TOKEN.findall(text) or [_random_token(rng)]  # (an earlier mutation may have emptied it)
     for _ in range(rng.randint(1, 6)):
         at = rng.randrange(len(tokens))
         op = rng.random()
@@ -260,8 +260,8 @@ def _py_loops(rng: random.Random, var: str, atoms: tuple[str, ...]) -> list[str]
     lines = []
     for _ in range(rng.randint(0, 3)):
         kind = rng.random()
-        if kind < 0.4:
-            lines.append(f"{var} = {_py_expr(rng, atoms)}")
+        if kind < 0.4:  # (var stays traced: a Python number squared in a loop would hang Python itself)
+            lines.append(f"{var} = {var} + {_py_expr(rng, atoms)}")
         elif kind < 0.7:
             body = rng.choice((f"{var} + {var}", f"{var} * {var}", f"attnc.abs({var})", f"{var} + 1.0",
                                f"attnc.where({var} > 0, {var}, {var})"))
@@ -409,17 +409,20 @@ def fuzz(n: int, seed: int = 0, workers: int = 2, only: list[int] | None = None,
     """Run mutants 0..n-1 of `seed` (or the indices `only`) on `workers` forked processes; every outcome, in order."""
     _warm()
     corpus = _corpus()
-    todo = [make_mutant(seed, i, corpus) for i in (only if only is not None else range(n))]
-    todo.reverse()
+    indices = iter(only if only is not None else range(n))
+    todo = (make_mutant(seed, i, corpus) for i in indices)  # made as needed: a mutant may be megabytes
+    count = len(only) if only is not None else n
     context = multiprocessing.get_context("fork")
     outcomes: list[Outcome] = []
     with tempfile.TemporaryDirectory(prefix="attnc-fuzz-") as workdir:
-        pool = [_Worker(context, workdir) for _ in range(max(1, min(workers, len(todo))))]
+        pool = [_Worker(context, workdir) for _ in range(max(1, min(workers, count)))]
+        pending = next(todo, None)
         try:
-            while todo or any(w.mutant is not None for w in pool):
+            while pending is not None or any(w.mutant is not None for w in pool):
                 for w in pool:
-                    if w.mutant is None and todo:
-                        w.give(todo.pop())
+                    if w.mutant is None and pending is not None:
+                        w.give(pending)
+                        pending = next(todo, None)
                 ready = wait([w.conn for w in pool if w.mutant is not None], timeout=0.5)
                 now = time.monotonic()
                 for index, w in enumerate(pool):
