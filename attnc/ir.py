@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from functools import cache, cached_property
 from typing import Callable, ClassVar, Union
 
@@ -30,6 +30,18 @@ INDEX_VARS = ("b", "h", "i", "j")
 TENSOR_DTYPES = ("f16", "bf16", "f32", "f64", "i8", "i16", "i32", "i64", "bool")
 QKV_DTYPES = ("f16", "bf16", "f32")
 PARAM_DTYPES = ("i32", "f32", "bool")
+# What a number in a spec may be: the kernels compute integers in 64 bits and floats in float32 (where inf and
+# nan are numbers too).
+INT64 = (-(2**63), 2**63 - 1)
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def representable(value: Union[int, float, bool], is_float: bool) -> bool:
+    if isinstance(value, bool):
+        return True
+    if not is_float:
+        return INT64[0] <= value <= INT64[1]
+    return not math.isfinite(value) or abs(value) <= FLOAT32_MAX
 # The binary operators of the syntax, by precedence class (their meaning: ops.OPS; functions: ops.FUNCTIONS).
 ARITH_OPS = ("+", "-", "*", "/", "//", "%")  # `//`: floored division of integers (Python's)
 COMPARE_OPS = ("<", "<=", ">", ">=", "==", "!=")
@@ -184,6 +196,36 @@ def walk(e: Expr):
         seen.add(id(node))
         yield node
         stack.extend(reversed(children(node)))
+
+
+def post_order(e: Expr, seen: set[int] | None = None):
+    """Every distinct node of `e` once, children first; nodes whose id is in `seen` (shared by several calls) are
+    skipped, with their children."""
+    seen = set() if seen is None else seen
+    stack = [(e, False)]
+    while stack:
+        node, ready = stack.pop()
+        if ready:
+            yield node
+        elif id(node) not in seen:
+            seen.add(id(node))
+            stack.append((node, True))
+            stack.extend((c, False) for c in reversed(children(node)))
+
+
+def depth(e: Expr, memo: dict[int, int] | None = None) -> int:
+    """How many levels deep `e` nests (a leaf is 1), in time linear in its DAG; `memo` (depths by node id) may be
+    shared by several calls on expressions that share nodes."""
+    memo = {} if memo is None else memo
+    stack = [(e, False)]
+    while stack:
+        node, ready = stack.pop()
+        if ready:
+            memo[id(node)] = 1 + max((memo[id(c)] for c in children(node)), default=0)
+        elif id(node) not in memo:
+            stack.append((node, True))
+            stack.extend((c, False) for c in children(node) if id(c) not in memo)
+    return memo[id(e)]
 
 
 # ---------------------------------------------------------------- declarations
@@ -371,9 +413,35 @@ class Attention:
 
 
 def split_conjuncts(e: Expr) -> list[Expr]:
-    if isinstance(e, Binary) and e.op == "and":
-        return split_conjuncts(e.lhs) + split_conjuncts(e.rhs)
-    return [e]
+    """The operands of a chain of `and`s, left to right, each distinct one once (a shared `and` is split once)."""
+    found: dict[Expr, None] = {}
+    seen: set[int] = set()
+    stack = [e]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, Binary) and node.op == "and":
+            if id(node) not in seen:
+                seen.add(id(node))
+                stack += (node.rhs, node.lhs)
+        else:
+            found.setdefault(node)
+    return list(found)
+
+
+# A mask whose tree (shared subexpressions counted at each use) exceeds this many nodes is ordered by its
+# listing of distinct subexpressions rather than its printed text, which grows with the tree.
+_PRINTABLE_NODES = 100_000
+
+
+def _order_key(e: Expr) -> tuple[int, str]:
+    """A canonical sort key of `e` computed in time linear in its DAG: its printed form where that is small."""
+    sizes: dict[int, int] = {}
+    for node in post_order(e):
+        sizes[id(node)] = 1 + sum(sizes[id(c)] for c in children(node))
+    if sizes[id(e)] <= _PRINTABLE_NODES:
+        return 0, print_expr(e)
+    numbering = _Numbering()
+    return 1, numbering(e) + "\n" + numbering.listing()
 
 
 def make_attention(
@@ -395,10 +463,10 @@ def make_attention(
 ) -> Attention:
     """Canonical form: whatever the spelling, the same meaning gives an equal node and the same key.
     The index tensors a storage names join `inputs` unless an input of that name is given."""
-    flat: dict[str, Expr] = {}
+    flat: dict[tuple[int, str], Expr] = {}
     for m in masks:
         for c in split_conjuncts(m):
-            flat.setdefault(print_expr(c), c)
+            flat.setdefault(_order_key(c), c)
     inputs = list(inputs)
     for storage in (q_storage, kv_storage):
         for decl in storage.declares() if storage is not None else ():
@@ -535,6 +603,29 @@ def print_attention(a: Attention, expr: Callable[[Expr], str] = print_expr) -> s
     lines.append(f"    {return_text(a.normalizer, a.returns_lse, expr)}")
     lines.append("}")
     return "\n".join(lines) + "\n"
+
+
+def linear_repr(value) -> str:
+    """repr() of a dataclass holding expressions (a plan), in time linear in their DAGs: each expression is
+    written as %n, and the distinct subexpressions are listed after."""
+    numbering = _Numbering()
+
+    def text(x) -> str:
+        if isinstance(x, Node):
+            return numbering(x)
+        if is_dataclass(x) and not isinstance(x, type):
+            parts = (f"{f.name}={text(getattr(x, f.name))}" for f in fields(x) if f.repr)
+            return f"{type(x).__qualname__}({', '.join(parts)})"
+        if isinstance(x, (tuple, list)):
+            inner = ", ".join(text(y) for y in x)
+            return f"({inner},)" if isinstance(x, tuple) and len(x) == 1 else \
+                (f"({inner})" if isinstance(x, tuple) else f"[{inner}]")
+        if isinstance(x, dict):
+            return "{" + ", ".join(f"{text(k)}: {text(v)}" for k, v in x.items()) + "}"
+        return repr(x)
+
+    body = text(value)
+    return body + "\n" + numbering.listing()
 
 
 class _Numbering:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # compute-sanitizer memcheck over the index-data fuzzer on a GPU (issue 15): the issue's named cases
 # (tests/test_index_safety.py, FIXED) and N random adversarial index sets (default 1,000) through the paged and
-# ragged serving kernels (tests/fuzz_index.py, which also checks NaN poisoning, the sound rows against the
+# ragged serving kernels (tests/fuzz/index.py, which also checks NaN poisoning, the sound rows against the
 # reference and the recorded errors). First a control that reads past a tensor, to show that the sanitizer sees
 # such a read in this setup.
 # PYTORCH_NO_CUDA_MEMORY_CACHING=1 makes every tensor its own allocation: under torch's caching allocator a read
@@ -43,7 +43,7 @@ import json, sys; from dataclasses import asdict; sys.path.insert(0, 'tests')
 from test_index_safety import FIXED
 print(json.dumps([asdict(case) for case, _ in FIXED.values()]))")
   start=$(date +%s)
-  sanitize 540 "$stem-fuzz.log" python3 tests/fuzz_index.py --device cuda --n "$N" --cases "$cases" \
+  sanitize 540 "$stem-fuzz.log" python3 tests/fuzz/index.py --device cuda --n "$N" --cases "$cases" \
     > "$stem-cases.jsonl" 2> "$stem-fuzz.stderr"
   echo "fuzzer exit $? after $(( $(date +%s) - start )) s (0: every case clean)"
   tail -1 "$stem-fuzz.stderr"; grep -E "ERROR SUMMARY" "$stem-fuzz.log"

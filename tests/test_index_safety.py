@@ -1,8 +1,8 @@
 """Untrusted index data and out-of-range lookups (issue 15; README "Safety", attnc/index_data.py).
 
-Calls with bad page ids, lengths and offsets run in a subprocess (tests/fuzz_index.py): on the interpreter a
+Calls with bad page ids, lengths and offsets run in a subprocess (tests/fuzz/index.py): on the interpreter a
 missed clamp is a segfault, which must fail a test, not end the suite. Each is checked against the model in
-fuzz_index.py (no out-of-bounds access, the rows bad data reaches are NaN, every other row equals the reference,
+tests/fuzz/index.py (no out-of-bounds access, the rows bad data reaches are NaN, every other row equals the reference,
 check_errors and validate mode raise exactly when a kernel must have met bad data); here the messages are checked
 too. Out-of-range lookups read 0 on every backend and in the reference, and validate mode reports those that reach
 the result; those tests run in process (a lookup's load is masked, never a stray gather).
@@ -22,12 +22,12 @@ import torch
 import attnc
 from attnc import index_data
 from attnc.passes import PlanOptions
-from fuzz_index import D, Case, build
+from fuzz.index import D, Case, build
 
 pytestmark = pytest.mark.shared_cache
 
-WORKER = Path(__file__).resolve().parent / "fuzz_index.py"
-CI_FUZZ_CASES = 40  # the CI share of the 1,000+ the full run takes (`python -m tests.fuzz_index --n 1000`)
+WORKER = Path(__file__).resolve().parent / "fuzz" / "index.py"
+CI_FUZZ_CASES = 40  # the CI share of the 1,000+ the full run takes (`python -m tests.fuzz.index --n 1000`)
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -189,7 +189,7 @@ def compile_serving_kernels_for_hopper() -> list[str]:
 
 def test_the_checked_serving_kernels_compile_for_hopper(tmp_path):
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path),
-               PYTHONPATH=os.pathsep.join([str(ROOT), str(WORKER.parent)]))
+               PYTHONPATH=os.pathsep.join([str(ROOT), str(WORKER.parent.parent)]))
     proc = subprocess.run([sys.executable, "-c", "import test_index_safety as t; "
                            "print(t.compile_serving_kernels_for_hopper())"],
                           capture_output=True, text=True, timeout=600, env=env)

@@ -345,6 +345,63 @@ def test_shared_subexpressions_check_plan_and_generate_in_linear_time():
     torch.testing.assert_close(lse, torch.logsumexp(logits, -1), rtol=1e-12, atol=1e-12)
 
 
+def test_every_front_end_and_the_kernel_key_stay_linear_in_the_dag():
+    """40 doubling lines from the decorator and from a flex score_mod trace, fold with compile-time sizes, and
+    key a kernel (the plan's text numbers its expressions) in well under a second."""
+    from attnc.backends import cache
+    from attnc.passes import PlanOptions, Target
+    from attnc.passes.fold import fold_spec
+    from attnc.passes.pipeline import plan_kernel
+
+    def doubled(q, k, v):
+        s = (q @ k) * q.D ** -0.5 / 2**40
+        for _ in range(40):
+            s = s + s
+        return attnc.softmax(s, where=attnc.causal(q, k)) @ v
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        score = score / 2**40
+        for _ in range(40):
+            score = score + score
+        return score
+
+    q = torch.randn(1, 2, 12, 16)
+    attnc.attention(doubled).trace(q, q, q)  # tracing machinery warm
+    start = time.perf_counter()
+    traced = attnc.attention(doubled).trace(q, q, q)
+    flexed = flex_spec(q, q, q, score_mod=score_mod)
+    text = attnc.parse(_doubling(40))[0]
+    folded = fold_spec(text, {"D": 16, "M": 12, "N": 12})
+    plan = plan_kernel(text, Target("tvm", "cpu", None), 16, 16, PlanOptions())
+    parts = cache.plan_parts(plan)
+    assert time.perf_counter() - start < 1.0
+    assert len(parts["plan"]) < 100_000 and ir.depth(folded.score) == 43
+    # the same math as plain attention, causal (the decorator) or not (flex)
+    for spec, plain in ((traced, text), (flexed, _spec("score = qk * rsqrt(D)"))):
+        torch.testing.assert_close(attnc.reference(spec, q, q, q), attnc.reference(plain, q, q, q)[0], rtol=1e-12,
+                                   atol=1e-12)
+
+
+def test_shared_subexpressions_run_on_the_triton_interpreter_and_tvm_refuses_a_huge_tree():
+    """40 doubling lines (2^40 leaves as a tree) compile and run on the Triton interpreter in seconds and equal
+    the reference; TVM's passes expand let-bound values (backend.MAX_TREE_NODES), so it refuses at once with a
+    CompileError that names the triton backend, rather than take hours."""
+    spec = attnc.parse(_doubling(40))[0]
+    torch.manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 19, 16) for _ in range(3))
+    start = time.perf_counter()
+    got = attnc.compile(spec, backend="triton")(q, k, v)
+    assert time.perf_counter() - start < 20
+    _assert_close(spec, got, q, k, v, 1e-5)
+    if importlib.util.find_spec("tvm") is None:
+        return
+    start = time.perf_counter()
+    for refused in (spec, _spec("score = tanh(tanh(tanh(score)))")):  # three nested tanh took 44 s to build
+        with pytest.raises(attnc.CompileError, match=r"an expression has about [\d,]+ nodes.*backend='triton'"):
+            attnc.compile(refused, backend="tvm")(q, k, v)
+    assert time.perf_counter() - start < 5
+
+
 def test_checking_a_shared_subexpression_reports_its_error_once():
     text = _doubling(40).replace("qk * rsqrt(D)", "(qk + (i < j))")
     start = time.perf_counter()

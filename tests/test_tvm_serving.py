@@ -23,7 +23,7 @@ from attnc.backends.tvm.backend import TvmLauncher  # noqa: E402
 from attnc.backends.tvm.host import host_cpu  # noqa: E402
 from attnc.backends.tvm.schedule import prefill_schedule  # noqa: E402
 
-from fuzz_index import random_case  # noqa: E402
+from fuzz.index import random_case  # noqa: E402
 from test_index_safety import FIXED, WORKER, key  # noqa: E402
 
 pytestmark = pytest.mark.shared_cache
@@ -237,7 +237,7 @@ CI_RANDOM_CASES = 30
 
 
 def test_adversarial_index_data_through_tvm():
-    """tests/fuzz_index.py's fixed cases and random ones, through TVM (TRITON_INTERPRET=0) in a subprocess: no
+    """tests/fuzz/index.py's fixed cases and random ones, through TVM (TRITON_INTERPRET=0) in a subprocess: no
     out-of-bounds access, the rows bad data reaches NaN, the rest equal to the reference on the clamped data, and
     check_errors / validate mode raising exactly the messages the Triton kernels raise. Split-KV is a Triton
     choice (the CPU kernel does not split): the cases run without it."""
@@ -247,10 +247,11 @@ def test_adversarial_index_data_through_tvm():
               for n, c in enumerate(random_case(5000 + n) for n in range(CI_RANDOM_CASES))]
     env = dict(os.environ, TRITON_INTERPRET="0",
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    # the worker's outputs NaN-filled, as the Triton runs' are (fuzz_index.run_case)
+    # the worker's outputs NaN-filled, as the Triton runs' are (fuzz/index.py's run_case)
     worker = ("import math, sys, torch; from attnc.backends.tvm import launch; "
               "launch.empty = lambda shape, dtype, device: torch.full(shape, math.nan, dtype=dtype, device=device); "
-              f"sys.path.insert(0, {str(WORKER.parent)!r}); import fuzz_index; sys.exit(fuzz_index.main(sys.argv[1:]))")
+              f"sys.path.insert(0, {str(WORKER.parent.parent)!r}); from fuzz import index; "
+              f"sys.exit(index.main(sys.argv[1:]))")
     proc = subprocess.run([sys.executable, "-c", worker, "--n", "0", "--device", "cpu",
                            "--cases", json.dumps([asdict(c) for c in cases])],
                           capture_output=True, text=True, timeout=600, env=env)

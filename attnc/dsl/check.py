@@ -29,6 +29,9 @@ _DTYPE_ALIASES = {
     "int32": "i32", "int": "i32", "int64": "i64", "long": "i64", "boolean": "bool",
 }
 _INT32 = (-(2**31), 2**31 - 1)
+# Expressions nest at most this many levels (the sequential `score` lines included): every walk of an expression
+# below recurses once per level or so, and Python's stack holds about a thousand frames.
+MAX_DEPTH = 100
 
 _QKV = ("q", "k", "v")
 # Per storage of q, k, v (dense unless a `ragged` / `paged` statement says otherwise): the names of the slots and,
@@ -243,6 +246,39 @@ def _num_kind(n: ir.Num) -> str:
     return "float" if n.is_float else "int"
 
 
+def _shown(text: str) -> str:
+    return text if len(text) <= 24 else f"{text[:12]}...{text[-6:]} ({len(text)} characters)"
+
+
+def _int_problem(written: str) -> str:
+    return (f"the integer {_shown(written)} is outside the 64-bit integers the kernels compute in; write a float "
+            f"(such as 1e19) for a number this large")
+
+
+def _float_problem(written: str) -> str:
+    return (f"the number {_shown(written)} is beyond the range of float32 (about 3.4e38), the type the kernels "
+            f"compute in; write inf for infinity")
+
+
+def number_problem(value, is_float: bool) -> str | None:
+    """Why the number `value` cannot be a constant of a spec, or None: integers compute in 64 bits and floats in
+    float32 in the kernels (inf and nan are floats too)."""
+    if ir.representable(value, is_float):
+        return None
+    return _float_problem(repr(value)) if is_float else _int_problem(str(value))
+
+
+def literal_value(text: str, is_float: bool) -> tuple[int | float, str | None]:
+    """The value of a number literal as written (digits, no sign), and why it cannot be one (the value is then 0)."""
+    if is_float:
+        value = float(text)  # any length: too large gives inf
+        return (value, None) if value <= ir.FLOAT32_MAX else (0.0, _float_problem(text))
+    # (the length first: Python's int() refuses over 4,300 digits)
+    if len(text.lstrip("0")) > len(str(ir.INT64[1])) or int(text) > ir.INT64[1]:
+        return 0, _int_problem(text)
+    return int(text), None
+
+
 # ---------------------------------------------------------------- declarations (IR level)
 
 
@@ -371,6 +407,9 @@ def _check_declarations(report: _Report, q, k, v, params, inputs, dims, fallback
     for name, value in dims:
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             report.error(f"dims {name} must be a positive integer, not {value!r}", dim_spans.get(name, fallback))
+        elif value > _INT32[1]:
+            report.error(f"dims {name} = {_shown(str(value))} is too large: sizes are below 2^31",
+                         dim_spans.get(name, fallback))
 
 
 def _check_storage(report: _Report, q_storage, kv_storage, inputs, fallback: Span | None) -> None:
@@ -406,6 +445,9 @@ def _check_param(report: _Report, p: ir.ParamDecl) -> None:
             report.error(f"default {d} of param {p.name} does not fit in i32", p.span)
     else:
         ok = isinstance(d, (int, float)) and not isinstance(d, bool)
+        problem = ok and number_problem(d, True)
+        if problem:
+            report.error(f"param {p.name}: {problem}", p.span)
     if not ok:
         written = ir.format_number(d, isinstance(d, float)) if isinstance(d, (int, float)) else repr(d)
         report.error(f"param {p.name}: {p.dtype} cannot default to {written}", p.span)
@@ -421,6 +463,7 @@ class _Env:
     params: dict
     inputs: dict
     sizes: frozenset[str]
+    dims: dict  # sizes bound at compile time: constants
 
     @staticmethod
     def of(q, k, v, params, inputs, dims, storages=(None, None)) -> "_Env":
@@ -430,10 +473,16 @@ class _Env:
         sizes |= {role for role, storage in zip(("M", "N"), storages) if storage is not None}
         if any(storage is not None for storage in storages):
             sizes.add("B")
-        return _Env({p.name: p for p in params}, {t.name: t for t in inputs}, frozenset(sizes))
+        return _Env({p.name: p for p in params}, {t.name: t for t in inputs}, frozenset(sizes), dict(dims))
 
 
 def _check_expressions(report: _Report, env: _Env, score, masks, normalizer, fallback: Span | None) -> None:
+    depths: dict[int, int] = {}
+    for e in (score, *masks, normalizer.sink):
+        if e is not None and ir.depth(e, depths) > MAX_DEPTH:
+            report.error(f"this expression nests {ir.depth(e, depths)} levels deep, more than {MAX_DEPTH}",
+                         e.span or fallback)
+            return  # the checks below recurse once per level
     typer = _Typer(report, env)
     score_kind = typer.kind(score, fallback)
     if score_kind == "bool":
@@ -462,6 +511,47 @@ def _check_expressions(report: _Report, env: _Env, score, masks, normalizer, fal
             if isinstance(node, ir.QK) or (isinstance(node, ir.IndexVar) and node.name == "j"):
                 report.error(f"the sink is one logit per row and cannot depend on "
                              f"{'qk' if isinstance(node, ir.QK) else 'the key position j'}", node.span or here)
+    _check_constants(report, typer, env, [e for e in (score, *masks, sink) if e is not None], fallback)
+
+
+def _check_constants(report: _Report, typer: _Typer, env: _Env, roots: list, fallback: Span | None) -> None:
+    """Constant subexpressions (of literals and sizes bound by `dims`), computed as folding will at compile time:
+    a number the kernels cannot hold, and an integer `%` or `//` by zero, are reported where they are written."""
+    values: dict[int, object] = {}  # node id -> its value, or None where it is not constant
+    seen: set[int] = set()
+    for root in roots:
+        for node in ir.post_order(root, seen):
+            values[id(node)] = _constant(report, typer, env, node, values, fallback)
+
+
+def _constant(report: _Report, typer: _Typer, env: _Env, e, values: dict, fallback: Span | None):
+    here = getattr(e, "span", None) or fallback
+    if isinstance(e, ir.Num):
+        problem = number_problem(e.value, e.is_float)
+        if problem:
+            report.error(problem, here)
+            return None
+        return e.value
+    if isinstance(e, ir.SizeRef):
+        return env.dims.get(e.name)
+    args = [values[id(c)] for c in ir.children(e)]
+    kind = typer.kind(e, fallback)  # (memoized: each node was typed above)
+    if isinstance(e, ir.Binary) and e.op in ("%", "//") and kind == "int" and args[1] is not None \
+            and args[1] == 0:  # (whether or not the dividend is constant)
+        report.error(f"integer {'modulo' if e.op == '%' else 'division'} by zero: this divisor is 0",
+                     e.rhs.span or here)
+        return None
+    if not isinstance(e, (ir.Unary, ir.Binary, ir.Call)) or None in args or kind is None:  # None: reported
+        return None
+    try:
+        value = ops.op_of(e).python(*args)
+    except (ValueError, OverflowError, ZeroDivisionError):  # inf or nan in the kernels, as in the reference
+        return None
+    if isinstance(value, int) and not isinstance(value, bool) and number_problem(value, False):
+        report.error(f"this constant is {_shown(str(value))}, outside the 64-bit integers the kernels compute in",
+                     here)
+        return None
+    return value
 
 
 def _with_sink() -> str:
@@ -642,8 +732,14 @@ class _Elaborator:
 
         env = _Env.of(q, k, v, params, inputs, dim_pairs, (q_storage, kv_storage))
         score = ir.default_score()
+        depths: dict[int, int] = {}
         for st in scores:
-            score = self._resolve(st.value, env, score)
+            rebound = self._resolve(st.value, env, score)
+            if ir.depth(rebound, depths) > MAX_DEPTH:
+                report.error(f"with this line the score nests more than {MAX_DEPTH} levels deep (each `score = ...` "
+                             f"line adds its own nesting to the score before it)", st.span)
+                break
+            score = rebound
         mask_exprs = [self._resolve(m.condition, env, None) for m in masks]
         sink = ret.sink if ret is not None else None
         kind = ir.NORMALIZERS.get(ret.normalizer.text, ir.DEFAULT_NORMALIZER) if ret is not None \

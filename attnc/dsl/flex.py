@@ -33,10 +33,10 @@ import torch
 from ..errors import CallError, Diagnostic, TraceError, checks_arguments
 from ..ir import (
     DEFAULT_NORMALIZER, NORMALIZERS, QK, Attention, Binary, Expr, IndexVar, Normalizer, Num, default_score,
-    make_attention, print_expr, split_conjuncts,
+    make_attention, split_conjuncts,
 )
 from . import compiler, symbolic
-from .check import check_attention, spec_name
+from .check import check_attention, number_problem, spec_name
 from .symbolic import Sym
 
 _CAPTURE_HINT = (" that is not a variable it captures; a mod can index tensors it captures from its closure or "
@@ -49,10 +49,6 @@ class ModTrace:
 
     expr: Expr
     tensors: tuple[tuple[str, torch.Tensor], ...] = ()
-
-    @cached_property
-    def text(self) -> str:
-        return print_expr(self.expr)
 
 
 def _index_args() -> tuple[Sym, Sym, Sym, Sym]:
@@ -298,6 +294,8 @@ _KERNELS: dict[tuple, tuple[Attention, object]] = {}
 def _check_scale(scale) -> None:
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise CallError(f"scale: expected a Python float or None, got {type(scale).__name__}")
+    if number_problem(scale, isinstance(scale, float)):
+        raise CallError(f"scale: {number_problem(scale, isinstance(scale, float))}")
 
 
 def _base_score(scale) -> Expr:
@@ -312,7 +310,7 @@ def _new_variant(score: ModTrace, block_mask: BlockMask | None, score_mod: Calla
             raise CallError(f"score_mod and mask_mod capture different tensors named {name!r}; rename one of "
                             f"the variables (each captured tensor becomes an input named after its variable)")
     name = _name(score_mod, block_mask.mask_mod if block_mask is not None else None)
-    key = (score.text, mask.text if mask is not None else "", name, *tensors)
+    key = (score.expr, mask.expr if mask is not None else None, name, *tensors)  # (expressions hash in linear time)
     variant = _Variant(score, block_mask, tensors, tuple(tensors.values()), name, key)
     if len(_VARIANTS) >= VARIANTS:
         _VARIANTS.pop(next(iter(_VARIANTS)))

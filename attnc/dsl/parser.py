@@ -13,7 +13,7 @@ import re
 from dataclasses import replace
 from importlib import resources
 
-from lark import Lark, Token, Transformer, v_args
+from lark import Lark, Token, Transformer, Tree, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedToken
 from lark.lexer import PatternStr
 
@@ -40,6 +40,13 @@ _GROUPS = (
 )
 
 _COMPARISONS = {"LT", "LE", "GT", "GE", "EQ", "NE"}
+# Limits that keep a hostile or broken file from exhausting time, memory or the stack: a real spec is a few KB
+# and a few hundred words and symbols; parsing takes about 50 us a token.
+MAX_SPEC_BYTES = 1 << 20
+MAX_SPEC_TOKENS = 20_000
+_TOKEN = re.compile(r"\w+|[^\w\s]")  # counts what the lexer makes tokens of (comments' words too, to be brief)
+_STATEMENT_RULES = frozenset({"start", "attention", "dims", "binding", "tensor", "input", "shape", "storage", "names",
+                              "param", "score", "mask", "result", "sink"})
 _CHARACTER_HINTS = {"&": "; write `and`", "|": "; write `or`", "!": "; write `not` (or `!=`)",
                     "^": "; there is no power operator: use exp2, sqrt or a product",
                     '"': "; the language has no strings", "'": "; the language has no strings"}
@@ -48,6 +55,12 @@ _CHARACTER_HINTS = {"&": "; write `and`", "|": "; write `or`", "!": "; write `no
 def parse(text: str, filename: str = "<string>") -> list[ir.Attention]:
     """Every `attention` block of `text`, checked and in canonical form; raises SpecError listing every
     problem (syntax errors stop at the first)."""
+    if len(text) > MAX_SPEC_BYTES:
+        raise SpecError(Diagnostic(f"{filename}: {_too_large(len(text), 'characters')}"))
+    tokens = len(_TOKEN.findall(text))
+    if tokens > MAX_SPEC_TOKENS:
+        raise SpecError(Diagnostic(f"{filename}: the spec is too long ({tokens:,} words and symbols; at most "
+                                   f"{MAX_SPEC_TOKENS:,}): split it into several files"))
     lines = _lines(text)
     nul = text.find("\x00")
     if nul >= 0:
@@ -57,7 +70,16 @@ def parse(text: str, filename: str = "<string>") -> list[ir.Attention]:
         tree = _LARK.parse(text)
     except UnexpectedInput as e:
         raise SpecError(_syntax_diagnostic(e, filename, lines)) from None
-    blocks = _ToBlocks(filename, lines).transform(tree)
+    too_deep = _too_deep(tree)
+    if too_deep is not None:
+        start = too_deep.meta  # a caret under its first character: the expression may run for pages
+        raise SpecError(Diagnostic(f"this expression nests more than {check.MAX_DEPTH} levels deep; split it with "
+                                   f"`score = ...` lines", Span(filename, start.line, start.column, start.line,
+                                                                start.column + 1, lines[start.line - 1])))
+    to_blocks = _ToBlocks(filename, lines)
+    blocks = to_blocks.transform(tree)
+    if to_blocks.problems:
+        raise SpecError(check.in_source_order(to_blocks.problems))
     if not blocks:
         raise SpecError(Diagnostic("no `attention NAME { ... }` block in this file",
                                    Span(filename, 1, 1, 1, 2, lines[0])))
@@ -80,7 +102,9 @@ def parse_file(path: str | os.PathLike) -> list[ir.Attention]:
     name = os.fspath(path)
     try:
         with open(name, "rb") as f:
-            data = f.read()
+            data = f.read(MAX_SPEC_BYTES + 1)
+        if len(data) > MAX_SPEC_BYTES:
+            raise SpecError(Diagnostic(f"{name}: {_too_large(os.path.getsize(name), 'bytes')}"))
     except IsADirectoryError:
         raise SpecError(Diagnostic(f"{name}: is a directory, not a spec file")) from None
     except FileNotFoundError:
@@ -98,6 +122,25 @@ def parse_file(path: str | os.PathLike) -> list[ir.Attention]:
 
 
 # ---------------------------------------------------------------- syntax errors
+
+
+def _too_large(size: int, unit: str) -> str:
+    return (f"the file is too large for a spec ({size:,} {unit}; at most {MAX_SPEC_BYTES:,}): a spec holds "
+            f"declarations and a few expressions, not data")
+
+
+def _too_deep(tree: Tree) -> Tree | None:
+    """The first expression node nested more than check.MAX_DEPTH expressions deep, if any (walked without
+    recursion: the transformer below, and every later walk, recurse once per level)."""
+    stack = [(tree, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if node.data not in _STATEMENT_RULES:
+            depth += 1
+            if depth > check.MAX_DEPTH:
+                return node
+        stack.extend((c, depth) for c in reversed(node.children) if isinstance(c, Tree))  # leftmost first
+    return None
 
 
 def _lines(text: str) -> list[str]:
@@ -174,12 +217,15 @@ def _syntax_diagnostic(e: UnexpectedInput, filename: str, lines: list[str]) -> D
 
 
 class _ToBlocks(Transformer):
-    """Bottom-up: tokens and rules become IR expressions (with check.Name for bare names) and statements."""
+    """Bottom-up: tokens and rules become IR expressions (with check.Name for bare names) and statements.
+    Problems found on the way are collected in `problems` (an exception raised here would reach the caller
+    wrapped in lark's VisitError)."""
 
     def __init__(self, filename: str, lines: list[str]):
         super().__init__()
         self.filename = filename
         self.lines = lines
+        self.problems: list[Diagnostic] = []
 
     def _span(self, place) -> Span:
         return Span(self.filename, place.line, place.column, place.end_line, place.end_column,
@@ -262,7 +308,10 @@ class _ToBlocks(Transformer):
     def number(self, meta, children):
         text = str(children[0])
         is_float = any(ch in text for ch in ".eE")
-        return ir.Num(float(text) if is_float else int(text), is_float, span=self._span(meta))
+        value, problem = check.literal_value(text, is_float)
+        if problem:
+            self.problems.append(Diagnostic(problem, self._span(meta)))
+        return ir.Num(value, is_float, span=self._span(meta))
 
     @v_args(meta=True)
     def inf(self, meta, _):

@@ -28,7 +28,7 @@ from ..ir import (
     causal_mask, dtype_kind, make_attention,
 )
 from . import compiler, symbolic
-from .check import check_attention, spec_name
+from .check import check_attention, number_problem, spec_name
 from .signature import qkv_call_error
 from .symbolic import LAYOUTS, Sym, as_expr, function_span, trace_error, user_span
 
@@ -410,4 +410,7 @@ def _param_default(fn, a: inspect.Parameter, kind: str, span):
           else isinstance(d, (int, float)) and not isinstance(d, bool))
     if not ok:
         raise TraceError(Diagnostic(f"{fn.__name__}: param {a.name!r} is {kind} but defaults to {d!r}", span))
+    problem = number_problem(d, kind == "f32" and not isinstance(d, int))
+    if problem:
+        raise TraceError(Diagnostic(f"{fn.__name__}: param {a.name!r}: {problem}", span))
     return float(d) if kind == "f32" else d

@@ -6,7 +6,9 @@ import math
 from dataclasses import replace
 from typing import Callable, Mapping, Union
 
-from ..ir import Attention, Binary, Call, Expr, IndexVar, Lookup, Num, ParamRef, SizeRef, Unary, QK, children
+from ..ir import (
+    QK, Attention, Binary, Call, Expr, IndexVar, Lookup, Num, ParamRef, SizeRef, Unary, children, representable,
+)
 from ..ops import op_of
 
 Scalar = Union[int, float, bool]
@@ -87,8 +89,8 @@ def _fold(e: Expr, env: Mapping[str, Scalar], memo: dict[Expr, Expr]) -> Expr:
             value = evaluate(e, {})
         except NotConstant:
             return e
-        if isinstance(value, float) and not math.isfinite(value) and not math.isinf(value):
-            return e  # NaN: leave it to the kernel, which computes the same
+        if isinstance(value, float) and math.isnan(value) or not representable(value, isinstance(value, float)):
+            return e  # NaN, or no literal can hold it: the kernel computes the same (64-bit integers wrap)
         return to_num(value)
     return e
 

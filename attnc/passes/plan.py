@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..ir import Attention, Expr
+from ..ir import Attention, Expr, linear_repr
 
 
 @dataclass(frozen=True)
@@ -238,6 +238,11 @@ class KernelPlan:
     @property
     def dtype(self) -> str:
         return self.spec.q.dtype
+
+    def __repr__(self) -> str:
+        """Kernel keys and AOT manifests compare plans by this text: its expressions are numbered, so that it
+        grows with the DAG of the score, not its tree."""
+        return linear_repr(self)
 
     def describe(self) -> str:
         """Readable multi-line text (`attnc show --emit plan`)."""

@@ -20,6 +20,7 @@ import torch
 
 from ...dsl.signature import Bound
 from ...errors import CompileError
+from ...ir import Call, children, post_order
 from ...passes import KernelPlan, Target
 from ...passes.grad import derive, normalizer_backward
 from .. import cache, device_errors
@@ -29,6 +30,15 @@ from .launch import FINISH, KEYS, ROWS, extra_args, launch, launch_backward, qkv
 from .runtime import load_module, tvm_version
 from .schedule import KEY_TILES, decode_pack, decode_schedule, prefill_schedule, summary_uses_h, uses_summary
 
+# TVM's arithmetic analyzer substitutes let-bound values wherever it simplifies (emit.py), so its passes take time
+# in the size of an expression as a tree, each shared node counted at every use: 15 lines of
+# `score = score + score` after `score = qk * rsqrt(D) * 0.5` (196,607 tree nodes) take 13 s to build on a CPU
+# core, 6 s more than one line, and each line more doubles that. The functions emit.py writes as polynomials over
+# exp2 with let-bound parts repeat their argument there: tanh(tanh(x)) builds in 9 s, three nested tanh in 44 s and
+# four in over 5 minutes, so each such call counts its argument EXPANDING times (two nested calls pass, three not).
+MAX_TREE_NODES = 250_000
+EXPANDING = 64
+_EXPANDING_FUNCTIONS = frozenset({"exp", "exp2", "tanh", "erf", "sigmoid"})
 LIBRARY_FILE = "kernel.so"
 FUNCTION = "attn"
 SUMMARY = "tile_summary"  # kernel.tile_summary_primfunc, in the prefill library of data-dependent masks
@@ -52,6 +62,7 @@ class TvmBackend:
         return Target("tvm", "cpu", None)
 
     def build(self, plan: KernelPlan):
+        check_tree_size(plan)
         if plan.target.device == "cuda":
             check_dense(plan, "its CUDA kernel")
             return CudaLauncher(plan)
@@ -61,6 +72,7 @@ class TvmBackend:
         """The CPU backward (backward.py; Backend.build_backward's contract). CUDA tensors train through the
         triton backend."""
         check_dense(plan, "the backward")
+        check_tree_size(plan)
         if plan.target.device == "cuda":
             raise CompileError(f"attention {plan.spec.name!r}: the tvm backend's backward runs on the CPU; backward "
                                f"on CUDA runs through the triton backend (backend='triton')")
@@ -73,6 +85,24 @@ def check_dense(plan: KernelPlan, where: str) -> None:
     if spec.q_storage is not None or spec.kv_storage is not None:
         raise CompileError(f"attention {spec.name!r}: ragged and paged storage run on the tvm backend's CPU forward "
                            f"kernel; {where} does not lower them: run it with backend='triton', or pass dense q/k/v")
+
+
+def check_tree_size(plan: KernelPlan) -> None:
+    """A CompileError where TVM's passes would take minutes: see MAX_TREE_NODES."""
+    spec = plan.spec
+    sizes: dict[int, int] = {}
+    seen: set[int] = set()
+    for root in (spec.score, *spec.masks, spec.normalizer.sink):
+        for node in post_order(root, seen) if root is not None else ():
+            repeats = EXPANDING if isinstance(node, Call) and node.fn in _EXPANDING_FUNCTIONS else 1
+            sizes[id(node)] = 1 + repeats * sum(sizes[id(c)] for c in children(node))
+        if root is not None and sizes[id(root)] > MAX_TREE_NODES:
+            raise CompileError(f"attention {spec.name!r}: written out as a tree, with each shared subexpression "
+                               f"repeated where it is used (and nested exp, tanh, erf or sigmoid calls expanded), "
+                               f"an expression has about {sizes[id(root)]:,} nodes, and TVM's simplifier takes time "
+                               f"in that size (at most {MAX_TREE_NODES:,}, which build in seconds); run it with "
+                               f"backend='triton' (CUDA, or TRITON_INTERPRET=1 on CPU), which emits each shared "
+                               f"subexpression once")
 
 
 def cuda_target(arch: int):

@@ -12,7 +12,7 @@ intrinsics. Each operator's rendering comes from the operator table (ops.py). A 
 than once is computed once, bound by a `Let`, so a score's TIR is as large as its DAG, not its tree. (TVM's
 arithmetic analyzer still substitutes a let-bound value free of buffer loads wherever it simplifies, so a long
 chain of shared nodes, such as 16+ lines of `score = score + score`, still compiles in time exponential in its
-length inside TVM; 12 lines cost no more than one.)
+length inside TVM; 12 lines cost no more than one. backend.MAX_TREE_NODES refuses what would take long.)
 """
 from __future__ import annotations
 

@@ -9,8 +9,8 @@ decreasing, negative or huge, against a model of what the kernels promise (attnc
 - `attnc.check_errors()` raises a CallError naming a tensor that holds a violation exactly when a kernel must have
   met one, and stays quiet for sound data (garbage in unused block-table entries included).
 
-    python -m tests.fuzz_index --n 1000 [--seed 0] [--device cuda]   # the full run (CPU: the interpreter)
-    python tests/fuzz_index.py --n 0 --cases '[{"kind": "paged", ...}]'  # given cases (test_index_safety)
+    python -m tests.fuzz.index --n 1000 [--seed 0] [--device cuda]   # the full run (CPU: the interpreter)
+    python tests/fuzz/index.py --n 0 --cases '[{"kind": "paged", ...}]'  # given cases (test_index_safety)
 
 Each case prints one JSON line: {"case": ..., "problems": [...], "recorded": ..., "validated": ...}; a line
 "start <case>" goes to stderr first, so a crash names the case that caused it. Exit status 1 when a case has
