@@ -123,7 +123,8 @@ def test_bench_on_the_cpu_writes_a_checked_row_per_workload(tmp_path, backward):
     assert report["env"]["pass"] == ("forward+backward" if backward else "forward")
     forward_flops = 4 * 8 * 16 * 40 * 40  # dense: every pair; H = 8, D = 16, S = 40
     assert report["rows"][0]["flops"] == forward_flops * (3.5 if backward else 1)
-    assert [row["workload"] for row in report["rows"]] == ["dense D=16 S=40", "causal D=16 S=40"]
+    serving = [] if backward else ["paged decode D=16 S=40", "varlen prefill D=16 S=40"]  # forward only
+    assert [row["workload"] for row in report["rows"]] == ["dense D=16 S=40", "causal D=16 S=40", *serving]
     for row in report["rows"]:
         assert "error" not in row and row["rel_err"] < 1e-5
         assert 0 < row["attnc_min_ms"] <= row["attnc_ms"] and 0 < row["torch_min_ms"] <= row["torch_ms"]

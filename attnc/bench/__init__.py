@@ -795,7 +795,8 @@ def run_cpu(args: argparse.Namespace) -> int:
         add_row({"workload": w.name, "causal": w.causal, "S": w.S, "D": w.D,
                  "flops": w.flops * (1 + BACKWARD_FLOPS if backward else 1)}, fns)
     if not backward:  # the serving kernels have no backward
-        serving = {kind: attnc.compile(attnc.parse(text)[0], backend="tvm") for kind, text in SERVING_SPECS.items()}
+        serving = {kind: attnc.compile(attnc.parse(text.format(returns=return_text()))[0], backend="tvm")
+                   for kind, text in SERVING_SPECS.items()}
         for w in serving_workloads(seqs[:1] if args.quick else seqs, dims, args.only):
             fns, flops = serving_runners(serving[w.kind], w)
             add_row({"workload": w.name, "causal": True, "S": w.S, "D": w.D, "flops": flops, "panel": w.kind}, fns)
@@ -837,19 +838,19 @@ def cpu_training_runners(kernel, w: CpuWorkload, q, k, v, gen) -> dict[str, Call
 # query heads over SERVING_KV_HEADS K/V heads; torch gathers each sequence's pages, or slices its rows, and calls
 # SDPA per sequence.
 SERVING_SPECS = {
-    "paged decode": """attention bench_cpu_paged_decode {
+    "paged decode": """attention bench_cpu_paged_decode {{
     q: f32[B, M, H, D]  k: f32[PAGES, PAGE, HKV, D]  v: f32[PAGES, PAGE, HKV, D]
     paged k, v by block_table, kv_len
     mask causal
-    return softmax(score) @ v
-}""",
-    "varlen prefill": """attention bench_cpu_varlen {
+    {returns}
+}}""",
+    "varlen prefill": """attention bench_cpu_varlen {{
     q: f32[T, H, D]  k: f32[TK, HKV, D]  v: f32[TK, HKV, D]
     ragged q by cu_seqlens
     ragged k, v by cu_seqlens
     mask causal
-    return softmax(score) @ v
-}""",
+    {returns}
+}}""",
 }
 SERVING_BATCH = {"paged decode": 8, "varlen prefill": 4}
 SERVING_KV_HEADS = 2
