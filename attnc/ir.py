@@ -349,6 +349,18 @@ class Paged:
 Storage = Union[Ragged, Paged]  # how the sequences of q (Ragged only) or of k and v are stored; None: dense
 
 
+def storage_capacities(q_storage: Storage | None, kv_storage: Storage | None, sizes: dict) -> None:
+    """Set M and N of ragged or paged storage, which no tensor's shape holds, to their capacities: M = T (the
+    packed query tokens), N = MAXP * PAGE (paged) or TK (packed keys); each sequence takes its own length within
+    them. `sizes` maps size names to ints (a call) or to symbolic sizes (a kernel)."""
+    if q_storage is not None:
+        sizes["M"] = sizes["T"]
+    if isinstance(kv_storage, Paged):
+        sizes["N"] = sizes["MAXP"] * sizes["PAGE"]
+    elif kv_storage is not None:
+        sizes["N"] = sizes["TK"]
+
+
 def default_score() -> Expr:
     return Binary("*", QK(), Call("rsqrt", (SizeRef("D"),)))
 

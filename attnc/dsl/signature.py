@@ -24,7 +24,7 @@ from typing import Callable, Mapping, Union
 import torch
 
 from ..errors import CallError, call_error
-from ..ir import Attention, Paged, ParamDecl, Ragged, TensorDecl
+from ..ir import Attention, ParamDecl, Ragged, TensorDecl, storage_capacities
 
 TORCH_DTYPES: Mapping[str, torch.dtype] = MappingProxyType({
     "f16": torch.float16, "bf16": torch.bfloat16, "f32": torch.float32, "f64": torch.float64,
@@ -171,12 +171,7 @@ def _bind_storage_sizes(spec: Attention, sizes: dict[str, int], tensors: list[tu
         elif sizes["B1"] != sizes["B"] + 1:
             raise CallError(f"{offsets}: has {sizes['B1']} offsets, so {sizes['B1'] - 1} sequences, but "
                             f"{_where('B', tensors)}; the offsets of B sequences are B + 1 numbers")
-    if spec.q_storage is not None:
-        sizes["M"] = sizes["T"]
-    if isinstance(spec.kv_storage, Paged):
-        sizes["N"] = sizes["MAXP"] * sizes["PAGE"]
-    elif spec.kv_storage is not None:
-        sizes["N"] = sizes["TK"]
+    storage_capacities(spec.q_storage, spec.kv_storage, sizes)
 
 
 def _where(name: str, tensors: list[tuple[TensorDecl, object]], size: int | None = None) -> str:

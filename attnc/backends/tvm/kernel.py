@@ -36,7 +36,7 @@ from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
 from ... import index_data
-from ...ir import Paged, SizeRef, walk
+from ...ir import Paged, SizeRef, storage_capacities, walk
 from ...passes import KernelPlan
 from .. import names
 from .emit import F32, F64, I32, I64, Emitter, Scope, exp2_nonpositive, f32
@@ -76,12 +76,7 @@ def size_vars(plan: KernelPlan) -> dict[str, tir.PrimExpr]:
              if n in shaped or n not in ("B", "M", "N")}
     if "B" not in sizes:
         sizes["B"] = sizes["B1"] - 1
-    if spec.q_storage is not None:
-        sizes["M"] = sizes["T"]
-    if isinstance(spec.kv_storage, Paged):
-        sizes["N"] = sizes["MAXP"] * sizes["PAGE"]
-    elif spec.kv_storage is not None:
-        sizes["N"] = sizes["TK"]
+    storage_capacities(spec.q_storage, spec.kv_storage, sizes)
     sizes.setdefault("HKV", sizes["H"])
     sizes.setdefault("DV", sizes["D"])
     return sizes
