@@ -451,6 +451,9 @@ def runner_colour(runner: str) -> str:
     return RUNNER_COLOURS.get(runner) or _SPARE_COLOURS[zlib.crc32(runner.encode()) % len(_SPARE_COLOURS)]
 
 
+PANELS_PER_ROW = 4  # wider figures wrap: 8 panels in one row are too small to read
+
+
 def draw_panels(panels: dict[str, dict[str, list[tuple]]], device: str, title: str, ylabel: str,
                 xlabel: str | None = None, logx: bool = False, logy: bool = False):
     """A figure with one panel per entry of `panels` (panel title -> runner -> [(x, y), ...]); each runner in
@@ -461,9 +464,13 @@ def draw_panels(panels: dict[str, dict[str, list[tuple]]], device: str, title: s
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
 
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels) + 1.6, 3.8), squeeze=False)
+    cols = min(len(panels), PANELS_PER_ROW)
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols + 1.6, 3.8 * rows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
     runners: list[str] = []
-    for ax, (name, lines) in zip(axes[0], panels.items()):
+    for ax, (name, lines) in zip(axes.flat, panels.items()):
         for runner, pts in lines.items():
             if not pts:
                 continue
