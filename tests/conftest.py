@@ -31,8 +31,8 @@ def _shared_cache_dir(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(request, tmp_path, monkeypatch):
-    """Each test gets its own kernel cache so tests never see each other's artifacts, except in modules marked
-    `shared_cache`: they only check numbers, and sharing one cache builds each of their TVM kernels once (a
+    """Each test gets its own kernel cache so tests never see each other's artifacts, except tests (or modules)
+    marked `shared_cache`: they only check numbers, and sharing one cache builds each of their TVM kernels once (a
     kernel is keyed by its math, so a shared entry is the kernel the test would have built)."""
     shared = request.node.get_closest_marker("shared_cache") is not None
     root = request.getfixturevalue("_shared_cache_dir") if shared else tmp_path / "attnc-cache"

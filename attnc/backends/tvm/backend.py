@@ -30,12 +30,13 @@ from .launch import FINISH, KEYS, ROWS, extra_args, launch, launch_backward, qkv
 from .runtime import load_module, tvm_version
 from .schedule import KEY_TILES, decode_pack, decode_schedule, prefill_schedule, summary_uses_h, uses_summary
 
-# TVM's arithmetic analyzer substitutes let-bound values wherever it simplifies (emit.py), so its passes take time
-# in the size of an expression as a tree, each shared node counted at every use: 15 lines of
-# `score = score + score` after `score = qk * rsqrt(D) * 0.5` (196,607 tree nodes) take 13 s to build on a CPU
-# core, 6 s more than one line, and each line more doubles that. The functions emit.py writes as polynomials over
-# exp2 with let-bound parts repeat their argument there: tanh(tanh(x)) builds in 9 s, three nested tanh in 44 s and
-# four in over 5 minutes, so each such call counts its argument EXPANDING times (two nested calls pass, three not).
+# TVM's arithmetic analyzer substitutes let-bound values free of buffer loads wherever it simplifies (emit.py), so
+# its passes take time in the size of an expression as a tree, each shared node counted at every use: 15 lines of
+# `score = score + score` after `score = qk * rsqrt(D) * 0.5` (196,607 tree nodes) took 13 s to build on a CPU
+# core (4.2 s since exp2 binds its argument once), and each line more doubles that. The functions emit.py writes as
+# polynomials over exp2 with let-bound parts repeat their argument there: three nested tanh build in 13 s and four
+# in over 5 minutes (2-core machine, session 6), so each such call counts its argument EXPANDING times (two nested
+# calls pass, three not).
 MAX_TREE_NODES = 250_000
 EXPANDING = 64
 _EXPANDING_FUNCTIONS = frozenset({"exp", "exp2", "tanh", "erf", "sigmoid"})
