@@ -328,7 +328,8 @@ def test_backward_kernels_compile_for_hopper(tmp_path):
     # ptxas without a GPU (as the AOT builds): every kernel a call can launch, descriptors on and off, for a dense
     # spec with a table and a tile summary (alibi_doc: BSHD, GQA) and a ragged one with a sink (varlen_alibi_sinks)
     from attnc.backends.triton import aot
-    from attnc.backends.triton.backward import generate_backward, gradient_tables, summary_used
+    from attnc.backends.triton.backward import generate_backward
+    from attnc.backends.triton.signature import gradient_tables, summary_used
     from attnc.backends.triton.gradients import launch_keywords
     from attnc.backends.triton.signature import backward_argument_types, backward_signatures, spec_args
     from attnc.passes import Target

@@ -100,6 +100,8 @@ def test_nan_and_inf_reach_the_rows_the_reference_says(kernels, name, where, val
 @pytest.mark.parametrize("where, value", POISONS, ids=[f"{w}={v}" for w, v in POISONS])
 @pytest.mark.parametrize("backend", ["triton", "tvm"])
 def test_nan_and_inf_on_the_gpu(backend, where, value):
+    if backend == "tvm":
+        pytest.importorskip("tvm")  # the GPU machine has no TVM compiler: the TVM CUDA artifacts are built in CI
     for text in (SOFTMAX, SIGMOID):
         spec = attnc.parse(text)[0]
         kernel = attnc.compile(spec, backend=backend)

@@ -101,3 +101,15 @@ def test_warm_start_cpu_training(tmp_path):
 def test_warm_start_gpu(tmp_path):
     """Triton on the GPU: the cached module and Triton's cached binary, no code generation."""
     check_warm_start("cuda", 2e-3, tmp_path)
+
+
+def test_the_triton_backend_imports_no_code_generator():
+    """What the GPU's warm start checks, on any machine: the Triton backend's run-time modules (forward, backward,
+    serving and Gluon launchers) load without the templates and emitters, which a cache miss imports."""
+    probe = ("import sys, attnc.backends.triton.backend; "
+             "print(sorted(m for m in sys.modules if m.startswith('attnc.backends.triton.') and "
+             "m.rsplit('.', 1)[1] in ('generate', 'emit', 'backward', 'decode', 'aot')))")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

@@ -11,18 +11,7 @@ from ...passes.plan import BackwardPlan, KernelPlan, QueryRange, TileConfig
 from .. import names
 from .emit import COL, KEY_MAJOR, QUERY_MAJOR, ROW, SCALAR, TILE, Emitter, Layout
 from .generate import as_tile, bounds, float_tile, shared_hooks, template
-from .signature import backward_signatures, spec_args
-
-
-def gradient_tables(spec: Attention) -> tuple[tuple[str, int], ...]:
-    """(name, rank) of each float input that gets a gradient, in derive(spec).tables' order."""
-    return tuple((name, len(spec.input(name).shape)) for name in derive(spec).tables)
-
-
-def summary_used(plan: KernelPlan) -> bool:
-    """Whether the backward reads the forward's tile summary: data-dependent masks of dense storage (ragged
-    storage evaluates them on every tile, as its forward does)."""
-    return plan.masks.data_dependent and plan.spec.q_storage is None and plan.spec.kv_storage is None
+from .signature import backward_signatures, gradient_tables, spec_args, summary_used
 
 
 def generate_backward(plan: KernelPlan) -> str:

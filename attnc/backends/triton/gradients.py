@@ -23,8 +23,8 @@ from ...passes.grad import plan_backward
 from ...passes.plan import TileConfig
 from .. import cache
 from . import launch
-from .backward import generate_backward, gradient_tables, summary_used
-from .signature import BACKWARD_TENSORS, backward_signatures, padded_strides, spec_args
+from .signature import (BACKWARD_TENSORS, backward_signatures, gradient_tables, padded_strides, spec_args,
+                        summary_used)
 
 SOURCE_FILE = "backward.py"
 # deterministic=True keeps a gradient slice per program for each input table: at most this many bytes of them
@@ -37,6 +37,8 @@ def load_backward_module(plan: KernelPlan) -> ModuleType:
     """The generated backward module for `plan`, from the kernel cache (its own entry: the key says 'backward'
     and holds the backward plan, whose tile table is outside the code generator's fingerprint)."""
     def build(out_dir: Path) -> None:
+        from .backward import generate_backward  # the code generator is imported on a cache miss only
+
         (out_dir / SOURCE_FILE).write_text(generate_backward(plan), encoding="utf-8")
 
     def load(entry: cache.Entry) -> ModuleType:

@@ -10,8 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
-from ...ir import ROLES, IndexVar, Paged, SizeRef, dtype_kind, walk
+from ...ir import ROLES, Attention, IndexVar, Paged, SizeRef, dtype_kind, walk
 from ...dsl.signature import canonical_view
+from ...passes.grad import derive
 from ...passes.plan import KernelPlan
 from .. import names
 
@@ -197,6 +198,17 @@ SEARCH = Group("launch", ("search_steps",))  # binary-search steps over a ragged
 def _tensor_groups(names: tuple[str, ...]) -> tuple[Group, ...]:
     return (Group("pointers", tuple(f"{n}_ptr" for n in names)),
             *(Group(f"{n}_strides", _strides(*BACKWARD_TENSORS[n])) for n in names))
+
+
+def gradient_tables(spec: Attention) -> tuple[tuple[str, int], ...]:
+    """(name, rank) of each float input that gets a gradient, in derive(spec).tables' order."""
+    return tuple((name, len(spec.input(name).shape)) for name in derive(spec).tables)
+
+
+def summary_used(plan: KernelPlan) -> bool:
+    """Whether the backward reads the forward's tile summary: data-dependent masks of dense storage (ragged
+    storage evaluates them on every tile, as its forward does)."""
+    return plan.masks.data_dependent and plan.spec.q_storage is None and plan.spec.kv_storage is None
 
 
 def backward_signatures(args: SpecArgs, tables: tuple[tuple[str, int], ...], summary: bool,
