@@ -18,6 +18,7 @@ Times are medians over --reps CUDA-event timings after a warm-up; name the card 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -147,7 +148,8 @@ def main() -> None:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=2)
     dist.destroy_process_group()
-    os.unlink(store)
+    with contextlib.suppress(FileNotFoundError):  # the file store removes its file when the group ends
+        os.unlink(store)
 
 
 if __name__ == "__main__":

@@ -101,3 +101,15 @@ def test_decode_shapes_and_strided_inputs_take_the_template_gpu(gluon_launches):
     got = attnc.compile(spec, options=GLUON)(q, k, v)
     assert_matches(spec, got, attnc.reference(spec, q, k, v))
     assert gluon_launches == [False]
+
+
+@pytest.mark.parametrize("name", ["causal_lm", "gqa_causal"])
+def test_the_default_takes_gluon_for_long_prefill_gpu(name, gluon_launches):
+    """PlanOptions() at D = 128: M and N of 4096 run the Gluon kernel, 1000 the template (passes/warpgroups.py)."""
+    _needs_hopper()
+    spec = replace(with_dtype(EXAMPLES[name], "bf16"), returns_lse=True)
+    for length, expect_gluon in ((4096, True), (1000, False)):
+        gluon_launches.clear()
+        sizes = example_sizes(spec, m=length, n=length)
+        sizes.update(B=1, H=4, HKV=2 if spec.is_gqa_shape else 4, D=128, DV=128)
+        _run(spec, sizes, gluon_launches, expect_gluon=expect_gluon, options=PlanOptions())

@@ -9,6 +9,7 @@ import torch
 import attnc
 from attnc.backends.triton import gluon
 from attnc.passes import PlanOptions, Target, plan_kernel
+from attnc.passes.warpgroups import AUTO_MIN_LENGTH
 from test_triton_kernels import (  # noqa: F401  (poisoned_outputs is an autouse fixture: importing enables it)
     EXAMPLES, poisoned_outputs, with_dtype,
 )
@@ -105,11 +106,21 @@ def test_paged_and_ragged_keep_the_decode_kernel():
     assert w.path == "triton" and "paged" in w.reason
 
 
-def test_opt_in_only():
-    """Until verified on an H100 the default stays the template; the plan still shows the layout it would run."""
-    for options in (PlanOptions(), PlanOptions(gluon=False)):
-        w = _plan(options=options).warpgroups
-        assert w.path == "triton" and "opt-in" in w.reason and w.layout == _plan().warpgroups.layout
+def test_the_default_takes_gluon_where_it_measured_faster():
+    """PlanOptions() (gluon=None): the Gluon kernel for long prefill launches of the spec kinds where it beat the
+    template on the H100; the template, with the reason and the layout the kernel would run, elsewhere."""
+    auto = PlanOptions()
+    for name, d in (("causal_lm", 128), ("dense", 128), ("gqa_causal", 128), ("alibi", 128), ("dense", 256)):
+        w = _plan(name, d=d, options=auto).warpgroups
+        assert w.path == "gluon" and w.min_length == AUTO_MIN_LENGTH and "4096" in w.reason, name
+    for name, d, reason in (("causal_lm", 64, "below 128"), ("sliding_window", 128, "key window"),
+                            ("grok_softcap", None, "function of qk"), ("document_mask", 128, "evaluated per element")):
+        w = _plan(name, d=d or EXAMPLES[name].dim_values.get("D", 128), options=auto).warpgroups
+        assert w.path == "triton" and reason in w.reason and "gluon=True" in w.reason and w.layout, name
+    forced = _plan(d=64).warpgroups  # gluon=True: wherever it qualifies, with no length bound
+    assert forced.path == "gluon" and forced.min_length == 0
+    off = _plan(options=PlanOptions(gluon=False)).warpgroups
+    assert off.path == "triton" and "gluon=False" in off.reason and off.layout == _plan().warpgroups.layout
 
 
 def test_the_decision_is_a_pure_function_of_the_plan():
@@ -130,7 +141,7 @@ def test_cli_shows_the_staging(capsys):
 
     assert main(["show", "examples/specs/causal.attn", "--emit", "plan"]) == 0
     out = capsys.readouterr().out
-    assert "warpgroups producer 1 warp" in out and "opt-in" in out
+    assert "warpgroups producer 1 warp" in out and "M and N >= 4096" in out
     assert main(["show", "examples/specs/paged_decode.attn", "--name", "paged_decode", "--emit", "gluon"]) == 0
     assert "no Gluon kernel (ragged or paged storage" in capsys.readouterr().out
     assert main(["show", "examples/specs/causal.attn", "--emit", "gluon"]) == 0

@@ -201,8 +201,8 @@ def _attnc_runner(w: Workload, q, k, v, extra):
 
 
 def _attnc_gluon_runner(w: Workload, q, k, v, extra):
-    """attnc with the Gluon warpgroup prefill (PlanOptions(gluon=True), opt-in until verified); None where it
-    would not run, since the template's row is attnc's then."""
+    """attnc with the Gluon warpgroup prefill forced (PlanOptions(gluon=True); the `attnc` column takes it only
+    where it measured faster); None where it would not run, since the template's row is attnc's then."""
     from ..backends.triton.gluon import unavailable_here
     from ..passes import PlanOptions
 
@@ -434,7 +434,7 @@ def print_errors(report: dict) -> None:
 # One colour per runner in every panel of every plot, so a runner is recognised at a glance across panels.
 RUNNER_COLOURS = {
     "attnc": "#d62728",  # red
-    "attnc-gluon": "#e377c2",  # pink: attnc's Gluon warpgroup prefill (opt-in)
+    "attnc-gluon": "#e377c2",  # pink: attnc's Gluon warpgroup prefill, forced
     "sdpa-cudnn": "#1f77b4",  # blue
     "sdpa-flash": "#2ca02c",  # green
     "sdpa-efficient": "#9467bd",  # purple

@@ -34,8 +34,8 @@ class PlanOptions:
     # specialize this kernel's loop, and there it only selects the two-loop kernel form (passes/tiling.py)
     warp_specialize: bool | None = None
     num_splits: int | None = None  # split-KV decode: programs per sequence's key range (None: passes/decode.py)
-    # Hopper: the Gluon warpgroup-specialized prefill kernel (passes/warpgroups.py) where the plan qualifies; opt-in
-    # until it is verified on an H100, so None and False keep the Triton template
+    # Hopper: the Gluon warpgroup-specialized prefill kernel (passes/warpgroups.py): True where the plan qualifies,
+    # False never, None where it measured faster than the Triton template
     gluon: bool | None = None
     # its consumers: "pingpong" (two warpgroups, a partition each, 64 rows each, taking turns at the tensor
     # cores), "parallel" (the same without turns) or "cooperative" (one partition of two warpgroups sharing
@@ -197,6 +197,7 @@ class WarpgroupPlan:
     path: str  # "gluon" | "triton"
     reason: str
     layout: WarpgroupLayout | None = None
+    min_length: int = 0  # launches with M or N below this keep the template (and so does the decode regime)
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,9 @@
 
 A pure function of the plan. The Gluon kernel (backends/triton/gluon.py.j2) covers dense storage, f16/bf16 q, k and
 v, head dims up to 256 and sm_90 (warpgroup MMA exists there only); everything else keeps the Triton template,
-and so do launches with M in the decode regime (the decode tile packs GQA heads). Until the kernel has run on an
-H100 it is opt-in: PlanOptions(gluon=True).
+and so do launches with M in the decode regime (the decode tile packs GQA heads). PlanOptions(gluon=True) takes
+it wherever it qualifies, gluon=False never; by default (None) it runs where it beat the template on the H100
+(`automatic_choice`, benchmarks/NOTES.md session 7).
 
 The layouts follow FlashAttention-3 on an H100 (232,448 B of shared memory, 64K registers per SM, one program per
 SM): 128 query rows in two consumer warpgroups of 64 rows at 240 registers per thread, one producer warp at 24.
@@ -16,7 +17,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from ..errors import CompileError
-from ..ir import Expr, IndexVar, Lookup, walk
+from ..ir import QK, Call, Expr, IndexVar, Lookup, walk
 from .plan import KernelPlan, WarpgroupLayout, WarpgroupPlan
 from .tiling import DTYPE_BITS, smem_bytes, smem_capacity, widest_block
 
@@ -24,7 +25,9 @@ GLUON_ARCH = 90
 GLUON_DTYPES = ("f16", "bf16")
 MAX_HEAD_BLOCK = 256  # BLOCK_D and BLOCK_DV: one TMA box and one wgmma N each
 MAX_STAGES = 4
-OPT_IN = "opt-in until verified on an H100: PlanOptions(gluon=True) selects it"
+# By default the Gluon kernel takes launches with M and N at least this long: on the H100 (Triton 3.6, bf16, D=128,
+# 16k tokens a batch) it ran 0.82-0.94x the template at S = 1024, 1.02-1.08x at 4096 and 1.08-1.15x at 8192-16384
+AUTO_MIN_LENGTH = 4096
 
 
 def unavailable(plan: KernelPlan) -> str:
@@ -95,14 +98,36 @@ BARRIER_BYTES = 1024  # mbarriers and the compiler's alignment padding
 RING_BYTES = 128 * 1024
 
 
+def slower_than_the_template(plan: KernelPlan) -> str:
+    """Why the default keeps the template for a plan the Gluon kernel qualifies for ("" where it does not): the
+    kinds of spec where the template measured faster on the H100 (benchmarks/NOTES.md session 7)."""
+    if widest_block(plan) < 128:
+        return f"D={plan.head_dim}: the template was faster on the H100 at head dims below 128 (0.94x)"
+    if plan.masks.evaluated:
+        return "masks evaluated per element: the Gluon kernel reads no tile summary and evaluates every tile"
+    if plan.masks.exact.lower:
+        return "a key window (a lower key bound): the template was faster on the H100 (0.95x)"
+    if any(isinstance(n, Call) and any(isinstance(x, QK) for x in walk(n)) for n in walk(plan.score.logits2)):
+        return "a function of qk in the score (e.g. a tanh soft cap): the template was faster on the H100 (0.64x)"
+    return ""
+
+
 def stage_warpgroups(plan: KernelPlan) -> KernelPlan:
     why = unavailable(plan)
     if why:
         return replace(plan, warpgroups=WarpgroupPlan("triton", why))
     layout = choose_layout(plan)
-    if not plan.options.gluon:
-        return replace(plan, warpgroups=WarpgroupPlan("triton", f"the Gluon warpgroup kernel qualifies, {OPT_IN}",
+    gluon = plan.options.gluon
+    slower = "" if gluon else slower_than_the_template(plan)
+    if gluon is False or slower:
+        why = "PlanOptions(gluon=False)" if gluon is False else f"{slower}; PlanOptions(gluon=True) selects it"
+        return replace(plan, warpgroups=WarpgroupPlan("triton", f"the Gluon warpgroup kernel qualifies: {why}",
                                                       layout))
+    decode = f"M > {plan.tiling.decode_max_m}"
+    if gluon:
+        return replace(plan, warpgroups=WarpgroupPlan(
+            "gluon", f"prefill launches ({decode}); decode launches keep the Triton template", layout))
     return replace(plan, warpgroups=WarpgroupPlan(
-        "gluon", f"prefill launches (M > {plan.tiling.decode_max_m}); decode launches keep the Triton template",
-        layout))
+        "gluon", f"prefill launches with M and N >= {AUTO_MIN_LENGTH}, where it beat the template on the H100; "
+        f"shorter ones keep the Triton template (PlanOptions(gluon=True): every prefill launch)", layout,
+        AUTO_MIN_LENGTH))

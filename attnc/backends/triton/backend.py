@@ -27,7 +27,7 @@ class TritonBackend:
 
     def build(self, plan: KernelPlan) -> TritonLauncher:
         storage = plan.spec.q_storage is not None or plan.spec.kv_storage is not None
-        # sm_90 with PlanOptions(gluon=True): the Gluon warpgroup kernel takes the prefill launches it covers
+        # sm_90: the Gluon warpgroup kernel takes the prefill launches the plan gives it (passes/warpgroups.py)
         return gluon.launcher(plan, launcher_for(plan, None if storage else load_module(plan)))
 
     def build_backward(self, plan: KernelPlan) -> BackwardLauncher:

@@ -108,7 +108,8 @@ class GluonLauncher:
         self.kernel = module.attn_fwd_gluon
         self.args = spec_args(plan)
         self.signature: Signature = gluon_signature(self.args)
-        self.min_m = max(plan.tiling.decode_max_m, plan.decode.dense_max_m if plan.decode else 0) + 1
+        self.min_m = max(plan.tiling.decode_max_m + 1, plan.decode.dense_max_m + 1 if plan.decode else 0,
+                         plan.warpgroups.min_length)
         self.maxnreg = max_registers(plan)
 
     def __call__(self, bound: Bound):
@@ -117,7 +118,9 @@ class GluonLauncher:
     def covers(self, bound: Bound) -> bool:
         """Prefill launches (past the decode regime) whose q, k and v TMA can read."""
         spec = self.spec
-        return bound.sizes["M"] >= self.min_m and launch.descriptor_ready(bound.q, spec.q) \
+        sizes = bound.sizes
+        return sizes["M"] >= self.min_m and sizes["N"] >= self.plan.warpgroups.min_length \
+            and launch.descriptor_ready(bound.q, spec.q) \
             and launch.descriptor_ready(bound.k, spec.k) and launch.descriptor_ready(bound.v, spec.v)
 
     def run(self, bound: Bound):
