@@ -24,7 +24,8 @@ sanitize() {  # seconds, log file, command...
   compute-sanitizer --version | tail -1
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
   echo "## control: a Triton kernel reading 4 floats past a 1024-float tensor (errors expected)"
-  sanitize 120 "$stem-control.log" python3 - <<'PY'
+  control=$(mktemp --suffix=.py)  # a file: triton.jit reads its function's source back
+  cat > "$control" <<'PY'
 import torch, triton, triton.language as tl
 
 @triton.jit
@@ -36,6 +37,7 @@ x, out = torch.randn(1024, device="cuda"), torch.empty(4, device="cuda")
 past_the_end[(1,)](x, out, 1024)
 torch.cuda.synchronize()
 PY
+  sanitize 120 "$stem-control.log" python3 "$control"
   echo "control exit $?"; grep -E "ERROR SUMMARY" "$stem-control.log"
   echo "## the fuzzer: the named cases and $N random ones (0 errors expected)"
   cases=$(python3 -c "

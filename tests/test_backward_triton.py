@@ -13,7 +13,7 @@ import torch
 
 import attnc
 from attnc.backends import get_backend
-from attnc.dsl.signature import bind
+from attnc.dsl.signature import bind, canonical_view
 from attnc.errors import CallError, CompileError
 from attnc.ir import Paged
 from attnc.passes import plan_kernel
@@ -82,8 +82,13 @@ def forward(spec, q, k, v, kwargs):
     return plan, bound, out, lse
 
 
-def reference_grads(spec, q, k, v, kwargs, dout, dlse):
-    """Autograd through attnc.reference (float64 inside) on float32 copies of the inputs (exact for f16 / bf16)."""
+def reference_grads(spec, q, k, v, kwargs, dout, dlse, out_used=None):
+    """Autograd through attnc.reference (float64 inside) on float32 copies of the inputs (exact for f16 / bf16).
+    `out_used`: the output the backward is handed (rounded to the call's dtype). The backward takes
+    delta = rowsum(dO * O) from it, as FlashAttention does, which adds to the exact gradients those of
+    sum_i (delta_exact_i - delta_used_i) * lse_i; the reference adds that term too. It matters where a table's
+    gradient weights dS by a large factor (ALiBi's slopes by the distance j - i: in bf16 the rounded O moved
+    d slopes by 6-45% of its largest element, atomic and deterministic kernels alike)."""
     spec = with_dtype(replace(spec, returns_lse=True), "f32")
     tables = derive(spec).tables
     leaves = {"q": q.float(), "k": k.float(), "v": v.float(), **{t: kwargs[t].float() for t in tables}}
@@ -95,6 +100,11 @@ def reference_grads(spec, q, k, v, kwargs, dout, dlse):
     if dlse is not None:
         kept = torch.isfinite(lse)
         loss = loss + (torch.where(kept, lse, 0.0) * dlse.double()).sum()
+    if out_used is not None:
+        def delta(o):
+            return canonical_view(dout.double() * o.double(), spec.q).sum(-1)
+
+        loss = loss + (torch.where(torch.isfinite(lse), lse, 0.0) * (delta(out.detach()) - delta(out_used))).sum()
     if not loss.requires_grad:  # M = 0: nothing reads the inputs
         return {name: torch.zeros_like(t) for name, t in leaves.items()}
     grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
@@ -110,7 +120,7 @@ def check_backward(spec, m, n, deterministic, with_dlse, dtype=None, device=DEVI
     dout = torch.randn(*out.shape, 2, device=device)[..., 0].to(out.dtype)  # strided, as autograd may hand it
     dlse = torch.randn_like(lse) if with_dlse else None
     grads = get_backend("triton").build_backward(plan)(bound, out, lse, dout, dlse, deterministic)
-    want = reference_grads(spec, q, k, v, kwargs, dout, dlse)
+    want = reference_grads(spec, q, k, v, kwargs, dout, dlse, out_used=out)
     assert set(grads) == set(want)
     tensors = {"q": q, "k": k, "v": v, **kwargs}
     for name, ref in want.items():

@@ -144,7 +144,8 @@ def scatter(em: Emitter, grad: TableGrad, contribution: str, level: int, name: s
     """Lines that add `contribution` (code of a value of `level`: dS, or the sink's gradient) times grad.dscore
     into the gradient of grad.lookup's table at the element the lookup reads. The product is summed to the level
     of that element's offset first (a per-head table takes one add per tile), then added by an atomic, or
-    (DETERMINISTIC) into the program's slice of the workspace; out-of-range lookups add nothing."""
+    (DETERMINISTIC) into the program's slice of the workspace (by add_ordered, or for one element an atomic that
+    only this program issues); out-of-range lookups add nothing."""
     table = grad.lookup.tensor
     strides = [names.gradient_stride(table, a) for a in range(len(grad.lookup.indices))]
     offset, checks, at = em.element(grad.lookup, strides)
@@ -156,8 +157,9 @@ def scatter(em: Emitter, grad: TableGrad, contribution: str, level: int, name: s
     mask = f", mask={ok}" if ok else ""
     slice_ = f"{names.gradient(table)} + prog * {names.gradient_stride(table, 'p')}"
     if at == SCALAR:
-        ordered = [f"slot = {slice_} + {offset}", f"tl.store(slot, tl.load(slot{mask}) + {total}{mask})",
-                   "tl.debug_barrier()"]
+        # One add per tile into the program's own slice, issued by one thread in program order: deterministic.
+        # (A load and a store here gave wrong per-head gradients on the H100, bit-identical run to run.)
+        ordered = [f"tl.atomic_add({slice_} + {offset}, {total}{mask})"]
     else:
         size = {ROW: "BLOCK_M", COL: "BLOCK_N", TILE: "BLOCK_M * BLOCK_N"}[at]
         ordered = [f"add_ordered({slice_}, {offset}, {total}, {ok or 'True'}, {size})"]
