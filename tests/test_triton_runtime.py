@@ -164,3 +164,30 @@ def test_config_over_shared_memory_is_retried_with_fewer_stages(monkeypatch):
         torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=0)
         torch.testing.assert_close(lse.double(), ref_lse, atol=2e-5, rtol=0)  # -inf rows: N < M here
     assert stages_seen == [3, 2, 1, 1]
+
+
+def test_a_launch_installs_the_scratch_allocator_in_its_own_thread():
+    """Triton keeps its allocator in a ContextVar, so a thread that did not import the kernel module (autograd's
+    backward thread on a GPU, a server's worker) has none: each launch installs attnc's scratch allocator (the H100
+    training tests failed with "no allocator was set" where the module was imported on another thread)."""
+    import threading
+
+    from triton.runtime import _allocation
+
+    from attnc.backends.triton import scratch
+
+    spec = attnc.parse(SPEC)[0]
+    q, k, v = (torch.randn(1, 2, 8, 16) for _ in range(3))
+    kernel = attnc.compile(spec, backend="triton")
+    kernel(q, k, v)  # builds and imports the module on this thread
+    seen = []
+
+    def worker():
+        seen.append(_allocation._allocator.get())
+        kernel(q, k, v)
+        seen.append(_allocation._allocator.get())
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    assert seen[0] is not scratch.scratch and seen[1] is scratch.scratch

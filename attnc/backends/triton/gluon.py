@@ -16,7 +16,7 @@ import torch
 from ...dsl.signature import Bound, lse_shape, out_shape
 from ...passes.plan import KernelPlan
 from .. import cache
-from . import launch
+from . import launch, scratch
 from .signature import Signature, gluon_signature, qkv_values, spec_args
 
 SOURCE_FILE = "gluon_kernel.py"
@@ -133,5 +133,6 @@ class GluonLauncher:
         values.update(qkv_values(spec, bound, out, lse))
         w = self.plan.warpgroups.layout
         grid = (-(-sizes["M"] // w.block_m), sizes["B"] * sizes["H"])
+        scratch.install()
         self.kernel[grid](*self.signature.pack(values), num_warps=w.consumer_warps, maxnreg=self.maxnreg)
         return ((out, lse) if spec.returns_lse else out), None

@@ -198,6 +198,7 @@ def launch_fitting(fn, grid, args: list, keywords: dict, fitted: dict, key, name
     from triton.runtime.errors import OutOfResources
 
     stages = fitted.get(key, keywords["num_stages"])
+    scratch.install()
     while True:
         try:
             compiled = fn[grid](*args, **{**keywords, "num_stages": stages})
@@ -350,6 +351,7 @@ class DirectLaunch:
 
     def launch(self, stream, grid: tuple[int, int], args: list) -> None:
         if self.raw is None:
+            scratch.install()
             self.run(grid[0], grid[1], 1, stream, self.function, self.metadata, None, None, None, *args)
             return
         scratch_ptr = None
