@@ -44,7 +44,7 @@ def attnc_runner(w: Workload, q, k, v, dout, extra, api: str, deterministic: boo
     spec = attnc.parse(w.spec)[0]
     kwargs = {**w.params, **extra}
     if api != "backend":
-        kern = attnc.compile(spec)
+        kern = attnc.compile(spec, deterministic=deterministic)
         leaves = tuple(t.detach().requires_grad_() for t in (q, k, v))
         if api == "autograd" or kern(*leaves, **kwargs).requires_grad:
             return lambda: gradients(kern(*leaves, **kwargs), leaves, dout)
