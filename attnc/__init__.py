@@ -16,6 +16,7 @@ if TYPE_CHECKING:  # what type checkers see of the names imported on first use b
         Tensor, abs, causal, exp, exp2, floor, log, log2, maximum, minimum, rsqrt, sigmoid, softmax,
         sqrt, tanh, where,
     )
+    from .dsl.flex import flex_spec
     from .explainer import explain
     from .merge import merge_states
     from . import distributed
@@ -35,6 +36,7 @@ _LAZY = {
     **{fn: ("attnc.dsl.trace", fn) for fn in (*_UNARY_FUNCTIONS, "minimum", "maximum")},  # attnc.tanh, attnc.erf, ...
     "flex_attention": ("attnc.runtime.api", "flex_attention"),
     "create_block_mask": ("attnc.runtime.api", "create_block_mask"),
+    "flex_spec": ("attnc.dsl.flex", "flex_spec"),
     "AuxRequest": ("attnc.dsl.flex", "AuxRequest"),
     "AuxOutput": ("attnc.dsl.flex", "AuxOutput"),
     "compile": ("attnc.runtime.api", "compile"),

@@ -33,6 +33,7 @@ CASES = [(name, "auto", "auto", None) for name in SPECS] + [
     ("alibi", "ring", "contiguous", "uneven"),
     ("sliding_window", "ring", "auto", "no keys"),
     ("causal_lm", "auto", "auto", "traced"),
+    ("causal_lm", "ring", "auto", "flex"),
 ]
 
 # On machines without a GPU, the Triton backend through Triton's interpreter (no build; about 1 s a case)
@@ -106,6 +107,10 @@ def _check_case(case, spec, seed, group=None, device="cpu", backend="tvm"):
     if split == "traced":  # the decorator's front-end: the same math as causal_lm, so the same kernels
         kernel = attnc.attention(_traced_causal, backend=kernel.backend)
         spec = kernel.trace(q, k, v)
+    if split == "flex":  # the flex front-end: the spec its mods trace to, for the whole sequence
+        block_mask = attnc.create_block_mask(lambda b, h, i, j: i >= j, None, None, L, L)
+        spec = attnc.flex_spec(q, k, v, block_mask=block_mask, return_lse=True)
+        kernel = attnc.compile(spec, backend=backend)
     cp = context_parallel(kernel, group=group, schedule=schedule, sharding=sharding)
     qa, ka = spec.q.shape.index("M"), spec.k.shape.index("N")
     if split == "uneven":  # contiguous runs of 13 and 8 (2 ranks) or 9, 1, 8, 3 (4 ranks)
