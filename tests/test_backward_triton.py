@@ -13,6 +13,7 @@ import torch
 
 import attnc
 from attnc.backends import get_backend
+from attnc.backends.triton.launch import interpreting
 from attnc.dsl.signature import bind, canonical_view
 from attnc.errors import CallError, CompileError
 from attnc.ir import Paged
@@ -28,6 +29,9 @@ from test_triton_kernels import (  # noqa: F401  (poisoned_outputs is an autouse
 pytestmark = pytest.mark.shared_cache
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Tests of the interpreter's own path (CPU plans, sm_90 source run without a GPU); a GPU machine runs them with
+# TRITON_INTERPRET=1
+INTERPRETER_ONLY = pytest.mark.skipif(not interpreting(), reason="runs Triton's interpreter (TRITON_INTERPRET=1)")
 # Max abs error of a gradient, relative to max(1, max |reference gradient|).
 TOL = {"f32": 2e-5, "f16": 1e-2, "bf16": 5e-2}
 EXAMPLES = {s.name: s for s in example_specs() if not isinstance(s.kv_storage, Paged)}
@@ -216,6 +220,7 @@ def test_sigmoid_lse_gradient_flows_through_dlse():
         torch.testing.assert_close(grads[name].double(), want[name].double(), rtol=1e-4, atol=2e-5)
 
 
+@INTERPRETER_ONLY
 @pytest.mark.parametrize("name", ["causal_lm", "sliding_window", "dilated_window", "key_padding", "chunked_causal"])
 def test_query_range_is_the_mask_analysis_transposed(name):
     # Per key tile [j0, j1), the dK/dV kernel runs the query rows [lo, hi) of plan.QueryRange: every row whose
@@ -297,6 +302,7 @@ def test_empty_queries_or_keys(m, n, deterministic):
 INLINE_EX2 = 'tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1)'
 
 
+@INTERPRETER_ONLY
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_hopper_descriptor_path(deterministic):
     # The sm_90 source (q, dO, dQ and K, V through tensor descriptors) run in the interpreter, which needs no
