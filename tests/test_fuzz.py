@@ -33,6 +33,18 @@ def test_the_fuzzer_sees_what_it_must_report(tmp_path):
     assert "softmax" in KEYWORDS
 
 
+def test_a_slow_show_form_is_a_hang(tmp_path, monkeypatch):
+    """Every accepted mutant is printed by `attnc show --emit ir` and `--emit plan` under a bound of their own."""
+    import fuzz.specs as specs
+
+    monkeypatch.setattr(specs, "SHOW_LIMIT_S", -1.0)
+    result, detail = run_one(Mutant(0, "text", "by hand", _corpus()[0]), tmp_path)
+    assert result == "hang" and detail.startswith("attnc show --emit ir took"), (result, detail)
+    traced = "def run(attnc, q, k, v):\n    return attnc.attention(lambda q, k, v: attnc.softmax(q @ k) @ v)" \
+             ".trace(q, k, v)\n"
+    assert run_one(Mutant(1, "python", "by hand", traced), tmp_path)[0] == "hang"
+
+
 def test_the_pool_reports_hangs_and_crashes(monkeypatch):
     import fuzz.specs as specs
 
