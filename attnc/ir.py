@@ -453,9 +453,7 @@ _PRINTABLE_NODES = 100_000
 
 def _order_key(e: Expr) -> tuple[int, str]:
     """A canonical sort key of `e` computed in time linear in its DAG: its printed form where that is small."""
-    sizes: dict[int, int] = {}
-    for node in post_order(e):
-        sizes[id(node)] = 1 + sum(sizes[id(c)] for c in children(node))
+    _, sizes, _ = _tree_counts(e)
     if sizes[id(e)] <= _PRINTABLE_NODES:
         return 0, print_expr(e)
     numbering = Numbering()
