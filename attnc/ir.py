@@ -394,13 +394,19 @@ class Attention:
     def canonical(self) -> str:
         return print_attention(self)
 
+    @property
+    def canonical_parses(self) -> bool:
+        """Whether `canonical` is spec text, as it is unless its expressions share in a way only a listing of
+        numbered subexpressions writes linearly (print_attention)."""
+        return self.canonical.endswith("}\n")
+
     @cached_property
     def key(self) -> str:
         """Hex SHA-256 of the canonical form without the name: spans, comments, equivalent spellings and the
         label a front-end gives the variant do not change it, so the same math shares one cached kernel. The
         expressions enter as lists of their distinct subexpressions, so the key takes time linear in the size of
         the expression DAG (the canonical text of `score = score + score` repeated doubles per line)."""
-        numbering = _Numbering()
+        numbering = Numbering()
         anonymous = print_attention(replace(self, name="_"), numbering)  # expressions as %n, listed after
         return hashlib.sha256((anonymous + numbering.listing()).encode()).hexdigest()
 
@@ -447,12 +453,10 @@ _PRINTABLE_NODES = 100_000
 
 def _order_key(e: Expr) -> tuple[int, str]:
     """A canonical sort key of `e` computed in time linear in its DAG: its printed form where that is small."""
-    sizes: dict[int, int] = {}
-    for node in post_order(e):
-        sizes[id(node)] = 1 + sum(sizes[id(c)] for c in children(node))
+    _, sizes, _ = _tree_counts(e)
     if sizes[id(e)] <= _PRINTABLE_NODES:
         return 0, print_expr(e)
-    numbering = _Numbering()
+    numbering = Numbering()
     return 1, numbering(e) + "\n" + numbering.listing()
 
 
@@ -552,12 +556,17 @@ def _prec(e: Expr) -> int:
     return _ATOM_PREC
 
 
-def _wrap(e: Expr, min_prec: int) -> str:
-    text = print_expr(e)
+def _wrap(e: Expr, min_prec: int, names: dict) -> str:
+    if e in names:
+        return names[e]
+    text = print_expr(e, names)
     return f"({text})" if _prec(e) < min_prec else text
 
 
-def print_expr(e: Expr) -> str:
+def print_expr(e: Expr, names: dict | None = None) -> str:
+    """`e` as written in a spec (a tree: a shared subexpression is written at each use); the subexpressions that
+    `names` maps (node -> name) are written as that name."""
+    names = {} if names is None else names
     if isinstance(e, Num):
         return format_number(e.value, e.is_float)
     if isinstance(e, (IndexVar, SizeRef, ParamRef)):
@@ -565,19 +574,68 @@ def print_expr(e: Expr) -> str:
     if isinstance(e, QK):
         return "qk"
     if isinstance(e, Lookup):
-        return f"{e.tensor}[{', '.join(print_expr(x) for x in e.indices)}]"
+        return f"{e.tensor}[{', '.join(_wrap(x, 0, names) for x in e.indices)}]"
     if isinstance(e, Call):
-        return f"{e.fn}({', '.join(print_expr(x) for x in e.args)})"
+        return f"{e.fn}({', '.join(_wrap(x, 0, names) for x in e.args)})"
     if isinstance(e, Unary):
         if e.op == "not":
-            return f"not {_wrap(e.operand, _PREC['not'])}"
-        return f"-{_wrap(e.operand, _UNARY_PREC)}"
+            return f"not {_wrap(e.operand, _PREC['not'], names)}"
+        return f"-{_wrap(e.operand, _UNARY_PREC, names)}"
     if isinstance(e, Binary):
         p = _PREC[e.op]
         if e.op in COMPARE_OPS:  # comparisons do not chain: parenthesize equal precedence on both sides
-            return f"{_wrap(e.lhs, p + 1)} {e.op} {_wrap(e.rhs, p + 1)}"
-        return f"{_wrap(e.lhs, p)} {e.op} {_wrap(e.rhs, p + 1)}"  # left-associative
+            return f"{_wrap(e.lhs, p + 1, names)} {e.op} {_wrap(e.rhs, p + 1, names)}"
+        return f"{_wrap(e.lhs, p, names)} {e.op} {_wrap(e.rhs, p + 1, names)}"  # left-associative
     raise TypeError(f"not an IR expression: {e!r}")
+
+
+# An expression is printed as written while its tree (shared subexpressions counted at each use) has at most
+# _TREE_NODES nodes or at most _TREE_RATIO times its distinct nodes (names and numbers repeat in any spec); beyond
+# that its text would grow with the tree, not with the DAG.
+_TREE_NODES = 1000
+_TREE_RATIO = 4
+
+
+def _tree_counts(e: Expr) -> tuple[list[Expr], dict[int, int], dict[int, int]]:
+    """The distinct nodes of `e` (children first), the tree size of each and how often each occurs in the tree of
+    `e`, by node id; linear in the DAG (exact integers: a chain of 100 doubling lines counts 2^100)."""
+    nodes = list(post_order(e))
+    sizes: dict[int, int] = {}
+    for node in nodes:
+        sizes[id(node)] = 1 + sum(sizes[id(c)] for c in children(node))
+    uses = dict.fromkeys(sizes, 0)
+    uses[id(e)] = 1
+    for node in reversed(nodes):  # parents first: a node's count is final before it passes it on
+        for c in children(node):
+            uses[id(c)] += uses[id(node)]
+    return nodes, sizes, uses
+
+
+def _writable(tree_nodes: int, distinct_nodes: int) -> bool:
+    return tree_nodes <= max(_TREE_NODES, _TREE_RATIO * distinct_nodes)
+
+
+def score_lines(score: Expr) -> list[str] | None:
+    """The score as the right-hand sides of `score = ...` lines, each line's `score` being the value of the line
+    before, so that its text grows with its DAG: one line while its tree is small (`_writable`); else a chain, as
+    one writes a score that reuses itself (`score = score + score`), that names a reused subexpression on each
+    line while there is one. None where the sharing is not such a chain."""
+    chain: list[tuple[Expr, Expr | None]] = []  # (a line's value, the node its `score` stands for), last line first
+    top, chaining = score, None
+    while True:
+        nodes, sizes, uses = _tree_counts(top)
+        chaining = not _writable(sizes[id(top)], len(nodes)) if chaining is None else chaining
+        # the subexpression whose uses save the most nodes when named
+        named = max((n for n in nodes if n is not top and children(n)), default=None,
+                    key=lambda n: uses[id(n)] * (sizes[id(n)] - 1))
+        if _writable(sizes[id(top)], len(nodes)) and not (chaining and named is not None and uses[id(named)] > 1):
+            chain.append((top, None))
+            break
+        if named is None or not _writable(sizes[id(top)] - uses[id(named)] * (sizes[id(named)] - 1), len(nodes)):
+            return None
+        chain.append((top, named))
+        top = named
+    return [print_expr(value, {} if named is None else {named: "score"}) for value, named in reversed(chain)]
 
 
 def _print_decl(t: TensorDecl) -> str:
@@ -590,8 +648,16 @@ def print_storage(targets: str, s: Storage) -> str:
     return f"ragged {targets} by {s.offsets}"
 
 
-def print_attention(a: Attention, expr: Callable[[Expr], str] = print_expr) -> str:
-    """Canonical text of a spec; it parses back to an equal `Attention`. `expr` prints the expressions."""
+def print_attention(a: Attention, expr: Callable[[Expr], str] | None = None) -> str:
+    """Canonical text of a spec, in time and size linear in its expression DAGs; `expr` prints the expressions.
+    By default it is the text a person would write, which parses back to an equal `Attention`: a score that
+    reuses itself is written as a chain of `score = ...` lines (`score_lines`). An expression whose sharing no
+    such text writes linearly (a mask or a sink that reuses a subexpression many times, as a Python front-end may
+    build one) is written as %n, and its distinct subexpressions are listed after the block; that text does not
+    parse (`Attention.canonical_parses` tells)."""
+    numbering = Numbering()
+    scores = [expr(a.score)] if expr else (score_lines(a.score) or [numbering.readable(a.score)])
+    expr = expr or numbering.readable
     lines = [f"attention {a.name} {{"]
     if a.dims:
         lines.append("    dims " + ", ".join(f"{n} = {v}" for n, v in a.dims))
@@ -609,18 +675,18 @@ def print_attention(a: Attention, expr: Callable[[Expr], str] = print_expr) -> s
         if t in declared:
             continue
         lines.append(f"    input {_print_decl(t)}")
-    lines.append(f"    score = {expr(a.score)}")
+    lines += [f"    score = {text}" for text in scores]
     for m in a.masks:
         lines.append(f"    mask {expr(m)}")
     lines.append(f"    {return_text(a.normalizer, a.returns_lse, expr)}")
     lines.append("}")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + numbering.listing()
 
 
 def linear_repr(value) -> str:
     """repr() of a dataclass holding expressions (a plan), in time linear in their DAGs: each expression is
     written as %n, and the distinct subexpressions are listed after."""
-    numbering = _Numbering()
+    numbering = Numbering()
 
     def text(x) -> str:
         if isinstance(x, Node):
@@ -640,7 +706,7 @@ def linear_repr(value) -> str:
     return body + "\n" + numbering.listing()
 
 
-class _Numbering:
+class Numbering:
     """Expressions as references %n into one list of distinct subexpressions (structurally equal ones share a
     number), each written over its operands' numbers: a canonical form linear in the size of the DAG."""
 
@@ -674,5 +740,10 @@ class _Numbering:
             return f"{ref[0]} {e.op} {ref[1]}"
         return print_expr(e)  # a leaf
 
-    def listing(self) -> str:
-        return "".join(f"%{n} = {line}\n" for n, line in enumerate(self.lines))
+    def readable(self, e: Expr) -> str:
+        """`e` as written (print_expr) where its tree is small, else its number: text linear in the DAG."""
+        nodes, sizes, _ = _tree_counts(e)
+        return print_expr(e) if _writable(sizes[id(e)], len(nodes)) else self(e)
+
+    def listing(self, indent: str = "") -> str:
+        return "".join(f"{indent}%{n} = {line}\n" for n, line in enumerate(self.lines))

@@ -414,3 +414,21 @@ def test_compiled_ahead_runs_without_compiling_gpu(tmp_path, monkeypatch):
                     assert torch.equal(torch.isfinite(got[1]), finite)
                     assert (got[1].double() - want[1])[finite].abs().max().item() <= 3e-2
     assert compiles == []  # every launch ran a saved cubin
+
+
+def test_a_spec_whose_text_could_not_be_read_back_is_not_built(tmp_path):
+    """The manifest holds the spec as text: a spec whose mask reuses a subexpression 2^20 times (a decorator's
+    loop) has no such text of reasonable size, so the build refuses it before compiling, naming the way out."""
+    from attnc.backends.tvm.aot import build
+
+    def doubled_mask(q, k, v):
+        d = k.pos - q.pos
+        for _ in range(20):
+            d = d + d
+        return attnc.softmax(q @ k, where=d <= 0) @ v
+
+    x = torch.randn(1, 1, 4, 8)
+    spec = attnc.attention(doubled_mask).trace(x, x, x)
+    with pytest.raises(attnc.CompileError, match="could not be loaded; compile it at run time"):
+        build(spec, tmp_path / "out", target="llvm")
+    assert not (tmp_path / "out").exists()

@@ -1,8 +1,10 @@
 """The `attnc` command: check and show, exit codes, and errors without tracebacks."""
 import re
+import time
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -139,3 +141,58 @@ def test_bench_on_the_cpu_rejects_bad_lists():
     result = run("bench", "--device", "cpu", "--seqs", "512,x")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "--seqs 512,x: expected positive integers" in result.stderr
+
+
+def _doubling(lines: int) -> str:
+    return ("attention doubling {\n    q: f32[B, H, M, D]\n    k: f32[B, H, N, D]\n    v: f32[B, H, N, D]\n"
+            "    score = qk * rsqrt(D)\n" + "    score = score + score\n" * lines
+            + "    mask i + (N - M) >= j\n    return softmax(score) @ v\n}\n")
+
+
+def test_show_and_the_aot_text_are_linear_in_the_dag(tmp_path, capsys):
+    """40 doubling lines make a score whose tree has 2^41 leaves: `attnc show --emit ir` writes it back as the
+    40 lines, `--emit plan` numbers the score's distinct subexpressions, and the AOT manifest's canonical text reads
+    back (as attnc.load reads it) to the same key, all in well under a second."""
+    from attnc.backends.triton.aot import AttentionBuild, _spec_of
+    from attnc.runtime.api import emit_plan
+
+    path = tmp_path / "doubling.attn"
+    path.write_text(_doubling(40))
+    emit_plan(parse(_doubling(1))[0])  # the planner imported and warm
+    start = time.perf_counter()
+    assert cli.main(["show", str(path), "--emit", "ir"]) == 0
+    ir_text = capsys.readouterr().out
+    assert cli.main(["show", str(path), "--emit", "plan"]) == 0
+    plan_text = capsys.readouterr().out
+    (spec,) = parse_file(path)
+    built = AttentionBuild(spec.name, spec.key, spec.canonical, ())
+    loaded = _spec_of(SimpleNamespace(path=tmp_path), built)
+    elapsed = time.perf_counter() - start
+    assert ir_text == _doubling(40) and parse(ir_text) == [spec] and loaded == spec and spec.canonical_parses
+    assert "  logits2    %42\n" in plan_text and "  %42 = %41 + %41\n" in plan_text and len(plan_text) < 4000
+    assert elapsed < 0.5, elapsed
+
+
+def test_show_numbers_what_no_score_line_can_share(capsys):
+    """A mask that reuses a subexpression 2^30 times (a Python front-end builds one in a loop) is shown as a
+    reference into a listing of its distinct subexpressions; small expressions stay as written."""
+    import torch
+
+    import attnc
+    from attnc.ir import print_attention
+
+    def doubled_mask(q, k, v):
+        d = k.pos - q.pos
+        for _ in range(30):
+            d = d + d
+        return attnc.softmax(q @ k, where=(d <= 0) & attnc.causal(q, k)) @ v
+
+    x = torch.randn(1, 1, 4, 8)
+    spec = attnc.attention(doubled_mask).trace(x, x, x)
+    start = time.perf_counter()
+    text = print_attention(spec)
+    assert time.perf_counter() - start < 0.5 and len(text) < 4000 and not spec.canonical_parses
+    masks = [line for line in text.splitlines() if line.startswith("    mask ")]
+    assert masks == ["    mask i + (N - M) >= j", "    mask %34"], text
+    assert text.endswith("}\n%0 = j\n%1 = i\n%2 = %0 - %1\n%3 = %2 + %2\n" + "".join(
+        f"%{n} = %{n - 1} + %{n - 1}\n" for n in range(4, 33)) + "%33 = 0\n%34 = %32 <= %33\n"), text

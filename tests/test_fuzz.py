@@ -6,6 +6,7 @@ import time
 from fuzz.specs import FINDINGS, KEYWORDS, LIMIT_S, Mutant, fuzz, make_mutant, run_one, summary, _corpus
 
 CI_MUTANTS = 2000
+TRACED = "    return attnc.attention(lambda q, k, v: attnc.softmax(q @ k) @ v).trace(q, k, v)\n"  # a spec, as mutants give
 
 
 def test_two_thousand_mutants_give_no_traceback_hang_or_crash():
@@ -33,11 +34,21 @@ def test_the_fuzzer_sees_what_it_must_report(tmp_path):
     assert "softmax" in KEYWORDS
 
 
+def test_a_slow_show_form_is_a_hang(tmp_path, monkeypatch):
+    """Every accepted mutant is printed by `attnc show --emit ir` and `--emit plan` under a bound of their own."""
+    import fuzz.specs as specs
+
+    monkeypatch.setattr(specs, "SHOW_LIMIT_S", -1.0)
+    result, detail = run_one(Mutant(0, "text", "by hand", _corpus()[0]), tmp_path)
+    assert result == "hang" and detail.startswith("attnc show --emit ir took"), (result, detail)
+    assert run_one(Mutant(1, "python", "by hand", f"def run(attnc, q, k, v):\n{TRACED}"), tmp_path)[0] == "hang"
+
+
 def test_the_pool_reports_hangs_and_crashes(monkeypatch):
     import fuzz.specs as specs
 
     spin = f"def run(attnc, q, k, v):\n    import time\n    end = time.process_time() + {LIMIT_S + 0.5}\n" \
-           f"    while time.process_time() < end:\n        pass\n"
+           f"    while time.process_time() < end:\n        pass\n{TRACED}"
     die = "def run(attnc, q, k, v):\n    import os\n    os._exit(3)\n"
     mutants = {0: Mutant(0, "python", "spin", spin), 1: Mutant(1, "python", "die", die)}
     monkeypatch.setattr(specs, "make_mutant", lambda seed, index, corpus: mutants[index])

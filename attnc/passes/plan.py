@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..ir import Attention, Expr, linear_repr
+from ..ir import Attention, Expr, Numbering, linear_repr
 
 
 @dataclass(frozen=True)
@@ -246,12 +246,14 @@ class KernelPlan:
         return linear_repr(self)
 
     def describe(self) -> str:
-        """Readable multi-line text (`attnc show --emit plan`)."""
-        from ..ir import print_expr
+        """Readable multi-line text (`attnc show --emit plan`), linear in the expression DAGs: an expression
+        too large to write out is a %n listed at the end (ir.Numbering)."""
+        numbering = Numbering()
+        written = numbering.readable
 
         def bounds(r: KeyRange) -> str:
-            lo = ", ".join(print_expr(e) for e in r.lower) or "-"
-            hi = ", ".join(print_expr(e) for e in r.upper) or "-"
+            lo = ", ".join(written(e) for e in r.lower) or "-"
+            hi = ", ".join(written(e) for e in r.upper) or "-"
             return f"j >= max(0; {lo}), j < min(N; {hi})"
 
         lines = [f"plan {self.spec.name} [{self.spec_key[:12]}]",
@@ -261,16 +263,16 @@ class KernelPlan:
         if self.masks:
             m = self.masks
             lines += [f"  exact      {bounds(m.exact)}", f"  loop hull  {bounds(m.hull)}"]
-            lines += [f"  evaluated  {print_expr(e)}" for e in m.evaluated]
+            lines += [f"  evaluated  {written(e)}" for e in m.evaluated]
             if m.data_dependent:
                 lines.append("  tile summary kernel: yes (data-dependent masks)")
         n = self.spec.normalizer
         lines.append(f"  normalizer {n.name}: weights {n.weight}(s), rows "
                      f"{'normalised' if n.normalized else 'not normalised'}, partial results merge by {n.merge}")
         if self.score:
-            lines.append(f"  logits2    {print_expr(self.score.logits2)}")
+            lines.append(f"  logits2    {written(self.score.logits2)}")
             if self.score.sink2 is not None:
-                lines.append(f"  sink2      {print_expr(self.score.sink2)}")
+                lines.append(f"  sink2      {written(self.score.sink2)}")
         if self.tiling:
             t = self.tiling
             short = f"; M <= {t.short_max_m} {_tile(t.short)}" if t.short else ""
@@ -296,7 +298,7 @@ class KernelPlan:
                 counts[k.function] = counts.get(k.function, 0) + 1
             lines.append("  kernels    " + ", ".join(f"{name} x{n}" for name, n in counts.items())
                          + " (launch configs a call may select)")
-        return "\n".join(lines)
+        return "\n".join(lines) + ("\n" + numbering.listing("  ").rstrip("\n") if numbering.lines else "")
 
 
 def _warpgroups(w: WarpgroupLayout) -> str:

@@ -3,18 +3,20 @@
 Each mutant is made from (seed, index) alone, so any finding is reproduced by `--seed S --only INDEX`. Text mutants
 stack one to four mutations of an example spec (characters, tokens, lines, splices of two specs, deep nesting,
 huge or zero numbers, `score = score + score` chains, long repetitions); each runs through attnc.parse, through
-`attnc check` on a file holding its bytes, and, where it parses, through planning and Triton source generation.
+`attnc check` on a file holding its bytes, and, where it parses, through planning, Triton source generation and
+the `attnc show` forms ir and plan (each with a time bound of its own; the ir must read back).
 Python mutants are decorator functions and flex score/mask mods written from a random expression grammar over
-the traced API (hostile defaults, deep loops, doubling, division by zero), traced without compiling.
+the traced API (hostile defaults, deep loops, doubling, division by zero), traced without compiling and shown.
 
 Outcomes: "ok" (parsed or traced), "error" (an AttncError: the expected answer to bad input), "user" (an exception
 raised by the mutant's own Python code, such as `1 // 0` on two Python ints), and the findings: "traceback"
-(any other exception), "hang" (over LIMIT_S of CPU in the worker, or killed after KILL_S of wall time) and
-"crash" (the worker died). Workers are forked processes that each run one mutant at a time.
+(any other exception), "hang" (over LIMIT_S of CPU in the worker, a `show` form over SHOW_LIMIT_S, or killed
+after KILL_S of wall time) and "crash" (the worker died). Workers are forked processes that each run one mutant at a time.
 """
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import multiprocessing
 import os
@@ -31,6 +33,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((ROOT / "examples" / "specs").glob("*.attn"))
 LIMIT_S = 2.0  # CPU seconds a mutant may take
+SHOWN = ("ir", "plan")  # the `attnc show --emit` forms every accepted mutant is printed in
+SHOW_LIMIT_S = 0.5  # CPU seconds each of them may take (their text grows with the DAG, as a spec's check does)
 KILL_S = 20.0  # wall seconds before a worker is killed (the machine may be shared: CPU time decides hangs)
 FINDINGS = ("traceback", "hang", "crash")
 
@@ -54,6 +58,7 @@ class Outcome:
 # ---------------------------------------------------------------- text mutants
 
 _TOKEN = re.compile(r"\d+\.\d*(?:[eE][+-]?\d+)?|\.\d+|\w+|\s+|.", re.S)
+_NAN = re.compile(r"\bnan\b")
 _NUMBER = re.compile(r"^(\d+\.\d*|\.\d+|\d+)([eE][+-]?\d+)?$")
 KEYWORDS = ("attention", "dims", "param", "input", "score", "mask", "return", "and", "or", "not", "inf", "true",
             "false", "qk", "causal", "paged", "ragged", "by", "softmax", "sigmoid", "sink", "lse", "where", "tanh",
@@ -328,7 +333,35 @@ def _run_text(mutant: Mutant, workdir: Path) -> str:
         spec.key
         d, dv = head_dims(spec, spec.dim_values.get("D", 64))
         generate(plan_kernel(spec, Target("triton", "cuda", 90), d, dv))
+        _show(spec)
     return "ok"
+
+
+class Slow(Exception):
+    """A step with its own time bound took longer: reported as a hang."""
+
+
+def _show(spec) -> None:
+    """Print `spec` as `attnc show --emit ir|plan` does, each within SHOW_LIMIT_S of CPU; the ir text, where it is
+    spec text, must read back to the same kernel key."""
+    import attnc
+    from attnc import cli
+
+    for form in SHOWN:
+        module, function = cli.EMITTERS[form].split(":")
+        start = time.process_time()
+        text = getattr(importlib.import_module(module), function)(spec)
+        cpu = time.process_time() - start
+        if cpu > SHOW_LIMIT_S:
+            raise Slow(f"attnc show --emit {form} took {cpu:.2f} s of CPU ({len(text):,} characters)")
+        # A NaN constant (a Python front-end's `scale=float("nan")`) prints as `nan`, which the language lacks.
+        if form == "ir" and spec.canonical_parses and not _NAN.search(text):
+            try:
+                same = [s.key for s in attnc.parse(text)] == [spec.key]
+            except attnc.AttncError as e:
+                raise AssertionError(f"attnc show --emit ir does not parse: {e}") from None
+            if not same:
+                raise AssertionError(f"attnc show --emit ir reads back to another key:\n{text[:2000]}")
 
 
 def _run_python(mutant: Mutant, workdir: Path) -> str:
@@ -341,13 +374,14 @@ def _run_python(mutant: Mutant, workdir: Path) -> str:
     exec(compile(mutant.source, str(path), "exec"), scope)  # the mutant's own source: spans point into it
     q = torch.randn(1, 2, 4, 8)
     try:
-        scope["run"](attnc, q, q, q)
+        spec = scope["run"](attnc, q, q, q)
     except attnc.AttncError:
         raise
     except Exception as e:
         if traceback.extract_tb(e.__traceback__)[-1].filename == str(path):
             return "user"  # raised by the mutant's own Python (1 // 0 on two ints), as it would be without attnc
         raise
+    _show(spec)
     return "ok"
 
 
@@ -358,6 +392,8 @@ def run_one(mutant: Mutant, workdir: Path) -> tuple[str, str]:
         return (_run_text if mutant.kind == "text" else _run_python)(mutant, workdir), ""
     except attnc.AttncError:
         return "error", ""
+    except Slow as e:
+        return "hang", str(e)
     except RecursionError as e:  # keep the report short: the frames repeat
         return "traceback", "".join(traceback.format_exception(e)[-6:])
     except Exception as e:
@@ -401,6 +437,7 @@ def _warm() -> None:
     import attnc
     from attnc.backends.triton.generate import generate  # noqa: F401
     from attnc.dsl.flex import flex_spec  # noqa: F401
+    from attnc.runtime.api import emit_plan  # noqa: F401
 
     attnc.parse(EXAMPLES[0].read_text())
 

@@ -66,6 +66,10 @@ def build(spec: Attention, out_dir: str | Path, target: str = "cuda", arch: str 
     from .backend import check_dense, compile_module, export_library, nvcc_options
     from .host import host_cpu
 
+    if not spec.canonical_parses:  # the manifest holds the spec as text, which `load` parses
+        raise CompileError(f"{spec.name}: its expressions reuse subexpressions in a way no spec text writes in "
+                           f"reasonable size (a score that reuses itself can be written; a mask or sink cannot), so "
+                           f"an artifact of it could not be loaded; compile it at run time instead")
     d, dv = head_dims(spec, head_dim, value_dim)
     out = Path(out_dir)
     if target == "cuda":
