@@ -21,6 +21,7 @@ import torch
 from ...dsl.signature import Bound
 from ...errors import CompileError
 from ...ir import Call, children, post_order
+from ...ops import Kinds
 from ...passes import KernelPlan, Target
 from ...passes.grad import derive, normalizer_backward
 from .. import cache, device_errors
@@ -30,16 +31,21 @@ from .launch import FINISH, KEYS, ROWS, extra_args, launch, launch_backward, qkv
 from .runtime import load_module, tvm_version
 from .schedule import KEY_TILES, decode_pack, decode_schedule, prefill_schedule, summary_uses_h, uses_summary
 
-# TVM's arithmetic analyzer substitutes let-bound values free of buffer loads wherever it simplifies (emit.py), so
-# its passes take time in the size of an expression as a tree, each shared node counted at every use: 15 lines of
-# `score = score + score` after `score = qk * rsqrt(D) * 0.5` (196,607 tree nodes) took 13 s to build on a CPU
-# core (4.2 s since exp2 binds its argument once), and each line more doubles that. The functions emit.py writes as
-# polynomials over exp2 with let-bound parts repeat their argument there: three nested tanh build in 13 s and four
-# in over 5 minutes (2-core machine, session 6), so each such call counts its argument EXPANDING times (two nested
-# calls pass, three not).
+# TVM substitutes let-bound values free of buffer loads into their uses (emit.bind), so its passes take time in the
+# size of an expression as a tree, each shared node counted at every use. The CPU kernels hold their float values
+# in register buffers, which TVM never substitutes: 40 lines of `score = score + score` or six nested tanh build
+# in about 4 s, as plain attention does (2-core machine). Integers and booleans (index math, masks) stay
+# expressions, and the CUDA kernel binds floats by `T.Bind`, which TVM substitutes: 15 doubling lines (196,607 tree
+# nodes) took 13 s to build, each line more doubling that, and the functions emit.py writes over exp2 repeat their
+# argument, so three nested tanh built in 13 s and four in over 5 minutes; there each such call counts its argument
+# EXPANDING times (two nested calls pass, three not).
 MAX_TREE_NODES = 250_000
 EXPANDING = 64
 _EXPANDING_FUNCTIONS = frozenset({"exp", "exp2", "tanh", "erf", "sigmoid"})
+# TVM passes the CPU kernels skip: CompactBufferAllocation shrinks buffers to the region a schedule's blocks
+# access, and the CPU kernels (written as loops, with no blocks) allocate what they use; it alone took 3 s of
+# every CPU build, 20 s with a tanh nested twice.
+SKIPPED_CPU_PASSES = frozenset({"s_tir.CompactBufferAllocation"})
 LIBRARY_FILE = "kernel.so"
 FUNCTION = "attn"
 SUMMARY = "tile_summary"  # kernel.tile_summary_primfunc, in the prefill library of data-dependent masks
@@ -89,21 +95,25 @@ def check_dense(plan: KernelPlan, where: str) -> None:
 
 
 def check_tree_size(plan: KernelPlan) -> None:
-    """A CompileError where TVM's passes would take minutes: see MAX_TREE_NODES."""
+    """A CompileError where TVM's passes would take minutes: see MAX_TREE_NODES. On the CPU a float node is
+    computed once (its tree counts 1), and only integer and boolean trees grow."""
     spec = plan.spec
+    registers = plan.target.device != "cuda"
+    kinds = Kinds(spec)
     sizes: dict[int, int] = {}
     seen: set[int] = set()
     for root in (spec.score, *spec.masks, spec.normalizer.sink):
         for node in post_order(root, seen) if root is not None else ():
             repeats = EXPANDING if isinstance(node, Call) and node.fn in _EXPANDING_FUNCTIONS else 1
-            sizes[id(node)] = 1 + repeats * sum(sizes[id(c)] for c in children(node))
-        if root is not None and sizes[id(root)] > MAX_TREE_NODES:
-            raise CompileError(f"attention {spec.name!r}: written out as a tree, with each shared subexpression "
-                               f"repeated where it is used (and nested exp, tanh, erf or sigmoid calls expanded), "
-                               f"an expression has about {sizes[id(root)]:,} nodes, and TVM's simplifier takes time "
-                               f"in that size (at most {MAX_TREE_NODES:,}, which build in seconds); run it with "
-                               f"backend='triton' (CUDA, or TRITON_INTERPRET=1 on CPU), which emits each shared "
-                               f"subexpression once")
+            size = 1 + repeats * sum(sizes[id(c)] for c in children(node))
+            if size > MAX_TREE_NODES:
+                raise CompileError(f"attention {spec.name!r}: written out as a tree, with each shared subexpression "
+                                   f"repeated where it is used (and nested exp, tanh, erf or sigmoid calls expanded), "
+                                   f"an expression has about {size:,} nodes, and TVM's simplifier takes time in that "
+                                   f"size (at most {MAX_TREE_NODES:,}, which build in seconds); run it with "
+                                   f"backend='triton' (CUDA, or TRITON_INTERPRET=1 on CPU), which emits each shared "
+                                   f"subexpression once")
+            sizes[id(node)] = 1 if registers and kinds(node) == "float" else size
 
 
 def cuda_target(arch: int):
@@ -120,10 +130,23 @@ def compile_module(funcs: dict, plan: KernelPlan, target, label: str):
 
     os.environ.setdefault("TVM_CUDA_COMPILE_MODE", "nvcc")
     try:
-        with target:
+        skipping = _skipping(SKIPPED_CPU_PASSES if target.kind.name == "llvm" else frozenset())
+        with target, tvm.transform.PassContext(instruments=[skipping]):
             return tvm.compile(tvm.IRModule(funcs), target=target)
     except Exception as err:  # TVM's errors are not AttncErrors; say which spec and schedule failed
         raise CompileError(f"TVM could not build attention {plan.spec.name!r} for {label}: {err}") from err
+
+
+def _skipping(names: frozenset):
+    """A TVM pass instrument under which the passes `names` do not run."""
+    import tvm
+
+    @tvm.instrument.pass_instrument
+    class Skipping:
+        def should_run(self, mod, info) -> bool:
+            return info.name not in names
+
+    return Skipping()
 
 
 def nvcc_options(plan: KernelPlan) -> tuple[str, ...]:
