@@ -20,7 +20,7 @@ import torch
 
 from ...dsl.signature import Bound
 from ...errors import CompileError
-from ...ir import Call, children, post_order
+from ...ir import children, post_order
 from ...ops import Kinds
 from ...passes import KernelPlan, Target
 from ...passes.grad import derive, normalizer_backward
@@ -31,21 +31,18 @@ from .launch import FINISH, KEYS, ROWS, extra_args, launch, launch_backward, qkv
 from .runtime import load_module, tvm_version
 from .schedule import KEY_TILES, decode_pack, decode_schedule, prefill_schedule, summary_uses_h, uses_summary
 
-# TVM substitutes let-bound values free of buffer loads into their uses (emit.bind), so its passes take time in the
-# size of an expression as a tree, each shared node counted at every use. The CPU kernels hold their float values
-# in register buffers, which TVM never substitutes: 40 lines of `score = score + score` or six nested tanh build
-# in about 4 s, as plain attention does (2-core machine). Integers and booleans (index math, masks) stay
-# expressions, and the CUDA kernel binds floats by `T.Bind`, which TVM substitutes: 15 doubling lines (196,607 tree
-# nodes) took 13 s to build, each line more doubling that, and the functions emit.py writes over exp2 repeat their
-# argument, so three nested tanh built in 13 s and four in over 5 minutes; there each such call counts its argument
-# EXPANDING times (two nested calls pass, three not).
+# TVM substitutes let-bound values free of buffer loads into their uses, so its passes take time in the size of an
+# expression as a tree, each shared node counted at every use. The kernels hold the float values they bind in
+# register buffers, which TVM never substitutes (emit.bind): 40 lines of `score = score + score` or six nested tanh
+# build in seconds, where through `Let`s 20 lines took 46 s and four nested tanh over 90 s (each line or tanh more
+# doubling that or worse). Integer and boolean values (index math, masks) stay expressions, so their trees are
+# still bounded here.
 MAX_TREE_NODES = 250_000
-EXPANDING = 64
-_EXPANDING_FUNCTIONS = frozenset({"exp", "exp2", "tanh", "erf", "sigmoid"})
-# TVM passes the CPU kernels skip: CompactBufferAllocation shrinks buffers to the region a schedule's blocks
-# access, and the CPU kernels (written as loops, with no blocks) allocate what they use; it alone took 3 s of
-# every CPU build, 20 s with a tanh nested twice.
-SKIPPED_CPU_PASSES = frozenset({"s_tir.CompactBufferAllocation"})
+# TVM passes the kernels skip: CompactBufferAllocation shrinks buffers to the region that a schedule's blocks
+# access; attnc's kernels are written as loops, with no blocks, and their code came out the same without it (CPU:
+# the same TIR; CUDA: the same source for five example specs in f32 and bf16). It took 3 s of every CPU build (1 s
+# of a CUDA one), 20 s with a tanh nested twice.
+SKIPPED_PASSES = frozenset({"s_tir.CompactBufferAllocation"})
 LIBRARY_FILE = "kernel.so"
 FUNCTION = "attn"
 SUMMARY = "tile_summary"  # kernel.tile_summary_primfunc, in the prefill library of data-dependent masks
@@ -95,25 +92,22 @@ def check_dense(plan: KernelPlan, where: str) -> None:
 
 
 def check_tree_size(plan: KernelPlan) -> None:
-    """A CompileError where TVM's passes would take minutes: see MAX_TREE_NODES. On the CPU a float node is
-    computed once (its tree counts 1), and only integer and boolean trees grow."""
+    """A CompileError where TVM's passes would take minutes: see MAX_TREE_NODES. A float node is computed once, so
+    its tree counts 1 where it is used; integer and boolean expressions count as trees."""
     spec = plan.spec
-    registers = plan.target.device != "cuda"
     kinds = Kinds(spec)
     sizes: dict[int, int] = {}
     seen: set[int] = set()
     for root in (spec.score, *spec.masks, spec.normalizer.sink):
         for node in post_order(root, seen) if root is not None else ():
-            repeats = EXPANDING if isinstance(node, Call) and node.fn in _EXPANDING_FUNCTIONS else 1
-            size = 1 + repeats * sum(sizes[id(c)] for c in children(node))
+            size = 1 + sum(sizes[id(c)] for c in children(node))
             if size > MAX_TREE_NODES:
                 raise CompileError(f"attention {spec.name!r}: written out as a tree, with each shared subexpression "
-                                   f"repeated where it is used (and nested exp, tanh, erf or sigmoid calls expanded), "
-                                   f"an expression has about {size:,} nodes, and TVM's simplifier takes time in that "
-                                   f"size (at most {MAX_TREE_NODES:,}, which build in seconds); run it with "
-                                   f"backend='triton' (CUDA, or TRITON_INTERPRET=1 on CPU), which emits each shared "
-                                   f"subexpression once")
-            sizes[id(node)] = 1 if registers and kinds(node) == "float" else size
+                                   f"repeated where it is used, an integer or boolean expression has about {size:,} "
+                                   f"nodes, and TVM's simplifier takes time in that size (at most "
+                                   f"{MAX_TREE_NODES:,}); run it with backend='triton' (CUDA, or TRITON_INTERPRET=1 "
+                                   f"on CPU), which emits each shared subexpression once")
+            sizes[id(node)] = 1 if kinds(node) == "float" else size
 
 
 def cuda_target(arch: int):
@@ -130,8 +124,7 @@ def compile_module(funcs: dict, plan: KernelPlan, target, label: str):
 
     os.environ.setdefault("TVM_CUDA_COMPILE_MODE", "nvcc")
     try:
-        skipping = _skipping(SKIPPED_CPU_PASSES if target.kind.name == "llvm" else frozenset())
-        with target, tvm.transform.PassContext(instruments=[skipping]):
+        with target, tvm.transform.PassContext(instruments=[_skipping(SKIPPED_PASSES)]):
             return tvm.compile(tvm.IRModule(funcs), target=target)
     except Exception as err:  # TVM's errors are not AttncErrors; say which spec and schedule failed
         raise CompileError(f"TVM could not build attention {plan.spec.name!r} for {label}: {err}") from err

@@ -12,8 +12,8 @@ intrinsics. Each operator's rendering comes from the operator table (ops.py). A 
 than once, a formula's argument and its named parts, and exp2's argument are computed once (`bind`): in the CPU
 kernels, which emit their scores through `vectorized` and `registers`, into a register buffer, so what TVM's
 passes see is as large as the score's DAG, not its tree (40 lines of `score = score + score` or six nested tanh
-build in seconds). Elsewhere (the CUDA kernel) a `T.Bind`, which TVM substitutes back: backend.MAX_TREE_NODES
-refuses what would take long there.
+build in seconds); in the GPU kernels, which emit under `registers("local")`, into a thread's registers.
+Integer values stay expressions (TVM simplifies index math through them).
 """
 from __future__ import annotations
 
@@ -88,16 +88,16 @@ def bind(x: tir.PrimExpr) -> tir.PrimExpr:
 
 
 class _Registers:
-    """Where `bind` puts float32 values: the next of `buffers` at `lane` (vectorized), a new one-element buffer
-    (lane None: scalar code, where an allocation inside the loop is per iteration), or nowhere (counting)."""
+    """Where `bind` puts float32 values: the next of `buffers` at `lane` (vectorized; a dry run counts them), or
+    without buffers a new one-element buffer in `scope`, allocated where the value is (scalar code)."""
 
-    def __init__(self, buffers=None, lane=None):
-        self.buffers, self.lane, self.used = buffers, lane, 0
+    def __init__(self, buffers=None, lane=None, scope: str = "global"):
+        self.buffers, self.lane, self.scope, self.used = buffers, lane, scope, 0
 
     def hold(self, x: tir.PrimExpr) -> tir.PrimExpr:
         self.used += 1
         if self.buffers is None:
-            buffer, at = T.alloc_buffer((1,), F32), tir.const(0, I32)
+            buffer, at = T.alloc_buffer((1,), F32, scope=self.scope), tir.const(0, I32)
         else:
             buffer, at = self.buffers[self.used - 1], self.lane
         T.buffer_store(buffer, x, [at])
@@ -137,9 +137,10 @@ class _Counting:
         return tir.decl_buffer((1,), F32, f"r{index}")
 
 
-def registers():
-    """A context in which scalar (not vectorized) code binds float values in one-element buffers (bind)."""
-    return _holding(_Registers())
+def registers(scope: str = "global"):
+    """A context in which scalar (not vectorized) code binds float values in one-element buffers of `scope`
+    (bind): "global" on CPUs (a small constant allocation lives on the stack), "local" in a GPU thread."""
+    return _holding(_Registers(scope=scope))
 
 
 def _nan_through(x: tir.PrimExpr, value: tir.PrimExpr) -> tir.PrimExpr:
