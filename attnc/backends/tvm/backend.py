@@ -33,15 +33,17 @@ from .schedule import KEY_TILES, decode_pack, decode_schedule, prefill_schedule,
 
 # TVM substitutes let-bound values free of buffer loads into their uses, so its passes take time in the size of an
 # expression as a tree, each shared node counted at every use. The kernels hold the float values they bind in
-# register buffers, which TVM never substitutes (emit.bind): 40 lines of `score = score + score` or six nested tanh
-# build in seconds, where through `Let`s 20 lines took 46 s and four nested tanh over 90 s (each line or tanh more
-# doubling that or worse). Integer and boolean values (index math, masks) stay expressions, so their trees are
-# still bounded here.
+# register buffers, which TVM never substitutes (emit.bind): a CPU forward build takes 0.27 s plain, +0.1 s per
+# nested tanh (0.87 s for six) and 0.38 s for 40 lines of `score = score + score`, where through `Let`s three
+# nested tanh took 13 s, four over 90 s, and 17 doubling lines 5.7 s, 20 lines 46 s (2-core machine). Integer and
+# boolean values (index math, masks) stay expressions, so their trees are still bounded here: `score = i - j` and
+# 16 lines of `score = score + score` (131,071 tree nodes) took 5.7 s to build, each line more doubling that.
 MAX_TREE_NODES = 250_000
 # TVM passes the kernels skip: CompactBufferAllocation shrinks buffers to the region that a schedule's blocks
 # access; attnc's kernels are written as loops, with no blocks, and their code came out the same without it (CPU:
-# the same TIR; CUDA: the same source for five example specs in f32 and bf16). It took 3 s of every CPU build (1 s
-# of a CUDA one), 20 s with a tanh nested twice.
+# the same TIR but for one buffer's extent spelled out; CUDA: the same source for five example specs in f32 and
+# bf16). It took about 2 s of every CPU build (0.4 s of a CUDA one), 20 s with register buffers and a tanh nested
+# twice.
 SKIPPED_PASSES = frozenset({"s_tir.CompactBufferAllocation"})
 LIBRARY_FILE = "kernel.so"
 FUNCTION = "attn"
