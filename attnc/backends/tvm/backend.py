@@ -20,7 +20,8 @@ import torch
 
 from ...dsl.signature import Bound
 from ...errors import CompileError
-from ...ir import Call, children, post_order
+from ...ir import children, post_order
+from ...ops import Kinds
 from ...passes import KernelPlan, Target
 from ...passes.grad import derive, normalizer_backward
 from .. import cache, device_errors
@@ -30,16 +31,20 @@ from .launch import FINISH, KEYS, ROWS, extra_args, launch, launch_backward, qkv
 from .runtime import load_module, tvm_version
 from .schedule import KEY_TILES, decode_pack, decode_schedule, prefill_schedule, summary_uses_h, uses_summary
 
-# TVM's arithmetic analyzer substitutes let-bound values free of buffer loads wherever it simplifies (emit.py), so
-# its passes take time in the size of an expression as a tree, each shared node counted at every use: 15 lines of
-# `score = score + score` after `score = qk * rsqrt(D) * 0.5` (196,607 tree nodes) took 13 s to build on a CPU
-# core (4.2 s since exp2 binds its argument once), and each line more doubles that. The functions emit.py writes as
-# polynomials over exp2 with let-bound parts repeat their argument there: three nested tanh build in 13 s and four
-# in over 5 minutes (2-core machine, session 6), so each such call counts its argument EXPANDING times (two nested
-# calls pass, three not).
+# TVM substitutes let-bound values free of buffer loads into their uses, so its passes take time in the size of an
+# expression as a tree, each shared node counted at every use. The kernels hold the float values they bind in
+# register buffers, which TVM never substitutes (emit.bind): a CPU forward build takes 0.27 s plain, +0.1 s per
+# nested tanh (0.87 s for six) and 0.38 s for 40 lines of `score = score + score`, where through `Let`s three
+# nested tanh took 13 s, four over 90 s, and 17 doubling lines 5.7 s, 20 lines 46 s (2-core machine). Integer and
+# boolean values (index math, masks) stay expressions, so their trees are still bounded here: `score = i - j` and
+# 16 lines of `score = score + score` (131,071 tree nodes) took 5.7 s to build, each line more doubling that.
 MAX_TREE_NODES = 250_000
-EXPANDING = 64
-_EXPANDING_FUNCTIONS = frozenset({"exp", "exp2", "tanh", "erf", "sigmoid"})
+# TVM passes the kernels skip: CompactBufferAllocation shrinks buffers to the region that a schedule's blocks
+# access; attnc's kernels are written as loops, with no blocks, and their code came out the same without it (CPU:
+# the same TIR but for one buffer's extent spelled out; CUDA: the same source for five example specs in f32 and
+# bf16). It took about 2 s of every CPU build (0.4 s of a CUDA one), 20 s with register buffers and a tanh nested
+# twice.
+SKIPPED_PASSES = frozenset({"s_tir.CompactBufferAllocation"})
 LIBRARY_FILE = "kernel.so"
 FUNCTION = "attn"
 SUMMARY = "tile_summary"  # kernel.tile_summary_primfunc, in the prefill library of data-dependent masks
@@ -89,21 +94,22 @@ def check_dense(plan: KernelPlan, where: str) -> None:
 
 
 def check_tree_size(plan: KernelPlan) -> None:
-    """A CompileError where TVM's passes would take minutes: see MAX_TREE_NODES."""
+    """A CompileError where TVM's passes would take minutes: see MAX_TREE_NODES. A float node is computed once, so
+    its tree counts 1 where it is used; integer and boolean expressions count as trees."""
     spec = plan.spec
+    kinds = Kinds(spec)
     sizes: dict[int, int] = {}
     seen: set[int] = set()
     for root in (spec.score, *spec.masks, spec.normalizer.sink):
         for node in post_order(root, seen) if root is not None else ():
-            repeats = EXPANDING if isinstance(node, Call) and node.fn in _EXPANDING_FUNCTIONS else 1
-            sizes[id(node)] = 1 + repeats * sum(sizes[id(c)] for c in children(node))
-        if root is not None and sizes[id(root)] > MAX_TREE_NODES:
-            raise CompileError(f"attention {spec.name!r}: written out as a tree, with each shared subexpression "
-                               f"repeated where it is used (and nested exp, tanh, erf or sigmoid calls expanded), "
-                               f"an expression has about {sizes[id(root)]:,} nodes, and TVM's simplifier takes time "
-                               f"in that size (at most {MAX_TREE_NODES:,}, which build in seconds); run it with "
-                               f"backend='triton' (CUDA, or TRITON_INTERPRET=1 on CPU), which emits each shared "
-                               f"subexpression once")
+            size = 1 + sum(sizes[id(c)] for c in children(node))
+            if size > MAX_TREE_NODES:
+                raise CompileError(f"attention {spec.name!r}: written out as a tree, with each shared subexpression "
+                                   f"repeated where it is used, an integer or boolean expression has about {size:,} "
+                                   f"nodes, and TVM's simplifier takes time in that size (at most "
+                                   f"{MAX_TREE_NODES:,}); run it with backend='triton' (CUDA, or TRITON_INTERPRET=1 "
+                                   f"on CPU), which emits each shared subexpression once")
+            sizes[id(node)] = 1 if kinds(node) == "float" else size
 
 
 def cuda_target(arch: int):
@@ -120,10 +126,22 @@ def compile_module(funcs: dict, plan: KernelPlan, target, label: str):
 
     os.environ.setdefault("TVM_CUDA_COMPILE_MODE", "nvcc")
     try:
-        with target:
+        with target, tvm.transform.PassContext(instruments=[_skipping(SKIPPED_PASSES)]):
             return tvm.compile(tvm.IRModule(funcs), target=target)
     except Exception as err:  # TVM's errors are not AttncErrors; say which spec and schedule failed
         raise CompileError(f"TVM could not build attention {plan.spec.name!r} for {label}: {err}") from err
+
+
+def _skipping(names: frozenset):
+    """A TVM pass instrument under which the passes `names` do not run."""
+    import tvm
+
+    @tvm.instrument.pass_instrument
+    class Skipping:
+        def should_run(self, mod, info) -> bool:
+            return info.name not in names
+
+    return Skipping()
 
 
 def nvcc_options(plan: KernelPlan) -> tuple[str, ...]:

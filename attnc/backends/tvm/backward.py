@@ -35,7 +35,7 @@ from tvm.script.ir_builder import tirx as T
 from ...passes import KernelPlan
 from ...passes.grad import Derivatives, TableGrad, derive, weight_derivative
 from .. import names
-from .emit import F32, F64, I32, I64, LOG2E, Emitter, Scope, exp2, f32
+from .emit import F32, F64, I32, I64, LOG2E, Emitter, Scope, exp2, f32, registers, vectorized
 from .launch import FINISH, KEYS, ROWS
 from .kernel import (TIR_DTYPES, accumulate, buffer_arg, by_tile_kind, claimed_tasks, init_bounds,
                      input_args, key_tiles, logit2, param_args, qkv_shapes, reduce_bounds, row_bounds, size_vars,
@@ -275,7 +275,8 @@ def _tile_pair(plan: KernelPlan, sched: CpuSchedule, derivs: Derivatives, a: _Ke
     def weights_and_ds(jj, dp, masked: bool):
         """P and dS^T of one key row from its qk^T and dP^T rows."""
         j = j0 + jj
-        with T.vectorized(0, sched.block_m) as i:
+
+        def lane(i):
             em = Emitter(spec, a.scope({"b": b, "h": h, "i": i0 + i, "j": j}, qk=qk_t[jj, i]))
             T.buffer_store(weight_t, norm.weight(logit2(plan, em, j, masked), x.lse2[b, h, i0 + i], False), [jj, i])
             p = weight_t[jj, i]
@@ -287,6 +288,7 @@ def _tile_pair(plan: KernelPlan, sched: CpuSchedule, derivs: Derivatives, a: _Ke
             if dsn_t is not None:
                 T.buffer_store(dsn_t, kept(ds), [jj, i])
             T.buffer_store(ds_t, kept(ds * em.float(derivs.dqk)), [jj, i])
+        vectorized(sched.block_m, lane)
 
     d_model, dv_model = plan.head_dim, plan.value_dim
     transposed_product(sched, lambda jj, d: tir.Cast(F32, a.k[b, kvh, tir.min(j0 + jj, last), d]),
@@ -307,7 +309,7 @@ def _tile_pair(plan: KernelPlan, sched: CpuSchedule, derivs: Derivatives, a: _Ke
                 lambda r, c, value: T.buffer_store(a.dq_part, value, [t.split, b, h, i0 + r, c]))
     if derivs.score_tables:
         with T.serial(0, t.keys) as jj:
-            with T.serial(0, t.rows) as i:
+            with T.serial(0, t.rows) as i, registers():
                 ds = T.Bind(dsn_t[jj, i])
                 with T.If(ds != f32(0)):
                     with T.Then():
@@ -321,7 +323,7 @@ def _sink_grads(plan: KernelPlan, derivs: Derivatives, a: _KeyArgs, task, b, kvh
     x = a.x
     with T.serial(0, group) as g:
         h = T.Bind(kvh * group + g)
-        with T.serial(0, a.sizes["M"]) as i:
+        with T.serial(0, a.sizes["M"]) as i, registers():
             em = Emitter(plan.spec, a.scope({"b": b, "h": h, "i": i}))
             dsink = T.Bind(-exp2(em.float(plan.score.sink2) - x.lse2[b, h, i]) * x.coef[b, h, i])
             for grad in derivs.sink_tables:

@@ -30,7 +30,7 @@ from tvm.script.ir_builder import tirx as T
 from ...errors import CompileError
 from ...ir import QK, Binary, Num
 from ...passes import KernelPlan
-from .emit import F32, Emitter, f32
+from .emit import F32, Emitter, f32, registers
 from .gpu import block_key_tiles, build_gpu_primfunc, gpu_schedule, i32, query_tile_grid, sync
 from .kernel import TIR_DTYPES, Args, by_tile_kind, logit2
 from .normalize import lower as lower_normalizer
@@ -164,7 +164,7 @@ def build_cuda_primfunc(plan: KernelPlan, sched: CudaSchedule, name: str = "attn
             T.func_name(name)
             a = Args(plan)
             s = a.sizes
-            with query_tile_grid(s, bm, threads) as (b, h, i0, kvh, tx):
+            with query_tile_grid(s, bm, threads) as (b, h, i0, kvh, tx), registers("local"):
                 warp = T.Bind(tir.truncdiv(tx, WARP))
                 lane = T.Bind(tir.truncmod(tx, WARP))
                 g, t = T.Bind(tir.truncdiv(lane, 4)), T.Bind(tir.truncmod(lane, 4))

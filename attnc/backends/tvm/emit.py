@@ -9,19 +9,24 @@ LLVM keeps `exp2`, `tanh` and friends as scalar libm calls inside vectorized loo
 the softmax needs are written here as polynomials over `exp2` that vectorize (one AVX-512 FMA chain each);
 tanh and erf are the operator table's formulas (ops.Formula) over them. GPUs (`native_math`) use TVM's
 intrinsics. Each operator's rendering comes from the operator table (ops.py). A float subexpression used more
-than once is computed once, bound by a `Let`, so a score's TIR is as large as its DAG, not its tree. (TVM's
-arithmetic analyzer still substitutes a let-bound value free of buffer loads wherever it simplifies, so a long
-chain of shared nodes, such as 16+ lines of `score = score + score`, still compiles in time exponential in its
-length inside TVM; 12 lines cost no more than one. backend.MAX_TREE_NODES refuses what would take long.)
+than once, a formula's argument and its named parts, and exp2's argument are computed once (`bind`): in the CPU
+kernels, which emit their scores through `vectorized` and `registers`, into a register buffer, so what TVM's
+passes see is as large as the score's DAG, not its tree (40 lines of `score = score + score` or six nested tanh
+build in seconds); in the GPU kernels, which emit under `registers("local")`, into a thread's registers.
+Integer values stay expressions (TVM simplifies index math through them).
 """
 from __future__ import annotations
 
 import math
 import operator
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Mapping
 
 from tvm import tirx as tir
+from tvm.script.ir_builder import IRBuilder
+from tvm.script.ir_builder import tirx as T
 
 from ...ir import QK, Attention, Binary, Call, Expr, IndexVar, Lookup, Num, ParamRef, SizeRef, Unary, children
 from ...ops import Formula, Kinds, Op, compute_kind, function, op_of
@@ -40,8 +45,9 @@ def f32(x: float) -> tir.PrimExpr:
 def exp2(x: tir.PrimExpr) -> tir.PrimExpr:
     """2**x for float32 x; results below 2**-126 flush to 0 (so exp2(-inf) == 0 exactly and no denormal, which
     x86 handles slowly, ever appears), inf from x = 128 on, NaN for NaN."""
-    clamped = tir.Var("e2x", F32)
-    whole = tir.Var("e2n", I32)
+    x = bind(x)
+    clamped = bind(tir.max(tir.min(x, f32(128.0)), f32(-127.0)))
+    whole = bind(tir.Cast(I32, tir.round(clamped)))
     frac = clamped - tir.Cast(F32, whole)
     poly = f32(_EXP2_COEFFS[-1])
     for c in reversed(_EXP2_COEFFS[:-1]):
@@ -49,10 +55,7 @@ def exp2(x: tir.PrimExpr) -> tir.PrimExpr:
     # 2**n built in the exponent bits, in two halves so that n = 128 gives inf and every half stays normal.
     half = tir.shift_right(whole, 1)
     value = poly * _pow2(half) * _pow2(whole - half)
-    return _bound(x, lambda x: _nan_through(x, tir.Select(
-        x < f32(-126.0), f32(0.0),
-        tir.Let(clamped, tir.max(tir.min(x, f32(128.0)), f32(-127.0)),
-                tir.Let(whole, tir.Cast(I32, tir.round(clamped)), value)))))
+    return _nan_through(x, tir.Select(x < f32(-126.0), f32(0.0), value))
 
 
 def exp2_nonpositive(x: tir.PrimExpr) -> tir.PrimExpr:
@@ -60,25 +63,84 @@ def exp2_nonpositive(x: tir.PrimExpr) -> tir.PrimExpr:
     straight into the polynomial's exponent bits, which stays a normal float for n >= -125. Results below
     2**-125 are 0 (exp2(-inf) == 0 exactly), NaN for NaN. About 12 vector instructions against exp2's 19, and a
     compare and a blend each for NaN."""
-    clamped = tir.Var("e2x", F32)
-    whole = tir.Var("e2r", F32)
+    x = bind(x)
+    clamped = bind(tir.max(x, f32(-127.0)))
+    whole = bind(tir.round(clamped))
     poly = f32(_EXP2_COEFFS[-1])
     for c in reversed(_EXP2_COEFFS[:-1]):
         poly = poly * (clamped - whole) + f32(c)
     bits = tir.reinterpret(I32, poly) + tir.shift_left(tir.Cast(I32, whole), 23)
-    return _bound(x, lambda x: _nan_through(x, tir.Select(
-        x < f32(-125.0), f32(0.0),
-        tir.Let(clamped, tir.max(x, f32(-127.0)), tir.Let(whole, tir.round(clamped), tir.reinterpret(F32, bits))))))
+    return _nan_through(x, tir.Select(x < f32(-125.0), f32(0.0), tir.reinterpret(F32, bits)))
 
 
-def _bound(x: tir.PrimExpr, body) -> tir.PrimExpr:
-    """body(x) with x bound once by a Let where it is more than a variable or constant: exp2 reads its argument
-    three times, and a masked logit (a Select over table loads) copied three times per exp2 made TVM's simplifier
-    take 15 s on the document-mask backward."""
-    if isinstance(x, (tir.Var, tir.FloatImm)):
-        return body(x)
-    var = tir.Var("e2a", F32)
-    return tir.Let(var, x, body(var))
+def bind(x: tir.PrimExpr) -> tir.PrimExpr:
+    """x computed once, where x is more than a variable or constant: a statement emitted into the IR builder's
+    current frame (every caller builds inside a statement that others may precede) stores it, and its uses read
+    it back. Inside `vectorized` (and `registers`) a float32 value goes to a register buffer: TVM substitutes the
+    value of a `Let` or `T.Bind` free of buffer loads into each use (its simplifier, and the analyzer of its LLVM
+    code generator binds every let), so nested functions (each reading its argument several times) and chains
+    of shared nodes grew exponentially as TVM saw them; a buffer load it never substitutes. Elsewhere (and for
+    other dtypes) a `T.Bind`."""
+    if isinstance(x, (tir.Var, tir.FloatImm, tir.IntImm)):
+        return x
+    held = getattr(_HELD, "registers", None)
+    return T.Bind(x) if held is None or x.ty != F32 else held.hold(x)
+
+
+class _Registers:
+    """Where `bind` puts float32 values: the next of `buffers` at `lane` (vectorized; a dry run counts them), or
+    without buffers a new one-element buffer in `scope`, allocated where the value is (scalar code)."""
+
+    def __init__(self, buffers=None, lane=None, scope: str = "global"):
+        self.buffers, self.lane, self.scope, self.used = buffers, lane, scope, 0
+
+    def hold(self, x: tir.PrimExpr) -> tir.PrimExpr:
+        self.used += 1
+        if self.buffers is None:
+            buffer, at = T.alloc_buffer((1,), F32, scope=self.scope), tir.const(0, I32)
+        else:
+            buffer, at = self.buffers[self.used - 1], self.lane
+        T.buffer_store(buffer, x, [at])
+        return tir.BufferLoad(buffer, [at])
+
+
+_HELD = threading.local()  # .registers: where this thread's kernel builder binds float values now (None: T.Bind)
+
+
+@contextmanager
+def _holding(registers: _Registers):
+    outer = getattr(_HELD, "registers", None)
+    _HELD.registers = registers
+    try:
+        yield registers
+    finally:
+        _HELD.registers = outer
+
+
+def vectorized(extent: int, body) -> None:
+    """`for i in T.vectorized(extent): body(i)` with the float values `body` binds held in registers: one buffer
+    of `extent` lanes each, allocated before the loop (TVM's vectorizer miscomputes a buffer allocated inside
+    it). A dry run of `body` in a scratch builder counts them."""
+    counter = _Registers(_Counting())
+    with IRBuilder(), T.prim_func(), _holding(counter), T.vectorized(0, extent) as i:
+        counter.lane = i
+        body(i)
+    buffers = [T.alloc_buffer((extent,), F32) for _ in range(counter.used)]
+    with T.vectorized(0, extent) as i, _holding(_Registers(buffers, i)):
+        body(i)
+
+
+class _Counting:
+    """Stands for the register buffers in `vectorized`'s dry run."""
+
+    def __getitem__(self, index: int) -> tir.Buffer:
+        return tir.decl_buffer((1,), F32, f"r{index}")
+
+
+def registers(scope: str = "global"):
+    """A context in which scalar (not vectorized) code binds float values in one-element buffers of `scope`
+    (bind): "global" on CPUs (a small constant allocation lives on the stack), "local" in a GPU thread."""
+    return _holding(_Registers(scope=scope))
 
 
 def _nan_through(x: tir.PrimExpr, value: tir.PrimExpr) -> tir.PrimExpr:
@@ -133,30 +195,23 @@ class Emitter:
         return self._root(e, self.kinds(e))
 
     def _root(self, e: Expr, want: str) -> tir.PrimExpr:
-        build = _Build(self, _shared(e, self.kinds))
-        value = _as(build.value(e), self.kinds(e), want)
-        for var, bound in reversed(build.bindings):
-            value = tir.Let(var, bound, value)
-        return value
+        return _as(_Build(self, _shared(e, self.kinds)).value(e), self.kinds(e), want)
 
 
 class _Build:
-    """One expression's emission: each node emitted once; nodes with several users bound to variables."""
+    """One expression's emission: each node emitted once; nodes with several users bound to variables (bind)."""
 
     def __init__(self, em: Emitter, shared: set[Expr]):
         self.em = em
         self.shared = shared
         self.memo: dict[Expr, tir.PrimExpr] = {}
-        self.bindings: list[tuple[tir.Var, tir.PrimExpr]] = []  # in order of use: each after those it reads
 
     def value(self, e: Expr) -> tir.PrimExpr:
         done = self.memo.get(e)
         if done is None:
             done = self._emit(e)
             if e in self.shared:
-                var = tir.Var(f"t{len(self.bindings)}", done.ty)
-                self.bindings.append((var, done))
-                done = var
+                done = bind(done)
             self.memo[e] = done
         return done
 
@@ -254,19 +309,11 @@ class _Math:
         self.kind = kind
         self.exp = tir.exp if native else exp
         self.exp2 = tir.exp2 if native else exp2
-        self._lets: list[tuple[tir.Var, tir.PrimExpr]] = []
 
     def formula(self, formula: Formula, x: tir.PrimExpr) -> tir.PrimExpr:
-        arg = tir.Var("fx", x.ty)
-        value = formula.build(self, arg)
-        for var, bound in reversed([(arg, x), *self._lets]):
-            value = tir.Let(var, bound, value)
-        return value
+        return formula.build(self, bind(x))
 
-    def let(self, x: tir.PrimExpr) -> tir.PrimExpr:
-        var = tir.Var(f"f{len(self._lets)}", x.ty)
-        self._lets.append((var, x))
-        return var
+    let = staticmethod(bind)
 
     # ops.Formula's interface: TIR's functions and PrimExpr's operators
     const = staticmethod(f32)

@@ -22,7 +22,7 @@ from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
 from ...passes import KernelPlan
-from .emit import F32, I64, Emitter, f32
+from .emit import F32, I64, Emitter, f32, registers
 from .kernel import Args, by_tile_kind, init_bounds, key_tiles, logit2, reduce_bounds, row_bounds
 from .normalize import lower as lower_normalizer
 
@@ -68,7 +68,7 @@ def build_gpu_primfunc(plan: KernelPlan, sched: GpuSchedule, name: str = "attn")
             T.func_name(name)
             a = Args(plan)
             s = a.sizes
-            with query_tile_grid(s, bm, bm) as (b, h, i0, kvh, tx):
+            with query_tile_grid(s, bm, bm) as (b, h, i0, kvh, tx), registers("local"):
                 row = T.Bind(i0 + tx)  # rows past M run along (they stage and sync) but store nothing
                 k_tile = T.alloc_buffer((bn * d_model,), F32, scope="shared")
                 v_tile = T.alloc_buffer((bn * dv_model,), F32, scope="shared")

@@ -39,7 +39,7 @@ from ... import index_data
 from ...ir import Paged, SizeRef, storage_capacities, walk
 from ...passes import KernelPlan
 from .. import names
-from .emit import F32, F64, I32, I64, Emitter, Scope, exp2_nonpositive, f32
+from .emit import F32, F64, I32, I64, Emitter, Scope, exp2_nonpositive, f32, registers, vectorized
 from .normalize import lower as lower_normalizer
 from .schedule import CpuSchedule, summary_uses_h, uses_summary
 from .serving import ERRORS, SITE, Rows, Sequences, is_serving
@@ -211,7 +211,7 @@ def tile_summary_primfunc(plan: KernelPlan, sched: CpuSchedule, name: str) -> ti
                         with T.serial(t_start, t_end) as kt:
                             T.buffer_store(counts, 0, [0])
                             T.buffer_store(counts, 0, [1])
-                            with T.serial(0, r.rows) as i:
+                            with T.serial(0, r.rows) as i, registers():
                                 with T.serial(0, tir.min(bn, n - kt * bn)) as jj:
                                     j = T.Bind(kt * bn + jj)
                                     em = Emitter(plan.spec, a.scope({"b": r.b, "h": r.h, "i": r.i0 + i, "j": j},
@@ -398,7 +398,7 @@ def _attention_tile(plan: KernelPlan, sched: CpuSchedule, a: Args, seqs: Sequenc
             T.buffer_store(q_t, tir.Cast(F32, a.q[(*places.q(lane_h(i), tir.min(lane_i(i), m - 1)), d)]), [d, i])
         with T.vectorized(0, dv_model) as d:
             T.buffer_store(acc, f32(0), [i, d])
-    with T.vectorized(0, bm) as i:
+    def row_start(i):
         if score.sink2 is None:
             T.buffer_store(m_run, f32(NEG_INF), [i])
             T.buffer_store(l_run, f32(0), [i])
@@ -406,6 +406,7 @@ def _attention_tile(plan: KernelPlan, sched: CpuSchedule, a: Args, seqs: Sequenc
             sink = Emitter(spec, scope(i)).float(score.sink2)
             T.buffer_store(m_run, sink, [i])
             T.buffer_store(l_run, tir.Select(sink == f32(NEG_INF), f32(0), f32(1)), [i])
+    vectorized(bm, row_start)
 
     with T.serial(t_start, t_end) as kt:
         with _kept_tile(a, summary_row, kt):
@@ -551,12 +552,13 @@ def _scores(sched: CpuSchedule, plan: KernelPlan, a: Args, places: Places, scope
     last = n - 1
 
     def logits(jj, reg):
-        with T.vectorized(0, sched.block_m) as i:
+        def lane(i):
             j = j0 + jj
             em = Emitter(plan.spec, scope(i, j, qk=reg[i]))
             T.buffer_store(s_t, logit2(plan, em, j, masked), [jj, i])
             if m_new is not None:
                 T.buffer_store(m_new, tir.max(m_new[i], s_t[jj, i]), [i])
+        vectorized(sched.block_m, lane)
 
     transposed_product(sched, lambda jj, d: tir.Cast(F32, a.k[(*places.key(jj, tir.min(j0 + jj, last)), d)]),
                        lambda d, i: q_t[d, i], plan.head_dim, logits)
