@@ -260,3 +260,41 @@ def test_what_mla_does_not_run_on_says_so():
     q, k, kw = _dense_call(1, 1, 4, 20)
     with pytest.raises(CallError, match="q: requires grad.*no backward"):
         _compile(DENSE)(q.requires_grad_(), k, **kw)
+
+
+# ---------------------------------------------------------------- the decorator
+
+
+@attnc.attention(layout="BSHD", backend="triton")
+def mla_dense(q, k, *, qr: attnc.Tensor, kr: attnc.Tensor, scale: float):
+    return attnc.softmax((q @ k + qr @ kr) * scale) @ k
+
+
+def test_the_decorator_traces_the_text_spec():
+    torch.manual_seed(11)
+    q, k, kw = _dense_call(2, 2, 4, 80)
+    out = mla_dense(q, k, **kw)
+    # the text form's spec (which also binds D) with D left to the tensors: the same key, the same kernel
+    assert mla_dense.spec.key == replace(DENSE, dims=(("DR", DR),), returns_lse=False).key
+    want = attnc.reference(DENSE, q, k, **kw)[0]
+    assert not out.isnan().any() and (out.double() - want).abs().max().item() <= 1e-5 * want.abs().max().item()
+
+
+def test_decorator_mistakes_are_attnc_errors():
+    q, k, kw = _dense_call(1, 1, 4, 20)
+    with pytest.raises(CallError, match=r"mla_dense\(q, k, \*"):
+        mla_dense(q, k, k, **kw)
+
+    @attnc.attention(layout="BSHD")
+    def takes_v(q, k, v, *, qr: attnc.Tensor, kr: attnc.Tensor):
+        return attnc.softmax(q @ k + qr @ kr) @ k
+
+    with pytest.raises(attnc.AttncError, match="returns `p @ k`, but takes v"):
+        takes_v.trace(q, k, k, qr=kw["qr"], kr=kw["kr"])
+
+    @attnc.attention(layout="BSHD")
+    def two_queries(q, k, *, qr: attnc.Tensor, kr: attnc.Tensor):
+        return attnc.softmax(q @ k + qr @ qr) @ k
+
+    with pytest.raises(SpecError, match="a dot product of two query-side tensors"):
+        two_queries.trace(q, k, qr=kw["qr"], kr=kw["kr"])
