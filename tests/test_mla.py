@@ -298,3 +298,40 @@ def test_decorator_mistakes_are_attnc_errors():
 
     with pytest.raises(SpecError, match="a dot product of two query-side tensors"):
         two_queries.trace(q, k, qr=kw["qr"], kr=kw["kr"])
+
+
+# ---------------------------------------------------------------- the parts alone
+
+
+VARIANTS = attnc.parse(f"""
+attention rope_part_with_v {{
+    dims DV = 32
+    q: f32[B, H, M, D]
+    k: f32[B, HKV, N, D]
+    v: f32[B, HKV, N, DV]
+    input qr: f32[B, H, M, D]
+    input kr: f32[B, HKV, N, D]
+    score = (qk + qr @ kr) * rsqrt(2 * D)
+    mask causal
+    return softmax(score) @ v, lse
+}}
+attention keys_are_values {{
+    q: f32[B, H, M, D]
+    k: f32[B, HKV, N, D]
+    score = qk * rsqrt(D) + (j - i) * 0.01
+    mask i + (N - M) - j < 50
+    return softmax(score) @ k, lse
+}}
+""")
+
+
+@pytest.mark.parametrize("spec", VARIANTS, ids=lambda s: s.name)
+@pytest.mark.parametrize("m", [1, 20])
+def test_a_second_dot_product_or_shared_values_alone(spec, m):
+    torch.manual_seed(m)
+    b, h, hkv, n, d = 2, 4, 2, 130, 32
+    q, k = _randn(b, h, m, d), _randn(b, hkv, n, d)
+    args = (q, k) if spec.shares_kv else (q, k, _randn(b, hkv, n, 32))
+    kw = {} if spec.shares_kv else dict(qr=_randn(b, h, m, d), kr=_randn(b, hkv, n, d))
+    assert spec.is_latent
+    assert_matches(spec, _compile(spec)(*args, **kw), attnc.reference(spec, *args, **kw), tol=1e-5)
