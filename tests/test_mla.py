@@ -335,3 +335,11 @@ def test_a_second_dot_product_or_shared_values_alone(spec, m):
     kw = {} if spec.shares_kv else dict(qr=_randn(b, h, m, d), kr=_randn(b, hkv, n, d))
     assert spec.is_latent
     assert_matches(spec, _compile(spec)(*args, **kw), attnc.reference(spec, *args, **kw), tol=1e-5)
+
+
+def test_torch_compile_traces_a_latent_call():
+    kern = _compile(DENSE)
+    torch.manual_seed(3)
+    q, k, kw = _dense_call(1, 2, 4, 40)
+    run = torch.compile(lambda q, k, qr, kr: kern(q, k, qr=qr, kr=kr, scale=SCALE), fullgraph=True)
+    assert_matches(DENSE, run(q, k, kw["qr"], kw["kr"]), attnc.reference(DENSE, q, k, **kw), tol=1e-5)

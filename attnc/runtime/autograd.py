@@ -86,7 +86,8 @@ def attention_op(key: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, in
                  params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse) of kernel `key`."""
     entry = _entry(key)
-    out, lse = entry.forward(q, k, v, **entry.kwargs(inputs, params))
+    qkv = (q, k) if entry.spec.shares_kv else (q, k, v)  # (latent attention: v is k, and the kernel takes no v)
+    out, lse = entry.forward(*qkv, **entry.kwargs(inputs, params))
     return out.contiguous(), lse.contiguous()  # the strides the fake promises (torch.compile checks them)
 
 
