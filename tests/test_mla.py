@@ -128,6 +128,9 @@ ERRORS = [
      + "    v: f32[PAGES, PAGE, HKV, D]\n    paged k by block_table, kv_len\n    return softmax(score) @ v\n}\n",
      8, 5, "^" * 30, "k and v share their storage: write `paged k, v by block_table, kv_len`"),
     (_decl() + "    mask qr @ kr > 0\n    return softmax(score) @ k\n}\n", 7, 10, "^" * 7, "a mask cannot depend on qk"),
+    (_decl("B, M, H, D", "B, N, D") + "    return softmax(score) @ k\n}\n", 4, 5, "^" * 15,
+     "k's shape lacks its head size H or HKV; write e.g. k: f32[B, HKV, N, D] (a cache with one K/V head, as "
+     "MLA's latent is, keeps the axis: HKV = 1"),
 ]
 
 

@@ -311,8 +311,10 @@ def _qkv_slots(report: _Report, t: ir.TensorDecl, kind: str) -> tuple[int, ...] 
         seen[slot] = entry
     missing = next((slot for slot in range(len(roles)) if slot not in seen), None)
     if missing is not None:
+        one_head = (" (a cache with one K/V head, as MLA's latent is, keeps the axis: HKV = 1, passed as a view "
+                    "such as ckv[:, :, None, :])" if slot_names[missing] == "head" and t.name != "q" else "")
         report.error(f"{t.name}'s shape lacks its {slot_names[missing]} size {' or '.join(roles[missing])}; "
-                     f"write e.g. {t.name}: {t.dtype}[{_EXAMPLES[kind][t.name]}]", t.span)
+                     f"write e.g. {t.name}: {t.dtype}[{_EXAMPLES[kind][t.name]}]{one_head}", t.span)
         return None
     return tuple(seen)
 
