@@ -139,7 +139,7 @@ class QK(Node):
     """query[b, h, i, :] . key[b, kvh, j, :] in float32 (float64 in the reference): `qk` (q and k), or a dot
     product `query @ key` of another query-side and key-side pair (multi-head latent attention: `qr @ kr`, the
     decoupled RoPE part). A query-side tensor is q or an input with q's shape and a head dim of its own; a key-side
-    one is k or an input with k's shape (and storage) and that head dim (`dot_operands`)."""
+    one is k or an input with k's shape (and storage) and that head dim (dsl/check.py, `dot_operand`)."""
 
     query: str = "q"
     key: str = "k"

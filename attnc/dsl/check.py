@@ -183,7 +183,7 @@ def attention_diagnostics(spec: ir.Attention) -> list[Diagnostic]:
                         storages=storages)
     _check_expressions(report, _Env.of(spec.q, spec.k, spec.v, spec.params, spec.inputs, spec.dims, storages),
                        spec.score, spec.masks, spec.normalizer, spec.span)
-    if spec.shares_kv and spec.v is not spec.k and spec.v != spec.k:
+    if spec.shares_kv and spec.v != spec.k:
         report.error(f"the values are k (`{ir.return_text(value='k')}`), so v must be k's declaration", spec.span)
     return report.sorted()
 

@@ -179,7 +179,8 @@ def _segments(spec: Attention, bound: Bound, out: torch.Tensor, lse: torch.Tenso
         return canonical_view(t, decl).double()
 
     queries = {"q": view(bound.q, spec.q)}
-    keys = {"k": view(bound.k, spec.k), "": view(bound.v, spec.v)}  # "": the values (no tensor's name)
+    keys = {"k": view(bound.k, spec.k)}
+    values = view(bound.v, spec.v)
     for dot in spec.dots:
         for side, name in ((queries, dot.query), (keys, dot.key)):
             if name not in side:
@@ -188,9 +189,9 @@ def _segments(spec: Attention, bound: Bound, out: torch.Tensor, lse: torch.Tenso
     sequences = _sequences(spec, bound)
 
     def segment(b0: int, query_rows, key_rows, out_rows, lse_rows) -> _Segment:
-        kept = {name: key_rows(t) for name, t in keys.items()}
-        return _Segment(b0, {name: query_rows(t) for name, t in queries.items()}, kept, kept.pop(""),
-                        out_rows(out_c), lse_rows(lse))
+        return _Segment(b0, {name: query_rows(t) for name, t in queries.items()},
+                        {name: key_rows(t) for name, t in keys.items()}, key_rows(values), out_rows(out_c),
+                        lse_rows(lse))
 
     if sequences is None:
         for b0, b1 in _batch_chunks(bound.sizes):
