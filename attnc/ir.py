@@ -421,8 +421,15 @@ class Attention:
 
     @property
     def is_gqa_shape(self) -> bool:
-        """True when K/V have their own head count (HKV); H == HKV is still checked at call time."""
-        return "HKV" in self.k.shape
+        """True when K/V have their own head count (HKV, or one head without an axis); H == HKV is still checked at
+        call time."""
+        return "HKV" in self.k.shape or self.one_kv_head
+
+    @property
+    def one_kv_head(self) -> bool:
+        """k without a head axis: one K/V head (HKV = 1), which every query head reads (MLA's latent cache; the
+        checker allows it where the values are the keys)."""
+        return not {"H", "HKV"} & set(self.k.shape)
 
     @property
     def value_dim(self) -> str:

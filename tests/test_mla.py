@@ -90,7 +90,8 @@ def test_the_spelling_is_canonical_and_round_trips():
 def test_the_example_specs_check():
     specs = attnc.parse_file("examples/specs/mla.attn")
     assert [s.name for s in specs] == ["mla_decode", "mla_paged"]
-    assert all(s.shares_kv and s.dim_values["D"] == 512 and s.dim_values["DR"] == 64 for s in specs)
+    assert all(s.shares_kv and s.one_kv_head and s.dim_values["D"] == 512 and s.dim_values["DR"] == 64
+               for s in specs)
     assert specs[1].dim_values["PAGE"] == 64
 
 
@@ -128,9 +129,9 @@ ERRORS = [
      + "    v: f32[PAGES, PAGE, HKV, D]\n    paged k by block_table, kv_len\n    return softmax(score) @ v\n}\n",
      8, 5, "^" * 30, "k and v share their storage: write `paged k, v by block_table, kv_len`"),
     (_decl() + "    mask qr @ kr > 0\n    return softmax(score) @ k\n}\n", 7, 10, "^" * 7, "a mask cannot depend on qk"),
-    (_decl("B, M, H, D", "B, N, D") + "    return softmax(score) @ k\n}\n", 4, 5, "^" * 15,
-     "k's shape lacks its head size H or HKV; write e.g. k: f32[B, HKV, N, D] (a cache with one K/V head, as "
-     "MLA's latent is, keeps the axis: HKV = 1"),
+    (_decl("B, M, H, D", "B, N, D") + "    v: f32[B, N, D]\n    return softmax(score) @ v\n}\n", 4, 5, "^" * 15,
+     "k's shape lacks its head size H or HKV; write e.g. k: f32[B, HKV, N, D] (one K/V head may go without its "
+     "axis only where the values are the keys"),
 ]
 
 
@@ -228,7 +229,7 @@ def test_the_paged_example_runs_at_its_page_of_64():
     b, maxp, pages = 2, 3, 7
     table = torch.randperm(pages)[:b * maxp].view(b, maxp).int()
     q, qr = _randn(b, m, h, 512), _randn(b, m, h, 64)
-    k, kr = _randn(pages, 64, 1, 512), _randn(pages, 64, 1, 64)
+    k, kr = _randn(pages, 64, 512), _randn(pages, 64, 64)  # one K/V head: no head axis
     kw = dict(qr=qr, kr=kr, block_table=table, kv_len=torch.tensor(lengths).int(), scale=192 ** -0.5)
     assert_matches(spec, _compile(spec)(q, k, **kw), attnc.reference(spec, q, k, **kw), tol=1e-5)
 
@@ -263,6 +264,78 @@ def test_what_mla_does_not_run_on_says_so():
     q, k, kw = _dense_call(1, 1, 4, 20)
     with pytest.raises(CallError, match="q: requires grad.*no backward"):
         _compile(DENSE)(q.requires_grad_(), k, **kw)
+
+
+ONE_HEAD = attnc.parse(f"""
+attention one_head_dense {{
+    dims D = {D}, DR = {DR}
+    q: f32[B, H, M, D]
+    k: f32[B, N, D]
+    input qr: f32[B, H, M, DR]
+    input kr: f32[B, N, DR]
+    param scale: f32
+    score = (q @ k + qr @ kr) * scale
+    return softmax(score) @ k, lse
+}}
+attention one_head_paged {{
+    dims D = {D}, DR = {DR}
+    q: f32[B, M, H, D]
+    k: f32[PAGES, PAGE, D]
+    input qr: f32[B, M, H, DR]
+    input kr: f32[PAGES, PAGE, DR]
+    paged k by block_table, kv_len
+    param scale: f32
+    score = (q @ k + qr @ kr) * scale
+    mask causal
+    return softmax(score) @ k, lse
+}}
+attention one_head_ragged {{
+    dims D = {D}, DR = {DR}
+    q: f32[T, H, D]
+    k: f32[TK, D]
+    input qr: f32[T, H, DR]
+    input kr: f32[TK, DR]
+    ragged q by cu_q
+    ragged k by cu_k
+    param scale: f32
+    score = (q @ k + qr @ kr) * scale
+    mask causal
+    return softmax(score) @ k, lse
+}}
+""")
+
+
+@pytest.mark.parametrize("spec", ONE_HEAD, ids=lambda s: s.name)
+def test_a_latent_cache_without_a_head_axis(spec):
+    """k [.., N, D] without a head axis is one K/V head: the same numbers as the [.., N, 1, D] view through the
+    spec with HKV, in the reference and in the kernel."""
+    assert spec.one_kv_head and spec.is_gqa_shape
+    torch.manual_seed(len(spec.name))
+    h = 8
+    if isinstance(spec.kv_storage, attnc.ir.Paged):
+        q, k, kw = _paged_call(16, [90, 17, 0], 2, h)
+        k, kw["kr"] = k[:, :, 0], kw["kr"][:, :, 0]
+    elif spec.q_storage is not None:
+        cu_q, cu_k = torch.tensor([0, 3, 3, 5]).int(), torch.tensor([0, 40, 41, 100]).int()
+        q, k = _randn(5, h, D), _randn(100, D)
+        kw = dict(qr=_randn(5, h, DR), kr=_randn(100, DR), cu_q=cu_q, cu_k=cu_k)
+    else:
+        q, k = _randn(2, h, 3, D), _randn(2, 90, D)
+        kw = dict(qr=_randn(2, h, 3, DR), kr=_randn(2, 90, DR))
+    kw["scale"] = SCALE
+    want = attnc.reference(spec, q, k, **kw)
+    axis = spec.q.shape.index("H") if spec.kv_storage is None else len(spec.k.shape) - 1  # where q has its heads
+
+    def with_head(t):  # a head axis of HKV where q's layout has its head axis
+        return replace(t, shape=t.shape[:axis] + ("HKV",) + t.shape[axis:])
+
+    k_axis = with_head(spec.k)
+    with_axis = replace(spec, k=k_axis, v=k_axis, inputs=tuple(with_head(t) if t.name == "kr" else t
+                                                                 for t in spec.inputs))
+    check_attention(with_axis)
+    viewed = attnc.reference(with_axis, q, k.unsqueeze(axis), **dict(kw, kr=kw["kr"].unsqueeze(axis)))
+    torch.testing.assert_close(want, viewed, rtol=0, atol=0)
+    assert_matches(spec, _compile(spec)(q, k, **kw), want, tol=1e-5)
 
 
 # ---------------------------------------------------------------- the decorator

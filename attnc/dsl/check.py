@@ -293,9 +293,9 @@ def _storage_kind(storage: ir.Storage | None) -> str:
     return "dense" if storage is None else "paged" if isinstance(storage, ir.Paged) else "ragged"
 
 
-def _qkv_slots(report: _Report, t: ir.TensorDecl, kind: str) -> tuple[int, ...] | None:
+def _qkv_slots(report: _Report, t: ir.TensorDecl, kind: str, one_head: bool = False) -> tuple[int, ...] | None:
     """The slot (batch, head, sequence, dim, or those of `kind`) of each entry of a q/k/v shape, or None if it
-    is malformed."""
+    is malformed. `one_head`: k may omit its head axis (one K/V head, HKV = 1: keys that are the values)."""
     slot_names, table = _LAYOUTS[kind]
     roles = table[t.name]
     seen: dict[int, str] = {}
@@ -309,12 +309,13 @@ def _qkv_slots(report: _Report, t: ir.TensorDecl, kind: str) -> tuple[int, ...] 
             report.error(f"{t.name}'s shape has two {slot_names[slot]} sizes, {seen[slot]} and {entry}", t.span)
             return None
         seen[slot] = entry
-    missing = next((slot for slot in range(len(roles)) if slot not in seen), None)
+    missing = next((slot for slot in range(len(roles)) if slot not in seen
+                    and not (one_head and slot_names[slot] == "head")), None)
     if missing is not None:
-        one_head = (" (a cache with one K/V head, as MLA's latent is, keeps the axis: HKV = 1, passed as a view "
-                    "such as ckv[:, :, None, :])" if slot_names[missing] == "head" and t.name != "q" else "")
+        hint = (" (one K/V head may go without its axis only where the values are the keys, as MLA's latent cache: "
+                "`return softmax(score) @ k`)" if slot_names[missing] == "head" and t.name != "q" else "")
         report.error(f"{t.name}'s shape lacks its {slot_names[missing]} size {' or '.join(roles[missing])}; "
-                     f"write e.g. {t.name}: {t.dtype}[{_EXAMPLES[kind][t.name]}]{one_head}", t.span)
+                     f"write e.g. {t.name}: {t.dtype}[{_EXAMPLES[kind][t.name]}]{hint}", t.span)
         return None
     return tuple(seen)
 
@@ -330,24 +331,34 @@ def _layout_hint(name: str, kind: str, entry: str) -> str:
     return " (extra tensors are declared with `input`)"
 
 
+def _layouts_differ(a: tuple[int, ...], b: tuple[int, ...], kind: str) -> bool:
+    """Whether two layouts (orders of slots) differ; where one has no head axis (a k with one K/V head), in the
+    order of the other slots."""
+    if len(a) != len(b):
+        head = _LAYOUTS[kind][0].index("head")
+        a, b = (tuple(s for s in x if s != head) for x in (a, b))
+    return a != b
+
+
 def _check_qkv(report: _Report, q, k, v, kinds: dict[str, str]) -> None:
     present = [t for t in (q, k, v) if t is not None]
     for t in present:
         _check_dtype(report, t.dtype, ir.QKV_DTYPES, t.name, t.span)
-    layouts = {t.name: _qkv_slots(report, t, kinds[t.name]) for t in present}
+    shared = k is not None and v == k  # the values are the keys: one K/V head needs no axis
+    layouts = {t.name: _qkv_slots(report, t, kinds[t.name], shared and t == k) for t in present}
     first = present[0] if present else None
     for t in present[1:]:
         # Layouts compare within one storage: a ragged q [T, H, D] has nothing to agree with in a paged k.
         ref = next(r for r in present if kinds[r.name] == kinds[t.name])
         if ref is not t and layouts[t.name] is not None and layouts[ref.name] is not None \
-                and layouts[t.name] != layouts[ref.name]:
+                and _layouts_differ(layouts[t.name], layouts[ref.name], kinds[t.name]):
             who = "q, k and v" if ref.name == "q" else "k and v"
             report.error(f"{t.name}'s layout [{', '.join(t.shape)}] differs from {ref.name}'s "
                          f"[{', '.join(ref.shape)}]: {who} must share one layout", t.span)
         if t.dtype != first.dtype and t.dtype in ir.QKV_DTYPES and first.dtype in ir.QKV_DTYPES:
             report.error(f"{t.name} is {t.dtype} but {first.name} is {first.dtype}: q, k and v must share one "
                          f"dtype", t.span)
-    if k is not None and v is not None and layouts.get("k") and layouts.get("v"):
+    if k is not None and v is not None and not shared and layouts.get("k") and layouts.get("v"):
         k_head, v_head = (next(e for e in t.shape if e in ("H", "HKV")) for t in (k, v))
         if k_head != v_head:
             report.error(f"v's head size is {v_head} but k's is {k_head}: k and v share their heads", v.span)

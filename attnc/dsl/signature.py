@@ -111,8 +111,12 @@ def lse_shape(bound: Bound) -> tuple[int, ...]:
 
 def canonical_view(t: torch.Tensor, decl: TensorDecl) -> torch.Tensor:
     """A q/k/v-shaped tensor (or the output, in q's layout, or a tensor of a dot product, whose head dim may have a
-    name of its own) as [B, heads, sequence, head dim]; no copy."""
-    return t.permute(*sorted(range(len(decl.shape)), key=lambda axis: _ROLE_RANK.get(decl.shape[axis], 3)))
+    name of its own) as [B, heads, sequence, head dim]; no copy. A k without a head axis (one K/V head, and the
+    tensors shaped like it) gets one of size 1."""
+    view = t.permute(*sorted(range(len(decl.shape)), key=lambda axis: _ROLE_RANK.get(decl.shape[axis], 3)))
+    if {"H", "HKV"} & set(decl.shape):
+        return view
+    return view.unsqueeze(1 if {"B", "PAGES"} & set(decl.shape) else 0)
 
 
 # ---------------------------------------------------------------- checks
@@ -161,7 +165,7 @@ def _bind_sizes(spec: Attention, tensors: list[tuple[TensorDecl, object]]) -> di
             raise CallError(f"{_where(name, tensors)} but the spec binds {name} = {value} at compile time "
                             f"(dims {name} = {value}); pass tensors with {name} = {value} or drop it from dims")
     _bind_storage_sizes(spec, sizes, tensors)
-    sizes.setdefault("HKV", sizes["H"])
+    sizes.setdefault("HKV", 1 if spec.one_kv_head else sizes["H"])
     sizes.setdefault("DV", sizes["D"])
     for name, n in sizes.items():
         if n < 1 and name not in MAY_BE_EMPTY:

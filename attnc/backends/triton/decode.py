@@ -81,16 +81,17 @@ def latent_dots(plan: KernelPlan) -> list[dict]:
         offs = f"offs_dot{n}"
         rows = "q_rows" if spec.q_storage is not None else "i_row.to(tl.int64)"
         batch = "" if "B" not in qa else f"b * {names.stride(query.name, qa['B'])} + "
-        head = names.stride(key.name, ka["HKV"] if "HKV" in ka else ka["H"])
+        head_axis = ka.get("HKV", ka.get("H"))
+        head = "" if head_axis is None else f" + kvh * {names.stride(key.name, head_axis)}"  # none: one K/V head
         if isinstance(spec.kv_storage, Paged):
-            base = f"{names.tensor(key.name)} + kvh * {head}"
+            base = f"{names.tensor(key.name)}{head}"
             columns = (f"page * {names.stride(key.name, ka['PAGES'])} + slot * "
                        f"{names.stride(key.name, ka['PAGE'])}")
         else:
             seq = names.stride(key.name, ka["TK" if "TK" in ka else "N"])
             start = f" + k_row0 * {seq}" if isinstance(spec.kv_storage, Ragged) else ""
             batch_k = f" + b * {names.stride(key.name, ka['B'])}" if "B" in ka else ""
-            base = f"{names.tensor(key.name)}{batch_k}{start} + kvh * {head}"
+            base = f"{names.tensor(key.name)}{batch_k}{start}{head}"
             columns = f"j_col.to(tl.int64) * {seq}"
         dots.append(dict(
             tile=f"qk_{n}", query_tile=f"qdot{n}_tile", key_tile=f"kdot{n}_tile", key_base=f"kdot{n}_base",
