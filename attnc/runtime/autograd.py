@@ -176,7 +176,7 @@ def call(kernel: "kernel.Kernel", q, k, v, kwargs: dict):
     spec = kernel.spec
     if not torch.compiler.is_compiling():
         bind(spec, q, k, v, kwargs)  # argument errors as CallErrors before the op (torch.compile: at run time)
-    if spec.is_latent and torch.is_grad_enabled():
+    if kernel.latent and torch.is_grad_enabled():
         wanting = next((name for name, t in (("q", q), ("k", k), ("v", v), *kwargs.items())
                         if isinstance(t, torch.Tensor) and t.requires_grad), None)
         if wanting is not None:
