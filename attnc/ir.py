@@ -136,9 +136,18 @@ class ParamRef(Node):
 
 @_expr_node
 class QK(Node):
-    """q[b, h, i, :] . k[b, kvh, j, :] in float32 (float64 in the reference)."""
+    """query[b, h, i, :] . key[b, kvh, j, :] in float32 (float64 in the reference): `qk` (q and k), or a dot
+    product `query @ key` of another query-side and key-side pair (multi-head latent attention: `qr @ kr`, the
+    decoupled RoPE part). A query-side tensor is q or an input with q's shape and a head dim of its own; a key-side
+    one is k or an input with k's shape (and storage) and that head dim (dsl/check.py, `dot_operand`)."""
 
+    query: str = "q"
+    key: str = "k"
     span: Span | None = _span()
+
+    @property
+    def is_qk(self) -> bool:
+        return (self.query, self.key) == ("q", "k")
 
 
 @_expr_node
@@ -315,9 +324,11 @@ def print_normalizer(n: Normalizer, expr: Callable[[Expr], str] = None) -> str:
     return f"{n.name}(score{sink})"
 
 
-def return_text(n: Normalizer | None = None, returns_lse: bool = False, expr: Callable[[Expr], str] = None) -> str:
-    """The `return` statement of a spec with normalizer `n` (the default one when None); `expr` prints the sink."""
-    return f"return {print_normalizer(n or DEFAULT_NORMALIZER(), expr)} @ v{', lse' if returns_lse else ''}"
+def return_text(n: Normalizer | None = None, returns_lse: bool = False, expr: Callable[[Expr], str] = None,
+                value: str = "v") -> str:
+    """The `return` statement of a spec with normalizer `n` (the default one when None); `expr` prints the sink;
+    `value`: the value tensor (k where keys and values share storage)."""
+    return f"return {print_normalizer(n or DEFAULT_NORMALIZER(), expr)} @ {value}{', lse' if returns_lse else ''}"
 
 
 @dataclass(frozen=True)
@@ -416,12 +427,47 @@ class Attention:
 
     @property
     def is_gqa_shape(self) -> bool:
-        """True when K/V have their own head count (HKV); H == HKV is still checked at call time."""
-        return "HKV" in self.k.shape
+        """True when K/V have their own head count (HKV, or one head without an axis); H == HKV is still checked at
+        call time."""
+        return "HKV" in self.k.shape or self.one_kv_head
+
+    @property
+    def one_kv_head(self) -> bool:
+        """k without a head axis: one K/V head (HKV = 1), which every query head reads (MLA's latent cache; the
+        checker allows it where the values are the keys)."""
+        return not {"H", "HKV"} & set(self.k.shape)
 
     @property
     def value_dim(self) -> str:
         return "DV" if "DV" in self.v.shape else "D"
+
+    @property
+    def shares_kv(self) -> bool:
+        """`return softmax(score) @ k`: the values are the keys (MLA's latent cache), one tensor read once; `v` is
+        k's declaration and a call passes no v."""
+        return self.v.name == self.k.name
+
+    @cached_property
+    def dots(self) -> tuple[QK, ...]:
+        """The dot products the score reads, `qk` (when read) first, then in order of their printed form."""
+        found = {n for n in walk(self.score) if isinstance(n, QK)}
+        return tuple(sorted(found, key=lambda n: (not n.is_qk, print_expr(n))))
+
+    def dot_dim(self, dot: QK) -> str:
+        """The head dim a dot product sums over: D for qk, else the size in the D slot of its query-side tensor."""
+        query = self.q if dot.query == self.q.name else self.input(dot.query)
+        return query.shape[self.q.shape.index("D")]
+
+    @property
+    def decode_only(self) -> bool:
+        """Whether every launch runs the decode kernel (passes/decode.py): ragged or paged storage, and latent
+        attention, whose extra dot products and shared K/V only that kernel reads."""
+        return self.q_storage is not None or self.kv_storage is not None or self.is_latent
+
+    @property
+    def is_latent(self) -> bool:
+        """Multi-head latent attention: a dot product other than qk, or keys that are the values."""
+        return self.shares_kv or any(not d.is_qk for d in self.dots)
 
     def param(self, name: str) -> ParamDecl | None:
         return next((p for p in self.params if p.name == name), None)
@@ -572,7 +618,7 @@ def print_expr(e: Expr, names: dict | None = None) -> str:
     if isinstance(e, (IndexVar, SizeRef, ParamRef)):
         return e.name
     if isinstance(e, QK):
-        return "qk"
+        return "qk" if e.is_qk else f"{e.query} @ {e.key}"
     if isinstance(e, Lookup):
         return f"{e.tensor}[{', '.join(_wrap(x, 0, names) for x in e.indices)}]"
     if isinstance(e, Call):
@@ -648,6 +694,11 @@ def print_storage(targets: str, s: Storage) -> str:
     return f"ragged {targets} by {s.offsets}"
 
 
+def kv_targets(a: Attention) -> str:
+    """The tensors a `paged` / `ragged` statement of the keys names: `k, v`, or `k` where they share storage."""
+    return "k" if a.shares_kv else "k, v"
+
+
 def print_attention(a: Attention, expr: Callable[[Expr], str] | None = None) -> str:
     """Canonical text of a spec, in time and size linear in its expression DAGs; `expr` prints the expressions.
     By default it is the text a person would write, which parses back to an equal `Attention`: a score that
@@ -661,10 +712,10 @@ def print_attention(a: Attention, expr: Callable[[Expr], str] | None = None) -> 
     lines = [f"attention {a.name} {{"]
     if a.dims:
         lines.append("    dims " + ", ".join(f"{n} = {v}" for n, v in a.dims))
-    for t in (a.q, a.k, a.v):
+    for t in (a.q, a.k) if a.shares_kv else (a.q, a.k, a.v):
         lines.append(f"    {_print_decl(t)}")
     declared = set()  # inputs a storage statement declares are printed as that statement
-    for targets, storage in (("q", a.q_storage), ("k, v", a.kv_storage)):
+    for targets, storage in (("q", a.q_storage), (kv_targets(a), a.kv_storage)):
         if storage is not None:
             lines.append(f"    {print_storage(targets, storage)}")
             declared |= set(storage.declares())
@@ -678,7 +729,7 @@ def print_attention(a: Attention, expr: Callable[[Expr], str] | None = None) -> 
     lines += [f"    score = {text}" for text in scores]
     for m in a.masks:
         lines.append(f"    mask {expr(m)}")
-    lines.append(f"    {return_text(a.normalizer, a.returns_lse, expr)}")
+    lines.append(f"    {return_text(a.normalizer, a.returns_lse, expr, a.v.name)}")
     lines.append("}")
     return "\n".join(lines) + "\n" + numbering.listing()
 

@@ -183,6 +183,8 @@ def attention_diagnostics(spec: ir.Attention) -> list[Diagnostic]:
                         storages=storages)
     _check_expressions(report, _Env.of(spec.q, spec.k, spec.v, spec.params, spec.inputs, spec.dims, storages),
                        spec.score, spec.masks, spec.normalizer, spec.span)
+    if spec.shares_kv and spec.v != spec.k:
+        report.error(f"the values are k (`{ir.return_text(value='k')}`), so v must be k's declaration", spec.span)
     return report.sorted()
 
 
@@ -291,9 +293,9 @@ def _storage_kind(storage: ir.Storage | None) -> str:
     return "dense" if storage is None else "paged" if isinstance(storage, ir.Paged) else "ragged"
 
 
-def _qkv_slots(report: _Report, t: ir.TensorDecl, kind: str) -> tuple[int, ...] | None:
+def _qkv_slots(report: _Report, t: ir.TensorDecl, kind: str, one_head: bool = False) -> tuple[int, ...] | None:
     """The slot (batch, head, sequence, dim, or those of `kind`) of each entry of a q/k/v shape, or None if it
-    is malformed."""
+    is malformed. `one_head`: k may omit its head axis (one K/V head, HKV = 1: keys that are the values)."""
     slot_names, table = _LAYOUTS[kind]
     roles = table[t.name]
     seen: dict[int, str] = {}
@@ -307,10 +309,13 @@ def _qkv_slots(report: _Report, t: ir.TensorDecl, kind: str) -> tuple[int, ...] 
             report.error(f"{t.name}'s shape has two {slot_names[slot]} sizes, {seen[slot]} and {entry}", t.span)
             return None
         seen[slot] = entry
-    missing = next((slot for slot in range(len(roles)) if slot not in seen), None)
+    missing = next((slot for slot in range(len(roles)) if slot not in seen
+                    and not (one_head and slot_names[slot] == "head")), None)
     if missing is not None:
+        hint = (" (one K/V head may go without its axis only where the values are the keys, as MLA's latent cache: "
+                "`return softmax(score) @ k`)" if slot_names[missing] == "head" and t.name != "q" else "")
         report.error(f"{t.name}'s shape lacks its {slot_names[missing]} size {' or '.join(roles[missing])}; "
-                     f"write e.g. {t.name}: {t.dtype}[{_EXAMPLES[kind][t.name]}]", t.span)
+                     f"write e.g. {t.name}: {t.dtype}[{_EXAMPLES[kind][t.name]}]{hint}", t.span)
         return None
     return tuple(seen)
 
@@ -326,24 +331,34 @@ def _layout_hint(name: str, kind: str, entry: str) -> str:
     return " (extra tensors are declared with `input`)"
 
 
+def _layouts_differ(a: tuple[int, ...], b: tuple[int, ...], kind: str) -> bool:
+    """Whether two layouts (orders of slots) differ; where one has no head axis (a k with one K/V head), in the
+    order of the other slots."""
+    if len(a) != len(b):
+        head = _LAYOUTS[kind][0].index("head")
+        a, b = (tuple(s for s in x if s != head) for x in (a, b))
+    return a != b
+
+
 def _check_qkv(report: _Report, q, k, v, kinds: dict[str, str]) -> None:
     present = [t for t in (q, k, v) if t is not None]
     for t in present:
         _check_dtype(report, t.dtype, ir.QKV_DTYPES, t.name, t.span)
-    layouts = {t.name: _qkv_slots(report, t, kinds[t.name]) for t in present}
+    shared = k is not None and v == k  # the values are the keys: one K/V head needs no axis
+    layouts = {t.name: _qkv_slots(report, t, kinds[t.name], shared and t == k) for t in present}
     first = present[0] if present else None
     for t in present[1:]:
         # Layouts compare within one storage: a ragged q [T, H, D] has nothing to agree with in a paged k.
         ref = next(r for r in present if kinds[r.name] == kinds[t.name])
         if ref is not t and layouts[t.name] is not None and layouts[ref.name] is not None \
-                and layouts[t.name] != layouts[ref.name]:
+                and _layouts_differ(layouts[t.name], layouts[ref.name], kinds[t.name]):
             who = "q, k and v" if ref.name == "q" else "k and v"
             report.error(f"{t.name}'s layout [{', '.join(t.shape)}] differs from {ref.name}'s "
                          f"[{', '.join(ref.shape)}]: {who} must share one layout", t.span)
         if t.dtype != first.dtype and t.dtype in ir.QKV_DTYPES and first.dtype in ir.QKV_DTYPES:
             report.error(f"{t.name} is {t.dtype} but {first.name} is {first.dtype}: q, k and v must share one "
                          f"dtype", t.span)
-    if k is not None and v is not None and layouts.get("k") and layouts.get("v"):
+    if k is not None and v is not None and not shared and layouts.get("k") and layouts.get("v"):
         k_head, v_head = (next(e for e in t.shape if e in ("H", "HKV")) for t in (k, v))
         if k_head != v_head:
             report.error(f"v's head size is {v_head} but k's is {k_head}: k and v share their heads", v.span)
@@ -360,7 +375,7 @@ def _check_declarations(report: _Report, q, k, v, params, inputs, dims, fallback
     _check_qkv(report, q, k, v, {"q": kinds["q"], "k": kinds["kv"], "v": kinds["kv"]})
     _check_storage(report, q_storage, kv_storage, inputs, fallback)
     declared: dict[str, str] = {}
-    for name, kind, span in ([(t.name, "tensor", t.span) for t in (q, k, v) if t is not None]
+    for name, kind, span in ([(t.name, "tensor", t.span) for t in dict.fromkeys(x for x in (q, k, v) if x)]
                              + [(p.name, "param", p.span) for p in params]
                              + [(t.name, "input", t.span) for t in inputs]):
         if name in declared:
@@ -464,6 +479,8 @@ class _Env:
     inputs: dict
     sizes: frozenset[str]
     dims: dict  # sizes bound at compile time: constants
+    q: ir.TensorDecl | None = None  # the ends of the dot products
+    k: ir.TensorDecl | None = None
 
     @staticmethod
     def of(q, k, v, params, inputs, dims, storages=(None, None)) -> "_Env":
@@ -473,7 +490,7 @@ class _Env:
         sizes |= {role for role, storage in zip(("M", "N"), storages) if storage is not None}
         if any(storage is not None for storage in storages):
             sizes.add("B")
-        return _Env({p.name: p for p in params}, {t.name: t for t in inputs}, frozenset(sizes), dict(dims))
+        return _Env({p.name: p for p in params}, {t.name: t for t in inputs}, frozenset(sizes), dict(dims), q, k)
 
 
 def _check_expressions(report: _Report, env: _Env, score, masks, normalizer, fallback: Span | None) -> None:
@@ -558,6 +575,33 @@ def _with_sink() -> str:
     return ", ".join(f"`{n.name}(score, sink=...)`" for n in ir.NORMALIZERS.values() if n.takes_sink)
 
 
+def dot_operand(env: _Env, name: str) -> tuple[str | None, str | None, str | None]:
+    """(side, head dim, None) for a tensor that can end a dot product: "query" for q and for an input with q's
+    shape and dtype but its own head dim in q's D slot, "key" for k and for an input shaped like k that way (it is
+    stored as k is: paged with a paged k). (None, None, why) for any other name."""
+    for side, t in (("query", env.q), ("key", env.k)):
+        if t is not None and name == t.name:
+            return side, "D", None
+    if name == "v":
+        return None, None, f"v is used only in `{ir.return_text()}`"
+    tensor = env.inputs.get(name)
+    if tensor is None:
+        what = "a param" if name in env.params else "a size" if name in env.sizes else "not a tensor"
+        return None, None, (f"{what}; a dot product joins q or a tensor shaped like q with k or a tensor shaped like "
+                            f"k{_did_you_mean(name, env.inputs)}")
+    for side, t in (("query", env.q), ("key", env.k)):
+        if t is None or len(t.shape) != len(tensor.shape) or "D" not in t.shape:
+            continue
+        slot = t.shape.index("D")
+        if all(a == b for n, (a, b) in enumerate(zip(t.shape, tensor.shape)) if n != slot):
+            if tensor.dtype != t.dtype:
+                return None, None, f"it is {tensor.dtype} but {t.name} is {t.dtype}; they must share one dtype"
+            return side, tensor.shape[slot], None
+    shapes = " or ".join(f"[{', '.join(t.shape)}]" for t in (env.q, env.k) if t is not None)
+    return None, None, (f"its shape [{', '.join(tensor.shape)}] is not q's or k's with a head dim of its own in "
+                        f"place of D (the layouts {shapes})")
+
+
 class _Typer:
     """Kinds ('int', 'float', 'bool') of expressions, reporting misuse where it happens; None after an error
     so that one mistake is reported once. The operators' rules come from the operator table (ops.py); each node
@@ -583,7 +627,7 @@ class _Typer:
         if isinstance(e, ir.IndexVar):
             return "int"
         if isinstance(e, ir.QK):
-            return "float"
+            return self._dot(e, here)
         if isinstance(e, ir.SizeRef):
             if e.name not in self.env.sizes:
                 self.report.error(f"size '{e.name}' appears in no tensor shape and no `dims`", here)
@@ -648,6 +692,29 @@ class _Typer:
         else:
             hint = _did_you_mean(e.fn, ops.FUNCTIONS) or f" (functions: {', '.join(ops.FUNCTIONS)})"
         self.report.error(f"unknown function '{e.fn}'{hint}", here)
+        return None
+
+    def _dot(self, e: ir.QK, here) -> str | None:
+        """`query @ key`: a query-side and a key-side tensor (q and k, or inputs shaped like them with a head dim of
+        their own) whose head dims are one size."""
+        ends = [dot_operand(self.env, name) for name in (e.query, e.key)]
+        for (side, _, problem), name in zip(ends, (e.query, e.key)):
+            if problem:
+                self.report.error(f"{name} cannot be in a dot product: {problem}", here)
+        if any(problem for _, _, problem in ends):
+            return None
+        (query_side, query_dim, _), (key_side, key_dim, _) = ends
+        if query_side == key_side:
+            self.report.error(f"a dot product of two {query_side}-side tensors ({e.query} and {e.key}): write "
+                              f"`query @ key`, a tensor shaped like q (a query-side one) on the left and one "
+                              f"shaped like k on the right", here)
+        elif query_side == "key":
+            self.report.error(f"{e.query} is key-side and {e.key} query-side: write `{e.key} @ {e.query}`", here)
+        elif query_dim != key_dim:
+            self.report.error(f"a dot product pairs one head dim, but {e.query}'s is {query_dim} and {e.key}'s is "
+                              f"{key_dim}", here)
+        else:
+            return "float"
         return None
 
     def _lookup(self, e: ir.Lookup, here) -> str | None:
@@ -719,11 +786,18 @@ class _Elaborator:
                          b.name.span)
         else:
             self._check_return(ret)
-        for name in ("q", "k", "v"):
+        shared = ret is not None and ret.value.text == "k"  # the values are the keys (latent attention)
+        for name in ("q", "k") if shared else ("q", "k", "v"):
             if name not in qkv:
                 report.error(f"attention {b.name.text} declares no {name}; add e.g. "
                              f"`{name}: bf16[{_QKV_EXAMPLE[name]}]`", b.name.span)
-        q, k, v = (qkv.get(n) for n in ("q", "k", "v"))
+        if shared and "v" in qkv:
+            report.error(f"v is declared, so write `@ v`, not `@ k` (`@ k` is for keys that are the values, "
+                         f"with no v)", ret.value.span)
+        q, k = qkv.get("q"), qkv.get("k")
+        v = k if shared else qkv.get("v")
+        if "kv" in storages:
+            self._check_storage_targets(storages["kv"][1], shared)
         dim_pairs = tuple(dims.items())
         q_storage, kv_storage = (storages[g][0] if g in storages else None for g in ("q", "kv"))
         inputs = self._storage_inputs(storages, inputs)
@@ -823,7 +897,7 @@ class _Elaborator:
             self.report.error(f"q cannot be paged: only k and v live in a page pool (q may be ragged); "
                               f"write `{usage}`", next(w.span for w in st.targets if w.text == "q"))
             return
-        if targets not in (["k", "v"], ["q"]):
+        if targets not in (["k", "v"], ["k"], ["q"]):
             message = (f"ragged q and ragged k, v are two statements (they may name the same offsets): "
                        f"`{_STATEMENTS['ragged', 'q']}` and `{usage}`" if "q" in targets
                        else f"k and v share their storage: write `{usage}`")
@@ -848,6 +922,16 @@ class _Elaborator:
         names = [w.text for w in st.tensors]
         node = ir.Paged(*names, span=st.span) if kind == "paged" else ir.Ragged(*names, span=st.span)
         storages[group] = (node, st)
+
+    def _check_storage_targets(self, st: StorageStmt, shared: bool) -> None:
+        """`paged k, v ...` where v is declared; `paged k ...` where the values are k."""
+        targets = sorted(w.text for w in st.targets)
+        if shared and targets == ["k", "v"]:
+            self.report.error(f"the values are k here (`{ir.return_text(value='k')}`), so there is no v to store: "
+                              f"write `{st.kind.text} k by ...`", st.span)
+        elif not shared and targets == ["k"]:
+            self.report.error(f"k and v share their storage: write `{_STATEMENTS[st.kind.text, 'kv']}` (or return "
+                              f"`@ k` where the values are the keys)", st.span)
 
     def _storage_inputs(self, storages: dict, inputs: list) -> list:
         """The declared inputs plus the index tensors the storage statements declare (one tensor may serve
@@ -875,9 +959,9 @@ class _Elaborator:
         elif kind.takes_sink and ret.sink_name is not None and ret.sink_name.text != "sink":
             # (a normalizer without a sink reports any `NAME=...` where the sink is checked)
             self.report.error(f"{kind.name} takes `sink=...`, not `{ret.sink_name.text}=...`", ret.sink_name.span)
-        if ret.value.text != "v":
-            self.report.error(f"the weights multiply the value tensor: write `@ v`, not `@ {ret.value.text}`",
-                              ret.value.span)
+        if ret.value.text not in ("v", "k"):
+            self.report.error(f"the weights multiply the value tensor: write `@ v` (or `@ k` where the keys are the "
+                              f"values), not `@ {ret.value.text}`", ret.value.span)
         if ret.extra is not None and ret.extra.text != "lse":
             self.report.error(f"the only second output is lse (the row log-sum-exp), not '{ret.extra.text}'",
                               ret.extra.span)

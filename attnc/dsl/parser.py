@@ -330,6 +330,11 @@ class _ToBlocks(Transformer):
         return ir.QK(span=self._span(meta))
 
     @v_args(meta=True)
+    def dot(self, meta, children):
+        query, key = children
+        return ir.QK(str(query), str(key), span=self._span(meta))
+
+    @v_args(meta=True)
     def score_ref(self, meta, _):
         return check.Name("score", self._span(meta))
 

@@ -22,7 +22,7 @@ rules of attnc/index_data.py (which the kernels check on the device).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Callable, Mapping
 
 import torch
@@ -34,7 +34,7 @@ from ..ir import (
     children, print_expr, walk,
 )
 from ..ops import op_of
-from .signature import Bound, bind, canonical_view, lse_shape, out_shape
+from .signature import Bound, bind, canonical_view, lse_shape, out_shape, positional_qkv
 
 # Scores are materialized at most this many elements at a time (batches x heads x query rows x keys).
 _CHUNK_ELEMS = 1 << 22
@@ -46,14 +46,16 @@ _LOG_WEIGHTS: Mapping[str, Callable] = {"exp": lambda s: s, "sigmoid": torch.nn.
 
 
 @checks_arguments
-def reference(spec: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, /, *, validate: bool = False,
+def reference(spec: Attention, *qkv: torch.Tensor, validate: bool = False,
               **kwargs: object) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """out (float64, q's layout with DV for D), or (out, lse) with lse float64 [B, H, M] ([H, T] for a ragged
-    q) when the spec returns lse. Params and input tensors are passed by name, as to a compiled kernel.
+    """reference(spec, q, k, v, **named) (or (spec, q, k, **named) where the spec's values are its keys): out
+    (float64, q's layout with DV for D), or (out, lse) with lse float64 [B, H, M] ([H, T] for a ragged q) when
+    the spec returns lse. Params and input tensors are passed by name, as to a compiled kernel.
     validate=True also raises a CallError for an out-of-range lookup that reaches the result (`check_lookups`)."""
     if not isinstance(spec, Attention):
         raise CallError(f"spec: expected an attnc.Attention (from attnc.parse or a decorator's .spec), got "
                         f"{type(spec).__name__}")
+    q, k, v = positional_qkv(spec, qkv, kwargs)
     bound = bind(spec, q, k, v, kwargs)
     heads, kv_heads, d, dv = (bound.sizes[r] for r in ("H", "HKV", "D", "DV"))
     group = heads // kv_heads  # query head h reads K/V head h // group
@@ -62,11 +64,16 @@ def reference(spec: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     lse = torch.empty(lse_shape(bound), dtype=torch.float64, device=device)
     env = _env(spec, bound)
     for seg in _segments(spec, bound, out, lse):
-        nb, m, n = seg.q.shape[0], seg.q.shape[2], seg.k.shape[2]
+        nb, m, n = seg.queries["q"].shape[0], seg.queries["q"].shape[2], seg.keys["k"].shape[2]
         for m0, m1, chunk in _chunks(env, seg.b0, nb, heads, m, n):
             # Grouping the query heads that share a K/V head as extra rows avoids copying K and V per head.
-            qk = seg.q[:, :, m0:m1].reshape(nb, kv_heads, group * (m1 - m0), d) @ seg.k.transpose(-1, -2)
-            p, row_lse = _weights(spec, replace(chunk, qk=qk.view(nb, heads, m1 - m0, n)))
+            dots = {}
+            for dot in (QK(), *spec.dots):  # (qk also gives the score's shape)
+                query = seg.queries[dot.query][:, :, m0:m1]
+                product = query.reshape(nb, kv_heads, group * (m1 - m0), query.shape[-1]) \
+                    @ seg.keys[dot.key].transpose(-1, -2)
+                dots[dot] = product.view(nb, heads, m1 - m0, n)
+            p, row_lse = _weights(spec, replace(chunk, qk=dots.pop(QK()), dots=dots))
             seg.lse[:, :, m0:m1] = row_lse
             pv = p.reshape(nb, kv_heads, group * (m1 - m0), n) @ seg.v
             seg.out[:, :, m0:m1] = pv.view(nb, heads, m1 - m0, dv)
@@ -154,12 +161,13 @@ def _chunks(env: _Env, b0: int, nb: int, heads: int, m: int, n: int):
 
 @dataclass(frozen=True)
 class _Segment:
-    """Batches b0 .. b0 + nb - 1 with one M and one N, as canonical float64 views: q [nb, H, M, D],
-    k [nb, HKV, N, D], v [nb, HKV, N, DV], and the out [nb, H, M, DV] and lse [nb, H, M] they write."""
+    """Batches b0 .. b0 + nb - 1 with one M and one N, as canonical float64 views: the query-side tensors of the
+    dot products by name (q [nb, H, M, D], ...), the key-side ones (k [nb, HKV, N, D], ...), v [nb, HKV, N, DV],
+    and the out [nb, H, M, DV] and lse [nb, H, M] they write."""
 
     b0: int
-    q: torch.Tensor
-    k: torch.Tensor
+    queries: Mapping[str, torch.Tensor]
+    keys: Mapping[str, torch.Tensor]
     v: torch.Tensor
     out: torch.Tensor
     lse: torch.Tensor
@@ -167,28 +175,49 @@ class _Segment:
 
 def _segments(spec: Attention, bound: Bound, out: torch.Tensor, lse: torch.Tensor):
     """Dense specs: chunks of whole batches. Ragged or paged ones: each sequence alone, sliced or gathered."""
-    qc, kc, vc = (canonical_view(t, decl).double() for t, decl in
-                  ((bound.q, spec.q), (bound.k, spec.k), (bound.v, spec.v)))
+    def view(t: torch.Tensor, decl: TensorDecl) -> torch.Tensor:
+        return canonical_view(t, decl).double()
+
+    queries = {"q": view(bound.q, spec.q)}
+    keys = {"k": view(bound.k, spec.k)}
+    values = view(bound.v, spec.v)
+    for dot in spec.dots:
+        for side, name in ((queries, dot.query), (keys, dot.key)):
+            if name not in side:
+                side[name] = view(bound.inputs[name], spec.input(name))
     out_c = canonical_view(out, spec.q)
     sequences = _sequences(spec, bound)
+
+    def segment(b0: int, query_rows, key_rows, out_rows, lse_rows) -> _Segment:
+        return _Segment(b0, {name: query_rows(t) for name, t in queries.items()},
+                        {name: key_rows(t) for name, t in keys.items()}, key_rows(values), out_rows(out_c),
+                        lse_rows(lse))
+
     if sequences is None:
         for b0, b1 in _batch_chunks(bound.sizes):
-            yield _Segment(b0, qc[b0:b1], kc[b0:b1], vc[b0:b1], out_c[b0:b1], lse[b0:b1])
+            def batches(t, b0=b0, b1=b1):
+                return t[b0:b1]
+            yield segment(b0, batches, batches, batches, batches)
         return
     page = bound.sizes.get("PAGE")
     for b, seq in enumerate(sequences):
         if isinstance(seq.keys, torch.Tensor):  # page ids: the pages' slots in order, cut at the sequence's length
-            k_b, v_b = (t[seq.keys].transpose(0, 1).reshape(t.shape[1], len(seq.keys) * page, t.shape[3])
-                        [:, :seq.n][None] for t in (kc, vc))
+            def key_rows(t, ids=seq.keys, n=seq.n):
+                return t[ids].transpose(0, 1).reshape(t.shape[1], len(ids) * page, t.shape[3])[:, :n][None]
         elif seq.keys is not None:
-            k_b, v_b = kc[:, seq.keys][None], vc[:, seq.keys][None]
+            def key_rows(t, rows=seq.keys):
+                return t[:, rows][None]
         else:
-            k_b, v_b = kc[b:b + 1], vc[b:b + 1]
+            def key_rows(t, b=b):
+                return t[b:b + 1]
         if seq.rows is None:
-            yield _Segment(b, qc[b:b + 1], k_b, v_b, out_c[b:b + 1], lse[b:b + 1])
+            def batch(t, b=b):
+                return t[b:b + 1]
+            yield segment(b, batch, key_rows, batch, batch)
         else:  # a ragged q is canonically [H, T, D] and its lse [H, T]
-            rows = seq.rows
-            yield _Segment(b, qc[:, rows][None], k_b, v_b, out_c[:, rows][None], lse[:, rows][None])
+            def packed(t, rows=seq.rows):
+                return t[:, rows][None]
+            yield segment(b, packed, key_rows, packed, packed)
 
 
 def _extents(spec: Attention, bound: Bound):
@@ -312,6 +341,7 @@ class _Env:
     inputs: Mapping[str, torch.Tensor]
     input_decls: Mapping[str, TensorDecl]
     device: torch.device
+    dots: Mapping[QK, torch.Tensor] = field(default_factory=dict)  # the other dot products (latent attention)
 
 
 def evaluate(e: Expr, env: _Env) -> torch.Tensor:
@@ -340,7 +370,7 @@ def _evaluate(e: Expr, value: Callable[[Expr], torch.Tensor], env: _Env) -> torc
     if isinstance(e, ParamRef):
         return env.params[e.name]
     if isinstance(e, QK):
-        return env.qk
+        return env.qk if e.is_qk else env.dots[e]
     if isinstance(e, Lookup):
         return _lookup(e, value, env)
     if isinstance(e, (Unary, Binary, Call)):

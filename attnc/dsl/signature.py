@@ -69,10 +69,24 @@ def bind(spec: Attention, q, k, v, kwargs: Mapping[str, object]) -> Bound:
 
 
 def call_usage(spec: Attention) -> str:
-    """How a kernel of `spec` is called: `name(q, k, v, *, window: i32 = 4096, slopes: f32[H])`."""
+    """How a kernel of `spec` is called: `name(q, k, v, *, window: i32 = 4096, slopes: f32[H])`, or `name(q, k,
+    ...)` where the values are the keys."""
     named = [f"{t.name}: {_decl_text(t)}" for t in spec.inputs]
     named += [f"{p.name}: {p.dtype}" + ("" if p.default is None else f" = {p.default}") for p in spec.params]
-    return f"{spec.name}(q, k, v{', *, ' if named else ''}{', '.join(named)})"
+    return f"{spec.name}(q, k{'' if spec.shares_kv else ', v'}{', *, ' if named else ''}{', '.join(named)})"
+
+
+def positional_qkv(spec: Attention, args: tuple, kwargs: Mapping[str, object]) -> tuple:
+    """q, k, v of a call `kernel(*args, **kwargs)`: `(q, k, v)`, or `(q, k)` where the values are the keys (then v
+    is k, one tensor that the kernels read once)."""
+    if spec.shares_kv and len(args) == 2:
+        return (*args, args[1])
+    if len(args) == 3 and not spec.shares_kv:
+        return args
+    if spec.shares_kv and len(args) == 3:
+        raise CallError(f"v: attention {spec.name!r} returns `@ k` (the keys are the values), so it takes no v; call "
+                        f"it as {call_usage(spec)}")
+    raise qkv_call_error(args, kwargs, lambda: call_usage(spec))
 
 
 _QKV_CALL = [*(inspect.Parameter(n, inspect.Parameter.POSITIONAL_ONLY) for n in ("q", "k", "v")),
@@ -96,8 +110,13 @@ def lse_shape(bound: Bound) -> tuple[int, ...]:
 
 
 def canonical_view(t: torch.Tensor, decl: TensorDecl) -> torch.Tensor:
-    """A q/k/v-shaped tensor (or the output, in q's layout) as [B, heads, sequence, head dim]; no copy."""
-    return t.permute(*sorted(range(len(decl.shape)), key=lambda axis: _ROLE_RANK[decl.shape[axis]]))
+    """A q/k/v-shaped tensor (or the output, in q's layout, or a tensor of a dot product, whose head dim may have a
+    name of its own) as [B, heads, sequence, head dim]; no copy. A k without a head axis (one K/V head, and the
+    tensors shaped like it) gets one of size 1."""
+    view = t.permute(*sorted(range(len(decl.shape)), key=lambda axis: _ROLE_RANK.get(decl.shape[axis], 3)))
+    if {"H", "HKV"} & set(decl.shape):
+        return view
+    return view.unsqueeze(1 if {"B", "PAGES"} & set(decl.shape) else 0)
 
 
 # ---------------------------------------------------------------- checks
@@ -146,7 +165,7 @@ def _bind_sizes(spec: Attention, tensors: list[tuple[TensorDecl, object]]) -> di
             raise CallError(f"{_where(name, tensors)} but the spec binds {name} = {value} at compile time "
                             f"(dims {name} = {value}); pass tensors with {name} = {value} or drop it from dims")
     _bind_storage_sizes(spec, sizes, tensors)
-    sizes.setdefault("HKV", sizes["H"])
+    sizes.setdefault("HKV", 1 if spec.one_kv_head else sizes["H"])
     sizes.setdefault("DV", sizes["D"])
     for name, n in sizes.items():
         if n < 1 and name not in MAY_BE_EMPTY:

@@ -21,11 +21,11 @@ from typing import Callable, overload
 
 import torch
 
-from ..errors import CallError, Diagnostic, TraceError, checks_arguments
+from ..errors import CallError, Diagnostic, TraceError
 from ..ops import UNARY_FUNCTIONS
 from ..ir import (
     NORMALIZERS, QK, ROLES, Attention, Expr, IndexVar, Normalizer, ParamDecl, ParamRef, SizeRef, Sigmoid, Softmax,
-    causal_mask, dtype_kind, make_attention,
+    TensorDecl, causal_mask, dtype_kind, make_attention, print_expr, walk,
 )
 from . import compiler, symbolic
 from .check import check_attention, number_problem, spec_name
@@ -76,9 +76,10 @@ class TracedTensor:
         raise trace_error(f"{self.name}.{name} cannot be traced; available: {_QKV_HELP}")
 
     def __matmul__(self, other) -> Sym:
-        if self.name == "q" and isinstance(other, TracedTensor) and other.name == "k":
-            return Sym(QK(span=user_span()), "float")
-        raise trace_error(f"only q @ k (the scores) and p @ v (with p = {_WEIGHT_FUNCTIONS}) can be traced")
+        if self.name == "q" and isinstance(other, (TracedTensor, InputTensor)) and other.name != "v":
+            return _dot(self, other)
+        raise trace_error(f"only q @ k (the scores), dot products of tensors shaped like q and like k (latent "
+                          f"attention: qr @ kr) and p @ v (with p = {_WEIGHT_FUNCTIONS}) can be traced")
 
     def __rmatmul__(self, other):
         raise trace_error(f"only the weights of a normalizer multiply {self.name}: p @ v with p = "
@@ -99,6 +100,17 @@ class InputTensor:
     def __getitem__(self, index) -> Sym:
         return symbolic.lookup(self.name, self.dtype, self.ndim, index)
 
+    def __matmul__(self, other) -> Sym:
+        """`qr @ kr`: a dot product of latent attention, this tensor shaped like q and `other` like k."""
+        if isinstance(other, (TracedTensor, InputTensor)) and other.name != "v":
+            return _dot(self, other)
+        raise trace_error(f"{self.name} @ ...: a dot product takes a tensor shaped like k on the right")
+
+
+def _dot(query, key) -> Sym:
+    """The symbolic score of one (query, key) pair of a dot product (the checker checks its sides and dims)."""
+    return Sym(QK(query.name, key.name, span=user_span()), "float")
+
 
 # How the normalizers are called here, for messages: "attnc.softmax(...) or attnc.sigmoid(...)".
 _WEIGHT_FUNCTIONS = " or ".join(f"attnc.{name}(...)" for name in NORMALIZERS)
@@ -114,10 +126,11 @@ class Probabilities:
     normalizer: Normalizer
 
     def __matmul__(self, other) -> "Output":
-        if not (isinstance(other, TracedTensor) and other.name == "v"):
+        if not (isinstance(other, TracedTensor) and other.name in ("v", "k")):
             name = self.normalizer.name
-            raise trace_error(f"{name} weights multiply the value tensor: write `attnc.{name}(s) @ v`")
-        return Output(self)
+            raise trace_error(f"{name} weights multiply the value tensor: write `attnc.{name}(s) @ v` (or `@ k` "
+                              f"where the keys are the values and the function takes no v)")
+        return Output(self, other.name)
 
     @property
     def lse(self) -> "Lse":
@@ -127,6 +140,7 @@ class Probabilities:
 @dataclass(frozen=True)
 class Output:
     probabilities: Probabilities
+    value: str = "v"  # k: the values are the keys
 
 
 @dataclass(frozen=True)
@@ -257,7 +271,7 @@ class AttentionFunction:
         self.fn = fn
         self.layout = layout
         self.backend = backend
-        self._params, self._inputs = _declared_arguments(fn)
+        self._params, self._inputs, self._shares_kv = _declared_arguments(fn)
         self._heads_axis = LAYOUTS[layout][1]
         self._specs: dict[tuple, Attention] = {}
         self._compiled: dict[tuple, tuple[Attention, object]] = {}  # signature -> (spec, kernel)
@@ -272,9 +286,9 @@ class AttentionFunction:
             raise CallError(f"{name}.spec: not traced yet; call {name}(q, k, v, ...) or {name}.trace(q, k, v, ...)")
         return self._last
 
-    @checks_arguments(usage=lambda args, kwargs: args[0].usage)
-    def trace(self, q, k, v, **kwargs) -> Attention:
+    def trace(self, *args, **kwargs) -> Attention:
         """The spec for these tensors' signature, without compiling."""
+        q, k, v = self._qkv(args, kwargs)
         for name in kwargs:
             if name not in self._inputs and not any(p.name == name for p in self._params):
                 known = ", ".join([*self._inputs, *(p.name for p in self._params)]) or "no keyword arguments"
@@ -283,16 +297,14 @@ class AttentionFunction:
         return self._last
 
     def __call__(self, *args, **kwargs):
-        if len(args) != 3:
-            raise qkv_call_error(args, kwargs, lambda: self.usage)
-        q, k, v = args
+        q, k, v = self._qkv(args, kwargs)
         signature = self._signature(q, k, v, kwargs)
         entry = self._compiled.get(signature)
         if entry is None:
             spec = self._spec(signature, q, k, v, kwargs)
             entry = self._compiled[signature] = (spec, compiler.compile_spec(spec, backend=self.backend))
         self._last = entry[0]
-        return entry[1](q, k, v, **kwargs)
+        return entry[1](q, k, **kwargs) if self._shares_kv else entry[1](q, k, v, **kwargs)
 
     @property
     def usage(self) -> str:
@@ -304,16 +316,25 @@ class AttentionFunction:
 
     # -- internals
 
+    def _qkv(self, args: tuple, kwargs: dict) -> tuple:
+        """q, k, v of a call: (q, k, v), or (q, k) for a function that takes no v (its values are k), v = k."""
+        if len(args) != (2 if self._shares_kv else 3):
+            raise qkv_call_error(args, kwargs, lambda: self.usage)
+        return (*args, args[1]) if self._shares_kv else args
+
     def _signature(self, q, k, v, kwargs) -> tuple:
         """What the trace depends on, read cheaply for the per-call look-up: dtypes, whether K/V have their own
-        head count and v its own head dim, the input tensors' dtypes and ranks."""
+        head count and v its own head dim, the input tensors' dtypes and ranks, and the last size of 4-dim inputs
+        (the head dim of a latent dot product, which the trace binds as a compile-time size)."""
         try:
             q_shape, k_shape, v_shape, h = q.shape, k.shape, v.shape, self._heads_axis
             if not len(q_shape) == len(k_shape) == len(v_shape) == 4:
                 raise IndexError
             signature = (q.dtype, k.dtype, v.dtype, k_shape[h] != q_shape[h], v_shape[3] != q_shape[3])
             if self._inputs:
-                signature += tuple([(kwargs[name].dtype, kwargs[name].dim()) for name in self._inputs])
+                signature += tuple([(kwargs[name].dtype, kwargs[name].dim(),
+                                     kwargs[name].shape[-1] if kwargs[name].dim() == 4 else None)
+                                    for name in self._inputs])
             return signature
         except (AttributeError, KeyError, IndexError, TypeError):
             self._explain_bad_call(q, k, v, kwargs)
@@ -339,31 +360,64 @@ class AttentionFunction:
         args.update({name: InputTensor(name, symbolic.ir_dtype(t, name), t.dim()) for name, t in tensors.items()})
         label = f"@attnc.attention function {self.fn.__name__!r}"
         tracer = symbolic.Tracer(label, capture_hint=" from outside; pass tensors as keyword arguments annotated attnc.Tensor")
+        traced = [TracedTensor("q"), TracedTensor("k")] + ([] if self._shares_kv else [TracedTensor("v")])
         with symbolic.tracing(tracer):
-            result = self.fn(TracedTensor("q"), TracedTensor("k"), TracedTensor("v"), **args)
-        p, returns_lse = _returned(result, self.fn)
+            result = self.fn(*traced, **args)
+        p, returns_lse, value = _returned(result, self.fn)
+        span = function_span(self.fn)
+        if (value == "k") != self._shares_kv:
+            raise TraceError(Diagnostic(
+                f"{self.fn.__name__} returns `p @ {value}`, but " + (
+                    "takes no v: return `p @ k` (the keys are the values)" if self._shares_kv else
+                    "takes v: return `p @ v`, or drop v from its arguments where the keys are the values"), span))
+        inputs = symbolic.input_decls([p.score, *p.masks, p.normalizer.sink], tensors, span)
+        inputs, dims = _dot_operands(p.score, inputs, tensors, q_decl, k_decl)
         spec = make_attention(
-            spec_name(self.fn.__name__, "traced_attention"), q_decl, k_decl, v_decl, params=self._params,
-            inputs=symbolic.input_decls([p.score, *p.masks, p.normalizer.sink], tensors, function_span(self.fn)),
-            score=p.score, masks=p.masks, normalizer=p.normalizer, returns_lse=returns_lse,
-            span=function_span(self.fn))
+            spec_name(self.fn.__name__, "traced_attention"), q_decl, k_decl, k_decl if self._shares_kv else v_decl,
+            dims=dims, params=self._params, inputs=inputs, score=p.score, masks=p.masks, normalizer=p.normalizer,
+            returns_lse=returns_lse, span=span)
         check_attention(spec)
         return spec
 
 
-def _returned(result, fn) -> tuple[Probabilities, bool]:
+def _dot_operands(score: Expr, inputs: tuple[TensorDecl, ...], tensors: dict[str, torch.Tensor], q: TensorDecl,
+                  k: TensorDecl) -> tuple[tuple[TensorDecl, ...], dict[str, int]]:
+    """The inputs with each tensor of a latent dot product (`qr @ kr`) declared as q's shape (query-side) or k's
+    (key-side) with its own head dim in the D slot, both sides naming it DR (then DR2, DR3, ... in the order of
+    the dot products' text), as the docs' specs do, so that the same spec in text has the same key. The size is
+    bound to the query tensor's, as a dot product's head dim must be at compile time; the checker verifies the
+    pairing."""
+    by_name = {t.name: t for t in inputs}
+    declared = set()  # a tensor takes the side of its first use (`qr @ qr` is then two query-side tensors)
+    dims = {}
+    slot = q.shape.index("D")
+    dots = sorted({n for n in walk(score) if isinstance(n, QK) and not n.is_qk}, key=print_expr)
+    for n, dot in enumerate(dots):
+        dim = "DR" if n == 0 else f"DR{n + 1}"
+        for name, like in ((dot.query, q), (dot.key, k)):
+            if name in by_name and name not in declared and tensors[name].dim() == len(like.shape):
+                declared.add(name)
+                by_name[name] = replace(by_name[name], shape=like.shape[:slot] + (dim,) + like.shape[slot + 1:])
+        if dot.query in tensors and tensors[dot.query].dim() == len(q.shape):
+            dims[dim] = tensors[dot.query].shape[slot]
+    return tuple(by_name[t.name] for t in inputs), dims
+
+
+def _returned(result, fn) -> tuple[Probabilities, bool, str]:
+    """The weights, whether lse is returned, and the value tensor ("v", or "k" where the keys are the values)."""
     if isinstance(result, Output):
-        return result.probabilities, False
+        return result.probabilities, False, result.value
     if (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], Output)
             and isinstance(result[1], Lse) and result[1].probabilities is result[0].probabilities):
-        return result[0].probabilities, True
+        return result[0].probabilities, True, result[0].value
     raise TraceError(Diagnostic(
         f"{fn.__name__} must return `p @ v` or `p @ v, p.lse` with p = {_WEIGHT_FUNCTIONS}, "
         f"not {type(result).__name__}", function_span(fn)))
 
 
-def _declared_arguments(fn) -> tuple[tuple[ParamDecl, ...], tuple[str, ...]]:
-    """Params (keyword-only numbers) and inputs (keyword-only attnc.Tensor) of a decorated function."""
+def _declared_arguments(fn) -> tuple[tuple[ParamDecl, ...], tuple[str, ...], bool]:
+    """Params (keyword-only numbers) and inputs (keyword-only attnc.Tensor) of a decorated function, and whether
+    it takes (q, k) alone: latent attention, whose values are the keys."""
     span = function_span(fn)
     try:
         signature = inspect.signature(fn, eval_str=True)
@@ -372,13 +426,13 @@ def _declared_arguments(fn) -> tuple[tuple[ParamDecl, ...], tuple[str, ...]]:
     kinds = inspect.Parameter
     arguments = list(signature.parameters.values())
     positional = [a for a in arguments if a.kind in (kinds.POSITIONAL_ONLY, kinds.POSITIONAL_OR_KEYWORD)]
-    if len(positional) != 3 or any(a.kind in (kinds.VAR_POSITIONAL, kinds.VAR_KEYWORD) for a in arguments):
+    if len(positional) not in (2, 3) or any(a.kind in (kinds.VAR_POSITIONAL, kinds.VAR_KEYWORD) for a in arguments):
         raise TraceError(Diagnostic(
             f"{fn.__name__} must take q, k, v positionally and everything else keyword-only, as in "
-            f"`def {fn.__name__}(q, k, v, *, slopes: attnc.Tensor, cap: float = 50.0)` (no *args, **kwargs)",
-            span))
+            f"`def {fn.__name__}(q, k, v, *, slopes: attnc.Tensor, cap: float = 50.0)` (no *args, **kwargs); "
+            f"or q, k alone where the keys are the values (latent attention, returning `p @ k`)", span))
     params, inputs = [], []
-    for a in arguments[3:]:
+    for a in arguments[len(positional):]:
         kind = _ANNOTATIONS.get(a.annotation) if a.annotation is not kinds.empty else _kind_of_default(a.default)
         if kind is None:
             raise TraceError(Diagnostic(
@@ -391,7 +445,7 @@ def _declared_arguments(fn) -> tuple[tuple[ParamDecl, ...], tuple[str, ...]]:
             inputs.append(a.name)
         else:
             params.append(ParamDecl(a.name, kind, _param_default(fn, a, kind, span), span=span))
-    return tuple(params), tuple(inputs)
+    return tuple(params), tuple(inputs), len(positional) == 2
 
 
 def _kind_of_default(default) -> str | None:

@@ -118,8 +118,8 @@ def decode_launch(plan: KernelPlan, sizes: Mapping[str, int], sm_count: int) -> 
     b, heads, group = sizes["B"], sizes["H"], sizes["H"] // sizes["HKV"]
     ragged_q = plan.spec.q_storage is not None
     m = -(-sizes["T"] // b) if ragged_q else sizes["M"]
-    dense = not ragged_q and plan.spec.kv_storage is None
-    if dense and m > d.dense_max_m:
+    prefill_serves = not plan.spec.decode_only  # a dense spec's launch may go to the prefill kernel
+    if prefill_serves and m > d.dense_max_m:
         return None
     tiles = decode_tiles(plan, m, group)
     block_mq = tiles.block_mq
@@ -139,7 +139,7 @@ def decode_launch(plan: KernelPlan, sizes: Mapping[str, int], sm_count: int) -> 
         wanted = PROGRAMS_PER_SM * sm_count // max(programs, 1)
         splits = max(1, min(wanted, d.max_splits, key_tiles // d.min_split_tiles))
         splits = -(-key_tiles // -(-key_tiles // splits)) if key_tiles else 1
-    if splits == 1 and dense and (m > 1 or plan.masks.data_dependent):
+    if splits == 1 and prefill_serves and (m > 1 or plan.masks.data_dependent):
         return None  # the prefill kernel: measured only at M = 1 to lose to this one; its tile summary skips tiles
     return DecodeLaunch(tiles, splits, q_programs, head_programs, max(0, b - 1).bit_length(),
                         decode_kernel(plan, tiles, splits > 1),

@@ -34,9 +34,9 @@ def summary_kernel(tiles: LaunchTiles) -> KernelLaunch:
 
 def list_kernels(plan: KernelPlan) -> KernelPlan:
     found: dict[KernelLaunch, None] = {}
-    storage = plan.spec.q_storage is not None or plan.spec.kv_storage is not None
+    storage = plan.spec.decode_only
     groups = group_classes(plan)
-    if not storage:  # ragged and paged specs run every launch on the decode kernel
+    if not storage:  # ragged, paged and latent specs run every launch on the decode kernel
         for m in prefill_m_classes(plan):
             for group in groups:
                 tiles = launch_tiles(plan, m, group)

@@ -62,6 +62,15 @@ def plan_kernel(spec: Attention, target: Target, head_dim: int, value_dim: int,
 def plan_steps(spec: Attention, target: Target, head_dim: int, value_dim: int,
                options: PlanOptions = PlanOptions(), check: bool = True) -> Iterator[tuple[str, KernelPlan]]:
     """("spec", the empty plan), then (pass name, the plan after it) for each pass (`attnc explain` shows them)."""
+    if spec.is_latent and target.backend != "triton":
+        raise CompileError(f"attention {spec.name!r} is multi-head latent attention (a dot product other than qk, or "
+                           f"keys that are the values), which runs on backend='triton' only (CUDA tensors, or the "
+                           f"Triton interpreter on the CPU with TRITON_INTERPRET=1); the {target.backend} backend "
+                           f"has no kernel for it")
+    unbound = [d for d in (spec.dot_dim(dot) for dot in spec.dots) if d != "D" and d not in spec.dim_values]
+    if unbound:
+        raise CompileError(f"attention {spec.name!r}: the head dim {unbound[0]} of a dot product sizes a kernel's "
+                           f"tile, so bind it at compile time with `dims {unbound[0]} = ...`")
     plan = KernelPlan(spec=spec, spec_key=spec.key, target=target, head_dim=head_dim, value_dim=value_dim, options=options)
     yield "spec", plan
     for step in pipeline(target.backend):

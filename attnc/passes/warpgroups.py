@@ -39,6 +39,8 @@ def unavailable(plan: KernelPlan) -> str:
         return f"sm_{arch}: warpgroup MMA is sm_90 only"
     if spec.q_storage is not None or spec.kv_storage is not None:
         return "ragged or paged storage runs the decode kernel"
+    if spec.is_latent:
+        return "latent attention (a second dot product, or values that are the keys) runs the decode kernel"
     dtypes = {spec.q.dtype, spec.k.dtype, spec.v.dtype}
     if len(dtypes) > 1 or plan.dtype not in GLUON_DTYPES:
         return f"q, k, v are {'/'.join(sorted(dtypes))}: the Gluon kernel takes one of {', '.join(GLUON_DTYPES)}"

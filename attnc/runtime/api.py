@@ -78,10 +78,11 @@ def emit_plan(spec: Attention) -> str:
 
 
 def emit_triton(spec: Attention) -> str:
+    from ..backends.triton.decode import generate_decode
     from ..backends.triton.generate import generate
 
     plan, note = _show_plan(spec)
-    return note + generate(plan)
+    return note + (generate_decode(plan) if spec.is_latent else generate(plan))  # latent: the decode kernel only
 
 
 def emit_gluon(spec: Attention) -> str:

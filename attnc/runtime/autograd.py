@@ -86,7 +86,8 @@ def attention_op(key: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, in
                  params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse) of kernel `key`."""
     entry = _entry(key)
-    out, lse = entry.forward(q, k, v, **entry.kwargs(inputs, params))
+    qkv = (q, k) if entry.spec.shares_kv else (q, k, v)  # (latent attention: v is k, and the kernel takes no v)
+    out, lse = entry.forward(*qkv, **entry.kwargs(inputs, params))
     return out.contiguous(), lse.contiguous()  # the strides the fake promises (torch.compile checks them)
 
 
@@ -175,6 +176,13 @@ def call(kernel: "kernel.Kernel", q, k, v, kwargs: dict):
     spec = kernel.spec
     if not torch.compiler.is_compiling():
         bind(spec, q, k, v, kwargs)  # argument errors as CallErrors before the op (torch.compile: at run time)
+    if kernel.latent and torch.is_grad_enabled():
+        wanting = next((name for name, t in (("q", q), ("k", k), ("v", v), *kwargs.items())
+                        if isinstance(t, torch.Tensor) and t.requires_grad), None)
+        if wanting is not None:
+            raise CallError(f"{wanting}: requires grad, but attention {spec.name!r} is multi-head latent attention, "
+                            f"which has no backward kernels yet (forward only); call it under torch.no_grad() or "
+                            f"pass {wanting}.detach()")
     key = kernel.op_key
     inputs = [kwargs[t.name] for t in spec.inputs]
     params = torch.tensor([kwargs[p.name] if p.name in kwargs else p.default for p in spec.params],

@@ -146,6 +146,8 @@ class TunedKernel:
         self._input_names = tuple(t.name for t in spec.inputs)
 
     def __call__(self, *args, validate: bool = False, **kwargs):
+        if self.spec.decode_only:  # no prefill tile to tune
+            return self.plain(*args, validate=validate, **kwargs)
         if len(args) != 3:
             raise qkv_call_error(args, kwargs, lambda: call_usage(self.spec))
         q, k, v = args
@@ -160,8 +162,6 @@ class TunedKernel:
 
     def _kernel_for(self, q, k, v, kwargs: dict) -> Kernel:
         spec = self.spec
-        if spec.q_storage is not None or spec.kv_storage is not None:
-            return self.plain
         backend = self.backend or default_backend(q.device)
         sizes = bind(spec, q, k, v, kwargs).sizes
         if backend != "triton" or sizes["M"] <= DECODE_MAX_M:

@@ -15,7 +15,7 @@ import torch
 from .. import index_data
 from . import autograd
 from ..backends import device_errors, get_backend
-from ..dsl.signature import Bound, bind, call_usage, qkv_call_error
+from ..dsl.signature import Bound, bind, positional_qkv
 from ..errors import CompileError
 from ..ir import Attention
 from ..passes import KernelPlan, PlanOptions, plan_kernel
@@ -95,14 +95,16 @@ class Kernel:
         self.deterministic = deterministic
         self._impls: dict[tuple, Callable[[Bound], object]] = {}
         self._input_names = tuple(t.name for t in spec.inputs)
+        # read here, not in a call that torch.compile traces (Dynamo cannot enter cached_property's lock)
+        self.latent = spec.is_latent
         # call_key -> a launch that repeats a checked call (Backend.build's `run`): the per-call fast path
         self._prepared: dict[tuple, Callable] = {}
         self.op_key = autograd.register(self)  # its name in the attnc::attention ops (training, torch.compile)
 
     def __call__(self, *args: torch.Tensor, validate: bool = False, **kwargs: object) -> Result:
         """kernel(q, k, v, **params_and_inputs) -> out, or (out, lse); `validate`: see the module docstring."""
-        if len(args) != 3:
-            raise qkv_call_error(args, kwargs, lambda: call_usage(self.spec))
+        if len(args) != 3 or self.spec.shares_kv:
+            args = positional_qkv(self.spec, args, kwargs)
         q, k, v = args
         if autograd.needs_op(q, k, v, kwargs):
             return autograd.call(self, q, k, v, kwargs)

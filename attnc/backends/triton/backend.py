@@ -26,9 +26,8 @@ class TritonBackend:
         return Target("triton", "cpu", None)
 
     def build(self, plan: KernelPlan) -> TritonLauncher:
-        storage = plan.spec.q_storage is not None or plan.spec.kv_storage is not None
         # sm_90: the Gluon warpgroup kernel takes the prefill launches the plan gives it (passes/warpgroups.py)
-        return gluon.launcher(plan, launcher_for(plan, None if storage else load_module(plan)))
+        return gluon.launcher(plan, launcher_for(plan, None if plan.spec.decode_only else load_module(plan)))
 
     def build_backward(self, plan: KernelPlan) -> BackwardLauncher:
         return BackwardLauncher(plan)

@@ -7,8 +7,9 @@ it records in the error buffer by their place in `spec.inputs`.
 from __future__ import annotations
 
 from ... import index_data
-from ...ir import Paged, Ragged
+from ...ir import Paged, Ragged, TensorDecl
 from ...passes.plan import KernelPlan
+from ...passes.tiling import next_pow2
 from .. import names
 from .generate import shared_hooks, template
 from .signature import COMBINE_SIGNATURE, decode_signature, spec_args
@@ -56,9 +57,54 @@ def generate_decode(plan: KernelPlan) -> str:
         kv_storage="paged" if isinstance(kv, Paged) else "ragged" if isinstance(kv, Ragged) else "dense",
         index_data=spec.q_storage is not None or kv is not None,
         offsets=offsets,
+        dots=latent_dots(plan),
+        shares_kv=spec.shares_kv,
         err=ERROR_CONSTANTS,
         **storage,
     )
+
+
+def latent_dots(plan: KernelPlan) -> list[dict]:
+    """The dot products of latent attention beyond qk (`qr @ kr`), each as the decode template reads it: its
+    tile's name (the emitter's, emit.dot_tile), its query-side tile (loaded once per program, as q's: `query`, in
+    [BLOCK_M, width]) and the pieces of its key-side tile's address (`base` per program, `columns` per key tile:
+    the rows of k's storage), `width` the head dim's block and `dim` its size (D, or bound by `dims`)."""
+    spec = plan.spec
+    dots = []
+    for n, dot in enumerate(spec.dots):
+        if dot.is_qk:
+            continue
+        query, key = spec.input(dot.query), spec.input(dot.key)
+        dim = spec.dot_dim(dot)
+        size = plan.head_dim if dim == "D" else spec.dim_values[dim]
+        qa, ka = _axes(query), _axes(key)
+        offs = f"offs_dot{n}"
+        rows = "q_rows" if spec.q_storage is not None else "i_row.to(tl.int64)"
+        batch = "" if "B" not in qa else f"b * {names.stride(query.name, qa['B'])} + "
+        head_axis = ka.get("HKV", ka.get("H"))
+        head = "" if head_axis is None else f" + kvh * {names.stride(key.name, head_axis)}"  # none: one K/V head
+        if isinstance(spec.kv_storage, Paged):
+            base = f"{names.tensor(key.name)}{head}"
+            columns = (f"page * {names.stride(key.name, ka['PAGES'])} + slot * "
+                       f"{names.stride(key.name, ka['PAGE'])}")
+        else:
+            seq = names.stride(key.name, ka["TK" if "TK" in ka else "N"])
+            start = f" + k_row0 * {seq}" if isinstance(spec.kv_storage, Ragged) else ""
+            batch_k = f" + b * {names.stride(key.name, ka['B'])}" if "B" in ka else ""
+            base = f"{names.tensor(key.name)}{batch_k}{start}{head}"
+            columns = f"j_col.to(tl.int64) * {seq}"
+        dots.append(dict(
+            tile=f"qk_{n}", query_tile=f"qdot{n}_tile", key_tile=f"kdot{n}_tile", key_base=f"kdot{n}_base",
+            offs=offs, width=max(16, next_pow2(size)), dim=str(size), base=base,
+            columns=columns, key_dim_stride=names.stride(key.name, ka[dim]),
+            query=(f"{names.tensor(query.name)} + {batch}h_row[:, None] * {names.stride(query.name, qa['H'])} + "
+                   f"{rows}[:, None] * {names.stride(query.name, qa['T' if 'T' in qa else 'M'])} + "
+                   f"{offs}[None, :] * {names.stride(query.name, qa[dim])}")))
+    return dots
+
+
+def _axes(t: TensorDecl) -> dict[str, int]:
+    return {name: axis for axis, name in enumerate(t.shape)}
 
 
 # The record layout and violation kinds as the kernel's constexprs (ERR_COUNT, ..., ERR_PAGE_ID).

@@ -24,6 +24,12 @@ from .. import names
 
 SCALAR, ROW, COL, TILE = 0, 1, 2, 3
 
+
+def dot_tile(spec: Attention, dot: QK) -> str:
+    """The name of a dot product's score tile: qk, or qk_n for the n-th of the spec's dot products (latent
+    attention's `qr @ kr`; only the decode template computes those)."""
+    return "qk" if dot.is_qk else f"qk_{spec.dots.index(dot)}"
+
 POSITION_LIMIT = 2 ** 30  # i and j are int32 in the kernel; sums and differences of two still fit
 _INT32 = (-2 ** 31, 2 ** 31 - 1)
 _POSITIONS = {"i", "j"}
@@ -186,7 +192,7 @@ class Emitter:
         if isinstance(e, ParamRef):
             return Value(names.param(e.name), SCALAR, kind)
         if isinstance(e, QK):
-            return Value("qk", TILE, "float")
+            return Value(dot_tile(self.spec, e), TILE, "float")
         if isinstance(e, Lookup):
             return self._lookup(e, kind)
         if isinstance(e, (Unary, Binary, Call)):

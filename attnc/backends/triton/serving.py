@@ -197,9 +197,9 @@ class SplitKVLauncher(launch.TritonLauncher):
 
 def launcher_for(plan: KernelPlan, prefill: ModuleType | None, decode: ModuleType | None = None):
     """The launcher of a plan, given the modules holding its kernels (None: generated and loaded through the
-    kernel cache when first needed): ragged and paged specs run every launch on the decode kernels, dense ones
-    on the prefill kernel and, where the plan splits keys for small M, on the decode kernels too."""
-    if plan.spec.q_storage is not None or plan.spec.kv_storage is not None:
+    kernel cache when first needed): ragged, paged and latent specs run every launch on the decode kernels, dense
+    ones on the prefill kernel and, where the plan splits keys for small M, on the decode kernels too."""
+    if plan.spec.decode_only:
         return DecodeLauncher(plan, decode)
     if plan.decode.dense_max_m:
         return SplitKVLauncher(plan, prefill, decode)
