@@ -313,7 +313,7 @@ def _qkv_slots(report: _Report, t: ir.TensorDecl, kind: str, one_head: bool = Fa
                     and not (one_head and slot_names[slot] == "head")), None)
     if missing is not None:
         hint = (" (one K/V head may go without its axis only where the values are the keys, as MLA's latent cache: "
-                "`return softmax(score) @ k`)" if slot_names[missing] == "head" and t.name != "q" else "")
+                "a return line that ends in `@ k`)" if slot_names[missing] == "head" and t.name != "q" else "")
         report.error(f"{t.name}'s shape lacks its {slot_names[missing]} size {' or '.join(roles[missing])}; "
                      f"write e.g. {t.name}: {t.dtype}[{_EXAMPLES[kind][t.name]}]{hint}", t.span)
         return None
