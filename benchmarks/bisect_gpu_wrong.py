@@ -17,8 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import attnc  # noqa: E402
-from attnc.dsl.signature import TORCH_DTYPES  # noqa: E402
-from test_property import generate, make_tensor  # noqa: E402
+from test_property import case_inputs, generate  # noqa: E402
 
 
 def variants(text: str, dtype: str) -> dict[str, str]:
@@ -45,14 +44,7 @@ def error(text: str, g, seed: int, device: str) -> str:
         (spec,) = attnc.parse(text)
     except attnc.AttncError as e:
         return f"not a spec ({type(e).__name__})"
-    gen = torch.Generator().manual_seed(seed)
-    dtype = TORCH_DTYPES[spec.q.dtype]
-    q, k, v = (torch.randn([g.sizes[d] for d in decl.shape], generator=gen).to(device, dtype)
-               for decl in (spec.q, spec.k, spec.v))
-    kwargs = {name: make_tensor(t, g.sizes, gen, device) for name, t in g.tables.items()}
-    kwargs.update(g.params)
-    names = {t.name for t in spec.inputs} | {p.name for p in spec.params}
-    kwargs = {name: value for name, value in kwargs.items() if name in names}
+    q, k, v, kwargs = case_inputs(spec, g, seed, device)
     want = attnc.reference(spec, q, k, v, **kwargs)
     got = attnc.compile(spec)(q, k, v, **kwargs)
     if spec.returns_lse:

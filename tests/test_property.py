@@ -290,14 +290,22 @@ def make_tensor(t: Table, sizes: dict[str, int], gen: torch.Generator, device: s
     return x.to({"f32": torch.float32, "i32": torch.int32, "i64": torch.int64, "bool": torch.bool}[t.dtype]).to(device)
 
 
-def run_case(g: Generated, seed: int, backend: str | None, device: str = "cpu"):
-    (spec,) = attnc.parse(g.text, filename=f"<property seed {seed}>")
+def case_inputs(spec, g: Generated, seed: int, device: str) -> tuple:
+    """q, k, v and the keyword arguments of `spec` (g's spec, or a variant of it that reads fewer of g's tables
+    and params), seeded by `seed`."""
     gen = torch.Generator().manual_seed(seed)
     dtype = TORCH_DTYPES[spec.q.dtype]
     q, k, v = (torch.randn([g.sizes[d] for d in decl.shape], generator=gen).to(device, dtype)
                for decl in (spec.q, spec.k, spec.v))
     kwargs = {name: make_tensor(t, g.sizes, gen, device) for name, t in g.tables.items()}
     kwargs.update(g.params)
+    names = {t.name for t in spec.inputs} | {p.name for p in spec.params}
+    return q, k, v, {name: value for name, value in kwargs.items() if name in names}
+
+
+def run_case(g: Generated, seed: int, backend: str | None, device: str = "cpu"):
+    (spec,) = attnc.parse(g.text, filename=f"<property seed {seed}>")
+    q, k, v, kwargs = case_inputs(spec, g, seed, device)
     want = attnc.reference(spec, q, k, v, **kwargs)
     got = attnc.compile(spec, backend=backend)(q, k, v, **kwargs)
     check(spec, got, want, g)
