@@ -297,7 +297,8 @@ def test_direct_launch_calls_triton_36s_c_launcher_with_cached_scratch(monkeypat
 
     monkeypatch.setattr(scratch, "scratch", fake_scratch)
     run = CudaLauncher()
-    compiled = types.SimpleNamespace(run=run, function=77, packed_metadata=("meta",))
+    compiled = types.SimpleNamespace(run=run, function=77, packed_metadata=("meta",),
+                                     metadata=types.SimpleNamespace(global_scratch_size=0))
     direct = launch.DirectLaunch(compiled, 0, lambda: 0, lambda index: 5)
     for stream in (5, 5, 6):
         direct.launch(stream, (3, 4), [10, 20])

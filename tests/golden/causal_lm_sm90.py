@@ -3,10 +3,6 @@
 import triton
 import triton.language as tl
 
-from attnc.backends.triton import scratch
-
-scratch.install()  # device-side tensor descriptors need global scratch at each launch
-
 INF = tl.constexpr(float("inf"))
 BIG = tl.constexpr(2 ** 31 - 1)
 LN2 = tl.constexpr(0.6931471805599453)

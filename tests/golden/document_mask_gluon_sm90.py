@@ -7,10 +7,6 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait,
 )
 
-from attnc.backends.triton import scratch
-
-scratch.install()  # device-side tensor descriptors need global scratch at each launch
-
 INF = tl.constexpr(float("inf"))
 BIG = tl.constexpr(2 ** 31 - 1)
 LN2 = tl.constexpr(0.6931471805599453)

@@ -83,7 +83,6 @@ def generate(plan: KernelPlan) -> str:
         data_dependent=masks.data_dependent,
         summary_prologue="\n".join(summary_prologue), summary_lines="\n".join(summary_lines),
         tma=plan.triton.tma,
-        set_allocator=plan.triton.tma and plan.target.arch is not None,  # the interpreter needs no scratch
         ws_arg=", warp_specialize=True" if plan.triton.warp_specialize and plan.triton.tma else "",
     )
 

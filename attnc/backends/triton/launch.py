@@ -334,7 +334,10 @@ class DirectLaunch:
         self.current_device, self.current_stream = current_device, current_stream
         self.hooks = knobs.runtime
         self.raw = _raw_launch(compiled.run)
-        if self.raw is not None:
+        if self.raw is None:
+            # Triton's own launcher asks the launching thread's allocator for global scratch (scratch.install)
+            self.asks_allocator = getattr(compiled.metadata, "global_scratch_size", 1) > 0
+        else:
             run = compiled.run
             self.flags = (run.launch_cooperative_grid, run.launch_pdl)
             self.scratch_bytes = run.global_scratch_size * run.num_ctas  # per program
@@ -351,7 +354,8 @@ class DirectLaunch:
 
     def launch(self, stream, grid: tuple[int, int], args: list) -> None:
         if self.raw is None:
-            scratch.install()
+            if self.asks_allocator:
+                scratch.install()
             self.run(grid[0], grid[1], 1, stream, self.function, self.metadata, None, None, None, *args)
             return
         scratch_ptr = None

@@ -23,9 +23,9 @@ def scratch(size: int, alignment: int, stream) -> torch.Tensor:
 
 
 def install() -> None:
-    """Make `scratch` Triton's allocator for the calling thread. Triton keeps it in a ContextVar: a thread other
-    than the one that imported the kernel module (autograd's backward thread, a server's worker) has none, so each
-    launch through Triton's launcher installs it first."""
+    """Make `scratch` Triton's allocator for the calling thread. Triton keeps it in a ContextVar, so a thread that
+    did not set it (autograd's backward thread, a server's worker) has none: each launch through Triton's launcher
+    of a kernel that may need scratch (device-side tensor descriptors) installs it first."""
     import triton
 
     triton.set_allocator(scratch)
