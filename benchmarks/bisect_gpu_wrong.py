@@ -5,11 +5,16 @@ removed. Open case: seed 1004 (tests/test_property.py GPU_WRONG), wrong on the H
 
     python3 benchmarks/bisect_gpu_wrong.py --seed 1004 [--dtype bf16] [--device cuda]
 
-Prints one line per variant: the largest output error relative to the reference's largest element."""
+Prints one line per variant: the largest output error relative to the reference's largest element, or the
+fault that ended it. Each variant runs in a process of its own (a CUDA fault ends the process's context), with
+CUDA_LAUNCH_BLOCKING=1 so a fault names its launch; `--sanitize` runs the first variant under compute-sanitizer
+memcheck and prints its first report."""
 from __future__ import annotations
 
 import argparse
+import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -53,16 +58,38 @@ def error(text: str, g, seed: int, device: str) -> str:
     return f"{err / max(1.0, want.abs().max().item()):.3g}"
 
 
+def in_own_process(args, name: str, sanitize: bool = False) -> str:
+    """`error` of one variant in a fresh process: its result, or the last lines of the fault that ended it."""
+    command = [sys.executable, __file__, "--seed", str(args.seed), "--dtype", args.dtype, "--device", args.device,
+               "--variant", name]
+    if sanitize:
+        command = ["compute-sanitizer", "--tool", "memcheck", "--print-limit", "3", *command]
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "CUDA_LAUNCH_BLOCKING": "1"},
+                          timeout=300)
+    if done.returncode == 0 and not sanitize:
+        return done.stdout.strip().splitlines()[-1]
+    text = (done.stdout + done.stderr).strip().splitlines()
+    return "\n".join(text[:60] if sanitize else ["fault:"] + text[-8:])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seed", type=int, default=1004)
     parser.add_argument("--dtype", default="bf16")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--variant", help="run this variant alone, here (what each child process does)")
+    parser.add_argument("--sanitize", action="store_true", help="the first variant under compute-sanitizer")
     args = parser.parse_args()
     g = generate(args.seed, args.dtype, large=True)
+    texts = variants(g.text, args.dtype)
+    if args.variant is not None:
+        print(error(texts[args.variant], g, args.seed, args.device), flush=True)
+        return
     print(g.describe(), flush=True)
-    for name, text in variants(g.text, args.dtype).items():
-        print(f"{error(text, g, args.seed, args.device):>12}  {name}", flush=True)
+    if args.sanitize:
+        print(in_own_process(args, next(iter(texts)), sanitize=True), flush=True)
+    for name in texts:
+        print(f"{in_own_process(args, name):>12}  {name}", flush=True)
 
 
 if __name__ == "__main__":

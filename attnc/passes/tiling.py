@@ -64,17 +64,18 @@ class BackwardRow(Row):
     dq: TileConfig  # block_m: the query rows a program holds; block_n: keys per step
 
 
-# The backward's tiles (plan.BackwardPlan), first matching row wins. Not timed on a GPU yet. The sm_90 rows are the
-# largest tiles that ptxas compiled without spilling (Triton 3.9, causal bf16, compiled without a GPU; the stack
-# bytes per thread of its resource report), with q, dO and dQ (dK/dV kernel) and K, V (dQ kernel) through tensor
-# descriptors: dK/dV D=64 64x128 w8 0, D=128 64x64 w8 0 (64x128: 552), D=256 32x32 w8 0 (32x64: 560); dQ D=64
-# 128x64 w8 0, D=128 64x64 w8 0 (128x64: 64), D=256 32x64 w8 0. Through pointers (layouts TMA cannot take) the same
-# tiles spill 176-408 bytes. The dK/dV kernel holds a key tile with its dK and dV accumulators in registers and
-# steps through query rows; the dQ kernel is its transpose. Other rows: FlashAttention-2's shapes.
+# The backward's tiles (plan.BackwardPlan), first matching row wins. The sm_90 rows are the H100 sweep of session 8
+# (benchmarks/sweep_backward.py, backward kernels alone, bf16, TFLOP/s of 2.5x the forward's FLOPs; results/
+# sweep-backward-*.jsonl): dK/dV D=128 64x128 w8 s2 240 dense / 202 causal S=4k (the earlier 64x64 w8: 180 / 176;
+# 4 warps with 128 keys fall to 80), D=64 32x128 w4 s3 209 (64x128 w8: 204), D=256 64x64 w8 s1 186 (32x32: 91);
+# dQ (deterministic) 64x64 w4 s3 201 / 193 at D=128 (64x64 w8: 159), 210 at D=64, D=256 64x64 w8 s1 97. q, dO and
+# dQ (dK/dV kernel) go through tensor descriptors where the layouts allow. The dK/dV kernel holds a key tile with
+# its dK and dV accumulators in registers and steps through query rows; the dQ kernel is its transpose. Other
+# rows: FlashAttention-2's shapes, not timed.
 BACKWARD_TUNED: tuple[BackwardRow, ...] = (
-    BackwardRow(90, 16, 64, TileConfig(64, 128, 8, 2), TileConfig(128, 64, 8, 2)),
-    BackwardRow(90, 16, 128, TileConfig(64, 64, 8, 2), TileConfig(64, 64, 8, 2)),
-    BackwardRow(90, 16, 256, TileConfig(32, 32, 8, 1), TileConfig(32, 64, 8, 1)),
+    BackwardRow(90, 16, 64, TileConfig(32, 128, 4, 3), TileConfig(64, 64, 4, 3)),
+    BackwardRow(90, 16, 128, TileConfig(64, 128, 8, 2), TileConfig(64, 64, 4, 3)),
+    BackwardRow(90, 16, 256, TileConfig(64, 64, 8, 1), TileConfig(64, 64, 8, 1)),
     BackwardRow(80, 16, 128, TileConfig(64, 64, 4, 2), TileConfig(64, 64, 4, 2)),
     BackwardRow(80, 16, 256, TileConfig(32, 64, 4, 1), TileConfig(64, 32, 4, 1)),
     BackwardRow(80, 32, 128, TileConfig(32, 64, 4, 1), TileConfig(64, 32, 4, 1)),

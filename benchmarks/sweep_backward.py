@@ -1,0 +1,134 @@
+"""Sweep the backward's tiles (attnc/passes/tiling.py BACKWARD_TUNED) on the GPU: the dK/dV kernel's tile in the
+atomic mode, then the dQ kernel's tile in the deterministic mode. Each config puts its row first in the table,
+checks dq, dk and dv against float32 SDPA (math backend) with NaN-poisoned outputs, then times the backward
+kernels alone (the forward runs once, outside the timer). One call of the device tool runs it end to end:
+
+    python benchmarks/sweep_backward.py --out $OUT [--only REGEX] [--budget SECONDS]
+
+Results stream to <out>/sweep-backward.jsonl; the best correct config per (workload, kernel) is printed last.
+TFLOP/s count the backward as attnc.bench.BACKWARD_FLOPS times the forward. The winners go into BACKWARD_TUNED
+by hand."""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+import attnc
+from attnc.backends import get_backend
+from attnc.backends.triton import launch
+from attnc.bench import BACKWARD_FLOPS, kept_pairs, prefill_workloads
+from attnc.dsl.signature import bind
+from attnc.passes import plan_kernel, tiling
+from attnc.passes.plan import TileConfig
+
+# (block_m, block_n, num_warps, num_stages) per head dim, most promising first; the first is today's row (round 2,
+# around round 1's winners: results/sweep-backward-*-round1.jsonl)
+DKDV = {
+    64: [(32, 128, 4, 3), (64, 128, 4, 3), (32, 128, 8, 3), (64, 128, 8, 3), (32, 128, 4, 4), (64, 64, 4, 4)],
+    128: [(64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 8, 3), (128, 128, 8, 2), (64, 128, 4, 3), (32, 128, 8, 1)],
+    256: [(64, 64, 8, 1), (64, 64, 8, 2), (128, 64, 8, 1), (64, 128, 8, 1), (64, 32, 8, 1)],
+}
+DQ = {
+    64: [(64, 64, 4, 3), (64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 4, 3), (64, 32, 4, 4)],
+    128: [(64, 64, 4, 3), (64, 64, 4, 4), (64, 128, 4, 3), (64, 64, 8, 3), (128, 64, 4, 3), (64, 32, 4, 3)],
+    256: [(64, 64, 8, 1), (64, 64, 8, 2), (128, 64, 8, 1), (64, 64, 4, 1)],
+}
+NAMES = r"^(dense S=4096|causal S=4096|causal D=64 .*|causal D=256 .*)$"
+CHECK_TOL = 3e-2  # relative Frobenius error of dq, dk, dv against float32 (bf16 inputs)
+
+
+def reference_grads(w, q, k, v, dout) -> list[torch.Tensor]:
+    leaves = [t.float().requires_grad_() for t in (q, k, v)]
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with sdpa_kernel([SDPBackend.MATH]):
+        out = torch.nn.functional.scaled_dot_product_attention(*leaves, is_causal=w.causal)
+    return list(torch.autograd.grad(out, leaves, dout.float()))
+
+
+def with_row(D: int, dkdv: tuple, dq: tuple):
+    """BACKWARD_TUNED with a row for (sm_90, 16-bit, D) first."""
+    row = tiling.BackwardRow(90, 16, D, TileConfig(*dkdv), TileConfig(*dq))
+    return (row,) + tuple(r for r in tiling.BACKWARD_TUNED if r is not row)
+
+
+def run(args) -> list[dict]:
+    from triton.testing import do_bench
+
+    t0 = time.time()
+    original = tiling.BACKWARD_TUNED
+    backend = get_backend("triton")
+    work = [w for w in prefill_workloads(False) if re.search(args.only or NAMES, w.name) and w.sdpa]
+    log = Path(args.out) / "sweep-backward.jsonl"
+    rows = []
+    for w in work:
+        gen = torch.Generator(device="cuda").manual_seed(4321)
+        q, k, v, dout = (torch.randn(w.B, h, w.S, w.D, device="cuda", dtype=torch.bfloat16, generator=gen)
+                         for h in (w.H, w.HKV, w.HKV, w.H))
+        ref = reference_grads(w, q, k, v, dout)
+        spec = replace(attnc.parse(w.spec)[0], returns_lse=True)
+        plan = plan_kernel(spec, backend.target(q.device), w.D, w.D)
+        bound = bind(spec, q, k, v, dict(w.params))
+        out, lse = backend.build(plan)(bound)
+        flops = BACKWARD_FLOPS * 4.0 * w.B * w.H * w.D * kept_pairs(w)
+        default_dkdv, default_dq = DKDV[w.D][0], DQ[w.D][0]
+        trials = [("dkdv", c, default_dq, False) for c in DKDV[w.D]]
+        trials += [("dq", default_dkdv, c, True) for c in DQ[w.D]]
+        for kernel, dkdv, dq, deterministic in trials:
+            if time.time() - t0 > args.budget:
+                print(f"budget of {args.budget}s spent")
+                return rows
+            row = {"workload": w.name, "D": w.D, "kernel": kernel, "deterministic": deterministic,
+                   "dkdv": list(dkdv), "dq": list(dq)}
+            tiling.BACKWARD_TUNED = with_row(w.D, dkdv, dq)
+            try:
+                backward = backend.build_backward(plan)
+                fn = lambda: backward(bound, out, lse, dout, None, deterministic)
+                tc = time.time()
+                with launch.poisoned_outputs():
+                    grads = fn()
+                    torch.cuda.synchronize()
+                row["compile_s"] = round(time.time() - tc, 2)
+                errs = [float((grads[n].float() - r).norm() / r.norm()) for n, r in zip("qkv", ref)]
+                row["rel_err"] = errs
+                if max(errs) < CHECK_TOL:
+                    ms = do_bench(fn, warmup=25, rep=100, return_mode="median")
+                    row.update(ms=ms, tflops=flops / (ms * 1e-3) / 1e12)
+            except Exception as e:  # a config Triton cannot compile is a result, not the end of the sweep
+                text = str(e).strip()
+                row["error"] = f"{type(e).__name__}: {text.splitlines()[-1][:300] if text else ''}"
+            finally:
+                tiling.BACKWARD_TUNED = original
+            rows.append(row)
+            with log.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(json.dumps(row), flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--only", default=None, help="regex over workload names")
+    ap.add_argument("--budget", type=float, default=400.0, help="seconds; no new config starts after it")
+    args = ap.parse_args()
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    rows = run(args)
+    print("\nbest correct config per workload and kernel (BM, BN, warps, stages):")
+    for name, kernel in dict.fromkeys((r["workload"], r["kernel"]) for r in rows):
+        mine = [r for r in rows if (r["workload"], r["kernel"]) == (name, kernel)]
+        ok = sorted((r for r in mine if "tflops" in r), key=lambda r: -r["tflops"])
+        line = ", ".join(f"{r[kernel]}={r['tflops']:.0f}" for r in ok)
+        print(f"{name:22s} {kernel:4s} {line}; failed {len(mine) - len(ok)}")
+        for r in mine:
+            if "tflops" not in r:
+                print(f"    {r[kernel]}: {r.get('error') or 'rel_err %s' % r['rel_err']}")
+
+
+if __name__ == "__main__":
+    main()
