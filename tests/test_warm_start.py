@@ -1,7 +1,8 @@
 """A new process whose kernel is in the disk cache answers its first call fast: TVM kernels load through TVM's
-runtime (no `import tvm`, which loads the whole compiler), Triton kernels through the cached module and Triton's
-own cache. Each test fills a fresh cache in one process, then times the first call of a second one; the training
-variant's first call is a forward and a backward, whose TVM library is cached as the forward's is.
+runtime (no `import tvm`, which loads the whole compiler), Triton kernels through the cached module and attnc's
+cached binaries (attnc/backends/triton/binaries.py: no JIT compile). Each test fills a fresh cache in one
+process, then times the first call of a second one; the training variant's first call is a forward and a
+backward, whose TVM library is cached as the forward's is.
 
 The time runs from just after `import torch` and making the inputs (on a GPU that makes CUDA's context, which
 every torch program pays) to the first result, synchronised: importing attnc, parsing the spec, compiling
@@ -53,10 +54,15 @@ FIRST_CALL = textwrap.dedent("""
     seconds = time.perf_counter() - start
     compilers = sorted(m for m in ("tvm", "attnc.backends.tvm.kernel", "attnc.backends.tvm.backward",
                                    "attnc.backends.triton.generate") if m in sys.modules)
+    try:  # Triton's cache key over its own library: computed by a JIT compile, even one its cache answers
+        from triton.runtime.cache import triton_key
+        jit_compiled = triton_key.cache_info().currsize > 0
+    except (ImportError, AttributeError):
+        jit_compiled = None
     want = results(*attnc.reference(spec, q, k, v))
     error = max(((g.double() - w.double()).abs().max() / w.abs().max().clamp(min=1)).item()
                 for g, w in zip(got, want))
-    print(json.dumps({"seconds": seconds, "compilers": compilers, "error": error}))
+    print(json.dumps({"seconds": seconds, "compilers": compilers, "jit_compiled": jit_compiled, "error": error}))
 """)
 
 
@@ -81,6 +87,7 @@ def check_warm_start(device: str, tolerance: float, tmp_path: Path, mode: str = 
     warm = first_call(device, mode, tmp_path)
     assert cold["error"] < tolerance and warm["error"] < tolerance
     assert warm["compilers"] == [], f"the warm process imported a compiler: {warm['compilers']}"
+    assert not warm["jit_compiled"], "the warm process ran Triton's JIT compile (attnc's binary cache missed)"
     assert bound_s is None or warm["seconds"] <= bound_s, (f"first call on {device} with a warm cache took {warm['seconds']:.2f} s "
                                         f"(cold: {cold['seconds']:.2f} s)")
 
@@ -99,7 +106,7 @@ def test_warm_start_cpu_training(tmp_path):
 
 @pytest.mark.gpu
 def test_warm_start_gpu(tmp_path):
-    """Triton on the GPU: the cached module and Triton's cached binary, no code generation."""
+    """Triton on the GPU: the cached module and attnc's cached binary (binaries.py), no code generation and no JIT."""
     check_warm_start("cuda", 2e-3, tmp_path)
 
 

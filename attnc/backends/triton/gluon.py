@@ -16,7 +16,7 @@ import torch
 from ...dsl.signature import Bound, lse_shape, out_shape
 from ...passes.plan import KernelPlan
 from .. import cache
-from . import launch, scratch
+from . import binaries, launch, scratch
 from .signature import Signature, gluon_signature, qkv_values, spec_args
 
 SOURCE_FILE = "gluon_kernel.py"
@@ -134,5 +134,6 @@ class GluonLauncher:
         w = self.plan.warpgroups.layout
         grid = (-(-sizes["M"] // w.block_m), sizes["B"] * sizes["H"])
         scratch.install()
-        self.kernel[grid](*self.signature.pack(values), num_warps=w.consumer_warps, maxnreg=self.maxnreg)
+        binaries.launch(self.kernel, grid, self.signature.pack(values),
+                        {"num_warps": w.consumer_warps, "maxnreg": self.maxnreg})
         return ((out, lse) if spec.returns_lse else out), None

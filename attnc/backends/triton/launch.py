@@ -25,7 +25,7 @@ from ...passes import KernelPlan, LaunchTiles, Target, launch_tiles
 from ...passes.kernels import prefill_kernel, summary_kernel
 from ...passes.plan import KernelLaunch
 from .. import cache, names
-from . import scratch
+from . import binaries, scratch
 
 SOURCE_FILE = "kernel.py"
 SUMMARY_CACHE_SIZE = 4  # tile summaries kept per kernel (one per distinct mask tensors / sizes)
@@ -182,8 +182,8 @@ class TritonLauncher:
         if n_tiles:
             values = dict(sizes=scalars[:len(self.args.sizes)], params=scalars[len(self.args.sizes):],
                           inputs=[x for t in tensors for x in (t, *t.stride())], summary=result, head_programs=[heads])
-            self.summary_fn[(m_tiles, batches * heads)](
-                *summary_signature(self.args).pack(values), **summary_kernel(tiles).keywords)
+            binaries.launch(self.summary_fn, (m_tiles, batches * heads), summary_signature(self.args).pack(values),
+                            summary_kernel(tiles).keywords)
         self._summaries[key] = (tensors, result)
         if len(self._summaries) > SUMMARY_CACHE_SIZE:
             self._summaries.popitem(last=False)
@@ -201,7 +201,7 @@ def launch_fitting(fn, grid, args: list, keywords: dict, fitted: dict, key, name
     scratch.install()
     while True:
         try:
-            compiled = fn[grid](*args, **{**keywords, "num_stages": stages})
+            compiled = binaries.launch(fn, grid, args, {**keywords, "num_stages": stages})
             fitted[key] = stages
             return compiled
         except OutOfResources as e:

@@ -18,7 +18,7 @@ from ...dsl.signature import Bound, _coerce_param, lse_shape, out_shape
 from ...passes import KernelPlan
 from ...passes.decode import INTERPRETER_SMS, DecodeLaunch, decode_launch, workspace_rows
 from .. import cache, device_errors, names
-from . import launch
+from . import binaries, launch
 from .signature import COMBINE_SIGNATURE, decode_signature, qkv_values, spec_args
 
 SOURCE_FILE = "decode.py"
@@ -79,7 +79,7 @@ class DecodeLauncher:
         if go is None:
             return result, None
         calls = self.calls(bound, go, *outputs)
-        compiled = [fn[grid](*args, **meta) for fn, grid, args, meta in calls]
+        compiled = [binaries.launch(fn, grid, args, meta) for fn, grid, args, meta in calls]
         directs = [launch.direct_launch(c, q.device) for c in compiled]
         tensors = [bound.q, bound.k, bound.v, *bound.inputs.values(), *(t for t in outputs if t is not None)]
         if None in directs or any(t.data_ptr() % launch.ALIGNMENT for t in tensors) or device_errors.capturing():

@@ -1,0 +1,149 @@
+"""Triton's compiled kernels kept in attnc's cache, so that a new process launches a kernel compiled before without
+Triton's JIT. The JIT's first compile in a process hashes Triton's own library to key Triton's cache (0.35 s of
+the 0.6 s warm start on the H100, benchmarks/NOTES.md session 8) before it finds the kernel there.
+
+`launch(fn, grid, args, keywords)` stands for `fn[grid](*args, **keywords)`. Its cache key is the generated
+module's text, the kernel's name, the keywords (constexprs and options), Triton's version, the GPU's compute
+capability, the TRITON_* environment, and per argument what Triton's JIT specializes on, never coarser: a
+tensor's dtype and 16-byte alignment, an integer's width (i32, i64, u64), whether it is 1 and whether 16 divides
+it, a float, a bool's value, None. Equal keys thus mean the binary Triton's JIT would make. On a miss,
+`fn.warmup` compiles without launching and the cubin, Triton's metadata and the compiled signature go into a
+cache entry; every launch, the first included, runs the binary rebuilt from that entry (a CompiledKernel, as
+attnc.load does for AOT builds). The cache verifies the entry (ownership, MAC) before anything in it is loaded.
+
+Arguments it cannot key (a host-side tensor descriptor), keywords that are not plain values, the interpreter and
+kernels that are not JIT functions (the AOT stand-ins) take Triton's own launch.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import torch
+
+from .. import cache
+from ...errors import CacheError
+
+BINARY, METADATA, RECORD = "kernel.cubin", "kernel.json", "record.json"
+_I32, _I64, _U64 = 2**31, 2**63, 2**64
+# TRITON_* variables that do not change what Triton compiles (the rest are key parts)
+_NOT_COMPILE_ENV = {"TRITON_CACHE_DIR", "TRITON_HOME", "TRITON_DUMP_DIR", "TRITON_OVERRIDE_DIR", "TRITON_INTERPRET",
+                    "TRITON_PRINT_AUTOTUNING", "TRITON_CACHE_MANAGER"}
+_PLAIN = (bool, int, float, str, type(None))
+_loaded: dict[tuple, object] = {}  # (fn, keywords, specialization, device) -> CompiledKernel
+_sources: dict[str, str] = {}  # generated module file -> SHA-256 of its text
+
+
+def launch(fn, grid: Sequence[int], args: Sequence, keywords: Mapping):
+    """`fn[grid](*args, **keywords)` through the cached binary where there is one (see the module's doc); returns
+    the CompiledKernel (None in the interpreter)."""
+    compiled = binary(fn, grid, args, keywords)
+    if compiled is None:
+        return fn[grid](*args, **keywords)
+    # A CompiledKernel takes a 3-D grid and every argument, constexprs included (its launcher skips those).
+    compiled[(*grid, 1, 1)[:3]](*args, *(keywords[name] for name in fn.arg_names[len(args):]))
+    return compiled
+
+
+def binary(fn, grid: Sequence[int], args: Sequence, keywords: Mapping):
+    """The cached CompiledKernel for this launch, compiled (not launched) and stored on a miss; None where the
+    launch is not one this cache keys."""
+    from triton.runtime.jit import JITFunction
+
+    if not isinstance(fn, JITFunction):  # the interpreter's kernels are InterpretedFunctions
+        return None
+    arguments = specialization(args)
+    launch_keywords = tuple(keywords.items())
+    if arguments is None or not all(isinstance(v, _PLAIN) for _, v in launch_keywords):
+        return None
+    memo = (fn, launch_keywords, arguments, torch.cuda.current_device())
+    compiled = _loaded.get(memo)
+    if compiled is None:
+        compiled = _loaded[memo] = _from_cache(fn, grid, args, keywords, launch_keywords, arguments)
+    return compiled
+
+
+def specialization(args: Sequence) -> tuple | None:
+    """Per argument, what Triton's JIT specializes on or finer; None where an argument is not one of these."""
+    out = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            out.append(("t", str(a.dtype), a.data_ptr() % 16 == 0))
+        elif isinstance(a, bool):  # before int: a bool is an int
+            out.append(("b", a))
+        elif isinstance(a, int):
+            width = "i32" if -_I32 <= a < _I32 else "i64" if -_I64 <= a < _I64 else "u64" if 0 <= a < _U64 else None
+            if width is None:
+                return None
+            out.append(("i", width, a == 1, a % 16 == 0))
+        elif isinstance(a, float):
+            out.append(("f",))
+        elif a is None:
+            out.append(("n",))
+        else:
+            return None
+    return tuple(out)
+
+
+def cache_key(fn, launch_keywords: tuple, arguments: tuple) -> cache.CacheKey:
+    import triton
+
+    major, minor = torch.cuda.get_device_capability()
+    environment = {k: v for k, v in sorted(os.environ.items()) if k.startswith("TRITON_") and k not in _NOT_COMPILE_ENV}
+    return cache.CacheKey({
+        "backend": "triton-binary", "backend_version": triton.__version__, "device": f"cuda:sm_{major}{minor}",
+        "source": _source_digest(fn.fn.__code__.co_filename), "kernel": fn.__name__,
+        "launch": json.dumps(launch_keywords), "arguments": json.dumps(arguments),
+        "environment": json.dumps(environment),
+    }, name=fn.__name__)
+
+
+def _source_digest(path: str) -> str:
+    digest = _sources.get(path)
+    if digest is None:
+        digest = _sources[path] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return digest
+
+
+def _from_cache(fn, grid, args, keywords, launch_keywords, arguments):
+    def build(out_dir: Path) -> None:
+        compiled = fn.warmup(*args, grid=grid, **keywords)
+        src = compiled.src
+        (out_dir / BINARY).write_bytes(compiled.asm["cubin"])
+        shutil.copyfile(compiled.metadata_group[f"{compiled.name}.json"], out_dir / METADATA)
+        record = {"source": type(src).__name__, "signature": dict(src.signature), "hash": compiled.hash,
+                  "name": compiled.name, "constants": [[list(k), v] for k, v in src.constants.items()],
+                  "attrs": [[list(k), v] for k, v in src.attrs.items()]}
+        (out_dir / RECORD).write_text(json.dumps(record), encoding="utf-8")
+
+    def load(entry: cache.Entry):
+        from triton.compiler import CompiledKernel
+
+        record = json.loads(entry.read_text(RECORD))
+        src = _source_class(record["source"])(
+            fn, record["signature"], {tuple(k): v for k, v in record["constants"]},
+            {tuple(k): v for k, v in record["attrs"]})
+        name = record["name"]
+        return CompiledKernel(src, {f"{name}.json": str(entry.file(METADATA)),
+                                    f"{name}.cubin": str(entry.file(BINARY))}, record["hash"])
+
+    # an entry, not a loaded object, from the cache: a CompiledKernel loads its module on one device
+    return load(cache.get_or_build(cache_key(fn, launch_keywords, arguments), build))
+
+
+def _source_class(name: str):
+    """The compiled source's class by name: Triton's kernels or Gluon's (imported only for a Gluon kernel)."""
+    if name == "GluonASTSource":
+        from triton.experimental.gluon._runtime import GluonASTSource
+
+        return GluonASTSource
+    if name != "ASTSource":
+        raise CacheError(f"a cached Triton binary names an unknown source kind {name!r}; clear it with "
+                         f"`attnc cache clear`")
+    from triton.compiler import ASTSource
+
+    return ASTSource
