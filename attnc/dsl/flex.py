@@ -33,7 +33,7 @@ import torch
 from ..errors import CallError, Diagnostic, TraceError, checks_arguments
 from ..ir import (
     DEFAULT_NORMALIZER, NORMALIZERS, QK, Attention, Binary, Expr, IndexVar, Normalizer, Num, default_score,
-    make_attention, split_conjuncts,
+    expr_key, make_attention, split_conjuncts,
 )
 from . import compiler, symbolic
 from .check import check_attention, number_problem, spec_name
@@ -49,6 +49,11 @@ class ModTrace:
 
     expr: Expr
     tensors: tuple[tuple[str, torch.Tensor], ...] = ()
+
+    @cached_property
+    def key(self) -> str:
+        """The expression's structure as a string (ir.expr_key), for the kernel cache's key."""
+        return expr_key(self.expr)
 
 
 def _index_args() -> tuple[Sym, Sym, Sym, Sym]:
@@ -285,9 +290,13 @@ class _Variant:
     key: tuple
 
 
-# (score trace, block mask trace) -> _Variant, oldest dropped first
-_VARIANTS: dict[tuple, _Variant] = {}
-# (variant key, q/k/v signature, input dtypes and ranks, return_lse, backend) -> (spec, kernel)
+# torch.compile's Dynamo traces flex_attention and hashes every key of a cache it reads, frozen dataclasses field
+# by field, as trees: an expression in a key costs time exponential in its sharing (`score = score + score`
+# repeated). So keys hold ids, strings and small constants only.
+# (id of the score trace, id of the block mask trace) -> _Variant, which holds both, so that no other object
+# takes either id while the entry lives; oldest dropped first.
+_VARIANTS: dict[tuple[int, int], _Variant] = {}
+# (variant key, q/k/v signature, input dtypes and ranks, return_lse, normalizer, backend) -> (spec, kernel)
 _KERNELS: dict[tuple, tuple[Attention, object]] = {}
 
 
@@ -310,11 +319,11 @@ def _new_variant(score: ModTrace, block_mask: BlockMask | None, score_mod: Calla
             raise CallError(f"score_mod and mask_mod capture different tensors named {name!r}; rename one of "
                             f"the variables (each captured tensor becomes an input named after its variable)")
     name = _name(score_mod, block_mask.mask_mod if block_mask is not None else None)
-    key = (score.expr, mask.expr if mask is not None else None, name, *tensors)  # (expressions hash in linear time)
+    key = (score.key, mask.key if mask is not None else None, name, *tensors)
     variant = _Variant(score, block_mask, tensors, tuple(tensors.values()), name, key)
     if len(_VARIANTS) >= VARIANTS:
         _VARIANTS.pop(next(iter(_VARIANTS)))
-    _VARIANTS[(score, mask)] = variant
+    _VARIANTS[(id(score), id(mask))] = variant
     return variant
 
 
@@ -362,7 +371,8 @@ def _variant(query, key, value, score_mod, block_mask, scale, enable_gqa, return
     if scale is not None:
         _check_scale(scale)
     score = _score_trace(score_mod, scale)
-    variant = _VARIANTS.get((score, block_mask.trace if block_mask is not None else None))
+    mask = block_mask.trace if block_mask is not None else None
+    variant = _VARIANTS.get((id(score), id(mask)))
     if variant is None:
         variant = _new_variant(score, block_mask, score_mod)
     # A tensor's dtype and rank can change in place (`t.data = ...`): read them on every call.
