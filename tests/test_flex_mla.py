@@ -204,3 +204,17 @@ def test_explain_takes_the_latent_call():
     got = attnc.explain(attnc.flex_attention, (q, qr), (ckv, kpe), ckv, block_mask=bm).summary()
     want = attnc.explain(attnc.flex_spec((q, qr), (ckv, kpe), ckv, block_mask=bm), shape=(1, 4, 3, 20, D)).summary()
     assert got == want and "B=1 H=4 M=3 N=20 D=32" in got
+
+
+def test_torch_compile_traces_the_latent_call():
+    torch.manual_seed(4)
+    q, qr, ckv, kpe = _latent(1, 8, 3, 40)
+    bm = attnc.create_block_mask(causal, None, None, 3, 40)
+
+    def run(q, qr, ckv, kpe):
+        return attnc.flex_attention((q, qr), (ckv, kpe), ckv, score_mod=alibi, block_mask=bm, kernel_options=TRITON)
+
+    spec = attnc.flex_spec((q, qr), (ckv, kpe), ckv, score_mod=alibi, block_mask=bm)
+    run(q, qr, ckv, kpe)  # traced and compiled eagerly first: Dynamo cannot trace a mod's tracing (as for any flex call)
+    got = torch.compile(run, fullgraph=True, backend="aot_eager")(q, qr, ckv, kpe)
+    assert_matches(spec, got, attnc.reference(spec, q, ckv, qr=qr, kr=kpe, slopes=slopes), tol=1e-5)
