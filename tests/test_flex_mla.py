@@ -97,6 +97,10 @@ def test_more_pairs_and_a_value_of_its_own():
     # 1-tuples: the values are the keys, with no second dot product
     alone = attnc.flex_spec((q,), (ckv,), ckv)
     assert alone.shares_kv and len(alone.dots) == 1 and alone.score == attnc.ir.default_score()
+    # a key without a head axis needs no tuple: it is a latent cache, whose values are the keys
+    headless = ckv[:, 0]
+    assert attnc.flex_spec(q, headless, headless).key == attnc.flex_spec((q,), (headless,), headless).key
+    assert attnc.flex_spec(q, headless, headless).one_kv_head
 
 
 def test_the_tuples_mean_the_concatenated_tensors():
@@ -166,6 +170,8 @@ def _errors():
         (((q, qr.half()), (ckv, kpe), ckv), {}, r"query\[1\]: expected torch.float32 .* got torch.float16"),
         (((q, qr), (ckv, kpe[..., :8]), ckv), {}, r"key\[1\]: head dim 8, but query\[1\]'s is 16: the two sides"),
         (((q, qr), (ckv, kpe), ckv.clone()), {}, r"value: key\[0\] has no head axis .* pass that very tensor"),
+        ((q, ckv, ckv.clone()), {}, r"value: key has no head axis"),
+        ((q.tolist(), ckv, ckv), {}, r"query: expected a torch.Tensor, got list"),
         ((q[0], ckv, ckv), {}, r"q: expected a 4-dim torch.Tensor in BHSD layout, got shape \(4, 3, 32\)"),
         (((q, qr), (ckv[:, None], kpe[:, None]), ckv[:, None]), {},
          r"k: has 1 heads but q has 4; pass enable_gqa=True"),
