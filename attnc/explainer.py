@@ -252,6 +252,7 @@ def explain(what: object, *args: object, shape: Sequence[int] | None = None, png
         spec = flex_spec(*args, **kwargs)
         mask = kwargs.get("block_mask")
         inputs = dict(mask.trace.tensors) if mask is not None else {}
+        args = tuple(a[0] if isinstance(a, tuple) and a else a for a in args)  # latent (q, q_pe): sized by q
     elif isinstance(what, AttentionFunction):
         spec = what.trace(*args, **kwargs) if args else what.spec
     elif isinstance(getattr(what, "spec", None), Attention) or isinstance(what, Attention):

@@ -798,3 +798,11 @@ class Numbering:
 
     def listing(self, indent: str = "") -> str:
         return "".join(f"{indent}%{n} = {line}\n" for n, line in enumerate(self.lines))
+
+
+def expr_key(e: Expr) -> str:
+    """Hex SHA-256 of `e`'s structure (spans aside), in time linear in its DAG: a key for caches that a tracer
+    such as torch.compile's Dynamo may walk, which would hash an expression as a tree, node by node."""
+    numbering = Numbering()
+    root = numbering(e)
+    return hashlib.sha256((root + "\n" + numbering.listing()).encode()).hexdigest()

@@ -2,7 +2,11 @@
 FlexAttention's own numbers (torch's eager flex_attention) from the traced spec, and errors at the mod's line."""
 import importlib
 import inspect
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +21,7 @@ from attnc.ir import Binary, IndexVar, Num, TensorDecl, default_score
 
 pytestmark = pytest.mark.shared_cache
 
+ROOT = Path(__file__).resolve().parent.parent
 # The module (the package attribute of the same name is the function).
 torch_flex = importlib.import_module("torch.nn.attention.flex_attention")
 B, H, HKV, M, N, D = 2, 4, 2, 5, 9, 16
@@ -635,6 +640,61 @@ def test_flex_attention_host_time_per_call_gpu(monkeypatch):
                                        q, k, v)
     checked_calls()
     assert us < HOST_BOUND * sdpa_us, f"attnc.flex_attention: {us:.1f} us per call, SDPA {sdpa_us:.1f}"
+
+
+# A fresh process traces mods whose expressions are 40 doubling lines (2^40 leaves as a tree), then runs
+# torch.compile(fullgraph=True) over flex_attention with small mods, which reads the caches holding the large ones,
+# and over the doubled score_mod itself (run eagerly first: Dynamo cannot trace a mod's tracing). Dynamo hashes a
+# cache's keys field by field, as trees: keys that held expressions took hours and 10+ GB.
+HUGE_DAG_THEN_COMPILE = """
+import faulthandler, sys, time
+faulthandler.dump_traceback_later(float(sys.argv[1]), exit=True)  # where it hangs, if it does
+import torch, attnc
+
+def doubled(score, b, h, q_idx, kv_idx):
+    score = score / 2**40
+    for _ in range(40):
+        score = score + score
+    return score
+
+def doubled_mask(b, h, q_idx, kv_idx):
+    keep = q_idx - kv_idx
+    for _ in range(40):
+        keep = keep + keep
+    return keep >= 0
+
+def bias(score, b, h, q_idx, kv_idx):
+    return score + (q_idx - kv_idx) * 0.1
+
+torch.manual_seed(0)
+q, k, v = (torch.randn(1, 2, 12, 16) for _ in range(3))
+causal = attnc.create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None, None, 12, 12)
+huge_mask = attnc.create_block_mask(doubled_mask, None, None, 12, 12)
+for mod, mask in ((doubled, None), (doubled, causal), (bias, huge_mask)):
+    attnc.flex_spec(q, k, v, score_mod=mod, block_mask=mask)
+seconds = 0.0
+for mod in (bias, doubled):
+    run = lambda q, k, v: attnc.flex_attention(q, k, v, score_mod=mod, block_mask=causal,
+                                               kernel_options={"backend": "triton"})
+    eager = run(q, k, v)
+    start = time.perf_counter()
+    compiled = torch.compile(run, fullgraph=True, backend="aot_eager")(q, k, v)
+    seconds = max(seconds, time.perf_counter() - start)
+    want = attnc.reference(attnc.flex_spec(q, k, v, score_mod=mod, block_mask=causal), q, k, v)
+    torch.testing.assert_close(compiled.double(), want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(compiled, eager)
+print(seconds)
+"""
+
+
+def test_torch_compile_after_a_huge_shared_dag_is_quick():
+    """Issue 15: the flex caches are keyed by ids and strings (flex._VARIANTS, _KERNELS), which Dynamo hashes in
+    O(1), never by expressions. The child process times out rather than hang when that regresses."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-c", HUGE_DAG_THEN_COMPILE, "60"], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert float(done.stdout.split()[-1]) < 20  # 3 s seen on a 2-core machine; with expressions in keys, hours
 
 
 # ---------------------------------------------------------------- tables indexed by expressions (attention-gym)

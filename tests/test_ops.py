@@ -380,12 +380,6 @@ def test_every_front_end_and_the_kernel_key_stay_linear_in_the_dag():
     for spec, plain in ((traced, text), (flexed, _spec("score = qk * rsqrt(D)"))):
         torch.testing.assert_close(attnc.reference(spec, q, q, q), attnc.reference(plain, q, q, q)[0], rtol=1e-12,
                                    atol=1e-12)
-    # Open bug: torch.compile over flex_attention later in this process would hang while Dynamo hashes the
-    # variant cache's keys, which hold this 2^40-leaf expression (Dynamo hashes it as a tree; benchmarks/NOTES.md,
-    # session 7). Until the caches are keyed so that Dynamo cannot walk them, the test leaves none of it behind.
-    from attnc.dsl import flex
-
-    flex._VARIANTS.clear()
 
 
 def test_shared_subexpressions_run_on_the_triton_interpreter_and_tvm():

@@ -17,6 +17,12 @@ and the globals it loads and compares them, by identity, with those it was trace
 a tensor rebound to another object traces it again; a mod reading an arbitrary object (a dict, `self`) is
 traced at every call. A mask_mod is traced once, by create_block_mask.
 
+Latent attention (MLA; docs/mla.md): `flex_attention((q, q_pe), (ckv, k_pe), ckv, ...)`. Tuples of one length
+for query and key make the score the sum of the pairs' dot products (the concatenated tensors' score; scale None
+is 1/sqrt of the head dims' sum); the extra pairs become the spec's inputs qr, kr (qr2, kr2, ...) with head dims
+DR (DR2, ...) bound from the tensors. A value that is key[0] itself makes the values the keys (`@ k`, read once);
+key[0] may then be [B, N, D], without a head axis (one K/V head), or [B, 1, N, D] with enable_gqa=True.
+
 `flex_attention(..., normalizer="sigmoid")` (an attnc extension; FlexAttention always normalises with softmax)
 runs sigmoid attention with the same mods: weights sigmoid(score), rows not normalised, lse the log of each row's
 total weight (ir.Normalizer); write a bias such as -log(N) in the score_mod.
@@ -32,8 +38,8 @@ import torch
 
 from ..errors import CallError, Diagnostic, TraceError, checks_arguments
 from ..ir import (
-    DEFAULT_NORMALIZER, NORMALIZERS, QK, Attention, Binary, Expr, IndexVar, Normalizer, Num, default_score,
-    make_attention, split_conjuncts,
+    DEFAULT_NORMALIZER, NORMALIZERS, QK, Attention, Binary, Call, Expr, IndexVar, Normalizer, Num, SizeRef,
+    TensorDecl, default_score, expr_key, make_attention, split_conjuncts,
 )
 from . import compiler, symbolic
 from .check import check_attention, number_problem, spec_name
@@ -49,6 +55,11 @@ class ModTrace:
 
     expr: Expr
     tensors: tuple[tuple[str, torch.Tensor], ...] = ()
+
+    @cached_property
+    def key(self) -> str:
+        """The expression's structure as a string (ir.expr_key), for the kernel cache's key."""
+        return expr_key(self.expr)
 
 
 def _index_args() -> tuple[Sym, Sym, Sym, Sym]:
@@ -196,6 +207,75 @@ def _wants_lse(return_lse, return_aux) -> bool:
     return bool(return_aux.lse)
 
 
+# ---------------------------------------------------------------- latent attention (MLA)
+
+
+def dot_names(n: int) -> tuple[str, str, str]:
+    """The spec's names for the extra dot product n (from 0): its query-side input, key-side input and head dim,
+    qr, kr, DR; then qr2, kr2, DR2; ... (docs/mla.md's names; the decorator numbers head dims alike)."""
+    suffix = "" if n == 0 else str(n + 1)
+    return f"qr{suffix}", f"kr{suffix}", f"DR{suffix}"
+
+
+@dataclass(frozen=True, eq=False)
+class _Latent:
+    """A call in the latent form (module doc): the extra dot products' (query-side, key-side) tensors, whether
+    the values are the keys, and what the spec depends on beyond the plain call's signature."""
+
+    pairs: tuple[tuple[torch.Tensor, torch.Tensor], ...]
+    shares_kv: bool
+    signature: tuple
+
+    @property
+    def inputs(self) -> dict[str, torch.Tensor]:
+        """The kernel's arguments for the extra dot products, by name."""
+        names = (dot_names(n) for n in range(len(self.pairs)))
+        return {name: t for (query, key, _), pair in zip(names, self.pairs) for name, t in zip((query, key), pair)}
+
+
+def _latent(query, key, value, enable_gqa) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, _Latent | None]:
+    """(q, k, v, latent): the call's tensors and None for a plain call; for the latent form (query and key
+    tuples, or a key without a head axis) their first tensors, v (k itself where the values are the keys) and
+    the rest, checked here so that errors name the tuple's argument."""
+    if not (isinstance(query, tuple) or isinstance(key, tuple) or getattr(key, "ndim", 4) == 3):
+        return query, key, value, None
+    if isinstance(query, tuple) != isinstance(key, tuple):
+        which, other = ("query", "key") if isinstance(query, tuple) else ("key", "query")
+        raise CallError(f"{which}: a tuple, but {other} is not: pass both as tuples of one length, (q, q_pe) and "
+                        f"(k, k_pe), whose pairs' dot products the score sums, or both as tensors")
+    queries, keys = (query, key) if isinstance(query, tuple) else ((query,), (key,))
+    if not queries:
+        raise CallError("query: an empty tuple; pass (q, q_pe, ...), the query tensor first")
+    if len(queries) != len(keys):
+        raise CallError(f"key: a tuple of {len(keys)} tensors, but query has {len(queries)}; each query-side tensor "
+                        f"pairs with a key-side one (query[n] @ key[n])")
+    for side, tensors in (("query", queries), ("key", keys)):
+        for n, t in enumerate(tensors):
+            if not isinstance(t, torch.Tensor):
+                where = f"{side}[{n}]" if isinstance(query, tuple) else side
+                raise CallError(f"{where}: expected a torch.Tensor, got {type(t).__name__}")
+    q, k = queries[0], keys[0]
+    shares = value is k
+    if k.dim() == 3 and not shares:
+        raise CallError(f"value: key{'[0]' if isinstance(key, tuple) else ''} has no head axis ([B, N, D]: a "
+                        f"latent cache, one K/V head), so the values are the keys: pass that very tensor as value")
+    v = k if shares else value
+    if not (q.dim() == 4 and k.dim() in (3, 4) and (shares or isinstance(v, torch.Tensor) and v.dim() == 4)):
+        symbolic.qkv_decls(q, k, v, "BHSD", enable_gqa, headless_k=True)  # raises the CallError
+    for n, (qr, kr) in enumerate(zip(queries[1:], keys[1:]), 1):
+        for side, t, first in (("query", qr, q), ("key", kr, k)):
+            if t.shape[:-1] != first.shape[:-1] or t.dtype != first.dtype:
+                raise CallError(f"{side}[{n}]: expected {first.dtype} with {side}[0]'s shape but for its head dim, "
+                                f"({', '.join(map(str, first.shape[:-1]))}, ·), got {t.dtype} {tuple(t.shape)}")
+        if qr.shape[-1] != kr.shape[-1]:
+            raise CallError(f"key[{n}]: head dim {kr.shape[-1]}, but query[{n}]'s is {qr.shape[-1]}: the two sides of "
+                            f"a dot product share one head dim")
+    heads = k.shape[1] != q.shape[1] if k.dim() == 4 else None  # None: no head axis
+    signature = (q.dtype, k.dtype, v.dtype, heads, v.shape[-1] != q.shape[3], bool(enable_gqa), shares,
+                 tuple([qr.shape[-1] for qr in queries[1:]]))  # the head dims, bound at compile time
+    return q, k, v, _Latent(tuple(zip(queries[1:], keys[1:])), shares, signature)
+
+
 # ---------------------------------------------------------------- flex_attention
 
 # The per-call path, on a hit: the q/k/v signature, the block mask's sizes, a few reads and identity checks of
@@ -205,9 +285,13 @@ SNAPSHOTS_PER_MOD = 8  # captured-value snapshots whose traces a score_mod keeps
 VARIANTS = 64  # (score trace, block mask) pairs whose merged inputs and names are kept
 
 
+# What the score reaching score_mod is made from (_base_score): the scale, and the number of extra dot products.
+_Base = tuple[float | int | None, int]
+
+
 class _ScoreMod:
     """The traces of one score_mod (`mod`, weakly). `current` pairs what the mod read at the last call (a
-    symbolic.Captures) with the traces (scale -> ModTrace) made from those values; one attribute, so that
+    symbolic.Captures) with the traces (_Base -> ModTrace) made from those values; one attribute, so that
     threads never see the values of one snapshot with the traces of another. `seen` keeps earlier snapshots by
     Captures.key, so values that come back, or are rebound to equal ones, trace nothing."""
 
@@ -215,22 +299,22 @@ class _ScoreMod:
 
     def __init__(self, mod: weakref.ref | None = None):
         self.mod = mod
-        self.current: tuple[symbolic.Captures, dict[object, ModTrace]] = (symbolic.Captures({}, None), {})
-        self.seen: dict[tuple, tuple[symbolic.Captures, dict[object, ModTrace]]] = {}
+        self.current: tuple[symbolic.Captures, dict[_Base, ModTrace]] = (symbolic.Captures({}, None), {})
+        self.seen: dict[tuple, tuple[symbolic.Captures, dict[_Base, ModTrace]]] = {}
 
-    def trace(self, score_mod: Callable, scale) -> ModTrace:
+    def trace(self, score_mod: Callable, base: _Base) -> ModTrace:
         captured, traces = self.current
         if not captured.unchanged():
             captured, traces = self.current = self._snapshot(score_mod)
-        trace = traces.get(scale)
+        trace = traces.get(base)
         if trace is None:
-            score = Sym(_base_score(scale), "float")
+            score = Sym(_base_score(base), "float")
             trace = _trace_mod(score_mod, "score_mod", (score, *_index_args()), "number", captured)
             if captured.unchanged():  # else something was rebound while tracing: keep nothing
-                traces[scale] = trace
+                traces[base] = trace
         return trace
 
-    def _snapshot(self, score_mod: Callable) -> tuple[symbolic.Captures, dict[object, ModTrace]]:
+    def _snapshot(self, score_mod: Callable) -> tuple[symbolic.Captures, dict[_Base, ModTrace]]:
         captured = symbolic.captures(score_mod)
         if captured.key is None:  # reads an arbitrary object: nothing is kept
             return captured, {}
@@ -245,7 +329,7 @@ class _ScoreMod:
 # id(score_mod) -> its traces. Weak: an entry goes with its function, so mods made per call do not pile up
 # (keyed by id because a WeakKeyDictionary look-up makes a weak reference each time).
 _SCORE_MODS: dict[int, _ScoreMod] = {}
-_PLAIN_SCORES: dict[object, ModTrace] = {}  # scale -> the score without a score_mod
+_PLAIN_SCORES: dict[_Base, ModTrace] = {}  # the score without a score_mod
 
 
 def _forget(ref: weakref.ref, key: int) -> None:
@@ -254,11 +338,11 @@ def _forget(ref: weakref.ref, key: int) -> None:
         del _SCORE_MODS[key]
 
 
-def _score_trace(score_mod: Callable | None, scale) -> ModTrace:
+def _score_trace(score_mod: Callable | None, base: _Base) -> ModTrace:
     if score_mod is None:
-        trace = _PLAIN_SCORES.get(scale)
+        trace = _PLAIN_SCORES.get(base)
         if trace is None:
-            trace = _PLAIN_SCORES[scale] = ModTrace(_base_score(scale))
+            trace = _PLAIN_SCORES[base] = ModTrace(_base_score(base))
         return trace
     state = _SCORE_MODS.get(id(score_mod))
     if state is None or state.mod() is not score_mod:
@@ -268,7 +352,7 @@ def _score_trace(score_mod: Callable | None, scale) -> ModTrace:
             state = _ScoreMod()
         else:
             _SCORE_MODS[id(score_mod)] = state
-    return state.trace(score_mod, scale)
+    return state.trace(score_mod, base)
 
 
 @dataclass(frozen=True, eq=False)
@@ -285,9 +369,13 @@ class _Variant:
     key: tuple
 
 
-# (score trace, block mask trace) -> _Variant, oldest dropped first
-_VARIANTS: dict[tuple, _Variant] = {}
-# (variant key, q/k/v signature, input dtypes and ranks, return_lse, backend) -> (spec, kernel)
+# torch.compile's Dynamo traces flex_attention and hashes every key of a cache it reads, frozen dataclasses field
+# by field, as trees: an expression in a key costs time exponential in its sharing (`score = score + score`
+# repeated). So keys hold ids, strings and small constants only.
+# (id of the score trace, id of the block mask trace) -> _Variant, which holds both, so that no other object
+# takes either id while the entry lives; oldest dropped first.
+_VARIANTS: dict[tuple[int, int], _Variant] = {}
+# (variant key, q/k/v signature, input dtypes and ranks, return_lse, normalizer, backend) -> (spec, kernel)
 _KERNELS: dict[tuple, tuple[Attention, object]] = {}
 
 
@@ -298,39 +386,53 @@ def _check_scale(scale) -> None:
         raise CallError(f"scale: {number_problem(scale, isinstance(scale, float))}")
 
 
-def _base_score(scale) -> Expr:
-    return default_score() if scale is None else Binary("*", QK(), Num(float(scale), True))
+def _base_score(base: _Base) -> Expr:
+    """The score reaching score_mod: `qk * scale`, or with latent dot products `(qk + qr @ kr + ...) * scale`;
+    scale None is 1/sqrt of the head dims' sum (FlexAttention's default for the concatenated tensors)."""
+    scale, dots = base
+    if not dots:
+        return default_score() if scale is None else Binary("*", QK(), Num(float(scale), True))
+    products, dims = QK(), SizeRef("D")
+    for n in range(dots):
+        query, key, dim = dot_names(n)
+        products, dims = Binary("+", products, QK(query, key)), Binary("+", dims, SizeRef(dim))
+    return Binary("*", products, Call("rsqrt", (dims,)) if scale is None else Num(float(scale), True))
 
 
-def _new_variant(score: ModTrace, block_mask: BlockMask | None, score_mod: Callable | None) -> _Variant:
+def _new_variant(score: ModTrace, block_mask: BlockMask | None, score_mod: Callable | None, dots: int) -> _Variant:
     mask = block_mask.trace if block_mask is not None else None
     tensors = dict(score.tensors)
     for name, t in mask.tensors if mask is not None else ():
         if tensors.setdefault(name, t) is not t:
             raise CallError(f"score_mod and mask_mod capture different tensors named {name!r}; rename one of "
                             f"the variables (each captured tensor becomes an input named after its variable)")
+    for n in range(dots):
+        for side, name in zip(("query", "key"), dot_names(n)):
+            if name in tensors:
+                raise CallError(f"{side}[{n + 1}] is the spec's input {name!r}, and a mod captures a tensor of that "
+                                f"name; rename the variable (each captured tensor becomes an input named after it)")
     name = _name(score_mod, block_mask.mask_mod if block_mask is not None else None)
-    key = (score.expr, mask.expr if mask is not None else None, name, *tensors)  # (expressions hash in linear time)
+    key = (score.key, mask.key if mask is not None else None, name, *tensors)
     variant = _Variant(score, block_mask, tensors, tuple(tensors.values()), name, key)
     if len(_VARIANTS) >= VARIANTS:
         _VARIANTS.pop(next(iter(_VARIANTS)))
-    _VARIANTS[(score, mask)] = variant
+    _VARIANTS[(id(score), id(mask))] = variant
     return variant
 
 
-def _check_block_mask(block_mask: BlockMask, q_shape, k_shape) -> None:
+def _check_block_mask(block_mask: BlockMask, q_shape, kv_len: int) -> None:
     batch, heads = block_mask.B, block_mask.H
-    if (block_mask.Q_LEN == q_shape[2] and block_mask.KV_LEN == k_shape[2]
+    if (block_mask.Q_LEN == q_shape[2] and block_mask.KV_LEN == kv_len
             and (batch is None or batch == 1 or batch == q_shape[0])
             and (heads is None or heads == 1 or heads == q_shape[1])):
         return
-    _raise_block_mask_error(block_mask, q_shape, k_shape)
+    _raise_block_mask_error(block_mask, q_shape, kv_len)
 
 
-def _raise_block_mask_error(block_mask: BlockMask, q_shape, k_shape) -> NoReturn:
-    if (block_mask.Q_LEN, block_mask.KV_LEN) != (q_shape[2], k_shape[2]):
+def _raise_block_mask_error(block_mask: BlockMask, q_shape, kv_len: int) -> NoReturn:
+    if (block_mask.Q_LEN, block_mask.KV_LEN) != (q_shape[2], kv_len):
         raise CallError(f"block_mask: was created for Q_LEN={block_mask.Q_LEN}, KV_LEN={block_mask.KV_LEN} but "
-                        f"query has {q_shape[2]} positions and key {k_shape[2]}; create the block mask for these "
+                        f"query has {q_shape[2]} positions and key {kv_len}; create the block mask for these "
                         f"lengths")
     for name, size, have in (("B", block_mask.B, q_shape[0]), ("H", block_mask.H, q_shape[1])):
         if size not in (None, 1, have):
@@ -344,27 +446,34 @@ def _name(score_mod, mask_mod) -> str:
     return spec_name("_".join(n for n in names if spec_name(n, None)), "flex_attention")
 
 
-def _variant(query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse) -> tuple[tuple, _Variant]:
+def _variant(query, key, value, latent: _Latent | None, score_mod, block_mask, scale, enable_gqa,
+             return_lse) -> tuple[tuple, _Variant]:
     """(cache key, variant): all a call needs before the kernel is found. The key holds what the spec depends on
-    (dtypes, whether K/V have their own head count and v its own head dim, the inputs' dtypes and ranks), so a
-    hit builds no declarations. `block_mask` is attnc's BlockMask (or None) by now."""
-    try:
-        q_shape, k_shape, v_shape = query.shape, key.shape, value.shape
-        if not len(q_shape) == len(k_shape) == len(v_shape) == 4:
-            raise IndexError
-        signature = (query.dtype, key.dtype, value.dtype, k_shape[1] != q_shape[1], v_shape[3] != q_shape[3],
-                     bool(enable_gqa))
-    except (AttributeError, IndexError, TypeError):
-        symbolic.qkv_decls(query, key, value, "BHSD", gqa_allowed=enable_gqa)  # raises the CallError
-        raise
+    (dtypes, whether K/V have their own head count and v its own head dim, the inputs' dtypes and ranks; the
+    latent form's own), so a hit builds no declarations. `block_mask` is attnc's BlockMask (or None) by now;
+    query, key and value are _latent's q, k, v."""
+    if latent is not None:
+        signature = latent.signature
+    else:
+        try:
+            q_shape, k_shape, v_shape = query.shape, key.shape, value.shape
+            if not len(q_shape) == len(k_shape) == len(v_shape) == 4:
+                raise IndexError
+            signature = (query.dtype, key.dtype, value.dtype, k_shape[1] != q_shape[1], v_shape[3] != q_shape[3],
+                         bool(enable_gqa))
+        except (AttributeError, IndexError, TypeError):
+            symbolic.qkv_decls(query, key, value, "BHSD", gqa_allowed=enable_gqa)  # raises the CallError
+            raise
     if block_mask is not None:
-        _check_block_mask(block_mask, q_shape, k_shape)
+        _check_block_mask(block_mask, query.shape, key.shape[-2])
     if scale is not None:
         _check_scale(scale)
-    score = _score_trace(score_mod, scale)
-    variant = _VARIANTS.get((score, block_mask.trace if block_mask is not None else None))
+    dots = len(latent.pairs) if latent is not None else 0
+    score = _score_trace(score_mod, (scale, dots))
+    mask = block_mask.trace if block_mask is not None else None
+    variant = _VARIANTS.get((id(score), id(mask)))
     if variant is None:
-        variant = _new_variant(score, block_mask, score_mod)
+        variant = _new_variant(score, block_mask, score_mod, dots)
     # A tensor's dtype and rank can change in place (`t.data = ...`): read them on every call.
     inputs = tuple([(t.dtype, t.dim()) for t in variant.inputs]) if variant.inputs else ()
     return (variant.key, signature, inputs, bool(return_lse)), variant
@@ -379,15 +488,22 @@ def _normalizer(normalizer) -> type[Normalizer]:
                     f"({DEFAULT_NORMALIZER.name}, as FlexAttention), got {normalizer!r}")
 
 
-def _build_spec(query, key, value, enable_gqa, variant: _Variant, return_lse,
+def _build_spec(query, key, value, latent: _Latent | None, enable_gqa, variant: _Variant, return_lse,
                 normalizer: type[Normalizer] = DEFAULT_NORMALIZER) -> Attention:
-    decls = symbolic.qkv_decls(query, key, value, "BHSD", gqa_allowed=enable_gqa)
+    q, k, v = symbolic.qkv_decls(query, key, value, "BHSD", gqa_allowed=enable_gqa, headless_k=latent is not None)
     block_mask, score = variant.block_mask, variant.score
     masks = block_mask.masks if block_mask is not None else ()
     fallback = symbolic.function_span(block_mask.mask_mod) if block_mask is not None else None
-    spec = make_attention(variant.name, *decls,
-                          inputs=symbolic.input_decls([score.expr, *masks], variant.tensors, fallback),
-                          score=score.expr, masks=masks, normalizer=normalizer(),
+    inputs = symbolic.input_decls([score.expr, *masks], variant.tensors, fallback)
+    dims = {}
+    for n, (query_side, _) in enumerate(latent.pairs if latent is not None else ()):
+        # shaped like q and k with a head dim of its own, as docs/mla.md declares qr and kr
+        names = dot_names(n)
+        inputs += tuple(TensorDecl(name, like.dtype, tuple(names[2] if r == "D" else r for r in like.shape))
+                        for name, like in zip(names, (q, k)))
+        dims[names[2]] = query_side.shape[-1]
+    spec = make_attention(variant.name, q, k, k if latent is not None and latent.shares_kv else v, dims=dims,
+                          inputs=inputs, score=score.expr, masks=masks, normalizer=normalizer(),
                           returns_lse=bool(return_lse))
     check_attention(spec)
     return spec
@@ -400,8 +516,9 @@ def flex_spec(query, key, value, score_mod=None, block_mask=None, scale=None, en
     lse = _wants_lse(return_lse, return_aux)
     if block_mask is not None and not isinstance(block_mask, BlockMask):
         block_mask = _from_torch(block_mask)
-    _, variant = _variant(query, key, value, score_mod, block_mask, scale, enable_gqa, lse)
-    return _build_spec(query, key, value, enable_gqa, variant, lse, _normalizer(normalizer))
+    q, k, v, latent = _latent(query, key, value, enable_gqa)
+    _, variant = _variant(q, k, v, latent, score_mod, block_mask, scale, enable_gqa, lse)
+    return _build_spec(q, k, v, latent, enable_gqa, variant, lse, _normalizer(normalizer))
 
 
 @checks_arguments
@@ -410,6 +527,7 @@ def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=Non
     """FlexAttention's `flex_attention` on attnc kernels: out [B, H, M, DV]; (out, AuxOutput(lse=...)) with
     return_aux=AuxRequest(lse=True); (out, lse) with return_lse=True (torch's older spelling).
 
+    query and key may be tuples, (q, q_pe) and (ckv, k_pe), with value ckv itself: latent attention (module doc).
     block_mask is attnc's or torch's BlockMask. kernel_options may hold "backend" (passed to attnc.compile);
     FlexAttention's tuning options (BLOCK_M, ...) are accepted and ignored, since attnc plans its own tiles.
     `normalizer`: None (softmax, as FlexAttention) or "sigmoid" (sigmoid attention; module doc).
@@ -417,14 +535,18 @@ def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=Non
     lse = _wants_lse(return_lse, return_aux)
     if block_mask is not None and not isinstance(block_mask, BlockMask):
         block_mask = _from_torch(block_mask)
-    cache_key, variant = _variant(query, key, value, score_mod, block_mask, scale, enable_gqa, lse)
+    q, k, v, latent = _latent(query, key, value, enable_gqa)
+    cache_key, variant = _variant(q, k, v, latent, score_mod, block_mask, scale, enable_gqa, lse)
     kind = _normalizer(normalizer)
     cache_key += (kind, kernel_options.get("backend") if kernel_options else None)
     entry = _KERNELS.get(cache_key)
     if entry is None:
-        spec = _build_spec(query, key, value, enable_gqa, variant, lse, kind)
+        spec = _build_spec(q, k, v, latent, enable_gqa, variant, lse, kind)
         entry = _KERNELS[cache_key] = (spec, compiler.compile_spec(spec, backend=cache_key[-1]))
-    result = entry[1](query, key, value, **variant.tensors)
+    if latent is None:
+        result = entry[1](q, k, v, **variant.tensors)
+    else:
+        result = entry[1](q, k, *(() if latent.shares_kv else (v,)), **latent.inputs, **variant.tensors)
     if return_aux is None:
         return result
     return (result[0], AuxOutput(lse=result[1])) if lse else (result, AuxOutput())

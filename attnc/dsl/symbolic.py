@@ -612,26 +612,33 @@ def input_decls(exprs: Iterable[Expr | None], tensors: Mapping[str, torch.Tensor
 LAYOUTS = {"BHSD": (0, 1, 2, 3), "BSHD": (0, 2, 1, 3)}  # axes of (batch, heads, sequence, head dim)
 
 
-def qkv_decls(q, k, v, layout: str, gqa_allowed: bool = True) -> tuple[TensorDecl, TensorDecl, TensorDecl]:
+def qkv_decls(q, k, v, layout: str, gqa_allowed: bool = True,
+              headless_k: bool = False) -> tuple[TensorDecl, TensorDecl, TensorDecl]:
     """q/k/v declarations for these tensors: K/V get HKV when their head count differs from q's, v gets DV
-    when its head dim differs. Shapes are checked fully at call time (signature.bind)."""
+    when its head dim differs. `headless_k`: where v is k, k may be [B, N, D], without a head axis (one K/V head
+    that every query head reads: MLA's latent cache). Shapes are checked fully at call time (signature.bind)."""
     axes = LAYOUTS[layout]
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+        ranks = (4, 3) if headless_k and v is k and name != "q" else (4,)
+        if not isinstance(t, torch.Tensor) or t.dim() not in ranks:
             got = f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
-            raise CallError(f"{name}: expected a 4-dim torch.Tensor in {layout} layout, got {got}")
+            headless = " or a 3-dim [B, N, D] one (one K/V head)" if len(ranks) > 1 else ""
+            raise CallError(f"{name}: expected a 4-dim torch.Tensor in {layout} layout{headless}, got {got}")
         if ir_dtype(t, name) not in QKV_DTYPES:
             raise CallError(f"{name}: dtype {t.dtype} is not supported; use float16, bfloat16 or float32")
-    heads = "HKV" if k.shape[axes[1]] != q.shape[axes[1]] else "H"
-    if heads == "HKV" and not gqa_allowed:
-        raise CallError(f"k: has {k.shape[axes[1]]} heads but q has {q.shape[axes[1]]}; pass enable_gqa=True for "
-                        f"grouped-query attention")
-    value_dim = "DV" if v.shape[axes[3]] != q.shape[axes[3]] else "D"
 
     def shape(seq: str, head: str, dim: str) -> tuple[str, ...]:
         roles = ("B", head, seq, dim)
         return tuple(roles[axes.index(axis)] for axis in range(4))
 
+    if k.dim() == 3:
+        k_decl = TensorDecl("k", IR_DTYPES[k.dtype], ("B", "N", "D"))
+        return TensorDecl("q", IR_DTYPES[q.dtype], shape("M", "H", "D")), k_decl, k_decl
+    heads = "HKV" if k.shape[axes[1]] != q.shape[axes[1]] else "H"
+    if heads == "HKV" and not gqa_allowed:
+        raise CallError(f"k: has {k.shape[axes[1]]} heads but q has {q.shape[axes[1]]}; pass enable_gqa=True for "
+                        f"grouped-query attention")
+    value_dim = "DV" if v.shape[axes[3]] != q.shape[axes[3]] else "D"
     return (TensorDecl("q", IR_DTYPES[q.dtype], shape("M", "H", "D")),
             TensorDecl("k", IR_DTYPES[k.dtype], shape("N", heads, "D")),
             TensorDecl("v", IR_DTYPES[v.dtype], shape("N", heads, value_dim)))

@@ -301,6 +301,11 @@ def python_mutant(rng: random.Random) -> tuple[str, str]:
              if rng.random() < 0.6 else "    mask = None",
              "    from attnc.dsl.flex import flex_spec",
              f"    return flex_spec(q, k, v, score_mod=score_mod, block_mask=mask, scale={rng.choice(_PY_NUMBERS)})"]
+    if rng.random() < 0.3:  # drawn last, so the other mutants stay as they were: MLA's spelling (docs/mla.md)
+        latent = rng.choice(("(q, q[..., :4]), (k, k[..., :4]), k", "(q,), (c,), c", "(q, q), (c, c), c",
+                             "(q, q), (c, k), c"))
+        lines[-1:] = ["    c = k[:, 0]  # a latent cache without a head axis",
+                      lines[-1].replace("flex_spec(q, k, v,", f"flex_spec({latent},")]
     return "flex", "\n".join(lines) + "\n"
 
 
