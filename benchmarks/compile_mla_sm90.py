@@ -1,0 +1,138 @@
+"""Compile the MLA decode kernel (attn_decode of examples/specs/mla.attn: D = 512 latent, DR = 64 rope part, bf16)
+for sm_90 without a GPU, over the tile grid the H100 sweep (bench_mla.py --sweep) times, and print ptxas' registers,
+spills and the shared memory per config, so the sweep and the DECODE_TUNED row start from configs that build.
+
+A config is rows per program (BLOCK_M: the heads packed into one tile), keys per step (BLOCK_N), warps and
+num_stages as the plan counts them (K/V tiles in flight + 1; passes/decode.pipeline_stages turns it into Triton's,
+more for a paged cache). The tile is set on the plan directly, past plan_decode's shared-memory estimate, so that
+Triton's own shared-memory figure decides what fits (232448 bytes a block on sm_90). Needs Triton 3.6 (the GPU
+machine's), e.g.
+
+    PYTHONPATH=$PWD /tmp/venv36/bin/python benchmarks/compile_mla_sm90.py --out /tmp/mla-compile [--storage paged]
+
+One JSON line per config on stdout and in <out>/compile_mla_sm90.jsonl; exit status 1 if any config fails for a
+reason other than running out of shared memory."""
+import argparse
+import itertools
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+os.environ["TRITON_INTERPRET"] = "0"
+import torch
+import triton
+from triton._C.libtriton import native_specialize_impl
+from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import CUDABackend
+from triton.compiler import ASTSource
+
+import attnc
+from attnc.backends.triton import serving
+from attnc.dsl.signature import bind
+from attnc.passes import PlanOptions, Target, plan_kernel
+from attnc.passes.decode import decode_launch
+from attnc.passes.plan import TileConfig
+
+PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+SMEM_CAP = 232448  # bytes of shared memory a block may have on sm_90
+H100_SMS = 132
+
+
+def mla_spec(storage: str):
+    name = {"paged": "mla_paged", "contiguous": "mla_decode"}[storage]
+    return next(s for s in attnc.parse_file("examples/specs/mla.attn") if s.name == name)
+
+
+def meta_call(spec, storage: str, batch: int, heads: int, keys: int):
+    """q, k and keywords of a decode call on meta tensors (one query token per sequence)."""
+    d, dr, page = 512, 64, 64
+    q = torch.empty(batch, 1, heads, d, dtype=torch.bfloat16, device="meta")
+    kw = {"qr": torch.empty(batch, 1, heads, dr, dtype=torch.bfloat16, device="meta"), "scale": 192 ** -0.5}
+    if storage == "paged":
+        pages = batch * keys // page
+        k = torch.empty(pages, page, d + dr, dtype=torch.bfloat16, device="meta")[..., :d]
+        kw.update(kr=torch.empty(pages, page, d + dr, dtype=torch.bfloat16, device="meta")[..., d:],
+                  block_table=torch.empty(batch, keys // page, dtype=torch.int32, device="meta"),
+                  kv_len=torch.empty(batch, dtype=torch.int32, device="meta"))
+    else:
+        k = torch.empty(batch, keys, d + dr, dtype=torch.bfloat16, device="meta")[..., :d]
+        kw["kr"] = torch.empty(batch, keys, d + dr, dtype=torch.bfloat16, device="meta")[..., d:]
+    return q, k, kw
+
+
+def compile_config(spec, storage: str, tile: TileConfig, splits: int, work: Path) -> dict:
+    plan = plan_kernel(spec, Target("triton", "cuda", 90), 512, 512, PlanOptions(num_splits=splits))
+    plan = replace(plan, decode=replace(plan.decode, tile=tile, dense_max_m=tile.block_m))
+    launcher = serving.DecodeLauncher(plan)
+    q, k, kw = meta_call(spec, storage, 64, tile.block_m, 8192)
+    bound = bind(spec, q, k, k, kw)
+    go = decode_launch(plan, bound.sizes, H100_SMS)
+    fn, _, args, keywords = launcher.calls(bound, go, *launcher.outputs(bound, go))[0]
+    signature, constexprs, attrs = {}, {}, {}
+    for i, (name, param, value) in enumerate(zip(fn.arg_names, fn.params, [*args, *[None] * len(fn.params)])):
+        if param.is_constexpr:
+            signature[name], constexprs[name] = "constexpr", keywords.get(name)
+            continue
+        # as the JIT specializes: integers divisible by 16 and aligned pointers become attributes
+        signature[name], attr = native_specialize_impl(CUDABackend, value, False, not param.do_not_specialize, True)
+        if signature[name] == "constexpr":
+            constexprs[name] = attr
+        elif isinstance(attr, str):
+            attrs[(i,)] = CUDABackend.parse_attr(attr)
+    options = {k: v for k, v in keywords.items() if k not in fn.arg_names}
+    t0 = time.time()
+    compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
+                              options=options)
+    ptx = work / f"mla_{storage}_{tile.block_m}x{tile.block_n}_w{tile.num_warps}_s{tile.num_stages}.ptx"
+    ptx.write_text(compiled.asm["ptx"])
+    report = subprocess.run([str(PTXAS), "-arch=sm_90a", "-v", str(ptx), "-o", os.devnull],
+                            capture_output=True, text=True, check=True).stderr
+    spills = sum(int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", report))
+    return dict(regs=int(re.search(r"Used (\d+) registers", report).group(1)), spills=spills,
+                stack=int(re.search(r"(\d+) bytes stack frame", report).group(1)), shared=compiled.metadata.shared,
+                fits=compiled.metadata.shared <= SMEM_CAP, triton_stages=options["num_stages"],
+                wgmma="wgmma" in compiled.asm["ptx"], compile_s=round(time.time() - t0, 1))
+
+
+def configs(storages, rows, block_ns, warps, stages):
+    for storage, m, n, w, s in itertools.product(storages, rows, block_ns, warps, stages):
+        yield storage, TileConfig(m, n, w, s)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="/tmp/mla-compile")
+    ap.add_argument("--storage", nargs="*", default=["paged", "contiguous"])
+    ap.add_argument("--rows", type=int, nargs="*", default=[64, 32, 128])
+    ap.add_argument("--block-n", type=int, nargs="*", default=[32, 64, 16])
+    ap.add_argument("--warps", type=int, nargs="*", default=[8, 4])
+    ap.add_argument("--stages", type=int, nargs="*", default=[2, 3, 1])
+    ap.add_argument("--splits", type=int, default=1, help="1: the kernel writes out itself; more: the split form")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "compile_mla_sm90.jsonl"
+    ok = True
+    for storage, tile in configs(args.storage, args.rows, args.block_n, args.warps, args.stages):
+        row = {"storage": storage, "block_m": tile.block_m, "block_n": tile.block_n, "num_warps": tile.num_warps,
+               "num_stages": tile.num_stages, "splits": args.splits}
+        try:
+            row.update(compile_config(mla_spec(storage), storage, tile, args.splits, out))
+        except Exception as e:  # noqa: BLE001  (a config that does not build is a result)
+            text = str(e).strip().splitlines()
+            row["error"] = f"{type(e).__name__}: {text[-1][:300] if text else ''}"
+            ok &= "shared memory" in row["error"].lower() or "OutOfResources" in row["error"]
+        line = json.dumps(row)
+        print(line, flush=True)
+        with log.open("a") as f:
+            f.write(line + "\n")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
