@@ -40,12 +40,12 @@ PNGs next to it; the table prints as rows finish.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import math
 import os
 import re
-import statistics
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -54,6 +54,7 @@ import torch
 
 import attnc
 from attnc.bench import _error_text, compiled_flex_attention, draw_panels, environment, result_path, save_figure
+from sweep_decode import host_timer, poisoned, timer as sweep_timer
 
 CHECK_TOL = 2e-2  # relative Frobenius error of a bf16 output against the float32 formula
 PEAK_BYTES_S = 3.35e12  # H100 SXM HBM3
@@ -360,33 +361,9 @@ def flex_prefill_runner(w: PrefillWorkload, q, k, v, device: str):
 # ---------------------------------------------------------------- checking and timing
 
 
-def poisoned(fn, device: str):
-    """fn() with attnc's outputs and workspace NaN-filled, so elements no kernel writes fail the check."""
-    from attnc.backends.triton import launch
-
-    with launch.poisoned_outputs():
-        result = fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return result
-
-
 def timer(device: str):
-    """ms per call: the median of triton.testing.do_bench on the GPU; a host clock in the interpreter (smoke)."""
-    if device == "cuda":
-        from triton.testing import do_bench
-
-        return lambda fn: do_bench(fn, warmup=25, rep=100, return_mode="median")
-    return host_ms
-
-
-def host_ms(fn, reps: int = 1) -> float:
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
+    """ms per call: do_bench's median on the GPU (sweep_decode.timer); one host-clock call in the interpreter."""
+    return sweep_timer(device) if device == "cuda" else functools.partial(host_timer, reps=1)
 
 
 def rel_err(out: torch.Tensor, want: torch.Tensor) -> float:
@@ -445,13 +422,18 @@ class TileChoice:
 
 
 def tile_choices(smoke: bool) -> list[TileChoice]:
-    """The grid of the issue's sweep, the plan's default first; configs benchmarks/compile_mla_sm90.py found to
-    spill or overflow shared memory on sm_90 come last (they still run: the compile-only table may be wrong)."""
+    """The issue's grid (rows 64 / 32 / 16, keys per step 16 / 32 / 64, 8 / 4 warps, 1-3 stages, split counts),
+    ranked by benchmarks/compile_mla_sm90.py's sm_90 results so that the budget cuts the least promising: the plan's
+    tile first (64x16 w8 s3, no spills in its loops), its neighbours, the split counts at it, then the rest (configs
+    that spill still run: the compile-only ranking may be wrong)."""
     if smoke:
         return [TileChoice(16, 16, 4, 1), TileChoice(16, 32, 4, 2, 2)]
-    grid = [TileChoice(m, n, w, st) for m, n, w, st in itertools.product((64, 128, 32), (32, 64, 16), (8, 4),
-                                                                          (2, 3, 1))]
-    return grid + [TileChoice(64, 32, 8, 2, sp) for sp in (1, 2, 4, 8)]
+    leading = [TileChoice(64, 16, 8, 3), TileChoice(64, 16, 8, 2), TileChoice(64, 32, 8, 2), TileChoice(64, 32, 8, 3),
+               *(TileChoice(64, 16, 8, 3, sp) for sp in (1, 2, 4, 8)), TileChoice(64, 64, 8, 2),
+               TileChoice(32, 32, 4, 2), TileChoice(32, 32, 4, 3), TileChoice(32, 64, 4, 2), TileChoice(16, 32, 4, 2),
+               TileChoice(16, 64, 4, 3), TileChoice(64, 32, 8, 2, 2), TileChoice(128, 32, 8, 2)]
+    rest = [TileChoice(m, n, w, st) for m, n, w, st in itertools.product((64, 32, 16), (16, 32, 64), (8, 4), (3, 2, 1))]
+    return leading + [c for c in rest if c not in leading]
 
 
 SWEEP_WORKLOADS = (DecodeWorkload(64, 8192, 64), DecodeWorkload(64, 8192, 128), DecodeWorkload(768, 8192, 64),

@@ -38,7 +38,7 @@ from attnc.passes import PlanOptions, Target, plan_kernel
 from attnc.passes.decode import decode_launch
 from attnc.passes.plan import TileConfig
 
-PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 SMEM_CAP = 232448  # bytes of shared memory a block may have on sm_90
 H100_SMS = 132
 
@@ -90,13 +90,32 @@ def compile_config(spec, storage: str, tile: TileConfig, splits: int, work: Path
                               options=options)
     ptx = work / f"mla_{storage}_{tile.block_m}x{tile.block_n}_w{tile.num_warps}_s{tile.num_stages}.ptx"
     ptx.write_text(compiled.asm["ptx"])
-    report = subprocess.run([str(PTXAS), "-arch=sm_90a", "-v", str(ptx), "-o", os.devnull],
+    report = subprocess.run([str(BIN / "ptxas"), "-arch=sm_90a", "-v", str(ptx), "-o", os.devnull],
                             capture_output=True, text=True, check=True).stderr
     spills = sum(int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", report))
     return dict(regs=int(re.search(r"Used (\d+) registers", report).group(1)), spills=spills,
                 stack=int(re.search(r"(\d+) bytes stack frame", report).group(1)), shared=compiled.metadata.shared,
+                loop_spills=loop_spills(compiled.asm["cubin"], work / f"{ptx.stem}.cubin"),
                 fits=compiled.metadata.shared <= SMEM_CAP, triton_stages=options["num_stages"],
                 wgmma="wgmma" in compiled.asm["ptx"], compile_s=round(time.time() - t0, 1))
+
+
+def loop_spills(cubin: bytes, path: Path) -> list[int]:
+    """Local-memory instructions (STL, LDL) inside each key loop of the SASS (a backward branch around tensor-core
+    instructions), in program order: the kernel's three loops (partial tiles, full tiles, partial tiles). Spills
+    outside the loops (prologue, epilogue) cost once per program; inside, once per key tile."""
+    path.write_bytes(cubin)
+    sass = subprocess.run([str(BIN / "nvdisasm"), "-c", str(path)], capture_output=True, text=True,
+                          check=True).stdout.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(sass) if (m := re.match(r"\s*\.(L_x_\d+):", line))}
+    counts = []
+    for end, line in enumerate(sass):
+        m = re.search(r"\bBRA\b.*?\.(L_x_\d+)", line)
+        start = labels.get(m.group(1), end) if m else end
+        body = sass[start:end + 1]
+        if start < end and any(re.search(r"\b(HGMMA|HMMA)\b", b) for b in body):
+            counts.append(sum(bool(re.search(r"\b(STL|LDL)\b", b)) for b in body))
+    return counts
 
 
 def configs(storages, rows, block_ns, warps, stages):
