@@ -31,11 +31,11 @@ dense causal prefill (D = DV = 128) at the same B, H and S, attnc against SDPA (
 the issue asks for the MLA rows at the dense rows' TFLOP/s.
 
 Every output is checked against a float32 torch formula (attnc's with NaN-poisoned outputs and workspace) before
-any timing counts; times are the median of triton.testing.do_bench. Results: <out>/mla-<device>-<date>.json and
-PNGs next to it; the table prints as rows finish.
+any timing counts; times are the median of triton.testing.do_bench. The table prints as rows finish; results go to
+<out>/mla-decode[-prefill]-<device>-<date>.json (rewritten after every row) and PNGs next to it.
 
     python benchmarks/bench_mla.py --out $OUT [--quick] [--only REGEX] [--prefill] [--sweep] [--fp8]
-    TRITON_INTERPRET=1 python benchmarks/bench_mla.py --smoke --out /tmp/mla   # CPU, tiny shapes (tests/test_bench_mla.py)
+    TRITON_INTERPRET=1 python benchmarks/bench_mla.py --smoke --out /tmp/mla   # CPU, tiny shapes (a test runs it)
 """
 from __future__ import annotations
 
@@ -211,9 +211,17 @@ def sdpa_decode_runners(w: DecodeWorkload, s: Shapes, x: DecodeInputs) -> dict:
     return {"sdpa-cudnn": run(SDPBackend.CUDNN_ATTENTION), "sdpa-efficient": run(SDPBackend.EFFICIENT_ATTENTION)}
 
 
+FLEX_FAILED: dict[str, str] = {}  # the first decode workload whose flex call raised -> its error
+
+
 def flex_decode_runner(w: DecodeWorkload, s: Shapes, x: DecodeInputs, device: str):
+    """flex in its GQA form; once a call has raised (a compile error costs tens of seconds), later workloads say so
+    instead of compiling again."""
     if device != "cuda":
         return "needs a GPU (flex's CPU path compiles C++ for minutes)"
+    if FLEX_FAILED:
+        (first, error), = FLEX_FAILED.items()
+        return f"not run: it raised at {first}: {error}"
     try:
         flex = compiled_flex_attention(dynamic=True)
         q = x.q.transpose(1, 2)  # [B, H, 1, E]
@@ -260,6 +268,9 @@ def run_decode(w: DecodeWorkload, s: Shapes, device: str) -> dict:
         row["target"] = {"value": target[0], "unit": target[1]}
     want = decode_reference(x, s.D)
     measure(decode_runners(w, s, x, device), want, device, row)
+    flex = row["results"]["flex"]
+    if "error" in flex and "rel_err" not in flex and not flex["error"].startswith("not run") and device == "cuda":
+        FLEX_FAILED[w.name] = flex["error"]
     return row
 
 
@@ -453,7 +464,8 @@ def sweep(args, s: Shapes, device: str, out_dir: Path) -> list[dict]:
     t0 = time.time()
     spec = mla_spec(s, paged=True)
     d = s.D
-    work = [w for w in (SMOKE_DECODE if args.smoke else SWEEP_WORKLOADS) if not args.only or re.search(args.only, w.name)]
+    work = [w for w in (SMOKE_DECODE if args.smoke else SWEEP_WORKLOADS)
+            if not args.only or re.search(args.only, w.name)]
     prepared = []
     for w in work:
         x = decode_inputs(w, s, device)
@@ -643,7 +655,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="B 64 / 768 and KV 1k / 8k only (8 decode rows)")
     ap.add_argument("--prefill", action="store_true", help="also the prefill rows (MLA 192/128 against dense 128)")
     ap.add_argument("--sweep", action="store_true", help="instead: the decode kernel's tile sweep (sweep_mla.jsonl)")
-    ap.add_argument("--budget", type=float, default=300.0, help="seconds; no new row (or sweep config) starts after")
+    ap.add_argument("--budget", type=float, default=270.0, help="seconds; no new row (or sweep config) starts after")
     ap.add_argument("--fp8", action="store_true", help="the latent cache in FP8 e4m3 (needs FP8 caches)")
     ap.add_argument("--smoke", action="store_true", help="CPU with TRITON_INTERPRET=1: tiny f32 shapes")
     args = ap.parse_args(argv)
@@ -672,11 +684,11 @@ def main(argv: list[str] | None = None) -> int:
         work += list(SMOKE_PREFILL if args.smoke else prefill_workloads(args.quick))
     report = {"env": env, "check_tol": CHECK_TOL, "floors": {"bytes_s": PEAK_BYTES_S, "flops": PEAK_FLOPS},
               "rows": []}
-    path = result_path(out_dir, env, "mla-")
+    work = [w for w in work if not args.only or re.search(args.only, w.name)]
+    kinds = dict.fromkeys("decode" if isinstance(w, DecodeWorkload) else "prefill" for w in work)
+    path = result_path(out_dir, env, "-".join(("mla", *(["fp8"] if shapes.fp8 else []), *kinds, "")))
     t0 = time.time()
     for w in work:
-        if args.only and not re.search(args.only, w.name):
-            continue
         if time.time() - t0 > args.budget:
             print(f"budget of {args.budget:.0f}s spent: {w.name} and later rows not run", flush=True)
             report.setdefault("not_run", []).append(w.name)

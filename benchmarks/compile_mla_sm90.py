@@ -66,13 +66,20 @@ def meta_call(spec, storage: str, batch: int, heads: int, keys: int):
 
 
 def compile_config(spec, storage: str, tile: TileConfig, splits: int, work: Path) -> dict:
+    """attn_decode's figures at this tile; with splits > 1, attn_combine's (the merge) under "combine"."""
     plan = plan_kernel(spec, Target("triton", "cuda", 90), 512, 512, PlanOptions(num_splits=splits))
     plan = replace(plan, decode=replace(plan.decode, tile=tile, dense_max_m=tile.block_m))
     launcher = serving.DecodeLauncher(plan)
     q, k, kw = meta_call(spec, storage, 64, tile.block_m, 8192)
     bound = bind(spec, q, k, k, kw)
     go = decode_launch(plan, bound.sizes, H100_SMS)
-    fn, _, args, keywords = launcher.calls(bound, go, *launcher.outputs(bound, go))[0]
+    stem = f"mla_{storage}_{tile.block_m}x{tile.block_n}_w{tile.num_warps}_s{tile.num_stages}_x{splits}"
+    decode, *combine = (compile_call(fn, args, keywords, work / f"{stem}_{fn.__name__}")
+                        for fn, _, args, keywords in launcher.calls(bound, go, *launcher.outputs(bound, go)))
+    return {**decode, **({"combine": {k: combine[0][k] for k in ("regs", "spills", "shared")}} if combine else {})}
+
+
+def compile_call(fn, args, keywords, path: Path) -> dict:
     signature, constexprs, attrs = {}, {}, {}
     for i, (name, param, value) in enumerate(zip(fn.arg_names, fn.params, [*args, *[None] * len(fn.params)])):
         if param.is_constexpr:
@@ -88,15 +95,19 @@ def compile_config(spec, storage: str, tile: TileConfig, splits: int, work: Path
     t0 = time.time()
     compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
                               options=options)
-    ptx = work / f"mla_{storage}_{tile.block_m}x{tile.block_n}_w{tile.num_warps}_s{tile.num_stages}.ptx"
+    ptx = path.with_suffix(".ptx")
     ptx.write_text(compiled.asm["ptx"])
     report = subprocess.run([str(BIN / "ptxas"), "-arch=sm_90a", "-v", str(ptx), "-o", os.devnull],
                             capture_output=True, text=True, check=True).stderr
     spills = sum(int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", report))
     return dict(regs=int(re.search(r"Used (\d+) registers", report).group(1)), spills=spills,
                 stack=int(re.search(r"(\d+) bytes stack frame", report).group(1)), shared=compiled.metadata.shared,
-                loop_spills=loop_spills(compiled.asm["cubin"], work / f"{ptx.stem}.cubin"),
-                fits=compiled.metadata.shared <= SMEM_CAP, triton_stages=options["num_stages"],
+                loop_spills=loop_spills(compiled.asm["cubin"], path.with_suffix(".cubin")),
+                # each tensor-core layout: version, warps per CTA, instruction shape. At 64 rows and 8 warps QK^T's
+                # is v3 [8, 1]: both warpgroups compute the same 64 rows of scores, and PV's [4, 2] splits DV
+                mma=re.findall(r"nvidia_mma<\{versionMajor = (\d), versionMinor = \d, warpsPerCTA = (\[[\d, ]+\]), "
+                               r"instrShape = (\[[\d, ]+\])", compiled.asm["ttgir"]),
+                fits=compiled.metadata.shared <= SMEM_CAP, triton_stages=options.get("num_stages"),
                 wgmma="wgmma" in compiled.asm["ptx"], compile_s=round(time.time() - t0, 1))
 
 

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.shared_cache
 
 def test_smoke_report_checks_every_runner_and_plots(tmp_path):
     assert bench_mla.main(["--smoke", "--prefill", "--out", str(tmp_path)]) == 0
-    report, = (json.loads(p.read_text()) for p in tmp_path.glob("mla-*.json"))
+    report, = (json.loads(p.read_text()) for p in tmp_path.glob("mla-decode-prefill-*.json"))
     rows = {r["workload"]: r for r in report["rows"]}
     assert sorted(rows) == sorted(w.name for w in (*bench_mla.SMOKE_DECODE, *bench_mla.SMOKE_PREFILL))
     for row in rows.values():
