@@ -30,8 +30,14 @@ Prefill (`--prefill`): MLA in its non-absorbed form (D = 192, DV = 128, causal, 
 dense causal prefill (D = DV = 128) at the same B, H and S, attnc against SDPA (cuDNN, flash, efficient) and flex:
 the issue asks for the MLA rows at the dense rows' TFLOP/s.
 
+`--sweep`: the decode kernel's tiles instead (rows x keys per step, warps, stages, splits) on five paged grid points,
+each checked, streamed to <out>/sweep_mla.jsonl (see benchmarks/compile_mla_sm90.py for which compile on sm_90).
+`--fp8`: the grid with the latent in float8 e4m3 and a dequant scale, attnc alone (a hook: it stops with "needs FP8
+caches" until attnc parses an f8e4m3 latent; see FP8 HOOK in mla_spec).
+
 Every output is checked against a float32 torch formula (attnc's with NaN-poisoned outputs and workspace) before
-any timing counts; times are the median of triton.testing.do_bench. The table prints as rows finish; results go to
+any timing counts; times are medians of CUDA-graph replays (do_bench_cudagraph: the kernels alone) where the
+capture works, else of triton.testing.do_bench (both are in the JSON). The table prints as rows finish; results go to
 <out>/mla-decode[-prefill]-<device>-<date>.json (rewritten after every row) and PNGs next to it.
 
     python benchmarks/bench_mla.py --out $OUT [--quick] [--only REGEX] [--prefill] [--sweep] [--fp8]
@@ -49,12 +55,13 @@ import re
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
 import attnc
 from attnc.bench import _error_text, compiled_flex_attention, draw_panels, environment, result_path, save_figure
-from sweep_decode import host_timer, poisoned, timer as sweep_timer
+from sweep_decode import graph_timer, host_timer, poisoned, timer as sweep_timer, unsplit_call
 
 CHECK_TOL = 2e-2  # relative Frobenius error of a bf16 output against the float32 formula
 PEAK_BYTES_S = 3.35e12  # H100 SXM HBM3
@@ -84,6 +91,11 @@ class Shapes:
     def E(self) -> int:
         return self.D + self.DR
 
+    @property
+    def latent_bytes(self) -> int:
+        """Bytes of one latent element: 1 in FP8, else the queries' dtype's."""
+        return 1 if self.fp8 else torch.finfo(self.dtype).bits // 8
+
 
 GPU = Shapes(512, 64, 64, torch.bfloat16, "bf16")
 SMOKE = Shapes(64, 16, 16, torch.float32, "f32")  # the interpreter's bf16 is wrong: f32 there
@@ -94,8 +106,9 @@ def mla_spec(s: Shapes, paged: bool) -> attnc.Attention:
     k_shape = "PAGES, PAGE, D" if paged else "B, N, D"
     kr_shape = k_shape.replace("D", "DR")
     latent = "f8e4m3" if s.fp8 else s.spec_dtype
-    # FP8 hook: the spelling of a dequant scale is the fp8 branch's (issue 14, part 3); `k_scale` is a guess that
-    # --fp8 tries, and a parse error there is reported as "needs FP8 caches".
+    # FP8 HOOK (issue 14, part 3): the spelling of the latent's dequant scale is the fp8 branch's, not merged here;
+    # `input k_scale: f32[1]` is a placeholder to replace with it. The data side is in place: decode_inputs stores
+    # the latent as float8 e4m3 with k_scale = FP8_SCALE, the reference dequantises, the attnc runners pass k_scale.
     scale_decl = "    input k_scale: f32[1]\n" if s.fp8 else ""
     text = (f"attention mla_{'paged' if paged else 'contiguous'} {{\n"
             f"    dims D = {s.D}, DR = {s.DR}{f', PAGE = {s.page}' if paged else ''}\n"
@@ -123,7 +136,7 @@ class DecodeWorkload:
 
     def bytes_read(self, s: Shapes) -> int:
         """The latent cache (c_kv and k_pe) once, and the queries."""
-        return (self.B * self.N * s.E + self.B * self.H * s.E) * torch.finfo(s.dtype).bits // 8
+        return self.B * self.N * s.E * s.latent_bytes + self.B * self.H * s.E * torch.finfo(s.dtype).bits // 8
 
     def flops(self, s: Shapes) -> float:
         return 2.0 * self.B * self.H * self.N * (s.E + s.D)
@@ -144,18 +157,26 @@ class DecodeInputs:
     pool: torch.Tensor  # [PAGES, PAGE, E]: the same slots in shuffled pages
     table: torch.Tensor  # int32 [B, N / PAGE]
     lengths: torch.Tensor  # int32 [B]
+    k_scale: torch.Tensor | None = None  # f32 [1]: an FP8 latent's dequant scale
+
+
+FP8_SCALE = 0.5  # not 1, so that a kernel that drops the dequant scale fails the check
 
 
 def decode_inputs(w: DecodeWorkload, s: Shapes, device: str) -> DecodeInputs:
     gen = torch.Generator(device=device).manual_seed(w.B * 100003 + w.N * 7 + w.H)
     q = torch.randn(w.B, 1, w.H, s.E, device=device, dtype=s.dtype, generator=gen)
     cache = torch.randn(w.B, w.N, s.E, device=device, dtype=s.dtype, generator=gen)
+    k_scale = None
+    if s.fp8:  # the stored values are the latent / FP8_SCALE, rounded to e4m3
+        cache = cache.to(torch.float8_e4m3fn)
+        k_scale = torch.tensor([FP8_SCALE], dtype=torch.float32, device=device)
     per_seq = w.N // s.page
     table = torch.randperm(w.B * per_seq, device=device, generator=gen).view(w.B, per_seq).int()
-    pool = torch.empty(w.B * per_seq, s.page, s.E, device=device, dtype=s.dtype)
+    pool = torch.empty(w.B * per_seq, s.page, s.E, device=device, dtype=cache.dtype)
     pool[table.flatten().long()] = cache.view(w.B * per_seq, s.page, s.E)
     lengths = torch.full((w.B,), w.N, dtype=torch.int32, device=device)
-    return DecodeInputs(q, cache, pool, table, lengths)
+    return DecodeInputs(q, cache, pool, table, lengths, k_scale)
 
 
 def decode_reference(x: DecodeInputs, d: int) -> torch.Tensor:
@@ -170,6 +191,8 @@ def decode_reference(x: DecodeInputs, d: int) -> torch.Tensor:
     try:
         for b0 in range(0, b, chunk):
             qf, kf = x.q[b0:b0 + chunk, 0].float(), x.cache[b0:b0 + chunk].float()
+            if x.k_scale is not None:  # an FP8 latent, dequantised
+                kf = kf * x.k_scale
             p = torch.softmax(qf @ kf.transpose(1, 2) * SCALE, -1)
             out[b0:b0 + chunk] = p @ kf[..., :d]
     finally:
@@ -181,12 +204,15 @@ def decode_runners(w: DecodeWorkload, s: Shapes, x: DecodeInputs, device: str) -
     """name -> a zero-argument callable returning out [B, H, D] (a view), or the reason the runner cannot run."""
     d = s.D
     q, qr = x.q[..., :d], x.q[..., d:]  # [B, 1, H, D], [B, 1, H, DR]: views
+    extra = {} if x.k_scale is None else {"k_scale": x.k_scale}
     made: dict = {}
     contiguous = attnc.compile(mla_spec(s, paged=False), backend="triton")
-    made["attnc"] = lambda: contiguous(q, x.cache[..., :d], qr=qr, kr=x.cache[..., d:], scale=SCALE)[:, 0]
+    made["attnc"] = lambda: contiguous(q, x.cache[..., :d], qr=qr, kr=x.cache[..., d:], scale=SCALE, **extra)[:, 0]
     paged = attnc.compile(mla_spec(s, paged=True), backend="triton")
     made[f"attnc-paged{s.page}"] = lambda: paged(q, x.pool[..., :d], qr=qr, kr=x.pool[..., d:], block_table=x.table,
-                                                 kv_len=x.lengths, scale=SCALE)[:, 0]
+                                                 kv_len=x.lengths, scale=SCALE, **extra)[:, 0]
+    if s.fp8:  # the peers' FP8 latent paths are not wired: compare with the bf16 grid's JSON (the 1.7x target)
+        return made
     made.update(sdpa_decode_runners(w, s, x))
     made["flex"] = flex_decode_runner(w, s, x, device)
     made["flashinfer"] = flashinfer_runner(w, s, x)
@@ -385,9 +411,12 @@ def rel_err(out: torch.Tensor, want: torch.Tensor) -> float:
 
 
 def measure(made: dict, want: torch.Tensor, device: str, row: dict) -> None:
-    """Each runner once against `want` (attnc's with poisoned outputs), then the agreeing ones timed: ms, GB/s of
-    row["bytes"] (decode), TFLOP/s of row["flops"], and their fractions of the H100's floors."""
-    bench = timer(device)
+    """Each runner once against `want` (attnc's with poisoned outputs), then the agreeing ones timed by do_bench
+    (do_bench_ms: as called, launch overhead included) and replayed from a CUDA graph (graph_ms: the kernels alone;
+    compiled flex spends ~120-240 us of host time a call, more than a decode kernel at B = 64, 1k keys). `ms` is the
+    graph's time where the capture worked, else do_bench's; from it: GB/s of row["bytes"] (decode), TFLOP/s of
+    row["flops"], and their fractions of the H100's floors."""
+    bench, graph_bench = timer(device), graph_timer(device) if device == "cuda" else None
     for name, fn in made.items():
         res = row["results"][name] = {}
         if isinstance(fn, str):
@@ -400,10 +429,17 @@ def measure(made: dict, want: torch.Tensor, device: str, row: dict) -> None:
             if err > CHECK_TOL:
                 res["error"] = f"wrong result: rel err {err:.3g} against the float32 formula"
                 continue
-            ms = res["ms"] = bench(fn)
+            res["do_bench_ms"] = bench(fn)
         except Exception as e:  # noqa: BLE001  (a runner that cannot run this workload is a result)
             res["error"] = _error_text(e)
             continue
+        if graph_bench is not None:
+            try:
+                res["graph_ms"] = graph_bench(fn)
+            except Exception as e:  # noqa: BLE001  (a runner that cannot be captured keeps do_bench's time)
+                res["graph_error"] = _error_text(e)
+        ms = res["ms"] = res.get("graph_ms", res["do_bench_ms"])
+        res["timed_by"] = "cuda graph" if "graph_ms" in res else "do_bench"
         res["tflops"] = row["flops"] / (ms * 1e-3) / 1e12
         res["flops_fraction"] = res["tflops"] * 1e12 / PEAK_FLOPS
         if "bytes" in row:
@@ -470,8 +506,10 @@ def sweep(args, s: Shapes, device: str, out_dir: Path) -> list[dict]:
     for w in work:
         x = decode_inputs(w, s, device)
         want = decode_reference(x, d)
-        kw = dict(qr=x.q[..., d:], kr=x.pool[..., d:], block_table=x.table, kv_len=x.lengths, scale=SCALE)
-        prepared.append((w, want, bind(spec, x.q[..., :d], x.pool[..., :d], x.pool[..., :d], kw)))
+        kw = dict(qr=x.q[..., d:], kr=x.pool[..., d:], block_table=x.table, kv_len=x.lengths, scale=SCALE,
+                  **({} if x.k_scale is None else {"k_scale": x.k_scale}))
+        call = SimpleNamespace(q=x.q[..., :d], k=x.pool[..., :d], v=x.pool[..., :d], kwargs=kw)
+        prepared.append((w, want, call, bind(spec, call.q, call.k, call.v, kw)))
     log = out_dir / "sweep_mla.jsonl"
     bench = timer(device)
     rows, seen = [], set()
@@ -479,7 +517,7 @@ def sweep(args, s: Shapes, device: str, out_dir: Path) -> list[dict]:
         if time.time() - t0 > args.budget:
             print(f"budget of {args.budget:.0f}s spent", flush=True)
             break
-        for w, want, bound in prepared:
+        for w, want, call, bound in prepared:
             row = {"workload": w.name, "config": asdict(choice), "bytes": w.bytes_read(s), "flops": w.flops(s)}
             try:
                 kernel = attnc.compile(spec, backend="triton", options=PlanOptions(num_splits=choice.splits))
@@ -496,8 +534,9 @@ def sweep(args, s: Shapes, device: str, out_dir: Path) -> list[dict]:
                 if key in seen:
                     continue
                 seen.add(key)
-                launcher = serving.DecodeLauncher(plan)
-                fn = lambda: launcher.run(bound, go)[0][:, 0]  # noqa: E731
+                # the first call through bind()'s path, later ones replayed, as a serving call (sweep_decode.py)
+                replay = unsplit_call(call, serving.DecodeLauncher(plan), bound, go)
+                fn = lambda: replay()[:, 0]  # noqa: E731
                 row["rel_err"] = err = rel_err(poisoned(fn, device), want)
                 row["ok"] = err <= CHECK_TOL
                 if row["ok"]:
@@ -637,15 +676,14 @@ def smoke_environment() -> dict:
 
 
 def fp8_shapes(s: Shapes) -> Shapes:
-    """The FP8-latent variant of the grid (issue 14, part 3). A hook until the FP8 caches merge: attnc must parse
-    an f8e4m3 latent, else this stops with "needs FP8 caches"."""
+    """The FP8-latent variant of the grid (issue 14, part 3): stops with "needs FP8 caches" while attnc cannot
+    parse mla_spec's f8e4m3 latent (see the FP8 HOOK there)."""
     fp8 = replace(s, fp8=True)
     try:
         mla_spec(fp8, paged=True)
     except attnc.AttncError as e:
         raise SystemExit(f"--fp8 needs FP8 caches (issue 14, part 3; branch fp8, not merged here): {e}") from None
-    raise SystemExit("--fp8: the spec parses; wire the latent's float8 cast and its dequant scale into "
-                     "decode_inputs, decode_reference and decode_runners (bench_mla.py) before timing it")
+    return fp8
 
 
 def main(argv: list[str] | None = None) -> int:
