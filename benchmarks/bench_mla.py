@@ -18,10 +18,10 @@ views of it:
   * flex: compiled flex_attention in its GQA form (q [B, H, 1, 576], k, v [B, 1, N, *], enable_gqa): its decoding
     kernel packs the heads of a K/V head, as attnc does. Compiled with dynamic shapes: one compile serves the
     grid (static shapes recompile per point, minutes in all).
-  * flashinfer: BatchMLAPagedAttentionWrapper on the paged cache, where `flashinfer` imports. It cannot be carried
-    to the GPU machine: the wheel (0.7.4) is 101 MB, 682 MB unpacked (over the 64 MiB a call carries), it needs
-    apache-tvm-ffi, cuda-python, nvidia-cutlass-dsl and more, and its Hopper MLA kernels are JIT-built with nvcc
-    from the sources in the wheel. Its row says why it did not run.
+  * flashinfer: BatchMLAPagedAttentionWrapper (backend "auto": FA3 on sm_90) on the paged cache, where `flashinfer`
+    imports, else its row says why. The newest wheel (0.7.4: 101 MB, 682 MB unpacked, cuda-python, cutlass-dsl...)
+    is over the 64 MiB a device call carries; 0.5.0 (6.9 MB, with apache-tvm-ffi and ninja 10 MB in all) fits, and
+    JIT-builds its MLA kernels with nvcc on first use (benchmarks/NOTES.md has the commands).
 Figures: GB/s of latent bytes read (B * N * 576 * 2, plus q) and TFLOP/s (2 * B * H * N * (576 + 512)), each also
 as a fraction of the H100's floors (3.35 TB/s, 989 TFLOP/s dense bf16), next to the issue's after-PR FlashInfer
 figures (TB/s at 64 heads, TFLOP/s at 128).
@@ -263,9 +263,8 @@ def flashinfer_runner(w: DecodeWorkload, s: Shapes, x: DecodeInputs):
     try:
         import flashinfer
     except ImportError as e:
-        return (f"flashinfer not installed ({e}): the wheel is 101 MB (682 MB unpacked, over the 64 MiB a device call "
-                f"carries), needs apache-tvm-ffi, cuda-python and nvidia-cutlass-dsl, and JIT-builds its MLA kernels "
-                f"with nvcc")
+        return (f"flashinfer not installed ({e}): carry flashinfer-python 0.5.0 and its wheels (10 MB; the newest, "
+                f"0.7.4, is 101 MB) and install them first: benchmarks/NOTES.md, MLA decode")
     if x.q.device.type != "cuda":
         return "needs a GPU"
     try:
