@@ -625,10 +625,14 @@ def print_table(report: dict) -> None:
         peers = [p for p in PREFILL_PEERS if any(p in r["results"] for r in prefill)]
         for p in peers:
             table.add_column(p, justify="right")
+        table.add_column("attnc / attnc dense", justify="right")
+        dense = {r["S"]: r["results"].get("attnc", {}).get("tflops") for r in prefill if r["D"] == r["DV"]}
         for row in prefill:
             res = row["results"]
+            ours, base = res.get("attnc", {}).get("tflops"), dense.get(row["S"])
             table.add_row(row["workload"], *(f"{res[p]['tflops']:.0f}" if "ms" in res.get(p, {})
-                                             else ("err" if p in res else "—") for p in peers))
+                                             else ("err" if p in res else "—") for p in peers),
+                          f"{ours / base:.2f}×" if ours and base else "—")
         Console(width=200).print(table)
     for row in report["rows"]:
         for p, r in row["results"].items():
