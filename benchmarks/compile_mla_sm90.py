@@ -10,8 +10,10 @@ machine's), e.g.
 
     PYTHONPATH=$PWD /tmp/venv36/bin/python benchmarks/compile_mla_sm90.py --out /tmp/mla-compile [--storage paged]
 
-One JSON line per config on stdout and in <out>/compile_mla_sm90.jsonl; exit status 1 if any config fails for a
-reason other than running out of shared memory."""
+One JSON line per config (2-25 s each on a 2-core machine) on stdout and in <out>/compile_mla_sm90.jsonl: registers,
+spill bytes, local-memory instructions per key loop (loop_spills), shared bytes and whether they fit, Triton's
+num_stages, the tensor-core layouts, and for splits > 1 the merge kernel's figures. benchmarks/NOTES.md (MLA decode
+on sm_90) has the table. Exit status 1 if any config fails for a reason other than running out of shared memory."""
 import argparse
 import itertools
 import json
@@ -138,10 +140,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="/tmp/mla-compile")
     ap.add_argument("--storage", nargs="*", default=["paged", "contiguous"])
-    ap.add_argument("--rows", type=int, nargs="*", default=[64, 32, 128])
-    ap.add_argument("--block-n", type=int, nargs="*", default=[32, 64, 16])
+    ap.add_argument("--rows", type=int, nargs="*", default=[64, 32, 16, 128])
+    ap.add_argument("--block-n", type=int, nargs="*", default=[16, 32, 64])
     ap.add_argument("--warps", type=int, nargs="*", default=[8, 4])
-    ap.add_argument("--stages", type=int, nargs="*", default=[2, 3, 1])
+    ap.add_argument("--stages", type=int, nargs="*", default=[4, 3, 2, 1])
     ap.add_argument("--splits", type=int, default=1, help="1: the kernel writes out itself; more: the split form")
     args = ap.parse_args()
     out = Path(args.out)
