@@ -254,6 +254,26 @@ def test_the_latent_tile_is_read_once():
         assert "qk_1 = tl.dot(qdot1_tile, kdot1_tile" in source
 
 
+def test_the_latent_tile_fits_shared_memory_once():
+    """On sm_90 the D = 512 latent gets DECODE_TUNED's row, and the stages that fit are counted with the latent
+    tile once (values are keys) and k_pe's tile beside it, 576 wide: what Triton allocates (benchmarks/
+    compile_mla_sm90.py: 64x32 at 3 stages 185344 B, fits; 64x64 at 3 stages 295936 B, does not)."""
+    from attnc.passes import PlanOptions
+    from attnc.passes.decode import tile_widths
+    from attnc.passes.plan import TileConfig
+
+    sm90 = Target("triton", "cuda", 90)
+    for spec in attnc.parse_file("examples/specs/mla.attn"):
+        plan = plan_kernel(spec, sm90, 512, 512)
+        assert tile_widths(plan) == (512 + 64, 0)
+        assert plan.decode.tile == TileConfig(64, 16, 8, 4)
+        assert plan_kernel(spec, sm90, 512, 512, PlanOptions(block_n=32, num_stages=3)).decode.tile.num_stages == 3
+        assert plan_kernel(spec, sm90, 512, 512, PlanOptions(block_n=64, num_stages=3)).decode.tile.num_stages == 2
+    plain = attnc.parse("attention a { q: bf16[B, H, M, D] k: bf16[B, H, N, D] v: bf16[B, H, N, D] "
+                        "return softmax(score) @ v }")[0]
+    assert tile_widths(plan_kernel(plain, sm90, 512, 512)) == (512, 512)
+
+
 def test_what_mla_does_not_run_on_says_so():
     with pytest.raises(CompileError, match="backend='triton'"):
         plan_kernel(DENSE, Target("tvm", "cpu", None), D, D)

@@ -41,6 +41,15 @@ DECODE_TUNED: tuple[DecodeRow, ...] = (
     DecodeRow(90, 16, 128, TileConfig(64, 64, 4, 3), paged_block_n=128),
     DecodeRow(80, 16, 128, TileConfig(64, 64, 4, 3)),
     DecodeRow(80, 16, 256, TileConfig(32, 32, 4, 2)),
+    # MLA's 512-wide latent (D = DV = 512, with DR = 64 beside it), chosen by compile-only evidence until the H100
+    # sweep (benchmarks/bench_mla.py --sweep) runs: Triton 3.6 for sm_90, ptxas' local-memory instructions inside
+    # the key loops (benchmarks/compile_mla_sm90.py, benchmarks/NOTES.md). 64 rows (64 heads packed) take two
+    # warpgroups that split PV's 512 columns, 128 f32 accumulators a thread; 64x16 at 8 warps keeps its loops free
+    # of spills at 2-5 stages, paged and contiguous; 64x32 spills 3-8 instructions a loop, 64x64 31-71, 4 warps
+    # (256 accumulators a thread) 256, and 128 rows (the whole register file in accumulators) ~470. One program an
+    # SM (255 registers a thread): 4 stages keep three 18 KB latent tiles (55 KB) in flight, what ~25 GB/s an SM
+    # (3.35 TB/s over 132) needs at ~2 us of loaded memory latency.
+    DecodeRow(90, 16, 512, TileConfig(64, 16, 8, 4)),
     DecodeRow(80, 32, 128, TileConfig(32, 32, 4, 2)),
     DecodeRow(70, 32, 256, TileConfig(16, 32, 4, 1)),
     # The interpreter: narrow key tiles so that small test shapes still have several tiles to split.
@@ -69,11 +78,27 @@ def plan_decode(plan: KernelPlan) -> KernelPlan:
                    num_stages=o.num_stages or (tile.num_stages if arch else 1))
     if o.num_splits is not None and o.num_splits < 1:
         raise CompileError(f"num_splits must be at least 1, got {o.num_splits}")
-    while tile.num_stages > 1 and smem_bytes(tile.block_m, tile.block_n, t.block_d, t.block_dv, tile.num_stages,
+    keys, values = tile_widths(plan)
+    while tile.num_stages > 1 and smem_bytes(tile.block_m, tile.block_n, keys, values, tile.num_stages,
                                               bits // 8) > smem_capacity(plan.target.arch):
         tile = replace(tile, num_stages=tile.num_stages - 1)
     return replace(plan, decode=DecodePlan(tile=tile, max_splits=MAX_SPLITS, min_split_tiles=MIN_SPLIT_TILES,
                                            dense_max_m=tile.block_m))
+
+
+def dot_size(plan: KernelPlan, dot) -> int:
+    """The head dim a dot product of the score sums over: the plan's D, or its own (bound by `dims`)."""
+    dim = plan.spec.dot_dim(dot)
+    return plan.head_dim if dim == "D" else plan.spec.dim_values[dim]
+
+
+def tile_widths(plan: KernelPlan) -> tuple[int, int]:
+    """The widths of a decode program's shared-memory tiles, (query and key side, value side): q's and k's with
+    each latent dot product's tiles beside them, and v's unless the values are the keys, whose one tile serves
+    QK^T and PV (MLA at D = 512, DR = 64 on sm_90: Triton's shared memory is within 1 KB of this count)."""
+    t = plan.tiling
+    keys = t.block_d + sum(max(16, next_pow2(dot_size(plan, d))) for d in plan.spec.dots if not d.is_qk)
+    return keys, 0 if plan.spec.shares_kv else t.block_dv
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from ... import index_data
 from ...ir import Paged, Ragged, TensorDecl
+from ...passes.decode import dot_size
 from ...passes.plan import KernelPlan
 from ...passes.tiling import next_pow2
 from .. import names
@@ -76,7 +77,7 @@ def latent_dots(plan: KernelPlan) -> list[dict]:
             continue
         query, key = spec.input(dot.query), spec.input(dot.key)
         dim = spec.dot_dim(dot)
-        size = plan.head_dim if dim == "D" else spec.dim_values[dim]
+        size = dot_size(plan, dot)
         qa, ka = _axes(query), _axes(key)
         offs = f"offs_dot{n}"
         rows = "q_rows" if spec.q_storage is not None else "i_row.to(tl.int64)"
