@@ -126,3 +126,18 @@ def test_the_decorator_reports_hostile_python_at_the_line():
         assert message in str(err.value) and "test_limits.py:" in str(err.value)
     with pytest.raises(attnc.CallError, match="scale: the integer 1000"):
         attnc.flex_attention(q, q, q, scale=10**30)
+
+
+def test_int64_least_value_prints_as_text_that_parses():
+    """-2**63 is an int64, but its digits without the sign are not: the canonical text writes it as a difference
+    (a decorator's `s * -2**63` once printed text the parser refused)."""
+    from attnc import ir
+
+    text = ir.format_number(-2**63, False)
+    spec = attnc.parse(f"""attention a {{
+    q: f32[B, H, M, D]  k: f32[B, H, N, D]  v: f32[B, H, N, D]
+    score = qk * {text}
+    return softmax(score) @ v
+}}""")[0]
+    assert attnc.parse(spec.canonical)[0].key == spec.key
+    assert ir.format_number(-2**63 + 1, False) == "-9223372036854775807"
