@@ -358,3 +358,71 @@ def test_what_fp8_does_not_run_on_says_so():
         attnc.compile(spec, backend="tvm")(q, k, v, **kw)
     with pytest.raises(CallError, match=r"q: requires grad, but attention 'decode' is attention over FP8 K/V"):
         _compile(spec)(q.requires_grad_(), k, v, **kw)
+
+
+@pytest.mark.parametrize("name", ["fp8_paged_decode", "fp8_mla_paged"])
+def test_the_example_specs_run(name):
+    """examples/specs/fp8_cache.attn as written (bf16 queries), at small sizes; the MLA one at its D = 512, DR = 64
+    and page of 64."""
+    spec = next(s for s in attnc.parse_file("examples/specs/fp8_cache.attn") if s.name == name)
+    torch.manual_seed(len(name))
+    lengths, h = [130, 7], 4
+    page = spec.dim_values.get("PAGE", 16)
+    pages, kw = _paged(page, lengths, 2)
+    if spec.is_latent:
+        q, qr = _randn(2, 1, h, 512).bfloat16(), _randn(2, 1, h, 64).bfloat16()
+        k, kr = _fp8(pages, page, 512), _fp8(pages, page, 64)
+        args, kw = (q, k), dict(kw, qr=qr, kr=kr, ckv_scale=0.02, kr_scale=0.03, scale=192 ** -0.5)
+    else:
+        q, k, v = _randn(2, 2, h, D).bfloat16(), _fp8(pages, page, 2, D), _fp8(pages, page, 2, D)
+        args, kw = (q, k, v), dict(kw, k_scale=_scales(2), v_scale=_scales(2))
+    assert_matches(spec, _compile(spec)(*args, **kw), attnc.reference(spec, *args, **kw))
+
+
+# ---------------------------------------------------------------- the decorator
+
+
+@attnc.attention(layout="BSHD", backend="triton", dequant={"k": "k_scale", "v": "v_scale"})
+def fp8_decode(q, k, v, *, k_scale: attnc.Tensor, v_scale: float):
+    return attnc.softmax((q @ k) * q.D ** -0.5, where=attnc.causal(q, k)) @ v
+
+
+@attnc.attention(layout="BSHD", backend="triton", dequant={"k": "ckv_scale", "kr": "kr_scale"})
+def fp8_mla(q, k, *, qr: attnc.Tensor, kr: attnc.Tensor, ckv_scale: float, kr_scale: float, scale: float):
+    return attnc.softmax((q @ k + qr @ kr) * scale) @ k
+
+
+def test_the_decorator_traces_the_text_spec():
+    torch.manual_seed(17)
+    q, k, v, kw = _decode_call(2, 1, 8, 120, 2)
+    out = fp8_decode(q, k, v, **kw)
+    text = replace(SPECS["decode"], returns_lse=False)
+    assert fp8_decode.spec.dequant == text.dequant and fp8_decode.spec.key == text.key
+    assert_matches(text, out, attnc.reference(text, q, k, v, **kw), tol=2e-5)
+    q, qr, k, kr = _randn(2, 1, 8, D), _randn(2, 1, 8, DR), _fp8(2, 90, 1, D), _fp8(2, 90, 1, DR)
+    mla_kw = dict(qr=qr, kr=kr, ckv_scale=0.02, kr_scale=0.04, scale=SCALE)
+    out = fp8_mla(q, k, **mla_kw)
+    assert fp8_mla.spec.key == replace(SPECS["mla_dense"], dims=(("DR", DR),), returns_lse=False,
+                                       k=replace(SPECS["mla_dense"].k, shape=("B", "N", "HKV", "D")),
+                                       v=replace(SPECS["mla_dense"].k, shape=("B", "N", "HKV", "D")),
+                                       inputs=tuple(replace(t, shape=t.shape[:2] + ("HKV", "DR")) if t.name == "kr"
+                                                    else t for t in SPECS["mla_dense"].inputs)).key
+    assert_matches(fp8_mla.spec, out, attnc.reference(fp8_mla.spec, q, k, **mla_kw), tol=2e-5)
+
+
+def test_decorator_and_flex_mistakes_are_attnc_errors():
+    q, k, v, kw = _decode_call(1, 1, 4, 20, 2)
+
+    @attnc.attention(layout="BSHD")
+    def no_scale(q, k, v):
+        return attnc.softmax(q @ k) @ v
+
+    with pytest.raises(CallError, match=r"k: dtype torch.float8_e4m3fn is an FP8 cache, which needs its dequant "
+                                        r"scale: write a spec with `dequant k by k_scale`, or decorate"):
+        no_scale(q, k, v)
+    with pytest.raises(attnc.AttncError, match="dequant names the scale 'k_scal', which is not one of its keyword"):
+        @attnc.attention(dequant={"k": "k_scal", "v": "v_scale"})
+        def misspelt(q, k, v, *, k_scale: attnc.Tensor, v_scale: float):
+            return attnc.softmax(q @ k) @ v
+    with pytest.raises(CallError, match="an FP8 cache.*the flex front-end has no argument for a scale"):
+        attnc.flex_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), enable_gqa=True)
