@@ -426,3 +426,12 @@ def test_decorator_and_flex_mistakes_are_attnc_errors():
             return attnc.softmax(q @ k) @ v
     with pytest.raises(CallError, match="an FP8 cache.*the flex front-end has no argument for a scale"):
         attnc.flex_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), enable_gqa=True)
+
+
+def test_e4m3_needs_an_ada_or_newer_gpu():
+    with pytest.raises(CompileError, match="k is f8e4m3, which Triton converts on sm_89 .* not on sm_80; store the "
+                                           "cache as f8e5m2"):
+        plan_kernel(SPECS["decode"], Target("triton", "cuda", 80), D, D)
+    e5m2 = SPECS["decode"]
+    e5m2 = replace(e5m2, k=replace(e5m2.k, dtype="f8e5m2"), v=replace(e5m2.v, dtype="f8e5m2"))
+    assert plan_kernel(e5m2, Target("triton", "cuda", 80), D, D).spec.dequant

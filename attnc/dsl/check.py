@@ -491,7 +491,7 @@ def _check_dequant(report: _Report, q, k, v, params, inputs, dequant, score, fal
     inputs_by_name = {t.name: t for t in inputs}
     caches = {t.name: t for t in (k, v) if t is not None}
     caches.update((name, inputs_by_name[name]) for name in sorted(keys) if name in inputs_by_name)
-    example = "`input {0}_scale: f32[HKV]` (one per K/V head) or `param {0}_scale: f32` (one for the tensor)"
+    example = "`input {0}: f32[HKV]` (one per K/V head) or `param {0}: f32` (one for the tensor)"
     for t in inputs:
         if t.dtype in ir.FP8_DTYPES and t.name not in caches:
             report.error(f"input {t.name} cannot have dtype '{t.dtype}': FP8 is for the K/V cache (k, v and "
@@ -517,8 +517,8 @@ def _check_dequant(report: _Report, q, k, v, params, inputs, dequant, score, fal
         param = next((p for p in params if p.name == d.scale), None)
         scale = inputs_by_name.get(d.scale)
         if param is None and scale is None:
-            report.error(f"the scale of {t.name}, '{d.scale}', is not declared; declare "
-                         f"{example.format(t.name).replace(t.name + '_scale', d.scale)}", here)
+            report.error(f"the scale of {t.name}, '{d.scale}', is not declared; declare {example.format(d.scale)}",
+                         here)
         elif (param is not None and param.dtype != "f32") or (scale is not None and (scale.dtype, scale.shape) !=
                                                               ("f32", ("HKV",))):
             have = f"param {param.dtype}" if param is not None else f"{scale.dtype}[{', '.join(scale.shape)}]"
@@ -527,7 +527,7 @@ def _check_dequant(report: _Report, q, k, v, params, inputs, dequant, score, fal
     for name, t in caches.items():
         if t.dtype in ir.FP8_DTYPES and name not in scaled:
             report.error(f"{name} is {t.dtype}, so it needs its dequant scale: add `dequant {name} by "
-                         f"{name}_scale` with {example.format(name)}", t.span or fallback)
+                         f"{name}_scale` with {example.format(name + '_scale')}", t.span or fallback)
 
 
 # ---------------------------------------------------------------- expressions (IR level)
@@ -658,7 +658,9 @@ def dot_operand(env: _Env, name: str) -> tuple[str | None, str | None, str | Non
         if all(a == b for n, (a, b) in enumerate(zip(t.shape, tensor.shape)) if n != slot):
             # a key-side tensor may be FP8 (a cache, dequantised) or have q's dtype next to an FP8 k (FP8 latent,
             # bf16 RoPE part)
-            allowed = {t.dtype} if side == "query" else {t.dtype, *ir.FP8_DTYPES} | ({env.q.dtype} if env.q else set())
+            allowed = {t.dtype}
+            if side == "key":
+                allowed |= {*ir.FP8_DTYPES, *([env.q.dtype] if env.q else [])}
             if tensor.dtype not in allowed:
                 return None, None, f"it is {tensor.dtype} but {t.name} is {t.dtype}; they must share one dtype"
             return side, tensor.shape[slot], None

@@ -17,6 +17,7 @@ from .warpgroups import stage_warpgroups
 from .tiling import DTYPE_BITS, choose_tiles, share_kv_heads, smem_bytes, smem_capacity, stage_pipeline
 
 Pass = Callable[[KernelPlan], KernelPlan]
+FP8_E4M3_ARCH = 89  # the first CUDA arch whose Triton converts f8e4m3 (float8e4nv)
 
 
 def fold_constants(plan: KernelPlan) -> KernelPlan:
@@ -71,6 +72,11 @@ def plan_steps(spec: Attention, target: Target, head_dim: int, value_dim: int,
                            f"interpreter on the CPU with TRITON_INTERPRET=1); the {target.backend} backend has no "
                            f"FP8 loads. Pass backend='triton', or dequantise the cache yourself (k.to(q.dtype) * "
                            f"scale) and call a spec declaring q's dtype")
+    e4m3 = [t.name for t in (spec.k, spec.v, *spec.inputs) if t.dtype == "f8e4m3"]
+    if e4m3 and target.arch is not None and target.arch < FP8_E4M3_ARCH:
+        raise CompileError(f"attention {spec.name!r}: {e4m3[0]} is f8e4m3, which Triton converts on sm_"
+                           f"{FP8_E4M3_ARCH} (Ada) and newer only, not on sm_{target.arch}; store the cache as f8e5m2 "
+                           f"there, or dequantise it to q's dtype")
     if spec.is_latent and target.backend != "triton":
         raise CompileError(f"attention {spec.name!r} is multi-head latent attention (a dot product other than qk, or "
                            f"keys that are the values), which runs on backend='triton' only (CUDA tensors, or the "
