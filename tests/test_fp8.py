@@ -81,7 +81,7 @@ attention mla_paged {{
     input qr: f32[B, M, H, DR]
     input kr: f32[PAGES, PAGE, DR]        # an FP8 latent beside a RoPE part in q's dtype
     paged k by block_table, kv_len
-    param ckv_scale: f32
+    input ckv_scale: f32[HKV]             # one K/V head without an axis: HKV = 1, a one-element device tensor
     dequant k by ckv_scale
     param scale: f32
     score = (q @ k + qr @ kr) * scale
@@ -326,7 +326,9 @@ def test_mla_paged_fp8_latent(page):
     pages, kw = _paged(page, lengths, 1)
     q, qr = _randn(len(lengths), 2, h, D), _randn(len(lengths), 2, h, DR)
     k, kr = _fp8(pages, page, D), _randn(pages, page, DR)
-    _check(SPECS["mla_paged"], q, k, qr=qr, kr=kr, ckv_scale=0.02, scale=SCALE, **kw)
+    _check(SPECS["mla_paged"], q, k, qr=qr, kr=kr, ckv_scale=_scales(1), scale=SCALE, **kw)
+    with pytest.raises(CallError, match=r"ckv_scale: dim 0 \(HKV\) is 2, but k has no head axis: one K/V head"):
+        _compile(SPECS["mla_paged"])(q, k, qr=qr, kr=kr, ckv_scale=_scales(2), scale=SCALE, **kw)
 
 
 def test_mla_ragged_fp8_latent():
@@ -372,7 +374,7 @@ def test_the_example_specs_run(name):
     if spec.is_latent:
         q, qr = _randn(2, 1, h, 512).bfloat16(), _randn(2, 1, h, 64).bfloat16()
         k, kr = _fp8(pages, page, 512), _fp8(pages, page, 64)
-        args, kw = (q, k), dict(kw, qr=qr, kr=kr, ckv_scale=0.02, kr_scale=0.03, scale=192 ** -0.5)
+        args, kw = (q, k), dict(kw, qr=qr, kr=kr, ckv_scale=_scales(1), kr_scale=_scales(1), scale=192 ** -0.5)
     else:
         q, k, v = _randn(2, 2, h, D).bfloat16(), _fp8(pages, page, 2, D), _fp8(pages, page, 2, D)
         args, kw = (q, k, v), dict(kw, k_scale=_scales(2), v_scale=_scales(2))

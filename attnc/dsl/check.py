@@ -414,6 +414,8 @@ def _check_declarations(report: _Report, q, k, v, params, inputs, dims, fallback
     size_places = ([(entry, t.span, f"input {t.name}") for t in inputs for entry in t.shape]
                    + [(n, dim_spans.get(n, fallback), "dims") for n, _ in dims])
     qkv_sizes = {entry for t in (q, k, v) if t is not None for entry in t.shape}
+    if k is not None and k == v and not {"H", "HKV"} & set(k.shape):
+        qkv_sizes.add("HKV")  # one K/V head without an axis: HKV = 1 (a per-head dequant scale is [HKV])
     if q_storage is not None or kv_storage is not None:
         qkv_sizes.add("B")  # the number of sequences, from the offsets or the block table
     per_sequence = {"M": q_storage, "N": kv_storage}

@@ -168,7 +168,9 @@ def _bind_sizes(spec: Attention, tensors: list[tuple[TensorDecl, object]]) -> di
             raise CallError(f"{_where(name, tensors)} but the spec binds {name} = {value} at compile time "
                             f"(dims {name} = {value}); pass tensors with {name} = {value} or drop it from dims")
     _bind_storage_sizes(spec, sizes, tensors)
-    sizes.setdefault("HKV", 1 if spec.one_kv_head else sizes["H"])
+    if spec.one_kv_head and sizes.setdefault("HKV", 1) != 1:
+        raise CallError(f"{_where('HKV', tensors)}, but k has no head axis: one K/V head, HKV = 1")
+    sizes.setdefault("HKV", sizes["H"])
     sizes.setdefault("DV", sizes["D"])
     for name, n in sizes.items():
         if n < 1 and name not in MAY_BE_EMPTY:
