@@ -437,3 +437,26 @@ def test_e4m3_needs_an_ada_or_newer_gpu():
     e5m2 = SPECS["decode"]
     e5m2 = replace(e5m2, k=replace(e5m2.k, dtype="f8e5m2"), v=replace(e5m2.v, dtype="f8e5m2"))
     assert plan_kernel(e5m2, Target("triton", "cuda", 80), D, D).spec.dequant
+
+
+def test_the_fp8_decode_kernels_compile_for_hopper(tmp_path):
+    """Triton's compiler (not its interpreter) takes the FP8 loads and conversions: one decode kernel of each example
+    built ahead of time for sm_90a, as `attnc compile` builds it (in a worker with the interpreter off)."""
+    from attnc.backends.triton import aot
+    from attnc.backends.triton.signature import argument_types
+
+    jobs = []
+    for spec in attnc.parse_file("examples/specs/fp8_cache.attn"):
+        d = spec.dim_values.get("D", 128)
+        plan = plan_kernel(spec, Target("triton", "cuda", 90), d, d)
+        kernel = next(k for k in plan.kernels if k.function == "attn_decode")
+        source = tmp_path / f"{spec.name}.py"
+        source.write_text(aot.GENERATORS[kernel.module](plan))
+        module = f"attnc_fp8_test_{spec.name}"
+        fn = getattr(aot._import_kernels(source, module), kernel.function)
+        job = aot._job(fn, kernel, argument_types(plan), aot._layouts_for(fn)[0], str(source), module,
+                       aot.Arch.parse("sm_90a"), str(tmp_path / spec.name), spec.name)
+        assert job.signature["k_ptr"] == "*fp8e4nv"
+        jobs.append(job)
+    for job, result in zip(jobs, aot._run_jobs(jobs, 1)):
+        assert result["hash"] and (tmp_path / f"{job.label}.cubin").stat().st_size > 1000
