@@ -197,6 +197,19 @@ def children(e: Expr) -> tuple[Expr, ...]:
     return ()
 
 
+def with_children(e: Expr, new: tuple[Expr, ...]) -> Expr:
+    """`e` with its children (`children(e)`, in order) replaced by `new`."""
+    if isinstance(e, Lookup):
+        return replace(e, indices=new)
+    if isinstance(e, Unary):
+        return replace(e, operand=new[0])
+    if isinstance(e, Binary):
+        return replace(e, lhs=new[0], rhs=new[1])
+    if isinstance(e, Call):
+        return replace(e, args=new)
+    return e
+
+
 def walk(e: Expr):
     """Every distinct node of `e` once (a shared subexpression is not walked again), parents first."""
     seen: set[int] = set()

@@ -9,7 +9,7 @@ Two entry points share one set of checks:
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Union
 
 from .. import ir, ops
@@ -1048,14 +1048,7 @@ class _Elaborator:
         kids = ir.children(e)
         if not kids:
             return e
-        new = tuple(self._resolve(c, env, score) for c in kids)
-        if isinstance(e, ir.Lookup):
-            return replace(e, indices=new)
-        if isinstance(e, ir.Call):
-            return replace(e, args=new)
-        if isinstance(e, ir.Unary):
-            return replace(e, operand=new[0])
-        return replace(e, lhs=new[0], rhs=new[1])
+        return ir.with_children(e, tuple(self._resolve(c, env, score) for c in kids))
 
     def _name(self, e: Name, env: _Env, score):
         n = e.name

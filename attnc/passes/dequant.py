@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from ..ir import QK, Binary, Call, Expr, Lookup, Unary
+from ..ir import QK, Binary, Expr, children, with_children
 from .plan import KernelPlan
 
 
@@ -20,20 +20,9 @@ def dequantize(plan: KernelPlan) -> KernelPlan:
     def scaled(e: Expr) -> Expr:
         if e not in memo:
             scale = spec.scale_of(e.key) if isinstance(e, QK) else None
-            memo[e] = _rebuilt(e, scaled) if scale is None else Binary("*", e, scale)
+            memo[e] = with_children(e, tuple(scaled(c) for c in children(e))) if scale is None else \
+                Binary("*", e, scale)
         return memo[e]
 
     return replace(plan, spec=replace(spec, score=scaled(spec.score)), value_scale=spec.scale_of(spec.v.name))
 
-
-def _rebuilt(e: Expr, rebuild) -> Expr:
-    """`e` with `rebuild` applied to its children (a leaf as it is)."""
-    if isinstance(e, Lookup):
-        return replace(e, indices=tuple(rebuild(x) for x in e.indices))
-    if isinstance(e, Call):
-        return replace(e, args=tuple(rebuild(x) for x in e.args))
-    if isinstance(e, Unary):
-        return replace(e, operand=rebuild(e.operand))
-    if isinstance(e, Binary):
-        return replace(e, lhs=rebuild(e.lhs), rhs=rebuild(e.rhs))
-    return e
