@@ -270,12 +270,26 @@ def test_dense_kernel_matches_the_reference(b, m, h, n, hkv, dtype):
     _check(spec, q, k, v, **kw)
 
 
-def test_bf16_queries_over_an_fp8_cache():
+def test_a_device_scalar_scale_passes_as_a_per_head_view():
+    """docs/serving.md: a per-tensor scale held on the device, expanded to [HKV] (stride 0, no copy, no sync)."""
+    torch.manual_seed(3)
+    q, k, v, kw = _decode_call(2, 1, 8, 90, 2)
+    scalar = torch.tensor(0.03, device=DEVICE)
+    kw = dict(kw, k_scale=scalar.expand(2))
+    assert kw["k_scale"].stride() == (0,)
+    _check(SPECS["decode"], q, k, v, **kw)
+    torch.testing.assert_close(attnc.reference(SPECS["decode"], q, k, v, **kw)[0],
+                               attnc.reference(SPECS["decode"], q, k, v, **dict(kw, k_scale=scalar.repeat(2)))[0],
+                               rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name, dtype", [("bf16", torch.bfloat16), ("f16", torch.float16)])
+def test_half_precision_queries_over_an_fp8_cache(name, dtype):
     spec = SPECS["decode"]
-    spec = replace(spec, q=replace(spec.q, dtype="bf16"))
+    spec = replace(spec, q=replace(spec.q, dtype=name))
     torch.manual_seed(2)
     q, k, v, kw = _decode_call(2, 1, 8, 200, 2)
-    q = q.bfloat16()
+    q = q.to(dtype)
     assert_matches(spec, _compile(spec)(q, k, v, **kw), attnc.reference(spec, q, k, v, **kw))
 
 
