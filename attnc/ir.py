@@ -27,7 +27,10 @@ ROLES = ("B", "H", "HKV", "M", "N", "D", "DV")
 # Index variables: batch, query head, query position, key position.
 INDEX_VARS = ("b", "h", "i", "j")
 # Element types a tensor may have; q/k/v take only the floating ones attention runs in.
-TENSOR_DTYPES = ("f16", "bf16", "f32", "f64", "i8", "i16", "i32", "i64", "bool")
+# FP8 K/V caches: k, v and key-side tensors of dot products may be stored in 8 bits, each with a dequant scale
+# (`dequant k by k_scale`); q and everything else keep their types.
+FP8_DTYPES = ("f8e4m3", "f8e5m2")
+TENSOR_DTYPES = ("f16", "bf16", "f32", "f64", "i8", "i16", "i32", "i64", "bool", *FP8_DTYPES)
 QKV_DTYPES = ("f16", "bf16", "f32")
 PARAM_DTYPES = ("i32", "f32", "bool")
 # What a number in a spec may be: the kernels compute integers in 64 bits and floats in float32 (where inf and
@@ -194,6 +197,19 @@ def children(e: Expr) -> tuple[Expr, ...]:
     return ()
 
 
+def with_children(e: Expr, new: tuple[Expr, ...]) -> Expr:
+    """`e` with its children (`children(e)`, in order) replaced by `new`."""
+    if isinstance(e, Lookup):
+        return replace(e, indices=new)
+    if isinstance(e, Unary):
+        return replace(e, operand=new[0])
+    if isinstance(e, Binary):
+        return replace(e, lhs=new[0], rhs=new[1])
+    if isinstance(e, Call):
+        return replace(e, args=new)
+    return e
+
+
 def walk(e: Expr):
     """Every distinct node of `e` once (a shared subexpression is not walked again), parents first."""
     seen: set[int] = set()
@@ -357,6 +373,17 @@ class Paged:
                 TensorDecl(self.lengths, "i32", ("B",), span=self.span))
 
 
+@dataclass(frozen=True)
+class Dequant:
+    """`dequant k by k_scale`: the FP8 tensor `tensor` (k, v, or a key-side tensor of a dot product) holds its
+    values divided by `scale`, an f32 param (one scale for the tensor) or an input f32[HKV] (one per K/V head):
+    the value of an element of K/V head kvh is tensor[...] * scale (or scale[kvh])."""
+
+    tensor: str
+    scale: str
+    span: Span | None = _span()
+
+
 Storage = Union[Ragged, Paged]  # how the sequences of q (Ragged only) or of k and v are stored; None: dense
 
 
@@ -400,6 +427,7 @@ class Attention:
     # Dense (None) unless a `ragged` / `paged` statement says otherwise. Their index tensors are also in `inputs`.
     q_storage: Ragged | None = None
     kv_storage: Storage | None = None
+    dequant: tuple[Dequant, ...] = ()  # FP8 tensors and their scales, sorted by tensor
 
     @cached_property
     def canonical(self) -> str:
@@ -462,7 +490,23 @@ class Attention:
     def decode_only(self) -> bool:
         """Whether every launch runs the decode kernel (passes/decode.py): ragged or paged storage, and latent
         attention, whose extra dot products and shared K/V only that kernel reads."""
-        return self.q_storage is not None or self.kv_storage is not None or self.is_latent
+        return self.q_storage is not None or self.kv_storage is not None or self.decode_kernel_only
+
+    @property
+    def decode_kernel_only(self) -> bool:
+        """Whether only the decode kernel implements the spec at all: latent attention, and FP8 K/V (its loads
+        dequantise; the prefill, Gluon, backward and TVM kernels have no such loads)."""
+        return self.is_latent or bool(self.dequant)
+
+    def scale_of(self, tensor: str) -> Expr | None:
+        """The dequant scale of `tensor` as an expression of the query row (the scale of the K/V head that row h
+        reads), or None where the tensor is not dequantised."""
+        d = next((d for d in self.dequant if d.tensor == tensor), None)
+        if d is None:
+            return None
+        if self.param(d.scale) is not None:
+            return ParamRef(d.scale)
+        return Lookup(d.scale, (Binary("//", IndexVar("h"), Binary("//", SizeRef("H"), SizeRef("HKV"))),))
 
     @property
     def is_latent(self) -> bool:
@@ -522,6 +566,7 @@ def make_attention(
     span: Span | None = None,
     q_storage: Ragged | None = None,
     kv_storage: Storage | None = None,
+    dequant=(),
 ) -> Attention:
     """Canonical form: whatever the spelling, the same meaning gives an equal node and the same key.
     The index tensors a storage names join `inputs` unless an input of that name is given."""
@@ -549,6 +594,7 @@ def make_attention(
         span=span,
         q_storage=q_storage,
         kv_storage=kv_storage,
+        dequant=tuple(sorted(dequant, key=lambda d: d.tensor)),
     )
 
 
@@ -720,6 +766,8 @@ def print_attention(a: Attention, expr: Callable[[Expr], str] | None = None) -> 
         if storage is not None:
             lines.append(f"    {print_storage(targets, storage)}")
             declared |= set(storage.declares())
+    for d in a.dequant:
+        lines.append(f"    dequant {d.tensor} by {d.scale}")
     for p in a.params:
         default = "" if p.default is None else f" = {format_number(p.default, p.dtype == 'f32')}"
         lines.append(f"    param {p.name}: {p.dtype}{default}")

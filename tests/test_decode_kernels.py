@@ -65,9 +65,9 @@ def check(spec, q, k, v, splits=(None,), **kwargs):
 
 
 def stored_examples():
-    """(latent attention's paged example: tests/test_mla.py)"""
+    """(latent attention's paged example: tests/test_mla.py; FP8 caches': tests/test_fp8.py)"""
     return [s for path in sorted(SPECS_DIR.glob("*.attn")) for s in attnc.parse_file(path)
-            if (s.q_storage is not None or s.kv_storage is not None) and not s.is_latent]
+            if (s.q_storage is not None or s.kv_storage is not None) and not s.decode_kernel_only]
 
 
 def example_call(spec, device=DEVICE, q_lengths=(3, 0, 1, 6), kv_lengths=(40, 0, 1, 70), m=2, page=16):

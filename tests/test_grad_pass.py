@@ -12,8 +12,9 @@ from attnc.ir import QK, Binary, Call, IndexVar, Num, SizeRef, Sigmoid, Softmax,
 from attnc.passes.fold import fold_spec
 from attnc.passes.grad import WEIGHT, derivative, derive, normalizer_backward
 
-# (latent attention, examples/specs/mla.attn, has no backward: tests/test_mla.py checks that it says so)
-SPECS = [s for path in sorted(glob.glob("examples/specs/*.attn")) for s in attnc.parse_file(path) if not s.is_latent]
+# (latent attention and FP8 caches have no backward: tests/test_mla.py and tests/test_fp8.py check that it says so)
+SPECS = [s for path in sorted(glob.glob("examples/specs/*.attn")) for s in attnc.parse_file(path)
+         if not s.decode_kernel_only]
 SIZES = {"B": 2, "H": 4, "HKV": 2, "M": 5, "N": 7, "D": 16, "DV": 16}
 
 

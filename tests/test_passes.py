@@ -203,7 +203,7 @@ def test_hopper_options_are_recorded_only_on_hopper():
 
 
 def test_pipeline_is_ordered_and_verify_rejects_bad_plans():
-    assert [p.__name__ for p in PIPELINE][:2] == ["fold_constants", "analyze_masks"]
+    assert [p.__name__ for p in PIPELINE][:3] == ["dequantize", "fold_constants", "analyze_masks"]
     spec = spec_of("attention t {" + header("bf16") + "return softmax(score) @ v }")
     plan = plan_kernel(spec, H100, 128, 128)
     verify(plan)

@@ -21,8 +21,10 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def example_specs():
-    """Every example but latent attention's (examples/specs/mla.attn: tests/test_mla.py runs it, on Triton only)."""
-    return [s for path in sorted(SPECS_DIR.glob("*.attn")) for s in attnc.parse_file(path) if not s.is_latent]
+    """Every example but latent attention's and FP8 caches' (tests/test_mla.py and tests/test_fp8.py run them, on
+    Triton only)."""
+    return [s for path in sorted(SPECS_DIR.glob("*.attn")) for s in attnc.parse_file(path)
+            if not s.decode_kernel_only]
 
 
 def with_dtype(spec, dtype):

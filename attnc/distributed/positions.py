@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Mapping
 
-from ..ir import Attention, Binary, Expr, IndexVar, Lookup, ParamDecl, ParamRef, SizeRef, Unary, children
+from ..ir import Attention, Binary, Expr, IndexVar, ParamDecl, ParamRef, SizeRef, children, with_children
 from ..passes.fold import NotConstant, evaluate
 from ..passes.masks import analyze_masks, query_range
 from ..passes.plan import KernelPlan, QueryRange, Target
@@ -65,7 +65,7 @@ def shard_spec(spec: Attention, names: ShardNames, sink: bool = True) -> Attenti
             else:
                 kids = children(e)
                 new = tuple(rewrite(c) for c in kids)
-                memo[key] = e if new == kids else _with_children(e, new)
+                memo[key] = e if new == kids else with_children(e, new)
         return memo[key]
 
     table_size = {"M": names.table_m, "N": names.table_n}
@@ -79,16 +79,6 @@ def shard_spec(spec: Attention, names: ShardNames, sink: bool = True) -> Attenti
                    score=rewrite(spec.score), masks=tuple(rewrite(m) for m in spec.masks),
                    normalizer=normalizer, returns_lse=True)
 
-
-def _with_children(e: Expr, new: tuple[Expr, ...]) -> Expr:
-    """`e` with ir.children(e) replaced by `new`."""
-    if isinstance(e, Lookup):
-        return replace(e, indices=new)
-    if isinstance(e, Unary):
-        return replace(e, operand=new[0])
-    if isinstance(e, Binary):
-        return replace(e, lhs=new[0], rhs=new[1])
-    return replace(e, args=new)  # Call
 
 
 class PairSkipper:

@@ -9,7 +9,7 @@ Two entry points share one set of checks:
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Union
 
 from .. import ir, ops
@@ -18,7 +18,7 @@ from ..errors import Diagnostic, Span, SpecError
 # Words a declared name may not take: the keywords of attn.lark, plus `lse`, the name of the second output.
 RESERVED = frozenset({
     "attention", "dims", "param", "input", "score", "mask", "return", "and", "or", "not",
-    "inf", "true", "false", "qk", "causal", "lse", "paged", "ragged", "by",
+    "inf", "true", "false", "qk", "causal", "lse", "paged", "ragged", "by", "dequant",
 })
 # Keywords of a kernel call that are not the spec's params or inputs (runtime/api.py, Kernel.__call__).
 CALL_OPTIONS = frozenset({"validate"})
@@ -144,7 +144,16 @@ class StorageStmt:
     span: Span | None = None
 
 
-Statement = Union[TensorStmt, ParamStmt, Binding, StorageStmt, ScoreStmt, MaskStmt, ReturnStmt]
+@dataclass(frozen=True)
+class DequantStmt:
+    """`dequant TENSOR by SCALE`, unchecked."""
+
+    tensor: Word
+    scale: Word
+    span: Span | None = None
+
+
+Statement = Union[TensorStmt, ParamStmt, Binding, StorageStmt, DequantStmt, ScoreStmt, MaskStmt, ReturnStmt]
 
 
 @dataclass(frozen=True)
@@ -185,6 +194,7 @@ def attention_diagnostics(spec: ir.Attention) -> list[Diagnostic]:
                        spec.score, spec.masks, spec.normalizer, spec.span)
     if spec.shares_kv and spec.v != spec.k:
         report.error(f"the values are k (`{ir.return_text(value='k')}`), so v must be k's declaration", spec.span)
+    _check_dequant(report, spec.q, spec.k, spec.v, spec.params, spec.inputs, spec.dequant, spec.score, spec.span)
     return report.sorted()
 
 
@@ -343,7 +353,13 @@ def _layouts_differ(a: tuple[int, ...], b: tuple[int, ...], kind: str) -> bool:
 def _check_qkv(report: _Report, q, k, v, kinds: dict[str, str]) -> None:
     present = [t for t in (q, k, v) if t is not None]
     for t in present:
-        _check_dtype(report, t.dtype, ir.QKV_DTYPES, t.name, t.span)
+        if t.name == "q" and t.dtype in ir.FP8_DTYPES:
+            report.error(f"q cannot have dtype '{t.dtype}': FP8 is for the K/V cache (k, v and key-side tensors of "
+                         f"dot products, each with `dequant ... by SCALE`); q is one of {', '.join(ir.QKV_DTYPES)}",
+                         t.span)
+        else:
+            _check_dtype(report, t.dtype, ir.QKV_DTYPES + (ir.FP8_DTYPES if t.name != "q" else ()), t.name,
+                         t.span)
     shared = k is not None and v == k  # the values are the keys: one K/V head needs no axis
     layouts = {t.name: _qkv_slots(report, t, kinds[t.name], shared and t == k) for t in present}
     first = present[0] if present else None
@@ -355,7 +371,7 @@ def _check_qkv(report: _Report, q, k, v, kinds: dict[str, str]) -> None:
             who = "q, k and v" if ref.name == "q" else "k and v"
             report.error(f"{t.name}'s layout [{', '.join(t.shape)}] differs from {ref.name}'s "
                          f"[{', '.join(ref.shape)}]: {who} must share one layout", t.span)
-        if t.dtype != first.dtype and t.dtype in ir.QKV_DTYPES and first.dtype in ir.QKV_DTYPES:
+        if t.dtype != first.dtype and t.dtype in ir.QKV_DTYPES and first.dtype in ir.QKV_DTYPES:  # FP8 k, v: any
             report.error(f"{t.name} is {t.dtype} but {first.name} is {first.dtype}: q, k and v must share one "
                          f"dtype", t.span)
     if k is not None and v is not None and not shared and layouts.get("k") and layouts.get("v"):
@@ -398,6 +414,8 @@ def _check_declarations(report: _Report, q, k, v, params, inputs, dims, fallback
     size_places = ([(entry, t.span, f"input {t.name}") for t in inputs for entry in t.shape]
                    + [(n, dim_spans.get(n, fallback), "dims") for n, _ in dims])
     qkv_sizes = {entry for t in (q, k, v) if t is not None for entry in t.shape}
+    if k is not None and k == v and not {"H", "HKV"} & set(k.shape):
+        qkv_sizes.add("HKV")  # one K/V head without an axis: HKV = 1 (a per-head dequant scale is [HKV])
     if q_storage is not None or kv_storage is not None:
         qkv_sizes.add("B")  # the number of sequences, from the offsets or the block table
     per_sequence = {"M": q_storage, "N": kv_storage}
@@ -466,6 +484,52 @@ def _check_param(report: _Report, p: ir.ParamDecl) -> None:
     if not ok:
         written = ir.format_number(d, isinstance(d, float)) if isinstance(d, (int, float)) else repr(d)
         report.error(f"param {p.name}: {p.dtype} cannot default to {written}", p.span)
+
+
+def _check_dequant(report: _Report, q, k, v, params, inputs, dequant, score, fallback: Span | None) -> None:
+    """FP8 tensors and their `dequant` lines: only k, v and key-side tensors of dot products may be FP8, each FP8
+    one has one dequant line, and its scale is an f32 param (per tensor) or an input f32[HKV] (per K/V head)."""
+    keys = {n.key for n in ir.walk(score) if isinstance(n, ir.QK)} - {"k"}
+    inputs_by_name = {t.name: t for t in inputs}
+    caches = {t.name: t for t in (k, v) if t is not None}
+    caches.update((name, inputs_by_name[name]) for name in sorted(keys) if name in inputs_by_name)
+    example = "`input {0}: f32[HKV]` (one per K/V head) or `param {0}: f32` (one for the tensor)"
+    for t in inputs:
+        if t.dtype in ir.FP8_DTYPES and t.name not in caches:
+            report.error(f"input {t.name} cannot have dtype '{t.dtype}': FP8 is for the K/V cache (k, v and "
+                         f"key-side tensors of dot products, each with `dequant ... by SCALE`)", t.span)
+    scaled: dict[str, ir.Dequant] = {}
+    for d in dequant:
+        here = d.span or fallback
+        t = caches.get(d.tensor)
+        if d.tensor in scaled:
+            first = scaled[d.tensor].span
+            report.error(f"a second dequant for {d.tensor}{f' (line {first.line} has one)' if first else ''}: a "
+                         f"tensor has one scale", here)
+            continue
+        if t is None:
+            what = ("q is the query, which is never FP8 (it keeps its f16/bf16/f32 dtype)" if d.tensor == "q"
+                    else f"'{d.tensor}' is not k, v or a key-side tensor of a dot product")
+            report.error(f"dequant applies to the K/V cache (k, v, key-side tensors of dot products): {what}", here)
+            continue
+        scaled[d.tensor] = d
+        if t.dtype not in ir.FP8_DTYPES:
+            report.error(f"dequant applies to an FP8 tensor ({', '.join(ir.FP8_DTYPES)}), but {t.name} is {t.dtype}: "
+                         f"declare {t.name}: f8e4m3[...] or remove this line", here)
+        param = next((p for p in params if p.name == d.scale), None)
+        scale = inputs_by_name.get(d.scale)
+        if param is None and scale is None:
+            report.error(f"the scale of {t.name}, '{d.scale}', is not declared; declare {example.format(d.scale)}",
+                         here)
+        elif (param is not None and param.dtype != "f32") or (scale is not None and (scale.dtype, scale.shape) !=
+                                                              ("f32", ("HKV",))):
+            have = f"param {param.dtype}" if param is not None else f"{scale.dtype}[{', '.join(scale.shape)}]"
+            report.error(f"the scale of {t.name} is an f32 param (one for the tensor) or an input f32[HKV] (one per "
+                         f"K/V head), but {d.scale} is {have}", here)
+    for name, t in caches.items():
+        if t.dtype in ir.FP8_DTYPES and name not in scaled:
+            report.error(f"{name} is {t.dtype}, so it needs its dequant scale: add `dequant {name} by "
+                         f"{name}_scale` with {example.format(name + '_scale')}", t.span or fallback)
 
 
 # ---------------------------------------------------------------- expressions (IR level)
@@ -594,7 +658,12 @@ def dot_operand(env: _Env, name: str) -> tuple[str | None, str | None, str | Non
             continue
         slot = t.shape.index("D")
         if all(a == b for n, (a, b) in enumerate(zip(t.shape, tensor.shape)) if n != slot):
-            if tensor.dtype != t.dtype:
+            # a key-side tensor may be FP8 (a cache, dequantised) or have q's dtype next to an FP8 k (FP8 latent,
+            # bf16 RoPE part)
+            allowed = {t.dtype}
+            if side == "key":
+                allowed |= {*ir.FP8_DTYPES, *([env.q.dtype] if env.q else [])}
+            if tensor.dtype not in allowed:
                 return None, None, f"it is {tensor.dtype} but {t.name} is {t.dtype}; they must share one dtype"
             return side, tensor.shape[slot], None
     shapes = " or ".join(f"[{', '.join(t.shape)}]" for t in (env.q, env.k) if t is not None)
@@ -761,6 +830,7 @@ class _Elaborator:
         storages: dict[str, tuple[ir.Storage, StorageStmt]] = {}  # "q" or "kv"
         kinds = {"q": "dense", "kv": "dense"}  # as meant, even by a malformed statement
         ret: ReturnStmt | None = None
+        dequant: list[ir.Dequant] = []
         for st in b.statements:
             if ret is not None:
                 report.error("a statement after `return`: the return ends the attention block"
@@ -775,6 +845,8 @@ class _Elaborator:
                 self._binding(st, dims, dim_spans)
             elif isinstance(st, StorageStmt):
                 self._storage(st, storages, kinds)
+            elif isinstance(st, DequantStmt):
+                dequant.append(ir.Dequant(st.tensor.text, st.scale.text, span=st.span))
             elif isinstance(st, ScoreStmt):
                 scores.append(st)
             elif isinstance(st, MaskStmt):
@@ -821,6 +893,7 @@ class _Elaborator:
         normalizer = kind(None if sink is None else self._resolve(sink, env, None),
                           span=ret.span if ret is not None else None)
         _check_expressions(report, env, score, mask_exprs, normalizer, b.name.span)
+        _check_dequant(report, q, k, v, params, inputs, dequant, score, b.name.span)
 
         diagnostics = report.sorted()
         if diagnostics:
@@ -828,7 +901,7 @@ class _Elaborator:
         spec = ir.make_attention(b.name.text, q, k, v, dims=dim_pairs, params=params, inputs=inputs,
                                  score=score, masks=mask_exprs, normalizer=normalizer,
                                  returns_lse=ret.extra is not None, span=b.name.span, q_storage=q_storage,
-                                 kv_storage=kv_storage)
+                                 kv_storage=kv_storage, dequant=dequant)
         return spec, []
 
     # -- declarations
@@ -975,14 +1048,7 @@ class _Elaborator:
         kids = ir.children(e)
         if not kids:
             return e
-        new = tuple(self._resolve(c, env, score) for c in kids)
-        if isinstance(e, ir.Lookup):
-            return replace(e, indices=new)
-        if isinstance(e, ir.Call):
-            return replace(e, args=new)
-        if isinstance(e, ir.Unary):
-            return replace(e, operand=new[0])
-        return replace(e, lhs=new[0], rhs=new[1])
+        return ir.with_children(e, tuple(self._resolve(c, env, score) for c in kids))
 
     def _name(self, e: Name, env: _Env, score):
         n = e.name

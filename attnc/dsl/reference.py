@@ -176,7 +176,7 @@ class _Segment:
 def _segments(spec: Attention, bound: Bound, out: torch.Tensor, lse: torch.Tensor):
     """Dense specs: chunks of whole batches. Ragged or paged ones: each sequence alone, sliced or gathered."""
     def view(t: torch.Tensor, decl: TensorDecl) -> torch.Tensor:
-        return canonical_view(t, decl).double()
+        return _dequantized(spec, bound, decl.name, canonical_view(t, decl).double())
 
     queries = {"q": view(bound.q, spec.q)}
     keys = {"k": view(bound.k, spec.k)}
@@ -218,6 +218,17 @@ def _segments(spec: Attention, bound: Bound, out: torch.Tensor, lse: torch.Tenso
             def packed(t, rows=seq.rows):
                 return t[:, rows][None]
             yield segment(b, packed, key_rows, packed, packed)
+
+
+def _dequantized(spec: Attention, bound: Bound, name: str, t: torch.Tensor) -> torch.Tensor:
+    """An FP8 tensor's values (`dequant NAME by SCALE`): its canonical float64 view [..., HKV, rows, dim] times its
+    scale, one per tensor (a param) or per K/V head (an input [HKV]); other tensors as they are."""
+    d = next((d for d in spec.dequant if d.tensor == name), None)
+    if d is None:
+        return t
+    if d.scale in bound.params:
+        return t * bound.params[d.scale]
+    return t * bound.inputs[d.scale].double().view(-1, 1, 1)
 
 
 def _extents(spec: Attention, bound: Bound):

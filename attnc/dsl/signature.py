@@ -24,11 +24,12 @@ from typing import Callable, Mapping, Union
 import torch
 
 from ..errors import CallError, call_error
-from ..ir import Attention, ParamDecl, Ragged, TensorDecl, storage_capacities
+from ..ir import FP8_DTYPES, Attention, ParamDecl, Ragged, TensorDecl, storage_capacities
 
 TORCH_DTYPES: Mapping[str, torch.dtype] = MappingProxyType({
     "f16": torch.float16, "bf16": torch.bfloat16, "f32": torch.float32, "f64": torch.float64,
     "i8": torch.int8, "i16": torch.int16, "i32": torch.int32, "i64": torch.int64, "bool": torch.bool,
+    "f8e4m3": torch.float8_e4m3fn, "f8e5m2": torch.float8_e5m2,
 })
 MAY_BE_EMPTY = ("M", "N", "T", "TK")  # T and TK are the M and N of packed sequences
 _I32_MIN, _I32_MAX = -(2**31), 2**31 - 1
@@ -141,8 +142,10 @@ def _check_tensor(decl: TensorDecl, t: object, device: torch.device | None) -> N
         raise CallError(f"{decl.name}: expected a torch.Tensor {_decl_text(decl)}, got {type(t).__name__}")
     want = TORCH_DTYPES[decl.dtype]
     if t.dtype != want:
+        fp8 = (f" (an FP8 cache is declared so: {decl.name}: f8e4m3[{', '.join(decl.shape)}], with `dequant "
+               f"{decl.name} by SCALE`)" if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) and decl.dtype not in FP8_DTYPES else "")
         raise CallError(f"{decl.name}: expected dtype {decl.dtype} ({want}) as declared {_decl_text(decl)}, "
-                        f"got {t.dtype}; convert with .to({want})")
+                        f"got {t.dtype}; convert with .to({want}){fp8}")
     if t.dim() != len(decl.shape):
         raise CallError(f"{decl.name}: expected {len(decl.shape)} dims [{', '.join(decl.shape)}], "
                         f"got {t.dim()} dims with shape {tuple(t.shape)}")
@@ -165,7 +168,9 @@ def _bind_sizes(spec: Attention, tensors: list[tuple[TensorDecl, object]]) -> di
             raise CallError(f"{_where(name, tensors)} but the spec binds {name} = {value} at compile time "
                             f"(dims {name} = {value}); pass tensors with {name} = {value} or drop it from dims")
     _bind_storage_sizes(spec, sizes, tensors)
-    sizes.setdefault("HKV", 1 if spec.one_kv_head else sizes["H"])
+    if spec.one_kv_head and sizes.setdefault("HKV", 1) != 1:
+        raise CallError(f"{_where('HKV', tensors)}, but k has no head axis: one K/V head, HKV = 1")
+    sizes.setdefault("HKV", sizes["H"])
     sizes.setdefault("DV", sizes["D"])
     for name, n in sizes.items():
         if n < 1 and name not in MAY_BE_EMPTY:

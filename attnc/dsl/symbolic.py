@@ -17,12 +17,12 @@ import os
 import sys
 import types
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Collection, Iterable, Mapping
 
 import torch
 
 from ..errors import AttncError, CallError, Diagnostic, Span, TraceError
-from ..ir import QKV_DTYPES, Binary, Call, Expr, IndexVar, Lookup, Num, TensorDecl, Unary, dtype_kind, print_expr, walk
+from ..ir import FP8_DTYPES, QKV_DTYPES, Binary, Call, Expr, IndexVar, Lookup, Num, TensorDecl, Unary, dtype_kind, print_expr, walk
 from ..ops import UNARY_FUNCTIONS, op_of, result_kind
 from .signature import TORCH_DTYPES
 
@@ -613,10 +613,11 @@ LAYOUTS = {"BHSD": (0, 1, 2, 3), "BSHD": (0, 2, 1, 3)}  # axes of (batch, heads,
 
 
 def qkv_decls(q, k, v, layout: str, gqa_allowed: bool = True,
-              headless_k: bool = False) -> tuple[TensorDecl, TensorDecl, TensorDecl]:
+              headless_k: bool = False, dequantized: Collection[str] = ()) -> tuple[TensorDecl, TensorDecl, TensorDecl]:
     """q/k/v declarations for these tensors: K/V get HKV when their head count differs from q's, v gets DV
-    when its head dim differs. `headless_k`: where v is k, k may be [B, N, D], without a head axis (one K/V head
-    that every query head reads: MLA's latent cache). Shapes are checked fully at call time (signature.bind)."""
+    when its head dim differs; k or v in `dequantized` may be FP8. `headless_k`: where v is k, k may be [B, N, D],
+    without a head axis (one K/V head that every query head reads: MLA's latent cache). Shapes are checked fully
+    at call time (signature.bind)."""
     axes = LAYOUTS[layout]
     for name, t in (("q", q), ("k", k), ("v", v)):
         ranks = (4, 3) if headless_k and v is k and name != "q" else (4,)
@@ -624,7 +625,13 @@ def qkv_decls(q, k, v, layout: str, gqa_allowed: bool = True,
             got = f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
             headless = " or a 3-dim [B, N, D] one (one K/V head)" if len(ranks) > 1 else ""
             raise CallError(f"{name}: expected a 4-dim torch.Tensor in {layout} layout{headless}, got {got}")
-        if ir_dtype(t, name) not in QKV_DTYPES:
+        if ir_dtype(t, name) in FP8_DTYPES and name != "q" and name not in dequantized:
+            raise CallError(f"{name}: dtype {t.dtype} is an FP8 cache, which needs its dequant scale: write a spec "
+                            f"with `dequant {name} by {name}_scale`, or decorate a function with "
+                            f"@attnc.attention(dequant={{{name!r}: '{name}_scale'}}) that takes {name}_scale (a float "
+                            f"param, or an attnc.Tensor of one scale per K/V head); the flex front-end has no "
+                            f"argument for a scale")
+        if ir_dtype(t, name) not in QKV_DTYPES + (FP8_DTYPES if name in dequantized else ()):
             raise CallError(f"{name}: dtype {t.dtype} is not supported; use float16, bfloat16 or float32")
 
     def shape(seq: str, head: str, dim: str) -> tuple[str, ...]:

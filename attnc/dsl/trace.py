@@ -17,14 +17,14 @@ from __future__ import annotations
 import functools
 import inspect
 from dataclasses import dataclass, replace
-from typing import Callable, overload
+from typing import Callable, Mapping, overload
 
 import torch
 
 from ..errors import CallError, Diagnostic, TraceError
 from ..ops import UNARY_FUNCTIONS
 from ..ir import (
-    NORMALIZERS, QK, ROLES, Attention, Expr, IndexVar, Normalizer, ParamDecl, ParamRef, SizeRef, Sigmoid, Softmax,
+    NORMALIZERS, QK, ROLES, Attention, Dequant, Expr, IndexVar, Normalizer, ParamDecl, ParamRef, SizeRef, Sigmoid, Softmax,
     TensorDecl, causal_mask, dtype_kind, make_attention, print_expr, walk,
 )
 from . import compiler, symbolic
@@ -243,23 +243,32 @@ _ANNOTATIONS = {Tensor: "tensor", torch.Tensor: "tensor", float: "f32", int: "i3
 
 
 @overload
-def attention(fn: Callable[..., object], *, layout: str = "BHSD", backend: str | None = None) -> AttentionFunction:
+def attention(fn: Callable[..., object], *, layout: str = "BHSD", backend: str | None = None,
+              dequant: Mapping[str, str] | None = None) -> AttentionFunction:
     ...
 @overload
-def attention(fn: None = None, *, layout: str = "BHSD",
-              backend: str | None = None) -> Callable[[Callable[..., object]], AttentionFunction]: ...
+def attention(fn: None = None, *, layout: str = "BHSD", backend: str | None = None,
+              dequant: Mapping[str, str] | None = None) -> Callable[[Callable[..., object]], AttentionFunction]: ...
 
 
-def attention(fn: Callable[..., object] | None = None, *, layout: str = "BHSD", backend: str | None = None):
+def attention(fn: Callable[..., object] | None = None, *, layout: str = "BHSD", backend: str | None = None,
+              dequant: Mapping[str, str] | None = None):
     """Trace `fn(q, k, v, *, inputs..., params...)` into an attention spec, compiled on first call.
 
-    `layout` is the tensors' memory order ("BHSD" or "BSHD"); `backend` goes to `attnc.compile`.
+    `layout` is the tensors' memory order ("BHSD" or "BSHD"); `backend` goes to `attnc.compile`; `dequant` maps
+    an FP8 cache (k, v, or a key-side input of a dot product) to the argument holding its dequant scale, a float
+    param or an attnc.Tensor of one scale per K/V head: `dequant={"k": "k_scale", "v": "v_scale"}` is the text
+    language's `dequant k by k_scale` and `dequant v by v_scale`.
     """
     if layout not in LAYOUTS:
         raise CallError(f"layout: expected one of {', '.join(LAYOUTS)}, got {layout!r}")
+    dequant = dict(dequant or {})
+    if not all(isinstance(x, str) for pair in dequant.items() for x in pair):
+        raise CallError(f"dequant: expected a dict of tensor name -> scale argument name, such as "
+                        f"{{'k': 'k_scale'}}, got {dequant!r}")
 
     def wrap(f):
-        return AttentionFunction(f, layout, backend)
+        return AttentionFunction(f, layout, backend, dequant)
 
     return wrap if fn is None else wrap(fn)
 
@@ -267,11 +276,19 @@ def attention(fn: Callable[..., object] | None = None, *, layout: str = "BHSD", 
 class AttentionFunction:
     """A decorated function. Calling it traces (once per signature), compiles (once per signature) and runs."""
 
-    def __init__(self, fn, layout: str, backend: str | None):
+    def __init__(self, fn, layout: str, backend: str | None, dequant: Mapping[str, str] | None = None):
         self.fn = fn
         self.layout = layout
         self.backend = backend
         self._params, self._inputs, self._shares_kv = _declared_arguments(fn)
+        self._dequant = dict(dequant or {})
+        # the tensors that may be FP8 (where the values are the keys, v is k)
+        self._fp8 = set(self._dequant) | ({"v"} if self._shares_kv and "k" in self._dequant else set())
+        for name in self._dequant.values():
+            if name not in self._inputs and all(p.name != name for p in self._params):
+                raise TraceError(Diagnostic(f"{fn.__name__}: dequant names the scale {name!r}, which is not one of its "
+                                            f"keyword arguments; add `{name}: float` (one scale for the tensor) or "
+                                            f"`{name}: attnc.Tensor` (one per K/V head)", function_span(fn)))
         self._heads_axis = LAYOUTS[layout][1]
         self._specs: dict[tuple, Attention] = {}
         self._compiled: dict[tuple, tuple[Attention, object]] = {}  # signature -> (spec, kernel)
@@ -341,7 +358,7 @@ class AttentionFunction:
             raise
 
     def _explain_bad_call(self, q, k, v, kwargs) -> None:
-        symbolic.qkv_decls(q, k, v, self.layout)
+        symbolic.qkv_decls(q, k, v, self.layout, dequantized=self._fp8)
         for name in self._inputs:
             if name not in kwargs:
                 raise CallError(f"{name}: missing input tensor; pass {name}=<tensor>")
@@ -355,7 +372,7 @@ class AttentionFunction:
         return spec
 
     def _traced(self, q, k, v, tensors: dict[str, torch.Tensor]) -> Attention:
-        q_decl, k_decl, v_decl = symbolic.qkv_decls(q, k, v, self.layout)
+        q_decl, k_decl, v_decl = symbolic.qkv_decls(q, k, v, self.layout, dequantized=self._fp8)
         args = {p.name: Sym(ParamRef(p.name), dtype_kind(p.dtype)) for p in self._params}
         args.update({name: InputTensor(name, symbolic.ir_dtype(t, name), t.dim()) for name, t in tensors.items()})
         label = f"@attnc.attention function {self.fn.__name__!r}"
@@ -372,10 +389,13 @@ class AttentionFunction:
                     "takes v: return `p @ v`, or drop v from its arguments where the keys are the values"), span))
         inputs = symbolic.input_decls([p.score, *p.masks, p.normalizer.sink], tensors, span)
         inputs, dims = _dot_operands(p.score, inputs, tensors, q_decl, k_decl)
+        scales = set(self._dequant.values())  # an input scale is one per K/V head
+        inputs = tuple(replace(t, shape=("HKV",)) if t.name in scales and len(t.shape) == 1 else t for t in inputs)
         spec = make_attention(
             spec_name(self.fn.__name__, "traced_attention"), q_decl, k_decl, k_decl if self._shares_kv else v_decl,
             dims=dims, params=self._params, inputs=inputs, score=p.score, masks=p.masks, normalizer=p.normalizer,
-            returns_lse=returns_lse, span=span)
+            returns_lse=returns_lse, span=span,
+            dequant=[Dequant(tensor, scale, span=span) for tensor, scale in self._dequant.items()])
         check_attention(spec)
         return spec
 

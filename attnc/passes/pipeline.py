@@ -7,7 +7,8 @@ from typing import Callable, Iterator
 from ..errors import CompileError
 from ..ir import QK, Attention, IndexVar, walk
 from .decode import plan_decode
-from .fold import fold_spec
+from .dequant import dequantize
+from .fold import fold, fold_spec
 from .kernels import list_kernels
 from .masks import analyze_masks
 from .plan import KernelPlan, PlanOptions, Target
@@ -16,15 +17,18 @@ from .warpgroups import stage_warpgroups
 from .tiling import DTYPE_BITS, choose_tiles, share_kv_heads, smem_bytes, smem_capacity, stage_pipeline
 
 Pass = Callable[[KernelPlan], KernelPlan]
+FP8_E4M3_ARCH = 89  # the first CUDA arch whose Triton converts f8e4m3 (float8e4nv)
 
 
 def fold_constants(plan: KernelPlan) -> KernelPlan:
     sizes = {**plan.spec.dim_values, "D": plan.head_dim, "DV": plan.value_dim}
-    return replace(plan, spec=fold_spec(plan.spec, sizes))
+    value_scale = None if plan.value_scale is None else fold(plan.value_scale, sizes)
+    return replace(plan, spec=fold_spec(plan.spec, sizes), value_scale=value_scale)
 
 
 # Backend-neutral: what the math is, whatever runs it.
 NEUTRAL: tuple[Pass, ...] = (
+    dequantize,  # FP8 K/V: key-side scales into the score, the values' scale onto the output rows
     fold_constants,  # dims and head dims become literals, so later passes and kernels see constants
     analyze_masks,  # masks -> key-range loop bounds, full/partial tiles, element-wise checks
     to_exp2_domain,  # the normalizer in base 2, log2(e) folded into qk's scale: one multiply per score
@@ -62,6 +66,17 @@ def plan_kernel(spec: Attention, target: Target, head_dim: int, value_dim: int,
 def plan_steps(spec: Attention, target: Target, head_dim: int, value_dim: int,
                options: PlanOptions = PlanOptions(), check: bool = True) -> Iterator[tuple[str, KernelPlan]]:
     """("spec", the empty plan), then (pass name, the plan after it) for each pass (`attnc explain` shows them)."""
+    if spec.dequant and target.backend != "triton":
+        raise CompileError(f"attention {spec.name!r} reads FP8 K/V ({', '.join(d.tensor for d in spec.dequant)}, "
+                           f"with `dequant`), which runs on backend='triton' only (CUDA tensors, or the Triton "
+                           f"interpreter on the CPU with TRITON_INTERPRET=1); the {target.backend} backend has no "
+                           f"FP8 loads. Pass backend='triton', or dequantise the cache yourself (k.to(q.dtype) * "
+                           f"scale) and call a spec declaring q's dtype")
+    e4m3 = [t.name for t in (spec.k, spec.v, *spec.inputs) if t.dtype == "f8e4m3"]
+    if e4m3 and target.arch is not None and target.arch < FP8_E4M3_ARCH:
+        raise CompileError(f"attention {spec.name!r}: {e4m3[0]} is f8e4m3, which Triton converts on sm_"
+                           f"{FP8_E4M3_ARCH} (Ada) and newer only, not on sm_{target.arch}; store the cache as f8e5m2 "
+                           f"there, or dequantise it to q's dtype")
     if spec.is_latent and target.backend != "triton":
         raise CompileError(f"attention {spec.name!r} is multi-head latent attention (a dot product other than qk, or "
                            f"keys that are the values), which runs on backend='triton' only (CUDA tensors, or the "

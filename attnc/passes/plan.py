@@ -235,6 +235,7 @@ class KernelPlan:
     decode: DecodePlan | None = None
     warpgroups: WarpgroupPlan | None = None
     kernels: tuple[KernelLaunch, ...] = ()  # every kernel a launch of this plan may run (passes/kernels.py)
+    value_scale: Expr | None = None  # FP8 values: their dequant scale, per query row (passes/dequant.py)
 
     @property
     def dtype(self) -> str:
@@ -269,6 +270,9 @@ class KernelPlan:
         n = self.spec.normalizer
         lines.append(f"  normalizer {n.name}: weights {n.weight}(s), rows "
                      f"{'normalised' if n.normalized else 'not normalised'}, partial results merge by {n.merge}")
+        if self.spec.dequant:
+            lines.append("  dequant    " + ", ".join(f"{d.tensor} (FP8) by {d.scale}" for d in self.spec.dequant)
+                         + ("" if self.value_scale is None else f"; out rows times {written(self.value_scale)}"))
         if self.score:
             lines.append(f"  logits2    {written(self.score.logits2)}")
             if self.score.sink2 is not None:

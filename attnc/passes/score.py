@@ -45,8 +45,24 @@ def _scaled(e: Expr, factor: Expr, scale, reads_qk) -> Expr:
         return Unary(e.op, parts[0]) if isinstance(e, Unary) else Binary(e.op, *parts)
     if isinstance(e, QK):
         return Binary("*", e, factor)
-    if isinstance(e, Binary) and op_of(e).linearity == "product":
-        for a, b in ((e.lhs, e.rhs), (e.rhs, e.lhs)):
-            if isinstance(a, QK) and not reads_qk(b):
-                return Binary("*", a, fold(Binary("*", b, factor), {}))
+    split = _qk_times(e, reads_qk)
+    if split is not None:
+        dot, rest = split
+        return Binary("*", dot, fold(Binary("*", rest, factor), {}))
     return fold(Binary("*", e, factor), {})
+
+
+def _qk_times(e: Expr, reads_qk) -> tuple[QK, Expr] | None:
+    """(qk, c) where `e` is a product of one dot product and factors free of qk, in any nesting (`qk * scale * c`,
+    as FP8 keys' dequant scale makes it: passes/dequant.py); c is the product of those factors. None otherwise."""
+    if not (isinstance(e, Binary) and op_of(e).linearity == "product"):
+        return None
+    for a, b in ((e.lhs, e.rhs), (e.rhs, e.lhs)):
+        if reads_qk(b):
+            continue
+        if isinstance(a, QK):
+            return a, b
+        inner = _qk_times(a, reads_qk)
+        if inner is not None:
+            return inner[0], Binary("*", inner[1], b)
+    return None

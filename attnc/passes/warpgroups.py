@@ -41,6 +41,8 @@ def unavailable(plan: KernelPlan) -> str:
         return "ragged or paged storage runs the decode kernel"
     if spec.is_latent:
         return "latent attention (a second dot product, or values that are the keys) runs the decode kernel"
+    if spec.dequant:
+        return "FP8 K/V (dequant) runs the decode kernel"
     dtypes = {spec.q.dtype, spec.k.dtype, spec.v.dtype}
     if len(dtypes) > 1 or plan.dtype not in GLUON_DTYPES:
         return f"q, k, v are {'/'.join(sorted(dtypes))}: the Gluon kernel takes one of {', '.join(GLUON_DTYPES)}"

@@ -82,7 +82,8 @@ def emit_triton(spec: Attention) -> str:
     from ..backends.triton.generate import generate
 
     plan, note = _show_plan(spec)
-    return note + (generate_decode(plan) if spec.is_latent else generate(plan))  # latent: the decode kernel only
+    # latent attention and FP8 K/V: the decode kernel only
+    return note + (generate_decode(plan) if spec.decode_kernel_only else generate(plan))
 
 
 def emit_gluon(spec: Attention) -> str:

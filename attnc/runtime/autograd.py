@@ -176,13 +176,13 @@ def call(kernel: "kernel.Kernel", q, k, v, kwargs: dict):
     spec = kernel.spec
     if not torch.compiler.is_compiling():
         bind(spec, q, k, v, kwargs)  # argument errors as CallErrors before the op (torch.compile: at run time)
-    if kernel.latent and torch.is_grad_enabled():
+    if kernel.forward_only and torch.is_grad_enabled():
         wanting = next((name for name, t in (("q", q), ("k", k), ("v", v), *kwargs.items())
                         if isinstance(t, torch.Tensor) and t.requires_grad), None)
         if wanting is not None:
-            raise CallError(f"{wanting}: requires grad, but attention {spec.name!r} is multi-head latent attention, "
-                            f"which has no backward kernels yet (forward only); call it under torch.no_grad() or "
-                            f"pass {wanting}.detach()")
+            what = "multi-head latent attention" if spec.is_latent else "attention over FP8 K/V (dequant)"
+            raise CallError(f"{wanting}: requires grad, but attention {spec.name!r} is {what}, which has no backward "
+                            f"kernels yet (forward only); call it under torch.no_grad() or pass {wanting}.detach()")
     key = kernel.op_key
     inputs = [kwargs[t.name] for t in spec.inputs]
     params = torch.tensor([kwargs[p.name] if p.name in kwargs else p.default for p in spec.params],

@@ -96,7 +96,7 @@ class Kernel:
         self._impls: dict[tuple, Callable[[Bound], object]] = {}
         self._input_names = tuple(t.name for t in spec.inputs)
         # read here, not in a call that torch.compile traces (Dynamo cannot enter cached_property's lock)
-        self.latent = spec.is_latent
+        self.forward_only = spec.decode_kernel_only  # latent attention, FP8 K/V: no backward kernels
         # call_key -> a launch that repeats a checked call (Backend.build's `run`): the per-call fast path
         self._prepared: dict[tuple, Callable] = {}
         self.op_key = autograd.register(self)  # its name in the attnc::attention ops (training, torch.compile)

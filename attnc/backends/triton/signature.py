@@ -247,7 +247,7 @@ def qkv_values(spec, bound, out, lse) -> dict:
 
 
 TRITON_TYPES = {"f16": "fp16", "bf16": "bf16", "f32": "fp32", "f64": "fp64", "i8": "i8", "i16": "i16", "i32": "i32",
-                "i64": "i64", "bool": "i1"}
+                "i64": "i64", "bool": "i1", "f8e4m3": "fp8e4nv", "f8e5m2": "fp8e5"}
 PARAM_TYPES = {"i32": "i64", "f32": "fp32", "bool": "i1"}  # a build cannot see an int's value: every int is i64
 
 
