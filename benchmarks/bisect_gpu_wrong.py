@@ -7,8 +7,8 @@ removed. Open case: seed 1004 (tests/test_property.py GPU_WRONG), wrong on the H
 
 Prints one line per variant: the largest output error relative to the reference's largest element, or the
 fault that ended it. Each variant runs in a process of its own (a CUDA fault ends the process's context), with
-CUDA_LAUNCH_BLOCKING=1 so a fault names its launch; `--sanitize` runs the first variant under compute-sanitizer
-memcheck and prints its first report."""
+CUDA_LAUNCH_BLOCKING=1 so a fault names its launch; `--sanitize N` runs variant N under compute-sanitizer
+memcheck first and prints its first report."""
 from __future__ import annotations
 
 import argparse
@@ -78,7 +78,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="bf16")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--variant", help="run this variant alone, here (what each child process does)")
-    parser.add_argument("--sanitize", action="store_true", help="the first variant under compute-sanitizer")
+    parser.add_argument("--sanitize", type=int, default=None, metavar="N",
+                        help="first run variant N (0: as generated) under compute-sanitizer")
     args = parser.parse_args()
     g = generate(args.seed, args.dtype, large=True)
     texts = variants(g.text, args.dtype)
@@ -86,8 +87,8 @@ def main() -> None:
         print(error(texts[args.variant], g, args.seed, args.device), flush=True)
         return
     print(g.describe(), flush=True)
-    if args.sanitize:
-        print(in_own_process(args, next(iter(texts)), sanitize=True), flush=True)
+    if args.sanitize is not None:
+        print(in_own_process(args, list(texts)[args.sanitize], sanitize=True), flush=True)
     for name in texts:
         print(f"{in_own_process(args, name):>12}  {name}", flush=True)
 

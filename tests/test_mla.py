@@ -266,7 +266,7 @@ def test_the_latent_tile_fits_shared_memory_once():
     for spec in attnc.parse_file("examples/specs/mla.attn"):
         plan = plan_kernel(spec, sm90, 512, 512)
         assert tile_widths(plan) == (512 + 64, 0)
-        assert plan.decode.tile == TileConfig(64, 16, 8, 4)
+        assert plan.decode.tile == TileConfig(64, 64, 8, 2)
         assert plan_kernel(spec, sm90, 512, 512, PlanOptions(block_n=32, num_stages=3)).decode.tile.num_stages == 3
         assert plan_kernel(spec, sm90, 512, 512, PlanOptions(block_n=64, num_stages=3)).decode.tile.num_stages == 2
     plain = attnc.parse("attention a { q: bf16[B, H, M, D] k: bf16[B, H, N, D] v: bf16[B, H, N, D] "

@@ -41,15 +41,13 @@ DECODE_TUNED: tuple[DecodeRow, ...] = (
     DecodeRow(90, 16, 128, TileConfig(64, 64, 4, 3), paged_block_n=128),
     DecodeRow(80, 16, 128, TileConfig(64, 64, 4, 3)),
     DecodeRow(80, 16, 256, TileConfig(32, 32, 4, 2)),
-    # MLA's 512-wide latent (D = DV = 512, with DR = 64 beside it), chosen by compile-only evidence until the H100
-    # sweep (benchmarks/bench_mla.py --sweep) runs: Triton 3.6 for sm_90, ptxas' local-memory instructions inside
-    # the key loops (benchmarks/compile_mla_sm90.py, benchmarks/NOTES.md). 64 rows (64 heads packed) take two
-    # warpgroups that split PV's 512 columns, 128 f32 accumulators a thread; 64x16 at 8 warps keeps its loops free
-    # of spills at 2-5 stages, paged and contiguous; 64x32 spills 3-8 instructions a loop, 64x64 31-71, 4 warps
-    # (256 accumulators a thread) 256, and 128 rows (the whole register file in accumulators) ~470. One program an
-    # SM (255 registers a thread): 4 stages keep three 18 KB latent tiles (55 KB) in flight, what ~25 GB/s an SM
-    # (3.35 TB/s over 132) needs at ~2 us of loaded memory latency.
-    DecodeRow(90, 16, 512, TileConfig(64, 16, 8, 4)),
+    # MLA's 512-wide latent (D = DV = 512, with DR = 64 beside it): the H100 sweep of session 8 (bench_mla.py
+    # --sweep, paged by 64, results/sweep-mla-*.jsonl): 64x64 at 8 warps and 2 stages won 4 of 5 points (H=64 B=768
+    # 8k 1.67 TB/s, H=128 196-214 TFLOP/s), against 1.21 TB/s / 133-145 for 64x16 w8 s4, the compile-only choice
+    # whose loops were free of spills (64x64 spills 31-71 instructions a loop, benchmarks/NOTES.md: they cost less
+    # than the narrow tile's four times as many steps). 64 rows (64 heads packed) take two warpgroups that split
+    # PV's 512 columns.
+    DecodeRow(90, 16, 512, TileConfig(64, 64, 8, 2)),
     DecodeRow(80, 32, 128, TileConfig(32, 32, 4, 2)),
     DecodeRow(70, 32, 256, TileConfig(16, 32, 4, 1)),
     # The interpreter: narrow key tiles so that small test shapes still have several tiles to split.
