@@ -127,8 +127,9 @@ def compile_call(fn, args, keywords, path: Path) -> dict:
 
 def loop_spills(cubin: bytes, path: Path) -> list[int]:
     """Local-memory instructions (STL, LDL) inside each key loop of the SASS (a backward branch around tensor-core
-    instructions), in program order: the kernel's three loops (partial tiles, full tiles, partial tiles). Spills
-    outside the loops (prologue, epilogue) cost once per program; inside, once per key tile."""
+    instructions: HGMMA, QGMMA for e4m3, HMMA), in program order: the kernel's three loops (partial tiles, full
+    tiles, partial tiles). Spills outside the loops (prologue, epilogue) cost once per program; inside, once per key
+    tile."""
     path.write_bytes(cubin)
     sass = subprocess.run([str(BIN / "nvdisasm"), "-c", str(path)], capture_output=True, text=True,
                           check=True).stdout.splitlines()
@@ -138,7 +139,7 @@ def loop_spills(cubin: bytes, path: Path) -> list[int]:
         m = re.search(r"\bBRA\b.*?\.(L_x_\d+)", line)
         start = labels.get(m.group(1), end) if m else end
         body = sass[start:end + 1]
-        if start < end and any(re.search(r"\b(HGMMA|HMMA)\b", b) for b in body):
+        if start < end and any(re.search(r"\b(HGMMA|QGMMA|HMMA)\b", b) for b in body):
             counts.append(sum(bool(re.search(r"\b(STL|LDL)\b", b)) for b in body))
     return counts
 
