@@ -73,7 +73,7 @@ def plan_decode(plan: KernelPlan) -> KernelPlan:
     widest = max(t.block_d, t.block_dv)
     fp8_keys = plan.spec.k.dtype in FP8_DTYPES
     row = next((r for r in DECODE_TUNED if arch >= r.min_arch and bits <= r.max_dtype_bits
-                and widest <= r.max_block_d and fp8_keys >= r.fp8_keys), None)
+                and widest <= r.max_block_d and (fp8_keys or not r.fp8_keys)), None)
     tile = row.tile if row else TileConfig(16, 16, 4, 1)
     if row and row.paged_block_n and isinstance(plan.spec.kv_storage, Paged):
         tile = replace(tile, block_n=row.paged_block_n)
