@@ -31,7 +31,8 @@ dense causal prefill (D = DV = 128) at the same B, H and S, attnc against SDPA (
 the issue asks for the MLA rows at the dense rows' TFLOP/s.
 
 `--sweep`: the decode kernel's tiles instead (rows x keys per step, warps, stages, splits) on five paged grid points,
-each checked, streamed to <out>/sweep_mla.jsonl (see benchmarks/compile_mla_sm90.py for which compile on sm_90).
+each checked, streamed to <out>/sweep_mla.jsonl (see benchmarks/compile_mla_sm90.py for which compile on sm_90);
+`--tiles 64x64:w8:s3 ...` times those tiles only (with --fp8: the FP8 latent's).
 `--fp8`: the grid with the latent (and its RoPE part) in float8 e4m3 with a dequant scale, attnc alone: the issue's
 target compares its tokens/s with the bf16 grid's.
 
@@ -40,7 +41,7 @@ any timing counts; times are medians of CUDA-graph replays (do_bench_cudagraph: 
 capture works, else of triton.testing.do_bench (both are in the JSON). The table prints as rows finish; results go to
 <out>/mla-decode[-prefill]-<device>-<date>.json (rewritten after every row) and PNGs next to it.
 
-    python benchmarks/bench_mla.py --out $OUT [--quick] [--only REGEX] [--prefill] [--sweep] [--fp8]
+    python benchmarks/bench_mla.py --out $OUT [--quick] [--only REGEX] [--prefill] [--sweep [--tiles ...]] [--fp8]
     TRITON_INTERPRET=1 python benchmarks/bench_mla.py --smoke --out /tmp/mla   # CPU, tiny shapes (a test runs it)
 """
 from __future__ import annotations
@@ -483,6 +484,14 @@ def tile_choices(smoke: bool) -> list[TileChoice]:
     return leading + [c for c in rest if c not in leading]
 
 
+def tile_choice(text: str) -> TileChoice:
+    """--tiles' spelling of a tile: ROWSxKEYS:wWARPS:sSTAGES, and :xSPLITS to fix the split count."""
+    m = re.fullmatch(r"(\d+)x(\d+):w(\d+):s(\d+)(?::x(\d+))?", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected ROWSxKEYS:wWARPS:sSTAGES[:xSPLITS], e.g. 64x64:w8:s3")
+    return TileChoice(*(int(g) for g in m.groups()[:4]), None if m.group(5) is None else int(m.group(5)))
+
+
 SWEEP_WORKLOADS = (DecodeWorkload(64, 8192, 64), DecodeWorkload(64, 8192, 128), DecodeWorkload(768, 8192, 64),
                    DecodeWorkload(128, 2048, 128), DecodeWorkload(64, 1024, 128))
 
@@ -513,7 +522,7 @@ def sweep(args, s: Shapes, device: str, out_dir: Path) -> list[dict]:
     log = out_dir / "sweep_mla.jsonl"
     bench = timer(device)
     rows, seen = [], set()
-    for choice in tile_choices(args.smoke):
+    for choice in args.tiles or tile_choices(args.smoke):
         if time.time() - t0 > args.budget:
             print(f"budget of {args.budget:.0f}s spent", flush=True)
             break
@@ -696,6 +705,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="B 64 / 768 and KV 1k / 8k only (8 decode rows)")
     ap.add_argument("--prefill", action="store_true", help="also the prefill rows (MLA 192/128 against dense 128)")
     ap.add_argument("--sweep", action="store_true", help="instead: the decode kernel's tile sweep (sweep_mla.jsonl)")
+    ap.add_argument("--tiles", nargs="+", type=tile_choice, default=None,
+                    help="--sweep: these tiles only, in this order (ROWSxKEYS:wWARPS:sSTAGES[:xSPLITS])")
     ap.add_argument("--budget", type=float, default=270.0, help="seconds; no new row (or sweep config) starts after")
     ap.add_argument("--fp8", action="store_true", help="the latent cache in FP8 e4m3")
     ap.add_argument("--smoke", action="store_true", help="CPU with TRITON_INTERPRET=1: tiny f32 shapes")
