@@ -61,7 +61,7 @@ from types import SimpleNamespace
 import torch
 
 import attnc
-from attnc.bench import _error_text, compiled_flex_attention, draw_panels, environment, result_path, save_figure
+from attnc.bench import compiled_flex_attention, draw_panels, environment, error_text, log_row, result_path, save_figure
 from sweep_decode import graph_timer, host_timer, poisoned, timer as sweep_timer, unsplit_call
 
 CHECK_TOL = 2e-2  # relative Frobenius error of a bf16 output against the float32 formula
@@ -255,7 +255,7 @@ def flex_decode_runner(w: DecodeWorkload, s: Shapes, x: DecodeInputs, device: st
         v = x.cache[..., :s.D].unsqueeze(1)
         return lambda: flex(q, k, v, scale=SCALE, enable_gqa=True)[:, :, 0]
     except Exception as e:  # noqa: BLE001  (reported, not fatal)
-        return _error_text(e)
+        return error_text(e)
 
 
 def flashinfer_runner(w: DecodeWorkload, s: Shapes, x: DecodeInputs):
@@ -281,7 +281,7 @@ def flashinfer_runner(w: DecodeWorkload, s: Shapes, x: DecodeInputs):
         return lambda: wrapper.run(q_nope=q[..., :s.D], q_pe=q[..., s.D:], ckv_cache=x.pool[..., :s.D],
                                    kpe_cache=x.pool[..., s.D:])
     except Exception as e:  # noqa: BLE001  (reported, not fatal)
-        return _error_text(e)
+        return error_text(e)
 
 
 def run_decode(w: DecodeWorkload, s: Shapes, device: str) -> dict:
@@ -391,7 +391,7 @@ def flex_prefill_runner(w: PrefillWorkload, q, k, v, device: str):
         flex = compiled_flex_attention(dynamic=False)
         return lambda: flex(q, k, v, block_mask=mask)
     except Exception as e:  # noqa: BLE001  (reported, not fatal)
-        return _error_text(e)
+        return error_text(e)
 
 
 # ---------------------------------------------------------------- checking and timing
@@ -430,13 +430,13 @@ def measure(made: dict, want: torch.Tensor, device: str, row: dict) -> None:
                 continue
             res["do_bench_ms"] = bench(fn)
         except Exception as e:  # noqa: BLE001  (a runner that cannot run this workload is a result)
-            res["error"] = _error_text(e)
+            res["error"] = error_text(e)
             continue
         if graph_bench is not None:
             try:
                 res["graph_ms"] = graph_bench(fn)
             except Exception as e:  # noqa: BLE001  (a runner that cannot be captured keeps do_bench's time)
-                res["graph_error"] = _error_text(e)
+                res["graph_error"] = error_text(e)
         ms = res["ms"] = res.get("graph_ms", res["do_bench_ms"])
         res["timed_by"] = "cuda graph" if "graph_ms" in res else "do_bench"
         res["tflops"] = row["flops"] / (ms * 1e-3) / 1e12
@@ -551,13 +551,10 @@ def sweep(args, s: Shapes, device: str, out_dir: Path) -> list[dict]:
                 if row["ok"]:
                     ms = row["ms"] = bench(fn)
                     row.update(gb_s=row["bytes"] / (ms * 1e-3) / 1e9, tflops=row["flops"] / (ms * 1e-3) / 1e12)
-            except Exception as e:  # noqa: BLE001  (a config Triton cannot build is a result)
-                text = str(e).strip().splitlines()
-                row.update(ok=False, error=f"{type(e).__name__}: {text[-1][:300] if text else ''}")
+            except Exception as e:  # noqa: BLE001
+                row.update(ok=False, error=error_text(e, -1, 300))
             rows.append(row)
-            print(json.dumps(row), flush=True)
-            with log.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+            log_row(row, log)
     return rows
 
 
