@@ -10,7 +10,6 @@ TFLOP/s count the backward as attnc.bench.BACKWARD_FLOPS times the forward. The 
 by hand."""
 from __future__ import annotations
 
-import argparse
 import re
 import time
 from dataclasses import replace
@@ -21,7 +20,7 @@ import torch
 import attnc
 from attnc.backends import get_backend
 from attnc.backends.triton import launch
-from attnc.bench import BACKWARD_FLOPS, error_text, kept_pairs, log_row, prefill_workloads
+from attnc.bench import BACKWARD_FLOPS, error_text, kept_pairs, log_row, prefill_workloads, sweep_parser
 from attnc.dsl.signature import bind
 from attnc.passes import plan_kernel, tiling
 from attnc.passes.plan import TileConfig
@@ -108,10 +107,7 @@ def run(args) -> list[dict]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="benchmarks/results")
-    ap.add_argument("--only", default=None, help="regex over workload names")
-    ap.add_argument("--budget", type=float, default=400.0, help="seconds; no new config starts after it")
+    ap = sweep_parser(__doc__, 400.0)
     args = ap.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)
     rows = run(args)
