@@ -69,10 +69,9 @@ class BackwardRow(Row):
 # sweep-backward-*.jsonl): dK/dV D=128 64x128 w8 s2 240 dense / 202 causal S=4k (the earlier 64x64 w8: 180 / 176;
 # 4 warps with 128 keys fall to 80), D=64 32x128 w4 s3 209 (64x128 w8: 204), D=256 64x64 w8 s1 186 (32x32: 91);
 # dQ (deterministic) 64x32 w4 s3 251 / 216 at D=128 (round 2; 64x64 w4 s3: 245 / 211, 64x64 w8: 159), 64x64 w4 s3
-# 210 at D=64, D=256 64x64 w8 s1 97. q, dO and
-# dQ (dK/dV kernel) go through tensor descriptors where the layouts allow. The dK/dV kernel holds a key tile with
-# its dK and dV accumulators in registers and steps through query rows; the dQ kernel is its transpose. Other
-# rows: FlashAttention-2's shapes, not timed.
+# 210 at D=64, D=256 64x64 w8 s1 97. q, dO and dQ (dK/dV kernel) go through tensor descriptors where the layouts
+# allow. The dK/dV kernel holds a key tile with its dK and dV accumulators in registers and steps through query
+# rows; the dQ kernel is its transpose. Other rows: FlashAttention-2's shapes, not timed.
 BACKWARD_TUNED: tuple[BackwardRow, ...] = (
     BackwardRow(90, 16, 64, TileConfig(32, 128, 4, 3), TileConfig(64, 64, 4, 3)),
     BackwardRow(90, 16, 128, TileConfig(64, 128, 8, 2), TileConfig(64, 32, 4, 3)),

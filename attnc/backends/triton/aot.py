@@ -61,6 +61,7 @@ from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
 from ...version import __version__
 from .decode import generate_decode
 from .generate import generate
+from .saved import compiled_kernel, source_class
 from .signature import ALIGNED, UNIT, argument_types
 from ...errors import AttncError, CacheError, CallError, CompileError
 from ...ir import Attention
@@ -414,12 +415,9 @@ class _LoadedBuild:
     def compiled(self):
         """Triton's CompiledKernel rebuilt from the saved cubin and metadata (the cubin loads on first launch)."""
         if self._compiled is None:
-            from triton.compiler import CompiledKernel
-
-            b, folder = self.build, self.owner.folder
-            source = _source_class(b.kernel)(self.owner.fn, dict(b.signature), dict(b.constexprs), _attrs(self.owner.fn, b.divisible))
-            group = {f"{b.kernel}.json": str(folder / b.metadata), f"{b.kernel}.cubin": str(folder / b.binary)}
-            self._compiled = CompiledKernel(source, group, b.triton_hash)
+            b, folder, fn = self.build, self.owner.folder, self.owner.fn
+            source = _source_class(b.kernel)(fn, dict(b.signature), dict(b.constexprs), _attrs(fn, b.divisible))
+            self._compiled = compiled_kernel(source, b.kernel, folder / b.metadata, folder / b.binary, b.triton_hash)
         return self._compiled
 
 
@@ -431,13 +429,7 @@ def _attrs(fn, divisible: Iterable[str]) -> dict:
 
 def _source_class(kernel: str):
     """What triton.compile takes `kernel` from: Gluon's AST source for the Gluon kernel, Triton's otherwise."""
-    if KernelLaunch(kernel, ()).module == "gluon":
-        from triton.experimental.gluon._runtime import GluonASTSource
-
-        return GluonASTSource
-    from triton.compiler import ASTSource
-
-    return ASTSource
+    return source_class(KernelLaunch(kernel, ()).module == "gluon")
 
 
 def _import_kernels(path: Path, module_name: str) -> ModuleType:

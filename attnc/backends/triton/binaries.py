@@ -27,6 +27,7 @@ import torch
 
 from .. import cache
 from ...errors import CacheError
+from .saved import compiled_kernel, source_class
 
 BINARY, METADATA, RECORD = "kernel.cubin", "kernel.json", "record.json"
 _I32, _I64, _U64 = 2**31, 2**63, 2**64
@@ -121,29 +122,14 @@ def _from_cache(fn, grid, args, keywords, launch_keywords, arguments):
         (out_dir / RECORD).write_text(json.dumps(record), encoding="utf-8")
 
     def load(entry: cache.Entry):
-        from triton.compiler import CompiledKernel
-
         record = json.loads(entry.read_text(RECORD))
-        src = _source_class(record["source"])(
+        if record["source"] not in ("ASTSource", "GluonASTSource"):
+            raise CacheError(f"a cached Triton binary names an unknown source kind {record['source']!r}; clear it "
+                             f"with `attnc cache clear`")
+        src = source_class(record["source"] == "GluonASTSource")(
             fn, record["signature"], {tuple(k): v for k, v in record["constants"]},
             {tuple(k): v for k, v in record["attrs"]})
-        name = record["name"]
-        return CompiledKernel(src, {f"{name}.json": str(entry.file(METADATA)),
-                                    f"{name}.cubin": str(entry.file(BINARY))}, record["hash"])
+        return compiled_kernel(src, record["name"], entry.file(METADATA), entry.file(BINARY), record["hash"])
 
     # an entry, not a loaded object, from the cache: a CompiledKernel loads its module on one device
     return load(cache.get_or_build(cache_key(fn, launch_keywords, arguments), build))
-
-
-def _source_class(name: str):
-    """The compiled source's class by name: Triton's kernels or Gluon's (imported only for a Gluon kernel)."""
-    if name == "GluonASTSource":
-        from triton.experimental.gluon._runtime import GluonASTSource
-
-        return GluonASTSource
-    if name != "ASTSource":
-        raise CacheError(f"a cached Triton binary names an unknown source kind {name!r}; clear it with "
-                         f"`attnc cache clear`")
-    from triton.compiler import ASTSource
-
-    return ASTSource
