@@ -9,9 +9,9 @@ Results stream to <out>/sweep-backward.jsonl; the best correct config per (workl
 TFLOP/s count the backward as attnc.bench.BACKWARD_FLOPS times the forward. The winners go into BACKWARD_TUNED
 by hand.
 
-A/B against an earlier code generator in the same run: `--baseline DIR` also times (first, with the first tile
-of each list) the backward modules that an earlier attnc generated for the sweep's workloads (kernel "baseline"
-in both modes), written on a CPU by `--write-baseline DIR` run from that attnc's tree, e.g.
+A/B against other modules in the same run: each `--baseline DIR` (repeatable) also times, first and with the first
+tile of each list, the backward modules in DIR for the sweep's workloads (kernel "baseline", both modes; the row's
+"modules" names DIR), e.g. an earlier attnc's, written on a CPU by `--write-baseline DIR` run from its tree:
 
     git archive <commit> attnc | tar -x -C /tmp/old
     PYTHONPATH=/tmp/old python3 benchmarks/sweep_backward.py --write-baseline benchmarks/results/bwd-baseline-<commit>
@@ -114,9 +114,9 @@ def run(args) -> list[dict]:
         default_dkdv, default_dq = DKDV[w.D][0], DQ[w.D][0]
         trials = [("dkdv", c, default_dq, False) for c in DKDV[w.D]]
         trials += [("dq", default_dkdv, c, True) for c in DQ[w.D]]
-        if args.baseline:
-            trials = [("baseline", default_dkdv, default_dq, d) for d in (False, True)] + trials
-        for kernel, dkdv, dq, deterministic in trials:
+        trials = [("baseline", default_dkdv, default_dq, d, m) for m in args.baseline for d in (False, True)] + [
+            (*t, None) for t in trials]
+        for kernel, dkdv, dq, deterministic, modules in trials:
             if time.time() - t0 > args.budget:
                 print(f"budget of {args.budget}s spent")
                 return rows
@@ -124,8 +124,9 @@ def run(args) -> list[dict]:
                    "dkdv": list(dkdv), "dq": list(dq)}
             tiling.BACKWARD_TUNED = with_row(w.D, dkdv, dq)
             try:
-                if kernel == "baseline":
-                    module = launch.import_source(baseline_file(args.baseline, w), f"baseline_{len(rows)}")
+                if modules:
+                    row["modules"] = Path(modules).name
+                    module = launch.import_source(baseline_file(modules, w), f"baseline_{len(rows)}")
                     backward = BackwardLauncher(plan, module)
                 else:
                     backward = backend.build_backward(plan)
@@ -157,7 +158,7 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--only", default=None, help="regex over workload names")
     ap.add_argument("--budget", type=float, default=400.0, help="seconds; no new config starts after it")
-    ap.add_argument("--baseline", default=None, help="directory of an earlier generator's modules to time too")
+    ap.add_argument("--baseline", action="append", default=[], help="a directory of modules to time too")
     ap.add_argument("--write-baseline", default=None, help="write this tree's modules for the workloads; no GPU")
     args = ap.parse_args()
     if args.write_baseline:
@@ -170,7 +171,8 @@ def main() -> None:
         mine = [r for r in rows if (r["workload"], r["kernel"]) == (name, kernel)]
         ok = sorted((r for r in mine if "tflops" in r), key=lambda r: -r["tflops"])
         def label(r):
-            return ("det" if r["deterministic"] else "atomic") if kernel == "baseline" else r[kernel]
+            mode = "det" if r["deterministic"] else "atomic"
+            return f"{r['modules']}:{mode}" if kernel == "baseline" else r[kernel]
 
         line = ", ".join(f"{label(r)}={r['tflops']:.0f}" for r in ok)
         print(f"{name:22s} {kernel:4s} {line}; failed {len(mine) - len(ok)}")
