@@ -31,7 +31,8 @@ dense causal prefill (D = DV = 128) at the same B, H and S, attnc against SDPA (
 the issue asks for the MLA rows at the dense rows' TFLOP/s.
 
 `--sweep`: the decode kernel's tiles instead (rows x keys per step, warps, stages, splits) on five paged grid points,
-each checked, streamed to <out>/sweep_mla.jsonl (see benchmarks/compile_mla_sm90.py for which compile on sm_90).
+each checked, streamed to <out>/sweep_mla.jsonl (see benchmarks/compile_mla_sm90.py for which compile on sm_90);
+`--tiles 64x64:w8:s3 ...` times those tiles only (with --fp8: the FP8 latent's).
 `--fp8`: the grid with the latent (and its RoPE part) in float8 e4m3 with a dequant scale, attnc alone: the issue's
 target compares its tokens/s with the bf16 grid's.
 
@@ -40,7 +41,7 @@ any timing counts; times are medians of CUDA-graph replays (do_bench_cudagraph: 
 capture works, else of triton.testing.do_bench (both are in the JSON). The table prints as rows finish; results go to
 <out>/mla-decode[-prefill]-<device>-<date>.json (rewritten after every row) and PNGs next to it.
 
-    python benchmarks/bench_mla.py --out $OUT [--quick] [--only REGEX] [--prefill] [--sweep] [--fp8]
+    python benchmarks/bench_mla.py --out $OUT [--quick] [--only REGEX] [--prefill] [--sweep [--tiles ...]] [--fp8]
     TRITON_INTERPRET=1 python benchmarks/bench_mla.py --smoke --out /tmp/mla   # CPU, tiny shapes (a test runs it)
 """
 from __future__ import annotations
@@ -60,7 +61,7 @@ from types import SimpleNamespace
 import torch
 
 import attnc
-from attnc.bench import _error_text, compiled_flex_attention, draw_panels, environment, result_path, save_figure
+from attnc.bench import compiled_flex_attention, draw_panels, environment, error_text, log_row, result_path, save_figure
 from sweep_decode import graph_timer, host_timer, poisoned, timer as sweep_timer, unsplit_call
 
 CHECK_TOL = 2e-2  # relative Frobenius error of a bf16 output against the float32 formula
@@ -254,7 +255,7 @@ def flex_decode_runner(w: DecodeWorkload, s: Shapes, x: DecodeInputs, device: st
         v = x.cache[..., :s.D].unsqueeze(1)
         return lambda: flex(q, k, v, scale=SCALE, enable_gqa=True)[:, :, 0]
     except Exception as e:  # noqa: BLE001  (reported, not fatal)
-        return _error_text(e)
+        return error_text(e)
 
 
 def flashinfer_runner(w: DecodeWorkload, s: Shapes, x: DecodeInputs):
@@ -280,7 +281,7 @@ def flashinfer_runner(w: DecodeWorkload, s: Shapes, x: DecodeInputs):
         return lambda: wrapper.run(q_nope=q[..., :s.D], q_pe=q[..., s.D:], ckv_cache=x.pool[..., :s.D],
                                    kpe_cache=x.pool[..., s.D:])
     except Exception as e:  # noqa: BLE001  (reported, not fatal)
-        return _error_text(e)
+        return error_text(e)
 
 
 def run_decode(w: DecodeWorkload, s: Shapes, device: str) -> dict:
@@ -390,7 +391,7 @@ def flex_prefill_runner(w: PrefillWorkload, q, k, v, device: str):
         flex = compiled_flex_attention(dynamic=False)
         return lambda: flex(q, k, v, block_mask=mask)
     except Exception as e:  # noqa: BLE001  (reported, not fatal)
-        return _error_text(e)
+        return error_text(e)
 
 
 # ---------------------------------------------------------------- checking and timing
@@ -429,13 +430,13 @@ def measure(made: dict, want: torch.Tensor, device: str, row: dict) -> None:
                 continue
             res["do_bench_ms"] = bench(fn)
         except Exception as e:  # noqa: BLE001  (a runner that cannot run this workload is a result)
-            res["error"] = _error_text(e)
+            res["error"] = error_text(e)
             continue
         if graph_bench is not None:
             try:
                 res["graph_ms"] = graph_bench(fn)
             except Exception as e:  # noqa: BLE001  (a runner that cannot be captured keeps do_bench's time)
-                res["graph_error"] = _error_text(e)
+                res["graph_error"] = error_text(e)
         ms = res["ms"] = res.get("graph_ms", res["do_bench_ms"])
         res["timed_by"] = "cuda graph" if "graph_ms" in res else "do_bench"
         res["tflops"] = row["flops"] / (ms * 1e-3) / 1e12
@@ -483,6 +484,14 @@ def tile_choices(smoke: bool) -> list[TileChoice]:
     return leading + [c for c in rest if c not in leading]
 
 
+def tile_choice(text: str) -> TileChoice:
+    """--tiles' spelling of a tile: ROWSxKEYS:wWARPS:sSTAGES, and :xSPLITS to fix the split count."""
+    m = re.fullmatch(r"(\d+)x(\d+):w(\d+):s(\d+)(?::x(\d+))?", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected ROWSxKEYS:wWARPS:sSTAGES[:xSPLITS], e.g. 64x64:w8:s3")
+    return TileChoice(*(int(g) for g in m.groups()[:4]), None if m.group(5) is None else int(m.group(5)))
+
+
 SWEEP_WORKLOADS = (DecodeWorkload(64, 8192, 64), DecodeWorkload(64, 8192, 128), DecodeWorkload(768, 8192, 64),
                    DecodeWorkload(128, 2048, 128), DecodeWorkload(64, 1024, 128))
 
@@ -513,7 +522,7 @@ def sweep(args, s: Shapes, device: str, out_dir: Path) -> list[dict]:
     log = out_dir / "sweep_mla.jsonl"
     bench = timer(device)
     rows, seen = [], set()
-    for choice in tile_choices(args.smoke):
+    for choice in args.tiles or tile_choices(args.smoke):
         if time.time() - t0 > args.budget:
             print(f"budget of {args.budget:.0f}s spent", flush=True)
             break
@@ -542,13 +551,10 @@ def sweep(args, s: Shapes, device: str, out_dir: Path) -> list[dict]:
                 if row["ok"]:
                     ms = row["ms"] = bench(fn)
                     row.update(gb_s=row["bytes"] / (ms * 1e-3) / 1e9, tflops=row["flops"] / (ms * 1e-3) / 1e12)
-            except Exception as e:  # noqa: BLE001  (a config Triton cannot build is a result)
-                text = str(e).strip().splitlines()
-                row.update(ok=False, error=f"{type(e).__name__}: {text[-1][:300] if text else ''}")
+            except Exception as e:  # noqa: BLE001
+                row.update(ok=False, error=error_text(e, -1, 300))
             rows.append(row)
-            print(json.dumps(row), flush=True)
-            with log.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+            log_row(row, log)
     return rows
 
 
@@ -696,6 +702,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="B 64 / 768 and KV 1k / 8k only (8 decode rows)")
     ap.add_argument("--prefill", action="store_true", help="also the prefill rows (MLA 192/128 against dense 128)")
     ap.add_argument("--sweep", action="store_true", help="instead: the decode kernel's tile sweep (sweep_mla.jsonl)")
+    ap.add_argument("--tiles", nargs="+", type=tile_choice, default=None,
+                    help="--sweep: these tiles only, in this order (ROWSxKEYS:wWARPS:sSTAGES[:xSPLITS])")
     ap.add_argument("--budget", type=float, default=270.0, help="seconds; no new row (or sweep config) starts after")
     ap.add_argument("--fp8", action="store_true", help="the latent cache in FP8 e4m3")
     ap.add_argument("--smoke", action="store_true", help="CPU with TRITON_INTERPRET=1: tiny f32 shapes")

@@ -24,10 +24,10 @@ from triton.experimental.gluon._runtime import GluonASTSource
 
 import attnc
 from attnc.backends.triton import launch
-from attnc.backends.triton.gluon import generate_gluon, max_registers
+from attnc.backends.triton.gluon import generate_gluon
 from attnc.backends.triton.signature import argument_types, gluon_signature, spec_args
 from attnc.passes import PlanOptions, Target, plan_kernel
-from attnc.passes.warpgroups import SCHEDULES
+from attnc.passes.warpgroups import SCHEDULES, max_registers
 
 PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
 
@@ -55,7 +55,7 @@ def compile_one(plan, work: Path) -> dict:
     signature = {n: ("i32" if types[n] == "i64" else types[n]) for n in gluon_signature(spec_args(plan)).names}
     compiled = triton.compile(GluonASTSource(fn, signature, {}), target=GPUTarget("cuda", 90, 32),
                               options={"num_warps": plan.warpgroups.layout.consumer_warps,
-                                       "maxnreg": max_registers(plan)})
+                                       "maxnreg": max_registers(plan.warpgroups.layout)})
     ptx = work / f"{path.stem}.ptx"
     ptx.write_text(compiled.asm["ptx"])
     report = subprocess.run([str(PTXAS), "-arch=sm_90a", "-v", str(ptx), "-o", os.devnull],

@@ -19,7 +19,6 @@ tile of each list, the backward modules in DIR for the sweep's workloads (kernel
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import time
 from dataclasses import replace
@@ -31,7 +30,7 @@ import attnc
 from attnc.backends import get_backend
 from attnc.backends.triton import launch
 from attnc.backends.triton.gradients import BackwardLauncher
-from attnc.bench import BACKWARD_FLOPS, kept_pairs, prefill_workloads
+from attnc.bench import BACKWARD_FLOPS, error_text, kept_pairs, log_row, prefill_workloads
 from attnc.dsl.signature import bind
 from attnc.passes import plan_kernel, tiling
 from attnc.passes.plan import TileConfig
@@ -141,15 +140,12 @@ def run(args) -> list[dict]:
                 if max(errs) < CHECK_TOL:
                     ms = do_bench(fn, warmup=25, rep=100, return_mode="median")
                     row.update(ms=ms, tflops=flops / (ms * 1e-3) / 1e12)
-            except Exception as e:  # a config Triton cannot compile is a result, not the end of the sweep
-                text = str(e).strip()
-                row["error"] = f"{type(e).__name__}: {text.splitlines()[-1][:300] if text else ''}"
+            except Exception as e:  # noqa: BLE001
+                row["error"] = error_text(e, -1, 300)
             finally:
                 tiling.BACKWARD_TUNED = original
             rows.append(row)
-            with log.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-            print(json.dumps(row), flush=True)
+            log_row(row, log)
     return rows
 
 

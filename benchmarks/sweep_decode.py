@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 import attnc
+from attnc.bench import error_text
 from attnc.dsl.signature import bind
 from attnc.passes import PlanOptions
 from attnc.passes.decode import decode_launch
@@ -286,9 +287,8 @@ def run_config(p: Prepared, cfg: KernelConfig, splits: int | None, forced: bool,
         if row["ok"]:
             ms = timer(device)(fn)
             row.update(ms=ms, tb_s=p.kv_bytes / (ms * 1e-3) / 1e12)
-    except Exception as e:  # noqa: BLE001  (a config Triton cannot build is a result, not the end of the sweep)
-        text = str(e).strip()
-        row.update(ok=False, error=f"{type(e).__name__}: {text.splitlines()[-1][:300] if text else ''}")
+    except Exception as e:  # noqa: BLE001
+        row.update(ok=False, error=error_text(e, -1, 300))
     return row
 
 

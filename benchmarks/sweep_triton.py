@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 import attnc
-from attnc.bench import Workload, kept_pairs, prefill_workloads
+from attnc.bench import Workload, error_text, kept_pairs, log_row, prefill_workloads
 from attnc.passes import PlanOptions
 from attnc.backends.triton import launch
 
@@ -107,12 +107,10 @@ def run(args) -> list[dict]:
                 if finite and err < 2e-2:
                     ms = do_bench(fn, warmup=25, rep=100, return_mode="median")
                     row.update(ms=ms, tflops=4.0 * w.B * w.H * w.D * kept_pairs(w) / (ms * 1e-3) / 1e12)
-            except Exception as e:  # a config Triton cannot compile is a result, not the end of the sweep
-                row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300] if str(e).strip() else ''}"
+            except Exception as e:  # noqa: BLE001
+                row["error"] = error_text(e, -1, 300)
             rows.append(row)
-            with log.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-            print(json.dumps(row), flush=True)
+            log_row(row, log)
     return rows
 
 

@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import struct
+import warnings
 from pathlib import Path
 
 import pytest
@@ -257,7 +258,7 @@ def test_another_triton_or_attnc_version_is_refused(sm90, copy_of):
 @pytest.mark.parametrize("content, message", [
     (None, "not an attnc AOT artifact (no manifest.json)"),
     ("{not json", "unreadable (JSONDecodeError"),
-    ('{"format": "attnc-aot/0"}', "format 'attnc-aot/0', this attnc reads 'attnc-aot/1'"),
+    ('{"format": "attnc-aot/0"}', "format 'attnc-aot/0', this attnc reads 'attnc-aot/2'"),
 ])
 def test_a_folder_that_is_no_artifact_is_refused(tmp_path, content, message):
     if content is not None:
@@ -340,6 +341,69 @@ def test_paged_storage_builds_its_decode_kernels(tmp_path):
     assert {k["kernel"] for k in build["kernels"]} == {"attn_decode", "attn_combine"}
 
 
+GLUON_SPEC = """\
+attention long_causal {
+    q: bf16[B, H, M, D]  k: bf16[B, H, N, D]  v: bf16[B, H, N, D]
+    dims D = 128, M = 4096
+    mask causal
+    return softmax(score) @ v, lse
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def gluon_artifact(tmp_path_factory):
+    """A build whose sm_90 plan runs the Gluon warpgroup kernel (bf16, D = 128, M bound past its minimum length);
+    binding M keeps the list to its prefill kernels."""
+    folder = tmp_path_factory.mktemp("gluon")
+    (folder / "g.attn").write_text(GLUON_SPEC)
+    assert compile_cli(folder / "g.attn", "--arch", "sm_90a", "-o", folder / "artifact") == 0
+    return folder / "artifact"
+
+
+def test_the_gluon_kernel_is_built_where_this_triton_has_its_gluon(gluon_artifact):
+    """Triton 3.6 (the GPU machine's): the build compiles attn_fwd_gluon from Gluon's AST source for sm_90, for each
+    layout, and the loaded kernel's Gluon launcher launches the saved builds with the plan's keywords. Any other
+    Triton: the manifest says why it is not built, and the loaded kernel warns once and runs the template."""
+    from attnc.backends.triton import gluon
+    from attnc.passes.kernels import gluon_kernel
+
+    spec = attnc.parse(GLUON_SPEC)[0]
+    plan = plan_kernel(spec, Target("triton", "cuda", 90), 128, 128)
+    listed = gluon_kernel(plan)
+    assert plan.warpgroups.path == "gluon" and listed in plan.kernels
+    (build,) = manifest_of(gluon_artifact)["attentions"][0]["builds"]
+    gluon_builds = [k for k in build["kernels"] if k["kernel"] == "attn_fwd_gluon"]
+    backend = aot.load_backends(gluon_artifact)["long_causal"][1]
+    why = gluon.unavailable_here()
+    if why:
+        assert build["not_built"] == {"attn_fwd_gluon": why} and not gluon_builds
+        assert build["sources"].keys() == {"prefill"}
+        with pytest.warns(UserWarning, match=r"built without attn_fwd_gluon \(Triton .*\); its launches run the "
+                                             r"Triton template instead"):
+            launcher = backend.build(plan)
+        assert not isinstance(launcher, gluon.GluonLauncher)
+        return
+    assert build["not_built"] == {}
+    assert (gluon_artifact / build["sources"]["gluon"]).read_text() == gluon.generate_gluon(plan)
+    assert [(tuple(map(tuple, k["launch"])), k["layout"]) for k in gluon_builds] == [
+        (listed.launch, "dense"), (listed.launch, "any")]
+    for k in gluon_builds:
+        assert cubin_sm((gluon_artifact / k["binary"]).read_bytes()) == 90
+        # the consumer warpgroups and the producer's warpgroup; the producer warp's budget is set in the kernel
+        assert k["num_warps"] == 12 and 0 < k["shared"] <= 232448
+        meta = json.loads((gluon_artifact / k["metadata"]).read_text())
+        assert meta["name"] == "attn_fwd_gluon" and meta["maxnreg"] == listed.keywords["maxnreg"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        launcher = backend.build(plan)
+    assert isinstance(launcher, gluon.GluonLauncher) and isinstance(launcher.kernel, aot.AotKernel)
+    # the launcher's keywords pick the saved builds, which Triton reads back as Gluon kernels
+    (dense, any_layout) = launcher.kernel._builds[tuple(launcher.options.items())]
+    assert dense.build.layout == "dense" and any_layout.build.layout == "any"
+    assert type(dense.compiled().src).__name__ == "GluonASTSource"
+
+
 # ---------------------------------------------------------------- on the GPU
 
 GPU_SPECS = """\
@@ -414,6 +478,41 @@ def test_compiled_ahead_runs_without_compiling_gpu(tmp_path, monkeypatch):
                     assert torch.equal(torch.isfinite(got[1]), finite)
                     assert (got[1].double() - want[1])[finite].abs().max().item() <= 3e-2
     assert compiles == []  # every launch ran a saved cubin
+
+
+@pytest.mark.gpu
+def test_the_loaded_gluon_kernel_runs_its_saved_cubin_gpu(gluon_artifact, monkeypatch):
+    """sm_90 with Triton 3.6: a 4096-row causal prefill of the loaded kernel runs the saved attn_fwd_gluon (nothing
+    compiled) and matches the reference in every element and lse; K/V with a strided head dim (no TMA) take the
+    saved template builds."""
+    import attnc.backends.triton.launch as launch
+    from attnc.backends.triton import gluon
+
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Gluon kernel runs on sm_90")
+    if gluon.unavailable_here():
+        pytest.skip(gluon.unavailable_here())
+    monkeypatch.setattr(launch, "empty", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype,
+                                                                                 device=device))
+    compiles, launched = [], []
+    monkeypatch.setattr(triton.knobs.compilation, "listener", lambda **kw: compiles.append(kw["src"].name))
+    run = aot.AotKernel.run
+    monkeypatch.setattr(aot.AotKernel, "run", lambda self, grid, args, keywords: launched.append(self.fn.__name__)
+                        or run(self, grid, args, keywords))
+    kernel = attnc.load(gluon_artifact)["long_causal"]
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 4096, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    k_strided, v_strided = (torch.randn(1, 2, 4096, 256, device="cuda", dtype=torch.bfloat16)[..., ::2]
+                            for _ in range(2))
+    for kk, vv, kernel_name in ((k, v, "attn_fwd_gluon"), (k_strided, v_strided, "attn_fwd")):
+        launched.clear()
+        out, lse = kernel(q, kk, vv)
+        ref, ref_lse = attnc.reference(kernel.spec, q, kk, vv)
+        assert launched == [kernel_name]
+        assert not out.isnan().any() and torch.isfinite(lse).all()
+        assert (out.double() - ref).abs().max().item() <= 3e-2 * max(1.0, ref.abs().max().item())
+        assert (lse.double() - ref_lse).abs().max().item() <= 3e-2
+    assert compiles == []
 
 
 def test_a_spec_whose_text_could_not_be_read_back_is_not_built(tmp_path):

@@ -360,8 +360,30 @@ def test_the_kernel_converts_fp8_tiles_and_scales_once_per_row():
     plan = plan_kernel(SPECS["decode"], Target("triton", "cpu", None), D, D)
     assert "qk * (k_scale[h // (H // HKV)]" in plan.describe() and "out rows times v_scale" in plan.describe()
     source = generate_decode(plan)
-    assert source.count("k_tile = k_tile.to(q_tile.dtype)") == 3 and "v_tile = v_tile.to(q_tile.dtype)" in source
+    assert source.count("k_tile = upcast_fp8(k_tile, q_tile.dtype)") == 3
+    assert "v_tile = upcast_fp8(v_tile, q_tile.dtype)" in source
     assert "out = out * p_v_scale" in source
+
+
+def test_an_fp8_latent_stages_in_half_the_shared_memory():
+    """The decode program's shared memory as Triton 3.6 allocates it on sm_90 (benchmarks/compile_mla_sm90.py
+    [--fp8], 64x64 at 8 warps): bf16 stages its latent tiles where the tensor cores read them (2 stages 222208 B,
+    4: 370688 B); e4m3 tiles go through registers into one bf16 tile (2 stages 185344 B, 3: 222208 B, 4: 260096 B,
+    over the cap), so an FP8 latent takes the bf16 tile with one stage more, and no more than fit."""
+    from attnc.passes import PlanOptions
+    from attnc.passes.decode import decode_smem_bytes
+    from attnc.passes.plan import TileConfig
+
+    sm90 = Target("triton", "cuda", 90)
+    latent = next(s for s in attnc.parse_file("examples/specs/fp8_cache.attn") if s.name == "fp8_mla_paged")
+    fp8 = plan_kernel(latent, sm90, 512, 512)
+    bf16 = plan_kernel(next(s for s in attnc.parse_file("examples/specs/mla.attn") if s.name == "mla_paged"),
+                       sm90, 512, 512)
+    assert fp8.decode.tile == TileConfig(64, 64, 8, 3) and bf16.decode.tile == TileConfig(64, 64, 8, 2)
+    for plan, allocated in ((fp8, {2: 185344, 3: 222208, 4: 260096}), (bf16, {2: 222208, 4: 370688})):
+        for stages, triton_bytes in allocated.items():
+            assert 0 <= triton_bytes - decode_smem_bytes(plan, replace(plan.decode.tile, num_stages=stages)) <= 2048
+    assert plan_kernel(latent, sm90, 512, 512, PlanOptions(num_stages=4)).decode.tile.num_stages == 3
 
 
 def test_what_fp8_does_not_run_on_says_so():

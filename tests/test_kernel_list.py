@@ -8,9 +8,10 @@ import torch
 
 import attnc
 from attnc.backends.triton import launch
-from attnc.passes import Target, launch_tiles, plan_kernel
+from attnc.passes import PlanOptions, Target, launch_tiles, plan_kernel
 from attnc.passes.decode import decode_launch
-from attnc.passes.kernels import prefill_kernel, summary_kernel
+from attnc.passes.kernels import gluon_kernel, gluon_min_m, prefill_kernel, summary_kernel
+from attnc.passes.warpgroups import max_registers
 
 SPECS = """\
 attention gqa_causal {
@@ -102,3 +103,36 @@ def test_launchers_launch_only_listed_kernels():
     listed = {(k.function, k.launch) for k in plan.kernels}
     assert seen and set(seen) <= listed, set(seen) - listed
     assert {"attn_fwd", "attn_decode", "attn_combine"} <= {f for f, _ in seen}
+
+
+def _long_causal(dims: str):
+    return attnc.parse(f"""attention long_causal {{
+    q: bf16[B, H, M, D]  k: bf16[B, H, N, D]  v: bf16[B, H, N, D]
+    {dims}
+    mask causal
+    return softmax(score) @ v, lse
+}}""")[0]
+
+
+@pytest.mark.parametrize("dims, options, arch, listed", [
+    ("", PlanOptions(), 90, True),
+    ("dims M = 4096, N = 8192", PlanOptions(), 90, True),
+    ("dims M = 1024", PlanOptions(), 90, False),  # shorter than the default's minimum length: the template's
+    ("dims N = 1024", PlanOptions(), 90, False),
+    ("dims M = 1024", PlanOptions(gluon=True), 90, True),
+    ("", PlanOptions(gluon=False), 90, False),
+    ("", PlanOptions(), 80, False),
+])
+def test_the_gluon_kernel_is_listed_where_a_call_reaches_it(dims, options, arch, listed):
+    """attn_fwd_gluon with the options its launcher passes, listed where the plan's prefill path is Gluon unless
+    the spec's dims keep every launch short of it; a dense M bound past the decode regime lists no decode kernel."""
+    plan = plan_kernel(_long_causal(dims), Target("triton", "cuda", arch), 128, 128, options)
+    gluon_kernels = [k for k in plan.kernels if k.function == "attn_fwd_gluon"]
+    assert bool(gluon_kernels) == listed
+    if listed:
+        w = plan.warpgroups.layout
+        assert gluon_kernels == [gluon_kernel(plan)] and gluon_kernel(plan).module == "gluon"
+        assert gluon_kernel(plan).keywords == {"num_warps": w.consumer_warps, "maxnreg": max_registers(w)}
+        assert plan.spec.dim_values.get("M", gluon_min_m(plan)) >= gluon_min_m(plan) > plan.tiling.decode_max_m
+    if plan.spec.dim_values.get("M", 0) > plan.decode.dense_max_m:
+        assert {k.function for k in plan.kernels} <= {"attn_fwd", "attn_fwd_gluon"}

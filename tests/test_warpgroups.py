@@ -9,7 +9,8 @@ import torch
 import attnc
 from attnc.backends.triton import gluon
 from attnc.passes import PlanOptions, Target, plan_kernel
-from attnc.passes.warpgroups import AUTO_MIN_LENGTH
+from attnc.passes.kernels import gluon_kernel
+from attnc.passes.warpgroups import AUTO_MIN_LENGTH, max_registers
 from test_triton_kernels import (  # noqa: F401  (poisoned_outputs is an autouse fixture: importing enables it)
     EXAMPLES, poisoned_outputs, with_dtype,
 )
@@ -62,7 +63,7 @@ def test_cooperative_schedule_on_request():
     source = gluon.generate_gluon(plan)
     compile(source, "cooperative.py", "exec")
     assert source.count("(consume, (") == 1 and "], [1],\n       [24])" in source
-    assert gluon.max_registers(plan) == gluon.max_registers(_plan())  # 12 warps either way
+    assert max_registers(plan.warpgroups.layout) == max_registers(_plan().warpgroups.layout)  # 12 warps either way
     assert "turns" not in source  # the handoff is ping-pong's
     with pytest.raises(attnc.CompileError, match="warpgroup_schedule must be one of pingpong, parallel, cooperative"):
         _plan(options=PlanOptions(gluon=True, warpgroup_schedule="three"))
@@ -218,7 +219,7 @@ def test_max_registers_leave_the_default_partition_240():
     leaves the first consumer (the default partition) what the second and the producer do not take."""
     plan = _plan()
     w = plan.warpgroups.layout
-    total = gluon.max_registers(plan) * 32 * 12
+    total = max_registers(w) * 32 * 12
     assert total <= 65536
     assert (total - 128 * (w.consumer_regs + w.producer_regs)) // 128 >= w.consumer_regs
 
@@ -284,7 +285,8 @@ def test_a_covered_launch_packs_the_kernel_signature(monkeypatch):
     (grid, args, options), = calls
     names = gluon.gluon_signature(gluon.spec_args(plan)).names
     assert grid == (3, 16) and len(args) == len(names)
-    assert options == {"num_warps": 4, "maxnreg": gluon.max_registers(plan)}
+    assert options == {"num_warps": 4, "maxnreg": max_registers(plan.warpgroups.layout)}
+    assert gluon_kernel(plan) in plan.kernels and options == gluon_kernel(plan).keywords
     assert args[names.index("sz_M")] == 300 and args[names.index("sz_HKV")] == 2 and args[3] is out
     assert len(made) == 1 and out.shape == q.shape
 

@@ -213,8 +213,11 @@ def _attnc_gluon_runner(w: Workload, q, k, v, extra):
     return lambda: kern(q, k, v, **kwargs)
 
 
-def _error_text(e: Exception) -> str:
-    return f"{type(e).__name__}: {str(e).splitlines()[0][:200]}" if str(e) else type(e).__name__
+def error_text(e: Exception, line: int = 0, width: int = 200) -> str:
+    """An exception as one line of a result: its type and one line of its message (the first by default; sweeps take
+    the last, where a Triton compile error names its cause)."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[line][:width]}" if lines else type(e).__name__
 
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -244,6 +247,13 @@ def run_workload(w: Workload, device: str, check_tol: float = 2e-2) -> dict:
     return row
 
 
+def log_row(row: dict, log: Path) -> None:
+    """A sweep row as it finishes: printed, and appended to its JSON-lines log."""
+    print(json.dumps(row), flush=True)
+    with log.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
 def measure(makers: dict[str, Callable], results: dict, flops: float, check_tol: float) -> None:
     """Each runner made (a maker returns its fn, None where the runner cannot express the workload, or raises),
     then correctness first: every output against the first peer that ran (or attnc when no peer ran); the
@@ -255,7 +265,7 @@ def measure(makers: dict[str, Callable], results: dict, flops: float, check_tol:
         try:
             fn = make()
         except Exception as e:  # a peer that cannot run this workload is reported, not fatal
-            fn = _error_text(e)
+            fn = error_text(e)
         if fn is not None:
             made[name] = fn
     anchors = (*(n for n in made if not n.startswith("attnc")), "attnc")  # attnc's runners never judge each other
@@ -604,7 +614,7 @@ def checked_runners(made: dict, anchors: tuple[str, ...], tol: float, results: d
         try:
             outputs[name] = (fn, fn())
         except Exception as e:  # noqa: BLE001  (a peer that cannot run this workload is reported)
-            results[name] = {"error": _error_text(e)}
+            results[name] = {"error": error_text(e)}
     anchor = next((n for n in anchors if n in outputs), None)
     agreeing = {}
     for name, (fn, out) in outputs.items():

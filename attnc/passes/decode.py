@@ -19,9 +19,9 @@ from dataclasses import dataclass, replace
 from typing import Mapping
 
 from ..errors import CompileError
-from ..ir import Paged, Ragged
+from ..ir import FP8_DTYPES, Paged, Ragged
 from .plan import DecodePlan, KernelLaunch, KernelPlan, TileConfig
-from .tiling import DTYPE_BITS, MIN_DOT_ROWS, LaunchTiles, next_pow2, prefill_tile, smem_bytes, smem_capacity
+from .tiling import DTYPE_BITS, MIN_DOT_ROWS, LaunchTiles, next_pow2, prefill_tile, smem_capacity
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,7 @@ class DecodeRow:
     max_block_d: int
     tile: TileConfig
     paged_block_n: int | None = None  # BLOCK_N for a paged cache, where it differs from tile.block_n
+    fp8_keys: bool = False  # matches only FP8 keys (`dequant k`), whose tiles stage in half the shared memory
 
 
 # First matching row wins. Decode tiles are short in M (packed heads x a few positions) and take keys in
@@ -47,6 +48,10 @@ DECODE_TUNED: tuple[DecodeRow, ...] = (
     # whose loops were free of spills (64x64 spills 31-71 instructions a loop, benchmarks/NOTES.md: they cost less
     # than the narrow tile's four times as many steps). 64 rows (64 heads packed) take two warpgroups that split
     # PV's 512 columns.
+    # An FP8 latent: the same tile with one more stage, unmeasured (compile-only, benchmarks/NOTES.md): its
+    # shared memory (222 KB) and bytes in flight (two e4m3 tiles) are the bf16 row's at 2 stages, which leave it
+    # one FP8 tile in flight (185 KB).
+    DecodeRow(90, 16, 512, TileConfig(64, 64, 8, 3), fp8_keys=True),
     DecodeRow(90, 16, 512, TileConfig(64, 64, 8, 2)),
     DecodeRow(80, 32, 128, TileConfig(32, 32, 4, 2)),
     DecodeRow(70, 32, 256, TileConfig(16, 32, 4, 1)),
@@ -66,8 +71,9 @@ def plan_decode(plan: KernelPlan) -> KernelPlan:
     bits = DTYPE_BITS[plan.dtype]
     t = plan.tiling
     widest = max(t.block_d, t.block_dv)
+    fp8_keys = plan.spec.k.dtype in FP8_DTYPES
     row = next((r for r in DECODE_TUNED if arch >= r.min_arch and bits <= r.max_dtype_bits
-                and widest <= r.max_block_d), None)
+                and widest <= r.max_block_d and (fp8_keys or not r.fp8_keys)), None)
     tile = row.tile if row else TileConfig(16, 16, 4, 1)
     if row and row.paged_block_n and isinstance(plan.spec.kv_storage, Paged):
         tile = replace(tile, block_n=row.paged_block_n)
@@ -76,9 +82,7 @@ def plan_decode(plan: KernelPlan) -> KernelPlan:
                    num_stages=o.num_stages or (tile.num_stages if arch else 1))
     if o.num_splits is not None and o.num_splits < 1:
         raise CompileError(f"num_splits must be at least 1, got {o.num_splits}")
-    keys, values = tile_widths(plan)
-    while tile.num_stages > 1 and smem_bytes(tile.block_m, tile.block_n, keys, values, tile.num_stages,
-                                              bits // 8) > smem_capacity(plan.target.arch):
+    while tile.num_stages > 1 and decode_smem_bytes(plan, tile) > smem_capacity(plan.target.arch):
         tile = replace(tile, num_stages=tile.num_stages - 1)
     return replace(plan, decode=DecodePlan(tile=tile, max_splits=MAX_SPLITS, min_split_tiles=MIN_SPLIT_TILES,
                                            dense_max_m=tile.block_m))
@@ -97,6 +101,22 @@ def tile_widths(plan: KernelPlan) -> tuple[int, int]:
     t = plan.tiling
     keys = t.block_d + sum(max(16, next_pow2(dot_size(plan, d))) for d in plan.spec.dots if not d.is_qk)
     return keys, 0 if plan.spec.shares_kv else t.block_dv
+
+
+def decode_smem_bytes(plan: KernelPlan, tile: TileConfig) -> int:
+    """The decode program's shared memory: q's tile and, per side (keys, values), num_stages tiles that the tensor
+    cores read where they land, in q's dtype; an FP8 side's tiles are converted to q's dtype through registers, so
+    they stage num_stages - 1 tiles of one byte an element (none held for the tile in use) beside one converted
+    tile (the keys' side follows k's dtype; kr's tile goes with it). MLA at D = 512, DR = 64, 64x64 on sm_90
+    (Triton 3.6): bf16 at 2 stages 222 KB, FP8 at 3 stages 222 KB and at 2 185 KB, each within 2 KB of this count
+    (the page ids' buffers)."""
+    keys, values = tile_widths(plan)
+    q_bytes = DTYPE_BITS[plan.dtype] // 8
+    total = tile.block_m * keys * q_bytes
+    for width, decl in ((keys, plan.spec.k), (values, plan.spec.v)):
+        staged = tile.num_stages - 1 + q_bytes if decl.dtype in FP8_DTYPES else tile.num_stages * q_bytes
+        total += tile.block_n * width * staged
+    return total
 
 
 @dataclass(frozen=True)

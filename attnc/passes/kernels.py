@@ -1,7 +1,8 @@
 """The finite set of kernels a Triton plan may launch, listed in the plan (`KernelPlan.kernels`).
 
 A launch picks its kernels with pure functions of the plan and the call's sizes: `launch_tiles` for the prefill
-kernel, `decode_launch` for the decode and merge kernels. Their results range over a finite set, since tiles
+kernel, `decode_launch` for the decode and merge kernels; where the plan's prefill path is Gluon
+(passes/warpgroups.py), its one warpgroup kernel (`gluon_kernel`) takes the launches it covers. Their results range over a finite set, since tiles
 change only at powers of two of M and of the GQA group and splits are at most MAX_SPLITS; `list_kernels`
 enumerates that set. The runtime launches `prefill_kernel` / `DecodeLaunch` records, and AOT builds compile the
 list, so a loaded artifact holds every kernel a call can select.
@@ -13,6 +14,7 @@ from dataclasses import replace
 from .decode import MAX_SPLITS, combine_kernel, decode_kernel, decode_tiles, upcast
 from .plan import KernelLaunch, KernelPlan
 from .tiling import LaunchTiles, launch_tiles, next_pow2
+from .warpgroups import max_registers
 
 
 def prefill_kernel(plan: KernelPlan, tiles: LaunchTiles, tma: bool | None) -> KernelLaunch:
@@ -32,6 +34,27 @@ def summary_kernel(tiles: LaunchTiles) -> KernelLaunch:
                                          ("num_warps", c.num_warps)))
 
 
+def gluon_kernel(plan: KernelPlan) -> KernelLaunch:
+    """attn_fwd_gluon (backends/triton/gluon.py.j2): its tiles are module constants, so a launch passes options only,
+    the consumers' warps and the register limit the partitions' setmaxnreg budgets share."""
+    w = plan.warpgroups.layout
+    return KernelLaunch("attn_fwd_gluon", (("num_warps", w.consumer_warps), ("maxnreg", max_registers(w))))
+
+
+def gluon_min_m(plan: KernelPlan) -> int:
+    """The fewest query rows a launch the Gluon kernel takes has: past the decode regimes, and at least the
+    plan's minimum length."""
+    return max(plan.tiling.decode_max_m + 1, plan.decode.dense_max_m + 1 if plan.decode else 0,
+               plan.warpgroups.min_length)
+
+
+def gluon_launches(plan: KernelPlan) -> bool:
+    """Whether a call can reach the Gluon kernel of a plan whose path is Gluon: not where dims bind M or N short."""
+    dims = plan.spec.dim_values
+    return dims.get("M", gluon_min_m(plan)) >= gluon_min_m(plan) \
+        and dims.get("N", plan.warpgroups.min_length) >= plan.warpgroups.min_length
+
+
 def list_kernels(plan: KernelPlan) -> KernelPlan:
     found: dict[KernelLaunch, None] = {}
     storage = plan.spec.decode_only
@@ -44,12 +67,15 @@ def list_kernels(plan: KernelPlan) -> KernelPlan:
                     found[prefill_kernel(plan, tiles, tma)] = None
                 if plan.masks.data_dependent:
                     found[summary_kernel(tiles)] = None
-    if storage or plan.decode.dense_max_m:
-        for m in decode_m_classes(plan, storage):
-            for group in groups:
-                tiles = decode_tiles(plan, m, group)
-                for split in (False, True):
-                    found[decode_kernel(plan, tiles, split)] = None
+        if plan.warpgroups.path == "gluon" and gluon_launches(plan):
+            found[gluon_kernel(plan)] = None
+    decode_ms = decode_m_classes(plan, storage) if storage or plan.decode.dense_max_m else []
+    for m in decode_ms:
+        for group in groups:
+            tiles = decode_tiles(plan, m, group)
+            for split in (False, True):
+                found[decode_kernel(plan, tiles, split)] = None
+    if decode_ms:
         splits = 2
         while splits <= next_pow2(MAX_SPLITS):
             found[combine_kernel(plan, splits)] = None
@@ -82,9 +108,10 @@ def prefill_m_classes(plan: KernelPlan) -> list[int]:
 def decode_m_classes(plan: KernelPlan, storage: bool) -> list[int]:
     """Rows per sequence with distinct decode tiles: powers of two up to the decode tile and, for ragged or
     paged storage (whose every launch runs the decode kernel), the prefill regimes past it."""
-    if "M" in plan.spec.dim_values and plan.spec.q_storage is None:
-        return [plan.spec.dim_values["M"]]
     d, t = plan.decode, plan.tiling
+    if "M" in plan.spec.dim_values and plan.spec.q_storage is None:
+        m = plan.spec.dim_values["M"]
+        return [m] if storage or m <= d.dense_max_m else []  # a longer dense M runs the prefill kernel
     top = d.tile.block_m if storage else min(d.tile.block_m, d.dense_max_m)
     ms = [1 << p for p in range(top.bit_length())]
     if storage:

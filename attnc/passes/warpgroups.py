@@ -100,6 +100,14 @@ def choose_layout(plan: KernelPlan) -> WarpgroupLayout:
 SCHEDULES = ("pingpong", "parallel", "cooperative")
 BARRIER_BYTES = 1024  # mbarriers and the compiler's alignment padding
 RING_BYTES = 128 * 1024
+MAX_REGISTERS = 65536  # per SM on sm_90: the partitions' setmaxnreg budgets must fit in it together
+
+
+def max_registers(w: WarpgroupLayout) -> int:
+    """maxnreg of the launch: the default partition (the first consumer) gets what the register file leaves after
+    the workers' budgets, so the kernel-wide limit is the file split over all warps, warpgroups rounded up."""
+    warps = w.consumers * w.consumer_warps + 4 * -(-w.producer_warps // 4)
+    return (MAX_REGISTERS // (32 * warps)) // 8 * 8
 
 
 def slower_than_the_template(plan: KernelPlan) -> str:

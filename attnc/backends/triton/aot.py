@@ -4,8 +4,8 @@ without a GPU; `attnc.load(DIR)` runs them on the GPU without compiling.
 What a build holds, per attention and head dims (`DIR/<name>/d<D>_dv<DV>/`): the generated `kernel.py`, and for
 every launch the runtime launcher can make (the prefill tile, each decode tile and GQA packing) a cubin plus
 Triton's metadata, compiled by `triton.compile` of an `ASTSource` for `GPUTarget("cuda", capability, 32)`.
-The launches are not listed by hand: the build runs the runtime's own `TritonLauncher` on meta tensors with
-recording stand-ins for the kernels, so it compiles exactly the constexprs and options a call passes.
+The launches are not listed by hand: the build compiles the plan's kernel list (passes/kernels.py), the finite
+set the runtime launchers select from, with exactly the constexprs and options a call passes.
 
 Triton specializes a kernel on its arguments (16-byte aligned pointers, strides equal to 1 or divisible by 16)
 when it compiles at run time; a build cannot see the tensors, so each forward kernel is compiled twice: a "dense"
@@ -22,6 +22,12 @@ match this machine, or whose plans this attnc would not make, with a CacheError 
 one whose folder, manifest or files are not owned by this user or root, or are writable by others, or lie outside
 the folder (runtime/cache.verify_files). The spec is read back from its canonical text (no pickle) and must give
 the recorded key before any kernel is imported.
+
+Where the plan's prefill path is Gluon (sm_90, passes/warpgroups.py), its kernel list names the warpgroup kernel
+too: the build writes `gluon_kernel.py` and compiles `attn_fwd_gluon` from Gluon's AST source, and a loaded kernel
+launches it through the JIT runtime's Gluon launcher (gluon.launcher). A Triton whose Gluon is not the one the
+kernel was written for cannot build it: the manifest records it under `not_built` with the reason, and the loaded
+kernel runs the template for those launches and warns once, as the JIT runtime on that Triton would compute.
 
 Loaded attentions are ordinary `attnc.Kernel`s whose backend is the artifact (`AotBackend`): they bind their
 arguments like `attnc.compile`'s kernels and launch through the same `TritonLauncher`, whose kernels here are
@@ -41,6 +47,7 @@ import os
 import re
 import shlex
 import shutil
+import warnings
 import sys
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
@@ -68,10 +75,19 @@ if TYPE_CHECKING:
 
     from .launch import TritonLauncher
 
-FORMAT = "attnc-aot/1"  # bump when the layout or the manifest changes
+FORMAT = "attnc-aot/2"  # bump when the layout or the manifest changes
 MANIFEST = "manifest.json"
-SOURCES = {"prefill": "kernel.py", "decode": "decode.py"}  # the generated sources in each build folder
-GENERATORS = {"prefill": generate, "decode": generate_decode}
+# the generated sources in each build folder
+SOURCES = {"prefill": "kernel.py", "decode": "decode.py", "gluon": "gluon_kernel.py"}
+
+
+def _generate_gluon(plan: KernelPlan) -> str:
+    from .gluon import generate_gluon  # imports torch, which compiler workers do without
+
+    return generate_gluon(plan)
+
+
+GENERATORS = {"prefill": generate, "decode": generate_decode, "gluon": _generate_gluon}
 ALIGNMENT = 16  # bytes for pointers, elements for strides: Triton's "tt.divisibility" hint
 MIN_CAPABILITY = 75  # the oldest NVIDIA arch Triton 3.x compiles for
 
@@ -165,8 +181,11 @@ class HeadDimBuild:
     head_dim: int
     value_dim: int
     plan: str  # repr(KernelPlan): load re-plans and compares
-    sources: Mapping[str, str]  # module ("prefill", "decode") -> artifact-relative path of its generated source
+    sources: Mapping[str, str]  # module ("prefill", "decode", "gluon") -> artifact-relative path of its source
     kernels: tuple[KernelBuild, ...]
+    # kernels of the plan's list that this build's Triton cannot compile (the Gluon kernel off Triton 3.6) -> why;
+    # a loaded kernel runs the template's launches in their place and warns once
+    not_built: Mapping[str, str]
 
 
 @dataclass(frozen=True)
@@ -217,7 +236,7 @@ def read_artifact(path: str | os.PathLike) -> Artifact:
         attentions = tuple(
             AttentionBuild(a["name"], a["key"], a["canonical"], tuple(
                 HeadDimBuild(int(b["head_dim"]), int(b["value_dim"]), b["plan"], dict(b["sources"]),
-                             tuple(KernelBuild.from_json(k) for k in b["kernels"]))
+                             tuple(KernelBuild.from_json(k) for k in b["kernels"]), dict(b["not_built"]))
                 for b in a["builds"]))
             for a in manifest["attentions"])
         unlisted = [path for a in attentions for b in a.builds
@@ -319,6 +338,7 @@ class AotBackend:
         return Target("triton", "cuda", a.arch.capability)
 
     def build(self, plan: KernelPlan) -> TritonLauncher:
+        from . import gluon
         from .serving import launcher_for
 
         builds = self.attention.builds
@@ -337,7 +357,15 @@ class AotBackend:
                 name: AotKernel(getattr(loaded, name), self.artifact.path, [k for k in kernels if k.kernel == name],
                                 self.artifact.command)
                 for name in dict.fromkeys(k.kernel for k in kernels)})
-        return launcher_for(plan, modules.get("prefill"), modules.get("decode"))
+        fallback = launcher_for(plan, modules.get("prefill"), modules.get("decode"))
+        if "gluon" in modules:
+            return gluon.launcher(plan, fallback, modules["gluon"])
+        for kernel, why in match.not_built.items():
+            warnings.warn(f"{self.artifact.path}: attention {self.attention.name!r} (D={plan.head_dim} "
+                          f"DV={plan.value_dim}) was built without {kernel} ({why}); its launches run the Triton "
+                          f"template instead. Rebuild with Triton {', '.join(gluon.GLUON_TRITON)} to include it: "
+                          f"`{self.artifact.command}`", stacklevel=4)
+        return fallback
 
 
 class AotKernel:
@@ -386,10 +414,10 @@ class _LoadedBuild:
     def compiled(self):
         """Triton's CompiledKernel rebuilt from the saved cubin and metadata (the cubin loads on first launch)."""
         if self._compiled is None:
-            from triton.compiler import ASTSource, CompiledKernel
+            from triton.compiler import CompiledKernel
 
             b, folder = self.build, self.owner.folder
-            source = ASTSource(self.owner.fn, dict(b.signature), dict(b.constexprs), _attrs(self.owner.fn, b.divisible))
+            source = _source_class(b.kernel)(self.owner.fn, dict(b.signature), dict(b.constexprs), _attrs(self.owner.fn, b.divisible))
             group = {f"{b.kernel}.json": str(folder / b.metadata), f"{b.kernel}.cubin": str(folder / b.binary)}
             self._compiled = CompiledKernel(source, group, b.triton_hash)
         return self._compiled
@@ -399,6 +427,17 @@ def _attrs(fn, divisible: Iterable[str]) -> dict:
     from triton.backends.compiler import BaseBackend
 
     return {(fn.arg_names.index(n),): BaseBackend.parse_attr("D") for n in divisible}
+
+
+def _source_class(kernel: str):
+    """What triton.compile takes `kernel` from: Gluon's AST source for the Gluon kernel, Triton's otherwise."""
+    if KernelLaunch(kernel, ()).module == "gluon":
+        from triton.experimental.gluon._runtime import GluonASTSource
+
+        return GluonASTSource
+    from triton.compiler import ASTSource
+
+    return ASTSource
 
 
 def _import_kernels(path: Path, module_name: str) -> ModuleType:
@@ -440,11 +479,10 @@ def compile_job(job: CompileJob) -> dict:
     """Compile `job` in a worker process (see _run_jobs); the result, or the error as text, comes back."""
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     try:
         fn = getattr(_import_kernels(Path(job.source), job.module), job.kernel)
-        source = ASTSource(fn, job.signature, job.constexprs, _attrs(fn, job.divisible))
+        source = _source_class(job.kernel)(fn, job.signature, job.constexprs, _attrs(fn, job.divisible))
         compiled = triton.compile(source, target=GPUTarget("cuda", job.capability, 32), options=job.options)
     except Exception as err:  # a Triton compile error or an internal failure: reported with the kernel's name
         return {"error": f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"}
@@ -588,10 +626,17 @@ def _build(staging: Path, builds, arch: Arch, workers: int, command: str,
             folder = Path(spec.name) / f"d{d}_dv{dv}"
             (staging / folder).mkdir(parents=True)
             build = {"head_dim": d, "value_dim": dv, "plan": repr(plan), "plan_text": plan.describe(),
-                     "sources": {}, "kernels": []}
+                     "sources": {}, "kernels": [], "not_built": {}}
             attention["builds"].append(build)
+            kernels = []
+            for kernel in plan.kernels:
+                why = _cannot_build(kernel)
+                if why:
+                    build["not_built"][kernel.function] = why
+                else:
+                    kernels.append(kernel)
             modules = {}
-            for module in dict.fromkeys(k.module for k in plan.kernels):
+            for module in dict.fromkeys(k.module for k in kernels):
                 source = staging / folder / SOURCES[module]
                 text = GENERATORS[module](plan)
                 source.write_text(text, encoding="utf-8")
@@ -600,7 +645,7 @@ def _build(staging: Path, builds, arch: Arch, workers: int, command: str,
                 build["sources"][module] = (folder / SOURCES[module]).as_posix()
             types = argument_types(plan)
             pending = []
-            for kernel in plan.kernels:
+            for kernel in kernels:
                 source, module_name, module = modules[kernel.module]
                 fn = getattr(module, kernel.function)
                 for layout in _layouts_for(fn):
@@ -624,12 +669,24 @@ def _build(staging: Path, builds, arch: Arch, workers: int, command: str,
                 tuple(n for n, v in job.constexprs.items() if n in layout.unit), paths["binary"], paths["metadata"],
                 r["hash"], r["shared"], r["num_warps"], r["num_stages"]).as_json())
         lines.append(f"{attention['name']}: D={build['head_dim']} DV={build['value_dim']}, "
-                     f"{len(pending)} kernels -> {Path(next(iter(build['sources'].values()))).parent.as_posix()}/")
+                     f"{len(pending)} kernels -> {Path(next(iter(build['sources'].values()))).parent.as_posix()}/"
+                     + "".join(f"; not built: {k} ({why}), the template runs its launches"
+                               for k, why in build["not_built"].items()))
     manifest = {"format": FORMAT, "attnc": __version__, "triton": _triton_version(), "arch": arch.name,
                 "capability": arch.capability, "command": command,
                 "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 "attentions": attentions}
     return manifest, lines
+
+
+def _cannot_build(kernel: KernelLaunch) -> str:
+    """Why this Triton cannot build `kernel` ("" where it can): the Gluon kernel needs the Gluon API it was
+    written against."""
+    if kernel.module != "gluon":
+        return ""
+    from .gluon import unavailable_here
+
+    return unavailable_here()
 
 
 def _layouts_for(fn) -> list[Layout]:

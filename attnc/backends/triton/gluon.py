@@ -14,6 +14,7 @@ from functools import lru_cache
 import torch
 
 from ...dsl.signature import Bound, lse_shape, out_shape
+from ...passes.kernels import gluon_kernel, gluon_min_m
 from ...passes.plan import KernelPlan
 from .. import cache
 from . import binaries, launch, scratch
@@ -22,7 +23,6 @@ from .signature import Signature, gluon_signature, qkv_values, spec_args
 SOURCE_FILE = "gluon_kernel.py"
 GLUON_TRITON = ("3.6",)  # Triton releases (major.minor) whose Gluon the kernel compiles with
 GLUON_DTYPES = {"f16": "gl.float16", "bf16": "gl.bfloat16"}
-MAX_REGISTERS = 65536  # per SM on sm_90: the partitions' setmaxnreg budgets must fit in it together
 
 
 def generate_gluon(plan: KernelPlan) -> str:
@@ -56,14 +56,6 @@ def plan_line(plan: KernelPlan) -> str:
             f"{' overlapped' if w.overlap else ''} + {w.producer_warps} producer warp")
 
 
-def max_registers(plan: KernelPlan) -> int:
-    """maxnreg of the launch: the default partition (the first consumer) gets what the register file leaves after
-    the workers' budgets, so the kernel-wide limit is the file split over all warps, warpgroups rounded up."""
-    w = plan.warpgroups.layout
-    warps = w.consumers * w.consumer_warps + 4 * -(-w.producer_warps // 4)
-    return (MAX_REGISTERS // (32 * warps)) // 8 * 8
-
-
 @lru_cache(maxsize=None)
 def unavailable_here() -> str:
     """Why this Triton cannot run the Gluon kernel ("" where it can)."""
@@ -90,16 +82,17 @@ def load_gluon_module(plan: KernelPlan):
     return cache.get_or_load(cache.CacheKey({**dict(key.parts), "kernel": "gluon"}, name=key.name), build, load)
 
 
-def launcher(plan: KernelPlan, fallback):
+def launcher(plan: KernelPlan, fallback, module=None):
     """The plan's launcher: `fallback` (the template's) unless the plan runs the Gluon kernel and this Triton can;
-    a plan that asked for it (PlanOptions(gluon=True)) and cannot have it warns once, saying why."""
+    a plan that asked for it (PlanOptions(gluon=True)) and cannot have it warns once, saying why. `module` holds
+    the kernel where it was built ahead of time (attnc.load: an AotKernel); by default it is compiled here."""
     why = plan.warpgroups.reason if plan.warpgroups.path != "gluon" else unavailable_here()
     if plan.options.gluon and (plan.warpgroups.path != "gluon" or why):
         warnings.warn(f"attention {plan.spec.name!r}: the Gluon warpgroup kernel was asked for and does not run "
                       f"({why}); the Triton template runs instead", stacklevel=4)
     if plan.warpgroups.path != "gluon" or why:
         return fallback
-    return GluonLauncher(plan, load_gluon_module(plan), fallback)
+    return GluonLauncher(plan, module or load_gluon_module(plan), fallback)
 
 
 class GluonLauncher:
@@ -108,9 +101,8 @@ class GluonLauncher:
         self.kernel = module.attn_fwd_gluon
         self.args = spec_args(plan)
         self.signature: Signature = gluon_signature(self.args)
-        self.min_m = max(plan.tiling.decode_max_m + 1, plan.decode.dense_max_m + 1 if plan.decode else 0,
-                         plan.warpgroups.min_length)
-        self.maxnreg = max_registers(plan)
+        self.min_m = gluon_min_m(plan)
+        self.options = gluon_kernel(plan).keywords  # the plan's kernel list names the launch (passes/kernels.py)
 
     def __call__(self, bound: Bound):
         return self.run(bound)[0]
@@ -134,6 +126,5 @@ class GluonLauncher:
         w = self.plan.warpgroups.layout
         grid = (-(-sizes["M"] // w.block_m), sizes["B"] * sizes["H"])
         scratch.install()
-        binaries.launch(self.kernel, grid, self.signature.pack(values),
-                        {"num_warps": w.consumer_warps, "maxnreg": self.maxnreg})
+        binaries.launch(self.kernel, grid, self.signature.pack(values), self.options)
         return ((out, lse) if spec.returns_lse else out), None
