@@ -18,7 +18,6 @@ tile of each list, the backward modules in DIR for the sweep's workloads (kernel
 """
 from __future__ import annotations
 
-import argparse
 import re
 import time
 from dataclasses import replace
@@ -30,7 +29,7 @@ import attnc
 from attnc.backends import get_backend
 from attnc.backends.triton import launch
 from attnc.backends.triton.gradients import BackwardLauncher
-from attnc.bench import BACKWARD_FLOPS, error_text, kept_pairs, log_row, prefill_workloads
+from attnc.bench import BACKWARD_FLOPS, error_text, kept_pairs, log_row, prefill_workloads, sweep_parser
 from attnc.dsl.signature import bind
 from attnc.passes import plan_kernel, tiling
 from attnc.passes.plan import TileConfig
@@ -150,10 +149,7 @@ def run(args) -> list[dict]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="benchmarks/results")
-    ap.add_argument("--only", default=None, help="regex over workload names")
-    ap.add_argument("--budget", type=float, default=400.0, help="seconds; no new config starts after it")
+    ap = sweep_parser(__doc__, 400.0)
     ap.add_argument("--baseline", action="append", default=[], help="a directory of modules to time too")
     ap.add_argument("--write-baseline", default=None, help="write this tree's modules for the workloads; no GPU")
     args = ap.parse_args()

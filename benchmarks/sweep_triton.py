@@ -9,7 +9,6 @@ config per workload is printed last. The winners go into attnc/passes/tiling.py'
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import re
@@ -19,7 +18,7 @@ from pathlib import Path
 import torch
 
 import attnc
-from attnc.bench import Workload, error_text, kept_pairs, log_row, prefill_workloads
+from attnc.bench import Workload, error_text, kept_pairs, log_row, prefill_workloads, sweep_parser
 from attnc.passes import PlanOptions
 from attnc.backends.triton import launch
 
@@ -115,10 +114,7 @@ def run(args) -> list[dict]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="benchmarks/results")
-    ap.add_argument("--only", default=None, help="regex over workload names")
-    ap.add_argument("--budget", type=float, default=330.0, help="seconds; no new config starts after it")
+    ap = sweep_parser(__doc__, 330.0)
     ap.add_argument("--configs", type=json.loads, default=None,
                     help='JSON list of [BM, BN, warps, stages, tma, ws] for every workload, in place of CONFIGS')
     args = ap.parse_args()

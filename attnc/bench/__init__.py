@@ -247,6 +247,16 @@ def run_workload(w: Workload, device: str, check_tol: float = 2e-2) -> dict:
     return row
 
 
+def sweep_parser(doc: str, budget: float) -> argparse.ArgumentParser:
+    """The arguments every tile sweep takes: where results go, which workloads, and the seconds after which no new
+    config starts (so one device call finishes)."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--only", default=None, help="regex over workload names")
+    ap.add_argument("--budget", type=float, default=budget, help="seconds; no new config starts after it")
+    return ap
+
+
 def log_row(row: dict, log: Path) -> None:
     """A sweep row as it finishes: printed, and appended to its JSON-lines log."""
     print(json.dumps(row), flush=True)

@@ -106,15 +106,28 @@ def key_range(conjunct: Expr, spec: Attention) -> KeyRange | None:
 
 
 def interval_hull(e: Expr, spec: Attention) -> KeyRange | None:
-    """A range containing every key `e` keeps (None: no useful bound)."""
+    """A range containing every key `e` keeps (None: no useful bound). Each distinct node is looked at once and
+    its bounds listed once, so an `and`/`or` that reuses itself (`keep = keep | keep`, repeated) stays linear."""
+    memo: dict[Expr, KeyRange | None] = {}
+
+    def hull(node: Expr) -> KeyRange | None:
+        if node not in memo:
+            memo[node] = _hull(node, hull, spec)
+        return memo[node]
+
+    return hull(e)
+
+
+def _hull(e: Expr, hull, spec: Attention) -> KeyRange | None:
     exact = key_range(e, spec)
     if exact is not None:
         return exact
     if isinstance(e, Binary) and e.op == "and":
-        parts = [r for r in (interval_hull(e.lhs, spec), interval_hull(e.rhs, spec)) if r is not None]
-        return KeyRange(sum((r.lower for r in parts), ()), sum((r.upper for r in parts), ())) if parts else None
+        parts = [r for r in (hull(e.lhs), hull(e.rhs)) if r is not None]
+        return KeyRange(_unique(sum((r.lower for r in parts), ())), _unique(sum((r.upper for r in parts), ()))) \
+            if parts else None
     if isinstance(e, Binary) and e.op == "or":
-        a, b = interval_hull(e.lhs, spec), interval_hull(e.rhs, spec)
+        a, b = hull(e.lhs), hull(e.rhs)
         if a is None or b is None:
             return None
         lower = Call("min", (_max_of(a.lower, _ZERO), _max_of(b.lower, _ZERO)))

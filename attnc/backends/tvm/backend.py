@@ -20,8 +20,7 @@ import torch
 
 from ...dsl.signature import Bound
 from ...errors import CompileError
-from ...ir import children, post_order
-from ...ops import Kinds
+from ...ir import linear_repr
 from ...passes import KernelPlan, Target
 from ...passes.grad import derive, normalizer_backward
 from .. import cache, device_errors
@@ -32,13 +31,14 @@ from .runtime import load_module, tvm_version
 from .schedule import KEY_TILES, decode_pack, decode_schedule, prefill_schedule, summary_uses_h, uses_summary
 
 # TVM substitutes let-bound values free of buffer loads into their uses, so its passes take time in the size of an
-# expression as a tree, each shared node counted at every use. The kernels hold the float values they bind in
-# register buffers, which TVM never substitutes (emit.bind): a CPU forward build takes 0.27 s plain, +0.1 s per
-# nested tanh (0.87 s for six) and 0.38 s for 40 lines of `score = score + score`, where through `Let`s three
-# nested tanh took 13 s, four over 90 s, and 17 doubling lines 5.7 s, 20 lines 46 s (2-core machine). Integer and
-# boolean values (index math, masks) stay expressions, so their trees are still bounded here: `score = i - j` and
-# 16 lines of `score = score + score` (131,071 tree nodes) took 5.7 s to build, each line more doubling that.
-MAX_TREE_NODES = 250_000
+# expression as a tree, each shared node counted at every use. The kernels hold the values they bind, float, integer
+# and boolean, in register buffers, which TVM never substitutes (emit.bind), and every expression the emitter
+# renders is rendered under `vectorized` or `registers`, so no spec needs a size bound here: a CPU forward build
+# takes 0.27 s plain, +0.1 s per nested tanh (0.87 s for six) and 0.38 s for 40 lines of `score = score + score`,
+# where through `Let`s three nested tanh took 13 s, four over 90 s, and 17 doubling lines 5.7 s, 20 lines 46 s
+# (2-core machine). Integer and boolean nodes were bound through `T.Bind` until session 9, under a bound of 250,000
+# tree nodes: 40 doubling lines of `x = x + x` in a mask and a lookup index (15 lines took 13 s) now build in
+# about 1.8 s, 40 lines of `keep = keep | keep` in about 0.9 s (tests/test_ops.py).
 # TVM passes the kernels skip: CompactBufferAllocation shrinks buffers to the region that a schedule's blocks
 # access; attnc's kernels are written as loops, with no blocks, and their code came out the same without it (CPU:
 # the same TIR but for one buffer's extent spelled out; CUDA: the same source for five example specs in f32 and
@@ -68,7 +68,6 @@ class TvmBackend:
         return Target("tvm", "cpu", None)
 
     def build(self, plan: KernelPlan):
-        check_tree_size(plan)
         if plan.target.device == "cuda":
             check_dense(plan, "its CUDA kernel")
             return CudaLauncher(plan)
@@ -78,7 +77,6 @@ class TvmBackend:
         """The CPU backward (backward.py; Backend.build_backward's contract). CUDA tensors train through the
         triton backend."""
         check_dense(plan, "the backward")
-        check_tree_size(plan)
         if plan.target.device == "cuda":
             raise CompileError(f"attention {plan.spec.name!r}: the tvm backend's backward runs on the CPU; backward "
                                f"on CUDA runs through the triton backend (backend='triton')")
@@ -91,25 +89,6 @@ def check_dense(plan: KernelPlan, where: str) -> None:
     if spec.q_storage is not None or spec.kv_storage is not None:
         raise CompileError(f"attention {spec.name!r}: ragged and paged storage run on the tvm backend's CPU forward "
                            f"kernel; {where} does not lower them: run it with backend='triton', or pass dense q/k/v")
-
-
-def check_tree_size(plan: KernelPlan) -> None:
-    """A CompileError where TVM's passes would take minutes: see MAX_TREE_NODES. A float node is computed once, so
-    its tree counts 1 where it is used; integer and boolean expressions count as trees."""
-    spec = plan.spec
-    kinds = Kinds(spec)
-    sizes: dict[int, int] = {}
-    seen: set[int] = set()
-    for root in (spec.score, *spec.masks, spec.normalizer.sink):
-        for node in post_order(root, seen) if root is not None else ():
-            size = 1 + sum(sizes[id(c)] for c in children(node))
-            if size > MAX_TREE_NODES:
-                raise CompileError(f"attention {spec.name!r}: written out as a tree, with each shared subexpression "
-                                   f"repeated where it is used, an integer or boolean expression has about {size:,} "
-                                   f"nodes, and TVM's simplifier takes time in that size (at most "
-                                   f"{MAX_TREE_NODES:,}); run it with backend='triton' (CUDA, or TRITON_INTERPRET=1 "
-                                   f"on CPU), which emits each shared subexpression once")
-            sizes[id(node)] = 1 if kinds(node) == "float" else size
 
 
 def cuda_target(arch: int):
@@ -370,7 +349,7 @@ class TvmBackward:
             return build_backward_primfuncs(plan, self.sched), host_cpu().target()
 
         self.functions = load_functions(plan, self.sched, (ROWS, KEYS, FINISH), lower, host_cpu().label, "backward",
-                                        repr((derivatives, normalizer_backward(plan.spec.normalizer))))
+                                        linear_repr((derivatives, normalizer_backward(plan.spec.normalizer))))
 
     def __call__(self, bound: Bound, out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor,
                  dlse: torch.Tensor | None = None, deterministic: bool = False) -> dict[str, torch.Tensor]:

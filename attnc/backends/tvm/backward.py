@@ -107,7 +107,7 @@ def _rows_function(plan: KernelPlan, sched: CpuSchedule) -> tir.PrimFunc:
                 rows = T.Bind(tir.min(bm, s["M"] - i0))
                 bounds = T.alloc_buffer((4,), I64)
                 init_bounds(bounds, n_i64)
-                with T.serial(0, rows) as r:
+                with T.serial(0, rows) as r, registers():
                     em = Emitter(spec, Scope({"b": b, "h": h, "i": i0 + r}, s, params, inputs))
                     reduce_bounds(bounds, [T.Bind(e) for e in row_bounds(em, plan.masks, n_i64)])
                 for slot, value in enumerate(key_tiles(bounds, sched.block_n)):

@@ -13,7 +13,7 @@ than once, a formula's argument and its named parts, and exp2's argument are com
 kernels, which emit their scores through `vectorized` and `registers`, into a register buffer, so what TVM's
 passes see is as large as the score's DAG, not its tree (40 lines of `score = score + score` or six nested tanh
 build in seconds); in the GPU kernels, which emit under `registers("local")`, into a thread's registers.
-Integer values stay expressions (TVM simplifies index math through them).
+Shared integer and boolean subexpressions (index math, masks) are bound the same way.
 """
 from __future__ import annotations
 
@@ -73,38 +73,47 @@ def exp2_nonpositive(x: tir.PrimExpr) -> tir.PrimExpr:
     return _nan_through(x, tir.Select(x < f32(-125.0), f32(0.0), tir.reinterpret(F32, bits)))
 
 
+HELD = (F32, I64, "bool")  # the dtypes `bind` holds in register buffers: the emitter's three kinds
+
+
 def bind(x: tir.PrimExpr) -> tir.PrimExpr:
     """x computed once, where x is more than a variable or constant: a statement emitted into the IR builder's
     current frame (every caller builds inside a statement that others may precede) stores it, and its uses read
-    it back. Inside `vectorized` (and `registers`) a float32 value goes to a register buffer: TVM substitutes the
-    value of a `Let` or `T.Bind` free of buffer loads into each use (its simplifier, and the analyzer of its LLVM
-    code generator binds every let), so nested functions (each reading its argument several times) and chains
-    of shared nodes grew exponentially as TVM saw them; a buffer load it never substitutes. Elsewhere (and for
-    other dtypes) a `T.Bind`."""
+    it back. Inside `vectorized` (and `registers`) a value of the emitter's kinds (float32, int64, bool) goes to
+    a register buffer: TVM substitutes the value of a `Let` or `T.Bind` free of buffer loads into each use (its
+    simplifier, and the analyzer of its LLVM code generator binds every let), so nested functions (each reading
+    its argument several times) and chains of shared nodes, float, integer or boolean, grew exponentially as TVM
+    saw them; a buffer load it never substitutes. Elsewhere (and for other dtypes: exp2's int32 exponent) a
+    `T.Bind`."""
     if isinstance(x, (tir.Var, tir.FloatImm, tir.IntImm)):
         return x
     held = getattr(_HELD, "registers", None)
-    return T.Bind(x) if held is None or x.ty != F32 else held.hold(x)
+    return T.Bind(x) if held is None or x.ty not in HELD else held.hold(x)
 
 
 class _Registers:
-    """Where `bind` puts float32 values: the next of `buffers` at `lane` (vectorized; a dry run counts them), or
-    without buffers a new one-element buffer in `scope`, allocated where the value is (scalar code)."""
+    """Where `bind` puts values: the next buffer of their dtype among `buffers` at `lane` (vectorized; a dry run
+    with no buffers counts them), or without a lane a new one-element buffer in `scope`, allocated where the
+    value is (scalar code)."""
 
-    def __init__(self, buffers=None, lane=None, scope: str = "global"):
-        self.buffers, self.lane, self.scope, self.used = buffers, lane, scope, 0
+    def __init__(self, buffers: dict | None = None, lane=None, scope: str = "global"):
+        self.buffers, self.lane, self.scope = buffers, lane, scope
+        self.used: dict[str, int] = {}  # buffers taken, by dtype
 
     def hold(self, x: tir.PrimExpr) -> tir.PrimExpr:
-        self.used += 1
-        if self.buffers is None:
-            buffer, at = T.alloc_buffer((1,), F32, scope=self.scope), tir.const(0, I32)
+        dtype = str(x.ty)
+        taken = self.used[dtype] = self.used.get(dtype, 0) + 1
+        if self.lane is None:
+            buffer, at = T.alloc_buffer((1,), dtype, scope=self.scope), tir.const(0, I32)
+        elif self.buffers is None:  # vectorized's dry run, in a scratch builder
+            buffer, at = tir.decl_buffer((1,), dtype, "dry"), self.lane
         else:
-            buffer, at = self.buffers[self.used - 1], self.lane
+            buffer, at = self.buffers[dtype][taken - 1], self.lane
         T.buffer_store(buffer, x, [at])
         return tir.BufferLoad(buffer, [at])
 
 
-_HELD = threading.local()  # .registers: where this thread's kernel builder binds float values now (None: T.Bind)
+_HELD = threading.local()  # .registers: where this thread's kernel builder binds values now (None: T.Bind)
 
 
 @contextmanager
@@ -118,27 +127,19 @@ def _holding(registers: _Registers):
 
 
 def vectorized(extent: int, body) -> None:
-    """`for i in T.vectorized(extent): body(i)` with the float values `body` binds held in registers: one buffer
-    of `extent` lanes each, allocated before the loop (TVM's vectorizer miscomputes a buffer allocated inside
-    it). A dry run of `body` in a scratch builder counts them."""
-    counter = _Registers(_Counting())
-    with IRBuilder(), T.prim_func(), _holding(counter), T.vectorized(0, extent) as i:
-        counter.lane = i
+    """`for i in T.vectorized(extent): body(i)` with the values `body` binds held in registers: one buffer of
+    `extent` lanes each, allocated before the loop (TVM's vectorizer miscomputes a buffer allocated inside it).
+    A dry run of `body` in a scratch builder counts them."""
+    with IRBuilder(), T.prim_func(), T.vectorized(0, extent) as i, _holding(_Registers(lane=i)) as counter:
         body(i)
-    buffers = [T.alloc_buffer((extent,), F32) for _ in range(counter.used)]
+    buffers = {dtype: [T.alloc_buffer((extent,), dtype) for _ in range(count)]
+               for dtype, count in counter.used.items()}
     with T.vectorized(0, extent) as i, _holding(_Registers(buffers, i)):
         body(i)
 
 
-class _Counting:
-    """Stands for the register buffers in `vectorized`'s dry run."""
-
-    def __getitem__(self, index: int) -> tir.Buffer:
-        return tir.decl_buffer((1,), F32, f"r{index}")
-
-
 def registers(scope: str = "global"):
-    """A context in which scalar (not vectorized) code binds float values in one-element buffers of `scope`
+    """A context in which scalar (not vectorized) code binds values in one-element buffers of `scope`
     (bind): "global" on CPUs (a small constant allocation lives on the stack), "local" in a GPU thread."""
     return _holding(_Registers(scope=scope))
 
@@ -195,11 +196,11 @@ class Emitter:
         return self._root(e, self.kinds(e))
 
     def _root(self, e: Expr, want: str) -> tir.PrimExpr:
-        return _as(_Build(self, _shared(e, self.kinds)).value(e), self.kinds(e), want)
+        return _as(_Build(self, _shared(e)).value(e), self.kinds(e), want)
 
 
 class _Build:
-    """One expression's emission: each node emitted once; nodes with several users bound to variables (bind)."""
+    """One expression's emission: each node emitted once; nodes with several users bound (bind)."""
 
     def __init__(self, em: Emitter, shared: set[Expr]):
         self.em = em
@@ -271,11 +272,12 @@ def place(table: tir.Buffer, xs: list[tir.PrimExpr]) -> tuple[list[tir.PrimExpr]
     return indices, ok
 
 
-def _shared(e: Expr, kinds: Kinds) -> set[Expr]:
-    """The float operator and lookup nodes of `e` that more than one parent uses (structurally equal ones count
-    as one): each is emitted once and bound to a variable. Integer and boolean ones (index math, masks, key
-    bounds) stay shared PrimExpr objects: kernels place a bound in several statements, and TIR's analyzer
-    rejects an integer variable bound twice under different constraints."""
+def _shared(e: Expr) -> set[Expr]:
+    """The operator and lookup nodes of `e` that more than one parent uses (structurally equal ones count as
+    one): each is emitted once and bound (bind), whatever its kind. Integer and boolean ones are bound too: index
+    math and masks that reuse themselves (`x = x + x`, repeated) grow as trees in TVM's passes like float ones,
+    and nothing needs them as expressions (a lookup clamps its indices itself, tile skipping reads attnc's own
+    mask analysis)."""
     uses: dict[Expr, int] = {}
     stack = [e]
     seen: set[Expr] = set()
@@ -287,8 +289,7 @@ def _shared(e: Expr, kinds: Kinds) -> set[Expr]:
         for c in children(node):
             uses[c] = uses.get(c, 0) + 1
             stack.append(c)
-    return {n for n, count in uses.items()
-            if count > 1 and isinstance(n, (Lookup, Unary, Binary, Call)) and kinds(n) == "float"}
+    return {n for n, count in uses.items() if count > 1 and isinstance(n, (Lookup, Unary, Binary, Call))}
 
 
 def _as(x: tir.PrimExpr, have: str, want: str) -> tir.PrimExpr:

@@ -201,7 +201,7 @@ def tile_summary_primfunc(plan: KernelPlan, sched: CpuSchedule, name: str) -> ti
                         exact = T.alloc_buffer((2, bm), I64)  # each row's exact [lo, hi)
                         counts = T.alloc_buffer((2,), I32)  # kept, dropped
                         init_bounds(bounds, tir.Cast(I64, n))
-                        with T.serial(0, r.rows) as i:
+                        with T.serial(0, r.rows) as i, registers():
                             row = [T.Bind(x) for x in row_bounds(Emitter(plan.spec, a.scope(
                                 {"b": r.b, "h": r.h, "i": r.i0 + i}, sizes=r.sizes)), masks, tir.Cast(I64, n))]
                             reduce_bounds(bounds, row)
@@ -387,7 +387,7 @@ def _attention_tile(plan: KernelPlan, sched: CpuSchedule, a: Args, seqs: Sequenc
     # -- which key tiles run, and which of them are full (passes.masks.key_tiles)
     init_bounds(bounds, n_i64)
     with T.serial(0, lanes) as i:
-        with _only_if(live(i)):
+        with _only_if(live(i)), registers():
             row = row_bounds(Emitter(spec, scope(i)), plan.masks, n_i64)
             reduce_bounds(bounds, [T.Bind(x) for x in row])
     t_start, f_start, f_end, t_end = key_tiles(bounds, bn)
