@@ -190,6 +190,21 @@ def test_padded_head_dims_gqa_sink_and_a_table_per_key(deterministic):
     check_backward(PADDED, 61, 83, deterministic, True, d=40)
 
 
+def test_dq_kernel_where_atomics_are_allowed(monkeypatch):
+    # a tuned row with dq_kernel (sm_90 at D <= 128): dQ by attn_bwd_dq while the tables' gradients stay atomic
+    from attnc.backends.triton import launch
+    from attnc.passes import Target, tiling
+
+    rows = tuple(replace(r, dq_kernel=True) if r.min_arch == 0 else r for r in tiling.BACKWARD_TUNED)
+    monkeypatch.setattr(tiling, "BACKWARD_TUNED", rows)
+    assert plan_backward(plan_kernel(PADDED, Target("triton", "cpu", None), 40, 40)).dq_kernel
+    launched = []
+    fitting = launch.launch_fitting
+    monkeypatch.setattr(launch, "launch_fitting", lambda fn, *a: launched.append(fn.__name__) or fitting(fn, *a))
+    check_backward(PADDED, 61, 83, False, True, d=40)
+    assert "attn_bwd_dq" in launched
+
+
 def test_padded_value_dim_differs():
     spec = _spec("""attention dv {
         q: f32[B, H, M, D]  k: f32[B, H, N, D]  v: f32[B, H, N, DV]
@@ -400,9 +415,10 @@ def test_backward_kernels_compile_for_hopper(tmp_path):
         signatures = backward_signatures(spec_args(plan, per_sequence=True), gradient_tables(spec),
                                          summary_used(plan), plan.triton.tma)
         for deterministic, tma in ((False, True), (False, False), (True, True), (True, False)):
-            types = backward_argument_types(plan, deterministic)
+            dq_kernel = deterministic or plan_backward(plan).dq_kernel
+            types = backward_argument_types(plan, dq_kernel)
             for kernel, keywords in launch_keywords(plan, deterministic, True).items():
-                if kernel == "attn_bwd_dq" and not deterministic or kernel == "attn_bwd_prep" and not tma:
+                if kernel == "attn_bwd_dq" and not dq_kernel or kernel == "attn_bwd_prep" and not tma:
                     continue
                 sig = signatures[kernel]
                 constexprs = {n: keywords[n] for n in sig.constexprs if n != "TMA"}

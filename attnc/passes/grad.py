@@ -81,8 +81,8 @@ def _weight_derivative(n: Normalizer, score: Expr, weight: Expr) -> Expr:
 
 def plan_backward(plan: KernelPlan) -> BackwardPlan:
     """The backward kernels' tiles and the mask analysis transposed (rows per key tile) for a planned forward."""
-    dkdv, dq = backward_tiles(plan)
-    return BackwardPlan(dkdv, dq, PREP_TILE, query_range(plan.masks), full_query_range(plan.masks))
+    dkdv, dq, dq_kernel = backward_tiles(plan)
+    return BackwardPlan(dkdv, dq, PREP_TILE, query_range(plan.masks), full_query_range(plan.masks), dq_kernel)
 
 
 def derive(spec: Attention) -> Derivatives:

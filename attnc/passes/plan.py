@@ -121,6 +121,7 @@ class BackwardPlan:
     prep: TileConfig
     queries: QueryRange
     full_queries: QueryRange | None = None  # the exact bounds inverted (QueryRange); None: no tile is known full
+    dq_kernel: bool = False  # dQ by the dQ kernel even where atomics are allowed (faster on this row)
 
 
 @dataclass(frozen=True)
