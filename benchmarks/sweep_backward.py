@@ -7,7 +7,15 @@ kernels alone (the forward runs once, outside the timer). One call of the device
 
 Results stream to <out>/sweep-backward.jsonl; the best correct config per (workload, kernel) is printed last.
 TFLOP/s count the backward as attnc.bench.BACKWARD_FLOPS times the forward. The winners go into BACKWARD_TUNED
-by hand."""
+by hand.
+
+A/B against other modules in the same run: each `--baseline DIR` (repeatable) also times, first and with the first
+tile of each list, the backward modules in DIR for the sweep's workloads (kernel "baseline", both modes; the row's
+"modules" names DIR), e.g. an earlier attnc's, written on a CPU by `--write-baseline DIR` run from its tree:
+
+    git archive <commit> attnc | tar -x -C /tmp/old
+    PYTHONPATH=/tmp/old python3 benchmarks/sweep_backward.py --write-baseline benchmarks/results/bwd-baseline-<commit>
+"""
 from __future__ import annotations
 
 import re
@@ -20,6 +28,7 @@ import torch
 import attnc
 from attnc.backends import get_backend
 from attnc.backends.triton import launch
+from attnc.backends.triton.gradients import BackwardLauncher
 from attnc.bench import BACKWARD_FLOPS, error_text, kept_pairs, log_row, prefill_workloads, sweep_parser
 from attnc.dsl.signature import bind
 from attnc.passes import plan_kernel, tiling
@@ -27,9 +36,11 @@ from attnc.passes.plan import TileConfig
 
 # (block_m, block_n, num_warps, num_stages) per head dim, most promising first; the first is today's row (round 2,
 # around round 1's winners: results/sweep-backward-*-round1.jsonl)
+# (round 3: the dK/dV kernel's query loops free of branches, pipelined; compile-only, 64x128 w8 spills more than
+# 32x128 w8 and than one stage: benchmarks/compile_backward_sm90.py with STATS=1)
 DKDV = {
     64: [(32, 128, 4, 3), (64, 128, 4, 3), (32, 128, 8, 3), (64, 128, 8, 3), (32, 128, 4, 4), (64, 64, 4, 4)],
-    128: [(64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 8, 3), (128, 128, 8, 2), (64, 128, 4, 3), (32, 128, 8, 1)],
+    128: [(64, 128, 8, 2), (32, 128, 8, 2), (32, 128, 8, 3), (64, 128, 8, 1), (64, 128, 8, 3), (64, 64, 4, 3)],
     256: [(64, 64, 8, 1), (64, 64, 8, 2), (128, 64, 8, 1), (64, 128, 8, 1), (64, 32, 8, 1)],
 }
 DQ = {
@@ -55,13 +66,38 @@ def with_row(D: int, dkdv: tuple, dq: tuple):
     return (row,) + tuple(r for r in tiling.BACKWARD_TUNED if r is not row)
 
 
+def baseline_file(directory, w) -> Path:
+    return Path(directory) / (re.sub(r"[^A-Za-z0-9]+", "_", w.name).strip("_") + ".py")
+
+
+def workloads(args):
+    return [w for w in prefill_workloads(False) if re.search(args.only or NAMES, w.name) and w.sdpa]
+
+
+def plan_for(w, target):
+    spec = replace(attnc.parse(w.spec)[0], returns_lse=True)
+    return spec, plan_kernel(spec, target, w.D, w.D)
+
+
+def write_baseline(args) -> None:
+    """The backward modules of this tree's code generator for the sweep's workloads, planned for sm_90."""
+    from attnc.backends.triton.backward import generate_backward
+    from attnc.passes import Target
+
+    Path(args.write_baseline).mkdir(parents=True, exist_ok=True)
+    for w in workloads(args):
+        path = baseline_file(args.write_baseline, w)
+        path.write_text(generate_backward(plan_for(w, Target("triton", "cuda", 90))[1]), encoding="utf-8")
+        print(path)
+
+
 def run(args) -> list[dict]:
     from triton.testing import do_bench
 
     t0 = time.time()
     original = tiling.BACKWARD_TUNED
     backend = get_backend("triton")
-    work = [w for w in prefill_workloads(False) if re.search(args.only or NAMES, w.name) and w.sdpa]
+    work = workloads(args)
     log = Path(args.out) / "sweep-backward.jsonl"
     rows = []
     for w in work:
@@ -69,15 +105,16 @@ def run(args) -> list[dict]:
         q, k, v, dout = (torch.randn(w.B, h, w.S, w.D, device="cuda", dtype=torch.bfloat16, generator=gen)
                          for h in (w.H, w.HKV, w.HKV, w.H))
         ref = reference_grads(w, q, k, v, dout)
-        spec = replace(attnc.parse(w.spec)[0], returns_lse=True)
-        plan = plan_kernel(spec, backend.target(q.device), w.D, w.D)
+        spec, plan = plan_for(w, backend.target(q.device))
         bound = bind(spec, q, k, v, dict(w.params))
         out, lse = backend.build(plan)(bound)
         flops = BACKWARD_FLOPS * 4.0 * w.B * w.H * w.D * kept_pairs(w)
         default_dkdv, default_dq = DKDV[w.D][0], DQ[w.D][0]
         trials = [("dkdv", c, default_dq, False) for c in DKDV[w.D]]
         trials += [("dq", default_dkdv, c, True) for c in DQ[w.D]]
-        for kernel, dkdv, dq, deterministic in trials:
+        trials = [("baseline", default_dkdv, default_dq, d, m) for m in args.baseline for d in (False, True)] + [
+            (*t, None) for t in trials]
+        for kernel, dkdv, dq, deterministic, modules in trials:
             if time.time() - t0 > args.budget:
                 print(f"budget of {args.budget}s spent")
                 return rows
@@ -85,7 +122,12 @@ def run(args) -> list[dict]:
                    "dkdv": list(dkdv), "dq": list(dq)}
             tiling.BACKWARD_TUNED = with_row(w.D, dkdv, dq)
             try:
-                backward = backend.build_backward(plan)
+                if modules:
+                    row["modules"] = Path(modules).name
+                    module = launch.import_source(baseline_file(modules, w), f"baseline_{len(rows)}")
+                    backward = BackwardLauncher(plan, module)
+                else:
+                    backward = backend.build_backward(plan)
                 fn = lambda: backward(bound, out, lse, dout, None, deterministic)
                 tc = time.time()
                 with launch.poisoned_outputs():
@@ -108,18 +150,27 @@ def run(args) -> list[dict]:
 
 def main() -> None:
     ap = sweep_parser(__doc__, 400.0)
+    ap.add_argument("--baseline", action="append", default=[], help="a directory of modules to time too")
+    ap.add_argument("--write-baseline", default=None, help="write this tree's modules for the workloads; no GPU")
     args = ap.parse_args()
+    if args.write_baseline:
+        write_baseline(args)
+        return
     Path(args.out).mkdir(parents=True, exist_ok=True)
     rows = run(args)
     print("\nbest correct config per workload and kernel (BM, BN, warps, stages):")
     for name, kernel in dict.fromkeys((r["workload"], r["kernel"]) for r in rows):
         mine = [r for r in rows if (r["workload"], r["kernel"]) == (name, kernel)]
         ok = sorted((r for r in mine if "tflops" in r), key=lambda r: -r["tflops"])
-        line = ", ".join(f"{r[kernel]}={r['tflops']:.0f}" for r in ok)
+        def label(r):
+            mode = "det" if r["deterministic"] else "atomic"
+            return f"{r['modules']}:{mode}" if kernel == "baseline" else r[kernel]
+
+        line = ", ".join(f"{label(r)}={r['tflops']:.0f}" for r in ok)
         print(f"{name:22s} {kernel:4s} {line}; failed {len(mine) - len(ok)}")
         for r in mine:
             if "tflops" not in r:
-                print(f"    {r[kernel]}: {r.get('error') or 'rel_err %s' % r['rel_err']}")
+                print(f"    {label(r)}: {r.get('error') or 'rel_err %s' % r['rel_err']}")
 
 
 if __name__ == "__main__":

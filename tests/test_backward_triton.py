@@ -190,6 +190,21 @@ def test_padded_head_dims_gqa_sink_and_a_table_per_key(deterministic):
     check_backward(PADDED, 61, 83, deterministic, True, d=40)
 
 
+def test_dq_kernel_where_atomics_are_allowed(monkeypatch):
+    # a tuned row with dq_kernel (sm_90 at D <= 128): dQ by attn_bwd_dq while the tables' gradients stay atomic
+    from attnc.backends.triton import launch
+    from attnc.passes import Target, tiling
+
+    rows = tuple(replace(r, dq_kernel=True) if r.min_arch == 0 else r for r in tiling.BACKWARD_TUNED)
+    monkeypatch.setattr(tiling, "BACKWARD_TUNED", rows)
+    assert plan_backward(plan_kernel(PADDED, Target("triton", "cpu", None), 40, 40)).dq_kernel
+    launched = []
+    fitting = launch.launch_fitting
+    monkeypatch.setattr(launch, "launch_fitting", lambda fn, *a: launched.append(fn.__name__) or fitting(fn, *a))
+    check_backward(PADDED, 61, 83, False, True, d=40)
+    assert "attn_bwd_dq" in launched
+
+
 def test_padded_value_dim_differs():
     spec = _spec("""attention dv {
         q: f32[B, H, M, D]  k: f32[B, H, N, D]  v: f32[B, H, N, DV]
@@ -252,6 +267,47 @@ def test_query_range_is_the_mask_analysis_transposed(name):
                 assert all(lo <= i < hi for i in rows), (j0, lo, hi, rows)
                 if name in ("causal_lm", "sliding_window", "key_padding"):  # bounds i + r, or free of i
                     assert (lo, hi) == ((rows[0], rows[-1] + 1) if rows else (lo, min(hi, lo))), (j0, lo, hi)
+
+
+@INTERPRETER_ONLY
+@pytest.mark.parametrize("name", ["dense", "causal_lm", "sliding_window", "key_padding", "dilated_window",
+                                  "chunked_causal", "document_mask"])
+def test_full_query_range_is_the_exact_analysis_transposed(name):
+    # The dK/dV kernel runs query tiles in loops free of branches where plan.QueryRange bounds every row it needs
+    # (no per_tile_check); rows [f_lo, f_hi) of BackwardPlan.full_queries (backward.full_query_tiles) are exactly
+    # those whose exact key range holds the whole key tile [j0, j0 + BN), and None where that is not known.
+    spec = replace(EXAMPLES[name], returns_lse=True)
+    plan = plan_kernel(spec, get_backend("triton").target(torch.device("cpu")), 64, 64)
+    backward = plan_backward(plan)
+    kv_len = [37, 0]
+
+    def lookup(tensor, index):
+        return kv_len[index[0]]
+
+    linear = name in ("dense", "causal_lm", "sliding_window", "key_padding")  # bounds i + r, or free of i
+    # the dilation is evaluated element-wise (no tile is full) inside the window's linear hull; a chunk's bound
+    # (i % chunk) and the document mask's lookups at i are not linear in i
+    assert backward.queries.per_tile_check == (name in ("chunked_causal", "document_mask"))
+    assert (backward.full_queries is not None) == linear
+    if not linear:
+        return
+    full, block_n = backward.full_queries, 32
+    for m, n in ((100, 100), (40, 90), (90, 40)):
+        for b in (0, 1):
+            env = {"M": m, "N": n, "window": 23, "b": b, "h": 0}
+
+            def value(e):
+                return int(evaluate(e, env, lookup))
+
+            for j0 in range(0, n, 16):
+                j_last = j0 + block_n - 1
+                lo = max([0] + [j_last + 1 - value(r) for r in full.from_upper])
+                hi = min([m if j_last < n else 0] + [j0 + 1 - value(r) for r in full.from_lower])
+                if any(value(u) <= j_last for u in full.upper_free) or any(value(x) > j0 for x in full.lower_free):
+                    hi = 0
+                exact = [row_bounds(plan.masks.exact, {**env, "i": i}, lookup) for i in range(m)]
+                rows = [i for i, (first, end) in enumerate(exact) if first <= j0 and j_last < min(end, n)]
+                assert rows == list(range(lo, hi)), (m, n, b, j0, lo, hi, rows)
 
 
 def test_paged_storage_and_a_forward_without_lse_are_refused():
@@ -359,9 +415,10 @@ def test_backward_kernels_compile_for_hopper(tmp_path):
         signatures = backward_signatures(spec_args(plan, per_sequence=True), gradient_tables(spec),
                                          summary_used(plan), plan.triton.tma)
         for deterministic, tma in ((False, True), (False, False), (True, True), (True, False)):
-            types = backward_argument_types(plan, deterministic)
+            dq_kernel = deterministic or plan_backward(plan).dq_kernel
+            types = backward_argument_types(plan, dq_kernel)
             for kernel, keywords in launch_keywords(plan, deterministic, True).items():
-                if kernel == "attn_bwd_dq" and not deterministic or kernel == "attn_bwd_prep" and not tma:
+                if kernel == "attn_bwd_dq" and not dq_kernel or kernel == "attn_bwd_prep" and not tma:
                     continue
                 sig = signatures[kernel]
                 constexprs = {n: keywords[n] for n in sig.constexprs if n != "TMA"}

@@ -25,7 +25,7 @@ from typing import Callable
 from ..ir import QK, Attention, Call, Expr, IndexVar, Lookup, Normalizer, Num, Binary, Unary, children, dtype_kind, walk
 from ..ops import Kinds, function, op_of
 from .fold import fold
-from .masks import query_range
+from .masks import full_query_range, query_range
 from .plan import BackwardPlan, KernelPlan
 from .tiling import PREP_TILE, backward_tiles
 
@@ -81,8 +81,8 @@ def _weight_derivative(n: Normalizer, score: Expr, weight: Expr) -> Expr:
 
 def plan_backward(plan: KernelPlan) -> BackwardPlan:
     """The backward kernels' tiles and the mask analysis transposed (rows per key tile) for a planned forward."""
-    dkdv, dq = backward_tiles(plan)
-    return BackwardPlan(dkdv, dq, PREP_TILE, query_range(plan.masks))
+    dkdv, dq, dq_kernel = backward_tiles(plan)
+    return BackwardPlan(dkdv, dq, PREP_TILE, query_range(plan.masks), full_query_range(plan.masks), dq_kernel)
 
 
 def derive(spec: Attention) -> Derivatives:

@@ -47,18 +47,33 @@ def analyze_masks(plan: KernelPlan) -> KernelPlan:
 
 def query_range(masks: MaskPlan) -> QueryRange:
     """The hull's per-row key bounds inverted, where they are i + r or free of i (plan.QueryRange)."""
+    found, inverted = _inverted(masks.hull)
+    return QueryRange(**found, per_tile_check=masks.data_dependent or not inverted)
+
+
+def full_query_range(masks: MaskPlan) -> QueryRange | None:
+    """The exact per-row key bounds inverted (plan.BackwardPlan.full_queries); None where some exact bound is not
+    i + r or free of i, or an evaluated mask applies (no tile is full then)."""
+    found, inverted = _inverted(masks.exact)
+    return QueryRange(**found) if inverted and not masks.evaluated else None
+
+
+def _inverted(bounds: KeyRange) -> tuple[dict[str, tuple[Expr, ...]], bool]:
+    """The r of each bound i + r and the bounds free of i, by side (QueryRange's fields), and whether every bound
+    was one of the two."""
     found: dict[str, list[Expr]] = {"from_upper": [], "from_lower": [], "upper_free": [], "lower_free": []}
-    for side, bounds in (("upper", masks.hull.upper), ("lower", masks.hull.lower)):
-        for bound in bounds:
+    inverted = True
+    for side, sides in (("upper", bounds.upper), ("lower", bounds.lower)):
+        for bound in sides:
             form = linear_in_j(bound, "i")
-            if form is None:
-                continue
-            coeff, rest = form
+            coeff, rest = form if form is not None else (None, None)
             if coeff == 0:
                 found[f"{side}_free"].append(bound)
             elif coeff == 1:
                 found[f"from_{side}"].append(fold(rest if rest is not None else _ZERO, {}))
-    return QueryRange(**{name: _unique(exprs) for name, exprs in found.items()})
+            else:
+                inverted = False
+    return {name: _unique(exprs) for name, exprs in found.items()}, inverted
 
 
 def key_range(conjunct: Expr, spec: Attention) -> KeyRange | None:

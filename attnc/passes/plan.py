@@ -95,12 +95,18 @@ class QueryRange:
     it reaches the tile only from rows i >= j0 + 1 - r; a lower bound i + r (keys j >= i + r) only from rows
     i < j1 - r; a bound free of i keeps the tile's keys in every row or in none (upper u > j0, lower l < j1).
     Other bounds (i with another coefficient, or inside a lookup or a modulo) bound no rows: the kernel's per-tile
-    check, the forward's rule, skips those tiles."""
+    check, the forward's rule, skips those tiles (`per_tile_check`, which data-dependent masks need as well).
+    Without it, every query tile of the range runs, in loops free of branches (Triton pipelines those).
+
+    BackwardPlan.full_queries reads the same fields the other way, for the exact bounds: the rows whose exact range
+    holds every key of the tile are i >= j1 - r (upper), i <= j0 - r (lower), all where every free upper bound is
+    >= j1 and every free lower bound <= j0, none otherwise."""
 
     from_upper: tuple[Expr, ...] = ()  # r of each upper bound i + r: rows i >= j0 + 1 - r
     from_lower: tuple[Expr, ...] = ()  # r of each lower bound i + r: rows i < j1 - r
     upper_free: tuple[Expr, ...] = ()  # upper bounds free of i: no row unless one is > j0
     lower_free: tuple[Expr, ...] = ()  # lower bounds free of i: no row unless one is < j1
+    per_tile_check: bool = False  # a bound is neither, or the masks are data-dependent: check each query tile
 
 
 @dataclass(frozen=True)
@@ -114,6 +120,8 @@ class BackwardPlan:
     dq: TileConfig
     prep: TileConfig
     queries: QueryRange
+    full_queries: QueryRange | None = None  # the exact bounds inverted (QueryRange); None: no tile is known full
+    dq_kernel: bool = False  # dQ by the dQ kernel even where atomics are allowed (faster on this row)
 
 
 @dataclass(frozen=True)

@@ -62,19 +62,22 @@ TUNED: tuple[TunedRow, ...] = (
 class BackwardRow(Row):
     dkdv: TileConfig  # block_m: query rows per step; block_n: the keys a program holds
     dq: TileConfig  # block_m: the query rows a program holds; block_n: keys per step
+    # dQ by the dQ kernel also where atomics are allowed: it measured faster than the dK/dV kernel's atomic adds
+    dq_kernel: bool = False
 
 
-# The backward's tiles (plan.BackwardPlan), first matching row wins. The sm_90 rows are the H100 sweep of session 8
-# (benchmarks/sweep_backward.py, backward kernels alone, bf16, TFLOP/s of 2.5x the forward's FLOPs; results/
-# sweep-backward-*.jsonl): dK/dV D=128 64x128 w8 s2 240 dense / 202 causal S=4k (the earlier 64x64 w8: 180 / 176;
-# 4 warps with 128 keys fall to 80), D=64 32x128 w4 s3 209 (64x128 w8: 204), D=256 64x64 w8 s1 186 (32x32: 91);
-# dQ (deterministic) 64x32 w4 s3 251 / 216 at D=128 (round 2; 64x64 w4 s3: 245 / 211, 64x64 w8: 159), 64x64 w4 s3
-# 210 at D=64, D=256 64x64 w8 s1 97. q, dO and dQ (dK/dV kernel) go through tensor descriptors where the layouts
-# allow. The dK/dV kernel holds a key tile with its dK and dV accumulators in registers and steps through query
-# rows; the dQ kernel is its transpose. Other rows: FlashAttention-2's shapes, not timed.
+# The backward's tiles (plan.BackwardPlan), first matching row wins. The sm_90 rows are the H100 sweeps of sessions
+# 8 and 9 (benchmarks/sweep_backward.py, backward kernels alone, bf16, TFLOP/s of 2.5x the forward's FLOPs; results/
+# sweep-backward-*.jsonl). With the dK/dV query loops free of branches (session 9), D=128 S=4k dense / causal: dQ by
+# the dQ kernel (64x32 w4 s3) 321 / 276 against atomics 268 / 229 with the same dK/dV tile (64x128 w8 s2; 32x128 w8
+# s3 285 / 236 atomic); D=64 S=8k causal 299 against 239 (dK/dV 32x128 w4 s3); D=256 keeps atomics: 171 against
+# 106-128 (dK/dV 64x64 w8 s1). Session 8's loops with a branch: 249 / 211 / 252 / 187. q, dO and dQ (dK/dV
+# kernel) go through tensor descriptors where the layouts allow. The dK/dV kernel holds a key tile with its dK and
+# dV accumulators in registers and steps through query rows; the dQ kernel is its transpose. Other rows:
+# FlashAttention-2's shapes, not timed.
 BACKWARD_TUNED: tuple[BackwardRow, ...] = (
-    BackwardRow(90, 16, 64, TileConfig(32, 128, 4, 3), TileConfig(64, 64, 4, 3)),
-    BackwardRow(90, 16, 128, TileConfig(64, 128, 8, 2), TileConfig(64, 32, 4, 3)),
+    BackwardRow(90, 16, 64, TileConfig(32, 128, 4, 3), TileConfig(64, 64, 4, 3), dq_kernel=True),
+    BackwardRow(90, 16, 128, TileConfig(64, 128, 8, 2), TileConfig(64, 32, 4, 3), dq_kernel=True),
     BackwardRow(90, 16, 256, TileConfig(64, 64, 8, 1), TileConfig(64, 64, 8, 1)),
     BackwardRow(80, 16, 128, TileConfig(64, 64, 4, 2), TileConfig(64, 64, 4, 2)),
     BackwardRow(80, 16, 256, TileConfig(32, 64, 4, 1), TileConfig(64, 32, 4, 1)),
@@ -118,11 +121,11 @@ def tuned_row(plan: KernelPlan) -> TunedRow:
                            TileConfig(16, 16, 4, 1))
 
 
-def backward_tiles(plan: KernelPlan) -> tuple[TileConfig, TileConfig]:
-    """(dK/dV tile, dQ tile) from BACKWARD_TUNED for the plan's arch, dtype and head dims."""
+def backward_tiles(plan: KernelPlan) -> tuple[TileConfig, TileConfig, bool]:
+    """(dK/dV tile, dQ tile, dq_kernel) from BACKWARD_TUNED for the plan's arch, dtype and head dims."""
     row = first_row(BACKWARD_TUNED, plan)
     # nothing tuned this wide: the smallest tiles, which fit everywhere
-    return (row.dkdv, row.dq) if row else (TileConfig(16, 16, 4, 1), TileConfig(16, 16, 4, 1))
+    return (row.dkdv, row.dq, row.dq_kernel) if row else (TileConfig(16, 16, 4, 1), TileConfig(16, 16, 4, 1), False)
 
 
 def choose_tiles(plan: KernelPlan) -> KernelPlan:

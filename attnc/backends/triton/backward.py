@@ -38,6 +38,8 @@ def generate_backward(plan: KernelPlan) -> str:
     # attn_bwd_dkdv: per head (scope 0) the query rows this key tile can meet, per query tile (scope 1) the rows
     dkdv = Emitter(spec, exp2, KEY_MAJOR)
     range_lines = query_tiles(dkdv, backward.queries)
+    if not backward.queries.per_tile_check:
+        range_lines += full_query_tiles(dkdv, backward.full_queries)
     with dkdv.scope() as row_lines:
         bounds(dkdv, masks.exact, masks.hull, row_lines)
         dkdv_tiles = {masked: tile_hooks(dkdv, plan, derivs, masked, tables=True) for masked in (False, True)}
@@ -76,7 +78,7 @@ def generate_backward(plan: KernelPlan) -> str:
         # the dQ kernel's key loops: common.key_loops as the forward's, without descriptors
         data_dependent=data_dependent, all_partial=bool(masks.evaluated) and not data_dependent,
         partial_before=bool(masks.exact.lower), ws_arg="",
-        tma=plan.triton.tma,
+        tma=plan.triton.tma, per_tile_check=backward.queries.per_tile_check,
         **{f"{name.removeprefix('attn_bwd_')}_signature": s.render() for name, s in signatures.items()},
         **{f"{name.removeprefix('attn_bwd_')}_scalars": s.unspecialized() for name, s in signatures.items()},
     )
@@ -95,17 +97,39 @@ def delta_line(normalized: bool, exp2: str) -> str:
 def query_tiles(em: Emitter, queries: QueryRange) -> list[str]:
     """The dK/dV kernel's lines that set [m_start, m_end), the query tiles whose rows can keep a key of
     [key_first, key_end) (plan.QueryRange); the bounds' values are emitted into `em`'s per-head prologue."""
-    def code(e: Expr) -> str:
-        return em.as_int(em.value(e), SCALAR)
-
-    lines = ["q_lo = tl.full([], 0, tl.int64)", "q_hi = tl.where(key_end > key_first, sz_M, 0).to(tl.int64)"]
-    lines += [f"q_lo = tl.maximum(q_lo, key_first + 1 - {code(r)})" for r in queries.from_upper]
-    lines += [f"q_hi = tl.minimum(q_hi, key_end - {code(r)})" for r in queries.from_lower]
-    lines += [f"q_hi = tl.where({code(u)} > key_first, q_hi, 0)" for u in queries.upper_free]
-    lines += [f"q_hi = tl.where({code(lo)} < key_end, q_hi, 0)" for lo in queries.lower_free]
+    lines = row_range(em, queries, "q", "key_end > key_first", ("key_first + 1", "key_end", "> key_first", "< key_end"))
     # clamped into [0, M], the tile indices fit int32, and so do the positions i the loop makes from them
     return lines + ["m_start = (tl.minimum(q_lo, sz_M) // BLOCK_M).to(tl.int32)",
                     "m_end = ((tl.minimum(q_hi, sz_M) + BLOCK_M - 1) // BLOCK_M).to(tl.int32)"]
+
+
+def full_query_tiles(em: Emitter, full: QueryRange | None) -> list[str]:
+    """The lines that set [f_start, f_end), the query tiles of [m_start, m_end) whose rows are all inside the
+    sequence and keep every key of [key_first, key_first + BLOCK_N) (BackwardPlan.full_queries); an empty range
+    at m_end where no tile is known full."""
+    if full is None:
+        return ["f_start = m_end", "f_end = m_end"]
+    lines = row_range(em, full, "f", "key_first + BLOCK_N <= sz_N",
+                      ("key_first + BLOCK_N", "key_first + 1", ">= key_first + BLOCK_N", "<= key_first"))
+    # whole tiles inside the rows [f_lo, f_hi) (f_lo >= 0; f_hi <= M), within [m_start, m_end)
+    return lines + ["f_start = tl.minimum(tl.maximum(((f_lo + BLOCK_M - 1) // BLOCK_M).to(tl.int32), m_start), m_end)",
+                    "f_end = tl.minimum(tl.maximum((tl.maximum(f_hi, 0) // BLOCK_M).to(tl.int32), f_start), m_end)"]
+
+
+def row_range(em: Emitter, rows: QueryRange, prefix: str, some: str, rules: tuple[str, str, str, str]) -> list[str]:
+    """Lines that set the query rows [<prefix>_lo, <prefix>_hi) of `rows` for this program's key tile: all rows
+    where `some` holds, narrowed by each bound i + r (rows >= rules[0] - r from upper ones, < rules[1] - r from
+    lower ones), none unless every free upper bound satisfies rules[2] and every free lower one rules[3]."""
+    def code(e: Expr) -> str:
+        return em.as_int(em.value(e), SCALAR)
+
+    lo, hi = f"{prefix}_lo", f"{prefix}_hi"
+    lines = [f"{lo} = tl.full([], 0, tl.int64)", f"{hi} = tl.where({some}, sz_M, 0).to(tl.int64)"]
+    lines += [f"{lo} = tl.maximum({lo}, {rules[0]} - {code(r)})" for r in rows.from_upper]
+    lines += [f"{hi} = tl.minimum({hi}, {rules[1]} - {code(r)})" for r in rows.from_lower]
+    lines += [f"{hi} = tl.where({code(u)} {rules[2]}, {hi}, 0)" for u in rows.upper_free]
+    lines += [f"{hi} = tl.where({code(x)} {rules[3]}, {hi}, 0)" for x in rows.lower_free]
+    return lines
 
 
 def tile_hooks(em: Emitter, plan: KernelPlan, derivs: Derivatives, masked: bool, tables: bool) -> dict:

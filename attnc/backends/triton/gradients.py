@@ -3,7 +3,8 @@ kernels for a bound forward call.
 
 Per call: attn_bwd_prep (delta per row, the sink's gradient), then attn_bwd_dkdv (dK, dV; dQ and the input tables'
 gradients by atomics), or with `deterministic` attn_bwd_dkdv without atomics and attn_bwd_dq for dQ, the tables'
-gradients summed from per-program slices. Extra memory is O(rows) (delta, dQ in float32 for the atomics) plus the
+gradients summed from per-program slices. Where the tuned row says the dQ kernel is faster (plan.BackwardPlan.dq_kernel)
+it writes dQ in either mode. Extra memory is O(rows) (delta, dQ in float32 for the atomics) plus the
 gradients of the input tables (times the programs, with `deterministic`); no [M, N] buffer.
 """
 from __future__ import annotations
@@ -76,8 +77,9 @@ class BackwardLauncher:
         spec, sizes = self.spec, bound.sizes
         q, k, v = bound.q, bound.k, bound.v
         device = q.device
+        dq_kernel = deterministic or self.backward.dq_kernel
         # dQ accumulates by atomics in float32, unless the dQ kernel writes it once
-        dq = launch.empty(q.shape, q.dtype, device) if deterministic else torch.zeros(
+        dq = launch.empty(q.shape, q.dtype, device) if dq_kernel else torch.zeros(
             q.shape, dtype=torch.float32, device=device)
         dk, dv = launch.empty(k.shape, k.dtype, device), launch.empty(v.shape, v.dtype, device)
         delta = torch.empty(lse_shape(bound), dtype=torch.float32, device=device)
@@ -100,7 +102,7 @@ class BackwardLauncher:
         if self.plan.triton.tma:
             keywords["attn_bwd_dkdv"]["TMA"] = self.descriptors(q, dout, dq)
         for name in ("attn_bwd_prep", "attn_bwd_dkdv", "attn_bwd_dq"):
-            if name == "attn_bwd_dq" and not deterministic:
+            if name == "attn_bwd_dq" and not dq_kernel:
                 continue
             grid = grids[name]
             if not grid[0] * grid[1]:
@@ -180,7 +182,7 @@ class BackwardLauncher:
 
 def launch_keywords(plan: KernelPlan, deterministic: bool, has_dlse: bool) -> dict[str, dict]:
     """Each backward kernel's constexprs and launch options (TMA, where the plan has it, is the launcher's per
-    call)."""
+    call). `deterministic`: the input tables' gradients from per-program slices, and dQ by the dQ kernel."""
     def tiles(c: TileConfig, query_major: bool) -> dict:
         rows = {"BLOCK_MQ": c.block_m, "PACK": 1} if query_major else {}
         return {"BLOCK_M": c.block_m, "BLOCK_N": c.block_n, **rows, "num_warps": c.num_warps,
@@ -188,5 +190,6 @@ def launch_keywords(plan: KernelPlan, deterministic: bool, has_dlse: bool) -> di
 
     bp, up = plan_backward(plan), upcast(plan)
     return {"attn_bwd_prep": {**tiles(bp.prep, True), "HAS_DLSE": has_dlse, "DETERMINISTIC": deterministic},
-            "attn_bwd_dkdv": {**tiles(bp.dkdv, False), "UPCAST": up, "DETERMINISTIC": deterministic},
+            "attn_bwd_dkdv": {**tiles(bp.dkdv, False), "UPCAST": up, "DETERMINISTIC": deterministic,
+                              "DQ_KERNEL": deterministic or bp.dq_kernel},
             "attn_bwd_dq": {**tiles(bp.dq, True), "UPCAST": up}}

@@ -225,7 +225,7 @@ def backward_signatures(args: SpecArgs, tables: tuple[tuple[str, int], ...], sum
                   + (SEARCH,), TILE_CONSTEXPRS + ("HAS_DLSE", "DETERMINISTIC")),
         Signature("attn_bwd_dkdv", _tensor_groups(("q", "k", "v", "do", "lse", "delta", "dq", "dk", "dv"))
                   + args.groups() + grads + classes + (SEARCH,),
-                  ("BLOCK_M", "BLOCK_N", "UPCAST", "DETERMINISTIC") + (("TMA",) if tma else ())),
+                  ("BLOCK_M", "BLOCK_N", "UPCAST", "DETERMINISTIC", "DQ_KERNEL") + (("TMA",) if tma else ())),
         Signature("attn_bwd_dq", _tensor_groups(("q", "k", "v", "do", "lse", "delta", "dq")) + args.groups()
                   + classes + (SEARCH,), TILE_CONSTEXPRS + ("UPCAST",)),
     )}
@@ -265,12 +265,12 @@ def argument_types(plan: KernelPlan) -> dict[str, str]:
     return _IntsByDefault(types)
 
 
-def backward_argument_types(plan: KernelPlan, deterministic: bool) -> dict[str, str]:
-    """argument_types of the backward kernels' parameters: dQ accumulates in float32 by atomics, unless
-    `deterministic`; the input tables' gradients are float32."""
+def backward_argument_types(plan: KernelPlan, dq_kernel: bool) -> dict[str, str]:
+    """argument_types of the backward kernels' parameters: dQ accumulates in float32 by atomics, unless the
+    `dq_kernel` writes it; the input tables' gradients are float32."""
     types = argument_types(plan)
     q = types["q_ptr"]
-    types.update(do_ptr=q, dlse_ptr="*fp32", delta_ptr="*fp32", dq_ptr=q if deterministic else "*fp32",
+    types.update(do_ptr=q, dlse_ptr="*fp32", delta_ptr="*fp32", dq_ptr=q if dq_kernel else "*fp32",
                  dk_ptr=types["k_ptr"], dv_ptr=types["v_ptr"])
     types.update({names.gradient(t.name): "*fp32" for t in plan.spec.inputs if dtype_kind(t.dtype) == "float"})
     return types

@@ -1,0 +1,71 @@
+"""Compile-only evidence about a kernel that triton.compile built for sm_90 (no GPU needed): ptxas's registers and
+spills, counts of the instructions that tell how it runs (wgmma vs mma.sync, TMA, ldmatrix/stmatrix and shared
+memory round trips, local-memory spills, exp2, atomics), and the same counts per loop of the SASS that holds an
+MMA (a backward branch's body; a pipelined loop's waits may fall outside or inside it, so read the counts as
+rough). benchmarks/compile_backward_sm90.py prints them with STATS=1."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+
+PTX = {"wgmma": r"wgmma\.mma_async", "mma.sync": r"mma\.sync", "ldmatrix": r"ldmatrix", "stmatrix": r"stmatrix",
+       "st.shared": r"st\.shared", "ld.shared": r"ld\.shared", "cp.async.bulk": r"cp\.async\.bulk",
+       "bar": r"bar\.sync|barrier\.sync", "wgmma.wait": r"wgmma\.wait_group", "red/atom": r"\bred\.|\batom\.",
+       "ex2": r"ex2\.approx"}
+SASS = {"HGMMA": r"HGMMA", "HMMA": r"HMMA", "LDSM": r"LDSM", "STSM": r"STSM", "STS": r"\bSTS\b", "LDS": r"\bLDS\b",
+        "LDL": r"\bLDL", "STL": r"\bSTL", "BAR": r"\bBAR\b", "WARPSYNC": r"WARPSYNC|WARPGROUP", "EX2": r"MUFU\.EX2",
+        "RED": r"\bRED", "ATOM": r"\bATOM", "UTMA": r"UTMA|UBLKCP", "I64": r"IMAD\.WIDE|IADD3\.X|LEA\.HI\.X",
+        "BRA": r"\bBRA\b"}
+# TTGIR: whether the pipeliner ran (multi-buffered TMA loads, asynchronous warpgroup dots) and branches in loops
+TTGIR = {"tma_loads": r"async_tma_copy_global_to_local", "async_dots": r"isAsync = true",
+         "dot_waits": r"warp_group_dot_wait", "buffers": r"memdesc_index", "if": r"scf\.if", "for": r"scf\.for"}
+
+
+def count(table: dict[str, str], text: str) -> str:
+    return " ".join(f"{k}={len(re.findall(v, text))}" for k, v in table.items())
+
+
+def ptxas_usage(ptx: str) -> str:
+    """ptxas -v's lines on registers and spills for the PTX (Triton's bundled ptxas)."""
+    import triton
+
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(ptx)
+        f.flush()
+        err = subprocess.run([ptxas, "-arch=sm_90a", "-v", f.name, "-o", os.devnull], capture_output=True,
+                             text=True).stderr
+    return " | ".join(line.split("info    : ")[-1].strip() for line in err.splitlines()
+                      if "Used" in line or "spill" in line)
+
+
+def loops(sass: str) -> list[str]:
+    """Per backward branch whose body holds an MMA: its line range and instruction counts."""
+    lines = sass.splitlines()
+    labels = {line.strip().rstrip(":"): n for n, line in enumerate(lines) if re.match(r"^\s*\.?L\w+:\s*$", line)}
+    out = []
+    for n, line in enumerate(lines):
+        m = re.search(r"\bBRA\s+(\w+)", line)
+        if m and labels.get(m.group(1), n) < n:
+            body = [x for x in lines[labels[m.group(1)]:n + 1] if "\t" in x]
+            text = "\n".join(body)
+            if "MMA" in text:
+                out.append(f"loop {m.group(1)} lines {labels[m.group(1)]}-{n}: instrs={len(body)} {count(SASS, text)}")
+    return out
+
+
+def report(name: str, compiled) -> str:
+    """Print the counts of a triton.compile result; returns its SASS."""
+    from triton.tools.disasm import get_sass
+
+    md, ptx = compiled.metadata, compiled.asm["ptx"]
+    sass = get_sass(compiled.asm["cubin"])
+    print(f"== {name}: smem={md.shared} warps={md.num_warps} stages={md.num_stages} ptxas: {ptxas_usage(ptx)}")
+    print("   ttgir:", count(TTGIR, compiled.asm["ttgir"]))
+    print("   ptx:", count(PTX, ptx))
+    print("   sass:", count(SASS, sass))
+    for line in loops(sass):
+        print("   ", line)
+    return sass
