@@ -202,21 +202,25 @@ def decode_reference(x: DecodeInputs, d: int) -> torch.Tensor:
 
 def decode_runners(w: DecodeWorkload, s: Shapes, x: DecodeInputs, device: str) -> dict:
     """name -> a zero-argument callable returning out [B, H, D] (a view), or the reason the runner cannot run."""
-    d = s.D
-    q, qr = x.q[..., :d], x.q[..., d:]  # [B, 1, H, D], [B, 1, H, DR]: views
-    extra = {} if x.k_scale is None else {"k_scale": x.k_scale}
-    made: dict = {}
-    contiguous = attnc.compile(mla_spec(s, paged=False), backend="triton")
-    made["attnc"] = lambda: contiguous(q, x.cache[..., :d], qr=qr, kr=x.cache[..., d:], scale=SCALE, **extra)[:, 0]
-    paged = attnc.compile(mla_spec(s, paged=True), backend="triton")
-    made[f"attnc-paged{s.page}"] = lambda: paged(q, x.pool[..., :d], qr=qr, kr=x.pool[..., d:], block_table=x.table,
-                                                 kv_len=x.lengths, scale=SCALE, **extra)[:, 0]
+    made = attnc_runners(s, x)
     if s.fp8:  # the peers' FP8 latent paths are not wired: compare with the bf16 grid's JSON (the 1.7x target)
         return made
     made.update(sdpa_decode_runners(w, s, x))
     made["flex"] = flex_decode_runner(w, s, x, device)
     made["flashinfer"] = flashinfer_runner(w, s, x)
     return made
+
+
+def attnc_runners(s: Shapes, x: DecodeInputs) -> dict:
+    """attnc on the contiguous cache ("attnc") and on the paged pool ("attnc-paged<PAGE>"), as decode_runners."""
+    d = s.D
+    q, qr = x.q[..., :d], x.q[..., d:]  # [B, 1, H, D], [B, 1, H, DR]: views
+    extra = {} if x.k_scale is None else {"k_scale": x.k_scale}
+    contiguous = attnc.compile(mla_spec(s, paged=False), backend="triton")
+    paged = attnc.compile(mla_spec(s, paged=True), backend="triton")
+    return {"attnc": lambda: contiguous(q, x.cache[..., :d], qr=qr, kr=x.cache[..., d:], scale=SCALE, **extra)[:, 0],
+            f"attnc-paged{s.page}": lambda: paged(q, x.pool[..., :d], qr=qr, kr=x.pool[..., d:], block_table=x.table,
+                                                  kv_len=x.lengths, scale=SCALE, **extra)[:, 0]}
 
 
 def sdpa_decode_runners(w: DecodeWorkload, s: Shapes, x: DecodeInputs) -> dict:

@@ -149,6 +149,17 @@ def test_paged_heads_major_layout_and_a_page_of_one_slot():
         check(spec, q, k, v, splits=(None, 2), table=table, lens=lens)
 
 
+@pytest.mark.parametrize("layout", ["PAGES, PAGE, HKV, D", "PAGES, HKV, PAGE, D"])
+def test_a_page_bound_by_dims_holds_whole_key_tiles(layout):
+    """PAGE = 32 bound by `dims` is two whole key tiles of the interpreter's 16: the kernel reads one page id a tile
+    and steps k and v as a contiguous cache's, in either pool layout, split or not (junk ids past the last pages)."""
+    spec = parse_one(PAGED.format(dt="f32", layout=layout).replace("    paged", "    dims PAGE = 32\n    paged"))
+    assert spec.dim_values == {"PAGE": 32}
+    k, v, table, lens = paged_cache([0, 1, 37, 100], 32, 2, 64, torch.float32, layout=layout)
+    q = torch.randn(4, 2, 8, 64, device=DEVICE)
+    check(spec, q, k, v, splits=(1, 3), table=table, lens=lens)
+
+
 VARLEN = """attention r {{
     q: f32[T, H, D]  k: f32[TK, HKV, D]  v: f32[TK, HKV, D]
     ragged q by cu_q

@@ -1,8 +1,9 @@
 """Multi-head latent attention (MLA): a score that sums dot products of query-side and key-side tensors
 (`(q @ k + qr @ kr) * scale`) and values that are the keys (`@ k`). The language and its checker errors, the
 float64 reference against a direct einsum, and the Triton decode kernel (dense, paged at pages of 16 and 64,
-ragged; split-KV included) against the reference with NaN-poisoned outputs, on the CPU through Triton's
-interpreter."""
+ragged; split-KV included; a page size bound by `dims`, whole key tiles to a page or not, with bad page ids)
+against the reference with NaN-poisoned outputs, on the CPU through Triton's interpreter."""
+import contextlib
 from dataclasses import replace
 
 import pytest
@@ -216,6 +217,48 @@ def test_paged_kernel_matches_the_reference(page, lengths, m, h):
     torch.manual_seed(page + sum(lengths))
     q, k, kw = _paged_call(page, lengths, m, h)
     assert_matches(PAGED, _compile(PAGED)(q, k, **kw), attnc.reference(PAGED, q, k, **kw), tol=1e-5)
+
+
+def _bound_page(page):
+    """PAGED with its page size bound by `dims`: the kernel then knows whether a page holds whole key tiles."""
+    return replace(PAGED, dims=tuple(sorted({**PAGED.dim_values, "PAGE": page}.items())))
+
+
+# The interpreter's key tile is 16 wide: pages of 32 hold two whole tiles (one page id a tile, read once, and the
+# tile's in-page offsets fixed), pages of 24 do not (a page id per key column, as for an unbound PAGE).
+@pytest.mark.parametrize("page", [32, 24])
+@pytest.mark.parametrize("lengths, m", [([100, 37, 0, 1], 1), ([250], 1), ([75, 40], 3)], ids=["batch", "split", "causal"])
+def test_a_page_bound_by_dims_matches_the_reference(page, lengths, m):
+    spec = _bound_page(page)
+    torch.manual_seed(page * 7 + sum(lengths) + m)
+    q, k, kw = _paged_call(page, lengths, m, 8)  # the table: a random permutation of the pool's pages
+    assert_matches(spec, _compile(spec)(q, k, **kw), attnc.reference(spec, q, k, **kw), tol=1e-5)
+
+
+@pytest.mark.parametrize("page", [32, 24])
+def test_bad_page_ids_of_a_bound_page_are_flagged_and_poisoned(page):
+    """A page id out of range in a sequence's pages poisons that sequence's rows (NaN) and is recorded; the other
+    rows match the reference, and garbage past a sequence's last page is never read."""
+    spec = _bound_page(page)
+    torch.manual_seed(page)
+    lengths = [70, 100, 37]  # none a multiple of 16, 24 or 32
+    q, k, kw = _paged_call(page, lengths, 1, 8)
+    pages, table = k.shape[0], kw["block_table"]
+    want = attnc.reference(spec, q, k, **kw)
+    bad = table.clone()
+    bad[1, 2] = pages + 1000  # sequence 1's third page, read by the kernel
+    bad[2, table.shape[1] - 1] = -5  # past sequence 2's last page: never read
+    kern = _compile(spec)
+    with contextlib.suppress(CallError):
+        attnc.check_errors()  # clears whatever an earlier test left
+    out, lse = kern(q, k, **dict(kw, block_table=bad))
+    assert out[1].isnan().all() and lse[1].isnan().all()
+    for b in (0, 2):
+        torch.testing.assert_close(out[b].double(), want[0][b], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(lse[b].double(), want[1][b], rtol=1e-5, atol=1e-5)
+    with pytest.raises(CallError, match=rf"^block_table: block_table\[1, 2\] = {pages + 1000} is not a page id"):
+        attnc.check_errors()
+    attnc.check_errors()  # one record: the unread entry of sequence 2 was not flagged
 
 
 def test_the_paged_example_runs_at_its_page_of_64():

@@ -35,13 +35,17 @@ def generate_decode(plan: KernelPlan) -> str:
         storage.update(kv_offsets=names.tensor(kv.offsets), kv_offsets_stride=names.stride(kv.offsets, 0))
         offsets.append(dict(arg=names.tensor(kv.offsets), stride=names.stride(kv.offsets, 0),
                             tensor=place[kv.offsets], total=names.capacity("N"), is_kv=1))
-    elif isinstance(kv, Paged):
-        page = spec.dim_values.get("PAGE")
+    page = spec.dim_values.get("PAGE")
+    if isinstance(kv, Paged):
         storage.update(kv_lengths=names.tensor(kv.lengths), kv_lengths_stride=names.stride(kv.lengths, 0),
                        table=names.tensor(kv.table), table_row_stride=names.stride(kv.table, 0),
                        table_stride=names.stride(kv.table, 1), page_size=str(page) if page else names.size("PAGE"),
                        lengths_tensor=str(place[kv.lengths]), table_tensor=str(place[kv.table]))
 
+    dots = latent_dots(plan)
+    # every key-side tile as key_steps walks it: (name, stride between keys, between pages, keys along its rows)
+    key_sides = [("k_tile", "s_kn", "s_kb", False)] + ([] if spec.shares_kv else [("v_tile", "s_vn", "s_vb", True)])
+    key_sides += [(d["key_tile"], d["seq_stride"], d["pages_stride"], False) for d in dots]
     signature = decode_signature(args)
     d = plan.decode.tile
     return template("decode.py.j2").render(
@@ -58,7 +62,11 @@ def generate_decode(plan: KernelPlan) -> str:
         kv_storage="paged" if isinstance(kv, Paged) else "ragged" if isinstance(kv, Ragged) else "dense",
         index_data=spec.q_storage is not None or kv is not None,
         offsets=offsets,
-        dots=latent_dots(plan),
+        dots=dots,
+        key_sides=key_sides,
+        # a page size bound by `dims` that is a multiple of the launch's BLOCK_N (a constexpr condition): each key
+        # tile lies in one page, so the kernel reads one page id a tile and steps its tiles as a contiguous cache's
+        page_tiles=f"{page} % BLOCK_N == 0" if isinstance(kv, Paged) and page else "",
         shares_kv=spec.shares_kv,
         k_fp8=spec.k.dtype in FP8_DTYPES,
         v_fp8=spec.v.dtype in FP8_DTYPES,
@@ -88,18 +96,16 @@ def latent_dots(plan: KernelPlan) -> list[dict]:
         head = "" if head_axis is None else f" + kvh * {names.stride(key.name, head_axis)}"  # none: one K/V head
         if isinstance(spec.kv_storage, Paged):
             base = f"{names.tensor(key.name)}{head}"
-            columns = (f"page * {names.stride(key.name, ka['PAGES'])} + slot * "
-                       f"{names.stride(key.name, ka['PAGE'])}")
+            seq, pages = names.stride(key.name, ka["PAGE"]), names.stride(key.name, ka["PAGES"])
         else:
-            seq = names.stride(key.name, ka["TK" if "TK" in ka else "N"])
+            seq, pages = names.stride(key.name, ka["TK" if "TK" in ka else "N"]), ""
             start = f" + k_row0 * {seq}" if isinstance(spec.kv_storage, Ragged) else ""
             batch_k = f" + b * {names.stride(key.name, ka['B'])}" if "B" in ka else ""
             base = f"{names.tensor(key.name)}{batch_k}{start}{head}"
-            columns = f"j_col.to(tl.int64) * {seq}"
         dots.append(dict(
             tile=f"qk_{n}", query_tile=f"qdot{n}_tile", key_tile=f"kdot{n}_tile", key_base=f"kdot{n}_base",
             offs=offs, width=max(16, next_pow2(size)), dim=str(size), base=base, fp8=key.dtype in FP8_DTYPES,
-            columns=columns, key_dim_stride=names.stride(key.name, ka[dim]),
+            seq_stride=seq, pages_stride=pages, key_dim_stride=names.stride(key.name, ka[dim]),
             query=(f"{names.tensor(query.name)} + {batch}h_row[:, None] * {names.stride(query.name, qa['H'])} + "
                    f"{rows}[:, None] * {names.stride(query.name, qa['T' if 'T' in qa else 'M'])} + "
                    f"{offs}[None, :] * {names.stride(query.name, qa[dim])}")))
