@@ -43,6 +43,7 @@ from ..ir import (
 )
 from . import compiler, symbolic
 from .check import check_attention, number_problem, spec_name
+from .signature import call_key
 from .symbolic import Sym
 
 _CAPTURE_HINT = (" that is not a variable it captures; a mod can index tensors it captures from its closure or "
@@ -283,6 +284,7 @@ def _latent(query, key, value, enable_gqa) -> tuple[torch.Tensor, torch.Tensor, 
 
 SNAPSHOTS_PER_MOD = 8  # captured-value snapshots whose traces a score_mod keeps (a tensor rebound per step, ...)
 VARIANTS = 64  # (score trace, block mask) pairs whose merged inputs and names are kept
+CALLS = 64  # call signatures (shapes, strides, ...) whose kernels are kept for a direct look-up
 
 
 # What the score reaching score_mod is made from (_base_score): the scale, and the number of extra dot products.
@@ -365,6 +367,7 @@ class _Variant:
     block_mask: "BlockMask | None"
     tensors: dict[str, torch.Tensor]
     inputs: tuple[torch.Tensor, ...]
+    names: tuple[str, ...]  # of the inputs
     name: str
     key: tuple
 
@@ -377,6 +380,10 @@ class _Variant:
 _VARIANTS: dict[tuple[int, int], _Variant] = {}
 # (variant key, q/k/v signature, input dtypes and ranks, return_lse, normalizer, backend) -> (spec, kernel)
 _KERNELS: dict[tuple, tuple[Attention, object]] = {}
+# (call_key, id of the variant, return_lse, normalizer as passed, backend, enable_gqa as passed) -> (the block mask
+# checked, the variant, the kernel, its prepared launch for the call_key): a plain call's look-up, by the key its
+# kernel reads too, kept where a launch was prepared; oldest dropped first
+_CALLS: dict[tuple, tuple] = {}
 
 
 def _check_scale(scale) -> None:
@@ -413,7 +420,7 @@ def _new_variant(score: ModTrace, block_mask: BlockMask | None, score_mod: Calla
                                 f"name; rename the variable (each captured tensor becomes an input named after it)")
     name = _name(score_mod, block_mask.mask_mod if block_mask is not None else None)
     key = (score.key, mask.key if mask is not None else None, name, *tensors)
-    variant = _Variant(score, block_mask, tensors, tuple(tensors.values()), name, key)
+    variant = _Variant(score, block_mask, tensors, tuple(tensors.values()), tuple(tensors), name, key)
     if len(_VARIANTS) >= VARIANTS:
         _VARIANTS.pop(next(iter(_VARIANTS)))
     _VARIANTS[(id(score), id(mask))] = variant
@@ -446,12 +453,10 @@ def _name(score_mod, mask_mod) -> str:
     return spec_name("_".join(n for n in names if spec_name(n, None)), "flex_attention")
 
 
-def _variant(query, key, value, latent: _Latent | None, score_mod, block_mask, scale, enable_gqa,
-             return_lse) -> tuple[tuple, _Variant]:
-    """(cache key, variant): all a call needs before the kernel is found. The key holds what the spec depends on
-    (dtypes, whether K/V have their own head count and v its own head dim, the inputs' dtypes and ranks; the
-    latent form's own), so a hit builds no declarations. `block_mask` is attnc's BlockMask (or None) by now;
-    query, key and value are _latent's q, k, v."""
+def _signature(query, key, value, latent: _Latent | None, block_mask, enable_gqa) -> tuple:
+    """What the spec depends on in the call's q, k, v (dtypes, whether K/V have their own head count and v its own
+    head dim; the latent form's own), checking them and the block mask's sizes against them. `block_mask` is
+    attnc's BlockMask (or None) by now; query, key and value are _latent's q, k, v."""
     if latent is not None:
         signature = latent.signature
     else:
@@ -466,17 +471,26 @@ def _variant(query, key, value, latent: _Latent | None, score_mod, block_mask, s
             raise
     if block_mask is not None:
         _check_block_mask(block_mask, query.shape, key.shape[-2])
+    return signature
+
+
+def _variant(score_mod, block_mask: BlockMask | None, scale, dots: int) -> _Variant:
+    """The variant of a score_mod (traced for this scale and `dots` extra dot products) with a block mask."""
     if scale is not None:
         _check_scale(scale)
-    dots = len(latent.pairs) if latent is not None else 0
     score = _score_trace(score_mod, (scale, dots))
     mask = block_mask.trace if block_mask is not None else None
     variant = _VARIANTS.get((id(score), id(mask)))
     if variant is None:
         variant = _new_variant(score, block_mask, score_mod, dots)
+    return variant
+
+
+def _kernel_key(signature: tuple, variant: _Variant, return_lse) -> tuple:
+    """The start of a _KERNELS key: what the spec depends on, so that a hit builds no declarations."""
     # A tensor's dtype and rank can change in place (`t.data = ...`): read them on every call.
     inputs = tuple([(t.dtype, t.dim()) for t in variant.inputs]) if variant.inputs else ()
-    return (variant.key, signature, inputs, bool(return_lse)), variant
+    return variant.key, signature, inputs, bool(return_lse)
 
 
 def _normalizer(normalizer) -> type[Normalizer]:
@@ -517,7 +531,8 @@ def flex_spec(query, key, value, score_mod=None, block_mask=None, scale=None, en
     if block_mask is not None and not isinstance(block_mask, BlockMask):
         block_mask = _from_torch(block_mask)
     q, k, v, latent = _latent(query, key, value, enable_gqa)
-    _, variant = _variant(q, k, v, latent, score_mod, block_mask, scale, enable_gqa, lse)
+    _signature(q, k, v, latent, block_mask, enable_gqa)
+    variant = _variant(score_mod, block_mask, scale, len(latent.pairs) if latent is not None else 0)
     return _build_spec(q, k, v, latent, enable_gqa, variant, lse, _normalizer(normalizer))
 
 
@@ -535,18 +550,44 @@ def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=Non
     lse = _wants_lse(return_lse, return_aux)
     if block_mask is not None and not isinstance(block_mask, BlockMask):
         block_mask = _from_torch(block_mask)
+    backend = kernel_options.get("backend") if kernel_options else None
+    call = None
+    # A plain call (query a tensor: no extra dot products) whose kernel is known for its call_key takes it from
+    # _CALLS: a hit's q, k, v are tensors whose shapes were checked, for that kernel and block mask, on the path
+    # below. Traced, a key of every stride would make Dynamo guard on each.
+    if not isinstance(query, tuple) and not torch.compiler.is_compiling():
+        variant = _variant(score_mod, block_mask, scale, 0)
+        try:
+            tensors_key = call_key(query, key, value, variant.tensors, variant.names)
+            call = (tensors_key, id(variant), lse, normalizer, backend, enable_gqa)
+            hit = _CALLS.get(call)
+        except (AttributeError, KeyError, TypeError):
+            call = None  # not tensors, or an unhashable option: the path below words the error
+        else:
+            if hit is not None and hit[0] is block_mask:
+                result = hit[2].call(query, key, value, variant.tensors, tensors_key, prepared=hit[3])
+                return result if return_aux is None else _with_aux(result, lse)
     q, k, v, latent = _latent(query, key, value, enable_gqa)
-    cache_key, variant = _variant(q, k, v, latent, score_mod, block_mask, scale, enable_gqa, lse)
-    kind = _normalizer(normalizer)
-    cache_key += (kind, kernel_options.get("backend") if kernel_options else None)
+    signature = _signature(q, k, v, latent, block_mask, enable_gqa)
+    variant = _variant(score_mod, block_mask, scale, len(latent.pairs) if latent is not None else 0)
+    cache_key = _kernel_key(signature, variant, lse) + (_normalizer(normalizer), backend)
     entry = _KERNELS.get(cache_key)
     if entry is None:
-        spec = _build_spec(q, k, v, latent, enable_gqa, variant, lse, kind)
-        entry = _KERNELS[cache_key] = (spec, compiler.compile_spec(spec, backend=cache_key[-1]))
-    if latent is None:
-        result = entry[1](q, k, v, **variant.tensors)
-    else:
+        spec = _build_spec(q, k, v, latent, enable_gqa, variant, lse, cache_key[-2])
+        entry = _KERNELS[cache_key] = (spec, compiler.compile_spec(spec, backend=backend))
+    if latent is not None:
         result = entry[1](q, k, *(() if latent.shares_kv else (v,)), **latent.inputs, **variant.tensors)
-    if return_aux is None:
-        return result
+    else:
+        kernel = entry[1]
+        result = kernel.call(q, k, v, variant.tensors, call[0] if call is not None else None)
+        prepared = kernel.prepared_launch(call[0]) if call is not None else None
+        if prepared is not None:
+            if len(_CALLS) >= CALLS:
+                _CALLS.pop(next(iter(_CALLS)), None)  # the oldest
+            _CALLS[call] = (block_mask, variant, kernel, prepared)  # holding the variant keeps its id in the key unique
+    return result if return_aux is None else _with_aux(result, lse)
+
+
+def _with_aux(result, lse: bool) -> tuple:
+    """flex_attention's result for return_aux: (out, AuxOutput(lse=...))."""
     return (result[0], AuxOutput(lse=result[1])) if lse else (result, AuxOutput())
