@@ -43,7 +43,7 @@ from ..ir import (
 )
 from . import compiler, symbolic
 from .check import check_attention, number_problem, spec_name
-from .signature import call_key
+from .signature import call_key, call_key_of_inputs
 from .symbolic import Sym
 
 _CAPTURE_HINT = (" that is not a variable it captures; a mod can index tensors it captures from its closure or "
@@ -285,6 +285,7 @@ def _latent(query, key, value, enable_gqa) -> tuple[torch.Tensor, torch.Tensor, 
 SNAPSHOTS_PER_MOD = 8  # captured-value snapshots whose traces a score_mod keeps (a tensor rebound per step, ...)
 VARIANTS = 64  # (score trace, block mask) pairs whose merged inputs and names are kept
 CALLS = 64  # call signatures (shapes, strides, ...) whose kernels are kept for a direct look-up
+_NO_KEYWORDS: dict = {}
 
 
 # What the score reaching score_mod is made from (_base_score): the scale, and the number of extra dot products.
@@ -304,7 +305,8 @@ class _ScoreMod:
         self.current: tuple[symbolic.Captures, dict[_Base, ModTrace]] = (symbolic.Captures({}, None), {})
         self.seen: dict[tuple, tuple[symbolic.Captures, dict[_Base, ModTrace]]] = {}
 
-    def trace(self, score_mod: Callable, base: _Base) -> ModTrace:
+    def trace(self, score_mod: Callable, base: _Base) -> tuple[ModTrace, symbolic.Captures | None]:
+        """The trace for `base`, and the Captures it was made from (None where it is not kept)."""
         captured, traces = self.current
         if not captured.unchanged():
             captured, traces = self.current = self._snapshot(score_mod)
@@ -312,9 +314,10 @@ class _ScoreMod:
         if trace is None:
             score = Sym(_base_score(base), "float")
             trace = _trace_mod(score_mod, "score_mod", (score, *_index_args()), "number", captured)
-            if captured.unchanged():  # else something was rebound while tracing: keep nothing
-                traces[base] = trace
-        return trace
+            if not captured.unchanged():  # something was rebound while tracing: keep nothing
+                return trace, None
+            traces[base] = trace
+        return trace, captured
 
     def _snapshot(self, score_mod: Callable) -> tuple[symbolic.Captures, dict[_Base, ModTrace]]:
         captured = symbolic.captures(score_mod)
@@ -340,12 +343,16 @@ def _forget(ref: weakref.ref, key: int) -> None:
         del _SCORE_MODS[key]
 
 
-def _score_trace(score_mod: Callable | None, base: _Base) -> ModTrace:
+def _score_trace(score_mod: Callable | None,
+                 base: _Base) -> tuple[ModTrace, _ScoreMod | None, symbolic.Captures | None]:
+    """The score's trace, with score_mod's state and the Captures the trace was made from, which tell whether
+    a later call of the same mod may reuse it (None, None without a score_mod; Captures None where the trace is
+    not kept)."""
     if score_mod is None:
         trace = _PLAIN_SCORES.get(base)
         if trace is None:
             trace = _PLAIN_SCORES[base] = ModTrace(_base_score(base))
-        return trace
+        return trace, None, None
     state = _SCORE_MODS.get(id(score_mod))
     if state is None or state.mod() is not score_mod:
         try:
@@ -354,7 +361,8 @@ def _score_trace(score_mod: Callable | None, base: _Base) -> ModTrace:
             state = _ScoreMod()
         else:
             _SCORE_MODS[id(score_mod)] = state
-    return state.trace(score_mod, base)
+    trace, captured = state.trace(score_mod, base)
+    return trace, state, captured if state.mod is not None else None  # not weak-referenceable: not kept
 
 
 @dataclass(frozen=True, eq=False)
@@ -380,10 +388,28 @@ class _Variant:
 _VARIANTS: dict[tuple[int, int], _Variant] = {}
 # (variant key, q/k/v signature, input dtypes and ranks, return_lse, normalizer, backend) -> (spec, kernel)
 _KERNELS: dict[tuple, tuple[Attention, object]] = {}
-# (call_key, id of the variant, return_lse, normalizer as passed, backend, enable_gqa as passed) -> (the block mask
-# checked, the variant, the kernel, its prepared launch for the call_key): a plain call's look-up, by the key its
-# kernel reads too, kept where a launch was prepared; oldest dropped first
-_CALLS: dict[tuple, tuple] = {}
+# A plain call's look-up, kept where its kernel prepared a launch; oldest dropped first:
+# (call_key of q, k, v alone, id of the score_mod, id of the block mask, scale, return_lse, and normalizer, backend
+# and enable_gqa as passed) -> _Call. A hit holds when the score_mod is the one whose state it keeps (the ids are
+# pinned: the block mask is held, the mod checked through its state's weak reference), its captures are unchanged,
+# and the tensors it captures have the shapes, strides, dtypes and devices they had (`t.data = ...` changes them).
+_CALLS: dict[tuple, "_Call"] = {}
+
+
+class _Call(NamedTuple):
+    state: "_ScoreMod | None"  # None without a score_mod
+    captured: "symbolic.Captures | None"  # what the score trace was made from
+    block_mask: "BlockMask | None"
+    variant: _Variant
+    key: tuple  # the kernel's call_key: q, k, v's and the captured tensors'
+    kernel: object
+    prepared: Callable  # the kernel's prepared launch for `key`
+
+    def holds(self, score_mod, q_key: tuple) -> bool:
+        """Whether a call of `score_mod` whose q, k, v have `q_key` may take this kernel and launch."""
+        state, names = self.state, self.variant.names
+        return (state is None or state.mod() is score_mod and self.captured.unchanged()) and (
+            not names or call_key_of_inputs(self.variant.tensors, names) == self.key[len(q_key):])
 
 
 def _check_scale(scale) -> None:
@@ -474,16 +500,18 @@ def _signature(query, key, value, latent: _Latent | None, block_mask, enable_gqa
     return signature
 
 
-def _variant(score_mod, block_mask: BlockMask | None, scale, dots: int) -> _Variant:
-    """The variant of a score_mod (traced for this scale and `dots` extra dot products) with a block mask."""
+def _variant(score_mod, block_mask: BlockMask | None, scale,
+             dots: int) -> tuple[_Variant, _ScoreMod | None, symbolic.Captures | None]:
+    """The variant of a score_mod (traced for this scale and `dots` extra dot products) with a block mask, and what
+    tells a later call whether its score trace still holds (_score_trace)."""
     if scale is not None:
         _check_scale(scale)
-    score = _score_trace(score_mod, (scale, dots))
+    score, state, captured = _score_trace(score_mod, (scale, dots))
     mask = block_mask.trace if block_mask is not None else None
     variant = _VARIANTS.get((id(score), id(mask)))
     if variant is None:
         variant = _new_variant(score, block_mask, score_mod, dots)
-    return variant
+    return variant, state, captured
 
 
 def _kernel_key(signature: tuple, variant: _Variant, return_lse) -> tuple:
@@ -532,7 +560,7 @@ def flex_spec(query, key, value, score_mod=None, block_mask=None, scale=None, en
         block_mask = _from_torch(block_mask)
     q, k, v, latent = _latent(query, key, value, enable_gqa)
     _signature(q, k, v, latent, block_mask, enable_gqa)
-    variant = _variant(score_mod, block_mask, scale, len(latent.pairs) if latent is not None else 0)
+    variant, _, _ = _variant(score_mod, block_mask, scale, len(latent.pairs) if latent is not None else 0)
     return _build_spec(q, k, v, latent, enable_gqa, variant, lse, _normalizer(normalizer))
 
 
@@ -552,39 +580,41 @@ def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=Non
         block_mask = _from_torch(block_mask)
     backend = kernel_options.get("backend") if kernel_options else None
     call = None
-    # A plain call (query a tensor: no extra dot products) whose kernel is known for its call_key takes it from
-    # _CALLS: a hit's q, k, v are tensors whose shapes were checked, for that kernel and block mask, on the path
-    # below. Traced, a key of every stride would make Dynamo guard on each.
-    if not isinstance(query, tuple) and not torch.compiler.is_compiling():
-        variant = _variant(score_mod, block_mask, scale, 0)
+    # The look-up of a plain call (query a tensor: no extra dot products) by its q, k, v's call_key, whose hit has
+    # had its shapes checked for that kernel and block mask on the path below (_CALLS). A scale of another type
+    # than a float may be one the path below refuses (True == 1.0). Traced, a key of every stride would make
+    # Dynamo guard on each.
+    if not isinstance(query, tuple) and (scale is None or type(scale) is float) \
+            and not torch.compiler.is_compiling():
         try:
-            tensors_key = call_key(query, key, value, variant.tensors, variant.names)
-            call = (tensors_key, id(variant), lse, normalizer, backend, enable_gqa)
+            q_key = call_key(query, key, value, _NO_KEYWORDS, ())
+            call = (q_key, id(score_mod), id(block_mask), scale, lse, normalizer, backend, enable_gqa)
             hit = _CALLS.get(call)
         except (AttributeError, KeyError, TypeError):
             call = None  # not tensors, or an unhashable option: the path below words the error
         else:
-            if hit is not None and hit[0] is block_mask:
-                result = hit[2].call(query, key, value, variant.tensors, tensors_key, prepared=hit[3])
+            if hit is not None and hit.holds(score_mod, q_key):
+                result = hit.kernel.call(query, key, value, hit.variant.tensors, hit.key, prepared=hit.prepared)
                 return result if return_aux is None else _with_aux(result, lse)
     q, k, v, latent = _latent(query, key, value, enable_gqa)
     signature = _signature(q, k, v, latent, block_mask, enable_gqa)
-    variant = _variant(score_mod, block_mask, scale, len(latent.pairs) if latent is not None else 0)
+    variant, state, captured = _variant(score_mod, block_mask, scale, len(latent.pairs) if latent is not None else 0)
     cache_key = _kernel_key(signature, variant, lse) + (_normalizer(normalizer), backend)
     entry = _KERNELS.get(cache_key)
     if entry is None:
         spec = _build_spec(q, k, v, latent, enable_gqa, variant, lse, cache_key[-2])
         entry = _KERNELS[cache_key] = (spec, compiler.compile_spec(spec, backend=backend))
+    kernel = entry[1]
     if latent is not None:
-        result = entry[1](q, k, *(() if latent.shares_kv else (v,)), **latent.inputs, **variant.tensors)
+        result = kernel(q, k, *(() if latent.shares_kv else (v,)), **latent.inputs, **variant.tensors)
     else:
-        kernel = entry[1]
-        result = kernel.call(q, k, v, variant.tensors, call[0] if call is not None else None)
-        prepared = kernel.prepared_launch(call[0]) if call is not None else None
-        if prepared is not None:
+        tensors_key = None if call is None else call[0] + call_key_of_inputs(variant.tensors, variant.names)
+        result = kernel.call(q, k, v, variant.tensors, tensors_key)
+        prepared = kernel.prepared_launch(tensors_key) if tensors_key is not None else None
+        if prepared is not None and (score_mod is None or captured is not None):
             if len(_CALLS) >= CALLS:
                 _CALLS.pop(next(iter(_CALLS)), None)  # the oldest
-            _CALLS[call] = (block_mask, variant, kernel, prepared)  # holding the variant keeps its id in the key unique
+            _CALLS[call] = _Call(state, captured, block_mask, variant, tensors_key, kernel, prepared)
     return result if return_aux is None else _with_aux(result, lse)
 
 

@@ -76,6 +76,17 @@ def call_key(q, k, v, kwargs: Mapping[str, object], input_names: tuple[str, ...]
     front-ends' look-ups, which pass it on so that a call reads it once."""
     key = (q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(), q.dtype, k.dtype, v.dtype, q.device,
            k.device, v.device, *kwargs)
+    return key + _inputs_key(kwargs, input_names) if input_names else key
+
+
+def call_key_of_inputs(kwargs: Mapping[str, object], input_names: tuple[str, ...]) -> tuple:
+    """What call_key adds to `call_key(q, k, v, {}, ())` for these keywords and inputs:
+    `call_key(q, k, v, kwargs, names) == call_key(q, k, v, {}, ()) + call_key_of_inputs(kwargs, names)`."""
+    return (*kwargs, *_inputs_key(kwargs, input_names))
+
+
+def _inputs_key(kwargs: Mapping[str, object], input_names: tuple[str, ...]) -> tuple:
+    key = ()
     for name in input_names:
         t = kwargs[name]
         key += (t.shape, t.stride(), t.dtype, t.device)
