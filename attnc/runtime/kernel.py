@@ -95,7 +95,7 @@ class Kernel:
         if len(args) != 3 or self._shares_kv:
             args = positional_qkv(self.spec, args, kwargs)
         q, k, v = args
-        return self.call(q, k, v, kwargs, validate=validate)
+        return self.call(q, k, v, kwargs, None, validate)
 
     def call(self, q, k, v, kwargs: dict, key: tuple | None = None, validate: bool = False,
              prepared: Callable | None = None) -> Result:
