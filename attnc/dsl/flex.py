@@ -279,8 +279,10 @@ def _latent(query, key, value, enable_gqa) -> tuple[torch.Tensor, torch.Tensor, 
 
 # ---------------------------------------------------------------- flex_attention
 
-# The per-call path, on a hit: the q/k/v signature, the block mask's sizes, a few reads and identity checks of
-# what the score_mod captures, then dictionary look-ups. Walking and tracing happen only when something changed.
+# The per-call path, on a hit: q, k, v's call_key, one look-up (_CALLS), a few reads and identity checks of what
+# the score_mod captures, then the kernel's prepared launch. Where a call misses it (no launch prepared yet, another
+# shape, a changed capture): the q/k/v signature, the block mask's sizes, the traces' and kernels' look-ups.
+# Walking and tracing happen only when something changed.
 
 SNAPSHOTS_PER_MOD = 8  # captured-value snapshots whose traces a score_mod keeps (a tensor rebound per step, ...)
 VARIANTS = 64  # (score trace, block mask) pairs whose merged inputs and names are kept
