@@ -298,23 +298,26 @@ def host_us_per_call(fn, calls: int = 10, rounds: int = 300) -> float:
     return host_us_interleaved({"fn": fn}, calls, rounds)["fn"]
 
 
-def host_us_interleaved(fns: dict, calls: int = 10, rounds: int = 300) -> dict[str, float]:
+def host_us_interleaved(fns: dict, calls: int = 10, rounds: int = 300,
+                        statistic: Callable[[list[float]], float] = statistics.median) -> dict[str, float]:
     """host_us_per_call of each function, measured in turn within every round, so a change of the host's speed
     during the measurement (the first one timed in a process ran 20 us where a later one ran 16) reaches all
-    of them alike."""
+    of them alike. `statistic` over the rounds: the median; `min` where other processes share the host (their
+    load only adds time). Without a GPU nothing is synchronized."""
+    synchronize = torch.cuda.synchronize if torch.cuda.is_available() else lambda: None
     for fn in fns.values():
         for _ in range(50):
             fn()
     times = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
-            torch.cuda.synchronize()
+            synchronize()
             start = time.perf_counter()
             for _ in range(calls):
                 fn()
             times[name].append((time.perf_counter() - start) / calls * 1e6)
-    torch.cuda.synchronize()
-    return {name: statistics.median(t) for name, t in times.items()}
+    synchronize()
+    return {name: statistic(t) for name, t in times.items()}
 
 
 def host_us_against_sdpa(fn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[float, float]:

@@ -43,6 +43,7 @@ from ..ir import (
 )
 from . import compiler, symbolic
 from .check import check_attention, number_problem, spec_name
+from .signature import call_key, call_key_of_inputs
 from .symbolic import Sym
 
 _CAPTURE_HINT = (" that is not a variable it captures; a mod can index tensors it captures from its closure or "
@@ -278,11 +279,15 @@ def _latent(query, key, value, enable_gqa) -> tuple[torch.Tensor, torch.Tensor, 
 
 # ---------------------------------------------------------------- flex_attention
 
-# The per-call path, on a hit: the q/k/v signature, the block mask's sizes, a few reads and identity checks of
-# what the score_mod captures, then dictionary look-ups. Walking and tracing happen only when something changed.
+# The per-call path, on a hit: q, k, v's call_key, one look-up (_CALLS), a few reads and identity checks of what
+# the score_mod captures, then the kernel's prepared launch. Where a call misses it (no launch prepared yet, another
+# shape, a changed capture): the q/k/v signature, the block mask's sizes, the traces' and kernels' look-ups.
+# Walking and tracing happen only when something changed.
 
 SNAPSHOTS_PER_MOD = 8  # captured-value snapshots whose traces a score_mod keeps (a tensor rebound per step, ...)
 VARIANTS = 64  # (score trace, block mask) pairs whose merged inputs and names are kept
+CALLS = 64  # call signatures (shapes, strides, ...) whose kernels are kept for a direct look-up
+_NO_KEYWORDS: dict = {}
 
 
 # What the score reaching score_mod is made from (_base_score): the scale, and the number of extra dot products.
@@ -302,7 +307,8 @@ class _ScoreMod:
         self.current: tuple[symbolic.Captures, dict[_Base, ModTrace]] = (symbolic.Captures({}, None), {})
         self.seen: dict[tuple, tuple[symbolic.Captures, dict[_Base, ModTrace]]] = {}
 
-    def trace(self, score_mod: Callable, base: _Base) -> ModTrace:
+    def trace(self, score_mod: Callable, base: _Base) -> tuple[ModTrace, symbolic.Captures | None]:
+        """The trace for `base`, and the Captures it was made from (None where it is not kept)."""
         captured, traces = self.current
         if not captured.unchanged():
             captured, traces = self.current = self._snapshot(score_mod)
@@ -310,9 +316,10 @@ class _ScoreMod:
         if trace is None:
             score = Sym(_base_score(base), "float")
             trace = _trace_mod(score_mod, "score_mod", (score, *_index_args()), "number", captured)
-            if captured.unchanged():  # else something was rebound while tracing: keep nothing
-                traces[base] = trace
-        return trace
+            if not captured.unchanged():  # something was rebound while tracing: keep nothing
+                return trace, None
+            traces[base] = trace
+        return trace, captured
 
     def _snapshot(self, score_mod: Callable) -> tuple[symbolic.Captures, dict[_Base, ModTrace]]:
         captured = symbolic.captures(score_mod)
@@ -338,12 +345,16 @@ def _forget(ref: weakref.ref, key: int) -> None:
         del _SCORE_MODS[key]
 
 
-def _score_trace(score_mod: Callable | None, base: _Base) -> ModTrace:
+def _score_trace(score_mod: Callable | None,
+                 base: _Base) -> tuple[ModTrace, _ScoreMod | None, symbolic.Captures | None]:
+    """The score's trace, with score_mod's state and the Captures the trace was made from, which tell whether
+    a later call of the same mod may reuse it (None, None without a score_mod; Captures None where the trace is
+    not kept)."""
     if score_mod is None:
         trace = _PLAIN_SCORES.get(base)
         if trace is None:
             trace = _PLAIN_SCORES[base] = ModTrace(_base_score(base))
-        return trace
+        return trace, None, None
     state = _SCORE_MODS.get(id(score_mod))
     if state is None or state.mod() is not score_mod:
         try:
@@ -352,7 +363,8 @@ def _score_trace(score_mod: Callable | None, base: _Base) -> ModTrace:
             state = _ScoreMod()
         else:
             _SCORE_MODS[id(score_mod)] = state
-    return state.trace(score_mod, base)
+    trace, captured = state.trace(score_mod, base)
+    return trace, state, captured if state.mod is not None else None  # not weak-referenceable: not kept
 
 
 @dataclass(frozen=True, eq=False)
@@ -365,6 +377,7 @@ class _Variant:
     block_mask: "BlockMask | None"
     tensors: dict[str, torch.Tensor]
     inputs: tuple[torch.Tensor, ...]
+    names: tuple[str, ...]  # of the inputs
     name: str
     key: tuple
 
@@ -377,6 +390,28 @@ class _Variant:
 _VARIANTS: dict[tuple[int, int], _Variant] = {}
 # (variant key, q/k/v signature, input dtypes and ranks, return_lse, normalizer, backend) -> (spec, kernel)
 _KERNELS: dict[tuple, tuple[Attention, object]] = {}
+# A plain call's look-up, kept where its kernel prepared a launch; oldest dropped first:
+# (call_key of q, k, v alone, id of the score_mod, id of the block mask, scale, return_lse, and normalizer, backend
+# and enable_gqa as passed) -> _Call. A hit holds when the score_mod is the one whose state it keeps (the ids are
+# pinned: the block mask is held, the mod checked through its state's weak reference), its captures are unchanged,
+# and the tensors it captures have the shapes, strides, dtypes and devices they had (`t.data = ...` changes them).
+_CALLS: dict[tuple, "_Call"] = {}
+
+
+class _Call(NamedTuple):
+    state: "_ScoreMod | None"  # None without a score_mod
+    captured: "symbolic.Captures | None"  # what the score trace was made from
+    block_mask: "BlockMask | None"
+    variant: _Variant
+    key: tuple  # the kernel's call_key: q, k, v's and the captured tensors'
+    kernel: object
+    prepared: Callable  # the kernel's prepared launch for `key`
+
+    def holds(self, score_mod, q_key: tuple) -> bool:
+        """Whether a call of `score_mod` whose q, k, v have `q_key` may take this kernel and launch."""
+        state, names = self.state, self.variant.names
+        return (state is None or state.mod() is score_mod and self.captured.unchanged()) and (
+            not names or call_key_of_inputs(self.variant.tensors, names) == self.key[len(q_key):])
 
 
 def _check_scale(scale) -> None:
@@ -413,7 +448,7 @@ def _new_variant(score: ModTrace, block_mask: BlockMask | None, score_mod: Calla
                                 f"name; rename the variable (each captured tensor becomes an input named after it)")
     name = _name(score_mod, block_mask.mask_mod if block_mask is not None else None)
     key = (score.key, mask.key if mask is not None else None, name, *tensors)
-    variant = _Variant(score, block_mask, tensors, tuple(tensors.values()), name, key)
+    variant = _Variant(score, block_mask, tensors, tuple(tensors.values()), tuple(tensors), name, key)
     if len(_VARIANTS) >= VARIANTS:
         _VARIANTS.pop(next(iter(_VARIANTS)))
     _VARIANTS[(id(score), id(mask))] = variant
@@ -446,12 +481,10 @@ def _name(score_mod, mask_mod) -> str:
     return spec_name("_".join(n for n in names if spec_name(n, None)), "flex_attention")
 
 
-def _variant(query, key, value, latent: _Latent | None, score_mod, block_mask, scale, enable_gqa,
-             return_lse) -> tuple[tuple, _Variant]:
-    """(cache key, variant): all a call needs before the kernel is found. The key holds what the spec depends on
-    (dtypes, whether K/V have their own head count and v its own head dim, the inputs' dtypes and ranks; the
-    latent form's own), so a hit builds no declarations. `block_mask` is attnc's BlockMask (or None) by now;
-    query, key and value are _latent's q, k, v."""
+def _signature(query, key, value, latent: _Latent | None, block_mask, enable_gqa) -> tuple:
+    """What the spec depends on in the call's q, k, v (dtypes, whether K/V have their own head count and v its own
+    head dim; the latent form's own), checking them and the block mask's sizes against them. `block_mask` is
+    attnc's BlockMask (or None) by now; query, key and value are _latent's q, k, v."""
     if latent is not None:
         signature = latent.signature
     else:
@@ -466,17 +499,28 @@ def _variant(query, key, value, latent: _Latent | None, score_mod, block_mask, s
             raise
     if block_mask is not None:
         _check_block_mask(block_mask, query.shape, key.shape[-2])
+    return signature
+
+
+def _variant(score_mod, block_mask: BlockMask | None, scale,
+             dots: int) -> tuple[_Variant, _ScoreMod | None, symbolic.Captures | None]:
+    """The variant of a score_mod (traced for this scale and `dots` extra dot products) with a block mask, and what
+    tells a later call whether its score trace still holds (_score_trace)."""
     if scale is not None:
         _check_scale(scale)
-    dots = len(latent.pairs) if latent is not None else 0
-    score = _score_trace(score_mod, (scale, dots))
+    score, state, captured = _score_trace(score_mod, (scale, dots))
     mask = block_mask.trace if block_mask is not None else None
     variant = _VARIANTS.get((id(score), id(mask)))
     if variant is None:
         variant = _new_variant(score, block_mask, score_mod, dots)
+    return variant, state, captured
+
+
+def _kernel_key(signature: tuple, variant: _Variant, return_lse) -> tuple:
+    """The start of a _KERNELS key: what the spec depends on, so that a hit builds no declarations."""
     # A tensor's dtype and rank can change in place (`t.data = ...`): read them on every call.
     inputs = tuple([(t.dtype, t.dim()) for t in variant.inputs]) if variant.inputs else ()
-    return (variant.key, signature, inputs, bool(return_lse)), variant
+    return variant.key, signature, inputs, bool(return_lse)
 
 
 def _normalizer(normalizer) -> type[Normalizer]:
@@ -517,7 +561,8 @@ def flex_spec(query, key, value, score_mod=None, block_mask=None, scale=None, en
     if block_mask is not None and not isinstance(block_mask, BlockMask):
         block_mask = _from_torch(block_mask)
     q, k, v, latent = _latent(query, key, value, enable_gqa)
-    _, variant = _variant(q, k, v, latent, score_mod, block_mask, scale, enable_gqa, lse)
+    _signature(q, k, v, latent, block_mask, enable_gqa)
+    variant, _, _ = _variant(score_mod, block_mask, scale, len(latent.pairs) if latent is not None else 0)
     return _build_spec(q, k, v, latent, enable_gqa, variant, lse, _normalizer(normalizer))
 
 
@@ -535,18 +580,46 @@ def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=Non
     lse = _wants_lse(return_lse, return_aux)
     if block_mask is not None and not isinstance(block_mask, BlockMask):
         block_mask = _from_torch(block_mask)
+    backend = kernel_options.get("backend") if kernel_options else None
+    call = None
+    # The look-up of a plain call (query a tensor: no extra dot products) by its q, k, v's call_key, whose hit has
+    # had its shapes checked for that kernel and block mask on the path below (_CALLS). A scale of another type
+    # than a float may be one the path below refuses (True == 1.0). Traced, a key of every stride would make
+    # Dynamo guard on each.
+    if not isinstance(query, tuple) and (scale is None or type(scale) is float) \
+            and not torch.compiler.is_compiling():
+        try:
+            q_key = call_key(query, key, value, _NO_KEYWORDS, ())
+            call = (q_key, id(score_mod), id(block_mask), scale, lse, normalizer, backend, enable_gqa)
+            hit = _CALLS.get(call)
+        except (AttributeError, KeyError, TypeError):
+            call = None  # not tensors, or an unhashable option: the path below words the error
+        else:
+            if hit is not None and hit.holds(score_mod, q_key):
+                result = hit.kernel.call(query, key, value, hit.variant.tensors, hit.key, prepared=hit.prepared)
+                return result if return_aux is None else _with_aux(result, lse)
     q, k, v, latent = _latent(query, key, value, enable_gqa)
-    cache_key, variant = _variant(q, k, v, latent, score_mod, block_mask, scale, enable_gqa, lse)
-    kind = _normalizer(normalizer)
-    cache_key += (kind, kernel_options.get("backend") if kernel_options else None)
+    signature = _signature(q, k, v, latent, block_mask, enable_gqa)
+    variant, state, captured = _variant(score_mod, block_mask, scale, len(latent.pairs) if latent is not None else 0)
+    cache_key = _kernel_key(signature, variant, lse) + (_normalizer(normalizer), backend)
     entry = _KERNELS.get(cache_key)
     if entry is None:
-        spec = _build_spec(q, k, v, latent, enable_gqa, variant, lse, kind)
-        entry = _KERNELS[cache_key] = (spec, compiler.compile_spec(spec, backend=cache_key[-1]))
-    if latent is None:
-        result = entry[1](q, k, v, **variant.tensors)
+        spec = _build_spec(q, k, v, latent, enable_gqa, variant, lse, cache_key[-2])
+        entry = _KERNELS[cache_key] = (spec, compiler.compile_spec(spec, backend=backend))
+    kernel = entry[1]
+    if latent is not None:
+        result = kernel(q, k, *(() if latent.shares_kv else (v,)), **latent.inputs, **variant.tensors)
     else:
-        result = entry[1](q, k, *(() if latent.shares_kv else (v,)), **latent.inputs, **variant.tensors)
-    if return_aux is None:
-        return result
+        tensors_key = None if call is None else call[0] + call_key_of_inputs(variant.tensors, variant.names)
+        result = kernel.call(q, k, v, variant.tensors, tensors_key)
+        prepared = kernel.prepared_launch(tensors_key) if tensors_key is not None else None
+        if prepared is not None and (score_mod is None or captured is not None):
+            if len(_CALLS) >= CALLS:
+                _CALLS.pop(next(iter(_CALLS)), None)  # the oldest
+            _CALLS[call] = _Call(state, captured, block_mask, variant, tensors_key, kernel, prepared)
+    return result if return_aux is None else _with_aux(result, lse)
+
+
+def _with_aux(result, lse: bool) -> tuple:
+    """flex_attention's result for return_aux: (out, AuxOutput(lse=...))."""
     return (result[0], AuxOutput(lse=result[1])) if lse else (result, AuxOutput())

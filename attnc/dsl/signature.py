@@ -69,6 +69,30 @@ def bind(spec: Attention, q, k, v, kwargs: Mapping[str, object]) -> Bound:
     return Bound(q, k, v, MappingProxyType(sizes), MappingProxyType(params), MappingProxyType(inputs), lse_dims)
 
 
+def call_key(q, k, v, kwargs: Mapping[str, object], input_names: tuple[str, ...]) -> tuple:
+    """What bind() and the launch derive from a call, apart from param values and data pointers: every tensor's
+    shape, strides, dtype and device, and the keyword names. Raises AttributeError / KeyError for arguments that
+    are not tensors or a missing input. The per-call key of prepared launches (runtime/kernel.py) and of the
+    front-ends' look-ups, which pass it on so that a call reads it once."""
+    key = (q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(), q.dtype, k.dtype, v.dtype, q.device,
+           k.device, v.device, *kwargs)
+    return key + _inputs_key(kwargs, input_names) if input_names else key
+
+
+def call_key_of_inputs(kwargs: Mapping[str, object], input_names: tuple[str, ...]) -> tuple:
+    """What call_key adds to `call_key(q, k, v, {}, ())` for these keywords and inputs:
+    `call_key(q, k, v, kwargs, names) == call_key(q, k, v, {}, ()) + call_key_of_inputs(kwargs, names)`."""
+    return (*kwargs, *_inputs_key(kwargs, input_names))
+
+
+def _inputs_key(kwargs: Mapping[str, object], input_names: tuple[str, ...]) -> tuple:
+    key = ()
+    for name in input_names:
+        t = kwargs[name]
+        key += (t.shape, t.stride(), t.dtype, t.device)
+    return key
+
+
 def call_usage(spec: Attention) -> str:
     """How a kernel of `spec` is called: `name(q, k, v, *, window: i32 = 4096, slopes: f32[H])`, or `name(q, k,
     ...)` where the values are the keys."""

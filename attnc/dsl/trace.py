@@ -29,7 +29,7 @@ from ..ir import (
 )
 from . import compiler, symbolic
 from .check import check_attention, number_problem, spec_name
-from .signature import qkv_call_error
+from .signature import call_key, qkv_call_error
 from .symbolic import LAYOUTS, Sym, as_expr, function_span, trace_error, user_span
 
 
@@ -273,6 +273,9 @@ def attention(fn: Callable[..., object] | None = None, *, layout: str = "BHSD", 
     return wrap if fn is None else wrap(fn)
 
 
+CALL_KEYS = 64  # call signatures (shapes, strides, ...) each decorated function keeps a direct look-up for
+
+
 class AttentionFunction:
     """A decorated function. Calling it traces (once per signature), compiles (once per signature) and runs."""
 
@@ -292,6 +295,9 @@ class AttentionFunction:
         self._heads_axis = LAYOUTS[layout][1]
         self._specs: dict[tuple, Attention] = {}
         self._compiled: dict[tuple, tuple[Attention, object]] = {}  # signature -> (spec, kernel)
+        # call_key (over every declared input) -> (spec, kernel, the kernel's prepared launch for that key): a hit
+        # reads each tensor's attributes and looks the key up once; kept where a launch was prepared
+        self._calls: dict[tuple, tuple[Attention, object, object]] = {}
         self._last: Attention | None = None
         functools.update_wrapper(self, fn)
 
@@ -313,15 +319,33 @@ class AttentionFunction:
         self._last = self._spec(self._signature(q, k, v, kwargs), q, k, v, kwargs)
         return self._last
 
-    def __call__(self, *args, **kwargs):
+    def __call__(self, *args, validate: bool = False, **kwargs):
         q, k, v = self._qkv(args, kwargs)
+        key = None
+        if not torch.compiler.is_compiling():  # traced, a key of every stride would make Dynamo guard on each
+            try:
+                key = call_key(q, k, v, kwargs, self._inputs)
+                hit = self._calls.get(key)
+            except (AttributeError, KeyError, TypeError):
+                pass  # not tensors, or a missing input: _signature words the error
+            else:
+                if hit is not None:
+                    self._last = hit[0]
+                    return hit[1].call(q, k, v, kwargs, key, validate, hit[2])
         signature = self._signature(q, k, v, kwargs)
         entry = self._compiled.get(signature)
         if entry is None:
             spec = self._spec(signature, q, k, v, kwargs)
             entry = self._compiled[signature] = (spec, compiler.compile_spec(spec, backend=self.backend))
-        self._last = entry[0]
-        return entry[1](q, k, **kwargs) if self._shares_kv else entry[1](q, k, v, **kwargs)
+        spec, kernel = entry
+        self._last = spec
+        result = kernel.call(q, k, v, kwargs, key, validate)
+        prepared = kernel.prepared_launch(key) if key is not None else None
+        if prepared is not None:
+            if len(self._calls) >= CALL_KEYS:
+                self._calls.pop(next(iter(self._calls)), None)  # the oldest
+            self._calls[key] = (spec, kernel, prepared)
+        return result
 
     @property
     def usage(self) -> str:

@@ -162,12 +162,20 @@ attention_backward_op.register_autograd(_no_double_backward, setup_context=lambd
 # ---------------------------------------------------------------- the call
 
 
-def needs_op(q, k, v, kwargs: dict) -> bool:
-    """Whether a call must run through the op: torch.compile is tracing it, or autograd must record it."""
+def needs_op(q, k, v, kwargs: dict, input_names: tuple[str, ...] | None = None) -> bool:
+    """Whether a call must run through the op: torch.compile is tracing it, or autograd must record it.
+    `input_names`: the tensor keywords, where the caller has read a call_key (so q, k, v and these are tensors, and
+    any other keyword is a param, which bind() refuses as a tensor); None: any argument may be a tensor."""
     if torch.compiler.is_compiling():
         return True
     if not torch.is_grad_enabled():
         return False
+    if input_names is not None:
+        try:  # the common case, without a generator: this runs on every call
+            return q.requires_grad or k.requires_grad or v.requires_grad \
+                or bool(input_names) and any(kwargs[name].requires_grad for name in input_names)
+        except AttributeError:
+            pass  # tensor-like, not a tensor
     return any(isinstance(t, torch.Tensor) and t.requires_grad for t in (q, k, v, *kwargs.values()))
 
 

@@ -158,7 +158,7 @@ class TunedKernel:
         kern = self._by_call.get(key)
         if kern is None:
             kern = self._by_call[key] = self._kernel_for(q, k, v, kwargs)
-        return kern(q, k, v, validate=validate, **kwargs)
+        return kern.call(q, k, v, kwargs, key, validate)
 
     def _kernel_for(self, q, k, v, kwargs: dict) -> Kernel:
         spec = self.spec

@@ -15,7 +15,7 @@ import torch
 from .. import index_data
 from . import autograd
 from ..backends import device_errors, get_backend
-from ..dsl.signature import Bound, bind, positional_qkv
+from ..dsl.signature import Bound, bind, call_key, positional_qkv
 from ..errors import CompileError
 from ..ir import Attention
 from ..passes import KernelPlan, PlanOptions, plan_kernel
@@ -65,18 +65,6 @@ def default_backend(device: torch.device) -> str:
 PREPARED_CALLS = 64  # call signatures (shapes, strides, ...) each Kernel keeps a prepared launch for
 
 
-def call_key(q, k, v, kwargs: dict, input_names: tuple[str, ...]) -> tuple:
-    """What bind() and the launch derive from a call, apart from param values and data pointers: every tensor's
-    shape, strides, dtype and device, and the keyword names. Raises AttributeError / KeyError for arguments that
-    are not tensors or a missing input."""
-    key = (q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(), q.dtype, k.dtype, v.dtype, q.device,
-           k.device, v.device, *kwargs)
-    for name in input_names:
-        t = kwargs[name]
-        key += (t.shape, t.stride(), t.dtype, t.device)
-    return key
-
-
 class Kernel:
     """A compiled attention: call it as `kernel(q, k, v, **params_and_inputs)`."""
 
@@ -97,25 +85,37 @@ class Kernel:
         self._input_names = tuple(t.name for t in spec.inputs)
         # read here, not in a call that torch.compile traces (Dynamo cannot enter cached_property's lock)
         self.forward_only = spec.decode_kernel_only  # latent attention, FP8 K/V: no backward kernels
+        self._shares_kv = spec.shares_kv  # read per call: an attribute is cheaper than the spec's property
         # call_key -> a launch that repeats a checked call (Backend.build's `run`): the per-call fast path
         self._prepared: dict[tuple, Callable] = {}
         self.op_key = autograd.register(self)  # its name in the attnc::attention ops (training, torch.compile)
 
     def __call__(self, *args: torch.Tensor, validate: bool = False, **kwargs: object) -> Result:
         """kernel(q, k, v, **params_and_inputs) -> out, or (out, lse); `validate`: see the module docstring."""
-        if len(args) != 3 or self.spec.shares_kv:
+        if len(args) != 3 or self._shares_kv:
             args = positional_qkv(self.spec, args, kwargs)
         q, k, v = args
-        if autograd.needs_op(q, k, v, kwargs):
+        return self.call(q, k, v, kwargs, None, validate)
+
+    def call(self, q, k, v, kwargs: dict, key: tuple | None = None, validate: bool = False,
+             prepared: Callable | None = None) -> Result:
+        """`kernel(q, k, v, **kwargs)` for a caller that has its arguments in hand (a front-end: the decorator,
+        flex_attention): q, k, v as the kernel reads them (v is k where the values are the keys), kwargs neither
+        copied nor changed. `key`: the call's call_key where the caller has read it, with the names of every
+        input the spec declares, or more (a key that tells more calls apart only prepares more launches); None:
+        read here. `prepared`: prepared_launch(key), where the caller keeps it."""
+        if key is None and not torch.compiler.is_compiling():  # traced, it takes the op, and Dynamo reads no key
+            try:
+                key = call_key(q, k, v, kwargs, self._input_names)
+            except (AttributeError, KeyError, TypeError):
+                pass  # not tensors, or a missing input: bind() words the error
+        if autograd.needs_op(q, k, v, kwargs, None if key is None else self._input_names):
             return autograd.call(self, q, k, v, kwargs)
         if validate or index_data.VALIDATE_ALL:
             return self.validated(q, k, v, kwargs)
-        try:
-            key = call_key(q, k, v, kwargs, self._input_names)
-        except (AttributeError, KeyError, TypeError):
-            key = None  # not tensors, or a missing input: bind() words the error
-        else:
-            prepared = self._prepared.get(key)
+        if key is not None:
+            if prepared is None:
+                prepared = self._prepared.get(key)
             if prepared is not None:
                 result = prepared(q, k, v, kwargs)
                 if result is not None:
@@ -130,6 +130,11 @@ class Kernel:
         backend = self.backend if isinstance(self.backend, str) else self.backend_for(q.device).name
         with status(f"attnc: compiling {self.spec.name} ({backend} on {q.device.type}, D={sizes['D']})"):
             return self._launch(impl or self._build(q.device, sizes["D"], sizes["DV"]), bound, key)
+
+    def prepared_launch(self, key: tuple) -> Callable | None:
+        """The launch that repeats calls of this call_key (a caller may keep it and pass it to `call`), or None
+        where the last call of that key could not prepare one."""
+        return self._prepared.get(key)
 
     def validated(self, q, k, v, kwargs: dict) -> Result:
         """A call in validate mode: the kernel records into an error buffer of its own, which is read (a host sync)
