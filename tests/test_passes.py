@@ -182,12 +182,15 @@ def test_banded_masks_take_the_banded_tiles_on_hopper():
 
 
 def test_a_narrow_tile_class_loop_loads_by_pointers_on_hopper():
-    """A data-dependent mask with V rows under 128 bytes (DV = 32 bf16: property seed 1004, a shared-memory read out
-    of bounds through descriptors on the H100) plans pointer loads; 128-byte rows and element-wise masks keep the
-    descriptors."""
+    """A data-dependent mask with V rows under 128 bytes (DV = 32 bf16: property seed 1004, wrong on the H100 at the
+    128x128 tile) plans pointer loads and key tiles of 32 unless the user set one; 128-byte rows and element-wise
+    masks keep the descriptors and the tuned tile."""
     doc = "input qdoc: i32[B, M]\ninput kdoc: i32[B, N]\nmask qdoc[b, i] == kdoc[b, j]\n"
     spec = spec_of("attention t {" + header("bf16", doc) + "return softmax(score) @ v }")
-    assert not plan_kernel(spec, H100, 64, 32).triton.tma
+    narrow = plan_kernel(spec, H100, 64, 32)
+    assert not narrow.triton.tma and narrow.tiling.prefill.block_n == 32
+    assert plan_kernel(spec, H100, 64, 32, PlanOptions(block_n=64)).tiling.prefill.block_n == 64
+    assert plan_kernel(spec, H100, 64, 64).tiling.prefill.block_n > 32
     assert not plan_kernel(spec, H100, 64, 32, PlanOptions(tma=True, warp_specialize=True)).triton.tma
     assert plan_kernel(spec, H100, 64, 64).triton.tma
     causal = spec_of("attention t {" + header("bf16", "mask causal\n") + "return softmax(score) @ v }")

@@ -395,12 +395,7 @@ def test_nested_exponentials_on_tvm(poisoned):
 
 
 # Seeds that give a wrong result on the GPU and not on the interpreter: open bugs, each found by this test.
-GPU_WRONG = {
-    1004: "H100, 2026-12-06: out error 2.3 in f16 and bf16 (data-dependent masks, `(i - j) // -4`, a tanh sink, "
-          "DV < D); correct under Triton's interpreter. Session 8: compute-sanitizer saw a shared-memory read out of "
-          "bounds in the tile-class loop's PV dot through descriptors; such plans now load by pointers "
-          "(passes/tiling.narrow_tile_class_loop), not yet run on a GPU: this strict xfail says when it passes",
-}
+GPU_WRONG: dict[int, str] = {}
 
 
 @pytest.mark.gpu

@@ -90,6 +90,7 @@ BACKWARD_TUNED: tuple[BackwardRow, ...] = (
 # 256 floats stay in registers.
 PREP_TILE = TileConfig(32, 16, 4, 1)
 DECODE_MAX_M = 16
+NARROW_TILE_CLASS_KEYS = 32  # narrow_tile_class_loop's key tile on sm_90
 MIN_DOT_ROWS = 16  # tl.dot needs at least 16 rows
 DTYPE_BITS = {"f16": 16, "bf16": 16, "f32": 32}
 
@@ -158,11 +159,16 @@ def stage_pipeline(plan: KernelPlan) -> KernelPlan:
             stages -= 1
         return replace(c, num_stages=stages)
 
-    descriptors = (arch or 0) >= 90 and not narrow_tile_class_loop(plan)
+    narrow = (arch or 0) >= 90 and narrow_tile_class_loop(plan)
+    descriptors = (arch or 0) >= 90 and not narrow
     row = tuned_row(plan)
     tma = descriptors and (row.tma if o.tma is None else o.tma)
     ws = descriptors and (row.warp_specialize if o.warp_specialize is None else o.warp_specialize)
-    tiling = replace(t, prefill=fit(t.prefill), decode=fit(t.decode), short=t.short and fit(t.short))
+
+    def keys(c: TileConfig) -> TileConfig:  # narrow_tile_class_loop says why
+        return replace(c, block_n=min(c.block_n, NARROW_TILE_CLASS_KEYS)) if narrow and not o.block_n else c
+
+    tiling = replace(t, prefill=fit(keys(t.prefill)), decode=fit(t.decode), short=t.short and fit(keys(t.short)))
     # Warp specialization implies descriptors: Triton 3.6's pass fails on the pointer-load loop.
     return replace(plan, tiling=tiling, triton=TritonOptions(dot_precision="ieee", tma=tma or ws, warp_specialize=ws))
 
@@ -170,7 +176,9 @@ def stage_pipeline(plan: KernelPlan) -> KernelPlan:
 def narrow_tile_class_loop(plan: KernelPlan) -> bool:
     """A data-dependent mask (the tile-class loop) with K or V rows under 128 bytes. On the H100 with Triton 3.6
     the descriptor loads of that loop read shared memory out of bounds in the PV dot (DV=32 bf16, property seed
-    1004: compute-sanitizer, session 8; wrong numbers, then an illegal address), so such plans load by pointers."""
+    1004: compute-sanitizer, session 8; wrong numbers, then an illegal address), so such plans load by pointers.
+    Pointer loads alone still gave the wrong numbers at the 128x128 tile (session 9); key tiles of 32 (or query
+    tiles of 32) gave the right ones, so such plans also take at most NARROW_TILE_CLASS_KEYS keys a tile."""
     t, m = plan.tiling, plan.masks
     return m is not None and m.data_dependent and min(t.block_d, t.block_dv) * DTYPE_BITS[plan.dtype] // 8 < 128
 
