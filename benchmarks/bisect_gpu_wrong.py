@@ -1,7 +1,9 @@
 """Which part of a property-test spec makes the GPU wrong: the spec of `--seed` (tests/test_property.py), then
 variants with one part removed or simplified (each mask line, each score line, the sink, lse, the dtype), each
 run through attnc and the reference on the same inputs. A variant that turns correct points at the part it
-removed. Open case: seed 1004 (tests/test_property.py GPU_WRONG), wrong on the H100 and right in the interpreter.
+removed; then the spec as generated under plan overrides (tiles, warps, stages, descriptors, packing): an override
+that turns correct points at the code generator's or Triton's handling of that plan. Seed 1004 (wrong on the H100,
+right in the interpreter) was found right with key tiles of 32 or 16 or query tiles of 32 (session 9).
 
     python3 benchmarks/bisect_gpu_wrong.py --seed 1004 [--dtype bf16] [--device cuda]
 
@@ -22,7 +24,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import attnc  # noqa: E402
+from attnc.passes import PlanOptions  # noqa: E402
 from test_property import case_inputs, generate  # noqa: E402
+
+# The spec as generated, under these plan overrides (the plan's own choice first)
+PLANS = {"plan: keys 32": {"block_n": 32}, "plan: keys 16": {"block_n": 16}, "plan: queries 32": {"block_m": 32},
+         "plan: 1 stage": {"num_stages": 1}, "plan: 8 warps": {"num_warps": 8}, "plan: descriptors": {"tma": True},
+         "plan: heads unpacked": {"pack_heads": False}}
 
 
 def variants(text: str, dtype: str) -> dict[str, str]:
@@ -44,14 +52,14 @@ def variants(text: str, dtype: str) -> dict[str, str]:
     return out
 
 
-def error(text: str, g, seed: int, device: str) -> str:
+def error(text: str, g, seed: int, device: str, options: PlanOptions = PlanOptions()) -> str:
     try:
         (spec,) = attnc.parse(text)
     except attnc.AttncError as e:
         return f"not a spec ({type(e).__name__})"
     q, k, v, kwargs = case_inputs(spec, g, seed, device)
     want = attnc.reference(spec, q, k, v, **kwargs)
-    got = attnc.compile(spec)(q, k, v, **kwargs)
+    got = attnc.compile(spec, options=options)(q, k, v, **kwargs)
     if spec.returns_lse:
         got, want = got[0], want[0]
     err = (got.double() - want.double()).abs().nan_to_num(float("inf")).max().item()
@@ -84,12 +92,14 @@ def main() -> None:
     g = generate(args.seed, args.dtype, large=True)
     texts = variants(g.text, args.dtype)
     if args.variant is not None:
-        print(error(texts[args.variant], g, args.seed, args.device), flush=True)
+        text, options = (g.text, PlanOptions(**PLANS[args.variant])) if args.variant in PLANS else \
+            (texts[args.variant], PlanOptions())
+        print(error(text, g, args.seed, args.device, options), flush=True)
         return
     print(g.describe(), flush=True)
     if args.sanitize is not None:
         print(in_own_process(args, list(texts)[args.sanitize], sanitize=True), flush=True)
-    for name in texts:
+    for name in [*texts, *PLANS]:
         print(f"{in_own_process(args, name):>12}  {name}", flush=True)
 
 
