@@ -90,6 +90,7 @@ def grid_spec(layout: str, form: str, s: bench_mla.Shapes) -> attnc.Attention:
 
 @cache
 def grid_kernel(spec: attnc.Attention, splits: int | None):
+    """One kernel a spec and split count in a process, so that the grid compiles each spec once."""
     return attnc.compile(spec, backend="triton", options=PlanOptions(num_splits=splits))
 
 
