@@ -56,7 +56,8 @@ def reference_grads(w, q, k, v, dout) -> list[torch.Tensor]:
     leaves = [t.float().requires_grad_() for t in (q, k, v)]
     from torch.nn.attention import SDPBackend, sdpa_kernel
     with sdpa_kernel([SDPBackend.MATH]):
-        out = torch.nn.functional.scaled_dot_product_attention(*leaves, is_causal=w.causal)
+        out = torch.nn.functional.scaled_dot_product_attention(*leaves, is_causal=w.causal,
+                                                               enable_gqa=w.H != w.HKV)
     return list(torch.autograd.grad(out, leaves, dout.float()))
 
 
