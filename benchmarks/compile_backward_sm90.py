@@ -54,7 +54,10 @@ for name in sys.argv[1:] or ("causal_lm", "alibi", "dense", "sliding_window", "a
     plan = plan_kernel(spec, Target("triton", "cuda", 90), d, dv)
     # MODULE: a backward module's source to compile in place of the generated one (a hand-edited variant)
     source = os.environ.get("MODULE")
-    bl = gradients.BackwardLauncher(plan, source and gradients.launch.import_source(Path(source), "variant"))
+    module = source and gradients.launch.import_source(Path(source), "variant")
+    if module:  # modules written before DKDV_HEADS loop over a GQA group in one program per K/V head
+        module.DKDV_HEADS = getattr(module, "DKDV_HEADS", "HKV")
+    bl = gradients.BackwardLauncher(plan, module)
     B, H, M = 2, 4, 512
     HKV = 2 if spec.is_gqa_shape else H
     sizes = {"B": B, "H": H, "HKV": HKV, "M": M, "N": M, "D": d, "DV": dv}

@@ -78,7 +78,7 @@ def generate_backward(plan: KernelPlan) -> str:
         # the dQ kernel's key loops: common.key_loops as the forward's, without descriptors
         data_dependent=data_dependent, all_partial=bool(masks.evaluated) and not data_dependent,
         partial_before=bool(masks.exact.lower), ws_arg="",
-        tma=plan.triton.tma, gqa=spec.is_gqa_shape, per_tile_check=backward.queries.per_tile_check,
+        tma=plan.triton.tma, per_tile_check=backward.queries.per_tile_check,
         **{f"{name.removeprefix('attn_bwd_')}_signature": s.render() for name, s in signatures.items()},
         **{f"{name.removeprefix('attn_bwd_')}_scalars": s.unspecialized() for name, s in signatures.items()},
     )

@@ -68,6 +68,9 @@ class BackwardLauncher:
         self.tables = gradient_tables(spec)
         self.signatures = backward_signatures(self.args, self.tables, summary_used(plan), plan.triton.tma)
         self.kernels = {name: getattr(module, name) for name in self.signatures}
+        # the heads attn_bwd_dkdv has one program each for: "H" (a GQA group's shares of dK and dV summed here);
+        # modules of older attnc versions (benchmarks' A/B baselines) loop over the group per K/V head, "HKV"
+        self.dkdv_heads = module.DKDV_HEADS
         # the forward's tile_summary classes the backward's tiles of data-dependent masks
         self.forward = launch.TritonLauncher(plan, launch.load_module(plan)) if summary_used(plan) else None
         self._stages: dict = {}  # pipeline stages that fit, per (kernel, tile)
@@ -82,17 +85,23 @@ class BackwardLauncher:
         dq = launch.empty(q.shape, q.dtype, device) if dq_kernel else torch.zeros(
             q.shape, dtype=torch.float32, device=device)
         dk, dv = launch.empty(k.shape, k.dtype, device), launch.empty(v.shape, v.dtype, device)
+        # one program per query head of a GQA group: each writes its share of dK and dV, summed after the launch
+        grad_views = {"dk": canonical_view(dk, spec.k), "dv": canonical_view(dv, spec.v)}  # [.., HKV, N, D]
+        shares = {} if sizes[self.dkdv_heads] == sizes["HKV"] else {
+            name: launch.empty((*view.shape[:-3], sizes["H"], *view.shape[-2:]), torch.float32, device)
+            for name, view in grad_views.items()}
         delta = torch.empty(lse_shape(bound), dtype=torch.float32, device=device)
         grids = self.grids(sizes)
         programs = {name: grid[0] * grid[1] for name, grid in grids.items()}
         slices, workspaces = self.table_workspaces(bound, programs, deterministic, device)
 
         tensors = {"q": q, "k": k, "v": v, "out": out, "do": dout, "lse": lse, "dlse": lse if dlse is None else dlse,
-                   "delta": delta, "dq": dq, "dk": dk, "dv": dv}
+                   "delta": delta, "dq": dq, "dk": dk, "dv": dv, **shares}
         values = self.args.values(sizes, bound.params, bound.inputs)
         values["launch"] = [max(0, sizes["B"] - 1).bit_length()]
         for name, t in tensors.items():
-            declared = SHAPED_AS.get(name)  # q/k/v-shaped: strides of the canonical view; lse-shaped: as they are
+            # q/k/v-shaped: strides of the canonical view; lse-shaped and the shares (canonical): as they are
+            declared = None if name in shares else SHAPED_AS.get(name)
             view = t if declared is None else canonical_view(t, getattr(spec, declared))
             values[f"{name}_strides"] = padded_strides(view, len(BACKWARD_TENSORS[name][1]))
         if dlse is None:
@@ -116,6 +125,8 @@ class BackwardLauncher:
                                   (name, *keywords[name].items()), spec.name,
                                   "the backward's tiles are the BACKWARD_TUNED table of attnc/passes/tiling.py")
 
+        for name, share in shares.items():  # query head h = kvh * group + g
+            grad_views[name].copy_(share.unflatten(-3, (sizes["HKV"], -1)).sum(-3))
         grads = {"q": dq if dq.dtype == q.dtype else dq.to(q.dtype), "k": dk, "v": dv}
         for (table, _), ws in zip(self.tables, workspaces):
             t = bound.inputs[table]
@@ -124,8 +135,8 @@ class BackwardLauncher:
         return grads
 
     def grids(self, sizes) -> dict[str, tuple[int, int]]:
-        """Each kernel's grid: query tiles x heads (prep, dQ), key tiles x K/V heads (dK/dV). Packed storage gets
-        room for every sequence's last partial tile (its programs find their sequence on the device)."""
+        """Each kernel's grid: query tiles x heads (prep, dQ), key tiles x heads (dK/dV: self.dkdv_heads). Packed
+        storage gets room for every sequence's last partial tile (its programs find their sequence on the device)."""
         b = sizes["B"]
 
         def tiles(size: str, block: int, heads: str, packed: bool) -> tuple[int, int]:
@@ -137,7 +148,7 @@ class BackwardLauncher:
         bp = self.backward
         return {"attn_bwd_prep": tiles("M", bp.prep.block_m, "H", ragged_q),
                 "attn_bwd_dq": tiles("M", bp.dq.block_m, "H", ragged_q),
-                "attn_bwd_dkdv": tiles("N", bp.dkdv.block_n, "HKV", ragged_kv)}
+                "attn_bwd_dkdv": tiles("N", bp.dkdv.block_n, self.dkdv_heads, ragged_kv)}
 
     def table_workspaces(self, bound: Bound, programs: dict[str, int], deterministic: bool, device):
         """Per kernel that adds to input tables, its table_grads group values; and per table the float32 buffer
