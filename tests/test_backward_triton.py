@@ -39,9 +39,9 @@ EXAMPLES = {s.name: s for s in example_specs() if not isinstance(s.kv_storage, P
 Q_LENGTHS, KV_LENGTHS = (13, 0, 40, 7), (30, 5, 20, 1)
 
 
-def call_inputs(spec, m, n, dtype, device, d=None, seed=0):
+def call_inputs(spec, m, n, dtype, device, d=None, seed=0, hkv=None):
     """q, k, v and the keyword arguments of a call of `spec` (typed `dtype`), with M queries and N keys per
-    sequence (the ragged lengths above where storage is ragged)."""
+    sequence (the ragged lengths above where storage is ragged); `hkv` K/V heads of a GQA shape (else 2)."""
     torch.manual_seed(seed)
     dims = spec.dim_values
     d = dims.get("D", d or 64)
@@ -49,6 +49,8 @@ def call_inputs(spec, m, n, dtype, device, d=None, seed=0):
              "R": 16}
     if spec.name == "mqa_decode":
         sizes["HKV"] = 1
+    if hkv is not None:
+        sizes["HKV"] = hkv
     q_lengths, kv_lengths = Q_LENGTHS, KV_LENGTHS
     if spec.q_storage is not None and spec.kv_storage is not None \
             and spec.q_storage.offsets == spec.kv_storage.offsets:
@@ -115,11 +117,11 @@ def reference_grads(spec, q, k, v, kwargs, dout, dlse, out_used=None):
     return {name: torch.zeros_like(t) if g is None else g for (name, t), g in zip(leaves.items(), grads)}
 
 
-def check_backward(spec, m, n, deterministic, with_dlse, dtype=None, device=DEVICE, d=None, seed=0):
+def check_backward(spec, m, n, deterministic, with_dlse, dtype=None, device=DEVICE, d=None, seed=0, hkv=None):
     """The backward of one call against the reference; returns its gradients."""
     dtype = dtype or spec.q.dtype
     spec = with_dtype(spec, dtype)
-    q, k, v, kwargs = call_inputs(spec, m, n, dtype, device, d, seed)
+    q, k, v, kwargs = call_inputs(spec, m, n, dtype, device, d, seed, hkv)
     plan, bound, out, lse = forward(spec, q, k, v, kwargs)
     dout = torch.randn(*out.shape, 2, device=device)[..., 0].to(out.dtype)  # strided, as autograd may hand it
     dlse = torch.randn_like(lse) if with_dlse else None
@@ -188,6 +190,12 @@ PADDED = _spec("""attention padded {
 def test_padded_head_dims_gqa_sink_and_a_table_per_key(deterministic):
     # D = 40, DV = 24 (padded to 64 and 32), GQA 4/2, a bias indexed by (h, j) (col-level offsets), a scaled sink
     check_backward(PADDED, 61, 83, deterministic, True, d=40)
+
+
+@pytest.mark.parametrize("hkv", [4, 1])
+def test_gqa_shape_with_a_group_of_one_or_all_heads(hkv):
+    # attn_bwd_dkdv has a program per query head: a group of 1 writes dK and dV itself, one of 4 sums 4 shares
+    check_backward(EXAMPLES["gqa_causal"], 37, 45, True, False, hkv=hkv)
 
 
 def test_dq_kernel_where_atomics_are_allowed(monkeypatch):
