@@ -90,7 +90,8 @@ for name in sys.argv[1:] or ("causal_lm", "alibi", "dense", "sliding_window", "a
                 ck = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
                                     options=options)
                 print("ok  ", name, "det" if det else "atomic", fn.__name__, flush=True)
-                if STATS:
+                if STATS:  # which source it compiled: attnc's import and the module's file
+                    print("   source:", attnc.__file__, fn.fn.__code__.co_filename)
                     kernel_stats.report(f"{name} {'det' if det else 'atomic'} {fn.__name__}", ck)
             except Exception as e:
                 ok = False
