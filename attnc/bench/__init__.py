@@ -268,13 +268,14 @@ def _attnc_runner(w: Workload, q, k, v, extra):
     return lambda: kern(q, k, v, **kwargs)
 
 
-def _attnc_gluon_runner(w: Workload, q, k, v, extra):
-    """attnc with the Gluon warpgroup prefill forced (PlanOptions(gluon=True); the `attnc` column takes it only
-    where it measured faster); None where it would not run, since the template's row is attnc's then."""
+def attnc_gluon_runner(w: Workload, q, k, v, extra, options=None):
+    """attnc with the Gluon warpgroup prefill forced (`options`, PlanOptions(gluon=True) by default; the `attnc`
+    column takes it only where it measured faster); None where it would not run, since the template's row is
+    attnc's then."""
     from ..backends.triton.gluon import unavailable_here
     from ..passes import PlanOptions
 
-    kern = attnc.compile(attnc.parse(w.spec)[0], options=PlanOptions(gluon=True))
+    kern = attnc.compile(attnc.parse(w.spec)[0], options=options or PlanOptions(gluon=True))
     if kern.plan(q.device, w.D).warpgroups.path != "gluon" or unavailable_here():
         return None
     kwargs = {**w.params, **extra}
@@ -293,7 +294,9 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-def run_workload(w: Workload, device: str, check_tol: float = 2e-2) -> dict:
+def run_workload(w: Workload, device: str, check_tol: float = 2e-2, makers: Callable | None = None) -> dict:
+    """One row: the workload's inputs, and each runner of `makers` (runner_makers by default: its signature)
+    checked, then timed (measure)."""
     gen = torch.Generator(device=device).manual_seed(hash(w.name) & 0xFFFF)
     mk = lambda h: torch.randn(w.B, h, w.S, w.D, device=device, dtype=torch.bfloat16, generator=gen)
     q, k, v = mk(w.H), mk(w.HKV), mk(w.HKV)
@@ -302,7 +305,7 @@ def run_workload(w: Workload, device: str, check_tol: float = 2e-2) -> dict:
     row: dict = {"workload": w.name, "group": w.group, "B": w.B, "H": w.H, "HKV": w.HKV, "S": w.S, "D": w.D,
                  "flops": flops, "results": {}}
     timings: dict = {}
-    measure(runner_makers(w, q, k, v, extra, timings), row["results"], flops, check_tol)
+    measure((makers or runner_makers)(w, q, k, v, extra, timings), row["results"], flops, check_tol)
     row.update(timings)
     return row
 
@@ -313,7 +316,7 @@ def runner_makers(w: Workload, q, k, v, extra: dict, timings: dict) -> dict[str,
     both)."""
     return {
         "attnc": lambda: _attnc_runner(w, q, k, v, extra),
-        "attnc-gluon": lambda: _attnc_gluon_runner(w, q, k, v, extra),
+        "attnc-gluon": lambda: attnc_gluon_runner(w, q, k, v, extra),
         "sdpa-cudnn": lambda: _sdpa_runner("CUDNN_ATTENTION")(w, q, k, v, extra),
         "sdpa-flash": lambda: _sdpa_runner("FLASH_ATTENTION")(w, q, k, v, extra),
         "sdpa-efficient": lambda: _sdpa_runner("EFFICIENT_ATTENTION")(w, q, k, v, extra),
