@@ -41,6 +41,9 @@ class PlanOptions:
     # cores), "parallel" (the same without turns) or "cooperative" (one partition of two warpgroups sharing
     # every step); None: the pass's choice
     warpgroup_schedule: str | None = None
+    # the Triton prefill's QK^T over D's power-of-two chunks (192 = 128 + 64: passes/tiling.py head_dim_chunks);
+    # False pads D to a power of two as the other kernels do; None: chunks where D has them
+    chunk_head_dim: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -131,8 +134,17 @@ class Tiling:
     prefill: TileConfig
     decode: TileConfig  # for launches whose rows (M, times packed heads) fit in decode.block_m
     decode_max_m: int  # M up to this uses the decode config
+    # The Triton prefill's column chunks of D: powers of two that sum to D, or (one chunk) block_d. qk is one dot
+    # per chunk, so D = 192 loads and multiplies 128 + 64 columns, not 256 (passes/tiling.py `head_dim_chunks`).
+    # The decode, backward and Gluon kernels pad D to block_d.
+    d_chunks: tuple[int, ...]
     short: TileConfig | None = None  # the prefill tile for M up to short_max_m (an M regime of the tuned table)
     short_max_m: int = 0
+
+    @property
+    def prefill_d(self) -> int:
+        """The q/k columns a Triton prefill tile loads: D where it is chunked, else block_d."""
+        return sum(self.d_chunks)
 
     @property
     def configs(self) -> tuple[TileConfig, ...]:
@@ -290,8 +302,10 @@ class KernelPlan:
         if self.tiling:
             t = self.tiling
             short = f"; M <= {t.short_max_m} {_tile(t.short)}" if t.short else ""
-            lines.append(f"  tiles      BLOCK_D={t.block_d} BLOCK_DV={t.block_dv} prefill {_tile(t.prefill)}{short}; "
-                         f"decode (M <= {t.decode_max_m}) {_tile(t.decode)}")
+            chunked = (f" (prefill: D in chunks {'+'.join(map(str, t.d_chunks))}, one dot each; decode, backward and "
+                       f"Gluon pad to {t.block_d})") if len(t.d_chunks) > 1 else ""
+            lines.append(f"  tiles      BLOCK_D={t.block_d}{chunked} BLOCK_DV={t.block_dv} prefill {_tile(t.prefill)}"
+                         f"{short}; decode (M <= {t.decode_max_m}) {_tile(t.decode)}")
         if self.heads:
             lines.append(f"  gqa        pack heads: {self.heads.pack} (up to {self.heads.max_rows} rows)")
         if self.decode:
