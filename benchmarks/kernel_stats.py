@@ -2,7 +2,8 @@
 spills, counts of the instructions that tell how it runs (wgmma vs mma.sync, TMA, ldmatrix/stmatrix and shared
 memory round trips, local-memory spills, exp2, atomics), and the same counts per loop of the SASS that holds an
 MMA (a backward branch's body; a pipelined loop's waits may fall outside or inside it, so read the counts as
-rough). benchmarks/compile_backward_sm90.py prints them with STATS=1."""
+rough). benchmarks/compile_backward_sm90.py prints them with STATS=1, benchmarks/compile_prefill_sm90.py always.
+`compile_sm90` compiles a launch the scripts captured as the JIT would specialize it."""
 from __future__ import annotations
 
 import os
@@ -69,3 +70,27 @@ def report(name: str, compiled) -> str:
     for line in loops(sass):
         print("   ", line)
     return sass
+
+
+def compile_sm90(fn, args: list, keywords: dict):
+    """triton.compile of the JIT function `fn` for sm_90, specialized as the JIT would for the launch's `args`
+    (integers divisible by 16 and aligned pointers become attributes, which change what the pipeliner does) and
+    constexpr `keywords`; the other keywords (num_warps, num_stages, ...) are compile options."""
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import CUDABackend
+    from triton.compiler import ASTSource
+    from triton._C.libtriton import native_specialize_impl
+    import triton
+
+    signature, constexprs, attrs = {}, {}, {}
+    for i, (an, param, value) in enumerate(zip(fn.arg_names, fn.params, [*args, *[None] * (len(fn.params) - len(args))])):
+        if param.is_constexpr:
+            signature[an], constexprs[an] = "constexpr", keywords.get(an)
+            continue
+        signature[an], attr = native_specialize_impl(CUDABackend, value, False, not param.do_not_specialize, True)
+        if signature[an] == "constexpr":  # an integer 1, or None
+            constexprs[an] = attr
+        elif isinstance(attr, str):
+            attrs[(i,)] = CUDABackend.parse_attr(attr)
+    options = {k: v for k, v in keywords.items() if k not in fn.arg_names}
+    return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32), options=options)
