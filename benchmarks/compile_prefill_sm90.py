@@ -2,11 +2,11 @@
 prefill specs for sm_90 without a GPU, and print ptxas' registers and spills, the shared memory and the instruction
 counts per loop (benchmarks/kernel_stats.py): MLA's non-absorbed D = 192 / DV = 128 with D in chunks (128 + 64, one
 dot each: passes/tiling.py head_dim_chunks) and padded to 256 (PlanOptions(chunk_head_dim=False), what main does),
-and dense D = 128 for scale; K through tensor descriptors (TMA) and through pointers. PlanOptions(gluon=False): the
+and dense D = 128 for scale (--dims: other D/DV pairs); K through tensor descriptors (TMA) and through pointers. PlanOptions(gluon=False): the
 Gluon kernel (which takes these launches from M = 4096 by default) pads D either way. Needs Triton 3.6 (the GPU
 machine's), e.g.
 
-    PYTHONPATH=$PWD /tmp/venv36/bin/python benchmarks/compile_prefill_sm90.py [--tile 128,128,8,2] [--tma 1]
+    PYTHONPATH=$PWD /tmp/venv36/bin/python benchmarks/compile_prefill_sm90.py [--tile 128,128,8,2] [--tma 1] [--dims 96/96]
 
 --tile BM,BN,warps,stages overrides the plan's prefill tile (stages: as the plan counts them, fitted to shared memory).
 Exit status 1 if a kernel fails to compile."""
@@ -22,13 +22,12 @@ from attnc.backends.triton import launch
 from attnc.dsl.signature import bind
 from attnc.passes import PlanOptions, Target, plan_kernel
 from attnc.passes.kernels import prefill_kernel
+from attnc.passes.tiling import head_dim_chunks
 
 sys.path.insert(0, str(Path(__file__).parent))
 import bench_mla  # noqa: E402  (the benchmark's specs, so both compile the same kernel)
 import kernel_stats  # noqa: E402
 
-# (label, D, DV, chunk_head_dim)
-VARIANTS = (("mla chunked", 192, 128, None), ("mla padded", 192, 128, False), ("dense", 128, 128, None))
 
 
 def main() -> int:
@@ -36,11 +35,17 @@ def main() -> int:
     ap.add_argument("--tile", help="BM,BN,warps,stages: the prefill tile instead of the plan's")
     ap.add_argument("--tma", type=int, choices=(0, 1), nargs="*", default=[1, 0], help="the TMA constexprs to build")
     ap.add_argument("--seq", type=int, default=4096, help="M = N (the launch's tile regime)")
+    ap.add_argument("--dims", nargs="*", default=["192/128", "128/128"],
+                    help="D/DV pairs; a D in chunks is built chunked and padded")
     args = ap.parse_args()
+    pairs = [tuple(map(int, p.split("/"))) for p in args.dims]
+    variants = [(label, d, dv, chunk) for d, dv in pairs
+                for label, chunk in ((("chunked", None), ("padded", False)) if len(head_dim_chunks(d)) > 1
+                                     else (("one chunk", None),))]
     tile = dict(zip(("block_m", "block_n", "num_warps", "num_stages"), map(int, args.tile.split(",")))) \
         if args.tile else {}
     ok = True
-    for label, d, dv, chunk in VARIANTS:
+    for label, d, dv, chunk in variants:
         w = bench_mla.PrefillWorkload(1, 128, args.seq, d, dv)
         spec = bench_mla.prefill_spec(w, bench_mla.GPU)
         plan = plan_kernel(spec, Target("triton", "cuda", 90), d, dv,
