@@ -7,12 +7,16 @@ Gluon kernel (which takes these launches from M = 4096 by default) pads D either
 machine's), e.g.
 
     PYTHONPATH=$PWD /tmp/venv36/bin/python benchmarks/compile_prefill_sm90.py [--tile 128,128,8,2] [--tma 1] [--dims 96/96]
+    PYTHONPATH=$PWD /tmp/venv36/bin/python benchmarks/compile_prefill_sm90.py --gluon [--keys 64 128]
 
 --tile BM,BN,warps,stages overrides the plan's prefill tile (stages: as the plan counts them, fitted to shared memory).
-Exit status 1 if a kernel fails to compile."""
+--gluon builds the Gluon warpgroup kernel (attn_fwd_gluon, PlanOptions(gluon=True)) instead, D in chunks and padded,
+at the key tiles of --keys (PlanOptions.warpgroup_block_n; default the plan's). Exit status 1 if a kernel fails to
+compile."""
 import argparse
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 os.environ["TRITON_INTERPRET"] = "0"
@@ -20,13 +24,38 @@ import torch
 
 from attnc.backends.triton import launch
 from attnc.dsl.signature import bind
+from attnc.errors import CompileError
 from attnc.passes import PlanOptions, Target, plan_kernel
 from attnc.passes.kernels import prefill_kernel
 from attnc.passes.tiling import head_dim_chunks
 
 sys.path.insert(0, str(Path(__file__).parent))
 import bench_mla  # noqa: E402  (the benchmark's specs, so both compile the same kernel)
+import compile_gluon_sm90  # noqa: E402
 import kernel_stats  # noqa: E402
+
+
+def gluon_kernels(label: str, d: int, dv: int, chunk, keys: list[int], work: Path) -> bool:
+    """Compile and report attn_fwd_gluon of the variant at each key tile; False if one fails to compile."""
+    ok = True
+    spec = bench_mla.prefill_spec(bench_mla.PrefillWorkload(1, 128, 4096, d, dv), bench_mla.GPU)
+    for block_n in keys or [None]:
+        options = PlanOptions(gluon=True, chunk_head_dim=chunk, warpgroup_block_n=block_n)
+        name = f"gluon {label} D={d} DV={dv} BN={block_n or 'plan'}"
+        try:
+            plan = plan_kernel(spec, Target("triton", "cuda", 90), d, dv, options)
+        except CompileError as e:  # a key tile whose ring does not fit
+            print(f"skip {name}: {e}", flush=True)
+            continue
+        w = plan.warpgroups.layout
+        name = (f"gluon {label} D={d} DV={dv} chunks={'+'.join(map(str, w.d_chunks))} BN={w.block_n} "
+                f"stages={w.stages} overlap={w.overlap}")
+        try:
+            kernel_stats.report(name, compile_gluon_sm90.compile_gluon(plan, work))
+        except Exception as e:  # report every kernel, then fail
+            ok = False
+            print(f"FAIL {name}: {type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}", flush=True)
+    return ok
 
 
 
@@ -37,6 +66,8 @@ def main() -> int:
     ap.add_argument("--seq", type=int, default=4096, help="M = N (the launch's tile regime)")
     ap.add_argument("--dims", nargs="*", default=["192/128", "128/128"],
                     help="D/DV pairs; a D in chunks is built chunked and padded")
+    ap.add_argument("--gluon", action="store_true", help="the Gluon warpgroup kernel instead of the template")
+    ap.add_argument("--keys", type=int, nargs="*", default=[], help="--gluon: key tiles (warpgroup_block_n)")
     args = ap.parse_args()
     pairs = [tuple(map(int, p.split("/"))) for p in args.dims]
     variants = [(label, d, dv, chunk) for d, dv in pairs
@@ -45,6 +76,11 @@ def main() -> int:
     tile = dict(zip(("block_m", "block_n", "num_warps", "num_stages"), map(int, args.tile.split(",")))) \
         if args.tile else {}
     ok = True
+    if args.gluon:
+        with tempfile.TemporaryDirectory() as tmp:
+            for label, d, dv, chunk in variants:
+                ok &= gluon_kernels(label, d, dv, chunk, args.keys, Path(tmp))
+        return 0 if ok else 1
     for label, d, dv, chunk in variants:
         w = bench_mla.PrefillWorkload(1, 128, args.seq, d, dv)
         spec = bench_mla.prefill_spec(w, bench_mla.GPU)

@@ -42,8 +42,8 @@ def ptxas_usage(ptx: str) -> str:
                       if "Used" in line or "spill" in line)
 
 
-def loops(sass: str) -> list[str]:
-    """Per backward branch whose body holds an MMA: its line range and instruction counts."""
+def mma_loops(sass: str) -> list[tuple[str, int, int, list[str]]]:
+    """Per backward branch whose body holds an MMA: its label, line range and instructions."""
     lines = sass.splitlines()
     labels = {line.strip().rstrip(":"): n for n, line in enumerate(lines) if re.match(r"^\s*\.?L\w+:\s*$", line)}
     out = []
@@ -51,10 +51,22 @@ def loops(sass: str) -> list[str]:
         m = re.search(r"\bBRA\s+(\w+)", line)
         if m and labels.get(m.group(1), n) < n:
             body = [x for x in lines[labels[m.group(1)]:n + 1] if "\t" in x]
-            text = "\n".join(body)
-            if "MMA" in text:
-                out.append(f"loop {m.group(1)} lines {labels[m.group(1)]}-{n}: instrs={len(body)} {count(SASS, text)}")
+            if "MMA" in "\n".join(body):
+                out.append((m.group(1), labels[m.group(1)], n, body))
     return out
+
+
+def loops(sass: str) -> list[str]:
+    """Per backward branch whose body holds an MMA: its line range and instruction counts."""
+    return [f"loop {label} lines {start}-{end}: instrs={len(body)} {count(SASS, chr(10).join(body))}"
+            for label, start, end, body in mma_loops(sass)]
+
+
+def key_tile_loop(sass: str) -> str:
+    """The counts of the shortest loop that holds an MMA and an exp2: one key tile of a steady-state key loop
+    (a warp-specialized kernel's loops nest in the SASS's branch ranges; the shortest is the innermost)."""
+    bodies = [body for *_, body in mma_loops(sass) if any(re.search(SASS["EX2"], x) for x in body)]
+    return count(SASS, "\n".join(min(bodies, key=len))) if bodies else "none"
 
 
 def report(name: str, compiled) -> str:
@@ -69,6 +81,7 @@ def report(name: str, compiled) -> str:
     print("   sass:", count(SASS, sass))
     for line in loops(sass):
         print("   ", line)
+    print("   key tile loop:", key_tile_loop(sass))
     return sass
 
 

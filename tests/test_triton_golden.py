@@ -25,7 +25,7 @@ CASES = [
 
 # The Gluon warpgroup prefill (sm_90, PlanOptions(gluon=True)): a causal prefill with lse (overlapped QK^T and P V),
 # a data-dependent mask (every tile masked, narrower key tiles), sinks + GQA + a window at D = 64, and MLA's
-# D = 192 / DV = 128 (padded head dim, DV != D).
+# D = 192 / DV = 128 (Q and K in chunks of 128 and 64 columns, QK^T two chained wgmmas; 128-key tiles; DV != D).
 GLUON_CASES = [
     ("causal_lm_gluon_sm90.py", "causal.attn", "causal_lm", Target("triton", "cuda", 90), 128),
     ("document_mask_gluon_sm90.py", "document_mask.attn", "document_mask", Target("triton", "cuda", 90), 128),

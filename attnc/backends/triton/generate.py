@@ -72,9 +72,9 @@ class DChunk:
     mask_k: str = ""
 
 
-def d_chunks(plan: KernelPlan, hooks: dict) -> list[DChunk]:
-    """The plan's chunks of D as the template names them; one chunk keeps the padded kernel's names and masks."""
-    widths = plan.tiling.d_chunks
+def d_chunks(widths: tuple[int, ...], hooks: dict) -> list[DChunk]:
+    """Chunks of D (Tiling.d_chunks, WarpgroupLayout.d_chunks) as the templates name them; one chunk keeps the
+    padded kernel's names and masks."""
     if len(widths) == 1:  # D padded to BLOCK_D
         return [DChunk("", "BLOCK_D", widths[0], 0, "tl.arange(0, BLOCK_D)", hooks["d_mask_q"], hooks["d_mask_k"])]
     starts = [sum(widths[:n]) for n in range(len(widths))]
@@ -102,7 +102,7 @@ def generate(plan: KernelPlan) -> str:
     hooks = shared_hooks(plan, "tl.exp2" if plan.target.arch is None else "ex2_approx")
     return template("kernel.py.j2").render(
         **hooks,
-        d_chunks=d_chunks(plan, hooks),
+        d_chunks=d_chunks(plan.tiling.d_chunks, hooks),
         plan_line=_plan_line(plan),
         runtime_scalars=signature.unspecialized(),
         signature=signature.render(),
