@@ -631,8 +631,7 @@ def format_number(value: Union[int, float, bool], is_float: bool) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if not is_float:
-        # the literal 9223372036854775808 is past int64 (the parser's bound), so int64's least value is a difference
-        return "(-9223372036854775807 - 1)" if int(value) == -2**63 else str(int(value))
+        return str(int(value))
     if math.isinf(value):
         return "inf" if value > 0 else "-inf"
     text = repr(float(value))

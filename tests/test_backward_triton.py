@@ -415,7 +415,7 @@ def test_backward_kernels_compile_for_hopper(tmp_path):
         signatures = backward_signatures(spec_args(plan, per_sequence=True), gradient_tables(spec),
                                          summary_used(plan), plan.triton.tma)
         for deterministic, tma in ((False, True), (False, False), (True, True), (True, False)):
-            dq_kernel = deterministic or plan_backward(plan).dq_kernel
+            dq_kernel = plan_backward(plan).dq_by_kernel(deterministic)
             types = backward_argument_types(plan, dq_kernel)
             for kernel, keywords in launch_keywords(plan, deterministic, True).items():
                 if kernel == "attn_bwd_dq" and not dq_kernel or kernel == "attn_bwd_prep" and not tma:

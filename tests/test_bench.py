@@ -35,9 +35,10 @@ def _gpu_report() -> dict:
         return {"workload": workload, "group": group, "results": results}
 
     return {"env": {"device": "NVIDIA H100 80GB HBM3"}, "rows": [
-        row("dense S=1024", "dense", **{"attnc": 404.0, "sdpa-cudnn": 568.0, "sdpa-flash": 324.0, "flex": 395.0}),
+        row("dense S=1024", "dense", **{"attnc": 404.0, "sdpa-cudnn": 568.0, "sdpa-flash": 324.0, "flex": 395.0,
+                                        "flashinfer": 501.0}),
         row("dense S=4096", "dense", **{"attnc": 478.0, "sdpa-cudnn": 611.0, "sdpa-flash": 343.0, "flex": 382.0}),
-        row("window 1024", "variants", **{"attnc": 372.0, "flex": 270.0}),  # no SDPA: flex is the 2nd line here
+        row("window 1024", "variants", **{"attnc": 372.0, "flex": 270.0, "flashinfer": 390.0}),  # no SDPA here
         row("softcap 30", "variants", **{"attnc": 299.0, "flex": None}),
     ]}
 
@@ -53,7 +54,7 @@ def test_each_runner_has_one_colour_in_every_panel_and_the_legend_names_the_devi
     for ax in fig.axes:
         for line in ax.get_lines():
             seen.setdefault(line.get_label(), set()).add(to_hex(line.get_color()))
-    assert seen == {r: {RUNNER_COLOURS[r]} for r in ("attnc", "sdpa-cudnn", "sdpa-flash", "flex")}
+    assert seen == {r: {RUNNER_COLOURS[r]} for r in ("attnc", "sdpa-cudnn", "sdpa-flash", "flex", "flashinfer")}
     assert len(set(RUNNER_COLOURS[r] for r in PEERS)) == len(PEERS)  # the GPU peers never share a colour
     (legend,) = fig.legends
     assert legend.get_title().get_text() == "NVIDIA H100 80GB HBM3"

@@ -3,7 +3,8 @@ f8e5m2 with a dequant scale per tensor (an f32 param) or per K/V head (an input 
 The language and its checker errors, the reference (the FP8 data dequantised, exactly as a spec over the
 dequantised tensors computes it), and the Triton decode kernels (dense, paged at pages of 16 and 64, ragged, MLA)
 against the reference with NaN-poisoned outputs, on the CPU through Triton's interpreter. The kernels compute on
-the dequantised values (FP8 converts exactly to q's dtype), so the tolerance is q's dtype's."""
+the dequantised values (FP8 converts exactly to q's dtype), so the tolerance is q's dtype's. The FP8 latent over
+the MLA benchmark's grid (on the GPU with `-m gpu`): tests/test_mla_grid.py."""
 from dataclasses import replace
 
 import pytest

@@ -2,7 +2,8 @@
 (`(q @ k + qr @ kr) * scale`) and values that are the keys (`@ k`). The language and its checker errors, the
 float64 reference against a direct einsum, and the Triton decode kernel (dense, paged at pages of 16 and 64,
 ragged; split-KV included; a page size bound by `dims`, whole key tiles to a page or not, with bad page ids)
-against the reference with NaN-poisoned outputs, on the CPU through Triton's interpreter."""
+against the reference with NaN-poisoned outputs, on the CPU through Triton's interpreter. The benchmark's grid
+(bf16 and FP8 latents, on the GPU with `-m gpu`): tests/test_mla_grid.py."""
 import contextlib
 from dataclasses import replace
 

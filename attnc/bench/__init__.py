@@ -1,4 +1,5 @@
-"""Side-by-side benchmarks. GPU: attnc against SDPA (flash, cuDNN, efficient) and compiled FlexAttention.
+"""Side-by-side benchmarks. GPU: attnc against SDPA (flash, cuDNN, efficient), compiled FlexAttention and, where
+installed, FlashInfer's FA3 prefill.
 CPU (`--device cpu`): attnc's TVM kernels against torch's CPU scaled_dot_product_attention, dense and causal, and
 serving rows (a paged decode, a varlen prefill) against SDPA called per sequence on its gathered pages or rows.
 
@@ -51,6 +52,9 @@ class Workload:
     flex: Callable | None = None  # extra inputs -> (score_mod, mask_mod) for FlexAttention
     params: dict = field(default_factory=dict)
     inputs: Callable | None = None  # (B, H, S, device) -> dict of extra tensors
+    # FlashInfer's plan() arguments beyond the mask, heads and head dim (window_left comes from `window`);
+    # None where FlashInfer cannot express the workload.
+    flashinfer: dict | None = None
 
 
 def _spec(name: str, D: int, gqa: bool, body: str, params: str = "", inputs: str = "") -> str:
@@ -112,33 +116,33 @@ def prefill_workloads(quick: bool = False) -> list[Workload]:
         body = "    mask i >= j\n" if causal else ""
         for S in seqs:
             out.append(Workload(f"{tag} S={S}", tag, 16384 // S, 16, 16, S, 128,
-                                _spec(f"bench_{tag}", 128, False, body), causal=causal,
+                                _spec(f"bench_{tag}", 128, False, body), causal=causal, flashinfer={},
                                 flex=(lambda x: (None, _causal_mask)) if causal else (lambda x: (None, None))))
     S8 = 4096 if quick else 8192
     causal_body = "    mask i >= j\n"
     out.append(Workload(f"gqa 32/8 causal S={S8}", "gqa", 2, 32, 8, S8, 128,
-                        _spec("bench_gqa", 128, True, causal_body), causal=True,
+                        _spec("bench_gqa", 128, True, causal_body), causal=True, flashinfer={},
                         flex=lambda x: (None, _causal_mask)))
     out.append(Workload(f"window 1024 S={S8}", "variants", 2, 16, 16, S8, 128,
                         _spec("bench_window", 128, False, causal_body + "    mask i - j < window\n",
                               params="    param window: i32 = 1024\n"),
-                        causal=True, window=1024, sdpa=False, params={"window": 1024},
+                        causal=True, window=1024, sdpa=False, params={"window": 1024}, flashinfer={},
                         flex=lambda x: (None, _window_mask(1024))))
     out.append(Workload(f"softcap 30 S={S8}", "variants", 2, 16, 16, S8, 128,
                         _spec("bench_softcap", 128, False,
                               "    score = cap * tanh(score / cap)\n" + causal_body,
                               params="    param cap: f32 = 30.0\n"),
-                        causal=True, sdpa=False, params={"cap": 30.0},
+                        causal=True, sdpa=False, params={"cap": 30.0}, flashinfer={"logits_soft_cap": 30.0},
                         flex=lambda x: (_softcap_mods(30.0), _causal_mask)))
     out.append(Workload(f"alibi S={S8}", "variants", 2, 16, 16, S8, 128,
                         _spec("bench_alibi", 128, False,
                               "    score = score + slopes[h] * (j - i)\n" + causal_body,
                               inputs="    input slopes: f32[H]\n"),
-                        causal=True, sdpa=False, inputs=_alibi_inputs,
+                        causal=True, sdpa=False, inputs=_alibi_inputs, flashinfer={"pos_encoding_mode": "ALIBI"},
                         flex=lambda x: (_alibi_mods(x["slopes"]), _causal_mask)))
     for D in (64, 256):
         out.append(Workload(f"causal D={D} S={S8}", "headdim", 2, 16, 16, S8, D,
-                            _spec(f"bench_d{D}", D, False, causal_body), causal=True,
+                            _spec(f"bench_d{D}", D, False, causal_body), causal=True, flashinfer={},
                             flex=lambda x: (None, _causal_mask)))
     return out
 
@@ -193,6 +197,70 @@ def _flex_runner(w: Workload, q, k, v, extra, timings: dict):
     return lambda: fn(q, k, v, score_mod=score_mod, block_mask=block_mask, enable_gqa=w.HKV != w.H)
 
 
+def to_ragged(t: torch.Tensor) -> torch.Tensor:
+    """[B, H, S, D] as FlashInfer's ragged batch: [B * S, H, D], sequence after sequence (a copy)."""
+    B, H, S, D = t.shape
+    return t.transpose(1, 2).contiguous().view(B * S, H, D)
+
+
+def from_ragged(t: torch.Tensor, batch: int) -> torch.Tensor:
+    """FlashInfer's ragged [B * S, H, D] output as [B, H, S, D]: a view, so the timed call copies nothing."""
+    tokens, H, D = t.shape
+    return t.view(batch, tokens // batch, H, D).transpose(1, 2)
+
+
+# Where `attnc bench` says how to install FlashInfer on the GPU machine.
+FLASHINFER_SETUP = "README.md, section 'FlashInfer as a peer'"
+
+
+def flashinfer_plan(w: Workload, extra: dict, alibi_slopes: Callable[[int], torch.Tensor]) -> tuple[str, dict] | str:
+    """The FlashInfer backend and plan() keyword arguments that compute workload `w`'s math exactly, or why none do.
+    `alibi_slopes(H)` is FlashInfer's own (flashinfer.utils.get_alibi_slopes): its ALiBi takes no slopes."""
+    if w.flashinfer is None:
+        return "FlashInfer cannot express this workload"
+    plan = {"causal": w.causal, "sm_scale": w.D ** -0.5, **w.flashinfer}
+    backend = "fa3"
+    if plan.get("pos_encoding_mode") == "ALIBI":
+        # FlashInfer sends any position encoding to FA2 (flashinfer/utils.py, is_fa3_backend_supported): its FA3
+        # variants (attention/hopper/variants.cuh) have no ALiBi term. FA2 adds slopes[h] * (kv - q) after the scale,
+        # as the spec does with the workload's slopes: run it only where the two sets are the same numbers.
+        backend = "fa2"
+        if not torch.allclose(extra["slopes"].cpu().float(), alibi_slopes(w.H).float(), rtol=1e-6, atol=0.0):
+            return f"flashinfer's ALiBi slopes for {w.H} heads differ from the workload's"
+    if w.window is not None:
+        # attnc keeps keys with i - j < window; FlashInfer keeps q - kv <= window_left (attention/variants.cuh,
+        # use_sliding_window; hopper/mainloop_mma.cuh, col_limit_left)
+        plan["window_left"] = w.window - 1
+    return backend, plan
+
+
+def _flashinfer_runner(w: Workload, q, k, v, extra, timings: dict):
+    """FlashInfer 0.5.0's prefill over a ragged batch of B sequences of S tokens (BatchPrefillWithRaggedKVCacheWrapper),
+    the FA3 backend on sm_90 (ALiBi: FA2, flashinfer_plan). The tensors are converted to its layout once, here,
+    outside the timed call."""
+    if w.flashinfer is None:
+        return None
+    try:
+        import flashinfer
+    except ImportError as e:
+        return (f"flashinfer not installed ({e}): carry flashinfer-python 0.5.0 and its wheels, install them and set "
+                f"CUDA_HOME as in {FLASHINFER_SETUP}")
+    if q.device.type != "cuda" or torch.cuda.get_device_capability(q.device)[0] != 9:
+        return "flashinfer's FA3 prefill needs an sm_90 GPU"
+    chosen = flashinfer_plan(w, extra, flashinfer.utils.get_alibi_slopes)
+    if isinstance(chosen, str):
+        return chosen
+    backend, plan = chosen
+    indptr = torch.arange(w.B + 1, dtype=torch.int32, device=q.device) * w.S
+    wrapper = flashinfer.prefill.BatchPrefillWithRaggedKVCacheWrapper(
+        torch.empty(128 * 2**20, dtype=torch.uint8, device=q.device), "NHD", backend=backend)
+    # the first plan() of a kernel variant JIT-builds it with nvcc (cached under ~/.cache/flashinfer)
+    wrapper.plan(indptr, indptr, w.H, w.HKV, w.D, q_data_type=q.dtype, kv_data_type=k.dtype, **plan)
+    timings["flashinfer_backend"] = backend
+    q_r, k_r, v_r = (to_ragged(t) for t in (q, k, v))
+    return lambda: from_ragged(wrapper.run(q_r, k_r, v_r), w.B)
+
+
 def _attnc_runner(w: Workload, q, k, v, extra):
     spec = attnc.parse(w.spec)[0]
     kern = attnc.compile(spec)
@@ -200,13 +268,14 @@ def _attnc_runner(w: Workload, q, k, v, extra):
     return lambda: kern(q, k, v, **kwargs)
 
 
-def _attnc_gluon_runner(w: Workload, q, k, v, extra):
-    """attnc with the Gluon warpgroup prefill forced (PlanOptions(gluon=True); the `attnc` column takes it only
-    where it measured faster); None where it would not run, since the template's row is attnc's then."""
+def attnc_gluon_runner(w: Workload, q, k, v, extra, options=None):
+    """attnc with the Gluon warpgroup prefill forced (`options`, PlanOptions(gluon=True) by default; the `attnc`
+    column takes it only where it measured faster); None where it would not run, since the template's row is
+    attnc's then."""
     from ..backends.triton.gluon import unavailable_here
     from ..passes import PlanOptions
 
-    kern = attnc.compile(attnc.parse(w.spec)[0], options=PlanOptions(gluon=True))
+    kern = attnc.compile(attnc.parse(w.spec)[0], options=options or PlanOptions(gluon=True))
     if kern.plan(q.device, w.D).warpgroups.path != "gluon" or unavailable_here():
         return None
     kwargs = {**w.params, **extra}
@@ -225,7 +294,9 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-def run_workload(w: Workload, device: str, check_tol: float = 2e-2) -> dict:
+def run_workload(w: Workload, device: str, check_tol: float = 2e-2, makers: Callable | None = None) -> dict:
+    """One row: the workload's inputs, and each runner of `makers` (runner_makers by default: its signature)
+    checked, then timed (measure)."""
     gen = torch.Generator(device=device).manual_seed(hash(w.name) & 0xFFFF)
     mk = lambda h: torch.randn(w.B, h, w.S, w.D, device=device, dtype=torch.bfloat16, generator=gen)
     q, k, v = mk(w.H), mk(w.HKV), mk(w.HKV)
@@ -234,17 +305,24 @@ def run_workload(w: Workload, device: str, check_tol: float = 2e-2) -> dict:
     row: dict = {"workload": w.name, "group": w.group, "B": w.B, "H": w.H, "HKV": w.HKV, "S": w.S, "D": w.D,
                  "flops": flops, "results": {}}
     timings: dict = {}
-    makers = {
+    measure((makers or runner_makers)(w, q, k, v, extra, timings), row["results"], flops, check_tol)
+    row.update(timings)
+    return row
+
+
+def runner_makers(w: Workload, q, k, v, extra: dict, timings: dict) -> dict[str, Callable]:
+    """Each runner of PEERS, in order, as a maker for `measure`. The first peer that runs is the anchor the others
+    are checked against: cuDNN, or FlexAttention where SDPA cannot express the workload (FlashInfer comes after
+    both)."""
+    return {
         "attnc": lambda: _attnc_runner(w, q, k, v, extra),
-        "attnc-gluon": lambda: _attnc_gluon_runner(w, q, k, v, extra),
+        "attnc-gluon": lambda: attnc_gluon_runner(w, q, k, v, extra),
         "sdpa-cudnn": lambda: _sdpa_runner("CUDNN_ATTENTION")(w, q, k, v, extra),
         "sdpa-flash": lambda: _sdpa_runner("FLASH_ATTENTION")(w, q, k, v, extra),
         "sdpa-efficient": lambda: _sdpa_runner("EFFICIENT_ATTENTION")(w, q, k, v, extra),
         "flex": lambda: _flex_runner(w, q, k, v, extra, timings),
+        "flashinfer": lambda: _flashinfer_runner(w, q, k, v, extra, timings),
     }
-    measure(makers, row["results"], flops, check_tol)
-    row.update(timings)
-    return row
 
 
 def sweep_parser(doc: str, budget: float) -> argparse.ArgumentParser:
@@ -390,10 +468,21 @@ def environment(device: str) -> dict:
     props = torch.cuda.get_device_properties(device)
     return {"device": props.name, "capability": f"sm_{props.major}{props.minor}", "sms": props.multi_processor_count,
             "torch": torch.__version__, "triton": triton.__version__, "attnc": attnc.__version__,
+            "flashinfer": installed_version("flashinfer-python"),
             "python": platform.python_version(), "date": _dt.datetime.now().isoformat(timespec="seconds")}
 
 
-PEERS = ("attnc", "attnc-gluon", "sdpa-cudnn", "sdpa-flash", "sdpa-efficient", "flex")
+def installed_version(distribution: str) -> str | None:
+    """The installed version of a peer's package, None where it is not installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(distribution)
+    except PackageNotFoundError:
+        return None
+
+
+PEERS = ("attnc", "attnc-gluon", "sdpa-cudnn", "sdpa-flash", "sdpa-efficient", "flex", "flashinfer")
 
 
 def print_table(report: dict) -> None:
@@ -413,7 +502,8 @@ def print_table(report: dict) -> None:
             if r is None:
                 cells.append("—")
             elif "tflops" in r:
-                cells.append(f"{r['tflops']:.0f}")
+                fa2 = p == "flashinfer" and row.get("flashinfer_backend") == "fa2"  # ALiBi: not the FA3 kernel
+                cells.append(f"{r['tflops']:.0f}" + (" (fa2)" if fa2 else ""))
                 if not p.startswith("attnc"):
                     best = max(best, r["tflops"])
             else:
@@ -462,6 +552,7 @@ RUNNER_COLOURS = {
     "sdpa-flash": "#2ca02c",  # green
     "sdpa-efficient": "#9467bd",  # purple
     "flex": "#ff7f0e",  # orange
+    "flashinfer": "#000000",  # black: FlashInfer's FA3 prefill
     "torch": "#17becf",  # cyan: torch's CPU SDPA
     "sdpa": "#1f77b4",  # SDPA's default dispatch (memory scaling)
     "naive": "#7f7f7f",  # grey: softmax(q k^T) v with the scores in memory

@@ -226,6 +226,8 @@ class _ToBlocks(Transformer):
         self.filename = filename
         self.lines = lines
         self.problems: list[Diagnostic] = []
+        # 9223372036854775808 fits int64 only as `-9223372036854775808`: its problem, withdrawn by `neg`
+        self._least_int64: dict[int, Diagnostic] = {}
 
     def _span(self, place) -> Span:
         return Span(self.filename, place.line, place.column, place.end_line, place.end_column,
@@ -314,6 +316,11 @@ class _ToBlocks(Transformer):
         text = str(children[0])
         is_float = any(ch in text for ch in ".eE")
         value, problem = check.literal_value(text, is_float)
+        if problem and not is_float and text.lstrip("0") == str(-ir.INT64[0]):
+            num = ir.Num(-ir.INT64[0], False, span=self._span(meta))
+            self._least_int64[id(num)] = Diagnostic(problem, self._span(meta))
+            self.problems.append(self._least_int64[id(num)])
+            return num
         if problem:
             self.problems.append(Diagnostic(problem, self._span(meta)))
         return ir.Num(value, is_float, span=self._span(meta))
@@ -365,6 +372,8 @@ class _ToBlocks(Transformer):
     def neg(self, meta, children):
         _minus, operand = children
         if isinstance(operand, ir.Num) and not isinstance(operand.value, bool):
+            if id(operand) in self._least_int64:
+                self.problems.remove(self._least_int64.pop(id(operand)))
             return ir.Num(-operand.value, operand.is_float, span=self._span(meta))  # `-3` is one literal
         return ir.Unary("neg", operand, span=self._span(meta))
 

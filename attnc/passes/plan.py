@@ -128,6 +128,10 @@ class BackwardPlan:
     full_queries: QueryRange | None = None  # the exact bounds inverted (QueryRange); None: no tile is known full
     dq_kernel: bool = False  # dQ by the dQ kernel even where atomics are allowed (faster on this row)
 
+    def dq_by_kernel(self, deterministic: bool) -> bool:
+        """Whether attn_bwd_dq writes dQ (else the dK/dV kernel adds it by atomics): always when deterministic."""
+        return deterministic or self.dq_kernel
+
 
 @dataclass(frozen=True)
 class Tiling:

@@ -77,7 +77,7 @@ class BackwardLauncher:
         spec, sizes = self.spec, bound.sizes
         q, k, v = bound.q, bound.k, bound.v
         device = q.device
-        dq_kernel = deterministic or self.backward.dq_kernel
+        dq_kernel = self.backward.dq_by_kernel(deterministic)
         # dQ accumulates by atomics in float32, unless the dQ kernel writes it once
         dq = launch.empty(q.shape, q.dtype, device) if dq_kernel else torch.zeros(
             q.shape, dtype=torch.float32, device=device)
@@ -191,5 +191,5 @@ def launch_keywords(plan: KernelPlan, deterministic: bool, has_dlse: bool) -> di
     bp, up = plan_backward(plan), upcast(plan)
     return {"attn_bwd_prep": {**tiles(bp.prep, True), "HAS_DLSE": has_dlse, "DETERMINISTIC": deterministic},
             "attn_bwd_dkdv": {**tiles(bp.dkdv, False), "UPCAST": up, "DETERMINISTIC": deterministic,
-                              "DQ_KERNEL": deterministic or bp.dq_kernel},
+                              "DQ_KERNEL": bp.dq_by_kernel(deterministic)},
             "attn_bwd_dq": {**tiles(bp.dq, True), "UPCAST": up}}
