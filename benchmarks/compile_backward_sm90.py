@@ -16,12 +16,7 @@ import sys
 
 os.environ["TRITON_INTERPRET"] = "0"
 import torch
-import triton
 from dataclasses import replace
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from triton._C.libtriton import native_specialize_impl
-from triton.backends.nvidia.compiler import CUDABackend
 import attnc
 sys.path.insert(0, "tests")
 from test_triton_kernels import example_kwargs, qkv  # noqa: E402
@@ -69,26 +64,9 @@ for name in sys.argv[1:] or ("causal_lm", "alibi", "dense", "sliding_window", "a
     for det in (False, True):
         captured.clear()
         bl(bound, out, lse, torch.empty_like(out), None, det)
-        for kernel, args, keywords in captured:
-            fn = kernel
-            signature, constexprs, attrs = {}, {}, {}
-            for i, (an, param, value) in enumerate(
-                    zip(fn.arg_names, fn.params, [*args, *[None] * (len(fn.params) - len(args))])):
-                if param.is_constexpr:
-                    signature[an], constexprs[an] = "constexpr", keywords.get(an)
-                    continue
-                # as the JIT specializes: integers divisible by 16 and aligned pointers become attributes, which
-                # change what the pipeliner does (a check without them passed kernels the GPU's compile rejects)
-                signature[an], attr = native_specialize_impl(
-                    CUDABackend, value, False, not param.do_not_specialize, True)
-                if signature[an] == "constexpr":  # an integer 1, or None
-                    constexprs[an] = attr
-                elif isinstance(attr, str):
-                    attrs[(i,)] = CUDABackend.parse_attr(attr)
-            options = {k2: v2 for k2, v2 in keywords.items() if k2 not in fn.arg_names}
+        for fn, args, keywords in captured:
             try:
-                ck = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
-                                    options=options)
+                ck = kernel_stats.compile_sm90(fn, args, keywords)
                 print("ok  ", name, "det" if det else "atomic", fn.__name__, flush=True)
                 if STATS:  # which source it compiled: attnc's import and the module's file
                     print("   source:", attnc.__file__, fn.fn.__code__.co_filename)

@@ -44,19 +44,28 @@ def with_dtype(spec, dtype: str):
                    v=replace(spec.v, dtype=dtype))
 
 
-def compile_one(plan, work: Path) -> dict:
-    source = generate_gluon(plan)
-    path = work / f"{plan.spec.name}_{plan.dtype}_{plan.head_dim}_{plan.value_dim}.py"
-    path.write_text(source)
+def stem(plan) -> str:
+    w = plan.warpgroups.layout
+    return f"{plan.spec.name}_{plan.dtype}_{plan.head_dim}_{plan.value_dim}_{len(w.d_chunks)}_{w.block_n}"
+
+
+def compile_gluon(plan, work: Path):
+    """triton.compile of the plan's attn_fwd_gluon for sm_90 (its source written under `work`)."""
+    w = plan.warpgroups.layout
+    path = work / f"{stem(plan)}.py"
+    path.write_text(generate_gluon(plan))
     module = launch.import_source(path, f"gluon_{path.stem}")
     fn = module.attn_fwd_gluon
     types = argument_types(plan)
     # What the JIT sees at launch for sizes and strides below 2^31: i32 (do_not_specialize keeps sizes unspecialized).
     signature = {n: ("i32" if types[n] == "i64" else types[n]) for n in gluon_signature(spec_args(plan)).names}
-    compiled = triton.compile(GluonASTSource(fn, signature, {}), target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": plan.warpgroups.layout.consumer_warps,
-                                       "maxnreg": max_registers(plan.warpgroups.layout)})
-    ptx = work / f"{path.stem}.ptx"
+    return triton.compile(GluonASTSource(fn, signature, {}), target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": w.consumer_warps, "maxnreg": max_registers(w)})
+
+
+def compile_one(plan, work: Path) -> dict:
+    compiled = compile_gluon(plan, work)
+    ptx = work / f"{stem(plan)}.ptx"
     ptx.write_text(compiled.asm["ptx"])
     report = subprocess.run([str(PTXAS), "-arch=sm_90a", "-v", str(ptx), "-o", os.devnull],
                             capture_output=True, text=True, check=True).stderr

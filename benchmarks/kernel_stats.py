@@ -2,7 +2,8 @@
 spills, counts of the instructions that tell how it runs (wgmma vs mma.sync, TMA, ldmatrix/stmatrix and shared
 memory round trips, local-memory spills, exp2, atomics), and the same counts per loop of the SASS that holds an
 MMA (a backward branch's body; a pipelined loop's waits may fall outside or inside it, so read the counts as
-rough). benchmarks/compile_backward_sm90.py prints them with STATS=1."""
+rough). benchmarks/compile_backward_sm90.py prints them with STATS=1, benchmarks/compile_prefill_sm90.py always.
+`compile_sm90` compiles a launch the scripts captured as the JIT would specialize it."""
 from __future__ import annotations
 
 import os
@@ -41,8 +42,8 @@ def ptxas_usage(ptx: str) -> str:
                       if "Used" in line or "spill" in line)
 
 
-def loops(sass: str) -> list[str]:
-    """Per backward branch whose body holds an MMA: its line range and instruction counts."""
+def mma_loops(sass: str) -> list[tuple[str, int, int, list[str]]]:
+    """Per backward branch whose body holds an MMA: its label, line range and instructions."""
     lines = sass.splitlines()
     labels = {line.strip().rstrip(":"): n for n, line in enumerate(lines) if re.match(r"^\s*\.?L\w+:\s*$", line)}
     out = []
@@ -50,10 +51,22 @@ def loops(sass: str) -> list[str]:
         m = re.search(r"\bBRA\s+(\w+)", line)
         if m and labels.get(m.group(1), n) < n:
             body = [x for x in lines[labels[m.group(1)]:n + 1] if "\t" in x]
-            text = "\n".join(body)
-            if "MMA" in text:
-                out.append(f"loop {m.group(1)} lines {labels[m.group(1)]}-{n}: instrs={len(body)} {count(SASS, text)}")
+            if "MMA" in "\n".join(body):
+                out.append((m.group(1), labels[m.group(1)], n, body))
     return out
+
+
+def loops(sass: str) -> list[str]:
+    """Per backward branch whose body holds an MMA: its line range and instruction counts."""
+    return [f"loop {label} lines {start}-{end}: instrs={len(body)} {count(SASS, chr(10).join(body))}"
+            for label, start, end, body in mma_loops(sass)]
+
+
+def key_tile_loop(sass: str) -> str:
+    """The counts of the shortest loop that holds an MMA and an exp2: one key tile of a steady-state key loop
+    (a warp-specialized kernel's loops nest in the SASS's branch ranges; the shortest is the innermost)."""
+    bodies = [body for *_, body in mma_loops(sass) if any(re.search(SASS["EX2"], x) for x in body)]
+    return count(SASS, "\n".join(min(bodies, key=len))) if bodies else "none"
 
 
 def report(name: str, compiled) -> str:
@@ -68,4 +81,29 @@ def report(name: str, compiled) -> str:
     print("   sass:", count(SASS, sass))
     for line in loops(sass):
         print("   ", line)
+    print("   key tile loop:", key_tile_loop(sass))
     return sass
+
+
+def compile_sm90(fn, args: list, keywords: dict):
+    """triton.compile of the JIT function `fn` for sm_90, specialized as the JIT would for the launch's `args`
+    (integers divisible by 16 and aligned pointers become attributes, which change what the pipeliner does) and
+    constexpr `keywords`; the other keywords (num_warps, num_stages, ...) are compile options."""
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import CUDABackend
+    from triton.compiler import ASTSource
+    from triton._C.libtriton import native_specialize_impl
+    import triton
+
+    signature, constexprs, attrs = {}, {}, {}
+    for i, (an, param, value) in enumerate(zip(fn.arg_names, fn.params, [*args, *[None] * (len(fn.params) - len(args))])):
+        if param.is_constexpr:
+            signature[an], constexprs[an] = "constexpr", keywords.get(an)
+            continue
+        signature[an], attr = native_specialize_impl(CUDABackend, value, False, not param.do_not_specialize, True)
+        if signature[an] == "constexpr":  # an integer 1, or None
+            constexprs[an] = attr
+        elif isinstance(attr, str):
+            attrs[(i,)] = CUDABackend.parse_attr(attr)
+    options = {k: v for k, v in keywords.items() if k not in fn.arg_names}
+    return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32), options=options)

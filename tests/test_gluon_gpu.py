@@ -103,6 +103,30 @@ def test_decode_shapes_and_strided_inputs_take_the_template_gpu(gluon_launches):
     assert gluon_launches == [False]
 
 
+@pytest.mark.parametrize("d, dv, h, hkv, mask, block_n", [
+    (192, 128, 4, 2, "mask causal", None),  # MLA: chunks 128 + 64, 128 keys
+    (192, 128, 4, 4, "", 64),  # the same at 64 keys (3 stages)
+    (192, 64, 2, 2, "mask causal", None),  # out narrower than Q's first chunk
+    (80, 64, 4, 1, "mask causal", None),  # 64 + 16
+])
+def test_head_dim_in_chunks_gluon_gpu(d, dv, h, hkv, mask, block_n, gluon_launches):
+    """QK^T over D's chunks (two chained wgmmas, no padded column) against the reference and against D padded
+    (PlanOptions(chunk_head_dim=False)) on the same inputs; the ring wraps (N = 1500)."""
+    from test_triton_kernels import _spec
+
+    _needs_hopper()
+    spec = _spec(mask, dtype="bf16", v_dim="DV")
+    sizes = {"B": 2, "H": h, "HKV": hkv, "M": 700, "N": 1500, "D": d, "DV": dv}
+    q, k, v = qkv(spec, sizes, "cuda")
+    results = []
+    for chunk in (None, False):
+        options = PlanOptions(gluon=True, chunk_head_dim=chunk, warpgroup_block_n=block_n if chunk is None else None)
+        results.append(attnc.compile(spec, options=options)(q, k, v))
+        assert_matches(spec, results[-1], attnc.reference(spec, q, k, v))
+    assert gluon_launches == [True, True]
+    assert torch.allclose(results[0][0].float(), results[1][0].float(), atol=2e-2, rtol=2e-2)
+
+
 @pytest.mark.parametrize("name", ["causal_lm", "gqa_causal"])
 def test_the_default_takes_gluon_for_long_prefill_gpu(name, gluon_launches):
     """PlanOptions() at D = 128: M and N of 4096 run the Gluon kernel, 1000 the template (passes/warpgroups.py)."""

@@ -14,7 +14,7 @@ from attnc.ir import (
 )
 from attnc.passes import PIPELINE, KeyRange, PlanOptions, Target, launch_tiles, plan_kernel, verify
 from attnc.passes.fold import evaluate, fold
-from attnc.passes.tiling import MIN_DOT_ROWS
+from attnc.passes.tiling import MIN_DOT_ROWS, head_dim_chunks, smem_bytes
 from attnc.passes.masks import key_range, key_tiles
 from attnc.passes.score import LOG2E, scaled
 
@@ -169,6 +169,23 @@ def test_tiling_pads_head_dim_and_fits_shared_memory():
         for c in (t.prefill, t.decode):
             need = (c.block_m * t.block_d + c.num_stages * c.block_n * (t.block_d + t.block_dv)) * bytes_per
             assert need <= 232448, (d, dtype, c)
+
+
+def test_prefill_takes_head_dims_in_power_of_two_chunks():
+    """A D that is two powers of two of >= 16 is two chunks of the prefill's QK^T; others pad to one. The prefill's
+    shared memory counts the chunks' columns (192), the decode tile's the padded ones (256): at 128x128 on the H100,
+    192 fits two stages, padded to 256 only one."""
+    assert [head_dim_chunks(d) for d in (192, 96, 80, 48, 128, 24, 112, 8, 257)] == [
+        (128, 64), (64, 32), (64, 16), (32, 16), (128,), (32,), (128,), (16,), (512,)]
+    spec = spec_of("attention t {" + header("bf16") + "mask causal\nreturn softmax(score) @ v }")
+    tile = PlanOptions(block_m=128, block_n=128, num_warps=8, num_stages=2)
+    chunked = plan_kernel(spec, H100, 192, 128, tile).tiling
+    padded = plan_kernel(spec, H100, 192, 128, replace(tile, chunk_head_dim=False)).tiling
+    assert (chunked.d_chunks, chunked.prefill_d, chunked.block_d) == ((128, 64), 192, 256)
+    assert (padded.d_chunks, padded.prefill_d) == ((256,), 256)
+    assert smem_bytes(128, 128, 192, 128, 2, 2) == 212992 <= 232448 < smem_bytes(128, 128, 256, 128, 2, 2)
+    assert (chunked.prefill.num_stages, padded.prefill.num_stages) == (2, 1)
+    assert "D in chunks 128+64" in plan_kernel(spec, H100, 192, 128).describe()
 
 
 def test_banded_masks_take_the_banded_tiles_on_hopper():

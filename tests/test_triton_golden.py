@@ -12,18 +12,20 @@ from attnc.passes import PlanOptions, Target, plan_kernel
 GOLDEN = Path(__file__).resolve().parent / "golden"
 SPECS = Path(__file__).resolve().parent.parent / "examples" / "specs"
 # (golden file, spec file, attention name, target, D): a dense causal prefill on Hopper, a data-dependent mask,
-# sinks + GQA + a param window, and D = 80 (padded head dim) in the interpreter.
+# sinks + GQA + a param window, D = 80 (64 + 16: two dots over D's chunks) in the interpreter, and MLA's D = 192 / DV =
+# 128 (128 + 64: a tensor descriptor per chunk) on Hopper.
 CASES = [
     ("causal_lm_sm90.py", "causal.attn", "causal_lm", Target("triton", "cuda", 90), 128),
     ("document_mask_sm90.py", "document_mask.attn", "document_mask", Target("triton", "cuda", 90), 128),
     ("sinks_sm90.py", "sinks.attn", "sinks", Target("triton", "cuda", 90), 64),
     ("alibi_d80_interpreter.py", "alibi.attn", "alibi", Target("triton", "cpu", None), 80),
+    ("mla_prefill_sm90.py", "mla_dv.attn", "mla_prefill", Target("triton", "cuda", 90), 192),
 ]
 
 
 # The Gluon warpgroup prefill (sm_90, PlanOptions(gluon=True)): a causal prefill with lse (overlapped QK^T and P V),
 # a data-dependent mask (every tile masked, narrower key tiles), sinks + GQA + a window at D = 64, and MLA's
-# D = 192 / DV = 128 (padded head dim, DV != D).
+# D = 192 / DV = 128 (Q and K in chunks of 128 and 64 columns, QK^T two chained wgmmas; 128-key tiles; DV != D).
 GLUON_CASES = [
     ("causal_lm_gluon_sm90.py", "causal.attn", "causal_lm", Target("triton", "cuda", 90), 128),
     ("document_mask_gluon_sm90.py", "document_mask.attn", "document_mask", Target("triton", "cuda", 90), 128),

@@ -9,7 +9,8 @@ import torch
 
 import attnc
 from attnc.errors import CallError
-from attnc.passes import PlanOptions
+from attnc.passes import PlanOptions, Target, plan_kernel
+from attnc.passes.tiling import head_dim_chunks
 
 pytestmark = pytest.mark.shared_cache
 
@@ -147,6 +148,27 @@ def test_random_shapes(m, n, h, hkv, d, masks):
     spec = _spec(masks.split("\n")[-1] if masks else "", extra="\n".join(masks.split("\n")[:-1]))
     sizes = {"B": 2, "H": h, "HKV": hkv, "M": m, "N": n, "D": d, "DV": d}
     run_and_check(spec, sizes, kwargs={})
+
+
+# Head dims that are the sum of two powers of two: the prefill's QK^T is one dot per chunk (passes/tiling.py
+# head_dim_chunks), no padded column. MLA's non-absorbed prefill (192 / 128), 96 and 80; causal and dense, GQA, lse.
+@pytest.mark.parametrize("d, dv, h, hkv, masks", [
+    (192, 128, 4, 2, "mask causal"),
+    (192, 128, 2, 2, ""),
+    (96, 96, 4, 1, "mask causal"),
+    (80, 64, 4, 2, ""),
+])
+def test_head_dim_in_two_chunks(d, dv, h, hkv, masks):
+    spec = _spec(masks, v_dim="DV")
+    plan = plan_kernel(spec, Target("triton", "cpu", None), d, dv)
+    assert plan.tiling.d_chunks == head_dim_chunks(d) and len(plan.tiling.d_chunks) == 2 and sum(plan.tiling.d_chunks) == d
+    padded_plan = plan_kernel(spec, Target("triton", "cpu", None), d, dv, PlanOptions(chunk_head_dim=False))
+    assert padded_plan.tiling.d_chunks == (padded_plan.tiling.block_d,) and padded_plan.tiling.block_d > d
+    sizes = {"B": 2, "H": h, "HKV": hkv, "M": 37, "N": 75, "D": d, "DV": dv}  # M past the decode regime
+    q, k, v = qkv(spec, sizes)
+    chunked = run_and_check(spec, sizes, kwargs={}, tensors=(q, k, v))
+    padded = run_and_check(spec, sizes, kwargs={}, tensors=(q, k, v), options=PlanOptions(chunk_head_dim=False))
+    assert torch.allclose(chunked[0], padded[0], atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", ["f16", "f32"])

@@ -26,9 +26,9 @@ SPEC = """attention t {
 INLINE_EX2 = 'tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1)'
 
 
-def hopper_module(spec, d, ws):
+def hopper_module(spec, d, ws, dv=None):
     """The sm_90 source with descriptors on, loaded without a GPU (the interpreter needs no TMA scratch)."""
-    plan = plan_kernel(spec, HOPPER, d, d, PlanOptions(block_m=32, block_n=16, tma=True, warp_specialize=ws))
+    plan = plan_kernel(spec, HOPPER, d, dv or d, PlanOptions(block_m=32, block_n=16, tma=True, warp_specialize=ws))
     assert plan.triton.tma and plan.triton.warp_specialize == ws
     # the interpreter has no descriptor scratch allocator and runs no inline assembly
     source = generate(plan).replace("scratch.install()", "")
@@ -39,20 +39,24 @@ def hopper_module(spec, d, ws):
     return module
 
 
+# D = 48 and 192 are two chunks each (32 + 16, 128 + 64): a descriptor per chunk, at the chunk's first column; 40 is
+# one chunk padded to 64 (descriptors pad with zeros). N % BLOCK_N != 0 throughout.
+@pytest.mark.parametrize("d, dv", [(48, 48), (40, 40), (192, 128)])
 @pytest.mark.parametrize("ws", [False, True])
 @pytest.mark.parametrize("kv_layout", ["contiguous", "transposed"])  # transposed: s_kd != 1, pointer fallback
-def test_descriptor_path_matches_reference(ws, kv_layout):
-    spec = attnc.parse(SPEC)[0]
-    B, H, HKV, M, N, D = 2, 4, 2, 45, 70, 48  # N % BLOCK_N != 0 and D < BLOCK_D: descriptors pad with zeros
-    module = hopper_module(spec, D, ws)
+def test_descriptor_path_matches_reference(d, dv, ws, kv_layout):
+    spec = attnc.parse(SPEC.replace("v: f32[B, HKV, N, D]", "v: f32[B, HKV, N, DV]"))[0]
+    B, H, HKV, M, N, D = 2, 4, 2, 45, 70, d
+    module = hopper_module(spec, D, ws, dv)
+    assert ("D_CHUNK_1" in module.__dict__) == (d != 40)
     q = torch.randn(B, H, M, D)
-    k, v = torch.randn(B, HKV, N, D), torch.randn(B, HKV, N, D)
+    k, v = torch.randn(B, HKV, N, D), torch.randn(B, HKV, N, dv)
     if kv_layout == "transposed":
         k = k.transpose(2, 3).contiguous().transpose(2, 3)
     # the launcher's choice: descriptors for contiguous K/V, the pointer loops for a strided head dim
     tma = descriptor_ready(k, spec.k) and descriptor_ready(v, spec.v)
     assert tma == (kv_layout == "contiguous")
-    out = torch.full_like(q, math.nan)
+    out = torch.full((B, H, M, dv), math.nan)
     lse = torch.full((B, H, M), math.nan)
     module.attn_fwd[(-(-M // 32), B * H)](
         q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),

@@ -10,7 +10,8 @@ import attnc
 from attnc.backends.triton import gluon
 from attnc.passes import PlanOptions, Target, plan_kernel
 from attnc.passes.kernels import gluon_kernel
-from attnc.passes.warpgroups import AUTO_MIN_LENGTH, max_registers
+from attnc.passes.tiling import smem_capacity
+from attnc.passes.warpgroups import AUTO_MIN_LENGTH, BARRIER_BYTES, gluon_d_chunks, max_registers
 from test_triton_kernels import (  # noqa: F401  (poisoned_outputs is an autouse fixture: importing enables it)
     EXAMPLES, poisoned_outputs, with_dtype,
 )
@@ -83,8 +84,66 @@ def test_pingpong_hands_the_tensor_cores_over():
 
 
 def test_mla_value_dim():
-    w = _plan("mla_prefill", d=192, dv=128).warpgroups
-    assert w.path == "gluon" and w.layout.block_n == 64 and w.layout.overlap
+    """MLA's D = 192 / DV = 128: Q and K in chunks of 128 and 64 columns (passes/tiling.py head_dim_chunks) take
+    dense D = 128's 128-key tile with two ring stages in shared memory; D padded to 256 fits two stages of 64 keys
+    only (PlanOptions(chunk_head_dim=False), what main ran)."""
+    chunked = _plan("mla_prefill", d=192, dv=128).warpgroups
+    assert chunked.path == "gluon" and chunked.layout.overlap
+    assert (chunked.layout.d_chunks, chunked.layout.block_n, chunked.layout.stages) == ((128, 64), 128, 2)
+    padded = _plan("mla_prefill", d=192, dv=128, options=PlanOptions(gluon=True, chunk_head_dim=False)).warpgroups
+    assert (padded.layout.d_chunks, padded.layout.block_n, padded.layout.stages) == ((256,), 64, 2)
+    for layout, columns in ((chunked.layout, 192), (padded.layout, 256)):
+        need = (layout.block_m * columns + layout.stages * layout.block_n * (columns + 128)) * 2 + BARRIER_BYTES
+        assert need <= smem_capacity(90)
+    assert (128 * 256 + 2 * 128 * (256 + 128)) * 2 > smem_capacity(90)  # why padded D keeps 64 keys
+    assert "QK^T over D's chunks 128+64" in _plan("mla_prefill", d=192, dv=128).describe()
+
+
+@pytest.mark.parametrize("d, dv, chunks", [(192, 128, (128, 64)), (192, 64, (128, 64)), (80, 64, (64, 16)),
+                                           (96, 96, (128,)), (80, 80, (128,)), (128, 128, (128,))])
+def test_gluon_head_dim_chunks(d, dv, chunks):
+    """The Gluon kernel takes the plan's chunks of D where out's tile fits in Q's first chunk (out leaves through
+    that buffer); DV = 96 (BLOCK_DV 128) does not fit D = 96's chunk of 64, so Q and K stay padded to 128."""
+    plan = _plan("mla_prefill", d=d, dv=dv)
+    assert plan.warpgroups.layout.d_chunks == chunks
+    assert gluon_d_chunks(plan) == chunks
+
+
+def test_chunked_source_chains_one_wgmma_per_chunk():
+    """D = 192 in chunks: a descriptor, a shared buffer and a TMA copy per chunk at the chunk's first column, one
+    expect of both chunks' bytes per barrier, and QK^T as two async wgmmas, the second accumulating onto the first,
+    at every site (first tile, loop); out leaves through Q's first chunk (its shape: no reinterpret)."""
+    source = gluon.generate_gluon(_plan("mla_prefill", d=192, dv=128))
+    compile(source, "mla.py", "exec")
+    assert "BLOCK_D]" not in source and "D_CHUNK_0 = tl.constexpr(128)" in source and "D_CHUNK_1 = tl.constexpr(64)" in source
+    for name in ("q_desc", "k_desc"):
+        assert f"{name}_0.block_type.nbytes + {name}_1.block_type.nbytes)" in source
+        assert source.count(f"{name}_1 = tma.make_tensor_descriptor(") == 1
+    assert "q_bufs_1.index(c))" in source and ", 128], q_ready.index(c), q_bufs_1.index(c))" in source
+    assert "[t * BLOCK_N, 128], k_ready.index(slot), k_bufs_1.index(slot))" in source
+    first = [ln.strip() for ln in source.splitlines() if "warpgroup_mma(q_smem_0" in ln]
+    second = [ln.strip() for ln in source.splitlines() if "warpgroup_mma(q_smem_1" in ln]
+    assert len(first) == len(second) == 2  # the first tile and the loop (overlapped)
+    assert all("s_zero, use_acc=False, is_async=True)" in ln for ln in first)
+    assert all(ln.endswith(".permute((1, 0)), qk, is_async=True)") for ln in second)
+    lines = source.splitlines()
+    for n, ln in enumerate(lines):  # each chained pair is adjacent: no wait between the chunks
+        if "warpgroup_mma(q_smem_0" in ln:
+            assert "warpgroup_mma(q_smem_1" in lines[n + 1]
+    assert "o_smem = q_smem_0  #" in source and "_reinterpret" not in source
+    narrow_out = gluon.generate_gluon(_plan("mla_prefill", d=192, dv=64))
+    assert "o_smem = q_smem_0._reinterpret(DTYPE, [BLOCK_M, BLOCK_DV], O_SMEM)" in narrow_out
+
+
+def test_warpgroup_key_tile_on_request():
+    """PlanOptions(warpgroup_block_n=...) for A/B runs: the ring fits its stages to it, and a key tile whose two
+    stages do not fit beside Q is refused (one slot would deadlock the overlapped consumer)."""
+    chunked64 = _plan("mla_prefill", d=192, dv=128, options=PlanOptions(gluon=True, warpgroup_block_n=64))
+    assert (chunked64.warpgroups.layout.block_n, chunked64.warpgroups.layout.stages) == (64, 3)
+    with pytest.raises(attnc.CompileError, match="two ring stages of 128 keys at D=192 DV=128 do not fit"):
+        _plan("mla_prefill", d=192, dv=128, options=PlanOptions(gluon=True, chunk_head_dim=False, warpgroup_block_n=128))
+    with pytest.raises(attnc.CompileError, match="warpgroup_block_n must be one of 32, 64, 128, got 96"):
+        _plan(options=PlanOptions(gluon=True, warpgroup_block_n=96))
 
 
 @pytest.mark.parametrize("change, reason", [

@@ -117,12 +117,17 @@ def verify(plan: KernelPlan, after: str = "") -> None:
                     problems.append(f"block sizes must be powers of two >= 16, got {c}")
         if t.block_d < plan.head_dim or t.block_dv < plan.value_dim:
             problems.append("the head-dim tile must cover the head dim")
+        if any(w < 16 or w & (w - 1) for w in t.d_chunks) or not (
+                sum(t.d_chunks) == plan.head_dim or t.d_chunks == (t.block_d,)):
+            problems.append(f"D's chunks {t.d_chunks} must be powers of two >= 16 that sum to D={plan.head_dim}, "
+                            f"or one chunk of BLOCK_D={t.block_d}")
         if plan.heads is not None and plan.heads.max_rows > t.decode.block_m:
             problems.append("packed rows exceed the decode tile")
         if plan.triton is not None:
             cap = smem_capacity(plan.target.arch)
-            for c in t.configs:
-                need = smem_bytes(c.block_m, c.block_n, t.block_d, t.block_dv, 1, DTYPE_BITS[plan.dtype] // 8)
+            prefill = ((t.prefill, t.prefill_d),) + (((t.short, t.prefill_d),) if t.short else ())
+            for c, block_d in prefill + ((t.decode, t.block_d),):  # prefill tiles hold D's chunks, decode D padded
+                need = smem_bytes(c.block_m, c.block_n, block_d, t.block_dv, 1, DTYPE_BITS[plan.dtype] // 8)
                 if need > cap:
                     problems.append(f"tile {c} needs {need} B of shared memory even unpipelined; the device has "
                                     f"{cap} B: pass smaller block_m/block_n")

@@ -41,6 +41,11 @@ class PlanOptions:
     # cores), "parallel" (the same without turns) or "cooperative" (one partition of two warpgroups sharing
     # every step); None: the pass's choice
     warpgroup_schedule: str | None = None
+    warpgroup_block_n: int | None = None  # its key tile (32, 64 or 128; A/B runs); None: the pass's choice
+    # the prefill's QK^T (the Triton template's and the Gluon kernel's) over D's power-of-two chunks (192 = 128 +
+    # 64: passes/tiling.py head_dim_chunks); False pads D to a power of two as the other kernels do; None: chunks
+    # where D has them
+    chunk_head_dim: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -135,8 +140,17 @@ class Tiling:
     prefill: TileConfig
     decode: TileConfig  # for launches whose rows (M, times packed heads) fit in decode.block_m
     decode_max_m: int  # M up to this uses the decode config
+    # The Triton prefill's column chunks of D: powers of two that sum to D, or (one chunk) block_d. qk is one dot
+    # per chunk, so D = 192 loads and multiplies 128 + 64 columns, not 256 (passes/tiling.py `head_dim_chunks`).
+    # The decode and backward kernels pad D to block_d; the Gluon kernel takes its own (WarpgroupLayout.d_chunks).
+    d_chunks: tuple[int, ...]
     short: TileConfig | None = None  # the prefill tile for M up to short_max_m (an M regime of the tuned table)
     short_max_m: int = 0
+
+    @property
+    def prefill_d(self) -> int:
+        """The q/k columns a Triton prefill tile loads: D where it is chunked, else block_d."""
+        return sum(self.d_chunks)
 
     @property
     def configs(self) -> tuple[TileConfig, ...]:
@@ -191,6 +205,9 @@ class WarpgroupLayout:
     consumer_warps: int
     schedule: str  # "pingpong" | "parallel" | "cooperative"
     overlap: bool
+    # Q's and K's column chunks: QK^T is one async wgmma per chunk, each accumulating onto the last (Tiling.d_chunks
+    # where out's tile fits in Q's first chunk, else one chunk of block_d: D padded)
+    d_chunks: tuple[int, ...]
     producer_warps: int = 1
     producer_regs: int = 24  # registers per thread after setmaxnreg (the warp only issues TMA)
     consumer_regs: int = 240
@@ -294,8 +311,10 @@ class KernelPlan:
         if self.tiling:
             t = self.tiling
             short = f"; M <= {t.short_max_m} {_tile(t.short)}" if t.short else ""
-            lines.append(f"  tiles      BLOCK_D={t.block_d} BLOCK_DV={t.block_dv} prefill {_tile(t.prefill)}{short}; "
-                         f"decode (M <= {t.decode_max_m}) {_tile(t.decode)}")
+            chunked = (f" (prefill: D in chunks {'+'.join(map(str, t.d_chunks))}, one dot each; decode and backward "
+                       f"pad to {t.block_d})") if len(t.d_chunks) > 1 else ""
+            lines.append(f"  tiles      BLOCK_D={t.block_d}{chunked} BLOCK_DV={t.block_dv} prefill {_tile(t.prefill)}"
+                         f"{short}; decode (M <= {t.decode_max_m}) {_tile(t.decode)}")
         if self.heads:
             lines.append(f"  gqa        pack heads: {self.heads.pack} (up to {self.heads.max_rows} rows)")
         if self.decode:
@@ -322,10 +341,11 @@ class KernelPlan:
 def _warpgroups(w: WarpgroupLayout) -> str:
     overlap = ("QK^T(j+1) and PV(j) async under the weights of j+1" if w.overlap
                else "QK^T and PV async, each waited for at once")
+    chunks = f"; QK^T over D's chunks {'+'.join(map(str, w.d_chunks))}" if len(w.d_chunks) > 1 else ""
     return (f"producer {w.producer_warps} warp (TMA, {w.producer_regs} regs) -> ring of {w.stages} K/V stages "
             f"(mbarriers) -> {w.consumers} consumer warpgroup{'s' if w.consumers > 1 else ''} "
             f"x {w.consumer_warps} warps, {w.schedule} ({w.consumer_regs} regs), BM={w.block_m} "
-            f"({w.rows_per_consumer} rows each) BN={w.block_n}; {overlap}")
+            f"({w.rows_per_consumer} rows each) BN={w.block_n}; {overlap}{chunks}")
 
 
 def _tile(c: TileConfig) -> str:

@@ -12,7 +12,7 @@ class Row:
 
     min_arch: int  # compute capability x 10; 0 matches the interpreter / no GPU
     max_dtype_bits: int
-    max_block_d: int  # the wider of D and DV, padded to a power of two
+    max_block_d: int  # the wider of D and DV, padded to a power of two (also where the prefill takes D in chunks)
 
 
 @dataclass(frozen=True)
@@ -92,6 +92,8 @@ PREP_TILE = TileConfig(32, 16, 4, 1)
 DECODE_MAX_M = 16
 NARROW_TILE_CLASS_KEYS = 32  # narrow_tile_class_loop's key tile on sm_90
 MIN_DOT_ROWS = 16  # tl.dot needs at least 16 rows
+MIN_DOT_K = 16  # and a reduction of at least 16
+MAX_D_CHUNKS = 2  # head_dim_chunks
 DTYPE_BITS = {"f16": 16, "bf16": 16, "f32": 32}
 
 
@@ -129,8 +131,21 @@ def backward_tiles(plan: KernelPlan) -> tuple[TileConfig, TileConfig, bool]:
     return (row.dkdv, row.dq, row.dq_kernel) if row else (TileConfig(16, 16, 4, 1), TileConfig(16, 16, 4, 1), False)
 
 
+def head_dim_chunks(head_dim: int) -> tuple[int, ...]:
+    """D as the powers of two the Triton prefill's QK^T takes one dot each over, widest first: a D that is the
+    sum of two powers of two of at least MIN_DOT_K (192 = 128 + 64, 96 = 64 + 32, 80 = 64 + 16) in those two
+    chunks, so no padded column is loaded or multiplied (MLA's D = 192 padded to 256 multiplies 1.33x the useful
+    QK^T FLOPs); any other D as one chunk, padded to a power of two. Three chunks (112 = 64 + 32 + 16) are not
+    timed yet."""
+    parts = tuple(1 << b for b in reversed(range(head_dim.bit_length())) if head_dim >> b & 1)
+    if len(parts) == MAX_D_CHUNKS and parts[-1] >= MIN_DOT_K:
+        return parts
+    return (max(MIN_DOT_K, next_pow2(head_dim)),)
+
+
 def choose_tiles(plan: KernelPlan) -> KernelPlan:
     block_d, block_dv = max(16, next_pow2(plan.head_dim)), max(16, next_pow2(plan.value_dim))
+    d_chunks = (block_d,) if plan.options.chunk_head_dim is False else head_dim_chunks(plan.head_dim)
     row = tuned_row(plan)
     o = plan.options
     prefill = TileConfig(o.block_m or row.prefill.block_m, o.block_n or row.prefill.block_n,
@@ -139,7 +154,7 @@ def choose_tiles(plan: KernelPlan) -> KernelPlan:
     # A tile the user set applies to every M: no short-sequence regime then.
     user_tile = o.block_m or o.block_n or o.num_warps
     short = None if user_tile else row.short
-    return replace(plan, tiling=Tiling(block_d, block_dv, prefill, decode, DECODE_MAX_M, short,
+    return replace(plan, tiling=Tiling(block_d, block_dv, prefill, decode, DECODE_MAX_M, d_chunks, short,
                                        row.short_max_m if short else 0))
 
 
@@ -152,10 +167,10 @@ def stage_pipeline(plan: KernelPlan) -> KernelPlan:
     t, o, arch = plan.tiling, plan.options, plan.target.arch
     bytes_per = DTYPE_BITS[plan.dtype] // 8
 
-    def fit(c: TileConfig) -> TileConfig:
+    def fit(c: TileConfig, block_d: int) -> TileConfig:
         stages = o.num_stages or (c.num_stages if arch else 1)
         cap = smem_capacity(arch)
-        while stages > 1 and smem_bytes(c.block_m, c.block_n, t.block_d, t.block_dv, stages, bytes_per) > cap:
+        while stages > 1 and smem_bytes(c.block_m, c.block_n, block_d, t.block_dv, stages, bytes_per) > cap:
             stages -= 1
         return replace(c, num_stages=stages)
 
@@ -168,7 +183,9 @@ def stage_pipeline(plan: KernelPlan) -> KernelPlan:
     def keys(c: TileConfig) -> TileConfig:  # narrow_tile_class_loop says why
         return replace(c, block_n=min(c.block_n, NARROW_TILE_CLASS_KEYS)) if narrow and not o.block_n else c
 
-    tiling = replace(t, prefill=fit(keys(t.prefill)), decode=fit(t.decode), short=t.short and fit(keys(t.short)))
+    # the prefill tiles hold D's chunks (t.prefill_d columns of q and k), the decode tile D padded
+    tiling = replace(t, prefill=fit(keys(t.prefill), t.prefill_d), decode=fit(t.decode, t.block_d),
+                     short=t.short and fit(keys(t.short), t.prefill_d))
     # Warp specialization implies descriptors: Triton 3.6's pass fails on the pointer-load loop.
     return replace(plan, tiling=tiling, triton=TritonOptions(dot_precision="ieee", tma=tma or ws, warp_specialize=ws))
 
@@ -178,9 +195,10 @@ def narrow_tile_class_loop(plan: KernelPlan) -> bool:
     the descriptor loads of that loop read shared memory out of bounds in the PV dot (DV=32 bf16, property seed
     1004: compute-sanitizer, session 8; wrong numbers, then an illegal address), so such plans load by pointers.
     Pointer loads alone still gave the wrong numbers at the 128x128 tile (session 9); key tiles of 32 (or query
-    tiles of 32) gave the right ones, so such plans also take at most NARROW_TILE_CLASS_KEYS keys a tile."""
+    tiles of 32) gave the right ones, so such plans also take at most NARROW_TILE_CLASS_KEYS keys a tile. A chunk
+    of D (Tiling.d_chunks) is a K row of its own descriptor."""
     t, m = plan.tiling, plan.masks
-    return m is not None and m.data_dependent and min(t.block_d, t.block_dv) * DTYPE_BITS[plan.dtype] // 8 < 128
+    return m is not None and m.data_dependent and min(*t.d_chunks, t.block_dv) * DTYPE_BITS[plan.dtype] // 8 < 128
 
 
 def smem_capacity(arch: int | None) -> int:

@@ -68,36 +68,55 @@ def tile_work(plan: KernelPlan) -> int:
     return 1 if "j" in positions(logits) else 0
 
 
+def gluon_d_chunks(plan: KernelPlan) -> tuple[int, ...]:
+    """Q's and K's column chunks in the Gluon kernel: the plan's (Tiling.d_chunks: 192 = 128 + 64) where out's tile
+    fits in Q's first chunk, since out leaves through that buffer; else one chunk of D padded to block_d."""
+    t = plan.tiling
+    return t.d_chunks if t.block_dv <= t.d_chunks[0] else (t.block_d,)
+
+
 def choose_layout(plan: KernelPlan) -> WarpgroupLayout:
     t = plan.tiling
-    widest = widest_block(plan)
+    chunks = gluon_d_chunks(plan)
+    # The widest tile a consumer's wgmmas take: a chunk of Q and K, or V and out (widest_block where D is one chunk).
+    widest = max(chunks[0], t.block_dv)
     block_m = 128
     # Key tiles as wide as the consumers' 240 registers hold without spilling (ptxas, benchmarks/NOTES.md session 6):
     # per thread the score tile takes BN / 2 registers, the accumulator DV / 2, and per-element work a tile more.
+    # D = 192 in chunks (tiles of 128 and 64, DV = 128) takes dense D = 128's 128 keys, and its ring of two stages
+    # fits shared memory (48 KiB of Q and 2 x 80 KiB of K and V), where D padded to 256 would fit one.
     work = tile_work(plan)
     block_n = 128 if widest <= 128 else 64
     if work == 2 or (work and widest > 128):
         block_n //= 2
+    block_n = plan.options.warpgroup_block_n or block_n
+    if block_n not in KEY_TILES:
+        raise CompileError(f"warpgroup_block_n must be one of {', '.join(map(str, KEY_TILES))}, got {block_n!r}")
     # Overlap keeps a second score tile live: it fits beside a 64-register accumulator (DV <= 128), not beside
     # per-element integer work at D >= 128.
     overlap = t.block_dv <= 128 and not (work == 2 and widest >= 128)
     bytes_per = DTYPE_BITS[plan.dtype] // 8
     # The ring: the most stages that fit beside Q, up to MAX_STAGES, and at most RING_BYTES of K and V in flight
     # (FlashAttention-3 runs two 64 KiB stages at D = 128).
-    slot = block_n * (t.block_d + t.block_dv) * bytes_per
+    columns = sum(chunks)  # of Q and K in shared memory
+    slot = block_n * (columns + t.block_dv) * bytes_per
     stages = min(MAX_STAGES, max(2, RING_BYTES // slot))
-    while stages > 1 and smem_bytes(block_m, block_n, t.block_d, t.block_dv, stages, bytes_per) + BARRIER_BYTES \
+    while stages > 1 and smem_bytes(block_m, block_n, columns, t.block_dv, stages, bytes_per) + BARRIER_BYTES \
             > smem_capacity(plan.target.arch):
         stages -= 1
+    if stages < 2:  # with one slot a consumer would wait for tile j+1's K before it releases tile j's V
+        raise CompileError(f"warpgroup_block_n={block_n}: two ring stages of {block_n} keys at D={plan.head_dim} "
+                           f"DV={plan.value_dim} do not fit shared memory beside Q; pass a smaller one")
     schedule = plan.options.warpgroup_schedule or "pingpong"
     if schedule not in SCHEDULES:
         raise CompileError(f"warpgroup_schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
     # cooperative: one consumer partition whose 8 warps (two warpgroups) share the 128 rows of every step
     consumers, warps = (1, 8) if schedule == "cooperative" else (2, 4)
-    return WarpgroupLayout(block_m, block_n, stages, consumers, warps, schedule, overlap)
+    return WarpgroupLayout(block_m, block_n, stages, consumers, warps, schedule, overlap, chunks)
 
 
 SCHEDULES = ("pingpong", "parallel", "cooperative")
+KEY_TILES = (32, 64, 128)  # PlanOptions.warpgroup_block_n: the key tiles the pass itself picks
 BARRIER_BYTES = 1024  # mbarriers and the compiler's alignment padding
 RING_BYTES = 128 * 1024
 MAX_REGISTERS = 65536  # per SM on sm_90: the partitions' setmaxnreg budgets must fit in it together

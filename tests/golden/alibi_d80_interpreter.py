@@ -10,6 +10,8 @@ HEAD_DIM = tl.constexpr(80)
 VALUE_DIM = tl.constexpr(80)
 BLOCK_D = tl.constexpr(128)
 BLOCK_DV = tl.constexpr(128)
+D_CHUNK_0 = tl.constexpr(64)  # D = 64 + 16: one dot per chunk, no padded columns
+D_CHUNK_1 = tl.constexpr(16)
 
 
 
@@ -57,27 +59,36 @@ def attn_fwd(
     f_end = tl.minimum(tl.maximum(f_hi // BLOCK_N, f_start), run_end)
     # -- this program's query tile and its K/V head
     kvh = (hp * PACK) // (sz_H // sz_HKV)
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_d_0 = tl.arange(0, D_CHUNK_0)
+    offs_d_1 = 64 + tl.arange(0, D_CHUNK_1)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q_tile = tl.load(q_ptr + b * s_qb + h_row[:, None] * s_qh + i_row[:, None].to(tl.int64) * s_qm + offs_d[None, :] * s_qd,
-                     mask=row_valid[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    q_tile_0 = tl.load(q_ptr + b * s_qb + h_row[:, None] * s_qh + i_row[:, None].to(tl.int64) * s_qm + offs_d_0[None, :] * s_qd,
+                       mask=row_valid[:, None], other=0.0)
+    q_tile_1 = tl.load(q_ptr + b * s_qb + h_row[:, None] * s_qh + i_row[:, None].to(tl.int64) * s_qm + offs_d_1[None, :] * s_qd,
+                       mask=row_valid[:, None], other=0.0)
     if UPCAST:  # bf16 in the interpreter: compute in f32
-        q_tile = q_tile.to(tl.float32)
+        q_tile_0 = q_tile_0.to(tl.float32)
+        q_tile_1 = q_tile_1.to(tl.float32)
     k_base = k_ptr + b * s_kb + kvh * s_kh
     v_base = v_ptr + b * s_vb + kvh * s_vh
     m_i = tl.full([BLOCK_M], -INF, tl.float32)  # running max, base 2
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     # In-tile offsets are int32 and loop-invariant; the tile's start is added as int64.
-    k_tile_ptrs = k_base + offs_n[None, :] * s_kn + offs_d[:, None] * s_kd
+    k_tile_ptrs_0 = k_base + offs_n[None, :] * s_kn + offs_d_0[:, None] * s_kd
+    k_tile_ptrs_1 = k_base + offs_n[None, :] * s_kn + offs_d_1[:, None] * s_kd
     v_tile_ptrs = v_base + offs_n[:, None] * s_vn + offs_dv[None, :] * s_vd
     for t in tl.range(run_start, run_end):  # [f_start, f_end) need no mask
         j_col = t * BLOCK_N + offs_n
         col_valid = j_col < sz_N
-        k_tile = tl.load(k_tile_ptrs + tl.cast(t * BLOCK_N, tl.int64) * s_kn, mask=col_valid[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
+        k_tile_0 = tl.load(k_tile_ptrs_0 + tl.cast(t * BLOCK_N, tl.int64) * s_kn, mask=col_valid[None, :], other=0.0)
         if UPCAST:
-            k_tile = k_tile.to(tl.float32)
-        qk = tl.dot(q_tile, k_tile)
+            k_tile_0 = k_tile_0.to(tl.float32)
+        qk = tl.dot(q_tile_0, k_tile_0)
+        k_tile_1 = tl.load(k_tile_ptrs_1 + tl.cast(t * BLOCK_N, tl.int64) * s_kn, mask=col_valid[None, :], other=0.0)
+        if UPCAST:
+            k_tile_1 = k_tile_1.to(tl.float32)
+        qk = tl.dot(q_tile_1, k_tile_1, qk)
         x3 = qk * 0.16129820911147805
         x5 = x1[:, None].to(tl.int64) - j_col[None, :].to(tl.int64)
         x6 = x4[:, None] * x5.to(tl.float32)

@@ -57,6 +57,31 @@ def shared_hooks(plan: KernelPlan, exp2: str = "tl.exp2", vectors: Vectors = TRI
     )
 
 
+@dataclass(frozen=True)
+class DChunk:
+    """One power-of-two chunk of q/k's columns, one dot of the prefill's QK^T (Tiling.d_chunks): its names end in
+    `suffix` ("" where D is one chunk), `width` names its constant, `offsets` are its columns, `mask_q` / `mask_k`
+    the padding masks of a chunk wider than D."""
+
+    suffix: str
+    width: str
+    size: int
+    start: int
+    offsets: str
+    mask_q: str = ""
+    mask_k: str = ""
+
+
+def d_chunks(widths: tuple[int, ...], hooks: dict) -> list[DChunk]:
+    """Chunks of D (Tiling.d_chunks, WarpgroupLayout.d_chunks) as the templates name them; one chunk keeps the
+    padded kernel's names and masks."""
+    if len(widths) == 1:  # D padded to BLOCK_D
+        return [DChunk("", "BLOCK_D", widths[0], 0, "tl.arange(0, BLOCK_D)", hooks["d_mask_q"], hooks["d_mask_k"])]
+    starts = [sum(widths[:n]) for n in range(len(widths))]
+    return [DChunk(f"_{n}", f"D_CHUNK_{n}", w, s, f"{f'{s} + ' if s else ''}tl.arange(0, D_CHUNK_{n})")
+            for n, (w, s) in enumerate(zip(widths, starts))]
+
+
 def generate(plan: KernelPlan) -> str:
     spec, masks = plan.spec, plan.masks
     args = spec_args(plan)
@@ -72,10 +97,12 @@ def generate(plan: KernelPlan) -> str:
 
     all_partial = bool(masks.evaluated) and not masks.data_dependent
     signature = prefill_signature(args, plan.triton.tma)
+    # On a GPU, exp2 is inline PTX (the instruction libdevice's would become): a kernel that calls no libdevice
+    # function compiles without linking libdevice. The interpreter runs no inline assembly.
+    hooks = shared_hooks(plan, "tl.exp2" if plan.target.arch is None else "ex2_approx")
     return template("kernel.py.j2").render(
-        # On a GPU, exp2 is inline PTX (the instruction libdevice's would become): a kernel that calls no libdevice
-        # function compiles without linking libdevice. The interpreter runs no inline assembly.
-        **shared_hooks(plan, "tl.exp2" if plan.target.arch is None else "ex2_approx"),
+        **hooks,
+        d_chunks=d_chunks(plan.tiling.d_chunks, hooks),
         plan_line=_plan_line(plan),
         runtime_scalars=signature.unspecialized(),
         signature=signature.render(),

@@ -27,12 +27,14 @@ GLUON_DTYPES = {"f16": "gl.float16", "bf16": "gl.bfloat16"}
 
 def generate_gluon(plan: KernelPlan) -> str:
     from .emit import GLUON_VECTORS
-    from .generate import shared_hooks, template
+    from .generate import d_chunks, shared_hooks, template
 
     w, masks = plan.warpgroups.layout, plan.masks
     signature = gluon_signature(spec_args(plan))
+    hooks = shared_hooks(plan, "ex2_approx", GLUON_VECTORS)
     return template("gluon.py.j2").render(
-        **shared_hooks(plan, "ex2_approx", GLUON_VECTORS),
+        **hooks,
+        d_chunks=d_chunks(w.d_chunks, hooks),
         vectors=GLUON_VECTORS,
         plan_line=plan_line(plan),
         layout=w,
@@ -53,7 +55,8 @@ def plan_line(plan: KernelPlan) -> str:
     w = plan.warpgroups.layout
     return (f"gluon/sm_{plan.target.arch} {plan.dtype} D={plan.head_dim} DV={plan.value_dim}; BM={w.block_m} "
             f"BN={w.block_n} stages={w.stages}; {w.consumers}x{w.consumer_warps} consumer warps {w.schedule}"
-            f"{' overlapped' if w.overlap else ''} + {w.producer_warps} producer warp")
+            f"{' overlapped' if w.overlap else ''} + {w.producer_warps} producer warp"
+            + (f"; QK^T over D's chunks {'+'.join(map(str, w.d_chunks))}" if len(w.d_chunks) > 1 else ""))
 
 
 @lru_cache(maxsize=None)
