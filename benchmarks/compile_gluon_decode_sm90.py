@@ -1,0 +1,130 @@
+"""Compile the Gluon MLA decode kernel (attnc/backends/triton/gluon_decode.py.j2) of examples/specs/mla.attn (contiguous
+and paged latent, bf16, D = 512, DR = 64) for sm_90 without a GPU, at key tiles of 32 and 64 and every ring depth
+that fits, with and without split-KV, and print ptxas' registers and spills, the shared memory, and the SASS counts
+of the score and value warpgroups' key loops (benchmarks/kernel_stats.py), beside the Triton decode kernel's loop
+at its DECODE_TUNED tile. Needs Triton 3.6 (the GPU machine's):
+
+    PYTHONPATH=$PWD /tmp/venv36/bin/python benchmarks/compile_gluon_decode_sm90.py [--spec mla_paged] [--tiles 64 32]
+
+Exit status 1 if a kernel fails to compile, ptxas warns (serialized wgmma), or a kernel spills."""
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+os.environ["TRITON_INTERPRET"] = "0"
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.experimental.gluon._runtime import GluonASTSource
+
+import attnc
+from attnc.backends.triton import launch
+from attnc.backends.triton.gluon_decode import generate_gluon_decode
+from attnc.backends.triton.signature import argument_types, gluon_decode_signature, spec_args
+from attnc.passes import PlanOptions, Target, plan_kernel
+from attnc.passes.latent_decode import choose_layout
+from attnc.passes.warpgroups import max_registers
+
+sys.path.insert(0, str(Path(__file__).parent))
+from kernel_stats import SASS, count, mma_loops  # noqa: E402
+
+PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+
+
+def plan_with(spec, block_n: int, stages: int | None):
+    plan = plan_kernel(spec, Target("triton", "cuda", 90), 512, 512, PlanOptions(gluon=True, warpgroup_block_n=block_n))
+    staged = plan.decode.warpgroups
+    assert staged.path == "gluon", staged.reason
+    layout = choose_layout(plan, stages)
+    return replace(plan, decode=replace(plan.decode, warpgroups=replace(staged, layout=layout)))
+
+
+def compile_decode(plan, work: Path, split: bool):
+    w = plan.decode.warpgroups.layout
+    path = work / f"{plan.spec.name}_{w.block_n}_{w.stages}.py"
+    path.write_text(generate_gluon_decode(plan))
+    fn = launch.import_source(path, f"gluon_decode_{path.stem}").attn_decode_gluon
+    types = argument_types(plan)
+    signature = {n: ("i32" if types[n] == "i64" else types[n])
+                 for n in gluon_decode_signature(spec_args(plan, per_sequence=True)).names}
+    constexprs = {"BLOCK_MQ": 1, "PACK": 64, "SPLIT": split}
+    signature.update({n: "constexpr" for n in constexprs})
+    return triton.compile(GluonASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": w.consumer_warps, "maxnreg": max_registers(w)})
+
+
+def loop_counts(sass: str) -> list[str]:
+    """The key loops of the two warpgroups, each the shortest loop holding an MMA (the partitions' loops nest in
+    the SASS's branch ranges): the score warpgroup's has the EX2s, the value warpgroup's none. Instructions, the
+    SASS counts and the wgmma shapes (multiply-adds per tile = sum of M x N x K over them)."""
+    out = []
+    for role, wants_ex2 in (("score", True), ("value", False)):
+        bodies = [body for *_, body in mma_loops(sass)
+                  if any(re.search(SASS["EX2"], x) for x in body) == wants_ex2]
+        if not bodies:
+            out.append(f"{role} loop: none")
+            continue
+        body = "\n".join(min(bodies, key=len))
+        shapes = re.findall(r"HGMMA\.(\d+)x(\d+)x(\d+)", body)
+        macs = sum(int(m) * int(n) * int(k) for m, n, k in shapes)
+        out.append(f"{role} loop: instrs={len(min(bodies, key=len))} {count(SASS, body)} "
+                   f"shapes={sorted(set('x'.join(s) for s in shapes))} MACs={macs}")
+    return out
+
+
+def main() -> int:
+    from triton.tools.disasm import get_sass
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--spec", nargs="*", default=["mla_decode", "mla_paged"])
+    parser.add_argument("--tiles", type=int, nargs="*", default=[64, 32])
+    parser.add_argument("--dump", help="folder for the generated sources, PTX and SASS")
+    args = parser.parse_args()
+    ok = True
+    specs = {s.name: s for s in attnc.parse_file("examples/specs/mla.attn")}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(args.dump or tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        for name in args.spec:
+            for block_n in args.tiles:
+                fit = plan_with(specs[name], block_n, None).decode.warpgroups.layout.stages
+                for stages in range(2, fit + 1):
+                    plan = plan_with(specs[name], block_n, stages)
+                    for split in (False, True):
+                        label = f"{name:10s} BN={block_n} stages={stages} split={int(split)}"
+                        try:
+                            compiled = compile_decode(plan, work, split)
+                        except Exception as e:  # report every kernel, then fail
+                            ok = False
+                            print(f"FAIL {label}  {type(e).__name__}: {str(e).strip().splitlines()[-1][:400]}",
+                                  flush=True)
+                            continue
+                        ptx = work / f"{name}_{block_n}_{stages}_{int(split)}.ptx"
+                        ptx.write_text(compiled.asm["ptx"])
+                        report = subprocess.run([str(PTXAS), "-arch=sm_90a", "-v", str(ptx), "-o", os.devnull],
+                                                capture_output=True, text=True, check=True).stderr
+                        regs = int(re.search(r"Used (\d+) registers", report).group(1))
+                        spills = sum(int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", report))
+                        warns = [line for line in report.splitlines() if "warning" in line.lower()]
+                        maxnreg = sorted({int(x) for x in re.findall(r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+)",
+                                                                     compiled.asm["ptx"])})
+                        sass = get_sass(compiled.asm["cubin"])
+                        if args.dump:
+                            ptx.with_suffix(".sass").write_text(sass)
+                        ok &= spills == 0 and not warns
+                        print(f"{'ok  ' if spills == 0 else 'SPILL'} {label}  regs={regs} setmaxnreg={maxnreg} "
+                              f"spills={spills} B smem={compiled.metadata.shared} B (plan "
+                              f"{plan.decode.warpgroups.layout.smem})", flush=True)
+                        for line in warns:
+                            print(f"     {line}", flush=True)
+                        for line in loop_counts(sass):
+                            print(f"     {line}", flush=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
