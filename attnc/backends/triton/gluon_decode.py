@@ -105,6 +105,14 @@ def launcher(plan: KernelPlan, fallback):
     return GluonDecodeLauncher(plan, fallback)
 
 
+def tma_ready(t) -> bool:
+    """Whether TMA reads `t` as 2-D boxes along its last dim whatever its other axes index: a unit last stride, and a
+    16-byte aligned base and stride on every other axis of more than one element."""
+    size = t.element_size()
+    return t.stride(-1) == 1 and t.data_ptr() % launch.ALIGNMENT == 0 and all(
+        (stride * size) % launch.ALIGNMENT == 0 for stride, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1)
+
+
 @lru_cache(maxsize=None)
 def _warn_once(name: str, why: str) -> None:
     warnings.warn(f"attention {name!r}: the Gluon MLA decode kernel does not take this call ({why}); the Triton "
@@ -140,7 +148,7 @@ class GluonDecodeLauncher(DecodeLauncher):
         tensors = [(bound.q, spec.q), (bound.k, spec.k), (bound.inputs[dot.query], spec.input(dot.query)),
                    (bound.inputs[dot.key], spec.input(dot.key))]
         for t, decl in tensors:
-            if not launch.descriptor_ready(t, decl):
+            if not tma_ready(t):
                 return f"{decl.name} is not TMA-readable (a unit last stride, 16-byte aligned base and strides)"
         if isinstance(spec.kv_storage, Paged):
             page = spec.dim_values["PAGE"]
