@@ -10,7 +10,6 @@ Exit status 1 if a kernel fails to compile, ptxas warns (serialized wgmma), or a
 import argparse
 import os
 import re
-import subprocess
 import sys
 import tempfile
 from dataclasses import replace
@@ -30,9 +29,8 @@ from attnc.passes.latent_decode import choose_layout
 from attnc.passes.warpgroups import max_registers
 
 sys.path.insert(0, str(Path(__file__).parent))
+from compile_gluon_sm90 import ptxas_figures  # noqa: E402
 from kernel_stats import SASS, count, mma_loops  # noqa: E402
-
-PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
 
 
 def plan_with(spec, block_n: int, stages: int | None):
@@ -104,22 +102,15 @@ def main() -> int:
                                   flush=True)
                             continue
                         ptx = work / f"{name}_{block_n}_{stages}_{int(split)}.ptx"
-                        ptx.write_text(compiled.asm["ptx"])
-                        report = subprocess.run([str(PTXAS), "-arch=sm_90a", "-v", str(ptx), "-o", os.devnull],
-                                                capture_output=True, text=True, check=True).stderr
-                        regs = int(re.search(r"Used (\d+) registers", report).group(1))
-                        spills = sum(int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", report))
-                        warns = [line for line in report.splitlines() if "warning" in line.lower()]
-                        maxnreg = sorted({int(x) for x in re.findall(r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+)",
-                                                                     compiled.asm["ptx"])})
+                        r = ptxas_figures(compiled, ptx)
                         sass = get_sass(compiled.asm["cubin"])
                         if args.dump:
                             ptx.with_suffix(".sass").write_text(sass)
-                        ok &= spills == 0 and not warns
-                        print(f"{'ok  ' if spills == 0 else 'SPILL'} {label}  regs={regs} setmaxnreg={maxnreg} "
-                              f"spills={spills} B smem={compiled.metadata.shared} B (plan "
+                        ok &= r["spills"] == 0 and not r["warnings"]
+                        print(f"{'ok  ' if r['spills'] == 0 else 'SPILL'} {label}  regs={r['regs']} "
+                              f"setmaxnreg={r['setmaxnreg']} spills={r['spills']} B smem={r['shared']} B (plan "
                               f"{plan.decode.warpgroups.layout.smem})", flush=True)
-                        for line in warns:
+                        for line in r["warnings"]:
                             print(f"     {line}", flush=True)
                         for line in loop_counts(sass):
                             print(f"     {line}", flush=True)

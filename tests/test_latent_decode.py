@@ -4,7 +4,6 @@ plans qualify, the layout each gets (shared memory within sm_90's 232448 B), the
 kernel, with a warning that names why where PlanOptions(gluon=True) asked for it. The kernel itself runs only on an
 H100: tests/test_mla_gluon_gpu.py."""
 import warnings
-from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -60,16 +59,6 @@ def test_the_default_keeps_the_triton_kernel_and_shows_the_layout():
     text = _plan().describe()
     assert "decode wg  gluon kernel" in text and "score warpgroup (QK^T once" in text and "230656 B shared" in text
     assert _plan("mla_decode") == _plan("mla_decode")  # a pure function of the plan
-
-
-def _variant(name="mla_paged", **changes):
-    spec = SPECS[name]
-    for tensor, dtype in changes.pop("dtypes", {}).items():
-        if tensor in ("q", "k"):
-            spec = replace(spec, **{tensor: replace(getattr(spec, tensor), dtype=dtype)})
-        else:
-            spec = replace(spec, inputs=tuple(replace(t, dtype=dtype) if t.name == tensor else t for t in spec.inputs))
-    return spec
 
 
 def _text_spec(page="64", dr="64", normalizer="softmax(score)", dtype="bf16"):

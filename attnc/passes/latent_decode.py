@@ -37,7 +37,7 @@ from ..ir import Paged, Ragged
 from .decode import DecodeLaunch, combine_kernel, dot_size, split_count
 from .plan import KernelLaunch, KernelPlan, LatentDecodeLayout, TileConfig, WarpgroupPlan
 from .tiling import DTYPE_BITS, LaunchTiles, next_pow2, smem_capacity
-from .warpgroups import BARRIER_BYTES, GLUON_ARCH, GLUON_DTYPES, max_registers
+from .warpgroups import BARRIER_BYTES, GLUON_DTYPES, max_registers, unavailable_arch
 
 LATENT_DIM = 512  # D = DV: the latent's width (DeepSeek-V2/V3's kv_lora_rank)
 LATENT_CHUNK = 128  # one TMA box, one QK^T wgmma's K and one P V accumulator's N
@@ -50,11 +50,10 @@ MAX_STAGES = 4
 
 def unavailable(plan: KernelPlan) -> str:
     """Why the plan cannot run the Gluon MLA decode kernel ("" where it can)."""
-    spec, arch = plan.spec, plan.target.arch
-    if arch is None:
-        return "no GPU: the Gluon decode kernel needs sm_90"
-    if arch != GLUON_ARCH:
-        return f"sm_{arch}: warpgroup MMA is sm_90 only"
+    spec = plan.spec
+    why = unavailable_arch(plan.target.arch, "the Gluon decode kernel")
+    if why:
+        return why
     rope = [d for d in spec.dots if not d.is_qk]
     if not spec.shares_kv or len(rope) != 1:
         return "not latent attention whose values are the keys, with one dot product beside q @ k"

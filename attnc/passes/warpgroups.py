@@ -30,13 +30,21 @@ MAX_STAGES = 4
 AUTO_MIN_LENGTH = 4096
 
 
-def unavailable(plan: KernelPlan) -> str:
-    """Why the plan cannot run the Gluon kernel ("" where it can)."""
-    spec, arch = plan.spec, plan.target.arch
+def unavailable_arch(arch: int | None, kernel: str) -> str:
+    """Why `kernel` (a Gluon warpgroup kernel) cannot run on `arch` ("" on sm_90)."""
     if arch is None:
-        return "no GPU: the Gluon kernel needs sm_90"
+        return f"no GPU: {kernel} needs sm_90"
     if arch != GLUON_ARCH:
         return f"sm_{arch}: warpgroup MMA is sm_90 only"
+    return ""
+
+
+def unavailable(plan: KernelPlan) -> str:
+    """Why the plan cannot run the Gluon kernel ("" where it can)."""
+    spec = plan.spec
+    why = unavailable_arch(plan.target.arch, "the Gluon kernel")
+    if why:
+        return why
     if spec.q_storage is not None or spec.kv_storage is not None:
         return "ragged or paged storage runs the decode kernel"
     if spec.is_latent:

@@ -22,7 +22,7 @@ from .. import cache, names
 from . import binaries, launch, scratch
 from .decode import ERROR_CONSTANTS, latent_dots, storage_hooks
 from .gluon import GLUON_DTYPES, unavailable_here
-from .serving import DecodeLauncher, load_decode_module, sm_count
+from .serving import DecodeLauncher, load_decode_module
 from .signature import gluon_decode_signature, spec_args
 
 SOURCE_FILE = "gluon_decode.py"
@@ -131,13 +131,8 @@ class GluonDecodeLauncher(DecodeLauncher):
         self.signature = gluon_decode_signature(self.args)
         self.fallback = fallback
 
-    def launch_for(self, bound: Bound):
-        key = (tuple(bound.sizes.values()), bound.q.device)
-        go = self._launches.get(key, False)
-        if go is False:
-            go = self._launches[key] = latent_launch(self.plan, bound.sizes, sm_count(bound.q.device)) \
-                if bound.sizes["M"] > 0 else None
-        return go
+    def choose_launch(self, sizes, sms: int):
+        return latent_launch(self.plan, sizes, sms)
 
     def uncovered(self, bound: Bound) -> str:
         """Why this call cannot run the Gluon kernel ("" where it can): TMA reads q, the latent and the rope tensors
