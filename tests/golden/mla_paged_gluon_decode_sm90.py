@@ -65,9 +65,13 @@ ROPE_DIM = gl.constexpr(64)
 CONSUMER_WARPS = gl.constexpr(4)
 PAGE = gl.constexpr(64)
 PAGE_CHECK = gl.constexpr(128)  # block-table entries checked at once
-# The scores, P and the accumulators share one wgmma layout, so row vectors (m_i, l_i, alpha) fit all of them.
+# The scores' wgmma layout (N = BLOCK_N) and the accumulators' (N = CHUNK: half the P V instructions of N = BLOCK_N);
+# both give a thread the same rows, so a row vector moves between them without data movement.
 MMA = gl.constexpr(gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[CONSUMER_WARPS, 1],
-                                             instr_shape=[16, 64, 16]))
+                                             instr_shape=[16, BLOCK_N, 16]))
+ACC = gl.constexpr(gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[CONSUMER_WARPS, 1],
+                                             instr_shape=[16, CHUNK, 16]))
+ACC_ROW = gl.constexpr(gl.SliceLayout(1, ACC))
 Q_SMEM = gl.constexpr(gl.NVMMASharedLayout.get_default_for([ROWS, CHUNK], DTYPE))
 QR_SMEM = gl.constexpr(gl.NVMMASharedLayout.get_default_for([ROWS, ROPE], DTYPE))
 C_SMEM = gl.constexpr(gl.NVMMASharedLayout.get_default_for([BLOCK_N, CHUNK], DTYPE))
@@ -155,8 +159,8 @@ def score_warpgroup(
     row_valid = row_valid & (r < PACK)  # rows past the program's heads are computed and never written
     m_i = gl.full([BLOCK_M], -INF, tl.float32, ROW)  # running max, base 2
     l_i = gl.zeros([BLOCK_M], tl.float32, ROW)
-    acc_0 = gl.zeros([ROWS, CHUNK], gl.float32, MMA)
-    acc_1 = gl.zeros([ROWS, CHUNK], gl.float32, MMA)
+    acc_0 = gl.zeros([ROWS, CHUNK], gl.float32, ACC)
+    acc_1 = gl.zeros([ROWS, CHUNK], gl.float32, ACC)
     s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, MMA)
     mbarrier.wait(q_ready.index(0), 0)
     for t in range(s_start, s_end):
@@ -191,8 +195,9 @@ def score_warpgroup(
         fence_async_shared()  # P is read by wgmma (the async proxy)
         gl.thread_barrier()  # every thread's part of P and alpha is written before the one arrive
         mbarrier.arrive(p_ready.index(0), count=1)
-        acc_0 = warpgroup_mma(p_buf, k_bufs.index(slot * CHUNKS + 0), acc_0 * alpha[:, None], is_async=True)
-        acc_1 = warpgroup_mma(p_buf, k_bufs.index(slot * CHUNKS + 1), acc_1 * alpha[:, None], is_async=True)
+        alpha_acc = gl.convert_layout(alpha, ACC_ROW)
+        acc_0 = warpgroup_mma(p_buf, k_bufs.index(slot * CHUNKS + 0), acc_0 * alpha_acc[:, None], is_async=True)
+        acc_1 = warpgroup_mma(p_buf, k_bufs.index(slot * CHUNKS + 1), acc_1 * alpha_acc[:, None], is_async=True)
         acc_0, acc_1 = warpgroup_mma_wait(0, deps=[acc_0, acc_1])
         mbarrier.arrive(empty.index(slot), count=1)
         m_i = m_new
@@ -203,8 +208,9 @@ def score_warpgroup(
     mbarrier.arrive(p_ready.index(0), count=1)
     # -- a row with nothing kept: out = 0, lse = -inf
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    out_0 = acc_0 / l_safe[:, None]
-    out_1 = acc_1 / l_safe[:, None]
+    l_acc = gl.convert_layout(l_safe, ACC_ROW)
+    out_0 = acc_0 / l_acc[:, None]
+    out_1 = acc_1 / l_acc[:, None]
     lse2 = tl.where(l_i == 0.0, -INF, tl.where(m_i == INF, INF, m_i + tl.log2(l_safe)))
     lse2 = tl.where(poison, INF - INF, lse2)
     if SPLIT:  # partial lse (base 2) for attn_combine: ws_lse [splits, H, rows]
@@ -238,9 +244,9 @@ def value_warpgroup(
     poison, s_start, s_end, o_desc, q_bufs, k_bufs, p_buf, row_buf, ready, empty, p_ready, p_free, SPLIT: gl.constexpr
 ):
     """P V over columns [DV / 2, DV) with the score warpgroup's P, each tile's rescale and the final row sums."""
-    ROW: gl.constexpr = gl.SliceLayout(1, MMA)
-    acc_0 = gl.zeros([ROWS, CHUNK], gl.float32, MMA)
-    acc_1 = gl.zeros([ROWS, CHUNK], gl.float32, MMA)
+    ROW: gl.constexpr = ACC_ROW
+    acc_0 = gl.zeros([ROWS, CHUNK], gl.float32, ACC)
+    acc_1 = gl.zeros([ROWS, CHUNK], gl.float32, ACC)
     for t in range(s_start, s_end):
         n = t - s_start
         slot = n % STAGES

@@ -43,7 +43,6 @@ def generate_gluon_decode(plan: KernelPlan) -> str:
         layout=w,
         rope=rope_hooks(plan),
         dtype=GLUON_DTYPES[plan.dtype],
-        mma_n=min(w.block_n, w.chunks[0]),  # one wgmma layout for the scores and the accumulators
         signature=signature.render(),
         runtime_signature=replace(signature, constexprs=()).render(),
         arguments=", ".join(signature.names),
