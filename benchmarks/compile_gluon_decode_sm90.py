@@ -25,12 +25,20 @@ from attnc.backends.triton import launch
 from attnc.backends.triton.gluon_decode import generate_gluon_decode
 from attnc.backends.triton.signature import argument_types, gluon_decode_signature, spec_args
 from attnc.passes import PlanOptions, Target, plan_kernel
-from attnc.passes.latent_decode import choose_layout
-from attnc.passes.warpgroups import max_registers
+from attnc.passes.latent_decode import choose_layout, gluon_decode_kernel
+from attnc.passes.tiling import LaunchTiles
 
 sys.path.insert(0, str(Path(__file__).parent))
 from compile_gluon_sm90 import ptxas_figures  # noqa: E402
 from kernel_stats import SASS, count, mma_loops  # noqa: E402
+
+
+def fp8_spec(name: str):
+    """bench_mla.py --fp8's spec (the latent and its rope part e4m3, one dequant scale) for a contiguous or paged
+    latent."""
+    import bench_mla
+
+    return bench_mla.mla_spec(bench_mla.fp8_shapes(bench_mla.GPU), paged=name == "mla_paged")
 
 
 def plan_with(spec, block_n: int, stages: int | None):
@@ -51,8 +59,9 @@ def compile_decode(plan, work: Path, split: bool):
                  for n in gluon_decode_signature(spec_args(plan, per_sequence=True)).names}
     constexprs = {"BLOCK_MQ": 1, "PACK": 64, "SPLIT": split}
     signature.update({n: "constexpr" for n in constexprs})
+    options = gluon_decode_kernel(plan, LaunchTiles(None, constexprs["PACK"], constexprs["BLOCK_MQ"]), split).keywords
     return triton.compile(GluonASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": w.consumer_warps, "maxnreg": max_registers(w)})
+                          options={k: options[k] for k in ("num_warps", "maxnreg")})
 
 
 def loop_counts(sass: str) -> list[str]:
@@ -81,19 +90,27 @@ def main() -> int:
     parser.add_argument("--spec", nargs="*", default=["mla_decode", "mla_paged"])
     parser.add_argument("--tiles", type=int, nargs="*", default=[64, 32])
     parser.add_argument("--dump", help="folder for the generated sources, PTX and SASS")
+    parser.add_argument("--fp8", action="store_true", help="the latent e4m3 (bench_mla.py --fp8's spec, BN = 32)")
     args = parser.parse_args()
     ok = True
     specs = {s.name: s for s in attnc.parse_file("examples/specs/mla.attn")}
+    if args.fp8:
+        specs = {name: fp8_spec(name) for name in specs}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.dump or tmp)
         work.mkdir(parents=True, exist_ok=True)
         for name in args.spec:
             for block_n in args.tiles:
-                fit = plan_with(specs[name], block_n, None).decode.warpgroups.layout.stages
+                w = plan_with(specs[name], block_n, None).decode.warpgroups.layout
+                fit = w.fp8_stages or w.stages
                 for stages in range(2, fit + 1):
                     plan = plan_with(specs[name], block_n, stages)
+                    if plan.decode.warpgroups.layout.fp8_stages:
+                        name_label = f"{name} fp8"
+                    else:
+                        name_label = name
                     for split in (False, True):
-                        label = f"{name:10s} BN={block_n} stages={stages} split={int(split)}"
+                        label = f"{name_label:14s} BN={block_n} stages={stages} split={int(split)}"
                         try:
                             compiled = compile_decode(plan, work, split)
                         except Exception as e:  # report every kernel, then fail

@@ -45,7 +45,7 @@ def test_key_tile_and_ring_depth():
     assert layout_bytes(64, 3, 64, 2) > smem_capacity(90) >= layout_bytes(64, 2, 64, 2)
     plan = _plan()
     assert choose_layout(plan, 2) == plan.decode.warpgroups.layout
-    with pytest.raises(attnc.CompileError, match="fits 2 ring stage"):
+    with pytest.raises(attnc.CompileError, match=r"fits 2 ring stage.*2 or more \(asked 3\)"):
         choose_layout(plan, 3)
     with pytest.raises(attnc.CompileError, match="must be one of 32, 64, got 128"):
         _plan("mla_decode", options=PlanOptions(gluon=True, warpgroup_block_n=128))
@@ -90,7 +90,10 @@ def test_what_keeps_the_triton_decode_kernel(plan_args, reason):
     assert staged.path == "triton" and reason in staged.reason and staged.layout is None
 
 
-def test_fp8_latent_keeps_the_triton_kernel():
+def test_fp8_latent_converts_in_shared_memory():
+    """bench_mla.py --fp8's spec (latent and rope part e4m3, one scale): 32-key tiles, two converted slots and the
+    most e4m3 slots that fit (four), a converter warpgroup (96 registers) beside a 160-register value warpgroup; the
+    launch's register limit counts its warps. A latent FP8 beside a bf16 rope part keeps the Triton kernel."""
     spec = attnc.parse("""attention mla_fp8 {
     dims D = 512, DR = 64
     q: bf16[B, M, H, D]
@@ -105,7 +108,35 @@ def test_fp8_latent_keeps_the_triton_kernel():
     return softmax(score) @ k
 }""", "test_latent_decode.py")[0]
     staged = _plan(spec=spec).decode.warpgroups
-    assert staged.path == "triton" and "FP8 latent" in staged.reason
+    assert staged.path == "gluon", staged.reason
+    w = staged.layout
+    assert (w.block_n, w.stages, w.fp8_stages, w.converter_warps, w.value_regs, w.converter_regs) == (32, 2, 4, 4, 160, 96)
+    assert w.smem == layout_bytes(32, 2, 64, 2, 4) == 226560 <= smem_capacity(90)
+    go = latent_launch(_plan(spec=spec), dict(B=64, H=64, HKV=1, M=1, N=4096), 132)
+    assert go.decode.keywords["maxnreg"] == 128  # 16 warps share the register file
+    source = gluon_decode.generate_gluon_decode(_plan(spec=spec))
+    assert "def convert(" in source and "upcast_fp8(k8_bufs.index(land * CHUNKS + c).load(CVT))" in source
+    assert "scale = tl.max(" in source  # the values' dequant scale joins each row's 1 / l
+    with pytest.raises(attnc.CompileError, match="fits 0 ring stage.* of e4m3 tiles beside two converted ones"):
+        _plan(spec=spec, options=PlanOptions(gluon=True, warpgroup_block_n=64))
+    mixed = attnc.parse(spec_text_fp8_latent_bf16_rope(), "test_latent_decode.py")[0]
+    staged = _plan(spec=mixed).decode.warpgroups
+    assert staged.path == "triton" and "both f8e4m3" in staged.reason
+
+
+def spec_text_fp8_latent_bf16_rope() -> str:
+    return """attention mla_fp8_latent {
+    dims D = 512, DR = 64
+    q: bf16[B, M, H, D]
+    k: f8e4m3[B, N, D]
+    input qr: bf16[B, M, H, DR]
+    input kr: bf16[B, N, DR]
+    input k_scale: f32[HKV]
+    dequant k by k_scale
+    param scale: f32
+    score = (q @ k + qr @ kr) * scale
+    return softmax(score) @ k
+}"""
 
 
 def test_other_specs_are_not_staged():

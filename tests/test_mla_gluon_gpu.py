@@ -1,7 +1,8 @@
 """The Gluon MLA decode kernel (PlanOptions(gluon=True), passes/latent_decode.py) on an H100: run with
 `python -m pytest -m gpu tests/test_mla_gluon_gpu.py`. bf16 at DeepSeek's widths (D = 512 latent, DR = 64, pages of
 64), 64 and 128 heads, the latent contiguous and paged (shuffled pages, key lists off the tile and page sizes, every
-eighth one key long), one split and forced split-KV, one and two query tokens, against attnc.reference with
+eighth one key long), one split and forced split-KV, one and two query tokens, an FP8 e4m3 latent (converted in
+shared memory by the kernel's converter warpgroup), against attnc.reference with
 NaN-poisoned outputs and workspace (test_mla_grid's inputs); each test checks that the Gluon kernel ran, not the
 Triton decode kernel it falls back to, and that no index data was flagged. A bad page id comes out as NaN rows and
 a flagged violation."""
@@ -68,6 +69,26 @@ def test_gluon_decode_matches_reference_gpu(layout, point, block_n, gluon_calls)
     assert gluon_calls == [True], "the Gluon kernel took the call"
     assert_matches(spec, got, attnc.reference(spec, q, k, **kw), tol=1e-2)
     attnc.check_errors()  # the index data is valid: nothing flagged
+
+
+FP8_POINTS = [Point(64, 64), Point(128, 4, n_max=1000), Point(64, 8, n_max=700, splits=4), Point(64, 16, m=2)]
+
+
+@pytest.mark.parametrize("point", FP8_POINTS, ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "paged"])
+def test_gluon_decode_fp8_latent_gpu(layout, point, gluon_calls):
+    """The latent and its rope part e4m3 with a scale each (test_mla_grid's "fp8" form): the producer lands e4m3
+    tiles, the converter warpgroup writes them as bf16 into the warpgroups' ring; scores and out rows scaled."""
+    _needs_hopper()
+    spec = grid_spec(layout, "fp8", SHAPES)
+    q, k, kw = grid_call(layout, "fp8", SHAPES, point)
+    kern = attnc.compile(spec, backend="triton", options=PlanOptions(gluon=True, num_splits=point.splits))
+    with contextlib.suppress(CallError):
+        attnc.check_errors()
+    got = kern(q, k, **kw)
+    assert gluon_calls == [True], "the Gluon kernel took the call"
+    assert_matches(spec, got, attnc.reference(spec, q, k, **kw), tol=1e-2)
+    attnc.check_errors()
 
 
 def test_bad_page_id_poisons_its_sequence_and_is_flagged_gpu(gluon_calls):

@@ -57,15 +57,17 @@ def unavailable(plan: KernelPlan) -> str:
     rope = [d for d in spec.dots if not d.is_qk]
     if not spec.shares_kv or len(rope) != 1:
         return "not latent attention whose values are the keys, with one dot product beside q @ k"
-    if spec.dequant:
-        return "an FP8 latent (dequant) runs the Triton decode kernel (the Gluon kernel is bf16/f16 first)"
     if spec.q_storage is not None or isinstance(spec.kv_storage, Ragged):
         return "ragged storage runs the Triton decode kernel"
     dot = rope[0]
-    dtypes = {spec.q.dtype, spec.k.dtype, spec.input(dot.query).dtype, spec.input(dot.key).dtype}
-    if len(dtypes) > 1 or plan.dtype not in GLUON_DTYPES:
-        return f"q, k and the rope tensors are {'/'.join(sorted(dtypes))}: the kernel takes one of " \
+    queries = {spec.q.dtype, spec.input(dot.query).dtype}
+    keys = {spec.k.dtype, spec.input(dot.key).dtype}
+    if len(queries) > 1 or plan.dtype not in GLUON_DTYPES:
+        return f"q and the rope query are {'/'.join(sorted(queries))}: the kernel takes one of " \
                f"{', '.join(GLUON_DTYPES)}"
+    if keys != {plan.dtype} and keys != {"f8e4m3"}:
+        return f"the latent and its rope part are {'/'.join(sorted(keys))}: the kernel takes both in q's dtype, or " \
+               f"both f8e4m3 (converted in shared memory)"
     if plan.head_dim != LATENT_DIM or plan.value_dim != LATENT_DIM:
         return f"D={plan.head_dim} DV={plan.value_dim}: the kernel's latent is {LATENT_DIM} wide"
     size = dot_size(plan, dot)
@@ -75,38 +77,55 @@ def unavailable(plan: KernelPlan) -> str:
         return "a normalizer other than softmax without a sink: the value warpgroup rescales by softmax's alpha"
     if isinstance(spec.kv_storage, Paged):
         page = spec.dim_values.get("PAGE")
-        block_n = plan.options.warpgroup_block_n or DEFAULT_BLOCK_N
+        block_n = plan.options.warpgroup_block_n or default_block_n(plan)
         if not page or page % block_n:
             return f"pages of {page or 'PAGE (unbound)'} slots: the kernel reads one page id a key tile, so PAGE " \
                    f"must be bound by `dims` to a multiple of {block_n}"
     return ""
 
 
-def layout_bytes(block_n: int, stages: int, rope: int, q_bytes: int) -> int:
+def default_block_n(plan: KernelPlan) -> int:
+    """64 keys a tile (FlashMLA's), 32 for an FP8 latent: its e4m3 slots and two converted slots must fit beside Q."""
+    return 32 if plan.spec.dequant else DEFAULT_BLOCK_N
+
+
+def layout_bytes(block_n: int, stages: int, rope: int, q_bytes: int, fp8_stages: int = 0) -> int:
     """Shared memory of a layout: Q and each ring slot hold 576 columns (latent and rope), P [ROWS, BN], the row
-    scales (f32) and the mbarriers."""
+    scales (f32) and the mbarriers; an FP8 latent's e4m3 slots (one byte an element) beside the converted ring."""
     columns = LATENT_DIM + rope
-    return (ROWS * columns + stages * block_n * columns + ROWS * block_n) * q_bytes + ROWS * 4 + BARRIER_BYTES
+    return ((ROWS * columns + stages * block_n * columns + ROWS * block_n) * q_bytes + fp8_stages * block_n * columns
+            + ROWS * 4 + BARRIER_BYTES)
 
 
 def choose_layout(plan: KernelPlan, stages: int | None = None) -> LatentDecodeLayout:
-    """The layout: the key tile PlanOptions.warpgroup_block_n gives (else DEFAULT_BLOCK_N) and the most ring
-    stages, up to MAX_STAGES, that fit (`stages` forces a count: compile-only A/B runs)."""
-    block_n = plan.options.warpgroup_block_n or DEFAULT_BLOCK_N
+    """The layout: the key tile PlanOptions.warpgroup_block_n gives (else default_block_n) and the most ring stages,
+    up to MAX_STAGES, that fit (`stages` forces a count: compile-only A/B runs). An FP8 latent converts into two
+    slots (the converter fills one while the consumers read the other) and lands in the most e4m3 slots that fit."""
+    block_n = plan.options.warpgroup_block_n or default_block_n(plan)
     if block_n not in KEY_TILES:
         raise CompileError(f"warpgroup_block_n for the MLA decode kernel must be one of "
                            f"{', '.join(map(str, KEY_TILES))}, got {block_n!r}")
     rope = max(16, next_pow2(dot_size(plan, next(d for d in plan.spec.dots if not d.is_qk))))
     q_bytes = DTYPE_BITS[plan.dtype] // 8
     capacity = smem_capacity(plan.target.arch)
-    fit = max((s for s in range(1, MAX_STAGES + 1) if layout_bytes(block_n, s, rope, q_bytes) <= capacity),
-              default=0)
-    stages = stages or fit
+    fp8 = bool(plan.spec.dequant)
+
+    def fits(s: int) -> bool:
+        return layout_bytes(block_n, 2 if fp8 else s, rope, q_bytes, s if fp8 else 0) <= capacity
+
+    fit = max((s for s in range(1, MAX_STAGES + 1) if fits(s)), default=0)
+    asked, stages = stages, stages or fit
     if stages < 2 or stages > fit:
-        raise CompileError(f"the MLA decode kernel at {block_n} keys a tile fits {fit} ring stage(s) in "
-                           f"{capacity} B of shared memory; it needs 2 or more (asked {stages})")
+        raise CompileError(f"the MLA decode kernel at {block_n} keys a tile fits {fit} ring stage(s)"
+                           f"{' of e4m3 tiles beside two converted ones' if fp8 else ''} in {capacity} B of shared "
+                           f"memory; it needs 2 or more{f' (asked {asked})' if asked else ''}")
     chunks = (LATENT_CHUNK,) * (LATENT_DIM // LATENT_CHUNK)
-    return LatentDecodeLayout(ROWS, block_n, stages, chunks, rope, layout_bytes(block_n, stages, rope, q_bytes))
+    if not fp8:
+        return LatentDecodeLayout(ROWS, block_n, stages, chunks, rope, layout_bytes(block_n, stages, rope, q_bytes))
+    # Registers with the converter: the score warpgroup keeps the rest of the file (about 250), the value warpgroup
+    # holds its 128-register accumulator and a row vector, the converter one e4m3 chunk and its conversion.
+    return LatentDecodeLayout(ROWS, block_n, 2, chunks, rope, layout_bytes(block_n, 2, rope, q_bytes, stages),
+                              fp8_stages=stages, value_regs=160, converter_regs=96)
 
 
 def stage_latent_decode(plan: KernelPlan) -> KernelPlan:
@@ -134,7 +153,8 @@ def gluon_decode_kernel(plan: KernelPlan, tiles: LaunchTiles, split: bool) -> Ke
     heads per program (PACK), one position (BLOCK_MQ), whether it writes partial results, and the options."""
     w = plan.decode.warpgroups.layout
     return KernelLaunch("attn_decode_gluon", (("BLOCK_MQ", tiles.block_mq), ("PACK", tiles.pack), ("SPLIT", split),
-                                              ("num_warps", w.consumer_warps), ("maxnreg", max_registers(w))))
+                                              ("num_warps", w.consumer_warps),
+                                              ("maxnreg", max_registers(w, w.converter_warps))))
 
 
 def latent_launch(plan: KernelPlan, sizes: Mapping[str, int], sm_count: int) -> DecodeLaunch:

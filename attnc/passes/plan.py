@@ -234,10 +234,19 @@ class LatentDecodeLayout:
     chunks: tuple[int, ...]  # the latent's column chunks: a TMA box, a QK^T wgmma and a [block_m, chunk] accumulator
     rope: int  # the rope dot's columns (DR padded to a power of two)
     smem: int  # shared bytes the layout counts (ring, Q, P, row scales, barriers)
+    # An FP8 latent: the producer lands e4m3 tiles in a ring of fp8_stages slots and a converter warpgroup writes
+    # them as q's dtype into the `stages` slots the consumers read (0: no converter, TMA fills those slots)
+    fp8_stages: int = 0
     consumer_warps: int = 4
     producer_warps: int = 1
     producer_regs: int = 24
     consumer_regs: int = 240
+    value_regs: int = 240  # the value warpgroup's (no score tile): less beside a converter
+    converter_regs: int = 0
+
+    @property
+    def converter_warps(self) -> int:
+        return 4 if self.fp8_stages else 0
 
     @property
     def consumers(self) -> int:
@@ -389,7 +398,8 @@ def _warpgroups(w: WarpgroupLayout) -> str:
 def _latent(w: LatentDecodeLayout) -> str:
     return (f"producer {w.producer_warps} warp (TMA) -> ring of {w.stages} stages of {w.block_n} keys (latent in "
             f"chunks {'+'.join(map(str, w.chunks))}, rope {w.rope}) -> score warpgroup (QK^T once, weights, P to "
-            f"shared) + value warpgroup, each P V over {w.value_chunks} chunks; BM={w.block_m}, {w.smem} B shared")
+            f"shared) + value warpgroup, each P V over {w.value_chunks} chunks; BM={w.block_m}, {w.smem} B shared"
+            + (f"; FP8: {w.fp8_stages} e4m3 slots, a converter warpgroup writes the ring" if w.fp8_stages else ""))
 
 
 def _tile(c: TileConfig) -> str:

@@ -130,10 +130,11 @@ RING_BYTES = 128 * 1024
 MAX_REGISTERS = 65536  # per SM on sm_90: the partitions' setmaxnreg budgets must fit in it together
 
 
-def max_registers(w: WarpgroupLayout) -> int:
+def max_registers(w: WarpgroupLayout, extra_warps: int = 0) -> int:
     """maxnreg of the launch: the default partition (the first consumer) gets what the register file leaves after
-    the workers' budgets, so the kernel-wide limit is the file split over all warps, warpgroups rounded up."""
-    warps = w.consumers * w.consumer_warps + 4 * -(-w.producer_warps // 4)
+    the workers' budgets, so the kernel-wide limit is the file split over all warps, warpgroups rounded up
+    (`extra_warps`: further worker warpgroups, e.g. the MLA decode kernel's FP8 converter)."""
+    warps = w.consumers * w.consumer_warps + 4 * -(-w.producer_warps // 4) + extra_warps
     return (MAX_REGISTERS // (32 * warps)) // 8 * 8
 
 

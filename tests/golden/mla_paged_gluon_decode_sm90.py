@@ -201,16 +201,17 @@ def score_warpgroup(
         acc_0, acc_1 = warpgroup_mma_wait(0, deps=[acc_0, acc_1])
         mbarrier.arrive(empty.index(slot), count=1)
         m_i = m_new
-    # the row sums to the value warpgroup, which normalises its half by them
+    # -- a row with nothing kept: out = 0, lse = -inf. Each row's multiplier 1 / l
+    # to the value warpgroup, which scales its half by it
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    scale = 1.0 / l_safe
     mbarrier.wait(p_free.index(0), ((s_end - s_start) & 1) ^ 1)
-    row_buf.store(l_i)
+    row_buf.store(scale)
     gl.thread_barrier()
     mbarrier.arrive(p_ready.index(0), count=1)
-    # -- a row with nothing kept: out = 0, lse = -inf
-    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    l_acc = gl.convert_layout(l_safe, ACC_ROW)
-    out_0 = acc_0 / l_acc[:, None]
-    out_1 = acc_1 / l_acc[:, None]
+    scale_acc = gl.convert_layout(scale, ACC_ROW)
+    out_0 = acc_0 * scale_acc[:, None]
+    out_1 = acc_1 * scale_acc[:, None]
     lse2 = tl.where(l_i == 0.0, -INF, tl.where(m_i == INF, INF, m_i + tl.log2(l_safe)))
     lse2 = tl.where(poison, INF - INF, lse2)
     if SPLIT:  # partial lse (base 2) for attn_combine: ws_lse [splits, H, rows]
@@ -243,7 +244,7 @@ def score_warpgroup(
 def value_warpgroup(
     poison, s_start, s_end, o_desc, q_bufs, k_bufs, p_buf, row_buf, ready, empty, p_ready, p_free, SPLIT: gl.constexpr
 ):
-    """P V over columns [DV / 2, DV) with the score warpgroup's P, each tile's rescale and the final row sums."""
+    """P V over columns [DV / 2, DV) with the score warpgroup's P, each tile's rescale and the final row scales."""
     ROW: gl.constexpr = ACC_ROW
     acc_0 = gl.zeros([ROWS, CHUNK], gl.float32, ACC)
     acc_1 = gl.zeros([ROWS, CHUNK], gl.float32, ACC)
@@ -259,10 +260,9 @@ def value_warpgroup(
         mbarrier.arrive(p_free.index(0), count=1)
         mbarrier.arrive(empty.index(slot), count=1)
     mbarrier.wait(p_ready.index(0), (s_end - s_start) & 1)  # after the score warpgroup's last QK^T
-    l_i = row_buf.load(ROW)
-    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    out_0 = acc_0 / l_safe[:, None]
-    out_1 = acc_1 / l_safe[:, None]
+    scale = row_buf.load(ROW)
+    out_0 = acc_0 * scale[:, None]
+    out_1 = acc_1 * scale[:, None]
     if poison:  # bad index data reached this program's rows
         out_0 = out_0 + (INF - INF)
         out_1 = out_1 + (INF - INF)
@@ -399,7 +399,7 @@ def attn_decode_gluon(
     mbarrier.init(p_ready.index(0), count=1)
     mbarrier.init(p_free.index(0), count=1)
     for s in gl.static_range(STAGES):
-        mbarrier.init(ready.index(s), count=1)
+        mbarrier.init(ready.index(s), count=1)  # TMA's bytes fill a slot
         mbarrier.init(empty.index(s), count=2)  # a slot is free once both warpgroups released it
     gl.warp_specialize([
         (score_warpgroup, (q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, ws_out_ptr, ws_lse_ptr, s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, s_ob, s_oh, s_om, s_od, s_lb, s_lh, s_lm, s_wo_s, s_wo_h, s_wo_r, s_wl_s, s_wl_h, sz_B, sz_H, sz_HKV, sz_M, cap_N, sz_DR, sz_MAXP, sz_PAGE, sz_PAGES, p_scale, t_block_table, st0_block_table, st1_block_table, t_kr, st0_kr, st1_kr, st2_kr, t_kv_len, st0_kv_len, t_qr, st0_qr, st1_qr, st2_qr, st3_qr, search_steps, n_splits, err_ptr, err_site,
@@ -409,4 +409,5 @@ def attn_decode_gluon(
                            SPLIT)),
         (produce, (table_row, st1_block_table, sz_PAGES, last, tail_rows, k_tail_desc, kr_tail_desc, s_start, s_end,
                    q_desc, qr_desc, k_desc, kr_desc, q_bufs, qr_buf, k_bufs, kr_bufs, q_ready, ready, empty)),
-    ], [CONSUMER_WARPS, 1], [240, 24])
+    ], [CONSUMER_WARPS, 1],
+       [240, 24])
