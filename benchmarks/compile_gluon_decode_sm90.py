@@ -4,7 +4,10 @@ that fits, with and without split-KV, and print ptxas' registers and spills, the
 of the score and value warpgroups' key loops (benchmarks/kernel_stats.py), beside the Triton decode kernel's loop
 at its DECODE_TUNED tile. Needs Triton 3.6 (the GPU machine's):
 
-    PYTHONPATH=$PWD /tmp/venv36/bin/python benchmarks/compile_gluon_decode_sm90.py [--spec mla_paged] [--tiles 64 32]
+    PYTHONPATH=$PWD /tmp/venv36/bin/python benchmarks/compile_gluon_decode_sm90.py [--spec mla_paged] [--tiles 64 32] [--fp8]
+
+--fp8 compiles bench_mla.py --fp8's spec (latent and rope part e4m3): the producer, a converter warpgroup, the two
+consumer warpgroups.
 
 Exit status 1 if a kernel fails to compile, ptxas warns (serialized wgmma), or a kernel spills."""
 import argparse
@@ -80,6 +83,11 @@ def loop_counts(sass: str) -> list[str]:
         macs = sum(int(m) * int(n) * int(k) for m, n, k in shapes)
         out.append(f"{role} loop: instrs={len(min(bodies, key=len))} {count(SASS, body)} "
                    f"shapes={sorted(set('x'.join(s) for s in shapes))} MACs={macs}")
+    converter = [body for *_, body in mma_loops(sass, "F2FP") if not any("MMA" in x for x in body)]
+    if converter:  # an FP8 latent's converter warpgroup: e4m3 -> f16 -> f32 -> bf16 pairs
+        body = min(converter, key=len)
+        out.append(f"converter loop: instrs={len(body)} {count(SASS, chr(10).join(body))} "
+                   f"F2FP={sum('F2FP' in x for x in body)} HADD2.F32={sum('HADD2.F32' in x for x in body)}")
     return out
 
 
@@ -88,7 +96,7 @@ def main() -> int:
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--spec", nargs="*", default=["mla_decode", "mla_paged"])
-    parser.add_argument("--tiles", type=int, nargs="*", default=[64, 32])
+    parser.add_argument("--tiles", type=int, nargs="*", help="key tiles (default 64 and 32; 32 with --fp8)")
     parser.add_argument("--dump", help="folder for the generated sources, PTX and SASS")
     parser.add_argument("--fp8", action="store_true", help="the latent e4m3 (bench_mla.py --fp8's spec, BN = 32)")
     args = parser.parse_args()
@@ -96,11 +104,12 @@ def main() -> int:
     specs = {s.name: s for s in attnc.parse_file("examples/specs/mla.attn")}
     if args.fp8:
         specs = {name: fp8_spec(name) for name in specs}
+    tiles = args.tiles or ([32] if args.fp8 else [64, 32])
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.dump or tmp)
         work.mkdir(parents=True, exist_ok=True)
         for name in args.spec:
-            for block_n in args.tiles:
+            for block_n in tiles:
                 w = plan_with(specs[name], block_n, None).decode.warpgroups.layout
                 fit = w.fp8_stages or w.stages
                 for stages in range(2, fit + 1):

@@ -21,11 +21,17 @@ Shared memory (bf16): Q 64 x 576 (72 KB), the ring stages x BN x 576, P 64 x BN,
 stages (230656 B of 232448, FlashMLA's), BN = 32 fits four. Registers: each warpgroup holds a 64 x 256 f32
 accumulator (128 a thread), the score warpgroup the [64, BN] scores beside it.
 
+An FP8 latent (the latent and its rope part both f8e4m3, `dequant` scales folded into the scores and the output
+rows by passes/dequant.py) adds a fourth partition: the producer lands e4m3 tiles in a ring of their own and a
+converter warpgroup writes each as q's dtype into the ring the two warpgroups read, so the conversion is off their
+critical path (the Triton kernel converts through registers between its MMAs). It needs 32-key tiles: two
+converted slots and four e4m3 ones fit beside Q (226560 B).
+
 The kernel covers one query position per program (q_programs = M: a longer M reads the latent once per position),
-q, k and the rope tensors in one of f16/bf16, the latent 512 wide, a rope part up to 64, softmax without a sink,
-contiguous storage or pages holding whole key tiles (PAGE bound by `dims`, a multiple of BN). Everything else
-keeps the Triton decode kernel, and so does every plan without PlanOptions(gluon=True) until a GPU run shows this
-kernel right and faster.
+q and the rope query in one of f16/bf16, the latent and its rope part in q's dtype or both f8e4m3, the latent 512
+wide, a rope part up to 64, softmax without a sink, contiguous storage or pages holding whole key tiles (PAGE bound
+by `dims`, a multiple of BN). Everything else keeps the Triton decode kernel, and so does every plan without
+PlanOptions(gluon=True) until a GPU run shows this kernel right and faster.
 """
 from __future__ import annotations
 
