@@ -94,19 +94,7 @@ def test_fp8_latent_converts_in_shared_memory():
     """bench_mla.py --fp8's spec (latent and rope part e4m3, one scale): 32-key tiles, two converted slots and the
     most e4m3 slots that fit (four), a converter warpgroup (96 registers) beside a 160-register value warpgroup; the
     launch's register limit counts its warps. A latent FP8 beside a bf16 rope part keeps the Triton kernel."""
-    spec = attnc.parse("""attention mla_fp8 {
-    dims D = 512, DR = 64
-    q: bf16[B, M, H, D]
-    k: f8e4m3[B, N, D]
-    input qr: bf16[B, M, H, DR]
-    input kr: f8e4m3[B, N, DR]
-    input k_scale: f32[HKV]
-    dequant k by k_scale
-    dequant kr by k_scale
-    param scale: f32
-    score = (q @ k + qr @ kr) * scale
-    return softmax(score) @ k
-}""", "test_latent_decode.py")[0]
+    spec = _fp8_spec(rope="f8e4m3")
     staged = _plan(spec=spec).decode.warpgroups
     assert staged.path == "gluon", staged.reason
     w = staged.layout
@@ -119,24 +107,24 @@ def test_fp8_latent_converts_in_shared_memory():
     assert "scale = tl.max(" in source  # the values' dequant scale joins each row's 1 / l
     with pytest.raises(attnc.CompileError, match="fits 0 ring stage.* of e4m3 tiles beside two converted ones"):
         _plan(spec=spec, options=PlanOptions(gluon=True, warpgroup_block_n=64))
-    mixed = attnc.parse(spec_text_fp8_latent_bf16_rope(), "test_latent_decode.py")[0]
-    staged = _plan(spec=mixed).decode.warpgroups
+    staged = _plan(spec=_fp8_spec(rope="bf16")).decode.warpgroups
     assert staged.path == "triton" and "both f8e4m3" in staged.reason
 
 
-def spec_text_fp8_latent_bf16_rope() -> str:
-    return """attention mla_fp8_latent {
+def _fp8_spec(rope: str):
+    """bench_mla.py --fp8's contiguous spec: the latent e4m3, its rope part `rope` (dequantized with it if FP8)."""
+    return attnc.parse(f"""attention mla_fp8 {{
     dims D = 512, DR = 64
     q: bf16[B, M, H, D]
     k: f8e4m3[B, N, D]
     input qr: bf16[B, M, H, DR]
-    input kr: bf16[B, N, DR]
+    input kr: {rope}[B, N, DR]
     input k_scale: f32[HKV]
     dequant k by k_scale
-    param scale: f32
+{"    dequant kr by k_scale" + chr(10) if rope.startswith("f8") else ""}    param scale: f32
     score = (q @ k + qr @ kr) * scale
     return softmax(score) @ k
-}"""
+}}""", "test_latent_decode.py")[0]
 
 
 def test_other_specs_are_not_staged():
