@@ -106,3 +106,19 @@ def test_bad_page_id_poisons_its_sequence_and_is_flagged_gpu(gluon_calls):
     assert not out[[0, 1, 3]].isnan().any()
     with pytest.raises(CallError, match="block_table"):
         attnc.check_errors()
+
+
+def test_uncovered_calls_run_the_triton_kernel_gpu(gluon_calls):
+    """q with a head-dim stride of 2 (TMA cannot read it): the Triton decode kernel runs the call, with a warning,
+    and its result matches the reference."""
+    _needs_hopper()
+    spec = grid_spec("contiguous", "plain", SHAPES)
+    q, k, kw = grid_call("contiguous", "plain", SHAPES, Point(64, 4, n_max=300))
+    strided = torch.zeros(*q.shape[:-1], 2 * q.shape[-1], dtype=q.dtype, device=q.device)
+    strided[..., ::2] = q
+    kern = attnc.compile(spec, backend="triton", options=PlanOptions(gluon=True))
+    gluon_decode._warn_once.cache_clear()
+    with pytest.warns(UserWarning, match="q is not TMA-readable"):
+        got = kern(strided[..., ::2], k, **kw)
+    assert gluon_calls == [False]
+    assert_matches(spec, got, attnc.reference(spec, q, k, **kw), tol=1e-2)
