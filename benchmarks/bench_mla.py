@@ -61,6 +61,7 @@ from types import SimpleNamespace
 import torch
 
 import attnc
+from attnc.passes import PlanOptions
 from attnc.bench import compiled_flex_attention, draw_panels, environment, error_text, log_row, result_path, save_figure
 from sweep_decode import graph_timer, host_timer, poisoned, timer as sweep_timer, unsplit_call
 
@@ -200,9 +201,12 @@ def decode_reference(x: DecodeInputs, d: int) -> torch.Tensor:
     return out
 
 
-def decode_runners(w: DecodeWorkload, s: Shapes, x: DecodeInputs, device: str) -> dict:
-    """name -> a zero-argument callable returning out [B, H, D] (a view), or the reason the runner cannot run."""
+def decode_runners(w: DecodeWorkload, s: Shapes, x: DecodeInputs, device: str, gluon: bool = False) -> dict:
+    """name -> a zero-argument callable returning out [B, H, D] (a view), or the reason the runner cannot run;
+    `gluon`: also the Gluon MLA decode kernel (PlanOptions(gluon=True)) on the same caches."""
     made = attnc_runners(s, x)
+    if gluon:
+        made.update(attnc_runners(s, x, PlanOptions(gluon=True), "attnc-gluon"))
     if s.fp8:  # the peers' FP8 latent paths are not wired: compare with the bf16 grid's JSON (the 1.7x target)
         return made
     made.update(sdpa_decode_runners(w, s, x))
@@ -211,16 +215,33 @@ def decode_runners(w: DecodeWorkload, s: Shapes, x: DecodeInputs, device: str) -
     return made
 
 
-def attnc_runners(s: Shapes, x: DecodeInputs) -> dict:
-    """attnc on the contiguous cache ("attnc") and on the paged pool ("attnc-paged<PAGE>"), as decode_runners."""
+def attnc_runners(s: Shapes, x: DecodeInputs, options: PlanOptions | None = None, name: str = "attnc") -> dict:
+    """attnc on the contiguous cache (`name`) and on the paged pool (`name`-paged<PAGE>), as decode_runners;
+    `options` compile both (PlanOptions(gluon=True): the Gluon kernel, or the reason it would not run)."""
     d = s.D
     q, qr = x.q[..., :d], x.q[..., d:]  # [B, 1, H, D], [B, 1, H, DR]: views
     extra = {} if x.k_scale is None else {"k_scale": x.k_scale}
-    contiguous = attnc.compile(mla_spec(s, paged=False), backend="triton")
-    paged = attnc.compile(mla_spec(s, paged=True), backend="triton")
-    return {"attnc": lambda: contiguous(q, x.cache[..., :d], qr=qr, kr=x.cache[..., d:], scale=SCALE, **extra)[:, 0],
-            f"attnc-paged{s.page}": lambda: paged(q, x.pool[..., :d], qr=qr, kr=x.pool[..., d:], block_table=x.table,
-                                                  kv_len=x.lengths, scale=SCALE, **extra)[:, 0]}
+    kernels = [attnc.compile(mla_spec(s, paged=p), backend="triton", options=options or PlanOptions())
+               for p in (False, True)]
+    if options is not None and options.gluon:
+        why = gluon_unavailable(kernels, q)
+        if why:
+            return {name: why, f"{name}-paged{s.page}": why}
+    contiguous, paged = kernels
+    return {name: lambda: contiguous(q, x.cache[..., :d], qr=qr, kr=x.cache[..., d:], scale=SCALE, **extra)[:, 0],
+            f"{name}-paged{s.page}": lambda: paged(q, x.pool[..., :d], qr=qr, kr=x.pool[..., d:], block_table=x.table,
+                                                   kv_len=x.lengths, scale=SCALE, **extra)[:, 0]}
+
+
+def gluon_unavailable(kernels, q: torch.Tensor) -> str:
+    """Why the Gluon MLA decode kernel would not run these kernels' calls on q's device ("" where it runs)."""
+    from attnc.backends.triton.gluon import unavailable_here
+
+    for kern in kernels:
+        staged = kern.plan(q.device, q.shape[-1]).decode.warpgroups
+        if staged is None or staged.path != "gluon":
+            return staged.reason if staged else "not latent attention"
+    return unavailable_here()
 
 
 def sdpa_decode_runners(w: DecodeWorkload, s: Shapes, x: DecodeInputs) -> dict:
@@ -288,7 +309,7 @@ def flashinfer_runner(w: DecodeWorkload, s: Shapes, x: DecodeInputs):
         return error_text(e)
 
 
-def run_decode(w: DecodeWorkload, s: Shapes, device: str) -> dict:
+def run_decode(w: DecodeWorkload, s: Shapes, device: str, gluon: bool = False) -> dict:
     x = decode_inputs(w, s, device)
     row = {"workload": w.name, "kind": "decode", **asdict(w), "D": s.D, "DR": s.DR, "page": s.page,
            "dtype": s.spec_dtype, "fp8": s.fp8, "bytes": w.bytes_read(s), "flops": w.flops(s), "results": {}}
@@ -296,7 +317,7 @@ def run_decode(w: DecodeWorkload, s: Shapes, device: str) -> dict:
     if target:
         row["target"] = {"value": target[0], "unit": target[1]}
     want = decode_reference(x, s.D)
-    measure(decode_runners(w, s, x, device), want, device, row)
+    measure(decode_runners(w, s, x, device, gluon), want, device, row)
     flex = row["results"].get("flex", {})  # no peers for the FP8 latent
     if "error" in flex and "rel_err" not in flex and not flex["error"].startswith("not run") and device == "cuda":
         FLEX_FAILED[w.name] = flex["error"]
@@ -507,7 +528,6 @@ def sweep(args, s: Shapes, device: str, out_dir: Path) -> list[dict]:
     timed again. No new config starts after --budget seconds."""
     from attnc.backends.triton import serving
     from attnc.dsl.signature import bind
-    from attnc.passes import PlanOptions
     from attnc.passes.decode import decode_launch
 
     t0 = time.time()
@@ -576,7 +596,8 @@ def sweep_summary(rows: list[dict]) -> dict:
 # ---------------------------------------------------------------- report
 
 
-DECODE_PEERS = ("attnc", "attnc-paged64", "attnc-paged16", "flashinfer", "sdpa-cudnn", "sdpa-efficient", "sdpa", "flex")
+DECODE_PEERS = ("attnc", "attnc-paged64", "attnc-paged16", "attnc-gluon", "attnc-gluon-paged64", "attnc-gluon-paged16",
+                "flashinfer", "sdpa-cudnn", "sdpa-efficient", "sdpa", "flex")
 PREFILL_PEERS = ("attnc", "sdpa-cudnn", "sdpa-flash", "sdpa-efficient", "sdpa", "flex")
 
 
@@ -711,6 +732,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget", type=float, default=270.0, help="seconds; no new row (or sweep config) starts after")
     ap.add_argument("--fp8", action="store_true", help="the latent cache in FP8 e4m3")
     ap.add_argument("--smoke", action="store_true", help="CPU with TRITON_INTERPRET=1: tiny f32 shapes")
+    ap.add_argument("--gluon", action="store_true",
+                    help="decode rows also time the Gluon MLA decode kernel (attnc-gluon, attnc-gluon-paged columns)")
     args = ap.parse_args(argv)
     if args.smoke and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         raise attnc.CallError("--smoke runs in Triton's interpreter: set TRITON_INTERPRET=1")
@@ -746,8 +769,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"budget of {args.budget:.0f}s spent: {w.name} and later rows not run", flush=True)
             report.setdefault("not_run", []).append(w.name)
             continue
-        run = run_decode if isinstance(w, DecodeWorkload) else run_prefill
-        report["rows"].append(run(w, shapes, device))
+        if isinstance(w, DecodeWorkload):
+            report["rows"].append(run_decode(w, shapes, device, args.gluon))
+        else:
+            report["rows"].append(run_prefill(w, shapes, device))
         print_row(report["rows"][-1])
         if device == "cuda":
             torch.cuda.empty_cache()

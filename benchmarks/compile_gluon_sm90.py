@@ -64,8 +64,12 @@ def compile_gluon(plan, work: Path):
 
 
 def compile_one(plan, work: Path) -> dict:
-    compiled = compile_gluon(plan, work)
-    ptx = work / f"{stem(plan)}.ptx"
+    return ptxas_figures(compile_gluon(plan, work), work / f"{stem(plan)}.ptx")
+
+
+def ptxas_figures(compiled, ptx: Path) -> dict:
+    """ptxas' registers, spill bytes, stack and warnings for a compiled kernel (its PTX written to `ptx`), its
+    shared bytes and the setmaxnreg budgets of its partitions."""
     ptx.write_text(compiled.asm["ptx"])
     report = subprocess.run([str(PTXAS), "-arch=sm_90a", "-v", str(ptx), "-o", os.devnull],
                             capture_output=True, text=True, check=True).stderr

@@ -42,8 +42,8 @@ def ptxas_usage(ptx: str) -> str:
                       if "Used" in line or "spill" in line)
 
 
-def mma_loops(sass: str) -> list[tuple[str, int, int, list[str]]]:
-    """Per backward branch whose body holds an MMA: its label, line range and instructions."""
+def mma_loops(sass: str, needle: str = "MMA") -> list[tuple[str, int, int, list[str]]]:
+    """Per backward branch whose body holds an MMA (or `needle`): its label, line range and instructions."""
     lines = sass.splitlines()
     labels = {line.strip().rstrip(":"): n for n, line in enumerate(lines) if re.match(r"^\s*\.?L\w+:\s*$", line)}
     out = []
@@ -51,7 +51,7 @@ def mma_loops(sass: str) -> list[tuple[str, int, int, list[str]]]:
         m = re.search(r"\bBRA\s+(\w+)", line)
         if m and labels.get(m.group(1), n) < n:
             body = [x for x in lines[labels[m.group(1)]:n + 1] if "\t" in x]
-            if "MMA" in "\n".join(body):
+            if needle in "\n".join(body):
                 out.append((m.group(1), labels[m.group(1)], n, body))
     return out
 

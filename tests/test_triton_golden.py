@@ -7,6 +7,7 @@ import pytest
 import attnc
 from attnc.backends.triton.generate import generate
 from attnc.backends.triton.gluon import generate_gluon
+from attnc.backends.triton.gluon_decode import generate_gluon_decode
 from attnc.passes import PlanOptions, Target, plan_kernel
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
@@ -34,20 +35,32 @@ GLUON_CASES = [
 ]
 
 
-def _source(file, name, target, d, gluon: bool) -> str:
+# The Gluon MLA decode kernel (sm_90, PlanOptions(gluon=True)) over the paged latent: a producer warp, QK^T once per
+# key tile in the score warpgroup, P handed to the value warpgroup; page ids checked and clamped.
+GLUON_DECODE_CASES = [
+    ("mla_paged_gluon_decode_sm90.py", "mla.attn", "mla_paged", Target("triton", "cuda", 90), 512),
+]
+
+
+def _source(file, name, target, d, kernel: str) -> str:
+    """kernel: "template" (the Triton prefill), "gluon" (the Gluon prefill) or "gluon_decode" (the MLA decode)."""
     spec = next(s for s in attnc.parse_file(SPECS / file) if s.name == name)
-    plan = plan_kernel(spec, target, d, spec.dim_values.get("DV", d), PlanOptions(gluon=gluon or None))
-    if gluon:
+    plan = plan_kernel(spec, target, d, spec.dim_values.get("DV", d), PlanOptions(gluon=kernel != "template" or None))
+    if kernel == "gluon":
         assert plan.warpgroups.path == "gluon", plan.warpgroups.reason
         return generate_gluon(plan)
+    if kernel == "gluon_decode":
+        assert plan.decode.warpgroups.path == "gluon", plan.decode.warpgroups.reason
+        return generate_gluon_decode(plan)
     return generate(plan)
 
 
-@pytest.mark.parametrize("golden, file, name, target, d, gluon",
-                         [c + (False,) for c in CASES] + [c + (True,) for c in GLUON_CASES],
-                         ids=[c[0] for c in CASES + GLUON_CASES])
-def test_generated_source_matches_golden(golden, file, name, target, d, gluon, request):
-    source = _source(file, name, target, d, gluon)
+@pytest.mark.parametrize("golden, file, name, target, d, kernel",
+                         [c + ("template",) for c in CASES] + [c + ("gluon",) for c in GLUON_CASES]
+                         + [c + ("gluon_decode",) for c in GLUON_DECODE_CASES],
+                         ids=[c[0] for c in CASES + GLUON_CASES + GLUON_DECODE_CASES])
+def test_generated_source_matches_golden(golden, file, name, target, d, kernel, request):
+    source = _source(file, name, target, d, kernel)
     compile(source, golden, "exec")  # it is valid Python
     path = GOLDEN / golden
     if request.config.getoption("--update-golden"):

@@ -175,18 +175,22 @@ def decode_launch(plan: KernelPlan, sizes: Mapping[str, int], sm_count: int) -> 
         head_programs = b * (heads // tiles.pack)
         programs = q_programs * head_programs
     n = -(-sizes["TK"] // b) if isinstance(plan.spec.kv_storage, Ragged) else sizes["N"]
-    key_tiles = -(-n // tiles.config.block_n)
-    if plan.options.num_splits is not None:
-        splits = max(1, min(plan.options.num_splits, key_tiles))
-    else:
-        wanted = PROGRAMS_PER_SM * sm_count // max(programs, 1)
-        splits = max(1, min(wanted, d.max_splits, key_tiles // d.min_split_tiles))
-        splits = -(-key_tiles // -(-key_tiles // splits)) if key_tiles else 1
+    splits = split_count(plan, programs, -(-n // tiles.config.block_n), sm_count)
     if splits == 1 and prefill_serves and (m > 1 or plan.masks.data_dependent):
         return None  # the prefill kernel: measured only at M = 1 to lose to this one; its tile summary skips tiles
     return DecodeLaunch(tiles, splits, q_programs, head_programs, max(0, b - 1).bit_length(),
                         decode_kernel(plan, tiles, splits > 1),
                         combine_kernel(plan, splits) if splits > 1 else None)
+
+
+def split_count(plan: KernelPlan, programs: int, key_tiles: int, sm_count: int) -> int:
+    """Splits of each row tile's key_tiles for a launch of `programs` row tiles (decode_launch's rule)."""
+    d = plan.decode
+    if plan.options.num_splits is not None:
+        return max(1, min(plan.options.num_splits, key_tiles))
+    wanted = PROGRAMS_PER_SM * sm_count // max(programs, 1)
+    splits = max(1, min(wanted, d.max_splits, key_tiles // d.min_split_tiles))
+    return -(-key_tiles // -(-key_tiles // splits)) if key_tiles else 1
 
 
 def decode_tiles(plan: KernelPlan, m: int, group: int) -> LaunchTiles:

@@ -10,6 +10,7 @@ from .decode import plan_decode
 from .dequant import dequantize
 from .fold import fold, fold_spec
 from .kernels import list_kernels
+from .latent_decode import stage_latent_decode
 from .masks import analyze_masks
 from .plan import KernelPlan, PlanOptions, Target
 from .score import to_exp2_domain
@@ -42,6 +43,7 @@ SCHEDULES: dict[str, tuple[Pass, ...]] = {
         stage_pipeline,  # software-pipelining depth that fits shared memory; Hopper TMA / warp-spec flags
         stage_warpgroups,  # sm_90: the Gluon warpgroup-specialized prefill (producer warp, consumer warpgroups)
         plan_decode,  # small-M tiles with packed GQA heads and split-KV bounds: decode and ragged/paged storage
+        stage_latent_decode,  # sm_90 MLA decode: the Gluon warpgroup kernel (producer warp, two consumer warpgroups)
         list_kernels,  # every kernel a launch may select: the runtime, AOT and autotune share one finite list
     ),
     "tvm": (),

@@ -175,6 +175,9 @@ class DecodePlan:
     max_splits: int  # split-KV: at most this many programs share one row tile's keys
     min_split_tiles: int  # ... and each takes at least this many key tiles (the merge must pay for itself)
     dense_max_m: int  # dense specs launch here when M <= this and the launch splits its keys; 0: never
+    # sm_90 latent attention (MLA): whether the Gluon warpgroup decode kernel runs, its LatentDecodeLayout and why
+    # (passes/latent_decode.py); None where the pass did not run
+    warpgroups: WarpgroupPlan | None = None
 
 
 @dataclass(frozen=True)
@@ -218,6 +221,44 @@ class WarpgroupLayout:
 
 
 @dataclass(frozen=True)
+class LatentDecodeLayout:
+    """Hopper staging of the Gluon MLA decode kernel (FlashMLA's design; passes/latent_decode.py): one producer warp
+    TMA-loads each key tile's latent (keys and values at once) in `chunks` column chunks and its rope part (`rope`
+    columns) into a ring of `stages` slots; a score warpgroup computes QK^T once per tile over every chunk and the
+    rope part for all `block_m` rows, the weights, and hands P and the row rescale to the value warpgroup through
+    shared memory; each of the two warpgroups then multiplies P by its half of the latent's columns."""
+
+    block_m: int  # rows per program (query heads of one position): one wgmma M of 64 per warpgroup
+    block_n: int  # keys per ring slot
+    stages: int
+    chunks: tuple[int, ...]  # the latent's column chunks: a TMA box, a QK^T wgmma and a [block_m, chunk] accumulator
+    rope: int  # the rope dot's columns (DR padded to a power of two)
+    smem: int  # shared bytes the layout counts (ring, Q, P, row scales, barriers)
+    # An FP8 latent: the producer lands e4m3 tiles in a ring of fp8_stages slots and a converter warpgroup writes
+    # them as q's dtype into the `stages` slots the consumers read (0: no converter, TMA fills those slots)
+    fp8_stages: int = 0
+    consumer_warps: int = 4
+    producer_warps: int = 1
+    producer_regs: int = 24
+    consumer_regs: int = 240
+    value_regs: int = 240  # the value warpgroup's (no score tile): less beside a converter
+    converter_regs: int = 0
+
+    @property
+    def converter_warps(self) -> int:
+        return 4 if self.fp8_stages else 0
+
+    @property
+    def consumers(self) -> int:
+        return 2
+
+    @property
+    def value_chunks(self) -> int:
+        """Latent chunks (accumulators) per warpgroup: each owns half of DV."""
+        return len(self.chunks) // 2
+
+
+@dataclass(frozen=True)
 class WarpgroupPlan:
     """Which forward prefill kernel runs (passes/warpgroups.py): "gluon" (the warpgroup-specialized kernel of
     `layout`) or "triton" (the template), and why. `layout` is set wherever the plan qualifies, also while the
@@ -225,7 +266,7 @@ class WarpgroupPlan:
 
     path: str  # "gluon" | "triton"
     reason: str
-    layout: WarpgroupLayout | None = None
+    layout: WarpgroupLayout | LatentDecodeLayout | None = None  # the decode kernel's: DecodePlan.warpgroups
     min_length: int = 0  # launches with M or N below this keep the template (and so does the decode regime)
 
 
@@ -247,6 +288,8 @@ class KernelLaunch:
     def module(self) -> str:
         if self.function == "attn_fwd_gluon":
             return "gluon"
+        if self.function == "attn_decode_gluon":
+            return "gluon_decode"
         return "decode" if self.function in ("attn_decode", "attn_combine") else "prefill"
 
 
@@ -321,6 +364,10 @@ class KernelPlan:
             d = self.decode
             lines.append(f"  decode     {_tile(d.tile)}; split-KV up to {d.max_splits} splits of >= "
                          f"{d.min_split_tiles} key tiles; dense M <= {d.dense_max_m}")
+            if d.warpgroups:
+                lines.append(f"  decode wg  {d.warpgroups.path} kernel: {d.warpgroups.reason}")
+                if d.warpgroups.layout:
+                    lines.append(f"  decode wg  {_latent(d.warpgroups.layout)}")
         if self.triton:
             o = self.triton
             lines.append(f"  triton     f32 dots {o.dot_precision}, tma {o.tma}, warp specialization {o.warp_specialize}")
@@ -346,6 +393,13 @@ def _warpgroups(w: WarpgroupLayout) -> str:
             f"(mbarriers) -> {w.consumers} consumer warpgroup{'s' if w.consumers > 1 else ''} "
             f"x {w.consumer_warps} warps, {w.schedule} ({w.consumer_regs} regs), BM={w.block_m} "
             f"({w.rows_per_consumer} rows each) BN={w.block_n}; {overlap}{chunks}")
+
+
+def _latent(w: LatentDecodeLayout) -> str:
+    return (f"producer {w.producer_warps} warp (TMA) -> ring of {w.stages} stages of {w.block_n} keys (latent in "
+            f"chunks {'+'.join(map(str, w.chunks))}, rope {w.rope}) -> score warpgroup (QK^T once, weights, P to "
+            f"shared) + value warpgroup, each P V over {w.value_chunks} chunks; BM={w.block_m}, {w.smem} B shared"
+            + (f"; FP8: {w.fp8_stages} e4m3 slots, a converter warpgroup writes the ring" if w.fp8_stages else ""))
 
 
 def _tile(c: TileConfig) -> str:

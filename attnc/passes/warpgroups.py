@@ -30,13 +30,21 @@ MAX_STAGES = 4
 AUTO_MIN_LENGTH = 4096
 
 
-def unavailable(plan: KernelPlan) -> str:
-    """Why the plan cannot run the Gluon kernel ("" where it can)."""
-    spec, arch = plan.spec, plan.target.arch
+def unavailable_arch(arch: int | None, kernel: str) -> str:
+    """Why `kernel` (a Gluon warpgroup kernel) cannot run on `arch` ("" on sm_90)."""
     if arch is None:
-        return "no GPU: the Gluon kernel needs sm_90"
+        return f"no GPU: {kernel} needs sm_90"
     if arch != GLUON_ARCH:
         return f"sm_{arch}: warpgroup MMA is sm_90 only"
+    return ""
+
+
+def unavailable(plan: KernelPlan) -> str:
+    """Why the plan cannot run the Gluon kernel ("" where it can)."""
+    spec = plan.spec
+    why = unavailable_arch(plan.target.arch, "the Gluon kernel")
+    if why:
+        return why
     if spec.q_storage is not None or spec.kv_storage is not None:
         return "ragged or paged storage runs the decode kernel"
     if spec.is_latent:
@@ -122,10 +130,11 @@ RING_BYTES = 128 * 1024
 MAX_REGISTERS = 65536  # per SM on sm_90: the partitions' setmaxnreg budgets must fit in it together
 
 
-def max_registers(w: WarpgroupLayout) -> int:
+def max_registers(w: WarpgroupLayout, extra_warps: int = 0) -> int:
     """maxnreg of the launch: the default partition (the first consumer) gets what the register file leaves after
-    the workers' budgets, so the kernel-wide limit is the file split over all warps, warpgroups rounded up."""
-    warps = w.consumers * w.consumer_warps + 4 * -(-w.producer_warps // 4)
+    the workers' budgets, so the kernel-wide limit is the file split over all warps, warpgroups rounded up
+    (`extra_warps`: further worker warpgroups, e.g. the MLA decode kernel's FP8 converter)."""
+    warps = w.consumers * w.consumer_warps + 4 * -(-w.producer_warps // 4) + extra_warps
     return (MAX_REGISTERS // (32 * warps)) // 8 * 8
 
 

@@ -6,7 +6,7 @@ import torch
 
 from ...errors import CompileError
 from ...passes import KernelPlan, Target
-from . import gluon
+from . import gluon, gluon_decode
 from .gradients import BackwardLauncher
 from .launch import TritonLauncher, interpreting, load_module
 from .serving import launcher_for
@@ -26,8 +26,11 @@ class TritonBackend:
         return Target("triton", "cpu", None)
 
     def build(self, plan: KernelPlan) -> TritonLauncher:
-        # sm_90: the Gluon warpgroup kernel takes the prefill launches the plan gives it (passes/warpgroups.py)
-        return gluon.launcher(plan, launcher_for(plan, None if plan.spec.decode_only else load_module(plan)))
+        # sm_90: the Gluon warpgroup kernels take the prefill launches (passes/warpgroups.py) and the MLA decode calls
+        # (passes/latent_decode.py) the plan gives them
+        if plan.spec.decode_only:
+            return gluon_decode.launcher(plan, launcher_for(plan, None))
+        return gluon.launcher(plan, launcher_for(plan, load_module(plan)))
 
     def build_backward(self, plan: KernelPlan) -> BackwardLauncher:
         return BackwardLauncher(plan)

@@ -16,10 +16,10 @@ from .generate import shared_hooks, template
 from .signature import COMBINE_SIGNATURE, decode_signature, spec_args
 
 
-def generate_decode(plan: KernelPlan) -> str:
+def storage_hooks(plan: KernelPlan) -> tuple[dict, list[dict]]:
+    """The storage switches' names (offsets, lengths, block table, page size and the tensors' numbers in the error
+    buffer; "0" where the spec has none) and every offsets tensor a program checks."""
     spec = plan.spec
-    args = spec_args(plan, per_sequence=True)
-
     storage = {"q_offsets": "0", "q_offsets_stride": "0", "kv_offsets": "0", "kv_offsets_stride": "0",
                "kv_lengths": "0", "kv_lengths_stride": "0", "table": "0", "table_row_stride": "0",
                "table_stride": "0", "page_size": "0", "lengths_tensor": "0", "table_tensor": "0"}
@@ -41,7 +41,15 @@ def generate_decode(plan: KernelPlan) -> str:
                        table=names.tensor(kv.table), table_row_stride=names.stride(kv.table, 0),
                        table_stride=names.stride(kv.table, 1), page_size=str(page) if page else names.size("PAGE"),
                        lengths_tensor=str(place[kv.lengths]), table_tensor=str(place[kv.table]))
+    return storage, offsets
 
+
+def generate_decode(plan: KernelPlan) -> str:
+    spec = plan.spec
+    args = spec_args(plan, per_sequence=True)
+    storage, offsets = storage_hooks(plan)
+    kv = spec.kv_storage
+    page = spec.dim_values.get("PAGE")
     dots = latent_dots(plan)
     # every key-side tile as key_steps walks it: (name, stride between keys, between pages, keys along its rows)
     key_sides = [("k_tile", "s_kn", "s_kb", False)] + ([] if spec.shares_kv else [("v_tile", "s_vn", "s_vb", True)])

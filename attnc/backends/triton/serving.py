@@ -62,9 +62,12 @@ class DecodeLauncher:
         key = (tuple(bound.sizes.values()), bound.q.device)
         go = self._launches.get(key, False)
         if go is False:
-            go = self._launches[key] = decode_launch(self.plan, bound.sizes, sm_count(bound.q.device)) \
+            go = self._launches[key] = self.choose_launch(bound.sizes, sm_count(bound.q.device)) \
                 if bound.sizes["M"] > 0 else None
         return go
+
+    def choose_launch(self, sizes, sms: int) -> DecodeLaunch | None:
+        return decode_launch(self.plan, sizes, sms)
 
     def __call__(self, bound: Bound):
         return self.run(bound)[0]

@@ -172,12 +172,20 @@ WORKSPACE = (Group("workspace", ("ws_out_ptr", "ws_lse_ptr")),
              Group("workspace_strides", ("s_wo_s", "s_wo_h", "s_wo_r", "s_wl_s", "s_wl_h")))
 
 
-def decode_signature(args: SpecArgs) -> Signature:
+def _decode_groups(args: SpecArgs) -> tuple[Group, ...]:
     # the workspace pointers follow q/k/v/out/lse: a prepared launch replaces the seven tensors as one run
-    return Signature("attn_decode", QKV_GROUPS[:1] + WORKSPACE[:1] + QKV_GROUPS[1:] + WORKSPACE[1:] + args.groups()
-                     + (Group("launch", ("search_steps", "n_splits")), Group("errors", ("err_ptr",)),
-                        Group("site", ("err_site",))),
-                     TILE_CONSTEXPRS + ("SPLIT", "UPCAST"))
+    return (QKV_GROUPS[:1] + WORKSPACE[:1] + QKV_GROUPS[1:] + WORKSPACE[1:] + args.groups()
+            + (Group("launch", ("search_steps", "n_splits")), Group("errors", ("err_ptr",)), Group("site", ("err_site",))))
+
+
+def decode_signature(args: SpecArgs) -> Signature:
+    return Signature("attn_decode", _decode_groups(args), TILE_CONSTEXPRS + ("SPLIT", "UPCAST"))
+
+
+def gluon_decode_signature(args: SpecArgs) -> Signature:
+    """The Gluon MLA decode kernel's (gluon_decode.py.j2): attn_decode's arguments, so one launcher packs both; its
+    rows and key tile are module constants, a launch passes heads per program, positions (1) and the split switch."""
+    return Signature("attn_decode_gluon", _decode_groups(args), ("BLOCK_MQ", "PACK", "SPLIT"))
 
 
 COMBINE_SIGNATURE = Signature(

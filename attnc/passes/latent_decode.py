@@ -1,0 +1,180 @@
+"""Hopper staging of latent-attention (MLA) decode: whether it runs the Gluon warpgroup kernel
+(backends/triton/gluon_decode.py.j2), its layout, and the launch of a call. A pure function of the plan.
+
+Why a kernel of its own: the Triton decode kernel at 64 rows and 8 warps lays QK^T out so that both warpgroups
+compute the same 64 x BLOCK_N scores (1.53x the useful MMA work), fits 16 keys a step without spills, overlaps
+nothing and stages nothing ahead of the tensor cores (benchmarks/NOTES.md, "MLA decode on sm_90"). The layout is
+FlashMLA's (sm_90): per program the query heads of one position (64 rows, one wgmma M), one producer warp that
+TMA-loads each key tile's latent [BN, 512] in column chunks and its rope part [BN, 64] into a ring, and two
+consumer warpgroups:
+    score warpgroup   S = q_nope ckv^T + q_pe kr^T once per tile (five chained wgmmas, K = 4 x 128 + 64), the
+                      masks and the online softmax, then P (bf16) and the row rescale alpha into shared memory, and
+                      its half of P V (DV columns 0-255)
+    value warpgroup   waits for P, rescales its accumulator by alpha and multiplies P by columns 256-511
+Per (row, key) the tensor cores do 576 multiply-adds for QK^T and 512 for P V, each once: 1088, where the Triton
+kernel does 1664. The other split considered, QK^T's depth halved across the warpgroups with the partial scores
+summed through shared memory, balances the two warpgroups' issue but exchanges a [64, BN] f32 tile a step (4x P's
+bytes) and, beside Q and two 64-key latent slots (221 KB), does not fit at BN = 64; the tensor cores are one
+resource per SM either way, and the value warpgroup's P V of tile j overlaps the score warpgroup's QK^T of tile j+1.
+
+Shared memory (bf16): Q 64 x 576 (72 KB), the ring stages x BN x 576, P 64 x BN, the row scales: BN = 64 fits two
+stages (230656 B of 232448, FlashMLA's), BN = 32 fits four. Registers: each warpgroup holds a 64 x 256 f32
+accumulator (128 a thread), the score warpgroup the [64, BN] scores beside it.
+
+An FP8 latent (the latent and its rope part both f8e4m3, `dequant` scales folded into the scores and the output
+rows by passes/dequant.py) adds a fourth partition: the producer lands e4m3 tiles in a ring of their own and a
+converter warpgroup writes each as q's dtype into the ring the two warpgroups read, so the conversion is off their
+critical path (the Triton kernel converts through registers between its MMAs). It needs 32-key tiles: two
+converted slots and four e4m3 ones fit beside Q (226560 B).
+
+The kernel covers one query position per program (q_programs = M: a longer M reads the latent once per position),
+q and the rope query in one of f16/bf16, the latent and its rope part in q's dtype or both f8e4m3, the latent 512
+wide, a rope part up to 64, softmax without a sink, contiguous storage or pages holding whole key tiles (PAGE bound
+by `dims`, a multiple of BN). Everything else keeps the Triton decode kernel, and so does every plan without
+PlanOptions(gluon=True) until a GPU run shows this kernel right and faster.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Mapping
+
+from ..errors import CompileError
+from ..ir import Paged, Ragged
+from .decode import DecodeLaunch, combine_kernel, dot_size, split_count
+from .plan import KernelLaunch, KernelPlan, LatentDecodeLayout, TileConfig, WarpgroupPlan
+from .tiling import DTYPE_BITS, LaunchTiles, next_pow2, smem_capacity
+from .warpgroups import BARRIER_BYTES, GLUON_DTYPES, max_registers, unavailable_arch
+
+LATENT_DIM = 512  # D = DV: the latent's width (DeepSeek-V2/V3's kv_lora_rank)
+LATENT_CHUNK = 128  # one TMA box, one QK^T wgmma's K and one P V accumulator's N
+MAX_ROPE = 64
+ROWS = 64  # query heads per program: one wgmma M, each warpgroup's accumulator rows
+KEY_TILES = (32, 64)  # PlanOptions.warpgroup_block_n for this kernel
+DEFAULT_BLOCK_N = 64  # FlashMLA's: one page of 64 slots a tile, two stages
+MAX_STAGES = 4
+
+
+def unavailable(plan: KernelPlan) -> str:
+    """Why the plan cannot run the Gluon MLA decode kernel ("" where it can)."""
+    spec = plan.spec
+    why = unavailable_arch(plan.target.arch, "the Gluon decode kernel")
+    if why:
+        return why
+    rope = [d for d in spec.dots if not d.is_qk]
+    if not spec.shares_kv or len(rope) != 1:
+        return "not latent attention whose values are the keys, with one dot product beside q @ k"
+    if spec.q_storage is not None or isinstance(spec.kv_storage, Ragged):
+        return "ragged storage runs the Triton decode kernel"
+    dot = rope[0]
+    queries = {spec.q.dtype, spec.input(dot.query).dtype}
+    keys = {spec.k.dtype, spec.input(dot.key).dtype}
+    if len(queries) > 1 or plan.dtype not in GLUON_DTYPES:
+        return f"q and the rope query are {'/'.join(sorted(queries))}: the kernel takes one of " \
+               f"{', '.join(GLUON_DTYPES)}"
+    if keys != {plan.dtype} and keys != {"f8e4m3"}:
+        return f"the latent and its rope part are {'/'.join(sorted(keys))}: the kernel takes both in q's dtype, or " \
+               f"both f8e4m3 (converted in shared memory)"
+    if plan.head_dim != LATENT_DIM or plan.value_dim != LATENT_DIM:
+        return f"D={plan.head_dim} DV={plan.value_dim}: the kernel's latent is {LATENT_DIM} wide"
+    size = dot_size(plan, dot)
+    if size > MAX_ROPE or size % 8:
+        return f"a rope part of {size} columns: the kernel takes up to {MAX_ROPE}, a multiple of 8 (TMA rows)"
+    if spec.normalizer.name != "softmax" or spec.normalizer.sink is not None:
+        return "a normalizer other than softmax without a sink: the value warpgroup rescales by softmax's alpha"
+    if isinstance(spec.kv_storage, Paged):
+        page = spec.dim_values.get("PAGE")
+        block_n = plan.options.warpgroup_block_n or default_block_n(plan)
+        if not page or page % block_n:
+            return f"pages of {page or 'PAGE (unbound)'} slots: the kernel reads one page id a key tile, so PAGE " \
+                   f"must be bound by `dims` to a multiple of {block_n}"
+    return ""
+
+
+def default_block_n(plan: KernelPlan) -> int:
+    """64 keys a tile (FlashMLA's), 32 for an FP8 latent: its e4m3 slots and two converted slots must fit beside Q."""
+    return 32 if plan.spec.dequant else DEFAULT_BLOCK_N
+
+
+def layout_bytes(block_n: int, stages: int, rope: int, q_bytes: int, fp8_stages: int = 0) -> int:
+    """Shared memory of a layout: Q and each ring slot hold 576 columns (latent and rope), P [ROWS, BN], the row
+    scales (f32) and the mbarriers; an FP8 latent's e4m3 slots (one byte an element) beside the converted ring."""
+    columns = LATENT_DIM + rope
+    return ((ROWS * columns + stages * block_n * columns + ROWS * block_n) * q_bytes + fp8_stages * block_n * columns
+            + ROWS * 4 + BARRIER_BYTES)
+
+
+def choose_layout(plan: KernelPlan, stages: int | None = None) -> LatentDecodeLayout:
+    """The layout: the key tile PlanOptions.warpgroup_block_n gives (else default_block_n) and the most ring stages,
+    up to MAX_STAGES, that fit (`stages` forces a count: compile-only A/B runs). An FP8 latent converts into two
+    slots (the converter fills one while the consumers read the other) and lands in the most e4m3 slots that fit."""
+    block_n = plan.options.warpgroup_block_n or default_block_n(plan)
+    if block_n not in KEY_TILES:
+        raise CompileError(f"warpgroup_block_n for the MLA decode kernel must be one of "
+                           f"{', '.join(map(str, KEY_TILES))}, got {block_n!r}")
+    rope = max(16, next_pow2(dot_size(plan, next(d for d in plan.spec.dots if not d.is_qk))))
+    q_bytes = DTYPE_BITS[plan.dtype] // 8
+    capacity = smem_capacity(plan.target.arch)
+    fp8 = bool(plan.spec.dequant)
+
+    def fits(s: int) -> bool:
+        return layout_bytes(block_n, 2 if fp8 else s, rope, q_bytes, s if fp8 else 0) <= capacity
+
+    fit = max((s for s in range(1, MAX_STAGES + 1) if fits(s)), default=0)
+    asked, stages = stages, stages or fit
+    if stages < 2 or stages > fit:
+        raise CompileError(f"the MLA decode kernel at {block_n} keys a tile fits {fit} ring stage(s)"
+                           f"{' of e4m3 tiles beside two converted ones' if fp8 else ''} in {capacity} B of shared "
+                           f"memory; it needs 2 or more{f' (asked {asked})' if asked else ''}")
+    chunks = (LATENT_CHUNK,) * (LATENT_DIM // LATENT_CHUNK)
+    if not fp8:
+        return LatentDecodeLayout(ROWS, block_n, stages, chunks, rope, layout_bytes(block_n, stages, rope, q_bytes))
+    # Registers with the converter: the score warpgroup keeps the rest of the file (about 250), the value warpgroup
+    # holds its 128-register accumulator and a row vector, the converter one e4m3 chunk and its conversion.
+    return LatentDecodeLayout(ROWS, block_n, 2, chunks, rope, layout_bytes(block_n, 2, rope, q_bytes, stages),
+                              fp8_stages=stages, value_regs=160, converter_regs=96)
+
+
+def stage_latent_decode(plan: KernelPlan) -> KernelPlan:
+    """DecodePlan.warpgroups: "gluon" under PlanOptions(gluon=True) where the kernel qualifies, else "triton" and
+    why (the layout is set wherever it qualifies, so `attnc show --emit plan` shows it)."""
+    if not plan.spec.is_latent:
+        return plan
+    why = unavailable(plan)
+    if why:
+        return replace(plan, decode=replace(plan.decode, warpgroups=WarpgroupPlan("triton", why)))
+    layout = choose_layout(plan)
+    gluon = plan.options.gluon
+    if gluon:
+        staged = WarpgroupPlan("gluon", "PlanOptions(gluon=True): one query position per program, the latent "
+                                        "read once for QK^T and P V", layout)
+    else:
+        why = "PlanOptions(gluon=False)" if gluon is False else \
+            "not yet run on a GPU (compile-only); PlanOptions(gluon=True) selects it"
+        staged = WarpgroupPlan("triton", f"the Gluon MLA decode kernel qualifies: {why}", layout)
+    return replace(plan, decode=replace(plan.decode, warpgroups=staged))
+
+
+def gluon_decode_kernel(plan: KernelPlan, tiles: LaunchTiles, split: bool) -> KernelLaunch:
+    """attn_decode_gluon for a launch of `tiles`: its key tile and ring are module constants; a launch passes the
+    heads per program (PACK), one position (BLOCK_MQ), whether it writes partial results, and the options."""
+    w = plan.decode.warpgroups.layout
+    return KernelLaunch("attn_decode_gluon", (("BLOCK_MQ", tiles.block_mq), ("PACK", tiles.pack), ("SPLIT", split),
+                                              ("num_warps", w.consumer_warps),
+                                              ("maxnreg", max_registers(w, w.converter_warps))))
+
+
+def latent_launch(plan: KernelPlan, sizes: Mapping[str, int], sm_count: int) -> DecodeLaunch:
+    """The Gluon decode kernel's launch for these sizes: one position per program (grid axis 0: M x splits), the
+    most heads of a K/V group up to ROWS (a power of two dividing the group) as its rows, the key range split as
+    the Triton decode kernel splits it (split_count) for tiles of the layout's BN."""
+    w = plan.decode.warpgroups.layout
+    b, heads, group = sizes["B"], sizes["H"], sizes["H"] // sizes["HKV"]
+    pack = 1
+    while group % (pack * 2) == 0 and pack * 2 <= w.block_m:
+        pack *= 2
+    tiles = LaunchTiles(TileConfig(pack, w.block_n, w.consumer_warps, w.stages), pack, 1)  # rows past pack idle
+    head_programs = b * (heads // pack)
+    key_tiles = -(-sizes["N"] // w.block_n)
+    splits = split_count(plan, sizes["M"] * head_programs, key_tiles, sm_count)
+    return DecodeLaunch(tiles, splits, sizes["M"], head_programs, 0, gluon_decode_kernel(plan, tiles, splits > 1),
+                        combine_kernel(plan, splits) if splits > 1 else None)

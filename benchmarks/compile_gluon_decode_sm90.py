@@ -1,0 +1,147 @@
+"""Compile the Gluon MLA decode kernel (attnc/backends/triton/gluon_decode.py.j2) of examples/specs/mla.attn (contiguous
+and paged latent, bf16, D = 512, DR = 64) for sm_90 without a GPU, at key tiles of 32 and 64 and every ring depth
+that fits, with and without split-KV, and print ptxas' registers and spills, the shared memory, and the SASS counts
+of the score and value warpgroups' key loops (benchmarks/kernel_stats.py), beside the Triton decode kernel's loop
+at its DECODE_TUNED tile. Needs Triton 3.6 (the GPU machine's):
+
+    PYTHONPATH=$PWD /tmp/venv36/bin/python benchmarks/compile_gluon_decode_sm90.py [--spec mla_paged] [--tiles 64 32] [--fp8]
+
+--fp8 compiles bench_mla.py --fp8's spec (latent and rope part e4m3): the producer, a converter warpgroup, the two
+consumer warpgroups.
+
+Exit status 1 if a kernel fails to compile, ptxas warns (serialized wgmma), or a kernel spills."""
+import argparse
+import os
+import re
+import sys
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+os.environ["TRITON_INTERPRET"] = "0"
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.experimental.gluon._runtime import GluonASTSource
+
+import attnc
+from attnc.backends.triton import launch
+from attnc.backends.triton.gluon_decode import generate_gluon_decode
+from attnc.backends.triton.signature import argument_types, gluon_decode_signature, spec_args
+from attnc.passes import PlanOptions, Target, plan_kernel
+from attnc.passes.latent_decode import choose_layout, gluon_decode_kernel
+from attnc.passes.tiling import LaunchTiles
+
+sys.path.insert(0, str(Path(__file__).parent))
+from compile_gluon_sm90 import ptxas_figures  # noqa: E402
+from kernel_stats import SASS, count, mma_loops  # noqa: E402
+
+
+def fp8_spec(name: str):
+    """bench_mla.py --fp8's spec (the latent and its rope part e4m3, one dequant scale) for a contiguous or paged
+    latent."""
+    import bench_mla
+
+    return bench_mla.mla_spec(bench_mla.fp8_shapes(bench_mla.GPU), paged=name == "mla_paged")
+
+
+def plan_with(spec, block_n: int, stages: int | None):
+    plan = plan_kernel(spec, Target("triton", "cuda", 90), 512, 512, PlanOptions(gluon=True, warpgroup_block_n=block_n))
+    staged = plan.decode.warpgroups
+    assert staged.path == "gluon", staged.reason
+    layout = choose_layout(plan, stages)
+    return replace(plan, decode=replace(plan.decode, warpgroups=replace(staged, layout=layout)))
+
+
+def compile_decode(plan, work: Path, split: bool):
+    w = plan.decode.warpgroups.layout
+    path = work / f"{plan.spec.name}_{w.block_n}_{w.stages}.py"
+    path.write_text(generate_gluon_decode(plan))
+    fn = launch.import_source(path, f"gluon_decode_{path.stem}").attn_decode_gluon
+    types = argument_types(plan)
+    signature = {n: ("i32" if types[n] == "i64" else types[n])
+                 for n in gluon_decode_signature(spec_args(plan, per_sequence=True)).names}
+    constexprs = {"BLOCK_MQ": 1, "PACK": 64, "SPLIT": split}
+    signature.update({n: "constexpr" for n in constexprs})
+    options = gluon_decode_kernel(plan, LaunchTiles(None, constexprs["PACK"], constexprs["BLOCK_MQ"]), split).keywords
+    return triton.compile(GluonASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32),
+                          options={k: options[k] for k in ("num_warps", "maxnreg")})
+
+
+def loop_counts(sass: str) -> list[str]:
+    """The key loops of the two warpgroups, each the shortest loop holding an MMA (the partitions' loops nest in
+    the SASS's branch ranges): the score warpgroup's has the EX2s, the value warpgroup's none. Instructions, the
+    SASS counts and the wgmma shapes (multiply-adds per tile = sum of M x N x K over them)."""
+    out = []
+    for role, wants_ex2 in (("score", True), ("value", False)):
+        bodies = [body for *_, body in mma_loops(sass)
+                  if any(re.search(SASS["EX2"], x) for x in body) == wants_ex2]
+        if not bodies:
+            out.append(f"{role} loop: none")
+            continue
+        body = "\n".join(min(bodies, key=len))
+        shapes = re.findall(r"HGMMA\.(\d+)x(\d+)x(\d+)", body)
+        macs = sum(int(m) * int(n) * int(k) for m, n, k in shapes)
+        out.append(f"{role} loop: instrs={len(min(bodies, key=len))} {count(SASS, body)} "
+                   f"shapes={sorted(set('x'.join(s) for s in shapes))} MACs={macs}")
+    converter = [body for *_, body in mma_loops(sass, "F2FP") if not any("MMA" in x for x in body)]
+    if converter:  # an FP8 latent's converter warpgroup: e4m3 -> f16 -> f32 -> bf16 pairs
+        body = min(converter, key=len)
+        out.append(f"converter loop: instrs={len(body)} {count(SASS, chr(10).join(body))} "
+                   f"F2FP={sum('F2FP' in x for x in body)} HADD2.F32={sum('HADD2.F32' in x for x in body)}")
+    return out
+
+
+def main() -> int:
+    from triton.tools.disasm import get_sass
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--spec", nargs="*", default=["mla_decode", "mla_paged"])
+    parser.add_argument("--tiles", type=int, nargs="*", help="key tiles (default 64 and 32; 32 with --fp8)")
+    parser.add_argument("--dump", help="folder for the generated sources, PTX and SASS")
+    parser.add_argument("--fp8", action="store_true", help="the latent e4m3 (bench_mla.py --fp8's spec, BN = 32)")
+    args = parser.parse_args()
+    ok = True
+    specs = {s.name: s for s in attnc.parse_file("examples/specs/mla.attn")}
+    if args.fp8:
+        specs = {name: fp8_spec(name) for name in specs}
+    tiles = args.tiles or ([32] if args.fp8 else [64, 32])
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(args.dump or tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        for name in args.spec:
+            for block_n in tiles:
+                w = plan_with(specs[name], block_n, None).decode.warpgroups.layout
+                fit = w.fp8_stages or w.stages
+                for stages in range(2, fit + 1):
+                    plan = plan_with(specs[name], block_n, stages)
+                    if plan.decode.warpgroups.layout.fp8_stages:
+                        name_label = f"{name} fp8"
+                    else:
+                        name_label = name
+                    for split in (False, True):
+                        label = f"{name_label:14s} BN={block_n} stages={stages} split={int(split)}"
+                        try:
+                            compiled = compile_decode(plan, work, split)
+                        except Exception as e:  # report every kernel, then fail
+                            ok = False
+                            print(f"FAIL {label}  {type(e).__name__}: {str(e).strip().splitlines()[-1][:400]}",
+                                  flush=True)
+                            continue
+                        ptx = work / f"{name}_{block_n}_{stages}_{int(split)}.ptx"
+                        r = ptxas_figures(compiled, ptx)
+                        sass = get_sass(compiled.asm["cubin"])
+                        if args.dump:
+                            ptx.with_suffix(".sass").write_text(sass)
+                        ok &= r["spills"] == 0 and not r["warnings"]
+                        print(f"{'ok  ' if r['spills'] == 0 else 'SPILL'} {label}  regs={r['regs']} "
+                              f"setmaxnreg={r['setmaxnreg']} spills={r['spills']} B smem={r['shared']} B (plan "
+                              f"{plan.decode.warpgroups.layout.smem})", flush=True)
+                        for line in r["warnings"]:
+                            print(f"     {line}", flush=True)
+                        for line in loop_counts(sass):
+                            print(f"     {line}", flush=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

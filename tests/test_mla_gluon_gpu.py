@@ -1,0 +1,124 @@
+"""The Gluon MLA decode kernel (PlanOptions(gluon=True), passes/latent_decode.py) on an H100: run with
+`python -m pytest -m gpu tests/test_mla_gluon_gpu.py`. bf16 at DeepSeek's widths (D = 512 latent, DR = 64, pages of
+64), 64 and 128 heads, the latent contiguous and paged (shuffled pages, key lists off the tile and page sizes, every
+eighth one key long), one split and forced split-KV, one and two query tokens, an FP8 e4m3 latent (converted in
+shared memory by the kernel's converter warpgroup), against attnc.reference with
+NaN-poisoned outputs and workspace (test_mla_grid's inputs); each test checks that the Gluon kernel ran, not the
+Triton decode kernel it falls back to, and that no index data was flagged. A bad page id comes out as NaN rows and
+a flagged violation."""
+import contextlib
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import attnc
+from attnc.backends.triton import gluon, gluon_decode
+from attnc.errors import CallError
+from attnc.passes import PlanOptions
+from test_mla_grid import Point, grid_call, grid_spec
+from test_triton_kernels import (  # noqa: F401  (poisoned_outputs is an autouse fixture: importing enables it)
+    assert_matches, poisoned_outputs,
+)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import bench_mla  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+SHAPES = bench_mla.GPU
+POINTS = [Point(64, 1, n_max=3000), Point(64, 64), Point(128, 4, n_max=1000), Point(128, 64),
+          Point(64, 8, n_max=700, splits=4), Point(128, 2, n_max=2000, splits=7), Point(64, 16, m=2),
+          Point(16, 4, n_max=500)]
+
+
+@pytest.fixture
+def gluon_calls(monkeypatch):
+    """Per call: whether the Gluon kernel took it (False: the Triton decode kernel ran)."""
+    took = []
+    run = gluon_decode.GluonDecodeLauncher.run
+
+    def counted(self, bound, go=None):
+        took.append(self.uncovered(bound) == "")
+        return run(self, bound, go)
+
+    monkeypatch.setattr(gluon_decode.GluonDecodeLauncher, "run", counted)
+    return took
+
+
+def _needs_hopper():
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon MLA decode kernel runs on sm_90")
+    why = gluon.unavailable_here()
+    if why:
+        pytest.skip(why)
+
+
+@pytest.mark.parametrize("block_n", [None, 32])
+@pytest.mark.parametrize("point", POINTS, ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "paged"])
+def test_gluon_decode_matches_reference_gpu(layout, point, block_n, gluon_calls):
+    _needs_hopper()
+    spec = grid_spec(layout, "plain", SHAPES)
+    q, k, kw = grid_call(layout, "plain", SHAPES, point)
+    kern = attnc.compile(spec, backend="triton", options=PlanOptions(gluon=True, num_splits=point.splits,
+                                                                     warpgroup_block_n=block_n))
+    with contextlib.suppress(CallError):
+        attnc.check_errors()  # clears whatever an earlier test left
+    got = kern(q, k, **kw)
+    assert gluon_calls == [True], "the Gluon kernel took the call"
+    assert_matches(spec, got, attnc.reference(spec, q, k, **kw), tol=1e-2)
+    attnc.check_errors()  # the index data is valid: nothing flagged
+
+
+FP8_POINTS = [Point(64, 64), Point(128, 4, n_max=1000), Point(64, 8, n_max=700, splits=4), Point(64, 16, m=2)]
+
+
+@pytest.mark.parametrize("point", FP8_POINTS, ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "paged"])
+def test_gluon_decode_fp8_latent_gpu(layout, point, gluon_calls):
+    """The latent and its rope part e4m3 with a scale each (test_mla_grid's "fp8" form): the producer lands e4m3
+    tiles, the converter warpgroup writes them as bf16 into the warpgroups' ring; scores and out rows scaled."""
+    _needs_hopper()
+    spec = grid_spec(layout, "fp8", SHAPES)
+    q, k, kw = grid_call(layout, "fp8", SHAPES, point)
+    kern = attnc.compile(spec, backend="triton", options=PlanOptions(gluon=True, num_splits=point.splits))
+    with contextlib.suppress(CallError):
+        attnc.check_errors()
+    got = kern(q, k, **kw)
+    assert gluon_calls == [True], "the Gluon kernel took the call"
+    assert_matches(spec, got, attnc.reference(spec, q, k, **kw), tol=1e-2)
+    attnc.check_errors()
+
+
+def test_bad_page_id_poisons_its_sequence_and_is_flagged_gpu(gluon_calls):
+    _needs_hopper()
+    spec = grid_spec("paged", "plain", SHAPES)
+    q, k, kw = grid_call("paged", "plain", SHAPES, Point(64, 4, n_max=300))
+    kw["block_table"] = kw["block_table"].clone()
+    kw["block_table"][2, 0] = k.shape[0] + 5  # past the pool: sequence 2 reads page 0 instead, and is NaN
+    kern = attnc.compile(spec, backend="triton", options=PlanOptions(gluon=True))
+    with contextlib.suppress(CallError):
+        attnc.check_errors()
+    out, lse = kern(q, k, **kw)
+    assert gluon_calls == [True]
+    assert out[2].isnan().all() and lse[2].isnan().all()
+    assert not out[[0, 1, 3]].isnan().any()
+    with pytest.raises(CallError, match="block_table"):
+        attnc.check_errors()
+
+
+def test_uncovered_calls_run_the_triton_kernel_gpu(gluon_calls):
+    """q with a head-dim stride of 2 (TMA cannot read it): the Triton decode kernel runs the call, with a warning,
+    and its result matches the reference."""
+    _needs_hopper()
+    spec = grid_spec("contiguous", "plain", SHAPES)
+    q, k, kw = grid_call("contiguous", "plain", SHAPES, Point(64, 4, n_max=300))
+    strided = torch.zeros(*q.shape[:-1], 2 * q.shape[-1], dtype=q.dtype, device=q.device)
+    strided[..., ::2] = q
+    kern = attnc.compile(spec, backend="triton", options=PlanOptions(gluon=True))
+    gluon_decode._warn_once.cache_clear()
+    with pytest.warns(UserWarning, match="q is not TMA-readable"):
+        got = kern(strided[..., ::2], k, **kw)
+    assert gluon_calls == [False]
+    assert_matches(spec, got, attnc.reference(spec, q, k, **kw), tol=1e-2)
