@@ -32,22 +32,31 @@ GLUON_CASES = [
     ("sinks_gluon_sm90.py", "sinks.attn", "sinks", Target("triton", "cuda", 90), 64),
     ("mla_prefill_gluon_sm90.py", "mla_dv.attn", "mla_prefill", Target("triton", "cuda", 90), 192),
 ]
+GLUON = PlanOptions(gluon=True)
+# Its persistent programs (PlanOptions(gluon_persistent=True)): the causal prefill, a program per SM over the work
+# tiles, and MLA's D = 192 / DV = 128 (4-D descriptors per chunk of D, out reshaped to its box).
+PERSISTENT_CASES = [
+    ("causal_lm_gluon_persistent_sm90.py", "causal.attn", "causal_lm", Target("triton", "cuda", 90), 128),
+    ("mla_prefill_gluon_persistent_sm90.py", "mla_dv.attn", "mla_prefill", Target("triton", "cuda", 90), 192),
+]
+PERSISTENT = PlanOptions(gluon=True, gluon_persistent=True)
 
 
-def _source(file, name, target, d, gluon: bool) -> str:
+def _source(file, name, target, d, options: PlanOptions) -> str:
     spec = next(s for s in attnc.parse_file(SPECS / file) if s.name == name)
-    plan = plan_kernel(spec, target, d, spec.dim_values.get("DV", d), PlanOptions(gluon=gluon or None))
-    if gluon:
+    plan = plan_kernel(spec, target, d, spec.dim_values.get("DV", d), options)
+    if options.gluon:
         assert plan.warpgroups.path == "gluon", plan.warpgroups.reason
         return generate_gluon(plan)
     return generate(plan)
 
 
-@pytest.mark.parametrize("golden, file, name, target, d, gluon",
-                         [c + (False,) for c in CASES] + [c + (True,) for c in GLUON_CASES],
-                         ids=[c[0] for c in CASES + GLUON_CASES])
-def test_generated_source_matches_golden(golden, file, name, target, d, gluon, request):
-    source = _source(file, name, target, d, gluon)
+@pytest.mark.parametrize("golden, file, name, target, d, options",
+                         [c + (PlanOptions(),) for c in CASES] + [c + (GLUON,) for c in GLUON_CASES]
+                         + [c + (PERSISTENT,) for c in PERSISTENT_CASES],
+                         ids=[c[0] for c in CASES + GLUON_CASES + PERSISTENT_CASES])
+def test_generated_source_matches_golden(golden, file, name, target, d, options, request):
+    source = _source(file, name, target, d, options)
     compile(source, golden, "exec")  # it is valid Python
     path = GOLDEN / golden
     if request.config.getoption("--update-golden"):

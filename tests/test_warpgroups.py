@@ -359,3 +359,80 @@ def test_asking_in_the_interpreter_warns_and_computes_with_the_template():
     spec = with_dtype(EXAMPLES["sinks"], "f16")
     with pytest.warns(UserWarning, match="no GPU: the Gluon kernel needs sm_90"):
         run_and_check(spec, example_sizes(spec, m=20, n=45), options=GLUON)
+
+
+PERSISTENT = PlanOptions(gluon=True, gluon_persistent=True)
+
+
+def test_persistent_programs_on_request():
+    """PlanOptions(gluon_persistent=True): the same tiles and ring, with the producer at 40 registers and both
+    consumers at 232, which the launch's register pool holds; the default keeps a program per query tile."""
+    assert not _plan().warpgroups.layout.persistent
+    one, persistent = _plan().warpgroups.layout, _plan(options=PERSISTENT).warpgroups.layout
+    assert persistent.persistent and replace(persistent, persistent=False, producer_regs=24, consumer_regs=240) == one
+    pool = max_registers(persistent) * 32 * 12
+    assert pool - 128 * (persistent.consumer_regs + persistent.producer_regs) == 128 * persistent.consumer_regs
+    assert "persistent: a program per SM over the work tiles" in _plan(options=PERSISTENT).describe()
+    assert "persistent" not in _plan().describe()
+    for name, d in (("causal_lm", 128), ("dense", 256), ("mla_prefill", 192)):  # shared memory as without
+        w = _plan(name, d=d, dv=128 if d == 192 else d, options=PERSISTENT).warpgroups.layout
+        assert replace(w, persistent=False, producer_regs=24, consumer_regs=240) \
+            == _plan(name, d=d, dv=128 if d == 192 else d).warpgroups.layout
+
+
+def _calls(tree, function):
+    """The calls in `function` of the module `tree`, in source order, as text."""
+    import ast
+
+    fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == function)
+    return [ast.unparse(n) for n in ast.walk(fn) if isinstance(n, ast.Call)], fn
+
+
+@pytest.mark.parametrize("schedule", ["pingpong", "cooperative"])
+def test_persistent_partitions_step_through_the_same_tiles(schedule):
+    """Every partition loops over the same work tiles and finds each tile's key range with the same function; the
+    barriers are made once, outside the loops, so the ring's phases run on across tiles; the producer loads a
+    tile's Q into a consumer's buffer only after that consumer's out store left it (q_free), and the consumer
+    frees it only after the store's read (tma.store_wait)."""
+    import ast
+
+    source = gluon.generate_gluon(_plan(options=replace(PERSISTENT, warpgroup_schedule=schedule)))
+    tree = ast.parse(source)
+    loop = "range(tl.program_id(0), work_tiles(sz_B, sz_H, sz_M), tl.num_programs(0))"
+    for function in ("produce", "consume"):
+        calls, fn = _calls(tree, function)
+        tile_loops = [n for n in ast.walk(fn) if isinstance(n, ast.For) and ast.unparse(n.iter) == loop]
+        assert len(tile_loops) == 1 and tile_loops[0] in fn.body
+        assert sum(c.startswith("tile_range(tile, ") for c in calls) == 1
+        assert not any(c.startswith("mbarrier.init") for c in calls)
+    calls, _ = _calls(tree, "attn_fwd_gluon")
+    assert "mbarrier.init(q_free.index(c), count=1)" in calls and not any("make_tensor_descriptor(q_ptr +" in c
+                                                                         for c in calls)
+    produce, _ = _calls(tree, "produce")
+    first_kv = produce.index(next(c for c in produce if c.startswith("mbarrier.wait(empty.index(slot)")))
+    assert first_kv < produce.index("mbarrier.wait(q_free.index(c), done & 1 ^ 1)")  # K/V before Q's wait
+    consume, _ = _calls(tree, "consume")
+    store = consume.index(next(c for c in consume if c.startswith("tma.async_copy_shared_to_global")))
+    assert store < consume.index("tma.store_wait(0)") < consume.index("mbarrier.arrive(q_free.index(CONSUMER), count=1)")
+    assert "mbarrier.wait(q_ready.index(CONSUMER), done & 1)" in consume
+
+
+def test_persistent_launch_takes_a_program_per_sm(monkeypatch):
+    """The grid is the SM count, or the work tiles where there are fewer; the arguments are the one-tile kernel's."""
+    from attnc.backends.triton import launch
+    from attnc.dsl.signature import bind
+
+    plan = _plan("sinks", d=64, options=PERSISTENT)
+    grids = []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *args, **options: grids.append(grid)
+
+    launcher = gluon.GluonLauncher(plan, type("Module", (), {"attn_fwd_gluon": Kernel()}), _Template())
+    monkeypatch.setattr(gluon, "multiprocessors", lambda device: 132)
+    monkeypatch.setattr(launch, "empty", lambda *a: torch.full(a[0], float("nan"), dtype=a[1]))
+    k, v = (torch.randn(2, 2, 500, 64, dtype=torch.bfloat16) for _ in range(2))
+    for h, m in ((8, 300), (8, 1300), (2, 300)):  # 48, 176 and 12 work tiles of 128 rows
+        launcher(bind(plan.spec, torch.randn(2, h, m, 64, dtype=torch.bfloat16), k, v, {"sinks": torch.randn(h)}))
+    assert grids == [(48,), (132,), (12,)]
