@@ -137,3 +137,42 @@ def test_the_default_takes_gluon_for_long_prefill_gpu(name, gluon_launches):
         sizes = example_sizes(spec, m=length, n=length)
         sizes.update(B=1, H=4, HKV=2 if spec.is_gqa_shape else 4, D=128, DV=128)
         _run(spec, sizes, gluon_launches, expect_gluon=expect_gluon, options=PlanOptions())
+
+
+PERSISTENT = PlanOptions(gluon=True, gluon_persistent=True)
+
+
+@pytest.mark.parametrize("name, d, sizes, schedule", [
+    ("dense", 128, dict(B=2, H=4, M=300, N=1000), None),  # M off the 128-row tile, M != N
+    ("causal_lm", 128, dict(B=4, H=8, M=1100, N=1100), None),  # 288 work tiles: over 2 per SM on an H100
+    ("causal_lm", 64, dict(B=2, H=3, M=700, N=300), None),  # M > N: whole tiles with no key (out 0, lse -inf)
+    ("gqa_causal", 128, dict(B=2, H=8, HKV=2, M=900, N=1500), None),  # GQA, 4 stages' ring wraps
+    ("gqa_causal", 128, dict(B=1, H=12, HKV=3, M=300, N=24576), None),  # L2 sections of 8 heads and a last of 4
+    ("dense", 256, dict(B=1, H=6, M=300, N=8192), None),  # no overlap; sections of 4 heads and a last of 2
+    ("bshd_causal", 128, dict(B=2, H=4, M=1000, N=1000), None),  # 4-D descriptors over [B, M, H, D] strides
+    ("causal_lm", 128, dict(B=3, H=4, M=1000, N=1000), "cooperative"),  # one 8-warp consumer
+    ("causal_lm", 128, dict(B=3, H=4, M=1000, N=1000), "parallel"),  # no handoff
+    ("sinks", 64, dict(B=2, H=4, HKV=2, M=700, N=700), None),  # params and tables per tile's head
+    ("document_mask", 128, dict(B=2, H=4, M=700, N=700), None),  # every tile masked, lookups at (b, i)
+])
+def test_persistent_gluon_gpu(name, d, sizes, schedule, gluon_launches):
+    """Persistent programs (a program per SM over the work tiles) against the reference with NaN-poisoned outputs:
+    a tile a program skipped, a head addressed wrongly or a ring phase out of step shows as NaN or a wrong row."""
+    _needs_hopper()
+    spec = replace(with_dtype(EXAMPLES[name], "bf16"), returns_lse=True)
+    full = example_sizes(spec, m=sizes["M"], n=sizes["N"])
+    full.update(sizes, D=d, DV=d)
+    _run(spec, full, gluon_launches, options=replace(PERSISTENT, warpgroup_schedule=schedule))
+
+
+def test_persistent_matches_one_tile_programs_gpu(gluon_launches):
+    """The same inputs through both kernels: persistent programs change which program runs a tile, not the
+    instructions a tile runs, so out and lse agree bit for bit."""
+    _needs_hopper()
+    spec = replace(with_dtype(EXAMPLES["causal_lm"], "bf16"), returns_lse=True)
+    sizes = example_sizes(spec, m=1500, n=1500)
+    sizes.update(B=3, H=8, HKV=8, D=128, DV=128)
+    q, k, v = qkv(spec, sizes, "cuda")
+    (out_1, lse_1), (out_p, lse_p) = (attnc.compile(spec, options=o)(q, k, v) for o in (GLUON, PERSISTENT))
+    assert gluon_launches == [True, True]
+    assert torch.equal(out_1, out_p) and torch.equal(lse_1, lse_p)

@@ -436,3 +436,18 @@ def test_persistent_launch_takes_a_program_per_sm(monkeypatch):
     for h, m in ((8, 300), (8, 1300), (2, 300)):  # 48, 176 and 12 work tiles of 128 rows
         launcher(bind(plan.spec, torch.randn(2, h, m, 64, dtype=torch.bfloat16), k, v, {"sinks": torch.randn(h)}))
     assert grids == [(48,), (132,), (12,)]
+
+
+def test_the_gpu_ab_times_one_tile_against_persistent_programs():
+    """benchmarks/gluon_schedules.py --persistent: cuDNN (the anchor), the template, and the Gluon kernel with a
+    program per query tile and with persistent programs, which the runners' options select."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import gluon_schedules
+
+    makers = gluon_schedules.gluon_makers(gluon_schedules.PERSISTENT_VARIANTS)(None, None, None, None, {}, {})
+    assert list(makers) == ["sdpa-cudnn", "attnc", "attnc-gluon", "attnc-gluon-persistent"]
+    layouts = [_plan(options=o).warpgroups.layout for o in gluon_schedules.PERSISTENT_VARIANTS.values()]
+    assert [w.persistent for w in layouts] == [False, True]
