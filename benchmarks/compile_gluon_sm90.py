@@ -30,7 +30,7 @@ from attnc.backends.triton.gluon import generate_gluon
 from attnc.backends.triton.signature import argument_types, gluon_signature, spec_args
 from attnc.passes import PlanOptions, Target, plan_kernel
 from attnc.passes.warpgroups import SCHEDULES, max_registers
-from kernel_stats import key_tile_loop
+import kernel_stats
 
 PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
 
@@ -66,8 +66,10 @@ def compile_gluon(plan, work: Path):
                           options={"num_warps": w.consumer_warps, "maxnreg": max_registers(w)})
 
 
-def compile_one(plan, work: Path) -> dict:
+def compile_one(plan, work: Path, stats: bool = False) -> dict:
     compiled = compile_gluon(plan, work)
+    if stats:  # kernel_stats' instruction counts, per loop that holds an MMA too
+        kernel_stats.report(stem(plan), compiled)
     ptx = work / f"{stem(plan)}.ptx"
     ptx.write_text(compiled.asm["ptx"])
     report = subprocess.run([str(PTXAS), "-arch=sm_90a", "-v", str(ptx), "-o", os.devnull],
@@ -78,7 +80,7 @@ def compile_one(plan, work: Path) -> dict:
     warnings = [line for line in report.splitlines() if "warning" in line.lower()]  # e.g. serialized wgmma
     maxnreg = sorted({int(x) for x in re.findall(r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+)", compiled.asm["ptx"])})
     # local memory (spill) traffic inside the steady-state key loop: spills elsewhere run once per program or tile
-    key_loop = re.search(r"LDL=(\d+) STL=(\d+)", key_tile_loop(get_sass(compiled.asm["cubin"])))
+    key_loop = re.search(r"LDL=(\d+) STL=(\d+)", kernel_stats.key_tile_loop(get_sass(compiled.asm["cubin"])))
     return dict(regs=regs, spills=spills, stack=stack, shared=compiled.metadata.shared, setmaxnreg=maxnreg,
                 warnings=warnings, key_loop_local=sum(map(int, key_loop.groups())) if key_loop else None)
 
@@ -90,6 +92,7 @@ def main() -> int:
     parser.add_argument("--dtypes", nargs="*", default=["bf16", "f16"])
     parser.add_argument("--schedule", choices=SCHEDULES, help="force the consumers' schedule")
     parser.add_argument("--persistent", action="store_true", help="persistent programs (PlanOptions(gluon_persistent))")
+    parser.add_argument("--stats", action="store_true", help="print kernel_stats' instruction counts per kernel")
     parser.add_argument("--max-spill", type=int, default=128, help="spill bytes (stores + loads) a kernel may have")
     args = parser.parse_args()
     ok = True
@@ -109,7 +112,7 @@ def main() -> int:
                         print(f"skip {label}  {w.reason}", flush=True)
                         continue
                     try:
-                        r = compile_one(plan, work)
+                        r = compile_one(plan, work, args.stats)
                     except Exception as e:  # report every kernel, then fail
                         ok = False
                         print(f"FAIL {label}  {type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}", flush=True)

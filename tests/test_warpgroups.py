@@ -390,20 +390,23 @@ def _calls(tree, function):
 
 @pytest.mark.parametrize("schedule", ["pingpong", "cooperative"])
 def test_persistent_partitions_step_through_the_same_tiles(schedule):
-    """Every partition loops over the same work tiles and finds each tile's key range with the same function; the
-    barriers are made once, outside the loops, so the ring's phases run on across tiles; the producer loads a
-    tile's Q into a consumer's buffer only after that consumer's out store left it (q_free), and the consumer
-    frees it only after the store's read (tma.store_wait)."""
+    """Every partition loops over the same work units (unit_coords: two query tiles of a head) and finds each tile's
+    key range with the same function; the barriers are made once, outside the loops, so the ring's phases run on
+    across tiles; the producer loads a tile's Q into a consumer's buffer only after that consumer's out store left
+    it (q_free), and the consumer frees it only after the store's read (tma.store_wait)."""
     import ast
 
     source = gluon.generate_gluon(_plan(options=replace(PERSISTENT, warpgroup_schedule=schedule)))
     tree = ast.parse(source)
-    loop = "range(tl.program_id(0), work_tiles(sz_B, sz_H, sz_M), tl.num_programs(0))"
+    loop = "range(tl.program_id(0), work_units(sz_B, sz_H, sz_M), tl.num_programs(0))"
     for function in ("produce", "consume"):
         calls, fn = _calls(tree, function)
-        tile_loops = [n for n in ast.walk(fn) if isinstance(n, ast.For) and ast.unparse(n.iter) == loop]
-        assert len(tile_loops) == 1 and tile_loops[0] in fn.body
-        assert sum(c.startswith("tile_range(tile, ") for c in calls) == 1
+        unit_loops = [n for n in ast.walk(fn) if isinstance(n, ast.For) and ast.unparse(n.iter) == loop]
+        assert len(unit_loops) == 1 and unit_loops[0] in fn.body
+        tiles = unit_loops[0].body[-1]  # the unit's query tiles, the longer first
+        assert ast.unparse(tiles.iter) == "range(tiles)" and \
+            ast.unparse(tiles.body[0]) == "pid_m = tl.where(half == 0, long_m, short_m)"
+        assert sum(c.startswith("tile_range(pid_m, tile_b, tile_h, ") for c in calls) == 1
         assert not any(c.startswith("mbarrier.init") for c in calls)
     calls, _ = _calls(tree, "attn_fwd_gluon")
     assert "mbarrier.init(q_free.index(c), count=1)" in calls and not any("make_tensor_descriptor(q_ptr +" in c

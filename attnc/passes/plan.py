@@ -201,8 +201,9 @@ class WarpgroupLayout:
     overlap: within a consumer, QK^T of tile j+1 and P V of tile j are in flight while the weights of j+1 are
     computed (both MMAs async wgmma); without it each async MMA is waited for at once.
     persistent: one program per SM, each stepping through work tiles (batch, head, query tile) of a static
-    schedule (FlashAttention-3's longest-first order within sections of heads whose K and V fit in L2); the ring's
-    phases run on across tiles, and the producer loads the next tile's K and V while the consumers store out."""
+    schedule: units of two query tiles of a head (k and the k-th from the end: equal work under a causal mask), dealt
+    to the programs in turn, in sections of heads whose K and V fit in L2 (FlashAttention-3's); the ring's phases run
+    on across tiles, and the producer loads the next tile's first K and V while the consumers store out."""
 
     block_m: int  # query rows per program, all consumers together
     block_n: int  # keys per ring slot

@@ -47,38 +47,44 @@ L2_KV_BYTES = gl.constexpr(32 * 1024 * 1024)  # K and V of the heads that run to
 
 
 @gluon.jit
-def work_tiles(sz_B, sz_H, sz_M):
-    return (sz_M + BLOCK_MQ - 1) // BLOCK_MQ * sz_B * (sz_H // PACK)
+def work_units(sz_B, sz_H, sz_M):
+    return ((sz_M + BLOCK_MQ - 1) // BLOCK_MQ + 1) // 2 * sz_B * (sz_H // PACK)
 
 
 @gluon.jit
-def tile_coords(tile, sz_B, sz_H, sz_HKV, sz_M, sz_N):
-    """Work tile -> (query tile, batch, head) in FlashAttention-3's order (its tile_scheduler.hpp): the heads split
-    into sections whose K and V fit in L2 together (whole GQA groups), and a section's heads take their last query
-    tile (the longest under a causal mask) first, then the one before; program p takes tiles p, p + programs, ..."""
+def unit_coords(unit, sz_B, sz_H, sz_HKV, sz_M, sz_N):
+    """Work unit -> its query tiles (the longer first; one tile where it is the middle of an odd count), batch and
+    head: the static schedule. A unit pairs query tiles m_tiles - 1 - k and k of one head: under a causal mask
+    their key tiles add up to m_tiles + 1 whatever k, so units cost alike and program p, taking units p,
+    p + programs, ..., gets an equal share (FlashAttention-3 balances causal launches with an atomic tile counter
+    instead). Units run in sections of heads whose K and V fit in L2 together (whole GQA groups; FlashAttention-3's
+    tile_scheduler.hpp), heads innermost."""
     m_tiles = (sz_M + BLOCK_MQ - 1) // BLOCK_MQ
+    pairs = (m_tiles + 1) // 2
     heads = sz_B * (sz_H // PACK)
     kv_bytes = tl.cast(sz_N, tl.int64) * ((HEAD_DIM + VALUE_DIM) * 2)  # one K/V head, f16 or bf16
     section = tl.maximum(L2_KV_BYTES // kv_bytes, 1).to(tl.int32) * (sz_H // sz_HKV)
     section = tl.minimum(section, heads)
-    first = tile // (section * m_tiles) * section  # the section's first head
+    first = unit // (section * pairs) * section  # the section's first head
     size = tl.minimum(section, heads - first)  # the last section may hold fewer heads
-    within = tile - first * m_tiles
+    within = unit - first * pairs
+    k = within // size
     head = first + within % size
-    return m_tiles - 1 - within // size, head // (sz_H // PACK), head % (sz_H // PACK)
+    tiles = tl.where(m_tiles - 1 - k == k, 1, 2)
+    return m_tiles - 1 - k, k, tiles, head // (sz_H // PACK), head % (sz_H // PACK)
 
 
 @gluon.jit
 def tile_range(
-    tile, q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb,
+    pid_m, tile_b, tile_h, q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb,
     s_vh, s_vn, s_vd, s_ob, s_oh, s_om, s_od, s_lb, s_lh, s_lm, sz_B, sz_H, sz_HKV, sz_M, sz_N,
     WARPS: gl.constexpr
 ):
-    """The key tiles of work tile `tile`'s rows, found by each partition for itself (so none waits to be told)."""
+    """The key tiles of query tile pid_m of (tile_b, tile_h), found by each partition for itself (so none waits to be
+    told)."""
     BLOCK_M: gl.constexpr = BLOCK_MQ
     ROW: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
     COL: gl.constexpr = ROW
-    pid_m, tile_b, tile_h = tile_coords(tile, sz_B, sz_H, sz_HKV, sz_M, sz_N)  # i32: TMA's coordinates
     b = tile_b.to(tl.int64)
     hp = tile_h.to(tl.int64)
     r = gl.arange(0, BLOCK_M, layout=ROW)
@@ -120,37 +126,39 @@ def produce(
     outside the mask analysis' range are never loaded)."""
     ring = 0  # key tiles loaded over the program's work tiles: the ring's slots and phases run on across them
     done = 0  # work tiles loaded: the phase of the Q buffers
-    for tile in range(tl.program_id(0), work_tiles(sz_B, sz_H, sz_M), tl.num_programs(0)):
-        pid_m, tile_b, tile_h = tile_coords(tile, sz_B, sz_H, sz_HKV, sz_M, sz_N)
-        kvh = (tile_h * PACK) // (sz_H // sz_HKV)
-        run_start, run_end, f_start, f_end = tile_range(tile, q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, s_ob, s_oh, s_om, s_od, s_lb, s_lh, s_lm, sz_B, sz_H, sz_HKV, sz_M, sz_N, 1)
-        # K and V of the first key tile before Q: they wait for a free ring slot only, while Q waits until its
-        # consumer's out store of the last tile left the buffer
-        if run_end > run_start:
-            t = run_start
-            n = ring
-            slot = n % STAGES
-            # mbarriers start in phase 1 complete: the first pass over the ring does not wait
-            mbarrier.wait(empty.index(slot), ((n // STAGES) & 1) ^ 1)
-            mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(k_desc, [tile_b, kvh, t * BLOCK_N, 0], k_ready.index(slot), k_bufs.index(slot).reshape([1, 1, BLOCK_N, BLOCK_D]))
-            mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(v_desc, [tile_b, kvh, t * BLOCK_N, 0], v_ready.index(slot), v_bufs.index(slot).reshape([1, 1, BLOCK_N, BLOCK_DV]))
-        for c in gl.static_range(CONSUMERS):
-            mbarrier.wait(q_free.index(c), (done & 1) ^ 1)
-            mbarrier.expect(q_ready.index(c), q_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(q_desc, [tile_b, tile_h, pid_m * BLOCK_MQ + c * ROWS, 0], q_ready.index(c), q_bufs.index(c).reshape([1, 1, ROWS, BLOCK_D]))
-        for t in range(run_start + 1, run_end):
-            n = ring + t - run_start
-            slot = n % STAGES
-            # mbarriers start in phase 1 complete: the first pass over the ring does not wait
-            mbarrier.wait(empty.index(slot), ((n // STAGES) & 1) ^ 1)
-            mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(k_desc, [tile_b, kvh, t * BLOCK_N, 0], k_ready.index(slot), k_bufs.index(slot).reshape([1, 1, BLOCK_N, BLOCK_D]))
-            mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(v_desc, [tile_b, kvh, t * BLOCK_N, 0], v_ready.index(slot), v_bufs.index(slot).reshape([1, 1, BLOCK_N, BLOCK_DV]))
-        ring += run_end - run_start
-        done += 1
+    for unit in range(tl.program_id(0), work_units(sz_B, sz_H, sz_M), tl.num_programs(0)):
+        long_m, short_m, tiles, tile_b, tile_h = unit_coords(unit, sz_B, sz_H, sz_HKV, sz_M, sz_N)  # i32: TMA's
+        for half in range(tiles):
+            pid_m = tl.where(half == 0, long_m, short_m)
+            kvh = (tile_h * PACK) // (sz_H // sz_HKV)
+            run_start, run_end, f_start, f_end = tile_range(pid_m, tile_b, tile_h, q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, s_ob, s_oh, s_om, s_od, s_lb, s_lh, s_lm, sz_B, sz_H, sz_HKV, sz_M, sz_N, 1)
+            # K and V of the first key tile before Q: they wait for a free ring slot only, while Q waits until its
+            # consumer's out store of the last tile left the buffer
+            if run_end > run_start:
+                t = run_start
+                n = ring
+                slot = n % STAGES
+                # mbarriers start in phase 1 complete: the first pass over the ring does not wait
+                mbarrier.wait(empty.index(slot), ((n // STAGES) & 1) ^ 1)
+                mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(k_desc, [tile_b, kvh, t * BLOCK_N, 0], k_ready.index(slot), k_bufs.index(slot).reshape([1, 1, BLOCK_N, BLOCK_D]))
+                mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(v_desc, [tile_b, kvh, t * BLOCK_N, 0], v_ready.index(slot), v_bufs.index(slot).reshape([1, 1, BLOCK_N, BLOCK_DV]))
+            for c in gl.static_range(CONSUMERS):
+                mbarrier.wait(q_free.index(c), (done & 1) ^ 1)
+                mbarrier.expect(q_ready.index(c), q_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(q_desc, [tile_b, tile_h, pid_m * BLOCK_MQ + c * ROWS, 0], q_ready.index(c), q_bufs.index(c).reshape([1, 1, ROWS, BLOCK_D]))
+            for t in range(run_start + 1, run_end):
+                n = ring + t - run_start
+                slot = n % STAGES
+                # mbarriers start in phase 1 complete: the first pass over the ring does not wait
+                mbarrier.wait(empty.index(slot), ((n // STAGES) & 1) ^ 1)
+                mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(k_desc, [tile_b, kvh, t * BLOCK_N, 0], k_ready.index(slot), k_bufs.index(slot).reshape([1, 1, BLOCK_N, BLOCK_D]))
+                mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(v_desc, [tile_b, kvh, t * BLOCK_N, 0], v_ready.index(slot), v_bufs.index(slot).reshape([1, 1, BLOCK_N, BLOCK_DV]))
+            ring += run_end - run_start
+            done += 1
 
 
 
@@ -170,71 +178,45 @@ def consume(
     ring = 0  # key tiles consumed over the program's work tiles (the producer counts the same)
     done = 0  # work tiles done: the phase of this consumer's Q buffer
     turn = 0  # turns this consumer has had at the tensor cores: both take as many per tile
-    for tile in range(tl.program_id(0), work_tiles(sz_B, sz_H, sz_M), tl.num_programs(0)):
-        run_start, run_end, f_start, f_end = tile_range(tile, q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, s_ob, s_oh, s_om, s_od, s_lb, s_lh, s_lm, sz_B, sz_H, sz_HKV, sz_M, sz_N, CONSUMER_WARPS)
-        pid_m, tile_b, tile_h = tile_coords(tile, sz_B, sz_H, sz_HKV, sz_M, sz_N)  # i32: TMA's coordinates
-        b = tile_b.to(tl.int64)
-        hp = tile_h.to(tl.int64)
-        r = CONSUMER * ROWS + gl.arange(0, BLOCK_M, layout=ROW)
-        # Row r holds query head hp * PACK + r // BLOCK_MQ at position m0 + r % BLOCK_MQ (PACK > 1: GQA packing).
-        i_row = pid_m * BLOCK_MQ + r % BLOCK_MQ
-        h_row = hp * PACK + r // BLOCK_MQ
-        row_valid = i_row < sz_M
-        offs_n = gl.arange(0, BLOCK_N, layout=COL)
-        # -- per-row values: key bounds from the mask analysis, row-invariant score parts
-        exact_lo = gl.zeros([BLOCK_M], tl.int64, ROW)
-        exact_hi = gl.zeros([BLOCK_M], tl.int64, ROW) + sz_N
-        x0 = sz_N - sz_M
-        x1 = i_row.to(tl.int64) + tl.cast(x0, tl.int64)
-        x2 = x1.to(tl.int64) + 1
-        exact_hi = tl.minimum(exact_hi, x2)
-        exact_lo = tl.minimum(exact_lo, sz_N).to(tl.int32)
-        exact_hi = tl.maximum(exact_hi, 0).to(tl.int32)
-        hull_lo = exact_lo
-        hull_hi = exact_hi
-        offs_dv = gl.arange(0, BLOCK_DV, layout=COL)
-        m_i = gl.full([BLOCK_M], -INF, tl.float32, ROW)  # running max, base 2
-        l_i = gl.zeros([BLOCK_M], tl.float32, ROW)
-        acc = gl.zeros([BLOCK_M, BLOCK_DV], gl.float32, MMA)
-        mbarrier.wait(q_ready.index(CONSUMER), done & 1)
-        if run_end > run_start:
-            # the first tile: QK^T alone; P stays in registers (probs) for the next step's P V
-            t = run_start
-            first = ring % STAGES
-            mbarrier.wait(k_ready.index(first), (ring // STAGES) & 1)
-            mbarrier.wait(turns.index(CONSUMER), turn & 1)  # this consumer's turn to issue MMAs
-            qk = warpgroup_mma(q_smem, k_bufs.index(first).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-            mbarrier.arrive(turns.index(1 - CONSUMER), count=1)  # the other consumer's turn
-            turn += 1
-            qk = warpgroup_mma_wait(0, deps=[qk])
-            j_col = t * BLOCK_N + offs_n
-            col_valid = j_col < sz_N
-            x3 = qk * 0.12751743082459868
-            s = x3
-            if t >= f_end:  # a partial tile
-                keep = (j_col[None, :] >= exact_lo[:, None]) & (j_col[None, :] < exact_hi[:, None])
-                s = tl.where(keep, s, -INF)
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == -INF, 0.0, m_new)  # a row with nothing kept yet: exp2(-inf - 0) = 0, not NaN
-            p = ex2_approx(s - m_safe[:, None])
-            alpha = ex2_approx(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None]
-            m_i = m_new
-            probs = gl.convert_layout(p.to(DTYPE), P_OPERAND)
-            for t in range(run_start + 1, run_end):
-                n = ring + t - run_start
-                slot = n % STAGES
-                prev = (n - 1) % STAGES
-                mbarrier.wait(k_ready.index(slot), (n // STAGES) & 1)
-                mbarrier.wait(v_ready.index(prev), ((n - 1) // STAGES) & 1)
+    for unit in range(tl.program_id(0), work_units(sz_B, sz_H, sz_M), tl.num_programs(0)):
+        long_m, short_m, tiles, tile_b, tile_h = unit_coords(unit, sz_B, sz_H, sz_HKV, sz_M, sz_N)  # i32: TMA's
+        for half in range(tiles):
+            pid_m = tl.where(half == 0, long_m, short_m)
+            run_start, run_end, f_start, f_end = tile_range(pid_m, tile_b, tile_h, q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, s_ob, s_oh, s_om, s_od, s_lb, s_lh, s_lm, sz_B, sz_H, sz_HKV, sz_M, sz_N, CONSUMER_WARPS)
+            b = tile_b.to(tl.int64)
+            hp = tile_h.to(tl.int64)
+            r = CONSUMER * ROWS + gl.arange(0, BLOCK_M, layout=ROW)
+            # Row r holds query head hp * PACK + r // BLOCK_MQ at position m0 + r % BLOCK_MQ (PACK > 1: GQA packing).
+            i_row = pid_m * BLOCK_MQ + r % BLOCK_MQ
+            h_row = hp * PACK + r // BLOCK_MQ
+            row_valid = i_row < sz_M
+            offs_n = gl.arange(0, BLOCK_N, layout=COL)
+            # -- per-row values: key bounds from the mask analysis, row-invariant score parts
+            exact_lo = gl.zeros([BLOCK_M], tl.int64, ROW)
+            exact_hi = gl.zeros([BLOCK_M], tl.int64, ROW) + sz_N
+            x0 = sz_N - sz_M
+            x1 = i_row.to(tl.int64) + tl.cast(x0, tl.int64)
+            x2 = x1.to(tl.int64) + 1
+            exact_hi = tl.minimum(exact_hi, x2)
+            exact_lo = tl.minimum(exact_lo, sz_N).to(tl.int32)
+            exact_hi = tl.maximum(exact_hi, 0).to(tl.int32)
+            hull_lo = exact_lo
+            hull_hi = exact_hi
+            offs_dv = gl.arange(0, BLOCK_DV, layout=COL)
+            m_i = gl.full([BLOCK_M], -INF, tl.float32, ROW)  # running max, base 2
+            l_i = gl.zeros([BLOCK_M], tl.float32, ROW)
+            acc = gl.zeros([BLOCK_M, BLOCK_DV], gl.float32, MMA)
+            mbarrier.wait(q_ready.index(CONSUMER), done & 1)
+            if run_end > run_start:
+                # the first tile: QK^T alone; P stays in registers (probs) for the next step's P V
+                t = run_start
+                first = ring % STAGES
+                mbarrier.wait(k_ready.index(first), (ring // STAGES) & 1)
                 mbarrier.wait(turns.index(CONSUMER), turn & 1)  # this consumer's turn to issue MMAs
-                qk = warpgroup_mma(q_smem, k_bufs.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-                pv = warpgroup_mma(probs, v_bufs.index(prev), acc, is_async=True)
+                qk = warpgroup_mma(q_smem, k_bufs.index(first).permute((1, 0)), s_zero, use_acc=False, is_async=True)
                 mbarrier.arrive(turns.index(1 - CONSUMER), count=1)  # the other consumer's turn
                 turn += 1
-                # wgmma groups retire in order: with one left in flight, QK^T of this tile is done, P V of the last runs
-                qk = warpgroup_mma_wait(1, deps=[qk])
+                qk = warpgroup_mma_wait(0, deps=[qk])
                 j_col = t * BLOCK_N + offs_n
                 col_valid = j_col < sz_N
                 x3 = qk * 0.12751743082459868
@@ -247,35 +229,63 @@ def consume(
                 p = ex2_approx(s - m_safe[:, None])
                 alpha = ex2_approx(m_i - m_safe)
                 l_i = l_i * alpha + tl.sum(p, 1)
-                acc, probs = warpgroup_mma_wait(0, deps=[pv, probs])
-                mbarrier.arrive(empty.index(prev), count=1)
                 acc = acc * alpha[:, None]
                 m_i = m_new
                 probs = gl.convert_layout(p.to(DTYPE), P_OPERAND)
-            last = (ring + run_end - 1 - run_start) % STAGES
-            mbarrier.wait(v_ready.index(last), ((ring + run_end - 1 - run_start) // STAGES) & 1)
-            mbarrier.wait(turns.index(CONSUMER), turn & 1)  # this consumer's turn to issue MMAs
-            pv = warpgroup_mma(probs, v_bufs.index(last), acc, is_async=True)
-            mbarrier.arrive(turns.index(1 - CONSUMER), count=1)  # the other consumer's turn
-            turn += 1
-            acc, probs = warpgroup_mma_wait(0, deps=[pv, probs])
-            mbarrier.arrive(empty.index(last), count=1)
-        # -- a row with nothing kept: out = 0, lse = -inf
-        l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-        out = acc / l_safe[:, None]
-        # out through Q's shared memory (its last QK^T is done) and a TMA store: rows past M and columns past DV are
-        # not written. A pointer store would hold a 64-bit address per element (DV of them per thread at 64 rows).
-        o_smem = q_smem  # the same shape, so the same layout
-        o_smem.store(out.to(DTYPE))
-        fence_async_shared()
-        tma.async_copy_shared_to_global(o_desc, [tile_b, tile_h, pid_m * BLOCK_MQ + CONSUMER * ROWS, 0], o_smem.reshape([1, 1, ROWS, BLOCK_DV]))
-        lse = tl.where(l_i == 0.0, -INF, (tl.where(m_i == INF, INF, m_i + tl.log2(l_safe))) * LN2)
-        tl.store(lse_ptr + b * s_lb + h_row * s_lh + i_row.to(tl.int64) * s_lm, lse, mask=row_valid)
-        # the store has read the Q buffer (lse went out meanwhile): the producer may load the next tile's Q into it
-        tma.store_wait(0)
-        mbarrier.arrive(q_free.index(CONSUMER), count=1)
-        ring += run_end - run_start
-        done += 1
+                for t in range(run_start + 1, run_end):
+                    n = ring + t - run_start
+                    slot = n % STAGES
+                    prev = (n - 1) % STAGES
+                    mbarrier.wait(k_ready.index(slot), (n // STAGES) & 1)
+                    mbarrier.wait(v_ready.index(prev), ((n - 1) // STAGES) & 1)
+                    mbarrier.wait(turns.index(CONSUMER), turn & 1)  # this consumer's turn to issue MMAs
+                    qk = warpgroup_mma(q_smem, k_bufs.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+                    pv = warpgroup_mma(probs, v_bufs.index(prev), acc, is_async=True)
+                    mbarrier.arrive(turns.index(1 - CONSUMER), count=1)  # the other consumer's turn
+                    turn += 1
+                    # wgmma groups retire in order: with one left in flight, QK^T of this tile is done, P V of the last runs
+                    qk = warpgroup_mma_wait(1, deps=[qk])
+                    j_col = t * BLOCK_N + offs_n
+                    col_valid = j_col < sz_N
+                    x3 = qk * 0.12751743082459868
+                    s = x3
+                    if t >= f_end:  # a partial tile
+                        keep = (j_col[None, :] >= exact_lo[:, None]) & (j_col[None, :] < exact_hi[:, None])
+                        s = tl.where(keep, s, -INF)
+                    m_new = tl.maximum(m_i, tl.max(s, 1))
+                    m_safe = tl.where(m_new == -INF, 0.0, m_new)  # a row with nothing kept yet: exp2(-inf - 0) = 0, not NaN
+                    p = ex2_approx(s - m_safe[:, None])
+                    alpha = ex2_approx(m_i - m_safe)
+                    l_i = l_i * alpha + tl.sum(p, 1)
+                    acc, probs = warpgroup_mma_wait(0, deps=[pv, probs])
+                    mbarrier.arrive(empty.index(prev), count=1)
+                    acc = acc * alpha[:, None]
+                    m_i = m_new
+                    probs = gl.convert_layout(p.to(DTYPE), P_OPERAND)
+                last = (ring + run_end - 1 - run_start) % STAGES
+                mbarrier.wait(v_ready.index(last), ((ring + run_end - 1 - run_start) // STAGES) & 1)
+                mbarrier.wait(turns.index(CONSUMER), turn & 1)  # this consumer's turn to issue MMAs
+                pv = warpgroup_mma(probs, v_bufs.index(last), acc, is_async=True)
+                mbarrier.arrive(turns.index(1 - CONSUMER), count=1)  # the other consumer's turn
+                turn += 1
+                acc, probs = warpgroup_mma_wait(0, deps=[pv, probs])
+                mbarrier.arrive(empty.index(last), count=1)
+            # -- a row with nothing kept: out = 0, lse = -inf
+            l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+            out = acc / l_safe[:, None]
+            # out through Q's shared memory (its last QK^T is done) and a TMA store: rows past M and columns past DV are
+            # not written. A pointer store would hold a 64-bit address per element (DV of them per thread at 64 rows).
+            o_smem = q_smem  # the same shape, so the same layout
+            o_smem.store(out.to(DTYPE))
+            fence_async_shared()
+            tma.async_copy_shared_to_global(o_desc, [tile_b, tile_h, pid_m * BLOCK_MQ + CONSUMER * ROWS, 0], o_smem.reshape([1, 1, ROWS, BLOCK_DV]))
+            lse = tl.where(l_i == 0.0, -INF, (tl.where(m_i == INF, INF, m_i + tl.log2(l_safe))) * LN2)
+            tl.store(lse_ptr + b * s_lb + h_row * s_lh + i_row.to(tl.int64) * s_lm, lse, mask=row_valid)
+            # the store has read the Q buffer (lse went out meanwhile): the producer may load the next tile's Q into it
+            tma.store_wait(0)
+            mbarrier.arrive(q_free.index(CONSUMER), count=1)
+            ring += run_end - run_start
+            done += 1
 
 
 @gluon.jit(do_not_specialize=["sz_B", "sz_H", "sz_HKV", "sz_M", "sz_N"])
