@@ -132,23 +132,9 @@ def produce(
             pid_m = tl.where(half == 0, long_m, short_m)
             kvh = (tile_h * PACK) // (sz_H // sz_HKV)
             run_start, run_end, f_start, f_end = tile_range(pid_m, tile_b, tile_h, q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, s_ob, s_oh, s_om, s_od, s_lb, s_lh, s_lm, sz_B, sz_H, sz_HKV, sz_M, sz_N, 1)
-            # K and V of the first key tile before Q: they wait for a free ring slot only, while Q waits until its
-            # consumer's out store of the last tile left the buffer
-            if run_end > run_start:
-                t = run_start
-                n = ring
-                slot = n % STAGES
-                # mbarriers start in phase 1 complete: the first pass over the ring does not wait
-                mbarrier.wait(empty.index(slot), ((n // STAGES) & 1) ^ 1)
-                mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes)
-                tma.async_copy_global_to_shared(k_desc, [tile_b, kvh, t * BLOCK_N, 0], k_ready.index(slot), k_bufs.index(slot).reshape([1, 1, BLOCK_N, BLOCK_D]))
-                mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes)
-                tma.async_copy_global_to_shared(v_desc, [tile_b, kvh, t * BLOCK_N, 0], v_ready.index(slot), v_bufs.index(slot).reshape([1, 1, BLOCK_N, BLOCK_DV]))
-            for c in gl.static_range(CONSUMERS):
-                mbarrier.wait(q_free.index(c), (done & 1) ^ 1)
-                mbarrier.expect(q_ready.index(c), q_desc.block_type.nbytes)
-                tma.async_copy_global_to_shared(q_desc, [tile_b, tile_h, pid_m * BLOCK_MQ + c * ROWS, 0], q_ready.index(c), q_bufs.index(c).reshape([1, 1, ROWS, BLOCK_D]))
-            for t in range(run_start + 1, run_end):
+            # Consumer c's Q after the tile's c-th K and V: those wait for a ring slot only, Q for the consumer's out store
+            # of the last tile, so the ring fills while the consumers store out, and consumer 0 need not wait for 1's store
+            for t in range(run_start, run_end):
                 n = ring + t - run_start
                 slot = n % STAGES
                 # mbarriers start in phase 1 complete: the first pass over the ring does not wait
@@ -157,6 +143,15 @@ def produce(
                 tma.async_copy_global_to_shared(k_desc, [tile_b, kvh, t * BLOCK_N, 0], k_ready.index(slot), k_bufs.index(slot).reshape([1, 1, BLOCK_N, BLOCK_D]))
                 mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes)
                 tma.async_copy_global_to_shared(v_desc, [tile_b, kvh, t * BLOCK_N, 0], v_ready.index(slot), v_bufs.index(slot).reshape([1, 1, BLOCK_N, BLOCK_DV]))
+                c = t - run_start
+                if c < CONSUMERS:
+                    mbarrier.wait(q_free.index(c), (done & 1) ^ 1)
+                    mbarrier.expect(q_ready.index(c), q_desc.block_type.nbytes)
+                    tma.async_copy_global_to_shared(q_desc, [tile_b, tile_h, pid_m * BLOCK_MQ + c * ROWS, 0], q_ready.index(c), q_bufs.index(c).reshape([1, 1, ROWS, BLOCK_D]))
+            for c in range(run_end - run_start, CONSUMERS):  # the consumers past the tile's key tiles
+                mbarrier.wait(q_free.index(c), (done & 1) ^ 1)
+                mbarrier.expect(q_ready.index(c), q_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(q_desc, [tile_b, tile_h, pid_m * BLOCK_MQ + c * ROWS, 0], q_ready.index(c), q_bufs.index(c).reshape([1, 1, ROWS, BLOCK_D]))
             ring += run_end - run_start
             done += 1
 

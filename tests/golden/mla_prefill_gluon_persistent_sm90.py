@@ -138,25 +138,9 @@ def produce(
             pid_m = tl.where(half == 0, long_m, short_m)
             kvh = (tile_h * PACK) // (sz_H // sz_HKV)
             run_start, run_end, f_start, f_end = tile_range(pid_m, tile_b, tile_h, q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, s_ob, s_oh, s_om, s_od, s_lb, s_lh, s_lm, sz_B, sz_H, sz_HKV, sz_M, sz_N, 1)
-            # K and V of the first key tile before Q: they wait for a free ring slot only, while Q waits until its
-            # consumer's out store of the last tile left the buffer
-            if run_end > run_start:
-                t = run_start
-                n = ring
-                slot = n % STAGES
-                # mbarriers start in phase 1 complete: the first pass over the ring does not wait
-                mbarrier.wait(empty.index(slot), ((n // STAGES) & 1) ^ 1)
-                mbarrier.expect(k_ready.index(slot), k_desc_0.block_type.nbytes + k_desc_1.block_type.nbytes)
-                tma.async_copy_global_to_shared(k_desc_0, [tile_b, kvh, t * BLOCK_N, 0], k_ready.index(slot), k_bufs_0.index(slot).reshape([1, 1, BLOCK_N, D_CHUNK_0]))
-                tma.async_copy_global_to_shared(k_desc_1, [tile_b, kvh, t * BLOCK_N, 128], k_ready.index(slot), k_bufs_1.index(slot).reshape([1, 1, BLOCK_N, D_CHUNK_1]))
-                mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes)
-                tma.async_copy_global_to_shared(v_desc, [tile_b, kvh, t * BLOCK_N, 0], v_ready.index(slot), v_bufs.index(slot).reshape([1, 1, BLOCK_N, BLOCK_DV]))
-            for c in gl.static_range(CONSUMERS):
-                mbarrier.wait(q_free.index(c), (done & 1) ^ 1)
-                mbarrier.expect(q_ready.index(c), q_desc_0.block_type.nbytes + q_desc_1.block_type.nbytes)
-                tma.async_copy_global_to_shared(q_desc_0, [tile_b, tile_h, pid_m * BLOCK_MQ + c * ROWS, 0], q_ready.index(c), q_bufs_0.index(c).reshape([1, 1, ROWS, D_CHUNK_0]))
-                tma.async_copy_global_to_shared(q_desc_1, [tile_b, tile_h, pid_m * BLOCK_MQ + c * ROWS, 128], q_ready.index(c), q_bufs_1.index(c).reshape([1, 1, ROWS, D_CHUNK_1]))
-            for t in range(run_start + 1, run_end):
+            # Consumer c's Q after the tile's c-th K and V: those wait for a ring slot only, Q for the consumer's out store
+            # of the last tile, so the ring fills while the consumers store out, and consumer 0 need not wait for 1's store
+            for t in range(run_start, run_end):
                 n = ring + t - run_start
                 slot = n % STAGES
                 # mbarriers start in phase 1 complete: the first pass over the ring does not wait
@@ -166,6 +150,17 @@ def produce(
                 tma.async_copy_global_to_shared(k_desc_1, [tile_b, kvh, t * BLOCK_N, 128], k_ready.index(slot), k_bufs_1.index(slot).reshape([1, 1, BLOCK_N, D_CHUNK_1]))
                 mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes)
                 tma.async_copy_global_to_shared(v_desc, [tile_b, kvh, t * BLOCK_N, 0], v_ready.index(slot), v_bufs.index(slot).reshape([1, 1, BLOCK_N, BLOCK_DV]))
+                c = t - run_start
+                if c < CONSUMERS:
+                    mbarrier.wait(q_free.index(c), (done & 1) ^ 1)
+                    mbarrier.expect(q_ready.index(c), q_desc_0.block_type.nbytes + q_desc_1.block_type.nbytes)
+                    tma.async_copy_global_to_shared(q_desc_0, [tile_b, tile_h, pid_m * BLOCK_MQ + c * ROWS, 0], q_ready.index(c), q_bufs_0.index(c).reshape([1, 1, ROWS, D_CHUNK_0]))
+                    tma.async_copy_global_to_shared(q_desc_1, [tile_b, tile_h, pid_m * BLOCK_MQ + c * ROWS, 128], q_ready.index(c), q_bufs_1.index(c).reshape([1, 1, ROWS, D_CHUNK_1]))
+            for c in range(run_end - run_start, CONSUMERS):  # the consumers past the tile's key tiles
+                mbarrier.wait(q_free.index(c), (done & 1) ^ 1)
+                mbarrier.expect(q_ready.index(c), q_desc_0.block_type.nbytes + q_desc_1.block_type.nbytes)
+                tma.async_copy_global_to_shared(q_desc_0, [tile_b, tile_h, pid_m * BLOCK_MQ + c * ROWS, 0], q_ready.index(c), q_bufs_0.index(c).reshape([1, 1, ROWS, D_CHUNK_0]))
+                tma.async_copy_global_to_shared(q_desc_1, [tile_b, tile_h, pid_m * BLOCK_MQ + c * ROWS, 128], q_ready.index(c), q_bufs_1.index(c).reshape([1, 1, ROWS, D_CHUNK_1]))
             ring += run_end - run_start
             done += 1
 
