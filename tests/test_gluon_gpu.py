@@ -146,6 +146,7 @@ PERSISTENT = PlanOptions(gluon=True, gluon_persistent=True)
     ("dense", 128, dict(B=2, H=4, M=300, N=1000), None),  # M off the 128-row tile, M != N
     ("causal_lm", 128, dict(B=4, H=8, M=1100, N=1100), None),  # 288 work tiles, 9 a head: units of 2 and of 1
     ("causal_lm", 64, dict(B=2, H=3, M=700, N=300), None),  # M > N: whole tiles with no key (out 0, lse -inf)
+    ("dense", 64, dict(B=1, H=2, M=200, N=5), None),  # one partial key tile
     ("gqa_causal", 128, dict(B=2, H=8, HKV=2, M=900, N=1500), None),  # GQA, 4 stages' ring wraps
     ("gqa_causal", 128, dict(B=1, H=12, HKV=3, M=300, N=24576), None),  # L2 sections of 8 heads and a last of 4
     ("dense", 256, dict(B=1, H=6, M=300, N=8192), None),  # no overlap; sections of 4 heads and a last of 2

@@ -68,7 +68,7 @@ def unit_coords(unit, sz_B, sz_H, sz_HKV, sz_M, sz_N):
     m_tiles = (sz_M + BLOCK_MQ - 1) // BLOCK_MQ
     pairs = (m_tiles + 1) // 2
     heads = sz_B * (sz_H // PACK)
-    kv_bytes = tl.cast(sz_N, tl.int64) * ((HEAD_DIM + VALUE_DIM) * 2)  # one K/V head, f16 or bf16
+    kv_bytes = tl.maximum(tl.cast(sz_N, tl.int64), 1) * ((HEAD_DIM + VALUE_DIM) * 2)  # one K/V head, f16 or bf16
     section = tl.maximum(L2_KV_BYTES // kv_bytes, 1).to(tl.int32) * (sz_H // sz_HKV)
     section = tl.minimum(section, heads)
     first = unit // (section * pairs) * section  # the section's first head
