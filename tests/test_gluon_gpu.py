@@ -177,3 +177,17 @@ def test_persistent_matches_one_tile_programs_gpu(gluon_launches):
     (out_1, lse_1), (out_p, lse_p) = (attnc.compile(spec, options=o)(q, k, v) for o in (GLUON, PERSISTENT))
     assert gluon_launches == [True, True]
     assert torch.equal(out_1, out_p) and torch.equal(lse_1, lse_p)
+
+
+def test_persistent_leaves_expanded_heads_to_the_template_gpu(gluon_launches):
+    """K and V expanded over their heads (stride 0): the persistent kernel's descriptor cannot say so, the
+    template runs, and the result is right."""
+    _needs_hopper()
+    spec = replace(with_dtype(EXAMPLES["gqa_causal"], "bf16"), returns_lse=True)
+    sizes = example_sizes(spec, m=500, n=500)
+    sizes.update(B=2, H=8, HKV=2, D=128, DV=128)
+    q, k, v = qkv(spec, sizes, "cuda")
+    k, v = k[:, :1].expand_as(k), v[:, :1].expand_as(v)
+    got = attnc.compile(spec, options=PERSISTENT)(q, k, v)
+    assert_matches(spec, got, attnc.reference(spec, q, k, v))
+    assert gluon_launches == [False]

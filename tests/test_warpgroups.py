@@ -454,3 +454,18 @@ def test_the_gpu_ab_times_one_tile_against_persistent_programs():
     assert list(makers) == ["sdpa-cudnn", "attnc", "attnc-gluon", "attnc-gluon-persistent"]
     layouts = [_plan(options=o).warpgroups.layout for o in gluon_schedules.PERSISTENT_VARIANTS.values()]
     assert [w.persistent for w in layouts] == [False, True]
+
+
+def test_persistent_programs_take_no_expanded_heads():
+    """A K/V head stride of 0 (k.expand over heads) has no TMA stride in the persistent kernel's one descriptor over
+    all heads, so that launch runs the template; a program per tile takes it (the stride goes into its base)."""
+    from attnc.dsl.signature import bind
+
+    q = torch.randn(2, 8, 300, 128, dtype=torch.bfloat16)
+    k, v = (torch.randn(2, 1, 300, 128, dtype=torch.bfloat16).expand(2, 2, 300, 128) for _ in range(2))
+    module = type("Module", (), {"attn_fwd_gluon": None})
+    for options, covered in ((PERSISTENT, False), (GLUON, True)):
+        plan = _plan("gqa_causal", options=options)
+        launcher = gluon.GluonLauncher(plan, module, _Template())
+        assert launcher.covers(bind(plan.spec, q, k, v, {})) == covered
+        assert launcher.covers(bind(plan.spec, q, k.contiguous(), v.contiguous(), {}))

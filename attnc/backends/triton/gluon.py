@@ -119,12 +119,15 @@ class GluonLauncher:
         return self.run(bound)[0]
 
     def covers(self, bound: Bound) -> bool:
-        """Prefill launches (past the decode regime) whose q, k and v TMA can read."""
+        """Prefill launches (past the decode regime) whose q, k and v TMA can read (persistent programs: through one
+        descriptor over all heads)."""
         spec = self.spec
         sizes = bound.sizes
+        tensors = ((bound.q, spec.q), (bound.k, spec.k), (bound.v, spec.v))
         return sizes["M"] >= self.min_m and sizes["N"] >= self.plan.warpgroups.min_length \
-            and launch.descriptor_ready(bound.q, spec.q) \
-            and launch.descriptor_ready(bound.k, spec.k) and launch.descriptor_ready(bound.v, spec.v)
+            and all(launch.descriptor_ready(t, decl) for t, decl in tensors) \
+            and (not self.plan.warpgroups.layout.persistent
+                 or all(launch.heads_addressable(t, decl) for t, decl in tensors))
 
     def run(self, bound: Bound):
         if not self.covers(bound):

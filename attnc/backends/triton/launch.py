@@ -225,6 +225,14 @@ def descriptor_ready(t: torch.Tensor, decl) -> bool:
         and (n_b == 1 or (s_b * size) % ALIGNMENT == 0) and (n_h == 1 or (s_h * size) % ALIGNMENT == 0)
 
 
+def heads_addressable(t: torch.Tensor, decl) -> bool:
+    """Whether one 4-D descriptor over [B, heads, rows, D] (the persistent Gluon kernel's) reaches every head of a
+    q/k/v-shaped tensor: no dim of more than one element has stride 0 (an expanded tensor), which TMA's strides do
+    not express; a descriptor per head (descriptor_ready) puts such a stride in its base address instead."""
+    view = canonical_view(t, decl)
+    return all(stride != 0 for size, stride in zip(view.shape, view.stride()) if size > 1)
+
+
 # ---------------------------------------------------------------- the launch without the JIT
 
 ALIGNMENT = 16  # Triton specializes pointers on 16-byte alignment
