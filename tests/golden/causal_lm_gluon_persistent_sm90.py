@@ -38,11 +38,12 @@ Q_SMEM = gl.constexpr(gl.NVMMASharedLayout.get_default_for([ROWS, BLOCK_D], DTYP
 K_SMEM = gl.constexpr(gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_D], DTYPE))
 V_SMEM = gl.constexpr(gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_DV], DTYPE))
 O_SMEM = gl.constexpr(gl.NVMMASharedLayout.get_default_for([ROWS, BLOCK_DV], DTYPE))
-# TMA boxes of the 4-D descriptors [B, heads, rows, columns]: one head's rows, into the 2-D buffers reshaped
-Q_BOX = gl.constexpr(gl.NVMMASharedLayout.get_default_for([1, 1, ROWS, BLOCK_D], DTYPE))
-K_BOX = gl.constexpr(gl.NVMMASharedLayout.get_default_for([1, 1, BLOCK_N, BLOCK_D], DTYPE))
-V_BOX = gl.constexpr(gl.NVMMASharedLayout.get_default_for([1, 1, BLOCK_N, BLOCK_DV], DTYPE))
-O_BOX = gl.constexpr(gl.NVMMASharedLayout.get_default_for([1, 1, ROWS, BLOCK_DV], DTYPE))
+# TMA boxes of the 4-D descriptors [B, heads, rows, columns]: one head's rows, into the 2-D buffers reshaped, with
+# the buffer's swizzle (TMA writes with the descriptor's, wgmma reads with the buffer's; Triton 3.6 checks neither)
+Q_BOX = gl.constexpr(gl.NVMMASharedLayout(Q_SMEM.value.swizzle_byte_width, Q_SMEM.value.element_bitwidth, rank=4))
+K_BOX = gl.constexpr(gl.NVMMASharedLayout(K_SMEM.value.swizzle_byte_width, K_SMEM.value.element_bitwidth, rank=4))
+V_BOX = gl.constexpr(gl.NVMMASharedLayout(V_SMEM.value.swizzle_byte_width, V_SMEM.value.element_bitwidth, rank=4))
+O_BOX = gl.constexpr(gl.NVMMASharedLayout(O_SMEM.value.swizzle_byte_width, O_SMEM.value.element_bitwidth, rank=4))
 L2_KV_BYTES = gl.constexpr(32 * 1024 * 1024)  # K and V of the heads that run together (FlashAttention-3's budget)
 
 

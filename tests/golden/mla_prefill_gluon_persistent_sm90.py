@@ -42,13 +42,14 @@ K_SMEM_0 = gl.constexpr(gl.NVMMASharedLayout.get_default_for([BLOCK_N, D_CHUNK_0
 K_SMEM_1 = gl.constexpr(gl.NVMMASharedLayout.get_default_for([BLOCK_N, D_CHUNK_1], DTYPE))
 V_SMEM = gl.constexpr(gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_DV], DTYPE))
 O_SMEM = gl.constexpr(gl.NVMMASharedLayout.get_default_for([ROWS, BLOCK_DV], DTYPE))
-# TMA boxes of the 4-D descriptors [B, heads, rows, columns]: one head's rows, into the 2-D buffers reshaped
-Q_BOX_0 = gl.constexpr(gl.NVMMASharedLayout.get_default_for([1, 1, ROWS, D_CHUNK_0], DTYPE))
-Q_BOX_1 = gl.constexpr(gl.NVMMASharedLayout.get_default_for([1, 1, ROWS, D_CHUNK_1], DTYPE))
-K_BOX_0 = gl.constexpr(gl.NVMMASharedLayout.get_default_for([1, 1, BLOCK_N, D_CHUNK_0], DTYPE))
-K_BOX_1 = gl.constexpr(gl.NVMMASharedLayout.get_default_for([1, 1, BLOCK_N, D_CHUNK_1], DTYPE))
-V_BOX = gl.constexpr(gl.NVMMASharedLayout.get_default_for([1, 1, BLOCK_N, BLOCK_DV], DTYPE))
-O_BOX = gl.constexpr(gl.NVMMASharedLayout.get_default_for([1, 1, ROWS, BLOCK_DV], DTYPE))
+# TMA boxes of the 4-D descriptors [B, heads, rows, columns]: one head's rows, into the 2-D buffers reshaped, with
+# the buffer's swizzle (TMA writes with the descriptor's, wgmma reads with the buffer's; Triton 3.6 checks neither)
+Q_BOX_0 = gl.constexpr(gl.NVMMASharedLayout(Q_SMEM_0.value.swizzle_byte_width, Q_SMEM_0.value.element_bitwidth, rank=4))
+Q_BOX_1 = gl.constexpr(gl.NVMMASharedLayout(Q_SMEM_1.value.swizzle_byte_width, Q_SMEM_1.value.element_bitwidth, rank=4))
+K_BOX_0 = gl.constexpr(gl.NVMMASharedLayout(K_SMEM_0.value.swizzle_byte_width, K_SMEM_0.value.element_bitwidth, rank=4))
+K_BOX_1 = gl.constexpr(gl.NVMMASharedLayout(K_SMEM_1.value.swizzle_byte_width, K_SMEM_1.value.element_bitwidth, rank=4))
+V_BOX = gl.constexpr(gl.NVMMASharedLayout(V_SMEM.value.swizzle_byte_width, V_SMEM.value.element_bitwidth, rank=4))
+O_BOX = gl.constexpr(gl.NVMMASharedLayout(O_SMEM.value.swizzle_byte_width, O_SMEM.value.element_bitwidth, rank=4))
 L2_KV_BYTES = gl.constexpr(32 * 1024 * 1024)  # K and V of the heads that run together (FlashAttention-3's budget)
 
 
