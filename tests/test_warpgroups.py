@@ -364,20 +364,32 @@ def test_asking_in_the_interpreter_warns_and_computes_with_the_template():
 PERSISTENT = PlanOptions(gluon=True, gluon_persistent=True)
 
 
+def _one_tile(w):
+    """The one-tile layout a persistent one extends."""
+    return replace(w, persistent=False, producer_regs=24, consumer_regs=240, out_buffer=False)
+
+
 def test_persistent_programs_on_request():
     """PlanOptions(gluon_persistent=True): the same tiles and ring, with the producer at 40 registers and both
-    consumers at 232, which the launch's register pool holds; the default keeps a program per query tile."""
+    consumers at 232, which the launch's register pool holds, and out through a buffer of its own where shared
+    memory holds one (D <= 128); the default keeps a program per query tile."""
     assert not _plan().warpgroups.layout.persistent
     one, persistent = _plan().warpgroups.layout, _plan(options=PERSISTENT).warpgroups.layout
-    assert persistent.persistent and replace(persistent, persistent=False, producer_regs=24, consumer_regs=240) == one
+    assert persistent.persistent and _one_tile(persistent) == one
     pool = max_registers(persistent) * 32 * 12
     assert pool - 128 * (persistent.consumer_regs + persistent.producer_regs) == 128 * persistent.consumer_regs
     assert "persistent: a program per SM over the work tiles" in _plan(options=PERSISTENT).describe()
     assert "persistent" not in _plan().describe()
-    for name, d in (("causal_lm", 128), ("dense", 256), ("mla_prefill", 192)):  # shared memory as without
-        w = _plan(name, d=d, dv=128 if d == 192 else d, options=PERSISTENT).warpgroups.layout
-        assert replace(w, persistent=False, producer_regs=24, consumer_regs=240) \
-            == _plan(name, d=d, dv=128 if d == 192 else d).warpgroups.layout
+    for name, d, out_buffer in (("causal_lm", 64, True), ("causal_lm", 128, True), ("dense", 256, False),
+                                ("mla_prefill", 192, False)):
+        dv = 128 if d == 192 else d
+        w = _plan(name, d=d, dv=dv, options=PERSISTENT).warpgroups.layout
+        assert _one_tile(w) == _plan(name, d=d, dv=dv).warpgroups.layout and w.out_buffer == out_buffer
+        out = w.block_m * dv * 2 if out_buffer else 0
+        ring = w.stages * w.block_n * (sum(w.d_chunks) + dv)
+        assert (w.block_m * sum(w.d_chunks) + ring) * 2 + out + BARRIER_BYTES <= smem_capacity(90)
+        assert (w.block_m * sum(w.d_chunks) + ring) * 2 + w.block_m * dv * 2 + BARRIER_BYTES > smem_capacity(90) \
+            or out_buffer
 
 
 def _calls(tree, function):
@@ -385,18 +397,21 @@ def _calls(tree, function):
     import ast
 
     fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == function)
-    return [ast.unparse(n) for n in ast.walk(fn) if isinstance(n, ast.Call)], fn
+    calls = sorted((n for n in ast.walk(fn) if isinstance(n, ast.Call)), key=lambda n: (n.lineno, n.col_offset))
+    return [ast.unparse(n) for n in calls], fn
 
 
-@pytest.mark.parametrize("schedule", ["pingpong", "cooperative"])
-def test_persistent_partitions_step_through_the_same_tiles(schedule):
+@pytest.mark.parametrize("schedule, d", [("pingpong", 128), ("cooperative", 128), ("pingpong", 256)])
+def test_persistent_partitions_step_through_the_same_tiles(schedule, d):
     """Every partition loops over the same work units (unit_coords: two query tiles of a head) and finds each tile's
     key range with the same function; the barriers are made once, outside the loops, so the ring's phases run on
     across tiles; the producer loads a tile's Q into a consumer's buffer only after that consumer's out store left
-    it (q_free), and the consumer frees it only after the store's read (tma.store_wait)."""
+    it (q_free), and the consumer frees it after its last QK^T where out has a buffer of its own (D = 128), else
+    only after the out store's read (tma.store_wait; D = 256)."""
     import ast
 
-    source = gluon.generate_gluon(_plan(options=replace(PERSISTENT, warpgroup_schedule=schedule)))
+    plan = _plan(d=d, options=replace(PERSISTENT, warpgroup_schedule=schedule))
+    source = gluon.generate_gluon(plan)
     tree = ast.parse(source)
     loop = "range(tl.program_id(0), work_units(sz_B, sz_H, sz_M), tl.num_programs(0))"
     for function in ("produce", "consume"):
@@ -416,7 +431,13 @@ def test_persistent_partitions_step_through_the_same_tiles(schedule):
     assert first_kv < produce.index("mbarrier.wait(q_free.index(c), done & 1 ^ 1)")  # K/V before Q's wait
     consume, _ = _calls(tree, "consume")
     store = consume.index(next(c for c in consume if c.startswith("tma.async_copy_shared_to_global")))
-    assert store < consume.index("tma.store_wait(0)") < consume.index("mbarrier.arrive(q_free.index(CONSUMER), count=1)")
+    free = consume.index("mbarrier.arrive(q_free.index(CONSUMER), count=1)")
+    last_qk = max(i for i, c in enumerate(consume) if c.startswith("warpgroup_mma(q_smem"))
+    if plan.warpgroups.layout.out_buffer:  # and the buffer is rewritten only after the last store read it
+        assert last_qk < free < consume.index("tma.store_wait(0)") < consume.index("o_smem.store(out.to(DTYPE))") \
+            < store and consume.count("tma.store_wait(0)") == 2  # the last one after the work loop
+    else:
+        assert store < consume.index("tma.store_wait(0)") < free
     assert "mbarrier.wait(q_ready.index(CONSUMER), done & 1)" in consume
 
 

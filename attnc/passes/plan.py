@@ -219,6 +219,9 @@ class WarpgroupLayout:
     producer_regs: int = 24  # registers per thread after setmaxnreg (the warp only issues TMA)
     consumer_regs: int = 240
     persistent: bool = False
+    # persistent only, where shared memory holds it: out leaves through a buffer of its own, not Q's, so a
+    # consumer's next Q loads during its epilogue (released after its last QK^T, not after its out store)
+    out_buffer: bool = False
 
     @property
     def rows_per_consumer(self) -> int:
@@ -354,7 +357,8 @@ def _warpgroups(w: WarpgroupLayout) -> str:
             f"(mbarriers) -> {w.consumers} consumer warpgroup{'s' if w.consumers > 1 else ''} "
             f"x {w.consumer_warps} warps, {w.schedule} ({w.consumer_regs} regs), BM={w.block_m} "
             f"({w.rows_per_consumer} rows each) BN={w.block_n}; {overlap}{chunks}"
-            + ("; persistent: a program per SM over the work tiles" if w.persistent else ""))
+            + ("; persistent: a program per SM over the work tiles" if w.persistent else "")
+            + (", out through a buffer of its own" if w.out_buffer else ""))
 
 
 def _tile(c: TileConfig) -> str:

@@ -327,7 +327,7 @@ def attn_fwd_gluon(
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for c in gl.static_range(CONSUMERS):
         mbarrier.init(q_ready.index(c), count=1)
-        mbarrier.init(q_free.index(c), count=1)  # consumer c's out store left its Q buffer
+        mbarrier.init(q_free.index(c), count=1)  # consumer c is done with its Q buffer
     for s in gl.static_range(STAGES):
         mbarrier.init(k_ready.index(s), count=1)
         mbarrier.init(v_ready.index(s), count=1)

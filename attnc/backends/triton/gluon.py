@@ -58,7 +58,8 @@ def plan_line(plan: KernelPlan) -> str:
             f"BN={w.block_n} stages={w.stages}; {w.consumers}x{w.consumer_warps} consumer warps {w.schedule}"
             f"{' overlapped' if w.overlap else ''} + {w.producer_warps} producer warp"
             + (f"; QK^T over D's chunks {'+'.join(map(str, w.d_chunks))}" if len(w.d_chunks) > 1 else "")
-            + ("; persistent: a program per SM over the work tiles" if w.persistent else ""))
+            + ("; persistent: a program per SM over the work tiles" if w.persistent else "")
+            + (", out through a buffer of its own" if w.out_buffer else ""))
 
 
 @lru_cache(maxsize=None)
