@@ -149,7 +149,8 @@ PERSISTENT = PlanOptions(gluon=True, gluon_persistent=True)
     ("dense", 64, dict(B=1, H=2, M=200, N=5), None),  # one partial key tile
     ("gqa_causal", 128, dict(B=2, H=8, HKV=2, M=900, N=1500), None),  # GQA, 4 stages' ring wraps
     ("gqa_causal", 128, dict(B=1, H=12, HKV=3, M=300, N=24576), None),  # L2 sections of 8 heads and a last of 4
-    ("dense", 256, dict(B=1, H=6, M=300, N=8192), None),  # no overlap; sections of 4 heads and a last of 2
+    ("dense", 256, dict(B=1, H=6, M=300, N=8192), None),  # out through Q; sections of 4 heads and a last of 2
+    ("mla_prefill", 192, dict(B=2, H=4, M=700, N=1500), None),  # D in chunks 128 + 64, DV = 128 out through Q
     ("bshd_causal", 128, dict(B=2, H=4, M=1000, N=1000), None),  # 4-D descriptors over [B, M, H, D] strides
     ("causal_lm", 128, dict(B=3, H=4, M=1000, N=1000), "cooperative"),  # one 8-warp consumer
     ("causal_lm", 128, dict(B=3, H=4, M=1000, N=1000), "parallel"),  # no handoff
@@ -158,11 +159,12 @@ PERSISTENT = PlanOptions(gluon=True, gluon_persistent=True)
 ])
 def test_persistent_gluon_gpu(name, d, sizes, schedule, gluon_launches):
     """Persistent programs (a program per SM over the work tiles) against the reference with NaN-poisoned outputs:
-    a tile a program skipped, a head addressed wrongly or a ring phase out of step shows as NaN or a wrong row."""
+    a tile a program skipped, a head addressed wrongly or a ring phase out of step shows as NaN or a wrong row. Out
+    leaves through a buffer of its own at D <= 128, through Q's at D = 256 and in MLA's chunks."""
     _needs_hopper()
     spec = replace(with_dtype(EXAMPLES[name], "bf16"), returns_lse=True)
     full = example_sizes(spec, m=sizes["M"], n=sizes["N"])
-    full.update(sizes, D=d, DV=d)
+    full.update(sizes, D=d, DV=spec.dim_values.get("DV", d))
     _run(spec, full, gluon_launches, options=replace(PERSISTENT, warpgroup_schedule=schedule))
 
 
