@@ -478,8 +478,9 @@ def test_the_gpu_ab_times_one_tile_against_persistent_programs():
 
 
 def test_persistent_programs_take_no_expanded_heads():
-    """A K/V head stride of 0 (k.expand over heads) has no TMA stride in the persistent kernel's one descriptor over
-    all heads, so that launch runs the template; a program per tile takes it (the stride goes into its base)."""
+    """A K/V head stride of 0 (k.expand over heads), or a size-1 batch's stride off 16 bytes, has no TMA stride in
+    the persistent kernel's one descriptor over all heads, so that launch runs the template; a program per tile
+    takes it (the stride goes into its base)."""
     from attnc.dsl.signature import bind
 
     q = torch.randn(2, 8, 300, 128, dtype=torch.bfloat16)
@@ -490,3 +491,6 @@ def test_persistent_programs_take_no_expanded_heads():
         launcher = gluon.GluonLauncher(plan, module, _Template())
         assert launcher.covers(bind(plan.spec, q, k, v, {})) == covered
         assert launcher.covers(bind(plan.spec, q, k.contiguous(), v.contiguous(), {}))
+        # a batch of one whose batch stride is no multiple of 16 bytes: a per-head base never moves by it
+        odd = q[:1].as_strided((1, 8, 300, 128), (3, 300 * 128, 128, 1))
+        assert launcher.covers(bind(plan.spec, odd, k[:1].contiguous(), v[:1].contiguous(), {})) == covered

@@ -227,10 +227,12 @@ def descriptor_ready(t: torch.Tensor, decl) -> bool:
 
 def heads_addressable(t: torch.Tensor, decl) -> bool:
     """Whether one 4-D descriptor over [B, heads, rows, D] (the persistent Gluon kernel's) reaches every head of a
-    q/k/v-shaped tensor: no dim of more than one element has stride 0 (an expanded tensor), which TMA's strides do
-    not express; a descriptor per head (descriptor_ready) puts such a stride in its base address instead."""
+    q/k/v-shaped tensor whose per-head descriptors are ready (descriptor_ready): TMA takes every stride of the
+    descriptor, so each must be a multiple of 16 bytes, also a size-1 dim's, and none of a dim of several elements
+    may be 0 (an expanded tensor); a descriptor per head puts the batch and head strides in its base instead."""
     view = canonical_view(t, decl)
-    return all(stride != 0 for size, stride in zip(view.shape, view.stride()) if size > 1)
+    return all(stride % (ALIGNMENT // t.element_size()) == 0 and (stride != 0 or size == 1)
+               for size, stride in zip(view.shape[:-1], view.stride()[:-1]))  # the head dim's is 1
 
 
 # ---------------------------------------------------------------- the launch without the JIT
