@@ -3,10 +3,11 @@ sm_90 without a GPU, for D = 64 / 128 / 256 (and the spec's own DV where it bind
 ptxas' registers, spills and the shared memory per kernel. Needs Triton 3.6 (the GPU machine's), e.g.
 
     python3 -m venv --system-site-packages /tmp/venv36 && /tmp/venv36/bin/pip install triton==3.6.0
-    PYTHONPATH=$PWD /tmp/venv36/bin/python benchmarks/compile_gluon_sm90.py [--spec NAME] [--dims 128]
+    PYTHONPATH=$PWD /tmp/venv36/bin/python benchmarks/compile_gluon_sm90.py [--spec NAME] [--dims 128] [--persistent]
 
-Exit status 1 if a kernel fails to compile, ptxas warns (serialized wgmma), or a kernel spills more than --max-spill
-bytes (default 128: dilated_window's per-element int64 modulo spills 28-72 B at D >= 128, benchmarks/NOTES.md)."""
+Exit status 1 if a kernel fails to compile, ptxas warns (serialized wgmma), a kernel spills more than --max-spill
+bytes (default 128: dilated_window's per-element int64 modulo spills 28-72 B at D >= 128, benchmarks/NOTES.md) or its
+steady-state key loop touches local memory (LDL/STL)."""
 import argparse
 import glob
 import os
@@ -21,6 +22,7 @@ os.environ["TRITON_INTERPRET"] = "0"
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.experimental.gluon._runtime import GluonASTSource
+from triton.tools.disasm import get_sass
 
 import attnc
 from attnc.backends.triton import launch
@@ -28,6 +30,7 @@ from attnc.backends.triton.gluon import generate_gluon
 from attnc.backends.triton.signature import argument_types, gluon_signature, spec_args
 from attnc.passes import PlanOptions, Target, plan_kernel
 from attnc.passes.warpgroups import SCHEDULES, max_registers
+import kernel_stats
 
 PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
 
@@ -63,8 +66,11 @@ def compile_gluon(plan, work: Path):
                           options={"num_warps": w.consumer_warps, "maxnreg": max_registers(w)})
 
 
-def compile_one(plan, work: Path) -> dict:
-    return ptxas_figures(compile_gluon(plan, work), work / f"{stem(plan)}.ptx")
+def compile_one(plan, work: Path, stats: bool = False) -> dict:
+    compiled = compile_gluon(plan, work)
+    if stats:  # kernel_stats' instruction counts, per loop that holds an MMA too
+        kernel_stats.report(stem(plan), compiled)
+    return ptxas_figures(compiled, work / f"{stem(plan)}.ptx")
 
 
 def ptxas_figures(compiled, ptx: Path) -> dict:
@@ -78,8 +84,10 @@ def ptxas_figures(compiled, ptx: Path) -> dict:
     stack = int(re.search(r"(\d+) bytes stack frame", report).group(1))
     warnings = [line for line in report.splitlines() if "warning" in line.lower()]  # e.g. serialized wgmma
     maxnreg = sorted({int(x) for x in re.findall(r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+)", compiled.asm["ptx"])})
+    # local memory (spill) traffic inside the steady-state key loop: spills elsewhere run once per program or tile
+    key_loop = re.search(r"LDL=(\d+) STL=(\d+)", kernel_stats.key_tile_loop(get_sass(compiled.asm["cubin"])))
     return dict(regs=regs, spills=spills, stack=stack, shared=compiled.metadata.shared, setmaxnreg=maxnreg,
-                warnings=warnings)
+                warnings=warnings, key_loop_local=sum(map(int, key_loop.groups())) if key_loop else None)
 
 
 def main() -> int:
@@ -88,6 +96,8 @@ def main() -> int:
     parser.add_argument("--dims", type=int, nargs="*", default=[64, 128, 256])
     parser.add_argument("--dtypes", nargs="*", default=["bf16", "f16"])
     parser.add_argument("--schedule", choices=SCHEDULES, help="force the consumers' schedule")
+    parser.add_argument("--persistent", action="store_true", help="persistent programs (PlanOptions(gluon_persistent))")
+    parser.add_argument("--stats", action="store_true", help="print kernel_stats' instruction counts per kernel")
     parser.add_argument("--max-spill", type=int, default=128, help="spill bytes (stores + loads) a kernel may have")
     args = parser.parse_args()
     ok = True
@@ -99,23 +109,24 @@ def main() -> int:
                 for d in ([bound] if bound else args.dims):
                     dv = spec.dim_values.get("DV", d)
                     plan = plan_kernel(with_dtype(spec, dtype), Target("triton", "cuda", 90), d, dv,
-                                       PlanOptions(gluon=True, warpgroup_schedule=args.schedule))
+                                       PlanOptions(gluon=True, warpgroup_schedule=args.schedule,
+                                                   gluon_persistent=args.persistent or None))
                     w = plan.warpgroups
                     label = f"{spec.name:18s} {dtype:4s} D={d:3d} DV={dv:3d}"
                     if w.path != "gluon":
                         print(f"skip {label}  {w.reason}", flush=True)
                         continue
                     try:
-                        r = compile_one(plan, work)
+                        r = compile_one(plan, work, args.stats)
                     except Exception as e:  # report every kernel, then fail
                         ok = False
                         print(f"FAIL {label}  {type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}", flush=True)
                         continue
-                    ok &= r["spills"] <= args.max_spill and not r["warnings"]
+                    ok &= r["spills"] <= args.max_spill and not r["warnings"] and not r["key_loop_local"]
                     print(f"{'ok  ' if r['spills'] == 0 else 'SPILL'} {label}  {w.layout.schedule} "
                           f"BN={w.layout.block_n} stages={w.layout.stages} overlap={w.layout.overlap}  regs={r['regs']} "
                           f"setmaxnreg={r['setmaxnreg']} spills={r['spills']} B stack={r['stack']} B "
-                          f"smem={r['shared']} B", flush=True)
+                          f"smem={r['shared']} B key-loop LDL+STL={r['key_loop_local']}", flush=True)
                     for line in r["warnings"]:
                         print(f"     {line}", flush=True)
     return 0 if ok else 1

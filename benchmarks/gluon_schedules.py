@@ -1,35 +1,51 @@
-"""The Gluon prefill's consumer schedules side by side (issue 13): pingpong / parallel / cooperative against the
-Triton template and cuDNN, on attnc bench's dense and causal workloads, in one process on the same inputs, each
-output checked against cuDNN's before it is timed (attnc.bench.run_workload). Whether pingpong beats parallel says
-whether the handoff orders the two consumers' MMAs at all (benchmarks/NOTES.md, the per-row floors: the Gluon rows
-sit near the floor without overlap).
+"""The Gluon prefill's variants side by side (issue 13), against the Triton template and cuDNN on attnc bench's
+workloads, in one process on the same inputs, each output checked against cuDNN's before it is timed
+(attnc.bench.run_workload):
+- the consumer schedules pingpong / parallel / cooperative: whether pingpong beats parallel says whether the handoff
+  orders the two consumers' MMAs at all (benchmarks/NOTES.md, the per-row floors: the Gluon rows sit near the floor
+  without overlap);
+- `--persistent`: a program per 128-row query tile against persistent programs (PlanOptions(gluon_persistent=True),
+  a program per SM over the work tiles), on the dense and causal rows at S = 1k / 4k / 16k.
 
-    python3 benchmarks/gluon_schedules.py [--only REGEX] [--out DIR]     # on an sm_90 GPU with Triton 3.6"""
+    python3 benchmarks/gluon_schedules.py [--persistent] [--only REGEX] [--out DIR]   # sm_90 GPU, Triton 3.6"""
 import argparse
 
 import attnc.bench as bench
 from attnc.passes import PlanOptions
 from attnc.passes.warpgroups import SCHEDULES
 
+SCHEDULE_VARIANTS = {f"attnc-gluon-{s}": PlanOptions(gluon=True, warpgroup_schedule=s) for s in SCHEDULES}
+PERSISTENT_VARIANTS = {"attnc-gluon": PlanOptions(gluon=True),
+                       "attnc-gluon-persistent": PlanOptions(gluon=True, gluon_persistent=True)}
 
-def schedule_makers(w, q, k, v, extra, timings) -> dict:
-    """cuDNN (the anchor), the Triton template, and the Gluon kernel under each consumer schedule."""
-    peers = bench.runner_makers(w, q, k, v, extra, timings)
-    makers = {"sdpa-cudnn": peers["sdpa-cudnn"], "attnc": peers["attnc"]}
-    for schedule in SCHEDULES:
-        options = PlanOptions(gluon=True, warpgroup_schedule=schedule)
-        makers[f"attnc-gluon-{schedule}"] = lambda o=options: bench.attnc_gluon_runner(w, q, k, v, extra, o)
+
+def gluon_makers(variants: dict):
+    """run_workload's makers: cuDNN (the anchor), the Triton template, and the Gluon kernel under each of
+    `variants` (runner name -> PlanOptions)."""
+    def makers(w, q, k, v, extra, timings) -> dict:
+        peers = bench.runner_makers(w, q, k, v, extra, timings)
+        out = {"sdpa-cudnn": peers["sdpa-cudnn"], "attnc": peers["attnc"]}
+        for name, options in variants.items():
+            out[name] = lambda o=options: bench.attnc_gluon_runner(w, q, k, v, extra, o)
+        return out
     return makers
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="benchmarks/results")
-    ap.add_argument("--only", default=r"^(dense|causal) S=(4096|16384)$", help="regex over attnc bench's workloads")
+    ap.add_argument("--persistent", action="store_true", help="one-tile against persistent programs")
+    ap.add_argument("--only", help="regex over attnc bench's workloads (default: dense and causal at 4k and 16k, "
+                                   "with --persistent at 1k, 4k and 16k)")
     args = ap.parse_args()
-    report, path = bench.run_report("gluon_schedules", bench.prefill_workloads(),
-                                    lambda w, device: bench.run_workload(w, device, makers=schedule_makers),
-                                    args.out, "gluon-schedules-", args.only)  # prints each row as it finishes
+    variants, name, prefix = (PERSISTENT_VARIANTS, "gluon_persistent", "gluon-persistent-") if args.persistent \
+        else (SCHEDULE_VARIANTS, "gluon_schedules", "gluon-schedules-")
+    only = args.only or (r"^(dense|causal) S=(1024|4096|16384)$" if args.persistent
+                         else r"^(dense|causal) S=(4096|16384)$")
+    makers = gluon_makers(variants)
+    report, path = bench.run_report(name, bench.prefill_workloads(),
+                                    lambda w, device: bench.run_workload(w, device, makers=makers),
+                                    args.out, prefix, only)  # prints each row as it finishes
     bench.print_errors(report)
     print(f"wrote {path}")
 

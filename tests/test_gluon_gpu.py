@@ -137,3 +137,60 @@ def test_the_default_takes_gluon_for_long_prefill_gpu(name, gluon_launches):
         sizes = example_sizes(spec, m=length, n=length)
         sizes.update(B=1, H=4, HKV=2 if spec.is_gqa_shape else 4, D=128, DV=128)
         _run(spec, sizes, gluon_launches, expect_gluon=expect_gluon, options=PlanOptions())
+
+
+PERSISTENT = PlanOptions(gluon=True, gluon_persistent=True)
+
+
+@pytest.mark.parametrize("name, d, sizes, schedule", [
+    ("dense", 128, dict(B=2, H=4, M=300, N=1000), None),  # M off the 128-row tile, M != N
+    ("causal_lm", 128, dict(B=4, H=8, M=1100, N=1100), None),  # 288 work tiles, 9 a head: units of 2 and of 1
+    ("causal_lm", 64, dict(B=2, H=3, M=700, N=300), None),  # M > N: whole tiles with no key (out 0, lse -inf)
+    ("dense", 64, dict(B=1, H=2, M=200, N=5), None),  # one partial key tile
+    ("gqa_causal", 128, dict(B=2, H=8, HKV=2, M=900, N=1500), None),  # GQA, 4 stages' ring wraps
+    ("gqa_causal", 128, dict(B=1, H=12, HKV=3, M=300, N=24576), None),  # L2 sections of 8 heads and a last of 4
+    ("dense", 256, dict(B=1, H=6, M=300, N=8192), None),  # out through Q; sections of 4 heads and a last of 2
+    ("mla_prefill", 192, dict(B=2, H=4, M=700, N=1500), None),  # D in chunks 128 + 64, DV = 128 out through Q
+    ("bshd_causal", 128, dict(B=2, H=4, M=1000, N=1000), None),  # 4-D descriptors over [B, M, H, D] strides
+    ("causal_lm", 128, dict(B=3, H=4, M=1000, N=1000), "cooperative"),  # one 8-warp consumer
+    ("causal_lm", 128, dict(B=3, H=4, M=1000, N=1000), "parallel"),  # no handoff
+    ("sinks", 64, dict(B=2, H=4, HKV=2, M=700, N=700), None),  # params and tables per tile's head
+    ("document_mask", 128, dict(B=2, H=4, M=700, N=700), None),  # every tile masked, lookups at (b, i)
+])
+def test_persistent_gluon_gpu(name, d, sizes, schedule, gluon_launches):
+    """Persistent programs (a program per SM over the work tiles) against the reference with NaN-poisoned outputs:
+    a tile a program skipped, a head addressed wrongly or a ring phase out of step shows as NaN or a wrong row. Out
+    leaves through a buffer of its own at D <= 128, through Q's at D = 256 and in MLA's chunks."""
+    _needs_hopper()
+    spec = replace(with_dtype(EXAMPLES[name], "bf16"), returns_lse=True)
+    full = example_sizes(spec, m=sizes["M"], n=sizes["N"])
+    full.update(sizes, D=d, DV=spec.dim_values.get("DV", d))
+    _run(spec, full, gluon_launches, options=replace(PERSISTENT, warpgroup_schedule=schedule))
+
+
+def test_persistent_matches_one_tile_programs_gpu(gluon_launches):
+    """The same inputs through both kernels: persistent programs change which program runs a tile, not the
+    arithmetic of a tile, so out and lse agree to bf16's rounding (ptxas may order or fuse differently)."""
+    _needs_hopper()
+    spec = replace(with_dtype(EXAMPLES["causal_lm"], "bf16"), returns_lse=True)
+    sizes = example_sizes(spec, m=1500, n=1500)
+    sizes.update(B=3, H=8, HKV=8, D=128, DV=128)
+    q, k, v = qkv(spec, sizes, "cuda")
+    (out_1, lse_1), (out_p, lse_p) = (attnc.compile(spec, options=o)(q, k, v) for o in (GLUON, PERSISTENT))
+    assert gluon_launches == [True, True]
+    torch.testing.assert_close(out_p.float(), out_1.float(), rtol=2 ** -7, atol=1e-3)
+    torch.testing.assert_close(lse_p, lse_1, rtol=1e-5, atol=1e-5)
+
+
+def test_persistent_leaves_expanded_heads_to_the_template_gpu(gluon_launches):
+    """K and V expanded over their heads (stride 0): the persistent kernel's descriptor cannot say so, the
+    template runs, and the result is right."""
+    _needs_hopper()
+    spec = replace(with_dtype(EXAMPLES["gqa_causal"], "bf16"), returns_lse=True)
+    sizes = example_sizes(spec, m=500, n=500)
+    sizes.update(B=2, H=8, HKV=2, D=128, DV=128)
+    q, k, v = qkv(spec, sizes, "cuda")
+    k, v = k[:, :1].expand_as(k), v[:, :1].expand_as(v)
+    got = attnc.compile(spec, options=PERSISTENT)(q, k, v)
+    assert_matches(spec, got, attnc.reference(spec, q, k, v))
+    assert gluon_launches == [False]

@@ -33,6 +33,14 @@ GLUON_CASES = [
     ("sinks_gluon_sm90.py", "sinks.attn", "sinks", Target("triton", "cuda", 90), 64),
     ("mla_prefill_gluon_sm90.py", "mla_dv.attn", "mla_prefill", Target("triton", "cuda", 90), 192),
 ]
+GLUON = PlanOptions(gluon=True)
+# Its persistent programs (PlanOptions(gluon_persistent=True)): the causal prefill, a program per SM over the work
+# tiles, and MLA's D = 192 / DV = 128 (4-D descriptors per chunk of D, out reshaped to its box).
+PERSISTENT_CASES = [
+    ("causal_lm_gluon_persistent_sm90.py", "causal.attn", "causal_lm", Target("triton", "cuda", 90), 128),
+    ("mla_prefill_gluon_persistent_sm90.py", "mla_dv.attn", "mla_prefill", Target("triton", "cuda", 90), 192),
+]
+PERSISTENT = PlanOptions(gluon=True, gluon_persistent=True)
 
 
 # The Gluon MLA decode kernel (sm_90, PlanOptions(gluon=True)) over the paged latent: a producer warp, QK^T once per
@@ -42,10 +50,10 @@ GLUON_DECODE_CASES = [
 ]
 
 
-def _source(file, name, target, d, kernel: str) -> str:
+def _source(file, name, target, d, kernel: str, options: PlanOptions) -> str:
     """kernel: "template" (the Triton prefill), "gluon" (the Gluon prefill) or "gluon_decode" (the MLA decode)."""
     spec = next(s for s in attnc.parse_file(SPECS / file) if s.name == name)
-    plan = plan_kernel(spec, target, d, spec.dim_values.get("DV", d), PlanOptions(gluon=kernel != "template" or None))
+    plan = plan_kernel(spec, target, d, spec.dim_values.get("DV", d), options)
     if kernel == "gluon":
         assert plan.warpgroups.path == "gluon", plan.warpgroups.reason
         return generate_gluon(plan)
@@ -55,12 +63,13 @@ def _source(file, name, target, d, kernel: str) -> str:
     return generate(plan)
 
 
-@pytest.mark.parametrize("golden, file, name, target, d, kernel",
-                         [c + ("template",) for c in CASES] + [c + ("gluon",) for c in GLUON_CASES]
-                         + [c + ("gluon_decode",) for c in GLUON_DECODE_CASES],
-                         ids=[c[0] for c in CASES + GLUON_CASES + GLUON_DECODE_CASES])
-def test_generated_source_matches_golden(golden, file, name, target, d, kernel, request):
-    source = _source(file, name, target, d, kernel)
+@pytest.mark.parametrize("golden, file, name, target, d, kernel, options",
+                         [c + ("template", PlanOptions()) for c in CASES] + [c + ("gluon", GLUON) for c in GLUON_CASES]
+                         + [c + ("gluon", PERSISTENT) for c in PERSISTENT_CASES]
+                         + [c + ("gluon_decode", GLUON) for c in GLUON_DECODE_CASES],
+                         ids=[c[0] for c in CASES + GLUON_CASES + PERSISTENT_CASES + GLUON_DECODE_CASES])
+def test_generated_source_matches_golden(golden, file, name, target, d, kernel, options, request):
+    source = _source(file, name, target, d, kernel, options)
     compile(source, golden, "exec")  # it is valid Python
     path = GOLDEN / golden
     if request.config.getoption("--update-golden"):

@@ -359,3 +359,138 @@ def test_asking_in_the_interpreter_warns_and_computes_with_the_template():
     spec = with_dtype(EXAMPLES["sinks"], "f16")
     with pytest.warns(UserWarning, match="no GPU: the Gluon kernel needs sm_90"):
         run_and_check(spec, example_sizes(spec, m=20, n=45), options=GLUON)
+
+
+PERSISTENT = PlanOptions(gluon=True, gluon_persistent=True)
+
+
+def _one_tile(w):
+    """The one-tile layout a persistent one extends."""
+    return replace(w, persistent=False, producer_regs=24, consumer_regs=240, out_buffer=False)
+
+
+def test_persistent_programs_on_request():
+    """PlanOptions(gluon_persistent=True): the same tiles and ring, with the producer at 40 registers and both
+    consumers at 232, which the launch's register pool holds, and out through a buffer of its own where shared
+    memory holds one (D <= 128); the default keeps a program per query tile."""
+    assert not _plan().warpgroups.layout.persistent
+    one, persistent = _plan().warpgroups.layout, _plan(options=PERSISTENT).warpgroups.layout
+    assert persistent.persistent and _one_tile(persistent) == one
+    pool = max_registers(persistent) * 32 * 12
+    assert pool - 128 * (persistent.consumer_regs + persistent.producer_regs) == 128 * persistent.consumer_regs
+    assert "persistent: a program per SM over the work tiles" in _plan(options=PERSISTENT).describe()
+    assert "persistent" not in _plan().describe()
+    for name, d, out_buffer in (("causal_lm", 64, True), ("causal_lm", 128, True), ("dense", 256, False),
+                                ("mla_prefill", 192, False)):
+        dv = 128 if d == 192 else d
+        w = _plan(name, d=d, dv=dv, options=PERSISTENT).warpgroups.layout
+        assert _one_tile(w) == _plan(name, d=d, dv=dv).warpgroups.layout and w.out_buffer == out_buffer
+        out = w.block_m * dv * 2 if out_buffer else 0
+        ring = w.stages * w.block_n * (sum(w.d_chunks) + dv)
+        assert (w.block_m * sum(w.d_chunks) + ring) * 2 + out + BARRIER_BYTES <= smem_capacity(90)
+        assert (w.block_m * sum(w.d_chunks) + ring) * 2 + w.block_m * dv * 2 + BARRIER_BYTES > smem_capacity(90) \
+            or out_buffer
+
+
+def _calls(tree, function):
+    """The calls in `function` of the module `tree`, in source order, as text."""
+    import ast
+
+    fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == function)
+    calls = sorted((n for n in ast.walk(fn) if isinstance(n, ast.Call)), key=lambda n: (n.lineno, n.col_offset))
+    return [ast.unparse(n) for n in calls], fn
+
+
+@pytest.mark.parametrize("schedule, d", [("pingpong", 128), ("cooperative", 128), ("pingpong", 256)])
+def test_persistent_partitions_step_through_the_same_tiles(schedule, d):
+    """Every partition loops over the same work units (unit_coords: two query tiles of a head) and finds each tile's
+    key range with the same function; the barriers are made once, outside the loops, so the ring's phases run on
+    across tiles; the producer loads a tile's Q into a consumer's buffer only after that consumer's out store left
+    it (q_free), and the consumer frees it after its last QK^T where out has a buffer of its own (D = 128), else
+    only after the out store's read (tma.store_wait; D = 256)."""
+    import ast
+
+    plan = _plan(d=d, options=replace(PERSISTENT, warpgroup_schedule=schedule))
+    source = gluon.generate_gluon(plan)
+    tree = ast.parse(source)
+    loop = "range(tl.program_id(0), work_units(sz_B, sz_H, sz_M), tl.num_programs(0))"
+    for function in ("produce", "consume"):
+        calls, fn = _calls(tree, function)
+        unit_loops = [n for n in ast.walk(fn) if isinstance(n, ast.For) and ast.unparse(n.iter) == loop]
+        assert len(unit_loops) == 1 and unit_loops[0] in fn.body
+        tiles = unit_loops[0].body[-1]  # the unit's query tiles, the longer first
+        assert ast.unparse(tiles.iter) == "range(tiles)" and \
+            ast.unparse(tiles.body[0]) == "pid_m = tl.where(half == 0, long_m, short_m)"
+        assert sum(c.startswith("tile_range(pid_m, tile_b, tile_h, ") for c in calls) == 1
+        assert not any(c.startswith("mbarrier.init") for c in calls)
+    calls, _ = _calls(tree, "attn_fwd_gluon")
+    assert "mbarrier.init(q_free.index(c), count=1)" in calls and not any("make_tensor_descriptor(q_ptr +" in c
+                                                                         for c in calls)
+    produce, _ = _calls(tree, "produce")
+    first_kv = produce.index(next(c for c in produce if c.startswith("mbarrier.wait(empty.index(slot)")))
+    assert first_kv < produce.index("mbarrier.wait(q_free.index(c), done & 1 ^ 1)")  # K/V before Q's wait
+    consume, _ = _calls(tree, "consume")
+    store = consume.index(next(c for c in consume if c.startswith("tma.async_copy_shared_to_global")))
+    free = consume.index("mbarrier.arrive(q_free.index(CONSUMER), count=1)")
+    last_qk = max(i for i, c in enumerate(consume) if c.startswith("warpgroup_mma(q_smem"))
+    if plan.warpgroups.layout.out_buffer:  # and the buffer is rewritten only after the last store read it
+        assert last_qk < free < consume.index("tma.store_wait(0)") < consume.index("o_smem.store(out.to(DTYPE))") \
+            < store and consume.count("tma.store_wait(0)") == 2  # the last one after the work loop
+    else:
+        assert store < consume.index("tma.store_wait(0)") < free
+    assert "mbarrier.wait(q_ready.index(CONSUMER), done & 1)" in consume
+
+
+def test_persistent_launch_takes_a_program_per_sm(monkeypatch):
+    """The grid is the SM count, or the work tiles where there are fewer; the arguments are the one-tile kernel's."""
+    from attnc.backends.triton import launch
+    from attnc.dsl.signature import bind
+
+    plan = _plan("sinks", d=64, options=PERSISTENT)
+    grids = []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *args, **options: grids.append(grid)
+
+    launcher = gluon.GluonLauncher(plan, type("Module", (), {"attn_fwd_gluon": Kernel()}), _Template())
+    monkeypatch.setattr(gluon, "multiprocessors", lambda device: 132)
+    monkeypatch.setattr(launch, "empty", lambda *a: torch.full(a[0], float("nan"), dtype=a[1]))
+    k, v = (torch.randn(2, 2, 500, 64, dtype=torch.bfloat16) for _ in range(2))
+    for h, m in ((8, 300), (8, 1300), (2, 300)):  # 48, 176 and 12 work tiles of 128 rows
+        launcher(bind(plan.spec, torch.randn(2, h, m, 64, dtype=torch.bfloat16), k, v, {"sinks": torch.randn(h)}))
+    assert grids == [(48,), (132,), (12,)]
+
+
+def test_the_gpu_ab_times_one_tile_against_persistent_programs():
+    """benchmarks/gluon_schedules.py --persistent: cuDNN (the anchor), the template, and the Gluon kernel with a
+    program per query tile and with persistent programs, which the runners' options select."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import gluon_schedules
+
+    makers = gluon_schedules.gluon_makers(gluon_schedules.PERSISTENT_VARIANTS)(None, None, None, None, {}, {})
+    assert list(makers) == ["sdpa-cudnn", "attnc", "attnc-gluon", "attnc-gluon-persistent"]
+    layouts = [_plan(options=o).warpgroups.layout for o in gluon_schedules.PERSISTENT_VARIANTS.values()]
+    assert [w.persistent for w in layouts] == [False, True]
+
+
+def test_persistent_programs_take_no_expanded_heads():
+    """A K/V head stride of 0 (k.expand over heads), or a size-1 batch's stride off 16 bytes, has no TMA stride in
+    the persistent kernel's one descriptor over all heads, so that launch runs the template; a program per tile
+    takes it (the stride goes into its base)."""
+    from attnc.dsl.signature import bind
+
+    q = torch.randn(2, 8, 300, 128, dtype=torch.bfloat16)
+    k, v = (torch.randn(2, 1, 300, 128, dtype=torch.bfloat16).expand(2, 2, 300, 128) for _ in range(2))
+    module = type("Module", (), {"attn_fwd_gluon": None})
+    for options, covered in ((PERSISTENT, False), (GLUON, True)):
+        plan = _plan("gqa_causal", options=options)
+        launcher = gluon.GluonLauncher(plan, module, _Template())
+        assert launcher.covers(bind(plan.spec, q, k, v, {})) == covered
+        assert launcher.covers(bind(plan.spec, q, k.contiguous(), v.contiguous(), {}))
+        # a batch of one whose batch stride is no multiple of 16 bytes: a per-head base never moves by it
+        odd = q[:1].as_strided((1, 8, 300, 128), (3, 300 * 128, 128, 1))
+        assert launcher.covers(bind(plan.spec, odd, k[:1].contiguous(), v[:1].contiguous(), {})) == covered

@@ -42,6 +42,9 @@ class PlanOptions:
     # every step); None: the pass's choice
     warpgroup_schedule: str | None = None
     warpgroup_block_n: int | None = None  # its key tile (32, 64 or 128; A/B runs); None: the pass's choice
+    # its programs: True persistent (one per SM, each looping over work tiles; passes/warpgroups.py), False or None
+    # one program per 128-row query tile (the default until a GPU run shows persistent programs right and faster)
+    gluon_persistent: bool | None = None
     # the prefill's QK^T (the Triton template's and the Gluon kernel's) over D's power-of-two chunks (192 = 128 +
     # 64: passes/tiling.py head_dim_chunks); False pads D to a power of two as the other kernels do; None: chunks
     # where D has them
@@ -199,7 +202,11 @@ class WarpgroupLayout:
     cores; parallel: the same partitions without the handoff (the warp schedulers interleave them);
     cooperative: one partition whose two warpgroups share every step.
     overlap: within a consumer, QK^T of tile j+1 and P V of tile j are in flight while the weights of j+1 are
-    computed (both MMAs async wgmma); without it each async MMA is waited for at once."""
+    computed (both MMAs async wgmma); without it each async MMA is waited for at once.
+    persistent: one program per SM, each stepping through work tiles (batch, head, query tile) of a static
+    schedule: units of two query tiles of a head (k and the k-th from the end: equal work under a causal mask), dealt
+    to the programs in turn, in sections of heads whose K and V fit in L2 (FlashAttention-3's); the ring's phases run
+    on across tiles, and the producer loads the next tile's first K and V while the consumers store out."""
 
     block_m: int  # query rows per program, all consumers together
     block_n: int  # keys per ring slot
@@ -214,6 +221,10 @@ class WarpgroupLayout:
     producer_warps: int = 1
     producer_regs: int = 24  # registers per thread after setmaxnreg (the warp only issues TMA)
     consumer_regs: int = 240
+    persistent: bool = False
+    # persistent only, where shared memory holds it: out leaves through a buffer of its own, not Q's, so a
+    # consumer's next Q loads during its epilogue (released after its last QK^T, not after its out store)
+    out_buffer: bool = False
 
     @property
     def rows_per_consumer(self) -> int:
@@ -392,7 +403,9 @@ def _warpgroups(w: WarpgroupLayout) -> str:
     return (f"producer {w.producer_warps} warp (TMA, {w.producer_regs} regs) -> ring of {w.stages} K/V stages "
             f"(mbarriers) -> {w.consumers} consumer warpgroup{'s' if w.consumers > 1 else ''} "
             f"x {w.consumer_warps} warps, {w.schedule} ({w.consumer_regs} regs), BM={w.block_m} "
-            f"({w.rows_per_consumer} rows each) BN={w.block_n}; {overlap}{chunks}")
+            f"({w.rows_per_consumer} rows each) BN={w.block_n}; {overlap}{chunks}"
+            + ("; persistent: a program per SM over the work tiles" if w.persistent else "")
+            + (", out through a buffer of its own" if w.out_buffer else ""))
 
 
 def _latent(w: LatentDecodeLayout) -> str:

@@ -120,7 +120,17 @@ def choose_layout(plan: KernelPlan) -> WarpgroupLayout:
         raise CompileError(f"warpgroup_schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
     # cooperative: one consumer partition whose 8 warps (two warpgroups) share the 128 rows of every step
     consumers, warps = (1, 8) if schedule == "cooperative" else (2, 4)
-    return WarpgroupLayout(block_m, block_n, stages, consumers, warps, schedule, overlap, chunks)
+    layout = WarpgroupLayout(block_m, block_n, stages, consumers, warps, schedule, overlap, chunks)
+    if plan.options.gluon_persistent:
+        # Persistent programs: every partition finds each work tile's key range itself, and the scalars the
+        # partitions share (sizes, strides, the mask bounds' terms) are computed once before they split and stay live
+        # into the producer, which spilled them at 24 registers (ptxas, sm_90a: 116 B at causal D = 128). 40 leave
+        # both consumers 232: the launch's 12 warps at max_registers (168) hold 64,512 = 128 x (232 + 232 + 40).
+        # Out through a buffer of its own where shared memory holds it beside Q and the ring (D <= 128).
+        out_buffer = smem_bytes(block_m, block_n, columns, t.block_dv, stages, bytes_per) + BARRIER_BYTES \
+            + block_m * t.block_dv * bytes_per <= smem_capacity(plan.target.arch)
+        layout = replace(layout, persistent=True, producer_regs=40, consumer_regs=232, out_buffer=out_buffer)
+    return layout
 
 
 SCHEDULES = ("pingpong", "parallel", "cooperative")

@@ -39,6 +39,7 @@ def generate_gluon(plan: KernelPlan) -> str:
         plan_line=plan_line(plan),
         layout=w,
         handoff=w.schedule == "pingpong",
+        persistent=w.persistent,
         dtype=GLUON_DTYPES[plan.dtype],
         # One wgmma layout for the score tile and the accumulator: its instruction N divides both.
         mma_n=min(w.block_n, plan.tiling.block_dv),
@@ -56,7 +57,9 @@ def plan_line(plan: KernelPlan) -> str:
     return (f"gluon/sm_{plan.target.arch} {plan.dtype} D={plan.head_dim} DV={plan.value_dim}; BM={w.block_m} "
             f"BN={w.block_n} stages={w.stages}; {w.consumers}x{w.consumer_warps} consumer warps {w.schedule}"
             f"{' overlapped' if w.overlap else ''} + {w.producer_warps} producer warp"
-            + (f"; QK^T over D's chunks {'+'.join(map(str, w.d_chunks))}" if len(w.d_chunks) > 1 else ""))
+            + (f"; QK^T over D's chunks {'+'.join(map(str, w.d_chunks))}" if len(w.d_chunks) > 1 else "")
+            + ("; persistent: a program per SM over the work tiles" if w.persistent else "")
+            + (", out through a buffer of its own" if w.out_buffer else ""))
 
 
 @lru_cache(maxsize=None)
@@ -98,6 +101,12 @@ def launcher(plan: KernelPlan, fallback, module=None):
     return GluonLauncher(plan, module or load_gluon_module(plan), fallback)
 
 
+@lru_cache(maxsize=None)
+def multiprocessors(device: torch.device) -> int:
+    """The device's SM count: the persistent kernel's grid."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 class GluonLauncher:
     def __init__(self, plan: KernelPlan, module, fallback):
         self.plan, self.spec, self.fallback = plan, plan.spec, fallback
@@ -111,12 +120,15 @@ class GluonLauncher:
         return self.run(bound)[0]
 
     def covers(self, bound: Bound) -> bool:
-        """Prefill launches (past the decode regime) whose q, k and v TMA can read."""
+        """Prefill launches (past the decode regime) whose q, k and v TMA can read (persistent programs: through one
+        descriptor over all heads)."""
         spec = self.spec
         sizes = bound.sizes
+        tensors = ((bound.q, spec.q), (bound.k, spec.k), (bound.v, spec.v))
         return sizes["M"] >= self.min_m and sizes["N"] >= self.plan.warpgroups.min_length \
-            and launch.descriptor_ready(bound.q, spec.q) \
-            and launch.descriptor_ready(bound.k, spec.k) and launch.descriptor_ready(bound.v, spec.v)
+            and all(launch.descriptor_ready(t, decl) for t, decl in tensors) \
+            and (not self.plan.warpgroups.layout.persistent
+                 or all(launch.heads_addressable(t, decl) for t, decl in tensors))
 
     def run(self, bound: Bound):
         if not self.covers(bound):
@@ -128,6 +140,8 @@ class GluonLauncher:
         values.update(qkv_values(spec, bound, out, lse))
         w = self.plan.warpgroups.layout
         grid = (-(-sizes["M"] // w.block_m), sizes["B"] * sizes["H"])
+        if w.persistent:  # a program per SM, each looping over the work tiles (at most one per tile)
+            grid = (min(grid[0] * grid[1], multiprocessors(q.device)),)
         scratch.install()
         binaries.launch(self.kernel, grid, self.signature.pack(values), self.options)
         return ((out, lse) if spec.returns_lse else out), None

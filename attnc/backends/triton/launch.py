@@ -225,6 +225,16 @@ def descriptor_ready(t: torch.Tensor, decl) -> bool:
         and (n_b == 1 or (s_b * size) % ALIGNMENT == 0) and (n_h == 1 or (s_h * size) % ALIGNMENT == 0)
 
 
+def heads_addressable(t: torch.Tensor, decl) -> bool:
+    """Whether one 4-D descriptor over [B, heads, rows, D] (the persistent Gluon kernel's) reaches every head of a
+    q/k/v-shaped tensor whose per-head descriptors are ready (descriptor_ready): TMA takes every stride of the
+    descriptor, so each must be a multiple of 16 bytes, also a size-1 dim's, and none of a dim of several elements
+    may be 0 (an expanded tensor); a descriptor per head puts the batch and head strides in its base instead."""
+    view = canonical_view(t, decl)
+    return all(stride % (ALIGNMENT // t.element_size()) == 0 and (stride != 0 or size == 1)
+               for size, stride in zip(view.shape[:-1], view.stride()[:-1]))  # the head dim's is 1
+
+
 # ---------------------------------------------------------------- the launch without the JIT
 
 ALIGNMENT = 16  # Triton specializes pointers on 16-byte alignment
