@@ -82,8 +82,8 @@ def _text_spec(page="64", dr="64", normalizer="softmax(score)", dtype="bf16"):
     (dict(spec=_text_spec(page="")), "pages of PAGE (unbound) slots"),
     (dict(spec=_text_spec(page="16")), "pages of 16 slots"),
     (dict(spec=_text_spec(dr="128")), "a rope part of 128 columns"),
-    (dict(spec=_text_spec(normalizer="softmax(score, sink=0.5)")), "softmax without a sink"),
-    (dict(spec=_text_spec(normalizer="sigmoid(score)")), "softmax without a sink"),
+    (dict(spec=_text_spec(normalizer="softmax(score, sink=0.5)")), "softmax with a sink: the kernel takes"),
+    (dict(spec=_text_spec(normalizer="sigmoid(score)")), "sigmoid: the kernel takes normalised exp weights"),
 ])
 def test_what_keeps_the_triton_decode_kernel(plan_args, reason):
     staged = _plan(**plan_args).decode.warpgroups
@@ -221,9 +221,9 @@ def test_generated_source_reads_the_plan():
     score = source.split("def score_warpgroup(")[1].split("def value_warpgroup(")[0]
     value = source.split("def value_warpgroup(")[1].split("def attn_decode_gluon(")[0]
     assert score.count("warpgroup_mma(q_bufs.index(") == 4 and score.count("warpgroup_mma(qr_buf") == 1
-    assert score.count("warpgroup_mma(p_buf") == 2 and value.count("warpgroup_mma(p_buf") == 2
+    assert score.count("warpgroup_mma(probs_buf") == 2 and value.count("warpgroup_mma(probs_buf") == 2
     assert "warpgroup_mma(q_bufs" not in value and "k_bufs.index(slot * CHUNKS + VALUE_CHUNKS + 0)" in value
-    assert "p_buf.store(p.to(DTYPE))" in score and "alpha = row_buf.load(ROW)" in value
+    assert "probs_buf.store(p.to(DTYPE))" in score and "alpha = row_buf.load(ROW)" in value
     assert "page = tl.where((page >= 0) & (page < sz_PAGES), page, 0)" in source
     assert "record_violation(err_ptr, worst >= 0" in source and "ERR_LENGTH" in source
     contiguous = gluon_decode.generate_gluon_decode(_plan("mla_decode"))

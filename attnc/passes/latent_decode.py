@@ -79,8 +79,11 @@ def unavailable(plan: KernelPlan) -> str:
     size = dot_size(plan, dot)
     if size > MAX_ROPE or size % 8:
         return f"a rope part of {size} columns: the kernel takes up to {MAX_ROPE}, a multiple of 8 (TMA rows)"
-    if spec.normalizer.name != "softmax" or spec.normalizer.sink is not None:
-        return "a normalizer other than softmax without a sink: the value warpgroup rescales by softmax's alpha"
+    n = spec.normalizer
+    if not (n.normalized and n.weight == "exp") or n.sink is not None:
+        # the value warpgroup applies the score warpgroup's running-max rescale (alpha) to its half of the rows
+        return f"{n.name}{' with a sink' if n.sink is not None else ''}: the kernel takes normalised exp weights " \
+               f"without a sink"
     if isinstance(spec.kv_storage, Paged):
         page = spec.dim_values.get("PAGE")
         block_n = plan.options.warpgroup_block_n or default_block_n(plan)

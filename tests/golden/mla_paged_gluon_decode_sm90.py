@@ -123,8 +123,8 @@ def score_warpgroup(
     sz_PAGES, p_scale, t_block_table, st0_block_table, st1_block_table, t_kr, st0_kr, st1_kr,
     st2_kr, t_kv_len, st0_kv_len, t_qr, st0_qr, st1_qr, st2_qr, st3_qr, search_steps, n_splits,
     err_ptr, err_site,
-    sz_N, poison, s_start, s_end, f_start, f_end, o_desc, q_bufs, qr_buf, k_bufs, kr_bufs, p_buf, row_buf,
-    q_ready, ready, empty, p_ready, p_free, BLOCK_MQ: gl.constexpr, PACK: gl.constexpr, SPLIT: gl.constexpr
+    sz_N, poison, s_start, s_end, f_start, f_end, o_desc, q_bufs, qr_buf, k_bufs, kr_bufs, probs_buf, row_buf,
+    q_ready, ready, empty, probs_ready, probs_free, BLOCK_MQ: gl.constexpr, PACK: gl.constexpr, SPLIT: gl.constexpr
 ):
     """QK^T once per key tile for all rows, the weights, P and alpha to the value warpgroup, P V over columns
     [0, DV / 2); then lse and its half of out."""
@@ -189,15 +189,15 @@ def score_warpgroup(
         alpha = ex2_approx(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         # P and the rescale to the value warpgroup, once it is done with the last tile's
-        mbarrier.wait(p_free.index(0), (n & 1) ^ 1)
-        p_buf.store(p.to(DTYPE))
+        mbarrier.wait(probs_free.index(0), (n & 1) ^ 1)
+        probs_buf.store(p.to(DTYPE))
         row_buf.store(alpha)
         fence_async_shared()  # P is read by wgmma (the async proxy)
         gl.thread_barrier()  # every thread's part of P and alpha is written before the one arrive
-        mbarrier.arrive(p_ready.index(0), count=1)
+        mbarrier.arrive(probs_ready.index(0), count=1)
         alpha_acc = gl.convert_layout(alpha, ACC_ROW)
-        acc_0 = warpgroup_mma(p_buf, k_bufs.index(slot * CHUNKS + 0), acc_0 * alpha_acc[:, None], is_async=True)
-        acc_1 = warpgroup_mma(p_buf, k_bufs.index(slot * CHUNKS + 1), acc_1 * alpha_acc[:, None], is_async=True)
+        acc_0 = warpgroup_mma(probs_buf, k_bufs.index(slot * CHUNKS + 0), acc_0 * alpha_acc[:, None], is_async=True)
+        acc_1 = warpgroup_mma(probs_buf, k_bufs.index(slot * CHUNKS + 1), acc_1 * alpha_acc[:, None], is_async=True)
         acc_0, acc_1 = warpgroup_mma_wait(0, deps=[acc_0, acc_1])
         mbarrier.arrive(empty.index(slot), count=1)
         m_i = m_new
@@ -205,10 +205,10 @@ def score_warpgroup(
     # to the value warpgroup, which scales its half by it
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     scale = 1.0 / l_safe
-    mbarrier.wait(p_free.index(0), ((s_end - s_start) & 1) ^ 1)
+    mbarrier.wait(probs_free.index(0), ((s_end - s_start) & 1) ^ 1)
     row_buf.store(scale)
     gl.thread_barrier()
-    mbarrier.arrive(p_ready.index(0), count=1)
+    mbarrier.arrive(probs_ready.index(0), count=1)
     scale_acc = gl.convert_layout(scale, ACC_ROW)
     out_0 = acc_0 * scale_acc[:, None]
     out_1 = acc_1 * scale_acc[:, None]
@@ -242,7 +242,7 @@ def score_warpgroup(
 
 @gluon.jit
 def value_warpgroup(
-    poison, s_start, s_end, o_desc, q_bufs, k_bufs, p_buf, row_buf, ready, empty, p_ready, p_free, SPLIT: gl.constexpr
+    poison, s_start, s_end, o_desc, q_bufs, k_bufs, probs_buf, row_buf, ready, empty, probs_ready, probs_free, SPLIT: gl.constexpr
 ):
     """P V over columns [DV / 2, DV) with the score warpgroup's P, each tile's rescale and the final row scales."""
     ROW: gl.constexpr = ACC_ROW
@@ -252,14 +252,14 @@ def value_warpgroup(
         n = t - s_start
         slot = n % STAGES
         mbarrier.wait(ready.index(slot), (n // STAGES) & 1)  # the latent landed (TMA completes this barrier)
-        mbarrier.wait(p_ready.index(0), n & 1)
+        mbarrier.wait(probs_ready.index(0), n & 1)
         alpha = row_buf.load(ROW)
-        acc_0 = warpgroup_mma(p_buf, k_bufs.index(slot * CHUNKS + VALUE_CHUNKS + 0), acc_0 * alpha[:, None], is_async=True)
-        acc_1 = warpgroup_mma(p_buf, k_bufs.index(slot * CHUNKS + VALUE_CHUNKS + 1), acc_1 * alpha[:, None], is_async=True)
+        acc_0 = warpgroup_mma(probs_buf, k_bufs.index(slot * CHUNKS + VALUE_CHUNKS + 0), acc_0 * alpha[:, None], is_async=True)
+        acc_1 = warpgroup_mma(probs_buf, k_bufs.index(slot * CHUNKS + VALUE_CHUNKS + 1), acc_1 * alpha[:, None], is_async=True)
         acc_0, acc_1 = warpgroup_mma_wait(0, deps=[acc_0, acc_1])
-        mbarrier.arrive(p_free.index(0), count=1)
+        mbarrier.arrive(probs_free.index(0), count=1)
         mbarrier.arrive(empty.index(slot), count=1)
-    mbarrier.wait(p_ready.index(0), (s_end - s_start) & 1)  # after the score warpgroup's last QK^T
+    mbarrier.wait(probs_ready.index(0), (s_end - s_start) & 1)  # after the score warpgroup's last QK^T
     scale = row_buf.load(ROW)
     out_0 = acc_0 * scale[:, None]
     out_1 = acc_1 * scale[:, None]
@@ -388,24 +388,24 @@ def attn_decode_gluon(
     qr_buf = gl.allocate_shared_memory(DTYPE, [ROWS, ROPE], QR_SMEM)
     k_bufs = gl.allocate_shared_memory(DTYPE, [STAGES * CHUNKS, BLOCK_N, CHUNK], C_SMEM)
     kr_bufs = gl.allocate_shared_memory(DTYPE, [STAGES, BLOCK_N, ROPE], KR_SMEM)
-    p_buf = gl.allocate_shared_memory(DTYPE, [ROWS, BLOCK_N], P_SMEM)
+    probs_buf = gl.allocate_shared_memory(DTYPE, [ROWS, BLOCK_N], P_SMEM)
     row_buf = gl.allocate_shared_memory(gl.float32, [ROWS], ROW_SMEM)
     q_ready = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    p_ready = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
-    p_free = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
+    probs_ready = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
+    probs_free = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
     mbarrier.init(q_ready.index(0), count=1)
-    mbarrier.init(p_ready.index(0), count=1)
-    mbarrier.init(p_free.index(0), count=1)
+    mbarrier.init(probs_ready.index(0), count=1)
+    mbarrier.init(probs_free.index(0), count=1)
     for s in gl.static_range(STAGES):
         mbarrier.init(ready.index(s), count=1)  # TMA's bytes fill a slot
         mbarrier.init(empty.index(s), count=2)  # a slot is free once both warpgroups released it
     gl.warp_specialize([
         (score_warpgroup, (q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, ws_out_ptr, ws_lse_ptr, s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, s_ob, s_oh, s_om, s_od, s_lb, s_lh, s_lm, s_wo_s, s_wo_h, s_wo_r, s_wl_s, s_wl_h, sz_B, sz_H, sz_HKV, sz_M, cap_N, sz_DR, sz_MAXP, sz_PAGE, sz_PAGES, p_scale, t_block_table, st0_block_table, st1_block_table, t_kr, st0_kr, st1_kr, st2_kr, t_kv_len, st0_kv_len, t_qr, st0_qr, st1_qr, st2_qr, st3_qr, search_steps, n_splits, err_ptr, err_site,
-                           sz_N, poison, s_start, s_end, f_start, f_end, o_desc, q_bufs, qr_buf, k_bufs, kr_bufs, p_buf,
-                           row_buf, q_ready, ready, empty, p_ready, p_free, BLOCK_MQ, PACK, SPLIT)),
-        (value_warpgroup, (poison, s_start, s_end, o_desc, q_bufs, k_bufs, p_buf, row_buf, ready, empty, p_ready, p_free,
+                           sz_N, poison, s_start, s_end, f_start, f_end, o_desc, q_bufs, qr_buf, k_bufs, kr_bufs, probs_buf,
+                           row_buf, q_ready, ready, empty, probs_ready, probs_free, BLOCK_MQ, PACK, SPLIT)),
+        (value_warpgroup, (poison, s_start, s_end, o_desc, q_bufs, k_bufs, probs_buf, row_buf, ready, empty, probs_ready, probs_free,
                            SPLIT)),
         (produce, (table_row, st1_block_table, sz_PAGES, last, tail_rows, k_tail_desc, kr_tail_desc, s_start, s_end,
                    q_desc, qr_desc, k_desc, kr_desc, q_bufs, qr_buf, k_bufs, kr_bufs, q_ready, ready, empty)),

@@ -20,7 +20,6 @@ from ...passes.latent_decode import latent_launch
 from ...passes.plan import KernelPlan
 from .. import cache, names
 from . import binaries, launch, scratch
-from .decode import ERROR_CONSTANTS, latent_dots, storage_hooks
 from .gluon import GLUON_DTYPES, unavailable_here
 from .serving import DecodeLauncher, load_decode_module
 from .signature import gluon_decode_signature, spec_args
@@ -29,6 +28,8 @@ SOURCE_FILE = "gluon_decode.py"
 
 
 def generate_gluon_decode(plan: KernelPlan) -> str:
+    # the code generators load only where a kernel is built, not on a warm start
+    from .decode import ERROR_CONSTANTS, latent_dots, storage_hooks
     from .emit import GLUON_VECTORS
     from .generate import shared_hooks, template
 
@@ -41,7 +42,7 @@ def generate_gluon_decode(plan: KernelPlan) -> str:
         vectors=GLUON_VECTORS,
         plan_line=plan_line(plan),
         layout=w,
-        rope=rope_hooks(plan),
+        rope=rope_hooks(plan, latent_dots(plan)),
         dtype=GLUON_DTYPES[plan.dtype],
         signature=signature.render(),
         runtime_signature=replace(signature, constexprs=()).render(),
@@ -54,12 +55,12 @@ def generate_gluon_decode(plan: KernelPlan) -> str:
     )
 
 
-def rope_hooks(plan: KernelPlan) -> dict:
+def rope_hooks(plan: KernelPlan, dots: list[dict]) -> dict:
     """The rope dot's names: its score tile, its size, the base of the program's query rows (PACK heads of position
     pid_m) and their stride, and the key side's base (per sequence, or of the pages) and row stride."""
     spec = plan.spec
     dot = next(d for d in spec.dots if not d.is_qk)
-    drawn = next(d for d in latent_dots(plan) if d["tile"] != "qk")
+    drawn = next(d for d in dots if d["tile"] != "qk")
     query = spec.input(dot.query)
     axes = {name: axis for axis, name in enumerate(query.shape)}
     base = names.tensor(query.name)
