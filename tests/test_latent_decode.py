@@ -51,11 +51,12 @@ def test_key_tile_and_ring_depth():
         _plan("mla_decode", options=PlanOptions(gluon=True, warpgroup_block_n=128))
 
 
-def test_the_default_keeps_the_triton_kernel_and_shows_the_layout():
-    """Not yet run on a GPU: only PlanOptions(gluon=True) selects it; the plan text says so and shows the layout."""
-    for options, reason in ((PlanOptions(), "not yet run on a GPU"), (PlanOptions(gluon=False), "gluon=False")):
-        staged = _plan(options=options).decode.warpgroups
-        assert staged.path == "triton" and reason in staged.reason and staged.layout == _plan().decode.warpgroups.layout
+def test_the_default_takes_the_gluon_kernel_and_shows_the_layout():
+    """Measured right and faster on the H100: the default where it qualifies; gluon=False keeps the Triton kernel
+    with the same layout shown."""
+    assert _plan().decode.warpgroups.path == "gluon" and _plan(options=GLUON).decode.warpgroups.path == "gluon"
+    kept = _plan(options=PlanOptions(gluon=False)).decode.warpgroups
+    assert kept.path == "triton" and "gluon=False" in kept.reason and kept.layout == _plan().decode.warpgroups.layout
     text = _plan().describe()
     assert "decode wg  gluon kernel" in text and "score warpgroup (QK^T once" in text and "230656 B shared" in text
     assert _plan("mla_decode") == _plan("mla_decode")  # a pure function of the plan

@@ -70,15 +70,18 @@ class BackwardRow(Row):
 # 8 and 9 (benchmarks/sweep_backward.py, backward kernels alone, bf16, TFLOP/s of 2.5x the forward's FLOPs; results/
 # sweep-backward-*.jsonl). With the dK/dV query loops free of branches (session 9), D=128 S=4k dense / causal: dQ by
 # the dQ kernel (64x32 w4 s3) 321 / 276 against atomics 268 / 229 with the same dK/dV tile (64x128 w8 s2; 32x128 w8
-# s3 285 / 236 atomic); D=64 S=8k causal 299 against 239 (dK/dV 32x128 w4 s3); D=256 keeps atomics: 171 against
-# 106-128 (dK/dV 64x64 w8 s1). Session 8's loops with a branch: 249 / 211 / 252 / 187. q, dO and dQ (dK/dV
+# s3 285 / 236 atomic); D=64 S=8k causal 299 against 239 (dK/dV 32x128 w4 s3). Session 8's loops with a branch:
+# 249 / 211 / 252 / 187. Session 10, one program per query head and dV's dot before dP's (results/
+# sweep-bwd-s10-*.jsonl, same run against session 9's modules): dQ kernel dense / causal / GQA 32/8 347 / 316 / 342
+# (was 317 / 271 / 299), D=64 causal 323 (301); D=256 spills more, its atomics fell to 106 (172), so it takes
+# the dQ kernel at 128x64: 164. q, dO and dQ (dK/dV
 # kernel) go through tensor descriptors where the layouts allow. The dK/dV kernel holds a key tile with its dK and
 # dV accumulators in registers and steps through query rows; the dQ kernel is its transpose. Other rows:
 # FlashAttention-2's shapes, not timed.
 BACKWARD_TUNED: tuple[BackwardRow, ...] = (
     BackwardRow(90, 16, 64, TileConfig(32, 128, 4, 3), TileConfig(64, 64, 4, 3), dq_kernel=True),
     BackwardRow(90, 16, 128, TileConfig(64, 128, 8, 2), TileConfig(64, 32, 4, 3), dq_kernel=True),
-    BackwardRow(90, 16, 256, TileConfig(64, 64, 8, 1), TileConfig(64, 64, 8, 1)),
+    BackwardRow(90, 16, 256, TileConfig(64, 64, 8, 1), TileConfig(128, 64, 8, 1), dq_kernel=True),
     BackwardRow(80, 16, 128, TileConfig(64, 64, 4, 2), TileConfig(64, 64, 4, 2)),
     BackwardRow(80, 16, 256, TileConfig(32, 64, 4, 1), TileConfig(64, 32, 4, 1)),
     BackwardRow(80, 32, 128, TileConfig(32, 64, 4, 1), TileConfig(64, 32, 4, 1)),
