@@ -5,8 +5,9 @@ kernels alone (the forward runs once, outside the timer). One call of the device
 
     python benchmarks/sweep_backward.py --out $OUT [--only REGEX] [--budget SECONDS]
 
-`--gluon` also times the Gluon dK/dV kernel (PlanOptions(gluon_backward=True); kernel "gluon", both modes, dQ by the
-dQ kernel) against the template's, first, in the same process. Results stream to <out>/sweep-backward.jsonl; the best correct config per (workload, kernel) is printed last.
+`--gluon` also times, first and in the same process, the Gluon dK/dV kernel (PlanOptions(gluon_backward=True); kernel
+"gluon", both modes, dQ by the dQ kernel, 32 and 64 query rows per slot: gluon_backward_block_m) and the default
+backward of today's BACKWARD_TUNED (kernel "template"). Results stream to <out>/sweep-backward.jsonl; the best correct config per (workload, kernel) is printed last.
 TFLOP/s count the backward as attnc.bench.BACKWARD_FLOPS times the forward. The winners go into BACKWARD_TUNED
 by hand.
 
@@ -121,23 +122,28 @@ def run(args) -> list[dict]:
         trials = [("baseline", default_dkdv, default_dq, d, m) for m in args.baseline for d in (False, True)] + [
             (*t, None) for t in trials]
         if args.gluon:  # the Gluon dK/dV kernel first, then the template's default row (the first "dkdv" trial)
-            trials = [("gluon", default_dkdv, default_dq, d, None) for d in (False, True)] + trials
-        for kernel, dkdv, dq, deterministic, modules in trials:
+            trials = [("gluon", default_dkdv, default_dq, d, rows) for rows in (32, 64) for d in (False, True)] + [
+                ("template", default_dkdv, default_dq, d, None) for d in (False, True)] + trials
+        # variant: a baseline's directory of modules, or the Gluon kernel's query rows per ring slot
+        for kernel, dkdv, dq, deterministic, variant in trials:
             if time.time() - t0 > args.budget:
                 print(f"budget of {args.budget}s spent")
                 return rows
             row = {"workload": w.name, "D": w.D, "kernel": kernel, "deterministic": deterministic,
                    "dkdv": list(dkdv), "dq": list(dq)}
-            tiling.BACKWARD_TUNED = with_row(w.D, dkdv, dq)
+            # "gluon" and "template": today's table (its dq_kernel flag too), the Gluon kernel against the default
+            tiling.BACKWARD_TUNED = original if kernel in ("gluon", "template") else with_row(w.D, dkdv, dq)
             try:
-                if modules:
-                    row["modules"] = Path(modules).name
-                    module = launch.import_source(baseline_file(modules, w), f"baseline_{len(rows)}")
+                if kernel == "baseline":
+                    row["modules"] = Path(variant).name
+                    module = launch.import_source(baseline_file(variant, w), f"baseline_{len(rows)}")
                     # modules written before DKDV_HEADS loop over a GQA group in one program per K/V head
                     module.DKDV_HEADS = getattr(module, "DKDV_HEADS", "HKV")
                     backward = BackwardLauncher(plan, module)
                 elif kernel == "gluon":
-                    backward = backend.build_backward(plan_for(w, plan.target, PlanOptions(gluon_backward=True))[1])
+                    row["block_m"] = variant
+                    options = PlanOptions(gluon_backward=True, gluon_backward_block_m=variant)
+                    backward = backend.build_backward(plan_for(w, plan.target, options)[1])
                     # whether this launch runs the Gluon kernel, not the template's it falls back to
                     row["gluon_ran"] = bool(backward.gluon_dkdv and backward.gluon_dkdv.covers(q, k, v, dout))
                 else:
@@ -179,8 +185,8 @@ def main() -> None:
         ok = sorted((r for r in mine if "tflops" in r), key=lambda r: -r["tflops"])
         def label(r):
             mode = "det" if r["deterministic"] else "atomic"
-            if kernel == "gluon":
-                return f"gluon:{mode}"
+            if kernel in ("gluon", "template"):
+                return f"{kernel}{'-' + str(r['block_m']) if kernel == 'gluon' else ''}:{mode}"
             return f"{r['modules']}:{mode}" if kernel == "baseline" else r[kernel]
 
         line = ", ".join(f"{label(r)}={r['tflops']:.0f}" for r in ok)

@@ -14,6 +14,7 @@ from attnc.backends.triton import gluon, gluon_backward
 from attnc.backends.triton.backward import generate_backward
 from attnc.backends.triton.gluon_backward import generate_gluon_dkdv
 from attnc.dsl.signature import bind
+from attnc.errors import CompileError
 from attnc.passes import PlanOptions, Target, plan_kernel
 from attnc.passes.grad import plan_backward
 from attnc.passes.tiling import smem_capacity
@@ -41,6 +42,13 @@ def test_asked_for_it_runs_within_shared_memory(name, d):
     assert bp.dq_by_kernel(False), "dQ is the dQ kernel's beside the Gluon dK/dV kernel"
     assert dkdv_shared_bytes(plan, bp.gluon_dkdv) <= smem_capacity(90)
     assert bp.gluon_dkdv.keys_per_consumer == 64  # wgmma's M per warpgroup
+
+
+def test_query_rows_option():
+    assert plan_backward(_plan("causal_lm", options=PlanOptions(gluon_backward=True, gluon_backward_block_m=64))
+                         ).gluon_dkdv.block_m == 64
+    with pytest.raises(CompileError, match="gluon_backward_block_m must be one of 32, 64"):
+        plan_backward(_plan("causal_lm", options=PlanOptions(gluon_backward=True, gluon_backward_block_m=48)))
 
 
 def test_not_by_default():

@@ -53,6 +53,8 @@ class PlanOptions:
     # where the plan qualifies; False or None the Triton template's (the default until a GPU run shows it right and
     # faster)
     gluon_backward: bool | None = None
+    # its query rows per ring slot (32 or 64; A/B runs); None: the pass's choice (passes/warpgroups.py)
+    gluon_backward_block_m: int | None = None
 
 
 @dataclass(frozen=True)

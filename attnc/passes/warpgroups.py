@@ -184,11 +184,15 @@ def stage_warpgroups(plan: KernelPlan) -> KernelPlan:
 
 
 # The Gluon dK/dV kernel: a consumer warpgroup holds 64 keys (wgmma's M) with dK and dV in float32 registers,
-# BLOCK_D / 2 + BLOCK_DV / 2 per thread, beside S^T and dP^T of a query tile (BLOCK_M / 2 each) and P^T, dS^T;
-# FlashAttention-3's hdim-128 backward takes 64 query rows against 128 keys, two consumers, two stages of Q and dO.
+# BLOCK_D / 2 + BLOCK_DV / 2 per thread, beside S^T and dP^T of a query tile (BLOCK_M / 2 each), P^T and dS^T, and
+# the query rows' values (lse, delta, key bounds) broadcast along the tile's columns: BLOCK_M / 4 registers each.
+# FlashAttention-3's hdim-128 backward takes 64 query rows (its S is query-major, so a row value is 2 registers);
+# here 64 rows spill inside the query loop at D = 128 (ptxas, sm_90a: 69-135 bytes of LDL+STL per iteration) and
+# 32 do not, at the price of QK^T and dP as m64n32k16 wgmmas; at D = 64 64 rows spill nothing unless masks are
+# evaluated element by element (dilated_window: 176 bytes per iteration) (benchmarks/NOTES.md, issue 12 Gluon dK/dV).
 DKDV_KEYS = 128
 DKDV_MAX_HEAD_BLOCK = 128  # dK and dV of 64 keys at D = 256 would take 256 of a thread's 240 registers
-DKDV_QUERY_ROWS = 32
+DKDV_ROW_TILES = (32, 64)  # PlanOptions.gluon_backward_block_m
 DKDV_MAX_STAGES = 3
 
 
@@ -220,14 +224,18 @@ a sink's gradient is attn_bwd_prep's);
         why = "the score reads float inputs that get gradients: their adds are the template's"
     if why:
         return None, f"{why}; the Triton template's dK/dV kernel runs"
+    block_m = plan.options.gluon_backward_block_m or (64 if widest_block(plan) <= 64 and tile_work(plan) < 2 else 32)
+    if block_m not in DKDV_ROW_TILES:
+        raise CompileError(f"gluon_backward_block_m must be one of {', '.join(map(str, DKDV_ROW_TILES))}, "
+                           f"got {block_m!r}")
     t = plan.tiling
     bytes_per = DTYPE_BITS[plan.dtype] // 8
     resident = DKDV_KEYS * (t.block_d + t.block_dv) * bytes_per  # K and V, loaded once
-    slot = DKDV_QUERY_ROWS * (t.block_d + t.block_dv) * bytes_per  # a query tile's Q and dO
+    slot = block_m * (t.block_d + t.block_dv) * bytes_per  # a query tile's Q and dO
     stages = DKDV_MAX_STAGES
     while stages > 2 and resident + stages * slot + BARRIER_BYTES > smem_capacity(plan.target.arch):
         stages -= 1
-    layout = DkdvLayout(DKDV_QUERY_ROWS, DKDV_KEYS, stages)
+    layout = DkdvLayout(block_m, DKDV_KEYS, stages)
     return layout, (f"PlanOptions(gluon_backward=True): {layout.consumers} consumer warpgroups of "
                     f"{layout.keys_per_consumer} keys, {layout.block_m} query rows x {stages} stages; dQ by the dQ kernel")
 
