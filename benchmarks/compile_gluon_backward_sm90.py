@@ -64,7 +64,8 @@ def main() -> int:
             spec = replace(spec, returns_lse=True)
             for d in [spec.dim_values["D"]] if "D" in spec.dim_values else args.dims:
                 dv = spec.dim_values.get("DV", d)
-                plan = plan_kernel(spec, Target("triton", "cuda", 90), d, dv, PlanOptions(gluon_backward=True, gluon_backward_block_m=args.block_m))
+                plan = plan_kernel(spec, Target("triton", "cuda", 90), d, dv,
+                                  PlanOptions(gluon_backward=True, gluon_backward_block_m=args.block_m))
                 bp = plan_backward(plan)
                 label = f"{name:18s} {plan.dtype:4s} D={d:3d} DV={dv:3d}"
                 if bp.gluon_dkdv is None:
@@ -80,9 +81,11 @@ def main() -> int:
                     kernel_stats.report(label, compiled)
                 r = ptxas_figures(compiled, work / f"{name}_{d}.ptx")
                 ok &= r["spills"] == 0 and not r["warnings"]
-                print(f"{'ok  ' if r['spills'] == 0 else 'SPILL'} {label}  BM={bp.gluon_dkdv.block_m} stages={bp.gluon_dkdv.stages} "
+                print(f"{'ok  ' if r['spills'] == 0 else 'SPILL'} {label}  BM={bp.gluon_dkdv.block_m} "
+                      f"stages={bp.gluon_dkdv.stages} "
                       f"regs={r['regs']} setmaxnreg={r['setmaxnreg']} spills={r['spills']} B stack={r['stack']} B "
-                      f"smem={r['shared']} B (planned {dkdv_shared_bytes(plan, bp.gluon_dkdv)}) loop LDL+STL={r['key_loop_local']}", flush=True)
+                      f"smem={r['shared']} B (planned {dkdv_shared_bytes(plan, bp.gluon_dkdv)}) "
+                      f"loop LDL+STL={r['key_loop_local']}", flush=True)
                 for line in r["warnings"]:
                     print(f"     {line}", flush=True)
     return 0 if ok else 1

@@ -7,7 +7,8 @@ kernels alone (the forward runs once, outside the timer). One call of the device
 
 `--gluon` also times, first and in the same process, the Gluon dK/dV kernel (PlanOptions(gluon_backward=True); kernel
 "gluon", both modes, dQ by the dQ kernel, 32 and 64 query rows per slot: gluon_backward_block_m) and the default
-backward of today's BACKWARD_TUNED (kernel "template"). Results stream to <out>/sweep-backward.jsonl; the best correct config per (workload, kernel) is printed last.
+backward of today's BACKWARD_TUNED (kernel "template").
+Results stream to <out>/sweep-backward.jsonl; the best correct config per (workload, kernel) is printed last.
 TFLOP/s count the backward as attnc.bench.BACKWARD_FLOPS times the forward. The winners go into BACKWARD_TUNED
 by hand.
 
@@ -145,7 +146,7 @@ def run(args) -> list[dict]:
                     options = PlanOptions(gluon_backward=True, gluon_backward_block_m=variant)
                     backward = backend.build_backward(plan_for(w, plan.target, options)[1])
                     # whether this launch runs the Gluon kernel, not the template's it falls back to
-                    row["gluon_ran"] = bool(backward.gluon_dkdv and backward.gluon_dkdv.covers(q, k, v, dout))
+                    row["gluon_ran"] = bool(backward.gluon_dkdv and backward.gluon_dkdv.covers(q, k, v, dout, lse))
                 else:
                     backward = backend.build_backward(plan)
                 fn = lambda: backward(bound, out, lse, dout, None, deterministic)
@@ -172,7 +173,8 @@ def main() -> None:
     ap = sweep_parser(__doc__, 400.0)
     ap.add_argument("--baseline", action="append", default=[], help="a directory of modules to time too")
     ap.add_argument("--write-baseline", default=None, help="write this tree's modules for the workloads; no GPU")
-    ap.add_argument("--gluon", action="store_true", help="time the Gluon dK/dV kernel too (PlanOptions(gluon_backward))")
+    ap.add_argument("--gluon", action="store_true",
+                    help="time the Gluon dK/dV kernel too (PlanOptions(gluon_backward))")
     args = ap.parse_args()
     if args.write_baseline:
         write_baseline(args)

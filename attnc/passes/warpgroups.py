@@ -237,7 +237,8 @@ a sink's gradient is attn_bwd_prep's);
         stages -= 1
     layout = DkdvLayout(block_m, DKDV_KEYS, stages)
     return layout, (f"PlanOptions(gluon_backward=True): {layout.consumers} consumer warpgroups of "
-                    f"{layout.keys_per_consumer} keys, {layout.block_m} query rows x {stages} stages; dQ by the dQ kernel")
+                    f"{layout.keys_per_consumer} keys, {layout.block_m} query rows x {stages} stages; dQ by the dQ "
+                    f"kernel")
 
 
 def dkdv_shared_bytes(plan: KernelPlan, layout: DkdvLayout) -> int:

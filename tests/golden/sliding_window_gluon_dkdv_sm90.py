@@ -99,6 +99,10 @@ def consume(
     s_zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA_S)
     dk = gl.zeros([BLOCK_N, BLOCK_D], gl.float32, MMA_KV)
     dv = gl.zeros([BLOCK_N, BLOCK_DV], gl.float32, MMA_KV)
+    # the head's lse and delta rows: int32 offsets from a per-head base (the launcher checks that they fit: an
+    # int64 address computed per element was a third of the query loop's instructions)
+    lse_head = lse_ptr + b * s_lb + h * s_lh
+    delta_head = delta_ptr + b * s_deb + h * s_deh
     k_smem = k_bufs.index(CONSUMER)
     v_smem = v_bufs.index(CONSUMER)
     mbarrier.wait(kv_ready.index(CONSUMER), 0)
@@ -121,9 +125,8 @@ def consume(
         exact_hi = tl.maximum(exact_hi, 0).to(tl.int32)
         hull_lo = exact_lo
         hull_hi = exact_hi
-        q_rows = i_row.to(tl.int64)
-        lse = gl.load(lse_ptr + b * s_lb + h * s_lh + q_rows * s_lm, mask=row_valid, other=-INF)
-        delta = gl.load(delta_ptr + b * s_deb + h * s_deh + q_rows * s_dem, mask=row_valid, other=0.0)
+        lse = gl.load(lse_head + i_row * s_lm, mask=row_valid, other=-INF)
+        delta = gl.load(delta_head + i_row * s_dem, mask=row_valid, other=0.0)
         full = (tl.min((row_valid & (exact_lo <= key_first) & (exact_hi >= key_first + BLOCK_N)).to(tl.int32), 0) > 0)
         q_smem = q_bufs.index(slot)
         do_smem = do_bufs.index(slot)

@@ -67,11 +67,12 @@ class GluonDkdv:
         self.kernel = (module or load_module(plan)).attn_bwd_dkdv_gluon
         self.signature: Signature = gluon_dkdv_signature(spec_args(plan))
 
-    def covers(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor) -> bool:
-        """Whether TMA can read q, k, v and dO through per-head descriptors (the template's kernel runs others)."""
+    def covers(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, lse: torch.Tensor) -> bool:
+        """Whether TMA can read q, k, v and dO through per-head descriptors, and a head's lse (and delta, lse-shaped)
+        rows are int32 offsets from its base (the template's kernel runs other calls)."""
         spec = self.spec
-        return all(launch.descriptor_ready(t, decl) for t, decl in ((q, spec.q), (k, spec.k), (v, spec.v),
-                                                                        (dout, spec.q)))
+        return lse.numel() < 2 ** 31 and all(launch.descriptor_ready(t, decl) for t, decl in (
+            (q, spec.q), (k, spec.k), (v, spec.v), (dout, spec.q)))
 
     def grid(self, sizes) -> tuple[int, int]:
         return -(-sizes["N"] // self.layout.block_n), sizes["B"] * sizes["H"]

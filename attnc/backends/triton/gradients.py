@@ -121,7 +121,7 @@ class BackwardLauncher:
             if not grid[0] * grid[1]:
                 continue
             sig = self.signatures[name]
-            if name == "attn_bwd_dkdv" and self.gluon_dkdv and self.gluon_dkdv.covers(q, k, v, dout):
+            if name == "attn_bwd_dkdv" and self.gluon_dkdv and self.gluon_dkdv.covers(q, k, v, dout, lse):
                 # the Gluon kernel in its place (dQ is the dQ kernel's: plan_backward sets dq_kernel)
                 values["pointers"] = [tensors[p.removesuffix("_ptr")]
                                       for p in self.gluon_dkdv.signature.names_of("pointers")]
