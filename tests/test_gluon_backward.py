@@ -19,10 +19,21 @@ from attnc.passes import PlanOptions, Target, plan_kernel
 from attnc.passes.grad import plan_backward
 from attnc.passes.tiling import smem_capacity
 from attnc.passes.warpgroups import dkdv_shared_bytes
-from test_backward_triton import EXAMPLES, TOL, call_inputs, reference_grads
+from test_backward_triton import EXAMPLES, TOL, _spec, call_inputs, reference_grads
 from test_triton_kernels import poisoned_outputs, with_dtype  # noqa: F401  (an autouse fixture: importing enables it)
 
 HOPPER = Target("triton", "cuda", 90)
+# Padded head dims with DV != D (D from the call, DV = 48: padded to 64), GQA, a window and a sink (whose gradient is
+# attn_bwd_prep's, so the Gluon kernel takes it)
+PADDED = _spec("""attention padded_sink {
+    dims DV = 48
+    q: f32[B, H, M, D]  k: f32[B, HKV, N, D]  v: f32[B, HKV, N, DV]
+    input sinks: f32[H]
+    param window: i32 = 300
+    mask causal and i + (N - M) - j < window
+    return softmax(score, sink=sinks[h] * 0.5) @ v
+}""")
+EXAMPLES = {**EXAMPLES, PADDED.name: PADDED}
 GLUON_BACKWARD = PlanOptions(gluon_backward=True)
 
 
@@ -33,7 +44,7 @@ def _plan(name, d=128, target=HOPPER, options=GLUON_BACKWARD, dtype="bf16"):
 
 
 @pytest.mark.parametrize("name", ["causal_lm", "dense", "gqa_causal", "sliding_window", "grok_softcap",
-                                  "sigmoid_causal", "dilated_window", "sinks"])
+                                  "sigmoid_causal", "dilated_window", "sinks", "padded_sink"])
 @pytest.mark.parametrize("d", [64, 128])
 def test_asked_for_it_runs_within_shared_memory(name, d):
     plan = _plan(name, d, dtype="f16" if name == "dilated_window" else "bf16")
@@ -150,6 +161,16 @@ def test_gradients_gpu(name, d, deterministic, gluon_launches):
     M != N (bottom-right causal), GQA (float32 shares summed by the launcher)."""
     _needs_hopper()
     _check(name, 1000, 1100, d, deterministic)
+    assert gluon_launches == [True]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["bf16", "f16"])
+@pytest.mark.parametrize("d", [40, 80, 96])
+def test_padded_head_dims_gpu(d, dtype, gluon_launches):
+    """D padded to a power of two (TMA reads the columns past D as zeros; dK's are not written), DV = 48 != D."""
+    _needs_hopper()
+    _check("padded_sink", 700, 900, d, False, dtype=dtype)
     assert gluon_launches == [True]
 
 
