@@ -10,7 +10,6 @@ import torch
 from ...passes.grad import derive, plan_backward
 from ...passes.plan import DkdvLayout, KernelPlan
 from ...passes.warpgroups import dkdv_shared_bytes, max_registers
-from .. import cache
 from . import binaries, launch, scratch
 from .signature import Signature, gluon_dkdv_signature, spec_args
 
@@ -48,14 +47,8 @@ def plan_line(plan: KernelPlan, layout: DkdvLayout) -> str:
 
 
 def load_module(plan: KernelPlan):
-    def build(out_dir) -> None:
-        (out_dir / SOURCE_FILE).write_text(generate_gluon_dkdv(plan), encoding="utf-8")
-
-    def load(entry: cache.Entry):
-        return launch.import_source(entry.file(SOURCE_FILE), f"attnc_kernels.d{entry.key.digest[:16]}")
-
     key = launch.cache_key(plan).updated(kernel="gluon_dkdv", backward=repr(plan_backward(plan)))
-    return cache.get_or_load(key, build, load)
+    return launch.cached_module(key, SOURCE_FILE, lambda: generate_gluon_dkdv(plan), "d")
 
 
 class GluonDkdv:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from pathlib import Path
 from types import ModuleType
 
 import torch
@@ -23,7 +22,6 @@ from ...passes import KernelPlan, LaunchTiles
 from ...passes.decode import upcast
 from ...passes.grad import plan_backward
 from ...passes.plan import TileConfig
-from .. import cache
 from . import launch
 from .gluon import unavailable_here
 from .gluon_backward import GluonDkdv
@@ -40,16 +38,13 @@ SHAPED_AS = {"q": "q", "out": "q", "do": "q", "dq": "q", "k": "k", "dk": "k", "v
 def load_backward_module(plan: KernelPlan) -> ModuleType:
     """The generated backward module for `plan`, from the kernel cache (its own entry: the key says 'backward'
     and holds the backward plan, whose tile table is outside the code generator's fingerprint)."""
-    def build(out_dir: Path) -> None:
+    def source() -> str:
         from .backward import generate_backward  # the code generator is imported on a cache miss only
 
-        (out_dir / SOURCE_FILE).write_text(generate_backward(plan), encoding="utf-8")
-
-    def load(entry: cache.Entry) -> ModuleType:
-        return launch.import_source(entry.file(SOURCE_FILE), f"attnc_kernels.k{entry.key.digest[:16]}")
+        return generate_backward(plan)
 
     key = launch.cache_key(plan).updated(kernel="backward", backward=repr(plan_backward(plan)))
-    return cache.get_or_load(key, build, load)
+    return launch.cached_module(key, SOURCE_FILE, source, "k")
 
 
 class BackwardLauncher:
