@@ -5,6 +5,9 @@ kernels alone (the forward runs once, outside the timer). One call of the device
 
     python benchmarks/sweep_backward.py --out $OUT [--only REGEX] [--budget SECONDS]
 
+`--gluon` also times, first and in the same process, the Gluon dK/dV kernel (PlanOptions(gluon_backward=True); kernel
+"gluon", both modes, dQ by the dQ kernel, 32 and 64 query rows per slot: gluon_backward_block_m) and the default
+backward of today's BACKWARD_TUNED (kernel "template").
 Results stream to <out>/sweep-backward.jsonl; the best correct config per (workload, kernel) is printed last.
 TFLOP/s count the backward as attnc.bench.BACKWARD_FLOPS times the forward. The winners go into BACKWARD_TUNED
 by hand.
@@ -31,7 +34,7 @@ from attnc.backends.triton import launch
 from attnc.backends.triton.gradients import BackwardLauncher
 from attnc.bench import BACKWARD_FLOPS, error_text, kept_pairs, log_row, prefill_workloads, sweep_parser
 from attnc.dsl.signature import bind
-from attnc.passes import plan_kernel, tiling
+from attnc.passes import PlanOptions, plan_kernel, tiling
 from attnc.passes.plan import TileConfig
 
 # (block_m, block_n, num_warps, num_stages) per head dim, most promising first; the first is today's row (round 2,
@@ -79,9 +82,9 @@ def workloads(args):
     return [w for w in prefill_workloads(False) if re.search(args.only or NAMES, w.name) and w.sdpa]
 
 
-def plan_for(w, target):
+def plan_for(w, target, options=None):
     spec = replace(attnc.parse(w.spec)[0], returns_lse=True)
-    return spec, plan_kernel(spec, target, w.D, w.D)
+    return spec, plan_kernel(spec, target, w.D, w.D, options)
 
 
 def write_baseline(args) -> None:
@@ -119,20 +122,31 @@ def run(args) -> list[dict]:
         trials += [("dq", default_dkdv, c, True) for c in DQ[w.D]]
         trials = [("baseline", default_dkdv, default_dq, d, m) for m in args.baseline for d in (False, True)] + [
             (*t, None) for t in trials]
-        for kernel, dkdv, dq, deterministic, modules in trials:
+        if args.gluon:  # the Gluon dK/dV kernel first, then the template's default row (the first "dkdv" trial)
+            trials = [("gluon", default_dkdv, default_dq, d, rows) for rows in (32, 64) for d in (False, True)] + [
+                ("template", default_dkdv, default_dq, d, None) for d in (False, True)] + trials
+        # variant: a baseline's directory of modules, or the Gluon kernel's query rows per ring slot
+        for kernel, dkdv, dq, deterministic, variant in trials:
             if time.time() - t0 > args.budget:
                 print(f"budget of {args.budget}s spent")
                 return rows
             row = {"workload": w.name, "D": w.D, "kernel": kernel, "deterministic": deterministic,
                    "dkdv": list(dkdv), "dq": list(dq)}
-            tiling.BACKWARD_TUNED = with_row(w.D, dkdv, dq)
+            # "gluon" and "template": today's table (its dq_kernel flag too), the Gluon kernel against the default
+            tiling.BACKWARD_TUNED = original if kernel in ("gluon", "template") else with_row(w.D, dkdv, dq)
             try:
-                if modules:
-                    row["modules"] = Path(modules).name
-                    module = launch.import_source(baseline_file(modules, w), f"baseline_{len(rows)}")
+                if kernel == "baseline":
+                    row["modules"] = Path(variant).name
+                    module = launch.import_source(baseline_file(variant, w), f"baseline_{len(rows)}")
                     # modules written before DKDV_HEADS loop over a GQA group in one program per K/V head
                     module.DKDV_HEADS = getattr(module, "DKDV_HEADS", "HKV")
                     backward = BackwardLauncher(plan, module)
+                elif kernel == "gluon":
+                    row["block_m"] = variant
+                    options = PlanOptions(gluon_backward=True, gluon_backward_block_m=variant)
+                    backward = backend.build_backward(plan_for(w, plan.target, options)[1])
+                    # whether this launch runs the Gluon kernel, not the template's it falls back to
+                    row["gluon_ran"] = bool(backward.gluon_dkdv and backward.gluon_dkdv.covers(q, k, v, dout, lse))
                 else:
                     backward = backend.build_backward(plan)
                 fn = lambda: backward(bound, out, lse, dout, None, deterministic)
@@ -159,6 +173,8 @@ def main() -> None:
     ap = sweep_parser(__doc__, 400.0)
     ap.add_argument("--baseline", action="append", default=[], help="a directory of modules to time too")
     ap.add_argument("--write-baseline", default=None, help="write this tree's modules for the workloads; no GPU")
+    ap.add_argument("--gluon", action="store_true",
+                    help="time the Gluon dK/dV kernel too (PlanOptions(gluon_backward))")
     args = ap.parse_args()
     if args.write_baseline:
         write_baseline(args)
@@ -171,6 +187,8 @@ def main() -> None:
         ok = sorted((r for r in mine if "tflops" in r), key=lambda r: -r["tflops"])
         def label(r):
             mode = "det" if r["deterministic"] else "atomic"
+            if kernel in ("gluon", "template"):
+                return f"{kernel}{'-' + str(r['block_m']) if kernel == 'gluon' else ''}:{mode}"
             return f"{r['modules']}:{mode}" if kernel == "baseline" else r[kernel]
 
         line = ", ".join(f"{label(r)}={r['tflops']:.0f}" for r in ok)

@@ -1,5 +1,6 @@
 """Golden files: the generated Triton and Gluon source for a few specs, so a change to a generator shows up as a
 diff. After an intended change, rewrite them with `python -m pytest tests/test_triton_golden.py --update-golden`."""
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -7,8 +8,10 @@ import pytest
 import attnc
 from attnc.backends.triton.generate import generate
 from attnc.backends.triton.gluon import generate_gluon
+from attnc.backends.triton.gluon_backward import generate_gluon_dkdv
 from attnc.backends.triton.gluon_decode import generate_gluon_decode
 from attnc.passes import PlanOptions, Target, plan_kernel
+from attnc.passes.grad import plan_backward
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
 SPECS = Path(__file__).resolve().parent.parent / "examples" / "specs"
@@ -50,10 +53,25 @@ GLUON_DECODE_CASES = [
 ]
 
 
+# The backward's Gluon dK/dV kernel (sm_90, PlanOptions(gluon_backward=True)): causal at D = 128 (full and partial
+# query tiles), and a sliding window with GQA at D = 64 (a lower key bound: the query tiles' range from both sides).
+GLUON_BACKWARD_CASES = [
+    ("causal_lm_gluon_dkdv_sm90.py", "causal.attn", "causal_lm", Target("triton", "cuda", 90), 128),
+    ("sliding_window_gluon_dkdv_sm90.py", "sliding_window.attn", "sliding_window", Target("triton", "cuda", 90), 64),
+]
+GLUON_BACKWARD = PlanOptions(gluon_backward=True)
+
+
 def _source(file, name, target, d, kernel: str, options: PlanOptions) -> str:
-    """kernel: "template" (the Triton prefill), "gluon" (the Gluon prefill) or "gluon_decode" (the MLA decode)."""
+    """kernel: "template" (the Triton prefill), "gluon" (the Gluon prefill), "gluon_decode" (the MLA decode) or
+    "gluon_dkdv" (the backward's Gluon dK/dV kernel)."""
     spec = next(s for s in attnc.parse_file(SPECS / file) if s.name == name)
+    if kernel == "gluon_dkdv":
+        spec = replace(spec, returns_lse=True)
     plan = plan_kernel(spec, target, d, spec.dim_values.get("DV", d), options)
+    if kernel == "gluon_dkdv":
+        assert plan_backward(plan).gluon_dkdv is not None, plan_backward(plan).gluon_reason
+        return generate_gluon_dkdv(plan)
     if kernel == "gluon":
         assert plan.warpgroups.path == "gluon", plan.warpgroups.reason
         return generate_gluon(plan)
@@ -66,8 +84,10 @@ def _source(file, name, target, d, kernel: str, options: PlanOptions) -> str:
 @pytest.mark.parametrize("golden, file, name, target, d, kernel, options",
                          [c + ("template", PlanOptions()) for c in CASES] + [c + ("gluon", GLUON) for c in GLUON_CASES]
                          + [c + ("gluon", PERSISTENT) for c in PERSISTENT_CASES]
-                         + [c + ("gluon_decode", GLUON) for c in GLUON_DECODE_CASES],
-                         ids=[c[0] for c in CASES + GLUON_CASES + PERSISTENT_CASES + GLUON_DECODE_CASES])
+                         + [c + ("gluon_decode", GLUON) for c in GLUON_DECODE_CASES]
+                         + [c + ("gluon_dkdv", GLUON_BACKWARD) for c in GLUON_BACKWARD_CASES],
+                         ids=[c[0] for c in CASES + GLUON_CASES + PERSISTENT_CASES + GLUON_DECODE_CASES
+                              + GLUON_BACKWARD_CASES])
 def test_generated_source_matches_golden(golden, file, name, target, d, kernel, options, request):
     source = _source(file, name, target, d, kernel, options)
     compile(source, golden, "exec")  # it is valid Python

@@ -28,6 +28,7 @@ from .fold import fold
 from .masks import full_query_range, query_range
 from .plan import BackwardPlan, KernelPlan
 from .tiling import PREP_TILE, backward_tiles
+from .warpgroups import dkdv_layout
 
 ONE = Num(1.0, True)
 SCORE = IndexVar("s")  # stands for the score value in NormalizerBackward's expressions
@@ -82,7 +83,11 @@ def _weight_derivative(n: Normalizer, score: Expr, weight: Expr) -> Expr:
 def plan_backward(plan: KernelPlan) -> BackwardPlan:
     """The backward kernels' tiles and the mask analysis transposed (rows per key tile) for a planned forward."""
     dkdv, dq, dq_kernel = backward_tiles(plan)
-    return BackwardPlan(dkdv, dq, PREP_TILE, query_range(plan.masks), full_query_range(plan.masks), dq_kernel)
+    masks = plan.masks
+    layout, why = dkdv_layout(plan, bool(derive(plan.spec).score_tables), masks.data_dependent)
+    # the Gluon dK/dV kernel leaves dQ to the dQ kernel
+    return BackwardPlan(dkdv, dq, PREP_TILE, query_range(masks), full_query_range(masks),
+                        dq_kernel or layout is not None, layout, why)
 
 
 def derive(spec: Attention) -> Derivatives:

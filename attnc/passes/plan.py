@@ -49,6 +49,12 @@ class PlanOptions:
     # 64: passes/tiling.py head_dim_chunks); False pads D to a power of two as the other kernels do; None: chunks
     # where D has them
     chunk_head_dim: bool | None = None
+    # Hopper: the backward's dK/dV kernel in Gluon (passes/warpgroups.py dkdv_layout, FlashAttention-3's design)
+    # where the plan qualifies; False or None the Triton template's (the default until a GPU run shows it right and
+    # faster)
+    gluon_backward: bool | None = None
+    # its query rows per ring slot (32 or 64; A/B runs); None: the pass's choice (passes/warpgroups.py)
+    gluon_backward_block_m: int | None = None
 
 
 @dataclass(frozen=True)
@@ -118,6 +124,28 @@ class QueryRange:
 
 
 @dataclass(frozen=True)
+class DkdvLayout:
+    """The Gluon dK/dV kernel's layout (FlashAttention-3's backward on sm_90): a program holds `block_n` keys of one
+    query head, `consumers` warpgroups `block_n // consumers` of them each, with their dK and dV accumulators in
+    registers; one producer warp TMA-loads K and V once, then each query tile's `block_m` rows of Q and dO into a
+    ring of `stages` slots; per tile a consumer computes S^T = K Q^T and dP^T = V dO^T, then dV += P^T dO and
+    dK += dS^T Q, all by async wgmma (P^T and dS^T from registers). dQ is the dQ kernel's."""
+
+    block_m: int  # query rows per ring slot
+    block_n: int  # keys per program, all consumers together
+    stages: int
+    consumers: int = 2
+    consumer_warps: int = 4
+    producer_warps: int = 1
+    producer_regs: int = 24
+    consumer_regs: int = 240
+
+    @property
+    def keys_per_consumer(self) -> int:
+        return self.block_n // self.consumers
+
+
+@dataclass(frozen=True)
 class BackwardPlan:
     """The backward's kernels (passes/grad.py): the dK/dV kernel holds `dkdv.block_n` keys and steps through
     `dkdv.block_m` query rows at a time, over the rows `queries` leaves; the dQ kernel (deterministic backward)
@@ -130,6 +158,8 @@ class BackwardPlan:
     queries: QueryRange
     full_queries: QueryRange | None = None  # the exact bounds inverted (QueryRange); None: no tile is known full
     dq_kernel: bool = False  # dQ by the dQ kernel even where atomics are allowed (faster on this row)
+    gluon_dkdv: DkdvLayout | None = None  # the Gluon dK/dV kernel's layout, where it runs (passes/warpgroups.py)
+    gluon_reason: str = ""  # why it runs or, without a layout, why not
 
     def dq_by_kernel(self, deterministic: bool) -> bool:
         """Whether attn_bwd_dq writes dQ (else the dK/dV kernel adds it by atomics): always when deterministic."""

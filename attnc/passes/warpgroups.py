@@ -18,7 +18,7 @@ from dataclasses import replace
 
 from ..errors import CompileError
 from ..ir import QK, Call, Expr, IndexVar, Lookup, walk
-from .plan import KernelPlan, WarpgroupLayout, WarpgroupPlan
+from .plan import DkdvLayout, KernelPlan, WarpgroupLayout, WarpgroupPlan
 from .tiling import DTYPE_BITS, smem_bytes, smem_capacity, widest_block
 
 GLUON_ARCH = 90
@@ -140,7 +140,7 @@ RING_BYTES = 128 * 1024
 MAX_REGISTERS = 65536  # per SM on sm_90: the partitions' setmaxnreg budgets must fit in it together
 
 
-def max_registers(w: WarpgroupLayout, extra_warps: int = 0) -> int:
+def max_registers(w: WarpgroupLayout | DkdvLayout, extra_warps: int = 0) -> int:
     """maxnreg of the launch: the default partition (the first consumer) gets what the register file leaves after
     the workers' budgets, so the kernel-wide limit is the file split over all warps, warpgroups rounded up
     (`extra_warps`: further worker warpgroups, e.g. the MLA decode kernel's FP8 converter)."""
@@ -181,3 +181,68 @@ def stage_warpgroups(plan: KernelPlan) -> KernelPlan:
         "gluon", f"prefill launches with M and N >= {AUTO_MIN_LENGTH}, where it beat the template on the H100; "
         f"shorter ones keep the Triton template (PlanOptions(gluon=True): every prefill launch)", layout,
         AUTO_MIN_LENGTH))
+
+
+# The Gluon dK/dV kernel: a consumer warpgroup holds 64 keys (wgmma's M) with dK and dV in float32 registers,
+# BLOCK_D / 2 + BLOCK_DV / 2 per thread, beside S^T and dP^T of a query tile (BLOCK_M / 2 each), P^T and dS^T, and
+# the query rows' values (lse, delta, key bounds) broadcast along the tile's columns: BLOCK_M / 4 registers each.
+# FlashAttention-3's hdim-128 backward takes 64 query rows (its S is query-major, so a row value is 2 registers);
+# here 64 rows spill inside the query loop at D = 128 (ptxas, sm_90a: 69-135 bytes of LDL+STL per iteration) and
+# 32 do not, at the price of QK^T and dP as m64n32k16 wgmmas; at D = 64 64 rows spill nothing unless masks are
+# evaluated element by element (dilated_window: 176 bytes per iteration) (benchmarks/NOTES.md, issue 12 Gluon dK/dV).
+DKDV_KEYS = 128
+DKDV_MAX_HEAD_BLOCK = 128  # dK and dV of 64 keys at D = 256 would take 256 of a thread's 240 registers
+DKDV_ROW_TILES = (32, 64)  # PlanOptions.gluon_backward_block_m
+DKDV_MAX_STAGES = 3
+
+
+def dkdv_layout(plan: KernelPlan, tables: bool, data_dependent: bool) -> tuple[DkdvLayout | None, str]:
+    """The Gluon dK/dV kernel's layout for the plan's backward and why, or None and why the Triton template's kernel
+    runs instead. `tables`: the score reads float inputs that get gradients (their adds stay in the template's kernel;
+a sink's gradient is attn_bwd_prep's);
+    `data_dependent`: the masks need the tile summary (the Gluon kernel reads none)."""
+    if not plan.options.gluon_backward:
+        return None, "PlanOptions(gluon_backward=True) selects the Gluon dK/dV kernel"
+    why = unavailable_arch(plan.target.arch, "the Gluon dK/dV kernel")
+    spec = plan.spec
+    if why:
+        pass
+    elif spec.q_storage is not None or spec.kv_storage is not None:
+        why = "ragged storage: the template's dK/dV kernel finds each program's sequence"
+    elif spec.is_latent or spec.dequant:
+        why = "latent attention and FP8 K/V have the template's backward"
+    elif len({spec.q.dtype, spec.k.dtype, spec.v.dtype}) > 1 or plan.dtype not in GLUON_DTYPES:
+        why = f"the Gluon dK/dV kernel takes q, k, v of one of {', '.join(GLUON_DTYPES)}"
+    elif widest_block(plan) > DKDV_MAX_HEAD_BLOCK:
+        why = (f"D={plan.head_dim} DV={plan.value_dim}: dK and dV of 64 keys in registers fit head dims up to "
+               f"{DKDV_MAX_HEAD_BLOCK}")
+    elif plan.head_dim % 8 or plan.value_dim % 8:
+        why = f"D={plan.head_dim} DV={plan.value_dim}: TMA rows need head dims that are multiples of 8"
+    elif data_dependent:
+        why = "data-dependent masks: the Gluon dK/dV kernel reads no tile summary"
+    elif tables:
+        why = "the score reads float inputs that get gradients: their adds are the template's"
+    if why:
+        return None, f"{why}; the Triton template's dK/dV kernel runs"
+    block_m = plan.options.gluon_backward_block_m or (64 if widest_block(plan) <= 64 and tile_work(plan) < 2 else 32)
+    if block_m not in DKDV_ROW_TILES:
+        raise CompileError(f"gluon_backward_block_m must be one of {', '.join(map(str, DKDV_ROW_TILES))}, "
+                           f"got {block_m!r}")
+    t = plan.tiling
+    bytes_per = DTYPE_BITS[plan.dtype] // 8
+    resident = DKDV_KEYS * (t.block_d + t.block_dv) * bytes_per  # K and V, loaded once
+    slot = block_m * (t.block_d + t.block_dv) * bytes_per  # a query tile's Q and dO
+    stages = DKDV_MAX_STAGES
+    while stages > 2 and resident + stages * slot + BARRIER_BYTES > smem_capacity(plan.target.arch):
+        stages -= 1
+    layout = DkdvLayout(block_m, DKDV_KEYS, stages)
+    return layout, (f"PlanOptions(gluon_backward=True): {layout.consumers} consumer warpgroups of "
+                    f"{layout.keys_per_consumer} keys, {layout.block_m} query rows x {stages} stages; dQ by the dQ "
+                    f"kernel")
+
+
+def dkdv_shared_bytes(plan: KernelPlan, layout: DkdvLayout) -> int:
+    """Shared memory of the Gluon dK/dV kernel: K and V of the program's keys, the ring of Q and dO, mbarriers."""
+    t = plan.tiling
+    bytes_per = DTYPE_BITS[plan.dtype] // 8
+    return (layout.block_n + layout.stages * layout.block_m) * (t.block_d + t.block_dv) * bytes_per + BARRIER_BYTES

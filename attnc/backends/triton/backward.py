@@ -9,7 +9,7 @@ from ...ir import Attention, Expr, walk
 from ...passes.grad import SCORE, WEIGHT, Derivatives, TableGrad, derive, normalizer_backward, plan_backward
 from ...passes.plan import BackwardPlan, KernelPlan, QueryRange, TileConfig
 from .. import names
-from .emit import COL, KEY_MAJOR, QUERY_MAJOR, ROW, SCALAR, TILE, Emitter, Layout
+from .emit import COL, KEY_MAJOR, QUERY_MAJOR, ROW, SCALAR, TILE, TRITON_VECTORS, Emitter, Layout, Vectors
 from .generate import as_tile, bounds, float_tile, shared_hooks, template
 from .signature import backward_signatures, gradient_tables, spec_args, summary_used
 
@@ -35,19 +35,7 @@ def generate_backward(plan: KernelPlan) -> str:
         for n, grad in enumerate(derivs.sink_tables):
             sink_lines += scatter(prep, grad, "dsink", ROW, f"c{n}", masked=False)
 
-    # attn_bwd_dkdv: per head (scope 0) the query rows this key tile can meet, per query tile (scope 1) the rows
-    dkdv = Emitter(spec, exp2, KEY_MAJOR)
-    range_lines = query_tiles(dkdv, backward.queries)
-    if not backward.queries.per_tile_check:
-        range_lines += full_query_tiles(dkdv, backward.full_queries)
-    with dkdv.scope() as row_lines:
-        bounds(dkdv, masks.exact, masks.hull, row_lines)
-        dkdv_tiles = {masked: tile_hooks(dkdv, plan, derivs, masked, tables=True) for masked in (False, True)}
-    full = "(tl.min((row_valid & (exact_lo <= key_first) & (exact_hi >= key_first + BLOCK_N)).to(tl.int32), 0) > 0)"
-    if data_dependent:
-        full += " & (cls == 1)"
-    elif masks.evaluated:
-        full = "False"  # evaluated on every tile
+    dkdv = dkdv_hooks(plan, derivs, exp2, data_dependent=data_dependent)
 
     # attn_bwd_dq: the forward's shape
     dq = Emitter(spec, exp2)
@@ -71,8 +59,8 @@ def generate_backward(plan: KernelPlan) -> str:
         delta_line=delta_line(rule.normalized, exp2),
         tables=bool(derivs.tables),
         prep_prologue="\n".join(prep.prologue), sink=sink, sink_lines="\n".join(sink_lines),
-        head_lines="\n".join(dkdv.prologue + range_lines), row_lines="\n".join(row_lines), full=full,
-        dkdv_tiles=dkdv_tiles, key_major=_orientation(KEY_MAJOR),
+        head_lines="\n".join(dkdv["prologue"] + dkdv["range_lines"]), row_lines=dkdv["row_lines"], full=dkdv["full"],
+        dkdv_tiles=dkdv["tiles"], key_major=_orientation(KEY_MAJOR),
         dq_prologue="\n".join(dq.prologue), dq_tiles=dq_tiles, query_major=_orientation(QUERY_MAJOR),
         d_mask_vt=" & (offs_dv[:, None] < VALUE_DIM)" if hooks["d_mask_v"] else "",
         # the dQ kernel's key loops: common.key_loops as the forward's, without descriptors
@@ -82,6 +70,29 @@ def generate_backward(plan: KernelPlan) -> str:
         **{f"{name.removeprefix('attn_bwd_')}_signature": s.render() for name, s in signatures.items()},
         **{f"{name.removeprefix('attn_bwd_')}_scalars": s.unspecialized() for name, s in signatures.items()},
     )
+
+
+def dkdv_hooks(plan: KernelPlan, derivs: Derivatives, exp2: str, vectors: Vectors = TRITON_VECTORS,
+               data_dependent: bool = False, full_range: bool = True) -> dict:
+    """The dK/dV kernel's emitted lines (attn_bwd_dkdv's, and the Gluon kernel's with GLUON_VECTORS): per head
+    (scope 0, `prologue`) the values free of i and `range_lines`, the query tiles [m_start, m_end) this key tile can
+    meet (and, with `full_range`, [f_start, f_end) of full ones where the plan knows them); per query tile (scope 1)
+    `row_lines`, the rows' key bounds, and the `tiles`' element-wise work, full and partial; `full`, the per-tile
+    condition of a full tile (with `data_dependent`, the tile summary's class too)."""
+    masks, backward = plan.masks, plan_backward(plan)
+    em = Emitter(plan.spec, exp2, KEY_MAJOR, vectors)
+    range_lines = query_tiles(em, backward.queries)
+    if full_range and not backward.queries.per_tile_check:
+        range_lines += full_query_tiles(em, backward.full_queries)
+    with em.scope() as row_lines:
+        bounds(em, masks.exact, masks.hull, row_lines)
+        tiles = {masked: tile_hooks(em, plan, derivs, masked, tables=True) for masked in (False, True)}
+    full = "(tl.min((row_valid & (exact_lo <= key_first) & (exact_hi >= key_first + BLOCK_N)).to(tl.int32), 0) > 0)"
+    if data_dependent:
+        full += " & (cls == 1)"
+    elif masks.evaluated:
+        full = "False"  # evaluated on every tile
+    return dict(prologue=em.prologue, range_lines=range_lines, row_lines="\n".join(row_lines), tiles=tiles, full=full)
 
 
 def delta_line(normalized: bool, exp2: str) -> str:
@@ -124,7 +135,7 @@ def row_range(em: Emitter, rows: QueryRange, prefix: str, some: str, rules: tupl
         return em.as_int(em.value(e), SCALAR)
 
     lo, hi = f"{prefix}_lo", f"{prefix}_hi"
-    lines = [f"{lo} = tl.full([], 0, tl.int64)", f"{hi} = tl.where({some}, sz_M, 0).to(tl.int64)"]
+    lines = [f"{lo} = {em.vectors.scalar('0', 'tl.int64')}", f"{hi} = tl.where({some}, sz_M, 0).to(tl.int64)"]
     lines += [f"{lo} = tl.maximum({lo}, {rules[0]} - {code(r)})" for r in rows.from_upper]
     lines += [f"{hi} = tl.minimum({hi}, {rules[1]} - {code(r)})" for r in rows.from_lower]
     lines += [f"{hi} = tl.where({code(u)} {rules[2]}, {hi}, 0)" for u in rows.upper_free]

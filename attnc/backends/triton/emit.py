@@ -87,6 +87,10 @@ class Vectors:
             return f"gl.full({shape}, {value}, {dtype}, {self._layout(shape)})"
         return f"tl.full({shape}, {value}, {dtype})"
 
+    def scalar(self, value: str, dtype: str) -> str:
+        """A 0-d tensor (Gluon's takes its default layout)."""
+        return f"gl.full([], {value}, {dtype})" if self.gluon else f"tl.full([], {value}, {dtype})"
+
     def arange(self, size: str) -> str:
         return f"gl.arange(0, {size}, layout={self._layout(f'[{size}]')})" if self.gluon else f"tl.arange(0, {size})"
 

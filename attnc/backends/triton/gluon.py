@@ -78,14 +78,9 @@ def unavailable_here() -> str:
 
 
 def load_gluon_module(plan: KernelPlan):
-    def build(out_dir) -> None:
-        (out_dir / SOURCE_FILE).write_text(generate_gluon(plan), encoding="utf-8")
-
-    def load(entry: cache.Entry):
-        return launch.import_source(entry.file(SOURCE_FILE), f"attnc_kernels.g{entry.key.digest[:16]}")
-
     key = launch.cache_key(plan)
-    return cache.get_or_load(cache.CacheKey({**dict(key.parts), "kernel": "gluon"}, name=key.name), build, load)
+    return launch.cached_module(cache.CacheKey({**dict(key.parts), "kernel": "gluon"}, name=key.name), SOURCE_FILE,
+                                lambda: generate_gluon(plan), "g")
 
 
 def launcher(plan: KernelPlan, fallback, module=None):

@@ -18,7 +18,7 @@ from ...dsl.signature import Bound
 from ...ir import Paged
 from ...passes.latent_decode import latent_launch
 from ...passes.plan import KernelPlan
-from .. import cache, names
+from .. import names
 from . import binaries, launch, scratch
 from .gluon import GLUON_DTYPES, unavailable_here
 from .serving import DecodeLauncher, load_decode_module
@@ -80,13 +80,8 @@ def plan_line(plan: KernelPlan) -> str:
 
 
 def load_gluon_decode_module(plan: KernelPlan):
-    def build(out_dir) -> None:
-        (out_dir / SOURCE_FILE).write_text(generate_gluon_decode(plan), encoding="utf-8")
-
-    def load(entry: cache.Entry):
-        return launch.import_source(entry.file(SOURCE_FILE), f"attnc_kernels.gd{entry.key.digest[:16]}")
-
-    return cache.get_or_load(launch.cache_key(plan).updated(kernel="gluon_decode"), build, load)
+    return launch.cached_module(launch.cache_key(plan).updated(kernel="gluon_decode"), SOURCE_FILE,
+                                lambda: generate_gluon_decode(plan), "gd")
 
 
 def launcher(plan: KernelPlan, fallback):

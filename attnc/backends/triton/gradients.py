@@ -10,7 +10,7 @@ gradients of the input tables (times the programs, with `deterministic`); no [M,
 from __future__ import annotations
 
 import math
-from pathlib import Path
+import warnings
 from types import ModuleType
 
 import torch
@@ -22,8 +22,9 @@ from ...passes import KernelPlan, LaunchTiles
 from ...passes.decode import upcast
 from ...passes.grad import plan_backward
 from ...passes.plan import TileConfig
-from .. import cache
 from . import launch
+from .gluon import unavailable_here
+from .gluon_backward import GluonDkdv
 from .signature import (BACKWARD_TENSORS, backward_signatures, gradient_tables, padded_strides, spec_args,
                         summary_used)
 
@@ -37,16 +38,13 @@ SHAPED_AS = {"q": "q", "out": "q", "do": "q", "dq": "q", "k": "k", "dk": "k", "v
 def load_backward_module(plan: KernelPlan) -> ModuleType:
     """The generated backward module for `plan`, from the kernel cache (its own entry: the key says 'backward'
     and holds the backward plan, whose tile table is outside the code generator's fingerprint)."""
-    def build(out_dir: Path) -> None:
+    def source() -> str:
         from .backward import generate_backward  # the code generator is imported on a cache miss only
 
-        (out_dir / SOURCE_FILE).write_text(generate_backward(plan), encoding="utf-8")
-
-    def load(entry: cache.Entry) -> ModuleType:
-        return launch.import_source(entry.file(SOURCE_FILE), f"attnc_kernels.k{entry.key.digest[:16]}")
+        return generate_backward(plan)
 
     key = launch.cache_key(plan).updated(kernel="backward", backward=repr(plan_backward(plan)))
-    return cache.get_or_load(key, build, load)
+    return launch.cached_module(key, SOURCE_FILE, source, "k")
 
 
 class BackwardLauncher:
@@ -74,6 +72,7 @@ class BackwardLauncher:
         # the forward's tile_summary classes the backward's tiles of data-dependent masks
         self.forward = launch.TritonLauncher(plan, launch.load_module(plan)) if summary_used(plan) else None
         self._stages: dict = {}  # pipeline stages that fit, per (kernel, tile)
+        self.gluon_dkdv = gluon_dkdv(plan, self.backward)
 
     def __call__(self, bound: Bound, out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor,
                  dlse: torch.Tensor | None = None, deterministic: bool = False) -> dict[str, torch.Tensor]:
@@ -117,6 +116,12 @@ class BackwardLauncher:
             if not grid[0] * grid[1]:
                 continue
             sig = self.signatures[name]
+            if name == "attn_bwd_dkdv" and self.gluon_dkdv and self.gluon_dkdv.covers(q, k, v, dout, lse):
+                # the Gluon kernel in its place (dQ is the dQ kernel's: plan_backward sets dq_kernel)
+                values["pointers"] = [tensors[p.removesuffix("_ptr")]
+                                      for p in self.gluon_dkdv.signature.names_of("pointers")]
+                self.gluon_dkdv(sizes, values)
+                continue
             values["pointers"] = [tensors[p.removesuffix("_ptr")] for p in sig.names_of("pointers")]
             values["table_grads"] = slices.get(name, [])
             if any(g.role == "summary" for g in sig.groups):
@@ -189,6 +194,16 @@ class BackwardLauncher:
         tiles = LaunchTiles(c, 1, c.block_m)
         tensors = [bound.inputs[name] for name, _ in self.forward.args.inputs]
         return self.forward.summary(values["sizes"] + values["params"], tensors, bound.sizes, tiles, bound.q.device)
+
+
+def gluon_dkdv(plan: KernelPlan, backward) -> GluonDkdv | None:
+    """The Gluon dK/dV kernel's launcher where the backward plan has its layout and this Triton can build it; a plan
+    that asked for it (PlanOptions(gluon_backward=True)) and cannot have it warns once, saying why."""
+    why = backward.gluon_reason if backward.gluon_dkdv is None else unavailable_here()
+    if plan.options.gluon_backward and why:
+        warnings.warn(f"attention {plan.spec.name!r}: the Gluon dK/dV kernel was asked for and does not run ({why})",
+                      stacklevel=4)
+    return GluonDkdv(plan) if backward.gluon_dkdv is not None and not why else None
 
 
 def launch_keywords(plan: KernelPlan, deterministic: bool, has_dlse: bool) -> dict[str, dict]:

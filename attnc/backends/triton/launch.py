@@ -14,6 +14,7 @@ from collections import OrderedDict
 from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
+from typing import Callable
 
 import torch
 
@@ -67,18 +68,26 @@ def cache_key(plan: KernelPlan) -> cache.CacheKey:
     }, name=plan.spec.name)
 
 
-def load_module(plan: KernelPlan) -> ModuleType:
-    """The generated module for `plan`, from the kernel cache (generated and written on a miss: the code generator
-    and its templates are imported then only)."""
+def cached_module(key: cache.CacheKey, file: str, source: Callable[[], str], prefix: str) -> ModuleType:
+    """The generated module of the cache entry `key`: on a miss `source()` (which imports its code generator and
+    templates then only) is written to `file`; loaded once per process as attnc_kernels.<prefix><the key's digest>."""
     def build(out_dir: Path) -> None:
-        from .generate import generate
-
-        (out_dir / SOURCE_FILE).write_text(generate(plan), encoding="utf-8")
+        (out_dir / file).write_text(source(), encoding="utf-8")
 
     def load(entry: cache.Entry) -> ModuleType:
-        return import_source(entry.file(SOURCE_FILE), f"attnc_kernels.k{entry.key.digest[:16]}")
+        return import_source(entry.file(file), f"attnc_kernels.{prefix}{entry.key.digest[:16]}")
 
-    return cache.get_or_load(cache_key(plan), build, load)
+    return cache.get_or_load(key, build, load)
+
+
+def load_module(plan: KernelPlan) -> ModuleType:
+    """The generated module for `plan`, from the kernel cache (generated and written on a miss)."""
+    def source() -> str:
+        from .generate import generate
+
+        return generate(plan)
+
+    return cached_module(cache_key(plan), SOURCE_FILE, source, "k")
 
 
 def import_source(path: Path, module_name: str) -> ModuleType:

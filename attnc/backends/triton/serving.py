@@ -9,7 +9,6 @@ the index data as it reads it and records violations in the device's error buffe
 from __future__ import annotations
 
 from functools import lru_cache
-from pathlib import Path
 from types import ModuleType
 
 import torch
@@ -17,7 +16,7 @@ import torch
 from ...dsl.signature import Bound, _coerce_param, lse_shape, out_shape
 from ...passes import KernelPlan
 from ...passes.decode import INTERPRETER_SMS, DecodeLaunch, decode_launch, workspace_rows
-from .. import cache, device_errors, names
+from .. import device_errors, names
 from . import binaries, launch
 from .signature import COMBINE_SIGNATURE, decode_signature, qkv_values, spec_args
 
@@ -33,15 +32,12 @@ def sm_count(device: torch.device) -> int:
 
 def load_decode_module(plan: KernelPlan) -> ModuleType:
     """The generated decode module for `plan`, from the kernel cache (its own entry: the key says 'decode')."""
-    def build(out_dir: Path) -> None:
+    def source() -> str:
         from .decode import generate_decode
 
-        (out_dir / SOURCE_FILE).write_text(generate_decode(plan), encoding="utf-8")
+        return generate_decode(plan)
 
-    def load(entry: cache.Entry) -> ModuleType:
-        return launch.import_source(entry.file(SOURCE_FILE), f"attnc_kernels.k{entry.key.digest[:16]}")
-
-    return cache.get_or_load(launch.cache_key(plan).updated(kernel="decode"), build, load)
+    return launch.cached_module(launch.cache_key(plan).updated(kernel="decode"), SOURCE_FILE, source, "k")
 
 
 class DecodeLauncher:

@@ -239,6 +239,13 @@ def backward_signatures(args: SpecArgs, tables: tuple[tuple[str, int], ...], sum
     )}
 
 
+def gluon_dkdv_signature(args: SpecArgs) -> Signature:
+    """The Gluon dK/dV kernel's (gluon_backward.py.j2): attn_bwd_dkdv's tensors but dQ (the dQ kernel's), its
+    tiles module constants; no table gradients, tile summary or ragged storage (passes/warpgroups.py dkdv_layout)."""
+    return Signature("attn_bwd_dkdv_gluon", _tensor_groups(("q", "k", "v", "do", "lse", "delta", "dk", "dv"))
+                     + args.groups(), ())
+
+
 def padded_strides(t, rank: int) -> tuple[int, ...]:
     """Strides padded in front with zeros: a packed [H, T, D] view addresses like [1, H, T, D] with b = 0."""
     return (0,) * (rank - t.dim()) + tuple(t.stride())

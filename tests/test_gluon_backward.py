@@ -1,0 +1,192 @@
+"""The Gluon dK/dV kernel (PlanOptions(gluon_backward=True); backends/triton/gluon_backward.py.j2, passes/warpgroups.py
+dkdv_layout). On the CPU: where the plan takes it and why not elsewhere, its shared memory against sm_90's, and its
+source (valid Python, the Triton backward's own mask and gradient lines). Gluon kernels cannot run in the interpreter:
+the tests marked gpu check the gradients on an H100 against the float64 reference with NaN-poisoned outputs
+(`python -m pytest -m gpu tests/test_gluon_backward.py`), and that the Gluon kernel ran, not the template's."""
+from dataclasses import replace
+
+import pytest
+import torch
+
+import attnc
+from attnc.backends import get_backend
+from attnc.backends.triton import gluon, gluon_backward
+from attnc.backends.triton.backward import generate_backward
+from attnc.backends.triton.gluon_backward import generate_gluon_dkdv
+from attnc.dsl.signature import bind
+from attnc.errors import CompileError
+from attnc.passes import PlanOptions, Target, plan_kernel
+from attnc.passes.grad import plan_backward
+from attnc.passes.tiling import smem_capacity
+from attnc.passes.warpgroups import dkdv_shared_bytes
+from test_backward_triton import EXAMPLES, TOL, _spec, call_inputs, reference_grads
+from test_triton_kernels import poisoned_outputs, with_dtype  # noqa: F401  (an autouse fixture: importing enables it)
+
+HOPPER = Target("triton", "cuda", 90)
+# Padded head dims with DV != D (D from the call, DV = 48: padded to 64), GQA, a window and a sink (whose gradient is
+# attn_bwd_prep's, so the Gluon kernel takes it)
+PADDED = _spec("""attention padded_sink {
+    dims DV = 48
+    q: f32[B, H, M, D]  k: f32[B, HKV, N, D]  v: f32[B, HKV, N, DV]
+    input sinks: f32[H]
+    param window: i32 = 300
+    mask causal and i + (N - M) - j < window
+    return softmax(score, sink=sinks[h] * 0.5) @ v
+}""")
+EXAMPLES = {**EXAMPLES, PADDED.name: PADDED}
+GLUON_BACKWARD = PlanOptions(gluon_backward=True)
+
+
+def _plan(name, d=128, target=HOPPER, options=GLUON_BACKWARD, dtype="bf16"):
+    spec = replace(with_dtype(EXAMPLES[name], dtype), returns_lse=True)
+    d = spec.dim_values.get("D", d)
+    return plan_kernel(spec, target, d, spec.dim_values.get("DV", d), options)
+
+
+@pytest.mark.parametrize("name", ["causal_lm", "dense", "gqa_causal", "sliding_window", "grok_softcap",
+                                  "sigmoid_causal", "dilated_window", "sinks", "padded_sink"])
+@pytest.mark.parametrize("d", [64, 128])
+def test_asked_for_it_runs_within_shared_memory(name, d):
+    plan = _plan(name, d, dtype="f16" if name == "dilated_window" else "bf16")
+    bp = plan_backward(plan)
+    assert bp.gluon_dkdv is not None, bp.gluon_reason
+    assert bp.dq_by_kernel(False), "dQ is the dQ kernel's beside the Gluon dK/dV kernel"
+    assert dkdv_shared_bytes(plan, bp.gluon_dkdv) <= smem_capacity(90)
+    assert bp.gluon_dkdv.keys_per_consumer == 64  # wgmma's M per warpgroup
+
+
+def test_query_rows_option():
+    assert plan_backward(_plan("causal_lm", options=PlanOptions(gluon_backward=True, gluon_backward_block_m=64))
+                         ).gluon_dkdv.block_m == 64
+    with pytest.raises(CompileError, match="gluon_backward_block_m must be one of 32, 64"):
+        plan_backward(_plan("causal_lm", options=PlanOptions(gluon_backward=True, gluon_backward_block_m=48)))
+
+
+def test_not_by_default():
+    bp = plan_backward(_plan("causal_lm", options=PlanOptions()))
+    assert bp.gluon_dkdv is None and "PlanOptions(gluon_backward=True)" in bp.gluon_reason
+
+
+@pytest.mark.parametrize("name, d, target, why", [
+    ("causal_lm", 256, HOPPER, "head dims up to 128"),
+    ("causal_lm", 128, Target("triton", "cuda", 80), "sm_80"),
+    ("causal_lm", 128, Target("triton", "cpu", None), "no GPU"),
+    ("varlen_causal", 128, HOPPER, "ragged storage"),
+    ("document_mask", 128, HOPPER, "data-dependent masks"),
+    ("alibi", 128, HOPPER, "float inputs that get gradients"),
+])
+def test_falls_back_to_the_template_saying_why(name, d, target, why):
+    bp = plan_backward(_plan(name, d, target))
+    assert bp.gluon_dkdv is None
+    assert why in bp.gluon_reason and "the Triton template's dK/dV kernel runs" in bp.gluon_reason
+
+
+@pytest.mark.parametrize("name", ["causal_lm", "sliding_window", "sigmoid_causal", "dilated_window"])
+def test_source_shares_the_template_backwards_lines(name):
+    # the score, mask and gradient lines come from the emitter both backward kernels use, not from a copy
+    plan = _plan(name, 64, dtype="f16" if name == "dilated_window" else "bf16")
+    source = generate_gluon_dkdv(plan)
+    compile(source, f"{name}.py", "exec")
+    assert "tl.dot" not in source and source.count("warpgroup_mma(") == 4
+    template = generate_backward(plan)
+    for marker in ("keep = (j_col[:, None] >= exact_lo[None, :])", "dqk = tl.where(keep, dqk, 0.0)",
+                   "ds = p * (dp - delta[None, :])" if name != "sigmoid_causal" else "ds = ", "m_end = "):
+        assert marker in source and marker in template, marker
+
+
+def test_launcher_warns_where_this_triton_cannot_run_it():
+    plan = _plan("causal_lm", 64)
+    if not gluon.unavailable_here():
+        pytest.skip("this Triton has the Gluon API the kernel was written for")
+    with pytest.warns(UserWarning, match="Gluon dK/dV kernel was asked for and does not run"):
+        launcher = get_backend("triton").build_backward(plan)
+    assert launcher.gluon_dkdv is None
+
+
+# ---------------------------------------------------------------- the GPU (H100): gradients and the path taken
+
+
+@pytest.fixture
+def gluon_launches(monkeypatch):
+    """How many dK/dV launches ran the Gluon kernel."""
+    ran = []
+    call = gluon_backward.GluonDkdv.__call__
+
+    def counted(self, sizes, values):
+        ran.append(True)
+        return call(self, sizes, values)
+
+    monkeypatch.setattr(gluon_backward.GluonDkdv, "__call__", counted)
+    return ran
+
+
+def _needs_hopper():
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon dK/dV kernel runs on sm_90")
+    why = gluon.unavailable_here()
+    if why:
+        pytest.skip(why)
+
+
+def _check(name, m, n, d, deterministic, dtype="bf16", hkv=None, strided_dout=False):
+    """The backward of one call planned with the Gluon dK/dV kernel against the reference; NaN-poisoned buffers."""
+    spec = with_dtype(EXAMPLES[name], dtype)
+    q, k, v, kwargs = call_inputs(spec, m, n, dtype, "cuda", d, hkv=hkv)
+    full = replace(spec, returns_lse=True)
+    bound = bind(full, q, k, v, kwargs)
+    backend = get_backend("triton")
+    plan = plan_kernel(full, backend.target(q.device), bound.sizes["D"], bound.sizes["DV"], GLUON_BACKWARD)
+    assert plan_backward(plan).gluon_dkdv is not None, plan_backward(plan).gluon_reason
+    out, lse = backend.build(plan)(bound)
+    dout = torch.randn(*out.shape, 2, device="cuda")[..., 0].to(out.dtype) if strided_dout else torch.randn_like(out)
+    dlse = torch.randn_like(lse)
+    grads = backend.build_backward(plan)(bound, out, lse, dout, dlse, deterministic)
+    want = reference_grads(spec, q, k, v, kwargs, dout, dlse, out_used=out)
+    for key, ref in want.items():
+        got = grads[key]
+        assert not got.isnan().any(), f"{key}: every gradient element is written (buffers start as NaN)"
+        err = (got.double() - ref.double()).abs().max().item()
+        assert err <= TOL[dtype] * max(1.0, ref.abs().max().item()), (key, err)
+
+
+GPU_CASES = [(name, d) for name in ("causal_lm", "dense", "gqa_causal", "sliding_window", "grok_softcap",
+                                    "sigmoid_causal", "prefix_lm", "sinks") for d in (64, 128)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("name, d", GPU_CASES, ids=[f"{n}-D{d}" for n, d in GPU_CASES])
+def test_gradients_gpu(name, d, deterministic, gluon_launches):
+    """N and M not multiples of the tiles (keys past N in the last program, query rows past M in the last tile),
+    M != N (bottom-right causal), GQA (float32 shares summed by the launcher)."""
+    _needs_hopper()
+    _check(name, 1000, 1100, d, deterministic)
+    assert gluon_launches == [True]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["bf16", "f16"])
+@pytest.mark.parametrize("d", [40, 80, 96])
+def test_padded_head_dims_gpu(d, dtype, gluon_launches):
+    """D padded to a power of two (TMA reads the columns past D as zeros; dK's are not written), DV = 48 != D."""
+    _needs_hopper()
+    _check("padded_sink", 700, 900, d, False, dtype=dtype)
+    assert gluon_launches == [True]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m, n", [(4096, 4096), (77, 300), (300, 77)])
+def test_long_and_short_sequences_gpu(m, n, gluon_launches):
+    """Many query tiles (the ring wraps), and programs whose second consumer holds no key."""
+    _needs_hopper()
+    _check("causal_lm", m, n, 128, False)
+    _check("gqa_causal", m, n, 128, False, hkv=1)
+    assert gluon_launches == [True, True]
+
+
+@pytest.mark.gpu
+def test_strided_dout_falls_back_gpu(gluon_launches):
+    """dO whose rows TMA cannot read (a stride of 2 on its head dim): the template's kernel, same gradients."""
+    _needs_hopper()
+    _check("causal_lm", 300, 300, 64, False, strided_dout=True)
+    assert gluon_launches == []
