@@ -15,7 +15,7 @@ from attnc.passes import PlanOptions
 from attnc.passes.warpgroups import SCHEDULES
 
 SCHEDULE_VARIANTS = {f"attnc-gluon-{s}": PlanOptions(gluon=True, warpgroup_schedule=s) for s in SCHEDULES}
-PERSISTENT_VARIANTS = {"attnc-gluon": PlanOptions(gluon=True),
+PERSISTENT_VARIANTS = {"attnc-gluon": PlanOptions(gluon=True, gluon_persistent=False),
                        "attnc-gluon-persistent": PlanOptions(gluon=True, gluon_persistent=True)}
 
 

@@ -117,8 +117,10 @@ def _long_causal(dims: str):
 @pytest.mark.parametrize("dims, options, arch, listed", [
     ("", PlanOptions(), 90, True),
     ("dims M = 4096, N = 8192", PlanOptions(), 90, True),
-    ("dims M = 1024", PlanOptions(), 90, False),  # shorter than the default's minimum length: the template's
-    ("dims N = 1024", PlanOptions(), 90, False),
+    ("dims M = 1024", PlanOptions(), 90, True),  # causal: persistent programs from 1024
+    ("dims N = 1024", PlanOptions(), 90, True),
+    ("dims M = 512", PlanOptions(), 90, False),  # shorter than the default's minimum length: the template's
+    ("dims M = 1024", PlanOptions(gluon_persistent=False), 90, False),  # one-tile programs from 4096
     ("dims M = 1024", PlanOptions(gluon=True), 90, True),
     ("", PlanOptions(gluon=False), 90, False),
     ("", PlanOptions(), 80, False),

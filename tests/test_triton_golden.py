@@ -36,7 +36,7 @@ GLUON_CASES = [
     ("sinks_gluon_sm90.py", "sinks.attn", "sinks", Target("triton", "cuda", 90), 64),
     ("mla_prefill_gluon_sm90.py", "mla_dv.attn", "mla_prefill", Target("triton", "cuda", 90), 192),
 ]
-GLUON = PlanOptions(gluon=True)
+GLUON = PlanOptions(gluon=True, gluon_persistent=False)  # one program per query tile; the persistent cases below
 # Its persistent programs (PlanOptions(gluon_persistent=True)): the causal prefill, a program per SM over the work
 # tiles, and MLA's D = 192 / DV = 128 (4-D descriptors per chunk of D, out reshaped to its box).
 PERSISTENT_CASES = [

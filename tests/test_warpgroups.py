@@ -11,13 +11,13 @@ from attnc.backends.triton import gluon
 from attnc.passes import PlanOptions, Target, plan_kernel
 from attnc.passes.kernels import gluon_kernel
 from attnc.passes.tiling import smem_capacity
-from attnc.passes.warpgroups import AUTO_MIN_LENGTH, BARRIER_BYTES, gluon_d_chunks, max_registers
+from attnc.passes.warpgroups import AUTO_MIN_LENGTH, BARRIER_BYTES, PERSISTENT_MIN_LENGTH, gluon_d_chunks, max_registers
 from test_triton_kernels import (  # noqa: F401  (poisoned_outputs is an autouse fixture: importing enables it)
     EXAMPLES, poisoned_outputs, with_dtype,
 )
 
 H100 = Target("triton", "cuda", 90)
-GLUON = PlanOptions(gluon=True)
+GLUON = PlanOptions(gluon=True, gluon_persistent=False)  # one program per query tile (causal_lm would run persistent)
 
 
 def _plan(name="causal_lm", d=128, dv=None, dtype="bf16", target=H100, options=GLUON):
@@ -58,7 +58,7 @@ def test_per_element_work_narrows_the_key_tile():
 
 def test_cooperative_schedule_on_request():
     """One consumer partition of 8 warps (two warpgroups sharing every step) instead of two of 4."""
-    plan = _plan(options=PlanOptions(gluon=True, warpgroup_schedule="cooperative"))
+    plan = _plan(options=PlanOptions(gluon=True, gluon_persistent=False, warpgroup_schedule="cooperative"))
     w = plan.warpgroups.layout
     assert (w.schedule, w.consumers, w.consumer_warps, w.rows_per_consumer) == ("cooperative", 1, 8, 128)
     source = gluon.generate_gluon(plan)
@@ -67,7 +67,7 @@ def test_cooperative_schedule_on_request():
     assert max_registers(plan.warpgroups.layout) == max_registers(_plan().warpgroups.layout)  # 12 warps either way
     assert "turns" not in source  # the handoff is ping-pong's
     with pytest.raises(attnc.CompileError, match="warpgroup_schedule must be one of pingpong, parallel, cooperative"):
-        _plan(options=PlanOptions(gluon=True, warpgroup_schedule="three"))
+        _plan(options=PlanOptions(gluon=True, gluon_persistent=False, warpgroup_schedule="three"))
 
 
 def test_pingpong_hands_the_tensor_cores_over():
@@ -79,7 +79,7 @@ def test_pingpong_hands_the_tensor_cores_over():
     assert "mbarrier.arrive(turns.index(0), count=1)" in source
     serial = gluon.generate_gluon(_plan("dense", d=256))  # no overlap: QK^T and P V in turns of their own
     assert serial.count("mbarrier.wait(turns.index(CONSUMER), turn & 1)") == 2
-    parallel = gluon.generate_gluon(_plan(options=PlanOptions(gluon=True, warpgroup_schedule="parallel")))
+    parallel = gluon.generate_gluon(_plan(options=PlanOptions(gluon=True, gluon_persistent=False, warpgroup_schedule="parallel")))
     assert "turns" not in parallel and parallel.count("(consume, (") == 2
 
 
@@ -90,7 +90,7 @@ def test_mla_value_dim():
     chunked = _plan("mla_prefill", d=192, dv=128).warpgroups
     assert chunked.path == "gluon" and chunked.layout.overlap
     assert (chunked.layout.d_chunks, chunked.layout.block_n, chunked.layout.stages) == ((128, 64), 128, 2)
-    padded = _plan("mla_prefill", d=192, dv=128, options=PlanOptions(gluon=True, chunk_head_dim=False)).warpgroups
+    padded = _plan("mla_prefill", d=192, dv=128, options=PlanOptions(gluon=True, gluon_persistent=False, chunk_head_dim=False)).warpgroups
     assert (padded.layout.d_chunks, padded.layout.block_n, padded.layout.stages) == ((256,), 64, 2)
     for layout, columns in ((chunked.layout, 192), (padded.layout, 256)):
         need = (layout.block_m * columns + layout.stages * layout.block_n * (columns + 128)) * 2 + BARRIER_BYTES
@@ -138,12 +138,12 @@ def test_chunked_source_chains_one_wgmma_per_chunk():
 def test_warpgroup_key_tile_on_request():
     """PlanOptions(warpgroup_block_n=...) for A/B runs: the ring fits its stages to it, and a key tile whose two
     stages do not fit beside Q is refused (one slot would deadlock the overlapped consumer)."""
-    chunked64 = _plan("mla_prefill", d=192, dv=128, options=PlanOptions(gluon=True, warpgroup_block_n=64))
+    chunked64 = _plan("mla_prefill", d=192, dv=128, options=PlanOptions(gluon=True, gluon_persistent=False, warpgroup_block_n=64))
     assert (chunked64.warpgroups.layout.block_n, chunked64.warpgroups.layout.stages) == (64, 3)
     with pytest.raises(attnc.CompileError, match="two ring stages of 128 keys at D=192 DV=128 do not fit"):
-        _plan("mla_prefill", d=192, dv=128, options=PlanOptions(gluon=True, chunk_head_dim=False, warpgroup_block_n=128))
+        _plan("mla_prefill", d=192, dv=128, options=PlanOptions(gluon=True, gluon_persistent=False, chunk_head_dim=False, warpgroup_block_n=128))
     with pytest.raises(attnc.CompileError, match="warpgroup_block_n must be one of 32, 64, 128, got 96"):
-        _plan(options=PlanOptions(gluon=True, warpgroup_block_n=96))
+        _plan(options=PlanOptions(gluon=True, gluon_persistent=False, warpgroup_block_n=96))
 
 
 @pytest.mark.parametrize("change, reason", [
@@ -168,11 +168,21 @@ def test_paged_and_ragged_keep_the_decode_kernel():
 
 def test_the_default_takes_gluon_where_it_measured_faster():
     """PlanOptions() (gluon=None): the Gluon kernel for long prefill launches of the spec kinds where it beat the
-    template on the H100; the template, with the reason and the layout the kernel would run, elsewhere."""
+    template on the H100, with persistent programs from shorter launches where the mask leaves tiles unequal work
+    (causal); the template, with the reason and the layout the kernel would run, elsewhere."""
     auto = PlanOptions()
-    for name, d in (("causal_lm", 128), ("dense", 128), ("gqa_causal", 128), ("alibi", 128), ("dense", 256)):
+    for name, d in (("dense", 128), ("dense", 256)):
         w = _plan(name, d=d, options=auto).warpgroups
-        assert w.path == "gluon" and w.min_length == AUTO_MIN_LENGTH and "4096" in w.reason, name
+        assert w.path == "gluon" and not w.layout.persistent and w.min_length == AUTO_MIN_LENGTH, name
+        assert "4096" in w.reason, name
+    for name, d in (("causal_lm", 128), ("gqa_causal", 128), ("alibi", 128)):
+        w = _plan(name, d=d, options=auto).warpgroups
+        assert w.path == "gluon" and w.layout.persistent and w.min_length == PERSISTENT_MIN_LENGTH, name
+        assert "1024" in w.reason, name
+    for name, d, dv in (("causal_lm", 256, 256), ("mla_prefill", 192, 128)):  # not timed persistent
+        assert not _plan(name, d=d, dv=dv, options=auto).warpgroups.layout.persistent, name
+    one_tile = _plan(options=PlanOptions(gluon_persistent=False)).warpgroups
+    assert not one_tile.layout.persistent and one_tile.min_length == AUTO_MIN_LENGTH
     for name, d, reason in (("causal_lm", 64, "below 128"), ("sliding_window", 128, "key window"),
                             ("grok_softcap", None, "function of qk"), ("document_mask", 128, "evaluated per element")):
         w = _plan(name, d=d or EXAMPLES[name].dim_values.get("D", 128), options=auto).warpgroups
@@ -180,7 +190,7 @@ def test_the_default_takes_gluon_where_it_measured_faster():
     forced = _plan(d=64).warpgroups  # gluon=True: wherever it qualifies, with no length bound
     assert forced.path == "gluon" and forced.min_length == 0
     off = _plan(options=PlanOptions(gluon=False)).warpgroups
-    assert off.path == "triton" and "gluon=False" in off.reason and off.layout == _plan().warpgroups.layout
+    assert off.path == "triton" and "gluon=False" in off.reason and off.layout == _plan(options=auto).warpgroups.layout
 
 
 def test_the_decision_is_a_pure_function_of_the_plan():
@@ -201,7 +211,7 @@ def test_cli_shows_the_staging(capsys):
 
     assert main(["show", "examples/specs/causal.attn", "--emit", "plan"]) == 0
     out = capsys.readouterr().out
-    assert "warpgroups producer 1 warp" in out and "M and N >= 4096" in out
+    assert "warpgroups producer 1 warp" in out and "M and N >= 1024" in out and "persistent" in out
     assert main(["show", "examples/specs/paged_decode.attn", "--name", "paged_decode", "--emit", "gluon"]) == 0
     assert "no Gluon kernel (ragged or paged storage" in capsys.readouterr().out
     assert main(["show", "examples/specs/causal.attn", "--emit", "gluon"]) == 0

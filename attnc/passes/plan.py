@@ -42,8 +42,8 @@ class PlanOptions:
     # every step); None: the pass's choice
     warpgroup_schedule: str | None = None
     warpgroup_block_n: int | None = None  # its key tile (32, 64 or 128; A/B runs); None: the pass's choice
-    # its programs: True persistent (one per SM, each looping over work tiles; passes/warpgroups.py), False or None
-    # one program per 128-row query tile (the default until a GPU run shows persistent programs right and faster)
+    # its programs: True persistent (one per SM, each looping over work tiles; passes/warpgroups.py), False one
+    # program per 128-row query tile; None: persistent where the mask leaves tiles unequal work (causal), as measured
     gluon_persistent: bool | None = None
     # the prefill's QK^T (the Triton template's and the Gluon kernel's) over D's power-of-two chunks (192 = 128 +
     # 64: passes/tiling.py head_dim_chunks); False pads D to a power of two as the other kernels do; None: chunks

@@ -28,6 +28,11 @@ MAX_STAGES = 4
 # By default the Gluon kernel takes launches with M and N at least this long: on the H100 (Triton 3.6, bf16, D=128,
 # 16k tokens a batch) it ran 0.82-0.94x the template at S = 1024, 1.02-1.08x at 4096 and 1.08-1.15x at 8192-16384
 AUTO_MIN_LENGTH = 4096
+# Where the mask leaves query tiles unequal work (an upper key bound that follows the row: causal), the default runs
+# persistent programs, from launches this long: on the H100 (session 10, bf16, D = 128, 16k tokens a batch) causal
+# S = 1k / 4k / 16k ran 331 / 465-471 / 532 TFLOP/s against the template's 301 / 427-429 / 515-516 and one-tile
+# programs' 255 / 433 / 517-523; dense rows lost to one-tile programs at 4k and 16k (484-486 / 522 against 507 / 554-562).
+PERSISTENT_MIN_LENGTH = 1024
 
 
 def unavailable_arch(arch: int | None, kernel: str) -> str:
@@ -83,7 +88,13 @@ def gluon_d_chunks(plan: KernelPlan) -> tuple[int, ...]:
     return t.d_chunks if t.block_dv <= t.d_chunks[0] else (t.block_d,)
 
 
-def choose_layout(plan: KernelPlan) -> WarpgroupLayout:
+def persistent_by_default(plan: KernelPlan) -> bool:
+    """PlanOptions.gluon_persistent where it is None: query tiles of unequal work (PERSISTENT_MIN_LENGTH says why),
+    at the head dims measured (up to 128, where out has a buffer of its own; D = 256 and MLA's 192 are not timed)."""
+    return bool(plan.masks.exact.upper) and widest_block(plan) <= 128
+
+
+def choose_layout(plan: KernelPlan, persistent: bool) -> WarpgroupLayout:
     t = plan.tiling
     chunks = gluon_d_chunks(plan)
     # The widest tile a consumer's wgmmas take: a chunk of Q and K, or V and out (widest_block where D is one chunk).
@@ -121,7 +132,7 @@ def choose_layout(plan: KernelPlan) -> WarpgroupLayout:
     # cooperative: one consumer partition whose 8 warps (two warpgroups) share the 128 rows of every step
     consumers, warps = (1, 8) if schedule == "cooperative" else (2, 4)
     layout = WarpgroupLayout(block_m, block_n, stages, consumers, warps, schedule, overlap, chunks)
-    if plan.options.gluon_persistent:
+    if persistent:
         # Persistent programs: every partition finds each work tile's key range itself, and the scalars the
         # partitions share (sizes, strides, the mask bounds' terms) are computed once before they split and stay live
         # into the producer, which spilled them at 24 registers (ptxas, sm_90a: 116 B at causal D = 128). 40 leave
@@ -166,7 +177,9 @@ def stage_warpgroups(plan: KernelPlan) -> KernelPlan:
     why = unavailable(plan)
     if why:
         return replace(plan, warpgroups=WarpgroupPlan("triton", why))
-    layout = choose_layout(plan)
+    persistent = plan.options.gluon_persistent
+    persistent = persistent_by_default(plan) if persistent is None else persistent
+    layout = choose_layout(plan, persistent)
     gluon = plan.options.gluon
     slower = "" if gluon else slower_than_the_template(plan)
     if gluon is False or slower:
@@ -177,10 +190,10 @@ def stage_warpgroups(plan: KernelPlan) -> KernelPlan:
     if gluon:
         return replace(plan, warpgroups=WarpgroupPlan(
             "gluon", f"prefill launches ({decode}); decode launches keep the Triton template", layout))
+    shortest = PERSISTENT_MIN_LENGTH if persistent else AUTO_MIN_LENGTH
     return replace(plan, warpgroups=WarpgroupPlan(
-        "gluon", f"prefill launches with M and N >= {AUTO_MIN_LENGTH}, where it beat the template on the H100; "
-        f"shorter ones keep the Triton template (PlanOptions(gluon=True): every prefill launch)", layout,
-        AUTO_MIN_LENGTH))
+        "gluon", f"prefill launches with M and N >= {shortest}, where it beat the template on the H100; "
+        f"shorter ones keep the Triton template (PlanOptions(gluon=True): every prefill launch)", layout, shortest))
 
 
 # The Gluon dK/dV kernel: a consumer warpgroup holds 64 keys (wgmma's M) with dK and dV in float32 registers,
