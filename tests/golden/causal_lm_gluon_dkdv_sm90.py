@@ -149,11 +149,11 @@ def consume(
             ds = p * (dp - delta[None, :])
             dqk = ds * 0.08838834764831843
             dqk = tl.where(keep, dqk, 0.0)  # where a key is masked, d score / d qk may be NaN and 0 times it too
-        p_t = gl.convert_layout(p.to(DTYPE), KV_OPERAND)
-        dv = warpgroup_mma(p_t, do_smem, dv, is_async=True)
+        probs_t = gl.convert_layout(p.to(DTYPE), KV_OPERAND)
+        dv = warpgroup_mma(probs_t, do_smem, dv, is_async=True)
         ds_t = gl.convert_layout(dqk.to(DTYPE), KV_OPERAND)
         dk = warpgroup_mma(ds_t, q_smem, dk, is_async=True)
-        dv, dk, p_t, ds_t = warpgroup_mma_wait(0, deps=[dv, dk, p_t, ds_t])
+        dv, dk, probs_t, ds_t = warpgroup_mma_wait(0, deps=[dv, dk, probs_t, ds_t])
         mbarrier.arrive(empty.index(slot), count=1)
     # this query head's share of dK and dV (the launcher sums a GQA group's); keys past N are not written. The
     # consumer's keys start a scalar base, so the per-element offsets are int32 (64 keys of a row stride each)
