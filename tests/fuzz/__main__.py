@@ -1,5 +1,5 @@
 """`python -m tests.fuzz --n 50000 [--seed 0] [--workers 2] [--out DIR] [--only 17,402]`: the spec fuzzer
-(tests/fuzz/specs.py). Prints a summary and each finding (a traceback, a hang over 2 s of CPU, a crashed
+(tests/fuzz/specs.py). Prints a summary and each finding (a traceback, a hang over 2 s of CPU per 32 KB of source, a crashed
 worker) with the mutant that caused it; --out keeps the findings' sources. Exit status 1 when there are any."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from .specs import FINDINGS, LIMIT_S, fuzz, summary
+from .specs import FINDINGS, LIMIT_CHARS, LIMIT_S, fuzz, summary
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
                 o.mutant.source.encode("utf-8", "surrogatepass"))
     slowest = max(outcomes, key=lambda o: o.cpu_s, default=None)
     print(f"{len(outcomes)} mutants (seed {args.seed}) in {time.monotonic() - start:.0f} s: {summary(outcomes)}; "
-          f"findings {len(findings)} (tracebacks, hangs over {LIMIT_S:.0f} s of CPU, crashes)"
+          f"findings {len(findings)} (tracebacks, hangs over {LIMIT_S:.0f} s of CPU per {LIMIT_CHARS // 1024} KB of source, crashes)"
           + (f"; slowest mutant {slowest.mutant.index}, {slowest.cpu_s:.2f} s" if slowest else ""))
     return 1 if findings else 0
 
