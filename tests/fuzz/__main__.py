@@ -1,6 +1,6 @@
 """`python -m tests.fuzz --n 50000 [--seed 0] [--workers 2] [--out DIR] [--only 17,402]`: the spec fuzzer
-(tests/fuzz/specs.py). Prints a summary and each finding (a traceback, a hang over 2 s of CPU per 32 KB of source, a crashed
-worker) with the mutant that caused it; --out keeps the findings' sources. Exit status 1 when there are any."""
+(tests/fuzz/specs.py). Prints a summary and each finding (a traceback, a hang over 2 s of CPU per 32 KB of source,
+a crashed worker) with the mutant that caused it; --out keeps the findings' sources. Exit status 1 when there are any."""
 from __future__ import annotations
 
 import argparse
@@ -44,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
                 o.mutant.source.encode("utf-8", "surrogatepass"))
     slowest = max(outcomes, key=lambda o: o.cpu_s, default=None)
     print(f"{len(outcomes)} mutants (seed {args.seed}) in {time.monotonic() - start:.0f} s: {summary(outcomes)}; "
-          f"findings {len(findings)} (tracebacks, hangs over {LIMIT_S:.0f} s of CPU per {LIMIT_CHARS // 1024} KB of source, crashes)"
+          f"findings {len(findings)} (tracebacks, hangs over {LIMIT_S:.0f} s of CPU per {LIMIT_CHARS // 1024} KB of "
+          f"source, crashes)"
           + (f"; slowest mutant {slowest.mutant.index}, {slowest.cpu_s:.2f} s" if slowest else ""))
     return 1 if findings else 0
 
