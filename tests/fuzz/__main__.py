@@ -1,6 +1,7 @@
 """`python -m tests.fuzz --n 50000 [--seed 0] [--workers 2] [--out DIR] [--only 17,402]`: the spec fuzzer
 (tests/fuzz/specs.py). Prints a summary and each finding (a traceback, a hang over 2 s of CPU per 32 KB of source,
-a crashed worker) with the mutant that caused it; --out keeps the findings' sources. Exit status 1 when there are any."""
+a crashed worker) with the mutant that caused it; --out keeps the findings' sources. Exit status 1 when there are
+any."""
 from __future__ import annotations
 
 import argparse
