@@ -5,7 +5,9 @@ kernel, `decode_launch` for the decode and merge kernels; where the plan's prefi
 (passes/warpgroups.py), its one warpgroup kernel (`gluon_kernel`) takes the launches it covers. Their results range over a finite set, since tiles
 change only at powers of two of M and of the GQA group and splits are at most MAX_SPLITS; `list_kernels`
 enumerates that set. The runtime launches `prefill_kernel` / `DecodeLaunch` records, and AOT builds compile the
-list, so a loaded artifact holds every kernel a call can select.
+list, so a loaded artifact holds every kernel a call can select. Not listed yet: the Gluon MLA decode kernel
+(passes/latent_decode.py), which only the JIT runtime builds; a loaded artifact runs those calls on the Triton
+decode kernel it lists.
 """
 from __future__ import annotations
 
