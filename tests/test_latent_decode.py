@@ -179,7 +179,7 @@ def test_asking_where_it_cannot_run_warns_and_falls_back(monkeypatch):
     fallback = _TritonDecode()
     with pytest.warns(UserWarning, match=r"Gluon MLA decode kernel was asked for .*sm_80: warpgroup MMA"):
         assert gluon_decode.launcher(_plan(target=Target("triton", "cuda", 80)), fallback) is fallback
-    monkeypatch.setattr(gluon_decode, "unavailable_here", lambda: "Triton 9.9: the Gluon kernel is written for 3.6")
+    monkeypatch.setattr(gluon, "unavailable_here", lambda: "Triton 9.9: the Gluon kernel is written for 3.6")
     with pytest.warns(UserWarning, match="Triton 9.9"):
         assert gluon_decode.launcher(_plan(), fallback) is fallback
 

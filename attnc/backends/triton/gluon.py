@@ -16,7 +16,6 @@ import torch
 from ...dsl.signature import Bound, lse_shape, out_shape
 from ...passes.kernels import gluon_kernel, gluon_min_m
 from ...passes.plan import KernelPlan
-from .. import cache
 from . import binaries, launch, scratch
 from .signature import Signature, gluon_signature, qkv_values, spec_args
 
@@ -77,9 +76,19 @@ def unavailable_here() -> str:
     return ""
 
 
+def gluon_runs(plan: KernelPlan, staged: bool, reason: str, asked: bool | None, kernel: str, instead: str = "") -> bool:
+    """Whether a Gluon kernel runs for `plan`: the plan staged it (else `reason` says why not) and this Triton can
+    build it; where the options asked for it (`asked`) and it does not run, a warning names the kernel, why, and
+    (`instead`) what runs in its place. One rule for the forward, MLA decode and dK/dV kernels."""
+    why = unavailable_here() if staged else reason
+    if asked and why:
+        warnings.warn(f"attention {plan.spec.name!r}: {kernel} was asked for and does not run ({why})"
+                      + (f"; {instead} runs instead" if instead else ""), stacklevel=5)
+    return staged and not why
+
+
 def load_gluon_module(plan: KernelPlan):
-    key = launch.cache_key(plan)
-    return launch.cached_module(cache.CacheKey({**dict(key.parts), "kernel": "gluon"}, name=key.name), SOURCE_FILE,
+    return launch.cached_module(launch.cache_key(plan).updated(kernel="gluon"), SOURCE_FILE,
                                 lambda: generate_gluon(plan), "g")
 
 
@@ -87,11 +96,9 @@ def launcher(plan: KernelPlan, fallback, module=None):
     """The plan's launcher: `fallback` (the template's) unless the plan runs the Gluon kernel and this Triton can;
     a plan that asked for it (PlanOptions(gluon=True)) and cannot have it warns once, saying why. `module` holds
     the kernel where it was built ahead of time (attnc.load: an AotKernel); by default it is compiled here."""
-    why = plan.warpgroups.reason if plan.warpgroups.path != "gluon" else unavailable_here()
-    if plan.options.gluon and (plan.warpgroups.path != "gluon" or why):
-        warnings.warn(f"attention {plan.spec.name!r}: the Gluon warpgroup kernel was asked for and does not run "
-                      f"({why}); the Triton template runs instead", stacklevel=4)
-    if plan.warpgroups.path != "gluon" or why:
+    staged = plan.warpgroups
+    if not gluon_runs(plan, staged.path == "gluon", staged.reason, plan.options.gluon,
+                      "the Gluon warpgroup kernel", "the Triton template"):
         return fallback
     return GluonLauncher(plan, module or load_gluon_module(plan), fallback)
 

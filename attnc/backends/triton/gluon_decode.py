@@ -20,7 +20,7 @@ from ...passes.latent_decode import latent_launch
 from ...passes.plan import KernelPlan
 from .. import names
 from . import binaries, launch, scratch
-from .gluon import GLUON_DTYPES, unavailable_here
+from .gluon import GLUON_DTYPES, gluon_runs
 from .serving import DecodeLauncher, load_decode_module
 from .signature import gluon_decode_signature, spec_args
 
@@ -89,23 +89,10 @@ def launcher(plan: KernelPlan, fallback):
     kernel and this Triton can; a plan that asked for it (PlanOptions(gluon=True)) and cannot have it warns once,
     saying why."""
     staged = plan.decode.warpgroups if plan.decode else None
-    if staged is None:
-        return fallback
-    why = staged.reason if staged.path != "gluon" else unavailable_here()
-    if plan.options.gluon and (staged.path != "gluon" or why):
-        warnings.warn(f"attention {plan.spec.name!r}: the Gluon MLA decode kernel was asked for and does not run "
-                      f"({why}); the Triton decode kernel runs instead", stacklevel=4)
-    if staged.path != "gluon" or why:
+    if staged is None or not gluon_runs(plan, staged.path == "gluon", staged.reason, plan.options.gluon,
+                                        "the Gluon MLA decode kernel", "the Triton decode kernel"):
         return fallback
     return GluonDecodeLauncher(plan, fallback)
-
-
-def tma_ready(t) -> bool:
-    """Whether TMA reads `t` as 2-D boxes along its last dim whatever its other axes index: a unit last stride, and a
-    16-byte aligned base and stride on every other axis of more than one element."""
-    size = t.element_size()
-    return t.stride(-1) == 1 and t.data_ptr() % launch.ALIGNMENT == 0 and all(
-        (stride * size) % launch.ALIGNMENT == 0 for stride, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1)
 
 
 @lru_cache(maxsize=None)
@@ -138,7 +125,7 @@ class GluonDecodeLauncher(DecodeLauncher):
         tensors = [(bound.q, spec.q), (bound.k, spec.k), (bound.inputs[dot.query], spec.input(dot.query)),
                    (bound.inputs[dot.key], spec.input(dot.key))]
         for t, decl in tensors:
-            if not tma_ready(t):
+            if not launch.tma_ready(t):
                 return f"{decl.name} is not TMA-readable (a unit last stride, 16-byte aligned base and strides)"
         if isinstance(spec.kv_storage, Paged):
             page = spec.dim_values["PAGE"]

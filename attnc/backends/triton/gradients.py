@@ -10,7 +10,6 @@ gradients of the input tables (times the programs, with `deterministic`); no [M,
 from __future__ import annotations
 
 import math
-import warnings
 from types import ModuleType
 
 import torch
@@ -23,7 +22,7 @@ from ...passes.decode import upcast
 from ...passes.grad import plan_backward
 from ...passes.plan import TileConfig
 from . import launch
-from .gluon import unavailable_here
+from .gluon import gluon_runs
 from .gluon_backward import GluonDkdv
 from .signature import (BACKWARD_TENSORS, backward_signatures, gradient_tables, padded_strides, spec_args,
                         summary_used)
@@ -199,11 +198,10 @@ class BackwardLauncher:
 def gluon_dkdv(plan: KernelPlan, backward) -> GluonDkdv | None:
     """The Gluon dK/dV kernel's launcher where the backward plan has its layout and this Triton can build it; a plan
     that asked for it (PlanOptions(gluon_backward=True)) and cannot have it warns once, saying why."""
-    why = backward.gluon_reason if backward.gluon_dkdv is None else unavailable_here()
-    if plan.options.gluon_backward and why:
-        warnings.warn(f"attention {plan.spec.name!r}: the Gluon dK/dV kernel was asked for and does not run ({why})",
-                      stacklevel=4)
-    return GluonDkdv(plan) if backward.gluon_dkdv is not None and not why else None
+    # its reason already says the template's kernel runs
+    runs = gluon_runs(plan, backward.gluon_dkdv is not None, backward.gluon_reason, plan.options.gluon_backward,
+                      "the Gluon dK/dV kernel")
+    return GluonDkdv(plan) if runs else None
 
 
 def launch_keywords(plan: KernelPlan, deterministic: bool, has_dlse: bool) -> dict[str, dict]:

@@ -226,12 +226,17 @@ def descriptor_ready(t: torch.Tensor, decl) -> bool:
     tensor descriptors: a unit stride on the head dim, and a 16-byte aligned base and batch, head and row strides
     (TMA's rules for global memory)."""
     view = canonical_view(t, decl)
+    # the row stride is in every per-head descriptor, also over a single row
+    return tma_ready(view) and (padded_strides(view, 4)[2] * t.element_size()) % ALIGNMENT == 0
+
+
+def tma_ready(t: torch.Tensor) -> bool:
+    """Whether TMA reads `t` as 2-D boxes along its last dim whatever its other axes index: a unit last stride, and a
+    16-byte aligned base and stride on every other axis of more than one element (a stride of a size-1 axis never
+    moves the base)."""
     size = t.element_size()
-    s_b, s_h, s_n, s_d = padded_strides(view, 4)
-    n_b, n_h = ((1,) * (4 - view.dim()) + tuple(view.shape))[:2]
-    # A batch or head stride of a size-1 dim never moves the base.
-    return s_d == 1 and (s_n * size) % ALIGNMENT == 0 and t.data_ptr() % ALIGNMENT == 0 \
-        and (n_b == 1 or (s_b * size) % ALIGNMENT == 0) and (n_h == 1 or (s_h * size) % ALIGNMENT == 0)
+    return t.stride(-1) == 1 and t.data_ptr() % ALIGNMENT == 0 and all(
+        (stride * size) % ALIGNMENT == 0 for stride, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1)
 
 
 def heads_addressable(t: torch.Tensor, decl) -> bool:
