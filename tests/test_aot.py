@@ -463,8 +463,8 @@ def test_the_gluon_mla_decode_kernel_is_built_where_this_triton_has_its_gluon(ml
         (kernel.launch, layout) for kernel in listed for layout in ("dense", "any")]
     for k in gluon_builds:
         assert cubin_sm((mla_artifact / k["binary"]).read_bytes()) == 90
-        # the two consumer warpgroups' warps; the producer warp's budget is set in the kernel
-        assert k["num_warps"] == 4 and 0 < k["shared"] <= 232448
+        # the score and value warpgroups and the producer's warpgroup; the producer warp's budget is set in the kernel
+        assert k["num_warps"] == 12 and 0 < k["shared"] <= 232448
         meta = json.loads((mla_artifact / k["metadata"]).read_text())
         assert meta["name"] == "attn_decode_gluon" and meta["maxnreg"] == listed[0].keywords["maxnreg"]
     with warnings.catch_warnings():
@@ -641,6 +641,70 @@ def test_the_loaded_gluon_kernel_runs_its_saved_cubin_gpu(gluon_artifact, monkey
         assert not out.isnan().any() and torch.isfinite(lse).all()
         assert (out.double() - ref).abs().max().item() <= 3e-2 * max(1.0, ref.abs().max().item())
         assert (lse.double() - ref_lse).abs().max().item() <= 3e-2
+    assert compiles == []
+
+
+GPU_MLA_SPEC = """\
+attention mla_paged {
+    dims D = 512, DR = 64, PAGE = 64, H = 64, M = 1
+    q: bf16[B, M, H, D]
+    k: bf16[PAGES, PAGE, D]
+    input qr: bf16[B, M, H, DR]
+    input kr: bf16[PAGES, PAGE, DR]
+    paged k by block_table, kv_len
+    param scale: f32
+    score = (q @ k + qr @ kr) * scale
+    mask causal
+    return softmax(score) @ k, lse
+}
+"""
+
+
+@pytest.mark.gpu
+def test_the_loaded_gluon_mla_decode_kernel_runs_its_saved_cubin_gpu(tmp_path, monkeypatch):
+    """sm_90 with Triton 3.6: a paged MLA decode artifact (DeepSeek's widths, bf16, pages of 64) runs the saved
+    attn_decode_gluon (nothing compiled), unsplit and split (one sequence of 3000 keys on an H100), against the
+    reference with NaN-poisoned outputs and workspace; q with a strided head dim (no TMA) runs the saved Triton
+    decode kernel, with the JIT launcher's warning. test_mla_gluon_gpu's inputs and its proof that the Gluon kernel
+    took the call."""
+    import attnc.backends.triton.launch as launch
+    from attnc.backends.triton import gluon, gluon_decode
+    from test_mla_gluon_gpu import SHAPES
+    from test_mla_grid import Point, grid_call
+    from test_triton_kernels import assert_matches
+
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Gluon MLA decode kernel runs on sm_90")
+    if gluon.unavailable_here():
+        pytest.skip(gluon.unavailable_here())
+    (tmp_path / "mla.attn").write_text(GPU_MLA_SPEC)
+    assert compile_cli(tmp_path / "mla.attn", "--arch", "sm_90a", "-o", tmp_path / "artifact") == 0
+    monkeypatch.setattr(launch, "empty", launch.nan_empty)
+    compiles, launched, took = [], [], []
+    monkeypatch.setattr(triton.knobs.compilation, "listener", lambda **kw: compiles.append(kw["src"].name))
+    run = aot.AotKernel.run
+    monkeypatch.setattr(aot.AotKernel, "run", lambda self, grid, args, keywords: launched.append(
+        (self.fn.__name__, keywords["SPLIT"] if "SPLIT" in keywords else None)) or run(self, grid, args, keywords))
+    gluon_run = gluon_decode.GluonDecodeLauncher.run
+    monkeypatch.setattr(gluon_decode.GluonDecodeLauncher, "run", lambda self, bound, go=None: took.append(
+        self.uncovered(bound) == "") or gluon_run(self, bound, go))
+    kernel = attnc.load(tmp_path / "artifact")["mla_paged"]
+    for point, split in ((Point(64, 64), False), (Point(64, 1, n_max=3000), True)):
+        q, k, kw = grid_call("paged", "plain", SHAPES, point)
+        launched.clear(), took.clear()
+        got = kernel(q, k, **kw)
+        assert took == [True], "the Gluon kernel took the call"
+        assert launched == [("attn_decode_gluon", split)] + [("attn_combine", None)] * split
+        assert_matches(kernel.spec, got, attnc.reference(kernel.spec, q, k, **kw), tol=1e-2)
+        attnc.check_errors()
+    strided = torch.zeros(*q.shape[:-1], 2 * q.shape[-1], dtype=q.dtype, device=q.device)
+    strided[..., ::2] = q
+    launched.clear(), took.clear()
+    gluon_decode._warn_once.cache_clear()
+    with pytest.warns(UserWarning, match="q is not TMA-readable"):
+        got = kernel(strided[..., ::2], k, **kw)
+    assert took == [False] and launched[0][0] == "attn_decode"
+    assert_matches(kernel.spec, got, attnc.reference(kernel.spec, q, k, **kw), tol=1e-2)
     assert compiles == []
 
 
