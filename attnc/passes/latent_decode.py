@@ -165,17 +165,31 @@ def gluon_decode_kernel(plan: KernelPlan, tiles: LaunchTiles, split: bool) -> Ke
                                               ("maxnreg", max_registers(w, w.converter_warps))))
 
 
-def latent_launch(plan: KernelPlan, sizes: Mapping[str, int], sm_count: int) -> DecodeLaunch:
-    """The Gluon decode kernel's launch for these sizes: one position per program (grid axis 0: M x splits), the
-    most heads of a K/V group up to ROWS (a power of two dividing the group) as its rows, the key range split as
-    the Triton decode kernel splits it (split_count) for tiles of the layout's BN."""
+def latent_tiles(plan: KernelPlan, group: int) -> LaunchTiles:
+    """A program's tiles for H // HKV = group: the most heads of the group up to ROWS (a power of two dividing
+    it) as its rows (rows past them idle), one position."""
     w = plan.decode.warpgroups.layout
-    b, heads, group = sizes["B"], sizes["H"], sizes["H"] // sizes["HKV"]
     pack = 1
     while group % (pack * 2) == 0 and pack * 2 <= w.block_m:
         pack *= 2
-    tiles = LaunchTiles(TileConfig(pack, w.block_n, w.consumer_warps, w.stages), pack, 1)  # rows past pack idle
-    head_programs = b * (heads // pack)
+    return LaunchTiles(TileConfig(pack, w.block_n, w.consumer_warps, w.stages), pack, 1)
+
+
+def latent_kernels(plan: KernelPlan, groups: list[int]) -> list[KernelLaunch]:
+    """Every attn_decode_gluon launch a call whose H // HKV is one of `groups` can select (the kernel list's share,
+    passes/kernels.py): each heads-per-program count, split or not."""
+    packs = dict.fromkeys(latent_tiles(plan, g) for g in groups)
+    return [gluon_decode_kernel(plan, tiles, split) for tiles in packs for split in (False, True)]
+
+
+def latent_launch(plan: KernelPlan, sizes: Mapping[str, int], sm_count: int) -> DecodeLaunch:
+    """The Gluon decode kernel's launch for these sizes: one position per program (grid axis 0: M x splits), the
+    group's heads as latent_tiles packs them as its rows, the key range split as the Triton decode kernel splits it
+    (split_count) for tiles of the layout's BN."""
+    w = plan.decode.warpgroups.layout
+    tiles = latent_tiles(plan, sizes["H"] // sizes["HKV"])
+    pack = tiles.pack
+    head_programs = sizes["B"] * (sizes["H"] // pack)
     key_tiles = -(-sizes["N"] // w.block_n)
     splits = split_count(plan, sizes["M"] * head_programs, key_tiles, sm_count)
     return DecodeLaunch(tiles, splits, sizes["M"], head_programs, 0, gluon_decode_kernel(plan, tiles, splits > 1),

@@ -314,9 +314,10 @@ class WarpgroupPlan:
 @dataclass(frozen=True)
 class KernelLaunch:
     """One compiled kernel a plan may launch: a generated function (`attn_fwd`, `tile_summary` of the prefill
-    module; `attn_decode`, `attn_combine` of the decode module; `attn_fwd_gluon` of the Gluon module) and its
-    launch keywords (constexprs, then options: num_warps, num_stages or maxnreg) in the order the launcher passes
-    them. The runtime launches only these, and an AOT build compiles exactly these."""
+    module; `attn_decode`, `attn_combine` of the decode module; `attn_fwd_gluon` of the Gluon module;
+    `attn_decode_gluon` of the Gluon MLA decode module) and its launch keywords (constexprs, then options:
+    num_warps, num_stages or maxnreg) in the order the launcher passes them. The runtime launches only these, and
+    an AOT build compiles exactly these."""
 
     function: str
     launch: tuple[tuple[str, int | bool], ...]

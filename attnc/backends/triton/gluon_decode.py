@@ -21,7 +21,7 @@ from ...passes.plan import KernelPlan
 from .. import names
 from . import binaries, launch, scratch
 from .gluon import GLUON_DTYPES, gluon_runs
-from .serving import DecodeLauncher, load_decode_module
+from .serving import DecodeLauncher
 from .signature import gluon_decode_signature, spec_args
 
 SOURCE_FILE = "gluon_decode.py"
@@ -84,15 +84,16 @@ def load_gluon_decode_module(plan: KernelPlan):
                                 lambda: generate_gluon_decode(plan), "gd")
 
 
-def launcher(plan: KernelPlan, fallback):
+def launcher(plan: KernelPlan, fallback, module=None):
     """The plan's decode launcher: `fallback` (the Triton decode kernel's) unless the plan runs the Gluon MLA decode
     kernel and this Triton can; a plan that asked for it (PlanOptions(gluon=True)) and cannot have it warns once,
-    saying why."""
+    saying why. `module` holds the kernel where it was built ahead of time (attnc.load: an AotKernel); by default
+    it is compiled here."""
     staged = plan.decode.warpgroups if plan.decode else None
     if staged is None or not gluon_runs(plan, staged.path == "gluon", staged.reason, plan.options.gluon,
                                         "the Gluon MLA decode kernel", "the Triton decode kernel"):
         return fallback
-    return GluonDecodeLauncher(plan, fallback)
+    return GluonDecodeLauncher(plan, module or load_gluon_decode_module(plan), fallback)
 
 
 @lru_cache(maxsize=None)
@@ -106,10 +107,9 @@ class GluonDecodeLauncher(DecodeLauncher):
     after it where the keys split; every other call goes to `fallback`, with a warning naming why (once per
     reason). No prepared replay: the kernel makes its TMA descriptors on the device (scratch.install)."""
 
-    def __init__(self, plan: KernelPlan, fallback):
-        module = SimpleNamespace(attn_decode=load_gluon_decode_module(plan).attn_decode_gluon,
-                                 attn_combine=load_decode_module(plan).attn_combine)
-        super().__init__(plan, module)
+    def __init__(self, plan: KernelPlan, module, fallback: DecodeLauncher):
+        # the merge of split launches is the Triton decode module's, which the fallback holds
+        super().__init__(plan, SimpleNamespace(attn_decode=module.attn_decode_gluon, attn_combine=fallback.combine_fn))
         self.signature = gluon_decode_signature(self.args)
         self.fallback = fallback
 
