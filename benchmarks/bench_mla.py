@@ -88,6 +88,7 @@ class Shapes:
     dtype: torch.dtype
     spec_dtype: str
     fp8: bool = False  # the latent cache in float8 e4m3
+    quantize_q: bool = False  # `quantize q, qr to f8e4m3`: fp8 x fp8 QK^T over the FP8 latent (--quantize-q)
 
     @property
     def E(self) -> int:
@@ -111,7 +112,8 @@ def mla_spec(s: Shapes, paged: bool) -> attnc.Attention:
     # FP8: the latent and its RoPE part are columns of one e4m3 cache, so one scale (one K/V head: HKV = 1) serves
     # both; decode_inputs stores the latent / FP8_SCALE, and the runners pass k_scale = FP8_SCALE
     scale_decl = "    input k_scale: f32[HKV]\n    dequant k by k_scale\n    dequant kr by k_scale\n" if s.fp8 else ""
-    text = (f"attention mla_{'paged' if paged else 'contiguous'} {{\n"
+    scale_decl += "    quantize q, qr to f8e4m3\n" if s.quantize_q else ""
+    text = (f"attention mla_{'paged' if paged else 'contiguous'}{'_q8' if s.quantize_q else ''} {{\n"
             f"    dims D = {s.D}, DR = {s.DR}{f', PAGE = {s.page}' if paged else ''}\n"
             f"    q: {s.spec_dtype}[B, M, H, D]\n    k: {latent}[{k_shape}]\n"
             f"    input qr: {s.spec_dtype}[B, M, H, DR]\n    input kr: {latent}[{kr_shape}]\n{scale_decl}"

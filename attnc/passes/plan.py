@@ -278,6 +278,10 @@ class LatentDecodeLayout:
     # An FP8 latent: the producer lands e4m3 tiles in a ring of fp8_stages slots and a converter warpgroup writes
     # them as q's dtype into the `stages` slots the consumers read (0: no converter, TMA fills those slots)
     fp8_stages: int = 0
+    # Quantised queries over an FP8 latent (`quantize q, qr to f8e4m3`): the score warpgroup quantises Q to e4m3 in
+    # its shared memory once and runs QK^T as fp8 x fp8 wgmma on the e4m3 slots; the converter converts only the
+    # latent's columns, which P V reads
+    fp8_queries: bool = False
     consumer_warps: int = 4
     producer_warps: int = 1
     producer_regs: int = 24
