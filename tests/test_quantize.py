@@ -257,3 +257,31 @@ def test_what_does_not_run_it_says_so():
 
     assert unavailable(plan_kernel(spec, Target("triton", "cuda", 90), D, D)) == \
         "quantised queries (quantize) run the decode kernel"
+
+
+# ---------------------------------------------------------------- the Gluon MLA decode kernel's plan (sm_90)
+
+
+def test_the_gluon_kernel_takes_quantised_queries_over_an_fp8_latent():
+    """examples/specs/fp8_cache.attn's fp8_mla_paged_q8 on sm_90: the Gluon kernel with fp8 x fp8 QK^T (the converted
+    ring holds the latent's columns alone: 218368 B of shared memory with four e4m3 slots, where the FP8 kernel
+    without it needs 226560 B); quantising one of q and qr, or a bf16 latent, keeps the Triton decode kernel."""
+    from attnc.passes import PlanOptions
+
+    sm90 = Target("triton", "cuda", 90)
+    specs = {s.name: s for s in attnc.parse_file("examples/specs/fp8_cache.attn")}
+    q8, fp8 = specs["fp8_mla_paged_q8"], specs["fp8_mla_paged"]
+    staged = plan_kernel(q8, sm90, 512, 512, PlanOptions(gluon=True)).decode.warpgroups
+    assert staged.path == "gluon", staged.reason
+    w = staged.layout
+    assert (w.fp8_queries, w.block_n, w.stages, w.fp8_stages, w.smem) == (True, 32, 2, 4, 218368)
+    plain = plan_kernel(fp8, sm90, 512, 512, PlanOptions(gluon=True)).decode.warpgroups.layout
+    assert not plain.fp8_queries and plain.smem == 226560
+    half = replace(q8, quantize=q8.quantize[:1])
+    staged = plan_kernel(half, sm90, 512, 512, PlanOptions(gluon=True)).decode.warpgroups
+    assert staged.path == "triton" and "quantises q and the rope query both" in staged.reason
+    bf16 = next(s for s in attnc.parse_file("examples/specs/mla.attn") if s.name == "mla_paged")
+    bf16 = replace(bf16, quantize=q8.quantize)
+    check_attention(bf16)
+    staged = plan_kernel(bf16, sm90, 512, 512, PlanOptions(gluon=True)).decode.warpgroups
+    assert staged.path == "triton" and "over an f8e4m3 latent" in staged.reason

@@ -31,7 +31,7 @@ Quantised queries over an FP8 latent (`quantize q, qr to f8e4m3`, FlashMLA's FP8
 quantises Q and the rope query to e4m3 once per program, in place in Q's shared memory, and issues QK^T and the rope
 dot as fp8 x fp8 wgmma straight on the e4m3 slots the producer landed, the scores times each row's scale; the
 converter converts only the latent's 512 columns, which P V reads, and the score warpgroup releases an e4m3 slot
-beside it (217344 B at four e4m3 slots).
+beside it (218368 B at four e4m3 slots, 226560 B without).
 
 The kernel covers one query position per program (q_programs = M: a longer M reads the latent once per position),
 q and the rope query in one of f16/bf16, the latent and its rope part in q's dtype or both f8e4m3, the latent 512
