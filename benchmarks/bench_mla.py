@@ -45,7 +45,8 @@ any timing counts; times are medians of CUDA-graph replays (do_bench_cudagraph: 
 capture works, else of triton.testing.do_bench (both are in the JSON). The table prints as rows finish; results go to
 <out>/mla-decode[-prefill]-<device>-<date>.json (rewritten after every row) and PNGs next to it.
 
-    python benchmarks/bench_mla.py --out $OUT [--quick] [--only REGEX] [--prefill] [--sweep [--tiles ...]] [--fp8 [--quantize-q]]
+    python benchmarks/bench_mla.py --out $OUT [--quick] [--only REGEX] [--prefill] [--sweep [--tiles ...]] \
+        [--fp8 [--quantize-q]]
     TRITON_INTERPRET=1 python benchmarks/bench_mla.py --smoke --out /tmp/mla   # CPU, tiny shapes (a test runs it)
 """
 from __future__ import annotations

@@ -15,8 +15,8 @@ PTX = {"wgmma": r"wgmma\.mma_async", "mma.sync": r"mma\.sync", "ldmatrix": r"ldm
        "st.shared": r"st\.shared", "ld.shared": r"ld\.shared", "cp.async.bulk": r"cp\.async\.bulk",
        "bar": r"bar\.sync|barrier\.sync", "wgmma.wait": r"wgmma\.wait_group", "red/atom": r"\bred\.|\batom\.",
        "ex2": r"ex2\.approx"}
-SASS = {"HGMMA": r"HGMMA", "QGMMA": r"QGMMA", "HMMA": r"HMMA", "LDSM": r"LDSM", "STSM": r"STSM", "STS": r"\bSTS\b", "LDS": r"\bLDS\b",
-        "LDL": r"\bLDL", "STL": r"\bSTL", "BAR": r"\bBAR\b", "WARPSYNC": r"WARPSYNC|WARPGROUP", "EX2": r"MUFU\.EX2",
+SASS = {"HGMMA": r"HGMMA", "QGMMA": r"QGMMA", "HMMA": r"HMMA", "LDSM": r"LDSM", "STSM": r"STSM", "STS": r"\bSTS\b",
+        "LDS": r"\bLDS\b", "LDL": r"\bLDL", "STL": r"\bSTL", "BAR": r"\bBAR\b", "WARPSYNC": r"WARPSYNC|WARPGROUP", "EX2": r"MUFU\.EX2",
         "RED": r"\bRED", "ATOM": r"\bATOM", "UTMA": r"UTMA|UBLKCP", "I64": r"IMAD\.WIDE|IADD3\.X|LEA\.HI\.X",
         "BRA": r"\bBRA\b"}
 # TTGIR: whether the pipeliner ran (multi-buffered TMA loads, asynchronous warpgroup dots) and branches in loops

@@ -2,10 +2,10 @@
 `python -m pytest -m gpu tests/test_mla_gluon_gpu.py`. bf16 at DeepSeek's widths (D = 512 latent, DR = 64, pages of
 64), 64 and 128 heads, the latent contiguous and paged (shuffled pages, key lists off the tile and page sizes, every
 eighth one key long), one split and forced split-KV, one and two query tokens, an FP8 e4m3 latent (converted in
-shared memory by the kernel's converter warpgroup), with quantised queries over it (fp8 x fp8 QK^T), against attnc.reference with
-NaN-poisoned outputs and workspace (test_mla_grid's inputs); each test checks that the Gluon kernel ran, not the
-Triton decode kernel it falls back to, and that no index data was flagged. A bad page id comes out as NaN rows and
-a flagged violation."""
+shared memory by the kernel's converter warpgroup), and quantised queries over it (fp8 x fp8 QK^T), against
+attnc.reference with NaN-poisoned outputs and workspace (test_mla_grid's inputs); each test checks that the Gluon
+kernel ran, not the Triton decode kernel it falls back to, and that no index data was flagged. A bad page id comes
+out as NaN rows and a flagged violation."""
 import contextlib
 import sys
 from dataclasses import replace

@@ -151,7 +151,8 @@ def choose_layout(plan: KernelPlan, stages: int | None = None) -> LatentDecodeLa
     # Registers with the converter: the score warpgroup keeps the rest of the file (about 250), the value warpgroup
     # holds its 128-register accumulator and a row vector, the converter one e4m3 chunk and its conversion.
     smem = layout_bytes(block_n, 2, rope, q_bytes, stages, fp8_queries)
-    return LatentDecodeLayout(ROWS, block_n, 2, chunks, rope, smem, fp8_stages=stages, fp8_queries=fp8_queries, value_regs=160, converter_regs=96)
+    return LatentDecodeLayout(ROWS, block_n, 2, chunks, rope, smem, fp8_stages=stages, fp8_queries=fp8_queries,
+                              value_regs=160, converter_regs=96)
 
 
 def stage_latent_decode(plan: KernelPlan) -> KernelPlan:
