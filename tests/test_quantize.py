@@ -280,6 +280,9 @@ def test_the_gluon_kernel_takes_quantised_queries_over_an_fp8_latent():
     half = replace(q8, quantize=q8.quantize[:1])
     staged = plan_kernel(half, sm90, 512, 512, PlanOptions(gluon=True)).decode.warpgroups
     assert staged.path == "triton" and "quantises q and the rope query both" in staged.reason
+    narrow = replace(q8, dims=(("D", 512), ("DR", 16), ("PAGE", 64)))
+    staged = plan_kernel(narrow, sm90, 512, 512, PlanOptions(gluon=True)).decode.warpgroups
+    assert staged.path == "triton" and "an fp8 x fp8 wgmma sums 32 at a time" in staged.reason
     bf16 = next(s for s in attnc.parse_file("examples/specs/mla.attn") if s.name == "mla_paged")
     bf16 = replace(bf16, quantize=q8.quantize)
     check_attention(bf16)

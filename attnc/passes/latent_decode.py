@@ -60,6 +60,7 @@ ROWS = 64  # query heads per program: one wgmma M, each warpgroup's accumulator 
 KEY_TILES = (32, 64)  # PlanOptions.warpgroup_block_n for this kernel
 DEFAULT_BLOCK_N = 64  # FlashMLA's: one page of 64 slots a tile, two stages
 MAX_STAGES = 4
+FP8_MMA_K = 32  # an fp8 x fp8 wgmma's K: the rope dot's width at least, where QK^T runs in e4m3
 
 
 def unavailable(plan: KernelPlan) -> str:
@@ -91,6 +92,8 @@ def unavailable(plan: KernelPlan) -> str:
     size = dot_size(plan, dot)
     if size > MAX_ROPE or size % 8:
         return f"a rope part of {size} columns: the kernel takes up to {MAX_ROPE}, a multiple of 8 (TMA rows)"
+    if quantized and next_pow2(size) < FP8_MMA_K:
+        return f"a rope part of {size} columns with quantised queries: an fp8 x fp8 wgmma sums {FP8_MMA_K} at a time"
     n = spec.normalizer
     if not (n.normalized and n.weight == "exp") or n.sink is not None:
         # the value warpgroup applies the score warpgroup's running-max rescale (alpha) to its half of the rows
