@@ -27,6 +27,12 @@ converter warpgroup writes each as q's dtype into the ring the two warpgroups re
 critical path (the Triton kernel converts through registers between its MMAs). It needs 32-key tiles: two
 converted slots and four e4m3 ones fit beside Q (226560 B).
 
+Quantised queries over an FP8 latent (`quantize q, qr to f8e4m3`, FlashMLA's FP8 form): the score warpgroup
+quantises Q and the rope query to e4m3 once per program, in place in Q's shared memory, and issues QK^T and the rope
+dot as fp8 x fp8 wgmma straight on the e4m3 slots the producer landed, the scores times each row's scale; the
+converter converts only the latent's 512 columns, which P V reads, and the score warpgroup releases an e4m3 slot
+beside it (218368 B at four e4m3 slots, 226560 B without).
+
 The kernel covers one query position per program (q_programs = M: a longer M reads the latent once per position),
 q and the rope query in one of f16/bf16, the latent and its rope part in q's dtype or both f8e4m3, the latent 512
 wide, a rope part up to 64, softmax without a sink, contiguous storage or pages holding whole key tiles (PAGE bound
@@ -54,6 +60,7 @@ ROWS = 64  # query heads per program: one wgmma M, each warpgroup's accumulator 
 KEY_TILES = (32, 64)  # PlanOptions.warpgroup_block_n for this kernel
 DEFAULT_BLOCK_N = 64  # FlashMLA's: one page of 64 slots a tile, two stages
 MAX_STAGES = 4
+FP8_MMA_K = 32  # an fp8 x fp8 wgmma's K: the rope dot's width at least, where QK^T runs in e4m3
 
 
 def unavailable(plan: KernelPlan) -> str:
@@ -76,11 +83,17 @@ def unavailable(plan: KernelPlan) -> str:
     if keys != {plan.dtype} and keys != {"f8e4m3"}:
         return f"the latent and its rope part are {'/'.join(sorted(keys))}: the kernel takes both in q's dtype, or " \
                f"both f8e4m3 (converted in shared memory)"
+    quantized = {d.tensor for d in spec.quantize}
+    if quantized and (quantized != {"q", dot.query} or keys != {"f8e4m3"}):
+        return f"quantised queries ({', '.join(sorted(quantized))}): the kernel quantises q and the rope query " \
+               f"both, over an f8e4m3 latent and rope part (fp8 x fp8 QK^T)"
     if plan.head_dim != LATENT_DIM or plan.value_dim != LATENT_DIM:
         return f"D={plan.head_dim} DV={plan.value_dim}: the kernel's latent is {LATENT_DIM} wide"
     size = dot_size(plan, dot)
     if size > MAX_ROPE or size % 8:
         return f"a rope part of {size} columns: the kernel takes up to {MAX_ROPE}, a multiple of 8 (TMA rows)"
+    if quantized and next_pow2(size) < FP8_MMA_K:
+        return f"a rope part of {size} columns with quantised queries: an fp8 x fp8 wgmma sums {FP8_MMA_K} at a time"
     n = spec.normalizer
     if not (n.normalized and n.weight == "exp") or n.sink is not None:
         # the value warpgroup applies the score warpgroup's running-max rescale (alpha) to its half of the rows
@@ -100,12 +113,16 @@ def default_block_n(plan: KernelPlan) -> int:
     return 32 if plan.spec.dequant else DEFAULT_BLOCK_N
 
 
-def layout_bytes(block_n: int, stages: int, rope: int, q_bytes: int, fp8_stages: int = 0) -> int:
+def layout_bytes(block_n: int, stages: int, rope: int, q_bytes: int, fp8_stages: int = 0,
+                 fp8_queries: bool = False) -> int:
     """Shared memory of a layout: Q and each ring slot hold 576 columns (latent and rope), P [ROWS, BN], the row
-    scales (f32) and the mbarriers; an FP8 latent's e4m3 slots (one byte an element) beside the converted ring."""
+    scales (f32) and the mbarriers; an FP8 latent's e4m3 slots (one byte an element) beside the converted ring, whose
+    slots hold the latent alone where QK^T reads the e4m3 slots (`fp8_queries`: the e4m3 Q overwrites the Q loaded
+    in q's dtype, in place)."""
     columns = LATENT_DIM + rope
-    return ((ROWS * columns + stages * block_n * columns + ROWS * block_n) * q_bytes + fp8_stages * block_n * columns
-            + ROWS * 4 + BARRIER_BYTES)
+    converted = LATENT_DIM if fp8_queries else columns
+    return ((ROWS * columns + stages * block_n * converted + ROWS * block_n) * q_bytes
+            + fp8_stages * block_n * columns + ROWS * 4 + BARRIER_BYTES)
 
 
 def choose_layout(plan: KernelPlan, stages: int | None = None) -> LatentDecodeLayout:
@@ -120,9 +137,10 @@ def choose_layout(plan: KernelPlan, stages: int | None = None) -> LatentDecodeLa
     q_bytes = DTYPE_BITS[plan.dtype] // 8
     capacity = smem_capacity(plan.target.arch)
     fp8 = bool(plan.spec.dequant)
+    fp8_queries = bool(plan.spec.quantize)  # only over an FP8 latent (unavailable)
 
     def fits(s: int) -> bool:
-        return layout_bytes(block_n, 2 if fp8 else s, rope, q_bytes, s if fp8 else 0) <= capacity
+        return layout_bytes(block_n, 2 if fp8 else s, rope, q_bytes, s if fp8 else 0, fp8_queries) <= capacity
 
     fit = max((s for s in range(1, MAX_STAGES + 1) if fits(s)), default=0)
     asked, stages = stages, stages or fit
@@ -135,8 +153,9 @@ def choose_layout(plan: KernelPlan, stages: int | None = None) -> LatentDecodeLa
         return LatentDecodeLayout(ROWS, block_n, stages, chunks, rope, layout_bytes(block_n, stages, rope, q_bytes))
     # Registers with the converter: the score warpgroup keeps the rest of the file (about 250), the value warpgroup
     # holds its 128-register accumulator and a row vector, the converter one e4m3 chunk and its conversion.
-    return LatentDecodeLayout(ROWS, block_n, 2, chunks, rope, layout_bytes(block_n, 2, rope, q_bytes, stages),
-                              fp8_stages=stages, value_regs=160, converter_regs=96)
+    smem = layout_bytes(block_n, 2, rope, q_bytes, stages, fp8_queries)
+    return LatentDecodeLayout(ROWS, block_n, 2, chunks, rope, smem, fp8_stages=stages, fp8_queries=fp8_queries,
+                              value_regs=160, converter_regs=96)
 
 
 def stage_latent_decode(plan: KernelPlan) -> KernelPlan:

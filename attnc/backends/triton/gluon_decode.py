@@ -15,7 +15,7 @@ from functools import lru_cache
 from types import SimpleNamespace
 
 from ...dsl.signature import Bound
-from ...ir import Paged
+from ...ir import QUANTIZE_DTYPES, QUANTIZE_TINY, Paged
 from ...passes.latent_decode import latent_launch
 from ...passes.plan import KernelPlan
 from .. import names
@@ -52,6 +52,8 @@ def generate_gluon_decode(plan: KernelPlan) -> str:
         partial_before=bool(plan.masks.exact.lower),
         kv_storage="paged" if isinstance(spec.kv_storage, Paged) else "dense",
         err=ERROR_CONSTANTS,
+        quantize_max=QUANTIZE_DTYPES["f8e4m3"],
+        quantize_tiny=repr(QUANTIZE_TINY),
     )
 
 
