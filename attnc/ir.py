@@ -394,8 +394,9 @@ QUANTIZE_TINY = 448.0 * 2.0 ** -126
 @dataclass(frozen=True)
 class Quantize:
     """`quantize q, qr to f8e4m3`: the query-side tensor `tensor` (q, or the query side of a dot product) is read
-    quantised per row: each (b, i, h) row x, with s = max(amax(|x|), QUANTIZE_TINY) / 448 in float32, becomes
-    float(e4m3(x / s)) * s (docs/mla.md). The scores then carry e4m3's rounding of the queries, as an FP8 x FP8
+    quantised per row: each (b, i, h) row x, with a = max(amax(|x|), QUANTIZE_TINY), becomes
+    float(e4m3(x * (448 / a))) * (a / 448), in float32 arithmetic (docs/mla.md): a multiply per element, not a
+    division, so that the GPU's kernels compute exactly this. The scores then carry e4m3's rounding of the queries, as an FP8 x FP8
     QK^T does (FlashMLA's FP8 decode)."""
 
     tensor: str

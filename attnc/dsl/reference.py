@@ -221,11 +221,13 @@ def _segments(spec: Attention, bound: Bound, out: torch.Tensor, lse: torch.Tenso
 
 
 def quantize_rows(t: torch.Tensor, dtype: str) -> torch.Tensor:
-    """`quantize ... to DTYPE` of a tensor's rows (its last dim), in float64: each row x, with s = max(amax(|x|),
-    QUANTIZE_TINY) / 448 in float32, becomes float(e4m3(x / s)) * s."""
+    """`quantize ... to DTYPE` of a tensor's rows (its last dim), in float64 (ir.Quantize): each row x, with a =
+    max(amax(|x|), QUANTIZE_TINY) in float32, becomes float(e4m3(x * (448 / a))) * (a / 448), each product and
+    quotient rounded to float32 as the kernels compute them."""
     x = t.float()
-    s = x.abs().amax(-1, keepdim=True).clamp(min=QUANTIZE_TINY) / QUANTIZE_DTYPES[dtype]
-    return (x / s).to(torch.float8_e4m3fn).double() * s.double()
+    a = x.abs().amax(-1, keepdim=True).clamp(min=QUANTIZE_TINY)
+    top = QUANTIZE_DTYPES[dtype]
+    return (x * (top / a)).to(torch.float8_e4m3fn).double() * (a / top).double()
 
 
 def _quantized(spec: Attention, name: str, t: torch.Tensor) -> torch.Tensor:

@@ -157,9 +157,8 @@ def convert(s_start, s_end, k8_bufs, k_bufs, ready8, empty8, ready, empty):
 def quantize_rows(src, dst, N_CHUNKS: gl.constexpr, LAYOUT: gl.constexpr):
     """`quantize ... to f8e4m3` (ir.Quantize) of the rows of src's N_CHUNKS column chunks, written as e4m3 to dst's,
     which overlays src: each row's scale s = max(amax(|row|), QUANTIZE_TINY) / QUANTIZE_MAX, and the row times
-    QUANTIZE_MAX / max(...) converted to e4m3 (round to nearest even, as the reference's torch.float8_e4m3fn).
-    That product is x / s within 2 ulp of float32 (an IEEE division per element is a subroutine each), so an
-    element within that of a midpoint between e4m3 values may round the other way. dst's chunk c lies in src's
+    QUANTIZE_MAX / max(...) converted to e4m3 (round to nearest even, as the reference's torch.float8_e4m3fn):
+    ir.Quantize's arithmetic, a multiply per element (a division would be a subroutine each). dst's chunk c lies in src's
     chunks up to c // 2, each read into registers before the barrier that precedes the write. Returns s."""
     amax = tl.max(tl.abs(src.index(0).load(LAYOUT).to(gl.float32)), 1)
     for c in gl.static_range(1, N_CHUNKS):
