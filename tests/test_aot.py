@@ -663,7 +663,7 @@ attention mla_paged {
 @pytest.mark.gpu
 def test_the_loaded_gluon_mla_decode_kernel_runs_its_saved_cubin_gpu(tmp_path, monkeypatch):
     """sm_90 with Triton 3.6: a paged MLA decode artifact (DeepSeek's widths, bf16, pages of 64) runs the saved
-    attn_decode_gluon (nothing compiled), unsplit and split (one sequence of 3000 keys on an H100), against the
+    attn_decode_gluon (nothing compiled), unsplit and split (two sequences, one of 1 key and one of 3000, on an H100), against the
     reference with NaN-poisoned outputs and workspace; q with a strided head dim (no TMA) runs the saved Triton
     decode kernel, with the JIT launcher's warning. test_mla_gluon_gpu's inputs and its proof that the Gluon kernel
     took the call."""
@@ -689,7 +689,7 @@ def test_the_loaded_gluon_mla_decode_kernel_runs_its_saved_cubin_gpu(tmp_path, m
     monkeypatch.setattr(gluon_decode.GluonDecodeLauncher, "run", lambda self, bound, go=None: took.append(
         self.uncovered(bound) == "") or gluon_run(self, bound, go))
     kernel = attnc.load(tmp_path / "artifact")["mla_paged"]
-    for point, split in ((Point(64, 64), False), (Point(64, 1, n_max=3000), True)):
+    for point, split in ((Point(64, 64), False), (Point(64, 2, n_max=3000), True)):
         q, k, kw = grid_call("paged", "plain", SHAPES, point)
         launched.clear(), took.clear()
         got = kernel(q, k, **kw)

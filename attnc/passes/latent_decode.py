@@ -60,6 +60,14 @@ ROWS = 64  # query heads per program: one wgmma M, each warpgroup's accumulator 
 KEY_TILES = (32, 64)  # PlanOptions.warpgroup_block_n for this kernel
 DEFAULT_BLOCK_N = 64  # FlashMLA's: one page of 64 slots a tile, two stages
 MAX_STAGES = 4
+# The split-KV time model (`latent_splits`), fit to the H100 sweep of forced split counts against this kernel
+# (benchmarks/results/mla-splits-*-s11.json; bf16, pages of 64): a program streams its latent at ~39 GB/s after
+# ~12 us of Q load and pipeline fill; all programs together at ~2.7 TB/s; a split launch writes a float32 [rows, DV]
+# partial per split, which attn_combine reads back, plus ~10 us for the merge's launch and its tail.
+PROGRAM_START_US = 12.0
+PROGRAM_BYTES_PER_US = 39e3
+HBM_BYTES_PER_US = 2.7e6
+MERGE_US = 10.0
 FP8_MMA_K = 32  # an fp8 x fp8 wgmma's K: the rope dot's width at least, where QK^T runs in e4m3
 
 
@@ -201,15 +209,38 @@ def latent_kernels(plan: KernelPlan, groups: list[int]) -> list[KernelLaunch]:
     return [gluon_decode_kernel(plan, tiles, split) for tiles in packs for split in (False, True)]
 
 
+def latent_splits(plan: KernelPlan, programs: int, key_tiles: int, sm_count: int) -> int:
+    """Splits of each program's key tiles: the count with the least modelled time (PROGRAM_START_US...), at most
+    the Triton decode kernel's (split_count) and never more programs than SMs. The partials of a split cost
+    ROWS x 512 x 4 bytes written and read per split and program, which at 64 heads and 1k keys is 44% of the
+    latent's bytes: the H100 sweep ran B = 64 sequences of 1k / 2k keys (64 programs) fastest unsplit (42.6 / 70.8
+    us against 56.2 / 81.0 at two splits, where split_count chose two), and 8k keys at two splits (228 against
+    240); one sequence of thousands of keys still splits many ways. PlanOptions(num_splits=...) fixes the count."""
+    most = split_count(plan, programs, key_tiles, sm_count)
+    if plan.options.num_splits is not None or most == 1:
+        return most
+    w = plan.decode.warpgroups.layout
+    latent_bytes = key_tiles * w.block_n * (LATENT_DIM + w.rope) * (1 if w.fp8_stages else 2)  # e4m3 or 16-bit
+    partial_bytes = 2 * ROWS * LATENT_DIM * 4
+
+    def modelled_us(splits: int) -> float:
+        waves = -(-programs * splits // sm_count)
+        alone = waves * (PROGRAM_START_US + latent_bytes / splits / PROGRAM_BYTES_PER_US)
+        time = max(alone, programs * latent_bytes / HBM_BYTES_PER_US)
+        return time + (MERGE_US + programs * splits * partial_bytes / HBM_BYTES_PER_US if splits > 1 else 0.0)
+
+    return min(range(1, most + 1), key=modelled_us)
+
+
 def latent_launch(plan: KernelPlan, sizes: Mapping[str, int], sm_count: int) -> DecodeLaunch:
     """The Gluon decode kernel's launch for these sizes: one position per program (grid axis 0: M x splits), the
     group's heads as latent_tiles packs them as its rows, the key range split as the Triton decode kernel splits it
-    (split_count) for tiles of the layout's BN."""
+    (latent_splits) for tiles of the layout's BN."""
     w = plan.decode.warpgroups.layout
     tiles = latent_tiles(plan, sizes["H"] // sizes["HKV"])
     pack = tiles.pack
     head_programs = sizes["B"] * (sizes["H"] // pack)
     key_tiles = -(-sizes["N"] // w.block_n)
-    splits = split_count(plan, sizes["M"] * head_programs, key_tiles, sm_count)
+    splits = latent_splits(plan, sizes["M"] * head_programs, key_tiles, sm_count)
     return DecodeLaunch(tiles, splits, sizes["M"], head_programs, 0, gluon_decode_kernel(plan, tiles, splits > 1),
                         combine_kernel(plan, splits) if splits > 1 else None)
