@@ -72,7 +72,9 @@ def unit_coords(unit, sz_B, sz_H, sz_HKV, sz_M, sz_N):
     k = within // size
     head = first + within % size
     tiles = tl.where(m_tiles - 1 - k == k, 1, 2)
-    return m_tiles - 1 - k, k, tiles, head // (sz_H // PACK), head % (sz_H // PACK)
+    # i32 also where the sizes are i64 (an AOT build's): TMA coordinates take i32 only, and these are below 2^31
+    return ((m_tiles - 1 - k).to(tl.int32), k.to(tl.int32), tiles, (head // (sz_H // PACK)).to(tl.int32),
+            (head % (sz_H // PACK)).to(tl.int32))
 
 
 @gluon.jit
@@ -131,7 +133,7 @@ def produce(
         long_m, short_m, tiles, tile_b, tile_h = unit_coords(unit, sz_B, sz_H, sz_HKV, sz_M, sz_N)  # i32: TMA's
         for half in range(tiles):
             pid_m = tl.where(half == 0, long_m, short_m)
-            kvh = (tile_h * PACK) // (sz_H // sz_HKV)
+            kvh = ((tile_h * PACK) // (sz_H // sz_HKV)).to(tl.int32)  # a TMA coordinate, as tile_h
             run_start, run_end, f_start, f_end = tile_range(pid_m, tile_b, tile_h, q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, s_ob, s_oh, s_om, s_od, s_lb, s_lh, s_lm, sz_B, sz_H, sz_HKV, sz_M, sz_N, 1)
             # Consumer c's Q after the tile's c-th K and V: those wait for a ring slot only, Q for the consumer's out store
             # of the last tile, so the ring fills while the consumers store out, and consumer 0 need not wait for 1's store
