@@ -372,6 +372,9 @@ def test_the_gluon_kernel_is_built_where_this_triton_has_its_gluon(gluon_artifac
     plan = plan_kernel(spec, Target("triton", "cuda", 90), 128, 128)
     listed = gluon_kernel(plan)
     assert plan.warpgroups.path == "gluon" and listed in plan.kernels
+    # persistent programs (a causal mask at D = 128): their tile coordinates, from the sizes, must come out i32
+    # where the build's sizes are i64 (TMA takes i32 coordinates only)
+    assert plan.warpgroups.layout.persistent
     (build,) = manifest_of(gluon_artifact)["attentions"][0]["builds"]
     gluon_builds = [k for k in build["kernels"] if k["kernel"] == "attn_fwd_gluon"]
     backend = aot.load_backends(gluon_artifact)["long_causal"][1]
