@@ -78,7 +78,9 @@ def plan_line(plan: KernelPlan) -> str:
     w = plan.decode.warpgroups.layout
     return (f"gluon/sm_{plan.target.arch} {plan.dtype} MLA decode D={plan.head_dim} DR={w.rope}; {w.block_m} rows, "
             f"BN={w.block_n} stages={w.stages}; score + value warpgroups x {w.consumer_warps} warps + "
-            f"{w.producer_warps} producer warp; latent chunks {'+'.join(map(str, w.chunks))}; {w.smem} B shared")
+            f"{w.producer_warps} producer warp; latent chunks {'+'.join(map(str, w.chunks))}; {w.smem} B shared"
+            + (f"; e4m3 stages={w.fp8_stages}, {w.converter_warpgroups} converter warpgroup(s)"
+               f"{', P V in f16' if w.f16_values else ''}" if w.fp8_stages else ""))
 
 
 def load_gluon_decode_module(plan: KernelPlan):
