@@ -9,6 +9,8 @@ at its DECODE_TUNED tile. Needs Triton 3.6 (the GPU machine's):
 --fp8 compiles bench_mla.py --fp8's spec (latent and rope part e4m3): the producer, a converter warpgroup, the two
 consumer warpgroups. --fp8 --quantize-q: bench_mla.py --quantize-q's spec (`quantize q, qr to f8e4m3`): QK^T as
 fp8 x fp8 wgmma (QGMMA) on the e4m3 slots, the converter converting the latent's 512 columns alone.
+--converters 1 2: each with one and two converter warpgroups (PlanOptions.fp8_converter_warpgroups; a converter loop
+line each); --f16-values (with --quantize-q): P V in f16 (PlanOptions.fp8_f16_values).
 
 Exit status 1 if a kernel fails to compile, ptxas warns (serialized wgmma), or a kernel spills."""
 import argparse
