@@ -84,12 +84,13 @@ WS_SMEM = gl.constexpr(gl.NVMMASharedLayout.get_default_for([ROWS, CHUNK], gl.fl
 ROW_SMEM = gl.constexpr(gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
 C8_SMEM = gl.constexpr(gl.NVMMASharedLayout.get_default_for([BLOCK_N, CHUNK], KDTYPE))
 KR8_SMEM = gl.constexpr(gl.NVMMASharedLayout.get_default_for([BLOCK_N, ROPE], KDTYPE))
-# the rope part's conversion and quantize_rows' registers: 16 e4m3 (16 bytes) a thread along a row
-CVT = gl.constexpr(gl.BlockedLayout([1, 16], [32 * 16 // CHUNK, CHUNK // 16], [CONSUMER_WARPS, 1], [1, 0]))
+# the rope part's registers (quantize_rows): 16 e4m3 (16 bytes) a thread along a row
 CVT_ROPE = gl.constexpr(gl.BlockedLayout([1, 16], [32 * 16 // ROPE, ROPE // 16], [CONSUMER_WARPS, 1], [1, 0]))
-# the converter's latent chunks: 8 e4m3 (8 bytes) a thread, a half warp a row: with CVT's 16 the 16-bit stores into
-# the 128-byte swizzled slot conflict 2-way (gl.bank_conflicts: 1), with 8 neither the loads nor the stores do
+# the converter's latent chunks: 8 e4m3 (8 bytes) a thread, a half warp a row: at 16 a thread its 16-bit stores into
+# the 128-byte swizzled slot conflict 2-way (gl.bank_conflicts: 1), at 8 neither the loads nor the stores do
 CONVERT = gl.constexpr(gl.BlockedLayout([1, 8], [32 * 8 // CHUNK, CHUNK // 8], [CONSUMER_WARPS, 1], [1, 0]))
+# quantize_rows' registers over Q's chunks: 16 e4m3 (16 bytes) a thread along a row
+CVT = gl.constexpr(gl.BlockedLayout([1, 16], [32 * 16 // CHUNK, CHUNK // 16], [CONSUMER_WARPS, 1], [1, 0]))
 Q8_SMEM = gl.constexpr(gl.NVMMASharedLayout.get_default_for([ROWS, CHUNK], KDTYPE))
 QR8_SMEM = gl.constexpr(gl.NVMMASharedLayout.get_default_for([ROWS, ROPE], KDTYPE))
 QUANTIZE_MAX = gl.constexpr(448.0)
