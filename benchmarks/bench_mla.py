@@ -38,9 +38,11 @@ target compares its tokens/s with the bf16 grid's. `--fp8 --quantize-q` adds, on
 (the spec with `quantize q, qr to f8e4m3`: on sm_90 fp8 x fp8 QK^T, checked against the float32 formula over the
 queries quantised the same way) and attnc-bf16 columns (the bf16 spec over the dequantised latent, exact in bf16),
 so one call gives bf16 / FP8 / FP8 + quantised queries side by side; every timed result has its tokens/s (one query
-token per sequence). `--converters 1 2` adds the Gluon kernel with one and two converter warpgroups (attnc-c1/-c2,
-with --quantize-q attnc-q8-c1/-c2; --f16-values also P V in f16, attnc-q8-f16-c1/-c2), each checked as the column
-it varies.
+token per sequence). `--converters 1 2` adds the Gluon kernel with the conflict-free converter (8 e4m3 a thread,
+PlanOptions.fp8_conflict_free_converter; the default converts 16 a thread) and one and two converter warpgroups
+(attnc-c1/-c2, with --quantize-q attnc-q8-c1/-c2; --f16-values also P V in f16, attnc-q8-f16-c1/-c2), each checked
+as the column it varies: attnc against attnc-c1 is the converter layout alone, attnc-c1 against attnc-c2 the second
+converter.
 
 Every output is checked against a float32 torch formula (attnc's with NaN-poisoned outputs and workspace) before
 any timing counts; times are medians of CUDA-graph replays (do_bench_cudagraph: the kernels alone) where the
@@ -354,11 +356,12 @@ def run_decode(w: DecodeWorkload, s: Shapes, device: str, triton_kernel: bool = 
         want_q8 = decode_reference(x, s.D, True)
         q8_tol = min(CHECK_TOL, rel_err(want, want_q8) / 3)
         measure(attnc_runners(replace(s, quantize_q=True), x, name="attnc-q8"), want_q8, device, row, tol=q8_tol)
-    for n in converters:  # the Gluon kernel's converter layouts side by side, each checked as its default column
-        measure(attnc_runners(s, x, PlanOptions(gluon=True, fp8_converter_warpgroups=n), f"attnc-c{n}"), want,
-                device, row)
+    for n in converters:  # the conflict-free converter's variants side by side, each checked as its default column
+        options = PlanOptions(gluon=True, fp8_conflict_free_converter=True, fp8_converter_warpgroups=n)
+        measure(attnc_runners(s, x, options, f"attnc-c{n}"), want, device, row)
         for f16 in (False, True)[:(1 + f16_values) * quantize_q]:
-            options = PlanOptions(gluon=True, fp8_converter_warpgroups=n, fp8_f16_values=f16)
+            options = PlanOptions(gluon=True, fp8_conflict_free_converter=True, fp8_converter_warpgroups=n,
+                                  fp8_f16_values=f16)
             measure(attnc_runners(replace(s, quantize_q=True), x, options, f"attnc-q8{'-f16' if f16 else ''}-c{n}"),
                     want_q8, device, row, tol=q8_tol)
     flex = row["results"].get("flex", {})  # no peers for the FP8 latent
@@ -783,7 +786,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="with --fp8: decode rows also time the spec with `quantize q, qr to f8e4m3` (attnc-q8) and "
                          "the bf16 spec over the dequantised latent (attnc-bf16)")
     ap.add_argument("--converters", type=int, nargs="*", default=[],
-                    help="with --fp8: decode rows also time the Gluon kernel with these converter warpgroup counts "
+                    help="with --fp8: decode rows also time the Gluon kernel with the conflict-free converter "
+                         "(PlanOptions.fp8_conflict_free_converter) and these converter warpgroup counts "
                          "(PlanOptions.fp8_converter_warpgroups): attnc-cN columns, with --quantize-q attnc-q8-cN")
     ap.add_argument("--f16-values", action="store_true",
                     help="with --fp8 --quantize-q --converters: also P V in f16 (PlanOptions.fp8_f16_values): "

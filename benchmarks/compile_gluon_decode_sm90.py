@@ -9,8 +9,10 @@ at its DECODE_TUNED tile. Needs Triton 3.6 (the GPU machine's):
 --fp8 compiles bench_mla.py --fp8's spec (latent and rope part e4m3): the producer, a converter warpgroup, the two
 consumer warpgroups. --fp8 --quantize-q: bench_mla.py --quantize-q's spec (`quantize q, qr to f8e4m3`): QK^T as
 fp8 x fp8 wgmma (QGMMA) on the e4m3 slots, the converter converting the latent's 512 columns alone.
+--conflict-free: the conflict-free converter, 8 e4m3 a thread (PlanOptions.fp8_conflict_free_converter; by default 16).
 --converters 1 2: each with one and two converter warpgroups (PlanOptions.fp8_converter_warpgroups; a converter loop
-line each); --f16-values (with --quantize-q): P V in f16 (PlanOptions.fp8_f16_values).
+line each; two use the conflict-free converter); --f16-values (with --quantize-q): P V in f16
+(PlanOptions.fp8_f16_values; the conflict-free converter too).
 
 Exit status 1 if a kernel fails to compile, ptxas warns (serialized wgmma), or a kernel spills."""
 import argparse
@@ -49,9 +51,10 @@ def fp8_spec(name: str, quantize_q: bool = False):
     return bench_mla.mla_spec(shapes, paged=name == "mla_paged")
 
 
-def plan_with(spec, block_n: int, stages: int | None, converters: int | None = None, f16_values: bool = False):
+def plan_with(spec, block_n: int, stages: int | None, converters: int | None = None, f16_values: bool = False,
+              conflict_free: bool | None = None):
     options = PlanOptions(gluon=True, warpgroup_block_n=block_n, fp8_converter_warpgroups=converters,
-                          fp8_f16_values=f16_values)
+                          fp8_f16_values=f16_values, fp8_conflict_free_converter=conflict_free)
     plan = plan_kernel(spec, Target("triton", "cuda", 90), 512, 512, options)
     staged = plan.decode.warpgroups
     assert staged.path == "gluon", staged.reason
@@ -61,7 +64,7 @@ def plan_with(spec, block_n: int, stages: int | None, converters: int | None = N
 
 def compile_decode(plan, work: Path, split: bool):
     w = plan.decode.warpgroups.layout
-    path = work / f"{plan.spec.name}_{w.block_n}_{w.stages}_{w.fp8_stages}_{w.converter_warpgroups}{'h' if w.f16_values else ''}.py"
+    path = work / f"{plan.spec.name}_{w.block_n}_{w.stages}_{w.fp8_stages}_{w.converter_warpgroups}v{w.converter_vector}{'h' if w.f16_values else ''}.py"
     path.write_text(generate_gluon_decode(plan))
     fn = launch.import_source(path, f"gluon_decode_{path.stem}").attn_decode_gluon
     types = argument_types(plan)
@@ -109,6 +112,8 @@ def main() -> int:
                         help="with --fp8: converter warpgroups (PlanOptions.fp8_converter_warpgroups), each compiled")
     parser.add_argument("--f16-values", action="store_true",
                         help="with --fp8 --quantize-q: P V in f16 (PlanOptions.fp8_f16_values)")
+    parser.add_argument("--conflict-free", action="store_true",
+                        help="with --fp8: 8 e4m3 a converter thread (PlanOptions.fp8_conflict_free_converter)")
     args = parser.parse_args()
     ok = True
     specs = {s.name: s for s in attnc.parse_file("examples/specs/mla.attn")}
@@ -122,11 +127,11 @@ def main() -> int:
             w = plan_with(specs[name], block_n, None).decode.warpgroups.layout
             fit = w.fp8_stages or w.stages
             for stages in range(2, fit + 1):
-                plan = plan_with(specs[name], block_n, stages, converters, args.f16_values)
+                plan = plan_with(specs[name], block_n, stages, converters, args.f16_values, args.conflict_free or None)
                 w = plan.decode.warpgroups.layout
                 if w.fp8_stages:
                     name_label = (f"{name} fp8{'+q8' if args.quantize_q else ''}{'+f16' if w.f16_values else ''} "
-                                  f"conv={converters}")
+                                  f"conv={converters}x{w.converter_vector}")
                 else:
                     name_label = name
                 for split in (False, True):
@@ -138,7 +143,7 @@ def main() -> int:
                         print(f"FAIL {label}  {type(e).__name__}: {str(e).strip().splitlines()[-1][:400]}",
                               flush=True)
                         continue
-                    ptx = work / f"{name}_{block_n}_{stages}_{converters}{'h' if w.f16_values else ''}_{int(split)}.ptx"
+                    ptx = work / f"{name}_{block_n}_{stages}_{converters}v{w.converter_vector}{'h' if w.f16_values else ''}_{int(split)}.ptx"
                     r = ptxas_figures(compiled, ptx)
                     sass = full_sass(compiled.asm["cubin"])
                     if args.dump:

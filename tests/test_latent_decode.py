@@ -104,13 +104,34 @@ def test_fp8_latent_converts_in_shared_memory():
     go = latent_launch(_plan(spec=spec), dict(B=64, H=64, HKV=1, M=1, N=4096), 132)
     assert go.decode.keywords["maxnreg"] == 128  # 16 warps share the register file
     source = gluon_decode.generate_gluon_decode(_plan(spec=spec))
-    assert "def convert(" in source and "upcast_fp8(k8_bufs.index(land * CHUNKS + c).load(CONVERT), k_bufs.dtype)" in source
-    assert source.count("(convert, (") == 1 and "allocate_shared_memory(gl.float16" not in source
+    assert "def convert(" in source and "upcast_fp8(k8_bufs.index(land * CHUNKS + c).load(CVT))" in source
+    assert source.count("(convert, (") == 1 and "CONVERT" not in source and w.converter_vector == 16
     assert "scale = tl.max(" in source  # the values' dequant scale joins each row's 1 / l
     with pytest.raises(attnc.CompileError, match="fits 0 ring stage.* of e4m3 tiles beside two converted ones"):
         _plan(spec=spec, options=PlanOptions(gluon=True, warpgroup_block_n=64))
     staged = _plan(spec=_fp8_spec(rope="bf16")).decode.warpgroups
     assert staged.path == "triton" and "both f8e4m3" in staged.reason
+
+
+@pytest.mark.parametrize("quantize", [False, True])
+def test_conflict_free_converter(quantize):
+    """PlanOptions.fp8_conflict_free_converter alone: one converter, 8 e4m3 a thread (CONVERT), registers and shared
+    memory as by default; quantize_rows keeps 16 a thread (CVT). Explicitly off, it refuses the options that need it."""
+    spec = _fp8_spec(rope="f8e4m3", quantize=quantize)
+    default = _plan(spec=spec).decode.warpgroups.layout
+    plan = _plan(spec=spec, options=PlanOptions(gluon=True, fp8_conflict_free_converter=True))
+    w = plan.decode.warpgroups.layout
+    assert (w.converter_vector, w.converter_warpgroups, w.f16_values) == (8, 1, False)
+    assert (w.smem, w.value_regs, w.converter_regs) == (default.smem, default.value_regs, default.converter_regs)
+    source = gluon_decode.generate_gluon_decode(plan)
+    assert "upcast_fp8(k8_bufs.index(land * CHUNKS + c).load(CONVERT), k_bufs.dtype)" in source
+    assert "CONVERT = gl.constexpr(gl.BlockedLayout([1, 8]," in source and source.count("(convert, (") == 1
+    assert ("CVT = gl.constexpr(" in source) == quantize and "allocate_shared_memory(gl.float16" not in source
+    assert "1 converter warpgroup(s) of 8 e4m3 a thread" in source.splitlines()[1]
+    assert "e4m3 a thread" not in gluon_decode.generate_gluon_decode(_plan(spec=spec)).splitlines()[1]
+    for option in (dict(fp8_converter_warpgroups=2), dict(fp8_f16_values=True))[:1 + quantize]:
+        with pytest.raises(attnc.CompileError, match="use the conflict-free converter"):
+            _plan(spec=spec, options=PlanOptions(gluon=True, fp8_conflict_free_converter=False, **option))
 
 
 @pytest.mark.parametrize("quantize", [False, True])
@@ -123,6 +144,7 @@ def test_two_converter_warpgroups_and_f16_values(quantize):
     plan = _plan(spec=spec, options=PlanOptions(gluon=True, fp8_converter_warpgroups=2, fp8_f16_values=True))
     w = plan.decode.warpgroups.layout
     assert (w.converter_warpgroups, w.converter_warps, w.fp8_queries, w.f16_values) == (2, 8, quantize, quantize)
+    assert w.converter_vector == 8  # the conflict-free converter
     assert (w.value_regs, w.converter_regs, score_registers(w)) == (160, 40, SCORE_REGS)
     assert w.smem == _plan(spec=spec).decode.warpgroups.layout.smem  # no shared memory added
     go = latent_launch(plan, dict(B=64, H=64, HKV=1, M=1, N=4096), 132)
@@ -135,7 +157,7 @@ def test_two_converter_warpgroups_and_f16_values(quantize):
     assert ("k_bufs = gl.allocate_shared_memory(gl.float16," in source) == quantize
     assert "2 converter warpgroup(s)" in source.splitlines()[1]
     one = _plan(spec=spec, options=PlanOptions(gluon=True, fp8_converter_warpgroups=1)).decode.warpgroups.layout
-    assert (one.converter_warpgroups, one.f16_values, score_registers(one)) == (1, False, 232)
+    assert (one.converter_warpgroups, one.converter_vector, one.f16_values, score_registers(one)) == (1, 16, False, 232)
     with pytest.raises(attnc.CompileError, match="fp8_converter_warpgroups .* one of 1, 2, got 3"):
         _plan(spec=spec, options=PlanOptions(gluon=True, fp8_converter_warpgroups=3))
 

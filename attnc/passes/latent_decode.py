@@ -33,8 +33,10 @@ dot as fp8 x fp8 wgmma straight on the e4m3 slots the producer landed, the score
 converter converts only the latent's 512 columns, which P V reads, and the score warpgroup releases an e4m3 slot
 beside it (218368 B at four e4m3 slots, 226560 B without).
 
-The converter's throughput (benchmarks/NOTES.md, "Issue 14: the FP8 converter's throughput"): it converts 8 e4m3 a
-thread at a time (at 16, its stores into the 128-byte swizzled slot conflicted 2-way), and PlanOptions choose
+The converter's throughput (benchmarks/NOTES.md, "Issue 14: the FP8 converter's throughput"), opt-in until a GPU
+shows it right and faster (PlanOptions; by default one converter converts 16 e4m3 a thread at a time):
+    fp8_conflict_free_converter  8 e4m3 a thread (at 16, its stores into the 128-byte swizzled slot conflict 2-way);
+                                 the two options below use it too
     fp8_converter_warpgroups=2   two converter warpgroups, each converting half of every slot's latent chunks; for
                                  registers the launch's maxnreg falls to 96: budgets
                                  of 40 a converter and 160 for the value warpgroup leave the score warpgroup 216
@@ -189,9 +191,14 @@ def choose_layout(plan: KernelPlan, stages: int | None = None) -> LatentDecodeLa
     smem = layout_bytes(block_n, 2, rope, q_bytes, stages, fp8_queries)
     # P V in f16 where QK^T does not read the converted slots (quantised queries) and q is bf16 (f16 q: already)
     f16_values = bool(plan.options.fp8_f16_values) and fp8_queries and plan.dtype == "bf16"
+    conflict_free = plan.options.fp8_conflict_free_converter
+    if conflict_free is False and (converters > 1 or f16_values):
+        raise CompileError("fp8_converter_warpgroups=2 and fp8_f16_values use the conflict-free converter: "
+                           "fp8_conflict_free_converter=False cannot go with them")
+    vector = 8 if conflict_free or converters > 1 or f16_values else 16
     layout = LatentDecodeLayout(ROWS, block_n, 2, chunks, rope, smem, fp8_stages=stages, fp8_queries=fp8_queries,
                                 value_regs=value_regs, converter_regs=converter_regs,
-                                converter_warpgroups=converters, f16_values=f16_values)
+                                converter_warpgroups=converters, converter_vector=vector, f16_values=f16_values)
     if score_registers(layout) < SCORE_REGS:  # a guard for edits of the budgets above
         raise CompileError(f"{converters} converter warpgroup(s) of {converter_regs} registers and a value warpgroup "
                            f"of {value_regs} leave the score warpgroup {score_registers(layout)}, under {SCORE_REGS}")
