@@ -5,9 +5,13 @@ workloads, in one process on the same inputs, each output checked against cuDNN'
   orders the two consumers' MMAs at all (benchmarks/NOTES.md, the per-row floors: the Gluon rows sit near the floor
   without overlap);
 - `--persistent`: a program per 128-row query tile against persistent programs (PlanOptions(gluon_persistent=True),
-  a program per SM over the work tiles), on the dense and causal rows at S = 1k / 4k / 16k.
+  a program per SM over the work tiles), on the dense and causal rows at S = 1k / 4k / 16k;
+- `--softmax-under-pv`: the default layout against PlanOptions(gluon_softmax_under_pv=True) (P V reads P from shared
+  memory and is waited for a step later, so the weights of a tile run under the last tile's P V: benchmarks/NOTES.md,
+  issue 13), each with the default's choice of programs (persistent for causal), on the same rows.
 
-    python3 benchmarks/gluon_schedules.py [--persistent] [--only REGEX] [--out DIR]   # sm_90 GPU, Triton 3.6"""
+    python3 benchmarks/gluon_schedules.py [--persistent | --softmax-under-pv] [--only REGEX] [--out DIR]
+    # sm_90 GPU, Triton 3.6"""
 import argparse
 
 import attnc.bench as bench
@@ -17,6 +21,8 @@ from attnc.passes.warpgroups import SCHEDULES
 SCHEDULE_VARIANTS = {f"attnc-gluon-{s}": PlanOptions(gluon=True, warpgroup_schedule=s) for s in SCHEDULES}
 PERSISTENT_VARIANTS = {"attnc-gluon": PlanOptions(gluon=True, gluon_persistent=False),
                        "attnc-gluon-persistent": PlanOptions(gluon=True, gluon_persistent=True)}
+UNDER_PV_VARIANTS = {"attnc-gluon": PlanOptions(gluon=True),
+                     "attnc-gluon-under-pv": PlanOptions(gluon=True, gluon_softmax_under_pv=True)}
 
 
 def gluon_makers(variants: dict):
@@ -34,14 +40,20 @@ def gluon_makers(variants: dict):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="benchmarks/results")
-    ap.add_argument("--persistent", action="store_true", help="one-tile against persistent programs")
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--persistent", action="store_true", help="one-tile against persistent programs")
+    mode.add_argument("--softmax-under-pv", action="store_true", help="P in registers against P in shared memory")
     ap.add_argument("--only", help="regex over attnc bench's workloads (default: dense and causal at 4k and 16k, "
-                                   "with --persistent at 1k, 4k and 16k)")
+                                   "with --persistent or --softmax-under-pv at 1k, 4k and 16k)")
     args = ap.parse_args()
-    variants, name, prefix = (PERSISTENT_VARIANTS, "gluon_persistent", "gluon-persistent-") if args.persistent \
-        else (SCHEDULE_VARIANTS, "gluon_schedules", "gluon-schedules-")
-    only = args.only or (r"^(dense|causal) S=(1024|4096|16384)$" if args.persistent
-                         else r"^(dense|causal) S=(4096|16384)$")
+    if args.persistent:
+        variants, name, prefix = PERSISTENT_VARIANTS, "gluon_persistent", "gluon-persistent-"
+    elif args.softmax_under_pv:
+        variants, name, prefix = UNDER_PV_VARIANTS, "gluon_softmax_under_pv", "gluon-under-pv-"
+    else:
+        variants, name, prefix = SCHEDULE_VARIANTS, "gluon_schedules", "gluon-schedules-"
+    only = args.only or (r"^(dense|causal) S=(4096|16384)$" if variants is SCHEDULE_VARIANTS
+                         else r"^(dense|causal) S=(1024|4096|16384)$")
     makers = gluon_makers(variants)
     report, path = bench.run_report(name, bench.prefill_workloads(),
                                     lambda w, device: bench.run_workload(w, device, makers=makers),

@@ -194,3 +194,30 @@ def test_persistent_leaves_expanded_heads_to_the_template_gpu(gluon_launches):
     got = attnc.compile(spec, options=PERSISTENT)(q, k, v)
     assert_matches(spec, got, attnc.reference(spec, q, k, v))
     assert gluon_launches == [False]
+
+
+@pytest.mark.parametrize("m, n", [(700, 1300), (300, 100), (1100, 1100)])  # even / one / odd key tiles a program
+@pytest.mark.parametrize("dtype", ["bf16", "f16"])
+@pytest.mark.parametrize("name, d, persistent", [
+    ("dense", 64, False), ("dense", 128, False), ("dense", 128, True),
+    ("causal_lm", 64, True), ("causal_lm", 128, True), ("causal_lm", 128, False),  # persistent: causal's default
+    ("gqa_causal", 128, True), ("gqa_causal", 128, False),
+])
+def test_softmax_under_pv_gpu(name, d, persistent, dtype, m, n, gluon_launches):
+    """PlanOptions(gluon_softmax_under_pv=True): P V reads P from two shared buffers per consumer and is waited for
+    a step later (benchmarks/NOTES.md, issue 13). A buffer overwritten before its P V ran, a slot released early or
+    twice, or the last P V lost shows as a wrong or NaN row against the reference; the layout the launch ran is
+    checked to have the option on."""
+    _needs_hopper()
+    spec = replace(with_dtype(EXAMPLES[name], dtype), returns_lse=True)
+    sizes = example_sizes(spec, m=m, n=n)
+    sizes.update(B=2, H=4, HKV=2 if spec.is_gqa_shape else 4, D=d, DV=d)
+    q, k, v = qkv(spec, sizes, "cuda")
+    kwargs = example_kwargs(spec, sizes, "cuda")
+    kernel = attnc.compile(spec, options=PlanOptions(gluon=True, gluon_persistent=persistent,
+                                                     gluon_softmax_under_pv=True))
+    got = kernel(q, k, v, **kwargs)
+    assert_matches(spec, got, attnc.reference(spec, q, k, v, **kwargs))
+    assert gluon_launches == [True], "the launch ran the Gluon kernel"
+    layout = kernel.plan(q.device, d).warpgroups.layout
+    assert layout.softmax_under_pv and layout.persistent == persistent

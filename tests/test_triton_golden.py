@@ -44,6 +44,14 @@ PERSISTENT_CASES = [
     ("mla_prefill_gluon_persistent_sm90.py", "mla_dv.attn", "mla_prefill", Target("triton", "cuda", 90), 192),
 ]
 PERSISTENT = PlanOptions(gluon=True, gluon_persistent=True)
+# Its softmax under P V (PlanOptions(gluon_softmax_under_pv=True)): P through two shared buffers per consumer, the wait
+# for P V at the step after next; one-tile and persistent programs (the latter's out through Q's buffer then).
+UNDER_PV_CASES = [
+    ("causal_lm_gluon_under_pv_sm90.py", "causal.attn", "causal_lm", Target("triton", "cuda", 90), 128,
+     PlanOptions(gluon=True, gluon_persistent=False, gluon_softmax_under_pv=True)),
+    ("causal_lm_gluon_persistent_under_pv_sm90.py", "causal.attn", "causal_lm", Target("triton", "cuda", 90), 128,
+     PlanOptions(gluon=True, gluon_persistent=True, gluon_softmax_under_pv=True)),
+]
 
 
 # The Gluon MLA decode kernel (sm_90, PlanOptions(gluon=True)) over the paged latent: a producer warp, QK^T once per
@@ -94,10 +102,12 @@ def _source(file, name, target, d, kernel: str, options: PlanOptions) -> str:
 @pytest.mark.parametrize("golden, file, name, target, d, kernel, options",
                          [c + ("template", PlanOptions()) for c in CASES] + [c + ("gluon", GLUON) for c in GLUON_CASES]
                          + [c + ("gluon", PERSISTENT) for c in PERSISTENT_CASES]
+                         + [c[:5] + ("gluon", c[5]) for c in UNDER_PV_CASES]
                          + [c + ("gluon_decode", GLUON) for c in GLUON_DECODE_CASES]
                          + [c[:5] + ("gluon_decode", c[5]) for c in FP8_CONVERTER_CASES]
                          + [c + ("gluon_dkdv", GLUON_BACKWARD) for c in GLUON_BACKWARD_CASES],
-                         ids=[c[0] for c in CASES + GLUON_CASES + PERSISTENT_CASES + GLUON_DECODE_CASES
+                         ids=[c[0] for c in CASES + GLUON_CASES + PERSISTENT_CASES + [c[:5] for c in UNDER_PV_CASES]
+                              + GLUON_DECODE_CASES
                               + [c[:5] for c in FP8_CONVERTER_CASES] + GLUON_BACKWARD_CASES])
 def test_generated_source_matches_golden(golden, file, name, target, d, kernel, options, request):
     source = _source(file, name, target, d, kernel, options)

@@ -504,3 +504,68 @@ def test_persistent_programs_take_no_expanded_heads():
         # a batch of one whose batch stride is no multiple of 16 bytes: a per-head base never moves by it
         odd = q[:1].as_strided((1, 8, 300, 128), (3, 300 * 128, 128, 1))
         assert launcher.covers(bind(plan.spec, odd, k[:1].contiguous(), v[:1].contiguous(), {})) == covered
+
+
+UNDER_PV = replace(GLUON, gluon_softmax_under_pv=True)
+
+
+@pytest.mark.parametrize("name, d, persistent", [("causal_lm", 128, False), ("causal_lm", 128, True),
+                                                 ("causal_lm", 64, True), ("dense", 64, False),
+                                                 ("gqa_causal", 128, False)])
+def test_softmax_under_pv_fits_beside_the_ring(name, d, persistent):
+    """PlanOptions(gluon_softmax_under_pv=True) where the layout overlaps: two P buffers per consumer's rows join Q
+    and the ring in shared memory (the ring keeps its stages at D <= 128; persistent out keeps a buffer of its own
+    only where it still fits: D = 64)."""
+    plan = _plan(name, d=d, options=replace(UNDER_PV, gluon_persistent=persistent))
+    w, t = plan.warpgroups.layout, plan.tiling
+    assert w.softmax_under_pv and w.overlap and w.persistent == persistent
+    assert w.stages == _plan(name, d=d, options=replace(GLUON, gluon_persistent=persistent)).warpgroups.layout.stages
+    shared = (w.block_m * t.block_d + w.stages * w.block_n * (t.block_d + t.block_dv) + 2 * w.block_m * w.block_n) * 2
+    assert shared + BARRIER_BYTES <= smem_capacity(90)
+    assert w.out_buffer == (persistent and shared + BARRIER_BYTES + w.block_m * t.block_dv * 2 <= smem_capacity(90))
+    assert "softmax under P V" in gluon.plan_line(plan)
+
+
+def test_softmax_under_pv_needs_the_overlap_and_room_for_p():
+    """D = 256 (DV > 128) does not overlap QK^T and P V, and MLA's D = 192 has no room for P beside two stages: the
+    option leaves them as they were."""
+    for name, d, dv in (("dense", 256, 256), ("mla_prefill", 192, 128)):
+        assert _plan(name, d=d, dv=dv, options=UNDER_PV).warpgroups.layout \
+            == _plan(name, d=d, dv=dv).warpgroups.layout
+
+
+@pytest.mark.parametrize("persistent", [False, True])
+def test_softmax_under_pv_waits_for_p_v_a_step_later(persistent):
+    """In the key loop the wait for the last step's P V comes after the v_ready wait (a branch ptxas does not move
+    it across) and before the weights' QK^T wait, releasing the slot of the tile before last (none in the first
+    two steps); P goes to the buffer the in-flight P V does not read, fenced, and a thread barrier precedes the P V
+    that reads it."""
+    import ast
+
+    source = gluon.generate_gluon(_plan(options=replace(UNDER_PV, gluon_persistent=persistent)))
+    _, fn = _calls(ast.parse(source), "consume")
+    loop = next(n for n in ast.walk(fn) if isinstance(n, ast.For) and ast.unparse(n.iter) == "range(run_start + 1, run_end)")
+    calls = sorted((n for n in ast.walk(loop) if isinstance(n, ast.Call)), key=lambda n: (n.lineno, n.col_offset))
+    body = [ast.unparse(n) for n in calls]
+    order = ["mbarrier.wait(v_ready.index(prev)", "warpgroup_mma_wait(0, deps=[acc])",
+             "mbarrier.arrive(empty.index((n + STAGES - 2) % STAGES), count=1, pred=k >= 2)", "gl.thread_barrier()",
+             "mbarrier.wait(k_ready.index(slot)", "warpgroup_mma(prob_bufs.index(CONSUMER * 2 + (k - 1) % 2)",
+             "warpgroup_mma_wait(1, deps=[qk])", "prob_bufs.index(CONSUMER * 2 + k % 2).store(", "fence_async_shared()"]
+    found = [next(i for i, c in enumerate(body) if c.startswith(o)) for o in order]
+    assert found == sorted(found), body
+    assert "probs" not in source and source.count("warpgroup_mma_wait(0, deps=[acc])") == 2
+
+
+def test_the_gpu_ab_times_p_in_registers_against_shared_memory():
+    """benchmarks/gluon_schedules.py --softmax-under-pv: cuDNN, the template, the Gluon kernel as it is and with
+    PlanOptions(gluon_softmax_under_pv=True)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import gluon_schedules
+
+    makers = gluon_schedules.gluon_makers(gluon_schedules.UNDER_PV_VARIANTS)(None, None, None, None, {}, {})
+    assert list(makers) == ["sdpa-cudnn", "attnc", "attnc-gluon", "attnc-gluon-under-pv"]
+    layouts = [_plan(options=o).warpgroups.layout for o in gluon_schedules.UNDER_PV_VARIANTS.values()]
+    assert [w.softmax_under_pv for w in layouts] == [False, True]

@@ -117,13 +117,22 @@ def choose_layout(plan: KernelPlan, persistent: bool) -> WarpgroupLayout:
     # per-element integer work at D >= 128.
     overlap = t.block_dv <= 128 and not (work == 2 and widest >= 128)
     bytes_per = DTYPE_BITS[plan.dtype] // 8
+    columns = sum(chunks)  # of Q and K in shared memory
+
+    def shared(stages: int, extra: int) -> int:  # Q, the ring, `extra` bytes and the mbarriers
+        return smem_bytes(block_m, block_n, columns, t.block_dv, stages, bytes_per) + extra + BARRIER_BYTES
+
+    # The softmax under P V (where the layout overlaps and its P buffers fit beside two stages: not MLA's D = 192):
+    # P in shared memory, two buffers per consumer's rows
+    p_bytes = 2 * block_m * block_n * bytes_per
+    under_pv = bool(plan.options.gluon_softmax_under_pv) and overlap \
+        and shared(2, p_bytes) <= smem_capacity(plan.target.arch)
+    p_bytes = p_bytes if under_pv else 0
     # The ring: the most stages that fit beside Q, up to MAX_STAGES, and at most RING_BYTES of K and V in flight
     # (FlashAttention-3 runs two 64 KiB stages at D = 128).
-    columns = sum(chunks)  # of Q and K in shared memory
     slot = block_n * (columns + t.block_dv) * bytes_per
     stages = min(MAX_STAGES, max(2, RING_BYTES // slot))
-    while stages > 1 and smem_bytes(block_m, block_n, columns, t.block_dv, stages, bytes_per) + BARRIER_BYTES \
-            > smem_capacity(plan.target.arch):
+    while stages > 1 and shared(stages, p_bytes) > smem_capacity(plan.target.arch):
         stages -= 1
     if stages < 2:  # with one slot a consumer would wait for tile j+1's K before it releases tile j's V
         raise CompileError(f"warpgroup_block_n={block_n}: two ring stages of {block_n} keys at D={plan.head_dim} "
@@ -133,15 +142,15 @@ def choose_layout(plan: KernelPlan, persistent: bool) -> WarpgroupLayout:
         raise CompileError(f"warpgroup_schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
     # cooperative: one consumer partition whose 8 warps (two warpgroups) share the 128 rows of every step
     consumers, warps = (1, 8) if schedule == "cooperative" else (2, 4)
-    layout = WarpgroupLayout(block_m, block_n, stages, consumers, warps, schedule, overlap, chunks)
+    layout = WarpgroupLayout(block_m, block_n, stages, consumers, warps, schedule, overlap, chunks,
+                             softmax_under_pv=under_pv)
     if persistent:
         # Persistent programs: every partition finds each work tile's key range itself, and the scalars the
         # partitions share (sizes, strides, the mask bounds' terms) are computed once before they split and stay live
         # into the producer, which spilled them at 24 registers (ptxas, sm_90a: 116 B at causal D = 128). 40 leave
         # both consumers 232: the launch's 12 warps at max_registers (168) hold 64,512 = 128 x (232 + 232 + 40).
         # Out through a buffer of its own where shared memory holds it beside Q and the ring (D <= 128).
-        out_buffer = smem_bytes(block_m, block_n, columns, t.block_dv, stages, bytes_per) + BARRIER_BYTES \
-            + block_m * t.block_dv * bytes_per <= smem_capacity(plan.target.arch)
+        out_buffer = shared(stages, p_bytes + block_m * t.block_dv * bytes_per) <= smem_capacity(plan.target.arch)
         layout = replace(layout, persistent=True, producer_regs=40, consumer_regs=232, out_buffer=out_buffer)
     return layout
 
