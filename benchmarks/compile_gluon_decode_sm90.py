@@ -7,7 +7,8 @@ at its DECODE_TUNED tile. Needs Triton 3.6 (the GPU machine's):
     PYTHONPATH=$PWD /tmp/venv36/bin/python benchmarks/compile_gluon_decode_sm90.py [--spec mla_paged] [--tiles 64 32] [--fp8]
 
 --fp8 compiles bench_mla.py --fp8's spec (latent and rope part e4m3): the producer, a converter warpgroup, the two
-consumer warpgroups.
+consumer warpgroups. --persistent compiles the persistent schedule (PlanOptions(mla_persistent=True): a program per
+SM walking its share's segments; no split form).
 
 Exit status 1 if a kernel fails to compile, ptxas warns (serialized wgmma), or a kernel spills."""
 import argparse
@@ -44,11 +45,12 @@ def fp8_spec(name: str):
     return bench_mla.mla_spec(bench_mla.fp8_shapes(bench_mla.GPU), paged=name == "mla_paged")
 
 
-def plan_with(spec, block_n: int, stages: int | None):
-    plan = plan_kernel(spec, Target("triton", "cuda", 90), 512, 512, PlanOptions(gluon=True, warpgroup_block_n=block_n))
+def plan_with(spec, block_n: int, stages: int | None, persistent: bool = False):
+    plan = plan_kernel(spec, Target("triton", "cuda", 90), 512, 512,
+                       PlanOptions(gluon=True, warpgroup_block_n=block_n, mla_persistent=persistent or None))
     staged = plan.decode.warpgroups
     assert staged.path == "gluon", staged.reason
-    layout = choose_layout(plan, stages)
+    layout = replace(choose_layout(plan, stages), persistent=staged.layout.persistent)
     return replace(plan, decode=replace(plan.decode, warpgroups=replace(staged, layout=layout)))
 
 
@@ -58,8 +60,9 @@ def compile_decode(plan, work: Path, split: bool):
     path.write_text(generate_gluon_decode(plan))
     fn = launch.import_source(path, f"gluon_decode_{path.stem}").attn_decode_gluon
     types = argument_types(plan)
+    types["sched_ptr"] = "*i32"
     signature = {n: ("i32" if types[n] == "i64" else types[n])
-                 for n in gluon_decode_signature(spec_args(plan, per_sequence=True)).names}
+                 for n in gluon_decode_signature(spec_args(plan, per_sequence=True), w.persistent).names}
     constexprs = {"BLOCK_MQ": 1, "PACK": 64, "SPLIT": split}
     signature.update({n: "constexpr" for n in constexprs})
     options = gluon_decode_kernel(plan, LaunchTiles(None, constexprs["PACK"], constexprs["BLOCK_MQ"]), split).keywords
@@ -99,6 +102,7 @@ def main() -> int:
     parser.add_argument("--tiles", type=int, nargs="*", help="key tiles (default 64 and 32; 32 with --fp8)")
     parser.add_argument("--dump", help="folder for the generated sources, PTX and SASS")
     parser.add_argument("--fp8", action="store_true", help="the latent e4m3 (bench_mla.py --fp8's spec, BN = 32)")
+    parser.add_argument("--persistent", action="store_true", help="the persistent schedule (PlanOptions(mla_persistent))")
     args = parser.parse_args()
     ok = True
     specs = {s.name: s for s in attnc.parse_file("examples/specs/mla.attn")}
@@ -110,15 +114,15 @@ def main() -> int:
         work.mkdir(parents=True, exist_ok=True)
         for name in args.spec:
             for block_n in tiles:
-                w = plan_with(specs[name], block_n, None).decode.warpgroups.layout
+                w = plan_with(specs[name], block_n, None, args.persistent).decode.warpgroups.layout
                 fit = w.fp8_stages or w.stages
                 for stages in range(2, fit + 1):
-                    plan = plan_with(specs[name], block_n, stages)
+                    plan = plan_with(specs[name], block_n, stages, args.persistent)
                     if plan.decode.warpgroups.layout.fp8_stages:
                         name_label = f"{name} fp8"
                     else:
                         name_label = name
-                    for split in (False, True):
+                    for split in (False,) if w.persistent else (False, True):
                         label = f"{name_label:14s} BN={block_n} stages={stages} split={int(split)}"
                         try:
                             compiled = compile_decode(plan, work, split)

@@ -34,11 +34,23 @@ by `dims`, a multiple of BN). Everything else keeps the Triton decode kernel. Wh
 (PlanOptions(gluon=False) keeps the Triton kernel): on the H100 (session 10, benchmarks/NOTES.md) it ran 1.35-1.92x
 the Triton kernel's bytes/s at 64 heads and 2.06-2.44x at 128, bf16, contiguous and paged, and 2.3-3.1x over an FP8
 latent, its GPU tests right against the float64 reference.
+
+Schedule: one program per (position, head group, split) by split_count, or with PlanOptions(mla_persistent=True)
+FlashMLA's persistent one (its get_mla_metadata): a program per SM, each taking an equal share (within one tile) of
+the key tiles of all (sequence, position, head group) items laid end to end (balanced_shares), so the shares cross
+sequence boundaries. The producer streams the tiles of a share's segments through one ring without draining it
+(Q reloads at a segment boundary, once both warpgroups stored the last segment's out through Q's buffer); a segment
+holding its item's every tile writes out and lse itself, the pieces of an item cut by a share boundary write f32
+partials to workspace rows `program + item` (consecutive for an item's pieces) that attn_combine's scheduled form
+merges, for the cut items only. The metadata is the items' cumulative tile counts (torch ops on the device, no host
+sync: CUDA-graph capturable); every partition walks its share from them. It covers one query position (M = 1: the
+split rule serves longer M) over a latent in q's dtype (the FP8 converter keeps the split rule) under masks
+without lower bounds (tiles past a row's range are masked, never skipped).
 """
 from __future__ import annotations
 
-from dataclasses import replace
-from typing import Mapping
+from dataclasses import dataclass, replace
+from typing import Mapping, Sequence
 
 from ..errors import CompileError
 from ..ir import Paged, Ragged
@@ -95,6 +107,75 @@ def unavailable(plan: KernelPlan) -> str:
     return ""
 
 
+def unavailable_persistent(plan: KernelPlan) -> str:
+    """Why the Gluon kernel cannot take the persistent schedule ("" where it can)."""
+    if plan.spec.dequant:
+        return "an FP8 latent: its converter warpgroup steps through one split's tiles"
+    if plan.masks.evaluated or plan.masks.exact.lower:
+        return "a mask with lower bounds or evaluated on every tile: a share counts every tile from key 0"
+    return ""
+
+
+def persistent_latent(plan: KernelPlan) -> bool:
+    """Whether the plan runs the Gluon MLA decode kernel on the persistent schedule."""
+    staged = plan.decode.warpgroups if plan.decode else None
+    return bool(staged and staged.path == "gluon" and staged.layout and staged.layout.persistent)
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A program's run of one item's key tiles [first, end): item = (b * M + m) * head_groups + hp. `whole`: every
+    tile of the item, so the program writes out and lse; else a cut piece, written as a partial to workspace row
+    `slot` (program + item: an item's pieces take consecutive rows, and no two segments share one)."""
+
+    item: int
+    first: int
+    end: int
+    slot: int
+    whole: bool
+
+
+def item_tiles(lengths: Sequence[int], capacity: int, block_n: int, items_per_sequence: int) -> list[int]:
+    """Key tiles of each item: its sequence's length clamped to [0, capacity] (lengths are untrusted) in tiles of
+    block_n; a bad length that clamps to nothing keeps one tile, so a program reaches it and flags it."""
+    tiles = []
+    for n in lengths:
+        kept = min(max(n, 0), capacity)
+        tiles += [max(-(-kept // block_n), int(kept != n))] * items_per_sequence
+    return tiles
+
+
+def share_start(total: int, programs: int, p: int) -> int:
+    """The first tile of program p's share of `total` tiles: shares differ by at most one tile."""
+    return p * total // programs
+
+
+def tile_owner(tile: int, total: int, programs: int) -> int:
+    """The program whose share holds `tile` (the largest p with share_start(p) <= tile)."""
+    return ((tile + 1) * programs - 1) // total
+
+
+def balanced_shares(tiles: Sequence[int], programs: int) -> list[list[Segment]]:
+    """Each program's segments: the items' tiles laid end to end, cut into `programs` contiguous shares (the
+    kernel's walk, gluon_decode.py.j2 `segments`; the combine finds an item's pieces by tile_owner)."""
+    cumulative = [0]
+    for t in tiles:
+        cumulative.append(cumulative[-1] + t)
+    total = cumulative[-1]
+    shares = []
+    for p in range(programs):
+        pos, end, item, segments = share_start(total, programs, p), share_start(total, programs, p + 1), 0, []
+        while pos < end:
+            while cumulative[item + 1] <= pos:  # items without tiles
+                item += 1
+            stop = min(cumulative[item + 1], end)
+            segments.append(Segment(item, pos - cumulative[item], stop - cumulative[item], p + item,
+                                    pos == cumulative[item] and stop == cumulative[item + 1]))
+            pos = stop
+        shares.append(segments)
+    return shares
+
+
 def default_block_n(plan: KernelPlan) -> int:
     """64 keys a tile (FlashMLA's), 32 for an FP8 latent: its e4m3 slots and two converted slots must fit beside Q."""
     return 32 if plan.spec.dequant else DEFAULT_BLOCK_N
@@ -148,11 +229,17 @@ def stage_latent_decode(plan: KernelPlan) -> KernelPlan:
     if why:
         return replace(plan, decode=replace(plan.decode, warpgroups=WarpgroupPlan("triton", why)))
     layout = choose_layout(plan)
+    schedule = "split_count's splits"
+    if plan.options.mla_persistent:
+        why = unavailable_persistent(plan)
+        layout = replace(layout, persistent=not why)
+        schedule = f"split_count's splits: PlanOptions(mla_persistent=True) does not apply, {why}" if why else \
+            "persistent, balanced shares (PlanOptions(mla_persistent=True))"
     if plan.options.gluon is False:
         staged = WarpgroupPlan("triton", "the Gluon MLA decode kernel qualifies: PlanOptions(gluon=False)", layout)
     else:
-        staged = WarpgroupPlan("gluon", "one query position per program, the latent read once for QK^T and P V "
-                                        "(PlanOptions(gluon=False): the Triton decode kernel)", layout)
+        staged = WarpgroupPlan("gluon", f"one query position per program, the latent read once for QK^T and P V; "
+                                        f"{schedule} (PlanOptions(gluon=False): the Triton decode kernel)", layout)
     return replace(plan, decode=replace(plan.decode, warpgroups=staged))
 
 
@@ -168,7 +255,8 @@ def gluon_decode_kernel(plan: KernelPlan, tiles: LaunchTiles, split: bool) -> Ke
 def latent_launch(plan: KernelPlan, sizes: Mapping[str, int], sm_count: int) -> DecodeLaunch:
     """The Gluon decode kernel's launch for these sizes: one position per program (grid axis 0: M x splits), the
     most heads of a K/V group up to ROWS (a power of two dividing the group) as its rows, the key range split as
-    the Triton decode kernel splits it (split_count) for tiles of the layout's BN."""
+    the Triton decode kernel splits it (split_count) for tiles of the layout's BN; a persistent layout's one position
+a call: a program per SM (DecodeLaunch.programs), binary-search steps over the items' cumulative tiles."""
     w = plan.decode.warpgroups.layout
     b, heads, group = sizes["B"], sizes["H"], sizes["H"] // sizes["HKV"]
     pack = 1
@@ -176,6 +264,11 @@ def latent_launch(plan: KernelPlan, sizes: Mapping[str, int], sm_count: int) -> 
         pack *= 2
     tiles = LaunchTiles(TileConfig(pack, w.block_n, w.consumer_warps, w.stages), pack, 1)  # rows past pack idle
     head_programs = b * (heads // pack)
+    if w.persistent and sizes["M"] == 1:
+        # a program per SM; the combine merges the items cut by a share boundary (2 pieces, mostly)
+        items = b * (heads // pack)
+        return DecodeLaunch(tiles, 1, sm_count, 1, items.bit_length(), gluon_decode_kernel(plan, tiles, False),
+                            combine_kernel(plan, 2), programs=sm_count)
     key_tiles = -(-sizes["N"] // w.block_n)
     splits = split_count(plan, sizes["M"] * head_programs, key_tiles, sm_count)
     return DecodeLaunch(tiles, splits, sizes["M"], head_programs, 0, gluon_decode_kernel(plan, tiles, splits > 1),

@@ -55,6 +55,10 @@ class PlanOptions:
     gluon_backward: bool | None = None
     # its query rows per ring slot (32 or 64; A/B runs); None: the pass's choice (passes/warpgroups.py)
     gluon_backward_block_m: int | None = None
+    # Hopper MLA decode (the Gluon kernel, passes/latent_decode.py): True a program per SM, each taking an equal
+    # share of all (sequence, head group)s' key tiles (latent_decode.balanced_shares); None or False one program per
+    # (position, head group, split) by passes/decode.split_count (the default until a GPU run shows it faster)
+    mla_persistent: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -284,6 +288,8 @@ class LatentDecodeLayout:
     consumer_regs: int = 240
     value_regs: int = 240  # the value warpgroup's (no score tile): less beside a converter
     converter_regs: int = 0
+    # a program per SM over equal shares of every (sequence, head group)'s key tiles (latent_decode.balanced_shares)
+    persistent: bool = False
 
     @property
     def converter_warps(self) -> int:
@@ -442,7 +448,9 @@ def _latent(w: LatentDecodeLayout) -> str:
     return (f"producer {w.producer_warps} warp (TMA) -> ring of {w.stages} stages of {w.block_n} keys (latent in "
             f"chunks {'+'.join(map(str, w.chunks))}, rope {w.rope}) -> score warpgroup (QK^T once, weights, P to "
             f"shared) + value warpgroup, each P V over {w.value_chunks} chunks; BM={w.block_m}, {w.smem} B shared"
-            + (f"; FP8: {w.fp8_stages} e4m3 slots, a converter warpgroup writes the ring" if w.fp8_stages else ""))
+            + (f"; FP8: {w.fp8_stages} e4m3 slots, a converter warpgroup writes the ring" if w.fp8_stages else "")
+            + ("; persistent: a program per SM, equal shares of all key tiles, cut sequences merged by "
+               "attn_combine" if w.persistent else "; a program per (position, head group, split_count's split)"))
 
 
 def _tile(c: TileConfig) -> str:
