@@ -146,13 +146,15 @@ def item_tiles(lengths: Sequence[int], capacity: int, block_n: int, items_per_se
 
 
 def share_start(total: int, programs: int, p: int) -> int:
-    """The first tile of program p's share of `total` tiles: shares differ by at most one tile."""
-    return p * total // programs
+    """The first tile of program p's share of `total` tiles: shares differ by at most one tile, and with fewer tiles
+    than programs the first `total` programs take one each (no empty share between two pieces of an item)."""
+    used = max(min(programs, total), 1)
+    return min(p * total // used, total)
 
 
 def tile_owner(tile: int, total: int, programs: int) -> int:
     """The program whose share holds `tile` (the largest p with share_start(p) <= tile)."""
-    return ((tile + 1) * programs - 1) // total
+    return ((tile + 1) * min(programs, total) - 1) // total
 
 
 def balanced_shares(tiles: Sequence[int], programs: int) -> list[list[Segment]]:
