@@ -51,6 +51,11 @@ PERSISTENT = PlanOptions(gluon=True, gluon_persistent=True)
 GLUON_DECODE_CASES = [
     ("mla_paged_gluon_decode_sm90.py", "mla.attn", "mla_paged", Target("triton", "cuda", 90), 512),
 ]
+# Its persistent schedule (PlanOptions(mla_persistent=True)): every partition walks its share's segments, Q reloaded
+# at a segment boundary (q_free), cut segments written to their workspace rows.
+GLUON_DECODE_PERSISTENT_CASES = [
+    ("mla_paged_gluon_decode_persistent_sm90.py", "mla.attn", "mla_paged", Target("triton", "cuda", 90), 512),
+]
 
 
 # The backward's Gluon dK/dV kernel (sm_90, PlanOptions(gluon_backward=True)): causal at D = 128 (full and partial
@@ -85,9 +90,11 @@ def _source(file, name, target, d, kernel: str, options: PlanOptions) -> str:
                          [c + ("template", PlanOptions()) for c in CASES] + [c + ("gluon", GLUON) for c in GLUON_CASES]
                          + [c + ("gluon", PERSISTENT) for c in PERSISTENT_CASES]
                          + [c + ("gluon_decode", GLUON) for c in GLUON_DECODE_CASES]
+                         + [c + ("gluon_decode", PlanOptions(gluon=True, mla_persistent=True))
+                            for c in GLUON_DECODE_PERSISTENT_CASES]
                          + [c + ("gluon_dkdv", GLUON_BACKWARD) for c in GLUON_BACKWARD_CASES],
                          ids=[c[0] for c in CASES + GLUON_CASES + PERSISTENT_CASES + GLUON_DECODE_CASES
-                              + GLUON_BACKWARD_CASES])
+                              + GLUON_DECODE_PERSISTENT_CASES + GLUON_BACKWARD_CASES])
 def test_generated_source_matches_golden(golden, file, name, target, d, kernel, options, request):
     source = _source(file, name, target, d, kernel, options)
     compile(source, golden, "exec")  # it is valid Python
