@@ -17,7 +17,8 @@ from attnc.backends.triton import gluon_decode
 from attnc.dsl.signature import bind
 from attnc.passes import PlanOptions, Target, plan_kernel
 from attnc.passes.latent_decode import (
-    balanced_shares, item_tiles, latent_launch, persistent_latent, share_start, tile_owner,
+    PIECE_TILES, balanced_shares, item_tiles, latent_launch, persistent_latent, persistent_programs, share_cost,
+    share_start, tile_owner,
 )
 from test_mla_grid import bench_mla, grid_spec
 from test_triton_kernels import poisoned_outputs  # noqa: F401  (an autouse fixture: importing enables it)
@@ -104,7 +105,17 @@ def _sizes(b=64, h=128, m=1, n=2048):
     return {"B": b, "H": h, "HKV": 1, "M": m, "N": n, "D": 512, "DV": 512}
 
 
-def test_a_persistent_launch_takes_a_program_per_sm():
+def test_programs_weigh_tiles_against_cut_pieces():
+    """Up to a program per SM, the fewest whose costliest share (tiles + PIECE_TILES a cut segment) is least: where
+    items spread evenly over fewer programs, no partials; B = 768 of 128 heads at 2k keys takes every SM."""
+    assert PIECE_TILES == 4
+    assert persistent_programs(16, 64, 132) == 128 and share_cost(16, 64, 128) == 8 + 4 < share_cost(16, 64, 132)
+    assert persistent_programs(16, 1536, 132) == 128 and share_cost(16, 1536, 128) == 192
+    assert persistent_programs(32, 1536, 132) == 132
+    assert persistent_programs(64, 1, 132) == 64 and persistent_programs(0, 5, 132) == 5
+
+
+def test_a_persistent_launch_takes_up_to_a_program_per_sm():
     go = latent_launch(_plan(), _sizes(b=768, h=128), 132)
     assert (go.programs, go.q_programs, go.head_programs, go.tiles.pack) == (132, 132, 1, 64)
     assert 2 ** go.search_steps >= 768 * 2 and go.combine is not None and go.decode.keywords["SPLIT"] is False
@@ -163,7 +174,7 @@ def test_the_scheduled_combine_merges_the_cut_items(monkeypatch, heads, pack, pr
     scores = torch.randn(batch, heads, 5 * page, dtype=torch.float64) * 3
     values = torch.randn(batch, 5 * page, 512, dtype=torch.float64)
     tiles = item_tiles(lengths, 5 * page, page, heads // pack)
-    for segments in balanced_shares(tiles, programs):
+    for segments in balanced_shares(tiles, go.programs):
         for s in segments:
             b, g = divmod(s.item, heads // pack)
             keys = slice(s.first * page, min(s.end * page, lengths[b]))

@@ -64,6 +64,10 @@ LATENT_CHUNK = 128  # one TMA box, one QK^T wgmma's K and one P V accumulator's 
 MAX_ROPE = 64
 ROWS = 64  # query heads per program: one wgmma M, each warpgroup's accumulator rows
 KEY_TILES = (32, 64)  # PlanOptions.warpgroup_block_n for this kernel
+# A cut segment's cost in key tiles (persistent_programs): its f32 partial (64 rows x 512 x 4 B) written and read back
+# by the combine, 256 KB, against a 64-key tile's 72 KB of bf16 latent, about 3.5 tiles (FlashMLA's scheduler
+# charges 5 a split)
+PIECE_TILES = 4
 DEFAULT_BLOCK_N = 64  # FlashMLA's: one page of 64 slots a tile, two stages
 MAX_STAGES = 4
 
@@ -155,6 +159,34 @@ def share_start(total: int, programs: int, p: int) -> int:
 def tile_owner(tile: int, total: int, programs: int) -> int:
     """The program whose share holds `tile` (the largest p with share_start(p) <= tile)."""
     return ((tile + 1) * min(programs, total) - 1) // total
+
+
+def share_cost(item_tiles: int, items: int, programs: int) -> int:
+    """The costliest program's share of `items` items of `item_tiles` key tiles each: its tiles plus PIECE_TILES for
+    each cut segment it writes as a partial."""
+    total, worst = item_tiles * items, 0
+    for p in range(programs):
+        a, b = share_start(total, programs, p), share_start(total, programs, p + 1)
+        if a == b:
+            continue
+        first, last = a // item_tiles, (b - 1) // item_tiles
+        if first == last:
+            cuts = int(a % item_tiles != 0 or b % item_tiles != 0)
+        else:
+            cuts = int(a % item_tiles != 0) + int(b % item_tiles != 0)
+        worst = max(worst, b - a + PIECE_TILES * cuts)
+    return worst
+
+
+def persistent_programs(item_tiles: int, items: int, sm_count: int) -> int:
+    """Programs of a persistent launch: the count up to one per SM whose costliest share (share_cost, for items of
+    the capacity's length) is least, the fewer programs on a tie. Where items do not spread evenly over the SMs
+    cutting them costs partials: B = 64 sequences of 64 heads take 128 programs (each sequence in two halves, as
+    split_count's two splits), B = 768 of 128 heads (1536 items of 16 tiles at 1k keys) 128 programs of 12 whole
+    items each rather than 132 shares cutting 120 items."""
+    if item_tiles <= 0 or items <= 0:
+        return max(1, min(sm_count, items))
+    return min(range(1, sm_count + 1), key=lambda p: (share_cost(item_tiles, items, p), p))
 
 
 def balanced_shares(tiles: Sequence[int], programs: int) -> list[list[Segment]]:
@@ -258,7 +290,8 @@ def latent_launch(plan: KernelPlan, sizes: Mapping[str, int], sm_count: int) -> 
     """The Gluon decode kernel's launch for these sizes: one position per program (grid axis 0: M x splits), the
     most heads of a K/V group up to ROWS (a power of two dividing the group) as its rows, the key range split as
     the Triton decode kernel splits it (split_count) for tiles of the layout's BN; a persistent layout's one position
-a call: a program per SM (DecodeLaunch.programs), binary-search steps over the items' cumulative tiles."""
+a call: up to a program per SM (persistent_programs; DecodeLaunch.programs), binary-search steps over the items'
+cumulative tiles."""
     w = plan.decode.warpgroups.layout
     b, heads, group = sizes["B"], sizes["H"], sizes["H"] // sizes["HKV"]
     pack = 1
@@ -267,10 +300,11 @@ a call: a program per SM (DecodeLaunch.programs), binary-search steps over the i
     tiles = LaunchTiles(TileConfig(pack, w.block_n, w.consumer_warps, w.stages), pack, 1)  # rows past pack idle
     head_programs = b * (heads // pack)
     if w.persistent and sizes["M"] == 1:
-        # a program per SM; the combine merges the items cut by a share boundary (2 pieces, mostly)
+        # up to a program per SM; the combine merges the items cut by a share boundary (2 pieces, mostly)
         items = b * (heads // pack)
-        return DecodeLaunch(tiles, 1, sm_count, 1, items.bit_length(), gluon_decode_kernel(plan, tiles, False),
-                            combine_kernel(plan, 2), programs=sm_count)
+        programs = persistent_programs(-(-sizes["N"] // w.block_n), items, sm_count)
+        return DecodeLaunch(tiles, 1, programs, 1, items.bit_length(), gluon_decode_kernel(plan, tiles, False),
+                            combine_kernel(plan, 2), programs=programs)
     key_tiles = -(-sizes["N"] // w.block_n)
     splits = split_count(plan, sizes["M"] * head_programs, key_tiles, sm_count)
     return DecodeLaunch(tiles, splits, sizes["M"], head_programs, 0, gluon_decode_kernel(plan, tiles, splits > 1),
