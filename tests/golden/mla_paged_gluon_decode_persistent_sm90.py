@@ -136,7 +136,7 @@ def score_warpgroup(
     TILE: gl.constexpr = MMA
     ROW: gl.constexpr = gl.SliceLayout(1, MMA)
     COL: gl.constexpr = gl.SliceLayout(0, MMA)
-    # b, hp, pid_m: the segment's item (score_segments)
+    # b, hp, pid_m: the segment's item (segments)
     r = gl.arange(0, BLOCK_M, layout=ROW)
     # Row r holds query head hp * PACK + r // BLOCK_MQ at position m0 + r % BLOCK_MQ (PACK > 1: GQA packing).
     i_row = pid_m * BLOCK_MQ + r % BLOCK_MQ
@@ -286,6 +286,7 @@ def value_warpgroup(
         tma.async_copy_shared_to_global(o_desc, [0, (VALUE_CHUNKS + 1) * CHUNK], q_bufs.index(VALUE_CHUNKS + 1))
         tma.store_wait(0)
     mbarrier.arrive(q_free.index(0), count=1)  # the producer may load the next segment's Q
+SEGMENT_INFO = gl.constexpr(4)  # a segment's keys (sz_N), full tiles [f_start, f_end) and poison: produce_segments'
 
 
 @gluon.jit
@@ -321,13 +322,11 @@ def score_segments(
     st2_kr, t_kv_len, st0_kv_len, t_qr, st0_qr, st1_qr, st2_qr, st3_qr, search_steps, n_splits,
     err_ptr, err_site, sched_ptr,
     q_bufs, qr_buf, k_bufs, kr_bufs, probs_buf, row_buf, q_ready, ready, empty, probs_ready, probs_free, q_free,
-    BLOCK_MQ: gl.constexpr, PACK: gl.constexpr
+    info_buf, BLOCK_MQ: gl.constexpr, PACK: gl.constexpr
 ):
-    """The score warpgroup over the program's segments: each one's key range and checks (the one-share kernel's
-    prologue), its out and workspace descriptors, then its tiles."""
-    BLOCK_M: gl.constexpr = ROWS
-    ROW: gl.constexpr = gl.BlockedLayout([1], [32], [CONSUMER_WARPS], [0])
-    COL: gl.constexpr = ROW
+    """The score warpgroup over the program's segments: each one's keys, full tiles and poison as the producer found
+    them (segment_info), its out and workspace descriptors, then its tiles."""
+    INFO: gl.constexpr = gl.BlockedLayout([1], [32], [CONSUMER_WARPS], [0])
     head_programs = sz_H // PACK
     n_items = sz_B * sz_M * head_programs
     pos, share_end = share_bounds(sched_ptr, n_items)
@@ -348,53 +347,11 @@ def score_segments(
         pid_m = item // head_programs % sz_M
         b = (item // head_programs // sz_M).to(tl.int64)
     
-        # b, hp, pid_m: the segment's item (score_segments)
-        
-        kv_len = tl.load(t_kv_len + b * st0_kv_len)
-        sz_N = tl.minimum(tl.maximum(kv_len, 0), cap_N)  # the table row's MAXP entries hold at most cap_N keys
-        record_violation(err_ptr, kv_len != sz_N, err_site, 2, ERR_LENGTH, b, b, kv_len, cap_N, sz_MAXP)
-        poison = kv_len != sz_N
-        table_row = t_block_table + b * st0_block_table
-        r = gl.arange(0, BLOCK_M, layout=ROW)
-        # Row r holds query head hp * PACK + r // BLOCK_MQ at position m0 + r % BLOCK_MQ (PACK > 1: GQA packing).
-        i_row = pid_m * BLOCK_MQ + r % BLOCK_MQ
-        h_row = hp * PACK + r // BLOCK_MQ
-        row_valid = i_row < sz_M
-        offs_n = gl.arange(0, BLOCK_N, layout=COL)
-        # -- per-row values: key bounds from the mask analysis, row-invariant score parts
-        exact_lo = gl.zeros([BLOCK_M], tl.int64, ROW)
-        exact_hi = gl.zeros([BLOCK_M], tl.int64, ROW) + sz_N
-        x0 = sz_N - sz_M
-        x1 = i_row.to(tl.int64) + tl.cast(x0, tl.int64)
-        x2 = x1.to(tl.int64) + 1
-        exact_hi = tl.minimum(exact_hi, x2)
-        exact_lo = tl.minimum(exact_lo, sz_N).to(tl.int32)
-        exact_hi = tl.maximum(exact_hi, 0).to(tl.int32)
-        hull_lo = exact_lo
-        hull_hi = exact_hi
-        # -- key tiles: [run_start, run_end) run, [f_start, f_end) need no mask (none do where every tile is masked)
-        live = row_valid & (hull_hi > hull_lo)
-        any_live = tl.max(live.to(tl.int32), 0) > 0
-        run_start = tl.where(any_live, tl.min(tl.where(live, hull_lo, BIG), 0) // BLOCK_N, 0)
-        run_end = tl.where(any_live, (tl.max(tl.where(live, hull_hi, 0), 0) + BLOCK_N - 1) // BLOCK_N, 0)
-        f_lo = tl.max(tl.where(row_valid, exact_lo, 0), 0)
-        f_hi = tl.maximum(tl.min(tl.where(row_valid, exact_hi, BIG), 0), 0)
-        f_start = tl.minimum(tl.maximum((f_lo + BLOCK_N - 1) // BLOCK_N, run_start), run_end)
-        f_end = tl.minimum(tl.maximum(f_hi // BLOCK_N, f_start), run_end)
-        f_start = tl.minimum(tl.maximum(f_start, s_start), s_end)
-        f_end = tl.minimum(tl.maximum(f_end, f_start), s_end)
-        # -- the split's page ids, checked before anything reads through them
-        worst = (s_start * 0 - 1).to(tl.int32)  # the last bad block-table entry, -1 for none
-        for c in range(s_start, s_end, PAGE_CHECK):
-            tiles = c + gl.arange(0, PAGE_CHECK, layout=ROW)
-            inside = tiles < s_end
-            entry = (tiles * BLOCK_N // PAGE).to(tl.int32)
-            page = tl.load(table_row + entry * st1_block_table, mask=inside, other=0)
-            bad = inside & ((page < 0) | (page >= sz_PAGES))
-            worst = tl.maximum(worst, tl.max(tl.where(bad, entry, -1), 0))
-        record_violation(err_ptr, worst >= 0, err_site, 0, ERR_PAGE_ID, b, worst,
-                         tl.load(table_row + tl.maximum(worst, 0) * st1_block_table), sz_PAGES, sz_N)
-        poison = poison | (worst >= 0)
+        mbarrier.wait(q_ready.index(0), seg & 1)  # the producer wrote the segment's info before Q's load
+        info = info_buf.index(seg & 1).load(INFO)
+        field = gl.arange(0, SEGMENT_INFO, layout=INFO)
+        sz_N, f_start, f_end, poison = (tl.sum(tl.where(field == 0, info, 0), 0), tl.sum(tl.where(field == 1, info, 0), 0),
+                                       tl.sum(tl.where(field == 2, info, 0), 0), tl.sum(tl.where(field == 3, info, 0), 0) != 0)
         split = slot
         ws_desc = tma.make_tensor_descriptor(ws_out_ptr + split * s_wo_s + hp * PACK * s_wo_h + (b * sz_M + pid_m) * s_wo_r,
                                             shape=[PACK, VALUE_DIM], strides=[s_wo_h, 1], block_shape=[ROWS, CHUNK],
@@ -462,10 +419,16 @@ def produce_segments(
     sz_PAGES, p_scale, t_block_table, st0_block_table, st1_block_table, t_kr, st0_kr, st1_kr,
     st2_kr, t_kv_len, st0_kv_len, t_qr, st0_qr, st1_qr, st2_qr, st3_qr, search_steps, n_splits,
     err_ptr, err_site, sched_ptr,
-    k_desc, kr_desc, q_bufs, qr_buf, k_bufs, kr_bufs, q_ready, ready, empty, q_free, BLOCK_MQ: gl.constexpr,
-    PACK: gl.constexpr
+    k_desc, kr_desc, q_bufs, qr_buf, k_bufs, kr_bufs, q_ready, ready, empty, q_free, info_buf,
+    BLOCK_MQ: gl.constexpr, PACK: gl.constexpr
 ):
-    """The producer warp over the program's segments: each one's Q and key tiles (the descriptors of its sequence)."""
+    """The producer warp over the program's segments: each one's key range and checks (the one-share kernel's
+    prologue, recorded as there), handed to the score warpgroup in info_buf (so the consumers' loops carry little
+    beyond the tiles: the score warpgroup's registers are full), then its Q and key tiles (the descriptors of its
+    sequence)."""
+    BLOCK_M: gl.constexpr = ROWS
+    ROW: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
+    COL: gl.constexpr = ROW
     head_programs = sz_H // PACK
     n_items = sz_B * sz_M * head_programs
     pos, share_end = share_bounds(sched_ptr, n_items)
@@ -487,8 +450,58 @@ def produce_segments(
         b = (item // head_programs // sz_M).to(tl.int64)
     
         kvh = 0  # one latent head (latent_launch)
-        sz_N = tl.minimum(tl.maximum(tl.load(t_kv_len + b * st0_kv_len), 0), cap_N)
+        # b, hp, pid_m: the segment's item (segments)
+        
+        kv_len = tl.load(t_kv_len + b * st0_kv_len)
+        sz_N = tl.minimum(tl.maximum(kv_len, 0), cap_N)  # the table row's MAXP entries hold at most cap_N keys
+        record_violation(err_ptr, kv_len != sz_N, err_site, 2, ERR_LENGTH, b, b, kv_len, cap_N, sz_MAXP)
+        poison = kv_len != sz_N
         table_row = t_block_table + b * st0_block_table
+        r = gl.arange(0, BLOCK_M, layout=ROW)
+        # Row r holds query head hp * PACK + r // BLOCK_MQ at position m0 + r % BLOCK_MQ (PACK > 1: GQA packing).
+        i_row = pid_m * BLOCK_MQ + r % BLOCK_MQ
+        h_row = hp * PACK + r // BLOCK_MQ
+        row_valid = i_row < sz_M
+        offs_n = gl.arange(0, BLOCK_N, layout=COL)
+        # -- per-row values: key bounds from the mask analysis, row-invariant score parts
+        exact_lo = gl.zeros([BLOCK_M], tl.int64, ROW)
+        exact_hi = gl.zeros([BLOCK_M], tl.int64, ROW) + sz_N
+        x0 = sz_N - sz_M
+        x1 = i_row.to(tl.int64) + tl.cast(x0, tl.int64)
+        x2 = x1.to(tl.int64) + 1
+        exact_hi = tl.minimum(exact_hi, x2)
+        exact_lo = tl.minimum(exact_lo, sz_N).to(tl.int32)
+        exact_hi = tl.maximum(exact_hi, 0).to(tl.int32)
+        hull_lo = exact_lo
+        hull_hi = exact_hi
+        # -- key tiles: [run_start, run_end) run, [f_start, f_end) need no mask (none do where every tile is masked)
+        live = row_valid & (hull_hi > hull_lo)
+        any_live = tl.max(live.to(tl.int32), 0) > 0
+        run_start = tl.where(any_live, tl.min(tl.where(live, hull_lo, BIG), 0) // BLOCK_N, 0)
+        run_end = tl.where(any_live, (tl.max(tl.where(live, hull_hi, 0), 0) + BLOCK_N - 1) // BLOCK_N, 0)
+        f_lo = tl.max(tl.where(row_valid, exact_lo, 0), 0)
+        f_hi = tl.maximum(tl.min(tl.where(row_valid, exact_hi, BIG), 0), 0)
+        f_start = tl.minimum(tl.maximum((f_lo + BLOCK_N - 1) // BLOCK_N, run_start), run_end)
+        f_end = tl.minimum(tl.maximum(f_hi // BLOCK_N, f_start), run_end)
+        f_start = tl.minimum(tl.maximum(f_start, s_start), s_end)
+        f_end = tl.minimum(tl.maximum(f_end, f_start), s_end)
+        # -- the split's page ids, checked before anything reads through them
+        worst = (s_start * 0 - 1).to(tl.int32)  # the last bad block-table entry, -1 for none
+        for c in range(s_start, s_end, PAGE_CHECK):
+            tiles = c + gl.arange(0, PAGE_CHECK, layout=ROW)
+            inside = tiles < s_end
+            entry = (tiles * BLOCK_N // PAGE).to(tl.int32)
+            page = tl.load(table_row + entry * st1_block_table, mask=inside, other=0)
+            bad = inside & ((page < 0) | (page >= sz_PAGES))
+            worst = tl.maximum(worst, tl.max(tl.where(bad, entry, -1), 0))
+        record_violation(err_ptr, worst >= 0, err_site, 0, ERR_PAGE_ID, b, worst,
+                         tl.load(table_row + tl.maximum(worst, 0) * st1_block_table), sz_PAGES, sz_N)
+        poison = poison | (worst >= 0)
+        # before Q's load: the score warpgroup reads the info once Q landed, and the next segment's info waits for
+        # that segment's Q (both warpgroups stored this one's out first)
+        field = gl.arange(0, SEGMENT_INFO, layout=ROW)
+        info_buf.index(seg & 1).store(tl.where(field == 0, sz_N, tl.where(field == 1, f_start, tl.where(field == 2, f_end, poison.to(tl.int32)))))
+        gl.thread_barrier()
         # -- the sequence's last tile, where it ends inside a page: descriptors that end with it
         last = tl.maximum(sz_N - 1, 0) // BLOCK_N
         tail_rows = sz_N - last * BLOCK_N
@@ -543,6 +556,7 @@ def attn_decode_gluon(
     mbarrier.init(q_ready.index(0), count=1)
     mbarrier.init(probs_ready.index(0), count=1)
     mbarrier.init(probs_free.index(0), count=1)
+    info_buf = gl.allocate_shared_memory(gl.int32, [2, SEGMENT_INFO], ROW_SMEM)  # by segment parity
     q_free = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
     mbarrier.init(q_free.index(0), count=2)  # both warpgroups stored out through Q's buffer
     for s in gl.static_range(STAGES):
@@ -550,9 +564,9 @@ def attn_decode_gluon(
         mbarrier.init(empty.index(s), count=2)  # a slot is free once both warpgroups released it
     gl.warp_specialize([
         (score_segments, (q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, ws_out_ptr, ws_lse_ptr, s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, s_ob, s_oh, s_om, s_od, s_lb, s_lh, s_lm, s_wo_s, s_wo_h, s_wo_r, s_wl_s, s_wl_h, sz_B, sz_H, sz_HKV, sz_M, cap_N, sz_DR, sz_MAXP, sz_PAGE, sz_PAGES, p_scale, t_block_table, st0_block_table, st1_block_table, t_kr, st0_kr, st1_kr, st2_kr, t_kv_len, st0_kv_len, t_qr, st0_qr, st1_qr, st2_qr, st3_qr, search_steps, n_splits, err_ptr, err_site, sched_ptr, q_bufs, qr_buf, k_bufs, kr_bufs, probs_buf, row_buf, q_ready, ready, empty,
-                          probs_ready, probs_free, q_free, BLOCK_MQ, PACK)),
+                          probs_ready, probs_free, q_free, info_buf, BLOCK_MQ, PACK)),
         (value_segments, (q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, ws_out_ptr, ws_lse_ptr, s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, s_ob, s_oh, s_om, s_od, s_lb, s_lh, s_lm, s_wo_s, s_wo_h, s_wo_r, s_wl_s, s_wl_h, sz_B, sz_H, sz_HKV, sz_M, cap_N, sz_DR, sz_MAXP, sz_PAGE, sz_PAGES, p_scale, t_block_table, st0_block_table, st1_block_table, t_kr, st0_kr, st1_kr, st2_kr, t_kv_len, st0_kv_len, t_qr, st0_qr, st1_qr, st2_qr, st3_qr, search_steps, n_splits, err_ptr, err_site, sched_ptr, q_bufs, k_bufs, probs_buf, row_buf, ready, empty, probs_ready, probs_free,
                           q_free, BLOCK_MQ, PACK)),
         (produce_segments, (q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, ws_out_ptr, ws_lse_ptr, s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, s_ob, s_oh, s_om, s_od, s_lb, s_lh, s_lm, s_wo_s, s_wo_h, s_wo_r, s_wl_s, s_wl_h, sz_B, sz_H, sz_HKV, sz_M, cap_N, sz_DR, sz_MAXP, sz_PAGE, sz_PAGES, p_scale, t_block_table, st0_block_table, st1_block_table, t_kr, st0_kr, st1_kr, st2_kr, t_kv_len, st0_kv_len, t_qr, st0_qr, st1_qr, st2_qr, st3_qr, search_steps, n_splits, err_ptr, err_site, sched_ptr, k_desc, kr_desc, q_bufs, qr_buf, k_bufs, kr_bufs, q_ready, ready,
-                            empty, q_free, BLOCK_MQ, PACK)),
+                            empty, q_free, info_buf, BLOCK_MQ, PACK)),
     ], [CONSUMER_WARPS, 1], [240, 24])
