@@ -263,7 +263,7 @@ def stage_latent_decode(plan: KernelPlan) -> KernelPlan:
     if why:
         return replace(plan, decode=replace(plan.decode, warpgroups=WarpgroupPlan("triton", why)))
     layout = choose_layout(plan)
-    schedule = "split_count's splits"
+    schedule = "split_count's splits (PlanOptions(mla_persistent=True): a persistent, balanced schedule)"
     if plan.options.mla_persistent:
         why = unavailable_persistent(plan)
         layout = replace(layout, persistent=not why)
