@@ -384,6 +384,26 @@ class Dequant:
     span: Span | None = _span()
 
 
+# `quantize q to f8e4m3`: the one target dtype of query quantisation, and the largest magnitude it holds
+QUANTIZE_DTYPES = {"f8e4m3": 448.0}
+# A quantised row's absolute maximum is taken as at least this, so its scale (max / 448) is float32's smallest
+# normal number or more: an all-zero row gets a scale, and no GPU flushes it to zero (subnormals) and divides by it
+QUANTIZE_TINY = 448.0 * 2.0 ** -126
+
+
+@dataclass(frozen=True)
+class Quantize:
+    """`quantize q, qr to f8e4m3`: the query-side tensor `tensor` (q, or the query side of a dot product) is read
+    quantised per row: each (b, i, h) row x, with a = max(amax(|x|), QUANTIZE_TINY), becomes
+    float(e4m3(x * (448 / a))) * (a / 448), in float32 arithmetic (docs/mla.md): a multiply per element, not a
+    division, so that the GPU's kernels compute exactly this. The scores then carry e4m3's rounding of the queries, as an FP8 x FP8
+    QK^T does (FlashMLA's FP8 decode)."""
+
+    tensor: str
+    dtype: str
+    span: Span | None = _span()
+
+
 Storage = Union[Ragged, Paged]  # how the sequences of q (Ragged only) or of k and v are stored; None: dense
 
 
@@ -428,6 +448,7 @@ class Attention:
     q_storage: Ragged | None = None
     kv_storage: Storage | None = None
     dequant: tuple[Dequant, ...] = ()  # FP8 tensors and their scales, sorted by tensor
+    quantize: tuple[Quantize, ...] = ()  # query-side tensors read quantised per row, sorted by tensor
 
     @cached_property
     def canonical(self) -> str:
@@ -494,9 +515,14 @@ class Attention:
 
     @property
     def decode_kernel_only(self) -> bool:
-        """Whether only the decode kernel implements the spec at all: latent attention, and FP8 K/V (its loads
-        dequantise; the prefill, Gluon, backward and TVM kernels have no such loads)."""
-        return self.is_latent or bool(self.dequant)
+        """Whether only the decode kernel implements the spec at all: latent attention, FP8 K/V (its loads
+        dequantise; the prefill, Gluon, backward and TVM kernels have no such loads) and quantised queries (its
+        query loads quantise)."""
+        return self.is_latent or bool(self.dequant) or bool(self.quantize)
+
+    def quantized(self, tensor: str) -> Quantize | None:
+        """How the query-side tensor `tensor` is quantised (`quantize ... to DTYPE`), or None."""
+        return next((d for d in self.quantize if d.tensor == tensor), None)
 
     def scale_of(self, tensor: str) -> Expr | None:
         """The dequant scale of `tensor` as an expression of the query row (the scale of the K/V head that row h
@@ -567,6 +593,7 @@ def make_attention(
     q_storage: Ragged | None = None,
     kv_storage: Storage | None = None,
     dequant=(),
+    quantize=(),
 ) -> Attention:
     """Canonical form: whatever the spelling, the same meaning gives an equal node and the same key.
     The index tensors a storage names join `inputs` unless an input of that name is given."""
@@ -595,6 +622,7 @@ def make_attention(
         q_storage=q_storage,
         kv_storage=kv_storage,
         dequant=tuple(sorted(dequant, key=lambda d: d.tensor)),
+        quantize=tuple(sorted(quantize, key=lambda d: d.tensor)),
     )
 
 
@@ -767,6 +795,8 @@ def print_attention(a: Attention, expr: Callable[[Expr], str] | None = None) -> 
             declared |= set(storage.declares())
     for d in a.dequant:
         lines.append(f"    dequant {d.tensor} by {d.scale}")
+    for dtype in sorted({d.dtype for d in a.quantize}):
+        lines.append(f"    quantize {', '.join(d.tensor for d in a.quantize if d.dtype == dtype)} to {dtype}")
     for p in a.params:
         default = "" if p.default is None else f" = {format_number(p.default, p.dtype == 'f32')}"
         lines.append(f"    param {p.name}: {p.dtype}{default}")

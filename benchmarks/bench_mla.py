@@ -34,14 +34,19 @@ the issue asks for the MLA rows at the dense rows' TFLOP/s.
 each checked, streamed to <out>/sweep_mla.jsonl (see benchmarks/compile_mla_sm90.py for which compile on sm_90);
 `--tiles 64x64:w8:s3 ...` times those tiles only (with --fp8: the FP8 latent's).
 `--fp8`: the grid with the latent (and its RoPE part) in float8 e4m3 with a dequant scale, attnc alone: the issue's
-target compares its tokens/s with the bf16 grid's.
+target compares its tokens/s with the bf16 grid's. `--fp8 --quantize-q` adds, on the same caches, attnc-q8 columns
+(the spec with `quantize q, qr to f8e4m3`: on sm_90 fp8 x fp8 QK^T, checked against the float32 formula over the
+queries quantised the same way) and attnc-bf16 columns (the bf16 spec over the dequantised latent, exact in bf16),
+so one call gives bf16 / FP8 / FP8 + quantised queries side by side; every timed result has its tokens/s (one query
+token per sequence).
 
 Every output is checked against a float32 torch formula (attnc's with NaN-poisoned outputs and workspace) before
 any timing counts; times are medians of CUDA-graph replays (do_bench_cudagraph: the kernels alone) where the
 capture works, else of triton.testing.do_bench (both are in the JSON). The table prints as rows finish; results go to
 <out>/mla-decode[-prefill]-<device>-<date>.json (rewritten after every row) and PNGs next to it.
 
-    python benchmarks/bench_mla.py --out $OUT [--quick] [--only REGEX] [--prefill] [--sweep [--tiles ...]] [--fp8]
+    python benchmarks/bench_mla.py --out $OUT [--quick] [--only REGEX] [--prefill] [--sweep [--tiles ...]] \
+        [--fp8 [--quantize-q]]
     TRITON_INTERPRET=1 python benchmarks/bench_mla.py --smoke --out /tmp/mla   # CPU, tiny shapes (a test runs it)
 """
 from __future__ import annotations
@@ -88,6 +93,7 @@ class Shapes:
     dtype: torch.dtype
     spec_dtype: str
     fp8: bool = False  # the latent cache in float8 e4m3
+    quantize_q: bool = False  # `quantize q, qr to f8e4m3`: fp8 x fp8 QK^T over the FP8 latent (--quantize-q)
 
     @property
     def E(self) -> int:
@@ -111,7 +117,8 @@ def mla_spec(s: Shapes, paged: bool) -> attnc.Attention:
     # FP8: the latent and its RoPE part are columns of one e4m3 cache, so one scale (one K/V head: HKV = 1) serves
     # both; decode_inputs stores the latent / FP8_SCALE, and the runners pass k_scale = FP8_SCALE
     scale_decl = "    input k_scale: f32[HKV]\n    dequant k by k_scale\n    dequant kr by k_scale\n" if s.fp8 else ""
-    text = (f"attention mla_{'paged' if paged else 'contiguous'} {{\n"
+    scale_decl += "    quantize q, qr to f8e4m3\n" if s.quantize_q else ""
+    text = (f"attention mla_{'paged' if paged else 'contiguous'}{'_q8' if s.quantize_q else ''} {{\n"
             f"    dims D = {s.D}, DR = {s.DR}{f', PAGE = {s.page}' if paged else ''}\n"
             f"    q: {s.spec_dtype}[B, M, H, D]\n    k: {latent}[{k_shape}]\n"
             f"    input qr: {s.spec_dtype}[B, M, H, DR]\n    input kr: {latent}[{kr_shape}]\n{scale_decl}"
@@ -180,9 +187,16 @@ def decode_inputs(w: DecodeWorkload, s: Shapes, device: str) -> DecodeInputs:
     return DecodeInputs(q, cache, pool, table, lengths, k_scale)
 
 
-def decode_reference(x: DecodeInputs, d: int) -> torch.Tensor:
+def quantized_rows(x: torch.Tensor) -> torch.Tensor:
+    """`quantize ... to f8e4m3` in float32: each row x as e4m3(x / s) * s, s = max(max |x|, 448 * 2^-126) / 448."""
+    s = torch.clamp(x.abs().amax(-1, keepdim=True), min=448 * 2.0 ** -126) / 448
+    return (x / s).to(torch.float8_e4m3fn).float() * s
+
+
+def decode_reference(x: DecodeInputs, d: int, quantize_q: bool = False) -> torch.Tensor:
     """softmax(q . [c_kv | k_pe] * scale) c_kv in float32 (no TF32), [B, H, D]: every key is kept (one query token
-    at the end of the cache); a few sequences at a time, so the float32 cache copy stays small."""
+    at the end of the cache); a few sequences at a time, so the float32 cache copy stays small. `quantize_q`: q_nope
+    and q_pe each quantised per row first (quantized_rows)."""
     b, _, h, e = x.q.shape
     n = x.cache.shape[1]
     out = torch.empty(b, h, d, dtype=torch.float32, device=x.q.device)
@@ -192,6 +206,8 @@ def decode_reference(x: DecodeInputs, d: int) -> torch.Tensor:
     try:
         for b0 in range(0, b, chunk):
             qf, kf = x.q[b0:b0 + chunk, 0].float(), x.cache[b0:b0 + chunk].float()
+            if quantize_q:
+                qf = torch.cat([quantized_rows(qf[..., :d]), quantized_rows(qf[..., d:])], -1)
             if x.k_scale is not None:  # an FP8 latent, dequantised
                 kf = kf * x.k_scale
             p = torch.softmax(qf @ kf.transpose(1, 2) * SCALE, -1)
@@ -314,7 +330,17 @@ def flashinfer_runner(w: DecodeWorkload, s: Shapes, x: DecodeInputs):
         return error_text(e)
 
 
-def run_decode(w: DecodeWorkload, s: Shapes, device: str, triton_kernel: bool = False, persistent: bool = False) -> dict:
+def dequantized_inputs(x: DecodeInputs) -> DecodeInputs:
+    """The FP8 latent's caches dequantised to the queries' dtype (e4m3 values times FP8_SCALE: exact in bf16), for
+    the spec without FP8."""
+    def dequantized(t):
+        return (t.float() * FP8_SCALE).to(x.q.dtype)
+
+    return replace(x, cache=dequantized(x.cache), pool=dequantized(x.pool), k_scale=None)
+
+
+def run_decode(w: DecodeWorkload, s: Shapes, device: str, triton_kernel: bool = False,
+               quantize_q: bool = False, persistent: bool = False) -> dict:
     x = decode_inputs(w, s, device)
     row = {"workload": w.name, "kind": "decode", **asdict(w), "D": s.D, "DR": s.DR, "page": s.page,
            "dtype": s.spec_dtype, "fp8": s.fp8, "bytes": w.bytes_read(s), "flops": w.flops(s), "results": {}}
@@ -322,7 +348,14 @@ def run_decode(w: DecodeWorkload, s: Shapes, device: str, triton_kernel: bool = 
     if target:
         row["target"] = {"value": target[0], "unit": target[1]}
     want = decode_reference(x, s.D)
-    measure(decode_runners(w, s, x, device, triton_kernel, persistent), want, device, row)
+    made = decode_runners(w, s, x, device, triton_kernel, persistent)
+    if quantize_q:  # bf16 and FP8 + quantised queries beside the FP8 columns
+        made.update(attnc_runners(replace(s, fp8=False), dequantized_inputs(x), name="attnc-bf16"))
+    measure(made, want, device, row)
+    if quantize_q:  # checked within a third of the quantisation's own effect: a kernel that ignored it fails
+        want_q8 = decode_reference(x, s.D, True)
+        measure(attnc_runners(replace(s, quantize_q=True), x, name="attnc-q8"), want_q8, device, row,
+                tol=min(CHECK_TOL, rel_err(want, want_q8) / 3))
     flex = row["results"].get("flex", {})  # no peers for the FP8 latent
     if "error" in flex and "rel_err" not in flex and not flex["error"].startswith("not run") and device == "cuda":
         FLEX_FAILED[w.name] = flex["error"]
@@ -439,7 +472,7 @@ def rel_err(out: torch.Tensor, want: torch.Tensor) -> float:
     return float((out - want).norm() / want.norm())
 
 
-def measure(made: dict, want: torch.Tensor, device: str, row: dict) -> None:
+def measure(made: dict, want: torch.Tensor, device: str, row: dict, tol: float = CHECK_TOL) -> None:
     """Each runner once against `want` (attnc's with poisoned outputs), then the agreeing ones timed by do_bench
     (do_bench_ms: as called, launch overhead included) and replayed from a CUDA graph (graph_ms: the kernels alone;
     compiled flex spends ~120-240 us of host time a call, more than a decode kernel at B = 64, 1k keys). `ms` is the
@@ -455,8 +488,8 @@ def measure(made: dict, want: torch.Tensor, device: str, row: dict) -> None:
             out = poisoned(fn, device) if name.startswith("attnc") else fn()
             res["rel_err"] = err = rel_err(out, want)
             del out
-            if err > CHECK_TOL:
-                res["error"] = f"wrong result: rel err {err:.3g} against the float32 formula"
+            if err > tol:
+                res["error"] = f"wrong result: rel err {err:.3g} against the float32 formula (tolerance {tol:.3g})"
                 continue
             res["do_bench_ms"] = bench(fn)
         except Exception as e:  # noqa: BLE001  (a runner that cannot run this workload is a result)
@@ -470,6 +503,8 @@ def measure(made: dict, want: torch.Tensor, device: str, row: dict) -> None:
         ms = res["ms"] = res.get("graph_ms", res["do_bench_ms"])
         res["timed_by"] = "cuda graph" if "graph_ms" in res else "do_bench"
         res["tflops"] = row["flops"] / (ms * 1e-3) / 1e12
+        if row.get("kind") == "decode":
+            res["tokens_s"] = row["B"] / (ms * 1e-3)  # one query token per sequence
         res["flops_fraction"] = res["tflops"] * 1e12 / PEAK_FLOPS
         if "bytes" in row:
             res["gb_s"] = row["bytes"] / (ms * 1e-3) / 1e9
@@ -602,7 +637,9 @@ def sweep_summary(rows: list[dict]) -> dict:
 
 
 DECODE_PEERS = ("attnc", "attnc-paged64", "attnc-paged16", "attnc-triton", "attnc-triton-paged64", "attnc-triton-paged16",
-                "attnc-persistent", "attnc-persistent-paged64", "flashinfer", "sdpa-cudnn", "sdpa-efficient", "sdpa", "flex")
+                "attnc-persistent", "attnc-persistent-paged64", "attnc-q8", "attnc-q8-paged64", "attnc-q8-paged16",
+                "attnc-bf16", "attnc-bf16-paged64", "attnc-bf16-paged16", "flashinfer", "sdpa-cudnn", "sdpa-efficient",
+                "sdpa", "flex")
 PREFILL_PEERS = ("attnc", "sdpa-cudnn", "sdpa-flash", "sdpa-efficient", "sdpa", "flex")
 
 
@@ -613,6 +650,7 @@ def print_row(row: dict) -> None:
     for name, r in row["results"].items():
         if "ms" in r:
             rate = f"{r['gb_s']:.0f} GB/s {r['tflops']:.0f} TFLOP/s" if "gb_s" in r else f"{r['tflops']:.0f} TFLOP/s"
+            rate += f" {r['tokens_s'] / 1e3:.0f}k tok/s" if "tokens_s" in r else ""
             cells.append(f"{name} {rate}")
         else:
             cells.append(f"{name} error")
@@ -736,6 +774,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="--sweep: these tiles only, in this order (ROWSxKEYS:wWARPS:sSTAGES[:xSPLITS])")
     ap.add_argument("--budget", type=float, default=270.0, help="seconds; no new row (or sweep config) starts after")
     ap.add_argument("--fp8", action="store_true", help="the latent cache in FP8 e4m3")
+    ap.add_argument("--quantize-q", action="store_true",
+                    help="with --fp8: decode rows also time the spec with `quantize q, qr to f8e4m3` (attnc-q8) and "
+                         "the bf16 spec over the dequantised latent (attnc-bf16)")
     ap.add_argument("--smoke", action="store_true", help="CPU with TRITON_INTERPRET=1: tiny f32 shapes")
     ap.add_argument("--triton-kernel", action="store_true",
                     help="decode rows also time the Triton decode kernel beside the default (on sm_90 the Gluon one): "
@@ -750,6 +791,8 @@ def main(argv: list[str] | None = None) -> int:
         raise attnc.CallError("bench_mla needs a CUDA GPU (or --smoke with TRITON_INTERPRET=1)")
     device = "cpu" if args.smoke else "cuda"
     shapes = SMOKE if args.smoke else GPU
+    if args.quantize_q and not args.fp8:
+        raise attnc.CallError("--quantize-q: quantised queries run over the FP8 latent; add --fp8")
     if args.fp8:
         shapes = fp8_shapes(shapes)
     env = smoke_environment() if args.smoke else environment(device)
@@ -779,7 +822,7 @@ def main(argv: list[str] | None = None) -> int:
             report.setdefault("not_run", []).append(w.name)
             continue
         if isinstance(w, DecodeWorkload):
-            report["rows"].append(run_decode(w, shapes, device, args.triton_kernel, args.persistent))
+            report["rows"].append(run_decode(w, shapes, device, args.triton_kernel, args.quantize_q, args.persistent))
         else:
             report["rows"].append(run_prefill(w, shapes, device))
         print_row(report["rows"][-1])

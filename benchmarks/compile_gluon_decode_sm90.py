@@ -7,8 +7,10 @@ at its DECODE_TUNED tile. Needs Triton 3.6 (the GPU machine's):
     PYTHONPATH=$PWD /tmp/venv36/bin/python benchmarks/compile_gluon_decode_sm90.py [--spec mla_paged] [--tiles 64 32] [--fp8]
 
 --fp8 compiles bench_mla.py --fp8's spec (latent and rope part e4m3): the producer, a converter warpgroup, the two
-consumer warpgroups. --persistent compiles the persistent schedule (PlanOptions(mla_persistent=True): a program per
-SM walking its share's segments; no split form).
+consumer warpgroups. --fp8 --quantize-q: bench_mla.py --quantize-q's spec (`quantize q, qr to f8e4m3`): QK^T as
+fp8 x fp8 wgmma (QGMMA) on the e4m3 slots, the converter converting the latent's 512 columns alone. --persistent
+compiles the persistent schedule (PlanOptions(mla_persistent=True): a program per SM walking its share's segments;
+no split form).
 
 Exit status 1 if a kernel fails to compile, ptxas warns (serialized wgmma), or a kernel spills."""
 import argparse
@@ -34,15 +36,16 @@ from attnc.passes.tiling import LaunchTiles
 
 sys.path.insert(0, str(Path(__file__).parent))
 from compile_gluon_sm90 import ptxas_figures  # noqa: E402
-from kernel_stats import SASS, count, mma_loops  # noqa: E402
+from kernel_stats import SASS, count, full_sass, mma_loops  # noqa: E402
 
 
-def fp8_spec(name: str):
+def fp8_spec(name: str, quantize_q: bool = False):
     """bench_mla.py --fp8's spec (the latent and its rope part e4m3, one dequant scale) for a contiguous or paged
-    latent."""
+    latent; `quantize_q`: with its queries quantised (--quantize-q)."""
     import bench_mla
 
-    return bench_mla.mla_spec(bench_mla.fp8_shapes(bench_mla.GPU), paged=name == "mla_paged")
+    shapes = replace(bench_mla.fp8_shapes(bench_mla.GPU), quantize_q=quantize_q)
+    return bench_mla.mla_spec(shapes, paged=name == "mla_paged")
 
 
 def plan_with(spec, block_n: int, stages: int | None, persistent: bool = False):
@@ -82,7 +85,7 @@ def loop_counts(sass: str) -> list[str]:
             out.append(f"{role} loop: none")
             continue
         body = "\n".join(min(bodies, key=len))
-        shapes = re.findall(r"HGMMA\.(\d+)x(\d+)x(\d+)", body)
+        shapes = re.findall(r"[HQ]GMMA\.(\d+)x(\d+)x(\d+)", body)
         macs = sum(int(m) * int(n) * int(k) for m, n, k in shapes)
         out.append(f"{role} loop: instrs={len(min(bodies, key=len))} {count(SASS, body)} "
                    f"shapes={sorted(set('x'.join(s) for s in shapes))} MACs={macs}")
@@ -95,19 +98,18 @@ def loop_counts(sass: str) -> list[str]:
 
 
 def main() -> int:
-    from triton.tools.disasm import get_sass
-
     parser = argparse.ArgumentParser()
     parser.add_argument("--spec", nargs="*", default=["mla_decode", "mla_paged"])
     parser.add_argument("--tiles", type=int, nargs="*", help="key tiles (default 64 and 32; 32 with --fp8)")
     parser.add_argument("--dump", help="folder for the generated sources, PTX and SASS")
     parser.add_argument("--fp8", action="store_true", help="the latent e4m3 (bench_mla.py --fp8's spec, BN = 32)")
     parser.add_argument("--persistent", action="store_true", help="the persistent schedule (PlanOptions(mla_persistent))")
+    parser.add_argument("--quantize-q", action="store_true", help="with --fp8: the queries quantised to e4m3 too")
     args = parser.parse_args()
     ok = True
     specs = {s.name: s for s in attnc.parse_file("examples/specs/mla.attn")}
     if args.fp8:
-        specs = {name: fp8_spec(name) for name in specs}
+        specs = {name: fp8_spec(name, args.quantize_q) for name in specs}
     tiles = args.tiles or ([32] if args.fp8 else [64, 32])
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.dump or tmp)
@@ -119,7 +121,7 @@ def main() -> int:
                 for stages in range(2, fit + 1):
                     plan = plan_with(specs[name], block_n, stages, args.persistent)
                     if plan.decode.warpgroups.layout.fp8_stages:
-                        name_label = f"{name} fp8"
+                        name_label = f"{name} fp8{'+q8' if args.quantize_q else ''}"
                     else:
                         name_label = name
                     for split in (False,) if w.persistent else (False, True):
@@ -133,7 +135,7 @@ def main() -> int:
                             continue
                         ptx = work / f"{name}_{block_n}_{stages}_{int(split)}.ptx"
                         r = ptxas_figures(compiled, ptx)
-                        sass = get_sass(compiled.asm["cubin"])
+                        sass = full_sass(compiled.asm["cubin"])
                         if args.dump:
                             ptx.with_suffix(".sass").write_text(sass)
                         ok &= r["spills"] == 0 and not r["warnings"]

@@ -4,6 +4,7 @@ ptxas' registers, spills and the shared memory per kernel. Needs Triton 3.6 (the
 
     python3 -m venv --system-site-packages /tmp/venv36 && /tmp/venv36/bin/pip install triton==3.6.0
     PYTHONPATH=$PWD /tmp/venv36/bin/python benchmarks/compile_gluon_sm90.py [--spec NAME] [--dims 128] [--persistent]
+        [--aot]
 
 Exit status 1 if a kernel fails to compile, ptxas warns (serialized wgmma), a kernel spills more than --max-spill
 bytes (default 128: dilated_window's per-element int64 modulo spills 28-72 B at D >= 128, benchmarks/NOTES.md) or its
@@ -52,22 +53,25 @@ def stem(plan) -> str:
     return f"{plan.spec.name}_{plan.dtype}_{plan.head_dim}_{plan.value_dim}_{len(w.d_chunks)}_{w.block_n}"
 
 
-def compile_gluon(plan, work: Path):
-    """triton.compile of the plan's attn_fwd_gluon for sm_90 (its source written under `work`)."""
+def compile_gluon(plan, work: Path, aot: bool = False):
+    """triton.compile of the plan's attn_fwd_gluon for sm_90 (its source written under `work`), with the JIT's
+    argument types or (`aot`) the AOT build's (`attnc compile`: sizes and strides i64)."""
     w = plan.warpgroups.layout
     path = work / f"{stem(plan)}.py"
     path.write_text(generate_gluon(plan))
     module = launch.import_source(path, f"gluon_{path.stem}")
     fn = module.attn_fwd_gluon
     types = argument_types(plan)
-    # What the JIT sees at launch for sizes and strides below 2^31: i32 (do_not_specialize keeps sizes unspecialized).
-    signature = {n: ("i32" if types[n] == "i64" else types[n]) for n in gluon_signature(spec_args(plan)).names}
+    # What the JIT sees at launch for sizes and strides below 2^31: i32 (do_not_specialize keeps sizes unspecialized);
+    # the AOT build compiles for any sizes: i64
+    names = gluon_signature(spec_args(plan)).names
+    signature = {n: ("i32" if types[n] == "i64" and not aot else types[n]) for n in names}
     return triton.compile(GluonASTSource(fn, signature, {}), target=GPUTarget("cuda", 90, 32),
                           options={"num_warps": w.consumer_warps, "maxnreg": max_registers(w)})
 
 
-def compile_one(plan, work: Path, stats: bool = False) -> dict:
-    compiled = compile_gluon(plan, work)
+def compile_one(plan, work: Path, stats: bool = False, aot: bool = False) -> dict:
+    compiled = compile_gluon(plan, work, aot)
     if stats:  # kernel_stats' instruction counts, per loop that holds an MMA too
         kernel_stats.report(stem(plan), compiled)
     return ptxas_figures(compiled, work / f"{stem(plan)}.ptx")
@@ -97,6 +101,7 @@ def main() -> int:
     parser.add_argument("--dtypes", nargs="*", default=["bf16", "f16"])
     parser.add_argument("--schedule", choices=SCHEDULES, help="force the consumers' schedule")
     parser.add_argument("--persistent", action="store_true", help="persistent programs (PlanOptions(gluon_persistent))")
+    parser.add_argument("--aot", action="store_true", help="the AOT build's argument types (i64 sizes, strides)")
     parser.add_argument("--stats", action="store_true", help="print kernel_stats' instruction counts per kernel")
     parser.add_argument("--max-spill", type=int, default=128, help="spill bytes (stores + loads) a kernel may have")
     args = parser.parse_args()
@@ -117,7 +122,7 @@ def main() -> int:
                         print(f"skip {label}  {w.reason}", flush=True)
                         continue
                     try:
-                        r = compile_one(plan, work, args.stats)
+                        r = compile_one(plan, work, args.stats, args.aot)
                     except Exception as e:  # report every kernel, then fail
                         ok = False
                         print(f"FAIL {label}  {type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}", flush=True)

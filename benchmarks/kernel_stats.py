@@ -15,8 +15,8 @@ PTX = {"wgmma": r"wgmma\.mma_async", "mma.sync": r"mma\.sync", "ldmatrix": r"ldm
        "st.shared": r"st\.shared", "ld.shared": r"ld\.shared", "cp.async.bulk": r"cp\.async\.bulk",
        "bar": r"bar\.sync|barrier\.sync", "wgmma.wait": r"wgmma\.wait_group", "red/atom": r"\bred\.|\batom\.",
        "ex2": r"ex2\.approx"}
-SASS = {"HGMMA": r"HGMMA", "HMMA": r"HMMA", "LDSM": r"LDSM", "STSM": r"STSM", "STS": r"\bSTS\b", "LDS": r"\bLDS\b",
-        "LDL": r"\bLDL", "STL": r"\bSTL", "BAR": r"\bBAR\b", "WARPSYNC": r"WARPSYNC|WARPGROUP", "EX2": r"MUFU\.EX2",
+SASS = {"HGMMA": r"HGMMA", "QGMMA": r"QGMMA", "HMMA": r"HMMA", "LDSM": r"LDSM", "STSM": r"STSM", "STS": r"\bSTS\b",
+        "LDS": r"\bLDS\b", "LDL": r"\bLDL", "STL": r"\bSTL", "BAR": r"\bBAR\b", "WARPSYNC": r"WARPSYNC|WARPGROUP", "EX2": r"MUFU\.EX2",
         "RED": r"\bRED", "ATOM": r"\bATOM", "UTMA": r"UTMA|UBLKCP", "I64": r"IMAD\.WIDE|IADD3\.X|LEA\.HI\.X",
         "BRA": r"\bBRA\b"}
 # TTGIR: whether the pipeliner ran (multi-buffered TMA loads, asynchronous warpgroup dots) and branches in loops
@@ -40,6 +40,18 @@ def ptxas_usage(ptx: str) -> str:
                              text=True).stderr
     return " | ".join(line.split("info    : ")[-1].strip() for line in err.splitlines()
                       if "Used" in line or "spill" in line)
+
+
+def full_sass(cubin: bytes) -> str:
+    """triton.tools.disasm.get_sass of the whole kernel: its line pattern takes 4-hex-digit offsets, so it stops at
+    the first instruction past 64 KB of code (the Gluon FP8 MLA decode kernel with quantised queries has more)."""
+    from triton.tools import disasm
+
+    wide = disasm.FLINE_RE.pattern.replace(r"\w{4}\*", r"\w{4,}\*")
+    if disasm.FLINE_RE.pattern != wide:
+        disasm.FLINE_RE = re.compile(wide)
+        disasm.get_sass.cache_clear()
+    return disasm.get_sass(cubin)
 
 
 def mma_loops(sass: str, needle: str = "MMA") -> list[tuple[str, int, int, list[str]]]:

@@ -84,7 +84,7 @@ def workloads(args):
 
 def plan_for(w, target, options=None):
     spec = replace(attnc.parse(w.spec)[0], returns_lse=True)
-    return spec, plan_kernel(spec, target, w.D, w.D, options)
+    return spec, plan_kernel(spec, target, w.D, w.D, options or PlanOptions())
 
 
 def write_baseline(args) -> None:

@@ -372,6 +372,9 @@ def test_the_gluon_kernel_is_built_where_this_triton_has_its_gluon(gluon_artifac
     plan = plan_kernel(spec, Target("triton", "cuda", 90), 128, 128)
     listed = gluon_kernel(plan)
     assert plan.warpgroups.path == "gluon" and listed in plan.kernels
+    # persistent programs (a causal mask at D = 128): their tile coordinates, from the sizes, must come out i32
+    # where the build's sizes are i64 (TMA takes i32 coordinates only)
+    assert plan.warpgroups.layout.persistent
     (build,) = manifest_of(gluon_artifact)["attentions"][0]["builds"]
     gluon_builds = [k for k in build["kernels"] if k["kernel"] == "attn_fwd_gluon"]
     backend = aot.load_backends(gluon_artifact)["long_causal"][1]
@@ -402,6 +405,135 @@ def test_the_gluon_kernel_is_built_where_this_triton_has_its_gluon(gluon_artifac
     (dense, any_layout) = launcher.kernel._builds[tuple(launcher.options.items())]
     assert dense.build.layout == "dense" and any_layout.build.layout == "any"
     assert type(dense.compiled().src).__name__ == "GluonASTSource"
+
+
+MLA_SPEC = """\
+attention mla_paged {
+    dims D = 512, DR = 64, PAGE = 64, H = 64, M = 1
+    q: f16[B, M, H, D]
+    k: f16[PAGES, PAGE, D]
+    input qr: f16[B, M, H, DR]
+    input kr: f16[PAGES, PAGE, DR]
+    paged k by block_table, kv_len
+    param scale: f32
+    score = (q @ k + qr @ kr) * scale
+    mask causal
+    return softmax(score) @ k, lse
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def mla_artifact(tmp_path_factory):
+    """examples/specs/mla.attn's paged MLA decode (f16: the interpreter's bf16 is not the GPU's) with H and M bound,
+    so that its sm_90 plan runs the Gluon MLA decode kernel and lists one heads-per-program count."""
+    folder = tmp_path_factory.mktemp("mla")
+    (folder / "mla.attn").write_text(MLA_SPEC)
+    assert compile_cli(folder / "mla.attn", "--arch", "sm_90a", "-o", folder / "artifact") == 0
+    return folder / "artifact"
+
+
+def test_the_gluon_mla_decode_kernel_is_built_where_this_triton_has_its_gluon(mla_artifact):
+    """The plan lists attn_decode_gluon for its split and unsplit launches. Triton 3.6: the build compiles each
+    from Gluon's AST source for sm_90 in both layouts and the loaded kernel's launcher is the Gluon MLA decode
+    launcher over the saved builds, its fallback the saved Triton decode kernel. Any other Triton: the manifest
+    says why it is not built, and the loaded kernel warns once and runs the Triton decode kernel."""
+    from attnc.backends.triton import gluon, gluon_decode, serving
+    from attnc.passes.latent_decode import gluon_decode_kernel, latent_tiles
+
+    spec = attnc.parse(MLA_SPEC)[0]
+    plan = plan_kernel(spec, Target("triton", "cuda", 90), 512, 512)
+    listed = [gluon_decode_kernel(plan, latent_tiles(plan, 64), split) for split in (False, True)]
+    assert plan.decode.warpgroups.path == "gluon"
+    assert [k for k in plan.kernels if k.module == "gluon_decode"] == listed
+    (build,) = manifest_of(mla_artifact)["attentions"][0]["builds"]
+    gluon_builds = [k for k in build["kernels"] if k["kernel"] == "attn_decode_gluon"]
+    assert {k["kernel"] for k in build["kernels"]} - {"attn_decode_gluon"} == {"attn_decode", "attn_combine"}
+    backend = aot.load_backends(mla_artifact)["mla_paged"][1]
+    why = gluon.unavailable_here()
+    if why:
+        assert build["not_built"] == {"attn_decode_gluon": why} and not gluon_builds
+        assert build["sources"].keys() == {"decode"}
+        with pytest.warns(UserWarning, match=r"built without attn_decode_gluon \(Triton .*\); its launches run the "
+                                             r"Triton decode kernel instead"):
+            launcher = backend.build(plan)
+        assert type(launcher) is serving.DecodeLauncher and isinstance(launcher.decode_fn, aot.AotKernel)
+        return
+    assert build["not_built"] == {}
+    assert (mla_artifact / build["sources"]["gluon_decode"]).read_text() == gluon_decode.generate_gluon_decode(plan)
+    assert build["sources"]["gluon_decode"].endswith("/gluon_decode_kernel.py")
+    assert [(tuple(map(tuple, k["launch"])), k["layout"]) for k in gluon_builds] == [
+        (kernel.launch, layout) for kernel in listed for layout in ("dense", "any")]
+    for k in gluon_builds:
+        assert cubin_sm((mla_artifact / k["binary"]).read_bytes()) == 90
+        # the score and value warpgroups and the producer's warpgroup; the producer warp's budget is set in the kernel
+        assert k["num_warps"] == 12 and 0 < k["shared"] <= 232448
+        meta = json.loads((mla_artifact / k["metadata"]).read_text())
+        assert meta["name"] == "attn_decode_gluon" and meta["maxnreg"] == listed[0].keywords["maxnreg"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        launcher = backend.build(plan)
+    assert isinstance(launcher, gluon_decode.GluonDecodeLauncher) and isinstance(launcher.decode_fn, aot.AotKernel)
+    assert type(launcher.fallback) is serving.DecodeLauncher and isinstance(launcher.fallback.decode_fn, aot.AotKernel)
+    assert launcher.combine_fn is launcher.fallback.combine_fn
+    (dense, any_layout) = launcher.decode_fn._builds[listed[1].launch]
+    assert dense.build.layout == "dense" and any_layout.build.layout == "any"
+    assert type(dense.compiled().src).__name__ == "GluonASTSource"
+
+
+def test_a_loaded_mla_decode_runs_the_saved_triton_decode_kernel(mla_artifact, monkeypatch):
+    """Off the GPU and off Triton 3.6, the loaded MLA kernel runs the artifact's Triton decode kernels: each launch
+    the launcher makes finds a saved build by its keywords (AotKernel), here run by Triton's interpreter from the
+    artifact's own decode.py in place of the cubin, against the reference with NaN-poisoned outputs and a split."""
+    import attnc.backends.triton.launch as launch
+    from attnc.backends.triton import gluon
+
+    if gluon.unavailable_here() == "" or os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("runs the decode kernels in Triton's interpreter, where the Gluon kernel is not built")
+    (build,) = manifest_of(mla_artifact)["attentions"][0]["builds"]
+    saved = launch.import_source(mla_artifact / build["sources"]["decode"], "attnc_aot_test.mla_decode_interpreted")
+    monkeypatch.setattr(launch, "empty", launch.nan_empty)
+    monkeypatch.setattr(aot.AotBackend, "target", lambda self, device: Target("triton", "cuda", 90))
+    monkeypatch.setattr(aot._LoadedBuild, "compiled", lambda self: getattr(saved, self.build.kernel))
+    launched = []
+    run = aot.AotKernel.run
+    monkeypatch.setattr(aot.AotKernel, "run", lambda self, grid, args, keywords: launched.append(
+        (self.fn.__name__, tuple(keywords.items()))) or run(self, grid, args, keywords))
+    kernel = attnc.load(mla_artifact)["mla_paged"]
+    monkeypatch.setattr(attnc.backends.triton.serving, "sm_count", lambda device: 132)  # an H100's
+    torch.manual_seed(0)
+    page = 64
+    # two pages a sequence: one split; eight: two splits (four key tiles each) merged by attn_combine
+    for pages_each, lengths, splits in ((2, [70, 1, 127], 1), (8, [300, 1, 500], 2)):
+        table = torch.randperm(3 * pages_each).int().reshape(3, pages_each)  # shuffled over the pool
+        q = torch.randn(3, 1, 64, 576).half()
+        pages = torch.randn(3 * pages_each, page, 576).half()
+        kw = dict(qr=q[..., 512:], kr=pages[..., 512:], block_table=table, kv_len=torch.tensor(lengths).int(),
+                  scale=576 ** -0.5)
+        launched.clear()
+        with warnings.catch_warnings(record=True) as warned:
+            warnings.simplefilter("always")
+            out, lse = kernel(q[..., :512], pages[..., :512], **kw)  # the first call builds the launcher
+        assert len(warned) == (splits == 1)  # once, when the launcher is built
+        assert all("built without attn_decode_gluon" in str(w.message) for w in warned)
+        ref, ref_lse = attnc.reference(kernel.spec, q[..., :512], pages[..., :512], **kw)
+        assert [name for name, _ in launched] == ["attn_decode"] + ["attn_combine"] * (splits > 1)
+        assert dict(launched[0][1])["SPLIT"] == (splits > 1)
+        assert not out.isnan().any() and torch.isfinite(lse).all()
+        assert (out.double() - ref).abs().max().item() <= 1e-2 * max(1.0, ref.abs().max().item())
+        assert (lse.double() - ref_lse).abs().max().item() <= 1e-2
+
+
+def test_an_mla_artifact_whose_kernel_list_differs_is_refused_with_the_rebuild_command(mla_artifact, monkeypatch):
+    """An artifact built before the kernel list held attn_decode_gluon holds another plan than this attnc makes (here
+    the other way round: this attnc with the kernel unlisted): load names the command that rebuilds it."""
+    import attnc.passes.kernels as kernels
+
+    monkeypatch.setattr(kernels, "latent_kernels", lambda plan, groups: [])
+    with pytest.raises(attnc.CacheError, match=r"plans or generates attention 'mla_paged' \(D=512\) differently "
+                                               r"from the attnc that built it: rebuild with `attnc compile .*--arch "
+                                               r"sm_90a"):
+        attnc.load(mla_artifact)
 
 
 # ---------------------------------------------------------------- on the GPU
@@ -512,6 +644,70 @@ def test_the_loaded_gluon_kernel_runs_its_saved_cubin_gpu(gluon_artifact, monkey
         assert not out.isnan().any() and torch.isfinite(lse).all()
         assert (out.double() - ref).abs().max().item() <= 3e-2 * max(1.0, ref.abs().max().item())
         assert (lse.double() - ref_lse).abs().max().item() <= 3e-2
+    assert compiles == []
+
+
+GPU_MLA_SPEC = """\
+attention mla_paged {
+    dims D = 512, DR = 64, PAGE = 64, H = 64, M = 1
+    q: bf16[B, M, H, D]
+    k: bf16[PAGES, PAGE, D]
+    input qr: bf16[B, M, H, DR]
+    input kr: bf16[PAGES, PAGE, DR]
+    paged k by block_table, kv_len
+    param scale: f32
+    score = (q @ k + qr @ kr) * scale
+    mask causal
+    return softmax(score) @ k, lse
+}
+"""
+
+
+@pytest.mark.gpu
+def test_the_loaded_gluon_mla_decode_kernel_runs_its_saved_cubin_gpu(tmp_path, monkeypatch):
+    """sm_90 with Triton 3.6: a paged MLA decode artifact (DeepSeek's widths, bf16, pages of 64) runs the saved
+    attn_decode_gluon (nothing compiled), unsplit and split (two sequences, one of 1 key and one of 3000, on an H100), against the
+    reference with NaN-poisoned outputs and workspace; q with a strided head dim (no TMA) runs the saved Triton
+    decode kernel, with the JIT launcher's warning. test_mla_gluon_gpu's inputs and its proof that the Gluon kernel
+    took the call."""
+    import attnc.backends.triton.launch as launch
+    from attnc.backends.triton import gluon, gluon_decode
+    from test_mla_gluon_gpu import SHAPES
+    from test_mla_grid import Point, grid_call
+    from test_triton_kernels import assert_matches
+
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Gluon MLA decode kernel runs on sm_90")
+    if gluon.unavailable_here():
+        pytest.skip(gluon.unavailable_here())
+    (tmp_path / "mla.attn").write_text(GPU_MLA_SPEC)
+    assert compile_cli(tmp_path / "mla.attn", "--arch", "sm_90a", "-o", tmp_path / "artifact") == 0
+    monkeypatch.setattr(launch, "empty", launch.nan_empty)
+    compiles, launched, took = [], [], []
+    monkeypatch.setattr(triton.knobs.compilation, "listener", lambda **kw: compiles.append(kw["src"].name))
+    run = aot.AotKernel.run
+    monkeypatch.setattr(aot.AotKernel, "run", lambda self, grid, args, keywords: launched.append(
+        (self.fn.__name__, keywords["SPLIT"] if "SPLIT" in keywords else None)) or run(self, grid, args, keywords))
+    gluon_run = gluon_decode.GluonDecodeLauncher.run
+    monkeypatch.setattr(gluon_decode.GluonDecodeLauncher, "run", lambda self, bound, go=None: took.append(
+        self.uncovered(bound) == "") or gluon_run(self, bound, go))
+    kernel = attnc.load(tmp_path / "artifact")["mla_paged"]
+    for point, split in ((Point(64, 64), False), (Point(64, 2, n_max=3000), True)):
+        q, k, kw = grid_call("paged", "plain", SHAPES, point)
+        launched.clear(), took.clear()
+        got = kernel(q, k, **kw)
+        assert took == [True], "the Gluon kernel took the call"
+        assert launched == [("attn_decode_gluon", split)] + [("attn_combine", None)] * split
+        assert_matches(kernel.spec, got, attnc.reference(kernel.spec, q, k, **kw), tol=1e-2)
+        attnc.check_errors()
+    strided = torch.zeros(*q.shape[:-1], 2 * q.shape[-1], dtype=q.dtype, device=q.device)
+    strided[..., ::2] = q
+    launched.clear(), took.clear()
+    gluon_decode._warn_once.cache_clear()
+    with pytest.warns(UserWarning, match="q is not TMA-readable"):
+        got = kernel(strided[..., ::2], k, **kw)
+    assert took == [False] and launched[0][0] == "attn_decode"
+    assert_matches(kernel.spec, got, attnc.reference(kernel.spec, q, k, **kw), tol=1e-2)
     assert compiles == []
 
 

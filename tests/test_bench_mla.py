@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+import attnc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_mla  # noqa: E402
@@ -59,6 +60,24 @@ def test_fp8_latent_grid(tmp_path):
     for row in report["rows"]:
         assert sorted(row["results"]) == ["attnc", "attnc-paged16"]
         assert all(r.get("rel_err", 1) < 2e-2 for r in row["results"].values()), row["results"]
+
+
+def test_fp8_latent_grid_with_quantized_queries(tmp_path):
+    """--fp8 --quantize-q: beside the FP8 columns, the spec with quantised queries (attnc-q8, checked against the
+    float32 formula over the quantised queries, which the unquantised formula is not near) and the latent
+    dequantised (attnc-bf16, here f32), each with its tokens/s."""
+    assert bench_mla.main(["--smoke", "--fp8", "--quantize-q", "--only", "B=2", "--out", str(tmp_path)]) == 0
+    report, = (json.loads(p.read_text()) for p in tmp_path.glob("mla-fp8-decode-*.json"))
+    row, = report["rows"]
+    assert sorted(row["results"]) == ["attnc", "attnc-bf16", "attnc-bf16-paged16", "attnc-paged16", "attnc-q8",
+                                      "attnc-q8-paged16"]
+    assert all(r.get("rel_err", 1) < 2e-2 and r["tokens_s"] > 0 for r in row["results"].values()), row["results"]
+    w = bench_mla.SMOKE_DECODE[0]
+    x = bench_mla.decode_inputs(w, bench_mla.fp8_shapes(bench_mla.SMOKE), "cpu")
+    gap = bench_mla.rel_err(bench_mla.decode_reference(x, 64), bench_mla.decode_reference(x, 64, quantize_q=True))
+    assert gap > 10 * row["results"]["attnc-q8"]["rel_err"]
+    with pytest.raises(attnc.CallError, match="add --fp8"):
+        bench_mla.main(["--smoke", "--quantize-q", "--out", str(tmp_path)])
 
 
 def test_fp8_sweep_of_named_tiles(tmp_path):

@@ -138,7 +138,8 @@ def _check(name, m, n, d, deterministic, dtype="bf16", hkv=None, strided_dout=Fa
     plan = plan_kernel(full, backend.target(q.device), bound.sizes["D"], bound.sizes["DV"], GLUON_BACKWARD)
     assert plan_backward(plan).gluon_dkdv is not None, plan_backward(plan).gluon_reason
     out, lse = backend.build(plan)(bound)
-    dout = torch.randn(*out.shape, 2, device="cuda")[..., 0].to(out.dtype) if strided_dout else torch.randn_like(out)
+    # strided: a view made in out's dtype (a .to() after the slice would copy it into contiguous rows)
+    dout = torch.randn(*out.shape, 2, device="cuda", dtype=out.dtype)[..., 0] if strided_dout else torch.randn_like(out)
     dlse = torch.randn_like(lse)
     grads = backend.build_backward(plan)(bound, out, lse, dout, dlse, deterministic)
     want = reference_grads(spec, q, k, v, kwargs, dout, dlse, out_used=out)
@@ -190,3 +191,5 @@ def test_strided_dout_falls_back_gpu(gluon_launches):
     _needs_hopper()
     _check("causal_lm", 300, 300, 64, False, strided_dout=True)
     assert gluon_launches == []
+    _check("causal_lm", 300, 300, 64, False)
+    assert gluon_launches == [True], "the same call with dO in contiguous rows runs the Gluon kernel"

@@ -11,6 +11,7 @@ from attnc.backends.triton import launch
 from attnc.passes import PlanOptions, Target, launch_tiles, plan_kernel
 from attnc.passes.decode import decode_launch
 from attnc.passes.kernels import gluon_kernel, gluon_min_m, prefill_kernel, summary_kernel
+from attnc.passes.latent_decode import latent_launch
 from attnc.passes.warpgroups import max_registers
 
 SPECS = """\
@@ -112,6 +113,37 @@ def _long_causal(dims: str):
     mask causal
     return softmax(score) @ v, lse
 }}""")[0]
+
+
+@pytest.mark.parametrize("dims, options, listed", [
+    ("", PlanOptions(), 14),  # 1-64 heads a program, split or not
+    ("H = 128,", PlanOptions(), 2),  # one K/V head: the group is H, 64 heads a program
+    ("H = 48,", PlanOptions(), 2),  # 16 heads a program
+    ("", PlanOptions(gluon=False), 0),
+    ("", PlanOptions(mla_persistent=True), 7),  # one persistent launch a call, never split
+])
+def test_every_gluon_mla_decode_launch_is_listed(dims, options, listed):
+    """attn_decode_gluon: every launch latent_launch selects over call shapes is in the list, and the list holds no
+    other (none where the plan keeps the Triton decode kernel); its split launches' merges, and a persistent
+    launch's scheduled merge, are listed too."""
+    spec = attnc.parse(open("examples/specs/mla.attn").read().replace("dims D = 512, DR = 64, PAGE = 64",
+                                                                        f"dims {dims} D = 512, DR = 64, PAGE = 64"))[1]
+    plan = plan_kernel(spec, Target("triton", "cuda", 90), 512, 512, options)
+    gluon_kernels = {k for k in plan.kernels if k.function == "attn_decode_gluon"}
+    assert len(gluon_kernels) == listed and all(k.module == "gluon_decode" for k in gluon_kernels)
+    if not listed:
+        return
+    rng = random.Random(0)
+    selected = set()
+    for _ in range(300):
+        h = spec.dim_values.get("H") or rng.choice([1, 2, 3, 6, 12, 16, 24, 96, 64, 128, 256])
+        b, n = rng.choice([1, 2, 8, 300]), rng.randint(1, 70000)
+        sizes = {"B": b, "H": h, "HKV": 1, "M": 1, "N": n}
+        go = latent_launch(plan, sizes, rng.choice([2, 132]))
+        selected.add(go.decode)
+        assert go.combine is None or go.combine in plan.kernels, (sizes, go.combine)
+        assert bool(go.programs) == bool(options.mla_persistent)
+    assert selected == gluon_kernels
 
 
 @pytest.mark.parametrize("dims, options, arch, listed", [

@@ -147,9 +147,31 @@ def test_launch_packs_heads_into_64_rows(h, b, m, pack, head_programs):
     kw = go.decode.keywords
     assert go.decode.function == "attn_decode_gluon" and (kw["PACK"], kw["BLOCK_MQ"]) == (pack, 1)
     assert kw["num_warps"] == 4 and kw["maxnreg"] == 168 and kw["SPLIT"] == (go.splits > 1)
-    # few programs and 128 key tiles: split until about one program per SM, each split >= 4 tiles
-    assert go.splits == max(1, min(132 // (m * head_programs), 128 // 4, 64))
+    # few programs and 128 key tiles: split, never past about one program per SM (latent_splits' bound)
+    assert 1 < go.splits <= max(1, min(132 // (m * head_programs), 128 // 4, 64))
     assert (go.combine is None) == (go.splits == 1)
+
+
+@pytest.mark.parametrize("b, h, n, splits", [
+    (64, 64, 1024, 1),  # the H100 sweep (results/mla-splits-*-s11.json): 42.6 us unsplit, 56.2 at 2 splits
+    (64, 64, 2048, 1),  # 70.8 against 81.0
+    (64, 64, 8192, 2),  # 228.3 against 239.8 unsplit, 250.0 at 3
+    (64, 128, 1024, 1),  # 128 programs: 45.6 against 82.4
+    (128, 128, 1024, 1),
+    (768, 64, 8192, 1),
+])
+def test_split_counts_follow_the_h100_sweep(b, h, n, splits):
+    """The split-KV model picks the count the H100 measured fastest at the points it was fit to; the partials'
+    traffic makes a split of a short key list cost more than the SMs it fills."""
+    go = latent_launch(_plan("mla_decode"), dict(B=b, H=h, HKV=1, M=1, N=n), sm_count=132)
+    assert go.splits == splits
+
+
+def test_one_long_sequence_still_splits_many_ways():
+    plan = _plan("mla_decode")
+    one = latent_launch(plan, dict(B=1, H=64, HKV=1, M=1, N=65536), sm_count=132)
+    assert one.splits == 64 and one.combine is not None  # the split limit (MAX_SPLITS)
+    assert 8 <= latent_launch(plan, dict(B=2, H=64, HKV=1, M=1, N=3008), sm_count=132).splits <= 47
 
 
 def test_forced_splits_and_short_sequences():

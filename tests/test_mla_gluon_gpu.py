@@ -2,13 +2,15 @@
 `python -m pytest -m gpu tests/test_mla_gluon_gpu.py`. bf16 at DeepSeek's widths (D = 512 latent, DR = 64, pages of
 64), 64 and 128 heads, the latent contiguous and paged (shuffled pages, key lists off the tile and page sizes, every
 eighth one key long), one split and forced split-KV, one and two query tokens, an FP8 e4m3 latent (converted in
-shared memory by the kernel's converter warpgroup), against attnc.reference with
-NaN-poisoned outputs and workspace (test_mla_grid's inputs); each test checks that the Gluon kernel ran, not the
-Triton decode kernel it falls back to, and that no index data was flagged. A bad page id comes out as NaN rows and
-a flagged violation. The persistent schedule (PlanOptions(mla_persistent=True); `-k persistent`): B in {1, 3, 64},
-paged key lists of 0 and 1 keys beside lengths off the tile, 64 and 128 heads, and a bad length flagged and NaN."""
+shared memory by the kernel's converter warpgroup), and quantised queries over it (fp8 x fp8 QK^T), against
+attnc.reference with NaN-poisoned outputs and workspace (test_mla_grid's inputs); each test checks that the Gluon
+kernel ran, not the Triton decode kernel it falls back to, and that no index data was flagged. A bad page id comes
+out as NaN rows and a flagged violation. The persistent schedule (PlanOptions(mla_persistent=True); `-k
+persistent`): B in {1, 3, 64}, paged key lists of 0 and 1 keys beside lengths off the tile, 64 and 128 heads, and a
+bad length flagged and NaN."""
 import contextlib
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,9 @@ import torch
 
 import attnc
 from attnc.backends.triton import gluon, gluon_decode
+from attnc.dsl.check import check_attention
 from attnc.errors import CallError
+from attnc.ir import Quantize
 from attnc.passes import PlanOptions
 from test_mla_grid import Point, grid_call, grid_spec
 from test_triton_kernels import (  # noqa: F401  (poisoned_outputs is an autouse fixture: importing enables it)
@@ -156,6 +160,35 @@ def test_persistent_bad_length_poisons_its_sequence_and_is_flagged_gpu(gluon_cal
     torch.testing.assert_close(lse[good].double(), want_lse[good], rtol=1e-2, atol=1e-2)
     with pytest.raises(CallError, match="kv_len"):
         attnc.check_errors()
+
+
+Q8_POINTS = [Point(64, 64), Point(128, 4, n_max=1000), Point(64, 8, n_max=700, splits=4), Point(128, 16, n_max=90)]
+
+
+@pytest.mark.parametrize("point", Q8_POINTS, ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "paged"])
+def test_gluon_decode_quantized_queries_gpu(layout, point, gluon_calls):
+    """The FP8 latent with `quantize q, qr to f8e4m3`: Q quantised in place in shared memory, QK^T and the rope dot
+    fp8 x fp8 wgmma on the e4m3 slots, P V on the converter's bf16 copy of the latent's columns. Key lists of any
+    length (none a multiple of the 32-key tile or the page); against the quantised reference, and nearer it than
+    the unquantised one (a kernel that read q as it is would be nearer that)."""
+    _needs_hopper()
+    fp8 = grid_spec(layout, "fp8", SHAPES)
+    spec = replace(fp8, name=f"{fp8.name}_q8", quantize=(Quantize("q", "f8e4m3"), Quantize("qr", "f8e4m3")))
+    check_attention(spec)
+    q, k, kw = grid_call(layout, "fp8", SHAPES, point)
+    kern = attnc.compile(spec, backend="triton", options=PlanOptions(gluon=True, num_splits=point.splits))
+    assert kern.plan(q.device, q.shape[-1]).decode.warpgroups.layout.fp8_queries
+    with contextlib.suppress(CallError):
+        attnc.check_errors()
+    got = kern(q, k, **kw)
+    assert gluon_calls == [True], "the Gluon kernel took the call"
+    want = attnc.reference(spec, q, k, **kw)
+    assert_matches(spec, got, want, tol=1e-2)
+    plain, _ = attnc.reference(fp8, q, k, **kw)
+    out = got[0].double()
+    assert 2 * (out - want[0]).abs().max() < (out - plain).abs().max()
+    attnc.check_errors()
 
 
 def test_bad_page_id_poisons_its_sequence_and_is_flagged_gpu(gluon_calls):

@@ -8,17 +8,19 @@ persistent."""
 import math
 import random
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import attnc
 from attnc.backends.triton import gluon_decode
+from attnc.backends.triton.serving import DecodeLauncher
 from attnc.dsl.signature import bind
 from attnc.passes import PlanOptions, Target, plan_kernel
 from attnc.passes.latent_decode import (
-    PIECE_TILES, balanced_shares, item_tiles, latent_launch, persistent_latent, persistent_programs, share_cost,
-    share_start, tile_owner,
+    balanced_shares, item_tiles, latent_launch, latent_splits, modelled_us, persistent_programs, persistent_latent,
+    share_pieces, share_start, tile_owner,
 )
 from test_mla_grid import bench_mla, grid_spec
 from test_triton_kernels import poisoned_outputs  # noqa: F401  (an autouse fixture: importing enables it)
@@ -94,8 +96,8 @@ def test_the_option_shows_the_schedule_and_falls_back_where_it_does_not_apply():
     assert "persistent, balanced shares" in staged.reason and "persistent: a program per SM" in _plan().describe()
     default = _plan(options=PlanOptions(gluon=True))
     assert not default.decode.warpgroups.layout.persistent and not persistent_latent(default)
-    assert "split_count's splits (PlanOptions" in default.decode.warpgroups.reason
-    assert "a program per (position, head group, split_count's split)" in default.describe()
+    assert "latent_splits' splits (PlanOptions" in default.decode.warpgroups.reason
+    assert "a program per (position, head group, split)" in default.describe()
     # an FP8 latent keeps the split rule, saying why
     kept = _plan(spec=grid_spec("paged", "fp8", bench_mla.GPU)).decode.warpgroups
     assert kept.path == "gluon" and not kept.layout.persistent and "does not apply, an FP8 latent" in kept.reason
@@ -106,18 +108,28 @@ def _sizes(b=64, h=128, m=1, n=2048):
 
 
 def test_programs_weigh_tiles_against_cut_pieces():
-    """Up to a program per SM, the fewest whose costliest share (tiles + PIECE_TILES a cut segment) is least: where
-    items spread evenly over fewer programs, no partials; B = 768 of 128 heads at 2k keys takes every SM."""
-    assert PIECE_TILES == 4
-    assert persistent_programs(16, 64, 132) == 128 and share_cost(16, 64, 128) == 8 + 4 < share_cost(16, 64, 132)
-    assert persistent_programs(16, 1536, 132) == 128 and share_cost(16, 1536, 128) == 192
-    assert persistent_programs(32, 1536, 132) == 132
-    assert persistent_programs(64, 1, 132) == 64 and persistent_programs(0, 5, 132) == 5
+    """Up to a program per SM, the count of least modelled time (latent_splits' model: a cut segment's partial and
+    the merge against the tiles it spreads): B = 64 sequences of 64 heads at 1k / 2k keys stay whole, one program
+    each (the H100 ran that unsplit launch fastest, the split rule's choice too); at 8k each is cut in two; where
+    items spread evenly over fewer programs, no partials; a few short sequences spread over many programs."""
+    plan = _plan()
+    assert share_pieces(16, 64, 64) == (16, 0) and share_pieces(16, 64, 128) == (8, 128)
+    assert modelled_us(plan, 1, 16, 1024, 0) < modelled_us(plan, 1, 8, 1024, 128)
+    assert persistent_programs(plan, 16, 64, 132) == 64 and persistent_programs(plan, 32, 64, 132) == 64
+    assert persistent_programs(plan, 128, 64, 132) == 128  # 8k keys: two halves a sequence
+    for tiles, batch in ((16, 64), (32, 64), (128, 64)):  # the split rule's count at the same points
+        assert persistent_programs(plan, tiles, batch, 132) == batch * latent_splits(
+            _plan(options=PlanOptions(gluon=True)), batch, tiles, 132)
+    assert persistent_programs(plan, 16, 1536, 132) == 128 and share_pieces(16, 1536, 128) == (192, 0)
+    assert persistent_programs(plan, 32, 1536, 132) == 128  # HBM-bound: 132 shares would cut items for nothing
+    assert 1 < persistent_programs(plan, 128, 1, 132) < 132  # one long sequence: many pieces, not every SM
+    assert persistent_programs(plan, 1, 1, 132) == 1 and persistent_programs(plan, 0, 5, 132) == 5
 
 
 def test_a_persistent_launch_takes_up_to_a_program_per_sm():
     go = latent_launch(_plan(), _sizes(b=768, h=128), 132)
-    assert (go.programs, go.q_programs, go.head_programs, go.tiles.pack) == (132, 132, 1, 64)
+    assert (go.programs, go.q_programs, go.head_programs, go.tiles.pack) == (128, 128, 1, 64)
+    assert go.combine.function == "attn_combine_scheduled" and go.combine in _plan().kernels
     assert 2 ** go.search_steps >= 768 * 2 and go.combine is not None and go.decode.keywords["SPLIT"] is False
     split = latent_launch(_plan(options=PlanOptions(gluon=True)), _sizes(b=64, h=64, n=8192), 132)
     assert split.programs == 0 and split.splits == 2  # today's rule at B = 64, 8k keys: 128 programs
@@ -150,14 +162,12 @@ def test_generated_source_walks_the_segments():
 
 
 @pytest.mark.parametrize("heads, pack, programs", [(4, 2, 5), (2, 2, 3), (4, 4, 16)])
-def test_the_scheduled_combine_merges_the_cut_items(monkeypatch, heads, pack, programs):
+def test_the_scheduled_combine_merges_the_cut_items(heads, pack, programs):
     """The launcher's attn_combine_scheduled call (Triton's interpreter) over partial results simulated per
     segment in float64 (scores drawn at random, values the latent): the items the shares cut come out as the
     softmax over all their keys, 0-key items as out 0 and lse -inf, and the items written whole are left alone."""
-    monkeypatch.setattr(gluon_decode, "load_gluon_decode_module", lambda plan: type("M", (), {
-        "attn_decode_gluon": None})())
     plan = _plan()
-    launcher = gluon_decode.GluonDecodeLauncher(plan, None)
+    launcher = gluon_decode.GluonDecodeLauncher(plan, SimpleNamespace(attn_decode_gluon=None), DecodeLauncher(plan))
     torch.manual_seed(heads * 100 + programs)
     lengths = [0, 1, 130, 64, 300, 65, 0, 7]
     batch, page = len(lengths), 64
@@ -186,7 +196,7 @@ def test_the_scheduled_combine_merges_the_cut_items(monkeypatch, heads, pack, pr
             else:
                 ws_out[s.slot, rows, 0], ws_lse[s.slot, rows] = part.float(), (part_lse / math.log(2)).float()
     fn, grid, args, meta = launcher.calls(bound, go, out, lse, ws_out, ws_lse)[1]
-    assert fn.__name__ == "attn_combine_scheduled" and grid[1] == heads
+    assert fn.__name__ == go.combine.function == "attn_combine_scheduled" and grid[1] == heads
     fn[grid](*args, **{k: v for k, v in meta.items() if k != "num_warps"})
     for b, n in enumerate(lengths):
         if n == 0:

@@ -47,9 +47,11 @@ PERSISTENT = PlanOptions(gluon=True, gluon_persistent=True)
 
 
 # The Gluon MLA decode kernel (sm_90, PlanOptions(gluon=True)) over the paged latent: a producer warp, QK^T once per
-# key tile in the score warpgroup, P handed to the value warpgroup; page ids checked and clamped.
+# key tile in the score warpgroup, P handed to the value warpgroup; page ids checked and clamped. Over an FP8 latent
+# with quantised queries: Q quantised in place, QK^T fp8 x fp8 on the e4m3 ring, the converter for P V's columns.
 GLUON_DECODE_CASES = [
     ("mla_paged_gluon_decode_sm90.py", "mla.attn", "mla_paged", Target("triton", "cuda", 90), 512),
+    ("fp8_mla_paged_q8_gluon_decode_sm90.py", "fp8_cache.attn", "fp8_mla_paged_q8", Target("triton", "cuda", 90), 512),
 ]
 # Its persistent schedule (PlanOptions(mla_persistent=True)): every partition walks its share's segments, Q reloaded
 # at a segment boundary (q_free), cut segments written to their workspace rows.

@@ -19,6 +19,7 @@ from ..errors import Diagnostic, Span, SpecError
 RESERVED = frozenset({
     "attention", "dims", "param", "input", "score", "mask", "return", "and", "or", "not",
     "inf", "true", "false", "qk", "causal", "lse", "paged", "ragged", "by", "dequant",
+    "quantize", "to",
 })
 # Keywords of a kernel call that are not the spec's params or inputs (runtime/api.py, Kernel.__call__).
 CALL_OPTIONS = frozenset({"validate"})
@@ -153,7 +154,17 @@ class DequantStmt:
     span: Span | None = None
 
 
-Statement = Union[TensorStmt, ParamStmt, Binding, StorageStmt, DequantStmt, ScoreStmt, MaskStmt, ReturnStmt]
+@dataclass(frozen=True)
+class QuantizeStmt:
+    """`quantize TENSOR, ... to DTYPE`, unchecked."""
+
+    tensors: tuple[Word, ...]
+    dtype: Word
+    span: Span | None = None
+
+
+Statement = Union[TensorStmt, ParamStmt, Binding, StorageStmt, DequantStmt, QuantizeStmt, ScoreStmt, MaskStmt,
+                  ReturnStmt]
 
 
 @dataclass(frozen=True)
@@ -195,6 +206,7 @@ def attention_diagnostics(spec: ir.Attention) -> list[Diagnostic]:
     if spec.shares_kv and spec.v != spec.k:
         report.error(f"the values are k (`{ir.return_text(value='k')}`), so v must be k's declaration", spec.span)
     _check_dequant(report, spec.q, spec.k, spec.v, spec.params, spec.inputs, spec.dequant, spec.score, spec.span)
+    _check_quantize(report, spec.k, spec.v, spec.inputs, spec.quantize, spec.score, spec.span)
     return report.sorted()
 
 
@@ -532,6 +544,37 @@ def _check_dequant(report: _Report, q, k, v, params, inputs, dequant, score, fal
                          f"{name}_scale` with {example.format(name + '_scale')}", t.span or fallback)
 
 
+def _check_quantize(report: _Report, k, v, inputs, quantize, score, fallback: Span | None) -> None:
+    """`quantize` lines: each names, once, a query-side tensor the score reads in a dot product (q of qk, or the
+    left side of `qr @ kr`), to one of ir.QUANTIZE_DTYPES."""
+    queries = {n.query: n for n in ir.walk(score) if isinstance(n, ir.QK)}
+    keys = {n.key for n in queries.values()} | {t.name for t in (k, v) if t is not None}
+    declared = {t.name for t in inputs} | {"q"}
+    seen: dict[str, ir.Quantize] = {}
+    for d in quantize:
+        here = d.span or fallback
+        if d.tensor in seen:
+            first = seen[d.tensor].span
+            report.error(f"{d.tensor} is quantised twice{f' (line {first.line} names it too)' if first else ''}",
+                         here)
+            continue
+        seen[d.tensor] = d
+        if d.dtype not in ir.QUANTIZE_DTYPES:
+            report.error(f"quantize {d.tensor} to '{d.dtype}': queries are quantised to "
+                         f"{', '.join(ir.QUANTIZE_DTYPES)} only", here)
+        if d.tensor in queries:
+            continue
+        if d.tensor in keys:
+            why = (f"{d.tensor} is key-side, stored as it is (an FP8 cache says `dequant {d.tensor} by SCALE` "
+                   f"instead)")
+        elif d.tensor in declared:
+            why = f"the score reads {d.tensor} in no dot product (`{d.tensor} @ KEY`)"
+        else:
+            why = f"'{d.tensor}' is not declared{_did_you_mean(d.tensor, queries)}"
+        reads = ", ".join(sorted(queries)) or "none"
+        report.error(f"quantize applies to the query side of the score's dot products ({reads}): {why}", here)
+
+
 # ---------------------------------------------------------------- expressions (IR level)
 
 
@@ -831,6 +874,7 @@ class _Elaborator:
         kinds = {"q": "dense", "kv": "dense"}  # as meant, even by a malformed statement
         ret: ReturnStmt | None = None
         dequant: list[ir.Dequant] = []
+        quantize: list[ir.Quantize] = []
         for st in b.statements:
             if ret is not None:
                 report.error("a statement after `return`: the return ends the attention block"
@@ -847,6 +891,12 @@ class _Elaborator:
                 self._storage(st, storages, kinds)
             elif isinstance(st, DequantStmt):
                 dequant.append(ir.Dequant(st.tensor.text, st.scale.text, span=st.span))
+            elif isinstance(st, QuantizeStmt):
+                if st.dtype.text in ir.QUANTIZE_DTYPES:
+                    quantize += [ir.Quantize(t.text, st.dtype.text, span=t.span) for t in st.tensors]
+                else:
+                    report.error(f"queries are quantised to {', '.join(ir.QUANTIZE_DTYPES)} only, not "
+                                 f"'{st.dtype.text}'", st.dtype.span)
             elif isinstance(st, ScoreStmt):
                 scores.append(st)
             elif isinstance(st, MaskStmt):
@@ -894,6 +944,7 @@ class _Elaborator:
                           span=ret.span if ret is not None else None)
         _check_expressions(report, env, score, mask_exprs, normalizer, b.name.span)
         _check_dequant(report, q, k, v, params, inputs, dequant, score, b.name.span)
+        _check_quantize(report, k, v, inputs, quantize, score, b.name.span)
 
         diagnostics = report.sorted()
         if diagnostics:
@@ -901,7 +952,7 @@ class _Elaborator:
         spec = ir.make_attention(b.name.text, q, k, v, dims=dim_pairs, params=params, inputs=inputs,
                                  score=score, masks=mask_exprs, normalizer=normalizer,
                                  returns_lse=ret.extra is not None, span=b.name.span, q_storage=q_storage,
-                                 kv_storage=kv_storage, dequant=dequant)
+                                 kv_storage=kv_storage, dequant=dequant, quantize=quantize)
         return spec, []
 
     # -- declarations

@@ -46,7 +46,7 @@ MAX_SPEC_BYTES = 1 << 20
 MAX_SPEC_TOKENS = 20_000
 _TOKEN = re.compile(r"\w+|[^\w\s]")  # counts what the lexer makes tokens of (comments' words too, to be brief)
 _STATEMENT_RULES = frozenset({"start", "attention", "dims", "binding", "tensor", "input", "shape", "storage", "names",
-                              "dequant", "param", "score", "mask", "result", "sink"})
+                              "dequant", "quantize", "param", "score", "mask", "result", "sink"})
 _CHARACTER_HINTS = {"&": "; write `and`", "|": "; write `or`", "!": "; write `not` (or `!=`)",
                     "^": "; there is no power operator: use exp2, sqrt or a product",
                     '"': "; the language has no strings", "'": "; the language has no strings"}
@@ -288,6 +288,11 @@ class _ToBlocks(Transformer):
     def dequant(self, meta, children):
         tensor, scale = children
         return check.DequantStmt(self._word(tensor), self._word(scale), self._span(meta))
+
+    @v_args(meta=True)
+    def quantize(self, meta, children):
+        tensors, dtype = children
+        return check.QuantizeStmt(tensors, self._word(dtype), self._span(meta))
 
     @v_args(meta=True)
     def score(self, meta, children):

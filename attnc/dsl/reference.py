@@ -30,8 +30,8 @@ import torch
 from ..errors import CallError, checks_arguments
 from ..index_data import LENGTH, OFFSETS_DECREASE, OFFSETS_END, OFFSETS_START, PAGE_ID, Violation
 from ..ir import (
-    QK, Attention, Binary, Call, Expr, IndexVar, Lookup, Num, Paged, ParamRef, Ragged, SizeRef, TensorDecl, Unary,
-    children, print_expr, walk,
+    QK, QUANTIZE_DTYPES, QUANTIZE_TINY, Attention, Binary, Call, Expr, IndexVar, Lookup, Num, Paged, ParamRef, Ragged,
+    SizeRef, TensorDecl, Unary, children, print_expr, walk,
 )
 from ..ops import op_of
 from .signature import Bound, bind, canonical_view, lse_shape, out_shape, positional_qkv
@@ -176,7 +176,7 @@ class _Segment:
 def _segments(spec: Attention, bound: Bound, out: torch.Tensor, lse: torch.Tensor):
     """Dense specs: chunks of whole batches. Ragged or paged ones: each sequence alone, sliced or gathered."""
     def view(t: torch.Tensor, decl: TensorDecl) -> torch.Tensor:
-        return _dequantized(spec, bound, decl.name, canonical_view(t, decl).double())
+        return _dequantized(spec, bound, decl.name, _quantized(spec, decl.name, canonical_view(t, decl)).double())
 
     queries = {"q": view(bound.q, spec.q)}
     keys = {"k": view(bound.k, spec.k)}
@@ -218,6 +218,22 @@ def _segments(spec: Attention, bound: Bound, out: torch.Tensor, lse: torch.Tenso
             def packed(t, rows=seq.rows):
                 return t[:, rows][None]
             yield segment(b, packed, key_rows, packed, packed)
+
+
+def quantize_rows(t: torch.Tensor, dtype: str) -> torch.Tensor:
+    """`quantize ... to DTYPE` of a tensor's rows (its last dim), in float64 (ir.Quantize): each row x, with a =
+    max(amax(|x|), QUANTIZE_TINY) in float32, becomes float(e4m3(x * (448 / a))) * (a / 448), each product and
+    quotient rounded to float32 as the kernels compute them."""
+    x = t.float()
+    a = x.abs().amax(-1, keepdim=True).clamp(min=QUANTIZE_TINY)
+    top = QUANTIZE_DTYPES[dtype]
+    return (x * (top / a)).to(torch.float8_e4m3fn).double() * (a / top).double()
+
+
+def _quantized(spec: Attention, name: str, t: torch.Tensor) -> torch.Tensor:
+    """A query-side tensor as the score reads it: quantised per row where the spec says so (ir.Quantize)."""
+    d = spec.quantized(name)
+    return t if d is None else quantize_rows(t, d.dtype)
 
 
 def _dequantized(spec: Attention, bound: Bound, name: str, t: torch.Tensor) -> torch.Tensor:

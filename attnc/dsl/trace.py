@@ -25,7 +25,7 @@ from ..errors import CallError, Diagnostic, TraceError
 from ..ops import UNARY_FUNCTIONS
 from ..ir import (
     NORMALIZERS, QK, ROLES, Attention, Dequant, Expr, IndexVar, Normalizer, ParamDecl, ParamRef, SizeRef, Sigmoid, Softmax,
-    TensorDecl, causal_mask, dtype_kind, make_attention, print_expr, walk,
+    Quantize, TensorDecl, causal_mask, dtype_kind, make_attention, print_expr, walk,
 )
 from . import compiler, symbolic
 from .check import check_attention, number_problem, spec_name
@@ -244,33 +244,44 @@ _ANNOTATIONS = {Tensor: "tensor", torch.Tensor: "tensor", float: "f32", int: "i3
 
 @overload
 def attention(fn: Callable[..., object], *, layout: str = "BHSD", backend: str | None = None,
-              dequant: Mapping[str, str] | None = None) -> AttentionFunction:
+              dequant: Mapping[str, str] | None = None,
+              quantize: Mapping[str, str] | None = None) -> AttentionFunction:
     ...
 @overload
 def attention(fn: None = None, *, layout: str = "BHSD", backend: str | None = None,
-              dequant: Mapping[str, str] | None = None) -> Callable[[Callable[..., object]], AttentionFunction]: ...
+              dequant: Mapping[str, str] | None = None,
+              quantize: Mapping[str, str] | None = None) -> Callable[[Callable[..., object]], AttentionFunction]: ...
 
 
 def attention(fn: Callable[..., object] | None = None, *, layout: str = "BHSD", backend: str | None = None,
-              dequant: Mapping[str, str] | None = None):
+              dequant: Mapping[str, str] | None = None, quantize: Mapping[str, str] | None = None):
     """Trace `fn(q, k, v, *, inputs..., params...)` into an attention spec, compiled on first call.
 
     `layout` is the tensors' memory order ("BHSD" or "BSHD"); `backend` goes to `attnc.compile`; `dequant` maps
     an FP8 cache (k, v, or a key-side input of a dot product) to the argument holding its dequant scale, a float
     param or an attnc.Tensor of one scale per K/V head: `dequant={"k": "k_scale", "v": "v_scale"}` is the text
-    language's `dequant k by k_scale` and `dequant v by v_scale`.
+    language's `dequant k by k_scale` and `dequant v by v_scale`. `quantize` maps query-side tensors (q, or the
+    query side of a dot product) to the dtype their rows are quantised to: `quantize={"q": "f8e4m3", "qr":
+    "f8e4m3"}` is `quantize q, qr to f8e4m3` (docs/mla.md).
     """
     if layout not in LAYOUTS:
         raise CallError(f"layout: expected one of {', '.join(LAYOUTS)}, got {layout!r}")
-    dequant = dict(dequant or {})
-    if not all(isinstance(x, str) for pair in dequant.items() for x in pair):
-        raise CallError(f"dequant: expected a dict of tensor name -> scale argument name, such as "
-                        f"{{'k': 'k_scale'}}, got {dequant!r}")
+    dequant = _names("dequant", dequant, "tensor name -> scale argument name", {"k": "k_scale"})
+    quantize = _names("quantize", quantize, "query-side tensor name -> dtype", {"q": "f8e4m3"})
 
     def wrap(f):
-        return AttentionFunction(f, layout, backend, dequant)
+        return AttentionFunction(f, layout, backend, dequant, quantize)
 
     return wrap if fn is None else wrap(fn)
+
+
+def _names(argument: str, given, what: str, example: dict[str, str]) -> dict[str, str]:
+    """A decorator argument that maps names to names (`dequant`, `quantize`), as a dict; a CallError otherwise."""
+    if given is None:
+        return {}
+    if not (isinstance(given, Mapping) and all(isinstance(x, str) for pair in given.items() for x in pair)):
+        raise CallError(f"{argument}: expected a dict of {what}, such as {example!r}, got {given!r}")
+    return dict(given)
 
 
 CALL_KEYS = 64  # call signatures (shapes, strides, ...) each decorated function keeps a direct look-up for
@@ -279,12 +290,14 @@ CALL_KEYS = 64  # call signatures (shapes, strides, ...) each decorated function
 class AttentionFunction:
     """A decorated function. Calling it traces (once per signature), compiles (once per signature) and runs."""
 
-    def __init__(self, fn, layout: str, backend: str | None, dequant: Mapping[str, str] | None = None):
+    def __init__(self, fn, layout: str, backend: str | None, dequant: Mapping[str, str] | None = None,
+                 quantize: Mapping[str, str] | None = None):
         self.fn = fn
         self.layout = layout
         self.backend = backend
         self._params, self._inputs, self._shares_kv = _declared_arguments(fn)
         self._dequant = dict(dequant or {})
+        self._quantize = dict(quantize or {})
         # the tensors that may be FP8 (where the values are the keys, v is k)
         self._fp8 = set(self._dequant) | ({"v"} if self._shares_kv and "k" in self._dequant else set())
         for name in self._dequant.values():
@@ -419,7 +432,8 @@ class AttentionFunction:
             spec_name(self.fn.__name__, "traced_attention"), q_decl, k_decl, k_decl if self._shares_kv else v_decl,
             dims=dims, params=self._params, inputs=inputs, score=p.score, masks=p.masks, normalizer=p.normalizer,
             returns_lse=returns_lse, span=span,
-            dequant=[Dequant(tensor, scale, span=span) for tensor, scale in self._dequant.items()])
+            dequant=[Dequant(tensor, scale, span=span) for tensor, scale in self._dequant.items()],
+            quantize=[Quantize(tensor, dtype, span=span) for tensor, dtype in self._quantize.items()])
         check_attention(spec)
         return spec
 

@@ -2,18 +2,18 @@
 
 A launch picks its kernels with pure functions of the plan and the call's sizes: `launch_tiles` for the prefill
 kernel, `decode_launch` for the decode and merge kernels; where the plan's prefill path is Gluon
-(passes/warpgroups.py), its one warpgroup kernel (`gluon_kernel`) takes the launches it covers. Their results range over a finite set, since tiles
-change only at powers of two of M and of the GQA group and splits are at most MAX_SPLITS; `list_kernels`
-enumerates that set. The runtime launches `prefill_kernel` / `DecodeLaunch` records, and AOT builds compile the
-list, so a loaded artifact holds every kernel a call can select. Not listed yet: the Gluon MLA decode kernel
-(passes/latent_decode.py), which only the JIT runtime builds; a loaded artifact runs those calls on the Triton
-decode kernel it lists.
+(passes/warpgroups.py), its one warpgroup kernel (`gluon_kernel`) takes the launches it covers, and where its MLA
+decode path is Gluon (passes/latent_decode.py), `latent_launch` picks the Gluon MLA decode kernel's. Their results
+range over a finite set, since tiles change only at powers of two of M and of the GQA group and splits are at most
+MAX_SPLITS; `list_kernels` enumerates that set. The runtime launches `prefill_kernel` / `DecodeLaunch` records,
+and AOT builds compile the list, so a loaded artifact holds every kernel a call can select.
 """
 from __future__ import annotations
 
 from dataclasses import replace
 
 from .decode import MAX_SPLITS, combine_kernel, decode_kernel, decode_tiles, upcast
+from .latent_decode import latent_kernels
 from .plan import KernelLaunch, KernelPlan
 from .tiling import LaunchTiles, launch_tiles, next_pow2
 from .warpgroups import max_registers
@@ -77,6 +77,10 @@ def list_kernels(plan: KernelPlan) -> KernelPlan:
             tiles = decode_tiles(plan, m, group)
             for split in (False, True):
                 found[decode_kernel(plan, tiles, split)] = None
+    if plan.decode and plan.decode.warpgroups and plan.decode.warpgroups.path == "gluon":
+        rows = plan.decode.warpgroups.layout.block_m
+        # its split launches merge with the combine kernels listed below
+        found.update(dict.fromkeys(latent_kernels(plan, group_classes(plan, rows))))
     if decode_ms:
         splits = 2
         while splits <= next_pow2(MAX_SPLITS):
@@ -85,15 +89,18 @@ def list_kernels(plan: KernelPlan) -> KernelPlan:
     return replace(plan, kernels=tuple(found))
 
 
-def group_classes(plan: KernelPlan) -> list[int]:
-    """H // HKV values with distinct tiles: the spec's own where dims bind it, else the powers of two up to the
-    most heads a program packs (packing takes the largest power of two dividing the group)."""
-    dims = plan.spec.dim_values
-    if "H" in dims and "HKV" in dims:
-        return [dims["H"] // dims["HKV"]]
-    if not plan.spec.is_gqa_shape:
+def group_classes(plan: KernelPlan, limit: int | None = None) -> list[int]:
+    """H // HKV values with distinct tiles: the spec's own where dims bind it (one K/V head without an axis: H),
+    else the powers of two up to `limit` (default: the most heads a program packs; packing takes the largest power
+    of two dividing the group)."""
+    spec = plan.spec
+    dims = spec.dim_values
+    kv_heads = 1 if spec.one_kv_head else dims.get("HKV")
+    if "H" in dims and kv_heads:
+        return [dims["H"] // kv_heads]
+    if not spec.is_gqa_shape:
         return [1]
-    limit = max(plan.heads.max_rows, plan.decode.tile.block_m if plan.decode else 1)
+    limit = limit or max(plan.heads.max_rows, plan.decode.tile.block_m if plan.decode else 1)
     return [g for g in (1 << p for p in range(limit.bit_length())) if "H" not in dims or dims["H"] % g == 0]
 
 

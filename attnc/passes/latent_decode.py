@@ -27,6 +27,12 @@ converter warpgroup writes each as q's dtype into the ring the two warpgroups re
 critical path (the Triton kernel converts through registers between its MMAs). It needs 32-key tiles: two
 converted slots and four e4m3 ones fit beside Q (226560 B).
 
+Quantised queries over an FP8 latent (`quantize q, qr to f8e4m3`, FlashMLA's FP8 form): the score warpgroup
+quantises Q and the rope query to e4m3 once per program, in place in Q's shared memory, and issues QK^T and the rope
+dot as fp8 x fp8 wgmma straight on the e4m3 slots the producer landed, the scores times each row's scale; the
+converter converts only the latent's 512 columns, which P V reads, and the score warpgroup releases an e4m3 slot
+beside it (218368 B at four e4m3 slots, 226560 B without).
+
 The kernel covers one query position per program (q_programs = M: a longer M reads the latent once per position),
 q and the rope query in one of f16/bf16, the latent and its rope part in q's dtype or both f8e4m3, the latent 512
 wide, a rope part up to 64, softmax without a sink, contiguous storage or pages holding whole key tiles (PAGE bound
@@ -35,7 +41,7 @@ by `dims`, a multiple of BN). Everything else keeps the Triton decode kernel. Wh
 the Triton kernel's bytes/s at 64 heads and 2.06-2.44x at 128, bf16, contiguous and paged, and 2.3-3.1x over an FP8
 latent, its GPU tests right against the float64 reference.
 
-Schedule: one program per (position, head group, split) by split_count, or with PlanOptions(mla_persistent=True)
+Schedule: one program per (position, head group, split) by latent_splits, or with PlanOptions(mla_persistent=True)
 FlashMLA's persistent one (its get_mla_metadata): a program per SM, each taking an equal share (within one tile) of
 the key tiles of all (sequence, position, head group) items laid end to end (balanced_shares), so the shares cross
 sequence boundaries. The producer streams the tiles of a share's segments through one ring without draining it
@@ -64,12 +70,17 @@ LATENT_CHUNK = 128  # one TMA box, one QK^T wgmma's K and one P V accumulator's 
 MAX_ROPE = 64
 ROWS = 64  # query heads per program: one wgmma M, each warpgroup's accumulator rows
 KEY_TILES = (32, 64)  # PlanOptions.warpgroup_block_n for this kernel
-# A cut segment's cost in key tiles (persistent_programs): its f32 partial (64 rows x 512 x 4 B) written and read back
-# by the combine, 256 KB, against a 64-key tile's 72 KB of bf16 latent, about 3.5 tiles (FlashMLA's scheduler
-# charges 5 a split)
-PIECE_TILES = 4
 DEFAULT_BLOCK_N = 64  # FlashMLA's: one page of 64 slots a tile, two stages
 MAX_STAGES = 4
+# The split-KV time model (`latent_splits`), fit to the H100 sweep of forced split counts against this kernel
+# (benchmarks/results/mla-splits-*-s11.json; bf16, pages of 64): a program streams its latent at ~39 GB/s after
+# ~12 us of Q load and pipeline fill; all programs together at ~2.7 TB/s; a split launch writes a float32 [rows, DV]
+# partial per split, which attn_combine reads back, plus ~10 us for the merge's launch and its tail.
+PROGRAM_START_US = 12.0
+PROGRAM_BYTES_PER_US = 39e3
+HBM_BYTES_PER_US = 2.7e6
+MERGE_US = 10.0
+FP8_MMA_K = 32  # an fp8 x fp8 wgmma's K: the rope dot's width at least, where QK^T runs in e4m3
 
 
 def unavailable(plan: KernelPlan) -> str:
@@ -92,11 +103,17 @@ def unavailable(plan: KernelPlan) -> str:
     if keys != {plan.dtype} and keys != {"f8e4m3"}:
         return f"the latent and its rope part are {'/'.join(sorted(keys))}: the kernel takes both in q's dtype, or " \
                f"both f8e4m3 (converted in shared memory)"
+    quantized = {d.tensor for d in spec.quantize}
+    if quantized and (quantized != {"q", dot.query} or keys != {"f8e4m3"}):
+        return f"quantised queries ({', '.join(sorted(quantized))}): the kernel quantises q and the rope query " \
+               f"both, over an f8e4m3 latent and rope part (fp8 x fp8 QK^T)"
     if plan.head_dim != LATENT_DIM or plan.value_dim != LATENT_DIM:
         return f"D={plan.head_dim} DV={plan.value_dim}: the kernel's latent is {LATENT_DIM} wide"
     size = dot_size(plan, dot)
     if size > MAX_ROPE or size % 8:
         return f"a rope part of {size} columns: the kernel takes up to {MAX_ROPE}, a multiple of 8 (TMA rows)"
+    if quantized and next_pow2(size) < FP8_MMA_K:
+        return f"a rope part of {size} columns with quantised queries: an fp8 x fp8 wgmma sums {FP8_MMA_K} at a time"
     n = spec.normalizer
     if not (n.normalized and n.weight == "exp") or n.sink is not None:
         # the value warpgroup applies the score warpgroup's running-max rescale (alpha) to its half of the rows
@@ -161,32 +178,38 @@ def tile_owner(tile: int, total: int, programs: int) -> int:
     return ((tile + 1) * min(programs, total) - 1) // total
 
 
-def share_cost(item_tiles: int, items: int, programs: int) -> int:
-    """The costliest program's share of `items` items of `item_tiles` key tiles each: its tiles plus PIECE_TILES for
-    each cut segment it writes as a partial."""
-    total, worst = item_tiles * items, 0
+def share_pieces(item_tiles: int, items: int, programs: int) -> tuple[int, int]:
+    """The most key tiles a program's share holds, and the cut segments (partials) of all shares, for `items` items
+    of `item_tiles` key tiles each cut into `programs` shares."""
+    total, most, cuts = item_tiles * items, 0, 0
     for p in range(programs):
         a, b = share_start(total, programs, p), share_start(total, programs, p + 1)
         if a == b:
             continue
-        first, last = a // item_tiles, (b - 1) // item_tiles
-        if first == last:
-            cuts = int(a % item_tiles != 0 or b % item_tiles != 0)
+        most = max(most, b - a)
+        if a // item_tiles == (b - 1) // item_tiles:
+            cuts += int(a % item_tiles != 0 or b % item_tiles != 0)
         else:
-            cuts = int(a % item_tiles != 0) + int(b % item_tiles != 0)
-        worst = max(worst, b - a + PIECE_TILES * cuts)
-    return worst
+            cuts += int(a % item_tiles != 0) + int(b % item_tiles != 0)
+    return most, cuts
 
 
-def persistent_programs(item_tiles: int, items: int, sm_count: int) -> int:
-    """Programs of a persistent launch: the count up to one per SM whose costliest share (share_cost, for items of
-    the capacity's length) is least, the fewer programs on a tie. Where items do not spread evenly over the SMs
-    cutting them costs partials: B = 64 sequences of 64 heads take 128 programs (each sequence in two halves, as
-    split_count's two splits), B = 768 of 128 heads (1536 items of 16 tiles at 1k keys) 128 programs of 12 whole
-    items each rather than 132 shares cutting 120 items."""
+def persistent_programs(plan: KernelPlan, item_tiles: int, items: int, sm_count: int) -> int:
+    """Programs of a persistent launch: the count up to one per SM with the least modelled time (modelled_us, the
+    split rule's model: one wave, the fullest share's tiles, a partial per cut segment), for items of the
+    capacity's length; the more programs on a tie (where HBM bounds the time), never more than tiles. A cut costs
+    its float32 partial and the merge, more than the tiles it spreads at short lengths: B = 64 sequences of 64 heads
+    and 1k / 2k keys take 64 programs of one whole sequence each (the H100 ran the unsplit launch fastest), B = 768
+    of 128 heads (1536 items of 16 tiles at 1k keys) 128 programs of 12 whole items each, one long sequence many
+    pieces."""
     if item_tiles <= 0 or items <= 0:
         return max(1, min(sm_count, items))
-    return min(range(1, sm_count + 1), key=lambda p: (share_cost(item_tiles, items, p), p))
+
+    def time(programs: int) -> tuple[float, int]:
+        most, cuts = share_pieces(item_tiles, items, programs)
+        return modelled_us(plan, 1, most, item_tiles * items, cuts), -programs
+
+    return min(range(1, min(sm_count, item_tiles * items) + 1), key=time)  # a program a tile at most
 
 
 def balanced_shares(tiles: Sequence[int], programs: int) -> list[list[Segment]]:
@@ -215,12 +238,16 @@ def default_block_n(plan: KernelPlan) -> int:
     return 32 if plan.spec.dequant else DEFAULT_BLOCK_N
 
 
-def layout_bytes(block_n: int, stages: int, rope: int, q_bytes: int, fp8_stages: int = 0) -> int:
+def layout_bytes(block_n: int, stages: int, rope: int, q_bytes: int, fp8_stages: int = 0,
+                 fp8_queries: bool = False) -> int:
     """Shared memory of a layout: Q and each ring slot hold 576 columns (latent and rope), P [ROWS, BN], the row
-    scales (f32) and the mbarriers; an FP8 latent's e4m3 slots (one byte an element) beside the converted ring."""
+    scales (f32) and the mbarriers; an FP8 latent's e4m3 slots (one byte an element) beside the converted ring, whose
+    slots hold the latent alone where QK^T reads the e4m3 slots (`fp8_queries`: the e4m3 Q overwrites the Q loaded
+    in q's dtype, in place)."""
     columns = LATENT_DIM + rope
-    return ((ROWS * columns + stages * block_n * columns + ROWS * block_n) * q_bytes + fp8_stages * block_n * columns
-            + ROWS * 4 + BARRIER_BYTES)
+    converted = LATENT_DIM if fp8_queries else columns
+    return ((ROWS * columns + stages * block_n * converted + ROWS * block_n) * q_bytes
+            + fp8_stages * block_n * columns + ROWS * 4 + BARRIER_BYTES)
 
 
 def choose_layout(plan: KernelPlan, stages: int | None = None) -> LatentDecodeLayout:
@@ -235,9 +262,10 @@ def choose_layout(plan: KernelPlan, stages: int | None = None) -> LatentDecodeLa
     q_bytes = DTYPE_BITS[plan.dtype] // 8
     capacity = smem_capacity(plan.target.arch)
     fp8 = bool(plan.spec.dequant)
+    fp8_queries = bool(plan.spec.quantize)  # only over an FP8 latent (unavailable)
 
     def fits(s: int) -> bool:
-        return layout_bytes(block_n, 2 if fp8 else s, rope, q_bytes, s if fp8 else 0) <= capacity
+        return layout_bytes(block_n, 2 if fp8 else s, rope, q_bytes, s if fp8 else 0, fp8_queries) <= capacity
 
     fit = max((s for s in range(1, MAX_STAGES + 1) if fits(s)), default=0)
     asked, stages = stages, stages or fit
@@ -250,8 +278,9 @@ def choose_layout(plan: KernelPlan, stages: int | None = None) -> LatentDecodeLa
         return LatentDecodeLayout(ROWS, block_n, stages, chunks, rope, layout_bytes(block_n, stages, rope, q_bytes))
     # Registers with the converter: the score warpgroup keeps the rest of the file (about 250), the value warpgroup
     # holds its 128-register accumulator and a row vector, the converter one e4m3 chunk and its conversion.
-    return LatentDecodeLayout(ROWS, block_n, 2, chunks, rope, layout_bytes(block_n, 2, rope, q_bytes, stages),
-                              fp8_stages=stages, value_regs=160, converter_regs=96)
+    smem = layout_bytes(block_n, 2, rope, q_bytes, stages, fp8_queries)
+    return LatentDecodeLayout(ROWS, block_n, 2, chunks, rope, smem, fp8_stages=stages, fp8_queries=fp8_queries,
+                              value_regs=160, converter_regs=96)
 
 
 def stage_latent_decode(plan: KernelPlan) -> KernelPlan:
@@ -263,11 +292,11 @@ def stage_latent_decode(plan: KernelPlan) -> KernelPlan:
     if why:
         return replace(plan, decode=replace(plan.decode, warpgroups=WarpgroupPlan("triton", why)))
     layout = choose_layout(plan)
-    schedule = "split_count's splits (PlanOptions(mla_persistent=True): a persistent, balanced schedule)"
+    schedule = "latent_splits' splits (PlanOptions(mla_persistent=True): a persistent, balanced schedule)"
     if plan.options.mla_persistent:
         why = unavailable_persistent(plan)
         layout = replace(layout, persistent=not why)
-        schedule = f"split_count's splits: PlanOptions(mla_persistent=True) does not apply, {why}" if why else \
+        schedule = f"latent_splits' splits: PlanOptions(mla_persistent=True) does not apply, {why}" if why else \
             "persistent, balanced shares (PlanOptions(mla_persistent=True))"
     if plan.options.gluon is False:
         staged = WarpgroupPlan("triton", "the Gluon MLA decode kernel qualifies: PlanOptions(gluon=False)", layout)
@@ -286,26 +315,76 @@ def gluon_decode_kernel(plan: KernelPlan, tiles: LaunchTiles, split: bool) -> Ke
                                               ("maxnreg", max_registers(w, w.converter_warps))))
 
 
-def latent_launch(plan: KernelPlan, sizes: Mapping[str, int], sm_count: int) -> DecodeLaunch:
-    """The Gluon decode kernel's launch for these sizes: one position per program (grid axis 0: M x splits), the
-    most heads of a K/V group up to ROWS (a power of two dividing the group) as its rows, the key range split as
-    the Triton decode kernel splits it (split_count) for tiles of the layout's BN; a persistent layout's one position
-a call: up to a program per SM (persistent_programs; DecodeLaunch.programs), binary-search steps over the items'
-cumulative tiles."""
+def latent_tiles(plan: KernelPlan, group: int) -> LaunchTiles:
+    """A program's tiles for H // HKV = group: the most heads of the group up to ROWS (a power of two dividing
+    it) as its rows (rows past them idle), one position."""
     w = plan.decode.warpgroups.layout
-    b, heads, group = sizes["B"], sizes["H"], sizes["H"] // sizes["HKV"]
     pack = 1
     while group % (pack * 2) == 0 and pack * 2 <= w.block_m:
         pack *= 2
-    tiles = LaunchTiles(TileConfig(pack, w.block_n, w.consumer_warps, w.stages), pack, 1)  # rows past pack idle
-    head_programs = b * (heads // pack)
-    if w.persistent and sizes["M"] == 1:
-        # up to a program per SM; the combine merges the items cut by a share boundary (2 pieces, mostly)
-        items = b * (heads // pack)
-        programs = persistent_programs(-(-sizes["N"] // w.block_n), items, sm_count)
-        return DecodeLaunch(tiles, 1, programs, 1, items.bit_length(), gluon_decode_kernel(plan, tiles, False),
-                            combine_kernel(plan, 2), programs=programs)
+    return LaunchTiles(TileConfig(pack, w.block_n, w.consumer_warps, w.stages), pack, 1)
+
+
+def latent_kernels(plan: KernelPlan, groups: list[int]) -> list[KernelLaunch]:
+    """Every attn_decode_gluon launch a call whose H // HKV is one of `groups` can select (the kernel list's share,
+    passes/kernels.py): each heads-per-program count, split or not; a persistent layout's unsplit, and its merge."""
+    packs = dict.fromkeys(latent_tiles(plan, g) for g in groups)
+    if plan.decode.warpgroups.layout.persistent:  # one launch a call, its merge scheduled (M > 1: the Triton kernel)
+        return [gluon_decode_kernel(plan, tiles, False) for tiles in packs] + [scheduled_combine_kernel(plan)]
+    return [gluon_decode_kernel(plan, tiles, split) for tiles in packs for split in (False, True)]
+
+
+def scheduled_combine_kernel(plan: KernelPlan) -> KernelLaunch:
+    """attn_combine_scheduled, the persistent launch's merge: attn_combine's tiles for two pieces an item (a share
+    boundary cuts an item in two, mostly)."""
+    return replace(combine_kernel(plan, 2), function="attn_combine_scheduled")
+
+
+def modelled_us(plan: KernelPlan, waves: int, program_tiles: float, key_tiles: int, partials: int) -> float:
+    """A Gluon MLA decode launch's modelled time (PROGRAM_START_US...): `waves` of programs each starting and then
+    streaming at most `program_tiles` key tiles, but no faster than HBM streams all `key_tiles`; `partials` float32
+    [ROWS, DV] partial results written and read back, plus the merge's launch where there are any."""
+    w = plan.decode.warpgroups.layout
+    tile_bytes = w.block_n * (LATENT_DIM + w.rope) * (1 if w.fp8_stages else 2)  # e4m3 or 16-bit
+    alone = waves * PROGRAM_START_US + program_tiles * tile_bytes / PROGRAM_BYTES_PER_US
+    time = max(alone, key_tiles * tile_bytes / HBM_BYTES_PER_US)
+    return time + (MERGE_US + partials * 2 * ROWS * LATENT_DIM * 4 / HBM_BYTES_PER_US if partials else 0.0)
+
+
+def latent_splits(plan: KernelPlan, programs: int, key_tiles: int, sm_count: int) -> int:
+    """Splits of each program's key tiles: the count with the least modelled time (modelled_us), at most
+    the Triton decode kernel's (split_count) and never more programs than SMs. The partials of a split cost
+    ROWS x 512 x 4 bytes written and read per split and program, which at 64 heads and 1k keys is 44% of the
+    latent's bytes: the H100 sweep ran B = 64 sequences of 1k / 2k keys (64 programs) fastest unsplit (42.6 / 70.8
+    us against 56.2 / 81.0 at two splits, where split_count chose two), and 8k keys at two splits (228 against
+    240); one sequence of thousands of keys still splits many ways. PlanOptions(num_splits=...) fixes the count."""
+    most = split_count(plan, programs, key_tiles, sm_count)
+    if plan.options.num_splits is not None or most == 1:
+        return most
+
+    def time(splits: int) -> float:
+        waves = -(-programs * splits // sm_count)
+        return modelled_us(plan, waves, waves * key_tiles / splits, programs * key_tiles,
+                           programs * splits if splits > 1 else 0)
+
+    return min(range(1, most + 1), key=time)
+
+
+def latent_launch(plan: KernelPlan, sizes: Mapping[str, int], sm_count: int) -> DecodeLaunch:
+    """The Gluon decode kernel's launch for these sizes: one position per program (grid axis 0: M x splits), the
+    group's heads as latent_tiles packs them as its rows, the key range split as the Triton decode kernel splits it
+    (latent_splits) for tiles of the layout's BN; a persistent layout's one-position call: up to a program per SM
+    (persistent_programs; DecodeLaunch.programs), binary-search steps over the items' cumulative tiles."""
+    w = plan.decode.warpgroups.layout
+    tiles = latent_tiles(plan, sizes["H"] // sizes["HKV"])
+    pack = tiles.pack
+    head_programs = sizes["B"] * (sizes["H"] // pack)
     key_tiles = -(-sizes["N"] // w.block_n)
-    splits = split_count(plan, sizes["M"] * head_programs, key_tiles, sm_count)
+    if w.persistent and sizes["M"] == 1:
+        # up to a program per SM; attn_combine_scheduled merges the items cut by a share boundary
+        programs = persistent_programs(plan, key_tiles, head_programs, sm_count)
+        return DecodeLaunch(tiles, 1, programs, 1, head_programs.bit_length(), gluon_decode_kernel(plan, tiles, False),
+                            scheduled_combine_kernel(plan), programs=programs)
+    splits = latent_splits(plan, sizes["M"] * head_programs, key_tiles, sm_count)
     return DecodeLaunch(tiles, splits, sizes["M"], head_programs, 0, gluon_decode_kernel(plan, tiles, splits > 1),
                         combine_kernel(plan, splits) if splits > 1 else None)

@@ -74,6 +74,12 @@ def plan_steps(spec: Attention, target: Target, head_dim: int, value_dim: int,
                            f"interpreter on the CPU with TRITON_INTERPRET=1); the {target.backend} backend has no "
                            f"FP8 loads. Pass backend='triton', or dequantise the cache yourself (k.to(q.dtype) * "
                            f"scale) and call a spec declaring q's dtype")
+    if spec.quantize and target.backend != "triton":
+        quantized = ", ".join(d.tensor for d in spec.quantize)
+        raise CompileError(f"attention {spec.name!r} quantises its queries ({quantized}, with `quantize`), which runs "
+                           f"on backend='triton' only (CUDA tensors, or the Triton interpreter on the CPU with "
+                           f"TRITON_INTERPRET=1); the {target.backend} backend's kernels read the queries as they "
+                           f"are. Pass backend='triton'")
     e4m3 = [t.name for t in (spec.k, spec.v, *spec.inputs) if t.dtype == "f8e4m3"]
     if e4m3 and target.arch is not None and target.arch < FP8_E4M3_ARCH:
         raise CompileError(f"attention {spec.name!r}: {e4m3[0]} is f8e4m3, which Triton converts on sm_"

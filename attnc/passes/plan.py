@@ -282,6 +282,10 @@ class LatentDecodeLayout:
     # An FP8 latent: the producer lands e4m3 tiles in a ring of fp8_stages slots and a converter warpgroup writes
     # them as q's dtype into the `stages` slots the consumers read (0: no converter, TMA fills those slots)
     fp8_stages: int = 0
+    # Quantised queries over an FP8 latent (`quantize q, qr to f8e4m3`): the score warpgroup quantises Q to e4m3 in
+    # its shared memory once and runs QK^T as fp8 x fp8 wgmma on the e4m3 slots; the converter converts only the
+    # latent's columns, which P V reads
+    fp8_queries: bool = False
     consumer_warps: int = 4
     producer_warps: int = 1
     producer_regs: int = 24
@@ -320,9 +324,10 @@ class WarpgroupPlan:
 @dataclass(frozen=True)
 class KernelLaunch:
     """One compiled kernel a plan may launch: a generated function (`attn_fwd`, `tile_summary` of the prefill
-    module; `attn_decode`, `attn_combine` of the decode module; `attn_fwd_gluon` of the Gluon module) and its
-    launch keywords (constexprs, then options: num_warps, num_stages or maxnreg) in the order the launcher passes
-    them. The runtime launches only these, and an AOT build compiles exactly these."""
+    module; `attn_decode`, `attn_combine`, `attn_combine_scheduled` of the decode module; `attn_fwd_gluon` of the
+    Gluon module; `attn_decode_gluon` of the Gluon MLA decode module) and its launch keywords (constexprs, then options:
+    num_warps, num_stages or maxnreg) in the order the launcher passes them. The runtime launches only these, and
+    an AOT build compiles exactly these."""
 
     function: str
     launch: tuple[tuple[str, int | bool], ...]
@@ -337,7 +342,7 @@ class KernelLaunch:
             return "gluon"
         if self.function == "attn_decode_gluon":
             return "gluon_decode"
-        return "decode" if self.function in ("attn_decode", "attn_combine") else "prefill"
+        return "decode" if self.function in ("attn_decode", "attn_combine", "attn_combine_scheduled") else "prefill"
 
 
 @dataclass(frozen=True)
@@ -394,6 +399,9 @@ class KernelPlan:
         if self.spec.dequant:
             lines.append("  dequant    " + ", ".join(f"{d.tensor} (FP8) by {d.scale}" for d in self.spec.dequant)
                          + ("" if self.value_scale is None else f"; out rows times {written(self.value_scale)}"))
+        if self.spec.quantize:
+            lines.append("  quantize   " + ", ".join(f"{d.tensor} rows to {d.dtype}" for d in self.spec.quantize)
+                         + " (each row's scale multiplies its scores)")
         if self.score:
             lines.append(f"  logits2    {written(self.score.logits2)}")
             if self.score.sink2 is not None:
@@ -449,8 +457,10 @@ def _latent(w: LatentDecodeLayout) -> str:
             f"chunks {'+'.join(map(str, w.chunks))}, rope {w.rope}) -> score warpgroup (QK^T once, weights, P to "
             f"shared) + value warpgroup, each P V over {w.value_chunks} chunks; BM={w.block_m}, {w.smem} B shared"
             + (f"; FP8: {w.fp8_stages} e4m3 slots, a converter warpgroup writes the ring" if w.fp8_stages else "")
+            + ("; quantised queries: QK^T fp8 x fp8 on the e4m3 slots, the ring holds the latent alone"
+               if w.fp8_queries else "")
             + ("; persistent: a program per SM, equal shares of all key tiles, cut sequences merged by "
-               "attn_combine" if w.persistent else "; a program per (position, head group, split_count's split)"))
+               "attn_combine_scheduled" if w.persistent else "; a program per (position, head group, split)"))
 
 
 def _tile(c: TileConfig) -> str:

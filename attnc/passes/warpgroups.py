@@ -56,6 +56,8 @@ def unavailable(plan: KernelPlan) -> str:
         return "latent attention (a second dot product, or values that are the keys) runs the decode kernel"
     if spec.dequant:
         return "FP8 K/V (dequant) runs the decode kernel"
+    if spec.quantize:
+        return "quantised queries (quantize) run the decode kernel"
     dtypes = {spec.q.dtype, spec.k.dtype, spec.v.dtype}
     if len(dtypes) > 1 or plan.dtype not in GLUON_DTYPES:
         return f"q, k, v are {'/'.join(sorted(dtypes))}: the Gluon kernel takes one of {', '.join(GLUON_DTYPES)}"
@@ -222,8 +224,8 @@ a sink's gradient is attn_bwd_prep's);
         pass
     elif spec.q_storage is not None or spec.kv_storage is not None:
         why = "ragged storage: the template's dK/dV kernel finds each program's sequence"
-    elif spec.is_latent or spec.dequant:
-        why = "latent attention and FP8 K/V have the template's backward"
+    elif spec.decode_kernel_only:
+        why = "latent attention, FP8 K/V and quantised queries have the template's backward"
     elif len({spec.q.dtype, spec.k.dtype, spec.v.dtype}) > 1 or plan.dtype not in GLUON_DTYPES:
         why = f"the Gluon dK/dV kernel takes q, k, v of one of {', '.join(GLUON_DTYPES)}"
     elif widest_block(plan) > DKDV_MAX_HEAD_BLOCK:

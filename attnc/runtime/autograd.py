@@ -188,7 +188,8 @@ def call(kernel: "kernel.Kernel", q, k, v, kwargs: dict):
         wanting = next((name for name, t in (("q", q), ("k", k), ("v", v), *kwargs.items())
                         if isinstance(t, torch.Tensor) and t.requires_grad), None)
         if wanting is not None:
-            what = "multi-head latent attention" if spec.is_latent else "attention over FP8 K/V (dequant)"
+            what = ("multi-head latent attention" if spec.is_latent else "attention over FP8 K/V (dequant)"
+                    if spec.dequant else "attention over quantised queries (quantize)")
             raise CallError(f"{wanting}: requires grad, but attention {spec.name!r} is {what}, which has no backward "
                             f"kernels yet (forward only); call it under torch.no_grad() or pass {wanting}.detach()")
     key = kernel.op_key

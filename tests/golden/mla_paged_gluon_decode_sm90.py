@@ -337,10 +337,11 @@ def attn_decode_gluon(
     f_hi = tl.maximum(tl.min(tl.where(row_valid, exact_hi, BIG), 0), 0)
     f_start = tl.minimum(tl.maximum((f_lo + BLOCK_N - 1) // BLOCK_N, run_start), run_end)
     f_end = tl.minimum(tl.maximum(f_hi // BLOCK_N, f_start), run_end)
-    # -- this split's run of key tiles [s_start, s_end), and the full tiles inside it
+    # -- this split's run of key tiles [s_start, s_end), and the full tiles inside it; 32-bit (barrier and buffer
+    # indices take int32) where an AOT build passes the sizes as int64 (backends/triton/aot.py)
     per_split = (run_end - run_start + n_splits - 1) // n_splits
-    s_start = tl.minimum(run_start + split * per_split, run_end)
-    s_end = tl.minimum(s_start + per_split, run_end)
+    s_start = tl.minimum(run_start + split * per_split, run_end).to(tl.int32)
+    s_end = tl.minimum(s_start + per_split, run_end).to(tl.int32)
     f_start = tl.minimum(tl.maximum(f_start, s_start), s_end)
     f_end = tl.minimum(tl.maximum(f_end, f_start), s_end)
     kvh = (hp * PACK) // (sz_H // sz_HKV)

@@ -25,18 +25,18 @@ the recorded key before any kernel is imported.
 
 Where the plan's prefill path is Gluon (sm_90, passes/warpgroups.py), its kernel list names the warpgroup kernel
 too: the build writes `gluon_kernel.py` and compiles `attn_fwd_gluon` from Gluon's AST source, and a loaded kernel
-launches it through the JIT runtime's Gluon launcher (gluon.launcher). A Triton whose Gluon is not the one the
-kernel was written for cannot build it: the manifest records it under `not_built` with the reason, and the loaded
-kernel runs the template for those launches and warns once, as the JIT runtime on that Triton would compute.
+launches it through the JIT runtime's Gluon launcher (gluon.launcher). Likewise where an MLA decode plan runs the
+Gluon MLA decode kernel (passes/latent_decode.py): the build writes `gluon_decode_kernel.py` and compiles each
+`attn_decode_gluon` launch of the list, and a loaded kernel runs them through gluon_decode.launcher, which hands the
+calls TMA cannot read to the saved Triton decode kernels, as the JIT runtime does. A Triton whose Gluon is not the
+one the kernels were written for cannot build them: the manifest records them under `not_built` with the reason,
+and the loaded kernel runs the template (or the Triton decode kernel) for those launches and warns once, as the JIT
+runtime on that Triton would compute.
 
 Loaded attentions are ordinary `attnc.Kernel`s whose backend is the artifact (`AotBackend`): they bind their
 arguments like `attnc.compile`'s kernels and launch through the same `TritonLauncher`, whose kernels here are
 `AotKernel`s, stand-ins for Triton's JITFunction that run the saved cubins (so the launcher's prepared-launch
 fast path applies to them too).
-
-Not built ahead of time yet: the split-KV decode kernels of runtime/serving.py (a loaded kernel runs small M
-through the forward kernel's decode tiles, which is correct but slower for long caches) and specs with ragged or
-paged storage (refused by `attnc compile`).
 """
 from __future__ import annotations
 
@@ -79,7 +79,9 @@ if TYPE_CHECKING:
 FORMAT = "attnc-aot/2"  # bump when the layout or the manifest changes
 MANIFEST = "manifest.json"
 # the generated sources in each build folder
-SOURCES = {"prefill": "kernel.py", "decode": "decode.py", "gluon": "gluon_kernel.py"}
+SOURCES = {"prefill": "kernel.py", "decode": "decode.py", "gluon": "gluon_kernel.py",
+           "gluon_decode": "gluon_decode_kernel.py"}
+GLUON_MODULES = ("gluon", "gluon_decode")  # compiled from Gluon's AST source, on the Triton its Gluon was written for
 
 
 def _generate_gluon(plan: KernelPlan) -> str:
@@ -88,7 +90,14 @@ def _generate_gluon(plan: KernelPlan) -> str:
     return generate_gluon(plan)
 
 
-GENERATORS = {"prefill": generate, "decode": generate_decode, "gluon": _generate_gluon}
+def _generate_gluon_decode(plan: KernelPlan) -> str:
+    from .gluon_decode import generate_gluon_decode  # imports torch, as _generate_gluon's module does
+
+    return generate_gluon_decode(plan)
+
+
+GENERATORS = {"prefill": generate, "decode": generate_decode, "gluon": _generate_gluon,
+              "gluon_decode": _generate_gluon_decode}
 ALIGNMENT = 16  # bytes for pointers, elements for strides: Triton's "tt.divisibility" hint
 MIN_CAPABILITY = 75  # the oldest NVIDIA arch Triton 3.x compiles for
 
@@ -182,10 +191,10 @@ class HeadDimBuild:
     head_dim: int
     value_dim: int
     plan: str  # repr(KernelPlan): load re-plans and compares
-    sources: Mapping[str, str]  # module ("prefill", "decode", "gluon") -> artifact-relative path of its source
+    sources: Mapping[str, str]  # module (a SOURCES key) -> artifact-relative path of its source
     kernels: tuple[KernelBuild, ...]
-    # kernels of the plan's list that this build's Triton cannot compile (the Gluon kernel off Triton 3.6) -> why;
-    # a loaded kernel runs the template's launches in their place and warns once
+    # kernels of the plan's list that this build's Triton cannot compile (the Gluon kernels off Triton 3.6) -> why;
+    # a loaded kernel runs the template's or the Triton decode kernel's launches in their place and warns once
     not_built: Mapping[str, str]
 
 
@@ -339,7 +348,7 @@ class AotBackend:
         return Target("triton", "cuda", a.arch.capability)
 
     def build(self, plan: KernelPlan) -> TritonLauncher:
-        from . import gluon
+        from . import gluon, gluon_decode
         from .serving import launcher_for
 
         builds = self.attention.builds
@@ -359,12 +368,16 @@ class AotBackend:
                                 self.artifact.command)
                 for name in dict.fromkeys(k.kernel for k in kernels)})
         fallback = launcher_for(plan, modules.get("prefill"), modules.get("decode"))
+        # the JIT backend's choice (backend.py), with the saved Gluon kernels in place of compiling them
+        if "gluon_decode" in modules:
+            return gluon_decode.launcher(plan, fallback, modules["gluon_decode"])
         if "gluon" in modules:
             return gluon.launcher(plan, fallback, modules["gluon"])
+        instead = "the Triton decode kernel" if plan.spec.decode_only else "the Triton template"
         for kernel, why in match.not_built.items():
             warnings.warn(f"{self.artifact.path}: attention {self.attention.name!r} (D={plan.head_dim} "
-                          f"DV={plan.value_dim}) was built without {kernel} ({why}); its launches run the Triton "
-                          f"template instead. Rebuild with Triton {', '.join(gluon.GLUON_TRITON)} to include it: "
+                          f"DV={plan.value_dim}) was built without {kernel} ({why}); its launches run {instead} "
+                          f"instead. Rebuild with Triton {', '.join(gluon.GLUON_TRITON)} to include it: "
                           f"`{self.artifact.command}`", stacklevel=4)
         return fallback
 
@@ -428,8 +441,8 @@ def _attrs(fn, divisible: Iterable[str]) -> dict:
 
 
 def _source_class(kernel: str):
-    """What triton.compile takes `kernel` from: Gluon's AST source for the Gluon kernel, Triton's otherwise."""
-    return source_class(KernelLaunch(kernel, ()).module == "gluon")
+    """What triton.compile takes `kernel` from: Gluon's AST source for the Gluon kernels, Triton's otherwise."""
+    return source_class(KernelLaunch(kernel, ()).module in GLUON_MODULES)
 
 
 def _import_kernels(path: Path, module_name: str) -> ModuleType:
@@ -672,9 +685,9 @@ def _build(staging: Path, builds, arch: Arch, workers: int, command: str,
 
 
 def _cannot_build(kernel: KernelLaunch) -> str:
-    """Why this Triton cannot build `kernel` ("" where it can): the Gluon kernel needs the Gluon API it was
+    """Why this Triton cannot build `kernel` ("" where it can): the Gluon kernels need the Gluon API they were
     written against."""
-    if kernel.module != "gluon":
+    if kernel.module not in GLUON_MODULES:
         return ""
     from .gluon import unavailable_here
 

@@ -7,7 +7,7 @@ it records in the error buffer by their place in `spec.inputs`.
 from __future__ import annotations
 
 from ... import index_data
-from ...ir import FP8_DTYPES, Paged, Ragged, TensorDecl
+from ...ir import FP8_DTYPES, QUANTIZE_DTYPES, QUANTIZE_TINY, Paged, Ragged, TensorDecl
 from ...passes.decode import dot_size
 from ...passes.latent_decode import persistent_latent
 from ...passes.plan import KernelPlan
@@ -81,6 +81,9 @@ def generate_decode(plan: KernelPlan) -> str:
         shares_kv=spec.shares_kv,
         k_fp8=spec.k.dtype in FP8_DTYPES,
         v_fp8=spec.v.dtype in FP8_DTYPES,
+        q_quantized=spec.quantized("q") is not None,
+        quantize_max=QUANTIZE_DTYPES["f8e4m3"],
+        quantize_tiny=repr(QUANTIZE_TINY),
         err=ERROR_CONSTANTS,
         **storage,
     )
@@ -116,6 +119,7 @@ def latent_dots(plan: KernelPlan) -> list[dict]:
         dots.append(dict(
             tile=f"qk_{n}", query_tile=f"qdot{n}_tile", key_tile=f"kdot{n}_tile", key_base=f"kdot{n}_base",
             offs=offs, width=max(16, next_pow2(size)), dim=str(size), base=base, fp8=key.dtype in FP8_DTYPES,
+            quantized=spec.quantized(query.name) is not None,
             seq_stride=seq, pages_stride=pages, key_dim_stride=names.stride(key.name, ka[dim]),
             query=(f"{names.tensor(query.name)} + {batch}h_row[:, None] * {names.stride(query.name, qa['H'])} + "
                    f"{rows}[:, None] * {names.stride(query.name, qa['T' if 'T' in qa else 'M'])} + "

@@ -20,7 +20,7 @@ from types import SimpleNamespace
 import torch
 
 from ...dsl.signature import Bound
-from ...ir import Paged
+from ...ir import QUANTIZE_DTYPES, QUANTIZE_TINY, Paged
 from ...passes.decode import DecodeLaunch, workspace_rows
 from ...passes.latent_decode import latent_launch
 from ...passes.plan import KernelPlan
@@ -58,6 +58,8 @@ def generate_gluon_decode(plan: KernelPlan) -> str:
         partial_before=bool(plan.masks.exact.lower),
         kv_storage="paged" if isinstance(spec.kv_storage, Paged) else "dense",
         err=ERROR_CONSTANTS,
+        quantize_max=QUANTIZE_DTYPES["f8e4m3"],
+        quantize_tiny=repr(QUANTIZE_TINY),
     )
 
 
@@ -90,15 +92,16 @@ def load_gluon_decode_module(plan: KernelPlan):
                                 lambda: generate_gluon_decode(plan), "gd")
 
 
-def launcher(plan: KernelPlan, fallback):
+def launcher(plan: KernelPlan, fallback, module=None):
     """The plan's decode launcher: `fallback` (the Triton decode kernel's) unless the plan runs the Gluon MLA decode
     kernel and this Triton can; a plan that asked for it (PlanOptions(gluon=True)) and cannot have it warns once,
-    saying why."""
+    saying why. `module` holds the kernel where it was built ahead of time (attnc.load: an AotKernel); by default
+    it is compiled here."""
     staged = plan.decode.warpgroups if plan.decode else None
     if staged is None or not gluon_runs(plan, staged.path == "gluon", staged.reason, plan.options.gluon,
                                         "the Gluon MLA decode kernel", "the Triton decode kernel"):
         return fallback
-    return GluonDecodeLauncher(plan, fallback)
+    return GluonDecodeLauncher(plan, module or load_gluon_decode_module(plan), fallback)
 
 
 def schedule_tiles(lengths: torch.Tensor | None, batch: int, capacity: int, block_n: int, items_per_sequence: int,
@@ -128,14 +131,13 @@ class GluonDecodeLauncher(DecodeLauncher):
     after it where the keys split; every other call goes to `fallback`, with a warning naming why (once per
     reason). No prepared replay: the kernel makes its TMA descriptors on the device (scratch.install)."""
 
-    def __init__(self, plan: KernelPlan, fallback):
-        module = SimpleNamespace(attn_decode=load_gluon_decode_module(plan).attn_decode_gluon,
-                                 attn_combine=load_decode_module(plan).attn_combine)
-        super().__init__(plan, module)
+    def __init__(self, plan: KernelPlan, module, fallback: DecodeLauncher):
+        # the merge of split launches is the Triton decode module's, which the fallback holds
+        super().__init__(plan, SimpleNamespace(attn_decode=module.attn_decode_gluon, attn_combine=fallback.combine_fn))
         self.persistent = plan.decode.warpgroups.layout.persistent
         self.signature = gluon_decode_signature(self.args, self.persistent)
         self.fallback = fallback
-        if self.persistent:
+        if self.persistent:  # JIT only: attnc compile plans with PlanOptions(), never persistent
             self.combine_fn = load_decode_module(plan).attn_combine_scheduled
 
     def choose_launch(self, sizes, sms: int):
