@@ -38,7 +38,11 @@ target compares its tokens/s with the bf16 grid's. `--fp8 --quantize-q` adds, on
 (the spec with `quantize q, qr to f8e4m3`: on sm_90 fp8 x fp8 QK^T, checked against the float32 formula over the
 queries quantised the same way) and attnc-bf16 columns (the bf16 spec over the dequantised latent, exact in bf16),
 so one call gives bf16 / FP8 / FP8 + quantised queries side by side; every timed result has its tokens/s (one query
-token per sequence).
+token per sequence). `--converters 1 2` adds the Gluon kernel with the conflict-free converter (8 e4m3 a thread,
+PlanOptions.fp8_conflict_free_converter; the default converts 16 a thread) and one and two converter warpgroups
+(attnc-c1/-c2, with --quantize-q attnc-q8-c1/-c2; --f16-values also P V in f16, attnc-q8-f16-c1/-c2), each checked
+as the column it varies: attnc against attnc-c1 is the converter layout alone, attnc-c1 against attnc-c2 the second
+converter.
 
 Every output is checked against a float32 torch formula (attnc's with NaN-poisoned outputs and workspace) before
 any timing counts; times are medians of CUDA-graph replays (do_bench_cudagraph: the kernels alone) where the
@@ -46,7 +50,7 @@ capture works, else of triton.testing.do_bench (both are in the JSON). The table
 <out>/mla-decode[-prefill]-<device>-<date>.json (rewritten after every row) and PNGs next to it.
 
     python benchmarks/bench_mla.py --out $OUT [--quick] [--only REGEX] [--prefill] [--sweep [--tiles ...]] \
-        [--fp8 [--quantize-q]]
+        [--fp8 [--quantize-q] [--converters 1 2 [--f16-values]]]
     TRITON_INTERPRET=1 python benchmarks/bench_mla.py --smoke --out /tmp/mla   # CPU, tiny shapes (a test runs it)
 """
 from __future__ import annotations
@@ -340,7 +344,8 @@ def dequantized_inputs(x: DecodeInputs) -> DecodeInputs:
 
 
 def run_decode(w: DecodeWorkload, s: Shapes, device: str, triton_kernel: bool = False,
-               quantize_q: bool = False, persistent: bool = False) -> dict:
+               quantize_q: bool = False, persistent: bool = False, converters: tuple[int, ...] = (),
+               f16_values: bool = False) -> dict:
     x = decode_inputs(w, s, device)
     row = {"workload": w.name, "kind": "decode", **asdict(w), "D": s.D, "DR": s.DR, "page": s.page,
            "dtype": s.spec_dtype, "fp8": s.fp8, "bytes": w.bytes_read(s), "flops": w.flops(s), "results": {}}
@@ -354,8 +359,16 @@ def run_decode(w: DecodeWorkload, s: Shapes, device: str, triton_kernel: bool = 
     measure(made, want, device, row)
     if quantize_q:  # checked within a third of the quantisation's own effect: a kernel that ignored it fails
         want_q8 = decode_reference(x, s.D, True)
-        measure(attnc_runners(replace(s, quantize_q=True), x, name="attnc-q8"), want_q8, device, row,
-                tol=min(CHECK_TOL, rel_err(want, want_q8) / 3))
+        q8_tol = min(CHECK_TOL, rel_err(want, want_q8) / 3)
+        measure(attnc_runners(replace(s, quantize_q=True), x, name="attnc-q8"), want_q8, device, row, tol=q8_tol)
+    for n in converters:  # the conflict-free converter's variants side by side, each checked as its default column
+        options = PlanOptions(gluon=True, fp8_conflict_free_converter=True, fp8_converter_warpgroups=n)
+        measure(attnc_runners(s, x, options, f"attnc-c{n}"), want, device, row)
+        for f16 in (False, True)[:(1 + f16_values) * quantize_q]:
+            options = PlanOptions(gluon=True, fp8_conflict_free_converter=True, fp8_converter_warpgroups=n,
+                                  fp8_f16_values=f16)
+            measure(attnc_runners(replace(s, quantize_q=True), x, options, f"attnc-q8{'-f16' if f16 else ''}-c{n}"),
+                    want_q8, device, row, tol=q8_tol)
     flex = row["results"].get("flex", {})  # no peers for the FP8 latent
     if "error" in flex and "rel_err" not in flex and not flex["error"].startswith("not run") and device == "cuda":
         FLEX_FAILED[w.name] = flex["error"]
@@ -670,6 +683,7 @@ def print_table(report: dict) -> None:
                             f"(D=512+64, one token): TB/s | TFLOP/s")
         table.add_column("workload")
         peers = [p for p in DECODE_PEERS if any(p in r["results"] for r in decode)]
+        peers += list(dict.fromkeys(p for r in decode for p in r["results"] if p not in DECODE_PEERS))  # --converters
         for p in peers:
             table.add_column(p, justify="right")
         for col in ("target", "attnc / target", "best attnc, % of floor", "paged / contiguous"):
@@ -777,6 +791,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quantize-q", action="store_true",
                     help="with --fp8: decode rows also time the spec with `quantize q, qr to f8e4m3` (attnc-q8) and "
                          "the bf16 spec over the dequantised latent (attnc-bf16)")
+    ap.add_argument("--converters", type=int, nargs="*", default=[],
+                    help="with --fp8: decode rows also time the Gluon kernel with the conflict-free converter "
+                         "(PlanOptions.fp8_conflict_free_converter) and these converter warpgroup counts "
+                         "(PlanOptions.fp8_converter_warpgroups): attnc-cN columns, with --quantize-q attnc-q8-cN")
+    ap.add_argument("--f16-values", action="store_true",
+                    help="with --fp8 --quantize-q --converters: also P V in f16 (PlanOptions.fp8_f16_values): "
+                         "attnc-q8-f16-cN columns")
     ap.add_argument("--smoke", action="store_true", help="CPU with TRITON_INTERPRET=1: tiny f32 shapes")
     ap.add_argument("--triton-kernel", action="store_true",
                     help="decode rows also time the Triton decode kernel beside the default (on sm_90 the Gluon one): "
@@ -793,6 +814,10 @@ def main(argv: list[str] | None = None) -> int:
     shapes = SMOKE if args.smoke else GPU
     if args.quantize_q and not args.fp8:
         raise attnc.CallError("--quantize-q: quantised queries run over the FP8 latent; add --fp8")
+    if (args.converters or args.f16_values) and not args.fp8:
+        raise attnc.CallError("--converters / --f16-values: the FP8 latent's converter; add --fp8")
+    if args.f16_values and not (args.quantize_q and args.converters):
+        raise attnc.CallError("--f16-values: P V in f16 needs quantised queries; add --quantize-q and --converters")
     if args.fp8:
         shapes = fp8_shapes(shapes)
     env = smoke_environment() if args.smoke else environment(device)
@@ -822,7 +847,8 @@ def main(argv: list[str] | None = None) -> int:
             report.setdefault("not_run", []).append(w.name)
             continue
         if isinstance(w, DecodeWorkload):
-            report["rows"].append(run_decode(w, shapes, device, args.triton_kernel, args.quantize_q, args.persistent))
+            report["rows"].append(run_decode(w, shapes, device, args.triton_kernel, args.quantize_q, args.persistent,
+                                             tuple(args.converters), args.f16_values))
         else:
             report["rows"].append(run_prefill(w, shapes, device))
         print_row(report["rows"][-1])

@@ -8,12 +8,16 @@ at its DECODE_TUNED tile. Needs Triton 3.6 (the GPU machine's):
 
 --fp8 compiles bench_mla.py --fp8's spec (latent and rope part e4m3): the producer, a converter warpgroup, the two
 consumer warpgroups. --fp8 --quantize-q: bench_mla.py --quantize-q's spec (`quantize q, qr to f8e4m3`): QK^T as
-fp8 x fp8 wgmma (QGMMA) on the e4m3 slots, the converter converting the latent's 512 columns alone. --persistent
-compiles the persistent schedule (PlanOptions(mla_persistent=True): a program per SM walking its share's segments;
-no split form).
+fp8 x fp8 wgmma (QGMMA) on the e4m3 slots, the converter converting the latent's 512 columns alone.
+--conflict-free: the conflict-free converter, 8 e4m3 a thread (PlanOptions.fp8_conflict_free_converter; by default 16).
+--converters 1 2: each with one and two converter warpgroups (PlanOptions.fp8_converter_warpgroups; a converter loop
+line each; two use the conflict-free converter); --f16-values (with --quantize-q): P V in f16
+(PlanOptions.fp8_f16_values; the conflict-free converter too). --persistent compiles the persistent schedule
+(PlanOptions(mla_persistent=True): a program per SM walking its share's segments; no split form; bf16 latent only).
 
 Exit status 1 if a kernel fails to compile, ptxas warns (serialized wgmma), or a kernel spills."""
 import argparse
+import itertools
 import os
 import re
 import sys
@@ -48,9 +52,12 @@ def fp8_spec(name: str, quantize_q: bool = False):
     return bench_mla.mla_spec(shapes, paged=name == "mla_paged")
 
 
-def plan_with(spec, block_n: int, stages: int | None, persistent: bool = False):
-    plan = plan_kernel(spec, Target("triton", "cuda", 90), 512, 512,
-                       PlanOptions(gluon=True, warpgroup_block_n=block_n, mla_persistent=persistent or None))
+def plan_with(spec, block_n: int, stages: int | None, converters: int | None = None, f16_values: bool = False,
+              conflict_free: bool | None = None, persistent: bool = False):
+    options = PlanOptions(gluon=True, warpgroup_block_n=block_n, fp8_converter_warpgroups=converters,
+                          fp8_f16_values=f16_values, fp8_conflict_free_converter=conflict_free,
+                          mla_persistent=persistent or None)
+    plan = plan_kernel(spec, Target("triton", "cuda", 90), 512, 512, options)
     staged = plan.decode.warpgroups
     assert staged.path == "gluon", staged.reason
     layout = replace(choose_layout(plan, stages), persistent=staged.layout.persistent)
@@ -59,7 +66,7 @@ def plan_with(spec, block_n: int, stages: int | None, persistent: bool = False):
 
 def compile_decode(plan, work: Path, split: bool):
     w = plan.decode.warpgroups.layout
-    path = work / f"{plan.spec.name}_{w.block_n}_{w.stages}.py"
+    path = work / f"{plan.spec.name}_{w.block_n}_{w.stages}_{w.fp8_stages}_{w.converter_warpgroups}v{w.converter_vector}{'h' if w.f16_values else ''}.py"
     path.write_text(generate_gluon_decode(plan))
     fn = launch.import_source(path, f"gluon_decode_{path.stem}").attn_decode_gluon
     types = argument_types(plan)
@@ -89,11 +96,11 @@ def loop_counts(sass: str) -> list[str]:
         macs = sum(int(m) * int(n) * int(k) for m, n, k in shapes)
         out.append(f"{role} loop: instrs={len(min(bodies, key=len))} {count(SASS, body)} "
                    f"shapes={sorted(set('x'.join(s) for s in shapes))} MACs={macs}")
-    converter = [body for *_, body in mma_loops(sass, "F2FP") if not any("MMA" in x for x in body)]
-    if converter:  # an FP8 latent's converter warpgroup: e4m3 -> f16 -> f32 -> bf16 pairs
-        body = min(converter, key=len)
-        out.append(f"converter loop: instrs={len(body)} {count(SASS, chr(10).join(body))} "
-                   f"F2FP={sum('F2FP' in x for x in body)} HADD2.F32={sum('HADD2.F32' in x for x in body)}")
+    # an FP8 latent's converter warpgroups, a loop each: e4m3 -> f16 (-> f32 -> bf16) pairs
+    for _, _, _, body in mma_loops(sass, "F2FP"):
+        if not any("MMA" in x or "UTMA" in x for x in body):  # not the epilogue's out store
+            out.append(f"converter loop: instrs={len(body)} {count(SASS, chr(10).join(body))} "
+                       f"F2FP={sum('F2FP' in x for x in body)} HADD2.F32={sum('HADD2.F32' in x for x in body)}")
     return out
 
 
@@ -105,6 +112,12 @@ def main() -> int:
     parser.add_argument("--fp8", action="store_true", help="the latent e4m3 (bench_mla.py --fp8's spec, BN = 32)")
     parser.add_argument("--persistent", action="store_true", help="the persistent schedule (PlanOptions(mla_persistent))")
     parser.add_argument("--quantize-q", action="store_true", help="with --fp8: the queries quantised to e4m3 too")
+    parser.add_argument("--converters", type=int, nargs="*", default=[1],
+                        help="with --fp8: converter warpgroups (PlanOptions.fp8_converter_warpgroups), each compiled")
+    parser.add_argument("--f16-values", action="store_true",
+                        help="with --fp8 --quantize-q: P V in f16 (PlanOptions.fp8_f16_values)")
+    parser.add_argument("--conflict-free", action="store_true",
+                        help="with --fp8: 8 e4m3 a converter thread (PlanOptions.fp8_conflict_free_converter)")
     args = parser.parse_args()
     ok = True
     specs = {s.name: s for s in attnc.parse_file("examples/specs/mla.attn")}
@@ -114,38 +127,40 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.dump or tmp)
         work.mkdir(parents=True, exist_ok=True)
-        for name in args.spec:
-            for block_n in tiles:
-                w = plan_with(specs[name], block_n, None, args.persistent).decode.warpgroups.layout
-                fit = w.fp8_stages or w.stages
-                for stages in range(2, fit + 1):
-                    plan = plan_with(specs[name], block_n, stages, args.persistent)
-                    if plan.decode.warpgroups.layout.fp8_stages:
-                        name_label = f"{name} fp8{'+q8' if args.quantize_q else ''}"
-                    else:
-                        name_label = name
-                    for split in (False,) if w.persistent else (False, True):
-                        label = f"{name_label:14s} BN={block_n} stages={stages} split={int(split)}"
-                        try:
-                            compiled = compile_decode(plan, work, split)
-                        except Exception as e:  # report every kernel, then fail
-                            ok = False
-                            print(f"FAIL {label}  {type(e).__name__}: {str(e).strip().splitlines()[-1][:400]}",
-                                  flush=True)
-                            continue
-                        ptx = work / f"{name}_{block_n}_{stages}_{int(split)}.ptx"
-                        r = ptxas_figures(compiled, ptx)
-                        sass = full_sass(compiled.asm["cubin"])
-                        if args.dump:
-                            ptx.with_suffix(".sass").write_text(sass)
-                        ok &= r["spills"] == 0 and not r["warnings"]
-                        print(f"{'ok  ' if r['spills'] == 0 else 'SPILL'} {label}  regs={r['regs']} "
-                              f"setmaxnreg={r['setmaxnreg']} spills={r['spills']} B smem={r['shared']} B (plan "
-                              f"{plan.decode.warpgroups.layout.smem})", flush=True)
-                        for line in r["warnings"]:
-                            print(f"     {line}", flush=True)
-                        for line in loop_counts(sass):
-                            print(f"     {line}", flush=True)
+        for name, block_n, converters in itertools.product(args.spec, tiles, args.converters if args.fp8 else [1]):
+            w = plan_with(specs[name], block_n, None, persistent=args.persistent).decode.warpgroups.layout
+            fit = w.fp8_stages or w.stages
+            for stages in range(2, fit + 1):
+                plan = plan_with(specs[name], block_n, stages, converters, args.f16_values, args.conflict_free or None,
+                                 args.persistent)
+                w = plan.decode.warpgroups.layout
+                if w.fp8_stages:
+                    name_label = (f"{name} fp8{'+q8' if args.quantize_q else ''}{'+f16' if w.f16_values else ''} "
+                                  f"conv={converters}x{w.converter_vector}")
+                else:
+                    name_label = name
+                for split in (False,) if w.persistent else (False, True):
+                    label = f"{name_label:14s} BN={block_n} stages={stages} split={int(split)}"
+                    try:
+                        compiled = compile_decode(plan, work, split)
+                    except Exception as e:  # report every kernel, then fail
+                        ok = False
+                        print(f"FAIL {label}  {type(e).__name__}: {str(e).strip().splitlines()[-1][:400]}",
+                              flush=True)
+                        continue
+                    ptx = work / f"{name}_{block_n}_{stages}_{converters}v{w.converter_vector}{'h' if w.f16_values else ''}_{int(split)}.ptx"
+                    r = ptxas_figures(compiled, ptx)
+                    sass = full_sass(compiled.asm["cubin"])
+                    if args.dump:
+                        ptx.with_suffix(".sass").write_text(sass)
+                    ok &= r["spills"] == 0 and not r["warnings"]
+                    print(f"{'ok  ' if r['spills'] == 0 else 'SPILL'} {label}  regs={r['regs']} "
+                          f"setmaxnreg={r['setmaxnreg']} spills={r['spills']} B smem={r['shared']} B (plan "
+                          f"{plan.decode.warpgroups.layout.smem})", flush=True)
+                    for line in r["warnings"]:
+                        print(f"     {line}", flush=True)
+                    for line in loop_counts(sass):
+                        print(f"     {line}", flush=True)
     return 0 if ok else 1
 
 

@@ -13,7 +13,7 @@ import attnc
 from attnc.backends.triton import gluon, gluon_decode
 from attnc.dsl.signature import bind
 from attnc.passes import PlanOptions, Target, plan_kernel
-from attnc.passes.latent_decode import ROWS, choose_layout, latent_launch, layout_bytes
+from attnc.passes.latent_decode import SCORE_REGS, ROWS, choose_layout, latent_launch, layout_bytes, score_registers
 from attnc.passes.tiling import smem_capacity
 from test_triton_kernels import poisoned_outputs  # noqa: F401  (an autouse fixture: importing enables it)
 
@@ -105,6 +105,7 @@ def test_fp8_latent_converts_in_shared_memory():
     assert go.decode.keywords["maxnreg"] == 128  # 16 warps share the register file
     source = gluon_decode.generate_gluon_decode(_plan(spec=spec))
     assert "def convert(" in source and "upcast_fp8(k8_bufs.index(land * CHUNKS + c).load(CVT))" in source
+    assert source.count("(convert, (") == 1 and "CONVERT" not in source and w.converter_vector == 16
     assert "scale = tl.max(" in source  # the values' dequant scale joins each row's 1 / l
     with pytest.raises(attnc.CompileError, match="fits 0 ring stage.* of e4m3 tiles beside two converted ones"):
         _plan(spec=spec, options=PlanOptions(gluon=True, warpgroup_block_n=64))
@@ -112,8 +113,58 @@ def test_fp8_latent_converts_in_shared_memory():
     assert staged.path == "triton" and "both f8e4m3" in staged.reason
 
 
-def _fp8_spec(rope: str):
-    """bench_mla.py --fp8's contiguous spec: the latent e4m3, its rope part `rope` (dequantized with it if FP8)."""
+@pytest.mark.parametrize("quantize", [False, True])
+def test_conflict_free_converter(quantize):
+    """PlanOptions.fp8_conflict_free_converter alone: one converter, 8 e4m3 a thread (CONVERT), registers and shared
+    memory as by default; quantize_rows keeps 16 a thread (CVT). Explicitly off, it refuses the options that need it."""
+    spec = _fp8_spec(rope="f8e4m3", quantize=quantize)
+    default = _plan(spec=spec).decode.warpgroups.layout
+    plan = _plan(spec=spec, options=PlanOptions(gluon=True, fp8_conflict_free_converter=True))
+    w = plan.decode.warpgroups.layout
+    assert (w.converter_vector, w.converter_warpgroups, w.f16_values) == (8, 1, False)
+    assert (w.smem, w.value_regs, w.converter_regs) == (default.smem, default.value_regs, default.converter_regs)
+    source = gluon_decode.generate_gluon_decode(plan)
+    assert "upcast_fp8(k8_bufs.index(land * CHUNKS + c).load(CONVERT), k_bufs.dtype)" in source
+    assert "CONVERT = gl.constexpr(gl.BlockedLayout([1, 8]," in source and source.count("(convert, (") == 1
+    assert ("CVT = gl.constexpr(" in source) == quantize and "allocate_shared_memory(gl.float16" not in source
+    assert "1 converter warpgroup(s) of 8 e4m3 a thread" in source.splitlines()[1]
+    assert "e4m3 a thread" not in gluon_decode.generate_gluon_decode(_plan(spec=spec)).splitlines()[1]
+    for option in (dict(fp8_converter_warpgroups=2), dict(fp8_f16_values=True))[:1 + quantize]:
+        with pytest.raises(attnc.CompileError, match="use the conflict-free converter"):
+            _plan(spec=spec, options=PlanOptions(gluon=True, fp8_conflict_free_converter=False, **option))
+
+
+@pytest.mark.parametrize("quantize", [False, True])
+def test_two_converter_warpgroups_and_f16_values(quantize):
+    """PlanOptions.fp8_converter_warpgroups=2: two converter partitions, each half of a slot's latent chunks (the
+    ready barriers count both arrives), the launch's maxnreg down to 96 over 20 warps and the budgets chosen so the
+    score warpgroup keeps SCORE_REGS; fp8_f16_values: P and the converted slots f16 where QK^T reads the e4m3 slots
+    (quantised queries), ignored where it reads the converted ones."""
+    spec = _fp8_spec(rope="f8e4m3", quantize=quantize)
+    plan = _plan(spec=spec, options=PlanOptions(gluon=True, fp8_converter_warpgroups=2, fp8_f16_values=True))
+    w = plan.decode.warpgroups.layout
+    assert (w.converter_warpgroups, w.converter_warps, w.fp8_queries, w.f16_values) == (2, 8, quantize, quantize)
+    assert w.converter_vector == 8  # the conflict-free converter
+    assert (w.value_regs, w.converter_regs, score_registers(w)) == (160, 40, SCORE_REGS)
+    assert w.smem == _plan(spec=spec).decode.warpgroups.layout.smem  # no shared memory added
+    go = latent_launch(plan, dict(B=64, H=64, HKV=1, M=1, N=4096), 132)
+    assert go.decode.keywords["maxnreg"] == 96 and go.decode.keywords["num_warps"] == 4
+    source = gluon_decode.generate_gluon_decode(plan)
+    assert source.count("(convert, (") == 2 and ", 0)),\n" in source and ", 1)),\n" in source
+    assert "[160, 40, 40, 24]" in source and "CONVERTERS = gl.constexpr(2)" in source
+    assert "mbarrier.init(ready.index(s), count=CONVERTERS)" in source
+    assert ("probs_buf.store(p.to(gl.float16))" in source) == quantize
+    assert ("k_bufs = gl.allocate_shared_memory(gl.float16," in source) == quantize
+    assert "2 converter warpgroup(s)" in source.splitlines()[1]
+    one = _plan(spec=spec, options=PlanOptions(gluon=True, fp8_converter_warpgroups=1)).decode.warpgroups.layout
+    assert (one.converter_warpgroups, one.converter_vector, one.f16_values, score_registers(one)) == (1, 16, False, 232)
+    with pytest.raises(attnc.CompileError, match="fp8_converter_warpgroups .* one of 1, 2, got 3"):
+        _plan(spec=spec, options=PlanOptions(gluon=True, fp8_converter_warpgroups=3))
+
+
+def _fp8_spec(rope: str, quantize: bool = False):
+    """bench_mla.py --fp8's contiguous spec: the latent e4m3, its rope part `rope` (dequantized with it if FP8);
+    `quantize`: its queries quantised too (bench_mla.py --quantize-q)."""
     return attnc.parse(f"""attention mla_fp8 {{
     dims D = 512, DR = 64
     q: bf16[B, M, H, D]
@@ -122,7 +173,7 @@ def _fp8_spec(rope: str):
     input kr: {rope}[B, N, DR]
     input k_scale: f32[HKV]
     dequant k by k_scale
-{"    dequant kr by k_scale" + chr(10) if rope.startswith("f8") else ""}    param scale: f32
+{"    dequant kr by k_scale" + chr(10) if rope.startswith("f8") else ""}{"    quantize q, qr to f8e4m3" + chr(10) if quantize else ""}    param scale: f32
     score = (q @ k + qr @ kr) * scale
     return softmax(score) @ k
 }}""", "test_latent_decode.py")[0]

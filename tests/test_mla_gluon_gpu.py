@@ -79,15 +79,41 @@ def test_gluon_decode_matches_reference_gpu(layout, point, block_n, gluon_calls)
 FP8_POINTS = [Point(64, 64), Point(128, 4, n_max=1000), Point(64, 8, n_max=700, splits=4), Point(64, 16, m=2)]
 
 
+# The converter variants (e4m3 a converter thread, converter warpgroups, P V in f16): (16, 1, False) the default,
+# the others PlanOptions.fp8_conflict_free_converter (8 a thread) alone and with the options built on it
+FP8_CONVERTERS = [(16, 1, False), (8, 1, False), (8, 2, False)]
+Q8_CONVERTERS = FP8_CONVERTERS + [(8, 1, True), (8, 2, True)]
+
+
+def converter_id(variant: tuple[int, int, bool]) -> str:
+    vector, converters, f16_values = variant
+    return f"v{vector}-c{converters}{'-f16' if f16_values else ''}"
+
+
+def converter_options(point: Point, variant: tuple[int, int, bool]) -> PlanOptions:
+    """The Gluon kernel with the converter `variant` for an FP8 latent at the point's splits."""
+    vector, converters, f16_values = variant
+    return PlanOptions(gluon=True, num_splits=point.splits, fp8_conflict_free_converter=vector == 8 or None,
+                       fp8_converter_warpgroups=converters, fp8_f16_values=f16_values)
+
+
+def assert_converters(kern, q, variant: tuple[int, int, bool]) -> None:
+    w = kern.plan(q.device, q.shape[-1]).decode.warpgroups.layout
+    assert (w.converter_vector, w.converter_warpgroups, w.f16_values) == variant
+
+
+@pytest.mark.parametrize("variant", FP8_CONVERTERS, ids=converter_id)
 @pytest.mark.parametrize("point", FP8_POINTS, ids=str)
 @pytest.mark.parametrize("layout", ["contiguous", "paged"])
-def test_gluon_decode_fp8_latent_gpu(layout, point, gluon_calls):
+def test_gluon_decode_fp8_latent_gpu(layout, point, variant, gluon_calls):
     """The latent and its rope part e4m3 with a scale each (test_mla_grid's "fp8" form): the producer lands e4m3
-    tiles, the converter warpgroup writes them as bf16 into the warpgroups' ring; scores and out rows scaled."""
+    tiles, the converter warpgroup(s) write them as bf16 into the warpgroups' ring (16 or 8 e4m3 a thread; two: half
+    the latent's chunks each, the rope part by the second); scores and out rows scaled."""
     _needs_hopper()
     spec = grid_spec(layout, "fp8", SHAPES)
     q, k, kw = grid_call(layout, "fp8", SHAPES, point)
-    kern = attnc.compile(spec, backend="triton", options=PlanOptions(gluon=True, num_splits=point.splits))
+    kern = attnc.compile(spec, backend="triton", options=converter_options(point, variant))
+    assert_converters(kern, q, variant)
     with contextlib.suppress(CallError):
         attnc.check_errors()
     got = kern(q, k, **kw)
@@ -165,20 +191,23 @@ def test_persistent_bad_length_poisons_its_sequence_and_is_flagged_gpu(gluon_cal
 Q8_POINTS = [Point(64, 64), Point(128, 4, n_max=1000), Point(64, 8, n_max=700, splits=4), Point(128, 16, n_max=90)]
 
 
+@pytest.mark.parametrize("variant", Q8_CONVERTERS, ids=converter_id)
 @pytest.mark.parametrize("point", Q8_POINTS, ids=str)
 @pytest.mark.parametrize("layout", ["contiguous", "paged"])
-def test_gluon_decode_quantized_queries_gpu(layout, point, gluon_calls):
+def test_gluon_decode_quantized_queries_gpu(layout, point, variant, gluon_calls):
     """The FP8 latent with `quantize q, qr to f8e4m3`: Q quantised in place in shared memory, QK^T and the rope dot
-    fp8 x fp8 wgmma on the e4m3 slots, P V on the converter's bf16 copy of the latent's columns. Key lists of any
-    length (none a multiple of the 32-key tile or the page); against the quantised reference, and nearer it than
-    the unquantised one (a kernel that read q as it is would be nearer that)."""
+    fp8 x fp8 wgmma on the e4m3 slots, P V on the converter warpgroups' bf16 (or f16: fp8_f16_values, P in f16 too)
+    copy of the latent's columns. Key lists of any length (none a multiple of the 32-key tile or the page); against
+    the quantised reference, and nearer it than the unquantised one (a kernel that read q as it is would be nearer
+    that)."""
     _needs_hopper()
     fp8 = grid_spec(layout, "fp8", SHAPES)
     spec = replace(fp8, name=f"{fp8.name}_q8", quantize=(Quantize("q", "f8e4m3"), Quantize("qr", "f8e4m3")))
     check_attention(spec)
     q, k, kw = grid_call(layout, "fp8", SHAPES, point)
-    kern = attnc.compile(spec, backend="triton", options=PlanOptions(gluon=True, num_splits=point.splits))
+    kern = attnc.compile(spec, backend="triton", options=converter_options(point, variant))
     assert kern.plan(q.device, q.shape[-1]).decode.warpgroups.layout.fp8_queries
+    assert_converters(kern, q, variant)
     with contextlib.suppress(CallError):
         attnc.check_errors()
     got = kern(q, k, **kw)

@@ -58,6 +58,14 @@ GLUON_DECODE_CASES = [
 GLUON_DECODE_PERSISTENT_CASES = [
     ("mla_paged_gluon_decode_persistent_sm90.py", "mla.attn", "mla_paged", Target("triton", "cuda", 90), 512),
 ]
+# ...with the conflict-free converter (8 e4m3 a thread) alone, and with two converter warpgroups (half of each slot's
+# chunks each) and P V in f16
+FP8_CONVERTER_CASES = [
+    ("fp8_mla_paged_q8_cvt8_gluon_decode_sm90.py", "fp8_cache.attn", "fp8_mla_paged_q8", Target("triton", "cuda", 90),
+     512, PlanOptions(gluon=True, fp8_conflict_free_converter=True)),
+    ("fp8_mla_paged_q8_conv2_f16_gluon_decode_sm90.py", "fp8_cache.attn", "fp8_mla_paged_q8", Target("triton", "cuda", 90),
+     512, PlanOptions(gluon=True, fp8_converter_warpgroups=2, fp8_f16_values=True)),
+]
 
 
 # The backward's Gluon dK/dV kernel (sm_90, PlanOptions(gluon_backward=True)): causal at D = 128 (full and partial
@@ -94,9 +102,11 @@ def _source(file, name, target, d, kernel: str, options: PlanOptions) -> str:
                          + [c + ("gluon_decode", GLUON) for c in GLUON_DECODE_CASES]
                          + [c + ("gluon_decode", PlanOptions(gluon=True, mla_persistent=True))
                             for c in GLUON_DECODE_PERSISTENT_CASES]
+                         + [c[:5] + ("gluon_decode", c[5]) for c in FP8_CONVERTER_CASES]
                          + [c + ("gluon_dkdv", GLUON_BACKWARD) for c in GLUON_BACKWARD_CASES],
                          ids=[c[0] for c in CASES + GLUON_CASES + PERSISTENT_CASES + GLUON_DECODE_CASES
-                              + GLUON_DECODE_PERSISTENT_CASES + GLUON_BACKWARD_CASES])
+                              + GLUON_DECODE_PERSISTENT_CASES + [c[:5] for c in FP8_CONVERTER_CASES]
+                              + GLUON_BACKWARD_CASES])
 def test_generated_source_matches_golden(golden, file, name, target, d, kernel, options, request):
     source = _source(file, name, target, d, kernel, options)
     compile(source, golden, "exec")  # it is valid Python

@@ -423,7 +423,7 @@ def test_persistent_partitions_step_through_the_same_tiles(schedule, d):
     plan = _plan(d=d, options=replace(PERSISTENT, warpgroup_schedule=schedule))
     source = gluon.generate_gluon(plan)
     tree = ast.parse(source)
-    loop = "range(tl.program_id(0), work_units(sz_B, sz_H, sz_M), tl.num_programs(0))"
+    loop = "range(tl.program_id(0), work_units(batch_i32, heads_i32, rows_i32), tl.num_programs(0))"
     for function in ("produce", "consume"):
         calls, fn = _calls(tree, function)
         unit_loops = [n for n in ast.walk(fn) if isinstance(n, ast.For) and ast.unparse(n.iter) == loop]

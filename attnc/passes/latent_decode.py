@@ -33,6 +33,23 @@ dot as fp8 x fp8 wgmma straight on the e4m3 slots the producer landed, the score
 converter converts only the latent's 512 columns, which P V reads, and the score warpgroup releases an e4m3 slot
 beside it (218368 B at four e4m3 slots, 226560 B without).
 
+The converter's throughput (benchmarks/NOTES.md, "Issue 14: the FP8 converter's throughput"), opt-in until a GPU
+shows it right and faster (PlanOptions; by default one converter converts 16 e4m3 a thread at a time):
+    fp8_conflict_free_converter  8 e4m3 a thread (at 16, its stores into the 128-byte swizzled slot conflict 2-way);
+                                 the two options below use it too
+    fp8_converter_warpgroups=2   two converter warpgroups, each converting half of every slot's latent chunks; for
+                                 registers the launch's maxnreg falls to 96: budgets
+                                 of 40 a converter and 160 for the value warpgroup leave the score warpgroup 216
+                                 (the rope part, where QK^T reads converted slots, by the second)
+    fp8_f16_values=True          with quantised queries and q in bf16: P V in f16, the converted slots and P, so the
+                                 conversion is one instruction a pair of e4m3 (bf16 takes four: via f16 and f32).
+                                 Exact or finer than bf16: every e4m3 value (|x| <= 448, 3 mantissa bits, the least
+                                 2^-9) is an f16 value, the dequant scale is applied to the f32 output rows; P lies
+                                 in [0, 1] (exp of the score less the running max) and f16 rounds it within 2^-11 p
+                                 (bf16: 2^-9 p) or, below f16's normals, within 2^-25: P V's error is at most
+                                 (2^-11 + N 2^-25) of the row sum l >= 1 over N keys, bf16's 2^-9, so finer up to
+                                 N = 49152 keys. QK^T (fp8 x fp8 on the e4m3 slots) and out (q's dtype) do not change.
+
 The kernel covers one query position per program (q_programs = M: a longer M reads the latent once per position),
 q and the rope query in one of f16/bf16, the latent and its rope part in q's dtype or both f8e4m3, the latent 512
 wide, a rope part up to 64, softmax without a sink, contiguous storage or pages holding whole key tiles (PAGE bound
@@ -81,6 +98,13 @@ PROGRAM_BYTES_PER_US = 39e3
 HBM_BYTES_PER_US = 2.7e6
 MERGE_US = 10.0
 FP8_MMA_K = 32  # an fp8 x fp8 wgmma's K: the rope dot's width at least, where QK^T runs in e4m3
+CONVERTER_WARPGROUPS = (1, 2)  # PlanOptions.fp8_converter_warpgroups
+# setmaxnreg budgets beside the converter(s): the value warpgroup's 128-register accumulator and a row vector, each
+# converter's loads and conversions; the score warpgroup keeps what the file leaves (score_registers), at least
+# SCORE_REGS: its accumulator, the [64, BN] scores and the softmax state (ptxas, two converters: 376-464 B of spills
+# at 168, none at 216; a converter's 2 chunks a tile fit in 40 in bf16 and in f16)
+CONVERTER_REGS = {1: (160, 96), 2: (160, 40)}  # converter warpgroups -> (value warpgroup, each converter)
+SCORE_REGS = 216
 
 
 def unavailable(plan: KernelPlan) -> str:
@@ -276,11 +300,35 @@ def choose_layout(plan: KernelPlan, stages: int | None = None) -> LatentDecodeLa
     chunks = (LATENT_CHUNK,) * (LATENT_DIM // LATENT_CHUNK)
     if not fp8:
         return LatentDecodeLayout(ROWS, block_n, stages, chunks, rope, layout_bytes(block_n, stages, rope, q_bytes))
-    # Registers with the converter: the score warpgroup keeps the rest of the file (about 250), the value warpgroup
-    # holds its 128-register accumulator and a row vector, the converter one e4m3 chunk and its conversion.
+    converters = plan.options.fp8_converter_warpgroups or 1
+    if converters not in CONVERTER_WARPGROUPS:
+        raise CompileError(f"fp8_converter_warpgroups for the MLA decode kernel must be one of "
+                           f"{', '.join(map(str, CONVERTER_WARPGROUPS))}, got {converters!r}")
+    value_regs, converter_regs = CONVERTER_REGS[converters]
     smem = layout_bytes(block_n, 2, rope, q_bytes, stages, fp8_queries)
-    return LatentDecodeLayout(ROWS, block_n, 2, chunks, rope, smem, fp8_stages=stages, fp8_queries=fp8_queries,
-                              value_regs=160, converter_regs=96)
+    # P V in f16 where QK^T does not read the converted slots (quantised queries) and q is bf16 (f16 q: already)
+    f16_values = bool(plan.options.fp8_f16_values) and fp8_queries and plan.dtype == "bf16"
+    conflict_free = plan.options.fp8_conflict_free_converter
+    if conflict_free is False and (converters > 1 or f16_values):
+        raise CompileError("fp8_converter_warpgroups=2 and fp8_f16_values use the conflict-free converter: "
+                           "fp8_conflict_free_converter=False cannot go with them")
+    vector = 8 if conflict_free or converters > 1 or f16_values else 16
+    layout = LatentDecodeLayout(ROWS, block_n, 2, chunks, rope, smem, fp8_stages=stages, fp8_queries=fp8_queries,
+                                value_regs=value_regs, converter_regs=converter_regs,
+                                converter_warpgroups=converters, converter_vector=vector, f16_values=f16_values)
+    if score_registers(layout) < SCORE_REGS:  # a guard for edits of the budgets above
+        raise CompileError(f"{converters} converter warpgroup(s) of {converter_regs} registers and a value warpgroup "
+                           f"of {value_regs} leave the score warpgroup {score_registers(layout)}, under {SCORE_REGS}")
+    return layout
+
+
+def score_registers(w: LatentDecodeLayout) -> int:
+    """The score warpgroup's setmaxnreg budget as Triton 3.6 sets it: the launch's maxnreg over every warpgroup (the
+    producer warp's counts as one: setmaxnreg's unit) less the other partitions' budgets. maxnreg rounds down to
+    8, so five warpgroups (two converters) pool 96 x 5 = 480 a thread of the file's 512."""
+    groups = w.consumers + -(-w.producer_warps // 4) + w.converter_warps // 4
+    others = w.value_regs + w.converter_warpgroups * w.converter_regs + -(-w.producer_warps // 4) * w.producer_regs
+    return max_registers(w, w.converter_warps) * groups - others
 
 
 def stage_latent_decode(plan: KernelPlan) -> KernelPlan:

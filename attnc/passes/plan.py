@@ -55,6 +55,17 @@ class PlanOptions:
     gluon_backward: bool | None = None
     # its query rows per ring slot (32 or 64; A/B runs); None: the pass's choice (passes/warpgroups.py)
     gluon_backward_block_m: int | None = None
+    # Hopper, the Gluon MLA decode kernel over an FP8 latent (passes/latent_decode.py; A/B runs, not yet seen on a
+    # GPU): the conflict-free converter, 8 e4m3 a thread (at 16, its stores conflict 2-way); None: 16 a thread,
+    # unless one of the two options below asks for it
+    fp8_conflict_free_converter: bool | None = None
+    # ...warpgroups converting each e4m3 slot (1 or 2, each half of a slot's latent chunks); 2 uses the conflict-free
+    # converter; None: 1
+    fp8_converter_warpgroups: int | None = None
+    # ...and with quantised queries and q in bf16, P V in f16 (P and the converted latent: e4m3 -> f16 is one
+    # instruction a pair, bf16 four; both exact or finer in f16, latent_decode.py says why); uses the conflict-free
+    # converter; None: bf16
+    fp8_f16_values: bool | None = None
     # Hopper MLA decode (the Gluon kernel, passes/latent_decode.py): True a program per SM, each taking an equal
     # share of all (sequence, head group)s' key tiles (latent_decode.balanced_shares); None or False one program per
     # (position, head group, split) by passes/decode.split_count (the default until a GPU run shows it faster)
@@ -291,13 +302,17 @@ class LatentDecodeLayout:
     producer_regs: int = 24
     consumer_regs: int = 240
     value_regs: int = 240  # the value warpgroup's (no score tile): less beside a converter
-    converter_regs: int = 0
+    converter_regs: int = 0  # each converter warpgroup's
+    converter_warpgroups: int = 1  # with an FP8 latent: each converts its share of every slot's latent chunks
+    converter_vector: int = 16  # e4m3 a converter thread loads and converts at a time (8: conflict-free stores)
+    # P V in f16 (P and the converted slots) where q is bf16 and QK^T reads the e4m3 slots (fp8_queries)
+    f16_values: bool = False
     # a program per SM over equal shares of every (sequence, head group)'s key tiles (latent_decode.balanced_shares)
     persistent: bool = False
 
     @property
     def converter_warps(self) -> int:
-        return 4 if self.fp8_stages else 0
+        return 4 * self.converter_warpgroups if self.fp8_stages else 0
 
     @property
     def consumers(self) -> int:

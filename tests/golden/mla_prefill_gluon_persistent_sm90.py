@@ -135,12 +135,12 @@ def produce(
     done = 0  # work tiles loaded: the phase of the Q buffers
     # The schedule's sizes in i32, as the JIT's build of sizes below 2^31 has them: from an AOT build's i64 sizes the
     # tile coordinates would come out i64, which TMA rejects, and each division would call a 64-bit routine (spills)
-    sz_B32, sz_H32, sz_HKV32, sz_M32 = sz_B.to(tl.int32), sz_H.to(tl.int32), sz_HKV.to(tl.int32), sz_M.to(tl.int32)
-    for unit in range(tl.program_id(0), work_units(sz_B32, sz_H32, sz_M32), tl.num_programs(0)):
-        long_m, short_m, tiles, tile_b, tile_h = unit_coords(unit, sz_B32, sz_H32, sz_HKV32, sz_M32, sz_N)  # i32: TMA's
+    batch_i32, heads_i32, kv_heads_i32, rows_i32 = sz_B.to(tl.int32), sz_H.to(tl.int32), sz_HKV.to(tl.int32), sz_M.to(tl.int32)
+    for unit in range(tl.program_id(0), work_units(batch_i32, heads_i32, rows_i32), tl.num_programs(0)):
+        long_m, short_m, tiles, tile_b, tile_h = unit_coords(unit, batch_i32, heads_i32, kv_heads_i32, rows_i32, sz_N)  # i32: TMA's
         for half in range(tiles):
             pid_m = tl.where(half == 0, long_m, short_m)
-            kvh = (tile_h * PACK) // (sz_H32 // sz_HKV32)  # a TMA coordinate: i32
+            kvh = (tile_h * PACK) // (heads_i32 // kv_heads_i32)  # a TMA coordinate: i32
             run_start, run_end, f_start, f_end = tile_range(pid_m, tile_b, tile_h, q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, s_ob, s_oh, s_om, s_od, s_lb, s_lh, s_lm, sz_B, sz_H, sz_HKV, sz_M, sz_N, 1)
             # Consumer c's Q after the tile's c-th K and V: those wait for a ring slot only, Q for the consumer's out store
             # of the last tile, so the ring fills while the consumers store out, and consumer 0 need not wait for 1's store
@@ -189,9 +189,9 @@ def consume(
     turn = 0  # turns this consumer has had at the tensor cores: both take as many per tile
     # The schedule's sizes in i32, as the JIT's build of sizes below 2^31 has them: from an AOT build's i64 sizes the
     # tile coordinates would come out i64, which TMA rejects, and each division would call a 64-bit routine (spills)
-    sz_B32, sz_H32, sz_HKV32, sz_M32 = sz_B.to(tl.int32), sz_H.to(tl.int32), sz_HKV.to(tl.int32), sz_M.to(tl.int32)
-    for unit in range(tl.program_id(0), work_units(sz_B32, sz_H32, sz_M32), tl.num_programs(0)):
-        long_m, short_m, tiles, tile_b, tile_h = unit_coords(unit, sz_B32, sz_H32, sz_HKV32, sz_M32, sz_N)  # i32: TMA's
+    batch_i32, heads_i32, kv_heads_i32, rows_i32 = sz_B.to(tl.int32), sz_H.to(tl.int32), sz_HKV.to(tl.int32), sz_M.to(tl.int32)
+    for unit in range(tl.program_id(0), work_units(batch_i32, heads_i32, rows_i32), tl.num_programs(0)):
+        long_m, short_m, tiles, tile_b, tile_h = unit_coords(unit, batch_i32, heads_i32, kv_heads_i32, rows_i32, sz_N)  # i32: TMA's
         for half in range(tiles):
             pid_m = tl.where(half == 0, long_m, short_m)
             run_start, run_end, f_start, f_end = tile_range(pid_m, tile_b, tile_h, q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, s_ob, s_oh, s_om, s_od, s_lb, s_lh, s_lm, sz_B, sz_H, sz_HKV, sz_M, sz_N, CONSUMER_WARPS)

@@ -23,7 +23,7 @@ from ...dsl.signature import Bound
 from ...ir import QUANTIZE_DTYPES, QUANTIZE_TINY, Paged
 from ...passes.decode import DecodeLaunch, workspace_rows
 from ...passes.latent_decode import latent_launch
-from ...passes.plan import KernelPlan
+from ...passes.plan import KernelPlan, LatentDecodeLayout
 from .. import device_errors, names
 from . import binaries, launch, scratch
 from .gluon import GLUON_DTYPES, gluon_runs
@@ -84,7 +84,10 @@ def plan_line(plan: KernelPlan) -> str:
     w = plan.decode.warpgroups.layout
     return (f"gluon/sm_{plan.target.arch} {plan.dtype} MLA decode D={plan.head_dim} DR={w.rope}; {w.block_m} rows, "
             f"BN={w.block_n} stages={w.stages}; score + value warpgroups x {w.consumer_warps} warps + "
-            f"{w.producer_warps} producer warp; latent chunks {'+'.join(map(str, w.chunks))}; {w.smem} B shared")
+            f"{w.producer_warps} producer warp; latent chunks {'+'.join(map(str, w.chunks))}; {w.smem} B shared"
+            + (f"; e4m3 stages={w.fp8_stages}, {w.converter_warpgroups} converter warpgroup(s) of "
+               f"{w.converter_vector} e4m3 a thread{', P V in f16' if w.f16_values else ''}"
+               if w.converter_vector != LatentDecodeLayout.converter_vector else ""))
 
 
 def load_gluon_decode_module(plan: KernelPlan):
