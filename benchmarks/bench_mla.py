@@ -345,7 +345,7 @@ def dequantized_inputs(x: DecodeInputs) -> DecodeInputs:
 
 def run_decode(w: DecodeWorkload, s: Shapes, device: str, triton_kernel: bool = False,
                quantize_q: bool = False, persistent: bool = False, converters: tuple[int, ...] = (),
-               f16_values: bool = False) -> dict:
+               f16_values: bool = False, splits: tuple[int, ...] = ()) -> dict:
     x = decode_inputs(w, s, device)
     row = {"workload": w.name, "kind": "decode", **asdict(w), "D": s.D, "DR": s.DR, "page": s.page,
            "dtype": s.spec_dtype, "fp8": s.fp8, "bytes": w.bytes_read(s), "flops": w.flops(s), "results": {}}
@@ -356,6 +356,8 @@ def run_decode(w: DecodeWorkload, s: Shapes, device: str, triton_kernel: bool = 
     made = decode_runners(w, s, x, device, triton_kernel, persistent)
     if quantize_q:  # bf16 and FP8 + quantised queries beside the FP8 columns
         made.update(attnc_runners(replace(s, fp8=False), dequantized_inputs(x), name="attnc-bf16"))
+    for n in splits:  # the split-KV rule's alternatives, each a fixed count
+        made.update(attnc_runners(s, x, PlanOptions(num_splits=n), f"attnc-x{n}"))
     measure(made, want, device, row)
     if quantize_q:  # checked within a third of the quantisation's own effect: a kernel that ignored it fails
         want_q8 = decode_reference(x, s.D, True)
@@ -798,6 +800,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--f16-values", action="store_true",
                     help="with --fp8 --quantize-q --converters: also P V in f16 (PlanOptions.fp8_f16_values): "
                          "attnc-q8-f16-cN columns")
+    ap.add_argument("--splits", type=int, nargs="*", default=[],
+                    help="decode rows also time the default kernel with these split-KV counts "
+                         "(PlanOptions.num_splits): attnc-xN and attnc-xN-paged columns, against the rule's")
     ap.add_argument("--smoke", action="store_true", help="CPU with TRITON_INTERPRET=1: tiny f32 shapes")
     ap.add_argument("--triton-kernel", action="store_true",
                     help="decode rows also time the Triton decode kernel beside the default (on sm_90 the Gluon one): "
@@ -848,7 +853,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         if isinstance(w, DecodeWorkload):
             report["rows"].append(run_decode(w, shapes, device, args.triton_kernel, args.quantize_q, args.persistent,
-                                             tuple(args.converters), args.f16_values))
+                                             tuple(args.converters), args.f16_values, tuple(args.splits)))
         else:
             report["rows"].append(run_prefill(w, shapes, device))
         print_row(report["rows"][-1])

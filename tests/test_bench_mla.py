@@ -89,3 +89,14 @@ def test_fp8_sweep_of_named_tiles(tmp_path):
     assert all(r["ok"] and r["rel_err"] < 2e-2 and r["launch"]["splits"] == 2 for r in lines), lines
     with pytest.raises(SystemExit):
         bench_mla.main(["--smoke", "--sweep", "--tiles", "64x64w8s3", "--out", str(tmp_path)])
+
+
+def test_split_counts_side_by_side(tmp_path):
+    """--splits: beside the rule's launch, the default kernel at fixed split-KV counts (the sweep latent_splits was
+    fit to), each checked against the float32 formula with poisoned outputs."""
+    assert bench_mla.main(["--smoke", "--fp8", "--splits", "1", "3", "--only", "B=2", "--out", str(tmp_path)]) == 0
+    report, = (json.loads(p.read_text()) for p in tmp_path.glob("mla-fp8-decode-*.json"))
+    row, = report["rows"]
+    assert sorted(row["results"]) == ["attnc", "attnc-paged16", "attnc-x1", "attnc-x1-paged16", "attnc-x3",
+                                      "attnc-x3-paged16"]
+    assert all(r.get("rel_err", 1) < 2e-2 and r["ms"] > 0 for r in row["results"].values()), row["results"]
