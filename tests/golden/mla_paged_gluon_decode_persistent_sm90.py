@@ -91,6 +91,9 @@ def produce(
     for t in range(s_start, s_end):
         n = ring + t - s_start
         slot = n % STAGES
+        # one page id a tile: its keys are slots (t * BLOCK_N) % PAGE onwards of page block_table[b, entry]; loaded
+        # before the wait for the slot, so its latency passes while the consumers still hold it
+        page = tl.load(table_row + (t * BLOCK_N // PAGE).to(tl.int32) * st1_block_table)
         # mbarriers start in phase 1 complete: the first pass over the ring does not wait
         mbarrier.wait(empty.index(slot), ((n // STAGES) & 1) ^ 1)
         # a clipped box counts its zero-filled bytes too
@@ -102,8 +105,6 @@ def produce(
                                                 k_bufs.index(slot * CHUNKS + c))
             tma.async_copy_global_to_shared(kr_tail_desc, [0, 0], ready.index(slot), kr_bufs.index(slot))
         else:
-            # one page id a tile: its keys are slots (t * BLOCK_N) % PAGE onwards of page block_table[b, entry]
-            page = tl.load(table_row + (t * BLOCK_N // PAGE).to(tl.int32) * st1_block_table)
             page = tl.where((page >= 0) & (page < sz_PAGES), page, 0)  # a bad id reads page 0; its rows are NaN
             row = (page * PAGE + t * BLOCK_N % PAGE).to(tl.int32)
             for c in gl.static_range(CHUNKS):
