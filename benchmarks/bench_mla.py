@@ -221,13 +221,17 @@ def decode_reference(x: DecodeInputs, d: int, quantize_q: bool = False) -> torch
     return out
 
 
-def decode_runners(w: DecodeWorkload, s: Shapes, x: DecodeInputs, device: str, triton_kernel: bool = False) -> dict:
+def decode_runners(w: DecodeWorkload, s: Shapes, x: DecodeInputs, device: str, triton_kernel: bool = False,
+                   persistent: bool = False) -> dict:
     """name -> a zero-argument callable returning out [B, H, D] (a view), or the reason the runner cannot run;
     `attnc` is the default kernel (on sm_90 the Gluon MLA decode kernel); `triton_kernel`: also the Triton decode
-    kernel (PlanOptions(gluon=False)) on the same caches."""
+    kernel (PlanOptions(gluon=False)) on the same caches; `persistent`: also the Gluon kernel on the persistent
+    schedule (PlanOptions(mla_persistent=True))."""
     made = attnc_runners(s, x)
     if triton_kernel:
         made.update(attnc_runners(s, x, PlanOptions(gluon=False), "attnc-triton"))
+    if persistent:
+        made.update(attnc_runners(s, x, PlanOptions(gluon=True, mla_persistent=True), "attnc-persistent"))
     if s.fp8:  # the peers' FP8 latent paths are not wired: compare with the bf16 grid's JSON (the 1.7x target)
         return made
     made.update(sdpa_decode_runners(w, s, x))
@@ -340,8 +344,8 @@ def dequantized_inputs(x: DecodeInputs) -> DecodeInputs:
 
 
 def run_decode(w: DecodeWorkload, s: Shapes, device: str, triton_kernel: bool = False,
-               quantize_q: bool = False, converters: tuple[int, ...] = (), f16_values: bool = False,
-               splits: tuple[int, ...] = ()) -> dict:
+               quantize_q: bool = False, persistent: bool = False, converters: tuple[int, ...] = (),
+               f16_values: bool = False, splits: tuple[int, ...] = ()) -> dict:
     x = decode_inputs(w, s, device)
     row = {"workload": w.name, "kind": "decode", **asdict(w), "D": s.D, "DR": s.DR, "page": s.page,
            "dtype": s.spec_dtype, "fp8": s.fp8, "bytes": w.bytes_read(s), "flops": w.flops(s), "results": {}}
@@ -349,7 +353,7 @@ def run_decode(w: DecodeWorkload, s: Shapes, device: str, triton_kernel: bool = 
     if target:
         row["target"] = {"value": target[0], "unit": target[1]}
     want = decode_reference(x, s.D)
-    made = decode_runners(w, s, x, device, triton_kernel)
+    made = decode_runners(w, s, x, device, triton_kernel, persistent)
     if quantize_q:  # bf16 and FP8 + quantised queries beside the FP8 columns
         made.update(attnc_runners(replace(s, fp8=False), dequantized_inputs(x), name="attnc-bf16"))
     for n in splits:  # the split-KV rule's alternatives, each a fixed count
@@ -648,8 +652,9 @@ def sweep_summary(rows: list[dict]) -> dict:
 
 
 DECODE_PEERS = ("attnc", "attnc-paged64", "attnc-paged16", "attnc-triton", "attnc-triton-paged64", "attnc-triton-paged16",
-                "attnc-q8", "attnc-q8-paged64", "attnc-q8-paged16", "attnc-bf16", "attnc-bf16-paged64",
-                "attnc-bf16-paged16", "flashinfer", "sdpa-cudnn", "sdpa-efficient", "sdpa", "flex")
+                "attnc-persistent", "attnc-persistent-paged64", "attnc-q8", "attnc-q8-paged64", "attnc-q8-paged16",
+                "attnc-bf16", "attnc-bf16-paged64", "attnc-bf16-paged16", "flashinfer", "sdpa-cudnn", "sdpa-efficient",
+                "sdpa", "flex")
 PREFILL_PEERS = ("attnc", "sdpa-cudnn", "sdpa-flash", "sdpa-efficient", "sdpa", "flex")
 
 
@@ -802,6 +807,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--triton-kernel", action="store_true",
                     help="decode rows also time the Triton decode kernel beside the default (on sm_90 the Gluon one): "
                          "attnc-triton, attnc-triton-paged columns")
+    ap.add_argument("--persistent", action="store_true",
+                    help="decode rows also time the Gluon MLA decode kernel on the persistent schedule "
+                         "(PlanOptions(mla_persistent=True)): attnc-persistent, attnc-persistent-paged columns")
     args = ap.parse_args(argv)
     if args.smoke and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         raise attnc.CallError("--smoke runs in Triton's interpreter: set TRITON_INTERPRET=1")
@@ -844,7 +852,7 @@ def main(argv: list[str] | None = None) -> int:
             report.setdefault("not_run", []).append(w.name)
             continue
         if isinstance(w, DecodeWorkload):
-            report["rows"].append(run_decode(w, shapes, device, args.triton_kernel, args.quantize_q,
+            report["rows"].append(run_decode(w, shapes, device, args.triton_kernel, args.quantize_q, args.persistent,
                                              tuple(args.converters), args.f16_values, tuple(args.splits)))
         else:
             report["rows"].append(run_prefill(w, shapes, device))

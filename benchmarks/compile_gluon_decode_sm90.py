@@ -12,7 +12,8 @@ fp8 x fp8 wgmma (QGMMA) on the e4m3 slots, the converter converting the latent's
 --conflict-free: the conflict-free converter, 8 e4m3 a thread (PlanOptions.fp8_conflict_free_converter; by default 16).
 --converters 1 2: each with one and two converter warpgroups (PlanOptions.fp8_converter_warpgroups; a converter loop
 line each; two use the conflict-free converter); --f16-values (with --quantize-q): P V in f16
-(PlanOptions.fp8_f16_values; the conflict-free converter too).
+(PlanOptions.fp8_f16_values; the conflict-free converter too). --persistent compiles the persistent schedule
+(PlanOptions(mla_persistent=True): a program per SM walking its share's segments; no split form; bf16 latent only).
 
 Exit status 1 if a kernel fails to compile, ptxas warns (serialized wgmma), or a kernel spills."""
 import argparse
@@ -52,13 +53,14 @@ def fp8_spec(name: str, quantize_q: bool = False):
 
 
 def plan_with(spec, block_n: int, stages: int | None, converters: int | None = None, f16_values: bool = False,
-              conflict_free: bool | None = None):
+              conflict_free: bool | None = None, persistent: bool = False):
     options = PlanOptions(gluon=True, warpgroup_block_n=block_n, fp8_converter_warpgroups=converters,
-                          fp8_f16_values=f16_values, fp8_conflict_free_converter=conflict_free)
+                          fp8_f16_values=f16_values, fp8_conflict_free_converter=conflict_free,
+                          mla_persistent=persistent or None)
     plan = plan_kernel(spec, Target("triton", "cuda", 90), 512, 512, options)
     staged = plan.decode.warpgroups
     assert staged.path == "gluon", staged.reason
-    layout = choose_layout(plan, stages)
+    layout = replace(choose_layout(plan, stages), persistent=staged.layout.persistent)
     return replace(plan, decode=replace(plan.decode, warpgroups=replace(staged, layout=layout)))
 
 
@@ -68,8 +70,9 @@ def compile_decode(plan, work: Path, split: bool):
     path.write_text(generate_gluon_decode(plan))
     fn = launch.import_source(path, f"gluon_decode_{path.stem}").attn_decode_gluon
     types = argument_types(plan)
+    types["sched_ptr"] = "*i32"
     signature = {n: ("i32" if types[n] == "i64" else types[n])
-                 for n in gluon_decode_signature(spec_args(plan, per_sequence=True)).names}
+                 for n in gluon_decode_signature(spec_args(plan, per_sequence=True), w.persistent).names}
     constexprs = {"BLOCK_MQ": 1, "PACK": 64, "SPLIT": split}
     signature.update({n: "constexpr" for n in constexprs})
     options = gluon_decode_kernel(plan, LaunchTiles(None, constexprs["PACK"], constexprs["BLOCK_MQ"]), split).keywords
@@ -107,6 +110,7 @@ def main() -> int:
     parser.add_argument("--tiles", type=int, nargs="*", help="key tiles (default 64 and 32; 32 with --fp8)")
     parser.add_argument("--dump", help="folder for the generated sources, PTX and SASS")
     parser.add_argument("--fp8", action="store_true", help="the latent e4m3 (bench_mla.py --fp8's spec, BN = 32)")
+    parser.add_argument("--persistent", action="store_true", help="the persistent schedule (PlanOptions(mla_persistent))")
     parser.add_argument("--quantize-q", action="store_true", help="with --fp8: the queries quantised to e4m3 too")
     parser.add_argument("--converters", type=int, nargs="*", default=[1],
                         help="with --fp8: converter warpgroups (PlanOptions.fp8_converter_warpgroups), each compiled")
@@ -124,17 +128,18 @@ def main() -> int:
         work = Path(args.dump or tmp)
         work.mkdir(parents=True, exist_ok=True)
         for name, block_n, converters in itertools.product(args.spec, tiles, args.converters if args.fp8 else [1]):
-            w = plan_with(specs[name], block_n, None).decode.warpgroups.layout
+            w = plan_with(specs[name], block_n, None, persistent=args.persistent).decode.warpgroups.layout
             fit = w.fp8_stages or w.stages
             for stages in range(2, fit + 1):
-                plan = plan_with(specs[name], block_n, stages, converters, args.f16_values, args.conflict_free or None)
+                plan = plan_with(specs[name], block_n, stages, converters, args.f16_values, args.conflict_free or None,
+                                 args.persistent)
                 w = plan.decode.warpgroups.layout
                 if w.fp8_stages:
                     name_label = (f"{name} fp8{'+q8' if args.quantize_q else ''}{'+f16' if w.f16_values else ''} "
                                   f"conv={converters}x{w.converter_vector}")
                 else:
                     name_label = name
-                for split in (False, True):
+                for split in (False,) if w.persistent else (False, True):
                     label = f"{name_label:14s} BN={block_n} stages={stages} split={int(split)}"
                     try:
                         compiled = compile_decode(plan, work, split)

@@ -120,10 +120,12 @@ def _long_causal(dims: str):
     ("H = 128,", PlanOptions(), 2),  # one K/V head: the group is H, 64 heads a program
     ("H = 48,", PlanOptions(), 2),  # 16 heads a program
     ("", PlanOptions(gluon=False), 0),
+    ("", PlanOptions(mla_persistent=True), 7),  # one persistent launch a call, never split
 ])
 def test_every_gluon_mla_decode_launch_is_listed(dims, options, listed):
     """attn_decode_gluon: every launch latent_launch selects over call shapes is in the list, and the list holds no
-    other (none where the plan keeps the Triton decode kernel); its split launches' merges are listed too."""
+    other (none where the plan keeps the Triton decode kernel); its split launches' merges, and a persistent
+    launch's scheduled merge, are listed too."""
     spec = attnc.parse(open("examples/specs/mla.attn").read().replace("dims D = 512, DR = 64, PAGE = 64",
                                                                         f"dims {dims} D = 512, DR = 64, PAGE = 64"))[1]
     plan = plan_kernel(spec, Target("triton", "cuda", 90), 512, 512, options)
@@ -140,6 +142,7 @@ def test_every_gluon_mla_decode_launch_is_listed(dims, options, listed):
         go = latent_launch(plan, sizes, rng.choice([2, 132]))
         selected.add(go.decode)
         assert go.combine is None or go.combine in plan.kernels, (sizes, go.combine)
+        assert bool(go.programs) == bool(options.mla_persistent)
     assert selected == gluon_kernels
 
 

@@ -272,7 +272,7 @@ def _call(strided_q=False, split_pages=False):
 
 def test_tensors_tma_cannot_read_take_the_triton_kernel():
     """The launcher's per-call check: a non-unit head-dim stride, or pages that are not rows of one matrix."""
-    launcher = SimpleNamespace(spec=SPECS["mla_paged"])
+    launcher = SimpleNamespace(spec=SPECS["mla_paged"], persistent=False)
     assert gluon_decode.GluonDecodeLauncher.uncovered(launcher, _call()) == ""
     assert "q is not TMA-readable" in gluon_decode.GluonDecodeLauncher.uncovered(launcher, _call(strided_q=True))
     why = gluon_decode.GluonDecodeLauncher.uncovered(launcher, _call(split_pages=True))
@@ -281,7 +281,7 @@ def test_tensors_tma_cannot_read_take_the_triton_kernel():
 
 def test_an_uncovered_call_runs_the_fallback_with_a_warning(monkeypatch):
     launcher = object.__new__(gluon_decode.GluonDecodeLauncher)
-    launcher.spec, launcher.fallback = SPECS["mla_paged"], _TritonDecode()
+    launcher.spec, launcher.fallback, launcher.persistent = SPECS["mla_paged"], _TritonDecode(), False
     gluon_decode._warn_once.cache_clear()
     with pytest.warns(UserWarning, match="does not take this call .*q is not TMA-readable"):
         assert launcher.run(_call(strided_q=True)) == ("triton", None)

@@ -5,7 +5,9 @@ eighth one key long), one split and forced split-KV, one and two query tokens, a
 shared memory by the kernel's converter warpgroup), and quantised queries over it (fp8 x fp8 QK^T), against
 attnc.reference with NaN-poisoned outputs and workspace (test_mla_grid's inputs); each test checks that the Gluon
 kernel ran, not the Triton decode kernel it falls back to, and that no index data was flagged. A bad page id comes
-out as NaN rows and a flagged violation."""
+out as NaN rows and a flagged violation. The persistent schedule (PlanOptions(mla_persistent=True); `-k
+persistent`): B in {1, 3, 64}, paged key lists of 0 and 1 keys beside lengths off the tile, 64 and 128 heads, and a
+bad length flagged and NaN."""
 import contextlib
 import sys
 from dataclasses import replace
@@ -118,6 +120,72 @@ def test_gluon_decode_fp8_latent_gpu(layout, point, variant, gluon_calls):
     assert gluon_calls == [True], "the Gluon kernel took the call"
     assert_matches(spec, got, attnc.reference(spec, q, k, **kw), tol=1e-2)
     attnc.check_errors()
+
+
+PERSISTENT = PlanOptions(gluon=True, mla_persistent=True)
+PERSISTENT_POINTS = [Point(64, 1, n_max=3000), Point(64, 3, n_max=700), Point(64, 64, n_max=2000),
+                     Point(128, 3, n_max=1000), Point(128, 64, n_max=1500), Point(128, 1, n_max=40)]
+
+
+@pytest.fixture
+def persistent_launches(monkeypatch):
+    """Per Gluon launch: its programs (0: the split rule's launch, not the persistent one)."""
+    programs = []
+    calls = gluon_decode.GluonDecodeLauncher.calls
+
+    def counted(self, bound, go, *outputs):
+        programs.append(go.programs)
+        return calls(self, bound, go, *outputs)
+
+    monkeypatch.setattr(gluon_decode.GluonDecodeLauncher, "calls", counted)
+    return programs
+
+
+def _ragged(kw: dict, batch: int) -> dict:
+    """Paged key lists of 0 and 1 keys first (the rest drawn off the tile and page sizes by grid_call)."""
+    lengths = kw["kv_len"].clone()
+    lengths[:min(batch - 1, 2)] = torch.tensor([0, 1][:min(batch - 1, 2)], dtype=lengths.dtype)
+    return {**kw, "kv_len": lengths}
+
+
+@pytest.mark.parametrize("point", PERSISTENT_POINTS, ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "paged"])
+def test_persistent_schedule_matches_reference_gpu(layout, point, gluon_calls, persistent_launches):
+    _needs_hopper()
+    spec = grid_spec(layout, "plain", SHAPES)
+    q, k, kw = grid_call(layout, "plain", SHAPES, point)
+    if layout == "paged":
+        kw = _ragged(kw, point.B)
+    kern = attnc.compile(spec, backend="triton", options=PERSISTENT)
+    with contextlib.suppress(CallError):
+        attnc.check_errors()
+    got = kern(q, k, **kw)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    assert gluon_calls == [True] and len(persistent_launches) == 1 and 0 < persistent_launches[0] <= sms
+    assert_matches(spec, got, attnc.reference(spec, q, k, **kw), tol=1e-2)
+    attnc.check_errors()
+
+
+def test_persistent_bad_length_poisons_its_sequence_and_is_flagged_gpu(gluon_calls, persistent_launches):
+    """A negative length (clamped to no keys, kept one tile) and one past the table's capacity: both sequences
+    NaN and a violation flagged; the others right."""
+    _needs_hopper()
+    spec = grid_spec("paged", "plain", SHAPES)
+    q, k, kw = grid_call("paged", "plain", SHAPES, Point(128, 6, n_max=900))
+    lengths = kw["kv_len"].clone()
+    lengths[1], lengths[4] = -7, kw["block_table"].shape[1] * SHAPES.page + 1
+    kern = attnc.compile(spec, backend="triton", options=PERSISTENT)
+    with contextlib.suppress(CallError):
+        attnc.check_errors()
+    out, lse = kern(q, k, **{**kw, "kv_len": lengths})
+    assert gluon_calls == [True] and persistent_launches[0] > 0
+    assert out[[1, 4]].isnan().all() and lse[[1, 4]].isnan().all()
+    good = [0, 2, 3, 5]
+    want_out, want_lse = attnc.reference(spec, q, k, **kw)
+    torch.testing.assert_close(out[good].double(), want_out[good], rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(lse[good].double(), want_lse[good], rtol=1e-2, atol=1e-2)
+    with pytest.raises(CallError, match="kv_len"):
+        attnc.check_errors()
 
 
 Q8_POINTS = [Point(64, 64), Point(128, 4, n_max=1000), Point(64, 8, n_max=700, splits=4), Point(128, 16, n_max=90)]

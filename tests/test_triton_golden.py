@@ -61,6 +61,11 @@ GLUON_DECODE_CASES = [
     ("mla_paged_gluon_decode_sm90.py", "mla.attn", "mla_paged", Target("triton", "cuda", 90), 512),
     ("fp8_mla_paged_q8_gluon_decode_sm90.py", "fp8_cache.attn", "fp8_mla_paged_q8", Target("triton", "cuda", 90), 512),
 ]
+# Its persistent schedule (PlanOptions(mla_persistent=True)): every partition walks its share's segments, Q reloaded
+# at a segment boundary (q_free), cut segments written to their workspace rows.
+GLUON_DECODE_PERSISTENT_CASES = [
+    ("mla_paged_gluon_decode_persistent_sm90.py", "mla.attn", "mla_paged", Target("triton", "cuda", 90), 512),
+]
 # ...with the conflict-free converter (8 e4m3 a thread) alone, and with two converter warpgroups (half of each slot's
 # chunks each) and P V in f16
 FP8_CONVERTER_CASES = [
@@ -104,10 +109,12 @@ def _source(file, name, target, d, kernel: str, options: PlanOptions) -> str:
                          + [c + ("gluon", PERSISTENT) for c in PERSISTENT_CASES]
                          + [c[:5] + ("gluon", c[5]) for c in UNDER_PV_CASES]
                          + [c + ("gluon_decode", GLUON) for c in GLUON_DECODE_CASES]
+                         + [c + ("gluon_decode", PlanOptions(gluon=True, mla_persistent=True))
+                            for c in GLUON_DECODE_PERSISTENT_CASES]
                          + [c[:5] + ("gluon_decode", c[5]) for c in FP8_CONVERTER_CASES]
                          + [c + ("gluon_dkdv", GLUON_BACKWARD) for c in GLUON_BACKWARD_CASES],
                          ids=[c[0] for c in CASES + GLUON_CASES + PERSISTENT_CASES + [c[:5] for c in UNDER_PV_CASES]
-                              + GLUON_DECODE_CASES
+                              + GLUON_DECODE_CASES + GLUON_DECODE_PERSISTENT_CASES
                               + [c[:5] for c in FP8_CONVERTER_CASES] + GLUON_BACKWARD_CASES])
 def test_generated_source_matches_golden(golden, file, name, target, d, kernel, options, request):
     source = _source(file, name, target, d, kernel, options)

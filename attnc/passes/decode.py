@@ -128,6 +128,8 @@ class DecodeLaunch:
     search_steps: int  # a ragged q: binary-search steps to find a program's sequence
     decode: KernelLaunch  # attn_decode's launch
     combine: KernelLaunch | None  # attn_combine's, which merges the splits (None: one split)
+    # a persistent launch's programs (latent_decode.balanced_shares; grid axis 0, one head program): 0 for none
+    programs: int = 0
 
     @property
     def combine_rows(self) -> int:

@@ -57,11 +57,23 @@ by `dims`, a multiple of BN). Everything else keeps the Triton decode kernel. Wh
 (PlanOptions(gluon=False) keeps the Triton kernel): on the H100 (session 10, benchmarks/NOTES.md) it ran 1.35-1.92x
 the Triton kernel's bytes/s at 64 heads and 2.06-2.44x at 128, bf16, contiguous and paged, and 2.3-3.1x over an FP8
 latent, its GPU tests right against the float64 reference.
+
+Schedule: one program per (position, head group, split) by latent_splits, or with PlanOptions(mla_persistent=True)
+FlashMLA's persistent one (its get_mla_metadata): a program per SM, each taking an equal share (within one tile) of
+the key tiles of all (sequence, position, head group) items laid end to end (balanced_shares), so the shares cross
+sequence boundaries. The producer streams the tiles of a share's segments through one ring without draining it
+(Q reloads at a segment boundary, once both warpgroups stored the last segment's out through Q's buffer); a segment
+holding its item's every tile writes out and lse itself, the pieces of an item cut by a share boundary write f32
+partials to workspace rows `program + item` (consecutive for an item's pieces) that attn_combine's scheduled form
+merges, for the cut items only. The metadata is the items' cumulative tile counts (torch ops on the device, no host
+sync: CUDA-graph capturable); every partition walks its share from them. It covers one query position (M = 1: the
+split rule serves longer M) over a latent in q's dtype (the FP8 converter keeps the split rule) under masks
+without lower bounds (tiles past a row's range are masked, never skipped).
 """
 from __future__ import annotations
 
-from dataclasses import replace
-from typing import Mapping
+from dataclasses import dataclass, replace
+from typing import Mapping, Sequence
 
 from ..errors import CompileError
 from ..ir import Paged, Ragged
@@ -138,6 +150,111 @@ def unavailable(plan: KernelPlan) -> str:
             return f"pages of {page or 'PAGE (unbound)'} slots: the kernel reads one page id a key tile, so PAGE " \
                    f"must be bound by `dims` to a multiple of {block_n}"
     return ""
+
+
+def unavailable_persistent(plan: KernelPlan) -> str:
+    """Why the Gluon kernel cannot take the persistent schedule ("" where it can)."""
+    if plan.spec.dequant:
+        return "an FP8 latent: its converter warpgroup steps through one split's tiles"
+    if plan.masks.evaluated or plan.masks.exact.lower:
+        return "a mask with lower bounds or evaluated on every tile: a share counts every tile from key 0"
+    return ""
+
+
+def persistent_latent(plan: KernelPlan) -> bool:
+    """Whether the plan runs the Gluon MLA decode kernel on the persistent schedule."""
+    staged = plan.decode.warpgroups if plan.decode else None
+    return bool(staged and staged.path == "gluon" and staged.layout and staged.layout.persistent)
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A program's run of one item's key tiles [first, end): item = (b * M + m) * head_groups + hp. `whole`: every
+    tile of the item, so the program writes out and lse; else a cut piece, written as a partial to workspace row
+    `slot` (program + item: an item's pieces take consecutive rows, and no two segments share one)."""
+
+    item: int
+    first: int
+    end: int
+    slot: int
+    whole: bool
+
+
+def item_tiles(lengths: Sequence[int], capacity: int, block_n: int, items_per_sequence: int) -> list[int]:
+    """Key tiles of each item: its sequence's length clamped to [0, capacity] (lengths are untrusted) in tiles of
+    block_n; a bad length that clamps to nothing keeps one tile, so a program reaches it and flags it."""
+    tiles = []
+    for n in lengths:
+        kept = min(max(n, 0), capacity)
+        tiles += [max(-(-kept // block_n), int(kept != n))] * items_per_sequence
+    return tiles
+
+
+def share_start(total: int, programs: int, p: int) -> int:
+    """The first tile of program p's share of `total` tiles: shares differ by at most one tile, and with fewer tiles
+    than programs the first `total` programs take one each (no empty share between two pieces of an item)."""
+    used = max(min(programs, total), 1)
+    return min(p * total // used, total)
+
+
+def tile_owner(tile: int, total: int, programs: int) -> int:
+    """The program whose share holds `tile` (the largest p with share_start(p) <= tile)."""
+    return ((tile + 1) * min(programs, total) - 1) // total
+
+
+def share_pieces(item_tiles: int, items: int, programs: int) -> tuple[int, int]:
+    """The most key tiles a program's share holds, and the cut segments (partials) of all shares, for `items` items
+    of `item_tiles` key tiles each cut into `programs` shares."""
+    total, most, cuts = item_tiles * items, 0, 0
+    for p in range(programs):
+        a, b = share_start(total, programs, p), share_start(total, programs, p + 1)
+        if a == b:
+            continue
+        most = max(most, b - a)
+        if a // item_tiles == (b - 1) // item_tiles:
+            cuts += int(a % item_tiles != 0 or b % item_tiles != 0)
+        else:
+            cuts += int(a % item_tiles != 0) + int(b % item_tiles != 0)
+    return most, cuts
+
+
+def persistent_programs(plan: KernelPlan, item_tiles: int, items: int, sm_count: int) -> int:
+    """Programs of a persistent launch: the count up to one per SM with the least modelled time (modelled_us, the
+    split rule's model: one wave, the fullest share's tiles, a partial per cut segment), for items of the
+    capacity's length; the more programs on a tie (where HBM bounds the time), never more than tiles. A cut costs
+    its float32 partial and the merge, more than the tiles it spreads at short lengths: B = 64 sequences of 64 heads
+    and 1k / 2k keys take 64 programs of one whole sequence each (the H100 ran the unsplit launch fastest), B = 768
+    of 128 heads (1536 items of 16 tiles at 1k keys) 128 programs of 12 whole items each, one long sequence many
+    pieces."""
+    if item_tiles <= 0 or items <= 0:
+        return max(1, min(sm_count, items))
+
+    def time(programs: int) -> tuple[float, int]:
+        most, cuts = share_pieces(item_tiles, items, programs)
+        return modelled_us(plan, 1, most, item_tiles * items, cuts), -programs
+
+    return min(range(1, min(sm_count, item_tiles * items) + 1), key=time)  # a program a tile at most
+
+
+def balanced_shares(tiles: Sequence[int], programs: int) -> list[list[Segment]]:
+    """Each program's segments: the items' tiles laid end to end, cut into `programs` contiguous shares (the
+    kernel's walk, gluon_decode.py.j2 `segments`; the combine finds an item's pieces by tile_owner)."""
+    cumulative = [0]
+    for t in tiles:
+        cumulative.append(cumulative[-1] + t)
+    total = cumulative[-1]
+    shares = []
+    for p in range(programs):
+        pos, end, item, segments = share_start(total, programs, p), share_start(total, programs, p + 1), 0, []
+        while pos < end:
+            while cumulative[item + 1] <= pos:  # items without tiles
+                item += 1
+            stop = min(cumulative[item + 1], end)
+            segments.append(Segment(item, pos - cumulative[item], stop - cumulative[item], p + item,
+                                    pos == cumulative[item] and stop == cumulative[item + 1]))
+            pos = stop
+        shares.append(segments)
+    return shares
 
 
 def default_block_n(plan: KernelPlan) -> int:
@@ -223,11 +340,17 @@ def stage_latent_decode(plan: KernelPlan) -> KernelPlan:
     if why:
         return replace(plan, decode=replace(plan.decode, warpgroups=WarpgroupPlan("triton", why)))
     layout = choose_layout(plan)
+    schedule = "latent_splits' splits (PlanOptions(mla_persistent=True): a persistent, balanced schedule)"
+    if plan.options.mla_persistent:
+        why = unavailable_persistent(plan)
+        layout = replace(layout, persistent=not why)
+        schedule = f"latent_splits' splits: PlanOptions(mla_persistent=True) does not apply, {why}" if why else \
+            "persistent, balanced shares (PlanOptions(mla_persistent=True))"
     if plan.options.gluon is False:
         staged = WarpgroupPlan("triton", "the Gluon MLA decode kernel qualifies: PlanOptions(gluon=False)", layout)
     else:
-        staged = WarpgroupPlan("gluon", "one query position per program, the latent read once for QK^T and P V "
-                                        "(PlanOptions(gluon=False): the Triton decode kernel)", layout)
+        staged = WarpgroupPlan("gluon", f"one query position per program, the latent read once for QK^T and P V; "
+                                        f"{schedule} (PlanOptions(gluon=False): the Triton decode kernel)", layout)
     return replace(plan, decode=replace(plan.decode, warpgroups=staged))
 
 
@@ -252,13 +375,32 @@ def latent_tiles(plan: KernelPlan, group: int) -> LaunchTiles:
 
 def latent_kernels(plan: KernelPlan, groups: list[int]) -> list[KernelLaunch]:
     """Every attn_decode_gluon launch a call whose H // HKV is one of `groups` can select (the kernel list's share,
-    passes/kernels.py): each heads-per-program count, split or not."""
+    passes/kernels.py): each heads-per-program count, split or not; a persistent layout's unsplit, and its merge."""
     packs = dict.fromkeys(latent_tiles(plan, g) for g in groups)
+    if plan.decode.warpgroups.layout.persistent:  # one launch a call, its merge scheduled (M > 1: the Triton kernel)
+        return [gluon_decode_kernel(plan, tiles, False) for tiles in packs] + [scheduled_combine_kernel(plan)]
     return [gluon_decode_kernel(plan, tiles, split) for tiles in packs for split in (False, True)]
 
 
+def scheduled_combine_kernel(plan: KernelPlan) -> KernelLaunch:
+    """attn_combine_scheduled, the persistent launch's merge: attn_combine's tiles for two pieces an item (a share
+    boundary cuts an item in two, mostly)."""
+    return replace(combine_kernel(plan, 2), function="attn_combine_scheduled")
+
+
+def modelled_us(plan: KernelPlan, waves: int, program_tiles: float, key_tiles: int, partials: int) -> float:
+    """A Gluon MLA decode launch's modelled time (PROGRAM_START_US...): `waves` of programs each starting and then
+    streaming at most `program_tiles` key tiles, but no faster than HBM streams all `key_tiles`; `partials` float32
+    [ROWS, DV] partial results written and read back, plus the merge's launch where there are any."""
+    w = plan.decode.warpgroups.layout
+    tile_bytes = w.block_n * (LATENT_DIM + w.rope) * (1 if w.fp8_stages else 2)  # e4m3 or 16-bit
+    alone = waves * PROGRAM_START_US + program_tiles * tile_bytes / PROGRAM_BYTES_PER_US
+    time = max(alone, key_tiles * tile_bytes / HBM_BYTES_PER_US)
+    return time + (MERGE_US + partials * 2 * ROWS * LATENT_DIM * 4 / HBM_BYTES_PER_US if partials else 0.0)
+
+
 def latent_splits(plan: KernelPlan, programs: int, key_tiles: int, sm_count: int) -> int:
-    """Splits of each program's key tiles: the count with the least modelled time (PROGRAM_START_US...), at most
+    """Splits of each program's key tiles: the count with the least modelled time (modelled_us), at most
     the Triton decode kernel's (split_count) and never more programs than SMs. The partials of a split cost
     ROWS x 512 x 4 bytes written and read per split and program, which at 64 heads and 1k keys is 44% of the
     latent's bytes: the H100 sweep ran B = 64 sequences of 1k / 2k keys (64 programs) fastest unsplit (42.6 / 70.8
@@ -267,28 +409,30 @@ def latent_splits(plan: KernelPlan, programs: int, key_tiles: int, sm_count: int
     most = split_count(plan, programs, key_tiles, sm_count)
     if plan.options.num_splits is not None or most == 1:
         return most
-    w = plan.decode.warpgroups.layout
-    latent_bytes = key_tiles * w.block_n * (LATENT_DIM + w.rope) * (1 if w.fp8_stages else 2)  # e4m3 or 16-bit
-    partial_bytes = 2 * ROWS * LATENT_DIM * 4
 
-    def modelled_us(splits: int) -> float:
+    def time(splits: int) -> float:
         waves = -(-programs * splits // sm_count)
-        alone = waves * (PROGRAM_START_US + latent_bytes / splits / PROGRAM_BYTES_PER_US)
-        time = max(alone, programs * latent_bytes / HBM_BYTES_PER_US)
-        return time + (MERGE_US + programs * splits * partial_bytes / HBM_BYTES_PER_US if splits > 1 else 0.0)
+        return modelled_us(plan, waves, waves * key_tiles / splits, programs * key_tiles,
+                           programs * splits if splits > 1 else 0)
 
-    return min(range(1, most + 1), key=modelled_us)
+    return min(range(1, most + 1), key=time)
 
 
 def latent_launch(plan: KernelPlan, sizes: Mapping[str, int], sm_count: int) -> DecodeLaunch:
     """The Gluon decode kernel's launch for these sizes: one position per program (grid axis 0: M x splits), the
     group's heads as latent_tiles packs them as its rows, the key range split as the Triton decode kernel splits it
-    (latent_splits) for tiles of the layout's BN."""
+    (latent_splits) for tiles of the layout's BN; a persistent layout's one-position call: up to a program per SM
+    (persistent_programs; DecodeLaunch.programs), binary-search steps over the items' cumulative tiles."""
     w = plan.decode.warpgroups.layout
     tiles = latent_tiles(plan, sizes["H"] // sizes["HKV"])
     pack = tiles.pack
     head_programs = sizes["B"] * (sizes["H"] // pack)
     key_tiles = -(-sizes["N"] // w.block_n)
+    if w.persistent and sizes["M"] == 1:
+        # up to a program per SM; attn_combine_scheduled merges the items cut by a share boundary
+        programs = persistent_programs(plan, key_tiles, head_programs, sm_count)
+        return DecodeLaunch(tiles, 1, programs, 1, head_programs.bit_length(), gluon_decode_kernel(plan, tiles, False),
+                            scheduled_combine_kernel(plan), programs=programs)
     splits = latent_splits(plan, sizes["M"] * head_programs, key_tiles, sm_count)
     return DecodeLaunch(tiles, splits, sizes["M"], head_programs, 0, gluon_decode_kernel(plan, tiles, splits > 1),
                         combine_kernel(plan, splits) if splits > 1 else None)

@@ -71,6 +71,10 @@ class PlanOptions:
     # instruction a pair, bf16 four; both exact or finer in f16, latent_decode.py says why); uses the conflict-free
     # converter; None: bf16
     fp8_f16_values: bool | None = None
+    # Hopper MLA decode (the Gluon kernel, passes/latent_decode.py): True a program per SM, each taking an equal
+    # share of all (sequence, head group)s' key tiles (latent_decode.balanced_shares); None or False one program per
+    # (position, head group, split) by passes/decode.split_count (the default until a GPU run shows it faster)
+    mla_persistent: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -312,6 +316,8 @@ class LatentDecodeLayout:
     converter_vector: int = 16  # e4m3 a converter thread loads and converts at a time (8: conflict-free stores)
     # P V in f16 (P and the converted slots) where q is bf16 and QK^T reads the e4m3 slots (fp8_queries)
     f16_values: bool = False
+    # a program per SM over equal shares of every (sequence, head group)'s key tiles (latent_decode.balanced_shares)
+    persistent: bool = False
 
     @property
     def converter_warps(self) -> int:
@@ -342,8 +348,8 @@ class WarpgroupPlan:
 @dataclass(frozen=True)
 class KernelLaunch:
     """One compiled kernel a plan may launch: a generated function (`attn_fwd`, `tile_summary` of the prefill
-    module; `attn_decode`, `attn_combine` of the decode module; `attn_fwd_gluon` of the Gluon module;
-    `attn_decode_gluon` of the Gluon MLA decode module) and its launch keywords (constexprs, then options:
+    module; `attn_decode`, `attn_combine`, `attn_combine_scheduled` of the decode module; `attn_fwd_gluon` of the
+    Gluon module; `attn_decode_gluon` of the Gluon MLA decode module) and its launch keywords (constexprs, then options:
     num_warps, num_stages or maxnreg) in the order the launcher passes them. The runtime launches only these, and
     an AOT build compiles exactly these."""
 
@@ -360,7 +366,7 @@ class KernelLaunch:
             return "gluon"
         if self.function == "attn_decode_gluon":
             return "gluon_decode"
-        return "decode" if self.function in ("attn_decode", "attn_combine") else "prefill"
+        return "decode" if self.function in ("attn_decode", "attn_combine", "attn_combine_scheduled") else "prefill"
 
 
 @dataclass(frozen=True)
@@ -476,7 +482,9 @@ def _latent(w: LatentDecodeLayout) -> str:
             f"shared) + value warpgroup, each P V over {w.value_chunks} chunks; BM={w.block_m}, {w.smem} B shared"
             + (f"; FP8: {w.fp8_stages} e4m3 slots, a converter warpgroup writes the ring" if w.fp8_stages else "")
             + ("; quantised queries: QK^T fp8 x fp8 on the e4m3 slots, the ring holds the latent alone"
-               if w.fp8_queries else ""))
+               if w.fp8_queries else "")
+            + ("; persistent: a program per SM, equal shares of all key tiles, cut sequences merged by "
+               "attn_combine_scheduled" if w.persistent else "; a program per (position, head group, split)"))
 
 
 def _tile(c: TileConfig) -> str:

@@ -9,11 +9,12 @@ from __future__ import annotations
 from ... import index_data
 from ...ir import FP8_DTYPES, QUANTIZE_DTYPES, QUANTIZE_TINY, Paged, Ragged, TensorDecl
 from ...passes.decode import dot_size
+from ...passes.latent_decode import persistent_latent
 from ...passes.plan import KernelPlan
 from ...passes.tiling import next_pow2
 from .. import names
 from .generate import shared_hooks, template
-from .signature import COMBINE_SIGNATURE, decode_signature, spec_args
+from .signature import COMBINE_SIGNATURE, SCHEDULED_COMBINE_SIGNATURE, decode_signature, spec_args
 
 
 def storage_hooks(plan: KernelPlan) -> tuple[dict, list[dict]]:
@@ -65,6 +66,8 @@ def generate_decode(plan: KernelPlan) -> str:
         runtime_scalars=signature.unspecialized(),
         decode_signature=signature.render(),
         combine_signature=COMBINE_SIGNATURE.render(),
+        # the persistent Gluon MLA decode kernel's merge of the items its shares cut
+        scheduled_combine_signature=SCHEDULED_COMBINE_SIGNATURE.render() if persistent_latent(plan) else "",
         all_partial=bool(plan.masks.evaluated),  # data-dependent masks too: evaluated on every tile, no summary
         ragged_q=spec.q_storage is not None,
         kv_storage="paged" if isinstance(kv, Paged) else "ragged" if isinstance(kv, Ragged) else "dense",

@@ -5,7 +5,10 @@ The plan decides whether it runs and its layout (passes/latent_decode.py); this 
 Triton and the call can tell: whether Triton's Gluon is the one the kernel was written against (gluon.py's
 GLUON_TRITON), and per call whether q, the latent and the rope tensors can be read through TMA descriptors.
 The split workspace and attn_combine are the Triton decode kernel's: the launcher is a DecodeLauncher whose decode
-function is this kernel. `generate_gluon_decode` is pure: the same plan gives the same text.
+function is this kernel. The persistent schedule (passes/latent_decode.py balanced_shares) adds the items' cumulative
+key tiles (`schedule_tiles`: torch ops on the lengths, no host sync, so a CUDA graph captures them), a workspace row
+per (program + item) and attn_combine_scheduled for the items the shares cut. `generate_gluon_decode` is pure: the
+same plan gives the same text.
 """
 from __future__ import annotations
 
@@ -14,15 +17,18 @@ from dataclasses import replace
 from functools import lru_cache
 from types import SimpleNamespace
 
+import torch
+
 from ...dsl.signature import Bound
 from ...ir import QUANTIZE_DTYPES, QUANTIZE_TINY, Paged
+from ...passes.decode import DecodeLaunch, workspace_rows
 from ...passes.latent_decode import latent_launch
 from ...passes.plan import KernelPlan, LatentDecodeLayout
-from .. import names
+from .. import device_errors, names
 from . import binaries, launch, scratch
 from .gluon import GLUON_DTYPES, gluon_runs
-from .serving import DecodeLauncher
-from .signature import gluon_decode_signature, spec_args
+from .serving import DecodeLauncher, load_decode_module
+from .signature import SCHEDULED_COMBINE_SIGNATURE, gluon_decode_signature, qkv_values, spec_args
 
 SOURCE_FILE = "gluon_decode.py"
 
@@ -34,7 +40,7 @@ def generate_gluon_decode(plan: KernelPlan) -> str:
     from .generate import shared_hooks, template
 
     spec, w = plan.spec, plan.decode.warpgroups.layout
-    signature = gluon_decode_signature(spec_args(plan, per_sequence=True))
+    signature = gluon_decode_signature(spec_args(plan, per_sequence=True), w.persistent)
     storage, _ = storage_hooks(plan)
     return template("gluon_decode.py.j2").render(
         **shared_hooks(plan, "ex2_approx", GLUON_VECTORS),
@@ -101,6 +107,22 @@ def launcher(plan: KernelPlan, fallback, module=None):
     return GluonDecodeLauncher(plan, module or load_gluon_decode_module(plan), fallback)
 
 
+def schedule_tiles(lengths: torch.Tensor | None, batch: int, capacity: int, block_n: int, items_per_sequence: int,
+                   device: torch.device) -> torch.Tensor:
+    """The items' cumulative key tiles, int32 [items + 1] on the device (latent_decode.item_tiles's rule: lengths
+    clamped to [0, capacity], a bad length that clamps to nothing keeps one tile; None: every sequence `capacity`
+    long). Torch ops without a host sync."""
+    if lengths is None:
+        tiles = torch.full((batch,), -(-capacity // block_n), dtype=torch.int64, device=device)
+    else:
+        lengths = lengths.to(torch.int64)
+        kept = lengths.clamp(0, capacity)
+        tiles = torch.maximum((kept + block_n - 1) // block_n, (kept != lengths).to(torch.int64))
+    cumulative = torch.zeros(batch * items_per_sequence + 1, dtype=torch.int32, device=device)
+    cumulative[1:] = tiles.repeat_interleave(items_per_sequence).cumsum(0)
+    return cumulative
+
+
 @lru_cache(maxsize=None)
 def _warn_once(name: str, why: str) -> None:
     warnings.warn(f"attention {name!r}: the Gluon MLA decode kernel does not take this call ({why}); the Triton "
@@ -115,8 +137,11 @@ class GluonDecodeLauncher(DecodeLauncher):
     def __init__(self, plan: KernelPlan, module, fallback: DecodeLauncher):
         # the merge of split launches is the Triton decode module's, which the fallback holds
         super().__init__(plan, SimpleNamespace(attn_decode=module.attn_decode_gluon, attn_combine=fallback.combine_fn))
-        self.signature = gluon_decode_signature(self.args)
+        self.persistent = plan.decode.warpgroups.layout.persistent
+        self.signature = gluon_decode_signature(self.args, self.persistent)
         self.fallback = fallback
+        if self.persistent:  # JIT only: attnc compile plans with PlanOptions(), never persistent
+            self.combine_fn = load_decode_module(plan).attn_combine_scheduled
 
     def choose_launch(self, sizes, sms: int):
         return latent_launch(self.plan, sizes, sms)
@@ -132,6 +157,8 @@ class GluonDecodeLauncher(DecodeLauncher):
         for t, decl in tensors:
             if not launch.tma_ready(t):
                 return f"{decl.name} is not TMA-readable (a unit last stride, 16-byte aligned base and strides)"
+        if self.persistent and (bound.sizes["M"] != 1 or bound.sizes["HKV"] != 1):
+            return "the persistent schedule takes one query position and one latent head (M = HKV = 1)"
         if isinstance(spec.kv_storage, Paged):
             page = spec.dim_values["PAGE"]
             for t, decl in tensors[1::2]:
@@ -139,6 +166,39 @@ class GluonDecodeLauncher(DecodeLauncher):
                 if t.stride(axes["PAGES"]) != page * t.stride(axes["PAGE"]):
                     return f"{decl.name}'s pages are not one [PAGES * PAGE, ...] matrix (strides {t.stride()})"
         return ""
+
+    def outputs(self, bound: Bound, go: DecodeLaunch | None) -> tuple:
+        """out, lse, and for a persistent launch its workspace: a partial row per (program + item) [slots, H, 1, DV]
+        and its lse [slots, H]."""
+        if go is None or not go.programs:
+            return super().outputs(bound, go)
+        out, lse = super().outputs(bound, None)[:2]
+        sizes, device = bound.sizes, bound.q.device
+        slots = go.programs + sizes["B"] * sizes["M"] * (sizes["H"] // go.tiles.pack)
+        return (out, lse, torch.empty(slots, sizes["H"], 1, sizes["DV"], dtype=torch.float32, device=device),
+                torch.empty(slots, sizes["H"], dtype=torch.float32, device=device))
+
+    def calls(self, bound: Bound, go: DecodeLaunch, out, lse, ws_out, ws_lse) -> list[tuple]:
+        """DecodeLauncher's, or for a persistent launch: attn_decode_gluon over `go.programs` programs with the
+        schedule, then attn_combine_scheduled over every (row, head) (it skips the items written whole)."""
+        if not go.programs:
+            return super().calls(bound, go, out, lse, ws_out, ws_lse)
+        spec, sizes = self.spec, bound.sizes
+        kv = spec.kv_storage
+        lengths = bound.inputs[kv.lengths] if isinstance(kv, Paged) else None
+        schedule = schedule_tiles(lengths, sizes["B"], sizes["N"], self.plan.decode.warpgroups.layout.block_n,
+                                  sizes["H"] // go.tiles.pack, bound.q.device)
+        values = self.args.values(sizes, bound.params, bound.inputs)
+        values.update(qkv_values(spec, bound, out, lse), workspace=(ws_out, ws_lse),
+                      workspace_strides=(ws_out.stride(0), ws_out.stride(1), 0, ws_lse.stride(0), ws_lse.stride(1)),
+                      launch=(go.search_steps, go.programs), errors=(device_errors.buffer(bound.q.device),),
+                      site=(self.site,), schedule=(schedule,))
+        rows = workspace_rows(spec, sizes)
+        calls = [(self.decode_fn, (go.programs, 1), self.signature.pack(values), go.decode.keywords)]
+        values.update(outputs=values["pointers"][3:], rows=(rows, sizes["M"], go.programs), item_heads=(go.tiles.pack,))
+        calls.append((self.combine_fn, (-(-rows // go.combine_rows), sizes["H"]),
+                      SCHEDULED_COMBINE_SIGNATURE.pack(values), go.combine.keywords))
+        return calls
 
     def run(self, bound: Bound, go=None):
         why = self.uncovered(bound)

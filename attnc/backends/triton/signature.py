@@ -182,17 +182,23 @@ def decode_signature(args: SpecArgs) -> Signature:
     return Signature("attn_decode", _decode_groups(args), TILE_CONSTEXPRS + ("SPLIT", "UPCAST"))
 
 
-def gluon_decode_signature(args: SpecArgs) -> Signature:
-    """The Gluon MLA decode kernel's (gluon_decode.py.j2): attn_decode's arguments, so one launcher packs both; its
-    rows and key tile are module constants, a launch passes heads per program, positions (1) and the split switch."""
-    return Signature("attn_decode_gluon", _decode_groups(args), ("BLOCK_MQ", "PACK", "SPLIT"))
-
-
 COMBINE_SIGNATURE = Signature(
     "attn_combine",
     (Group("workspace", ("ws_out_ptr", "ws_lse_ptr")), Group("outputs", ("out_ptr", "lse_ptr")),
      WORKSPACE[1], QKV_GROUPS[4], QKV_GROUPS[5], Group("rows", ("rows", "rows_per_b", "n_splits"))),
     ("BLOCK_R", "BLOCK_S"))
+# attn_combine_scheduled's (the persistent MLA decode's merge): the items' cumulative key tiles and heads per item
+SCHEDULE = Group("schedule", ("sched_ptr",))
+SCHEDULED_COMBINE_SIGNATURE = Signature("attn_combine_scheduled", COMBINE_SIGNATURE.groups
+                                        + (SCHEDULE, Group("item_heads", ("item_heads",))), ("BLOCK_R", "BLOCK_S"))
+
+
+def gluon_decode_signature(args: SpecArgs, persistent: bool = False) -> Signature:
+    """The Gluon MLA decode kernel's (gluon_decode.py.j2): attn_decode's arguments, so one launcher packs both; its
+    rows and key tile are module constants, a launch passes heads per program, positions (1) and the split switch.
+    Persistent: the items' cumulative key tiles too (SCHEDULE; search_steps: the binary search's over them)."""
+    return Signature("attn_decode_gluon", _decode_groups(args) + ((SCHEDULE,) if persistent else ()),
+                     ("BLOCK_MQ", "PACK", "SPLIT"))
 
 
 # The backward's tensors (backward.py.j2): each one's pointer `{name}_ptr` and strides of its canonical view
