@@ -4,7 +4,7 @@ ptxas' registers, spills and the shared memory per kernel. Needs Triton 3.6 (the
 
     python3 -m venv --system-site-packages /tmp/venv36 && /tmp/venv36/bin/pip install triton==3.6.0
     PYTHONPATH=$PWD /tmp/venv36/bin/python benchmarks/compile_gluon_sm90.py [--spec NAME] [--dims 128] [--persistent]
-        [--softmax-under-pv] [--aot]
+        [--weights-under-pv] [--aot]
 
 Exit status 1 if a kernel fails to compile, ptxas warns or reports serialized wgmma (C7512), a kernel spills more than
 --max-spill bytes (default 128: dilated_window's per-element int64 modulo spills 28-72 B at D >= 128,
@@ -103,8 +103,8 @@ def main() -> int:
     parser.add_argument("--dtypes", nargs="*", default=["bf16", "f16"])
     parser.add_argument("--schedule", choices=SCHEDULES, help="force the consumers' schedule")
     parser.add_argument("--persistent", action="store_true", help="persistent programs (PlanOptions(gluon_persistent))")
-    parser.add_argument("--softmax-under-pv", action="store_true",
-                        help="P V reads P from shared memory (PlanOptions(gluon_softmax_under_pv))")
+    parser.add_argument("--weights-under-pv", action="store_true",
+                        help="P V reads P from shared memory (PlanOptions(gluon_weights_under_pv))")
     parser.add_argument("--aot", action="store_true", help="the AOT build's argument types (i64 sizes, strides)")
     parser.add_argument("--stats", action="store_true", help="print kernel_stats' instruction counts per kernel")
     parser.add_argument("--max-spill", type=int, default=128, help="spill bytes (stores + loads) a kernel may have")
@@ -120,7 +120,7 @@ def main() -> int:
                     plan = plan_kernel(with_dtype(spec, dtype), Target("triton", "cuda", 90), d, dv,
                                        PlanOptions(gluon=True, warpgroup_schedule=args.schedule,
                                                    gluon_persistent=args.persistent or None,
-                                                   gluon_softmax_under_pv=args.softmax_under_pv or None))
+                                                   gluon_weights_under_pv=args.weights_under_pv or None))
                     w = plan.warpgroups
                     label = f"{spec.name:18s} {dtype:4s} D={d:3d} DV={dv:3d}"
                     if w.path != "gluon":
@@ -135,7 +135,7 @@ def main() -> int:
                     ok &= r["spills"] <= args.max_spill and not r["warnings"] and not r["key_loop_local"]
                     print(f"{'ok  ' if r['spills'] == 0 else 'SPILL'} {label}  {w.layout.schedule} "
                           f"BN={w.layout.block_n} stages={w.layout.stages} overlap={w.layout.overlap} "
-                          f"under-pv={w.layout.softmax_under_pv}  regs={r['regs']} "
+                          f"under-pv={w.layout.weights_under_pv}  regs={r['regs']} "
                           f"setmaxnreg={r['setmaxnreg']} spills={r['spills']} B stack={r['stack']} B "
                           f"smem={r['shared']} B key-loop LDL+STL={r['key_loop_local']}", flush=True)
                     for line in r["warnings"]:

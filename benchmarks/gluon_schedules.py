@@ -6,11 +6,11 @@ workloads, in one process on the same inputs, each output checked against cuDNN'
   without overlap);
 - `--persistent`: a program per 128-row query tile against persistent programs (PlanOptions(gluon_persistent=True),
   a program per SM over the work tiles), on the dense and causal rows at S = 1k / 4k / 16k;
-- `--softmax-under-pv`: the default layout against PlanOptions(gluon_softmax_under_pv=True) (P V reads P from shared
+- `--weights-under-pv`: the default layout against PlanOptions(gluon_weights_under_pv=True) (P V reads P from shared
   memory and is waited for a step later, so the weights of a tile run under the last tile's P V: benchmarks/NOTES.md,
   issue 13), each with the default's choice of programs (persistent for causal), on the same rows.
 
-    python3 benchmarks/gluon_schedules.py [--persistent | --softmax-under-pv] [--only REGEX] [--out DIR]
+    python3 benchmarks/gluon_schedules.py [--persistent | --weights-under-pv] [--only REGEX] [--out DIR]
     # sm_90 GPU, Triton 3.6"""
 import argparse
 
@@ -22,7 +22,7 @@ SCHEDULE_VARIANTS = {f"attnc-gluon-{s}": PlanOptions(gluon=True, warpgroup_sched
 PERSISTENT_VARIANTS = {"attnc-gluon": PlanOptions(gluon=True, gluon_persistent=False),
                        "attnc-gluon-persistent": PlanOptions(gluon=True, gluon_persistent=True)}
 UNDER_PV_VARIANTS = {"attnc-gluon": PlanOptions(gluon=True),
-                     "attnc-gluon-under-pv": PlanOptions(gluon=True, gluon_softmax_under_pv=True)}
+                     "attnc-gluon-under-pv": PlanOptions(gluon=True, gluon_weights_under_pv=True)}
 
 
 def gluon_makers(variants: dict):
@@ -42,14 +42,14 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results")
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--persistent", action="store_true", help="one-tile against persistent programs")
-    mode.add_argument("--softmax-under-pv", action="store_true", help="P in registers against P in shared memory")
+    mode.add_argument("--weights-under-pv", action="store_true", help="P in registers against P in shared memory")
     ap.add_argument("--only", help="regex over attnc bench's workloads (default: dense and causal at 4k and 16k, "
-                                   "with --persistent or --softmax-under-pv at 1k, 4k and 16k)")
+                                   "with --persistent or --weights-under-pv at 1k, 4k and 16k)")
     args = ap.parse_args()
     if args.persistent:
         variants, name, prefix = PERSISTENT_VARIANTS, "gluon_persistent", "gluon-persistent-"
-    elif args.softmax_under_pv:
-        variants, name, prefix = UNDER_PV_VARIANTS, "gluon_softmax_under_pv", "gluon-under-pv-"
+    elif args.weights_under_pv:
+        variants, name, prefix = UNDER_PV_VARIANTS, "gluon_weights_under_pv", "gluon-under-pv-"
     else:
         variants, name, prefix = SCHEDULE_VARIANTS, "gluon_schedules", "gluon-schedules-"
     only = args.only or (r"^(dense|causal) S=(4096|16384)$" if variants is SCHEDULE_VARIANTS

@@ -203,8 +203,8 @@ def test_persistent_leaves_expanded_heads_to_the_template_gpu(gluon_launches):
     ("causal_lm", 64, True), ("causal_lm", 128, True), ("causal_lm", 128, False),  # persistent: causal's default
     ("gqa_causal", 128, True), ("gqa_causal", 128, False),
 ])
-def test_softmax_under_pv_gpu(name, d, persistent, dtype, m, n, gluon_launches):
-    """PlanOptions(gluon_softmax_under_pv=True): P V reads P from two shared buffers per consumer and is waited for
+def test_weights_under_pv_gpu(name, d, persistent, dtype, m, n, gluon_launches):
+    """PlanOptions(gluon_weights_under_pv=True): P V reads P from two shared buffers per consumer and is waited for
     a step later (benchmarks/NOTES.md, issue 13). A buffer overwritten before its P V ran, a slot released early or
     twice, or the last P V lost shows as a wrong or NaN row against the reference; the layout the launch ran is
     checked to have the option on."""
@@ -215,9 +215,9 @@ def test_softmax_under_pv_gpu(name, d, persistent, dtype, m, n, gluon_launches):
     q, k, v = qkv(spec, sizes, "cuda")
     kwargs = example_kwargs(spec, sizes, "cuda")
     kernel = attnc.compile(spec, options=PlanOptions(gluon=True, gluon_persistent=persistent,
-                                                     gluon_softmax_under_pv=True))
+                                                     gluon_weights_under_pv=True))
     got = kernel(q, k, v, **kwargs)
     assert_matches(spec, got, attnc.reference(spec, q, k, v, **kwargs))
     assert gluon_launches == [True], "the launch ran the Gluon kernel"
     layout = kernel.plan(q.device, d).warpgroups.layout
-    assert layout.softmax_under_pv and layout.persistent == persistent
+    assert layout.weights_under_pv and layout.persistent == persistent

@@ -44,13 +44,13 @@ PERSISTENT_CASES = [
     ("mla_prefill_gluon_persistent_sm90.py", "mla_dv.attn", "mla_prefill", Target("triton", "cuda", 90), 192),
 ]
 PERSISTENT = PlanOptions(gluon=True, gluon_persistent=True)
-# Its softmax under P V (PlanOptions(gluon_softmax_under_pv=True)): P through two shared buffers per consumer, the wait
+# Its softmax under P V (PlanOptions(gluon_weights_under_pv=True)): P through two shared buffers per consumer, the wait
 # for P V at the step after next; one-tile and persistent programs (the latter's out through Q's buffer then).
 UNDER_PV_CASES = [
     ("causal_lm_gluon_under_pv_sm90.py", "causal.attn", "causal_lm", Target("triton", "cuda", 90), 128,
-     PlanOptions(gluon=True, gluon_persistent=False, gluon_softmax_under_pv=True)),
+     PlanOptions(gluon=True, gluon_persistent=False, gluon_weights_under_pv=True)),
     ("causal_lm_gluon_persistent_under_pv_sm90.py", "causal.attn", "causal_lm", Target("triton", "cuda", 90), 128,
-     PlanOptions(gluon=True, gluon_persistent=True, gluon_softmax_under_pv=True)),
+     PlanOptions(gluon=True, gluon_persistent=True, gluon_weights_under_pv=True)),
 ]
 
 

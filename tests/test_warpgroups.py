@@ -506,27 +506,27 @@ def test_persistent_programs_take_no_expanded_heads():
         assert launcher.covers(bind(plan.spec, odd, k[:1].contiguous(), v[:1].contiguous(), {})) == covered
 
 
-UNDER_PV = replace(GLUON, gluon_softmax_under_pv=True)
+UNDER_PV = replace(GLUON, gluon_weights_under_pv=True)
 
 
 @pytest.mark.parametrize("name, d, persistent", [("causal_lm", 128, False), ("causal_lm", 128, True),
                                                  ("causal_lm", 64, True), ("dense", 64, False),
                                                  ("gqa_causal", 128, False)])
-def test_softmax_under_pv_fits_beside_the_ring(name, d, persistent):
-    """PlanOptions(gluon_softmax_under_pv=True) where the layout overlaps: two P buffers per consumer's rows join Q
+def test_weights_under_pv_fits_beside_the_ring(name, d, persistent):
+    """PlanOptions(gluon_weights_under_pv=True) where the layout overlaps: two P buffers per consumer's rows join Q
     and the ring in shared memory (the ring keeps its stages at D <= 128; persistent out keeps a buffer of its own
     only where it still fits: D = 64)."""
     plan = _plan(name, d=d, options=replace(UNDER_PV, gluon_persistent=persistent))
     w, t = plan.warpgroups.layout, plan.tiling
-    assert w.softmax_under_pv and w.overlap and w.persistent == persistent
+    assert w.weights_under_pv and w.overlap and w.persistent == persistent
     assert w.stages == _plan(name, d=d, options=replace(GLUON, gluon_persistent=persistent)).warpgroups.layout.stages
     shared = (w.block_m * t.block_d + w.stages * w.block_n * (t.block_d + t.block_dv) + 2 * w.block_m * w.block_n) * 2
     assert shared + BARRIER_BYTES <= smem_capacity(90)
     assert w.out_buffer == (persistent and shared + BARRIER_BYTES + w.block_m * t.block_dv * 2 <= smem_capacity(90))
-    assert "softmax under P V" in gluon.plan_line(plan)
+    assert "weights under P V" in gluon.plan_line(plan)
 
 
-def test_softmax_under_pv_needs_the_overlap_and_room_for_p():
+def test_weights_under_pv_needs_the_overlap_and_room_for_p():
     """D = 256 (DV > 128) does not overlap QK^T and P V, and MLA's D = 192 has no room for P beside two stages: the
     option leaves them as they were."""
     for name, d, dv in (("dense", 256, 256), ("mla_prefill", 192, 128)):
@@ -535,7 +535,7 @@ def test_softmax_under_pv_needs_the_overlap_and_room_for_p():
 
 
 @pytest.mark.parametrize("persistent", [False, True])
-def test_softmax_under_pv_waits_for_p_v_a_step_later(persistent):
+def test_weights_under_pv_waits_for_p_v_a_step_later(persistent):
     """In the key loop the wait for the last step's P V comes after the v_ready wait (a branch ptxas does not move
     it across) and before the weights' QK^T wait, releasing the slot of the tile before last (none in the first
     two steps); P goes to the buffer the in-flight P V does not read, fenced, and a thread barrier precedes the P V
@@ -557,8 +557,8 @@ def test_softmax_under_pv_waits_for_p_v_a_step_later(persistent):
 
 
 def test_the_gpu_ab_times_p_in_registers_against_shared_memory():
-    """benchmarks/gluon_schedules.py --softmax-under-pv: cuDNN, the template, the Gluon kernel as it is and with
-    PlanOptions(gluon_softmax_under_pv=True)."""
+    """benchmarks/gluon_schedules.py --weights-under-pv: cuDNN, the template, the Gluon kernel as it is and with
+    PlanOptions(gluon_weights_under_pv=True)."""
     import sys
     from pathlib import Path
 
@@ -568,4 +568,4 @@ def test_the_gpu_ab_times_p_in_registers_against_shared_memory():
     makers = gluon_schedules.gluon_makers(gluon_schedules.UNDER_PV_VARIANTS)(None, None, None, None, {}, {})
     assert list(makers) == ["sdpa-cudnn", "attnc", "attnc-gluon", "attnc-gluon-under-pv"]
     layouts = [_plan(options=o).warpgroups.layout for o in gluon_schedules.UNDER_PV_VARIANTS.values()]
-    assert [w.softmax_under_pv for w in layouts] == [False, True]
+    assert [w.weights_under_pv for w in layouts] == [False, True]

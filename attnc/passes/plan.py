@@ -45,11 +45,11 @@ class PlanOptions:
     # its programs: True persistent (one per SM, each looping over work tiles; passes/warpgroups.py), False one
     # program per 128-row query tile; None: persistent where the mask leaves tiles unequal work (causal), as measured
     gluon_persistent: bool | None = None
-    # its softmax under P V: P goes through shared memory (two buffers a consumer), so a consumer waits for P V of
+    # its weights (the softmax) under P V: P goes through shared memory (two buffers a consumer), so a consumer waits for P V of
     # tile j-1 at the start of tile j+1 and its weights of tile j run while that P V does (ptxas otherwise waits for
     # it before the weights: benchmarks/NOTES.md, issue 13); where the layout overlaps (passes/warpgroups.py); False
     # or None: P in registers (the default until a GPU run shows it right and faster)
-    gluon_softmax_under_pv: bool | None = None
+    gluon_weights_under_pv: bool | None = None
     # the prefill's QK^T (the Triton template's and the Gluon kernel's) over D's power-of-two chunks (192 = 128 +
     # 64: passes/tiling.py head_dim_chunks); False pads D to a power of two as the other kernels do; None: chunks
     # where D has them
@@ -253,7 +253,7 @@ class WarpgroupLayout:
     cooperative: one partition whose two warpgroups share every step.
     overlap: within a consumer, QK^T of tile j+1 and P V of tile j are in flight while the weights of j+1 are
     computed (both MMAs async wgmma); without it each async MMA is waited for at once. With P in registers ptxas
-    moves the wait for P V ahead of the weights (SASS, benchmarks/NOTES.md issue 13); softmax_under_pv keeps it after.
+    moves the wait for P V ahead of the weights (SASS, benchmarks/NOTES.md issue 13); weights_under_pv keeps it after.
     persistent: one program per SM, each stepping through work tiles (batch, head, query tile) of a static
     schedule: units of two query tiles of a head (k and the k-th from the end: equal work under a causal mask), dealt
     to the programs in turn, in sections of heads whose K and V fit in L2 (FlashAttention-3's); the ring's phases run
@@ -276,9 +276,9 @@ class WarpgroupLayout:
     # persistent only, where shared memory holds it: out leaves through a buffer of its own, not Q's, so a
     # consumer's next Q loads during its epilogue (released after its last QK^T, not after its out store)
     out_buffer: bool = False
-    # overlap only (PlanOptions.gluon_softmax_under_pv): P V reads P from shared memory (two buffers a consumer), so the
+    # overlap only (PlanOptions.gluon_weights_under_pv): P V reads P from shared memory (two buffers a consumer), so the
     # wait for P V of tile j-1 moves to the start of tile j+1 and the weights of tile j run under it
-    softmax_under_pv: bool = False
+    weights_under_pv: bool = False
 
     @property
     def rows_per_consumer(self) -> int:

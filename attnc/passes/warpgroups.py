@@ -122,10 +122,10 @@ def choose_layout(plan: KernelPlan, persistent: bool) -> WarpgroupLayout:
     def shared(stages: int, extra: int) -> int:  # Q, the ring, `extra` bytes and the mbarriers
         return smem_bytes(block_m, block_n, columns, t.block_dv, stages, bytes_per) + extra + BARRIER_BYTES
 
-    # The softmax under P V (where the layout overlaps and its P buffers fit beside two stages: not MLA's D = 192):
+    # The weights under P V (where the layout overlaps and its P buffers fit beside two stages: not MLA's D = 192):
     # P in shared memory, two buffers per consumer's rows
     p_bytes = 2 * block_m * block_n * bytes_per
-    under_pv = bool(plan.options.gluon_softmax_under_pv) and overlap \
+    under_pv = bool(plan.options.gluon_weights_under_pv) and overlap \
         and shared(2, p_bytes) <= smem_capacity(plan.target.arch)
     p_bytes = p_bytes if under_pv else 0
     # The ring: the most stages that fit beside Q, up to MAX_STAGES, and at most RING_BYTES of K and V in flight
@@ -143,7 +143,7 @@ def choose_layout(plan: KernelPlan, persistent: bool) -> WarpgroupLayout:
     # cooperative: one consumer partition whose 8 warps (two warpgroups) share the 128 rows of every step
     consumers, warps = (1, 8) if schedule == "cooperative" else (2, 4)
     layout = WarpgroupLayout(block_m, block_n, stages, consumers, warps, schedule, overlap, chunks,
-                             softmax_under_pv=under_pv)
+                             weights_under_pv=under_pv)
     if persistent:
         # Persistent programs: every partition finds each work tile's key range itself, and the scalars the
         # partitions share (sizes, strides, the mask bounds' terms) are computed once before they split and stay live

@@ -56,7 +56,7 @@ def plan_line(plan: KernelPlan) -> str:
     return (f"gluon/sm_{plan.target.arch} {plan.dtype} D={plan.head_dim} DV={plan.value_dim}; BM={w.block_m} "
             f"BN={w.block_n} stages={w.stages}; {w.consumers}x{w.consumer_warps} consumer warps {w.schedule}"
             f"{' overlapped' if w.overlap else ''}"
-            + (", softmax under P V (P in shared memory)" if w.softmax_under_pv else "")
+            + (", weights under P V (P in shared memory)" if w.weights_under_pv else "")
             + f" + {w.producer_warps} producer warp"
             + (f"; QK^T over D's chunks {'+'.join(map(str, w.d_chunks))}" if len(w.d_chunks) > 1 else "")
             + ("; persistent: a program per SM over the work tiles" if w.persistent else "")
