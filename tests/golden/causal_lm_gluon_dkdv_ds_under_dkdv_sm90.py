@@ -149,61 +149,64 @@ def consume(
         after = 0 + 1
         mbarrier.wait(q_ready.index(after % STAGES), (after // STAGES) & 1, pred=m_start + 1 < m_end)
         mbarrier.wait(do_ready.index(after % STAGES), (after // STAGES) & 1, pred=m_start + 1 < m_end)
-        for m in range(m_start, m_end):
+        for m in range(m_start, m_end - 1):
             n = m - m_start
             slot = n % STAGES
+            ahead = (n + 1) % STAGES  # tile m + 1's Q and dO are in (stash_grads waited)
+            i_row = (m + 1) * BLOCK_M + offs_m
+            row_valid = i_row < sz_M
+            exact_lo = gl.zeros([BLOCK_M], tl.int64, ROW)
+            exact_hi = gl.zeros([BLOCK_M], tl.int64, ROW) + sz_N
+            x2 = i_row.to(tl.int64) + tl.cast(x0, tl.int64)
+            x3 = x2.to(tl.int64) + 1
+            exact_hi = tl.minimum(exact_hi, x3)
+            exact_lo = tl.minimum(exact_lo, sz_N).to(tl.int32)
+            exact_hi = tl.maximum(exact_hi, 0).to(tl.int32)
+            hull_lo = exact_lo
+            hull_hi = exact_hi
+            lse = gl.load(lse_head + i_row * s_lm, mask=row_valid, other=-INF)
+            delta = gl.load(delta_head + i_row * s_dem, mask=row_valid, other=0.0)
+            full = (tl.min((row_valid & (exact_lo <= key_first) & (exact_hi >= key_first + BLOCK_N)).to(tl.int32), 0) > 0)
             gl.thread_barrier()  # every thread's part of tile m's P^T and dS^T is in shared memory (fenced)
-            if m + 1 < m_end:
-                ahead = (n + 1) % STAGES  # its Q and dO are in (stash_grads waited)
-                i_row = (m + 1) * BLOCK_M + offs_m
-                row_valid = i_row < sz_M
-                exact_lo = gl.zeros([BLOCK_M], tl.int64, ROW)
-                exact_hi = gl.zeros([BLOCK_M], tl.int64, ROW) + sz_N
-                x2 = i_row.to(tl.int64) + tl.cast(x0, tl.int64)
-                x3 = x2.to(tl.int64) + 1
-                exact_hi = tl.minimum(exact_hi, x3)
-                exact_lo = tl.minimum(exact_lo, sz_N).to(tl.int32)
-                exact_hi = tl.maximum(exact_hi, 0).to(tl.int32)
-                hull_lo = exact_lo
-                hull_hi = exact_hi
-                lse = gl.load(lse_head + i_row * s_lm, mask=row_valid, other=-INF)
-                delta = gl.load(delta_head + i_row * s_dem, mask=row_valid, other=0.0)
-                full = (tl.min((row_valid & (exact_lo <= key_first) & (exact_hi >= key_first + BLOCK_N)).to(tl.int32), 0) > 0)
-                qk = warpgroup_mma(k_smem, q_bufs.index(ahead).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-                dp = warpgroup_mma(v_smem, do_bufs.index(ahead).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-                dv = warpgroup_mma(prob_bufs.index(CONSUMER * 2 + n % 2), do_bufs.index(slot), dv, is_async=True)
-                dk = warpgroup_mma(dscore_bufs.index(CONSUMER * 2 + n % 2), q_bufs.index(slot), dk, is_async=True)
-                # wgmma groups retire in order: tile m + 1's S^T and dP^T are done, dV and dK of tile m run on
-                qk, dp = warpgroup_mma_wait(2, deps=[qk, dp])
-                lse2 = tl.where(lse == -INF, INF, lse * LOG2E)  # a row that kept nothing: every p is 0
-                if full:
-                    x4 = qk * 0.12751743082459868
-                    s = x4
-                    p = ex2_approx(s - lse2[None, :])
-                    ds = p * (dp - delta[None, :])
-                    dqk = ds * 0.08838834764831843
-                else:
-                    x5 = qk * 0.12751743082459868
-                    s = x5
-                    keep = (j_col[:, None] >= exact_lo[None, :]) & (j_col[:, None] < exact_hi[None, :]) & row_valid[None, :]
-                    s = tl.where(keep, s, -INF)
-                    p = ex2_approx(s - lse2[None, :])
-                    ds = p * (dp - delta[None, :])
-                    dqk = ds * 0.08838834764831843
-                    dqk = tl.where(keep, dqk, 0.0)  # where a key is masked, d score / d qk may be NaN and 0 times it too
-                grad = CONSUMER * 2 + ((n + 1)) % 2
-                prob_bufs.index(grad).store(p.to(DTYPE))
-                dscore_bufs.index(grad).store(dqk.to(DTYPE))
-                fence_async_shared()
-                after = (n + 1) + 1
-                mbarrier.wait(q_ready.index(after % STAGES), (after // STAGES) & 1, pred=(m + 1) + 1 < m_end)
-                mbarrier.wait(do_ready.index(after % STAGES), (after // STAGES) & 1, pred=(m + 1) + 1 < m_end)
-                dv, dk = warpgroup_mma_wait(0, deps=[dv, dk])
+            qk = warpgroup_mma(k_smem, q_bufs.index(ahead).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            dp = warpgroup_mma(v_smem, do_bufs.index(ahead).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            dv = warpgroup_mma(prob_bufs.index(CONSUMER * 2 + n % 2), do_bufs.index(slot), dv, is_async=True)
+            dk = warpgroup_mma(dscore_bufs.index(CONSUMER * 2 + n % 2), q_bufs.index(slot), dk, is_async=True)
+            # wgmma groups retire in order: tile m + 1's S^T and dP^T are done, dV and dK of tile m run on
+            qk, dp = warpgroup_mma_wait(2, deps=[qk, dp])
+            lse2 = tl.where(lse == -INF, INF, lse * LOG2E)  # a row that kept nothing: every p is 0
+            if full:
+                x4 = qk * 0.12751743082459868
+                s = x4
+                p = ex2_approx(s - lse2[None, :])
+                ds = p * (dp - delta[None, :])
+                dqk = ds * 0.08838834764831843
             else:
-                dv = warpgroup_mma(prob_bufs.index(CONSUMER * 2 + n % 2), do_bufs.index(slot), dv, is_async=True)
-                dk = warpgroup_mma(dscore_bufs.index(CONSUMER * 2 + n % 2), q_bufs.index(slot), dk, is_async=True)
-                dv, dk = warpgroup_mma_wait(0, deps=[dv, dk])
+                x5 = qk * 0.12751743082459868
+                s = x5
+                keep = (j_col[:, None] >= exact_lo[None, :]) & (j_col[:, None] < exact_hi[None, :]) & row_valid[None, :]
+                s = tl.where(keep, s, -INF)
+                p = ex2_approx(s - lse2[None, :])
+                ds = p * (dp - delta[None, :])
+                dqk = ds * 0.08838834764831843
+                dqk = tl.where(keep, dqk, 0.0)  # where a key is masked, d score / d qk may be NaN and 0 times it too
+            grad = CONSUMER * 2 + ((n + 1)) % 2
+            prob_bufs.index(grad).store(p.to(DTYPE))
+            dscore_bufs.index(grad).store(dqk.to(DTYPE))
+            fence_async_shared()
+            after = (n + 1) + 1
+            mbarrier.wait(q_ready.index(after % STAGES), (after // STAGES) & 1, pred=(m + 1) + 1 < m_end)
+            mbarrier.wait(do_ready.index(after % STAGES), (after // STAGES) & 1, pred=(m + 1) + 1 < m_end)
+            dv, dk = warpgroup_mma_wait(0, deps=[dv, dk])
             mbarrier.arrive(empty.index(slot), count=1)
+        # the last tile's dV and dK, nothing ahead
+        n = m_end - 1 - m_start
+        slot = n % STAGES
+        gl.thread_barrier()
+        dv = warpgroup_mma(prob_bufs.index(CONSUMER * 2 + n % 2), do_bufs.index(slot), dv, is_async=True)
+        dk = warpgroup_mma(dscore_bufs.index(CONSUMER * 2 + n % 2), q_bufs.index(slot), dk, is_async=True)
+        dv, dk = warpgroup_mma_wait(0, deps=[dv, dk])
+        mbarrier.arrive(empty.index(slot), count=1)
     # this query head's share of dK and dV (the launcher sums a GQA group's); keys past N are not written. The
     # consumer's keys start a scalar base, so the per-element offsets are int32 (64 keys of a row stride each)
     offs_d = gl.arange(0, BLOCK_D, layout=gl.SliceLayout(0, MMA_KV))
