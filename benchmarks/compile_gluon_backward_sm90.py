@@ -31,7 +31,7 @@ from attnc.passes.warpgroups import dkdv_shared_bytes, max_registers
 import kernel_stats
 from compile_gluon_sm90 import ptxas_figures
 
-SPECS = ("dense", "causal_lm", "gqa_causal", "sliding_window", "softcap", "sigmoid_attention", "dilated_window")
+SPECS = ("dense", "causal_lm", "gqa_causal", "sliding_window", "grok_softcap", "sigmoid_causal", "prefix_lm", "dilated_window")
 
 
 def compile_dkdv(plan, work: Path, gqa: bool):
