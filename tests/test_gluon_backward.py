@@ -72,6 +72,14 @@ def test_ds_under_dkdv_option(name, d):
     assert "prob_bufs" not in generate_gluon_dkdv(_plan(name, d))
 
 
+def test_ds_under_dkdv_keeps_three_stages_at_the_widest():
+    """Skewed, a consumer waits for tile m + 2's Q and dO before it releases tile m's slot: with 2 slots it would wait
+    for itself. D = 128 at 64 query rows, the most shared memory the option takes, still fits 3."""
+    plan = _plan("causal_lm", 128, options=replace(DS_UNDER_DKDV, gluon_backward_block_m=64))
+    layout = plan_backward(plan).gluon_dkdv
+    assert layout.stages == 3 and dkdv_shared_bytes(plan, layout) <= smem_capacity(90)
+
+
 def test_query_rows_option():
     assert plan_backward(_plan("causal_lm", options=PlanOptions(gluon_backward=True, gluon_backward_block_m=64))
                          ).gluon_dkdv.block_m == 64

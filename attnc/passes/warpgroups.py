@@ -254,7 +254,9 @@ a sink's gradient is attn_bwd_prep's);
                            f"got {block_m!r}")
     stages = DKDV_MAX_STAGES
     layout = DkdvLayout(block_m, DKDV_KEYS, stages, ds_under_dkdv=bool(plan.options.gluon_backward_ds_under_dkdv))
-    while stages > 2 and dkdv_shared_bytes(plan, layout) > smem_capacity(plan.target.arch):
+    # skewed (ds_under_dkdv), a consumer waits for tile m + 2's Q and dO before it releases tile m's slot: 3 slots
+    fewest = 3 if layout.ds_under_dkdv else 2
+    while stages > fewest and dkdv_shared_bytes(plan, layout) > smem_capacity(plan.target.arch):
         stages -= 1
         layout = replace(layout, stages=stages)
     return layout, (f"PlanOptions(gluon_backward=True): {layout.consumers} consumer warpgroups of "
