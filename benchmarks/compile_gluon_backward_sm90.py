@@ -3,9 +3,10 @@ without a GPU and print ptxas' registers, spills, the shared memory and, with --
 counts per loop (compare with the template's attn_bwd_dkdv: STATS=1 benchmarks/compile_backward_sm90.py). Needs
 Triton 3.6 (the GPU machine's):
 
-    PYTHONPATH=$PWD /tmp/venv36/bin/python benchmarks/compile_gluon_backward_sm90.py [--dims 64 128] [--stats] [SPEC...]
+    PYTHONPATH=$PWD /tmp/venv36/bin/python benchmarks/compile_gluon_backward_sm90.py [--dims 64 128] [--stats]
+        [--ds-under-dkdv] [--dump DIR] [SPEC...]
 
-Exit status 1 if a kernel fails to compile, spills, ptxas warns (serialized wgmma) or a spec that should have the
+Exit status 1 if a kernel fails to compile, spills, ptxas reports serialized wgmma (C7512/C7515) or a spec that should have the
 Gluon kernel falls back to the template."""
 import argparse
 import glob
@@ -30,7 +31,7 @@ from attnc.passes.warpgroups import dkdv_shared_bytes, max_registers
 import kernel_stats
 from compile_gluon_sm90 import ptxas_figures
 
-SPECS = ("dense", "causal_lm", "gqa_causal", "sliding_window", "softcap", "sigmoid_attention", "dilated_window")
+SPECS = ("dense", "causal_lm", "gqa_causal", "sliding_window", "grok_softcap", "sigmoid_causal", "prefix_lm", "dilated_window")
 
 
 def compile_dkdv(plan, work: Path, gqa: bool):
@@ -55,17 +56,22 @@ def main() -> int:
     parser.add_argument("--dims", type=int, nargs="*", default=[64, 128])
     parser.add_argument("--stats", action="store_true", help="print kernel_stats' instruction counts per kernel")
     parser.add_argument("--block-m", type=int, help="query rows per ring slot (PlanOptions.gluon_backward_block_m)")
+    parser.add_argument("--ds-under-dkdv", action="store_true",
+                        help="P^T and dS^T of the next tile under dV and dK (PlanOptions.gluon_backward_ds_under_dkdv)")
+    parser.add_argument("--dump", help="folder for the generated sources, PTX and SASS")
     args = parser.parse_args()
     ok = True
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
+        work = Path(args.dump or tmp)
+        work.mkdir(parents=True, exist_ok=True)
         for name in args.specs:
             spec = next(s for p in glob.glob("examples/specs/*.attn") for s in attnc.parse_file(p) if s.name == name)
             spec = replace(spec, returns_lse=True)
             for d in [spec.dim_values["D"]] if "D" in spec.dim_values else args.dims:
                 dv = spec.dim_values.get("DV", d)
                 plan = plan_kernel(spec, Target("triton", "cuda", 90), d, dv,
-                                  PlanOptions(gluon_backward=True, gluon_backward_block_m=args.block_m))
+                                  PlanOptions(gluon_backward=True, gluon_backward_block_m=args.block_m,
+                                              gluon_backward_ds_under_dkdv=args.ds_under_dkdv or None))
                 bp = plan_backward(plan)
                 label = f"{name:18s} {plan.dtype:4s} D={d:3d} DV={dv:3d}"
                 if bp.gluon_dkdv is None:
@@ -79,7 +85,10 @@ def main() -> int:
                     continue
                 if args.stats:
                     kernel_stats.report(label, compiled)
-                r = ptxas_figures(compiled, work / f"{name}_{d}.ptx")
+                ptx = work / f"{name}_{d}.ptx"
+                r = ptxas_figures(compiled, ptx)
+                if args.dump:
+                    ptx.with_suffix(".sass").write_text(kernel_stats.full_sass(compiled.asm["cubin"]))
                 ok &= r["spills"] == 0 and not r["warnings"]
                 print(f"{'ok  ' if r['spills'] == 0 else 'SPILL'} {label}  BM={bp.gluon_dkdv.block_m} "
                       f"stages={bp.gluon_dkdv.stages} "

@@ -7,7 +7,10 @@ kernels alone (the forward runs once, outside the timer). One call of the device
 
 `--gluon` also times, first and in the same process, the Gluon dK/dV kernel (PlanOptions(gluon_backward=True); kernel
 "gluon", both modes, dQ by the dQ kernel, 32 and 64 query rows per slot: gluon_backward_block_m) and the default
-backward of today's BACKWARD_TUNED (kernel "template").
+backward of today's BACKWARD_TUNED (kernel "template"). `--ds-under-dkdv` is that A/B alone, no tile sweep: per
+workload the template's default (both modes), the Gluon kernel at the pass's query rows and the same with
+PlanOptions(gluon_backward_ds_under_dkdv=True) (kernel "gluon-ds"; P^T and dS^T of the next tile under dV and dK),
+the Gluon rows in the atomic mode only (their dQ is the dQ kernel's in both modes).
 Results stream to <out>/sweep-backward.jsonl; the best correct config per (workload, kernel) is printed last.
 TFLOP/s count the backward as attnc.bench.BACKWARD_FLOPS times the forward. The winners go into BACKWARD_TUNED
 by hand.
@@ -35,6 +38,7 @@ from attnc.backends.triton.gradients import BackwardLauncher
 from attnc.bench import BACKWARD_FLOPS, error_text, kept_pairs, log_row, prefill_workloads, sweep_parser
 from attnc.dsl.signature import bind
 from attnc.passes import PlanOptions, plan_kernel, tiling
+from attnc.passes.grad import plan_backward
 from attnc.passes.plan import TileConfig
 
 # (block_m, block_n, num_warps, num_stages) per head dim, most promising first; the first is today's row (round 2,
@@ -53,6 +57,7 @@ DQ = {
 }
 NAMES = r"^(dense S=4096|causal S=4096|causal D=64 .*|causal D=256 .*)$"
 CHECK_TOL = 3e-2  # relative Frobenius error of dq, dk, dv against float32 (bf16 inputs)
+GLUON_AB = ("template", "gluon", "gluon-ds")  # the default's rows: today's table, the Gluon kernel beside it
 
 
 def reference_grads(w, q, k, v, dout) -> list[torch.Tensor]:
@@ -122,7 +127,10 @@ def run(args) -> list[dict]:
         trials += [("dq", default_dkdv, c, True) for c in DQ[w.D]]
         trials = [("baseline", default_dkdv, default_dq, d, m) for m in args.baseline for d in (False, True)] + [
             (*t, None) for t in trials]
-        if args.gluon:  # the Gluon dK/dV kernel first, then the template's default row (the first "dkdv" trial)
+        if args.ds_under_dkdv:  # the A/B alone
+            trials = [("template", default_dkdv, default_dq, d, None) for d in (False, True)] + [
+                (kernel, default_dkdv, default_dq, False, None) for kernel in ("gluon", "gluon-ds")]
+        elif args.gluon:  # the Gluon dK/dV kernel first, then the template's default row (the first "dkdv" trial)
             trials = [("gluon", default_dkdv, default_dq, d, rows) for rows in (32, 64) for d in (False, True)] + [
                 ("template", default_dkdv, default_dq, d, None) for d in (False, True)] + trials
         # variant: a baseline's directory of modules, or the Gluon kernel's query rows per ring slot
@@ -133,7 +141,7 @@ def run(args) -> list[dict]:
             row = {"workload": w.name, "D": w.D, "kernel": kernel, "deterministic": deterministic,
                    "dkdv": list(dkdv), "dq": list(dq)}
             # "gluon" and "template": today's table (its dq_kernel flag too), the Gluon kernel against the default
-            tiling.BACKWARD_TUNED = original if kernel in ("gluon", "template") else with_row(w.D, dkdv, dq)
+            tiling.BACKWARD_TUNED = original if kernel in GLUON_AB else with_row(w.D, dkdv, dq)
             try:
                 if kernel == "baseline":
                     row["modules"] = Path(variant).name
@@ -141,10 +149,12 @@ def run(args) -> list[dict]:
                     # modules written before DKDV_HEADS loop over a GQA group in one program per K/V head
                     module.DKDV_HEADS = getattr(module, "DKDV_HEADS", "HKV")
                     backward = BackwardLauncher(plan, module)
-                elif kernel == "gluon":
-                    row["block_m"] = variant
-                    options = PlanOptions(gluon_backward=True, gluon_backward_block_m=variant)
-                    backward = backend.build_backward(plan_for(w, plan.target, options)[1])
+                elif kernel in ("gluon", "gluon-ds"):
+                    options = PlanOptions(gluon_backward=True, gluon_backward_block_m=variant,
+                                          gluon_backward_ds_under_dkdv=kernel == "gluon-ds" or None)
+                    gluon_plan = plan_for(w, plan.target, options)[1]
+                    row["block_m"] = variant or plan_backward(gluon_plan).gluon_dkdv.block_m
+                    backward = backend.build_backward(gluon_plan)
                     # whether this launch runs the Gluon kernel, not the template's it falls back to
                     row["gluon_ran"] = bool(backward.gluon_dkdv and backward.gluon_dkdv.covers(q, k, v, dout, lse))
                 else:
@@ -175,6 +185,8 @@ def main() -> None:
     ap.add_argument("--write-baseline", default=None, help="write this tree's modules for the workloads; no GPU")
     ap.add_argument("--gluon", action="store_true",
                     help="time the Gluon dK/dV kernel too (PlanOptions(gluon_backward))")
+    ap.add_argument("--ds-under-dkdv", action="store_true",
+                    help="only the A/B: template, Gluon, Gluon with PlanOptions(gluon_backward_ds_under_dkdv)")
     args = ap.parse_args()
     if args.write_baseline:
         write_baseline(args)
@@ -187,8 +199,8 @@ def main() -> None:
         ok = sorted((r for r in mine if "tflops" in r), key=lambda r: -r["tflops"])
         def label(r):
             mode = "det" if r["deterministic"] else "atomic"
-            if kernel in ("gluon", "template"):
-                return f"{kernel}{'-' + str(r['block_m']) if kernel == 'gluon' else ''}:{mode}"
+            if kernel in GLUON_AB:
+                return f"{kernel}{'-' + str(r['block_m']) if kernel != 'template' else ''}:{mode}"
             return f"{r['modules']}:{mode}" if kernel == "baseline" else r[kernel]
 
         line = ", ".join(f"{label(r)}={r['tflops']:.0f}" for r in ok)

@@ -35,6 +35,7 @@ PADDED = _spec("""attention padded_sink {
 }""")
 EXAMPLES = {**EXAMPLES, PADDED.name: PADDED}
 GLUON_BACKWARD = PlanOptions(gluon_backward=True)
+DS_UNDER_DKDV = PlanOptions(gluon_backward=True, gluon_backward_ds_under_dkdv=True)
 
 
 def _plan(name, d=128, target=HOPPER, options=GLUON_BACKWARD, dtype="bf16"):
@@ -53,6 +54,30 @@ def test_asked_for_it_runs_within_shared_memory(name, d):
     assert bp.dq_by_kernel(False), "dQ is the dQ kernel's beside the Gluon dK/dV kernel"
     assert dkdv_shared_bytes(plan, bp.gluon_dkdv) <= smem_capacity(90)
     assert bp.gluon_dkdv.keys_per_consumer == 64  # wgmma's M per warpgroup
+
+
+@pytest.mark.parametrize("name", ["causal_lm", "dense", "gqa_causal", "sliding_window", "prefix_lm"])
+@pytest.mark.parametrize("d", [64, 128])
+def test_ds_under_dkdv_option(name, d):
+    """PlanOptions(gluon_backward_ds_under_dkdv): two P^T and two dS^T buffers per consumer beside the same ring,
+    within shared memory; the source waits for S^T and dP^T with dV and dK in flight; without it, neither."""
+    plan = _plan(name, d, options=DS_UNDER_DKDV)
+    layout, default = plan_backward(plan).gluon_dkdv, plan_backward(_plan(name, d)).gluon_dkdv
+    assert layout.ds_under_dkdv and not default.ds_under_dkdv and layout.stages == default.stages
+    grads = 2 * 2 * layout.block_n * layout.block_m * 2  # bf16
+    assert dkdv_shared_bytes(plan, layout) == dkdv_shared_bytes(plan, default) + grads <= smem_capacity(90)
+    source = generate_gluon_dkdv(plan)
+    compile(source, "gluon_dkdv", "exec")
+    assert "qk, dp = warpgroup_mma_wait(2, deps=[qk, dp])" in source and "prob_bufs.index(grad).store" in source
+    assert "prob_bufs" not in generate_gluon_dkdv(_plan(name, d))
+
+
+def test_ds_under_dkdv_keeps_three_stages_at_the_widest():
+    """Skewed, a consumer waits for tile m + 2's Q and dO before it releases tile m's slot: with 2 slots it would wait
+    for itself. D = 128 at 64 query rows, the most shared memory the option takes, still fits 3."""
+    plan = _plan("causal_lm", 128, options=replace(DS_UNDER_DKDV, gluon_backward_block_m=64))
+    layout = plan_backward(plan).gluon_dkdv
+    assert layout.stages == 3 and dkdv_shared_bytes(plan, layout) <= smem_capacity(90)
 
 
 def test_query_rows_option():
@@ -128,14 +153,14 @@ def _needs_hopper():
         pytest.skip(why)
 
 
-def _check(name, m, n, d, deterministic, dtype="bf16", hkv=None, strided_dout=False):
+def _check(name, m, n, d, deterministic, dtype="bf16", hkv=None, strided_dout=False, options=GLUON_BACKWARD):
     """The backward of one call planned with the Gluon dK/dV kernel against the reference; NaN-poisoned buffers."""
     spec = with_dtype(EXAMPLES[name], dtype)
     q, k, v, kwargs = call_inputs(spec, m, n, dtype, "cuda", d, hkv=hkv)
     full = replace(spec, returns_lse=True)
     bound = bind(full, q, k, v, kwargs)
     backend = get_backend("triton")
-    plan = plan_kernel(full, backend.target(q.device), bound.sizes["D"], bound.sizes["DV"], GLUON_BACKWARD)
+    plan = plan_kernel(full, backend.target(q.device), bound.sizes["D"], bound.sizes["DV"], options)
     assert plan_backward(plan).gluon_dkdv is not None, plan_backward(plan).gluon_reason
     out, lse = backend.build(plan)(bound)
     # strided: a view made in out's dtype (a .to() after the slice would copy it into contiguous rows)
@@ -183,6 +208,23 @@ def test_long_and_short_sequences_gpu(m, n, gluon_launches):
     _check("causal_lm", m, n, 128, False)
     _check("gqa_causal", m, n, 128, False, hkv=1)
     assert gluon_launches == [True, True]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["bf16", "f16"])
+@pytest.mark.parametrize("name, d", [(n, d) for n in ("dense", "causal_lm", "gqa_causal") for d in (64, 128)])
+def test_ds_under_dkdv_gradients_gpu(name, d, dtype, monkeypatch):
+    """Skewed by a query tile (PlanOptions.gluon_backward_ds_under_dkdv): programs of 1, 2-3 (odd and even: the two
+    P^T / dS^T buffers alternate), 5 and 16-32 query tiles (the ring wraps), the first tile alone and the last with
+    nothing ahead; each launch ran the Gluon kernel with the option's layout."""
+    _needs_hopper()
+    layouts = []
+    call = gluon_backward.GluonDkdv.__call__
+    monkeypatch.setattr(gluon_backward.GluonDkdv, "__call__",
+                        lambda self, sizes, values: (layouts.append(self.layout), call(self, sizes, values))[1])
+    for m, n in ((32, 300), (77, 64), (160, 200), (1000, 1100)):
+        _check(name, m, n, d, False, dtype, options=DS_UNDER_DKDV)
+    assert len(layouts) == 4 and all(layout.ds_under_dkdv for layout in layouts)
 
 
 @pytest.mark.gpu

@@ -83,6 +83,11 @@ GLUON_BACKWARD_CASES = [
     ("sliding_window_gluon_dkdv_sm90.py", "sliding_window.attn", "sliding_window", Target("triton", "cuda", 90), 64),
 ]
 GLUON_BACKWARD = PlanOptions(gluon_backward=True)
+# ...skewed by a tile, P^T and dS^T of the next query tile computed under dV and dK (P^T, dS^T in shared memory)
+DS_UNDER_DKDV_CASES = [
+    ("causal_lm_gluon_dkdv_ds_under_dkdv_sm90.py", "causal.attn", "causal_lm", Target("triton", "cuda", 90), 128,
+     PlanOptions(gluon_backward=True, gluon_backward_ds_under_dkdv=True)),
+]
 
 
 def _source(file, name, target, d, kernel: str, options: PlanOptions) -> str:
@@ -112,10 +117,12 @@ def _source(file, name, target, d, kernel: str, options: PlanOptions) -> str:
                          + [c + ("gluon_decode", PlanOptions(gluon=True, mla_persistent=True))
                             for c in GLUON_DECODE_PERSISTENT_CASES]
                          + [c[:5] + ("gluon_decode", c[5]) for c in FP8_CONVERTER_CASES]
-                         + [c + ("gluon_dkdv", GLUON_BACKWARD) for c in GLUON_BACKWARD_CASES],
+                         + [c + ("gluon_dkdv", GLUON_BACKWARD) for c in GLUON_BACKWARD_CASES]
+                         + [c[:5] + ("gluon_dkdv", c[5]) for c in DS_UNDER_DKDV_CASES],
                          ids=[c[0] for c in CASES + GLUON_CASES + PERSISTENT_CASES + [c[:5] for c in UNDER_PV_CASES]
                               + GLUON_DECODE_CASES + GLUON_DECODE_PERSISTENT_CASES
-                              + [c[:5] for c in FP8_CONVERTER_CASES] + GLUON_BACKWARD_CASES])
+                              + [c[:5] for c in FP8_CONVERTER_CASES] + GLUON_BACKWARD_CASES
+                              + [c[:5] for c in DS_UNDER_DKDV_CASES]])
 def test_generated_source_matches_golden(golden, file, name, target, d, kernel, options, request):
     source = _source(file, name, target, d, kernel, options)
     compile(source, golden, "exec")  # it is valid Python

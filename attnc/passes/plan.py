@@ -60,6 +60,11 @@ class PlanOptions:
     gluon_backward: bool | None = None
     # its query rows per ring slot (32 or 64; A/B runs); None: the pass's choice (passes/warpgroups.py)
     gluon_backward_block_m: int | None = None
+    # its P^T and dS^T of query tile m + 1 computed while dV and dK of tile m run: a consumer issues S^T and dP^T of
+    # the next tile ahead of this tile's dV and dK, which read P^T and dS^T from shared memory (two buffers each);
+    # with them in registers ptxas waits for dP^T before the exponentials (benchmarks/NOTES.md, issue 12 bwdoverlap).
+    # False or None: one tile at a time, P^T and dS^T in registers (the default until a GPU run shows it faster)
+    gluon_backward_ds_under_dkdv: bool | None = None
     # Hopper, the Gluon MLA decode kernel over an FP8 latent (passes/latent_decode.py; A/B runs, not yet seen on a
     # GPU): the conflict-free converter, 8 e4m3 a thread (at 16, its stores conflict 2-way); None: 16 a thread,
     # unless one of the two options below asks for it
@@ -149,7 +154,8 @@ class DkdvLayout:
     query head, `consumers` warpgroups `block_n // consumers` of them each, with their dK and dV accumulators in
     registers; one producer warp TMA-loads K and V once, then each query tile's `block_m` rows of Q and dO into a
     ring of `stages` slots; per tile a consumer computes S^T = K Q^T and dP^T = V dO^T, then dV += P^T dO and
-    dK += dS^T Q, all by async wgmma (P^T and dS^T from registers). dQ is the dQ kernel's."""
+    dK += dS^T Q, all by async wgmma (P^T and dS^T from registers). dQ is the dQ kernel's. `ds_under_dkdv`: skewed by
+    a tile, P^T and dS^T of tile m + 1 are computed under dV and dK of tile m, which read them from shared memory."""
 
     block_m: int  # query rows per ring slot
     block_n: int  # keys per program, all consumers together
@@ -159,6 +165,7 @@ class DkdvLayout:
     producer_warps: int = 1
     producer_regs: int = 24
     consumer_regs: int = 240
+    ds_under_dkdv: bool = False
 
     @property
     def keys_per_consumer(self) -> int:

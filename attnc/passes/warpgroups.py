@@ -252,21 +252,23 @@ a sink's gradient is attn_bwd_prep's);
     if block_m not in DKDV_ROW_TILES:
         raise CompileError(f"gluon_backward_block_m must be one of {', '.join(map(str, DKDV_ROW_TILES))}, "
                            f"got {block_m!r}")
-    t = plan.tiling
-    bytes_per = DTYPE_BITS[plan.dtype] // 8
-    resident = DKDV_KEYS * (t.block_d + t.block_dv) * bytes_per  # K and V, loaded once
-    slot = block_m * (t.block_d + t.block_dv) * bytes_per  # a query tile's Q and dO
     stages = DKDV_MAX_STAGES
-    while stages > 2 and resident + stages * slot + BARRIER_BYTES > smem_capacity(plan.target.arch):
+    layout = DkdvLayout(block_m, DKDV_KEYS, stages, ds_under_dkdv=bool(plan.options.gluon_backward_ds_under_dkdv))
+    # skewed (ds_under_dkdv), a consumer waits for tile m + 2's Q and dO before it releases tile m's slot: 3 slots
+    fewest = 3 if layout.ds_under_dkdv else 2
+    while stages > fewest and dkdv_shared_bytes(plan, layout) > smem_capacity(plan.target.arch):
         stages -= 1
-    layout = DkdvLayout(block_m, DKDV_KEYS, stages)
+        layout = replace(layout, stages=stages)
     return layout, (f"PlanOptions(gluon_backward=True): {layout.consumers} consumer warpgroups of "
                     f"{layout.keys_per_consumer} keys, {layout.block_m} query rows x {stages} stages; dQ by the dQ "
-                    f"kernel")
+                    f"kernel" + ("; P^T and dS^T of the next tile under dV and dK" if layout.ds_under_dkdv else ""))
 
 
 def dkdv_shared_bytes(plan: KernelPlan, layout: DkdvLayout) -> int:
-    """Shared memory of the Gluon dK/dV kernel: K and V of the program's keys, the ring of Q and dO, mbarriers."""
+    """Shared memory of the Gluon dK/dV kernel: K and V of the program's keys (loaded once), the ring of Q and dO,
+    with `ds_under_dkdv` two buffers each of P^T and dS^T per consumer, mbarriers."""
     t = plan.tiling
     bytes_per = DTYPE_BITS[plan.dtype] // 8
-    return (layout.block_n + layout.stages * layout.block_m) * (t.block_d + t.block_dv) * bytes_per + BARRIER_BYTES
+    grads = 2 * 2 * layout.block_n * layout.block_m * bytes_per if layout.ds_under_dkdv else 0
+    return ((layout.block_n + layout.stages * layout.block_m) * (t.block_d + t.block_dv) * bytes_per + grads
+            + BARRIER_BYTES)

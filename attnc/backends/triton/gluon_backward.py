@@ -43,7 +43,8 @@ def plan_line(plan: KernelPlan, layout: DkdvLayout) -> str:
     return (f"gluon/sm_{plan.target.arch} {plan.dtype} D={plan.head_dim} DV={plan.value_dim}; dK/dV of "
             f"{layout.block_n} keys per program, {layout.consumers}x{layout.consumer_warps} consumer warps of "
             f"{layout.keys_per_consumer} keys + {layout.producer_warps} producer warp; Q and dO in "
-            f"{layout.stages} stages of {layout.block_m} rows; {dkdv_shared_bytes(plan, layout)} B of shared memory")
+            f"{layout.stages} stages of {layout.block_m} rows; {dkdv_shared_bytes(plan, layout)} B of shared memory"
+            + ("; P^T and dS^T of the next tile under dV and dK" if layout.ds_under_dkdv else ""))
 
 
 def load_module(plan: KernelPlan):
