@@ -4,7 +4,7 @@ counts per loop (compare with the template's attn_bwd_dkdv: STATS=1 benchmarks/c
 Triton 3.6 (the GPU machine's):
 
     PYTHONPATH=$PWD /tmp/venv36/bin/python benchmarks/compile_gluon_backward_sm90.py [--dims 64 128] [--stats]
-        [--ds-under-dkdv] [--dump DIR] [SPEC...]
+        [--ds-under-dkdv] [--dq-in-dkdv] [--dump DIR] [SPEC...]
 
 Exit status 1 if a kernel fails to compile, spills, ptxas reports serialized wgmma (C7512/C7515) or a spec that should have the
 Gluon kernel falls back to the template."""
@@ -41,11 +41,12 @@ def compile_dkdv(plan, work: Path, gqa: bool):
     path = work / f"{plan.spec.name}_{plan.head_dim}.py"
     path.write_text(generate_gluon_dkdv(plan))
     fn = launch.import_source(path, f"gluon_dkdv_{path.stem}").attn_bwd_dkdv_gluon
-    types = backward_argument_types(plan, dq_kernel=True)
+    types = backward_argument_types(plan, dq_kernel=not layout.dq_in_dkdv)
     if gqa:
         types.update(dk_ptr="*fp32", dv_ptr="*fp32")
     # what the JIT sees at launch for sizes and strides below 2^31
-    signature = {n: ("i32" if types[n] == "i64" else types[n]) for n in gluon_dkdv_signature(spec_args(plan)).names}
+    signature = {n: ("i32" if types[n] == "i64" else types[n])
+                 for n in gluon_dkdv_signature(spec_args(plan), layout.dq_in_dkdv).names}
     return triton.compile(GluonASTSource(fn, signature, {}), target=GPUTarget("cuda", 90, 32),
                           options={"num_warps": layout.consumer_warps, "maxnreg": max_registers(layout)})
 
@@ -58,6 +59,8 @@ def main() -> int:
     parser.add_argument("--block-m", type=int, help="query rows per ring slot (PlanOptions.gluon_backward_block_m)")
     parser.add_argument("--ds-under-dkdv", action="store_true",
                         help="P^T and dS^T of the next tile under dV and dK (PlanOptions.gluon_backward_ds_under_dkdv)")
+    parser.add_argument("--dq-in-dkdv", action="store_true",
+                        help="dQ by TMA reduce-add in the kernel (PlanOptions.gluon_backward_dq_in_dkdv)")
     parser.add_argument("--dump", help="folder for the generated sources, PTX and SASS")
     args = parser.parse_args()
     ok = True
@@ -71,7 +74,8 @@ def main() -> int:
                 dv = spec.dim_values.get("DV", d)
                 plan = plan_kernel(spec, Target("triton", "cuda", 90), d, dv,
                                   PlanOptions(gluon_backward=True, gluon_backward_block_m=args.block_m,
-                                              gluon_backward_ds_under_dkdv=args.ds_under_dkdv or None))
+                                              gluon_backward_ds_under_dkdv=args.ds_under_dkdv or None,
+                                              gluon_backward_dq_in_dkdv=args.dq_in_dkdv or None))
                 bp = plan_backward(plan)
                 label = f"{name:18s} {plan.dtype:4s} D={d:3d} DV={dv:3d}"
                 if bp.gluon_dkdv is None:

@@ -10,7 +10,8 @@ kernels alone (the forward runs once, outside the timer). One call of the device
 backward of today's BACKWARD_TUNED (kernel "template"). `--ds-under-dkdv` is that A/B alone, no tile sweep: per
 workload the template's default (both modes), the Gluon kernel at the pass's query rows and the same with
 PlanOptions(gluon_backward_ds_under_dkdv=True) (kernel "gluon-ds"; P^T and dS^T of the next tile under dV and dK),
-the Gluon rows in the atomic mode only (their dQ is the dQ kernel's in both modes).
+and with PlanOptions(gluon_backward_dq_in_dkdv=True) (kernel "gluon-dq"; dQ by the Gluon kernel's TMA reduce-adds, no
+dQ kernel), the Gluon rows in the atomic mode only (deterministic calls keep the dQ kernel).
 Results stream to <out>/sweep-backward.jsonl; the best correct config per (workload, kernel) is printed last.
 TFLOP/s count the backward as attnc.bench.BACKWARD_FLOPS times the forward. The winners go into BACKWARD_TUNED
 by hand.
@@ -57,7 +58,7 @@ DQ = {
 }
 NAMES = r"^(dense S=4096|causal S=4096|causal D=64 .*|causal D=256 .*)$"
 CHECK_TOL = 3e-2  # relative Frobenius error of dq, dk, dv against float32 (bf16 inputs)
-GLUON_AB = ("template", "gluon", "gluon-ds")  # the default's rows: today's table, the Gluon kernel beside it
+GLUON_AB = ("template", "gluon", "gluon-ds", "gluon-dq")  # the default's rows: today's table, the Gluon kernel beside it
 
 
 def reference_grads(w, q, k, v, dout) -> list[torch.Tensor]:
@@ -129,7 +130,7 @@ def run(args) -> list[dict]:
             (*t, None) for t in trials]
         if args.ds_under_dkdv:  # the A/B alone
             trials = [("template", default_dkdv, default_dq, d, None) for d in (False, True)] + [
-                (kernel, default_dkdv, default_dq, False, None) for kernel in ("gluon", "gluon-ds")]
+                (kernel, default_dkdv, default_dq, False, None) for kernel in ("gluon", "gluon-ds", "gluon-dq")]
         elif args.gluon:  # the Gluon dK/dV kernel first, then the template's default row (the first "dkdv" trial)
             trials = [("gluon", default_dkdv, default_dq, d, rows) for rows in (32, 64) for d in (False, True)] + [
                 ("template", default_dkdv, default_dq, d, None) for d in (False, True)] + trials
@@ -149,14 +150,17 @@ def run(args) -> list[dict]:
                     # modules written before DKDV_HEADS loop over a GQA group in one program per K/V head
                     module.DKDV_HEADS = getattr(module, "DKDV_HEADS", "HKV")
                     backward = BackwardLauncher(plan, module)
-                elif kernel in ("gluon", "gluon-ds"):
+                elif kernel in ("gluon", "gluon-ds", "gluon-dq"):
                     options = PlanOptions(gluon_backward=True, gluon_backward_block_m=variant,
-                                          gluon_backward_ds_under_dkdv=kernel == "gluon-ds" or None)
+                                          gluon_backward_ds_under_dkdv=kernel == "gluon-ds" or None,
+                                          gluon_backward_dq_in_dkdv=kernel == "gluon-dq" or None)
                     gluon_plan = plan_for(w, plan.target, options)[1]
                     row["block_m"] = variant or plan_backward(gluon_plan).gluon_dkdv.block_m
                     backward = backend.build_backward(gluon_plan)
                     # whether this launch runs the Gluon kernel, not the template's it falls back to
-                    row["gluon_ran"] = bool(backward.gluon_dkdv and backward.gluon_dkdv.covers(q, k, v, dout, lse))
+                    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)  # the atomic mode's
+                    row["gluon_ran"] = bool(backward.gluon_dkdv and backward.gluon_dkdv.covers(
+                        q, k, v, dout, lse, dq, deterministic))
                 else:
                     backward = backend.build_backward(plan)
                 fn = lambda: backward(bound, out, lse, dout, None, deterministic)
@@ -186,7 +190,8 @@ def main() -> None:
     ap.add_argument("--gluon", action="store_true",
                     help="time the Gluon dK/dV kernel too (PlanOptions(gluon_backward))")
     ap.add_argument("--ds-under-dkdv", action="store_true",
-                    help="only the A/B: template, Gluon, Gluon with PlanOptions(gluon_backward_ds_under_dkdv)")
+                    help="only the A/B: template, Gluon, Gluon with PlanOptions(gluon_backward_ds_under_dkdv), "
+                         "Gluon with PlanOptions(gluon_backward_dq_in_dkdv)")
     args = ap.parse_args()
     if args.write_baseline:
         write_baseline(args)

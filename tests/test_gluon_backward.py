@@ -4,13 +4,14 @@ source (valid Python, the Triton backward's own mask and gradient lines). Gluon 
 the tests marked gpu check the gradients on an H100 against the float64 reference with NaN-poisoned outputs
 (`python -m pytest -m gpu tests/test_gluon_backward.py`), and that the Gluon kernel ran, not the template's."""
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import attnc
 from attnc.backends import get_backend
-from attnc.backends.triton import gluon, gluon_backward
+from attnc.backends.triton import gluon, gluon_backward, launch
 from attnc.backends.triton.backward import generate_backward
 from attnc.backends.triton.gluon_backward import generate_gluon_dkdv
 from attnc.dsl.signature import bind
@@ -36,6 +37,7 @@ PADDED = _spec("""attention padded_sink {
 EXAMPLES = {**EXAMPLES, PADDED.name: PADDED}
 GLUON_BACKWARD = PlanOptions(gluon_backward=True)
 DS_UNDER_DKDV = PlanOptions(gluon_backward=True, gluon_backward_ds_under_dkdv=True)
+DQ_IN_DKDV = PlanOptions(gluon_backward=True, gluon_backward_dq_in_dkdv=True)
 
 
 def _plan(name, d=128, target=HOPPER, options=GLUON_BACKWARD, dtype="bf16"):
@@ -78,6 +80,42 @@ def test_ds_under_dkdv_keeps_three_stages_at_the_widest():
     plan = _plan("causal_lm", 128, options=replace(DS_UNDER_DKDV, gluon_backward_block_m=64))
     layout = plan_backward(plan).gluon_dkdv
     assert layout.stages == 3 and dkdv_shared_bytes(plan, layout) <= smem_capacity(90)
+
+
+@pytest.mark.parametrize("name", ["causal_lm", "dense", "gqa_causal", "sliding_window"])
+@pytest.mark.parametrize("d", [64, 128])
+def test_dq_in_dkdv_option(name, d):
+    """PlanOptions(gluon_backward_dq_in_dkdv): the skew (dS^T in shared memory) with a float32 dQ tile per consumer,
+    within shared memory; dQ by the kernel's TMA reduce-adds, so the dQ kernel runs only where deterministic."""
+    plan = _plan(name, d, options=DQ_IN_DKDV)
+    bp = plan_backward(plan)
+    layout, skewed = bp.gluon_dkdv, plan_backward(_plan(name, d, options=DS_UNDER_DKDV)).gluon_dkdv
+    assert layout.dq_in_dkdv and layout.ds_under_dkdv and not skewed.dq_in_dkdv
+    assert not bp.dq_by_kernel(False) and bp.dq_by_kernel(True) and "TMA reduce-add" in bp.gluon_reason
+    dq_tiles = layout.consumers * layout.block_m * plan.tiling.block_d * 4
+    assert dkdv_shared_bytes(plan, layout) == dkdv_shared_bytes(plan, skewed) + dq_tiles <= smem_capacity(90)
+    source = generate_gluon_dkdv(plan)
+    compile(source, "gluon_dkdv", "exec")
+    assert source.count("async_reduce_add(dq_desc, [") == 2 and "dq_ptr" in source  # the loop's tile and the last
+    assert "dq_desc" not in generate_gluon_dkdv(_plan(name, d, options=DS_UNDER_DKDV))
+
+
+def test_dq_in_dkdv_needs_wgmma_rows_of_head_dim():
+    """D = 32: dQ^T's 32 rows are fewer than a warpgroup's wgmma M, so dQ stays the dQ kernel's."""
+    bp = plan_backward(_plan("causal_lm", 32, options=DQ_IN_DKDV))
+    assert bp.gluon_dkdv is not None and not bp.gluon_dkdv.dq_in_dkdv and bp.dq_by_kernel(False)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_dq_in_dkdv_leaves_deterministic_calls_to_the_template(deterministic):
+    """Its reduce-adds land in any order: a deterministic call runs the template's dK/dV kernel and the dQ kernel.
+    The float32 dQ must be TMA-ready too."""
+    plan = _plan("causal_lm", 64, options=DQ_IN_DKDV)
+    kernel = gluon_backward.GluonDkdv(plan, SimpleNamespace(attn_bwd_dkdv_gluon=None))
+    q, k, v = (torch.randn(1, 2, 128, 64, dtype=torch.bfloat16) for _ in range(3))
+    lse, dq = torch.zeros(1, 2, 128), torch.zeros(1, 2, 128, 64)
+    assert kernel.covers(q, k, v, q, lse, dq, deterministic) is not deterministic
+    assert not kernel.covers(q, k, v, q, lse, torch.zeros(1, 2, 128, 65)[..., :64], False)  # rows of 260 B
 
 
 def test_query_rows_option():
@@ -225,6 +263,28 @@ def test_ds_under_dkdv_gradients_gpu(name, d, dtype, monkeypatch):
     for m, n in ((32, 300), (77, 64), (160, 200), (1000, 1100)):
         _check(name, m, n, d, False, dtype, options=DS_UNDER_DKDV)
     assert len(layouts) == 4 and all(layout.ds_under_dkdv for layout in layouts)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["bf16", "f16"])
+@pytest.mark.parametrize("name, d", [(n, d) for n in ("dense", "causal_lm", "gqa_causal") for d in (64, 128)])
+def test_dq_in_dkdv_gradients_gpu(name, d, dtype, monkeypatch):
+    """dQ by the Gluon kernel's TMA reduce-adds (PlanOptions.gluon_backward_dq_in_dkdv): programs of 1 to 32 query
+    tiles, rows past M in the last tile, keys past N (zeros through TMA); the Gluon kernel ran with the option's
+    layout and attn_bwd_dq did not. Deterministic, the template's dK/dV kernel and the dQ kernel run instead."""
+    _needs_hopper()
+    layouts, template = [], []
+    call, fitting = gluon_backward.GluonDkdv.__call__, launch.launch_fitting
+    monkeypatch.setattr(gluon_backward.GluonDkdv, "__call__",
+                        lambda self, sizes, values: (layouts.append(self.layout), call(self, sizes, values))[1])
+    monkeypatch.setattr(launch, "launch_fitting", lambda fn, *a: (  # the template's backward kernels, not attn_fwd
+        fn.__name__.startswith("attn_bwd") and template.append(fn.__name__), fitting(fn, *a))[1])
+    for m, n in ((32, 300), (77, 64), (160, 200), (1000, 1100)):
+        _check(name, m, n, d, False, dtype, options=DQ_IN_DKDV)
+    assert len(layouts) == 4 and all(layout.dq_in_dkdv for layout in layouts)
+    assert template == ["attn_bwd_prep"] * 4, "neither the dQ kernel nor the template's dK/dV kernel ran"
+    _check(name, 160, 200, d, True, dtype, options=DQ_IN_DKDV)
+    assert len(layouts) == 4 and template[4:] == ["attn_bwd_prep", "attn_bwd_dkdv", "attn_bwd_dq"]
 
 
 @pytest.mark.gpu

@@ -87,6 +87,9 @@ GLUON_BACKWARD = PlanOptions(gluon_backward=True)
 DS_UNDER_DKDV_CASES = [
     ("causal_lm_gluon_dkdv_ds_under_dkdv_sm90.py", "causal.attn", "causal_lm", Target("triton", "cuda", 90), 128,
      PlanOptions(gluon_backward=True, gluon_backward_ds_under_dkdv=True)),
+    # ...and dQ^T = K^T dS^T beside dV and dK, reduce-added into the float32 dQ by TMA (no dQ kernel)
+    ("causal_lm_gluon_dkdv_dq_in_dkdv_sm90.py", "causal.attn", "causal_lm", Target("triton", "cuda", 90), 128,
+     PlanOptions(gluon_backward=True, gluon_backward_dq_in_dkdv=True)),
 ]
 
 

@@ -85,9 +85,10 @@ def plan_backward(plan: KernelPlan) -> BackwardPlan:
     dkdv, dq, dq_kernel = backward_tiles(plan)
     masks = plan.masks
     layout, why = dkdv_layout(plan, bool(derive(plan.spec).score_tables), masks.data_dependent)
-    # the Gluon dK/dV kernel leaves dQ to the dQ kernel
-    return BackwardPlan(dkdv, dq, PREP_TILE, query_range(masks), full_query_range(masks),
-                        dq_kernel or layout is not None, layout, why)
+    # the Gluon dK/dV kernel leaves dQ to the dQ kernel, unless it reduce-adds dQ itself (dq_in_dkdv)
+    if layout is not None:
+        dq_kernel = not layout.dq_in_dkdv
+    return BackwardPlan(dkdv, dq, PREP_TILE, query_range(masks), full_query_range(masks), dq_kernel, layout, why)
 
 
 def derive(spec: Attention) -> Derivatives:

@@ -65,6 +65,10 @@ class PlanOptions:
     # with them in registers ptxas waits for dP^T before the exponentials (benchmarks/NOTES.md, issue 12 bwdoverlap).
     # False or None: one tile at a time, P^T and dS^T in registers (the default until a GPU run shows it faster)
     gluon_backward_ds_under_dkdv: bool | None = None
+    # its dQ too (with the skew above, which it implies): per tile dQ^T = K^T dS^T by wgmma, bulk-added into the
+    # float32 dQ by TMA's reduce-add (the template's atomic mode's buffer and conversion), so the dQ kernel does not
+    # run (deterministic=True keeps it, and the template's dK/dV kernel). None or False: the dQ kernel's
+    gluon_backward_dq_in_dkdv: bool | None = None
     # Hopper, the Gluon MLA decode kernel over an FP8 latent (passes/latent_decode.py; A/B runs, not yet seen on a
     # GPU): the conflict-free converter, 8 e4m3 a thread (at 16, its stores conflict 2-way); None: 16 a thread,
     # unless one of the two options below asks for it
@@ -155,7 +159,8 @@ class DkdvLayout:
     registers; one producer warp TMA-loads K and V once, then each query tile's `block_m` rows of Q and dO into a
     ring of `stages` slots; per tile a consumer computes S^T = K Q^T and dP^T = V dO^T, then dV += P^T dO and
     dK += dS^T Q, all by async wgmma (P^T and dS^T from registers). dQ is the dQ kernel's. `ds_under_dkdv`: skewed by
-    a tile, P^T and dS^T of tile m + 1 are computed under dV and dK of tile m, which read them from shared memory."""
+    a tile, P^T and dS^T of tile m + 1 are computed under dV and dK of tile m, which read them from shared memory.
+    `dq_in_dkdv` (skewed): dQ^T = K^T dS^T of each tile beside dV and dK, reduce-added into float32 dQ by TMA."""
 
     block_m: int  # query rows per ring slot
     block_n: int  # keys per program, all consumers together
@@ -166,6 +171,7 @@ class DkdvLayout:
     producer_regs: int = 24
     consumer_regs: int = 240
     ds_under_dkdv: bool = False
+    dq_in_dkdv: bool = False
 
     @property
     def keys_per_consumer(self) -> int:

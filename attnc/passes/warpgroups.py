@@ -218,6 +218,7 @@ DKDV_KEYS = 128
 DKDV_MAX_HEAD_BLOCK = 128  # dK and dV of 64 keys at D = 256 would take 256 of a thread's 240 registers
 DKDV_ROW_TILES = (32, 64)  # PlanOptions.gluon_backward_block_m
 DKDV_MAX_STAGES = 3
+DKDV_MIN_DQ_HEAD_BLOCK = 64  # dq_in_dkdv: dQ^T's rows are the head dim, wgmma's M a warpgroup
 
 
 def dkdv_layout(plan: KernelPlan, tables: bool, data_dependent: bool) -> tuple[DkdvLayout | None, str]:
@@ -253,22 +254,29 @@ a sink's gradient is attn_bwd_prep's);
         raise CompileError(f"gluon_backward_block_m must be one of {', '.join(map(str, DKDV_ROW_TILES))}, "
                            f"got {block_m!r}")
     stages = DKDV_MAX_STAGES
-    layout = DkdvLayout(block_m, DKDV_KEYS, stages, ds_under_dkdv=bool(plan.options.gluon_backward_ds_under_dkdv))
+    # dQ^T = K^T dS^T reads dS^T from the skew's buffers; its M is BLOCK_D, at least wgmma's 64 (else the dQ kernel's)
+    dq_in_dkdv = bool(plan.options.gluon_backward_dq_in_dkdv) and plan.tiling.block_d >= DKDV_MIN_DQ_HEAD_BLOCK
+    layout = DkdvLayout(block_m, DKDV_KEYS, stages, ds_under_dkdv=dq_in_dkdv or bool(
+        plan.options.gluon_backward_ds_under_dkdv), dq_in_dkdv=dq_in_dkdv)
     # skewed (ds_under_dkdv), a consumer waits for tile m + 2's Q and dO before it releases tile m's slot: 3 slots
     fewest = 3 if layout.ds_under_dkdv else 2
     while stages > fewest and dkdv_shared_bytes(plan, layout) > smem_capacity(plan.target.arch):
         stages -= 1
         layout = replace(layout, stages=stages)
     return layout, (f"PlanOptions(gluon_backward=True): {layout.consumers} consumer warpgroups of "
-                    f"{layout.keys_per_consumer} keys, {layout.block_m} query rows x {stages} stages; dQ by the dQ "
-                    f"kernel" + ("; P^T and dS^T of the next tile under dV and dK" if layout.ds_under_dkdv else ""))
+                    f"{layout.keys_per_consumer} keys, {layout.block_m} query rows x {stages} stages; "
+                    + ("dQ by TMA reduce-add (the dQ kernel where deterministic)" if layout.dq_in_dkdv
+                       else "dQ by the dQ kernel")
+                    + ("; P^T and dS^T of the next tile under dV and dK" if layout.ds_under_dkdv else ""))
 
 
 def dkdv_shared_bytes(plan: KernelPlan, layout: DkdvLayout) -> int:
     """Shared memory of the Gluon dK/dV kernel: K and V of the program's keys (loaded once), the ring of Q and dO,
-    with `ds_under_dkdv` two buffers each of P^T and dS^T per consumer, mbarriers."""
+    with `ds_under_dkdv` two buffers each of P^T and dS^T per consumer, with `dq_in_dkdv` a float32 dQ tile per
+    consumer (TMA's reduce-add reads it), mbarriers."""
     t = plan.tiling
     bytes_per = DTYPE_BITS[plan.dtype] // 8
     grads = 2 * 2 * layout.block_n * layout.block_m * bytes_per if layout.ds_under_dkdv else 0
-    return ((layout.block_n + layout.stages * layout.block_m) * (t.block_d + t.block_dv) * bytes_per + grads
+    dq = layout.consumers * layout.block_m * t.block_d * 4 if layout.dq_in_dkdv else 0
+    return ((layout.block_n + layout.stages * layout.block_m) * (t.block_d + t.block_dv) * bytes_per + grads + dq
             + BARRIER_BYTES)

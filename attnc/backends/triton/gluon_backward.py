@@ -23,7 +23,7 @@ def generate_gluon_dkdv(plan: KernelPlan) -> str:
     from .gluon import GLUON_DTYPES
 
     layout = plan_backward(plan).gluon_dkdv
-    signature = gluon_dkdv_signature(spec_args(plan))
+    signature = gluon_dkdv_signature(spec_args(plan), layout.dq_in_dkdv)
     hooks = shared_hooks(plan, "ex2_approx", GLUON_VECTORS)
     dkdv = dkdv_hooks(plan, derive(plan.spec), "ex2_approx", GLUON_VECTORS, full_range=False)
     return template("gluon_backward.py.j2").render(
@@ -44,7 +44,8 @@ def plan_line(plan: KernelPlan, layout: DkdvLayout) -> str:
             f"{layout.block_n} keys per program, {layout.consumers}x{layout.consumer_warps} consumer warps of "
             f"{layout.keys_per_consumer} keys + {layout.producer_warps} producer warp; Q and dO in "
             f"{layout.stages} stages of {layout.block_m} rows; {dkdv_shared_bytes(plan, layout)} B of shared memory"
-            + ("; P^T and dS^T of the next tile under dV and dK" if layout.ds_under_dkdv else ""))
+            + ("; P^T and dS^T of the next tile under dV and dK" if layout.ds_under_dkdv else "")
+            + ("; dQ by TMA reduce-add" if layout.dq_in_dkdv else ""))
 
 
 def load_module(plan: KernelPlan):
@@ -59,14 +60,18 @@ class GluonDkdv:
         self.plan, self.spec = plan, plan.spec
         self.layout = plan_backward(plan).gluon_dkdv
         self.kernel = (module or load_module(plan)).attn_bwd_dkdv_gluon
-        self.signature: Signature = gluon_dkdv_signature(spec_args(plan))
+        self.signature: Signature = gluon_dkdv_signature(spec_args(plan), self.layout.dq_in_dkdv)
 
-    def covers(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, lse: torch.Tensor) -> bool:
-        """Whether TMA can read q, k, v and dO through per-head descriptors, and a head's lse (and delta, lse-shaped)
-        rows are int32 offsets from its base (the template's kernel runs other calls)."""
+    def covers(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, lse: torch.Tensor,
+               dq: torch.Tensor, deterministic: bool) -> bool:
+        """Whether TMA can read q, k, v and dO (and reduce-add into the float32 dQ, `dq_in_dkdv`) through per-head
+        descriptors, and a head's lse (and delta, lse-shaped) rows are int32 offsets from its base (the template's
+        kernel runs other calls, and deterministic ones where this kernel adds dQ: its adds are unordered)."""
         spec = self.spec
-        return lse.numel() < 2 ** 31 and all(launch.descriptor_ready(t, decl) for t, decl in (
-            (q, spec.q), (k, spec.k), (v, spec.v), (dout, spec.q)))
+        dq_read = ((dq, spec.q),) if self.layout.dq_in_dkdv else ()
+        return not (deterministic and self.layout.dq_in_dkdv) and lse.numel() < 2 ** 31 and all(
+            launch.descriptor_ready(t, decl) for t, decl in ((q, spec.q), (k, spec.k), (v, spec.v), (dout, spec.q),
+                                                            *dq_read))
 
     def grid(self, sizes) -> tuple[int, int]:
         return -(-sizes["N"] // self.layout.block_n), sizes["B"] * sizes["H"]

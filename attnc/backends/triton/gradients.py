@@ -115,8 +115,10 @@ class BackwardLauncher:
             if not grid[0] * grid[1]:
                 continue
             sig = self.signatures[name]
-            if name == "attn_bwd_dkdv" and self.gluon_dkdv and self.gluon_dkdv.covers(q, k, v, dout, lse):
-                # the Gluon kernel in its place (dQ is the dQ kernel's: plan_backward sets dq_kernel)
+            if name == "attn_bwd_dkdv" and self.gluon_dkdv and self.gluon_dkdv.covers(q, k, v, dout, lse, dq,
+                                                                                        deterministic):
+                # the Gluon kernel in its place (dQ is the dQ kernel's, or with dq_in_dkdv its reduce-adds into the
+                # float32 dQ of the template's atomic mode: plan_backward sets dq_kernel)
                 values["pointers"] = [tensors[p.removesuffix("_ptr")]
                                       for p in self.gluon_dkdv.signature.names_of("pointers")]
                 self.gluon_dkdv(sizes, values)

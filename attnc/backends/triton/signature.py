@@ -245,11 +245,12 @@ def backward_signatures(args: SpecArgs, tables: tuple[tuple[str, int], ...], sum
     )}
 
 
-def gluon_dkdv_signature(args: SpecArgs) -> Signature:
-    """The Gluon dK/dV kernel's (gluon_backward.py.j2): attn_bwd_dkdv's tensors but dQ (the dQ kernel's), its
-    tiles module constants; no table gradients, tile summary or ragged storage (passes/warpgroups.py dkdv_layout)."""
-    return Signature("attn_bwd_dkdv_gluon", _tensor_groups(("q", "k", "v", "do", "lse", "delta", "dk", "dv"))
-                     + args.groups(), ())
+def gluon_dkdv_signature(args: SpecArgs, dq_in_dkdv: bool = False) -> Signature:
+    """The Gluon dK/dV kernel's (gluon_backward.py.j2): attn_bwd_dkdv's tensors but dQ (the dQ kernel's, unless
+    `dq_in_dkdv`: the float32 dQ it reduce-adds into), its tiles module constants; no table gradients, tile summary
+    or ragged storage (passes/warpgroups.py dkdv_layout)."""
+    tensors = ("q", "k", "v", "do", "lse", "delta", "dk", "dv") + (("dq",) if dq_in_dkdv else ())
+    return Signature("attn_bwd_dkdv_gluon", _tensor_groups(tensors) + args.groups(), ())
 
 
 def padded_strides(t, rank: int) -> tuple[int, ...]:
