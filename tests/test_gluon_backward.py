@@ -85,18 +85,19 @@ def test_ds_under_dkdv_keeps_three_stages_at_the_widest():
 @pytest.mark.parametrize("name", ["causal_lm", "dense", "gqa_causal", "sliding_window"])
 @pytest.mark.parametrize("d", [64, 128])
 def test_dq_in_dkdv_option(name, d):
-    """PlanOptions(gluon_backward_dq_in_dkdv): the skew (dS^T in shared memory) with a float32 dQ tile per consumer,
-    within shared memory; dQ by the kernel's TMA reduce-adds, so the dQ kernel runs only where deterministic."""
+    """PlanOptions(gluon_backward_dq_in_dkdv): the skew (dS^T in shared memory) with a float32 dQ tile (the
+    consumers' sum), within shared memory; dQ by the kernel's TMA reduce-adds, so the dQ kernel runs only where deterministic."""
     plan = _plan(name, d, options=DQ_IN_DKDV)
     bp = plan_backward(plan)
     layout, skewed = bp.gluon_dkdv, plan_backward(_plan(name, d, options=DS_UNDER_DKDV)).gluon_dkdv
     assert layout.dq_in_dkdv and layout.ds_under_dkdv and not skewed.dq_in_dkdv
     assert not bp.dq_by_kernel(False) and bp.dq_by_kernel(True) and "TMA reduce-add" in bp.gluon_reason
-    dq_tiles = layout.consumers * layout.block_m * plan.tiling.block_d * 4
-    assert dkdv_shared_bytes(plan, layout) == dkdv_shared_bytes(plan, skewed) + dq_tiles <= smem_capacity(90)
+    dq_tile = layout.block_m * plan.tiling.block_d * 4
+    assert dkdv_shared_bytes(plan, layout) == dkdv_shared_bytes(plan, skewed) + dq_tile <= smem_capacity(90)
     source = generate_gluon_dkdv(plan)
     compile(source, "gluon_dkdv", "exec")
     assert source.count("async_reduce_add(dq_desc, [") == 2 and "dq_ptr" in source  # the loop's tile and the last
+    assert source.count("mbarrier.wait(dq_full, n & 1)") == 2  # one reduce-add a tile: the consumers' sum
     assert "dq_desc" not in generate_gluon_dkdv(_plan(name, d, options=DS_UNDER_DKDV))
 
 
