@@ -107,6 +107,15 @@ def test_dq_in_dkdv_needs_wgmma_rows_of_head_dim():
     assert bp.gluon_dkdv is not None and not bp.gluon_dkdv.dq_in_dkdv and bp.dq_by_kernel(False)
 
 
+def test_dq_in_dkdv_at_64_query_rows_past_shared_memory_is_refused():
+    """D = 128 at 64 query rows: the skew's 3 stages, its P^T and dS^T buffers and the float32 dQ tile need 263168 B,
+    more than sm_90's 232448: a CompileError naming the options and the workaround, not a launch that fails."""
+    with pytest.raises(CompileError, match=r"gluon_backward_dq_in_dkdv with gluon_backward_block_m=64 at D=128: "
+                                           r"3 stages take 263168 B .* use gluon_backward_block_m=32"):
+        plan_backward(_plan("causal_lm", 128, options=replace(DQ_IN_DKDV, gluon_backward_block_m=64)))
+    assert plan_backward(_plan("causal_lm", 128, options=replace(DQ_IN_DKDV, gluon_backward_block_m=32))).gluon_dkdv
+
+
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_dq_in_dkdv_leaves_deterministic_calls_to_the_template(deterministic):
     """Its reduce-adds land in any order: a deterministic call runs the template's dK/dV kernel and the dQ kernel.

@@ -253,18 +253,22 @@ a sink's gradient is attn_bwd_prep's);
     if block_m not in DKDV_ROW_TILES:
         raise CompileError(f"gluon_backward_block_m must be one of {', '.join(map(str, DKDV_ROW_TILES))}, "
                            f"got {block_m!r}")
-    stages = DKDV_MAX_STAGES
     # dQ^T = K^T dS^T reads dS^T from the skew's buffers; its M is BLOCK_D, at least wgmma's 64 (else the dQ kernel's)
     dq_in_dkdv = bool(plan.options.gluon_backward_dq_in_dkdv) and plan.tiling.block_d >= DKDV_MIN_DQ_HEAD_BLOCK
-    layout = DkdvLayout(block_m, DKDV_KEYS, stages, ds_under_dkdv=dq_in_dkdv or bool(
+    layout = DkdvLayout(block_m, DKDV_KEYS, DKDV_MAX_STAGES, ds_under_dkdv=dq_in_dkdv or bool(
         plan.options.gluon_backward_ds_under_dkdv), dq_in_dkdv=dq_in_dkdv)
     # skewed (ds_under_dkdv), a consumer waits for tile m + 2's Q and dO before it releases tile m's slot: 3 slots
     fewest = 3 if layout.ds_under_dkdv else 2
-    while stages > fewest and dkdv_shared_bytes(plan, layout) > smem_capacity(plan.target.arch):
-        stages -= 1
-        layout = replace(layout, stages=stages)
+    capacity = smem_capacity(plan.target.arch)
+    while layout.stages > fewest and dkdv_shared_bytes(plan, layout) > capacity:
+        layout = replace(layout, stages=layout.stages - 1)
+    if dkdv_shared_bytes(plan, layout) > capacity:
+        skew = "gluon_backward_dq_in_dkdv" if layout.dq_in_dkdv else "gluon_backward_ds_under_dkdv"
+        raise CompileError(f"{skew} with gluon_backward_block_m={block_m} at D={plan.head_dim}: {fewest} stages "
+                           f"take {dkdv_shared_bytes(plan, layout)} B of shared memory, more than the {capacity} B "
+                           f"there are; use gluon_backward_block_m=32")
     return layout, (f"PlanOptions(gluon_backward=True): {layout.consumers} consumer warpgroups of "
-                    f"{layout.keys_per_consumer} keys, {layout.block_m} query rows x {stages} stages; "
+                    f"{layout.keys_per_consumer} keys, {layout.block_m} query rows x {layout.stages} stages; "
                     + ("dQ by TMA reduce-add (the dQ kernel where deterministic)" if layout.dq_in_dkdv
                        else "dQ by the dQ kernel")
                     + ("; P^T and dS^T of the next tile under dV and dK" if layout.ds_under_dkdv else ""))
