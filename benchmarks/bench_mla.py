@@ -39,10 +39,11 @@ target compares its tokens/s with the bf16 grid's. `--fp8 --quantize-q` adds, on
 queries quantised the same way) and attnc-bf16 columns (the bf16 spec over the dequantised latent, exact in bf16),
 so one call gives bf16 / FP8 / FP8 + quantised queries side by side; every timed result has its tokens/s (one query
 token per sequence). `--converters 1 2` adds the Gluon kernel with the conflict-free converter (8 e4m3 a thread,
-PlanOptions.fp8_conflict_free_converter; the default converts 16 a thread) and one and two converter warpgroups
+PlanOptions.fp8_conflict_free_converter, the default since session 13) and one and two converter warpgroups
 (attnc-c1/-c2, with --quantize-q attnc-q8-c1/-c2; --f16-values also P V in f16, attnc-q8-f16-c1/-c2), each checked
-as the column it varies: attnc against attnc-c1 is the converter layout alone, attnc-c1 against attnc-c2 the second
-converter.
+as the column it varies: attnc-c1 is the default's layout, attnc-c1 against attnc-c2 the second converter. `--float32-sum-every 128 0` adds attnc-q8-sum128 / -sum0: the fp8 QK^T's products added in float32 every
+128 or never (PlanOptions.fp8_float32_sum_every; the default adds every 32, an sm_90 fp8 wgmma's own sums keeping
+~14 significant bits).
 
 Every output is checked against a float32 torch formula (attnc's with NaN-poisoned outputs and workspace) before
 any timing counts; times are medians of CUDA-graph replays (do_bench_cudagraph: the kernels alone) where the
@@ -50,7 +51,7 @@ capture works, else of triton.testing.do_bench (both are in the JSON). The table
 <out>/mla-decode[-prefill]-<device>-<date>.json (rewritten after every row) and PNGs next to it.
 
     python benchmarks/bench_mla.py --out $OUT [--quick] [--only REGEX] [--prefill] [--sweep [--tiles ...]] \
-        [--fp8 [--quantize-q] [--converters 1 2 [--f16-values]]]
+        [--fp8 [--quantize-q [--float32-sum-every 64 128 0]] [--converters 1 2 [--f16-values]]]
     TRITON_INTERPRET=1 python benchmarks/bench_mla.py --smoke --out /tmp/mla   # CPU, tiny shapes (a test runs it)
 """
 from __future__ import annotations
@@ -345,7 +346,7 @@ def dequantized_inputs(x: DecodeInputs) -> DecodeInputs:
 
 def run_decode(w: DecodeWorkload, s: Shapes, device: str, triton_kernel: bool = False,
                quantize_q: bool = False, persistent: bool = False, converters: tuple[int, ...] = (),
-               f16_values: bool = False, splits: tuple[int, ...] = ()) -> dict:
+               f16_values: bool = False, splits: tuple[int, ...] = (), sum_runs: tuple[int, ...] = ()) -> dict:
     x = decode_inputs(w, s, device)
     row = {"workload": w.name, "kind": "decode", **asdict(w), "D": s.D, "DR": s.DR, "page": s.page,
            "dtype": s.spec_dtype, "fp8": s.fp8, "bytes": w.bytes_read(s), "flops": w.flops(s), "results": {}}
@@ -363,6 +364,9 @@ def run_decode(w: DecodeWorkload, s: Shapes, device: str, triton_kernel: bool = 
         want_q8 = decode_reference(x, s.D, True)
         q8_tol = min(CHECK_TOL, rel_err(want, want_q8) / 3)
         measure(attnc_runners(replace(s, quantize_q=True), x, name="attnc-q8"), want_q8, device, row, tol=q8_tol)
+    for n in sum_runs:  # the fp8 QK^T's products in float32 every n (0: one accumulator) beside the default's 32
+        measure(attnc_runners(replace(s, quantize_q=True), x, PlanOptions(fp8_float32_sum_every=n), f"attnc-q8-sum{n}"),
+                want_q8, device, row, tol=q8_tol)
     for n in converters:  # the conflict-free converter's variants side by side, each checked as its default column
         options = PlanOptions(gluon=True, fp8_conflict_free_converter=True, fp8_converter_warpgroups=n)
         measure(attnc_runners(s, x, options, f"attnc-c{n}"), want, device, row)
@@ -800,6 +804,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--f16-values", action="store_true",
                     help="with --fp8 --quantize-q --converters: also P V in f16 (PlanOptions.fp8_f16_values): "
                          "attnc-q8-f16-cN columns")
+    ap.add_argument("--float32-sum-every", type=int, nargs="*", default=[],
+                    help="with --fp8 --quantize-q: decode rows also time the Gluon kernel with the fp8 QK^T's products "
+                         "added in float32 every N (PlanOptions.fp8_float32_sum_every; 0: one accumulator, the "
+                         "hardware's): attnc-q8-sumN columns")
     ap.add_argument("--splits", type=int, nargs="*", default=[],
                     help="decode rows also time the default kernel with these split-KV counts "
                          "(PlanOptions.num_splits): attnc-xN and attnc-xN-paged columns, against the rule's")
@@ -821,6 +829,8 @@ def main(argv: list[str] | None = None) -> int:
         raise attnc.CallError("--quantize-q: quantised queries run over the FP8 latent; add --fp8")
     if (args.converters or args.f16_values) and not args.fp8:
         raise attnc.CallError("--converters / --f16-values: the FP8 latent's converter; add --fp8")
+    if args.float32_sum_every and not args.quantize_q:
+        raise attnc.CallError("--float32-sum-every: the fp8 QK^T of quantised queries; add --fp8 --quantize-q")
     if args.f16_values and not (args.quantize_q and args.converters):
         raise attnc.CallError("--f16-values: P V in f16 needs quantised queries; add --quantize-q and --converters")
     if args.fp8:
@@ -853,7 +863,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         if isinstance(w, DecodeWorkload):
             report["rows"].append(run_decode(w, shapes, device, args.triton_kernel, args.quantize_q, args.persistent,
-                                             tuple(args.converters), args.f16_values, tuple(args.splits)))
+                                             tuple(args.converters), args.f16_values, tuple(args.splits),
+                                             tuple(args.float32_sum_every)))
         else:
             report["rows"].append(run_prefill(w, shapes, device))
         print_row(report["rows"][-1])

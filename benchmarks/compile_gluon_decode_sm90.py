@@ -9,7 +9,7 @@ at its DECODE_TUNED tile. Needs Triton 3.6 (the GPU machine's):
 --fp8 compiles bench_mla.py --fp8's spec (latent and rope part e4m3): the producer, a converter warpgroup, the two
 consumer warpgroups. --fp8 --quantize-q: bench_mla.py --quantize-q's spec (`quantize q, qr to f8e4m3`): QK^T as
 fp8 x fp8 wgmma (QGMMA) on the e4m3 slots, the converter converting the latent's 512 columns alone.
---conflict-free: the conflict-free converter, 8 e4m3 a thread (PlanOptions.fp8_conflict_free_converter; by default 16).
+--wide-converter: 16 e4m3 a converter thread (PlanOptions(fp8_conflict_free_converter=False); by default 8).
 --converters 1 2: each with one and two converter warpgroups (PlanOptions.fp8_converter_warpgroups; a converter loop
 line each; two use the conflict-free converter); --f16-values (with --quantize-q): P V in f16
 (PlanOptions.fp8_f16_values; the conflict-free converter too). --persistent compiles the persistent schedule
@@ -116,8 +116,8 @@ def main() -> int:
                         help="with --fp8: converter warpgroups (PlanOptions.fp8_converter_warpgroups), each compiled")
     parser.add_argument("--f16-values", action="store_true",
                         help="with --fp8 --quantize-q: P V in f16 (PlanOptions.fp8_f16_values)")
-    parser.add_argument("--conflict-free", action="store_true",
-                        help="with --fp8: 8 e4m3 a converter thread (PlanOptions.fp8_conflict_free_converter)")
+    parser.add_argument("--wide-converter", action="store_true",
+                        help="with --fp8: 16 e4m3 a converter thread (PlanOptions(fp8_conflict_free_converter=False))")
     args = parser.parse_args()
     ok = True
     specs = {s.name: s for s in attnc.parse_file("examples/specs/mla.attn")}
@@ -131,7 +131,7 @@ def main() -> int:
             w = plan_with(specs[name], block_n, None, persistent=args.persistent).decode.warpgroups.layout
             fit = w.fp8_stages or w.stages
             for stages in range(2, fit + 1):
-                plan = plan_with(specs[name], block_n, stages, converters, args.f16_values, args.conflict_free or None,
+                plan = plan_with(specs[name], block_n, stages, converters, args.f16_values, False if args.wide_converter else None,
                                  args.persistent)
                 w = plan.decode.warpgroups.layout
                 if w.fp8_stages:

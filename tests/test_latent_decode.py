@@ -104,8 +104,8 @@ def test_fp8_latent_converts_in_shared_memory():
     go = latent_launch(_plan(spec=spec), dict(B=64, H=64, HKV=1, M=1, N=4096), 132)
     assert go.decode.keywords["maxnreg"] == 128  # 16 warps share the register file
     source = gluon_decode.generate_gluon_decode(_plan(spec=spec))
-    assert "def convert(" in source and "upcast_fp8(k8_bufs.index(land * CHUNKS + c).load(CVT))" in source
-    assert source.count("(convert, (") == 1 and "CONVERT" not in source and w.converter_vector == 16
+    assert "def convert(" in source and "upcast_fp8(k8_bufs.index(land * CHUNKS + c).load(CONVERT)" in source
+    assert source.count("(convert, (") == 1 and w.converter_vector == 8  # the conflict-free converter by default
     assert "scale = tl.max(" in source  # the values' dequant scale joins each row's 1 / l
     with pytest.raises(attnc.CompileError, match="fits 0 ring stage.* of e4m3 tiles beside two converted ones"):
         _plan(spec=spec, options=PlanOptions(gluon=True, warpgroup_block_n=64))
@@ -115,20 +115,26 @@ def test_fp8_latent_converts_in_shared_memory():
 
 @pytest.mark.parametrize("quantize", [False, True])
 def test_conflict_free_converter(quantize):
-    """PlanOptions.fp8_conflict_free_converter alone: one converter, 8 e4m3 a thread (CONVERT), registers and shared
-    memory as by default; quantize_rows keeps 16 a thread (CVT). Explicitly off, it refuses the options that need it."""
+    """PlanOptions.fp8_conflict_free_converter, the default (None or True): one converter, 8 e4m3 a thread (CONVERT);
+    quantize_rows keeps 16 a thread (CVT). False: 16 a thread through CVT, registers and shared memory as with it;
+    so set, it refuses the options that need it."""
     spec = _fp8_spec(rope="f8e4m3", quantize=quantize)
-    default = _plan(spec=spec).decode.warpgroups.layout
     plan = _plan(spec=spec, options=PlanOptions(gluon=True, fp8_conflict_free_converter=True))
+    assert gluon_decode.generate_gluon_decode(plan) == gluon_decode.generate_gluon_decode(_plan(spec=spec))
     w = plan.decode.warpgroups.layout
     assert (w.converter_vector, w.converter_warpgroups, w.f16_values) == (8, 1, False)
-    assert (w.smem, w.value_regs, w.converter_regs) == (default.smem, default.value_regs, default.converter_regs)
     source = gluon_decode.generate_gluon_decode(plan)
     assert "upcast_fp8(k8_bufs.index(land * CHUNKS + c).load(CONVERT), k_bufs.dtype)" in source
     assert "CONVERT = gl.constexpr(gl.BlockedLayout([1, 8]," in source and source.count("(convert, (") == 1
     assert ("CVT = gl.constexpr(" in source) == quantize and "allocate_shared_memory(gl.float16" not in source
     assert "1 converter warpgroup(s) of 8 e4m3 a thread" in source.splitlines()[1]
-    assert "e4m3 a thread" not in gluon_decode.generate_gluon_decode(_plan(spec=spec)).splitlines()[1]
+    wide = _plan(spec=spec, options=PlanOptions(gluon=True, fp8_conflict_free_converter=False))
+    v = wide.decode.warpgroups.layout
+    assert v.converter_vector == 16 and (v.smem, v.value_regs, v.converter_regs) == (w.smem, w.value_regs,
+                                                                                      w.converter_regs)
+    source = gluon_decode.generate_gluon_decode(wide)
+    assert "upcast_fp8(k8_bufs.index(land * CHUNKS + c).load(CVT))" in source and "CONVERT" not in source
+    assert "e4m3 a thread" not in source.splitlines()[1]
     for option in (dict(fp8_converter_warpgroups=2), dict(fp8_f16_values=True))[:1 + quantize]:
         with pytest.raises(attnc.CompileError, match="use the conflict-free converter"):
             _plan(spec=spec, options=PlanOptions(gluon=True, fp8_conflict_free_converter=False, **option))
@@ -157,9 +163,30 @@ def test_two_converter_warpgroups_and_f16_values(quantize):
     assert ("k_bufs = gl.allocate_shared_memory(gl.float16," in source) == quantize
     assert "2 converter warpgroup(s)" in source.splitlines()[1]
     one = _plan(spec=spec, options=PlanOptions(gluon=True, fp8_converter_warpgroups=1)).decode.warpgroups.layout
-    assert (one.converter_warpgroups, one.converter_vector, one.f16_values, score_registers(one)) == (1, 16, False, 232)
+    assert (one.converter_warpgroups, one.converter_vector, one.f16_values, score_registers(one)) == (1, 8, False, 232)
     with pytest.raises(attnc.CompileError, match="fp8_converter_warpgroups .* one of 1, 2, got 3"):
         _plan(spec=spec, options=PlanOptions(gluon=True, fp8_converter_warpgroups=3))
+
+
+@pytest.mark.parametrize("every", [None, 32, 64, 128, 0])
+def test_quantised_queries_sum_fp8_products_in_float32(every):
+    """PlanOptions.fp8_float32_sum_every: the fp8 x fp8 QK^T's products go into the tensor cores' accumulator in runs
+    of 32 by default (an sm_90 fp8 wgmma keeps ~14 significant bits as it adds), each run added in float32 by Triton's
+    max_num_imprecise_acc on both fp8 wgmmas; 0 leaves one accumulator; without quantised queries it is not used;
+    anything but a run of whole fp8 wgmmas within a chunk is a CompileError naming the option."""
+    spec = _fp8_spec(rope="f8e4m3", quantize=True)
+    plan = _plan(spec=spec, options=PlanOptions(gluon=True, fp8_float32_sum_every=every))
+    run = 32 if every is None else every
+    assert plan.decode.warpgroups.layout.fp8_float32_sum_every == run
+    source = gluon_decode.generate_gluon_decode(plan)
+    assert source.count("max_num_imprecise_acc=FLOAT32_SUM_EVERY") == (5 if run else 0)  # 4 latent chunks, rope
+    assert (f"FLOAT32_SUM_EVERY = gl.constexpr({run})" in source) == bool(run)
+    assert (f"QK^T fp8 x fp8, float32 every {run}" in source.splitlines()[1]) == bool(run)
+    unquantised = _plan(spec=_fp8_spec(rope="f8e4m3"), options=PlanOptions(gluon=True, fp8_float32_sum_every=every))
+    assert unquantised.decode.warpgroups.layout.fp8_float32_sum_every == 0
+    for bad in (16, 48, 256):
+        with pytest.raises(attnc.CompileError, match=f"fp8_float32_sum_every .* one of 32, 64, 128, 0 .* got {bad}"):
+            _plan(spec=spec, options=PlanOptions(gluon=True, fp8_float32_sum_every=bad))
 
 
 def _fp8_spec(rope: str, quantize: bool = False):

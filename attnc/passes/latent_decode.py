@@ -33,10 +33,11 @@ dot as fp8 x fp8 wgmma straight on the e4m3 slots the producer landed, the score
 converter converts only the latent's 512 columns, which P V reads, and the score warpgroup releases an e4m3 slot
 beside it (218368 B at four e4m3 slots, 226560 B without).
 
-The converter's throughput (benchmarks/NOTES.md, "Issue 14: the FP8 converter's throughput"), opt-in until a GPU
-shows it right and faster (PlanOptions; by default one converter converts 16 e4m3 a thread at a time):
-    fp8_conflict_free_converter  8 e4m3 a thread (at 16, its stores into the 128-byte swizzled slot conflict 2-way);
-                                 the two options below use it too
+The converter's throughput (benchmarks/NOTES.md, "Issue 14: the FP8 converter's throughput"; PlanOptions):
+    fp8_conflict_free_converter  8 e4m3 a thread (at 16, its stores into the 128-byte swizzled slot conflict 2-way):
+                                 the default since the H100 measured it 4-11% faster in bytes/s, contiguous and
+                                 paged, with and without quantised queries (session 13); False: 16 a thread.
+                                 The two options below use it too (each within ±3% of it on the H100: opt-in)
     fp8_converter_warpgroups=2   two converter warpgroups, each converting half of every slot's latent chunks; for
                                  registers the launch's maxnreg falls to 96: budgets
                                  of 40 a converter and 160 for the value warpgroup leave the score warpgroup 216
@@ -99,6 +100,8 @@ HBM_BYTES_PER_US = 2.7e6
 MERGE_US = 10.0
 FP8_MMA_K = 32  # an fp8 x fp8 wgmma's K: the rope dot's width at least, where QK^T runs in e4m3
 CONVERTER_WARPGROUPS = (1, 2)  # PlanOptions.fp8_converter_warpgroups
+# PlanOptions.fp8_float32_sum_every: a run of an fp8 wgmma's K (32) up to a chunk's (LATENT_CHUNK), or 0
+FLOAT32_SUM_RUNS = (32, 64, 128, 0)
 # setmaxnreg budgets beside the converter(s): the value warpgroup's 128-register accumulator and a row vector, each
 # converter's loads and conversions; the score warpgroup keeps what the file leaves (score_registers), at least
 # SCORE_REGS: its accumulator, the [64, BN] scores and the softmax state (ptxas, two converters: 376-464 B of spills
@@ -312,10 +315,16 @@ def choose_layout(plan: KernelPlan, stages: int | None = None) -> LatentDecodeLa
     if conflict_free is False and (converters > 1 or f16_values):
         raise CompileError("fp8_converter_warpgroups=2 and fp8_f16_values use the conflict-free converter: "
                            "fp8_conflict_free_converter=False cannot go with them")
-    vector = 8 if conflict_free or converters > 1 or f16_values else 16
+    vector = 16 if conflict_free is False else 8
+    sum_every = FLOAT32_SUM_RUNS[0] if plan.options.fp8_float32_sum_every is None else plan.options.fp8_float32_sum_every
+    if sum_every not in FLOAT32_SUM_RUNS:
+        raise CompileError(f"fp8_float32_sum_every for the MLA decode kernel must be one of "
+                           f"{', '.join(map(str, FLOAT32_SUM_RUNS))} (0: the tensor cores' accumulator over all "
+                           f"{LATENT_DIM} columns), got {sum_every!r}")
     layout = LatentDecodeLayout(ROWS, block_n, 2, chunks, rope, smem, fp8_stages=stages, fp8_queries=fp8_queries,
                                 value_regs=value_regs, converter_regs=converter_regs,
-                                converter_warpgroups=converters, converter_vector=vector, f16_values=f16_values)
+                                converter_warpgroups=converters, converter_vector=vector, f16_values=f16_values,
+                                fp8_float32_sum_every=sum_every if fp8_queries else 0)
     if score_registers(layout) < SCORE_REGS:  # a guard for edits of the budgets above
         raise CompileError(f"{converters} converter warpgroup(s) of {converter_regs} registers and a value warpgroup "
                            f"of {value_regs} leave the score warpgroup {score_registers(layout)}, under {SCORE_REGS}")

@@ -48,30 +48,30 @@ class PlanOptions:
     # its weights (the softmax) under P V: P goes through shared memory (two buffers a consumer), so a consumer waits for P V of
     # tile j-1 at the start of tile j+1 and its weights of tile j run while that P V does (ptxas otherwise waits for
     # it before the weights: benchmarks/NOTES.md, issue 13); where the layout overlaps (passes/warpgroups.py); False
-    # or None: P in registers (the default until a GPU run shows it right and faster)
+    # or None: P in registers (the default: with it the H100 ran 0.79-0.87x, session 13)
     gluon_weights_under_pv: bool | None = None
     # the prefill's QK^T (the Triton template's and the Gluon kernel's) over D's power-of-two chunks (192 = 128 +
     # 64: passes/tiling.py head_dim_chunks); False pads D to a power of two as the other kernels do; None: chunks
     # where D has them
     chunk_head_dim: bool | None = None
     # Hopper: the backward's dK/dV kernel in Gluon (passes/warpgroups.py dkdv_layout, FlashAttention-3's design)
-    # where the plan qualifies; False or None the Triton template's (the default until a GPU run shows it right and
-    # faster)
+    # where the plan qualifies; False or None the Triton template's (the default: the H100 ran the Gluon one at 1.00x
+    # dense and 0.90-0.93x causal, session 13)
     gluon_backward: bool | None = None
     # its query rows per ring slot (32 or 64; A/B runs); None: the pass's choice (passes/warpgroups.py)
     gluon_backward_block_m: int | None = None
     # its P^T and dS^T of query tile m + 1 computed while dV and dK of tile m run: a consumer issues S^T and dP^T of
     # the next tile ahead of this tile's dV and dK, which read P^T and dS^T from shared memory (two buffers each);
     # with them in registers ptxas waits for dP^T before the exponentials (benchmarks/NOTES.md, issue 12 bwdoverlap).
-    # False or None: one tile at a time, P^T and dS^T in registers (the default until a GPU run shows it faster)
+    # False or None: one tile at a time, P^T and dS^T in registers (the default: with it 0.85-0.89x, session 13)
     gluon_backward_ds_under_dkdv: bool | None = None
     # its dQ too (with the skew above, which it implies): per tile dQ^T = K^T dS^T by wgmma, bulk-added into the
     # float32 dQ by TMA's reduce-add (the template's atomic mode's buffer and conversion), so the dQ kernel does not
-    # run (deterministic=True keeps it, and the template's dK/dV kernel). None or False: the dQ kernel's
+    # run (deterministic=True keeps it, and the template's dK/dV kernel). None or False: the dQ kernel's (with it the
+    # H100 ran 0.91-0.97x, session 13)
     gluon_backward_dq_in_dkdv: bool | None = None
-    # Hopper, the Gluon MLA decode kernel over an FP8 latent (passes/latent_decode.py; A/B runs, not yet seen on a
-    # GPU): the conflict-free converter, 8 e4m3 a thread (at 16, its stores conflict 2-way); None: 16 a thread,
-    # unless one of the two options below asks for it
+    # Hopper, the Gluon MLA decode kernel over an FP8 latent (passes/latent_decode.py): the conflict-free converter,
+    # 8 e4m3 a thread (at 16, its stores conflict 2-way; 4-11% slower on the H100); None: it, False: 16 a thread
     fp8_conflict_free_converter: bool | None = None
     # ...warpgroups converting each e4m3 slot (1 or 2, each half of a slot's latent chunks); 2 uses the conflict-free
     # converter; None: 1
@@ -80,9 +80,14 @@ class PlanOptions:
     # instruction a pair, bf16 four; both exact or finer in f16, latent_decode.py says why); uses the conflict-free
     # converter; None: bf16
     fp8_f16_values: bool | None = None
+    # ...and with quantised queries, the fp8 x fp8 QK^T's products go into the tensor cores' accumulator in runs of
+    # this many, each run added in float32 (32, 64 or 128); 0: one accumulator over all 512 columns, the hardware's
+    # (faster; an sm_90 fp8 wgmma keeps ~14 significant bits as it adds, which put out 2x the bf16 tolerance off on
+    # the H100). None: 32, every wgmma instruction (torch._scaled_mm's default, use_fast_accum=False)
+    fp8_float32_sum_every: int | None = None
     # Hopper MLA decode (the Gluon kernel, passes/latent_decode.py): True a program per SM, each taking an equal
     # share of all (sequence, head group)s' key tiles (latent_decode.balanced_shares); None or False one program per
-    # (position, head group, split) by passes/decode.split_count (the default until a GPU run shows it faster)
+    # (position, head group, split) by passes/decode.split_count (the default: with it 0.58-0.95x, session 13)
     mla_persistent: bool | None = None
 
 
@@ -329,6 +334,9 @@ class LatentDecodeLayout:
     converter_vector: int = 16  # e4m3 a converter thread loads and converts at a time (8: conflict-free stores)
     # P V in f16 (P and the converted slots) where q is bf16 and QK^T reads the e4m3 slots (fp8_queries)
     f16_values: bool = False
+    # with fp8_queries: QK^T's products summed by the tensor cores in runs of this many, the runs added in float32
+    # (Triton's max_num_imprecise_acc); 0: one run over every chunk
+    fp8_float32_sum_every: int = 0
     # a program per SM over equal shares of every (sequence, head group)'s key tiles (latent_decode.balanced_shares)
     persistent: bool = False
 

@@ -87,7 +87,8 @@ def plan_line(plan: KernelPlan) -> str:
             f"{w.producer_warps} producer warp; latent chunks {'+'.join(map(str, w.chunks))}; {w.smem} B shared"
             + (f"; e4m3 stages={w.fp8_stages}, {w.converter_warpgroups} converter warpgroup(s) of "
                f"{w.converter_vector} e4m3 a thread{', P V in f16' if w.f16_values else ''}"
-               if w.converter_vector != LatentDecodeLayout.converter_vector else ""))
+               if w.converter_vector != LatentDecodeLayout.converter_vector else "")
+            + (f"; QK^T fp8 x fp8, float32 every {w.fp8_float32_sum_every} products" if w.fp8_float32_sum_every else ""))
 
 
 def load_gluon_decode_module(plan: KernelPlan):
