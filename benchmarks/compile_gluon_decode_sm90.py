@@ -53,10 +53,10 @@ def fp8_spec(name: str, quantize_q: bool = False):
 
 
 def plan_with(spec, block_n: int, stages: int | None, converters: int | None = None, f16_values: bool = False,
-              conflict_free: bool | None = None, persistent: bool = False):
+              conflict_free: bool | None = None, persistent: bool = False, sum_every: int | None = None):
     options = PlanOptions(gluon=True, warpgroup_block_n=block_n, fp8_converter_warpgroups=converters,
                           fp8_f16_values=f16_values, fp8_conflict_free_converter=conflict_free,
-                          mla_persistent=persistent or None)
+                          mla_persistent=persistent or None, fp8_float32_sum_every=sum_every)
     plan = plan_kernel(spec, Target("triton", "cuda", 90), 512, 512, options)
     staged = plan.decode.warpgroups
     assert staged.path == "gluon", staged.reason
@@ -118,6 +118,9 @@ def main() -> int:
                         help="with --fp8 --quantize-q: P V in f16 (PlanOptions.fp8_f16_values)")
     parser.add_argument("--wide-converter", action="store_true",
                         help="with --fp8: 16 e4m3 a converter thread (PlanOptions(fp8_conflict_free_converter=False))")
+    parser.add_argument("--float32-sum-every", type=int,
+                        help="with --fp8 --quantize-q: QK^T's fp8 products added in float32 every N, 0 never "
+                             "(PlanOptions.fp8_float32_sum_every; by default 32)")
     args = parser.parse_args()
     ok = True
     specs = {s.name: s for s in attnc.parse_file("examples/specs/mla.attn")}
@@ -132,7 +135,7 @@ def main() -> int:
             fit = w.fp8_stages or w.stages
             for stages in range(2, fit + 1):
                 plan = plan_with(specs[name], block_n, stages, converters, args.f16_values, False if args.wide_converter else None,
-                                 args.persistent)
+                                 args.persistent, args.float32_sum_every)
                 w = plan.decode.warpgroups.layout
                 if w.fp8_stages:
                     name_label = (f"{name} fp8{'+q8' if args.quantize_q else ''}{'+f16' if w.f16_values else ''} "

@@ -179,8 +179,11 @@ def test_quantised_queries_sum_fp8_products_in_float32(every):
     run = 32 if every is None else every
     assert plan.decode.warpgroups.layout.fp8_float32_sum_every == run
     source = gluon_decode.generate_gluon_decode(plan)
-    assert source.count("max_num_imprecise_acc=FLOAT32_SUM_EVERY") == (5 if run else 0)  # 4 latent chunks, rope
-    assert (f"FLOAT32_SUM_EVERY = gl.constexpr({run})" in source) == bool(run)
+    assert source.count("max_num_imprecise_acc=FLOAT32_SUM_EVERY") == (4 if run else 0)  # the latent's 4 chunks
+    assert source.count("max_num_imprecise_acc=ROPE_FLOAT32_SUM_EVERY") == (1 if run else 0)
+    assert (f"\nFLOAT32_SUM_EVERY = gl.constexpr({run})" in source) == bool(run)
+    # Triton refuses a run longer than the wgmma's K: the rope dot's is 64
+    assert (f"ROPE_FLOAT32_SUM_EVERY = gl.constexpr({min(run, 64)})" in source) == bool(run)
     assert (f"QK^T fp8 x fp8, float32 every {run}" in source.splitlines()[1]) == bool(run)
     unquantised = _plan(spec=_fp8_spec(rope="f8e4m3"), options=PlanOptions(gluon=True, fp8_float32_sum_every=every))
     assert unquantised.decode.warpgroups.layout.fp8_float32_sum_every == 0

@@ -96,6 +96,7 @@ QR8_SMEM = gl.constexpr(gl.NVMMASharedLayout.get_default_for([ROWS, ROPE], KDTYP
 QUANTIZE_MAX = gl.constexpr(448.0)
 QUANTIZE_TINY = gl.constexpr(5.266214691683848e-36)
 FLOAT32_SUM_EVERY = gl.constexpr(32)
+ROPE_FLOAT32_SUM_EVERY = gl.constexpr(32)
 
 
 @gluon.jit
@@ -258,7 +259,7 @@ def score_warpgroup(
         qk = warpgroup_mma(q8_bufs.index(1), k8_bufs.index(land * CHUNKS + 1).permute((1, 0)), qk, max_num_imprecise_acc=FLOAT32_SUM_EVERY, is_async=True)
         qk = warpgroup_mma(q8_bufs.index(2), k8_bufs.index(land * CHUNKS + 2).permute((1, 0)), qk, max_num_imprecise_acc=FLOAT32_SUM_EVERY, is_async=True)
         qk = warpgroup_mma(q8_bufs.index(3), k8_bufs.index(land * CHUNKS + 3).permute((1, 0)), qk, max_num_imprecise_acc=FLOAT32_SUM_EVERY, is_async=True)
-        qk_1 = warpgroup_mma(qr8_buf.index(0), kr8_bufs.index(land).permute((1, 0)), s_zero, use_acc=False, max_num_imprecise_acc=FLOAT32_SUM_EVERY, is_async=True)
+        qk_1 = warpgroup_mma(qr8_buf.index(0), kr8_bufs.index(land).permute((1, 0)), s_zero, use_acc=False, max_num_imprecise_acc=ROPE_FLOAT32_SUM_EVERY, is_async=True)
         qk, qk_1 = warpgroup_mma_wait(0, deps=[qk, qk_1])
         mbarrier.arrive(empty8.index(land), count=1)  # the slot is free once the converter is done with it too
         qk = qk * q_scale[:, None]
