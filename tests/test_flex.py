@@ -17,6 +17,7 @@ from attnc.dsl import flex as flex_module
 from attnc.dsl import symbolic as symbolic_module
 from attnc.dsl.flex import create_block_mask, flex_spec
 from attnc.errors import CallError, TraceError
+from test_host_overhead import needs_idle_host
 from attnc.ir import Binary, IndexVar, Num, TensorDecl, default_score
 
 pytestmark = pytest.mark.shared_cache
@@ -607,6 +608,7 @@ def test_flex_attention_on_gpu(dtype):
 
 
 @pytest.mark.gpu
+@needs_idle_host
 def test_flex_attention_host_time_per_call_gpu(monkeypatch):
     """A cache hit of flex_attention (score_mod capturing a scalar, a causal block mask) costs the host less than
     1.25x causal SDPA's on a tiny problem (test_host_overhead.HOST_BOUND); the results before and after the

@@ -6,6 +6,7 @@ goes back through bind() and the JIT.
 On CPU Triton's interpreter returns no compiled kernel, so these tests stand an interpreter-backed launcher in
 for Triton's (it runs the kernel with exactly the argument list a direct launch receives) and check every
 result against attnc.reference. The GPU tests time the real thing."""
+import os
 import sys
 import types
 from pathlib import Path
@@ -542,9 +543,14 @@ TINY = wrappers.SOFTCAP.replace("f32[", "bf16[")  # the front-ends' spec, as the
 # bound that holds on fast and slow hosts alike. Issue 4's absolute target (15 us) is reported by
 # benchmarks/host_overhead.py, not asserted here.
 HOST_BOUND = 1.25
+# A host-time bound means nothing while other test processes share the CPUs (pytest -n): such runs skip it, and the
+# GPU plan runs `pytest -m gpu -k host_time` on its own (benchmarks/NOTES.md)
+needs_idle_host = pytest.mark.skipif("PYTEST_XDIST_WORKER" in os.environ,
+                                     reason="host time is measured on an otherwise idle host: run it without -n")
 
 
 @pytest.mark.gpu
+@needs_idle_host
 def test_host_time_per_call_on_a_cache_hit_gpu():
     spec = attnc.parse(TINY)[0]
     q, k, v = (torch.randn(1, 4, 128, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
