@@ -1,7 +1,8 @@
-"""Training: every attnc call that needs gradients, or that torch.compile traces, runs as the custom op
-`attnc::attention` (torch.library), with a fake implementation for tracing and a registered autograd formula
-whose backward is the op `attnc::attention_backward`, the backend's kernels for the IR's derivative
-(passes/grad.py). The forward saves out and lse (never an N x N matrix).
+"""Training: every attnc call that torch.compile traces runs as the custom op `attnc::attention` (torch.library),
+with a fake implementation for tracing and a registered autograd formula whose backward is the op
+`attnc::attention_backward`, the backend's kernels for the IR's derivative (passes/grad.py). An eager call that needs
+gradients runs the same kernels through a plain autograd.Function (`_Eager`), which costs less host time than the
+ops' dispatch. The forward saves out and lse (never an N x N matrix).
 
 An op takes the kernel as a string: the key of an `_Entry` registered here when a Kernel first runs through the
 op, so that a traced graph names the kernel as a constant. Params cross the op as floats (every i32 param is
