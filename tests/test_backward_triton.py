@@ -367,41 +367,82 @@ INLINE_EX2 = 'tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x
 
 
 @INTERPRETER_ONLY
-@pytest.mark.parametrize("deterministic", [False, True])
-def test_hopper_descriptor_path(deterministic):
-    # The sm_90 source (q, dO, dQ and K, V through tensor descriptors) run in the interpreter, which needs no
-    # descriptor scratch and runs no inline assembly. Triton 3.9's interpreter has no descriptor reduction: the
-    # bulk add of dQ runs as the same add through pointers here (it compiles for sm_90: benchmarks/NOTES.md).
+def hopper_backward(spec, d):
+    """(plan, module) of `spec`'s sm_90 backward (q, dO and dQ, and K, V, through tensor descriptors) made to run in
+    the interpreter, which needs no descriptor scratch and runs no inline assembly. Triton 3.9's interpreter has no
+    descriptor reduction: the bulk add of dQ runs as the same add through pointers here (it compiles for sm_90:
+    benchmarks/NOTES.md)."""
     import types
 
     from attnc.backends.triton.backward import generate_backward
-    from attnc.backends.triton.gradients import BackwardLauncher
     from attnc.passes import PlanOptions, Target
 
-    spec = replace(PADDED, returns_lse=True)
-    q, k, v, kwargs = call_inputs(spec, 45, 70, "f32", "cpu", d=40)
-    _, bound, out, lse = forward(spec, q, k, v, kwargs)
-    plan = plan_kernel(spec, Target("triton", "cuda", 90), 40, 40, PlanOptions(tma=True))
+    plan = plan_kernel(spec, Target("triton", "cuda", 90), d, d, PlanOptions(tma=True))
     source = generate_backward(plan)
     assert "make_tensor_descriptor" in source and INLINE_EX2 in source
     module = types.ModuleType("hopper_backward")
     bulk_add = "dq_desc.atomic_add([m * BLOCK_M, 0], dq_tile)"
     assert bulk_add in source
     source = source.replace(bulk_add, "tl.atomic_add(dq_ptr + b * s_dqb + h * s_dqh + q_rows[:, None] * s_dqm "
-                                      "+ offs_d[None, :] * s_dqd, dq_tile, mask=row_valid[:, None] & (offs_d < 40))")
+                                      f"+ offs_d[None, :] * s_dqd, dq_tile, mask=row_valid[:, None] & (offs_d < {d}))")
     exec(compile(source.replace("scratch.install()", "").replace(INLINE_EX2, "tl.exp2(x)"), "hopper_backward.py",
                  "exec"), module.__dict__)
+    return plan, module
+
+
+def check_grads(grads, want):
+    for name, ref in want.items():
+        assert not grads[name].isnan().any(), f"{name}: every gradient element is written (buffers start as NaN)"
+        err = (grads[name].double() - ref.double()).abs().max().item()
+        assert err <= TOL["f32"] * max(1.0, ref.abs().max().item()), (name, err)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_hopper_descriptor_path(deterministic):
+    from attnc.backends.triton.gradients import BackwardLauncher
+
+    spec = replace(PADDED, returns_lse=True)
+    q, k, v, kwargs = call_inputs(spec, 45, 70, "f32", "cpu", d=40)
+    _, bound, out, lse = forward(spec, q, k, v, kwargs)
+    plan, module = hopper_backward(spec, 40)
     dout, dlse = torch.randn_like(out), torch.randn_like(lse)
     launcher = BackwardLauncher(plan, module)
     assert launcher.descriptors(q, dout, torch.zeros_like(q))  # the dQ kernel loads by pointers (see descriptors)
     assert not launcher.descriptors(q, dout.transpose(2, 3).contiguous().transpose(2, 3),
                                     torch.zeros_like(q))  # dO with a strided head dim
     grads = launcher(bound, out, lse, dout, dlse, deterministic)
-    want = reference_grads(spec, q, k, v, kwargs, dout, dlse)
-    for name, ref in want.items():
-        assert not grads[name].isnan().any(), name
-        err = (grads[name].double() - ref.double()).abs().max().item()
-        assert err <= TOL["f32"] * max(1.0, ref.abs().max().item()), (name, err)
+    check_grads(grads, reference_grads(spec, q, k, v, kwargs, dout, dlse))
+
+
+def test_launcher_plans_once_and_each_call_picks_its_own_launch(monkeypatch):
+    # The backward's launch keywords are planned when the launcher is built (a call only reads shapes and strides:
+    # re-planning cost ~0.15 ms of host time a training step, benchmarks/NOTES.md issue 12, causal S = 1k); a call's
+    # own choices (mode, dlse, descriptors or pointers for dO) still reach its launches, not the next call's.
+    from attnc.backends.triton import gradients, launch
+
+    spec = with_dtype(replace(EXAMPLES["causal_lm"], returns_lse=True), "f32")
+    q, k, v, kwargs = call_inputs(spec, 45, 70, "f32", "cpu", d=32)
+    _, bound, out, lse = forward(spec, q, k, v, kwargs)
+    plan, module = hopper_backward(spec, 32)
+    launcher = gradients.BackwardLauncher(plan, module)
+
+    def planned(*args):
+        raise AssertionError("the backward was planned during a call")
+
+    monkeypatch.setattr(gradients, "plan_backward", planned)
+    monkeypatch.setattr(gradients, "launch_keywords", planned)
+    tma = []
+    fitting = launch.launch_fitting
+    monkeypatch.setattr(launch, "launch_fitting", lambda fn, grid, args, keywords, *rest: (
+        tma.append(keywords.get("TMA")) if fn.__name__ == "attn_bwd_dkdv" else None,
+        fitting(fn, grid, args, keywords, *rest))[1])
+    strided = torch.randn(*out.shape, 2)[..., 0]  # a strided head dim: dO without descriptors
+    contiguous = torch.randn_like(out)
+    for dout, dlse, deterministic in ((contiguous, torch.randn_like(lse), False), (strided, None, True),
+                                      (contiguous, None, False), (strided, torch.randn_like(lse), False)):
+        grads = launcher(bound, out, lse, dout, dlse, deterministic)
+        check_grads(grads, reference_grads(spec, q, k, v, kwargs, dout, dlse))
+    assert tma == [True, False, True, False]
 
 
 def test_backward_kernels_compile_for_hopper(tmp_path):

@@ -105,6 +105,39 @@ def test_integer_and_unused_inputs_get_no_gradient():
     assert derive(spec).tables == ()
 
 
+@pytest.mark.parametrize("loss_reads", ["out", "lse", "both"])
+def test_eager_training_runs_without_the_ops(monkeypatch, loss_reads):
+    """Outside torch.compile a call trains through a plain autograd.Function (no torch.library dispatch: host time,
+    benchmarks/NOTES.md issue 12), whose backward gets no zero-filled gradient for an output the loss does not read:
+    out, lse or both read, the gradients (NaN-poisoned buffers) match the reference's."""
+    from attnc.backends.triton import launch
+    from attnc.runtime import autograd
+
+    def op(*args, **kwargs):
+        raise AssertionError("an eager call went through the custom op")
+
+    monkeypatch.setattr(autograd, "attention_op", op)
+    monkeypatch.setattr(autograd, "attention_backward_op", op)
+    spec = with_dtype(next(s for s in DENSE if s.name == "causal_lm"), "f32")
+    assert spec.returns_lse
+    q, k, v, kwargs, _ = _leaves(spec, example_sizes(spec, m=37, n=53), seed=11)
+    g = torch.Generator().manual_seed(12)
+    weights = {"out": torch.randn(q.shape, generator=g, dtype=torch.float64),
+               "lse": torch.randn(q.shape[:-1], generator=g, dtype=torch.float64)}
+
+    def grads(fn):
+        out, lse = fn(q, k, v)
+        parts = {"out": (out.double() * weights["out"]).sum(),
+                 "lse": (torch.where(lse > -math.inf, lse.double(), 0.0) * weights["lse"]).sum()}
+        loss = sum(parts[name] for name in (("out", "lse") if loss_reads == "both" else (loss_reads,)))
+        return torch.autograd.grad(loss, [q, k, v], allow_unused=True)  # lse does not read v
+
+    with launch.poisoned_outputs():
+        got = grads(attnc.compile(spec, backend="triton"))
+    want = grads(lambda *a: attnc.reference(spec, *a))
+    _check_grads(got, want, ["q", "k", "v"])
+
+
 def test_double_backward_is_a_clear_error():
     spec = with_dtype(next(s for s in DENSE if s.name == "causal_lm"), "f32")
     sizes = example_sizes(spec, m=8, n=8)

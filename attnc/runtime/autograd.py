@@ -1,7 +1,8 @@
-"""Training: every attnc call that needs gradients, or that torch.compile traces, runs as the custom op
-`attnc::attention` (torch.library), with a fake implementation for tracing and a registered autograd formula
-whose backward is the op `attnc::attention_backward`, the backend's kernels for the IR's derivative
-(passes/grad.py). The forward saves out and lse (never an N x N matrix).
+"""Training: every attnc call that torch.compile traces runs as the custom op `attnc::attention` (torch.library),
+with a fake implementation for tracing and a registered autograd formula whose backward is the op
+`attnc::attention_backward`, the backend's kernels for the IR's derivative (passes/grad.py). An eager call that needs
+gradients runs the same kernels through a plain autograd.Function (`_Eager`), which costs less host time than the
+ops' dispatch. The forward saves out and lse (never an N x N matrix).
 
 An op takes the kernel as a string: the key of an `_Entry` registered here when a Kernel first runs through the
 op, so that a traced graph names the kernel as a constant. Params cross the op as floats (every i32 param is
@@ -194,10 +195,62 @@ def call(kernel: "kernel.Kernel", q, k, v, kwargs: dict):
                             f"kernels yet (forward only); call it under torch.no_grad() or pass {wanting}.detach()")
     key = kernel.op_key
     inputs = [kwargs[t.name] for t in spec.inputs]
-    params = torch.tensor([kwargs[p.name] if p.name in kwargs else p.default for p in spec.params],
-                          dtype=torch.float64)
-    out, lse = attention_op(key, q, k, v, inputs, params)
+    if torch.compiler.is_compiling():
+        params = torch.tensor([kwargs[p.name] if p.name in kwargs else p.default for p in spec.params],
+                              dtype=torch.float64)
+        out, lse = attention_op(key, q, k, v, inputs, params)
+    else:
+        out, lse = _Eager.apply(_entry(key), kwargs, q, k, v, *inputs)
     return (out, lse) if spec.returns_lse else out
+
+
+class _Eager(torch.autograd.Function):
+    """The ops' forward and backward outside torch.compile, without torch.library's dispatch: a custom-op pair cost
+    ~120 us more host time per training step than this on the CPU machine (~0.3 ms on the H100's host, where short
+    training steps are host-bound: benchmarks/NOTES.md, issue 12, causal S = 1k). Same kernels, same gradients."""
+
+    @staticmethod
+    def forward(ctx, entry: _Entry, kwargs: dict, q, k, v, *inputs):
+        qkv = (q, k) if entry.spec.shares_kv else (q, k, v)
+        out, lse = entry.forward(*qkv, **kwargs)
+        out, lse = out.contiguous(), lse.contiguous()
+        ctx.save_for_backward(q, k, v, out, lse, *inputs)
+        ctx.entry, ctx.kwargs = entry, kwargs
+        ctx.set_materialize_grads(False)  # no zero-filled gradient for an output the loss does not read
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, *inputs = ctx.saved_tensors
+        entry = ctx.entry
+        deterministic = entry.deterministic
+        if deterministic is None:
+            deterministic = torch.are_deterministic_algorithms_enabled()
+        if not entry.spec.returns_lse:
+            dlse = None  # the caller never saw lse
+        dout = torch.zeros_like(out) if dout is None else dout.contiguous()
+        kwargs = {**ctx.kwargs, **dict(zip(entry.input_names, inputs))}
+        with torch.no_grad():
+            grads = entry.backward(q, k, v, kwargs, out, lse, dout, dlse, deterministic)
+        wanted = [grads["q"], grads["k"], grads["v"], *(grads.get(name) for name in entry.input_names)]
+        if torch.is_grad_enabled():  # create_graph=True: the gradients' own backward is a clear error
+            leaves = [g for g in wanted if g is not None]
+            firsts = iter(_FirstOrderOnly.apply(q, *leaves))
+            wanted = [None if g is None else next(firsts) for g in wanted]
+        return None, None, *wanted
+
+
+class _FirstOrderOnly(torch.autograd.Function):
+    """The gradients of an _Eager call under create_graph=True, as they are, with a backward that says attnc computes
+    first derivatives only (`anchor`, an input that requires grad, makes them part of the graph)."""
+
+    @staticmethod
+    def forward(ctx, anchor, *grads):
+        return tuple(g.view_as(g) for g in grads)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        _no_double_backward(ctx, *grads)
 
 
 def gradients(kernel: "kernel.Kernel", q, k, v, kwargs: dict, out, lse, dout, dlse,

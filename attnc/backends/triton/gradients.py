@@ -71,6 +71,10 @@ class BackwardLauncher:
         # the forward's tile_summary classes the backward's tiles of data-dependent masks
         self.forward = launch.TritonLauncher(plan, launch.load_module(plan)) if summary_used(plan) else None
         self._stages: dict = {}  # pipeline stages that fit, per (kernel, tile)
+        # each kernel's constexprs and options per (deterministic, has dlse): planned once, not per call (the
+        # backward plan's mask analysis cost ~50-130 us of host time a call on the CPU machine)
+        self._keywords = {(det, has_dlse): launch_keywords(plan, det, has_dlse)
+                          for det in (False, True) for has_dlse in (False, True)}
         self.gluon_dkdv = gluon_dkdv(plan, self.backward)
 
     def __call__(self, bound: Bound, out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor,
@@ -105,9 +109,9 @@ class BackwardLauncher:
         if dlse is None:
             values["dlse_strides"] = (0, 0, 0)  # lse stands in for the pointer
 
-        keywords = launch_keywords(self.plan, deterministic, dlse is not None)
+        keywords = self._keywords[(bool(deterministic), dlse is not None)]
         if self.plan.triton.tma:
-            keywords["attn_bwd_dkdv"]["TMA"] = self.descriptors(q, dout, dq)
+            keywords = {**keywords, "attn_bwd_dkdv": {**keywords["attn_bwd_dkdv"], "TMA": self.descriptors(q, dout, dq)}}
         for name in ("attn_bwd_prep", "attn_bwd_dkdv", "attn_bwd_dq"):
             if name == "attn_bwd_dq" and not dq_kernel:
                 continue
