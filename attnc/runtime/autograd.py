@@ -135,14 +135,19 @@ def _setup_context(ctx, inputs, output):
     ctx.key, ctx.params = key, params
 
 
-def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, *tensors = ctx.saved_tensors
-    entry = _entry(ctx.key)
+def _backward_mode(entry: _Entry, dlse):
+    """(deterministic, dlse) of a backward call: the kernel's choice or torch's deterministic-algorithms flag, and
+    no lse gradient where the caller never saw lse."""
     deterministic = entry.deterministic
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
-    if not entry.spec.returns_lse:
-        dlse = None  # the caller never saw lse
+    return deterministic, dlse if entry.spec.returns_lse else None
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse, *tensors = ctx.saved_tensors
+    entry = _entry(ctx.key)
+    deterministic, dlse = _backward_mode(entry, dlse)
     grads = attention_backward_op(ctx.key, q, k, v, tensors, ctx.params, out, lse, dout.contiguous(), dlse,
                                   deterministic)
     by_name = dict(zip(entry.tables, grads[3:]))
@@ -223,11 +228,7 @@ class _Eager(torch.autograd.Function):
     def backward(ctx, dout, dlse):
         q, k, v, out, lse, *inputs = ctx.saved_tensors
         entry = ctx.entry
-        deterministic = entry.deterministic
-        if deterministic is None:
-            deterministic = torch.are_deterministic_algorithms_enabled()
-        if not entry.spec.returns_lse:
-            dlse = None  # the caller never saw lse
+        deterministic, dlse = _backward_mode(entry, dlse)
         dout = torch.zeros_like(out) if dout is None else dout.contiguous()
         kwargs = {**ctx.kwargs, **dict(zip(entry.input_names, inputs))}
         with torch.no_grad():
