@@ -287,7 +287,7 @@ class KernelReplay:
 
     def __init__(self, direct: "DirectLaunch", grid: tuple[int, ...], fn, args: list, keywords: dict,
                  signature=None, varying: tuple[str, ...] = ()):
-        self.direct, self.grid = direct, grid
+        self.direct, self.grid = direct, (*grid, 1)[:2]  # a 1-D grid (persistent programs) as 2-D
         full = args + [keywords[name] for name in fn.arg_names[len(args):]]
         self.args = [None if isinstance(x, torch.Tensor) else x for x in full]
         roles = {g.role for g in signature.groups} if signature is not None else set()
@@ -314,12 +314,13 @@ class PreparedLaunch:
     (and the same keyword names: the caller's key), the sizes, grid, strides, tiles and Triton's specialization
     are those of the call it was made from. Per call it checks only the params, the pointers' 16-byte alignment,
     the current device and Triton's launch hooks, allocates the outputs and calls Triton's launcher. It returns
-    None, and the caller takes the full path (bind, then Triton's JIT), whenever one of those differs."""
+    None, and the caller takes the full path (bind, then Triton's JIT), whenever one of those differs. `launcher`:
+    the template's (TritonLauncher) or the Gluon forward's (gluon.GluonLauncher, no tiles)."""
 
     __slots__ = ("launcher", "direct", "args", "grid", "out_shape", "lse_shape", "dtype", "device", "param_slots",
                  "input_slots", "summary_slot", "scalars", "pointers", "sizes", "tiles")
 
-    def __init__(self, launcher: TritonLauncher, bound: Bound, tiles: LaunchTiles, replay: KernelReplay):
+    def __init__(self, launcher, bound: Bound, tiles: LaunchTiles | None, replay: KernelReplay):
         a = launcher.args
         self.launcher, self.tiles, self.sizes = launcher, tiles, bound.sizes
         self.direct, self.grid, self.args = replay.direct, replay.grid, replay.args
@@ -332,7 +333,8 @@ class PreparedLaunch:
         self.input_slots = tuple((sig.slot(names.tensor(name)), name) for name, _ in a.inputs)
         self.scalars = slice(sig.span("sizes")[0], sig.span("params")[1])
         self.pointers = slice(*sig.span("pointers"))
-        self.summary_slot = sig.span("summary")[0] if a.data_dependent else None
+        # (the Gluon forward evaluates data-dependent masks on every tile: no summary)
+        self.summary_slot = sig.span("summary")[0] if any(g.role == "summary" for g in sig.groups) else None
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kwargs: dict):
         args = self.args.copy()
