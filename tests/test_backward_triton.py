@@ -479,3 +479,74 @@ def test_backward_kernels_compile_for_hopper(tmp_path):
                     str(tmp_path / label.replace(" ", "_")), label))
     results = aot._run_jobs(jobs, workers=2)
     assert [(job.label, r["error"]) for job, r in zip(jobs, results) if "error" in r] == []
+
+
+class InterpretedReplay:
+    """Stands in for Triton's launcher (DirectLaunch) on CPU: runs the interpreted kernel with exactly the argument
+    list a replayed launch hands the launcher, each address replaced by the tensor last seen at it (`memory`)."""
+
+    def __init__(self, fn, memory: dict, launches: list):
+        self.fn, self.memory, self.launches = fn, memory, launches
+
+    def stream(self):
+        return 0
+
+    def launch(self, stream, grid, args):
+        self.launches.append(self.fn.__name__)
+        self.fn[grid](*(self.memory.get(a, a) if type(a) is int else a for a in args))
+
+
+@pytest.mark.parametrize("name, deterministic", [("alibi_doc", False), ("sliding_window", True)])
+def test_later_backward_calls_replay_the_first_calls_launches(monkeypatch, name, deterministic):
+    # A backward call of a signature seen before (shapes, strides, dtypes, devices of every tensor, the mode)
+    # replays its launches (launch.KernelReplay: no strides, TMA checks, packing or JIT launch; host time,
+    # benchmarks/NOTES.md issue 12), with its own tensors, params, table gradients and tile summary; other strides
+    # or sizes, and an unaligned pointer, take the full path. alibi_doc: a table's gradient, a data-dependent mask
+    # (tile summary), GQA, BSHD; sliding_window: a param, the deterministic mode.
+    from attnc.backends.triton import binaries, gradients, launch
+
+    spec = with_dtype(EXAMPLES[name], "f32")
+    memory, jit, replayed = {}, [], []
+    data_ptr = torch.Tensor.data_ptr
+
+    def recorded_ptr(t):
+        address = data_ptr(t)
+        memory[address] = t
+        return address
+
+    def jit_launch(fn, grid, args, keywords):
+        jit.append(fn.__name__)
+        launched(fn, grid, args, keywords)
+        return fn  # what direct_launch gets: the stand-in runs it
+
+    launched = binaries.launch
+    monkeypatch.setattr(torch.Tensor, "data_ptr", recorded_ptr)
+    monkeypatch.setattr(binaries, "launch", jit_launch)
+    monkeypatch.setattr(launch, "direct_launch", lambda fn, device: InterpretedReplay(fn, memory, replayed))
+    launcher = None
+
+    def step(m, n, seed, layout=lambda t: t, **params):
+        nonlocal launcher
+        q, k, v, kwargs = call_inputs(spec, m, n, "f32", "cpu", d=32, seed=seed)
+        kwargs.update(params)
+        plan, bound, out, lse = forward(spec, q, k, v, kwargs)
+        launcher = launcher or gradients.BackwardLauncher(plan)
+        dout = layout(torch.randn_like(out))
+        dlse = torch.randn_like(lse)
+        jit.clear(), replayed.clear()
+        grads = launcher(bound, out, lse, dout, dlse, deterministic)
+        check_grads(grads, reference_grads(spec, q, k, v, kwargs, dout, dlse, out_used=out))
+        return [n for n in jit if n.startswith("attn_bwd")], replayed[:]
+
+    kernels = ["attn_bwd_prep", "attn_bwd_dkdv", "attn_bwd_dq"]
+    full = step(45, 70, seed=1)
+    assert full[0] in (kernels, kernels[:2]) and full[1] == []
+    kernels = full[0]
+    assert step(45, 70, seed=2, **({"window": 9} if name == "sliding_window" else {})) == ([], kernels)
+    strided = step(45, 70, seed=3, layout=lambda t: torch.randn(*t.shape, 2)[..., 0].copy_(t))  # other strides
+    assert strided == (kernels, [])
+    assert step(45, 70, seed=4, layout=lambda t: torch.randn(*t.shape, 2)[..., 0].copy_(t)) == ([], kernels)
+    assert step(29, 52, seed=5) == (kernels, [])  # other sizes
+    unaligned = step(45, 70, seed=6, layout=lambda t: torch.empty(t.numel() + 1)[1:].view(t.shape).copy_(t))
+    assert unaligned == (kernels, [])
+    assert len(launcher._replays) == 3

@@ -593,3 +593,102 @@ def test_prepared_launch_in_a_cuda_graph_gpu():
         graph.replay()
         torch.cuda.synchronize()
         assert_matches(spec, out, q, k, v)
+
+
+CAUSAL_BF16 = """
+attention causal_bf16 {
+    q: bf16[B, H, M, D]  k: bf16[B, H, N, D]  v: bf16[B, H, N, D]
+    param scale: f32 = 0.125
+    score = qk * scale
+    mask i >= j
+    return softmax(score) @ v, lse
+}
+"""
+
+
+def test_gluon_forward_calls_take_a_prepared_launch(monkeypatch):
+    """The Gluon forward (sm_90 plans, persistent programs) prepares a launch as the template's does. Gluon kernels
+    do not run in the interpreter: attn_fwd_gluon's place is taken by the CPU plan's template kernel run with the
+    argument list the Gluon kernel gets (both signatures are QKV_GROUPS + the spec's groups for a mask without
+    data), so each result is checked against the reference; a param, fresh tensors, other strides, other sizes and
+    an unaligned q: each call's own launch, the last three not from a stale prepared one."""
+    from attnc.backends.triton import binaries, gluon
+    from attnc.backends.triton.signature import gluon_signature
+    from attnc.passes import PlanOptions, Target, plan_kernel
+    from attnc.passes.kernels import prefill_kernel
+
+    if DEVICE == "cuda":
+        pytest.skip("stands the interpreter in for the Gluon kernel (the GPU tests run it: tests/test_gluon_gpu.py)")
+    spec = attnc.parse(CAUSAL_BF16)[0]
+    template = launch.TritonLauncher(plan_kernel(spec, Target("triton", "cpu", None), 16, 16),
+                                     launch.load_module(plan_kernel(spec, Target("triton", "cpu", None), 16, 16)))
+    memory, runs = {}, []
+    data_ptr = torch.Tensor.data_ptr
+
+    def recorded_ptr(t):
+        address = data_ptr(t)
+        memory[address] = t
+        return address
+
+    class GluonStandIn:
+        arg_names = gluon_signature(template.args).names
+
+        def __getitem__(self, grid):
+            def run(*args, **options):
+                runs.append(grid)
+                args = [memory.get(a, a) if type(a) is int else a for a in args]
+                sizes = dict(zip(template.args.sizes, args[slice(*signature.span("sizes"))]))
+                tiles = template.tiles(sizes["M"], sizes["H"] // sizes["HKV"])
+                kernel = prefill_kernel(template.plan, tiles, None)
+                template.fwd[(-(-sizes["M"] // tiles.block_mq), sizes["B"] * sizes["H"])](*args, **kernel.keywords)
+                return self
+
+            return run
+
+    class StandInDirect:
+        def __init__(self, compiled):
+            self.compiled = compiled
+
+        def stream(self):
+            return 0
+
+        def launch(self, stream, grid, args):
+            self.compiled[grid](*args)
+
+    class Backend:
+        name = "triton"
+
+        def target(self, device):
+            return Target("triton", "cuda", 90)
+
+        def build(self, plan):
+            assert plan.warpgroups.path == "gluon" and plan.warpgroups.layout.persistent
+            return gluon.GluonLauncher(plan, types.SimpleNamespace(attn_fwd_gluon=GluonStandIn()), template)
+
+    signature = gluon_signature(template.args)
+    monkeypatch.setattr(torch.Tensor, "data_ptr", recorded_ptr)
+    monkeypatch.setattr(gluon, "multiprocessors", lambda device: 3)
+    monkeypatch.setattr(launch, "direct_launch", lambda compiled, device: StandInDirect(compiled))
+    jit = []
+    launched = binaries.launch
+    monkeypatch.setattr(binaries, "launch", lambda fn, *rest: (jit.append(fn), launched(fn, *rest))[1])
+    kernel = attnc.compile(spec, backend=Backend(), options=PlanOptions(gluon=True))
+    sizes = {"B": 2, "H": 3, "HKV": 3, "M": 70, "N": 80, "D": 16}
+
+    def call(q, k, v, **kwargs):
+        jit.clear()
+        got = kernel(q, k, v, **kwargs)
+        assert_matches(spec, got, q, k, v, **kwargs)
+        return [type(fn).__name__ for fn in jit]
+
+    assert call(*tensors(spec, sizes, torch.bfloat16)) == ["GluonStandIn"]  # prepares
+    assert call(*tensors(spec, sizes, torch.bfloat16), scale=0.3) == ["GluonStandIn"]  # another keyword set
+    assert call(*tensors(spec, sizes, torch.bfloat16)) == []  # prepared: new tensors
+    assert call(*tensors(spec, sizes, torch.bfloat16), scale=0.2) == []
+    q, k, v = tensors(spec, sizes, torch.bfloat16)
+    q_t = q.transpose(1, 2).contiguous().transpose(1, 2)  # other strides: a new key
+    assert call(q_t, k, v) == ["GluonStandIn"]
+    assert call(*tensors(spec, dict(sizes, M=90), torch.bfloat16)) == ["GluonStandIn"]  # other sizes
+    shifted = torch.randn(q.numel() + 1, dtype=torch.bfloat16)[1:].view(q.shape)  # unaligned: the template
+    assert call(shifted, k, v) == ["InterpretedFunction"]
+    assert [grid[0] for grid in runs] == [3] * 6  # persistent: a program per SM (3 here), full path or replayed

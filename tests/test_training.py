@@ -294,3 +294,35 @@ def test_inductor_with_strided_views():
     got = torch.autograd.grad(torch.compile(block, fullgraph=True)(x, w, slopes), [w, slopes])
     for g, e in zip(got, want):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
+
+
+def test_eager_step_binds_the_call_once(monkeypatch):
+    """An eager training step checks its arguments once (bind: host time, benchmarks/NOTES.md issue 12): the
+    forward and backward take that bound call. Two steps of other sizes and strides, with a float table and a
+    param, each match the reference's gradients (NaN-poisoned buffers); bad arguments still raise CallErrors."""
+    from attnc.backends.triton import launch
+    from attnc.dsl import signature
+    from attnc.runtime import autograd, kernel as api
+
+    binds = []
+
+    def counted(*args):
+        binds.append(args[0].name)
+        return signature.bind(*args)
+
+    monkeypatch.setattr(autograd, "bind", counted)
+    monkeypatch.setattr(api, "bind", counted)
+    spec = with_dtype(next(s for s in DENSE if s.name == "alibi"), "f32")
+    kernel = attnc.compile(spec, backend="triton")
+    for m, n, seed in ((19, 23, 3), (29, 17, 4)):
+        q, k, v, kwargs, tables = _leaves(spec, example_sizes(spec, m=m, n=n), seed=seed)
+        if seed == 4:  # other strides: q in [B, M, H, D] memory seen as the declared [B, H, M, D]
+            q = q.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+        binds.clear()
+        with launch.poisoned_outputs():
+            got = _grads(kernel, spec, q, k, v, kwargs, tables, seed=seed)
+        assert len(binds) == 1
+        want = _grads(lambda *a, **kw: attnc.reference(spec, *a, **kw), spec, q, k, v, kwargs, tables, seed=seed)
+        _check_grads(got, want, ["q", "k", "v", *tables])
+    with pytest.raises(attnc.CallError, match="slopes"):
+        kernel(q, k, v, slopes=kwargs["slopes"][:1])

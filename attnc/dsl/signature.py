@@ -18,6 +18,7 @@ import difflib
 import inspect
 import numbers
 from dataclasses import dataclass
+from functools import lru_cache
 from types import MappingProxyType
 from typing import Callable, Mapping, Union
 
@@ -138,10 +139,18 @@ def canonical_view(t: torch.Tensor, decl: TensorDecl) -> torch.Tensor:
     """A q/k/v-shaped tensor (or the output, in q's layout, or a tensor of a dot product, whose head dim may have a
     name of its own) as [B, heads, sequence, head dim]; no copy. A k without a head axis (one K/V head, and the
     tensors shaped like it) gets one of size 1."""
-    view = t.permute(*sorted(range(len(decl.shape)), key=lambda axis: _ROLE_RANK.get(decl.shape[axis], 3)))
-    if {"H", "HKV"} & set(decl.shape):
-        return view
-    return view.unsqueeze(1 if {"B", "PAGES"} & set(decl.shape) else 0)
+    order, head_axis = _canonical_axes(decl.shape)
+    view = t if order is None else t.permute(*order)
+    return view if head_axis is None else view.unsqueeze(head_axis)
+
+
+@lru_cache(maxsize=None)
+def _canonical_axes(shape: tuple[str, ...]) -> tuple[tuple[int, ...] | None, int | None]:
+    """canonical_view's permutation (None: the declared order is canonical) and the axis of the size-1 head dim it
+    adds (None: the declaration has one), per declared shape: read a few times per call on the launch path."""
+    order = tuple(sorted(range(len(shape)), key=lambda axis: _ROLE_RANK.get(shape[axis], 3)))
+    head_axis = None if {"H", "HKV"} & set(shape) else 1 if {"B", "PAGES"} & set(shape) else 0
+    return (None if order == tuple(range(len(shape))) else order), head_axis
 
 
 # ---------------------------------------------------------------- checks

@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..dsl.signature import bind
+from ..dsl.signature import Bound, bind
 from ..errors import CallError, CompileError
 from ..passes.grad import derive
 
@@ -45,8 +45,11 @@ class _Entry:
         return kwargs
 
     def backward(self, q, k, v, kwargs, out, lse, dout, dlse, deterministic: bool) -> dict[str, torch.Tensor]:
-        bound = bind(self.forward.spec, q, k, v, kwargs)
-        sizes = bound.sizes
+        return self.backward_bound(bind(self.forward.spec, q, k, v, kwargs), out, lse, dout, dlse, deterministic)
+
+    def backward_bound(self, bound: Bound, out, lse, dout, dlse, deterministic: bool) -> dict[str, torch.Tensor]:
+        """`backward` of a call bound already (by the spec or its lse sibling: bind() reads neither's returns_lse)."""
+        q, sizes = bound.q, bound.sizes
         where = (q.device, sizes["D"], sizes["DV"])
         grads = self._backwards.get(where)
         if grads is None:
@@ -188,8 +191,9 @@ def needs_op(q, k, v, kwargs: dict, input_names: tuple[str, ...] | None = None) 
 def call(kernel: "kernel.Kernel", q, k, v, kwargs: dict):
     """kernel(q, k, v, **kwargs) through the op: out, or (out, lse) as the spec returns."""
     spec = kernel.spec
-    if not torch.compiler.is_compiling():
-        bind(spec, q, k, v, kwargs)  # argument errors as CallErrors before the op (torch.compile: at run time)
+    # argument errors as CallErrors before the op (torch.compile: at run time); the eager path's forward and
+    # backward take this bound call, not a bind of their own
+    bound = None if torch.compiler.is_compiling() else bind(spec, q, k, v, kwargs)
     if kernel.forward_only and torch.is_grad_enabled():
         wanting = next((name for name, t in (("q", q), ("k", k), ("v", v), *kwargs.items())
                         if isinstance(t, torch.Tensor) and t.requires_grad), None)
@@ -205,7 +209,7 @@ def call(kernel: "kernel.Kernel", q, k, v, kwargs: dict):
                               dtype=torch.float64)
         out, lse = attention_op(key, q, k, v, inputs, params)
     else:
-        out, lse = _Eager.apply(_entry(key), kwargs, q, k, v, *inputs)
+        out, lse = _Eager.apply(_entry(key), kwargs, bound, q, k, v, *inputs)
     return (out, lse) if spec.returns_lse else out
 
 
@@ -215,30 +219,29 @@ class _Eager(torch.autograd.Function):
     training steps are host-bound: benchmarks/NOTES.md, issue 12, causal S = 1k). Same kernels, same gradients."""
 
     @staticmethod
-    def forward(ctx, entry: _Entry, kwargs: dict, q, k, v, *inputs):
-        qkv = (q, k) if entry.spec.shares_kv else (q, k, v)
-        out, lse = entry.forward(*qkv, **kwargs)
+    def forward(ctx, entry: _Entry, kwargs: dict, bound: Bound, q, k, v, *inputs):
+        out, lse = entry.forward.call(q, k, v, kwargs, bound=bound)  # v is k where the values are the keys
         out, lse = out.contiguous(), lse.contiguous()
         ctx.save_for_backward(q, k, v, out, lse, *inputs)
-        ctx.entry, ctx.kwargs = entry, kwargs
+        ctx.entry, ctx.bound = entry, bound
         ctx.set_materialize_grads(False)  # no zero-filled gradient for an output the loss does not read
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse, *inputs = ctx.saved_tensors
+        # all unpacked, read from ctx.bound: the unpacking is torch's check that none was written in place since
+        q, _, _, out, lse, *_ = ctx.saved_tensors
         entry = ctx.entry
         deterministic, dlse = _backward_mode(entry, dlse)
         dout = torch.zeros_like(out) if dout is None else dout.contiguous()
-        kwargs = {**ctx.kwargs, **dict(zip(entry.input_names, inputs))}
         with torch.no_grad():
-            grads = entry.backward(q, k, v, kwargs, out, lse, dout, dlse, deterministic)
+            grads = entry.backward_bound(ctx.bound, out, lse, dout, dlse, deterministic)
         wanted = [grads["q"], grads["k"], grads["v"], *(grads.get(name) for name in entry.input_names)]
         if torch.is_grad_enabled():  # create_graph=True: the gradients' own backward is a clear error
             leaves = [g for g in wanted if g is not None]
             firsts = iter(_FirstOrderOnly.apply(q, *leaves))
             wanted = [None if g is None else next(firsts) for g in wanted]
-        return None, None, *wanted
+        return None, None, None, *wanted
 
 
 class _FirstOrderOnly(torch.autograd.Function):

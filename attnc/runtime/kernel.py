@@ -98,12 +98,13 @@ class Kernel:
         return self.call(q, k, v, kwargs, None, validate)
 
     def call(self, q, k, v, kwargs: dict, key: tuple | None = None, validate: bool = False,
-             prepared: Callable | None = None) -> Result:
+             prepared: Callable | None = None, bound: Bound | None = None) -> Result:
         """`kernel(q, k, v, **kwargs)` for a caller that has its arguments in hand (a front-end: the decorator,
         flex_attention): q, k, v as the kernel reads them (v is k where the values are the keys), kwargs neither
         copied nor changed. `key`: the call's call_key where the caller has read it, with the names of every
         input the spec declares, or more (a key that tells more calls apart only prepares more launches); None:
-        read here. `prepared`: prepared_launch(key), where the caller keeps it."""
+        read here. `prepared`: prepared_launch(key), where the caller keeps it. `bound`: bind(spec, q, k, v, kwargs)
+        where the caller has it (the training step's, which its backward reads too)."""
         if key is None and not torch.compiler.is_compiling():  # traced, it takes the op, and Dynamo reads no key
             try:
                 key = call_key(q, k, v, kwargs, self._input_names)
@@ -120,7 +121,8 @@ class Kernel:
                 result = prepared(q, k, v, kwargs)
                 if result is not None:
                     return result
-        bound = bind(self.spec, q, k, v, kwargs)
+        if bound is None:
+            bound = bind(self.spec, q, k, v, kwargs)
         sizes = bound.sizes
         impl = self._impls.get((q.device, sizes["D"], sizes["DV"]))
         if impl is not None and getattr(impl, "run", None) is None:

@@ -32,6 +32,10 @@ SOURCE_FILE = "backward.py"
 DETERMINISTIC_WORKSPACE_BYTES = 1 << 30
 # The backward's tensors laid out as q, k or v (the others are lse-shaped)
 SHAPED_AS = {"q": "q", "out": "q", "do": "q", "dq": "q", "k": "k", "dk": "k", "v": "v", "dv": "v"}
+# The signature groups whose values a replayed launch takes from each call (the others follow from its key: sizes,
+# strides, grids, tiles), and how many call signatures a launcher keeps replays for
+REPLAYED_GROUPS = ("pointers", "params", "inputs", "table_grads", "summary")
+REPLAYED_CALLS = 64
 
 
 def load_backward_module(plan: KernelPlan) -> ModuleType:
@@ -76,6 +80,9 @@ class BackwardLauncher:
         self._keywords = {(det, has_dlse): launch_keywords(plan, det, has_dlse)
                           for det in (False, True) for has_dlse in (False, True)}
         self.gluon_dkdv = gluon_dkdv(plan, self.backward)
+        # call signature (call_signature) -> [(kernel name, KernelReplay)]: later calls skip the strides, the TMA
+        # checks, the packing and Triton's JIT launch
+        self._replays: dict[tuple, list] = {}
 
     def __call__(self, bound: Bound, out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor,
                  dlse: torch.Tensor | None = None, deterministic: bool = False) -> dict[str, torch.Tensor]:
@@ -100,6 +107,32 @@ class BackwardLauncher:
         tensors = {"q": q, "k": k, "v": v, "out": out, "do": dout, "lse": lse, "dlse": lse if dlse is None else dlse,
                    "delta": delta, "dq": dq, "dk": dk, "dv": dv, **shares}
         values = self.args.values(sizes, bound.params, bound.inputs)
+        key = call_signature(bound, out, lse, dout, dlse, deterministic)
+        replays = self._replays.get(key)
+        if replays is None or not self.replay(replays, bound, tensors, slices, values):
+            launched = self.launch_jit(bound, tensors, shares, slices, values, grids, dq_kernel, dlse, deterministic)
+            replays = self.prepare(launched, device)
+            if replays is not None:
+                if key not in self._replays and len(self._replays) >= REPLAYED_CALLS:
+                    self._replays.pop(next(iter(self._replays)))  # the oldest signature
+                self._replays[key] = replays
+
+        for name, share in shares.items():  # query head h = kvh * group + g
+            grad_views[name].copy_(share.unflatten(-3, (sizes["HKV"], -1)).sum(-3))
+        grads = {"q": dq if dq.dtype == q.dtype else dq.to(q.dtype), "k": dk, "v": dv}
+        for (table, _), ws in zip(self.tables, workspaces):
+            t = bound.inputs[table]
+            total = ws.sum(0) if deterministic else ws[0]
+            grads[table] = total.view(t.shape).to(t.dtype)
+        return grads
+
+    def launch_jit(self, bound: Bound, tensors: dict, shares: dict, slices: dict, values: dict, grids: dict,
+               dq_kernel: bool, dlse, deterministic: bool) -> list:
+        """The kernels' launches through Triton's JIT (launch_fitting); per launch (kernel name, grid, arguments,
+        keywords, what Triton returned), the Gluon dK/dV kernel's as None."""
+        spec, sizes = self.spec, bound.sizes
+        q, k, v, lse, dout, dq = bound.q, bound.k, bound.v, tensors["lse"], tensors["do"], tensors["dq"]
+        launched = []
         values["launch"] = [max(0, sizes["B"] - 1).bit_length()]
         for name, t in tensors.items():
             # q/k/v-shaped: strides of the canonical view; lse-shaped and the shares (canonical): as they are
@@ -126,23 +159,54 @@ class BackwardLauncher:
                 values["pointers"] = [tensors[p.removesuffix("_ptr")]
                                       for p in self.gluon_dkdv.signature.names_of("pointers")]
                 self.gluon_dkdv(sizes, values)
+                launched.append(None)
                 continue
             values["pointers"] = [tensors[p.removesuffix("_ptr")] for p in sig.names_of("pointers")]
             values["table_grads"] = slices.get(name, [])
             if any(g.role == "summary" for g in sig.groups):
                 values["summary"] = self.summary(bound, values, name)
-            launch.launch_fitting(self.kernels[name], grid, sig.pack(values), keywords[name], self._stages,
-                                  (name, *keywords[name].items()), spec.name,
-                                  "the backward's tiles are the BACKWARD_TUNED table of attnc/passes/tiling.py")
+            args = sig.pack(values)
+            compiled = launch.launch_fitting(
+                self.kernels[name], grid, args, keywords[name], self._stages, (name, *keywords[name].items()),
+                spec.name, "the backward's tiles are the BACKWARD_TUNED table of attnc/passes/tiling.py")
+            launched.append((name, grid, args, keywords[name], compiled))
+        return launched
 
-        for name, share in shares.items():  # query head h = kvh * group + g
-            grad_views[name].copy_(share.unflatten(-3, (sizes["HKV"], -1)).sum(-3))
-        grads = {"q": dq if dq.dtype == q.dtype else dq.to(q.dtype), "k": dk, "v": dv}
-        for (table, _), ws in zip(self.tables, workspaces):
-            t = bound.inputs[table]
-            total = ws.sum(0) if deterministic else ws[0]
-            grads[table] = total.view(t.shape).to(t.dtype)
-        return grads
+    def prepare(self, launched: list, device: torch.device) -> list | None:
+        """Replays of a call's launches (KernelReplay), or None where one cannot be replayed: the Gluon dK/dV
+        kernel's, the interpreter's, or one whose arguments are not `replayable`."""
+        replays = []
+        for record in launched:
+            if record is None:
+                return None
+            name, grid, args, keywords, compiled = record
+            direct = launch.direct_launch(compiled, device)
+            if direct is None or not launch.replayable(args):
+                return None
+            sig = self.signatures[name]
+            replays.append((launch.KernelReplay(direct, grid, self.kernels[name], args, keywords, sig,
+                                                REPLAYED_GROUPS),
+                            name, tuple(p.removesuffix("_ptr") for p in sig.names_of("pointers")),
+                            any(g.role == "summary" for g in sig.groups)))
+        return replays
+
+    def replay(self, replays: list, bound: Bound, tensors: dict, slices: dict, values: dict) -> bool:
+        """Launch a call through the replays of its signature's first call; False, before anything launches, where
+        a pointer is not 16-byte aligned or Triton's own launch must run (DirectLaunch.stream)."""
+        ready = []
+        for kernel, name, pointers, reads_summary in replays:
+            values["pointers"] = [tensors[p] for p in pointers]
+            values["table_grads"] = slices.get(name, [])
+            if reads_summary:
+                values["summary"] = self.summary(bound, values, name)
+            args = kernel.arguments(values)
+            stream = kernel.direct.stream() if args is not None else None
+            if stream is None:
+                return False
+            ready.append((kernel, stream, args))
+        for kernel, stream, args in ready:
+            kernel.direct.launch(stream, kernel.grid, args)
+        return True
 
     def grids(self, sizes) -> dict[str, tuple[int, int]]:
         """Each kernel's grid: query tiles x heads (prep, dQ), key tiles x heads (dK/dV: self.dkdv_heads). Packed
@@ -199,6 +263,15 @@ class BackwardLauncher:
         tiles = LaunchTiles(c, 1, c.block_m)
         tensors = [bound.inputs[name] for name, _ in self.forward.args.inputs]
         return self.forward.summary(values["sizes"] + values["params"], tensors, bound.sizes, tiles, bound.q.device)
+
+
+def call_signature(bound: Bound, out, lse, dout, dlse, deterministic: bool) -> tuple:
+    """What a backward call's launches derive from its tensors, apart from data pointers and param values: shapes,
+    strides, dtypes and devices of every tensor it reads (None for an absent dlse), and the mode."""
+    key = (bool(deterministic),)
+    for t in (bound.q, bound.k, bound.v, out, lse, dout, dlse, *bound.inputs.values()):
+        key += (None,) if t is None else (t.shape, t.stride(), t.dtype, t.device)
+    return key
 
 
 def gluon_dkdv(plan: KernelPlan, backward) -> GluonDkdv | None:

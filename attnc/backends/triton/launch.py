@@ -145,9 +145,7 @@ class TritonLauncher:
         direct = direct_launch(compiled, q.device)
         if direct is None or not replayable(args):
             return result, None
-        keywords = kernel.keywords
-        full = args + [keywords[name] for name in self.fwd.arg_names[len(args):]]
-        return result, PreparedLaunch(self, bound, tiles, grid, full, direct)
+        return result, PreparedLaunch(self, bound, tiles, KernelReplay(direct, grid, self.fwd, args, kernel.keywords))
 
     def launch_jit(self, grid, args: list, kernel: KernelLaunch):
         """Triton's JIT launch of attn_fwd (`launch_fitting`)."""
@@ -278,20 +276,54 @@ def _param_check(dtype: str):
     return lambda x: x if type(x) is bool else None
 
 
+class KernelReplay:
+    """One kernel launch of a checked call, kept for later calls whose shapes, strides, dtypes and devices are the
+    same (the caller's key): its grid, Triton's launcher for the binary it ran (DirectLaunch) and its argument list
+    (constexprs included) with every tensor left out, since each call brings its own. Built only where the launch
+    is `replayable`. The forward's PreparedLaunch patches its arguments by slot; the backward's calls
+    `arguments`."""
+
+    __slots__ = ("direct", "grid", "args", "spans")
+
+    def __init__(self, direct: "DirectLaunch", grid: tuple[int, ...], fn, args: list, keywords: dict,
+                 signature=None, varying: tuple[str, ...] = ()):
+        self.direct, self.grid = direct, (*grid, 1)[:2]  # a 1-D grid (persistent programs) as 2-D
+        full = args + [keywords[name] for name in fn.arg_names[len(args):]]
+        self.args = [None if isinstance(x, torch.Tensor) else x for x in full]
+        roles = {g.role for g in signature.groups} if signature is not None else set()
+        # the signature's groups `varying` (those of them it has) take each call's values
+        self.spans = tuple((role, slice(*signature.span(role))) for role in varying if role in roles)
+
+    def arguments(self, values: dict) -> list | None:
+        """The argument list with `values[role]` in each varying group, tensors as their addresses; None where one
+        of those is not 16-byte aligned (Triton specialized the binary on alignment: the JIT must launch)."""
+        args = self.args.copy()
+        pointers = 0
+        for role, span in self.spans:
+            group = list(values[role])
+            for i, x in enumerate(group):
+                if isinstance(x, torch.Tensor):
+                    group[i] = address = x.data_ptr()
+                    pointers |= address
+            args[span] = group
+        return None if pointers % ALIGNMENT else args
+
+
 class PreparedLaunch:
     """A checked call, replayed. For later calls whose tensors have the same shapes, strides, dtypes and devices
     (and the same keyword names: the caller's key), the sizes, grid, strides, tiles and Triton's specialization
     are those of the call it was made from. Per call it checks only the params, the pointers' 16-byte alignment,
     the current device and Triton's launch hooks, allocates the outputs and calls Triton's launcher. It returns
-    None, and the caller takes the full path (bind, then Triton's JIT), whenever one of those differs."""
+    None, and the caller takes the full path (bind, then Triton's JIT), whenever one of those differs. `launcher`:
+    the template's (TritonLauncher) or the Gluon forward's (gluon.GluonLauncher, no tiles)."""
 
     __slots__ = ("launcher", "direct", "args", "grid", "out_shape", "lse_shape", "dtype", "device", "param_slots",
                  "input_slots", "summary_slot", "scalars", "pointers", "sizes", "tiles")
 
-    def __init__(self, launcher: TritonLauncher, bound: Bound, tiles: LaunchTiles, grid: tuple[int, int],
-                 args: list, direct: "DirectLaunch"):
+    def __init__(self, launcher, bound: Bound, tiles: LaunchTiles | None, replay: KernelReplay):
         a = launcher.args
-        self.launcher, self.direct, self.grid, self.tiles, self.sizes = launcher, direct, grid, tiles, bound.sizes
+        self.launcher, self.tiles, self.sizes = launcher, tiles, bound.sizes
+        self.direct, self.grid, self.args = replay.direct, replay.grid, replay.args
         self.out_shape = out_shape(launcher.spec, bound)
         self.lse_shape = lse_shape(bound) if launcher.spec.returns_lse else None
         self.dtype, self.device = bound.q.dtype, bound.q.device
@@ -301,9 +333,8 @@ class PreparedLaunch:
         self.input_slots = tuple((sig.slot(names.tensor(name)), name) for name, _ in a.inputs)
         self.scalars = slice(sig.span("sizes")[0], sig.span("params")[1])
         self.pointers = slice(*sig.span("pointers"))
-        self.summary_slot = sig.span("summary")[0] if a.data_dependent else None
-        # No tensor is kept: the call's own tensors fill these slots each time.
-        self.args = [None if isinstance(x, torch.Tensor) else x for x in args]
+        # (the Gluon forward evaluates data-dependent masks on every tile: no summary)
+        self.summary_slot = sig.span("summary")[0] if any(g.role == "summary" for g in sig.groups) else None
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kwargs: dict):
         args = self.args.copy()
