@@ -22,6 +22,7 @@ import torch
 import attnc
 from attnc.backends.triton import backend, binaries, gluon, launch as triton_launch
 from attnc.bench import prefill_workloads
+from attnc.bench.backward import workload_inputs
 from attnc.passes import Target
 
 BATCH = 2  # the host's work does not depend on B or S (allocations are lazy on the CPU)
@@ -60,10 +61,10 @@ def stub_the_gpu(launches: list) -> None:
 def training_step(name: str):
     w = {w.name: w for w in prefill_workloads()}[name]
     kernel = attnc.compile(attnc.parse(w.spec)[0], backend="triton")
-    gen = torch.Generator().manual_seed(0)
-    q, k, v, dout = (torch.randn(BATCH, w.H, w.S, w.D, dtype=torch.bfloat16, generator=gen) for _ in range(4))
+    q, k, v, dout, extra = workload_inputs(w, "cpu", BATCH)
     leaves = tuple(t.detach().requires_grad_() for t in (q, k, v))
-    return lambda: torch.autograd.grad(kernel(*leaves, **w.params), leaves, dout)
+    kwargs = {**w.params, **extra}
+    return lambda: torch.autograd.grad(kernel(*leaves, **kwargs), leaves, dout)
 
 
 def main() -> int:

@@ -33,11 +33,7 @@ def make_runners(w, device: str) -> dict:
     """The bench's own step functions (attnc.bench.backward), on the bench's inputs."""
     from attnc.bench import backward
 
-    gen = torch.Generator(device=device).manual_seed(hash(w.name) & 0xFFFF)
-    q, k, v = (torch.randn(w.B, h, w.S, w.D, device=device, dtype=torch.bfloat16, generator=gen)
-               for h in (w.H, w.HKV, w.HKV))
-    dout = torch.randn(w.B, w.H, w.S, w.D, device=device, dtype=torch.bfloat16, generator=gen)
-    extra = w.inputs(w.B, w.H, w.S, device) if w.inputs else {}
+    q, k, v, dout, extra = backward.workload_inputs(w, device)
     runners = {"attnc": backward.attnc_runner(w, q, k, v, dout, extra, "auto", False)}
     cudnn = backward.sdpa_runner(w, q, k, v, dout, "CUDNN_ATTENTION")
     if cudnn is not None:

@@ -93,12 +93,20 @@ def flex_runner(w: Workload, q, k, v, dout, extra):
                              leaves, dout)
 
 
-def run_workload(w: Workload, device: str, api: str = "auto", deterministic: bool = False) -> dict:
+def workload_inputs(w: Workload, device: str, batch: int | None = None) -> tuple:
+    """(q, k, v, dO, the spec's other inputs) of a workload on seeded random bf16 data; `batch`: B other than the
+    workload's (a host-time measurement, whose work does not depend on it)."""
+    b = w.B if batch is None else batch
     gen = torch.Generator(device=device).manual_seed(hash(w.name) & 0xFFFF)
-    q, k, v = (torch.randn(w.B, h, w.S, w.D, device=device, dtype=torch.bfloat16, generator=gen)
+    q, k, v = (torch.randn(b, h, w.S, w.D, device=device, dtype=torch.bfloat16, generator=gen)
                for h in (w.H, w.HKV, w.HKV))
-    dout = torch.randn(w.B, w.H, w.S, w.D, device=device, dtype=torch.bfloat16, generator=gen)
-    extra = w.inputs(w.B, w.H, w.S, device) if w.inputs else {}
+    dout = torch.randn(b, w.H, w.S, w.D, device=device, dtype=torch.bfloat16, generator=gen)
+    extra = w.inputs(b, w.H, w.S, device) if w.inputs else {}
+    return q, k, v, dout, extra
+
+
+def run_workload(w: Workload, device: str, api: str = "auto", deterministic: bool = False) -> dict:
+    q, k, v, dout, extra = workload_inputs(w, device)
     forward_flops = 4.0 * w.B * w.H * w.D * kept_pairs(w)
     flops = forward_flops * (1 + BACKWARD_FLOPS)
     row: dict = {"workload": w.name, "group": w.group, "B": w.B, "H": w.H, "HKV": w.HKV, "S": w.S, "D": w.D,

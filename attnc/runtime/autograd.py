@@ -191,9 +191,10 @@ def needs_op(q, k, v, kwargs: dict, input_names: tuple[str, ...] | None = None) 
 def call(kernel: "kernel.Kernel", q, k, v, kwargs: dict):
     """kernel(q, k, v, **kwargs) through the op: out, or (out, lse) as the spec returns."""
     spec = kernel.spec
+    traced = torch.compiler.is_compiling()
     # argument errors as CallErrors before the op (torch.compile: at run time); the eager path's forward and
     # backward take this bound call, not a bind of their own
-    bound = None if torch.compiler.is_compiling() else bind(spec, q, k, v, kwargs)
+    bound = None if traced else bind(spec, q, k, v, kwargs)
     if kernel.forward_only and torch.is_grad_enabled():
         wanting = next((name for name, t in (("q", q), ("k", k), ("v", v), *kwargs.items())
                         if isinstance(t, torch.Tensor) and t.requires_grad), None)
@@ -204,7 +205,7 @@ def call(kernel: "kernel.Kernel", q, k, v, kwargs: dict):
                             f"kernels yet (forward only); call it under torch.no_grad() or pass {wanting}.detach()")
     key = kernel.op_key
     inputs = [kwargs[t.name] for t in spec.inputs]
-    if torch.compiler.is_compiling():
+    if traced:
         params = torch.tensor([kwargs[p.name] if p.name in kwargs else p.default for p in spec.params],
                               dtype=torch.float64)
         out, lse = attention_op(key, q, k, v, inputs, params)

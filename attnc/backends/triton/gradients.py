@@ -156,14 +156,13 @@ class BackwardLauncher:
                                                                                         deterministic):
                 # the Gluon kernel in its place (dQ is the dQ kernel's, or with dq_in_dkdv its reduce-adds into the
                 # float32 dQ of the template's atomic mode: plan_backward sets dq_kernel)
-                values["pointers"] = [tensors[p.removesuffix("_ptr")]
-                                      for p in self.gluon_dkdv.signature.names_of("pointers")]
+                values["pointers"] = [tensors[name] for name in self.gluon_dkdv.signature.pointed_tensors]
                 self.gluon_dkdv(sizes, values)
                 launched.append(None)
                 continue
-            values["pointers"] = [tensors[p.removesuffix("_ptr")] for p in sig.names_of("pointers")]
+            values["pointers"] = [tensors[t] for t in sig.pointed_tensors]
             values["table_grads"] = slices.get(name, [])
-            if any(g.role == "summary" for g in sig.groups):
+            if sig.has("summary"):
                 values["summary"] = self.summary(bound, values, name)
             args = sig.pack(values)
             compiled = launch.launch_fitting(
@@ -186,8 +185,7 @@ class BackwardLauncher:
             sig = self.signatures[name]
             replays.append((launch.KernelReplay(direct, grid, self.kernels[name], args, keywords, sig,
                                                 REPLAYED_GROUPS),
-                            name, tuple(p.removesuffix("_ptr") for p in sig.names_of("pointers")),
-                            any(g.role == "summary" for g in sig.groups)))
+                            name, sig.pointed_tensors, sig.has("summary")))
         return replays
 
     def replay(self, replays: list, bound: Bound, tensors: dict, slices: dict, values: dict) -> bool:

@@ -290,9 +290,8 @@ class KernelReplay:
         self.direct, self.grid = direct, (*grid, 1)[:2]  # a 1-D grid (persistent programs) as 2-D
         full = args + [keywords[name] for name in fn.arg_names[len(args):]]
         self.args = [None if isinstance(x, torch.Tensor) else x for x in full]
-        roles = {g.role for g in signature.groups} if signature is not None else set()
         # the signature's groups `varying` (those of them it has) take each call's values
-        self.spans = tuple((role, slice(*signature.span(role))) for role in varying if role in roles)
+        self.spans = tuple((role, slice(*signature.span(role))) for role in varying if signature.has(role))
 
     def arguments(self, values: dict) -> list | None:
         """The argument list with `values[role]` in each varying group, tensors as their addresses; None where one
@@ -334,7 +333,7 @@ class PreparedLaunch:
         self.scalars = slice(sig.span("sizes")[0], sig.span("params")[1])
         self.pointers = slice(*sig.span("pointers"))
         # (the Gluon forward evaluates data-dependent masks on every tile: no summary)
-        self.summary_slot = sig.span("summary")[0] if any(g.role == "summary" for g in sig.groups) else None
+        self.summary_slot = sig.span("summary")[0] if sig.has("summary") else None
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kwargs: dict):
         args = self.args.copy()

@@ -43,6 +43,14 @@ class Signature:
     def names_of(self, *roles: str) -> tuple[str, ...]:
         return tuple(n for g in self.groups if g.role in roles for n in g.names)
 
+    def has(self, role: str) -> bool:
+        return any(g.role == role for g in self.groups)
+
+    @property
+    def pointed_tensors(self) -> tuple[str, ...]:
+        """The names of the tensors its pointers group reads (`{name}_ptr`), in order."""
+        return tuple(p.removesuffix("_ptr") for p in self.names_of("pointers"))
+
     def span(self, role: str) -> tuple[int, int]:
         """[start, end) of a group's parameters among the runtime arguments."""
         start = 0
