@@ -59,6 +59,34 @@ def gluon_kernels(label: str, d: int, dv: int, chunk, keys: list[int], work: Pat
 
 
 
+def workload_kernels(pattern: str, tile_text: str | None, tmas: list[int]) -> int:
+    """Compile and report the template kernel of `attnc bench`'s first workload whose name matches `pattern`."""
+    import re
+
+    import attnc
+    from attnc.bench import prefill_workloads
+
+    w = next(w for w in prefill_workloads() if re.search(pattern, w.name))
+    spec = attnc.parse(w.spec)[0]
+    tile = dict(zip(("block_m", "block_n", "num_warps", "num_stages"), map(int, tile_text.split(",")))) \
+        if tile_text else {}
+    plan = plan_kernel(spec, Target("triton", "cuda", 90), w.D, w.D, PlanOptions(gluon=False, **tile))
+    launcher = launch.TritonLauncher(plan, launch.load_module(plan))
+    q = torch.empty(w.B, w.H, w.S, w.D, dtype=torch.bfloat16, device="meta")
+    k, v = (torch.empty(w.B, w.HKV, w.S, w.D, dtype=torch.bfloat16, device="meta") for _ in range(2))
+    extra = {name: t.to("meta") for name, t in (w.inputs(w.B, w.H, w.S, "cpu") if w.inputs else {}).items()}
+    bound = bind(spec, q, k, v, {**extra, **w.params})
+    tiles = launcher.tiles(w.S, 1)
+    out = torch.empty(w.B, w.H, w.S, w.D, dtype=torch.bfloat16, device="meta")
+    fn_args = launcher.kernel_arguments(bound, out, None, tiles)
+    for tma in tmas:
+        kernel = prefill_kernel(plan, tiles, bool(tma))
+        c = tiles.config
+        kernel_stats.report(f"{w.name} {c.block_m}x{c.block_n} w{c.num_warps} s{c.num_stages} tma={tma}",
+                            kernel_stats.compile_sm90(launcher.fwd, fn_args, dict(kernel.keywords)))
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tile", help="BM,BN,warps,stages: the prefill tile instead of the plan's")
@@ -68,7 +96,11 @@ def main() -> int:
                     help="D/DV pairs; a D in chunks is built chunked and padded")
     ap.add_argument("--gluon", action="store_true", help="the Gluon warpgroup kernel instead of the template")
     ap.add_argument("--keys", type=int, nargs="*", default=[], help="--gluon: key tiles (warpgroup_block_n)")
+    ap.add_argument("--workload", help="regex: the spec of `attnc bench`'s first matching workload (e.g. softcap, "
+                                       "alibi) instead of bench_mla's prefill spec; --dims then defaults to 128/128")
     args = ap.parse_args()
+    if args.workload:
+        return workload_kernels(args.workload, args.tile, args.tma)
     pairs = [tuple(map(int, p.split("/"))) for p in args.dims]
     variants = [(label, d, dv, chunk) for d, dv in pairs
                 for label, chunk in ((("chunked", None), ("padded", False)) if len(head_dim_chunks(d)) > 1

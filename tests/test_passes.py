@@ -10,13 +10,14 @@ import torch
 import attnc
 from attnc.errors import CompileError
 from attnc.ir import (
-    QK, Binary, Call, IndexVar, Num, ParamDecl, SizeRef, TensorDecl, causal_mask, make_attention,
+    QK, Binary, Call, IndexVar, Num, ParamDecl, ParamRef, SizeRef, TensorDecl, causal_mask, children, make_attention,
+    post_order, walk, with_children,
 )
 from attnc.passes import PIPELINE, KeyRange, PlanOptions, Target, launch_tiles, plan_kernel, verify
 from attnc.passes.fold import evaluate, fold
 from attnc.passes.tiling import MIN_DOT_ROWS, head_dim_chunks, smem_bytes
 from attnc.passes.masks import key_range, key_tiles
-from attnc.passes.score import LOG2E, scaled
+from attnc.passes.score import LOG2E, axes_of, scaled
 
 CPU = Target("triton", "cpu", None)
 H100 = Target("triton", "cuda", 90)
@@ -157,6 +158,44 @@ def test_exp2_folds_scale_into_qk_factor():
     out = scaled(bias, LOG2E)
     assert out.lhs == Binary("*", QK(), Num(0.5 * LOG2E.value, True))
     assert evaluate(out.rhs, {"i": 3}) == pytest.approx(3 * LOG2E.value)
+
+
+def _qk_as(e, name: str):
+    """`e` with its dot product read as the param `name`, so that fold.evaluate can compute it."""
+    done = {}
+    for node in post_order(e):
+        parts = tuple(done[id(c)] for c in children(node))
+        done[id(node)] = ParamRef(name) if isinstance(node, QK) else with_children(node, parts) if parts else node
+    return done[id(e)]
+
+
+def test_exp2_scales_integer_terms_whole_and_joins_coarser_factors():
+    """log2(e) joins the factors of a product that vary along fewer axes than the rest (computed once per program
+    or row, not per score), and a term free of qk is scaled whole: `j - i` stays an exact integer difference
+    (distributed, j * c - i * c would cancel in float32 at long positions)."""
+    shifted = spec_of("attention t {" + header() + "score = qk * 0.1 + (j - i)\nreturn softmax(score) @ v }")
+    assert Binary("-", IndexVar("j"), IndexVar("i")) in set(walk(plan_kernel(shifted, CPU, 64, 64).score.logits2))
+    alibi = spec_of("attention t {" + header(extra="input slopes: f32[H]\n")
+                    + "score = score + slopes[h] * (j - i)\nmask causal\nreturn softmax(score) @ v }")
+    term = plan_kernel(alibi, CPU, 64, 64).score.logits2.rhs
+    assert term.lhs == Binary("-", IndexVar("j"), IndexVar("i"))
+    assert (axes_of(term.rhs), axes_of(term.lhs)) == ({"i"}, {"i", "j"})
+
+
+@pytest.mark.parametrize("backend", ["triton", "tvm"])
+def test_triton_divides_scores_by_a_reciprocal(backend):
+    """Triton plans multiply a score by the reciprocal of a per-program divisor (div.full.f32 costs three more
+    instructions a score); TVM keeps IEEE division. Both compute score * log2(e)."""
+    spec = spec_of("attention t {" + header(extra="param cap: f32 = 30.0\nparam scale: f32 = 0.088\n")
+                   + "score = cap * tanh(qk * scale / cap)\nreturn softmax(score) @ v }")
+    logits = plan_kernel(spec, Target(backend, "cpu", None), 64, 64).score.logits2
+    divisions = [n for n in walk(logits) if isinstance(n, Binary) and n.op == "/"]
+    assert [axes_of(n.lhs) for n in divisions] == ([frozenset()] if backend == "triton" else [{"i", "j"}])
+    rng = random.Random(7)
+    for _ in range(20):
+        env = {"s": rng.uniform(-400, 400), "cap": rng.uniform(5, 50), "scale": rng.uniform(0.01, 0.2)}
+        want = env["cap"] * math.tanh(env["s"] * env["scale"] / env["cap"]) * LOG2E.value
+        assert evaluate(_qk_as(logits, "s"), env) == pytest.approx(want, rel=1e-12, abs=1e-12)
 
 
 def test_tiling_pads_head_dim_and_fits_shared_memory():

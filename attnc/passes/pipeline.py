@@ -13,7 +13,7 @@ from .kernels import list_kernels
 from .latent_decode import stage_latent_decode
 from .masks import analyze_masks
 from .plan import KernelPlan, PlanOptions, Target
-from .score import to_exp2_domain
+from .score import reciprocal_divisors, to_exp2_domain
 from .warpgroups import stage_warpgroups
 from .tiling import DTYPE_BITS, choose_tiles, share_kv_heads, smem_bytes, smem_capacity, stage_pipeline
 
@@ -38,6 +38,7 @@ NEUTRAL: tuple[Pass, ...] = (
 # neutral plan, so its list is empty.
 SCHEDULES: dict[str, tuple[Pass, ...]] = {
     "triton": (
+        reciprocal_divisors,  # a division by a per-program, per-row or per-key value: a multiply by its reciprocal
         choose_tiles,  # block sizes and warps from arch, dtype and head dim (one tuned table)
         share_kv_heads,  # GQA: let a program take the query heads that share one K/V head
         stage_pipeline,  # software-pipelining depth that fits shared memory; Hopper TMA / warp-spec flags

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
-from ..ir import QK, Binary, Call, Expr, Num, Unary, children
+from ..ir import QK, Binary, Call, Expr, IndexVar, Num, Unary, children, post_order, walk, with_children
 from ..ops import op_of
 from .fold import fold
 from .plan import KernelPlan, ScorePlan
@@ -21,8 +21,9 @@ def to_exp2_domain(plan: KernelPlan) -> KernelPlan:
 
 def scaled(e: Expr, factor: Expr) -> Expr:
     """`e * factor`, distributed over the additive operators (+, -, unary -: the operator table's `linearity`)
-    so that a term `qk * c` (c free of qk) becomes `qk * (c * factor)`: the product of constants folds, or is
-    computed once per program. Each distinct node is scaled once."""
+    that read qk, so that a term `qk * c` (c free of qk) becomes `qk * (c * factor)`, and a product `c * x` whose
+    c varies along fewer axes than x (per program or per row, x per score) is x scaled by c * factor: the product of
+    the coarser factors folds, or is computed once where it lives. Each distinct node is scaled once."""
     memo: dict[Expr, Expr] = {}
     has_qk: dict[Expr, bool] = {}
 
@@ -40,6 +41,14 @@ def scaled(e: Expr, factor: Expr) -> Expr:
 
 
 def _scaled(e: Expr, factor: Expr, scale, reads_qk) -> Expr:
+    coarse = _coarse_factor(e, reads_qk)
+    if coarse is not None:
+        varying, c = coarse
+        if reads_qk(varying):
+            return scaled(varying, fold(Binary("*", c, factor), {}))
+        return Binary("*", varying, fold(Binary("*", c, factor), {}))
+    if not reads_qk(e):  # scaled whole: `(j - i) * factor` keeps the exact integer difference
+        return fold(Binary("*", e, factor), {})
     if isinstance(e, (Unary, Binary, Call)) and op_of(e).linearity == "additive":
         parts = [scale(x) for x in children(e)]
         return Unary(e.op, parts[0]) if isinstance(e, Unary) else Binary(e.op, *parts)
@@ -50,6 +59,16 @@ def _scaled(e: Expr, factor: Expr, scale, reads_qk) -> Expr:
         dot, rest = split
         return Binary("*", dot, fold(Binary("*", rest, factor), {}))
     return fold(Binary("*", e, factor), {})
+
+
+def _coarse_factor(e: Expr, reads_qk) -> tuple[Expr, Expr] | None:
+    """(x, c) where `e` is `c * x` or `x * c`, c free of qk and varying along fewer axes than x; else None."""
+    if not (isinstance(e, Binary) and e.op == "*"):
+        return None
+    for varying, c in ((e.lhs, e.rhs), (e.rhs, e.lhs)):
+        if not reads_qk(c) and axes_of(c) < axes_of(varying):
+            return varying, c
+    return None
 
 
 def _qk_times(e: Expr, reads_qk) -> tuple[QK, Expr] | None:
@@ -66,3 +85,49 @@ def _qk_times(e: Expr, reads_qk) -> tuple[QK, Expr] | None:
         if inner is not None:
             return inner[0], Binary("*", inner[1], b)
     return None
+
+
+# The axes a value varies along in a kernel: a score tile along the query rows and the keys; h goes with the rows
+# (packed GQA heads share a tile's rows); b, sizes, params and literals are the same for a whole program.
+_AXES = {"i": frozenset("i"), "h": frozenset("i"), "j": frozenset("j")}
+_TILE = frozenset("ij")
+
+
+def axes_of(e: Expr) -> frozenset:
+    """The axes among i (query rows) and j (keys) along which `e` varies in a kernel."""
+    return frozenset().union(*(_TILE if isinstance(n, QK) else _AXES.get(n.name, frozenset())
+                               for n in walk(e) if isinstance(n, (QK, IndexVar))))
+
+
+def reciprocal_divisors(plan: KernelPlan) -> KernelPlan:
+    """by_reciprocals on the score, in the spec too: the backward differentiates plan.spec.score, and its
+    derivative then reads the same subexpressions as the logits (one tanh a score, not two)."""
+    return replace(plan, spec=replace(plan.spec, score=by_reciprocals(plan.spec.score)),
+                   score=replace(plan.score, logits2=by_reciprocals(plan.score.logits2)))
+
+
+def by_reciprocals(e: Expr) -> Expr:
+    """`e` with each `a / b` whose divisor varies along fewer axes than its dividend (b per program, per row or per
+    key, a per score) written `a * (1 / b)`, or `qk * (c * (1 / b))` where a is `qk * c`: the kernel computes the
+    reciprocal where b lives and a score pays one multiply, not div.full.f32's three more instructions."""
+    axes: dict[int, frozenset] = {}
+    has_qk: dict[int, bool] = {}
+    done: dict[int, Expr] = {}
+
+    def reads_qk(node: Expr) -> bool:
+        if id(node) not in has_qk:
+            has_qk[id(node)] = isinstance(node, QK) or any(reads_qk(c) for c in children(node))
+        return has_qk[id(node)]
+
+    for node in post_order(e):
+        parts = tuple(done[id(c)] for c in children(node))
+        axes[id(node)] = (_TILE if isinstance(node, QK) else _AXES.get(node.name, frozenset())
+                          if isinstance(node, IndexVar) else frozenset().union(*(axes[id(c)] for c in children(node))))
+        new = with_children(node, parts) if parts else node
+        if isinstance(node, Binary) and node.op == "/" and axes[id(node.rhs)] < axes[id(node.lhs)]:
+            dividend, reciprocal = parts[0], Binary("/", Num(1.0, True), parts[1])
+            split = _qk_times(dividend, reads_qk)
+            new = (Binary("*", split[0], fold(Binary("*", split[1], reciprocal), {})) if split is not None
+                   else Binary("*", dividend, fold(reciprocal, {})))
+        done[id(node)] = new
+    return done[id(e)]

@@ -47,7 +47,8 @@ def attn_fwd(
     exact_hi = tl.maximum(exact_hi, 0).to(tl.int32)
     hull_lo = exact_lo
     hull_hi = exact_hi
-    x4 = tl.load(t_slopes + h_row.to(tl.int64) * st0_slopes, mask=row_valid, other=0).to(tl.float32)
+    x5 = tl.load(t_slopes + h_row.to(tl.int64) * st0_slopes, mask=row_valid, other=0).to(tl.float32)
+    x6 = x5 * 1.4426950408889634
     # -- key tiles: [run_start, run_end) run, [f_start, f_end) need no mask (none do where every tile is masked)
     live = row_valid & (hull_hi > hull_lo)
     any_live = tl.max(live.to(tl.int32), 0) > 0
@@ -90,9 +91,8 @@ def attn_fwd(
             k_tile_1 = k_tile_1.to(tl.float32)
         qk = tl.dot(q_tile_1, k_tile_1, qk)
         x3 = qk * 0.16129820911147805
-        x5 = x1[:, None].to(tl.int64) - j_col[None, :].to(tl.int64)
-        x6 = x4[:, None] * x5.to(tl.float32)
-        x7 = x6 * 1.4426950408889634
+        x4 = x1[:, None].to(tl.int64) - j_col[None, :].to(tl.int64)
+        x7 = x4.to(tl.float32) * x6[:, None]
         x8 = x3 - x7
         s = x8
         if t >= f_end:  # a partial tile

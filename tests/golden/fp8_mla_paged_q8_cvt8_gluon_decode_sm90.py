@@ -231,7 +231,10 @@ def score_warpgroup(
     x7 = h_row.to(tl.int64) % x6
     x8 = tl.where(tl.cast(x5, tl.int64) == 0, 0, h_row.to(tl.int64) // x6 - tl.where((x7 != 0) & ((x7 < 0) != (x6 < 0)), 1, 0))
     x9 = tl.load(t_ckv_scale + x8.to(tl.int64) * st0_ckv_scale, mask=row_valid & (x8.to(tl.int64) >= 0) & (x8.to(tl.int64) < sz_HKV), other=0).to(tl.float32)
-    x11 = tl.load(t_kr_scale + x8.to(tl.int64) * st0_kr_scale, mask=row_valid & (x8.to(tl.int64) >= 0) & (x8.to(tl.int64) < sz_HKV), other=0).to(tl.float32)
+    x10 = p_scale * 1.4426950408889634
+    x11 = x9 * x10
+    x13 = tl.load(t_kr_scale + x8.to(tl.int64) * st0_kr_scale, mask=row_valid & (x8.to(tl.int64) >= 0) & (x8.to(tl.int64) < sz_HKV), other=0).to(tl.float32)
+    x14 = x13 * x10
     row_valid = row_valid & (r < PACK)  # rows past the program's heads are computed and never written
     m_i = gl.full([BLOCK_M], -INF, tl.float32, ROW)  # running max, base 2
     l_i = gl.zeros([BLOCK_M], tl.float32, ROW)
@@ -266,12 +269,10 @@ def score_warpgroup(
         qk_1 = qk_1 * qr_scale[:, None]
         j_col = t * BLOCK_N + offs_n
         col_valid = j_col < sz_N
-        x10 = qk * x9[:, None]
-        x12 = qk_1 * x11[:, None]
-        x13 = x10 + x12
-        x14 = x13 * p_scale
-        x15 = x14 * 1.4426950408889634
-        s = x15
+        x12 = qk * x11[:, None]
+        x15 = qk_1 * x14[:, None]
+        x16 = x12 + x15
+        s = x16
         if t >= f_end:  # a partial tile
             keep = (j_col[None, :] >= exact_lo[:, None]) & (j_col[None, :] < exact_hi[:, None])
             s = tl.where(keep, s, -INF)
@@ -429,7 +430,10 @@ def attn_decode_gluon(
     x7 = h_row.to(tl.int64) % x6
     x8 = tl.where(tl.cast(x5, tl.int64) == 0, 0, h_row.to(tl.int64) // x6 - tl.where((x7 != 0) & ((x7 < 0) != (x6 < 0)), 1, 0))
     x9 = tl.load(t_ckv_scale + x8.to(tl.int64) * st0_ckv_scale, mask=row_valid & (x8.to(tl.int64) >= 0) & (x8.to(tl.int64) < sz_HKV), other=0).to(tl.float32)
-    x11 = tl.load(t_kr_scale + x8.to(tl.int64) * st0_kr_scale, mask=row_valid & (x8.to(tl.int64) >= 0) & (x8.to(tl.int64) < sz_HKV), other=0).to(tl.float32)
+    x10 = p_scale * 1.4426950408889634
+    x11 = x9 * x10
+    x13 = tl.load(t_kr_scale + x8.to(tl.int64) * st0_kr_scale, mask=row_valid & (x8.to(tl.int64) >= 0) & (x8.to(tl.int64) < sz_HKV), other=0).to(tl.float32)
+    x14 = x13 * x10
     # -- key tiles: [run_start, run_end) run, [f_start, f_end) need no mask (none do where every tile is masked)
     live = row_valid & (hull_hi > hull_lo)
     any_live = tl.max(live.to(tl.int32), 0) > 0

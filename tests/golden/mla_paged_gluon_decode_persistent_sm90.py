@@ -155,6 +155,7 @@ def score_warpgroup(
     exact_hi = tl.maximum(exact_hi, 0).to(tl.int32)
     hull_lo = exact_lo
     hull_hi = exact_hi
+    x3 = p_scale * 1.4426950408889634
     row_valid = row_valid & (r < PACK)  # rows past the program's heads are computed and never written
     m_i = gl.full([BLOCK_M], -INF, tl.float32, ROW)  # running max, base 2
     l_i = gl.zeros([BLOCK_M], tl.float32, ROW)
@@ -175,10 +176,10 @@ def score_warpgroup(
         qk, qk_1 = warpgroup_mma_wait(0, deps=[qk, qk_1])
         j_col = t * BLOCK_N + offs_n
         col_valid = j_col < sz_N
-        x3 = qk + qk_1
-        x4 = x3 * p_scale
-        x5 = x4 * 1.4426950408889634
-        s = x5
+        x4 = qk * x3
+        x5 = qk_1 * x3
+        x6 = x4 + x5
+        s = x6
         if t >= f_end:  # a partial tile
             keep = (j_col[None, :] >= exact_lo[:, None]) & (j_col[None, :] < exact_hi[:, None])
             s = tl.where(keep, s, -INF)
@@ -475,6 +476,7 @@ def produce_segments(
         exact_hi = tl.maximum(exact_hi, 0).to(tl.int32)
         hull_lo = exact_lo
         hull_hi = exact_hi
+        x3 = p_scale * 1.4426950408889634
         # -- key tiles: [run_start, run_end) run, [f_start, f_end) need no mask (none do where every tile is masked)
         live = row_valid & (hull_hi > hull_lo)
         any_live = tl.max(live.to(tl.int32), 0) > 0
