@@ -4,7 +4,9 @@ through the forward's emitter, mask analysis and normalizer lowering, so no vari
 Three functions, run one after the other (the launcher: backend.TvmBackward):
 - `bwd_rows`, parallel over (batch, head, query tile): each query tile's key-tile range and full tiles
   (passes.masks.key_tiles, as the forward computes them), Q^T and dO^T packed in float32 with the query rows
-  padded to whole tiles, and per row the base-2 lse and the coefficient `coef` of the dS rule:
+  padded to whole tiles, the tile's rows of every split's dQ partial zeroed (a torch.zeros there would leave
+  torch's OpenMP threads spinning on the cores bwd_keys needs: 1.8x slower at S = 512, benchmarks/NOTES.md session
+  14), and per row the base-2 lse and the coefficient `coef` of the dS rule:
   dS = g (dP - coef), with g = P and coef = Delta - dlse (Delta = rowsum(dO * O)) for normalised rows, and
   g = f'(s) and coef = -dlse exp(-lse) otherwise (grad.py's module docstring).
 - `bwd_keys`, parallel over (batch, K/V head, split): a split takes every S-th block of KEY_TILES key tiles (S
@@ -66,6 +68,12 @@ class _Scratch:
         self.coef = buffer_arg("coef", [b, h, mp], F32, "compact")  # the dS rule's row term; 0 on padded rows
         self.tiles = buffer_arg("tiles", [b, h, qt, 4], I32, "compact")  # key_tiles of each query tile
         self.query_tiles = qt
+        self.sizes = s
+
+    def dq_part(self) -> tir.Buffer:
+        """The next parameter: dQ's float32 partial per split, [S, B, H, MP, D] (bwd_rows zeroes it)."""
+        s = self.sizes
+        return buffer_arg("dq_part", [tir.Var("S", I32), s["B"], s["H"], self.lse2.shape[2], s["D"]], F32, "compact")
 
 
 def _table_partials(plan: KernelPlan, s: dict, tables: tuple[str, ...]) -> dict[str, tir.Buffer]:
@@ -94,8 +102,10 @@ def _rows_function(plan: KernelPlan, sched: CpuSchedule) -> tir.PrimFunc:
             out = buffer_arg("out", shapes["out"], dtype)
             dout = buffer_arg("dout", shapes["out"], dtype)
             lse = buffer_arg("lse", [s["B"], s["H"], s["M"]], F32, "any")
-            dlse = buffer_arg("dlse", [s["B"], s["H"], s["M"]], F32, "any")
+            dlse = buffer_arg("dlse", [s["B"], s["H"], s["M"]], F32, "any")  # lse again where has_dlse is 0
+            has_dlse = T.arg("has_dlse", tir.Var("has_dlse", I32))
             x = _Scratch(s, bm)
+            dq_part = x.dq_part()
             inputs, params = input_args(spec, s), param_args(spec)
             n_i64 = tir.Cast(I64, s["N"])
             q_tiles = x.query_tiles
@@ -121,6 +131,10 @@ def _rows_function(plan: KernelPlan, sched: CpuSchedule) -> tir.PrimFunc:
                     with T.serial(0, bm) as r:
                         value = tir.Cast(F32, dout[b, h, tir.min(i0 + r, s["M"] - 1), c])
                         T.buffer_store(x.do_t, tir.Select(r < rows, value, f32(0)), [b, h, qt, c, r])
+                with T.serial(0, dq_part.shape[0]) as split:
+                    with T.serial(0, bm) as r:
+                        with T.vectorized(0, plan.head_dim) as d:
+                            T.buffer_store(dq_part, f32(0), [split, b, h, i0 + r, d])
                 delta = T.alloc_buffer((1,), F32)
                 with T.serial(0, bm) as r:
                     i = T.Bind(i0 + r)
@@ -128,15 +142,16 @@ def _rows_function(plan: KernelPlan, sched: CpuSchedule) -> tir.PrimFunc:
                     valid = r < rows
                     row_lse = lse[b, h, row]
                     kept = row_lse != f32(NEG_INF)
+                    row_dlse = tir.Select(has_dlse != 0, dlse[b, h, row], f32(0))
                     T.buffer_store(x.lse2, tir.Select(kept, row_lse * f32(LOG2E), f32(0)), [b, h, i])
                     if normalized:  # coef = Delta - dlse
                         T.buffer_store(delta, f32(0), [0])
                         with T.serial(0, plan.value_dim) as c:
                             T.buffer_store(delta, delta[0] + tir.Cast(F32, dout[b, h, row, c])
                                            * tir.Cast(F32, out[b, h, row, c]), [0])
-                        coef = delta[0] - dlse[b, h, row]
+                        coef = delta[0] - row_dlse
                     else:  # coef = -dlse exp(-lse); no kept key: no term
-                        coef = tir.Select(kept, -dlse[b, h, row] * exp2(-row_lse * f32(LOG2E)), f32(0))
+                        coef = tir.Select(kept, -row_dlse * exp2(-row_lse * f32(LOG2E)), f32(0))
                     T.buffer_store(x.coef, tir.Select(valid, coef, f32(0)), [b, h, i])
     return ib.get()
 
@@ -171,9 +186,8 @@ class _KeyArgs:
         self.q, self.k, self.v = (buffer_arg(name, shapes[name], dtype) for name in ("q", "k", "v"))
         self.dout = buffer_arg("dout", shapes["out"], dtype)
         self.x = _Scratch(s, sched.block_m)
-        self.splits = tir.Var("S", I32)
-        self.dq_part = buffer_arg("dq_part", [self.splits, s["B"], s["H"], self.x.lse2.shape[2], s["D"]], F32,
-                                  "compact")
+        self.dq_part = self.x.dq_part()
+        self.splits = self.dq_part.shape[0]
         self.dk = buffer_arg("dk", shapes["k"], dtype)
         self.dv = buffer_arg("dv", shapes["v"], dtype)
         self.partials = _table_partials(plan, s, derivs.tables)

@@ -81,9 +81,11 @@ def launch_backward(spec, functions: dict, tables: tuple[str, ...], block_m: int
                               ((q, spec.q), (bound.k, spec.k), (bound.v, spec.v)))
     out_view, dout_view = (loadable(canonical_view(t, spec.q), False) for t in (out, dout))
     extra = extra_args(spec, bound)
-    functions[ROWS](q_view, k_view, out_view, dout_view, lse, torch.zeros_like(lse) if dlse is None else dlse,
-                    *scratch, *extra)
-    dq_part = torch.zeros((splits, b, h, mp, sizes["D"]), dtype=f32)
+    # No torch op that runs on torch's thread pool between the three calls (module docstring of backward.py): dQ's
+    # partials are zeroed by bwd_rows, and a missing dlse is a flag, not a zero-filled tensor
+    dq_part = torch.empty((splits, b, h, mp, sizes["D"]), dtype=f32)
+    functions[ROWS](q_view, k_view, out_view, dout_view, lse, lse if dlse is None else dlse, int(dlse is not None),
+                    *scratch, dq_part, *extra)
     partials = [torch.zeros((b * hkv * splits, *bound.inputs[name].shape), dtype=torch.float64) for name in tables]
     functions[KEYS](q_view, k_view, v_view, dout_view, *scratch, dq_part, canonical_view(grads["k"], spec.k),
                     canonical_view(grads["v"], spec.v), *partials, *extra)
