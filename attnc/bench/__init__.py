@@ -897,7 +897,7 @@ def run_cpu(args: argparse.Namespace) -> int:
 
     def add_row(row: dict, fns: dict[str, Callable]) -> None:
         """Check attnc against torch, time both, and write the row out (a run cut short keeps its rows)."""
-        err = _rel_err(fns["attnc"](), fns["torch"]())
+        err = _rel_err(*(_flat(fns[side]()) for side in ("attnc", "torch")))
         row["rel_err"] = err
         if not math.isfinite(err) or err > CPU_TOL:
             row["error"] = f"wrong result: rel err {err:.3g} vs torch"
@@ -927,14 +927,21 @@ def run_cpu(args: argparse.Namespace) -> int:
     return 0
 
 
+def _flat(result) -> torch.Tensor:
+    """A runner's result as one tensor: the training steps return their gradients as a tuple, concatenated only
+    for the check (a torch.cat in the timed step would run on torch's thread pool, whose spinning threads then slow
+    the next TVM call: benchmarks/NOTES.md, session 14)."""
+    return torch.cat([t.flatten() for t in result]) if isinstance(result, tuple) else result
+
+
 def cpu_forward_runners(kernel, w: CpuWorkload, q, k, v, gen) -> dict[str, Callable]:
     sdpa = torch.nn.functional.scaled_dot_product_attention
     return {"attnc": lambda: kernel(q, k, v), "torch": lambda: sdpa(q, k, v, is_causal=w.causal)}
 
 
 def cpu_training_runners(kernel, w: CpuWorkload, q, k, v, gen) -> dict[str, Callable]:
-    """Forward and backward of sum(out * dout), each returning dq, dk, dv concatenated: attnc's TVM forward and
-    its backward (Backend.build_backward) called directly, torch's SDPA through autograd."""
+    """Forward and backward of sum(out * dout), each returning (dq, dk, dv): attnc's TVM forward and its backward
+    (Backend.build_backward) called directly, torch's SDPA through autograd."""
     from ..backends import get_backend
     from ..dsl.signature import bind
 
@@ -946,11 +953,11 @@ def cpu_training_runners(kernel, w: CpuWorkload, q, k, v, gen) -> dict[str, Call
     def attnc_step():
         out, lse = kernel(q, k, v)
         grads = backward(bind(kernel.spec, q, k, v, {}), out, lse, dout, None, False)
-        return torch.cat([grads[role].flatten() for role in "qkv"])
+        return tuple(grads[role] for role in "qkv")
 
     def torch_step():
         out = sdpa(*leaves, is_causal=w.causal)
-        return torch.cat([g.flatten() for g in torch.autograd.grad(out, leaves, dout)])
+        return torch.autograd.grad(out, leaves, dout)
 
     return {"attnc": attnc_step, "torch": torch_step}
 
