@@ -122,6 +122,19 @@ def test_gpu_kernels_take_exp2_as_inline_ptx():
     assert "inline_asm" not in interpreted and "ex2_approx" not in interpreted and "tl.exp2(" in interpreted
 
 
+
+def test_gpu_formulas_divide_by_the_one_instruction_reciprocal():
+    """On a GPU a formula's division (tanh's 2 / (e + 1)) multiplies by rcp_approx, defined only in modules whose
+    spec calls such a formula; the interpreter keeps `/`."""
+    spec = attnc.parse(SPEC.replace("0.01 * (j - i)", "tanh(qk / 30.0)"))[0]
+    source = generate(plan_kernel(spec, HOPPER, 64, 64))
+    assert "rcp.approx.ftz.f32" in source and source.count("rcp_approx(") == 1 + 1  # the def; tanh in the loop
+    assert " / " not in source.split("for t in tl.range(")[1].split("out = ")[0]  # no division in the key loop
+    interpreted = generate(plan_kernel(spec, Target("triton", "cpu", None), 64, 64))
+    assert "rcp_approx" not in interpreted and "2.0 / (" in interpreted
+    plain = generate(plan_kernel(attnc.parse(SPEC)[0], HOPPER, 64, 64))
+    assert "rcp_approx" not in plain
+
 @pytest.mark.gpu
 def test_descriptor_scratch_is_one_buffer_per_stream_gpu():
     """Launches on one stream run in order and share one scratch buffer (grown on demand); another stream gets

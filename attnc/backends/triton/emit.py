@@ -18,7 +18,7 @@ import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from ...ir import QK, Attention, Binary, Call, Expr, IndexVar, Lookup, Num, ParamRef, SizeRef, Unary, children
+from ...ir import QK, Attention, Binary, Call, Expr, IndexVar, Lookup, Num, ParamRef, SizeRef, Unary, children, walk
 from ...ops import Formula, Kinds, Op, compute_kind, op_of
 from .. import names
 
@@ -253,6 +253,32 @@ class Emitter:
         return self._assign(code, level, kind, span)
 
 
+class _DivisionProbe:
+    """ops.Formula's math interface, recording only whether the formula divides."""
+
+    def __init__(self):
+        self.divides = False
+
+    def div(self, a: str, b: str) -> str:
+        self.divides = True
+        return "v"
+
+    def __getattr__(self, name: str):
+        return lambda *args: "v"
+
+
+def uses_reciprocal(exprs) -> bool:
+    """Whether the Triton code of `exprs` on a GPU calls rcp_approx (_Rendering.div): a call of a formula that
+    divides. A derivative (passes/grad.py) calls no formula its score does not, so the spec's expressions tell."""
+    def divides(op) -> bool:
+        probe = _DivisionProbe()
+        op.triton.build(probe, "x")
+        return probe.divides
+
+    return any(isinstance(n, Call) and isinstance(op_of(n).triton, Formula) and divides(op_of(n))
+               for e in exprs for n in walk(e))
+
+
 class _Rendering:
     """What a table rendering sees of the node it renders: the kind it computes in, `let` (an intermediate
     value named once), `literal` (an operand's value when it is a literal), `exp2`, and the math interface of
@@ -274,7 +300,12 @@ class _Rendering:
         return formula.build(self, x if x.isidentifier() else self.let(x))
 
     # -- ops.Formula's math interface (float32 operands)
-    add, sub, mul, div, lt = (lambda self, a, b, op=op: f"({a} {op} {b})" for op in "+-*/<")
+    add, sub, mul, lt = (lambda self, a, b, op=op: f"({a} {op} {b})" for op in "+-*<")
+
+    def div(self, a: str, b: str) -> str:
+        """A formula's division; on a GPU (the inline-PTX exp2) by the one-instruction reciprocal: the formulas divide
+        by values at least 1 (tanh's 2 / (e + 1)), where rcp.approx's flush of subnormals and its ulp do no harm."""
+        return f"({a} / {b})" if self.em.exp2 == "tl.exp2" else f"({a} * rcp_approx({b}))"
 
     def const(self, c: float) -> str:
         return repr(float(c))

@@ -12,7 +12,7 @@ from ...version import __version__
 from ...ir import Expr
 from .. import names
 from ...passes.plan import KernelPlan, KeyRange
-from .emit import TILE, TRITON_VECTORS, Emitter, Vectors
+from .emit import TILE, TRITON_VECTORS, Emitter, Vectors, uses_reciprocal
 from .signature import prefill_signature, spec_args, summary_signature
 from .normalize import lower as lower_normalizer
 
@@ -44,6 +44,7 @@ def shared_hooks(plan: KernelPlan, exp2: str = "tl.exp2", vectors: Vectors = TRI
     pad_d, pad_dv = tiling.block_d != plan.head_dim, tiling.block_dv != plan.value_dim
     return dict(
         version=__version__, key=plan.spec_key[:16], exp2=exp2,
+        reciprocal=exp2 != "tl.exp2" and uses_reciprocal([spec.score, *spec.masks, *filter(None, [spec.normalizer.sink])]),
         head_dim=plan.head_dim, value_dim=plan.value_dim, block_d=tiling.block_d, block_dv=tiling.block_dv,
         prologue="\n".join(main.prologue), score_lines="\n".join(score_lines), logits=logits,
         mask_lines="\n".join(mask_lines), keep_terms=keep_terms, sink=sink, returns_lse=spec.returns_lse,
