@@ -42,14 +42,16 @@ def shared_hooks(plan: KernelPlan, exp2: str = "tl.exp2", vectors: Vectors = TRI
     # FP8 values' scale per row, read once per program (only the decode template reads FP8: spec.decode_only)
     value_scale = None if plan.value_scale is None else main.as_float(main.value(plan.value_scale), TILE)
     pad_d, pad_dv = tiling.block_d != plan.head_dim, tiling.block_dv != plan.value_dim
+    normalizer = lower_normalizer(spec.normalizer, exp2, vectors)
     return dict(
         version=__version__, key=plan.spec_key[:16], exp2=exp2,
-        reciprocal=exp2 != "tl.exp2" and uses_reciprocal([spec.score, *spec.masks, *filter(None, [spec.normalizer.sink])]),
+        reciprocal=exp2 != "tl.exp2" and (normalizer.divides or uses_reciprocal(
+            [spec.score, *spec.masks, *filter(None, [spec.normalizer.sink])])),
         head_dim=plan.head_dim, value_dim=plan.value_dim, block_d=tiling.block_d, block_dv=tiling.block_dv,
         prologue="\n".join(main.prologue), score_lines="\n".join(score_lines), logits=logits,
         mask_lines="\n".join(mask_lines), keep_terms=keep_terms, sink=sink, returns_lse=spec.returns_lse,
         value_scale=value_scale,
-        normalizer=lower_normalizer(spec.normalizer, exp2, vectors),
+        normalizer=normalizer,
         dot_args=', input_precision="ieee"' if plan.dtype == "f32" and plan.triton.dot_precision == "ieee" else "",
         d_mask_q=" & (offs_d[None, :] < HEAD_DIM)" if pad_d else "",
         d_mask_k=" & (offs_d[:, None] < HEAD_DIM)" if pad_d else "",

@@ -33,9 +33,15 @@ class TritonNormalizer(ABC):
     combine_acc: str
     combine_out: str
 
+    divides = False  # whether its weights divide (the module then defines the GPU's reciprocal, common.j2)
+
     def __init__(self, exp2: str, vectors: Vectors = TRITON_VECTORS):
         self.exp2 = exp2  # the base-2 exponential's name in the generated module
         self.vectors = vectors  # how the module spells new vectors (Triton or Gluon)
+
+    def reciprocal(self, x: str) -> str:
+        """1 / x: on a GPU (the inline-PTX exp2) the one-instruction rcp_approx, as emit.py's formulas divide."""
+        return f"1.0 / ({x})" if self.exp2 == "tl.exp2" else f"rcp_approx({x})"
 
     @property
     @abstractmethod
@@ -87,6 +93,7 @@ class _Sigmoid(TritonNormalizer):
     def state(self) -> str:
         return f"l_i = {self.vectors.zeros('[BLOCK_M]', 'tl.float32')}  # the row's total weight"
 
+    divides = True
     acc_scale = "acc"
     advance = None
     out = "l_safe = tl.where(l_i == 0.0, 1.0, l_i)\nout = acc  # not normalised: a row that kept no key holds 0"
@@ -98,7 +105,7 @@ class _Sigmoid(TritonNormalizer):
         return f"{self.recompute('')}\nl_i = l_i + tl.sum(p, 1)"
 
     def recompute(self, row: str) -> str:
-        return f"p = 1.0 / (1.0 + {self.exp2}(-s))"
+        return f"p = {self.reciprocal(f'1.0 + {self.exp2}(-s)')}"  # the divisor is at least 1
 
 
 _LOWERINGS: dict[str, type[TritonNormalizer]] = {"softmax": _Normalised, "sigmoid": _Sigmoid}
