@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from typing import Callable
 
 from ..ir import QK, Binary, Call, Expr, IndexVar, Num, Unary, children, post_order, walk, with_children
 from ..ops import op_of
@@ -25,12 +26,7 @@ def scaled(e: Expr, factor: Expr) -> Expr:
     c varies along fewer axes than x (per program or per row, x per score) is x scaled by c * factor: the product of
     the coarser factors folds, or is computed once where it lives. Each distinct node is scaled once."""
     memo: dict[Expr, Expr] = {}
-    has_qk: dict[Expr, bool] = {}
-
-    def reads_qk(node: Expr) -> bool:
-        if node not in has_qk:
-            has_qk[node] = isinstance(node, QK) or any(reads_qk(c) for c in children(node))
-        return has_qk[node]
+    reads_qk = _qk_reader()
 
     def scale(node: Expr) -> Expr:
         if node not in memo:
@@ -71,6 +67,18 @@ def _coarse_factor(e: Expr, reads_qk) -> tuple[Expr, Expr] | None:
     return None
 
 
+def _qk_reader() -> Callable[[Expr], bool]:
+    """Whether a node reads a dot product, memoised by node for one rewrite (linear in a DAG)."""
+    has_qk: dict[int, bool] = {}
+
+    def reads_qk(node: Expr) -> bool:
+        if id(node) not in has_qk:
+            has_qk[id(node)] = isinstance(node, QK) or any(reads_qk(c) for c in children(node))
+        return has_qk[id(node)]
+
+    return reads_qk
+
+
 def _qk_times(e: Expr, reads_qk) -> tuple[QK, Expr] | None:
     """(qk, c) where `e` is a product of one dot product and factors free of qk, in any nesting (`qk * scale * c`,
     as FP8 keys' dequant scale makes it: passes/dequant.py); c is the product of those factors. None otherwise."""
@@ -93,10 +101,16 @@ _AXES = {"i": frozenset("i"), "h": frozenset("i"), "j": frozenset("j")}
 _TILE = frozenset("ij")
 
 
+def _own_axes(node: Expr) -> frozenset:
+    """The axes a node adds to its children's: a dot product's i and j, an index variable's own."""
+    if isinstance(node, QK):
+        return _TILE
+    return _AXES.get(node.name, frozenset()) if isinstance(node, IndexVar) else frozenset()
+
+
 def axes_of(e: Expr) -> frozenset:
     """The axes among i (query rows) and j (keys) along which `e` varies in a kernel."""
-    return frozenset().union(*(_TILE if isinstance(n, QK) else _AXES.get(n.name, frozenset())
-                               for n in walk(e) if isinstance(n, (QK, IndexVar))))
+    return frozenset().union(*(_own_axes(n) for n in walk(e)))
 
 
 def reciprocal_divisors(plan: KernelPlan) -> KernelPlan:
@@ -111,18 +125,11 @@ def by_reciprocals(e: Expr) -> Expr:
     key, a per score) written `a * (1 / b)`, or `qk * (c * (1 / b))` where a is `qk * c`: the kernel computes the
     reciprocal where b lives and a score pays one multiply, not div.full.f32's three more instructions."""
     axes: dict[int, frozenset] = {}
-    has_qk: dict[int, bool] = {}
+    reads_qk = _qk_reader()
     done: dict[int, Expr] = {}
-
-    def reads_qk(node: Expr) -> bool:
-        if id(node) not in has_qk:
-            has_qk[id(node)] = isinstance(node, QK) or any(reads_qk(c) for c in children(node))
-        return has_qk[id(node)]
-
     for node in post_order(e):
         parts = tuple(done[id(c)] for c in children(node))
-        axes[id(node)] = (_TILE if isinstance(node, QK) else _AXES.get(node.name, frozenset())
-                          if isinstance(node, IndexVar) else frozenset().union(*(axes[id(c)] for c in children(node))))
+        axes[id(node)] = _own_axes(node).union(*(axes[id(c)] for c in children(node)))
         new = with_children(node, parts) if parts else node
         if isinstance(node, Binary) and node.op == "/" and axes[id(node.rhs)] < axes[id(node.lhs)]:
             dividend, reciprocal = parts[0], Binary("/", Num(1.0, True), parts[1])
