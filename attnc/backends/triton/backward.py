@@ -9,7 +9,7 @@ from ...ir import Attention, Expr, walk
 from ...passes.grad import SCORE, WEIGHT, Derivatives, TableGrad, derive, normalizer_backward, plan_backward
 from ...passes.plan import BackwardPlan, KernelPlan, QueryRange, TileConfig
 from .. import names
-from .emit import COL, KEY_MAJOR, QUERY_MAJOR, ROW, SCALAR, TILE, TRITON_VECTORS, Emitter, Layout, Vectors
+from .emit import COL, KEY_MAJOR, QUERY_MAJOR, ROW, SCALAR, TILE, TRITON_VECTORS, Emitter, Layout, Vectors, exp2_for
 from .generate import as_tile, bounds, float_tile, shared_hooks, template
 from .signature import backward_signatures, gradient_tables, spec_args, summary_used
 
@@ -19,7 +19,7 @@ def generate_backward(plan: KernelPlan) -> str:
     backward = plan_backward(plan)
     derivs = derive(spec)
     rule = normalizer_backward(spec.normalizer)
-    exp2 = "tl.exp2" if plan.target.arch is None else "ex2_approx"  # as the forward: see generate()
+    exp2 = exp2_for(plan.target.arch)
     data_dependent = summary_used(plan)
     signatures = backward_signatures(spec_args(plan, per_sequence=True), gradient_tables(spec), data_dependent,
                                      plan.triton.tma)

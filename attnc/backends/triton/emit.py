@@ -24,6 +24,22 @@ from .. import names
 
 SCALAR, ROW, COL, TILE = 0, 1, 2, 3
 
+# The base-2 exponential a module calls. On a GPU it is inline PTX (the instruction libdevice's would become), so a
+# kernel that calls no libdevice function compiles without linking libdevice, and divisions go through the
+# one-instruction reciprocal (common.j2's rcp_approx); the interpreter runs no inline assembly.
+PORTABLE_EXP2, PTX_EXP2 = "tl.exp2", "ex2_approx"
+
+
+def exp2_for(arch) -> str:
+    """The exp2 of a kernel for `arch` (a Target's; None: the interpreter)."""
+    return PORTABLE_EXP2 if arch is None else PTX_EXP2
+
+
+def reciprocal(exp2: str, x: str) -> str:
+    """1 / x in a module whose exp2 is `exp2`: IEEE division, or on a GPU rcp.approx (for values where its flush of
+    subnormals and its ulp do no harm)."""
+    return f"1.0 / ({x})" if exp2 == PORTABLE_EXP2 else f"rcp_approx({x})"
+
 
 def dot_tile(spec: Attention, dot: QK) -> str:
     """The name of a dot product's score tile: qk, or qk_n for the n-th of the spec's dot products (latent
@@ -109,7 +125,7 @@ class Value:
 
 
 class Emitter:
-    def __init__(self, spec: Attention, exp2: str = "tl.exp2", layout: Layout = QUERY_MAJOR,
+    def __init__(self, spec: Attention, exp2: str = PORTABLE_EXP2, layout: Layout = QUERY_MAJOR,
                  vectors: Vectors = TRITON_VECTORS):
         self.spec = spec
         self.exp2 = exp2  # the base-2 exponential's name in the kernel module (exp2 and the formulas use it)
@@ -305,7 +321,7 @@ class _Rendering:
     def div(self, a: str, b: str) -> str:
         """A formula's division; on a GPU (the inline-PTX exp2) by the one-instruction reciprocal: the formulas divide
         by values at least 1 (tanh's 2 / (e + 1)), where rcp.approx's flush of subnormals and its ulp do no harm."""
-        return f"({a} / {b})" if self.em.exp2 == "tl.exp2" else f"({a} * rcp_approx({b}))"
+        return f"({a} / {b})" if self.em.exp2 == PORTABLE_EXP2 else f"({a} * {reciprocal(self.em.exp2, b)})"
 
     def const(self, c: float) -> str:
         return repr(float(c))

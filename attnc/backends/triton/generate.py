@@ -12,7 +12,7 @@ from ...version import __version__
 from ...ir import Expr
 from .. import names
 from ...passes.plan import KernelPlan, KeyRange
-from .emit import TILE, TRITON_VECTORS, Emitter, Vectors, uses_reciprocal
+from .emit import PORTABLE_EXP2, TILE, TRITON_VECTORS, Emitter, Vectors, exp2_for, uses_reciprocal
 from .signature import prefill_signature, spec_args, summary_signature
 from .normalize import lower as lower_normalizer
 
@@ -24,7 +24,7 @@ def template(name: str) -> jinja2.Template:
     return env.get_template(name)
 
 
-def shared_hooks(plan: KernelPlan, exp2: str = "tl.exp2", vectors: Vectors = TRITON_VECTORS) -> dict:
+def shared_hooks(plan: KernelPlan, exp2: str = PORTABLE_EXP2, vectors: Vectors = TRITON_VECTORS) -> dict:
     """The hooks every template fills the same way: per-row key bounds (prologue), the logits tile, the evaluated
     masks, the normalizer's lowering and its sink, the head-dim padding masks and the dot precision; `exp2` names
     the base-2 exponential, `vectors` spells new vectors (Triton or Gluon)."""
@@ -45,7 +45,7 @@ def shared_hooks(plan: KernelPlan, exp2: str = "tl.exp2", vectors: Vectors = TRI
     normalizer = lower_normalizer(spec.normalizer, exp2, vectors)
     return dict(
         version=__version__, key=plan.spec_key[:16], exp2=exp2,
-        reciprocal=exp2 != "tl.exp2" and (normalizer.divides or uses_reciprocal(
+        reciprocal=exp2 != PORTABLE_EXP2 and (normalizer.divides or uses_reciprocal(
             [spec.score, *spec.masks, *filter(None, [spec.normalizer.sink])])),
         head_dim=plan.head_dim, value_dim=plan.value_dim, block_d=tiling.block_d, block_dv=tiling.block_dv,
         prologue="\n".join(main.prologue), score_lines="\n".join(score_lines), logits=logits,
@@ -100,9 +100,7 @@ def generate(plan: KernelPlan) -> str:
 
     all_partial = bool(masks.evaluated) and not masks.data_dependent
     signature = prefill_signature(args, plan.triton.tma)
-    # On a GPU, exp2 is inline PTX (the instruction libdevice's would become): a kernel that calls no libdevice
-    # function compiles without linking libdevice. The interpreter runs no inline assembly.
-    hooks = shared_hooks(plan, "tl.exp2" if plan.target.arch is None else "ex2_approx")
+    hooks = shared_hooks(plan, exp2_for(plan.target.arch))
     return template("kernel.py.j2").render(
         **hooks,
         d_chunks=d_chunks(plan.tiling.d_chunks, hooks),

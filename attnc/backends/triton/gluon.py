@@ -25,12 +25,12 @@ GLUON_DTYPES = {"f16": "gl.float16", "bf16": "gl.bfloat16"}
 
 
 def generate_gluon(plan: KernelPlan) -> str:
-    from .emit import GLUON_VECTORS
+    from .emit import GLUON_VECTORS, PTX_EXP2
     from .generate import d_chunks, shared_hooks, template
 
     w, masks = plan.warpgroups.layout, plan.masks
     signature = gluon_signature(spec_args(plan))
-    hooks = shared_hooks(plan, "ex2_approx", GLUON_VECTORS)
+    hooks = shared_hooks(plan, PTX_EXP2, GLUON_VECTORS)
     return template("gluon.py.j2").render(
         **hooks,
         d_chunks=d_chunks(w.d_chunks, hooks),

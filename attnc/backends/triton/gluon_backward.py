@@ -18,14 +18,14 @@ SOURCE_FILE = "gluon_dkdv.py"
 
 def generate_gluon_dkdv(plan: KernelPlan) -> str:
     from .backward import _orientation, dkdv_hooks
-    from .emit import GLUON_VECTORS, KEY_MAJOR
+    from .emit import GLUON_VECTORS, KEY_MAJOR, PTX_EXP2
     from .generate import shared_hooks, template
     from .gluon import GLUON_DTYPES
 
     layout = plan_backward(plan).gluon_dkdv
     signature = gluon_dkdv_signature(spec_args(plan), layout.dq_in_dkdv)
-    hooks = shared_hooks(plan, "ex2_approx", GLUON_VECTORS)
-    dkdv = dkdv_hooks(plan, derive(plan.spec), "ex2_approx", GLUON_VECTORS, full_range=False)
+    hooks = shared_hooks(plan, PTX_EXP2, GLUON_VECTORS)
+    dkdv = dkdv_hooks(plan, derive(plan.spec), PTX_EXP2, GLUON_VECTORS, full_range=False)
     return template("gluon_backward.py.j2").render(
         **hooks,
         plan_line=plan_line(plan, layout),

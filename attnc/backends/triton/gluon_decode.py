@@ -36,14 +36,14 @@ SOURCE_FILE = "gluon_decode.py"
 def generate_gluon_decode(plan: KernelPlan) -> str:
     # the code generators load only where a kernel is built, not on a warm start
     from .decode import ERROR_CONSTANTS, latent_dots, storage_hooks
-    from .emit import GLUON_VECTORS
+    from .emit import GLUON_VECTORS, PTX_EXP2
     from .generate import shared_hooks, template
 
     spec, w = plan.spec, plan.decode.warpgroups.layout
     signature = gluon_decode_signature(spec_args(plan, per_sequence=True), w.persistent)
     storage, _ = storage_hooks(plan)
     return template("gluon_decode.py.j2").render(
-        **shared_hooks(plan, "ex2_approx", GLUON_VECTORS),
+        **shared_hooks(plan, PTX_EXP2, GLUON_VECTORS),
         **storage,
         vectors=GLUON_VECTORS,
         plan_line=plan_line(plan),

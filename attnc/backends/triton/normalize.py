@@ -22,7 +22,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 
 from ...ir import Normalizer
-from .emit import TRITON_VECTORS, Vectors
+from .emit import TRITON_VECTORS, Vectors, reciprocal
 
 
 class TritonNormalizer(ABC):
@@ -41,7 +41,7 @@ class TritonNormalizer(ABC):
 
     def reciprocal(self, x: str) -> str:
         """1 / x: on a GPU (the inline-PTX exp2) the one-instruction rcp_approx, as emit.py's formulas divide."""
-        return f"1.0 / ({x})" if self.exp2 == "tl.exp2" else f"rcp_approx({x})"
+        return reciprocal(self.exp2, x)
 
     @property
     @abstractmethod
