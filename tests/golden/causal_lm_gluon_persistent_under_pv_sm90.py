@@ -85,7 +85,8 @@ def tile_range(
     """The key tiles of query tile pid_m of (tile_b, tile_h), found by each partition for itself (so none waits to be
     told)."""
     BLOCK_M: gl.constexpr = BLOCK_MQ
-    ROW: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
+    # every warp holds every row: the key range's reductions stay in the warp (no shared memory, no barrier)
+    ROW: gl.constexpr = gl.BlockedLayout([BLOCK_M // 32], [32], [WARPS], [0])
     COL: gl.constexpr = ROW
     b = tile_b.to(tl.int64)
     hp = tile_h.to(tl.int64)

@@ -200,7 +200,8 @@ def attn_fwd_gluon(
     # The key tiles of all the program's rows, found once for every partition: [run_start, run_end) run,
     # [f_start, f_end) need no mask. The partitions all step through them, so they agree on the ring's sequence.
     BLOCK_M: gl.constexpr = BLOCK_MQ
-    ROW: gl.constexpr = gl.BlockedLayout([1], [32], [CONSUMER_WARPS], [0])
+    # every warp holds every row: the key range's reductions stay in the warp (no shared memory, no barrier)
+    ROW: gl.constexpr = gl.BlockedLayout([BLOCK_M // 32], [32], [CONSUMER_WARPS], [0])
     COL: gl.constexpr = ROW
     # Query tiles in reverse: under a causal mask the last tiles have the most keys, so they start first and
     # the tail of the launch is short tiles.

@@ -183,7 +183,8 @@ def attn_bwd_dkdv_gluon(
 ):
     BLOCK_M: gl.constexpr = QUERY_ROWS
     BLOCK_N: gl.constexpr = PROGRAM_KEYS
-    ROW: gl.constexpr = gl.BlockedLayout([1], [32], [CONSUMER_WARPS], [0])
+    # every warp holds every row and key: the range reductions below stay in the warp (no shared memory, no barrier)
+    ROW: gl.constexpr = gl.BlockedLayout([4], [32], [CONSUMER_WARPS], [0])
     COL: gl.constexpr = ROW
     pid_n = gl.program_id(0)
     b = (gl.program_id(1) // sz_H).to(tl.int64)
