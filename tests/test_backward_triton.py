@@ -21,6 +21,7 @@ from attnc.passes import plan_kernel
 from attnc.passes.fold import evaluate
 from attnc.passes.grad import derive, plan_backward
 from attnc.passes.masks import row_bounds
+from inline_ptx import interpretable
 from test_decode_kernels import offsets
 from test_triton_kernels import (  # noqa: F401  (poisoned_outputs is an autouse fixture: importing enables it)
     TORCH, example_kwargs, example_specs, poisoned_outputs, with_dtype,
@@ -363,9 +364,6 @@ def test_empty_queries_or_keys(m, n, deterministic):
     check_backward(EXAMPLES["sinks"], m, n, deterministic, True, dtype="f32")
 
 
-INLINE_EX2 = 'tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1)'
-
-
 @INTERPRETER_ONLY
 def hopper_backward(spec, d):
     """(plan, module) of `spec`'s sm_90 backward (q, dO and dQ, and K, V, through tensor descriptors) made to run in
@@ -379,14 +377,13 @@ def hopper_backward(spec, d):
 
     plan = plan_kernel(spec, Target("triton", "cuda", 90), d, d, PlanOptions(tma=True))
     source = generate_backward(plan)
-    assert "make_tensor_descriptor" in source and INLINE_EX2 in source
+    assert "make_tensor_descriptor" in source
     module = types.ModuleType("hopper_backward")
     bulk_add = "dq_desc.atomic_add([m * BLOCK_M, 0], dq_tile)"
     assert bulk_add in source
     source = source.replace(bulk_add, "tl.atomic_add(dq_ptr + b * s_dqb + h * s_dqh + q_rows[:, None] * s_dqm "
                                       f"+ offs_d[None, :] * s_dqd, dq_tile, mask=row_valid[:, None] & (offs_d < {d}))")
-    exec(compile(source.replace("scratch.install()", "").replace(INLINE_EX2, "tl.exp2(x)"), "hopper_backward.py",
-                 "exec"), module.__dict__)
+    exec(compile(interpretable(source.replace("scratch.install()", "")), "hopper_backward.py", "exec"), module.__dict__)
     return plan, module
 
 

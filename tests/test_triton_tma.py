@@ -11,6 +11,7 @@ import attnc
 from attnc.backends.triton.generate import generate
 from attnc.passes import PlanOptions, Target, plan_kernel
 from attnc.backends.triton.launch import descriptor_ready
+from inline_ptx import INLINE_EX2, interpretable
 
 HOPPER = Target("triton", "cuda", 90)
 SPEC = """attention t {
@@ -23,7 +24,6 @@ SPEC = """attention t {
 }"""
 
 
-INLINE_EX2 = 'tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1)'
 
 
 def hopper_module(spec, d, ws, dv=None):
@@ -31,9 +31,7 @@ def hopper_module(spec, d, ws, dv=None):
     plan = plan_kernel(spec, HOPPER, d, dv or d, PlanOptions(block_m=32, block_n=16, tma=True, warp_specialize=ws))
     assert plan.triton.tma and plan.triton.warp_specialize == ws
     # the interpreter has no descriptor scratch allocator and runs no inline assembly
-    source = generate(plan).replace("scratch.install()", "")
-    assert INLINE_EX2 in source
-    source = source.replace(INLINE_EX2, "tl.exp2(x)")
+    source = interpretable(generate(plan).replace("scratch.install()", ""))
     module = types.ModuleType("hopper_kernel")
     exec(compile(source, "hopper_kernel.py", "exec"), module.__dict__)
     return module
@@ -123,17 +121,19 @@ def test_gpu_kernels_take_exp2_as_inline_ptx():
 
 
 
-def test_gpu_formulas_divide_by_the_one_instruction_reciprocal():
-    """On a GPU a formula's division (tanh's 2 / (e + 1)) multiplies by rcp_approx, defined only in modules whose
-    spec calls such a formula; the interpreter keeps `/`."""
+def test_gpu_divisions_multiply_by_the_one_instruction_reciprocal():
+    """On a GPU a formula's division (tanh's 2 / (e + 1)) multiplies by rcp_approx, and out divides by the row's
+    total weight through one rcp_approx a row; the interpreter keeps `/`."""
     spec = attnc.parse(SPEC.replace("0.01 * (j - i)", "tanh(qk / 30.0)"))[0]
     source = generate(plan_kernel(spec, HOPPER, 64, 64))
-    assert "rcp.approx.ftz.f32" in source and source.count("rcp_approx(") == 1 + 1  # the def; tanh in the loop
-    assert " / " not in source.split("for t in tl.range(")[1].split("out = ")[0]  # no division in the key loop
+    # the def, tanh in the key loop, out's
+    assert "rcp.approx.ftz.f32" in source and source.count("rcp_approx(") == 1 + 1 + 1
+    assert " / " not in source.split("for t in tl.range(")[1]  # no division in the key loop or out
+    assert "out = acc * rcp_approx(l_safe)[:, None]" in source
     interpreted = generate(plan_kernel(spec, Target("triton", "cpu", None), 64, 64))
-    assert "rcp_approx" not in interpreted and "2.0 / (" in interpreted
+    assert "rcp_approx" not in interpreted and "2.0 / (" in interpreted and "out = acc / l_safe[:, None]" in interpreted
     plain = generate(plan_kernel(attnc.parse(SPEC)[0], HOPPER, 64, 64))
-    assert "rcp_approx" not in plain
+    assert plain.count("rcp_approx(") == 1 + 1  # the def, out's
 
 @pytest.mark.gpu
 def test_descriptor_scratch_is_one_buffer_per_stream_gpu():

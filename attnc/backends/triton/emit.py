@@ -269,32 +269,6 @@ class Emitter:
         return self._assign(code, level, kind, span)
 
 
-class _DivisionProbe:
-    """ops.Formula's math interface, recording only whether the formula divides."""
-
-    def __init__(self):
-        self.divides = False
-
-    def div(self, a: str, b: str) -> str:
-        self.divides = True
-        return "v"
-
-    def __getattr__(self, name: str):
-        return lambda *args: "v"
-
-
-def uses_reciprocal(exprs) -> bool:
-    """Whether the Triton code of `exprs` on a GPU calls rcp_approx (_Rendering.div): a call of a formula that
-    divides. A derivative (passes/grad.py) calls no formula its score does not, so the spec's expressions tell."""
-    def divides(op) -> bool:
-        probe = _DivisionProbe()
-        op.triton.build(probe, "x")
-        return probe.divides
-
-    return any(isinstance(n, Call) and isinstance(op_of(n).triton, Formula) and divides(op_of(n))
-               for e in exprs for n in walk(e))
-
-
 class _Rendering:
     """What a table rendering sees of the node it renders: the kind it computes in, `let` (an intermediate
     value named once), `literal` (an operand's value when it is a literal), `exp2`, and the math interface of

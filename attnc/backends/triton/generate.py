@@ -12,7 +12,7 @@ from ...version import __version__
 from ...ir import Expr
 from .. import names
 from ...passes.plan import KernelPlan, KeyRange
-from .emit import PORTABLE_EXP2, TILE, TRITON_VECTORS, Emitter, Vectors, exp2_for, uses_reciprocal
+from .emit import PORTABLE_EXP2, TILE, TRITON_VECTORS, Emitter, Vectors, exp2_for
 from .signature import prefill_signature, spec_args, summary_signature
 from .normalize import lower as lower_normalizer
 
@@ -45,8 +45,6 @@ def shared_hooks(plan: KernelPlan, exp2: str = PORTABLE_EXP2, vectors: Vectors =
     normalizer = lower_normalizer(spec.normalizer, exp2, vectors)
     return dict(
         version=__version__, key=plan.spec_key[:16], exp2=exp2,
-        reciprocal=exp2 != PORTABLE_EXP2 and (normalizer.divides or uses_reciprocal(
-            [spec.score, *spec.masks, *filter(None, [spec.normalizer.sink])])),
         head_dim=plan.head_dim, value_dim=plan.value_dim, block_d=tiling.block_d, block_dv=tiling.block_dv,
         prologue="\n".join(main.prologue), score_lines="\n".join(score_lines), logits=logits,
         mask_lines="\n".join(mask_lines), keep_terms=keep_terms, sink=sink, returns_lse=spec.returns_lse,

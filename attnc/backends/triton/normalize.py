@@ -22,7 +22,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 
 from ...ir import Normalizer
-from .emit import TRITON_VECTORS, Vectors, reciprocal
+from .emit import PORTABLE_EXP2, TRITON_VECTORS, Vectors, reciprocal
 
 
 class TritonNormalizer(ABC):
@@ -33,8 +33,6 @@ class TritonNormalizer(ABC):
     combine_acc: str
     combine_out: str
 
-    divides = False  # whether its weights divide (the module then defines the GPU's reciprocal, common.j2)
-
     def __init__(self, exp2: str, vectors: Vectors = TRITON_VECTORS):
         self.exp2 = exp2  # the base-2 exponential's name in the generated module
         self.vectors = vectors  # how the module spells new vectors (Triton or Gluon)
@@ -42,6 +40,14 @@ class TritonNormalizer(ABC):
     def reciprocal(self, x: str) -> str:
         """1 / x: on a GPU (the inline-PTX exp2) the one-instruction rcp_approx, as emit.py's formulas divide."""
         return reciprocal(self.exp2, x)
+
+    def per_row(self, acc: str, divisor: str) -> str:
+        """`acc` [BLOCK_M, BLOCK_DV] over the row vector `divisor` (at least 1): IEEE division in the interpreter; on a
+        GPU one reciprocal a row and a multiply an element (Triton's `/` is div.full.f32 per element, with its range
+        check: 3 instructions an element)."""
+        if self.exp2 == PORTABLE_EXP2:
+            return f"{acc} / {divisor}[:, None]"
+        return f"{acc} * {self.reciprocal(divisor)}[:, None]"
 
     @property
     @abstractmethod
@@ -67,11 +73,18 @@ class _Normalised(TritonNormalizer):
 
     acc_scale = "acc * alpha[:, None]"
     advance = "m_i = m_new"
-    out = "l_safe = tl.where(l_i == 0.0, 1.0, l_i)\nout = acc / l_safe[:, None]"
+
+    @property
+    def out(self) -> str:
+        return f"l_safe = tl.where(l_i == 0.0, 1.0, l_i)\nout = {self.per_row('acc', 'l_safe')}"
+
     log2_total = "tl.where(m_i == INF, INF, m_i + tl.log2(l_safe))"  # a +inf logit: +inf, though its weights are NaN
     # where, not a product alone: a split with weight 0 contributes 0 whatever its partial row holds
     combine_acc = "acc * alpha[:, None] + tl.sum(tl.where(w[:, :, None] > 0, w[:, :, None] * parts, 0.0), 0)"
-    combine_out = "acc / l_safe[:, None]"
+
+    @property
+    def combine_out(self) -> str:
+        return self.per_row("acc", "l_safe")
 
     def weights(self, masked) -> str:
         safe = ("m_safe = tl.where(m_new == -INF, 0.0, m_new)  # a row with nothing kept yet: exp2(-inf - 0) = 0, "
@@ -93,7 +106,6 @@ class _Sigmoid(TritonNormalizer):
     def state(self) -> str:
         return f"l_i = {self.vectors.zeros('[BLOCK_M]', 'tl.float32')}  # the row's total weight"
 
-    divides = True
     acc_scale = "acc"
     advance = None
     out = "l_safe = tl.where(l_i == 0.0, 1.0, l_i)\nout = acc  # not normalised: a row that kept no key holds 0"
