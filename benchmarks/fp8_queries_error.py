@@ -1,0 +1,50 @@
+"""Where the Gluon MLA decode kernel with quantised queries is off (issue 14; benchmarks/NOTES.md, session 15): one
+grid point (64 heads, 64 sequences of 300 keys, FP8 latent) with q and qr quantised together and apart, float32 sums
+every 32 and 0, and without quantisation; for each, out's and lse's largest error against the quantised and the
+unquantised float64 reference, the worst sequences and the per-head error of the worst.
+
+    python3 benchmarks/fp8_queries_error.py     # sm_90 GPU, Triton 3.6"""
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "benchmarks")]
+import torch
+import attnc
+import bench_mla
+from attnc.ir import Quantize
+from attnc.passes import PlanOptions
+from test_mla_grid import Point, grid_call, grid_spec
+
+S = bench_mla.GPU
+layout, point = "contiguous", Point(64, 64)
+fp8 = grid_spec(layout, "fp8", S)
+q, k, kw = grid_call(layout, "fp8", S, point)
+plain, plain_lse = attnc.reference(fp8, q, k, **kw)
+QQ, QR = Quantize("q", "f8e4m3"), Quantize("qr", "f8e4m3")
+runs = [("q+qr every32", (QQ, QR), 32), ("q+qr every0", (QQ, QR), 0), ("q only", (QQ,), 32), ("qr only", (QR,), 32),
+        ("none (bf16 q)", (), None)]
+for name, quantize, every in runs:
+    t0 = time.time()
+    spec = replace(fp8, name=f"{fp8.name}_{len(quantize)}{quantize[0].tensor if quantize else ''}", quantize=quantize)
+    want, want_lse = attnc.reference(spec, q, k, **kw) if quantize else (plain, plain_lse)
+    opts = PlanOptions(gluon=True) if every is None else PlanOptions(gluon=True, fp8_float32_sum_every=every)
+    try:
+        kern = attnc.compile(spec, backend="triton", options=opts)
+        out, lse = kern(q, k, **kw)
+        torch.cuda.synchronize()
+    except Exception as e:
+        print(name, "FAILED", type(e).__name__, str(e)[:300]); continue
+    e = (out.double() - want).abs()  # [B, M, H, DV]
+    el = (lse.double() - want_lse).abs()
+    per_b = e.flatten(1).amax(1)
+    worst = per_b.argsort(descending=True)[:5].tolist()
+    b = worst[0]
+    idx = (e[b] == e[b].max()).nonzero()[0].tolist()
+    print(f"{name}: out err {e.max():.4f} (mean {e.mean():.5f}) |want| {want.abs().max():.3f}; vs plain "
+          f"{(out.double() - plain).abs().max():.4f}; ref vs plain {(want - plain).abs().max():.4f}; lse err {el.max():.5f} "
+          f"(ref vs plain {(want_lse - plain_lse).abs().max():.5f}); worst seqs {worst} {[round(per_b[i].item(), 4) for i in worst]}; "
+          f"at {idx} out {out[b][tuple(idx)].item():.4f} want {want[b][tuple(idx)].item():.4f}; per-head err of seq {b}: "
+          f"{[round(x, 3) for x in e[b].flatten(0, -2).amax(-1)[:12].tolist()]}; {time.time() - t0:.0f} s", flush=True)
