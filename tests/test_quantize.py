@@ -265,12 +265,18 @@ def test_what_does_not_run_it_says_so():
 def test_the_gluon_kernel_takes_quantised_queries_over_an_fp8_latent():
     """examples/specs/fp8_cache.attn's fp8_mla_paged_q8 on sm_90: the Gluon kernel with fp8 x fp8 QK^T (the converted
     ring holds the latent's columns alone: 218368 B of shared memory with four e4m3 slots, where the FP8 kernel
-    without it needs 226560 B); quantising one of q and qr, or a bf16 latent, keeps the Triton decode kernel."""
+    without it needs 226560 B) where PlanOptions(gluon=True) asks for it, else the Triton decode kernel;
+    quantising one of q and qr, or a bf16 latent, keeps the Triton decode kernel."""
     from attnc.passes import PlanOptions
 
     sm90 = Target("triton", "cuda", 90)
     specs = {s.name: s for s in attnc.parse_file("examples/specs/fp8_cache.attn")}
     q8, fp8 = specs["fp8_mla_paged_q8"], specs["fp8_mla_paged"]
+    # by default the Triton decode kernel: the Gluon kernel's quantised-query path is off on the H100 (session 15)
+    default = plan_kernel(q8, sm90, 512, 512).decode.warpgroups
+    assert default.path == "triton" and "PlanOptions(gluon=True) selects it" in default.reason
+    assert default.layout.fp8_queries
+    assert plan_kernel(fp8, sm90, 512, 512).decode.warpgroups.path == "gluon"  # the FP8 latent alone is right
     staged = plan_kernel(q8, sm90, 512, 512, PlanOptions(gluon=True)).decode.warpgroups
     assert staged.path == "gluon", staged.reason
     w = staged.layout
