@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The open GPU checks of issues 12-14 (benchmarks/NOTES.md, "Next GPU session (after session 15)"), as device-tool
+# calls of about 450 s each, in the order they matter:
+#   bash benchmarks/next_gpu_calls.sh 1    # carry [".whl"]: the FP8 quantised-query error, S = 1k steps' time
+#   bash benchmarks/next_gpu_calls.sh 2    # carry [".whl"]: the training and template GPU tests
+#   bash benchmarks/next_gpu_calls.sh 3    # carry [".whl"]: softcap / ALiBi forward and training, the full bench
+#   bash benchmarks/next_gpu_calls.sh 4    # carry [".whl", ".tvmrt"]: the other GPU tests, ncu
+# Each step writes its whole log to $OUT (a call brings back at most 8 files) and prints a summary.
+set -u
+source .ci/gpu-env.sh || exit 1
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+P="python3 -m pytest -m gpu -p no:cacheprovider -p no:warnings -rf -q -o addopts= --tb=short"
+
+step() {  # step NAME SECONDS COMMAND...: the command's output in $OUT/NAME.log, then its last lines
+  local name=$1 seconds=$2
+  shift 2
+  timeout -s INT "$seconds" "$@" > "$OUT/$name.log" 2>&1
+  echo "== $name: exit $?"
+  grep -E "passed|failed|error|Error|^FAILED|TFLOP/s|GB/s|ms" "$OUT/$name.log" | tail -12
+}
+
+case "${1:-}" in
+1)
+  step fp8-error 110 python3 benchmarks/fp8_queries_error.py
+  step fp8-default 60 $P tests/test_mla_gluon_gpu.py -k by_default
+  step profile-s1k 80 python3 benchmarks/profile_backward.py --out /tmp/prof --only "^(dense S=1024|causal S=1024)$"
+  cat /tmp/prof/*.jsonl > "$OUT/profile-backward.jsonl" 2>/dev/null
+  step mla-fp8-sums 100 python3 benchmarks/bench_mla.py --fp8 --quantize-q --float32-sum-every 32 0 --quick \
+    --only "H=64" --out /tmp/mla --budget 70
+  cp /tmp/mla/*.json "$OUT/" 2>/dev/null
+  ;;
+2)
+  step training 140 $P -n 12 --durations=5 tests/test_training.py
+  step backward 120 $P -n 12 --durations=5 tests/test_backward_triton.py
+  step template 100 $P -n 12 --durations=5 tests/test_triton_gpu.py
+  step host-time 50 $P tests -k host_time  # alone: workers compiling beside them would inflate their timings
+  ;;
+3)
+  step softcap-alibi 100 python3 -m attnc bench --only "softcap|alibi" --out /tmp/fwd
+  step softcap-alibi-bwd 120 python3 -m attnc bench --backward --only "softcap|alibi" --out /tmp/bwd
+  step bench 280 python3 -m attnc bench --out /tmp/bench
+  cp /tmp/fwd/*.json /tmp/bwd/*.json /tmp/bench/*.json "$OUT/" 2>/dev/null
+  ;;
+4)
+  step rest 220 env PYTHONPATH=".tvmrt:$PYTHONPATH" $P -n 14 tests -k "not host_time" \
+    --ignore=tests/test_training.py --ignore=tests/test_backward_triton.py --ignore=tests/test_triton_gpu.py \
+    --ignore=tests/test_gluon_gpu.py --ignore=tests/test_gluon_backward.py
+  step ncu-persistent 150 ncu --clock-control none -k regex:attn_fwd_gluon --launch-count 6 \
+    --section SpeedOfLight --section WarpStateStats --section SchedulerStats python3 benchmarks/persistent_tiles.py
+  ;;
+*)
+  echo "usage: bash benchmarks/next_gpu_calls.sh 1|2|3|4" >&2
+  exit 2
+  ;;
+esac
