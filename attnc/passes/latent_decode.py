@@ -348,8 +348,9 @@ QUANTIZED_QUERIES_OFF = ("the Gluon MLA decode kernel qualifies, but with quanti
 
 
 def stage_latent_decode(plan: KernelPlan) -> KernelPlan:
-    """DecodePlan.warpgroups: "gluon" where the kernel qualifies unless PlanOptions(gluon=False), else "triton" and
-    why (the layout is set wherever it qualifies, so `attnc show --emit plan` shows it)."""
+    """DecodePlan.warpgroups: "gluon" where the kernel qualifies unless PlanOptions(gluon=False) (with quantised
+    queries only where PlanOptions(gluon=True) asks: QUANTIZED_QUERIES_OFF), else "triton" and why (the layout is set
+    wherever it qualifies, so `attnc show --emit plan` shows it)."""
     if not plan.spec.is_latent:
         return plan
     why = unavailable(plan)
