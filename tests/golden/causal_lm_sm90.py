@@ -93,14 +93,13 @@ def attn_fwd(
             if UPCAST:
                 k_tile = k_tile.to(tl.float32)
             qk = tl.dot(q_tile, k_tile)
-            x3 = qk * 0.12751743082459868
-            s = x3
+            s = qk
             if t >= f_end:  # a partial tile
                 keep = (j_col[None, :] >= exact_lo[:, None]) & (j_col[None, :] < exact_hi[:, None])
                 s = tl.where(keep, s, -INF)
-            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_new = tl.maximum(m_i, tl.max(s, 1) * 0.12751743082459868)
             m_safe = tl.where(m_new == -INF, 0.0, m_new)  # a row with nothing kept yet: exp2(-inf - 0) = 0, not NaN
-            p = ex2_approx(s - m_safe[:, None])
+            p = ex2_approx(s * 0.12751743082459868 - m_safe[:, None])
             alpha = ex2_approx(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, 1)
             v_tile = v_desc.load([t * BLOCK_N, 0])
@@ -118,14 +117,13 @@ def attn_fwd(
             if UPCAST:
                 k_tile = k_tile.to(tl.float32)
             qk = tl.dot(q_tile, k_tile)
-            x3 = qk * 0.12751743082459868
-            s = x3
+            s = qk
             if t >= f_end:  # a partial tile
                 keep = (j_col[None, :] >= exact_lo[:, None]) & (j_col[None, :] < exact_hi[:, None])
                 s = tl.where(keep, s, -INF)
-            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_new = tl.maximum(m_i, tl.max(s, 1) * 0.12751743082459868)
             m_safe = tl.where(m_new == -INF, 0.0, m_new)  # a row with nothing kept yet: exp2(-inf - 0) = 0, not NaN
-            p = ex2_approx(s - m_safe[:, None])
+            p = ex2_approx(s * 0.12751743082459868 - m_safe[:, None])
             alpha = ex2_approx(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, 1)
             v_tile = tl.load(v_tile_ptrs + tl.cast(t * BLOCK_N, tl.int64) * s_vn, mask=col_valid[:, None], other=0.0)

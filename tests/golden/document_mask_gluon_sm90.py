@@ -107,7 +107,7 @@ def consume(
     exact_hi = tl.maximum(exact_hi, 0).to(tl.int32)
     hull_lo = exact_lo
     hull_hi = exact_hi
-    x4 = tl.load(t_doc + tl.cast(b, tl.int64) * st0_doc + x1.to(tl.int64) * st1_doc, mask=row_valid & (x1.to(tl.int64) >= 0) & (x1.to(tl.int64) < sz_N), other=0)
+    x3 = tl.load(t_doc + tl.cast(b, tl.int64) * st0_doc + x1.to(tl.int64) * st1_doc, mask=row_valid & (x1.to(tl.int64) >= 0) & (x1.to(tl.int64) < sz_N), other=0)
     offs_dv = gl.arange(0, BLOCK_DV, layout=COL)
     m_i = gl.full([BLOCK_M], -INF, tl.float32, ROW)  # running max, base 2
     l_i = gl.zeros([BLOCK_M], tl.float32, ROW)
@@ -128,15 +128,14 @@ def consume(
         qk = warpgroup_mma_wait(0, deps=[qk])
         j_col = t * BLOCK_N + offs_n
         col_valid = j_col < sz_N
-        x3 = qk * 0.12751743082459868
-        s = x3
-        x5 = tl.load(t_doc + tl.cast(b, tl.int64) * st0_doc + j_col.to(tl.int64) * st1_doc, mask=col_valid, other=0)
-        x6 = x4[:, None] == x5[None, :]
-        keep = (j_col[None, :] >= exact_lo[:, None]) & (j_col[None, :] < exact_hi[:, None]) & (x6)
+        s = qk
+        x4 = tl.load(t_doc + tl.cast(b, tl.int64) * st0_doc + j_col.to(tl.int64) * st1_doc, mask=col_valid, other=0)
+        x5 = x3[:, None] == x4[None, :]
+        keep = (j_col[None, :] >= exact_lo[:, None]) & (j_col[None, :] < exact_hi[:, None]) & (x5)
         s = tl.where(keep, s, -INF)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * 0.12751743082459868)
         m_safe = tl.where(m_new == -INF, 0.0, m_new)  # a row with nothing kept yet: exp2(-inf - 0) = 0, not NaN
-        p = ex2_approx(s - m_safe[:, None])
+        p = ex2_approx(s * 0.12751743082459868 - m_safe[:, None])
         alpha = ex2_approx(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
@@ -197,7 +196,7 @@ def attn_fwd_gluon(
     exact_hi = tl.maximum(exact_hi, 0).to(tl.int32)
     hull_lo = exact_lo
     hull_hi = exact_hi
-    x4 = tl.load(t_doc + tl.cast(b, tl.int64) * st0_doc + x1.to(tl.int64) * st1_doc, mask=row_valid & (x1.to(tl.int64) >= 0) & (x1.to(tl.int64) < sz_N), other=0)
+    x3 = tl.load(t_doc + tl.cast(b, tl.int64) * st0_doc + x1.to(tl.int64) * st1_doc, mask=row_valid & (x1.to(tl.int64) >= 0) & (x1.to(tl.int64) < sz_N), other=0)
     # -- key tiles: [run_start, run_end) run, [f_start, f_end) need no mask (none do where every tile is masked)
     live = row_valid & (hull_hi > hull_lo)
     any_live = tl.max(live.to(tl.int32), 0) > 0

@@ -57,7 +57,7 @@ def attn_fwd(
     exact_hi = tl.maximum(exact_hi, 0).to(tl.int32)
     hull_lo = exact_lo
     hull_hi = exact_hi
-    x4 = tl.load(t_doc + tl.cast(b, tl.int64) * st0_doc + x1.to(tl.int64) * st1_doc, mask=row_valid & (x1.to(tl.int64) >= 0) & (x1.to(tl.int64) < sz_N), other=0)
+    x3 = tl.load(t_doc + tl.cast(b, tl.int64) * st0_doc + x1.to(tl.int64) * st1_doc, mask=row_valid & (x1.to(tl.int64) >= 0) & (x1.to(tl.int64) < sz_N), other=0)
     # -- key tiles: [run_start, run_end) run, [f_start, f_end) need no mask (none do where every tile is masked)
     live = row_valid & (hull_hi > hull_lo)
     any_live = tl.max(live.to(tl.int32), 0) > 0
@@ -98,16 +98,15 @@ def attn_fwd(
                 if UPCAST:
                     k_tile = k_tile.to(tl.float32)
                 qk = tl.dot(q_tile, k_tile)
-                x3 = qk * 0.12751743082459868
-                s = x3
+                s = qk
                 if (cls == 2) | (t < f_start) | (t >= f_end):  # a partial tile
-                    x5 = tl.load(t_doc + tl.cast(b, tl.int64) * st0_doc + j_col.to(tl.int64) * st1_doc, mask=col_valid, other=0)
-                    x6 = x4[:, None] == x5[None, :]
-                    keep = (j_col[None, :] >= exact_lo[:, None]) & (j_col[None, :] < exact_hi[:, None]) & (x6)
+                    x4 = tl.load(t_doc + tl.cast(b, tl.int64) * st0_doc + j_col.to(tl.int64) * st1_doc, mask=col_valid, other=0)
+                    x5 = x3[:, None] == x4[None, :]
+                    keep = (j_col[None, :] >= exact_lo[:, None]) & (j_col[None, :] < exact_hi[:, None]) & (x5)
                     s = tl.where(keep, s, -INF)
-                m_new = tl.maximum(m_i, tl.max(s, 1))
+                m_new = tl.maximum(m_i, tl.max(s, 1) * 0.12751743082459868)
                 m_safe = tl.where(m_new == -INF, 0.0, m_new)  # a row with nothing kept yet: exp2(-inf - 0) = 0, not NaN
-                p = ex2_approx(s - m_safe[:, None])
+                p = ex2_approx(s * 0.12751743082459868 - m_safe[:, None])
                 alpha = ex2_approx(m_i - m_safe)
                 l_i = l_i * alpha + tl.sum(p, 1)
                 v_tile = v_desc.load([t * BLOCK_N, 0])
@@ -129,16 +128,15 @@ def attn_fwd(
                 if UPCAST:
                     k_tile = k_tile.to(tl.float32)
                 qk = tl.dot(q_tile, k_tile)
-                x3 = qk * 0.12751743082459868
-                s = x3
+                s = qk
                 if (cls == 2) | (t < f_start) | (t >= f_end):  # a partial tile
-                    x5 = tl.load(t_doc + tl.cast(b, tl.int64) * st0_doc + j_col.to(tl.int64) * st1_doc, mask=col_valid, other=0)
-                    x6 = x4[:, None] == x5[None, :]
-                    keep = (j_col[None, :] >= exact_lo[:, None]) & (j_col[None, :] < exact_hi[:, None]) & (x6)
+                    x4 = tl.load(t_doc + tl.cast(b, tl.int64) * st0_doc + j_col.to(tl.int64) * st1_doc, mask=col_valid, other=0)
+                    x5 = x3[:, None] == x4[None, :]
+                    keep = (j_col[None, :] >= exact_lo[:, None]) & (j_col[None, :] < exact_hi[:, None]) & (x5)
                     s = tl.where(keep, s, -INF)
-                m_new = tl.maximum(m_i, tl.max(s, 1))
+                m_new = tl.maximum(m_i, tl.max(s, 1) * 0.12751743082459868)
                 m_safe = tl.where(m_new == -INF, 0.0, m_new)  # a row with nothing kept yet: exp2(-inf - 0) = 0, not NaN
-                p = ex2_approx(s - m_safe[:, None])
+                p = ex2_approx(s * 0.12751743082459868 - m_safe[:, None])
                 alpha = ex2_approx(m_i - m_safe)
                 l_i = l_i * alpha + tl.sum(p, 1)
                 v_tile = tl.load(v_tile_ptrs + tl.cast(t * BLOCK_N, tl.int64) * s_vn, mask=col_valid[:, None], other=0.0)

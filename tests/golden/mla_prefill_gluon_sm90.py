@@ -132,14 +132,13 @@ def consume(
         qk = warpgroup_mma_wait(0, deps=[qk])
         j_col = t * BLOCK_N + offs_n
         col_valid = j_col < sz_N
-        x3 = qk * 0.10411754627697266
-        s = x3
+        s = qk
         if t >= f_end:  # a partial tile
             keep = (j_col[None, :] >= exact_lo[:, None]) & (j_col[None, :] < exact_hi[:, None])
             s = tl.where(keep, s, -INF)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * 0.10411754627697266)
         m_safe = tl.where(m_new == -INF, 0.0, m_new)  # a row with nothing kept yet: exp2(-inf - 0) = 0, not NaN
-        p = ex2_approx(s - m_safe[:, None])
+        p = ex2_approx(s * 0.10411754627697266 - m_safe[:, None])
         alpha = ex2_approx(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
@@ -161,14 +160,13 @@ def consume(
             qk = warpgroup_mma_wait(1, deps=[qk])
             j_col = t * BLOCK_N + offs_n
             col_valid = j_col < sz_N
-            x3 = qk * 0.10411754627697266
-            s = x3
+            s = qk
             if t >= f_end:  # a partial tile
                 keep = (j_col[None, :] >= exact_lo[:, None]) & (j_col[None, :] < exact_hi[:, None])
                 s = tl.where(keep, s, -INF)
-            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_new = tl.maximum(m_i, tl.max(s, 1) * 0.10411754627697266)
             m_safe = tl.where(m_new == -INF, 0.0, m_new)  # a row with nothing kept yet: exp2(-inf - 0) = 0, not NaN
-            p = ex2_approx(s - m_safe[:, None])
+            p = ex2_approx(s * 0.10411754627697266 - m_safe[:, None])
             alpha = ex2_approx(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, 1)
             acc, probs = warpgroup_mma_wait(0, deps=[pv, probs])

@@ -101,13 +101,12 @@ def attn_fwd(
                 if UPCAST:
                     k_tile = k_tile.to(tl.float32)
                 qk = tl.dot(q_tile, k_tile)
-                x7 = qk * 0.18033688011112042
-                s = x7
+                s = qk
                 keep = (j_col[None, :] >= exact_lo[:, None]) & (j_col[None, :] < exact_hi[:, None])
                 s = tl.where(keep, s, -INF)
-                m_new = tl.maximum(m_i, tl.max(s, 1))
+                m_new = tl.maximum(m_i, tl.max(s, 1) * 0.18033688011112042)
                 m_safe = tl.where(m_new == -INF, 0.0, m_new)  # a row with nothing kept yet: exp2(-inf - 0) = 0, not NaN
-                p = ex2_approx(s - m_safe[:, None])
+                p = ex2_approx(s * 0.18033688011112042 - m_safe[:, None])
                 alpha = ex2_approx(m_i - m_safe)
                 l_i = l_i * alpha + tl.sum(p, 1)
                 v_tile = v_desc.load([t * BLOCK_N, 0])
@@ -122,11 +121,10 @@ def attn_fwd(
                 if UPCAST:
                     k_tile = k_tile.to(tl.float32)
                 qk = tl.dot(q_tile, k_tile)
-                x7 = qk * 0.18033688011112042
-                s = x7
-                m_new = tl.maximum(m_i, tl.max(s, 1))
+                s = qk
+                m_new = tl.maximum(m_i, tl.max(s, 1) * 0.18033688011112042)
                 m_safe = m_new  # a full tile keeps a key in every row: the max is finite
-                p = ex2_approx(s - m_safe[:, None])
+                p = ex2_approx(s * 0.18033688011112042 - m_safe[:, None])
                 alpha = ex2_approx(m_i - m_safe)
                 l_i = l_i * alpha + tl.sum(p, 1)
                 v_tile = v_desc.load([t * BLOCK_N, 0])
@@ -141,13 +139,12 @@ def attn_fwd(
                 if UPCAST:
                     k_tile = k_tile.to(tl.float32)
                 qk = tl.dot(q_tile, k_tile)
-                x7 = qk * 0.18033688011112042
-                s = x7
+                s = qk
                 keep = (j_col[None, :] >= exact_lo[:, None]) & (j_col[None, :] < exact_hi[:, None])
                 s = tl.where(keep, s, -INF)
-                m_new = tl.maximum(m_i, tl.max(s, 1))
+                m_new = tl.maximum(m_i, tl.max(s, 1) * 0.18033688011112042)
                 m_safe = tl.where(m_new == -INF, 0.0, m_new)  # a row with nothing kept yet: exp2(-inf - 0) = 0, not NaN
-                p = ex2_approx(s - m_safe[:, None])
+                p = ex2_approx(s * 0.18033688011112042 - m_safe[:, None])
                 alpha = ex2_approx(m_i - m_safe)
                 l_i = l_i * alpha + tl.sum(p, 1)
                 v_tile = v_desc.load([t * BLOCK_N, 0])
@@ -165,14 +162,13 @@ def attn_fwd(
             if UPCAST:
                 k_tile = k_tile.to(tl.float32)
             qk = tl.dot(q_tile, k_tile)
-            x7 = qk * 0.18033688011112042
-            s = x7
+            s = qk
             if (t < f_start) | (t >= f_end):  # a partial tile
                 keep = (j_col[None, :] >= exact_lo[:, None]) & (j_col[None, :] < exact_hi[:, None])
                 s = tl.where(keep, s, -INF)
-            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_new = tl.maximum(m_i, tl.max(s, 1) * 0.18033688011112042)
             m_safe = tl.where(m_new == -INF, 0.0, m_new)  # a row with nothing kept yet: exp2(-inf - 0) = 0, not NaN
-            p = ex2_approx(s - m_safe[:, None])
+            p = ex2_approx(s * 0.18033688011112042 - m_safe[:, None])
             alpha = ex2_approx(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, 1)
             v_tile = tl.load(v_tile_ptrs + tl.cast(t * BLOCK_N, tl.int64) * s_vn, mask=col_valid[:, None], other=0.0)

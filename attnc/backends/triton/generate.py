@@ -2,6 +2,7 @@
 when masks read tensors at i/j). `generate` is pure: the same plan gives the same text."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -9,12 +10,12 @@ from pathlib import Path
 import jinja2
 
 from ...version import __version__
-from ...ir import Expr
+from ...ir import QK, Binary, Expr, Num
 from .. import names
 from ...passes.plan import KernelPlan, KeyRange
 from .emit import PORTABLE_EXP2, TILE, TRITON_VECTORS, Emitter, Vectors, exp2_for
 from .signature import prefill_signature, spec_args, summary_signature
-from .normalize import lower as lower_normalizer
+from .normalize import folds_logit_scale, lower as lower_normalizer
 
 @lru_cache(maxsize=None)
 def template(name: str) -> jinja2.Template:
@@ -35,14 +36,15 @@ def shared_hooks(plan: KernelPlan, exp2: str = PORTABLE_EXP2, vectors: Vectors =
     if plan.score.sink2 is not None:
         v = main.value(plan.score.sink2)
         sink = main.as_float(v, v.level) if v.level else f"{vectors.zeros('[BLOCK_M]', 'tl.float32')} + {main.as_float(v, 0)}"
+    scaled = positive_scale(plan.score.logits2) if folds_logit_scale(spec.normalizer) else None
     with main.scope() as score_lines:
-        logits = float_tile(main, plan.score.logits2)
+        logits = float_tile(main, plan.score.logits2 if scaled is None else scaled[0])
         with main.scope() as mask_lines:
             keep_terms = "".join(f" & ({as_tile(main, c)})" for c in masks.evaluated)
     # FP8 values' scale per row, read once per program (only the decode template reads FP8: spec.decode_only)
     value_scale = None if plan.value_scale is None else main.as_float(main.value(plan.value_scale), TILE)
     pad_d, pad_dv = tiling.block_d != plan.head_dim, tiling.block_dv != plan.value_dim
-    normalizer = lower_normalizer(spec.normalizer, exp2, vectors)
+    normalizer = lower_normalizer(spec.normalizer, exp2, vectors, None if scaled is None else scaled[1])
     return dict(
         version=__version__, key=plan.spec_key[:16], exp2=exp2,
         head_dim=plan.head_dim, value_dim=plan.value_dim, block_d=tiling.block_d, block_dv=tiling.block_dv,
@@ -139,6 +141,16 @@ def bounds(em: Emitter, exact: KeyRange, hull: KeyRange, lines: list[str] | None
 def as_tile(em: Emitter, e: Expr) -> str:
     """Code for the bool `e` broadcast against a tile."""
     return em.at(em.value(e), TILE)
+
+
+def positive_scale(logits2: Expr) -> tuple[QK, float] | None:
+    """(qk, c) where the base-2 logits are one dot product times a positive literal c (`qk * c`, what `scaled` makes of
+    `qk / sqrt(D)`): the softmax's weights then fold c into their exponent (normalize.py)."""
+    if isinstance(logits2, Binary) and logits2.op == "*":
+        for dot, c in ((logits2.lhs, logits2.rhs), (logits2.rhs, logits2.lhs)):
+            if isinstance(dot, QK) and isinstance(c, Num) and 0 < c.value < math.inf:
+                return dot, float(c.value)
+    return None
 
 
 def float_tile(em: Emitter, e: Expr) -> str:

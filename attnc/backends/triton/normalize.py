@@ -33,9 +33,15 @@ class TritonNormalizer(ABC):
     combine_acc: str
     combine_out: str
 
-    def __init__(self, exp2: str, vectors: Vectors = TRITON_VECTORS):
+    folds_logit_scale = False  # whether `weights` can take s unscaled and a positive scale (logit_scale)
+
+    def __init__(self, exp2: str, vectors: Vectors = TRITON_VECTORS, logit_scale: float | None = None):
         self.exp2 = exp2  # the base-2 exponential's name in the generated module
         self.vectors = vectors  # how the module spells new vectors (Triton or Gluon)
+        if logit_scale is not None and not self.folds_logit_scale:
+            raise ValueError(f"{type(self).__name__} takes its logits scaled")
+        # where set, the forward's `s` is qk and the base-2 logits are s * logit_scale (a positive literal)
+        self.logit_scale = logit_scale
 
     def reciprocal(self, x: str) -> str:
         """1 / x: on a GPU (the inline-PTX exp2) the one-instruction rcp_approx, as emit.py's formulas divide."""
@@ -86,11 +92,20 @@ class _Normalised(TritonNormalizer):
     def combine_out(self) -> str:
         return self.per_row("acc", "l_safe")
 
+    folds_logit_scale = True
+
     def weights(self, masked) -> str:
         safe = ("m_safe = tl.where(m_new == -INF, 0.0, m_new)  # a row with nothing kept yet: exp2(-inf - 0) = 0, "
                 "not NaN" if masked else "m_safe = m_new  # a full tile keeps a key in every row: the max is finite")
-        return "\n".join(["m_new = tl.maximum(m_i, tl.max(s, 1))", safe,
-                          f"p = {self.exp2}(s - m_safe[:, None])",
+        if self.logit_scale is None:
+            tile_max, exponent = "tl.max(s, 1)", "s - m_safe[:, None]"
+        else:
+            # s is qk: the scale is positive, so the row's max scales with it (rounding is monotonic), and s * c - m
+            # is one FFMA an element where scaling s first took a multiply and a subtract
+            c = repr(self.logit_scale)
+            tile_max, exponent = f"tl.max(s, 1) * {c}", f"s * {c} - m_safe[:, None]"
+        return "\n".join([f"m_new = tl.maximum(m_i, {tile_max})", safe,
+                          f"p = {self.exp2}({exponent})",
                           f"alpha = {self.exp2}(m_i - m_safe)",
                           "l_i = l_i * alpha + tl.sum(p, 1)"])
 
@@ -123,6 +138,12 @@ class _Sigmoid(TritonNormalizer):
 _LOWERINGS: dict[str, type[TritonNormalizer]] = {"softmax": _Normalised, "sigmoid": _Sigmoid}
 
 
-def lower(normalizer: Normalizer, exp2: str, vectors: Vectors = TRITON_VECTORS) -> TritonNormalizer:
-    """The hooks of `normalizer`, with `exp2` the name of the base-2 exponential the kernel calls."""
-    return _LOWERINGS[normalizer.name](exp2, vectors)
+def lower(normalizer: Normalizer, exp2: str, vectors: Vectors = TRITON_VECTORS,
+          logit_scale: float | None = None) -> TritonNormalizer:
+    """The hooks of `normalizer`, with `exp2` the name of the base-2 exponential the kernel calls; `logit_scale`: the
+    forward's `s` is qk and the logits are s times it (only where folds_logit_scale)."""
+    return _LOWERINGS[normalizer.name](exp2, vectors, logit_scale)
+
+
+def folds_logit_scale(normalizer: Normalizer) -> bool:
+    return _LOWERINGS[normalizer.name].folds_logit_scale
