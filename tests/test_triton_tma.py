@@ -135,6 +135,20 @@ def test_gpu_divisions_multiply_by_the_one_instruction_reciprocal():
     plain = generate(plan_kernel(attnc.parse(SPEC)[0], HOPPER, 64, 64))
     assert plain.count("rcp_approx(") == 1 + 1  # the def, out's
 
+def test_a_constant_logit_scale_folds_into_the_exponent():
+    """Logits qk * c (c a positive literal): s stays qk, the tile's max is scaled, and the exponent is s * c - m (one
+    FFMA an element on a GPU); a score with a bias, or the sigmoid normalizer, keeps s scaled."""
+    plain = SPEC.replace("score = qk * rsqrt(D) + 0.01 * (j - i)", "score = qk * rsqrt(D)")
+    c = repr(1.4426950408889634 / 8)  # log2(e) / sqrt(64)
+    source = generate(plan_kernel(attnc.parse(plain)[0], HOPPER, 64, 64))
+    loop = source.split("for t in tl.range(")[1]
+    assert "s = qk\n" in loop and f"tl.max(s, 1) * {c})" in loop and f"ex2_approx(s * {c} - m_safe[:, None])" in loop
+    biased = generate(plan_kernel(attnc.parse(SPEC)[0], HOPPER, 64, 64))
+    assert "m_new = tl.maximum(m_i, tl.max(s, 1))" in biased and "ex2_approx(s - m_safe[:, None])" in biased
+    sigmoid = generate(plan_kernel(attnc.parse(plain.replace("softmax(score)", "sigmoid(score)"))[0], HOPPER, 64, 64))
+    assert "s = qk\n" not in sigmoid.split("for t in tl.range(")[1]
+
+
 @pytest.mark.gpu
 def test_descriptor_scratch_is_one_buffer_per_stream_gpu():
     """Launches on one stream run in order and share one scratch buffer (grown on demand); another stream gets
