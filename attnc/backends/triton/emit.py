@@ -18,7 +18,7 @@ import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from ...ir import QK, Attention, Binary, Call, Expr, IndexVar, Lookup, Num, ParamRef, SizeRef, Unary, children, walk
+from ...ir import QK, Attention, Binary, Call, Expr, IndexVar, Lookup, Num, ParamRef, SizeRef, Unary, children
 from ...ops import Formula, Kinds, Op, compute_kind, op_of
 from .. import names
 
@@ -39,6 +39,15 @@ def reciprocal(exp2: str, x: str) -> str:
     """1 / x in a module whose exp2 is `exp2`: IEEE division, or on a GPU rcp.approx (for values where its flush of
     subnormals and its ulp do no harm)."""
     return f"1.0 / ({x})" if exp2 == PORTABLE_EXP2 else f"rcp_approx({x})"
+
+
+def divide(exp2: str, a: str, b: str, broadcast: str = "") -> str:
+    """a / b in a module whose exp2 is `exp2`, b's value then indexed by `broadcast` (`[:, None]`: a row vector over a
+    tile): IEEE division in the interpreter; on a GPU a times b's reciprocal, one instruction a b where Triton's `/`
+    (div.full.f32) takes three more an element."""
+    if exp2 == PORTABLE_EXP2:
+        return f"{a} / {b}{broadcast}"
+    return f"{a} * {reciprocal(exp2, b)}{broadcast}"
 
 
 def dot_tile(spec: Attention, dot: QK) -> str:
@@ -295,7 +304,7 @@ class _Rendering:
     def div(self, a: str, b: str) -> str:
         """A formula's division; on a GPU (the inline-PTX exp2) by the one-instruction reciprocal: the formulas divide
         by values at least 1 (tanh's 2 / (e + 1)), where rcp.approx's flush of subnormals and its ulp do no harm."""
-        return f"({a} / {b})" if self.em.exp2 == PORTABLE_EXP2 else f"({a} * {reciprocal(self.em.exp2, b)})"
+        return f"({divide(self.em.exp2, a, b)})"
 
     def const(self, c: float) -> str:
         return repr(float(c))

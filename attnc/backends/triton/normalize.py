@@ -22,7 +22,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 
 from ...ir import Normalizer
-from .emit import PORTABLE_EXP2, TRITON_VECTORS, Vectors, reciprocal
+from .emit import TRITON_VECTORS, Vectors, divide, reciprocal
 
 
 class TritonNormalizer(ABC):
@@ -48,12 +48,8 @@ class TritonNormalizer(ABC):
         return reciprocal(self.exp2, x)
 
     def per_row(self, acc: str, divisor: str) -> str:
-        """`acc` [BLOCK_M, BLOCK_DV] over the row vector `divisor` (at least 1): IEEE division in the interpreter; on a
-        GPU one reciprocal a row and a multiply an element (Triton's `/` is div.full.f32 per element, with its range
-        check: 3 instructions an element)."""
-        if self.exp2 == PORTABLE_EXP2:
-            return f"{acc} / {divisor}[:, None]"
-        return f"{acc} * {self.reciprocal(divisor)}[:, None]"
+        """`acc` [BLOCK_M, BLOCK_DV] over the row vector `divisor` (at least 1): on a GPU one reciprocal a row."""
+        return divide(self.exp2, acc, divisor, "[:, None]")
 
     @property
     @abstractmethod
