@@ -35,15 +35,14 @@ each checked, streamed to <out>/sweep_mla.jsonl (see benchmarks/compile_mla_sm90
 `--tiles 64x64:w8:s3 ...` times those tiles only (with --fp8: the FP8 latent's).
 `--fp8`: the grid with the latent (and its RoPE part) in float8 e4m3 with a dequant scale, attnc alone: the issue's
 target compares its tokens/s with the bf16 grid's. `--fp8 --quantize-q` adds, on the same caches, attnc-q8 columns
-(the spec with `quantize q, qr to f8e4m3`, checked against the float32 formula over the queries quantised the same
-way: the default kernel, which is the Triton decode kernel since session 15, and on a GPU attnc-q8-gluon, the Gluon
-kernel's fp8 x fp8 QK^T, which the default leaves while it is off the reference) and attnc-bf16 columns (the bf16 spec over the dequantised latent, exact in bf16),
+(the spec with `quantize q, qr to f8e4m3`: on sm_90 fp8 x fp8 QK^T, checked against the float32 formula over the
+queries quantised the same way) and attnc-bf16 columns (the bf16 spec over the dequantised latent, exact in bf16),
 so one call gives bf16 / FP8 / FP8 + quantised queries side by side; every timed result has its tokens/s (one query
 token per sequence). `--converters 1 2` adds the Gluon kernel with the conflict-free converter (8 e4m3 a thread,
 PlanOptions.fp8_conflict_free_converter, the default since session 13) and one and two converter warpgroups
 (attnc-c1/-c2, with --quantize-q attnc-q8-c1/-c2; --f16-values also P V in f16, attnc-q8-f16-c1/-c2), each checked
-as the column it varies: attnc-c1 is the default's layout, attnc-c1 against attnc-c2 the second converter. `--float32-sum-every 128 0` adds attnc-q8-sum128 / -sum0: the Gluon kernel with the fp8 QK^T's products added in
-float32 every 128 or never (PlanOptions.fp8_float32_sum_every; its default adds every 32).
+as the column it varies: attnc-c1 is the default's layout, attnc-c1 against attnc-c2 the second converter. `--float32-sum-every 32 128` adds attnc-q8-sum32 / -sum128: the fp8 QK^T's products added in float32 every
+32 or 128 (PlanOptions.fp8_float32_sum_every; the default, 0, keeps the tensor cores' own sums).
 
 Every output is checked against a float32 torch formula (attnc's with NaN-poisoned outputs and workspace) before
 any timing counts; times are medians of CUDA-graph replays (do_bench_cudagraph: the kernels alone) where the
@@ -71,6 +70,7 @@ from types import SimpleNamespace
 import torch
 
 import attnc
+from attnc.dsl.reference import quantize_rows
 from attnc.passes import PlanOptions
 from attnc.bench import compiled_flex_attention, draw_panels, environment, error_text, log_row, result_path, save_figure
 from sweep_decode import graph_timer, host_timer, poisoned, timer as sweep_timer, unsplit_call
@@ -193,9 +193,9 @@ def decode_inputs(w: DecodeWorkload, s: Shapes, device: str) -> DecodeInputs:
 
 
 def quantized_rows(x: torch.Tensor) -> torch.Tensor:
-    """`quantize ... to f8e4m3` in float32: each row x as e4m3(x / s) * s, s = max(max |x|, 448 * 2^-126) / 448."""
-    s = torch.clamp(x.abs().amax(-1, keepdim=True), min=448 * 2.0 ** -126) / 448
-    return (x / s).to(torch.float8_e4m3fn).float() * s
+    """`quantize ... to f8e4m3` of x's rows in float32: attnc.reference's (ir.Quantize) e4m3 values times the scale."""
+    values, scale = quantize_rows(x, "f8e4m3")
+    return values.float() * scale
 
 
 def decode_reference(x: DecodeInputs, d: int, quantize_q: bool = False) -> torch.Tensor:
@@ -364,12 +364,8 @@ def run_decode(w: DecodeWorkload, s: Shapes, device: str, triton_kernel: bool = 
         want_q8 = decode_reference(x, s.D, True)
         q8_tol = min(CHECK_TOL, rel_err(want, want_q8) / 3)
         measure(attnc_runners(replace(s, quantize_q=True), x, name="attnc-q8"), want_q8, device, row, tol=q8_tol)
-        if device == "cuda":  # the Gluon kernel's fp8 x fp8 path, which the default leaves (NOTES, session 15)
-            measure(attnc_runners(replace(s, quantize_q=True), x, PlanOptions(gluon=True), "attnc-q8-gluon"), want_q8,
-                    device, row, tol=q8_tol)
-    for n in sum_runs:  # the fp8 QK^T's products in float32 every n (0: one accumulator) beside the default's 32
-        measure(attnc_runners(replace(s, quantize_q=True), x, PlanOptions(gluon=True, fp8_float32_sum_every=n),
-                              f"attnc-q8-sum{n}"),
+    for n in sum_runs:  # the fp8 QK^T's products in float32 every n (0: one accumulator) beside the default's 0
+        measure(attnc_runners(replace(s, quantize_q=True), x, PlanOptions(fp8_float32_sum_every=n), f"attnc-q8-sum{n}"),
                 want_q8, device, row, tol=q8_tol)
     for n in converters:  # the conflict-free converter's variants side by side, each checked as its default column
         options = PlanOptions(gluon=True, fp8_conflict_free_converter=True, fp8_converter_warpgroups=n)

@@ -17,7 +17,8 @@ sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "benchmarks")]
 import torch
 import attnc
 import bench_mla
-from attnc.ir import QUANTIZE_TINY, Quantize
+from attnc.dsl.reference import quantize_rows
+from attnc.ir import Quantize
 from attnc.passes import PlanOptions
 from test_mla_grid import Point, grid_call, grid_spec
 
@@ -55,11 +56,6 @@ for name, quantize, every in runs:
 # The tensor cores' own fp8 x fp8 products and sums, through torch._scaled_mm (float32 out, no fast accumulation),
 # with the rest of the step in float64: near the reference, the kernel's error is its own; as far off as the kernel,
 # it is the fp8 MMA's arithmetic.
-def rows_e4m3(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    a = x.float().abs().amax(-1, keepdim=True).clamp(min=QUANTIZE_TINY)
-    return (x.float() * (448 / a)).to(torch.float8_e4m3fn), (a / 448).double()
-
-
 def scaled_mm_dots(a8: torch.Tensor, b8: torch.Tensor, fast: bool) -> torch.Tensor:
     """a8 [B, M, H, K] @ b8 [B, N, K]^T in float32 through torch._scaled_mm, per sequence: [B, M, H, N]."""
     one = torch.ones((), device=a8.device)
@@ -77,13 +73,12 @@ def scaled_mm_dots(a8: torch.Tensor, b8: torch.Tensor, fast: bool) -> torch.Tens
 
 spec = replace(fp8, name=f"{fp8.name}_q8", quantize=(QQ, QR))
 want, _ = attnc.reference(spec, q, k, **kw)
-q8, qs = rows_e4m3(q)
-qr8, qrs = rows_e4m3(kw["qr"])
+(q8, qs), (qr8, qrs) = (quantize_rows(x, "f8e4m3") for x in (q, kw["qr"]))
 values = k.double() * kw["ckv_scale"]
 for fast in (False, True):
     try:
-        s = (scaled_mm_dots(q8, k, fast) * qs * kw["ckv_scale"]
-             + scaled_mm_dots(qr8, kw["kr"], fast) * qrs * kw["kr_scale"]) * kw["scale"]
+        s = (scaled_mm_dots(q8, k, fast) * qs.double() * kw["ckv_scale"]
+             + scaled_mm_dots(qr8, kw["kr"], fast) * qrs.double() * kw["kr_scale"]) * kw["scale"]
     except Exception as e:
         print(f"torch._scaled_mm (fast accumulation {fast}) FAILED", type(e).__name__, str(e)[:200])
         continue

@@ -5,6 +5,11 @@
 #   bash benchmarks/next_gpu_calls.sh 2    # carry [".whl"]: the training and template GPU tests
 #   bash benchmarks/next_gpu_calls.sh 3    # carry [".whl"]: softcap / ALiBi forward and training, the full bench
 #   bash benchmarks/next_gpu_calls.sh 4    # carry [".whl", ".tvmrt"]: the other GPU tests, ncu
+#   bash benchmarks/next_gpu_calls.sh 5    # carry [".whl", ".tvmrt", ".tvm-aot"]: the quantised queries after the
+#                                          # reference's fix (session 16), the TVM artifacts' GPU tests, MLA FP8 rows
+#   bash benchmarks/next_gpu_calls.sh 6    # carry [".whl"]: the quantised queries' new default, ncu of the MLA rows
+#                                          # issue 14 misses (benchmarks/mla_ncu.py), the full bf16 MLA grid
+# (.tvm-aot: `python3 benchmarks/tvm_cuda_check.py build` here first, which needs nvcc and no GPU.)
 # Each step writes its whole log to $OUT (a call brings back at most 8 files) and prints a summary.
 set -u
 source .ci/gpu-env.sh || exit 1
@@ -39,7 +44,7 @@ case "${1:-}" in
   step softcap-alibi 100 python3 -m attnc bench --only "softcap|alibi" --out /tmp/fwd
   step softcap-alibi-bwd 120 python3 -m attnc bench --backward --only "softcap|alibi" --out /tmp/bwd
   step bench 280 python3 -m attnc bench --out /tmp/bench
-  cp /tmp/fwd/*.json /tmp/bwd/*.json /tmp/bench/*.json "$OUT/" 2>/dev/null
+  for d in fwd bwd bench; do for f in /tmp/$d/*.json; do cp "$f" "$OUT/$d-$(basename "$f")"; done; done
   ;;
 4)
   step rest 220 env PYTHONPATH=".tvmrt:$PYTHONPATH" $P -n 14 tests -k "not host_time" \
@@ -48,8 +53,27 @@ case "${1:-}" in
   step ncu-persistent 150 ncu --clock-control none -k regex:attn_fwd_gluon --launch-count 6 \
     --section SpeedOfLight --section WarpStateStats --section SchedulerStats python3 benchmarks/persistent_tiles.py
   ;;
+5)
+  step fp8-error 90 python3 benchmarks/fp8_queries_error.py
+  step quantize 60 python3 -m pytest -p no:cacheprovider -q -o addopts= --tb=short tests/test_quantize.py
+  step fp8-gpu-tests 150 $P -n 8 tests/test_mla_gluon_gpu.py -k "quantized or fp8_score_sums"
+  step tvm-cuda 90 env PYTHONPATH=".tvmrt:$PYTHONPATH" $P -n 8 tests/test_tvm_cuda.py
+  step mla-fp8 150 python3 benchmarks/bench_mla.py --fp8 --quantize-q --quick --only "H=128" --out /tmp/mla --budget 110
+  cp /tmp/mla/*.json "$OUT/" 2>/dev/null
+  ;;
+6)
+  step fp8-default 60 $P -n 8 tests/test_mla_gluon_gpu.py -k "quantized or fp8_score_sums"
+  for row in 0 1 2 3; do
+    step ncu-mla-$row 45 ncu --clock-control none -k regex:attn_decode --launch-skip 2 --launch-count 1 \
+      --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section SchedulerStats \
+      --section Occupancy python3 benchmarks/mla_ncu.py $row
+  done
+  cat "$OUT"/ncu-mla-*.log > "$OUT/ncu-mla.log" && rm "$OUT"/ncu-mla-?.log
+  step mla-grid 330 python3 benchmarks/bench_mla.py --out /tmp/grid --budget 290
+  cp /tmp/grid/*.json /tmp/grid/*.png "$OUT/" 2>/dev/null
+  ;;
 *)
-  echo "usage: bash benchmarks/next_gpu_calls.sh 1|2|3|4" >&2
+  echo "usage: bash benchmarks/next_gpu_calls.sh 1|2|3|4|5|6" >&2
   exit 2
   ;;
 esac

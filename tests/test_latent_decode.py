@@ -171,12 +171,12 @@ def test_two_converter_warpgroups_and_f16_values(quantize):
 @pytest.mark.parametrize("every", [None, 32, 64, 128, 0])
 def test_quantised_queries_sum_fp8_products_in_float32(every):
     """PlanOptions.fp8_float32_sum_every: the fp8 x fp8 QK^T's products go into the tensor cores' accumulator in runs
-    of 32 by default (an sm_90 fp8 wgmma keeps ~14 significant bits as it adds), each run added in float32 by Triton's
-    max_num_imprecise_acc on both fp8 wgmmas; 0 leaves one accumulator; without quantised queries it is not used;
+    of 32, 64 or 128, each run added in float32 by Triton's max_num_imprecise_acc on both fp8 wgmmas; 0 (the default)
+    leaves one accumulator; without quantised queries it is not used;
     anything but a run of whole fp8 wgmmas within a chunk is a CompileError naming the option."""
     spec = _fp8_spec(rope="f8e4m3", quantize=True)
     plan = _plan(spec=spec, options=PlanOptions(gluon=True, fp8_float32_sum_every=every))
-    run = 32 if every is None else every
+    run = every or 0
     assert plan.decode.warpgroups.layout.fp8_float32_sum_every == run
     source = gluon_decode.generate_gluon_decode(plan)
     assert source.count("max_num_imprecise_acc=FLOAT32_SUM_EVERY") == (4 if run else 0)  # the latent's 4 chunks
@@ -188,7 +188,7 @@ def test_quantised_queries_sum_fp8_products_in_float32(every):
     unquantised = _plan(spec=_fp8_spec(rope="f8e4m3"), options=PlanOptions(gluon=True, fp8_float32_sum_every=every))
     assert unquantised.decode.warpgroups.layout.fp8_float32_sum_every == 0
     for bad in (16, 48, 256):
-        with pytest.raises(attnc.CompileError, match=f"fp8_float32_sum_every .* one of 32, 64, 128, 0 .* got {bad}"):
+        with pytest.raises(attnc.CompileError, match=f"fp8_float32_sum_every .* one of 0, 32, 64, 128 .* got {bad}"):
             _plan(spec=spec, options=PlanOptions(gluon=True, fp8_float32_sum_every=bad))
 
 

@@ -220,20 +220,25 @@ def _segments(spec: Attention, bound: Bound, out: torch.Tensor, lse: torch.Tenso
             yield segment(b, packed, key_rows, packed, packed)
 
 
-def quantize_rows(t: torch.Tensor, dtype: str) -> torch.Tensor:
-    """`quantize ... to DTYPE` of a tensor's rows (its last dim), in float64 (ir.Quantize): each row x, with a =
-    max(amax(|x|), QUANTIZE_TINY) in float32, becomes float(e4m3(x * (448 / a))) * (a / 448), each product and
-    quotient rounded to float32 as the kernels compute them."""
+def quantize_rows(t: torch.Tensor, dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize ... to DTYPE` of a tensor's rows (its last dim), as ir.Quantize defines it: (the e4m3 values, each
+    row's float32 scale a / 448), with a = max(amax(|x|), QUANTIZE_TINY) and the values e4m3(x * (448 / a)), the
+    quotient and the product each rounded to float32. The quotient divides two tensors: torch computes a Python
+    number over a tensor as a reciprocal times the number, a second rounding that moves x * (448 / a) off the
+    midpoints between e4m3 values where x / a is a short binary fraction, and the kernels divide."""
     x = t.float()
     a = x.abs().amax(-1, keepdim=True).clamp(min=QUANTIZE_TINY)
-    top = QUANTIZE_DTYPES[dtype]
-    return (x * (top / a)).to(torch.float8_e4m3fn).double() * (a / top).double()
+    top = torch.full_like(a, QUANTIZE_DTYPES[dtype])
+    return (x * (top / a)).to(torch.float8_e4m3fn), a / top
 
 
 def _quantized(spec: Attention, name: str, t: torch.Tensor) -> torch.Tensor:
     """A query-side tensor as the score reads it: quantised per row where the spec says so (ir.Quantize)."""
     d = spec.quantized(name)
-    return t if d is None else quantize_rows(t, d.dtype)
+    if d is None:
+        return t
+    values, scale = quantize_rows(t, d.dtype)
+    return values.double() * scale.double()
 
 
 def _dequantized(spec: Attention, bound: Bound, name: str, t: torch.Tensor) -> torch.Tensor:

@@ -100,8 +100,10 @@ HBM_BYTES_PER_US = 2.7e6
 MERGE_US = 10.0
 FP8_MMA_K = 32  # an fp8 x fp8 wgmma's K: the rope dot's width at least, where QK^T runs in e4m3
 CONVERTER_WARPGROUPS = (1, 2)  # PlanOptions.fp8_converter_warpgroups
-# PlanOptions.fp8_float32_sum_every: a run of an fp8 wgmma's K (32) up to a chunk's (LATENT_CHUNK), or 0
-FLOAT32_SUM_RUNS = (32, 64, 128, 0)
+# PlanOptions.fp8_float32_sum_every: 0 (the default: the tensor cores' own sums, FlashMLA's; on the H100 21-32% more
+# tokens/s than 32 and within bf16's tolerance, benchmarks/NOTES.md session 16), or a run of an fp8 wgmma's K (32)
+# up to a chunk's (LATENT_CHUNK)
+FLOAT32_SUM_RUNS = (0, 32, 64, 128)
 # setmaxnreg budgets beside the converter(s): the value warpgroup's 128-register accumulator and a row vector, each
 # converter's loads and conversions; the score warpgroup keeps what the file leaves (score_registers), at least
 # SCORE_REGS: its accumulator, the [64, BN] scores and the softmax state (ptxas, two converters: 376-464 B of spills
@@ -340,17 +342,9 @@ def score_registers(w: LatentDecodeLayout) -> int:
     return max_registers(w, w.converter_warps) * groups - others
 
 
-# Why quantised queries keep the Triton decode kernel by default: the Gluon kernel's fp8 x fp8 path is measured off
-# the quantised reference by more than bf16's tolerance on the H100 (benchmarks/NOTES.md, session 15), cause open.
-QUANTIZED_QUERIES_OFF = ("the Gluon MLA decode kernel qualifies, but with quantised queries its out is 0.03-0.04 off "
-                         "the reference on the H100, 2x the bf16 tolerance (cause not yet found); "
-                         "PlanOptions(gluon=True) selects it all the same")
-
-
 def stage_latent_decode(plan: KernelPlan) -> KernelPlan:
-    """DecodePlan.warpgroups: "gluon" where the kernel qualifies unless PlanOptions(gluon=False) (with quantised
-    queries only where PlanOptions(gluon=True) asks: QUANTIZED_QUERIES_OFF), else "triton" and why (the layout is set
-    wherever it qualifies, so `attnc show --emit plan` shows it)."""
+    """DecodePlan.warpgroups: "gluon" where the kernel qualifies unless PlanOptions(gluon=False), else "triton" and
+    why (the layout is set wherever it qualifies, so `attnc show --emit plan` shows it)."""
     if not plan.spec.is_latent:
         return plan
     why = unavailable(plan)
@@ -365,8 +359,6 @@ def stage_latent_decode(plan: KernelPlan) -> KernelPlan:
             "persistent, balanced shares (PlanOptions(mla_persistent=True))"
     if plan.options.gluon is False:
         staged = WarpgroupPlan("triton", "the Gluon MLA decode kernel qualifies: PlanOptions(gluon=False)", layout)
-    elif layout.fp8_queries and not plan.options.gluon:
-        staged = WarpgroupPlan("triton", QUANTIZED_QUERIES_OFF, layout)
     else:
         staged = WarpgroupPlan("gluon", f"one query position per program, the latent read once for QK^T and P V; "
                                         f"{schedule} (PlanOptions(gluon=False): the Triton decode kernel)", layout)
