@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The open GPU checks of issues 12-14 (benchmarks/NOTES.md, "Next GPU session (after session 15)"), as device-tool
-# calls of about 450 s each, in the order they matter:
+# The GPU checks of issues 12-14 as device-tool calls of at most ~450 s each (benchmarks/NOTES.md, sessions 15-16:
+# session 16 ran 1-8; "Next GPU session (after session 16)" says what is next):
 #   bash benchmarks/next_gpu_calls.sh 1    # carry [".whl"]: the FP8 quantised-query error, S = 1k steps' time
 #   bash benchmarks/next_gpu_calls.sh 2    # carry [".whl"]: the training and template GPU tests
 #   bash benchmarks/next_gpu_calls.sh 3    # carry [".whl"]: softcap / ALiBi forward and training, the full bench
@@ -9,6 +9,10 @@
 #                                          # reference's fix (session 16), the TVM artifacts' GPU tests, MLA FP8 rows
 #   bash benchmarks/next_gpu_calls.sh 6    # carry [".whl"]: the quantised queries' new default, ncu of the MLA rows
 #                                          # issue 14 misses (benchmarks/mla_ncu.py), the full bf16 MLA grid
+#   bash benchmarks/next_gpu_calls.sh 7    # carry [".whl"]: the Gluon default at window / D = 64, its GPU tests, ncu
+#                                          # of three more MLA rows
+#   bash benchmarks/next_gpu_calls.sh 8    # carry [".whl"]: the full training-step table, the S = 1k profile
+#   bash benchmarks/next_gpu_calls.sh 9    # carry [".whl"]: ALiBi's training step by kernel, the GPT example compiled
 # (.tvm-aot: `python3 benchmarks/tvm_cuda_check.py build` here first, which needs nvcc and no GPU.)
 # Each step writes its whole log to $OUT (a call brings back at most 8 files) and prints a summary.
 set -u
@@ -27,7 +31,7 @@ step() {  # step NAME SECONDS COMMAND...: the command's output in $OUT/NAME.log,
 case "${1:-}" in
 1)
   step fp8-error 110 python3 benchmarks/fp8_queries_error.py
-  step fp8-default 60 $P tests/test_mla_gluon_gpu.py -k by_default
+  step fp8-default 60 $P tests/test_mla_gluon_gpu.py -k quantized_queries_default
   step profile-s1k 80 python3 benchmarks/profile_backward.py --out /tmp/prof --only "^(dense S=1024|causal S=1024)$"
   cat /tmp/prof/*.jsonl > "$OUT/profile-backward.jsonl" 2>/dev/null
   step mla-fp8-sums 100 python3 benchmarks/bench_mla.py --fp8 --quantize-q --float32-sum-every 32 0 --quick \
@@ -68,12 +72,35 @@ case "${1:-}" in
       --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section SchedulerStats \
       --section Occupancy python3 benchmarks/mla_ncu.py $row
   done
-  cat "$OUT"/ncu-mla-*.log > "$OUT/ncu-mla.log" && rm "$OUT"/ncu-mla-?.log
+  cat "$OUT"/ncu-mla-?.log > "$OUT/ncu-mla.log" && rm "$OUT"/ncu-mla-?.log
   step mla-grid 330 python3 benchmarks/bench_mla.py --out /tmp/grid --budget 290
   cp /tmp/grid/*.json /tmp/grid/*.png "$OUT/" 2>/dev/null
   ;;
+7)
+  step gluon-default 110 python3 -m attnc bench --only "window|D=64|softcap" --out /tmp/fwd
+  for f in /tmp/fwd/*.json; do cp "$f" "$OUT/"; done
+  step gluon-tests 150 $P -n 12 tests/test_gluon_gpu.py tests/test_warpgroups.py
+  for row in 4 5 6; do
+    step ncu-mla-$row 45 ncu --clock-control none -k regex:attn_decode --launch-skip 2 --launch-count 1 \
+      --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section SchedulerStats \
+      --section Occupancy --section LaunchStats python3 benchmarks/mla_ncu.py $row
+  done
+  cat "$OUT"/ncu-mla-?.log > "$OUT/ncu-mla-more.log" && rm "$OUT"/ncu-mla-?.log
+  ;;
+8)
+  step backward 300 python3 -m attnc bench --backward --out /tmp/bwd
+  for f in /tmp/bwd/*; do cp "$f" "$OUT/"; done
+  step profile-s1k 80 python3 benchmarks/profile_backward.py --out /tmp/prof --only "^(dense S=1024|causal S=1024)$"
+  cat /tmp/prof/*.jsonl > "$OUT/profile-backward.jsonl" 2>/dev/null
+  ;;
+9)
+  step profile-alibi 120 python3 benchmarks/profile_backward.py --out /tmp/prof \
+    --only "^(alibi S=8192|gqa 32/8 causal S=8192)$"
+  cat /tmp/prof/*.jsonl > "$OUT/profile-backward.jsonl" 2>/dev/null
+  step train-gpt 110 python3 examples/train_gpt.py --device cuda --compile --steps 300
+  ;;
 *)
-  echo "usage: bash benchmarks/next_gpu_calls.sh 1|2|3|4|5|6" >&2
+  echo "usage: bash benchmarks/next_gpu_calls.sh 1|2|3|4|5|6|7|8|9" >&2
   exit 2
   ;;
 esac

@@ -183,10 +183,17 @@ def test_the_default_takes_gluon_where_it_measured_faster():
         assert not _plan(name, d=d, dv=dv, options=auto).warpgroups.layout.persistent, name
     one_tile = _plan(options=PlanOptions(gluon_persistent=False)).warpgroups
     assert not one_tile.layout.persistent and one_tile.min_length == AUTO_MIN_LENGTH
-    for name, d, reason in (("causal_lm", 64, "below 128"), ("sliding_window", 128, "key window"),
-                            ("grok_softcap", None, "function of qk"), ("document_mask", 128, "evaluated per element")):
-        w = _plan(name, d=d or EXAMPLES[name].dim_values.get("D", 128), options=auto).warpgroups
+    one_tile_auto = PlanOptions(gluon_persistent=False)
+    for name, d, options, reason in (("dense", 64, auto, "below 128"), ("causal_lm", 64, one_tile_auto, "below 128"),
+                                     ("sliding_window", 128, one_tile_auto, "key window"),
+                                     ("grok_softcap", None, auto, "function of qk"),
+                                     ("document_mask", 128, auto, "evaluated per element")):
+        w = _plan(name, d=d or EXAMPLES[name].dim_values.get("D", 128), options=options).warpgroups
         assert w.path == "triton" and reason in w.reason and "gluon=True" in w.reason and w.layout, name
+    # persistent programs beat the template at D = 64 and under a key window (sessions 13 and 16)
+    for name, d in (("causal_lm", 64), ("sliding_window", 128)):
+        w = _plan(name, d=d, options=auto).warpgroups
+        assert w.path == "gluon" and w.layout.persistent and w.min_length == PERSISTENT_MIN_LENGTH, name
     forced = _plan(d=64).warpgroups  # gluon=True: wherever it qualifies, with no length bound
     assert forced.path == "gluon" and forced.min_length == 0
     off = _plan(options=PlanOptions(gluon=False)).warpgroups

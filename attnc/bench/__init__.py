@@ -722,7 +722,7 @@ def checked_runners(made: dict, anchors: tuple[str, ...], tol: float, results: d
     anchor = next((n for n in anchors if n in outputs), None)
     agreeing = {}
     for name, (fn, out) in outputs.items():
-        err = _rel_err(out, outputs[anchor][1] if anchor else out)
+        err = _rel_err(_flat(out), _flat(outputs[anchor][1] if anchor else out))
         results[name] = {"rel_err_vs": anchor, "rel_err": err}
         if err <= tol:
             agreeing[name] = fn
@@ -929,8 +929,8 @@ def run_cpu(args: argparse.Namespace) -> int:
 
 def _flat(result) -> torch.Tensor:
     """A runner's result as one tensor: the training steps return their gradients as a tuple, concatenated only
-    for the check (a torch.cat in the timed step would run on torch's thread pool, whose spinning threads then slow
-    the next TVM call: benchmarks/NOTES.md, session 14)."""
+    for the check (a torch.cat in the timed step is a copy no training step makes; on the CPU it runs on torch's
+    thread pool, whose spinning threads then slow the next TVM call: benchmarks/NOTES.md, session 14)."""
     return torch.cat([t.flatten() for t in result]) if isinstance(result, tuple) else result
 
 

@@ -35,9 +35,10 @@ CHECK_TOL = 3e-2  # relative Frobenius error of the concatenated gradients again
 PEERS = ("attnc", "sdpa-cudnn", "sdpa-flash", "flex")
 
 
-def gradients(out: torch.Tensor, leaves: tuple, dout: torch.Tensor) -> torch.Tensor:
-    """dq, dk, dv of `out` for `dout`, flattened into one tensor (what the runners are checked on)."""
-    return torch.cat([g.flatten() for g in torch.autograd.grad(out, leaves, dout)])
+def gradients(out: torch.Tensor, leaves: tuple, dout: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """dq, dk, dv of `out` for `dout`: a training step's result. They are concatenated for the check only; a cat in
+    the timed step copied all three (0.13 ms of a 0.9-1.7 ms step at S = 1k on the H100, session 16)."""
+    return torch.autograd.grad(out, leaves, dout)
 
 
 def attnc_runner(w: Workload, q, k, v, dout, extra, api: str, deterministic: bool):
@@ -58,7 +59,7 @@ def attnc_runner(w: Workload, q, k, v, dout, extra, api: str, deterministic: boo
         bound = bind(spec, q, k, v, kwargs)
         out, lse = forward(bound)
         grads = backward(bound, out, lse, dout, None, deterministic)
-        return torch.cat([grads[n].flatten() for n in "qkv"])
+        return tuple(grads[n] for n in "qkv")
 
     return step
 

@@ -170,14 +170,18 @@ def max_registers(w: WarpgroupLayout | DkdvLayout, extra_warps: int = 0) -> int:
     return (MAX_REGISTERS // (32 * warps)) // 8 * 8
 
 
-def slower_than_the_template(plan: KernelPlan) -> str:
+def slower_than_the_template(plan: KernelPlan, persistent: bool) -> str:
     """Why the default keeps the template for a plan the Gluon kernel qualifies for ("" where it does not): the
-    kinds of spec where the template measured faster on the H100 (benchmarks/NOTES.md session 7)."""
-    if widest_block(plan) < 128:
-        return f"D={plan.head_dim}: the template was faster on the H100 at head dims below 128 (0.94x)"
+    kinds of spec where the template measured faster on the H100. Session 7 timed one-tile programs, slower at head
+    dims below 128 and with key windows; persistent programs (causal) were faster at both in sessions 13 and 16
+    (causal D = 64: 390 / 415 TFLOP/s against 372 / 374, window 1024: 397 / 408 against 376 / 384;
+    benchmarks/NOTES.md, session 16)."""
+    if widest_block(plan) < 128 and not (persistent and widest_block(plan) >= 64):
+        return (f"D={plan.head_dim}: the template was faster on the H100 at head dims below 128 with one-tile programs "
+                f"(0.94x); persistent ones were timed from D = 64")
     if plan.masks.evaluated:
         return "masks evaluated per element: the Gluon kernel reads no tile summary and evaluates every tile"
-    if plan.masks.exact.lower:
+    if plan.masks.exact.lower and not persistent:
         return "a key window (a lower key bound): the template was faster on the H100 (0.95x)"
     if any(isinstance(n, Call) and any(isinstance(x, QK) for x in walk(n)) for n in walk(plan.score.logits2)):
         return "a function of qk in the score (e.g. a tanh soft cap): the template was faster on the H100 (0.64x)"
@@ -192,7 +196,7 @@ def stage_warpgroups(plan: KernelPlan) -> KernelPlan:
     persistent = persistent_by_default(plan) if persistent is None else persistent
     layout = choose_layout(plan, persistent)
     gluon = plan.options.gluon
-    slower = "" if gluon else slower_than_the_template(plan)
+    slower = "" if gluon else slower_than_the_template(plan, layout.persistent)
     if gluon is False or slower:
         why = "PlanOptions(gluon=False)" if gluon is False else f"{slower}; PlanOptions(gluon=True) selects it"
         return replace(plan, warpgroups=WarpgroupPlan("triton", f"the Gluon warpgroup kernel qualifies: {why}",
