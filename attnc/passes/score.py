@@ -79,6 +79,11 @@ def _qk_reader() -> Callable[[Expr], bool]:
     return reads_qk
 
 
+def qk_times(e: Expr) -> tuple[QK, Expr] | None:
+    """_qk_times for a caller without a reader of its own (the Triton softmax's constant logit scale)."""
+    return _qk_times(e, _qk_reader())
+
+
 def _qk_times(e: Expr, reads_qk) -> tuple[QK, Expr] | None:
     """(qk, c) where `e` is a product of one dot product and factors free of qk, in any nesting (`qk * scale * c`,
     as FP8 keys' dequant scale makes it: passes/dequant.py); c is the product of those factors. None otherwise."""

@@ -10,9 +10,10 @@ from pathlib import Path
 import jinja2
 
 from ...version import __version__
-from ...ir import QK, Binary, Expr, Num
+from ...ir import QK, Expr, Num
 from .. import names
 from ...passes.plan import KernelPlan, KeyRange
+from ...passes.score import qk_times
 from .emit import PORTABLE_EXP2, TILE, TRITON_VECTORS, Emitter, Vectors, exp2_for
 from .signature import prefill_signature, spec_args, summary_signature
 from .normalize import folds_logit_scale, lower as lower_normalizer
@@ -146,10 +147,9 @@ def as_tile(em: Emitter, e: Expr) -> str:
 def positive_scale(logits2: Expr) -> tuple[QK, float] | None:
     """(qk, c) where the base-2 logits are one dot product times a positive literal c (`qk * c`, what `scaled` makes of
     `qk / sqrt(D)`): the softmax's weights then fold c into their exponent (normalize.py)."""
-    if isinstance(logits2, Binary) and logits2.op == "*":
-        for dot, c in ((logits2.lhs, logits2.rhs), (logits2.rhs, logits2.lhs)):
-            if isinstance(dot, QK) and isinstance(c, Num) and 0 < c.value < math.inf:
-                return dot, float(c.value)
+    split = qk_times(logits2)
+    if split is not None and isinstance(split[1], Num) and 0 < split[1].value < math.inf:
+        return split[0], float(split[1].value)
     return None
 
 
