@@ -12,7 +12,8 @@
 #   bash benchmarks/next_gpu_calls.sh 7    # carry [".whl"]: the Gluon default at window / D = 64, its GPU tests, ncu
 #                                          # of three more MLA rows
 #   bash benchmarks/next_gpu_calls.sh 8    # carry [".whl"]: the full training-step table, the S = 1k profile
-#   bash benchmarks/next_gpu_calls.sh 9    # carry [".whl"]: ALiBi's training step by kernel, the GPT example compiled
+#   bash benchmarks/next_gpu_calls.sh 9    # carry [".whl"]: ALiBi's training step by kernel, the GPT example compiled,
+#                                          # GQA's dK/dV by atomics (tests, time and memory)
 # (.tvm-aot: `python3 benchmarks/tvm_cuda_check.py build` here first, which needs nvcc and no GPU.)
 # Each step writes its whole log to $OUT (a call brings back at most 8 files) and prints a summary.
 set -u
@@ -98,6 +99,9 @@ case "${1:-}" in
     --only "^(alibi S=8192|gqa 32/8 causal S=8192)$"
   cat /tmp/prof/*.jsonl > "$OUT/profile-backward.jsonl" 2>/dev/null
   step train-gpt 110 python3 examples/train_gpt.py --device cuda --compile --steps 300
+  step gqa-tests 150 $P -n 12 tests/test_training.py tests/test_backward_triton.py
+  step gqa-bench 90 python3 -m attnc bench --backward --only "gqa" --out /tmp/gqa
+  for f in /tmp/gqa/*.json; do cp "$f" "$OUT/gqa-$(basename "$f")"; done
   ;;
 *)
   echo "usage: bash benchmarks/next_gpu_calls.sh 1|2|3|4|5|6|7|8|9" >&2

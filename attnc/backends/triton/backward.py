@@ -57,7 +57,7 @@ def generate_backward(plan: KernelPlan) -> str:
         k_rows="k_row0 + j_col.to(tl.int64)" if ragged_kv else "j_col.to(tl.int64)",
         normalized=rule.normalized,
         delta_line=delta_line(rule.normalized, exp2),
-        tables=bool(derivs.tables),
+        tables=bool(derivs.tables), gqa=plan.spec.is_gqa_shape,
         prep_prologue="\n".join(prep.prologue), sink=sink, sink_lines="\n".join(sink_lines),
         head_lines="\n".join(dkdv["prologue"] + dkdv["range_lines"]), row_lines=dkdv["row_lines"], full=dkdv["full"],
         dkdv_tiles=dkdv["tiles"], key_major=_orientation(KEY_MAJOR),

@@ -1,10 +1,11 @@
 """The backward at run time (TritonBackend.build_backward): build the backward module (backward.py) and launch its
 kernels for a bound forward call.
 
-Per call: attn_bwd_prep (delta per row, the sink's gradient), then attn_bwd_dkdv (dK, dV; dQ and the input tables'
-gradients by atomics), or with `deterministic` attn_bwd_dkdv without atomics and attn_bwd_dq for dQ, the tables'
-gradients summed from per-program slices. Where the tuned row says the dQ kernel is faster (plan.BackwardPlan.dq_kernel)
-it writes dQ in either mode. Extra memory is O(rows) (delta, dQ in float32 for the atomics) plus the
+Per call: attn_bwd_prep (delta per row, the sink's gradient), then attn_bwd_dkdv (dK, dV; dQ, the input tables'
+gradients and a GQA group's dK and dV by atomics), or with `deterministic` attn_bwd_dkdv without atomics and
+attn_bwd_dq for dQ, the tables' gradients summed from per-program slices and a GQA group's dK and dV from a share per
+query head. Where the tuned row says the dQ kernel is faster (plan.BackwardPlan.dq_kernel) it writes dQ in either
+mode. Extra memory is O(rows) (delta, dQ in float32 for the atomics, dK and dV in float32 with GQA) plus the
 gradients of the input tables (times the programs, with `deterministic`); no [M, N] buffer.
 """
 from __future__ import annotations
@@ -69,7 +70,7 @@ class BackwardLauncher:
         self.tables = gradient_tables(spec)
         self.signatures = backward_signatures(self.args, self.tables, summary_used(plan), plan.triton.tma)
         self.kernels = {name: getattr(module, name) for name in self.signatures}
-        # the heads attn_bwd_dkdv has one program each for: "H" (a GQA group's shares of dK and dV summed here);
+        # the heads attn_bwd_dkdv has one program each for: "H" (a GQA group's shares of dK and dV added up: __call__);
         # modules of older attnc versions (benchmarks' A/B baselines) loop over the group per K/V head, "HKV"
         self.dkdv_heads = module.DKDV_HEADS
         # the forward's tile_summary classes the backward's tiles of data-dependent masks
@@ -94,10 +95,17 @@ class BackwardLauncher:
         dq = launch.empty(q.shape, q.dtype, device) if dq_kernel else torch.zeros(
             q.shape, dtype=torch.float32, device=device)
         dk, dv = launch.empty(k.shape, k.dtype, device), launch.empty(v.shape, v.dtype, device)
-        # one program per query head of a GQA group: each writes its share of dK and dV, summed after the launch
         grad_views = {"dk": canonical_view(dk, spec.k), "dv": canonical_view(dv, spec.v)}  # [.., HKV, N, D]
-        shares = {} if sizes[self.dkdv_heads] == sizes["HKV"] else {
-            name: launch.empty((*view.shape[:-3], sizes["H"], *view.shape[-2:]), torch.float32, device)
+        # one program per query head of a GQA group: each adds its share of dK and dV into float32 ones of the K/V
+        # heads by atomics; deterministic calls and the Gluon dK/dV kernel write the shares of every query head
+        # instead, summed after the launch in a fixed order
+        group_heads = None
+        if sizes[self.dkdv_heads] != sizes["HKV"]:
+            group_heads = "H" if deterministic or self.gluon_dkdv and self.gluon_dkdv.covers(
+                q, k, v, dout, lse, dq, deterministic) else "HKV"
+        shares = {} if group_heads is None else {
+            name: (launch.empty if group_heads == "H" else torch.zeros)(
+                (*view.shape[:-3], sizes[group_heads], *view.shape[-2:]), dtype=torch.float32, device=device)
             for name, view in grad_views.items()}
         delta = torch.empty(lse_shape(bound), dtype=torch.float32, device=device)
         grids = self.grids(sizes)
@@ -118,7 +126,7 @@ class BackwardLauncher:
                 self._replays[key] = replays
 
         for name, share in shares.items():  # query head h = kvh * group + g
-            grad_views[name].copy_(share.unflatten(-3, (sizes["HKV"], -1)).sum(-3))
+            grad_views[name].copy_(share if group_heads == "HKV" else share.unflatten(-3, (sizes["HKV"], -1)).sum(-3))
         grads = {"q": dq if dq.dtype == q.dtype else dq.to(q.dtype), "k": dk, "v": dv}
         for (table, _), ws in zip(self.tables, workspaces):
             t = bound.inputs[table]
