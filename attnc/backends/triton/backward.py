@@ -5,7 +5,7 @@ forward's mask analysis, through the forward's expression emitter; `generate_bac
 gives the same text."""
 from __future__ import annotations
 
-from ...ir import Attention, Expr, walk
+from ...ir import Expr, walk
 from ...passes.grad import SCORE, WEIGHT, Derivatives, TableGrad, derive, normalizer_backward, plan_backward
 from ...passes.plan import BackwardPlan, KernelPlan, QueryRange, TileConfig
 from .. import names
