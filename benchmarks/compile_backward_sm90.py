@@ -8,7 +8,8 @@ this finds compile failures of the GPU's Triton version on a CPU machine, e.g. w
 
 Exit status 1 if any kernel fails to compile. Environment: STATS=1 prints per kernel ptxas's registers and spills and
 instruction counts (benchmarks/kernel_stats.py); D=64 plans that head dim; DKDV=BM,BN,warps,stages puts a dK/dV tile
-first in BACKWARD_TUNED; MODULE=path compiles a hand-edited backward module in place of the generated one."""
+first in BACKWARD_TUNED; MODULE=path compiles a hand-edited backward module in place of the generated one;
+NO_TABLE_GRADS=1 compiles the calls whose float tables take no gradient (TABLE_GRADS False)."""
 import glob
 from pathlib import Path
 import os
@@ -63,7 +64,7 @@ for name in sys.argv[1:] or ("causal_lm", "alibi", "dense", "sliding_window", "a
     out = torch.empty_like(q); lse = torch.empty(B, H, M, device="meta")
     for det in (False, True):
         captured.clear()
-        bl(bound, out, lse, torch.empty_like(out), None, det)
+        bl(bound, out, lse, torch.empty_like(out), None, det, () if os.environ.get("NO_TABLE_GRADS") == "1" else None)
         for fn, args, keywords in captured:
             try:
                 ck = kernel_stats.compile_sm90(fn, args, keywords)

@@ -13,7 +13,7 @@
 #                                          # of three more MLA rows
 #   bash benchmarks/next_gpu_calls.sh 8    # carry [".whl"]: the full training-step table, the S = 1k profile
 #   bash benchmarks/next_gpu_calls.sh 9    # carry [".whl"]: ALiBi's training step by kernel, the GPT example compiled,
-#                                          # GQA's dK/dV by atomics (tests, time and memory)
+#                                          # GQA's dK/dV by atomics and ALiBi without the slopes' gradient
 # (.tvm-aot: `python3 benchmarks/tvm_cuda_check.py build` here first, which needs nvcc and no GPU.)
 # Each step writes its whole log to $OUT (a call brings back at most 8 files) and prints a summary.
 set -u
@@ -100,7 +100,7 @@ case "${1:-}" in
   cat /tmp/prof/*.jsonl > "$OUT/profile-backward.jsonl" 2>/dev/null
   step train-gpt 110 python3 examples/train_gpt.py --device cuda --compile --steps 300
   step gqa-tests 150 $P -n 12 tests/test_training.py tests/test_backward_triton.py
-  step gqa-bench 90 python3 -m attnc bench --backward --only "gqa" --out /tmp/gqa
+  step gqa-bench 120 python3 -m attnc bench --backward --only "gqa|alibi" --out /tmp/gqa
   for f in /tmp/gqa/*.json; do cp "$f" "$OUT/gqa-$(basename "$f")"; done
   ;;
 *)

@@ -193,6 +193,37 @@ def test_padded_head_dims_gqa_sink_and_a_table_per_key(deterministic):
     check_backward(PADDED, 61, 83, deterministic, True, d=40)
 
 
+@pytest.mark.parametrize("slopes_grad", [False, True])
+def test_a_table_without_a_gradient_costs_the_backward_nothing(slopes_grad, monkeypatch):
+    """ALiBi's slopes fixed (no requires_grad): autograd's backward asks for no table's gradient, so the prep and
+    dK/dV kernels run with TABLE_GRADS False (no sums of dS (j - i), no atomics: a third of the dK/dV kernel's
+    spills on sm_90, benchmarks/NOTES.md session 16); q, k and v's gradients are right either way, and slopes that
+    require grad get theirs."""
+    import attnc.backends.triton.gradients as gradients
+
+    switches = []
+    fitting = gradients.launch.launch_fitting
+
+    def recording(kernel, grid, args, keywords, *rest):
+        if "TABLE_GRADS" in keywords:  # the backward's prep and dK/dV kernels (not the forward's)
+            switches.append(keywords["TABLE_GRADS"])
+        return fitting(kernel, grid, args, keywords, *rest)
+
+    monkeypatch.setattr(gradients.launch, "launch_fitting", recording)
+    spec = with_dtype(EXAMPLES["alibi"], "f32")
+    q, k, v, kwargs = call_inputs(spec, 45, 70, "f32", DEVICE, seed=3)
+    kwargs["slopes"] = kwargs["slopes"].detach().requires_grad_(slopes_grad)
+    leaves = tuple(t.detach().requires_grad_() for t in (q, k, v))
+    out = attnc.compile(spec, backend="triton")(*leaves, **kwargs)
+    dout = torch.randn_like(out)
+    wanted = (*leaves, kwargs["slopes"]) if slopes_grad else leaves
+    got = torch.autograd.grad(out, wanted, dout)
+    want = reference_grads(spec, q, k, v, kwargs, dout, None, out_used=out.detach())
+    for name, g in zip("q k v slopes".split(), got):
+        assert (g.double() - want[name]).abs().max() <= TOL["f32"] * max(1.0, want[name].abs().max().item()), name
+    assert switches == [slopes_grad] * 2
+
+
 @pytest.mark.parametrize("deterministic", [False, True])
 @pytest.mark.parametrize("hkv", [4, 1])
 def test_gqa_shape_with_a_group_of_one_or_all_heads(hkv, deterministic, monkeypatch):
@@ -475,16 +506,20 @@ def test_backward_kernels_compile_for_hopper(tmp_path):
         source.write_text(generate_backward(plan))
         signatures = backward_signatures(spec_args(plan, per_sequence=True), gradient_tables(spec),
                                          summary_used(plan), plan.triton.tma)
-        for deterministic, tma in ((False, True), (False, False), (True, True), (True, False)):
+        # (deterministic, tma, the tables' gradients wanted)
+        for deterministic, tma, wanted in ((False, True, True), (False, False, True), (True, True, True),
+                                           (True, False, True), (False, True, False)):
             dq_kernel = plan_backward(plan).dq_by_kernel(deterministic)
             types = backward_argument_types(plan, dq_kernel)
-            for kernel, keywords in launch_keywords(plan, deterministic, True).items():
+            for kernel, keywords in launch_keywords(plan, deterministic, True, wanted).items():
                 if kernel == "attn_bwd_dq" and not dq_kernel or kernel == "attn_bwd_prep" and not tma:
+                    continue
+                if not wanted and kernel == "attn_bwd_dq":  # the dQ kernel adds to no table
                     continue
                 sig = signatures[kernel]
                 constexprs = {n: keywords[n] for n in sig.constexprs if n != "TMA"}
                 constexprs.update({"TMA": tma} if "TMA" in sig.constexprs else {})
-                label = f"{name} {kernel} deterministic={deterministic} tma={tma}"
+                label = f"{name} {kernel} deterministic={deterministic} tma={tma} table_grads={wanted}"
                 jobs.append(aot.CompileJob(
                     str(source), f"bwd_{name}", kernel, {n: types[n] for n in sig.names}, constexprs, (),
                     {"num_warps": keywords["num_warps"], "num_stages": keywords["num_stages"]}, 90,

@@ -47,8 +47,10 @@ class _Entry:
     def backward(self, q, k, v, kwargs, out, lse, dout, dlse, deterministic: bool) -> dict[str, torch.Tensor]:
         return self.backward_bound(bind(self.forward.spec, q, k, v, kwargs), out, lse, dout, dlse, deterministic)
 
-    def backward_bound(self, bound: Bound, out, lse, dout, dlse, deterministic: bool) -> dict[str, torch.Tensor]:
-        """`backward` of a call bound already (by the spec or its lse sibling: bind() reads neither's returns_lse)."""
+    def backward_bound(self, bound: Bound, out, lse, dout, dlse, deterministic: bool,
+                       tables: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+        """`backward` of a call bound already (by the spec or its lse sibling: bind() reads neither's returns_lse);
+        `tables`: the float inputs whose gradients the caller wants (None: all; the backends may skip the others)."""
         q, sizes = bound.q, bound.sizes
         where = (q.device, sizes["D"], sizes["DV"])
         grads = self._backwards.get(where)
@@ -60,7 +62,7 @@ class _Entry:
                                    f"has no backward kernels here (ahead-of-time artifacts run forward only); "
                                    f"train with a kernel from attnc.compile on CPU (tvm) or CUDA (triton) tensors")
             grads = self._backwards[where] = build(self.forward.plan(q.device, sizes["D"], sizes["DV"]))
-        return grads(bound, out, lse, dout, dlse, deterministic)
+        return grads(bound, out, lse, dout, dlse, deterministic, tables)
 
 
 def register(kernel: "kernel.Kernel") -> str:
@@ -235,8 +237,10 @@ class _Eager(torch.autograd.Function):
         entry = ctx.entry
         deterministic, dlse = _backward_mode(entry, dlse)
         dout = torch.zeros_like(out) if dout is None else dout.contiguous()
+        # forward's arguments: entry, kwargs, bound, q, k, v, then the spec's inputs
+        wanted = [name for name, needed in zip(entry.input_names, ctx.needs_input_grad[6:]) if needed]
         with torch.no_grad():
-            grads = entry.backward_bound(ctx.bound, out, lse, dout, dlse, deterministic)
+            grads = entry.backward_bound(ctx.bound, out, lse, dout, dlse, deterministic, wanted)
         wanted = [grads["q"], grads["k"], grads["v"], *(grads.get(name) for name in entry.input_names)]
         if torch.is_grad_enabled():  # create_graph=True: the gradients' own backward is a clear error
             leaves = [g for g in wanted if g is not None]

@@ -10,7 +10,9 @@ gradients of the input tables (times the programs, with `deterministic`); no [M,
 """
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Collection
 from types import ModuleType
 
 import torch
@@ -78,16 +80,20 @@ class BackwardLauncher:
         self._stages: dict = {}  # pipeline stages that fit, per (kernel, tile)
         # each kernel's constexprs and options per (deterministic, has dlse): planned once, not per call (the
         # backward plan's mask analysis cost ~50-130 us of host time a call on the CPU machine)
-        self._keywords = {(det, has_dlse): launch_keywords(plan, det, has_dlse)
-                          for det in (False, True) for has_dlse in (False, True)}
+        self._keywords = {(det, has_dlse, wanted): launch_keywords(plan, det, has_dlse, wanted)
+                          for det in (False, True) for has_dlse in (False, True) for wanted in (False, True)}
         self.gluon_dkdv = gluon_dkdv(plan, self.backward)
         # call signature (call_signature) -> [(kernel name, KernelReplay)]: later calls skip the strides, the TMA
         # checks, the packing and Triton's JIT launch
         self._replays: dict[tuple, list] = {}
 
     def __call__(self, bound: Bound, out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor,
-                 dlse: torch.Tensor | None = None, deterministic: bool = False) -> dict[str, torch.Tensor]:
+                 dlse: torch.Tensor | None = None, deterministic: bool = False,
+                 tables: Collection[str] | None = None) -> dict[str, torch.Tensor]:
+        """dq, dk, dv and each float table's gradient by name; `tables`: the tables whose gradients the caller wants
+        (None: every one). Where it wants none, the kernels skip the tables' sums and atomics (TABLE_GRADS)."""
         spec, sizes = self.spec, bound.sizes
+        table_grads = bool(self.tables) and (tables is None or any(name in tables for name, _ in self.tables))
         q, k, v = bound.q, bound.k, bound.v
         device = q.device
         dq_kernel = self.backward.dq_by_kernel(deterministic)
@@ -110,15 +116,16 @@ class BackwardLauncher:
         delta = torch.empty(lse_shape(bound), dtype=torch.float32, device=device)
         grids = self.grids(sizes)
         programs = {name: grid[0] * grid[1] for name, grid in grids.items()}
-        slices, workspaces = self.table_workspaces(bound, programs, deterministic, device)
+        slices, workspaces = self.table_workspaces(bound, programs, deterministic, device, table_grads)
 
         tensors = {"q": q, "k": k, "v": v, "out": out, "do": dout, "lse": lse, "dlse": lse if dlse is None else dlse,
                    "delta": delta, "dq": dq, "dk": dk, "dv": dv, **shares}
         values = self.args.values(sizes, bound.params, bound.inputs)
-        key = call_signature(bound, out, lse, dout, dlse, deterministic)
+        key = (call_signature(bound, out, lse, dout, dlse, deterministic), table_grads)
         replays = self._replays.get(key)
         if replays is None or not self.replay(replays, bound, tensors, slices, values):
-            launched = self.launch_jit(bound, tensors, shares, slices, values, grids, dq_kernel, dlse, deterministic)
+            launched = self.launch_jit(bound, tensors, shares, slices, values, grids, dq_kernel, dlse, deterministic,
+                                       table_grads)
             replays = self.prepare(launched, device)
             if replays is not None:
                 if key not in self._replays and len(self._replays) >= REPLAYED_CALLS:
@@ -128,14 +135,14 @@ class BackwardLauncher:
         for name, share in shares.items():  # query head h = kvh * group + g
             grad_views[name].copy_(share if group_heads == "HKV" else share.unflatten(-3, (sizes["HKV"], -1)).sum(-3))
         grads = {"q": dq if dq.dtype == q.dtype else dq.to(q.dtype), "k": dk, "v": dv}
-        for (table, _), ws in zip(self.tables, workspaces):
+        for (table, _), ws in zip(self.tables if table_grads else (), workspaces):
             t = bound.inputs[table]
             total = ws.sum(0) if deterministic else ws[0]
             grads[table] = total.view(t.shape).to(t.dtype)
         return grads
 
     def launch_jit(self, bound: Bound, tensors: dict, shares: dict, slices: dict, values: dict, grids: dict,
-               dq_kernel: bool, dlse, deterministic: bool) -> list:
+               dq_kernel: bool, dlse, deterministic: bool, table_grads: bool) -> list:
         """The kernels' launches through Triton's JIT (launch_fitting); per launch (kernel name, grid, arguments,
         keywords, what Triton returned), the Gluon dK/dV kernel's as None."""
         spec, sizes = self.spec, bound.sizes
@@ -150,7 +157,7 @@ class BackwardLauncher:
         if dlse is None:
             values["dlse_strides"] = (0, 0, 0)  # lse stands in for the pointer
 
-        keywords = self._keywords[(bool(deterministic), dlse is not None)]
+        keywords = self._keywords[(bool(deterministic), dlse is not None, table_grads)]
         if self.plan.triton.tma:
             keywords = {**keywords, "attn_bwd_dkdv": {**keywords["attn_bwd_dkdv"], "TMA": self.descriptors(q, dout, dq)}}
         for name in ("attn_bwd_prep", "attn_bwd_dkdv", "attn_bwd_dq"):
@@ -230,13 +237,20 @@ class BackwardLauncher:
                 "attn_bwd_dq": tiles("M", bp.dq.block_m, "H", ragged_q),
                 "attn_bwd_dkdv": tiles("N", bp.dkdv.block_n, self.dkdv_heads, ragged_kv)}
 
-    def table_workspaces(self, bound: Bound, programs: dict[str, int], deterministic: bool, device):
+    def table_workspaces(self, bound: Bound, programs: dict[str, int], deterministic: bool, device,
+                         wanted: bool = True):
         """Per kernel that adds to input tables, its table_grads group values; and per table the float32 buffer
         its gradient is summed from: one shared slice (atomics), or with `deterministic` one slice per program of
-        attn_bwd_prep and then of attn_bwd_dkdv."""
+        attn_bwd_prep and then of attn_bwd_dkdv. Not `wanted` (TABLE_GRADS False: no kernel adds): one float each,
+        for the arguments, and no buffer."""
         slices: dict[str, list] = {"attn_bwd_prep": [], "attn_bwd_dkdv": []}
         workspaces = []
         adding = ("attn_bwd_prep", "attn_bwd_dkdv")
+        if not wanted:
+            unused = torch.empty(1, dtype=torch.float32, device=device)
+            for (table, _), name in itertools.product(self.tables, adding):
+                slices[name] += [unused, 0, *(0 for _ in bound.inputs[table].shape)]
+            return slices, workspaces
         count = sum(programs[n] for n in adding) if deterministic else 1
         for table, _ in self.tables:
             shape = bound.inputs[table].shape
@@ -289,16 +303,18 @@ def gluon_dkdv(plan: KernelPlan, backward) -> GluonDkdv | None:
     return GluonDkdv(plan) if runs else None
 
 
-def launch_keywords(plan: KernelPlan, deterministic: bool, has_dlse: bool) -> dict[str, dict]:
+def launch_keywords(plan: KernelPlan, deterministic: bool, has_dlse: bool, table_grads: bool = True) -> dict[str, dict]:
     """Each backward kernel's constexprs and launch options (TMA, where the plan has it, is the launcher's per
-    call). `deterministic`: the input tables' gradients from per-program slices, and dQ by the dQ kernel."""
+    call). `deterministic`: the input tables' gradients from per-program slices, and dQ by the dQ kernel.
+    `table_grads`: the input tables' gradients are wanted (TABLE_GRADS, where the spec has tables)."""
     def tiles(c: TileConfig, query_major: bool) -> dict:
         rows = {"BLOCK_MQ": c.block_m, "PACK": 1} if query_major else {}
         return {"BLOCK_M": c.block_m, "BLOCK_N": c.block_n, **rows, "num_warps": c.num_warps,
                 "num_stages": c.num_stages}
 
     bp, up = plan_backward(plan), upcast(plan)
-    return {"attn_bwd_prep": {**tiles(bp.prep, True), "HAS_DLSE": has_dlse, "DETERMINISTIC": deterministic},
+    wanted = {"TABLE_GRADS": table_grads} if gradient_tables(plan.spec) else {}
+    return {"attn_bwd_prep": {**tiles(bp.prep, True), "HAS_DLSE": has_dlse, "DETERMINISTIC": deterministic, **wanted},
             "attn_bwd_dkdv": {**tiles(bp.dkdv, False), "UPCAST": up, "DETERMINISTIC": deterministic,
-                              "DQ_KERNEL": bp.dq_by_kernel(deterministic)},
+                              "DQ_KERNEL": bp.dq_by_kernel(deterministic), **wanted},
             "attn_bwd_dq": {**tiles(bp.dq, True), "UPCAST": up}}

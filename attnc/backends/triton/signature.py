@@ -237,17 +237,19 @@ def backward_signatures(args: SpecArgs, tables: tuple[tuple[str, int], ...], sum
                         tma: bool) -> dict[str, Signature]:
     """The backward kernels' signatures by function: `tables` the float inputs that get a gradient (name, rank),
     `summary` whether the dK/dV and dQ kernels read a tile summary, `tma` whether the dK/dV kernel takes the TMA
-    switch (the dQ kernel loads by pointers: gradients.BackwardLauncher.descriptors says why)."""
+    switch (the dQ kernel loads by pointers: gradients.BackwardLauncher.descriptors says why). With tables, the prep
+    and dK/dV kernels take TABLE_GRADS: False skips the tables' gradients where no table of the call wants one."""
     grads = (Group("table_grads", tuple(n for name, rank in tables for n in (
         names.gradient(name), names.gradient_stride(name, "p"),
         *(names.gradient_stride(name, a) for a in range(rank))))),) if tables else ()
     classes = (SUMMARY,) if summary else ()
+    wanted = ("TABLE_GRADS",) if tables else ()  # whether this call's tables want their gradients
     return {s.function: s for s in (
         Signature("attn_bwd_prep", _tensor_groups(("out", "do", "lse", "dlse", "delta")) + args.groups() + grads
-                  + (SEARCH,), TILE_CONSTEXPRS + ("HAS_DLSE", "DETERMINISTIC")),
+                  + (SEARCH,), TILE_CONSTEXPRS + ("HAS_DLSE", "DETERMINISTIC") + wanted),
         Signature("attn_bwd_dkdv", _tensor_groups(("q", "k", "v", "do", "lse", "delta", "dq", "dk", "dv"))
                   + args.groups() + grads + classes + (SEARCH,),
-                  ("BLOCK_M", "BLOCK_N", "UPCAST", "DETERMINISTIC", "DQ_KERNEL") + (("TMA",) if tma else ())),
+                  ("BLOCK_M", "BLOCK_N", "UPCAST", "DETERMINISTIC", "DQ_KERNEL") + (("TMA",) if tma else ()) + wanted),
         Signature("attn_bwd_dq", _tensor_groups(("q", "k", "v", "do", "lse", "delta", "dq")) + args.groups()
                   + classes + (SEARCH,), TILE_CONSTEXPRS + ("UPCAST",)),
     )}

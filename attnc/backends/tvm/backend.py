@@ -14,7 +14,7 @@ import struct
 from collections import OrderedDict
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Collection
 
 import torch
 
@@ -352,7 +352,10 @@ class TvmBackward:
                                         linear_repr((derivatives, normalizer_backward(plan.spec.normalizer))))
 
     def __call__(self, bound: Bound, out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor,
-                 dlse: torch.Tensor | None = None, deterministic: bool = False) -> dict[str, torch.Tensor]:
+                 dlse: torch.Tensor | None = None, deterministic: bool = False,
+                 tables: Collection[str] | None = None) -> dict[str, torch.Tensor]:
+        """dq, dk, dv and every float table's gradient (`tables`, the ones a caller wants, does not change the work
+        here: the CPU kernels add the tables' gradients where they compute dS)."""
         key_blocks = -(-bound.sizes["N"] // (KEY_TILES * self.sched.block_n))
         splits = key_splits(bound.sizes["B"] * bound.sizes["HKV"], key_blocks, int(os.environ["TVM_NUM_THREADS"]))
         return launch_backward(self.plan.spec, self.functions, self.tables, self.sched.block_m, splits, bound, out,
