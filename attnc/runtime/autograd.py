@@ -238,9 +238,9 @@ class _Eager(torch.autograd.Function):
         deterministic, dlse = _backward_mode(entry, dlse)
         dout = torch.zeros_like(out) if dout is None else dout.contiguous()
         # forward's arguments: entry, kwargs, bound, q, k, v, then the spec's inputs
-        wanted = [name for name, needed in zip(entry.input_names, ctx.needs_input_grad[6:]) if needed]
+        tables = [name for name, needed in zip(entry.input_names, ctx.needs_input_grad[6:]) if needed]
         with torch.no_grad():
-            grads = entry.backward_bound(ctx.bound, out, lse, dout, dlse, deterministic, wanted)
+            grads = entry.backward_bound(ctx.bound, out, lse, dout, dlse, deterministic, tables)
         wanted = [grads["q"], grads["k"], grads["v"], *(grads.get(name) for name in entry.input_names)]
         if torch.is_grad_enabled():  # create_graph=True: the gradients' own backward is a clear error
             leaves = [g for g in wanted if g is not None]

@@ -78,10 +78,11 @@ class BackwardLauncher:
         # the forward's tile_summary classes the backward's tiles of data-dependent masks
         self.forward = launch.TritonLauncher(plan, launch.load_module(plan)) if summary_used(plan) else None
         self._stages: dict = {}  # pipeline stages that fit, per (kernel, tile)
-        # each kernel's constexprs and options per (deterministic, has dlse): planned once, not per call (the
-        # backward plan's mask analysis cost ~50-130 us of host time a call on the CPU machine)
+        # each kernel's constexprs and options per (deterministic, has dlse, table gradients wanted): planned once,
+        # not per call (the backward plan's mask analysis cost ~50-130 us of host time a call on the CPU machine)
         self._keywords = {(det, has_dlse, wanted): launch_keywords(plan, det, has_dlse, wanted)
-                          for det in (False, True) for has_dlse in (False, True) for wanted in (False, True)}
+                          for det in (False, True) for has_dlse in (False, True)
+                          for wanted in ((False, True) if self.tables else (False,))}
         self.gluon_dkdv = gluon_dkdv(plan, self.backward)
         # call signature (call_signature) -> [(kernel name, KernelReplay)]: later calls skip the strides, the TMA
         # checks, the packing and Triton's JIT launch
@@ -105,10 +106,10 @@ class BackwardLauncher:
         # one program per query head of a GQA group: each adds its share of dK and dV into float32 ones of the K/V
         # heads by atomics; deterministic calls and the Gluon dK/dV kernel write the shares of every query head
         # instead, summed after the launch in a fixed order
+        gluon_dkdv = bool(self.gluon_dkdv) and self.gluon_dkdv.covers(q, k, v, dout, lse, dq, deterministic)
         group_heads = None
         if sizes[self.dkdv_heads] != sizes["HKV"]:
-            group_heads = "H" if deterministic or self.gluon_dkdv and self.gluon_dkdv.covers(
-                q, k, v, dout, lse, dq, deterministic) else "HKV"
+            group_heads = "H" if deterministic or gluon_dkdv else "HKV"
         shares = {} if group_heads is None else {
             name: (launch.empty if group_heads == "H" else torch.zeros)(
                 (*view.shape[:-3], sizes[group_heads], *view.shape[-2:]), dtype=torch.float32, device=device)
@@ -125,7 +126,7 @@ class BackwardLauncher:
         replays = self._replays.get(key)
         if replays is None or not self.replay(replays, bound, tensors, slices, values):
             launched = self.launch_jit(bound, tensors, shares, slices, values, grids, dq_kernel, dlse, deterministic,
-                                       table_grads)
+                                       table_grads, gluon_dkdv)
             replays = self.prepare(launched, device)
             if replays is not None:
                 if key not in self._replays and len(self._replays) >= REPLAYED_CALLS:
@@ -142,11 +143,11 @@ class BackwardLauncher:
         return grads
 
     def launch_jit(self, bound: Bound, tensors: dict, shares: dict, slices: dict, values: dict, grids: dict,
-               dq_kernel: bool, dlse, deterministic: bool, table_grads: bool) -> list:
+               dq_kernel: bool, dlse, deterministic: bool, table_grads: bool, gluon_dkdv: bool) -> list:
         """The kernels' launches through Triton's JIT (launch_fitting); per launch (kernel name, grid, arguments,
-        keywords, what Triton returned), the Gluon dK/dV kernel's as None."""
+        keywords, what Triton returned), the Gluon dK/dV kernel's (where `gluon_dkdv`: it covers the call) as None."""
         spec, sizes = self.spec, bound.sizes
-        q, k, v, lse, dout, dq = bound.q, bound.k, bound.v, tensors["lse"], tensors["do"], tensors["dq"]
+        q, dout, dq = bound.q, tensors["do"], tensors["dq"]
         launched = []
         values["launch"] = [max(0, sizes["B"] - 1).bit_length()]
         for name, t in tensors.items():
@@ -167,8 +168,7 @@ class BackwardLauncher:
             if not grid[0] * grid[1]:
                 continue
             sig = self.signatures[name]
-            if name == "attn_bwd_dkdv" and self.gluon_dkdv and self.gluon_dkdv.covers(q, k, v, dout, lse, dq,
-                                                                                        deterministic):
+            if name == "attn_bwd_dkdv" and gluon_dkdv:
                 # the Gluon kernel in its place (dQ is the dQ kernel's, or with dq_in_dkdv its reduce-adds into the
                 # float32 dQ of the template's atomic mode: plan_backward sets dq_kernel)
                 values["pointers"] = [tensors[name] for name in self.gluon_dkdv.signature.pointed_tensors]
