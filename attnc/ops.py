@@ -63,6 +63,9 @@ class Op:
     span: Callable | None = None  # Triton's int32 interval rule: operand ranges -> result range, or None
     linearity: str = ""  # "additive" (+, -, neg: linear in every operand) or "product" (*): for mask analysis
     labels: tuple[str, ...] = ()  # how messages name each operand, where not by `what` (where's condition)
+    # the rendering of GPU kernels whose plan takes hardware approximations (TritonOptions.approx_functions): a
+    # common.j2 function of one inline-PTX instruction
+    triton_approx: str | None = None
 
     @property
     def arity(self) -> int:
@@ -326,9 +329,9 @@ def _compare(name: str, fn: Callable, tvm: str, operands=_NUM2, same: str = "") 
 
 
 def _unary_float(name: str, python: Callable, triton: str | Formula, tvm: Callable | Formula, derivative: Callable,
-                 native: str | None = None, about: str = "") -> Op:
+                 native: str | None = None, about: str = "", approx: str | None = None) -> Op:
     return Op(name, Call, ("number",), "float", python, lambda t, x: getattr(t, name)(x), triton, tvm,
-              (derivative,), about, tvm_native=native)
+              (derivative,), about, tvm_native=native, triton_approx=approx)
 
 
 _EQUALITY = "`{op}` compares {a} with {b}"
@@ -383,8 +386,10 @@ OPS: tuple[Op, ...] = (
     _unary_float("rsqrt", lambda x: 1.0 / math.sqrt(x), "tl.rsqrt({0})",
                  lambda m, x: m.const(1.0) / m.tir.sqrt(x), lambda args, r: _div(_mul(_f(-0.5), r), args[0]),
                  "rsqrt"),
-    # tanh has no native rendering: CUDA's fast-math tanhf may be the 2^-11 hardware approximation.
-    _unary_float("tanh", _py_float(math.tanh), TANH, TANH, lambda args, r: _sub(_f(1.0), _mul(r, r))),
+    # tanh has no native TVM rendering: CUDA's fast-math tanhf may be the 2^-11 hardware approximation, which only
+    # half-precision Triton kernels take (tanh.approx.f32, FlashAttention's softcap; passes/tiling.py).
+    _unary_float("tanh", _py_float(math.tanh), TANH, TANH, lambda args, r: _sub(_f(1.0), _mul(r, r)),
+                 approx="tanh_approx({0})"),
     _unary_float("sigmoid", lambda x: 1.0 / (1.0 + math.exp(-x)), "tl.sigmoid({0})",
                  lambda m, x: m.const(1.0) / (m.const(1.0) + m.exp(-x)), lambda args, r: _mul(r, _sub(_f(1.0), r)),
                  "sigmoid"),

@@ -14,6 +14,8 @@
 #   bash benchmarks/next_gpu_calls.sh 8    # carry [".whl"]: the full training-step table, the S = 1k profile
 #   bash benchmarks/next_gpu_calls.sh 9    # carry [".whl"]: ALiBi's training step by kernel, the GPT example compiled,
 #                                          # GQA's dK/dV by atomics and ALiBi without the slopes' gradient
+#   bash benchmarks/next_gpu_calls.sh 10   # carry [".whl"]: the hardware tanh (session 17): its error, the A/B
+#                                          # against the formula, the softcap GPU tests, the softcap bench rows
 # (.tvm-aot: `python3 benchmarks/tvm_cuda_check.py build` here first, which needs nvcc and no GPU.)
 # Each step writes its whole log to $OUT (a call brings back at most 8 files) and prints a summary.
 set -u
@@ -103,8 +105,20 @@ case "${1:-}" in
   step gqa-bench 120 python3 -m attnc bench --backward --only "gqa|alibi" --out /tmp/gqa
   for f in /tmp/gqa/*.json; do cp "$f" "$OUT/gqa-$(basename "$f")"; done
   ;;
+10)
+  step tanh-error 60 python3 benchmarks/tanh_approx_error.py
+  step ab-approx 150 python3 benchmarks/ab_approx.py --out "$OUT/ab-approx.jsonl"
+  step softcap-tests 150 $P -n 8 -k "softcap or tanh or gemma" tests/test_triton_gpu.py tests/test_training.py \
+    tests/test_backward_triton.py tests/test_gluon_gpu.py
+  step softcap-bench 200 bash -c 'python3 -m attnc bench --only softcap --out /tmp/sc &&
+    python3 -m attnc bench --backward --only softcap --out /tmp/scb'
+  for f in /tmp/sc/*.json; do cp "$f" "$OUT/softcap-fwd-$(basename "$f")"; done
+  for f in /tmp/scb/*.json; do cp "$f" "$OUT/softcap-bwd-$(basename "$f")"; done
+  step host-overhead 80 python3 benchmarks/host_overhead.py --no-flex
+  step host-time-test 60 $P tests/test_host_overhead.py -k host_time
+  ;;
 *)
-  echo "usage: bash benchmarks/next_gpu_calls.sh 1|2|3|4|5|6|7|8|9" >&2
+  echo "usage: bash benchmarks/next_gpu_calls.sh 1|2|3|4|5|6|7|8|9|10" >&2
   exit 2
   ;;
 esac

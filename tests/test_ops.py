@@ -497,3 +497,30 @@ def test_integer_division_by_zero_gives_zero_in_kernels(backend):
     # a non-zero divisor divides: w = 3 keeps every third key on the diagonal's side, floored
     want = _spec("score = qk * rsqrt(D) + (j - i) // 3\nmask causal\nmask (i - j) % 3 == 0")
     _assert_close(want, kernel(q, k, v, w=3), q, k, v, 1e-5)
+
+
+def test_half_precision_gpu_kernels_take_the_hardware_tanh():
+    """GPU kernels over bf16 / f16 inputs, forward and backward, run tanh as tanh.approx.f32 (relative error 2^-11,
+    FlashAttention's softcap; benchmarks/NOTES.md session 17 measures it); f32 kernels, the interpreter and
+    PlanOptions(approx_functions=False) keep the formula above."""
+    from attnc.backends.triton.backward import generate_backward
+    from attnc.backends.triton.generate import generate
+    from attnc.passes import PlanOptions, Target, plan_kernel
+
+    gpu, interpreter = Target("triton", "cuda", 90), Target("triton", "cpu", None)
+
+    def plan(dtype, target, options=PlanOptions()):
+        return plan_kernel(attnc.parse(SOFTCAP.replace("f32[", f"{dtype}["))[0], target, 64, 64, options)
+
+    for dtype in ("bf16", "f16"):
+        p = plan(dtype, gpu)
+        assert p.approximated() == ["tanh"] and "tanh by hardware approximation" in p.describe()
+        for source in (generate(p), generate_backward(p)):
+            assert "tanh.approx.f32" in source and "tanh_approx(" in source.split("def tanh_approx")[1]
+    for p in (plan("f32", gpu), plan("bf16", interpreter), plan("bf16", gpu, PlanOptions(approx_functions=False))):
+        assert p.approximated() == [] and "hardware approximation" not in p.describe()
+        for source in (generate(p), generate_backward(p)):
+            assert "tanh_approx" not in source and "tanh.approx" not in source
+    # a spec without tanh defines no helper
+    causal = attnc.parse(SOFTCAP.replace("f32[", "bf16[").replace("score = cap * tanh(score / cap)", ""))[0]
+    assert "tanh_approx" not in generate(plan_kernel(causal, gpu, 64, 64, PlanOptions()))

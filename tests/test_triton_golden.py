@@ -17,13 +17,14 @@ GOLDEN = Path(__file__).resolve().parent / "golden"
 SPECS = Path(__file__).resolve().parent.parent / "examples" / "specs"
 # (golden file, spec file, attention name, target, D): a dense causal prefill on Hopper, a data-dependent mask,
 # sinks + GQA + a param window, D = 80 (64 + 16: two dots over D's chunks) in the interpreter, and MLA's D = 192 / DV =
-# 128 (128 + 64: a tensor descriptor per chunk) on Hopper.
+# 128 (128 + 64: a tensor descriptor per chunk) on Hopper, and a tanh soft cap in bf16 on Hopper (tanh.approx.f32).
 CASES = [
     ("causal_lm_sm90.py", "causal.attn", "causal_lm", Target("triton", "cuda", 90), 128),
     ("document_mask_sm90.py", "document_mask.attn", "document_mask", Target("triton", "cuda", 90), 128),
     ("sinks_sm90.py", "sinks.attn", "sinks", Target("triton", "cuda", 90), 64),
     ("alibi_d80_interpreter.py", "alibi.attn", "alibi", Target("triton", "cpu", None), 80),
     ("mla_prefill_sm90.py", "mla_dv.attn", "mla_prefill", Target("triton", "cuda", 90), 192),
+    ("grok_softcap_sm90.py", "softcap.attn", "grok_softcap", Target("triton", "cuda", 90), 128),
 ]
 
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..ir import Attention, Expr, Numbering, linear_repr
+from ..ir import Attention, Call, Expr, Numbering, linear_repr, walk
+from ..ops import op_of
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,10 @@ class PlanOptions:
     # 64: passes/tiling.py head_dim_chunks); False pads D to a power of two as the other kernels do; None: chunks
     # where D has them
     chunk_head_dim: bool | None = None
+    # GPU kernels over bf16 / f16 inputs: tanh by the tanh.approx.f32 instruction (relative error 2^-11, what
+    # FlashAttention's softcap runs) in place of the 1.7-ulp formula, one MUFU instruction a score where the
+    # formula takes two and ~15 more (passes/tiling.py); None: so, False: the formula
+    approx_functions: bool | None = None
     # Hopper: the backward's dK/dV kernel in Gluon (passes/warpgroups.py dkdv_layout, FlashAttention-3's design)
     # where the plan qualifies; False or None the Triton template's (the default: the H100 ran the Gluon one at 1.00x
     # dense and 0.90-0.93x causal, session 13)
@@ -258,6 +263,8 @@ class TritonOptions:
     dot_precision: str  # tl.dot input_precision for f32 inputs: "ieee" (exact) or "tf32"
     tma: bool = False
     warp_specialize: bool = False
+    # functions with a one-instruction hardware approximation (ops.Op.triton_approx: tanh) run as that instruction
+    approx_functions: bool = False
 
 
 @dataclass(frozen=True)
@@ -412,6 +419,13 @@ class KernelPlan:
     def dtype(self) -> str:
         return self.spec.q.dtype
 
+    def approximated(self) -> list[str]:
+        """The score's functions that this plan's Triton kernels run as a hardware approximation (ops.Op.triton_approx
+        under TritonOptions.approx_functions)."""
+        if not (self.triton and self.triton.approx_functions):
+            return []
+        return sorted({n.fn for n in walk(self.spec.score) if isinstance(n, Call) and op_of(n).triton_approx})
+
     def __repr__(self) -> str:
         """Kernel keys and AOT manifests compare plans by this text: its expressions are numbered, so that it
         grows with the DAG of the score, not its tree."""
@@ -470,7 +484,8 @@ class KernelPlan:
                     lines.append(f"  decode wg  {_latent(d.warpgroups.layout)}")
         if self.triton:
             o = self.triton
-            lines.append(f"  triton     f32 dots {o.dot_precision}, tma {o.tma}, warp specialization {o.warp_specialize}")
+            lines.append(f"  triton     f32 dots {o.dot_precision}, tma {o.tma}, warp specialization {o.warp_specialize}"
+                         + "".join(f", {fn} by hardware approximation" for fn in self.approximated()))
         if self.warpgroups:
             w = self.warpgroups
             lines.append(f"  prefill    {w.path} kernel: {w.reason}")

@@ -189,8 +189,11 @@ def stage_pipeline(plan: KernelPlan) -> KernelPlan:
     # the prefill tiles hold D's chunks (t.prefill_d columns of q and k), the decode tile D padded
     tiling = replace(t, prefill=fit(keys(t.prefill), t.prefill_d), decode=fit(t.decode, t.block_d),
                      short=t.short and fit(keys(t.short), t.prefill_d))
+    # the approximations' 2^-11 next to half-precision P's own rounding (2^-9 bf16, 2^-11 f16); f32 keeps the formulas
+    approx = arch is not None and plan.dtype in ("bf16", "f16") and o.approx_functions is not False
     # Warp specialization implies descriptors: Triton 3.6's pass fails on the pointer-load loop.
-    return replace(plan, tiling=tiling, triton=TritonOptions(dot_precision="ieee", tma=tma or ws, warp_specialize=ws))
+    return replace(plan, tiling=tiling, triton=TritonOptions(dot_precision="ieee", tma=tma or ws, warp_specialize=ws,
+                                                             approx_functions=approx))
 
 
 def narrow_tile_class_loop(plan: KernelPlan) -> bool:

@@ -26,7 +26,7 @@ def generate_backward(plan: KernelPlan) -> str:
     ragged_q, ragged_kv = spec.q_storage is not None, spec.kv_storage is not None
 
     # attn_bwd_prep: per row, the sink's gradient into the tables it reads
-    prep = Emitter(spec, exp2)
+    prep = Emitter(spec, exp2, approx=plan.approximated())
     bounds(prep, masks.exact, masks.hull)  # the rows macro's key-tile range reads them
     sink, sink_lines = "", []
     if plan.score.sink2 is not None:
@@ -38,7 +38,7 @@ def generate_backward(plan: KernelPlan) -> str:
     dkdv = dkdv_hooks(plan, derivs, exp2, data_dependent=data_dependent)
 
     # attn_bwd_dq: the forward's shape
-    dq = Emitter(spec, exp2)
+    dq = Emitter(spec, exp2, approx=plan.approximated())
     bounds(dq, masks.exact, masks.hull)
     dq_tiles = {masked: tile_hooks(dq, plan, derivs, masked, tables=False) for masked in (False, True)}
 
@@ -80,7 +80,7 @@ def dkdv_hooks(plan: KernelPlan, derivs: Derivatives, exp2: str, vectors: Vector
     `row_lines`, the rows' key bounds, and the `tiles`' element-wise work, full and partial; `full`, the per-tile
     condition of a full tile (with `data_dependent`, the tile summary's class too)."""
     masks, backward = plan.masks, plan_backward(plan)
-    em = Emitter(plan.spec, exp2, KEY_MAJOR, vectors)
+    em = Emitter(plan.spec, exp2, KEY_MAJOR, vectors, plan.approximated())
     range_lines = query_tiles(em, backward.queries)
     if full_range and not backward.queries.per_tile_check:
         range_lines += full_query_tiles(em, backward.full_queries)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterable
 
 from ...ir import QK, Attention, Binary, Call, Expr, IndexVar, Lookup, Num, ParamRef, SizeRef, Unary, children
 from ...ops import Formula, Kinds, Op, compute_kind, op_of
@@ -135,9 +136,12 @@ class Value:
 
 class Emitter:
     def __init__(self, spec: Attention, exp2: str = PORTABLE_EXP2, layout: Layout = QUERY_MAJOR,
-                 vectors: Vectors = TRITON_VECTORS):
+                 vectors: Vectors = TRITON_VECTORS, approx: Iterable[str] = ()):
         self.spec = spec
         self.exp2 = exp2  # the base-2 exponential's name in the kernel module (exp2 and the formulas use it)
+        # the functions rendered as their one-instruction approximation (Op.triton_approx: inline PTX, so only
+        # beside the PTX exp2; KernelPlan.approximated)
+        self.approx = frozenset(approx) if exp2 == PTX_EXP2 else frozenset()
         self.layout = layout
         self.vectors = vectors
         self._index = {name: (code, level) for name, code, level in layout.index}
@@ -269,7 +273,9 @@ class Emitter:
             else:  # comparisons of ints need no widening: int32 against int64 promotes by itself
                 codes.append(self.as_int(v, level, wide=kind == "int" and span is None))
         render = _Rendering(self, level, kind, span, args, compute)
-        if isinstance(op.triton, Formula):
+        if op.name in self.approx:
+            code = op.triton_approx.format(*codes)
+        elif isinstance(op.triton, Formula):
             code = render.formula(op.triton, codes[0])
         elif callable(op.triton):
             code = op.triton(render, *codes)

@@ -31,7 +31,7 @@ def shared_hooks(plan: KernelPlan, exp2: str = PORTABLE_EXP2, vectors: Vectors =
     masks, the normalizer's lowering and its sink, the head-dim padding masks and the dot precision; `exp2` names
     the base-2 exponential, `vectors` spells new vectors (Triton or Gluon)."""
     spec, masks, tiling = plan.spec, plan.masks, plan.tiling
-    main = Emitter(spec, exp2, vectors=vectors)
+    main = Emitter(spec, exp2, vectors=vectors, approx=plan.approximated())
     bounds(main, masks.exact, masks.hull)
     sink = None
     if plan.score.sink2 is not None:
@@ -47,7 +47,7 @@ def shared_hooks(plan: KernelPlan, exp2: str = PORTABLE_EXP2, vectors: Vectors =
     pad_d, pad_dv = tiling.block_d != plan.head_dim, tiling.block_dv != plan.value_dim
     normalizer = lower_normalizer(spec.normalizer, exp2, vectors, None if scaled is None else scaled[1])
     return dict(
-        version=__version__, key=plan.spec_key[:16], exp2=exp2,
+        version=__version__, key=plan.spec_key[:16], exp2=exp2, approx_functions=sorted(main.approx),
         head_dim=plan.head_dim, value_dim=plan.value_dim, block_d=tiling.block_d, block_dv=tiling.block_dv,
         prologue="\n".join(main.prologue), score_lines="\n".join(score_lines), logits=logits,
         mask_lines="\n".join(mask_lines), keep_terms=keep_terms, sink=sink, returns_lse=spec.returns_lse,
