@@ -16,6 +16,8 @@
 #                                          # GQA's dK/dV by atomics and ALiBi without the slopes' gradient
 #   bash benchmarks/next_gpu_calls.sh 10   # carry [".whl"]: the hardware tanh (session 17): its error, the A/B
 #                                          # against the formula, the softcap GPU tests, the softcap bench rows
+#   bash benchmarks/next_gpu_calls.sh 11   # carry [".whl"]: step 9 without the ALiBi profile (the machine was taken
+#                                          # back during step 9), and softcap's forward under the Gluon default
 # (.tvm-aot: `python3 benchmarks/tvm_cuda_check.py build` here first, which needs nvcc and no GPU.)
 # Each step writes its whole log to $OUT (a call brings back at most 8 files) and prints a summary.
 set -u
@@ -117,8 +119,16 @@ case "${1:-}" in
   step host-overhead 80 python3 benchmarks/host_overhead.py --no-flex
   step host-time-test 60 $P tests/test_host_overhead.py -k host_time
   ;;
+11)
+  step gqa-tests 150 $P -n 12 tests/test_training.py tests/test_backward_triton.py
+  step train-gpt 110 python3 examples/train_gpt.py --device cuda --compile --steps 300
+  step gqa-bench 120 python3 -m attnc bench --backward --only "gqa|alibi" --out /tmp/gqa
+  for f in /tmp/gqa/*.json; do cp "$f" "$OUT/gqa-$(basename "$f")"; done
+  step softcap-fwd 80 python3 -m attnc bench --only softcap --out /tmp/sc
+  for f in /tmp/sc/*.json; do cp "$f" "$OUT/softcap-fwd-$(basename "$f")"; done
+  ;;
 *)
-  echo "usage: bash benchmarks/next_gpu_calls.sh 1|2|3|4|5|6|7|8|9|10" >&2
+  echo "usage: bash benchmarks/next_gpu_calls.sh 1|2|3|4|5|6|7|8|9|10|11" >&2
   exit 2
   ;;
 esac
