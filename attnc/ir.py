@@ -407,6 +407,11 @@ class Quantize:
 Storage = Union[Ragged, Paged]  # how the sequences of q (Ragged only) or of k and v are stored; None: dense
 
 
+# The most query or key positions a sequence (M and N, ragged and paged capacities included) may have: kernels index
+# positions in int32, where sums and differences of two positions and of M and N still fit (bind() checks the sizes).
+POSITION_LIMIT = 2 ** 30
+
+
 def storage_capacities(q_storage: Storage | None, kv_storage: Storage | None, sizes: dict) -> None:
     """Set M and N of ragged or paged storage, which no tensor's shape holds, to their capacities: M = T (the
     packed query tokens), N = MAXP * PAGE (paged) or TK (packed keys); each sequence takes its own length within

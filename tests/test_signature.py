@@ -145,6 +145,20 @@ def test_query_heads_must_be_a_multiple_of_kv_heads():
     raises(r"^k: 3 key/value heads \(HKV\) do not divide the 8 query heads \(H\)", GQA, args, kwargs)
 
 
+def test_sequences_take_at_most_2_to_the_30_positions():
+    """Kernels compute positions, M and N (and position arithmetic such as ALiBi's) in int32; views of one element
+    stand in for the long tensors."""
+    small = torch.randn(1, 1, 4, 64)
+    for n, fine in ((2 ** 30 + 1, False), (2 ** 30, True)):
+        long = torch.zeros(1, 1, 1, 64).expand(1, 1, n, 64)
+        for (q, k), axis in (((small, long), "k: dim 2 \\(N\\)"), ((long, small), "q: dim 2 \\(M\\)")):
+            if fine:
+                assert bind(DENSE, q, k, k, {}).sizes["N" if k is long else "M"] == n
+            else:
+                raises(rf"^{axis} is {n}; attnc's kernels take at most 2\^30 \(1,073,741,824\) positions a sequence",
+                       DENSE, (q, k, k), {})
+
+
 @pytest.mark.parametrize("size", ["B", "H", "HKV", "D", "DV", "R"])
 def test_sizes_other_than_m_and_n_must_be_positive(size):
     args, kwargs = gqa_args(**{size: 0})

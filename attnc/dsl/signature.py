@@ -25,7 +25,7 @@ from typing import Callable, Mapping, Union
 import torch
 
 from ..errors import CallError, call_error
-from ..ir import FP8_DTYPES, Attention, ParamDecl, Ragged, TensorDecl, storage_capacities
+from ..ir import FP8_DTYPES, POSITION_LIMIT, Attention, ParamDecl, Ragged, TensorDecl, storage_capacities
 
 TORCH_DTYPES: Mapping[str, torch.dtype] = MappingProxyType({
     "f16": torch.float16, "bf16": torch.bfloat16, "f32": torch.float32, "f64": torch.float64,
@@ -208,6 +208,10 @@ def _bind_sizes(spec: Attention, tensors: list[tuple[TensorDecl, object]]) -> di
     for name, n in sizes.items():
         if n < 1 and name not in MAY_BE_EMPTY:
             raise CallError(f"{_where(name, tensors, n)}; every size but M and N must be at least 1")
+    for name in ("M", "N"):
+        if sizes[name] > POSITION_LIMIT:
+            raise CallError(f"{_where(name, tensors, sizes[name])}; attnc's kernels take at most 2^30 "
+                            f"({POSITION_LIMIT:,}) positions a sequence (int32 position arithmetic): split the sequence")
     if sizes["H"] % sizes["HKV"]:
         raise CallError(f"k: {sizes['HKV']} key/value heads (HKV) do not divide the {sizes['H']} query heads (H) of "
                         f"q; H must be a multiple of HKV")

@@ -40,7 +40,7 @@ def attn_fwd(
     exact_lo = tl.zeros([BLOCK_M], tl.int64)
     exact_hi = tl.zeros([BLOCK_M], tl.int64) + sz_N
     x0 = sz_N - sz_M
-    x1 = i_row.to(tl.int64) + tl.cast(x0, tl.int64)
+    x1 = i_row + x0
     x2 = x1.to(tl.int64) + 1
     exact_hi = tl.minimum(exact_hi, x2)
     exact_lo = tl.minimum(exact_lo, sz_N).to(tl.int32)
@@ -91,7 +91,7 @@ def attn_fwd(
             k_tile_1 = k_tile_1.to(tl.float32)
         qk = tl.dot(q_tile_1, k_tile_1, qk)
         x3 = qk * 0.16129820911147805
-        x4 = x1[:, None].to(tl.int64) - j_col[None, :].to(tl.int64)
+        x4 = x1[:, None] - j_col[None, :]
         x7 = x4.to(tl.float32) * x6[:, None]
         x8 = x3 - x7
         s = x8

@@ -100,7 +100,7 @@ def consume(
     offs_m = gl.arange(0, BLOCK_M, layout=ROW)
     # -- per head: values free of i
     x0 = sz_N - sz_M
-    x1 = tl.cast(x0, tl.int64) + 1
+    x1 = x0 + 1
     s_zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA_S)
     dk = gl.zeros([BLOCK_N, BLOCK_D], gl.float32, MMA_KV)
     dv = gl.zeros([BLOCK_N, BLOCK_DV], gl.float32, MMA_KV)
@@ -117,7 +117,7 @@ def consume(
         row_valid = i_row < sz_M
         exact_lo = gl.zeros([BLOCK_M], tl.int64, ROW)
         exact_hi = gl.zeros([BLOCK_M], tl.int64, ROW) + sz_N
-        x2 = i_row.to(tl.int64) + tl.cast(x0, tl.int64)
+        x2 = i_row + x0
         x3 = x2.to(tl.int64) + 1
         exact_hi = tl.minimum(exact_hi, x3)
         exact_lo = tl.minimum(exact_lo, sz_N).to(tl.int32)
@@ -163,7 +163,7 @@ def consume(
             row_valid = i_row < sz_M
             exact_lo = gl.zeros([BLOCK_M], tl.int64, ROW)
             exact_hi = gl.zeros([BLOCK_M], tl.int64, ROW) + sz_N
-            x2 = i_row.to(tl.int64) + tl.cast(x0, tl.int64)
+            x2 = i_row + x0
             x3 = x2.to(tl.int64) + 1
             exact_hi = tl.minimum(exact_hi, x3)
             exact_lo = tl.minimum(exact_lo, sz_N).to(tl.int32)
@@ -251,7 +251,7 @@ def attn_bwd_dkdv_gluon(
     # -- per head: values free of i, and the query tiles [m_start, m_end) that can keep one of the program's keys:
     # found once for every partition, so they agree on the ring's sequence
     x0 = sz_N - sz_M
-    x1 = tl.cast(x0, tl.int64) + 1
+    x1 = x0 + 1
     q_lo = gl.full([], 0, tl.int64)
     q_hi = tl.where(key_end > key_first, sz_M, 0).to(tl.int64)
     q_lo = tl.maximum(q_lo, key_first + 1 - x1)

@@ -56,7 +56,7 @@ def attn_fwd(
     exact_lo = tl.zeros([BLOCK_M], tl.int64)
     exact_hi = tl.zeros([BLOCK_M], tl.int64) + sz_N
     x0 = sz_N - sz_M
-    x1 = i_row.to(tl.int64) + tl.cast(x0, tl.int64)
+    x1 = i_row + x0
     x2 = x1.to(tl.int64) + 1
     exact_hi = tl.minimum(exact_hi, x2)
     exact_lo = tl.minimum(exact_lo, sz_N).to(tl.int32)

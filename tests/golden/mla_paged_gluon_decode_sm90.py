@@ -156,7 +156,7 @@ def score_warpgroup(
     exact_lo = gl.zeros([BLOCK_M], tl.int64, ROW)
     exact_hi = gl.zeros([BLOCK_M], tl.int64, ROW) + sz_N
     x0 = sz_N - sz_M
-    x1 = i_row.to(tl.int64) + tl.cast(x0, tl.int64)
+    x1 = i_row + x0
     x2 = x1.to(tl.int64) + 1
     exact_hi = tl.minimum(exact_hi, x2)
     exact_lo = tl.minimum(exact_lo, sz_N).to(tl.int32)
@@ -329,7 +329,7 @@ def attn_decode_gluon(
     exact_lo = gl.zeros([BLOCK_M], tl.int64, ROW)
     exact_hi = gl.zeros([BLOCK_M], tl.int64, ROW) + sz_N
     x0 = sz_N - sz_M
-    x1 = i_row.to(tl.int64) + tl.cast(x0, tl.int64)
+    x1 = i_row + x0
     x2 = x1.to(tl.int64) + 1
     exact_hi = tl.minimum(exact_hi, x2)
     exact_lo = tl.minimum(exact_lo, sz_N).to(tl.int32)

@@ -49,7 +49,7 @@ def attn_fwd(
     # -- per-row values: key bounds from the mask analysis, row-invariant score parts
     exact_lo = tl.zeros([BLOCK_M], tl.int64)
     x0 = sz_N - sz_M
-    x1 = i_row.to(tl.int64) + tl.cast(x0, tl.int64)
+    x1 = i_row + x0
     x2 = x1.to(tl.int64) - tl.cast(p_window, tl.int64)
     x3 = x2.to(tl.int64) + 1
     exact_lo = tl.maximum(exact_lo, x3)

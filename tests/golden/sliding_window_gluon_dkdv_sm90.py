@@ -99,7 +99,7 @@ def consume(
     offs_m = gl.arange(0, BLOCK_M, layout=ROW)
     # -- per head: values free of i
     x0 = sz_N - sz_M
-    x1 = tl.cast(x0, tl.int64) + 1
+    x1 = x0 + 1
     x2 = tl.cast(x0, tl.int64) - tl.cast(p_window, tl.int64)
     x3 = tl.cast(x2, tl.int64) + 1
     s_zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA_S)
@@ -120,7 +120,7 @@ def consume(
         i_row = m * BLOCK_M + offs_m
         row_valid = i_row < sz_M
         exact_lo = gl.zeros([BLOCK_M], tl.int64, ROW)
-        x4 = i_row.to(tl.int64) + tl.cast(x0, tl.int64)
+        x4 = i_row + x0
         x5 = x4.to(tl.int64) - tl.cast(p_window, tl.int64)
         x6 = x5.to(tl.int64) + 1
         exact_lo = tl.maximum(exact_lo, x6)
@@ -204,7 +204,7 @@ def attn_bwd_dkdv_gluon(
     # -- per head: values free of i, and the query tiles [m_start, m_end) that can keep one of the program's keys:
     # found once for every partition, so they agree on the ring's sequence
     x0 = sz_N - sz_M
-    x1 = tl.cast(x0, tl.int64) + 1
+    x1 = x0 + 1
     x2 = tl.cast(x0, tl.int64) - tl.cast(p_window, tl.int64)
     x3 = tl.cast(x2, tl.int64) + 1
     q_lo = gl.full([], 0, tl.int64)

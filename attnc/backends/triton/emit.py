@@ -8,7 +8,9 @@ are the invariant ones and its tile is [BLOCK_N, BLOCK_M]. Operands of mixed lev
 [None, :]. Semantics follow the reference: ints are int64 with floored `%` and `//`, `/` is true division, booleans
 count as ints in arithmetic, and int/float mixes compute in float32. Integer results that provably fit int32
 (from the known ranges of positions and literals) stay int32, which keeps per-element tile math cheap; any
-other integer arithmetic widens its operands to int64 first. Positions i and j are below POSITION_LIMIT.
+other integer arithmetic widens its operands to int64 first. Positions i and j are below ir.POSITION_LIMIT, and the
+sequence lengths M and N at most it (bind() checks), so position arithmetic such as ALiBi's j - (i + N - M) stays
+int32.
 Each operator's rendering and int32 range rule come from the operator table (ops.py); a shared subexpression
 is emitted once.
 """
@@ -19,7 +21,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterable
 
-from ...ir import QK, Attention, Binary, Call, Expr, IndexVar, Lookup, Num, ParamRef, SizeRef, Unary, children
+from ...ir import (POSITION_LIMIT, QK, Attention, Binary, Call, Expr, IndexVar, Lookup, Num, ParamRef, SizeRef,
+                   Unary, children)
 from ...ops import Formula, Kinds, Op, compute_kind, op_of
 from .. import names
 
@@ -56,9 +59,9 @@ def dot_tile(spec: Attention, dot: QK) -> str:
     attention's `qr @ kr`; only the decode template computes those)."""
     return "qk" if dot.is_qk else f"qk_{spec.dots.index(dot)}"
 
-POSITION_LIMIT = 2 ** 30  # i and j are int32 in the kernel; sums and differences of two still fit
 _INT32 = (-2 ** 31, 2 ** 31 - 1)
 _POSITIONS = {"i", "j"}
+_LENGTHS = {"M", "N"}  # the sizes of the position axes (a ragged or paged sequence's own, in-kernel, at most them)
 
 
 @dataclass(frozen=True)
@@ -221,7 +224,7 @@ class Emitter:
             name, level = self._index[e.name]
             return Value(name, level, "int", span=(0, POSITION_LIMIT - 1) if e.name in _POSITIONS else None)
         if isinstance(e, SizeRef):
-            return Value(names.size(e.name), SCALAR, "int", span=(0, _INT32[1]))
+            return Value(names.size(e.name), SCALAR, "int", span=(0, POSITION_LIMIT if e.name in _LENGTHS else _INT32[1]))
         if isinstance(e, ParamRef):
             return Value(names.param(e.name), SCALAR, kind)
         if isinstance(e, QK):
