@@ -421,7 +421,8 @@ class KernelPlan:
 
     def approximated(self) -> list[str]:
         """The score's functions that this plan's Triton kernels run as a hardware approximation (ops.Op.triton_approx
-        under TritonOptions.approx_functions)."""
+        under TritonOptions.approx_functions): the kernels with the inline-PTX exp2 (the prefill template, the Gluon
+        kernels and the backward); the decode template's portable exp2 keeps the formulas."""
         if not (self.triton and self.triton.approx_functions):
             return []
         return sorted({n.fn for n in walk(self.spec.score) if isinstance(n, Call) and op_of(n).triton_approx})
@@ -485,7 +486,8 @@ class KernelPlan:
         if self.triton:
             o = self.triton
             lines.append(f"  triton     f32 dots {o.dot_precision}, tma {o.tma}, warp specialization {o.warp_specialize}"
-                         + "".join(f", {fn} by hardware approximation" for fn in self.approximated()))
+                         + "".join(f", {fn} by hardware approximation (not in decode kernels)"
+                                   for fn in self.approximated()))
         if self.warpgroups:
             w = self.warpgroups
             lines.append(f"  prefill    {w.path} kernel: {w.reason}")
