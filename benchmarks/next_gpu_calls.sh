@@ -16,12 +16,8 @@
 #                                          # GQA's dK/dV by atomics and ALiBi without the slopes' gradient
 #   bash benchmarks/next_gpu_calls.sh 10   # carry [".whl"]: the hardware tanh (session 17): its error, the A/B
 #                                          # against the formula, the softcap GPU tests, the softcap bench rows
-#   bash benchmarks/next_gpu_calls.sh 11   # carry [".whl"]: step 9 without the ALiBi profile (the machine was taken
-#                                          # back during step 9), softcap's forward under the Gluon default and
-#                                          # ALiBi's with int32 positions (session 17)
-#   bash benchmarks/next_gpu_calls.sh 12   # carry [".whl"]: the forward GPU tests after int32 positions
-#   bash benchmarks/next_gpu_calls.sh 13   # carry [".whl"]: the first ~300 s of 11 and 12 in one call (session 17:
-#                                          # a start cost ~450 s of device time)
+#   bash benchmarks/next_gpu_calls.sh 11   # carry [".whl"]: the training, template and Gluon GPU tests and the GQA /
+#                                          # ALiBi training rows in one call (session 17, after step 9 was taken back)
 # (.tvm-aot: `python3 benchmarks/tvm_cuda_check.py build` here first, which needs nvcc and no GPU.)
 # Each step writes its whole log to $OUT (a call brings back at most 8 files) and prints a summary.
 set -u
@@ -124,26 +120,13 @@ case "${1:-}" in
   step host-time-test 60 $P tests/test_host_overhead.py -k host_time
   ;;
 11)
-  step gqa-tests 150 $P -n 12 tests/test_training.py tests/test_backward_triton.py
-  step train-gpt 110 python3 examples/train_gpt.py --device cuda --compile --steps 300
-  step gqa-bench 120 python3 -m attnc bench --backward --only "gqa|alibi" --out /tmp/gqa
-  for f in /tmp/gqa/*.json; do cp "$f" "$OUT/gqa-$(basename "$f")"; done
-  step fwd-bench 100 python3 -m attnc bench --only "softcap|alibi" --out /tmp/sc
-  for f in /tmp/sc/*.json; do cp "$f" "$OUT/fwd-$(basename "$f")"; done
-  ;;
-13)
   step gpu-tests 170 $P -n 14 tests/test_training.py tests/test_backward_triton.py tests/test_triton_gpu.py \
     tests/test_gluon_gpu.py
   step gqa-bench 130 python3 -m attnc bench --backward --only "gqa|alibi" --out /tmp/gqa
   for f in /tmp/gqa/*.json; do cp "$f" "$OUT/gqa-$(basename "$f")"; done
   ;;
-12)
-  step triton-gpu 200 $P -n 12 tests/test_triton_gpu.py tests/test_decode_kernels.py tests/test_latent_decode.py
-  step gluon-gpu 250 $P -n 12 tests/test_gluon_gpu.py tests/test_mla_gluon_gpu.py
-  step host-time 60 $P tests/test_host_overhead.py -k host_time
-  ;;
 *)
-  echo "usage: bash benchmarks/next_gpu_calls.sh 1|2|3|4|5|6|7|8|9|10|11|12|13" >&2
+  echo "usage: bash benchmarks/next_gpu_calls.sh 1|2|3|4|5|6|7|8|9|10|11" >&2
   exit 2
   ;;
 esac

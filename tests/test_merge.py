@@ -33,18 +33,20 @@ def split_specs(layout, normalizer="softmax"):
     return attnc.parse(spec("a", "j < split") + spec("b", "j >= split") + spec("whole", "true"))
 
 
-def random_call(layout, H=4, HKV=2, D=16, DV=24):
-    """q, k, v and inputs for a split spec; the packed batch has an empty key sequence (rows with no key)."""
-    kwargs = {"slopes": torch.rand(H)}
+def random_call(layout, H=4, HKV=2, D=16, DV=24, seed=0):
+    """q, k, v and inputs for a split spec, seeded; the packed batch has an empty key sequence (rows with no key)."""
+    g = torch.Generator().manual_seed(seed)
+    kwargs = {"slopes": torch.rand(H, generator=g)}
     if layout == "thd":
         m_lens, n_lens = [3, 2, 1, 4], [9, 0, 1, 6]
-        q, k, v = torch.randn(sum(m_lens), H, D), torch.randn(sum(n_lens), HKV, D), torch.randn(sum(n_lens), HKV, DV)
+        q, k, v = (torch.randn(sum(m_lens), H, D, generator=g), torch.randn(sum(n_lens), HKV, D, generator=g),
+                   torch.randn(sum(n_lens), HKV, DV, generator=g))
         kwargs["cu_q"], kwargs["cu_k"] = (torch.tensor([0, *torch.tensor(n).cumsum(0).tolist()], dtype=torch.int32)
                                           for n in (m_lens, n_lens))
     else:
         B, M, N = 2, 5, 11
         shapes = ((B, H, M, D), (B, HKV, N, D), (B, HKV, N, DV))
-        q, k, v = (torch.randn(s) for s in shapes)
+        q, k, v = (torch.randn(s, generator=g) for s in shapes)
         if layout == "bshd":
             q, k, v = (t.transpose(1, 2).contiguous() for t in (q, k, v))
     return (q, k, v), kwargs
@@ -73,8 +75,17 @@ def path(request, monkeypatch):
     return request.param
 
 
-def assert_merged(out, lse, want_out, want_lse):
-    torch.testing.assert_close(out.double(), want_out.double(), **TOL[out.dtype])
+def assert_merged(out, lse, want_out, want_lse, halves=()):
+    """`halves`: the partial outs as the merge got them, where they were rounded to out's dtype. Their rounding,
+    an epsilon of each (the merge weighs each by at most 1), is then allowed on top of the tolerance: a sigmoid merge
+    adds halves that may nearly cancel, leaving a small sum with the halves' rounding in it (one element in 10240 of
+    a bf16 GPU run was 0.0225 off against 0.02 allowed)."""
+    allowance = sum((h.double().abs() for h in halves), torch.zeros_like(want_out, dtype=torch.float64))
+    allowance = allowance * torch.finfo(out.dtype).eps
+    tol = TOL[out.dtype]
+    excess = (out.double() - want_out.double()).abs() - (tol["atol"] + tol["rtol"] * want_out.double().abs() + allowance)
+    assert not excess.isnan().any() and (excess <= 0).all(), \
+        f"out off by up to {excess.max().item():.3g} over the tolerance, at {torch.unravel_index(excess.argmax(), excess.shape)}"
     torch.testing.assert_close(lse.double(), want_lse.double(), **TOL[torch.float32])
 
 
@@ -213,4 +224,4 @@ def test_gpu_kernel_against_the_cpu_reference(dtype, layout, normalizer):
     (out_a, lse_a), (out_b, lse_b) = ((o.to("cuda", dtype), s.float().cuda()) for o, s in halves)
     out, lse = attnc.merge_states(out_a, lse_a, out_b, lse_b, normalizer=normalizer)
     assert out.is_cuda and out.dtype == dtype
-    assert_merged(out.cpu(), lse.cpu(), want_out, want_lse)
+    assert_merged(out.cpu(), lse.cpu(), want_out, want_lse, halves=(out_a.cpu(), out_b.cpu()))
