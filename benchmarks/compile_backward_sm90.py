@@ -9,8 +9,7 @@ this finds compile failures of the GPU's Triton version on a CPU machine, e.g. w
 Exit status 1 if any kernel fails to compile. Environment: STATS=1 prints per kernel ptxas's registers and spills and
 instruction counts (benchmarks/kernel_stats.py); D=64 plans that head dim; DKDV=BM,BN,warps,stages puts a dK/dV tile
 first in BACKWARD_TUNED; MODULE=path compiles a hand-edited backward module in place of the generated one;
-NO_TABLE_GRADS=1 compiles the calls whose float tables take no gradient (TABLE_GRADS False); SPLIT_D=1 plans
-PlanOptions(backward_split_d=True) (dK's and dV's columns split between two programs)."""
+NO_TABLE_GRADS=1 compiles the calls whose float tables take no gradient (TABLE_GRADS False)."""
 import glob
 from pathlib import Path
 import os
@@ -24,7 +23,7 @@ sys.path.insert(0, "tests")
 from test_triton_kernels import example_kwargs, qkv  # noqa: E402
 from attnc.backends.triton import gradients
 from attnc.dsl.signature import bind
-from attnc.passes import PlanOptions, Target, plan_kernel
+from attnc.passes import Target, plan_kernel
 import kernel_stats  # noqa: E402  (benchmarks/)
 
 captured = []
@@ -48,8 +47,7 @@ for name in sys.argv[1:] or ("causal_lm", "alibi", "dense", "sliding_window", "a
     spec = replace(spec, returns_lse=True)
     d = spec.dim_values.get("D", HEAD_DIM)
     dv = spec.dim_values.get("DV", d)
-    plan = plan_kernel(spec, Target("triton", "cuda", 90), d, dv,
-                       PlanOptions(backward_split_d=True) if os.environ.get("SPLIT_D") == "1" else PlanOptions())
+    plan = plan_kernel(spec, Target("triton", "cuda", 90), d, dv)
     # MODULE: a backward module's source to compile in place of the generated one (a hand-edited variant)
     source = os.environ.get("MODULE")
     module = source and gradients.launch.import_source(Path(source), "variant")

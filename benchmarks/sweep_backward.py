@@ -5,8 +5,6 @@ kernels alone (the forward runs once, outside the timer). One call of the device
 
     python benchmarks/sweep_backward.py --out $OUT [--only REGEX] [--budget SECONDS]
 
-`--split-d` is an A/B alone: per workload the default dK/dV tile whole and each SPLIT_DKDV tile split (kernel
-"split", PlanOptions(backward_split_d=True): dK's and dV's columns between two programs a key tile), both modes.
 `--gluon` also times, first and in the same process, the Gluon dK/dV kernel (PlanOptions(gluon_backward=True); kernel
 "gluon", both modes, dQ by the dQ kernel, 32 and 64 query rows per slot: gluon_backward_block_m) and the default
 backward of today's BACKWARD_TUNED (kernel "template"). `--ds-under-dkdv` is that A/B alone, no tile sweep: per
@@ -58,10 +56,6 @@ DQ = {
     128: [(64, 64, 4, 3), (64, 64, 4, 4), (64, 128, 4, 3), (64, 64, 8, 3), (128, 64, 4, 3), (64, 32, 4, 3)],
     256: [(64, 64, 8, 1), (64, 64, 8, 2), (128, 64, 8, 1), (64, 64, 4, 1)],
 }
-# --split-d: dK/dV tiles with dK's and dV's columns split between two programs (PlanOptions(backward_split_d), session
-# 17): at D = 256 by compile 64x64 w8 s1 spills 1460 / 1548 bytes split against 2220 / 2324 whole, 32x128 w8 s1 428 /
-# 532 (208 KB of shared memory); two stages need more than the H100's 227 KB
-SPLIT_DKDV = {128: [(64, 128, 8, 2)], 256: [(64, 64, 8, 1), (32, 128, 8, 1), (32, 64, 4, 1)]}
 NAMES = r"^(dense S=4096|causal S=4096|causal D=64 .*|causal D=256 .*)$"
 CHECK_TOL = 3e-2  # relative Frobenius error of dq, dk, dv against float32 (bf16 inputs)
 GLUON_AB = ("template", "gluon", "gluon-ds", "gluon-dq")  # the default's rows: today's table, the Gluon kernel beside it
@@ -134,10 +128,7 @@ def run(args) -> list[dict]:
         trials += [("dq", default_dkdv, c, True) for c in DQ[w.D]]
         trials = [("baseline", default_dkdv, default_dq, d, m) for m in args.baseline for d in (False, True)] + [
             (*t, None) for t in trials]
-        if args.split_d:  # the A/B alone
-            trials = [("dkdv", default_dkdv, default_dq, d, None) for d in (False, True)] + [
-                ("split", c, default_dq, d, None) for c in SPLIT_DKDV.get(w.D, []) for d in (False, True)]
-        elif args.ds_under_dkdv:  # the A/B alone
+        if args.ds_under_dkdv:  # the A/B alone
             trials = [("template", default_dkdv, default_dq, d, None) for d in (False, True)] + [
                 (kernel, default_dkdv, default_dq, False, None) for kernel in ("gluon", "gluon-ds", "gluon-dq")]
         elif args.gluon:  # the Gluon dK/dV kernel first, then the template's default row (the first "dkdv" trial)
@@ -170,9 +161,6 @@ def run(args) -> list[dict]:
                     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)  # the atomic mode's
                     row["gluon_ran"] = bool(backward.gluon_dkdv and backward.gluon_dkdv.covers(
                         q, k, v, dout, lse, dq, deterministic))
-                elif kernel == "split":
-                    backward = backend.build_backward(plan_for(w, plan.target, PlanOptions(backward_split_d=True))[1])
-                    row["split_ran"] = backward.backward.split_d
                 else:
                     backward = backend.build_backward(plan)
                 fn = lambda: backward(bound, out, lse, dout, None, deterministic)
@@ -201,8 +189,6 @@ def main() -> None:
     ap.add_argument("--write-baseline", default=None, help="write this tree's modules for the workloads; no GPU")
     ap.add_argument("--gluon", action="store_true",
                     help="time the Gluon dK/dV kernel too (PlanOptions(gluon_backward))")
-    ap.add_argument("--split-d", action="store_true",
-                    help="only the A/B: the default dK/dV tile, and SPLIT_DKDV's with PlanOptions(backward_split_d)")
     ap.add_argument("--ds-under-dkdv", action="store_true",
                     help="only the A/B: template, Gluon, Gluon with PlanOptions(gluon_backward_ds_under_dkdv), "
                          "Gluon with PlanOptions(gluon_backward_dq_in_dkdv)")

@@ -17,7 +17,7 @@ from attnc.backends.triton.launch import interpreting
 from attnc.dsl.signature import bind, canonical_view
 from attnc.errors import CallError, CompileError
 from attnc.ir import Paged
-from attnc.passes import PlanOptions, plan_kernel
+from attnc.passes import plan_kernel
 from attnc.passes.fold import evaluate
 from attnc.passes.grad import derive, plan_backward
 from attnc.passes.masks import row_bounds
@@ -79,12 +79,12 @@ def call_inputs(spec, m, n, dtype, device, d=None, seed=0, hkv=None):
     return q, k, v, kwargs
 
 
-def forward(spec, q, k, v, kwargs, options=None):
-    """(plan, bound, out, lse) of the forward through the Triton backend, planned with lse (and `options`)."""
+def forward(spec, q, k, v, kwargs):
+    """(plan, bound, out, lse) of the forward through the Triton backend, planned with lse."""
     spec = replace(spec, returns_lse=True)
     backend = get_backend("triton")
     bound = bind(spec, q, k, v, kwargs)
-    plan = plan_kernel(spec, backend.target(q.device), bound.sizes["D"], bound.sizes["DV"], options or PlanOptions())
+    plan = plan_kernel(spec, backend.target(q.device), bound.sizes["D"], bound.sizes["DV"])
     out, lse = backend.build(plan)(bound)
     return plan, bound, out, lse
 
@@ -118,13 +118,12 @@ def reference_grads(spec, q, k, v, kwargs, dout, dlse, out_used=None):
     return {name: torch.zeros_like(t) if g is None else g for (name, t), g in zip(leaves.items(), grads)}
 
 
-def check_backward(spec, m, n, deterministic, with_dlse, dtype=None, device=DEVICE, d=None, seed=0, hkv=None,
-                   options=None):
+def check_backward(spec, m, n, deterministic, with_dlse, dtype=None, device=DEVICE, d=None, seed=0, hkv=None):
     """The backward of one call against the reference; returns its gradients."""
     dtype = dtype or spec.q.dtype
     spec = with_dtype(spec, dtype)
     q, k, v, kwargs = call_inputs(spec, m, n, dtype, device, d, seed, hkv)
-    plan, bound, out, lse = forward(spec, q, k, v, kwargs, options)
+    plan, bound, out, lse = forward(spec, q, k, v, kwargs)
     dout = torch.randn(*out.shape, 2, device=device)[..., 0].to(out.dtype)  # strided, as autograd may hand it
     dlse = torch.randn_like(lse) if with_dlse else None
     grads = get_backend("triton").build_backward(plan)(bound, out, lse, dout, dlse, deterministic)
@@ -163,23 +162,6 @@ CPU_CASES = [(name, mode) for name in sorted(EXAMPLES) for mode in sorted(MODES)
 def test_example_gradients(name, mode):
     m, n, deterministic, with_dlse = MODES[mode]
     check_backward(EXAMPLES[name], m, n, deterministic, with_dlse, dtype="f32")
-
-
-SPLIT_D = ("causal_lm", "gqa_causal", "varlen_causal", "alibi")
-
-
-@pytest.mark.parametrize("name", SPLIT_D)
-@pytest.mark.parametrize("deterministic", [False, True])
-def test_dkdv_columns_split_between_two_programs(name, deterministic):
-    """PlanOptions(backward_split_d=True): two dK/dV programs a key tile, each with half of dK's and dV's columns (a
-    GQA group's shares added by atomics, or kept per query head when deterministic); ALiBi's slopes take a gradient
-    from dS, which both halves hold, so it keeps whole columns."""
-    options = PlanOptions(backward_split_d=True)
-    spec = with_dtype(EXAMPLES[name], "f32")
-    q, k, v, kwargs = call_inputs(spec, 45, 70, "f32", DEVICE, 32, 0, None)
-    plan = forward(spec, q, k, v, kwargs, options)[0]
-    assert plan_backward(plan).split_d == (name != "alibi"), name
-    check_backward(spec, 45, 70, deterministic, not deterministic, dtype="f32", d=32, options=options)
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "f16"])
@@ -437,7 +419,7 @@ def hopper_backward(spec, d):
     import types
 
     from attnc.backends.triton.backward import generate_backward
-    from attnc.passes import Target
+    from attnc.passes import PlanOptions, Target
 
     plan = plan_kernel(spec, Target("triton", "cuda", 90), d, d, PlanOptions(tma=True))
     source = generate_backward(plan)

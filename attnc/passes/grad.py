@@ -27,7 +27,7 @@ from ..ops import Kinds, function, op_of
 from .fold import fold
 from .masks import full_query_range, query_range
 from .plan import BackwardPlan, KernelPlan
-from .tiling import MIN_DOT_K, PREP_TILE, backward_tiles
+from .tiling import PREP_TILE, backward_tiles
 from .warpgroups import dkdv_layout
 
 ONE = Num(1.0, True)
@@ -88,19 +88,7 @@ def plan_backward(plan: KernelPlan) -> BackwardPlan:
     # the Gluon dK/dV kernel leaves dQ to the dQ kernel, unless it reduce-adds dQ itself (dq_in_dkdv)
     if layout is not None:
         dq_kernel = not layout.dq_in_dkdv
-    split_d = bool(plan.options.backward_split_d) and splits_d(plan, layout is not None)
-    return BackwardPlan(dkdv, dq, PREP_TILE, query_range(masks), full_query_range(masks), dq_kernel, layout, why,
-                        split_d)
-
-
-def splits_d(plan: KernelPlan, gluon: bool) -> bool:
-    """Whether the template's dK/dV kernel can split dK's and dV's columns (and its atomic dQ's) between two
-    programs: no Gluon dK/dV kernel, no score table takes a gradient from it (both halves hold all of dS), D and DV
-    are unpadded and their halves are at least a dot's 16 columns."""
-    t = plan.tiling
-    return (not gluon and not derive(plan.spec).score_tables
-            and t.block_d == plan.head_dim and t.block_dv == plan.value_dim
-            and min(t.block_d, t.block_dv) // 2 >= MIN_DOT_K)
+    return BackwardPlan(dkdv, dq, PREP_TILE, query_range(masks), full_query_range(masks), dq_kernel, layout, why)
 
 
 def derive(spec: Attention) -> Derivatives:

@@ -75,11 +75,6 @@ class PlanOptions:
     # run (deterministic=True keeps it, and the template's dK/dV kernel). None or False: the dQ kernel's (with it the
     # H100 ran 0.91-0.97x, session 13)
     gluon_backward_dq_in_dkdv: bool | None = None
-    # the Triton template's dK/dV kernel with dK's and dV's columns split between two programs a key tile, each
-    # computing S^T and dP^T over all of D: half the accumulators' registers for 1.5x the kernel's matmuls (D = 256
-    # spills at every tile shape: benchmarks/NOTES.md, session 17), where the plan allows it (BackwardPlan.split_d);
-    # None or False: whole columns (the split is not yet timed)
-    backward_split_d: bool | None = None
     # Hopper, the Gluon MLA decode kernel over an FP8 latent (passes/latent_decode.py): the conflict-free converter,
     # 8 e4m3 a thread (at 16, its stores conflict 2-way; 4-11% slower on the H100); None: it, False: 16 a thread
     fp8_conflict_free_converter: bool | None = None
@@ -208,9 +203,6 @@ class BackwardPlan:
     dq_kernel: bool = False  # dQ by the dQ kernel even where atomics are allowed (faster on this row)
     gluon_dkdv: DkdvLayout | None = None  # the Gluon dK/dV kernel's layout, where it runs (passes/warpgroups.py)
     gluon_reason: str = ""  # why it runs or, without a layout, why not
-    # the template's dK/dV kernel runs two programs a key tile, each with half of dK's and dV's columns
-    # (PlanOptions.backward_split_d)
-    split_d: bool = False
 
     def dq_by_kernel(self, deterministic: bool) -> bool:
         """Whether attn_bwd_dq writes dQ (else the dK/dV kernel adds it by atomics): always when deterministic."""

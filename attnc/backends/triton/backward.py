@@ -57,8 +57,7 @@ def generate_backward(plan: KernelPlan) -> str:
         k_rows="k_row0 + j_col.to(tl.int64)" if ragged_kv else "j_col.to(tl.int64)",
         normalized=rule.normalized,
         delta_line=delta_line(rule.normalized, exp2),
-        tables=bool(derivs.tables), gqa=plan.spec.is_gqa_shape, split_d=backward.split_d,
-        dk_cols="offs_dk" if backward.split_d else "offs_d", dv_cols="offs_dvk" if backward.split_d else "offs_dv",
+        tables=bool(derivs.tables), gqa=plan.spec.is_gqa_shape,
         prep_prologue="\n".join(prep.prologue), sink=sink, sink_lines="\n".join(sink_lines),
         head_lines="\n".join(dkdv["prologue"] + dkdv["range_lines"]), row_lines=dkdv["row_lines"], full=dkdv["full"],
         dkdv_tiles=dkdv["tiles"], key_major=_orientation(KEY_MAJOR),
@@ -227,5 +226,4 @@ def _plan_line(plan: KernelPlan, backward: BackwardPlan) -> str:
 
     return (f"{plan.target.backend}/{plan.target.device}"
             f"{'' if plan.target.arch is None else f'/sm_{plan.target.arch}'} {plan.dtype} D={plan.head_dim} "
-            f"DV={plan.value_dim}; backward dK/dV {tile(backward.dkdv)}{' (columns split in two)' if backward.split_d else ''}, "
-            f"dQ {tile(backward.dq)}")
+            f"DV={plan.value_dim}; backward dK/dV {tile(backward.dkdv)}, dQ {tile(backward.dq)}")

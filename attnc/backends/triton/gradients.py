@@ -235,7 +235,7 @@ class BackwardLauncher:
         bp = self.backward
         return {"attn_bwd_prep": tiles("M", bp.prep.block_m, "H", ragged_q),
                 "attn_bwd_dq": tiles("M", bp.dq.block_m, "H", ragged_q),
-                "attn_bwd_dkdv": split(tiles("N", bp.dkdv.block_n, self.dkdv_heads, ragged_kv), bp.split_d)}
+                "attn_bwd_dkdv": tiles("N", bp.dkdv.block_n, self.dkdv_heads, ragged_kv)}
 
     def table_workspaces(self, bound: Bound, programs: dict[str, int], deterministic: bool, device,
                          wanted: bool = True):
@@ -318,9 +318,3 @@ def launch_keywords(plan: KernelPlan, deterministic: bool, has_dlse: bool, table
             "attn_bwd_dkdv": {**tiles(bp.dkdv, False), "UPCAST": up, "DETERMINISTIC": deterministic,
                               "DQ_KERNEL": bp.dq_by_kernel(deterministic), **wanted},
             "attn_bwd_dq": {**tiles(bp.dq, True), "UPCAST": up}}
-
-
-def split(grid: tuple[int, int], split_d: bool) -> tuple[int, int]:
-    """The dK/dV kernel's grid with two programs a key tile where dK's and dV's columns are split between them
-    (BackwardPlan.split_d: program 2t + c holds key tile t's column half c)."""
-    return (grid[0] * 2, grid[1]) if split_d else grid
