@@ -4,7 +4,10 @@ ptxas' registers, spills and the shared memory per kernel. Needs Triton 3.6 (the
 
     python3 -m venv --system-site-packages /tmp/venv36 && /tmp/venv36/bin/pip install triton==3.6.0
     PYTHONPATH=$PWD /tmp/venv36/bin/python benchmarks/compile_gluon_sm90.py [--spec NAME] [--dims 128] [--persistent]
-        [--weights-under-pv] [--aot]
+        [--weights-under-pv] [--aot] [--times]
+
+`--times` prints each kernel's cold compile by stage (fresh cache folder; Triton's compilation listener): the
+front end (Gluon's Python -> TTGIR), ttgir, llir (LLVM O3), ptx and cubin (ptxas).
 
 Exit status 1 if a kernel fails to compile, ptxas warns or reports serialized wgmma (C7512), a kernel spills more than
 --max-spill bytes (default 128: dilated_window's per-element int64 modulo spills 28-72 B at D >= 128,
@@ -16,6 +19,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -53,9 +57,10 @@ def stem(plan) -> str:
     return f"{plan.spec.name}_{plan.dtype}_{plan.head_dim}_{plan.value_dim}_{len(w.d_chunks)}_{w.block_n}"
 
 
-def compile_gluon(plan, work: Path, aot: bool = False):
+def compile_gluon(plan, work: Path, aot: bool = False, times: dict | None = None):
     """triton.compile of the plan's attn_fwd_gluon for sm_90 (its source written under `work`), with the JIT's
-    argument types or (`aot`) the AOT build's (`attnc compile`: sizes and strides i64)."""
+    argument types or (`aot`) the AOT build's (`attnc compile`: sizes and strides i64). With `times`, cold (a fresh
+    cache folder), its seconds per stage and in total go there."""
     w = plan.warpgroups.layout
     path = work / f"{stem(plan)}.py"
     path.write_text(generate_gluon(plan))
@@ -66,15 +71,31 @@ def compile_gluon(plan, work: Path, aot: bool = False):
     # the AOT build compiles for any sizes: i64
     names = gluon_signature(spec_args(plan)).names
     signature = {n: ("i32" if types[n] == "i64" and not aot else types[n]) for n in names}
-    return triton.compile(GluonASTSource(fn, signature, {}), target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": w.consumer_warps, "maxnreg": max_registers(w)})
+    source = GluonASTSource(fn, signature, {})
+    options = {"num_warps": w.consumer_warps, "maxnreg": max_registers(w)}
+    if times is None:
+        return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+
+    def listener(*, times: object, cache_hit: bool, **_):
+        stages["frontend"] = times.ir_initialization / 1e6
+        stages.update((stage, us / 1e6) for stage, us in times.lowering_stages)
+
+    stages = times
+    with tempfile.TemporaryDirectory() as cache, triton.knobs.cache.scope(), triton.knobs.compilation.scope():
+        triton.knobs.cache.dir = cache
+        triton.knobs.compilation.listener = listener
+        start = time.perf_counter()
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+        stages["total"] = time.perf_counter() - start
+    return compiled
 
 
-def compile_one(plan, work: Path, stats: bool = False, aot: bool = False) -> dict:
-    compiled = compile_gluon(plan, work, aot)
+def compile_one(plan, work: Path, stats: bool = False, aot: bool = False, times: bool = False) -> dict:
+    seconds = {} if times else None
+    compiled = compile_gluon(plan, work, aot, seconds)
     if stats:  # kernel_stats' instruction counts, per loop that holds an MMA too
         kernel_stats.report(stem(plan), compiled)
-    return ptxas_figures(compiled, work / f"{stem(plan)}.ptx")
+    return {**ptxas_figures(compiled, work / f"{stem(plan)}.ptx"), "seconds": seconds}
 
 
 def ptxas_figures(compiled, ptx: Path) -> dict:
@@ -107,6 +128,7 @@ def main() -> int:
                         help="P V reads P from shared memory (PlanOptions(gluon_weights_under_pv))")
     parser.add_argument("--aot", action="store_true", help="the AOT build's argument types (i64 sizes, strides)")
     parser.add_argument("--stats", action="store_true", help="print kernel_stats' instruction counts per kernel")
+    parser.add_argument("--times", action="store_true", help="print each kernel's cold compile by stage")
     parser.add_argument("--max-spill", type=int, default=128, help="spill bytes (stores + loads) a kernel may have")
     args = parser.parse_args()
     ok = True
@@ -127,7 +149,7 @@ def main() -> int:
                         print(f"skip {label}  {w.reason}", flush=True)
                         continue
                     try:
-                        r = compile_one(plan, work, args.stats, args.aot)
+                        r = compile_one(plan, work, args.stats, args.aot, args.times)
                     except Exception as e:  # report every kernel, then fail
                         ok = False
                         print(f"FAIL {label}  {type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}", flush=True)
@@ -138,6 +160,9 @@ def main() -> int:
                           f"under-pv={w.layout.weights_under_pv}  regs={r['regs']} "
                           f"setmaxnreg={r['setmaxnreg']} spills={r['spills']} B stack={r['stack']} B "
                           f"smem={r['shared']} B key-loop LDL+STL={r['key_loop_local']}", flush=True)
+                    if r["seconds"]:
+                        print("     cold compile " + " ".join(f"{k} {v:.2f}s" for k, v in r["seconds"].items()),
+                              flush=True)
                     for line in r["warnings"]:
                         print(f"     {line}", flush=True)
     return 0 if ok else 1

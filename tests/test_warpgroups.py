@@ -411,12 +411,19 @@ def test_persistent_programs_on_request():
 
 
 def _calls(tree, function):
-    """The calls in `function` of the module `tree`, in source order, as text."""
+    """The calls in `function` of the module `tree`, in source order, as text, with a persistent partition's call of
+    its work-tile function (`function`_tile) replaced by that function's calls."""
     import ast
 
     fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == function)
     calls = sorted((n for n in ast.walk(fn) if isinstance(n, ast.Call)), key=lambda n: (n.lineno, n.col_offset))
-    return [ast.unparse(n) for n in calls], fn
+    text = []
+    for call in calls:
+        if ast.unparse(call.func) == f"{function}_tile":
+            text += _calls(tree, f"{function}_tile")[0]
+        else:
+            text.append(ast.unparse(call))
+    return text, fn
 
 
 @pytest.mark.parametrize("schedule, d", [("pingpong", 128), ("cooperative", 128), ("pingpong", 256)])
@@ -551,7 +558,7 @@ def test_weights_under_pv_waits_for_p_v_a_step_later(persistent):
     import ast
 
     source = gluon.generate_gluon(_plan(options=replace(UNDER_PV, gluon_persistent=persistent)))
-    _, fn = _calls(ast.parse(source), "consume")
+    _, fn = _calls(ast.parse(source), "consume_tile" if persistent else "consume")
     loop = next(n for n in ast.walk(fn) if isinstance(n, ast.For) and ast.unparse(n.iter) == "range(run_start + 1, run_end)")
     calls = sorted((n for n in ast.walk(loop) if isinstance(n, ast.Call)), key=lambda n: (n.lineno, n.col_offset))
     body = [ast.unparse(n) for n in calls]

@@ -126,13 +126,45 @@ def tile_range(
 
 
 @gluon.jit
+def produce_tile(
+    pid_m, tile_b, tile_h, ring, done, q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb,
+    s_vh, s_vn, s_vd, s_ob, s_oh, s_om, s_od, s_lb, s_lh, s_lm, sz_B, sz_H, sz_HKV, sz_M, sz_N,
+    q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_ready, k_ready, v_ready, empty, q_free
+):
+    """The producer's work tile: its Q and K and V of each of its key tiles into the ring (tiles outside the mask
+    analysis' range are never loaded), the ring's slots and the Q buffers' phases running on from `ring` and `done`."""
+    kvh = (tile_h * PACK) // (sz_H.to(tl.int32) // sz_HKV.to(tl.int32))  # a TMA coordinate: i32
+    run_start, run_end, f_start, f_end = tile_range(pid_m, tile_b, tile_h, q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, s_ob, s_oh, s_om, s_od, s_lb, s_lh, s_lm, sz_B, sz_H, sz_HKV, sz_M, sz_N, 1)
+    # Consumer c's Q after the tile's c-th K and V: those wait for a ring slot only, Q for the consumer's out store
+    # of the last tile, so the ring fills while the consumers store out, and consumer 0 need not wait for 1's store
+    for t in range(run_start, run_end):
+        n = ring + t - run_start
+        slot = n % STAGES
+        # mbarriers start in phase 1 complete: the first pass over the ring does not wait
+        mbarrier.wait(empty.index(slot), ((n // STAGES) & 1) ^ 1)
+        mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [tile_b, kvh, t * BLOCK_N, 0], k_ready.index(slot), k_bufs.index(slot).reshape([1, 1, BLOCK_N, BLOCK_D]))
+        mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(v_desc, [tile_b, kvh, t * BLOCK_N, 0], v_ready.index(slot), v_bufs.index(slot).reshape([1, 1, BLOCK_N, BLOCK_DV]))
+        c = t - run_start
+        if c < CONSUMERS:
+            mbarrier.wait(q_free.index(c), (done & 1) ^ 1)
+            mbarrier.expect(q_ready.index(c), q_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(q_desc, [tile_b, tile_h, pid_m * BLOCK_MQ + c * ROWS, 0], q_ready.index(c), q_bufs.index(c).reshape([1, 1, ROWS, BLOCK_D]))
+    for c in range(run_end - run_start, CONSUMERS):  # the consumers past the tile's key tiles
+        mbarrier.wait(q_free.index(c), (done & 1) ^ 1)
+        mbarrier.expect(q_ready.index(c), q_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [tile_b, tile_h, pid_m * BLOCK_MQ + c * ROWS, 0], q_ready.index(c), q_bufs.index(c).reshape([1, 1, ROWS, BLOCK_D]))
+    return ring + run_end - run_start, done + 1
+
+
+@gluon.jit
 def produce(
     q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb,
     s_vh, s_vn, s_vd, s_ob, s_oh, s_om, s_od, s_lb, s_lh, s_lm, sz_B, sz_H, sz_HKV, sz_M, sz_N,
     q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_ready, k_ready, v_ready, empty, q_free
 ):
-    """The producer warp: for each work tile, its Q and K and V of each of its key tiles into the ring (tiles
-    outside the mask analysis' range are never loaded)."""
+    """The producer warp: each work tile's Q, K and V (produce_tile)."""
     ring = 0  # key tiles loaded over the program's work tiles: the ring's slots and phases run on across them
     done = 0  # work tiles loaded: the phase of the Q buffers
     # The schedule's sizes in i32, as the JIT's build of sizes below 2^31 has them: from an AOT build's i64 sizes the
@@ -142,31 +174,138 @@ def produce(
         long_m, short_m, tiles, tile_b, tile_h = unit_coords(unit, batch_i32, heads_i32, kv_heads_i32, rows_i32, sz_N)  # i32: TMA's
         for half in range(tiles):
             pid_m = tl.where(half == 0, long_m, short_m)
-            kvh = (tile_h * PACK) // (heads_i32 // kv_heads_i32)  # a TMA coordinate: i32
-            run_start, run_end, f_start, f_end = tile_range(pid_m, tile_b, tile_h, q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, s_ob, s_oh, s_om, s_od, s_lb, s_lh, s_lm, sz_B, sz_H, sz_HKV, sz_M, sz_N, 1)
-            # Consumer c's Q after the tile's c-th K and V: those wait for a ring slot only, Q for the consumer's out store
-            # of the last tile, so the ring fills while the consumers store out, and consumer 0 need not wait for 1's store
-            for t in range(run_start, run_end):
-                n = ring + t - run_start
-                slot = n % STAGES
-                # mbarriers start in phase 1 complete: the first pass over the ring does not wait
-                mbarrier.wait(empty.index(slot), ((n // STAGES) & 1) ^ 1)
-                mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes)
-                tma.async_copy_global_to_shared(k_desc, [tile_b, kvh, t * BLOCK_N, 0], k_ready.index(slot), k_bufs.index(slot).reshape([1, 1, BLOCK_N, BLOCK_D]))
-                mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes)
-                tma.async_copy_global_to_shared(v_desc, [tile_b, kvh, t * BLOCK_N, 0], v_ready.index(slot), v_bufs.index(slot).reshape([1, 1, BLOCK_N, BLOCK_DV]))
-                c = t - run_start
-                if c < CONSUMERS:
-                    mbarrier.wait(q_free.index(c), (done & 1) ^ 1)
-                    mbarrier.expect(q_ready.index(c), q_desc.block_type.nbytes)
-                    tma.async_copy_global_to_shared(q_desc, [tile_b, tile_h, pid_m * BLOCK_MQ + c * ROWS, 0], q_ready.index(c), q_bufs.index(c).reshape([1, 1, ROWS, BLOCK_D]))
-            for c in range(run_end - run_start, CONSUMERS):  # the consumers past the tile's key tiles
-                mbarrier.wait(q_free.index(c), (done & 1) ^ 1)
-                mbarrier.expect(q_ready.index(c), q_desc.block_type.nbytes)
-                tma.async_copy_global_to_shared(q_desc, [tile_b, tile_h, pid_m * BLOCK_MQ + c * ROWS, 0], q_ready.index(c), q_bufs.index(c).reshape([1, 1, ROWS, BLOCK_D]))
-            ring += run_end - run_start
-            done += 1
+            ring, done = produce_tile(pid_m, tile_b, tile_h, ring, done, q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, s_ob, s_oh, s_om, s_od, s_lb, s_lh, s_lm, sz_B, sz_H, sz_HKV, sz_M, sz_N, q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_ready, k_ready, v_ready, empty, q_free)
 
+
+
+@gluon.jit
+def consume_tile(
+    pid_m, tile_b, tile_h, ring, done, turn, q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb,
+    s_vh, s_vn, s_vd, s_ob, s_oh, s_om, s_od, s_lb, s_lh, s_lm, sz_B, sz_H, sz_HKV, sz_M, sz_N,
+    o_desc, q_bufs, k_bufs, v_bufs, q_ready, k_ready, v_ready, empty, q_free, turns, prob_bufs, CONSUMER: gl.constexpr
+):
+    """One consumer warpgroup's rows of a work tile: the ring's positions and the Q buffer's phase (and the turns) run on from
+    the state it returns."""
+    BLOCK_M: gl.constexpr = ROWS
+    TILE: gl.constexpr = MMA
+    ROW: gl.constexpr = gl.SliceLayout(1, MMA)
+    COL: gl.constexpr = gl.SliceLayout(0, MMA)
+    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, MMA)
+    q_smem = q_bufs.index(CONSUMER)
+    run_start, run_end, f_start, f_end = tile_range(pid_m, tile_b, tile_h, q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, s_ob, s_oh, s_om, s_od, s_lb, s_lh, s_lm, sz_B, sz_H, sz_HKV, sz_M, sz_N, CONSUMER_WARPS)
+    b = tile_b.to(tl.int64)
+    hp = tile_h.to(tl.int64)
+    r = CONSUMER * ROWS + gl.arange(0, BLOCK_M, layout=ROW)
+    # Row r holds query head hp * PACK + r // BLOCK_MQ at position m0 + r % BLOCK_MQ (PACK > 1: GQA packing).
+    i_row = pid_m * BLOCK_MQ + r % BLOCK_MQ
+    h_row = hp * PACK + r // BLOCK_MQ
+    row_valid = i_row < sz_M
+    offs_n = gl.arange(0, BLOCK_N, layout=COL)
+    # -- per-row values: key bounds from the mask analysis, row-invariant score parts
+    exact_lo = gl.zeros([BLOCK_M], tl.int64, ROW)
+    exact_hi = gl.zeros([BLOCK_M], tl.int64, ROW) + sz_N
+    x0 = sz_N - sz_M
+    x1 = i_row + x0
+    x2 = x1.to(tl.int64) + 1
+    exact_hi = tl.minimum(exact_hi, x2)
+    exact_lo = tl.minimum(exact_lo, sz_N).to(tl.int32)
+    exact_hi = tl.maximum(exact_hi, 0).to(tl.int32)
+    hull_lo = exact_lo
+    hull_hi = exact_hi
+    offs_dv = gl.arange(0, BLOCK_DV, layout=COL)
+    m_i = gl.full([BLOCK_M], -INF, tl.float32, ROW)  # running max, base 2
+    l_i = gl.zeros([BLOCK_M], tl.float32, ROW)
+    acc = gl.zeros([BLOCK_M, BLOCK_DV], gl.float32, MMA)
+    mbarrier.wait(q_ready.index(CONSUMER), done & 1)
+    if run_end > run_start:
+        # the first tile: QK^T alone; P goes to shared memory (buffer k % 2 for the program's k-th key tile) for the
+        # next step's P V
+        t = run_start
+        first = ring % STAGES
+        mbarrier.wait(k_ready.index(first), (ring // STAGES) & 1)
+        mbarrier.wait(turns.index(CONSUMER), turn & 1)  # this consumer's turn to issue MMAs
+        qk = warpgroup_mma(q_smem, k_bufs.index(first).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        mbarrier.arrive(turns.index(1 - CONSUMER), count=1)  # the other consumer's turn
+        turn += 1
+        qk = warpgroup_mma_wait(0, deps=[qk])
+        j_col = t * BLOCK_N + offs_n
+        col_valid = j_col < sz_N
+        s = qk
+        if t >= f_end:  # a partial tile
+            keep = (j_col[None, :] >= exact_lo[:, None]) & (j_col[None, :] < exact_hi[:, None])
+            s = tl.where(keep, s, -INF)
+        m_new = tl.maximum(m_i, tl.max(s, 1) * 0.12751743082459868)
+        m_safe = tl.where(m_new == -INF, 0.0, m_new)  # a row with nothing kept yet: exp2(-inf - 0) = 0, not NaN
+        p = ex2_approx(s * 0.12751743082459868 - m_safe[:, None])
+        alpha = ex2_approx(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        m_i = m_new
+        prob_bufs.index(CONSUMER * 2).store(p.to(DTYPE))
+        fence_async_shared()
+        acc = warpgroup_mma_init(acc)  # in flight across the loop's steps
+        for t in range(run_start + 1, run_end):
+            k = t - run_start
+            n = ring + k
+            slot = n % STAGES
+            prev = (n - 1) % STAGES
+            mbarrier.wait(v_ready.index(prev), ((n - 1) // STAGES) & 1)
+            # P V of tile k-2 ran under the weights of tile k-1; waited for here, past the v_ready wait's branch, so
+            # ptxas keeps the wait after those weights. Its slot is then free (its K was done before).
+            acc = warpgroup_mma_wait(0, deps=[acc])
+            mbarrier.arrive(empty.index((n + STAGES - 2) % STAGES), count=1, pred=k >= 2)
+            acc = acc * alpha[:, None]
+            gl.thread_barrier()  # every thread's part of P k-1 is in shared memory (fenced) before P V reads it
+            mbarrier.wait(k_ready.index(slot), (n // STAGES) & 1)
+            mbarrier.wait(turns.index(CONSUMER), turn & 1)  # this consumer's turn to issue MMAs
+            qk = warpgroup_mma(q_smem, k_bufs.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            acc = warpgroup_mma(prob_bufs.index(CONSUMER * 2 + (k - 1) % 2), v_bufs.index(prev), acc, is_async=True)
+            mbarrier.arrive(turns.index(1 - CONSUMER), count=1)  # the other consumer's turn
+            turn += 1
+            # wgmma groups retire in order: with one left in flight, QK^T of this tile is done, P V of the last runs
+            qk = warpgroup_mma_wait(1, deps=[qk])
+            j_col = t * BLOCK_N + offs_n
+            col_valid = j_col < sz_N
+            s = qk
+            if t >= f_end:  # a partial tile
+                keep = (j_col[None, :] >= exact_lo[:, None]) & (j_col[None, :] < exact_hi[:, None])
+                s = tl.where(keep, s, -INF)
+            m_new = tl.maximum(m_i, tl.max(s, 1) * 0.12751743082459868)
+            m_safe = tl.where(m_new == -INF, 0.0, m_new)  # a row with nothing kept yet: exp2(-inf - 0) = 0, not NaN
+            p = ex2_approx(s * 0.12751743082459868 - m_safe[:, None])
+            alpha = ex2_approx(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            m_i = m_new
+            prob_bufs.index(CONSUMER * 2 + k % 2).store(p.to(DTYPE))  # P V of tile k-1 reads the other buffer
+            fence_async_shared()
+        k = run_end - 1 - run_start
+        n = ring + k
+        last = n % STAGES
+        mbarrier.wait(v_ready.index(last), (n // STAGES) & 1)
+        acc = warpgroup_mma_wait(0, deps=[acc])
+        mbarrier.arrive(empty.index((n + STAGES - 1) % STAGES), count=1, pred=k >= 1)
+        acc = acc * alpha[:, None]
+        gl.thread_barrier()
+        mbarrier.wait(turns.index(CONSUMER), turn & 1)  # this consumer's turn to issue MMAs
+        pv = warpgroup_mma(prob_bufs.index(CONSUMER * 2 + k % 2), v_bufs.index(last), acc, is_async=True)
+        mbarrier.arrive(turns.index(1 - CONSUMER), count=1)  # the other consumer's turn
+        turn += 1
+        acc = warpgroup_mma_wait(0, deps=[pv])
+        mbarrier.arrive(empty.index(last), count=1)
+    # -- a row with nothing kept: out = 0, lse = -inf
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc * rcp_approx(l_safe)[:, None]
+    # out through Q's shared memory (its last QK^T is done) and a TMA store: rows past M and columns past DV are
+    # not written. A pointer store would hold a 64-bit address per element (DV of them per thread at 64 rows).
+    o_smem = q_smem  # the same shape, so the same layout
+    o_smem.store(out.to(DTYPE))
+    fence_async_shared()
+    tma.async_copy_shared_to_global(o_desc, [tile_b, tile_h, pid_m * BLOCK_MQ + CONSUMER * ROWS, 0], o_smem.reshape([1, 1, ROWS, BLOCK_DV]))
+    lse = tl.where(l_i == 0.0, -INF, (tl.where(m_i == INF, INF, m_i + tl.log2(l_safe))) * LN2)
+    tl.store(lse_ptr + b * s_lb + h_row * s_lh + i_row.to(tl.int64) * s_lm, lse, mask=row_valid)
+    # the store has read the Q buffer (lse went out meanwhile): the producer may load the next tile's Q into it
+    tma.store_wait(0)
+    mbarrier.arrive(q_free.index(CONSUMER), count=1)
+    return ring + run_end - run_start, done + 1, turn
 
 
 @gluon.jit
@@ -175,13 +314,8 @@ def consume(
     s_vh, s_vn, s_vd, s_ob, s_oh, s_om, s_od, s_lb, s_lh, s_lm, sz_B, sz_H, sz_HKV, sz_M, sz_N,
     o_desc, q_bufs, k_bufs, v_bufs, q_ready, k_ready, v_ready, empty, q_free, turns, prob_bufs, CONSUMER: gl.constexpr
 ):
-    """One consumer warpgroup: rows [CONSUMER * ROWS, (CONSUMER + 1) * ROWS) of the program's work tiles."""
-    BLOCK_M: gl.constexpr = ROWS
-    TILE: gl.constexpr = MMA
-    ROW: gl.constexpr = gl.SliceLayout(1, MMA)
-    COL: gl.constexpr = gl.SliceLayout(0, MMA)
-    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, MMA)
-    q_smem = q_bufs.index(CONSUMER)
+    """One consumer warpgroup: rows [CONSUMER * ROWS, (CONSUMER + 1) * ROWS) of each of the program's work tiles
+    (consume_tile)."""
     ring = 0  # key tiles consumed over the program's work tiles (the producer counts the same)
     done = 0  # work tiles done: the phase of this consumer's Q buffer
     turn = 0  # turns this consumer has had at the tensor cores: both take as many per tile
@@ -192,121 +326,7 @@ def consume(
         long_m, short_m, tiles, tile_b, tile_h = unit_coords(unit, batch_i32, heads_i32, kv_heads_i32, rows_i32, sz_N)  # i32: TMA's
         for half in range(tiles):
             pid_m = tl.where(half == 0, long_m, short_m)
-            run_start, run_end, f_start, f_end = tile_range(pid_m, tile_b, tile_h, q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, s_ob, s_oh, s_om, s_od, s_lb, s_lh, s_lm, sz_B, sz_H, sz_HKV, sz_M, sz_N, CONSUMER_WARPS)
-            b = tile_b.to(tl.int64)
-            hp = tile_h.to(tl.int64)
-            r = CONSUMER * ROWS + gl.arange(0, BLOCK_M, layout=ROW)
-            # Row r holds query head hp * PACK + r // BLOCK_MQ at position m0 + r % BLOCK_MQ (PACK > 1: GQA packing).
-            i_row = pid_m * BLOCK_MQ + r % BLOCK_MQ
-            h_row = hp * PACK + r // BLOCK_MQ
-            row_valid = i_row < sz_M
-            offs_n = gl.arange(0, BLOCK_N, layout=COL)
-            # -- per-row values: key bounds from the mask analysis, row-invariant score parts
-            exact_lo = gl.zeros([BLOCK_M], tl.int64, ROW)
-            exact_hi = gl.zeros([BLOCK_M], tl.int64, ROW) + sz_N
-            x0 = sz_N - sz_M
-            x1 = i_row + x0
-            x2 = x1.to(tl.int64) + 1
-            exact_hi = tl.minimum(exact_hi, x2)
-            exact_lo = tl.minimum(exact_lo, sz_N).to(tl.int32)
-            exact_hi = tl.maximum(exact_hi, 0).to(tl.int32)
-            hull_lo = exact_lo
-            hull_hi = exact_hi
-            offs_dv = gl.arange(0, BLOCK_DV, layout=COL)
-            m_i = gl.full([BLOCK_M], -INF, tl.float32, ROW)  # running max, base 2
-            l_i = gl.zeros([BLOCK_M], tl.float32, ROW)
-            acc = gl.zeros([BLOCK_M, BLOCK_DV], gl.float32, MMA)
-            mbarrier.wait(q_ready.index(CONSUMER), done & 1)
-            if run_end > run_start:
-                # the first tile: QK^T alone; P goes to shared memory (buffer k % 2 for the program's k-th key tile) for the
-                # next step's P V
-                t = run_start
-                first = ring % STAGES
-                mbarrier.wait(k_ready.index(first), (ring // STAGES) & 1)
-                mbarrier.wait(turns.index(CONSUMER), turn & 1)  # this consumer's turn to issue MMAs
-                qk = warpgroup_mma(q_smem, k_bufs.index(first).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-                mbarrier.arrive(turns.index(1 - CONSUMER), count=1)  # the other consumer's turn
-                turn += 1
-                qk = warpgroup_mma_wait(0, deps=[qk])
-                j_col = t * BLOCK_N + offs_n
-                col_valid = j_col < sz_N
-                s = qk
-                if t >= f_end:  # a partial tile
-                    keep = (j_col[None, :] >= exact_lo[:, None]) & (j_col[None, :] < exact_hi[:, None])
-                    s = tl.where(keep, s, -INF)
-                m_new = tl.maximum(m_i, tl.max(s, 1) * 0.12751743082459868)
-                m_safe = tl.where(m_new == -INF, 0.0, m_new)  # a row with nothing kept yet: exp2(-inf - 0) = 0, not NaN
-                p = ex2_approx(s * 0.12751743082459868 - m_safe[:, None])
-                alpha = ex2_approx(m_i - m_safe)
-                l_i = l_i * alpha + tl.sum(p, 1)
-                m_i = m_new
-                prob_bufs.index(CONSUMER * 2).store(p.to(DTYPE))
-                fence_async_shared()
-                acc = warpgroup_mma_init(acc)  # in flight across the loop's steps
-                for t in range(run_start + 1, run_end):
-                    k = t - run_start
-                    n = ring + k
-                    slot = n % STAGES
-                    prev = (n - 1) % STAGES
-                    mbarrier.wait(v_ready.index(prev), ((n - 1) // STAGES) & 1)
-                    # P V of tile k-2 ran under the weights of tile k-1; waited for here, past the v_ready wait's branch, so
-                    # ptxas keeps the wait after those weights. Its slot is then free (its K was done before).
-                    acc = warpgroup_mma_wait(0, deps=[acc])
-                    mbarrier.arrive(empty.index((n + STAGES - 2) % STAGES), count=1, pred=k >= 2)
-                    acc = acc * alpha[:, None]
-                    gl.thread_barrier()  # every thread's part of P k-1 is in shared memory (fenced) before P V reads it
-                    mbarrier.wait(k_ready.index(slot), (n // STAGES) & 1)
-                    mbarrier.wait(turns.index(CONSUMER), turn & 1)  # this consumer's turn to issue MMAs
-                    qk = warpgroup_mma(q_smem, k_bufs.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-                    acc = warpgroup_mma(prob_bufs.index(CONSUMER * 2 + (k - 1) % 2), v_bufs.index(prev), acc, is_async=True)
-                    mbarrier.arrive(turns.index(1 - CONSUMER), count=1)  # the other consumer's turn
-                    turn += 1
-                    # wgmma groups retire in order: with one left in flight, QK^T of this tile is done, P V of the last runs
-                    qk = warpgroup_mma_wait(1, deps=[qk])
-                    j_col = t * BLOCK_N + offs_n
-                    col_valid = j_col < sz_N
-                    s = qk
-                    if t >= f_end:  # a partial tile
-                        keep = (j_col[None, :] >= exact_lo[:, None]) & (j_col[None, :] < exact_hi[:, None])
-                        s = tl.where(keep, s, -INF)
-                    m_new = tl.maximum(m_i, tl.max(s, 1) * 0.12751743082459868)
-                    m_safe = tl.where(m_new == -INF, 0.0, m_new)  # a row with nothing kept yet: exp2(-inf - 0) = 0, not NaN
-                    p = ex2_approx(s * 0.12751743082459868 - m_safe[:, None])
-                    alpha = ex2_approx(m_i - m_safe)
-                    l_i = l_i * alpha + tl.sum(p, 1)
-                    m_i = m_new
-                    prob_bufs.index(CONSUMER * 2 + k % 2).store(p.to(DTYPE))  # P V of tile k-1 reads the other buffer
-                    fence_async_shared()
-                k = run_end - 1 - run_start
-                n = ring + k
-                last = n % STAGES
-                mbarrier.wait(v_ready.index(last), (n // STAGES) & 1)
-                acc = warpgroup_mma_wait(0, deps=[acc])
-                mbarrier.arrive(empty.index((n + STAGES - 1) % STAGES), count=1, pred=k >= 1)
-                acc = acc * alpha[:, None]
-                gl.thread_barrier()
-                mbarrier.wait(turns.index(CONSUMER), turn & 1)  # this consumer's turn to issue MMAs
-                pv = warpgroup_mma(prob_bufs.index(CONSUMER * 2 + k % 2), v_bufs.index(last), acc, is_async=True)
-                mbarrier.arrive(turns.index(1 - CONSUMER), count=1)  # the other consumer's turn
-                turn += 1
-                acc = warpgroup_mma_wait(0, deps=[pv])
-                mbarrier.arrive(empty.index(last), count=1)
-            # -- a row with nothing kept: out = 0, lse = -inf
-            l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-            out = acc * rcp_approx(l_safe)[:, None]
-            # out through Q's shared memory (its last QK^T is done) and a TMA store: rows past M and columns past DV are
-            # not written. A pointer store would hold a 64-bit address per element (DV of them per thread at 64 rows).
-            o_smem = q_smem  # the same shape, so the same layout
-            o_smem.store(out.to(DTYPE))
-            fence_async_shared()
-            tma.async_copy_shared_to_global(o_desc, [tile_b, tile_h, pid_m * BLOCK_MQ + CONSUMER * ROWS, 0], o_smem.reshape([1, 1, ROWS, BLOCK_DV]))
-            lse = tl.where(l_i == 0.0, -INF, (tl.where(m_i == INF, INF, m_i + tl.log2(l_safe))) * LN2)
-            tl.store(lse_ptr + b * s_lb + h_row * s_lh + i_row.to(tl.int64) * s_lm, lse, mask=row_valid)
-            # the store has read the Q buffer (lse went out meanwhile): the producer may load the next tile's Q into it
-            tma.store_wait(0)
-            mbarrier.arrive(q_free.index(CONSUMER), count=1)
-            ring += run_end - run_start
-            done += 1
+            ring, done, turn = consume_tile(pid_m, tile_b, tile_h, ring, done, turn, q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, s_ob, s_oh, s_om, s_od, s_lb, s_lh, s_lm, sz_B, sz_H, sz_HKV, sz_M, sz_N, o_desc, q_bufs, k_bufs, v_bufs, q_ready, k_ready, v_ready, empty, q_free, turns, prob_bufs, CONSUMER)
 
 
 @gluon.jit(do_not_specialize=["sz_B", "sz_H", "sz_HKV", "sz_M", "sz_N"])
