@@ -19,6 +19,7 @@ if TYPE_CHECKING:  # what type checkers see of the names imported on first use b
     from .dsl.flex import flex_spec
     from .explainer import explain
     from .merge import merge_states
+    from .backends.triton.binaries import finish_compiles
     from . import distributed
     from .runtime.api import AttentionKernel, attention, compile, create_block_mask, flex_attention, load
 
@@ -46,6 +47,7 @@ _LAZY = {
     "distributed": ("attnc.distributed", None),
     "explain": ("attnc.explainer", "explain"),
     "check_errors": ("attnc.backends.device_errors", "check_errors"),
+    "finish_compiles": ("attnc.backends.triton.binaries", "finish_compiles"),
 }
 
 __all__ = ["AttncError", "SpecError", "TraceError", "CallError", "CompileError", "CacheError", "Attention",

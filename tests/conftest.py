@@ -13,6 +13,10 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 if not HAS_CUDA:
     # Must be set before triton is first imported (NOTES.md).
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Every launch runs the kernel its plan names from the first call on, so a test checks that kernel's numbers (and
+# timings time it): the Gluon kernel compiles before its launch, not behind the template's. The tests of the
+# background compile turn it on (test_binaries.py, test_gluon_gpu.py).
+os.environ.setdefault("ATTNC_BACKGROUND_COMPILE", "0")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -82,3 +82,94 @@ def test_a_new_process_runs_the_stored_binary_and_a_damaged_one_is_rebuilt(tmp_p
     jit, err, again = run_child(tmp_path)
     assert err < 2e-3 and again == count  # rebuilt in place, not run
     assert all(path.read_bytes() != b"\0" * 64 for path in root.rglob(binaries.BINARY))
+
+
+@pytest.fixture
+def background(monkeypatch, tmp_path):
+    """binaries' background compiles on a CPU: a real JITFunction, device 0, a cache under tmp_path, and a build
+    (`_from_cache`) that returns a stand-in binary once the test sets `release` (or raises `fail`)."""
+    import threading
+
+    from triton.runtime.jit import JITFunction
+
+    from attnc.backends import cache
+
+    def body(x_ptr, n):
+        pass
+
+    kernel = JITFunction(body)  # what triton.jit makes on a GPU machine (the CPU suite's TRITON_INTERPRET would not)
+
+    monkeypatch.setenv(cache.DIR_ENV, str(tmp_path / "cache"))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(torch.cuda, "device", lambda index: __import__("contextlib").nullcontext())
+    monkeypatch.setattr(binaries, "_background", {})
+    state = {"release": threading.Event(), "builds": 0, "fail": None}
+
+    def build(fn, grid, args, keywords, launch_keywords, arguments):
+        state["builds"] += 1
+        state["release"].wait(30)
+        if state["fail"]:
+            raise state["fail"]
+        return ("binary", arguments)
+
+    monkeypatch.setattr(binaries, "_from_cache", build)
+    monkeypatch.setattr(binaries, "_loaded", {})
+    state["launch"] = (kernel, (1,), (torch.empty(4), 4), {"num_warps": 4})
+    return state
+
+
+def test_a_missing_binary_compiles_in_the_background_once(background):
+    """The first asks start one compile and say it is running (the caller runs its fallback); once it is built
+    (finish_compiles waits), the next ask loads it and `launch` would run it."""
+    launch = background["launch"]
+    assert binaries.compiling(*launch) and binaries.compiling(*launch)  # started, still running
+    assert background["builds"] <= 1
+    background["release"].set()
+    assert binaries.finish_compiles() and background["builds"] == 1
+    assert not binaries.compiling(*launch)
+    memo = next(iter(binaries._loaded))
+    assert binaries._loaded[memo][0] == "binary" and not binaries._background
+    assert not binaries.compiling(*launch) and background["builds"] == 1
+
+
+def test_a_background_compile_that_fails_warns_once_and_the_fallback_runs_on(background):
+    background["fail"] = RuntimeError("ptxas died")
+    launch = background["launch"]
+    assert binaries.compiling(*launch)
+    background["release"].set()
+    assert not binaries.finish_compiles()
+    with pytest.warns(RuntimeWarning, match="failed to compile in the background.*ptxas died"):
+        assert binaries.compiling(*launch)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert binaries.compiling(*launch)  # no second warning, no second build
+    assert background["builds"] == 1
+
+
+def test_a_cached_binary_is_loaded_without_a_compile(background, monkeypatch):
+    from attnc.backends import cache
+
+    monkeypatch.setattr(cache, "get", lambda key: "entry")
+    monkeypatch.setattr(binaries, "_load", lambda fn, entry: ("loaded", entry))
+    assert not binaries.compiling(*background["launch"]) and background["builds"] == 0
+    assert list(binaries._loaded.values()) == [("loaded", "entry")]
+
+
+def test_launches_the_cache_does_not_key_compile_in_the_caller(background):
+    kernel, grid, args, keywords = background["launch"]
+    assert not binaries.compiling(kernel, grid, (object(), 4), keywords)  # a host-side descriptor
+    assert not binaries.compiling(lambda: None, grid, args, keywords)  # not a JIT function (an AOT stand-in)
+    assert background["builds"] == 0
+
+
+def test_background_compiles_are_off_by_switch_and_under_deterministic_algorithms(monkeypatch):
+    monkeypatch.delenv(binaries.BACKGROUND_ENV, raising=False)
+    assert binaries.compiles_in_background()
+    monkeypatch.setenv(binaries.BACKGROUND_ENV, "0")
+    assert not binaries.compiles_in_background()
+    monkeypatch.delenv(binaries.BACKGROUND_ENV)
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    assert not binaries.compiles_in_background()

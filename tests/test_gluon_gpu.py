@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import attnc
-from attnc.backends.triton import gluon
+from attnc.backends.triton import binaries, gluon
 from attnc.passes import PlanOptions
 from test_triton_kernels import (  # noqa: F401  (poisoned_outputs is an autouse fixture: importing enables it)
     EXAMPLES, assert_matches, example_kwargs, example_sizes, poisoned_outputs, qkv, with_dtype,
@@ -47,6 +47,33 @@ def _head_dims(spec):
 
 
 CASES = [(name, d) for name in sorted(EXAMPLES) for d in _head_dims(EXAMPLES[name])]
+
+
+def test_a_new_variant_runs_the_template_while_the_gluon_kernel_compiles_gpu(monkeypatch):
+    """By default (ATTNC_BACKGROUND_COMPILE) a new variant's first call runs the template while the Gluon kernel
+    compiles in the background; once built (attnc.finish_compiles waits) the calls run it. Both right."""
+    _needs_hopper()
+    monkeypatch.setenv(binaries.BACKGROUND_ENV, "1")
+    launched = []
+    launch = binaries.launch
+    monkeypatch.setattr(binaries, "launch", lambda fn, *a, **kw: (launched.append(fn.__name__), launch(fn, *a, **kw))[1])
+    cap = 17.0 + torch.rand(()).item()  # a variant no earlier test compiled
+    spec = attnc.parse(f"""attention fresh_softcap {{
+        q: bf16[B, H, M, D]  k: bf16[B, H, N, D]  v: bf16[B, H, N, D]
+        score = {cap} * tanh(qk * rsqrt(D) / {cap})
+        mask causal
+        return softmax(score) @ v, lse
+    }}""")[0]
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    q, k, v = (torch.randn(1, 8, 1024, 128, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(3))
+    kern = attnc.compile(spec)
+    want = attnc.reference(spec, q, k, v)
+    assert_matches(spec, kern(q, k, v), want)
+    assert "attn_fwd_gluon" not in launched and launched, launched  # the template ran
+    assert attnc.finish_compiles()
+    launched.clear()
+    assert_matches(spec, kern(q, k, v), want)
+    assert launched == ["attn_fwd_gluon"], launched
 
 
 def _run(spec, sizes, gluon_launches, expect_gluon=True, options=GLUON):

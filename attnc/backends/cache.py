@@ -29,6 +29,7 @@ API (module functions act on the cache at `cache_root()`; `KernelCache(root)` ha
   name/value pairs), `.backend`, `.name` (the label), `.as_dict()`, `.updated(**parts)`. Every value must already
   be a string. `spec_parts(spec)` / `plan_parts(plan)`: the parts every kernel key of a spec / plan starts from.
 - `get_or_build(key, build: Callable[[Path], None]) -> Entry`: the verified entry, built on a miss.
+- `get(key) -> Entry | None`: the verified entry where one is stored, else None (nothing is built).
 - `get_or_load(key, build, load: Callable[[Entry], T]) -> T`: build on a miss, `load` once per key and process,
   memoized; exceptions from `build` and `load` (e.g. CompileError) reach the caller unchanged.
 - `Entry`: `.key`, `.path` (the entry folder), `.files` (FileRecord name/sha256/size), `.created`,
@@ -274,6 +275,14 @@ class KernelCache:
                 entry = self._load_or_build(key, build)
                 self._entries[key.digest] = entry
             return entry
+
+    def get(self, key: CacheKey) -> Entry | None:
+        entry = self._entries.get(key.digest)
+        if entry is None:
+            entry, _ = self._verify(key)  # one that does not verify is replaced by the next build
+            if entry is not None:
+                self._entries[key.digest] = entry
+        return entry
 
     def _load_or_build(self, key: CacheKey, build: Callable[[Path], None]) -> Entry:
         debug = _debug_enabled()
@@ -823,6 +832,10 @@ def get_or_load(key: CacheKey, build: Callable[[Path], None], load: Callable[[En
 
 def get_or_build(key: CacheKey, build: Callable[[Path], None]) -> Entry:
     return default_cache().get_or_build(key, build)
+
+
+def get(key: CacheKey) -> Entry | None:
+    return default_cache().get(key)
 
 
 def explain_miss(key: CacheKey) -> str:

@@ -13,6 +13,13 @@ attnc.load does for AOT builds). The cache verifies the entry (ownership, MAC) b
 
 Arguments it cannot key (a host-side tensor descriptor), keywords that are not plain values, the interpreter and
 kernels that are not JIT functions (the AOT stand-ins) take Triton's own launch.
+
+A launcher with a kernel of its own to run meanwhile (the Gluon prefill's: the template) asks `compiling(...)`
+first. A binary neither loaded nor in the cache then compiles in one background thread, and the launcher runs the
+other kernel until it is built: a new variant's first call waits for the template's compile (~0.35 s on the H100's
+host) instead of the Gluon kernel's (~2 s; benchmarks/NOTES.md, session 18). Triton compiles in threads itself
+(triton.AsyncCompileMode). `finish_compiles()` waits for the background compiles; ATTNC_BACKGROUND_COMPILE=0, and
+torch.use_deterministic_algorithms(True) (where a call must give the bits of the next), compile before the launch.
 """
 from __future__ import annotations
 
@@ -20,6 +27,8 @@ import hashlib
 import json
 import os
 import shutil
+import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -37,6 +46,9 @@ _NOT_COMPILE_ENV = {"TRITON_CACHE_DIR", "TRITON_HOME", "TRITON_DUMP_DIR", "TRITO
 _PLAIN = (bool, int, float, str, type(None))
 _loaded: dict[tuple, object] = {}  # (fn, keywords, specialization, device) -> CompiledKernel
 _sources: dict[str, str] = {}  # generated module file -> SHA-256 of its text
+BACKGROUND_ENV = "ATTNC_BACKGROUND_COMPILE"
+_background: dict[tuple, Future] = {}  # launch memo (as _loaded's) -> its compile in the background thread
+_compiler: list[ThreadPoolExecutor] = []  # the background thread, made on first use
 
 
 def launch(fn, grid: Sequence[int], args: Sequence, keywords: Mapping):
@@ -66,6 +78,66 @@ def binary(fn, grid: Sequence[int], args: Sequence, keywords: Mapping):
     if compiled is None:
         compiled = _loaded[memo] = _from_cache(fn, grid, args, keywords, launch_keywords, arguments)
     return compiled
+
+
+def compiles_in_background() -> bool:
+    """Whether launchers that can run another kernel meanwhile leave a compile to the background thread."""
+    return os.environ.get(BACKGROUND_ENV, "1") not in ("", "0") and not torch.are_deterministic_algorithms_enabled()
+
+
+def compiling(fn, grid: Sequence[int], args: Sequence, keywords: Mapping) -> bool:
+    """True while the launch's binary compiles in the background thread (started here where it is neither loaded
+    nor in the cache), or where that compile failed (warned once): the caller runs another kernel instead. False
+    where `launch` runs it without compiling, or compiles it itself (a launch this cache does not key)."""
+    from triton.runtime.jit import JITFunction
+
+    arguments = specialization(args)
+    launch_keywords = tuple(keywords.items())
+    if not isinstance(fn, JITFunction) or arguments is None \
+            or not all(isinstance(v, _PLAIN) for _, v in launch_keywords):
+        return False
+    memo = (fn, launch_keywords, arguments, torch.cuda.current_device())
+    if memo in _loaded:
+        return False
+    future = _background.get(memo)
+    if future is None:
+        key = cache_key(fn, launch_keywords, arguments)
+        entry = cache.get(key)
+        if entry is not None:
+            _loaded[memo] = _load(fn, entry)
+            return False
+        if not _compiler:
+            _compiler.append(ThreadPoolExecutor(max_workers=1, thread_name_prefix="attnc-compile"))
+        _background[memo] = _compiler[0].submit(_compile_on, memo[3], fn, grid, args, keywords, launch_keywords,
+                                                arguments)
+        return True
+    if not future.done():
+        return True
+    error = future.exception()
+    if error is None:
+        _loaded[memo] = future.result()
+        del _background[memo]
+        return False
+    if not getattr(future, "warned", False):
+        future.warned = True
+        warnings.warn(f"attnc: kernel {fn.__name__} failed to compile in the background ({type(error).__name__}: "
+                      f"{str(error).strip()[:300]}); its fallback runs instead", RuntimeWarning, stacklevel=3)
+    return True
+
+
+def _compile_on(device: int, fn, grid, args, keywords, launch_keywords, arguments):
+    with torch.cuda.device(device):  # the JIT compiles for the current device, which is per thread
+        return _from_cache(fn, grid, args, keywords, launch_keywords, arguments)
+
+
+def finish_compiles() -> bool:
+    """Wait until every kernel compiling in the background is built (or failed: warned at its launcher's next call);
+    True where one was built, so that a later call launches a kernel an earlier one did not. For timing a kernel,
+    or for the results of the kernel that runs from then on."""
+    built = False
+    for future in list(_background.values()):
+        built |= future.exception() is None  # waits
+    return built
 
 
 def specialization(args: Sequence) -> tuple | None:
@@ -121,15 +193,16 @@ def _from_cache(fn, grid, args, keywords, launch_keywords, arguments):
                   "attrs": [[list(k), v] for k, v in src.attrs.items()]}
         (out_dir / RECORD).write_text(json.dumps(record), encoding="utf-8")
 
-    def load(entry: cache.Entry):
-        record = json.loads(entry.read_text(RECORD))
-        if record["source"] not in ("ASTSource", "GluonASTSource"):
-            raise CacheError(f"a cached Triton binary names an unknown source kind {record['source']!r}; clear it "
-                             f"with `attnc cache clear`")
-        src = source_class(record["source"] == "GluonASTSource")(
-            fn, record["signature"], {tuple(k): v for k, v in record["constants"]},
-            {tuple(k): v for k, v in record["attrs"]})
-        return compiled_kernel(src, record["name"], entry.file(METADATA), entry.file(BINARY), record["hash"])
-
     # an entry, not a loaded object, from the cache: a CompiledKernel loads its module on one device
-    return load(cache.get_or_build(cache_key(fn, launch_keywords, arguments), build))
+    return _load(fn, cache.get_or_build(cache_key(fn, launch_keywords, arguments), build))
+
+
+def _load(fn, entry: cache.Entry):
+    record = json.loads(entry.read_text(RECORD))
+    if record["source"] not in ("ASTSource", "GluonASTSource"):
+        raise CacheError(f"a cached Triton binary names an unknown source kind {record['source']!r}; clear it "
+                         f"with `attnc cache clear`")
+    src = source_class(record["source"] == "GluonASTSource")(
+        fn, record["signature"], {tuple(k): v for k, v in record["constants"]},
+        {tuple(k): v for k, v in record["attrs"]})
+    return compiled_kernel(src, record["name"], entry.file(METADATA), entry.file(BINARY), record["hash"])
