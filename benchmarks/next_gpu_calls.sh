@@ -18,6 +18,12 @@
 #                                          # against the formula, the softcap GPU tests, the softcap bench rows
 #   bash benchmarks/next_gpu_calls.sh 11   # carry [".whl"]: the training, template and Gluon GPU tests and the GQA /
 #                                          # ALiBi training rows in one call (session 17, after step 9 was taken back)
+#   bash benchmarks/next_gpu_calls.sh 12   # carry [".whl"]: the seeded merge test, the Gluon tests (persistent work
+#                                          # tiles as functions), Gluon compile times
+#   bash benchmarks/next_gpu_calls.sh 13   # carry [".whl"]: `attnc bench` in full, its cold compile included
+#                                          # (session 18 ran D = 256's split dK/dV columns first: slower, removed)
+#   bash benchmarks/next_gpu_calls.sh 14   # carry [".whl"]: the Gluon kernel compiled behind the template's first
+#                                          # call: its GPU test, the backward's after the split's removal, the bench
 # (.tvm-aot: `python3 benchmarks/tvm_cuda_check.py build` here first, which needs nvcc and no GPU.)
 # Each step writes its whole log to $OUT (a call brings back at most 8 files) and prints a summary.
 set -u
@@ -125,8 +131,24 @@ case "${1:-}" in
   step gqa-bench 130 python3 -m attnc bench --backward --only "gqa|alibi" --out /tmp/gqa
   for f in /tmp/gqa/*.json; do cp "$f" "$OUT/gqa-$(basename "$f")"; done
   ;;
+12)
+  step tests 260 $P -n 14 tests/test_merge.py tests/test_gluon_gpu.py
+  step compile-times 60 bash -c "python3 benchmarks/compile_gluon_sm90.py --dims 128 --dtypes bf16 --persistent \
+    --times --spec causal_lm && python3 benchmarks/compile_gluon_sm90.py --dims 128 --dtypes bf16 --times \
+    --spec grok_softcap && python3 benchmarks/compile_phases.py --runs 3 --dims 128 --variants tuned"
+  ;;
+13)
+  step bench 330 python3 -m attnc bench --out /tmp/bench
+  for f in /tmp/bench/*; do cp "$f" "$OUT/"; done
+  ;;
+14)
+  step tests 300 bash -c "$P -n 14 tests/test_gluon_gpu.py tests/test_backward_triton.py tests/test_binaries.py && \
+    $P tests -k host_time"
+  step bench 200 python3 -m attnc bench --out /tmp/bench
+  for f in /tmp/bench/*.json; do cp "$f" "$OUT/"; done
+  ;;
 *)
-  echo "usage: bash benchmarks/next_gpu_calls.sh 1|2|3|4|5|6|7|8|9|10|11" >&2
+  echo "usage: bash benchmarks/next_gpu_calls.sh 1|2|...|14" >&2
   exit 2
   ;;
 esac

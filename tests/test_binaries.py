@@ -165,11 +165,32 @@ def test_launches_the_cache_does_not_key_compile_in_the_caller(background):
     assert background["builds"] == 0
 
 
-def test_background_compiles_are_off_by_switch_and_under_deterministic_algorithms(monkeypatch):
+def test_background_compiles_are_off_by_switch_and_for_deterministic_calls(monkeypatch):
+    """Off by ATTNC_BACKGROUND_COMPILE=0, under torch.use_deterministic_algorithms, and in the launches of a
+    Kernel made with deterministic=True (a run must give the bits of the next, cold cache or warm)."""
+    import attnc
+    from attnc.backends import compiles_first, launches_compile_first
+    from attnc.runtime.kernel import Kernel
+
     monkeypatch.delenv(binaries.BACKGROUND_ENV, raising=False)
     assert binaries.compiles_in_background()
+    with compiles_first(False):
+        assert binaries.compiles_in_background()
+    with compiles_first():
+        assert not binaries.compiles_in_background()
+        with compiles_first(False):  # nested: stays on
+            assert not binaries.compiles_in_background()
     monkeypatch.setenv(binaries.BACKGROUND_ENV, "0")
     assert not binaries.compiles_in_background()
     monkeypatch.delenv(binaries.BACKGROUND_ENV)
-    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
-    assert not binaries.compiles_in_background()
+    with monkeypatch.context() as m:
+        m.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+        assert not binaries.compiles_in_background()
+    seen = []
+    launch = Kernel._launch
+    monkeypatch.setattr(Kernel, "_launch", lambda self, *a: (seen.append(launches_compile_first()), launch(self, *a))[1])
+    spec = attnc.parse(SPEC)[0]
+    q, k, v = (torch.randn(1, h, 20, 16).half() for h in (4, 2, 2))
+    for deterministic in (None, True):
+        attnc.compile(spec, backend="triton", deterministic=deterministic)(q, k, v)
+    assert seen == [False, True] and not launches_compile_first()

@@ -6,7 +6,9 @@ nothing from each other or from the runtime above them.
 """
 from __future__ import annotations
 
+import contextvars
 import hashlib
+from contextlib import contextmanager
 from functools import lru_cache
 from importlib import import_module
 from pathlib import Path
@@ -23,6 +25,22 @@ BUILTIN = {
 SHARED_SOURCES = ("ops.py", "index_data.py")
 
 _instances: dict[str, object] = {}
+_compiles_first = contextvars.ContextVar("attnc_compiles_first", default=False)
+
+
+@contextmanager
+def compiles_first(on: bool = True):
+    """Within it (where `on`), launchers compile a kernel before its first launch instead of running their fallback
+    while it compiles in the background: every call runs the kernel its plan names (a deterministic Kernel's)."""
+    token = _compiles_first.set(_compiles_first.get() or on)
+    try:
+        yield
+    finally:
+        _compiles_first.reset(token)
+
+
+def launches_compile_first() -> bool:
+    return _compiles_first.get()
 
 
 def get_backend(name: str):

@@ -14,7 +14,7 @@ import torch
 
 from .. import index_data
 from . import autograd
-from ..backends import device_errors, get_backend
+from ..backends import compiles_first, device_errors, get_backend
 from ..dsl.signature import Bound, bind, call_key, positional_qkv
 from ..errors import CompileError
 from ..ir import Attention
@@ -79,7 +79,8 @@ class Kernel:
         self.key = spec.key
         self.backend = backend
         self.options = options or PlanOptions()
-        # the backward's choice: no float atomics when True; None follows torch.use_deterministic_algorithms
+        # True: a backward without float atomics, and a forward that compiles its kernel before the first launch
+        # (never the fallback while it compiles); None follows torch.use_deterministic_algorithms
         self.deterministic = deterministic
         self._impls: dict[tuple, Callable[[Bound], object]] = {}
         self._input_names = tuple(t.name for t in spec.inputs)
@@ -130,7 +131,8 @@ class Kernel:
         # Building, or a call signature the launcher has not prepared, whose launch Triton's JIT may compile:
         # a status line on a terminal if it takes long.
         backend = self.backend if isinstance(self.backend, str) else self.backend_for(q.device).name
-        with status(f"attnc: compiling {self.spec.name} ({backend} on {q.device.type}, D={sizes['D']})"):
+        with status(f"attnc: compiling {self.spec.name} ({backend} on {q.device.type}, D={sizes['D']})"), \
+                compiles_first(bool(self.deterministic)):
             return self._launch(impl or self._build(q.device, sizes["D"], sizes["DV"]), bound, key)
 
     def prepared_launch(self, key: tuple) -> Callable | None:

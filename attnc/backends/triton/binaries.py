@@ -18,8 +18,9 @@ A launcher with a kernel of its own to run meanwhile (the Gluon prefill's: the t
 first. A binary neither loaded nor in the cache then compiles in one background thread, and the launcher runs the
 other kernel until it is built: a new variant's first call waits for the template's compile (~0.35 s on the H100's
 host) instead of the Gluon kernel's (~2 s; benchmarks/NOTES.md, session 18). Triton compiles in threads itself
-(triton.AsyncCompileMode). `finish_compiles()` waits for the background compiles; ATTNC_BACKGROUND_COMPILE=0, and
-torch.use_deterministic_algorithms(True) (where a call must give the bits of the next), compile before the launch.
+(triton.AsyncCompileMode). `finish_compiles()` waits for the background compiles; ATTNC_BACKGROUND_COMPILE=0,
+torch.use_deterministic_algorithms(True) and a deterministic Kernel (backends.compiles_first: a run must give the
+bits of the next, cold cache or warm) compile before the launch.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from .. import cache
+from .. import cache, launches_compile_first
 from ...errors import CacheError
 from .saved import compiled_kernel, source_class
 
@@ -82,7 +83,8 @@ def binary(fn, grid: Sequence[int], args: Sequence, keywords: Mapping):
 
 def compiles_in_background() -> bool:
     """Whether launchers that can run another kernel meanwhile leave a compile to the background thread."""
-    return os.environ.get(BACKGROUND_ENV, "1") not in ("", "0") and not torch.are_deterministic_algorithms_enabled()
+    return os.environ.get(BACKGROUND_ENV, "1") not in ("", "0") and not torch.are_deterministic_algorithms_enabled() \
+        and not launches_compile_first()
 
 
 def compiling(fn, grid: Sequence[int], args: Sequence, keywords: Mapping) -> bool:
