@@ -24,6 +24,8 @@
 #                                          # (session 18 ran D = 256's split dK/dV columns first: slower, removed)
 #   bash benchmarks/next_gpu_calls.sh 14   # carry [".whl"]: the Gluon kernel compiled behind the template's first
 #                                          # call: its GPU test, the backward's after the split's removal, the bench
+#   bash benchmarks/next_gpu_calls.sh 15   # carry [".whl"]: the backward's tiles and the Gluon dK/dV kernel at S = 1k,
+#                                          # never swept there (dense 1k: 0.86x Flex, causal 1k 0.96x)
 # (.tvm-aot: `python3 benchmarks/tvm_cuda_check.py build` here first, which needs nvcc and no GPU.)
 # Each step writes its whole log to $OUT (a call brings back at most 8 files) and prints a summary.
 set -u
@@ -147,8 +149,13 @@ case "${1:-}" in
   step bench 200 python3 -m attnc bench --out /tmp/bench
   for f in /tmp/bench/*.json; do cp "$f" "$OUT/"; done
   ;;
+15)
+  step sweep-s1k 420 python3 benchmarks/sweep_backward.py --gluon --only "^(dense|causal) S=1024$" --out /tmp/sw \
+    --budget 380
+  cp /tmp/sw/sweep-backward.jsonl "$OUT/" 2>/dev/null
+  ;;
 *)
-  echo "usage: bash benchmarks/next_gpu_calls.sh 1|2|...|14" >&2
+  echo "usage: bash benchmarks/next_gpu_calls.sh 1|2|...|15" >&2
   exit 2
   ;;
 esac
