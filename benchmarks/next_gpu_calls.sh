@@ -24,8 +24,9 @@
 #                                          # (session 18 ran D = 256's split dK/dV columns first: slower, removed)
 #   bash benchmarks/next_gpu_calls.sh 14   # carry [".whl"]: the Gluon kernel compiled behind the template's first
 #                                          # call: its GPU test, the backward's after the split's removal, the bench
-#   bash benchmarks/next_gpu_calls.sh 15   # carry [".whl"]: the backward's tiles and the Gluon dK/dV kernel at S = 1k,
-#                                          # never swept there (dense 1k: 0.86x Flex, causal 1k 0.96x)
+#   bash benchmarks/next_gpu_calls.sh 15   # carry [".whl"]: the MLA decode's background compile, then the backward's
+#                                          # tiles and Gluon dK/dV kernel at S = 1k, never swept there (dense 1k: 0.86x
+#                                          # Flex, causal 1k 0.96x)
 # (.tvm-aot: `python3 benchmarks/tvm_cuda_check.py build` here first, which needs nvcc and no GPU.)
 # Each step writes its whole log to $OUT (a call brings back at most 8 files) and prints a summary.
 set -u
@@ -150,9 +151,9 @@ case "${1:-}" in
   for f in /tmp/bench/*.json; do cp "$f" "$OUT/"; done
   ;;
 15)
-  step sweep-s1k 420 python3 benchmarks/sweep_backward.py --gluon --only "^(dense|causal) S=1024$" --out /tmp/sw \
-    --budget 380
-  cp /tmp/sw/sweep-backward.jsonl "$OUT/" 2>/dev/null
+  step background-tests 90 $P tests/test_mla_gluon_gpu.py tests/test_gluon_gpu.py -k new_variant
+  step sweep-s1k 300 python3 benchmarks/sweep_backward.py --gluon --only "^(dense|causal) S=1024$" --out "$OUT" \
+    --budget 260
   ;;
 *)
   echo "usage: bash benchmarks/next_gpu_calls.sh 1|2|...|15" >&2

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import attnc
-from attnc.backends.triton import gluon, gluon_decode
+from attnc.backends.triton import binaries, gluon, gluon_decode
 from attnc.dsl.check import check_attention
 from attnc.errors import CallError
 from attnc.ir import Quantize
@@ -74,6 +74,30 @@ def test_gluon_decode_matches_reference_gpu(layout, point, block_n, gluon_calls)
     assert gluon_calls == [True], "the Gluon kernel took the call"
     assert_matches(spec, got, attnc.reference(spec, q, k, **kw), tol=1e-2)
     attnc.check_errors()  # the index data is valid: nothing flagged
+
+
+def test_a_new_variant_runs_the_triton_decode_kernel_while_the_gluon_kernel_compiles_gpu(monkeypatch):
+    """By default (ATTNC_BACKGROUND_COMPILE) a new variant's first call runs the Triton decode kernel while the Gluon
+    kernel compiles in the background; once built (attnc.finish_compiles waits) the calls run it. Both right."""
+    _needs_hopper()
+    monkeypatch.setenv(binaries.BACKGROUND_ENV, "1")
+    launched = []
+    launch = binaries.launch
+    monkeypatch.setattr(binaries, "launch", lambda fn, *a, **kw: (launched.append(fn.__name__), launch(fn, *a, **kw))[1])
+    point = Point(64, 4, n_max=900, splits=3)  # a split count no other test plans: a module no test compiled
+    spec = grid_spec("paged", "plain", SHAPES)
+    q, k, kw = grid_call("paged", "plain", SHAPES, point)
+    kern = attnc.compile(spec, backend="triton", options=PlanOptions(gluon=True, num_splits=point.splits))
+    want = attnc.reference(spec, q, k, **kw)
+    with contextlib.suppress(CallError):
+        attnc.check_errors()  # clears whatever an earlier test left
+    assert_matches(spec, kern(q, k, **kw), want, tol=1e-2)
+    assert "attn_decode_gluon" not in launched and launched, launched  # the Triton decode kernel ran
+    assert attnc.finish_compiles()
+    launched.clear()
+    assert_matches(spec, kern(q, k, **kw), want, tol=1e-2)
+    assert launched[0] == "attn_decode_gluon", launched
+    attnc.check_errors()
 
 
 FP8_POINTS = [Point(64, 64), Point(128, 4, n_max=1000), Point(64, 8, n_max=700, splits=4), Point(64, 16, m=2)]
