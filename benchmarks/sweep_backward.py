@@ -74,9 +74,9 @@ def reference_grads(w, q, k, v, dout) -> list[torch.Tensor]:
     return [torch.cat(grads) for grads in zip(*rows)]
 
 
-def with_row(D: int, dkdv: tuple, dq: tuple):
+def with_row(D: int, dkdv: tuple, dq: tuple, dq_kernel: bool = False):
     """BACKWARD_TUNED with a row for (sm_90, 16-bit, D) first."""
-    row = tiling.BackwardRow(90, 16, D, TileConfig(*dkdv), TileConfig(*dq))
+    row = tiling.BackwardRow(90, 16, D, TileConfig(*dkdv), TileConfig(*dq), dq_kernel=dq_kernel)
     return (row,) + tuple(r for r in tiling.BACKWARD_TUNED if r is not row)
 
 
@@ -142,7 +142,7 @@ def run(args) -> list[dict]:
             row = {"workload": w.name, "D": w.D, "kernel": kernel, "deterministic": deterministic,
                    "dkdv": list(dkdv), "dq": list(dq)}
             # "gluon" and "template": today's table (its dq_kernel flag too), the Gluon kernel against the default
-            tiling.BACKWARD_TUNED = original if kernel in GLUON_AB else with_row(w.D, dkdv, dq)
+            tiling.BACKWARD_TUNED = original if kernel in GLUON_AB else with_row(w.D, dkdv, dq, args.dq_kernel)
             try:
                 if kernel == "baseline":
                     row["modules"] = Path(variant).name
@@ -187,6 +187,9 @@ def main() -> None:
     ap = sweep_parser(__doc__, 400.0)
     ap.add_argument("--baseline", action="append", default=[], help="a directory of modules to time too")
     ap.add_argument("--write-baseline", default=None, help="write this tree's modules for the workloads; no GPU")
+    ap.add_argument("--dq-kernel", action="store_true",
+                    help="the swept rows keep dQ in the dQ kernel where atomics are allowed (BackwardRow.dq_kernel, "
+                         "today's default at every D); without it the atomic mode adds dQ by atomics")
     ap.add_argument("--gluon", action="store_true",
                     help="time the Gluon dK/dV kernel too (PlanOptions(gluon_backward))")
     ap.add_argument("--ds-under-dkdv", action="store_true",
