@@ -23,7 +23,8 @@ host) instead of the Gluon kernel's (~2 s; benchmarks/NOTES.md, session 18). Tri
 torch.use_deterministic_algorithms(True) and a deterministic Kernel (backends.compiles_first: a run must give the
 bits of the next, cold cache or warm) compile before the launch. A CUDA graph captured while a compile runs replays
 the fallback for good (loading the new kernel's module inside the capture could fail it): warm up, then
-`finish_compiles()`, then capture.
+`finish_compiles()`, then capture. At exit the interpreter waits for a compile in flight, whose binary the cache
+then holds for the next process.
 """
 from __future__ import annotations
 
