@@ -100,6 +100,7 @@ def background(monkeypatch, tmp_path):
     kernel = JITFunction(body)  # what triton.jit makes on a GPU machine (the CPU suite's TRITON_INTERPRET would not)
 
     monkeypatch.setenv(cache.DIR_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(binaries.BACKGROUND_ENV, "1")  # tests/conftest.py turns it off for the other tests
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
     monkeypatch.setattr(torch.cuda, "device", lambda index: __import__("contextlib").nullcontext())
@@ -119,10 +120,13 @@ def background(monkeypatch, tmp_path):
     return state
 
 
-def test_a_missing_binary_compiles_in_the_background_once(background):
+def test_a_missing_binary_compiles_in_the_background_once(background, monkeypatch):
     """The first asks start one compile and say it is running (the caller runs its fallback); once it is built
-    (finish_compiles waits), the next ask loads it and `launch` would run it."""
+    (finish_compiles waits), the next ask loads it and `launch` would run it. Switched off, nothing starts."""
     launch = background["launch"]
+    monkeypatch.setenv(binaries.BACKGROUND_ENV, "0")
+    assert not binaries.compiling(*launch) and not binaries._background
+    monkeypatch.setenv(binaries.BACKGROUND_ENV, "1")
     assert binaries.compiling(*launch) and binaries.compiling(*launch)  # started, still running
     assert background["builds"] <= 1
     background["release"].set()

@@ -15,9 +15,8 @@ Arguments it cannot key (a host-side tensor descriptor), keywords that are not p
 kernels that are not JIT functions (the AOT stand-ins) take Triton's own launch.
 
 A launcher with a kernel of its own to run meanwhile (the Gluon prefill's: the template; the Gluon MLA decode's: the
-Triton decode kernel) asks `compiling(...)`
-first. A binary neither loaded nor in the cache then compiles in one background thread, and the launcher runs the
-other kernel until it is built: a new variant's first call waits for the template's compile (~0.35 s on the H100's
+Triton decode kernel) asks `compiling(...)` first. A binary neither loaded nor in the cache then compiles in one
+background thread, and the launcher runs the other kernel until it is built: a new variant's first call waits for the template's compile (~0.35 s on the H100's
 host) instead of the Gluon kernel's (~2 s; benchmarks/NOTES.md, session 18). Triton compiles in threads itself
 (triton.AsyncCompileMode). `finish_compiles()` waits for the background compiles; ATTNC_BACKGROUND_COMPILE=0,
 torch.use_deterministic_algorithms(True) and a deterministic Kernel (backends.compiles_first: a run must give the
@@ -34,6 +33,7 @@ import os
 import shutil
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import lru_cache
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -53,7 +53,6 @@ _loaded: dict[tuple, object] = {}  # (fn, keywords, specialization, device) -> C
 _sources: dict[str, str] = {}  # generated module file -> SHA-256 of its text
 BACKGROUND_ENV = "ATTNC_BACKGROUND_COMPILE"
 _background: dict[tuple, Future] = {}  # launch memo (as _loaded's) -> its compile in the background thread
-_compiler: list[ThreadPoolExecutor] = []  # the background thread, made on first use
 
 
 def launch(fn, grid: Sequence[int], args: Sequence, keywords: Mapping):
@@ -70,19 +69,27 @@ def launch(fn, grid: Sequence[int], args: Sequence, keywords: Mapping):
 def binary(fn, grid: Sequence[int], args: Sequence, keywords: Mapping):
     """The cached CompiledKernel for this launch, compiled (not launched) and stored on a miss; None where the
     launch is not one this cache keys."""
+    memo = _memo(fn, args, keywords)
+    if memo is None:
+        return None
+    compiled = _loaded.get(memo)
+    if compiled is None:
+        compiled = _loaded[memo] = _from_cache(fn, grid, args, keywords, memo[1], memo[2])
+    return compiled
+
+
+def _memo(fn, args: Sequence, keywords: Mapping) -> tuple | None:
+    """The launch's key in this process (fn, keywords, specialization, device), or None where this cache does not
+    key it: the interpreter's InterpretedFunctions, arguments or keywords Triton specializes on otherwise."""
     from triton.runtime.jit import JITFunction
 
-    if not isinstance(fn, JITFunction):  # the interpreter's kernels are InterpretedFunctions
+    if not isinstance(fn, JITFunction):
         return None
     arguments = specialization(args)
     launch_keywords = tuple(keywords.items())
     if arguments is None or not all(isinstance(v, _PLAIN) for _, v in launch_keywords):
         return None
-    memo = (fn, launch_keywords, arguments, torch.cuda.current_device())
-    compiled = _loaded.get(memo)
-    if compiled is None:
-        compiled = _loaded[memo] = _from_cache(fn, grid, args, keywords, launch_keywords, arguments)
-    return compiled
+    return fn, launch_keywords, arguments, torch.cuda.current_device()
 
 
 def compiles_in_background() -> bool:
@@ -94,28 +101,18 @@ def compiles_in_background() -> bool:
 def compiling(fn, grid: Sequence[int], args: Sequence, keywords: Mapping) -> bool:
     """True while the launch's binary compiles in the background thread (started here where it is neither loaded
     nor in the cache), or where that compile failed (warned once): the caller runs another kernel instead. False
-    where `launch` runs it without compiling, or compiles it itself (a launch this cache does not key)."""
-    from triton.runtime.jit import JITFunction
-
-    arguments = specialization(args)
-    launch_keywords = tuple(keywords.items())
-    if not isinstance(fn, JITFunction) or arguments is None \
-            or not all(isinstance(v, _PLAIN) for _, v in launch_keywords):
-        return False
-    memo = (fn, launch_keywords, arguments, torch.cuda.current_device())
-    if memo in _loaded:
+    where `launch` runs it without compiling, or compiles it itself: background compiles are off
+    (compiles_in_background), or the launch is one this cache does not key."""
+    memo = _memo(fn, args, keywords) if compiles_in_background() else None
+    if memo is None or memo in _loaded:
         return False
     future = _background.get(memo)
     if future is None:
-        key = cache_key(fn, launch_keywords, arguments)
-        entry = cache.get(key)
+        entry = cache.get(cache_key(fn, memo[1], memo[2]))
         if entry is not None:
             _loaded[memo] = _load(fn, entry)
             return False
-        if not _compiler:
-            _compiler.append(ThreadPoolExecutor(max_workers=1, thread_name_prefix="attnc-compile"))
-        _background[memo] = _compiler[0].submit(_compile_on, memo[3], fn, grid, args, keywords, launch_keywords,
-                                                arguments)
+        _background[memo] = _compile_thread().submit(_compile_on, memo[3], fn, grid, args, keywords, memo[1], memo[2])
         return True
     if not future.done():
         return True
@@ -129,6 +126,12 @@ def compiling(fn, grid: Sequence[int], args: Sequence, keywords: Mapping) -> boo
         warnings.warn(f"attnc: kernel {fn.__name__} failed to compile in the background ({type(error).__name__}: "
                       f"{str(error).strip()[:300]}); its fallback runs instead", RuntimeWarning, stacklevel=3)
     return True
+
+
+@lru_cache(maxsize=None)
+def _compile_thread() -> ThreadPoolExecutor:
+    """The one background thread, made on first use."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="attnc-compile")
 
 
 def _compile_on(device: int, fn, grid, args, keywords, launch_keywords, arguments):

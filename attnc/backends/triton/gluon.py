@@ -148,7 +148,7 @@ class GluonLauncher:
             grid = (min(grid[0] * grid[1], multiprocessors(q.device)),)
         scratch.install()
         args = self.signature.pack(values)
-        if binaries.compiles_in_background() and binaries.compiling(self.kernel, grid, args, self.options):
+        if binaries.compiling(self.kernel, grid, args, self.options):
             # the template meanwhile, with no prepared launch: a later call takes this kernel once it is built
             return self.fallback.run(bound)[0], None
         compiled = binaries.launch(self.kernel, grid, args, self.options)
