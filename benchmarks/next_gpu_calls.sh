@@ -27,6 +27,9 @@
 #   bash benchmarks/next_gpu_calls.sh 15   # carry [".whl"]: the MLA decode's background compile, then the backward's
 #                                          # tiles and Gluon dK/dV kernel at S = 1k, never swept there (dense 1k: 0.86x
 #                                          # Flex, causal 1k 0.96x)
+#   bash benchmarks/next_gpu_calls.sh 16   # carry [".whl"]: three ring stages at D = 128, 4 MiB L2 sections and
+#                                          # persistent programs for dense D = 128 (session 19): the Gluon GPU tests,
+#                                          # then `attnc bench` in full
 # (.tvm-aot: `python3 benchmarks/tvm_cuda_check.py build` here first, which needs nvcc and no GPU.)
 # Each step writes its whole log to $OUT (a call brings back at most 8 files) and prints a summary.
 set -u
@@ -155,8 +158,13 @@ case "${1:-}" in
   step sweep-s1k 300 python3 benchmarks/sweep_backward.py --gluon --only "^(dense|causal) S=1024$" --out "$OUT" \
     --budget 260
   ;;
+16)
+  step gluon-tests 200 $P -n 14 tests/test_gluon_gpu.py
+  step bench 340 python3 -m attnc bench --out /tmp/bench
+  for f in /tmp/bench/*; do cp "$f" "$OUT/"; done
+  ;;
 *)
-  echo "usage: bash benchmarks/next_gpu_calls.sh 1|2|...|15" >&2
+  echo "usage: bash benchmarks/next_gpu_calls.sh 1|2|...|16" >&2
   exit 2
   ;;
 esac

@@ -38,7 +38,7 @@ def test_layouts_per_head_dim():
     for (the 128-register accumulator leaves no room for a second score tile); the ring fits shared memory."""
     d64, d128, d256 = (_plan("dense", d=d).warpgroups.layout for d in (64, 128, 256))
     assert (d64.block_n, d64.overlap, d64.stages) == (128, True, 4)
-    assert (d128.block_n, d128.overlap, d128.stages) == (128, True, 2)
+    assert (d128.block_n, d128.overlap, d128.stages) == (128, True, 3)
     assert (d256.block_n, d256.overlap, d256.stages) == (64, False, 2)
     for layout, d in ((d64, 64), (d128, 128), (d256, 256)):
         smem = (layout.block_m * d + layout.stages * layout.block_n * 2 * d) * 2
@@ -85,13 +85,13 @@ def test_pingpong_hands_the_tensor_cores_over():
 
 def test_mla_value_dim():
     """MLA's D = 192 / DV = 128: Q and K in chunks of 128 and 64 columns (passes/tiling.py head_dim_chunks) take
-    dense D = 128's 128-key tile with two ring stages in shared memory; D padded to 256 fits two stages of 64 keys
-    only (PlanOptions(chunk_head_dim=False), what main ran)."""
+    dense D = 128's 128-key tile with two ring stages in shared memory; D padded to 256 fits three stages of 64 keys
+    (PlanOptions(chunk_head_dim=False), what main ran)."""
     chunked = _plan("mla_prefill", d=192, dv=128).warpgroups
     assert chunked.path == "gluon" and chunked.layout.overlap
     assert (chunked.layout.d_chunks, chunked.layout.block_n, chunked.layout.stages) == ((128, 64), 128, 2)
     padded = _plan("mla_prefill", d=192, dv=128, options=PlanOptions(gluon=True, gluon_persistent=False, chunk_head_dim=False)).warpgroups
-    assert (padded.layout.d_chunks, padded.layout.block_n, padded.layout.stages) == ((256,), 64, 2)
+    assert (padded.layout.d_chunks, padded.layout.block_n, padded.layout.stages) == ((256,), 64, 3)
     for layout, columns in ((chunked.layout, 192), (padded.layout, 256)):
         need = (layout.block_m * columns + layout.stages * layout.block_n * (columns + 128)) * 2 + BARRIER_BYTES
         assert need <= smem_capacity(90)
@@ -139,7 +139,7 @@ def test_warpgroup_key_tile_on_request():
     """PlanOptions(warpgroup_block_n=...) for A/B runs: the ring fits its stages to it, and a key tile whose two
     stages do not fit beside Q is refused (one slot would deadlock the overlapped consumer)."""
     chunked64 = _plan("mla_prefill", d=192, dv=128, options=PlanOptions(gluon=True, gluon_persistent=False, warpgroup_block_n=64))
-    assert (chunked64.warpgroups.layout.block_n, chunked64.warpgroups.layout.stages) == (64, 3)
+    assert (chunked64.warpgroups.layout.block_n, chunked64.warpgroups.layout.stages) == (64, 4)
     with pytest.raises(attnc.CompileError, match="two ring stages of 128 keys at D=192 DV=128 do not fit"):
         _plan("mla_prefill", d=192, dv=128, options=PlanOptions(gluon=True, gluon_persistent=False, chunk_head_dim=False, warpgroup_block_n=128))
     with pytest.raises(attnc.CompileError, match="warpgroup_block_n must be one of 32, 64, 128, got 96"):
@@ -168,20 +168,20 @@ def test_paged_and_ragged_keep_the_decode_kernel():
 
 def test_the_default_takes_gluon_where_it_measured_faster():
     """PlanOptions() (gluon=None): the Gluon kernel for long prefill launches of the spec kinds where it beat the
-    template on the H100, with persistent programs from shorter launches where the mask leaves tiles unequal work
-    (causal); the template, with the reason and the layout the kernel would run, elsewhere."""
+    template on the H100, with persistent programs from shorter launches at D = 128 and where the mask leaves tiles
+    unequal work (causal, D = 64 to 256); the template, with the reason and the layout the kernel would run,
+    elsewhere."""
     auto = PlanOptions()
-    for name, d in (("dense", 128), ("dense", 256)):
-        w = _plan(name, d=d, options=auto).warpgroups
-        assert w.path == "gluon" and not w.layout.persistent and w.min_length == AUTO_MIN_LENGTH, name
-        assert "4096" in w.reason, name
+    dense256 = _plan("dense", d=256, options=auto).warpgroups
+    assert dense256.path == "gluon" and not dense256.layout.persistent and dense256.min_length == AUTO_MIN_LENGTH
+    assert "4096" in dense256.reason
     # (a tanh soft cap since tanh runs as one instruction, session 17)
-    for name, d in (("causal_lm", 128), ("gqa_causal", 128), ("alibi", 128), ("grok_softcap", 128)):
-        w = _plan(name, d=d, options=auto).warpgroups
-        assert w.path == "gluon" and w.layout.persistent and w.min_length == PERSISTENT_MIN_LENGTH, name
+    for name, d in (("dense", 128), ("causal_lm", 128), ("gqa_causal", 128), ("alibi", 128), ("grok_softcap", 128),
+                    ("causal_lm", 256)):
+        w = _plan(name, d=d, dv=d, options=auto).warpgroups
+        assert w.path == "gluon" and w.layout.persistent and w.min_length == PERSISTENT_MIN_LENGTH, (name, d)
         assert "1024" in w.reason, name
-    for name, d, dv in (("causal_lm", 256, 256), ("mla_prefill", 192, 128)):  # not timed persistent
-        assert not _plan(name, d=d, dv=dv, options=auto).warpgroups.layout.persistent, name
+    assert not _plan("mla_prefill", d=192, dv=128, options=auto).warpgroups.layout.persistent  # not timed persistent
     one_tile = _plan(options=PlanOptions(gluon_persistent=False)).warpgroups
     assert not one_tile.layout.persistent and one_tile.min_length == AUTO_MIN_LENGTH
     one_tile_auto = PlanOptions(gluon_persistent=False)
@@ -209,7 +209,7 @@ def test_the_decision_is_a_pure_function_of_the_plan():
 def test_plan_text_states_the_path_and_layout():
     text = _plan().describe()
     assert "prefill    gluon kernel" in text
-    assert "producer 1 warp (TMA, 24 regs) -> ring of 2 K/V stages" in text and "pingpong" in text
+    assert "producer 1 warp (TMA, 24 regs) -> ring of 3 K/V stages" in text and "pingpong" in text
     assert "QK^T(j+1) and PV(j) async" in text
     assert "prefill    triton kernel: q, k, v are f32" in _plan(dtype="f32").describe()
 
@@ -390,7 +390,7 @@ def _one_tile(w):
 def test_persistent_programs_on_request():
     """PlanOptions(gluon_persistent=True): the same tiles and ring, with the producer at 40 registers and both
     consumers at 232, which the launch's register pool holds, and out through a buffer of its own where shared
-    memory holds one (D <= 128); the default keeps a program per query tile."""
+    memory holds one beside the ring (D = 64); the default keeps a program per query tile."""
     assert not _plan().warpgroups.layout.persistent
     one, persistent = _plan().warpgroups.layout, _plan(options=PERSISTENT).warpgroups.layout
     assert persistent.persistent and _one_tile(persistent) == one
@@ -398,7 +398,7 @@ def test_persistent_programs_on_request():
     assert pool - 128 * (persistent.consumer_regs + persistent.producer_regs) == 128 * persistent.consumer_regs
     assert "persistent: a program per SM over the work tiles" in _plan(options=PERSISTENT).describe()
     assert "persistent" not in _plan().describe()
-    for name, d, out_buffer in (("causal_lm", 64, True), ("causal_lm", 128, True), ("dense", 256, False),
+    for name, d, out_buffer in (("causal_lm", 64, True), ("causal_lm", 128, False), ("dense", 256, False),
                                 ("mla_prefill", 192, False)):
         dv = 128 if d == 192 else d
         w = _plan(name, d=d, dv=dv, options=PERSISTENT).warpgroups.layout
@@ -529,12 +529,13 @@ UNDER_PV = replace(GLUON, gluon_weights_under_pv=True)
                                                  ("gqa_causal", 128, False)])
 def test_weights_under_pv_fits_beside_the_ring(name, d, persistent):
     """PlanOptions(gluon_weights_under_pv=True) where the layout overlaps: two P buffers per consumer's rows join Q
-    and the ring in shared memory (the ring keeps its stages at D <= 128; persistent out keeps a buffer of its own
-    only where it still fits: D = 64)."""
+    and the ring in shared memory (the ring keeps its four stages at D = 64 and gives up its third at D = 128;
+    persistent out keeps a buffer of its own only where it still fits: D = 64)."""
     plan = _plan(name, d=d, options=replace(UNDER_PV, gluon_persistent=persistent))
     w, t = plan.warpgroups.layout, plan.tiling
     assert w.weights_under_pv and w.overlap and w.persistent == persistent
-    assert w.stages == _plan(name, d=d, options=replace(GLUON, gluon_persistent=persistent)).warpgroups.layout.stages
+    default = _plan(name, d=d, options=replace(GLUON, gluon_persistent=persistent)).warpgroups.layout.stages
+    assert (default, w.stages) == ((4, 4) if d == 64 else (3, 2))
     shared = (w.block_m * t.block_d + w.stages * w.block_n * (t.block_d + t.block_dv) + 2 * w.block_m * w.block_n) * 2
     assert shared + BARRIER_BYTES <= smem_capacity(90)
     assert w.out_buffer == (persistent and shared + BARRIER_BYTES + w.block_m * t.block_dv * 2 <= smem_capacity(90))

@@ -28,10 +28,9 @@ MAX_STAGES = 4
 # By default the Gluon kernel takes launches with M and N at least this long: on the H100 (Triton 3.6, bf16, D=128,
 # 16k tokens a batch) it ran 0.82-0.94x the template at S = 1024, 1.02-1.08x at 4096 and 1.08-1.15x at 8192-16384
 AUTO_MIN_LENGTH = 4096
-# Where the mask leaves query tiles unequal work (an upper key bound that follows the row: causal), the default runs
-# persistent programs, from launches this long: on the H100 (session 10, bf16, D = 128, 16k tokens a batch) causal
-# S = 1k / 4k / 16k ran 331 / 465-471 / 532 TFLOP/s against the template's 301 / 427-429 / 515-516 and one-tile
-# programs' 255 / 433 / 517-523; dense rows lost to one-tile programs at 4k and 16k (484-486 / 522 against 507 / 554-562).
+# The default's persistent programs (persistent_by_default) take launches from this long: on the H100 (session 10,
+# bf16, D = 128, 16k tokens a batch) causal S = 1k / 4k / 16k ran 331 / 465-471 / 532 TFLOP/s against the template's
+# 301 / 427-429 / 515-516; session 19's dense S = 1k ran 528 against the template's 411.
 PERSISTENT_MIN_LENGTH = 1024
 
 
@@ -91,9 +90,16 @@ def gluon_d_chunks(plan: KernelPlan) -> tuple[int, ...]:
 
 
 def persistent_by_default(plan: KernelPlan) -> bool:
-    """PlanOptions.gluon_persistent where it is None: query tiles of unequal work (PERSISTENT_MIN_LENGTH says why),
-    at the head dims measured (up to 128, where out has a buffer of its own; D = 256 and MLA's 192 are not timed)."""
-    return bool(plan.masks.exact.upper) and widest_block(plan) <= 128
+    """PlanOptions.gluon_persistent where it is None, at the head dims measured: under an upper key bound (query
+    tiles of unequal work) up to D = 128 and at D = 256 in one chunk; without one at D = 128 (dense D = 64 keeps the
+    template, D = 256 one-tile programs; MLA's D = 192 is not timed). On the H100 (session 19, three ring stages at
+    D = 128, sections of L2_KV_BYTES; benchmarks/NOTES.md) persistent programs ran dense S = 1k / 4k / 16k at 528 /
+    598 / 612 TFLOP/s against one-tile programs' 436 / 569 / 624, causal 1k / 4k / 16k at 413 / 562 / 618 against
+    293 / 493 / 602, and causal D = 256 at 575-576 against 550-568: the producer loads the next tile's Q and first
+    keys while the consumers finish a tile, which a one-tile program pays for at every query tile."""
+    if plan.masks.exact.upper:
+        return widest_block(plan) <= 128 or len(gluon_d_chunks(plan)) == 1
+    return widest_block(plan) == 128
 
 
 def choose_layout(plan: KernelPlan, persistent: bool) -> WarpgroupLayout:
@@ -129,7 +135,7 @@ def choose_layout(plan: KernelPlan, persistent: bool) -> WarpgroupLayout:
         and shared(2, p_bytes) <= smem_capacity(plan.target.arch)
     p_bytes = p_bytes if under_pv else 0
     # The ring: the most stages that fit beside Q, up to MAX_STAGES, and at most RING_BYTES of K and V in flight
-    # (FlashAttention-3 runs two 64 KiB stages at D = 128).
+    # (three 64 KiB stages at D = 128: RING_BYTES says why).
     slot = block_n * (columns + t.block_dv) * bytes_per
     stages = min(MAX_STAGES, max(2, RING_BYTES // slot))
     while stages > 1 and shared(stages, p_bytes) > smem_capacity(plan.target.arch):
@@ -149,7 +155,8 @@ def choose_layout(plan: KernelPlan, persistent: bool) -> WarpgroupLayout:
         # partitions share (sizes, strides, the mask bounds' terms) are computed once before they split and stay live
         # into the producer, which spilled them at 24 registers (ptxas, sm_90a: 116 B at causal D = 128). 40 leave
         # both consumers 232: the launch's 12 warps at max_registers (168) hold 64,512 = 128 x (232 + 232 + 40).
-        # Out through a buffer of its own where shared memory holds it beside Q and the ring (D <= 128).
+        # Out through a buffer of its own where shared memory holds it beside Q and the ring (D = 64; at D = 128 the
+        # third stage takes its place).
         out_buffer = shared(stages, p_bytes + block_m * t.block_dv * bytes_per) <= smem_capacity(plan.target.arch)
         layout = replace(layout, persistent=True, producer_regs=40, consumer_regs=232, out_buffer=out_buffer)
     return layout
@@ -158,7 +165,9 @@ def choose_layout(plan: KernelPlan, persistent: bool) -> WarpgroupLayout:
 SCHEDULES = ("pingpong", "parallel", "cooperative")
 KEY_TILES = (32, 64, 128)  # PlanOptions.warpgroup_block_n: the key tiles the pass itself picks
 BARRIER_BYTES = 1024  # mbarriers and the compiler's alignment padding
-RING_BYTES = 128 * 1024
+# K and V in flight in the ring: at D = 128 three stages of 128 keys (FlashAttention-3 runs two) ran 1.06-1.20x two on
+# the H100 on every dense and causal row from S = 1k to 16k, one-tile and persistent (session 19, benchmarks/NOTES.md)
+RING_BYTES = 192 * 1024
 MAX_REGISTERS = 65536  # per SM on sm_90: the partitions' setmaxnreg budgets must fit in it together
 
 
