@@ -6,13 +6,18 @@ workloads, in one process on the same inputs, each output checked against cuDNN'
   without overlap);
 - `--persistent`: a program per 128-row query tile against persistent programs (PlanOptions(gluon_persistent=True),
   a program per SM over the work tiles), on the dense and causal rows at S = 1k / 4k / 16k;
+- `--dense-head-dims`: with `--persistent`, dense rows at D = 64 and 256 too (16k tokens a batch, S = 1k / 4k / 16k),
+  which `attnc bench` has only causal: whether the default should run persistent programs there as at D = 128;
 - `--weights-under-pv`: the default layout against PlanOptions(gluon_weights_under_pv=True) (P V reads P from shared
   memory and is waited for a step later, so the weights of a tile run under the last tile's P V: benchmarks/NOTES.md,
   issue 13), each with the default's choice of programs (persistent for causal), on the same rows.
 
-    python3 benchmarks/gluon_schedules.py [--persistent | --weights-under-pv] [--only REGEX] [--out DIR]
+    python3 benchmarks/gluon_schedules.py [--persistent [--dense-head-dims] | --weights-under-pv] [--only REGEX]
+        [--out DIR]
     # sm_90 GPU, Triton 3.6"""
 import argparse
+
+import dataclasses
 
 import attnc.bench as bench
 from attnc.passes import PlanOptions
@@ -43,6 +48,7 @@ def main() -> None:
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--persistent", action="store_true", help="one-tile against persistent programs")
     mode.add_argument("--weights-under-pv", action="store_true", help="P in registers against P in shared memory")
+    ap.add_argument("--dense-head-dims", action="store_true", help="with --persistent: dense rows at D = 64 and 256")
     ap.add_argument("--only", help="regex over attnc bench's workloads (default: dense and causal at 4k and 16k, "
                                    "with --persistent or --weights-under-pv at 1k, 4k and 16k)")
     args = ap.parse_args()
@@ -55,7 +61,13 @@ def main() -> None:
     only = args.only or (r"^(dense|causal) S=(4096|16384)$" if variants is SCHEDULE_VARIANTS
                          else r"^(dense|causal) S=(1024|4096|16384)$")
     makers = gluon_makers(variants)
-    report, path = bench.run_report(name, bench.prefill_workloads(),
+    workloads = bench.prefill_workloads()
+    if args.dense_head_dims:
+        dense = [w for w in workloads if w.group == "dense"]
+        workloads += [dataclasses.replace(w, name=f"dense D={d} S={w.S}", D=d,
+                                          spec=w.spec.replace("bench_dense", f"bench_dense_d{d}"))
+                      for d in (64, 256) for w in dense]
+    report, path = bench.run_report(name, workloads,
                                     lambda w, device: bench.run_workload(w, device, makers=makers),
                                     args.out, prefix, only)  # prints each row as it finishes
     bench.print_errors(report)
