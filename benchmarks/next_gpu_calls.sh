@@ -30,6 +30,11 @@
 #   bash benchmarks/next_gpu_calls.sh 16   # carry [".whl"]: three ring stages at D = 128, 4 MiB L2 sections and
 #                                          # persistent programs for dense D = 128 (session 19): the Gluon GPU tests,
 #                                          # then `attnc bench` in full
+#   bash benchmarks/next_gpu_calls.sh 17   # carry [".whl"]: what session 19 had no device time left for: persistent
+#                                          # programs at dense D = 64 / 256, dense S = 1k again, host time, the MLA
+#                                          # decode's background compile (~250 s)
+#   bash benchmarks/next_gpu_calls.sh 18   # carry [".whl"]: the Gluon dK/dV kernel at five ring stages against three
+#                                          # and the template (benchmarks/ab_variants.sh AB=backward, ~300 s)
 # (.tvm-aot: `python3 benchmarks/tvm_cuda_check.py build` here first, which needs nvcc and no GPU.)
 # Each step writes its whole log to $OUT (a call brings back at most 8 files) and prints a summary.
 set -u
@@ -163,8 +168,20 @@ case "${1:-}" in
   step bench 340 python3 -m attnc bench --out /tmp/bench
   for f in /tmp/bench/*; do cp "$f" "$OUT/"; done
   ;;
+17)
+  step dense-head-dims 120 python3 benchmarks/gluon_schedules.py --persistent --dense-head-dims --only "^dense D" \
+    --out /tmp/hd
+  cp /tmp/hd/*.json "$OUT/" 2>/dev/null
+  step dense1k 90 python3 -m attnc bench --only "^dense S=1024$" --out /tmp/b1
+  for f in /tmp/b1/*.json; do cp "$f" "$OUT/dense1k-$(basename "$f")"; done
+  step host-time 60 $P tests -k host_time  # alone: workers compiling beside them would inflate their timings
+  step mla-background 90 $P tests/test_mla_gluon_gpu.py -k new_variant
+  ;;
+18)
+  AB=backward bash benchmarks/ab_variants.sh "^(dense|causal) S=(1024|4096)$" 1 base dkdv5
+  ;;
 *)
-  echo "usage: bash benchmarks/next_gpu_calls.sh 1|2|...|16" >&2
+  echo "usage: bash benchmarks/next_gpu_calls.sh 1|2|...|18" >&2
   exit 2
   ;;
 esac
