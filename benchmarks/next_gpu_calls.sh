@@ -35,6 +35,9 @@
 #                                          # decode's background compile (~250 s)
 #   bash benchmarks/next_gpu_calls.sh 18   # carry [".whl"]: the Gluon dK/dV kernel at five ring stages against three
 #                                          # and the template (benchmarks/ab_variants.sh AB=backward, ~300 s)
+#   bash benchmarks/next_gpu_calls.sh 19   # carry [".whl"]: lse2 and delta from shared memory, no select of a masked
+#                                          # dS (session 20): the backward GPU tests, the Gluon dK/dV kernel at 32 and
+#                                          # 64 query rows against the template at dense / causal 1k and 4k (~480 s)
 # (.tvm-aot: `python3 benchmarks/tvm_cuda_check.py build` here first, which needs nvcc and no GPU.)
 # Each step writes its whole log to $OUT (a call brings back at most 8 files) and prints a summary.
 set -u
@@ -180,8 +183,18 @@ case "${1:-}" in
 18)
   AB=backward bash benchmarks/ab_variants.sh "^(dense|causal) S=(1024|4096)$" 1 base dkdv5
   ;;
+19)
+  step gluon-backward 130 $P -n 12 tests/test_gluon_backward.py
+  step backward-template 150 $P -n 12 tests/test_backward_triton.py
+  step sweep-gluon 230 python3 benchmarks/sweep_backward.py --gluon --only "^(dense|causal) S=(1024|4096)$" \
+    --out /tmp/sg --budget 200
+  cp /tmp/sg/sweep-backward.jsonl "$OUT/sweep-gluon.jsonl" 2>/dev/null
+  python3 -c "import json, sys; [print(r['workload'], r['kernel'], r.get('block_m', ''), \
+    'det' if r['deterministic'] else 'atomic', round(r.get('tflops', 0)), r.get('error', '')[:80]) \
+    for r in map(json.loads, open(sys.argv[1]))]" /tmp/sg/sweep-backward.jsonl
+  ;;
 *)
-  echo "usage: bash benchmarks/next_gpu_calls.sh 1|2|...|18" >&2
+  echo "usage: bash benchmarks/next_gpu_calls.sh 1|2|...|19" >&2
   exit 2
   ;;
 esac

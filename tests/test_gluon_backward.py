@@ -111,7 +111,7 @@ def test_dq_in_dkdv_at_64_query_rows_past_shared_memory_is_refused():
     """D = 128 at 64 query rows: the skew's 3 stages, its P^T and dS^T buffers and the float32 dQ tile need 263168 B,
     more than sm_90's 232448: a CompileError naming the options and the workaround, not a launch that fails."""
     with pytest.raises(CompileError, match=r"gluon_backward_dq_in_dkdv with gluon_backward_block_m=64 at D=128: "
-                                           r"3 stages take 263168 B .* use gluon_backward_block_m=32"):
+                                           r"3 stages take 264704 B .* use gluon_backward_block_m=32"):
         plan_backward(_plan("causal_lm", 128, options=replace(DQ_IN_DKDV, gluon_backward_block_m=64)))
     assert plan_backward(_plan("causal_lm", 128, options=replace(DQ_IN_DKDV, gluon_backward_block_m=32))).gluon_dkdv
 
@@ -162,9 +162,13 @@ def test_source_shares_the_template_backwards_lines(name):
     compile(source, f"{name}.py", "exec")
     assert "tl.dot" not in source and source.count("warpgroup_mma(") == 4
     template = generate_backward(plan)
-    for marker in ("keep = (j_col[:, None] >= exact_lo[None, :])", "dqk = tl.where(keep, dqk, 0.0)",
+    for marker in ("keep = (j_col[:, None] >= exact_lo[None, :])",
                    "ds = p * (dp - delta[None, :])" if name != "sigmoid_causal" else "ds = ", "m_end = "):
         assert marker in source and marker in template, marker
+    # a masked key's dS is 0 by its p where the gain is p and d score / d qk a constant: the Gluon kernel leaves out
+    # the select that would keep `keep` alive across dP's wait (sigmoid's gain is not p); the template keeps it
+    select = "dqk = tl.where(keep, dqk, 0.0)"
+    assert select in template and (select in source) == (name == "sigmoid_causal")
 
 
 def test_launcher_warns_where_this_triton_cannot_run_it():
@@ -235,6 +239,15 @@ def test_gradients_gpu(name, d, deterministic, gluon_launches):
     M != N (bottom-right causal), GQA (float32 shares summed by the launcher)."""
     _needs_hopper()
     _check(name, 1000, 1100, d, deterministic)
+    assert gluon_launches == [True]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["causal_lm", "dense", "gqa_causal", "sliding_window", "grok_softcap"])
+def test_gradients_at_64_query_rows_gpu(name, gluon_launches):
+    """64 query rows a slot at D = 128 (the default's 32 there): lse2 and delta of each slot from shared memory."""
+    _needs_hopper()
+    _check(name, 1000, 1100, 128, False, options=replace(GLUON_BACKWARD, gluon_backward_block_m=64))
     assert gluon_launches == [True]
 
 

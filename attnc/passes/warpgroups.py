@@ -294,11 +294,12 @@ a sink's gradient is attn_bwd_prep's);
 
 def dkdv_shared_bytes(plan: KernelPlan, layout: DkdvLayout) -> int:
     """Shared memory of the Gluon dK/dV kernel: K and V of the program's keys (loaded once), the ring of Q and dO,
-    with `ds_under_dkdv` two buffers each of P^T and dS^T per consumer, with `dq_in_dkdv` a float32 dQ tile (the
+    each slot's lse2 and delta rows, with `ds_under_dkdv` two buffers each of P^T and dS^T per consumer, with `dq_in_dkdv` a float32 dQ tile (the
     consumers' sum, which TMA's reduce-add reads), mbarriers."""
     t = plan.tiling
     bytes_per = DTYPE_BITS[plan.dtype] // 8
     grads = 2 * 2 * layout.block_n * layout.block_m * bytes_per if layout.ds_under_dkdv else 0
     dq = layout.block_m * t.block_d * 4 if layout.dq_in_dkdv else 0
+    rows = layout.stages * layout.block_m * 2 * 4  # each slot's lse2 and delta, float32
     return ((layout.block_n + layout.stages * layout.block_m) * (t.block_d + t.block_dv) * bytes_per + grads + dq
-            + BARRIER_BYTES)
+            + rows + BARRIER_BYTES)

@@ -73,7 +73,7 @@ def generate_backward(plan: KernelPlan) -> str:
 
 
 def dkdv_hooks(plan: KernelPlan, derivs: Derivatives, exp2: str, vectors: Vectors = TRITON_VECTORS,
-               data_dependent: bool = False, full_range: bool = True) -> dict:
+               data_dependent: bool = False, full_range: bool = True, select_zero_dqk: bool = True) -> dict:
     """The dK/dV kernel's emitted lines (attn_bwd_dkdv's, and the Gluon kernel's with GLUON_VECTORS): per head
     (scope 0, `prologue`) the values free of i and `range_lines`, the query tiles [m_start, m_end) this key tile can
     meet (and, with `full_range`, [f_start, f_end) of full ones where the plan knows them); per query tile (scope 1)
@@ -86,7 +86,8 @@ def dkdv_hooks(plan: KernelPlan, derivs: Derivatives, exp2: str, vectors: Vector
         range_lines += full_query_tiles(em, backward.full_queries)
     with em.scope() as row_lines:
         bounds(em, masks.exact, masks.hull, row_lines)
-        tiles = {masked: tile_hooks(em, plan, derivs, masked, tables=True) for masked in (False, True)}
+        tiles = {masked: tile_hooks(em, plan, derivs, masked, tables=True, select_zero_dqk=select_zero_dqk)
+                 for masked in (False, True)}
     full = "(tl.min((row_valid & (exact_lo <= key_first) & (exact_hi >= key_first + BLOCK_N)).to(tl.int32), 0) > 0)"
     if data_dependent:
         full += " & (cls == 1)"
@@ -143,9 +144,12 @@ def row_range(em: Emitter, rows: QueryRange, prefix: str, some: str, rules: tupl
     return lines
 
 
-def tile_hooks(em: Emitter, plan: KernelPlan, derivs: Derivatives, masked: bool, tables: bool) -> dict:
+def tile_hooks(em: Emitter, plan: KernelPlan, derivs: Derivatives, masked: bool, tables: bool,
+               select_zero_dqk: bool = True) -> dict:
     """The emitted lines of one tile's element-wise work (backward.py.j2's `tile`), full or partial, each in a
-    scope of its own (the template puts the two in the branches of one `if`)."""
+    scope of its own (the template puts the two in the branches of one `if`). `select_zero_dqk`: a partial tile
+    zeroes dS at masked keys by a select even where p (0 there) already does (the Gluon kernel passes False: the
+    select kept `keep` alive across dP's wait; the template's register allocation came out worse without it)."""
     rule = normalizer_backward(plan.spec.normalizer)
     with em.scope() as score_lines:
         logits = float_tile(em, plan.score.logits2)
@@ -155,13 +159,17 @@ def tile_hooks(em: Emitter, plan: KernelPlan, derivs: Derivatives, masked: bool,
                 keep_terms = "".join(f" & ({as_tile(em, c)})" for c in plan.masks.evaluated)
         with em.scope() as grad_lines:
             gain = "p" if rule.normalized else _weight_derivative(em, rule.dweight, grad_lines)
-            dqk = em.as_float(em.value(derivs.dqk), TILE)
+            dqk_value = em.value(derivs.dqk)
+            dqk = em.as_float(dqk_value, TILE)
             table_lines = []
             if tables:
                 for n, grad in enumerate(derivs.score_tables):
                     table_lines += scatter(em, grad, "ds", TILE, f"c{n}", masked)
     return dict(score_lines="\n".join(score_lines), logits=logits, mask_lines="\n".join(mask_lines),
                 keep_terms=keep_terms, grad_lines="\n".join(grad_lines), gain=gain, dqk=dqk,
+                # a masked key's p is 0, so its dS is 0 where the gain is p and d score / d qk one value a program
+                # (no NaN or inf of a masked key's score to multiply)
+                mask_dqk=select_zero_dqk or not (rule.normalized and dqk_value.level == SCALAR),
                 table_lines="\n".join(table_lines))
 
 

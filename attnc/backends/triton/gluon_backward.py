@@ -25,7 +25,7 @@ def generate_gluon_dkdv(plan: KernelPlan) -> str:
     layout = plan_backward(plan).gluon_dkdv
     signature = gluon_dkdv_signature(spec_args(plan), layout.dq_in_dkdv)
     hooks = shared_hooks(plan, PTX_EXP2, GLUON_VECTORS)
-    dkdv = dkdv_hooks(plan, derive(plan.spec), PTX_EXP2, GLUON_VECTORS, full_range=False)
+    dkdv = dkdv_hooks(plan, derive(plan.spec), PTX_EXP2, GLUON_VECTORS, full_range=False, select_zero_dqk=False)
     return template("gluon_backward.py.j2").render(
         **hooks,
         plan_line=plan_line(plan, layout),
