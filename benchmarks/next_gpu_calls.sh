@@ -184,8 +184,8 @@ case "${1:-}" in
   AB=backward bash benchmarks/ab_variants.sh "^(dense|causal) S=(1024|4096)$" 1 base dkdv5
   ;;
 19)
-  step gluon-backward 130 $P -n 12 tests/test_gluon_backward.py
-  step backward-template 150 $P -n 12 tests/test_backward_triton.py
+  step gluon-backward 170 $P -n 14 tests/test_gluon_backward.py
+  step backward-template 120 $P -n 14 tests/test_backward_triton.py
   step sweep-gluon 230 python3 benchmarks/sweep_backward.py --gluon --only "^(dense|causal) S=(1024|4096)$" \
     --out /tmp/sg --budget 200
   cp /tmp/sg/sweep-backward.jsonl "$OUT/sweep-gluon.jsonl" 2>/dev/null

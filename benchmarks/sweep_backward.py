@@ -6,8 +6,9 @@ kernels alone (the forward runs once, outside the timer). One call of the device
     python benchmarks/sweep_backward.py --out $OUT [--only REGEX] [--budget SECONDS]
 
 `--gluon` also times, first and in the same process, the Gluon dK/dV kernel (PlanOptions(gluon_backward=True); kernel
-"gluon", both modes, dQ by the dQ kernel, 32 and 64 query rows per slot: gluon_backward_block_m) and the default
-backward of today's BACKWARD_TUNED (kernel "template"). `--ds-under-dkdv` is that A/B alone, no tile sweep: per
+"gluon", both modes, dQ by the dQ kernel, 32 and 64 query rows per slot: gluon_backward_block_m; kernel "gluon-dq",
+atomic, dQ by its reduce-adds at 32 rows skewed and 64 rows split by columns) and the default backward of today's
+BACKWARD_TUNED (kernel "template"). `--ds-under-dkdv` is that A/B alone, no tile sweep: per
 workload the template's default (both modes), the Gluon kernel at the pass's query rows and the same with
 PlanOptions(gluon_backward_ds_under_dkdv=True) (kernel "gluon-ds"; P^T and dS^T of the next tile under dV and dK),
 and with PlanOptions(gluon_backward_dq_in_dkdv=True) (kernel "gluon-dq"; dQ by the Gluon kernel's TMA reduce-adds, no
@@ -133,6 +134,7 @@ def run(args) -> list[dict]:
                 (kernel, default_dkdv, default_dq, False, None) for kernel in ("gluon", "gluon-ds", "gluon-dq")]
         elif args.gluon:  # the Gluon dK/dV kernel first, then the template's default row (the first "dkdv" trial)
             trials = [("gluon", default_dkdv, default_dq, d, rows) for rows in (32, 64) for d in (False, True)] + [
+                ("gluon-dq", default_dkdv, default_dq, False, rows) for rows in (32, 64)] + [
                 ("template", default_dkdv, default_dq, d, None) for d in (False, True)] + trials
         # variant: a baseline's directory of modules, or the Gluon kernel's query rows per ring slot
         for kernel, dkdv, dq, deterministic, variant in trials:

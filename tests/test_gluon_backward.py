@@ -85,12 +85,15 @@ def test_ds_under_dkdv_keeps_three_stages_at_the_widest():
 @pytest.mark.parametrize("name", ["causal_lm", "dense", "gqa_causal", "sliding_window"])
 @pytest.mark.parametrize("d", [64, 128])
 def test_dq_in_dkdv_option(name, d):
-    """PlanOptions(gluon_backward_dq_in_dkdv): the skew (dS^T in shared memory) with a float32 dQ tile (the
-    consumers' sum), within shared memory; dQ by the kernel's TMA reduce-adds, so the dQ kernel runs only where deterministic."""
-    plan = _plan(name, d, options=DQ_IN_DKDV)
+    """PlanOptions(gluon_backward_dq_in_dkdv) at 32 query rows: the skew (dS^T in shared memory) with a float32 dQ
+    tile (the consumers' sum), within shared memory; dQ by the kernel's TMA reduce-adds, so the dQ kernel runs only
+    where deterministic."""
+    options = replace(DQ_IN_DKDV, gluon_backward_block_m=32)
+    plan = _plan(name, d, options=options)
     bp = plan_backward(plan)
-    layout, skewed = bp.gluon_dkdv, plan_backward(_plan(name, d, options=DS_UNDER_DKDV)).gluon_dkdv
-    assert layout.dq_in_dkdv and layout.ds_under_dkdv and not skewed.dq_in_dkdv
+    layout = bp.gluon_dkdv
+    skewed = plan_backward(_plan(name, d, options=replace(DS_UNDER_DKDV, gluon_backward_block_m=32))).gluon_dkdv
+    assert layout.dq_in_dkdv and layout.ds_under_dkdv and not layout.split_dq and not skewed.dq_in_dkdv
     assert not bp.dq_by_kernel(False) and bp.dq_by_kernel(True) and "TMA reduce-add" in bp.gluon_reason
     dq_tile = layout.block_m * plan.tiling.block_d * 4
     assert dkdv_shared_bytes(plan, layout) == dkdv_shared_bytes(plan, skewed) + dq_tile <= smem_capacity(90)
@@ -101,18 +104,40 @@ def test_dq_in_dkdv_option(name, d):
     assert "dq_desc" not in generate_gluon_dkdv(_plan(name, d, options=DS_UNDER_DKDV))
 
 
+@pytest.mark.parametrize("name", ["causal_lm", "dense", "gqa_causal", "sliding_window"])
+@pytest.mark.parametrize("d", [64, 128])
+def test_dq_in_dkdv_at_64_query_rows_splits_dq_columns(name, d):
+    """At 64 query rows, unskewed: dQ = dS K, each consumer half of D's columns over both consumers' keys (dS^T in
+    two shared buffers a consumer), one reduce-add a consumer a tile; 3 stages fit sm_90 at D = 128."""
+    plan = _plan(name, d, options=replace(DQ_IN_DKDV, gluon_backward_block_m=64))
+    bp = plan_backward(plan)
+    layout = bp.gluon_dkdv
+    assert layout.split_dq and not layout.ds_under_dkdv and layout.stages == 3 and not bp.dq_by_kernel(False)
+    plain = plan_backward(_plan(name, d, options=PlanOptions(gluon_backward=True, gluon_backward_block_m=64)))
+    grads_and_dq = 2 * layout.block_n * 64 * 2 + 64 * plan.tiling.block_d * 4
+    assert dkdv_shared_bytes(plan, layout) == dkdv_shared_bytes(plan, plain.gluon_dkdv) + grads_and_dq
+    assert dkdv_shared_bytes(plan, layout) <= smem_capacity(90)
+    source = generate_gluon_dkdv(plan)
+    compile(source, "gluon_dkdv", "exec")
+    assert source.count("async_reduce_add(dq_desc, [m * QUERY_ROWS, CONSUMER * DQ_COLUMNS]") == 1
+    assert source.count(".slice(CONSUMER * DQ_COLUMNS, DQ_COLUMNS, dim=1)") == 2  # both consumers' keys
+    assert "dq_full" not in source and "prob_bufs" not in source
+
+
 def test_dq_in_dkdv_needs_wgmma_rows_of_head_dim():
     """D = 32: dQ^T's 32 rows are fewer than a warpgroup's wgmma M, so dQ stays the dQ kernel's."""
     bp = plan_backward(_plan("causal_lm", 32, options=DQ_IN_DKDV))
     assert bp.gluon_dkdv is not None and not bp.gluon_dkdv.dq_in_dkdv and bp.dq_by_kernel(False)
 
 
-def test_dq_in_dkdv_at_64_query_rows_past_shared_memory_is_refused():
-    """D = 128 at 64 query rows: the skew's 3 stages, its P^T and dS^T buffers and the float32 dQ tile need 263168 B,
-    more than sm_90's 232448: a CompileError naming the options and the workaround, not a launch that fails."""
+def test_dq_in_dkdv_skewed_at_64_query_rows_past_shared_memory_is_refused():
+    """D = 128 at 64 query rows with the skew asked for too: its 3 stages, P^T and dS^T buffers and the float32 dQ
+    tile need 264704 B, more than sm_90's 232448: a CompileError naming the options and the workaround, not a launch
+    that fails."""
+    skewed_dq = replace(DQ_IN_DKDV, gluon_backward_block_m=64, gluon_backward_ds_under_dkdv=True)
     with pytest.raises(CompileError, match=r"gluon_backward_dq_in_dkdv with gluon_backward_block_m=64 at D=128: "
                                            r"3 stages take 264704 B .* use gluon_backward_block_m=32"):
-        plan_backward(_plan("causal_lm", 128, options=replace(DQ_IN_DKDV, gluon_backward_block_m=64)))
+        plan_backward(_plan("causal_lm", 128, options=skewed_dq))
     assert plan_backward(_plan("causal_lm", 128, options=replace(DQ_IN_DKDV, gluon_backward_block_m=32))).gluon_dkdv
 
 
@@ -289,12 +314,15 @@ def test_ds_under_dkdv_gradients_gpu(name, d, dtype, monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("rows", [32, 64])
 @pytest.mark.parametrize("dtype", ["bf16", "f16"])
 @pytest.mark.parametrize("name, d", [(n, d) for n in ("dense", "causal_lm", "gqa_causal") for d in (64, 128)])
-def test_dq_in_dkdv_gradients_gpu(name, d, dtype, monkeypatch):
-    """dQ by the Gluon kernel's TMA reduce-adds (PlanOptions.gluon_backward_dq_in_dkdv): programs of 1 to 32 query
-    tiles, rows past M in the last tile, keys past N (zeros through TMA); the Gluon kernel ran with the option's
-    layout and attn_bwd_dq did not. Deterministic, the template's dK/dV kernel and the dQ kernel run instead."""
+def test_dq_in_dkdv_gradients_gpu(name, d, dtype, rows, monkeypatch):
+    """dQ by the Gluon kernel's TMA reduce-adds (PlanOptions.gluon_backward_dq_in_dkdv; 32 query rows skewed, 64 the
+    consumers' column split): programs of 1 to 32 query tiles, rows past M in the last tile, keys past N (zeros
+    through TMA); the Gluon kernel ran with the option's layout and attn_bwd_dq did not. Deterministic, the
+    template's dK/dV kernel and the dQ kernel run instead."""
+    options = replace(DQ_IN_DKDV, gluon_backward_block_m=rows)
     _needs_hopper()
     layouts, template = [], []
     call, fitting = gluon_backward.GluonDkdv.__call__, launch.launch_fitting
@@ -303,10 +331,10 @@ def test_dq_in_dkdv_gradients_gpu(name, d, dtype, monkeypatch):
     monkeypatch.setattr(launch, "launch_fitting", lambda fn, *a: (  # the template's backward kernels, not attn_fwd
         fn.__name__.startswith("attn_bwd") and template.append(fn.__name__), fitting(fn, *a))[1])
     for m, n in ((32, 300), (77, 64), (160, 200), (1000, 1100)):
-        _check(name, m, n, d, False, dtype, options=DQ_IN_DKDV)
-    assert len(layouts) == 4 and all(layout.dq_in_dkdv for layout in layouts)
+        _check(name, m, n, d, False, dtype, options=options)
+    assert len(layouts) == 4 and all(layout.dq_in_dkdv and layout.split_dq == (rows == 64) for layout in layouts)
     assert template == ["attn_bwd_prep"] * 4, "neither the dQ kernel nor the template's dK/dV kernel ran"
-    _check(name, 160, 200, d, True, dtype, options=DQ_IN_DKDV)
+    _check(name, 160, 200, d, True, dtype, options=options)
     assert len(layouts) == 4 and template[4:] == ["attn_bwd_prep", "attn_bwd_dkdv", "attn_bwd_dq"]
 
 

@@ -91,6 +91,8 @@ DS_UNDER_DKDV_CASES = [
     # ...and dQ^T = K^T dS^T beside dV and dK, reduce-added into the float32 dQ by TMA (no dQ kernel)
     ("causal_lm_gluon_dkdv_dq_in_dkdv_sm90.py", "causal.attn", "causal_lm", Target("triton", "cuda", 90), 128,
      PlanOptions(gluon_backward=True, gluon_backward_dq_in_dkdv=True)),
+    ("causal_lm_gluon_dkdv_split_dq_sm90.py", "causal.attn", "causal_lm", Target("triton", "cuda", 90), 128,
+     PlanOptions(gluon_backward=True, gluon_backward_dq_in_dkdv=True, gluon_backward_block_m=64)),
 ]
 
 

@@ -170,7 +170,9 @@ class DkdvLayout:
     ring of `stages` slots; per tile a consumer computes S^T = K Q^T and dP^T = V dO^T, then dV += P^T dO and
     dK += dS^T Q, all by async wgmma (P^T and dS^T from registers). dQ is the dQ kernel's. `ds_under_dkdv`: skewed by
     a tile, P^T and dS^T of tile m + 1 are computed under dV and dK of tile m, which read them from shared memory.
-    `dq_in_dkdv` (skewed): dQ^T = K^T dS^T of each tile beside dV and dK, reduce-added into float32 dQ by TMA."""
+    `dq_in_dkdv`: dQ reduce-added into float32 dQ by TMA, at 32 query rows (skewed) as dQ^T = K^T dS^T of each tile
+    beside dV and dK, at 64 unskewed as dQ = dS K (`split_dq`: each consumer half of D's columns over both consumers'
+    keys, dS^T through shared memory, FlashAttention-3's split)."""
 
     block_m: int  # query rows per ring slot
     block_n: int  # keys per program, all consumers together
@@ -186,6 +188,10 @@ class DkdvLayout:
     @property
     def keys_per_consumer(self) -> int:
         return self.block_n // self.consumers
+
+    @property
+    def split_dq(self) -> bool:
+        return self.dq_in_dkdv and not self.ds_under_dkdv
 
 
 @dataclass(frozen=True)

@@ -271,9 +271,10 @@ a sink's gradient is attn_bwd_prep's);
     if block_m not in DKDV_ROW_TILES:
         raise CompileError(f"gluon_backward_block_m must be one of {', '.join(map(str, DKDV_ROW_TILES))}, "
                            f"got {block_m!r}")
-    # dQ^T = K^T dS^T reads dS^T from the skew's buffers; its M is BLOCK_D, at least wgmma's 64 (else the dQ kernel's)
+    # at 32 query rows dQ^T = K^T dS^T reads dS^T from the skew's buffers; its M is BLOCK_D, at least wgmma's 64 (else
+    # the dQ kernel's). At 64 rows dQ = dS K unskewed, each consumer half of D's columns over both consumers' keys
     dq_in_dkdv = bool(plan.options.gluon_backward_dq_in_dkdv) and plan.tiling.block_d >= DKDV_MIN_DQ_HEAD_BLOCK
-    layout = DkdvLayout(block_m, DKDV_KEYS, DKDV_MAX_STAGES, ds_under_dkdv=dq_in_dkdv or bool(
+    layout = DkdvLayout(block_m, DKDV_KEYS, DKDV_MAX_STAGES, ds_under_dkdv=(dq_in_dkdv and block_m < 64) or bool(
         plan.options.gluon_backward_ds_under_dkdv), dq_in_dkdv=dq_in_dkdv)
     # skewed (ds_under_dkdv), a consumer waits for tile m + 2's Q and dO before it releases tile m's slot: 3 slots
     fewest = 3 if layout.ds_under_dkdv else 2
@@ -295,10 +296,12 @@ a sink's gradient is attn_bwd_prep's);
 def dkdv_shared_bytes(plan: KernelPlan, layout: DkdvLayout) -> int:
     """Shared memory of the Gluon dK/dV kernel: K and V of the program's keys (loaded once), the ring of Q and dO,
     each slot's lse2 and delta rows, with `ds_under_dkdv` two buffers each of P^T and dS^T per consumer, with `dq_in_dkdv` a float32 dQ tile (the
-    consumers' sum, which TMA's reduce-add reads), mbarriers."""
+    consumers' sum, or unskewed each consumer's columns, which TMA's reduce-add reads; unskewed two dS^T buffers a
+    consumer), mbarriers."""
     t = plan.tiling
     bytes_per = DTYPE_BITS[plan.dtype] // 8
-    grads = 2 * 2 * layout.block_n * layout.block_m * bytes_per if layout.ds_under_dkdv else 0
+    grads = 2 * 2 * layout.block_n * layout.block_m * bytes_per if layout.ds_under_dkdv else (
+        2 * layout.block_n * layout.block_m * bytes_per if layout.dq_in_dkdv else 0)  # the split's dS^T, 2 a consumer
     dq = layout.block_m * t.block_d * 4 if layout.dq_in_dkdv else 0
     rows = layout.stages * layout.block_m * 2 * 4  # each slot's lse2 and delta, float32
     return ((layout.block_n + layout.stages * layout.block_m) * (t.block_d + t.block_dv) * bytes_per + grads + dq

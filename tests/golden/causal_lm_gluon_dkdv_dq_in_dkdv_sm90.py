@@ -61,7 +61,9 @@ V_SMEM = gl.constexpr(gl.NVMMASharedLayout.get_default_for([KEYS, BLOCK_DV], DTY
 ROWS_SMEM = gl.constexpr(gl.SwizzledSharedLayout(1, 1, 1, order=[0]))  # a slot's lse2 and delta rows
 PRODUCER_ROWS = gl.constexpr(gl.BlockedLayout([1], [32], [1], [0]))
 GRAD_SMEM = gl.constexpr(gl.NVMMASharedLayout.get_default_for([KEYS, QUERY_ROWS], DTYPE))  # P^T and dS^T
-DQ_SMEM = gl.constexpr(gl.NVMMASharedLayout.get_default_for([QUERY_ROWS, BLOCK_D], gl.float32))  # a tile's dQ
+# a tile's dQ: all of D's columns (the consumers' sum), or with the split each consumer's half
+DQ_COLUMNS = gl.constexpr(128)
+DQ_SMEM = gl.constexpr(gl.NVMMASharedLayout.get_default_for([QUERY_ROWS, DQ_COLUMNS], gl.float32))
 
 
 @gluon.jit
@@ -109,7 +111,7 @@ def consume(
     s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, s_dob, s_doh, s_dom, s_dod, s_lb, s_lh,
     s_lm, s_deb, s_deh, s_dem, s_dkb, s_dkh, s_dkn, s_dkd, s_dvb, s_dvh, s_dvn, s_dvd, s_dqb,
     s_dqh, s_dqm, s_dqd, sz_B, sz_H, sz_HKV, sz_M, sz_N,
-    m_start, m_end, q_bufs, do_bufs, k_bufs, v_bufs, lse2_bufs, delta_bufs, kv_ready, q_ready, do_ready, empty, prob_bufs, dscore_bufs, dq_smem, dq_full, dq_free, dq_desc,
+    m_start, m_end, q_bufs, do_bufs, k_bufs, v_bufs, lse2_bufs, delta_bufs, kv_ready, q_ready, do_ready, empty, prob_bufs, dscore_bufs, dq_smem, dq_desc, dq_full, dq_free,
     CONSUMER: gl.constexpr
 ):
     """One consumer warpgroup: keys [CONSUMER * KEYS, (CONSUMER + 1) * KEYS) of the program's, their dK and dV."""
@@ -324,7 +326,7 @@ def attn_bwd_dkdv_gluon(
     do_desc = tma.make_tensor_descriptor(do_ptr + b * s_dob + h * s_doh, shape=[sz_M, VALUE_DIM], strides=[s_dom, 1],
                                          block_shape=[QUERY_ROWS, BLOCK_DV], layout=DO_SMEM)
     dq_desc = tma.make_tensor_descriptor(dq_ptr + b * s_dqb + h * s_dqh, shape=[sz_M, HEAD_DIM], strides=[s_dqm, 1],
-                                         block_shape=[QUERY_ROWS, BLOCK_D], layout=DQ_SMEM)
+                                         block_shape=[QUERY_ROWS, DQ_COLUMNS], layout=DQ_SMEM)
     k_desc = tma.make_tensor_descriptor(k_ptr + b * s_kb + kvh * s_kh, shape=[sz_N, HEAD_DIM], strides=[s_kn, 1],
                                         block_shape=[KEYS, BLOCK_D], layout=K_SMEM)
     v_desc = tma.make_tensor_descriptor(v_ptr + b * s_vb + kvh * s_vh, shape=[sz_N, VALUE_DIM], strides=[s_vn, 1],
@@ -353,8 +355,8 @@ def attn_bwd_dkdv_gluon(
     mbarrier.init(dq_full, count=1)
     mbarrier.init(dq_free, count=1)
     gl.warp_specialize([
-        (consume, (q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dq_ptr, s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, s_dob, s_doh, s_dom, s_dod, s_lb, s_lh, s_lm, s_deb, s_deh, s_dem, s_dkb, s_dkh, s_dkn, s_dkd, s_dvb, s_dvh, s_dvn, s_dvd, s_dqb, s_dqh, s_dqm, s_dqd, sz_B, sz_H, sz_HKV, sz_M, sz_N, m_start, m_end, q_bufs, do_bufs, k_bufs, v_bufs, lse2_bufs, delta_bufs, kv_ready, q_ready, do_ready, empty, prob_bufs, dscore_bufs, dq_smem, dq_full, dq_free, dq_desc, 0)),
-        (consume, (q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dq_ptr, s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, s_dob, s_doh, s_dom, s_dod, s_lb, s_lh, s_lm, s_deb, s_deh, s_dem, s_dkb, s_dkh, s_dkn, s_dkd, s_dvb, s_dvh, s_dvn, s_dvd, s_dqb, s_dqh, s_dqm, s_dqd, sz_B, sz_H, sz_HKV, sz_M, sz_N, m_start, m_end, q_bufs, do_bufs, k_bufs, v_bufs, lse2_bufs, delta_bufs, kv_ready, q_ready, do_ready, empty, prob_bufs, dscore_bufs, dq_smem, dq_full, dq_free, dq_desc, 1)),
+        (consume, (q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dq_ptr, s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, s_dob, s_doh, s_dom, s_dod, s_lb, s_lh, s_lm, s_deb, s_deh, s_dem, s_dkb, s_dkh, s_dkn, s_dkd, s_dvb, s_dvh, s_dvn, s_dvd, s_dqb, s_dqh, s_dqm, s_dqd, sz_B, sz_H, sz_HKV, sz_M, sz_N, m_start, m_end, q_bufs, do_bufs, k_bufs, v_bufs, lse2_bufs, delta_bufs, kv_ready, q_ready, do_ready, empty, prob_bufs, dscore_bufs, dq_smem, dq_desc, dq_full, dq_free, 0)),
+        (consume, (q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dq_ptr, s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, s_dob, s_doh, s_dom, s_dod, s_lb, s_lh, s_lm, s_deb, s_deh, s_dem, s_dkb, s_dkh, s_dkn, s_dkd, s_dvb, s_dvh, s_dvn, s_dvd, s_dqb, s_dqh, s_dqm, s_dqd, sz_B, sz_H, sz_HKV, sz_M, sz_N, m_start, m_end, q_bufs, do_bufs, k_bufs, v_bufs, lse2_bufs, delta_bufs, kv_ready, q_ready, do_ready, empty, prob_bufs, dscore_bufs, dq_smem, dq_desc, dq_full, dq_free, 1)),
         (produce, (q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dq_ptr, s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, s_dob, s_doh, s_dom, s_dod, s_lb, s_lh, s_lm, s_deb, s_deh, s_dem, s_dkb, s_dkh, s_dkn, s_dkd, s_dvb, s_dvh, s_dvn, s_dvd, s_dqb, s_dqh, s_dqm, s_dqd, sz_B, sz_H, sz_HKV, sz_M, sz_N, m_start, m_end, q_desc, do_desc, k_desc, v_desc, q_bufs, do_bufs, k_bufs, v_bufs,
                    lse2_bufs, delta_bufs, kv_ready, q_ready, do_ready, empty)),
     ], [CONSUMER_WARPS, 1],

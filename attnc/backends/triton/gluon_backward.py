@@ -45,7 +45,8 @@ def plan_line(plan: KernelPlan, layout: DkdvLayout) -> str:
             f"{layout.keys_per_consumer} keys + {layout.producer_warps} producer warp; Q and dO in "
             f"{layout.stages} stages of {layout.block_m} rows; {dkdv_shared_bytes(plan, layout)} B of shared memory"
             + ("; P^T and dS^T of the next tile under dV and dK" if layout.ds_under_dkdv else "")
-            + ("; dQ by TMA reduce-add of the consumers' sum" if layout.dq_in_dkdv else ""))
+            + ("; dQ by TMA reduce-add of each consumer's columns" if layout.split_dq
+               else "; dQ by TMA reduce-add of the consumers' sum" if layout.dq_in_dkdv else ""))
 
 
 def load_module(plan: KernelPlan):
