@@ -163,7 +163,7 @@ case "${1:-}" in
   ;;
 15)
   step background-tests 90 $P tests/test_mla_gluon_gpu.py tests/test_gluon_gpu.py -k new_variant
-  step sweep-s1k 300 python3 benchmarks/sweep_backward.py --gluon --only "^(dense|causal) S=1024$" --out "$OUT" \
+  step sweep-s1k 300 python3 benchmarks/sweep_backward.py --gluon --no-tile-sweep --only "^(dense|causal) S=1024$" --out "$OUT" \
     --budget 260
   ;;
 16)
@@ -186,7 +186,7 @@ case "${1:-}" in
 19)
   step gluon-backward 170 $P -n 14 tests/test_gluon_backward.py
   step backward-template 120 $P -n 14 tests/test_backward_triton.py
-  step sweep-gluon 230 python3 benchmarks/sweep_backward.py --gluon --only "^(dense|causal) S=(1024|4096)$" \
+  step sweep-gluon 230 python3 benchmarks/sweep_backward.py --gluon --no-tile-sweep --only "^(dense|causal) S=(1024|4096)$" \
     --out /tmp/sg --budget 200
   cp /tmp/sg/sweep-backward.jsonl "$OUT/sweep-gluon.jsonl" 2>/dev/null
   python3 -c "import json, sys; [print(r['workload'], r['kernel'], r.get('block_m', ''), \

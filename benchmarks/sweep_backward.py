@@ -135,7 +135,8 @@ def run(args) -> list[dict]:
         elif args.gluon:  # the Gluon dK/dV kernel first, then the template's default row (the first "dkdv" trial)
             trials = [("gluon", default_dkdv, default_dq, d, rows) for rows in (32, 64) for d in (False, True)] + [
                 ("gluon-dq", default_dkdv, default_dq, False, rows) for rows in (32, 64)] + [
-                ("template", default_dkdv, default_dq, d, None) for d in (False, True)] + trials
+                ("template", default_dkdv, default_dq, d, None) for d in (False, True)] + (
+                [] if args.no_tile_sweep else trials)
         # variant: a baseline's directory of modules, or the Gluon kernel's query rows per ring slot
         for kernel, dkdv, dq, deterministic, variant in trials:
             if time.time() - t0 > args.budget:
@@ -194,6 +195,8 @@ def main() -> None:
                          "today's default at every D); without it the atomic mode adds dQ by atomics")
     ap.add_argument("--gluon", action="store_true",
                     help="time the Gluon dK/dV kernel too (PlanOptions(gluon_backward))")
+    ap.add_argument("--no-tile-sweep", action="store_true",
+                    help="with --gluon: the Gluon and template rows alone, no tile sweep")
     ap.add_argument("--ds-under-dkdv", action="store_true",
                     help="only the A/B: template, Gluon, Gluon with PlanOptions(gluon_backward_ds_under_dkdv), "
                          "Gluon with PlanOptions(gluon_backward_dq_in_dkdv)")
