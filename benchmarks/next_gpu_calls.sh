@@ -38,6 +38,9 @@
 #   bash benchmarks/next_gpu_calls.sh 19   # carry [".whl"]: lse2 and delta from shared memory, no select of a masked
 #                                          # dS (session 20): the backward GPU tests, the Gluon dK/dV kernel at 32 and
 #                                          # 64 query rows against the template at dense / causal 1k and 4k (~480 s)
+#   bash benchmarks/next_gpu_calls.sh 20   # carry [".whl"]: the Gluon dK/dV kernel with dQ split between its
+#                                          # consumers as the sm_90 default at D = 128 (session 20): the training GPU
+#                                          # tests, then `attnc bench --backward` in full (~440 s)
 # (.tvm-aot: `python3 benchmarks/tvm_cuda_check.py build` here first, which needs nvcc and no GPU.)
 # Each step writes its whole log to $OUT (a call brings back at most 8 files) and prints a summary.
 set -u
@@ -193,8 +196,13 @@ case "${1:-}" in
     'det' if r['deterministic'] else 'atomic', round(r.get('tflops', 0)), r.get('error', '')[:80]) \
     for r in map(json.loads, open(sys.argv[1]))]" /tmp/sg/sweep-backward.jsonl
   ;;
+20)
+  step training 140 $P -n 14 tests/test_training.py
+  step backward 300 python3 -m attnc bench --backward --out /tmp/bwd
+  for f in /tmp/bwd/*; do cp "$f" "$OUT/"; done
+  ;;
 *)
-  echo "usage: bash benchmarks/next_gpu_calls.sh 1|2|...|19" >&2
+  echo "usage: bash benchmarks/next_gpu_calls.sh 1|2|...|20" >&2
   exit 2
   ;;
 esac

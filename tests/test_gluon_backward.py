@@ -19,7 +19,7 @@ from attnc.errors import CompileError
 from attnc.passes import PlanOptions, Target, plan_kernel
 from attnc.passes.grad import plan_backward
 from attnc.passes.tiling import smem_capacity
-from attnc.passes.warpgroups import dkdv_shared_bytes
+from attnc.passes.warpgroups import dkdv_by_default, dkdv_shared_bytes
 from test_backward_triton import EXAMPLES, TOL, _spec, call_inputs, reference_grads
 from test_triton_kernels import poisoned_outputs, with_dtype  # noqa: F401  (an autouse fixture: importing enables it)
 
@@ -53,7 +53,8 @@ def test_asked_for_it_runs_within_shared_memory(name, d):
     plan = _plan(name, d, dtype="f16" if name == "dilated_window" else "bf16")
     bp = plan_backward(plan)
     assert bp.gluon_dkdv is not None, bp.gluon_reason
-    assert bp.dq_by_kernel(False), "dQ is the dQ kernel's beside the Gluon dK/dV kernel"
+    # dQ is the dQ kernel's beside the Gluon dK/dV kernel, but where the default puts it in the kernel
+    assert bp.dq_by_kernel(False) is not dkdv_by_default(plan)
     assert dkdv_shared_bytes(plan, bp.gluon_dkdv) <= smem_capacity(90)
     assert bp.gluon_dkdv.keys_per_consumer == 64  # wgmma's M per warpgroup
 
@@ -64,14 +65,16 @@ def test_ds_under_dkdv_option(name, d):
     """PlanOptions(gluon_backward_ds_under_dkdv): two P^T and two dS^T buffers per consumer beside the same ring,
     within shared memory; the source waits for S^T and dP^T with dV and dK in flight; without it, neither."""
     plan = _plan(name, d, options=DS_UNDER_DKDV)
-    layout, default = plan_backward(plan).gluon_dkdv, plan_backward(_plan(name, d)).gluon_dkdv
+    layout = plan_backward(plan).gluon_dkdv
+    unskewed = replace(GLUON_BACKWARD, gluon_backward_block_m=layout.block_m, gluon_backward_dq_in_dkdv=False)
+    default = plan_backward(_plan(name, d, options=unskewed)).gluon_dkdv
     assert layout.ds_under_dkdv and not default.ds_under_dkdv and layout.stages == default.stages
     grads = 2 * 2 * layout.block_n * layout.block_m * 2  # bf16
     assert dkdv_shared_bytes(plan, layout) == dkdv_shared_bytes(plan, default) + grads <= smem_capacity(90)
     source = generate_gluon_dkdv(plan)
     compile(source, "gluon_dkdv", "exec")
     assert "qk, dp = warpgroup_mma_wait(2, deps=[qk, dp])" in source and "prob_bufs.index(grad).store" in source
-    assert "prob_bufs" not in generate_gluon_dkdv(_plan(name, d))
+    assert "prob_bufs" not in generate_gluon_dkdv(_plan(name, d, options=unskewed))
 
 
 def test_ds_under_dkdv_keeps_three_stages_at_the_widest():
@@ -113,7 +116,8 @@ def test_dq_in_dkdv_at_64_query_rows_splits_dq_columns(name, d):
     bp = plan_backward(plan)
     layout = bp.gluon_dkdv
     assert layout.split_dq and not layout.ds_under_dkdv and layout.stages == 3 and not bp.dq_by_kernel(False)
-    plain = plan_backward(_plan(name, d, options=PlanOptions(gluon_backward=True, gluon_backward_block_m=64)))
+    plain = plan_backward(_plan(name, d, options=PlanOptions(gluon_backward=True, gluon_backward_block_m=64,
+                                                             gluon_backward_dq_in_dkdv=False)))
     grads_and_dq = 2 * layout.block_n * 64 * 2 + 64 * plan.tiling.block_d * 4
     assert dkdv_shared_bytes(plan, layout) == dkdv_shared_bytes(plan, plain.gluon_dkdv) + grads_and_dq
     assert dkdv_shared_bytes(plan, layout) <= smem_capacity(90)
@@ -160,9 +164,23 @@ def test_query_rows_option():
         plan_backward(_plan("causal_lm", options=PlanOptions(gluon_backward=True, gluon_backward_block_m=48)))
 
 
-def test_not_by_default():
-    bp = plan_backward(_plan("causal_lm", options=PlanOptions()))
-    assert bp.gluon_dkdv is None and "PlanOptions(gluon_backward=True)" in bp.gluon_reason
+@pytest.mark.parametrize("name, d, default", [
+    ("causal_lm", 128, True), ("dense", 128, True), ("gqa_causal", 128, True),
+    ("causal_lm", 64, False), ("sliding_window", 128, False), ("grok_softcap", 128, False),
+    ("sinks", 128, False), ("prefix_lm", 128, False), ("sigmoid_causal", 128, False), ("alibi", 128, False)])
+def test_by_default_where_measured_faster(name, d, default):
+    """PlanOptions() on sm_90: the Gluon kernel at 64 query rows with dQ split between its consumers for D = 128 and
+    a plain score (what the H100 timed faster than the template), the template's kernels elsewhere; False turns
+    it off, and True elsewhere keeps the dQ kernel."""
+    bp = plan_backward(_plan(name, d, options=PlanOptions()))
+    if default:
+        assert bp.gluon_dkdv.block_m == 64 and bp.gluon_dkdv.split_dq and not bp.dq_by_kernel(False)
+    else:
+        assert bp.gluon_dkdv is None and "PlanOptions(gluon_backward=True)" in bp.gluon_reason
+    assert plan_backward(_plan(name, d, options=PlanOptions(gluon_backward=False))).gluon_dkdv is None
+    asked = plan_backward(_plan(name, d, options=GLUON_BACKWARD)).gluon_dkdv
+    if asked is not None and not default:
+        assert not asked.dq_in_dkdv
 
 
 @pytest.mark.parametrize("name, d, target, why", [

@@ -254,11 +254,12 @@ def test_example_gradients_on_gpu(spec, dtype):
 
 
 @pytest.mark.gpu
-def test_cuda_graph_captures_forward_and_backward():
+@pytest.mark.parametrize("d", [64, 128])  # D = 128: on sm_90 the Gluon dK/dV kernel with dQ by TMA reduce-adds
+def test_cuda_graph_captures_forward_and_backward(d):
     spec = attnc.parse("attention c { q: bf16[B,H,M,D] k: bf16[B,H,N,D] v: bf16[B,H,N,D] mask causal "
                        "return softmax(score) @ v }")[0]
     kernel = attnc.compile(spec)
-    q, k, v = (torch.randn(2, 4, 256, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    q, k, v = (torch.randn(2, 4, 256, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     grads = torch.autograd.grad(kernel(q, k, v).float().sum(), [q, k, v])  # compile outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()

@@ -77,22 +77,25 @@ FP8_CONVERTER_CASES = [
 ]
 
 
-# The backward's Gluon dK/dV kernel (sm_90, PlanOptions(gluon_backward=True)): causal at D = 128 (full and partial
-# query tiles), and a sliding window with GQA at D = 64 (a lower key bound: the query tiles' range from both sides).
+# The backward's Gluon dK/dV kernel (sm_90, PlanOptions(gluon_backward=True)): a sliding window with GQA at D = 64
+# (a lower key bound: the query tiles' range from both sides), dQ by the dQ kernel.
 GLUON_BACKWARD_CASES = [
-    ("causal_lm_gluon_dkdv_sm90.py", "causal.attn", "causal_lm", Target("triton", "cuda", 90), 128),
     ("sliding_window_gluon_dkdv_sm90.py", "sliding_window.attn", "sliding_window", Target("triton", "cuda", 90), 64),
 ]
 GLUON_BACKWARD = PlanOptions(gluon_backward=True)
-# ...skewed by a tile, P^T and dS^T of the next query tile computed under dV and dK (P^T, dS^T in shared memory)
 DS_UNDER_DKDV_CASES = [
+    # ...causal at D = 128 at 32 query rows (full and partial query tiles), dQ by the dQ kernel
+    ("causal_lm_gluon_dkdv_sm90.py", "causal.attn", "causal_lm", Target("triton", "cuda", 90), 128,
+     PlanOptions(gluon_backward=True, gluon_backward_block_m=32, gluon_backward_dq_in_dkdv=False)),
+    # ...skewed by a tile, P^T and dS^T of the next query tile computed under dV and dK (P^T, dS^T in shared memory)
     ("causal_lm_gluon_dkdv_ds_under_dkdv_sm90.py", "causal.attn", "causal_lm", Target("triton", "cuda", 90), 128,
      PlanOptions(gluon_backward=True, gluon_backward_ds_under_dkdv=True)),
     # ...and dQ^T = K^T dS^T beside dV and dK, reduce-added into the float32 dQ by TMA (no dQ kernel)
     ("causal_lm_gluon_dkdv_dq_in_dkdv_sm90.py", "causal.attn", "causal_lm", Target("triton", "cuda", 90), 128,
-     PlanOptions(gluon_backward=True, gluon_backward_dq_in_dkdv=True)),
+     PlanOptions(gluon_backward=True, gluon_backward_dq_in_dkdv=True, gluon_backward_block_m=32)),
+    # the default at D = 128: 64 query rows, dQ = dS K split by columns between the consumers (no dQ kernel)
     ("causal_lm_gluon_dkdv_split_dq_sm90.py", "causal.attn", "causal_lm", Target("triton", "cuda", 90), 128,
-     PlanOptions(gluon_backward=True, gluon_backward_dq_in_dkdv=True, gluon_backward_block_m=64)),
+     PlanOptions()),
 ]
 
 

@@ -60,8 +60,9 @@ class PlanOptions:
     # formula takes two and ~15 more (passes/tiling.py); None: so, False: the formula
     approx_functions: bool | None = None
     # Hopper: the backward's dK/dV kernel in Gluon (passes/warpgroups.py dkdv_layout, FlashAttention-3's design)
-    # where the plan qualifies; False or None the Triton template's (the default: the H100 ran the Gluon one at 1.00x
-    # dense and 0.90-0.93x causal, session 13)
+    # where the plan qualifies; False: the Triton template's; None: the Gluon one at 64 query rows with dQ in it
+    # where the H100 measured it faster (warpgroups.dkdv_by_default: D = 128, a plain score, softmax, no lower key
+    # bound; 1.06-1.52x the template's backward, session 20), the template's elsewhere
     gluon_backward: bool | None = None
     # its query rows per ring slot (32 or 64; A/B runs); None: the pass's choice (passes/warpgroups.py)
     gluon_backward_block_m: int | None = None
@@ -70,10 +71,11 @@ class PlanOptions:
     # with them in registers ptxas waits for dP^T before the exponentials (benchmarks/NOTES.md, issue 12 bwdoverlap).
     # False or None: one tile at a time, P^T and dS^T in registers (the default: with it 0.85-0.89x, session 13)
     gluon_backward_ds_under_dkdv: bool | None = None
-    # its dQ too (with the skew above, which it implies): per tile dQ^T = K^T dS^T by wgmma, bulk-added into the
-    # float32 dQ by TMA's reduce-add (the template's atomic mode's buffer and conversion), so the dQ kernel does not
-    # run (deterministic=True keeps it, and the template's dK/dV kernel). None or False: the dQ kernel's (with it the
-    # H100 ran 0.91-0.97x, session 13)
+    # its dQ too, bulk-added into the float32 dQ by TMA's reduce-add (the template's atomic mode's buffer and
+    # conversion), so the dQ kernel does not run (deterministic=True keeps it, and the template's dK/dV kernel): at
+    # 64 query rows dQ = dS K, each consumer warpgroup half of D's columns (FlashAttention-3's split; 1.15-1.31x the
+    # Gluon kernel with the dQ kernel at D = 128, session 20); at 32 rows, with the skew above, which it implies
+    # there, dQ^T = K^T dS^T (0.83-0.97x, sessions 13 and 20). False: the dQ kernel's; None: as gluon_backward's default
     gluon_backward_dq_in_dkdv: bool | None = None
     # Hopper, the Gluon MLA decode kernel over an FP8 latent (passes/latent_decode.py): the conflict-free converter,
     # 8 e4m3 a thread (at 16, its stores conflict 2-way; 4-11% slower on the H100); None: it, False: 16 a thread

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from ..errors import CompileError
-from ..ir import QK, Call, Expr, IndexVar, Lookup, walk
+from ..ir import QK, Binary, Call, Expr, IndexVar, Lookup, Num, walk
 from .plan import DkdvLayout, KernelPlan, WarpgroupLayout, WarpgroupPlan
 from .tiling import DTYPE_BITS, smem_bytes, smem_capacity, widest_block
 
@@ -227,11 +227,11 @@ def stage_warpgroups(plan: KernelPlan) -> KernelPlan:
 
 # The Gluon dK/dV kernel: a consumer warpgroup holds 64 keys (wgmma's M) with dK and dV in float32 registers,
 # BLOCK_D / 2 + BLOCK_DV / 2 per thread, beside S^T and dP^T of a query tile (BLOCK_M / 2 each), P^T and dS^T, and
-# the query rows' values (lse, delta, key bounds) broadcast along the tile's columns: BLOCK_M / 4 registers each.
-# FlashAttention-3's hdim-128 backward takes 64 query rows (its S is query-major, so a row value is 2 registers);
-# here 64 rows spill inside the query loop at D = 128 (ptxas, sm_90a: 69-135 bytes of LDL+STL per iteration) and
-# 32 do not, at the price of QK^T and dP as m64n32k16 wgmmas; at D = 64 64 rows spill nothing unless masks are
-# evaluated element by element (dilated_window: 176 bytes per iteration) (benchmarks/NOTES.md, issue 12 Gluon dK/dV).
+# the query rows' values broadcast along the tile's columns: BLOCK_M / 4 registers each. lse2 and delta come from
+# shared memory where they are used (the producer writes them) and a masked dS needs no select, so 64 query rows
+# (FlashAttention-3's, m64n64k16 wgmmas) run at D = 128 without spills in the loop for a plain score (dense, causal,
+# GQA); a score transform or a lower key bound still spills there (softcap, window: 117-183 LDL+STL a step), and at
+# D = 64 64 rows spill nothing unless masks are evaluated element by element (benchmarks/NOTES.md, session 20).
 DKDV_KEYS = 128
 DKDV_MAX_HEAD_BLOCK = 128  # dK and dV of 64 keys at D = 256 would take 256 of a thread's 240 registers
 DKDV_ROW_TILES = (32, 64)  # PlanOptions.gluon_backward_block_m
@@ -239,13 +239,30 @@ DKDV_MAX_STAGES = 3
 DKDV_MIN_DQ_HEAD_BLOCK = 64  # dq_in_dkdv: dQ^T's rows are the head dim, wgmma's M a warpgroup
 
 
+def dkdv_by_default(plan: KernelPlan) -> bool:
+    """Where PlanOptions.gluon_backward is None: the Gluon dK/dV kernel at 64 query rows with dQ split between its
+    consumers (and dq_in_dkdv, block_m where those are None), for the plans the H100 measured it on. Session 20
+    (sweep_backward.py --gluon, backward kernels alone, against the template): dense S = 1k / 4k / 16k 1.27 / 1.21 /
+    1.52x, causal 1.06 / 1.21 / 1.29x, GQA 32/8 1.28x, all at D = 128 with a score of qk times a constant, rows
+    normalized without a sink and no lower key bound or mask evaluated by element; causal D = 64 ran within 1.04x of the
+    template, and the others spill at 64 rows by compile (unmeasured), so they keep the template."""
+    logits = plan.score.logits2
+    plain = (isinstance(logits, Binary) and logits.op == "*" and isinstance(logits.lhs, QK)
+             and isinstance(logits.rhs, Num))
+    normalizer = plan.spec.normalizer
+    return (plain and widest_block(plan) == 128 and normalizer.normalized and normalizer.sink is None
+            and not plan.masks.exact.lower and not plan.masks.evaluated)
+
+
 def dkdv_layout(plan: KernelPlan, tables: bool, data_dependent: bool) -> tuple[DkdvLayout | None, str]:
     """The Gluon dK/dV kernel's layout for the plan's backward and why, or None and why the Triton template's kernel
     runs instead. `tables`: the score reads float inputs that get gradients (their adds stay in the template's kernel;
 a sink's gradient is attn_bwd_prep's);
     `data_dependent`: the masks need the tile summary (the Gluon kernel reads none)."""
-    if not plan.options.gluon_backward:
-        return None, "PlanOptions(gluon_backward=True) selects the Gluon dK/dV kernel"
+    options, by_default = plan.options, dkdv_by_default(plan)
+    if not (by_default if options.gluon_backward is None else options.gluon_backward):
+        return None, ("PlanOptions(gluon_backward=True) selects the Gluon dK/dV kernel (by default: D = 128, a score "
+                      "of qk times a constant, rows normalized without a sink, no lower key bound or evaluated mask)")
     why = unavailable_arch(plan.target.arch, "the Gluon dK/dV kernel")
     spec = plan.spec
     if why:
@@ -267,15 +284,19 @@ a sink's gradient is attn_bwd_prep's);
         why = "the score reads float inputs that get gradients: their adds are the template's"
     if why:
         return None, f"{why}; the Triton template's dK/dV kernel runs"
-    block_m = plan.options.gluon_backward_block_m or (64 if widest_block(plan) <= 64 and tile_work(plan) < 2 else 32)
+    skew_asked = bool(options.gluon_backward_ds_under_dkdv)
+    block_m = options.gluon_backward_block_m or (
+        64 if (by_default and not skew_asked) or (widest_block(plan) <= 64 and tile_work(plan) < 2) else 32)
     if block_m not in DKDV_ROW_TILES:
         raise CompileError(f"gluon_backward_block_m must be one of {', '.join(map(str, DKDV_ROW_TILES))}, "
                            f"got {block_m!r}")
     # at 32 query rows dQ^T = K^T dS^T reads dS^T from the skew's buffers; its M is BLOCK_D, at least wgmma's 64 (else
     # the dQ kernel's). At 64 rows dQ = dS K unskewed, each consumer half of D's columns over both consumers' keys
-    dq_in_dkdv = bool(plan.options.gluon_backward_dq_in_dkdv) and plan.tiling.block_d >= DKDV_MIN_DQ_HEAD_BLOCK
-    layout = DkdvLayout(block_m, DKDV_KEYS, DKDV_MAX_STAGES, ds_under_dkdv=(dq_in_dkdv and block_m < 64) or bool(
-        plan.options.gluon_backward_ds_under_dkdv), dq_in_dkdv=dq_in_dkdv)
+    dq_asked = options.gluon_backward_dq_in_dkdv
+    dq_in_dkdv = (by_default and block_m == 64 and not skew_asked if dq_asked is None else dq_asked) and (
+        plan.tiling.block_d >= DKDV_MIN_DQ_HEAD_BLOCK)
+    layout = DkdvLayout(block_m, DKDV_KEYS, DKDV_MAX_STAGES, ds_under_dkdv=(dq_in_dkdv and block_m < 64) or skew_asked,
+                        dq_in_dkdv=dq_in_dkdv)
     # skewed (ds_under_dkdv), a consumer waits for tile m + 2's Q and dO before it releases tile m's slot: 3 slots
     fewest = 3 if layout.ds_under_dkdv else 2
     capacity = smem_capacity(plan.target.arch)
