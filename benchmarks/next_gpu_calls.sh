@@ -41,8 +41,9 @@
 #   bash benchmarks/next_gpu_calls.sh 20   # carry [".whl"]: the Gluon dK/dV kernel with dQ split between its
 #                                          # consumers as the sm_90 default at D = 128 (session 20): the training GPU
 #                                          # tests, then `attnc bench --backward` in full (~440 s)
-#   bash benchmarks/next_gpu_calls.sh 21   # carry [".whl"]: GQA's dK and dV by atomics in the Gluon kernel too (no
-#                                          # share per query head): its GPU tests and the GQA training row (~130 s)
+#   bash benchmarks/next_gpu_calls.sh 21   # on branch gluon-gqa-atomics, carry [".whl"]: GQA's dK and dV by atomics
+#                                          # in the Gluon kernel too (no share per query head; session 20, not run):
+#                                          # its GPU tests and the GQA training row (~130 s)
 # (.tvm-aot: `python3 benchmarks/tvm_cuda_check.py build` here first, which needs nvcc and no GPU.)
 # Each step writes its whole log to $OUT (a call brings back at most 8 files) and prints a summary.
 set -u
@@ -203,13 +204,8 @@ case "${1:-}" in
   step backward 300 python3 -m attnc bench --backward --out /tmp/bwd
   for f in /tmp/bwd/*; do cp "$f" "$OUT/"; done
   ;;
-21)
-  step gluon-backward 80 $P -n 14 tests/test_gluon_backward.py -k "gqa or long_and_short"
-  step gqa-bench 80 python3 -m attnc bench --backward --only "gqa" --out /tmp/gqa
-  for f in /tmp/gqa/*.json; do cp "$f" "$OUT/gqa-$(basename "$f")"; done
-  ;;
 *)
-  echo "usage: bash benchmarks/next_gpu_calls.sh 1|2|...|21" >&2
+  echo "usage: bash benchmarks/next_gpu_calls.sh 1|2|...|20" >&2
   exit 2
   ;;
 esac

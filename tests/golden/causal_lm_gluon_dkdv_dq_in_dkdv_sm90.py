@@ -276,19 +276,18 @@ def consume(
             async_reduce_add(dq_desc, [(m_end - 1) * QUERY_ROWS, 0], dq_smem)
         mbarrier.arrive(empty.index(slot), count=1)
         tma.store_wait(0)  # shared memory lives until the last reduce-add has read it
-    # this query head's dK and dV, or with GQA its share, added into the K/V head's float32 dK and dV by atomics
-    # (no buffer per query head; deterministic GQA calls run the template's kernel); keys past N are not written.
-    # The consumer's keys start a scalar base, so the per-element offsets are int32 (64 keys of a row stride each)
+    # this query head's share of dK and dV (the launcher sums a GQA group's); keys past N are not written. The
+    # consumer's keys start a scalar base, so the per-element offsets are int32 (64 keys of a row stride each)
     offs_d = gl.arange(0, BLOCK_D, layout=gl.SliceLayout(0, MMA_KV))
     offs_dv = gl.arange(0, BLOCK_DV, layout=gl.SliceLayout(0, MMA_KV))
     key_offs = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA_KV))
     kept = key_offs < sz_N - key_first
     dv_base = dv_ptr + b * s_dvb + h * s_dvh + tl.cast(key_first, tl.int64) * s_dvn
+    gl.store(dv_base + key_offs[:, None] * s_dvn + offs_dv[None, :] * s_dvd, dv.to(dv_ptr.dtype.element_ty),
+             mask=kept[:, None])
     dk_base = dk_ptr + b * s_dkb + h * s_dkh + tl.cast(key_first, tl.int64) * s_dkn
-    gl.store(dv_base + key_offs[:, None] * s_dvn + offs_dv[None, :] * s_dvd,
-             dv.to(dv_ptr.dtype.element_ty), mask=kept[:, None])
-    gl.store(dk_base + key_offs[:, None] * s_dkn + offs_d[None, :] * s_dkd,
-             dk.to(dk_ptr.dtype.element_ty), mask=kept[:, None])
+    gl.store(dk_base + key_offs[:, None] * s_dkn + offs_d[None, :] * s_dkd, dk.to(dk_ptr.dtype.element_ty),
+             mask=kept[:, None])
 
 
 @gluon.jit(do_not_specialize=["sz_B", "sz_H", "sz_HKV", "sz_M", "sz_N"])

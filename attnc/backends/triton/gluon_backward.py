@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import torch
 
-from ...dsl.signature import canonical_view
 from ...passes.grad import derive, plan_backward
 from ...passes.plan import DkdvLayout, KernelPlan
 from ...passes.warpgroups import dkdv_shared_bytes, max_registers
@@ -34,7 +33,6 @@ def generate_gluon_dkdv(plan: KernelPlan) -> str:
         dtype=GLUON_DTYPES[plan.dtype],
         # one wgmma layout for dK and dV: its instruction N divides both widths (powers of two)
         mma_kv_n=min(plan.tiling.block_d, plan.tiling.block_dv),
-        gqa=plan.spec.is_gqa_shape,
         head_lines="\n".join(dkdv["prologue"]), range_lines="\n".join(dkdv["range_lines"]),
         row_lines=dkdv["row_lines"], tiles=dkdv["tiles"], full=dkdv["full"], key_major=_orientation(KEY_MAJOR),
         signature=signature.render(), arguments=", ".join(signature.names), runtime_scalars=signature.unspecialized(),
@@ -69,12 +67,10 @@ class GluonDkdv:
                dq: torch.Tensor, deterministic: bool) -> bool:
         """Whether TMA can read q, k, v and dO (and reduce-add into the float32 dQ, `dq_in_dkdv`) through per-head
         descriptors, and a head's lse (and delta, lse-shaped) rows are int32 offsets from its base (the template's
-        kernel runs other calls, and deterministic ones where this kernel adds dQ or a GQA group's dK and dV: its
-        adds are unordered)."""
+        kernel runs other calls, and deterministic ones where this kernel adds dQ: its adds are unordered)."""
         spec = self.spec
         dq_read = ((dq, spec.q),) if self.layout.dq_in_dkdv else ()
-        grouped = canonical_view(q, spec.q).shape[-3] != canonical_view(k, spec.k).shape[-3]
-        return not (deterministic and (self.layout.dq_in_dkdv or grouped)) and lse.numel() < 2 ** 31 and all(
+        return not (deterministic and self.layout.dq_in_dkdv) and lse.numel() < 2 ** 31 and all(
             launch.descriptor_ready(t, decl) for t, decl in ((q, spec.q), (k, spec.k), (v, spec.v), (dout, spec.q),
                                                             *dq_read))
 

@@ -103,13 +103,13 @@ class BackwardLauncher:
             q.shape, dtype=torch.float32, device=device)
         dk, dv = launch.empty(k.shape, k.dtype, device), launch.empty(v.shape, v.dtype, device)
         grad_views = {"dk": canonical_view(dk, spec.k), "dv": canonical_view(dv, spec.v)}  # [.., HKV, N, D]
-        # one program per query head of a GQA group (the template's or the Gluon dK/dV kernel's): each adds its share
-        # of dK and dV into float32 ones of the K/V heads by atomics; deterministic calls write the shares of every
-        # query head instead, summed after the launch in a fixed order
+        # one program per query head of a GQA group: each adds its share of dK and dV into float32 ones of the K/V
+        # heads by atomics; deterministic calls and the Gluon dK/dV kernel write the shares of every query head
+        # instead, summed after the launch in a fixed order
         gluon_dkdv = bool(self.gluon_dkdv) and self.gluon_dkdv.covers(q, k, v, dout, lse, dq, deterministic)
         group_heads = None
         if sizes[self.dkdv_heads] != sizes["HKV"]:
-            group_heads = "H" if deterministic else "HKV"
+            group_heads = "H" if deterministic or gluon_dkdv else "HKV"
         shares = {} if group_heads is None else {
             name: (launch.empty if group_heads == "H" else torch.zeros)(
                 (*view.shape[:-3], sizes[group_heads], *view.shape[-2:]), dtype=torch.float32, device=device)
