@@ -316,9 +316,9 @@ a sink's gradient is attn_bwd_prep's);
 
 def dkdv_shared_bytes(plan: KernelPlan, layout: DkdvLayout) -> int:
     """Shared memory of the Gluon dK/dV kernel: K and V of the program's keys (loaded once), the ring of Q and dO,
-    each slot's lse2 and delta rows, with `ds_under_dkdv` two buffers each of P^T and dS^T per consumer, with `dq_in_dkdv` a float32 dQ tile (the
-    consumers' sum, or unskewed each consumer's columns, which TMA's reduce-add reads; unskewed two dS^T buffers a
-    consumer), mbarriers."""
+    each slot's lse2 and delta rows, with `ds_under_dkdv` two buffers each of P^T and dS^T per consumer, with
+    `dq_in_dkdv` a float32 dQ tile (the consumers' sum, or unskewed each consumer's columns, which TMA's reduce-add
+    reads; unskewed two dS^T buffers a consumer), mbarriers."""
     t = plan.tiling
     bytes_per = DTYPE_BITS[plan.dtype] // 8
     grads = 2 * 2 * layout.block_n * layout.block_m * bytes_per if layout.ds_under_dkdv else (
