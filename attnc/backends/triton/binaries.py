@@ -16,14 +16,14 @@ kernels that are not JIT functions (the AOT stand-ins) take Triton's own launch.
 
 A launcher with a kernel of its own to run meanwhile (the Gluon prefill's: the template; the Gluon MLA decode's: the
 Triton decode kernel) asks `compiling(...)` first. A binary neither loaded nor in the cache then compiles in one
-background thread, and the launcher runs the other kernel until it is built: a new variant's first call waits for the template's compile (~0.35 s on the H100's
-host) instead of the Gluon kernel's (~2 s; benchmarks/NOTES.md, session 18). Triton compiles in threads itself
-(triton.AsyncCompileMode). `finish_compiles()` waits for the background compiles; ATTNC_BACKGROUND_COMPILE=0,
-torch.use_deterministic_algorithms(True) and a deterministic Kernel (backends.compiles_first: a run must give the
-bits of the next, cold cache or warm) compile before the launch. A CUDA graph captured while a compile runs replays
-the fallback for good (loading the new kernel's module inside the capture could fail it): warm up, then
-`finish_compiles()`, then capture. At exit the interpreter waits for a compile in flight, whose binary the cache
-then holds for the next process.
+background thread, and the launcher runs the other kernel until it is built: a new variant's first call waits for
+the template's compile (~0.35 s on the H100's host) instead of the Gluon kernel's (~2 s; benchmarks/NOTES.md,
+session 18). Triton compiles in threads itself (triton.AsyncCompileMode). `finish_compiles()` waits for the
+background compiles; ATTNC_BACKGROUND_COMPILE=0, torch.use_deterministic_algorithms(True) and a deterministic Kernel
+(backends.compiles_first: a run must give the bits of the next, cold cache or warm) compile before the launch. A
+CUDA graph captured while a compile runs replays the fallback for good (loading the new kernel's module inside the
+capture could fail it): warm up, then `finish_compiles()`, then capture. At exit the interpreter waits for a compile
+in flight, whose binary the cache then holds for the next process.
 """
 from __future__ import annotations
 
